@@ -1,0 +1,158 @@
+"""Atomic, verifiable, world-size-agnostic checkpoints.
+
+A checkpoint is a directory `checkpoints/step-N/` with:
+  trainable.safetensors   every trainable parameter, gathered, float32, by name
+  optimizer.safetensors   its optimizer state tensors (`name::exp_avg`, ...), gathered
+  state.json              step, scheduler, optimizer scalars, counters, config fingerprint
+  adapter/                the adapter in plain peft format (a usable snapshot)
+  manifest.json           written last: every file with size and sha256
+
+Because parameters and optimizer state are stored whole and by name, a checkpoint written by 2
+ranks under ZeRO-3 resumes on 1 rank without DeepSpeed, and the reverse. The directory is built
+under a temporary name and renamed into place, then `latest` is replaced atomically: a kill at any
+moment leaves either the old or the new checkpoint as latest, never a partial one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+log = logging.getLogger("scaletune")
+STEP_RE = re.compile(r"^step-(\d+)$")
+MANIFEST = "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_manifest(root: Path, step: int, fingerprint: str) -> None:
+    files = {str(p.relative_to(root)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    (root / MANIFEST).write_text(json.dumps({"step": step, "config_fingerprint": fingerprint, "files": files},
+                                            indent=1))
+
+
+def verify(root: Path) -> str | None:
+    """None if the checkpoint is complete and intact, else the reason it is not."""
+    mf = root / MANIFEST
+    if not mf.is_file():
+        return "no manifest (incomplete write)"
+    try:
+        manifest = json.loads(mf.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        return f"unreadable manifest ({exc})"
+    for rel, meta in manifest.get("files", {}).items():
+        path = root / rel
+        if not path.is_file():
+            return f"missing file {rel}"
+        if path.stat().st_size != meta["size"] or _sha256(path) != meta["sha256"]:
+            return f"file {rel} does not match its hash"
+    return None
+
+
+def checkpoint_dirs(output_dir: Path) -> list[Path]:
+    """Completed checkpoint directories, newest first."""
+    root = output_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_RE.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def find_resumable(output_dir: Path, fingerprint: str, allow_config_change: bool = False) -> Path | None:
+    """Newest checkpoint that verifies; skips corrupt ones with a warning, refuses foreign ones."""
+    for path in checkpoint_dirs(output_dir):
+        problem = verify(path)
+        if problem:
+            log.warning("skipping checkpoint %s: %s", path, problem)
+            continue
+        theirs = json.loads((path / MANIFEST).read_text()).get("config_fingerprint")
+        if theirs != fingerprint and not allow_config_change:
+            raise UserError(f"checkpoint {path} was written by a different run config (fingerprint {theirs} vs "
+                            f"{fingerprint}); resume with the original config, a new output_dir, or pass "
+                            "--allow-config-change if the change is intended")
+        return path
+    return None
+
+
+def save_checkpoint(accelerator: Any, output_dir: Path, step: int, *, trainable: dict, optimizer_state: dict,
+                    state: dict, save_adapter: Any, fingerprint: str, keep: int | None) -> Path:
+    """Write checkpoint `step` atomically (collective: every rank calls it, rank 0 writes)."""
+    from safetensors.torch import save_file
+
+    root = output_dir / "checkpoints"
+    final = root / f"step-{step}"
+    tmp = root / f".step-{step}.tmp"
+    if accelerator.is_main_process:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+            save_file({k: v.contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+            save_file({k: v.contiguous() for k, v in optimizer_state.items()}, str(tmp / "optimizer.safetensors"))
+            (tmp / "state.json").write_text(json.dumps(state, indent=1))
+            save_adapter(tmp / "adapter")
+            write_manifest(tmp, step, fingerprint)
+            _fsync_tree(tmp)
+            if final.exists():  # re-saving the same step (e.g. resumed then stopped at once)
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _write_latest(output_dir, final)
+            _prune(output_dir, keep)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise UserError(f"could not write checkpoint step {step} to {root}: {exc.strerror or exc}",
+                            hint="the previous checkpoint is intact; free disk space or fix permissions, then "
+                                 "resume with --resume auto") from None
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _write_latest(output_dir: Path, final: Path) -> None:
+    tmp = output_dir / "checkpoints" / ".latest.tmp"
+    tmp.write_text(final.name + "\n")
+    os.replace(tmp, output_dir / "checkpoints" / "latest")
+
+
+def _prune(output_dir: Path, keep: int | None) -> None:
+    if keep is None:
+        return
+    for old in checkpoint_dirs(output_dir)[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(path: Path) -> tuple[dict, dict, dict]:
+    """(trainable params, optimizer tensors, state) of a verified checkpoint, on CPU."""
+    from safetensors.torch import load_file
+
+    trainable = load_file(str(path / "trainable.safetensors"))
+    optimizer_state = load_file(str(path / "optimizer.safetensors"))
+    state = json.loads((path / "state.json").read_text())
+    return trainable, optimizer_state, state

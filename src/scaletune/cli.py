@@ -1,0 +1,148 @@
+"""Command line: `scaletune train | eval | predict | merge | demo | launch | slurm | config-help`.
+
+Bad input of any kind ends here as one screen of text and exit code 2 — never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from .errors import EXIT_USAGE, UserError
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="run config YAML")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.learning_rate=1e-4")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scaletune", description="Parameter-efficient fine-tuning, one config "
+                                     "from laptop to cluster.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train an adapter")
+    _add_config(p)
+    p.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint), a checkpoint dir, or none")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output_dir")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume a checkpoint written under a different run config")
+
+    p = sub.add_parser("eval", help="evaluate a trained adapter")
+    _add_config(p)
+    p.add_argument("--adapter", help="adapter dir (default: OUTPUT_DIR/adapter)")
+    p.add_argument("--data", help="data file to evaluate (default: data.eval)")
+
+    p = sub.add_parser("predict", help="generate (causal_lm) or label (seq_cls/token_cls) inputs")
+    _add_config(p)
+    p.add_argument("--adapter", help="adapter dir (default: OUTPUT_DIR/adapter)")
+    p.add_argument("--input", default="-", help="file of lines (text or JSON objects); '-' = stdin")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+
+    p = sub.add_parser("merge", help="merge the adapter into the base model weights")
+    _add_config(p)
+    p.add_argument("--adapter", help="adapter dir (default: OUTPUT_DIR/adapter)")
+    p.add_argument("--out", required=True, help="directory for the merged model")
+
+    p = sub.add_parser("demo", help="train a tiny model on bundled data; nothing to download")
+    p.add_argument("--out", default="runs/demo", help="output directory (replaced if it is a previous demo)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the demo's own)")
+
+    p = sub.add_parser("launch", help="compose and run `accelerate launch` for this config")
+    _add_config(p)
+    p.add_argument("--nproc", type=int, default=1, help="processes per node (GPUs per node)")
+    p.add_argument("--nnodes", type=int, default=1)
+    p.add_argument("--node-rank", type=int, default=0)
+    p.add_argument("--master-addr", default="127.0.0.1")
+    p.add_argument("--master-port", type=int, default=29500)
+    p.add_argument("--resume", default=None)
+    p.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
+
+    p = sub.add_parser("launch-args", help="print the accelerate launch flags this config needs (for scripts)")
+    _add_config(p)
+
+    p = sub.add_parser("slurm", help="submit this config with the Slurm templates")
+    _add_config(p)
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=1)
+    p.add_argument("--time", default=None)
+    p.add_argument("--partition", default=None)
+    p.add_argument("--account", default=None)
+    p.add_argument("--dry-run", action="store_true")
+
+    sub.add_parser("config-help", help="print every run-config key with its type, default and meaning")
+    return parser
+
+
+def _setup_logging() -> None:
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("transformers", "datasets", "accelerate", "DeepSpeed", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if rank == "0" else logging.ERROR)
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    from .config import config_reference, load_config
+
+    if args.command == "config-help":
+        print(config_reference())
+        return 0
+    if args.command == "demo":
+        from .demo import run_demo
+
+        return run_demo(args.out, args.steps)
+    cfg = load_config(args.config, args.overrides)
+    if args.command == "train":
+        from .train import train
+
+        return train(cfg, resume=args.resume, overwrite=args.overwrite, allow_config_change=args.allow_config_change)
+    if args.command == "eval":
+        from .infer import run_eval
+
+        metrics = run_eval(cfg, args.adapter, args.data)
+        import json
+
+        print(json.dumps(metrics, indent=1, default=float))
+        return 0
+    if args.command == "predict":
+        from .infer import run_predict
+
+        run_predict(cfg, args.adapter, args.input, args.max_new_tokens)
+        return 0
+    if args.command == "merge":
+        from .infer import run_merge
+
+        print(f"merged model written to {run_merge(cfg, args.adapter, args.out)}")
+        return 0
+    if args.command in ("launch", "launch-args"):
+        from . import launch
+
+        if args.command == "launch-args":
+            print(" ".join(launch.deepspeed_flags(cfg)))
+            return 0
+        return launch.main_launch(args, cfg)
+    if args.command == "slurm":
+        from .slurm import main_slurm
+
+        return main_slurm(args, cfg)
+    raise AssertionError(args.command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging()
+    try:
+        return dispatch(args)
+    except UserError as exc:
+        print(exc.render(), file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

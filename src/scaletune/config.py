@@ -1,0 +1,455 @@
+"""The run config: typed dataclasses, YAML loading, dotted overrides and every validation rule.
+
+This module is the single source of truth for what a run can say. It imports nothing heavy, so a bad
+config fails in well under a second, before torch/transformers are loaded. All problems are
+collected and reported together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from .errors import ConfigError
+
+TASKS = ("causal_lm", "seq_cls", "token_cls")
+CAUSAL_FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion", "text")
+DEEPSPEED_OFFLOAD = ("none", "optimizer", "params", "all")
+
+
+def _f(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:
+    """A dataclass field with help text (shown by `scaletune config-help` and the README)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    name_or_path: str = _f(help="Local directory or hub id of the base model.")
+    dtype: Literal["float32", "bfloat16", "float16"] = _f("bfloat16", "Dtype of the frozen base weights.")
+    quantization: Optional[Literal["4bit", "8bit"]] = _f(
+        None, "bitsandbytes quantization of the frozen base: 4bit = NF4 + double quant, 8bit = LLM.int8."
+    )
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward (use_reentrant=False).")
+    trust_remote_code: bool = _f(False, "Allow model code from the model repository to run. Off unless set.")
+    attn_implementation: Optional[Literal["eager", "sdpa", "flash_attention_2"]] = _f(
+        None, "Attention kernel; default lets transformers choose (sdpa where available)."
+    )
+    revision: Optional[str] = _f(None, "Hub revision (branch, tag or commit) of the base model.")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    train: str = _f(help="Training data: a file (jsonl/json/csv/tsv/parquet/conll) or 'hub:<id>[:split]'.")
+    eval: Optional[str] = _f(None, "Evaluation data, same forms as `train`.")
+    eval_fraction: Optional[float] = _f(None, "Hold out this fraction of `train` for evaluation instead.")
+    format: str = _f(
+        "auto",
+        "causal_lm: alpaca | sharegpt | messages | prompt_completion | text; "
+        "seq_cls: text (+text_pair) + label; token_cls: tokens + tags or conll. auto = detect from columns.",
+    )
+    max_length: int = _f(1024, "Truncate tokenised examples to this many tokens.")
+    train_on_prompt: bool = _f(False, "causal_lm: also compute the loss on prompt/user tokens.")
+    packing: bool = _f(False, "causal_lm: pack several examples per row (attention isolated per example).")
+    text_column: Optional[str] = _f(None, "seq_cls/text: column with the text (default: text/sentence).")
+    text_pair_column: Optional[str] = _f(None, "seq_cls: optional second text column.")
+    label_column: Optional[str] = _f(None, "seq_cls: label column (default: label).")
+    tokens_column: Optional[str] = _f(None, "token_cls: column with the word list (default: tokens).")
+    tags_column: Optional[str] = _f(None, "token_cls: column with the tag list (default: tags/ner_tags).")
+    labels: Optional[list] = _f(None, "seq_cls/token_cls: the label set, in order; default: sorted from train.")
+    group_by_length: bool = _f(True, "Sort each window of batches by length to cut padding.")
+    num_workers: int = _f(0, "DataLoader worker processes.")
+    cache: bool = _f(True, "Cache tokenised data (datasets arrow cache) across runs and ranks.")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    global_batch_size: int = _f(64, "Examples per optimizer step over all ranks and micro-steps.")
+    micro_batch_size: int = _f(4, "Examples per forward pass per rank.")
+    epochs: Optional[float] = _f(3, "Passes over the training data (ignored when max_steps is set).")
+    max_steps: Optional[int] = _f(None, "Total optimizer steps; overrides epochs.")
+    learning_rate: float = _f(2.0e-4, "Peak learning rate.")
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = _f(
+        "cosine", "Learning-rate schedule after warmup."
+    )
+    warmup_ratio: float = _f(0.03, "Fraction of total steps spent warming up (ignored if warmup_steps).")
+    warmup_steps: Optional[int] = _f(None, "Warmup steps; overrides warmup_ratio.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    adam_beta1: float = _f(0.9, "AdamW beta1.")
+    adam_beta2: float = _f(0.999, "AdamW beta2.")
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
+    max_grad_norm: Optional[float] = _f(1.0, "Clip the global gradient norm; null disables clipping.")
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = _f("adamw", "Optimizer.")
+    mixed_precision: Literal["no", "fp16", "bf16"] = _f("bf16", "Autocast precision for this run.")
+    seed: int = _f(42, "Seed for data order, initialisation and dropout.")
+    eval_every: Optional[int] = _f(200, "Evaluate every N optimizer steps (and at the end); null: end only.")
+    save_every: Optional[int] = _f(200, "Write a resumable checkpoint every N optimizer steps.")
+    log_every: int = _f(10, "Log metrics every N optimizer steps.")
+    save_total_limit: Optional[int] = _f(3, "Keep only the newest N checkpoints; null keeps all.")
+    on_nonfinite: Literal["stop", "skip"] = _f("stop", "Non-finite loss/grad norm: stop, or skip the update.")
+    max_nonfinite_skips: int = _f(10, "With on_nonfinite=skip: stop after this many skipped updates.")
+    report_to: list = _f(["tensorboard"], "Trackers: tensorboard, wandb, mlflow (offline-safe) or [].")
+    torch_compile: bool = _f(False, "Compile the model with torch.compile.")
+
+
+@dataclass(kw_only=True)
+class DistributedConfig:
+    zero_stage: Literal[0, 1, 2, 3] = _f(0, "DeepSpeed ZeRO stage; 0 = plain DDP (or single process).")
+    offload: Literal["none", "optimizer", "params", "all"] = _f("none", "ZeRO offload of states to CPU.")
+    backend: Optional[Literal["nccl", "gloo"]] = _f(None, "Process-group backend; default nccl on GPU, gloo on CPU.")
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    task: Literal["causal_lm", "seq_cls", "token_cls"] = _f(help="What to train.")
+    model: ModelConfig = _f(help="Base model.")
+    data: DataConfig = _f(help="Training/evaluation data.")
+    peft: dict = _f({"method": "lora"}, "PEFT adapter: `method` plus that method's peft config keys.")
+    train: TrainConfig = _f(help="Optimisation.")
+    distributed: DistributedConfig = _f(help="Scale-out (read by `scaletune launch` and at startup).")
+    output_dir: str = _f("runs/run", "Where adapter, checkpoints and logs go.")
+
+    # --- derived helpers (not config keys) ---
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def peft_method(self) -> str:
+        return str(self.peft.get("method", "lora"))
+
+    @property
+    def peft_kwargs(self) -> dict:
+        return {k: v for k, v in self.peft.items() if k != "method"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) if not isinstance(a, str) else a for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " | ".join(_type_name(a) for a in args) + " | null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
+    """Check `value` against the annotation `tp`; convert the few safe cases (int -> float, '1e-4')."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key, problems)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices and type(value) is type(choices[choices.index(value)]):
+            return value
+        hint = _did_you_mean(str(value), [str(c) for c in choices])
+        problems.append(f"{key}: {value!r} is not one of {_type_name(tp)}{hint}")
+        return None
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if math.isfinite(float(value)):
+                return float(value)
+            problems.append(f"{key}: must be a finite number, got {value!r}")
+            return None
+        if isinstance(value, str):  # YAML 1.1 reads "2e-4" as a string
+            try:
+                out = float(value)
+                if math.isfinite(out):
+                    return out
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is list or origin is list:
+        if isinstance(value, list):
+            return value
+        if isinstance(value, str) and key.endswith("report_to"):
+            return [value]
+    elif tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return value
+    problems.append(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {_short(value)}")
+    return None
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
+    """Build dataclass `cls` from a mapping, recording every problem with its dotted key."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        problems.append(f"{prefix or 'config'}: expected a mapping (section), got {type(raw).__name__}")
+        raw = {}
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            problems.append(f"{dotted}: unknown key{_did_you_mean(str(key), list(fields))}")
+            continue
+        tp = hints[key]
+        if _is_dataclass_type(tp):
+            kwargs[key] = _build(tp, value, dotted, problems)
+        else:
+            kwargs[key] = _coerce(value, tp, dotted, problems)
+    for name, f in fields.items():
+        if name in kwargs:
+            continue
+        tp = hints[name]
+        if _is_dataclass_type(tp):
+            kwargs[name] = _build(tp, {}, f"{prefix}.{name}" if prefix else name, problems)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            dotted = f"{prefix}.{name}" if prefix else name
+            problems.append(f"{dotted}: required key is missing ({f.metadata.get('help', '')})")
+            kwargs[name] = None
+    # Build without running __init__ type checks: bad values were recorded as problems.
+    obj = cls.__new__(cls)
+    for name, f in fields.items():
+        if name in kwargs:
+            setattr(obj, name, kwargs[name])
+        elif f.default_factory is not dataclasses.MISSING:
+            setattr(obj, name, f.default_factory())
+        else:
+            setattr(obj, name, f.default)
+    return obj
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse one `a.b.c=value` override; the value is read as YAML (so 1e-4, true, [a, b] work)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. train.learning_rate=1e-4")
+    key, _, value = text.partition("=")
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: bad key {key!r}")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    return key.split("."), parsed
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[path[-1]] = value
+    return raw
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"run config {path}: file not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"run config {path}: cannot read ({exc})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"run config {path}{where}: invalid YAML ({problem})") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"run config {path}: top level must be a mapping, got {type(raw).__name__}")
+    return raw
+
+
+def from_dict(raw: dict, *, source: str = "run config", world_size: int | None = None) -> RunConfig:
+    """Build and fully validate a RunConfig; raises one ConfigError listing every problem."""
+    problems: list[str] = []
+    cfg = _build(RunConfig, raw, "", problems)
+    if not problems:
+        problems.extend(cross_field_problems(cfg, world_size=world_size))
+    if problems:
+        raise ConfigError(problems, title=f"{source} has {len(problems)} problem(s)")
+    return cfg
+
+
+def load_config(
+    path: str | Path, overrides: list[str] | None = None, *, world_size: int | None = None
+) -> RunConfig:
+    """Read a YAML run config, apply `key=value` overrides, validate everything."""
+    raw = apply_overrides(read_yaml(path), overrides or [])
+    cfg = from_dict(raw, source=str(path), world_size=world_size)
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# Cross-field rules: every combination rule lives here (and `plan` reuses it).
+
+
+def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_cuda: bool | None = None) -> list[str]:
+    p: list[str] = []
+    t, d, m, dist = cfg.train, cfg.data, cfg.model, cfg.distributed
+
+    for key in ("global_batch_size", "micro_batch_size", "log_every"):
+        if getattr(t, key) is not None and getattr(t, key) < 1:
+            p.append(f"train.{key}: must be >= 1, got {getattr(t, key)}")
+    for key in ("eval_every", "save_every", "max_steps", "save_total_limit", "warmup_steps"):
+        val = getattr(t, key)
+        if val is not None and val < (0 if key == "warmup_steps" else 1):
+            p.append(f"train.{key}: must be >= 1 (or null), got {val}")
+    if t.max_steps is None and (t.epochs is None or t.epochs <= 0):
+        p.append("train.epochs: must be > 0 when train.max_steps is not set")
+    if not (t.learning_rate > 0):
+        p.append(f"train.learning_rate: must be > 0, got {t.learning_rate}")
+    if t.learning_rate > 1.0:
+        p.append(f"train.learning_rate: {t.learning_rate} is far too large for fine-tuning (typical 1e-5..1e-3)")
+    if not (0 <= t.warmup_ratio < 1):
+        p.append(f"train.warmup_ratio: must be in [0, 1), got {t.warmup_ratio}")
+    if t.weight_decay < 0:
+        p.append(f"train.weight_decay: must be >= 0, got {t.weight_decay}")
+    if t.max_grad_norm is not None and t.max_grad_norm <= 0:
+        p.append(f"train.max_grad_norm: must be > 0 or null, got {t.max_grad_norm}")
+    if t.max_nonfinite_skips < 1:
+        p.append(f"train.max_nonfinite_skips: must be >= 1, got {t.max_nonfinite_skips}")
+    for tracker in t.report_to or []:
+        if tracker not in ("tensorboard", "wandb", "mlflow"):
+            p.append(f"train.report_to: unknown tracker {tracker!r} (tensorboard | wandb | mlflow)")
+
+    if t.global_batch_size >= 1 and t.micro_batch_size >= 1:
+        if t.global_batch_size % t.micro_batch_size:
+            p.append(
+                f"train.global_batch_size ({t.global_batch_size}) must be divisible by "
+                f"train.micro_batch_size ({t.micro_batch_size})"
+            )
+        elif world_size and t.global_batch_size % (t.micro_batch_size * world_size):
+            p.append(
+                f"train.global_batch_size ({t.global_batch_size}) must be divisible by micro_batch_size x "
+                f"world size ({t.micro_batch_size} x {world_size} = {t.micro_batch_size * world_size}); "
+                f"pick a global batch that is a multiple of {t.micro_batch_size * world_size}"
+            )
+
+    if d.max_length < 8:
+        p.append(f"data.max_length: must be >= 8, got {d.max_length}")
+    if d.max_length > 1_048_576:
+        p.append(f"data.max_length: {d.max_length} is larger than any model context (max 1048576)")
+    if d.eval is not None and d.eval_fraction is not None:
+        p.append("data.eval and data.eval_fraction: give one or the other, not both")
+    if d.eval_fraction is not None and not (0 < d.eval_fraction < 1):
+        p.append(f"data.eval_fraction: must be in (0, 1), got {d.eval_fraction}")
+    if d.num_workers < 0:
+        p.append(f"data.num_workers: must be >= 0, got {d.num_workers}")
+    fmt_ok = {
+        "causal_lm": ("auto", *CAUSAL_FORMATS),
+        "seq_cls": ("auto", "text"),
+        "token_cls": ("auto", "tokens", "conll"),
+    }.get(cfg.task, ("auto",))
+    if d.format not in fmt_ok:
+        p.append(f"data.format: {d.format!r} is not valid for task {cfg.task} ({' | '.join(fmt_ok)})"
+                 f"{_did_you_mean(d.format, list(fmt_ok))}")
+    if d.packing and cfg.task != "causal_lm":
+        p.append(f"data.packing: only supported for task causal_lm, not {cfg.task}")
+    if d.labels is not None and cfg.task == "causal_lm":
+        p.append("data.labels: only used by seq_cls/token_cls")
+    if d.labels is not None and len(set(map(str, d.labels))) != len(d.labels):
+        p.append("data.labels: contains duplicates")
+
+    method = cfg.peft_method
+    if not isinstance(cfg.peft.get("method", "lora"), str):
+        p.append(f"peft.method: expected a method name, got {cfg.peft.get('method')!r}")
+    if m.quantization and m.dtype == "float32":
+        p.append("model.quantization: the quantized base computes in bf16/fp16; set model.dtype to bfloat16 "
+                 "(or float16)")
+    if m.quantization == "8bit" and dist.zero_stage == 3:
+        p.append("model.quantization=8bit with distributed.zero_stage=3: ZeRO-3 cannot shard int8 weights; "
+                 "use quantization: 4bit (QLoRA) or zero_stage 2")
+    if m.quantization and dist.offload in ("params", "all"):
+        p.append("model.quantization with distributed.offload=params: quantized weights cannot be offloaded; "
+                 "use offload: optimizer")
+    if dist.offload != "none" and dist.zero_stage == 0:
+        p.append("distributed.offload needs distributed.zero_stage >= 1 (offload is a DeepSpeed feature)")
+    if dist.offload in ("params", "all") and dist.zero_stage != 3:
+        p.append("distributed.offload=params needs distributed.zero_stage=3 (only ZeRO-3 partitions parameters)")
+    if t.optimizer != "adamw" and dist.zero_stage > 0 and dist.offload in ("optimizer", "all"):
+        p.append(f"train.optimizer={t.optimizer} with optimizer offload: DeepSpeed's CPU Adam replaces it; "
+                 "use optimizer: adamw")
+    if t.mixed_precision == "fp16" and m.dtype == "bfloat16" and m.quantization is None:
+        p.append("train.mixed_precision=fp16 with model.dtype=bfloat16: pick bf16 (or dtype float16/float32)")
+    if t.mixed_precision == "no" and m.dtype != "float32" and m.quantization is None:
+        p.append(f"train.mixed_precision=no with model.dtype={m.dtype}: the float32 adapter would meet "
+                 f"{m.dtype} activations without autocast; use mixed_precision: bf16, or dtype: float32")
+    if has_cuda is False and t.mixed_precision == "fp16":
+        p.append("train.mixed_precision=fp16 needs a CUDA GPU; on CPU use bf16 or no")
+    if has_cuda is False and m.attn_implementation == "flash_attention_2":
+        p.append("model.attn_implementation=flash_attention_2 needs a CUDA GPU; use sdpa")
+    if method in ("prefix_tuning", "prompt_tuning", "p_tuning") and d.packing:
+        p.append(f"data.packing with peft.method={method}: virtual tokens cannot be isolated per packed "
+                 "example; set packing: false")
+    if method in ("prefix_tuning",) and m.gradient_checkpointing:
+        p.append("model.gradient_checkpointing with peft.method=prefix_tuning is not supported by peft "
+                 "(past key values); set gradient_checkpointing: false")
+    if method == "adalora" and dist.zero_stage == 3:
+        p.append("peft.method=adalora with zero_stage=3: rank re-allocation needs whole parameters; "
+                 "use zero_stage 2 or lower")
+    return p
+
+
+def config_reference() -> str:
+    """Markdown table of every key with its type, default and help (used in the README)."""
+    lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            key = f"{prefix}{f.name}"
+            if _is_dataclass_type(tp):
+                walk(tp, key + ".")
+                continue
+            if f.default is not dataclasses.MISSING:
+                default = "null" if f.default is None else repr(f.default)
+            elif f.default_factory is not dataclasses.MISSING:
+                default = repr(f.default_factory())
+            else:
+                default = "required"
+            lines.append(f"| `{key}` | {_type_name(tp)} | {default} | {f.metadata.get('help', '')} |")
+
+    walk(RunConfig, "")
+    return "\n".join(lines)

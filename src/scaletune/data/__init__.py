@@ -1,0 +1,136 @@
+"""From the `data:` section to tokenised train/eval sets, cached across runs and ranks.
+
+Records are read and validated in Python (so errors name file:line), encoded by the task, and the
+result is stored as an Arrow dataset under a fingerprint of (data files, tokenizer, task, data
+config). The main process builds the cache first; other ranks and later runs load it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from contextlib import nullcontext
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from ..errors import DataError
+from .readers import WHERE, read_records
+
+CACHE_VERSION = "1"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SCALETUNE_CACHE", Path.home() / ".cache" / "scaletune")) / "tokenized"
+
+
+def _file_digest(spec: str | None) -> str:
+    if spec is None:
+        return "none"
+    path = Path(spec)
+    if not path.is_file():
+        return spec
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _tokenizer_digest(tokenizer: Any) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    extra = json.dumps([getattr(tokenizer, "chat_template", None), tokenizer.bos_token, tokenizer.eos_token])
+    return hashlib.sha256((body + extra).encode()).hexdigest()
+
+
+def fingerprint(cfg: Any, tokenizer: Any) -> str:
+    d = asdict(cfg.data)
+    for key in ("num_workers", "cache", "group_by_length"):
+        d.pop(key)
+    parts = [CACHE_VERSION, cfg.task, json.dumps(d, sort_keys=True), _file_digest(cfg.data.train),
+             _file_digest(cfg.data.eval), str(cfg.train.seed), _tokenizer_digest(tokenizer)]
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:24]
+
+
+def _encode_all(records: list[dict], task: Any, tokenizer: Any, cfg: Any, label2id: dict | None) -> dict:
+    columns: dict[str, list] = {"input_ids": [], "labels": [], "length": []}
+    dropped = 0
+    for rec in records:
+        ex = task.encode(rec, tokenizer, cfg, label2id)
+        if ex is None:
+            dropped += 1
+            continue
+        columns["input_ids"].append(ex["input_ids"])
+        columns["labels"].append(ex["labels"])
+        columns["length"].append(len(ex["input_ids"]))
+    columns["dropped"] = dropped
+    return columns
+
+
+def split_eval(records: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Deterministic hold-out split (same on every rank and every run with the same seed)."""
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, int(round(len(records) * fraction)))
+    if n_eval >= len(records):
+        raise DataError(f"data.eval_fraction={fraction} leaves no training examples out of {len(records)}")
+    held = set(order[:n_eval])
+    return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
+
+
+def build_datasets(cfg: Any, task: Any, tokenizer: Any, accelerator: Any = None) -> dict:
+    """Return {'train': Dataset, 'eval': Dataset | None, 'labels': [...] | None, 'stats': {...}}."""
+    import datasets
+
+    conll = cfg.data.format == "conll"
+    key = fingerprint(cfg, tokenizer)
+    where = cache_root() / key
+    main_first = accelerator.main_process_first() if accelerator is not None else nullcontext()
+    with main_first:
+        if cfg.data.cache and (where / "meta.json").is_file():
+            meta = json.loads((where / "meta.json").read_text())
+            train = datasets.load_from_disk(str(where / "train"))
+            evalset = datasets.load_from_disk(str(where / "eval")) if meta["has_eval"] else None
+            labels = meta["labels"]
+            task.setup_cached(meta)
+        else:
+            train_records = read_records(cfg.data.train, key="data.train", conll=conll)
+            labels = task.setup(train_records, cfg, cfg.data.train)
+            eval_records = None
+            if cfg.data.eval:
+                eval_records = read_records(cfg.data.eval, key="data.eval", conll=conll)
+            elif cfg.data.eval_fraction:
+                train_records, eval_records = split_eval(train_records, cfg.data.eval_fraction, cfg.train.seed)
+            label2id = {name: i for i, name in enumerate(labels)} if labels else None
+            enc_train = _encode_all(train_records, task, tokenizer, cfg, label2id)
+            if not enc_train["input_ids"]:
+                raise DataError(f"data.train: no usable examples in {cfg.data.train} "
+                                f"({enc_train['dropped']} had no target tokens within max_length)")
+            enc_eval = _encode_all(eval_records, task, tokenizer, cfg, label2id) if eval_records else None
+            dropped = {"train": enc_train.pop("dropped"), "eval": enc_eval.pop("dropped") if enc_eval else 0}
+            train = datasets.Dataset.from_dict(enc_train)
+            evalset = datasets.Dataset.from_dict(enc_eval) if enc_eval and enc_eval["input_ids"] else None
+            meta = {"labels": labels, "has_eval": evalset is not None, "dropped": dropped,
+                    **task.cache_meta()}
+            if cfg.data.cache and (accelerator is None or accelerator.is_main_process):
+                _save_atomically(where, train, evalset, meta)
+    return {"train": train, "eval": evalset, "labels": labels, "stats": meta}
+
+
+def _save_atomically(where: Path, train: Any, evalset: Any, meta: dict) -> None:
+    tmp = where.with_name(where.name + f".tmp{os.getpid()}")
+    try:
+        train.save_to_disk(str(tmp / "train"))
+        if evalset is not None:
+            evalset.save_to_disk(str(tmp / "eval"))
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, where)
+    except OSError:
+        pass  # a cache is an optimisation: failing to write it must not fail the run
+
+
+__all__ = ["WHERE", "build_datasets", "read_records", "split_eval", "fingerprint"]

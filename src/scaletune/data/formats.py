@@ -1,0 +1,196 @@
+"""Instruction-data formats for causal_lm, one small converter each, registered by name.
+
+A converter turns one record into either a chat (`list of {role, content}`) or plain
+`segments` — `(text, trainable)` pairs. Chats are rendered by the tokenizer's chat template when it
+has one, else by a built-in Alpaca-style template; the rendering keeps track of which characters
+belong to assistant turns so the loss can be restricted to them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import DataError
+from .readers import WHERE
+
+Segments = list[tuple[str, bool]]
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    required: tuple[str, ...]  # columns whose presence identifies the format
+    convert: Callable[[dict], dict]  # record -> {"messages": [...]} or {"segments": [...]}
+
+
+FORMATS: dict[str, Format] = {}
+
+
+def register(name: str, required: tuple[str, ...]) -> Callable:
+    def deco(fn: Callable[[dict], dict]) -> Callable[[dict], dict]:
+        FORMATS[name] = Format(name, required, fn)
+        return fn
+
+    return deco
+
+
+def _text(rec: dict, key: str, *, optional: bool = False) -> str:
+    value = rec.get(key)
+    if value is None and optional:
+        return ""
+    if not isinstance(value, str):
+        raise DataError(f"{rec.get(WHERE, '?')}: field {key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+@register("alpaca", ("instruction", "output"))
+def _alpaca(rec: dict) -> dict:
+    instruction = _text(rec, "instruction")
+    extra = _text(rec, "input", optional=True)
+    user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+    messages = []
+    system = _text(rec, "system", optional=True)
+    if system:
+        messages.append({"role": "system", "content": system})
+    for turn in rec.get("history") or []:  # LLaMA-Factory's [[user, assistant], ...]
+        if isinstance(turn, (list, tuple)) and len(turn) == 2:
+            messages += [{"role": "user", "content": str(turn[0])}, {"role": "assistant", "content": str(turn[1])}]
+    messages += [{"role": "user", "content": user}, {"role": "assistant", "content": _text(rec, "output")}]
+    return {"messages": messages}
+
+
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                   "system": "system", "function_call": "assistant", "observation": "user", "tool": "user"}
+
+
+@register("sharegpt", ("conversations",))
+def _sharegpt(rec: dict) -> dict:
+    turns = rec.get("conversations")
+    where = rec.get(WHERE, "?")
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: 'conversations' must be a non-empty list")
+    messages = []
+    if isinstance(rec.get("system"), str) and rec["system"]:
+        messages.append({"role": "system", "content": rec["system"]})
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise DataError(f"{where}: conversations[{i}] needs 'from' and 'value'")
+        role = _SHAREGPT_ROLES.get(turn["from"])
+        if role is None:
+            raise DataError(f"{where}: conversations[{i}].from={turn['from']!r} is not one of "
+                            f"{sorted(_SHAREGPT_ROLES)}")
+        messages.append({"role": role, "content": str(turn["value"])})
+    return {"messages": messages}
+
+
+@register("messages", ("messages",))
+def _messages(rec: dict) -> dict:
+    msgs = rec.get("messages")
+    where = rec.get(WHERE, "?")
+    if not isinstance(msgs, list) or not msgs:
+        raise DataError(f"{where}: 'messages' must be a non-empty list")
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool"):
+            raise DataError(f"{where}: messages[{i}] needs role system|user|assistant|tool and content")
+        if not isinstance(m.get("content"), str):
+            raise DataError(f"{where}: messages[{i}].content must be a string")
+        out.append({"role": m["role"], "content": m["content"]})
+    return {"messages": out}
+
+
+@register("prompt_completion", ("prompt", "completion"))
+def _prompt_completion(rec: dict) -> dict:
+    return {"segments": [(_text(rec, "prompt"), False), (_text(rec, "completion"), True)]}
+
+
+@register("text", ("text",))
+def _plain_text(rec: dict) -> dict:
+    return {"segments": [(_text(rec, "text"), True)]}
+
+
+def detect(records: list[dict], source: str) -> Format:
+    """Pick the format whose identifying columns the first record has."""
+    first = records[0]
+    for fmt in FORMATS.values():
+        if all(col in first for col in fmt.required):
+            return fmt
+    cols = sorted(k for k in first if k != WHERE)
+    options = "; ".join(f"{f.name}: {', '.join(f.required)}" for f in FORMATS.values())
+    raise DataError(f"{source}: cannot tell the data format from columns {cols}. Expected one of — {options}. "
+                    "Set data.format to choose explicitly.")
+
+
+def get_format(name: str, records: list[dict], source: str) -> Format:
+    fmt = detect(records, source) if name == "auto" else FORMATS[name]
+    missing = [c for c in fmt.required if c not in records[0]]
+    if missing:
+        raise DataError(f"{records[0].get(WHERE, source)}: format {fmt.name} needs column(s) {missing}")
+    return fmt
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering chats into (text, trainable) segments
+
+_DEFAULT_HEADERS = {"system": "{content}\n\n", "user": "### Instruction:\n{content}\n\n### Response:\n",
+                    "tool": "### Tool result:\n{content}\n\n"}
+
+
+def _render_default(messages: list[dict], eos: str) -> Segments:
+    segments: Segments = []
+    for m in messages:
+        if m["role"] == "assistant":
+            segments.append((m["content"] + eos, True))
+            segments.append(("\n\n", False))
+        else:
+            segments.append((_DEFAULT_HEADERS[m["role"]].format(content=m["content"]), False))
+    while segments and segments[-1] == ("\n\n", False):
+        segments.pop()
+    return segments
+
+
+def _render_template(messages: list[dict], tokenizer: Any, where: str) -> Segments:
+    """Use the tokenizer's chat template; assistant spans are found by rendering growing prefixes."""
+
+    def render(msgs: list[dict], gen: bool) -> str:
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+
+    segments: Segments = []
+    done = 0
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = render(messages[:i], True)
+        upto = render(messages[: i + 1], False)
+        if not (upto.startswith(before) and before.startswith(_joined(segments))):
+            raise DataError(f"{where}: the tokenizer's chat template does not render conversations "
+                            "incrementally; use data.format text/prompt_completion or another template")
+        segments.append((before[done:], False))
+        segments.append((upto[len(before):], True))
+        done = len(upto)
+    full = render(messages, False)
+    if len(full) > done:
+        segments.append((full[done:], False))
+    return [s for s in segments if s[0]]
+
+
+def _joined(segments: Segments) -> str:
+    return "".join(s for s, _ in segments)
+
+
+def to_segments(converted: dict, tokenizer: Any, where: str) -> Segments:
+    """Turn a converter's output into (text, trainable) segments, ready to tokenise."""
+    if "segments" in converted:
+        segs = list(converted["segments"])
+        eos = tokenizer.eos_token or ""
+        text, trainable = segs[-1]
+        segs[-1] = (text + eos, trainable)
+        return segs
+    messages = converted["messages"]
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: conversation has no assistant turn to learn from")
+    if getattr(tokenizer, "chat_template", None):
+        return _render_template(messages, tokenizer, where)
+    return _render_default(messages, tokenizer.eos_token or "")

@@ -1,0 +1,193 @@
+"""Read data files into lists of records, with errors that name the file and line.
+
+Supported: .jsonl/.json, .csv/.tsv, .parquet, CoNLL column files (.conll/.txt/.iob), and
+`hub:<id>[:split]` through `datasets`. Every record remembers where it came from (`__where__`),
+so later validation (missing columns, bad labels) can point at the exact line.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+from ..errors import DataError
+
+WHERE = "__where__"
+MAX_ERRORS = 10
+_CONLL_SUFFIXES = (".conll", ".txt", ".iob", ".bio", ".conllu")
+
+
+def _read_text(path: Path) -> str:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8 (byte {raw[exc.start]:#04x} at offset {exc.start})") from None
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    records, problems = [], []
+    for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            problems.append(f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})")
+        else:
+            if not isinstance(obj, dict):
+                problems.append(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            else:
+                obj[WHERE] = f"{path}:{lineno}"
+                records.append(obj)
+        if len(problems) >= MAX_ERRORS:
+            problems.append("... (stopping after 10 problems)")
+            break
+    if problems:
+        raise DataError(problems, title=f"{path} has unreadable lines")
+    return records
+
+
+def _read_json(path: Path) -> list[dict]:
+    text = _read_text(path)
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        # A .json file that is really JSON lines is common; accept it.
+        if exc.msg == "Extra data":
+            return _read_jsonl(path)
+        raise DataError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+    if isinstance(obj, dict):
+        # Column-oriented {"col": [...], ...} or a wrapper like {"data": [...]}.
+        lists = {k: v for k, v in obj.items() if isinstance(v, list)}
+        if len(lists) == 1 and all(isinstance(x, dict) for x in next(iter(lists.values()))):
+            obj = next(iter(lists.values()))
+        elif lists and len(lists) == len(obj) and len({len(v) for v in lists.values()}) == 1:
+            n = len(next(iter(lists.values())))
+            obj = [{k: v[i] for k, v in lists.items()} for i in range(n)]
+        else:
+            raise DataError(f"{path}: expected a list of objects (or JSON lines)")
+    if not isinstance(obj, list):
+        raise DataError(f"{path}: expected a list of objects, got {type(obj).__name__}")
+    records = []
+    for i, item in enumerate(obj):
+        if not isinstance(item, dict):
+            raise DataError(f"{path}: item {i} is {type(item).__name__}, expected an object")
+        item[WHERE] = f"{path}[{i}]"
+        records.append(item)
+    return records
+
+
+def _read_delimited(path: Path, delimiter: str) -> list[dict]:
+    text = _read_text(path)
+    reader = csv.reader(text.splitlines(), delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL)
+    rows = list(reader)
+    if not rows:
+        raise DataError(f"{path}: file is empty")
+    header = [h.strip() for h in rows[0]]
+    if len(set(header)) != len(header) or any(not h for h in header):
+        raise DataError(f"{path}:1: the first line must be a header with distinct, non-empty column names")
+    records = []
+    for lineno, row in enumerate(rows[1:], start=2):
+        if not row or all(not c.strip() for c in row):
+            continue
+        if len(row) != len(header):
+            raise DataError(f"{path}:{lineno}: {len(row)} fields, header has {len(header)} ({', '.join(header)})")
+        rec: dict[str, Any] = dict(zip(header, row))
+        rec[WHERE] = f"{path}:{lineno}"
+        records.append(rec)
+    return records
+
+
+def _read_parquet(path: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several types for corrupt files
+        raise DataError(f"{path}: not a readable parquet file ({exc})") from None
+    records = table.to_pylist()
+    for i, rec in enumerate(records):
+        rec[WHERE] = f"{path}[row {i}]"
+    return records
+
+
+def read_conll(path: Path) -> list[dict]:
+    """CoNLL columns: token first, tag last, blank line between sentences, -DOCSTART- skipped."""
+    records: list[dict] = []
+    tokens: list[str] = []
+    tags: list[str] = []
+    start = 1
+    ncols = None
+    for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            if tokens:
+                records.append({"tokens": tokens, "tags": tags, WHERE: f"{path}:{start}"})
+            tokens, tags, start = [], [], lineno + 1
+            continue
+        cols = line.split()
+        if cols[0] == "-DOCSTART-":
+            continue
+        if len(cols) < 2:
+            raise DataError(f"{path}:{lineno}: expected 'token ... tag' columns, got {line.strip()!r}")
+        if ncols is None:
+            ncols = len(cols)
+        elif len(cols) != ncols:
+            raise DataError(f"{path}:{lineno}: {len(cols)} columns, earlier lines have {ncols}")
+        if not tokens:
+            start = lineno
+        tokens.append(cols[0])
+        tags.append(cols[-1])
+    if tokens:
+        records.append({"tokens": tokens, "tags": tags, WHERE: f"{path}:{start}"})
+    return records
+
+
+def _read_hub(spec: str) -> list[dict]:
+    ident, _, split = spec[len("hub:"):].partition(":")
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(ident, split=split or "train")
+    except Exception as exc:  # offline, missing, or bad split: all user-facing
+        raise DataError(f"{spec}: cannot load from the datasets hub ({type(exc).__name__}: {exc})".splitlines()[0]) from None
+    records = ds.to_list()
+    for i, rec in enumerate(records):
+        rec[WHERE] = f"{spec}[{i}]"
+    return records
+
+
+def read_records(spec: str, *, key: str = "data.train", conll: bool = False) -> list[dict]:
+    """Read a data file (or hub dataset) into a list of dict records; never returns an empty list."""
+    if spec.startswith("hub:"):
+        records = _read_hub(spec)
+    else:
+        path = Path(spec)
+        if not path.exists():
+            raise DataError(f"{key}: file not found: {path}")
+        if path.is_dir():
+            raise DataError(f"{key}: {path} is a directory, expected a data file")
+        suffix = path.suffix.lower()
+        if suffix == ".jsonl":
+            records = _read_jsonl(path)
+        elif suffix == ".json":
+            records = _read_json(path)
+        elif suffix in (".csv", ".tsv"):
+            records = _read_delimited(path, "\t" if suffix == ".tsv" else ",")
+        elif suffix == ".parquet":
+            records = _read_parquet(path)
+        elif suffix in _CONLL_SUFFIXES or conll:
+            records = read_conll(path)
+        else:
+            raise DataError(
+                f"{key}: {path}: unknown file type {suffix!r} (jsonl, json, csv, tsv, parquet, conll/txt)"
+            )
+    if not records:
+        raise DataError(f"{key}: {spec} contains no examples")
+    return records

@@ -1,0 +1,575 @@
+"""Scale-out glue: Accelerator arguments, DeepSpeed configs and world-size-agnostic trainable state.
+
+Three jobs live here:
+
+* `accelerator_kwargs` turns the run config's `distributed:` and `train:` sections into the keyword
+  arguments of `accelerate.Accelerator`, including a fully resolved DeepSpeed config (no "auto" left
+  that accelerate would fill with its own defaults, e.g. gradient clipping 1.0 regardless of the run).
+* `gather_trainable_state` / `load_trainable_state` move the *trainable* (adapter) parameters and their
+  Adam moments between runs of any world size and any ZeRO stage, as plain full tensors keyed by the
+  PEFT parameter name. This is what makes "train on 8 GPUs with ZeRO-3, resume on 1 GPU" possible
+  without DeepSpeed's sharded checkpoint format.
+* `saved_adapter_state` returns a gathered state dict for `PeftModel.save_pretrained(state_dict=...)`,
+  which under ZeRO-3 would otherwise see empty (partitioned) parameters.
+
+Importing this module is cheap: torch/accelerate/deepspeed are imported inside the functions, so the
+CLI can validate configs without paying for them.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import torch
+    from accelerate import Accelerator
+
+logger = logging.getLogger(__name__)
+
+#: Optimizer-state keys moved by gather/load (torch AdamW and DeepSpeed's Adam variants use these).
+ADAM_STATE_KEYS: tuple[str, ...] = ("exp_avg", "exp_avg_sq")
+
+#: Name of the packaged folder holding the canonical DeepSpeed JSON files.
+_DS_RESOURCE_PACKAGE = "scaletune.resources.deepspeed"
+
+
+# ----------------------------------------------------------------------------------------------
+# Environment helpers
+
+
+def world_size_from_env() -> int:
+    """World size as set by the launcher (torchrun/accelerate/deepspeed), 1 when not launched.
+
+    Known before the Accelerator exists, which is what the DeepSpeed batch arithmetic needs.
+    """
+    for var in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"):
+        value = os.environ.get(var)
+        if value and value.isdigit():
+            return max(1, int(value))
+    return 1
+
+
+def cuda_available() -> bool:
+    """True when torch sees a CUDA device (imports torch lazily)."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def launched_with_deepspeed() -> bool:
+    """True when `accelerate launch` was told to use DeepSpeed (flag or config file)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def process_group_backend(cfg: Any) -> str:
+    """The torch.distributed backend for this run: the configured one, else nccl on CUDA, else gloo."""
+    backend = getattr(cfg.distributed, "backend", None)
+    if backend:
+        return str(backend)
+    return "nccl" if cuda_available() else "gloo"
+
+
+# ----------------------------------------------------------------------------------------------
+# DeepSpeed config files
+
+
+def deepspeed_config_name(zero_stage: int, offload: str = "none") -> str | None:
+    """File name of the shipped DeepSpeed JSON that best matches (stage, offload); None for stage 0.
+
+    The offload details are re-applied exactly by `build_deepspeed_config`, so e.g. stage 3 with
+    `offload: optimizer` starts from zero3.json and only adds optimizer offload.
+    """
+    if zero_stage == 0:
+        return None
+    if zero_stage == 1:
+        return "zero1.json"
+    if zero_stage == 2:
+        return "zero2.json" if offload == "none" else "zero2_offload.json"
+    if zero_stage == 3:
+        return "zero3_offload.json" if offload == "all" else "zero3.json"
+    raise ValueError(f"distributed.zero_stage must be 0-3, got {zero_stage!r}")
+
+
+def deepspeed_config_path(name: str) -> Path:
+    """Filesystem path of a packaged DeepSpeed JSON (src/scaletune/resources/deepspeed/<name>).
+
+    Uses importlib.resources so it works from an installed wheel, not only from the repo checkout.
+    `accelerate launch --deepspeed_config_file` needs a real path, and for a regular (non-zip)
+    install `files()` is one.
+    """
+    path = resources.files(_DS_RESOURCE_PACKAGE).joinpath(name)
+    return Path(str(path))
+
+
+def load_deepspeed_json(name_or_path: str | os.PathLike) -> dict:
+    """Read a DeepSpeed JSON: a packaged name ("zero3.json") or any filesystem path."""
+    text = str(name_or_path)
+    if os.sep not in text and "/" not in text and not Path(text).is_file():
+        return json.loads(resources.files(_DS_RESOURCE_PACKAGE).joinpath(text).read_text(encoding="utf-8"))
+    return json.loads(Path(text).read_text(encoding="utf-8"))
+
+
+def _apply_offload(ds: dict, offload: str) -> None:
+    """Make the ZeRO offload sections say exactly what `distributed.offload` says."""
+    zero = ds.setdefault("zero_optimization", {})
+    want_opt = offload in ("optimizer", "all")
+    want_param = offload in ("params", "all")
+    if want_opt:
+        zero["offload_optimizer"] = {**zero.get("offload_optimizer", {}), "device": "cpu"}
+        zero["offload_optimizer"].setdefault("pin_memory", True)
+        # The trainer hands DeepSpeed a torch AdamW; without this DeepSpeed refuses anything but its
+        # compiled DeepSpeedCPUAdam when the optimizer is offloaded.
+        ds.setdefault("zero_force_ds_cpu_optimizer", False)
+    else:
+        zero.pop("offload_optimizer", None)
+    if want_param:
+        zero["offload_param"] = {**zero.get("offload_param", {}), "device": "cpu"}
+        zero["offload_param"].setdefault("pin_memory", True)
+    else:
+        zero.pop("offload_param", None)
+
+
+def _fill_auto(node: dict, key: str, value: Any) -> None:
+    """Replace node[key] only when it is "auto" (or absent): explicit user values win."""
+    if node.get(key, "auto") == "auto":
+        node[key] = value
+
+
+def resolve_deepspeed_config(ds: dict, cfg: Any, grad_accum_steps: int, world_size: int | None = None) -> dict:
+    """Fill every batch/precision/clipping "auto" of a DeepSpeed config from the run config.
+
+    Accelerate would otherwise fill them itself: micro batch from a prepared dataloader (fails when
+    the model is prepared alone), clipping always 1.0, and train_batch_size from its own view of the
+    world size. Doing it here keeps DeepSpeed's arithmetic identical to scaletune's
+    (global = micro x grad_accum x world).
+    """
+    ds = copy.deepcopy(ds)
+    t = cfg.train
+    world = world_size if world_size is not None else world_size_from_env()
+    micro = int(t.micro_batch_size)
+    _fill_auto(ds, "train_micro_batch_size_per_gpu", micro)
+    _fill_auto(ds, "gradient_accumulation_steps", int(grad_accum_steps))
+    _fill_auto(ds, "train_batch_size", micro * int(grad_accum_steps) * world)
+    # DeepSpeed treats 0.0 as "no clipping"; max_grad_norm: null means the same in scaletune.
+    _fill_auto(ds, "gradient_clipping", float(t.max_grad_norm) if t.max_grad_norm is not None else 0.0)
+    mp = getattr(t, "mixed_precision", "no")
+    for dtype, on in (("bf16", mp == "bf16"), ("fp16", mp == "fp16")):
+        section = ds.setdefault(dtype, {})
+        _fill_auto(section, "enabled", on)
+    return ds
+
+
+def build_deepspeed_config(cfg: Any, grad_accum_steps: int, world_size: int | None = None) -> dict:
+    """The resolved DeepSpeed config dict for `cfg` (shipped JSON for the stage + offload + cfg values)."""
+    dist = cfg.distributed
+    name = deepspeed_config_name(int(dist.zero_stage), str(dist.offload))
+    if name is None:
+        raise ValueError("build_deepspeed_config: distributed.zero_stage is 0 (no DeepSpeed)")
+    ds = load_deepspeed_json(name)
+    ds["zero_optimization"]["stage"] = int(dist.zero_stage)
+    _apply_offload(ds, str(dist.offload))
+    return resolve_deepspeed_config(ds, cfg, grad_accum_steps, world_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Accelerator arguments
+
+
+def accelerator_kwargs(cfg: Any, grad_accum_steps: int) -> dict:
+    """Keyword arguments for `accelerate.Accelerator(**kwargs)` derived from `cfg`.
+
+    Args:
+        cfg: the RunConfig (reads `cfg.train` and `cfg.distributed`).
+        grad_accum_steps: micro-steps per optimizer step on this world size, i.e.
+            global_batch_size // (micro_batch_size * world_size); the caller computes it because it
+            depends on the world size.
+
+    Returns a dict with `mixed_precision`, `gradient_accumulation_steps`, `kwargs_handlers` (an
+    `InitProcessGroupKwargs` carrying the backend when one is needed) and, for ZeRO stages, a
+    `deepspeed_plugin`.
+
+    The process-group backend is passed explicitly because without CUDA accelerate leaves it as None
+    for a DeepSpeed launch: DeepSpeed then initialises a 1-process world while WORLD_SIZE says 2 and
+    rejects the batch arithmetic. gloo is the backend that works on CPU.
+    """
+    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+
+    dist = cfg.distributed
+    t = cfg.train
+    stage = int(dist.zero_stage)
+    world = world_size_from_env()
+    kwargs: dict[str, Any] = {
+        "mixed_precision": t.mixed_precision,
+        "gradient_accumulation_steps": int(grad_accum_steps),
+    }
+
+    handlers: list[Any] = []
+    multi_process = world > 1 or os.environ.get("LOCAL_RANK") is not None
+    if multi_process and (dist.backend is not None or not cuda_available()):
+        # On CUDA with no explicit backend accelerate already picks nccl; anything else (CPU, or a
+        # user-forced backend) must be passed or accelerate/DeepSpeed guess wrong.
+        handlers.append(InitProcessGroupKwargs(backend=process_group_backend(cfg)))
+    if handlers:
+        kwargs["kwargs_handlers"] = handlers
+
+    if launched_with_deepspeed():
+        config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+        if config_file and config_file != "none":
+            # The launch config chose the DeepSpeed JSON: honour it, but fill its "auto" values from
+            # the run config so batch size, clipping and precision agree with what scaletune does.
+            ds = resolve_deepspeed_config(load_deepspeed_json(config_file), cfg, grad_accum_steps, world)
+            launched_stage = ds.get("zero_optimization", {}).get("stage")
+            if launched_stage != stage:
+                logger.warning(
+                    "launched with DeepSpeed config %s (ZeRO stage %s) but distributed.zero_stage=%s; "
+                    "using the launched config",
+                    config_file,
+                    launched_stage,
+                    stage,
+                )
+            kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=ds)
+        else:
+            # Launched with plugin flags (--zero_stage ...) and no JSON: accelerate builds the plugin
+            # from its environment; only the values it cannot know are supplied.
+            kwargs["deepspeed_plugin"] = DeepSpeedPlugin(
+                gradient_accumulation_steps=int(grad_accum_steps),
+                gradient_clipping=float(t.max_grad_norm) if t.max_grad_norm is not None else 0.0,
+            )
+            ds_cfg = kwargs["deepspeed_plugin"].deepspeed_config
+            _fill_auto(ds_cfg, "train_micro_batch_size_per_gpu", int(t.micro_batch_size))
+            _fill_auto(ds_cfg, "train_batch_size", int(t.micro_batch_size) * int(grad_accum_steps) * world)
+    elif stage > 0:
+        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=build_deepspeed_config(cfg, grad_accum_steps, world))
+    return kwargs
+
+
+# ----------------------------------------------------------------------------------------------
+# Trainable state: gather / load
+
+
+def _strip_prefix(name: str) -> str:
+    """PEFT parameter name without DDP/DeepSpeed/torch.compile wrapper prefixes."""
+    for prefix in ("module.", "_orig_mod."):
+        while name.startswith(prefix):
+            name = name[len(prefix) :]
+    return name
+
+
+def _unwrapped(accelerator: Accelerator | None, model: Any) -> Any:
+    """The PEFT model under any DDP/DeepSpeed/compile wrappers."""
+    if accelerator is not None:
+        try:
+            return accelerator.unwrap_model(model)
+        except Exception:  # pragma: no cover - unwrap_model is best effort on exotic wrappers
+            pass
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def _trainable_named_parameters(accelerator: Accelerator | None, model: Any) -> Iterator[tuple[str, Any]]:
+    """(name, param) for every trainable parameter, in module registration order.
+
+    The order is the same on every rank, which matters: DeepSpeed's full-state getters are
+    collectives that all ranks must call in the same order.
+    """
+    for name, param in _unwrapped(accelerator, model).named_parameters():
+        if param.requires_grad:
+            yield _strip_prefix(name), param
+
+
+def _deepspeed_engine(accelerator: Accelerator | None, model: Any) -> Any | None:
+    """The DeepSpeedEngine driving `model`, or None when DeepSpeed is not in use."""
+    try:
+        from deepspeed import DeepSpeedEngine
+    except Exception:  # deepspeed not installed -> cannot be in use
+        return None
+    if isinstance(model, DeepSpeedEngine):
+        return model
+    wrapped = getattr(accelerator, "deepspeed_engine_wrapped", None) if accelerator is not None else None
+    if wrapped is not None:
+        return wrapped.engine
+    return None
+
+
+def _zero_stage(engine: Any) -> int:
+    return int(engine.zero_optimization_stage()) if engine is not None else 0
+
+
+def _base_torch_optimizer(optimizer: Any) -> Any:
+    """The innermost torch optimizer (under accelerate's and DeepSpeed's wrappers).
+
+    Its `state[...]["step"]` is the Adam step count. Under DeepSpeed ZeRO the params of this optimizer
+    are DeepSpeed's flat fp32 partitions, one per param group.
+    """
+    seen = 0
+    while hasattr(optimizer, "optimizer") and seen < 8:
+        optimizer = optimizer.optimizer
+        seen += 1
+    return optimizer
+
+
+def _ds_zero_optimizer(engine: Any) -> Any:
+    return engine.optimizer
+
+
+def _state_params(base_opt: Any, extra: list | None = None) -> list:
+    """Every tensor the optimizer keeps (or should keep) state for, without duplicates.
+
+    ZeRO-3 empties `param_groups[i]["params"]` after its steps, so the state keys are walked too.
+    """
+    out: list = []
+    seen: set[int] = set()
+    candidates = list(extra or []) + [p for g in base_opt.param_groups for p in g["params"]] + list(base_opt.state)
+    for p in candidates:
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+def _read_step(base_opt: Any) -> int:
+    """Largest Adam step count found in a torch optimizer's state (0 before the first step)."""
+    steps: list[float] = []
+    for st in base_opt.state.values():
+        if "step" in st:
+            v = st["step"]
+            steps.append(float(v.item() if hasattr(v, "item") else v))
+    for group in base_opt.param_groups:
+        if "step" in group:  # some optimizers (and DeepSpeed's own Adam) keep it per group
+            steps.append(float(group["step"]))
+    return int(max(steps)) if steps else 0
+
+
+def _write_step(base_opt: Any, step: int) -> None:
+    """Set the Adam step count everywhere a torch/DeepSpeed optimizer may keep it."""
+    import torch
+
+    for group in base_opt.param_groups:
+        if "step" in group:
+            group["step"] = step
+    for st in base_opt.state.values():
+        old = st.get("step")
+        if torch.is_tensor(old):
+            st["step"] = torch.tensor(float(step), dtype=old.dtype, device=old.device)
+        else:
+            # torch AdamW (non-capturable) keeps a float32 CPU scalar tensor.
+            st["step"] = torch.tensor(float(step), dtype=torch.float32)
+
+
+def _ensure_adam_state(base_opt: Any, flat_params: list | None = None) -> None:
+    """Create zero Adam state for params that have none yet (fresh optimizer, before its first step).
+
+    torch AdamW initialises state lazily in step() only when the state dict is empty, so pre-filled
+    tensors are used as-is and the loaded moments survive into the next step. `flat_params` lists
+    DeepSpeed's flat fp32 partitions, which ZeRO-3 does not leave in `param_groups`.
+    """
+    import torch
+
+    amsgrad = any(g.get("amsgrad") for g in base_opt.param_groups)
+    for p in _state_params(base_opt, flat_params):
+        st = base_opt.state[p]
+        if len(st) == 0:
+            st["step"] = torch.tensor(0.0, dtype=torch.float32)
+            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if amsgrad:
+                st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def _ds_flat_fp32_partitions(zero_opt: Any) -> list:
+    """DeepSpeed's flat fp32 master partitions (the params of its inner torch optimizer)."""
+    for attr in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition"):
+        flat = getattr(zero_opt, attr, None)
+        if flat:
+            return [t for t in flat if t is not None]
+    return []
+
+
+def gather_trainable_state(
+    accelerator: Accelerator | None, model: Any, optimizer: Any
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
+    """Full fp32 trainable parameters and Adam state, identical on every rank.
+
+    Args:
+        accelerator: the run's Accelerator (None is fine for a plain single-process model).
+        model: the prepared model (DDP/DeepSpeedEngine/PeftModel).
+        optimizer: the prepared optimizer (AcceleratedOptimizer / DeepSpeed wrapper / torch AdamW).
+
+    Returns:
+        (params, opt_state, scalars): `params[name]` is the full fp32 CPU tensor of each trainable
+        parameter (name = PEFT name without "module."); `opt_state[f"{name}::exp_avg"]` and
+        `opt_state[f"{name}::exp_avg_sq"]` the full Adam moments (absent before the first step);
+        `scalars = {"step": int}` the Adam step count.
+
+    Under DeepSpeed every rank must call this (the getters are collectives, called here in the same
+    parameter order everywhere). Works for no DeepSpeed (single process/DDP, replicated state) and
+    ZeRO 1/2/3 including CPU offload.
+    """
+    import torch
+
+    engine = _deepspeed_engine(accelerator, model)
+    stage = _zero_stage(engine)
+    params: dict[str, torch.Tensor] = {}
+    opt_state: dict[str, torch.Tensor] = {}
+
+    if stage == 0:
+        base = _base_torch_optimizer(engine.optimizer if engine is not None else optimizer)
+        for name, p in _trainable_named_parameters(accelerator, model):
+            # With DDP (or a single process) parameters and optimizer state are full and replicated.
+            params[name] = p.detach().float().cpu().clone()
+            st = base.state.get(p, {}) if base is not None else {}
+            for key in ADAM_STATE_KEYS:
+                if key in st and torch.is_tensor(st[key]):
+                    opt_state[f"{name}::{key}"] = st[key].detach().float().cpu().clone()
+        scalars = {"step": _read_step(base) if base is not None else 0}
+        return params, opt_state, scalars
+
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    zero_opt = _ds_zero_optimizer(engine)
+    base = _base_torch_optimizer(zero_opt)
+    step = _read_step(base)
+    have_moments = any(len(st) for st in base.state.values())
+    # All ranks agree on have_moments (same number of steps taken), so they call the same collectives.
+    for name, p in _trainable_named_parameters(accelerator, model):
+        full = safe_get_full_fp32_param(p)
+        if full is None:
+            raise RuntimeError(f"gather_trainable_state: DeepSpeed has no fp32 master for {name}")
+        params[name] = full.detach().float().cpu().clone().reshape(_full_shape(p))
+        if not have_moments:
+            continue
+        for key in ADAM_STATE_KEYS:
+            value = safe_get_full_optimizer_state(p, key)
+            if value is not None:
+                opt_state[f"{name}::{key}"] = value.detach().float().cpu().clone().reshape(_full_shape(p))
+    return params, opt_state, {"step": step}
+
+
+def _full_shape(p: Any) -> Any:
+    """The unpartitioned shape of a parameter (ZeRO-3 keeps it in `ds_shape`)."""
+    return tuple(getattr(p, "ds_shape", p.shape))
+
+
+def load_trainable_state(
+    accelerator: Accelerator | None,
+    model: Any,
+    optimizer: Any,
+    params: dict[str, torch.Tensor],
+    opt_state: dict[str, torch.Tensor],
+    scalars: dict,
+) -> None:
+    """Restore what `gather_trainable_state` returned, at any world size and ZeRO stage.
+
+    Call on every rank after `accelerator.prepare` and before the next optimizer step. Every
+    trainable parameter must be present in `params` (a KeyError names the missing ones). Moments
+    missing from `opt_state` are left at zero; `scalars["step"]` becomes Adam's step count so bias
+    correction continues where it stopped.
+    """
+    import torch
+
+    named = list(_trainable_named_parameters(accelerator, model))
+    missing = [n for n, _ in named if n not in params]
+    if missing:
+        raise KeyError(f"load_trainable_state: no saved value for trainable parameters {missing[:5]}"
+                       f"{' ...' if len(missing) > 5 else ''}")
+    extra = set(params) - {n for n, _ in named}
+    if extra:
+        logger.warning("load_trainable_state: ignoring %d saved parameters the model does not train: %s",
+                       len(extra), sorted(extra)[:5])
+    step = int(scalars.get("step", 0)) if scalars else 0
+    engine = _deepspeed_engine(accelerator, model)
+    stage = _zero_stage(engine)
+
+    if stage == 0:
+        base = _base_torch_optimizer(engine.optimizer if engine is not None else optimizer)
+        with torch.no_grad():
+            for name, p in named:
+                p.data.copy_(params[name].to(device=p.device, dtype=p.dtype).reshape(p.shape))
+        if base is None:
+            return
+        if opt_state:
+            _ensure_adam_state(base)
+            for name, p in named:
+                st = base.state[p]
+                for key in ADAM_STATE_KEYS:
+                    value = opt_state.get(f"{name}::{key}")
+                    if value is not None:
+                        st[key] = value.to(device=p.device, dtype=st[key].dtype).reshape(p.shape).clone()
+            _write_step(base, step)
+        return
+
+    import deepspeed
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    zero_opt = _ds_zero_optimizer(engine)
+    base = _base_torch_optimizer(zero_opt)
+    if opt_state:
+        # A fresh DeepSpeed optimizer has no Adam state yet (torch creates it in the first step) and,
+        # for ZeRO-1/2, has not linked the per-parameter views into it; create both so the setters
+        # below have somewhere to write and the next step() uses the restored tensors.
+        _ensure_adam_state(base, _ds_flat_fp32_partitions(zero_opt))
+        if hasattr(zero_opt, "_lazy_init_hp_params_optimizer_state"):
+            zero_opt._lazy_init_hp_params_optimizer_state()
+    for name, p in named:
+        value = params[name].float()
+        device = _ds_device(p)
+        # fp32 master copy (the optimizer's view) ...
+        safe_set_full_fp32_param(p, value.to(device))
+        # ... and the low-precision/model copy used by the next forward.
+        if stage == 3:
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                if torch.distributed.get_rank() == 0:
+                    p.data.copy_(value.to(device=p.device, dtype=p.dtype).reshape(p.shape))
+        else:
+            with torch.no_grad():
+                p.data.copy_(value.to(device=p.device, dtype=p.dtype).reshape(p.shape))
+        for key in ADAM_STATE_KEYS:
+            moment = opt_state.get(f"{name}::{key}") if opt_state else None
+            if moment is not None:
+                safe_set_full_optimizer_state(p, moment.float().to(device), key)
+    if opt_state:
+        _write_step(base, step)
+
+
+def _ds_device(p: Any) -> Any:
+    """Device of a DeepSpeed-managed parameter's data (the accelerator device; CPU when offloaded)."""
+    tensor = getattr(p, "ds_tensor", None)
+    return (tensor if tensor is not None else p).device
+
+
+# ----------------------------------------------------------------------------------------------
+# Saving the adapter
+
+
+def saved_adapter_state(accelerator: Accelerator, model: Any) -> dict:
+    """State dict to pass as `peft_model.save_pretrained(dir, state_dict=...)`.
+
+    Under ZeRO-3 the module's parameters are empty partitions, so `save_pretrained` alone writes an
+    empty adapter; `accelerator.get_state_dict` gathers them (a collective: call on every rank, then
+    save on the main process). Keys are the PEFT model's own names (no "module." prefix), and only
+    trainable (adapter) entries are kept, so the base weights are not gathered into memory twice.
+    With DDP/one process this is just the trainable part of the unwrapped state dict.
+    """
+    engine = _deepspeed_engine(accelerator, model)
+    peft_model = _unwrapped(accelerator, model)
+    trainable = {n for n, _ in _trainable_named_parameters(accelerator, model)}
+    if _zero_stage(engine) == 3:
+        import deepspeed
+
+        # Gather only the trainable params (accelerator.get_state_dict would gather the whole base
+        # model onto rank 0): GatheredParameters is collective and returns full tensors everywhere.
+        named = [(n, p) for n, p in _trainable_named_parameters(accelerator, model)]
+        state: dict[str, Any] = {}
+        with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+            for n, p in named:
+                state[n] = p.detach().to("cpu", copy=True)
+        return state
+    state = accelerator.get_state_dict(model, unwrap=True) if accelerator is not None else peft_model.state_dict()
+    return {_strip_prefix(k): v for k, v in state.items() if _strip_prefix(k) in trainable}

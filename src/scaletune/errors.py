@@ -1,0 +1,41 @@
+"""User-facing errors.
+
+Anything caused by what the user gave us (config, data, paths, combinations) is raised as a
+`UserError`; the CLI prints it on one screen and exits with code 2. Everything else is a bug and
+keeps its traceback.
+"""
+
+from __future__ import annotations
+
+EXIT_USAGE = 2
+# Distinct code for "stopped on a signal after writing a resumable checkpoint": the Slurm
+# templates requeue on it, and nothing else uses it.
+EXIT_PREEMPTED = 124
+
+
+class UserError(Exception):
+    """One or more problems with the user's input, each naming where it is."""
+
+    def __init__(self, problems: str | list[str], *, title: str | None = None, hint: str | None = None):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        self.title = title
+        self.hint = hint
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        if len(self.problems) == 1 and not self.title:
+            text = f"error: {self.problems[0]}"
+        else:
+            head = self.title or "problems found"
+            text = f"error: {head}:\n" + "\n".join(f"  - {p}" for p in self.problems)
+        if self.hint:
+            text += f"\nhint: {self.hint}"
+        return text
+
+
+class ConfigError(UserError):
+    """Problems with the run config."""
+
+
+class DataError(UserError):
+    """Problems with a data file."""

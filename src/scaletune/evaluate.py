@@ -1,0 +1,42 @@
+"""Evaluation over a tokenised dataset, sharded across ranks; metrics come from the task."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .data.batching import eval_batches
+
+
+def to_device(batch: dict, device: Any) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(accelerator: Any, model: Any, task: Any, dataset: Any, labels: list[str] | None, micro: int,
+             pad_id: int) -> dict:
+    """Loss and task metrics over the whole eval set (identical result at any world size)."""
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    n_targets = 0
+    preds: list = []
+    for idx in eval_batches(len(dataset), micro, accelerator.num_processes, accelerator.process_index):
+        batch = to_device(task.collate([dataset[i] for i in (idx or [0])], pad_id), accelerator.device)
+        with accelerator.autocast():
+            loss, logits = task.loss_sum(model, batch)
+        if idx is None:
+            continue  # padding round: this rank only kept ZeRO-3's collective forwards in step
+        loss_sum += loss.double().cpu()
+        n_targets += task.count_targets(batch)
+        preds += task.predictions(logits.float().cpu(), {k: v.cpu() for k, v in batch.items()})
+    totals = accelerator.reduce(torch.tensor([loss_sum.item(), float(n_targets)], device=accelerator.device,
+                                             dtype=torch.float64), "sum")
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        preds = gather_object(preds)
+    if was_training:
+        model.train()
+    return task.metrics(preds, float(totals[0]), int(totals[1]), labels)

@@ -1,0 +1,138 @@
+"""After training: `eval`, `predict` and `merge` on a trained adapter (single process)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+
+from .config import RunConfig
+from .errors import ConfigError, DataError, UserError
+
+
+def _adapter_dir(cfg: RunConfig, adapter: str | None) -> Path:
+    path = Path(adapter) if adapter else Path(cfg.output_dir) / "adapter"
+    if not (path / "adapter_config.json").is_file():
+        raise UserError(f"no trained adapter at {path} (adapter_config.json missing); train first or pass --adapter")
+    return path
+
+
+def load_trained(cfg: RunConfig, adapter: str | None) -> tuple[Any, Any, Any, list[str] | None, Path]:
+    """(model in eval mode, tokenizer, task, labels, adapter dir) from a finished run."""
+    from .model import load_model, load_tokenizer
+    from .tasks import get_task
+
+    path = _adapter_dir(cfg, adapter)
+    meta = json.loads((path / "scaletune.json").read_text()) if (path / "scaletune.json").is_file() else {}
+    task = get_task(cfg.task)
+    task.setup_cached(meta)
+    labels = meta.get("labels")
+    tokenizer = load_tokenizer(cfg, str(path))
+    model = load_model(cfg, task, labels, tokenizer, adapter_path=str(path))
+    model.eval()
+    return model, tokenizer, task, labels, path
+
+
+def run_eval(cfg: RunConfig, adapter: str | None, data: str | None) -> dict:
+    from accelerate import Accelerator
+
+    from .data import build_datasets
+    from .evaluate import evaluate
+
+    model, tokenizer, task, labels, _ = load_trained(cfg, adapter)
+    if data:
+        cfg.data.eval, cfg.data.eval_fraction = data, None
+    if not (cfg.data.eval or cfg.data.eval_fraction):
+        raise ConfigError("nothing to evaluate: set data.eval (or data.eval_fraction) or pass --data FILE")
+    acc = Accelerator(mixed_precision=cfg.train.mixed_precision if cfg.train.mixed_precision != "fp16"
+                      or torch.cuda.is_available() else "no", cpu=not torch.cuda.is_available())
+    model = model.to(acc.device)
+    cfg.data.labels = labels if labels else cfg.data.labels
+    sets = build_datasets(cfg, task, tokenizer, None)
+    return evaluate(acc, model, task, sets["eval"], labels, cfg.train.micro_batch_size, tokenizer.pad_token_id)
+
+
+def _read_inputs(source: str | None, stdin: TextIO) -> list[dict]:
+    """Lines of plain text or JSON objects, from a file or stdin."""
+    text = Path(source).read_text(encoding="utf-8") if source and source != "-" else stdin.read()
+    items = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{"):
+            try:
+                items.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{source or '<stdin>'}:{n}: invalid JSON ({exc.msg})") from None
+        else:
+            items.append({"text": line})
+    return items
+
+
+@torch.no_grad()
+def run_predict(cfg: RunConfig, adapter: str | None, source: str | None, max_new_tokens: int,
+                out: TextIO = sys.stdout, stdin: TextIO = sys.stdin) -> list[dict]:
+    """Generate (causal_lm) or label (seq_cls/token_cls); writes one JSON line per input."""
+    model, tokenizer, task, labels, _ = load_trained(cfg, adapter)
+    results = []
+    for item in _read_inputs(source, stdin):
+        if cfg.task == "causal_lm":
+            prompt = item.get("prompt") or item.get("instruction") or item.get("text", "")
+            result = {"prompt": prompt, "completion": generate(model, tokenizer, prompt, max_new_tokens)}
+        elif cfg.task == "seq_cls":
+            text = item.get("text") or item.get(getattr(task, "text", "text"), "")
+            enc = tokenizer(text, item.get("text_pair"), truncation=True, max_length=cfg.data.max_length,
+                            return_tensors="pt")
+            probs = model(**enc).logits.float().softmax(-1)[0]
+            result = {"text": text, "label": labels[int(probs.argmax())], "score": float(probs.max())}
+        else:
+            words = item.get("tokens") or item.get("text", "").split()
+            enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=cfg.data.max_length,
+                            return_tensors="pt")
+            pred = model(**enc).logits.argmax(-1)[0].tolist()
+            tags, seen = [], set()
+            for pos, w in enumerate(enc.word_ids()):
+                if w is not None and w not in seen:
+                    seen.add(w)
+                    tags.append(labels[pred[pos]])
+            result = {"tokens": words, "tags": tags + ["O"] * (len(words) - len(tags))}
+        out.write(json.dumps(result, ensure_ascii=False) + "\n")
+        results.append(result)
+    return results
+
+
+def generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int) -> str:
+    """Greedy completion of an instruction, rendered the way training rendered it."""
+    from .data.formats import to_segments
+
+    segments = to_segments({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": ""}]},
+                           tokenizer, "<predict>")
+    text = "".join(s for s, trainable in segments if not trainable)
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    if tokenizer.bos_token_id is not None and (ids.numel() == 0 or ids[0, 0] != tokenizer.bos_token_id):
+        ids = torch.cat([torch.tensor([[tokenizer.bos_token_id]]), ids], dim=1)
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                         do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def run_merge(cfg: RunConfig, adapter: str | None, out_dir: str) -> Path:
+    """Fold the adapter into the base weights; the result loads with AutoModelFor*.from_pretrained."""
+    if cfg.model.quantization:
+        cfg.model.quantization = None  # merge into full-precision weights, never into 4/8-bit ones
+    model, tokenizer, task, labels, path = load_trained(cfg, adapter)
+    if not hasattr(model, "merge_and_unload"):
+        raise UserError(f"peft method {cfg.peft_method} cannot be merged into the base weights")
+    try:
+        merged = model.merge_and_unload()
+    except (ValueError, NotImplementedError, AttributeError) as exc:
+        raise UserError(f"cannot merge a {cfg.peft_method} adapter: {exc}") from None
+    target = Path(out_dir)
+    if target.exists() and any(target.iterdir()):
+        raise UserError(f"--out {target} is not empty; choose a new directory")
+    merged.save_pretrained(str(target), safe_serialization=True)
+    tokenizer.save_pretrained(str(target))
+    return target

@@ -1,0 +1,112 @@
+"""The training loop: one flat function, read top to bottom.
+
+Loss normalisation is the point to understand. Each micro-batch returns the *sum* of its per-target
+losses; before the step we all-reduce the number of target tokens of the whole optimizer step (all
+micro-batches, all ranks). Scaling each micro-batch's sum by accum * world / n_targets makes the
+accumulated, rank-averaged gradient exactly the gradient of the mean over every target token of the
+step, so micro 1 x accumulation 4 equals micro 4 x accumulation 1, at any world size.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from .data.batching import StepBatches
+from .errors import UserError
+from .evaluate import evaluate, to_device
+from .metrics import Throughput
+from .tracking import MetricsLog
+from .train import Run, StopFlag, final_outputs, save_checkpoint
+
+
+def fit(run: Run, stop: StopFlag) -> str:
+    """Train from `run.step` to `run.total_steps`; returns "done" or "preempted"."""
+    acc, cfg, t = run.accelerator, run.cfg, run.cfg.train
+    model, optimizer, scheduler, task = run.model, run.optimizer, run.scheduler, run.task
+    world, rank = acc.num_processes, acc.process_index
+    pad_id = run.tokenizer.pad_token_id
+    batches = StepBatches(run.data["train"], lambda ex: task.collate(ex, pad_id), global_batch=t.global_batch_size,
+                          micro=t.micro_batch_size, world=world, rank=rank, seed=t.seed,
+                          group_by_length=cfg.data.group_by_length, num_workers=cfg.data.num_workers)
+    mlog = MetricsLog(acc, run.output_dir, run.total_steps, run.step)
+    speed = Throughput(acc, model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if run.step >= run.total_steps:
+        mlog.write(f"run already complete ({run.step}/{run.total_steps} steps)")
+    model.train()
+    for micro_batches in batches(run.step, run.total_steps):
+        # One small all-reduce per step: the step's target count (for the loss) and the stop flag
+        # (so every rank stops at the same boundary after SIGUSR1/SIGTERM on any of them).
+        n_local = sum(task.count_targets(b) for b in micro_batches)
+        head = acc.reduce(torch.tensor([n_local, int(stop.signal is not None)], device=acc.device), "sum")
+        if head[1] > 0:
+            path = save_checkpoint(run)
+            mlog.log("preempted", run.step, {"signal": stop.signal, "checkpoint": str(path)})
+            mlog.write(f"stopped on signal {stop.signal} at step {run.step}; checkpoint {path}")
+            mlog.close()
+            return "preempted"
+        n_global = int(head[0])
+        # Dropout etc. draw from (seed, step, rank): a resumed run replays exactly the same randomness.
+        torch.manual_seed(t.seed + 1_000_003 * (run.step + 1) + rank)
+        scale = run.accum * world / n_global
+        loss_sum = torch.zeros((), device=acc.device)
+        grad_norm = None
+        for batch in micro_batches:
+            batch = to_device(batch, acc.device)
+            speed.count(batch)
+            with acc.accumulate(model):
+                loss, _ = task.loss_sum(model, batch)
+                # accelerate (or DeepSpeed) divides by the accumulation steps; `scale` undoes that.
+                acc.backward(loss * scale)
+                loss_sum += loss.detach().float()
+                if acc.sync_gradients:
+                    grad_norm = clip_and_norm(acc, model, trainable, t.max_grad_norm)
+                    if math.isfinite(grad_norm):  # never apply a non-finite update, skip or stop
+                        optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+        run.step += 1
+        step_loss = (acc.reduce(loss_sum, "sum") / n_global).item()
+        if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+            run.counters["nonfinite_skips"] += 1
+            mlog.log("nonfinite", run.step, {"loss": step_loss, "grad_norm": grad_norm})
+            if t.on_nonfinite == "stop" or run.counters["nonfinite_skips"] > t.max_nonfinite_skips:
+                mlog.close()
+                raise UserError(
+                    f"non-finite {'loss' if not math.isfinite(step_loss) else 'gradient norm'} at step {run.step} "
+                    f"(loss={step_loss}, grad_norm={grad_norm})",
+                    hint="likely causes: learning rate too high, fp16 overflow (use bf16), or bad data in this "
+                         "step. The last good checkpoint is kept; resume with a lower learning rate or "
+                         "train.on_nonfinite: skip")
+        speed.add_step(n_global)
+        if run.step % t.log_every == 0 or run.step == run.total_steps:
+            values = {"loss": step_loss, **speed.flush(), "lr": scheduler.get_last_lr()[0],
+                      "grad_norm": grad_norm, "epoch": run.step / max(1, len(run.data["train"]) // t.global_batch_size)}
+            mlog.log("train", run.step, values)
+            mlog.progress(run.step, {"loss": values["loss"], "lr": values["lr"],
+                                     "tok/s": round(values.get("tokens_per_s", 0))})
+        if run.data["eval"] is not None and ((t.eval_every and run.step % t.eval_every == 0)
+                                             or run.step == run.total_steps):
+            metrics = evaluate(acc, model, task, run.data["eval"], run.data["labels"], t.micro_batch_size, pad_id)
+            mlog.log("eval", run.step, metrics)
+            mlog.write(f"step {run.step}: eval " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
+                                                              if isinstance(v, float)))
+        if t.save_every and run.step % t.save_every == 0:
+            save_checkpoint(run)
+    final_outputs(run, mlog)
+    mlog.close()
+    return "done"
+
+
+def clip_and_norm(acc: Any, model: Any, params: list, max_norm: float | None) -> float:
+    """Clip to `max_norm` (if set) and return the global gradient norm, the same value on every rank."""
+    if acc.distributed_type.value == "DEEPSPEED":
+        # DeepSpeed clips inside its step (config "gradient_clipping") and reports the norm after.
+        norm = acc.deepspeed_engine_wrapped.get_global_grad_norm()
+        return float(norm) if norm is not None else 0.0
+    norm = acc.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
+    return float(norm)
+

@@ -1,0 +1,83 @@
+"""Live throughput: tokens/s (all and target), padding ratio, peak memory and LoRA-aware MFU.
+
+MFU counts the FLOPs a LoRA step really does, per token: 2N forward through the base (N = all
+parameters), 2N backward for activation gradients only (frozen weights get no weight gradient),
+6 N_trainable for the adapter (forward, activation and weight gradients), plus attention
+12 * layers * hidden * seq (scores and weighted sum, forward and backward). Divided by the device's
+dense bf16 peak (table below, or SCALETUNE_PEAK_TFLOPS). Reported on CUDA only.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import time
+from typing import Any
+
+import torch
+
+PEAK_BF16_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0, "H800": 989.0, "L40S": 362.0, "A10G": 125.0,
+                    "RTX 4090": 165.0}
+
+
+def device_peak_tflops() -> float | None:
+    if os.environ.get("SCALETUNE_PEAK_TFLOPS"):
+        return float(os.environ["SCALETUNE_PEAK_TFLOPS"])
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+def flops_per_token(n_params: int, n_trainable: int, n_layers: int, hidden: int, seq_len: float) -> float:
+    return 4.0 * n_params + 6.0 * n_trainable + 12.0 * n_layers * hidden * seq_len
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+class Throughput:
+    """Accumulates token counts between log events; `flush` reduces them over ranks."""
+
+    def __init__(self, accelerator: Any, model: Any):
+        self.acc = accelerator
+        base = accelerator.unwrap_model(model)
+        conf = getattr(base, "config", None)
+        self.n_params = sum(p.numel() for p in base.parameters())
+        self.n_trainable = sum(p.numel() for p in base.parameters() if p.requires_grad)
+        self.layers = getattr(conf, "num_hidden_layers", 0) or 0
+        self.hidden = getattr(conf, "hidden_size", 0) or 0
+        self.peak = device_peak_tflops()
+        self._reset()
+
+    def _reset(self) -> None:
+        self.tokens = self.positions = self.targets = self.seq_sum = self.rows = 0
+        self.start = time.perf_counter()
+
+    def count(self, batch: dict) -> None:
+        ids = batch["input_ids"]
+        mask = batch.get("attention_mask")
+        self.tokens += int(mask.sum()) if mask is not None else int(batch.get("n_tokens", ids.numel()))
+        self.positions += ids.numel()
+        self.rows += ids.shape[0]
+
+    def add_step(self, n_targets_global: int) -> None:
+        self.targets += n_targets_global
+
+    def flush(self) -> dict:
+        dt = max(time.perf_counter() - self.start, 1e-9)
+        local = torch.tensor([self.tokens, self.positions, self.rows], dtype=torch.float64, device=self.acc.device)
+        tokens, positions, rows = self.acc.reduce(local, "sum").tolist()
+        out = {"tokens_per_s": tokens / dt, "target_tokens_per_s": self.targets / dt,
+               "padding_ratio": 1.0 - tokens / max(positions, 1), "peak_mem_mb": peak_memory_mb()}
+        if self.peak:
+            seq = positions / max(rows, 1)
+            flops = flops_per_token(self.n_params, self.n_trainable, self.layers, self.hidden, seq) * tokens
+            out["mfu"] = flops / dt / (self.peak * 1e12 * self.acc.num_processes)
+        self._reset()
+        return out

@@ -1,0 +1,145 @@
+"""Base model (dtype, 4/8-bit via bitsandbytes) + tokenizer + the peft adapter named in the config."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import RunConfig
+from .errors import ConfigError, UserError
+
+log = logging.getLogger("scaletune")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _check_model_source(cfg: RunConfig) -> None:
+    src = cfg.model.name_or_path
+    p = Path(src)
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise ConfigError(f"model.name_or_path: {src} has no config.json (not a transformers model directory)")
+        return
+    looks_local = src.startswith((".", "/", "~")) or src.count("/") > 1
+    if looks_local:
+        raise ConfigError(f"model.name_or_path: directory not found: {src}")
+
+
+def load_tokenizer(cfg: RunConfig, path: str | None = None) -> Any:
+    from transformers import AutoTokenizer
+
+    src = path or cfg.model.name_or_path
+    try:
+        tok = AutoTokenizer.from_pretrained(src, trust_remote_code=cfg.model.trust_remote_code,
+                                            revision=cfg.model.revision)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"model.name_or_path: cannot load a tokenizer from {src!r} "
+                          f"({str(exc).splitlines()[0]})") from None
+    if tok.pad_token is None:
+        # Padding positions are masked out of attention and loss, so any token will do.
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return tok
+
+
+def quantization_config(cfg: RunConfig) -> Any:
+    if not cfg.model.quantization:
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError:
+        raise ConfigError("model.quantization needs bitsandbytes: pip install bitsandbytes") from None
+    dtype = DTYPES[cfg.model.dtype]
+    if cfg.model.quantization == "4bit":
+        # quant_storage = compute dtype lets ZeRO-3 shard the packed weights like ordinary params.
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def peft_config(cfg: RunConfig, task_type: str, total_steps: int | None = None) -> Any:
+    """Build the peft config for `peft.method`, checking every key against that method's fields."""
+    from . import adapters  # registers scaletune's own peft methods  # noqa: F401
+    import peft
+
+    method = cfg.peft_method.lower()
+    mapping = peft.mapping.PEFT_TYPE_TO_CONFIG_MAPPING
+    by_name = {str(k.value if hasattr(k, "value") else k).lower(): v for k, v in mapping.items()}
+    if method not in by_name:
+        import difflib
+
+        close = difflib.get_close_matches(method, list(by_name), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"peft.method: unknown method {cfg.peft_method!r}{hint}; known: {', '.join(sorted(by_name))}")
+    config_cls = by_name[method]
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    kwargs = dict(cfg.peft_kwargs)
+    problems = []
+    for key in kwargs:
+        if key not in fields or key in ("peft_type", "task_type"):
+            import difflib
+
+            close = difflib.get_close_matches(key, sorted(fields), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append(f"peft.{key}: not a {config_cls.__name__} option{hint}")
+    if problems:
+        raise ConfigError(problems, title=f"peft section has {len(problems)} problem(s)")
+    if method == "adalora" and total_steps is not None:
+        kwargs.setdefault("total_step", total_steps)
+    try:
+        return config_cls(task_type=task_type, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"peft: {config_cls.__name__} rejected the settings: {exc}") from None
+
+
+def load_model(cfg: RunConfig, task: Any, labels: list[str] | None, tokenizer: Any,
+               total_steps: int | None = None, adapter_path: str | None = None) -> Any:
+    """Frozen base + trainable adapter (new, or loaded from `adapter_path`), trainables in float32."""
+    import peft
+
+    _check_model_source(cfg)
+    if cfg.model.trust_remote_code:
+        log.warning("!!! model.trust_remote_code is ON: code shipped with %s will run on this machine !!!",
+                    cfg.model.name_or_path)
+    kwargs: dict[str, Any] = {"dtype": DTYPES[cfg.model.dtype], "trust_remote_code": cfg.model.trust_remote_code,
+                              "revision": cfg.model.revision, **task.model_kwargs(labels)}
+    if cfg.model.attn_implementation:
+        kwargs["attn_implementation"] = cfg.model.attn_implementation
+    qconf = quantization_config(cfg)
+    if qconf is not None:
+        kwargs["quantization_config"] = qconf
+    try:
+        model = task.auto_model_class().from_pretrained(cfg.model.name_or_path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"model.name_or_path: cannot load {cfg.model.name_or_path!r} "
+                          f"({str(exc).splitlines()[0]})") from None
+    if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if qconf is not None:
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if adapter_path is not None:
+        model = peft.PeftModel.from_pretrained(model, adapter_path, is_trainable=False)
+    else:
+        pconf = peft_config(cfg, task.peft_task_type, total_steps)
+        try:
+            model = peft.get_peft_model(model, pconf)
+        except (ValueError, TypeError, AttributeError, NotImplementedError) as exc:
+            raise UserError(f"peft.method={cfg.peft_method}: cannot apply to {type(model).__name__} "
+                            f"({str(exc).splitlines()[0]})") from None
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            # Adam on bf16/fp16 weights loses small updates; keep every trainable in float32.
+            p.data = p.data.float()
+    return model
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

@@ -1,0 +1,130 @@
+"""Submit scaletune training runs to Slurm.
+
+The batch templates live in ``scaletune/resources/slurm/{single,multi}_node.sbatch``
+(shipped as package data; ``slurm/*.sbatch`` in the repo are identical copies kept for
+people who call ``sbatch`` by hand). ``sbatch`` copies the script at submit time, so the
+template path only has to exist while ``sbatch`` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shlex
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from importlib import resources
+from pathlib import Path
+
+TEMPLATES = ("single_node.sbatch", "multi_node.sbatch")
+
+
+def template_name(nodes: int) -> str:
+    return "multi_node.sbatch" if nodes > 1 else "single_node.sbatch"
+
+
+@contextlib.contextmanager
+def template_path(name: str) -> Iterator[Path]:
+    """Yield a filesystem path to a packaged sbatch template."""
+    if name not in TEMPLATES:
+        raise ValueError(f"unknown template {name!r}; expected one of {TEMPLATES}")
+    ref = resources.files("scaletune").joinpath("resources", "slurm", name)
+    with resources.as_file(ref) as p:
+        yield Path(p)
+
+
+def render_sbatch_command(
+    config_path: str | os.PathLike[str],
+    nodes: int = 1,
+    gpus_per_node: int = 0,
+    time: str | None = None,
+    partition: str | None = None,
+    account: str | None = None,
+    extra: Sequence[str] = (),
+    *,
+    sbatch_args: Sequence[str] = (),
+    template: str | os.PathLike[str] | None = None,
+) -> list[str]:
+    """Build ``sbatch [options] TEMPLATE CONFIG [extra...]``.
+
+    ``extra`` are trainer overrides (``key=value``) forwarded after CONFIG to
+    ``scaletune train``; ``sbatch_args`` are additional raw sbatch options (e.g.
+    ``["--qos=high"]``). ``template`` defaults to the packaged single/multi-node template
+    (its path is only valid inside :func:`template_path`; :func:`main_slurm` handles that).
+    """
+    if nodes < 1:
+        raise ValueError(f"nodes must be >= 1, got {nodes}")
+    if gpus_per_node < 0:
+        raise ValueError(f"gpus_per_node must be >= 0, got {gpus_per_node}")
+    cmd = ["sbatch", f"--nodes={nodes}", "--ntasks-per-node=1"]
+    if gpus_per_node > 0:
+        cmd.append(f"--gres=gpu:{gpus_per_node}")
+    if time:
+        cmd.append(f"--time={time}")
+    if partition:
+        cmd.append(f"--partition={partition}")
+    if account:
+        cmd.append(f"--account={account}")
+    cmd.extend(sbatch_args)
+    if template is None:
+        template = Path("slurm") / template_name(nodes)  # display form; see main_slurm
+    cmd.append(str(template))
+    cmd.append(str(Path(config_path).resolve()))
+    cmd.extend(extra)
+    return cmd
+
+
+def add_slurm_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("config", help="run config file")
+    p.add_argument("overrides", nargs="*", help="key=value overrides passed to `scaletune train`")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=0)
+    p.add_argument("--time", default=None, help="Slurm time limit, e.g. 04:00:00")
+    p.add_argument("--partition", default=None)
+    p.add_argument("--account", default=None)
+    p.add_argument(
+        "--sbatch-arg",
+        action="append",
+        default=[],
+        dest="sbatch_args",
+        help="extra raw sbatch option (repeatable), e.g. --sbatch-arg=--qos=high",
+    )
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch command, do not submit")
+    return p
+
+
+def main_slurm(args: argparse.Namespace | Sequence[str] | None = None) -> int:
+    """``scaletune slurm CONFIG [key=value ...] [--nodes N --gpus-per-node G ...] [--dry-run]``."""
+    if not isinstance(args, argparse.Namespace):
+        parser = add_slurm_arguments(argparse.ArgumentParser(prog="scaletune slurm"))
+        args = parser.parse_intermixed_args(None if args is None else list(args))
+    name = template_name(args.nodes)
+    with template_path(name) as tpl:
+        cmd = render_sbatch_command(
+            args.config,
+            nodes=args.nodes,
+            gpus_per_node=args.gpus_per_node,
+            time=args.time,
+            partition=args.partition,
+            account=args.account,
+            extra=list(args.overrides),
+            sbatch_args=list(getattr(args, "sbatch_args", []) or []),
+            template=tpl,
+        )
+        print(shlex.join(cmd), flush=True)
+        if getattr(args, "dry_run", False):
+            return 0
+        # the templates write to logs/%x-%j.out relative to the submit directory;
+        # Slurm silently drops output if that directory does not exist
+        Path("logs").mkdir(exist_ok=True)
+        try:
+            return subprocess.run(cmd, check=False).returncode
+        except FileNotFoundError:
+            print("scaletune slurm: `sbatch` not found on PATH", file=sys.stderr)
+            return 127
+
+
+if __name__ == "__main__":
+    sys.exit(main_slurm())

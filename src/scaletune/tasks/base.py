@@ -1,0 +1,128 @@
+"""What every task provides, and the registry that maps `task:` names to them.
+
+A task knows how to turn records into token ids + labels, how to batch them, how to compute the
+*summed* loss of a batch with the number of target items it covers (the loop normalises over the
+whole optimizer step, not per micro-batch), and how to score predictions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import DataError
+from ..data.readers import WHERE
+
+IGNORE = -100
+TASKS: dict[str, type[Task]] = {}
+
+
+def register(name: str):
+    def deco(cls: type[Task]) -> type[Task]:
+        cls.name = name
+        TASKS[name] = cls
+        return cls
+
+    return deco
+
+
+def get_task(name: str) -> Task:
+    return TASKS[name]()
+
+
+class Task:
+    name: str = ""
+    peft_task_type: str = ""
+
+    # --- model ---
+    def auto_model_class(self) -> Any:
+        raise NotImplementedError
+
+    def model_kwargs(self, labels: list[str] | None) -> dict:
+        """Extra from_pretrained kwargs (e.g. num_labels and label maps for classification)."""
+        if not labels:
+            return {}
+        return {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+                "label2id": {name: i for i, name in enumerate(labels)}}
+
+    # --- data ---
+    def setup(self, records: list[dict], cfg: Any, source: str) -> list[str] | None:
+        """Inspect the training records once (format, label set); returns the label names if any."""
+        return None
+
+    def cache_meta(self) -> dict:
+        """What `setup` learned (columns, format), so a cached dataset can skip reading records."""
+        return {"task_state": {k: getattr(v, "name", v) for k, v in vars(self).items()}}
+
+    def setup_cached(self, meta: dict) -> None:
+        from ..data.formats import FORMATS
+
+        for k, v in meta.get("task_state", {}).items():
+            setattr(self, k, FORMATS[v] if k == "format" else v)
+
+    def encode(self, record: dict, tokenizer: Any, cfg: Any, label2id: dict | None) -> dict | None:
+        """One record -> {'input_ids': [...], 'labels': ...}; None drops the example (logged)."""
+        raise NotImplementedError
+
+    def collate(self, examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+        return pad_batch(examples, pad_id)
+
+    # --- step ---
+    def loss_sum(self, model: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of per-target losses, logits) for one micro-batch."""
+        raise NotImplementedError
+
+    @staticmethod
+    def count_targets(batch: dict) -> int:
+        return int((batch["labels"] != IGNORE).sum())
+
+    # --- eval ---
+    def predictions(self, logits: torch.Tensor, batch: dict) -> list:
+        return []
+
+    def metrics(self, preds: list, loss_sum: float, n_targets: int, labels: list[str] | None) -> dict:
+        raise NotImplementedError
+
+
+def pad_batch(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Dynamic padding to the longest example of this micro-batch (never to max_length)."""
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    seq_labels = isinstance(examples[0]["labels"], list)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long) if seq_labels else None
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[i, :n] = torch.tensor(e["input_ids"])
+        mask[i, :n] = 1
+        if seq_labels:
+            labels[i, :n] = torch.tensor(e["labels"])
+    if not seq_labels:
+        labels = torch.tensor([e["labels"] for e in examples], dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy over non-ignored targets, computed in float32 for stability."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                           ignore_index=IGNORE, reduction="sum")
+
+
+def collect_labels(records: list[dict], column: str, *, is_list: bool) -> list[str]:
+    """Sorted label set of a column; numbers sort numerically, mixed types are refused."""
+    seen: dict[str, type] = {}
+    for rec in records:
+        values = rec.get(column)
+        for v in (values if is_list else [values]):
+            if isinstance(v, bool) or not isinstance(v, (str, int)):
+                raise DataError(f"{rec.get(WHERE, '?')}: label {v!r} must be a string or an integer")
+            seen.setdefault(str(v), type(v))
+    kinds = set(seen.values())
+    if len(kinds) > 1:
+        raise DataError(f"column {column!r} mixes label types {sorted(k.__name__ for k in kinds)}; "
+                        "use one type (all strings or all integers)")
+    if kinds == {int}:
+        return sorted(seen, key=int)
+    return sorted(seen)

@@ -1,0 +1,85 @@
+"""Run records: metrics.jsonl, run.json, accelerate trackers and the progress bar (main process only)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+_PACKAGES = ("scaletune", "torch", "transformers", "accelerate", "peft", "datasets", "deepspeed", "bitsandbytes")
+
+
+def package_versions() -> dict:
+    out = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git_commit(path: Path) -> str | None:
+    try:
+        res = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return res.stdout.strip() or None if res.returncode == 0 else None
+
+
+def write_run_json(output_dir: Path, cfg: Any, extra: dict) -> None:
+    info = {"config": cfg.to_dict(), "versions": package_versions(), "git_commit": git_commit(Path.cwd()),
+            "argv": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra}
+    tmp = output_dir / "run.json.tmp"
+    tmp.write_text(json.dumps(info, indent=1, default=str))
+    os.replace(tmp, output_dir / "run.json")
+
+
+class MetricsLog:
+    """Appends one JSON object per event to metrics.jsonl and forwards scalars to trackers."""
+
+    def __init__(self, accelerator: Any, output_dir: Path, total_steps: int, start_step: int):
+        self.acc = accelerator
+        self.main = accelerator.is_main_process
+        self.path = output_dir / "metrics.jsonl"
+        self.bar = None
+        if self.main:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
+                            dynamic_ncols=True, disable=os.environ.get("SCALETUNE_NO_PROGRESS") == "1")
+
+    def log(self, event: str, step: int, values: dict) -> None:
+        if not self.main:
+            return
+        record = {"event": event, "step": step, "time": round(time.time(), 3), **values}
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record, default=float) + "\n")
+        scalars = {f"{event}/{k}": v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self.acc.trackers:
+            self.acc.log(scalars, step=step)
+
+    def progress(self, step: int, postfix: dict) -> None:
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()},
+                                 refresh=True)
+
+    def write(self, text: str) -> None:
+        if self.main:
+            if self.bar is not None:
+                self.bar.write(text)
+            else:
+                print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.acc.trackers:
+            self.acc.end_training()

@@ -1,0 +1,238 @@
+"""`scaletune train`: build everything from the run config, then run the one training loop (`fit`)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import checkpoint as ckpt
+from .config import RunConfig, cross_field_problems
+from .errors import EXIT_PREEMPTED, ConfigError, UserError
+
+log = logging.getLogger("scaletune")
+
+# Keys that may change between a run and its resume without making the checkpoint foreign.
+_RESUME_FREE_KEYS = {"train": {"max_steps", "epochs", "eval_every", "save_every", "log_every", "save_total_limit",
+                               "report_to", "max_nonfinite_skips"},
+                     "data": {"num_workers", "cache", "eval", "eval_fraction"}, "distributed": {"zero_stage",
+                               "offload", "backend"}, "output_dir": True}
+
+
+def config_fingerprint(cfg: RunConfig) -> str:
+    """Hash of everything that determines the training trajectory (not paths, logging or scale-out)."""
+    d = cfg.to_dict()
+    for section, keys in _RESUME_FREE_KEYS.items():
+        if keys is True:
+            d.pop(section, None)
+        else:
+            for k in keys:
+                d.get(section, {}).pop(k, None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class StopFlag:
+    """Set by SIGUSR1/SIGTERM; the loop stops at the next optimizer-step boundary (all ranks agree)."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.signal = signum
+
+
+@dataclass
+class Run:
+    """Everything the loop needs, built once by `setup`."""
+
+    cfg: RunConfig
+    accelerator: Any
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    task: Any
+    data: dict
+    tokenizer: Any
+    output_dir: Path
+    total_steps: int
+    accum: int
+    fingerprint: str
+    step: int = 0
+    counters: dict = field(default_factory=lambda: {"nonfinite_skips": 0, "tokens_seen": 0})
+
+
+def prepare_output_dir(cfg: RunConfig, resume: str | None, overwrite: bool, is_main: bool) -> Path:
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir: {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and resume is None:
+        if not overwrite:
+            raise ConfigError(f"output_dir: {out} is not empty; resume it with --resume auto, pick a new "
+                              "output_dir, or pass --overwrite to replace it")
+        if is_main:
+            shutil.rmtree(out)
+    return out
+
+
+def build_optimizer(cfg: RunConfig, model: Any) -> Any:
+    t = cfg.train
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "bias" in name or "norm" in name.lower() else decay).append(p)
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    kw = dict(lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(groups, **kw)
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise ConfigError(f"train.optimizer={t.optimizer} needs bitsandbytes: pip install bitsandbytes") from None
+    cls = bnb.optim.PagedAdamW8bit if t.optimizer == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+    return cls(groups, **kw)
+
+
+def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
+          allow_config_change: bool = False) -> tuple[Run, Path | None]:
+    """Accelerator -> data -> model -> optimizer -> (resume). Returns the run and the checkpoint used."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import get_scheduler
+
+    from .data import build_datasets
+    from .distributed import accelerator_kwargs, cuda_available, load_trainable_state, world_size_from_env
+    from .model import count_parameters, load_model, load_tokenizer
+    from .tasks import get_task
+
+    world = world_size_from_env()
+    problems = cross_field_problems(cfg, world_size=world, has_cuda=cuda_available())
+    if problems:
+        raise ConfigError(problems, title=f"run config cannot run here ({len(problems)} problem(s))")
+    t = cfg.train
+    accum = t.global_batch_size // (t.micro_batch_size * world)
+    out = Path(cfg.output_dir)
+    fingerprint = config_fingerprint(cfg)
+    resume_from = None
+    if resume == "auto":
+        resume_from = ckpt.find_resumable(out, fingerprint, allow_config_change)
+    elif resume not in (None, "none"):
+        resume_from = Path(resume)
+        problem = ckpt.verify(resume_from) if resume_from.is_dir() else "not a directory"
+        if problem:
+            raise UserError(f"--resume {resume}: not a usable checkpoint ({problem})")
+    accelerator = Accelerator(project_dir=str(out), log_with=t.report_to or None,
+                              **accelerator_kwargs(cfg, accum))
+    prepare_output_dir(cfg, resume if resume not in (None, "none") else None, overwrite,
+                       accelerator.is_main_process)
+    accelerator.wait_for_everyone()
+    set_seed(t.seed)
+    tokenizer = load_tokenizer(cfg)
+    task = get_task(cfg.task)
+    data = build_datasets(cfg, task, tokenizer, accelerator)
+    n_train = len(data["train"])
+    per_epoch = n_train // t.global_batch_size
+    if per_epoch == 0:
+        raise ConfigError(f"train.global_batch_size ({t.global_batch_size}) is larger than the training set "
+                          f"({n_train} usable examples); lower it")
+    total = t.max_steps or max(1, math.ceil(t.epochs * per_epoch))
+    model = load_model(cfg, task, data["labels"], tokenizer, total_steps=total)
+    trainable, all_params = count_parameters(model)
+    optimizer = build_optimizer(cfg, model)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    warmup = t.warmup_steps if t.warmup_steps is not None else math.ceil(t.warmup_ratio * total)
+    scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+    run = Run(cfg, accelerator, model, optimizer, scheduler, task, data, tokenizer, out, total, accum, fingerprint)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+    if resume_from is not None:
+        params, opt_state, state = ckpt.load_checkpoint(resume_from)
+        load_trainable_state(accelerator, model, optimizer, params, opt_state, state["optimizer_scalars"])
+        scheduler.load_state_dict(state["scheduler"])
+        run.step, run.counters = state["step"], state["counters"]
+        accelerator.print(f"resumed from {resume_from} at step {run.step} "
+                          f"(saved at world size {state['world_size']}, now {world})")
+    if accelerator.is_main_process:
+        from .tracking import write_run_json
+
+        write_run_json(out, cfg, {"world_size": world, "grad_accum": accum, "total_steps": total,
+                                  "steps_per_epoch": per_epoch, "train_examples": n_train,
+                                  "eval_examples": len(data["eval"]) if data["eval"] is not None else 0,
+                                  "trainable_params": trainable, "total_params": all_params,
+                                  "labels": data["labels"], "config_fingerprint": fingerprint,
+                                  "resumed_from": str(resume_from) if resume_from else None})
+    if t.report_to:
+        accelerator.init_trackers("scaletune", config={"task": cfg.task, "lr": t.learning_rate})
+    return run, resume_from
+
+
+def save_checkpoint(run: Run) -> Path:
+    from .distributed import gather_trainable_state
+
+    params, opt_state, scalars = gather_trainable_state(run.accelerator, run.model, run.optimizer)
+    state = {"step": run.step, "scheduler": run.scheduler.state_dict(), "optimizer_scalars": scalars,
+             "counters": run.counters, "world_size": run.accelerator.num_processes,
+             "global_batch_size": run.cfg.train.global_batch_size}
+    return ckpt.save_checkpoint(run.accelerator, run.output_dir, run.step, trainable=params,
+                                optimizer_state=opt_state, state=state, save_adapter=lambda d: save_adapter(run, d),
+                                fingerprint=run.fingerprint, keep=run.cfg.train.save_total_limit)
+
+
+def save_adapter(run: Run, directory: Path) -> None:
+    """Plain peft adapter directory + tokenizer (+ label maps): what `PeftModel.from_pretrained` loads."""
+    from .distributed import saved_adapter_state
+
+    state = saved_adapter_state(run.accelerator, run.model)
+    if not run.accelerator.is_main_process:
+        return
+    model = run.accelerator.unwrap_model(run.model)
+    model.save_pretrained(str(directory), state_dict=state, safe_serialization=True)
+    run.tokenizer.save_pretrained(str(directory))
+    meta = {"task": run.cfg.task, "labels": run.data["labels"], "base_model": run.cfg.model.name_or_path,
+            "max_length": run.cfg.data.max_length, **run.task.cache_meta()}
+    (directory / "scaletune.json").write_text(json.dumps(meta, indent=1))
+
+
+def train(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
+          allow_config_change: bool = False) -> int:
+    """Entry point of `scaletune train`; returns the process exit code."""
+    stop = StopFlag()
+    run, _ = setup(cfg, resume=resume, overwrite=overwrite, allow_config_change=allow_config_change)
+    from .loop import fit
+
+    result = fit(run, stop)
+    if result == "preempted":
+        return EXIT_PREEMPTED
+    return 0
+
+
+def final_outputs(run: Run, metrics_log: Any) -> None:
+    """After the last step: checkpoint (so `--resume auto` knows it is done) and the adapter."""
+    if not (run.output_dir / "checkpoints" / f"step-{run.step}").is_dir():
+        save_checkpoint(run)
+    tmp = run.output_dir / ".adapter.tmp"
+    if run.accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    save_adapter(run, tmp)
+    if run.accelerator.is_main_process:
+        final = run.output_dir / "adapter"
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        metrics_log.write(f"adapter saved to {final}")
+    run.accelerator.wait_for_everyone()
+
+
+def elapsed(since: float) -> float:
+    return time.perf_counter() - since
