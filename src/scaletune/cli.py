@@ -132,7 +132,8 @@ def dispatch(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    # intermixed: `train run.yaml --resume auto k=v` (the Slurm templates put overrides last)
+    args = build_parser().parse_intermixed_args(argv)
     _setup_logging()
     try:
         return dispatch(args)

@@ -263,6 +263,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         parsed = yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError:
         parsed = value
+    if isinstance(parsed, str):
+        try:  # YAML 1.1 leaves "1e-4" a string; on the command line it is clearly a number
+            parsed = float(parsed) if any(c in parsed.lower() for c in ".e") and parsed.strip() == parsed else parsed
+        except ValueError:
+            pass
     return key.split("."), parsed
 
 

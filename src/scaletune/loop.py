@@ -10,6 +10,8 @@ step, so micro 1 x accumulation 4 equals micro 4 x accumulation 1, at any world 
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,6 +47,7 @@ def fit(run: Run, stop: StopFlag) -> str:
         if head[1] > 0:
             path = save_checkpoint(run)
             mlog.log("preempted", run.step, {"signal": stop.signal, "checkpoint": str(path)})
+            mark_preempted(acc, path)
             mlog.write(f"stopped on signal {stop.signal} at step {run.step}; checkpoint {path}")
             mlog.close()
             return "preempted"
@@ -99,6 +102,14 @@ def fit(run: Run, stop: StopFlag) -> str:
     final_outputs(run, mlog)
     mlog.close()
     return "done"
+
+
+def mark_preempted(acc: Any, path: Any) -> None:
+    """Tell the batch script a resumable checkpoint exists: `accelerate launch` maps every non-zero
+    exit to 1, so the exit code alone cannot carry it; the Slurm templates read this file."""
+    marker = os.environ.get("SCALETUNE_PREEMPT_MARKER")
+    if marker and acc.is_main_process:
+        Path(marker).write_text(f"{path}\n")
 
 
 def clip_and_norm(acc: Any, model: Any, params: list, max_norm: float | None) -> float:

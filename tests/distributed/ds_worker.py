@@ -10,9 +10,8 @@ is the same tensor whatever the world size (rank r takes its slice), so a 1-proc
 * resume: build a fresh model/optimizer, load_trainable_state(<load>/state.pt), take the step
           STEPS+1 and write the gathered parameters -> <out>/next.pt.
 
-Both roles can be chained in one launch (--load given together with role train) to save start-up
-time: first the resume check on a fresh engine... no: a process may only build one DeepSpeed engine
-cheaply, so each role is one launch.
+Without DeepSpeed a second role can run in the same process (--then resume:LOAD:OUT) to save a
+start-up; a DeepSpeed launch runs one role.
 """
 
 from __future__ import annotations
@@ -76,24 +75,13 @@ def batch(step: int, rank: int, world: int) -> torch.Tensor:
     return full[rank * per : (rank + 1) * per]
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--role", choices=["train", "resume"], required=True)
-    ap.add_argument("--stage", type=int, default=0)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--load", default=None)
-    args = ap.parse_args()
+def run_role(accelerator, stage: int, role: str, out_dir: Path, load: Path | None) -> None:
+    """Build a fresh model + optimizer on `accelerator` and run one role (see module docstring)."""
+    from scaletune.distributed import gather_trainable_state, load_trainable_state
 
-    from accelerate import Accelerator
-
-    from scaletune.distributed import accelerator_kwargs, gather_trainable_state, load_trainable_state
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    cfg = make_cfg(args.stage, world)
-    accelerator = Accelerator(**accelerator_kwargs(cfg, grad_accum_steps=1))
-    assert accelerator.num_processes == world, (accelerator.num_processes, world)
+    world = accelerator.num_processes
     rank = accelerator.process_index
-
+    cfg = make_cfg(stage, world)
     model = build_model()
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.01, betas=(0.9, 0.99)
@@ -105,14 +93,13 @@ def main() -> int:
         ids = batch(step, rank, world).to(accelerator.device)
         out = model(input_ids=ids, labels=ids)
         accelerator.backward(out.loss)
-        if accelerator.distributed_type.value != "DEEPSPEED":
+        if accelerator.distributed_type.value != "DEEPSPEED":  # DeepSpeed clips inside its step
             accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad()
 
-    out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if args.role == "train":
+    if role == "train":
         for step in range(STEPS):
             one_step(step)
         params, opt_state, scalars = gather_trainable_state(accelerator, model, optimizer)
@@ -120,7 +107,7 @@ def main() -> int:
         if rank == 0:
             torch.save({"params": params, "opt": opt_state, "scalars": scalars}, out_dir / "state.pt")
     else:
-        saved = torch.load(Path(args.load) / "state.pt")
+        saved = torch.load(load / "state.pt")
         load_trainable_state(accelerator, model, optimizer, saved["params"], saved["opt"], saved["scalars"])
         # The reload must be exact before any step is taken.
         params, opt_state, scalars = gather_trainable_state(accelerator, model, optimizer)
@@ -135,8 +122,32 @@ def main() -> int:
     if rank == 0:
         torch.save({"params": params, "scalars": scalars}, out_dir / "next.pt")
     accelerator.wait_for_everyone()
+    print(f"[rank {rank}] ok role={role} stage={stage} world={world} {scalars}", flush=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--role", choices=["train", "resume"], required=True)
+    ap.add_argument("--stage", type=int, default=0)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--load", default=None)
+    # Second role in the same (non-DeepSpeed) process, to save a start-up: "resume:LOAD:OUT".
+    ap.add_argument("--then", default=None)
+    args = ap.parse_args()
+
+    from accelerate import Accelerator
+
+    from scaletune.distributed import accelerator_kwargs
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    accelerator = Accelerator(**accelerator_kwargs(make_cfg(args.stage, world), grad_accum_steps=1))
+    assert accelerator.num_processes == world, (accelerator.num_processes, world)
+    run_role(accelerator, args.stage, args.role, Path(args.out), Path(args.load) if args.load else None)
+    if args.then:
+        assert args.stage == 0, "a DeepSpeed process builds one engine; chain roles only without DeepSpeed"
+        role, load, out = args.then.split(":", 2)
+        run_role(accelerator, args.stage, role, Path(out), Path(load))
     accelerator.end_training()
-    print(f"[rank {rank}] ok role={args.role} stage={args.stage} world={world} step={scalars}", flush=True)
     return 0
 
 

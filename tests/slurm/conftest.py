@@ -14,9 +14,7 @@ CLUSTER_SH = REPO / "slurm" / "cluster.sh"
 
 
 def pytest_configure(config):
-    config.addinivalue_line(
-        "markers", "slurm: needs a real local Slurm cluster (root; started by slurm/cluster.sh)"
-    )
+    config.addinivalue_line("markers", "slurm: needs a real local Slurm cluster (root; started by slurm/cluster.sh)")
 
 
 @pytest.fixture(scope="session")
@@ -36,9 +34,7 @@ def slurm_cluster():
     state = os.environ.get("SCALETUNE_SLURM_DIR", "/tmp/scaletune-slurm")
     env = dict(os.environ, SCALETUNE_SLURM_DIR=state)
     try:
-        up = subprocess.run(
-            ["bash", str(CLUSTER_SH), "up"], env=env, capture_output=True, text=True, timeout=600
-        )
+        up = subprocess.run(["bash", str(CLUSTER_SH), "up"], env=env, capture_output=True, text=True, timeout=600)
     except subprocess.TimeoutExpired:
         subprocess.run(["bash", str(CLUSTER_SH), "down"], env=env, capture_output=True, timeout=120)
         pytest.skip("slurm/cluster.sh up timed out")

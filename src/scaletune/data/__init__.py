@@ -41,7 +41,14 @@ def _file_digest(spec: str | None) -> str:
 
 def _tokenizer_digest(tokenizer: Any) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    body = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    if backend is not None:
+        # truncation/padding settings change as a side effect of encoding; they are not the vocabulary
+        spec = json.loads(backend.to_str())
+        spec.pop("truncation", None)
+        spec.pop("padding", None)
+        body = json.dumps(spec, sort_keys=True)
+    else:
+        body = json.dumps(tokenizer.get_vocab(), sort_keys=True)
     extra = json.dumps([getattr(tokenizer, "chat_template", None), tokenizer.bos_token, tokenizer.eos_token])
     return hashlib.sha256((body + extra).encode()).hexdigest()
 

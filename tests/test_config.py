@@ -1,0 +1,113 @@
+"""The run config: typed, validated before anything heavy, every problem reported at once."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from scaletune.config import apply_overrides, config_reference, cross_field_problems, from_dict, load_config
+from scaletune.errors import ConfigError
+
+BASE = {"task": "causal_lm", "model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"}}
+
+
+def problems_of(raw: dict, **kw) -> list[str]:
+    with pytest.raises(ConfigError) as err:
+        from_dict(raw, **kw)
+    return err.value.problems
+
+
+def test_minimal_config_gets_documented_defaults():
+    cfg = from_dict(BASE)
+    assert cfg.peft_method == "lora"
+    assert cfg.train.global_batch_size == 64 and cfg.train.micro_batch_size == 4
+    assert cfg.model.trust_remote_code is False
+
+
+def test_unknown_keys_get_did_you_mean_and_all_problems_are_reported_together():
+    raw = {**BASE, "train": {"lerning_rate": 1e-4, "micro_batch_size": "four"}, "modle": {}}
+    problems = problems_of(raw)
+    text = "\n".join(problems)
+    assert "train.lerning_rate: unknown key (did you mean 'learning_rate'?)" in text
+    assert "modle: unknown key (did you mean 'model'?)" in text
+    assert "train.micro_batch_size: expected int, got str" in text
+    assert len(problems) == 3
+
+
+def test_missing_required_keys_named():
+    problems = problems_of({"task": "causal_lm"})
+    assert any(p.startswith("model.name_or_path: required") for p in problems)
+    assert any(p.startswith("data.train: required") for p in problems)
+
+
+def test_literal_choice_with_hint():
+    problems = problems_of({**BASE, "task": "causal-lm"})
+    assert problems == ["task: 'causal-lm' is not one of causal_lm | seq_cls | token_cls (did you mean 'causal_lm'?)"]
+
+
+def test_batch_arithmetic_checked_against_world_size():
+    raw = {**BASE, "train": {"global_batch_size": 12, "micro_batch_size": 4}}
+    from_dict(raw, world_size=1)
+    problems = problems_of(raw, world_size=2)
+    assert "divisible by micro_batch_size x world size (4 x 2 = 8)" in problems[0]
+    assert "divisible by train.micro_batch_size" in problems_of({**BASE, "train": {"global_batch_size": 10,
+                                                                                  "micro_batch_size": 4}})[0]
+
+
+def test_cross_field_combinations_refused_with_alternative():
+    raw = {**BASE, "model": {"name_or_path": "m", "quantization": "8bit"}, "distributed": {"zero_stage": 3}}
+    assert any("use quantization: 4bit" in p for p in problems_of(raw))
+    cfg = from_dict({**BASE, "train": {"mixed_precision": "fp16"}, "model": {"name_or_path": "m", "dtype": "float16"}})
+    assert any("needs a CUDA GPU" in p for p in cross_field_problems(cfg, has_cuda=False))
+    raw = {**BASE, "data": {"train": "x", "packing": True}, "task": "seq_cls"}
+    assert any("data.packing: only supported for task causal_lm" in p for p in problems_of(raw))
+
+
+def test_overrides_parse_yaml_values_and_create_sections(tmp_path):
+    raw = apply_overrides({"train": {}}, ["train.learning_rate=1e-4", "train.report_to=[]", "peft.r=8",
+                                          "data.packing=true"])
+    assert raw["train"]["learning_rate"] == 1e-4 and raw["train"]["report_to"] == []
+    assert raw["peft"]["r"] == 8 and raw["data"]["packing"] is True
+    with pytest.raises(ConfigError, match="expected key=value"):
+        apply_overrides({}, ["train.learning_rate"])
+
+
+def test_yaml_syntax_error_names_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("task: causal_lm\nmodel:\n  name_or_path: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:\d+: invalid YAML"):
+        load_config(path)
+
+
+def test_string_scientific_notation_accepted():
+    cfg = from_dict({**BASE, "train": {"learning_rate": "2e-4"}})
+    assert cfg.train.learning_rate == pytest.approx(2e-4)
+
+
+def test_validation_does_not_import_torch():
+    code = ("import sys, scaletune.config as c\n"
+            "c.from_dict({'task': 'causal_lm', 'model': {'name_or_path': 'm'}, 'data': {'train': 'x'}})\n"
+            "assert 'torch' not in sys.modules, 'config validation imported torch'\n")
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert time.perf_counter() - start < 10
+
+
+def test_reference_lists_every_key():
+    ref = config_reference()
+    for key in ("model.quantization", "train.global_batch_size", "data.train_on_prompt", "distributed.zero_stage"):
+        assert f"`{key}`" in ref
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_example_validates(path):
+    raw = yaml.safe_load(path.read_text())
+    from_dict(raw, source=str(path), world_size=1)

@@ -1,0 +1,174 @@
+"""Data readers and formats: errors name file:line; prompt masking; label alignment."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from scaletune.config import from_dict
+from scaletune.data import build_datasets
+from scaletune.data.readers import read_records
+from scaletune.errors import DataError
+from scaletune.model import load_tokenizer
+from scaletune.tasks import IGNORE, get_task
+
+from conftest import write_jsonl
+
+
+def test_bad_json_line_named(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"text": "ok"}\n{"text": broken}\n\n[1, 2]\n')
+    with pytest.raises(DataError) as err:
+        read_records(str(p))
+    text = err.value.render()
+    assert f"{p}:2: invalid JSON" in text and f"{p}:4: expected a JSON object" in text
+
+
+def test_non_utf8_named_with_line(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(b'{"text": "ok"}\n{"text": "\xff\xfe"}\n')
+    with pytest.raises(DataError, match=r"d.jsonl:2: not valid UTF-8"):
+        read_records(str(p))
+
+
+def test_csv_wrong_field_count_and_empty(tmp_path):
+    p = tmp_path / "d.csv"
+    p.write_text("text,label\nhello,1\nworld,0,extra\n")
+    with pytest.raises(DataError, match=r"d.csv:3: 3 fields, header has 2"):
+        read_records(str(p))
+    empty = tmp_path / "e.jsonl"
+    empty.write_text("\n\n")
+    with pytest.raises(DataError, match="contains no examples"):
+        read_records(str(empty))
+    with pytest.raises(DataError, match="file not found"):
+        read_records(str(tmp_path / "missing.jsonl"))
+
+
+def test_conll_reader_and_stray_columns(tmp_path):
+    p = tmp_path / "d.conll"
+    p.write_text("-DOCSTART- -X- O O\n\nEU NNP B-NP B-ORG\nrejects VBZ B-VP O\n\nPeter NNP B-NP B-PER\n")
+    recs = read_records(str(p))
+    assert [r["tokens"] for r in recs] == [["EU", "rejects"], ["Peter"]]
+    assert [r["tags"] for r in recs] == [["B-ORG", "O"], ["B-PER"]]
+    bad = tmp_path / "bad.conll"
+    bad.write_text("EU NNP B-NP B-ORG\nrejects VBZ O\n")
+    with pytest.raises(DataError, match=r"bad.conll:2: 3 columns, earlier lines have 4"):
+        read_records(str(bad))
+
+
+def _cfg(tmp_path, model, task="causal_lm", data=None, **extra):
+    raw = {"task": task, "model": {"name_or_path": str(model), "dtype": "float32"},
+           "data": {"train": str(data), "max_length": 256, "cache": False, **extra},
+           "train": {"mixed_precision": "no"}, "output_dir": str(tmp_path / "out")}
+    return from_dict(raw)
+
+
+def test_alpaca_prompt_is_masked_and_response_trained(tmp_path, tiny_llama):
+    data = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Say hi", "input": "", "output": "hi there"}] * 2)
+    cfg = _cfg(tmp_path, tiny_llama, data=data)
+    tok = load_tokenizer(cfg)
+    task = get_task("causal_lm")
+    ex = build_datasets(cfg, task, tok)["train"][0]
+    ids, labels = ex["input_ids"], ex["labels"]
+    trained = tok.decode([i for i, lab in zip(ids, labels) if lab != IGNORE])
+    prompt = tok.decode([i for i, lab in zip(ids, labels) if lab == IGNORE])
+    assert trained == "hi there</s>"
+    assert "Say hi" in prompt and "hi there" not in prompt
+    cfg2 = _cfg(tmp_path, tiny_llama, data=data, train_on_prompt=True)
+    ex2 = build_datasets(cfg2, get_task("causal_lm"), tok)["train"][0]
+    assert sum(lab != IGNORE for lab in ex2["labels"]) == len(ids) - 1  # all but BOS
+
+
+@pytest.mark.parametrize("fmt,record", [
+    ("sharegpt", {"conversations": [{"from": "human", "value": "q1"}, {"from": "gpt", "value": "a1"},
+                                    {"from": "human", "value": "q2"}, {"from": "gpt", "value": "a2"}]}),
+    ("messages", {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "q1"},
+                               {"role": "assistant", "content": "a1"}, {"role": "user", "content": "q2"},
+                               {"role": "assistant", "content": "a2"}]}),
+])
+def test_chat_formats_train_only_assistant_turns(tmp_path, tiny_llama, fmt, record):
+    data = write_jsonl(tmp_path / "c.jsonl", [record] * 2)
+    cfg = _cfg(tmp_path, tiny_llama, data=data)
+    tok = load_tokenizer(cfg)
+    task = get_task("causal_lm")
+    ex = build_datasets(cfg, task, tok)["train"][0]
+    assert task.format.name == fmt
+    trained = tok.decode([i for i, lab in zip(ex["input_ids"], ex["labels"]) if lab != IGNORE])
+    assert "a1" in trained and "a2" in trained and "q1" not in trained and "q2" not in trained
+
+
+def test_chat_template_of_tokenizer_is_used(tmp_path, tiny_llama):
+    tok = load_tokenizer(_cfg(tmp_path, tiny_llama, data=write_jsonl(tmp_path / "x.jsonl", [{"text": "a"}])))
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    from scaletune.data.formats import to_segments
+
+    segs = to_segments({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+                       tok, "x")
+    assert segs == [("<|user|>q</s><|assistant|>", False), ("a</s>", True)]
+
+
+def test_format_detection_error_lists_options(tmp_path, tiny_llama):
+    data = write_jsonl(tmp_path / "x.jsonl", [{"question": "q", "answer": "a"}])
+    cfg = _cfg(tmp_path, tiny_llama, data=data)
+    with pytest.raises(DataError, match=r"cannot tell the data format from columns \['answer', 'question'\]"):
+        build_datasets(cfg, get_task("causal_lm"), load_tokenizer(cfg))
+
+
+def test_token_cls_labels_first_subtoken_only(tmp_path, tiny_bert):
+    data = write_jsonl(tmp_path / "n.jsonl", [{"tokens": ["Zyxwv", "lives", "in", "Paris"],
+                                               "tags": ["B-PER", "O", "O", "B-LOC"]}] * 2)
+    cfg = _cfg(tmp_path, tiny_bert, task="token_cls", data=data)
+    tok = load_tokenizer(cfg)
+    sets = build_datasets(cfg, get_task("token_cls"), tok)
+    ex = sets["train"][0]
+    labels = sets["labels"]
+    enc = tok(["Zyxwv", "lives", "in", "Paris"], is_split_into_words=True)
+    assert len(enc.word_ids()) > 6  # the made-up word splits into several sub-tokens
+    kept = [labels[lab] for lab in ex["labels"] if lab != IGNORE]
+    assert kept == ["B-PER", "O", "O", "B-LOC"]
+    first = [i for i, w in enumerate(enc.word_ids()) if w is not None and (i == 0 or enc.word_ids()[i - 1] != w)]
+    assert [i for i, lab in enumerate(ex["labels"]) if lab != IGNORE] == first
+
+
+@pytest.mark.parametrize("records,match", [
+    ([{"tokens": ["a", "b"], "tags": ["O"]}], r"2 tokens but 1 tags"),
+    ([{"tokens": [], "tags": []}], "empty sentence"),
+])
+def test_token_cls_bad_rows(tmp_path, tiny_bert, records, match):
+    data = write_jsonl(tmp_path / "n.jsonl", records)
+    cfg = _cfg(tmp_path, tiny_bert, task="token_cls", data=data)
+    with pytest.raises(DataError, match=match):
+        build_datasets(cfg, get_task("token_cls"), load_tokenizer(cfg))
+
+
+def test_seq_cls_label_problems(tmp_path, tiny_bert):
+    data = write_jsonl(tmp_path / "s.jsonl", [{"text": "a b", "label": 1}, {"text": "c", "label": "x"}])
+    cfg = _cfg(tmp_path, tiny_bert, task="seq_cls", data=data)
+    with pytest.raises(DataError, match="mixes label types"):
+        build_datasets(cfg, get_task("seq_cls"), load_tokenizer(cfg))
+    train = write_jsonl(tmp_path / "t.jsonl", [{"text": "a", "label": "pos"}, {"text": "b", "label": "neg"}])
+    evalf = write_jsonl(tmp_path / "e.jsonl", [{"text": "a", "label": "pos"}, {"text": "b", "label": "maybe"}])
+    cfg = _cfg(tmp_path, tiny_bert, task="seq_cls", data=train, eval=str(evalf))
+    with pytest.raises(DataError, match=r"e.jsonl:2: label 'maybe' is not in the label set \['neg', 'pos'\]"):
+        build_datasets(cfg, get_task("seq_cls"), load_tokenizer(cfg))
+
+
+def test_tokenised_cache_is_reused(tmp_path, tiny_bert, monkeypatch):
+    monkeypatch.setenv("SCALETUNE_CACHE", str(tmp_path / "cache"))
+    train = write_jsonl(tmp_path / "t.jsonl", [{"text": "a b", "label": "pos"}, {"text": "b", "label": "neg"}] * 4)
+    raw = {"task": "seq_cls", "model": {"name_or_path": str(tiny_bert), "dtype": "float32"},
+           "data": {"train": str(train)}, "train": {"mixed_precision": "no"}}
+    cfg = from_dict(raw)
+    tok = load_tokenizer(cfg)
+    first = build_datasets(cfg, get_task("seq_cls"), tok)
+    calls = []
+    task = get_task("seq_cls")
+    monkeypatch.setattr(task, "encode", lambda *a: calls.append(a))
+    second = build_datasets(cfg, task, tok)
+    assert calls == [] and second["train"]["input_ids"] == first["train"]["input_ids"]
+    assert second["labels"] == ["neg", "pos"] and task.label == "label"
+    train.write_text(json.dumps({"text": "new", "label": "pos"}) + "\n" + json.dumps({"text": "x", "label": "neg"}))
+    third = build_datasets(cfg, get_task("seq_cls"), tok)  # content changed -> new fingerprint
+    assert len(third["train"]) == 2
