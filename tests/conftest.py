@@ -112,7 +112,7 @@ def make_config(tmp_path, tiny_llama, tiny_bert):
             "task": task,
             "model": {"name_or_path": str(tiny_llama if task == "causal_lm" else tiny_bert), "dtype": "float32"},
             "peft": {"method": "lora", "r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": "all-linear"},
-            "data": {"train": str(train), "eval": str(evalf), "max_length": 64, "cache": False},
+            "data": {"train": str(train), "eval": str(evalf), "max_length": 160, "cache": False},
             "train": {"global_batch_size": 8, "micro_batch_size": 4, "max_steps": 4, "learning_rate": 1e-2,
                       "mixed_precision": "no", "log_every": 1, "eval_every": None, "save_every": None,
                       "report_to": [], "warmup_ratio": 0.0},

@@ -115,6 +115,18 @@ def load_deepspeed_json(name_or_path: str | os.PathLike) -> dict:
     return json.loads(Path(text).read_text(encoding="utf-8"))
 
 
+def _is_packaged_config(path: str | os.PathLike) -> bool:
+    """True when `path` is one of the shipped JSONs (packaged copy or the repo's configs/deepspeed/)."""
+    p = Path(path)
+    if p.name not in {f"zero{n}.json" for n in ("1", "2", "3", "2_offload", "3_offload")}:
+        return False
+    try:
+        packaged = load_deepspeed_json(p.name)
+        return json.loads(p.read_text(encoding="utf-8")) == packaged
+    except (OSError, ValueError):
+        return False
+
+
 def _apply_offload(ds: dict, offload: str) -> None:
     """Make the ZeRO offload sections say exactly what `distributed.offload` says."""
     zero = ds.setdefault("zero_optimization", {})
@@ -211,18 +223,32 @@ def accelerator_kwargs(cfg: Any, grad_accum_steps: int) -> dict:
 
     handlers: list[Any] = []
     multi_process = world > 1 or os.environ.get("LOCAL_RANK") is not None
-    if multi_process and (dist.backend is not None or not cuda_available()):
+    on_cuda = cuda_available()
+    if multi_process and (dist.backend is not None or not on_cuda):
         # On CUDA with no explicit backend accelerate already picks nccl; anything else (CPU, or a
         # user-forced backend) must be passed or accelerate/DeepSpeed guess wrong.
         handlers.append(InitProcessGroupKwargs(backend=process_group_backend(cfg)))
     if handlers:
         kwargs["kwargs_handlers"] = handlers
 
+    use_deepspeed = stage > 0 or launched_with_deepspeed()
+    if not on_cuda and not use_deepspeed:
+        # Without CUDA, accelerate only builds a data-parallel (MULTI_CPU/gloo) world when told it runs
+        # on CPU; under torchrun it would otherwise report num_processes=N but never wrap the model in
+        # DDP. (Not for DeepSpeed: accelerate drops DeepSpeed entirely when cpu=True.)
+        kwargs["cpu"] = True
+
     if launched_with_deepspeed():
         config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
-        if config_file and config_file != "none":
-            # The launch config chose the DeepSpeed JSON: honour it, but fill its "auto" values from
-            # the run config so batch size, clipping and precision agree with what scaletune does.
+        if config_file and config_file != "none" and _is_packaged_config(config_file) and stage > 0:
+            # `scaletune launch` (or a launch/*.yaml) picked one of our JSONs for this stage: rebuild
+            # it from the run config so offload details (e.g. stage 3 + optimizer-only offload) match.
+            kwargs["deepspeed_plugin"] = DeepSpeedPlugin(
+                hf_ds_config=build_deepspeed_config(cfg, grad_accum_steps, world)
+            )
+        elif config_file and config_file != "none":
+            # A user-supplied DeepSpeed JSON: honour it, but fill its "auto" values from the run
+            # config so batch size, clipping and precision agree with what scaletune does.
             ds = resolve_deepspeed_config(load_deepspeed_json(config_file), cfg, grad_accum_steps, world)
             launched_stage = ds.get("zero_optimization", {}).get("stage")
             if launched_stage != stage:
@@ -237,13 +263,15 @@ def accelerator_kwargs(cfg: Any, grad_accum_steps: int) -> dict:
         else:
             # Launched with plugin flags (--zero_stage ...) and no JSON: accelerate builds the plugin
             # from its environment; only the values it cannot know are supplied.
-            kwargs["deepspeed_plugin"] = DeepSpeedPlugin(
+            plugin = DeepSpeedPlugin(
                 gradient_accumulation_steps=int(grad_accum_steps),
                 gradient_clipping=float(t.max_grad_norm) if t.max_grad_norm is not None else 0.0,
             )
-            ds_cfg = kwargs["deepspeed_plugin"].deepspeed_config
-            _fill_auto(ds_cfg, "train_micro_batch_size_per_gpu", int(t.micro_batch_size))
-            _fill_auto(ds_cfg, "train_batch_size", int(t.micro_batch_size) * int(grad_accum_steps) * world)
+            _fill_auto(plugin.deepspeed_config, "train_micro_batch_size_per_gpu", int(t.micro_batch_size))
+            _fill_auto(
+                plugin.deepspeed_config, "train_batch_size", int(t.micro_batch_size) * int(grad_accum_steps) * world
+            )
+            kwargs["deepspeed_plugin"] = plugin
     elif stage > 0:
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=build_deepspeed_config(cfg, grad_accum_steps, world))
     return kwargs

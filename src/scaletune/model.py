@@ -88,6 +88,9 @@ def peft_config(cfg: RunConfig, task_type: str, total_steps: int | None = None) 
             problems.append(f"peft.{key}: not a {config_cls.__name__} option{hint}")
     if problems:
         raise ConfigError(problems, title=f"peft section has {len(problems)} problem(s)")
+    if task_type in ("SEQ_CLS", "TOKEN_CLS") and "exclude_modules" in fields and "exclude_modules" not in kwargs:
+        # The new head is trained in full (peft's modules_to_save); an adapter on it as well would clash.
+        kwargs["exclude_modules"] = ["classifier", "score"]
     if method == "adalora" and total_steps is not None:
         kwargs.setdefault("total_step", total_steps)
     try:

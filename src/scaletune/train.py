@@ -160,6 +160,9 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
         params, opt_state, state = ckpt.load_checkpoint(resume_from)
         load_trainable_state(accelerator, model, optimizer, params, opt_state, state["optimizer_scalars"])
         scheduler.load_state_dict(state["scheduler"])
+        # load_state_dict restores the schedule's position but not the optimizer's current lr
+        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+            group["lr"] = lr
         run.step, run.counters = state["step"], state["counters"]
         accelerator.print(f"resumed from {resume_from} at step {run.step} "
                           f"(saved at world size {state['world_size']}, now {world})")

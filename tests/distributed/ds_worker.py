@@ -77,7 +77,7 @@ def batch(step: int, rank: int, world: int) -> torch.Tensor:
 
 def run_role(accelerator, stage: int, role: str, out_dir: Path, load: Path | None) -> None:
     """Build a fresh model + optimizer on `accelerator` and run one role (see module docstring)."""
-    from scaletune.distributed import gather_trainable_state, load_trainable_state
+    from scaletune.distributed import gather_trainable_state, load_trainable_state, saved_adapter_state
 
     world = accelerator.num_processes
     rank = accelerator.process_index
@@ -106,6 +106,10 @@ def run_role(accelerator, stage: int, role: str, out_dir: Path, load: Path | Non
         torch.save({"params": params, "opt": opt_state, "scalars": scalars}, out_dir / f"rank{rank}.pt")
         if rank == 0:
             torch.save({"params": params, "opt": opt_state, "scalars": scalars}, out_dir / "state.pt")
+        # The adapter as the trainer saves it (collective under ZeRO-3: every rank calls it).
+        adapter_sd = saved_adapter_state(accelerator, model)
+        if rank == 0:
+            accelerator.unwrap_model(model).save_pretrained(out_dir / "adapter", state_dict=adapter_sd)
     else:
         saved = torch.load(load / "state.pt")
         load_trainable_state(accelerator, model, optimizer, saved["params"], saved["opt"], saved["scalars"])

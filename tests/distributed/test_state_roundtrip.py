@@ -1,6 +1,6 @@
-"""2-process CPU DeepSpeed (gloo) <-> 1-process plain-torch round trips of the trainable state.
+"""2-process CPU (gloo) <-> 1-process plain-torch round trips of the trainable state.
 
-For ZeRO-2 and ZeRO-3: a 2-process run trains a tiny LoRA model for a few steps, gathers its state
+For DDP (stage 0), ZeRO-2 and ZeRO-3: a 2-process run trains a tiny LoRA model for a few steps, gathers its state
 (full tensors, identical on both ranks), then takes one more step. A fresh 1-process run without
 DeepSpeed loads that state and must take the same step. The reverse direction (1 process -> 2
 processes under ZeRO) is checked as well.
@@ -57,7 +57,7 @@ def _accelerate() -> list[str]:
 
 
 def _launch_2proc(stage: int, *worker_args: str) -> None:
-    config = REPO / "launch" / f"cpu_2proc_zero{stage}.yaml"
+    config = REPO / "launch" / ("cpu_2proc.yaml" if stage == 0 else f"cpu_2proc_zero{stage}.yaml")
     cmd = [
         *_accelerate(), "launch", "--config_file", str(config),
         "--main_process_port", str(_free_port()),
@@ -78,8 +78,20 @@ def _assert_same_params(a: dict, b: dict, atol: float = ATOL) -> None:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
 
 
+def _check_saved_adapter(adapter_dir: Path, params: dict) -> None:
+    """save_pretrained(state_dict=saved_adapter_state(...)) wrote the full, trained LoRA weights."""
+    from safetensors.torch import load_file
+
+    saved = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    expected = {k.replace(".default", ""): v for k, v in params.items()}
+    assert saved.keys() == expected.keys()
+    for k, v in expected.items():
+        assert saved[k].numel() > 0
+        torch.testing.assert_close(saved[k].float(), v, rtol=0, atol=1e-6)
+
+
 @pytest.mark.distributed
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [0, 2, 3])
 def test_zero_to_single_and_back(stage: int, tmp_path: Path) -> None:
     ds_dir, single_dir = tmp_path / "ds", tmp_path / "single"
     ds_resume, single_resume = tmp_path / "ds_resume", tmp_path / "single_resume"
@@ -97,6 +109,7 @@ def test_zero_to_single_and_back(stage: int, tmp_path: Path) -> None:
         assert tuple(v.shape) in ((4, 32), (32, 4)), (k, v.shape)
     _assert_same_params(r0["params"], r1["params"], atol=0)
     _assert_same_params(r0["opt"], r1["opt"], atol=0)
+    _check_saved_adapter(ds_dir / "adapter", r0["params"])
 
     # 1 process, no DeepSpeed: train its own reference run (for the reverse check) and, in the same
     # process, load the ZeRO state into a fresh model and take the same next step.
@@ -112,3 +125,28 @@ def test_zero_to_single_and_back(stage: int, tmp_path: Path) -> None:
     )
     # And both directions agree with each other (same data, same optimizer): a single trajectory.
     _assert_same_params(torch.load(ds_dir / "state.pt")["params"], torch.load(single_dir / "state.pt")["params"])
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("stage", [0, 3])
+def test_build_launch_command_runs_on_cpu(stage: int, tmp_path: Path) -> None:
+    """The command `scaletune launch` builds really starts a 2-process gloo world (DDP / ZeRO-3).
+
+    The `-m scaletune train CONFIG` tail is swapped for the worker script; everything before it is
+    exactly what build_launch_command produced (packaged DeepSpeed JSON, no --cpu with DeepSpeed).
+    """
+    import types
+
+    from scaletune.launch import build_launch_command
+
+    cfg = types.SimpleNamespace(
+        train=types.SimpleNamespace(mixed_precision="no", micro_batch_size=2, max_grad_norm=1.0),
+        distributed=types.SimpleNamespace(zero_stage=stage, offload="none", backend=None),
+    )
+    cmd = build_launch_command("run.yaml", [], cfg, nproc=2, master_port=_free_port(), cpu=True)
+    assert cmd[-4:] == ["-m", "scaletune", "train", "run.yaml"]
+    cmd = cmd[:-4] + [str(WORKER), "--stage", str(stage), "--role", "train", "--out", str(tmp_path)]
+    _run(cmd)
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert r0["scalars"] == {"step": 3}
+    _assert_same_params(r0["params"], r1["params"], atol=0)

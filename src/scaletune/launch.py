@@ -1,0 +1,141 @@
+"""`scaletune launch`: compose (and exec) the `accelerate launch ... -m scaletune train` command.
+
+The command uses explicit accelerate CLI flags rather than the repo's launch/*.yaml files so an
+installed package works anywhere; the DeepSpeed JSON comes from the package itself
+(src/scaletune/resources/deepspeed/, located with importlib.resources). The repo's configs/deepspeed/
+files are identical copies for people who call `accelerate launch` by hand (a test checks they match).
+
+Choices made from the run config's `distributed:` section:
+
+* zero_stage 0, CUDA: `--multi_gpu` when more than one process in total, else a plain single process.
+* zero_stage 0, no CUDA: one process -> `--cpu`; several -> `--multi_gpu` as well, only to get the
+  torchrun launcher (accelerate's --cpu launcher starts one process unless mpirun is set up); the
+  processes then run as a gloo MULTI_CPU world because `accelerator_kwargs` passes cpu=True.
+* zero_stage >= 1: `--use_deepspeed --zero_stage N --deepspeed_config_file <packaged json>`, never
+  `--cpu` (accelerate refuses --cpu together with --use_deepspeed, and a use_cpu config silently drops
+  DeepSpeed); without CUDA the gloo backend is chosen inside the process by `accelerator_kwargs`.
+  Multi-node uses `--deepspeed_multinode_launcher standard` (one torchrun per node, no pdsh/ssh).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import sys
+from typing import Any
+
+from .distributed import deepspeed_config_name, deepspeed_config_path
+
+
+def _accelerate_executable() -> list[str]:
+    """`accelerate` from this interpreter's environment (falls back to `python -m`)."""
+    exe = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
+    if exe:
+        return [exe]
+    return [sys.executable, "-m", "accelerate.commands.accelerate_cli"]
+
+
+def build_launch_command(
+    config_path: str,
+    overrides: list[str],
+    cfg: Any,
+    nproc: int,
+    nnodes: int = 1,
+    node_rank: int = 0,
+    master_addr: str = "127.0.0.1",
+    master_port: int = 29500,
+    cpu: bool | None = None,
+) -> list[str]:
+    """The argv of `accelerate launch ... -m scaletune train CONFIG k=v ...`.
+
+    Args:
+        config_path: the run config YAML passed through to `scaletune train`.
+        overrides: `key=value` overrides passed through unchanged.
+        cfg: the loaded RunConfig (reads `cfg.distributed` and `cfg.train.mixed_precision`).
+        nproc: processes per node (GPUs per node).
+        nnodes / node_rank / master_addr / master_port: the multi-node rendezvous (same command on
+            every node except node_rank).
+        cpu: force CPU (True) or GPU (False) launching; None = CPU exactly when torch sees no CUDA.
+    """
+    if nproc < 1 or nnodes < 1:
+        raise ValueError(f"nproc and nnodes must be >= 1 (got nproc={nproc}, nnodes={nnodes})")
+    if not 0 <= node_rank < nnodes:
+        raise ValueError(f"node_rank must be in [0, {nnodes}), got {node_rank}")
+    if cpu is None:
+        import torch
+
+        cpu = not torch.cuda.is_available()
+    dist = cfg.distributed
+    stage = int(dist.zero_stage)
+    world = nproc * nnodes
+
+    cmd = [*_accelerate_executable(), "launch"]
+    if stage > 0:
+        name = deepspeed_config_name(stage, str(dist.offload))
+        assert name is not None
+        cmd += [
+            "--use_deepspeed",
+            "--zero_stage", str(stage),
+            "--deepspeed_config_file", str(deepspeed_config_path(name)),
+        ]  # fmt: skip
+        if nnodes > 1:
+            cmd += ["--deepspeed_multinode_launcher", "standard"]
+        if stage == 3:
+            # Build big models already partitioned (zero.Init) instead of whole on every rank.
+            cmd += ["--zero3_init_flag", "true"]
+    elif world > 1:
+        # torchrun-based launcher; on CPU the processes still run gloo/MULTI_CPU (see module doc).
+        cmd += ["--multi_gpu"]
+    elif cpu:
+        cmd += ["--cpu"]
+    # Passed explicitly so a user's default accelerate config cannot inject its own precision (which
+    # accelerate would then reject next to a DeepSpeed config file); the trainer sets it again.
+    cmd += ["--mixed_precision", str(cfg.train.mixed_precision), "--dynamo_backend", "no"]
+    cmd += [
+        "--num_processes", str(world),
+        "--num_machines", str(nnodes),
+        "--machine_rank", str(node_rank),
+        "--main_process_ip", str(master_addr),
+        "--main_process_port", str(master_port),
+    ]  # fmt: skip
+    if world > 1 and nnodes == 1 and stage == 0:
+        cmd += ["--rdzv_backend", "static"]
+    cmd += ["-m", "scaletune", "train", str(config_path), *list(overrides)]
+    return cmd
+
+
+def main_launch(args: Any) -> int:
+    """Entry point of `scaletune launch`: validate the config, print the command, exec it.
+
+    Reads from `args` (an argparse.Namespace): config, overrides (list, default []), nproc (default:
+    number of CUDA devices, else 1), nnodes (1), node_rank (0), master_addr ("127.0.0.1"),
+    master_port (29500), cpu (None), dry_run (False: print only). Does not return unless dry_run.
+    """
+    from .config import load_config
+
+    overrides = list(getattr(args, "overrides", None) or [])
+    nproc = getattr(args, "nproc", None)
+    if not nproc:
+        import torch
+
+        nproc = torch.cuda.device_count() or 1
+    nnodes = int(getattr(args, "nnodes", None) or 1)
+    # Validate before starting N processes (batch divisibility depends on the world size).
+    cfg = load_config(args.config, overrides, world_size=int(nproc) * nnodes)
+    cmd = build_launch_command(
+        args.config,
+        overrides,
+        cfg,
+        int(nproc),
+        nnodes=nnodes,
+        node_rank=int(getattr(args, "node_rank", None) or 0),
+        master_addr=str(getattr(args, "master_addr", None) or "127.0.0.1"),
+        master_port=int(getattr(args, "master_port", None) or 29500),
+        cpu=getattr(args, "cpu", None),
+    )
+    print(shlex.join(cmd), flush=True)
+    if getattr(args, "dry_run", False):
+        return 0
+    os.execvp(cmd[0], cmd)
+    return 0  # pragma: no cover - execvp does not return

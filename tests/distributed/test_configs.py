@@ -1,0 +1,196 @@
+"""Shipped DeepSpeed JSONs, accelerate launch YAMLs, accelerator_kwargs and the launch command."""
+
+from __future__ import annotations
+
+import json
+import types
+from pathlib import Path
+
+import pytest
+import yaml
+
+from scaletune import distributed as D
+from scaletune.launch import build_launch_command
+
+REPO = Path(__file__).resolve().parents[2]
+DS_DIR = REPO / "configs" / "deepspeed"
+LAUNCH_DIR = REPO / "launch"
+DS_FILES = ["zero1.json", "zero2.json", "zero3.json", "zero2_offload.json", "zero3_offload.json"]
+LAUNCH_FILES = [
+    "single_gpu.yaml", "multi_gpu.yaml", "zero2.yaml", "zero3.yaml", "zero3_offload.yaml",
+    "multi_node_zero3.yaml", "cpu_2proc.yaml", "cpu_2proc_zero2.yaml", "cpu_2proc_zero3.yaml",
+]  # fmt: skip
+
+
+def make_cfg(stage: int = 0, offload: str = "none", *, micro: int = 2, mp: str = "bf16", clip=1.0, backend=None):
+    train = types.SimpleNamespace(micro_batch_size=micro, global_batch_size=16, max_grad_norm=clip, mixed_precision=mp)
+    dist = types.SimpleNamespace(zero_stage=stage, offload=offload, backend=backend)
+    return types.SimpleNamespace(train=train, distributed=dist)
+
+
+@pytest.mark.parametrize("name", DS_FILES)
+def test_deepspeed_json(name: str) -> None:
+    ds = json.loads((DS_DIR / name).read_text())
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                "gradient_clipping"):  # fmt: skip
+        assert ds[key] == "auto", key
+    assert ds["bf16"]["enabled"] == "auto"
+    assert ds["fp16"]["enabled"] == "auto"
+    zero = ds["zero_optimization"]
+    assert zero["stage"] == int(name[4])
+    if zero["stage"] == 3:
+        assert zero["stage3_gather_16bit_weights_on_model_save"] is True
+    if "offload" in name:
+        assert zero["offload_optimizer"]["device"] == "cpu"
+        assert ("offload_param" in zero) == (zero["stage"] == 3)
+        if zero["stage"] == 3:
+            assert zero["offload_param"]["device"] == "cpu"
+    else:
+        assert "offload_optimizer" not in zero and "offload_param" not in zero
+
+
+@pytest.mark.parametrize("name", DS_FILES)
+def test_repo_json_is_identical_copy_of_packaged(name: str) -> None:
+    packaged = D.deepspeed_config_path(name)
+    assert packaged.is_file()
+    assert (DS_DIR / name).read_bytes() == packaged.read_bytes(), (
+        f"configs/deepspeed/{name} must equal src/scaletune/resources/deepspeed/{name}"
+    )
+
+
+@pytest.mark.parametrize("name", LAUNCH_FILES)
+def test_launch_yaml(name: str) -> None:
+    conf = yaml.safe_load((LAUNCH_DIR / name).read_text())
+    for key in ("compute_environment", "distributed_type", "num_machines", "num_processes", "machine_rank"):
+        assert key in conf, key
+    if conf["distributed_type"] == "DEEPSPEED":
+        ds = conf["deepspeed_config"]
+        path = REPO / ds["deepspeed_config_file"]
+        assert path.is_file(), path
+        # accelerate rejects these next to a deepspeed_config_file (they belong in the JSON).
+        for bad in ("gradient_accumulation_steps", "gradient_clipping", "zero_stage", "offload_optimizer_device"):
+            assert bad not in ds, bad
+        assert "mixed_precision" not in conf
+        # use_cpu would make accelerate drop DeepSpeed altogether.
+        assert conf.get("use_cpu") is not True
+    if name.startswith("cpu_2proc"):
+        assert conf["num_processes"] == 2 and conf["num_machines"] == 1
+    if name == "multi_node_zero3.yaml":
+        assert conf["deepspeed_config"]["deepspeed_multinode_launcher"] == "standard"
+        assert conf["num_machines"] > 1
+    if name == "zero3_offload.yaml":
+        assert conf["deepspeed_config"]["deepspeed_config_file"].endswith("zero3_offload.json")
+
+
+@pytest.mark.parametrize(
+    ("stage", "offload", "opt_dev", "param_dev"),
+    [(1, "none", None, None), (2, "optimizer", "cpu", None), (3, "none", None, None),
+     (3, "optimizer", "cpu", None), (3, "params", None, "cpu"), (3, "all", "cpu", "cpu")],
+)  # fmt: skip
+def test_build_deepspeed_config(stage, offload, opt_dev, param_dev) -> None:
+    cfg = make_cfg(stage, offload, micro=3, mp="bf16", clip=0.5)
+    ds = D.build_deepspeed_config(cfg, grad_accum_steps=4, world_size=2)
+    assert ds["train_micro_batch_size_per_gpu"] == 3
+    assert ds["gradient_accumulation_steps"] == 4
+    assert ds["train_batch_size"] == 3 * 4 * 2
+    assert ds["gradient_clipping"] == 0.5
+    assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
+    zero = ds["zero_optimization"]
+    assert zero["stage"] == stage
+    assert zero.get("offload_optimizer", {}).get("device") == opt_dev
+    assert zero.get("offload_param", {}).get("device") == param_dev
+    assert "auto" not in {v for v in ds.values() if isinstance(v, str)}
+
+
+def test_no_clipping_and_fp16() -> None:
+    ds = D.build_deepspeed_config(make_cfg(2, mp="fp16", clip=None), grad_accum_steps=1, world_size=1)
+    assert ds["gradient_clipping"] == 0.0
+    assert ds["fp16"]["enabled"] is True and ds["bf16"]["enabled"] is False
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for var in ("WORLD_SIZE", "LOCAL_RANK", "RANK", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_CONFIG_FILE",
+                "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"):  # fmt: skip
+        monkeypatch.delenv(var, raising=False)
+    return monkeypatch
+
+
+def test_accelerator_kwargs_single_process(clean_env) -> None:
+    kw = D.accelerator_kwargs(make_cfg(0, mp="no"), grad_accum_steps=8)
+    assert kw["mixed_precision"] == "no"
+    assert kw["gradient_accumulation_steps"] == 8
+    assert "deepspeed_plugin" not in kw
+    assert "kwargs_handlers" not in kw  # one process: no process group at all
+
+
+def test_accelerator_kwargs_zero3_cpu_two_ranks(clean_env, monkeypatch) -> None:
+    pytest.importorskip("deepspeed")
+    clean_env.setenv("WORLD_SIZE", "2")
+    clean_env.setenv("LOCAL_RANK", "0")
+    monkeypatch.setattr(D, "cuda_available", lambda: False)
+    kw = D.accelerator_kwargs(make_cfg(3, micro=2, mp="bf16", clip=1.0), grad_accum_steps=4)
+    (handler,) = kw["kwargs_handlers"]
+    assert handler.backend == "gloo"  # the no-CUDA DeepSpeed trap
+    assert "cpu" not in kw  # cpu=True would make accelerate drop DeepSpeed
+    ds = kw["deepspeed_plugin"].deepspeed_config
+    assert ds["train_micro_batch_size_per_gpu"] == 2
+    assert ds["gradient_accumulation_steps"] == 4
+    assert ds["train_batch_size"] == 16
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+
+
+def test_accelerator_kwargs_ddp_cpu(clean_env, monkeypatch) -> None:
+    clean_env.setenv("WORLD_SIZE", "2")
+    clean_env.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(D, "cuda_available", lambda: False)
+    kw = D.accelerator_kwargs(make_cfg(0), grad_accum_steps=1)
+    assert kw["cpu"] is True and "deepspeed_plugin" not in kw
+    assert kw["kwargs_handlers"][0].backend == "gloo"
+
+
+def test_accelerator_kwargs_cuda_default_backend(clean_env, monkeypatch) -> None:
+    clean_env.setenv("WORLD_SIZE", "8")
+    clean_env.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(D, "cuda_available", lambda: True)
+    kw = D.accelerator_kwargs(make_cfg(0), grad_accum_steps=1)
+    assert "kwargs_handlers" not in kw and "cpu" not in kw  # accelerate picks nccl itself
+    kw = D.accelerator_kwargs(make_cfg(0, backend="gloo"), grad_accum_steps=1)
+    assert kw["kwargs_handlers"][0].backend == "gloo"
+
+
+def _flag(cmd: list[str], name: str) -> str:
+    return cmd[cmd.index(name) + 1]
+
+
+def test_launch_command_zero3_multinode() -> None:
+    cfg = make_cfg(3, "optimizer")
+    cmd = build_launch_command("run.yaml", ["train.learning_rate=1e-4"], cfg, nproc=8, nnodes=2, node_rank=1,
+                               master_addr="10.0.0.1", master_port=29600, cpu=False)  # fmt: skip
+    assert "launch" in cmd
+    assert "--use_deepspeed" in cmd and "--cpu" not in cmd and "--multi_gpu" not in cmd
+    assert _flag(cmd, "--zero_stage") == "3"
+    ds_file = Path(_flag(cmd, "--deepspeed_config_file"))
+    assert ds_file.is_file() and ds_file.name == "zero3.json"
+    assert _flag(cmd, "--deepspeed_multinode_launcher") == "standard"
+    assert _flag(cmd, "--num_processes") == "16"
+    assert _flag(cmd, "--num_machines") == "2"
+    assert _flag(cmd, "--machine_rank") == "1"
+    assert _flag(cmd, "--main_process_ip") == "10.0.0.1"
+    assert _flag(cmd, "--main_process_port") == "29600"
+    assert cmd[-5:] == ["-m", "scaletune", "train", "run.yaml", "train.learning_rate=1e-4"]
+
+
+def test_launch_command_variants() -> None:
+    one_cpu = build_launch_command("r.yaml", [], make_cfg(0), nproc=1, cpu=True)
+    assert "--cpu" in one_cpu and "--multi_gpu" not in one_cpu
+    ddp_cpu = build_launch_command("r.yaml", [], make_cfg(0), nproc=2, cpu=True)
+    assert "--multi_gpu" in ddp_cpu and "--cpu" not in ddp_cpu  # torchrun launcher; gloo in-process
+    ddp_gpu = build_launch_command("r.yaml", [], make_cfg(0), nproc=4, cpu=False)
+    assert "--multi_gpu" in ddp_gpu and _flag(ddp_gpu, "--num_processes") == "4"
+    z2_cpu = build_launch_command("r.yaml", [], make_cfg(2, "optimizer"), nproc=2, cpu=True)
+    assert "--cpu" not in z2_cpu  # accelerate refuses --cpu with --use_deepspeed
+    assert Path(_flag(z2_cpu, "--deepspeed_config_file")).name == "zero2_offload.json"
+    with pytest.raises(ValueError):
+        build_launch_command("r.yaml", [], make_cfg(0), nproc=2, nnodes=2, node_rank=2)

@@ -1,0 +1,196 @@
+"""The training loop: loss normalisation, exact resume, each task learns and its adapter reloads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from scaletune.config import load_config
+from scaletune.loop import fit
+from scaletune.train import StopFlag, setup
+
+from conftest import read_metrics
+
+
+class StopAt:
+    """Stands in for a SIGUSR1 arriving while step `at` runs."""
+
+    def __init__(self, run, at: int):
+        self.run, self.at = run, at
+
+    @property
+    def signal(self):
+        return 10 if self.run.step >= self.at else None
+
+
+def _capture_first_step_grads(run):
+    grads = {}
+    opt = run.optimizer
+    original = opt.step
+
+    def step(*a, **k):
+        if not grads:
+            model = run.accelerator.unwrap_model(run.model)
+            grads.update({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+        return original(*a, **k)
+
+    opt.step = step
+    return grads
+
+
+def test_loss_is_mean_over_all_target_tokens_of_the_step(make_config, tmp_path):
+    """micro 1 x accumulation 4 and micro 4 x accumulation 1 give the same loss and LoRA gradients."""
+    results = {}
+    for micro in (1, 4):
+        path = make_config("causal_lm", train={"global_batch_size": 4, "micro_batch_size": micro, "max_steps": 1,
+                                                "max_grad_norm": None},
+                           output_dir=str(tmp_path / f"m{micro}"))
+        run, _ = setup(load_config(path))
+        grads = _capture_first_step_grads(run)
+        fit(run, StopFlag())
+        results[micro] = (read_metrics(run.output_dir)[0]["loss"], grads)
+    (loss1, g1), (loss4, g4) = results[1], results[4]
+    assert loss1 == pytest.approx(loss4, rel=1e-5, abs=1e-6)
+    assert g1.keys() == g4.keys() and len(g1) > 0
+    for name in g1:
+        torch.testing.assert_close(g1[name], g4[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert any(g.abs().sum() > 0 for g in g1.values())
+
+
+def test_data_has_variable_lengths_so_mean_of_means_would_differ(make_config, tmp_path):
+    """Guards the test above: on this data a per-micro-batch mean gives a different loss."""
+    path = make_config("causal_lm", train={"global_batch_size": 4, "micro_batch_size": 1, "max_steps": 1})
+    run, _ = setup(load_config(path))
+    from scaletune.data.batching import step_micro_batches
+
+    lengths = list(run.data["train"]["length"])
+    batches = step_micro_batches(lengths, 0, global_batch=4, micro=1, world=1, rank=0, seed=42, group_by_length=True)
+    counts = [sum(lab != -100 for lab in run.data["train"][b[0]]["labels"][1:]) for b in batches]
+    assert len(set(counts)) > 1, counts
+
+
+def test_resume_continues_exactly(make_config, tmp_path):
+    """8 uninterrupted steps == 4 steps, stop (signal path), resume auto, 4 more steps."""
+    common = {"global_batch_size": 8, "micro_batch_size": 4, "max_steps": 8, "save_every": 3,
+              "lr_scheduler": "cosine", "warmup_steps": 2}
+    full = make_config("causal_lm", train=common, output_dir=str(tmp_path / "full"),
+                       peft={"lora_dropout": 0.1})
+    run, _ = setup(load_config(full))
+    assert fit(run, StopFlag()) == "done"
+    split = make_config("causal_lm", train=common, output_dir=str(tmp_path / "split"), peft={"lora_dropout": 0.1})
+    run, _ = setup(load_config(split))
+    assert fit(run, StopAt(run, 4)) == "preempted"
+    assert (tmp_path / "split/checkpoints/latest").read_text().strip() == "step-4"
+    run, used = setup(load_config(split), resume="auto")
+    assert used.name == "step-4" and run.step == 4
+    assert fit(run, StopFlag()) == "done"
+    a = read_metrics(tmp_path / "full")
+    b = read_metrics(tmp_path / "split")
+    assert [r["step"] for r in b] == list(range(1, 9))
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-6)
+    from safetensors.torch import load_file
+
+    wa = load_file(str(tmp_path / "full/adapter/adapter_model.safetensors"))
+    wb = load_file(str(tmp_path / "split/adapter/adapter_model.safetensors"))
+    assert wa.keys() == wb.keys() and len(wa) > 0
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)
+    # save_total_limit (default 3) pruned old ones; the final step is checkpointed
+    names = sorted(p.name for p in (tmp_path / "split/checkpoints").iterdir() if p.name.startswith("step-"))
+    assert names == ["step-4", "step-6", "step-8"]
+
+
+def test_resume_of_finished_run_does_nothing_more(make_config, tmp_path):
+    path = make_config("causal_lm", train={"max_steps": 2})
+    run, _ = setup(load_config(path))
+    fit(run, StopFlag())
+    run, used = setup(load_config(path), resume="auto")
+    assert run.step == 2 and used.name == "step-2"
+    assert fit(run, StopFlag()) == "done"
+    assert [r["step"] for r in read_metrics(run.output_dir)] == [1, 2]
+
+
+def _peft_predictions(cfg_path: Path, task: str, texts):
+    """Load base + adapter with plain transformers/peft (no scaletune) and predict."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
+
+    cfg = load_config(cfg_path)
+    adapter = Path(cfg.output_dir) / "adapter"
+    meta = json.loads((adapter / "scaletune.json").read_text())
+    cls = AutoModelForSequenceClassification if task == "seq_cls" else AutoModelForTokenClassification
+    base = cls.from_pretrained(cfg.model.name_or_path, num_labels=len(meta["labels"]))
+    model = PeftModel.from_pretrained(base, str(adapter)).eval()
+    tok = AutoTokenizer.from_pretrained(str(adapter))
+    with torch.no_grad():
+        if task == "seq_cls":
+            enc = tok(texts, padding=True, return_tensors="pt")
+            return model(**enc).logits.argmax(-1).tolist()
+        enc = tok(texts, is_split_into_words=True, return_tensors="pt")
+        return model(**enc).logits.argmax(-1)[0].tolist()
+
+
+def test_seq_cls_learns_and_adapter_reloads_in_plain_peft(make_config, tmp_path):
+    path = make_config("seq_cls", n=96, train={"global_batch_size": 16, "micro_batch_size": 8, "max_steps": 40,
+                                               "learning_rate": 2e-2, "eval_every": 40})
+    run, _ = setup(load_config(path))
+    fit(run, StopFlag())
+    evals = read_metrics(run.output_dir, "eval")
+    assert evals[-1]["accuracy"] >= 0.9, evals
+    assert set(evals[-1]["per_class"]) == {"neg", "pos"} and "macro_f1" in evals[-1]
+    # the classification head is trained and saved with the adapter
+    from safetensors.torch import load_file
+
+    saved = load_file(str(run.output_dir / "adapter/adapter_model.safetensors"))
+    assert any("classifier" in k for k in saved)
+    texts = ["bravo alpha charlie", "bravo charlie delta", "alpha", "echo golf hotel"]
+    preds = _peft_predictions(path, "seq_cls", texts)
+    from scaletune.infer import run_predict
+    import io
+
+    out = io.StringIO()
+    ours = run_predict(load_config(path), None, None, 4, out=out, stdin=io.StringIO("\n".join(texts)))
+    labels = json.loads((run.output_dir / "adapter/scaletune.json").read_text())["labels"]
+    assert [labels[p] for p in preds] == [r["label"] for r in ours]
+    assert [r["label"] for r in ours] == ["pos", "neg", "pos", "neg"]
+
+
+def test_token_cls_learns_with_seqeval_metrics(make_config, tmp_path):
+    path = make_config("token_cls", n=96, train={"global_batch_size": 16, "micro_batch_size": 8, "max_steps": 40,
+                                                 "learning_rate": 2e-2, "eval_every": 40})
+    run, _ = setup(load_config(path))
+    fit(run, StopFlag())
+    final = read_metrics(run.output_dir, "eval")[-1]
+    assert final["f1"] >= 0.8, final
+    assert {"PER", "LOC"} <= set(final["per_type"])
+    words = ["Alice", "bravo", "Paris"]
+    preds = _peft_predictions(path, "token_cls", words)
+    labels = json.loads((run.output_dir / "adapter/scaletune.json").read_text())["labels"]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(run.output_dir / "adapter"))
+    wid = tok(words, is_split_into_words=True).word_ids()
+    first = {}
+    for pos, w in enumerate(wid):
+        if w is not None and w not in first:
+            first[w] = labels[preds[pos]]
+    assert [first[i] for i in range(3)] == ["B-PER", "O", "B-LOC"]
+
+
+def test_causal_lm_eval_reports_perplexity_and_loss_drops(make_config, tmp_path):
+    path = make_config("causal_lm", n=64, train={"global_batch_size": 8, "micro_batch_size": 8, "max_steps": 30,
+                                                 "learning_rate": 2e-2, "eval_every": 15})
+    run, _ = setup(load_config(path))
+    fit(run, StopFlag())
+    evals = read_metrics(run.output_dir, "eval")
+    assert [e["step"] for e in evals] == [15, 30]
+    assert evals[-1]["perplexity"] == pytest.approx(2.718281828 ** evals[-1]["loss"], rel=1e-4)
+    train = read_metrics(run.output_dir)
+    assert train[-1]["loss"] < train[0]["loss"] * 0.97
+    for key in ("tokens_per_s", "target_tokens_per_s", "padding_ratio", "peak_mem_mb", "lr", "grad_norm"):
+        assert key in train[0]
+    info = json.loads((run.output_dir / "run.json").read_text())
+    assert info["world_size"] == 1 and info["config"]["task"] == "causal_lm" and info["versions"]["torch"]
