@@ -132,8 +132,14 @@ def dispatch(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # intermixed: `train run.yaml --resume auto k=v` (the Slurm templates put overrides last)
-    args = build_parser().parse_intermixed_args(argv)
+    parser = build_parser()
+    # Overrides may also follow options (`train run.yaml --resume auto k=v`, as the Slurm templates do).
+    args, extra = parser.parse_known_args(argv)
+    stray = [x for x in extra if x.startswith("-") or "=" not in x or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     _setup_logging()
     try:
         return dispatch(args)

@@ -22,9 +22,10 @@ import copy
 import json
 import logging
 import os
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
@@ -202,9 +203,10 @@ def accelerator_kwargs(cfg: Any, grad_accum_steps: int) -> dict:
             global_batch_size // (micro_batch_size * world_size); the caller computes it because it
             depends on the world size.
 
-    Returns a dict with `mixed_precision`, `gradient_accumulation_steps`, `kwargs_handlers` (an
-    `InitProcessGroupKwargs` carrying the backend when one is needed) and, for ZeRO stages, a
-    `deepspeed_plugin`.
+    Returns a dict with `mixed_precision`, `gradient_accumulation_steps`, and where needed
+    `kwargs_handlers` (an `InitProcessGroupKwargs` carrying the backend), `cpu=True` (no CUDA and no
+    DeepSpeed) and, for ZeRO stages, a `deepspeed_plugin` whose config has no "auto" batch, clipping
+    or precision values left.
 
     The process-group backend is passed explicitly because without CUDA accelerate leaves it as None
     for a DeepSpeed launch: DeepSpeed then initialises a 1-process world while WORLD_SIZE says 2 and
@@ -505,12 +507,17 @@ def load_trainable_state(
     named = list(_trainable_named_parameters(accelerator, model))
     missing = [n for n, _ in named if n not in params]
     if missing:
-        raise KeyError(f"load_trainable_state: no saved value for trainable parameters {missing[:5]}"
-                       f"{' ...' if len(missing) > 5 else ''}")
+        raise KeyError(
+            f"load_trainable_state: no saved value for trainable parameters {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''}"
+        )
     extra = set(params) - {n for n, _ in named}
     if extra:
-        logger.warning("load_trainable_state: ignoring %d saved parameters the model does not train: %s",
-                       len(extra), sorted(extra)[:5])
+        logger.warning(
+            "load_trainable_state: ignoring %d saved parameters the model does not train: %s",
+            len(extra),
+            sorted(extra)[:5],
+        )
     step = int(scalars.get("step", 0)) if scalars else 0
     engine = _deepspeed_engine(accelerator, model)
     stage = _zero_stage(engine)

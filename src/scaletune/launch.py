@@ -36,6 +36,31 @@ def _accelerate_executable() -> list[str]:
     return [sys.executable, "-m", "accelerate.commands.accelerate_cli"]
 
 
+def deepspeed_flags(cfg: Any, multinode: bool = False) -> list[str]:
+    """The `accelerate launch` DeepSpeed flags for `cfg` ([] for zero_stage 0).
+
+    `--use_deepspeed --zero_stage N --deepspeed_config_file <packaged json>` (+ zero3_init_flag for
+    stage 3, + the standard multi-node launcher when `multinode`).
+    """
+    dist = cfg.distributed
+    stage = int(dist.zero_stage)
+    name = deepspeed_config_name(stage, str(dist.offload))
+    if name is None:
+        return []
+    flags = [
+        "--use_deepspeed",
+        "--zero_stage", str(stage),
+        "--deepspeed_config_file", str(deepspeed_config_path(name)),
+    ]  # fmt: skip
+    if multinode:
+        # One torchrun per node started by the user/scheduler: no pdsh/ssh hostfile needed.
+        flags += ["--deepspeed_multinode_launcher", "standard"]
+    if stage == 3:
+        # Build big models already partitioned (zero.Init) instead of whole on every rank.
+        flags += ["--zero3_init_flag", "true"]
+    return flags
+
+
 def build_launch_command(
     config_path: str,
     overrides: list[str],
@@ -46,6 +71,7 @@ def build_launch_command(
     master_addr: str = "127.0.0.1",
     master_port: int = 29500,
     cpu: bool | None = None,
+    train_args: list[str] | None = None,
 ) -> list[str]:
     """The argv of `accelerate launch ... -m scaletune train CONFIG k=v ...`.
 
@@ -57,6 +83,7 @@ def build_launch_command(
         nnodes / node_rank / master_addr / master_port: the multi-node rendezvous (same command on
             every node except node_rank).
         cpu: force CPU (True) or GPU (False) launching; None = CPU exactly when torch sees no CUDA.
+        train_args: extra `scaletune train` options (e.g. ["--resume", "auto"]), placed before CONFIG.
     """
     if nproc < 1 or nnodes < 1:
         raise ValueError(f"nproc and nnodes must be >= 1 (got nproc={nproc}, nnodes={nnodes})")
@@ -72,18 +99,7 @@ def build_launch_command(
 
     cmd = [*_accelerate_executable(), "launch"]
     if stage > 0:
-        name = deepspeed_config_name(stage, str(dist.offload))
-        assert name is not None
-        cmd += [
-            "--use_deepspeed",
-            "--zero_stage", str(stage),
-            "--deepspeed_config_file", str(deepspeed_config_path(name)),
-        ]  # fmt: skip
-        if nnodes > 1:
-            cmd += ["--deepspeed_multinode_launcher", "standard"]
-        if stage == 3:
-            # Build big models already partitioned (zero.Init) instead of whole on every rank.
-            cmd += ["--zero3_init_flag", "true"]
+        cmd += deepspeed_flags(cfg, multinode=nnodes > 1)
     elif world > 1:
         # torchrun-based launcher; on CPU the processes still run gloo/MULTI_CPU (see module doc).
         cmd += ["--multi_gpu"]
@@ -101,16 +117,18 @@ def build_launch_command(
     ]  # fmt: skip
     if world > 1 and nnodes == 1 and stage == 0:
         cmd += ["--rdzv_backend", "static"]
-    cmd += ["-m", "scaletune", "train", str(config_path), *list(overrides)]
+    cmd += ["-m", "scaletune", "train", *list(train_args or []), str(config_path), *list(overrides)]
     return cmd
 
 
-def main_launch(args: Any) -> int:
+def main_launch(args: Any, cfg: Any = None) -> int:
     """Entry point of `scaletune launch`: validate the config, print the command, exec it.
 
-    Reads from `args` (an argparse.Namespace): config, overrides (list, default []), nproc (default:
-    number of CUDA devices, else 1), nnodes (1), node_rank (0), master_addr ("127.0.0.1"),
-    master_port (29500), cpu (None), dry_run (False: print only). Does not return unless dry_run.
+    Reads from `args` (an argparse.Namespace): config, overrides (list), nproc (default: number of
+    CUDA devices, else 1), nnodes (1), node_rank (0), master_addr ("127.0.0.1"), master_port (29500),
+    optional cpu (None = auto), resume / overwrite / allow_config_change (passed on to
+    `scaletune train`), dry_run (print only). `cfg` is accepted for the CLI's convenience; the config
+    is re-validated against the launch's world size either way. Does not return unless dry_run.
     """
     from .config import load_config
 
@@ -123,6 +141,13 @@ def main_launch(args: Any) -> int:
     nnodes = int(getattr(args, "nnodes", None) or 1)
     # Validate before starting N processes (batch divisibility depends on the world size).
     cfg = load_config(args.config, overrides, world_size=int(nproc) * nnodes)
+    train_args: list[str] = []
+    if getattr(args, "resume", None):
+        train_args += ["--resume", str(args.resume)]
+    if getattr(args, "overwrite", False):
+        train_args.append("--overwrite")
+    if getattr(args, "allow_config_change", False):
+        train_args.append("--allow-config-change")
     cmd = build_launch_command(
         args.config,
         overrides,
@@ -133,6 +158,7 @@ def main_launch(args: Any) -> int:
         master_addr=str(getattr(args, "master_addr", None) or "127.0.0.1"),
         master_port=int(getattr(args, "master_port", None) or 29500),
         cpu=getattr(args, "cpu", None),
+        train_args=train_args,
     )
     print(shlex.join(cmd), flush=True)
     if getattr(args, "dry_run", False):

@@ -32,6 +32,8 @@ def _check_model_source(cfg: RunConfig) -> None:
 def load_tokenizer(cfg: RunConfig, path: str | None = None) -> Any:
     from transformers import AutoTokenizer
 
+    if path is None:
+        _check_model_source(cfg)
     src = path or cfg.model.name_or_path
     try:
         tok = AutoTokenizer.from_pretrained(src, trust_remote_code=cfg.model.trust_remote_code,

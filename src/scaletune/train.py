@@ -113,13 +113,18 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
 
     from .data import build_datasets
     from .distributed import accelerator_kwargs, cuda_available, load_trainable_state, world_size_from_env
-    from .model import count_parameters, load_model, load_tokenizer
+    from transformers.utils import logging as hf_logging
+
+    from .model import count_parameters, load_model, load_tokenizer, peft_config, quantization_config
     from .tasks import get_task
 
     world = world_size_from_env()
     problems = cross_field_problems(cfg, world_size=world, has_cuda=cuda_available())
     if problems:
         raise ConfigError(problems, title=f"run config cannot run here ({len(problems)} problem(s))")
+    peft_config(cfg, get_task(cfg.task).peft_task_type)  # refuse bad peft settings before loading anything
+    quantization_config(cfg)
+    hf_logging.disable_progress_bar()
     t = cfg.train
     accum = t.global_batch_size // (t.micro_batch_size * world)
     out = Path(cfg.output_dir)

@@ -88,6 +88,9 @@ def run_role(accelerator, stage: int, role: str, out_dir: Path, load: Path | Non
     )
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
+    if stage == 3 and world > 1:
+        lora = [p for n, p in accelerator.unwrap_model(model).named_parameters() if "lora_" in n]
+        assert lora and all(p.numel() == 0 for p in lora), "ZeRO-3 did not partition the LoRA weights"
 
     def one_step(step: int) -> None:
         ids = batch(step, rank, world).to(accelerator.device)
@@ -144,7 +147,13 @@ def main() -> int:
     from scaletune.distributed import accelerator_kwargs
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    accelerator = Accelerator(**accelerator_kwargs(make_cfg(args.stage, world), grad_accum_steps=1))
+    kwargs = accelerator_kwargs(make_cfg(args.stage, world), grad_accum_steps=1)
+    plugin = kwargs.get("deepspeed_plugin")
+    if plugin is not None and plugin.deepspeed_config["zero_optimization"]["stage"] == 3:
+        # The LoRA matrices are tiny; with the default ("auto" = 10 x hidden) persistence threshold
+        # ZeRO-3 would keep them whole on every rank. Force real partitioning.
+        plugin.deepspeed_config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    accelerator = Accelerator(**kwargs)
     assert accelerator.num_processes == world, (accelerator.num_processes, world)
     run_role(accelerator, args.stage, args.role, Path(args.out), Path(args.load) if args.load else None)
     if args.then:

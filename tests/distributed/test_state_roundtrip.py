@@ -114,15 +114,11 @@ def test_zero_to_single_and_back(stage: int, tmp_path: Path) -> None:
     # 1 process, no DeepSpeed: train its own reference run (for the reverse check) and, in the same
     # process, load the ZeRO state into a fresh model and take the same next step.
     _run_1proc("--role", "train", "--out", str(single_dir), "--then", f"resume:{ds_dir}:{single_resume}")
-    _assert_same_params(
-        torch.load(ds_dir / "next.pt")["params"], torch.load(single_resume / "next.pt")["params"]
-    )
+    _assert_same_params(torch.load(ds_dir / "next.pt")["params"], torch.load(single_resume / "next.pt")["params"])
 
     # Reverse: 1-process state loaded into a fresh 2-process ZeRO run.
     _launch_2proc(stage, "--role", "resume", "--load", str(single_dir), "--out", str(ds_resume))
-    _assert_same_params(
-        torch.load(single_dir / "next.pt")["params"], torch.load(ds_resume / "next.pt")["params"]
-    )
+    _assert_same_params(torch.load(single_dir / "next.pt")["params"], torch.load(ds_resume / "next.pt")["params"])
     # And both directions agree with each other (same data, same optimizer): a single trajectory.
     _assert_same_params(torch.load(ds_dir / "state.pt")["params"], torch.load(single_dir / "state.pt")["params"])
 

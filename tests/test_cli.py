@@ -1,0 +1,171 @@
+"""The command line: bad input ends with a one-screen message and exit 2; outputs are never clobbered."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from scaletune.cli import main
+
+from conftest import write_jsonl
+
+
+def run_cli(args, capsys):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def edit(path: Path, **sections) -> Path:
+    raw = yaml.safe_load(path.read_text())
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            raw.setdefault(section, {}).update(values)
+        else:
+            raw[section] = values
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def assert_clean_error(code, err, *fragments):
+    assert code == 2, err
+    assert "Traceback" not in err and "error:" in err
+    assert len(err[err.index("error:"):].splitlines()) <= 25
+    for f in fragments:
+        assert f in err, err
+
+
+def test_missing_config_file(capsys, tmp_path):
+    code, _, err = run_cli(["train", tmp_path / "nope.yaml"], capsys)
+    assert_clean_error(code, err, "nope.yaml: file not found")
+
+
+def test_all_config_problems_at_once(capsys, make_config):
+    path = make_config("causal_lm")
+    code, _, err = run_cli(["train", path, "train.lerning_rate=1", "model.dtype=float64", "task=clm"], capsys)
+    assert_clean_error(code, err, "3 problem(s)", "did you mean 'learning_rate'", "model.dtype", "task:")
+
+
+def test_missing_model_dir(capsys, make_config, tmp_path):
+    path = make_config("causal_lm", model={"name_or_path": str(tmp_path / "no-model")})
+    code, _, err = run_cli(["train", path], capsys)
+    assert_clean_error(code, err, "model.name_or_path: directory not found")
+
+
+def test_unknown_peft_method_and_kwargs(capsys, make_config):
+    path = make_config("causal_lm")
+    code, _, err = run_cli(["train", path, "peft.method=lorra"], capsys)
+    assert_clean_error(code, err, "unknown method 'lorra'", "did you mean 'lora'")
+    code, _, err = run_cli(["train", path, "peft.rank=8", "train.output_dir=x"], capsys)
+    assert_clean_error(code, err, "train.output_dir: unknown key")
+    code, _, err = run_cli(["train", path, "peft.rank=8", "--overwrite"], capsys)
+    assert_clean_error(code, err, "peft.rank: not a LoraConfig option")
+
+
+def test_bad_data_line_named(capsys, make_config, tmp_path):
+    path = make_config("causal_lm")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": oops}\n')
+    code, _, err = run_cli(["train", path, f"data.train={bad}"], capsys)
+    assert_clean_error(code, err, f"{bad}:2: invalid JSON")
+
+
+def test_missing_columns_and_empty_data(capsys, make_config, tmp_path):
+    path = make_config("seq_cls")
+    data = write_jsonl(tmp_path / "x.jsonl", [{"sentence": "a", "y": 1}])
+    code, _, err = run_cli(["train", path, f"data.train={data}"], capsys)
+    assert_clean_error(code, err, "no label column")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    code, _, err = run_cli(["train", path, f"data.train={empty}"], capsys)
+    assert_clean_error(code, err, "contains no examples")
+
+
+def test_global_batch_larger_than_data(capsys, make_config):
+    path = make_config("causal_lm", n=16, train={"global_batch_size": 32, "micro_batch_size": 4})
+    code, _, err = run_cli(["train", path], capsys)
+    assert_clean_error(code, err, "larger than the training set (16")
+
+
+def test_quantization_without_bitsandbytes(capsys, make_config, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    path = make_config("causal_lm", model={"quantization": "4bit", "dtype": "bfloat16"},
+                       train={"mixed_precision": "bf16"})
+    code, _, err = run_cli(["train", path], capsys)
+    assert_clean_error(code, err, "needs bitsandbytes")
+
+
+def test_non_empty_output_dir_is_never_overwritten_silently(capsys, make_config, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    path = make_config("causal_lm")
+    code, _, err = run_cli(["train", path], capsys)
+    assert_clean_error(code, err, "is not empty", "--resume auto", "--overwrite")
+    assert (out / "precious.txt").read_text() == "keep me"
+
+
+def test_train_predict_eval_merge_roundtrip(capsys, make_config, tmp_path):
+    path = make_config("causal_lm", train={"max_steps": 3})
+    code, out, err = run_cli(["train", path], capsys)
+    assert code == 0, err
+    adapter = tmp_path / "run" / "adapter"
+    assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "tokenizer.json").is_file()
+    inp = tmp_path / "prompts.txt"
+    inp.write_text("Reverse the order of these words.\n")
+    code, out, err = run_cli(["predict", path, "--input", inp, "--max-new-tokens", "5"], capsys)
+    assert code == 0, err
+    assert json.loads(out.splitlines()[0])["prompt"] == "Reverse the order of these words."
+    code, out, err = run_cli(["eval", path], capsys)
+    assert code == 0 and "perplexity" in json.loads(out)
+    code, out, err = run_cli(["merge", path, "--out", tmp_path / "merged"], capsys)
+    assert code == 0, err
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    cfg = yaml.safe_load(path.read_text())
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    base = AutoModelForCausalLM.from_pretrained(cfg["model"]["name_or_path"])
+    peft_model = PeftModel.from_pretrained(base, str(adapter)).eval()
+    ids = torch.tensor([[1, 5, 9, 12, 40]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, peft_model(ids).logits, rtol=1e-4, atol=1e-4)
+    code, _, err = run_cli(["merge", path, "--out", tmp_path / "merged"], capsys)
+    assert_clean_error(code, err, "is not empty")
+
+
+def test_python_dash_m_entry_point_exit_code(make_config):
+    path = make_config("causal_lm")
+    res = subprocess.run([sys.executable, "-m", "scaletune", "train", str(path), "train.micro_batch_size=3"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "divisible by train.micro_batch_size" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_config_help_lists_keys(capsys):
+    code, out, _ = run_cli(["config-help"], capsys)
+    assert code == 0 and "`train.global_batch_size`" in out
+
+
+@pytest.mark.slow
+def test_demo_runs_and_improves(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "scaletune", "demo", "--out", str(tmp_path / "demo"), "--steps", "60"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    line = next(l for l in res.stdout.splitlines() if l.strip().startswith("loss"))
+    before, after = map(float, line.split()[1:3])
+    assert after < before
+    assert (tmp_path / "demo/run/adapter/adapter_config.json").is_file()
+    # a second demo into the same directory replaces the previous demo, but never a foreign directory
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "x").write_text("mine")
+    res = subprocess.run([sys.executable, "-m", "scaletune", "demo", "--out", str(other)], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 2 and (other / "x").read_text() == "mine"
