@@ -72,6 +72,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--account", default=None)
     p.add_argument("--dry-run", action="store_true")
 
+    p = sub.add_parser("plan", help="estimate per-rank memory and check the combination before launching")
+    _add_config(p)
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=1)
+    p.add_argument("--gpu-memory", default="80GiB", help="memory per device, e.g. 80GiB, 24GB")
+    p.add_argument("--cpu-memory", default=None, help="host memory per node (for offload), e.g. 512GiB")
+
+    p = sub.add_parser("report", help="plots and a summary of one or more finished runs")
+    p.add_argument("run_dirs", nargs="+", help="run output directories (with metrics.jsonl and run.json)")
+    p.add_argument("--out", default=None, help="where report.html and PNGs go (default: first run dir)")
+
     sub.add_parser("config-help", help="print every run-config key with its type, default and meaning")
     return parser
 
@@ -94,7 +105,15 @@ def dispatch(args: argparse.Namespace) -> int:
         from .demo import run_demo
 
         return run_demo(args.out, args.steps)
+    if args.command == "report":
+        from .report import main_report
+
+        return main_report(args)
     cfg = load_config(args.config, args.overrides)
+    if args.command == "plan":
+        from .plan import main_plan
+
+        return main_plan(args, cfg)
     if args.command == "train":
         from .train import train
 
