@@ -109,5 +109,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_example_validates(path):
+    from scaletune.model import peft_config
+    from scaletune.tasks import get_task
+
     raw = yaml.safe_load(path.read_text())
-    from_dict(raw, source=str(path), world_size=1)
+    cfg = from_dict(raw, source=str(path), world_size=1)
+    assert not cross_field_problems(cfg, world_size=1, has_cuda=True)
+    peft_config(cfg, get_task(cfg.task).peft_task_type)  # method keys valid for that peft config class
