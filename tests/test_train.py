@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import read_metrics
 
 from scaletune.config import load_config
 from scaletune.loop import fit
 from scaletune.train import StopFlag, setup
-
-from conftest import read_metrics
 
 
 class StopAt:
@@ -64,10 +63,11 @@ def test_data_has_variable_lengths_so_mean_of_means_would_differ(make_config, tm
     """Guards the test above: on this data a per-micro-batch mean gives a different loss."""
     path = make_config("causal_lm", train={"global_batch_size": 4, "micro_batch_size": 1, "max_steps": 1})
     run, _ = setup(load_config(path))
-    from scaletune.data.batching import step_micro_batches
+    from scaletune.data.batching import epoch_order, step_micro_batches
 
     lengths = list(run.data["train"]["length"])
-    batches = step_micro_batches(lengths, 0, global_batch=4, micro=1, world=1, rank=0, seed=42, group_by_length=True)
+    order = epoch_order(lengths, 42, 0, 4, True)
+    batches = step_micro_batches(order, lengths, 0, global_batch=4, micro=1, world=1, rank=0)
     counts = [sum(lab != -100 for lab in run.data["train"][b[0]]["labels"][1:]) for b in batches]
     assert len(set(counts)) > 1, counts
 
@@ -148,8 +148,9 @@ def test_seq_cls_learns_and_adapter_reloads_in_plain_peft(make_config, tmp_path)
     assert any("classifier" in k for k in saved)
     texts = ["bravo alpha charlie", "bravo charlie delta", "alpha", "echo golf hotel"]
     preds = _peft_predictions(path, "seq_cls", texts)
-    from scaletune.infer import run_predict
     import io
+
+    from scaletune.infer import run_predict
 
     out = io.StringIO()
     ours = run_predict(load_config(path), None, None, 4, out=out, stdin=io.StringIO("\n".join(texts)))

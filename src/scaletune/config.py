@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 
@@ -36,22 +36,22 @@ def _f(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:
 class ModelConfig:
     name_or_path: str = _f(help="Local directory or hub id of the base model.")
     dtype: Literal["float32", "bfloat16", "float16"] = _f("bfloat16", "Dtype of the frozen base weights.")
-    quantization: Optional[Literal["4bit", "8bit"]] = _f(
+    quantization: Literal["4bit", "8bit"] | None = _f(
         None, "bitsandbytes quantization of the frozen base: 4bit = NF4 + double quant, 8bit = LLM.int8."
     )
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward (use_reentrant=False).")
     trust_remote_code: bool = _f(False, "Allow model code from the model repository to run. Off unless set.")
-    attn_implementation: Optional[Literal["eager", "sdpa", "flash_attention_2"]] = _f(
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = _f(
         None, "Attention kernel; default lets transformers choose (sdpa where available)."
     )
-    revision: Optional[str] = _f(None, "Hub revision (branch, tag or commit) of the base model.")
+    revision: str | None = _f(None, "Hub revision (branch, tag or commit) of the base model.")
 
 
 @dataclass(kw_only=True)
 class DataConfig:
     train: str = _f(help="Training data: a file (jsonl/json/csv/tsv/parquet/conll) or 'hub:<id>[:split]'.")
-    eval: Optional[str] = _f(None, "Evaluation data, same forms as `train`.")
-    eval_fraction: Optional[float] = _f(None, "Hold out this fraction of `train` for evaluation instead.")
+    eval: str | None = _f(None, "Evaluation data, same forms as `train`.")
+    eval_fraction: float | None = _f(None, "Hold out this fraction of `train` for evaluation instead.")
     format: str = _f(
         "auto",
         "causal_lm: alpaca | sharegpt | messages | prompt_completion | text; "
@@ -60,12 +60,12 @@ class DataConfig:
     max_length: int = _f(1024, "Truncate tokenised examples to this many tokens.")
     train_on_prompt: bool = _f(False, "causal_lm: also compute the loss on prompt/user tokens.")
     packing: bool = _f(False, "causal_lm: pack several examples per row (attention isolated per example).")
-    text_column: Optional[str] = _f(None, "seq_cls/text: column with the text (default: text/sentence).")
-    text_pair_column: Optional[str] = _f(None, "seq_cls: optional second text column.")
-    label_column: Optional[str] = _f(None, "seq_cls: label column (default: label).")
-    tokens_column: Optional[str] = _f(None, "token_cls: column with the word list (default: tokens).")
-    tags_column: Optional[str] = _f(None, "token_cls: column with the tag list (default: tags/ner_tags).")
-    labels: Optional[list] = _f(None, "seq_cls/token_cls: the label set, in order; default: sorted from train.")
+    text_column: str | None = _f(None, "seq_cls/text: column with the text (default: text/sentence).")
+    text_pair_column: str | None = _f(None, "seq_cls: optional second text column.")
+    label_column: str | None = _f(None, "seq_cls: label column (default: label).")
+    tokens_column: str | None = _f(None, "token_cls: column with the word list (default: tokens).")
+    tags_column: str | None = _f(None, "token_cls: column with the tag list (default: tags/ner_tags).")
+    labels: list | None = _f(None, "seq_cls/token_cls: the label set, in order; default: sorted from train.")
     group_by_length: bool = _f(True, "Sort each window of batches by length to cut padding.")
     num_workers: int = _f(0, "DataLoader worker processes.")
     cache: bool = _f(True, "Cache tokenised data (datasets arrow cache) across runs and ranks.")
@@ -75,26 +75,26 @@ class DataConfig:
 class TrainConfig:
     global_batch_size: int = _f(64, "Examples per optimizer step over all ranks and micro-steps.")
     micro_batch_size: int = _f(4, "Examples per forward pass per rank.")
-    epochs: Optional[float] = _f(3, "Passes over the training data (ignored when max_steps is set).")
-    max_steps: Optional[int] = _f(None, "Total optimizer steps; overrides epochs.")
+    epochs: float | None = _f(3, "Passes over the training data (ignored when max_steps is set).")
+    max_steps: int | None = _f(None, "Total optimizer steps; overrides epochs.")
     learning_rate: float = _f(2.0e-4, "Peak learning rate.")
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = _f(
         "cosine", "Learning-rate schedule after warmup."
     )
     warmup_ratio: float = _f(0.03, "Fraction of total steps spent warming up (ignored if warmup_steps).")
-    warmup_steps: Optional[int] = _f(None, "Warmup steps; overrides warmup_ratio.")
+    warmup_steps: int | None = _f(None, "Warmup steps; overrides warmup_ratio.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     adam_beta1: float = _f(0.9, "AdamW beta1.")
     adam_beta2: float = _f(0.999, "AdamW beta2.")
     adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
-    max_grad_norm: Optional[float] = _f(1.0, "Clip the global gradient norm; null disables clipping.")
+    max_grad_norm: float | None = _f(1.0, "Clip the global gradient norm; null disables clipping.")
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = _f("adamw", "Optimizer.")
     mixed_precision: Literal["no", "fp16", "bf16"] = _f("bf16", "Autocast precision for this run.")
     seed: int = _f(42, "Seed for data order, initialisation and dropout.")
-    eval_every: Optional[int] = _f(200, "Evaluate every N optimizer steps (and at the end); null: end only.")
-    save_every: Optional[int] = _f(200, "Write a resumable checkpoint every N optimizer steps.")
+    eval_every: int | None = _f(200, "Evaluate every N optimizer steps (and at the end); null: end only.")
+    save_every: int | None = _f(200, "Write a resumable checkpoint every N optimizer steps.")
     log_every: int = _f(10, "Log metrics every N optimizer steps.")
-    save_total_limit: Optional[int] = _f(3, "Keep only the newest N checkpoints; null keeps all.")
+    save_total_limit: int | None = _f(3, "Keep only the newest N checkpoints; null keeps all.")
     on_nonfinite: Literal["stop", "skip"] = _f("stop", "Non-finite loss/grad norm: stop, or skip the update.")
     max_nonfinite_skips: int = _f(10, "With on_nonfinite=skip: stop after this many skipped updates.")
     report_to: list = _f(["tensorboard"], "Trackers: tensorboard, wandb, mlflow (offline-safe) or [].")
@@ -105,7 +105,7 @@ class TrainConfig:
 class DistributedConfig:
     zero_stage: Literal[0, 1, 2, 3] = _f(0, "DeepSpeed ZeRO stage; 0 = plain DDP (or single process).")
     offload: Literal["none", "optimizer", "params", "all"] = _f("none", "ZeRO offload of states to CPU.")
-    backend: Optional[Literal["nccl", "gloo"]] = _f(None, "Process-group backend; default nccl on GPU, gloo on CPU.")
+    backend: Literal["nccl", "gloo"] | None = _f(None, "Process-group backend; default nccl on GPU, gloo on CPU.")
 
 
 @dataclass(kw_only=True)

@@ -65,8 +65,9 @@ def quantization_config(cfg: RunConfig) -> Any:
 
 def peft_config(cfg: RunConfig, task_type: str, total_steps: int | None = None) -> Any:
     """Build the peft config for `peft.method`, checking every key against that method's fields."""
-    from . import adapters  # registers scaletune's own peft methods  # noqa: F401
     import peft
+
+    from . import adapters  # registers scaletune's own peft methods  # noqa: F401
 
     method = cfg.peft_method.lower()
     mapping = peft.mapping.PEFT_TYPE_TO_CONFIG_MAPPING

@@ -110,11 +110,10 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers import get_scheduler
+    from transformers.utils import logging as hf_logging
 
     from .data import build_datasets
     from .distributed import accelerator_kwargs, cuda_available, load_trainable_state, world_size_from_env
-    from transformers.utils import logging as hf_logging
-
     from .model import count_parameters, load_model, load_tokenizer, peft_config, quantization_config
     from .tasks import get_task
 
@@ -186,22 +185,29 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
 
 
 def save_checkpoint(run: Run) -> Path:
-    from .distributed import gather_trainable_state
+    from .distributed import gather_trainable_state, saved_adapter_state
 
     params, opt_state, scalars = gather_trainable_state(run.accelerator, run.model, run.optimizer)
+    # Gathering the adapter is a collective under ZeRO-3: do it on every rank here, because
+    # ckpt.save_checkpoint calls `save_adapter` on the main process only.
+    adapter_state = saved_adapter_state(run.accelerator, run.model)
     state = {"step": run.step, "scheduler": run.scheduler.state_dict(), "optimizer_scalars": scalars,
              "counters": run.counters, "world_size": run.accelerator.num_processes,
              "global_batch_size": run.cfg.train.global_batch_size}
     return ckpt.save_checkpoint(run.accelerator, run.output_dir, run.step, trainable=params,
-                                optimizer_state=opt_state, state=state, save_adapter=lambda d: save_adapter(run, d),
+                                optimizer_state=opt_state, state=state,
+                                save_adapter=lambda d: save_adapter(run, d, adapter_state),
                                 fingerprint=run.fingerprint, keep=run.cfg.train.save_total_limit)
 
 
-def save_adapter(run: Run, directory: Path) -> None:
-    """Plain peft adapter directory + tokenizer (+ label maps): what `PeftModel.from_pretrained` loads."""
+def save_adapter(run: Run, directory: Path, state: dict | None = None) -> None:
+    """Plain peft adapter directory + tokenizer (+ label maps): what `PeftModel.from_pretrained` loads.
+
+    Without `state` this gathers it, a collective under ZeRO-3: then every rank must call it."""
     from .distributed import saved_adapter_state
 
-    state = saved_adapter_state(run.accelerator, run.model)
+    if state is None:
+        state = saved_adapter_state(run.accelerator, run.model)
     if not run.accelerator.is_main_process:
         return
     model = run.accelerator.unwrap_model(run.model)

@@ -124,6 +124,12 @@ def build_datasets(cfg: Any, task: Any, tokenizer: Any, accelerator: Any = None)
                     **task.cache_meta()}
             if cfg.data.cache and (accelerator is None or accelerator.is_main_process):
                 _save_atomically(where, train, evalset, meta)
+    if cfg.data.packing:
+        from .packing import pack_dataset
+
+        n_examples = len(train)
+        train = pack_dataset(train, cfg.data.max_length)
+        meta = {**meta, "packed_rows": len(train), "packed_examples": n_examples}
     return {"train": train, "eval": evalset, "labels": labels, "stats": meta}
 
 

@@ -1,8 +1,8 @@
 """Which examples go into which optimizer step, micro-step and rank.
 
 The order depends only on (seed, epoch, global batch): each optimizer step takes the next
-`global_batch_size` examples of the epoch's permutation, sorts them by length (less padding) and
-deals them out as micro-batches round-robin over ranks. Because the loss is normalised over the
+`global_batch_size` examples of the epoch's order (length-grouped by default), sorts them by length
+and deals them out as micro-batches round-robin over ranks. Because the loss is normalised over the
 whole step, this split does not change the update, so the same run at world size 1 or 2 sees the
 same data per step, and a checkpoint's "data position" is just the step number.
 An incomplete last global batch of an epoch is dropped so every step has the same shape.
@@ -10,9 +10,8 @@ An incomplete last global batch of an epoch is dropped so every step has the sam
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from functools import lru_cache
-from typing import Any, Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -21,22 +20,42 @@ def steps_per_epoch(n_examples: int, global_batch: int) -> int:
     return n_examples // global_batch
 
 
-def step_micro_batches(lengths: list[int], step: int, *, global_batch: int, micro: int, world: int, rank: int,
-                       seed: int, group_by_length: bool) -> list[list[int]]:
-    """Index lists of this rank's micro-batches for optimizer step `step` (counted from 0 over epochs)."""
-    per_epoch = steps_per_epoch(len(lengths), global_batch)
-    epoch, k = divmod(step, per_epoch)
-    perm = _permutation(len(lengths), seed, epoch)[k * global_batch:(k + 1) * global_batch]
-    if group_by_length:
-        perm.sort(key=lambda i: (-lengths[i], i))
-    chunks = [perm[i:i + micro] for i in range(0, global_batch, micro)]
-    return chunks[rank::world]
+GROUP_WINDOW = 50  # global batches per length-sorting window (as HF's megabatches)
 
 
-@lru_cache(maxsize=2)
-def _permutation(n: int, seed: int, epoch: int) -> list[int]:
+def epoch_order(lengths: list[int], seed: int, epoch: int, global_batch: int, group_by_length: bool) -> list[int]:
+    """The epoch's example order, `steps_per_epoch * global_batch` long.
+
+    With grouping, each window of 50 global batches is sorted by length, cut into global batches,
+    and those batches are shuffled: steps hold similar lengths (little padding) yet come in random
+    order. Depends only on (seed, epoch, global batch) — never on world size or micro batch.
+    """
     gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(n, generator=gen).tolist()
+    n = steps_per_epoch(len(lengths), global_batch) * global_batch
+    perm = torch.randperm(len(lengths), generator=gen).tolist()[:n]
+    if not group_by_length:
+        return perm
+    out: list[int] = []
+    window = GROUP_WINDOW * global_batch
+    for start in range(0, n, window):
+        chunk = sorted(perm[start:start + window], key=lambda i: (-lengths[i], i))
+        batches = [chunk[i:i + global_batch] for i in range(0, len(chunk), global_batch)]
+        for b in torch.randperm(len(batches), generator=gen).tolist():
+            out += batches[b]
+    return out
+
+
+def step_micro_batches(order: list[int], lengths: list[int], k: int, *, global_batch: int, micro: int, world: int,
+                       rank: int) -> list[list[int]]:
+    """Index lists of this rank's micro-batches for step `k` of an epoch with example `order`.
+
+    The step's examples are sorted by length and dealt round-robin, so every rank gets a similar
+    mix and each micro-batch pads little. Because the loss is normalised over the whole step, this
+    split does not change the update.
+    """
+    step = sorted(order[k * global_batch:(k + 1) * global_batch], key=lambda i: (-lengths[i], i))
+    chunks = [step[i:i + micro] for i in range(0, global_batch, micro)]
+    return chunks[rank::world]
 
 
 class StepBatches:
@@ -46,13 +65,20 @@ class StepBatches:
                  world: int, rank: int, seed: int, group_by_length: bool, num_workers: int = 0):
         self.dataset, self.collate = dataset, collate
         self.lengths = list(dataset["length"])
-        self.kw = dict(global_batch=global_batch, micro=micro, world=world, rank=rank, seed=seed,
-                       group_by_length=group_by_length)
+        self.kw = dict(global_batch=global_batch, micro=micro, world=world, rank=rank)
+        self.seed, self.group = seed, group_by_length
+        self.per_epoch = steps_per_epoch(len(self.lengths), global_batch)
         self.accum = global_batch // (micro * world)
         self.num_workers = num_workers
 
     def __call__(self, start_step: int, end_step: int) -> Iterator[list[dict]]:
-        plan = [idx for s in range(start_step, end_step) for idx in step_micro_batches(self.lengths, s, **self.kw)]
+        plan: list[list[int]] = []
+        orders: dict[int, list[int]] = {}
+        for s in range(start_step, end_step):
+            epoch, k = divmod(s, self.per_epoch)
+            if epoch not in orders:
+                orders = {epoch: epoch_order(self.lengths, self.seed, epoch, self.kw["global_batch"], self.group)}
+            plan += step_micro_batches(orders[epoch], self.lengths, k, **self.kw)
         loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=plan, collate_fn=self.collate,
                                              num_workers=self.num_workers,
                                              persistent_workers=False)

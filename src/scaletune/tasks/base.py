@@ -12,8 +12,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..errors import DataError
 from ..data.readers import WHERE
+from ..errors import DataError
 
 IGNORE = -100
 TASKS: dict[str, type[Task]] = {}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from typing import Any
 
@@ -9,7 +11,20 @@ import torch
 
 from ..data.formats import get_format, to_segments
 from ..data.readers import WHERE
-from .base import IGNORE, Task, ce_sum, register
+from .base import IGNORE, Task, ce_sum, pad_batch, register
+
+
+@functools.lru_cache(maxsize=8)
+def _accepts_by_class(cls: type) -> bool:
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters
+
+
+def _accepts_logits_to_keep(model: Any) -> bool:
+    """Whether the underlying transformers model can slice hidden states before its LM head."""
+    inner = getattr(model, "module", model)  # DDP / DeepSpeed engine
+    if hasattr(inner, "get_base_model"):  # peft
+        inner = inner.get_base_model()
+    return _accepts_by_class(type(inner))
 
 
 @register("causal_lm")
@@ -44,12 +59,24 @@ class CausalLM(Task):
             return None
         return {"input_ids": ids, "labels": labels}
 
+    def collate(self, examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+        if "position_ids" in examples[0]:
+            from ..data.packing import collate_packed  # (data.packing imports tasks.base)
+
+            return collate_packed(examples, pad_id)
+        return pad_batch(examples, pad_id)
+
     def loss_sum(self, model: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
-        logits = model(**inputs, use_cache=False).logits
-        # Shift so that position t predicts token t+1; packed rows carry their own shifted labels.
+        # Position t predicts token t+1. Only positions that have a target need logits: with prompt
+        # masking that skips the vocabulary projection (and its float32 loss) for every prompt token.
         labels = batch["labels"][:, 1:]
-        return ce_sum(logits[:, :-1], labels), logits
+        keep = (labels != IGNORE).any(0).nonzero().squeeze(1)
+        if _accepts_logits_to_keep(model):
+            logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
+        else:
+            logits = model(**inputs, use_cache=False).logits[:, keep]
+        return ce_sum(logits, labels[:, keep]), logits
 
     @staticmethod
     def count_targets(batch: dict) -> int:

@@ -1,0 +1,433 @@
+"""`scaletune plan`: per-rank memory estimate for a run config on N nodes x G devices, before launching.
+
+The model is built from its config on the meta device (no weights are read), the run's peft adapter
+is applied, and parameters are counted exactly. The model-state part of the estimate follows what
+scaletune + DeepSpeed actually allocate (tests/test_plan.py checks it byte for byte on CPU):
+
+* frozen base: model.dtype bytes/param (DeepSpeed bf16/fp16 casts every param to 16 bit); 4bit/8bit
+  applies to Linear weights only, and peft's prepare_model_for_kbit_training upcasts the remaining
+  16-bit params to fp32. ZeRO-3 keeps a ceil(n/world) partition of every param, and additionally the
+  whole param for "persistent" params (numel <= 10 x hidden, accelerate's "auto" threshold).
+* trainables: fp32 (scaletune upcasts them); under DeepSpeed bf16/fp16 they are 16-bit in the module
+  plus an fp32 master partition. ZeRO-1/2 flatten each param group into a buffer padded to 2 x world.
+* gradients: fp32; under ZeRO the fp32 partition gradient (1/world of the padded group).
+* AdamW: exp_avg + exp_avg_sq fp32 (+ a 4-byte step per param tensor, or per DeepSpeed group).
+
+Activations, logits and buffers are approximations (documented at each function).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import RunConfig, cross_field_problems
+from .errors import ConfigError
+
+GiB = 1024**3
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+CUDA_CONTEXT = GiB // 2  # CUDA context + cuBLAS/NCCL workspaces per process, typical for recent drivers
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
+          "tb": 10**12, "kib": 1024, "mib": 1024**2, "gib": GiB, "tib": 1024**4}
+
+
+def parse_bytes(text: str, key: str = "--gpu-memory") -> int:
+    """'80GiB', '24GB', '512MiB', '1.5TiB' -> bytes (GB = 10^9, GiB = 2^30)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    unit = m.group(2).lower() if m else ""
+    if not m or unit not in _UNITS or float(m.group(1)) <= 0:
+        raise ConfigError(f"{key}: cannot read {text!r} as a memory size (e.g. 80GiB, 24GB, 512MiB)")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def fmt_bytes(n: float) -> str:
+    for unit, size in (("GiB", GiB), ("MiB", 1024**2), ("KiB", 1024)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+# ----------------------------------------------------------------------------------------------
+# What the model looks like (exact counts from a meta-device build)
+
+
+@dataclass
+class ModelShape:
+    """Exact parameter facts of base + adapter, independent of world size and ZeRO stage."""
+
+    frozen: list[tuple[int, bool, int]]  # (numel, is a quantizable Linear weight, out_features) per param
+    groups: list[list[int]]  # numel of each trainable param, per optimizer param group
+    hidden: int
+    layers: int
+    intermediate: int
+    vocab: int
+    kv_dim: int
+    n_lora_inputs: int = 0  # adapted Linear modules per layer (their inputs are saved for backward)
+
+    @property
+    def trainable(self) -> int:
+        return sum(map(sum, self.groups))
+
+    @property
+    def total_frozen(self) -> int:
+        return sum(n for n, _, _ in self.frozen)
+
+
+def _labels(cfg: RunConfig, task: Any) -> list[str] | None:
+    """The label set (classification heads are sized by it): data.labels, else read from data.train."""
+    if cfg.task == "causal_lm":
+        return None
+    if cfg.data.labels:
+        return [str(x) for x in cfg.data.labels]
+    from .data.readers import read_records
+
+    records = read_records(cfg.data.train, key="data.train", conll=cfg.data.format == "conll")
+    return task.setup(records, cfg, cfg.data.train)
+
+
+def build_meta_model(cfg: RunConfig) -> Any:
+    """Base model from its config on the meta device (no weights read) with the run's peft adapter."""
+    import peft
+    import torch
+    from transformers import AutoConfig
+
+    from .model import DTYPES, peft_config
+    from .tasks import get_task
+
+    task = get_task(cfg.task)
+    kwargs = task.model_kwargs(_labels(cfg, task))
+    try:
+        config = AutoConfig.from_pretrained(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code,
+                                            revision=cfg.model.revision, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"model.name_or_path: cannot read the model config of {cfg.model.name_or_path!r} "
+                          f"({str(exc).splitlines()[0]})") from None
+    with torch.device("meta"):
+        model = task.auto_model_class().from_config(config, dtype=DTYPES[cfg.model.dtype],
+                                                    trust_remote_code=cfg.model.trust_remote_code)
+        model = peft.get_peft_model(model, peft_config(cfg, task.peft_task_type, total_steps=1000))
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()  # as load_model does
+    return model
+
+
+def _optimizer_groups(cfg: RunConfig, model: Any) -> list[list[int]]:
+    """Trainable numels per param group, grouped exactly as train.build_optimizer groups them."""
+    import torch
+
+    from .train import build_optimizer
+
+    plain = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, optimizer="adamw"))
+    opt: torch.optim.Optimizer = build_optimizer(plain, model)  # meta params: nothing allocated
+    return [[p.numel() for p in g["params"]] for g in opt.param_groups]
+
+
+def model_shape(cfg: RunConfig) -> ModelShape:
+    """Count the meta model's parameters: frozen (with quantizable Linear weights marked) and trainable."""
+    import torch
+
+    model = build_meta_model(cfg)
+    base = model.get_base_model()
+    out_emb = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    # bitsandbytes leaves the output embedding (lm_head) unquantized.
+    linear = {id(m.weight): m.out_features for m in base.modules()
+              if isinstance(m, torch.nn.Linear) and m is not out_emb and not m.weight.requires_grad}
+    frozen = [(p.numel(), id(p) in linear, linear.get(id(p), 0)) for p in model.parameters() if not p.requires_grad]
+    c = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    hidden = int(getattr(c, "hidden_size", 0) or 0)
+    heads = int(getattr(c, "num_attention_heads", 1) or 1)
+    kv_heads = int(getattr(c, "num_key_value_heads", heads) or heads)
+    lora_inputs = {n.rsplit(".lora_A", 1)[0] for n, _ in model.named_parameters() if ".lora_A" in n}
+    layers = int(getattr(c, "num_hidden_layers", 1) or 1)
+    return ModelShape(frozen=frozen, groups=_optimizer_groups(cfg, model), hidden=hidden, layers=layers,
+                      intermediate=int(getattr(c, "intermediate_size", 4 * hidden) or 4 * hidden),
+                      vocab=int(getattr(c, "vocab_size", 0) or 0),
+                      kv_dim=hidden * kv_heads // heads, n_lora_inputs=math.ceil(len(lora_inputs) / layers))
+
+
+# ----------------------------------------------------------------------------------------------
+# The estimate
+
+
+@dataclass
+class Estimate:
+    """Per-rank bytes: `gpu` rows live on the device, `cpu` rows are offloaded to host memory."""
+
+    gpu: dict[str, int] = field(default_factory=dict)
+    cpu: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def model_states(self) -> dict[str, int]:
+        keys = ("frozen", "trainable", "master", "grads", "optimizer")
+        return {k: self.gpu.get(k, 0) + self.cpu.get(k, 0) for k in keys}
+
+    @property
+    def gpu_total(self) -> int:
+        return sum(self.gpu.values())
+
+    @property
+    def cpu_total(self) -> int:
+        return sum(self.cpu.values())
+
+
+def _ceil_to(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _param_dtype_bytes(cfg: RunConfig) -> int:
+    """Bytes of an unquantized frozen param: DeepSpeed casts params to the 16-bit training dtype."""
+    mp, stage = cfg.train.mixed_precision, cfg.distributed.zero_stage
+    if stage > 0 and mp in ("bf16", "fp16"):
+        return 2
+    if cfg.model.quantization and cfg.model.dtype != "float32":
+        return 4  # prepare_model_for_kbit_training upcasts the non-quantized 16-bit params to fp32
+    return DTYPE_BYTES[cfg.model.dtype]
+
+
+def _quantized_bytes(numel: int, out_features: int, mode: str) -> int:
+    """NF4 + double quant: 0.5 B/param + uint8 absmax per 64 + fp32 absmax per 256 blocks; int8: + fp32 row scale."""
+    if mode == "4bit":
+        blocks = math.ceil(numel / 64)
+        return math.ceil(numel / 2) + blocks + 4 * math.ceil(blocks / 256) + 4 * 256
+    return numel + 4 * out_features
+
+
+def frozen_bytes(cfg: RunConfig, shape: ModelShape, world: int, persist: int) -> tuple[int, int]:
+    """(device, offloaded) bytes of the frozen base on one rank."""
+    b, q, stage = _param_dtype_bytes(cfg), cfg.model.quantization, cfg.distributed.zero_stage
+    on_cpu = stage == 3 and cfg.distributed.offload in ("params", "all")
+    dev = host = 0
+    for numel, is_linear, out_f in shape.frozen:
+        if q and is_linear:
+            dev += _quantized_bytes(numel, out_f, q)  # ZeRO-3 + 4bit: approximate (packed storage sharded)
+            continue
+        if stage < 3:
+            dev += numel * b
+            continue
+        part = math.ceil(numel / world) * b
+        # Persistent params stay whole on the device (plus their partition); others are only a partition.
+        if numel <= persist:
+            dev += numel * b + part
+        elif on_cpu:
+            host += part
+        else:
+            dev += part
+    return dev, host
+
+
+def _trainable_dtype_bytes(cfg: RunConfig) -> int:
+    if cfg.distributed.zero_stage > 0 and cfg.train.mixed_precision in ("bf16", "fp16"):
+        return 2  # DeepSpeed casts the module to 16 bit; the fp32 copy is its master partition
+    return 4
+
+
+def _partition_numels(cfg: RunConfig, shape: ModelShape, world: int) -> list[int]:
+    """Per optimizer group: numel of this rank's flat partition (what the fp32 master / Adam hold)."""
+    if cfg.distributed.zero_stage == 3:
+        return [sum(math.ceil(n / world) for n in g) for g in shape.groups]
+    return [_ceil_to(sum(g), 2 * world) // world for g in shape.groups]
+
+
+def _optimizer_bytes(cfg: RunConfig, numels: list[int]) -> int:
+    """AdamW: two fp32 moments + a 4-byte step tensor per param; 8-bit: two uint8 moments + block scales."""
+    if cfg.train.optimizer == "adamw":
+        return sum(8 * n + 4 for n in numels)
+    total = 0
+    for n in numels:  # bitsandbytes keeps tensors < 4096 elements in 32-bit state
+        total += (8 * n if n < 4096 else 2 * n + 8 * math.ceil(n / 256) + 2 * 1024) + 4
+    return total
+
+
+def model_state_bytes(cfg: RunConfig, shape: ModelShape, world: int) -> Estimate:
+    """Exact per-rank bytes of params, fp32 master, gradients and optimizer states."""
+    est = Estimate()
+    stage, off = cfg.distributed.zero_stage, cfg.distributed.offload
+    persist = 10 * shape.hidden  # accelerate's "auto" stage3_param_persistence_threshold
+    est.gpu["frozen"], est.cpu["frozen"] = frozen_bytes(cfg, shape, world, persist)
+    tb = _trainable_dtype_bytes(cfg)
+    if stage == 0:
+        params = [n for g in shape.groups for n in g]
+        est.gpu["trainable"] = 4 * sum(params)
+        est.gpu["grads"] = 4 * sum(params)
+        est.gpu["optimizer"] = _optimizer_bytes(cfg, params)
+        return est
+    parts = _partition_numels(cfg, shape, world)
+    if stage == 3:
+        module = sum(tb * (math.ceil(n / world) + (n if n <= persist else 0)) for g in shape.groups for n in g)
+        # With fp32 params on the same device DeepSpeed reuses the partition as the master copy.
+        master = 0 if tb == 4 and off not in ("optimizer", "all") else 4 * sum(parts)
+    else:
+        module = tb * sum(_ceil_to(sum(g), 2 * world) for g in shape.groups)
+        master = 4 * sum(parts)
+    states = {"master": master, "grads": 4 * sum(parts), "optimizer": _optimizer_bytes(cfg, parts)}
+    where = est.cpu if off in ("optimizer", "all") else est.gpu
+    where.update(states)
+    (est.cpu if stage == 3 and off in ("params", "all") else est.gpu)["trainable"] = module
+    return est
+
+
+def activation_bytes(cfg: RunConfig, shape: ModelShape, micro: int) -> dict[str, int]:
+    """Approximate peak activation memory of one micro-batch at data.max_length tokens per row.
+
+    Per token and layer a Llama-style block saves ~ (10 x hidden + 2 x kv + 5 x intermediate) values for
+    backward (norms, q/k/v and their rotary copies, attention output, SwiGLU gate/up/act/product), plus
+    the input of every LoRA-adapted module. With gradient checkpointing only each layer's input is kept,
+    plus one layer recomputed at a time. Logits: model dtype + the fp32 copy scaletune's loss makes +
+    its fp32 log-softmax for backward; and the fp32 gradient of the logits in backward.
+    """
+    tokens = micro * cfg.data.max_length
+    a = 2 if cfg.train.mixed_precision in ("bf16", "fp16") or cfg.model.quantization else \
+        DTYPE_BYTES[cfg.model.dtype]
+    h, i = shape.hidden, shape.intermediate
+    per_layer = tokens * a * (10 * h + 2 * shape.kv_dim + 5 * i + shape.n_lora_inputs * h)
+    if cfg.model.gradient_checkpointing:
+        layers = tokens * a * h * shape.layers + per_layer
+    else:
+        layers = per_layer * shape.layers
+    out = {"activations": layers}
+    if cfg.task == "causal_lm":
+        out["logits"] = tokens * shape.vocab * (a + 4 + 4 + 4)
+    return out
+
+
+def buffer_bytes(cfg: RunConfig, shape: ModelShape, world: int, cuda: bool) -> int:
+    """Communication / temporary buffers (approximate), from the shipped DeepSpeed config defaults."""
+    stage, trainable, b = cfg.distributed.zero_stage, shape.trainable, _trainable_dtype_bytes(cfg)
+    bucket = shape.hidden**2  # accelerate fills "auto" reduce_bucket_size with hidden^2
+    out = CUDA_CONTEXT if cuda else 0
+    if stage == 0 and world > 1:
+        out += 4 * trainable  # DDP gradient buckets: a second copy of the trainable grads
+    elif stage in (1, 2):
+        out += b * min(bucket, trainable) + b * min(200_000_000, trainable)  # reduce + all-gather buckets
+    elif stage == 3:
+        largest = max((n for n, _, _ in shape.frozen), default=0)
+        # prefetch bucket (0.9 hidden^2) + the largest gathered param + the reduce bucket
+        out += _param_dtype_bytes(cfg) * (int(0.9 * bucket) + largest) + b * min(bucket, trainable)
+    return out
+
+
+def estimate(cfg: RunConfig, shape: ModelShape, world: int, cuda: bool = True) -> Estimate:
+    """Everything one rank holds: model states + activations + buffers."""
+    est = model_state_bytes(cfg, shape, world)
+    est.gpu.update(activation_bytes(cfg, shape, cfg.train.micro_batch_size))
+    est.gpu["buffers"] = buffer_bytes(cfg, shape, world, cuda)
+    return est
+
+
+# ----------------------------------------------------------------------------------------------
+# Suggestions
+
+
+def _with(cfg: RunConfig, **changes: dict) -> RunConfig:
+    """A copy of `cfg` with section fields replaced, e.g. _with(cfg, train={"micro_batch_size": 1})."""
+    out = cfg
+    for section, values in changes.items():
+        out = dataclasses.replace(out, **{section: dataclasses.replace(getattr(out, section), **values)})
+    return out
+
+
+def candidates(cfg: RunConfig, world: int) -> list[tuple[str, RunConfig]]:
+    """Cheaper-first changes, each applied on top of the previous ones (the ladder of escalation)."""
+    out: list[tuple[str, RunConfig]] = []
+    cur, steps = cfg, []
+
+    def add(text: str, new: RunConfig) -> None:
+        nonlocal cur
+        steps.append(text)
+        cur = new
+        out.append(("; ".join(steps), cur))
+
+    if not cfg.model.gradient_checkpointing and cfg.peft_method != "prefix_tuning":
+        add("model.gradient_checkpointing=true", _with(cur, model={"gradient_checkpointing": True}))
+    t, base_steps, base = cfg.train, list(steps), cur
+    for micro in range(t.micro_batch_size - 1, 0, -1):  # each micro batch replaces the previous one
+        if t.global_batch_size % (micro * world) == 0:
+            steps[:] = base_steps
+            cur = base
+            accum = t.global_batch_size // (micro * world)
+            add(f"train.micro_batch_size={micro} (grad accumulation {accum}, same global batch)",
+                _with(cur, train={"micro_batch_size": micro}))
+    for stage in range(max(cfg.distributed.zero_stage + 1, 2), 4):
+        add(f"distributed.zero_stage={stage}", _with(cur, distributed={"zero_stage": stage}))
+    if cfg.distributed.offload == "none":
+        add("distributed.offload=optimizer", _with(cur, distributed={"offload": "optimizer"},
+                                                   train={"optimizer": "adamw"}))
+    if cfg.model.quantization != "4bit":
+        dtype = "bfloat16" if cfg.model.dtype == "float32" else cfg.model.dtype
+        add("model.quantization=4bit", _with(cur, model={"quantization": "4bit", "dtype": dtype},
+                                             train={"mixed_precision": "bf16" if dtype == "bfloat16" else "fp16"}))
+    return out
+
+
+def suggest(cfg: RunConfig, shape: ModelShape, world: int, limit: int, cuda: bool) -> tuple[str, Estimate] | None:
+    """The first candidate that is a valid combination and fits in `limit` bytes per device."""
+    for text, cand in candidates(cfg, world):
+        if cross_field_problems(cand, world_size=world, has_cuda=cuda):
+            continue
+        est = estimate(cand, shape, world, cuda)
+        if est.gpu_total <= limit:
+            return text, est
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+
+
+ROW_NAMES = {"frozen": "frozen base weights", "trainable": "trainable params (module copy)",
+             "master": "fp32 master params", "grads": "gradients", "optimizer": "optimizer states",
+             "activations": "activations (approx.)", "logits": "logits + fp32 loss (approx.)",
+             "buffers": "comm/temp buffers + CUDA ctx (approx.)"}
+
+
+def render(est: Estimate, limit: int, title: str) -> str:
+    """Plain-text table of the per-rank breakdown (device and offloaded columns)."""
+    lines = [title, f"  {'component':<40}{'device':>14}{'host (offload)':>16}"]
+    for key, name in ROW_NAMES.items():
+        dev, host = est.gpu.get(key, 0), est.cpu.get(key, 0)
+        if dev or host:
+            lines.append(f"  {name:<40}{fmt_bytes(dev):>14}{fmt_bytes(host) if host else '-':>16}")
+    lines.append(f"  {'total per rank':<40}{fmt_bytes(est.gpu_total):>14}"
+                 f"{fmt_bytes(est.cpu_total) if est.cpu_total else '-':>16}")
+    lines.append(f"  {'device memory':<40}{fmt_bytes(limit):>14}")
+    return "\n".join(lines)
+
+
+def main_plan(args: Any, cfg: RunConfig) -> int:
+    """`scaletune plan`: 0 = fits, 1 = does not fit (a suggestion is printed); invalid -> ConfigError."""
+    nodes, gpus = int(args.nodes), int(args.gpus_per_node)
+    if nodes < 1 or gpus < 0:
+        raise ConfigError(f"--nodes must be >= 1 and --gpus-per-node >= 0 (got {nodes}, {gpus})")
+    cuda = gpus > 0
+    world = nodes * gpus if cuda else nodes
+    limit = parse_bytes(args.gpu_memory)
+    host_limit = parse_bytes(args.cpu_memory, "--cpu-memory") if getattr(args, "cpu_memory", None) else None
+    problems = cross_field_problems(cfg, world_size=world, has_cuda=cuda)
+    if problems:
+        raise ConfigError(problems, title=f"this run cannot run on {nodes} node(s) x {gpus} GPU(s)")
+    shape = model_shape(cfg)
+    est = estimate(cfg, shape, world, cuda)
+    print(f"{cfg.model.name_or_path}: {shape.total_frozen:,} frozen + {shape.trainable:,} trainable params "
+          f"({100 * shape.trainable / max(1, shape.total_frozen + shape.trainable):.3f}%)")
+    print(render(est, limit, f"per-rank memory, world size {world}, ZeRO-{cfg.distributed.zero_stage}, "
+                             f"micro batch {cfg.train.micro_batch_size} x {cfg.data.max_length} tokens"))
+    fits = est.gpu_total <= limit
+    if host_limit is not None and est.cpu_total:
+        host_need = est.cpu_total * max(1, gpus)  # every rank of a node offloads into the same host
+        print(f"  host memory for offload: {fmt_bytes(host_need)} of {fmt_bytes(host_limit)} per node")
+        fits = fits and host_need <= host_limit
+    if fits:
+        print(f"verdict: FITS ({fmt_bytes(limit - est.gpu_total)} headroom per device)")
+        return 0
+    print(f"verdict: DOES NOT FIT (needs {fmt_bytes(est.gpu_total)} per device, has {fmt_bytes(limit)})")
+    found = suggest(cfg, shape, world, limit, cuda)
+    if found is None:
+        print("suggestion: nothing in the search (checkpointing, micro batch, ZeRO, offload, 4-bit) fits; "
+              "use more or larger devices")
+    else:
+        print(f"suggestion: {found[0]} -> {fmt_bytes(found[1].gpu_total)} per device")
+    return 1

@@ -1,0 +1,418 @@
+"""`scaletune report`: PNG plots, a self-contained HTML page and a terminal summary of one or more runs.
+
+Reads what training leaves in each run dir (metrics.jsonl, run.json, see tracking.py). Killed or
+partial runs are normal input here: unreadable lines and missing files become notes, not errors.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+# Eval metrics in display order (any other numeric key a task logs follows these).
+_EVAL_ORDER = ("loss", "perplexity", "accuracy", "macro_f1", "precision", "recall", "f1", "token_accuracy")
+_LOWER_IS_BETTER = ("loss", "perplexity")
+_NOT_METRICS = {"event", "step", "time", "target_tokens"}  # counts/bookkeeping, not quality
+# What people compare first across a sweep: label -> candidate dotted paths into run.json.
+_KEY_PARAMS = {"method": ("config.peft.method",), "r": ("config.peft.r",), "lr": ("config.train.learning_rate",),
+               "global batch": ("config.train.global_batch_size",), "steps": ("total_steps", "config.train.max_steps")}
+# Differs between any two runs without being a hyper-parameter.
+_NOT_PARAMS = {"output_dir"}
+_RUN_LEVEL = ("world_size", "grad_accum", "total_steps")  # derived at startup, worth diffing too
+_MISSING = "–"
+
+
+@dataclass
+class Run:
+    """Everything read from one run dir."""
+
+    path: Path
+    name: str
+    info: dict  # run.json; {} when missing or unreadable
+    events: dict[str, list[dict]]  # event type -> records, sorted by step
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def config(self) -> dict:
+        cfg = self.info.get("config")
+        return cfg if isinstance(cfg, dict) else {}
+
+    @property
+    def task(self) -> str:
+        return str(self.config.get("task") or "unknown")
+
+    def series(self, event: str, key: str) -> tuple[list[int], list[float]]:
+        """Steps and numeric values of `key` over all `event` records (non-numbers skipped)."""
+        pairs = [(r["step"], v) for r in self.events.get(event, []) if (v := _num(r.get(key))) is not None]
+        return [s for s, _ in pairs], [v for _, v in pairs]
+
+    def steps_done(self) -> int | None:
+        steps = [r["step"] for recs in self.events.values() for r in recs]
+        return max(steps) if steps else None
+
+    def eval_metrics(self) -> list[str]:
+        keys = {k for r in self.events.get("eval", []) for k, v in r.items()
+                if k not in _NOT_METRICS and _num(v) is not None}
+        return _ordered(keys)
+
+
+def _num(value: Any) -> float | None:
+    """`value` as a float if it is a real number (bools and strings are not)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+def _ordered(keys: set[str]) -> list[str]:
+    return [k for k in _EVAL_ORDER if k in keys] + sorted(keys - set(_EVAL_ORDER))
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return _MISSING
+    if isinstance(value, float):
+        return f"{value:.4g}" if math.isfinite(value) else str(value)
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, default=str)
+    return str(value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_metrics(path: Path, notes: list[str]) -> dict[str, list[dict]]:
+    """Parse metrics.jsonl by event type, skipping unreadable lines (a killed run truncates the last)."""
+    latest: dict[tuple[str, int], dict] = {}
+    bad: list[int] = []
+    repeated = 0
+    text = path.read_text(encoding="utf-8", errors="replace")
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            bad.append(lineno)
+            continue
+        if not (isinstance(rec, dict) and isinstance(rec.get("event"), str) and _num(rec.get("step")) is not None):
+            bad.append(lineno)
+            continue
+        rec["step"] = int(rec["step"])
+        key = (rec["event"], rec["step"])
+        repeated += key in latest
+        latest[key] = rec  # a resumed run re-logs the steps after its checkpoint: the newest record wins
+    if bad:
+        shown = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
+        notes.append(f"metrics.jsonl: skipped {len(bad)} unreadable line(s) (line {shown}; truncated or corrupt)")
+    if repeated:
+        notes.append(f"metrics.jsonl: {repeated} step(s) logged more than once (resumed run); showing the latest")
+    events: dict[str, list[dict]] = {}
+    for (event, _), rec in sorted(latest.items(), key=lambda kv: kv[0][1]):
+        events.setdefault(event, []).append(rec)
+    return events
+
+
+def read_run_json(path: Path, notes: list[str]) -> dict:
+    """run.json as a dict; {} (and a note) when it is missing or unreadable."""
+    if not path.is_file():
+        notes.append("run.json missing: config and hyper-parameters unknown")
+        return {}
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        notes.append(f"run.json unreadable ({exc}): config and hyper-parameters unknown")
+        return {}
+    if not isinstance(info, dict):
+        notes.append("run.json is not a JSON object: config and hyper-parameters unknown")
+        return {}
+    return info
+
+
+def load_run(path: Path, name: str) -> Run:
+    """Read one run dir; the caller has checked it holds metrics.jsonl or run.json."""
+    notes: list[str] = []
+    info = read_run_json(path / "run.json", notes)
+    events: dict[str, list[dict]] = {}
+    if (path / "metrics.jsonl").is_file():
+        events = read_metrics(path / "metrics.jsonl", notes)
+        if not events:
+            notes.append("metrics.jsonl has no readable records: no curves")
+    else:
+        notes.append("metrics.jsonl missing: no curves")
+    run = Run(path=path, name=name, info=info, events=events, notes=notes)
+    run.notes.extend(_event_notes(run))
+    return run
+
+
+def _event_notes(run: Run) -> list[str]:
+    """What the events say about how the run went (stopped early, no eval, skipped steps)."""
+    notes = []
+    if run.events and not run.events.get("train"):
+        notes.append("no train events")
+    if run.events and not run.events.get("eval"):
+        notes.append("no eval events (data.eval not set, or the run stopped before its first evaluation)")
+    for rec in run.events.get("preempted", []):
+        notes.append(f"preempted at step {rec['step']} (signal {_fmt(rec.get('signal'))}); "
+                     f"checkpoint {_fmt(rec.get('checkpoint'))}")
+    skips = run.events.get("nonfinite", [])
+    if skips:
+        notes.append(f"{len(skips)} non-finite step(s), first at step {skips[0]['step']}")
+    total, done = _num(run.info.get("total_steps")), run.steps_done()
+    if total is not None and done is not None and done < total:
+        notes.append(f"incomplete: last logged step {done} of {int(total)}")
+    return notes
+
+
+def _check_dirs(run_dirs: list[str]) -> list[Path]:
+    problems = []
+    for d in run_dirs:
+        p = Path(d)
+        if not p.is_dir():
+            problems.append(f"run dir {d}: {'not a directory' if p.exists() else 'does not exist'}")
+        elif not ((p / "metrics.jsonl").is_file() or (p / "run.json").is_file()):
+            problems.append(f"run dir {d}: no metrics.jsonl or run.json (is this a scaletune output_dir?)")
+    if problems:
+        raise UserError(problems, title="cannot report" if len(problems) > 1 else None)
+    return [Path(d) for d in run_dirs]
+
+
+def _names(paths: list[Path]) -> list[str]:
+    """Legend names: the dir name, or the full path where two runs share a dir name."""
+    base = [p.resolve().name or str(p) for p in paths]
+    return [b if base.count(b) == 1 else str(p) for b, p in zip(base, paths, strict=True)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Summaries
+
+
+def eval_summary(run: Run, metric: str) -> tuple[float, float, int] | None:
+    """(final, best, step of best) of an eval metric, or None when never logged."""
+    steps, values = run.series("eval", metric)
+    finite = [(v, s) for s, v in zip(steps, values, strict=True) if math.isfinite(v)]
+    if not values:
+        return None
+    if not finite:
+        return values[-1], values[-1], steps[-1]
+    lower = any(metric.endswith(k) for k in _LOWER_IS_BETTER)
+    best, at = (min if lower else max)(finite, key=lambda vs: vs[0])
+    return values[-1], best, at
+
+
+def _eval_text(summary: tuple[float, float, int] | None) -> str:
+    if summary is None:
+        return _MISSING
+    final, best, at = summary
+    return f"{_fmt(final)} (best {_fmt(best)} @ {at})"
+
+
+def run_stats(run: Run) -> dict[str, str]:
+    """Headline numbers of one run, formatted, in display order."""
+    total = run.info.get("total_steps")
+    _, losses = run.series("train", "loss")
+    _, tps = run.series("train", "tokens_per_s")
+    _, mem = run.series("train", "peak_mem_mb")
+    return {"task": run.task, "steps": f"{_fmt(run.steps_done())}/{_fmt(total)}",
+            "final train loss": _fmt(losses[-1] if losses else None),
+            # the median shrugs off the slow first steps (compilation, allocator warm-up)
+            "tokens/s (median)": _fmt(statistics.median(tps) if tps else None),
+            "peak memory (MB)": _fmt(max(mem) if mem else None)}
+
+
+def _dig(data: Any, dotted: str) -> Any:
+    """`data["a"]["b"]` for "a.b", or None where a level is missing."""
+    for part in dotted.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return None
+        data = data[part]
+    return data
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as {"train.learning_rate": value}; lists stay whole values."""
+    if isinstance(data, dict) and data:
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: data}
+
+
+def param_table(runs: list[Run]) -> list[tuple[str, list[str]]]:
+    """Rows (name, value per run): the key hyper-parameters, then every other resolved one that
+    differs between runs. Runs without run.json show '–' and do not count as differing."""
+    rows = [(label, [_fmt(next((v for p in paths if (v := _dig(r.info, p)) is not None), None)) for r in runs])
+            for label, paths in _KEY_PARAMS.items()]
+    if len(runs) < 2:
+        return rows
+    flat = [{**_flatten(r.config), **{k: r.info.get(k) for k in _RUN_LEVEL}} if r.config else None for r in runs]
+    known = [f for f in flat if f is not None]
+    shown = {p.split(".", 1)[-1] for paths in _KEY_PARAMS.values() for p in paths}
+    for key in sorted({k for f in known for k in f} - _NOT_PARAMS - shown):
+        values = [_fmt(f.get(key)) if f is not None else _MISSING for f in flat]
+        if len({_fmt(f.get(key)) for f in known}) > 1:
+            rows.append((key, values))
+    return rows
+
+
+def text_summary(runs: list[Run]) -> str:
+    """Plain-text block per run for the terminal."""
+    blocks = []
+    for run in runs:
+        lines = [f"== {run.name} ({run.path})"]
+        lines += [f"  {k:<21} {v}" for k, v in run_stats(run).items()]
+        for metric in run.eval_metrics():
+            lines.append(f"  {'eval ' + metric:<21} {_eval_text(eval_summary(run, metric))}")
+        lines += [f"  note: {n}" for n in run.notes]
+        blocks.append("\n".join(lines))
+    return "\n".join(blocks)
+
+
+# ----------------------------------------------------------------------------------------------
+# Plots
+
+
+def plot_panels(runs: list[Run], panels: list[tuple[str, list[tuple[str, str]]]], path: Path) -> bool:
+    """Draw panels of (title, [(event, key), ...]) over steps, one colour per run; False (nothing
+    written) when no run has any of the data."""
+    if not any(r.series(e, k)[0] for _, series in panels for e, k in series for r in runs):
+        return False
+    # The object API needs no pyplot: no global backend switch, nothing left open, safe headless.
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig = Figure(figsize=(5 * cols, 3.4 * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, (title, series) in zip(axes, panels, strict=False):  # spare grid cells are hidden below
+        for i, run in enumerate(runs):
+            for event, key in series:
+                x, y = run.series(event, key)
+                if not x:
+                    continue
+                dashed = event != "train"
+                ax.plot(x, y, color=f"C{i % 10}", linestyle="--" if dashed else "-",
+                        marker="o" if dashed or len(x) == 1 else None, markersize=3,
+                        label=run.name if len(series) == 1 else f"{run.name} ({event})")
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize="small")
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    fig.savefig(path, dpi=100)
+    return True
+
+
+def make_plots(runs: list[Run], out: Path) -> dict[str, Path]:
+    """Write every plot with data; return {title: png path}."""
+    metrics = _ordered({m for r in runs for m in r.eval_metrics()} - {"loss"})
+    figures = {
+        "Loss": [("loss (train solid, eval dashed)", [("train", "loss"), ("eval", "loss")])],
+        "Eval metrics": [(f"eval {m}", [("eval", m)]) for m in metrics],
+        "Learning rate": [("learning rate", [("train", "lr")])],
+        "Throughput": [("tokens/s", [("train", "tokens_per_s")]), ("target tokens/s", [("train", "target_tokens_per_s")])],
+        "Memory": [("peak memory (MB)", [("train", "peak_mem_mb")])],
+    }
+    written = {}
+    for title, panels in figures.items():
+        path = out / (title.lower().replace(" ", "_") + ".png")
+        if panels and plot_panels(runs, panels, path):
+            written[title] = path
+    return written
+
+
+# ----------------------------------------------------------------------------------------------
+# HTML
+
+_CSS = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;"
+        "margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}th{background:#f3f3f3}"
+        "img{max-width:100%}.note{color:#a15c00}pre{background:#f7f7f7;padding:.5em;overflow:auto}")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    e = html.escape
+    head = "".join(f"<th>{e(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _per_label_html(run: Run) -> str:
+    """Per-class (seq_cls) / per-type (token_cls) scores of the final evaluation, if logged."""
+    last = (run.events.get("eval") or [{}])[-1]
+    parts = []
+    for key in ("per_class", "per_type"):
+        table = last.get(key)
+        if isinstance(table, dict) and table:
+            cols = _ordered({c for v in table.values() if isinstance(v, dict) for c in v})
+            rows = [[str(name)] + [_fmt(v.get(c)) if isinstance(v, dict) else _MISSING for c in cols]
+                    for name, v in table.items()]
+            parts.append(f"<h3>{html.escape(run.name)}: {key} (step {last['step']})</h3>"
+                         + _table(["label", *cols], rows))
+    return "".join(parts)
+
+
+def render_html(runs: list[Run], plots: dict[str, Path]) -> str:
+    """The whole report as one HTML page, plots embedded so it can be mailed or uploaded alone."""
+    e = html.escape
+    metrics = _ordered({m for r in runs for m in r.eval_metrics()})
+    stats = [run_stats(r) for r in runs]
+    summary = _table(["run", *stats[0], *(f"eval {m} final (best @ step)" for m in metrics)],
+                     [[r.name, *s.values(), *(_eval_text(eval_summary(r, m)) for m in metrics)]
+                      for r, s in zip(runs, stats, strict=True)])
+    params = param_table(runs)
+    param_note = "Key hyper-parameters" + (", then every resolved one that differs between runs" if len(runs) > 1 else "")
+    notes = "".join(f"<h3>{e(r.name)}</h3><ul>" + "".join(f'<li class="note">{e(n)}</li>' for n in r.notes) + "</ul>"
+                    for r in runs if r.notes)
+    images = "".join(f"<h3>{e(t)}</h3><img alt='{e(t)}' src='data:image/png;base64,"
+                     f"{base64.b64encode(p.read_bytes()).decode()}'>" for t, p in plots.items())
+    configs = "".join(f"<details><summary>{e(r.name)}: run.json</summary><pre>"
+                      f"{e(json.dumps(r.info, indent=1, default=str))}</pre></details>" for r in runs if r.info)
+    per_label = "".join(_per_label_html(r) for r in runs)
+    title = "scaletune report: " + ", ".join(r.name for r in runs)
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{e(title)}</title><style>{_CSS}</style>"
+            f"</head><body><h1>{e(title)}</h1><p>generated {e(time.strftime('%Y-%m-%d %H:%M:%S'))} from "
+            f"{e(', '.join(str(r.path) for r in runs))}</p><h2>Summary</h2>{summary}"
+            f"<h2>Hyper-parameters</h2><p>{e(param_note)}.</p>"
+            f"{_table(['parameter', *(r.name for r in runs)], [[k, *v] for k, v in params])}"
+            f"<h2>Notes</h2>{notes or '<p>none</p>'}<h2>Plots</h2>{images or '<p>no metrics to plot</p>'}"
+            f"{'<h2>Per-label scores</h2>' + per_label if per_label else ''}<h2>Run records</h2>{configs}</body></html>")
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry point
+
+
+def build_report(run_dirs: list[str], out: str | None = None) -> tuple[Path, list[Run]]:
+    """Read the runs, write PNGs and report.html into `out` (default: the first run dir)."""
+    paths = _check_dirs(list(run_dirs))
+    out_dir = Path(out) if out else paths[0]
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out}: exists and is not a directory")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs = [load_run(p, n) for p, n in zip(paths, _names(paths), strict=True)]
+    plots = make_plots(runs, out_dir)
+    report = out_dir / "report.html"
+    report.write_text(render_html(runs, plots), encoding="utf-8")
+    return report, runs
+
+
+def main_report(args: Any) -> int:
+    """CLI: `scaletune report RUN_DIR [RUN_DIR ...] [--out DIR]`."""
+    report, runs = build_report(args.run_dirs, args.out)
+    print(text_summary(runs))
+    print(f"report: {report}")
+    return 0

@@ -1,0 +1,132 @@
+"""Measure the real per-rank model-state bytes of one training step (for tests/test_plan.py).
+
+Usage (1 process or under `accelerate launch`):  python measure.py RUN.yaml OUT.json
+
+Builds the run with `scaletune.train.setup`, trains `train.max_steps` steps with `scaletune.loop.fit`,
+and counts the tensors that actually exist on this rank:
+
+* frozen / trainable: parameter storage of the module. Under ZeRO-3 that is each parameter's
+  `ds_tensor` partition plus the full `data` of parameters ZeRO-3 keeps whole ("persistent"); under
+  ZeRO-1/2 the trainables live in DeepSpeed's padded flat buffer (`bit16_groups_flat`).
+* master: DeepSpeed's fp32 master partitions (the params of its inner torch optimizer).
+* grads: every gradient alive when the inner torch optimizer's `step` runs (the peak point for
+  gradients: module `.grad` plus, under DeepSpeed, the fp32 partition gradients).
+* optimizer: every tensor in the inner torch optimizer's `state` after the step.
+
+Rank 0 writes the counts, ru_maxrss before setup and after the step (KiB) to OUT.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+from typing import Any
+
+import torch
+
+
+class Counter:
+    """Bytes per category, each storage counted once (views into DeepSpeed's flat buffers, and a
+    ZeRO-3 fp32 master that *is* the fp32 partition, must not be counted twice)."""
+
+    def __init__(self) -> None:
+        self.seen: set[int] = set()
+        self.total: dict[str, int] = {}
+
+    def add(self, category: str, t: Any) -> None:
+        if not torch.is_tensor(t) or t.numel() == 0:
+            self.total.setdefault(category, 0)
+            return
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key not in self.seen:
+            self.seen.add(key)
+            self.total[category] = self.total.get(category, 0) + storage.nbytes()
+        else:
+            self.total.setdefault(category, 0)
+
+
+def _inner(opt: Any) -> Any:
+    while hasattr(opt, "optimizer"):
+        opt = opt.optimizer
+    return opt
+
+
+def _engine(run: Any) -> Any:
+    wrapped = getattr(run.accelerator, "deepspeed_engine_wrapped", None)
+    return wrapped.engine if wrapped is not None else None
+
+
+def count_states(run: Any) -> dict[str, int]:
+    """Bytes of frozen / trainable module storage, fp32 master and optimizer state on this rank."""
+    engine = _engine(run)
+    inner = _inner(run.optimizer)
+    c = Counter()
+    model = run.accelerator.unwrap_model(run.model)
+    for p in model.parameters():
+        category = "trainable" if p.requires_grad else "frozen"
+        c.add(category, p.data)
+        c.add(category, getattr(p, "ds_tensor", None))  # ZeRO-3 partition (empty attribute otherwise)
+    if engine is not None:
+        # ZeRO-1/2 keep trainables in padded flat buffers; the params above are views into them, so only
+        # the padding is new here (counted under "trainable").
+        for flat in getattr(engine.optimizer, "bit16_groups_flat", []):
+            c.add("trainable", flat)
+        for group in inner.param_groups:
+            for p in group["params"]:
+                c.add("master", p)
+        for p in inner.state:  # ZeRO-3 may have emptied param_groups
+            c.add("master", p)
+    for st in inner.state.values():
+        for v in st.values():
+            c.add("optimizer", v)
+    return c.total
+
+
+def main() -> int:
+    cfg_path, out_path = sys.argv[1], sys.argv[2]
+    from scaletune.config import load_config
+    from scaletune.loop import fit
+    from scaletune.train import StopFlag, setup
+
+    cfg = load_config(cfg_path)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    run, _ = setup(cfg, overwrite=True)
+    rss_setup = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    inner = _inner(run.optimizer)
+    model = run.accelerator.unwrap_model(run.model)
+    seen: dict[str, int] = {}
+    original_step = inner.step
+
+    def counting_step(*args: Any, **kwargs: Any) -> Any:
+        # Gradients are at their peak here: all micro-batches accumulated, nothing freed yet.
+        c = Counter()
+        for p in model.parameters():
+            c.add("grads", p.grad)
+        for group in inner.param_groups:
+            for p in group["params"]:
+                c.add("grads", p.grad)
+        seen["grads"] = max(seen.get("grads", 0), c.total.get("grads", 0))
+        return original_step(*args, **kwargs)
+
+    inner.step = counting_step
+    fit(run, StopFlag())
+    counts = count_states(run)
+    result = {"frozen": counts.get("frozen", 0), "trainable": counts.get("trainable", 0),
+              "master": counts.get("master", 0), "grads": seen.get("grads", 0),
+              "optimizer": counts.get("optimizer", 0), "world_size": run.accelerator.num_processes,
+              "rss_before_kib": rss_before, "rss_setup_kib": rss_setup,
+              "rss_peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+    if run.accelerator.is_main_process:
+        with open(out_path, "w") as f:
+            json.dump(result, f, indent=1)
+    run.accelerator.wait_for_everyone()
+    run.accelerator.end_training()
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""`scaletune report`: plots, HTML and terminal summary from synthetic (and one real) run dirs."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from scaletune.cli import main
+from scaletune.errors import UserError
+from scaletune.report import build_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+EVAL = {
+    "causal_lm": lambda s: {"loss": 2.0 / s, "perplexity": 2.718 ** (2.0 / s), "target_tokens": 500},
+    "seq_cls": lambda s: {"loss": 1.0 / s, "accuracy": 0.5 + 0.1 * s, "macro_f1": 0.4 + 0.1 * s,
+                          "per_class": {"neg": {"precision": 0.8, "recall": 0.7, "f1-score": 0.75, "support": 8},
+                                        "pos": {"precision": 0.7, "recall": 0.8, "f1-score": 0.74, "support": 8}}},
+    "token_cls": lambda s: {"loss": 1.0 / s, "precision": 0.6, "recall": 0.5 + 0.05 * s, "f1": 0.55 + 0.05 * s,
+                            "token_accuracy": 0.9,
+                            "per_type": {"PER": {"precision": 0.6, "recall": 0.5, "f1-score": 0.55, "support": 10}}},
+}
+
+CONFIG = {"task": "causal_lm", "model": {"name_or_path": "tiny", "dtype": "float32"},
+          "data": {"train": "train.jsonl", "eval": "eval.jsonl", "max_length": 160},
+          "peft": {"method": "lora", "r": 4, "lora_alpha": 8},
+          "train": {"global_batch_size": 8, "micro_batch_size": 4, "max_steps": 4, "learning_rate": 0.01,
+                    "lr_scheduler": "linear", "seed": 42},
+          "distributed": {"zero_stage": 0}, "output_dir": "runs/x"}
+
+
+def make_run(path: Path, task: str = "causal_lm", *, steps: int = 4, evals: bool = True, total: int | None = None,
+             extra_lines: tuple[str, ...] = (), run_json: bool = True, **overrides: dict) -> Path:
+    """Write a synthetic run dir: train events every step, eval at steps 2 and `steps`."""
+    path.mkdir(parents=True)
+    lines = []
+    for s in range(1, steps + 1):
+        lines.append({"event": "train", "step": s, "time": 1000.0 + s, "loss": 3.0 / s, "tokens_per_s": 1000.0 + s,
+                      "target_tokens_per_s": 500.0, "padding_ratio": 0.1, "peak_mem_mb": 100.0 + s,
+                      "lr": 0.01 * (1 - s / (steps + 1)), "grad_norm": 1.0, "epoch": s / 8})
+        if evals and s in (2, steps):
+            lines.append({"event": "eval", "step": s, "time": 1000.5 + s, **EVAL[task](s)})
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + "".join(extra_lines))
+    if run_json:
+        cfg = copy.deepcopy(CONFIG)
+        cfg["task"] = task
+        for section, values in overrides.items():
+            cfg[section].update(values)
+        info = {"config": cfg, "versions": {"torch": "2.x"}, "world_size": 1, "grad_accum": 2,
+                "total_steps": total or steps, "trainable_params": 1234}
+        (path / "run.json").write_text(json.dumps(info))
+    return path
+
+
+def pngs(out: Path) -> list[Path]:
+    files = sorted(out.glob("*.png"))
+    assert files and all(f.read_bytes()[:8] == PNG_MAGIC for f in files)
+    return files
+
+
+@pytest.mark.parametrize("task,expected", [
+    ("causal_lm", ["perplexity", "eval loss"]),
+    ("seq_cls", ["accuracy", "macro_f1", "per_class", "neg"]),
+    ("token_cls", ["precision", "recall", "token_accuracy", "per_type", "PER"]),
+])
+def test_single_run_renders_html_pngs_and_summary(tmp_path, capsys, task, expected):
+    run = make_run(tmp_path / "run", task)
+    report, _ = build_report([str(run)])
+    assert report == run / "report.html"
+    page = report.read_text()
+    for word in [task, "final train loss", "0.75", "data:image/png;base64,", *expected]:
+        assert word in page
+    names = {p.name for p in pngs(run)}
+    assert {"loss.png", "eval_metrics.png", "learning_rate.png", "throughput.png", "memory.png"} <= names
+
+
+def test_summary_values_best_and_final(tmp_path, capsys):
+    run = make_run(tmp_path / "run", "seq_cls", steps=4)
+    assert main(["report", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "== run" in out and "seq_cls" in out and "4/4" in out
+    assert "eval accuracy         0.9 (best 0.9 @ 4)" in out
+    assert "eval loss             0.25 (best 0.25 @ 4)" in out  # lower is better for loss
+    assert "peak memory (MB)      104" in out and "report:" in out
+
+
+def test_multi_run_comparison_overlays_and_diffs_hyperparameters(tmp_path):
+    a = make_run(tmp_path / "lr_small", train={"learning_rate": 1e-4})
+    b = make_run(tmp_path / "lr_big", train={"learning_rate": 1e-3}, peft={"r": 16})
+    out = tmp_path / "cmp"
+    assert main(["report", str(a), str(b), "--out", str(out)]) == 0
+    page = (out / "report.html").read_text()
+    assert "lr_small" in page and "lr_big" in page
+    assert "<td>lr</td><td>0.0001</td><td>0.001</td>" in page
+    assert "<td>r</td><td>4</td><td>16</td>" in page
+    assert "<td>method</td><td>lora</td><td>lora</td>" in page  # key parameters shown even when equal
+    assert "<td>global batch</td>" in page
+    assert "train.lr_scheduler" not in page.split("Notes")[0]  # equal non-key parameters are left out
+    assert "output_dir</td>" not in page
+    assert not (a / "report.html").exists()
+    pngs(out)
+
+
+def test_partial_run_no_eval_and_corrupt_line_gets_notes(tmp_path, capsys):
+    run = make_run(tmp_path / "killed", steps=3, total=10, evals=False,
+                   extra_lines=('{"event": "train", "step": 4, "lo',))
+    assert main(["report", str(run)]) == 0
+    out = capsys.readouterr().out
+    page = (run / "report.html").read_text()
+    for text in (out, page):
+        assert "skipped 1 unreadable line" in text
+        assert "no eval events" in text
+        assert "incomplete: last logged step 3 of 10" in text
+    assert "3/10" in out
+    assert not (run / "eval_metrics.png").exists()
+    pngs(run)
+
+
+def test_missing_metrics_or_run_json_still_reports(tmp_path):
+    only_json = make_run(tmp_path / "only_json")
+    (only_json / "metrics.jsonl").unlink()
+    report, _ = build_report([str(only_json)])
+    assert "metrics.jsonl missing" in report.read_text()
+    assert not list(only_json.glob("*.png"))
+
+    only_metrics = make_run(tmp_path / "only_metrics", run_json=False)
+    empty = make_run(tmp_path / "empty")
+    (empty / "metrics.jsonl").write_text("")
+    report, _ = build_report([str(only_metrics), str(empty)], out=str(tmp_path / "out"))
+    page = report.read_text()
+    assert "run.json missing" in page and "no readable records" in page
+
+
+def test_resumed_run_keeps_latest_record_and_notes_preemption(tmp_path):
+    run = make_run(tmp_path / "resumed", steps=2, extra_lines=(
+        json.dumps({"event": "preempted", "step": 2, "time": 1, "signal": 15, "checkpoint": "ck/step-2"}) + "\n",
+        json.dumps({"event": "train", "step": 2, "time": 2, "loss": 9.5}) + "\n"))
+    _, (r,) = build_report([str(run)])
+    assert r.series("train", "loss")[1] == [3.0, 9.5]
+    assert any("preempted at step 2 (signal 15)" in n for n in r.notes)
+    assert any("logged more than once" in n for n in r.notes)
+
+
+def test_strings_from_files_are_html_escaped(tmp_path):
+    run = make_run(tmp_path / "run", model={"name_or_path": "<script>alert(1)</script>"})
+    page = build_report([str(run)])[0].read_text()
+    assert "<script>" not in page and "&lt;script&gt;" in page
+
+
+def test_bad_dirs_are_user_errors(tmp_path, capsys):
+    with pytest.raises(UserError, match="does not exist"):
+        build_report([str(tmp_path / "nope")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no metrics.jsonl or run.json"):
+        build_report([str(tmp_path / "empty")])
+    assert main(["report", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_report_on_a_real_tiny_run(make_config, tmp_path, capsys):
+    cfg = make_config("seq_cls", n=16, train={"max_steps": 2, "global_batch_size": 8})
+    assert main(["train", str(cfg)]) == 0
+    run = tmp_path / "run"
+    assert main(["report", str(run)]) == 0
+    page = (run / "report.html").read_text()
+    assert "accuracy" in page and "macro_f1" in page and "2/2" in page
+    assert {"loss.png", "eval_metrics.png"} <= {p.name for p in pngs(run)}
