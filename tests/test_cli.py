@@ -157,7 +157,7 @@ def test_demo_runs_and_improves(tmp_path):
     res = subprocess.run([sys.executable, "-m", "scaletune", "demo", "--out", str(tmp_path / "demo"), "--steps", "60"],
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    line = next(l for l in res.stdout.splitlines() if l.strip().startswith("loss"))
+    line = next(row for row in res.stdout.splitlines() if row.strip().startswith("loss"))
     before, after = map(float, line.split()[1:3])
     assert after < before
     assert (tmp_path / "demo/run/adapter/adapter_config.json").is_file()
