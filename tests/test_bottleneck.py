@@ -208,11 +208,15 @@ def test_run_config_keys_are_checked(make_config):
     assert conf.exclude_modules == ["classifier", "score"]  # scaletune keeps the new head out of the adapter
 
 
-def test_train_through_scaletune_then_load_in_a_fresh_python(make_config, tmp_path):
+def test_train_through_scaletune_then_load_in_a_fresh_python(make_config, tmp_path, capsys):
     from scaletune.cli import main
 
     path = _run_config(make_config, "seq_cls", {"method": "bottleneck_adapter", "reduction_factor": 4})
     assert main(["train", str(path)]) == 0
+    capsys.readouterr()
+    assert main(["merge", str(path), "--out", str(tmp_path / "merged")]) == 2
+    assert MERGE_REFUSED in capsys.readouterr().err
+    assert not (tmp_path / "merged").exists()
     adapter = tmp_path / "run" / "adapter"
     conf = yaml.safe_load((adapter / "adapter_config.json").read_text())
     assert conf["peft_type"] == "BOTTLENECK_ADAPTER" and "classifier" in conf["modules_to_save"]
@@ -231,3 +235,25 @@ def test_train_through_scaletune_then_load_in_a_fresh_python(make_config, tmp_pa
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.strip().endswith("(1, 2)")
+
+
+@pytest.mark.xfail(strict=True, reason="scaletune.model.load_model loads adapters with PeftModel.from_pretrained "
+                   "without importing scaletune.adapters (only peft_config() does), so a fresh `scaletune "
+                   "eval/predict/merge` process does not know BOTTLENECK_ADAPTER; remove this marker with that fix")
+def test_scaletune_commands_in_a_fresh_process_know_the_method(tiny_llama, tmp_path):
+    import shutil
+
+    adapter = tmp_path / "adapter"
+    adapt(base_model(tiny_llama, "CAUSAL_LM"), "CAUSAL_LM", reduction_factor=4).save_pretrained(str(adapter))
+    for f in tiny_llama.iterdir():  # the adapter dir carries the tokenizer, as scaletune's own runs do
+        if "token" in f.name:
+            shutil.copy(f, adapter / f.name)
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"instruction": "Say hi.", "output": "hi"}\n')
+    cfg = {"task": "causal_lm", "model": {"name_or_path": str(tiny_llama), "dtype": "float32"},
+           "peft": {"method": "bottleneck_adapter"}, "data": {"train": str(data)}, "output_dir": str(tmp_path / "run")}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    res = subprocess.run([sys.executable, "-m", "scaletune", "merge", str(path), "--adapter", str(adapter),
+                          "--out", str(tmp_path / "merged")], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and MERGE_REFUSED in res.stderr, res.stderr[-3000:]

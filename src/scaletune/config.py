@@ -430,9 +430,9 @@ def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_c
     if method in ("prefix_tuning",) and m.gradient_checkpointing:
         p.append("model.gradient_checkpointing with peft.method=prefix_tuning is not supported by peft "
                  "(past key values); set gradient_checkpointing: false")
-    if method == "adalora" and dist.zero_stage == 3:
-        p.append("peft.method=adalora with zero_stage=3: rank re-allocation needs whole parameters; "
-                 "use zero_stage 2 or lower")
+    from .methods import problems as method_problems
+
+    p.extend(method_problems(cfg))
     return p
 
 

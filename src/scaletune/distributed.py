@@ -583,28 +583,27 @@ def _ds_device(p: Any) -> Any:
 # Saving the adapter
 
 
-def saved_adapter_state(accelerator: Accelerator, model: Any) -> dict:
+def saved_adapter_state(accelerator: Accelerator, model: Any) -> dict | None:
     """State dict to pass as `peft_model.save_pretrained(dir, state_dict=...)`.
 
     Under ZeRO-3 the module's parameters are empty partitions, so `save_pretrained` alone writes an
-    empty adapter; `accelerator.get_state_dict` gathers them (a collective: call on every rank, then
-    save on the main process). Keys are the PEFT model's own names (no "module." prefix), and only
-    trainable (adapter) entries are kept, so the base weights are not gathered into memory twice.
-    With DDP/one process this is just the trainable part of the unwrapped state dict.
+    empty adapter: the trainable parameters are gathered (a collective: call on every rank, then save
+    on the main process), plus the buffers (never partitioned), which some methods save with the
+    adapter (VeRA's shared projections). Keys are the PEFT model's own names (no "module." prefix).
+    Without ZeRO-3 this returns None: the unwrapped model's own state dict is complete.
     """
     engine = _deepspeed_engine(accelerator, model)
-    peft_model = _unwrapped(accelerator, model)
-    trainable = {n for n, _ in _trainable_named_parameters(accelerator, model)}
-    if _zero_stage(engine) == 3:
-        import deepspeed
+    if _zero_stage(engine) != 3:
+        return None
+    import deepspeed
 
-        # Gather only the trainable params (accelerator.get_state_dict would gather the whole base
-        # model onto rank 0): GatheredParameters is collective and returns full tensors everywhere.
-        named = [(n, p) for n, p in _trainable_named_parameters(accelerator, model)]
-        state: dict[str, Any] = {}
-        with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
-            for n, p in named:
-                state[n] = p.detach().to("cpu", copy=True)
-        return state
-    state = accelerator.get_state_dict(model, unwrap=True) if accelerator is not None else peft_model.state_dict()
-    return {_strip_prefix(k): v for k, v in state.items() if _strip_prefix(k) in trainable}
+    # Gather only the trainable params (accelerator.get_state_dict would gather the whole base
+    # model onto rank 0): GatheredParameters is collective and returns full tensors everywhere.
+    named = list(_trainable_named_parameters(accelerator, model))
+    state: dict[str, Any] = {}
+    with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+        for n, p in named:
+            state[n] = p.detach().to("cpu", copy=True)
+    for n, b in _unwrapped(accelerator, model).named_buffers():
+        state.setdefault(_strip_prefix(n), b.detach().to("cpu", copy=True))
+    return state

@@ -121,6 +121,22 @@ def build_launch_command(
     return cmd
 
 
+def _refuse_for_this_machine(cfg: Any, world: int, cpu: bool | None) -> None:
+    """Raise ConfigError for problems that depend on this machine's hardware (CUDA or not)."""
+    from .config import cross_field_problems
+    from .errors import ConfigError
+
+    if cpu is None:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    else:
+        has_cuda = not cpu
+    problems = cross_field_problems(cfg, world_size=world, has_cuda=has_cuda)
+    if problems:
+        raise ConfigError(problems, title=f"run config cannot run here ({len(problems)} problem(s))")
+
+
 def main_launch(args: Any, cfg: Any = None) -> int:
     """Entry point of `scaletune launch`: validate the config, print the command, exec it.
 
@@ -141,6 +157,10 @@ def main_launch(args: Any, cfg: Any = None) -> int:
     nnodes = int(getattr(args, "nnodes", None) or 1)
     # Validate before starting N processes (batch divisibility depends on the world size).
     cfg = load_config(args.config, overrides, world_size=int(nproc) * nnodes)
+    if not getattr(args, "dry_run", False):
+        # Hardware-dependent checks too (e.g. fp16 without CUDA), or every process fails the same way
+        # after start-up and accelerate reports only "exit 1". A dry run may be composed anywhere.
+        _refuse_for_this_machine(cfg, int(nproc) * nnodes, getattr(args, "cpu", None))
     train_args: list[str] = []
     if getattr(args, "resume", None):
         train_args += ["--resume", str(args.resume)]

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from . import methods
 from .data.batching import StepBatches
 from .errors import UserError
 from .evaluate import evaluate, to_device
@@ -63,12 +64,16 @@ def fit(run: Run, stop: StopFlag) -> str:
             with acc.accumulate(model):
                 loss, _ = task.loss_sum(model, batch)
                 # accelerate (or DeepSpeed) divides by the accumulation steps; `scale` undoes that.
-                acc.backward(loss * scale)
+                # A per-step regulariser (AdaLoRA) is added unscaled: after that division its
+                # micro-step shares sum to exactly one copy per optimizer step.
+                reg = methods.extra_loss(model)
+                acc.backward(loss * scale + (reg if reg is not None else 0.0))
                 loss_sum += loss.detach().float()
                 if acc.sync_gradients:
                     grad_norm = clip_and_norm(acc, model, trainable, t.max_grad_norm)
                     if math.isfinite(grad_norm):  # never apply a non-finite update, skip or stop
                         optimizer.step()
+                        methods.after_step(model, run.step)  # AdaLoRA budget (reads the gradients)
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
         run.step += 1

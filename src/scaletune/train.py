@@ -121,7 +121,8 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
     problems = cross_field_problems(cfg, world_size=world, has_cuda=cuda_available())
     if problems:
         raise ConfigError(problems, title=f"run config cannot run here ({len(problems)} problem(s))")
-    peft_config(cfg, get_task(cfg.task).peft_task_type)  # refuse bad peft settings before loading anything
+    # refuse bad peft settings before loading anything (AdaLoRA's real step count comes later)
+    peft_config(cfg, get_task(cfg.task).peft_task_type, total_steps=10**9)
     quantization_config(cfg)
     hf_logging.disable_progress_bar()
     t = cfg.train

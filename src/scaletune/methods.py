@@ -1,0 +1,109 @@
+"""The PEFT method matrix (single source of truth) and the few per-method training hooks.
+
+scaletune passes any peft method through by name. `MATRIX` says which combinations are tested and
+supported; `problems` refuses the others before training with the reason; the README table is
+generated from `MATRIX` (a test keeps them in sync). The only method that needs help from the loop
+is AdaLoRA: its rank budget is re-allocated after each optimizer step (`after_step`), and its
+orthogonal regulariser is part of the loss (`extra_loss`) — peft adds it only when the model
+computes the loss itself, which scaletune does not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Method:
+    peft_method: str  # value of `peft.method`
+    extra: dict  # peft keys that define the variant (e.g. use_dora)
+    tasks: tuple[str, ...]
+    zero3: bool
+    note: str = ""
+
+
+_ALL = ("causal_lm", "seq_cls", "token_cls")
+MATRIX: dict[str, Method] = {
+    "lora": Method("lora", {}, _ALL, True),
+    "dora": Method("lora", {"use_dora": True}, _ALL, True, "LoRA + weight-decomposed magnitude"),
+    "rslora": Method("lora", {"use_rslora": True}, _ALL, True, "rank-stabilised scaling alpha/sqrt(r)"),
+    "adalora": Method("adalora", {}, _ALL, False, "rank re-allocation needs whole parameters: ZeRO <= 2"),
+    "ia3": Method("ia3", {}, _ALL, True),
+    "loha": Method("loha", {}, _ALL, True),
+    "lokr": Method("lokr", {}, _ALL, True),
+    "vera": Method("vera", {}, _ALL, True, "needs equal-shaped target layers (e.g. q/v projections)"),
+    "oft": Method("oft", {}, _ALL, True),
+    "prefix_tuning": Method("prefix_tuning", {}, ("causal_lm", "seq_cls"), True,
+                            "virtual key/values; token_cls: peft gives no per-token alignment"),
+    "prompt_tuning": Method("prompt_tuning", {}, ("causal_lm", "seq_cls"), True,
+                            "virtual input tokens; token_cls: outputs would include the virtual tokens"),
+    "bottleneck_adapter": Method("bottleneck_adapter", {}, _ALL, True, "Houlsby/Pfeiffer adapter (scaletune's)"),
+}
+
+
+def variant_of(cfg: Any) -> str:
+    """The matrix row a run config selects (lora + use_dora -> dora, ...)."""
+    method = cfg.peft_method.lower()
+    if method == "lora":
+        if cfg.peft.get("use_dora"):
+            return "dora"
+        if cfg.peft.get("use_rslora"):
+            return "rslora"
+    return method
+
+
+def problems(cfg: Any) -> list[str]:
+    """Unsupported method x task x distributed combinations, each with the reason."""
+    row = MATRIX.get(variant_of(cfg))
+    if row is None:
+        return []  # other peft methods pass through untested; peft itself validates them
+    out = []
+    if cfg.task not in row.tasks:
+        out.append(f"peft.method={cfg.peft_method} with task {cfg.task} is not supported ({row.note}); "
+                   f"use one of: {', '.join(m for m, r in MATRIX.items() if cfg.task in r.tasks)}")
+    if cfg.distributed.zero_stage == 3 and not row.zero3:
+        out.append(f"peft.method={cfg.peft_method} with distributed.zero_stage=3: {row.note}")
+    return out
+
+
+def matrix_markdown() -> str:
+    head = "| method (`peft.method`) | causal_lm | seq_cls | token_cls | ZeRO-3 | note |\n| --- | --- | --- | --- | --- | --- |"
+    lines = [head]
+    for name, row in MATRIX.items():
+        key = row.peft_method + "".join(f" + `{k}: true`" for k in row.extra)
+        marks = " | ".join("yes" if t in row.tasks else "no" for t in _ALL)
+        lines.append(f"| {name} (`{key}`) | {marks} | {'yes' if row.zero3 else 'no'} | {row.note} |")
+    return "\n".join(lines)
+
+
+# --- hooks used by the loop ----------------------------------------------------------------------
+
+def _adalora(model: Any) -> Any | None:
+    inner = getattr(model, "module", model)
+    base = getattr(inner, "base_model", None)
+    return base if base is not None and hasattr(base, "update_and_allocate") else None
+
+
+def extra_loss(model: Any) -> Any:
+    """AdaLoRA's orthogonal regulariser (weight * mean ||PP^T - I||_F), added once per step."""
+    ada = _adalora(model)
+    if ada is None:
+        return None
+    import torch
+
+    name = ada.trainable_adapter_name
+    weight = ada.peft_config[name].orth_reg_weight
+    terms = []
+    for n, p in ada.model.named_parameters():
+        if ("lora_A" in n or "lora_B" in n) and name in n:
+            cov = p @ p.T if "lora_A" in n else p.T @ p
+            terms.append(torch.linalg.matrix_norm(cov - torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)))
+    return weight * torch.stack(terms).mean() if terms else None
+
+
+def after_step(model: Any, step: int) -> None:
+    """After optimizer.step, before zero_grad (it reads the gradients): AdaLoRA's budget update."""
+    ada = _adalora(model)
+    if ada is not None:
+        ada.update_and_allocate(step)

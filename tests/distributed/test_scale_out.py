@@ -1,0 +1,443 @@
+"""End-to-end scale-out checks through the product CLI (2 CPU processes, gloo; DeepSpeed on CPU).
+
+Every run here is a real `scaletune train` / `scaletune launch` / `accelerate launch -m scaletune train`
+subprocess on the tiny Llama. One float32 single-process run is the reference; the claims are:
+
+* DDP, ZeRO-2, ZeRO-3 and a 2-"node" ZeRO-3 run (same global batch 8, micro 2: accumulation 4 at world
+  size 1, 2 at world size 2) reproduce its per-step loss over 10 steps to <= 1e-4 relative;
+* the ZeRO-3 adapter is non-empty, equals the gathered parameters of the last checkpoint and loads in
+  plain peft; `scaletune merge` of it reproduces the peft logits;
+* resume continues the loss curve exactly: after a real SIGUSR1 stop under ZeRO-3, and across world
+  sizes (a ZeRO-3 world-size-2 checkpoint resumed on 1 process without DeepSpeed, and the reverse);
+* QLoRA (4-bit base) trains under ZeRO-3; bf16 trains on CPU (1 process and ZeRO-2); invalid combinations
+  (8-bit + ZeRO-3, fp16 on CPU) are refused with exit 2 before any process is launched.
+
+Runs are module-scoped fixtures shared between the assertions (about 13 launches, ~5-6 min on 2 cores).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("deepspeed")
+pytest.importorskip("peft")
+pytest.importorskip("accelerate")
+
+pytestmark = pytest.mark.distributed
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+STEPS = 10
+RTOL = 1e-4
+LAUNCH_TIMEOUT = 420  # the first DeepSpeed launch JIT-compiles a comm op (~90 s, once per machine)
+
+
+def _load_shared_helpers():
+    """tests/conftest.py by path (a bare `import conftest` here may resolve to tests/distributed/conftest.py)."""
+    spec = importlib.util.spec_from_file_location("_scaletune_tests_conftest", REPO / "tests" / "conftest.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+helpers = _load_shared_helpers()
+
+
+# ------------------------------------------------------------------------------------------------
+# running the CLI
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(cache: Path, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", SCALETUNE_NO_PROGRESS="1", HF_HUB_OFFLINE="1",
+               HF_DATASETS_OFFLINE="1", SCALETUNE_CACHE=str(cache))
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_CONFIG_FILE", "ACCELERATE_CONFIG_FILE",
+                "SCALETUNE_PREEMPT_MARKER"):
+        env.pop(var, None)
+    env.update(extra)
+    return env
+
+
+def _scaletune(*args: str) -> list[str]:
+    return [sys.executable, "-m", "scaletune", *args]
+
+
+def _accelerate(launch_yaml: str, *train_args: str) -> list[str]:
+    """`accelerate launch --config_file launch/<yaml> -m scaletune train ...` (the documented raw command)."""
+    return [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file",
+            str(REPO / "launch" / launch_yaml), "--main_process_port", str(_free_port()),
+            "-m", "scaletune", "train", *train_args]
+
+
+def _check(proc: subprocess.CompletedProcess | subprocess.Popen, out: str, cmd: list[str], expect: int = 0) -> None:
+    if proc.returncode != expect:
+        raise AssertionError(f"exit {proc.returncode} (expected {expect}): {' '.join(cmd)}\n{out[-8000:]}")
+
+
+def run_cli(world: SimpleNamespace, cmd: list[str], expect: int = 0, **env: str) -> str:
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(world.cache, **env), capture_output=True, text=True,
+                          timeout=LAUNCH_TIMEOUT)
+    world.timings.append((" ".join(cmd[2:7]), round(time.perf_counter() - t0, 1)))
+    out = proc.stdout + proc.stderr
+    _check(proc, out, cmd, expect)
+    return out
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """step -> train loss (a resumed run appends; the last record of a step wins)."""
+    return {r["step"]: r["loss"] for r in helpers.read_metrics(run_dir)}
+
+
+def assert_same_curve(ref: dict[int, float], got: dict[int, float], steps) -> None:
+    steps = list(steps)
+    assert set(steps) <= set(got), f"missing steps {sorted(set(steps) - set(got))} in {sorted(got)}"
+    bad = {s: (ref[s], got[s]) for s in steps if abs(got[s] - ref[s]) > RTOL * abs(ref[s])}
+    assert not bad, f"loss differs from the single-process run (step: (ref, got)): {bad}"
+
+
+def copy_checkpoint(src_run: Path, step: int, dst_run: Path) -> None:
+    """A fresh output_dir holding only checkpoint `step` of `src_run` (what `--resume auto` will pick)."""
+    (dst_run / "checkpoints").mkdir(parents=True)
+    shutil.copytree(src_run / "checkpoints" / f"step-{step}", dst_run / "checkpoints" / f"step-{step}")
+    (dst_run / "checkpoints" / "latest").write_text(f"step-{step}\n")
+
+
+# ------------------------------------------------------------------------------------------------
+# shared runs (module scope: each is launched once, when a test first needs it)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> SimpleNamespace:
+    """Tiny Llama + data + one float32 run config; `cfg(**overrides)` writes variants."""
+    from scaletune.demo.tiny import build_model_dir
+
+    root = tmp_path_factory.mktemp("scale_out")
+    model = build_model_dir(root / "llama", helpers.corpus(), arch="llama", hidden=32, layers=2, heads=2,
+                            vocab_size=256)
+    train = helpers.write_jsonl(root / "train.jsonl", helpers.alpaca_records(96))
+    base = {
+        "task": "causal_lm",
+        "model": {"name_or_path": str(model), "dtype": "float32"},
+        "peft": {"method": "lora", "r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": "all-linear"},
+        "data": {"train": str(train), "max_length": 160, "cache": False},
+        "train": {"global_batch_size": 8, "micro_batch_size": 2, "max_steps": STEPS, "learning_rate": 1e-2,
+                  "warmup_ratio": 0.0, "seed": 7, "mixed_precision": "no", "log_every": 1, "eval_every": None,
+                  "save_every": 5, "save_total_limit": None, "report_to": []},
+        "distributed": {"zero_stage": 0},
+        "output_dir": str(root / "unused"),
+    }
+    ns = SimpleNamespace(root=root, model=model, cache=root / "cache", timings=[])
+
+    def cfg(name: str, **sections: dict) -> Path:
+        raw = json.loads(json.dumps(base))
+        for section, values in sections.items():
+            raw[section].update(values)
+        path = root / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        return path
+
+    ns.cfg = cfg
+    ns.fp32 = cfg("fp32")
+    ns.zero3 = cfg("zero3", distributed={"zero_stage": 3})
+    yield ns
+    print("\nscale-out launch timings (s):", *(f"  {t:6.1f}  {c}" for c, t in ns.timings), sep="\n")
+
+
+@pytest.fixture(scope="module")
+def single(world) -> Path:
+    """The reference: 1 process, no DeepSpeed, accumulation 4."""
+    out = world.root / "single"
+    run_cli(world, _scaletune("train", str(world.fp32), f"output_dir={out}"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def ddp(world) -> Path:
+    """2-process DDP (gloo) through `scaletune launch --nproc 2`."""
+    out = world.root / "ddp"
+    text = run_cli(world, _scaletune("launch", str(world.fp32), f"output_dir={out}", "--nproc", "2",
+                                     "--master-port", str(_free_port())))
+    assert "--multi_gpu" in text.splitlines()[0]  # the printed accelerate command
+    return out
+
+
+@pytest.fixture(scope="module")
+def zero2(world) -> Path:
+    out = world.root / "zero2"
+    run_cli(world, _accelerate("cpu_2proc_zero2.yaml", str(world.fp32), f"output_dir={out}",
+                               "distributed.zero_stage=2"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def zero3(world) -> Path:
+    out = world.root / "zero3"
+    run_cli(world, _accelerate("cpu_2proc_zero3.yaml", str(world.zero3), f"output_dir={out}"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def multinode(world) -> Path:
+    """Two `scaletune launch --nnodes 2 --node-rank R --nproc 1` on localhost: a 2-node ZeRO-3 job."""
+    out = world.root / "multinode"
+    port = str(_free_port())
+    cmds = [_scaletune("launch", str(world.zero3), f"output_dir={out}", "--nproc", "1", "--nnodes", "2",
+                       "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", port)
+            for rank in (0, 1)]
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen(c, cwd=REPO, env=_env(world.cache), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for c in cmds]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=LAUNCH_TIMEOUT)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    world.timings.append(("launch --nnodes 2 (x2)", round(time.perf_counter() - t0, 1)))
+    for p, o, c in zip(procs, outs, cmds):
+        _check(p, o, c)
+    printed = outs[1].splitlines()[0]
+    assert "--num_machines 2" in printed and "--machine_rank 1" in printed
+    assert "--deepspeed_multinode_launcher standard" in printed
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# 1 + 2: loss curves at world size 2 == world size 1
+
+
+@pytest.mark.parametrize("variant", ["ddp", "zero2", "zero3", "multinode"])
+def test_loss_curve_matches_single_process(variant, single, request):
+    ref = losses(single)
+    got = losses(request.getfixturevalue(variant))
+    assert sorted(ref) == list(range(1, STEPS + 1))
+    assert_same_curve(ref, got, range(1, STEPS + 1))
+    run = json.loads((request.getfixturevalue(variant) / "run.json").read_text())
+    assert (run["world_size"], run["grad_accum"]) == (2, 2)
+    assert json.loads((single / "run.json").read_text())["grad_accum"] == 4
+
+
+# ------------------------------------------------------------------------------------------------
+# 3 + 7: the ZeRO-3 adapter
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+def _prompt_ids(world):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(world.model))
+    return tok("### Instruction:\nReverse the order of these words.\n### Response:\nalpha bravo",
+               return_tensors="pt").input_ids
+
+
+def test_zero3_adapter_is_full_and_loads_in_peft(world, zero3, single):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    adapter = load_file(str(zero3 / "adapter" / "adapter_model.safetensors"))
+    assert adapter and all(v.numel() > 0 for v in adapter.values())
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items()), "lora_B never trained"
+    # Same tensors as the gathered fp32 parameters of the final checkpoint (keys carry the adapter name there).
+    ckpt = load_file(str(zero3 / "checkpoints" / f"step-{STEPS}" / "trainable.safetensors"))
+    mapped = {k.replace(".default.", "."): v for k, v in ckpt.items()}
+    assert sorted(mapped) == sorted(adapter)
+    for k, v in adapter.items():
+        assert v.shape == mapped[k].shape and torch.equal(v.float(), mapped[k]), k
+
+    ids = _prompt_ids(world)
+    base = AutoModelForCausalLM.from_pretrained(str(world.model), dtype=torch.float32).eval()
+    base_logits = _logits(base, ids)
+    z3 = PeftModel.from_pretrained(base, str(zero3 / "adapter")).eval()
+    z3_logits = _logits(z3, ids)
+    assert (z3_logits - base_logits).abs().max() > 1e-3, "adapter did not change the model"
+    # ... and the same model the single-process run trained (the curves match, so must the weights).
+    ref = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(world.model), dtype=torch.float32), str(single / "adapter")).eval()
+    torch.testing.assert_close(z3_logits, _logits(ref, ids), rtol=1e-4, atol=1e-4)
+
+
+def test_merge_zero3_adapter(world, zero3):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    merged_dir = world.root / "merged"
+    run_cli(world, _scaletune("merge", str(world.zero3), f"output_dir={zero3}", "--out", str(merged_dir)))
+    ids = _prompt_ids(world)
+    merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32).eval()
+    peft_model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(world.model), dtype=torch.float32), str(zero3 / "adapter")).eval()
+    torch.testing.assert_close(_logits(merged, ids), _logits(peft_model, ids), rtol=1e-5, atol=1e-5)
+    assert not any("lora" in k for k in merged.state_dict())
+
+
+# ------------------------------------------------------------------------------------------------
+# 4 + 5: resume
+
+
+def _workers(launcher: subprocess.Popen) -> list:
+    import psutil
+
+    out = []
+    for child in psutil.Process(launcher.pid).children(recursive=True):
+        try:
+            cmd = child.cmdline()
+        except psutil.Error:
+            continue
+        if "scaletune" in cmd and "train" in cmd and not any(c.endswith("accelerate_cli") for c in cmd):
+            out.append(child)
+    return out
+
+
+def test_zero3_stop_on_sigusr1_then_resume_continues_curve(world, single):
+    """A real preemption: SIGUSR1 to both ZeRO-3 ranks mid-run, then `scaletune launch --resume auto`."""
+    pytest.importorskip("psutil")
+    out = world.root / "z3_signal"
+    marker = world.root / "preempted.marker"
+    cmd = _accelerate("cpu_2proc_zero3.yaml", str(world.zero3), f"output_dir={out}")
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(world.cache, SCALETUNE_PREEMPT_MARKER=str(marker)),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        metrics = out / "metrics.jsonl"
+        deadline = time.monotonic() + LAUNCH_TIMEOUT
+        while not (metrics.is_file() and any(json.loads(x).get("step", 0) >= 2 and json.loads(x)["event"] == "train"
+                                             for x in metrics.read_text().splitlines())):
+            assert proc.poll() is None, proc.communicate()[0][-8000:]
+            assert time.monotonic() < deadline, "run never reached step 2"
+            time.sleep(0.05)
+        workers = _workers(proc)
+        assert len(workers) == 2, workers
+        for w in workers:
+            w.send_signal(signal.SIGUSR1)
+        text = proc.communicate(timeout=LAUNCH_TIMEOUT)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    world.timings.append(("zero3 run stopped by SIGUSR1", round(time.perf_counter() - t0, 1)))
+    assert proc.returncode != 0, "the run finished before the signal was acted on\n" + text[-3000:]
+    stopped = [r for r in helpers.read_metrics(out, "preempted")]
+    assert len(stopped) == 1, text[-8000:]
+    k = stopped[0]["step"]
+    assert 2 <= k < STEPS
+    assert marker.read_text().strip() == str(out / "checkpoints" / f"step-{k}")
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step-{k}"
+
+    run_cli(world, _scaletune("launch", str(world.zero3), f"output_dir={out}", "--nproc", "2", "--resume", "auto",
+                              "--master-port", str(_free_port())))
+    ref, got = losses(single), losses(out)
+    assert_same_curve(ref, got, range(1, STEPS + 1))
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert json.loads((out / "run.json").read_text())["resumed_from"] == str(out / "checkpoints" / f"step-{k}")
+
+
+def test_zero3_world2_checkpoint_resumes_on_one_process(world, zero3, single):
+    """ZeRO-3 x 2 processes -> 1 process without DeepSpeed (zero_stage is not part of the fingerprint)."""
+    out = world.root / "resume_2_to_1"
+    copy_checkpoint(zero3, 5, out)
+    text = run_cli(world, _scaletune("train", str(world.fp32), f"output_dir={out}", "--resume", "auto"))
+    assert "saved at world size 2, now 1" in text
+    got = losses(out)
+    assert sorted(got) == list(range(6, STEPS + 1))
+    assert_same_curve(losses(single), got, range(6, STEPS + 1))
+
+
+def test_single_process_checkpoint_resumes_under_zero3(world, single):
+    """1 process (no DeepSpeed) -> ZeRO-3 x 2 processes."""
+    out = world.root / "resume_1_to_2"
+    copy_checkpoint(single, 5, out)
+    text = run_cli(world, _accelerate("cpu_2proc_zero3.yaml", str(world.zero3), f"output_dir={out}",
+                                      "--resume", "auto"))
+    assert "saved at world size 1, now 2" in text
+    got = losses(out)
+    assert sorted(got) == list(range(6, STEPS + 1))
+    assert_same_curve(losses(single), got, range(6, STEPS + 1))
+
+
+# ------------------------------------------------------------------------------------------------
+# 6 + 8: quantization, mixed precision, refused combinations
+
+BF16 = {"model": {"dtype": "bfloat16"}, "train": {"mixed_precision": "bf16", "max_steps": 3, "save_every": None}}
+
+
+def _assert_trained_adapter(run_dir: Path, steps: int) -> None:
+    from safetensors.torch import load_file
+
+    got = losses(run_dir)
+    assert sorted(got) == list(range(1, steps + 1)) and all(v == v and v < 100 for v in got.values()), got
+    adapter = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    assert adapter and all(v.numel() > 0 for v in adapter.values())
+    assert any("lora_B" in k and v.float().abs().sum() > 0 for k, v in adapter.items())
+
+
+def test_qlora_trains_under_zero3(world):
+    pytest.importorskip("bitsandbytes")
+    cfg = world.cfg("qlora", model={"dtype": "bfloat16", "quantization": "4bit"},
+                    train={"mixed_precision": "bf16", "max_steps": 3, "save_every": None},
+                    distributed={"zero_stage": 3})
+    out = world.root / "qlora_zero3"
+    run_cli(world, _accelerate("cpu_2proc_zero3.yaml", str(cfg), f"output_dir={out}"))
+    _assert_trained_adapter(out, 3)
+
+
+def test_bf16_single_process(world):
+    out = world.root / "bf16_single"
+    run_cli(world, _scaletune("train", str(world.cfg("bf16", **BF16)), f"output_dir={out}"))
+    _assert_trained_adapter(out, 3)
+
+
+def test_bf16_zero2(world):
+    out = world.root / "bf16_zero2"
+    cfg = world.cfg("bf16_z2", **BF16, distributed={"zero_stage": 2})
+    run_cli(world, _accelerate("cpu_2proc_zero2.yaml", str(cfg), f"output_dir={out}"))
+    _assert_trained_adapter(out, 3)
+
+
+@pytest.mark.parametrize("how", ["train", "launch"])
+@pytest.mark.parametrize("combo", ["8bit_zero3", "fp16_cpu"])
+def test_invalid_combination_refused_before_launch(world, how, combo):
+    if combo == "8bit_zero3":
+        cfg = world.cfg(combo, model={"dtype": "bfloat16", "quantization": "8bit"},
+                        train={"mixed_precision": "bf16"}, distributed={"zero_stage": 3})
+        needle = "ZeRO-3 cannot shard int8 weights"
+    else:
+        if torch.cuda.is_available():
+            pytest.skip("fp16 is allowed with CUDA")
+        cfg = world.cfg(combo, model={"dtype": "float32"}, train={"mixed_precision": "fp16"},
+                        distributed={"zero_stage": 2})
+        needle = "fp16 needs a CUDA GPU"
+    out = world.root / f"refused_{combo}_{how}"
+    extra = ["--nproc", "2", "--master-port", str(_free_port())] if how == "launch" else []
+    text = run_cli(world, _scaletune(how, str(cfg), f"output_dir={out}", *extra), expect=2)
+    assert needle in text and "Traceback" not in text
+    assert " launch --" not in text, "an accelerate command was started before the refusal"
+    assert not out.exists()
