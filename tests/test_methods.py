@@ -62,8 +62,9 @@ def _write(make_config, task: str, name: str, tmp_path: Path, **train) -> Path:
 
 @pytest.mark.parametrize("name,task", CASES, ids=[f"{m}-{t}" for m, t in CASES])
 def test_method_trains_saves_and_reloads_in_plain_peft(make_config, tmp_path, name, task):
-    import scaletune.adapters  # noqa: F401  (registers bottleneck_adapter with peft)
     from peft import PeftModel
+
+    import scaletune.adapters  # noqa: F401  (registers bottleneck_adapter with peft)
 
     # Methods with few parameters and no adapter on the pooler need more steps to move a fresh head.
     slow = task == "seq_cls" and name in ("adalora", "ia3", "vera", "prefix_tuning", "prompt_tuning")
