@@ -237,9 +237,6 @@ def test_train_through_scaletune_then_load_in_a_fresh_python(make_config, tmp_pa
     assert res.stdout.strip().endswith("(1, 2)")
 
 
-@pytest.mark.xfail(strict=True, reason="scaletune.model.load_model loads adapters with PeftModel.from_pretrained "
-                   "without importing scaletune.adapters (only peft_config() does), so a fresh `scaletune "
-                   "eval/predict/merge` process does not know BOTTLENECK_ADAPTER; remove this marker with that fix")
 def test_scaletune_commands_in_a_fresh_process_know_the_method(tiny_llama, tmp_path):
     import shutil
 

@@ -67,7 +67,8 @@ def test_method_trains_saves_and_reloads_in_plain_peft(make_config, tmp_path, na
     import scaletune.adapters  # noqa: F401  (registers bottleneck_adapter with peft)
 
     # Methods with few parameters and no adapter on the pooler need more steps to move a fresh head.
-    slow = task == "seq_cls" and name in ("adalora", "ia3", "vera", "prefix_tuning", "prompt_tuning")
+    slow = task == "seq_cls" and name in ("adalora", "ia3", "vera", "prefix_tuning", "prompt_tuning",
+                                          "bottleneck_adapter")
     lr = 3e-1 if name == "prompt_tuning" else 5e-2  # prompt tuning is usually run at lr ~0.3
     path = _write(make_config, task, name, tmp_path, **({"max_steps": 30, "learning_rate": lr} if slow else {}))
     cfg = load_config(path)

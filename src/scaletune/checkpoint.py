@@ -15,6 +15,7 @@ moment leaves either the old or the new checkpoint as latest, never a partial on
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -24,6 +25,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from . import faults
 from .errors import UserError
 
 log = logging.getLogger("scaletune")
@@ -104,31 +106,39 @@ def find_resumable(output_dir: Path, fingerprint: str, allow_config_change: bool
 def save_checkpoint(accelerator: Any, output_dir: Path, step: int, *, trainable: dict, optimizer_state: dict,
                     state: dict, save_adapter: Any, fingerprint: str, keep: int | None) -> Path:
     """Write checkpoint `step` atomically (collective: every rank calls it, rank 0 writes)."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     root = output_dir / "checkpoints"
     final = root / f"step-{step}"
     tmp = root / f".step-{step}.tmp"
-    if accelerator.is_main_process:
+    # A run resumed at step N and stopped again before its next step would re-save the same state:
+    # keep the verified copy rather than delete-and-rewrite the only checkpoint there may be.
+    if accelerator.is_main_process and not (final.is_dir() and verify(final) is None):
         try:
             root.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)
+            for stale in root.glob(".step-*.tmp"):  # left by a process killed mid-write
+                shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir()
             save_file({k: v.contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+            if faults.armed("kill-in-checkpoint", step):
+                faults.kill_now()
+            if faults.armed("enospc", step):
+                raise OSError(errno.ENOSPC, "No space left on device")
             save_file({k: v.contiguous() for k, v in optimizer_state.items()}, str(tmp / "optimizer.safetensors"))
             (tmp / "state.json").write_text(json.dumps(state, indent=1))
             save_adapter(tmp / "adapter")
             write_manifest(tmp, step, fingerprint)
             _fsync_tree(tmp)
-            if final.exists():  # re-saving the same step (e.g. resumed then stopped at once)
+            if final.exists():  # an unverifiable leftover of a killed write
                 shutil.rmtree(final)
             os.rename(tmp, final)
             _write_latest(output_dir, final)
             _prune(output_dir, keep)
-        except OSError as exc:
+        except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as its own error
             shutil.rmtree(tmp, ignore_errors=True)
-            raise UserError(f"could not write checkpoint step {step} to {root}: {exc.strerror or exc}",
+            reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+            raise UserError(f"could not write checkpoint step {step} to {root}: {reason}",
                             hint="the previous checkpoint is intact; free disk space or fix permissions, then "
                                  "resume with --resume auto") from None
     accelerator.wait_for_everyone()

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from . import methods
+from . import faults, methods
 from .data.batching import StepBatches
 from .errors import UserError
 from .evaluate import evaluate, to_device
@@ -61,8 +61,10 @@ def fit(run: Run, stop: StopFlag) -> str:
         for batch in micro_batches:
             batch = to_device(batch, acc.device)
             speed.count(batch)
+            run.batch_shape = tuple(batch["input_ids"].shape)  # for an out-of-memory message
             with acc.accumulate(model):
                 loss, _ = task.loss_sum(model, batch)
+                loss = faults.at_step(run.step + 1, loss)  # test-only failures; a no-op unless asked
                 # accelerate (or DeepSpeed) divides by the accumulation steps; `scale` undoes that.
                 # A per-step regulariser (AdaLoRA) is added unscaled: after that division its
                 # micro-step shares sum to exactly one copy per optimizer step.

@@ -107,6 +107,8 @@ def load_model(cfg: RunConfig, task: Any, labels: list[str] | None, tokenizer: A
     """Frozen base + trainable adapter (new, or loaded from `adapter_path`), trainables in float32."""
     import peft
 
+    from . import adapters  # noqa: F401  (scaletune's own methods must be registered to load them)
+
     _check_model_source(cfg)
     if cfg.model.trust_remote_code:
         log.warning("!!! model.trust_remote_code is ON: code shipped with %s will run on this machine !!!",

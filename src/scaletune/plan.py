@@ -6,8 +6,8 @@ scaletune + DeepSpeed actually allocate (tests/test_plan.py checks it byte for b
 
 * frozen base: model.dtype bytes/param (DeepSpeed bf16/fp16 casts every param to 16 bit); 4bit/8bit
   applies to Linear weights only, and peft's prepare_model_for_kbit_training upcasts the remaining
-  16-bit params to fp32. ZeRO-3 keeps a ceil(n/world) partition of every param, and additionally the
-  whole param for "persistent" params (numel <= 10 x hidden, accelerate's "auto" threshold).
+  16-bit params to fp32. ZeRO-3 keeps a ceil(n/world) partition of every param between steps; whole
+  params gathered for forward/backward (incl. "persistent" ones) are counted as buffers.
 * trainables: fp32 (scaletune upcasts them); under DeepSpeed bf16/fp16 they are 16-bit in the module
   plus an fp32 master partition. ZeRO-1/2 flatten each param group into a buffer padded to 2 x world.
 * gradients: fp32; under ZeRO the fp32 partition gradient (1/world of the padded group).
@@ -209,10 +209,9 @@ def frozen_bytes(cfg: RunConfig, shape: ModelShape, world: int, persist: int) ->
             dev += numel * b
             continue
         part = math.ceil(numel / world) * b
-        # Persistent params stay whole on the device (plus their partition); others are only a partition.
-        if numel <= persist:
-            dev += numel * b + part
-        elif on_cpu:
+        # Only the partition is held between steps (measured); "persistent" params (numel <= 10 x hidden)
+        # are whole during forward/backward and counted with the gathered params in buffer_bytes.
+        if on_cpu and numel > persist:
             host += part
         else:
             dev += part
@@ -257,13 +256,12 @@ def model_state_bytes(cfg: RunConfig, shape: ModelShape, world: int) -> Estimate
         return est
     parts = _partition_numels(cfg, shape, world)
     if stage == 3:
-        module = sum(tb * (math.ceil(n / world) + (n if n <= persist else 0)) for g in shape.groups for n in g)
-        # With fp32 params on the same device DeepSpeed reuses the partition as the master copy.
-        master = 0 if tb == 4 and off not in ("optimizer", "all") else 4 * sum(parts)
+        module = sum(tb * math.ceil(n / world) for g in shape.groups for n in g)
     else:
         module = tb * sum(_ceil_to(sum(g), 2 * world) for g in shape.groups)
-        master = 4 * sum(parts)
-    states = {"master": master, "grads": 4 * sum(parts), "optimizer": _optimizer_bytes(cfg, parts)}
+    # DeepSpeed keeps a separate fp32 master even for fp32 params (measured on CPU; on GPU it may reuse
+    # an fp32 partition, so this can over-count by one partition there).
+    states = {"master": 4 * sum(parts), "grads": 4 * sum(parts), "optimizer": _optimizer_bytes(cfg, parts)}
     where = est.cpu if off in ("optimizer", "all") else est.gpu
     where.update(states)
     (est.cpu if stage == 3 and off in ("params", "all") else est.gpu)["trainable"] = module
@@ -304,9 +302,11 @@ def buffer_bytes(cfg: RunConfig, shape: ModelShape, world: int, cuda: bool) -> i
     elif stage in (1, 2):
         out += b * min(bucket, trainable) + b * min(200_000_000, trainable)  # reduce + all-gather buckets
     elif stage == 3:
-        largest = max((n for n, _, _ in shape.frozen), default=0)
-        # prefetch bucket (0.9 hidden^2) + the largest gathered param + the reduce bucket
-        out += _param_dtype_bytes(cfg) * (int(0.9 * bucket) + largest) + b * min(bucket, trainable)
+        sizes = [n for n, _, _ in shape.frozen] + [n for g in shape.groups for n in g]
+        persistent = sum(n for n in sizes if n <= 10 * shape.hidden)
+        # prefetch bucket (0.9 hidden^2) + the largest gathered param + whole persistent params + reduce bucket
+        out += _param_dtype_bytes(cfg) * (int(0.9 * bucket) + max(sizes, default=0) + persistent)
+        out += b * min(bucket, trainable)
     return out
 
 
@@ -330,36 +330,38 @@ def _with(cfg: RunConfig, **changes: dict) -> RunConfig:
     return out
 
 
-def candidates(cfg: RunConfig, world: int) -> list[tuple[str, RunConfig]]:
-    """Cheaper-first changes, each applied on top of the previous ones (the ladder of escalation)."""
-    out: list[tuple[str, RunConfig]] = []
-    cur, steps = cfg, []
-
-    def add(text: str, new: RunConfig) -> None:
-        nonlocal cur
-        steps.append(text)
-        cur = new
-        out.append(("; ".join(steps), cur))
-
+def _levels(cfg: RunConfig, world: int) -> list[list[tuple[str, dict]]]:
+    """Changes in order of cost; alternatives inside a level replace each other, mildest first."""
+    t, dist = cfg.train, cfg.distributed
+    levels: list[list[tuple[str, dict]]] = []
     if not cfg.model.gradient_checkpointing and cfg.peft_method != "prefix_tuning":
-        add("model.gradient_checkpointing=true", _with(cur, model={"gradient_checkpointing": True}))
-    t, base_steps, base = cfg.train, list(steps), cur
-    for micro in range(t.micro_batch_size - 1, 0, -1):  # each micro batch replaces the previous one
-        if t.global_batch_size % (micro * world) == 0:
-            steps[:] = base_steps
-            cur = base
-            accum = t.global_batch_size // (micro * world)
-            add(f"train.micro_batch_size={micro} (grad accumulation {accum}, same global batch)",
-                _with(cur, train={"micro_batch_size": micro}))
-    for stage in range(max(cfg.distributed.zero_stage + 1, 2), 4):
-        add(f"distributed.zero_stage={stage}", _with(cur, distributed={"zero_stage": stage}))
-    if cfg.distributed.offload == "none":
-        add("distributed.offload=optimizer", _with(cur, distributed={"offload": "optimizer"},
-                                                   train={"optimizer": "adamw"}))
+        levels.append([("model.gradient_checkpointing=true", {"model": {"gradient_checkpointing": True}})])
+    levels.append([(f"train.micro_batch_size={m} (grad accumulation {t.global_batch_size // (m * world)}, "
+                    "same global batch)", {"train": {"micro_batch_size": m}})
+                   for m in range(t.micro_batch_size - 1, 0, -1) if t.global_batch_size % (m * world) == 0])
+    levels.append([(f"distributed.zero_stage={s}", {"distributed": {"zero_stage": s}})
+                   for s in range(max(dist.zero_stage + 1, 2), 4)])
+    if dist.offload == "none":
+        # DeepSpeed's CPU Adam replaces any 8-bit optimizer (config rule), so offload means adamw.
+        levels.append([("distributed.offload=optimizer", {"distributed": {"offload": "optimizer"},
+                                                          "train": {"optimizer": "adamw"}})])
     if cfg.model.quantization != "4bit":
         dtype = "bfloat16" if cfg.model.dtype == "float32" else cfg.model.dtype
-        add("model.quantization=4bit", _with(cur, model={"quantization": "4bit", "dtype": dtype},
-                                             train={"mixed_precision": "bf16" if dtype == "bfloat16" else "fp16"}))
+        mp = "bf16" if dtype == "bfloat16" else "fp16"
+        levels.append([("model.quantization=4bit", {"model": {"quantization": "4bit", "dtype": dtype},
+                                                    "train": {"mixed_precision": mp}})])
+    return [level for level in levels if level]
+
+
+def candidates(cfg: RunConfig, world: int) -> list[tuple[str, RunConfig]]:
+    """Every candidate, cheapest first: each level's alternatives on top of the strongest earlier ones."""
+    out: list[tuple[str, RunConfig]] = []
+    base, steps = cfg, []
+    for level in _levels(cfg, world):
+        for text, changes in level:
+            out.append(("; ".join([*steps, text]), _with(base, **changes)))
+        steps.append(level[-1][0])
+        base = _with(base, **level[-1][1])
     return out
 
 

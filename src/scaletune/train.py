@@ -69,6 +69,7 @@ class Run:
     accum: int
     fingerprint: str
     step: int = 0
+    batch_shape: tuple = ()
     counters: dict = field(default_factory=lambda: {"nonfinite_skips": 0, "tokens_seen": 0})
 
 
@@ -226,10 +227,37 @@ def train(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
     run, _ = setup(cfg, resume=resume, overwrite=overwrite, allow_config_change=allow_config_change)
     from .loop import fit
 
-    result = fit(run, stop)
+    try:
+        result = fit(run, stop)
+    except (torch.OutOfMemoryError, MemoryError) as exc:
+        raise out_of_memory(run, exc) from None
     if result == "preempted":
         return EXIT_PREEMPTED
     return 0
+
+
+def out_of_memory(run: Run, exc: BaseException) -> UserError:
+    """The numbers behind an OOM and the cheapest changes that fix it, instead of a traceback."""
+    from .metrics import peak_memory_mb
+
+    t = run.cfg.train
+    rows, seq = (run.batch_shape + (0, 0))[:2]
+    where = f"GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "host RAM"
+    fixes = [f"train.micro_batch_size={max(1, t.micro_batch_size // 2)} (global batch stays "
+             f"{t.global_batch_size}: accumulation doubles)"]
+    if not run.cfg.model.gradient_checkpointing:
+        fixes.append("model.gradient_checkpointing=true (activations recomputed in backward)")
+    if run.cfg.data.max_length > 512:
+        fixes.append(f"data.max_length={run.cfg.data.max_length // 2}")
+    if run.cfg.distributed.zero_stage < 3 and run.accelerator.num_processes > 1:
+        fixes.append("distributed.zero_stage=3 (shard the frozen base across ranks)")
+    if run.cfg.model.quantization is None:
+        fixes.append("model.quantization=4bit (QLoRA)")
+    return UserError(
+        f"out of memory at step {run.step + 1} in a micro-batch of {rows} x {seq} tokens "
+        f"(micro_batch_size={t.micro_batch_size}, max_length={run.cfg.data.max_length}, peak "
+        f"{peak_memory_mb():.0f} MiB of {where}): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+        hint="cheapest first: " + "; ".join(fixes) + ". Resume with --resume auto to keep finished steps.")
 
 
 def final_outputs(run: Run, metrics_log: Any) -> None:

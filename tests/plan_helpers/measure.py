@@ -11,7 +11,8 @@ and counts the tensors that actually exist on this rank:
 * master: DeepSpeed's fp32 master partitions (the params of its inner torch optimizer).
 * grads: every gradient alive when the inner torch optimizer's `step` runs (the peak point for
   gradients: module `.grad` plus, under DeepSpeed, the fp32 partition gradients).
-* optimizer: every tensor in the inner torch optimizer's `state` after the step.
+* optimizer: every tensor in the inner torch optimizer's `state` right after the first step (params and
+  master are counted at the same moment).
 
 Rank 0 writes the counts, ru_maxrss before setup and after the step (KiB) to OUT.json.
 """
@@ -85,8 +86,8 @@ def count_states(run: Any) -> dict[str, int]:
     return c.total
 
 
-def main() -> int:
-    cfg_path, out_path = sys.argv[1], sys.argv[2]
+def measure(cfg_path: str) -> tuple[dict, Any]:
+    """Train the run at `cfg_path` for its max_steps and count this rank's tensors (see module doc)."""
     from scaletune.config import load_config
     from scaletune.loop import fit
     from scaletune.train import StopFlag, setup
@@ -109,16 +110,26 @@ def main() -> int:
             for p in group["params"]:
                 c.add("grads", p.grad)
         seen["grads"] = max(seen.get("grads", 0), c.total.get("grads", 0))
-        return original_step(*args, **kwargs)
+        out = original_step(*args, **kwargs)
+        # Params and optimizer states as they are mid-training (the final adapter save re-partitions
+        # ZeRO-3 params, which would hide the whole copies of persistent params).
+        seen.setdefault("states", count_states(run))
+        return out
 
     inner.step = counting_step
     fit(run, StopFlag())
-    counts = count_states(run)
+    counts = seen["states"]
     result = {"frozen": counts.get("frozen", 0), "trainable": counts.get("trainable", 0),
               "master": counts.get("master", 0), "grads": seen.get("grads", 0),
               "optimizer": counts.get("optimizer", 0), "world_size": run.accelerator.num_processes,
               "rss_before_kib": rss_before, "rss_setup_kib": rss_setup,
               "rss_peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+    return result, run
+
+
+def main() -> int:
+    cfg_path, out_path = sys.argv[1], sys.argv[2]
+    result, run = measure(cfg_path)
     if run.accelerator.is_main_process:
         with open(out_path, "w") as f:
             json.dump(result, f, indent=1)
@@ -128,5 +139,9 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    import faulthandler
+    import signal
+
+    faulthandler.register(signal.SIGUSR2)  # `kill -USR2 <pid>` prints every thread's stack (hang triage)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     sys.exit(main())

@@ -1,0 +1,45 @@
+"""Fault injection for the reliability tests, off unless SCALETUNE_FAULT is set.
+
+`SCALETUNE_FAULT="kind@step[,kind@step]"` makes the named failure happen at that optimizer step:
+  kill-in-checkpoint  SIGKILL this process half-way through writing checkpoint `step`
+  enospc              the checkpoint write of `step` fails as if the disk were full
+  nan                 the loss of `step` becomes NaN
+  oom                 the forward pass of `step` raises an out-of-memory error
+Real faults take the same code paths; this only makes them happen on demand.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from functools import lru_cache
+
+
+@lru_cache(maxsize=1)
+def _plan() -> dict[str, set[int]]:
+    plan: dict[str, set[int]] = {}
+    for item in filter(None, os.environ.get("SCALETUNE_FAULT", "").split(",")):
+        kind, _, step = item.partition("@")
+        plan.setdefault(kind.strip(), set()).add(int(step))
+    return plan
+
+
+def armed(kind: str, step: int) -> bool:
+    return step in _plan().get(kind, ())
+
+
+def kill_now() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def at_step(step: int, loss):  # noqa: ANN001, ANN201 (a torch tensor; torch is not imported here)
+    """Apply the step faults (`oom`, `nan`) to a micro-batch loss; returns it unchanged otherwise."""
+    if not _plan():
+        return loss
+    if armed("oom", step):
+        import torch
+
+        raise torch.OutOfMemoryError("injected out-of-memory (SCALETUNE_FAULT)")
+    if armed("nan", step):
+        return loss * float("nan")
+    return loss

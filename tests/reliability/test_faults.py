@@ -1,0 +1,128 @@
+"""Faults survived: corrupt/foreign checkpoints, full disk, non-finite loss, out of memory, a kill
+half-way through a checkpoint write. Each failure ends with a clear message and nothing finished is lost."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from scaletune.checkpoint import checkpoint_dirs, verify
+from scaletune.cli import main
+
+from conftest import read_metrics
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "SCALETUNE_NO_PROGRESS": "1"}
+
+
+def train(path, *extra, fault: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(ENV)
+    if fault:
+        env["SCALETUNE_FAULT"] = fault
+    return subprocess.run([sys.executable, "-m", "scaletune", "train", str(path), *extra], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture()
+def cfg_path(make_config):
+    return make_config("causal_lm", train={"max_steps": 6, "save_every": 2, "save_total_limit": None})
+
+
+def test_kill_during_checkpoint_write_never_leaves_a_partial_latest(cfg_path, tmp_path):
+    res = train(cfg_path, fault="kill-in-checkpoint@4")
+    assert res.returncode == -9
+    out = tmp_path / "run"
+    assert (out / "checkpoints/latest").read_text().strip() == "step-2"
+    assert [p.name for p in checkpoint_dirs(out)] == ["step-2"]  # the half-written step-4 is not a checkpoint
+    res = train(cfg_path, "--resume", "auto")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resumed from" in res.stdout + res.stderr
+    assert not list((out / "checkpoints").glob(".step-*.tmp"))  # the stale temp dir was cleaned up
+    assert verify(out / "checkpoints/step-6") is None
+
+
+def test_corrupt_checkpoint_is_skipped_with_a_warning(cfg_path, tmp_path, capsys):
+    assert main(["train", str(cfg_path), "train.max_steps=4"]) == 0
+    out = tmp_path / "run"
+    victim = out / "checkpoints/step-4/trainable.safetensors"
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    assert verify(out / "checkpoints/step-4") == "file trainable.safetensors does not match its hash"
+    capsys.readouterr()
+    assert main(["train", str(cfg_path), "train.max_steps=4", "--resume", "auto"]) == 0
+    out_text = "".join(capsys.readouterr())
+    assert "resumed from" in out_text and "step-2" in out_text
+
+
+def test_checkpoint_of_another_config_is_refused_unless_allowed(cfg_path, capsys):
+    assert main(["train", str(cfg_path), "train.max_steps=2"]) == 0
+    capsys.readouterr()
+    code = main(["train", str(cfg_path), "train.max_steps=4", "train.learning_rate=0.5", "--resume", "auto"])
+    err = capsys.readouterr().err
+    assert code == 2 and "written by a different run config" in err and "--allow-config-change" in err
+    assert main(["train", str(cfg_path), "train.max_steps=4", "train.learning_rate=0.5", "--resume", "auto",
+                 "--allow-config-change"]) == 0
+
+
+def test_disk_full_keeps_previous_checkpoint_and_says_so(cfg_path, tmp_path):
+    res = train(cfg_path, fault="enospc@4")
+    assert res.returncode == 2
+    assert "could not write checkpoint step 4" in res.stderr and "No space left on device" in res.stderr
+    assert "previous checkpoint is intact" in res.stderr and "Traceback" not in res.stderr
+    out = tmp_path / "run"
+    assert [p.name for p in checkpoint_dirs(out)] == ["step-2"] and verify(out / "checkpoints/step-2") is None
+    assert not list((out / "checkpoints").glob(".step-*"))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a size-limited tmpfs needs root")
+def test_real_full_filesystem(make_config, tmp_path):
+    """A tiny tmpfs fills up for real during a checkpoint write."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mnt)]).returncode != 0:
+        pytest.skip("cannot mount tmpfs here")
+    try:
+        path = make_config("causal_lm", train={"max_steps": 6, "save_every": 1, "save_total_limit": None},
+                           output_dir=str(mnt / "run"))
+        res = train(path)
+        assert res.returncode == 2, res.stderr[-2000:]
+        assert "No space left on device" in res.stderr and "Traceback" not in res.stderr
+        good = checkpoint_dirs(mnt / "run")
+        assert good and all(verify(p) is None for p in good)
+    finally:
+        subprocess.run(["umount", str(mnt)])
+
+
+def test_nonfinite_loss_stops_at_that_step_keeping_last_good_checkpoint(cfg_path, tmp_path):
+    res = train(cfg_path, fault="nan@3")
+    assert res.returncode == 2
+    assert "non-finite loss at step 3" in res.stderr and "learning rate" in res.stderr and "fp16" in res.stderr
+    out = tmp_path / "run"
+    assert [p.name for p in checkpoint_dirs(out)] == ["step-2"]
+    assert [r["step"] for r in read_metrics(out, "nonfinite")] == [3]
+
+
+def test_nonfinite_skip_drops_the_update_and_counts(make_config, tmp_path):
+    path = make_config("causal_lm", train={"max_steps": 6, "on_nonfinite": "skip", "max_nonfinite_skips": 2})
+    res = train(path, fault="nan@2,nan@4")
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = tmp_path / "run"
+    assert [r["step"] for r in read_metrics(out, "nonfinite")] == [2, 4]
+    state = json.loads((out / "checkpoints/step-6/state.json").read_text())
+    assert state["counters"]["nonfinite_skips"] == 2
+    res = train(path, "--overwrite", fault="nan@2,nan@3,nan@4")
+    assert res.returncode == 2 and "non-finite loss at step 4" in res.stderr
+
+
+def test_out_of_memory_names_the_numbers_and_the_fix(cfg_path):
+    res = train(cfg_path, fault="oom@3")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    err = res.stderr
+    assert "out of memory at step 3 in a micro-batch of 4 x" in err
+    assert "micro_batch_size=4" in err and "train.micro_batch_size=2" in err and "gradient_checkpointing" in err

@@ -1,0 +1,258 @@
+"""`scaletune plan`: the model-state estimate must equal the bytes a real training step allocates.
+
+Measurements come from tests/plan_helpers/measure.py (in-process for one process, `accelerate launch`
+with 2 CPU processes over gloo for DDP / ZeRO-2 / ZeRO-3). Activations and buffers are approximate;
+their total is checked against the peak RSS increase of a real ~110M-parameter step (slow test).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from scaletune import plan
+from scaletune.config import load_config
+from scaletune.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+MEASURE = REPO / "tests" / "plan_helpers" / "measure.py"
+STATE_KEYS = ("frozen", "trainable", "master", "grads", "optimizer")
+ONE_STEP = {"max_steps": 1, "global_batch_size": 8, "micro_batch_size": 2}
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["OMP_NUM_THREADS"] = "1"  # 2 processes on a 2-core box: do not oversubscribe
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_DEEPSPEED"):
+        env.pop(var, None)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(cmd: list[str], timeout: int = 420) -> None:
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{(proc.stdout + proc.stderr)[-5000:]}")
+
+
+def measure_subprocess(cfg_path: Path, out: Path, world: int) -> dict:
+    """Run measure.py in fresh process(es): plain python for 1, `accelerate launch` for 2 processes."""
+    if world == 1:
+        _run([sys.executable, str(MEASURE), str(cfg_path), str(out)])
+    else:
+        stage = load_config(cfg_path).distributed.zero_stage
+        launch = REPO / "launch" / ("cpu_2proc.yaml" if stage == 0 else f"cpu_2proc_zero{stage}.yaml")
+        exe = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
+        _run([exe, "launch", "--config_file", str(launch), "--main_process_port", str(_free_port()),
+              str(MEASURE), str(cfg_path), str(out)])
+    return json.loads(out.read_text())
+
+
+def expected_states(cfg_path: Path, world: int) -> dict:
+    cfg = load_config(cfg_path)
+    return plan.model_state_bytes(cfg, plan.model_shape(cfg), world).model_states
+
+
+# ----------------------------------------------------------------------------------------------
+# Exact model states
+
+
+def test_model_states_exact_one_process_causal_lm(make_config):
+    sys.path.insert(0, str(MEASURE.parent))
+    from measure import measure
+
+    cfg_path = make_config(train=ONE_STEP)
+    measured, run = measure(str(cfg_path))
+    run.accelerator.end_training()
+    assert {k: measured[k] for k in STATE_KEYS} == expected_states(cfg_path, 1)
+
+
+def test_model_states_exact_seq_cls_head_and_bias_group(make_config):
+    """BERT seq_cls: a fully trained head (modules_to_save) and a no-decay group (biases)."""
+    sys.path.insert(0, str(MEASURE.parent))
+    from measure import measure
+
+    cfg_path = make_config("seq_cls", train=ONE_STEP)
+    measured, run = measure(str(cfg_path))
+    run.accelerator.end_training()
+    cfg = load_config(cfg_path)
+    shape = plan.model_shape(cfg)
+    assert len(shape.groups) == 2  # decay + no_decay, as train.build_optimizer builds them
+    assert {k: measured[k] for k in STATE_KEYS} == plan.model_state_bytes(cfg, shape, 1).model_states
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_model_states_exact_two_processes(make_config, tmp_path, stage):
+    cfg_path = make_config(train=ONE_STEP, distributed={"zero_stage": stage})
+    measured = measure_subprocess(cfg_path, tmp_path / "measured.json", world=2)
+    assert measured["world_size"] == 2
+    assert {k: measured[k] for k in STATE_KEYS} == expected_states(cfg_path, 2)
+
+
+def test_zero_formulas_shard_what_they_should(make_config):
+    """Shape of the rules, without a run: ZeRO-2 shards master/grads/Adam, ZeRO-3 also the frozen base."""
+    cfg = load_config(make_config(distributed={"zero_stage": 2}))
+    shape = plan.model_shape(cfg)
+    z2 = {w: plan.model_state_bytes(cfg, shape, w).model_states for w in (1, 4)}
+    assert z2[4]["frozen"] == z2[1]["frozen"]
+    assert z2[4]["grads"] * 4 <= z2[1]["grads"] + 4 * 8 * len(shape.groups)
+    cfg3 = load_config(make_config(distributed={"zero_stage": 3}))
+    assert plan.model_state_bytes(cfg3, shape, 4).model_states["frozen"] < z2[4]["frozen"] / 2
+
+
+# ----------------------------------------------------------------------------------------------
+# Total vs. real peak memory (~110M Llama)
+
+
+def build_llama_110m(root: Path, *, weights: bool) -> Path:
+    """Llama, hidden 768 x 12 layers, vocab 32000, tied embeddings (~110M params)."""
+    from transformers import LlamaConfig
+
+    from scaletune.demo.tiny import train_tokenizer
+
+    from conftest import corpus
+
+    out = root / "llama110m"
+    out.mkdir(parents=True, exist_ok=True)
+    config = LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                         num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=512,
+                         tie_word_embeddings=True, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    if not weights:
+        config.save_pretrained(out)
+        return out
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
+    train_tokenizer(corpus(), "bpe", 256).save_pretrained(out)
+    return out
+
+
+def test_meta_count_of_110m_model(tmp_path, make_config):
+    model_dir = build_llama_110m(tmp_path, weights=False)
+    cfg = load_config(make_config(model={"name_or_path": str(model_dir)}))
+    shape = plan.model_shape(cfg)
+    per_layer = 4 * 768 * 768 + 3 * 768 * 2048 + 2 * 768
+    assert shape.total_frozen == 32000 * 768 + 12 * per_layer + 768
+    # LoRA r=4 on all 7 Linear modules of each layer: r x (in + out) each
+    lora = 12 * 4 * (4 * (768 + 768) + 2 * (768 + 2048) + (2048 + 768))
+    assert shape.trainable == lora
+
+
+@pytest.mark.slow
+def test_total_vs_peak_rss_110m(tmp_path, make_config):
+    """One real step of the ~110M model in a fresh process: states exact, total within +-20% of RSS growth.
+
+    RSS growth = ru_maxrss after the step - ru_maxrss before setup (imports already paid). It includes
+    allocator slack and the tokenizer/data, which the estimate does not model; the model (440 MB fp32)
+    and the logits dominate at this size, so 20% is a meaningful bound.
+    """
+    model_dir = build_llama_110m(tmp_path, weights=True)
+    cfg_path = make_config(model={"name_or_path": str(model_dir)},
+                           train={**ONE_STEP, "micro_batch_size": 4}, data={"max_length": 128})
+    measured = measure_subprocess(cfg_path, tmp_path / "measured.json", world=1)
+    cfg = load_config(cfg_path)
+    est = plan.estimate(cfg, plan.model_shape(cfg), 1, cuda=False)
+    assert {k: measured[k] for k in STATE_KEYS} == est.model_states
+    grown = (measured["rss_peak_kib"] - measured["rss_before_kib"]) * 1024
+    print(f"estimate {plan.fmt_bytes(est.gpu_total)} vs RSS growth {plan.fmt_bytes(grown)}")
+    assert 0.8 * grown <= est.gpu_total <= 1.2 * grown
+
+
+# ----------------------------------------------------------------------------------------------
+# Combination checks, CLI, suggestions
+
+
+def _args(**kw) -> SimpleNamespace:
+    base = {"nodes": 1, "gpus_per_node": 1, "gpu_memory": "80GiB", "cpu_memory": None}
+    return SimpleNamespace(**{**base, **kw})
+
+
+def test_refuses_8bit_with_zero3(make_config, capsys):
+    from scaletune.cli import main
+
+    path = make_config(model={"dtype": "bfloat16", "quantization": "8bit"},
+                       train={"mixed_precision": "bf16"}, distributed={"zero_stage": 3})
+    assert main(["plan", str(path), "--gpus-per-node", "2"]) == 2
+    assert "8bit with distributed.zero_stage=3" in capsys.readouterr().err
+
+
+def test_world_size_and_cuda_rules_come_from_config(make_config):
+    cfg = load_config(make_config())  # global 8, micro 4
+    with pytest.raises(ConfigError, match="micro_batch_size x world size"):
+        plan.main_plan(_args(gpus_per_node=3), cfg)
+    cfg16 = load_config(make_config(train={"mixed_precision": "fp16"}))
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
+        plan.main_plan(_args(gpus_per_node=0), cfg16)
+
+
+def test_fits_exit_zero(make_config, capsys):
+    assert plan.main_plan(_args(), load_config(make_config())) == 0
+    assert "verdict: FITS" in capsys.readouterr().out
+
+
+def test_cli_prints_verdict_and_suggestion(tmp_path, make_config, capsys):
+    from scaletune.cli import main
+
+    model_dir = build_llama_110m(tmp_path, weights=False)  # config only: plan reads no weights
+    path = make_config(model={"name_or_path": str(model_dir)}, data={"max_length": 256},
+                       train={"micro_batch_size": 4})
+    assert main(["plan", str(path), "--gpus-per-node", "2", "--gpu-memory", "1GiB"]) == 1
+    out = capsys.readouterr().out
+    assert "verdict: DOES NOT FIT" in out
+    assert "suggestion: " in out and "->" in out
+
+
+def test_suggestion_is_cheapest_valid_fit(tmp_path, make_config):
+    model_dir = build_llama_110m(tmp_path, weights=False)
+    cfg = load_config(make_config(model={"name_or_path": str(model_dir)}, data={"max_length": 256},
+                                  train={"micro_batch_size": 4}))
+    shape = plan.model_shape(cfg)
+    base = plan.estimate(cfg, shape, 2).gpu_total
+    ladder = plan.candidates(cfg, 2)
+    assert ladder[0][0] == "model.gradient_checkpointing=true"
+    ckpt = plan.estimate(ladder[0][1], shape, 2).gpu_total
+    assert ckpt < base
+    # A budget between the two: checkpointing alone is the answer.
+    text, est = plan.suggest(cfg, shape, 2, (base + ckpt) // 2, cuda=True)
+    assert text == "model.gradient_checkpointing=true" and est.gpu_total == ckpt
+    # A tight budget: whatever is suggested must be a valid combination that fits.
+    text, est = plan.suggest(cfg, shape, 2, plan.GiB, cuda=True)
+    cand = dict(ladder)[text]
+    assert est.gpu_total <= plan.GiB
+    assert not plan.cross_field_problems(cand, world_size=2, has_cuda=True)
+
+
+@pytest.mark.parametrize("text,value", [("80GiB", 80 * 2**30), ("24GB", 24 * 10**9), ("512MiB", 512 * 2**20),
+                                        ("1.5 TiB", int(1.5 * 2**40)), ("1000", 1000)])
+def test_parse_bytes(text, value):
+    assert plan.parse_bytes(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "lots", "-1GiB", "12XB"])
+def test_parse_bytes_rejects(text):
+    with pytest.raises(ConfigError):
+        plan.parse_bytes(text)
+
+
+def test_offload_moves_optimizer_to_host(make_config):
+    cfg = load_config(make_config(distributed={"zero_stage": 2, "offload": "optimizer"}))
+    est = plan.estimate(cfg, plan.model_shape(cfg), 2)
+    assert est.cpu["optimizer"] > 0 and "optimizer" not in est.gpu
