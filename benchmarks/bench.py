@@ -110,6 +110,13 @@ def smoke_records(n: int = 32, seed: int = 0) -> list[dict]:
 # ------------------------------------------------------------------------------------------------
 # Workers: one tool, one process
 
+def _cpu() -> float:
+    """CPU seconds (user + system, all threads) of this process: far less sensitive than wall time to other
+    jobs on a shared machine."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
 def _finish(spec: dict, res: dict) -> None:
     res["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
     Path(spec["result"]).write_text(json.dumps(res))
@@ -151,13 +158,18 @@ def worker_scaletune(spec: dict, packed: bool) -> None:
 
     run.task.count_targets = counting
     stamps = {}
-    loop.final_outputs = lambda run, mlog: stamps.setdefault("end", time.perf_counter())  # no adapter save
-    t1 = time.perf_counter()
+    def stop_clock(run, mlog):  # replaces the final checkpoint + adapter save
+        stamps.setdefault("end", time.perf_counter())
+        stamps.setdefault("cpu", _cpu())
+
+    loop.final_outputs = stop_clock
+    t1, c1 = time.perf_counter(), _cpu()
     loop.fit(run, StopFlag())
-    t2 = stamps.get("end", time.perf_counter())
+    t2, c2 = stamps.get("end", time.perf_counter()), stamps.get("cpu", _cpu())
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if r["event"] == "train"]
-    _finish(spec, {"setup_s": t1 - t0, "train_s": t2 - t1, "target_tokens": counted["targets"], "steps": run.step,
+    _finish(spec, {"setup_s": t1 - t0, "train_s": t2 - t1, "cpu_s": c2 - c1, "target_tokens": counted["targets"],
+                   "steps": run.step,
                    "losses": losses})
 
 
@@ -190,10 +202,10 @@ def worker_hf(spec: dict) -> None:
                              max_steps=spec["steps"],  # no length grouping (transformers 5 removed it)
                              **_hf_common_args(spec, str(Path(spec["workdir"]) / f"out_hf_{os.getpid()}")))
     trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=collator)
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), _cpu()
     trainer.train()
-    t2 = time.perf_counter()
-    _finish(spec, {"setup_s": t1 - t0, "train_s": t2 - t1, "target_tokens": collator.targets,
+    t2, c2 = time.perf_counter(), _cpu()
+    _finish(spec, {"setup_s": t1 - t0, "train_s": t2 - t1, "cpu_s": c2 - c1, "target_tokens": collator.targets,
                    "steps": trainer.state.global_step, "losses": _losses(trainer)})
 
 
@@ -219,10 +231,10 @@ def worker_trl(spec: dict) -> None:
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
                          peft_config=peft.LoraConfig(task_type="CAUSAL_LM", **_lora_kwargs()))
     trainer.data_collator = collator = CountingCollator(trainer.data_collator)  # padding-free forbids passing one
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), _cpu()
     trainer.train()
-    t2 = time.perf_counter()
-    _finish(spec, {"setup_s": t1 - t0, "train_s": t2 - t1, "target_tokens": collator.targets,
+    t2, c2 = time.perf_counter(), _cpu()
+    _finish(spec, {"setup_s": t1 - t0, "train_s": t2 - t1, "cpu_s": c2 - c1, "target_tokens": collator.targets,
                    "steps": trainer.state.global_step, "losses": _losses(trainer),
                    "padding_free": bool(getattr(trainer, "padding_free", False))})
 
@@ -323,14 +335,18 @@ def run_tool(tool: str, spec: dict, workdir: Path, rep: int, env: dict) -> dict:
     res["process_s"] = wall
     res["final_loss"] = statistics.mean(res["losses"][-5:]) if res["losses"] else float("nan")
     res["target_tok_s"] = res["target_tokens"] / res["train_s"]
+    res["target_tok_cpu_s"] = res["target_tokens"] / res["cpu_s"] if res.get("cpu_s") else float("nan")
     return res
 
 
 def summarise(results: dict[str, list[dict]]) -> dict[str, dict]:
     out = {}
     for tool, runs in results.items():
-        med = lambda key: statistics.median(r[key] for r in runs)  # noqa: E731
+        med = lambda key, runs=runs: statistics.median(r[key] for r in runs)  # noqa: E731
+        timed = [r for r in runs if r.get("cpu_s")]
+        cpu = statistics.median(r["cpu_s"] for r in timed) if timed else float("nan")
         out[tool] = {"train_s": med("train_s"), "setup_s": med("setup_s"), "target_tok_s": med("target_tok_s"),
+                     "cpu_s": cpu, "target_tok_cpu_s": runs[0]["target_tokens"] / cpu,
                      "peak_mb": med("peak_mb"), "final_loss": med("final_loss"), "steps": runs[0]["steps"],
                      "target_tokens": runs[0]["target_tokens"], "runs": len(runs),
                      "train_s_all": [round(r["train_s"], 2) for r in runs]}
@@ -338,11 +354,13 @@ def summarise(results: dict[str, list[dict]]) -> dict[str, dict]:
 
 
 def table(summary: dict[str, dict]) -> str:
-    lines = ["| tool | wall s (loop) | setup s | steps | target tokens | target tok/s | peak MB | final loss |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| tool | wall s (loop) | setup s | steps | target tokens | target tok/s | peak MB | final loss "
+             "| loop CPU s | target tok/CPU-s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for tool, s in summary.items():
         lines.append(f"| {LABELS[tool]} | {s['train_s']:.2f} | {s['setup_s']:.2f} | {s['steps']} | "
-                     f"{s['target_tokens']} | {s['target_tok_s']:.1f} | {s['peak_mb']:.0f} | {s['final_loss']:.4f} |")
+                     f"{s['target_tokens']} | {s['target_tok_s']:.1f} | {s['peak_mb']:.0f} | {s['final_loss']:.4f} | "
+                     f"{s['cpu_s']:.1f} | {s['target_tok_cpu_s']:.1f} |")
     return "\n".join(lines)
 
 
@@ -356,6 +374,7 @@ def ratios(summary: dict[str, dict]) -> list[str]:
                 continue
             a, b = summary[st], summary[base]
             out.append(f"{LABELS[st]} / {LABELS[base]}: tok/s x{a['target_tok_s'] / b['target_tok_s']:.2f}, "
+                       f"tok/CPU-s x{a['target_tok_cpu_s'] / b['target_tok_cpu_s']:.2f}, "
                        f"wall x{b['train_s'] / a['train_s']:.2f} faster, peak mem x{a['peak_mb'] / b['peak_mb']:.2f}, "
                        f"final loss {100 * (a['final_loss'] / b['final_loss'] - 1):+.1f}%")
     return out
@@ -421,7 +440,8 @@ def main(argv: list[str] | None = None) -> int:
         for tool in order:
             res = run_tool(tool, spec, workdir, rep, env)
             results[tool].append(res)
-            print(f"  repeat {rep + 1} {tool}: loop {res['train_s']:.2f}s, setup {res['setup_s']:.2f}s, "
+            print(f"  repeat {rep + 1} {tool}: loop {res['train_s']:.2f}s (CPU {res.get('cpu_s', float('nan')):.1f}s), "
+                  f"setup {res['setup_s']:.2f}s, "
                   f"{res['steps']} steps, {res['target_tokens']} target tokens, {res['target_tok_s']:.1f} tok/s, "
                   f"peak {res['peak_mb']:.0f} MB, final loss {res['final_loss']:.4f}", flush=True)
     summary = summarise(results)

@@ -31,9 +31,8 @@ def main() -> int:
 
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
-    from torch.profiler import ProfilerActivity, profile, record_function
-
     import bench
+    from torch.profiler import ProfilerActivity, profile, record_function
 
     work = Path(args.workdir)
     spec = json.loads(sorted(work.glob("spec_*.json"))[0].read_text())

@@ -13,6 +13,7 @@ import yaml
 from scaletune.config import apply_overrides, config_reference, cross_field_problems, from_dict, load_config
 from scaletune.errors import ConfigError
 
+ROOT = Path(__file__).resolve().parents[1]
 BASE = {"task": "causal_lm", "model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"}}
 
 
@@ -98,13 +99,14 @@ def test_validation_does_not_import_torch():
     assert time.perf_counter() - start < 10
 
 
+def test_readme_config_reference_is_generated_from_the_code():
+    assert config_reference() in (ROOT / "README.md").read_text()
+
+
 def test_reference_lists_every_key():
     ref = config_reference()
     for key in ("model.quantization", "train.global_batch_size", "data.train_on_prompt", "distributed.zero_stage"):
         assert f"`{key}`" in ref
-
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)

@@ -50,15 +50,16 @@ def _run(cmd: list[str], timeout: int = 420) -> None:
 
 
 def measure_subprocess(cfg_path: Path, out: Path, world: int) -> dict:
-    """Run measure.py in fresh process(es): plain python for 1, `accelerate launch` for 2 processes."""
-    if world == 1:
+    """Run measure.py in fresh process(es): plain python without DeepSpeed at 1 process, else `accelerate
+    launch` with the repo's CPU launch configs (DeepSpeed over gloo), `--num_processes` = world."""
+    stage = load_config(cfg_path).distributed.zero_stage
+    if world == 1 and stage == 0:
         _run([sys.executable, str(MEASURE), str(cfg_path), str(out)])
     else:
-        stage = load_config(cfg_path).distributed.zero_stage
         launch = REPO / "launch" / ("cpu_2proc.yaml" if stage == 0 else f"cpu_2proc_zero{stage}.yaml")
         exe = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
-        _run([exe, "launch", "--config_file", str(launch), "--main_process_port", str(_free_port()),
-              str(MEASURE), str(cfg_path), str(out)])
+        _run([exe, "launch", "--config_file", str(launch), "--num_processes", str(world),
+              "--main_process_port", str(_free_port()), str(MEASURE), str(cfg_path), str(out)])
     return json.loads(out.read_text())
 
 
@@ -97,12 +98,13 @@ def test_model_states_exact_seq_cls_head_and_bias_group(make_config):
 
 @pytest.mark.distributed
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [0, 2, 3])
-def test_model_states_exact_two_processes(make_config, tmp_path, stage):
+@pytest.mark.parametrize("world,stage", [(2, 0), (2, 2), (2, 3), (1, 2), (1, 3)])
+def test_model_states_exact_launched(make_config, tmp_path, world, stage):
+    """DDP / ZeRO-2 / ZeRO-3 on 2 CPU processes, and DeepSpeed with a single process."""
     cfg_path = make_config(train=ONE_STEP, distributed={"zero_stage": stage})
-    measured = measure_subprocess(cfg_path, tmp_path / "measured.json", world=2)
-    assert measured["world_size"] == 2
-    assert {k: measured[k] for k in STATE_KEYS} == expected_states(cfg_path, 2)
+    measured = measure_subprocess(cfg_path, tmp_path / "measured.json", world=world)
+    assert measured["world_size"] == world
+    assert {k: measured[k] for k in STATE_KEYS} == expected_states(cfg_path, world)
 
 
 def test_zero_formulas_shard_what_they_should(make_config):

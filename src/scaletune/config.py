@@ -381,6 +381,8 @@ def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_c
         p.append(f"data.eval_fraction: must be in (0, 1), got {d.eval_fraction}")
     if d.num_workers < 0:
         p.append(f"data.num_workers: must be >= 0, got {d.num_workers}")
+    elif d.num_workers > 64:  # each worker is a process: a typo here would fork-bomb the node
+        p.append(f"data.num_workers: {d.num_workers} worker processes is too many (at most 64)")
     fmt_ok = {
         "causal_lm": ("auto", *CAUSAL_FORMATS),
         "seq_cls": ("auto", "text"),

@@ -71,9 +71,9 @@ def matrix_markdown() -> str:
     head = "| method (`peft.method`) | causal_lm | seq_cls | token_cls | ZeRO-3 | note |\n| --- | --- | --- | --- | --- | --- |"
     lines = [head]
     for name, row in MATRIX.items():
-        key = row.peft_method + "".join(f" + `{k}: true`" for k in row.extra)
+        key = f"`{row.peft_method}`" + "".join(f" + `{k}: true`" for k in row.extra)
         marks = " | ".join("yes" if t in row.tasks else "no" for t in _ALL)
-        lines.append(f"| {name} (`{key}`) | {marks} | {'yes' if row.zero3 else 'no'} | {row.note} |")
+        lines.append(f"| {name} ({key}) | {marks} | {'yes' if row.zero3 else 'no'} | {row.note} |")
     return "\n".join(lines)
 
 

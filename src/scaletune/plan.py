@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import RunConfig, cross_field_problems
-from .errors import ConfigError
+from .errors import ConfigError, UserError
 
 GiB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -108,7 +108,12 @@ def build_meta_model(cfg: RunConfig) -> Any:
     with torch.device("meta"):
         model = task.auto_model_class().from_config(config, dtype=DTYPES[cfg.model.dtype],
                                                     trust_remote_code=cfg.model.trust_remote_code)
-        model = peft.get_peft_model(model, peft_config(cfg, task.peft_task_type, total_steps=1000))
+        pconf = peft_config(cfg, task.peft_task_type, total_steps=1000)  # total_steps: only sizes adalora
+        try:
+            model = peft.get_peft_model(model, pconf)
+        except (ValueError, TypeError, AttributeError, NotImplementedError) as exc:
+            raise UserError(f"peft.method={cfg.peft_method}: cannot apply to {type(model).__name__} "
+                            f"({str(exc).splitlines()[0]})") from None
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()  # as load_model does
@@ -203,7 +208,9 @@ def frozen_bytes(cfg: RunConfig, shape: ModelShape, world: int, persist: int) ->
     dev = host = 0
     for numel, is_linear, out_f in shape.frozen:
         if q and is_linear:
-            dev += _quantized_bytes(numel, out_f, q)  # ZeRO-3 + 4bit: approximate (packed storage sharded)
+            qbytes = _quantized_bytes(numel, out_f, q)
+            # quant_storage = compute dtype lets ZeRO-3 shard the packed 4-bit weights like any param.
+            dev += qbytes if stage < 3 else math.ceil(qbytes / world)
             continue
         if stage < 3:
             dev += numel * b
