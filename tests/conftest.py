@@ -64,6 +64,36 @@ def ner_records(n: int, seed: int = 0) -> list[dict]:
     return out
 
 
+ATTN = {"causal_lm": ["q_proj", "v_proj"], "seq_cls": ["query", "value"], "token_cls": ["query", "value"]}
+
+
+def method_keys(name: str, task: str) -> dict:
+    """Small per-method peft settings that fit the tiny test models (shared by the matrix tests)."""
+    from scaletune.methods import MATRIX
+
+    row = MATRIX[name]
+    qv = ATTN[task]
+    keys: dict = {"method": row.peft_method, **row.extra}
+    if name in ("lora", "dora", "rslora"):
+        keys.update(r=4, lora_alpha=8, target_modules="all-linear")
+    elif name == "adalora":
+        keys.update(init_r=4, target_r=2, tinit=1, tfinal=2, deltaT=1, target_modules=qv)
+    elif name == "ia3":
+        ff = ["down_proj"] if task == "causal_lm" else ["output.dense"]
+        keys.update(target_modules=qv + ff, feedforward_modules=ff)
+    elif name in ("loha", "lokr"):
+        keys.update(r=4, alpha=8, target_modules=qv)
+    elif name == "vera":
+        keys.update(r=8, target_modules=qv)
+    elif name == "oft":
+        keys.update(r=0, oft_block_size=8, target_modules=qv)
+    elif name in ("prefix_tuning", "prompt_tuning"):
+        keys.update(num_virtual_tokens=4)
+    elif name == "bottleneck_adapter":
+        keys.update(reduction_factor=4)
+    return keys
+
+
 def corpus() -> list[str]:
     texts = [" ".join(r.values()) for r in alpaca_records(200)] + [r["text"] for r in cls_records(100)]
     texts += [" ".join(r["tokens"]) for r in ner_records(100)]

@@ -16,36 +16,9 @@ from scaletune.loop import fit
 from scaletune.methods import MATRIX, matrix_markdown, problems
 from scaletune.train import StopFlag, setup
 
-from conftest import read_metrics
+from conftest import method_keys, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-ATTN = {"causal_lm": ["q_proj", "v_proj"], "seq_cls": ["query", "value"], "token_cls": ["query", "value"]}
-
-
-def method_keys(name: str, task: str) -> dict:
-    row = MATRIX[name]
-    qv = ATTN[task]
-    keys: dict = {"method": row.peft_method, **row.extra}
-    if name in ("lora", "dora", "rslora"):
-        keys.update(r=4, lora_alpha=8, target_modules="all-linear")
-    elif name == "adalora":
-        keys.update(init_r=4, target_r=2, tinit=1, tfinal=2, deltaT=1, target_modules=qv)
-    elif name == "ia3":
-        ff = ["down_proj"] if task == "causal_lm" else ["output.dense"]
-        keys.update(target_modules=qv + ff, feedforward_modules=ff)
-    elif name in ("loha", "lokr"):
-        keys.update(r=4, alpha=8, target_modules=qv)
-    elif name == "vera":
-        keys.update(r=8, target_modules=qv)
-    elif name == "oft":
-        keys.update(r=0, oft_block_size=8, target_modules=qv)
-    elif name in ("prefix_tuning", "prompt_tuning"):
-        keys.update(num_virtual_tokens=4)
-    elif name == "bottleneck_adapter":
-        keys.update(reduction_factor=4)
-    return keys
-
-
 CASES = [(m, t) for m, row in MATRIX.items() for t in row.tasks]
 
 

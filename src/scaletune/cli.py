@@ -52,12 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("launch", help="compose and run `accelerate launch` for this config")
     _add_config(p)
-    p.add_argument("--nproc", type=int, default=1, help="processes per node (GPUs per node)")
+    p.add_argument("--nproc", type=int, default=None, help="processes per node (default: GPUs on this node)")
     p.add_argument("--nnodes", type=int, default=1)
     p.add_argument("--node-rank", type=int, default=0)
     p.add_argument("--master-addr", default="127.0.0.1")
     p.add_argument("--master-port", type=int, default=29500)
-    p.add_argument("--resume", default=None)
+    p.add_argument("--resume", default=None, help="passed to `scaletune train` (auto | checkpoint dir)")
+    p.add_argument("--overwrite", action="store_true", help="passed to `scaletune train`")
+    p.add_argument("--allow-config-change", action="store_true", help="passed to `scaletune train`")
     p.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
 
     p = sub.add_parser("launch-args", help="print the accelerate launch flags this config needs (for scripts)")
@@ -95,9 +97,49 @@ def _setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING if rank == "0" else logging.ERROR)
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse bad command-line values before anything is loaded or written."""
+    from pathlib import Path
+
+    problems = []
+    cmd = args.command
+    if cmd == "demo":
+        if args.steps is not None and args.steps < 1:
+            problems.append(f"--steps: must be >= 1, got {args.steps}")
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            problems.append(f"--out {args.out}: exists and is not a directory")
+    if cmd == "predict":
+        if args.max_new_tokens < 1:
+            problems.append(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")
+        if args.input not in (None, "-") and not Path(args.input).is_file():
+            what = "is a directory" if Path(args.input).is_dir() else "file not found"
+            problems.append(f"--input {args.input}: {what}")
+    if cmd == "merge":
+        out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            problems.append(f"--out {out}: exists and is not a directory")
+        elif out.is_dir() and any(out.iterdir()):
+            problems.append(f"--out {out} is not empty; choose a new directory")
+    if cmd == "launch":
+        if args.nproc < 0 or args.nnodes < 1:
+            problems.append(f"--nproc must be >= 1 (0 = one per GPU) and --nnodes >= 1 (got {args.nproc}, "
+                            f"{args.nnodes})")
+        elif not 0 <= args.node_rank < args.nnodes:
+            problems.append(f"--node-rank: must be in [0, {args.nnodes - 1}], got {args.node_rank}")
+        if not 1 <= args.master_port <= 65535:
+            problems.append(f"--master-port: must be in [1, 65535], got {args.master_port}")
+    if cmd == "slurm" and (args.nodes < 1 or args.gpus_per_node < 0):
+        problems.append(f"--nodes must be >= 1 and --gpus-per-node >= 0 (got {args.nodes}, {args.gpus_per_node})")
+    if len(problems) == 1:
+        raise UserError(problems[0])
+    if problems:
+        raise UserError(problems, title=f"scaletune {cmd}: bad arguments")
+
+
 def dispatch(args: argparse.Namespace) -> int:
     from .config import config_reference, load_config
 
+    check_args(args)
     if args.command == "config-help":
         print(config_reference())
         return 0
@@ -129,7 +171,8 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "predict":
         from .infer import run_predict
 
-        run_predict(cfg, args.adapter, args.input, args.max_new_tokens)
+        # the streams are passed at call time: run_predict's defaults were bound when infer was imported
+        run_predict(cfg, args.adapter, args.input, args.max_new_tokens, out=sys.stdout, stdin=sys.stdin)
         return 0
     if args.command == "merge":
         from .infer import run_merge
@@ -146,7 +189,7 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "slurm":
         from .slurm import main_slurm
 
-        return main_slurm(args, cfg)
+        return main_slurm(args)  # the config was validated above; the job re-reads it
     raise AssertionError(args.command)
 
 

@@ -23,6 +23,9 @@ from .errors import ConfigError
 TASKS = ("causal_lm", "seq_cls", "token_cls")
 CAUSAL_FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion", "text")
 DEEPSPEED_OFFLOAD = ("none", "optimizer", "params", "all")
+MAX_NUM_WORKERS = 256  # DataLoader workers per rank; more is a typo, and each one is a process
+MAX_PEFT_SIZE = 65536  # adapter rank / virtual tokens: far beyond any model's hidden size
+_PEFT_SIZE_KEYS = ("r", "init_r", "target_r", "num_virtual_tokens", "encoder_hidden_size")
 
 
 def _f(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:
@@ -261,7 +264,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {text!r}: bad key {key!r}")
     try:
         parsed = yaml.safe_load(value) if value.strip() else None
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, RecursionError):  # ValueError: ints over Python's digit limit
         parsed = value
     if isinstance(parsed, str):
         try:  # YAML 1.1 leaves "1e-4" a string; on the command line it is clearly a number
@@ -285,6 +288,8 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"run config {path}: is a directory, expected a YAML file")
     if not path.is_file():
         raise ConfigError(f"run config {path}: file not found")
     try:
@@ -298,6 +303,10 @@ def read_yaml(path: str | Path) -> dict:
         where = f":{mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"run config {path}{where}: invalid YAML ({problem})") from None
+    except RecursionError:
+        raise ConfigError(f"run config {path}: invalid YAML (nested too deeply)") from None
+    except ValueError as exc:  # e.g. an integer with more digits than Python converts
+        raise ConfigError(f"run config {path}: invalid YAML ({str(exc).splitlines()[0]})") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -354,6 +363,13 @@ def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_c
         p.append(f"train.max_grad_norm: must be > 0 or null, got {t.max_grad_norm}")
     if t.max_nonfinite_skips < 1:
         p.append(f"train.max_nonfinite_skips: must be >= 1, got {t.max_nonfinite_skips}")
+    if not (0 <= t.seed < 2**32):
+        p.append(f"train.seed: must be in [0, 2**32 - 1], got {t.seed}")
+    for key in ("adam_beta1", "adam_beta2"):
+        if not (0 <= getattr(t, key) < 1):
+            p.append(f"train.{key}: must be in [0, 1), got {getattr(t, key)}")
+    if t.adam_epsilon < 0:
+        p.append(f"train.adam_epsilon: must be >= 0, got {t.adam_epsilon}")
     for tracker in t.report_to or []:
         if tracker not in ("tensorboard", "wandb", "mlflow"):
             p.append(f"train.report_to: unknown tracker {tracker!r} (tensorboard | wandb | mlflow)")
@@ -381,6 +397,19 @@ def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_c
         p.append(f"data.eval_fraction: must be in (0, 1), got {d.eval_fraction}")
     if d.num_workers < 0:
         p.append(f"data.num_workers: must be >= 0, got {d.num_workers}")
+    if d.num_workers > MAX_NUM_WORKERS:
+        p.append(f"data.num_workers: {d.num_workers} worker processes per rank is far too many "
+                 f"(max {MAX_NUM_WORKERS})")
+    for key, value in (("model.name_or_path", m.name_or_path), ("data.train", d.train), ("data.eval", d.eval),
+                       ("output_dir", cfg.output_dir), ("data.text_column", d.text_column),
+                       ("data.text_pair_column", d.text_pair_column), ("data.label_column", d.label_column),
+                       ("data.tokens_column", d.tokens_column), ("data.tags_column", d.tags_column)):
+        if isinstance(value, str) and not value.strip():
+            p.append(f"{key}: must not be empty")
+    if d.tokens_column and d.tokens_column == d.tags_column:
+        p.append(f"data.tokens_column and data.tags_column: both name column {d.tokens_column!r}")
+    if d.text_column and d.text_column in (d.label_column, d.text_pair_column):
+        p.append(f"data.text_column: column {d.text_column!r} is also the label or text-pair column")
     elif d.num_workers > 64:  # each worker is a process: a typo here would fork-bomb the node
         p.append(f"data.num_workers: {d.num_workers} worker processes is too many (at most 64)")
     fmt_ok = {
@@ -395,12 +424,23 @@ def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_c
         p.append(f"data.packing: only supported for task causal_lm, not {cfg.task}")
     if d.labels is not None and cfg.task == "causal_lm":
         p.append("data.labels: only used by seq_cls/token_cls")
-    if d.labels is not None and len(set(map(str, d.labels))) != len(d.labels):
-        p.append("data.labels: contains duplicates")
+    if d.labels is not None:
+        bad = [x for x in d.labels if isinstance(x, bool) or not isinstance(x, (str, int))]
+        if bad:
+            p.append(f"data.labels: every label must be a string or an integer, got {_short(bad[0])}")
+        elif len(set(map(str, d.labels))) != len(d.labels):
+            p.append("data.labels: contains duplicates")
+        if len(d.labels) < (2 if cfg.task == "seq_cls" else 1):
+            p.append(f"data.labels: {cfg.task} needs at least {2 if cfg.task == 'seq_cls' else 1} label(s), "
+                     f"got {len(d.labels)}")
 
     method = cfg.peft_method
     if not isinstance(cfg.peft.get("method", "lora"), str):
         p.append(f"peft.method: expected a method name, got {cfg.peft.get('method')!r}")
+    for key in _PEFT_SIZE_KEYS:  # sizes that allocate memory: refuse absurd ones before allocating
+        value = cfg.peft.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > MAX_PEFT_SIZE:
+            p.append(f"peft.{key}: {value} is larger than any layer (max {MAX_PEFT_SIZE})")
     if m.quantization and m.dtype == "float32":
         p.append("model.quantization: the quantized base computes in bf16/fp16; set model.dtype to bfloat16 "
                  "(or float16)")

@@ -12,7 +12,8 @@ subprocess on the tiny Llama. One float32 single-process run is the reference; t
 * QLoRA (4-bit base) trains under ZeRO-3; bf16 trains on CPU (1 process and ZeRO-2); invalid combinations
   (8-bit + ZeRO-3, fp16 on CPU) are refused with exit 2 before any process is launched.
 
-Runs are module-scoped fixtures shared between the assertions (about 13 launches, ~5-6 min on 2 cores).
+Runs are module-scoped fixtures shared between the assertions: 14 CLI launches (~5.5 CPU-minutes in all,
+about 6 min on an idle 2-core machine; 10 min and more when the machine is shared).
 """
 
 from __future__ import annotations
@@ -117,10 +118,13 @@ def _kill_tree(proc: subprocess.Popen) -> None:
 
 def run_cli(world: SimpleNamespace, cmd: list[str], expect: int = 0, **env: str) -> str:
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(world.cache, **env), capture_output=True, text=True,
-                          timeout=LAUNCH_TIMEOUT)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(world.cache, **env), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        out = proc.communicate(timeout=LAUNCH_TIMEOUT)[0]
+    finally:
+        _kill_tree(proc)  # on a timeout: the launcher *and* its workers
     world.timings.append((" ".join(cmd[2:7]), round(time.perf_counter() - t0, 1)))
-    out = proc.stdout + proc.stderr
     _check(proc, out, cmd, expect)
     return out
 

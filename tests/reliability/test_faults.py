@@ -7,10 +7,8 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import yaml
 
 from scaletune.checkpoint import checkpoint_dirs, verify
 from scaletune.cli import main

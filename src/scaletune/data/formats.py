@@ -36,12 +36,14 @@ def register(name: str, required: tuple[str, ...]) -> Callable:
     return deco
 
 
-def _text(rec: dict, key: str, *, optional: bool = False) -> str:
+def _text(rec: dict, key: str, *, optional: bool = False, target: bool = False) -> str:
     value = rec.get(key)
     if value is None and optional:
         return ""
     if not isinstance(value, str):
         raise DataError(f"{rec.get(WHERE, '?')}: field {key!r} must be a string, got {type(value).__name__}")
+    if target and not value.strip():
+        raise DataError(f"{rec.get(WHERE, '?')}: field {key!r} is empty (nothing to learn from)")
     return value
 
 
@@ -54,10 +56,14 @@ def _alpaca(rec: dict) -> dict:
     system = _text(rec, "system", optional=True)
     if system:
         messages.append({"role": "system", "content": system})
-    for turn in rec.get("history") or []:  # LLaMA-Factory's [[user, assistant], ...]
+    history = rec.get("history") or []
+    if not isinstance(history, list):
+        raise DataError(f"{rec.get(WHERE, '?')}: field 'history' must be a list of [user, assistant] pairs, "
+                        f"got {type(history).__name__}")
+    for turn in history:  # LLaMA-Factory's [[user, assistant], ...]
         if isinstance(turn, (list, tuple)) and len(turn) == 2:
             messages += [{"role": "user", "content": str(turn[0])}, {"role": "assistant", "content": str(turn[1])}]
-    messages += [{"role": "user", "content": user}, {"role": "assistant", "content": _text(rec, "output")}]
+    messages += [{"role": "user", "content": user}, {"role": "assistant", "content": _text(rec, "output", target=True)}]
     return {"messages": messages}
 
 
@@ -77,7 +83,7 @@ def _sharegpt(rec: dict) -> dict:
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
             raise DataError(f"{where}: conversations[{i}] needs 'from' and 'value'")
-        role = _SHAREGPT_ROLES.get(turn["from"])
+        role = _SHAREGPT_ROLES.get(turn["from"]) if isinstance(turn["from"], str) else None
         if role is None:
             raise DataError(f"{where}: conversations[{i}].from={turn['from']!r} is not one of "
                             f"{sorted(_SHAREGPT_ROLES)}")
@@ -103,12 +109,12 @@ def _messages(rec: dict) -> dict:
 
 @register("prompt_completion", ("prompt", "completion"))
 def _prompt_completion(rec: dict) -> dict:
-    return {"segments": [(_text(rec, "prompt"), False), (_text(rec, "completion"), True)]}
+    return {"segments": [(_text(rec, "prompt"), False), (_text(rec, "completion", target=True), True)]}
 
 
 @register("text", ("text",))
 def _plain_text(rec: dict) -> dict:
-    return {"segments": [(_text(rec, "text"), True)]}
+    return {"segments": [(_text(rec, "text", target=True), True)]}
 
 
 def detect(records: list[dict], source: str) -> Format:

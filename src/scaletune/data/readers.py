@@ -40,6 +40,8 @@ def _read_jsonl(path: Path) -> list[dict]:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             problems.append(f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})")
+        except RecursionError:
+            problems.append(f"{path}:{lineno}: invalid JSON (nested too deeply)")
         else:
             if not isinstance(obj, dict):
                 problems.append(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
@@ -63,6 +65,8 @@ def _read_json(path: Path) -> list[dict]:
         if exc.msg == "Extra data":
             return _read_jsonl(path)
         raise DataError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        raise DataError(f"{path}: invalid JSON (nested too deeply)") from None
     if isinstance(obj, dict):
         # Column-oriented {"col": [...], ...} or a wrapper like {"data": [...]}.
         lists = {k: v for k, v in obj.items() if isinstance(v, list)}
@@ -87,7 +91,15 @@ def _read_json(path: Path) -> list[dict]:
 def _read_delimited(path: Path, delimiter: str) -> list[dict]:
     text = _read_text(path)
     reader = csv.reader(text.splitlines(), delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL)
-    rows = list(reader)
+    limit = csv.field_size_limit()
+    csv.field_size_limit(max(limit, len(text)))  # a long document in one field is data, not an error
+    try:
+        rows = list(reader)
+    except csv.Error as exc:
+        kind = "TSV" if delimiter == "\t" else "CSV"
+        raise DataError(f"{path}:{reader.line_num}: malformed {kind} ({exc})") from None
+    finally:
+        csv.field_size_limit(limit)
     if not rows:
         raise DataError(f"{path}: file is empty")
     header = [h.strip() for h in rows[0]]

@@ -113,16 +113,21 @@ def ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def collect_labels(records: list[dict], column: str, *, is_list: bool) -> list[str]:
     """Sorted label set of a column; numbers sort numerically, mixed types are refused."""
     seen: dict[str, type] = {}
+    first: tuple[type, str] | None = None  # type of the first label, and where it is
     for rec in records:
         values = rec.get(column)
+        where = rec.get(WHERE, "?")
         for v in (values if is_list else [values]):
             if isinstance(v, bool) or not isinstance(v, (str, int)):
-                raise DataError(f"{rec.get(WHERE, '?')}: label {v!r} must be a string or an integer")
+                raise DataError(f"{where}: label {v!r} must be a string or an integer")
+            if first is None:
+                first = (type(v), where)
+            elif type(v) is not first[0]:
+                raise DataError(f"{where}: column {column!r} mixes label types: {v!r} is {type(v).__name__}, but "
+                                f"the label at {first[1]} is {first[0].__name__}; use one type (all strings or all "
+                                "integers)")
             seen.setdefault(str(v), type(v))
     kinds = set(seen.values())
-    if len(kinds) > 1:
-        raise DataError(f"column {column!r} mixes label types {sorted(k.__name__ for k in kinds)}; "
-                        "use one type (all strings or all integers)")
     if kinds == {int}:
         return sorted(seen, key=int)
     return sorted(seen)

@@ -1,0 +1,174 @@
+"""Security properties: remote code off by default, safetensors/JSON only on disk, no unsafe loaders,
+no eval/exec, and training writes nowhere but output_dir and the cache."""
+
+from __future__ import annotations
+
+import ast
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from scaletune.cli import main
+
+SRC = Path(__file__).resolve().parents[2] / "src" / "scaletune"
+
+
+def _trees():
+    for path in sorted(SRC.rglob("*.py")):
+        yield path, ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+
+
+def _name(node) -> str:
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        return f"{_name(node.value)}.{node.attr}"
+    return ""
+
+
+# (1) trust_remote_code ---------------------------------------------------------------------------
+
+def test_trust_remote_code_is_off_by_default(tmp_path):
+    from scaletune.config import ModelConfig, from_dict
+
+    assert ModelConfig.__dataclass_fields__["trust_remote_code"].default is False
+    cfg = from_dict({"task": "causal_lm", "model": {"name_or_path": "x/y"}, "data": {"train": "t.jsonl"}})
+    assert cfg.model.trust_remote_code is False
+
+
+def _capture_from_pretrained(monkeypatch):
+    import transformers
+
+    seen = []
+    for cls in (transformers.AutoModelForCausalLM, transformers.AutoTokenizer):
+        orig = cls.from_pretrained.__func__
+
+        def spy(klass, *a, _orig=orig, **kw):
+            seen.append((klass.__name__, kw.get("trust_remote_code", "absent")))
+            return _orig(klass, *a, **kw)
+
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(spy))
+    return seen
+
+
+def test_model_loading_passes_trust_remote_code_false_and_warns_when_on(monkeypatch, caplog, make_config):
+    from scaletune.config import load_config
+    from scaletune.model import load_model, load_tokenizer
+    from scaletune.tasks import get_task
+
+    seen = _capture_from_pretrained(monkeypatch)
+    cfg = load_config(make_config("causal_lm"))
+    with caplog.at_level(logging.WARNING, logger="scaletune"):
+        tok = load_tokenizer(cfg)
+        load_model(cfg, get_task("causal_lm"), None, tok)
+    assert {v for _, v in seen} == {False}, seen  # passed explicitly, as False
+    assert not [r for r in caplog.records if "trust_remote_code" in r.getMessage()]
+
+    seen.clear()
+    caplog.clear()
+    cfg.model.trust_remote_code = True
+    with caplog.at_level(logging.WARNING, logger="scaletune"):
+        load_model(cfg, get_task("causal_lm"), None, tok)
+    assert {v for _, v in seen} == {True}
+    loud = [r for r in caplog.records if "trust_remote_code is ON" in r.getMessage()]
+    assert loud and loud[0].levelno >= logging.WARNING
+
+
+# (2)+(5) one short real training run: file types, and where it writes --------------------------
+
+def _snapshot(root: Path) -> dict:
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            p = Path(dirpath) / f
+            try:
+                st = p.stat()
+            except FileNotFoundError:
+                continue
+            out[p] = (st.st_mtime_ns, st.st_size)
+    return out
+
+
+def test_training_writes_only_safe_formats_and_only_inside_output_dir_and_cache(make_config, tmp_path):
+    cfg_path = make_config("causal_lm", n=32, train={"save_every": 2, "max_steps": 4},
+                           data={"cache": True})  # the cache on: its writes must land in SCALETUNE_CACHE
+    raw = yaml.safe_load(cfg_path.read_text())
+    out = Path(raw["output_dir"])
+    home, cache = tmp_path / "home", tmp_path / "cache"
+    home.mkdir()
+    # everything the run can see lives under tmp_path (config, data, output) or the tiny model's tmp dir
+    roots = [tmp_path, Path(raw["model"]["name_or_path"])]
+    before = {k: v for r in roots for k, v in _snapshot(r).items()}
+    env = {**os.environ, "HOME": str(home), "SCALETUNE_CACHE": str(cache), "OMP_NUM_THREADS": "1",
+           "SCALETUNE_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "HF_HOME": str(cache / "hf"), "XDG_CACHE_HOME": str(cache / "xdg"), "MPLCONFIGDIR": str(cache / "mpl")}
+    res = subprocess.run([sys.executable, "-m", "scaletune", "train", str(cfg_path)], capture_output=True, text=True,
+                         env=env, cwd=str(home), timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    after = {k: v for r in roots for k, v in _snapshot(r).items()}
+    changed = [p for p, v in after.items() if before.get(p) != v]
+    outside = [p for p in changed if not (p.is_relative_to(out) or p.is_relative_to(cache))]
+    assert not outside, f"files written outside output_dir and the cache: {outside}"
+    assert any(p.is_relative_to(out) for p in changed)
+
+    # (2) checkpoints and adapters: safetensors / JSON (+ tokenizer files, peft README, `latest`) only
+    allowed_suffixes = {".safetensors", ".json"}
+    allowed_names = {"latest", "README.md", "tokenizer.model", "merges.txt", "vocab.txt"}
+    files = [p for d in ("checkpoints", "adapter") for p in (out / d).rglob("*") if p.is_file()]
+    assert any(p.suffix == ".safetensors" for p in files)
+    assert (out / "checkpoints" / "latest").is_file()
+    unsafe = [p for p in files if p.suffix in {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}]
+    assert not unsafe, unsafe
+    odd = [p for p in files if p.suffix not in allowed_suffixes and p.name not in allowed_names]
+    assert not odd, odd
+    # nothing pickled anywhere in the run directory either
+    assert not [p for p in out.rglob("*") if p.suffix in {".bin", ".pt", ".pth", ".pkl", ".pickle"}]
+
+
+# (3)+(4) static scans of src/ -----------------------------------------------------------------------
+
+def test_every_torch_load_uses_weights_only_true():
+    offenders = []
+    for path, tree in _trees():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and _name(node.func).endswith("torch.load"):
+                kw = {k.arg: k.value for k in node.keywords}
+                ok = isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True
+                if not ok:
+                    offenders.append(f"{path}:{node.lineno}")
+            if isinstance(node, ast.Call) and _name(node.func) in ("pickle.load", "pickle.loads", "dill.load"):
+                offenders.append(f"{path}:{node.lineno} ({_name(node.func)})")
+    assert not offenders, offenders
+
+
+def test_no_eval_or_exec_and_yaml_is_safe_loaded():
+    offenders = []
+    for path, tree in _trees():
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            name = _name(node.func)
+            if name in ("eval", "exec", "builtins.eval", "builtins.exec", "compile"):
+                offenders.append(f"{path}:{node.lineno}: {name}(")
+            if name in ("yaml.load", "yaml.load_all", "yaml.unsafe_load", "yaml.full_load"):
+                loader = {k.arg: _name(k.value) for k in node.keywords}.get("Loader", "")
+                if len(node.args) > 1:
+                    loader = _name(node.args[1])
+                if "SafeLoader" not in loader:
+                    offenders.append(f"{path}:{node.lineno}: {name} without SafeLoader")
+    assert not offenders, offenders
+    config_src = (SRC / "config.py").read_text()
+    assert "yaml.safe_load(" in config_src
+
+
+def test_yaml_python_tags_are_refused(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    cfg = tmp_path / "evil.yaml"
+    cfg.write_text(f"task: !!python/object/apply:os.system ['touch {marker}']\n")
+    assert main(["train", str(cfg)]) == 2
+    assert "invalid YAML" in capsys.readouterr().err
+    assert not marker.exists()

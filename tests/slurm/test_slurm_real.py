@@ -1,0 +1,325 @@
+"""The REAL sbatch templates running the REAL trainer on the local two-node cluster (slurm/cluster.sh).
+
+Unlike tests/slurm/test_slurm.py nothing is stubbed: the jobs run
+srun -> accelerate launch -> ``python -m scaletune train CONFIG --resume auto`` on a tiny Llama (CPU,
+float32), and the results are compared with the same config run directly (no Slurm, one process):
+
+* a single-node job completes and writes the adapter;
+* a 2-node job trains with 2 ranks and reproduces the single-process loss curve (<= 1e-4 relative);
+* ``scancel --signal=USR1 --batch`` mid-run: the trainer checkpoints, the template requeues, the job
+  resumes (``--resume auto``) and ends with the adapter of an uninterrupted run (<= 1e-6).
+
+To keep the wall time down (the jobs are mostly Python start-up), one module fixture builds the model
+and data once, submits all three jobs at once, starts the two reference runs next to them, and sends
+the preemption signal; each test then only waits for its own job.
+
+    sudo -E .venv/bin/python -m pytest tests/slurm/test_slurm_real.py -m slurm -v
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+TEMPLATES = REPO / "slurm"
+SHORT_STEPS = 4  # single- and multi-node jobs
+LONG_STEPS = 60  # the preempted job: long enough to be signalled mid-run
+SIGNAL_AFTER = 3  # logged steps before the USR1
+JOB_TIMEOUT = 420  # generous: only hit on failure (the machine may be shared and slow)
+RTOL_CURVE = 1e-4
+ATOL_ADAPTER = 1e-6
+
+
+def _load_shared_helpers():
+    """tests/conftest.py by path (a bare `import conftest` would find tests/slurm/conftest.py)."""
+    spec = importlib.util.spec_from_file_location("_scaletune_tests_conftest", REPO / "tests" / "conftest.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+helpers = _load_shared_helpers()
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _env(cluster_env: dict[str, str]) -> dict[str, str]:
+    """Environment for sbatch (exported to the job by --export=ALL) and for the reference runs."""
+    env = {k: v for k, v in cluster_env.items() if not (k.startswith("SLURM_") and k != "SLURM_CONF")}
+    for var in ("PYTHONPATH", "SCALETUNE_VENV", "SCALETUNE_ENTRY", "SCALETUNE_PREEMPT_MARKER",
+                "SCALETUNE_PROCS_PER_NODE", "SCALETUNE_MASTER_PORT", "SCALETUNE_FAULT", "RANK", "WORLD_SIZE",
+                "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_DEEPSPEED",
+                "ACCELERATE_DEEPSPEED_CONFIG_FILE", "ACCELERATE_CONFIG_FILE", "CUDA_VISIBLE_DEVICES"):
+        env.pop(var, None)
+    env.update(SCALETUNE_PYTHON=sys.executable, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               SCALETUNE_NO_PROGRESS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
+    return env
+
+
+def _read(p: Path, tail: int = 6000) -> str:
+    return p.read_text(errors="replace")[-tail:] if p.exists() else f"<no {p.name}>"
+
+
+def _in_queue(job_id: str, env) -> bool:
+    out = subprocess.run(["squeue", "-h", "-j", job_id], env=env, capture_output=True, text=True)
+    # once the job is purged squeue errors with "Invalid job id"
+    return out.returncode == 0 and out.stdout.strip() != ""
+
+
+def _train_events(out_dir: Path, event: str = "train") -> list[dict]:
+    path = out_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:  # a line being written right now
+            continue
+    return [r for r in rows if r.get("event") == event]
+
+
+def _losses(out_dir: Path) -> dict[int, float]:
+    """step -> loss (a resumed run appends; the last record of a step wins)."""
+    return {r["step"]: r["loss"] for r in _train_events(out_dir)}
+
+
+def _assert_same_curve(ref: dict[int, float], got: dict[int, float], steps: int, context: str) -> None:
+    assert sorted(got) == list(range(1, steps + 1)), f"logged steps {sorted(got)}\n{context}"
+    assert sorted(ref) == list(range(1, steps + 1)), f"reference logged steps {sorted(ref)}"
+    bad = {s: (ref[s], got[s]) for s in ref if abs(got[s] - ref[s]) > RTOL_CURVE * abs(ref[s])}
+    assert not bad, f"loss differs from the single-process run (step: (ref, got)): {bad}"
+
+
+def _adapter(out_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(out_dir / "adapter" / "adapter_model.safetensors"))
+
+
+class Job:
+    """One sbatch submission of a real template."""
+
+    def __init__(self, js: SimpleNamespace, name: str, nodes: int, cfg: Path, overrides: list[str]):
+        self.env, self.name, self.nodes = js.env, name, nodes
+        self.out = Path(next(o.split("=", 1)[1] for o in overrides if o.startswith("output_dir=")))
+        template = TEMPLATES / ("multi_node.sbatch" if nodes > 1 else "single_node.sbatch")
+        cmd = ["sbatch", "--parsable", f"--job-name={name}", f"--nodes={nodes}", "--time=00:30:00",
+               str(template), str(cfg), *overrides]
+        res = subprocess.run(cmd, cwd=js.root, env=self.env, capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stdout}{res.stderr}"
+        self.id = res.stdout.strip().split(";")[0]
+        self.log = js.root / "logs" / f"{name}-{self.id}.out"
+        self.submitted = time.monotonic()
+        self.finished: float | None = None
+
+    def alive(self) -> bool:
+        return _in_queue(self.id, self.env)
+
+    def describe(self) -> str:
+        sq = subprocess.run(["squeue", "-j", self.id, "-o", "%i %T %r %N"], env=self.env, capture_output=True,
+                            text=True)
+        return (f"job {self.id} ({self.name}, {self.nodes} node(s)) squeue: {sq.stdout.strip() or sq.stderr.strip()}"
+                f"\n--- log tail ---\n{_read(self.log)}\n--- metrics tail ---\n{_read(self.out / 'metrics.jsonl', 1500)}")
+
+    def wait(self, timeout: float = JOB_TIMEOUT) -> str:
+        deadline = self.submitted + timeout
+        while self.alive():
+            if time.monotonic() > deadline:
+                info = self.describe()
+                subprocess.run(["scancel", self.id], env=self.env)
+                pytest.fail(f"still queued {timeout:.0f}s after submission\n{info}")
+            time.sleep(1)
+        if self.finished is None:
+            self.finished = time.monotonic()
+        return _read(self.log, 10**7)
+
+
+class Reference:
+    """The same config run directly (`python -m scaletune train`), one process, no Slurm."""
+
+    def __init__(self, js: SimpleNamespace, cfg: Path, overrides: list[str]):
+        self.out = Path(next(o.split("=", 1)[1] for o in overrides if o.startswith("output_dir=")))
+        self.stderr = js.root / f"{self.out.name}.stderr"
+        self.cmd = [sys.executable, "-m", "scaletune", "train", str(cfg), *overrides]
+        with open(self.stderr, "w") as err:
+            self.proc = subprocess.Popen(self.cmd, cwd=js.root, env=js.env, stdout=err, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        self.started = time.monotonic()
+
+    def wait(self, timeout: float = JOB_TIMEOUT) -> Path:
+        try:
+            rc = self.proc.wait(timeout=max(1.0, self.started + timeout - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"reference run did not finish in {timeout:.0f}s: {' '.join(self.cmd)}\n{_read(self.stderr)}")
+        assert rc == 0, f"reference run failed (exit {rc}): {' '.join(self.cmd)}\n{_read(self.stderr)}"
+        return self.out
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, 9)
+            except ProcessLookupError:
+                pass
+            self.proc.wait()
+
+
+def _signal_when_training(js: SimpleNamespace) -> None:
+    """Send USR1 to the preempt job's batch shell once it has logged SIGNAL_AFTER steps.
+
+    Problems are recorded (js.preempt_error), not raised: the other tests must still run."""
+    job = js.preempt
+    deadline = job.submitted + JOB_TIMEOUT
+    while time.monotonic() < deadline:
+        steps = [r["step"] for r in _train_events(job.out)]
+        if len(steps) >= SIGNAL_AFTER:
+            if steps[-1] >= LONG_STEPS:
+                break
+            res = subprocess.run(["scancel", "--signal=USR1", "--batch", job.id], env=js.env, capture_output=True,
+                                 text=True)
+            if res.returncode != 0:
+                js.preempt_error = f"scancel --signal=USR1 failed: {res.stderr}\n{job.describe()}"
+            js.signalled_after = steps[-1]
+            return
+        if not job.alive():
+            break
+        time.sleep(0.2)
+    js.preempt_error = f"could not signal the job mid-run (never saw {SIGNAL_AFTER} steps before it ended)\n" \
+                       f"{job.describe()}"
+
+
+# ------------------------------------------------------------------------------------------------
+# the shared fixture: data, jobs, reference runs
+
+
+@pytest.fixture(scope="module")
+def jobs(slurm_cluster, tmp_path_factory):
+    from scaletune.demo.tiny import build_model_dir
+
+    t0 = time.monotonic()
+    root = tmp_path_factory.mktemp("slurm_real")
+    (root / "logs").mkdir()
+    model = build_model_dir(root / "model", helpers.corpus(), arch="llama", hidden=32, layers=2, heads=2,
+                            vocab_size=256)
+    train = helpers.write_jsonl(root / "train.jsonl", helpers.alpaca_records(64))
+    raw = {
+        "task": "causal_lm",
+        "model": {"name_or_path": str(model), "dtype": "float32"},
+        "peft": {"method": "lora", "r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": "all-linear"},
+        "data": {"train": str(train), "max_length": 160, "cache": False},
+        "train": {"global_batch_size": 8, "micro_batch_size": 2, "max_steps": SHORT_STEPS, "learning_rate": 1e-2,
+                  "mixed_precision": "no", "log_every": 1, "eval_every": None, "save_every": None,
+                  "report_to": [], "warmup_ratio": 0.1},
+        "output_dir": str(root / "unused"),
+    }
+    cfg = root / "run.yaml"
+    cfg.write_text(yaml.safe_dump(raw, sort_keys=False))
+    js = SimpleNamespace(root=root, env=_env(slurm_cluster), cfg=cfg, preempt_error=None, signalled_after=None,
+                         timings={"setup_s": 0.0})
+    long = [f"train.max_steps={LONG_STEPS}"]
+    started: list = []
+    try:
+        # the preempted job first (it has the longest path: run, signal, requeue, resume), then the short ones;
+        # the 2-node job waits for both nodes
+        js.preempt = Job(js, "st-preempt", 1, cfg, [*long, f"output_dir={root / 'preempt'}"])
+        started.append(js.preempt)
+        js.single = Job(js, "st-single", 1, cfg, [f"output_dir={root / 'single'}"])
+        started.append(js.single)
+        js.multi = Job(js, "st-multi", 2, cfg, [f"output_dir={root / 'multi'}"])
+        started.append(js.multi)
+        js.ref_short = Reference(js, cfg, [f"output_dir={root / 'ref_short'}"])
+        started.append(js.ref_short)
+        js.ref_long = Reference(js, cfg, [*long, f"output_dir={root / 'ref_long'}"])
+        started.append(js.ref_long)
+        js.timings["setup_s"] = round(time.monotonic() - t0, 1)
+        _signal_when_training(js)
+        yield js
+    finally:
+        for item in started:
+            if isinstance(item, Job):
+                if item.alive():
+                    subprocess.run(["scancel", item.id], env=js.env)
+            else:
+                item.kill()
+        print("\n[slurm-real timings] " + json.dumps({
+            **js.timings,
+            **{j.name: round(j.finished - j.submitted, 1) for j in started if isinstance(j, Job) and j.finished},
+        }))
+
+
+# ------------------------------------------------------------------------------------------------
+# tests
+
+
+@pytest.mark.slurm
+def test_real_single_node_job_writes_adapter(jobs):
+    job = jobs.single
+    text = job.wait()
+    assert "training step exited rc=0" in text, job.describe()
+    assert "restart_count=0" in text and "num_processes=1" in text, text
+    assert "entry: -m scaletune train" in text, text  # the real trainer, not a stand-in
+    assert (job.out / "adapter" / "adapter_model.safetensors").is_file(), job.describe()
+    assert json.loads((job.out / "run.json").read_text())["world_size"] == 1
+    state = json.loads((job.out / "checkpoints" / f"step-{SHORT_STEPS}" / "state.json").read_text())
+    assert state["step"] == SHORT_STEPS
+    # and it is the run you get without Slurm
+    _assert_same_curve(_losses(jobs.ref_short.wait()), _losses(job.out), SHORT_STEPS, job.describe())
+
+
+@pytest.mark.slurm
+def test_real_two_node_job_matches_single_process_curve(jobs):
+    job = jobs.multi
+    text = job.wait()
+    assert "training step exited rc=0" in text, job.describe()
+    assert "nodes=2 procs_per_node=1 num_processes=2" in text, text
+    assert "machine_rank=0" in text and "machine_rank=1" in text, text  # one launcher per node
+    run = json.loads((job.out / "run.json").read_text())
+    assert run["world_size"] == 2, run
+    assert run["grad_accum"] == 2, run  # 8 = 2 micro x 2 accumulation x 2 ranks
+    assert (job.out / "adapter" / "adapter_model.safetensors").is_file(), job.describe()
+    ref = jobs.ref_short.wait()
+    assert json.loads((ref / "run.json").read_text())["world_size"] == 1
+    _assert_same_curve(_losses(ref), _losses(job.out), SHORT_STEPS, job.describe())
+
+
+@pytest.mark.slurm
+def test_real_preemption_checkpoints_requeues_and_resumes_exactly(jobs):
+    import torch
+
+    job = jobs.preempt
+    assert jobs.preempt_error is None, jobs.preempt_error
+    text = job.wait()
+    info = job.describe()
+    assert "caught SIGUSR1" in text and "requeueing job" in text, info
+    assert "restart_count=1" in text, info
+    assert text.rstrip().endswith("training step exited rc=0"), info
+    preempted = _train_events(job.out, "preempted")
+    assert len(preempted) == 1, (preempted, info)
+    stop_step = preempted[0]["step"]
+    assert jobs.signalled_after <= stop_step < LONG_STEPS, (jobs.signalled_after, preempted, info)
+    ckpt_dir = Path(preempted[0]["checkpoint"])
+    assert ckpt_dir.name == f"step-{stop_step}", preempted
+    run = json.loads((job.out / "run.json").read_text())
+    assert run["world_size"] == 1 and run["resumed_from"] == str(ckpt_dir), run
+    state = json.loads((job.out / "checkpoints" / f"step-{LONG_STEPS}" / "state.json").read_text())
+    assert state["step"] == LONG_STEPS, state
+    # nothing lost or repeated: the resumed run continues the uninterrupted run's curve and ends in its adapter
+    ref = jobs.ref_long.wait()
+    _assert_same_curve(_losses(ref), _losses(job.out), LONG_STEPS, info)
+    a, b = _adapter(job.out), _adapter(ref)
+    assert a.keys() == b.keys() and a
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=ATOL_ADAPTER, msg=k)
