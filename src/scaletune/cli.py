@@ -121,8 +121,8 @@ def check_args(args: argparse.Namespace) -> None:
         elif out.is_dir() and any(out.iterdir()):
             problems.append(f"--out {out} is not empty; choose a new directory")
     if cmd == "launch":
-        if args.nproc < 0 or args.nnodes < 1:
-            problems.append(f"--nproc must be >= 1 (0 = one per GPU) and --nnodes >= 1 (got {args.nproc}, "
+        if (args.nproc is not None and args.nproc < 0) or args.nnodes < 1:
+            problems.append(f"--nproc must be >= 1 (default: one per GPU) and --nnodes >= 1 (got {args.nproc}, "
                             f"{args.nnodes})")
         elif not 0 <= args.node_rank < args.nnodes:
             problems.append(f"--node-rank: must be in [0, {args.nnodes - 1}], got {args.node_rank}")

@@ -23,7 +23,6 @@ from .errors import ConfigError
 TASKS = ("causal_lm", "seq_cls", "token_cls")
 CAUSAL_FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion", "text")
 DEEPSPEED_OFFLOAD = ("none", "optimizer", "params", "all")
-MAX_NUM_WORKERS = 256  # DataLoader workers per rank; more is a typo, and each one is a process
 MAX_PEFT_SIZE = 65536  # adapter rank / virtual tokens: far beyond any model's hidden size
 _PEFT_SIZE_KEYS = ("r", "init_r", "target_r", "num_virtual_tokens", "encoder_hidden_size")
 
@@ -349,6 +348,12 @@ def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_c
         val = getattr(t, key)
         if val is not None and val < (0 if key == "warmup_steps" else 1):
             p.append(f"train.{key}: must be >= 1 (or null), got {val}")
+    if t.max_steps is not None and t.max_steps > 100_000_000:
+        p.append(f"train.max_steps: {t.max_steps} would not finish (at most 100000000)")
+    if t.epochs is not None and t.epochs > 100_000:
+        p.append(f"train.epochs: {t.epochs} would not finish (at most 100000)")
+    if t.weight_decay > 10:
+        p.append(f"train.weight_decay: {t.weight_decay} would wipe the adapter out (typical 0..0.1)")
     if t.max_steps is None and (t.epochs is None or t.epochs <= 0):
         p.append("train.epochs: must be > 0 when train.max_steps is not set")
     if not (t.learning_rate > 0):
@@ -397,9 +402,6 @@ def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_c
         p.append(f"data.eval_fraction: must be in (0, 1), got {d.eval_fraction}")
     if d.num_workers < 0:
         p.append(f"data.num_workers: must be >= 0, got {d.num_workers}")
-    if d.num_workers > MAX_NUM_WORKERS:
-        p.append(f"data.num_workers: {d.num_workers} worker processes per rank is far too many "
-                 f"(max {MAX_NUM_WORKERS})")
     for key, value in (("model.name_or_path", m.name_or_path), ("data.train", d.train), ("data.eval", d.eval),
                        ("output_dir", cfg.output_dir), ("data.text_column", d.text_column),
                        ("data.text_pair_column", d.text_pair_column), ("data.label_column", d.label_column),

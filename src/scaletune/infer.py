@@ -51,13 +51,18 @@ def run_eval(cfg: RunConfig, adapter: str | None, data: str | None) -> dict:
                       or torch.cuda.is_available() else "no", cpu=not torch.cuda.is_available())
     model = model.to(acc.device)
     cfg.data.labels = labels if labels else cfg.data.labels
+    if cfg.data.eval:  # labels come from the adapter: the training file is not needed (or read)
+        cfg.data.train = cfg.data.eval
     sets = build_datasets(cfg, task, tokenizer, None)
     return evaluate(acc, model, task, sets["eval"], labels, cfg.train.micro_batch_size, tokenizer.pad_token_id)
 
 
 def _read_inputs(source: str | None, stdin: TextIO) -> list[dict]:
     """Lines of plain text or JSON objects, from a file or stdin."""
-    text = Path(source).read_text(encoding="utf-8") if source and source != "-" else stdin.read()
+    try:
+        text = Path(source).read_text(encoding="utf-8") if source and source != "-" else stdin.read()
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{source or '<stdin>'}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
     items = []
     for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -74,8 +79,9 @@ def _read_inputs(source: str | None, stdin: TextIO) -> list[dict]:
 
 @torch.no_grad()
 def run_predict(cfg: RunConfig, adapter: str | None, source: str | None, max_new_tokens: int,
-                out: TextIO = sys.stdout, stdin: TextIO = sys.stdin) -> list[dict]:
+                out: TextIO | None = None, stdin: TextIO | None = None) -> list[dict]:
     """Generate (causal_lm) or label (seq_cls/token_cls); writes one JSON line per input."""
+    out, stdin = out or sys.stdout, stdin or sys.stdin
     model, tokenizer, task, labels, _ = load_trained(cfg, adapter)
     results = []
     for item in _read_inputs(source, stdin):

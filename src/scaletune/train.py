@@ -73,7 +73,11 @@ class Run:
     counters: dict = field(default_factory=lambda: {"nonfinite_skips": 0, "tokens_seen": 0})
 
 
-def prepare_output_dir(cfg: RunConfig, resume: str | None, overwrite: bool, is_main: bool) -> Path:
+def check_output_dir(cfg: RunConfig, resume: str | None, overwrite: bool) -> bool:
+    """Refuse to write into a non-empty output_dir unless resuming or told to overwrite.
+
+    Returns whether the old directory must be replaced; the caller does that only after data and
+    model have loaded, so a bad input never costs the user the previous run."""
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir: {out} exists and is not a directory")
@@ -81,9 +85,8 @@ def prepare_output_dir(cfg: RunConfig, resume: str | None, overwrite: bool, is_m
         if not overwrite:
             raise ConfigError(f"output_dir: {out} is not empty; resume it with --resume auto, pick a new "
                               "output_dir, or pass --overwrite to replace it")
-        if is_main:
-            shutil.rmtree(out)
-    return out
+        return True
+    return False
 
 
 def build_optimizer(cfg: RunConfig, model: Any) -> Any:
@@ -140,9 +143,7 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
             raise UserError(f"--resume {resume}: not a usable checkpoint ({problem})")
     accelerator = Accelerator(project_dir=str(out), log_with=t.report_to or None,
                               **accelerator_kwargs(cfg, accum))
-    prepare_output_dir(cfg, resume if resume not in (None, "none") else None, overwrite,
-                       accelerator.is_main_process)
-    accelerator.wait_for_everyone()
+    replace_output = check_output_dir(cfg, resume if resume not in (None, "none") else None, overwrite)
     set_seed(t.seed)
     tokenizer = load_tokenizer(cfg)
     task = get_task(cfg.task)
@@ -161,7 +162,10 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
     scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total)
     run = Run(cfg, accelerator, model, optimizer, scheduler, task, data, tokenizer, out, total, accum, fingerprint)
     if accelerator.is_main_process:
+        if replace_output:
+            shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
     if resume_from is not None:
         params, opt_state, state = ckpt.load_checkpoint(resume_from)
         load_trainable_state(accelerator, model, optimizer, params, opt_state, state["optimizer_scalars"])

@@ -177,7 +177,7 @@ CONFIG_CASES = [
     ("causal_lm", "data.format", "xml", ["data.format: 'xml' is not valid for task causal_lm"]),
     ("causal_lm", "data.packing", "yes", ["data.packing: expected bool"]),
     ("causal_lm", "data.eval_fraction", 1.5, ["data.eval_fraction"]),
-    ("causal_lm", "data.num_workers", 10**9, ["data.num_workers", "far too many"]),
+    ("causal_lm", "data.num_workers", 10**9, ["data.num_workers", "too many"]),
     ("causal_lm", "data.num_workers", -1, ["data.num_workers: must be >= 0"]),
     ("causal_lm", "peft", [1, 2], ["peft: expected dict"]),
     ("causal_lm", "peft.method", 5, ["peft.method: expected a method name"]),
@@ -372,8 +372,6 @@ def test_existing_output_dir_is_untouched_by_a_failing_resume(world):
                args=["--resume", "/nonexistent"])
 
 
-@pytest.mark.xfail(strict=True, reason="train.setup deletes the old output_dir (--overwrite) before the data and "
-                                       "model are validated; the rmtree belongs after validation (train.py)")
 def test_existing_output_dir_survives_overwrite_with_bad_data(world):
     raw = base_raw(world)
     out = Path(raw["output_dir"])
@@ -526,7 +524,7 @@ RANGE = {  # key -> strategy of out-of-range values (types are right; the value 
     "train.adam_beta1": st.one_of(st.floats(max_value=-1e-12), st.floats(min_value=1.0, max_value=1e308)),
     "train.adam_beta2": st.one_of(st.floats(max_value=-1e-12), st.floats(min_value=1.0, max_value=1e308)),
     "train.adam_epsilon": st.floats(max_value=-1e-300),
-    "data.num_workers": st.one_of(st.integers(max_value=-1), st.integers(min_value=257, max_value=10**15)),
+    "data.num_workers": st.one_of(st.integers(max_value=-1), st.integers(min_value=65, max_value=10**15)),
     "peft.r": st.integers(min_value=65537, max_value=10**15),
 }
 
