@@ -184,6 +184,18 @@ def _losses(trainer) -> list[float]:
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
 
+def _clock_callback(stamps: dict):
+    """Start the baselines' clock at their first optimizer step, as scaletune's starts at `fit`:
+    Trainer.train() also builds its optimizer, dataloader and accelerate wrappers, which is setup."""
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+            stamps.setdefault("start", (time.perf_counter(), _cpu()))
+
+    return Clock()
+
+
 def worker_hf(spec: dict) -> None:
     t0 = time.perf_counter()
     import datasets
@@ -201,10 +213,12 @@ def worker_hf(spec: dict) -> None:
                              gradient_accumulation_steps=spec["global_batch"] // spec["micro"],
                              max_steps=spec["steps"],  # no length grouping (transformers 5 removed it)
                              **_hf_common_args(spec, str(Path(spec["workdir"]) / f"out_hf_{os.getpid()}")))
-    trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=collator)
-    t1, c1 = time.perf_counter(), _cpu()
+    stamps: dict = {}
+    trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=collator,
+                      callbacks=[_clock_callback(stamps)])
     trainer.train()
     t2, c2 = time.perf_counter(), _cpu()
+    t1, c1 = stamps["start"]
     _finish(spec, {"setup_s": t1 - t0, "train_s": t2 - t1, "cpu_s": c2 - c1, "target_tokens": collator.targets,
                    "steps": trainer.state.global_step, "losses": _losses(trainer)})
 
@@ -231,9 +245,11 @@ def worker_trl(spec: dict) -> None:
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
                          peft_config=peft.LoraConfig(task_type="CAUSAL_LM", **_lora_kwargs()))
     trainer.data_collator = collator = CountingCollator(trainer.data_collator)  # padding-free forbids passing one
-    t1, c1 = time.perf_counter(), _cpu()
+    stamps: dict = {}
+    trainer.add_callback(_clock_callback(stamps))
     trainer.train()
     t2, c2 = time.perf_counter(), _cpu()
+    t1, c1 = stamps["start"]
     _finish(spec, {"setup_s": t1 - t0, "train_s": t2 - t1, "cpu_s": c2 - c1, "target_tokens": collator.targets,
                    "steps": trainer.state.global_step, "losses": _losses(trainer),
                    "padding_free": bool(getattr(trainer, "padding_free", False))})

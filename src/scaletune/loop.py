@@ -63,7 +63,7 @@ def fit(run: Run, stop: StopFlag) -> str:
             speed.count(batch)
             run.batch_shape = tuple(batch["input_ids"].shape)  # for an out-of-memory message
             with acc.accumulate(model):
-                loss, _ = task.loss_sum(model, batch)
+                loss = task.loss_sum(model, batch)[0]  # drop the logits now: they would outlive backward
                 loss = faults.at_step(run.step + 1, loss)  # test-only failures; a no-op unless asked
                 # accelerate (or DeepSpeed) divides by the accumulation steps; `scale` undoes that.
                 # A per-step regulariser (AdaLoRA) is added unscaled: after that division its

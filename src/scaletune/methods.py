@@ -20,24 +20,28 @@ class Method:
     extra: dict  # peft keys that define the variant (e.g. use_dora)
     tasks: tuple[str, ...]
     zero3: bool
-    note: str = ""
+    note: str = ""  # why some tasks are missing / what to know
+    zero3_why: str = ""  # why ZeRO-3 is refused
 
 
 _ALL = ("causal_lm", "seq_cls", "token_cls")
+_PROMPT_Z3 = "peft computes the embeddings to save with a forward on one rank, which deadlocks; use ZeRO-2"
 MATRIX: dict[str, Method] = {
     "lora": Method("lora", {}, _ALL, True),
     "dora": Method("lora", {"use_dora": True}, _ALL, True, "LoRA + weight-decomposed magnitude"),
     "rslora": Method("lora", {"use_rslora": True}, _ALL, True, "rank-stabilised scaling alpha/sqrt(r)"),
-    "adalora": Method("adalora", {}, _ALL, False, "rank re-allocation needs whole parameters: ZeRO <= 2"),
+    "adalora": Method("adalora", {}, _ALL, False, zero3_why="rank re-allocation needs whole parameters; use ZeRO-2"),
     "ia3": Method("ia3", {}, _ALL, True),
-    "loha": Method("loha", {}, _ALL, True),
+    "loha": Method("loha", {}, _ALL, False, zero3_why="peft's LoHa sizes itself from the base weight, which "
+                                                     "ZeRO-3 has already partitioned (empty) at load; use ZeRO-2"),
     "lokr": Method("lokr", {}, _ALL, True),
-    "vera": Method("vera", {}, _ALL, True, "needs equal-shaped target layers (e.g. q/v projections)"),
+    "vera": Method("vera", {}, _ALL, False, "needs equal-shaped target layers (e.g. q/v projections)",
+                   "saving its shared projections deadlocks under ZeRO-3; use ZeRO-2"),
     "oft": Method("oft", {}, _ALL, True),
-    "prefix_tuning": Method("prefix_tuning", {}, ("causal_lm", "seq_cls"), True,
-                            "virtual key/values; token_cls: peft gives no per-token alignment"),
-    "prompt_tuning": Method("prompt_tuning", {}, ("causal_lm", "seq_cls"), True,
-                            "virtual input tokens; token_cls: outputs would include the virtual tokens"),
+    "prefix_tuning": Method("prefix_tuning", {}, ("causal_lm", "seq_cls"), False,
+                            "virtual key/values; token_cls: peft gives no per-token alignment", _PROMPT_Z3),
+    "prompt_tuning": Method("prompt_tuning", {}, ("causal_lm", "seq_cls"), False,
+                            "virtual input tokens; token_cls: outputs would include the virtual tokens", _PROMPT_Z3),
     "bottleneck_adapter": Method("bottleneck_adapter", {}, _ALL, True, "Houlsby/Pfeiffer adapter (scaletune's)"),
 }
 
@@ -63,17 +67,19 @@ def problems(cfg: Any) -> list[str]:
         out.append(f"peft.method={cfg.peft_method} with task {cfg.task} is not supported ({row.note}); "
                    f"use one of: {', '.join(m for m, r in MATRIX.items() if cfg.task in r.tasks)}")
     if cfg.distributed.zero_stage == 3 and not row.zero3:
-        out.append(f"peft.method={cfg.peft_method} with distributed.zero_stage=3: {row.note}")
+        out.append(f"peft.method={cfg.peft_method} with distributed.zero_stage=3: {row.zero3_why}")
     return out
 
 
 def matrix_markdown() -> str:
-    head = "| method (`peft.method`) | causal_lm | seq_cls | token_cls | ZeRO-3 | note |\n| --- | --- | --- | --- | --- | --- |"
+    head = ("| method (`peft.method`) | causal_lm | seq_cls | token_cls | ZeRO-3 | note |\n"
+            "| --- | --- | --- | --- | --- | --- |")
     lines = [head]
     for name, row in MATRIX.items():
         key = f"`{row.peft_method}`" + "".join(f" + `{k}: true`" for k in row.extra)
         marks = " | ".join("yes" if t in row.tasks else "no" for t in _ALL)
-        lines.append(f"| {name} ({key}) | {marks} | {'yes' if row.zero3 else 'no'} | {row.note} |")
+        note = "; ".join(x for x in (row.note, row.zero3_why and f"ZeRO-3: {row.zero3_why}") if x)
+        lines.append(f"| {name} ({key}) | {marks} | {'yes' if row.zero3 else 'no'} | {note} |")
     return "\n".join(lines)
 
 
