@@ -16,7 +16,6 @@ moment leaves either the old or the new checkpoint as latest, never a partial on
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -27,18 +26,11 @@ from typing import Any
 
 from . import faults
 from .errors import UserError
+from .fileutil import sha256_file
 
 log = logging.getLogger("scaletune")
 STEP_RE = re.compile(r"^step-(\d+)$")
 MANIFEST = "manifest.json"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fsync_tree(root: Path) -> None:
@@ -54,7 +46,7 @@ def _fsync_tree(root: Path) -> None:
 
 
 def write_manifest(root: Path, step: int, fingerprint: str) -> None:
-    files = {str(p.relative_to(root)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+    files = {str(p.relative_to(root)): {"size": p.stat().st_size, "sha256": sha256_file(p)}
              for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}
     (root / MANIFEST).write_text(json.dumps({"step": step, "config_fingerprint": fingerprint, "files": files},
                                             indent=1))
@@ -73,7 +65,7 @@ def verify(root: Path) -> str | None:
         path = root / rel
         if not path.is_file():
             return f"missing file {rel}"
-        if path.stat().st_size != meta["size"] or _sha256(path) != meta["sha256"]:
+        if path.stat().st_size != meta["size"] or sha256_file(path) != meta["sha256"]:
             return f"file {rel} does not match its hash"
     return None
 

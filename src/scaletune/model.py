@@ -134,15 +134,26 @@ def load_model(cfg: RunConfig, task: Any, labels: list[str] | None, tokenizer: A
     if adapter_path is not None:
         model = peft.PeftModel.from_pretrained(model, adapter_path, is_trainable=False)
     else:
-        pconf = peft_config(cfg, task.peft_task_type, total_steps)
-        try:
-            model = peft.get_peft_model(model, pconf)
-        except (ValueError, TypeError, AttributeError, NotImplementedError) as exc:
-            raise UserError(f"peft.method={cfg.peft_method}: cannot apply to {type(model).__name__} "
-                            f"({str(exc).splitlines()[0]})") from None
+        model = apply_adapter(model, cfg, task, total_steps)
+    return float32_trainables(model)
+
+
+def apply_adapter(model: Any, cfg: RunConfig, task: Any, total_steps: int | None) -> Any:
+    """Wrap `model` with the run's new peft adapter (also used on the meta device by `plan`)."""
+    import peft
+
+    pconf = peft_config(cfg, task.peft_task_type, total_steps)
+    try:
+        return peft.get_peft_model(model, pconf)
+    except (ValueError, TypeError, AttributeError, NotImplementedError) as exc:
+        raise UserError(f"peft.method={cfg.peft_method}: cannot apply to {type(model).__name__} "
+                        f"({str(exc).splitlines()[0]})") from None
+
+
+def float32_trainables(model: Any) -> Any:
+    """Adam on bf16/fp16 weights loses small updates; keep every trainable parameter in float32."""
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
-            # Adam on bf16/fp16 weights loses small updates; keep every trainable in float32.
             p.data = p.data.float()
     return model
 

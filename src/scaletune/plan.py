@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import RunConfig, cross_field_problems
-from .errors import ConfigError, UserError
+from .errors import ConfigError
 
 GiB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -90,11 +90,10 @@ def _labels(cfg: RunConfig, task: Any) -> list[str] | None:
 
 def build_meta_model(cfg: RunConfig) -> Any:
     """Base model from its config on the meta device (no weights read) with the run's peft adapter."""
-    import peft
     import torch
     from transformers import AutoConfig
 
-    from .model import DTYPES, peft_config
+    from .model import DTYPES, apply_adapter, float32_trainables
     from .tasks import get_task
 
     task = get_task(cfg.task)
@@ -108,16 +107,8 @@ def build_meta_model(cfg: RunConfig) -> Any:
     with torch.device("meta"):
         model = task.auto_model_class().from_config(config, dtype=DTYPES[cfg.model.dtype],
                                                     trust_remote_code=cfg.model.trust_remote_code)
-        pconf = peft_config(cfg, task.peft_task_type, total_steps=1000)  # total_steps: only sizes adalora
-        try:
-            model = peft.get_peft_model(model, pconf)
-        except (ValueError, TypeError, AttributeError, NotImplementedError) as exc:
-            raise UserError(f"peft.method={cfg.peft_method}: cannot apply to {type(model).__name__} "
-                            f"({str(exc).splitlines()[0]})") from None
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()  # as load_model does
-    return model
+        model = apply_adapter(model, cfg, task, total_steps=1000)  # total_steps only sizes adalora
+    return float32_trainables(model)  # as load_model does
 
 
 def _optimizer_groups(cfg: RunConfig, model: Any) -> list[list[int]]:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
+from ..fileutil import sha256_file
 from .readers import WHERE, read_records
 
 CACHE_VERSION = "1"
@@ -32,11 +33,7 @@ def _file_digest(spec: str | None) -> str:
     path = Path(spec)
     if not path.is_file():
         return spec
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return sha256_file(path)
 
 
 def _tokenizer_digest(tokenizer: Any) -> str:
