@@ -184,7 +184,8 @@ def test_token_cls_learns_with_seqeval_metrics(make_config, tmp_path):
 
 def test_causal_lm_eval_reports_perplexity_and_loss_drops(make_config, tmp_path):
     path = make_config("causal_lm", n=64, train={"global_batch_size": 8, "micro_batch_size": 8, "max_steps": 30,
-                                                 "learning_rate": 2e-2, "eval_every": 15})
+                                                 "learning_rate": 2e-2, "eval_every": 15,
+                                                 "report_to": ["tensorboard"]})
     run, _ = setup(load_config(path))
     fit(run, StopFlag())
     evals = read_metrics(run.output_dir, "eval")
@@ -194,5 +195,6 @@ def test_causal_lm_eval_reports_perplexity_and_loss_drops(make_config, tmp_path)
     assert train[-1]["loss"] < train[0]["loss"] * 0.97
     for key in ("tokens_per_s", "target_tokens_per_s", "padding_ratio", "peak_mem_mb", "lr", "grad_norm"):
         assert key in train[0]
+    assert list(run.output_dir.rglob("events.out.tfevents*")), "no TensorBoard events written"
     info = json.loads((run.output_dir / "run.json").read_text())
     assert info["world_size"] == 1 and info["config"]["task"] == "causal_lm" and info["versions"]["torch"]

@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 import signal
 import time
@@ -142,6 +143,8 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
         problem = ckpt.verify(resume_from) if resume_from.is_dir() else "not a directory"
         if problem:
             raise UserError(f"--resume {resume}: not a usable checkpoint ({problem})")
+    if "wandb" in (t.report_to or []) and not os.environ.get("WANDB_API_KEY"):
+        os.environ.setdefault("WANDB_MODE", "offline")  # no key: log locally instead of failing the run
     accelerator = Accelerator(project_dir=str(out), log_with=t.report_to or None,
                               **accelerator_kwargs(cfg, accum))
     replace_output = check_output_dir(cfg, resume if resume not in (None, "none") else None, overwrite)
