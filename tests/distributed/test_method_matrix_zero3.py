@@ -3,7 +3,6 @@ loads through plain peft and reproduces the predictions of the same adapter run 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import socket
@@ -18,14 +17,10 @@ pytestmark = pytest.mark.distributed
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _helpers():
-    spec = importlib.util.spec_from_file_location("_st_conftest", REPO / "tests" / "conftest.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
-helpers = _helpers()
+import stutil as helpers  # noqa: E402  (tests/ is on sys.path via tests/conftest.py)
+
 method_keys = helpers.method_keys
 
 from scaletune.methods import MATRIX  # noqa: E402

@@ -18,7 +18,6 @@ about 6 min on an idle 2-core machine; 10 min and more when the machine is share
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -48,16 +47,9 @@ RTOL = 1e-4
 LAUNCH_TIMEOUT = 420  # the first DeepSpeed launch JIT-compiles a comm op (~90 s, once per machine)
 
 
-def _load_shared_helpers():
-    """tests/conftest.py by path (a bare `import conftest` here may resolve to tests/distributed/conftest.py)."""
-    spec = importlib.util.spec_from_file_location("_scaletune_tests_conftest", REPO / "tests" / "conftest.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
-helpers = _load_shared_helpers()
-
+import stutil as helpers  # noqa: E402  (tests/ is on sys.path via tests/conftest.py)
 
 # ------------------------------------------------------------------------------------------------
 # running the CLI

@@ -18,7 +18,6 @@ the preemption signal; each test then only waits for its own job.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -40,16 +39,9 @@ RTOL_CURVE = 1e-4
 ATOL_ADAPTER = 1e-6
 
 
-def _load_shared_helpers():
-    """tests/conftest.py by path (a bare `import conftest` would find tests/slurm/conftest.py)."""
-    spec = importlib.util.spec_from_file_location("_scaletune_tests_conftest", REPO / "tests" / "conftest.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
-helpers = _load_shared_helpers()
-
+import stutil as helpers  # noqa: E402  (tests/ is on sys.path via tests/conftest.py)
 
 # ------------------------------------------------------------------------------------------------
 # helpers

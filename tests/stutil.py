@@ -1,0 +1,106 @@
+"""Shared test helpers: synthetic data with learnable rules, tiny model settings, metrics reading.
+
+A module with a unique name (not `conftest`): the sub-suites have conftest.py files of their own, and
+`from conftest import ...` would resolve to whichever was imported first.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet", "kilo",
+         "lima", "mike", "november", "oscar", "papa", "quebec", "romeo", "sierra", "tango"]
+ENTITIES = {"PER": ["Alice", "Bob", "Carol", "Dave"], "LOC": ["Paris", "Oslo", "Lima", "Cairo"]}
+
+
+def alpaca_records(n: int, seed: int = 0) -> list[dict]:
+    """Variable-length instruction data with a learnable rule (echo the words in reverse order)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        words = rng.sample(WORDS, rng.randint(1, 8))
+        out.append({"instruction": "Reverse the order of these words.", "input": " ".join(words),
+                    "output": " ".join(reversed(words))})
+    return out
+
+
+def cls_records(n: int, seed: int = 0) -> list[dict]:
+    """Label = whether 'alpha' occurs in the sentence (learnable from one token)."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        words = rng.sample(WORDS[1:], rng.randint(2, 8))
+        label = "pos" if i % 2 == 0 else "neg"
+        if label == "pos":
+            words.insert(rng.randrange(len(words) + 1), "alpha")
+        out.append({"text": " ".join(words), "label": label})
+    return out
+
+
+def ner_records(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        tokens, tags = [], []
+        for _ in range(rng.randint(3, 9)):
+            r = rng.random()
+            if r < 0.2:
+                tokens.append(rng.choice(ENTITIES["PER"]))
+                tags.append("B-PER")
+            elif r < 0.4:
+                tokens.append(rng.choice(ENTITIES["LOC"]))
+                tags.append("B-LOC")
+            else:
+                tokens.append(rng.choice(WORDS))
+                tags.append("O")
+        out.append({"tokens": tokens, "tags": tags})
+    return out
+
+
+ATTN = {"causal_lm": ["q_proj", "v_proj"], "seq_cls": ["query", "value"], "token_cls": ["query", "value"]}
+
+
+def method_keys(name: str, task: str) -> dict:
+    """Small per-method peft settings that fit the tiny test models (shared by the matrix tests)."""
+    from scaletune.methods import MATRIX
+
+    row = MATRIX[name]
+    qv = ATTN[task]
+    keys: dict = {"method": row.peft_method, **row.extra}
+    if name in ("lora", "dora", "rslora"):
+        keys.update(r=4, lora_alpha=8, target_modules="all-linear")
+    elif name == "adalora":
+        keys.update(init_r=4, target_r=2, tinit=1, tfinal=2, deltaT=1, target_modules=qv)
+    elif name == "ia3":
+        ff = ["down_proj"] if task == "causal_lm" else ["output.dense"]
+        keys.update(target_modules=qv + ff, feedforward_modules=ff)
+    elif name in ("loha", "lokr"):
+        keys.update(r=4, alpha=8, target_modules=qv)
+    elif name == "vera":
+        keys.update(r=8, target_modules=qv)
+    elif name == "oft":
+        keys.update(r=0, oft_block_size=8, target_modules=qv)
+    elif name in ("prefix_tuning", "prompt_tuning"):
+        keys.update(num_virtual_tokens=4)
+    elif name == "bottleneck_adapter":
+        keys.update(reduction_factor=4)
+    return keys
+
+
+def corpus() -> list[str]:
+    texts = [" ".join(r.values()) for r in alpaca_records(200)] + [r["text"] for r in cls_records(100)]
+    texts += [" ".join(r["tokens"]) for r in ner_records(100)]
+    texts += ["### Instruction:\n### Response:\n" + " ".join(WORDS)] * 5
+    return texts * 3
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def read_metrics(run_dir: Path, event: str = "train") -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r["event"] == event]
