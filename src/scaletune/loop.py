@@ -92,6 +92,7 @@ def fit(run: Run, stop: StopFlag) -> str:
                          "step. The last good checkpoint is kept; resume with a lower learning rate or "
                          "train.on_nonfinite: skip")
         speed.add_step(n_global)
+        run.counters["tokens_seen"] += n_global  # target tokens trained on, kept across resumes
         if run.step % t.log_every == 0 or run.step == run.total_steps:
             values = {"loss": step_loss, **speed.flush(), "lr": scheduler.get_last_lr()[0],
                       "grad_norm": grad_norm, "epoch": run.step / max(1, len(run.data["train"]) // t.global_batch_size)}
