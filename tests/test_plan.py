@@ -128,7 +128,7 @@ def build_llama_110m(root: Path, *, weights: bool) -> Path:
 
     from scaletune.demo.tiny import train_tokenizer
 
-    from conftest import corpus
+    from stutil import corpus
 
     out = root / "llama110m"
     out.mkdir(parents=True, exist_ok=True)
