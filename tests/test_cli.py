@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from stutil import write_jsonl
 
 from scaletune.cli import main
+
+from stutil import write_jsonl
 
 
 def run_cli(args, capsys):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from stutil import write_jsonl
 
 from scaletune.config import from_dict
 from scaletune.data import build_datasets
@@ -13,6 +12,8 @@ from scaletune.data.readers import read_records
 from scaletune.errors import DataError
 from scaletune.model import load_tokenizer
 from scaletune.tasks import IGNORE, get_task
+
+from stutil import write_jsonl
 
 
 def test_bad_json_line_named(tmp_path):

@@ -9,13 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from stutil import method_keys, read_metrics
 
 from scaletune.config import from_dict, load_config
 from scaletune.errors import ConfigError
 from scaletune.loop import fit
 from scaletune.methods import MATRIX, matrix_markdown, problems
 from scaletune.train import StopFlag, setup
+
+from stutil import method_keys, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = [(m, t) for m, row in MATRIX.items() for t in row.tasks]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from stutil import read_metrics
 
 from scaletune.config import load_config
 from scaletune.data.batching import epoch_order, step_micro_batches
@@ -13,6 +12,8 @@ from scaletune.loop import fit
 from scaletune.tasks import IGNORE
 from scaletune.tasks.base import pad_batch
 from scaletune.train import StopFlag, setup
+
+from stutil import read_metrics
 
 
 def test_pack_rows_places_every_example_once_within_max_length():

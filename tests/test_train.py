@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from stutil import read_metrics
 
 from scaletune.config import load_config
 from scaletune.loop import fit
 from scaletune.train import StopFlag, setup
+
+from stutil import read_metrics
 
 
 class StopAt:

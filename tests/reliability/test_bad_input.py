@@ -21,9 +21,10 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from stutil import alpaca_records, cls_records, ner_records, write_jsonl
 
 from scaletune.cli import main
+
+from stutil import alpaca_records, cls_records, ner_records, write_jsonl
 
 HYP = settings(derandomize=True, deadline=None, max_examples=30, database=None,
                suppress_health_check=list(HealthCheck))

@@ -9,10 +9,11 @@ import subprocess
 import sys
 
 import pytest
-from stutil import read_metrics
 
 from scaletune.checkpoint import checkpoint_dirs, verify
 from scaletune.cli import main
+
+from stutil import read_metrics
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "SCALETUNE_NO_PROGRESS": "1"}
 

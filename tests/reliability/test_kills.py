@@ -17,9 +17,10 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from stutil import alpaca_records, write_jsonl
 
 from scaletune.checkpoint import verify
+
+from stutil import alpaca_records, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 40  # more steps than kills: each attempt trains at least one step before its kill
