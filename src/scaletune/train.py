@@ -9,7 +9,6 @@ import math
 import os
 import shutil
 import signal
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -284,6 +283,3 @@ def final_outputs(run: Run, metrics_log: Any) -> None:
         metrics_log.write(f"adapter saved to {final}")
     run.accelerator.wait_for_everyone()
 
-
-def elapsed(since: float) -> float:
-    return time.perf_counter() - since
