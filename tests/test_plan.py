@@ -2,7 +2,8 @@
 
 Measurements come from tests/plan_helpers/measure.py (in-process for one process, `accelerate launch`
 with 2 CPU processes over gloo for DDP / ZeRO-2 / ZeRO-3). Activations and buffers are approximate;
-their total is checked against the peak RSS increase of a real ~110M-parameter step (slow test).
+their total is checked against the measured tensor-memory peak of a real ~110M-parameter step
+(slow test).
 """
 
 from __future__ import annotations
@@ -159,23 +160,28 @@ def test_meta_count_of_110m_model(tmp_path, make_config):
 
 
 @pytest.mark.slow
-def test_total_vs_peak_rss_110m(tmp_path, make_config):
-    """One real step of the ~110M model in a fresh process: states exact, total within +-20% of RSS growth.
+def test_total_vs_measured_peak_110m(tmp_path, make_config):
+    """One real step of the ~110M model in a fresh process: states exact, total within +-20% of the peak.
 
-    RSS growth = ru_maxrss after the step - ru_maxrss before setup (imports already paid). It includes
-    allocator slack and the tokenizer/data, which the estimate does not model; the model (440 MB fp32)
-    and the logits dominate at this size, so 20% is a meaningful bound.
+    The peak is the most tensor memory alive at once (parameters + everything the profiler saw allocated
+    during the step), the CPU stand-in for `torch.cuda.max_memory_allocated`. Every row is long enough
+    to be cut at max_length, which is what the estimate assumes; the answer is most of each row, so the
+    logits at target positions are nearly the full sequence.
     """
+    from stutil import WORDS, write_jsonl
+
     model_dir = build_llama_110m(tmp_path, weights=True)
-    cfg_path = make_config(model={"name_or_path": str(model_dir)},
-                           train={**ONE_STEP, "micro_batch_size": 4}, data={"max_length": 128})
+    records = [{"instruction": "Repeat.", "input": "", "output": " ".join(WORDS[i % 7:] * 8)} for i in range(16)]
+    train = write_jsonl(tmp_path / "long.jsonl", records)
+    cfg_path = make_config(model={"name_or_path": str(model_dir)}, train={**ONE_STEP, "micro_batch_size": 4},
+                           data={"max_length": 128, "train": str(train), "eval": None})
     measured = measure_subprocess(cfg_path, tmp_path / "measured.json", world=1)
     cfg = load_config(cfg_path)
     est = plan.estimate(cfg, plan.model_shape(cfg), 1, cuda=False)
     assert {k: measured[k] for k in STATE_KEYS} == est.model_states
-    grown = (measured["rss_peak_kib"] - measured["rss_before_kib"]) * 1024
-    print(f"estimate {plan.fmt_bytes(est.gpu_total)} vs RSS growth {plan.fmt_bytes(grown)}")
-    assert 0.8 * grown <= est.gpu_total <= 1.2 * grown
+    peak = measured["tensor_peak_bytes"]
+    print(f"estimate {plan.fmt_bytes(est.gpu_total)} vs measured tensor peak {plan.fmt_bytes(peak)}: {est.gpu}")
+    assert 0.8 * peak <= est.gpu_total <= 1.2 * peak
 
 
 # ----------------------------------------------------------------------------------------------

@@ -65,7 +65,6 @@ class ModelShape:
     intermediate: int
     vocab: int
     kv_dim: int
-    n_lora_inputs: int = 0  # adapted Linear modules per layer (their inputs are saved for backward)
 
     @property
     def trainable(self) -> int:
@@ -137,12 +136,11 @@ def model_shape(cfg: RunConfig) -> ModelShape:
     hidden = int(getattr(c, "hidden_size", 0) or 0)
     heads = int(getattr(c, "num_attention_heads", 1) or 1)
     kv_heads = int(getattr(c, "num_key_value_heads", heads) or heads)
-    lora_inputs = {n.rsplit(".lora_A", 1)[0] for n, _ in model.named_parameters() if ".lora_A" in n}
     layers = int(getattr(c, "num_hidden_layers", 1) or 1)
     return ModelShape(frozen=frozen, groups=_optimizer_groups(cfg, model), hidden=hidden, layers=layers,
                       intermediate=int(getattr(c, "intermediate_size", 4 * hidden) or 4 * hidden),
                       vocab=int(getattr(c, "vocab_size", 0) or 0),
-                      kv_dim=hidden * kv_heads // heads, n_lora_inputs=math.ceil(len(lora_inputs) / layers))
+                      kv_dim=hidden * kv_heads // heads)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -269,24 +267,26 @@ def model_state_bytes(cfg: RunConfig, shape: ModelShape, world: int) -> Estimate
 def activation_bytes(cfg: RunConfig, shape: ModelShape, micro: int) -> dict[str, int]:
     """Approximate peak activation memory of one micro-batch at data.max_length tokens per row.
 
-    Per token and layer a Llama-style block saves ~ (10 x hidden + 2 x kv + 5 x intermediate) values for
-    backward (norms, q/k/v and their rotary copies, attention output, SwiGLU gate/up/act/product), plus
-    the input of every LoRA-adapted module. With gradient checkpointing only each layer's input is kept,
-    plus one layer recomputed at a time. Logits: model dtype + the fp32 copy scaletune's loss makes +
-    its fp32 log-softmax for backward; and the fp32 gradient of the logits in backward.
+    Per token and layer a Llama-style block with SDPA saves ~ (6 x hidden + 2 x kv + 4 x intermediate)
+    values for backward: both norms' inputs and outputs, q (after rotary), k and v, the attention
+    output, and SwiGLU's gate, up, activation and product (measured with saved_tensors_hooks; the
+    inputs of LoRA-adapted modules are those same tensors, and LoRA's rank-r intermediates are
+    negligible). With gradient checkpointing only each layer's input is kept, plus one layer recomputed
+    at a time. Logits at the peak (start of backward): the float32 log-softmax the loss saves and its
+    gradient, plus the half-precision logits and their float32 copy when the model is not float32.
     """
     tokens = micro * cfg.data.max_length
     a = 2 if cfg.train.mixed_precision in ("bf16", "fp16") or cfg.model.quantization else \
         DTYPE_BYTES[cfg.model.dtype]
     h, i = shape.hidden, shape.intermediate
-    per_layer = tokens * a * (10 * h + 2 * shape.kv_dim + 5 * i + shape.n_lora_inputs * h)
+    per_layer = tokens * a * (6 * h + 2 * shape.kv_dim + 4 * i)
     if cfg.model.gradient_checkpointing:
         layers = tokens * a * h * shape.layers + per_layer
     else:
         layers = per_layer * shape.layers
     out = {"activations": layers}
     if cfg.task == "causal_lm":
-        out["logits"] = tokens * shape.vocab * (a + 4 + 4 + 4)
+        out["logits"] = tokens * shape.vocab * (4 + 4 + (0 if a == 4 else a + 4))
     return out
 
 

@@ -14,7 +14,10 @@ and counts the tensors that actually exist on this rank:
 * optimizer: every tensor in the inner torch optimizer's `state` right after the first step (params and
   master are counted at the same moment).
 
-Rank 0 writes the counts, ru_maxrss before setup and after the step (KiB) to OUT.json.
+Rank 0 writes the counts, the peak of live tensor bytes during training, and ru_maxrss before setup and
+after the step (KiB) to OUT.json. The tensor peak is the CPU analogue of `torch.cuda.max_memory_allocated`:
+the bytes held by parameters when `fit` starts plus the highest running sum of the allocation/free events
+the torch profiler records while it runs. Unlike RSS it does not depend on the allocator or the machine.
 """
 
 from __future__ import annotations
@@ -117,11 +120,23 @@ def measure(cfg_path: str) -> tuple[dict, Any]:
         return out
 
     inner.step = counting_step
-    fit(run, StopFlag())
+    at_start = Counter()
+    for p in model.parameters():
+        at_start.add("live", p.data)
+        at_start.add("live", getattr(p, "ds_tensor", None))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fit(run, StopFlag())
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    running = peak = 0
+    for _, nbytes in events:
+        running += nbytes
+        peak = max(peak, running)
     counts = seen["states"]
     result = {"frozen": counts.get("frozen", 0), "trainable": counts.get("trainable", 0),
               "master": counts.get("master", 0), "grads": seen.get("grads", 0),
               "optimizer": counts.get("optimizer", 0), "world_size": run.accelerator.num_processes,
+              "tensor_peak_bytes": at_start.total.get("live", 0) + peak,
               "rss_before_kib": rss_before, "rss_setup_kib": rss_setup,
               "rss_peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
     return result, run
