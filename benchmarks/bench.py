@@ -122,6 +122,26 @@ def _finish(spec: dict, res: dict) -> None:
     Path(spec["result"]).write_text(json.dumps(res))
 
 
+def _train_call(spec: dict, res: dict, fn) -> None:
+    """Run the training call; with --tensor-peak, inside the torch profiler, recording in res the most tensor
+    memory alive at once above what was alive at the start (the CPU analogue of CUDA max_memory_allocated;
+    unlike RSS it does not include allocator fragmentation). The profiler slows the run: timings from such
+    a run are not comparable."""
+    if not spec.get("tensor_peak"):
+        fn()
+        return
+    import torch
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    running = peak = 0
+    for _, nbytes in events:
+        running += nbytes
+        peak = max(peak, running)
+    res["tensor_peak_mb"] = peak / 2**20
+
+
 def _lora_kwargs() -> dict:
     return dict(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0)
 
@@ -164,13 +184,13 @@ def worker_scaletune(spec: dict, packed: bool) -> None:
 
     loop.final_outputs = stop_clock
     t1, c1 = time.perf_counter(), _cpu()
-    loop.fit(run, StopFlag())
+    extra: dict = {}
+    _train_call(spec, extra, lambda: loop.fit(run, StopFlag()))
     t2, c2 = stamps.get("end", time.perf_counter()), stamps.get("cpu", _cpu())
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if r["event"] == "train"]
     _finish(spec, {"setup_s": t1 - t0, "train_s": t2 - t1, "cpu_s": c2 - c1, "target_tokens": counted["targets"],
-                   "steps": run.step,
-                   "losses": losses})
+                   "steps": run.step, "losses": losses, **extra})
 
 
 def _hf_common_args(spec: dict, out: str) -> dict:
@@ -216,11 +236,12 @@ def worker_hf(spec: dict) -> None:
     stamps: dict = {}
     trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=collator,
                       callbacks=[_clock_callback(stamps)])
-    trainer.train()
+    extra: dict = {}
+    _train_call(spec, extra, trainer.train)
     t2, c2 = time.perf_counter(), _cpu()
     t1, c1 = stamps["start"]
     _finish(spec, {"setup_s": t1 - t0, "train_s": t2 - t1, "cpu_s": c2 - c1, "target_tokens": collator.targets,
-                   "steps": trainer.state.global_step, "losses": _losses(trainer)})
+                   "steps": trainer.state.global_step, "losses": _losses(trainer), **extra})
 
 
 def worker_trl(spec: dict) -> None:
@@ -247,11 +268,12 @@ def worker_trl(spec: dict) -> None:
     trainer.data_collator = collator = CountingCollator(trainer.data_collator)  # padding-free forbids passing one
     stamps: dict = {}
     trainer.add_callback(_clock_callback(stamps))
-    trainer.train()
+    extra: dict = {}
+    _train_call(spec, extra, trainer.train)
     t2, c2 = time.perf_counter(), _cpu()
     t1, c1 = stamps["start"]
     _finish(spec, {"setup_s": t1 - t0, "train_s": t2 - t1, "cpu_s": c2 - c1, "target_tokens": collator.targets,
-                   "steps": trainer.state.global_step, "losses": _losses(trainer),
+                   "steps": trainer.state.global_step, "losses": _losses(trainer), **extra,
                    "padding_free": bool(getattr(trainer, "padding_free", False))})
 
 
@@ -331,6 +353,7 @@ def prepare(args, workdir: Path) -> dict:
     return {"model_dir": str(model_dir), "data": str(data_path), "workdir": str(workdir), "steps": args.steps,
             "global_batch": args.global_batch, "micro": args.micro, "max_length": args.max_length, "lr": args.lr,
             "seed": args.seed, "rows_per_step": rows_per_step, "threads": args.threads,
+            "tensor_peak": args.tensor_peak,
             "info": {"size": args.size, "params": n_params, "vocab": config.vocab_size, "tokenizer_vocab": len(tok),
                      "examples": n, "tokens": sum(lengths), "target_tokens": targets, "mean_len": sum(lengths) / n,
                      "packed_rows": rows, "records_in_file": len(records), **size}}
@@ -413,6 +436,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: torch's)")
     ap.add_argument("--workdir", default=None, help="keep model/data/results here (default: a temp dir)")
     ap.add_argument("--json", default=None, help="also write the summary as JSON here")
+    ap.add_argument("--tensor-peak", action="store_true",
+                    help="also record each tool's peak of live tensor bytes (torch profiler; slows the loop, so "
+                         "timings of such a run are not comparable)")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny model, 32 generated records, 2 steps, 1 repeat, tools scaletune/hf_trainer/trl_packed")
     args = ap.parse_args(argv)
@@ -459,7 +485,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  repeat {rep + 1} {tool}: loop {res['train_s']:.2f}s (CPU {res.get('cpu_s', float('nan')):.1f}s), "
                   f"setup {res['setup_s']:.2f}s, "
                   f"{res['steps']} steps, {res['target_tokens']} target tokens, {res['target_tok_s']:.1f} tok/s, "
-                  f"peak {res['peak_mb']:.0f} MB, final loss {res['final_loss']:.4f}", flush=True)
+                  f"peak {res['peak_mb']:.0f} MB, final loss {res['final_loss']:.4f}"
+                  + (f", tensor peak {res['tensor_peak_mb']:.0f} MB" if "tensor_peak_mb" in res else ""), flush=True)
     summary = summarise(results)
     print()
     print(f"median of {args.repeats} repeat(s):")

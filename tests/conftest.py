@@ -8,6 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+# One compute thread per test process: the suite runs on one xdist worker per core and many tests start
+# 2-process worlds, so torch's default (a thread per core, spin-waiting) oversubscribes the machine
+# (measured: the demo test took 204 s beside a 2-process test instead of 24 s alone).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("SCALETUNE_NO_PROGRESS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -68,3 +72,25 @@ def make_config(tmp_path, tiny_llama, tiny_bert):
         return path
 
     return make
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: used when the suite runs with `-n`
+def pytest_xdist_make_scheduler(config, log):
+    """Distribute tests over xdist workers, keeping together what shares an expensive fixture.
+
+    The sub-suites (tests/distributed, tests/reliability, tests/slurm) launch multi-process reference
+    runs in module-scoped fixtures: each of their files runs whole on one worker, so no run is launched
+    twice, and all of tests/slurm runs on one worker (the local cluster is one session fixture; two
+    workers must not start two clusters). Top-level test files have no shared state and go test by
+    test. (`xdist_group` marks would say the same, but pytest 9.2 changed node ids under xdist 3.8.)
+    """
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SuiteScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::")[0]
+            if path.startswith("tests/slurm/"):
+                return "tests/slurm"
+            return path if path.count("/") >= 2 else nodeid
+
+    return SuiteScheduling(config, log)

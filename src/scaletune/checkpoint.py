@@ -106,6 +106,7 @@ def save_checkpoint(accelerator: Any, output_dir: Path, step: int, *, trainable:
     tmp = root / f".step-{step}.tmp"
     # A run resumed at step N and stopped again before its next step would re-save the same state:
     # keep the verified copy rather than delete-and-rewrite the only checkpoint there may be.
+    error: UserError | None = None
     if accelerator.is_main_process and not (final.is_dir() and verify(final) is None):
         try:
             root.mkdir(parents=True, exist_ok=True)
@@ -130,10 +131,24 @@ def save_checkpoint(accelerator: Any, output_dir: Path, step: int, *, trainable:
         except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as its own error
             shutil.rmtree(tmp, ignore_errors=True)
             reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
-            raise UserError(f"could not write checkpoint step {step} to {root}: {reason}",
-                            hint="the previous checkpoint is intact; free disk space or fix permissions, then "
-                                 "resume with --resume auto") from None
-    accelerator.wait_for_everyone()
+            error = UserError(f"could not write checkpoint step {step} to {root}: {reason}",
+                              hint="the previous checkpoint is intact; free disk space or fix permissions, then "
+                                   "resume with --resume auto")
+    # Only rank 0 writes, so only rank 0 can fail: tell every rank, or the others would wait forever in
+    # the next collective while rank 0 exits.
+    failed = error is not None
+    if accelerator.num_processes > 1:
+        import torch
+
+        flag = torch.tensor([1.0 if failed else 0.0], device=accelerator.device)
+        failed = bool(accelerator.reduce(flag, "sum").item() > 0)
+    else:
+        accelerator.wait_for_everyone()
+    if error is not None:
+        raise error
+    if failed:
+        raise UserError(f"rank 0 could not write checkpoint step {step} to {root} (its message says why)",
+                        hint="the previous checkpoint is intact; resume with --resume auto once fixed")
     return final
 
 

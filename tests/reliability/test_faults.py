@@ -124,3 +124,27 @@ def test_out_of_memory_names_the_numbers_and_the_fix(cfg_path):
     err = res.stderr
     assert "out of memory at step 3 in a micro-batch of 4 x" in err
     assert "micro_batch_size=4" in err and "train.micro_batch_size=2" in err and "gradient_checkpointing" in err
+
+
+@pytest.mark.distributed
+def test_disk_full_under_two_processes_stops_every_rank(make_config, tmp_path):
+    """Only rank 0 writes checkpoints: when it fails, rank 1 must stop too instead of waiting forever."""
+    import socket
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = make_config("causal_lm", train={"max_steps": 4, "save_every": 1, "save_total_limit": None,
+                                           "micro_batch_size": 2})
+    repo = Path(__file__).resolve().parents[2]
+    env = {**ENV, "SCALETUNE_FAULT": "enospc@2"}
+    cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file",
+           str(repo / "launch" / "cpu_2proc.yaml"), "--main_process_port", str(port),
+           "-m", "scaletune", "train", str(path)]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    text = res.stdout + res.stderr
+    assert res.returncode != 0, text[-3000:]
+    assert "could not write checkpoint step 2" in text and "rank 0 could not write checkpoint step 2" in text
+    out = tmp_path / "run"
+    assert [p.name for p in checkpoint_dirs(out)] == ["step-1"] and verify(out / "checkpoints/step-1") is None
