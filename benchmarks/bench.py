@@ -127,6 +127,7 @@ def _train_call(spec: dict, res: dict, fn) -> None:
     memory alive at once above what was alive at the start (the CPU analogue of CUDA max_memory_allocated;
     unlike RSS it does not include allocator fragmentation). The profiler slows the run: timings from such
     a run are not comparable."""
+    res["setup_peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
     if not spec.get("tensor_peak"):
         fn()
         return
@@ -486,7 +487,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"setup {res['setup_s']:.2f}s, "
                   f"{res['steps']} steps, {res['target_tokens']} target tokens, {res['target_tok_s']:.1f} tok/s, "
                   f"peak {res['peak_mb']:.0f} MB, final loss {res['final_loss']:.4f}"
-                  + (f", tensor peak {res['tensor_peak_mb']:.0f} MB" if "tensor_peak_mb" in res else ""), flush=True)
+                  + (f", tensor peak {res['tensor_peak_mb']:.0f} MB" if "tensor_peak_mb" in res else "")
+                  + f" (RSS peak before training: {res.get('setup_peak_mb', float('nan')):.0f} MB)", flush=True)
     summary = summarise(results)
     print()
     print(f"median of {args.repeats} repeat(s):")

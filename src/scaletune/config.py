@@ -101,6 +101,10 @@ class TrainConfig:
     max_nonfinite_skips: int = _f(10, "With on_nonfinite=skip: stop after this many skipped updates.")
     report_to: list = _f(["tensorboard"], "Trackers: tensorboard, wandb, mlflow (offline-safe) or [].")
     torch_compile: bool = _f(False, "Compile the model with torch.compile.")
+    chunked_loss: bool = _f(True, "causal_lm: LM head + cross-entropy a chunk of target tokens at a time, "
+                            "never holding vocabulary-sized logits for the whole micro-batch (same loss and "
+                            "gradients; kept off automatically for a trained/adapted head, ZeRO-3 and "
+                            "prompt-learning methods).")
 
 
 @dataclass(kw_only=True)

@@ -22,6 +22,7 @@ import copy
 import json
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
@@ -291,8 +292,11 @@ def _strip_prefix(name: str) -> str:
     return name
 
 
-def _unwrapped(accelerator: Accelerator | None, model: Any) -> Any:
+def unwrap(accelerator: Accelerator | None, model: Any) -> Any:
     """The PEFT model under any DDP/DeepSpeed/compile wrappers."""
+    if not hasattr(model, "module") and not hasattr(model, "_orig_mod"):
+        # Not wrapped. (accelerate's unwrap_model imports deepspeed to check, ~1 s per process.)
+        return model
     if accelerator is not None:
         try:
             return accelerator.unwrap_model(model)
@@ -309,13 +313,15 @@ def _trainable_named_parameters(accelerator: Accelerator | None, model: Any) -> 
     The order is the same on every rank, which matters: DeepSpeed's full-state getters are
     collectives that all ranks must call in the same order.
     """
-    for name, param in _unwrapped(accelerator, model).named_parameters():
+    for name, param in unwrap(accelerator, model).named_parameters():
         if param.requires_grad:
             yield _strip_prefix(name), param
 
 
 def _deepspeed_engine(accelerator: Accelerator | None, model: Any) -> Any | None:
     """The DeepSpeedEngine driving `model`, or None when DeepSpeed is not in use."""
+    if "deepspeed" not in sys.modules:  # never imported -> not in use (importing it costs ~1 s per process)
+        return None
     try:
         from deepspeed import DeepSpeedEngine
     except Exception:  # deepspeed not installed -> cannot be in use
@@ -604,6 +610,6 @@ def saved_adapter_state(accelerator: Accelerator, model: Any) -> dict | None:
     with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
         for n, p in named:
             state[n] = p.detach().to("cpu", copy=True)
-    for n, b in _unwrapped(accelerator, model).named_buffers():
+    for n, b in unwrap(accelerator, model).named_buffers():
         state.setdefault(_strip_prefix(n), b.detach().to("cpu", copy=True))
     return state

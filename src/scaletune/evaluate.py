@@ -30,7 +30,8 @@ def evaluate(accelerator: Any, model: Any, task: Any, dataset: Any, labels: list
             continue  # padding round: this rank only kept ZeRO-3's collective forwards in step
         loss_sum += loss.double().cpu()
         n_targets += task.count_targets(batch)
-        preds += task.predictions(logits.float().cpu(), {k: v.cpu() for k, v in batch.items()})
+        if logits is not None:  # None: causal_lm's chunked loss never builds them (and needs none)
+            preds += task.predictions(logits.float().cpu(), {k: v.cpu() for k, v in batch.items()})
     totals = accelerator.reduce(torch.tensor([loss_sum.item(), float(n_targets)], device=accelerator.device,
                                              dtype=torch.float64), "sum")
     if accelerator.num_processes > 1:

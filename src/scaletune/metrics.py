@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from .distributed import unwrap
+
 PEAK_BF16_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0, "H800": 989.0, "L40S": 362.0, "A10G": 125.0,
                     "RTX 4090": 165.0}
 
@@ -46,7 +48,7 @@ class Throughput:
 
     def __init__(self, accelerator: Any, model: Any):
         self.acc = accelerator
-        base = accelerator.unwrap_model(model)
+        base = unwrap(accelerator, model)
         conf = getattr(base, "config", None)
         self.n_params = sum(p.numel() for p in base.parameters())
         self.n_trainable = sum(p.numel() for p in base.parameters() if p.requires_grad)

@@ -17,6 +17,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .config import RunConfig, cross_field_problems
+from .distributed import unwrap
 from .errors import EXIT_PREEMPTED, ConfigError, UserError
 
 log = logging.getLogger("scaletune")
@@ -161,6 +162,10 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
     trainable, all_params = count_parameters(model)
     optimizer = build_optimizer(cfg, model)
     model, optimizer = accelerator.prepare(model, optimizer)
+    if t.chunked_loss and hasattr(task, "enable_chunked_loss"):
+        why_not = task.enable_chunked_loss(model)
+        if why_not:
+            log.info("train.chunked_loss: using the usual loss because %s", why_not)
     warmup = t.warmup_steps if t.warmup_steps is not None else math.ceil(t.warmup_ratio * total)
     scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total)
     run = Run(cfg, accelerator, model, optimizer, scheduler, task, data, tokenizer, out, total, accum, fingerprint)
@@ -219,7 +224,7 @@ def save_adapter(run: Run, directory: Path, state: dict | None = None) -> None:
         state = saved_adapter_state(run.accelerator, run.model)
     if not run.accelerator.is_main_process:
         return
-    model = run.accelerator.unwrap_model(run.model)
+    model = unwrap(run.accelerator, run.model)
     model.save_pretrained(str(directory), state_dict=state, safe_serialization=True)
     run.tokenizer.save_pretrained(str(directory))
     meta = {"task": run.cfg.task, "labels": run.data["labels"], "base_model": run.cfg.model.name_or_path,

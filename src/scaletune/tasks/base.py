@@ -54,7 +54,8 @@ class Task:
 
     def cache_meta(self) -> dict:
         """What `setup` learned (columns, format), so a cached dataset can skip reading records."""
-        return {"task_state": {k: getattr(v, "name", v) for k, v in vars(self).items()}}
+        # Private attributes are runtime state (e.g. the model's head), not something a cache can hold.
+        return {"task_state": {k: getattr(v, "name", v) for k, v in vars(self).items() if not k.startswith("_")}}
 
     def setup_cached(self, meta: dict) -> None:
         from ..data.formats import FORMATS

@@ -66,17 +66,56 @@ class CausalLM(Task):
             return collate_packed(examples, pad_id)
         return pad_batch(examples, pad_id)
 
-    def loss_sum(self, model: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    _head: Any = None  # the frozen LM head when train.chunked_loss is in use (see enable_chunked_loss)
+
+    def enable_chunked_loss(self, model: Any) -> str | None:
+        """Compute the loss a chunk of target tokens at a time through `model`'s head (tasks/chunked_ce.py).
+        Returns why that cannot be done for this model (the usual path is kept), or None."""
+        from .chunked_ce import plain_head
+
+        inner = getattr(model, "module", model)
+        config = getattr(inner.get_base_model() if hasattr(inner, "get_base_model") else inner, "config", None)
+        active = getattr(inner, "active_peft_config", None)
+        if active is not None and getattr(active, "is_prompt_learning", False):
+            return "prompt-learning methods add virtual tokens in front of the hidden states"
+        for key in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+            if getattr(config, key, None) not in (None, 1, 1.0):
+                return f"the model transforms its logits ({key})"
+        self._head = plain_head(inner)
+        return None if self._head is not None else "the LM head is trained, adapted or partitioned (ZeRO-3)"
+
+    def loss_sum(self, model: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
         # Position t predicts token t+1. Only positions that have a target need logits: with prompt
         # masking that skips the vocabulary projection (and its float32 loss) for every prompt token.
         labels = batch["labels"][:, 1:]
         keep = (labels != IGNORE).any(0).nonzero().squeeze(1)
+        if self._head is not None:
+            return self._chunked_loss_sum(model, inputs, labels, keep), None
         if _accepts_logits_to_keep(model):
             logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
         else:
             logits = model(**inputs, use_cache=False).logits[:, keep]
         return ce_sum(logits, labels[:, keep]), logits
+
+    def _chunked_loss_sum(self, model: Any, inputs: dict, labels: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        from .chunked_ce import head_cross_entropy
+
+        # Through the model's own forward (DDP / DeepSpeed hooks stay in charge); logits only for the
+        # last position, which also checks that head(last hidden state) is what the model computes.
+        out = model(**inputs, use_cache=False, logits_to_keep=1, output_hidden_states=True)
+        hidden = out.hidden_states[-1]
+        check = self._head(hidden[:, -1]).float()
+        if not torch.allclose(check, out.logits[:, -1].float(), rtol=1e-3, atol=1e-4):
+            import logging
+
+            logging.getLogger("scaletune").warning(
+                "train.chunked_loss: this model's logits are not head(last hidden state); using the usual loss")
+            self._head = None
+            return self.loss_sum(model, {**inputs, "labels": torch.nn.functional.pad(labels, (1, 0), value=IGNORE)})[0]
+        hidden, labels = hidden[:, keep], labels[:, keep]
+        targets = labels != IGNORE
+        return head_cross_entropy(hidden[targets], self._head, labels[targets])
 
     @staticmethod
     def count_targets(batch: dict) -> int:

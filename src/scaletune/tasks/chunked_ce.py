@@ -1,0 +1,69 @@
+"""Cross-entropy through a frozen LM head, a chunk of tokens at a time (`train.chunked_loss`).
+
+The usual path materialises `tokens x vocab` logits, keeps their float32 log-softmax for backward and
+allocates a gradient of the same size: three or four vocabulary-sized buffers at the peak, which for a
+small model are the largest tensors of the step. Here the head is applied to a chunk of target
+positions at a time; each chunk's logits are turned into its loss and, in the same pass, into the
+gradient with respect to the hidden states (softmax - one_hot) @ W, so nothing vocabulary-sized
+outlives its chunk. The work is the same as forward + backward of the head (its weight is frozen:
+no weight gradient), so nothing is recomputed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .base import IGNORE
+
+CHUNK_ELEMENTS = 1 << 24  # logits per chunk (64 MiB in float32), whatever the vocabulary size
+
+
+class _HeadCrossEntropy(torch.autograd.Function):
+    """sum over rows of CE(hidden @ W.T + b, label), rows with label IGNORE contributing nothing."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                labels: torch.Tensor) -> torch.Tensor:
+        rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        for start in range(0, hidden.shape[0], rows):
+            h, lab = hidden[start:start + rows], labels[start:start + rows]
+            # Same numbers as the usual path: head in the model's dtype, then float32 for the loss.
+            logits = F.linear(h, weight, bias).float()
+            valid = lab != IGNORE
+            safe = lab.clamp(min=0)
+            lse = torch.logsumexp(logits, dim=-1)
+            total += ((lse - logits.gather(1, safe[:, None]).squeeze(1)) * valid).sum()
+            if grad is not None:
+                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place: no second buffer
+                probs[torch.arange(len(lab), device=lab.device), safe] -= 1.0
+                probs.mul_(valid[:, None])
+                grad[start:start + rows] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple:
+        (grad,) = ctx.saved_tensors
+        return grad * grad_out.to(grad.dtype), None, None, None
+
+
+def head_cross_entropy(hidden: torch.Tensor, head: torch.nn.Linear, labels: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of `head(hidden)` against `labels` (IGNORE skipped); hidden (N, h), labels (N,)."""
+    return _HeadCrossEntropy.apply(hidden, head.weight, head.bias, labels)
+
+
+def plain_head(model: Any) -> torch.nn.Linear | None:
+    """The model's output head if the chunked path can stand in for it: a plain, frozen Linear (not
+    adapted, not a trained `modules_to_save` copy, not partitioned by ZeRO-3); else None."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if type(head) is not torch.nn.Linear:  # peft wraps adapted / trained heads in its own modules
+        return None
+    if head.weight.requires_grad or head.weight.numel() == 0 or hasattr(head.weight, "ds_id"):
+        return None
+    return head

@@ -1,0 +1,122 @@
+"""Kill harness shared by test_kills.py and test_kills_zero3.py: start a run, interrupt it after random
+delays, resume with --resume auto until it finishes, and compare with an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from scaletune.checkpoint import verify
+
+from stutil import alpaca_records, write_jsonl
+
+ROOT = Path(__file__).resolve().parents[2]
+STEPS = 40  # more steps than kills: each attempt trains at least one step before its kill
+KILLS = 20
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "SCALETUNE_NO_PROGRESS": "1"}
+
+
+def base_config(root: Path, model_dir: Path) -> dict:
+    """40-step tiny LoRA run (dropout on, so the RNG state must resume too), a checkpoint every step."""
+    data = write_jsonl(root / "train.jsonl", alpaca_records(96))
+    return {
+        "task": "causal_lm",
+        "model": {"name_or_path": str(model_dir), "dtype": "float32"},
+        "peft": {"method": "lora", "r": 4, "lora_alpha": 8, "lora_dropout": 0.1, "target_modules": "all-linear"},
+        "data": {"train": str(data), "max_length": 160, "cache": False},
+        "train": {"global_batch_size": 8, "micro_batch_size": 2, "max_steps": STEPS, "learning_rate": 1e-2,
+                  "mixed_precision": "no", "log_every": 1, "eval_every": None, "save_every": 1,
+                  "save_total_limit": 2, "report_to": [], "warmup_ratio": 0.1},
+    }
+
+
+def write_cfg(base: dict, out: Path, steps: int = STEPS, **distributed) -> Path:
+    raw = {**base, "output_dir": str(out), "train": {**base["train"], "max_steps": steps}}
+    if distributed:
+        raw["distributed"] = distributed
+    path = out.with_suffix(".yaml")
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def command(path: Path, launcher: list[str] | None = None) -> list[str]:
+    if launcher:
+        return [*launcher, "-m", "scaletune", "train", str(path), "--resume", "auto"]
+    return [sys.executable, "-m", "scaletune", "train", str(path), "--resume", "auto"]
+
+
+def adapter(out: Path) -> dict:
+    return load_file(str(out / "adapter/adapter_model.safetensors"))
+
+
+def assert_same_run(out: Path, ref: Path, steps: int = STEPS) -> None:
+    a, b = adapter(out), adapter(ref)
+    assert a.keys() == b.keys() and a
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    state = json.loads((out / f"checkpoints/step-{steps}/state.json").read_text())
+    assert state["step"] == steps
+
+
+def assert_latest_complete(out: Path) -> None:
+    latest = out / "checkpoints" / "latest"
+    if latest.exists():
+        target = out / "checkpoints" / latest.read_text().strip()
+        assert target.is_dir() and verify(target) is None, f"latest -> {target} is partial"
+
+
+def kill_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def run_with_interruptions(path: Path, out: Path, delays: list[float], sig: int, launcher=None,
+                           faults: dict[int, str] | None = None) -> int:
+    """Start, interrupt after each delay (seconds after training started), resume, until done.
+    Returns how many interruptions landed while the run was still going."""
+    landed = 0
+    attempt = 0
+    while True:
+        env = dict(ENV)
+        if faults and attempt in faults:
+            env["SCALETUNE_FAULT"] = faults[attempt]
+        proc = subprocess.Popen(command(path, launcher), env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        if attempt < len(delays):
+            deadline = time.monotonic() + 240
+            metrics = out / "metrics.jsonl"
+            seen = metrics.read_text().count("\n") if metrics.exists() else 0
+            # wait until this attempt trains (a new metrics line), then the random delay
+            while proc.poll() is None and time.monotonic() < deadline:
+                if metrics.exists() and metrics.read_text().count("\n") > seen:
+                    break
+                time.sleep(0.05)
+            time.sleep(delays[attempt])
+            if proc.poll() is None:
+                kill_group(proc, sig)
+                landed += 1
+        try:
+            _, err = proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            kill_group(proc, signal.SIGKILL)
+            raise
+        assert_latest_complete(out)
+        if proc.returncode == 0:
+            return landed
+        graceful = sig in (signal.SIGTERM, signal.SIGUSR1) and attempt < len(delays)
+        assert proc.returncode in (-9, 124, 1) or graceful, err[-3000:]
+        if sig != signal.SIGKILL and attempt < len(delays) and not launcher:
+            assert proc.returncode in (124, 0), err[-3000:]  # graceful stop = checkpoint + exit 124
+        attempt += 1
+        assert attempt < len(delays) + 3, "run never finished"

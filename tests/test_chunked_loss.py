@@ -1,0 +1,106 @@
+"""train.chunked_loss: the same loss and LoRA gradients as the usual path, with a smaller memory peak."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+from scaletune.config import load_config
+from scaletune.data.packing import collate_packed
+from scaletune.tasks import IGNORE, chunked_ce
+from scaletune.tasks.base import pad_batch
+from scaletune.train import setup
+
+
+def _run(make_config, peft: dict | None = None, **sections):
+    train = {"global_batch_size": 8, "micro_batch_size": 8, "max_steps": 1, **sections.pop("train", {})}
+    path = make_config("causal_lm", n=32, train=train, **sections)
+    if peft is not None:  # replace the whole section (make_config merges)
+        raw = yaml.safe_load(path.read_text())
+        raw["peft"] = peft
+        path.write_text(yaml.safe_dump(raw))
+    run, _ = setup(load_config(path), overwrite=True)  # several runs per test share the output dir
+    return run
+
+
+def _loss_and_grads(run, batch) -> tuple[float, dict[str, torch.Tensor]]:
+    run.model.zero_grad(set_to_none=True)
+    loss, _ = run.task.loss_sum(run.model, batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in run.model.named_parameters() if p.requires_grad}
+    return float(loss), grads
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_same_loss_and_gradients_as_the_usual_path(make_config, monkeypatch, packed):
+    run = _run(make_config)
+    assert run.task._head is not None  # on by default for a frozen, plain head
+    head = run.task._head
+    monkeypatch.setattr(chunked_ce, "CHUNK_ELEMENTS", 7 * head.weight.shape[0])  # 7 rows: many chunks
+    examples = [run.data["train"][i] for i in range(6)]
+    pad = run.tokenizer.pad_token_id
+    if packed:
+        row = {"input_ids": [], "labels": [], "position_ids": []}
+        for ex in examples:
+            row["input_ids"] += ex["input_ids"]
+            row["labels"] += [IGNORE] + ex["labels"][1:]
+            row["position_ids"] += list(range(len(ex["input_ids"])))
+        batch = collate_packed([row, {k: v[:9] for k, v in row.items()}], pad)
+    else:
+        batch = pad_batch(examples, pad)
+    chunked = _loss_and_grads(run, batch)
+    run.task._head = None
+    usual = _loss_and_grads(run, batch)
+    assert chunked[0] == pytest.approx(usual[0], rel=1e-6)
+    assert chunked[1].keys() == usual[1].keys() and chunked[1]
+    for name, g in usual[1].items():
+        torch.testing.assert_close(chunked[1][name], g, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_eval_loss_is_the_same(make_config):
+    from scaletune.evaluate import evaluate
+
+    run = _run(make_config)
+    args = (run.accelerator, run.model, run.task, run.data["eval"], None, 4, run.tokenizer.pad_token_id)
+    chunked = evaluate(*args)
+    run.task._head = None
+    assert chunked["loss"] == pytest.approx(evaluate(*args)["loss"], rel=1e-6)
+
+
+def test_peak_tensor_memory_is_lower(make_config, monkeypatch):
+    """One micro-batch forward+backward, peak of live tensor bytes from the profiler's allocation events:
+    the usual path holds several float32 (target tokens x vocab) buffers at once, the chunked one a chunk."""
+    run = _run(make_config)
+    batch = pad_batch([run.data["train"][i] for i in range(8)], run.tokenizer.pad_token_id)
+    vocab = run.task._head.weight.shape[0]
+    monkeypatch.setattr(chunked_ce, "CHUNK_ELEMENTS", 8 * vocab)
+    targets = run.task.count_targets(batch)
+
+    def peak() -> int:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            _loss_and_grads(run, batch)
+        running = top = 0
+        for _, nbytes in sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                                if e.name() == "[memory]"):
+            running += nbytes
+            top = max(top, running)
+        return top
+
+    chunked = peak()
+    run.task._head = None
+    usual = peak()
+    # at least two float32 vocabulary-sized buffers over the batch's target tokens are gone
+    assert usual - chunked >= 2 * 4 * targets * vocab * 0.9, (usual, chunked, targets, vocab)
+
+
+def test_kept_off_where_it_cannot_stand_in(make_config):
+    head_trained = _run(make_config, peft={"method": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"],
+                                           "modules_to_save": ["lm_head"]})
+    assert head_trained.task._head is None
+    adapted = _run(make_config, peft={"method": "lora", "r": 4, "target_modules": ["q_proj", "lm_head"]})
+    assert adapted.task._head is None
+    prompt = _run(make_config, peft={"method": "prompt_tuning", "num_virtual_tokens": 4})
+    assert prompt.task._head is None
+    off = _run(make_config, train={"chunked_loss": False})
+    assert off.task._head is None
