@@ -58,6 +58,28 @@ def test_same_loss_and_gradients_as_the_usual_path(make_config, monkeypatch, pac
         torch.testing.assert_close(chunked[1][name], g, rtol=1e-5, atol=1e-7, msg=name)
 
 
+def test_bf16_mixed_precision_matches_the_usual_path(make_config):
+    """bf16 weights under autocast: both paths run the head in bf16 on the same hidden states."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    # accelerate keeps one mixed-precision setting per process; the other tests here run without one
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    try:
+        run = _run(make_config, model={"dtype": "bfloat16"}, train={"mixed_precision": "bf16"})
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    assert run.task._head is not None and run.task._head_dtype == torch.bfloat16
+    batch = pad_batch([run.data["train"][i] for i in range(6)], run.tokenizer.pad_token_id)
+    chunked = _loss_and_grads(run, batch)
+    run.task._head = None
+    usual = _loss_and_grads(run, batch)
+    assert chunked[0] == pytest.approx(usual[0], rel=1e-4)
+    for name, g in usual[1].items():
+        torch.testing.assert_close(chunked[1][name], g, rtol=2e-2, atol=1e-4, msg=name)
+
+
 def test_eval_loss_is_the_same(make_config):
     from scaletune.evaluate import evaluate
 

@@ -163,7 +163,8 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
     optimizer = build_optimizer(cfg, model)
     model, optimizer = accelerator.prepare(model, optimizer)
     if t.chunked_loss and hasattr(task, "enable_chunked_loss"):
-        why_not = task.enable_chunked_loss(model)
+        autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.mixed_precision)
+        why_not = task.enable_chunked_loss(model, autocast)
         if why_not:
             log.info("train.chunked_loss: using the usual loss because %s", why_not)
     warmup = t.warmup_steps if t.warmup_steps is not None else math.ceil(t.warmup_ratio * total)

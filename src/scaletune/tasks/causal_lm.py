@@ -67,8 +67,9 @@ class CausalLM(Task):
         return pad_batch(examples, pad_id)
 
     _head: Any = None  # the frozen LM head when train.chunked_loss is in use (see enable_chunked_loss)
+    _head_dtype: Any = None  # what it computes in: the autocast dtype under mixed precision
 
-    def enable_chunked_loss(self, model: Any) -> str | None:
+    def enable_chunked_loss(self, model: Any, autocast_dtype: torch.dtype | None = None) -> str | None:
         """Compute the loss a chunk of target tokens at a time through `model`'s head (tasks/chunked_ce.py).
         Returns why that cannot be done for this model (the usual path is kept), or None."""
         from .chunked_ce import plain_head
@@ -82,6 +83,7 @@ class CausalLM(Task):
             if getattr(config, key, None) not in (None, 1, 1.0):
                 return f"the model transforms its logits ({key})"
         self._head = plain_head(inner)
+        self._head_dtype = autocast_dtype or (self._head.weight.dtype if self._head is not None else None)
         return None if self._head is not None else "the LM head is trained, adapted or partitioned (ZeRO-3)"
 
     def loss_sum(self, model: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -105,7 +107,9 @@ class CausalLM(Task):
         # last position, which also checks that head(last hidden state) is what the model computes.
         out = model(**inputs, use_cache=False, logits_to_keep=1, output_hidden_states=True)
         hidden = out.hidden_states[-1]
-        check = self._head(hidden[:, -1]).float()
+        w, b = self._head.weight.to(self._head_dtype), self._head.bias
+        check = torch.nn.functional.linear(hidden[:, -1].to(self._head_dtype), w,
+                                           None if b is None else b.to(self._head_dtype)).float()
         if not torch.allclose(check, out.logits[:, -1].float(), rtol=1e-3, atol=1e-4):
             import logging
 
@@ -115,7 +119,7 @@ class CausalLM(Task):
             return self.loss_sum(model, {**inputs, "labels": torch.nn.functional.pad(labels, (1, 0), value=IGNORE)})[0]
         hidden, labels = hidden[:, keep], labels[:, keep]
         targets = labels != IGNORE
-        return head_cross_entropy(hidden[targets], self._head, labels[targets])
+        return head_cross_entropy(hidden[targets], self._head, labels[targets], self._head_dtype)
 
     @staticmethod
     def count_targets(batch: dict) -> int:

@@ -52,9 +52,15 @@ class _HeadCrossEntropy(torch.autograd.Function):
         return grad * grad_out.to(grad.dtype), None, None, None
 
 
-def head_cross_entropy(hidden: torch.Tensor, head: torch.nn.Linear, labels: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy of `head(hidden)` against `labels` (IGNORE skipped); hidden (N, h), labels (N,)."""
-    return _HeadCrossEntropy.apply(hidden, head.weight, head.bias, labels)
+def head_cross_entropy(hidden: torch.Tensor, head: torch.nn.Linear, labels: torch.Tensor,
+                       dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Summed cross-entropy of `head(hidden)` against `labels` (IGNORE skipped); hidden (N, h), labels (N,).
+
+    `dtype`: what the head computes in (the autocast dtype under mixed precision, as the model's own
+    head call would), default the head's weight dtype."""
+    dtype = dtype or head.weight.dtype
+    bias = head.bias.to(dtype) if head.bias is not None else None
+    return _HeadCrossEntropy.apply(hidden.to(dtype), head.weight.to(dtype), bias, labels).to(torch.float32)
 
 
 def plain_head(model: Any) -> torch.nn.Linear | None:
