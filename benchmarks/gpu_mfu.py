@@ -1,0 +1,133 @@
+#!/usr/bin/env python
+"""LoRA MFU on one GPU: a Llama-architecture model built from config (1b / 8b sizes of bench.py), bf16,
+packing, sequence length 2048, trained with `scaletune train`; prints tokens/s and the MFU scaletune logs.
+
+    python benchmarks/gpu_mfu.py --size 1b --data alpaca.json --steps 20 --micro 4 --workdir /tmp/mfu
+
+The weights are random (nothing to download); throughput does not depend on their values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import SIZES  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", choices=["1b", "8b"], default="1b")
+    ap.add_argument("--data", required=True, help="Alpaca-format JSON list")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--micro", type=int, default=4, help="packed rows per micro-batch")
+    ap.add_argument("--accum", type=int, default=1)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--attn", default="sdpa", choices=["sdpa", "flash_attention_2"])
+    ap.add_argument("--workdir", default="/tmp/scaletune-mfu")
+    ap.add_argument("--hf-batch", type=int, default=0,
+                    help="also run (b) HF Trainer + peft with dynamic padding, this many examples per step")
+    args = ap.parse_args()
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from scaletune.demo.tiny import train_tokenizer
+
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    size = SIZES[args.size]
+    records = json.loads(Path(args.data).read_text())
+    tok = train_tokenizer([f"{r['instruction']} {r.get('input', '')} {r['output']}" for r in records], "bpe", 8000)
+    config = LlamaConfig(vocab_size=size["vocab"], hidden_size=size["hidden"], intermediate_size=size["intermediate"],
+                         num_hidden_layers=size["layers"], num_attention_heads=size["heads"],
+                         num_key_value_heads=size["kv_heads"], max_position_embeddings=args.seq,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                         tie_word_embeddings=False)
+    model_dir = work / f"llama-{args.size}"
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(str(model_dir), safe_serialization=True)
+    tok.save_pretrained(str(model_dir))
+    del model
+    torch.cuda.empty_cache()
+    # Alpaca responses are short: use the whole record as text so packed rows are full of targets.
+    data = work / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": f"{r['instruction']}\n{r.get('input', '')}\n{r['output']}"}) + "\n"
+                            for r in records))
+    run = {"task": "causal_lm",
+           "model": {"name_or_path": str(model_dir), "dtype": "bfloat16", "attn_implementation": args.attn},
+           "peft": {"method": "lora", "r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"},
+           "data": {"train": str(data), "format": "text", "max_length": args.seq, "packing": True, "cache": False},
+           "train": {"global_batch_size": args.micro * args.accum, "micro_batch_size": args.micro,
+                     "max_steps": args.steps, "epochs": 100, "learning_rate": 1e-4, "mixed_precision": "bf16",
+                     "log_every": 1, "eval_every": None, "save_every": None, "report_to": []},
+           "output_dir": str(work / "run")}
+    cfg_path = work / "run.yaml"
+    cfg_path.write_text(yaml.safe_dump(run, sort_keys=False))
+    env = {**os.environ, "SCALETUNE_NO_PROGRESS": "1"}
+    subprocess.run([sys.executable, "-m", "scaletune", "train", str(cfg_path), "--overwrite"], env=env, check=True)
+    rows = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r.get("event") == "train"][3:]  # skip warm-up steps
+    keys = ("tokens_per_s", "target_tokens_per_s", "mfu", "peak_mem_mb")
+    summary = {k: statistics.median(r[k] for r in train if k in r) for k in keys if any(k in r for r in train)}
+    print(json.dumps({"size": args.size, "seq": args.seq, "micro": args.micro, "accum": args.accum,
+                      "gpu": torch.cuda.get_device_name(), "steps_measured": len(train), **summary}, indent=1))
+    if args.hf_batch:
+        print(json.dumps({"hf_trainer_target_tokens_per_s": hf_trainer(args, model_dir, data),
+                          "scaletune_target_tokens_per_s": summary.get("target_tokens_per_s")}, indent=1))
+    return 0
+
+
+def hf_trainer(args, model_dir: Path, data: Path) -> float:
+    """(b): transformers.Trainer + peft, dynamic padding, same model, texts, LoRA and precision; target
+    (non-pad, shifted) tokens per second over the steps after the first three."""
+    import time
+
+    import datasets
+    import peft
+    import torch
+    from bench import CountingCollator
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DataCollatorForLanguageModeling,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    texts = [json.loads(line)["text"] for line in data.read_text().splitlines()]
+    ds = datasets.Dataset.from_list([{"input_ids": tok(t + tok.eos_token, truncation=True, max_length=args.seq)["input_ids"]}
+                                     for t in texts])
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation=args.attn)
+    model = peft.get_peft_model(model, peft.LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32, lora_dropout=0.0,
+                                                       target_modules="all-linear"))
+    collator = CountingCollator(DataCollatorForLanguageModeling(tok, mlm=False))
+    marks: list[tuple[float, int]] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, a, state, control, **kw):  # noqa: ANN001
+            torch.cuda.synchronize()
+            marks.append((time.perf_counter(), collator.targets))
+
+    targs = TrainingArguments(output_dir=str(data.parent / "hf"), per_device_train_batch_size=args.hf_batch,
+                              max_steps=args.steps, learning_rate=1e-4, bf16=True, logging_steps=1,
+                              save_strategy="no", report_to=[], dataloader_num_workers=0, disable_tqdm=True)
+    Trainer(model=model, args=targs, train_dataset=ds, data_collator=collator, callbacks=[Clock()]).train()
+    (t0, n0), (t1, n1) = marks[2], marks[-1]
+    return (n1 - n0) / (t1 - t0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
