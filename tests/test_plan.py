@@ -160,7 +160,8 @@ def test_meta_count_of_110m_model(tmp_path, make_config):
 
 
 @pytest.mark.slow
-def test_total_vs_measured_peak_110m(tmp_path, make_config):
+@pytest.mark.parametrize("chunked", [True, False], ids=["chunked_loss", "full_logits"])
+def test_total_vs_measured_peak_110m(tmp_path, make_config, chunked):
     """One real step of the ~110M model in a fresh process: states exact, total within +-20% of the peak.
 
     The peak is the most tensor memory alive at once (parameters + everything the profiler saw allocated
@@ -173,11 +174,14 @@ def test_total_vs_measured_peak_110m(tmp_path, make_config):
     model_dir = build_llama_110m(tmp_path, weights=True)
     records = [{"instruction": "Repeat.", "input": "", "output": " ".join(WORDS[i % 7:] * 8)} for i in range(16)]
     train = write_jsonl(tmp_path / "long.jsonl", records)
-    cfg_path = make_config(model={"name_or_path": str(model_dir)}, train={**ONE_STEP, "micro_batch_size": 4},
+    cfg_path = make_config(model={"name_or_path": str(model_dir)},
+                           train={**ONE_STEP, "micro_batch_size": 4, "chunked_loss": chunked},
                            data={"max_length": 128, "train": str(train), "eval": None})
     measured = measure_subprocess(cfg_path, tmp_path / "measured.json", world=1)
     cfg = load_config(cfg_path)
-    est = plan.estimate(cfg, plan.model_shape(cfg), 1, cuda=False)
+    shape = plan.model_shape(cfg)
+    assert shape.chunked_loss == chunked
+    est = plan.estimate(cfg, shape, 1, cuda=False)
     assert {k: measured[k] for k in STATE_KEYS} == est.model_states
     peak = measured["tensor_peak_bytes"]
     print(f"estimate {plan.fmt_bytes(est.gpu_total)} vs measured tensor peak {plan.fmt_bytes(peak)}: {est.gpu}")

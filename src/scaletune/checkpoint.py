@@ -141,9 +141,7 @@ def save_checkpoint(accelerator: Any, output_dir: Path, step: int, *, trainable:
         import torch
 
         flag = torch.tensor([1.0 if failed else 0.0], device=accelerator.device)
-        failed = bool(accelerator.reduce(flag, "sum").item() > 0)
-    else:
-        accelerator.wait_for_everyone()
+        failed = bool(accelerator.reduce(flag, "sum").item() > 0)  # also the barrier the write needs
     if error is not None:
         raise error
     if failed:

@@ -65,6 +65,7 @@ class ModelShape:
     intermediate: int
     vocab: int
     kv_dim: int
+    chunked_loss: bool = False  # train.chunked_loss applies to this model (no full logits are built)
 
     @property
     def trainable(self) -> int:
@@ -137,10 +138,15 @@ def model_shape(cfg: RunConfig) -> ModelShape:
     heads = int(getattr(c, "num_attention_heads", 1) or 1)
     kv_heads = int(getattr(c, "num_key_value_heads", heads) or heads)
     layers = int(getattr(c, "num_hidden_layers", 1) or 1)
+    chunked = cfg.task == "causal_lm" and cfg.train.chunked_loss and cfg.distributed.zero_stage != 3
+    if chunked:
+        from .tasks.chunked_ce import chunkable_head
+
+        chunked = chunkable_head(model)[0] is not None  # the rule training applies, on the meta model
     return ModelShape(frozen=frozen, groups=_optimizer_groups(cfg, model), hidden=hidden, layers=layers,
                       intermediate=int(getattr(c, "intermediate_size", 4 * hidden) or 4 * hidden),
                       vocab=int(getattr(c, "vocab_size", 0) or 0),
-                      kv_dim=hidden * kv_heads // heads)
+                      kv_dim=hidden * kv_heads // heads, chunked_loss=chunked)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -274,6 +280,8 @@ def activation_bytes(cfg: RunConfig, shape: ModelShape, micro: int) -> dict[str,
     negligible). With gradient checkpointing only each layer's input is kept, plus one layer recomputed
     at a time. Logits at the peak (start of backward): the float32 log-softmax the loss saves and its
     gradient, plus the half-precision logits and their float32 copy when the model is not float32.
+    With train.chunked_loss only one chunk's logits exist (head output, its float32 copy and
+    logsumexp's temporary), plus the gathered hidden states and their gradient.
     """
     tokens = micro * cfg.data.max_length
     a = 2 if cfg.train.mixed_precision in ("bf16", "fp16") or cfg.model.quantization else \
@@ -285,7 +293,12 @@ def activation_bytes(cfg: RunConfig, shape: ModelShape, micro: int) -> dict[str,
     else:
         layers = per_layer * shape.layers
     out = {"activations": layers}
-    if cfg.task == "causal_lm":
+    if cfg.task == "causal_lm" and shape.chunked_loss:
+        from .tasks.chunked_ce import chunk_rows
+
+        rows = min(tokens, chunk_rows(shape.vocab))
+        out["logits"] = rows * shape.vocab * (4 + 4 + (0 if a == 4 else a)) + 2 * tokens * h * a
+    elif cfg.task == "causal_lm":
         out["logits"] = tokens * shape.vocab * (4 + 4 + (0 if a == 4 else a + 4))
     return out
 

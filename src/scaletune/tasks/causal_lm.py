@@ -72,19 +72,12 @@ class CausalLM(Task):
     def enable_chunked_loss(self, model: Any, autocast_dtype: torch.dtype | None = None) -> str | None:
         """Compute the loss a chunk of target tokens at a time through `model`'s head (tasks/chunked_ce.py).
         Returns why that cannot be done for this model (the usual path is kept), or None."""
-        from .chunked_ce import plain_head
+        from .chunked_ce import chunkable_head
 
-        inner = getattr(model, "module", model)
-        config = getattr(inner.get_base_model() if hasattr(inner, "get_base_model") else inner, "config", None)
-        active = getattr(inner, "active_peft_config", None)
-        if active is not None and getattr(active, "is_prompt_learning", False):
-            return "prompt-learning methods add virtual tokens in front of the hidden states"
-        for key in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
-            if getattr(config, key, None) not in (None, 1, 1.0):
-                return f"the model transforms its logits ({key})"
-        self._head = plain_head(inner)
-        self._head_dtype = autocast_dtype or (self._head.weight.dtype if self._head is not None else None)
-        return None if self._head is not None else "the LM head is trained, adapted or partitioned (ZeRO-3)"
+        self._head, why_not = chunkable_head(model)
+        if self._head is not None:
+            self._head_dtype = autocast_dtype or self._head.weight.dtype
+        return why_not
 
     def loss_sum(self, model: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
@@ -107,9 +100,11 @@ class CausalLM(Task):
         # last position, which also checks that head(last hidden state) is what the model computes.
         out = model(**inputs, use_cache=False, logits_to_keep=1, output_hidden_states=True)
         hidden = out.hidden_states[-1]
-        w, b = self._head.weight.to(self._head_dtype), self._head.bias
-        check = torch.nn.functional.linear(hidden[:, -1].to(self._head_dtype), w,
-                                           None if b is None else b.to(self._head_dtype)).float()
+        # The head in the dtype the model's own call used (autocast), cast once for the check and the loss.
+        dtype = self._head_dtype
+        w, b = self._head.weight.to(dtype), self._head.bias
+        b = None if b is None else b.to(dtype)
+        check = torch.nn.functional.linear(hidden[:, -1].to(dtype), w, b).float()
         if not torch.allclose(check, out.logits[:, -1].float(), rtol=1e-3, atol=1e-4):
             import logging
 
@@ -119,7 +114,7 @@ class CausalLM(Task):
             return self.loss_sum(model, {**inputs, "labels": torch.nn.functional.pad(labels, (1, 0), value=IGNORE)})[0]
         hidden, labels = hidden[:, keep], labels[:, keep]
         targets = labels != IGNORE
-        return head_cross_entropy(hidden[targets], self._head, labels[targets], self._head_dtype)
+        return head_cross_entropy(hidden[targets].to(dtype), w, b, labels[targets])
 
     @staticmethod
     def count_targets(batch: dict) -> int:

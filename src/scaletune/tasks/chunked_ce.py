@@ -27,7 +27,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 labels: torch.Tensor) -> torch.Tensor:
-        rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
+        rows = chunk_rows(weight.shape[0])
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         for start in range(0, hidden.shape[0], rows):
@@ -52,15 +52,31 @@ class _HeadCrossEntropy(torch.autograd.Function):
         return grad * grad_out.to(grad.dtype), None, None, None
 
 
-def head_cross_entropy(hidden: torch.Tensor, head: torch.nn.Linear, labels: torch.Tensor,
-                       dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Summed cross-entropy of `head(hidden)` against `labels` (IGNORE skipped); hidden (N, h), labels (N,).
+def head_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       labels: torch.Tensor) -> torch.Tensor:
+    """Summed float32 cross-entropy of `hidden @ weight.T + bias` against `labels` (IGNORE skipped);
+    hidden (N, h), labels (N,), all in the dtype the head computes in."""
+    return _HeadCrossEntropy.apply(hidden, weight, bias, labels)
 
-    `dtype`: what the head computes in (the autocast dtype under mixed precision, as the model's own
-    head call would), default the head's weight dtype."""
-    dtype = dtype or head.weight.dtype
-    bias = head.bias.to(dtype) if head.bias is not None else None
-    return _HeadCrossEntropy.apply(hidden.to(dtype), head.weight.to(dtype), bias, labels).to(torch.float32)
+
+def chunk_rows(vocab: int) -> int:
+    """Target tokens per chunk for a vocabulary of this size (also used by `plan`)."""
+    return max(1, CHUNK_ELEMENTS // vocab)
+
+
+def chunkable_head(model: Any) -> tuple[torch.nn.Linear | None, str | None]:
+    """(the head, None) if the chunked loss can stand in for `model`'s own, else (None, why not).
+    Shared by training (tasks/causal_lm.py) and `scaletune plan` (on the meta model)."""
+    inner = getattr(model, "module", model)
+    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    active = getattr(inner, "active_peft_config", None)
+    if active is not None and getattr(active, "is_prompt_learning", False):
+        return None, "prompt-learning methods add virtual tokens in front of the hidden states"
+    for key in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+        if getattr(getattr(base, "config", None), key, None) not in (None, 1, 1.0):
+            return None, f"the model transforms its logits ({key})"
+    head = plain_head(inner)
+    return head, None if head is not None else "the LM head is trained, adapted or partitioned (ZeRO-3)"
 
 
 def plain_head(model: Any) -> torch.nn.Linear | None:
