@@ -31,10 +31,16 @@ def main() -> int:
     ap.add_argument("--micro", type=int, default=4, help="packed rows per micro-batch")
     ap.add_argument("--accum", type=int, default=1)
     ap.add_argument("--seq", type=int, default=2048)
-    ap.add_argument("--attn", default="sdpa", choices=["sdpa", "flash_attention_2"])
+    ap.add_argument("--attn", default="sdpa", choices=["sdpa", "flash_attention_2", "varlen"])
     ap.add_argument("--workdir", default="/tmp/scaletune-mfu")
-    ap.add_argument("--hf-batch", type=int, default=0,
-                    help="also run (b) HF Trainer + peft with dynamic padding, this many examples per step")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=YAML",
+                    help="override a run-config value, e.g. --set train.torch_compile=true (repeatable)")
+    ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                    help="instead of timing, profile this many steps (after 3 warm-up steps) with torch.profiler "
+                         "and print where the GPU time goes")
+    ap.add_argument("--hf-batch", default="",
+                    help="also run (b) HF Trainer + peft with dynamic padding, this many examples per step "
+                         "(comma-separated: a sweep; a size that runs out of memory is reported as such)")
     args = ap.parse_args()
 
     import torch
@@ -72,9 +78,18 @@ def main() -> int:
                      "max_steps": args.steps, "epochs": 100, "learning_rate": 1e-4, "mixed_precision": "bf16",
                      "log_every": 1, "eval_every": None, "save_every": None, "report_to": []},
            "output_dir": str(work / "run")}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        section, _, name = key.partition(".")
+        run.setdefault(section, {})[name] = yaml.safe_load(value)
     cfg_path = work / "run.yaml"
     cfg_path.write_text(yaml.safe_dump(run, sort_keys=False))
     env = {**os.environ, "SCALETUNE_NO_PROGRESS": "1"}
+    if args.profile:
+        run["train"]["max_steps"] = 3 + args.profile
+        cfg_path.write_text(yaml.safe_dump(run, sort_keys=False))
+        os.environ.update(env)
+        return profile_run(cfg_path, args.profile)
     subprocess.run([sys.executable, "-m", "scaletune", "train", str(cfg_path), "--overwrite"], env=env, check=True)
     rows = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r.get("event") == "train"][3:]  # skip warm-up steps
@@ -82,13 +97,63 @@ def main() -> int:
     summary = {k: statistics.median(r[k] for r in train if k in r) for k in keys if any(k in r for r in train)}
     print(json.dumps({"size": args.size, "seq": args.seq, "micro": args.micro, "accum": args.accum,
                       "gpu": torch.cuda.get_device_name(), "steps_measured": len(train), **summary}, indent=1))
-    if args.hf_batch:
-        print(json.dumps({"hf_trainer_target_tokens_per_s": hf_trainer(args, model_dir, data),
-                          "scaletune_target_tokens_per_s": summary.get("target_tokens_per_s")}, indent=1))
+    for hf_batch in [int(b) for b in args.hf_batch.split(",") if b]:
+        try:
+            hf = hf_trainer(args, hf_batch, model_dir, data)
+        except torch.OutOfMemoryError:
+            hf = None
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
+        ratio = summary["target_tokens_per_s"] / hf if hf else None
+        print(json.dumps({"hf_batch": hf_batch, "hf_trainer_target_tokens_per_s": hf or "out of memory",
+                          "scaletune_target_tokens_per_s": summary.get("target_tokens_per_s"),
+                          "scaletune_over_hf": ratio}))
     return 0
 
 
-def hf_trainer(args, model_dir: Path, data: Path) -> float:
+def profile_run(cfg_path: Path, steps: int) -> int:
+    """Train in this process with torch.profiler active for `steps` steps after 3 warm-up steps; print the
+    GPU time by kernel family and the top kernels. Benchmark-only: wraps scaletune's loop functions."""
+    import time
+
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    import scaletune.loop as loop
+    from scaletune.cli import main as cli_main
+
+    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                   schedule=schedule(wait=0, warmup=3, active=steps, repeat=1))
+    marks: list[float] = []
+    orig_clip = loop.clip_and_norm
+
+    def clip_and_step(*a, **kw):  # noqa: ANN002, ANN003
+        out = orig_clip(*a, **kw)  # the norm is a host float: the step's GPU work is done here
+        marks.append(time.perf_counter())
+        prof.step()
+        return out
+
+    loop.clip_and_norm = clip_and_step
+    with prof:
+        cli_main(["train", str(cfg_path), "--overwrite"])
+    wall = marks[-1] - marks[2]
+    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and e.self_device_time_total > 0]
+    busy = sum(e.self_device_time_total for e in kernels) / 1e6
+    families: dict[str, float] = {}
+    for e in kernels:
+        name = e.key.lower()
+        fam = next((f for f in ("flash", "fmha", "attention", "gemm", "gemv", "cutlass", "nvjet", "elementwise",
+                                "reduce", "softmax", "copy", "cat", "index", "foreach", "norm") if f in name), "other")
+        families[fam] = families.get(fam, 0.0) + e.self_device_time_total / 1e6
+    print(f"profiled {steps} steps: wall {wall:.3f} s, GPU kernels busy {busy:.3f} s ({100 * busy / wall:.0f}%)")
+    for fam, sec in sorted(families.items(), key=lambda kv: -kv[1]):
+        print(f"  {fam:12s} {sec:8.3f} s  {100 * sec / wall:5.1f}% of wall")
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=90))
+    return 0
+
+
+def hf_trainer(args, batch: int, model_dir: Path, data: Path) -> float:
     """(b): transformers.Trainer + peft, dynamic padding, same model, texts, LoRA and precision; target
     (non-pad, shifted) tokens per second over the steps after the first three."""
     import time
@@ -110,7 +175,8 @@ def hf_trainer(args, model_dir: Path, data: Path) -> float:
     texts = [json.loads(line)["text"] for line in data.read_text().splitlines()]
     ds = datasets.Dataset.from_list([{"input_ids": tok(t + tok.eos_token, truncation=True, max_length=args.seq)["input_ids"]}
                                      for t in texts])
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation=args.attn)
+    attn = "sdpa" if args.attn == "varlen" else args.attn  # varlen is scaletune's
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation=attn)
     model = peft.get_peft_model(model, peft.LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32, lora_dropout=0.0,
                                                        target_modules="all-linear"))
     collator = CountingCollator(DataCollatorForLanguageModeling(tok, mlm=False))
@@ -121,7 +187,7 @@ def hf_trainer(args, model_dir: Path, data: Path) -> float:
             torch.cuda.synchronize()
             marks.append((time.perf_counter(), collator.targets))
 
-    targs = TrainingArguments(output_dir=str(data.parent / "hf"), per_device_train_batch_size=args.hf_batch,
+    targs = TrainingArguments(output_dir=str(data.parent / "hf"), per_device_train_batch_size=batch,
                               max_steps=args.steps, learning_rate=1e-4, bf16=True, logging_steps=1,
                               save_strategy="no", report_to=[], dataloader_num_workers=0, disable_tqdm=True)
     Trainer(model=model, args=targs, train_dataset=ds, data_collator=collator, callbacks=[Clock()]).train()

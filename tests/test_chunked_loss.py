@@ -58,18 +58,23 @@ def test_same_loss_and_gradients_as_the_usual_path(make_config, monkeypatch, pac
         torch.testing.assert_close(chunked[1][name], g, rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_bf16_mixed_precision_matches_the_usual_path(make_config):
-    """bf16 weights under autocast: both paths run the head in bf16 on the same hidden states."""
+@pytest.fixture()
+def bf16_run(make_config):
     from accelerate.state import AcceleratorState, GradientState
 
     # accelerate keeps one mixed-precision setting per process; the other tests here run without one
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     try:
-        run = _run(make_config, model={"dtype": "bfloat16"}, train={"mixed_precision": "bf16"})
+        return _run(make_config, model={"dtype": "bfloat16"}, train={"mixed_precision": "bf16"})
     finally:
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
+
+
+def test_bf16_mixed_precision_matches_the_usual_path(bf16_run):
+    """bf16 weights under autocast: both paths run the head in bf16 on the same hidden states."""
+    run = bf16_run
     assert run.task._head is not None and run.task._head_dtype == torch.bfloat16
     batch = pad_batch([run.data["train"][i] for i in range(6)], run.tokenizer.pad_token_id)
     chunked = _loss_and_grads(run, batch)
@@ -78,6 +83,41 @@ def test_bf16_mixed_precision_matches_the_usual_path(make_config):
     assert chunked[0] == pytest.approx(usual[0], rel=1e-4)
     for name, g in usual[1].items():
         torch.testing.assert_close(chunked[1][name], g, rtol=2e-2, atol=1e-4, msg=name)
+
+
+def test_bf16_adapters_take_their_input_uncast_with_identical_numbers(bf16_run):
+    """Under autocast the LoRA layers skip peft's float32 copy of their input (methods.skip_adapter_input_casts):
+    bit-identical loss and gradients to peft's default casting."""
+    from peft.tuners.lora import LoraLayer
+
+    run = bf16_run
+    layers = [m for m in run.model.modules() if isinstance(m, LoraLayer)]
+    assert layers and all(m.cast_input_dtype_enabled is False for m in layers)
+    assert all(p.dtype == torch.float32 for n, p in run.model.named_parameters() if p.requires_grad)
+    batch = pad_batch([run.data["train"][i] for i in range(6)], run.tokenizer.pad_token_id)
+    uncast = _loss_and_grads(run, batch)
+    for m in layers:
+        m.cast_input_dtype_enabled = True
+    cast = _loss_and_grads(run, batch)
+    assert uncast[0] == cast[0]
+    for name, g in cast[1].items():
+        assert torch.equal(uncast[1][name], g), name
+
+
+def test_falls_back_when_the_logits_are_not_the_head_of_the_last_hidden_state(make_config, caplog):
+    """The first call checks head(last hidden state) against the model's own last logits; a model that
+    transforms its logits some other way gets the usual loss (on its real logits) from then on."""
+    run = _run(make_config)
+    base = run.model.get_base_model()
+    base.lm_head.register_forward_hook(lambda mod, args, out: out * 0.5)
+    batch = pad_batch([run.data["train"][i] for i in range(6)], run.tokenizer.pad_token_id)
+    with caplog.at_level("WARNING", logger="scaletune"):
+        fallback = _loss_and_grads(run, batch)
+    assert run.task._head is None and "not head(last hidden state)" in caplog.text
+    assert fallback[0] == pytest.approx(_loss_and_grads(run, batch)[0], rel=1e-6)
+    # ...and that loss is the one on the halved logits, not the chunked loss on the head's own
+    run2 = _run(make_config)
+    assert abs(_loss_and_grads(run2, batch)[0] - fallback[0]) > 1e-3 * fallback[0]
 
 
 def test_eval_loss_is_the_same(make_config):

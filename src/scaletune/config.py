@@ -43,8 +43,10 @@ class ModelConfig:
     )
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward (use_reentrant=False).")
     trust_remote_code: bool = _f(False, "Allow model code from the model repository to run. Off unless set.")
-    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = _f(
-        None, "Attention kernel; default lets transformers choose (sdpa where available)."
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "varlen"] | None = _f(
+        None, "Attention kernel; default lets transformers choose (sdpa where available). varlen: PyTorch's "
+        "variable-length flash kernel on CUDA, each packed example / padded row attends only to itself with "
+        "no work on padding (nothing to install); SDPA answers where it cannot run (CPU, generation)."
     )
     revision: str | None = _f(None, "Hub revision (branch, tag or commit) of the base model.")
 
@@ -100,7 +102,8 @@ class TrainConfig:
     on_nonfinite: Literal["stop", "skip"] = _f("stop", "Non-finite loss/grad norm: stop, or skip the update.")
     max_nonfinite_skips: int = _f(10, "With on_nonfinite=skip: stop after this many skipped updates.")
     report_to: list = _f(["tensorboard"], "Trackers: tensorboard, wandb, mlflow (offline-safe) or [].")
-    torch_compile: bool = _f(False, "Compile the model with torch.compile.")
+    torch_compile: bool = _f(False, "torch.compile each repeated transformer block (regional compilation; "
+                             "the first steps are slow while it compiles). Not with ZeRO-3.")
     chunked_loss: bool = _f(True, "causal_lm: LM head + cross-entropy a chunk of target tokens at a time, "
                             "never holding vocabulary-sized logits for the whole micro-batch (same loss and "
                             "gradients; kept off automatically for a trained/adapted head, ZeRO-3 and "
@@ -478,6 +481,9 @@ def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_c
     if method in ("prefix_tuning",) and m.gradient_checkpointing:
         p.append("model.gradient_checkpointing with peft.method=prefix_tuning is not supported by peft "
                  "(past key values); set gradient_checkpointing: false")
+    if t.torch_compile and dist.zero_stage == 3:
+        p.append("train.torch_compile with distributed.zero_stage=3: ZeRO-3's parameter gathering hooks are "
+                 "not traced by torch.compile here; use zero_stage 2 or torch_compile: false")
     from .methods import problems as method_problems
 
     p.extend(method_problems(cfg))

@@ -59,8 +59,8 @@ def fit(run: Run, stop: StopFlag) -> str:
         loss_sum = torch.zeros((), device=acc.device)
         grad_norm = None
         for batch in micro_batches:
-            batch = to_device(batch, acc.device)
             speed.count(batch)
+            batch = to_device(batch, acc.device)
             run.batch_shape = tuple(batch["input_ids"].shape)  # for an out-of-memory message
             with acc.accumulate(model):
                 loss = task.loss_sum(model, batch)[0]  # drop the logits now: they would outlive backward

@@ -3,8 +3,11 @@
 MFU counts the FLOPs a LoRA step really does, per token: 2N forward through the base (N = all
 parameters), 2N backward for activation gradients only (frozen weights get no weight gradient),
 6 N_trainable for the adapter (forward, activation and weight gradients), plus attention
-12 * layers * hidden * seq (scores and weighted sum, forward and backward). Divided by the device's
-dense bf16 peak (table below, or SCALETUNE_PEAK_TFLOPS). Reported on CUDA only.
+12 * layers * hidden * L for a token in a sequence of L tokens (scores and weighted sum, forward and
+backward), where L is the length of the example the token belongs to: a packed row's examples do not
+attend to each other, so their attention is not work a row-long L would claim (a packed row's
+trailing padding counts as one more, short, example). Divided by the device's dense bf16 peak
+(table below, or SCALETUNE_PEAK_TFLOPS). Reported on CUDA only.
 """
 
 from __future__ import annotations
@@ -32,8 +35,10 @@ def device_peak_tflops() -> float | None:
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
-def flops_per_token(n_params: int, n_trainable: int, n_layers: int, hidden: int, seq_len: float) -> float:
-    return 4.0 * n_params + 6.0 * n_trainable + 12.0 * n_layers * hidden * seq_len
+def step_flops(n_params: int, n_trainable: int, n_layers: int, hidden: int, tokens: float,
+               sum_sq_lengths: float) -> float:
+    """LoRA-aware FLOPs of training on `tokens` tokens whose examples' squared lengths sum to `sum_sq_lengths`."""
+    return (4.0 * n_params + 6.0 * n_trainable) * tokens + 12.0 * n_layers * hidden * sum_sq_lengths
 
 
 def peak_memory_mb() -> float:
@@ -58,28 +63,34 @@ class Throughput:
         self._reset()
 
     def _reset(self) -> None:
-        self.tokens = self.positions = self.targets = self.seq_sum = self.rows = 0
+        self.tokens = self.positions = self.targets = self.sum_sq = 0
         self.start = time.perf_counter()
 
     def count(self, batch: dict) -> None:
+        """Count a micro-batch (before it goes to the device: nothing here waits for the GPU)."""
         ids = batch["input_ids"]
         mask = batch.get("attention_mask")
+        if mask is not None:
+            lengths = mask.sum(1)
+        elif "cu_seq_lens" in batch:
+            lengths = batch["cu_seq_lens"].diff()
+        else:
+            lengths = torch.full((ids.shape[0],), ids.shape[1])
         self.tokens += int(mask.sum()) if mask is not None else int(batch.get("n_tokens", ids.numel()))
+        self.sum_sq += int((lengths.long() ** 2).sum())
         self.positions += ids.numel()
-        self.rows += ids.shape[0]
 
     def add_step(self, n_targets_global: int) -> None:
         self.targets += n_targets_global
 
     def flush(self) -> dict:
         dt = max(time.perf_counter() - self.start, 1e-9)
-        local = torch.tensor([self.tokens, self.positions, self.rows], dtype=torch.float64, device=self.acc.device)
-        tokens, positions, rows = self.acc.reduce(local, "sum").tolist()
+        local = torch.tensor([self.tokens, self.positions, self.sum_sq], dtype=torch.float64, device=self.acc.device)
+        tokens, positions, sum_sq = self.acc.reduce(local, "sum").tolist()
         out = {"tokens_per_s": tokens / dt, "target_tokens_per_s": self.targets / dt,
                "padding_ratio": 1.0 - tokens / max(positions, 1), "peak_mem_mb": peak_memory_mb()}
         if self.peak:
-            seq = positions / max(rows, 1)
-            flops = flops_per_token(self.n_params, self.n_trainable, self.layers, self.hidden, seq) * tokens
+            flops = step_flops(self.n_params, self.n_trainable, self.layers, self.hidden, tokens, sum_sq)
             out["mfu"] = flops / dt / (self.peak * 1e12 * self.acc.num_processes)
         self._reset()
         return out

@@ -115,7 +115,11 @@ def load_model(cfg: RunConfig, task: Any, labels: list[str] | None, tokenizer: A
                     cfg.model.name_or_path)
     kwargs: dict[str, Any] = {"dtype": DTYPES[cfg.model.dtype], "trust_remote_code": cfg.model.trust_remote_code,
                               "revision": cfg.model.revision, **task.model_kwargs(labels)}
-    if cfg.model.attn_implementation:
+    if cfg.model.attn_implementation == "varlen":
+        from .attention import register
+
+        kwargs["attn_implementation"] = register()
+    elif cfg.model.attn_implementation:
         kwargs["attn_implementation"] = cfg.model.attn_implementation
     qconf = quantization_config(cfg)
     if qconf is not None:
@@ -156,6 +160,19 @@ def float32_trainables(model: Any) -> Any:
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
     return model
+
+
+def compile_blocks(model: Any) -> int:
+    """`train.torch_compile`: compile each repeated block (the classes transformers lists in
+    `_no_split_modules`, e.g. LlamaDecoderLayer, adapters inside) in place. One compiled graph is reused
+    by every layer, so compile time does not grow with depth; mask building, the loss and peft's
+    wrappers stay eager (the chunked loss's decoder hook keeps working). Returns the blocks compiled."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    for block in blocks:
+        block.compile()
+    return len(blocks)
 
 
 def count_parameters(model: Any) -> tuple[int, int]:

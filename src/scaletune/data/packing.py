@@ -60,17 +60,24 @@ def pack_dataset(dataset: Any, max_length: int) -> Any:
 
 def collate_packed(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Rows padded at the end; padding gets its own restarting positions and no labels, so it is a
-    separate (ignored) segment that no real token attends to."""
+    separate (ignored) segment that no real token attends to. `cu_seq_lens` marks every example and
+    padding stretch for the varlen attention kernel (attention.py)."""
+    from ..attention import segment_bounds
+
     width = max(len(e["input_ids"]) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
     pos = torch.arange(width).repeat(len(examples), 1)
     n_tokens = 0
+    segments = []
     for r, e in enumerate(examples):
         n = len(e["input_ids"])
         ids[r, :n] = torch.tensor(e["input_ids"])
         labels[r, :n] = torch.tensor(e["labels"])
         pos[r, :n] = torch.tensor(e["position_ids"])
         pos[r, n:] = torch.arange(width - n)
+        starts = (pos[r, :n] == 0).nonzero().squeeze(1).tolist() + [n]
+        segments.append([b - a for a, b in zip(starts, starts[1:])])
         n_tokens += n
-    return {"input_ids": ids, "labels": labels, "position_ids": pos, "n_tokens": torch.tensor(n_tokens)}
+    return {"input_ids": ids, "labels": labels, "position_ids": pos, "n_tokens": torch.tensor(n_tokens),
+            "cu_seq_lens": segment_bounds(segments, width)}

@@ -30,6 +30,7 @@ def _accepts_logits_to_keep(model: Any) -> bool:
 @register("causal_lm")
 class CausalLM(Task):
     peft_task_type = "CAUSAL_LM"
+    varlen = False  # model.attn_implementation == "varlen": pass segment bounds to the model
 
     def auto_model_class(self) -> Any:
         from transformers import AutoModelForCausalLM
@@ -38,6 +39,7 @@ class CausalLM(Task):
 
     def setup(self, records: list[dict], cfg: Any, source: str) -> list[str] | None:
         self.format = get_format(cfg.data.format, records, source)
+        self.varlen = cfg.model.attn_implementation == "varlen"
         return None
 
     def encode(self, record: dict, tokenizer: Any, cfg: Any, label2id: dict | None) -> dict | None:
@@ -64,23 +66,48 @@ class CausalLM(Task):
             from ..data.packing import collate_packed  # (data.packing imports tasks.base)
 
             return collate_packed(examples, pad_id)
-        return pad_batch(examples, pad_id)
+        from ..attention import segment_bounds
+
+        batch = pad_batch(examples, pad_id)
+        # each row's tokens, then its padding, as segments for the varlen attention kernel
+        batch["cu_seq_lens"] = segment_bounds([[len(e["input_ids"])] for e in examples], batch["input_ids"].shape[1])
+        return batch
 
     _head: Any = None  # the frozen LM head when train.chunked_loss is in use (see enable_chunked_loss)
     _head_dtype: Any = None  # what it computes in: the autocast dtype under mixed precision
+    _hidden: Any = None  # the decoder's last hidden state, caught by a forward hook for one loss_sum call
+    _catch: bool = False
+    _checked: bool = False
 
     def enable_chunked_loss(self, model: Any, autocast_dtype: torch.dtype | None = None) -> str | None:
         """Compute the loss a chunk of target tokens at a time through `model`'s head (tasks/chunked_ce.py).
         Returns why that cannot be done for this model (the usual path is kept), or None."""
         from .chunked_ce import chunkable_head
 
-        self._head, why_not = chunkable_head(model)
-        if self._head is not None:
-            self._head_dtype = autocast_dtype or self._head.weight.dtype
-        return why_not
+        head, why_not = chunkable_head(model)
+        inner = getattr(model, "module", model)  # DDP
+        decoder = inner.get_decoder() if head is not None and hasattr(inner, "get_decoder") else None
+        if head is not None and not isinstance(decoder, torch.nn.Module):
+            head, why_not = None, "the model has no decoder module to read the last hidden state from"
+        if head is None:
+            return why_not
+        # The decoder's own output is the head's input. Catching it with a forward hook (a public
+        # torch API) instead of asking for output_hidden_states keeps every layer's hidden state from
+        # being returned, and, under accelerate's autocast wrapper, converted to float32.
+        decoder.register_forward_hook(self._catch_hidden)
+        self._head, self._head_dtype = head, autocast_dtype or head.weight.dtype
+        return None
+
+    def _catch_hidden(self, module: Any, args: Any, output: Any) -> None:
+        if self._catch:
+            self._hidden = output[0]  # BaseModelOutputWithPast.last_hidden_state (or a tuple's first)
 
     def loss_sum(self, model: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+        if self.varlen and "cu_seq_lens" in batch:  # transformers hands these to the attention function
+            width = batch["input_ids"].shape[1]
+            inputs.update(cu_seq_lens_q=batch["cu_seq_lens"], cu_seq_lens_k=batch["cu_seq_lens"],
+                          max_length_q=width, max_length_k=width)
         # Position t predicts token t+1. Only positions that have a target need logits: with prompt
         # masking that skips the vocabulary projection (and its float32 loss) for every prompt token.
         labels = batch["labels"][:, 1:]
@@ -98,20 +125,28 @@ class CausalLM(Task):
 
         # Through the model's own forward (DDP / DeepSpeed hooks stay in charge); logits only for the
         # last position, which also checks that head(last hidden state) is what the model computes.
-        out = model(**inputs, use_cache=False, logits_to_keep=1, output_hidden_states=True)
-        hidden = out.hidden_states[-1]
+        self._catch = True
+        try:
+            out = model(**inputs, use_cache=False, logits_to_keep=1)
+            hidden = self._hidden
+        finally:
+            self._catch, self._hidden = False, None
         # The head in the dtype the model's own call used (autocast), cast once for the check and the loss.
         dtype = self._head_dtype
         w, b = self._head.weight.to(dtype), self._head.bias
         b = None if b is None else b.to(dtype)
-        check = torch.nn.functional.linear(hidden[:, -1].to(dtype), w, b).float()
-        if not torch.allclose(check, out.logits[:, -1].float(), rtol=1e-3, atol=1e-4):
+        # logits == head(hidden) is a property of the model, not of the batch: checked on the first call
+        # only (the comparison waits for the GPU, which would stall every micro-batch).
+        if hidden is None or not (self._checked or torch.allclose(
+                torch.nn.functional.linear(hidden[:, -1].to(dtype), w, b).float(), out.logits[:, -1].float(),
+                rtol=1e-3, atol=1e-4)):
             import logging
 
             logging.getLogger("scaletune").warning(
                 "train.chunked_loss: this model's logits are not head(last hidden state); using the usual loss")
             self._head = None
             return self.loss_sum(model, {**inputs, "labels": torch.nn.functional.pad(labels, (1, 0), value=IGNORE)})[0]
+        self._checked = True
         hidden, labels = hidden[:, keep], labels[:, keep]
         targets = labels != IGNORE
         return head_cross_entropy(hidden[targets].to(dtype), w, b, labels[targets])
