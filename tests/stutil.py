@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet", "kilo",
          "lima", "mike", "november", "oscar", "papa", "quebec", "romeo", "sierra", "tango"]
@@ -94,6 +95,18 @@ def corpus() -> list[str]:
     texts += [" ".join(r["tokens"]) for r in ner_records(100)]
     texts += ["### Instruction:\n### Response:\n" + " ".join(WORDS)] * 5
     return texts * 3
+
+
+def tensor_peak_bytes(prof: Any) -> int:
+    """Highest running sum of the allocation (+) and free (-) events of a `torch.profiler.profile(
+    profile_memory=True)` run: peak live tensor bytes above what was live when it started (the CPU
+    counterpart of `torch.cuda.max_memory_allocated`)."""
+    running = peak = 0
+    for _, nbytes in sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                            if e.name() == "[memory]"):
+        running += nbytes
+        peak = max(peak, running)
+    return peak
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:

@@ -12,6 +12,8 @@ from scaletune.tasks import IGNORE, chunked_ce
 from scaletune.tasks.base import pad_batch
 from scaletune.train import setup
 
+from stutil import tensor_peak_bytes
+
 
 def _run(make_config, peft: dict | None = None, **sections):
     train = {"global_batch_size": 8, "micro_batch_size": 8, "max_steps": 1, **sections.pop("train", {})}
@@ -142,12 +144,7 @@ def test_peak_tensor_memory_is_lower(make_config, monkeypatch):
     def peak() -> int:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
             _loss_and_grads(run, batch)
-        running = top = 0
-        for _, nbytes in sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                                if e.name() == "[memory]"):
-            running += nbytes
-            top = max(top, running)
-        return top
+        return tensor_peak_bytes(prof)
 
     chunked = peak()
     run.task._head = None

@@ -122,10 +122,14 @@ def test_training_with_packing_runs_and_reports_throughput(make_config):
     assert rec["padding_ratio"] < 0.3
 
 
-def test_torch_compile_gives_the_same_loss_and_gradient_norm(make_config):
+def test_torch_compile_gives_the_same_loss_and_gradient_norm(make_config, monkeypatch):
     """train.torch_compile compiles each decoder layer (adapters inside) in place: a packed step's loss and
-    gradient norm match eager training, with the chunked loss's decoder hook in the path. (One step:
-    each compile costs ~10 s on a CPU.)"""
+    gradient norm match eager training, with the chunked loss's decoder hook in the path. Dynamo traces
+    and AOT autograd differentiates the real graphs; the backend is aot_eager because inductor's C++
+    code generation costs ~40 s of CI per run (inductor itself ran the GPU benchmarks)."""
+    compile_module = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile",
+                        lambda self, *a, **kw: compile_module(self, *a, **{**kw, "backend": "aot_eager"}))
     logged = {}
     for compiled in (False, True):
         path = make_config("causal_lm", n=32, data={"packing": True, "max_length": 96, "eval": None},
@@ -136,6 +140,7 @@ def test_torch_compile_gives_the_same_loss_and_gradient_norm(make_config):
         assert all((layer._compiled_call_impl is not None) == compiled for layer in layers)
         assert run.task._head is not None
         assert fit(run, StopFlag()) == "done"
+        assert run.task._head is not None  # the decoder hook fired: no fallback to the usual loss
         (row,) = [r for r in read_metrics(run.output_dir) if r.get("event") == "train"]
         logged[compiled] = (row["loss"], row["grad_norm"])
     assert logged[True] == pytest.approx(logged[False], rel=1e-4)

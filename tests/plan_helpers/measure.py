@@ -30,6 +30,9 @@ from typing import Any
 
 import torch
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run as a script
+from stutil import tensor_peak_bytes  # noqa: E402
+
 
 class Counter:
     """Bytes per category, each storage counted once (views into DeepSpeed's flat buffers, and a
@@ -126,12 +129,7 @@ def measure(cfg_path: str) -> tuple[dict, Any]:
         at_start.add("live", getattr(p, "ds_tensor", None))
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         fit(run, StopFlag())
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]")
-    running = peak = 0
-    for _, nbytes in events:
-        running += nbytes
-        peak = max(peak, running)
+    peak = tensor_peak_bytes(prof)
     counts = seen["states"]
     result = {"frozen": counts.get("frozen", 0), "trainable": counts.get("trainable", 0),
               "master": counts.get("master", 0), "grads": seen.get("grads", 0),

@@ -3,6 +3,7 @@ delays, resume with --resume auto until it finishes, and compare with an uninter
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import signal
@@ -74,7 +75,54 @@ def assert_latest_complete(out: Path) -> None:
         assert target.is_dir() and verify(target) is None, f"latest -> {target} is partial"
 
 
-def kill_group(proc: subprocess.Popen, sig: int) -> None:
+class Zygote:
+    """zygote.py, started once per test process: forks each single-process run instead of paying the
+    training stack's imports on every one of the 20+ starts of a kill test."""
+
+    _proc: subprocess.Popen | None = None
+
+    @classmethod
+    def ask(cls, request: dict) -> object:
+        if cls._proc is None or cls._proc.poll() is not None:
+            cls._proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("zygote.py"))], env=ENV,
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            atexit.register(cls._proc.kill)
+        cls._proc.stdin.write(json.dumps(request) + "\n")
+        cls._proc.stdin.flush()
+        return json.loads(cls._proc.stdout.readline())
+
+
+class Forked:
+    """A `scaletune` run forked by the zygote, with the part of subprocess.Popen's interface the harness
+    uses. It is a real process in its own session: signals and SIGKILL reach it like any other run."""
+
+    def __init__(self, argv: list[str], env: dict, stderr: Path):
+        self.stderr, self.returncode = stderr, None
+        self.pid = Zygote.ask({"run": argv, "env": env, "stderr": str(stderr)})
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self.returncode = Zygote.ask({"poll": self.pid})
+        return self.returncode
+
+    def communicate(self, timeout: float) -> tuple[None, str]:
+        deadline = time.monotonic() + timeout
+        while self.poll() is None:
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"forked scaletune run {self.pid}", timeout)
+            time.sleep(0.05)
+        return None, self.stderr.read_text()
+
+
+def start(path: Path, env: dict, launcher: list[str] | None = None) -> subprocess.Popen | Forked:
+    """A resumable run of `path`: forked by the zygote, or launched (`accelerate launch ...`) afresh."""
+    if launcher:
+        return subprocess.Popen(command(path, launcher), env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return Forked(command(path)[3:], env, path.with_suffix(".stderr"))
+
+
+def kill_group(proc: subprocess.Popen | Forked, sig: int) -> None:
     try:
         os.killpg(proc.pid, sig)
     except ProcessLookupError:
@@ -91,8 +139,7 @@ def run_with_interruptions(path: Path, out: Path, delays: list[float], sig: int,
         env = dict(ENV)
         if faults and attempt in faults:
             env["SCALETUNE_FAULT"] = faults[attempt]
-        proc = subprocess.Popen(command(path, launcher), env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        proc = start(path, env, launcher)
         if attempt < len(delays):
             deadline = time.monotonic() + 240
             metrics = out / "metrics.jsonl"
