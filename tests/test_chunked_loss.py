@@ -163,3 +163,23 @@ def test_kept_off_where_it_cannot_stand_in(make_config):
     assert prompt.task._head is None
     off = _run(make_config, train={"chunked_loss": False})
     assert off.task._head is None
+
+
+def test_collated_target_positions_match_the_labels(make_config):
+    """The collator finds the target positions on the CPU (no GPU wait mid-step); the loss on them equals
+    the loss computed from the labels on the device, padded and packed."""
+    run = _run(make_config)
+    examples = [run.data["train"][i] for i in range(6)]
+    pad = run.tokenizer.pad_token_id
+    row = {"input_ids": sum((e["input_ids"] for e in examples), []),
+           "labels": sum(([IGNORE] + e["labels"][1:] for e in examples), []),
+           "position_ids": sum((list(range(len(e["input_ids"]))) for e in examples), [])}
+    for batch in (run.task.collate(examples, pad), run.task.collate([row], pad)):
+        index = batch["target_index"]
+        assert len(index) == run.task.count_targets(batch)
+        assert (batch["labels"].reshape(-1)[index + 1] != IGNORE).all()
+        collated = _loss_and_grads(run, batch)
+        on_device = _loss_and_grads(run, {k: v for k, v in batch.items() if k != "target_index"})
+        assert collated[0] == on_device[0]
+        for name, g in on_device[1].items():
+            assert torch.equal(collated[1][name], g), name

@@ -27,6 +27,14 @@ def _accepts_logits_to_keep(model: Any) -> bool:
     return _accepts_by_class(type(inner))
 
 
+def target_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Flat indices (row * width + t) of the positions t whose next token is a target: the rows of
+    `hidden.reshape(-1, h)` the loss needs; their labels sit one index further."""
+    has_target = torch.zeros_like(labels, dtype=torch.bool)
+    has_target[:, :-1] = labels[:, 1:] != IGNORE
+    return has_target.flatten().nonzero().squeeze(1)
+
+
 @register("causal_lm")
 class CausalLM(Task):
     peft_task_type = "CAUSAL_LM"
@@ -65,12 +73,15 @@ class CausalLM(Task):
         if "position_ids" in examples[0]:
             from ..data.packing import collate_packed  # (data.packing imports tasks.base)
 
-            return collate_packed(examples, pad_id)
-        from ..attention import segment_bounds
+            batch = collate_packed(examples, pad_id)
+        else:
+            from ..attention import segment_bounds
 
-        batch = pad_batch(examples, pad_id)
-        # each row's tokens, then its padding, as segments for the varlen attention kernel
-        batch["cu_seq_lens"] = segment_bounds([[len(e["input_ids"])] for e in examples], batch["input_ids"].shape[1])
+            batch = pad_batch(examples, pad_id)
+            # each row's tokens, then its padding, as segments for the varlen attention kernel
+            batch["cu_seq_lens"] = segment_bounds([[len(e["input_ids"])] for e in examples],
+                                                  batch["input_ids"].shape[1])
+        batch["target_index"] = target_positions(batch["labels"])
         return batch
 
     _head: Any = None  # the frozen LM head when train.chunked_loss is in use (see enable_chunked_loss)
@@ -108,19 +119,19 @@ class CausalLM(Task):
             width = batch["input_ids"].shape[1]
             inputs.update(cu_seq_lens_q=batch["cu_seq_lens"], cu_seq_lens_k=batch["cu_seq_lens"],
                           max_length_q=width, max_length_k=width)
+        if self._head is not None:
+            return self._chunked_loss_sum(model, inputs, batch), None
         # Position t predicts token t+1. Only positions that have a target need logits: with prompt
         # masking that skips the vocabulary projection (and its float32 loss) for every prompt token.
         labels = batch["labels"][:, 1:]
         keep = (labels != IGNORE).any(0).nonzero().squeeze(1)
-        if self._head is not None:
-            return self._chunked_loss_sum(model, inputs, labels, keep), None
         if _accepts_logits_to_keep(model):
             logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
         else:
             logits = model(**inputs, use_cache=False).logits[:, keep]
         return ce_sum(logits, labels[:, keep]), logits
 
-    def _chunked_loss_sum(self, model: Any, inputs: dict, labels: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    def _chunked_loss_sum(self, model: Any, inputs: dict, batch: dict) -> torch.Tensor:
         from .chunked_ce import head_cross_entropy
 
         # Through the model's own forward (DDP / DeepSpeed hooks stay in charge); logits only for the
@@ -145,11 +156,14 @@ class CausalLM(Task):
             logging.getLogger("scaletune").warning(
                 "train.chunked_loss: this model's logits are not head(last hidden state); using the usual loss")
             self._head = None
-            return self.loss_sum(model, {**inputs, "labels": torch.nn.functional.pad(labels, (1, 0), value=IGNORE)})[0]
+            return self.loss_sum(model, batch)[0]
         self._checked = True
-        hidden, labels = hidden[:, keep], labels[:, keep]
-        targets = labels != IGNORE
-        return head_cross_entropy(hidden[targets].to(dtype), w, b, labels[targets])
+        # The positions followed by a target, found by the collator on the CPU: selecting them here
+        # with a boolean mask would make the CPU wait for the GPU in the middle of every micro-batch.
+        index = batch.get("target_index")
+        index = target_positions(batch["labels"]) if index is None else index
+        hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
+        return head_cross_entropy(hidden.to(dtype), w, b, batch["labels"].reshape(-1).index_select(0, index + 1))
 
     @staticmethod
     def count_targets(batch: dict) -> int:
