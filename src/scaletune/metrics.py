@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .distributed import unwrap
+from .trainable_state import unwrap
 
 PEAK_BF16_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0, "H800": 989.0, "L40S": 362.0, "A10G": 125.0,
                     "RTX 4090": 165.0}

@@ -18,8 +18,8 @@ import torch
 from . import checkpoint as ckpt
 from . import methods
 from .config import RunConfig, cross_field_problems
-from .distributed import unwrap
 from .errors import EXIT_PREEMPTED, ConfigError, UserError
+from .trainable_state import unwrap
 
 log = logging.getLogger("scaletune")
 
@@ -124,9 +124,10 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
     from transformers.utils import logging as hf_logging
 
     from .data import build_datasets
-    from .distributed import accelerator_kwargs, cuda_available, load_trainable_state, world_size_from_env
+    from .distributed import accelerator_kwargs, cuda_available, world_size_from_env
     from .model import compile_blocks, count_parameters, load_model, load_tokenizer, peft_config, quantization_config
     from .tasks import get_task
+    from .trainable_state import load_trainable_state
 
     world = world_size_from_env()
     problems = cross_field_problems(cfg, world_size=world, has_cuda=cuda_available())
@@ -210,7 +211,7 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
 
 
 def save_checkpoint(run: Run) -> Path:
-    from .distributed import gather_trainable_state, saved_adapter_state
+    from .trainable_state import gather_trainable_state, saved_adapter_state
 
     params, opt_state, scalars = gather_trainable_state(run.accelerator, run.model, run.optimizer)
     # Gathering the adapter is a collective under ZeRO-3: do it on every rank here, because
@@ -229,7 +230,7 @@ def save_adapter(run: Run, directory: Path, state: dict | None = None) -> None:
     """Plain peft adapter directory + tokenizer (+ label maps): what `PeftModel.from_pretrained` loads.
 
     Without `state` this gathers it, a collective under ZeRO-3: then every rank must call it."""
-    from .distributed import saved_adapter_state
+    from .trainable_state import saved_adapter_state
 
     if state is None:
         state = saved_adapter_state(run.accelerator, run.model)

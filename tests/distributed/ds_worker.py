@@ -77,7 +77,7 @@ def batch(step: int, rank: int, world: int) -> torch.Tensor:
 
 def run_role(accelerator, stage: int, role: str, out_dir: Path, load: Path | None) -> None:
     """Build a fresh model + optimizer on `accelerator` and run one role (see module docstring)."""
-    from scaletune.distributed import gather_trainable_state, load_trainable_state, saved_adapter_state
+    from scaletune.trainable_state import gather_trainable_state, load_trainable_state, saved_adapter_state
 
     world = accelerator.num_processes
     rank = accelerator.process_index

@@ -1,0 +1,359 @@
+"""World-size-agnostic trainable state: the adapter parameters and their Adam moments as plain full
+tensors keyed by the PEFT parameter name, whatever the world size and ZeRO stage.
+
+* `gather_trainable_state` / `load_trainable_state` move them between runs of any world size and any
+  ZeRO stage. This is what makes "train on 8 GPUs with ZeRO-3, resume on 1 GPU" possible without
+  DeepSpeed's sharded checkpoint format.
+* `saved_adapter_state` returns a gathered state dict for `PeftModel.save_pretrained(state_dict=...)`,
+  which under ZeRO-3 would otherwise see empty (partitioned) parameters.
+* `unwrap` finds the PEFT model under DDP / DeepSpeed / torch.compile wrappers.
+
+Importing this module is cheap: torch/accelerate/deepspeed are imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import torch
+    from accelerate import Accelerator
+
+logger = logging.getLogger(__name__)
+
+#: Optimizer-state keys moved by gather/load (torch AdamW and DeepSpeed's Adam variants use these).
+ADAM_STATE_KEYS: tuple[str, ...] = ("exp_avg", "exp_avg_sq")
+
+
+def _strip_prefix(name: str) -> str:
+    """PEFT parameter name without DDP/DeepSpeed/torch.compile wrapper prefixes."""
+    for prefix in ("module.", "_orig_mod."):
+        while name.startswith(prefix):
+            name = name[len(prefix) :]
+    return name
+
+
+def unwrap(accelerator: Accelerator | None, model: Any) -> Any:
+    """The PEFT model under any DDP/DeepSpeed/compile wrappers."""
+    if not hasattr(model, "module") and not hasattr(model, "_orig_mod"):
+        # Not wrapped. (accelerate's unwrap_model imports deepspeed to check, ~1 s per process.)
+        return model
+    if accelerator is not None:
+        try:
+            return accelerator.unwrap_model(model)
+        except Exception:  # pragma: no cover - unwrap_model is best effort on exotic wrappers
+            pass
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def _trainable_named_parameters(accelerator: Accelerator | None, model: Any) -> Iterator[tuple[str, Any]]:
+    """(name, param) for every trainable parameter, in module registration order.
+
+    The order is the same on every rank, which matters: DeepSpeed's full-state getters are
+    collectives that all ranks must call in the same order.
+    """
+    for name, param in unwrap(accelerator, model).named_parameters():
+        if param.requires_grad:
+            yield _strip_prefix(name), param
+
+
+def _deepspeed_engine(accelerator: Accelerator | None, model: Any) -> Any | None:
+    """The DeepSpeedEngine driving `model`, or None when DeepSpeed is not in use."""
+    if "deepspeed" not in sys.modules:  # never imported -> not in use (importing it costs ~1 s per process)
+        return None
+    try:
+        from deepspeed import DeepSpeedEngine
+    except Exception:  # deepspeed not installed -> cannot be in use
+        return None
+    if isinstance(model, DeepSpeedEngine):
+        return model
+    wrapped = getattr(accelerator, "deepspeed_engine_wrapped", None) if accelerator is not None else None
+    if wrapped is not None:
+        return wrapped.engine
+    return None
+
+
+def _zero_stage(engine: Any) -> int:
+    return int(engine.zero_optimization_stage()) if engine is not None else 0
+
+
+def _base_torch_optimizer(optimizer: Any) -> Any:
+    """The innermost torch optimizer (under accelerate's and DeepSpeed's wrappers).
+
+    Its `state[...]["step"]` is the Adam step count. Under DeepSpeed ZeRO the params of this optimizer
+    are DeepSpeed's flat fp32 partitions, one per param group.
+    """
+    seen = 0
+    while hasattr(optimizer, "optimizer") and seen < 8:
+        optimizer = optimizer.optimizer
+        seen += 1
+    return optimizer
+
+
+def _ds_zero_optimizer(engine: Any) -> Any:
+    return engine.optimizer
+
+
+def _state_params(base_opt: Any, extra: list | None = None) -> list:
+    """Every tensor the optimizer keeps (or should keep) state for, without duplicates.
+
+    ZeRO-3 empties `param_groups[i]["params"]` after its steps, so the state keys are walked too.
+    """
+    out: list = []
+    seen: set[int] = set()
+    candidates = list(extra or []) + [p for g in base_opt.param_groups for p in g["params"]] + list(base_opt.state)
+    for p in candidates:
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+def _read_step(base_opt: Any) -> int:
+    """Largest Adam step count found in a torch optimizer's state (0 before the first step)."""
+    steps: list[float] = []
+    for st in base_opt.state.values():
+        if "step" in st:
+            v = st["step"]
+            steps.append(float(v.item() if hasattr(v, "item") else v))
+    for group in base_opt.param_groups:
+        if "step" in group:  # some optimizers (and DeepSpeed's own Adam) keep it per group
+            steps.append(float(group["step"]))
+    return int(max(steps)) if steps else 0
+
+
+def _write_step(base_opt: Any, step: int) -> None:
+    """Set the Adam step count everywhere a torch/DeepSpeed optimizer may keep it."""
+    import torch
+
+    for group in base_opt.param_groups:
+        if "step" in group:
+            group["step"] = step
+    for st in base_opt.state.values():
+        old = st.get("step")
+        if torch.is_tensor(old):
+            st["step"] = torch.tensor(float(step), dtype=old.dtype, device=old.device)
+        else:
+            # torch AdamW (non-capturable) keeps a float32 CPU scalar tensor.
+            st["step"] = torch.tensor(float(step), dtype=torch.float32)
+
+
+def _ensure_adam_state(base_opt: Any, flat_params: list | None = None) -> None:
+    """Create zero Adam state for params that have none yet (fresh optimizer, before its first step).
+
+    torch AdamW initialises state lazily in step() only when the state dict is empty, so pre-filled
+    tensors are used as-is and the loaded moments survive into the next step. `flat_params` lists
+    DeepSpeed's flat fp32 partitions, which ZeRO-3 does not leave in `param_groups`.
+    """
+    import torch
+
+    amsgrad = any(g.get("amsgrad") for g in base_opt.param_groups)
+    for p in _state_params(base_opt, flat_params):
+        st = base_opt.state[p]
+        if len(st) == 0:
+            st["step"] = torch.tensor(0.0, dtype=torch.float32)
+            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if amsgrad:
+                st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def _ds_flat_fp32_partitions(zero_opt: Any) -> list:
+    """DeepSpeed's flat fp32 master partitions (the params of its inner torch optimizer)."""
+    for attr in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition"):
+        flat = getattr(zero_opt, attr, None)
+        if flat:
+            return [t for t in flat if t is not None]
+    return []
+
+
+def gather_trainable_state(
+    accelerator: Accelerator | None, model: Any, optimizer: Any
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
+    """Full fp32 trainable parameters and Adam state, identical on every rank.
+
+    Args:
+        accelerator: the run's Accelerator (None is fine for a plain single-process model).
+        model: the prepared model (DDP/DeepSpeedEngine/PeftModel).
+        optimizer: the prepared optimizer (AcceleratedOptimizer / DeepSpeed wrapper / torch AdamW).
+
+    Returns:
+        (params, opt_state, scalars): `params[name]` is the full fp32 CPU tensor of each trainable
+        parameter (name = PEFT name without "module."); `opt_state[f"{name}::exp_avg"]` and
+        `opt_state[f"{name}::exp_avg_sq"]` the full Adam moments (absent before the first step);
+        `scalars = {"step": int}` the Adam step count.
+
+    Under DeepSpeed every rank must call this (the getters are collectives, called here in the same
+    parameter order everywhere). Works for no DeepSpeed (single process/DDP, replicated state) and
+    ZeRO 1/2/3 including CPU offload.
+    """
+    import torch
+
+    engine = _deepspeed_engine(accelerator, model)
+    stage = _zero_stage(engine)
+    params: dict[str, torch.Tensor] = {}
+    opt_state: dict[str, torch.Tensor] = {}
+
+    if stage == 0:
+        base = _base_torch_optimizer(engine.optimizer if engine is not None else optimizer)
+        for name, p in _trainable_named_parameters(accelerator, model):
+            # With DDP (or a single process) parameters and optimizer state are full and replicated.
+            params[name] = p.detach().float().cpu().clone()
+            st = base.state.get(p, {}) if base is not None else {}
+            for key in ADAM_STATE_KEYS:
+                if key in st and torch.is_tensor(st[key]):
+                    opt_state[f"{name}::{key}"] = st[key].detach().float().cpu().clone()
+        scalars = {"step": _read_step(base) if base is not None else 0}
+        return params, opt_state, scalars
+
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    zero_opt = _ds_zero_optimizer(engine)
+    base = _base_torch_optimizer(zero_opt)
+    step = _read_step(base)
+    have_moments = any(len(st) for st in base.state.values())
+    # All ranks agree on have_moments (same number of steps taken), so they call the same collectives.
+    for name, p in _trainable_named_parameters(accelerator, model):
+        full = safe_get_full_fp32_param(p)
+        if full is None:
+            raise RuntimeError(f"gather_trainable_state: DeepSpeed has no fp32 master for {name}")
+        params[name] = full.detach().float().cpu().clone().reshape(_full_shape(p))
+        if not have_moments:
+            continue
+        for key in ADAM_STATE_KEYS:
+            value = safe_get_full_optimizer_state(p, key)
+            if value is not None:
+                opt_state[f"{name}::{key}"] = value.detach().float().cpu().clone().reshape(_full_shape(p))
+    return params, opt_state, {"step": step}
+
+
+def _full_shape(p: Any) -> Any:
+    """The unpartitioned shape of a parameter (ZeRO-3 keeps it in `ds_shape`)."""
+    return tuple(getattr(p, "ds_shape", p.shape))
+
+
+def load_trainable_state(
+    accelerator: Accelerator | None,
+    model: Any,
+    optimizer: Any,
+    params: dict[str, torch.Tensor],
+    opt_state: dict[str, torch.Tensor],
+    scalars: dict,
+) -> None:
+    """Restore what `gather_trainable_state` returned, at any world size and ZeRO stage.
+
+    Call on every rank after `accelerator.prepare` and before the next optimizer step. Every
+    trainable parameter must be present in `params` (a KeyError names the missing ones). Moments
+    missing from `opt_state` are left at zero; `scalars["step"]` becomes Adam's step count so bias
+    correction continues where it stopped.
+    """
+    import torch
+
+    named = list(_trainable_named_parameters(accelerator, model))
+    missing = [n for n, _ in named if n not in params]
+    if missing:
+        raise KeyError(
+            f"load_trainable_state: no saved value for trainable parameters {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''}"
+        )
+    extra = set(params) - {n for n, _ in named}
+    if extra:
+        logger.warning(
+            "load_trainable_state: ignoring %d saved parameters the model does not train: %s",
+            len(extra),
+            sorted(extra)[:5],
+        )
+    step = int(scalars.get("step", 0)) if scalars else 0
+    engine = _deepspeed_engine(accelerator, model)
+    stage = _zero_stage(engine)
+
+    if stage == 0:
+        base = _base_torch_optimizer(engine.optimizer if engine is not None else optimizer)
+        with torch.no_grad():
+            for name, p in named:
+                p.data.copy_(params[name].to(device=p.device, dtype=p.dtype).reshape(p.shape))
+        if base is None:
+            return
+        if opt_state:
+            _ensure_adam_state(base)
+            for name, p in named:
+                st = base.state[p]
+                for key in ADAM_STATE_KEYS:
+                    value = opt_state.get(f"{name}::{key}")
+                    if value is not None:
+                        st[key] = value.to(device=p.device, dtype=st[key].dtype).reshape(p.shape).clone()
+            _write_step(base, step)
+        return
+
+    import deepspeed
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    zero_opt = _ds_zero_optimizer(engine)
+    base = _base_torch_optimizer(zero_opt)
+    if opt_state:
+        # A fresh DeepSpeed optimizer has no Adam state yet (torch creates it in the first step) and,
+        # for ZeRO-1/2, has not linked the per-parameter views into it; create both so the setters
+        # below have somewhere to write and the next step() uses the restored tensors.
+        _ensure_adam_state(base, _ds_flat_fp32_partitions(zero_opt))
+        if hasattr(zero_opt, "_lazy_init_hp_params_optimizer_state"):
+            zero_opt._lazy_init_hp_params_optimizer_state()
+    for name, p in named:
+        value = params[name].float()
+        device = _ds_device(p)
+        # fp32 master copy (the optimizer's view) ...
+        safe_set_full_fp32_param(p, value.to(device))
+        # ... and the low-precision/model copy used by the next forward.
+        if stage == 3:
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                if torch.distributed.get_rank() == 0:
+                    p.data.copy_(value.to(device=p.device, dtype=p.dtype).reshape(p.shape))
+        else:
+            with torch.no_grad():
+                p.data.copy_(value.to(device=p.device, dtype=p.dtype).reshape(p.shape))
+        for key in ADAM_STATE_KEYS:
+            moment = opt_state.get(f"{name}::{key}") if opt_state else None
+            if moment is not None:
+                safe_set_full_optimizer_state(p, moment.float().to(device), key)
+    if opt_state:
+        _write_step(base, step)
+
+
+def _ds_device(p: Any) -> Any:
+    """Device of a DeepSpeed-managed parameter's data (the accelerator device; CPU when offloaded)."""
+    tensor = getattr(p, "ds_tensor", None)
+    return (tensor if tensor is not None else p).device
+
+
+# ----------------------------------------------------------------------------------------------
+# Saving the adapter
+
+
+def saved_adapter_state(accelerator: Accelerator, model: Any) -> dict | None:
+    """State dict to pass as `peft_model.save_pretrained(dir, state_dict=...)`.
+
+    Under ZeRO-3 the module's parameters are empty partitions, so `save_pretrained` alone writes an
+    empty adapter: the trainable parameters are gathered (a collective: call on every rank, then save
+    on the main process), plus the buffers (never partitioned), which some methods save with the
+    adapter (VeRA's shared projections). Keys are the PEFT model's own names (no "module." prefix).
+    Without ZeRO-3 this returns None: the unwrapped model's own state dict is complete.
+    """
+    engine = _deepspeed_engine(accelerator, model)
+    if _zero_stage(engine) != 3:
+        return None
+    import deepspeed
+
+    # Gather only the trainable params (accelerator.get_state_dict would gather the whole base
+    # model onto rank 0): GatheredParameters is collective and returns full tensors everywhere.
+    named = list(_trainable_named_parameters(accelerator, model))
+    state: dict[str, Any] = {}
+    with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+        for n, p in named:
+            state[n] = p.detach().to("cpu", copy=True)
+    for n, b in unwrap(accelerator, model).named_buffers():
+        state.setdefault(_strip_prefix(n), b.detach().to("cpu", copy=True))
+    return state
