@@ -183,3 +183,23 @@ def test_mfu_counts_attention_per_example_not_per_row(monkeypatch):
     expected = ((4 * n_all + 6 * n_train) * tokens + 12 * 2 * 16 * sum_sq) / 2.0 / 1e6
     assert out["mfu"] == pytest.approx(expected, rel=1e-9)
     assert out["tokens_per_s"] == pytest.approx(tokens / 2.0)
+
+
+def test_compile_blocks_finds_the_layers_under_a_ddp_style_wrapper(monkeypatch):
+    """After accelerator.prepare under DDP the model is wrapped (`.module`): the blocks to compile are
+    still found (the wrapper itself declares no `_no_split_modules`)."""
+    import peft
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from scaletune.model import compile_blocks
+
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **kw: compiled.append(type(self).__name__))
+    model = peft.get_peft_model(
+        LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                                     num_attention_heads=2)),
+        peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    wrapper = torch.nn.Module()
+    wrapper.module = model  # what DistributedDataParallel looks like from outside
+    assert compile_blocks(wrapper) == 3
+    assert compiled == ["LlamaDecoderLayer"] * 3

@@ -167,7 +167,10 @@ def compile_blocks(model: Any) -> int:
     `_no_split_modules`, e.g. LlamaDecoderLayer, adapters inside) in place. One compiled graph is reused
     by every layer, so compile time does not grow with depth; mask building, the loss and peft's
     wrappers stay eager (the chunked loss's decoder hook keeps working). Returns the blocks compiled."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    from .trainable_state import unwrap
+
+    inner = unwrap(None, model)  # under DDP after accelerator.prepare
+    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
     names = set(getattr(base, "_no_split_modules", None) or ())
     blocks = [m for m in model.modules() if type(m).__name__ in names]
     for block in blocks:
