@@ -86,8 +86,9 @@ def matrix_markdown() -> str:
 # --- hooks used by the loop ----------------------------------------------------------------------
 
 def _adalora(model: Any) -> Any | None:
-    inner = getattr(model, "module", model)
-    base = getattr(inner, "base_model", None)
+    from .trainable_state import unwrap
+
+    base = getattr(unwrap(None, model), "base_model", None)
     return base if base is not None and hasattr(base, "update_and_allocate") else None
 
 

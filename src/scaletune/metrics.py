@@ -76,7 +76,7 @@ class Throughput:
             lengths = batch["cu_seq_lens"].diff()
         else:
             lengths = torch.full((ids.shape[0],), ids.shape[1])
-        self.tokens += int(mask.sum()) if mask is not None else int(batch.get("n_tokens", ids.numel()))
+        self.tokens += int(lengths.sum()) if mask is not None else int(batch.get("n_tokens", ids.numel()))
         self.sum_sq += int((lengths.long() ** 2).sum())
         self.positions += ids.numel()
 

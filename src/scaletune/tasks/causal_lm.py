@@ -11,6 +11,7 @@ import torch
 
 from ..data.formats import get_format, to_segments
 from ..data.readers import WHERE
+from ..trainable_state import unwrap
 from .base import IGNORE, Task, ce_sum, pad_batch, register
 
 
@@ -21,7 +22,7 @@ def _accepts_by_class(cls: type) -> bool:
 
 def _accepts_logits_to_keep(model: Any) -> bool:
     """Whether the underlying transformers model can slice hidden states before its LM head."""
-    inner = getattr(model, "module", model)  # DDP / DeepSpeed engine
+    inner = unwrap(None, model)
     if hasattr(inner, "get_base_model"):  # peft
         inner = inner.get_base_model()
     return _accepts_by_class(type(inner))
@@ -93,19 +94,15 @@ class CausalLM(Task):
     def enable_chunked_loss(self, model: Any, autocast_dtype: torch.dtype | None = None) -> str | None:
         """Compute the loss a chunk of target tokens at a time through `model`'s head (tasks/chunked_ce.py).
         Returns why that cannot be done for this model (the usual path is kept), or None."""
-        from .chunked_ce import chunkable_head
+        from .chunked_ce import chunkable_head, decoder_of
 
         head, why_not = chunkable_head(model)
-        inner = getattr(model, "module", model)  # DDP
-        decoder = inner.get_decoder() if head is not None and hasattr(inner, "get_decoder") else None
-        if head is not None and not isinstance(decoder, torch.nn.Module):
-            head, why_not = None, "the model has no decoder module to read the last hidden state from"
         if head is None:
             return why_not
         # The decoder's own output is the head's input. Catching it with a forward hook (a public
         # torch API) instead of asking for output_hidden_states keeps every layer's hidden state from
         # being returned, and, under accelerate's autocast wrapper, converted to float32.
-        decoder.register_forward_hook(self._catch_hidden)
+        decoder_of(model).register_forward_hook(self._catch_hidden)
         self._head, self._head_dtype = head, autocast_dtype or head.weight.dtype
         return None
 

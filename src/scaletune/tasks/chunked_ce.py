@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..trainable_state import unwrap
 from .base import IGNORE
 
 CHUNK_ELEMENTS = 1 << 24  # logits per chunk (64 MiB in float32), whatever the vocabulary size
@@ -67,7 +68,7 @@ def chunk_rows(vocab: int) -> int:
 def chunkable_head(model: Any) -> tuple[torch.nn.Linear | None, str | None]:
     """(the head, None) if the chunked loss can stand in for `model`'s own, else (None, why not).
     Shared by training (tasks/causal_lm.py) and `scaletune plan` (on the meta model)."""
-    inner = getattr(model, "module", model)
+    inner = unwrap(None, model)
     base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
     active = getattr(inner, "active_peft_config", None)
     if active is not None and getattr(active, "is_prompt_learning", False):
@@ -76,7 +77,17 @@ def chunkable_head(model: Any) -> tuple[torch.nn.Linear | None, str | None]:
         if getattr(getattr(base, "config", None), key, None) not in (None, 1, 1.0):
             return None, f"the model transforms its logits ({key})"
     head = plain_head(inner)
-    return head, None if head is not None else "the LM head is trained, adapted or partitioned (ZeRO-3)"
+    if head is None:
+        return None, "the LM head is trained, adapted or partitioned (ZeRO-3)"
+    if not isinstance(decoder_of(inner), torch.nn.Module):
+        return None, "the model has no decoder module to read the last hidden state from"
+    return head, None
+
+
+def decoder_of(model: Any) -> torch.nn.Module | None:
+    """The module whose output is the head's input (training catches it with a forward hook)."""
+    inner = unwrap(None, model)
+    return inner.get_decoder() if hasattr(inner, "get_decoder") else None
 
 
 def plain_head(model: Any) -> torch.nn.Linear | None:
