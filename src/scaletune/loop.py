@@ -33,7 +33,8 @@ def fit(run: Run, stop: StopFlag) -> str:
     pad_id = run.tokenizer.pad_token_id
     batches = StepBatches(run.data["train"], lambda ex: task.collate(ex, pad_id), global_batch=t.global_batch_size,
                           micro=t.micro_batch_size, world=world, rank=rank, seed=t.seed,
-                          group_by_length=cfg.data.group_by_length, num_workers=cfg.data.num_workers)
+                          group_by_length=cfg.data.group_by_length, num_workers=cfg.data.num_workers,
+                          pin_memory=acc.device.type == "cuda")
     mlog = MetricsLog(acc, run.output_dir, run.total_steps, run.step)
     speed = Throughput(acc, model)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -41,26 +42,22 @@ def fit(run: Run, stop: StopFlag) -> str:
         mlog.write(f"run already complete ({run.step}/{run.total_steps} steps)")
     model.train()
     for micro_batches in batches(run.step, run.total_steps):
-        # One small all-reduce per step: the step's target count (for the loss) and the stop flag
-        # (so every rank stops at the same boundary after SIGUSR1/SIGTERM on any of them).
-        n_local = sum(task.count_targets(b) for b in micro_batches)
-        head = acc.reduce(torch.tensor([n_local, int(stop.signal is not None)], device=acc.device), "sum")
-        if head[1] > 0:
+        n_global, stopping = step_head(acc, sum(task.count_targets(b) for b in micro_batches), stop)
+        if stopping:
             path = save_checkpoint(run)
             mlog.log("preempted", run.step, {"signal": stop.signal, "checkpoint": str(path)})
             mark_preempted(acc, path)
             mlog.write(f"stopped on signal {stop.signal} at step {run.step}; checkpoint {path}")
             mlog.close()
             return "preempted"
-        n_global = int(head[0])
         # Dropout etc. draw from (seed, step, rank): a resumed run replays exactly the same randomness.
         torch.manual_seed(t.seed + 1_000_003 * (run.step + 1) + rank)
         scale = run.accum * world / n_global
         loss_sum = torch.zeros((), device=acc.device)
-        grad_norm = None
+        grad_norm = step_loss = math.nan
         for batch in micro_batches:
             speed.count(batch)
-            batch = to_device(batch, acc.device)
+            batch = to_device(batch, acc.device, non_blocking=True)
             run.batch_shape = tuple(batch["input_ids"].shape)  # for an out-of-memory message
             with acc.accumulate(model):
                 loss = task.loss_sum(model, batch)[0]  # drop the logits now: they would outlive backward
@@ -72,14 +69,13 @@ def fit(run: Run, stop: StopFlag) -> str:
                 acc.backward(loss * scale + (reg if reg is not None else 0.0))
                 loss_sum += loss.detach().float()
                 if acc.sync_gradients:
-                    grad_norm = clip_and_norm(acc, model, trainable, t.max_grad_norm)
+                    grad_norm, step_loss = clip_and_norm(acc, model, trainable, t.max_grad_norm, loss_sum, n_global)
                     if math.isfinite(grad_norm):  # never apply a non-finite update, skip or stop
                         optimizer.step()
                         methods.after_step(model, run.step)  # AdaLoRA budget (reads the gradients)
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
         run.step += 1
-        step_loss = (acc.reduce(loss_sum, "sum") / n_global).item()
         if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
             run.counters["nonfinite_skips"] += 1
             mlog.log("nonfinite", run.step, {"loss": step_loss, "grad_norm": grad_norm})
@@ -120,12 +116,25 @@ def mark_preempted(acc: Any, path: Any) -> None:
         Path(marker).write_text(f"{path}\n")
 
 
-def clip_and_norm(acc: Any, model: Any, params: list, max_norm: float | None) -> float:
-    """Clip to `max_norm` (if set) and return the global gradient norm, the same value on every rank."""
+def step_head(acc: Any, n_local: int, stop: StopFlag) -> tuple[int, bool]:
+    """The step's target count over all ranks (for the loss) and whether any rank was signalled (so
+    every rank stops at the same boundary after SIGUSR1/SIGTERM on any of them): one small all-reduce.
+    A single process needs no device round trip, which on a GPU would wait for the previous step."""
+    if acc.num_processes == 1:
+        return n_local, stop.signal is not None
+    head = acc.reduce(torch.tensor([n_local, int(stop.signal is not None)], device=acc.device), "sum").tolist()
+    return int(head[0]), head[1] > 0
+
+
+def clip_and_norm(acc: Any, model: Any, params: list, max_norm: float | None, loss_sum: torch.Tensor,
+                  n_global: int) -> tuple[float, float]:
+    """Clip to `max_norm` (if set); return the global gradient norm and the step's mean loss, the same
+    on every rank, fetched to the host together (one GPU sync per step, not one per value)."""
+    loss = acc.reduce(loss_sum, "sum") / n_global
     if acc.distributed_type.value == "DEEPSPEED":
         # DeepSpeed clips inside its step (config "gradient_clipping") and reports the norm after.
         norm = acc.deepspeed_engine_wrapped.get_global_grad_norm()
-        return float(norm) if norm is not None else 0.0
+        return (float(norm) if norm is not None else 0.0), loss.item()
     norm = acc.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
-    return float(norm)
-
+    norm, loss = torch.stack([torch.as_tensor(norm, device=loss.device).float(), loss]).tolist()
+    return norm, loss

@@ -66,7 +66,8 @@ class StepBatches:
     """Iterates, from `start_step`, the collated micro-batches of each optimizer step for this rank."""
 
     def __init__(self, dataset: Any, collate: Callable[[list[dict]], dict], *, global_batch: int, micro: int,
-                 world: int, rank: int, seed: int, group_by_length: bool, num_workers: int = 0):
+                 world: int, rank: int, seed: int, group_by_length: bool, num_workers: int = 0,
+                 pin_memory: bool = False):
         self.dataset, self.collate = dataset, collate
         self.lengths = list(dataset["length"])
         self.kw = dict(global_batch=global_batch, micro=micro, world=world, rank=rank)
@@ -74,6 +75,9 @@ class StepBatches:
         self.per_epoch = steps_per_epoch(len(self.lengths), global_batch)
         self.accum = global_batch // (micro * world)
         self.num_workers = num_workers
+        # Pinned batches let the host-to-GPU copy run asynchronously; from pageable memory the copy
+        # first waits for every kernel already queued (a stall at each micro-batch).
+        self.pin_memory = pin_memory
 
     def __call__(self, start_step: int, end_step: int) -> Iterator[list[dict]]:
         plan: list[list[int]] = []
@@ -84,7 +88,7 @@ class StepBatches:
                 orders = {epoch: epoch_order(self.lengths, self.seed, epoch, self.kw["global_batch"], self.group)}
             plan += step_micro_batches(orders[epoch], self.lengths, k, **self.kw)
         loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=plan, collate_fn=self.collate,
-                                             num_workers=self.num_workers,
+                                             num_workers=self.num_workers, pin_memory=self.pin_memory,
                                              persistent_workers=False)
         step: list[dict] = []
         for batch in loader:
