@@ -360,17 +360,21 @@ def prepare(args, workdir: Path) -> dict:
                      "packed_rows": rows, "records_in_file": len(records), **size}}
 
 
-def run_tool(tool: str, spec: dict, workdir: Path, rep: int, env: dict) -> dict:
+def run_tool(tool: str, spec: dict, workdir: Path, rep: int, env: dict, in_process: bool = False) -> dict:
     spec = {**spec, "tool": tool, "result": str(workdir / f"result_{tool}_{rep}.json")}
     spec_path = workdir / f"spec_{tool}_{rep}.json"
     spec_path.write_text(json.dumps(spec))
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, "--worker", str(spec_path)], env=env, capture_output=True,
-                          text=True)
+    if in_process:  # --smoke: checks that every tool runs, not what it measures (RSS is the whole process's)
+        os.environ.update(env)
+        run_worker(str(spec_path))
+    else:
+        proc = subprocess.run([sys.executable, __file__, "--worker", str(spec_path)], env=env, capture_output=True,
+                              text=True)
+        if proc.returncode != 0:
+            sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
+            raise SystemExit(f"{tool} (repeat {rep}) failed with exit code {proc.returncode}")
     wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-        raise SystemExit(f"{tool} (repeat {rep}) failed with exit code {proc.returncode}")
     res = json.loads(Path(spec["result"]).read_text())
     res["process_s"] = wall
     res["final_loss"] = statistics.mean(res["losses"][-5:]) if res["losses"] else float("nan")
@@ -441,11 +445,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="also record each tool's peak of live tensor bytes (torch profiler; slows the loop, so "
                          "timings of such a run are not comparable)")
     ap.add_argument("--smoke", action="store_true",
-                    help="tiny model, 32 generated records, 2 steps, 1 repeat, tools scaletune/hf_trainer/trl_packed")
+                    help="tiny model, 32 generated records, 2 steps, 1 repeat, tools scaletune/hf_trainer/trl_packed, "
+                         "all in this process (unless --subprocess)")
+    ap.add_argument("--subprocess", action="store_true",
+                    help="with --smoke: run each tool in its own process, as a real measurement does")
     args = ap.parse_args(argv)
     if args.worker:
         run_worker(args.worker)
         return 0
+    args.in_process = args.smoke and not args.subprocess
     if args.smoke:
         args.size, args.steps, args.global_batch, args.micro, args.max_length, args.vocab = "tiny", 2, 8, 4, 128, 512
         given = argv if argv is not None else sys.argv
@@ -481,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     for rep in range(args.repeats):
         order = tools if rep % 2 == 0 else tools[::-1]  # interleave, alternating order
         for tool in order:
-            res = run_tool(tool, spec, workdir, rep, env)
+            res = run_tool(tool, spec, workdir, rep, env, in_process=args.in_process)
             results[tool].append(res)
             print(f"  repeat {rep + 1} {tool}: loop {res['train_s']:.2f}s (CPU {res.get('cpu_s', float('nan')):.1f}s), "
                   f"setup {res['setup_s']:.2f}s, "

@@ -17,7 +17,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from stutil import alpaca_records, cls_records, corpus, ner_records, write_jsonl  # noqa: F401,E402
+from stutil import alpaca_records, cls_records, corpus, ner_records, override, tiny_lora_run, write_jsonl  # noqa: F401,E402
 
 
 @pytest.fixture(scope="session")
@@ -52,21 +52,10 @@ def make_config(tmp_path, tiny_llama, tiny_bert):
         else:
             train = write_jsonl(data_dir / "train.jsonl", ner_records(n))
             evalf = write_jsonl(data_dir / "eval.jsonl", ner_records(16, seed=1))
-        raw = {
-            "task": task,
-            "model": {"name_or_path": str(tiny_llama if task == "causal_lm" else tiny_bert), "dtype": "float32"},
-            "peft": {"method": "lora", "r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": "all-linear"},
-            "data": {"train": str(train), "eval": str(evalf), "max_length": 160, "cache": False},
-            "train": {"global_batch_size": 8, "micro_batch_size": 4, "max_steps": 4, "learning_rate": 1e-2,
-                      "mixed_precision": "no", "log_every": 1, "eval_every": None, "save_every": None,
-                      "report_to": [], "warmup_ratio": 0.0},
-            "output_dir": str(tmp_path / "run"),
-        }
-        for section, values in sections.items():
-            if isinstance(values, dict):
-                raw.setdefault(section, {}).update(values)
-            else:
-                raw[section] = values
+        model = tiny_llama if task == "causal_lm" else tiny_bert
+        raw = tiny_lora_run(model, train, task=task, data={"eval": str(evalf)}, train={"micro_batch_size": 4},
+                            output_dir=str(tmp_path / "run"))
+        raw = override(raw, **sections)
         path = tmp_path / f"{task}.yaml"
         path.write_text(yaml.safe_dump(raw, sort_keys=False))
         return path

@@ -117,3 +117,30 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 def read_metrics(run_dir: Path, event: str = "train") -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     return [r for r in map(json.loads, path.read_text().splitlines()) if r["event"] == event]
+
+
+def tiny_lora_run(model_dir: Path | str, train_file: Path | str, /, **sections: Any) -> dict:
+    """The run config the multi-process suites share: LoRA r=4 on every linear layer of the tiny Llama,
+    float32, global batch 8 in micro-batches of 2, lr 1e-2, no eval/saving/trackers unless overridden.
+    A dict value updates that section; anything else replaces it."""
+    raw = {
+        "task": "causal_lm",
+        "model": {"name_or_path": str(model_dir), "dtype": "float32"},
+        "peft": {"method": "lora", "r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": "all-linear"},
+        "data": {"train": str(train_file), "max_length": 160, "cache": False},
+        "train": {"global_batch_size": 8, "micro_batch_size": 2, "max_steps": 4, "learning_rate": 1e-2,
+                  "mixed_precision": "no", "log_every": 1, "eval_every": None, "save_every": None,
+                  "report_to": [], "warmup_ratio": 0.0},
+    }
+    return override(raw, **sections)
+
+
+def override(raw: dict, **sections: Any) -> dict:
+    """`raw` with each given section updated (a dict value) or replaced (anything else)."""
+    raw = dict(raw)
+    for section, values in sections.items():
+        if isinstance(values, dict) and isinstance(raw.get(section), dict):
+            raw[section] = {**raw[section], **values}
+        else:
+            raw[section] = values
+    return raw

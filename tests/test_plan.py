@@ -1,7 +1,7 @@
 """`scaletune plan`: the model-state estimate must equal the bytes a real training step allocates.
 
-Measurements come from tests/plan_helpers/measure.py (in-process for one process, `accelerate launch`
-with 2 CPU processes over gloo for DDP / ZeRO-2 / ZeRO-3). Activations and buffers are approximate;
+Measurements come from tests/plan_helpers/measure.py (in-process for one process; 1 or 2 forked
+torch.distributed ranks over gloo for DDP / ZeRO-2 / ZeRO-3). Activations and buffers are approximate;
 their total is checked against the measured tensor-memory peak of a real ~110M-parameter step
 (slow test).
 """
@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,6 +19,8 @@ import pytest
 from scaletune import plan
 from scaletune.config import load_config
 from scaletune.errors import ConfigError
+
+import forking
 
 REPO = Path(__file__).resolve().parents[1]
 MEASURE = REPO / "tests" / "plan_helpers" / "measure.py"
@@ -38,29 +37,17 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run(cmd: list[str], timeout: int = 420) -> None:
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise AssertionError(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{(proc.stdout + proc.stderr)[-5000:]}")
-
-
 def measure_subprocess(cfg_path: Path, out: Path, world: int) -> dict:
-    """Run measure.py in fresh process(es): plain python without DeepSpeed at 1 process, else `accelerate
-    launch` with the repo's CPU launch configs (DeepSpeed over gloo), `--num_processes` = world."""
+    """Run measure.py in process(es) of its own: plain at 1 process without DeepSpeed, else as `world`
+    torch.distributed ranks (the environment torchrun gives; scaletune builds the DeepSpeed config from
+    the run config's zero_stage). Forked from tests/zygote.py: the numbers do not depend on how the
+    process started, the ~10 s of imports per rank would."""
     stage = load_config(cfg_path).distributed.zero_stage
     if world == 1 and stage == 0:
-        _run([sys.executable, str(MEASURE), str(cfg_path), str(out)])
+        res = forking.run_script(MEASURE, [str(cfg_path), str(out)], _env(), out.with_suffix(".log"), timeout=420)
+        assert res.returncode == 0, res.stderr[-5000:]
     else:
-        launch = REPO / "launch" / ("cpu_2proc.yaml" if stage == 0 else f"cpu_2proc_zero{stage}.yaml")
-        exe = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
-        _run([exe, "launch", "--config_file", str(launch), "--num_processes", str(world),
-              "--main_process_port", str(_free_port()), str(MEASURE), str(cfg_path), str(out)])
+        forking.run_ranks(MEASURE, [str(cfg_path), str(out)], _env(), world, out.parent, timeout=420)
     return json.loads(out.read_text())
 
 

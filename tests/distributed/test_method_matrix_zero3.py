@@ -44,15 +44,10 @@ def zero3_runs(tmp_path_factory):
     data = helpers.write_jsonl(root / "train.jsonl", helpers.alpaca_records(8))
     specs = {}
     for name in METHODS:
-        specs[name] = {
-            "task": "causal_lm", "model": {"name_or_path": str(model), "dtype": "float32"},
-            "peft": method_keys(name, "causal_lm"),
-            "data": {"train": str(data), "eval": str(data), "max_length": 160, "cache": False},
-            "train": {"global_batch_size": 8, "micro_batch_size": 2, "max_steps": 6, "learning_rate": 2e-2,
-                      "mixed_precision": "no", "log_every": 1, "eval_every": None, "save_every": None,
-                      "report_to": [], "warmup_ratio": 0.0},
-            "distributed": {"zero_stage": 3},
-        }
+        specs[name] = helpers.tiny_lora_run(model, data, data={"eval": str(data)},
+                                            train={"max_steps": 6, "learning_rate": 2e-2},
+                                            distributed={"zero_stage": 3})
+        specs[name]["peft"] = method_keys(name, "causal_lm")
     spec_file = root / "specs.json"
     spec_file.write_text(json.dumps(specs))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SCALETUNE_NO_PROGRESS": "1"}

@@ -1,7 +1,9 @@
 """End-to-end scale-out checks through the product CLI (2 CPU processes, gloo; DeepSpeed on CPU).
 
-Every run here is a real `scaletune train` / `scaletune launch` / `accelerate launch -m scaletune train`
-subprocess on the tiny Llama. One float32 single-process run is the reference; the claims are:
+Every multi-process run here is a real `scaletune launch` / `accelerate launch -m scaletune train`
+subprocess on the tiny Llama; single-process `scaletune train` / `merge` runs are processes of their own
+forked from tests/zygote.py (same CLI, ~10 s less import each). One float32 single-process run is the
+reference; the claims are:
 
 * DDP, ZeRO-2, ZeRO-3 and a 2-"node" ZeRO-3 run (same global batch 8, micro 2: accumulation 4 at world
   size 1, 2 at world size 2) reproduce its per-step loss over 10 steps to <= 1e-4 relative;
@@ -12,8 +14,8 @@ subprocess on the tiny Llama. One float32 single-process run is the reference; t
 * QLoRA (4-bit base) trains under ZeRO-3; bf16 trains on CPU (1 process and ZeRO-2); invalid combinations
   (8-bit + ZeRO-3, fp16 on CPU) are refused with exit 2 before any process is launched.
 
-Runs are module-scoped fixtures shared between the assertions: 14 CLI launches (~5.5 CPU-minutes in all,
-about 6 min on an idle 2-core machine; 10 min and more when the machine is shared).
+Runs are module-scoped fixtures shared between the assertions: 9 multi-process launches and 9 forked
+single-process runs.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ LAUNCH_TIMEOUT = 420  # the first DeepSpeed launch JIT-compiles a comm op (~90 s
 
 
 
+import forking  # noqa: E402
 import stutil as helpers  # noqa: E402  (tests/ is on sys.path via tests/conftest.py)
 
 # ------------------------------------------------------------------------------------------------
@@ -108,6 +111,18 @@ def _kill_tree(proc: subprocess.Popen) -> None:
             pass
 
 
+def run_forked(world: SimpleNamespace, argv: list[str], expect: int = 0) -> str:
+    """`scaletune <argv>` in one process of its own, forked from tests/zygote.py (the single-process
+    runs here are references and resumes, not tests of how a process starts: that is `run_cli`)."""
+    t0 = time.perf_counter()
+    log = world.root / f"forked{len(world.timings)}.log"
+    res = forking.run(argv, _env(world.cache), log, timeout=LAUNCH_TIMEOUT)
+    world.timings.append(("(forked) scaletune " + " ".join(argv[:2]), round(time.perf_counter() - t0, 1)))
+    out = res.stdout + res.stderr
+    _check(res, out, ["scaletune", *argv], expect)
+    return out
+
+
 def run_cli(world: SimpleNamespace, cmd: list[str], expect: int = 0, **env: str) -> str:
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env(world.cache, **env), stdout=subprocess.PIPE,
@@ -153,17 +168,9 @@ def world(tmp_path_factory) -> SimpleNamespace:
     model = build_model_dir(root / "llama", helpers.corpus(), arch="llama", hidden=32, layers=2, heads=2,
                             vocab_size=256)
     train = helpers.write_jsonl(root / "train.jsonl", helpers.alpaca_records(96))
-    base = {
-        "task": "causal_lm",
-        "model": {"name_or_path": str(model), "dtype": "float32"},
-        "peft": {"method": "lora", "r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": "all-linear"},
-        "data": {"train": str(train), "max_length": 160, "cache": False},
-        "train": {"global_batch_size": 8, "micro_batch_size": 2, "max_steps": STEPS, "learning_rate": 1e-2,
-                  "warmup_ratio": 0.0, "seed": 7, "mixed_precision": "no", "log_every": 1, "eval_every": None,
-                  "save_every": 5, "save_total_limit": None, "report_to": []},
-        "distributed": {"zero_stage": 0},
-        "output_dir": str(root / "unused"),
-    }
+    base = helpers.tiny_lora_run(model, train, train={"max_steps": STEPS, "seed": 7, "save_every": 5,
+                                                      "save_total_limit": None},
+                                 distributed={"zero_stage": 0}, output_dir=str(root / "unused"))
     ns = SimpleNamespace(root=root, model=model, cache=root / "cache", timings=[])
 
     def cfg(name: str, **sections: dict) -> Path:
@@ -185,7 +192,7 @@ def world(tmp_path_factory) -> SimpleNamespace:
 def single(world) -> Path:
     """The reference: 1 process, no DeepSpeed, accumulation 4."""
     out = world.root / "single"
-    run_cli(world, _scaletune("train", str(world.fp32), f"output_dir={out}"))
+    run_forked(world, ["train", str(world.fp32), f"output_dir={out}"])
     return out
 
 
@@ -305,7 +312,7 @@ def test_merge_zero3_adapter(world, zero3):
     from transformers import AutoModelForCausalLM
 
     merged_dir = world.root / "merged"
-    run_cli(world, _scaletune("merge", str(world.zero3), f"output_dir={zero3}", "--out", str(merged_dir)))
+    run_forked(world, ["merge", str(world.zero3), f"output_dir={zero3}", "--out", str(merged_dir)])
     ids = _prompt_ids(world)
     merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32).eval()
     peft_model = PeftModel.from_pretrained(
@@ -391,7 +398,7 @@ def test_zero3_world2_checkpoint_resumes_on_one_process(world, zero3, single):
     """ZeRO-3 x 2 processes -> 1 process without DeepSpeed (zero_stage is not part of the fingerprint)."""
     out = world.root / "resume_2_to_1"
     copy_checkpoint(zero3, 5, out)
-    text = run_cli(world, _scaletune("train", str(world.fp32), f"output_dir={out}", "--resume", "auto"))
+    text = run_forked(world, ["train", str(world.fp32), f"output_dir={out}", "--resume", "auto"])
     assert "saved at world size 2, now 1" in text
     got = losses(out)
     assert sorted(got) == list(range(6, STEPS + 1))
@@ -438,7 +445,7 @@ def test_qlora_trains_under_zero3(world):
 
 def test_bf16_single_process(world):
     out = world.root / "bf16_single"
-    run_cli(world, _scaletune("train", str(world.cfg("bf16", **BF16)), f"output_dir={out}"))
+    run_forked(world, ["train", str(world.cfg("bf16", **BF16)), f"output_dir={out}"])
     _assert_trained_adapter(out, 3)
 
 
@@ -464,7 +471,7 @@ def test_invalid_combination_refused_before_launch(world, how, combo):
         needle = "fp16 needs a CUDA GPU"
     out = world.root / f"refused_{combo}_{how}"
     extra = ["--nproc", "2", "--master-port", str(_free_port())] if how == "launch" else []
-    text = run_cli(world, _scaletune(how, str(cfg), f"output_dir={out}", *extra), expect=2)
+    text = run_forked(world, [how, str(cfg), f"output_dir={out}", *extra], expect=2)
     assert needle in text and "Traceback" not in text
     assert " launch --" not in text, "an accelerate command was started before the refusal"
     assert not out.exists()

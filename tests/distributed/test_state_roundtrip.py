@@ -9,10 +9,6 @@ state and must take the same step. The reverse direction (1 process -> 2 process
 from __future__ import annotations
 
 import os
-import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,16 +18,12 @@ pytest.importorskip("deepspeed")
 pytest.importorskip("peft")
 pytest.importorskip("accelerate")
 
+import forking  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 WORKER = HERE / "ds_worker.py"
 ATOL = 1e-5
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env() -> dict[str, str]:
@@ -44,30 +36,18 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _run(cmd: list[str], timeout: int = 240) -> None:
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        tail = (proc.stdout + proc.stderr)[-6000:]
-        raise AssertionError(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{tail}")
-
-
-def _accelerate() -> list[str]:
-    exe = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
-    return [exe] if exe else [sys.executable, "-m", "accelerate.commands.launch"]
-
-
 def _launch_2proc(stage: int, *worker_args: str) -> None:
-    config = REPO / "launch" / ("cpu_2proc.yaml" if stage == 0 else f"cpu_2proc_zero{stage}.yaml")
-    cmd = [
-        *_accelerate(), "launch", "--config_file", str(config),
-        "--main_process_port", str(_free_port()),
-        str(WORKER), "--stage", str(stage), *worker_args,
-    ]  # fmt: skip
-    _run(cmd)
+    """ds_worker.py as 2 torch.distributed ranks (forked from tests/zygote.py; the launcher is not what is
+    tested here: the CLI's launch paths are, in test_scale_out.py)."""
+    logs = Path(worker_args[worker_args.index("--out") + 1]).with_suffix(".logs")
+    logs.mkdir(parents=True, exist_ok=True)
+    forking.run_ranks(WORKER, ["--stage", str(stage), *worker_args], _env(), 2, logs, timeout=240)
 
 
 def _run_1proc(*worker_args: str) -> None:
-    _run([sys.executable, str(WORKER), "--stage", "0", *worker_args])
+    log = Path(worker_args[worker_args.index("--out") + 1]).with_suffix(".log")
+    res = forking.run_script(WORKER, ["--stage", "0", *worker_args], _env(), log, timeout=240)
+    assert res.returncode == 0, res.stderr[-6000:]
 
 
 def _assert_same_params(a: dict, b: dict, atol: float = ATOL) -> None:

@@ -3,7 +3,6 @@ delays, resume with --resume auto until it finishes, and compare with an uninter
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import signal
@@ -18,7 +17,8 @@ from safetensors.torch import load_file
 
 from scaletune.checkpoint import verify
 
-from stutil import alpaca_records, write_jsonl
+import forking
+from stutil import alpaca_records, tiny_lora_run, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 40  # more steps than kills: each attempt trains at least one step before its kill
@@ -29,15 +29,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "SCALETUNE_NO_PROGRESS": "1"}
 def base_config(root: Path, model_dir: Path) -> dict:
     """40-step tiny LoRA run (dropout on, so the RNG state must resume too), a checkpoint every step."""
     data = write_jsonl(root / "train.jsonl", alpaca_records(96))
-    return {
-        "task": "causal_lm",
-        "model": {"name_or_path": str(model_dir), "dtype": "float32"},
-        "peft": {"method": "lora", "r": 4, "lora_alpha": 8, "lora_dropout": 0.1, "target_modules": "all-linear"},
-        "data": {"train": str(data), "max_length": 160, "cache": False},
-        "train": {"global_batch_size": 8, "micro_batch_size": 2, "max_steps": STEPS, "learning_rate": 1e-2,
-                  "mixed_precision": "no", "log_every": 1, "eval_every": None, "save_every": 1,
-                  "save_total_limit": 2, "report_to": [], "warmup_ratio": 0.1},
-    }
+    return tiny_lora_run(model_dir, data, peft={"lora_dropout": 0.1},
+                         train={"max_steps": STEPS, "save_every": 1, "save_total_limit": 2, "warmup_ratio": 0.1})
 
 
 def write_cfg(base: dict, out: Path, steps: int = STEPS, **distributed) -> Path:
@@ -75,54 +68,15 @@ def assert_latest_complete(out: Path) -> None:
         assert target.is_dir() and verify(target) is None, f"latest -> {target} is partial"
 
 
-class Zygote:
-    """zygote.py, started once per test process: forks each single-process run instead of paying the
-    training stack's imports on every one of the 20+ starts of a kill test."""
-
-    _proc: subprocess.Popen | None = None
-
-    @classmethod
-    def ask(cls, request: dict) -> object:
-        if cls._proc is None or cls._proc.poll() is not None:
-            cls._proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("zygote.py"))], env=ENV,
-                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-            atexit.register(cls._proc.kill)
-        cls._proc.stdin.write(json.dumps(request) + "\n")
-        cls._proc.stdin.flush()
-        return json.loads(cls._proc.stdout.readline())
-
-
-class Forked:
-    """A `scaletune` run forked by the zygote, with the part of subprocess.Popen's interface the harness
-    uses. It is a real process in its own session: signals and SIGKILL reach it like any other run."""
-
-    def __init__(self, argv: list[str], env: dict, stderr: Path):
-        self.stderr, self.returncode = stderr, None
-        self.pid = Zygote.ask({"run": argv, "env": env, "stderr": str(stderr)})
-
-    def poll(self) -> int | None:
-        if self.returncode is None:
-            self.returncode = Zygote.ask({"poll": self.pid})
-        return self.returncode
-
-    def communicate(self, timeout: float) -> tuple[None, str]:
-        deadline = time.monotonic() + timeout
-        while self.poll() is None:
-            if time.monotonic() > deadline:
-                raise subprocess.TimeoutExpired(f"forked scaletune run {self.pid}", timeout)
-            time.sleep(0.05)
-        return None, self.stderr.read_text()
-
-
-def start(path: Path, env: dict, launcher: list[str] | None = None) -> subprocess.Popen | Forked:
+def start(path: Path, env: dict, launcher: list[str] | None = None) -> subprocess.Popen | forking.Forked:
     """A resumable run of `path`: forked by the zygote, or launched (`accelerate launch ...`) afresh."""
     if launcher:
         return subprocess.Popen(command(path, launcher), env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True, start_new_session=True)
-    return Forked(command(path)[3:], env, path.with_suffix(".stderr"))
+    return forking.start(command(path)[3:], env, path.with_suffix(".stderr"))
 
 
-def kill_group(proc: subprocess.Popen | Forked, sig: int) -> None:
+def kill_group(proc: subprocess.Popen | forking.Forked, sig: int) -> None:
     try:
         os.killpg(proc.pid, sig)
     except ProcessLookupError:

@@ -3,27 +3,32 @@ half-way through a checkpoint write. Each failure ends with a clear message and 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from scaletune.checkpoint import checkpoint_dirs, verify
 from scaletune.cli import main
 
+import forking
 from stutil import read_metrics
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "SCALETUNE_NO_PROGRESS": "1"}
+_runs = itertools.count()
 
 
 def train(path, *extra, fault: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`scaletune train` in a process of its own (forked from tests/zygote.py: no 10 s of imports)."""
     env = dict(ENV)
     if fault:
         env["SCALETUNE_FAULT"] = fault
-    return subprocess.run([sys.executable, "-m", "scaletune", "train", str(path), *extra], env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    log = Path(path).with_name(f"train{next(_runs)}.log")
+    return forking.run(["train", str(path), *extra], env, log, timeout=timeout)
 
 
 @pytest.fixture()
@@ -130,7 +135,6 @@ def test_out_of_memory_names_the_numbers_and_the_fix(cfg_path):
 def test_disk_full_under_two_processes_stops_every_rank(make_config, tmp_path):
     """Only rank 0 writes checkpoints: when it fails, rank 1 must stop too instead of waiting forever."""
     import socket
-    from pathlib import Path
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -149,23 +149,6 @@ def test_single_node_job_completes(slurm_cluster, tmp_path):
 
 
 @pytest.mark.slurm
-def test_multi_node_job_two_ranks(slurm_cluster, tmp_path):
-    env = _job_env(slurm_cluster)
-    out = tmp_path / "out"
-    job_id, log = _submit(tmp_path, env, {"out_dir": str(out), "steps": 2, "step_sleep": 0.1}, 2)
-    text = _wait_gone(job_id, env, log)
-    assert "training step exited rc=0" in text, text
-    infos = [json.loads((out / f"rank{r}.r0.json").read_text()) for r in (0, 1)]
-    assert sorted(i["rank"] for i in infos) == [0, 1]
-    assert all(i["world_size"] == 2 for i in infos)
-    assert all(i["allreduce"] == 3.0 for i in infos), infos  # 1 + 2 summed over gloo
-    assert {i["slurm_node"] for i in infos} == {"n1", "n2"}  # one launcher per node
-    assert {i["node_id"] for i in infos} == {"0", "1"}
-    assert infos[0]["master"] == infos[1]["master"] and infos[0]["master"].startswith("n1:")
-    assert json.loads((out / "done.json").read_text())["steps"] == 2
-
-
-@pytest.mark.slurm
 def test_preemption_requeue_resume(slurm_cluster, tmp_path):
     env = _job_env(slurm_cluster)
     out = tmp_path / "out"
@@ -188,6 +171,12 @@ def test_preemption_requeue_resume(slurm_cluster, tmp_path):
     assert "caught SIGUSR1" in text and "requeueing job" in text, text
     assert "restart_count=1" in text, text
     assert text.rstrip().endswith("training step exited rc=0"), text
+    # two ranks, one launcher per node, one rendezvous (the gloo all-reduce sums 1 + 2)
+    infos = [json.loads((out / f"rank{r}.r0.json").read_text()) for r in (0, 1)]
+    assert sorted(i["rank"] for i in infos) == [0, 1] and all(i["world_size"] == 2 for i in infos)
+    assert all(i["allreduce"] == 3.0 for i in infos), infos
+    assert {i["slurm_node"] for i in infos} == {"n1", "n2"} and {i["node_id"] for i in infos} == {"0", "1"}
+    assert infos[0]["master"] == infos[1]["master"] and infos[0]["master"].startswith("n1:")
     # the signal reached the python trainer on both nodes
     for r in (0, 1):
         assert (out / f"signal.rank{r}.r0").read_text().split() == ["SIGUSR1"], r

@@ -41,6 +41,7 @@ ATOL_ADAPTER = 1e-6
 
 
 
+import forking  # noqa: E402
 import stutil as helpers  # noqa: E402  (tests/ is on sys.path via tests/conftest.py)
 
 # ------------------------------------------------------------------------------------------------
@@ -140,24 +141,25 @@ class Job:
 
 
 class Reference:
-    """The same config run directly (`python -m scaletune train`), one process, no Slurm."""
+    """The same config run directly (`scaletune train`), one process, no Slurm: forked from tests/zygote.py
+    (the Slurm jobs are the fresh processes under test; the references only supply the expected curve)."""
 
     def __init__(self, js: SimpleNamespace, cfg: Path, overrides: list[str]):
         self.out = Path(next(o.split("=", 1)[1] for o in overrides if o.startswith("output_dir=")))
         self.stderr = js.root / f"{self.out.name}.stderr"
-        self.cmd = [sys.executable, "-m", "scaletune", "train", str(cfg), *overrides]
-        with open(self.stderr, "w") as err:
-            self.proc = subprocess.Popen(self.cmd, cwd=js.root, env=js.env, stdout=err, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+        self.argv = ["train", str(cfg), *overrides]
+        self.proc = forking.start(self.argv, js.env, self.stderr)
         self.started = time.monotonic()
 
     def wait(self, timeout: float = JOB_TIMEOUT) -> Path:
         try:
-            rc = self.proc.wait(timeout=max(1.0, self.started + timeout - time.monotonic()))
+            self.proc.communicate(timeout=max(1.0, self.started + timeout - time.monotonic()))
         except subprocess.TimeoutExpired:
             self.kill()
-            pytest.fail(f"reference run did not finish in {timeout:.0f}s: {' '.join(self.cmd)}\n{_read(self.stderr)}")
-        assert rc == 0, f"reference run failed (exit {rc}): {' '.join(self.cmd)}\n{_read(self.stderr)}"
+            pytest.fail(f"reference run did not finish in {timeout:.0f}s: scaletune {' '.join(self.argv)}\n"
+                        f"{_read(self.stderr)}")
+        rc = self.proc.returncode
+        assert rc == 0, f"reference run failed (exit {rc}): scaletune {' '.join(self.argv)}\n{_read(self.stderr)}"
         return self.out
 
     def kill(self) -> None:
@@ -166,7 +168,7 @@ class Reference:
                 os.killpg(self.proc.pid, 9)
             except ProcessLookupError:
                 pass
-            self.proc.wait()
+            self.proc.communicate(timeout=60)
 
 
 def _signal_when_training(js: SimpleNamespace) -> None:
@@ -207,16 +209,8 @@ def jobs(slurm_cluster, tmp_path_factory):
     model = build_model_dir(root / "model", helpers.corpus(), arch="llama", hidden=32, layers=2, heads=2,
                             vocab_size=256)
     train = helpers.write_jsonl(root / "train.jsonl", helpers.alpaca_records(64))
-    raw = {
-        "task": "causal_lm",
-        "model": {"name_or_path": str(model), "dtype": "float32"},
-        "peft": {"method": "lora", "r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": "all-linear"},
-        "data": {"train": str(train), "max_length": 160, "cache": False},
-        "train": {"global_batch_size": 8, "micro_batch_size": 2, "max_steps": SHORT_STEPS, "learning_rate": 1e-2,
-                  "mixed_precision": "no", "log_every": 1, "eval_every": None, "save_every": None,
-                  "report_to": [], "warmup_ratio": 0.1},
-        "output_dir": str(root / "unused"),
-    }
+    raw = helpers.tiny_lora_run(model, train, train={"max_steps": SHORT_STEPS, "warmup_ratio": 0.1},
+                                output_dir=str(root / "unused"))
     cfg = root / "run.yaml"
     cfg.write_text(yaml.safe_dump(raw, sort_keys=False))
     js = SimpleNamespace(root=root, env=_env(slurm_cluster), cfg=cfg, preempt_error=None, signalled_after=None,
