@@ -83,3 +83,35 @@ def pytest_xdist_make_scheduler(config, log):
             return path if path.count("/") >= 2 else nodeid
 
     return SuiteScheduling(config, log)
+
+
+# DeepSpeed JIT-compiles a shared-memory comm op the first time a process group starts (~90 CPU-s, once
+# per environment; training never uses it, and there is no switch to skip it). Started here, in the
+# background on one core, it is built while the first tests run; otherwise the first two DeepSpeed tests
+# build it and wait for each other's lock with a worker idle (torch's extension lock makes a test that
+# needs it meanwhile wait, then load the cached build).
+_PREBUILD = (
+    "from deepspeed.accelerator import get_accelerator\n"
+    "b = get_accelerator().create_op_builder('ShareMemCommBuilder')\n"
+    "import deepspeed.ops\n"
+    "if b is not None and deepspeed.ops.__compatible_ops__.get(b.NAME, False):\n"
+    "    b.load(verbose=False)\n"
+)
+
+
+def pytest_sessionstart(session):
+    import importlib.util
+    import subprocess
+    import sys
+
+    config = session.config
+    if hasattr(config, "workerinput") or importlib.util.find_spec("deepspeed") is None:
+        return  # an xdist worker (the controller starts it), or no DeepSpeed
+    if "not distributed" in (config.getoption("markexpr", "") or "") or config.getoption("collectonly", False):
+        return
+    wanted = ("distributed", "reliability", "slurm", "test_plan")
+    if config.args and not any(a.rstrip("/").endswith("tests") or any(w in a for w in wanted)
+                               for a in map(str, config.args)):
+        return  # a run of some fast test files only
+    subprocess.Popen([sys.executable, "-c", _PREBUILD], env={**os.environ, "MAX_JOBS": "1"},
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
