@@ -203,3 +203,35 @@ def test_compile_blocks_finds_the_layers_under_a_ddp_style_wrapper(monkeypatch):
     wrapper.module = model  # what DistributedDataParallel looks like from outside
     assert compile_blocks(wrapper) == 3
     assert compiled == ["LlamaDecoderLayer"] * 3
+
+
+def test_step_head_and_norm_need_no_extra_device_round_trips():
+    """One process: the step's target count and stop flag come from the host (no all-reduce, which on
+    a GPU would wait for the previous step); loss and gradient norm are those of the usual formulas."""
+    from types import SimpleNamespace
+
+    from scaletune.loop import clip_and_norm, step_head
+
+    def no_reduce(*_a, **_k):
+        raise AssertionError("a single process must not reduce the step head")
+
+    stop = StopFlag.__new__(StopFlag)
+    stop.signal = None
+    one = SimpleNamespace(num_processes=1, reduce=no_reduce)
+    assert step_head(one, 37, stop) == (37, False)
+    stop.signal = "SIGTERM"
+    assert step_head(one, 37, stop) == (37, True)
+    two = SimpleNamespace(num_processes=2, device=torch.device("cpu"),
+                          reduce=lambda t, op: t * 2)  # the peer has the same count and flag
+    assert step_head(two, 37, stop) == (74, True)
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(2)]
+    for p in params:
+        p.grad = torch.randn_like(p) * 10
+    expected = torch.nn.utils.get_total_norm([p.grad for p in params]).item()
+    acc = SimpleNamespace(distributed_type=SimpleNamespace(value="NO"), reduce=lambda t, op: t,
+                          clip_grad_norm_=torch.nn.utils.clip_grad_norm_)
+    norm, loss = clip_and_norm(acc, None, params, 1.0, torch.tensor(12.0), 4)
+    assert norm == pytest.approx(expected, rel=1e-6) and loss == pytest.approx(3.0)
+    assert torch.nn.utils.get_total_norm([p.grad for p in params]).item() == pytest.approx(1.0, rel=1e-5)  # clipped
