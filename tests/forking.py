@@ -62,24 +62,28 @@ def start(argv: list[str], env: dict, log: Path) -> Forked:
 
 def run(argv: list[str], env: dict, log: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     """`scaletune <argv>` forked, waited for, returned like subprocess.run(capture_output=True) would."""
-    proc = start(argv, env, log)
-    try:
-        out, err = proc.communicate(timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-        raise
-    return subprocess.CompletedProcess(["scaletune", *argv], proc.returncode, out, err)
+    return _finish(start(argv, env, log), ["scaletune", *argv], timeout)
 
 
 def run_script(script: Path, args: list[str], env: dict, log: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     """`python script args`, forked, waited for (like subprocess.run(capture_output=True))."""
     proc = Forked({"script": str(script), "args": args, "env": env}, log)
+    return _finish(proc, [str(script), *args], timeout)
+
+
+def _finish(proc: Forked, cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
     try:
         out, err = proc.communicate(timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
+        _kill(proc)
         raise
-    return subprocess.CompletedProcess([str(script), *args], proc.returncode, out, err)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _kill(proc: Forked) -> None:
+    """SIGKILL the child's process group and reap it (the zygote is its parent)."""
+    os.killpg(proc.pid, 9)
+    Zygote.ask({"wait": proc.pid})
 
 
 def run_ranks(script: Path, args: list[str], env: dict, world: int, logdir: Path, timeout: float = 300) -> None:
@@ -102,8 +106,7 @@ def run_ranks(script: Path, args: list[str], env: dict, world: int, logdir: Path
     finally:
         for p in procs:
             if p.poll() is None:
-                os.killpg(p.pid, 9)
-                Zygote.ask({"wait": p.pid})
+                _kill(p)
     if any(p.returncode != 0 for p in procs):
         logs = "\n".join(f"--- rank {i} (exit {p.returncode})\n{p.log.read_text()[-4000:]}" for i, p in enumerate(procs))
         raise AssertionError(f"{script.name} {' '.join(args)} failed at world size {world}:\n{logs}")
