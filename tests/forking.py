@@ -6,7 +6,6 @@ from __future__ import annotations
 import atexit
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -89,9 +88,9 @@ def _kill(proc: Forked) -> None:
 def run_ranks(script: Path, args: list[str], env: dict, world: int, logdir: Path, timeout: float = 300) -> None:
     """`script args` as `world` torch.distributed ranks on this machine (the environment torchrun gives
     its workers), forked. Raises with the ranks' output if any fails."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from stutil import free_port
+
+    port = free_port()
     procs = []
     for rank in range(world):
         rank_env = {**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),

@@ -109,6 +109,15 @@ def tensor_peak_bytes(prof: Any) -> int:
     return peak
 
 
+def free_port() -> int:
+    """A TCP port on localhost that is free right now (for a torch.distributed rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def write_jsonl(path: Path, records: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -28,12 +27,6 @@ from scaletune.methods import MATRIX  # noqa: E402
 METHODS = [m for m, row in MATRIX.items() if row.zero3]
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def zero3_runs(tmp_path_factory):
     from scaletune.demo.tiny import build_model_dir
@@ -52,7 +45,7 @@ def zero3_runs(tmp_path_factory):
     spec_file.write_text(json.dumps(specs))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SCALETUNE_NO_PROGRESS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file",
-           str(REPO / "launch/cpu_2proc_zero3.yaml"), "--main_process_port", str(_port()),
+           str(REPO / "launch/cpu_2proc_zero3.yaml"), "--main_process_port", str(helpers.free_port()),
            str(REPO / "tests/distributed/matrix_worker.py"), str(root), str(spec_file)]
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, (res.stdout + res.stderr)[-6000:]

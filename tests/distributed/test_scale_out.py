@@ -25,7 +25,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -58,12 +57,6 @@ import stutil as helpers  # noqa: E402  (tests/ is on sys.path via tests/conftes
 # running the CLI
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env(cache: Path, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
@@ -84,7 +77,7 @@ def _scaletune(*args: str) -> list[str]:
 def _accelerate(launch_yaml: str, *train_args: str) -> list[str]:
     """`accelerate launch --config_file launch/<yaml> -m scaletune train ...` (the documented raw command)."""
     return [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file",
-            str(REPO / "launch" / launch_yaml), "--main_process_port", str(_free_port()),
+            str(REPO / "launch" / launch_yaml), "--main_process_port", str(helpers.free_port()),
             "-m", "scaletune", "train", *train_args]
 
 
@@ -201,7 +194,7 @@ def ddp(world) -> Path:
     """2-process DDP (gloo) through `scaletune launch --nproc 2`."""
     out = world.root / "ddp"
     text = run_cli(world, _scaletune("launch", str(world.fp32), f"output_dir={out}", "--nproc", "2",
-                                     "--master-port", str(_free_port())))
+                                     "--master-port", str(helpers.free_port())))
     assert "--multi_gpu" in text.splitlines()[0]  # the printed accelerate command
     return out
 
@@ -225,7 +218,7 @@ def zero3(world) -> Path:
 def multinode(world) -> Path:
     """Two `scaletune launch --nnodes 2 --node-rank R --nproc 1` on localhost: a 2-node ZeRO-3 job."""
     out = world.root / "multinode"
-    port = str(_free_port())
+    port = str(helpers.free_port())
     cmds = [_scaletune("launch", str(world.zero3), f"output_dir={out}", "--nproc", "1", "--nnodes", "2",
                        "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", port)
             for rank in (0, 1)]
@@ -387,7 +380,7 @@ def test_zero3_stop_on_sigusr1_then_resume_continues_curve(world, single):
     assert (out / "checkpoints" / "latest").read_text().strip() == f"step-{k}"
 
     run_cli(world, _scaletune("launch", str(world.zero3), f"output_dir={out}", "--nproc", "2", "--resume", "auto",
-                              "--master-port", str(_free_port())))
+                              "--master-port", str(helpers.free_port())))
     ref, got = losses(single), losses(out)
     assert_same_curve(ref, got, range(1, STEPS + 1))
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
@@ -470,7 +463,7 @@ def test_invalid_combination_refused_before_launch(world, how, combo):
                         distributed={"zero_stage": 2})
         needle = "fp16 needs a CUDA GPU"
     out = world.root / f"refused_{combo}_{how}"
-    extra = ["--nproc", "2", "--master-port", str(_free_port())] if how == "launch" else []
+    extra = ["--nproc", "2", "--master-port", str(helpers.free_port())] if how == "launch" else []
     text = run_forked(world, [how, str(cfg), f"output_dir={out}", *extra], expect=2)
     assert needle in text and "Traceback" not in text
     assert " launch --" not in text, "an accelerate command was started before the refusal"

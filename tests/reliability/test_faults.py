@@ -16,7 +16,7 @@ from scaletune.checkpoint import checkpoint_dirs, verify
 from scaletune.cli import main
 
 import forking
-from stutil import read_metrics
+from stutil import free_port, read_metrics
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "SCALETUNE_NO_PROGRESS": "1"}
 _runs = itertools.count()
@@ -134,11 +134,7 @@ def test_out_of_memory_names_the_numbers_and_the_fix(cfg_path):
 @pytest.mark.distributed
 def test_disk_full_under_two_processes_stops_every_rank(make_config, tmp_path):
     """Only rank 0 writes checkpoints: when it fails, rank 1 must stop too instead of waiting forever."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     path = make_config("causal_lm", train={"max_steps": 4, "save_every": 1, "save_total_limit": None,
                                            "micro_batch_size": 2})
     repo = Path(__file__).resolve().parents[2]
