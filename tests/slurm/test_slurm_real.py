@@ -41,7 +41,6 @@ ATOL_ADAPTER = 1e-6
 
 
 
-import forking  # noqa: E402
 import stutil as helpers  # noqa: E402  (tests/ is on sys.path via tests/conftest.py)
 
 # ------------------------------------------------------------------------------------------------
@@ -141,25 +140,24 @@ class Job:
 
 
 class Reference:
-    """The same config run directly (`scaletune train`), one process, no Slurm: forked from tests/zygote.py
-    (the Slurm jobs are the fresh processes under test; the references only supply the expected curve)."""
+    """The same config run directly (`python -m scaletune train`), one process, no Slurm."""
 
     def __init__(self, js: SimpleNamespace, cfg: Path, overrides: list[str]):
         self.out = Path(next(o.split("=", 1)[1] for o in overrides if o.startswith("output_dir=")))
         self.stderr = js.root / f"{self.out.name}.stderr"
-        self.argv = ["train", str(cfg), *overrides]
-        self.proc = forking.start(self.argv, js.env, self.stderr)
+        self.cmd = [sys.executable, "-m", "scaletune", "train", str(cfg), *overrides]
+        with open(self.stderr, "w") as err:
+            self.proc = subprocess.Popen(self.cmd, cwd=js.root, env=js.env, stdout=err, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
         self.started = time.monotonic()
 
     def wait(self, timeout: float = JOB_TIMEOUT) -> Path:
         try:
-            self.proc.communicate(timeout=max(1.0, self.started + timeout - time.monotonic()))
+            rc = self.proc.wait(timeout=max(1.0, self.started + timeout - time.monotonic()))
         except subprocess.TimeoutExpired:
             self.kill()
-            pytest.fail(f"reference run did not finish in {timeout:.0f}s: scaletune {' '.join(self.argv)}\n"
-                        f"{_read(self.stderr)}")
-        rc = self.proc.returncode
-        assert rc == 0, f"reference run failed (exit {rc}): scaletune {' '.join(self.argv)}\n{_read(self.stderr)}"
+            pytest.fail(f"reference run did not finish in {timeout:.0f}s: {' '.join(self.cmd)}\n{_read(self.stderr)}")
+        assert rc == 0, f"reference run failed (exit {rc}): {' '.join(self.cmd)}\n{_read(self.stderr)}"
         return self.out
 
     def kill(self) -> None:
@@ -168,7 +166,7 @@ class Reference:
                 os.killpg(self.proc.pid, 9)
             except ProcessLookupError:
                 pass
-            self.proc.communicate(timeout=60)
+            self.proc.wait()
 
 
 def _signal_when_training(js: SimpleNamespace) -> None:
