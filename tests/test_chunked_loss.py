@@ -80,6 +80,7 @@ def test_bf16_mixed_precision_matches_the_usual_path(bf16_run):
     assert run.task._head is not None and run.task._head_dtype == torch.bfloat16
     batch = pad_batch([run.data["train"][i] for i in range(6)], run.tokenizer.pad_token_id)
     chunked = _loss_and_grads(run, batch)
+    assert run.task._head is not None  # the first call's self-check kept the chunked path
     run.task._head = None
     usual = _loss_and_grads(run, batch)
     assert chunked[0] == pytest.approx(usual[0], rel=1e-4)

@@ -145,9 +145,8 @@ class CausalLM(Task):
         b = None if b is None else b.to(dtype)
         # logits == head(hidden) is a property of the model, not of the batch: checked on the first call
         # only (the comparison waits for the GPU, which would stall every micro-batch).
-        if hidden is None or not (self._checked or torch.allclose(
-                torch.nn.functional.linear(hidden[:, -1].to(dtype), w, b).float(), out.logits[:, -1].float(),
-                rtol=1e-3, atol=1e-4)):
+        if hidden is None or not (self._checked or _same_logits(
+                torch.nn.functional.linear(hidden[:, -1:].to(dtype), w, b), out.logits[:, -1:])):
             import logging
 
             logging.getLogger("scaletune").warning(
@@ -169,3 +168,14 @@ class CausalLM(Task):
     def metrics(self, preds: list, loss_sum: float, n_targets: int, labels: list[str] | None) -> dict:
         loss = loss_sum / max(n_targets, 1)
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "target_tokens": n_targets}
+
+
+def _same_logits(ours: torch.Tensor, model_logits: torch.Tensor) -> bool:
+    """Whether the head applied to the caught hidden state gives the model's own logits. Both come from
+    the same [batch, 1, hidden] product (a 2-D call can take another CPU bf16 kernel and round
+    differently); 16-bit results may still differ by a rounding step at the largest logit's scale."""
+    ours, theirs = ours.float(), model_logits.float()
+    if model_logits.dtype == torch.float32:
+        return torch.allclose(ours, theirs, rtol=1e-3, atol=1e-4)
+    scale = float(theirs.abs().max()) if theirs.numel() else 0.0
+    return torch.allclose(ours, theirs, rtol=1.6e-2, atol=1e-2 * max(scale, 1.0))
