@@ -52,8 +52,9 @@ SIZES = {
     "1b": dict(hidden=2048, layers=16, heads=32, kv_heads=8, intermediate=8192, vocab=32000),
     "8b": dict(hidden=4096, layers=32, heads=32, kv_heads=8, intermediate=14336, vocab=32000),
 }
-TOOLS = ("scaletune", "scaletune_packed", "hf_trainer", "trl_packed")
+TOOLS = ("scaletune", "scaletune_packed", "scaletune_lowmem", "hf_trainer", "trl_packed")
 LABELS = {"scaletune": "scaletune (dyn. pad + length groups)", "scaletune_packed": "scaletune (packing)",
+          "scaletune_lowmem": "scaletune (dyn. pad, release_cpu_memory)",
           "hf_trainer": "(b) HF Trainer + peft (dyn. pad)", "trl_packed": "(c) TRL SFTTrainer + peft (packing)"}
 
 
@@ -147,7 +148,7 @@ def _lora_kwargs() -> dict:
     return dict(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0)
 
 
-def worker_scaletune(spec: dict, packed: bool) -> None:
+def worker_scaletune(spec: dict, packed: bool, lowmem: bool = False) -> None:
     t0 = time.perf_counter()
     import scaletune.loop as loop
     import scaletune.tasks.causal_lm as causal_lm
@@ -165,7 +166,7 @@ def worker_scaletune(spec: dict, packed: bool) -> None:
                      "max_steps": None if packed else spec["steps"], "learning_rate": spec["lr"],
                      "lr_scheduler": "cosine", "warmup_steps": 1, "weight_decay": 0.0, "max_grad_norm": 1.0,
                      "mixed_precision": "no", "seed": spec["seed"], "eval_every": None, "save_every": None,
-                     "log_every": 1, "report_to": []},
+                     "log_every": 1, "report_to": [], "release_cpu_memory": lowmem},
            "output_dir": str(out)}
     cfg = from_dict(raw)
     run, _ = setup(cfg, overwrite=True)
@@ -294,6 +295,8 @@ def run_worker(spec_path: str) -> None:
         worker_scaletune(spec, packed=False)
     elif tool == "scaletune_packed":
         worker_scaletune(spec, packed=True)
+    elif tool == "scaletune_lowmem":
+        worker_scaletune(spec, packed=False, lowmem=True)
     elif tool == "hf_trainer":
         worker_hf(spec)
     elif tool == "trl_packed":
@@ -410,7 +413,7 @@ def table(summary: dict[str, dict]) -> str:
 
 def ratios(summary: dict[str, dict]) -> list[str]:
     out = []
-    for st in ("scaletune", "scaletune_packed"):
+    for st in ("scaletune", "scaletune_packed", "scaletune_lowmem"):
         if st not in summary:
             continue
         for base in ("hf_trainer", "trl_packed"):

@@ -25,7 +25,7 @@ log = logging.getLogger("scaletune")
 
 # Keys that may change between a run and its resume without making the checkpoint foreign.
 _RESUME_FREE_KEYS = {"train": {"max_steps", "epochs", "eval_every", "save_every", "log_every", "save_total_limit",
-                               "report_to", "max_nonfinite_skips"},
+                               "report_to", "max_nonfinite_skips", "release_cpu_memory"},
                      "data": {"num_workers", "cache", "eval", "eval_fraction"}, "distributed": {"zero_stage",
                                "offload", "backend"}, "output_dir": True}
 
@@ -155,6 +155,12 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
                               **accelerator_kwargs(cfg, accum))
     replace_output = check_output_dir(cfg, resume if resume not in (None, "none") else None, overwrite)
     set_seed(t.seed)
+    if t.release_cpu_memory and accelerator.device.type == "cpu":
+        from .cpu_memory import release_freed_memory
+
+        why_not = release_freed_memory()
+        if why_not:
+            log.warning("train.release_cpu_memory is not applied: %s", why_not)
     tokenizer = load_tokenizer(cfg)
     task = get_task(cfg.task)
     data = build_datasets(cfg, task, tokenizer, accelerator)
