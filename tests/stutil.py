@@ -7,6 +7,7 @@ A module with a unique name (not `conftest`): the sub-suites have conftest.py fi
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,27 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+               "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_CONFIG_FILE", "ACCELERATE_CONFIG_FILE",
+               "SCALETUNE_PREEMPT_MARKER")
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """Environment for a run the tests start: this checkout's src first on PYTHONPATH, one OpenMP thread
+    per process (2-process runs on a 2-core box must not oversubscribe), offline, no progress bars, and
+    none of the rank/launcher variables a surrounding launcher may have set (the child would take them
+    as its own). `extra` is applied last."""
+    env = dict(os.environ)
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", SCALETUNE_NO_PROGRESS="1",
+               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    for var in LAUNCH_VARS:
+        env.pop(var, None)
+    env.update(extra)
+    return env
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:

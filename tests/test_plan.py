@@ -1,6 +1,6 @@
 """`scaletune plan`: the model-state estimate must equal the bytes a real training step allocates.
 
-Measurements come from tests/plan_helpers/measure.py (in-process for one process; 1 or 2 forked
+Measurements come from tests/helpers/measure.py (in-process for one process; 1 or 2 forked
 torch.distributed ranks over gloo for DDP / ZeRO-2 / ZeRO-3). Activations and buffers are approximate;
 their total is checked against the measured tensor-memory peak of a real ~110M-parameter step
 (slow test).
@@ -9,7 +9,6 @@ their total is checked against the measured tensor-memory peak of a real ~110M-p
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,20 +20,12 @@ from scaletune.config import load_config
 from scaletune.errors import ConfigError
 
 import forking
+import stutil
 
 REPO = Path(__file__).resolve().parents[1]
-MEASURE = REPO / "tests" / "plan_helpers" / "measure.py"
+MEASURE = REPO / "tests" / "helpers" / "measure.py"
 STATE_KEYS = ("frozen", "trainable", "master", "grads", "optimizer")
 ONE_STEP = {"max_steps": 1, "global_batch_size": 8, "micro_batch_size": 2}
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env["OMP_NUM_THREADS"] = "1"  # 2 processes on a 2-core box: do not oversubscribe
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_DEEPSPEED"):
-        env.pop(var, None)
-    return env
 
 
 def measure_subprocess(cfg_path: Path, out: Path, world: int) -> dict:
@@ -44,10 +35,10 @@ def measure_subprocess(cfg_path: Path, out: Path, world: int) -> dict:
     process started, the ~10 s of imports per rank would."""
     stage = load_config(cfg_path).distributed.zero_stage
     if world == 1 and stage == 0:
-        res = forking.run_script(MEASURE, [str(cfg_path), str(out)], _env(), out.with_suffix(".log"), timeout=420)
+        res = forking.run_script(MEASURE, [str(cfg_path), str(out)], stutil.child_env(), out.with_suffix(".log"), timeout=420)
         assert res.returncode == 0, res.stderr[-5000:]
     else:
-        forking.run_ranks(MEASURE, [str(cfg_path), str(out)], _env(), world, out.parent, timeout=420)
+        forking.run_ranks(MEASURE, [str(cfg_path), str(out)], stutil.child_env(), world, out.parent, timeout=420)
     return json.loads(out.read_text())
 
 
@@ -147,8 +138,10 @@ def test_meta_count_of_110m_model(tmp_path, make_config):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("chunked", [True, False], ids=["chunked_loss", "full_logits"])
-def test_total_vs_measured_peak_110m(tmp_path, make_config, chunked):
+@pytest.mark.parametrize("chunked,precision", [(True, "float32"), (False, "float32"), (True, "bfloat16"),
+                                               (True, "float32+bf16")],
+                         ids=["chunked_loss", "full_logits", "bf16_autocast", "fp32_weights_bf16_autocast"])
+def test_total_vs_measured_peak_110m(tmp_path, make_config, chunked, precision):
     """One real step of the ~110M model in a fresh process: states exact, total within +-20% of the peak.
 
     The peak is the most tensor memory alive at once (parameters + everything the profiler saw allocated
@@ -161,13 +154,15 @@ def test_total_vs_measured_peak_110m(tmp_path, make_config, chunked):
     model_dir = build_llama_110m(tmp_path, weights=True)
     records = [{"instruction": "Repeat.", "input": "", "output": " ".join(WORDS[i % 7:] * 8)} for i in range(16)]
     train = write_jsonl(tmp_path / "long.jsonl", records)
-    cfg_path = make_config(model={"name_or_path": str(model_dir)},
-                           train={**ONE_STEP, "micro_batch_size": 4, "chunked_loss": chunked},
+    dtype, _, autocast = precision.partition("+")
+    mp = "bf16" if dtype == "bfloat16" or autocast else "no"
+    cfg_path = make_config(model={"name_or_path": str(model_dir), "dtype": dtype},
+                           train={**ONE_STEP, "micro_batch_size": 4, "chunked_loss": chunked, "mixed_precision": mp},
                            data={"max_length": 128, "train": str(train), "eval": None})
     measured = measure_subprocess(cfg_path, tmp_path / "measured.json", world=1)
     cfg = load_config(cfg_path)
     shape = plan.model_shape(cfg)
-    assert shape.chunked_loss == chunked
+    assert shape.chunked_loss == chunked and measured["chunked_loss_used"] == chunked  # as training decided
     est = plan.estimate(cfg, shape, 1, cuda=False)
     assert {k: measured[k] for k in STATE_KEYS} == est.model_states
     peak = measured["tensor_peak_bytes"]

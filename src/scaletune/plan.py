@@ -280,6 +280,9 @@ def activation_bytes(cfg: RunConfig, shape: ModelShape, micro: int) -> dict[str,
     negligible). With gradient checkpointing only each layer's input is kept, plus one layer recomputed
     at a time. Logits at the peak (start of backward): the float32 log-softmax the loss saves and its
     gradient, plus the half-precision logits and their float32 copy when the model is not float32.
+    In 16-bit runs each RMSNorm also keeps the float32 copy of its input it computes in; float32
+    weights under 16-bit autocast add the 16-bit copies of the frozen Linear weights (and head) that
+    the backward pass needs (measured with saved_tensors_hooks, CPU bf16 autocast).
     With train.chunked_loss only one chunk's logits exist (head output, its float32 copy and
     logsumexp's temporary), plus the gathered hidden states and their gradient.
     """
@@ -287,7 +290,8 @@ def activation_bytes(cfg: RunConfig, shape: ModelShape, micro: int) -> dict[str,
     a = 2 if cfg.train.mixed_precision in ("bf16", "fp16") or cfg.model.quantization else \
         DTYPE_BYTES[cfg.model.dtype]
     h, i = shape.hidden, shape.intermediate
-    per_layer = tokens * a * (6 * h + 2 * shape.kv_dim + 4 * i)
+    # + RMSNorm computes in float32: in 16-bit runs each norm keeps a float32 copy of its input
+    per_layer = tokens * (a * (6 * h + 2 * shape.kv_dim + 4 * i) + 2 * (4 - a) * h)
     if cfg.model.gradient_checkpointing:
         layers = tokens * a * h * shape.layers + per_layer
     else:
@@ -300,6 +304,14 @@ def activation_bytes(cfg: RunConfig, shape: ModelShape, micro: int) -> dict[str,
         out["logits"] = rows * shape.vocab * (4 + 4 + (0 if a == 4 else a)) + 2 * tokens * h * a
     elif cfg.task == "causal_lm":
         out["logits"] = tokens * shape.vocab * (4 + 4 + (0 if a == 4 else a + 4))
+    if cfg.train.mixed_precision in ("bf16", "fp16") and _param_dtype_bytes(cfg) == 4 and not cfg.model.quantization:
+        # float32 weights under 16-bit autocast: every frozen Linear's 16-bit cast is saved for the
+        # backward pass (autocast caches casts of trainable leaves only), as is the LM head's
+        # (one layer's at a time under gradient checkpointing, which saves only each layer's input)
+        head = shape.vocab * h if cfg.task == "causal_lm" else 0
+        linear = sum(n for n, is_linear, _ in shape.frozen if is_linear)
+        out["autocast_weight_copies"] = 2 * ((linear // shape.layers if cfg.model.gradient_checkpointing
+                                              else linear) + head)
     return out
 
 
@@ -394,6 +406,7 @@ def suggest(cfg: RunConfig, shape: ModelShape, world: int, limit: int, cuda: boo
 ROW_NAMES = {"frozen": "frozen base weights", "trainable": "trainable params (module copy)",
              "master": "fp32 master params", "grads": "gradients", "optimizer": "optimizer states",
              "activations": "activations (approx.)", "logits": "logits + fp32 loss (approx.)",
+             "autocast_weight_copies": "16-bit weight casts kept for backward",
              "buffers": "comm/temp buffers + CUDA ctx (approx.)"}
 
 

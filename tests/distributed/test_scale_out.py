@@ -21,7 +21,6 @@ single-process runs.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import signal
@@ -55,19 +54,6 @@ import stutil as helpers  # noqa: E402  (tests/ is on sys.path via tests/conftes
 
 # ------------------------------------------------------------------------------------------------
 # running the CLI
-
-
-def _env(cache: Path, **extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", SCALETUNE_NO_PROGRESS="1", HF_HUB_OFFLINE="1",
-               HF_DATASETS_OFFLINE="1", SCALETUNE_CACHE=str(cache))
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_CONFIG_FILE", "ACCELERATE_CONFIG_FILE",
-                "SCALETUNE_PREEMPT_MARKER"):
-        env.pop(var, None)
-    env.update(extra)
-    return env
 
 
 def _scaletune(*args: str) -> list[str]:
@@ -109,7 +95,7 @@ def run_forked(world: SimpleNamespace, argv: list[str], expect: int = 0) -> str:
     runs here are references and resumes, not tests of how a process starts: that is `run_cli`)."""
     t0 = time.perf_counter()
     log = world.root / f"forked{len(world.timings)}.log"
-    res = forking.run(argv, _env(world.cache), log, timeout=LAUNCH_TIMEOUT)
+    res = forking.run(argv, helpers.child_env(SCALETUNE_CACHE=str(world.cache)), log, timeout=LAUNCH_TIMEOUT)
     world.timings.append(("(forked) scaletune " + " ".join(argv[:2]), round(time.perf_counter() - t0, 1)))
     out = res.stdout + res.stderr
     _check(res, out, ["scaletune", *argv], expect)
@@ -118,7 +104,7 @@ def run_forked(world: SimpleNamespace, argv: list[str], expect: int = 0) -> str:
 
 def run_cli(world: SimpleNamespace, cmd: list[str], expect: int = 0, **env: str) -> str:
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(world.cache, **env), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, cwd=REPO, env=helpers.child_env(SCALETUNE_CACHE=str(world.cache), **env), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
         out = proc.communicate(timeout=LAUNCH_TIMEOUT)[0]
@@ -223,7 +209,7 @@ def multinode(world) -> Path:
                        "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", port)
             for rank in (0, 1)]
     t0 = time.perf_counter()
-    procs = [subprocess.Popen(c, cwd=REPO, env=_env(world.cache), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    procs = [subprocess.Popen(c, cwd=REPO, env=helpers.child_env(SCALETUNE_CACHE=str(world.cache)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True) for c in cmds]
     outs = []
     try:
@@ -352,7 +338,7 @@ def test_zero3_stop_on_sigusr1_then_resume_continues_curve(world, single):
     marker = world.root / "preempted.marker"
     cmd = _accelerate("cpu_2proc_zero3.yaml", str(world.zero3), f"output_dir={out}")
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(world.cache, SCALETUNE_PREEMPT_MARKER=str(marker)),
+    proc = subprocess.Popen(cmd, cwd=REPO, env=helpers.child_env(SCALETUNE_CACHE=str(world.cache), SCALETUNE_PREEMPT_MARKER=str(marker)),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         metrics = out / "metrics.jsonl"

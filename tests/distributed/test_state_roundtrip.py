@@ -8,7 +8,6 @@ state and must take the same step. The reverse direction (1 process -> 2 process
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -19,21 +18,11 @@ pytest.importorskip("peft")
 pytest.importorskip("accelerate")
 
 import forking  # noqa: E402
+import stutil  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
 WORKER = HERE / "ds_worker.py"
 ATOL = 1e-5
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env["OMP_NUM_THREADS"] = "1"  # 2 processes on a 2-core box: do not oversubscribe
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_DEEPSPEED"):
-        env.pop(var, None)
-    return env
 
 
 def _launch_2proc(stage: int, *worker_args: str) -> None:
@@ -41,12 +30,12 @@ def _launch_2proc(stage: int, *worker_args: str) -> None:
     tested here: the CLI's launch paths are, in test_scale_out.py)."""
     logs = Path(worker_args[worker_args.index("--out") + 1]).with_suffix(".logs")
     logs.mkdir(parents=True, exist_ok=True)
-    forking.run_ranks(WORKER, ["--stage", str(stage), *worker_args], _env(), 2, logs, timeout=240)
+    forking.run_ranks(WORKER, ["--stage", str(stage), *worker_args], stutil.child_env(), 2, logs, timeout=240)
 
 
 def _run_1proc(*worker_args: str) -> None:
     log = Path(worker_args[worker_args.index("--out") + 1]).with_suffix(".log")
-    res = forking.run_script(WORKER, ["--stage", "0", *worker_args], _env(), log, timeout=240)
+    res = forking.run_script(WORKER, ["--stage", "0", *worker_args], stutil.child_env(), log, timeout=240)
     assert res.returncode == 0, res.stderr[-6000:]
 
 

@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from killing import ENV, ROOT, assert_same_run, base_config, command, run_with_interruptions, write_cfg
+from stutil import free_port
 
 
 @pytest.mark.distributed
@@ -20,7 +21,7 @@ def test_sigkills_under_two_process_zero3(tiny_llama, tmp_path):
     steps = 12
     base_cfg = base_config(tmp_path, tiny_llama)
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                str(ROOT / "launch/cpu_2proc_zero3.yaml"), "--main_process_port", "29533"]
+                str(ROOT / "launch/cpu_2proc_zero3.yaml"), "--main_process_port", str(free_port())]
     ref = tmp_path / "ref"
     res = subprocess.run(command(write_cfg(base_cfg, ref, steps, zero_stage=3), launcher), env=ENV,
                          capture_output=True, text=True, timeout=600)

@@ -135,6 +135,7 @@ def measure(cfg_path: str) -> tuple[dict, Any]:
               "master": counts.get("master", 0), "grads": seen.get("grads", 0),
               "optimizer": counts.get("optimizer", 0), "world_size": run.accelerator.num_processes,
               "tensor_peak_bytes": at_start.total.get("live", 0) + peak,
+              "chunked_loss_used": getattr(run.task, "_head", None) is not None,
               "rss_before_kib": rss_before, "rss_setup_kib": rss_setup,
               "rss_peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
     return result, run
