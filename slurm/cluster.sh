@@ -21,6 +21,8 @@
 #                 SCALETUNE_SLURMD_PORTS (17001-17002), SCALETUNE_SLURM_CPUS (1 per node).
 # Requires root (daemons are started as root; munged as user munge).
 set -euo pipefail
+# The daemons and runuser live in sbin, which a non-login or non-root PATH often leaves out.
+export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 
 STATE=${SCALETUNE_SLURM_DIR:-/tmp/scaletune-slurm}
 CTLD_PORT=${SCALETUNE_SLURM_CTLD_PORT:-16817}
