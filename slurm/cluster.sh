@@ -34,6 +34,8 @@ export SLURM_CONF=$CONF
 
 log() { echo "[cluster.sh] $*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
+# Exit 3: Slurm is not installed and cannot be installed here (tests skip on it, fail on any other error).
+unavailable() { log "ERROR: $*"; exit 3; }
 
 need_root() { [[ $(id -u) -eq 0 ]] || die "must run as root"; }
 
@@ -44,12 +46,12 @@ install_pkgs() {
     command -v slurmd >/dev/null || missing+=(slurmd)
     command -v sbatch >/dev/null || missing+=(slurm-client)
     ((${#missing[@]} == 0)) && return 0
-    command -v apt-get >/dev/null || die "missing ${missing[*]} and no apt-get to install them"
+    command -v apt-get >/dev/null || unavailable "missing ${missing[*]} and no apt-get to install them"
     log "installing ${missing[*]} (apt-get)"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq >"$STATE/apt.log" 2>&1 || true
     apt-get install -y -qq --no-install-recommends munge slurmctld slurmd slurm-client \
-        >>"$STATE/apt.log" 2>&1 || { tail -20 "$STATE/apt.log" >&2; die "apt-get install failed"; }
+        >>"$STATE/apt.log" 2>&1 || { tail -20 "$STATE/apt.log" >&2; unavailable "apt-get install failed"; }
 }
 
 # pid_alive NAME -> 0 if the daemon we recorded under NAME is still running
