@@ -287,8 +287,8 @@ def activation_bytes(cfg: RunConfig, shape: ModelShape, micro: int) -> dict[str,
     logsumexp's temporary), plus the gathered hidden states and their gradient.
     """
     tokens = micro * cfg.data.max_length
-    a = 2 if cfg.train.mixed_precision in ("bf16", "fp16") or cfg.model.quantization else \
-        DTYPE_BYTES[cfg.model.dtype]
+    autocast16 = cfg.train.mixed_precision in ("bf16", "fp16")
+    a = 2 if autocast16 or cfg.model.quantization else DTYPE_BYTES[cfg.model.dtype]
     h, i = shape.hidden, shape.intermediate
     # + RMSNorm computes in float32: in 16-bit runs each norm keeps a float32 copy of its input
     per_layer = tokens * (a * (6 * h + 2 * shape.kv_dim + 4 * i) + 2 * (4 - a) * h)
@@ -304,7 +304,7 @@ def activation_bytes(cfg: RunConfig, shape: ModelShape, micro: int) -> dict[str,
         out["logits"] = rows * shape.vocab * (4 + 4 + (0 if a == 4 else a)) + 2 * tokens * h * a
     elif cfg.task == "causal_lm":
         out["logits"] = tokens * shape.vocab * (4 + 4 + (0 if a == 4 else a + 4))
-    if cfg.train.mixed_precision in ("bf16", "fp16") and _param_dtype_bytes(cfg) == 4 and not cfg.model.quantization:
+    if autocast16 and _param_dtype_bytes(cfg) == 4 and not cfg.model.quantization:
         # float32 weights under 16-bit autocast: every frozen Linear's 16-bit cast is saved for the
         # backward pass (autocast caches casts of trainable leaves only), as is the LM head's
         # (one layer's at a time under gradient checkpointing, which saves only each layer's input)

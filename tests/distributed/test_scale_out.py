@@ -56,6 +56,11 @@ import stutil as helpers  # noqa: E402  (tests/ is on sys.path via tests/conftes
 # running the CLI
 
 
+def _env(world: SimpleNamespace, **extra: str) -> dict[str, str]:
+    """A launched run's environment, sharing this module's tokenised-data cache."""
+    return helpers.child_env(SCALETUNE_CACHE=str(world.cache), **extra)
+
+
 def _scaletune(*args: str) -> list[str]:
     return [sys.executable, "-m", "scaletune", *args]
 
@@ -95,7 +100,7 @@ def run_forked(world: SimpleNamespace, argv: list[str], expect: int = 0) -> str:
     runs here are references and resumes, not tests of how a process starts: that is `run_cli`)."""
     t0 = time.perf_counter()
     log = world.root / f"forked{len(world.timings)}.log"
-    res = forking.run(argv, helpers.child_env(SCALETUNE_CACHE=str(world.cache)), log, timeout=LAUNCH_TIMEOUT)
+    res = forking.run(argv, _env(world), log, timeout=LAUNCH_TIMEOUT)
     world.timings.append(("(forked) scaletune " + " ".join(argv[:2]), round(time.perf_counter() - t0, 1)))
     out = res.stdout + res.stderr
     _check(res, out, ["scaletune", *argv], expect)
@@ -104,7 +109,7 @@ def run_forked(world: SimpleNamespace, argv: list[str], expect: int = 0) -> str:
 
 def run_cli(world: SimpleNamespace, cmd: list[str], expect: int = 0, **env: str) -> str:
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=REPO, env=helpers.child_env(SCALETUNE_CACHE=str(world.cache), **env), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(world, **env), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
         out = proc.communicate(timeout=LAUNCH_TIMEOUT)[0]
@@ -209,7 +214,7 @@ def multinode(world) -> Path:
                        "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", port)
             for rank in (0, 1)]
     t0 = time.perf_counter()
-    procs = [subprocess.Popen(c, cwd=REPO, env=helpers.child_env(SCALETUNE_CACHE=str(world.cache)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    procs = [subprocess.Popen(c, cwd=REPO, env=_env(world), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True) for c in cmds]
     outs = []
     try:
@@ -338,7 +343,7 @@ def test_zero3_stop_on_sigusr1_then_resume_continues_curve(world, single):
     marker = world.root / "preempted.marker"
     cmd = _accelerate("cpu_2proc_zero3.yaml", str(world.zero3), f"output_dir={out}")
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=REPO, env=helpers.child_env(SCALETUNE_CACHE=str(world.cache), SCALETUNE_PREEMPT_MARKER=str(marker)),
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(world, SCALETUNE_PREEMPT_MARKER=str(marker)),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         metrics = out / "metrics.jsonl"
