@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from scaletune import attention
 from scaletune.config import load_config
 from scaletune.data.packing import collate_packed
+from scaletune.evaluate import to_device
 from scaletune.tasks import IGNORE
 from scaletune.train import setup
 
@@ -46,7 +47,7 @@ def reference_kernel(calls: list):
 
 def _loss_and_grads(run, batch):
     run.model.zero_grad(set_to_none=True)
-    loss, _ = run.task.loss_sum(run.model, batch)
+    loss, _ = run.task.loss_sum(run.model, to_device(batch, run.accelerator.device))
     loss.backward()
     return float(loss), {n: p.grad.clone() for n, p in run.model.named_parameters() if p.requires_grad}
 
@@ -57,7 +58,9 @@ def test_varlen_matches_sdpa_with_masks(make_config, monkeypatch, packing):
     test_cuda_kernel_matches_sdpa) gives the loss and LoRA gradients of SDPA with its block-diagonal
     (packed) or padding (padded) mask, on the same batch."""
     calls: list = []
-    monkeypatch.setitem(attention.KERNELS, "cpu", reference_kernel(calls))
+    # The device the runs land on (CPU here, CUDA on a GPU machine) gets the reference kernel.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    monkeypatch.setitem(attention.KERNELS, device, reference_kernel(calls))
     runs = {}
     for impl in ("sdpa", "varlen"):
         path = make_config("causal_lm", n=32, model={"attn_implementation": impl},
@@ -78,13 +81,14 @@ def test_varlen_matches_sdpa_with_masks(make_config, monkeypatch, packing):
         torch.testing.assert_close(varlen[1][name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_without_a_kernel_sdpa_answers(make_config):
+def test_without_a_kernel_sdpa_answers(make_config, monkeypatch):
     """On a device with no varlen kernel (this CPU) the same config trains through SDPA and its masks."""
     assert not attention.available("cpu")
+    monkeypatch.delitem(attention.KERNELS, "cuda", raising=False)  # on a GPU machine: as if it had none
     path = make_config("causal_lm", n=32, model={"attn_implementation": "varlen"}, data={"packing": True})
     run, _ = setup(load_config(path), overwrite=True)
     batch = run.task.collate([run.data["train"][i] for i in range(2)], run.tokenizer.pad_token_id)
-    loss, _ = run.task.loss_sum(run.model, batch)
+    loss, _ = run.task.loss_sum(run.model, to_device(batch, run.accelerator.device))
     assert torch.isfinite(loss)
 
 
@@ -110,3 +114,46 @@ def test_cuda_kernel_matches_sdpa():
     ref_grads = torch.autograd.grad(ref.float().square().sum(), (q, k, v))
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=5e-2, atol=5e-2)
+
+
+def _fake_varlen(heads_rule: str):
+    """A stand-in for torch's varlen_attn without `enable_gqa` (PyTorch 2.11) on CPU: `grouped` shares
+    each key/value head among its query heads like the flash kernel, `refuse` raises on fewer key/value
+    heads, `wrong` silently pairs every query head with key/value head 0."""
+    exact = reference_kernel([])
+
+    def varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, window_size=(-1, -1)):
+        if q.shape[1] != k.shape[1]:
+            if heads_rule == "refuse":
+                raise RuntimeError("Expect query and key/value to have the same number of heads")
+            if heads_rule == "wrong":
+                k, v = k[:, :1].expand(-1, q.shape[1], -1), v[:, :1].expand(-1, q.shape[1], -1)
+        return exact(q, k, v, cu_q, max_q, scale)
+
+    return varlen_attn
+
+
+@pytest.mark.parametrize("heads_rule, grouped", [("grouped", True), ("refuse", False), ("wrong", False)])
+def test_grouped_heads_used_only_where_the_kernel_is_checked_to_take_them(monkeypatch, heads_rule, grouped):
+    """Without `enable_gqa`, K/V go to the kernel with their own (fewer) heads only if a one-off check
+    against repeated heads passes; either way the attention equals the reference."""
+    from torch.nn.attention import varlen
+
+    monkeypatch.setattr(attention, "_VARLEN_PARAMS", frozenset({"window_size"}))
+    monkeypatch.setattr(attention, "_GROUPED", {})
+    seen: list = []
+    fake = _fake_varlen(heads_rule)
+
+    def spy(q, k, *a, **kw):
+        seen.append(k.shape[1])
+        return fake(q, k, *a, **kw)
+
+    monkeypatch.setattr(varlen, "varlen_attn", spy)
+    assert attention.takes_grouped_heads(torch.device("cpu")) is grouped
+    seen.clear()
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(30, h, 16) for h in (8, 2, 2))
+    cu = attention.segment_bounds([[12, 18]], 30)
+    out = attention._torch_varlen(q, k, v, cu, 18, None)
+    assert seen == [2 if grouped else 8]
+    torch.testing.assert_close(out, reference_kernel([])(q, k, v, cu, 18, None))
