@@ -76,7 +76,7 @@ def main() -> int:
            "data": {"train": str(data), "format": "text", "max_length": args.seq, "packing": True, "cache": False},
            "train": {"global_batch_size": args.micro * args.accum, "micro_batch_size": args.micro,
                      "max_steps": args.steps, "epochs": 100, "learning_rate": 1e-4, "mixed_precision": "bf16",
-                     "log_every": 1, "eval_every": None, "save_every": None, "report_to": []},
+                     "log_every": 5, "eval_every": None, "save_every": None, "report_to": []},
            "output_dir": str(work / "run")}
     for item in args.set:
         key, _, value = item.partition("=")
@@ -92,9 +92,12 @@ def main() -> int:
         return profile_run(cfg_path, args.profile)
     subprocess.run([sys.executable, "-m", "scaletune", "train", str(cfg_path), "--overwrite"], env=env, check=True)
     rows = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in rows if r.get("event") == "train"][3:]  # skip warm-up steps
+    # Skip the warm-up (compilation) steps: rows after step 3 whose logging interval began after it.
+    every = run["train"]["log_every"]
+    train = [r for r in rows if r.get("event") == "train" and r["step"] > max(3, every)]
     keys = ("tokens_per_s", "target_tokens_per_s", "mfu", "peak_mem_mb")
     summary = {k: statistics.median(r[k] for r in train if k in r) for k in keys if any(k in r for r in train)}
+    summary["cuda_alloc_retries"] = train[-1].get("cuda_alloc_retries") if train else None
     print(json.dumps({"size": args.size, "seq": args.seq, "micro": args.micro, "accum": args.accum,
                       "gpu": torch.cuda.get_device_name(), "steps_measured": len(train), **summary}, indent=1))
     for hf_batch in [int(b) for b in args.hf_batch.split(",") if b]:
@@ -115,30 +118,34 @@ def main() -> int:
 
 def profile_run(cfg_path: Path, steps: int) -> int:
     """Train in this process with torch.profiler active for `steps` steps after 3 warm-up steps; print the
-    GPU time by kernel family and the top kernels. Benchmark-only: wraps scaletune's loop functions."""
+    GPU time by kernel family and the top kernels. Benchmark-only: wraps a scaletune method."""
     import time
 
+    import torch
     from torch.profiler import ProfilerActivity, profile, schedule
 
-    import scaletune.loop as loop
     from scaletune.cli import main as cli_main
+    from scaletune.nonfinite import NonfiniteGuard
 
     prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
                    schedule=schedule(wait=0, warmup=3, active=steps, repeat=1))
     marks: list[float] = []
-    orig_clip = loop.clip_and_norm
+    orig_settle = NonfiniteGuard.settle
 
-    def clip_and_step(*a, **kw):  # noqa: ANN002, ANN003
-        out = orig_clip(*a, **kw)  # the norm is a host float: the step's GPU work is done here
+    def settle_and_mark(self, boundary: bool):  # noqa: ANN001, ANN202
+        out = orig_settle(self, boundary)  # called once per step, after its optimizer step is queued
+        if len(marks) in (2, 2 + steps):  # the profiled window's ends: wait for the GPU there only
+            torch.cuda.synchronize()
         marks.append(time.perf_counter())
         prof.step()
         return out
 
-    loop.clip_and_norm = clip_and_step
+    NonfiniteGuard.settle = settle_and_mark
     with prof:
         cli_main(["train", str(cfg_path), "--overwrite"])
     wall = marks[-1] - marks[2]
-    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and e.self_device_time_total > 0]
+    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and e.self_device_time_total > 0
+               and not e.key.startswith("ProfilerStep")]  # the step marker spans its kernels: not one
     busy = sum(e.self_device_time_total for e in kernels) / 1e6
     families: dict[str, float] = {}
     for e in kernels:

@@ -212,7 +212,8 @@ def test_compile_blocks_finds_the_layers_under_a_ddp_style_wrapper(monkeypatch):
 
 def test_step_head_and_norm_need_no_extra_device_round_trips():
     """One process: the step's target count and stop flag come from the host (no all-reduce, which on
-    a GPU would wait for the previous step); loss and gradient norm are those of the usual formulas."""
+    a GPU would wait for the previous step); loss and gradient norm are those of the usual formulas,
+    returned as one device tensor (the host reads it only at logged/checkpointed steps)."""
     from types import SimpleNamespace
 
     from scaletune.loop import clip_and_norm, step_head
@@ -237,7 +238,9 @@ def test_step_head_and_norm_need_no_extra_device_round_trips():
     expected = torch.nn.utils.get_total_norm([p.grad for p in params]).item()
     acc = SimpleNamespace(distributed_type=SimpleNamespace(value="NO"), reduce=lambda t, op: t,
                           clip_grad_norm_=torch.nn.utils.clip_grad_norm_)
-    norm, loss = clip_and_norm(acc, None, params, 1.0, torch.tensor(12.0), 4)
+    norm_loss = clip_and_norm(acc, params, 1.0, torch.tensor(12.0), 4)
+    assert isinstance(norm_loss, torch.Tensor) and norm_loss.shape == (2,)  # stays on the device
+    norm, loss = norm_loss.tolist()
     assert norm == pytest.approx(expected, rel=1e-6) and loss == pytest.approx(3.0)
     assert torch.nn.utils.get_total_norm([p.grad for p in params]).item() == pytest.approx(1.0, rel=1e-5)  # clipped
 
@@ -273,3 +276,19 @@ def test_release_cpu_memory_is_applied_on_cpu_runs_and_explains_a_refusal(make_c
     monkeypatch.undo()
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
     assert "MALLOC_MMAP_THRESHOLD_" in cpu_memory.release_freed_memory()  # the user's own setting wins
+
+
+def test_cuda_allocator_retries_are_logged(monkeypatch):
+    """On CUDA each flush reports the caching allocator's retry count (memory pressure); not on CPU."""
+    from types import SimpleNamespace
+
+    import scaletune.metrics as metrics
+
+    acc = SimpleNamespace(device=torch.device("cpu"), num_processes=1, reduce=lambda t, op: t)
+    speed = metrics.Throughput(acc, torch.nn.Linear(2, 2))
+    speed.count({"input_ids": torch.ones(2, 3, dtype=torch.long)})
+    assert "cuda_alloc_retries" not in speed.flush()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "memory_stats", lambda: {"num_alloc_retries": 3})
+    monkeypatch.setattr(metrics, "peak_memory_mb", lambda: 1.0)
+    assert speed.flush()["cuda_alloc_retries"] == 3

@@ -9,7 +9,6 @@ step, so micro 1 x accumulation 4 equals micro 4 x accumulation 1, at any world 
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -18,9 +17,9 @@ import torch
 
 from . import faults, methods
 from .data.batching import StepBatches
-from .errors import UserError
 from .evaluate import evaluate, to_device
 from .metrics import Throughput
+from .nonfinite import NonfiniteGuard
 from .tracking import MetricsLog
 from .train import Run, StopFlag, final_outputs, save_checkpoint
 
@@ -38,12 +37,14 @@ def fit(run: Run, stop: StopFlag) -> str:
     mlog = MetricsLog(acc, run.output_dir, run.total_steps, run.step)
     speed = Throughput(acc, model)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    guard = NonfiniteGuard(acc, optimizer, model, t, run.counters, mlog)
     if run.step >= run.total_steps:
         mlog.write(f"run already complete ({run.step}/{run.total_steps} steps)")
     model.train()
     for micro_batches in batches(run.step, run.total_steps):
         n_global, stopping = step_head(acc, sum(task.count_targets(b) for b in micro_batches), stop)
         if stopping:
+            guard.settle(boundary=True)
             path = save_checkpoint(run)
             mlog.log("preempted", run.step, {"signal": stop.signal, "checkpoint": str(path)})
             mark_preempted(acc, path)
@@ -54,7 +55,6 @@ def fit(run: Run, stop: StopFlag) -> str:
         torch.manual_seed(t.seed + 1_000_003 * (run.step + 1) + rank)
         scale = run.accum * world / n_global
         loss_sum = torch.zeros((), device=acc.device)
-        grad_norm = step_loss = math.nan
         for batch in micro_batches:
             speed.count(batch)
             batch = to_device(batch, acc.device, non_blocking=True)
@@ -69,27 +69,18 @@ def fit(run: Run, stop: StopFlag) -> str:
                 acc.backward(loss * scale + (reg if reg is not None else 0.0))
                 loss_sum += loss.detach().float()
                 if acc.sync_gradients:
-                    grad_norm, step_loss = clip_and_norm(acc, model, trainable, t.max_grad_norm, loss_sum, n_global)
-                    if math.isfinite(grad_norm):  # never apply a non-finite update, skip or stop
-                        optimizer.step()
-                        methods.after_step(model, run.step)  # AdaLoRA budget (reads the gradients)
+                    norm_loss = clip_and_norm(acc, trainable, t.max_grad_norm, loss_sum, n_global)
+                    guard.step(optimizer, model, run.step + 1, norm_loss)  # never a non-finite update
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
         run.step += 1
-        if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
-            run.counters["nonfinite_skips"] += 1
-            mlog.log("nonfinite", run.step, {"loss": step_loss, "grad_norm": grad_norm})
-            if t.on_nonfinite == "stop" or run.counters["nonfinite_skips"] > t.max_nonfinite_skips:
-                mlog.close()
-                raise UserError(
-                    f"non-finite {'loss' if not math.isfinite(step_loss) else 'gradient norm'} at step {run.step} "
-                    f"(loss={step_loss}, grad_norm={grad_norm})",
-                    hint="likely causes: learning rate too high, fp16 overflow (use bf16), or bad data in this "
-                         "step. The last good checkpoint is kept; resume with a lower learning rate or "
-                         "train.on_nonfinite: skip")
+        logging = run.step % t.log_every == 0 or run.step == run.total_steps
+        saving = bool(t.save_every) and run.step % t.save_every == 0
+        # The host looks at loss and gradient norm only here (a GPU sync); raises if the run must stop.
+        grad_norm, step_loss = guard.settle(boundary=logging or saving)
         speed.add_step(n_global)
         run.counters["tokens_seen"] += n_global  # target tokens trained on, kept across resumes
-        if run.step % t.log_every == 0 or run.step == run.total_steps:
+        if logging:
             values = {"loss": step_loss, **speed.flush(), "lr": scheduler.get_last_lr()[0],
                       "grad_norm": grad_norm, "epoch": run.step / max(1, len(run.data["train"]) // t.global_batch_size)}
             mlog.log("train", run.step, values)
@@ -101,7 +92,7 @@ def fit(run: Run, stop: StopFlag) -> str:
             mlog.log("eval", run.step, metrics)
             mlog.write(f"step {run.step}: eval " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
                                                               if isinstance(v, float)))
-        if t.save_every and run.step % t.save_every == 0:
+        if saving:
             save_checkpoint(run)
     final_outputs(run, mlog)
     mlog.close()
@@ -126,15 +117,15 @@ def step_head(acc: Any, n_local: int, stop: StopFlag) -> tuple[int, bool]:
     return int(head[0]), head[1] > 0
 
 
-def clip_and_norm(acc: Any, model: Any, params: list, max_norm: float | None, loss_sum: torch.Tensor,
-                  n_global: int) -> tuple[float, float]:
-    """Clip to `max_norm` (if set); return the global gradient norm and the step's mean loss, the same
-    on every rank, fetched to the host together (one GPU sync per step, not one per value)."""
+def clip_and_norm(acc: Any, params: list, max_norm: float | None, loss_sum: torch.Tensor,
+                  n_global: int) -> torch.Tensor:
+    """Clip to `max_norm` (if set); return [global gradient norm, the step's mean loss] as one device
+    tensor, the same on every rank (nothing here waits for the GPU)."""
     loss = acc.reduce(loss_sum, "sum") / n_global
     if acc.distributed_type.value == "DEEPSPEED":
         # DeepSpeed clips inside its step (config "gradient_clipping") and reports the norm after.
         norm = acc.deepspeed_engine_wrapped.get_global_grad_norm()
-        return (float(norm) if norm is not None else 0.0), loss.item()
-    norm = acc.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
-    norm, loss = torch.stack([torch.as_tensor(norm, device=loss.device).float(), loss]).tolist()
-    return norm, loss
+        norm = torch.as_tensor(norm if norm is not None else 0.0, device=loss.device)
+    else:
+        norm = acc.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
+    return torch.stack([norm.float(), loss.float()])

