@@ -118,8 +118,13 @@ def _cpu() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
+def _peak_rss_mb() -> float:
+    """This process's peak resident set so far, MiB (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
+
+
 def _finish(spec: dict, res: dict) -> None:
-    res["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
+    res["peak_mb"] = _peak_rss_mb()
     Path(spec["result"]).write_text(json.dumps(res))
 
 
@@ -128,7 +133,7 @@ def _train_call(spec: dict, res: dict, fn) -> None:
     memory alive at once above what was alive at the start (the CPU analogue of CUDA max_memory_allocated;
     unlike RSS it does not include allocator fragmentation). The profiler slows the run: timings from such
     a run are not comparable."""
-    res["setup_peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
+    res["setup_peak_mb"] = _peak_rss_mb()
     if not spec.get("tensor_peak"):
         fn()
         return
