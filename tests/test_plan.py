@@ -28,14 +28,15 @@ STATE_KEYS = ("frozen", "trainable", "master", "grads", "optimizer")
 ONE_STEP = {"max_steps": 1, "global_batch_size": 8, "micro_batch_size": 2}
 
 
-def measure_subprocess(cfg_path: Path, out: Path, world: int) -> dict:
+def measure_subprocess(cfg_path: Path, out: Path, world: int, **env: str) -> dict:
     """Run measure.py in process(es) of its own: plain at 1 process without DeepSpeed, else as `world`
     torch.distributed ranks (the environment torchrun gives; scaletune builds the DeepSpeed config from
     the run config's zero_stage). Forked from tests/zygote.py: the numbers do not depend on how the
     process started, the ~10 s of imports per rank would."""
     stage = load_config(cfg_path).distributed.zero_stage
     if world == 1 and stage == 0:
-        res = forking.run_script(MEASURE, [str(cfg_path), str(out)], stutil.child_env(), out.with_suffix(".log"), timeout=420)
+        res = forking.run_script(MEASURE, [str(cfg_path), str(out)], stutil.child_env(**env), out.with_suffix(".log"),
+                                 timeout=420)
         assert res.returncode == 0, res.stderr[-5000:]
     else:
         forking.run_ranks(MEASURE, [str(cfg_path), str(out)], stutil.child_env(), world, out.parent, timeout=420)
@@ -144,9 +145,8 @@ def test_meta_count_of_110m_model(tmp_path, make_config):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("chunked,precision", [(True, "float32"), (False, "float32"), (True, "bfloat16"),
-                                               (True, "float32+bf16")],
-                         ids=["chunked_loss", "full_logits", "bf16_autocast", "fp32_weights_bf16_autocast"])
+@pytest.mark.parametrize("chunked,precision", [(True, "float32"), (False, "float32"), (True, "float32+bf16")],
+                         ids=["chunked_loss", "full_logits", "fp32_weights_bf16_autocast"])
 def test_total_vs_measured_peak_110m(tmp_path, make_config, llama_110m_weights, chunked, precision):
     """One real step of the ~110M model in a fresh process: states exact, total within +-20% of the peak.
 
@@ -155,9 +155,14 @@ def test_total_vs_measured_peak_110m(tmp_path, make_config, llama_110m_weights, 
     to be cut at max_length, which is what the estimate assumes; the answer is most of each row, so the
     logits at target positions are nearly the full sequence.
     """
+    est, peak = _estimate_and_peak(tmp_path, make_config, llama_110m_weights, chunked, precision)
+    assert 0.8 * peak <= est.gpu_total <= 1.2 * peak
+
+
+def _estimate_and_peak(tmp_path, make_config, model_dir, chunked: bool, precision: str, compile_: bool = False):
+    """(plan estimate, measured tensor peak) of one step of the 110M model; model states must match exactly."""
     from stutil import WORDS, write_jsonl
 
-    model_dir = llama_110m_weights
     records = [{"instruction": "Repeat.", "input": "", "output": " ".join(WORDS[i % 7:] * 8)} for i in range(16)]
     train = write_jsonl(tmp_path / "long.jsonl", records)
     dtype, _, autocast = precision.partition("+")
@@ -165,9 +170,11 @@ def test_total_vs_measured_peak_110m(tmp_path, make_config, llama_110m_weights, 
     # 16-bit matmuls are slow on CPUs without bf16 units: one micro-batch (the peak is inside one)
     steps = {**ONE_STEP, "global_batch_size": 4} if mp != "no" else ONE_STEP
     cfg_path = make_config(model={"name_or_path": str(model_dir), "dtype": dtype},
-                           train={**steps, "micro_batch_size": 4, "chunked_loss": chunked, "mixed_precision": mp},
+                           train={**steps, "micro_batch_size": 4, "chunked_loss": chunked, "mixed_precision": mp,
+                                  "torch_compile": compile_},
                            data={"max_length": 128, "train": str(train), "eval": None})
-    measured = measure_subprocess(cfg_path, tmp_path / "measured.json", world=1)
+    env = {"MEASURE_COMPILE_BACKEND": "aot_eager_decomp_partition"} if compile_ else {}
+    measured = measure_subprocess(cfg_path, tmp_path / f"measured{int(compile_)}.json", world=1, **env)
     cfg = load_config(cfg_path)
     shape = plan.model_shape(cfg)
     assert shape.chunked_loss == chunked and measured["chunked_loss_used"] == chunked  # as training decided
@@ -175,7 +182,20 @@ def test_total_vs_measured_peak_110m(tmp_path, make_config, llama_110m_weights, 
     assert {k: measured[k] for k in STATE_KEYS} == est.model_states
     peak = measured["tensor_peak_bytes"]
     print(f"estimate {plan.fmt_bytes(est.gpu_total)} vs measured tensor peak {plan.fmt_bytes(peak)}: {est.gpu}")
-    assert 0.8 * peak <= est.gpu_total <= 1.2 * peak
+    return est, peak
+
+
+@pytest.mark.slow
+def test_compiled_step_keeps_what_plan_says_110m(tmp_path, make_config, llama_110m_weights):
+    """bf16 weights + autocast, eager and under train.torch_compile (the partitioner inductor uses): each
+    total within +-20% of its measured peak, and compiling lowers the estimate by what it lowers the
+    measured peak (to 10%: SwiGLU's activation output and the norms' float32 copies are recomputed)."""
+    eager, eager_peak = _estimate_and_peak(tmp_path, make_config, llama_110m_weights, True, "bfloat16")
+    compiled, compiled_peak = _estimate_and_peak(tmp_path, make_config, llama_110m_weights, True, "bfloat16", True)
+    for est, peak in ((eager, eager_peak), (compiled, compiled_peak)):
+        assert 0.8 * peak <= est.gpu_total <= 1.2 * peak
+    saved, predicted = eager_peak - compiled_peak, eager.gpu_total - compiled.gpu_total
+    assert predicted > 0 and abs(saved - predicted) <= 0.1 * predicted, (saved, predicted)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -285,13 +285,20 @@ def activation_bytes(cfg: RunConfig, shape: ModelShape, micro: int) -> dict[str,
     the backward pass needs (measured with saved_tensors_hooks, CPU bf16 autocast).
     With train.chunked_loss only one chunk's logits exist (head output, its float32 copy and
     logsumexp's temporary), plus the gathered hidden states and their gradient.
+    Under train.torch_compile the compiled blocks' partitioner recomputes cheap elementwise work in
+    backward instead of saving it: SwiGLU's activation output and the norms' float32 copies are not
+    kept (measured: 110M Llama, bf16, CPU: 7.0 KB less per token and layer, 7.2 KB predicted; H100,
+    bf16, varlen, 8 x 2048 tokens on 1B / 6 x 2048 on 8B: the estimate is 5% / 2% below the measured
+    max_memory_allocated, where the eager formula was 22% above it).
     """
     tokens = micro * cfg.data.max_length
     autocast16 = cfg.train.mixed_precision in ("bf16", "fp16")
     a = 2 if autocast16 or cfg.model.quantization else DTYPE_BYTES[cfg.model.dtype]
     h, i = shape.hidden, shape.intermediate
-    # + RMSNorm computes in float32: in 16-bit runs each norm keeps a float32 copy of its input
-    per_layer = tokens * (a * (6 * h + 2 * shape.kv_dim + 4 * i) + 2 * (4 - a) * h)
+    compiled = cfg.train.torch_compile
+    # + RMSNorm computes in float32: in 16-bit runs each norm keeps a float32 copy of its input (eager)
+    per_layer = tokens * (a * (6 * h + 2 * shape.kv_dim + (3 if compiled else 4) * i)
+                          + (0 if compiled else 2 * (4 - a) * h))
     if cfg.model.gradient_checkpointing:
         layers = tokens * a * h * shape.layers + per_layer
     else:

@@ -143,6 +143,12 @@ def measure(cfg_path: str) -> tuple[dict, Any]:
 
 def main() -> int:
     cfg_path, out_path = sys.argv[1], sys.argv[2]
+    backend = os.environ.get("MEASURE_COMPILE_BACKEND")
+    if backend:
+        # train.torch_compile with another backend: "aot_eager_decomp_partition" runs the partitioner
+        # inductor uses (so the same tensors are saved for backward) without generating C++ (minutes on CPU)
+        compile_module = torch.nn.Module.compile
+        torch.nn.Module.compile = lambda self, *a, **kw: compile_module(self, *a, **{**kw, "backend": backend})
     result, run = measure(cfg_path)
     if run.accelerator.is_main_process:
         with open(out_path, "w") as f:
