@@ -140,6 +140,15 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def compiling_with(backend: str):
+    """A stand-in for `torch.nn.Module.compile` that compiles with `backend` (train.torch_compile uses the
+    default, inductor, whose C++ code generation takes minutes on these CPUs)."""
+    import torch
+
+    compile_module = torch.nn.Module.compile
+    return lambda self, *a, **kw: compile_module(self, *a, **{**kw, "backend": backend})
+
+
 def write_jsonl(path: Path, records: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path

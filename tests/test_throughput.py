@@ -132,9 +132,7 @@ def test_torch_compile_gives_the_same_loss_and_gradient_norm(make_config, monkey
     gradient norm match eager training, with the chunked loss's decoder hook in the path. Dynamo traces
     and AOT autograd differentiates the real graphs; the backend is aot_eager because inductor's C++
     code generation costs ~40 s of CI per run (inductor itself ran the GPU benchmarks)."""
-    compile_module = torch.nn.Module.compile
-    monkeypatch.setattr(torch.nn.Module, "compile",
-                        lambda self, *a, **kw: compile_module(self, *a, **{**kw, "backend": "aot_eager"}))
+    monkeypatch.setattr(torch.nn.Module, "compile", stutil.compiling_with("aot_eager"))
     logged = {}
     for compiled in (False, True):
         path = make_config("causal_lm", n=32, data={"packing": True, "max_length": 96, "eval": None},

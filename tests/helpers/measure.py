@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run as a script
-from stutil import tensor_peak_bytes  # noqa: E402
+from stutil import compiling_with, tensor_peak_bytes  # noqa: E402
 
 
 class Counter:
@@ -147,8 +147,7 @@ def main() -> int:
     if backend:
         # train.torch_compile with another backend: "aot_eager_decomp_partition" runs the partitioner
         # inductor uses (so the same tensors are saved for backward) without generating C++ (minutes on CPU)
-        compile_module = torch.nn.Module.compile
-        torch.nn.Module.compile = lambda self, *a, **kw: compile_module(self, *a, **{**kw, "backend": backend})
+        torch.nn.Module.compile = compiling_with(backend)
     result, run = measure(cfg_path)
     if run.accelerator.is_main_process:
         with open(out_path, "w") as f:
