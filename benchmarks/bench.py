@@ -155,6 +155,8 @@ def _lora_kwargs() -> dict:
 
 def worker_scaletune(spec: dict, packed: bool, lowmem: bool = False) -> None:
     t0 = time.perf_counter()
+    import yaml
+
     import scaletune.loop as loop
     import scaletune.tasks.causal_lm as causal_lm
     from scaletune.config import from_dict
@@ -173,6 +175,10 @@ def worker_scaletune(spec: dict, packed: bool, lowmem: bool = False) -> None:
                      "mixed_precision": "no", "seed": spec["seed"], "eval_every": None, "save_every": None,
                      "log_every": 1, "report_to": [], "release_cpu_memory": lowmem},
            "output_dir": str(out)}
+    for item in spec.get("set", []):  # --set: an ablation of scaletune's own settings
+        key, _, value = item.partition("=")
+        section, _, name = key.partition(".")
+        raw.setdefault(section, {})[name] = yaml.safe_load(value)
     cfg = from_dict(raw)
     run, _ = setup(cfg, overwrite=True)
     counted = {"targets": 0}
@@ -362,7 +368,7 @@ def prepare(args, workdir: Path) -> dict:
     return {"model_dir": str(model_dir), "data": str(data_path), "workdir": str(workdir), "steps": args.steps,
             "global_batch": args.global_batch, "micro": args.micro, "max_length": args.max_length, "lr": args.lr,
             "seed": args.seed, "rows_per_step": rows_per_step, "threads": args.threads,
-            "tensor_peak": args.tensor_peak,
+            "tensor_peak": args.tensor_peak, "set": args.set,
             "info": {"size": args.size, "params": n_params, "vocab": config.vocab_size, "tokenizer_vocab": len(tok),
                      "examples": n, "tokens": sum(lengths), "target_tokens": targets, "mean_len": sum(lengths) / n,
                      "packed_rows": rows, "records_in_file": len(records), **size}}
@@ -449,6 +455,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: torch's)")
     ap.add_argument("--workdir", default=None, help="keep model/data/results here (default: a temp dir)")
     ap.add_argument("--json", default=None, help="also write the summary as JSON here")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=YAML",
+                    help="override a scaletune run-config value for the scaletune tools, e.g. --set "
+                         "train.fused_lora=false (repeatable; the baselines are unaffected)")
     ap.add_argument("--tensor-peak", action="store_true",
                     help="also record each tool's peak of live tensor bytes (torch profiler; slows the loop, so "
                          "timings of such a run are not comparable)")

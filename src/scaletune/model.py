@@ -147,11 +147,22 @@ def apply_adapter(model: Any, cfg: RunConfig, task: Any, total_steps: int | None
     import peft
 
     pconf = peft_config(cfg, task.peft_task_type, total_steps)
+    if fused_lora_applies(cfg):
+        from .adapters.lora_addmm import use_addmm_lora
+
+        use_addmm_lora(pconf)
     try:
         return peft.get_peft_model(model, pconf)
     except (ValueError, TypeError, AttributeError, NotImplementedError) as exc:
         raise UserError(f"peft.method={cfg.peft_method}: cannot apply to {type(model).__name__} "
                         f"({str(exc).splitlines()[0]})") from None
+
+
+def fused_lora_applies(cfg: RunConfig) -> bool:
+    """Whether `train.fused_lora` takes effect: plain peft LoRA (variants such as DoRA fall back to peft's
+    forward layer by layer), a base bitsandbytes does not quantize, and no ZeRO-3 partitioning."""
+    return (cfg.train.fused_lora and cfg.peft_method.lower() == "lora" and not cfg.model.quantization
+            and cfg.distributed.zero_stage != 3)
 
 
 def float32_trainables(model: Any) -> Any:

@@ -1,0 +1,184 @@
+"""train.fused_lora: peft's LoRA Linear with the update added inside one addmm gives peft's numbers, and
+everything other than one plain adapter takes peft's own forward."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import Linear as PeftLoraLinear
+
+from scaletune.adapters.lora_addmm import AddmmLoraLinear, use_addmm_lora
+from scaletune.config import from_dict, load_config
+from scaletune.model import fused_lora_applies
+from scaletune.tasks.base import pad_batch
+from scaletune.train import setup
+
+from stutil import tiny_lora_run
+
+
+def _randomize_b(model: torch.nn.Module, seed: int = 0) -> None:
+    """peft starts B at zero, where a wrong scale or a missing update would not show."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in sorted(model.named_parameters()):
+        if "lora_B" in name:
+            p.data = 0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype)
+
+
+def _loss_and_grads(run, batch) -> tuple[float, dict[str, torch.Tensor]]:
+    run.model.zero_grad(set_to_none=True)
+    torch.manual_seed(0)  # the same dropout masks for both forwards
+    loss, _ = run.task.loss_sum(run.model, batch)
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in run.model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_training_step_gives_peft_loss_and_gradients(make_config, dropout):
+    runs = {}
+    for fused in (True, False):
+        path = make_config("causal_lm", n=32, train={"fused_lora": fused, "max_steps": 1},
+                           peft={"lora_dropout": dropout})
+        runs[fused], _ = setup(load_config(path), overwrite=True)
+        _randomize_b(runs[fused].model)
+    layers = {f: [m for m in r.model.modules() if isinstance(m, PeftLoraLinear)] for f, r in runs.items()}
+    assert layers[True] and all(type(m) is AddmmLoraLinear for m in layers[True])
+    assert all(type(m) is PeftLoraLinear for m in layers[False])
+    assert {m.scaling["default"] for m in layers[True]} == {2.0}  # alpha 8 / r 4: a scale that shows
+    batch = pad_batch([runs[True].data["train"][i] for i in range(6)], runs[True].tokenizer.pad_token_id)
+    fused, plain = _loss_and_grads(runs[True], batch), _loss_and_grads(runs[False], batch)
+    assert fused[0] == pytest.approx(plain[0], rel=1e-6)
+    assert fused[1].keys() == plain[1].keys() and fused[1]
+    for name, g in plain[1].items():
+        torch.testing.assert_close(fused[1][name], g, rtol=1e-5, atol=1e-7, msg=name)
+
+
+class _Two(torch.nn.Module):
+    def __init__(self, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.a = torch.nn.Linear(24, 40, dtype=dtype)
+        self.b = torch.nn.Linear(40, 16, bias=False, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)))
+
+
+def _pair(dtype: torch.dtype = torch.float32, **lora) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The same LoRA model twice: peft's layers, and AddmmLoraLinear."""
+    torch.manual_seed(0)
+    base = _Two(dtype)
+    models = []
+    for fused in (False, True):
+        conf = LoraConfig(r=4, lora_alpha=12, target_modules=["a", "b"], **lora)
+        if fused:
+            use_addmm_lora(conf)
+        torch.manual_seed(1)
+        models.append(get_peft_model(copy.deepcopy(base), conf))
+        _randomize_b(models[-1])
+    assert type(models[1].base_model.model.a) is AddmmLoraLinear
+    return models[0], models[1]
+
+
+def _out_and_grads(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_(True)
+    out = model(x)
+    out.float().square().sum().backward()
+    grads = [x.grad] + [p.grad for _, p in sorted(model.named_parameters()) if p.grad is not None]
+    return out.detach(), grads
+
+
+def _assert_same(plain: torch.nn.Module, fused: torch.nn.Module, x: torch.Tensor, exact: bool = False) -> None:
+    (out_p, g_p), (out_f, g_f) = _out_and_grads(plain, x), _out_and_grads(fused, x)
+    assert out_f.dtype == out_p.dtype and len(g_f) == len(g_p)
+    for a, b in zip([out_f, *g_f], [out_p, *g_p], strict=True):
+        if exact:
+            assert torch.equal(a, b)
+        else:
+            # the scale applied to the rank-r side instead of the full product: last-bit differences
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
+
+
+@pytest.mark.parametrize("variant", ["plain", "dora", "lora_bias", "rslora"])
+def test_layers_match_peft(variant):
+    """Plain LoRA goes through addmm; DoRA and a LoRA bias take peft's forward (bit-identical)."""
+    extra = {"dora": {"use_dora": True}, "lora_bias": {"lora_bias": True}, "rslora": {"use_rslora": True}}
+    plain, fused = _pair(**extra.get(variant, {}))
+    _assert_same(plain, fused, torch.randn(3, 5, 24), exact=variant in ("dora", "lora_bias"))
+
+
+def test_merged_disabled_and_multi_adapter_states_match_peft():
+    plain, fused = _pair()
+    x = torch.randn(2, 7, 24)
+    for model in (plain, fused):
+        torch.manual_seed(2)  # the same A
+        model.add_adapter("second", LoraConfig(r=2, lora_alpha=2, target_modules=["a", "b"]))
+    _randomize_b(plain, seed=3)
+    _randomize_b(fused, seed=3)
+    _assert_same(plain, fused, x)
+    for model in (plain, fused):
+        model.base_model.set_adapter(["default", "second"])  # two active adapters: peft's loop over them
+    _assert_same(plain, fused, x, exact=True)
+    for model in (plain, fused):
+        model.base_model.set_adapter("default")
+    with plain.disable_adapter(), fused.disable_adapter():
+        _assert_same(plain, fused, x, exact=True)
+    for model in (plain, fused):
+        model.eval()
+    with torch.no_grad():  # mixed-adapter batch (inference): peft's per-row routing
+        names = ["default", "second"]
+        assert torch.equal(plain(x, adapter_names=names), fused(x, adapter_names=names))
+        before = fused(x)
+        fused.merge_adapter()
+        torch.testing.assert_close(fused(x), before, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_autocast_and_mixed_dtypes_without_autocast():
+    # bf16 base under autocast with float32 adapters (scaletune's mixed precision): addmm rounds once,
+    # peft three times, so the two agree to bf16 precision, not bit for bit.
+    plain, fused = _pair(torch.bfloat16)
+    for model in (plain, fused):
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+    x = torch.randn(4, 9, 24, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (out_p, g_p), (out_f, g_f) = _out_and_grads(plain, x), _out_and_grads(fused, x)
+    assert out_f.dtype == out_p.dtype == torch.bfloat16
+    for a, b in zip([out_f, *g_f], [out_p, *g_p], strict=True):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2 * float(b.abs().max()))
+    # Without autocast the bf16 output meets a float32 adapter: peft's arithmetic, bit for bit.
+    _assert_same(plain, fused, x, exact=True)
+
+
+def test_saved_adapter_loads_into_plain_peft(tmp_path):
+    plain, fused = _pair()
+    fused.save_pretrained(tmp_path / "adapter")
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert not any("custom" in k for k in saved)  # nothing of the registration is written
+    torch.manual_seed(0)
+    loaded = PeftModel.from_pretrained(_Two(), tmp_path / "adapter")
+    assert type(loaded.base_model.model.a) is PeftLoraLinear
+    x = torch.randn(2, 3, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), fused(x), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(("sections", "expected"), [
+    ({}, True),
+    ({"peft": {"use_rslora": True}}, True),
+    ({"train": {"fused_lora": False}}, False),
+    ({"model": {"quantization": "4bit", "dtype": "bfloat16"}, "train": {"mixed_precision": "bf16"}}, False),
+    ({"distributed": {"zero_stage": 3}}, False),
+    ({"peft": {"method": "ia3"}}, False),
+], ids=["lora", "rslora", "off", "4bit", "zero3", "ia3"])
+def test_applies_only_to_plain_lora_on_unquantized_unpartitioned_bases(tmp_path, sections, expected):
+    raw = tiny_lora_run(tmp_path / "model", tmp_path / "train.jsonl", output_dir=str(tmp_path / "run"))
+    for section, values in sections.items():
+        raw[section] = {**raw.get(section, {}), **values}
+    if raw["peft"]["method"] == "ia3":
+        raw["peft"] = {"method": "ia3"}
+    assert fused_lora_applies(from_dict(raw)) is expected
