@@ -108,10 +108,11 @@ class TrainConfig:
                             "never holding vocabulary-sized logits for the whole micro-batch (same loss and "
                             "gradients; kept off automatically for a trained/adapted head, ZeRO-3 and "
                             "prompt-learning methods).")
-    fused_lora: bool = _f(True, "peft.method lora on an unquantized base: add the adapter's update into the base "
-                          "layer's output inside one addmm instead of three full-width passes (float32: the same numbers; "
-                          "16-bit: one rounding instead of three; adapters/lora_addmm.py). Not under ZeRO-3, which gathers each submodule's weights "
-                          "only for its own forward; false: peft's forward.")
+    fused_lora: bool = _f(True, "peft.method lora on an unquantized base: add the adapter's update into the "
+                          "base layer's output inside one addmm instead of three full-width passes (float32: "
+                          "the same numbers; 16-bit: one rounding instead of three; adapters/lora_addmm.py). "
+                          "Not under ZeRO-3, which gathers each submodule's weights only for its own forward; "
+                          "false: peft's forward.")
     release_cpu_memory: bool = _f(False, "CPU runs on Linux/glibc: serve tensors of 2 MiB and more with their own "
                                   "memory mapping, so what a step frees goes back to the OS instead of staying "
                                   "in the heap. Lowers peak RSS (-21% on the 30M benchmark) at the cost of "

@@ -7,8 +7,8 @@ parameters), 2N backward for activation gradients only (frozen weights get no we
 backward), where L is the length of the example the token belongs to: a packed row's examples do not
 attend to each other, so their attention is not work a row-long L would claim (a packed row's
 trailing padding counts as one more, short, example). That is the whole L x L score matrix (the
-PaLM/Megatron convention), about twice what a causal kernel computes. Divided by the device's dense bf16 peak
-(table below, or SCALETUNE_PEAK_TFLOPS). Reported on CUDA only.
+PaLM/Megatron convention), about twice what a causal kernel computes. Divided by the device's dense
+bf16 peak (table below, or SCALETUNE_PEAK_TFLOPS). Reported on CUDA only.
 """
 
 from __future__ import annotations
