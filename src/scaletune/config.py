@@ -115,8 +115,8 @@ class TrainConfig:
                           "false: peft's forward.")
     release_cpu_memory: bool = _f(False, "CPU runs on Linux/glibc: serve tensors of 2 MiB and more with their own "
                                   "memory mapping, so what a step frees goes back to the OS instead of staying "
-                                  "in the heap. Lowers peak RSS (-21% on the 30M benchmark) at the cost of "
-                                  "page faults (steps ~10-20% slower there). Ignored on GPU runs.")
+                                  "in the heap. Lowers peak RSS (-16% on the 30M benchmark) at the cost of "
+                                  "page faults (steps 0-17% slower there). Ignored on GPU runs.")
 
 
 @dataclass(kw_only=True)
