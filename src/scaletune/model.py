@@ -150,7 +150,8 @@ def apply_adapter(model: Any, cfg: RunConfig, task: Any, total_steps: int | None
     if fused_lora_applies(cfg):
         from .adapters.lora_addmm import use_addmm_lora
 
-        use_addmm_lora(pconf)
+        if not use_addmm_lora(pconf):
+            log.info("train.fused_lora: this peft has no custom-module mapping; using peft's LoRA forward")
     try:
         return peft.get_peft_model(model, pconf)
     except (ValueError, TypeError, AttributeError, NotImplementedError) as exc:

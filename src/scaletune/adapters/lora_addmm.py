@@ -33,7 +33,7 @@ class AddmmLoraLinear(LoraLinear):
         active = self.active_adapters
         name = active[0] if len(active) == 1 else None
         if (name is None or self.merged or self.disable_adapters or kwargs.get("adapter_names") is not None
-                or name not in self.lora_A or name in self.lora_variant
+                or name not in self.lora_A or name in getattr(self, "lora_variant", {})
                 or self.lora_B[name].bias is not None):
             return super().forward(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
@@ -48,8 +48,13 @@ class AddmmLoraLinear(LoraLinear):
         return out.view(result.shape)
 
 
-def use_addmm_lora(peft_config: Any) -> None:
-    """Make `get_peft_model` build AddmmLoraLinear for the nn.Linear layers `peft_config` targets.
+def use_addmm_lora(peft_config: Any) -> bool:
+    """Make `get_peft_model` build AddmmLoraLinear for the nn.Linear layers `peft_config` targets;
+    False (peft's layers stay) where this peft has no custom-module mapping.
     Only for unquantized bases: bitsandbytes' Linear4bit/Linear8bitLt are nn.Linear subclasses, and a
     custom mapping is consulted before peft's bitsandbytes dispatch."""
-    peft_config._register_custom_module({torch.nn.Linear: AddmmLoraLinear})
+    register = getattr(peft_config, "_register_custom_module", None)
+    if register is None:
+        return False
+    register({torch.nn.Linear: AddmmLoraLinear})
+    return True
