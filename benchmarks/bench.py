@@ -155,11 +155,9 @@ def _lora_kwargs() -> dict:
 
 def worker_scaletune(spec: dict, packed: bool, lowmem: bool = False) -> None:
     t0 = time.perf_counter()
-    import yaml
-
     import scaletune.loop as loop
     import scaletune.tasks.causal_lm as causal_lm
-    from scaletune.config import from_dict
+    from scaletune.config import apply_overrides, from_dict
     from scaletune.train import StopFlag, setup
 
     out = Path(spec["workdir"]) / f"out_{spec['tool']}_{os.getpid()}"
@@ -175,10 +173,7 @@ def worker_scaletune(spec: dict, packed: bool, lowmem: bool = False) -> None:
                      "mixed_precision": "no", "seed": spec["seed"], "eval_every": None, "save_every": None,
                      "log_every": 1, "report_to": [], "release_cpu_memory": lowmem},
            "output_dir": str(out)}
-    for item in spec.get("set", []):  # --set: an ablation of scaletune's own settings
-        key, _, value = item.partition("=")
-        section, _, name = key.partition(".")
-        raw.setdefault(section, {})[name] = yaml.safe_load(value)
+    apply_overrides(raw, spec.get("set", []))  # --set: an ablation of scaletune's own settings
     cfg = from_dict(raw)
     run, _ = setup(cfg, overwrite=True)
     counted = {"targets": 0}

@@ -46,6 +46,7 @@ def main() -> int:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from scaletune.config import apply_overrides
     from scaletune.demo.tiny import train_tokenizer
 
     work = Path(args.workdir)
@@ -78,10 +79,7 @@ def main() -> int:
                      "max_steps": args.steps, "epochs": 100, "learning_rate": 1e-4, "mixed_precision": "bf16",
                      "log_every": 5, "eval_every": None, "save_every": None, "report_to": []},
            "output_dir": str(work / "run")}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        section, _, name = key.partition(".")
-        run.setdefault(section, {})[name] = yaml.safe_load(value)
+    apply_overrides(run, args.set)  # scaletune's own --set parser
     cfg_path = work / "run.yaml"
     cfg_path.write_text(yaml.safe_dump(run, sort_keys=False))
     env = {**os.environ, "SCALETUNE_NO_PROGRESS": "1"}
