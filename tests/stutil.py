@@ -149,6 +149,22 @@ def compiling_with(backend: str):
     return lambda self, *a, **kw: compile_module(self, *a, **{**kw, "backend": backend})
 
 
+def loss_and_grads(run: Any, batch: dict, seed: int | None = None) -> tuple[float, dict]:
+    """One micro-batch's summed loss through `run`'s task and the trainable parameters' gradients
+    (fresh, not accumulated). `seed`: draw the same dropout masks as another call with that seed."""
+    import torch
+
+    from scaletune.evaluate import to_device
+
+    run.model.zero_grad(set_to_none=True)
+    if seed is not None:
+        torch.manual_seed(seed)
+    # the model's device: a run kept across tests may outlive its accelerator's (reset) state
+    loss, _ = run.task.loss_sum(run.model, to_device(batch, next(run.model.parameters()).device))
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in run.model.named_parameters() if p.requires_grad}
+
+
 def write_jsonl(path: Path, records: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path

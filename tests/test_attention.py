@@ -13,6 +13,8 @@ from scaletune.evaluate import to_device
 from scaletune.tasks import IGNORE
 from scaletune.train import setup
 
+from stutil import loss_and_grads
+
 
 def test_segment_bounds_mark_examples_and_padding():
     # row 0: examples of 3 and 2 tokens, 1 padding; row 1: one example of 6 (no padding); row 2: all padding
@@ -45,13 +47,6 @@ def reference_kernel(calls: list):
     return kernel
 
 
-def _loss_and_grads(run, batch):
-    run.model.zero_grad(set_to_none=True)
-    loss, _ = run.task.loss_sum(run.model, to_device(batch, run.accelerator.device))
-    loss.backward()
-    return float(loss), {n: p.grad.clone() for n, p in run.model.named_parameters() if p.requires_grad}
-
-
 @pytest.mark.parametrize("packing", [True, False], ids=["packed", "padded"])
 def test_varlen_matches_sdpa_with_masks(make_config, monkeypatch, packing):
     """The varlen path (here with an exact reference kernel on CPU: the CUDA kernel is checked in
@@ -72,8 +67,8 @@ def test_varlen_matches_sdpa_with_masks(make_config, monkeypatch, packing):
     examples = [run.data["train"][i] for i in range(4)]
     batch = run.task.collate(examples, run.tokenizer.pad_token_id)
     assert batch["cu_seq_lens"][-1] == batch["input_ids"].numel()
-    sdpa = _loss_and_grads(runs["sdpa"], batch)
-    varlen = _loss_and_grads(run, batch)
+    sdpa = loss_and_grads(runs["sdpa"], batch)
+    varlen = loss_and_grads(run, batch)
     layers = run.model.config.num_hidden_layers
     assert len(calls) == layers and calls[0] == len(batch["cu_seq_lens"]) - 1  # every layer, every segment
     assert varlen[0] == pytest.approx(sdpa[0], rel=1e-5)

@@ -12,7 +12,7 @@ from scaletune.tasks import IGNORE, chunked_ce
 from scaletune.tasks.base import pad_batch
 from scaletune.train import setup
 
-from stutil import tensor_peak_bytes
+from stutil import loss_and_grads, tensor_peak_bytes
 
 
 def _run(make_config, peft: dict | None = None, **sections):
@@ -24,14 +24,6 @@ def _run(make_config, peft: dict | None = None, **sections):
         path.write_text(yaml.safe_dump(raw))
     run, _ = setup(load_config(path), overwrite=True)  # several runs per test share the output dir
     return run
-
-
-def _loss_and_grads(run, batch) -> tuple[float, dict[str, torch.Tensor]]:
-    run.model.zero_grad(set_to_none=True)
-    loss, _ = run.task.loss_sum(run.model, batch)
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in run.model.named_parameters() if p.requires_grad}
-    return float(loss), grads
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
@@ -51,9 +43,9 @@ def test_same_loss_and_gradients_as_the_usual_path(make_config, monkeypatch, pac
         batch = collate_packed([row, {k: v[:9] for k, v in row.items()}], pad)
     else:
         batch = pad_batch(examples, pad)
-    chunked = _loss_and_grads(run, batch)
+    chunked = loss_and_grads(run, batch)
     run.task._head = None
-    usual = _loss_and_grads(run, batch)
+    usual = loss_and_grads(run, batch)
     assert chunked[0] == pytest.approx(usual[0], rel=1e-6)
     assert chunked[1].keys() == usual[1].keys() and chunked[1]
     for name, g in usual[1].items():
@@ -79,10 +71,10 @@ def test_bf16_mixed_precision_matches_the_usual_path(bf16_run):
     run = bf16_run
     assert run.task._head is not None and run.task._head_dtype == torch.bfloat16
     batch = pad_batch([run.data["train"][i] for i in range(6)], run.tokenizer.pad_token_id)
-    chunked = _loss_and_grads(run, batch)
+    chunked = loss_and_grads(run, batch)
     assert run.task._head is not None  # the first call's self-check kept the chunked path
     run.task._head = None
-    usual = _loss_and_grads(run, batch)
+    usual = loss_and_grads(run, batch)
     assert chunked[0] == pytest.approx(usual[0], rel=1e-4)
     for name, g in usual[1].items():
         torch.testing.assert_close(chunked[1][name], g, rtol=2e-2, atol=1e-4, msg=name)
@@ -98,10 +90,10 @@ def test_bf16_adapters_take_their_input_uncast_with_identical_numbers(bf16_run):
     assert layers and all(m.cast_input_dtype_enabled is False for m in layers)
     assert all(p.dtype == torch.float32 for n, p in run.model.named_parameters() if p.requires_grad)
     batch = pad_batch([run.data["train"][i] for i in range(6)], run.tokenizer.pad_token_id)
-    uncast = _loss_and_grads(run, batch)
+    uncast = loss_and_grads(run, batch)
     for m in layers:
         m.cast_input_dtype_enabled = True
-    cast = _loss_and_grads(run, batch)
+    cast = loss_and_grads(run, batch)
     assert uncast[0] == cast[0]
     for name, g in cast[1].items():
         assert torch.equal(uncast[1][name], g), name
@@ -115,12 +107,12 @@ def test_falls_back_when_the_logits_are_not_the_head_of_the_last_hidden_state(ma
     base.lm_head.register_forward_hook(lambda mod, args, out: out * 0.5)
     batch = pad_batch([run.data["train"][i] for i in range(6)], run.tokenizer.pad_token_id)
     with caplog.at_level("WARNING", logger="scaletune"):
-        fallback = _loss_and_grads(run, batch)
+        fallback = loss_and_grads(run, batch)
     assert run.task._head is None and "not head(last hidden state)" in caplog.text
-    assert fallback[0] == pytest.approx(_loss_and_grads(run, batch)[0], rel=1e-6)
+    assert fallback[0] == pytest.approx(loss_and_grads(run, batch)[0], rel=1e-6)
     # ...and that loss is the one on the halved logits, not the chunked loss on the head's own
     run2 = _run(make_config)
-    assert abs(_loss_and_grads(run2, batch)[0] - fallback[0]) > 1e-3 * fallback[0]
+    assert abs(loss_and_grads(run2, batch)[0] - fallback[0]) > 1e-3 * fallback[0]
 
 
 def test_eval_loss_is_the_same(make_config):
@@ -144,7 +136,7 @@ def test_peak_tensor_memory_is_lower(make_config, monkeypatch):
 
     def peak() -> int:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-            _loss_and_grads(run, batch)
+            loss_and_grads(run, batch)
         return tensor_peak_bytes(prof)
 
     chunked = peak()
@@ -179,8 +171,8 @@ def test_collated_target_positions_match_the_labels(make_config):
         index = batch["target_index"]
         assert len(index) == run.task.count_targets(batch)
         assert (batch["labels"].reshape(-1)[index + 1] != IGNORE).all()
-        collated = _loss_and_grads(run, batch)
-        on_device = _loss_and_grads(run, {k: v for k, v in batch.items() if k != "target_index"})
+        collated = loss_and_grads(run, batch)
+        on_device = loss_and_grads(run, {k: v for k, v in batch.items() if k != "target_index"})
         assert collated[0] == on_device[0]
         for name, g in on_device[1].items():
             assert torch.equal(collated[1][name], g), name

@@ -17,7 +17,7 @@ from scaletune.model import fused_lora_applies
 from scaletune.tasks.base import pad_batch
 from scaletune.train import setup
 
-from stutil import tiny_lora_run
+from stutil import loss_and_grads, tiny_lora_run
 
 
 def _randomize_b(model: torch.nn.Module, seed: int = 0) -> None:
@@ -26,14 +26,6 @@ def _randomize_b(model: torch.nn.Module, seed: int = 0) -> None:
     for name, p in sorted(model.named_parameters()):
         if "lora_B" in name:
             p.data = 0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype)
-
-
-def _loss_and_grads(run, batch) -> tuple[float, dict[str, torch.Tensor]]:
-    run.model.zero_grad(set_to_none=True)
-    torch.manual_seed(0)  # the same dropout masks for both forwards
-    loss, _ = run.task.loss_sum(run.model, batch)
-    loss.backward()
-    return loss.item(), {n: p.grad.clone() for n, p in run.model.named_parameters() if p.requires_grad}
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
@@ -49,7 +41,8 @@ def test_training_step_gives_peft_loss_and_gradients(make_config, dropout):
     assert all(type(m) is PeftLoraLinear for m in layers[False])
     assert {m.scaling["default"] for m in layers[True]} == {2.0}  # alpha 8 / r 4: a scale that shows
     batch = pad_batch([runs[True].data["train"][i] for i in range(6)], runs[True].tokenizer.pad_token_id)
-    fused, plain = _loss_and_grads(runs[True], batch), _loss_and_grads(runs[False], batch)
+    # seed: the same dropout masks for both forwards
+    fused, plain = loss_and_grads(runs[True], batch, seed=0), loss_and_grads(runs[False], batch, seed=0)
     assert fused[0] == pytest.approx(plain[0], rel=1e-6)
     assert fused[1].keys() == plain[1].keys() and fused[1]
     for name, g in plain[1].items():
