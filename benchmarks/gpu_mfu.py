@@ -96,6 +96,7 @@ def main() -> int:
     keys = ("tokens_per_s", "target_tokens_per_s", "mfu", "peak_mem_mb")
     summary = {k: statistics.median(r[k] for r in train if k in r) for k in keys if any(k in r for r in train)}
     summary["cuda_alloc_retries"] = train[-1].get("cuda_alloc_retries") if train else None
+    summary["final_loss"] = train[-1].get("loss") if train else None
     print(json.dumps({"size": args.size, "seq": args.seq, "micro": args.micro, "accum": args.accum,
                       "gpu": torch.cuda.get_device_name(), "steps_measured": len(train), **summary}, indent=1))
     for hf_batch in [int(b) for b in args.hf_batch.split(",") if b]:
