@@ -103,6 +103,23 @@ def test_layers_match_peft(variant):
     _assert_same(plain, fused, torch.randn(3, 5, 24), exact=variant in ("dora", "lora_bias"))
 
 
+def test_update_goes_into_the_base_output_in_place_only_when_it_is_contiguous():
+    plain, fused = _pair()
+    x = torch.randn(3, 5, 24)
+    layer = fused.base_model.model.a
+    seen = []
+    hook = layer.base_layer.register_forward_hook(lambda m, i, out: seen.append(out))
+    assert layer(x) is seen[0]  # the GEMM accumulated into the base output: no full-width copy
+    hook.remove()
+
+    def column_major(module, inputs, out):  # same values, a layout a reshape would have to copy
+        return out.transpose(0, 1).contiguous().transpose(0, 1)
+
+    for model in (plain, fused):
+        model.base_model.model.a.base_layer.register_forward_hook(column_major)
+    _assert_same(plain, fused, x)
+
+
 def test_merged_disabled_and_multi_adapter_states_match_peft():
     plain, fused = _pair()
     x = torch.randn(2, 7, 24)

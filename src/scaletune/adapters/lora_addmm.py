@@ -3,13 +3,16 @@
 peft's LoRA Linear computes `result + lora_B(lora_A(x)) * scaling`: the rank-r product is written out
 at the full output width, multiplied by the scale into a second full-width tensor, and added to the
 base output into a third; backward multiplies the full-width gradient by the scale once more.
-`torch.addmm(result, h, B.T, alpha=scaling)` does the same sum inside one matrix multiply (the GEMM
-reads the base output as its accumulator and applies the scale to the rank-r side), so none of those
-full-width passes exist, and autograd scales only the small rank-r gradients. The saved tensors are the
-same (h and B). Measured on CPU (float32, one thread): 7-11% less time per adapted layer forward +
-backward at 2048 tokens; on the 30M benchmark the whole step was within noise but peak RSS fell 14%
-(fewer short-lived full-width tensors for glibc's heap to fragment); in float32 the results were
-bit-identical to peft's, in bf16 it rounds once instead of three times.
+`result.addmm_(h, B.T, alpha=scaling)` does the same sum inside one matrix multiply that accumulates
+into the base output in place (the rank-r side carries the scale), so none of those full-width passes
+exist, and autograd scales only the small rank-r gradients. The saved tensors are the same (h and B).
+Measured on CPU (float32, one thread): 7-11% less time per adapted layer forward + backward at 2048
+tokens; on the 30M benchmark the whole step was within noise but peak RSS fell 14% with an
+out-of-place addmm (fewer short-lived full-width tensors for glibc's heap to fragment) and another 5%
+in place (no copy of the base output for the GEMM to start from). In float32 the results are
+bit-identical to peft's, in bf16 it rounds once instead of three times. On an H100 under
+`torch_compile` the out-of-place version measured as fast as peft's forward (inductor fuses peft's
+scale and add into one kernel) with 0.6 GB less peak memory on an 8B model.
 
 The class is peft's own LoRA Linear (same parameters, state-dict keys, merging, saving; a saved adapter
 loads into plain peft) with only `forward` specialised, registered through peft's custom-module
@@ -27,7 +30,8 @@ from peft.tuners.lora import Linear as LoraLinear
 
 
 class AddmmLoraLinear(LoraLinear):
-    """peft's LoRA Linear; the one-plain-adapter forward adds the update inside one addmm."""
+    """peft's LoRA Linear; the one-plain-adapter forward adds the update into the base output with one
+    in-place addmm (an out-of-place one where that output is not contiguous)."""
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         active = self.active_adapters
@@ -43,6 +47,14 @@ class AddmmLoraLinear(LoraLinear):
         if not (torch.is_autocast_enabled(x.device.type) or result.dtype == h.dtype == weight_b.dtype):
             # mixed dtypes without autocast: peft's arithmetic (the sum in the wider type, cast back)
             return (result + self.lora_B[name](h) * self.scaling[name]).to(result.dtype)
+        if result.is_contiguous():
+            # In place: the base output is a fresh tensor nothing saved for backward (a Linear keeps its
+            # input and weight), so the GEMM can accumulate into it; an out-of-place addmm first copies
+            # it into a new full-width buffer. In-place ops are not autocast: cast as autocast would.
+            dtype = result.dtype
+            result.view(-1, result.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]).to(dtype), weight_b.to(dtype).t(),
+                                                     alpha=self.scaling[name])
+            return result
         out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), weight_b.t(),
                           alpha=self.scaling[name])
         return out.view(result.shape)
