@@ -31,7 +31,7 @@ from peft.tuners.lora import Linear as LoraLinear
 
 class AddmmLoraLinear(LoraLinear):
     """peft's LoRA Linear; the one-plain-adapter forward adds the update into the base output with one
-    in-place addmm (an out-of-place one where that output is not contiguous)."""
+    in-place addmm (into a contiguous copy where that output is not contiguous)."""
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         active = self.active_adapters
@@ -47,17 +47,15 @@ class AddmmLoraLinear(LoraLinear):
         if not (torch.is_autocast_enabled(x.device.type) or result.dtype == h.dtype == weight_b.dtype):
             # mixed dtypes without autocast: peft's arithmetic (the sum in the wider type, cast back)
             return (result + self.lora_B[name](h) * self.scaling[name]).to(result.dtype)
-        if result.is_contiguous():
-            # In place: the base output is a fresh tensor nothing saved for backward (a Linear keeps its
-            # input and weight), so the GEMM can accumulate into it; an out-of-place addmm first copies
-            # it into a new full-width buffer. In-place ops are not autocast: cast as autocast would.
-            dtype = result.dtype
-            result.view(-1, result.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]).to(dtype), weight_b.to(dtype).t(),
-                                                     alpha=self.scaling[name])
-            return result
-        out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), weight_b.t(),
-                          alpha=self.scaling[name])
-        return out.view(result.shape)
+        # In place: the base output is a fresh tensor nothing saved for backward (a Linear keeps its input
+        # and weight), so the GEMM can accumulate into it; an out-of-place addmm would first copy it into a
+        # new full-width buffer. Only a non-contiguous output (which a flat view cannot reach) is copied.
+        # In-place ops are not autocast: cast as autocast would.
+        result = result.contiguous()
+        dtype = result.dtype
+        result.view(-1, result.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]).to(dtype), weight_b.to(dtype).t(),
+                                                 alpha=self.scaling[name])
+        return result
 
 
 def use_addmm_lora(peft_config: Any) -> bool:
