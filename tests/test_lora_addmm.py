@@ -120,6 +120,107 @@ def test_update_goes_into_the_base_output_in_place_only_when_it_is_contiguous():
     _assert_same(plain, fused, x)
 
 
+def _lora_pair_without_bias() -> tuple[torch.nn.Module, torch.nn.Module]:
+    """peft's layers and AddmmLoraLinear on two bias-free Linears (a bias makes the CPU's addmm copy it
+    into the output: a copy that has nothing to do with LoRA)."""
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(24, 40, bias=False), torch.nn.ReLU(),
+                               torch.nn.Linear(40, 16, bias=False))
+    models = []
+    for fused in (False, True):
+        conf = LoraConfig(r=4, lora_alpha=12, target_modules=["0", "2"])
+        if fused:
+            use_addmm_lora(conf)
+        torch.manual_seed(1)
+        models.append(get_peft_model(copy.deepcopy(base), conf))
+        _randomize_b(models[-1])
+    return models[0], models[1]
+
+
+def test_compiled_layers_accumulate_in_place_without_copies():
+    """Under torch.compile (inductor) the update and the input gradient are accumulated inside the GEMMs'
+    outputs: no full-width copy in forward or backward (an in-place addmm alone is rewritten into an
+    addmm on a copy: one per layer and direction), and peft's eager numbers."""
+    from torch.profiler import profile
+
+    plain, fused = _lora_pair_without_bias()
+    for layer in (fused.base_model.model[0], fused.base_model.model[2]):
+        layer.compile(fullgraph=True)
+    x = torch.randn(15, 24)
+    _assert_same(plain, fused, x)  # compiles
+    x.requires_grad_(True)
+    grad = torch.randn(15, 16)
+    with profile(record_shapes=True) as prof:
+        fused(x).backward(grad)
+    events = [(e.name, e.input_shapes) for e in prof.events()]
+    assert sum(name == "scaletune::lora_linear" for name, _ in events) == 2
+    assert sum(name == "scaletune::lora_linear_backward" for name, _ in events) == 2
+    assert [shapes for name, shapes in events if name in ("aten::copy_", "aten::clone") and shapes[0]] == []
+
+
+def test_compiled_bf16_autocast_is_as_accurate_as_eager():
+    """bf16 base, float32 adapters, autocast (scaletune's mixed precision): compiled, eager and peft's
+    layers all differ from the same weights in float32 by bf16 roundings; the compiled ones by no more
+    than eager (relative norm of the error, output and every gradient)."""
+    plain, fused = _lora_pair_without_bias()
+    for model in (plain, fused):
+        model.to(torch.bfloat16)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+    eager = copy.deepcopy(fused)
+    for layer in (fused.base_model.model[0], fused.base_model.model[2]):
+        layer.compile(fullgraph=True)
+    torch.manual_seed(0)
+    x = torch.randn(64, 9, 24).bfloat16()
+    reference = _out_and_grads(copy.deepcopy(plain).float(), x.float())  # the same bf16 weights, exact
+    errors = {}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for name, model in (("peft", plain), ("eager", eager), ("compiled", fused)):
+            out, grads = _out_and_grads(model, x)
+            assert [t.dtype for t in (out, *grads)] == [torch.bfloat16] * 2 + [torch.float32] * 4
+            errors[name] = [float((a.float() - b).norm() / b.norm())
+                            for a, b in zip([out, *grads], [reference[0], *reference[1]], strict=True)]
+    assert 0 < max(errors["compiled"]) < 0.02 and max(errors["peft"]) < 0.02
+    for compiled, eager_ in zip(errors["compiled"], errors["eager"], strict=True):
+        assert compiled <= 1.1 * eager_ + 1e-4
+
+
+def test_operator_registration():
+    """Fake (shape) functions, schema and autograd of the two operators agree with their kernels."""
+    from scaletune.adapters.lora_op import lora_linear
+
+    x = torch.randn(6, 24, requires_grad=True)
+    a, b = torch.randn(4, 24, requires_grad=True), torch.randn(40, 4, requires_grad=True)
+    for bias in (None, torch.randn(40)):
+        torch.library.opcheck(lora_linear, (x, torch.randn(40, 24), bias, a, b, 0.5))
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    ("none", True), ("dropout", False), ("dropout_eval", True), ("trainable_base", False), ("hook", False),
+    ("mixed_dtypes", False), ("mixed_dtypes_autocast", True),
+])
+def test_compiled_forward_takes_the_operator_only_where_it_is_exact(change, expected):
+    """The operator feeds one x to both products, reads the base weight directly and gives the base no
+    gradient: dropout in training, a trainable base, hooks and mixed dtypes without autocast keep the
+    module forward."""
+    _, fused = _pair(lora_dropout=0.1 if change.startswith("dropout") else 0.0)
+    layer = fused.base_model.model.a
+    x = torch.randn(2, 24)
+    if change == "dropout_eval":
+        fused.eval()
+    if change == "trainable_base":
+        layer.base_layer.weight.requires_grad_(True)
+    if change == "hook":
+        layer.base_layer.register_forward_hook(lambda *args: None)
+    if change.startswith("mixed_dtypes"):
+        layer.lora_B["default"].float()
+        layer.base_layer.to(torch.bfloat16)
+        x = x.bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=change == "mixed_dtypes_autocast"):
+        assert layer._opaque_op_applies("default", x, (), {}) is expected
+
+
 def test_merged_disabled_and_multi_adapter_states_match_peft():
     plain, fused = _pair()
     x = torch.randn(2, 7, 24)

@@ -17,8 +17,9 @@ scale and add into one kernel) with 0.6 GB less peak memory on an 8B model.
 The class is peft's own LoRA Linear (same parameters, state-dict keys, merging, saving; a saved adapter
 loads into plain peft) with only `forward` specialised, registered through peft's custom-module
 mapping (`LoraConfig._register_custom_module`, peft's documented extension point for LoRA layer
-types). Anything but one plain adapter (merged weights, mixed adapter batches, DoRA and other variants,
-a LoRA bias) takes peft's forward unchanged.
+types). Under `train.torch_compile` the forward is one custom operator instead (adapters/lora_op.py):
+compiled, an in-place addmm would become an addmm on a copy. Anything but one plain adapter (merged
+weights, mixed adapter batches, DoRA and other variants, a LoRA bias) takes peft's forward unchanged.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from typing import Any
 
 import torch
 from peft.tuners.lora import Linear as LoraLinear
+
+from .lora_op import lora_linear
 
 
 class AddmmLoraLinear(LoraLinear):
@@ -40,6 +43,8 @@ class AddmmLoraLinear(LoraLinear):
                 or name not in self.lora_A or name in getattr(self, "lora_variant", {})
                 or self.lora_B[name].bias is not None):
             return super().forward(x, *args, **kwargs)
+        if torch.compiler.is_compiling() and self._opaque_op_applies(name, x, args, kwargs):
+            return self._opaque_forward(name, x)
         result = self.base_layer(x, *args, **kwargs)
         x = self._cast_input_dtype(x, self.lora_A[name].weight.dtype)
         h = self.lora_A[name](self.lora_dropout[name](x))
@@ -56,6 +61,31 @@ class AddmmLoraLinear(LoraLinear):
         result.view(-1, result.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]).to(dtype), weight_b.to(dtype).t(),
                                                  alpha=self.scaling[name])
         return result
+
+    def _opaque_op_applies(self, name: str, x: torch.Tensor, args: tuple, kwargs: dict) -> bool:
+        """Whether `lora_op.lora_linear` computes exactly this forward: a frozen plain Linear without hooks
+        (the op reads its weight directly), identity dropout (the op feeds the same x to both products)
+        and one dtype for everything, or autocast to cast to."""
+        base, dropout = self.base_layer, self.lora_dropout[name]
+        frozen = not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
+        plain = (type(base) is torch.nn.Linear and not (base._forward_hooks or base._forward_pre_hooks)
+                 and not args and not kwargs)
+        no_dropout = isinstance(dropout, torch.nn.Identity) or (
+            isinstance(dropout, torch.nn.Dropout) and not (dropout.training and dropout.p > 0))
+        one_dtype = torch.is_autocast_enabled(x.device.type) or (
+            x.dtype == base.weight.dtype == self.lora_A[name].weight.dtype == self.lora_B[name].weight.dtype)
+        return frozen and plain and no_dropout and one_dtype
+
+    def _opaque_forward(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """The forward as one custom operator that inductor cannot rewrite into an addmm on a copy."""
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        base = self.base_layer
+        bias = None if base.bias is None else base.bias.to(dtype)
+        out, _ = lora_linear(x.reshape(-1, x.shape[-1]).to(dtype), base.weight.to(dtype), bias,
+                             self.lora_A[name].weight.to(dtype), self.lora_B[name].weight.to(dtype),
+                             self.scaling[name])
+        return out.view(*x.shape[:-1], out.shape[-1])
 
 
 def use_addmm_lora(peft_config: Any) -> bool:
