@@ -146,6 +146,18 @@ def test_peak_tensor_memory_is_lower(make_config, monkeypatch):
     assert usual - chunked >= 2 * 4 * targets * vocab * 0.9, (usual, chunked, targets, vocab)
 
 
+@pytest.mark.parametrize("vocab", [32000, 50257, 128256, 151936, 256000, 1 << 21])
+def test_gpu_chunks_are_whole_tiles_in_the_budget(vocab):
+    """On a GPU the chunk is the largest multiple of 128 rows whose logits fit the GPU budget (at least
+    one tile); on CPU the smaller CPU budget, whatever the row count."""
+    rows = chunked_ce.chunk_rows(vocab, cuda=True)
+    assert rows % chunked_ce.GPU_ROW_MULTIPLE == 0 and rows >= chunked_ce.GPU_ROW_MULTIPLE
+    assert rows * vocab <= chunked_ce.GPU_CHUNK_ELEMENTS or rows == chunked_ce.GPU_ROW_MULTIPLE
+    assert (rows + chunked_ce.GPU_ROW_MULTIPLE) * vocab > chunked_ce.GPU_CHUNK_ELEMENTS
+    cpu_rows = chunked_ce.chunk_rows(vocab)
+    assert cpu_rows * vocab <= chunked_ce.CHUNK_ELEMENTS < (cpu_rows + 1) * vocab
+
+
 def test_kept_off_where_it_cannot_stand_in(make_config):
     head_trained = _run(make_config, peft={"method": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"],
                                            "modules_to_save": ["lm_head"]})

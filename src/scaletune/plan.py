@@ -270,7 +270,7 @@ def model_state_bytes(cfg: RunConfig, shape: ModelShape, world: int) -> Estimate
     return est
 
 
-def activation_bytes(cfg: RunConfig, shape: ModelShape, micro: int) -> dict[str, int]:
+def activation_bytes(cfg: RunConfig, shape: ModelShape, micro: int, cuda: bool = True) -> dict[str, int]:
     """Approximate peak activation memory of one micro-batch at data.max_length tokens per row.
 
     Per token and layer a Llama-style block with SDPA saves ~ (6 x hidden + 2 x kv + 4 x intermediate)
@@ -307,7 +307,7 @@ def activation_bytes(cfg: RunConfig, shape: ModelShape, micro: int) -> dict[str,
     if cfg.task == "causal_lm" and shape.chunked_loss:
         from .tasks.chunked_ce import chunk_rows
 
-        rows = min(tokens, chunk_rows(shape.vocab))
+        rows = min(tokens, chunk_rows(shape.vocab, cuda))
         out["logits"] = rows * shape.vocab * (4 + 4 + (0 if a == 4 else a)) + 2 * tokens * h * a
     elif cfg.task == "causal_lm":
         out["logits"] = tokens * shape.vocab * (4 + 4 + (0 if a == 4 else a + 4))
@@ -343,7 +343,7 @@ def buffer_bytes(cfg: RunConfig, shape: ModelShape, world: int, cuda: bool) -> i
 def estimate(cfg: RunConfig, shape: ModelShape, world: int, cuda: bool = True) -> Estimate:
     """Everything one rank holds: model states + activations + buffers."""
     est = model_state_bytes(cfg, shape, world)
-    est.gpu.update(activation_bytes(cfg, shape, cfg.train.micro_batch_size))
+    est.gpu.update(activation_bytes(cfg, shape, cfg.train.micro_batch_size, cuda))
     est.gpu["buffers"] = buffer_bytes(cfg, shape, world, cuda)
     return est
 

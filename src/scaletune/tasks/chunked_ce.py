@@ -19,7 +19,14 @@ import torch.nn.functional as F
 from ..trainable_state import unwrap
 from .base import IGNORE
 
-CHUNK_ELEMENTS = 1 << 24  # logits per chunk (64 MiB in float32), whatever the vocabulary size
+CHUNK_ELEMENTS = 1 << 24  # logits per chunk on CPU (64 MiB in float32), whatever the vocabulary size
+# On a GPU each chunk's two products read the whole head weight (1 GB for an 8B model's 128k x 4096
+# in bf16) for as many FLOPs per byte as the chunk has rows. The CPU's 130 rows for that vocabulary
+# would leave the products bound by that read (an H100 needs ~300 FLOPs per byte to be compute-bound)
+# and spill 2 rows into a second 128-row tile. GPU chunks are 8x larger, a multiple of 128 rows:
+# 1024 rows (~1.3 GB of logits and their temporaries) for a 128k vocabulary.
+GPU_CHUNK_ELEMENTS = 1 << 27
+GPU_ROW_MULTIPLE = 128
 
 
 class _HeadCrossEntropy(torch.autograd.Function):
@@ -28,7 +35,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 labels: torch.Tensor) -> torch.Tensor:
-        rows = chunk_rows(weight.shape[0])
+        rows = chunk_rows(weight.shape[0], cuda=hidden.is_cuda)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         for start in range(0, hidden.shape[0], rows):
@@ -60,9 +67,12 @@ def head_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.T
     return _HeadCrossEntropy.apply(hidden, weight, bias, labels)
 
 
-def chunk_rows(vocab: int) -> int:
-    """Target tokens per chunk for a vocabulary of this size (also used by `plan`)."""
-    return max(1, CHUNK_ELEMENTS // vocab)
+def chunk_rows(vocab: int, cuda: bool = False) -> int:
+    """Target tokens per chunk for a vocabulary of this size, on a CUDA device or not (also used by
+    `plan`)."""
+    if not cuda:
+        return max(1, CHUNK_ELEMENTS // vocab)
+    return max(1, GPU_CHUNK_ELEMENTS // vocab // GPU_ROW_MULTIPLE) * GPU_ROW_MULTIPLE
 
 
 def chunkable_head(model: Any) -> tuple[torch.nn.Linear | None, str | None]:
