@@ -146,6 +146,25 @@ def test_peak_tensor_memory_is_lower(make_config, monkeypatch):
     assert usual - chunked >= 2 * 4 * targets * vocab * 0.9, (usual, chunked, targets, vocab)
 
 
+def test_head_cross_entropy_matches_cross_entropy_and_skips_ignored_rows(monkeypatch):
+    """Against F.cross_entropy(sum, ignore_index) on the whole logits: loss and the gradients of the
+    hidden states (rows without a target get none) across several chunks, bias included."""
+    monkeypatch.setattr(chunked_ce, "CHUNK_ELEMENTS", 3 * 50)  # 3 rows per chunk, a short last one
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(11, 16, generator=gen, requires_grad=True)
+    weight, bias = torch.randn(50, 16, generator=gen), torch.randn(50, generator=gen)
+    labels = torch.randint(0, 50, (11,), generator=gen)
+    labels[[0, 4, 5, 10]] = IGNORE
+    ours = chunked_ce.head_cross_entropy(hidden, weight, bias, labels)
+    (grad,) = torch.autograd.grad(2.5 * ours, hidden)
+    reference = torch.nn.functional.cross_entropy(hidden @ weight.T + bias, labels, reduction="sum",
+                                                  ignore_index=IGNORE)
+    (expected,) = torch.autograd.grad(2.5 * reference, hidden)
+    torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-6)
+    assert grad[[0, 4, 5, 10]].abs().max() == 0 and grad[[1, 2, 3]].abs().min() > 0
+
+
 @pytest.mark.parametrize("vocab", [32000, 50257, 128256, 151936, 256000, 1 << 21])
 def test_gpu_chunks_are_whole_tiles_in_the_budget(vocab):
     """On a GPU the chunk is the largest multiple of 128 rows whose logits fit the GPU budget (at least

@@ -40,17 +40,17 @@ class _HeadCrossEntropy(torch.autograd.Function):
         grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         for start in range(0, hidden.shape[0], rows):
             h, lab = hidden[start:start + rows], labels[start:start + rows]
-            # Same numbers as the usual path: head in the model's dtype, then float32 for the loss.
-            logits = F.linear(h, weight, bias).float()
             valid = lab != IGNORE
             safe = lab.clamp(min=0)
-            lse = torch.logsumexp(logits, dim=-1)
-            total += ((lse - logits.gather(1, safe[:, None]).squeeze(1)) * valid).sum()
+            # The usual path's numbers: head in the model's dtype, float32 log-softmax (one fused
+            # kernel; logsumexp would write a full-size temporary and need a subtraction pass).
+            logp = torch.log_softmax(F.linear(h, weight, bias).float(), dim=-1)
+            total -= (logp.gather(1, safe[:, None]).squeeze(1) * valid).sum()
             if grad is not None:
-                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place: no second buffer
+                probs = logp.exp_()  # softmax, in place: no second buffer
                 probs[torch.arange(len(lab), device=lab.device), safe] -= 1.0
-                probs.mul_(valid[:, None])
-                grad[start:start + rows] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
+                # rows without a target are zeroed after the product: hidden-width, not vocabulary-width
+                grad[start:start + rows] = (probs.to(weight.dtype) @ weight).to(hidden.dtype) * valid[:, None]
         ctx.save_for_backward(grad)
         return total
 
