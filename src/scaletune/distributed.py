@@ -21,6 +21,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 #: Name of the packaged folder holding the canonical DeepSpeed JSON files.
@@ -96,11 +98,22 @@ def deepspeed_config_path(name: str) -> Path:
 
 
 def load_deepspeed_json(name_or_path: str | os.PathLike) -> dict:
-    """Read a DeepSpeed JSON: a packaged name ("zero3.json") or any filesystem path."""
+    """Read a DeepSpeed JSON: a packaged name ("zero3.json") or any filesystem path. A missing or
+    malformed file is a ConfigError naming it (and the line, for bad JSON)."""
     text = str(name_or_path)
     if os.sep not in text and "/" not in text and not Path(text).is_file():
         return json.loads(resources.files(_DS_RESOURCE_PACKAGE).joinpath(text).read_text(encoding="utf-8"))
-    return json.loads(Path(text).read_text(encoding="utf-8"))
+    path = Path(text)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        where = "" if path.is_absolute() else f" (relative to the current directory {Path.cwd()})"
+        raise ConfigError(f"DeepSpeed config {text}{where}: {exc.strerror or exc}",
+                          hint="the launch/*.yaml files name paths relative to the repository root: run "
+                               "`accelerate launch` from there, or use `scaletune launch`") from None
+    except ValueError as exc:
+        line = f", line {exc.lineno}" if isinstance(exc, json.JSONDecodeError) else ""
+        raise ConfigError(f"DeepSpeed config {text}{line}: not valid JSON ({exc})") from None
 
 
 def _is_packaged_config(path: str | os.PathLike) -> bool:

@@ -116,6 +116,27 @@ def clean_env(monkeypatch):
     return monkeypatch
 
 
+def test_a_missing_or_broken_deepspeed_json_is_a_config_error(clean_env, tmp_path) -> None:
+    """`accelerate launch --config_file launch/zero2.yaml` from outside the repository names a DeepSpeed
+    JSON that is not there: one error naming the file and where it was looked for (CLI exit 2), and
+    bad JSON names its line; no traceback."""
+    from scaletune.errors import ConfigError
+
+    clean_env.chdir(tmp_path)
+    clean_env.setenv("WORLD_SIZE", "2")
+    clean_env.setenv("LOCAL_RANK", "0")
+    clean_env.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    clean_env.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "configs/deepspeed/zero2.json")
+    clean_env.setattr(D, "cuda_available", lambda: False)
+    with pytest.raises(ConfigError) as missing:
+        D.accelerator_kwargs(make_cfg(2), grad_accum_steps=1)
+    text = missing.value.render()
+    assert "configs/deepspeed/zero2.json" in text and str(tmp_path) in text and "scaletune launch" in text
+    (tmp_path / "broken.json").write_text('{"zero_optimization":\n  {"stage": 2,}\n}\n')
+    with pytest.raises(ConfigError, match=r"broken\.json, line 2: not valid JSON"):
+        D.load_deepspeed_json(tmp_path / "broken.json")
+
+
 def test_accelerator_kwargs_single_process(clean_env) -> None:
     kw = D.accelerator_kwargs(make_cfg(0, mp="no"), grad_accum_steps=8)
     assert kw["mixed_precision"] == "no"

@@ -191,6 +191,16 @@ def ddp(world) -> Path:
 
 
 @pytest.fixture(scope="module")
+def ddp_compiled(world) -> Path:
+    """2-process DDP with train.torch_compile (inductor): compiled decoder blocks, with the fused LoRA
+    layers' custom operators inside them, under DDP's gradient hooks."""
+    out = world.root / "ddp_compiled"
+    run_cli(world, _scaletune("launch", str(world.fp32), f"output_dir={out}", "train.torch_compile=true",
+                              "--nproc", "2", "--master-port", str(helpers.free_port())))
+    return out
+
+
+@pytest.fixture(scope="module")
 def zero2(world) -> Path:
     out = world.root / "zero2"
     run_cli(world, _accelerate("cpu_2proc_zero2.yaml", str(world.fp32), f"output_dir={out}",
@@ -236,7 +246,7 @@ def multinode(world) -> Path:
 # 1 + 2: loss curves at world size 2 == world size 1
 
 
-@pytest.mark.parametrize("variant", ["ddp", "zero2", "zero3", "multinode"])
+@pytest.mark.parametrize("variant", ["ddp", "ddp_compiled", "zero2", "zero3", "multinode"])
 def test_loss_curve_matches_single_process(variant, single, request):
     ref = losses(single)
     got = losses(request.getfixturevalue(variant))
