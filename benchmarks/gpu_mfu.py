@@ -140,6 +140,15 @@ def profile_run(cfg_path: Path, steps: int) -> int:
         return out
 
     NonfiniteGuard.settle = settle_and_mark
+    from scaletune.tasks import chunked_ce
+
+    head_ce = chunked_ce.head_cross_entropy
+
+    def labelled_head_ce(*args):  # noqa: ANN002, ANN202 - the LM head + loss as one range in the profile
+        with torch.profiler.record_function("scaletune.chunked_loss"):
+            return head_ce(*args)
+
+    chunked_ce.head_cross_entropy = labelled_head_ce  # looked up at call time by tasks/causal_lm.py
     with prof:
         cli_main(["train", str(cfg_path), "--overwrite"])
     wall = marks[-1] - marks[2]
@@ -155,6 +164,10 @@ def profile_run(cfg_path: Path, steps: int) -> int:
     print(f"profiled {steps} steps: wall {wall:.3f} s, GPU kernels busy {busy:.3f} s ({100 * busy / wall:.0f}%)")
     for fam, sec in sorted(families.items(), key=lambda kv: -kv[1]):
         print(f"  {fam:12s} {sec:8.3f} s  {100 * sec / wall:5.1f}% of wall")
+    for e in prof.key_averages():  # forward only: its backward is a saved-gradient multiply
+        if e.key == "scaletune.chunked_loss":
+            sec = e.device_time_total / 1e6
+            print(f"  chunked loss (LM head GEMMs + elementwise, all chunks) {sec:8.3f} s  {100 * sec / wall:5.1f}% of wall")
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=90))
     return 0
 
