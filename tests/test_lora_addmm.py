@@ -50,19 +50,20 @@ def test_training_step_gives_peft_loss_and_gradients(make_config, dropout):
 
 
 class _Two(torch.nn.Module):
-    def __init__(self, dtype: torch.dtype = torch.float32):
+    def __init__(self, dtype: torch.dtype = torch.float32, bias: bool = True):
         super().__init__()
-        self.a = torch.nn.Linear(24, 40, dtype=dtype)
+        self.a = torch.nn.Linear(24, 40, bias=bias, dtype=dtype)
         self.b = torch.nn.Linear(40, 16, bias=False, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.b(torch.relu(self.a(x)))
 
 
-def _pair(dtype: torch.dtype = torch.float32, **lora) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The same LoRA model twice: peft's layers, and AddmmLoraLinear."""
+def _pair(dtype: torch.dtype = torch.float32, bias: bool = True, **lora) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The same LoRA model twice: peft's layers, and AddmmLoraLinear. `bias=False`: no bias anywhere (a
+    bias makes the CPU's addmm copy it into the output: a copy that has nothing to do with LoRA)."""
     torch.manual_seed(0)
-    base = _Two(dtype)
+    base = _Two(dtype, bias)
     models = []
     for fused in (False, True):
         conf = LoraConfig(r=4, lora_alpha=12, target_modules=["a", "b"], **lora)
@@ -120,31 +121,14 @@ def test_update_goes_into_the_base_output_in_place_only_when_it_is_contiguous():
     _assert_same(plain, fused, x)
 
 
-def _lora_pair_without_bias() -> tuple[torch.nn.Module, torch.nn.Module]:
-    """peft's layers and AddmmLoraLinear on two bias-free Linears (a bias makes the CPU's addmm copy it
-    into the output: a copy that has nothing to do with LoRA)."""
-    torch.manual_seed(0)
-    base = torch.nn.Sequential(torch.nn.Linear(24, 40, bias=False), torch.nn.ReLU(),
-                               torch.nn.Linear(40, 16, bias=False))
-    models = []
-    for fused in (False, True):
-        conf = LoraConfig(r=4, lora_alpha=12, target_modules=["0", "2"])
-        if fused:
-            use_addmm_lora(conf)
-        torch.manual_seed(1)
-        models.append(get_peft_model(copy.deepcopy(base), conf))
-        _randomize_b(models[-1])
-    return models[0], models[1]
-
-
 def test_compiled_layers_accumulate_in_place_without_copies():
     """Under torch.compile (inductor) the update and the input gradient are accumulated inside the GEMMs'
     outputs: no full-width copy in forward or backward (an in-place addmm alone is rewritten into an
     addmm on a copy: one per layer and direction), and peft's eager numbers."""
     from torch.profiler import profile
 
-    plain, fused = _lora_pair_without_bias()
-    for layer in (fused.base_model.model[0], fused.base_model.model[2]):
+    plain, fused = _pair(bias=False)
+    for layer in (fused.base_model.model.a, fused.base_model.model.b):
         layer.compile(fullgraph=True)
     x = torch.randn(15, 24)
     _assert_same(plain, fused, x)  # compiles
@@ -162,14 +146,14 @@ def test_compiled_bf16_autocast_is_as_accurate_as_eager():
     """bf16 base, float32 adapters, autocast (scaletune's mixed precision): compiled, eager and peft's
     layers all differ from the same weights in float32 by bf16 roundings; the compiled ones by no more
     than eager (relative norm of the error, output and every gradient)."""
-    plain, fused = _lora_pair_without_bias()
+    plain, fused = _pair(bias=False)
     for model in (plain, fused):
         model.to(torch.bfloat16)
         for p in model.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
     eager = copy.deepcopy(fused)
-    for layer in (fused.base_model.model[0], fused.base_model.model[2]):
+    for layer in (fused.base_model.model.a, fused.base_model.model.b):
         layer.compile(fullgraph=True)
     torch.manual_seed(0)
     x = torch.randn(64, 9, 24).bfloat16()
