@@ -172,3 +172,76 @@ def test_tokenised_cache_is_reused(tmp_path, tiny_bert, monkeypatch):
     train.write_text(json.dumps({"text": "new", "label": "pos"}) + "\n" + json.dumps({"text": "x", "label": "neg"}))
     third = build_datasets(cfg, get_task("seq_cls"), tok)  # content changed -> new fingerprint
     assert len(third["train"]) == 2
+
+
+def test_examples_without_targets_are_counted_and_reported(tmp_path, tiny_llama, caplog):
+    """An example whose response lies wholly past max_length has nothing to train on; it is skipped, but
+    said so (the log and run.json's stats), not silently."""
+    long_prompt = " ".join(["word"] * 400)
+    records = [{"instruction": "Say hi", "input": "", "output": "hi there"}] * 3
+    records += [{"instruction": long_prompt, "input": "", "output": "lost"}] * 2
+    cfg = _cfg(tmp_path, tiny_llama, data=write_jsonl(tmp_path / "a.jsonl", records), max_length=64)
+    with caplog.at_level("WARNING", logger="scaletune"):
+        built = build_datasets(cfg, get_task("causal_lm"), load_tokenizer(cfg))
+    assert len(built["train"]) == 3 and built["stats"]["dropped"] == {"train": 2, "eval": 0}
+    assert "data.train: 2 example(s) skipped: no target tokens within data.max_length=64" in caplog.text
+
+
+def test_max_length_is_lowered_to_what_the_tokenizer_accepts(tmp_path, tiny_bert, caplog):
+    """BERT-family models have 512 learned positions: a longer max_length (the default is 1024) would
+    crash the first long example, so the tokenizer's model_max_length caps it, with a warning."""
+    from transformers import AutoTokenizer
+
+    capped = tmp_path / "bert512"
+    import shutil
+
+    shutil.copytree(tiny_bert, capped)
+    tok = AutoTokenizer.from_pretrained(capped)
+    tok.model_max_length = 24
+    tok.save_pretrained(capped)
+    data = write_jsonl(tmp_path / "t.jsonl", [{"text": " ".join(["a"] * 100), "label": "pos"},
+                                              {"text": "b", "label": "neg"}])
+    cfg = _cfg(tmp_path, capped, task="seq_cls", data=data, max_length=200)
+    with caplog.at_level("WARNING", logger="scaletune"):
+        tok = load_tokenizer(cfg)
+    assert cfg.data.max_length == 24 and "data.max_length=200 is above what" in caplog.text
+    built = build_datasets(cfg, get_task("seq_cls"), tok)
+    assert max(len(ids) for ids in built["train"]["input_ids"]) == 24
+    cfg = _cfg(tmp_path, tiny_bert, task="seq_cls", data=data, max_length=200)
+    load_tokenizer(cfg)
+    assert cfg.data.max_length == 200  # no stated limit: left alone
+
+
+@pytest.mark.parametrize("record", [
+    {"instruction": "Translate to French", "input": "hello", "system": "Be terse",
+     "history": [["hi", "hello there"]], "output": "bonjour"},
+    {"conversations": [{"from": "human", "value": "Name a colour."}, {"from": "gpt", "value": "Blue."}]},
+    {"prompt": "2 + 2 =", "completion": " 4"},
+])
+def test_predict_prompts_the_way_training_rendered(tmp_path, tiny_llama, record):
+    """`predict` feeds the model exactly the token prefix training put before the response (system,
+    history, input included), for a record of the same shape with its answer removed."""
+    from scaletune.infer import generate, prompt_segments
+    from scaletune.tasks.base import IGNORE
+
+    name = "sharegpt" if "conversations" in record else "prompt_completion" if "prompt" in record else "alpaca"
+    cfg = _cfg(tmp_path, tiny_llama, data=write_jsonl(tmp_path / "a.jsonl", [record] * 2), format=name)
+    tok = load_tokenizer(cfg)
+    task = get_task("causal_lm")
+    task.setup([record], cfg, "a.jsonl")
+    enc = task.encode(record, tok, cfg, None)
+    labels = enc["labels"]
+    last_response = max(i for i in range(1, len(labels)) if labels[i] != IGNORE and labels[i - 1] == IGNORE)
+    trained_prompt = enc["input_ids"][:last_response]  # everything before the final answer, history included
+    query = {k: v for k, v in record.items() if k not in ("output", "completion")}
+    if "conversations" in query:
+        query["conversations"] = query["conversations"][:1]
+    seen = {}
+
+    class Model:
+        def generate(self, input_ids, **kw):
+            seen["ids"] = input_ids[0].tolist()
+            return input_ids
+
+    generate(Model(), tok, prompt_segments(query, tok)[1], 3)
+    assert seen["ids"] == trained_prompt

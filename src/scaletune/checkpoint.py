@@ -31,6 +31,7 @@ from .fileutil import sha256_file
 log = logging.getLogger("scaletune")
 STEP_RE = re.compile(r"^step-(\d+)$")
 MANIFEST = "manifest.json"
+REQUIRED_FILES = ("trainable.safetensors", "optimizer.safetensors", "state.json")
 
 
 def _fsync_tree(root: Path) -> None:
@@ -58,16 +59,31 @@ def verify(root: Path) -> str | None:
     if not mf.is_file():
         return "no manifest (incomplete write)"
     try:
-        manifest = json.loads(mf.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        manifest = json.loads(mf.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON or bytes that are not UTF-8
         return f"unreadable manifest ({exc})"
-    for rel, meta in manifest.get("files", {}).items():
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(m, dict) for m in files.values()):
+        return "malformed manifest (no file list)"
+    missing = [name for name in REQUIRED_FILES if name not in files]
+    if missing:
+        return f"manifest lists no {', '.join(missing)}"
+    for rel, meta in files.items():
         path = root / rel
         if not path.is_file():
             return f"missing file {rel}"
-        if path.stat().st_size != meta["size"] or sha256_file(path) != meta["sha256"]:
+        if path.stat().st_size != meta.get("size") or sha256_file(path) != meta.get("sha256"):
             return f"file {rel} does not match its hash"
     return None
+
+
+def check_same_config(path: Path, fingerprint: str, allow_config_change: bool) -> None:
+    """Refuse a (verified) checkpoint written by a different run config unless told the change is meant."""
+    theirs = json.loads((path / MANIFEST).read_text(encoding="utf-8")).get("config_fingerprint")
+    if theirs != fingerprint and not allow_config_change:
+        raise UserError(f"checkpoint {path} was written by a different run config (fingerprint {theirs} vs "
+                        f"{fingerprint}); resume with the original config, a new output_dir, or pass "
+                        "--allow-config-change if the change is intended")
 
 
 def checkpoint_dirs(output_dir: Path) -> list[Path]:
@@ -86,11 +102,7 @@ def find_resumable(output_dir: Path, fingerprint: str, allow_config_change: bool
         if problem:
             log.warning("skipping checkpoint %s: %s", path, problem)
             continue
-        theirs = json.loads((path / MANIFEST).read_text()).get("config_fingerprint")
-        if theirs != fingerprint and not allow_config_change:
-            raise UserError(f"checkpoint {path} was written by a different run config (fingerprint {theirs} vs "
-                            f"{fingerprint}); resume with the original config, a new output_dir, or pass "
-                            "--allow-config-change if the change is intended")
+        check_same_config(path, fingerprint, allow_config_change)
         return path
     return None
 

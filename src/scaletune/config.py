@@ -459,6 +459,14 @@ def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_c
         value = cfg.peft.get(key)
         if isinstance(value, int) and not isinstance(value, bool) and value > MAX_PEFT_SIZE:
             p.append(f"peft.{key}: {value} is larger than any layer (max {MAX_PEFT_SIZE})")
+        elif key in ("num_virtual_tokens", "init_r", "target_r") and isinstance(value, int) and value < 1:
+            p.append(f"peft.{key}: must be >= 1, got {value}")  # (OFT's r may be 0: block size instead)
+    init_r, target_r = cfg.peft.get("init_r"), cfg.peft.get("target_r")
+    if cfg.peft.get("method") == "adalora" and isinstance(init_r, int) and isinstance(target_r, int) \
+            and target_r > init_r:
+        # AdaLoRA only prunes ranks: a target above the initial rank fails at its first re-allocation
+        p.append(f"peft.target_r: {target_r} is above peft.init_r ({init_r}); AdaLoRA prunes from init_r "
+                 "down to target_r")
     if m.quantization and m.dtype == "float32":
         p.append("model.quantization: the quantized base computes in bf16/fp16; set model.dtype to bfloat16 "
                  "(or float16)")

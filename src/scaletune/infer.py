@@ -10,6 +10,7 @@ from typing import Any, TextIO
 import torch
 
 from .config import RunConfig
+from .data.readers import WHERE
 from .errors import ConfigError, DataError, UserError
 
 
@@ -69,11 +70,12 @@ def _read_inputs(source: str | None, stdin: TextIO) -> list[dict]:
             continue
         if line.lstrip().startswith("{"):
             try:
-                items.append(json.loads(line))
+                item = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{source or '<stdin>'}:{n}: invalid JSON ({exc.msg})") from None
         else:
-            items.append({"text": line})
+            item = {"text": line}
+        items.append({**item, WHERE: f"{source or '<stdin>'}:{n}"})
     return items
 
 
@@ -86,16 +88,20 @@ def run_predict(cfg: RunConfig, adapter: str | None, source: str | None, max_new
     results = []
     for item in _read_inputs(source, stdin):
         if cfg.task == "causal_lm":
-            prompt = item.get("prompt") or item.get("instruction") or item.get("text", "")
-            result = {"prompt": prompt, "completion": generate(model, tokenizer, prompt, max_new_tokens)}
+            prompt, segments = prompt_segments(item, tokenizer)
+            result = {"prompt": prompt, "completion": generate(model, tokenizer, segments, max_new_tokens)}
         elif cfg.task == "seq_cls":
             text = item.get("text") or item.get(getattr(task, "text", "text"), "")
+            if not isinstance(text, str) or not isinstance(item.get("text_pair") or "", str):
+                raise DataError(f"{item[WHERE]}: 'text' (and 'text_pair') must be strings")
             enc = tokenizer(text, item.get("text_pair"), truncation=True, max_length=cfg.data.max_length,
                             return_tensors="pt")
             probs = model(**enc).logits.float().softmax(-1)[0]
             result = {"text": text, "label": labels[int(probs.argmax())], "score": float(probs.max())}
         else:
-            words = item.get("tokens") or item.get("text", "").split()
+            words = item.get("tokens") or str(item.get("text", "")).split()
+            if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+                raise DataError(f"{item[WHERE]}: 'tokens' must be a list of strings")
             enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=cfg.data.max_length,
                             return_tensors="pt")
             pred = model(**enc).logits.argmax(-1)[0].tolist()
@@ -110,13 +116,39 @@ def run_predict(cfg: RunConfig, adapter: str | None, source: str | None, max_new
     return results
 
 
-def generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int) -> str:
-    """Greedy completion of an instruction, rendered the way training rendered it."""
-    from .data.formats import to_segments
+def prompt_segments(item: dict, tokenizer: Any) -> tuple[str, list]:
+    """(the prompt to echo, the segments to generate after) for one input, rendered the way training
+    renders a record of the same shape: Alpaca fields (instruction, input, system, history), ShareGPT
+    `conversations` or `messages` become a conversation ending in an empty assistant turn; `prompt` is
+    used as it is (prompt/completion data is trained without a template); plain text is a user turn."""
+    from .data.formats import FORMATS, to_segments
 
-    segments = to_segments({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": ""}]},
-                           tokenizer, "<predict>")
-    text = "".join(s for s, trainable in segments if not trainable)
+    where = item.get(WHERE, "<predict>")
+    if isinstance(item.get("prompt"), str) and "instruction" not in item:
+        return item["prompt"], [(item["prompt"], False)]
+    if "instruction" in item:
+        messages = FORMATS["alpaca"].convert({**item, "output": "-"})["messages"][:-1]
+    elif "conversations" in item or "messages" in item:
+        name = "sharegpt" if "conversations" in item else "messages"
+        messages = FORMATS[name].convert(item)["messages"]
+        while messages and messages[-1]["role"] == "assistant":  # generate that turn anew
+            messages = messages[:-1]
+    else:
+        text = item.get("text", "")
+        if not isinstance(text, str):
+            raise DataError(f"{where}: 'text' must be a string")
+        messages = [{"role": "user", "content": text}]
+    if not messages:
+        raise DataError(f"{where}: nothing to prompt with (no user turn)")
+    segments = to_segments({"messages": [*messages, {"role": "assistant", "content": ""}]}, tokenizer, where)
+    return messages[-1]["content"], segments
+
+
+def generate(model: Any, tokenizer: Any, segments: list, max_new_tokens: int) -> str:
+    """Greedy completion after the prompt part of `segments` (see `prompt_segments`)."""
+    # everything before the final (empty) assistant turn; earlier assistant turns are part of the prompt
+    last = max((i for i, (_, trainable) in enumerate(segments) if trainable), default=len(segments))
+    text = "".join(s for s, _ in segments[:last])
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
     if tokenizer.bos_token_id is not None and (ids.numel() == 0 or ids[0, 0] != tokenizer.bos_token_id):
         ids = torch.cat([torch.tensor([[tokenizer.bos_token_id]]), ids], dim=1)

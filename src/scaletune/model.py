@@ -30,6 +30,8 @@ def _check_model_source(cfg: RunConfig) -> None:
 
 
 def load_tokenizer(cfg: RunConfig, path: str | None = None) -> Any:
+    """The model's tokenizer (or the one saved at `path`), with a pad token; lowers
+    `cfg.data.max_length` to the tokenizer's `model_max_length` where that is smaller."""
     from transformers import AutoTokenizer
 
     if path is None:
@@ -44,6 +46,13 @@ def load_tokenizer(cfg: RunConfig, path: str | None = None) -> Any:
     if tok.pad_token is None:
         # Padding positions are masked out of attention and loss, so any token will do.
         tok.pad_token = tok.eos_token or tok.unk_token
+    limit = getattr(tok, "model_max_length", None)
+    if isinstance(limit, int) and 0 < limit < cfg.data.max_length:
+        # Models with learned positions (BERT family: 512) index past their table and crash with a
+        # shape error on the first long example; the tokenizer knows the limit, so truncate there.
+        log.warning("data.max_length=%d is above what %s accepts; using its limit %d",
+                    cfg.data.max_length, src, limit)
+        cfg.data.max_length = limit
     return tok
 
 

@@ -283,8 +283,8 @@ def activation_bytes(cfg: RunConfig, shape: ModelShape, micro: int, cuda: bool =
     In 16-bit runs each RMSNorm also keeps the float32 copy of its input it computes in; float32
     weights under 16-bit autocast add the 16-bit copies of the frozen Linear weights (and head) that
     the backward pass needs (measured with saved_tensors_hooks, CPU bf16 autocast).
-    With train.chunked_loss only one chunk's logits exist (head output, its float32 copy and
-    logsumexp's temporary), plus the gathered hidden states and their gradient.
+    With train.chunked_loss only one chunk's logits exist (head output, its float32 copy and the
+    float32 log-softmax), plus the gathered hidden states and their gradient.
     Under train.torch_compile the compiled blocks' partitioner recomputes cheap elementwise work in
     backward instead of saving it: SwiGLU's activation output and the norms' float32 copies are not
     kept (measured: 110M Llama, bf16, CPU: 7.0 KB less per token and layer, 7.2 KB predicted; H100,

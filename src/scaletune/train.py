@@ -87,8 +87,29 @@ def check_output_dir(cfg: RunConfig, resume: str | None, overwrite: bool) -> boo
         if not overwrite:
             raise ConfigError(f"output_dir: {out} is not empty; resume it with --resume auto, pick a new "
                               "output_dir, or pass --overwrite to replace it")
+        why_not = _not_replaceable(cfg, out)
+        if why_not:
+            raise ConfigError(f"output_dir: --overwrite would delete {out}, but {why_not}; pick another "
+                              "output_dir or clear it yourself")
         return True
     return False
+
+
+RUN_MARKERS = ("run.json", "metrics.jsonl", "checkpoints", "adapter")
+
+
+def _not_replaceable(cfg: RunConfig, out: Path) -> str | None:
+    """Why --overwrite must not delete `out` (it deletes the whole directory): it must be an earlier
+    run's output and hold none of this run's inputs nor the working directory."""
+    if not any((out / name).exists() for name in RUN_MARKERS):
+        return f"it is not a scaletune run's output (none of {', '.join(RUN_MARKERS)} is in it)"
+    root = out.resolve()
+    inputs = {"data.train": cfg.data.train, "data.eval": cfg.data.eval, "model.name_or_path": cfg.model.name_or_path,
+              "the working directory": "."}
+    for key, value in inputs.items():
+        if value and Path(value).exists() and Path(value).resolve().is_relative_to(root):
+            return f"{key} ({value}) is inside it"
+    return None
 
 
 def build_optimizer(cfg: RunConfig, model: Any) -> Any:
@@ -150,6 +171,7 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
         problem = ckpt.verify(resume_from) if resume_from.is_dir() else "not a directory"
         if problem:
             raise UserError(f"--resume {resume}: not a usable checkpoint ({problem})")
+        ckpt.check_same_config(resume_from, fingerprint, allow_config_change)
     if "wandb" in (t.report_to or []) and not os.environ.get("WANDB_API_KEY"):
         os.environ.setdefault("WANDB_MODE", "offline")  # no key: log locally instead of failing the run
     accelerator = Accelerator(project_dir=str(out), log_with=t.report_to or None,
@@ -195,7 +217,11 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
     accelerator.wait_for_everyone()
     if resume_from is not None:
         params, opt_state, state = ckpt.load_checkpoint(resume_from)
-        load_trainable_state(accelerator, model, optimizer, params, opt_state, state["optimizer_scalars"])
+        try:
+            load_trainable_state(accelerator, model, optimizer, params, opt_state, state["optimizer_scalars"])
+        except (KeyError, RuntimeError, ValueError) as exc:  # --allow-config-change across shapes or tasks
+            raise UserError(f"checkpoint {resume_from} does not fit this run's model and adapter: "
+                            f"{str(exc).splitlines()[0][:300]}") from None
         scheduler.load_state_dict(state["scheduler"])
         # load_state_dict restores the schedule's position but not the optimizer's current lr
         for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
@@ -208,6 +234,7 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
 
         write_run_json(out, cfg, {"world_size": world, "grad_accum": accum, "total_steps": total,
                                   "steps_per_epoch": per_epoch, "train_examples": n_train,
+                                  "skipped_examples": data["stats"].get("dropped"),
                                   "eval_examples": len(data["eval"]) if data["eval"] is not None else 0,
                                   "trainable_params": trainable, "total_params": all_params,
                                   "labels": data["labels"], "config_fingerprint": fingerprint,

@@ -376,11 +376,60 @@ def test_existing_output_dir_survives_overwrite_with_bad_data(world):
     raw = base_raw(world)
     out = Path(raw["output_dir"])
     out.mkdir()
+    (out / "run.json").write_text("{}")  # an earlier run's output: --overwrite may replace it
     (out / "precious.txt").write_text("keep me")
     bad = world["root"] / "overwrite-bad.jsonl"
     bad.write_text('{"instruction": oops}\n')
     raw["data"]["train"] = str(bad)
     expect_bad(world, raw, "invalid JSON", args=["--overwrite"], out_dir=out)
+
+
+def test_overwrite_deletes_only_an_earlier_runs_output(world):
+    """--overwrite removes the whole output_dir: never a directory scaletune did not write, nor one
+    holding this run's data, model or the working directory."""
+    raw = base_raw(world)
+    out = Path(raw["output_dir"])
+    out.mkdir()
+    (out / "NOTES.md").write_text("not a run")
+    expect_bad(world, raw, "--overwrite would delete", "not a scaletune run's output", args=["--overwrite"])
+    (out / "run.json").write_text("{}")
+    data = write_jsonl(out / "train.jsonl", alpaca_records(16))
+    raw["data"]["train"] = str(data)
+    expect_bad(world, raw, "--overwrite would delete", f"data.train ({data}) is inside it", args=["--overwrite"])
+    raw["data"]["train"] = str(world["good"]["causal_lm"])
+    cwd = os.getcwd()
+    os.chdir(out)
+    try:
+        expect_bad(world, raw, "the working directory (.) is inside it", args=["--overwrite"], out_dir=out)
+    finally:
+        os.chdir(cwd)
+
+
+def test_resume_from_a_named_checkpoint_checks_the_config(world):
+    """`--resume DIR` refuses a checkpoint of another config like `--resume auto` does, and one that does
+    not fit the model even with --allow-config-change (different rank) ends in one line, not a traceback."""
+    raw = base_raw(world)
+    raw["train"]["save_every"] = 1
+    path = world["root"] / f"cfg{next(_ids)}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    code, err = run_main(["train", path])
+    assert code == 0, err
+    step = Path(raw["output_dir"]) / "checkpoints" / "step-2"
+    other = base_raw(world)
+    other["train"]["learning_rate"] = 0.1
+    expect_bad(world, other, "was written by a different run config", "--allow-config-change",
+               args=["--resume", step], out_dir=raw["output_dir"])
+    other["peft"]["r"] = 8
+    expect_bad(world, other, "does not fit this run's model and adapter",
+               args=["--resume", step, "--allow-config-change"], out_dir=raw["output_dir"])
+
+
+def test_adalora_target_rank_above_initial_rank(world):
+    raw = base_raw(world)
+    raw["peft"] = {"method": "adalora", "init_r": 4, "target_r": 8, "target_modules": ["q_proj"]}
+    expect_bad(world, raw, "peft.target_r: 8 is above peft.init_r (4)")
+    raw["peft"] = {"method": "prompt_tuning", "num_virtual_tokens": 0}
+    expect_bad(world, raw, "peft.num_virtual_tokens: must be >= 1, got 0")
 
 
 CLI_CASES = [

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from scaletune.checkpoint import checkpoint_dirs, verify
+from scaletune.checkpoint import REQUIRED_FILES, checkpoint_dirs, verify
 from scaletune.cli import main
 
 import forking
@@ -148,3 +148,20 @@ def test_disk_full_under_two_processes_stops_every_rank(make_config, tmp_path):
     assert "could not write checkpoint step 2" in text and "rank 0 could not write checkpoint step 2" in text
     out = tmp_path / "run"
     assert [p.name for p in checkpoint_dirs(out)] == ["step-1"] and verify(out / "checkpoints/step-1") is None
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda mf: mf.write_bytes(b"\xff\xfe\x00garbage"), "unreadable manifest"),
+    (lambda mf: mf.write_text("[]"), "malformed manifest"),
+    (lambda mf: mf.write_text(json.dumps({"files": {"state.json": {}}})), "manifest lists no trainable.safetensors"),
+    (lambda mf: mf.write_text(json.dumps({"files": {n: {} for n in REQUIRED_FILES}})), "does not match its hash"),
+])
+def test_damaged_manifest_is_a_reason_not_a_crash(tmp_path, damage, reason):
+    """A manifest that is not what scaletune writes makes the checkpoint unusable (so `--resume auto`
+    falls back to the one before), whatever its damage."""
+    root = tmp_path / "step-1"
+    root.mkdir()
+    for name in REQUIRED_FILES:
+        (root / name).write_text("x")
+    damage(root / "manifest.json")
+    assert reason in verify(root)

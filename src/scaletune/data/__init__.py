@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 from contextlib import nullcontext
@@ -19,6 +20,8 @@ from typing import Any
 from ..errors import DataError
 from ..fileutil import sha256_file
 from .readers import WHERE, read_records
+
+log = logging.getLogger("scaletune")
 
 CACHE_VERSION = "1"
 
@@ -121,6 +124,12 @@ def build_datasets(cfg: Any, task: Any, tokenizer: Any, accelerator: Any = None)
                     **task.cache_meta()}
             if cfg.data.cache and (accelerator is None or accelerator.is_main_process):
                 _save_atomically(where, train, evalset, meta)
+    for split, n in (meta.get("dropped") or {}).items():
+        if n and (accelerator is None or accelerator.is_main_process):
+            # silently training on fewer examples (and evaluating on a max_length-dependent subset)
+            # would surprise anyone comparing runs
+            log.warning("data.%s: %d example(s) skipped: no target tokens within data.max_length=%d",
+                        split, n, cfg.data.max_length)
     if cfg.data.packing:
         from .packing import pack_dataset
 

@@ -35,7 +35,7 @@ def demo_config(out: Path, steps: int) -> dict:
 def run_demo(out_dir: str, steps: int | None = None) -> int:
     from ..config import from_dict
     from ..evaluate import evaluate
-    from ..infer import generate
+    from ..infer import generate, prompt_segments
     from ..loop import fit
     from ..train import StopFlag, setup
     from .tiny import build_model_dir
@@ -59,12 +59,16 @@ def run_demo(out_dir: str, steps: int | None = None) -> int:
     pad = run.tokenizer.pad_token_id
     before = evaluate(run.accelerator, run.model, run.task, run.data["eval"], None, 8, pad)
     questions = ["Add 3 and 4.", "What is the opposite of hot?", "Is 7 even or odd?"]
-    before_answers = [generate(run.model, run.tokenizer, q, 6) for q in questions]
+
+    def answers() -> list[str]:
+        return [generate(run.model, run.tokenizer, prompt_segments({"text": q}, run.tokenizer)[1], 6) for q in questions]
+
+    before_answers = answers()
     print(f"[demo] training LoRA for {steps} steps on {len(run.data['train'])} examples "
           f"(CPU, {run.cfg.train.global_batch_size} per step); config: {out / 'demo.yaml'}")
     fit(run, StopFlag())
     after = evaluate(run.accelerator, run.model, run.task, run.data["eval"], None, 8, pad)
-    after_answers = [generate(run.model, run.tokenizer, q, 6) for q in questions]
+    after_answers = answers()
     print("\n[demo] held-out set            before      after")
     print(f"       loss                  {before['loss']:8.3f}   {after['loss']:8.3f}")
     print(f"       perplexity            {before['perplexity']:8.2f}   {after['perplexity']:8.2f}")
