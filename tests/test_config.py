@@ -118,3 +118,11 @@ def test_every_shipped_example_validates(path):
     cfg = from_dict(raw, source=str(path), world_size=1)
     assert not cross_field_problems(cfg, world_size=1, has_cuda=True)
     peft_config(cfg, get_task(cfg.task).peft_task_type)  # method keys valid for that peft config class
+
+
+def test_config_reference_rows_have_four_cells():
+    """Markdown splits a row at every unescaped |; enum types ("a | b") must not add columns."""
+    import re
+
+    for row in config_reference().splitlines():
+        assert len(re.split(r"(?<!\\)\|", row.strip().strip("|"))) == 4, row

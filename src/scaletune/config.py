@@ -61,7 +61,7 @@ class DataConfig:
         "causal_lm: alpaca | sharegpt | messages | prompt_completion | text; "
         "seq_cls: text (+text_pair) + label; token_cls: tokens + tags or conll. auto = detect from columns.",
     )
-    max_length: int = _f(1024, "Truncate tokenised examples to this many tokens.")
+    max_length: int = _f(1024, "Truncate tokenised examples to this many tokens (lowered, with a warning, to the tokenizer's model_max_length: 512 for BERT-family models).")
     train_on_prompt: bool = _f(False, "causal_lm: also compute the loss on prompt/user tokens.")
     packing: bool = _f(False, "causal_lm: pack several examples per row (attention isolated per example).")
     text_column: str | None = _f(None, "seq_cls/text: column with the text (default: text/sentence).")
@@ -525,7 +525,9 @@ def config_reference() -> str:
                 default = repr(f.default_factory())
             else:
                 default = "required"
-            lines.append(f"| `{key}` | {_type_name(tp)} | {default} | {f.metadata.get('help', '')} |")
+            cells = (f"`{key}`", _type_name(tp), default, f.metadata.get("help", ""))
+            # a bare | inside a cell (Literal types: "a | b") would split it into extra columns
+            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
 
     walk(RunConfig, "")
     return "\n".join(lines)
