@@ -25,6 +25,19 @@ def test_bad_json_line_named(tmp_path):
     assert f"{p}:2: invalid JSON" in text and f"{p}:4: expected a JSON object" in text
 
 
+def test_jsonl_lines_end_at_newline_only(tmp_path):
+    """Raw U+2028 / U+0085 / form feed inside a JSON string are data (json.dumps(ensure_ascii=False)
+    writes them so); they neither break the record nor shift later line numbers. CRLF files read too."""
+    p = tmp_path / "d.jsonl"
+    good = [{"text": "a\u2028b"}, {"text": "c\x85d\x0ce"}]
+    p.write_text("\r\n".join(json.dumps(r, ensure_ascii=False) for r in good) + "\r\n{bad\r\n", encoding="utf-8")
+    with pytest.raises(DataError) as err:
+        read_records(str(p))
+    assert f"{p}:3: invalid JSON" in err.value.render() and ":1:" not in err.value.render()
+    p.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in good) + "\n", encoding="utf-8")
+    assert [r["text"] for r in read_records(str(p))] == ["a\u2028b", "c\x85d\x0ce"]
+
+
 def test_non_utf8_named_with_line(tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_bytes(b'{"text": "ok"}\n{"text": "\xff\xfe"}\n')

@@ -10,7 +10,7 @@ from typing import Any, TextIO
 import torch
 
 from .config import RunConfig
-from .data.readers import WHERE
+from .data.readers import WHERE, text_lines
 from .errors import ConfigError, DataError, UserError
 
 
@@ -65,7 +65,7 @@ def _read_inputs(source: str | None, stdin: TextIO) -> list[dict]:
     except UnicodeDecodeError as exc:
         raise DataError(f"{source or '<stdin>'}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
     items = []
-    for n, line in enumerate(text.splitlines(), start=1):
+    for n, line in enumerate(text_lines(text), start=1):
         if not line.strip():
             continue
         if line.lstrip().startswith("{"):

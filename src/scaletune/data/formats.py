@@ -60,9 +60,10 @@ def _alpaca(rec: dict) -> dict:
     if not isinstance(history, list):
         raise DataError(f"{rec.get(WHERE, '?')}: field 'history' must be a list of [user, assistant] pairs, "
                         f"got {type(history).__name__}")
-    for turn in history:  # LLaMA-Factory's [[user, assistant], ...]
-        if isinstance(turn, (list, tuple)) and len(turn) == 2:
-            messages += [{"role": "user", "content": str(turn[0])}, {"role": "assistant", "content": str(turn[1])}]
+    for i, turn in enumerate(history):  # LLaMA-Factory's [[user, assistant], ...]
+        if not (isinstance(turn, (list, tuple)) and len(turn) == 2 and all(isinstance(t, str) for t in turn)):
+            raise DataError(f"{rec.get(WHERE, '?')}: history[{i}] must be a [user, assistant] pair of strings")
+        messages += [{"role": "user", "content": turn[0]}, {"role": "assistant", "content": turn[1]}]
     messages += [{"role": "user", "content": user}, {"role": "assistant", "content": _text(rec, "output", target=True)}]
     return {"messages": messages}
 
@@ -87,7 +88,9 @@ def _sharegpt(rec: dict) -> dict:
         if role is None:
             raise DataError(f"{where}: conversations[{i}].from={turn['from']!r} is not one of "
                             f"{sorted(_SHAREGPT_ROLES)}")
-        messages.append({"role": role, "content": str(turn["value"])})
+        if not isinstance(turn["value"], str):
+            raise DataError(f"{where}: conversations[{i}].value must be a string, got {type(turn['value']).__name__}")
+        messages.append({"role": role, "content": turn["value"]})
     return {"messages": messages}
 
 

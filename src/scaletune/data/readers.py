@@ -31,9 +31,15 @@ def _read_text(path: Path) -> str:
         raise DataError(f"{path}:{line}: not valid UTF-8 (byte {raw[exc.start]:#04x} at offset {exc.start})") from None
 
 
+def text_lines(text: str) -> list[str]:
+    """Lines split at \n (\r\n too) only: str.splitlines also splits at U+2028, U+0085, form feeds and
+    the like, which JSON strings may hold raw, and would shift every later line number."""
+    return [ln[:-1] if ln.endswith("\r") else ln for ln in text.split("\n")]
+
+
 def _read_jsonl(path: Path) -> list[dict]:
     records, problems = [], []
-    for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
+    for lineno, line in enumerate(text_lines(_read_text(path)), start=1):
         if not line.strip():
             continue
         try:
@@ -137,7 +143,7 @@ def read_conll(path: Path) -> list[dict]:
     tags: list[str] = []
     start = 1
     ncols = None
-    for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
+    for lineno, line in enumerate(text_lines(_read_text(path)), start=1):
         if not line.strip():
             if tokens:
                 records.append({"tokens": tokens, "tags": tags, WHERE: f"{path}:{start}"})
