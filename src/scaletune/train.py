@@ -153,6 +153,10 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
 
     world = world_size_from_env()
     problems = cross_field_problems(cfg, world_size=world, has_cuda=cuda_available())
+    if cfg.distributed.zero_stage and not any(v in os.environ for v in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE")):
+        # DeepSpeed needs the process group a launcher sets up; without one it fails deep in accelerate
+        problems.append(f"distributed.zero_stage={cfg.distributed.zero_stage} needs a launcher: "
+                        "`scaletune launch run.yaml --nproc N` (or accelerate launch), or set zero_stage: 0")
     if problems:
         raise ConfigError(problems, title=f"run config cannot run here ({len(problems)} problem(s))")
     # refuse bad peft settings before loading anything (AdaLoRA's real step count comes later)

@@ -429,6 +429,14 @@ def test_resume_from_a_named_checkpoint_checks_the_config(world):
                args=["--resume", step, "--allow-config-change"], out_dir=raw["output_dir"])
 
 
+def test_zero_stage_without_a_launcher(world, monkeypatch):
+    for var in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    raw = base_raw(world)
+    raw["distributed"] = {"zero_stage": 2}
+    expect_bad(world, raw, "distributed.zero_stage=2 needs a launcher", "scaletune launch")
+
+
 def test_adalora_target_rank_above_initial_rank(world):
     raw = base_raw(world)
     raw["peft"] = {"method": "adalora", "init_r": 4, "target_r": 8, "target_modules": ["q_proj"]}
