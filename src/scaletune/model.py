@@ -40,7 +40,7 @@ def load_tokenizer(cfg: RunConfig, path: str | None = None) -> Any:
     try:
         tok = AutoTokenizer.from_pretrained(src, trust_remote_code=cfg.model.trust_remote_code,
                                             revision=cfg.model.revision)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # Key/TypeError: a damaged tokenizer.json
         raise ConfigError(f"model.name_or_path: cannot load a tokenizer from {src!r} "
                           f"({str(exc).splitlines()[0]})") from None
     if tok.pad_token is None:
@@ -111,6 +111,13 @@ def peft_config(cfg: RunConfig, task_type: str, total_steps: int | None = None) 
         raise ConfigError(f"peft: {config_cls.__name__} rejected the settings: {exc}") from None
 
 
+def _damaged_checkpoint(exc: BaseException) -> bool:
+    """Whether loading failed because the model's files are broken (not a bug or a resource limit)."""
+    text = str(exc)
+    return type(exc).__name__ == "SafetensorError" or (
+        isinstance(exc, RuntimeError) and ("size mismatch" in text or "ignore_mismatched_sizes" in text))
+
+
 def load_model(cfg: RunConfig, task: Any, labels: list[str] | None, tokenizer: Any,
                total_steps: int | None = None, adapter_path: str | None = None) -> Any:
     """Frozen base + trainable adapter (new, or loaded from `adapter_path`), trainables in float32."""
@@ -138,6 +145,13 @@ def load_model(cfg: RunConfig, task: Any, labels: list[str] | None, tokenizer: A
     except (OSError, ValueError) as exc:
         raise ConfigError(f"model.name_or_path: cannot load {cfg.model.name_or_path!r} "
                           f"({str(exc).splitlines()[0]})") from None
+    except Exception as exc:  # noqa: BLE001
+        # damaged files: a truncated safetensors (SafetensorError), weights that do not match config.json
+        # (RuntimeError "size mismatch"); running out of memory is not the user's input, so re-raise it
+        if isinstance(exc, torch.OutOfMemoryError) or not _damaged_checkpoint(exc):
+            raise
+        raise ConfigError(f"model.name_or_path: {cfg.model.name_or_path!r} looks damaged "
+                          f"({type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]})") from None
     if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if qconf is not None:

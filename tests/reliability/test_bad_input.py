@@ -429,6 +429,25 @@ def test_resume_from_a_named_checkpoint_checks_the_config(world):
                args=["--resume", step, "--allow-config-change"], out_dir=raw["output_dir"])
 
 
+def test_damaged_model_files(world):
+    """An interrupted download (truncated safetensors) or weights that do not match config.json."""
+    import shutil
+
+    raw = base_raw(world)
+    broken = world["root"] / "truncated-model"
+    shutil.copytree(world["models"]["causal_lm"], broken)
+    weights = next(broken.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    raw["model"]["name_or_path"] = str(broken)
+    expect_bad(world, raw, f"model.name_or_path: '{broken}' looks damaged", "SafetensorError")
+    shutil.rmtree(broken)
+    shutil.copytree(world["models"]["causal_lm"], broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["intermediate_size"] *= 2
+    (broken / "config.json").write_text(json.dumps(config))
+    expect_bad(world, raw, f"model.name_or_path: '{broken}' looks damaged")
+
+
 def test_zero_stage_without_a_launcher(world, monkeypatch):
     for var in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)
