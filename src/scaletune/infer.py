@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any, TextIO
@@ -12,6 +13,8 @@ import torch
 from .config import RunConfig
 from .data.readers import WHERE, text_lines
 from .errors import ConfigError, DataError, UserError
+
+log = logging.getLogger("scaletune")
 
 
 def _adapter_dir(cfg: RunConfig, adapter: str | None) -> Path:
@@ -28,6 +31,13 @@ def load_trained(cfg: RunConfig, adapter: str | None) -> tuple[Any, Any, Any, li
 
     path = _adapter_dir(cfg, adapter)
     meta = json.loads((path / "scaletune.json").read_text()) if (path / "scaletune.json").is_file() else {}
+    if meta.get("task", cfg.task) != cfg.task:
+        raise UserError(f"the adapter at {path} was trained for task {meta['task']}, the run config says "
+                        f"task: {cfg.task}; use that run's config or another --adapter")
+    if meta.get("base_model") and meta["base_model"] != cfg.model.name_or_path:
+        # a moved or re-downloaded base is fine; a different one gives nonsense without an error
+        log.warning("the adapter at %s was trained on %s; loading it onto %s", path, meta["base_model"],
+                    cfg.model.name_or_path)
     task = get_task(cfg.task)
     task.setup_cached(meta)
     labels = meta.get("labels")

@@ -427,6 +427,12 @@ def test_resume_from_a_named_checkpoint_checks_the_config(world):
     other["peft"]["r"] = 8
     expect_bad(world, other, "does not fit this run's model and adapter",
                args=["--resume", step, "--allow-config-change"], out_dir=raw["output_dir"])
+    adapter = Path(raw["output_dir"]) / "adapter"
+    prompts = world["root"] / "prompts.txt"
+    prompts.write_text("great film\n")
+    for cmd, extra in (("predict", ["--input", prompts]), ("eval", ["--data", world["good"]["seq_cls"]])):
+        expect_bad(world, base_raw(world, "seq_cls"), "was trained for task causal_lm", "task: seq_cls",
+                   cmd=cmd, args=["--adapter", adapter, *extra], out_dir=raw["output_dir"])
 
 
 def test_damaged_model_files(world):
