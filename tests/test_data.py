@@ -258,3 +258,14 @@ def test_predict_prompts_the_way_training_rendered(tmp_path, tiny_llama, record)
 
     generate(Model(), tok, prompt_segments(query, tok)[1], 3)
     assert seen["ids"] == trained_prompt
+
+
+def test_numeric_labels_get_the_same_order_from_csv_and_json():
+    """CSV/TSV give "10" as a string, JSON gives 10: both must map class index i to the same label."""
+    from scaletune.tasks.base import collect_labels
+
+    ints = [{"label": i} for i in (11, 2, 0, 10, 1)]
+    strs = [{"label": str(r["label"])} for r in ints]
+    assert collect_labels(ints, "label", is_list=False) == collect_labels(strs, "label", is_list=False) \
+        == ["0", "1", "2", "10", "11"]
+    assert collect_labels([{"label": "b"}, {"label": "10"}, {"label": "a"}], "label", is_list=False) == ["10", "a", "b"]

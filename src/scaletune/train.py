@@ -24,9 +24,11 @@ from .trainable_state import unwrap
 log = logging.getLogger("scaletune")
 
 # Keys that may change between a run and its resume without making the checkpoint foreign.
+# (Not data.eval_fraction: it decides which examples are trained on, so a change would move trained
+# examples into the eval set.)
 _RESUME_FREE_KEYS = {"train": {"max_steps", "epochs", "eval_every", "save_every", "log_every", "save_total_limit",
                                "report_to", "max_nonfinite_skips", "release_cpu_memory"},
-                     "data": {"num_workers", "cache", "eval", "eval_fraction"}, "distributed": {"zero_stage",
+                     "data": {"num_workers", "cache", "eval"}, "distributed": {"zero_stage",
                                "offload", "backend"}, "output_dir": True}
 
 

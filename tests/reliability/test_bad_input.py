@@ -424,6 +424,10 @@ def test_resume_from_a_named_checkpoint_checks_the_config(world):
     other["train"]["learning_rate"] = 0.1
     expect_bad(world, other, "was written by a different run config", "--allow-config-change",
                args=["--resume", step], out_dir=raw["output_dir"])
+    moved = base_raw(world)
+    moved["data"]["eval_fraction"] = 0.5  # would move trained examples into the eval set
+    expect_bad(world, moved, "was written by a different run config", args=["--resume", step],
+               out_dir=raw["output_dir"])
     other["peft"]["r"] = 8
     expect_bad(world, other, "does not fit this run's model and adapter",
                args=["--resume", step, "--allow-config-change"], out_dir=raw["output_dir"])

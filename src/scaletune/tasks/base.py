@@ -129,6 +129,7 @@ def collect_labels(records: list[dict], column: str, *, is_list: bool) -> list[s
                                 "integers)")
             seen.setdefault(str(v), type(v))
     kinds = set(seen.values())
-    if kinds == {int}:
+    # CSV/TSV cells are strings: "0".."11" must get the class indices that JSON's 0..11 get
+    if kinds == {int} or all(label.isdecimal() for label in seen):
         return sorted(seen, key=int)
     return sorted(seen)
