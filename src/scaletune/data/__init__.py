@@ -23,7 +23,7 @@ from .readers import WHERE, read_records
 
 log = logging.getLogger("scaletune")
 
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"  # 2: numeric string labels sort numerically
 
 
 def cache_root() -> Path:
