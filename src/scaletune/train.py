@@ -83,8 +83,16 @@ def check_output_dir(cfg: RunConfig, resume: str | None, overwrite: bool) -> boo
     Returns whether the old directory must be replaced; the caller does that only after data and
     model have loaded, so a bad input never costs the user the previous run."""
     out = Path(cfg.output_dir)
+    try:
+        existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    except (OSError, ValueError) as exc:  # a name too long, a NUL byte
+        raise ConfigError(f"output_dir: {cfg.output_dir[:200]!r} is not a usable path ({exc})") from None
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir: {out} exists and is not a directory")
+    if not existing.is_dir():
+        raise ConfigError(f"output_dir: {out} cannot be created: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir: {out} cannot be written ({existing} is not writable by this user)")
     if out.is_dir() and any(out.iterdir()) and resume is None:
         if not overwrite:
             raise ConfigError(f"output_dir: {out} is not empty; resume it with --resume auto, pick a new "

@@ -361,6 +361,9 @@ def test_bad_model_and_sizes(world):
     raw = base_raw(world)
     Path(raw["output_dir"]).write_text("a file")
     expect_bad(world, raw, "output_dir:", "exists and is not a directory", out_dir=raw["output_dir"])
+    below_file = dict(raw, output_dir=str(Path(raw["output_dir"]) / "run"))
+    expect_bad(world, below_file, "output_dir:", f"cannot be created: {raw['output_dir']} is a file")
+    expect_bad(world, dict(raw, output_dir=str(world["root"] / ("x" * 300))), "output_dir:", "is not a usable path")
 
 
 def test_existing_output_dir_is_untouched_by_a_failing_resume(world):
