@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 
-from .errors import EXIT_USAGE, UserError
+from .errors import EXIT_USAGE, ConfigError, UserError
 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
@@ -187,8 +187,15 @@ def dispatch(args: argparse.Namespace) -> int:
             return 0
         return launch.main_launch(args, cfg)
     if args.command == "slurm":
+        from .config import cross_field_problems
         from .slurm import main_slurm
 
+        if args.gpus_per_node > 0:  # the world the job will have: refuse now, not after the queue wait
+            world = args.nodes * args.gpus_per_node
+            problems = cross_field_problems(cfg, world_size=world, has_cuda=True)
+            if problems:
+                raise ConfigError(problems, title=f"{args.config} cannot run on {args.nodes} node(s) x "
+                                                  f"{args.gpus_per_node} GPU(s) ({len(problems)} problem(s))")
         return main_slurm(args)  # the config was validated above; the job re-reads it
     raise AssertionError(args.command)
 

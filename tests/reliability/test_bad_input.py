@@ -487,6 +487,8 @@ CLI_CASES = [
     ("launch", ["--node-rank", "3", "--dry-run"], ["--node-rank: must be in [0, 0]"]),
     ("launch", ["--master-port", "70000", "--dry-run"], ["--master-port"]),
     ("slurm", ["--nodes", "0", "--dry-run"], ["--nodes must be >= 1"]),
+    ("slurm", ["--nodes", "2", "--gpus-per-node", "8", "--dry-run"],
+     ["cannot run on 2 node(s) x 8 GPU(s)", "global_batch_size"]),
     ("plan", ["--gpu-memory", "lots"], ["--gpu-memory: cannot read 'lots'"]),
 ]
 
