@@ -269,3 +269,21 @@ def test_numeric_labels_get_the_same_order_from_csv_and_json():
     assert collect_labels(ints, "label", is_list=False) == collect_labels(strs, "label", is_list=False) \
         == ["0", "1", "2", "10", "11"]
     assert collect_labels([{"label": "b"}, {"label": "10"}, {"label": "a"}], "label", is_list=False) == ["10", "a", "b"]
+
+
+def test_predicted_tags_stay_on_their_words(tiny_bert):
+    """A word the tokenizer turns into nothing (zero-width space) gets "O"; the words after it keep
+    their own tags (they used to shift one word left)."""
+    from transformers import AutoTokenizer
+
+    from scaletune.infer import word_tags
+
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    words = ["alpha", "\u200b", "beta", "gamma"]
+    enc = tok(words, is_split_into_words=True)
+    ids = enc.word_ids()
+    assert 1 not in ids  # the premise: word 1 has no sub-token
+    labels = ["O", "B-X", "B-Y", "B-Z"]
+    wanted = {0: 1, 2: 2, 3: 3}  # label index per word
+    pred = [wanted.get(w, 0) if w is not None else 0 for w in ids]
+    assert word_tags(ids, pred, labels, len(words)) == ["B-X", "O", "B-Y", "B-Z"]

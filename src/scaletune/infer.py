@@ -115,15 +115,20 @@ def run_predict(cfg: RunConfig, adapter: str | None, source: str | None, max_new
             enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=cfg.data.max_length,
                             return_tensors="pt")
             pred = model(**enc).logits.argmax(-1)[0].tolist()
-            tags, seen = [], set()
-            for pos, w in enumerate(enc.word_ids()):
-                if w is not None and w not in seen:
-                    seen.add(w)
-                    tags.append(labels[pred[pos]])
-            result = {"tokens": words, "tags": tags + ["O"] * (len(words) - len(tags))}
+            result = {"tokens": words, "tags": word_tags(enc.word_ids(), pred, labels, len(words))}
         out.write(json.dumps(result, ensure_ascii=False) + "\n")
         results.append(result)
     return results
+
+
+def word_tags(word_ids: list, pred: list[int], labels: list[str], n_words: int) -> list[str]:
+    """Each word's tag is its first sub-token's, placed by word index: a word with no sub-tokens (a
+    zero-width space) or cut off by max_length is "O" and does not shift the words after it."""
+    tags = ["O"] * n_words
+    for pos in reversed(range(len(word_ids))):
+        if word_ids[pos] is not None:
+            tags[word_ids[pos]] = labels[pred[pos]]
+    return tags
 
 
 def prompt_segments(item: dict, tokenizer: Any) -> tuple[str, list]:
