@@ -169,3 +169,21 @@ def test_demo_runs_and_improves(tmp_path):
     res = subprocess.run([sys.executable, "-m", "scaletune", "demo", "--out", str(other)], capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 2 and (other / "x").read_text() == "mine"
+
+
+def test_ctrl_c_in_train_names_the_checkpoint_to_resume_from(make_config, capsys, monkeypatch):
+    import scaletune.cli as cli
+
+    path = make_config()
+    out = Path(yaml.safe_load(Path(path).read_text())["output_dir"])
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "dispatch", interrupted)
+    code, _, err = run_cli(["train", path], capsys)
+    assert code == 130 and "no checkpoint was written yet" in err
+    (out / "checkpoints" / "step-3").mkdir(parents=True)
+    (out / "checkpoints" / "step-12").mkdir()
+    code, _, err = run_cli(["train", path], capsys)
+    assert code == 130 and f"newest checkpoint {out / 'checkpoints' / 'step-12'}" in err and "--resume auto" in err

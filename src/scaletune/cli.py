@@ -9,6 +9,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 from .errors import EXIT_USAGE, ConfigError, UserError
 
@@ -216,8 +217,25 @@ def main(argv: list[str] | None = None) -> int:
         print(exc.render(), file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(f"\ninterrupted{_resume_hint(args)}", file=sys.stderr)
         return 130
+
+
+def _resume_hint(args: argparse.Namespace) -> str:
+    """After Ctrl-C in `train`: which checkpoint a resume would start from, and the command."""
+    if args.command != "train":
+        return ""
+    try:
+        from .checkpoint import checkpoint_dirs
+        from .config import load_config
+
+        cfg = load_config(args.config, args.overrides)
+        newest = next(iter(checkpoint_dirs(Path(cfg.output_dir))), None)
+    except Exception:  # noqa: BLE001 - a hint must never hide the interruption itself
+        return ""
+    if newest is None:
+        return " (no checkpoint was written yet)"
+    return f"; newest checkpoint {newest}: continue with `scaletune train {args.config} --resume auto`"
 
 
 if __name__ == "__main__":
