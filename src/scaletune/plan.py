@@ -40,6 +40,9 @@ def parse_bytes(text: str, key: str = "--gpu-memory") -> int:
     unit = m.group(2).lower() if m else ""
     if not m or unit not in _UNITS or float(m.group(1)) <= 0:
         raise ConfigError(f"{key}: cannot read {text!r} as a memory size (e.g. 80GiB, 24GB, 512MiB)")
+    if not unit and float(m.group(1)) < 2**20:  # "80" is 80 bytes: surely 80GiB was meant
+        raise ConfigError(f"{key}: {text!r} has no unit and would be {text.strip()} bytes; "
+                          f"write e.g. {text.strip()}GiB")
     return int(float(m.group(1)) * _UNITS[unit])
 
 

@@ -490,6 +490,7 @@ CLI_CASES = [
     ("slurm", ["--nodes", "2", "--gpus-per-node", "8", "--dry-run"],
      ["cannot run on 2 node(s) x 8 GPU(s)", "global_batch_size"]),
     ("plan", ["--gpu-memory", "lots"], ["--gpu-memory: cannot read 'lots'"]),
+    ("plan", ["--gpu-memory", "80"], ["--gpu-memory: '80' has no unit", "80GiB"]),
 ]
 
 
