@@ -33,12 +33,20 @@ _DS_RESOURCE_PACKAGE = "scaletune.resources.deepspeed"
 # Environment helpers
 
 
+LAUNCHER_WORLD_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE")  # torchrun/accelerate, MPI
+
+
+def launched() -> bool:
+    """Whether a launcher started this process (and so set up what torch.distributed needs)."""
+    return any(var in os.environ for var in LAUNCHER_WORLD_VARS)
+
+
 def world_size_from_env() -> int:
     """World size as set by the launcher (torchrun/accelerate/deepspeed), 1 when not launched.
 
     Known before the Accelerator exists, which is what the DeepSpeed batch arithmetic needs.
     """
-    for var in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"):
+    for var in LAUNCHER_WORLD_VARS:
         value = os.environ.get(var)
         if value and value.isdigit():
             return max(1, int(value))

@@ -112,7 +112,9 @@ def peft_config(cfg: RunConfig, task_type: str, total_steps: int | None = None) 
 
 
 def _damaged_checkpoint(exc: BaseException) -> bool:
-    """Whether loading failed because the model's files are broken (not a bug or a resource limit)."""
+    """Whether loading failed because the model's files are broken: a truncated safetensors
+    (SafetensorError) or weights that do not match config.json (RuntimeError "size mismatch") -- not a
+    bug or a resource limit such as running out of memory."""
     text = str(exc)
     return type(exc).__name__ == "SafetensorError" or (
         isinstance(exc, RuntimeError) and ("size mismatch" in text or "ignore_mismatched_sizes" in text))
@@ -146,9 +148,7 @@ def load_model(cfg: RunConfig, task: Any, labels: list[str] | None, tokenizer: A
         raise ConfigError(f"model.name_or_path: cannot load {cfg.model.name_or_path!r} "
                           f"({str(exc).splitlines()[0]})") from None
     except Exception as exc:  # noqa: BLE001
-        # damaged files: a truncated safetensors (SafetensorError), weights that do not match config.json
-        # (RuntimeError "size mismatch"); running out of memory is not the user's input, so re-raise it
-        if isinstance(exc, torch.OutOfMemoryError) or not _damaged_checkpoint(exc):
+        if not _damaged_checkpoint(exc):
             raise
         raise ConfigError(f"model.name_or_path: {cfg.model.name_or_path!r} looks damaged "
                           f"({type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]})") from None

@@ -156,14 +156,14 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
     from transformers.utils import logging as hf_logging
 
     from .data import build_datasets
-    from .distributed import accelerator_kwargs, cuda_available, world_size_from_env
+    from .distributed import accelerator_kwargs, cuda_available, launched, world_size_from_env
     from .model import compile_blocks, count_parameters, load_model, load_tokenizer, peft_config, quantization_config
     from .tasks import get_task
     from .trainable_state import load_trainable_state
 
     world = world_size_from_env()
     problems = cross_field_problems(cfg, world_size=world, has_cuda=cuda_available())
-    if cfg.distributed.zero_stage and not any(v in os.environ for v in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE")):
+    if cfg.distributed.zero_stage and not launched():
         # DeepSpeed needs the process group a launcher sets up; without one it fails deep in accelerate
         problems.append(f"distributed.zero_stage={cfg.distributed.zero_stage} needs a launcher: "
                         "`scaletune launch run.yaml --nproc N` (or accelerate launch), or set zero_stage: 0")
