@@ -45,6 +45,13 @@ def test_method_trains_saves_and_reloads_in_plain_peft(make_config, tmp_path, na
     lr = 3e-1 if name == "prompt_tuning" else 5e-2  # prompt tuning is usually run at lr ~0.3
     path = _write(make_config, task, name, tmp_path, **({"max_steps": 30, "learning_rate": lr} if slow else {}))
     cfg = load_config(path)
+    if (name, task) == ("prefix_tuning", "seq_cls") and _peft_prefix_forward_fails(cfg):
+        # this transformers renamed the encoder's cache argument and this peft cannot run the pair
+        # at all: scaletune must refuse it before training, naming the way out
+        with pytest.raises(ConfigError, match=r"prefix_tuning with task seq_cls: peft .*`past_key_values`.*"
+                                              r"transformers<5.24"):
+            setup(cfg)
+        return
     run, _ = setup(cfg)
     before = {n: p.detach().clone() for n, p in run.model.named_parameters() if p.requires_grad}
     assert fit(run, StopFlag()) == "done"
@@ -66,6 +73,21 @@ def test_method_trains_saves_and_reloads_in_plain_peft(make_config, tmp_path, na
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     with torch.no_grad():
         torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, rtol=1e-4, atol=1e-4)
+
+
+def _peft_prefix_forward_fails(cfg) -> bool:
+    """Whether plain peft (no scaletune code) fails the first forward of a prefix-tuned classifier."""
+    from peft import PrefixTuningConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    base = AutoModelForSequenceClassification.from_pretrained(cfg.model.name_or_path, num_labels=2)
+    model = get_peft_model(base, PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=2))
+    try:
+        model(input_ids=torch.tensor([[2, 5, 3]]), attention_mask=torch.ones(1, 3, dtype=torch.long))
+    except ValueError as exc:
+        assert "past key values" in str(exc)
+        return True
+    return False
 
 
 def test_unsupported_combinations_refused_with_reason():

@@ -39,7 +39,8 @@ MATRIX: dict[str, Method] = {
                    "saving its shared projections deadlocks under ZeRO-3; use ZeRO-2"),
     "oft": Method("oft", {}, _ALL, True),
     "prefix_tuning": Method("prefix_tuning", {}, ("causal_lm", "seq_cls"), False,
-                            "virtual key/values; token_cls: peft gives no per-token alignment", _PROMPT_Z3),
+                            "virtual key/values; token_cls: peft gives no per-token alignment; seq_cls: peft 0.21 cannot reach "
+                            "encoders under transformers>=5.24 (refused then)", _PROMPT_Z3),
     "prompt_tuning": Method("prompt_tuning", {}, ("causal_lm", "seq_cls"), False,
                             "virtual input tokens; token_cls: outputs would include the virtual tokens", _PROMPT_Z3),
     "bottleneck_adapter": Method("bottleneck_adapter", {}, _ALL, True, "Houlsby/Pfeiffer adapter (scaletune's)"),

@@ -162,7 +162,40 @@ def load_model(cfg: RunConfig, task: Any, labels: list[str] | None, tokenizer: A
         model = peft.PeftModel.from_pretrained(model, adapter_path, is_trainable=False)
     else:
         model = apply_adapter(model, cfg, task, total_steps)
+    why_not = prefix_forward_problem(model)
+    if why_not:
+        raise ConfigError(f"peft.method={cfg.peft_method} with task {cfg.task}: {why_not}")
     return float32_trainables(model)
+
+
+def prefix_forward_problem(model: Any) -> str | None:
+    """Why peft's prefix tuning cannot run this classifier's forward, or None if it can.
+
+    peft hands its virtual key/values over as `past_key_values`: to the classifier if its forward
+    names that parameter, else to the backbone, and raises on the first forward if neither does.
+    transformers 5.24 renamed the parameter `cache` on encoder models (BERT family), so that
+    combination would fail at step 1, after data and model loaded. This is peft's own test, asked once."""
+    import inspect
+
+    from peft import PeftModelForSequenceClassification, PeftModelForTokenClassification
+
+    # (peft's causal-LM forward passes them on without this test; transformers still maps the old name)
+    if not isinstance(model, (PeftModelForSequenceClassification, PeftModelForTokenClassification)):
+        return None
+    pconf = model.active_peft_config
+    backbone_name = getattr(model, "transformer_backbone_name", None)
+    if str(getattr(pconf.peft_type, "value", pconf.peft_type)) != "PREFIX_TUNING" or backbone_name is None:
+        return None
+    base = model.base_model
+    for module in (base, base.get_submodule(backbone_name)):
+        if "past_key_values" in inspect.signature(module.forward).parameters:
+            return None
+    import peft
+    import transformers
+
+    return (f"peft {peft.__version__} passes the virtual key/values as `past_key_values`, which "
+            f"{type(base).__name__}.forward no longer accepts under transformers {transformers.__version__} "
+            "(it is called `cache` since 5.24); use peft.method prompt_tuning, lora or ia3, or transformers<5.24")
 
 
 def apply_adapter(model: Any, cfg: RunConfig, task: Any, total_steps: int | None) -> Any:
