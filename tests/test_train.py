@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
+from scaletune import faults
+from scaletune.checkpoint import checkpoint_dirs
+from scaletune.cli import _resume_hint, build_parser, main
 from scaletune.config import load_config
 from scaletune.loop import fit
-from scaletune.train import StopFlag, setup
+from scaletune.train import StopFlag, replaced_runs, setup
 
 from stutil import read_metrics
 
@@ -112,6 +116,86 @@ def test_resume_of_finished_run_does_nothing_more(make_config, tmp_path):
     assert run.step == 2 and used.name == "step-2"
     assert fit(run, StopFlag()) == "done"
     assert [r["step"] for r in read_metrics(run.output_dir)] == [1, 2]
+
+
+def _overwrite_config(make_config) -> Path:
+    """4 steps, a checkpoint every 2: a run to replace, and a run that can fail or stop half-way."""
+    return make_config("causal_lm", n=32, train={"max_steps": 4, "save_every": 2})
+
+
+def test_overwrite_keeps_the_old_run_aside_while_the_new_one_fails(make_config, tmp_path, monkeypatch, caplog):
+    """A replacing run that fails at step 3 leaves the old run whole in the hidden sibling named in
+    `.replaced_run`, the log and the Ctrl-C hint; the next replacing run that finishes deletes it, and
+    the failed run it replaced too."""
+    path = _overwrite_config(make_config)
+    assert main(["train", str(path)]) == 0
+    out = tmp_path / "run"
+    old_adapter = (out / "adapter/adapter_model.safetensors").read_bytes()
+    monkeypatch.setenv("SCALETUNE_FAULT", "nan@3")
+    faults._plan.cache_clear()
+    try:
+        with caplog.at_level("INFO", logger="scaletune"):
+            assert main(["train", str(path), "--overwrite"]) == 2
+    finally:
+        monkeypatch.delenv("SCALETUNE_FAULT")
+        faults._plan.cache_clear()
+    (aside,) = [Path(line) for line in (out / ".replaced_run").read_text().splitlines()]
+    assert aside.parent == tmp_path and aside.name.startswith(".run.replaced-")
+    assert (aside / "adapter/adapter_model.safetensors").read_bytes() == old_adapter
+    assert [p.name for p in checkpoint_dirs(aside)] == ["step-4", "step-2"]
+    assert f"kept at {aside}" in caplog.text
+    assert f"kept at {aside}" in _resume_hint(build_parser().parse_args(["train", str(path)]))
+    assert not (out / "adapter").exists()  # the failed run's partial output is what is in output_dir
+    assert main(["train", str(path), "--overwrite"]) == 0
+    assert not list(tmp_path.glob(".run.replaced-*")) and not (out / ".replaced_run").exists()
+
+
+def test_overwrite_that_finishes_leaves_only_the_new_run(make_config, tmp_path, capsys):
+    path = _overwrite_config(make_config)
+    assert main(["train", str(path)]) == 0
+    out = tmp_path / "run"
+    (out / "notes.txt").write_text("written beside the old run")
+    capsys.readouterr()
+    assert main(["train", str(path), "--overwrite", "train.max_steps=2"]) == 0
+    assert "deleted the run --overwrite replaced" in capsys.readouterr().out
+    assert sorted(os.listdir(out)) == ["adapter", "checkpoints", "metrics.jsonl", "run.json"]
+    assert [p.name for p in checkpoint_dirs(out)] == ["step-2"]
+    assert [r["step"] for r in read_metrics(out)] == [1, 2]
+    assert not list(tmp_path.glob(".run.replaced-*"))
+
+
+def test_overwrite_preempted_then_resumed_deletes_the_old_run_when_it_finishes(make_config, tmp_path, capsys):
+    """The aside path is in a file, not in memory: the `--resume auto` run that finishes deletes it."""
+    path = _overwrite_config(make_config)
+    run, _ = setup(load_config(path))
+    assert fit(run, StopFlag()) == "done"
+    run, _ = setup(load_config(path), overwrite=True)
+    (aside,) = replaced_runs(run.output_dir)
+    capsys.readouterr()
+    assert fit(run, StopAt(run, 2)) == "preempted"
+    assert f"kept at {aside}" in capsys.readouterr().out  # the preemption message says where
+    assert (aside / "adapter/adapter_model.safetensors").is_file()
+    run, used = setup(load_config(path), resume="auto")
+    assert used.name == "step-2" and replaced_runs(run.output_dir) == [aside]
+    assert fit(run, StopFlag()) == "done"
+    assert not aside.exists() and not (run.output_dir / ".replaced_run").exists()
+
+
+def test_overwrite_deletes_the_old_run_with_a_warning_when_it_cannot_be_moved(make_config, tmp_path, monkeypatch,
+                                                                              caplog):
+    """E.g. a parent directory this user cannot write: the old contents go up front, as they used to."""
+    path = make_config("causal_lm", n=32, train={"max_steps": 1})
+    run, _ = setup(load_config(path))
+    fit(run, StopFlag())
+
+    def refuse(self, target):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "rename", refuse)
+    with caplog.at_level("WARNING", logger="scaletune"):
+        run, _ = setup(load_config(path), overwrite=True)
+    assert "cannot move" in caplog.text and "deleting its contents instead" in caplog.text
+    assert os.listdir(run.output_dir) == ["run.json"] and not list(tmp_path.glob(".run.replaced-*"))
 
 
 def _peft_predictions(cfg_path: Path, task: str, texts):

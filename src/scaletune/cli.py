@@ -222,20 +222,24 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _resume_hint(args: argparse.Namespace) -> str:
-    """After Ctrl-C in `train`: which checkpoint a resume would start from, and the command."""
+    """After Ctrl-C in `train`: which checkpoint a resume would start from, the command, and where the
+    run --overwrite replaced is kept."""
     if args.command != "train":
         return ""
     try:
         from .checkpoint import checkpoint_dirs
         from .config import load_config
+        from .train import replaced_note
 
         cfg = load_config(args.config, args.overrides)
         newest = next(iter(checkpoint_dirs(Path(cfg.output_dir))), None)
+        kept = replaced_note(Path(cfg.output_dir))
     except Exception:  # noqa: BLE001 - a hint must never hide the interruption itself
         return ""
+    kept = f"; {kept}" if kept else ""
     if newest is None:
-        return " (no checkpoint was written yet)"
-    return f"; newest checkpoint {newest}: continue with `scaletune train {args.config} --resume auto`"
+        return f" (no checkpoint was written yet){kept}"
+    return f"; newest checkpoint {newest}: continue with `scaletune train {args.config} --resume auto`{kept}"
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from .evaluate import evaluate, to_device
 from .metrics import Throughput
 from .nonfinite import NonfiniteGuard
 from .tracking import MetricsLog
-from .train import Run, StopFlag, final_outputs, save_checkpoint
+from .train import Run, StopFlag, final_outputs, replaced_note, save_checkpoint
 
 
 def fit(run: Run, stop: StopFlag) -> str:
@@ -48,7 +48,9 @@ def fit(run: Run, stop: StopFlag) -> str:
             path = save_checkpoint(run)
             mlog.log("preempted", run.step, {"signal": stop.signal, "checkpoint": str(path)})
             mark_preempted(acc, path)
-            mlog.write(f"stopped on signal {stop.signal} at step {run.step}; checkpoint {path}")
+            kept = replaced_note(run.output_dir)
+            mlog.write(f"stopped on signal {stop.signal} at step {run.step}; checkpoint {path}"
+                       + (f"; {kept}" if kept else ""))
             mlog.close()
             return "preempted"
         # Dropout etc. draw from (seed, step, rank): a resumed run replays exactly the same randomness.

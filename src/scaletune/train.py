@@ -9,6 +9,7 @@ import math
 import os
 import shutil
 import signal
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,7 +110,7 @@ RUN_MARKERS = ("run.json", "metrics.jsonl", "checkpoints", "adapter")
 
 
 def _not_replaceable(cfg: RunConfig, out: Path) -> str | None:
-    """Why --overwrite must not delete `out` (it deletes the whole directory): it must be an earlier
+    """Why --overwrite must not replace `out` (all of it goes once the new run finishes): it must be an earlier
     run's output and hold none of this run's inputs nor the working directory."""
     if not any((out / name).exists() for name in RUN_MARKERS):
         return f"it is not a scaletune run's output (none of {', '.join(RUN_MARKERS)} is in it)"
@@ -120,6 +121,74 @@ def _not_replaceable(cfg: RunConfig, out: Path) -> str | None:
         if value and Path(value).exists() and Path(value).resolve().is_relative_to(root):
             return f"{key} ({value}) is inside it"
     return None
+
+
+# In a replacing run's output_dir: the replaced runs set aside (one path a line), deleted when this run finishes.
+REPLACED_RECORD = ".replaced_run"
+
+
+def set_aside(out: Path) -> None:
+    """Rename the output_dir --overwrite replaces to a hidden sibling instead of deleting it, so a new run
+    that fails, is interrupted or preempted costs nothing; `discard_replaced` deletes it once this run
+    finishes. Then create `out` afresh, with the record of what was set aside. Main process only."""
+    kept = replaced_runs(out)  # if `out` is an unfinished replacement itself, what it kept stays kept
+    aside = _aside_path(out)
+    try:
+        out.rename(aside)  # a sibling: the same filesystem, so this is atomic
+        kept.append(aside)
+    except OSError as exc:  # e.g. the parent is not writable: clear `out` itself, as before
+        log.warning("--overwrite: cannot move %s aside (%s); deleting its contents instead", out, exc)
+        for child in out.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    if kept:
+        (out / REPLACED_RECORD).write_text("".join(f"{p}\n" for p in kept))
+
+
+def _aside_path(out: Path) -> Path:
+    """A free sibling name for `out`: `.<name>.replaced-<YYYYmmdd-HHMMSS>[-N]`."""
+    out = Path(os.path.abspath(out))  # a plain name or a trailing `..` has no usable parent/name otherwise
+    base = out.parent / f".{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside, n = base, 1
+    while aside.exists() or aside.is_symlink():
+        aside, n = base.with_name(f"{base.name}-{n}"), n + 1
+    return aside
+
+
+def replaced_runs(out: Path) -> list[Path]:
+    """The replaced runs recorded in `out` that still exist. Only names `set_aside` gives are trusted: the
+    record is a file a user can edit, and these paths get deleted."""
+    try:
+        lines = (out / REPLACED_RECORD).read_text().splitlines()
+    except OSError:  # none recorded (or unreadable: then nothing is deleted either)
+        return []
+    paths = [Path(line) for line in lines if line.strip()]
+    return [p for p in paths if p.name.startswith(".") and ".replaced-" in p.name and p.is_dir()]
+
+
+def replaced_note(out: Path) -> str:
+    """Where the replaced run waits (for the start, Ctrl-C and preemption messages); '' if none."""
+    kept = replaced_runs(out)
+    if not kept:
+        return ""
+    return f"the run --overwrite replaced is kept at {', '.join(map(str, kept))} until this run finishes"
+
+
+def discard_replaced(out: Path) -> list[Path]:
+    """This run has finished: delete the runs it replaced and their record. Returns what was deleted.
+    Main process only. A failure to delete is a warning: the run itself succeeded."""
+    deleted = []
+    for aside in replaced_runs(out):
+        try:
+            shutil.rmtree(aside)
+            deleted.append(aside)
+        except OSError as exc:
+            log.warning("could not delete the replaced run %s (%s); delete it yourself", aside, exc)
+    (out / REPLACED_RECORD).unlink(missing_ok=True)
+    return deleted
 
 
 def build_optimizer(cfg: RunConfig, model: Any) -> Any:
@@ -226,8 +295,10 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
     run = Run(cfg, accelerator, model, optimizer, scheduler, task, data, tokenizer, out, total, accum, fingerprint)
     if accelerator.is_main_process:
         if replace_output:
-            shutil.rmtree(out)
+            set_aside(out)  # only now: a bad input or model never costs the previous run
         out.mkdir(parents=True, exist_ok=True)
+        if note := replaced_note(out):  # also when a later --resume carries on this run
+            log.info("%s", note)
     accelerator.wait_for_everyone()
     if resume_from is not None:
         params, opt_state, state = ckpt.load_checkpoint(resume_from)
@@ -333,7 +404,8 @@ def out_of_memory(run: Run, exc: BaseException) -> UserError:
 
 
 def final_outputs(run: Run, metrics_log: Any) -> None:
-    """After the last step: checkpoint (so `--resume auto` knows it is done) and the adapter."""
+    """After the last step: checkpoint (so `--resume auto` knows it is done), the adapter, and only then
+    the deletion of the run --overwrite replaced."""
     if not (run.output_dir / "checkpoints" / f"step-{run.step}").is_dir():
         save_checkpoint(run)
     tmp = run.output_dir / ".adapter.tmp"
@@ -346,5 +418,8 @@ def final_outputs(run: Run, metrics_log: Any) -> None:
             shutil.rmtree(final)
         tmp.rename(final)
         metrics_log.write(f"adapter saved to {final}")
+        # The run is complete (here, or in a later --resume of it): the run it replaced can go.
+        for aside in discard_replaced(run.output_dir):
+            metrics_log.write(f"deleted the run --overwrite replaced ({aside})")
     run.accelerator.wait_for_everyone()
 
