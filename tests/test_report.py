@@ -20,7 +20,8 @@ EVAL = {
                           "per_class": {"neg": {"precision": 0.8, "recall": 0.7, "f1-score": 0.75, "support": 8},
                                         "pos": {"precision": 0.7, "recall": 0.8, "f1-score": 0.74, "support": 8}}},
     "token_cls": lambda s: {"loss": 1.0 / s, "precision": 0.6, "recall": 0.5 + 0.05 * s, "f1": 0.55 + 0.05 * s,
-                            "token_accuracy": 0.9,
+                            "token_accuracy": 0.9, "sentences_truncated": 2, "words_truncated": 7,
+                            "entities_truncated": 3,
                             "per_type": {"PER": {"precision": 0.6, "recall": 0.5, "f1-score": 0.55, "support": 10}}},
 }
 
@@ -73,6 +74,8 @@ def test_single_run_renders_html_pngs_and_summary(tmp_path, capsys, task, expect
     page = report.read_text()
     for word in [task, "final train loss", "0.75", "data:image/png;base64,", *expected]:
         assert word in page
+    # counts of what max_length cut are not metrics to plot or rank
+    assert not any(f"{k}_truncated" in page for k in ("sentences", "words", "entities"))
     names = {p.name for p in pngs(run)}
     assert {"loss.png", "eval_metrics.png", "learning_rate.png", "throughput.png", "memory.png"} <= names
 

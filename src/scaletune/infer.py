@@ -96,6 +96,7 @@ def run_predict(cfg: RunConfig, adapter: str | None, source: str | None, max_new
     out, stdin = out or sys.stdout, stdin or sys.stdin
     model, tokenizer, task, labels, _ = load_trained(cfg, adapter)
     results = []
+    cut_lines = []  # where a token_cls input had words past max_length
     for item in _read_inputs(source, stdin):
         if cfg.task == "causal_lm":
             prompt, segments = prompt_segments(item, tokenizer)
@@ -116,14 +117,25 @@ def run_predict(cfg: RunConfig, adapter: str | None, source: str | None, max_new
                             return_tensors="pt")
             pred = model(**enc).logits.argmax(-1)[0].tolist()
             result = {"tokens": words, "tags": word_tags(enc.word_ids(), pred, labels, len(words))}
+            from .tasks.token_cls import words_cut
+
+            n_cut = words_cut(enc, len(words))
+            if n_cut:  # their "O" is not a prediction: say so on the line itself
+                result["truncated_words"] = n_cut
+                cut_lines.append(item[WHERE])
         out.write(json.dumps(result, ensure_ascii=False) + "\n")
         results.append(result)
+    if cut_lines:
+        log.warning('predict: %d of %d input(s) have words beyond data.max_length=%d sub-tokens (first: %s); the model '
+                    'never saw those words, they are tagged "O", and each such line\'s "truncated_words" says how many',
+                    len(cut_lines), len(results), cfg.data.max_length, cut_lines[0])
     return results
 
 
 def word_tags(word_ids: list, pred: list[int], labels: list[str], n_words: int) -> list[str]:
     """Each word's tag is its first sub-token's, placed by word index: a word with no sub-tokens (a
-    zero-width space) or cut off by max_length is "O" and does not shift the words after it."""
+    zero-width space) or cut off by max_length is "O" and does not shift the words after it (`run_predict`
+    reports cut words in the line's "truncated_words")."""
     tags = ["O"] * n_words
     for pos in reversed(range(len(word_ids))):
         if word_ids[pos] is not None:

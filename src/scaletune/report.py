@@ -21,7 +21,9 @@ from .errors import UserError
 # Eval metrics in display order (any other numeric key a task logs follows these).
 _EVAL_ORDER = ("loss", "perplexity", "accuracy", "macro_f1", "precision", "recall", "f1", "token_accuracy")
 _LOWER_IS_BETTER = ("loss", "perplexity")
-_NOT_METRICS = {"event", "step", "time", "target_tokens"}  # counts/bookkeeping, not quality
+# counts/bookkeeping, not quality (token_cls: what data.max_length cut from the eval set)
+_NOT_METRICS = {"event", "step", "time", "target_tokens", "sentences_truncated", "words_truncated",
+                "entities_truncated"}
 # What people compare first across a sweep: label -> candidate dotted paths into run.json.
 _KEY_PARAMS = {"method": ("config.peft.method",), "r": ("config.peft.r",), "lr": ("config.train.learning_rate",),
                "global batch": ("config.train.global_batch_size",), "steps": ("total_steps", "config.train.max_steps")}

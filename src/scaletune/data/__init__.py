@@ -23,7 +23,7 @@ from .readers import WHERE, read_records
 
 log = logging.getLogger("scaletune")
 
-CACHE_VERSION = "2"  # 2: numeric string labels sort numerically
+CACHE_VERSION = "3"  # 2: numeric string labels sort numerically; 3: token_cls stores the gold tags max_length cut
 
 
 def cache_root() -> Path:
@@ -70,9 +70,9 @@ def _encode_all(records: list[dict], task: Any, tokenizer: Any, cfg: Any, label2
         if ex is None:
             dropped += 1
             continue
-        columns["input_ids"].append(ex["input_ids"])
-        columns["labels"].append(ex["labels"])
         columns["length"].append(len(ex["input_ids"]))
+        for key, value in ex.items():  # input_ids, labels and what else the task keeps (token_cls: cut_tags)
+            columns.setdefault(key, []).append(value)
     columns["dropped"] = dropped
     return columns
 
@@ -130,6 +130,10 @@ def build_datasets(cfg: Any, task: Any, tokenizer: Any, accelerator: Any = None)
             # would surprise anyone comparing runs
             log.warning("data.%s: %d example(s) skipped: no target tokens within data.max_length=%d",
                         split, n, cfg.data.max_length)
+    if evalset is not None and (accelerator is None or accelerator.is_main_process):
+        note = task.eval_warning(evalset, labels, cfg)  # read from the dataset: a cached build warns too
+        if note:
+            log.warning(note)
     if cfg.data.packing:
         from .packing import pack_dataset
 

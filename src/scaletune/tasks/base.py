@@ -64,11 +64,16 @@ class Task:
             setattr(self, k, FORMATS[v] if k == "format" else v)
 
     def encode(self, record: dict, tokenizer: Any, cfg: Any, label2id: dict | None) -> dict | None:
-        """One record -> {'input_ids': [...], 'labels': ...}; None drops the example (logged)."""
+        """One record -> {'input_ids': [...], 'labels': ...} (any further key, returned for every record,
+        becomes a column of the dataset too); None drops the example (logged)."""
         raise NotImplementedError
 
     def collate(self, examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         return pad_batch(examples, pad_id)
+
+    def eval_warning(self, dataset: Any, labels: list[str] | None, cfg: Any) -> str | None:
+        """What the tokenised eval set leaves out of the scores (e.g. cut by max_length), to log once."""
+        return None
 
     # --- step ---
     def loss_sum(self, model: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

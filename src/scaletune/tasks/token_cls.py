@@ -1,4 +1,9 @@
-"""token_cls: named-entity recognition; each word's label goes to its first sub-token."""
+"""token_cls: named-entity recognition; each word's label goes to its first sub-token.
+
+Words past `data.max_length` get no sub-token, so the model never sees them. Training simply has no
+targets there; evaluation still scores them, as predicted "O" (what `predict` outputs for them), so
+recall is measured on the whole sentence the way a user would measure it, not on the part that fit.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ import torch
 
 from ..data.readers import WHERE
 from ..errors import DataError
-from .base import IGNORE, Task, ce_sum, collect_labels, register
+from .base import IGNORE, Task, ce_sum, collect_labels, pad_batch, register
 
 _TOKEN_COLUMNS = ("tokens", "words")
 _TAG_COLUMNS = ("tags", "ner_tags", "labels")
@@ -61,24 +66,49 @@ class TokenCls(Task):
         for word in enc.word_ids():
             labels.append(IGNORE if word is None or word == previous else label2id[str(tags[word])])
             previous = word
-        return {"input_ids": enc["input_ids"], "labels": labels, "n_words": len(tags)}
+        n_cut = words_cut(enc, len(tags))
+        # only the cut words' gold tags travel with the example (most sentences fit: an empty list)
+        cut_tags = [label2id[str(t)] for t in tags[len(tags) - n_cut:]]
+        return {"input_ids": enc["input_ids"], "labels": labels, "cut_tags": cut_tags}
+
+    def collate(self, examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+        """`pad_batch` plus `cut_tags` (padded with IGNORE), which eval needs to score the cut words."""
+        batch = pad_batch(examples, pad_id)
+        # .get: an example built by hand (tests, tools) may have no cut_tags; it then has none cut
+        cuts = [e.get("cut_tags") or [] for e in examples]
+        batch["cut_tags"] = torch.full((len(cuts), max(map(len, cuts))), IGNORE, dtype=torch.long)
+        for i, cut in enumerate(cuts):
+            batch["cut_tags"][i, :len(cut)] = torch.tensor(cut, dtype=torch.long)
+        return batch
+
+    def eval_warning(self, dataset: Any, labels: list[str] | None, cfg: Any) -> str | None:
+        counts = truncation_counts([[labels[i] for i in cut] for cut in dataset["cut_tags"]])
+        if not counts["sentences_truncated"]:
+            return None
+        return (f"token_cls: {counts['sentences_truncated']} of {len(dataset)} eval sentences exceed "
+                f"data.max_length={cfg.data.max_length} sub-tokens; their {counts['words_truncated']} words beyond "
+                f"it are scored as \"O\", so {counts['entities_truncated']} gold entities that reach past it count "
+                "as missed (raise data.max_length to score them)")
 
     def loss_sum(self, model: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return ce_sum(logits, batch["labels"]), logits
 
     def predictions(self, logits: torch.Tensor, batch: dict) -> list:
+        """Per example: (predicted ids of the words in the window, their gold ids, gold ids of the cut words)."""
         out = []
-        for pred, gold in zip(logits.argmax(-1).tolist(), batch["labels"].tolist()):
+        for pred, gold, cut in zip(logits.argmax(-1).tolist(), batch["labels"].tolist(),
+                                   batch["cut_tags"].tolist()):
             keep = [(p, g) for p, g in zip(pred, gold) if g != IGNORE]
-            out.append(([p for p, _ in keep], [g for _, g in keep]))
+            out.append(([p for p, _ in keep], [g for _, g in keep], [t for t in cut if t != IGNORE]))
         return out
 
     def metrics(self, preds: list, loss_sum: float, n_targets: int, labels: list[str] | None) -> dict:
         from seqeval.metrics import accuracy_score, classification_report, f1_score, precision_score, recall_score
 
-        y_pred = [[labels[i] for i in p] for p, _ in preds]
-        y_true = [[labels[i] for i in g] for _, g in preds]
+        # every gold word is scored: a word cut off by max_length is predicted "O", as `predict` tags it
+        y_pred = [[labels[i] for i in p] + ["O"] * len(cut) for p, _, cut in preds]
+        y_true = [[labels[i] for i in g + cut] for _, g, cut in preds]
         report = classification_report(y_true, y_pred, output_dict=True, zero_division=0)
         return {"loss": loss_sum / max(n_targets, 1),
                 "precision": precision_score(y_true, y_pred, zero_division=0),
@@ -86,4 +116,26 @@ class TokenCls(Task):
                 "f1": f1_score(y_true, y_pred, zero_division=0),
                 "token_accuracy": accuracy_score(y_true, y_pred),
                 "per_type": {k: {m: float(v[m]) for m in ("precision", "recall", "f1-score", "support")}
-                             for k, v in report.items() if k not in ("micro avg", "macro avg", "weighted avg")}}
+                             for k, v in report.items() if k not in ("micro avg", "macro avg", "weighted avg")},
+                **truncation_counts([[labels[i] for i in cut] for _, _, cut in preds])}
+
+
+def words_cut(enc: Any, n_words: int) -> int:
+    """How many trailing words of a sentence `max_length` cut off: those after the last word that kept a
+    sub-token (a word whose first sub-token fits keeps its own prediction). 0 when nothing overflowed, so a
+    sentence that merely ends in words the tokenizer drops (a zero-width space) is not counted as cut."""
+    if not enc.encodings[0].overflowing:
+        return 0
+    last = max((w for w in enc.word_ids() if w is not None), default=-1)
+    return n_words - 1 - last
+
+
+def truncation_counts(cut_tags: list[list[str]]) -> dict:
+    """Sentences with words cut, those words, and the gold entities that lose words to the cut, from each
+    sentence's cut-off tail of gold tags. An entity that straddles the cut starts its tail with I-/E-,
+    which seqeval reads as the start of an entity, so each such entity counts once."""
+    from seqeval.metrics.sequence_labeling import get_entities
+
+    return {"sentences_truncated": sum(1 for cut in cut_tags if cut),
+            "words_truncated": sum(map(len, cut_tags)),
+            "entities_truncated": sum(len(get_entities(cut)) for cut in cut_tags if cut)}
