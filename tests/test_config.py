@@ -126,3 +126,99 @@ def test_config_reference_rows_have_four_cells():
 
     for row in config_reference().splitlines():
         assert len(re.split(r"(?<!\\)\|", row.strip().strip("|"))) == 4, row
+
+
+def test_other_tools_key_names_get_scaletunes_key():
+    raw = {**BASE, "model_name_or_path": "m",
+           "train": {"lr": 1e-4, "gradient_accumulation_steps": 4, "num_train_epochs": 2, "bf16": True,
+                     "lora_r": 8, "per_device_train_batch_size": 2, "gradient_checkpointing": True}}
+    text = "\n".join(problems_of(raw))
+    assert "train.lr: unknown key (did you mean 'learning_rate'?)" in text
+    assert "train.num_train_epochs: unknown key (did you mean 'epochs'?)" in text
+    assert "train.per_device_train_batch_size: unknown key (did you mean 'micro_batch_size'?)" in text
+    assert "model_name_or_path: unknown key (did you mean 'model.name_or_path'?)" in text
+    assert "train.lora_r: unknown key (did you mean 'peft.r'?)" in text
+    assert "train.bf16: unknown key (use train.mixed_precision: bf16 | fp16 | no)" in text
+    assert ("train.gradient_accumulation_steps: unknown key (scaletune derives it: set train.global_batch_size = "
+            "train.micro_batch_size x accumulation steps x world size)") in text
+    # a scaletune key in the wrong section is pointed to its section
+    assert "train.gradient_checkpointing: unknown key (did you mean 'model.gradient_checkpointing'?)" in text
+
+
+def test_type_and_cross_field_problems_reported_in_one_run():
+    raw = {**BASE, "train": {"learning_rate": "fast", "global_batch_size": 10, "micro_batch_size": 4}}
+    assert problems_of(raw) == ["train.learning_rate: expected float, got str 'fast'",
+                                "train.global_batch_size (10) must be divisible by train.micro_batch_size (4)"]
+    # a rule about a key whose value was bad would judge its default, which the user did not give: left out
+    raw = {**BASE, "train": {"micro_batch_size": "four", "global_batch_size": 10}}
+    assert problems_of(raw) == ["train.micro_batch_size: expected int, got str 'four'"]
+    assert problems_of(raw, world_size=3) == ["train.micro_batch_size: expected int, got str 'four'"]
+    raw = {**BASE, "model": {"name_or_path": "m", "dtype": "float64"}, "train": {"mixed_precision": "no"}}
+    assert len(problems_of(raw)) == 1
+    # required keys missing or a bad task (no default to fall back on) do not break the rules
+    assert problems_of({"task": "clm", "model": {"name_or_path": "m"},
+                        "data": {"train": "x", "packing": True, "labels": []}}) == [
+        "task: 'clm' is not one of causal_lm | seq_cls | token_cls"]
+    problems = problems_of({"data": 5, "train": {"seed": -1}, "model": "m"})
+    assert problems[-1] == "train.seed: must be in [0, 2**32 - 1], got -1" and len(problems) == 6
+
+
+def test_problems_from_command_line_overrides_say_so(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({**BASE, "train": {"seed": "x"}}))
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["train.learning_rate=abc", "output_dir.sub=1"])
+    assert err.value.title == f"{path} (with 2 command-line overrides) has 3 problem(s)"
+    assert err.value.problems == [
+        "train.seed: expected int, got str 'x'",
+        "train.learning_rate: expected float, got str 'abc' (from override train.learning_rate=abc)",
+        "output_dir: expected str, got dict {'sub': 1} (from override output_dir.sub=1)",
+    ]
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["train.global_batch_size=10", "train.micro_batch_size=4"])
+    assert err.value.problems[-1] == ("train.global_batch_size (10) must be divisible by train.micro_batch_size (4) "
+                                      "(from override train.global_batch_size=10; train.micro_batch_size=4)")
+
+
+def test_peft_options_checked_against_peft_annotations():
+    from scaletune.model import peft_config
+
+    cfg = from_dict({**BASE, "peft": {"method": "lora", "use_dora": "yes", "r": True, "rank": 8,
+                                      "modules_to_save": "lm_head", "lora_alpha": "x"}})
+    with pytest.raises(ConfigError) as err:
+        peft_config(cfg, "CAUSAL_LM")
+    assert err.value.problems == [
+        "peft.rank: not a LoraConfig option (did you mean 'r'?)",
+        "peft.use_dora: expected bool (true or false), got str 'yes'",
+        "peft.r: expected int, got bool True",
+        "peft.modules_to_save: expected a list of names or null, got str 'lm_head'",
+        "peft.lora_alpha: expected int, got str 'x'",
+    ]
+    # what peft accepts still passes: a float alpha, null where peft's default is null, "1e-1" (a YAML 1.1 string)
+    conf = peft_config(from_dict({**BASE, "peft": {"method": "lora", "lora_alpha": 0.5, "lora_dropout": "1e-1",
+                                                   "use_dora": False, "modules_to_save": None}}), "CAUSAL_LM")
+    assert conf.lora_dropout == pytest.approx(0.1) and conf.lora_alpha == 0.5
+    peft_config(from_dict({**BASE, "peft": {"method": "prompt_tuning", "num_virtual_tokens": 4, "token_dim": None}}),
+                "CAUSAL_LM")
+
+
+def test_modules_to_save_entry_matching_nothing_is_refused(tiny_llama, tiny_bert):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from scaletune.model import apply_adapter
+    from scaletune.tasks import get_task
+
+    def adapt(task, model_dir, auto, modules, **kw):
+        cfg = from_dict({**BASE, "task": task, "peft": {"method": "lora", "r": 2, "target_modules": "all-linear",
+                                                       "modules_to_save": modules}})
+        return cfg, apply_adapter(auto.from_pretrained(model_dir, **kw), cfg, get_task(task), None)
+
+    with pytest.raises(ConfigError) as err:
+        adapt("causal_lm", tiny_llama, AutoModelForCausalLM, ["lm_heads", "embed_tokens"])
+    assert err.value.problems == ["peft.modules_to_save: 'lm_heads' matches no module of LlamaForCausalLM, so "
+                                  "nothing would be trained for it (close names: lm_head)"]
+    # seq_cls: peft adds its own head names (classifier, score; BERT has no score); only the user's are checked,
+    # and the run config's list is not extended by peft
+    cfg, model = adapt("seq_cls", tiny_bert, AutoModelForSequenceClassification, ["word_embeddings"], num_labels=2)
+    assert cfg.peft["modules_to_save"] == ["word_embeddings"]
+    assert any(p.requires_grad for n, p in model.named_parameters() if "word_embeddings.modules_to_save" in n)

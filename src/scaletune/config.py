@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,6 +26,48 @@ CAUSAL_FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion", "text")
 DEEPSPEED_OFFLOAD = ("none", "optimizer", "params", "all")
 MAX_PEFT_SIZE = 65536  # adapter rank / virtual tokens: far beyond any model's hidden size
 _PEFT_SIZE_KEYS = ("r", "init_r", "target_r", "num_virtual_tokens", "encoder_hidden_size")
+
+# Names other fine-tuning tools (transformers' TrainingArguments, axolotl, LLaMA-Factory) use for scaletune's keys.
+# difflib cannot connect "lr" to "learning_rate", so an unknown key is looked up here first. A value that is a
+# dotted key becomes "did you mean ...?"; any other value is shown as it is.
+_BATCH = ("scaletune has train.micro_batch_size (per forward pass per rank) and train.global_batch_size "
+          "(per optimizer step, all ranks)")
+_ACCUM = ("scaletune derives it: set train.global_batch_size = train.micro_batch_size x accumulation steps x "
+          "world size")
+KEY_ALIASES: dict[str, str] = {
+    "lr": "train.learning_rate",
+    "num_train_epochs": "train.epochs",
+    "num_epochs": "train.epochs",
+    "per_device_train_batch_size": "train.micro_batch_size",
+    "batch_size": _BATCH,
+    "train_batch_size": _BATCH,
+    "total_batch_size": "train.global_batch_size",
+    "gradient_accumulation_steps": _ACCUM,
+    "grad_accum": _ACCUM,
+    "bf16": "use train.mixed_precision: bf16 | fp16 | no",
+    "fp16": "use train.mixed_precision: bf16 | fp16 | no",
+    "logging_steps": "train.log_every",
+    "save_steps": "train.save_every",
+    "eval_steps": "train.eval_every",
+    "lora_r": "peft.r",
+    "lora_rank": "peft.r",
+    "rank": "peft.r",
+    "lora_alpha": "peft.lora_alpha",
+    "lora_dropout": "peft.lora_dropout",
+    "target_modules": "peft.target_modules",
+    "lora": "LoRA options go in the peft section, with method: lora",
+    "model_name_or_path": "model.name_or_path",
+    "base_model": "model.name_or_path",
+    "torch_dtype": "model.dtype",
+    "load_in_4bit": "set model.quantization: 4bit",
+    "load_in_8bit": "set model.quantization: 8bit",
+    "max_seq_length": "data.max_length",
+    "cutoff_len": "data.max_length",
+    "sequence_len": "data.max_length",
+    "dataset": "data.train",
+    "train_file": "data.train",
+    "deepspeed": "distributed.zero_stage (scaletune writes the DeepSpeed config itself)",
+}
 
 
 def _f(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:
@@ -227,12 +270,49 @@ def _did_you_mean(word: str, choices: list[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
-    """Build dataclass `cls` from a mapping, recording every problem with its dotted key."""
+def _section_keys() -> dict[str, str]:
+    """Every key inside a section, by its own name: {'learning_rate': 'train.learning_rate', ...}."""
+    out = {}
+    hints = typing.get_type_hints(RunConfig)
+    for f in dataclasses.fields(RunConfig):
+        tp = hints[f.name]
+        if _is_dataclass_type(tp):
+            out.update({g.name: f"{f.name}.{g.name}" for g in dataclasses.fields(tp)})
+    return out
+
+
+def unknown_key_hint(key: str, section: str, known: list[str]) -> str:
+    """The ' (...)' suggestion for unknown `key` in `section` ('' = top level; 'peft' for peft's options), whose
+    valid keys are `known`: another tool's name for it, then the same key in another section, then difflib."""
+    target = KEY_ALIASES.get(key)
+    if target and re.fullmatch(r"\w+\.\w+", target):
+        where, _, name = target.partition(".")
+        if where != section:
+            return f" (did you mean {target!r}?)"
+        if name in known:  # (peft: only where this method has that option)
+            return f" (did you mean {name!r}?)"
+    elif target:
+        return f" ({target})"
+    elsewhere = _section_keys().get(key)
+    if elsewhere and not elsewhere.startswith(f"{section}."):
+        return f" (did you mean {elsewhere!r}?)"
+    return _did_you_mean(key, known)
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
+
+
+def _build(cls: type, raw: Any, prefix: str, problems: list[str], bad: set[str]) -> Any:
+    """Build dataclass `cls` from a mapping, recording every problem with its dotted key. A key with a bad value
+    gets its default instead (None if required) and is added to `bad`, so the cross-field rules can still run."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         problems.append(f"{prefix or 'config'}: expected a mapping (section), got {type(raw).__name__}")
+        bad.add(prefix or "config")
         raw = {}
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -240,22 +320,27 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
     for key, value in raw.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
         if key not in fields:
-            problems.append(f"{dotted}: unknown key{_did_you_mean(str(key), list(fields))}")
+            problems.append(f"{dotted}: unknown key{unknown_key_hint(str(key), prefix, list(fields))}")
             continue
         tp = hints[key]
         if _is_dataclass_type(tp):
-            kwargs[key] = _build(tp, value, dotted, problems)
-        else:
-            kwargs[key] = _coerce(value, tp, dotted, problems)
+            kwargs[key] = _build(tp, value, dotted, problems, bad)
+            continue
+        before = len(problems)
+        kwargs[key] = _coerce(value, tp, dotted, problems)
+        if len(problems) > before:
+            bad.add(dotted)
+            kwargs[key] = _default(fields[key])
     for name, f in fields.items():
         if name in kwargs:
             continue
         tp = hints[name]
         if _is_dataclass_type(tp):
-            kwargs[name] = _build(tp, {}, f"{prefix}.{name}" if prefix else name, problems)
+            kwargs[name] = _build(tp, {}, f"{prefix}.{name}" if prefix else name, problems, bad)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             dotted = f"{prefix}.{name}" if prefix else name
             problems.append(f"{dotted}: required key is missing ({f.metadata.get('help', '')})")
+            bad.add(dotted)
             kwargs[name] = None
     # Build without running __init__ type checks: bad values were recorded as problems.
     obj = cls.__new__(cls)
@@ -329,13 +414,40 @@ def read_yaml(path: str | Path) -> dict:
     return raw
 
 
-def from_dict(raw: dict, *, source: str = "run config", world_size: int | None = None) -> RunConfig:
-    """Build and fully validate a RunConfig; raises one ConfigError listing every problem."""
+def _names(problem: str, key: str, *, inside: bool = True, leaf: bool = False) -> bool:
+    """Whether `problem` names dotted `key` (with `inside`, a key under it too: 'train' in 'train.seed'; with
+    `leaf`, also its last part on its own: 'micro_batch_size x world size', 'task causal_lm')."""
+    names = [(key, r"(?!\w)" if inside else r"(?![\w.])")]
+    if leaf:
+        names.append((key.rpartition(".")[2], r"(?![\w.])"))
+    return any(re.search(rf"(?<![\w.]){re.escape(k)}{end}", problem) for k, end in names)
+
+
+def _from_override(problem: str, overrides: dict[str, str]) -> str:
+    """`problem` + the command-line override(s) that gave the key(s) it is about."""
+    texts = []
+    for key, text in overrides.items():
+        parents = [key.rsplit(".", n)[0] for n in range(1, key.count(".") + 1)]  # 'output_dir' for output_dir.x=1
+        if _names(problem, key) or any(_names(problem, p, inside=False) for p in parents):
+            texts.append(text if len(text) <= 60 else text[:57] + "...")
+    return f"{problem} (from override {'; '.join(texts)})" if texts else problem
+
+
+def from_dict(raw: dict, *, source: str = "run config", world_size: int | None = None,
+              overrides: dict[str, str] | None = None) -> RunConfig:
+    """Build and fully validate a RunConfig; raises one ConfigError listing every problem.
+
+    `overrides` maps the dotted keys set on the command line to the override text, which problems about
+    them quote (they are not problems of the file)."""
     problems: list[str] = []
-    cfg = _build(RunConfig, raw, "", problems)
-    if not problems:
-        problems.extend(cross_field_problems(cfg, world_size=world_size))
+    bad: set[str] = set()
+    cfg = _build(RunConfig, raw, "", problems, bad)
+    # Cross-field rules run even when some values were bad (those have their defaults here), so one run
+    # reports everything; a rule that names a bad key would be about a value the user did not give.
+    cross = cross_field_problems(cfg, world_size=world_size)
+    problems.extend(p for p in cross if not any(_names(p, key, leaf=True) for key in bad))
     if problems:
+        problems = [_from_override(p, overrides or {}) for p in problems]
         raise ConfigError(problems, title=f"{source} has {len(problems)} problem(s)")
     return cfg
 
@@ -344,9 +456,13 @@ def load_config(
     path: str | Path, overrides: list[str] | None = None, *, world_size: int | None = None
 ) -> RunConfig:
     """Read a YAML run config, apply `key=value` overrides, validate everything."""
-    raw = apply_overrides(read_yaml(path), overrides or [])
-    cfg = from_dict(raw, source=str(path), world_size=world_size)
-    return cfg
+    overrides = overrides or []
+    raw = apply_overrides(read_yaml(path), overrides)
+    given = {".".join(parse_override(text)[0]): text for text in overrides}  # the last one for a key wins
+    source = str(path)
+    if overrides:
+        source += f" (with {len(overrides)} command-line override{'s' if len(overrides) > 1 else ''})"
+    return from_dict(raw, source=source, world_size=world_size, overrides=given)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -448,7 +564,7 @@ def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_c
             p.append(f"data.labels: every label must be a string or an integer, got {_short(bad[0])}")
         elif len(set(map(str, d.labels))) != len(d.labels):
             p.append("data.labels: contains duplicates")
-        if len(d.labels) < (2 if cfg.task == "seq_cls" else 1):
+        if cfg.task in ("seq_cls", "token_cls") and len(d.labels) < (2 if cfg.task == "seq_cls" else 1):
             p.append(f"data.labels: {cfg.task} needs at least {2 if cfg.task == 'seq_cls' else 1} label(s), "
                      f"got {len(d.labels)}")
 

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import difflib
 import logging
+import math
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .config import RunConfig
+from .config import RunConfig, unknown_key_hint
 from .errors import ConfigError, UserError
 
 log = logging.getLogger("scaletune")
@@ -72,8 +77,51 @@ def quantization_config(cfg: RunConfig) -> Any:
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
+def _peft_value_problems(config_cls: type, kwargs: dict) -> list[str]:
+    """peft's config dataclasses take any value: `use_dora: "yes"` is truthy and turns DoRA on, `r: true` is rank 1,
+    `modules_to_save: lm_head` is matched letter by letter. Check the options annotated as a plain bool, int,
+    float or list[str] (or Optional of one); anything else is left to peft. Numbers that YAML 1.1 read as strings
+    ("1e-1") become floats in `kwargs`."""
+    try:
+        hints = typing.get_type_hints(config_cls)
+    except Exception:  # noqa: BLE001 - an annotation this Python cannot resolve: leave the values to peft
+        return []
+    defaults = {f.name: f.default for f in dataclasses.fields(config_cls)}
+    problems = []
+    for key, value in list(kwargs.items()):
+        tp = hints.get(key)
+        args = typing.get_args(tp)
+        optional = type(None) in args and len(args) == 2
+        if optional and typing.get_origin(tp) in (typing.Union, types.UnionType):
+            tp = args[0] if args[1] is type(None) else args[1]
+        if value is None and (optional or defaults.get(key) is None):
+            continue  # peft's own default for several int options (token_dim, num_virtual_tokens) is None
+        if tp is bool:
+            ok, want = isinstance(value, bool), "bool (true or false)"
+        elif tp is int:  # a float too: peft computes with it (lora_alpha: 0.5); a bool here is the silent mistake
+            ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "int"
+        elif tp is float:
+            if isinstance(value, str):
+                try:
+                    value = kwargs[key] = float(value)
+                except ValueError:
+                    pass
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            want = "a finite number"
+        elif tp == list[str]:
+            ok, want = isinstance(value, list) and all(isinstance(v, str) for v in value), "a list of names"
+        else:
+            continue
+        if not ok:
+            text = repr(value)
+            got = f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+            problems.append(f"peft.{key}: expected {want}{' or null' if optional else ''}, got {got}")
+    return problems
+
+
 def peft_config(cfg: RunConfig, task_type: str, total_steps: int | None = None) -> Any:
-    """Build the peft config for `peft.method`, checking every key against that method's fields."""
+    """Build the peft config for `peft.method`, checking every key against that method's fields and the types
+    peft annotates them with; all problems are raised together."""
     import peft
 
     from . import adapters  # registers scaletune's own peft methods  # noqa: F401
@@ -82,22 +130,19 @@ def peft_config(cfg: RunConfig, task_type: str, total_steps: int | None = None) 
     mapping = peft.mapping.PEFT_TYPE_TO_CONFIG_MAPPING
     by_name = {str(k.value if hasattr(k, "value") else k).lower(): v for k, v in mapping.items()}
     if method not in by_name:
-        import difflib
-
         close = difflib.get_close_matches(method, list(by_name), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(f"peft.method: unknown method {cfg.peft_method!r}{hint}; known: {', '.join(sorted(by_name))}")
     config_cls = by_name[method]
-    fields = {f.name for f in dataclasses.fields(config_cls)}
-    kwargs = dict(cfg.peft_kwargs)
+    fields = {f.name for f in dataclasses.fields(config_cls)} - {"peft_type", "task_type"}
+    # A deep copy: peft extends modules_to_save in place (the classifier head), which would change the run config.
+    kwargs = copy.deepcopy(cfg.peft_kwargs)
     problems = []
     for key in kwargs:
-        if key not in fields or key in ("peft_type", "task_type"):
-            import difflib
-
-            close = difflib.get_close_matches(key, sorted(fields), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            problems.append(f"peft.{key}: not a {config_cls.__name__} option{hint}")
+        if key not in fields:
+            problems.append(f"peft.{key}: not a {config_cls.__name__} option"
+                            f"{unknown_key_hint(str(key), 'peft', sorted(fields))}")
+    problems += _peft_value_problems(config_cls, kwargs)
     if problems:
         raise ConfigError(problems, title=f"peft section has {len(problems)} problem(s)")
     if task_type in ("SEQ_CLS", "TOKEN_CLS") and "exclude_modules" in fields and "exclude_modules" not in kwargs:
@@ -208,11 +253,44 @@ def apply_adapter(model: Any, cfg: RunConfig, task: Any, total_steps: int | None
 
         if not use_addmm_lora(pconf):
             log.info("train.fused_lora: this peft has no custom-module mapping; using peft's LoRA forward")
+    wanted = list(cfg.peft.get("modules_to_save") or [])  # the user's own; peft adds the task's head itself
+    names = [name for name, _ in model.named_modules() if name]
+    arch = type(model).__name__
     try:
-        return peft.get_peft_model(model, pconf)
+        model = peft.get_peft_model(model, pconf)
     except (ValueError, TypeError, AttributeError, NotImplementedError) as exc:
-        raise UserError(f"peft.method={cfg.peft_method}: cannot apply to {type(model).__name__} "
+        raise UserError(f"peft.method={cfg.peft_method}: cannot apply to {arch} "
                         f"({str(exc).splitlines()[0]})") from None
+    check_modules_to_save(model, wanted, names, arch)
+    return model
+
+
+def check_modules_to_save(model: Any, wanted: list[str], names: list[str], arch: str) -> None:
+    """peft silently skips a `peft.modules_to_save` entry that matches no module, and the run then trains nothing
+    for it. Raise naming each such entry and the closest of the base model's module `names`."""
+    if not wanted:
+        return
+    from peft.utils import ModulesToSaveWrapper
+
+    wrapped = [name for name, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+    # peft's rule: an entry matches every module whose full name ends with it; the match is wrapped (for a weight
+    # tied to another module, a wrapper may sit one level up, so a name inside a wrapper counts as well)
+    inside = [name for name, _ in model.named_modules(remove_duplicate=False)
+              if any(name == w or name.startswith(w + ".") for w in wrapped)]
+    problems = []
+    for entry in wanted:
+        if any(name.endswith(entry) for name in inside):
+            continue
+        candidates = sorted({n.rpartition(".")[2] for n in names if not n.rpartition(".")[2].isdigit()} | set(names))
+        close = difflib.get_close_matches(entry, candidates, n=3, cutoff=0.5)
+        if close:
+            hint = f"close names: {', '.join(close)}"
+        else:
+            hint = f"its top-level modules: {', '.join(n for n in names if '.' not in n)}"
+        problems.append(f"peft.modules_to_save: {entry!r} matches no module of {arch}, so nothing would be trained "
+                        f"for it ({hint})")
+    if problems:
+        raise ConfigError(problems)
 
 
 def fused_lora_applies(cfg: RunConfig) -> bool:

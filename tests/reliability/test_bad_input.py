@@ -182,6 +182,10 @@ CONFIG_CASES = [
     ("causal_lm", "peft", [1, 2], ["peft: expected dict"]),
     ("causal_lm", "peft.method", 5, ["peft.method: expected a method name"]),
     ("causal_lm", "peft.r", 10**12, ["peft.r", "larger than any layer"]),
+    ("causal_lm", "peft.use_dora", "yes", ["peft.use_dora: expected bool (true or false), got str 'yes'"]),
+    ("causal_lm", "peft.modules_to_save", ["lm_heads"],
+     ["peft.modules_to_save: 'lm_heads' matches no module of LlamaForCausalLM", "close names: lm_head"]),
+    ("causal_lm", "train.lr", 1e-4, ["train.lr: unknown key (did you mean 'learning_rate'?)"]),
     ("causal_lm", "distributed.zero_stage", 4, ["distributed.zero_stage"]),
     ("causal_lm", "distributed.offload", "optimizer", ["distributed.offload needs distributed.zero_stage"]),
     ("seq_cls", "data.labels", [], ["data.labels: seq_cls needs at least 2"]),
@@ -243,6 +247,9 @@ OVERRIDE_CASES = [
     (["train.learning_rate=.nan"], ["train.learning_rate: must be a finite number"]),
     (["data.max_length=1e12"], ["data.max_length: expected int"]),
     (["train.seed=" + "9" * 5000], ["train.seed: expected int"]),
+    (["train.learning_rate=abc"], ["(with 1 command-line override) has 1 problem(s)",
+                                   "train.learning_rate: expected float, got str 'abc' "
+                                   "(from override train.learning_rate=abc)"]),
     (["--bogus"], ["unrecognized arguments: --bogus"]),
 ]
 
