@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -155,9 +156,14 @@ def test_config_help_lists_keys(capsys):
 
 @pytest.mark.slow
 def test_demo_runs_and_improves(tmp_path):
+    env = {**os.environ, "SCALETUNE_NO_PROGRESS": "0"}  # as a newcomer runs it (progress on), into a pipe
     res = subprocess.run([sys.executable, "-m", "scaletune", "demo", "--out", str(tmp_path / "demo"), "--steps", "60"],
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=600, env=env)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    # what a newcomer reads: plain progress lines, none of the libraries' deprecations, bars or tables
+    assert "step 60/60 loss=" in res.stderr and "\r" not in res.stderr
+    for noise in ("Warning", "LOAD REPORT", "Setting accelerator", "Writing model shards", "Loading weights"):
+        assert noise not in res.stdout + res.stderr, noise
     line = next(row for row in res.stdout.splitlines() if row.strip().startswith("loss"))
     before, after = map(float, line.split()[1:3])
     assert after < before

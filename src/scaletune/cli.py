@@ -91,11 +91,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging() -> None:
+    import warnings
+
     rank = os.environ.get("RANK", "0")
+    # Before transformers/datasets are imported: their download and weight-loading bars say nothing
+    # about a local run (training has its own progress line).
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    # Deprecations inside the libraries (peft calling a renamed transformers method, ...) are for their
+    # developers, not for someone running a config; the test suite still sees them.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|accelerate|torch|datasets)\.")
     logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("transformers", "datasets", "accelerate", "DeepSpeed", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING if rank == "0" else logging.ERROR)
+    # DeepSpeed warns on import that it found no GPU: on a CPU run that is the plan, not news.
+    logging.getLogger("DeepSpeed").addFilter(lambda rec: "Setting accelerator to CPU" not in rec.getMessage())
 
 
 def check_args(args: argparse.Namespace) -> None:

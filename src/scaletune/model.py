@@ -188,7 +188,9 @@ def load_model(cfg: RunConfig, task: Any, labels: list[str] | None, tokenizer: A
     if qconf is not None:
         kwargs["quantization_config"] = qconf
     try:
-        model = task.auto_model_class().from_pretrained(cfg.model.name_or_path, **kwargs)
+        with _quiet_load_report():
+            model, info = task.auto_model_class().from_pretrained(cfg.model.name_or_path, output_loading_info=True,
+                                                                  **kwargs)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"model.name_or_path: cannot load {cfg.model.name_or_path!r} "
                           f"({str(exc).splitlines()[0]})") from None
@@ -197,6 +199,7 @@ def load_model(cfg: RunConfig, task: Any, labels: list[str] | None, tokenizer: A
             raise
         raise ConfigError(f"model.name_or_path: {cfg.model.name_or_path!r} looks damaged "
                           f"({type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]})") from None
+    _report_loading(cfg, info, new_head=adapter_path is None)
     if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if qconf is not None:
@@ -211,6 +214,43 @@ def load_model(cfg: RunConfig, task: Any, labels: list[str] | None, tokenizer: A
     if why_not:
         raise ConfigError(f"peft.method={cfg.peft_method} with task {cfg.task}: {why_not}")
     return float32_trainables(model)
+
+
+HEAD_MODULES = ("classifier", "score", "pre_classifier")  # the task heads seq_cls/token_cls add to a base model
+
+
+class _quiet_load_report:
+    """transformers logs a table of every weight the checkpoint lacks as a warning, which for a base model
+    loaded under a new classification head lists the head on every run (and on every eval and predict,
+    where the adapter brings it). `_report_loading` says what matters in a line instead. (A filter, not a
+    level: transformers runs extra checks when its logger is set above WARNING.)"""
+
+    @staticmethod
+    def filter(record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in record.getMessage()
+
+    def __enter__(self) -> None:
+        logging.getLogger("transformers.modeling_utils").addFilter(self.filter)
+
+    def __exit__(self, *exc: Any) -> None:
+        logging.getLogger("transformers.modeling_utils").removeFilter(self.filter)
+
+
+def _report_loading(cfg: RunConfig, info: dict, *, new_head: bool) -> None:
+    """One line for the new head (when training starts it from random), a warning for anything else the
+    checkpoint lacks or has in excess: weights that start random without being trained are a real problem."""
+    missing = sorted(info.get("missing_keys") or ())
+    head = [k for k in missing if k.split(".")[0] in HEAD_MODULES]
+    other = [k for k in missing if k not in head]
+    if head and new_head:
+        log.info("new task head (%s) starts from random weights and trains in full", ", ".join(head))
+    unexpected = sorted(info.get("unexpected_keys") or ())
+    for keys, what in ((other, "are not in the checkpoint and start from random weights"),
+                       (unexpected, "in the checkpoint are not used by this model class")):
+        if keys:
+            more = f" and {len(keys) - 5} more" if len(keys) > 5 else ""
+            log.warning("model.name_or_path %s: %d weight(s) %s: %s%s", cfg.model.name_or_path, len(keys), what,
+                        ", ".join(keys[:5]), more)
 
 
 def prefix_forward_problem(model: Any) -> str | None:

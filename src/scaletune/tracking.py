@@ -49,11 +49,15 @@ class MetricsLog:
         self.main = accelerator.is_main_process
         self.path = output_dir / "metrics.jsonl"
         self.bar = None
-        if self.main:
+        self.total = total_steps
+        quiet = os.environ.get("SCALETUNE_NO_PROGRESS") == "1"
+        # Off a terminal (a Slurm .out file, CI, `| tee`) a redrawn bar is one ever-growing line of
+        # carriage returns: log a plain line per logging interval instead.
+        self.lines = self.main and not quiet and not sys.stderr.isatty()
+        if self.main and not quiet and not self.lines:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
-                            dynamic_ncols=True, disable=os.environ.get("SCALETUNE_NO_PROGRESS") == "1")
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
 
     def log(self, event: str, step: int, values: dict) -> None:
         if not self.main:
@@ -66,10 +70,13 @@ class MetricsLog:
             self.acc.log(scalars, step=step)
 
     def progress(self, step: int, postfix: dict) -> None:
+        shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()}
         if self.bar is not None:
             self.bar.n = step
-            self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()},
-                                 refresh=True)
+            self.bar.set_postfix(shown, refresh=True)
+        elif self.lines:
+            print(f"step {step}/{self.total} " + " ".join(f"{k}={v}" for k, v in shown.items()), file=sys.stderr,
+                  flush=True)
 
     def write(self, text: str) -> None:
         if self.main:

@@ -51,17 +51,23 @@ def run_demo(out_dir: str, steps: int | None = None) -> int:
     records = [json.loads(line) for line in DATA.read_text().splitlines()]
     texts = [f"{r['instruction']} {r['input']} {r['output']}" for r in records]
     print(f"[demo] building a tiny Llama (128 hidden, 4 layers) and training its tokenizer -> {out / 'base-model'}")
-    build_model_dir(out / "base-model", texts * 4, arch="llama", hidden=128, layers=4, heads=4, vocab_size=400)
+    # A frozen random base drawn at transformers' usual std (0.02) has near-zero queries and keys at this
+    # width: every token attends uniformly, and LoRA's gradients on q and k, each scaled by the other,
+    # start near zero, so 300 steps learn only which answer tokens are common ('1', then '1' again).
+    # At 1/sqrt(width) the projections keep unit scale and the adapter learns each skill's answer form.
+    hidden = 128
+    build_model_dir(out / "base-model", texts * 4, arch="llama", hidden=hidden, layers=4, heads=4, vocab_size=400,
+                    init_std=hidden**-0.5)
     raw = demo_config(out, steps)
     (out / "demo.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     cfg = from_dict(raw, source=str(out / "demo.yaml"))
     run, _ = setup(cfg)
     pad = run.tokenizer.pad_token_id
     before = evaluate(run.accelerator, run.model, run.task, run.data["eval"], None, 8, pad)
-    questions = ["Add 3 and 4.", "What is the opposite of hot?", "Is 7 even or odd?"]
+    questions = ["Add 3 and 4.", "What is the opposite of hot?", "Is 7 even or odd?", "Repeat the word apple three times."]
 
     def answers() -> list[str]:
-        return [generate(run.model, run.tokenizer, prompt_segments({"text": q}, run.tokenizer)[1], 6) for q in questions]
+        return [generate(run.model, run.tokenizer, prompt_segments({"text": q}, run.tokenizer)[1], 8) for q in questions]
 
     before_answers = answers()
     print(f"[demo] training LoRA for {steps} steps on {len(run.data['train'])} examples "
@@ -73,7 +79,7 @@ def run_demo(out_dir: str, steps: int | None = None) -> int:
     print(f"       loss                  {before['loss']:8.3f}   {after['loss']:8.3f}")
     print(f"       perplexity            {before['perplexity']:8.2f}   {after['perplexity']:8.2f}")
     for q, a0, a1 in zip(questions, before_answers, after_answers):
-        print(f"       {q:<30} before: {a0.strip()[:20]!r:<24} after: {a1.strip()[:20]!r}")
+        print(f"       {q:<36} before: {a0.strip()[:20]!r:<24} after: {a1.strip()[:24]!r}")
     print(f"\n[demo] adapter: {cfg.output_dir}/adapter   metrics: {cfg.output_dir}/metrics.jsonl")
     print(f"[demo] next: scaletune predict {out / 'demo.yaml'} --input - <<< 'Add 2 and 5.'")
     return 0 if after["loss"] < before["loss"] else 1

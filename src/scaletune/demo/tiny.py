@@ -45,8 +45,10 @@ def train_tokenizer(texts: Iterable[str], kind: str = "bpe", vocab_size: int = 5
 
 def build_model_dir(out: str | Path, texts: Iterable[str], *, arch: str = "llama", hidden: int = 64,
                     layers: int = 2, heads: int = 4, vocab_size: int = 512, max_positions: int = 512,
-                    seed: int = 0, dropout: float = 0.0) -> Path:
-    """Write a randomly initialised model + trained tokenizer to `out`, loadable by from_pretrained."""
+                    seed: int = 0, dropout: float = 0.0, init_std: float = 0.02) -> Path:
+    """Write a randomly initialised model + trained tokenizer to `out`, loadable by from_pretrained.
+
+    `init_std` is the weights' standard deviation (transformers' `initializer_range`)."""
     from transformers import AutoModel, BertConfig, LlamaConfig
 
     out = Path(out)
@@ -57,12 +59,12 @@ def build_model_dir(out: str | Path, texts: Iterable[str], *, arch: str = "llama
                              num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
                              max_position_embeddings=max_positions, bos_token_id=tok.bos_token_id,
                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                             tie_word_embeddings=False, attention_dropout=dropout)
+                             tie_word_embeddings=False, attention_dropout=dropout, initializer_range=init_std)
     elif arch == "bert":
         config = BertConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2,
                             num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=max_positions,
                             pad_token_id=tok.pad_token_id, hidden_dropout_prob=dropout,
-                            attention_probs_dropout_prob=dropout)
+                            attention_probs_dropout_prob=dropout, initializer_range=init_std)
     else:
         raise ValueError(f"unknown tiny arch {arch!r}")
     torch.manual_seed(seed)

@@ -1,0 +1,59 @@
+"""What a run prints: a plain progress line per interval off a terminal, and a line instead of
+transformers' weight-loading table (the new head) or a warning where base weights really are missing."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import types
+
+from safetensors.torch import load_file, save_file
+
+from scaletune.config import load_config
+from scaletune.model import load_model, load_tokenizer
+from scaletune.tasks import get_task
+from scaletune.tracking import MetricsLog
+
+
+def test_progress_off_a_terminal_is_one_plain_line_per_interval(tmp_path, monkeypatch):
+    monkeypatch.setenv("SCALETUNE_NO_PROGRESS", "0")
+    err = io.StringIO()  # not a TTY, as a Slurm .out file or `| tee` is
+    monkeypatch.setattr("sys.stderr", err)
+    acc = types.SimpleNamespace(is_main_process=True, trackers=[])
+    mlog = MetricsLog(acc, tmp_path, total_steps=20, start_step=0)
+    mlog.progress(10, {"loss": 1.23456, "tok/s": 900})
+    mlog.progress(20, {"loss": 0.5, "tok/s": 950})
+    mlog.close()
+    assert mlog.bar is None and "\r" not in err.getvalue()
+    assert err.getvalue().splitlines() == ["step 10/20 loss=1.235 tok/s=900", "step 20/20 loss=0.5 tok/s=950"]
+
+
+def _load(cfg, caplog):
+    task = get_task(cfg.task)
+    tok = load_tokenizer(cfg)
+    with caplog.at_level("INFO"):
+        load_model(cfg, task, ["neg", "pos"], tok, total_steps=10)
+    return caplog.text
+
+
+def test_new_head_is_one_line_not_a_load_report(make_config, caplog):
+    cfg = load_config(make_config("seq_cls"))
+    text = _load(cfg, caplog)
+    assert "LOAD REPORT" not in text
+    assert "new task head (classifier.bias, classifier.weight) starts from random weights" in text
+    assert "not in the checkpoint" not in text
+
+
+def test_base_weights_missing_from_the_checkpoint_are_a_warning(make_config, tiny_bert, tmp_path, caplog):
+    damaged = tmp_path / "bert"
+    shutil.copytree(tiny_bert, damaged)
+    weights = load_file(damaged / "model.safetensors")
+    dropped = next(k for k in sorted(weights) if "encoder.layer.0.output.dense.weight" in k)
+    del weights[dropped]
+    save_file(weights, damaged / "model.safetensors", metadata={"format": "pt"})
+    cfg = load_config(make_config("seq_cls"), [f"model.name_or_path={damaged}"])
+    text = _load(cfg, caplog)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name == "scaletune"]
+    assert any("1 weight(s) are not in the checkpoint and start from random weights" in w
+               and "encoder.layer.0.output.dense.weight" in w for w in warnings), text
+    assert "LOAD REPORT" not in text
