@@ -58,6 +58,67 @@ def test_csv_wrong_field_count_and_empty(tmp_path):
         read_records(str(tmp_path / "missing.jsonl"))
 
 
+def test_csv_records_are_named_by_the_line_they_start_on(tmp_path):
+    """A quoted field may span lines: later records (and errors) name the physical line they start on, not
+    the row count. U+2028, U+0085 and form feeds in a field are data, not line breaks (str.splitlines)."""
+    p = tmp_path / "d.csv"
+    p.write_text('text,label\n"one\ntwo\nthree",pos\n"a\u2028b",neg\nc\x85d\x0ce,pos\r\n"x\r\ny",neg\n', encoding="utf-8",
+                 newline="")
+    recs = read_records(str(p))
+    assert [r["text"] for r in recs] == ["one\ntwo\nthree", "a\u2028b", "c\x85d\x0ce", "x\r\ny"]
+    assert [r["__where__"] for r in recs] == [f"{p}:{n}" for n in (2, 5, 6, 7)]
+    p.write_text('text,label\n"one\ntwo",pos\nstray,neg,x\n')
+    with pytest.raises(DataError, match=r"d.csv:4: 3 fields, header has 2 \(text, label\)$"):
+        read_records(str(p))
+    p.write_text('text,label\nok,pos\n"open,neg\nmore,pos\nlast,neg\n')  # a quote left open swallows the rest
+    with pytest.raises(DataError, match=r"d.csv:3: 1 fields, header has 2 .*runs to line 5: is a quote left open"):
+        read_records(str(p))
+    t = tmp_path / "d.tsv"
+    t.write_text("text\tlabel\na\u2028b\tpos\nc\tneg\tx\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"d.tsv:3: 3 fields"):
+        read_records(str(t))
+
+
+@pytest.mark.parametrize("name,content,where", [
+    ("d.jsonl", [{"instruction": "ok", "output": "y"}, {"instruction": "a\ud800b", "output": "y"}],
+     "{p}:2: field 'instruction' holds a lone surrogate (\\ud800)"),
+    ("d.jsonl", [{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": ["\udfff"]}]}],
+     "{p}:1: field 'conversations[1].value[0]' holds a lone surrogate (\\udfff)"),
+    ("d.jsonl", [{"text": "ok", "meta": {"k\udc80": 1}}], "{p}:1: field 'meta.k\\udc80' holds a lone surrogate"),
+    ("d.json", [{"text": "ok"}, {"text": "x\udbff"}], "{p}[1]: field 'text' holds a lone surrogate (\\udbff)"),
+])
+def test_lone_surrogate_escapes_are_refused_at_read_time(tmp_path, name, content, where):
+    """json.loads accepts "\ud800"; the tokenizer then fails with a TypeError traceback. A surrogate pair
+    (an emoji written as two escapes) is valid text and still reads."""
+    p = tmp_path / name
+    body = json.dumps(content) if name.endswith(".json") else "".join(json.dumps(r) + "\n" for r in content)
+    assert "\\ud" in body  # the premise: json.dumps writes the lone surrogate as an escape
+    p.write_text(body)
+    with pytest.raises(DataError) as err:
+        read_records(str(p))
+    assert where.format(p=p) in err.value.render()
+    err.value.render().encode("utf-8")  # the message itself is printable
+    p.write_text(body.replace("\\ud800", "\\ud83d\\ude00").replace("\\udfff", "\\ud83d\\ude00")
+                 .replace("\\udc80", "\\ud83d\\ude00").replace("\\udbff", "\\ud83d\\ude00"))
+    assert "\U0001f600" in json.dumps([{k: v for k, v in r.items() if k != "__where__"} for r in read_records(str(p))],
+                                      ensure_ascii=False)
+
+
+def test_predict_inputs_with_lone_surrogates_are_refused():
+    """predict's input lines: a \\ud800 escape in a JSON line, or stdin bytes that the C locale decoded to
+    surrogates (surrogateescape) in a plain line, end as a DataError naming the line."""
+    import io
+
+    from scaletune.infer import _read_inputs
+
+    assert [i["text"] for i in _read_inputs(None, io.StringIO('plain\n{"text": "\\ud83d\\ude00"}\n'))] == \
+        ["plain", "\U0001f600"]
+    with pytest.raises(DataError, match=r"<stdin>:2: field 'instruction' holds a lone surrogate \(\\ud800\)"):
+        _read_inputs(None, io.StringIO('plain\n{"instruction": "a\\ud800"}\n'))
+    with pytest.raises(DataError, match=r"<stdin>:1: field 'text' holds a lone surrogate \(\\udcff\)"):
+        _read_inputs(None, io.StringIO(b"caf\xff\n".decode("utf-8", "surrogateescape")))
+
+
 def test_conll_reader_and_stray_columns(tmp_path):
     p = tmp_path / "d.conll"
     p.write_text("-DOCSTART- -X- O O\n\nEU NNP B-NP B-ORG\nrejects VBZ B-VP O\n\nPeter NNP B-NP B-PER\n")
@@ -287,3 +348,39 @@ def test_predicted_tags_stay_on_their_words(tiny_bert):
     wanted = {0: 1, 2: 2, 3: 3}  # label index per word
     pred = [wanted.get(w, 0) if w is not None else 0 for w in ids]
     assert word_tags(ids, pred, labels, len(words)) == ["B-X", "O", "B-Y", "B-Z"]
+
+
+@pytest.mark.parametrize("records,expected", [
+    ([{"instruction": "q", "output": "a", "label": True, "kto_tag": "x"}] * 3
+     + [{"instruction": "q", "output": "a", "input": "i", "system": "s", "history": [], "label": None}],
+     "data.train: fields ignored by format alpaca: kto_tag (3 records), label (3 records)"),
+    ([{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}], "system": "s",
+       "tools": "[]"}, {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}],
+     "data.train: fields ignored by format sharegpt: tools (1 record)"),
+    ([{"prompt": "q", "completion": " a", "label": False}] * 2,
+     "data.train: fields ignored by format prompt_completion: label (2 records)"),
+    ([{"instruction": "q", "input": "", "output": "a", "system": "s", "history": [["u", "v"]]}] * 2, None),
+])
+def test_fields_a_format_ignores_are_named_once(tmp_path, tiny_llama, caplog, monkeypatch, records, expected):
+    """Converting keeps only the fields a format reads; the rest (a KTO label, ShareGPT tools) are named in
+    one warning per dataset, with counts, and again when the tokenised cache is reused."""
+    monkeypatch.setenv("SCALETUNE_CACHE", str(tmp_path / "cache"))
+    data = write_jsonl(tmp_path / "a.jsonl", records)
+    cfg = _cfg(tmp_path, tiny_llama, data=data, cache=True)
+    tok = load_tokenizer(cfg)
+    for _ in range(2):  # built, then loaded from the cache
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="scaletune"):
+            build_datasets(cfg, get_task("causal_lm"), tok)
+        notes = [r.getMessage() for r in caplog.records if "ignored by format" in r.getMessage()]
+        assert notes == ([expected] if expected else [])
+
+
+def test_ignored_fields_of_the_eval_file_are_named_too(tmp_path, tiny_llama, caplog):
+    train = write_jsonl(tmp_path / "t.jsonl", [{"text": "a b c"}] * 2)
+    evalf = write_jsonl(tmp_path / "e.jsonl", [{"text": "a b c", "source": "web"}] * 2)
+    cfg = _cfg(tmp_path, tiny_llama, data=train, eval=str(evalf))
+    with caplog.at_level("WARNING", logger="scaletune"):
+        build_datasets(cfg, get_task("causal_lm"), load_tokenizer(cfg))
+    notes = [r.getMessage() for r in caplog.records if "ignored by format" in r.getMessage()]
+    assert notes == ["data.eval: fields ignored by format text: source (2 records)"]

@@ -11,7 +11,7 @@ from typing import Any, TextIO
 import torch
 
 from .config import RunConfig
-from .data.readers import WHERE, text_lines
+from .data.readers import WHERE, surrogate_problem, text_lines
 from .errors import ConfigError, DataError, UserError
 
 log = logging.getLogger("scaletune")
@@ -78,14 +78,19 @@ def _read_inputs(source: str | None, stdin: TextIO) -> list[dict]:
     for n, line in enumerate(text_lines(text), start=1):
         if not line.strip():
             continue
+        where = f"{source or '<stdin>'}:{n}"
         if line.lstrip().startswith("{"):
             try:
                 item = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(f"{source or '<stdin>'}:{n}: invalid JSON ({exc.msg})") from None
+                raise DataError(f"{where}: invalid JSON ({exc.msg})") from None
         else:
             item = {"text": line}
-        items.append({**item, WHERE: f"{source or '<stdin>'}:{n}"})
+        # every line, not only those with a \u escape: stdin in the C locale decodes bad bytes to surrogates
+        problem = surrogate_problem(item, where)
+        if problem:
+            raise DataError(problem)
+        items.append({**item, WHERE: where})
     return items
 
 

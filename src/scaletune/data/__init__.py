@@ -23,7 +23,9 @@ from .readers import WHERE, read_records
 
 log = logging.getLogger("scaletune")
 
-CACHE_VERSION = "3"  # 2: numeric string labels sort numerically; 3: token_cls stores the gold tags max_length cut
+# 2: numeric string labels sort numerically; 3: token_cls stores the gold tags max_length cut;
+# 4: CSV quoted fields keep U+2028, \x85, \r\n and the like as written (str.splitlines used to break them)
+CACHE_VERSION = "4"
 
 
 def cache_root() -> Path:
@@ -106,9 +108,11 @@ def build_datasets(cfg: Any, task: Any, tokenizer: Any, accelerator: Any = None)
         else:
             train_records = read_records(cfg.data.train, key="data.train", conll=conll)
             labels = task.setup(train_records, cfg, cfg.data.train)
+            ignored = [task.ignored_fields(train_records, "data.train")]
             eval_records = None
             if cfg.data.eval:
                 eval_records = read_records(cfg.data.eval, key="data.eval", conll=conll)
+                ignored.append(task.ignored_fields(eval_records, "data.eval"))
             elif cfg.data.eval_fraction:
                 train_records, eval_records = split_eval(train_records, cfg.data.eval_fraction, cfg.train.seed)
             label2id = {name: i for i, name in enumerate(labels)} if labels else None
@@ -121,9 +125,12 @@ def build_datasets(cfg: Any, task: Any, tokenizer: Any, accelerator: Any = None)
             train = datasets.Dataset.from_dict(enc_train)
             evalset = datasets.Dataset.from_dict(enc_eval) if enc_eval and enc_eval["input_ids"] else None
             meta = {"labels": labels, "has_eval": evalset is not None, "dropped": dropped,
-                    **task.cache_meta()}
+                    "ignored_fields": [note for note in ignored if note], **task.cache_meta()}
             if cfg.data.cache and (accelerator is None or accelerator.is_main_process):
                 _save_atomically(where, train, evalset, meta)
+    if accelerator is None or accelerator.is_main_process:
+        for note in meta.get("ignored_fields") or []:  # kept in the cache's meta: a cached build warns too
+            log.warning(note)
     for split, n in (meta.get("dropped") or {}).items():
         if n and (accelerator is None or accelerator.is_main_process):
             # silently training on fewer examples (and evaluating on a max_length-dependent subset)

@@ -8,6 +8,7 @@ belong to assistant turns so the loss can be restricted to them.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,14 +24,19 @@ class Format:
     name: str
     required: tuple[str, ...]  # columns whose presence identifies the format
     convert: Callable[[dict], dict]  # record -> {"messages": [...]} or {"segments": [...]}
+    optional: tuple[str, ...] = ()  # further columns `convert` reads when present
+
+    @property
+    def fields(self) -> frozenset[str]:
+        return frozenset(self.required + self.optional)
 
 
 FORMATS: dict[str, Format] = {}
 
 
-def register(name: str, required: tuple[str, ...]) -> Callable:
+def register(name: str, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> Callable:
     def deco(fn: Callable[[dict], dict]) -> Callable[[dict], dict]:
-        FORMATS[name] = Format(name, required, fn)
+        FORMATS[name] = Format(name, required, fn, optional)
         return fn
 
     return deco
@@ -47,7 +53,7 @@ def _text(rec: dict, key: str, *, optional: bool = False, target: bool = False) 
     return value
 
 
-@register("alpaca", ("instruction", "output"))
+@register("alpaca", ("instruction", "output"), ("input", "system", "history"))
 def _alpaca(rec: dict) -> dict:
     instruction = _text(rec, "instruction")
     extra = _text(rec, "input", optional=True)
@@ -72,7 +78,7 @@ _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assista
                    "system": "system", "function_call": "assistant", "observation": "user", "tool": "user"}
 
 
-@register("sharegpt", ("conversations",))
+@register("sharegpt", ("conversations",), ("system",))
 def _sharegpt(rec: dict) -> dict:
     turns = rec.get("conversations")
     where = rec.get(WHERE, "?")
@@ -130,6 +136,19 @@ def detect(records: list[dict], source: str) -> Format:
     options = "; ".join(f"{f.name}: {', '.join(f.required)}" for f in FORMATS.values())
     raise DataError(f"{source}: cannot tell the data format from columns {cols}. Expected one of — {options}. "
                     "Set data.format to choose explicitly.")
+
+
+def ignored_fields(fmt: Format, records: list[dict], key: str, shown: int = 10) -> str | None:
+    """One line naming the record fields `fmt` does not read (a KTO `label`, ShareGPT `tools`, ...) and how
+    many records hold them, or None. Converting drops them silently, which could hide a wrong format choice."""
+    counts = Counter(k for rec in records for k, v in rec.items()
+                     if k != WHERE and k not in fmt.fields and v is not None)  # hub/parquet rows hold None for gaps
+    if not counts:
+        return None
+    names = sorted(counts, key=str)
+    listed = ", ".join(f"{name} ({counts[name]} record{'s' if counts[name] != 1 else ''})" for name in names[:shown])
+    more = f", and {len(names) - shown} more" if len(names) > shown else ""
+    return f"{key}: fields ignored by format {fmt.name}: {listed}{more}"
 
 
 def get_format(name: str, records: list[dict], source: str) -> Format:

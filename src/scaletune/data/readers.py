@@ -8,7 +8,9 @@ so later validation (missing columns, bad labels) can point at the exact line.
 from __future__ import annotations
 
 import csv
+import io
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,46 @@ def text_lines(text: str) -> list[str]:
     return [ln[:-1] if ln.endswith("\r") else ln for ln in text.split("\n")]
 
 
+# A JSON escape that decodes to a surrogate code point; text decoded from UTF-8 holds none otherwise.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _shown(name: Any) -> str:
+    """A field name safe to print: a lone surrogate in it would break writing the error itself."""
+    return str(name).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _bad_text(value: str) -> str | None:
+    """The first lone surrogate in `value` as a \\uXXXX escape, or None for valid Unicode text."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"\\u{ord(value[exc.start]):04x}"
+    return None
+
+
+def surrogate_problem(record: dict, where: str) -> str | None:
+    """Say which field of `record` (nested lists/dicts too, names included) holds a lone surrogate.
+
+    json.loads accepts an unpaired "\\ud800" escape (and stdin in the C locale turns non-UTF-8 bytes into
+    lone surrogates); such a string is not Unicode text, and the tokenizer fails on it with a traceback."""
+    # (printable name, raw key or None for a list item, value); iterative: JSON nests as deep as json.loads allowed
+    stack: list[tuple[str, Any, Any]] = [(_shown(k), k, v) for k, v in reversed(record.items()) if k != WHERE]
+    while stack:
+        name, key, value = stack.pop()
+        bad = _bad_text(key) if isinstance(key, str) else None
+        if isinstance(value, str):
+            bad = bad or _bad_text(value)
+        elif isinstance(value, dict):
+            stack.extend((f"{name}.{_shown(k)}", k, v) for k, v in reversed(value.items()))
+        elif isinstance(value, list):
+            stack.extend((f"{name}[{i}]", None, v) for i, v in reversed(list(enumerate(value))))
+        if bad:
+            return (f"{where}: field '{name}' holds a lone surrogate ({bad}), which is not Unicode text "
+                    "(an unpaired \\uD800-\\uDFFF escape, or bytes that are not UTF-8)")
+    return None
+
+
 def _read_jsonl(path: Path) -> list[dict]:
     records, problems = [], []
     for lineno, line in enumerate(text_lines(_read_text(path)), start=1):
@@ -49,10 +91,13 @@ def _read_jsonl(path: Path) -> list[dict]:
         except RecursionError:
             problems.append(f"{path}:{lineno}: invalid JSON (nested too deeply)")
         else:
+            where = f"{path}:{lineno}"
             if not isinstance(obj, dict):
-                problems.append(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+                problems.append(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            elif _SURROGATE_ESCAPE.search(line) and (problem := surrogate_problem(obj, where)):
+                problems.append(problem)
             else:
-                obj[WHERE] = f"{path}:{lineno}"
+                obj[WHERE] = where
                 records.append(obj)
         if len(problems) >= MAX_ERRORS:
             problems.append("... (stopping after 10 problems)")
@@ -85,40 +130,67 @@ def _read_json(path: Path) -> list[dict]:
             raise DataError(f"{path}: expected a list of objects (or JSON lines)")
     if not isinstance(obj, list):
         raise DataError(f"{path}: expected a list of objects, got {type(obj).__name__}")
-    records = []
+    records, problems = [], []
+    check = _SURROGATE_ESCAPE.search(text) is not None  # the walk is needed only if such an escape occurs
     for i, item in enumerate(obj):
         if not isinstance(item, dict):
             raise DataError(f"{path}: item {i} is {type(item).__name__}, expected an object")
+        if check and (problem := surrogate_problem(item, f"{path}[{i}]")):
+            problems.append(problem)
+            if len(problems) >= MAX_ERRORS:
+                problems.append("... (stopping after 10 problems)")
+                break
         item[WHERE] = f"{path}[{i}]"
         records.append(item)
+    if problems:
+        raise DataError(problems, title=f"{path} has unreadable items")
     return records
 
 
-def _read_delimited(path: Path, delimiter: str) -> list[dict]:
-    text = _read_text(path)
-    reader = csv.reader(text.splitlines(), delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL)
+def _delimited_rows(path: Path, text: str, delimiter: str) -> list[tuple[int, int, list[str]]]:
+    """Each row with the physical lines it spans (first, last), counted from 1.
+
+    The csv module reads the text as a file opened with newline="" would give it: lines end at \\n, \\r\\n
+    or \\r only, endings kept, so a quoted field may hold line breaks (and U+2028 and the like stay data,
+    which str.splitlines would split at) and `line_num` counts the lines an editor shows."""
+    kind = "TSV" if delimiter == "\t" else "CSV"
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
     limit = csv.field_size_limit()
     csv.field_size_limit(max(limit, len(text)))  # a long document in one field is data, not an error
+    rows = []
     try:
-        rows = list(reader)
+        while True:
+            start = reader.line_num + 1
+            try:
+                row = next(reader)
+            except StopIteration:
+                return rows
+            rows.append((start, reader.line_num, row))
     except csv.Error as exc:
-        kind = "TSV" if delimiter == "\t" else "CSV"
-        raise DataError(f"{path}:{reader.line_num}: malformed {kind} ({exc})") from None
+        seen = f", seen at line {reader.line_num}" if reader.line_num > start else ""
+        raise DataError(f"{path}:{start}: malformed {kind} ({exc}{seen})") from None
     finally:
         csv.field_size_limit(limit)
+
+
+def _read_delimited(path: Path, delimiter: str) -> list[dict]:
+    rows = _delimited_rows(path, _read_text(path), delimiter)
     if not rows:
         raise DataError(f"{path}: file is empty")
-    header = [h.strip() for h in rows[0]]
+    header = [h.strip() for h in rows[0][2]]
     if len(set(header)) != len(header) or any(not h for h in header):
         raise DataError(f"{path}:1: the first line must be a header with distinct, non-empty column names")
     records = []
-    for lineno, row in enumerate(rows[1:], start=2):
+    for start, end, row in rows[1:]:
         if not row or all(not c.strip() for c in row):
             continue
         if len(row) != len(header):
-            raise DataError(f"{path}:{lineno}: {len(row)} fields, header has {len(header)} ({', '.join(header)})")
+            # a quote left open swallows the lines after it into one field: say where the record ran to
+            span = f"; this record runs to line {end}: is a quote left open?" if end > start else ""
+            raise DataError(f"{path}:{start}: {len(row)} fields, header has {len(header)} ({', '.join(header)}){span}")
         rec: dict[str, Any] = dict(zip(header, row))
-        rec[WHERE] = f"{path}:{lineno}"
+        rec[WHERE] = f"{path}:{start}"
         records.append(rec)
     return records
 

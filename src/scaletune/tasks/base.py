@@ -52,6 +52,10 @@ class Task:
         """Inspect the training records once (format, label set); returns the label names if any."""
         return None
 
+    def ignored_fields(self, records: list[dict], key: str) -> str | None:
+        """A warning naming the record fields `encode` does not read, to log once per dataset (after `setup`)."""
+        return None
+
     def cache_meta(self) -> dict:
         """What `setup` learned (columns, format), so a cached dataset can skip reading records."""
         # Private attributes are runtime state (e.g. the model's head), not something a cache can hold.

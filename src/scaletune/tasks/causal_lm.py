@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..data.formats import get_format, to_segments
+from ..data.formats import get_format, ignored_fields, to_segments
 from ..data.readers import WHERE
 from ..trainable_state import unwrap
 from .base import IGNORE, Task, ce_sum, pad_batch, register
@@ -50,6 +50,9 @@ class CausalLM(Task):
         self.format = get_format(cfg.data.format, records, source)
         self.varlen = cfg.model.attn_implementation == "varlen"
         return None
+
+    def ignored_fields(self, records: list[dict], key: str) -> str | None:
+        return ignored_fields(self.format, records, key)
 
     def encode(self, record: dict, tokenizer: Any, cfg: Any, label2id: dict | None) -> dict | None:
         segments = to_segments(self.format.convert(record), tokenizer, record.get(WHERE, "?"))
