@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from scaletune.config import apply_overrides, config_reference, cross_field_problems, from_dict, load_config
+from scaletune.config import apply_overrides, config_reference, from_dict, load_config
 from scaletune.errors import ConfigError
+from scaletune.rules import cross_field_problems
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {"task": "causal_lm", "model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"}}

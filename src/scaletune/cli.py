@@ -199,7 +199,7 @@ def dispatch(args: argparse.Namespace) -> int:
             return 0
         return launch.main_launch(args, cfg)
     if args.command == "slurm":
-        from .config import cross_field_problems
+        from .rules import cross_field_problems
         from .slurm import main_slurm
 
         if args.gpus_per_node > 0:  # the world the job will have: refuse now, not after the queue wait

@@ -123,8 +123,8 @@ def build_launch_command(
 
 def _refuse_for_this_machine(cfg: Any, world: int, cpu: bool | None) -> None:
     """Raise ConfigError for problems that depend on this machine's hardware (CUDA or not)."""
-    from .config import cross_field_problems
     from .errors import ConfigError
+    from .rules import cross_field_problems
 
     if cpu is None:
         import torch

@@ -24,8 +24,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import RunConfig, cross_field_problems
+from .config import RunConfig
 from .errors import ConfigError
+from .rules import cross_field_problems
 
 GiB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}

@@ -18,8 +18,9 @@ import torch
 
 from . import checkpoint as ckpt
 from . import methods
-from .config import RunConfig, cross_field_problems
+from .config import RunConfig
 from .errors import EXIT_PREEMPTED, ConfigError, UserError
+from .rules import cross_field_problems
 from .trainable_state import unwrap
 
 log = logging.getLogger("scaletune")

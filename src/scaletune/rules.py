@@ -1,0 +1,161 @@
+"""Cross-field rules of the run config: every rule about a combination of keys lives here, and
+`from_dict`, `train`, `launch`, `slurm` and `plan` all ask this one function (the last three with the
+world size and hardware they will run on)."""
+
+from __future__ import annotations
+
+from .config import _PEFT_SIZE_KEYS, CAUSAL_FORMATS, MAX_PEFT_SIZE, RunConfig, _did_you_mean, _short
+
+
+def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_cuda: bool | None = None) -> list[str]:
+    p: list[str] = []
+    t, d, m, dist = cfg.train, cfg.data, cfg.model, cfg.distributed
+
+    for key in ("global_batch_size", "micro_batch_size", "log_every"):
+        if getattr(t, key) is not None and getattr(t, key) < 1:
+            p.append(f"train.{key}: must be >= 1, got {getattr(t, key)}")
+    for key in ("eval_every", "save_every", "max_steps", "save_total_limit", "warmup_steps"):
+        val = getattr(t, key)
+        if val is not None and val < (0 if key == "warmup_steps" else 1):
+            p.append(f"train.{key}: must be >= 1 (or null), got {val}")
+    if t.max_steps is not None and t.max_steps > 100_000_000:
+        p.append(f"train.max_steps: {t.max_steps} would not finish (at most 100000000)")
+    if t.epochs is not None and t.epochs > 100_000:
+        p.append(f"train.epochs: {t.epochs} would not finish (at most 100000)")
+    if t.weight_decay > 10:
+        p.append(f"train.weight_decay: {t.weight_decay} would wipe the adapter out (typical 0..0.1)")
+    if t.max_steps is None and (t.epochs is None or t.epochs <= 0):
+        p.append("train.epochs: must be > 0 when train.max_steps is not set")
+    if not (t.learning_rate > 0):
+        p.append(f"train.learning_rate: must be > 0, got {t.learning_rate}")
+    if t.learning_rate > 1.0:
+        p.append(f"train.learning_rate: {t.learning_rate} is far too large for fine-tuning (typical 1e-5..1e-3)")
+    if not (0 <= t.warmup_ratio < 1):
+        p.append(f"train.warmup_ratio: must be in [0, 1), got {t.warmup_ratio}")
+    if t.weight_decay < 0:
+        p.append(f"train.weight_decay: must be >= 0, got {t.weight_decay}")
+    if t.max_grad_norm is not None and t.max_grad_norm <= 0:
+        p.append(f"train.max_grad_norm: must be > 0 or null, got {t.max_grad_norm}")
+    if t.max_nonfinite_skips < 1:
+        p.append(f"train.max_nonfinite_skips: must be >= 1, got {t.max_nonfinite_skips}")
+    if not (0 <= t.seed < 2**32):
+        p.append(f"train.seed: must be in [0, 2**32 - 1], got {t.seed}")
+    for key in ("adam_beta1", "adam_beta2"):
+        if not (0 <= getattr(t, key) < 1):
+            p.append(f"train.{key}: must be in [0, 1), got {getattr(t, key)}")
+    if t.adam_epsilon < 0:
+        p.append(f"train.adam_epsilon: must be >= 0, got {t.adam_epsilon}")
+    for tracker in t.report_to or []:
+        if tracker not in ("tensorboard", "wandb", "mlflow"):
+            p.append(f"train.report_to: unknown tracker {tracker!r} (tensorboard | wandb | mlflow)")
+
+    if t.global_batch_size >= 1 and t.micro_batch_size >= 1:
+        if t.global_batch_size % t.micro_batch_size:
+            p.append(
+                f"train.global_batch_size ({t.global_batch_size}) must be divisible by "
+                f"train.micro_batch_size ({t.micro_batch_size})"
+            )
+        elif world_size and t.global_batch_size % (t.micro_batch_size * world_size):
+            p.append(
+                f"train.global_batch_size ({t.global_batch_size}) must be divisible by micro_batch_size x "
+                f"world size ({t.micro_batch_size} x {world_size} = {t.micro_batch_size * world_size}); "
+                f"pick a global batch that is a multiple of {t.micro_batch_size * world_size}"
+            )
+
+    if d.max_length < 8:
+        p.append(f"data.max_length: must be >= 8, got {d.max_length}")
+    if d.max_length > 1_048_576:
+        p.append(f"data.max_length: {d.max_length} is larger than any model context (max 1048576)")
+    if d.eval is not None and d.eval_fraction is not None:
+        p.append("data.eval and data.eval_fraction: give one or the other, not both")
+    if d.eval_fraction is not None and not (0 < d.eval_fraction < 1):
+        p.append(f"data.eval_fraction: must be in (0, 1), got {d.eval_fraction}")
+    if d.num_workers < 0:
+        p.append(f"data.num_workers: must be >= 0, got {d.num_workers}")
+    for key, value in (("model.name_or_path", m.name_or_path), ("data.train", d.train), ("data.eval", d.eval),
+                       ("output_dir", cfg.output_dir), ("data.text_column", d.text_column),
+                       ("data.text_pair_column", d.text_pair_column), ("data.label_column", d.label_column),
+                       ("data.tokens_column", d.tokens_column), ("data.tags_column", d.tags_column)):
+        if isinstance(value, str) and not value.strip():
+            p.append(f"{key}: must not be empty")
+    if d.tokens_column and d.tokens_column == d.tags_column:
+        p.append(f"data.tokens_column and data.tags_column: both name column {d.tokens_column!r}")
+    if d.text_column and d.text_column in (d.label_column, d.text_pair_column):
+        p.append(f"data.text_column: column {d.text_column!r} is also the label or text-pair column")
+    elif d.num_workers > 64:  # each worker is a process: a typo here would fork-bomb the node
+        p.append(f"data.num_workers: {d.num_workers} worker processes is too many (at most 64)")
+    fmt_ok = {
+        "causal_lm": ("auto", *CAUSAL_FORMATS),
+        "seq_cls": ("auto", "text"),
+        "token_cls": ("auto", "tokens", "conll"),
+    }.get(cfg.task, ("auto",))
+    if d.format not in fmt_ok:
+        p.append(f"data.format: {d.format!r} is not valid for task {cfg.task} ({' | '.join(fmt_ok)})"
+                 f"{_did_you_mean(d.format, list(fmt_ok))}")
+    if d.packing and cfg.task != "causal_lm":
+        p.append(f"data.packing: only supported for task causal_lm, not {cfg.task}")
+    if d.labels is not None and cfg.task == "causal_lm":
+        p.append("data.labels: only used by seq_cls/token_cls")
+    if d.labels is not None:
+        bad = [x for x in d.labels if isinstance(x, bool) or not isinstance(x, (str, int))]
+        if bad:
+            p.append(f"data.labels: every label must be a string or an integer, got {_short(bad[0])}")
+        elif len(set(map(str, d.labels))) != len(d.labels):
+            p.append("data.labels: contains duplicates")
+        if cfg.task in ("seq_cls", "token_cls") and len(d.labels) < (2 if cfg.task == "seq_cls" else 1):
+            p.append(f"data.labels: {cfg.task} needs at least {2 if cfg.task == 'seq_cls' else 1} label(s), "
+                     f"got {len(d.labels)}")
+
+    method = cfg.peft_method
+    if not isinstance(cfg.peft.get("method", "lora"), str):
+        p.append(f"peft.method: expected a method name, got {cfg.peft.get('method')!r}")
+    for key in _PEFT_SIZE_KEYS:  # sizes that allocate memory: refuse absurd ones before allocating
+        value = cfg.peft.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > MAX_PEFT_SIZE:
+            p.append(f"peft.{key}: {value} is larger than any layer (max {MAX_PEFT_SIZE})")
+        elif key in ("num_virtual_tokens", "init_r", "target_r") and isinstance(value, int) and value < 1:
+            p.append(f"peft.{key}: must be >= 1, got {value}")  # (OFT's r may be 0: block size instead)
+    init_r, target_r = cfg.peft.get("init_r"), cfg.peft.get("target_r")
+    if cfg.peft.get("method") == "adalora" and isinstance(init_r, int) and isinstance(target_r, int) \
+            and target_r > init_r:
+        # AdaLoRA only prunes ranks: a target above the initial rank fails at its first re-allocation
+        p.append(f"peft.target_r: {target_r} is above peft.init_r ({init_r}); AdaLoRA prunes from init_r "
+                 "down to target_r")
+    if m.quantization and m.dtype == "float32":
+        p.append("model.quantization: the quantized base computes in bf16/fp16; set model.dtype to bfloat16 "
+                 "(or float16)")
+    if m.quantization == "8bit" and dist.zero_stage == 3:
+        p.append("model.quantization=8bit with distributed.zero_stage=3: ZeRO-3 cannot shard int8 weights; "
+                 "use quantization: 4bit (QLoRA) or zero_stage 2")
+    if m.quantization and dist.offload in ("params", "all"):
+        p.append("model.quantization with distributed.offload=params: quantized weights cannot be offloaded; "
+                 "use offload: optimizer")
+    if dist.offload != "none" and dist.zero_stage == 0:
+        p.append("distributed.offload needs distributed.zero_stage >= 1 (offload is a DeepSpeed feature)")
+    if dist.offload in ("params", "all") and dist.zero_stage != 3:
+        p.append("distributed.offload=params needs distributed.zero_stage=3 (only ZeRO-3 partitions parameters)")
+    if t.optimizer != "adamw" and dist.zero_stage > 0 and dist.offload in ("optimizer", "all"):
+        p.append(f"train.optimizer={t.optimizer} with optimizer offload: DeepSpeed's CPU Adam replaces it; "
+                 "use optimizer: adamw")
+    if t.mixed_precision == "fp16" and m.dtype == "bfloat16" and m.quantization is None:
+        p.append("train.mixed_precision=fp16 with model.dtype=bfloat16: pick bf16 (or dtype float16/float32)")
+    if t.mixed_precision == "no" and m.dtype != "float32" and m.quantization is None:
+        p.append(f"train.mixed_precision=no with model.dtype={m.dtype}: the float32 adapter would meet "
+                 f"{m.dtype} activations without autocast; use mixed_precision: bf16, or dtype: float32")
+    if has_cuda is False and t.mixed_precision == "fp16":
+        p.append("train.mixed_precision=fp16 needs a CUDA GPU; on CPU use bf16 or no")
+    if has_cuda is False and m.attn_implementation == "flash_attention_2":
+        p.append("model.attn_implementation=flash_attention_2 needs a CUDA GPU; use sdpa")
+    if method in ("prefix_tuning", "prompt_tuning", "p_tuning") and d.packing:
+        p.append(f"data.packing with peft.method={method}: virtual tokens cannot be isolated per packed "
+                 "example; set packing: false")
+    if method in ("prefix_tuning",) and m.gradient_checkpointing:
+        p.append("model.gradient_checkpointing with peft.method=prefix_tuning is not supported by peft "
+                 "(past key values); set gradient_checkpointing: false")
+    if t.torch_compile and dist.zero_stage == 3:
+        p.append("train.torch_compile with distributed.zero_stage=3: ZeRO-3's parameter gathering hooks are "
+                 "not traced by torch.compile here; use zero_stage 2 or torch_compile: false")
+    from .methods import problems as method_problems
+
+    p.extend(method_problems(cfg))
+    return p
