@@ -261,6 +261,32 @@ def test_examples_without_targets_are_counted_and_reported(tmp_path, tiny_llama,
     assert "data.train: 2 example(s) skipped: no target tokens within data.max_length=64" in caplog.text
 
 
+@pytest.mark.parametrize("task", ["causal_lm", "seq_cls", "token_cls"])
+def test_examples_cut_by_max_length_are_counted_and_reported(tmp_path, tiny_llama, tiny_bert, task, caplog):
+    """An example longer than max_length trains (or is scored) on its start only: say how many, per split,
+    fresh and from the cache."""
+    long = " ".join(["word"] * 150)
+    if task == "causal_lm":
+        records = [{"instruction": "Say hi", "input": "", "output": "hi"}] * 3
+        records += [{"instruction": "Say it", "input": "", "output": long}] * 2  # the answer's end is cut
+    elif task == "seq_cls":
+        records = [{"text": "short", "label": "neg"}] * 3 + [{"text": long, "label": "pos"}] * 2
+    else:
+        records = [{"tokens": ["a", "b"], "tags": ["O", "B-PER"]}] * 3
+        records += [{"tokens": long.split(), "tags": ["O"] * 150}] * 2
+    data = write_jsonl(tmp_path / "d.jsonl", records)
+    evaldata = write_jsonl(tmp_path / "e.jsonl", records[:4])
+    model = tiny_llama if task == "causal_lm" else tiny_bert
+    cfg = _cfg(tmp_path, model, task=task, data=data, eval=str(evaldata), max_length=64, cache=True)
+    for _ in ("fresh", "cached"):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="scaletune"):
+            built = build_datasets(cfg, get_task(task), load_tokenizer(cfg))
+        assert built["stats"]["truncated"] == {"train": 2, "eval": 1}
+        assert "data.train: 2 of 5 example(s) are longer than data.max_length=64 tokens and were cut" in caplog.text
+        assert "data.eval: 1 of 4 example(s)" in caplog.text
+
+
 def test_max_length_is_lowered_to_what_the_tokenizer_accepts(tmp_path, tiny_bert, caplog):
     """BERT-family models have 512 learned positions: a longer max_length (the default is 1024) would
     crash the first long example, so the tokenizer's model_max_length caps it, with a warning."""

@@ -24,8 +24,9 @@ from .readers import WHERE, read_records
 log = logging.getLogger("scaletune")
 
 # 2: numeric string labels sort numerically; 3: token_cls stores the gold tags max_length cut;
-# 4: CSV quoted fields keep U+2028, \x85, \r\n and the like as written (str.splitlines used to break them)
-CACHE_VERSION = "4"
+# 4: CSV quoted fields keep U+2028, \x85, \r\n and the like as written (str.splitlines used to break them);
+# 5: meta counts the examples max_length cut
+CACHE_VERSION = "5"
 
 
 def cache_root() -> Path:
@@ -65,17 +66,20 @@ def fingerprint(cfg: Any, tokenizer: Any) -> str:
 
 
 def _encode_all(records: list[dict], task: Any, tokenizer: Any, cfg: Any, label2id: dict | None) -> dict:
+    from ..tasks.base import TRUNCATED  # (tasks import data's readers)
+
     columns: dict[str, list] = {"input_ids": [], "labels": [], "length": []}
-    dropped = 0
+    dropped = truncated = 0
     for rec in records:
         ex = task.encode(rec, tokenizer, cfg, label2id)
         if ex is None:
             dropped += 1
             continue
+        truncated += bool(ex.pop(TRUNCATED, False))
         columns["length"].append(len(ex["input_ids"]))
         for key, value in ex.items():  # input_ids, labels and what else the task keeps (token_cls: cut_tags)
             columns.setdefault(key, []).append(value)
-    columns["dropped"] = dropped
+    columns["dropped"], columns["truncated"] = dropped, truncated
     return columns
 
 
@@ -122,9 +126,10 @@ def build_datasets(cfg: Any, task: Any, tokenizer: Any, accelerator: Any = None)
                                 f"({enc_train['dropped']} had no target tokens within max_length)")
             enc_eval = _encode_all(eval_records, task, tokenizer, cfg, label2id) if eval_records else None
             dropped = {"train": enc_train.pop("dropped"), "eval": enc_eval.pop("dropped") if enc_eval else 0}
+            truncated = {"train": enc_train.pop("truncated"), "eval": enc_eval.pop("truncated") if enc_eval else 0}
             train = datasets.Dataset.from_dict(enc_train)
             evalset = datasets.Dataset.from_dict(enc_eval) if enc_eval and enc_eval["input_ids"] else None
-            meta = {"labels": labels, "has_eval": evalset is not None, "dropped": dropped,
+            meta = {"labels": labels, "has_eval": evalset is not None, "dropped": dropped, "truncated": truncated,
                     "ignored_fields": [note for note in ignored if note], **task.cache_meta()}
             if cfg.data.cache and (accelerator is None or accelerator.is_main_process):
                 _save_atomically(where, train, evalset, meta)
@@ -137,6 +142,12 @@ def build_datasets(cfg: Any, task: Any, tokenizer: Any, accelerator: Any = None)
             # would surprise anyone comparing runs
             log.warning("data.%s: %d example(s) skipped: no target tokens within data.max_length=%d",
                         split, n, cfg.data.max_length)
+    sizes = {"train": len(train), "eval": len(evalset) if evalset is not None else 0}
+    for split, n in (meta.get("truncated") or {}).items():
+        if n and (accelerator is None or accelerator.is_main_process):
+            # the cut part is not trained on (causal_lm: the end of the answer; cls: the end of the text)
+            log.warning("data.%s: %d of %d example(s) are longer than data.max_length=%d tokens and were cut; "
+                        "raise it to train on (or score) their ends", split, n, sizes[split], cfg.data.max_length)
     if evalset is not None and (accelerator is None or accelerator.is_main_process):
         note = task.eval_warning(evalset, labels, cfg)  # read from the dataset: a cached build warns too
         if note:

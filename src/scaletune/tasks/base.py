@@ -16,6 +16,7 @@ from ..data.readers import WHERE
 from ..errors import DataError
 
 IGNORE = -100
+TRUNCATED = "truncated"  # key of `encode`'s result: data.max_length cut the example (counted, not stored)
 TASKS: dict[str, type[Task]] = {}
 
 
@@ -68,8 +69,8 @@ class Task:
             setattr(self, k, FORMATS[v] if k == "format" else v)
 
     def encode(self, record: dict, tokenizer: Any, cfg: Any, label2id: dict | None) -> dict | None:
-        """One record -> {'input_ids': [...], 'labels': ...} (any further key, returned for every record,
-        becomes a column of the dataset too); None drops the example (logged)."""
+        """One record -> {'input_ids': [...], 'labels': ..., TRUNCATED: bool} (any further key, returned for
+        every record, becomes a column of the dataset too); None drops the example (logged)."""
         raise NotImplementedError
 
     def collate(self, examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
@@ -112,6 +113,11 @@ def pad_batch(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     if not seq_labels:
         labels = torch.tensor([e["labels"] for e in examples], dtype=torch.long)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def overflowed(enc: Any) -> bool:
+    """Whether the tokenizer call behind `enc` (truncation=True) cut tokens off at max_length."""
+    return bool(enc.encodings[0].overflowing)
 
 
 def ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 from ..data.formats import get_format, ignored_fields, to_segments
 from ..data.readers import WHERE
 from ..trainable_state import unwrap
-from .base import IGNORE, Task, ce_sum, pad_batch, register
+from .base import IGNORE, TRUNCATED, Task, ce_sum, pad_batch, register
 
 
 @functools.lru_cache(maxsize=8)
@@ -67,11 +67,12 @@ class CausalLM(Task):
             ids += piece
             learn = trainable or cfg.data.train_on_prompt
             labels += piece if learn else [IGNORE] * len(piece)
+        truncated = len(ids) > cfg.data.max_length
         ids, labels = ids[: cfg.data.max_length], labels[: cfg.data.max_length]
         # After the shift, label[0] is never predicted; an example needs a target past position 0.
         if not any(lab != IGNORE for lab in labels[1:]):
             return None
-        return {"input_ids": ids, "labels": labels}
+        return {"input_ids": ids, "labels": labels, TRUNCATED: truncated}
 
     def collate(self, examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         if "position_ids" in examples[0]:

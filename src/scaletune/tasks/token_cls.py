@@ -13,7 +13,7 @@ import torch
 
 from ..data.readers import WHERE
 from ..errors import DataError
-from .base import IGNORE, Task, ce_sum, collect_labels, pad_batch, register
+from .base import IGNORE, TRUNCATED, Task, ce_sum, collect_labels, overflowed, pad_batch, register
 
 _TOKEN_COLUMNS = ("tokens", "words")
 _TAG_COLUMNS = ("tags", "ner_tags", "labels")
@@ -69,7 +69,7 @@ class TokenCls(Task):
         n_cut = words_cut(enc, len(tags))
         # only the cut words' gold tags travel with the example (most sentences fit: an empty list)
         cut_tags = [label2id[str(t)] for t in tags[len(tags) - n_cut:]]
-        return {"input_ids": enc["input_ids"], "labels": labels, "cut_tags": cut_tags}
+        return {"input_ids": enc["input_ids"], "labels": labels, "cut_tags": cut_tags, TRUNCATED: overflowed(enc)}
 
     def collate(self, examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         """`pad_batch` plus `cut_tags` (padded with IGNORE), which eval needs to score the cut words."""
@@ -124,7 +124,7 @@ def words_cut(enc: Any, n_words: int) -> int:
     """How many trailing words of a sentence `max_length` cut off: those after the last word that kept a
     sub-token (a word whose first sub-token fits keeps its own prediction). 0 when nothing overflowed, so a
     sentence that merely ends in words the tokenizer drops (a zero-width space) is not counted as cut."""
-    if not enc.encodings[0].overflowing:
+    if not overflowed(enc):
         return 0
     last = max((w for w in enc.word_ids() if w is not None), default=-1)
     return n_words - 1 - last
