@@ -112,6 +112,21 @@ def test_non_empty_output_dir_is_never_overwritten_silently(capsys, make_config,
     assert (out / "precious.txt").read_text() == "keep me"
 
 
+def test_predict_input_nested_too_deeply_is_named(capsys, make_config, tmp_path, monkeypatch):
+    """A line of 100000 nested objects (`{"a": {"a": ...`) used to end in a RecursionError traceback; it is
+    named by file and line."""
+    import scaletune.infer as infer
+
+    path = make_config("token_cls")
+    # no adapter is needed: the inputs are read (and refused) before the model is used
+    monkeypatch.setattr(infer, "load_trained", lambda *a: (None, None, None, ["O"], tmp_path))
+    inp = tmp_path / "inputs.jsonl"
+    inp.write_text('{"tokens": ["fine"]}\n' + '{"a": ' * 100_000 + "\n")
+    code, out, err = run_cli(["predict", path, "--input", inp], capsys)
+    assert_clean_error(code, err, f"{inp}:2: invalid JSON (nested too deeply)")
+    assert out == ""
+
+
 def test_train_predict_eval_merge_roundtrip(capsys, make_config, tmp_path):
     path = make_config("causal_lm", train={"max_steps": 3})
     code, out, err = run_cli(["train", path], capsys)

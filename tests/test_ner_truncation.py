@@ -141,3 +141,50 @@ def test_predict_marks_lines_with_cut_words(tmp_path, tiny_bert, caplog, monkeyp
         f"predict: 2 of 4 input(s) have words beyond data.max_length={MAX_LENGTH} sub-tokens (first: <stdin>:1)"
         in caplog.text
     )
+
+
+def test_eval_scores_words_with_no_sub_token_in_place_as_predict_tags_them(tmp_path, tiny_bert, monkeypatch):
+    """A word the tokenizer drops (zero-width space) in the middle of a sentence is scored as predicted "O" in
+    its place: eval's numbers equal seqeval's on the full gold sequences against `predict`'s output, so an
+    entity with such a word inside counts as broken, not as found."""
+    from accelerate import Accelerator
+    from seqeval.metrics import accuracy_score, f1_score, precision_score, recall_score
+
+    import scaletune.infer as infer
+    from scaletune.evaluate import evaluate
+
+    zwsp = "\u200b"
+    records = [
+        # the entity "Dave <zwsp> Oslo" has a word the model never sees: predict splits it in two
+        {"tokens": ["Dave", zwsp, "Oslo", "golf"], "tags": ["B-PER", "I-PER", "I-PER", "O"]},
+        # a gold entity made only of a dropped word, before words that fit and one cut by max_length
+        {"tokens": ["Alice", zwsp, *FILLER, "Paris"], "tags": ["B-PER", "B-LOC"] + ["O"] * 5 + ["B-LOC"]},
+        {"tokens": ["golf", "Bob", zwsp], "tags": ["O", "B-PER", "O"]},
+    ]
+    path = write_jsonl(tmp_path / "blank.jsonl", records)
+    cfg, tok = _setup(tmp_path, tiny_bert, train=str(path), eval=str(path))
+    assert tok(zwsp, add_special_tokens=False)["input_ids"] == []  # the premise: it has no sub-token
+    task = get_task("token_cls")
+    sets = build_datasets(cfg, task, tok)
+    labels = sets["labels"]
+    table = {}
+    for rec in records:
+        for word, tag in zip(rec["tokens"], rec["tags"]):
+            if word != zwsp:
+                table[tok(word, add_special_tokens=False)["input_ids"][0]] = labels.index(tag)
+    oracle = Oracle(table, len(labels))
+    got = evaluate(Accelerator(cpu=True), oracle, task, sets["eval"], labels, 2, tok.pad_token_id)
+
+    monkeypatch.setattr(infer, "load_trained", lambda *a: (oracle, tok, None, labels, tmp_path))
+    out = io.StringIO()
+    lines = "\n".join(json.dumps({"tokens": r["tokens"]}) for r in records)
+    infer.run_predict(cfg, None, None, 4, out=out, stdin=io.StringIO(lines))
+    y_pred = [json.loads(line)["tags"] for line in out.getvalue().splitlines()]
+    y_true = [r["tags"] for r in records]
+    assert y_pred[0] == ["B-PER", "O", "I-PER", "O"]
+    assert got["precision"] == pytest.approx(precision_score(y_true, y_pred)) == pytest.approx(2 / 4)
+    assert got["recall"] == pytest.approx(recall_score(y_true, y_pred)) == pytest.approx(2 / 5)
+    assert got["f1"] == pytest.approx(f1_score(y_true, y_pred))
+    assert got["token_accuracy"] == pytest.approx(accuracy_score(y_true, y_pred)) == pytest.approx(12 / 15)
+    assert got["per_type"]["LOC"]["support"] == 2 and got["per_type"]["LOC"]["recall"] == 0
+    assert (got["sentences_truncated"], got["words_truncated"]) == (1, 1)  # the dropped words are not "cut"

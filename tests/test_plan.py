@@ -230,6 +230,22 @@ def test_fits_exit_zero(make_config, capsys):
     assert "verdict: FITS" in capsys.readouterr().out
 
 
+def test_verdict_says_when_the_gpu_memory_was_assumed(make_config, capsys):
+    """Without --gpu-memory the verdict says it assumed 80GiB (a 24GB card must not read "FITS" as its own);
+    with it, nothing is said about an assumption."""
+    from scaletune.cli import main
+
+    path = make_config()
+    note = "(assumed: --gpu-memory 80GiB; pass your device's)"
+    assert main(["plan", str(path)]) == 0
+    verdict = [line for line in capsys.readouterr().out.splitlines() if line.startswith("verdict:")]
+    assert len(verdict) == 1 and verdict[0].startswith("verdict: FITS") and verdict[0].endswith(note)
+    for given in ("80GiB", "24GB"):
+        assert main(["plan", str(path), "--gpu-memory", given]) == 0
+        out = capsys.readouterr().out
+        assert "verdict: FITS" in out and "assumed" not in out
+
+
 def test_cli_prints_verdict_and_suggestion(tmp_path, make_config, capsys):
     from scaletune.cli import main
 

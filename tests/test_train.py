@@ -198,6 +198,60 @@ def test_overwrite_deletes_the_old_run_with_a_warning_when_it_cannot_be_moved(ma
     assert os.listdir(run.output_dir) == ["run.json"] and not list(tmp_path.glob(".run.replaced-*"))
 
 
+def _record_write_fails(monkeypatch) -> None:
+    """Writing `.replaced_run` fails as on a full disk, after a byte of it is written; other writes work."""
+    import errno
+
+    write_text = Path.write_text
+
+    def full(self, *args, **kwargs):
+        if self.name == ".replaced_run":
+            write_text(self, "/")
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full)
+
+
+def test_overwrite_that_cannot_record_the_old_run_puts_it_back(make_config, tmp_path, monkeypatch, capsys):
+    """No record, no run: the old run goes back in output_dir, untouched, and the error says so."""
+    path = make_config("causal_lm", n=32, train={"max_steps": 1})
+    assert main(["train", str(path)]) == 0
+    out = tmp_path / "run"
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    _record_write_fails(monkeypatch)
+    capsys.readouterr()
+    assert main(["train", str(path), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "No space left on device" in err
+    assert f"nothing was replaced: the previous run is back in {out}" in err
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert not list(tmp_path.glob(".run.replaced-*"))
+
+
+def test_overwrite_that_cannot_record_nor_restore_names_where_the_old_run_is(make_config, tmp_path, monkeypatch):
+    from scaletune.errors import UserError
+
+    path = make_config("causal_lm", n=32, train={"max_steps": 1})
+    run, _ = setup(load_config(path))
+    fit(run, StopFlag())
+    _record_write_fails(monkeypatch)
+    rename, renames = Path.rename, []
+
+    def once(self, target):  # setting the run aside works; moving it back does not
+        renames.append(target)
+        if len(renames) > 1:
+            raise PermissionError(13, "Permission denied", str(self))
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", once)
+    with pytest.raises(UserError) as caught:
+        setup(load_config(path), overwrite=True)
+    (aside,) = tmp_path.glob(".run.replaced-*")
+    assert f"the replaced run is safe, kept at {aside}" in str(caught.value)
+    assert (aside / "adapter/adapter_model.safetensors").is_file()
+
+
 def _peft_predictions(cfg_path: Path, task: str, texts):
     """Load base + adapter with plain transformers/peft (no scaletune) and predict."""
     from peft import PeftModel

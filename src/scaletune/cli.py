@@ -79,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=1)
-    p.add_argument("--gpu-memory", default="80GiB", help="memory per device, e.g. 80GiB, 24GB (default: 80GiB, an H100/A100-80GB)")
+    p.add_argument("--gpu-memory", default=None,
+                   help="memory per device, e.g. 80GiB, 24GB (not given: 80GiB, an H100/A100-80GB, is assumed "
+                        "and the verdict says so)")
     p.add_argument("--cpu-memory", default=None, help="host memory per node (for offload), e.g. 512GiB")
 
     p = sub.add_parser("report", help="plots and a summary of one or more finished runs")

@@ -84,6 +84,8 @@ def _read_inputs(source: str | None, stdin: TextIO) -> list[dict]:
                 item = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{where}: invalid JSON ({exc.msg})") from None
+            except RecursionError:  # json's decoder recurses per level: {"a": {"a": ... exhausts the stack
+                raise DataError(f"{where}: invalid JSON (nested too deeply)") from None
         else:
             item = {"text": line}
         # every line, not only those with a \u escape: stdin in the C locale decodes bad bytes to surrogates

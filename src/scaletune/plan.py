@@ -30,6 +30,8 @@ from .rules import cross_field_problems
 
 GiB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# what `plan` checks against when --gpu-memory is not given (an H100/A100-80GB); the verdict says so
+ASSUMED_GPU_MEMORY = "80GiB"
 CUDA_CONTEXT = GiB // 2  # CUDA context + cuBLAS/NCCL workspaces per process, typical for recent drivers
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
           "tb": 10**12, "kib": 1024, "mib": 1024**2, "gib": GiB, "tib": 1024**4}
@@ -434,6 +436,14 @@ def render(est: Estimate, limit: int, title: str) -> str:
     return "\n".join(lines)
 
 
+def gpu_memory(given: str | None) -> tuple[int, str]:
+    """(bytes per device, note for the verdict line): --gpu-memory as given, else ASSUMED_GPU_MEMORY with a
+    note saying it was assumed, so "FITS" is not read as applying to a smaller card."""
+    if given is not None:
+        return parse_bytes(given), ""
+    return parse_bytes(ASSUMED_GPU_MEMORY), f" (assumed: --gpu-memory {ASSUMED_GPU_MEMORY}; pass your device's)"
+
+
 def main_plan(args: Any, cfg: RunConfig) -> int:
     """`scaletune plan`: 0 = fits, 1 = does not fit (a suggestion is printed); invalid -> ConfigError."""
     nodes, gpus = int(args.nodes), int(args.gpus_per_node)
@@ -441,7 +451,7 @@ def main_plan(args: Any, cfg: RunConfig) -> int:
         raise ConfigError(f"--nodes must be >= 1 and --gpus-per-node >= 0 (got {nodes}, {gpus})")
     cuda = gpus > 0
     world = nodes * gpus if cuda else nodes
-    limit = parse_bytes(args.gpu_memory)
+    limit, assumed = gpu_memory(args.gpu_memory)
     host_limit = parse_bytes(args.cpu_memory, "--cpu-memory") if getattr(args, "cpu_memory", None) else None
     problems = cross_field_problems(cfg, world_size=world, has_cuda=cuda)
     if problems:
@@ -458,9 +468,9 @@ def main_plan(args: Any, cfg: RunConfig) -> int:
         print(f"  host memory for offload: {fmt_bytes(host_need)} of {fmt_bytes(host_limit)} per node")
         fits = fits and host_need <= host_limit
     if fits:
-        print(f"verdict: FITS ({fmt_bytes(limit - est.gpu_total)} headroom per device)")
+        print(f"verdict: FITS ({fmt_bytes(limit - est.gpu_total)} headroom per device){assumed}")
         return 0
-    print(f"verdict: DOES NOT FIT (needs {fmt_bytes(est.gpu_total)} per device, has {fmt_bytes(limit)})")
+    print(f"verdict: DOES NOT FIT (needs {fmt_bytes(est.gpu_total)} per device, has {fmt_bytes(limit)}){assumed}")
     found = suggest(cfg, shape, world, limit, cuda)
     if found is None:
         print("suggestion: nothing in the search (checkpointing, micro batch, ZeRO, offload, 4-bit) fits; "

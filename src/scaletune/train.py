@@ -131,13 +131,15 @@ REPLACED_RECORD = ".replaced_run"
 def set_aside(out: Path) -> None:
     """Rename the output_dir --overwrite replaces to a hidden sibling instead of deleting it, so a new run
     that fails, is interrupted or preempted costs nothing; `discard_replaced` deletes it once this run
-    finishes. Then create `out` afresh, with the record of what was set aside. Main process only."""
+    finishes. Then create `out` afresh, with the record of what was set aside (a UserError if it cannot
+    be written: see `_unrecorded`). Main process only."""
     kept = replaced_runs(out)  # if `out` is an unfinished replacement itself, what it kept stays kept
-    aside = _aside_path(out)
+    aside: Path | None = _aside_path(out)
     try:
         out.rename(aside)  # a sibling: the same filesystem, so this is atomic
         kept.append(aside)
     except OSError as exc:  # e.g. the parent is not writable: clear `out` itself, as before
+        aside = None
         log.warning("--overwrite: cannot move %s aside (%s); deleting its contents instead", out, exc)
         for child in out.iterdir():
             if child.is_dir() and not child.is_symlink():
@@ -146,7 +148,32 @@ def set_aside(out: Path) -> None:
                 child.unlink()
     out.mkdir(parents=True, exist_ok=True)
     if kept:
-        (out / REPLACED_RECORD).write_text("".join(f"{p}\n" for p in kept))
+        try:
+            (out / REPLACED_RECORD).write_text("".join(f"{p}\n" for p in kept))
+        except OSError as exc:
+            raise _unrecorded(out, aside, kept, exc) from None
+
+
+def _unrecorded(out: Path, aside: Path | None, kept: list[Path], exc: OSError) -> UserError:
+    """The error for a record of the set-aside runs that cannot be written (disk full, quota), after putting
+    the run just set aside back in `out` where that works.
+
+    Stop rather than carry on: without the record nothing says where the old run went (not the start or
+    Ctrl-C messages) and nothing deletes it once this run finishes, so a hidden copy would fill the disk
+    unseen; and a disk too full for a few bytes fails this run at its first checkpoint anyway."""
+    problem = f"--overwrite: cannot write {out / REPLACED_RECORD} ({exc.strerror or exc})"
+    if aside is not None:
+        try:
+            (out / REPLACED_RECORD).unlink(missing_ok=True)  # a partly written record
+            out.rmdir()
+            aside.rename(out)
+            return UserError(f"{problem}; nothing was replaced: the previous run is back in {out}",
+                             hint="free some space (or fix the permissions) and run again")
+        except OSError:
+            pass  # it stays aside: say where
+    return UserError(f"{problem}; the replaced run is safe, kept at {', '.join(map(str, kept))}",
+                     hint="free some space (or fix the permissions), move it back to "
+                          f"{out} or delete it yourself, and run again")
 
 
 def _aside_path(out: Path) -> Path:

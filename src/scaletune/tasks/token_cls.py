@@ -3,6 +3,7 @@
 Words past `data.max_length` get no sub-token, so the model never sees them. Training simply has no
 targets there; evaluation still scores them, as predicted "O" (what `predict` outputs for them), so
 recall is measured on the whole sentence the way a user would measure it, not on the part that fit.
+A word the tokenizer gives no sub-token at all (a zero-width space) is scored the same way, in its place.
 """
 
 from __future__ import annotations
@@ -69,16 +70,20 @@ class TokenCls(Task):
         n_cut = words_cut(enc, len(tags))
         # only the cut words' gold tags travel with the example (most sentences fit: an empty list)
         cut_tags = [label2id[str(t)] for t in tags[len(tags) - n_cut:]]
-        return {"input_ids": enc["input_ids"], "labels": labels, "cut_tags": cut_tags, TRUNCATED: overflowed(enc)}
+        # words before the cut with no sub-token (a zero-width space) have no label above; their places and
+        # gold tags travel too, so eval scores them in place (an entity they sit in is broken, as in `predict`)
+        seen = set(enc.word_ids())
+        blank_at = [i for i in range(len(tags) - n_cut) if i not in seen]
+        return {"input_ids": enc["input_ids"], "labels": labels, "cut_tags": cut_tags, "blank_at": blank_at,
+                "blank_tags": [label2id[str(tags[i])] for i in blank_at], TRUNCATED: overflowed(enc)}
 
     def collate(self, examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-        """`pad_batch` plus `cut_tags` (padded with IGNORE), which eval needs to score the cut words."""
+        """`pad_batch` plus `cut_tags`, `blank_at` and `blank_tags` (padded with IGNORE), which eval needs to
+        score the words the model never saw."""
         batch = pad_batch(examples, pad_id)
-        # .get: an example built by hand (tests, tools) may have no cut_tags; it then has none cut
-        cuts = [e.get("cut_tags") or [] for e in examples]
-        batch["cut_tags"] = torch.full((len(cuts), max(map(len, cuts))), IGNORE, dtype=torch.long)
-        for i, cut in enumerate(cuts):
-            batch["cut_tags"][i, :len(cut)] = torch.tensor(cut, dtype=torch.long)
+        for key in ("cut_tags", "blank_at", "blank_tags"):
+            # .get: an example built by hand (tests, tools) may lack these; it then has no such words
+            batch[key] = _pad_lists([e.get(key) or [] for e in examples])
         return batch
 
     def eval_warning(self, dataset: Any, labels: list[str] | None, cfg: Any) -> str | None:
@@ -95,19 +100,28 @@ class TokenCls(Task):
         return ce_sum(logits, batch["labels"]), logits
 
     def predictions(self, logits: torch.Tensor, batch: dict) -> list:
-        """Per example: (predicted ids of the words in the window, their gold ids, gold ids of the cut words)."""
+        """Per example: (predicted ids of the words in the window, their gold ids, gold ids of the cut words).
+        A window word with no sub-token has the prediction None, in its place among the others."""
         out = []
-        for pred, gold, cut in zip(logits.argmax(-1).tolist(), batch["labels"].tolist(),
-                                   batch["cut_tags"].tolist()):
+        for pred, gold, cut, blank_at, blank_tags in zip(
+                logits.argmax(-1).tolist(), batch["labels"].tolist(), batch["cut_tags"].tolist(),
+                batch["blank_at"].tolist(), batch["blank_tags"].tolist()):
             keep = [(p, g) for p, g in zip(pred, gold) if g != IGNORE]
-            out.append(([p for p, _ in keep], [g for _, g in keep], [t for t in cut if t != IGNORE]))
+            words_pred, words_gold = [p for p, _ in keep], [g for _, g in keep]
+            # ascending word positions: inserting each at its own index leaves the earlier ones in place
+            for at, tag in zip(blank_at, blank_tags):
+                if at != IGNORE:
+                    words_pred.insert(at, None)
+                    words_gold.insert(at, tag)
+            out.append((words_pred, words_gold, [t for t in cut if t != IGNORE]))
         return out
 
     def metrics(self, preds: list, loss_sum: float, n_targets: int, labels: list[str] | None) -> dict:
         from seqeval.metrics import accuracy_score, classification_report, f1_score, precision_score, recall_score
 
-        # every gold word is scored: a word cut off by max_length is predicted "O", as `predict` tags it
-        y_pred = [[labels[i] for i in p] + ["O"] * len(cut) for p, _, cut in preds]
+        # every gold word is scored: a word cut off by max_length or with no sub-token (None) is predicted "O",
+        # as `predict` tags it
+        y_pred = [["O" if i is None else labels[i] for i in p] + ["O"] * len(cut) for p, _, cut in preds]
         y_true = [[labels[i] for i in g + cut] for _, g, cut in preds]
         report = classification_report(y_true, y_pred, output_dict=True, zero_division=0)
         return {"loss": loss_sum / max(n_targets, 1),
@@ -118,6 +132,14 @@ class TokenCls(Task):
                 "per_type": {k: {m: float(v[m]) for m in ("precision", "recall", "f1-score", "support")}
                              for k, v in report.items() if k not in ("micro avg", "macro avg", "weighted avg")},
                 **truncation_counts([[labels[i] for i in cut] for _, _, cut in preds])}
+
+
+def _pad_lists(lists: list[list[int]]) -> torch.Tensor:
+    """Lists of ids as one (len(lists), longest) tensor, padded with IGNORE."""
+    out = torch.full((len(lists), max(map(len, lists))), IGNORE, dtype=torch.long)
+    for i, ids in enumerate(lists):
+        out[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return out
 
 
 def words_cut(enc: Any, n_words: int) -> int:
