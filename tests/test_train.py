@@ -14,7 +14,8 @@ from scaletune.checkpoint import checkpoint_dirs
 from scaletune.cli import _resume_hint, build_parser, main
 from scaletune.config import load_config
 from scaletune.loop import fit
-from scaletune.train import StopFlag, replaced_runs, setup
+from scaletune.outdir import replaced_runs
+from scaletune.train import StopFlag, setup
 
 from stutil import read_metrics
 

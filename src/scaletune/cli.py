@@ -242,7 +242,7 @@ def _resume_hint(args: argparse.Namespace) -> str:
     try:
         from .checkpoint import checkpoint_dirs
         from .config import load_config
-        from .train import replaced_note
+        from .outdir import replaced_note
 
         cfg = load_config(args.config, args.overrides)
         newest = next(iter(checkpoint_dirs(Path(cfg.output_dir))), None)

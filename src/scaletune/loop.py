@@ -20,8 +20,9 @@ from .data.batching import StepBatches
 from .evaluate import evaluate, to_device
 from .metrics import Throughput
 from .nonfinite import NonfiniteGuard
+from .outdir import replaced_note
 from .tracking import MetricsLog
-from .train import Run, StopFlag, final_outputs, replaced_note, save_checkpoint
+from .train import Run, StopFlag, final_outputs, save_checkpoint
 
 
 def fit(run: Run, stop: StopFlag) -> str:

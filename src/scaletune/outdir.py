@@ -1,0 +1,156 @@
+"""The output directory of `scaletune train`: whether a run may write into it, and how `--overwrite`
+replaces an earlier run without losing it before the new one has finished (the old one waits in a
+hidden sibling and is deleted when the new run completes, here or in a later `--resume`)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+from .config import RunConfig
+from .errors import ConfigError, UserError
+
+log = logging.getLogger("scaletune")
+
+
+def check_output_dir(cfg: RunConfig, resume: str | None, overwrite: bool) -> bool:
+    """Refuse to write into a non-empty output_dir unless resuming or told to overwrite.
+
+    Returns whether the old directory must be replaced; the caller does that only after data and
+    model have loaded, so a bad input never costs the user the previous run."""
+    out = Path(cfg.output_dir)
+    try:
+        existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    except (OSError, ValueError) as exc:  # a name too long, a NUL byte
+        raise ConfigError(f"output_dir: {cfg.output_dir[:200]!r} is not a usable path ({exc})") from None
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir: {out} exists and is not a directory")
+    if not existing.is_dir():
+        raise ConfigError(f"output_dir: {out} cannot be created: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir: {out} cannot be written ({existing} is not writable by this user)")
+    if out.is_dir() and any(out.iterdir()) and resume is None:
+        if not overwrite:
+            raise ConfigError(f"output_dir: {out} is not empty; resume it with --resume auto, pick a new "
+                              "output_dir, or pass --overwrite to replace it")
+        why_not = _not_replaceable(cfg, out)
+        if why_not:
+            raise ConfigError(f"output_dir: --overwrite would delete {out}, but {why_not}; pick another "
+                              "output_dir or clear it yourself")
+        return True
+    return False
+
+
+RUN_MARKERS = ("run.json", "metrics.jsonl", "checkpoints", "adapter")
+
+
+def _not_replaceable(cfg: RunConfig, out: Path) -> str | None:
+    """Why --overwrite must not replace `out` (all of it goes once the new run finishes): it must be an earlier
+    run's output and hold none of this run's inputs nor the working directory."""
+    if not any((out / name).exists() for name in RUN_MARKERS):
+        return f"it is not a scaletune run's output (none of {', '.join(RUN_MARKERS)} is in it)"
+    root = out.resolve()
+    inputs = {"data.train": cfg.data.train, "data.eval": cfg.data.eval, "model.name_or_path": cfg.model.name_or_path,
+              "the working directory": "."}
+    for key, value in inputs.items():
+        if value and Path(value).exists() and Path(value).resolve().is_relative_to(root):
+            return f"{key} ({value}) is inside it"
+    return None
+
+
+# In a replacing run's output_dir: the replaced runs set aside (one path a line), deleted when this run finishes.
+REPLACED_RECORD = ".replaced_run"
+
+
+def set_aside(out: Path) -> None:
+    """Rename the output_dir --overwrite replaces to a hidden sibling instead of deleting it, so a new run
+    that fails, is interrupted or preempted costs nothing; `discard_replaced` deletes it once this run
+    finishes. Then create `out` afresh, with the record of what was set aside (a UserError if it cannot
+    be written: see `_unrecorded`). Main process only."""
+    kept = replaced_runs(out)  # if `out` is an unfinished replacement itself, what it kept stays kept
+    aside: Path | None = _aside_path(out)
+    try:
+        out.rename(aside)  # a sibling: the same filesystem, so this is atomic
+        kept.append(aside)
+    except OSError as exc:  # e.g. the parent is not writable: clear `out` itself, as before
+        aside = None
+        log.warning("--overwrite: cannot move %s aside (%s); deleting its contents instead", out, exc)
+        for child in out.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    if kept:
+        try:
+            (out / REPLACED_RECORD).write_text("".join(f"{p}\n" for p in kept))
+        except OSError as exc:
+            raise _unrecorded(out, aside, kept, exc) from None
+
+
+def _unrecorded(out: Path, aside: Path | None, kept: list[Path], exc: OSError) -> UserError:
+    """The error for a record of the set-aside runs that cannot be written (disk full, quota), after putting
+    the run just set aside back in `out` where that works.
+
+    Stop rather than carry on: without the record nothing says where the old run went (not the start or
+    Ctrl-C messages) and nothing deletes it once this run finishes, so a hidden copy would fill the disk
+    unseen; and a disk too full for a few bytes fails this run at its first checkpoint anyway."""
+    problem = f"--overwrite: cannot write {out / REPLACED_RECORD} ({exc.strerror or exc})"
+    if aside is not None:
+        try:
+            (out / REPLACED_RECORD).unlink(missing_ok=True)  # a partly written record
+            out.rmdir()
+            aside.rename(out)
+            return UserError(f"{problem}; nothing was replaced: the previous run is back in {out}",
+                             hint="free some space (or fix the permissions) and run again")
+        except OSError:
+            pass  # it stays aside: say where
+    return UserError(f"{problem}; the replaced run is safe, kept at {', '.join(map(str, kept))}",
+                     hint="free some space (or fix the permissions), move it back to "
+                          f"{out} or delete it yourself, and run again")
+
+
+def _aside_path(out: Path) -> Path:
+    """A free sibling name for `out`: `.<name>.replaced-<YYYYmmdd-HHMMSS>[-N]`."""
+    out = Path(os.path.abspath(out))  # a plain name or a trailing `..` has no usable parent/name otherwise
+    base = out.parent / f".{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside, n = base, 1
+    while aside.exists() or aside.is_symlink():
+        aside, n = base.with_name(f"{base.name}-{n}"), n + 1
+    return aside
+
+
+def replaced_runs(out: Path) -> list[Path]:
+    """The replaced runs recorded in `out` that still exist. Only names `set_aside` gives are trusted: the
+    record is a file a user can edit, and these paths get deleted."""
+    try:
+        lines = (out / REPLACED_RECORD).read_text().splitlines()
+    except OSError:  # none recorded (or unreadable: then nothing is deleted either)
+        return []
+    paths = [Path(line) for line in lines if line.strip()]
+    return [p for p in paths if p.name.startswith(".") and ".replaced-" in p.name and p.is_dir()]
+
+
+def replaced_note(out: Path) -> str:
+    """Where the replaced run waits (for the start, Ctrl-C and preemption messages); '' if none."""
+    kept = replaced_runs(out)
+    if not kept:
+        return ""
+    return f"the run --overwrite replaced is kept at {', '.join(map(str, kept))} until this run finishes"
+
+
+def discard_replaced(out: Path) -> list[Path]:
+    """This run has finished: delete the runs it replaced and their record. Returns what was deleted.
+    Main process only. A failure to delete is a warning: the run itself succeeded."""
+    deleted = []
+    for aside in replaced_runs(out):
+        try:
+            shutil.rmtree(aside)
+            deleted.append(aside)
+        except OSError as exc:
+            log.warning("could not delete the replaced run %s (%s); delete it yourself", aside, exc)
+    (out / REPLACED_RECORD).unlink(missing_ok=True)
+    return deleted
