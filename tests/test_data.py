@@ -287,6 +287,18 @@ def test_examples_cut_by_max_length_are_counted_and_reported(tmp_path, tiny_llam
         assert "data.eval: 1 of 4 example(s)" in caplog.text
 
 
+def test_truncation_without_a_rust_tokenizer_counts_examples_that_fill_max_length(tiny_bert):
+    from transformers import AutoTokenizer
+
+    from scaletune.tasks.base import overflowed
+
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    enc = tok("word " * 40, truncation=True, max_length=16)
+    assert overflowed(enc, 16) and not overflowed(tok("word", truncation=True, max_length=16), 16)
+    # a tokenizer that keeps no overflow record returns plain ids: filling max_length is taken as cut
+    assert overflowed({"input_ids": enc["input_ids"]}, 16) and not overflowed({"input_ids": [2, 5, 3]}, 16)
+
+
 def test_max_length_is_lowered_to_what_the_tokenizer_accepts(tmp_path, tiny_bert, caplog):
     """BERT-family models have 512 learned positions: a longer max_length (the default is 1024) would
     crash the first long example, so the tokenizer's model_max_length caps it, with a warning."""

@@ -126,7 +126,7 @@ def run_predict(cfg: RunConfig, adapter: str | None, source: str | None, max_new
             result = {"tokens": words, "tags": word_tags(enc.word_ids(), pred, labels, len(words))}
             from .tasks.token_cls import words_cut
 
-            n_cut = words_cut(enc, len(words))
+            n_cut = words_cut(enc, len(words), cfg.data.max_length)
             if n_cut:  # their "O" is not a prediction: say so on the line itself
                 result["truncated_words"] = n_cut
                 cut_lines.append(item[WHERE])

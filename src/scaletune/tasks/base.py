@@ -115,9 +115,14 @@ def pad_batch(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def overflowed(enc: Any) -> bool:
-    """Whether the tokenizer call behind `enc` (truncation=True) cut tokens off at max_length."""
-    return bool(enc.encodings[0].overflowing)
+def overflowed(enc: Any, max_length: int) -> bool:
+    """Whether the tokenizer call behind `enc` (truncation=True, one text) cut tokens off at `max_length`.
+    Tokenizers without a Rust backend keep no overflow record: there an example that fills `max_length`
+    exactly counts as cut too."""
+    encodings = getattr(enc, "encodings", None)
+    if not encodings:
+        return len(enc["input_ids"]) >= max_length
+    return bool(encodings[0].overflowing)
 
 
 def ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

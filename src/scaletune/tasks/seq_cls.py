@@ -63,7 +63,8 @@ class SeqCls(Task):
         if str(label) not in label2id or label is None:
             raise DataError(f"{where}: label {label!r} is not in the label set {list(label2id)}")
         enc = tokenizer(text, pair, truncation=True, max_length=cfg.data.max_length)
-        return {"input_ids": enc["input_ids"], "labels": label2id[str(label)], TRUNCATED: overflowed(enc)}
+        return {"input_ids": enc["input_ids"], "labels": label2id[str(label)],
+                TRUNCATED: overflowed(enc, cfg.data.max_length)}
 
     def loss_sum(self, model: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
