@@ -127,6 +127,8 @@ def build_datasets(cfg: Any, task: Any, tokenizer: Any, accelerator: Any = None)
             enc_eval = _encode_all(eval_records, task, tokenizer, cfg, label2id) if eval_records else None
             dropped = {"train": enc_train.pop("dropped"), "eval": enc_eval.pop("dropped") if enc_eval else 0}
             truncated = {"train": enc_train.pop("truncated"), "eval": enc_eval.pop("truncated") if enc_eval else 0}
+            for key in task.eval_only_columns:  # scoring's bookkeeping would only slow every training batch
+                enc_train.pop(key, None)
             train = datasets.Dataset.from_dict(enc_train)
             evalset = datasets.Dataset.from_dict(enc_eval) if enc_eval and enc_eval["input_ids"] else None
             meta = {"labels": labels, "has_eval": evalset is not None, "dropped": dropped, "truncated": truncated,
@@ -142,16 +144,17 @@ def build_datasets(cfg: Any, task: Any, tokenizer: Any, accelerator: Any = None)
             # would surprise anyone comparing runs
             log.warning("data.%s: %d example(s) skipped: no target tokens within data.max_length=%d",
                         split, n, cfg.data.max_length)
+    main = accelerator is None or accelerator.is_main_process
+    # read from the dataset: a cached build warns too; it says what max_length cut from the eval set
+    eval_note = task.eval_warning(evalset, labels, cfg) if evalset is not None and main else None
     sizes = {"train": len(train), "eval": len(evalset) if evalset is not None else 0}
     for split, n in (meta.get("truncated") or {}).items():
-        if n and (accelerator is None or accelerator.is_main_process):
+        if n and main and not (split == "eval" and eval_note):
             # the cut part is not trained on (causal_lm: the end of the answer; cls: the end of the text)
             log.warning("data.%s: %d of %d example(s) are longer than data.max_length=%d tokens and were cut; "
                         "raise it to train on (or score) their ends", split, n, sizes[split], cfg.data.max_length)
-    if evalset is not None and (accelerator is None or accelerator.is_main_process):
-        note = task.eval_warning(evalset, labels, cfg)  # read from the dataset: a cached build warns too
-        if note:
-            log.warning(note)
+    if eval_note:
+        log.warning(eval_note)
     if cfg.data.packing:
         from .packing import pack_dataset
 

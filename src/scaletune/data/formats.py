@@ -141,8 +141,9 @@ def detect(records: list[dict], source: str) -> Format:
 def ignored_fields(fmt: Format, records: list[dict], key: str, shown: int = 10) -> str | None:
     """One line naming the record fields `fmt` does not read (a KTO `label`, ShareGPT `tools`, ...) and how
     many records hold them, or None. Converting drops them silently, which could hide a wrong format choice."""
+    used = fmt.fields
     counts = Counter(k for rec in records for k, v in rec.items()
-                     if k != WHERE and k not in fmt.fields and v is not None)  # hub/parquet rows hold None for gaps
+                     if k != WHERE and k not in used and v is not None)  # hub/parquet rows hold None for gaps
     if not counts:
         return None
     names = sorted(counts, key=str)

@@ -36,6 +36,7 @@ def get_task(name: str) -> Task:
 class Task:
     name: str = ""
     peft_task_type: str = ""
+    eval_only_columns: tuple[str, ...] = ()  # keys of `encode` that only scoring reads: not kept for training
 
     # --- model ---
     def auto_model_class(self) -> Any:

@@ -23,6 +23,7 @@ _TAG_COLUMNS = ("tags", "ner_tags", "labels")
 @register("token_cls")
 class TokenCls(Task):
     peft_task_type = "TOKEN_CLS"
+    eval_only_columns = ("cut_tags", "blank_at", "blank_tags")
 
     def auto_model_class(self) -> Any:
         from transformers import AutoModelForTokenClassification
@@ -82,8 +83,9 @@ class TokenCls(Task):
         """`pad_batch` plus `cut_tags`, `blank_at` and `blank_tags` (padded with IGNORE), which eval needs to
         score the words the model never saw."""
         batch = pad_batch(examples, pad_id)
-        for key in ("cut_tags", "blank_at", "blank_tags"):
-            # .get: an example built by hand (tests, tools) may lack these; it then has no such words
+        if not any(key in examples[0] for key in self.eval_only_columns):
+            return batch  # a training batch: the training split does not keep them (build_datasets)
+        for key in self.eval_only_columns:
             batch[key] = _pad_lists([e.get(key) or [] for e in examples])
         return batch
 
