@@ -165,6 +165,21 @@ def test_overwrite_that_finishes_leaves_only_the_new_run(make_config, tmp_path, 
     assert not list(tmp_path.glob(".run.replaced-*"))
 
 
+def test_overwrite_through_a_symlinked_output_dir_keeps_the_link(make_config, tmp_path, capsys):
+    """output_dir a link to scratch space: the new run goes where the link points, the old one is set
+    aside there and deleted at the finish (renaming the link would move the run to local disk)."""
+    path = _overwrite_config(make_config)
+    out, scratch = tmp_path / "run", tmp_path / "scratch" / "run"
+    scratch.mkdir(parents=True)
+    out.symlink_to(scratch, target_is_directory=True)
+    assert main(["train", str(path)]) == 0
+    assert main(["train", str(path), "--overwrite", "train.max_steps=2"]) == 0
+    assert out.is_symlink() and out.resolve() == scratch.resolve()
+    assert [p.name for p in checkpoint_dirs(scratch)] == ["step-2"]
+    assert "could not delete" not in capsys.readouterr().err
+    assert not list(scratch.parent.glob(".run.replaced-*")) and not list(tmp_path.glob(".run.replaced-*"))
+
+
 def test_overwrite_preempted_then_resumed_deletes_the_old_run_when_it_finishes(make_config, tmp_path, capsys):
     """The aside path is in a file, not in memory: the `--resume auto` run that finishes deletes it."""
     path = _overwrite_config(make_config)

@@ -70,6 +70,8 @@ def set_aside(out: Path) -> None:
     that fails, is interrupted or preempted costs nothing; `discard_replaced` deletes it once this run
     finishes. Then create `out` afresh, with the record of what was set aside (a UserError if it cannot
     be written: see `_unrecorded`). Main process only."""
+    if out.is_symlink():  # (runs -> /scratch/runs): the directory it names is set aside, the link stays
+        out = out.resolve()
     kept = replaced_runs(out)  # if `out` is an unfinished replacement itself, what it kept stays kept
     aside: Path | None = _aside_path(out)
     try:
