@@ -100,6 +100,9 @@ def _read_inputs(source: str | None, stdin: TextIO) -> list[dict]:
 def run_predict(cfg: RunConfig, adapter: str | None, source: str | None, max_new_tokens: int,
                 out: TextIO | None = None, stdin: TextIO | None = None) -> list[dict]:
     """Generate (causal_lm) or label (seq_cls/token_cls); writes one JSON line per input."""
+    from .tasks.base import overflowed
+    from .tasks.token_cls import words_cut
+
     out, stdin = out or sys.stdout, stdin or sys.stdin
     model, tokenizer, task, labels, _ = load_trained(cfg, adapter)
     results = []
@@ -123,10 +126,9 @@ def run_predict(cfg: RunConfig, adapter: str | None, source: str | None, max_new
             enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=cfg.data.max_length,
                             return_tensors="pt")
             pred = model(**enc).logits.argmax(-1)[0].tolist()
-            result = {"tokens": words, "tags": word_tags(enc.word_ids(), pred, labels, len(words))}
-            from .tasks.token_cls import words_cut
-
-            n_cut = words_cut(enc, len(words), cfg.data.max_length)
+            word_ids = enc.word_ids()
+            result = {"tokens": words, "tags": word_tags(word_ids, pred, labels, len(words))}
+            n_cut = words_cut(word_ids, len(words), overflowed(enc, cfg.data.max_length))
             if n_cut:  # their "O" is not a prediction: say so on the line itself
                 result["truncated_words"] = n_cut
                 cut_lines.append(item[WHERE])

@@ -64,20 +64,20 @@ class TokenCls(Task):
             raise DataError(f"{record.get(WHERE, '?')}: tag {unknown[0]!r} is not in the label set {list(label2id)}")
         enc = tokenizer(record[self.tokens], is_split_into_words=True, truncation=True,
                         max_length=cfg.data.max_length)
+        word_ids, cut = enc.word_ids(), overflowed(enc, cfg.data.max_length)
         labels, previous = [], None
-        for word in enc.word_ids():
+        for word in word_ids:
             labels.append(IGNORE if word is None or word == previous else label2id[str(tags[word])])
             previous = word
-        n_cut = words_cut(enc, len(tags), cfg.data.max_length)
+        n_cut = words_cut(word_ids, len(tags), cut)
         # only the cut words' gold tags travel with the example (most sentences fit: an empty list)
         cut_tags = [label2id[str(t)] for t in tags[len(tags) - n_cut:]]
         # words before the cut with no sub-token (a zero-width space) have no label above; their places and
         # gold tags travel too, so eval scores them in place (an entity they sit in is broken, as in `predict`)
-        seen = set(enc.word_ids())
+        seen = set(word_ids)
         blank_at = [i for i in range(len(tags) - n_cut) if i not in seen]
         return {"input_ids": enc["input_ids"], "labels": labels, "cut_tags": cut_tags, "blank_at": blank_at,
-                "blank_tags": [label2id[str(tags[i])] for i in blank_at],
-                TRUNCATED: overflowed(enc, cfg.data.max_length)}
+                "blank_tags": [label2id[str(tags[i])] for i in blank_at], TRUNCATED: cut}
 
     def collate(self, examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         """`pad_batch` plus `cut_tags`, `blank_at` and `blank_tags` (padded with IGNORE), which eval needs to
@@ -145,13 +145,13 @@ def _pad_lists(lists: list[list[int]]) -> torch.Tensor:
     return out
 
 
-def words_cut(enc: Any, n_words: int, max_length: int) -> int:
+def words_cut(word_ids: list, n_words: int, overflowing: bool) -> int:
     """How many trailing words of a sentence `max_length` cut off: those after the last word that kept a
-    sub-token (a word whose first sub-token fits keeps its own prediction). 0 when nothing overflowed, so a
+    sub-token (a word whose first sub-token fits keeps its own prediction). 0 when nothing was `overflowing`, so a
     sentence that merely ends in words the tokenizer drops (a zero-width space) is not counted as cut."""
-    if not overflowed(enc, max_length):
+    if not overflowing:
         return 0
-    last = max((w for w in enc.word_ids() if w is not None), default=-1)
+    last = max((w for w in word_ids if w is not None), default=-1)
     return n_words - 1 - last
 
 
