@@ -108,7 +108,7 @@ def _peft_value_problems(config_cls: type, kwargs: dict) -> list[str]:
                     pass
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
             want = "a finite number"
-        elif tp == list[str]:
+        elif typing.get_origin(tp) is list and typing.get_args(tp) == (str,):  # list[str] or typing.List[str]
             ok, want = isinstance(value, list) and all(isinstance(v, str) for v in value), "a list of names"
         else:
             continue
