@@ -172,6 +172,39 @@ def test_chat_formats_train_only_assistant_turns(tmp_path, tiny_llama, fmt, reco
     assert "a1" in trained and "a2" in trained and "q1" not in trained and "q2" not in trained
 
 
+@pytest.mark.parametrize("template", [False, True])
+def test_messages_weight_0_turn_is_context_not_target(tmp_path, tiny_llama, template):
+    """OpenAI's fine-tuning format: an assistant turn with weight 0 is in the prompt but not trained."""
+    record = {"messages": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1", "weight": 0},
+                           {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2", "weight": 1}]}
+    data = write_jsonl(tmp_path / "c.jsonl", [record] * 2)
+    cfg = _cfg(tmp_path, tiny_llama, data=data)
+    tok = load_tokenizer(cfg)
+    if template:
+        tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+                             "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    ex = build_datasets(cfg, get_task("causal_lm"), tok)["train"][0]
+    trained = tok.decode([i for i, lab in zip(ex["input_ids"], ex["labels"]) if lab != IGNORE])
+    text = tok.decode(ex["input_ids"])
+    assert "a1" in text and "a1" not in trained
+    assert "a2" in trained and "q2" not in trained
+
+
+@pytest.mark.parametrize("turns,message", [
+    ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0.5}],
+     r"c.jsonl:1: messages\[1\].weight must be 0 or 1, got 0.5"),
+    ([{"role": "user", "content": "q", "weight": 0}, {"role": "assistant", "content": "a"}],
+     r"c.jsonl:1: messages\[0\].weight: only assistant turns are trained.*this one is user"),
+    ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0}],
+     r"c.jsonl:1: every assistant turn has weight 0: nothing to learn from"),
+])
+def test_messages_weight_errors_name_the_line_and_turn(tmp_path, tiny_llama, turns, message):
+    data = write_jsonl(tmp_path / "c.jsonl", [{"messages": turns}])
+    cfg = _cfg(tmp_path, tiny_llama, data=data)
+    with pytest.raises(DataError, match=message):
+        build_datasets(cfg, get_task("causal_lm"), load_tokenizer(cfg))
+
+
 def test_chat_template_of_tokenizer_is_used(tmp_path, tiny_llama):
     tok = load_tokenizer(_cfg(tmp_path, tiny_llama, data=write_jsonl(tmp_path / "x.jsonl", [{"text": "a"}])))
     tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
@@ -403,6 +436,12 @@ def test_predicted_tags_stay_on_their_words(tiny_bert):
      "data.train: fields ignored by format sharegpt: tools (1 record)"),
     ([{"prompt": "q", "completion": " a", "label": False}] * 2,
      "data.train: fields ignored by format prompt_completion: label (2 records)"),
+    ([{"messages": [{"role": "user", "content": "q", "name": "ann"}, {"role": "assistant", "content": "a",
+                                                                      "weight": 1, "name": "bot"}]},
+      {"messages": [{"role": "user", "content": "q", "tool_calls": None}, {"role": "assistant", "content": "a"}]}],
+     "data.train: fields ignored by format messages: messages[].name (1 record)"),
+    ([{"conversations": [{"from": "human", "value": "q", "loss": True}, {"from": "gpt", "value": "a"}]}],
+     "data.train: fields ignored by format sharegpt: conversations[].loss (1 record)"),
     ([{"instruction": "q", "input": "", "output": "a", "system": "s", "history": [["u", "v"]]}] * 2, None),
 ])
 def test_fields_a_format_ignores_are_named_once(tmp_path, tiny_llama, caplog, monkeypatch, records, expected):

@@ -25,6 +25,7 @@ class Format:
     required: tuple[str, ...]  # columns whose presence identifies the format
     convert: Callable[[dict], dict]  # record -> {"messages": [...]} or {"segments": [...]}
     optional: tuple[str, ...] = ()  # further columns `convert` reads when present
+    turns: tuple[str, tuple[str, ...]] | None = None  # (list column, keys `convert` reads in each of its items)
 
     @property
     def fields(self) -> frozenset[str]:
@@ -34,9 +35,10 @@ class Format:
 FORMATS: dict[str, Format] = {}
 
 
-def register(name: str, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> Callable:
+def register(name: str, required: tuple[str, ...], optional: tuple[str, ...] = (),
+             turns: tuple[str, tuple[str, ...]] | None = None) -> Callable:
     def deco(fn: Callable[[dict], dict]) -> Callable[[dict], dict]:
-        FORMATS[name] = Format(name, required, fn, optional)
+        FORMATS[name] = Format(name, required, fn, optional, turns)
         return fn
 
     return deco
@@ -78,7 +80,7 @@ _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assista
                    "system": "system", "function_call": "assistant", "observation": "user", "tool": "user"}
 
 
-@register("sharegpt", ("conversations",), ("system",))
+@register("sharegpt", ("conversations",), ("system",), turns=("conversations", ("from", "value")))
 def _sharegpt(rec: dict) -> dict:
     turns = rec.get("conversations")
     where = rec.get(WHERE, "?")
@@ -100,7 +102,7 @@ def _sharegpt(rec: dict) -> dict:
     return {"messages": messages}
 
 
-@register("messages", ("messages",))
+@register("messages", ("messages",), turns=("messages", ("role", "content", "weight")))
 def _messages(rec: dict) -> dict:
     msgs = rec.get("messages")
     where = rec.get(WHERE, "?")
@@ -112,7 +114,18 @@ def _messages(rec: dict) -> dict:
             raise DataError(f"{where}: messages[{i}] needs role system|user|assistant|tool and content")
         if not isinstance(m.get("content"), str):
             raise DataError(f"{where}: messages[{i}].content must be a string")
-        out.append({"role": m["role"], "content": m["content"]})
+        msg = {"role": m["role"], "content": m["content"]}
+        # OpenAI's fine-tuning format: an assistant turn with weight 0 is context, not a target. Dropping
+        # the key would train on exactly the turns the data marks as not to be learnt.
+        weight = m.get("weight", 1)
+        if isinstance(weight, bool) or weight not in (0, 1):
+            raise DataError(f"{where}: messages[{i}].weight must be 0 or 1, got {weight!r}")
+        if weight == 0:
+            if m["role"] != "assistant":
+                raise DataError(f"{where}: messages[{i}].weight: only assistant turns are trained, "
+                                f"so only they take a weight (this one is {m['role']})")
+            msg["train"] = False
+        out.append(msg)
     return {"messages": out}
 
 
@@ -144,6 +157,11 @@ def ignored_fields(fmt: Format, records: list[dict], key: str, shown: int = 10) 
     used = fmt.fields
     counts = Counter(k for rec in records for k, v in rec.items()
                      if k != WHERE and k not in used and v is not None)  # hub/parquet rows hold None for gaps
+    if fmt.turns:  # a turn's `name`, `tool_calls`, `loss` ... are dropped the same way: counted per record
+        column, read = fmt.turns
+        counts.update(f"{column}[].{k}" for rec in records if isinstance(rec.get(column), list)
+                      for k in {k for turn in rec[column] if isinstance(turn, dict)
+                                for k, v in turn.items() if k not in read and v is not None})
     if not counts:
         return None
     names = sorted(counts, key=str)
@@ -171,7 +189,7 @@ def _render_default(messages: list[dict], eos: str) -> Segments:
     segments: Segments = []
     for m in messages:
         if m["role"] == "assistant":
-            segments.append((m["content"] + eos, True))
+            segments.append((m["content"] + eos, m.get("train", True)))
             segments.append(("\n\n", False))
         else:
             segments.append((_DEFAULT_HEADERS[m["role"]].format(content=m["content"]), False))
@@ -184,6 +202,7 @@ def _render_template(messages: list[dict], tokenizer: Any, where: str) -> Segmen
     """Use the tokenizer's chat template; assistant spans are found by rendering growing prefixes."""
 
     def render(msgs: list[dict], gen: bool) -> str:
+        msgs = [{"role": m["role"], "content": m["content"]} for m in msgs]  # without scaletune's `train`
         return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
 
     segments: Segments = []
@@ -197,7 +216,7 @@ def _render_template(messages: list[dict], tokenizer: Any, where: str) -> Segmen
             raise DataError(f"{where}: the tokenizer's chat template does not render conversations "
                             "incrementally; use data.format text/prompt_completion or another template")
         segments.append((before[done:], False))
-        segments.append((upto[len(before):], True))
+        segments.append((upto[len(before):], m.get("train", True)))
         done = len(upto)
     full = render(messages, False)
     if len(full) > done:
@@ -220,6 +239,8 @@ def to_segments(converted: dict, tokenizer: Any, where: str) -> Segments:
     messages = converted["messages"]
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: conversation has no assistant turn to learn from")
+    if not any(m["role"] == "assistant" and m.get("train", True) for m in messages):
+        raise DataError(f"{where}: every assistant turn has weight 0: nothing to learn from")
     if getattr(tokenizer, "chat_template", None):
         return _render_template(messages, tokenizer, where)
     return _render_default(messages, tokenizer.eos_token or "")
