@@ -21,6 +21,8 @@ import logging
 import os
 import re
 import shutil
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,13 +79,20 @@ def verify(root: Path) -> str | None:
     return None
 
 
-def check_same_config(path: Path, fingerprint: str, allow_config_change: bool) -> None:
-    """Refuse a (verified) checkpoint written by a different run config unless told the change is meant."""
+def check_same_config(path: Path, fingerprint: str, allow_config_change: bool,
+                      changes: Callable[[dict], list[str]] | None = None) -> None:
+    """Refuse a (verified) checkpoint written by a different run config unless told the change is meant.
+    `changes(saved_config)` lists what differs, for the message (checkpoints since 2026-12 keep their config)."""
     theirs = json.loads((path / MANIFEST).read_text(encoding="utf-8")).get("config_fingerprint")
-    if theirs != fingerprint and not allow_config_change:
-        raise UserError(f"checkpoint {path} was written by a different run config (fingerprint {theirs} vs "
-                        f"{fingerprint}); resume with the original config, a new output_dir, or pass "
-                        "--allow-config-change if the change is intended")
+    if theirs == fingerprint or allow_config_change:
+        return
+    saved = json.loads((path / "state.json").read_text(encoding="utf-8")).get("config")
+    diff = changes(saved) if changes is not None and isinstance(saved, dict) else []
+    what = f"changed: {'; '.join(diff[:8])}{f'; and {len(diff) - 8} more' if len(diff) > 8 else ''}" if diff \
+        else f"fingerprint {theirs} vs {fingerprint}"
+    raise UserError(f"checkpoint {path} was written by a different run config ({what})",
+                    hint="resume with the original config, use a new output_dir, or pass --allow-config-change "
+                         "if the change is intended")
 
 
 def checkpoint_dirs(output_dir: Path) -> list[Path]:
@@ -95,16 +104,46 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
-def find_resumable(output_dir: Path, fingerprint: str, allow_config_change: bool = False) -> Path | None:
+def find_resumable(output_dir: Path, fingerprint: str, allow_config_change: bool = False,
+                   changes: Callable[[dict], list[str]] | None = None) -> Path | None:
     """Newest checkpoint that verifies; skips corrupt ones with a warning, refuses foreign ones."""
     for path in checkpoint_dirs(output_dir):
         problem = verify(path)
         if problem:
             log.warning("skipping checkpoint %s: %s", path, problem)
             continue
-        check_same_config(path, fingerprint, allow_config_change)
+        check_same_config(path, fingerprint, allow_config_change, changes)
         return path
     return None
+
+
+def set_aside_newer(output_dir: Path, resumed: Path) -> Path | None:
+    """Resuming `output_dir` from an older checkpoint (to go back past a divergence, say) starts another path
+    from there: move the checkpoints after it into `checkpoints/.abandoned-<time>/`, where neither
+    `--resume auto` nor the new run's saves of the same step numbers will take them for its own. Returns
+    that folder, or None if there was nothing newer. Main process only."""
+    try:
+        inside = resumed.resolve().parent == (output_dir / "checkpoints").resolve()
+    except OSError:
+        return None
+    match = STEP_RE.match(resumed.name)
+    if not inside or not match:
+        return None
+    step = int(match.group(1))
+    newer = [p for p in checkpoint_dirs(output_dir) if int(STEP_RE.match(p.name).group(1)) > step]
+    if not newer:
+        return None
+    aside = output_dir / "checkpoints" / f".abandoned-{time.strftime('%Y%m%d-%H%M%S')}"
+    n = 1
+    while aside.exists():
+        aside, n = aside.with_name(f"{aside.name.split('~')[0]}~{n}"), n + 1
+    aside.mkdir()
+    for path in newer:
+        os.rename(path, aside / path.name)
+    _write_latest(output_dir, resumed)
+    log.warning("resuming from %s: the later checkpoints (%s) belong to the path this run leaves; moved to %s "
+                "(delete it when you no longer need them)", resumed.name, ", ".join(p.name for p in reversed(newer)), aside)
+    return aside
 
 
 def save_checkpoint(accelerator: Any, output_dir: Path, step: int, *, trainable: dict, optimizer_state: dict,

@@ -4,6 +4,7 @@ hidden sibling and is deleted when the new run completes, here or in a later `--
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -16,12 +17,17 @@ from .errors import ConfigError, UserError
 log = logging.getLogger("scaletune")
 
 
-def check_output_dir(cfg: RunConfig, resume: str | None, overwrite: bool) -> bool:
-    """Refuse to write into a non-empty output_dir unless resuming or told to overwrite.
+def check_output_dir(cfg: RunConfig, resume: str | None, overwrite: bool, resume_from: Path | None = None) -> bool:
+    """Refuse to write into a non-empty output_dir unless resuming its run or told to overwrite it.
 
-    Returns whether the old directory must be replaced; the caller does that only after data and
-    model have loaded, so a bad input never costs the user the previous run."""
+    `resume` is the --resume option, `resume_from` the checkpoint it found (None: nothing to resume, so
+    this is a fresh start even with --resume auto). Returns whether the old directory must be replaced;
+    the caller does that only after data and model have loaded, so a bad input never costs the user the
+    previous run."""
     out = Path(cfg.output_dir)
+    if resume is not None and overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other: --resume continues the run in "
+                          "output_dir, --overwrite replaces it; pass one")
     try:
         existing = next(p for p in (out, *out.absolute().parents) if p.exists())
     except (OSError, ValueError) as exc:  # a name too long, a NUL byte
@@ -41,10 +47,48 @@ def check_output_dir(cfg: RunConfig, resume: str | None, overwrite: bool) -> boo
             raise ConfigError(f"output_dir: --overwrite would delete {out}, but {why_not}; pick another "
                               "output_dir or clear it yourself")
         return True
+    if resume is not None and out.is_dir() and any(out.iterdir()):
+        from .checkpoint import checkpoint_dirs
+
+        if resume_from is not None and not resume_from.resolve().is_relative_to(out.resolve()) \
+                and checkpoint_dirs(out):
+            raise ConfigError(f"output_dir: {out} has checkpoints of its own, so continuing {resume_from} there "
+                              "would mix two runs; resume into a new output_dir, or --resume auto to continue "
+                              f"the run in {out}")
+        why_not = _not_fresh_start(out) if resume_from is None or not checkpoint_dirs(out) else None
+        if why_not:
+            what = "has no checkpoint to resume, and a run starting" if resume_from is None else \
+                f"is not empty, and continuing {resume_from}"
+            raise ConfigError(f"output_dir: {out} {what} in it would overwrite what is there: {why_not}; "
+                              "pick a new output_dir, or pass --overwrite (instead of --resume) to replace it")
     return False
 
 
 RUN_MARKERS = ("run.json", "metrics.jsonl", "checkpoints", "adapter")
+# Everything a run (its trackers, `scaletune report` with the default --out) writes into output_dir.
+RUN_FILES = {*RUN_MARKERS, "run.json.tmp", ".adapter.tmp", "scaletune", "report.html", ".replaced_run"}
+
+
+def _not_fresh_start(out: Path) -> str | None:
+    """Why a run may not start from scratch (--resume with nothing to resume) in the non-empty `out`, or None.
+
+    A run that stopped before its first checkpoint (a requeued Slurm job killed early) leaves only its
+    run.json and metrics.jsonl: starting again there is what --resume means. Anything else would be
+    overwritten or mixed with the new run: another tool's files, or a finished run's adapter/ whose
+    checkpoints were deleted to save space."""
+    if (out / "adapter").exists():
+        return "its adapter/ is a finished run's (whose checkpoints are gone)"
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in RUN_FILES and p.suffix != ".png")
+    if foreign:
+        more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+        return f"it holds files scaletune did not write ({', '.join(foreign[:5])}{more})"
+    try:
+        info = json.loads((out / "run.json").read_text(encoding="utf-8")) if (out / "run.json").exists() else {}
+    except (OSError, ValueError):
+        info = None
+    if not isinstance(info, dict) or (info and "config_fingerprint" not in info):
+        return "its run.json was not written by scaletune"
+    return None
 
 
 def _not_replaceable(cfg: RunConfig, out: Path) -> str | None:

@@ -34,8 +34,20 @@ def git_commit(path: Path) -> str | None:
 
 
 def write_run_json(output_dir: Path, cfg: Any, extra: dict) -> None:
+    """run.json: the resolved config, versions and this start's facts. A resumed run keeps its first start's
+    `started` and `argv` and adds this start to `resumes` (time, checkpoint, command line)."""
+    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     info = {"config": cfg.to_dict(), "versions": package_versions(), "git_commit": git_commit(Path.cwd()),
-            "argv": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra}
+            "argv": sys.argv, "started": now, **extra}
+    if extra.get("resumed_from"):
+        try:
+            before = json.loads((output_dir / "run.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            before = None
+        if isinstance(before, dict):
+            info["started"], info["argv"] = before.get("started", now), before.get("argv", sys.argv)
+            info["resumes"] = [*(before.get("resumes") or []),
+                               {"time": now, "from": extra["resumed_from"], "argv": sys.argv}]
     tmp = output_dir / "run.json.tmp"
     tmp.write_text(json.dumps(info, indent=1, default=str))
     os.replace(tmp, output_dir / "run.json")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -34,16 +35,38 @@ _RESUME_FREE_KEYS = {"train": {"max_steps", "epochs", "eval_every", "save_every"
                                "offload", "backend"}, "output_dir": True}
 
 
-def config_fingerprint(cfg: RunConfig) -> str:
-    """Hash of everything that determines the training trajectory (not paths, logging or scale-out)."""
-    d = cfg.to_dict()
+def _trajectory(d: dict) -> dict:
+    """A resolved config (`RunConfig.to_dict()`) without the keys a resume may change."""
+    d = json.loads(json.dumps(d, default=str))  # a deep copy, and the types a checkpoint's JSON holds
     for section, keys in _RESUME_FREE_KEYS.items():
         if keys is True:
             d.pop(section, None)
         else:
             for k in keys:
                 d.get(section, {}).pop(k, None)
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return d
+
+
+def config_fingerprint(cfg: RunConfig) -> str:
+    """Hash of everything that determines the training trajectory (not paths, logging or scale-out)."""
+    return hashlib.sha256(json.dumps(_trajectory(cfg.to_dict()), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def config_changes(saved: dict, cfg: RunConfig) -> list[str]:
+    """'key: old -> new' for each trajectory key in which `cfg` differs from a checkpoint's saved config."""
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) and k != "peft" else {prefix + k: v})
+        return out
+
+    old, new = flat(_trajectory(saved)), flat(_trajectory(cfg.to_dict()))
+    if old.get("peft") != new.get("peft"):  # one entry per peft key, as the config spells them
+        old.update({f"peft.{k}": v for k, v in old.pop("peft", {}).items()})
+        new.update({f"peft.{k}": v for k, v in new.pop("peft", {}).items()})
+    missing = "(not set)"
+    return [f"{k}: {json.dumps(old.get(k, missing))} -> {json.dumps(new.get(k, missing))}"
+            for k in sorted(set(old) | set(new)) if old.get(k, missing) != new.get(k, missing)]
 
 
 class StopFlag:
@@ -134,20 +157,27 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
     accum = t.global_batch_size // (t.micro_batch_size * world)
     out = Path(cfg.output_dir)
     fingerprint = config_fingerprint(cfg)
+    resume = None if resume in (None, "none") else resume
+    changes = functools.partial(config_changes, cfg=cfg)
     resume_from = None
     if resume == "auto":
-        resume_from = ckpt.find_resumable(out, fingerprint, allow_config_change)
-    elif resume not in (None, "none"):
+        resume_from = ckpt.find_resumable(out, fingerprint, allow_config_change, changes)
+    elif resume is not None:
         resume_from = Path(resume)
         problem = ckpt.verify(resume_from) if resume_from.is_dir() else "not a directory"
+        if problem and (resume_from / "checkpoints").is_dir():  # a run's output_dir, not one checkpoint
+            newest = next(iter(ckpt.checkpoint_dirs(resume_from)), None)
+            raise UserError(f"--resume {resume}: this is a run's output directory, not a checkpoint; pass one of "
+                            f"its checkpoints{f' (newest: {newest})' if newest else ''}, or --resume auto to "
+                            "continue the run in output_dir")
         if problem:
             raise UserError(f"--resume {resume}: not a usable checkpoint ({problem})")
-        ckpt.check_same_config(resume_from, fingerprint, allow_config_change)
+        ckpt.check_same_config(resume_from, fingerprint, allow_config_change, changes)
     if "wandb" in (t.report_to or []) and not os.environ.get("WANDB_API_KEY"):
         os.environ.setdefault("WANDB_MODE", "offline")  # no key: log locally instead of failing the run
     accelerator = Accelerator(project_dir=str(out), log_with=t.report_to or None,
                               **accelerator_kwargs(cfg, accum))
-    replace_output = check_output_dir(cfg, resume if resume not in (None, "none") else None, overwrite)
+    replace_output = check_output_dir(cfg, resume, overwrite, resume_from)
     set_seed(t.seed)
     if t.release_cpu_memory and accelerator.device.type == "cpu":
         from .cpu_memory import release_freed_memory
@@ -195,11 +225,22 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
         except (KeyError, RuntimeError, ValueError) as exc:  # --allow-config-change across shapes or tasks
             raise UserError(f"checkpoint {resume_from} does not fit this run's model and adapter: "
                             f"{str(exc).splitlines()[0][:300]}") from None
+        # The schedule's position comes from the checkpoint, its peak from this config: load_state_dict would
+        # also bring back the saved base_lrs, and a learning_rate changed with --allow-config-change would
+        # silently do nothing. (transformers' schedules are LambdaLR: lr = base * lambda(step).)
+        peaks = list(scheduler.base_lrs)
         scheduler.load_state_dict(state["scheduler"])
-        # load_state_dict restores the schedule's position but not the optimizer's current lr
-        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+        scheduler.base_lrs = peaks
+        lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(peaks, scheduler.lr_lambdas)]
+        scheduler._last_lr = lrs  # what get_last_lr() reports until the next step
+        for group, lr in zip(optimizer.param_groups, lrs):  # load_state_dict does not set the optimizer's
             group["lr"] = lr
         run.step, run.counters = state["step"], state["counters"]
+        if run.step > total:
+            raise UserError(f"checkpoint {resume_from} is at step {run.step}, past this run's {total} steps; "
+                            "raise train.max_steps (or train.epochs) to continue it")
+        if accelerator.is_main_process:
+            ckpt.set_aside_newer(out, resume_from)
         accelerator.print(f"resumed from {resume_from} at step {run.step} "
                           f"(saved at world size {state['world_size']}, now {world})")
     if accelerator.is_main_process:
@@ -227,7 +268,7 @@ def save_checkpoint(run: Run) -> Path:
     adapter_state = saved_adapter_state(run.accelerator, run.model)
     state = {"step": run.step, "scheduler": run.scheduler.state_dict(), "optimizer_scalars": scalars,
              "counters": run.counters, "world_size": run.accelerator.num_processes,
-             "global_batch_size": run.cfg.train.global_batch_size}
+             "global_batch_size": run.cfg.train.global_batch_size, "config": run.cfg.to_dict()}
     return ckpt.save_checkpoint(run.accelerator, run.output_dir, run.step, trainable=params,
                                 optimizer_state=opt_state, state=state,
                                 save_adapter=lambda d: save_adapter(run, d, adapter_state),

@@ -1,0 +1,142 @@
+"""What `--resume` may start from and write into: nothing the user had is overwritten, an older checkpoint
+starts a new path without mixing in the abandoned one, and refusals say what to do."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from scaletune.cli import main
+
+
+def _train(path, *args):
+    return main(["train", str(path), *map(str, args)])
+
+
+@pytest.mark.parametrize("layout", ["foreign file", "finished adapter", "other tool's run.json"])
+def test_resume_auto_with_nothing_to_resume_leaves_a_foreign_dir_alone(make_config, tmp_path, capsys, layout):
+    """`--resume auto` in a directory with no checkpoint is a fresh start: refused where it would
+    overwrite (delete adapter/, replace run.json) what scaletune did not write as a restartable run."""
+    path = make_config("causal_lm", train={"max_steps": 2})
+    out = tmp_path / "run"
+    out.mkdir()
+    files = {"run.json": '{"mine": 1}', "metrics.jsonl": "keep\n"}
+    if layout == "foreign file":
+        files["notes.txt"] = "my notes"
+    elif layout == "finished adapter":  # a finished run whose checkpoints were deleted to save space
+        files["run.json"] = '{"config_fingerprint": "x"}'
+        (out / "adapter").mkdir()
+        files["adapter/adapter_config.json"] = "{}"
+    for name, text in files.items():
+        (out / name).write_text(text)
+    capsys.readouterr()
+    assert _train(path, "--resume", "auto") == 2
+    err = capsys.readouterr().err
+    assert "has no checkpoint to resume" in err and "pick a new output_dir" in err
+    assert {"foreign file": "notes.txt", "finished adapter": "adapter/",
+            "other tool's run.json": "run.json was not written by scaletune"}[layout] in err
+    assert {n: (out / n).read_text() for n in files} == files  # untouched
+
+
+def test_resume_auto_restarts_a_run_killed_before_its_first_checkpoint(make_config, tmp_path):
+    """What a requeued Slurm job meets when the first attempt died early: run.json + metrics.jsonl only."""
+    path = make_config("causal_lm", train={"max_steps": 2})
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"config_fingerprint": "abc", "started": "earlier"}))
+    (out / "metrics.jsonl").write_text("")
+    assert _train(path, "--resume", "auto") == 0
+    assert (out / "adapter" / "adapter_config.json").is_file()
+
+
+def test_resume_and_overwrite_together_are_refused(make_config, tmp_path, capsys):
+    path = make_config("causal_lm", train={"max_steps": 2})
+    assert _train(path) == 0
+    before = (tmp_path / "run" / "run.json").read_text()
+    capsys.readouterr()
+    assert _train(path, "--resume", "auto", "--overwrite") == 2
+    assert "--resume and --overwrite contradict each other" in capsys.readouterr().err
+    assert (tmp_path / "run" / "run.json").read_text() == before
+
+
+def test_resume_from_an_older_checkpoint_sets_the_later_ones_aside(make_config, tmp_path, caplog):
+    """Going back to step 2 with another learning rate: the new path's step-4/6 are written (they used to be
+    skipped because the old ones verified), `--resume auto` then finds the new path, and the abandoned
+    checkpoints are kept aside, not deleted."""
+    path = make_config("causal_lm", n=32, train={"max_steps": 6, "save_every": 2, "save_total_limit": None})
+    out = tmp_path / "run"
+    assert _train(path) == 0
+    old = {n: load_file(str(out / "checkpoints" / n / "trainable.safetensors")) for n in ("step-4", "step-6")}
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="scaletune"):
+        assert _train(path, "train.learning_rate=0.02", "--allow-config-change",
+                      "--resume", out / "checkpoints" / "step-2") == 0
+    assert "resuming from step-2: the later checkpoints (step-4, step-6)" in caplog.text
+    aside = [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".abandoned-")]
+    assert len(aside) == 1 and sorted(p.name for p in aside[0].iterdir()) == ["step-4", "step-6"]
+    for name, tensors in old.items():
+        assert load_file(str(aside[0] / name / "trainable.safetensors")).keys() == tensors.keys()
+        new = load_file(str(out / "checkpoints" / name / "trainable.safetensors"))
+        assert any(not new[k].equal(tensors[k]) for k in tensors), f"{name} is the abandoned path's"
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-6"
+    final = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    snapshot = load_file(str(out / "checkpoints" / "step-6" / "adapter" / "adapter_model.safetensors"))
+    assert all(final[k].equal(snapshot[k]) for k in final)
+    info = json.loads((out / "run.json").read_text())
+    assert [r["from"] for r in info["resumes"]] == [str(out / "checkpoints" / "step-2")]
+    assert info["argv"][-1] != str(out / "checkpoints" / "step-2")  # the first start's command line
+
+
+def test_resume_past_max_steps_is_refused(make_config, tmp_path, capsys):
+    path = make_config("causal_lm", n=32, train={"max_steps": 4})
+    assert _train(path) == 0
+    before = (tmp_path / "run" / "run.json").read_text()
+    capsys.readouterr()
+    assert _train(path, "train.max_steps=2", "--resume", "auto") == 2
+    err = capsys.readouterr().err
+    assert "is at step 4, past this run's 2 steps" in err and "train.max_steps" in err
+    assert (tmp_path / "run" / "run.json").read_text() == before
+
+
+def test_resume_given_a_run_directory_names_its_newest_checkpoint(make_config, tmp_path, capsys):
+    path = make_config("causal_lm", n=32, train={"max_steps": 2})
+    assert _train(path) == 0
+    capsys.readouterr()
+    assert _train(path, "--resume", tmp_path / "run") == 2
+    err = capsys.readouterr().err
+    assert "is a run's output directory, not a checkpoint" in err
+    assert str(tmp_path / "run" / "checkpoints" / "step-2") in err
+
+
+def test_config_change_refusal_names_what_changed(make_config, tmp_path, capsys):
+    path = make_config("causal_lm", n=32, train={"max_steps": 2}, peft={"r": 4})
+    assert _train(path) == 0
+    capsys.readouterr()
+    assert _train(path, "train.learning_rate=0.5", "peft.r=8", "train.max_steps=4", "--resume", "auto") == 2
+    err = capsys.readouterr().err
+    assert "peft.r: 4 -> 8" in err and "train.learning_rate: 0.0" in err and "-> 0.5" in err
+    assert "max_steps" not in err.split("(changed:")[1].split(")")[0]  # a resume may change it
+
+
+def test_resume_from_another_runs_checkpoint_into_a_dir_with_its_own_is_refused(make_config, tmp_path, capsys):
+    path = make_config("causal_lm", n=32, train={"max_steps": 2})
+    assert _train(path) == 0
+    assert _train(path, f"output_dir={tmp_path / 'b'}") == 0
+    capsys.readouterr()
+    assert _train(path, "train.max_steps=4", "--resume", tmp_path / "b" / "checkpoints" / "step-2") == 2
+    assert "has checkpoints of its own" in capsys.readouterr().err
+
+
+def test_learning_rate_changed_on_resume_takes_effect(make_config, tmp_path):
+    """The scheduler's saved state used to bring back the old peak: --allow-config-change with a new
+    learning_rate trained on with the old one."""
+    path = make_config("causal_lm", n=32, train={"max_steps": 2, "lr_scheduler": "constant",
+                                                  "learning_rate": 1e-3})
+    assert _train(path) == 0
+    assert _train(path, "train.max_steps=4", "train.learning_rate=0.05", "--allow-config-change",
+                  "--resume", "auto") == 0
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lrs = {r["step"]: r["lr"] for r in lines if r.get("event") == "train"}
+    assert lrs[1] == pytest.approx(1e-3) and lrs[3] == pytest.approx(0.05) and lrs[4] == pytest.approx(0.05)
