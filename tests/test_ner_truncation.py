@@ -188,3 +188,53 @@ def test_eval_scores_words_with_no_sub_token_in_place_as_predict_tags_them(tmp_p
     assert got["token_accuracy"] == pytest.approx(accuracy_score(y_true, y_pred)) == pytest.approx(12 / 15)
     assert got["per_type"]["LOC"]["support"] == 2 and got["per_type"]["LOC"]["recall"] == 0
     assert (got["sentences_truncated"], got["words_truncated"]) == (1, 1)  # the dropped words are not "cut"
+
+
+def _io(tag: str) -> str:
+    return tag[2:] if tag != "O" else tag  # B-PER -> PER: IO tagging
+
+
+def test_io_tags_are_scored_as_entities_of_their_type(tmp_path, tiny_bert):
+    """Tags without B-/I- prefixes (IO tagging) get per-type scores under their own names; seqeval alone
+    would read "PER" as prefix "P" + type "ER"."""
+    from accelerate import Accelerator
+
+    from scaletune.evaluate import evaluate
+
+    io_records = [{"tokens": r["tokens"], "tags": [_io(t) for t in r["tags"]]} for r in RECORDS[2:]]
+    path = write_jsonl(tmp_path / "io.jsonl", io_records)
+    cfg, tok = _setup(tmp_path, tiny_bert, train=str(path), eval=str(path), max_length=64)
+    task = get_task("token_cls")
+    sets = build_datasets(cfg, task, tok)
+    labels = sets["labels"]
+    assert labels == ["LOC", "O", "PER"]
+    table = {tok(w, add_special_tokens=False)["input_ids"][0]: labels.index(t)
+             for r in io_records for w, t in zip(r["tokens"], r["tags"])}
+    got = evaluate(Accelerator(cpu=True), Oracle(table, len(labels)), task, sets["eval"], labels, 2,
+                   tok.pad_token_id)
+    assert set(got["per_type"]) == {"PER", "LOC"} and got["f1"] == 1.0
+    assert got["per_type"]["PER"]["support"] == 1
+
+
+def test_integer_tags_need_names_and_map_through_data_labels(tmp_path, tiny_bert):
+    """HF datasets' ner_tags are ids: without names every entity score would be 0, so that is refused with
+    the fix; with data.labels naming the ids, each id trains as the label of that name."""
+    from scaletune.errors import DataError
+
+    names = ["O", "B-PER", "I-PER", "B-LOC"]
+    ids = [{"tokens": r["tokens"], "ner_tags": [names.index(t) for t in r["tags"]]} for r in RECORDS]
+    path = write_jsonl(tmp_path / "ids.jsonl", ids)
+    cfg, tok = _setup(tmp_path, tiny_bert, train=str(path), eval=None)
+    with pytest.raises(DataError, match=r"ids.jsonl: the tags in column 'ner_tags' are integer ids \(0, 1, 2, 3\); "
+                                        r"entity scores need the tag names: set data.labels"):
+        build_datasets(cfg, get_task("token_cls"), tok)
+    cfg, tok = _setup(tmp_path, tiny_bert, train=str(path), eval=None, labels=names, max_length=64)
+    sets = build_datasets(cfg, get_task("token_cls"), tok)
+    assert sets["labels"] == names
+    for rec, ex in zip(RECORDS, sets["train"]):
+        firsts = [lab for lab in ex["labels"] if lab != -100]
+        assert [names[i] for i in firsts] == rec["tags"]
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"tokens": ["a"], "ner_tags": [7]}])
+    cfg, tok = _setup(tmp_path, tiny_bert, train=str(bad), eval=None, labels=names)
+    with pytest.raises(DataError, match=r"bad.jsonl:1: tag 7 is not an id of data.labels \(0..3\)"):
+        build_datasets(cfg, get_task("token_cls"), tok)

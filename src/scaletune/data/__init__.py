@@ -26,7 +26,7 @@ log = logging.getLogger("scaletune")
 # 2: numeric string labels sort numerically; 3: token_cls stores the gold tags max_length cut;
 # 4: CSV quoted fields keep U+2028, \x85, \r\n and the like as written (str.splitlines used to break them);
 # 5: meta counts the examples max_length cut; token_cls stores the words with no sub-token (blank_at, blank_tags)
-CACHE_VERSION = "6"
+CACHE_VERSION = "7"
 
 
 def cache_root() -> Path:

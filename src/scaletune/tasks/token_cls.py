@@ -24,6 +24,7 @@ _TAG_COLUMNS = ("tags", "ner_tags", "labels")
 class TokenCls(Task):
     peft_task_type = "TOKEN_CLS"
     eval_only_columns = ("cut_tags", "blank_at", "blank_tags")
+    id_names: list[str] | None = None  # integer tags: the name of each id (data.labels)
 
     def auto_model_class(self) -> Any:
         from transformers import AutoModelForTokenClassification
@@ -40,9 +41,27 @@ class TokenCls(Task):
                             f"{sorted(k for k in first if k != WHERE)}")
         for rec in records:
             self._check(rec)
+        found = collect_labels(records, self.tags, is_list=True)
+        ids = all(tag.isdecimal() for tag in found)
+        self.id_names = None
         if cfg.data.labels is not None:
-            return [str(x) for x in cfg.data.labels]
-        return collect_labels(records, self.tags, is_list=True)
+            names = [str(x) for x in cfg.data.labels]
+            if ids and not all(name.isdecimal() for name in names):
+                self.id_names = names  # HF datasets' ner_tags: ids into the names data.labels lists
+            return names
+        if ids:  # seqeval would read "1" as an entity type with no B-/I- prefix: every score would be 0
+            raise DataError(f"{source}: the tags in column {self.tags!r} are integer ids ({', '.join(found[:6])}"
+                            f"{', ...' if len(found) > 6 else ''}); entity scores need the tag names: set "
+                            "data.labels to them in id order, e.g. data.labels: [O, B-PER, I-PER, B-LOC, I-LOC]")
+        return found
+
+    def _tag(self, tag: Any, where: str) -> str:
+        """The tag's name: itself, or with integer ids the name data.labels gives that id."""
+        if self.id_names is None:
+            return str(tag)
+        if not (str(tag).isdecimal() and int(tag) < len(self.id_names)):
+            raise DataError(f"{where}: tag {tag!r} is not an id of data.labels (0..{len(self.id_names) - 1})")
+        return self.id_names[int(tag)]
 
     def _check(self, rec: dict) -> None:
         where = rec.get(WHERE, "?")
@@ -58,8 +77,8 @@ class TokenCls(Task):
 
     def encode(self, record: dict, tokenizer: Any, cfg: Any, label2id: dict | None) -> dict | None:
         self._check(record)
-        tags = record[self.tags]
-        unknown = [t for t in tags if str(t) not in label2id]
+        tags = [self._tag(t, record.get(WHERE, "?")) for t in record[self.tags]]
+        unknown = [t for t in tags if t not in label2id]
         if unknown:
             raise DataError(f"{record.get(WHERE, '?')}: tag {unknown[0]!r} is not in the label set {list(label2id)}")
         enc = tokenizer(record[self.tokens], is_split_into_words=True, truncation=True,
@@ -67,17 +86,17 @@ class TokenCls(Task):
         word_ids, cut = enc.word_ids(), overflowed(enc, cfg.data.max_length)
         labels, previous = [], None
         for word in word_ids:
-            labels.append(IGNORE if word is None or word == previous else label2id[str(tags[word])])
+            labels.append(IGNORE if word is None or word == previous else label2id[tags[word]])
             previous = word
         n_cut = words_cut(word_ids, len(tags), cut)
         # only the cut words' gold tags travel with the example (most sentences fit: an empty list)
-        cut_tags = [label2id[str(t)] for t in tags[len(tags) - n_cut:]]
+        cut_tags = [label2id[t] for t in tags[len(tags) - n_cut:]]
         # words before the cut with no sub-token (a zero-width space) have no label above; their places and
         # gold tags travel too, so eval scores them in place (an entity they sit in is broken, as in `predict`)
         seen = set(word_ids)
         blank_at = [i for i in range(len(tags) - n_cut) if i not in seen]
         return {"input_ids": enc["input_ids"], "labels": labels, "cut_tags": cut_tags, "blank_at": blank_at,
-                "blank_tags": [label2id[str(tags[i])] for i in blank_at], TRUNCATED: cut}
+                "blank_tags": [label2id[tags[i]] for i in blank_at], TRUNCATED: cut}
 
     def collate(self, examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         """`pad_batch` plus `cut_tags`, `blank_at` and `blank_tags` (padded with IGNORE), which eval needs to
@@ -90,7 +109,7 @@ class TokenCls(Task):
         return batch
 
     def eval_warning(self, dataset: Any, labels: list[str] | None, cfg: Any) -> str | None:
-        counts = truncation_counts([[labels[i] for i in cut] for cut in dataset["cut_tags"]])
+        counts = truncation_counts([[scoring_tag(labels[i]) for i in cut] for cut in dataset["cut_tags"]])
         if not counts["sentences_truncated"]:
             return None
         return (f"token_cls: {counts['sentences_truncated']} of {len(dataset)} eval sentences exceed "
@@ -124,8 +143,9 @@ class TokenCls(Task):
 
         # every gold word is scored: a word cut off by max_length or with no sub-token (None) is predicted "O",
         # as `predict` tags it
-        y_pred = [["O" if i is None else labels[i] for i in p] + ["O"] * len(cut) for p, _, cut in preds]
-        y_true = [[labels[i] for i in g + cut] for _, g, cut in preds]
+        names = [scoring_tag(name) for name in labels]
+        y_pred = [["O" if i is None else names[i] for i in p] + ["O"] * len(cut) for p, _, cut in preds]
+        y_true = [[names[i] for i in g + cut] for _, g, cut in preds]
         report = classification_report(y_true, y_pred, output_dict=True, zero_division=0)
         return {"loss": loss_sum / max(n_targets, 1),
                 "precision": precision_score(y_true, y_pred, zero_division=0),
@@ -134,7 +154,17 @@ class TokenCls(Task):
                 "token_accuracy": accuracy_score(y_true, y_pred),
                 "per_type": {k: {m: float(v[m]) for m in ("precision", "recall", "f1-score", "support")}
                              for k, v in report.items() if k not in ("micro avg", "macro avg", "weighted avg")},
-                **truncation_counts([[labels[i] for i in cut] for _, _, cut in preds])}
+                **truncation_counts([[names[i] for i in cut] for _, _, cut in preds])}
+
+
+_PREFIXES = ("B-", "I-", "E-", "S-", "L-", "U-")  # IOB, IOBES, BILOU: what seqeval parses
+
+
+def scoring_tag(tag: str) -> str:
+    """The tag as seqeval should read it. IO tagging (`PER`, `LOC`, `O`) has no prefixes, and seqeval would take
+    the first letter for one (types "ER", "OC"); as `I-PER` each run of one type is one entity, which is what
+    IO tags mean."""
+    return tag if tag == "O" or tag.startswith(_PREFIXES) else f"I-{tag}"
 
 
 def _pad_lists(lists: list[list[int]]) -> torch.Tensor:
