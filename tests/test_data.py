@@ -467,3 +467,60 @@ def test_ignored_fields_of_the_eval_file_are_named_too(tmp_path, tiny_llama, cap
         build_datasets(cfg, get_task("causal_lm"), load_tokenizer(cfg))
     notes = [r.getMessage() for r in caplog.records if "ignored by format" in r.getMessage()]
     assert notes == ["data.eval: fields ignored by format text: source (2 records)"]
+
+
+def test_conll_format_reads_any_suffix_and_keeps_no_break_spaces(tmp_path):
+    """data.format: conll names the layout (a CoNLL file called .tsv); a token may hold a no-break space."""
+    path = tmp_path / "ner.tsv"
+    path.write_text("New\u00a0York B-LOC\nis O\n\nBob B-PER\n", encoding="utf-8")
+    records = read_records(str(path), conll=True)
+    assert [(r["tokens"], r["tags"]) for r in records] == [(["New\u00a0York", "is"], ["B-LOC", "O"]),
+                                                          (["Bob"], ["B-PER"])]
+
+
+def test_plain_text_in_a_txt_file_says_txt_is_read_as_conll(tmp_path, tiny_llama):
+    ragged = tmp_path / "corpus.txt"
+    ragged.write_text("the cat sat on the mat\nhello world\n")
+    with pytest.raises(DataError, match=r"corpus.txt:2: 2 columns, earlier lines have 6 \(a .txt file is read as "
+                                        r"CoNLL columns"):
+        read_records(str(ragged))
+    even = tmp_path / "even.txt"
+    even.write_text("the cat\nhello world\n")
+    cfg = _cfg(tmp_path, tiny_llama, data=even)
+    with pytest.raises(DataError, match=r"columns \['tags', 'tokens'\] \(it was read as a CoNLL token/tag file"):
+        build_datasets(cfg, get_task("causal_lm"), load_tokenizer(cfg))
+
+
+@pytest.mark.parametrize("record,message", [
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}]},
+     r"c.jsonl:1: messages\[1\].content is empty \(nothing to learn from\)"),
+    ({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": ""}]},
+     r"c.jsonl:1: conversations\[1\].value is empty \(nothing to learn from\)"),
+    ({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}], "system": ["x"]},
+     r"c.jsonl:1: field 'system' must be a string, got list"),
+])
+def test_chat_records_with_empty_answers_or_bad_system_are_refused(tmp_path, tiny_llama, record, message):
+    """As alpaca's empty output is: an empty answer would teach the model to answer with nothing."""
+    data = write_jsonl(tmp_path / "c.jsonl", [record])
+    cfg = _cfg(tmp_path, tiny_llama, data=data)
+    with pytest.raises(DataError, match=message):
+        build_datasets(cfg, get_task("causal_lm"), load_tokenizer(cfg))
+
+
+def test_eval_file_in_another_format_is_named(tmp_path, tiny_llama):
+    train = write_jsonl(tmp_path / "t.jsonl", [{"instruction": "q", "output": "a"}] * 2)
+    evalf = write_jsonl(tmp_path / "e.jsonl", [{"conversations": [{"from": "human", "value": "q"},
+                                                                  {"from": "gpt", "value": "a"}]}])
+    cfg = _cfg(tmp_path, tiny_llama, data=train, eval=str(evalf))
+    with pytest.raises(DataError, match=r"data.eval: .*e.jsonl holds sharegpt records, data.train holds alpaca"):
+        build_datasets(cfg, get_task("causal_lm"), load_tokenizer(cfg))
+
+
+def test_eval_file_that_max_length_empties_is_an_error(tmp_path, tiny_llama):
+    """It used to be dropped with a 'skipped' warning, and the run trained without any evaluation."""
+    train = write_jsonl(tmp_path / "t.jsonl", [{"instruction": "q", "output": "a"}] * 2)
+    evalf = write_jsonl(tmp_path / "e.jsonl", [{"instruction": "word " * 200, "output": "a"}] * 3)
+    cfg = _cfg(tmp_path, tiny_llama, data=train, eval=str(evalf), max_length=96)
+    with pytest.raises(DataError, match=r"data.eval: no usable examples in .*e.jsonl \(3 had no target tokens "
+                                        r"within data.max_length=96\)"):
+        build_datasets(cfg, get_task("causal_lm"), load_tokenizer(cfg))

@@ -352,3 +352,11 @@ def test_causal_lm_eval_reports_perplexity_and_loss_drops(make_config, tmp_path)
     assert list(run.output_dir.rglob("events.out.tfevents*")), "no TensorBoard events written"
     info = json.loads((run.output_dir / "run.json").read_text())
     assert info["world_size"] == 1 and info["config"]["task"] == "causal_lm" and info["versions"]["torch"]
+
+
+def test_batch_larger_than_packed_rows_says_the_examples_were_packed(make_config, capsys):
+    path = make_config("causal_lm", n=6, data={"packing": True, "max_length": 512},
+                       train={"global_batch_size": 4, "micro_batch_size": 4})
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "larger than the training set (6 usable examples packed into 2 row(s) of data.max_length=512" in err

@@ -191,8 +191,11 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
     n_train = len(data["train"])
     per_epoch = n_train // t.global_batch_size
     if per_epoch == 0:
+        packed = data["stats"].get("packed_examples")
+        what = (f"{packed} usable examples packed into {n_train} row(s) of data.max_length={cfg.data.max_length} "
+                "tokens; a batch counts rows") if packed else f"{n_train} usable examples"
         raise ConfigError(f"train.global_batch_size ({t.global_batch_size}) is larger than the training set "
-                          f"({n_train} usable examples); lower it")
+                          f"({what}); lower it")
     total = t.max_steps or max(1, math.ceil(t.epochs * per_epoch))
     model = load_model(cfg, task, data["labels"], tokenizer, total_steps=total)
     trainable, all_params = count_parameters(model)

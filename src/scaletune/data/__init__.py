@@ -116,6 +116,7 @@ def build_datasets(cfg: Any, task: Any, tokenizer: Any, accelerator: Any = None)
             eval_records = None
             if cfg.data.eval:
                 eval_records = read_records(cfg.data.eval, key="data.eval", conll=conll)
+                task.check_eval(eval_records, cfg, cfg.data.eval)
                 ignored.append(task.ignored_fields(eval_records, "data.eval"))
             elif cfg.data.eval_fraction:
                 train_records, eval_records = split_eval(train_records, cfg.data.eval_fraction, cfg.train.seed)
@@ -125,6 +126,9 @@ def build_datasets(cfg: Any, task: Any, tokenizer: Any, accelerator: Any = None)
                 raise DataError(f"data.train: no usable examples in {cfg.data.train} "
                                 f"({enc_train['dropped']} had no target tokens within max_length)")
             enc_eval = _encode_all(eval_records, task, tokenizer, cfg, label2id) if eval_records else None
+            if cfg.data.eval and enc_eval is not None and not enc_eval["input_ids"]:  # asked for, never run
+                raise DataError(f"data.eval: no usable examples in {cfg.data.eval} ({enc_eval['dropped']} had no "
+                                f"target tokens within data.max_length={cfg.data.max_length})")
             dropped = {"train": enc_train.pop("dropped"), "eval": enc_eval.pop("dropped") if enc_eval else 0}
             truncated = {"train": enc_train.pop("truncated"), "eval": enc_eval.pop("truncated") if enc_eval else 0}
             for key in task.eval_only_columns:  # scoring's bookkeeping would only slow every training batch

@@ -87,8 +87,9 @@ def _sharegpt(rec: dict) -> dict:
     if not isinstance(turns, list) or not turns:
         raise DataError(f"{where}: 'conversations' must be a non-empty list")
     messages = []
-    if isinstance(rec.get("system"), str) and rec["system"]:
-        messages.append({"role": "system", "content": rec["system"]})
+    system = _text(rec, "system", optional=True)
+    if system:
+        messages.append({"role": "system", "content": system})
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
             raise DataError(f"{where}: conversations[{i}] needs 'from' and 'value'")
@@ -98,6 +99,8 @@ def _sharegpt(rec: dict) -> dict:
                             f"{sorted(_SHAREGPT_ROLES)}")
         if not isinstance(turn["value"], str):
             raise DataError(f"{where}: conversations[{i}].value must be a string, got {type(turn['value']).__name__}")
+        if role == "assistant" and not turn["value"].strip():  # would teach answering with nothing, as
+            raise DataError(f"{where}: conversations[{i}].value is empty (nothing to learn from)")  # alpaca's
         messages.append({"role": role, "content": turn["value"]})
     return {"messages": messages}
 
@@ -125,6 +128,9 @@ def _messages(rec: dict) -> dict:
                 raise DataError(f"{where}: messages[{i}].weight: only assistant turns are trained, "
                                 f"so only they take a weight (this one is {m['role']})")
             msg["train"] = False
+        elif m["role"] == "assistant" and not m["content"].strip():  # a target of nothing (see sharegpt)
+            raise DataError(f"{where}: messages[{i}].content is empty (nothing to learn from); drop the turn or "
+                            "give it weight 0")
         out.append(msg)
     return {"messages": out}
 
@@ -147,8 +153,10 @@ def detect(records: list[dict], source: str) -> Format:
             return fmt
     cols = sorted(k for k in first if k != WHERE)
     options = "; ".join(f"{f.name}: {', '.join(f.required)}" for f in FORMATS.values())
-    raise DataError(f"{source}: cannot tell the data format from columns {cols}. Expected one of — {options}. "
-                    "Set data.format to choose explicitly.")
+    conll = (" (it was read as a CoNLL token/tag file, as .txt files are; for plain text use a .jsonl file with "
+             'a "text" field)') if cols == ["tags", "tokens"] else ""
+    raise DataError(f"{source}: cannot tell the data format from columns {cols}{conll}. Expected one of — "
+                    f"{options}. Set data.format to choose explicitly.")
 
 
 def ignored_fields(fmt: Format, records: list[dict], key: str, shown: int = 10) -> str | None:

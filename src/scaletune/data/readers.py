@@ -19,6 +19,7 @@ from ..errors import DataError
 WHERE = "__where__"
 MAX_ERRORS = 10
 _CONLL_SUFFIXES = (".conll", ".txt", ".iob", ".bio", ".conllu")
+_CONLL_SEP = re.compile(r"[ \t]+")
 
 
 def _read_text(path: Path) -> str:
@@ -221,7 +222,8 @@ def read_conll(path: Path) -> list[dict]:
                 records.append({"tokens": tokens, "tags": tags, WHERE: f"{path}:{start}"})
             tokens, tags, start = [], [], lineno + 1
             continue
-        cols = line.split()
+        # spaces and tabs only: str.split() would also split a token at a no-break space ("New\xa0York")
+        cols = _CONLL_SEP.split(line.strip(" \t"))
         if cols[0] == "-DOCSTART-":
             continue
         if len(cols) < 2:
@@ -229,7 +231,9 @@ def read_conll(path: Path) -> list[dict]:
         if ncols is None:
             ncols = len(cols)
         elif len(cols) != ncols:
-            raise DataError(f"{path}:{lineno}: {len(cols)} columns, earlier lines have {ncols}")
+            hint = (" (a .txt file is read as CoNLL columns: token ... tag; for plain text use a .jsonl file "
+                    'with a "text" field)') if path.suffix.lower() == ".txt" else ""
+            raise DataError(f"{path}:{lineno}: {len(cols)} columns, earlier lines have {ncols}{hint}")
         if not tokens:
             start = lineno
         tokens.append(cols[0])
@@ -264,7 +268,9 @@ def read_records(spec: str, *, key: str = "data.train", conll: bool = False) -> 
         if path.is_dir():
             raise DataError(f"{key}: {path} is a directory, expected a data file")
         suffix = path.suffix.lower()
-        if suffix == ".jsonl":
+        if conll:  # data.format: conll names the layout, whatever the file is called (ner.tsv)
+            records = read_conll(path)
+        elif suffix == ".jsonl":
             records = _read_jsonl(path)
         elif suffix == ".json":
             records = _read_json(path)
@@ -272,7 +278,7 @@ def read_records(spec: str, *, key: str = "data.train", conll: bool = False) -> 
             records = _read_delimited(path, "\t" if suffix == ".tsv" else ",")
         elif suffix == ".parquet":
             records = _read_parquet(path)
-        elif suffix in _CONLL_SUFFIXES or conll:
+        elif suffix in _CONLL_SUFFIXES:
             records = read_conll(path)
         else:
             raise DataError(

@@ -54,6 +54,9 @@ class Task:
         """Inspect the training records once (format, label set); returns the label names if any."""
         return None
 
+    def check_eval(self, records: list[dict], cfg: Any, source: str) -> None:
+        """Refuse eval records `setup` (made from the training records) cannot encode; a DataError."""
+
     def ignored_fields(self, records: list[dict], key: str) -> str | None:
         """A warning naming the record fields `encode` does not read, to log once per dataset (after `setup`)."""
         return None

@@ -9,8 +9,9 @@ from typing import Any
 
 import torch
 
-from ..data.formats import get_format, ignored_fields, to_segments
+from ..data.formats import detect, get_format, ignored_fields, to_segments
 from ..data.readers import WHERE
+from ..errors import DataError
 from ..trainable_state import unwrap
 from .base import IGNORE, TRUNCATED, Task, ce_sum, pad_batch, register
 
@@ -50,6 +51,18 @@ class CausalLM(Task):
         self.format = get_format(cfg.data.format, records, source)
         self.varlen = cfg.model.attn_implementation == "varlen"
         return None
+
+    def check_eval(self, records: list[dict], cfg: Any, source: str) -> None:
+        if cfg.data.format != "auto":
+            return
+        try:
+            own = detect(records, source)
+        except DataError:
+            return  # its own records' errors say more
+        if own is not self.format:  # else: "field 'instruction' must be a string, got NoneType" on line 1
+            raise DataError(f"data.eval: {source} holds {own.name} records, data.train holds {self.format.name}; "
+                            "one run reads one format: convert one of them, or score the eval file separately with "
+                            "`scaletune eval --data`")
 
     def ignored_fields(self, records: list[dict], key: str) -> str | None:
         return ignored_fields(self.format, records, key)
