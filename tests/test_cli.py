@@ -156,6 +156,44 @@ def test_train_predict_eval_merge_roundtrip(capsys, make_config, tmp_path):
     assert_clean_error(code, err, "is not empty")
 
 
+def test_adapter_may_be_a_checkpoint_dir(capsys, make_config, tmp_path, caplog):
+    """--adapter checkpoints/step-N (the adapter is in its adapter/) works for eval, predict and merge, with
+    an info line saying which directory was loaded (was: "no trained adapter ... pass --adapter")."""
+    path = make_config("causal_lm", train={"max_steps": 2})
+    code, _, err = run_cli(["train", path], capsys)
+    assert code == 0, err
+    step = tmp_path / "run" / "checkpoints" / "step-2"
+    inp = tmp_path / "prompts.txt"
+    inp.write_text("alpha bravo\n")
+    for args in (["eval", path], ["predict", path, "--input", inp, "--max-new-tokens", "2"],
+                 ["merge", path, "--out", tmp_path / "merged"]):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="scaletune"):
+            code, out, err = run_cli([*args, "--adapter", step], capsys)
+        assert code == 0, err
+        assert f"--adapter {step}: using the adapter in its adapter/ subfolder" in caplog.text, args[0]
+    assert (tmp_path / "merged" / "config.json").is_file()
+
+
+def test_adapter_that_is_neither_says_what_was_expected(capsys, make_config, tmp_path):
+    path = make_config("causal_lm")
+    run = tmp_path / "old-run"
+    (run / "checkpoints" / "step-3").mkdir(parents=True)
+    (run / "checkpoints" / "step-12").mkdir()
+    (tmp_path / "file.json").write_text("{}")
+    for adapter, expected in [
+        (tmp_path / "nope", "directory not found"),
+        (tmp_path / "file.json", "is a file; pass the directory that holds adapter_config.json"),
+        (run / "checkpoints" / "step-3", "neither an adapter directory (no adapter_config.json) nor a checkpoint "
+                                         "directory (no adapter/adapter_config.json)"),
+        (run, f"it holds checkpoints, the newest is {run / 'checkpoints' / 'step-12'}"),
+        (run / "checkpoints", f"it holds checkpoints, the newest is {run / 'checkpoints' / 'step-12'}"),
+    ]:
+        for cmd in ("eval", "predict"):
+            code, _, err = run_cli([cmd, path, "--adapter", adapter], capsys)
+            assert_clean_error(code, err, f"--adapter {adapter}: ", expected)
+
+
 def test_python_dash_m_entry_point_exit_code(make_config):
     path = make_config("causal_lm")
     res = subprocess.run([sys.executable, "-m", "scaletune", "train", str(path), "train.micro_batch_size=3"],

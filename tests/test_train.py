@@ -97,6 +97,7 @@ def test_resume_continues_exactly(make_config, tmp_path):
     b = read_metrics(tmp_path / "split")
     assert [r["step"] for r in b] == list(range(1, 9))
     assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-6)
+    assert [r["lr"] for r in a] == [r["lr"] for r in b]
     from safetensors.torch import load_file
 
     wa = load_file(str(tmp_path / "full/adapter/adapter_model.safetensors"))
@@ -107,6 +108,35 @@ def test_resume_continues_exactly(make_config, tmp_path):
     # save_total_limit (default 3) pruned old ones; the final step is checkpointed
     names = sorted(p.name for p in (tmp_path / "split/checkpoints").iterdir() if p.name.startswith("step-"))
     assert names == ["step-4", "step-6", "step-8"]
+
+
+def _record_step_lrs(run) -> list[float]:
+    """The lr each optimizer update of `run` applies, read when it applies it."""
+    used: list[float] = []
+    inner = getattr(run.optimizer, "optimizer", run.optimizer)  # accelerate's wrapper holds the torch one
+    inner.register_step_pre_hook(lambda opt, args, kwargs: used.append(opt.param_groups[0]["lr"]))
+    return used
+
+
+def test_logged_lr_is_the_lr_each_step_used(make_config, tmp_path):
+    """Linear warmup 2 of 4 steps at peak 1e-2, with gradient accumulation, stopped after step 2 and
+    resumed: steps 1-4 update with lr 0, 0.005, 0.01, 0.005, and that is what is logged for them (was the
+    next step's lr: 0.005, 0.01, 0.005, 0)."""
+    path = make_config("causal_lm", train={"global_batch_size": 8, "micro_batch_size": 4, "max_steps": 4,
+                                           "lr_scheduler": "linear", "warmup_steps": 2, "save_every": 2})
+    schedule = [0.0, 0.005, 0.01, 0.005]
+    run, _ = setup(load_config(path))
+    assert run.accum == 2
+    before = _record_step_lrs(run)
+    assert fit(run, StopAt(run, 2)) == "preempted"
+    run, _ = setup(load_config(path), resume="auto")
+    assert run.step == 2
+    after = _record_step_lrs(run)
+    assert fit(run, StopFlag()) == "done"
+    assert before + after == pytest.approx(schedule)
+    logged = read_metrics(run.output_dir)
+    assert [r["step"] for r in logged] == [1, 2, 3, 4]
+    assert [r["lr"] for r in logged] == pytest.approx(schedule)
 
 
 def test_resume_of_finished_run_does_nothing_more(make_config, tmp_path):

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from .errors import EXIT_USAGE, ConfigError, UserError
 
+_ADAPTER_HELP = "adapter dir, or a checkpoint dir (uses its adapter/) (default: OUTPUT_DIR/adapter)"
+
 
 def _add_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="run config YAML")
@@ -33,18 +35,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a trained adapter")
     _add_config(p)
-    p.add_argument("--adapter", help="adapter dir (default: OUTPUT_DIR/adapter)")
+    p.add_argument("--adapter", help=_ADAPTER_HELP)
     p.add_argument("--data", help="data file to evaluate (default: data.eval)")
 
     p = sub.add_parser("predict", help="generate (causal_lm) or label (seq_cls/token_cls) inputs")
     _add_config(p)
-    p.add_argument("--adapter", help="adapter dir (default: OUTPUT_DIR/adapter)")
+    p.add_argument("--adapter", help=_ADAPTER_HELP)
     p.add_argument("--input", default="-", help="file of lines (text or JSON objects); '-' = stdin")
     p.add_argument("--max-new-tokens", type=int, default=64)
 
     p = sub.add_parser("merge", help="merge the adapter into the base model weights")
     _add_config(p)
-    p.add_argument("--adapter", help="adapter dir (default: OUTPUT_DIR/adapter)")
+    p.add_argument("--adapter", help=_ADAPTER_HELP)
     p.add_argument("--out", required=True, help="directory for the merged model")
 
     p = sub.add_parser("demo", help="train a tiny model on bundled data; nothing to download")

@@ -10,6 +10,7 @@ from typing import Any, TextIO
 
 import torch
 
+from .checkpoint import checkpoint_dirs
 from .config import RunConfig
 from .data.readers import WHERE, surrogate_problem, text_lines
 from .errors import ConfigError, DataError, UserError
@@ -18,10 +19,36 @@ log = logging.getLogger("scaletune")
 
 
 def _adapter_dir(cfg: RunConfig, adapter: str | None) -> Path:
-    path = Path(adapter) if adapter else Path(cfg.output_dir) / "adapter"
-    if not (path / "adapter_config.json").is_file():
-        raise UserError(f"no trained adapter at {path} (adapter_config.json missing); train first or pass --adapter")
-    return path
+    """The adapter to load: `--adapter` (an adapter directory, or a checkpoint or run directory, whose
+    adapter/ is used), else OUTPUT_DIR/adapter."""
+    if not adapter:
+        path = Path(cfg.output_dir) / "adapter"
+        if not (path / "adapter_config.json").is_file():
+            raise UserError(f"no trained adapter at {path} (adapter_config.json missing); train first or "
+                            "pass --adapter")
+        return path
+    path = Path(adapter)
+    if (path / "adapter_config.json").is_file():
+        return path
+    if (path / "adapter" / "adapter_config.json").is_file():
+        # checkpoints/step-N/ (and a run's output_dir) hold the adapter in adapter/
+        log.info("--adapter %s: using the adapter in its adapter/ subfolder", path)
+        return path / "adapter"
+    raise UserError(_not_an_adapter(path))
+
+
+def _not_an_adapter(path: Path) -> str:
+    """Why --adapter `path` cannot be loaded, naming what was looked for."""
+    if not path.exists():
+        return f"--adapter {path}: directory not found"
+    if not path.is_dir():
+        return (f"--adapter {path}: is a file; pass the directory that holds adapter_config.json (an adapter "
+                "directory) or adapter/adapter_config.json (a checkpoint directory)")
+    # a run directory (before its adapter/ is written) or its checkpoints/: name a checkpoint to pass
+    newest = checkpoint_dirs(path.parent if path.name == "checkpoints" else path)
+    also = f"; it holds checkpoints, the newest is {newest[0]}" if newest else ""
+    return (f"--adapter {path}: neither an adapter directory (no adapter_config.json) nor a checkpoint "
+            f"directory (no adapter/adapter_config.json){also}")
 
 
 def load_trained(cfg: RunConfig, adapter: str | None) -> tuple[Any, Any, Any, list[str] | None, Path]:

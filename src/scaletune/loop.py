@@ -73,6 +73,9 @@ def fit(run: Run, stop: StopFlag) -> str:
                 loss_sum += loss.detach().float()
                 if acc.sync_gradients:
                     norm_loss = clip_and_norm(acc, trainable, t.max_grad_norm, loss_sum, n_global)
+                    # The lr this update applies (or would have, if skipped as non-finite): after
+                    # scheduler.step() the optimizer holds the next step's. On resume, setup() restores it.
+                    step_lr = optimizer.param_groups[0]["lr"]
                     guard.step(optimizer, model, run.step + 1, norm_loss)  # never a non-finite update
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -84,7 +87,7 @@ def fit(run: Run, stop: StopFlag) -> str:
         speed.add_step(n_global)
         run.counters["tokens_seen"] += n_global  # target tokens trained on, kept across resumes
         if logging:
-            values = {"loss": step_loss, **speed.flush(), "lr": scheduler.get_last_lr()[0],
+            values = {"loss": step_loss, **speed.flush(), "lr": step_lr,
                       "grad_norm": grad_norm, "epoch": run.step / max(1, len(run.data["train"]) // t.global_batch_size)}
             mlog.log("train", run.step, values)
             mlog.progress(run.step, {"loss": values["loss"], "lr": values["lr"],
