@@ -524,3 +524,14 @@ def test_eval_file_that_max_length_empties_is_an_error(tmp_path, tiny_llama):
     with pytest.raises(DataError, match=r"data.eval: no usable examples in .*e.jsonl \(3 had no target tokens "
                                         r"within data.max_length=96\)"):
         build_datasets(cfg, get_task("causal_lm"), load_tokenizer(cfg))
+
+
+@pytest.mark.parametrize("obj", [
+    {"instruction": "q", "output": "a"},
+    {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}], "system": "s"},
+])
+def test_a_json_file_of_one_object_is_one_record(tmp_path, obj):
+    path = tmp_path / "one.json"
+    path.write_text(json.dumps(obj))
+    records = read_records(str(path))
+    assert [{k: v for k, v in r.items() if k in obj} for r in records] == [obj]

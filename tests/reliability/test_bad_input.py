@@ -383,11 +383,13 @@ def test_existing_output_dir_is_untouched_by_a_failing_resume(world):
     raw = base_raw(world)
     out = Path(raw["output_dir"])
     (out / "checkpoints").mkdir(parents=True)
-    (out / "precious.txt").write_text("keep me")
+    (out / "metrics.jsonl").write_text("")
     bad = world["root"] / "resume-bad.jsonl"
     bad.write_text('{"instruction": oops}\n')
     raw["data"]["train"] = str(bad)
     expect_bad(world, raw, f"{bad}:1: invalid JSON", args=["--resume", "auto"], out_dir=out)
+    (out / "precious.txt").write_text("keep me")  # nothing to resume, and not only a run's files: refused first
+    expect_bad(world, raw, "has no checkpoint to resume", "precious.txt", args=["--resume", "auto"], out_dir=out)
     expect_bad(world, raw, "is not empty", out_dir=out)  # no --resume, no --overwrite: refused, untouched
     expect_bad(world, base_raw(world), "--resume /nonexistent: not a usable checkpoint",
                args=["--resume", "/nonexistent"])
@@ -494,7 +496,7 @@ CLI_CASES = [
     ("predict", ["--max-new-tokens", "-5"], ["--max-new-tokens: must be >= 1"]),
     ("predict", ["--input", "/nonexistent/prompts.txt"], ["--input /nonexistent/prompts.txt: file not found"]),
     ("eval", [], ["no trained adapter at"]),
-    ("eval", ["--adapter", "/nonexistent"], ["no trained adapter at /nonexistent"]),
+    ("eval", ["--adapter", "/nonexistent"], ["--adapter /nonexistent: directory not found"]),
     ("merge", ["--out", "{good}"], ["exists and is not a directory"]),
     ("launch", ["--nnodes", "0", "--dry-run"], ["--nnodes >= 1"]),
     ("launch", ["--node-rank", "3", "--dry-run"], ["--node-rank: must be in [0, 0]"]),

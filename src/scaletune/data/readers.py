@@ -20,6 +20,7 @@ WHERE = "__where__"
 MAX_ERRORS = 10
 _CONLL_SUFFIXES = (".conll", ".txt", ".iob", ".bio", ".conllu")
 _CONLL_SEP = re.compile(r"[ \t]+")
+_CHAT_COLUMNS = {"conversations", "messages"}  # list-valued fields of one chat record (data/formats.py)
 
 
 def _read_text(path: Path) -> str:
@@ -120,15 +121,18 @@ def _read_json(path: Path) -> list[dict]:
     except RecursionError:
         raise DataError(f"{path}: invalid JSON (nested too deeply)") from None
     if isinstance(obj, dict):
-        # Column-oriented {"col": [...], ...} or a wrapper like {"data": [...]}.
+        # Column-oriented {"col": [...], ...}, a wrapper like {"data": [...]}, or one record.
         lists = {k: v for k, v in obj.items() if isinstance(v, list)}
-        if len(lists) == 1 and all(isinstance(x, dict) for x in next(iter(lists.values()))):
+        if not lists or set(lists) & _CHAT_COLUMNS:  # one record (a chat's turns are not a wrapper's records)
+            obj = [obj]
+        elif len(lists) == 1 and all(isinstance(x, dict) for x in next(iter(lists.values()))):
             obj = next(iter(lists.values()))
         elif lists and len(lists) == len(obj) and len({len(v) for v in lists.values()}) == 1:
             n = len(next(iter(lists.values())))
             obj = [{k: v[i] for k, v in lists.items()} for i in range(n)]
         else:
-            raise DataError(f"{path}: expected a list of objects (or JSON lines)")
+            raise DataError(f"{path}: expected a list of objects (or JSON lines), a wrapper {{\"data\": [...]}} or "
+                            "columns of equal length; for a single record write [{...}]")
     if not isinstance(obj, list):
         raise DataError(f"{path}: expected a list of objects, got {type(obj).__name__}")
     records, problems = [], []
