@@ -246,3 +246,16 @@ def test_ctrl_c_in_train_names_the_checkpoint_to_resume_from(make_config, capsys
     (out / "checkpoints" / "step-12").mkdir()
     code, _, err = run_cli(["train", path], capsys)
     assert code == 130 and f"newest checkpoint {out / 'checkpoints' / 'step-12'}" in err and "--resume auto" in err
+
+
+def test_output_cut_short_by_the_reader_is_not_a_traceback(tmp_path):
+    """`scaletune plan ... | head`: the pipe closes while scaletune still writes."""
+
+    code = ("import sys\nfrom scaletune import cli\n"
+            "def chatty(args):\n    for _ in range(200000):\n        print('x' * 100)\n    return 0\n"
+            "cli.dispatch = chatty\nsys.exit(cli.main(['config-help']))\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.readline()
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141 and "Traceback" not in err and "BrokenPipe" not in err
