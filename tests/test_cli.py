@@ -250,7 +250,6 @@ def test_ctrl_c_in_train_names_the_checkpoint_to_resume_from(make_config, capsys
 
 def test_output_cut_short_by_the_reader_is_not_a_traceback(tmp_path):
     """`scaletune plan ... | head`: the pipe closes while scaletune still writes."""
-
     code = ("import sys\nfrom scaletune import cli\n"
             "def chatty(args):\n    for _ in range(200000):\n        print('x' * 100)\n    return 0\n"
             "cli.dispatch = chatty\nsys.exit(cli.main(['config-help']))\n")
