@@ -127,3 +127,44 @@ def test_adalora_reallocates_ranks_and_regularises(make_config, tmp_path):
     assert max(ranks) <= 6 and sum(ranks) < 6 * len(ranks), ranks  # ranks were cut from init_r
     saved = json.loads((run.output_dir / "adapter/adapter_config.json").read_text())
     assert saved["rank_pattern"]
+
+
+class _StopAt:
+    """A SIGUSR1 arriving while step `at` runs."""
+
+    def __init__(self, run, at: int):
+        self.run, self.at = run, at
+
+    @property
+    def signal(self):
+        return 10 if self.run.step >= self.at else None
+
+
+@pytest.mark.parametrize("stop_at", [5, 10], ids=["while-allocating", "after-final-allocation"])
+def test_adalora_resume_is_exact(make_config, tmp_path, stop_at):
+    """AdaLoRA keeps state outside the optimizer: importance averages and, once final, the rank pattern
+    that masks every later step. A run stopped and resumed must end with the same adapter and pattern."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for name, stop in (("full", None), ("split", stop_at)):
+        path = _write(make_config, "causal_lm", "adalora", tmp_path, max_steps=12, save_every=None)
+        raw = yaml.safe_load(path.read_text())
+        raw["peft"].update(init_r=6, target_r=2, tinit=2, tfinal=3, deltaT=2)
+        raw["output_dir"] = str(tmp_path / name)
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        run, _ = setup(load_config(path))
+        if stop is not None:
+            assert fit(run, _StopAt(run, stop)) == "preempted"
+            run, used = setup(load_config(path), resume="auto")
+            assert used.name == f"step-{stop}"
+        assert fit(run, StopFlag()) == "done"
+        runs[name] = run.output_dir
+    a = load_file(str(runs["full"] / "adapter/adapter_model.safetensors"))
+    b = load_file(str(runs["split"] / "adapter/adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    pattern = [json.loads((runs[n] / "adapter/adapter_config.json").read_text())["rank_pattern"] for n in runs]
+    assert pattern[0] and pattern[0] == pattern[1]

@@ -4,6 +4,7 @@ A checkpoint is a directory `checkpoints/step-N/` with:
   trainable.safetensors   every trainable parameter, gathered, float32, by name
   optimizer.safetensors   its optimizer state tensors (`name::exp_avg`, ...), gathered
   state.json              step, scheduler, optimizer scalars, counters, config fingerprint
+  method_state.safetensors  (AdaLoRA only) state the method keeps outside parameters and optimizer
   adapter/                the adapter in plain peft format (a usable snapshot)
   manifest.json           written last: every file with size and sha256
 
@@ -34,6 +35,7 @@ log = logging.getLogger("scaletune")
 STEP_RE = re.compile(r"^step-(\d+)$")
 MANIFEST = "manifest.json"
 REQUIRED_FILES = ("trainable.safetensors", "optimizer.safetensors", "state.json")
+METHOD_STATE = "method_state.safetensors"
 
 
 def _fsync_tree(root: Path) -> None:
@@ -147,7 +149,8 @@ def set_aside_newer(output_dir: Path, resumed: Path) -> Path | None:
 
 
 def save_checkpoint(accelerator: Any, output_dir: Path, step: int, *, trainable: dict, optimizer_state: dict,
-                    state: dict, save_adapter: Any, fingerprint: str, keep: int | None) -> Path:
+                    state: dict, save_adapter: Any, fingerprint: str, keep: int | None,
+                    method_tensors: dict | None = None) -> Path:
     """Write checkpoint `step` atomically (collective: every rank calls it, rank 0 writes)."""
     from safetensors import SafetensorError
     from safetensors.torch import save_file
@@ -170,6 +173,8 @@ def save_checkpoint(accelerator: Any, output_dir: Path, step: int, *, trainable:
             if faults.armed("enospc", step):
                 raise OSError(errno.ENOSPC, "No space left on device")
             save_file({k: v.contiguous() for k, v in optimizer_state.items()}, str(tmp / "optimizer.safetensors"))
+            if method_tensors:
+                save_file(method_tensors, str(tmp / METHOD_STATE))
             (tmp / "state.json").write_text(json.dumps(state, indent=1))
             save_adapter(tmp / "adapter")
             write_manifest(tmp, step, fingerprint)
@@ -215,10 +220,12 @@ def _prune(output_dir: Path, keep: int | None) -> None:
 
 
 def load_checkpoint(path: Path) -> tuple[dict, dict, dict]:
-    """(trainable params, optimizer tensors, state) of a verified checkpoint, on CPU."""
+    """(trainable params, optimizer tensors, state) of a verified checkpoint, on CPU; the method's own tensors,
+    if it saved any, are in state["method_tensors"]."""
     from safetensors.torch import load_file
 
     trainable = load_file(str(path / "trainable.safetensors"))
     optimizer_state = load_file(str(path / "optimizer.safetensors"))
     state = json.loads((path / "state.json").read_text())
+    state["method_tensors"] = load_file(str(path / METHOD_STATE)) if (path / METHOD_STATE).is_file() else {}
     return trainable, optimizer_state, state

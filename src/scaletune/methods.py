@@ -137,3 +137,32 @@ def after_step(model: Any, step: int) -> None:
     ada = _adalora(model)
     if ada is not None:
         ada.update_and_allocate(step)
+
+
+_ADALORA_AVERAGES = ("ipt", "exp_avg_ipt", "exp_avg_unc")
+
+
+def method_state(model: Any) -> tuple[dict, dict]:
+    """(tensors by name, JSON-able facts) a method keeps outside its parameters and the optimizer, for a
+    checkpoint: AdaLoRA's importance averages (they decide which ranks are cut next) and, once final, its rank
+    pattern (every later step masks with it; without it a resumed run fails). Empty for other methods."""
+    ada = _adalora(model)
+    if ada is None:
+        return {}, {}
+    alloc = ada.rankallocator
+    tensors = {f"{kind}::{name}": t.detach().cpu().contiguous()
+               for kind in _ADALORA_AVERAGES for name, t in getattr(alloc, kind).items()}
+    return tensors, {"adalora_rank_pattern": ada.peft_config[ada.trainable_adapter_name].rank_pattern}
+
+
+def load_method_state(model: Any, tensors: dict, facts: dict) -> None:
+    """Put back what `method_state` saved (every rank: DDP ranks see the same reduced gradients)."""
+    ada = _adalora(model)
+    if ada is None:
+        return
+    alloc = ada.rankallocator
+    device = next(p.device for p in ada.model.parameters())
+    for kind in _ADALORA_AVERAGES:
+        prefix = f"{kind}::"
+        setattr(alloc, kind, {k[len(prefix):]: t.to(device) for k, t in tensors.items() if k.startswith(prefix)})
+    ada.peft_config[ada.trainable_adapter_name].rank_pattern = facts.get("adalora_rank_pattern")

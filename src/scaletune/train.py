@@ -238,6 +238,7 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
         scheduler._last_lr = lrs  # what get_last_lr() reports until the next step
         for group, lr in zip(optimizer.param_groups, lrs):  # load_state_dict does not set the optimizer's
             group["lr"] = lr
+        methods.load_method_state(model, state["method_tensors"], state.get("method_state") or {})
         run.step, run.counters = state["step"], state["counters"]
         if run.step > total:
             raise UserError(f"checkpoint {resume_from} is at step {run.step}, past this run's {total} steps; "
@@ -269,13 +270,16 @@ def save_checkpoint(run: Run) -> Path:
     # Gathering the adapter is a collective under ZeRO-3: do it on every rank here, because
     # ckpt.save_checkpoint calls `save_adapter` on the main process only.
     adapter_state = saved_adapter_state(run.accelerator, run.model)
+    method_tensors, method_facts = methods.method_state(run.model)
     state = {"step": run.step, "scheduler": run.scheduler.state_dict(), "optimizer_scalars": scalars,
+             "method_state": method_facts,
              "counters": run.counters, "world_size": run.accelerator.num_processes,
              "global_batch_size": run.cfg.train.global_batch_size, "config": run.cfg.to_dict()}
     return ckpt.save_checkpoint(run.accelerator, run.output_dir, run.step, trainable=params,
                                 optimizer_state=opt_state, state=state,
                                 save_adapter=lambda d: save_adapter(run, d, adapter_state),
-                                fingerprint=run.fingerprint, keep=run.cfg.train.save_total_limit)
+                                fingerprint=run.fingerprint, keep=run.cfg.train.save_total_limit,
+                                method_tensors=method_tensors)
 
 
 def save_adapter(run: Run, directory: Path, state: dict | None = None) -> None:
