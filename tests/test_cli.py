@@ -14,7 +14,7 @@ import yaml
 
 from scaletune.cli import main
 
-from stutil import write_jsonl
+from stutil import cls_records, write_jsonl
 
 
 def run_cli(args, capsys):
@@ -258,3 +258,189 @@ def test_output_cut_short_by_the_reader_is_not_a_traceback(tmp_path):
     proc.stdout.close()
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 141 and "Traceback" not in err and "BrokenPipe" not in err
+
+
+class Recorder(torch.nn.Module):
+    """A stand-in classifier: records the input ids of every call; its logits are all zero (label 0)."""
+
+    def __init__(self, n_labels: int, per_token: bool):
+        super().__init__()
+        self.n_labels, self.per_token, self.seen = n_labels, per_token, []
+
+    def forward(self, input_ids, **_):
+        from types import SimpleNamespace
+
+        self.seen.append(input_ids[0].tolist())
+        shape = (*input_ids.shape, self.n_labels) if self.per_token else (input_ids.shape[0], self.n_labels)
+        return SimpleNamespace(logits=torch.zeros(shape))
+
+
+def _fake_trained(monkeypatch, task_name: str, tokenizer_dir, task_state: dict | None, labels: list[str]):
+    """load_trained -> a Recorder, the tiny model's tokenizer, and the task with the state an adapter's
+    scaletune.json would give it (None: an adapter without one; the run config's data.* keys are used)."""
+    from transformers import AutoTokenizer
+
+    import scaletune.infer as infer
+    from scaletune.tasks import get_task
+
+    task = get_task(task_name)
+    if task_state is not None:
+        task.setup_cached({"task_state": task_state})
+    model = Recorder(len(labels), per_token=task_name == "token_cls")
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    monkeypatch.setattr(infer, "load_trained", lambda *a: (model, tok, task, labels, Path(tokenizer_dir)))
+    return model, tok
+
+
+def _predict(path, capsys, lines: list, *args):
+    inp = Path(path).parent / "inputs.jsonl"
+    inp.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
+    code, out, err = run_cli(["predict", path, "--input", inp, *args], capsys)
+    return code, [json.loads(line) for line in out.splitlines()], err, inp
+
+
+@pytest.mark.parametrize("state", [{"text": "premise", "pair": "hypothesis", "label": "label"}, None],
+                         ids=["adapter-meta", "run-config"])
+def test_predict_reads_the_trained_text_pair_columns(capsys, make_config, tiny_bert, monkeypatch, state):
+    """A model trained on data.text_column: premise + data.text_pair_column: hypothesis gets both texts of a
+    line (the hypothesis used to be dropped: only a key named `text_pair` was read), and the output echoes
+    the pair; a line without the pair, or a plain-text line, is refused with its file:line."""
+    path = make_config("seq_cls", data={"text_column": "premise", "text_pair_column": "hypothesis"})
+    model, tok = _fake_trained(monkeypatch, "seq_cls", tiny_bert, state, ["neg", "pos"])
+    lines = [{"premise": "alpha bravo", "hypothesis": "charlie"}, {"premise": "alpha bravo", "hypothesis": "delta"}]
+    code, got, err, inp = _predict(path, capsys, lines)
+    assert code == 0, err
+    assert model.seen == [tok("alpha bravo", "charlie")["input_ids"], tok("alpha bravo", "delta")["input_ids"]]
+    assert [(g["text"], g["text_pair"]) for g in got] == [("alpha bravo", "charlie"), ("alpha bravo", "delta")]
+    code, _, err, inp = _predict(path, capsys, [lines[0], {"premise": "alpha bravo"}])
+    assert_clean_error(code, err, f"{inp}:2: ", "'hypothesis'", "found keys ['premise']")
+    code, _, err, inp = _predict(path, capsys, [lines[0], "alpha bravo charlie"])
+    assert_clean_error(code, err, f"{inp}:2: a plain-text line, but the model classifies text pairs",
+                       "'premise'", "'hypothesis'")
+
+
+def test_predict_reads_the_pair_of_a_trained_adapter(capsys, make_config, tmp_path):
+    """End to end: the adapter trained on premise/hypothesis scores a premise differently with different
+    hypotheses (every line used to get the same score)."""
+    rows = [{"premise": r["text"], "hypothesis": h, "label": r["label"]}
+            for r, h in zip(cls_records(32), ["charlie delta", "echo golf"] * 16)]
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    path = make_config("seq_cls", data={"train": str(data), "eval": str(data), "text_column": "premise",
+                                        "text_pair_column": "hypothesis"}, train={"max_steps": 2})
+    code, _, err = run_cli(["train", path], capsys)
+    assert code == 0, err
+    lines = [{"premise": "bravo kilo", "hypothesis": h} for h in ("lima mike", "alpha", "oscar papa quebec")]
+    code, got, err, _ = _predict(path, capsys, lines)
+    assert code == 0, err
+    assert [g["text_pair"] for g in got] == ["lima mike", "alpha", "oscar papa quebec"]
+    assert len({g["score"] for g in got}) == 3, got
+
+
+@pytest.mark.parametrize("task,data,line,fragments", [
+    ("seq_cls", {"text_column": "text"}, {"review": "alpha bravo"},
+     ["no text to classify: expected key 'text'; found keys ['review']"]),
+    ("seq_cls", {}, {}, ["no text to classify", "found no keys"]),
+    ("seq_cls", {}, {"text": ""}, ["'text' is empty"]),
+    ("seq_cls", {}, {"text": 5}, ["'text' must be a string, got int"]),
+    ("seq_cls", {"text_column": "sentence"}, {"review": "a"}, ["'sentence' (or 'text')", "found keys ['review']"]),
+    ("token_cls", {"tokens_column": "words"}, {"tokens_x": ["Alice"]}, ["'words' (or 'tokens')", "['tokens_x']"]),
+    ("token_cls", {}, {"tokens": []}, ["'tokens' is empty"]),
+    ("token_cls", {}, {"text": ""}, ["'text' has no words"]),
+    ("token_cls", {}, {"text": "   "}, ["'text' has no words"]),
+    ("token_cls", {}, {"tokens": ["Alice", ""]}, ["'tokens'[1] is an empty string"]),
+    ("token_cls", {}, {"tokens": "Alice went"}, ["'tokens' must be a list of strings"]),
+    ("causal_lm", {}, {"question": "what"}, ["nothing to prompt with", "'instruction'", "found keys ['question']"]),
+    ("causal_lm", {}, {"prompt": 5}, ["'prompt' must be a string, got int"]),
+    ("causal_lm", {}, {"text": ""}, ["the prompt is empty"]),
+    ("causal_lm", {}, {"instruction": " "}, ["the prompt is empty"]),
+])
+def test_predict_refuses_a_line_without_usable_input(capsys, make_config, tiny_bert, tiny_llama, monkeypatch,
+                                                      task, data, line, fragments):
+    """A line whose expected key is missing, empty or of the wrong type is refused naming its file:line, the
+    keys expected and those found (it used to be predicted on an empty input, exit 0); nothing is written."""
+    path = make_config(task, data=data)
+    labels = ["neg", "pos"] if task == "seq_cls" else ["B-PER", "O"]
+    _fake_trained(monkeypatch, task, tiny_llama if task == "causal_lm" else tiny_bert, None, labels)
+    good = {"seq_cls": "alpha bravo", "token_cls": "Alice went", "causal_lm": "Reverse alpha bravo"}[task]
+    code, got, err, inp = _predict(path, capsys, [good, line], "--max-new-tokens", "2")
+    assert_clean_error(code, err, f"{inp}:2: ", *fragments)
+    assert got == []  # every line is checked before the first prediction is written
+
+
+def test_predict_reads_the_trained_tokens_column(capsys, make_config, tiny_bert, monkeypatch):
+    """token_cls trained with data.tokens_column: words reads `words` (it used to print empty tokens and tags)."""
+    path = make_config("token_cls", data={"tokens_column": "words"})
+    for state in ({"tokens": "words", "tags": "tags", "id_names": None}, None):
+        model, tok = _fake_trained(monkeypatch, "token_cls", tiny_bert, state, ["B-PER", "O"])
+        code, got, err, _ = _predict(path, capsys, [{"words": ["Alice", "went", "to", "Paris"]}])
+        assert code == 0, err
+        assert got == [{"line": 1, "tokens": ["Alice", "went", "to", "Paris"], "tags": ["B-PER"] * 4}]
+
+
+def test_predict_output_names_its_input_line(capsys, make_config, tiny_bert, monkeypatch):
+    """Blank input lines are skipped; each output object carries the number of the line it answers."""
+    path = make_config("seq_cls")
+    _fake_trained(monkeypatch, "seq_cls", tiny_bert, {"text": "text", "pair": None, "label": "label"}, ["a", "b"])
+    code, got, err, _ = _predict(path, capsys, ["", "alpha bravo", "  ", "", {"text": "charlie"}, "delta"])
+    assert code == 0, err
+    assert [(g["line"], g["text"]) for g in got] == [(2, "alpha bravo"), (5, "charlie"), (6, "delta")]
+    assert list(got[0]) == ["line", "text", "label", "score"]
+
+
+def test_predict_from_stdin_names_it(capsys, make_config, tiny_bert, monkeypatch):
+    """Errors in input read from stdin (`--input -`, the default) say <stdin>:N (they said -:N)."""
+    import io
+
+    path = make_config("seq_cls")
+    _fake_trained(monkeypatch, "seq_cls", tiny_bert, None, ["a", "b"])
+    for args in (["--input", "-"], []):
+        monkeypatch.setattr(sys, "stdin", io.StringIO('alpha\n{"text": 5}\n'))
+        code, _, err = run_cli(["predict", path, *args], capsys)
+        assert_clean_error(code, err, "<stdin>:2: 'text' must be a string")
+
+
+def test_predict_plain_line_starting_with_a_brace_says_how_to_pass_it(capsys, make_config, tiny_bert, monkeypatch):
+    """A plain-text line that starts with '{' is read as JSON; when it is not, the error says how to give
+    such a text (as {"text": ...}), and that form predicts."""
+    path = make_config("seq_cls")
+    _fake_trained(monkeypatch, "seq_cls", tiny_bert, None, ["a", "b"])
+    code, _, err, inp = _predict(path, capsys, ["alpha", "{curly} bravo"])
+    assert_clean_error(code, err, f"{inp}:2: invalid JSON", 'plain text that starts with "{"', '{"text": "..."}')
+    code, got, err, _ = _predict(path, capsys, ["alpha", {"text": "{curly} bravo"}])
+    assert code == 0 and got[1]["text"] == "{curly} bravo", err
+
+
+def test_eval_data_problems_name_the_data_option(capsys, make_config, tmp_path, monkeypatch, caplog):
+    """`eval --data FILE` names --data (not data.train) in its errors and warnings, and tokenises FILE once."""
+    from scaletune.tasks.seq_cls import SeqCls
+
+    path = make_config("seq_cls", train={"max_steps": 2}, data={"cache": False})
+    code, _, err = run_cli(["train", path], capsys)
+    assert code == 0, err
+    nope = tmp_path / "d" / "nope.jsonl"
+    code, _, err = run_cli(["eval", path, "--data", nope], capsys)
+    assert_clean_error(code, err, f"--data {nope}: file not found")
+    assert "data.train" not in err
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    code, _, err = run_cli(["eval", path, "--data", empty], capsys)
+    assert_clean_error(code, err, f"--data: {empty} contains no examples")
+    code, _, err = run_cli(["eval", path, f"data.eval={empty}"], capsys)
+    assert_clean_error(code, err, f"data.eval: {empty} contains no examples")
+    rows = cls_records(6, seed=3)
+    rows[4] = {"text": 5, "label": "pos"}
+    bad = write_jsonl(tmp_path / "bad.jsonl", rows)
+    code, _, err = run_cli(["eval", path, "--data", bad], capsys)
+    assert_clean_error(code, err, f"{bad}:5: column 'text' must be a non-empty string")
+    calls = []
+    encode = SeqCls.encode
+    monkeypatch.setattr(SeqCls, "encode", lambda self, rec, *a: calls.append(rec) or encode(self, rec, *a))
+    words = "bravo charlie delta echo foxtrot golf hotel india juliet"
+    data = write_jsonl(tmp_path / "long.jsonl", [{"text": f"alpha {words}", "label": "pos"},
+                                                 {"text": words, "label": "neg"}] * 3)
+    with caplog.at_level("WARNING", logger="scaletune"):
+        code, out, err = run_cli(["eval", path, "--data", data, "data.max_length=8"], capsys)
+    assert code == 0 and "accuracy" in json.loads(out), err
+    assert len(calls) == 6  # each example once (the file used to be read and tokenised as train and as eval)
+    assert "--data: 6 of 6 example(s) are longer than data.max_length=8 tokens" in caplog.text
+    assert "data.train" not in caplog.text

@@ -109,14 +109,14 @@ def test_predict_inputs_with_lone_surrogates_are_refused():
     surrogates (surrogateescape) in a plain line, end as a DataError naming the line."""
     import io
 
-    from scaletune.infer import _read_inputs
+    from scaletune.predict_input import read_inputs
 
-    assert [i["text"] for i in _read_inputs(None, io.StringIO('plain\n{"text": "\\ud83d\\ude00"}\n'))] == \
+    assert [i["text"] for i in read_inputs(None, io.StringIO('plain\n{"text": "\\ud83d\\ude00"}\n'))] == \
         ["plain", "\U0001f600"]
     with pytest.raises(DataError, match=r"<stdin>:2: field 'instruction' holds a lone surrogate \(\\ud800\)"):
-        _read_inputs(None, io.StringIO('plain\n{"instruction": "a\\ud800"}\n'))
+        read_inputs(None, io.StringIO('plain\n{"instruction": "a\\ud800"}\n'))
     with pytest.raises(DataError, match=r"<stdin>:1: field 'text' holds a lone surrogate \(\\udcff\)"):
-        _read_inputs(None, io.StringIO(b"caf\xff\n".decode("utf-8", "surrogateescape")))
+        read_inputs(None, io.StringIO(b"caf\xff\n".decode("utf-8", "surrogateescape")))
 
 
 def test_conll_reader_and_stray_columns(tmp_path):

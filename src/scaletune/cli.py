@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="generate (causal_lm) or label (seq_cls/token_cls) inputs")
     _add_config(p)
     p.add_argument("--adapter", help=_ADAPTER_HELP)
-    p.add_argument("--input", default="-", help="file of lines (text or JSON objects); '-' = stdin")
+    p.add_argument("--input", default="-", help="file of lines (text or JSON objects); '-' = stdin; each output "
+                   "line names its input line (\"line\": N)")
     p.add_argument("--max-new-tokens", type=int, default=64)
 
     p = sub.add_parser("merge", help="merge the adapter into the base model weights")
@@ -130,6 +131,9 @@ def check_args(args: argparse.Namespace) -> None:
         if args.input not in (None, "-") and not Path(args.input).is_file():
             what = "is a directory" if Path(args.input).is_dir() else "file not found"
             problems.append(f"--input {args.input}: {what}")
+    if cmd == "eval" and args.data and not args.data.startswith("hub:") and not Path(args.data).is_file():
+        what = "is a directory" if Path(args.data).is_dir() else "file not found"
+        problems.append(f"--data {args.data}: {what}")
     if cmd == "merge":
         out = Path(args.out)
         if out.exists() and not out.is_dir():

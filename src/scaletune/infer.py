@@ -10,9 +10,10 @@ from typing import Any, TextIO
 
 import torch
 
+from . import predict_input
 from .checkpoint import checkpoint_dirs
 from .config import RunConfig
-from .data.readers import WHERE, surrogate_problem, text_lines
+from .data.readers import WHERE
 from .errors import ConfigError, DataError, UserError
 
 log = logging.getLogger("scaletune")
@@ -77,7 +78,7 @@ def load_trained(cfg: RunConfig, adapter: str | None) -> tuple[Any, Any, Any, li
 def run_eval(cfg: RunConfig, adapter: str | None, data: str | None) -> dict:
     from accelerate import Accelerator
 
-    from .data import build_datasets
+    from .data import build_datasets, build_eval_only
     from .evaluate import evaluate
 
     model, tokenizer, task, labels, _ = load_trained(cfg, adapter)
@@ -90,75 +91,37 @@ def run_eval(cfg: RunConfig, adapter: str | None, data: str | None) -> dict:
     model = model.to(acc.device)
     cfg.data.labels = labels if labels else cfg.data.labels
     if cfg.data.eval:  # labels come from the adapter: the training file is not needed (or read)
-        cfg.data.train = cfg.data.eval
-    sets = build_datasets(cfg, task, tokenizer, None)
-    return evaluate(acc, model, task, sets["eval"], labels, cfg.train.micro_batch_size, tokenizer.pad_token_id)
-
-
-def _read_inputs(source: str | None, stdin: TextIO) -> list[dict]:
-    """Lines of plain text or JSON objects, from a file or stdin."""
-    try:
-        text = Path(source).read_text(encoding="utf-8") if source and source != "-" else stdin.read()
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{source or '<stdin>'}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
-    items = []
-    for n, line in enumerate(text_lines(text), start=1):
-        if not line.strip():
-            continue
-        where = f"{source or '<stdin>'}:{n}"
-        if line.lstrip().startswith("{"):
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: invalid JSON ({exc.msg})") from None
-            except RecursionError:  # json's decoder recurses per level: {"a": {"a": ... exhausts the stack
-                raise DataError(f"{where}: invalid JSON (nested too deeply)") from None
-        else:
-            item = {"text": line}
-        # every line, not only those with a \u escape: stdin in the C locale decodes bad bytes to surrogates
-        problem = surrogate_problem(item, where)
-        if problem:
-            raise DataError(problem)
-        items.append({**item, WHERE: where})
-    return items
+        # problems are named by where the path came from: --data, or the config's data.eval
+        evalset = build_eval_only(cfg, task, tokenizer, "--data" if data else "data.eval")
+    else:  # data.eval_fraction: the part of the training file that training held out
+        evalset = build_datasets(cfg, task, tokenizer, None)["eval"]
+    return evaluate(acc, model, task, evalset, labels, cfg.train.micro_batch_size, tokenizer.pad_token_id)
 
 
 @torch.no_grad()
 def run_predict(cfg: RunConfig, adapter: str | None, source: str | None, max_new_tokens: int,
                 out: TextIO | None = None, stdin: TextIO | None = None) -> list[dict]:
-    """Generate (causal_lm) or label (seq_cls/token_cls); writes one JSON line per input."""
-    from .tasks.base import overflowed
-    from .tasks.token_cls import words_cut
-
+    """Generate (causal_lm) or label (seq_cls/token_cls); writes one JSON line per non-blank input line,
+    whose "line" is that input's line number (blank lines are skipped)."""
     out, stdin = out or sys.stdout, stdin or sys.stdin
     model, tokenizer, task, labels, _ = load_trained(cfg, adapter)
+    items = predict_input.read_inputs(source, stdin)
+    if not items:
+        log.warning("predict: %s holds no input lines", predict_input.source_name(source))
+    # every line is checked before the first prediction: a bad line 900 must not leave 899 lines written
+    inputs = [_task_input(cfg, task, tokenizer, item) for item in items]
     results = []
     cut_lines = []  # where a token_cls input had words past max_length
-    for item in _read_inputs(source, stdin):
+    for item, given in zip(items, inputs):
         if cfg.task == "causal_lm":
-            prompt, segments = prompt_segments(item, tokenizer)
-            result = {"prompt": prompt, "completion": generate(model, tokenizer, segments, max_new_tokens)}
+            result = {"prompt": given[0], "completion": generate(model, tokenizer, given[1], max_new_tokens)}
         elif cfg.task == "seq_cls":
-            text = item.get("text") or item.get(getattr(task, "text", "text"), "")
-            if not isinstance(text, str) or not isinstance(item.get("text_pair") or "", str):
-                raise DataError(f"{item[WHERE]}: 'text' (and 'text_pair') must be strings")
-            enc = tokenizer(text, item.get("text_pair"), truncation=True, max_length=cfg.data.max_length,
-                            return_tensors="pt")
-            probs = model(**enc).logits.float().softmax(-1)[0]
-            result = {"text": text, "label": labels[int(probs.argmax())], "score": float(probs.max())}
+            result = _classify(model, tokenizer, labels, cfg.data.max_length, *given)
         else:
-            words = item.get("tokens") or str(item.get("text", "")).split()
-            if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
-                raise DataError(f"{item[WHERE]}: 'tokens' must be a list of strings")
-            enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=cfg.data.max_length,
-                            return_tensors="pt")
-            pred = model(**enc).logits.argmax(-1)[0].tolist()
-            word_ids = enc.word_ids()
-            result = {"tokens": words, "tags": word_tags(word_ids, pred, labels, len(words))}
-            n_cut = words_cut(word_ids, len(words), overflowed(enc, cfg.data.max_length))
-            if n_cut:  # their "O" is not a prediction: say so on the line itself
-                result["truncated_words"] = n_cut
+            result = _tag(model, tokenizer, labels, cfg.data.max_length, given)
+            if "truncated_words" in result:
                 cut_lines.append(item[WHERE])
+        result = {"line": item[predict_input.LINE], **result}
         out.write(json.dumps(result, ensure_ascii=False) + "\n")
         results.append(result)
     if cut_lines:
@@ -166,6 +129,42 @@ def run_predict(cfg: RunConfig, adapter: str | None, source: str | None, max_new
                     'never saw those words, they are tagged "O", and each such line\'s "truncated_words" says how many',
                     len(cut_lines), len(results), cfg.data.max_length, cut_lines[0])
     return results
+
+
+def _task_input(cfg: RunConfig, task: Any, tokenizer: Any, item: dict) -> Any:
+    """What the model is given for one line, read by the columns the run was trained with: (prompt, segments),
+    (text, pair) or words. A line without usable input is a DataError naming its file:line."""
+    if cfg.task == "causal_lm":
+        predict_input.check_prompt_input(item)
+        prompt, segments = prompt_segments(item, tokenizer)
+        predict_input.check_prompt(prompt, item[WHERE])
+        return prompt, segments
+    if cfg.task == "seq_cls":
+        return predict_input.seq_cls_input(item, *predict_input.text_columns(task, cfg))
+    return predict_input.token_cls_input(item, predict_input.tokens_column(task, cfg))
+
+
+def _classify(model: Any, tokenizer: Any, labels: list[str], max_length: int, text: str, pair: str | None) -> dict:
+    """{"text", "text_pair" (a pair model only), "label", "score"} for one input."""
+    enc = tokenizer(text, pair, truncation=True, max_length=max_length, return_tensors="pt")
+    probs = model(**enc).logits.float().softmax(-1)[0]
+    echo = {"text": text} if pair is None else {"text": text, "text_pair": pair}
+    return {**echo, "label": labels[int(probs.argmax())], "score": float(probs.max())}
+
+
+def _tag(model: Any, tokenizer: Any, labels: list[str], max_length: int, words: list[str]) -> dict:
+    """{"tokens", "tags"} for one sentence, and "truncated_words" when max_length cut words off."""
+    from .tasks.base import overflowed
+    from .tasks.token_cls import words_cut
+
+    enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length, return_tensors="pt")
+    pred = model(**enc).logits.argmax(-1)[0].tolist()
+    word_ids = enc.word_ids()
+    result = {"tokens": words, "tags": word_tags(word_ids, pred, labels, len(words))}
+    n_cut = words_cut(word_ids, len(words), overflowed(enc, max_length))
+    if n_cut:  # their "O" is not a prediction: say so on the line itself
+        result["truncated_words"] = n_cut
+    return result
 
 
 def word_tags(word_ids: list, pred: list[int], labels: list[str], n_words: int) -> list[str]:

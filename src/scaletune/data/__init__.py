@@ -168,6 +168,35 @@ def build_datasets(cfg: Any, task: Any, tokenizer: Any, accelerator: Any = None)
     return {"train": train, "eval": evalset, "labels": labels, "stats": meta}
 
 
+def build_eval_only(cfg: Any, task: Any, tokenizer: Any, key: str) -> Any:
+    """`scaletune eval`'s dataset: the file cfg.data.eval alone, read, set up and tokenised once, its problems
+    named by `key` (--data, or data.eval when the path came from the config), never data.train. The labels
+    are the adapter's (cfg.data.labels); not cached."""
+    import datasets
+
+    records = read_records(cfg.data.eval, key=key, conll=cfg.data.format == "conll")
+    labels = task.setup(records, cfg, cfg.data.eval)
+    ignored = task.ignored_fields(records, key)
+    if ignored:
+        log.warning(ignored)
+    enc = _encode_all(records, task, tokenizer, cfg, {name: i for i, name in enumerate(labels)} if labels else None)
+    dropped, truncated = enc.pop("dropped"), enc.pop("truncated")
+    if not enc["input_ids"]:
+        raise DataError(f"{key}: no usable examples in {cfg.data.eval} ({dropped} had no target tokens within "
+                        f"data.max_length={cfg.data.max_length})")
+    evalset = datasets.Dataset.from_dict(enc)
+    if dropped:  # scored on fewer examples than the file holds: say so, as training does
+        log.warning("%s: %d example(s) skipped: no target tokens within data.max_length=%d", key, dropped,
+                    cfg.data.max_length)
+    note = task.eval_warning(evalset, labels, cfg)
+    if note:
+        log.warning(note)
+    elif truncated:
+        log.warning("%s: %d of %d example(s) are longer than data.max_length=%d tokens and were cut; raise it to "
+                    "score their ends", key, truncated, len(evalset), cfg.data.max_length)
+    return evalset
+
+
 def _save_atomically(where: Path, train: Any, evalset: Any, meta: dict) -> None:
     tmp = where.with_name(where.name + f".tmp{os.getpid()}")
     try:
@@ -181,4 +210,4 @@ def _save_atomically(where: Path, train: Any, evalset: Any, meta: dict) -> None:
         pass  # a cache is an optimisation: failing to write it must not fail the run
 
 
-__all__ = ["WHERE", "build_datasets", "read_records", "split_eval", "fingerprint"]
+__all__ = ["WHERE", "build_datasets", "build_eval_only", "read_records", "split_eval", "fingerprint"]

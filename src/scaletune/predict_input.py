@@ -1,0 +1,196 @@
+"""`predict`'s input: lines of plain text or JSON objects, and what each task reads from a line.
+
+A JSON line is read by the columns the run was trained with (as the adapter's scaletune.json records them,
+else data.text_column / data.text_pair_column / data.tokens_column of the run config, else the columns
+training would detect), so a file shaped like the training data predicts as it is; `text` (and `text_pair`,
+`tokens`) are read too when the trained column is absent. A line with no usable input (the key missing,
+empty or of the wrong type) is refused naming its file:line, the keys expected and the keys found: it is
+never predicted on an empty string.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, TextIO
+
+from .data.readers import WHERE, surrogate_problem, text_lines
+from .errors import DataError
+from .tasks.seq_cls import _TEXT_COLUMNS
+from .tasks.token_cls import _TOKEN_COLUMNS
+
+LINE = "__line__"  # the input's line number: each output object carries it as "line"
+PLAIN = "__plain__"  # the line was plain text (held as {"text": line}), not a JSON object
+STDIN = "<stdin>"
+_OURS = (WHERE, LINE, PLAIN)
+# the keys prompt_segments reads a prompt from, in the order it tries them
+_PROMPT_KEYS = ("prompt", "instruction", "conversations", "messages", "text")
+
+
+def source_name(source: str | None) -> str:
+    """How messages name the input: its path, or <stdin> (`--input -`, the default)."""
+    return STDIN if source in (None, "-") else source
+
+
+def read_inputs(source: str | None, stdin: TextIO) -> list[dict]:
+    """The non-blank lines of `source` (or stdin): JSON objects (a line starting with '{') or plain text, held
+    as {"text": line}; each with its file:line (WHERE) and line number (LINE). Blank lines are skipped, and
+    the line number keeps every output matched to its input."""
+    name = source_name(source)
+    items = []
+    for n, line in enumerate(text_lines(_read_text(source, name, stdin)), start=1):
+        if line.strip():
+            items.append(_parse_line(line, f"{name}:{n}", n))
+    return items
+
+
+def _read_text(source: str | None, name: str, stdin: TextIO) -> str:
+    """The whole input as text, without a byte-order mark (it would make the first JSON line plain text)."""
+    if name == STDIN:
+        try:
+            return stdin.read().removeprefix("\ufeff")
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{name}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    raw = Path(source).read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(f"{name}:{line}: not valid UTF-8 (byte {raw[exc.start]:#04x} at offset {exc.start})") from None
+
+
+def _parse_line(line: str, where: str, n: int) -> dict:
+    if line.lstrip().startswith("{"):
+        item = _json_object(line, where)
+    else:
+        item = {"text": line, PLAIN: True}
+    # every line, not only those with a \u escape: stdin in the C locale decodes bad bytes to surrogates
+    problem = surrogate_problem({k: v for k, v in item.items() if k != PLAIN}, where)
+    if problem:
+        raise DataError(problem)
+    return {**item, WHERE: where, LINE: n}
+
+
+def _json_object(line: str, where: str) -> dict:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as exc:
+        # plain text may start with "{" too: say how to give such a line
+        raise DataError(f'{where}: invalid JSON ({exc.msg} at column {exc.colno}); a line starting with "{{" is read '
+                        'as a JSON object: to predict on plain text that starts with "{", give the line as '
+                        '{"text": "..."} (JSON-escaped)') from None
+    except RecursionError:  # json's decoder recurses per level: {"a": {"a": ... exhausts the stack
+        raise DataError(f"{where}: invalid JSON (nested too deeply)") from None
+
+
+def _found(item: dict) -> str:
+    keys = sorted(k for k in item if k not in _OURS)
+    return f"found keys {keys}" if keys else "found no keys"
+
+
+def _expected(keys: list[str]) -> str:
+    return repr(keys[0]) + (f" (or {', '.join(map(repr, keys[1:]))})" if len(keys) > 1 else "")
+
+
+def _candidates(trained: str | None, alias: str, defaults: tuple[str, ...]) -> list[str]:
+    """Keys to read, in order: the trained column and the generic alias, or training's default columns."""
+    keys = [trained, alias] if trained else list(defaults)
+    return list(dict.fromkeys(keys))
+
+
+# ---------------------------------------------------------------------------------------------
+# seq_cls
+
+
+def text_columns(task: Any, cfg: Any) -> tuple[str | None, str | None]:
+    """(text column, pair column or None) the classifier was trained on: the adapter's record, else the run
+    config's data.text_column / data.text_pair_column (a None text column: training's default detection)."""
+    if getattr(task, "text", None):
+        return task.text, getattr(task, "pair", None)
+    return cfg.data.text_column, cfg.data.text_pair_column
+
+
+def seq_cls_input(item: dict, text_col: str | None, pair_col: str | None) -> tuple[str, str | None]:
+    """(text, pair or None) of one line, checked as training checks a record: non-empty strings."""
+    where = item[WHERE]
+    if pair_col and item.get(PLAIN):
+        raise DataError(f"{where}: a plain-text line, but the model classifies text pairs: give a JSON object with "
+                        f"{text_col!r} and {pair_col!r}")
+    keys = _candidates(text_col, "text", _TEXT_COLUMNS)
+    text = _text(item, keys, "no text to classify")
+    if not pair_col:
+        if "text_pair" in item:  # else the second text would be dropped without a word
+            raise DataError(f"{where}: 'text_pair' given, but the model classifies single texts (it was trained "
+                            "without data.text_pair_column)")
+        return text, None
+    pair = _text(item, [pair_col, "text_pair"], f"no text pair (the model classifies {keys[0]!r} + {pair_col!r} "
+                                                 "pairs)")
+    return text, pair
+
+
+def _text(item: dict, keys: list[str], missing: str) -> str:
+    where = item[WHERE]
+    key = next((k for k in keys if k in item), None)
+    if key is None:
+        raise DataError(f"{where}: {missing}: expected key {_expected(keys)}; {_found(item)}")
+    value = item[key]
+    if not isinstance(value, str):
+        raise DataError(f"{where}: {key!r} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise DataError(f"{where}: {key!r} is empty: nothing to predict on")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# token_cls
+
+
+def tokens_column(task: Any, cfg: Any) -> str | None:
+    """The word-list column the tagger was trained on: the adapter's record, else data.tokens_column."""
+    return getattr(task, "tokens", None) or cfg.data.tokens_column
+
+
+def token_cls_input(item: dict, column: str | None) -> list[str]:
+    """The words of one line: its word list, or its text split at whitespace; non-empty strings, as training
+    requires."""
+    where = item[WHERE]
+    keys = _candidates(column, "tokens", _TOKEN_COLUMNS)
+    key = next((k for k in keys if k in item), None)
+    if key is None and "text" in item:
+        if not isinstance(item["text"], str):
+            raise DataError(f"{where}: 'text' must be a string, got {type(item['text']).__name__}")
+        if not item["text"].split():
+            raise DataError(f"{where}: 'text' has no words: nothing to tag")
+        return item["text"].split()
+    if key is None:
+        raise DataError(f"{where}: no words to tag: expected key {_expected(keys)} (a list of words) or 'text' "
+                        f"(split at spaces); {_found(item)}")
+    words = item[key]
+    if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+        raise DataError(f"{where}: {key!r} must be a list of strings, got {type(words).__name__}")
+    if not words:
+        raise DataError(f"{where}: {key!r} is empty: nothing to tag")
+    empty = next((i for i, w in enumerate(words) if not w), None)
+    if empty is not None:
+        raise DataError(f"{where}: {key!r}[{empty}] is an empty string; every word must be non-empty (as in training)")
+    return words
+
+
+# ---------------------------------------------------------------------------------------------
+# causal_lm
+
+
+def check_prompt_input(item: dict) -> None:
+    """Refuse a line `prompt_segments` would find no prompt in (it would generate from an empty turn)."""
+    where = item[WHERE]
+    if not any(k in item for k in _PROMPT_KEYS):
+        raise DataError(f"{where}: nothing to prompt with: expected one of the keys {list(_PROMPT_KEYS)}, or a "
+                        f"plain-text line; {_found(item)}")
+    if "prompt" in item and "instruction" not in item and not isinstance(item["prompt"], str):
+        raise DataError(f"{where}: 'prompt' must be a string, got {type(item['prompt']).__name__}")
+
+
+def check_prompt(prompt: str, where: str) -> None:
+    """Refuse an empty prompt (`{"text": ""}`, an empty instruction): there is nothing to answer."""
+    if not prompt.strip():
+        raise DataError(f"{where}: the prompt is empty: nothing to generate from")
