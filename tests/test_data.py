@@ -535,3 +535,17 @@ def test_a_json_file_of_one_object_is_one_record(tmp_path, obj):
     path.write_text(json.dumps(obj))
     records = read_records(str(path))
     assert [{k: v for k, v in r.items() if k in obj} for r in records] == [obj]
+
+
+@pytest.mark.parametrize("trained,templated", [("alpaca", True), ("text", False), ("prompt_completion", False)])
+def test_plain_line_is_a_user_turn_only_for_models_trained_on_chats(tiny_llama, tmp_path, trained, templated):
+    """A model trained on `text` or `prompt_completion` never saw the chat template: a plain input line is
+    its prompt as it is, not an "### Instruction:" turn."""
+    from scaletune.infer import prompt_segments
+
+    cfg = _cfg(tmp_path, tiny_llama, data=write_jsonl(tmp_path / "x.jsonl", [{"text": "a"}]))
+    tok = load_tokenizer(cfg)
+    prompt, segments = prompt_segments({"text": "Once upon a time"}, tok, trained)
+    rendered = "".join(text for text, _ in segments)
+    assert prompt == "Once upon a time"
+    assert (rendered == "Once upon a time") == (not templated)

@@ -136,7 +136,8 @@ def _task_input(cfg: RunConfig, task: Any, tokenizer: Any, item: dict) -> Any:
     (text, pair) or words. A line without usable input is a DataError naming its file:line."""
     if cfg.task == "causal_lm":
         predict_input.check_prompt_input(item)
-        prompt, segments = prompt_segments(item, tokenizer)
+        trained = getattr(getattr(task, "format", None), "name", None)
+        prompt, segments = prompt_segments(item, tokenizer, trained)
         predict_input.check_prompt(prompt, item[WHERE])
         return prompt, segments
     if cfg.task == "seq_cls":
@@ -178,16 +179,21 @@ def word_tags(word_ids: list, pred: list[int], labels: list[str], n_words: int) 
     return tags
 
 
-def prompt_segments(item: dict, tokenizer: Any) -> tuple[str, list]:
+def prompt_segments(item: dict, tokenizer: Any, trained_format: str | None = None) -> tuple[str, list]:
     """(the prompt to echo, the segments to generate after) for one input, rendered the way training
     renders a record of the same shape: Alpaca fields (instruction, input, system, history), ShareGPT
     `conversations` or `messages` become a conversation ending in an empty assistant turn; `prompt` is
-    used as it is (prompt/completion data is trained without a template); plain text is a user turn."""
+    used as it is (prompt/completion data is trained without a template); plain text is a user turn,
+    except for a model trained on `text` or `prompt_completion` data (`trained_format`), which never saw a
+    template: there it is the prompt as it is."""
     from .data.formats import FORMATS, to_segments
 
     where = item.get(WHERE, "<predict>")
     if isinstance(item.get("prompt"), str) and "instruction" not in item:
         return item["prompt"], [(item["prompt"], False)]
+    if trained_format in ("text", "prompt_completion") and isinstance(item.get("text"), str) \
+            and not ({"instruction", "conversations", "messages"} & set(item)):
+        return item["text"], [(item["text"], False)]
     if "instruction" in item:
         messages = FORMATS["alpaca"].convert({**item, "output": "-"})["messages"][:-1]
     elif "conversations" in item or "messages" in item:
