@@ -223,3 +223,38 @@ def test_modules_to_save_entry_matching_nothing_is_refused(tiny_llama, tiny_bert
     cfg, model = adapt("seq_cls", tiny_bert, AutoModelForSequenceClassification, ["word_embeddings"], num_labels=2)
     assert cfg.peft["modules_to_save"] == ["word_embeddings"]
     assert any(p.requires_grad for n, p in model.named_parameters() if "word_embeddings.modules_to_save" in n)
+
+
+class _Tokenizer:
+    """Enough of a tokenizer for SeqCls.encode: every text is two tokens."""
+
+    def __call__(self, text, pair=None, **kw):
+        return {"input_ids": [1, 2]}
+
+
+def test_seq_cls_labels_json_booleans_and_spaces():
+    from scaletune.errors import DataError
+    from scaletune.tasks import get_task
+
+    def labels_of(values, labels=None):
+        cfg = from_dict({**BASE, "task": "seq_cls", "data": {"train": "t.jsonl", "labels": labels}})
+        records = [{"text": "a b", "label": v, "__where__": f"t.jsonl:{i + 1}"} for i, v in enumerate(values)]
+        task = get_task("seq_cls")
+        names = task.setup(records, cfg, "t.jsonl")
+        label2id = {name: i for i, name in enumerate(names)}
+        return names, [task.encode(r, _Tokenizer(), cfg, label2id)["labels"] for r in records]
+
+    # JSON true/false are the labels "true"/"false", found in the data or listed in data.labels (as a CSV has them)
+    assert labels_of([True, False, True]) == (["false", "true"], [1, 0, 1])
+    assert labels_of([True, False], labels=["true", "false"]) == (["true", "false"], [0, 1])
+    with pytest.raises(DataError, match=r"label True is not in the label set \['False', 'True'\] \(JSON true is "
+                                        r"the label 'true': list it so in data.labels\)"):
+        labels_of([True, False], labels=["False", "True"])
+    # a label that differs from another only in spaces would be a class of its own
+    with pytest.raises(DataError) as err:
+        labels_of(["neg", "pos", "neg "])
+    assert "differ only in spaces: 'neg' at t.jsonl:1, 'neg ' at t.jsonl:3" in str(err.value)
+    assert labels_of(["neg", "neg "], labels=["neg", "neg "]) == (["neg", "neg "], [0, 1])  # listed: kept apart
+    with pytest.raises(DataError, match=r"label 'neg ' is not in the label set \['neg', 'pos'\] \(it differs from "
+                                        r"'neg' only in spaces\)"):
+        labels_of(["neg", "neg "], labels=["neg", "pos"])

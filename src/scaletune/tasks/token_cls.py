@@ -14,7 +14,18 @@ import torch
 
 from ..data.readers import WHERE
 from ..errors import DataError
-from .base import IGNORE, TRUNCATED, Task, ce_sum, collect_labels, overflowed, pad_batch, register
+from .base import (
+    IGNORE,
+    TRUNCATED,
+    Task,
+    ce_sum,
+    collect_labels,
+    label_name,
+    overflowed,
+    pad_batch,
+    register,
+    unknown_label,
+)
 
 _TOKEN_COLUMNS = ("tokens", "words")
 _TAG_COLUMNS = ("tags", "ner_tags", "labels")
@@ -58,26 +69,26 @@ class TokenCls(Task):
 
     def encode(self, record: dict, tokenizer: Any, cfg: Any, label2id: dict | None) -> dict | None:
         self._check(record)
-        tags = record[self.tags]
-        unknown = [t for t in tags if str(t) not in label2id]
+        tags = [label_name(t) for t in record[self.tags]]  # label2id's names for them
+        unknown = [t for t, name in zip(record[self.tags], tags) if name not in label2id]
         if unknown:
-            raise DataError(f"{record.get(WHERE, '?')}: tag {unknown[0]!r} is not in the label set {list(label2id)}")
+            raise unknown_label(record.get(WHERE, "?"), "tag", unknown[0], label2id)
         enc = tokenizer(record[self.tokens], is_split_into_words=True, truncation=True,
                         max_length=cfg.data.max_length)
         word_ids, cut = enc.word_ids(), overflowed(enc, cfg.data.max_length)
         labels, previous = [], None
         for word in word_ids:
-            labels.append(IGNORE if word is None or word == previous else label2id[str(tags[word])])
+            labels.append(IGNORE if word is None or word == previous else label2id[tags[word]])
             previous = word
         n_cut = words_cut(word_ids, len(tags), cut)
         # only the cut words' gold tags travel with the example (most sentences fit: an empty list)
-        cut_tags = [label2id[str(t)] for t in tags[len(tags) - n_cut:]]
+        cut_tags = [label2id[t] for t in tags[len(tags) - n_cut:]]
         # words before the cut with no sub-token (a zero-width space) have no label above; their places and
         # gold tags travel too, so eval scores them in place (an entity they sit in is broken, as in `predict`)
         seen = set(word_ids)
         blank_at = [i for i in range(len(tags) - n_cut) if i not in seen]
         return {"input_ids": enc["input_ids"], "labels": labels, "cut_tags": cut_tags, "blank_at": blank_at,
-                "blank_tags": [label2id[str(tags[i])] for i in blank_at], TRUNCATED: cut}
+                "blank_tags": [label2id[tags[i]] for i in blank_at], TRUNCATED: cut}
 
     def collate(self, examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         """`pad_batch` plus `cut_tags`, `blank_at` and `blank_tags` (padded with IGNORE), which eval needs to
