@@ -225,6 +225,91 @@ def test_modules_to_save_entry_matching_nothing_is_refused(tiny_llama, tiny_bert
     assert any(p.requires_grad for n, p in model.named_parameters() if "word_embeddings.modules_to_save" in n)
 
 
+def test_duplicate_yaml_keys_refused_naming_file_and_line(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("task: causal_lm\n"
+                    "model:\n"
+                    "  name_or_path: m\n"
+                    "  dtype: float32\n"
+                    "  dtype: bfloat16\n"
+                    "data: {train: t.jsonl}\n"
+                    "base: &base {seed: 1}\n"  # an anchor + merge key overridden by the mapping is not a duplicate
+                    "train:\n"
+                    "  learning_rate: fast\n"
+                    "train: {<<: *base, seed: 2}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert err.value.problems == [
+        f"{path}:5: duplicate key 'dtype' (first at line 4; YAML would keep only this one)",
+        f"{path}:10: duplicate key 'train' (first at line 8; YAML would keep only this one)",
+        "base: unknown key",
+    ]
+    path.write_text("task: causal_lm\nmodel: {name_or_path: m}\ndata: {train: t.jsonl}\ntask: causal_lm\n")
+    with pytest.raises(ConfigError, match=r"run.yaml:4: duplicate key 'task' \(first at line 1"):
+        load_config(path)
+
+
+def test_yaml_booleans_for_no_yes_on_off(tmp_path):
+    path = tmp_path / "run.yaml"
+    # the docs write `mixed_precision: no`; YAML 1.1 reads it as false, which can only mean "no"
+    path.write_text("task: seq_cls\nmodel: {name_or_path: m, dtype: float32}\ndata: {train: t.jsonl}\n"
+                    "train: {mixed_precision: no}\n")
+    assert load_config(path).train.mixed_precision == "no"
+    path.write_text(path.read_text().replace("mixed_precision: no", "mixed_precision: bf16"))
+    assert load_config(path, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    hint = "(unquoted no/yes/on/off are booleans in YAML: quote them)"
+    raw = {**BASE, "task": "seq_cls", "model": {"name_or_path": "m", "dtype": "float32"},
+           "train": {"mixed_precision": True}, "distributed": {"offload": False, "zero_stage": True},
+           "data": {"train": "t.jsonl", "labels": [False, True]}, "output_dir": True}
+    assert problems_of(raw) == [
+        f"train.mixed_precision: True is not one of no | fp16 | bf16 {hint}",
+        f"distributed.offload: False is not one of none | optimizer | params | all {hint}",
+        f"distributed.zero_stage: True is not one of 0 | 1 | 2 | 3 {hint}",
+        f"output_dir: expected str, got bool True {hint}",
+        "data.labels: every label must be a string or an integer, got False (unquoted no/yes/on/off are booleans "
+        "in YAML: quote them; JSON true/false labels are 'true' and 'false')",
+    ]
+
+
+def test_override_of_a_string_key_keeps_the_text_typed(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(BASE))
+    cfg = load_config(path, ["model.revision=0123e45", "output_dir=2024", "data.text_column=yes"])
+    assert (cfg.model.revision, cfg.output_dir, cfg.data.text_column) == ("0123e45", "2024", "yes")
+    assert load_config(path, ["model.revision=1234567"]).model.revision == "1234567"
+    assert load_config(path, ["model.revision=null"]).model.revision is None
+    # numbers still parse for numeric keys, and a float key takes YAML 1.1's "1e-4" string as a number
+    cfg = load_config(path, ["train.learning_rate=1e-4", "train.max_steps=10", "train.epochs=1.5"])
+    assert (cfg.train.learning_rate, cfg.train.max_steps, cfg.train.epochs) == (1e-4, 10, 1.5)
+    # peft's options are not typed here: a number in text form is left to the peft check (its annotations)
+    assert apply_overrides({}, ["peft.revision=0123e45"])["peft"]["revision"] == "0123e45"
+
+
+def test_message_details():
+    # null spelled as a string
+    assert problems_of({**BASE, "model": {"name_or_path": "m", "quantization": "None"}}) == [
+        "model.quantization: 'None' is a string; for no value write null (unquoted) or leave the key out"]
+    # the offload value given is the one named
+    problems = problems_of({**BASE, "model": {"name_or_path": "m", "quantization": "4bit"},
+                            "distributed": {"zero_stage": 2, "offload": "all"}})
+    assert problems[:2] == ["model.quantization with distributed.offload=all: quantized weights cannot be offloaded; "
+                            "use offload: optimizer",
+                            "distributed.offload=all needs distributed.zero_stage=3 (only ZeRO-3 partitions "
+                            "parameters)"]
+    # a key suggested is not a key the problem is about
+    assert problems_of({**BASE, "learning_rate": 1e-4}, overrides={"learning_rate": "learning_rate=1e-4",
+                                                                    "train.learning_rate": "train.learning_rate=1"}) \
+        == ["learning_rate: unknown key (did you mean 'train.learning_rate'?) (from override learning_rate=1e-4)"]
+    # peft options written in another section
+    assert problems_of({**BASE, "model": {"name_or_path": "m", "r": 8}, "method": "lora"}) == [
+        "model.r: unknown key (did you mean 'peft.r'?)", "method: unknown key (did you mean 'peft.method'?)"]
+    # nccl without CUDA would quietly run gloo
+    cfg = from_dict({**BASE, "distributed": {"backend": "nccl"}})
+    assert "distributed.backend=nccl needs CUDA GPUs; on CPU use gloo (or leave it null)" in \
+        cross_field_problems(cfg, has_cuda=False)
+    assert not cross_field_problems(cfg, has_cuda=True)
+
+
 class _Tokenizer:
     """Enough of a tokenizer for SeqCls.encode: every text is two tokens."""
 
