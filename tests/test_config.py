@@ -285,6 +285,57 @@ def test_override_of_a_string_key_keeps_the_text_typed(tmp_path):
     assert apply_overrides({}, ["peft.revision=0123e45"])["peft"]["revision"] == "0123e45"
 
 
+def test_peft_values_that_would_train_nothing_are_refused():
+    from scaletune.model import peft_config
+
+    cfg = from_dict({**BASE, "peft": {"method": "lora", "lora_alpha": 0, "r": 0, "lora_dropout": 1.0}})
+    with pytest.raises(ConfigError) as err:
+        peft_config(cfg, "CAUSAL_LM")
+    assert err.value.problems == [
+        "peft.lora_alpha: must be > 0, got 0 (it scales the adapter's update: the model would never change)",
+        "peft.r: must be >= 1 (the adapter's rank), got 0",
+        "peft.lora_dropout: must be in [0, 1), got 1.0 (1 drops every input: nothing would be trained)",
+    ]
+    problems = problems_of({**BASE, "peft": {"method": "loha", "alpha": -1, "module_dropout": "1e0"}}, check_peft=True)
+    assert problems == ["peft.alpha: must be > 0, got -1", "peft.module_dropout: must be in [0, 1), got 1.0 "
+                        "(1 drops every input: nothing would be trained)"]
+    # OFT's r may be 0 (its block size is set instead); a positive float alpha is fine
+    from_dict({**BASE, "peft": {"method": "oft", "r": 0, "oft_block_size": 4}}, check_peft=True)
+    from_dict({**BASE, "peft": {"method": "lora", "lora_alpha": 0.5, "lora_dropout": 0}}, check_peft=True)
+
+
+def test_method_suggestions_are_methods_peft_accepts():
+    problems = problems_of({**BASE, "task": "token_cls", "peft": {"method": "prompt_tuning"}})
+    assert problems == ["peft.method=prompt_tuning with task token_cls is not supported (virtual input tokens; "
+                        "token_cls: outputs would include the virtual tokens); use one of: lora (use_dora: true for "
+                        "DoRA, use_rslora: true for rsLoRA), adalora, ia3, loha, lokr, vera, oft, bottleneck_adapter"]
+    for method, how in (("dora", "DoRA is peft.method: lora with peft.use_dora: true"),
+                        ("rsLoRA", "rsLoRA is peft.method: lora with peft.use_rslora: true"),
+                        ("qlora", "QLoRA is peft.method: lora with model.quantization: 4bit")):
+        problems = problems_of({**BASE, "peft": {"method": method}}, check_peft=True)
+        assert problems == [f"peft.method: unknown method {method!r} ({how})"]
+
+
+def test_peft_problems_reported_with_the_rest_for_commands_that_train(tmp_path, capsys):
+    from scaletune.cli import main
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(BASE))
+    expected = ["train.lr: unknown key (did you mean 'learning_rate'?) (from override train.lr=1)",
+                "peft.lora_r: not a LoraConfig option (did you mean 'r'?) (from override peft.lora_r=8)"]
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["peft.lora_r=8", "train.lr=1"], check_peft=True)
+    assert err.value.problems == expected
+    for command in (["plan"], ["launch", "--dry-run", "--nproc", "1"], ["slurm", "--dry-run"], ["train"]):
+        assert main([*command, str(path), "peft.lora_r=8", "train.lr=1"]) == 2
+        err = capsys.readouterr().err
+        assert "has 2 problem(s)" in err and all(p in err for p in expected), (command, err)
+    # without the peft check (eval/predict/merge read the trained adapter's config) the peft section is not asked
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["peft.lora_r=8", "train.lr=1"])
+    assert err.value.problems == expected[:1]
+
+
 def test_message_details():
     # null spelled as a string
     assert problems_of({**BASE, "model": {"name_or_path": "m", "quantization": "None"}}) == [

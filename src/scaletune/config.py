@@ -545,12 +545,15 @@ def _from_override(problem: str, overrides: dict[str, str]) -> str:
 
 
 def from_dict(raw: dict, *, source: str = "run config", world_size: int | None = None,
-              overrides: dict[str, str] | None = None, found: list[str] | None = None) -> RunConfig:
+              overrides: dict[str, str] | None = None, found: list[str] | None = None,
+              check_peft: bool = False) -> RunConfig:
     """Build and fully validate a RunConfig; raises one ConfigError listing every problem.
 
     `overrides` maps the dotted keys set on the command line to the override text, which problems about
     them quote (they are not problems of the file). `found`: problems already found reading the file
-    (duplicate keys), reported first."""
+    (duplicate keys), reported first. `check_peft`: also check the peft section against the method's peft
+    config (option names, types, values); that imports peft and torch (seconds), so only the commands about
+    to train (train, plan, launch, slurm) ask for it."""
     problems: list[str] = []
     bad: set[str] = set()
     cfg = _build(RunConfig, raw, "", problems, bad)
@@ -560,6 +563,10 @@ def from_dict(raw: dict, *, source: str = "run config", world_size: int | None =
 
     cross = cross_field_problems(cfg, world_size=world_size)
     problems.extend(p for p in cross if not any(_names(p, key, leaf=True) for key in bad))
+    if check_peft and "peft" not in bad:
+        from .model import peft_problems
+
+        problems.extend(peft_problems(cfg))
     problems = list(found or []) + [_from_override(p, overrides or {}) for p in problems]
     if problems:
         raise ConfigError(problems, title=f"{source} has {len(problems)} problem(s)")
@@ -567,9 +574,10 @@ def from_dict(raw: dict, *, source: str = "run config", world_size: int | None =
 
 
 def load_config(
-    path: str | Path, overrides: list[str] | None = None, *, world_size: int | None = None
+    path: str | Path, overrides: list[str] | None = None, *, world_size: int | None = None, check_peft: bool = False
 ) -> RunConfig:
-    """Read a YAML run config, apply `key=value` overrides, validate everything."""
+    """Read a YAML run config, apply `key=value` overrides, validate everything (the peft section's options too
+    with `check_peft`: see from_dict)."""
     overrides = overrides or []
     raw, duplicates = read_yaml(path)
     raw = apply_overrides(raw, overrides)
@@ -577,7 +585,8 @@ def load_config(
     source = str(path)
     if overrides:
         source += f" (with {len(overrides)} command-line override{'s' if len(overrides) > 1 else ''})"
-    return from_dict(raw, source=source, world_size=world_size, overrides=given, found=duplicates)
+    return from_dict(raw, source=source, world_size=world_size, overrides=given, found=duplicates,
+                     check_peft=check_peft)
 
 
 def config_reference() -> str:
