@@ -223,3 +223,174 @@ def test_modules_to_save_entry_matching_nothing_is_refused(tiny_llama, tiny_bert
     cfg, model = adapt("seq_cls", tiny_bert, AutoModelForSequenceClassification, ["word_embeddings"], num_labels=2)
     assert cfg.peft["modules_to_save"] == ["word_embeddings"]
     assert any(p.requires_grad for n, p in model.named_parameters() if "word_embeddings.modules_to_save" in n)
+
+
+def test_duplicate_yaml_keys_refused_naming_file_and_line(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("task: causal_lm\n"
+                    "model:\n"
+                    "  name_or_path: m\n"
+                    "  dtype: float32\n"
+                    "  dtype: bfloat16\n"
+                    "data: {train: t.jsonl}\n"
+                    "base: &base {seed: 1}\n"  # an anchor + merge key overridden by the mapping is not a duplicate
+                    "train:\n"
+                    "  learning_rate: fast\n"
+                    "train: {<<: *base, seed: 2}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert err.value.problems == [
+        f"{path}:5: duplicate key 'dtype' (first at line 4; YAML would keep only this one)",
+        f"{path}:10: duplicate key 'train' (first at line 8; YAML would keep only this one)",
+        "base: unknown key",
+    ]
+    path.write_text("task: causal_lm\nmodel: {name_or_path: m}\ndata: {train: t.jsonl}\ntask: causal_lm\n")
+    with pytest.raises(ConfigError, match=r"run.yaml:4: duplicate key 'task' \(first at line 1"):
+        load_config(path)
+
+
+def test_yaml_booleans_for_no_yes_on_off(tmp_path):
+    path = tmp_path / "run.yaml"
+    # the docs write `mixed_precision: no`; YAML 1.1 reads it as false, which can only mean "no"
+    path.write_text("task: seq_cls\nmodel: {name_or_path: m, dtype: float32}\ndata: {train: t.jsonl}\n"
+                    "train: {mixed_precision: no}\n")
+    assert load_config(path).train.mixed_precision == "no"
+    path.write_text(path.read_text().replace("mixed_precision: no", "mixed_precision: bf16"))
+    assert load_config(path, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    hint = "(unquoted no/yes/on/off are booleans in YAML: quote them)"
+    raw = {**BASE, "task": "seq_cls", "model": {"name_or_path": "m", "dtype": "float32"},
+           "train": {"mixed_precision": True}, "distributed": {"offload": False, "zero_stage": True},
+           "data": {"train": "t.jsonl", "labels": [False, True]}, "output_dir": True}
+    assert problems_of(raw) == [
+        f"train.mixed_precision: True is not one of no | fp16 | bf16 {hint}",
+        f"distributed.offload: False is not one of none | optimizer | params | all {hint}",
+        f"distributed.zero_stage: True is not one of 0 | 1 | 2 | 3 {hint}",
+        f"output_dir: expected str, got bool True {hint}",
+        "data.labels: every label must be a string or an integer, got False (unquoted no/yes/on/off are booleans "
+        "in YAML: quote them; JSON true/false labels are 'true' and 'false')",
+    ]
+
+
+def test_override_of_a_string_key_keeps_the_text_typed(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(BASE))
+    cfg = load_config(path, ["model.revision=0123e45", "output_dir=2024", "data.text_column=yes"])
+    assert (cfg.model.revision, cfg.output_dir, cfg.data.text_column) == ("0123e45", "2024", "yes")
+    assert load_config(path, ["model.revision=1234567"]).model.revision == "1234567"
+    assert load_config(path, ["model.revision=null"]).model.revision is None
+    # numbers still parse for numeric keys, and a float key takes YAML 1.1's "1e-4" string as a number
+    cfg = load_config(path, ["train.learning_rate=1e-4", "train.max_steps=10", "train.epochs=1.5"])
+    assert (cfg.train.learning_rate, cfg.train.max_steps, cfg.train.epochs) == (1e-4, 10, 1.5)
+    # peft's options are not typed here: a number in text form is left to the peft check (its annotations)
+    assert apply_overrides({}, ["peft.revision=0123e45"])["peft"]["revision"] == "0123e45"
+
+
+def test_peft_values_that_would_train_nothing_are_refused():
+    from scaletune.model import peft_config
+
+    cfg = from_dict({**BASE, "peft": {"method": "lora", "lora_alpha": 0, "r": 0, "lora_dropout": 1.0}})
+    with pytest.raises(ConfigError) as err:
+        peft_config(cfg, "CAUSAL_LM")
+    assert err.value.problems == [
+        "peft.lora_alpha: must be > 0, got 0 (it scales the adapter's update: the model would never change)",
+        "peft.r: must be >= 1 (the adapter's rank), got 0",
+        "peft.lora_dropout: must be in [0, 1), got 1.0 (1 drops every input: nothing would be trained)",
+    ]
+    problems = problems_of({**BASE, "peft": {"method": "loha", "alpha": -1, "module_dropout": "1e0"}}, check_peft=True)
+    assert problems == ["peft.alpha: must be > 0, got -1", "peft.module_dropout: must be in [0, 1), got 1.0 "
+                        "(1 drops every input: nothing would be trained)"]
+    # OFT's r may be 0 (its block size is set instead); a positive float alpha is fine
+    from_dict({**BASE, "peft": {"method": "oft", "r": 0, "oft_block_size": 4}}, check_peft=True)
+    from_dict({**BASE, "peft": {"method": "lora", "lora_alpha": 0.5, "lora_dropout": 0}}, check_peft=True)
+
+
+def test_method_suggestions_are_methods_peft_accepts():
+    problems = problems_of({**BASE, "task": "token_cls", "peft": {"method": "prompt_tuning"}})
+    assert problems == ["peft.method=prompt_tuning with task token_cls is not supported (virtual input tokens; "
+                        "token_cls: outputs would include the virtual tokens); use one of: lora (use_dora: true for "
+                        "DoRA, use_rslora: true for rsLoRA), adalora, ia3, loha, lokr, vera, oft, bottleneck_adapter"]
+    for method, how in (("dora", "DoRA is peft.method: lora with peft.use_dora: true"),
+                        ("rsLoRA", "rsLoRA is peft.method: lora with peft.use_rslora: true"),
+                        ("qlora", "QLoRA is peft.method: lora with model.quantization: 4bit")):
+        problems = problems_of({**BASE, "peft": {"method": method}}, check_peft=True)
+        assert problems == [f"peft.method: unknown method {method!r} ({how})"]
+
+
+def test_peft_problems_reported_with_the_rest_for_commands_that_train(tmp_path, capsys):
+    from scaletune.cli import main
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(BASE))
+    expected = ["train.lr: unknown key (did you mean 'learning_rate'?) (from override train.lr=1)",
+                "peft.lora_r: not a LoraConfig option (did you mean 'r'?) (from override peft.lora_r=8)"]
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["peft.lora_r=8", "train.lr=1"], check_peft=True)
+    assert err.value.problems == expected
+    for command in (["plan"], ["launch", "--dry-run", "--nproc", "1"], ["slurm", "--dry-run"], ["train"]):
+        assert main([*command, str(path), "peft.lora_r=8", "train.lr=1"]) == 2
+        err = capsys.readouterr().err
+        assert "has 2 problem(s)" in err and all(p in err for p in expected), (command, err)
+    # without the peft check (eval/predict/merge read the trained adapter's config) the peft section is not asked
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["peft.lora_r=8", "train.lr=1"])
+    assert err.value.problems == expected[:1]
+
+
+def test_message_details():
+    # null spelled as a string
+    assert problems_of({**BASE, "model": {"name_or_path": "m", "quantization": "None"}}) == [
+        "model.quantization: 'None' is a string; for no value write null (unquoted) or leave the key out"]
+    # the offload value given is the one named
+    problems = problems_of({**BASE, "model": {"name_or_path": "m", "quantization": "4bit"},
+                            "distributed": {"zero_stage": 2, "offload": "all"}})
+    assert problems[:2] == ["model.quantization with distributed.offload=all: quantized weights cannot be offloaded; "
+                            "use offload: optimizer",
+                            "distributed.offload=all needs distributed.zero_stage=3 (only ZeRO-3 partitions "
+                            "parameters)"]
+    # a key suggested is not a key the problem is about
+    assert problems_of({**BASE, "learning_rate": 1e-4}, overrides={"learning_rate": "learning_rate=1e-4",
+                                                                    "train.learning_rate": "train.learning_rate=1"}) \
+        == ["learning_rate: unknown key (did you mean 'train.learning_rate'?) (from override learning_rate=1e-4)"]
+    # peft options written in another section
+    assert problems_of({**BASE, "model": {"name_or_path": "m", "r": 8}, "method": "lora"}) == [
+        "model.r: unknown key (did you mean 'peft.r'?)", "method: unknown key (did you mean 'peft.method'?)"]
+    # nccl without CUDA would quietly run gloo
+    cfg = from_dict({**BASE, "distributed": {"backend": "nccl"}})
+    assert "distributed.backend=nccl needs CUDA GPUs; on CPU use gloo (or leave it null)" in \
+        cross_field_problems(cfg, has_cuda=False)
+    assert not cross_field_problems(cfg, has_cuda=True)
+
+
+class _Tokenizer:
+    """Enough of a tokenizer for SeqCls.encode: every text is two tokens."""
+
+    def __call__(self, text, pair=None, **kw):
+        return {"input_ids": [1, 2]}
+
+
+def test_seq_cls_labels_json_booleans_and_spaces():
+    from scaletune.errors import DataError
+    from scaletune.tasks import get_task
+
+    def labels_of(values, labels=None):
+        cfg = from_dict({**BASE, "task": "seq_cls", "data": {"train": "t.jsonl", "labels": labels}})
+        records = [{"text": "a b", "label": v, "__where__": f"t.jsonl:{i + 1}"} for i, v in enumerate(values)]
+        task = get_task("seq_cls")
+        names = task.setup(records, cfg, "t.jsonl")
+        label2id = {name: i for i, name in enumerate(names)}
+        return names, [task.encode(r, _Tokenizer(), cfg, label2id)["labels"] for r in records]
+
+    # JSON true/false are the labels "true"/"false", found in the data or listed in data.labels (as a CSV has them)
+    assert labels_of([True, False, True]) == (["false", "true"], [1, 0, 1])
+    assert labels_of([True, False], labels=["true", "false"]) == (["true", "false"], [0, 1])
+    with pytest.raises(DataError, match=r"label True is not in the label set \['False', 'True'\] \(JSON true is "
+                                        r"the label 'true': list it so in data.labels\)"):
+        labels_of([True, False], labels=["False", "True"])
+    # a label that differs from another only in spaces would be a class of its own
+    with pytest.raises(DataError) as err:
+        labels_of(["neg", "pos", "neg "])
+    assert "differ only in spaces: 'neg' at t.jsonl:1, 'neg ' at t.jsonl:3" in str(err.value)
+    assert labels_of(["neg", "neg "], labels=["neg", "neg "]) == (["neg", "neg "], [0, 1])  # listed: kept apart
+    with pytest.raises(DataError, match=r"label 'neg ' is not in the label set \['neg', 'pos'\] \(it differs from "
+                                        r"'neg' only in spaces\)"):
+        labels_of(["neg", "neg "], labels=["neg", "pos"])

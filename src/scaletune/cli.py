@@ -171,7 +171,13 @@ def dispatch(args: argparse.Namespace) -> int:
         from .report import main_report
 
         return main_report(args)
-    cfg = load_config(args.config, args.overrides)
+    if args.command == "launch":  # validates the config itself, for the world size it will start
+        from . import launch
+
+        return launch.main_launch(args)
+    # The commands about to train check the peft options in the same error as the rest (that imports peft,
+    # which they need anyway); eval/predict/merge read the trained adapter's own config.
+    cfg = load_config(args.config, args.overrides, check_peft=args.command in ("train", "plan", "slurm"))
     if args.command == "plan":
         from .plan import main_plan
 
@@ -199,13 +205,11 @@ def dispatch(args: argparse.Namespace) -> int:
 
         print(f"merged model written to {run_merge(cfg, args.adapter, args.out)}")
         return 0
-    if args.command in ("launch", "launch-args"):
+    if args.command == "launch-args":
         from . import launch
 
-        if args.command == "launch-args":
-            print(" ".join(launch.deepspeed_flags(cfg)))
-            return 0
-        return launch.main_launch(args, cfg)
+        print(" ".join(launch.deepspeed_flags(cfg)))
+        return 0
     if args.command == "slurm":
         from .rules import cross_field_problems
         from .slurm import main_slurm

@@ -71,6 +71,12 @@ KEY_ALIASES: dict[str, str] = {
 }
 
 
+# The most used peft options, so `model.r` can be pointed to `peft.r` without importing peft (its options
+# are known only to the method's peft config class).
+_PEFT_OPTIONS = ("method", "r", "lora_alpha", "lora_dropout", "target_modules", "use_dora", "use_rslora",
+                 "modules_to_save", "init_lora_weights", "num_virtual_tokens", "init_r", "target_r", "alpha")
+
+
 def _f(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:
     """A dataclass field with help text (shown by `scaletune config-help` and the README)."""
     if isinstance(default, (list, dict)):
@@ -219,14 +225,12 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
+        if _null_spelled_out(value) and inner[0] is not str:
+            problems.append(f"{key}: {value!r} is a string; for no value write null (unquoted) or leave the key out")
+            return None
         return _coerce(value, inner[0], key, problems)
     if origin is Literal:
-        choices = typing.get_args(tp)
-        if value in choices and type(value) is type(choices[choices.index(value)]):
-            return value
-        hint = _did_you_mean(str(value), [str(c) for c in choices])
-        problems.append(f"{key}: {value!r} is not one of {_type_name(tp)}{hint}")
-        return None
+        return _choice(value, tp, key, problems)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -257,7 +261,34 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
     elif tp is dict or origin is dict:
         if isinstance(value, dict):
             return value
-    problems.append(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {_short(value)}")
+    hint = f" ({BOOL_HINT})" if isinstance(value, bool) and tp is str else ""
+    problems.append(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {_short(value)}{hint}")
+    return None
+
+
+# Keys whose meaning YAML's booleans leave unambiguous: `mixed_precision: no` (as the docs write it) arrives as
+# False, and false can only mean "no mixed precision".
+_BOOL_CHOICES = {"train.mixed_precision": {False: "no"}}
+BOOL_HINT = "unquoted no/yes/on/off are booleans in YAML: quote them"
+
+
+def _null_spelled_out(value: Any) -> bool:
+    """Whether `value` is the word none/null as a string (quoted, or `None` in Python's spelling)."""
+    return isinstance(value, str) and value.strip().lower() in ("none", "null", "~")
+
+
+def _choice(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
+    """`value` if it is one of the Literal `tp`'s choices (the type too: True is not 1); problems name them."""
+    choices = typing.get_args(tp)
+    if value in choices and type(value) is type(choices[choices.index(value)]):
+        return value
+    if isinstance(value, bool) and value in _BOOL_CHOICES.get(key, {}):
+        return _BOOL_CHOICES[key][value]
+    if isinstance(value, bool) and bool not in {type(c) for c in choices}:
+        hint = f" ({BOOL_HINT})"
+    else:
+        hint = _did_you_mean(str(value), [str(c) for c in choices])
+    problems.append(f"{key}: {value!r} is not one of {_type_name(tp)}{hint}")
     return None
 
 
@@ -294,7 +325,7 @@ def unknown_key_hint(key: str, section: str, known: list[str]) -> str:
             return f" (did you mean {name!r}?)"
     elif target:
         return f" ({target})"
-    elsewhere = _section_keys().get(key)
+    elsewhere = _section_keys().get(key) or (f"peft.{key}" if key in _PEFT_OPTIONS else None)
     if elsewhere and not elsewhere.startswith(f"{section}."):
         return f" (did you mean {elsewhere!r}?)"
     return _did_you_mean(key, known)
@@ -367,12 +398,51 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         parsed = yaml.safe_load(value) if value.strip() else None
     except (yaml.YAMLError, ValueError, RecursionError):  # ValueError: ints over Python's digit limit
         parsed = value
-    if isinstance(parsed, str):
-        try:  # YAML 1.1 leaves "1e-4" a string; on the command line it is clearly a number
-            parsed = float(parsed) if any(c in parsed.lower() for c in ".e") and parsed.strip() == parsed else parsed
+    path = key.split(".")
+    return path, _override_value(_key_type(path), value, parsed)
+
+
+def _key_type(path: list[str]) -> Any:
+    """The annotation of the dotted key `path` in RunConfig; None for a key it does not define (peft's options,
+    unknown keys)."""
+    tp: Any = RunConfig
+    for part in path:
+        if not _is_dataclass_type(tp):
+            return None
+        tp = typing.get_type_hints(tp).get(part)
+    return tp
+
+
+def _without_none(tp: Any) -> Any:
+    """`X` for `X | None`, else `tp`."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return inner[0] if len(inner) == 1 else tp
+    return tp
+
+
+def _is_text(tp: Any) -> bool:
+    """Whether a key of type `tp` takes a string: str, or a choice of strings (`no | fp16 | bf16`)."""
+    tp = _without_none(tp)
+    if typing.get_origin(tp) is Literal:
+        return all(isinstance(c, str) for c in typing.get_args(tp))
+    return tp is str
+
+
+def _override_value(tp: Any, text: str, parsed: Any) -> Any:
+    """The value of a `key=text` override that YAML read as `parsed`, for a key of type `tp`. A string key gets
+    the text as typed: YAML would turn a revision 0123e45 into a float and `no` into False. A float key gets a
+    number where YAML 1.1 left one a string ("1e-4"). null, lists and mappings stay as YAML read them."""
+    if parsed is None or isinstance(parsed, (list, dict)):
+        return parsed
+    if _is_text(tp) and not isinstance(parsed, str):
+        return text.strip()
+    if _without_none(tp) is float and isinstance(parsed, str):
+        try:
+            return float(parsed)
         except ValueError:
-            pass
-    return key.split("."), parsed
+            return parsed
+    return parsed
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -387,7 +457,44 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def read_yaml(path: str | Path) -> dict:
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that records every duplicate key of a mapping: PyYAML keeps the last one silently, so a
+    second `train:` section would drop the first without a word."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.duplicates: list[tuple[int, Any, int]] = []  # (line, key, line of its first occurrence)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base` entries are meant to be overridden by the mapping's own keys
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.get(key)
+                if first is None:
+                    seen[key] = line
+                    continue
+            except TypeError:
+                continue  # an unhashable key: SafeLoader itself refuses it
+            self.duplicates.append((line, key, first))
+        return super().construct_mapping(node, deep=deep)
+
+
+def _parse_yaml(text: str) -> tuple[Any, list[tuple[int, Any, int]]]:
+    """The YAML document in `text` and its duplicate keys (see _StrictLoader)."""
+    loader = _StrictLoader(text)
+    try:
+        return loader.get_single_data(), loader.duplicates
+    finally:
+        loader.dispose()
+
+
+def read_yaml(path: str | Path) -> tuple[dict, list[str]]:
+    """The run config file's mapping, and its problems that no value shows: duplicate keys (named by line, to be
+    reported with the rest). Unreadable or invalid YAML raises ConfigError."""
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"run config {path}: is a directory, expected a YAML file")
@@ -398,7 +505,7 @@ def read_yaml(path: str | Path) -> dict:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"run config {path}: cannot read ({exc})") from None
     try:
-        raw = yaml.safe_load(text)
+        raw, duplicates = _parse_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
@@ -412,7 +519,8 @@ def read_yaml(path: str | Path) -> dict:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"run config {path}: top level must be a mapping, got {type(raw).__name__}")
-    return raw
+    return raw, [f"{path}:{line}: duplicate key {key!r} (first at line {first}; YAML would keep only this one)"
+                 for line, key, first in sorted(duplicates, key=lambda d: d[0])]
 
 
 def _names(problem: str, key: str, *, inside: bool = True, leaf: bool = False) -> bool:
@@ -427,19 +535,25 @@ def _names(problem: str, key: str, *, inside: bool = True, leaf: bool = False) -
 def _from_override(problem: str, overrides: dict[str, str]) -> str:
     """`problem` + the command-line override(s) that gave the key(s) it is about."""
     texts = []
+    # a suggested key is not what the problem is about: `learning_rate` (did you mean 'train.learning_rate'?)
+    about = re.sub(r" \(did you mean '[^']*'\?\)", "", problem)
     for key, text in overrides.items():
         parents = [key.rsplit(".", n)[0] for n in range(1, key.count(".") + 1)]  # 'output_dir' for output_dir.x=1
-        if _names(problem, key) or any(_names(problem, p, inside=False) for p in parents):
+        if _names(about, key) or any(_names(about, p, inside=False) for p in parents):
             texts.append(text if len(text) <= 60 else text[:57] + "...")
     return f"{problem} (from override {'; '.join(texts)})" if texts else problem
 
 
 def from_dict(raw: dict, *, source: str = "run config", world_size: int | None = None,
-              overrides: dict[str, str] | None = None) -> RunConfig:
+              overrides: dict[str, str] | None = None, found: list[str] | None = None,
+              check_peft: bool = False) -> RunConfig:
     """Build and fully validate a RunConfig; raises one ConfigError listing every problem.
 
     `overrides` maps the dotted keys set on the command line to the override text, which problems about
-    them quote (they are not problems of the file)."""
+    them quote (they are not problems of the file). `found`: problems already found reading the file
+    (duplicate keys), reported first. `check_peft`: also check the peft section against the method's peft
+    config (option names, types, values); that imports peft and torch (seconds), so only the commands about
+    to train (train, plan, launch, slurm) ask for it."""
     problems: list[str] = []
     bad: set[str] = set()
     cfg = _build(RunConfig, raw, "", problems, bad)
@@ -449,23 +563,30 @@ def from_dict(raw: dict, *, source: str = "run config", world_size: int | None =
 
     cross = cross_field_problems(cfg, world_size=world_size)
     problems.extend(p for p in cross if not any(_names(p, key, leaf=True) for key in bad))
+    if check_peft and "peft" not in bad:
+        from .model import peft_problems
+
+        problems.extend(peft_problems(cfg))
+    problems = list(found or []) + [_from_override(p, overrides or {}) for p in problems]
     if problems:
-        problems = [_from_override(p, overrides or {}) for p in problems]
         raise ConfigError(problems, title=f"{source} has {len(problems)} problem(s)")
     return cfg
 
 
 def load_config(
-    path: str | Path, overrides: list[str] | None = None, *, world_size: int | None = None
+    path: str | Path, overrides: list[str] | None = None, *, world_size: int | None = None, check_peft: bool = False
 ) -> RunConfig:
-    """Read a YAML run config, apply `key=value` overrides, validate everything."""
+    """Read a YAML run config, apply `key=value` overrides, validate everything (the peft section's options too
+    with `check_peft`: see from_dict)."""
     overrides = overrides or []
-    raw = apply_overrides(read_yaml(path), overrides)
+    raw, duplicates = read_yaml(path)
+    raw = apply_overrides(raw, overrides)
     given = {".".join(parse_override(text)[0]): text for text in overrides}  # the last one for a key wins
     source = str(path)
     if overrides:
         source += f" (with {len(overrides)} command-line override{'s' if len(overrides) > 1 else ''})"
-    return from_dict(raw, source=source, world_size=world_size, overrides=given)
+    return from_dict(raw, source=source, world_size=world_size, overrides=given, found=duplicates,
+                     check_peft=check_peft)
 
 
 def config_reference() -> str:

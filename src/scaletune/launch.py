@@ -143,8 +143,9 @@ def main_launch(args: Any, cfg: Any = None) -> int:
     Reads from `args` (an argparse.Namespace): config, overrides (list), nproc (default: number of
     CUDA devices, else 1), nnodes (1), node_rank (0), master_addr ("127.0.0.1"), master_port (29500),
     optional cpu (None = auto), resume / overwrite / allow_config_change (passed on to
-    `scaletune train`), dry_run (print only). `cfg` is accepted for the CLI's convenience; the config
-    is re-validated against the launch's world size either way. Does not return unless dry_run.
+    `scaletune train`), dry_run (print only). `cfg` is accepted but not used: the config is validated
+    here, against the launch's world size and with its peft options, in one error. Does not return unless
+    dry_run.
     """
     from .config import load_config
 
@@ -156,7 +157,7 @@ def main_launch(args: Any, cfg: Any = None) -> int:
         nproc = torch.cuda.device_count() or 1
     nnodes = int(getattr(args, "nnodes", None) or 1)
     # Validate before starting N processes (batch divisibility depends on the world size).
-    cfg = load_config(args.config, overrides, world_size=int(nproc) * nnodes)
+    cfg = load_config(args.config, overrides, world_size=int(nproc) * nnodes, check_peft=True)
     if not getattr(args, "dry_run", False):
         # Hardware-dependent checks too (e.g. fp16 without CUDA), or every process fails the same way
         # after start-up and accelerate reports only "exit 1". A dry run may be composed anywhere.

@@ -47,6 +47,37 @@ MATRIX: dict[str, Method] = {
 }
 
 
+# How the messages name the variants that are a peft method plus an option (MATRIX rows), and QLoRA
+VARIANT_NAMES = {"dora": "DoRA", "rslora": "rsLoRA", "qlora": "QLoRA"}
+
+
+def how_to_select(name: str) -> str | None:
+    """For a method name that is a variant scaletune knows but peft does not (dora, rslora, qlora): how to
+    select it; None for any other name."""
+    name = name.lower()
+    row = MATRIX.get(name)
+    if row is not None and row.peft_method != name:
+        options = " and ".join(f"peft.{k}: true" for k in row.extra)
+        return f"{VARIANT_NAMES.get(name, name)} is peft.method: {row.peft_method} with {options}"
+    if name == "qlora":
+        return "QLoRA is peft.method: lora with model.quantization: 4bit"
+    return None
+
+
+def supported_for(task: str) -> str:
+    """The peft.method values that support `task`, each with the options that select its variants:
+    'lora (use_dora: true for DoRA, use_rslora: true for rsLoRA), adalora, ...'. (Only method names peft
+    knows: 'dora' is not one.)"""
+    out = []
+    for name, row in MATRIX.items():
+        if task not in row.tasks or name != row.peft_method:
+            continue
+        variants = [f"{', '.join(f'{k}: true' for k in v.extra)} for {VARIANT_NAMES.get(n, n)}"
+                    for n, v in MATRIX.items() if v.peft_method == name and n != name and task in v.tasks]
+        out.append(f"{name} ({', '.join(variants)})" if variants else name)
+    return ", ".join(out)
+
+
 def variant_of(cfg: Any) -> str:
     """The matrix row a run config selects (lora + use_dora -> dora, ...)."""
     method = cfg.peft_method.lower()
@@ -61,12 +92,14 @@ def variant_of(cfg: Any) -> str:
 def problems(cfg: Any) -> list[str]:
     """Unsupported method x task x distributed combinations, each with the reason."""
     row = MATRIX.get(variant_of(cfg))
-    if row is None:
-        return []  # other peft methods pass through untested; peft itself validates them
+    if row is None or row.peft_method != cfg.peft_method.lower():
+        # other peft methods pass through untested, peft itself validates them; a variant's name given as the
+        # method (dora) is not a peft method, and the peft check says how to select it (how_to_select)
+        return []
     out = []
     if cfg.task not in row.tasks:
         out.append(f"peft.method={cfg.peft_method} with task {cfg.task} is not supported ({row.note}); "
-                   f"use one of: {', '.join(m for m, r in MATRIX.items() if cfg.task in r.tasks)}")
+                   f"use one of: {supported_for(cfg.task)}")
     if cfg.distributed.zero_stage == 3 and not row.zero3:
         out.append(f"peft.method={cfg.peft_method} with distributed.zero_stage=3: {row.zero3_why}")
     return out

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .config import RunConfig, unknown_key_hint
+from .config import TASKS, RunConfig, unknown_key_hint
 from .errors import ConfigError, UserError
 
 log = logging.getLogger("scaletune")
@@ -77,11 +77,50 @@ def quantization_config(cfg: RunConfig) -> Any:
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
+def _number(value: Any, *, integral: bool = False) -> Any:
+    """A number written as a string (YAML 1.1 reads 1e-1 so; an override of a peft option stays the text
+    typed) as a float, or an int where `integral` and it is one ("1e1" -> 10); any other value as it is."""
+    if not isinstance(value, str):
+        return value
+    try:
+        out = float(value)
+    except ValueError:
+        return value
+    if not math.isfinite(out):
+        return value  # ("nan" is no number an option means)
+    return int(out) if integral and out.is_integer() else out
+
+
+# Values that peft accepts and that train nothing: a zero alpha scales the adapter's output to zero (its
+# up-projection then gets no gradient), dropout 1 zeroes its input, a rank 0 adapter has no weights.
+_POSITIVE = ("lora_alpha", "alpha")  # LoRA/AdaLoRA; LoHa/LoKr
+_DROPOUTS = ("lora_dropout", "rank_dropout", "module_dropout", "vera_dropout")
+_RANKED = ("lora", "loha", "lokr", "vera")  # methods whose `r` is the adapter's rank (OFT's r may be 0)
+
+
+def _peft_range_problems(method: str, kwargs: dict) -> list[str]:
+    """Problems of the peft options whose value makes the adapter a no-op (see _POSITIVE, _DROPOUTS); options
+    of the wrong type are left to _peft_value_problems."""
+    problems = []
+    for key, value in kwargs.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        if key in _POSITIVE and value <= 0:
+            why = " (it scales the adapter's update: the model would never change)" if value == 0 else ""
+            problems.append(f"peft.{key}: must be > 0, got {value}{why}")
+        elif key in _DROPOUTS and not 0 <= value < 1:
+            problems.append(f"peft.{key}: must be in [0, 1), got {value}"
+                            f"{' (1 drops every input: nothing would be trained)' if value == 1 else ''}")
+        elif key == "r" and method in _RANKED and value < 1:
+            problems.append(f"peft.r: must be >= 1 (the adapter's rank), got {value}")
+    return problems
+
+
 def _peft_value_problems(config_cls: type, kwargs: dict) -> list[str]:
     """peft's config dataclasses take any value: `use_dora: "yes"` is truthy and turns DoRA on, `r: true` is rank 1,
     `modules_to_save: lm_head` is matched letter by letter. Check the options annotated as a plain bool, int,
-    float or list[str] (or Optional of one); anything else is left to peft. Numbers that YAML 1.1 read as strings
-    ("1e-1") become floats in `kwargs`."""
+    float or list[str] (or Optional of one); anything else is left to peft. Numbers written as strings (YAML 1.1
+    reads "1e-1" so, and an override of a peft option keeps the text) become numbers in `kwargs`."""
     try:
         hints = typing.get_type_hints(config_cls)
     except Exception:  # noqa: BLE001 - an annotation this Python cannot resolve: leave the values to peft
@@ -99,13 +138,10 @@ def _peft_value_problems(config_cls: type, kwargs: dict) -> list[str]:
         if tp is bool:
             ok, want = isinstance(value, bool), "bool (true or false)"
         elif tp is int:  # a float too: peft computes with it (lora_alpha: 0.5); a bool here is the silent mistake
+            value = kwargs[key] = _number(value, integral=True)
             ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "int"
         elif tp is float:
-            if isinstance(value, str):
-                try:
-                    value = kwargs[key] = float(value)
-                except ValueError:
-                    pass
+            value = kwargs[key] = _number(value)
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
             want = "a finite number"
         elif typing.get_origin(tp) is list and typing.get_args(tp) == (str,):  # list[str] or typing.List[str]
@@ -130,9 +166,7 @@ def peft_config(cfg: RunConfig, task_type: str, total_steps: int | None = None) 
     mapping = peft.mapping.PEFT_TYPE_TO_CONFIG_MAPPING
     by_name = {str(k.value if hasattr(k, "value") else k).lower(): v for k, v in mapping.items()}
     if method not in by_name:
-        close = difflib.get_close_matches(method, list(by_name), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"peft.method: unknown method {cfg.peft_method!r}{hint}; known: {', '.join(sorted(by_name))}")
+        raise ConfigError(f"peft.method: unknown method {cfg.peft_method!r}{_unknown_method_hint(method, by_name)}")
     config_cls = by_name[method]
     fields = {f.name for f in dataclasses.fields(config_cls)} - {"peft_type", "task_type"}
     # A deep copy: peft extends modules_to_save in place (the classifier head), which would change the run config.
@@ -143,6 +177,7 @@ def peft_config(cfg: RunConfig, task_type: str, total_steps: int | None = None) 
             problems.append(f"peft.{key}: not a {config_cls.__name__} option"
                             f"{unknown_key_hint(str(key), 'peft', sorted(fields))}")
     problems += _peft_value_problems(config_cls, kwargs)
+    problems += _peft_range_problems(method, {k: v for k, v in kwargs.items() if k in fields})
     if problems:
         raise ConfigError(problems, title=f"peft section has {len(problems)} problem(s)")
     if task_type in ("SEQ_CLS", "TOKEN_CLS") and "exclude_modules" in fields and "exclude_modules" not in kwargs:
@@ -154,6 +189,35 @@ def peft_config(cfg: RunConfig, task_type: str, total_steps: int | None = None) 
         return config_cls(task_type=task_type, **kwargs)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"peft: {config_cls.__name__} rejected the settings: {exc}") from None
+
+
+def _unknown_method_hint(method: str, known: dict) -> str:
+    """What follows "unknown method 'x'": how to select a variant given by its name (dora: lora + use_dora),
+    else a close name and the list of known ones."""
+    from .methods import how_to_select
+
+    how = how_to_select(method)
+    if how:
+        return f" ({how})"
+    close = difflib.get_close_matches(method, list(known), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"{hint}; known: {', '.join(sorted(known))}"
+
+
+def peft_problems(cfg: RunConfig) -> list[str]:
+    """Every problem `peft_config` would raise for this run config's peft section (method, option names, types
+    and values), as a list for `from_dict` to report with the rest. Imports peft: seconds, so config validation
+    asks only for commands about to train (config.py's check_peft)."""
+    from .tasks import get_task
+
+    if not isinstance(cfg.peft, dict) or not isinstance(cfg.peft.get("method", "lora"), str):
+        return []  # the config check reports these
+    task_type = get_task(cfg.task).peft_task_type if cfg.task in TASKS else None
+    try:
+        peft_config(cfg, task_type, total_steps=10**9)  # (AdaLoRA's real step count is known later)
+    except ConfigError as exc:
+        return exc.problems
+    return []
 
 
 def _damaged_checkpoint(exc: BaseException) -> bool:

@@ -4,7 +4,7 @@ world size and hardware they will run on)."""
 
 from __future__ import annotations
 
-from .config import _PEFT_SIZE_KEYS, CAUSAL_FORMATS, MAX_PEFT_SIZE, RunConfig, _did_you_mean, _short
+from .config import _PEFT_SIZE_KEYS, BOOL_HINT, CAUSAL_FORMATS, MAX_PEFT_SIZE, RunConfig, _did_you_mean, _short
 
 
 def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_cuda: bool | None = None) -> list[str]:
@@ -99,7 +99,9 @@ def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_c
     if d.labels is not None:
         bad = [x for x in d.labels if isinstance(x, bool) or not isinstance(x, (str, int))]
         if bad:
-            p.append(f"data.labels: every label must be a string or an integer, got {_short(bad[0])}")
+            # (a boolean here is YAML's reading of no/yes; the data's JSON true/false are named 'true'/'false')
+            hint = f" ({BOOL_HINT}; JSON true/false labels are 'true' and 'false')" if isinstance(bad[0], bool) else ""
+            p.append(f"data.labels: every label must be a string or an integer, got {_short(bad[0])}{hint}")
         elif len(set(map(str, d.labels))) != len(d.labels):
             p.append("data.labels: contains duplicates")
         if cfg.task in ("seq_cls", "token_cls") and len(d.labels) < (2 if cfg.task == "seq_cls" else 1):
@@ -128,12 +130,13 @@ def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_c
         p.append("model.quantization=8bit with distributed.zero_stage=3: ZeRO-3 cannot shard int8 weights; "
                  "use quantization: 4bit (QLoRA) or zero_stage 2")
     if m.quantization and dist.offload in ("params", "all"):
-        p.append("model.quantization with distributed.offload=params: quantized weights cannot be offloaded; "
-                 "use offload: optimizer")
+        p.append(f"model.quantization with distributed.offload={dist.offload}: quantized weights cannot be "
+                 "offloaded; use offload: optimizer")
     if dist.offload != "none" and dist.zero_stage == 0:
         p.append("distributed.offload needs distributed.zero_stage >= 1 (offload is a DeepSpeed feature)")
     if dist.offload in ("params", "all") and dist.zero_stage != 3:
-        p.append("distributed.offload=params needs distributed.zero_stage=3 (only ZeRO-3 partitions parameters)")
+        p.append(f"distributed.offload={dist.offload} needs distributed.zero_stage=3 (only ZeRO-3 partitions "
+                 "parameters)")
     if t.optimizer != "adamw" and dist.zero_stage > 0 and dist.offload in ("optimizer", "all"):
         p.append(f"train.optimizer={t.optimizer} with optimizer offload: DeepSpeed's CPU Adam replaces it; "
                  "use optimizer: adamw")
@@ -144,6 +147,8 @@ def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_c
                  f"{m.dtype} activations without autocast; use mixed_precision: bf16, or dtype: float32")
     if has_cuda is False and t.mixed_precision == "fp16":
         p.append("train.mixed_precision=fp16 needs a CUDA GPU; on CPU use bf16 or no")
+    if has_cuda is False and dist.backend == "nccl":  # (accelerate would quietly start gloo instead)
+        p.append("distributed.backend=nccl needs CUDA GPUs; on CPU use gloo (or leave it null)")
     if has_cuda is False and m.attn_implementation == "flash_attention_2":
         p.append("model.attn_implementation=flash_attention_2 needs a CUDA GPU; use sdpa")
     if method in ("prefix_tuning", "prompt_tuning", "p_tuning") and d.packing:

@@ -26,7 +26,10 @@ log = logging.getLogger("scaletune")
 # 2: numeric string labels sort numerically; 3: token_cls stores the gold tags max_length cut;
 # 4: CSV quoted fields keep U+2028, \x85, \r\n and the like as written (str.splitlines used to break them);
 # 5: meta counts the examples max_length cut; token_cls stores the words with no sub-token (blank_at, blank_tags)
-CACHE_VERSION = "7"
+# 6: messages' "weight": 0 turns are context; 7: token_cls integer tags named by data.labels;
+# 8: JSON true/false labels are named "true"/"false" (were "True"/"False" with data.labels, else refused),
+# labels that differ only in spaces are refused
+CACHE_VERSION = "8"
 
 
 def cache_root() -> Path:

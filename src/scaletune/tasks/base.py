@@ -135,15 +135,35 @@ def ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                            ignore_index=IGNORE, reduction="sum")
 
 
+def label_name(value: Any) -> str:
+    """A label's name in the label set: JSON's true/false as `true`/`false` (the JSON spelling, which a CSV cell
+    and a quoted data.labels entry use too; Python's would be True/False), anything else as str()."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def unknown_label(where: str, what: str, value: Any, label2id: dict) -> DataError:
+    """The error for a label `value` (`what`: label, tag) not in the label set, with the likely reason."""
+    name = label_name(value)
+    hint = ""
+    if name.strip() in label2id:
+        hint = f" (it differs from {name.strip()!r} only in spaces)"
+    elif isinstance(value, bool):
+        hint = f" (JSON {name} is the label {name!r}: list it so in data.labels)"
+    return DataError(f"{where}: {what} {value!r} is not in the label set {list(label2id)}{hint}")
+
+
 def collect_labels(records: list[dict], column: str, *, is_list: bool) -> list[str]:
-    """Sorted label set of a column; numbers sort numerically, mixed types are refused."""
-    seen: dict[str, type] = {}
+    """Sorted label set of a column; numbers sort numerically, mixed types are refused, and so are labels
+    that differ only in leading/trailing spaces (they would silently be separate classes)."""
+    seen: dict[str, tuple[type, str]] = {}  # label name -> (its type, where it first is)
     first: tuple[type, str] | None = None  # type of the first label, and where it is
     for rec in records:
         values = rec.get(column)
         where = rec.get(WHERE, "?")
         for v in (values if is_list else [values]):
-            if isinstance(v, bool) or not isinstance(v, (str, int)):
+            if not isinstance(v, (str, int)):  # (a bool is an int: JSON true/false are labels "true"/"false")
                 raise DataError(f"{where}: label {v!r} must be a string or an integer")
             if first is None:
                 first = (type(v), where)
@@ -151,9 +171,24 @@ def collect_labels(records: list[dict], column: str, *, is_list: bool) -> list[s
                 raise DataError(f"{where}: column {column!r} mixes label types: {v!r} is {type(v).__name__}, but "
                                 f"the label at {first[1]} is {first[0].__name__}; use one type (all strings or all "
                                 "integers)")
-            seen.setdefault(str(v), type(v))
-    kinds = set(seen.values())
+            seen.setdefault(label_name(v), (type(v), where))
+    _refuse_space_variants(seen, column)
+    kinds = {kind for kind, _ in seen.values()}
     # CSV/TSV cells are strings: "0".."11" must get the class indices that JSON's 0..11 get
     if kinds == {int} or all(label.isdecimal() for label in seen):
         return sorted(seen, key=int)
     return sorted(seen)
+
+
+def _refuse_space_variants(seen: dict[str, tuple[type, str]], column: str) -> None:
+    """Raise naming two labels of `seen` that differ only in leading/trailing spaces ("neg " and "neg"), with
+    where each first is. (data.labels that lists both keeps them apart: collect_labels is not asked then.)"""
+    spellings: dict[str, list[str]] = {}
+    for name in seen:
+        spellings.setdefault(name.strip(), []).append(name)
+    for names in spellings.values():
+        if len(names) > 1:
+            places = ", ".join(f"{n!r} at {seen[n][1]}" for n in names)
+            raise DataError(f"column {column!r} has labels that differ only in spaces: {places}; they would be "
+                            "separate classes. Strip the spaces in the data (or list every spelling in data.labels "
+                            "to keep them apart)")

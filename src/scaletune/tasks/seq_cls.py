@@ -8,7 +8,7 @@ import torch
 
 from ..data.readers import WHERE
 from ..errors import DataError
-from .base import TRUNCATED, Task, ce_sum, collect_labels, overflowed, register
+from .base import TRUNCATED, Task, ce_sum, collect_labels, label_name, overflowed, register, unknown_label
 
 _TEXT_COLUMNS = ("text", "sentence", "content", "review")
 _LABEL_COLUMNS = ("label", "labels", "class", "category")
@@ -60,10 +60,10 @@ class SeqCls(Task):
             if col and (not isinstance(val, str) or not val.strip()):
                 raise DataError(f"{where}: column {col!r} must be a non-empty string, got {val!r}")
         label = record.get(self.label)
-        if str(label) not in label2id or label is None:
-            raise DataError(f"{where}: label {label!r} is not in the label set {list(label2id)}")
+        if label_name(label) not in label2id or label is None:
+            raise unknown_label(where, "label", label, label2id)
         enc = tokenizer(text, pair, truncation=True, max_length=cfg.data.max_length)
-        return {"input_ids": enc["input_ids"], "labels": label2id[str(label)],
+        return {"input_ids": enc["input_ids"], "labels": label2id[label_name(label)],
                 TRUNCATED: overflowed(enc, cfg.data.max_length)}
 
     def loss_sum(self, model: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

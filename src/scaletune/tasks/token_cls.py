@@ -14,7 +14,18 @@ import torch
 
 from ..data.readers import WHERE
 from ..errors import DataError
-from .base import IGNORE, TRUNCATED, Task, ce_sum, collect_labels, overflowed, pad_batch, register
+from .base import (
+    IGNORE,
+    TRUNCATED,
+    Task,
+    ce_sum,
+    collect_labels,
+    label_name,
+    overflowed,
+    pad_batch,
+    register,
+    unknown_label,
+)
 
 _TOKEN_COLUMNS = ("tokens", "words")
 _TAG_COLUMNS = ("tags", "ner_tags", "labels")
@@ -58,7 +69,7 @@ class TokenCls(Task):
     def _tag(self, tag: Any, where: str) -> str:
         """The tag's name: itself, or with integer ids the name data.labels gives that id."""
         if self.id_names is None:
-            return str(tag)
+            return label_name(tag)
         if not (str(tag).isdecimal() and int(tag) < len(self.id_names)):
             raise DataError(f"{where}: tag {tag!r} is not an id of data.labels (0..{len(self.id_names) - 1})")
         return self.id_names[int(tag)]
@@ -77,10 +88,10 @@ class TokenCls(Task):
 
     def encode(self, record: dict, tokenizer: Any, cfg: Any, label2id: dict | None) -> dict | None:
         self._check(record)
-        tags = [self._tag(t, record.get(WHERE, "?")) for t in record[self.tags]]
-        unknown = [t for t in tags if t not in label2id]
+        tags = [self._tag(t, record.get(WHERE, "?")) for t in record[self.tags]]  # label2id's names for them
+        unknown = [t for t, name in zip(record[self.tags], tags) if name not in label2id]
         if unknown:
-            raise DataError(f"{record.get(WHERE, '?')}: tag {unknown[0]!r} is not in the label set {list(label2id)}")
+            raise unknown_label(record.get(WHERE, "?"), "tag", unknown[0], label2id)
         enc = tokenizer(record[self.tokens], is_split_into_words=True, truncation=True,
                         max_length=cfg.data.max_length)
         word_ids, cut = enc.word_ids(), overflowed(enc, cfg.data.max_length)
