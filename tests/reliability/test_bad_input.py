@@ -312,7 +312,6 @@ DATA_CASES = [
     ("seq_cls", "mixed.jsonl", J([{"text": "a", "label": "pos"}, {"text": "b", "label": 1}]),
      ["{p}:2: column 'label' mixes label types", "{p}:1"]),
     ("seq_cls", "float.jsonl", J([{"text": "a", "label": 1.5}, {"text": "b", "label": 1}]), ["{p}:1: label 1.5"]),
-    ("seq_cls", "bool.jsonl", J([{"text": "a", "label": True}, {"text": "b", "label": False}]), ["{p}:1: label True"]),
     ("seq_cls", "nan.jsonl", '{"text": "a", "label": NaN}\n{"text": "b", "label": 1}\n', ["{p}:1: label nan"]),
     ("seq_cls", "one-label.jsonl", J([{"text": "a", "label": "x"}] * 4), ["{p}: column 'label' has a single label"]),
     ("seq_cls", "empty-text.jsonl", J(CLS + [{"text": "", "label": "pos"}]), ["{p}:5: column 'text' must be a non-empty"]),
