@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
@@ -220,9 +221,67 @@ def generate(model: Any, tokenizer: Any, segments: list, max_new_tokens: int) ->
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
     if tokenizer.bos_token_id is not None and (ids.numel() == 0 or ids[0, 0] != tokenizer.bos_token_id):
         ids = torch.cat([torch.tensor([[tokenizer.bos_token_id]]), ids], dim=1)
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                         do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    if is_prompt_learning(model):  # peft's generate is wrong for these (see greedy_without_cache)
+        new = greedy_without_cache(model, ids, max_new_tokens)
+    else:
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        new = out[0, ids.shape[1]:]
+    return tokenizer.decode(new, skip_special_tokens=True)
+
+
+def is_prompt_learning(model: Any) -> bool:
+    """Whether `model` is a peft model whose adapter adds virtual tokens or key/values (prompt, p- and
+    prefix tuning) rather than changing weights."""
+    return bool(getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False))
+
+
+# greedy-decoding settings a model's generation_config.json may carry (with their no-op values), which
+# `greedy_without_cache` does not apply: named in a warning rather than silently dropped
+_UNAPPLIED = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_length": 0, "min_new_tokens": 0,
+              "bad_words_ids": None, "sequence_bias": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+              "forced_bos_token_id": None, "forced_eos_token_id": None, "stop_strings": None,
+              "exponential_decay_length_penalty": None}
+
+
+@torch.no_grad()
+def greedy_without_cache(model: Any, ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    """The new token ids of a greedy completion of `ids` (one row), each from a full forward pass over
+    the whole sequence so far, stopping after an end-of-sequence token.
+
+    For prompt-learning adapters, not `model.generate`: peft 0.21 looks for the KV cache under
+    `past_key_values`, which transformers 5.24 renamed `cache`, so during decoding it prepends the virtual
+    prompt again at every step (prompt / p-tuning: wrong after the first tokens) or never passes the prefix
+    (prefix tuning: the base model's completion); `use_cache=False` does not help prefix tuning, whose
+    prefix cache comes back from the first step and is reused. The forward pass is the one training
+    uses, so this is right on any version; without a cache it costs a forward per token over the whole
+    sequence, which is fine at the scale these methods are used."""
+    config = getattr(model, "generation_config", None)
+    eos = getattr(config, "eos_token_id", None)
+    eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+    unapplied = {k: v for k, neutral in _UNAPPLIED.items()
+                 if (v := getattr(config, k, None)) is not None and v != neutral and v != []}
+    if unapplied:
+        _warn_unapplied(", ".join(f"{k}={v!r}" for k, v in sorted(unapplied.items())))
+    from .tasks.causal_lm import _accepts_logits_to_keep
+
+    # only the last position's logits: the whole sequence's would be length x vocabulary floats per token
+    last = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+    seq = ids.to(model.device)
+    for _ in range(max_new_tokens):
+        logits = model(input_ids=seq, attention_mask=torch.ones_like(seq), **last).logits
+        token = logits[:, -1].argmax(-1, keepdim=True)
+        seq = torch.cat([seq, token], dim=1)
+        if int(token) in eos:
+            break
+    return seq[0, ids.shape[1]:].cpu()
+
+
+@functools.cache
+def _warn_unapplied(settings: str) -> None:
+    """Once per process and set of settings (not once per input line)."""
+    log.warning("predict: a prompt-learning adapter is decoded greedily by scaletune's own loop (peft's generate "
+                "is wrong for it), which does not apply the model's generation_config %s", settings)
 
 
 def run_merge(cfg: RunConfig, adapter: str | None, out_dir: str) -> Path:

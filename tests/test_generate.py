@@ -1,0 +1,122 @@
+"""`predict` on causal_lm completes a prompt the way the trained model would: for every kind of peft method
+its greedy completion equals greedy decoding by full forward passes of the adapter loaded in plain peft
+(the forward training uses), computed here without peft's or transformers' generation code.
+
+peft 0.21's generation for prompt-learning methods breaks under transformers 5.24 (it looks for the KV
+cache under its old name): prompt and p-tuning prepend the virtual tokens again at each step, prefix tuning
+loses its prefix. These tests catch that class of bug whatever its cause."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import torch
+import yaml
+
+from scaletune.config import load_config
+from scaletune.infer import generate, greedy_without_cache, load_trained, prompt_segments, run_predict
+from scaletune.train import save_adapter, setup
+
+from stutil import method_keys
+
+METHODS = ["lora", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning"]
+# short prompts: the tiny model's attention to 4 virtual tokens fades behind a long one, and so would the bug
+PROMPTS = ["alpha bravo", "kilo", "Reverse the order of these words.\nalpha bravo"]
+NEW_TOKENS = 8
+
+
+class _TokenIds:
+    """The tokenizer, except that `decode` gives the token ids back: the tiny tokenizer's tokens for
+    bytes above 127 decode alike (to U+FFFD), so a wrong token can hide in the decoded text."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+
+    def __getattr__(self, name: str):
+        return getattr(self._tokenizer, name)
+
+    def __call__(self, *args, **kwargs):
+        return self._tokenizer(*args, **kwargs)
+
+    def decode(self, ids, **_) -> list[int]:
+        return [int(i) for i in ids]
+
+
+def _peft_keys(name: str) -> dict:
+    if name == "p_tuning":  # not a matrix row (it passes through by name), so no shared settings
+        return {"method": "p_tuning", "num_virtual_tokens": 4, "encoder_hidden_size": 16}
+    return method_keys(name, "causal_lm")
+
+
+@torch.no_grad()
+def _reference(model, ids: torch.Tensor, eos: int) -> list[int]:
+    """Greedy decoding by a full forward over the whole sequence per token, no cache, stop at eos."""
+    seq = ids
+    for _ in range(NEW_TOKENS):
+        token = model(input_ids=seq, attention_mask=torch.ones_like(seq)).logits[0, -1].argmax()
+        seq = torch.cat([seq, token.view(1, 1)], dim=1)
+        if int(token) == eos:
+            break
+    return seq[0, ids.shape[1]:].tolist()
+
+
+def _adapter(make_config, tmp_path, name: str):
+    """(run config, adapter dir) of a fresh adapter of method `name` whose trainables are moved well away
+    from their initialisation (LoRA's zero B, IA3's ones), so it changes what the model generates."""
+    path = make_config("causal_lm", n=8)
+    raw = yaml.safe_load(path.read_text())
+    raw["peft"] = _peft_keys(name)
+    path.write_text(yaml.safe_dump(raw))
+    cfg = load_config(path)
+    run, _ = setup(cfg)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in run.model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.5)
+    save_adapter(run, tmp_path / "adapter")
+    return load_config(path), tmp_path / "adapter"
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_predict_completion_is_greedy_decoding_of_the_trained_forward(make_config, tmp_path, name):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg, adapter = _adapter(make_config, tmp_path, name)
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    results = run_predict(cfg, str(adapter), str(inp), NEW_TOKENS, out=io.StringIO())
+    # the same model and rendering, with the completion's token ids instead of its text
+    model, tokenizer, *_ = load_trained(cfg, str(adapter))
+    got = [generate(model, _TokenIds(tokenizer), prompt_segments({"prompt": p}, tokenizer)[1], NEW_TOKENS)
+           for p in PROMPTS]
+
+    tok = AutoTokenizer.from_pretrained(str(adapter))
+    base = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path).eval()
+    loaded = PeftModel.from_pretrained(base, str(adapter)).eval()
+    for prompt, result, ids_got in zip(PROMPTS, results, got):
+        ids = torch.tensor([[tok.bos_token_id, *tok(prompt, add_special_tokens=False)["input_ids"]]])
+        want = _reference(loaded, ids, tok.eos_token_id)
+        with loaded.disable_adapter():
+            assert want != _reference(loaded, ids, tok.eos_token_id)  # the adapter changes the completion
+        assert ids_got == want, (name, prompt)
+        assert result["completion"] == tok.decode(want, skip_special_tokens=True)
+
+
+def test_greedy_without_cache_stops_after_eos_and_names_what_it_does_not_apply(make_config, tmp_path, caplog):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    cfg, adapter = _adapter(make_config, tmp_path, "prefix_tuning")
+    base = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path)
+    model = PeftModel.from_pretrained(base, str(adapter)).eval()
+    ids = torch.tensor([[0, 5, 9, 12, 40]])
+    full = greedy_without_cache(model, ids, NEW_TOKENS).tolist()
+    model.generation_config.eos_token_id = [full[2]]  # a list, as some models' generation_config has it
+    model.generation_config.repetition_penalty = 1.3  # as Qwen's has: generate would apply it, the loop does not
+    with caplog.at_level("WARNING", logger="scaletune"):
+        assert greedy_without_cache(model, ids, NEW_TOKENS).tolist() == full[:full.index(full[2]) + 1]
+    assert "does not apply the model's generation_config repetition_penalty=1.3" in caplog.text
