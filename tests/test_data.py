@@ -360,7 +360,36 @@ def test_max_length_is_lowered_to_what_the_tokenizer_accepts(tmp_path, tiny_bert
     assert max(len(ids) for ids in built["train"]["input_ids"]) == 24
     cfg = _cfg(tmp_path, tiny_bert, task="seq_cls", data=data, max_length=200)
     load_tokenizer(cfg)
-    assert cfg.data.max_length == 200  # no stated limit: left alone
+    assert cfg.data.max_length == 200  # within the 512 positions and no tokenizer limit: left alone
+
+
+def test_max_length_above_a_rotary_models_positions_is_kept_with_a_warning(tmp_path, tiny_llama, caplog):
+    """Llama's rotary positions are computed, not looked up: past max_position_embeddings (512 in the tiny
+    model) it runs, on distances it was not trained on; that is worth a warning, not a cut (long-context
+    fine-tuning does exactly this)."""
+    data = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Say hi", "input": "", "output": "hi"}] * 2)
+    cfg = _cfg(tmp_path, tiny_llama, data=data, max_length=1024)
+    with caplog.at_level("WARNING", logger="scaletune"):
+        load_tokenizer(cfg)
+    assert cfg.data.max_length == 1024
+    assert "data.max_length=1024 is above the 512 positions" in caplog.text and "kept" in caplog.text
+
+
+@pytest.mark.parametrize("model_type,extra,limit", [
+    ("bert", {}, (512, True)),
+    ("gpt2", {"n_positions": 1024}, (1024, True)),
+    ("roberta", {"max_position_embeddings": 514, "pad_token_id": 1}, (512, True)),  # ids start after padding
+    ("deberta-v2", {"relative_attention": True, "position_biased_input": False}, (512, False)),  # DeBERTa-v3
+    ("esm", {"position_embedding_type": "absolute"}, (1026, True)),  # has a rope_theta, but it is unused
+    ("llama", {"max_position_embeddings": 8192}, (8192, False)),
+    ("t5", {}, (None, False)),
+])
+def test_position_limit_by_kind_of_positions(model_type, extra, limit):
+    from transformers import AutoConfig
+
+    from scaletune.seqlen import position_limit
+
+    assert position_limit(AutoConfig.for_model(model_type, **extra)) == limit
 
 
 @pytest.mark.parametrize("record", [

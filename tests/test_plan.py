@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from scaletune import plan
+from scaletune import plan, plan_search
 from scaletune.config import load_config
 from scaletune.errors import ConfigError
 
@@ -177,7 +177,7 @@ def _estimate_and_peak(tmp_path, make_config, model_dir, chunked: bool, precisio
     measured = measure_subprocess(cfg_path, tmp_path / f"measured{int(compile_)}.json", world=1, **env)
     cfg = load_config(cfg_path)
     shape = plan.model_shape(cfg)
-    assert shape.chunked_loss == chunked and measured["chunked_loss_used"] == chunked  # as training decided
+    assert plan.chunked_loss_applies(cfg, shape) == chunked and measured["chunked_loss_used"] == chunked  # as training
     est = plan.estimate(cfg, shape, 1, cuda=False)
     assert {k: measured[k] for k in STATE_KEYS} == est.model_states
     peak = measured["tensor_peak_bytes"]
@@ -264,15 +264,15 @@ def test_suggestion_is_cheapest_valid_fit(tmp_path, make_config):
                                   train={"micro_batch_size": 4}))
     shape = plan.model_shape(cfg)
     base = plan.estimate(cfg, shape, 2).gpu_total
-    ladder = plan.candidates(cfg, 2)
+    ladder = plan_search.candidates(cfg, 2)
     assert ladder[0][0] == "model.gradient_checkpointing=true"
     ckpt = plan.estimate(ladder[0][1], shape, 2).gpu_total
     assert ckpt < base
     # A budget between the two: checkpointing alone is the answer.
-    text, est = plan.suggest(cfg, shape, 2, (base + ckpt) // 2, cuda=True)
+    text, est = plan_search.suggest(cfg, shape, 2, plan.Budget((base + ckpt) // 2), cuda=True)
     assert text == "model.gradient_checkpointing=true" and est.gpu_total == ckpt
     # A tight budget: whatever is suggested must be a valid combination that fits.
-    text, est = plan.suggest(cfg, shape, 2, plan.GiB, cuda=True)
+    text, est = plan_search.suggest(cfg, shape, 2, plan.Budget(plan.GiB), cuda=True)
     cand = dict(ladder)[text]
     assert est.gpu_total <= plan.GiB
     assert not plan.cross_field_problems(cand, world_size=2, has_cuda=True)
@@ -294,3 +294,137 @@ def test_offload_moves_optimizer_to_host(make_config):
     cfg = load_config(make_config(distributed={"zero_stage": 2, "offload": "optimizer"}))
     est = plan.estimate(cfg, plan.model_shape(cfg), 2)
     assert est.cpu["optimizer"] > 0 and "optimizer" not in est.gpu
+
+
+# ----------------------------------------------------------------------------------------------
+# Suggestions are estimated as plan estimates the config given directly; what limits is named
+
+
+def _config_only(root: Path, name: str, arch: str, **fields) -> Path:
+    """A model directory with config.json only, as `plan` may be given (no weights, no tokenizer)."""
+    from transformers import BertConfig, LlamaConfig
+
+    out = root / name
+    (LlamaConfig if arch == "llama" else BertConfig)(**fields).save_pretrained(out)
+    return out
+
+
+LLAMA3_8B = {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+             "intermediate_size": 14336, "vocab_size": 128256, "max_position_embeddings": 8192,
+             "tie_word_embeddings": False}
+LLAMA2_70B = {"hidden_size": 8192, "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8,
+              "intermediate_size": 28672, "vocab_size": 32000, "max_position_embeddings": 4096,
+              "tie_word_embeddings": False}
+BF16_LORA16 = {"peft": {"r": 16, "lora_alpha": 32}, "train": {"mixed_precision": "bf16"}}
+
+
+def _plan_cli(path: Path, *argv: str, capsys) -> tuple[int, dict]:
+    """`scaletune plan` on `path`: exit code and its lines by first word (verdict, suggestion, total, note)."""
+    from scaletune.cli import main
+
+    code = main(["plan", str(path), *argv])
+    lines = capsys.readouterr().out.splitlines()
+    found = {"note": [line for line in lines if line.startswith("note: ")]}
+    for line in lines:
+        for key in ("verdict:", "suggestion:", "total per rank", "per-rank memory"):
+            if line.strip().startswith(key):
+                found[key.rstrip(":")] = line.strip()
+    return code, found
+
+
+def test_every_candidate_is_estimated_as_plan_estimates_it_given_directly(tmp_path, make_config):
+    """The search reuses one ModelShape: that must give each candidate the estimate of a fresh plan of that
+    config. It did not for ZeRO-3, where training turns the chunked loss off (the shape had it on)."""
+    model_dir = build_llama_110m(tmp_path, weights=False)
+    cfg = load_config(make_config(model={"name_or_path": str(model_dir)}, data={"max_length": 256},
+                                  train={"micro_batch_size": 4}))
+    assert cfg.train.chunked_loss
+    shape = plan.model_shape(cfg)
+    ladder = plan_search.candidates(cfg, 2)
+    assert any(c.distributed.zero_stage == 3 for _, c in ladder)
+    direct = {}
+    for text, cand in ladder:
+        est = plan.estimate(cand, plan.model_shape(cand), 2)
+        assert plan.estimate(cand, shape, 2) == est, text
+        direct[text] = est.gpu_total
+    # whatever budget picks a candidate, the number it prints is that config's own plan
+    for budget in sorted(set(direct.values())):
+        text, est = plan_search.suggest(cfg, shape, 2, plan.Budget(budget), cuda=True)
+        assert est.gpu_total == direct[text] <= budget
+
+
+def test_cli_suggestion_is_what_plan_says_of_the_suggested_config(tmp_path, make_config, capsys):
+    """The reported case: Llama-3-8B, 4 x 9GiB. The search said `distributed.zero_stage=3 -> 7.56 GiB`,
+    and plan given zero_stage=3 said DOES NOT FIT (9.73 GiB: ZeRO-3 has no chunked loss)."""
+    model_dir = _config_only(tmp_path, "llama3-8b", "llama", **LLAMA3_8B)
+    path = make_config(model={"name_or_path": str(model_dir), "dtype": "bfloat16"}, data={"max_length": 2048},
+                       **BF16_LORA16)
+    argv = ("--gpu-memory", "9GiB", "--gpus-per-node", "4", "train.micro_batch_size=1",
+            "model.gradient_checkpointing=true")
+    code, out = _plan_cli(path, *argv, "distributed.zero_stage=3", capsys=capsys)
+    assert code == 1 and "needs 9.73 GiB per device" in out["verdict"]
+    code, out = _plan_cli(path, *argv, capsys=capsys)
+    assert code == 1
+    text, _, number = out["suggestion"].removeprefix("suggestion: ").rpartition(" -> ")
+    cfg = load_config(path, list(argv[4:]))
+    cand = dict(plan_search.candidates(cfg, 4))[text]
+    assert plan.main_plan(_args(gpus_per_node=4, gpu_memory="9GiB"), cand) == 0
+    direct = capsys.readouterr().out
+    assert f"total per rank {number.removesuffix(' per device')}" in " ".join(direct.split())
+
+
+def test_host_memory_short_is_named_and_less_offload_suggested(tmp_path, make_config, capsys):
+    """Llama-2-70B, ZeRO-3 offload=all on 8 x 40GiB with 64GiB of host: the host part (every rank's
+    offloaded partitions) does not fit, the device part does. The verdict used to blame the device and
+    the search (which only added offload) found nothing; keeping the frozen weights on the devices fits."""
+    model_dir = _config_only(tmp_path, "llama2-70b", "llama", **LLAMA2_70B)
+    path = make_config(model={"name_or_path": str(model_dir), "dtype": "bfloat16"}, data={"max_length": 2048},
+                       **BF16_LORA16)
+    argv = ["--gpus-per-node", "8", "--gpu-memory", "40GiB", "--cpu-memory", "64GiB", "distributed.zero_stage=3",
+            "model.gradient_checkpointing=true", "train.micro_batch_size=1"]
+    code, out = _plan_cli(path, *argv, "distributed.offload=all", capsys=capsys)
+    assert code == 1
+    assert out["verdict"].startswith("verdict: DOES NOT FIT (host memory for offload: needs 131.95 GiB per node, "
+                                     "has 64.00 GiB; the device part fits, 5.28 GiB of 40.00 GiB)")
+    assert out["suggestion"].startswith("suggestion: distributed.offload=optimizer -> ")
+    code, direct = _plan_cli(path, *argv, "distributed.offload=optimizer", capsys=capsys)
+    assert code == 0 and f"-> {' '.join(direct['total per rank'].split()[3:5])} per device" in out["suggestion"]
+    # a host too small even for the optimizer states: no offload at all
+    argv[5] = "1GiB"
+    code, out = _plan_cli(path, *argv, "distributed.offload=all", capsys=capsys)
+    assert code == 1 and out["suggestion"] == "suggestion: distributed.offload=none -> 21.78 GiB per device"
+    code, direct = _plan_cli(path, *argv, "distributed.offload=none", capsys=capsys)
+    assert code == 0 and "21.78 GiB" in direct["total per rank"]
+
+
+def test_plan_uses_the_max_length_training_uses(tmp_path, make_config, tiny_bert, capsys):
+    """BERT has 512 learned positions: training lowers data.max_length to 512 (and to the tokenizer's
+    model_max_length), so plan estimates 512 and says why; it used to estimate 4096 and not fit."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from scaletune.model import load_tokenizer
+
+    bert = _config_only(tmp_path, "bert-base", "bert")  # BertConfig's defaults are bert-base's
+    sections = {"model": {"name_or_path": str(bert), "dtype": "bfloat16"}, "peft": {"r": 16, "lora_alpha": 32},
+                "train": {"mixed_precision": "bf16", "global_batch_size": 32, "micro_batch_size": 32}}
+    path = make_config("seq_cls", data={"max_length": 4096}, **sections)
+    code, out = _plan_cli(path, "--gpu-memory", "24GB", capsys=capsys)
+    assert code == 0 and out["per-rank memory"].endswith("micro batch 32 x 512 tokens")
+    assert out["note"] == [f"note: data.max_length=4096 is above the 512 positions of {bert} (a learned position "
+                           "table: max_position_embeddings); using 512"]
+    _, direct = _plan_cli(path, "--gpu-memory", "24GB", "data.max_length=512", capsys=capsys)
+    assert direct["total per rank"] == out["total per rank"] and not direct["note"]
+    # a tokenizer that states a smaller limit lowers it further, in plan as in training
+    capped = tmp_path / "bert64"
+    shutil.copytree(tiny_bert, capped)
+    tok = AutoTokenizer.from_pretrained(capped)
+    tok.model_max_length = 64
+    tok.save_pretrained(capped)
+    path = make_config("seq_cls", model={"name_or_path": str(capped)}, data={"max_length": 4096})
+    cfg = load_config(path)
+    load_tokenizer(cfg)
+    assert cfg.data.max_length == 64
+    code, out = _plan_cli(path, capsys=capsys)
+    assert out["per-rank memory"].endswith("x 64 tokens") and "accepts; using its limit 64" in out["note"][0]

@@ -344,6 +344,26 @@ def test_seq_cls_learns_and_adapter_reloads_in_plain_peft(make_config, tmp_path)
     assert [r["label"] for r in ours] == ["pos", "neg", "pos", "neg"]
 
 
+def test_max_length_past_the_position_table_trains_at_the_table_size(make_config, tmp_path, caplog):
+    """A BERT has 512 learned positions; its tokenizer states no limit (model_max_length is the 1e30
+    "unlimited" sentinel), so only the model config knows. data.max_length 1024 with longer texts used to
+    crash the first step ("expanded size of the tensor (1024) must match the existing size (512)")."""
+    from stutil import WORDS, write_jsonl
+
+    records = [{"text": " ".join(WORDS * 60), "label": "pos" if i % 2 else "neg"} for i in range(8)]
+    train = write_jsonl(tmp_path / "long.jsonl", records)
+    path = make_config("seq_cls", data={"train": str(train), "eval": None, "max_length": 1024},
+                       train={"global_batch_size": 4, "micro_batch_size": 2, "max_steps": 1})
+    with caplog.at_level("WARNING", logger="scaletune"):
+        run, _ = setup(load_config(path))
+    assert run.tokenizer.model_max_length > 10**20  # the sentinel: the tokenizer did not lower it
+    assert "data.max_length=1024 is above the 512 positions of" in caplog.text
+    assert run.cfg.data.max_length == 512
+    assert max(len(ids) for ids in run.data["train"]["input_ids"]) == 512
+    fit(run, StopFlag())
+    assert read_metrics(run.output_dir)[-1]["step"] == 1
+
+
 def test_token_cls_learns_with_seqeval_metrics(make_config, tmp_path):
     path = make_config("token_cls", n=96, train={"global_batch_size": 16, "micro_batch_size": 8, "max_steps": 40,
                                                  "learning_rate": 2e-2, "eval_every": 40})

@@ -111,7 +111,7 @@ class DataConfig:
         "causal_lm: alpaca | sharegpt | messages | prompt_completion | text; "
         "seq_cls: text (+text_pair) + label; token_cls: tokens + tags or conll. auto = detect from columns.",
     )
-    max_length: int = _f(1024, "Truncate tokenised examples to this many tokens (lowered, with a warning, to the tokenizer's model_max_length: 512 for BERT-family models); how many examples it cut is logged per split and kept in run.json (truncated_examples).")
+    max_length: int = _f(1024, "Truncate tokenised examples to this many tokens (lowered, with a warning, to the tokenizer's model_max_length and to a learned position table's size, max_position_embeddings: 512 for BERT-family models; above a rotary model's max_position_embeddings it is kept, with a warning); how many examples it cut is logged per split and kept in run.json (truncated_examples).")
     train_on_prompt: bool = _f(False, "causal_lm: also compute the loss on prompt/user tokens.")
     packing: bool = _f(False, "causal_lm: pack several examples per row (attention isolated per example).")
     text_column: str | None = _f(None, "seq_cls/text: column with the text (default: text/sentence).")

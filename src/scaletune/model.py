@@ -34,30 +34,37 @@ def _check_model_source(cfg: RunConfig) -> None:
         raise ConfigError(f"model.name_or_path: directory not found: {src}")
 
 
-def load_tokenizer(cfg: RunConfig, path: str | None = None) -> Any:
-    """The model's tokenizer (or the one saved at `path`), with a pad token; lowers
-    `cfg.data.max_length` to the tokenizer's `model_max_length` where that is smaller."""
+def read_tokenizer(cfg: RunConfig, src: str) -> Any:
+    """The tokenizer saved at `src` (a model directory, hub id or adapter directory); unreadable -> ConfigError."""
     from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(src, trust_remote_code=cfg.model.trust_remote_code,
+                                             revision=cfg.model.revision)
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # Key/TypeError: a damaged tokenizer.json
+        raise ConfigError(f"model.name_or_path: cannot load a tokenizer from {src!r} "
+                          f"({str(exc).splitlines()[0]})") from None
+
+
+def load_tokenizer(cfg: RunConfig, path: str | None = None) -> Any:
+    """The model's tokenizer (or the one saved at `path`), with a pad token; lowers `cfg.data.max_length`
+    to the tokenizer's `model_max_length` and to the model's learned position table where those are
+    smaller (seqlen.effective_max_length, which `plan` applies too)."""
+    from .seqlen import effective_max_length, read_model_config
 
     if path is None:
         _check_model_source(cfg)
     src = path or cfg.model.name_or_path
-    try:
-        tok = AutoTokenizer.from_pretrained(src, trust_remote_code=cfg.model.trust_remote_code,
-                                            revision=cfg.model.revision)
-    except (OSError, ValueError, KeyError, TypeError) as exc:  # Key/TypeError: a damaged tokenizer.json
-        raise ConfigError(f"model.name_or_path: cannot load a tokenizer from {src!r} "
-                          f"({str(exc).splitlines()[0]})") from None
+    tok = read_tokenizer(cfg, src)
     if tok.pad_token is None:
         # Padding positions are masked out of attention and loss, so any token will do.
         tok.pad_token = tok.eos_token or tok.unk_token
-    limit = getattr(tok, "model_max_length", None)
-    if isinstance(limit, int) and 0 < limit < cfg.data.max_length:
-        # Models with learned positions (BERT family: 512) index past their table and crash with a
-        # shape error on the first long example; the tokenizer knows the limit, so truncate there.
-        log.warning("data.max_length=%d is above what %s accepts; using its limit %d",
-                    cfg.data.max_length, src, limit)
-        cfg.data.max_length = limit
+    # Models with learned positions (BERT family: 512) index past their table and crash with a shape
+    # error on the first long example, so truncate there, before anything is tokenised.
+    length, notes = effective_max_length(cfg, tok, read_model_config(cfg), src)
+    for note in notes:
+        log.warning("%s", note)
+    cfg.data.max_length = length
     return tok
 
 

@@ -62,7 +62,9 @@ def fmt_bytes(n: float) -> str:
 
 @dataclass
 class ModelShape:
-    """Exact parameter facts of base + adapter, independent of world size and ZeRO stage."""
+    """Exact parameter facts of base + adapter. They depend on the model, adapter and task only, never
+    on what the suggestions change (ZeRO stage, offload, micro batch, checkpointing, dtype, quantization),
+    so one shape serves every candidate; what does depend on those is decided in `estimate`."""
 
     frozen: list[tuple[int, bool, int]]  # (numel, is a quantizable Linear weight, out_features) per param
     groups: list[list[int]]  # numel of each trainable param, per optimizer param group
@@ -71,7 +73,7 @@ class ModelShape:
     intermediate: int
     vocab: int
     kv_dim: int
-    chunked_loss: bool = False  # train.chunked_loss applies to this model (no full logits are built)
+    chunkable_head: bool = False  # the chunked loss could stand in for this model's (see chunked_loss_applies)
 
     @property
     def trainable(self) -> int:
@@ -144,15 +146,15 @@ def model_shape(cfg: RunConfig) -> ModelShape:
     heads = int(getattr(c, "num_attention_heads", 1) or 1)
     kv_heads = int(getattr(c, "num_key_value_heads", heads) or heads)
     layers = int(getattr(c, "num_hidden_layers", 1) or 1)
-    chunked = cfg.task == "causal_lm" and cfg.train.chunked_loss and cfg.distributed.zero_stage != 3
-    if chunked:
+    chunkable = False
+    if cfg.task == "causal_lm":
         from .tasks.chunked_ce import chunkable_head
 
-        chunked = chunkable_head(model)[0] is not None  # the rule training applies, on the meta model
+        chunkable = chunkable_head(model)[0] is not None  # the rule training applies, on the meta model
     return ModelShape(frozen=frozen, groups=_optimizer_groups(cfg, model), hidden=hidden, layers=layers,
                       intermediate=int(getattr(c, "intermediate_size", 4 * hidden) or 4 * hidden),
                       vocab=int(getattr(c, "vocab_size", 0) or 0),
-                      kv_dim=hidden * kv_heads // heads, chunked_loss=chunked)
+                      kv_dim=hidden * kv_heads // heads, chunkable_head=chunkable)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,6 +278,13 @@ def model_state_bytes(cfg: RunConfig, shape: ModelShape, world: int) -> Estimate
     return est
 
 
+def chunked_loss_applies(cfg: RunConfig, shape: ModelShape) -> bool:
+    """Whether training computes this run's loss a chunk at a time (train.chunked_loss): not under ZeRO-3,
+    which partitions the LM head the chunks multiply by."""
+    return (cfg.task == "causal_lm" and cfg.train.chunked_loss and cfg.distributed.zero_stage != 3
+            and shape.chunkable_head)
+
+
 def activation_bytes(cfg: RunConfig, shape: ModelShape, micro: int, cuda: bool = True) -> dict[str, int]:
     """Approximate peak activation memory of one micro-batch at data.max_length tokens per row.
 
@@ -310,7 +319,7 @@ def activation_bytes(cfg: RunConfig, shape: ModelShape, micro: int, cuda: bool =
     else:
         layers = per_layer * shape.layers
     out = {"activations": layers}
-    if cfg.task == "causal_lm" and shape.chunked_loss:
+    if chunked_loss_applies(cfg, shape):
         from .tasks.chunked_ce import chunk_rows
 
         rows = min(tokens, chunk_rows(shape.vocab, cuda))
@@ -354,62 +363,30 @@ def estimate(cfg: RunConfig, shape: ModelShape, world: int, cuda: bool = True) -
     return est
 
 
-# ----------------------------------------------------------------------------------------------
-# Suggestions
+@dataclass
+class Budget:
+    """What a rank may use: `device` bytes, and its node's `host` bytes (None: not checked), which the
+    node's `ranks_per_node` ranks all offload into."""
 
+    device: int
+    host: int | None = None
+    ranks_per_node: int = 1
 
-def _with(cfg: RunConfig, **changes: dict) -> RunConfig:
-    """A copy of `cfg` with section fields replaced, e.g. _with(cfg, train={"micro_batch_size": 1})."""
-    out = cfg
-    for section, values in changes.items():
-        out = dataclasses.replace(out, **{section: dataclasses.replace(getattr(out, section), **values)})
-    return out
+    def host_need(self, est: Estimate) -> int:
+        return est.cpu_total * self.ranks_per_node
 
+    def host_short(self, est: Estimate) -> bool:
+        return self.host is not None and self.host_need(est) > self.host
 
-def _levels(cfg: RunConfig, world: int) -> list[list[tuple[str, dict]]]:
-    """Changes in order of cost; alternatives inside a level replace each other, mildest first."""
-    t, dist = cfg.train, cfg.distributed
-    levels: list[list[tuple[str, dict]]] = []
-    if not cfg.model.gradient_checkpointing and cfg.peft_method != "prefix_tuning":
-        levels.append([("model.gradient_checkpointing=true", {"model": {"gradient_checkpointing": True}})])
-    levels.append([(f"train.micro_batch_size={m} (grad accumulation {t.global_batch_size // (m * world)}, "
-                    "same global batch)", {"train": {"micro_batch_size": m}})
-                   for m in range(t.micro_batch_size - 1, 0, -1) if t.global_batch_size % (m * world) == 0])
-    levels.append([(f"distributed.zero_stage={s}", {"distributed": {"zero_stage": s}})
-                   for s in range(max(dist.zero_stage + 1, 2), 4)])
-    if dist.offload == "none":
-        # DeepSpeed's CPU Adam replaces any 8-bit optimizer (config rule), so offload means adamw.
-        levels.append([("distributed.offload=optimizer", {"distributed": {"offload": "optimizer"},
-                                                          "train": {"optimizer": "adamw"}})])
-    if cfg.model.quantization != "4bit":
-        dtype = "bfloat16" if cfg.model.dtype == "float32" else cfg.model.dtype
-        mp = "bf16" if dtype == "bfloat16" else "fp16"
-        levels.append([("model.quantization=4bit", {"model": {"quantization": "4bit", "dtype": dtype},
-                                                    "train": {"mixed_precision": mp}})])
-    return [level for level in levels if level]
-
-
-def candidates(cfg: RunConfig, world: int) -> list[tuple[str, RunConfig]]:
-    """Every candidate, cheapest first: each level's alternatives on top of the strongest earlier ones."""
-    out: list[tuple[str, RunConfig]] = []
-    base, steps = cfg, []
-    for level in _levels(cfg, world):
-        for text, changes in level:
-            out.append(("; ".join([*steps, text]), _with(base, **changes)))
-        steps.append(level[-1][0])
-        base = _with(base, **level[-1][1])
-    return out
-
-
-def suggest(cfg: RunConfig, shape: ModelShape, world: int, limit: int, cuda: bool) -> tuple[str, Estimate] | None:
-    """The first candidate that is a valid combination and fits in `limit` bytes per device."""
-    for text, cand in candidates(cfg, world):
-        if cross_field_problems(cand, world_size=world, has_cuda=cuda):
-            continue
-        est = estimate(cand, shape, world, cuda)
-        if est.gpu_total <= limit:
-            return text, est
-    return None
+    def shortfalls(self, est: Estimate) -> list[str]:
+        """What does not fit, in words for the verdict; empty if everything does."""
+        out = []
+        if est.gpu_total > self.device:
+            out.append(f"needs {fmt_bytes(est.gpu_total)} per device, has {fmt_bytes(self.device)}")
+        if self.host_short(est):
+            out.append(f"host memory for offload: needs {fmt_bytes(self.host_need(est))} per node, "
+                       f"has {fmt_bytes(self.host)}")
+        return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -444,8 +421,25 @@ def gpu_memory(given: str | None) -> tuple[int, str]:
     return parse_bytes(ASSUMED_GPU_MEMORY), f" (assumed: --gpu-memory {ASSUMED_GPU_MEMORY}; pass your device's)"
 
 
+def training_max_length(cfg: RunConfig) -> RunConfig:
+    """`cfg` with data.max_length lowered as training lowers it (seqlen.effective_max_length), saying so."""
+    from .model import read_tokenizer
+    from .seqlen import effective_max_length, read_model_config
+
+    try:
+        tokenizer = read_tokenizer(cfg, cfg.model.name_or_path)
+    except ConfigError:
+        tokenizer = None  # a config.json-only directory: only the model's position table is known
+    length, notes = effective_max_length(cfg, tokenizer, read_model_config(cfg))
+    for note in notes:
+        print(f"note: {note}")
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_length=length))
+
+
 def main_plan(args: Any, cfg: RunConfig) -> int:
     """`scaletune plan`: 0 = fits, 1 = does not fit (a suggestion is printed); invalid -> ConfigError."""
+    from .plan_search import suggest
+
     nodes, gpus = int(args.nodes), int(args.gpus_per_node)
     if nodes < 1 or gpus < 0:
         raise ConfigError(f"--nodes must be >= 1 and --gpus-per-node >= 0 (got {nodes}, {gpus})")
@@ -453,28 +447,34 @@ def main_plan(args: Any, cfg: RunConfig) -> int:
     world = nodes * gpus if cuda else nodes
     limit, assumed = gpu_memory(args.gpu_memory)
     host_limit = parse_bytes(args.cpu_memory, "--cpu-memory") if getattr(args, "cpu_memory", None) else None
+    budget = Budget(limit, host_limit, max(1, gpus))
     problems = cross_field_problems(cfg, world_size=world, has_cuda=cuda)
     if problems:
         raise ConfigError(problems, title=f"this run cannot run on {nodes} node(s) x {gpus} GPU(s)")
+    cfg = training_max_length(cfg)
     shape = model_shape(cfg)
     est = estimate(cfg, shape, world, cuda)
     print(f"{cfg.model.name_or_path}: {shape.total_frozen:,} frozen + {shape.trainable:,} trainable params "
           f"({100 * shape.trainable / max(1, shape.total_frozen + shape.trainable):.3f}%)")
     print(render(est, limit, f"per-rank memory, world size {world}, ZeRO-{cfg.distributed.zero_stage}, "
                              f"micro batch {cfg.train.micro_batch_size} x {cfg.data.max_length} tokens"))
-    fits = est.gpu_total <= limit
     if host_limit is not None and est.cpu_total:
-        host_need = est.cpu_total * max(1, gpus)  # every rank of a node offloads into the same host
-        print(f"  host memory for offload: {fmt_bytes(host_need)} of {fmt_bytes(host_limit)} per node")
-        fits = fits and host_need <= host_limit
-    if fits:
+        print(f"  host memory for offload: {fmt_bytes(budget.host_need(est))} of {fmt_bytes(host_limit)} per node")
+    short = budget.shortfalls(est)
+    if not short:
         print(f"verdict: FITS ({fmt_bytes(limit - est.gpu_total)} headroom per device){assumed}")
         return 0
-    print(f"verdict: DOES NOT FIT (needs {fmt_bytes(est.gpu_total)} per device, has {fmt_bytes(limit)}){assumed}")
-    found = suggest(cfg, shape, world, limit, cuda)
+    if est.gpu_total <= limit:  # only the host falls short: the device is not what to change
+        short.append(f"the device part fits, {fmt_bytes(est.gpu_total)} of {fmt_bytes(limit)}")
+    print(f"verdict: DOES NOT FIT ({'; '.join(short)}){assumed}")
+    found = suggest(cfg, shape, world, budget, cuda)
     if found is None:
-        print("suggestion: nothing in the search (checkpointing, micro batch, ZeRO, offload, 4-bit) fits; "
-              "use more or larger devices")
-    else:
-        print(f"suggestion: {found[0]} -> {fmt_bytes(found[1].gpu_total)} per device")
+        more = " or more host memory" if budget.host_short(est) else ""
+        print("suggestion: nothing in the search (checkpointing, micro batch, ZeRO, offload more or less, 4-bit) "
+              f"fits; use more or larger devices{more}")
+        return 1
+    text, fit = found
+    host = (f", {fmt_bytes(budget.host_need(fit))} host memory per node"
+            if host_limit is not None and fit.cpu_total else "")
+    print(f"suggestion: {text} -> {fmt_bytes(fit.gpu_total)} per device{host}")
     return 1
