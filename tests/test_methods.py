@@ -168,3 +168,28 @@ def test_adalora_resume_is_exact(make_config, tmp_path, stop_at):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
     pattern = [json.loads((runs[n] / "adapter/adapter_config.json").read_text())["rank_pattern"] for n in runs]
     assert pattern[0] and pattern[0] == pattern[1]
+
+
+@pytest.mark.parametrize("peft", [{"method": "prompt_tuning", "num_virtual_tokens": 4},
+                                  {"method": "p_tuning", "num_virtual_tokens": 4, "encoder_hidden_size": 16},
+                                  {"method": "prefix_tuning", "num_virtual_tokens": 4},
+                                  {"method": "lora", "r": 4}], ids=lambda p: p["method"])
+def test_causal_lm_loss_scores_each_token_from_the_position_before_it(make_config, peft):
+    """Prompt and p-tuning prepend their virtual tokens to the logits: the loss must read token t+1's
+    prediction at position t + num_virtual_tokens (it read t, training every position 5 tokens ahead)."""
+    import torch.nn.functional as F
+
+    path = make_config("causal_lm", n=8)
+    raw = yaml.safe_load(path.read_text())
+    raw["peft"] = peft
+    path.write_text(yaml.safe_dump(raw))
+    run, _ = setup(load_config(path))
+    model = run.model.eval()
+    batch = run.task.collate([run.data["train"][i] for i in range(2)], run.tokenizer.pad_token_id)
+    with torch.no_grad():
+        loss, _ = run.task.loss_sum(model, batch)
+        full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    width = batch["input_ids"].shape[1]
+    own = full[:, -width:][:, :-1]  # the logits of the real tokens, whatever came before them
+    expected = F.cross_entropy(own.reshape(-1, own.shape[-1]), batch["labels"][:, 1:].reshape(-1), reduction="sum")
+    torch.testing.assert_close(loss, expected)

@@ -29,6 +29,20 @@ def _accepts_logits_to_keep(model: Any) -> bool:
     return _accepts_by_class(type(inner))
 
 
+def _virtual_tokens(model: Any) -> int:
+    """How many positions a prompt-learning adapter prepends to the model's input (and so to its logits):
+    prompt tuning and p-tuning add `num_virtual_tokens`; prefix tuning puts its prefix in the attention cache
+    instead, and other methods add nothing."""
+    inner = unwrap(None, model)
+    configs = getattr(inner, "peft_config", None)
+    if not isinstance(configs, dict):
+        return 0
+    pc = configs.get(getattr(inner, "active_adapter", "default"))
+    if not getattr(pc, "is_prompt_learning", False) or str(getattr(pc, "peft_type", "")).endswith("PREFIX_TUNING"):
+        return 0
+    return int(pc.num_virtual_tokens) * int(getattr(pc, "num_transformer_submodules", None) or 1)
+
+
 def target_positions(labels: torch.Tensor) -> torch.Tensor:
     """Flat indices (row * width + t) of the positions t whose next token is a target: the rows of
     `hidden.reshape(-1, h)` the loss needs; their labels sit one index further."""
@@ -139,10 +153,13 @@ class CausalLM(Task):
         # masking that skips the vocabulary projection (and its float32 loss) for every prompt token.
         labels = batch["labels"][:, 1:]
         keep = (labels != IGNORE).any(0).nonzero().squeeze(1)
+        # Prompt and p-tuning put their virtual tokens in front of the sequence, logits included: token t's
+        # logits sit at t + that many (not shifting trains each position to predict several tokens ahead).
+        at = keep + _virtual_tokens(model)
         if _accepts_logits_to_keep(model):
-            logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
+            logits = model(**inputs, use_cache=False, logits_to_keep=at).logits
         else:
-            logits = model(**inputs, use_cache=False).logits[:, keep]
+            logits = model(**inputs, use_cache=False).logits[:, at]
         return ce_sum(logits, labels[:, keep]), logits
 
     def _chunked_loss_sum(self, model: Any, inputs: dict, batch: dict) -> torch.Tensor:
