@@ -444,3 +444,155 @@ def test_eval_data_problems_name_the_data_option(capsys, make_config, tmp_path, 
     assert len(calls) == 6  # each example once (the file used to be read and tokenised as train and as eval)
     assert "--data: 6 of 6 example(s) are longer than data.max_length=8 tokens" in caplog.text
     assert "data.train" not in caplog.text
+
+# ---------------------------------------------------------------------------------------------
+# launch / launch-args / slurm: refused here, before any process starts or any job is queued
+
+
+@pytest.fixture
+def nothing_starts(monkeypatch, tmp_path):
+    """Fail the test if `scaletune launch` would start accelerate (in process, or by exec as it once did) or
+    `scaletune slurm` would run sbatch; run it in an empty directory (no logs/ where the tests run)."""
+    import scaletune.launch
+
+    def started(*args, **kwargs):
+        raise AssertionError(f"started: {args}")
+
+    monkeypatch.setattr(scaletune.launch, "run_accelerate", started, raising=False)
+    monkeypatch.setattr(os, "execvp", started)
+    monkeypatch.setattr(subprocess, "run", started)
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.mark.parametrize("argv", [
+    ["launch", "--nproc", "2", "peft.lora_r=8"],
+    ["launch", "--nproc", "2", "--dry-run", "peft.lora_r=8"],
+    ["launch-args", "peft.method=lorax"],
+    ["slurm", "--dry-run", "peft.method=lorax"],
+    ["slurm", "peft.lora_r=8"],
+], ids=["launch", "launch-dry-run", "launch-args", "slurm-dry-run", "slurm"])
+def test_launch_and_slurm_check_the_peft_section_first(capsys, make_config, nothing_starts, argv):
+    """The peft section is checked as `train` checks it: once, before composing a command (a launch used to
+    start every process to fail the same way; --dry-run, launch-args and slurm accepted it)."""
+    path = make_config("causal_lm")
+    code, out, err = run_cli([argv[0], path, *argv[1:]], capsys)
+    wanted = "peft.lora_r: not a LoraConfig option" if "peft.lora_r=8" in argv else "unknown method 'lorax'"
+    assert_clean_error(code, err, wanted)
+    assert out == ""  # not even the command: nothing was composed
+
+
+@pytest.mark.parametrize(("argv", "wanted"), [
+    (["launch", "--dry-run", "--nproc", "0"], "--nproc must be >= 1"),
+    (["launch", "--dry-run", "--nproc", "-1"], "--nproc must be >= 1"),
+    (["launch", "--dry-run", "--nnodes", "0"], "--nnodes >= 1"),
+    (["launch", "--dry-run", "--nnodes", "2", "--node-rank", "-1"], "--node-rank: must be in [0, 1]"),
+    (["launch", "--dry-run", "--master-port", "0"], "--master-port: must be in [1, 65535]"),
+    (["slurm", "--dry-run", "--nodes", "0"], "--nodes must be >= 1"),
+    (["slurm", "--dry-run", "--gpus-per-node", "-1"], "--gpus-per-node >= 0"),
+    (["slurm", "--dry-run", "--sbatch-arg=qos=high"], "--sbatch-arg 'qos=high': not an sbatch option"),
+    (["plan", "--nodes", "0"], "--nodes must be >= 1"),
+    (["plan", "--gpus-per-node", "-2"], "--gpus-per-node >= 0"),
+    (["plan", "--gpu-memory", "0GiB"], "--gpu-memory: cannot read '0GiB'"),
+    (["plan", "--cpu-memory", "0GiB"], "--cpu-memory: cannot read '0GiB'"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_numeric_launch_options_out_of_range(capsys, make_config, nothing_starts, argv, wanted):
+    """`--nproc 0` used to be taken as "one per GPU" (a dry run composed --num_processes 1)."""
+    code, out, err = run_cli([argv[0], make_config("causal_lm"), *argv[1:]], capsys)
+    assert_clean_error(code, err, wanted)
+    assert "launch" not in out
+
+
+def _fake_sbatch(bin_dir: Path, script: str) -> None:
+    bin_dir.mkdir(exist_ok=True)
+    sbatch = bin_dir / "sbatch"
+    sbatch.write_text(f"#!/bin/sh\n{script}\n")
+    sbatch.chmod(0o755)
+
+
+def test_slurm_without_sbatch_is_one_error_and_creates_nothing(capsys, make_config, tmp_path, monkeypatch):
+    path = make_config("causal_lm")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+    code, out, err = run_cli(["slurm", path], capsys)
+    assert_clean_error(code, err, "`sbatch` not found on PATH", "hint:", "--dry-run")
+    assert not (work / "logs").exists() and out == ""
+    code, out, _ = run_cli(["slurm", path, "--dry-run"], capsys)  # the hint's way out works without sbatch
+    assert code == 0 and out.startswith("sbatch ")
+
+
+def test_slurm_sbatch_refusal_names_command_and_message(capsys, make_config, tmp_path, monkeypatch):
+    """sbatch without a reachable controller: its message inside a normal error (was: sbatch's raw stderr,
+    exit 1, and a logs/ directory left behind)."""
+    path = make_config("causal_lm")
+    _fake_sbatch(tmp_path / "bin", "echo 'sbatch: fatal: Could not establish a configuration source' >&2; exit 1")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    code, _, err = run_cli(["slurm", path, "--gpus-per-node", "0"], capsys)
+    assert_clean_error(code, err, "sbatch refused the job (exit 1)", "`sbatch --nodes=1",
+                       "sbatch: fatal: Could not establish a configuration source", "--dry-run")
+    assert not (work / "logs").exists()
+
+
+def test_slurm_sbatch_arg_is_passed_to_sbatch(capfd, make_config, tmp_path, monkeypatch):
+    path = make_config("causal_lm")
+    record = tmp_path / "argv.txt"
+    _fake_sbatch(tmp_path / "bin", f'printf "%s\\n" "$@" > {record}; echo "Submitted batch job 7"')
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(["slurm", path, "--sbatch-arg=--qos=high", "--gpus-per-node", "0",
+                              "--sbatch-arg=--mail-type=END", "train.learning_rate=1e-3"], capfd)
+    assert code == 0, err
+    assert "Submitted batch job 7" in out and (tmp_path / "logs").is_dir()
+    argv = record.read_text().splitlines()
+    template = next(i for i, a in enumerate(argv) if a.endswith("single_node.sbatch"))
+    assert argv[template - 2:template] == ["--qos=high", "--mail-type=END"]
+    assert argv[template + 1:] == [str(Path(path).resolve()), "train.learning_rate=1e-3"]
+
+
+# ---------------------------------------------------------------------------------------------
+# one rank's error under a launcher: one screen, exit 2
+
+
+def test_a_rank_that_lost_its_peer_prints_one_line(capsys, make_config, monkeypatch):
+    """A collective failing because another rank exited is that rank's error, printed above: one line and
+    exit 2 instead of a gloo traceback. Outside a launched world the error is not hidden."""
+    import scaletune.cli as cli
+
+    def peer_gone(args):
+        raise RuntimeError("[../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:3290. This "
+                           "is typically caused by a remote worker crashing.")
+
+    monkeypatch.setattr(cli, "dispatch", peer_gone)
+    path = make_config()
+    with pytest.raises(RuntimeError):
+        run_cli(["train", path], capsys)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    code, _, err = run_cli(["train", path], capsys)
+    assert code == 2 and err.strip().splitlines() == [
+        "rank 1: stopped because another rank failed (Connection closed by peer); its error is above"]
+
+
+def test_rank_0s_error_relayed_to_the_others_is_printed_once_per_node(capsys, make_config, monkeypatch):
+    import scaletune.cli as cli
+    from scaletune.errors import DataError
+
+    relayed = DataError("data.train: no usable examples in x.jsonl")
+    relayed.relayed_from = 0
+
+    def fails(args):
+        raise relayed
+
+    monkeypatch.setattr(cli, "dispatch", fails)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    path = make_config()
+    code, _, err = run_cli(["train", path], capsys)
+    assert code == 2 and err.strip() == "rank 1: stopped by rank 0's error (above)"
+    monkeypatch.setenv("LOCAL_RANK", "0")  # the first process of another node: its log needs the error itself
+    code, _, err = run_cli(["train", path], capsys)
+    assert_clean_error(code, err, "error: data.train: no usable examples in x.jsonl")

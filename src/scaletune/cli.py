@@ -72,11 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("slurm", help="submit this config with the Slurm templates")
     _add_config(p)
     p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=1)
-    p.add_argument("--time", default=None)
+    p.add_argument("--gpus-per-node", type=int, default=1, help="GPUs per node (0: CPU-only nodes)")
+    p.add_argument("--time", default=None, help="Slurm time limit, e.g. 04:00:00")
     p.add_argument("--partition", default=None)
     p.add_argument("--account", default=None)
-    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--sbatch-arg", action="append", default=[], dest="sbatch_args", metavar="OPTION",
+                   help="extra sbatch option (repeatable; write it with '='), e.g. --sbatch-arg=--qos=high")
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch command, do not submit")
 
     p = sub.add_parser("plan", help="estimate per-rank memory and check the combination before launching")
     _add_config(p)
@@ -141,7 +143,7 @@ def check_args(args: argparse.Namespace) -> None:
         elif out.is_dir() and any(out.iterdir()):
             problems.append(f"--out {out} is not empty; choose a new directory")
     if cmd == "launch":
-        if (args.nproc is not None and args.nproc < 0) or args.nnodes < 1:
+        if (args.nproc is not None and args.nproc < 1) or args.nnodes < 1:
             problems.append(f"--nproc must be >= 1 (default: one per GPU) and --nnodes >= 1 (got {args.nproc}, "
                             f"{args.nnodes})")
         elif not 0 <= args.node_rank < args.nnodes:
@@ -150,6 +152,10 @@ def check_args(args: argparse.Namespace) -> None:
             problems.append(f"--master-port: must be in [1, 65535], got {args.master_port}")
     if cmd == "slurm" and (args.nodes < 1 or args.gpus_per_node < 0):
         problems.append(f"--nodes must be >= 1 and --gpus-per-node >= 0 (got {args.nodes}, {args.gpus_per_node})")
+    if cmd == "slurm":
+        # sbatch takes its first non-option word as the script: `--sbatch-arg=qos=high` would replace ours
+        problems += [f"--sbatch-arg {value!r}: not an sbatch option (write e.g. --sbatch-arg=--qos=high)"
+                     for value in args.sbatch_args if not value.startswith("-")]
     if len(problems) == 1:
         raise UserError(problems[0])
     if problems:
@@ -208,9 +214,11 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "launch-args":
         from . import launch
 
+        launch.preflight(cfg, environment=False)  # composes flags, like a dry run
         print(" ".join(launch.deepspeed_flags(cfg)))
         return 0
     if args.command == "slurm":
+        from .launch import preflight
         from .rules import cross_field_problems
         from .slurm import main_slurm
 
@@ -220,6 +228,8 @@ def dispatch(args: argparse.Namespace) -> int:
             if problems:
                 raise ConfigError(problems, title=f"{args.config} cannot run on {args.nodes} node(s) x "
                                                   f"{args.gpus_per_node} GPU(s) ({len(problems)} problem(s))")
+        # the job runs in this environment (SCALETUNE_VENV / this python), so bitsandbytes is checked too
+        preflight(cfg, environment=not args.dry_run)
         return main_slurm(args)  # the config was validated above; the job re-reads it
     raise AssertionError(args.command)
 
@@ -237,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return dispatch(args)
     except UserError as exc:
-        print(exc.render(), file=sys.stderr)
+        print(_render_error(exc), file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"\ninterrupted{_resume_hint(args)}", file=sys.stderr)
@@ -245,6 +255,25 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `scaletune plan ... | head`: the reader has all it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
         return 141  # 128 + SIGPIPE, what a shell reports for a pipe closed early
+    except RuntimeError as exc:
+        from .distributed import peer_failure
+
+        why = peer_failure(exc)
+        if why is None:
+            raise
+        # the rank that failed first has printed its own error; this traceback would only bury it
+        print(f"rank {os.environ.get('RANK', '?')}: stopped because another rank failed ({why}); its error is "
+              "above", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _render_error(exc: UserError) -> str:
+    """The error as printed; rank 0's error re-raised on another rank (distributed.main_process_first) is
+    printed in full only by the first process of each node (another node's log would not have it)."""
+    source = getattr(exc, "relayed_from", None)
+    if source is None or os.environ.get("LOCAL_RANK", "0") == "0":
+        return exc.render()
+    return f"rank {os.environ.get('RANK', '?')}: stopped by rank {source}'s error (above)"
 
 
 def _resume_hint(args: argparse.Namespace) -> str:

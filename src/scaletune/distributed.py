@@ -6,6 +6,7 @@ lives in trainable_state.py).
   that accelerate would fill with its own defaults, e.g. gradient clipping 1.0 regardless of the run).
 * `deepspeed_config_name` / `deepspeed_config_path` pick the packaged ZeRO configs that `scaletune launch`
   and the Slurm templates use.
+* `main_process_first` and `peer_failure` keep a failure on one rank a one-screen error on all of them.
 
 Importing this module is cheap: torch/accelerate/deepspeed are imported inside the functions, so the
 CLI can validate configs without paying for them.
@@ -13,14 +14,17 @@ CLI can validate configs without paying for them.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import os
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from . import errors
 from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -63,6 +67,83 @@ def cuda_available() -> bool:
 def launched_with_deepspeed() -> bool:
     """True when `accelerate launch` was told to use DeepSpeed (flag or config file)."""
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+# ----------------------------------------------------------------------------------------------
+# Failures on one rank
+
+
+@contextlib.contextmanager
+def main_process_first(accelerator: Any) -> Iterator[None]:
+    """`accelerator.main_process_first()`, except that an error of the main process reaches the others.
+
+    The other ranks wait in a collective while the main process runs the block; with accelerate's
+    version, a UserError there (e.g. no usable training example) kills the main process and each other
+    rank dies in the barrier with a "Connection closed by peer" traceback (gloo) or hangs until
+    torchrun stops it (NCCL). Here the main process broadcasts the outcome instead of only waiting:
+    the others raise the same UserError (marked `relayed_from = 0`, see cli.main), or, for any other
+    exception, one saying that rank 0 failed.
+    """
+    if accelerator is None or accelerator.num_processes == 1:
+        yield
+        return
+    if accelerator.is_main_process:
+        try:
+            yield
+        except Exception as exc:
+            with contextlib.suppress(Exception):  # a peer gone as well must not replace this error
+                _broadcast_outcome(_error_payload(exc))
+            raise
+        _broadcast_outcome(None)
+        return
+    payload = _broadcast_outcome(None)  # receives the main process's outcome
+    if payload is not None:
+        raise _error_from_payload(payload)
+    yield
+
+
+def _broadcast_outcome(payload: tuple | None) -> tuple | None:
+    """Send (rank 0) or receive (the others) rank 0's outcome; a collective, so it also synchronises."""
+    import torch.distributed as dist
+
+    box = [payload]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _error_payload(exc: Exception) -> tuple:
+    """Plain data for an exception (UserError's pickled form would not rebuild its fields)."""
+    if isinstance(exc, errors.UserError):
+        return type(exc).__name__, exc.problems, exc.title, exc.hint
+    first_line = next(iter(str(exc).splitlines()), "")[:200]
+    return "", [f"rank 0 failed: {type(exc).__name__}: {first_line}"], None, "rank 0's traceback says where"
+
+
+def _error_from_payload(payload: tuple) -> errors.UserError:
+    name, problems, title, hint = payload
+    cls = getattr(errors, name, None) if name else None
+    if not (isinstance(cls, type) and issubclass(cls, errors.UserError)):
+        cls = errors.UserError
+    exc = cls(problems, title=title, hint=hint)
+    exc.relayed_from = 0  # type: ignore[attr-defined] - cli.main prints it once, on rank 0
+    return exc
+
+
+#: What a collective raises on a rank whose peer exited (gloo, NCCL).
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote process exited",
+             "NCCL communicator was aborted")
+
+
+def peer_failure(exc: BaseException) -> str | None:
+    """The reason, when `exc` is a launched rank's collective failing because another rank exited; else None.
+
+    A rank that fails with its own error cannot tell the others; they learn it from the broken
+    connection, and their traceback would bury the real error printed above it.
+    """
+    if not launched() or world_size_from_env() < 2 or not isinstance(exc, RuntimeError):
+        return None
+    text = str(exc)
+    return next((sign for sign in PEER_GONE if sign in text), None)
 
 
 def process_group_backend(cfg: Any) -> str:

@@ -1,4 +1,4 @@
-"""`scaletune launch`: compose (and exec) the `accelerate launch ... -m scaletune train` command.
+"""`scaletune launch`: compose and run the `accelerate launch ... -m scaletune train` command.
 
 The command uses explicit accelerate CLI flags rather than the repo's launch/*.yaml files so an
 installed package works anywhere; the DeepSpeed JSON comes from the package itself
@@ -15,6 +15,11 @@ Choices made from the run config's `distributed:` section:
   `--cpu` (accelerate refuses --cpu together with --use_deepspeed, and a use_cpu config silently drops
   DeepSpeed); without CUDA the gloo backend is chosen inside the process by `accelerator_kwargs`.
   Multi-node uses `--deepspeed_multinode_launcher standard` (one torchrun per node, no pdsh/ssh).
+
+The printed command is what runs, but it runs inside this process (accelerate's own `launch_command`)
+rather than by exec: that way a failed rank ends the launch with its own exit code (2 for bad input,
+124 for a preemption checkpoint) and one summary line, not accelerate's exit 1 and torchrun's
+ChildFailedError traceback.
 """
 
 from __future__ import annotations
@@ -22,10 +27,12 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import subprocess
 import sys
 from typing import Any
 
 from .distributed import deepspeed_config_name, deepspeed_config_path
+from .errors import EXIT_PREEMPTED, EXIT_USAGE
 
 
 def _accelerate_executable() -> list[str]:
@@ -137,31 +144,94 @@ def _refuse_for_this_machine(cfg: Any, world: int, cpu: bool | None) -> None:
         raise ConfigError(problems, title=f"run config cannot run here ({len(problems)} problem(s))")
 
 
+def preflight(cfg: Any, *, environment: bool = True) -> None:
+    """Raise ConfigError for what `scaletune train` refuses before loading anything: the peft section,
+    and with `environment` the quantization backend (bitsandbytes installed).
+
+    `launch`, `launch-args` and `slurm` call it so a bad setting is refused once, here, and not by
+    every process after start-up or by the job after its queue wait. A dry run passes
+    environment=False: like the hardware checks, what this machine has installed need not be what
+    the command is composed for.
+    """
+    from .model import peft_config, quantization_config
+    from .tasks import get_task
+
+    # the same call as train.setup: AdaLoRA's real step count is only known once the data is read
+    peft_config(cfg, get_task(cfg.task).peft_task_type, total_steps=10**9)
+    if environment:
+        quantization_config(cfg)
+
+
+def exit_code(codes: list[int]) -> int:
+    """The exit code of a launch whose processes ended with `codes` (negative: killed by a signal).
+
+    2 (bad input) or 124 (stopped with a checkpoint) when every process that exited by itself agrees;
+    else 1, as accelerate reports any failure. Processes the launcher killed after the first failure
+    say nothing about the cause, so they do not count.
+    """
+    own = {code for code in codes if code > 0}
+    if own in ({EXIT_USAGE}, {EXIT_PREEMPTED}):
+        return own.pop()
+    return 1
+
+
+def _describe(failures: dict) -> str:
+    """One line naming how each failed rank ended (torchrun's ProcessFailure by global rank)."""
+    parts = []
+    for rank in sorted(failures):
+        code = failures[rank].exitcode
+        how = f"exited with code {code}" if code > 0 else f"was stopped ({failures[rank].signal_name()})"
+        parts.append(f"rank {rank} {how}")
+    return ", ".join(parts)
+
+
+def run_accelerate(cmd: list[str]) -> int:
+    """Run the composed `accelerate ... launch ARGS` in this process; return the launch's exit code.
+
+    accelerate's CLI would end a failed run with exit 1 and a traceback through torchrun (the ranks
+    have already printed their errors): its failure is caught here and summarised in one line.
+    """
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    args = launch_command_parser().parse_args(cmd[cmd.index("launch") + 1:])
+    try:
+        launch_command(args)
+    except ChildFailedError as exc:  # torchrun: several processes, or DeepSpeed
+        print(f"scaletune launch: {_describe(exc.failures)}", file=sys.stderr, flush=True)
+        return exit_code([f.exitcode for f in exc.failures.values()])
+    except subprocess.CalledProcessError as exc:  # accelerate's single-process launcher
+        return exit_code([exc.returncode])
+    return 0
+
+
 def main_launch(args: Any, cfg: Any = None) -> int:
-    """Entry point of `scaletune launch`: validate the config, print the command, exec it.
+    """Entry point of `scaletune launch`: validate the config, print the command, run it.
 
     Reads from `args` (an argparse.Namespace): config, overrides (list), nproc (default: number of
     CUDA devices, else 1), nnodes (1), node_rank (0), master_addr ("127.0.0.1"), master_port (29500),
     optional cpu (None = auto), resume / overwrite / allow_config_change (passed on to
     `scaletune train`), dry_run (print only). `cfg` is accepted but not used: the config is validated
-    here, against the launch's world size and with its peft options, in one error. Does not return unless
-    dry_run.
+    here, against the launch's world size and with its peft options, in one error. Returns 0 after a dry
+    run, else the exit code of the launched run (see `exit_code`).
     """
     from .config import load_config
 
     overrides = list(getattr(args, "overrides", None) or [])
     nproc = getattr(args, "nproc", None)
-    if not nproc:
+    if nproc is None:
         import torch
 
         nproc = torch.cuda.device_count() or 1
     nnodes = int(getattr(args, "nnodes", None) or 1)
     # Validate before starting N processes (batch divisibility depends on the world size).
     cfg = load_config(args.config, overrides, world_size=int(nproc) * nnodes, check_peft=True)
-    if not getattr(args, "dry_run", False):
+    dry_run = bool(getattr(args, "dry_run", False))
+    if not dry_run:
         # Hardware-dependent checks too (e.g. fp16 without CUDA), or every process fails the same way
         # after start-up and accelerate reports only "exit 1". A dry run may be composed anywhere.
         _refuse_for_this_machine(cfg, int(nproc) * nnodes, getattr(args, "cpu", None))
+    preflight(cfg, environment=not dry_run)
     train_args: list[str] = []
     if getattr(args, "resume", None):
         train_args += ["--resume", str(args.resume)]
@@ -182,7 +252,6 @@ def main_launch(args: Any, cfg: Any = None) -> int:
         train_args=train_args,
     )
     print(shlex.join(cmd), flush=True)
-    if getattr(args, "dry_run", False):
+    if dry_run:
         return 0
-    os.execvp(cmd[0], cmd)
-    return 0  # pragma: no cover - execvp does not return
+    return run_accelerate(cmd)

@@ -76,30 +76,48 @@ def render_sbatch_command(
     return cmd
 
 
-def add_slurm_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("config", help="run config file")
-    p.add_argument("overrides", nargs="*", help="key=value overrides passed to `scaletune train`")
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=0)
-    p.add_argument("--time", default=None, help="Slurm time limit, e.g. 04:00:00")
-    p.add_argument("--partition", default=None)
-    p.add_argument("--account", default=None)
-    p.add_argument(
-        "--sbatch-arg",
-        action="append",
-        default=[],
-        dest="sbatch_args",
-        help="extra raw sbatch option (repeatable), e.g. --sbatch-arg=--qos=high",
-    )
-    p.add_argument("--dry-run", action="store_true", help="print the sbatch command, do not submit")
-    return p
+def _require_sbatch() -> None:
+    """Refuse before anything is created when this machine cannot submit."""
+    import shutil
+
+    from .errors import UserError
+
+    if shutil.which("sbatch") is None:
+        raise UserError("`sbatch` not found on PATH: this machine has no Slurm client",
+                        hint="submit from a Slurm login node, or add --dry-run to print the sbatch command "
+                             "(the script it submits is slurm/single_node.sbatch or slurm/multi_node.sbatch)")
 
 
-def main_slurm(args: argparse.Namespace | Sequence[str] | None = None) -> int:
-    """``scaletune slurm CONFIG [key=value ...] [--nodes N --gpus-per-node G ...] [--dry-run]``."""
-    if not isinstance(args, argparse.Namespace):
-        parser = add_slurm_arguments(argparse.ArgumentParser(prog="scaletune slurm"))
-        args = parser.parse_intermixed_args(None if args is None else list(args))
+def submit(cmd: list[str]) -> int:
+    """Run sbatch; its refusal (no controller, bad option, unknown partition) becomes a UserError."""
+    from .errors import UserError
+
+    # the templates write to logs/%x-%j.out relative to the submit directory;
+    # Slurm silently drops output if that directory does not exist
+    logs = Path("logs")
+    created = not logs.exists()
+    logs.mkdir(exist_ok=True)
+    # stdout ("Submitted batch job N") is passed through; stderr is kept for the error
+    done = subprocess.run(cmd, check=False, stderr=subprocess.PIPE, text=True)
+    if done.returncode == 0:
+        sys.stderr.write(done.stderr)  # sbatch's warnings, if any
+        return 0
+    if created and not any(logs.iterdir()):
+        logs.rmdir()  # nothing was submitted: leave the directory as it was
+    said = [line for line in done.stderr.splitlines() if line.strip()][-10:] or ["(no message)"]
+    raise UserError(said, title=f"sbatch refused the job (exit {done.returncode}): `{shlex.join(cmd)}`",
+                    hint="`sinfo` shows whether this machine reaches a Slurm controller; --dry-run prints the "
+                         "command without submitting")
+
+
+def main_slurm(args: argparse.Namespace) -> int:
+    """``scaletune slurm CONFIG [key=value ...] [--nodes N --gpus-per-node G ...] [--dry-run]``.
+
+    Reads from `args` (the CLI's namespace): config, overrides, nodes, gpus_per_node, time, partition,
+    account, sbatch_args (raw sbatch options), dry_run. The config is validated by the caller.
+    """
+    if not getattr(args, "dry_run", False):
+        _require_sbatch()
     name = template_name(args.nodes)
     with template_path(name) as tpl:
         cmd = render_sbatch_command(
@@ -116,15 +134,4 @@ def main_slurm(args: argparse.Namespace | Sequence[str] | None = None) -> int:
         print(shlex.join(cmd), flush=True)
         if getattr(args, "dry_run", False):
             return 0
-        # the templates write to logs/%x-%j.out relative to the submit directory;
-        # Slurm silently drops output if that directory does not exist
-        Path("logs").mkdir(exist_ok=True)
-        try:
-            return subprocess.run(cmd, check=False).returncode
-        except FileNotFoundError:
-            print("scaletune slurm: `sbatch` not found on PATH", file=sys.stderr)
-            return 127
-
-
-if __name__ == "__main__":
-    sys.exit(main_slurm())
+        return submit(cmd)

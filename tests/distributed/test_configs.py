@@ -215,3 +215,73 @@ def test_launch_command_variants() -> None:
     assert Path(_flag(z2_cpu, "--deepspeed_config_file")).name == "zero2_offload.json"
     with pytest.raises(ValueError):
         build_launch_command("r.yaml", [], make_cfg(0), nproc=2, nnodes=2, node_rank=2)
+
+
+# ------------------------------------------------------------------------------------------------
+# a failure on one rank: the same error everywhere, one exit code for the launch
+
+
+@pytest.mark.parametrize("mode", ["user", "bug", "ok"])
+def test_main_process_first_relays_rank_0s_error(tmp_path, mode) -> None:
+    """Rank 0 builds the data while the others wait; its error used to reach them as a broken connection
+    (a gloo traceback on every other rank). Now they raise the same UserError, marked as relayed."""
+    import forking
+    import stutil
+
+    forking.run_ranks(Path(__file__).with_name("relay_worker.py"), [mode, str(tmp_path)], stutil.child_env(), 2,
+                      tmp_path, timeout=120)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text())["error"] for r in (0, 1)]
+    if mode == "ok":
+        assert ranks == [None, None] and (tmp_path / "seen").read_text() == "rank 0 was here"
+    elif mode == "user":
+        assert ranks[0]["relayed_from"] is None and ranks[1]["relayed_from"] == 0
+        assert ranks[0]["type"] == ranks[1]["type"] == "DataError"
+        assert ranks[0]["text"] == ranks[1]["text"] == ("error: data.train: no usable examples in train.jsonl\n"
+                                                        "hint: raise data.max_length")
+    else:
+        assert ranks[0]["type"] == "ValueError" and ranks[1]["relayed_from"] == 0
+        assert "rank 0 failed: ValueError: something broke" in ranks[1]["text"]
+    assert not (tmp_path / "seen").exists() or mode == "ok"
+
+
+@pytest.mark.parametrize(("codes", "expected"), [
+    ([2, -15], 2),  # rank 0's bad input; the launcher stopped rank 1
+    ([2, 2], 2),  # every rank raised the (relayed) error
+    ([124, 124], 124),  # preempted with a checkpoint
+    ([1, 2], 1),  # a crash on rank 0; rank 1 stopped when it lost its peer
+    ([-9], 1),  # killed
+])  # fmt: skip
+def test_launch_exit_code(codes, expected) -> None:
+    from scaletune.launch import exit_code
+
+    assert exit_code(codes) == expected
+
+
+def test_run_accelerate_reports_failed_ranks_in_one_line(monkeypatch, capsys) -> None:
+    """accelerate's CLI ended a failed run with exit 1 and torchrun's ChildFailedError traceback."""
+    import subprocess
+
+    import accelerate.commands.launch as accelerate_launch
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from scaletune.launch import run_accelerate
+
+    failures = {0: ProcessFailure(local_rank=0, pid=11, exitcode=2, error_file="<N/A>"),
+                1: ProcessFailure(local_rank=1, pid=12, exitcode=-15, error_file="<N/A>")}
+
+    def torchrun_failed(args):
+        assert args.num_processes == 2 and args.training_script_args[-1] == "r.yaml"
+        raise ChildFailedError("scaletune", failures)
+
+    cmd = build_launch_command("r.yaml", [], make_cfg(0), nproc=2, cpu=True)
+    monkeypatch.setattr(accelerate_launch, "launch_command", torchrun_failed)
+    assert run_accelerate(cmd) == 2
+    assert capsys.readouterr().err == "scaletune launch: rank 0 exited with code 2, rank 1 was stopped (SIGTERM)\n"
+
+    def one_process_failed(args):
+        raise subprocess.CalledProcessError(2, ["python", "-m", "scaletune"])
+
+    monkeypatch.setattr(accelerate_launch, "launch_command", one_process_failed)
+    assert run_accelerate(build_launch_command("r.yaml", [], make_cfg(0), nproc=1, cpu=True)) == 2
+    monkeypatch.setattr(accelerate_launch, "launch_command", lambda args: None)
+    assert run_accelerate(cmd) == 0

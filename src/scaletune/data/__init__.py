@@ -17,6 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from ..distributed import main_process_first
 from ..errors import DataError
 from ..fileutil import sha256_file
 from .readers import WHERE, read_records
@@ -104,7 +105,8 @@ def build_datasets(cfg: Any, task: Any, tokenizer: Any, accelerator: Any = None)
     conll = cfg.data.format == "conll"
     key = fingerprint(cfg, tokenizer)
     where = cache_root() / key
-    main_first = accelerator.main_process_first() if accelerator is not None else nullcontext()
+    # the others wait while rank 0 builds (and caches); an error there is raised on every rank
+    main_first = main_process_first(accelerator) if accelerator is not None else nullcontext()
     with main_first:
         if cfg.data.cache and (where / "meta.json").is_file():
             meta = json.loads((where / "meta.json").read_text())

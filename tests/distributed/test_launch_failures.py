@@ -1,0 +1,30 @@
+"""`scaletune launch` when a rank fails: one screen and exit 2, as `scaletune train` ends (a real 2-process
+launch on CPU/gloo through accelerate and torchrun)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import stutil
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+
+def test_data_error_on_rank_0_ends_the_launch_with_one_screen(make_config):
+    """Every example too long for data.max_length: rank 0 raises a DataError while the other rank waits for the
+    data. Before, rank 1 printed a gloo "Connection closed by peer" traceback, torchrun added its
+    ChildFailedError traceback (~90 lines) and the launch exited 1."""
+    path = make_config("causal_lm")
+    cmd = [sys.executable, "-m", "scaletune", "launch", str(path), "--nproc", "2",
+           "--master-port", str(stutil.free_port()), "data.max_length=64"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=stutil.child_env())
+    err = res.stderr
+    assert res.returncode == 2, err
+    assert "Traceback" not in err and "ChildFailedError" not in err
+    assert err.count("error: data.train: no usable examples") == 1, err
+    assert "rank 1: stopped by rank 0's error (above)" in err or "rank 1 was stopped" in err, err
+    assert "scaletune launch: rank 0 exited with code 2" in err
+    assert len(err.splitlines()) <= 8, err
