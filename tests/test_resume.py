@@ -140,3 +140,48 @@ def test_learning_rate_changed_on_resume_takes_effect(make_config, tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     lrs = {r["step"]: r["lr"] for r in lines if r.get("event") == "train"}
     assert lrs[1] == pytest.approx(1e-3) and lrs[3] == pytest.approx(0.05) and lrs[4] == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw_8bit", "paged_adamw_8bit"])
+def test_8bit_optimizer_state_survives_a_resume(make_config, tmp_path, optimizer):
+    """bitsandbytes keeps its moments under its own names (uint8 state1/state2 + absmax/qmap for tensors of
+    4096+ elements: r=128 here); checkpoints held none of it, so a resumed run restarted them from zero."""
+    import torch
+
+    from scaletune.config import load_config
+    from scaletune.loop import fit
+    from scaletune.train import StopFlag, setup
+
+    class StopAt:
+        def __init__(self, run, at):
+            self.run, self.at = run, at
+
+        @property
+        def signal(self):
+            return 10 if self.run.step >= self.at else None
+
+    adapters = {}
+    for name in ("full", "split"):
+        path = make_config("causal_lm", n=16, train={"max_steps": 6, "optimizer": optimizer, "save_every": None,
+                                                     "lr_scheduler": "constant", "global_batch_size": 8},
+                           peft={"r": 128, "lora_alpha": 16}, output_dir=str(tmp_path / name))
+        run, _ = setup(load_config(path))
+        if name == "split":
+            assert fit(run, StopAt(run, 3)) == "preempted"
+            saved = load_file(str(tmp_path / name / "checkpoints" / "step-3" / "optimizer.safetensors"))
+            assert any(v.dtype == torch.uint8 for v in saved.values())  # the 8-bit moments themselves
+            run, _ = setup(load_config(path), resume="auto")
+        assert fit(run, StopFlag()) == "done"
+        adapters[name] = load_file(str(tmp_path / name / "adapter" / "adapter_model.safetensors"))
+    for k, v in adapters["full"].items():
+        torch.testing.assert_close(adapters["split"][k], v, rtol=0, atol=1e-6)
+
+
+def test_8bit_optimizer_under_zero_is_refused():
+    from scaletune.config import from_dict
+    from scaletune.errors import ConfigError
+
+    raw = {"task": "causal_lm", "model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"},
+           "train": {"optimizer": "adamw_8bit"}, "distributed": {"zero_stage": 2}}
+    with pytest.raises(ConfigError, match=r"train.optimizer=adamw_8bit with distributed.zero_stage=2: ZeRO shards"):
+        from_dict(raw)

@@ -140,6 +140,12 @@ def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_c
     if t.optimizer != "adamw" and dist.zero_stage > 0 and dist.offload in ("optimizer", "all"):
         p.append(f"train.optimizer={t.optimizer} with optimizer offload: DeepSpeed's CPU Adam replaces it; "
                  "use optimizer: adamw")
+    elif t.optimizer != "adamw" and dist.zero_stage > 0:
+        # ZeRO partitions the optimizer's state itself, and only Adam's moments can be gathered back whole
+        # for a checkpoint: 8-bit states would be lost on every resume
+        p.append(f"train.optimizer={t.optimizer} with distributed.zero_stage={dist.zero_stage}: ZeRO shards "
+                 "the optimizer state already (and a checkpoint could not keep 8-bit state); use optimizer: "
+                 "adamw, or zero_stage 0")
     if t.mixed_precision == "fp16" and m.dtype == "bfloat16" and m.quantization is None:
         p.append("train.mixed_precision=fp16 with model.dtype=bfloat16: pick bf16 (or dtype float16/float32)")
     if t.mixed_precision == "no" and m.dtype != "float32" and m.quantization is None:

@@ -205,9 +205,12 @@ def gather_trainable_state(
             # With DDP (or a single process) parameters and optimizer state are full and replicated.
             params[name] = p.detach().float().cpu().clone()
             st = base.state.get(p, {}) if base is not None else {}
-            for key in ADAM_STATE_KEYS:
-                if key in st and torch.is_tensor(st[key]):
-                    opt_state[f"{name}::{key}"] = st[key].detach().float().cpu().clone()
+            # Every tensor of the state, not only Adam's moments: bitsandbytes' 8-bit AdamW keeps its own
+            # (state1/state2 as uint8 + absmax/qmap), kept in their dtype (replicated here: no re-sharding).
+            for key, value in st.items():
+                if key != "step" and torch.is_tensor(value):
+                    value = value.detach().cpu().clone()
+                    opt_state[f"{name}::{key}"] = value.float() if key in ADAM_STATE_KEYS else value
         scalars = {"step": _read_step(base) if base is not None else 0}
         return params, opt_state, scalars
 
@@ -230,6 +233,24 @@ def gather_trainable_state(
             if value is not None:
                 opt_state[f"{name}::{key}"] = value.detach().float().cpu().clone().reshape(_full_shape(p))
     return params, opt_state, {"step": step}
+
+
+def _adam_only(opt_state: dict) -> bool:
+    """Whether a saved optimizer state is torch Adam's (moments only) rather than another optimizer's."""
+    return all(k.rpartition("::")[2] in (*ADAM_STATE_KEYS, "max_exp_avg_sq") for k in opt_state)
+
+
+def _restore_as_saved(base: Any, named: list, opt_state: dict, step: int) -> None:
+    """Another optimizer's state (bitsandbytes' 8-bit AdamW), put back tensor for tensor as it was saved:
+    a non-empty state also stops the optimizer initialising it afresh at its next step. Its step count is
+    the plain int such optimizers keep."""
+    for name, p in named:
+        prefix = f"{name}::"
+        entries = {k[len(prefix):]: v for k, v in opt_state.items() if k.startswith(prefix)}
+        if entries:
+            st = base.state[p]
+            st.update({k: v.to(p.device).clone() for k, v in entries.items()})
+            st["step"] = step
 
 
 def _full_shape(p: Any) -> Any:
@@ -279,7 +300,9 @@ def load_trainable_state(
                 p.data.copy_(params[name].to(device=p.device, dtype=p.dtype).reshape(p.shape))
         if base is None:
             return
-        if opt_state:
+        if opt_state and not _adam_only(opt_state):
+            _restore_as_saved(base, named, opt_state, step)
+        elif opt_state:
             _ensure_adam_state(base)
             for name, p in named:
                 st = base.state[p]
