@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from scaletune.config import from_dict
 from scaletune.data import build_datasets
@@ -578,3 +579,28 @@ def test_plain_line_is_a_user_turn_only_for_models_trained_on_chats(tiny_llama, 
     rendered = "".join(text for text, _ in segments)
     assert prompt == "Once upon a time"
     assert (rendered == "Once upon a time") == (not templated)
+
+
+def test_text_pairs_train_with_the_segment_ids_predict_uses(tmp_path, tiny_bert):
+    """A BERT tokenizer marks the second text with token_type_ids = 1; predict (and any plain transformers
+    use of the model) passes them, so training and eval must too."""
+    from transformers import AutoModelForSequenceClassification
+
+    from scaletune.tasks.base import pad_batch
+
+    records = [{"text": "alpha bravo", "text_pair": "charlie", "label": "a"},
+               {"text": "delta", "text_pair": "echo foxtrot golf", "label": "b"}]
+    cfg = _cfg(tmp_path, tiny_bert, task="seq_cls", data=write_jsonl(tmp_path / "p.jsonl", records),
+               text_pair_column="text_pair")
+    tok = load_tokenizer(cfg)
+    tok.model_input_names = ["input_ids", "token_type_ids", "attention_mask"]  # as BertTokenizerFast has
+    task = get_task("seq_cls")
+    train = build_datasets(cfg, task, tok)["train"]
+    batch = pad_batch([train[i] for i in range(2)], tok.pad_token_id)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2, type_vocab_size=2).eval()
+    with torch.no_grad():
+        model.bert.embeddings.token_type_embeddings.weight.normal_()  # segments must matter in this model
+        _, logits = task.loss_sum(model, batch)
+        for i, r in enumerate(records):
+            direct = model(**tok(r["text"], r["text_pair"], return_tensors="pt")).logits[0]
+            torch.testing.assert_close(logits[i], direct)

@@ -29,8 +29,8 @@ log = logging.getLogger("scaletune")
 # 5: meta counts the examples max_length cut; token_cls stores the words with no sub-token (blank_at, blank_tags)
 # 6: messages' "weight": 0 turns are context; 7: token_cls integer tags named by data.labels;
 # 8: JSON true/false labels are named "true"/"false" (were "True"/"False" with data.labels, else refused),
-# labels that differ only in spaces are refused
-CACHE_VERSION = "8"
+# labels that differ only in spaces are refused; 9: seq_cls text pairs keep token_type_ids
+CACHE_VERSION = "9"
 
 
 def cache_root() -> Path:

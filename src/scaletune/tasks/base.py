@@ -116,7 +116,12 @@ def pad_batch(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
             labels[i, :n] = torch.tensor(e["labels"])
     if not seq_labels:
         labels = torch.tensor([e["labels"] for e in examples], dtype=torch.long)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if "token_type_ids" in examples[0]:  # text pairs (seq_cls); padding is segment 0, as tokenizers pad it
+        batch["token_type_ids"] = torch.zeros((len(examples), width), dtype=torch.long)
+        for i, e in enumerate(examples):
+            batch["token_type_ids"][i, :len(e["token_type_ids"])] = torch.tensor(e["token_type_ids"])
+    return batch
 
 
 def overflowed(enc: Any, max_length: int) -> bool:

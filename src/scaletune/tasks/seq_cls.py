@@ -63,11 +63,17 @@ class SeqCls(Task):
         if label_name(label) not in label2id or label is None:
             raise unknown_label(where, "label", label, label2id)
         enc = tokenizer(text, pair, truncation=True, max_length=cfg.data.max_length)
-        return {"input_ids": enc["input_ids"], "labels": label2id[label_name(label)],
-                TRUNCATED: overflowed(enc, cfg.data.max_length)}
+        out = {"input_ids": enc["input_ids"], "labels": label2id[label_name(label)],
+               TRUNCATED: overflowed(enc, cfg.data.max_length)}
+        if self.pair and "token_type_ids" in enc:
+            # BERT-style segment ids mark the second text; predict and a plain transformers pipeline pass
+            # them, so training and eval must see them too (a pair column is required on every record)
+            out["token_type_ids"] = enc["token_type_ids"]
+        return out
 
     def loss_sum(self, model: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        segments = {"token_type_ids": batch["token_type_ids"]} if "token_type_ids" in batch else {}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **segments).logits
         return ce_sum(logits, batch["labels"]), logits
 
     @staticmethod
