@@ -85,7 +85,7 @@ def test_resume_from_an_older_checkpoint_sets_the_later_ones_aside(make_config, 
     snapshot = load_file(str(out / "checkpoints" / "step-6" / "adapter" / "adapter_model.safetensors"))
     assert all(final[k].equal(snapshot[k]) for k in final)
     info = json.loads((out / "run.json").read_text())
-    assert [r["from"] for r in info["resumes"]] == [str(out / "checkpoints" / "step-2")]
+    assert [(r["from"], r["world_size"]) for r in info["resumes"]] == [(str(out / "checkpoints" / "step-2"), 1)]
     assert info["argv"][-1] != str(out / "checkpoints" / "step-2")  # the first start's command line
 
 
@@ -185,3 +185,20 @@ def test_8bit_optimizer_under_zero_is_refused():
            "train": {"optimizer": "adamw_8bit"}, "distributed": {"zero_stage": 2}}
     with pytest.raises(ConfigError, match=r"train.optimizer=adamw_8bit with distributed.zero_stage=2: ZeRO shards"):
         from_dict(raw)
+
+
+def test_resume_auto_with_only_damaged_checkpoints_refuses_to_start_over(make_config, tmp_path, capsys):
+    """It used to warn, start from step 0 and overwrite the damaged checkpoints, whose adapter snapshots
+    and parameters were intact."""
+    path = make_config("causal_lm", n=32, train={"max_steps": 4, "save_every": 2})
+    assert _train(path) == 0
+    ckpts = sorted((tmp_path / "run" / "checkpoints").glob("step-*"))
+    for c in ckpts:
+        with open(c / "optimizer.safetensors", "ab") as fh:
+            fh.write(b"junk")
+    before = {c.name: (c / "optimizer.safetensors").read_bytes() for c in ckpts}
+    capsys.readouterr()
+    assert _train(path, "--resume", "auto") == 2
+    err = capsys.readouterr().err
+    assert "none of the checkpoints" in err and "step-4: file optimizer.safetensors does not match its hash" in err
+    assert {c.name: (c / "optimizer.safetensors").read_bytes() for c in ckpts} == before

@@ -108,14 +108,23 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
 
 def find_resumable(output_dir: Path, fingerprint: str, allow_config_change: bool = False,
                    changes: Callable[[dict], list[str]] | None = None) -> Path | None:
-    """Newest checkpoint that verifies; skips corrupt ones with a warning, refuses foreign ones."""
-    for path in checkpoint_dirs(output_dir):
+    """Newest checkpoint that verifies; skips corrupt ones with a warning, refuses foreign ones. None if there
+    is no checkpoint; a UserError if there are some but none verifies (starting afresh would overwrite them)."""
+    found = checkpoint_dirs(output_dir)
+    problems = []
+    for path in found:
         problem = verify(path)
         if problem:
             log.warning("skipping checkpoint %s: %s", path, problem)
+            problems.append(f"{path.name}: {problem}")
             continue
         check_same_config(path, fingerprint, allow_config_change, changes)
         return path
+    if found:
+        raise UserError(f"--resume auto: none of the checkpoints in {output_dir / 'checkpoints'} can be resumed "
+                        f"({'; '.join(problems[:3])}{'; ...' if len(problems) > 3 else ''})",
+                        hint="a fresh start would overwrite them: repair or move them, or start again in a new "
+                             "output_dir (or with --overwrite, which keeps the old run until the new one finishes)")
     return None
 
 

@@ -47,10 +47,12 @@ def fit(run: Run, stop: StopFlag) -> str:
         if stopping:
             guard.settle(boundary=True)
             path = save_checkpoint(run)
+            # this process logs; the signal may have reached only another rank
+            how = f"signal {stop.signal}" if stop.signal is not None else "a signal to another rank"
             mlog.log("preempted", run.step, {"signal": stop.signal, "checkpoint": str(path)})
             mark_preempted(acc, path)
             kept = replaced_note(run.output_dir)
-            mlog.write(f"stopped on signal {stop.signal} at step {run.step}; checkpoint {path}"
+            mlog.write(f"stopped on {how} at step {run.step}; checkpoint {path}"
                        + (f"; {kept}" if kept else ""))
             mlog.close()
             return "preempted"

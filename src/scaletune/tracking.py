@@ -47,7 +47,8 @@ def write_run_json(output_dir: Path, cfg: Any, extra: dict) -> None:
         if isinstance(before, dict):
             info["started"], info["argv"] = before.get("started", now), before.get("argv", sys.argv)
             info["resumes"] = [*(before.get("resumes") or []),
-                               {"time": now, "from": extra["resumed_from"], "argv": sys.argv}]
+                               {"time": now, "from": extra["resumed_from"], "argv": sys.argv,
+                                "world_size": extra.get("world_size")}]
     tmp = output_dir / "run.json.tmp"
     tmp.write_text(json.dumps(info, indent=1, default=str))
     os.replace(tmp, output_dir / "run.json")
