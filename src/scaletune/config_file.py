@@ -1,0 +1,152 @@
+"""Reading a run config: the YAML file (line-numbered errors, duplicate keys found) and `key=value`
+command-line overrides (read as YAML, but as typed for string keys). config.py validates the result."""
+
+from __future__ import annotations
+
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import ConfigError
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse one `a.b.c=value` override; the value is read as YAML (so 1e-4, true, [a, b] work)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. train.learning_rate=1e-4")
+    key, _, value = text.partition("=")
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: bad key {key!r}")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except (yaml.YAMLError, ValueError, RecursionError):  # ValueError: ints over Python's digit limit
+        parsed = value
+    path = key.split(".")
+    return path, _override_value(_key_type(path), value, parsed)
+
+
+def _key_type(path: list[str]) -> Any:
+    """The annotation of the dotted key `path` in RunConfig; None for a key it does not define (peft's options,
+    unknown keys)."""
+    from .config import RunConfig, _is_dataclass_type  # (config.py imports this module)
+
+    tp: Any = RunConfig
+    for part in path:
+        if not _is_dataclass_type(tp):
+            return None
+        tp = typing.get_type_hints(tp).get(part)
+    return tp
+
+
+def _without_none(tp: Any) -> Any:
+    """`X` for `X | None`, else `tp`."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return inner[0] if len(inner) == 1 else tp
+    return tp
+
+
+def _is_text(tp: Any) -> bool:
+    """Whether a key of type `tp` takes a string: str, or a choice of strings (`no | fp16 | bf16`)."""
+    tp = _without_none(tp)
+    if typing.get_origin(tp) is Literal:
+        return all(isinstance(c, str) for c in typing.get_args(tp))
+    return tp is str
+
+
+def _override_value(tp: Any, text: str, parsed: Any) -> Any:
+    """The value of a `key=text` override that YAML read as `parsed`, for a key of type `tp`. A string key gets
+    the text as typed: YAML would turn a revision 0123e45 into a float and `no` into False. A float key gets a
+    number where YAML 1.1 left one a string ("1e-4"). null, lists and mappings stay as YAML read them."""
+    if parsed is None or isinstance(parsed, (list, dict)):
+        return parsed
+    if _is_text(tp) and not isinstance(parsed, str):
+        return text.strip()
+    if _without_none(tp) is float and isinstance(parsed, str):
+        try:
+            return float(parsed)
+        except ValueError:
+            return parsed
+    return parsed
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[path[-1]] = value
+    return raw
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that records every duplicate key of a mapping: PyYAML keeps the last one silently, so a
+    second `train:` section would drop the first without a word."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.duplicates: list[tuple[int, Any, int]] = []  # (line, key, line of its first occurrence)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base` entries are meant to be overridden by the mapping's own keys
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.get(key)
+                if first is None:
+                    seen[key] = line
+                    continue
+            except TypeError:
+                continue  # an unhashable key: SafeLoader itself refuses it
+            self.duplicates.append((line, key, first))
+        return super().construct_mapping(node, deep=deep)
+
+
+def _parse_yaml(text: str) -> tuple[Any, list[tuple[int, Any, int]]]:
+    """The YAML document in `text` and its duplicate keys (see _StrictLoader)."""
+    loader = _StrictLoader(text)
+    try:
+        return loader.get_single_data(), loader.duplicates
+    finally:
+        loader.dispose()
+
+
+def read_yaml(path: str | Path) -> tuple[dict, list[str]]:
+    """The run config file's mapping, and its problems that no value shows: duplicate keys (named by line, to be
+    reported with the rest). Unreadable or invalid YAML raises ConfigError."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"run config {path}: is a directory, expected a YAML file")
+    if not path.is_file():
+        raise ConfigError(f"run config {path}: file not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"run config {path}: cannot read ({exc})") from None
+    try:
+        raw, duplicates = _parse_yaml(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"run config {path}{where}: invalid YAML ({problem})") from None
+    except RecursionError:
+        raise ConfigError(f"run config {path}: invalid YAML (nested too deeply)") from None
+    except ValueError as exc:  # e.g. an integer with more digits than Python converts
+        raise ConfigError(f"run config {path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"run config {path}: top level must be a mapping, got {type(raw).__name__}")
+    return raw, [f"{path}:{line}: duplicate key {key!r} (first at line {first}; YAML would keep only this one)"
+                 for line, key, first in sorted(duplicates, key=lambda d: d[0])]
