@@ -200,3 +200,14 @@ def override(raw: dict, **sections: Any) -> dict:
         else:
             raw[section] = values
     return raw
+
+
+class StopAt:
+    """Stands in for a SIGUSR1 arriving while step `at` runs."""
+
+    def __init__(self, run, at: int):
+        self.run, self.at = run, at
+
+    @property
+    def signal(self):
+        return 10 if self.run.step >= self.at else None

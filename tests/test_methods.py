@@ -16,7 +16,7 @@ from scaletune.loop import fit
 from scaletune.methods import MATRIX, matrix_markdown, problems
 from scaletune.train import StopFlag, setup
 
-from stutil import method_keys, read_metrics
+from stutil import StopAt, method_keys, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = [(m, t) for m, row in MATRIX.items() for t in row.tasks]
@@ -129,17 +129,6 @@ def test_adalora_reallocates_ranks_and_regularises(make_config, tmp_path):
     assert saved["rank_pattern"]
 
 
-class _StopAt:
-    """A SIGUSR1 arriving while step `at` runs."""
-
-    def __init__(self, run, at: int):
-        self.run, self.at = run, at
-
-    @property
-    def signal(self):
-        return 10 if self.run.step >= self.at else None
-
-
 @pytest.mark.parametrize("stop_at", [5, 10], ids=["while-allocating", "after-final-allocation"])
 def test_adalora_resume_is_exact(make_config, tmp_path, stop_at):
     """AdaLoRA keeps state outside the optimizer: importance averages and, once final, the rank pattern
@@ -156,7 +145,7 @@ def test_adalora_resume_is_exact(make_config, tmp_path, stop_at):
         path.write_text(yaml.safe_dump(raw))
         run, _ = setup(load_config(path))
         if stop is not None:
-            assert fit(run, _StopAt(run, stop)) == "preempted"
+            assert fit(run, StopAt(run, stop)) == "preempted"
             run, used = setup(load_config(path), resume="auto")
             assert used.name == f"step-{stop}"
         assert fit(run, StopFlag()) == "done"

@@ -10,6 +10,8 @@ from safetensors.torch import load_file
 
 from scaletune.cli import main
 
+from stutil import StopAt
+
 
 def _train(path, *args):
     return main(["train", str(path), *map(str, args)])
@@ -151,14 +153,6 @@ def test_8bit_optimizer_state_survives_a_resume(make_config, tmp_path, optimizer
     from scaletune.config import load_config
     from scaletune.loop import fit
     from scaletune.train import StopFlag, setup
-
-    class StopAt:
-        def __init__(self, run, at):
-            self.run, self.at = run, at
-
-        @property
-        def signal(self):
-            return 10 if self.run.step >= self.at else None
 
     adapters = {}
     for name in ("full", "split"):

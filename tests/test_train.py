@@ -17,18 +17,7 @@ from scaletune.loop import fit
 from scaletune.outdir import replaced_runs
 from scaletune.train import StopFlag, setup
 
-from stutil import read_metrics
-
-
-class StopAt:
-    """Stands in for a SIGUSR1 arriving while step `at` runs."""
-
-    def __init__(self, run, at: int):
-        self.run, self.at = run, at
-
-    @property
-    def signal(self):
-        return 10 if self.run.step >= self.at else None
+from stutil import StopAt, read_metrics
 
 
 def _capture_first_step_grads(run):
