@@ -66,7 +66,7 @@ def check_output_dir(cfg: RunConfig, resume: str | None, overwrite: bool, resume
 
 RUN_MARKERS = ("run.json", "metrics.jsonl", "checkpoints", "adapter")
 # Everything a run (its trackers, `scaletune report` with the default --out) writes into output_dir.
-RUN_FILES = {*RUN_MARKERS, "run.json.tmp", ".adapter.tmp", "scaletune", "report.html", ".replaced_run"}
+RUN_FILES = {*RUN_MARKERS, "run.json.tmp", ".adapter.tmp", "scaletune", "wandb", "mlruns", "report.html", ".replaced_run"}
 
 
 def _not_fresh_start(out: Path) -> str | None:
