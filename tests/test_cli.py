@@ -502,6 +502,152 @@ def test_numeric_launch_options_out_of_range(capsys, make_config, nothing_starts
     assert "launch" not in out
 
 
+
+def _fake_checkpoint(cfg_path: Path, root: Path, step: int) -> Path:
+    """A checkpoint that verifies, written by the run config at `cfg_path` (for the resume checks only)."""
+    from scaletune import checkpoint as ckpt
+    from scaletune.config import load_config
+    from scaletune.train import config_fingerprint
+
+    cfg = load_config(str(cfg_path), [])
+    path = root / "checkpoints" / f"step-{step}"
+    path.mkdir(parents=True)
+    for name in ckpt.REQUIRED_FILES:
+        (path / name).write_text("{}")
+    (path / "state.json").write_text(json.dumps({"step": step, "config": cfg.to_dict()}, default=str))
+    ckpt.write_manifest(path, step, config_fingerprint(cfg))
+    return path
+
+
+@pytest.mark.parametrize("case", ["finished", "foreign-file", "config-change"])
+def test_launch_refuses_output_dir_and_resume_before_starting(capsys, make_config, nothing_starts, tmp_path, case):
+    """output_dir / --resume refusals need no model: `launch` used to start every rank to print the same
+    error once per rank (with torch's W/E lines). Now one error, exit 2, nothing started; a dry run
+    composes the command without looking at the directory."""
+    path = make_config("causal_lm")
+    out = tmp_path / "run"  # make_config's output_dir
+    out.mkdir()
+    argv = ["launch", path, "--nproc", "2"]
+    if case == "finished":
+        (out / "adapter").mkdir()
+        (out / "run.json").write_text("{}")
+        wanted = "is not empty; resume it with --resume auto"
+    elif case == "foreign-file":
+        (out / "notes.txt").write_text("mine")
+        argv += ["--resume", "auto"]
+        wanted = "it holds files scaletune did not write (notes.txt)"
+    else:
+        step = _fake_checkpoint(path, out, 4)
+        argv += ["--resume", step, "train.learning_rate=0.02"]
+        wanted = "was written by a different run config (changed: train.learning_rate"
+    code, out_text, err = run_cli(argv, capsys)
+    assert_clean_error(code, err, wanted)
+    assert err.count("error:") == 1 and out_text == ""
+    code, out_text, _ = run_cli([*argv, "--dry-run"], capsys)
+    assert code == 0 and " launch " in out_text
+
+
+def test_launch_resume_checks_let_a_resumable_run_through(capsys, make_config, monkeypatch, tmp_path):
+    """--resume auto on a run with a checkpoint of the same config reaches the launch."""
+    import scaletune.launch
+
+    path = make_config("causal_lm")
+    _fake_checkpoint(path, tmp_path / "run", 4)
+    started = []
+    monkeypatch.setattr(scaletune.launch, "run_accelerate", lambda cmd: started.append(cmd) or 0)
+    code, _, err = run_cli(["launch", path, "--nproc", "2", "--resume", "auto"], capsys)
+    assert code == 0 and len(started) == 1, err
+
+
+def _fake_accelerate(monkeypatch, *, writes: str | None, ends: BaseException | None):
+    """Replace accelerate's launch_command: optionally write `writes` to the preemption marker the ranks
+    would write, then raise `ends` (how accelerate ends a launch stopped by a signal). Returns the list of
+    marker paths it saw."""
+    import accelerate.commands.launch as acl
+
+    seen = []
+
+    def launch_command(args):
+        marker = os.environ.get("SCALETUNE_PREEMPT_MARKER")
+        seen.append(marker)
+        if writes is not None:
+            Path(marker).write_text(writes + "\n")
+        if ends is not None:
+            raise ends
+
+    monkeypatch.setattr(acl, "launch_command", launch_command)
+    return seen
+
+
+CMD = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "-m", "scaletune", "train", "r.yaml"]
+
+
+def test_launch_stopped_by_sigterm_after_a_checkpoint_exits_124(capsys, monkeypatch):
+    """torchrun passes a SIGTERM on to the ranks, which checkpoint and exit 124; accelerate then ends with
+    sys.exit(143). The launch used to exit 143 without a word; now 124 and the checkpoint, and the
+    temporary marker is gone again."""
+    from scaletune.launch import run_accelerate
+
+    monkeypatch.delenv("SCALETUNE_PREEMPT_MARKER", raising=False)
+    seen = _fake_accelerate(monkeypatch, writes="/r/checkpoints/step-3", ends=SystemExit(143))
+    assert run_accelerate(CMD) == 124
+    err = capsys.readouterr().err
+    assert err.strip() == ("scaletune launch: stopped by SIGTERM; checkpoint /r/checkpoints/step-3 "
+                           "(continue with --resume auto)")
+    assert seen[0] and not Path(seen[0]).parent.exists()
+    assert "SCALETUNE_PREEMPT_MARKER" not in os.environ
+
+
+def test_launch_stopped_by_sigterm_without_a_checkpoint(capsys, monkeypatch, tmp_path):
+    """No checkpoint written (a user's marker left by an earlier run does not count): 128 + SIGTERM, said
+    in one line; the user's marker is left where it is."""
+    from scaletune.launch import run_accelerate
+
+    marker = tmp_path / "marker"
+    marker.write_text("/old/checkpoints/step-1\n")
+    monkeypatch.setenv("SCALETUNE_PREEMPT_MARKER", str(marker))
+    seen = _fake_accelerate(monkeypatch, writes=None, ends=SystemExit(143))
+    assert run_accelerate(CMD) == 143
+    assert capsys.readouterr().err.strip() == "scaletune launch: stopped by SIGTERM; the ranks saved no checkpoint"
+    assert seen == [str(marker)] and marker.exists()
+
+
+def test_launch_restores_the_signal_handlers(monkeypatch):
+    """torchrun installs handlers for TERM/INT/HUP/QUIT and the launch one for USR1: all are put back."""
+    import signal
+
+    from scaletune.launch import run_accelerate
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)}
+    _fake_accelerate(monkeypatch, writes=None, ends=None)
+    import accelerate.commands.launch as acl
+
+    inner = acl.launch_command
+
+    def launch_command(args):
+        assert signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, before[signal.SIGUSR1])
+        signal.signal(signal.SIGTERM, lambda *a: None)  # as torchrun's PContext.start does
+        inner(args)
+
+    monkeypatch.setattr(acl, "launch_command", launch_command)
+    assert run_accelerate(CMD) == 0
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+def test_rank_pids_are_the_scaletune_train_children_only():
+    """SIGUSR1 to the launcher is forwarded to its rank processes, not to any other child it has."""
+    from scaletune.launch import rank_pids
+
+    rank = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "-m", "scaletune", "train", "r.yaml"])
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        found = rank_pids(os.getpid())
+    finally:
+        for child in (rank, other):
+            child.kill()
+            child.wait()
+    assert rank.pid in found and other.pid not in found
+
 def _fake_sbatch(bin_dir: Path, script: str) -> None:
     bin_dir.mkdir(exist_ok=True)
     sbatch = bin_dir / "sbatch"

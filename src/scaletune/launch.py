@@ -20,6 +20,8 @@ The printed command is what runs, but it runs inside this process (accelerate's 
 rather than by exec: that way a failed rank ends the launch with its own exit code (2 for bad input,
 124 for a preemption checkpoint) and one summary line, not accelerate's exit 1 and torchrun's
 ChildFailedError traceback.
+SIGTERM or SIGUSR1 to the launcher reaches the ranks (torchrun forwards TERM; USR1 is forwarded here),
+which checkpoint, and the launch exits 124 naming the checkpoint.
 """
 
 from __future__ import annotations
@@ -27,8 +29,12 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
+from pathlib import Path
 from typing import Any
 
 from .distributed import deepspeed_config_name, deepspeed_config_path
@@ -189,20 +195,147 @@ def run_accelerate(cmd: list[str]) -> int:
     """Run the composed `accelerate ... launch ARGS` in this process; return the launch's exit code.
 
     accelerate's CLI would end a failed run with exit 1 and a traceback through torchrun (the ranks
-    have already printed their errors): its failure is caught here and summarised in one line.
+    have already printed their errors): its failure is caught here and summarised in one line. A
+    SIGTERM to this process reaches the ranks through torchrun, a SIGUSR1 through `_forward_usr1`: either
+    way the ranks checkpoint and the launch ends with 124 and the checkpoint's path, which it reads
+    from $SCALETUNE_PREEMPT_MARKER (a temporary file of its own when the user has set none).
     """
     from accelerate.commands.launch import launch_command, launch_command_parser
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     args = launch_command_parser().parse_args(cmd[cmd.index("launch") + 1:])
+    marker, own_dir = _preempt_marker()
+    before = _marker_state(marker)
+    # torchrun installs handlers for TERM/INT/HUP/QUIT and never restores them; USR1 is ours (below)
+    saved = _handlers(_LAUNCH_SIGNALS)
+    try:
+        _forward_usr1()
+        return _launch(launch_command, args, lambda: _checkpoint_written(marker, before))
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+        if own_dir is not None:
+            os.environ.pop(_MARKER_VAR, None)
+            shutil.rmtree(own_dir, ignore_errors=True)
+
+
+def _launch(launch_command: Any, args: Any, checkpoint: Any) -> int:
+    """Call accelerate's `launch_command(args)`; map how it ended to the launch's exit code, with one
+    summary line. `checkpoint()` is the path the ranks wrote on a preemption, or None."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
     try:
         launch_command(args)
     except ChildFailedError as exc:  # torchrun: several processes, or DeepSpeed
-        print(f"scaletune launch: {_describe(exc.failures)}", file=sys.stderr, flush=True)
-        return exit_code([f.exitcode for f in exc.failures.values()])
+        code = exit_code([f.exitcode for f in exc.failures.values()])
+        print(f"scaletune launch: {_describe(exc.failures)}{_saved(checkpoint() if code == EXIT_PREEMPTED else None)}",
+              file=sys.stderr, flush=True)
+        return code
     except subprocess.CalledProcessError as exc:  # accelerate's single-process launcher
-        return exit_code([exc.returncode])
+        code = exit_code([exc.returncode])
+        if code == EXIT_PREEMPTED:
+            print(f"scaletune launch: the run stopped with code 124{_saved(checkpoint())}", file=sys.stderr, flush=True)
+        return code
+    except SignalException as exc:  # torchrun stopped the ranks on a signal (accelerate < 1.16 lets it out)
+        return _signalled(int(exc.sigval), checkpoint())
+    except SystemExit as exc:  # accelerate >= 1.16 turns that signal into sys.exit(128 + signal)
+        if not isinstance(exc.code, int) or exc.code <= 128:
+            raise
+        return _signalled(exc.code - 128, checkpoint())
     return 0
+
+
+def _signalled(signum: int, checkpoint: str | None) -> int:
+    """Exit code and summary line of a launch stopped by signal `signum`: 124 if the ranks saved a
+    checkpoint on their way out (torchrun passed the signal on), else 128 + signal as a shell reports."""
+    try:
+        name = signal.Signals(signum).name
+    except ValueError:
+        name = f"signal {signum}"
+    if checkpoint is None:
+        print(f"scaletune launch: stopped by {name}; the ranks saved no checkpoint", file=sys.stderr, flush=True)
+        return 128 + signum
+    print(f"scaletune launch: stopped by {name}{_saved(checkpoint)}", file=sys.stderr, flush=True)
+    return EXIT_PREEMPTED
+
+
+def _saved(checkpoint: str | None) -> str:
+    """The summary's tail naming the preemption checkpoint ('' without one)."""
+    return f"; checkpoint {checkpoint} (continue with --resume auto)" if checkpoint else ""
+
+
+_MARKER_VAR = "SCALETUNE_PREEMPT_MARKER"
+_LAUNCH_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1)
+
+
+def _preempt_marker() -> tuple[Path, str | None]:
+    """The preemption marker the ranks will write: the user's $SCALETUNE_PREEMPT_MARKER, else a new file
+    name in a temporary directory of our own (returned second, to delete), set in the environment the
+    ranks inherit."""
+    if os.environ.get(_MARKER_VAR):
+        return Path(os.environ[_MARKER_VAR]), None
+    own_dir = tempfile.mkdtemp(prefix="scaletune-launch-")
+    os.environ[_MARKER_VAR] = os.path.join(own_dir, "preempted")
+    return Path(os.environ[_MARKER_VAR]), own_dir
+
+
+def _marker_state(marker: Path) -> tuple[int, int] | None:
+    """(mtime_ns, size) of the marker file, None if absent: a user's marker left by an earlier run must
+    not pass for this one's."""
+    try:
+        st = marker.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+def _checkpoint_written(marker: Path, before: tuple[int, int] | None) -> str | None:
+    """The checkpoint path the ranks wrote to `marker` during this launch, or None."""
+    now = _marker_state(marker)
+    if now is None or now == before:
+        return None
+    try:
+        return marker.read_text(encoding="utf-8").strip() or None
+    except OSError:
+        return None
+
+
+def _handlers(signals: tuple) -> dict:
+    """The current handler of each of `signals` (to restore later)."""
+    return {sig: signal.getsignal(sig) for sig in signals}
+
+
+def _forward_usr1() -> None:
+    """SIGUSR1 to the launcher goes to every rank, which then checkpoints as if signalled itself; by
+    default it would kill the launcher alone and orphan the ranks (torchrun handles TERM/INT/HUP/QUIT,
+    not USR1). Only from the main thread, the one place Python allows a handler."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGUSR1, lambda signum, frame: _signal_ranks(signum))
+
+
+def _signal_ranks(signum: int) -> None:
+    """Send `signum` to this process's rank processes; one already gone is skipped."""
+    for pid in rank_pids(os.getpid()):
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+
+def rank_pids(parent: int, proc: Path = Path("/proc")) -> list[int]:
+    """The children of `parent` that run `scaletune train` (the ranks torchrun or accelerate started),
+    read from Linux's /proc; any other child (a compiler, a log tailer) is left alone. [] elsewhere."""
+    pids = []
+    for entry in proc.glob("[0-9]*"):
+        try:
+            # the command name in (...) may hold spaces and parentheses: ppid follows the last ')'
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            argv = (entry / "cmdline").read_bytes().split(b"\0") if ppid == parent else []
+        except (OSError, IndexError, ValueError):  # gone meanwhile, or not a process directory
+            continue
+        if b"train" in argv and any(os.path.basename(a) == b"scaletune" for a in argv):
+            pids.append(int(entry.name))
+    return sorted(pids)
 
 
 def main_launch(args: Any, cfg: Any = None) -> int:
@@ -212,8 +345,9 @@ def main_launch(args: Any, cfg: Any = None) -> int:
     CUDA devices, else 1), nnodes (1), node_rank (0), master_addr ("127.0.0.1"), master_port (29500),
     optional cpu (None = auto), resume / overwrite / allow_config_change (passed on to
     `scaletune train`), dry_run (print only). `cfg` is accepted but not used: the config is validated
-    here, against the launch's world size and with its peft options, in one error. Returns 0 after a dry
-    run, else the exit code of the launched run (see `exit_code`).
+    here, against the launch's world size and with its peft options, in one error; so are output_dir and
+    --resume (`train.resume_point`), except for a dry run. Returns 0 after a dry run, else the exit code
+    of the launched run (see `exit_code`, `run_accelerate`).
     """
     from .config import load_config
 
@@ -232,6 +366,13 @@ def main_launch(args: Any, cfg: Any = None) -> int:
         # after start-up and accelerate reports only "exit 1". A dry run may be composed anywhere.
         _refuse_for_this_machine(cfg, int(nproc) * nnodes, getattr(args, "cpu", None))
     preflight(cfg, environment=not dry_run)
+    if not dry_run:
+        # output_dir and --resume as train checks them, from the filesystem only: a refusal is one error
+        # here, not one per rank after start-up. A dry run may be composed where that directory is not.
+        from .train import resume_point
+
+        resume_point(cfg, getattr(args, "resume", None), bool(getattr(args, "overwrite", False)),
+                     bool(getattr(args, "allow_config_change", False)))
     train_args: list[str] = []
     if getattr(args, "resume", None):
         train_args += ["--resume", str(args.resume)]

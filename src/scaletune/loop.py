@@ -109,9 +109,10 @@ def fit(run: Run, stop: StopFlag) -> str:
 
 def mark_preempted(acc: Any, path: Any) -> None:
     """Tell the batch script a resumable checkpoint exists: `accelerate launch` maps every non-zero
-    exit to 1, so the exit code alone cannot carry it; the Slurm templates read this file."""
+    exit to 1, so the exit code alone cannot carry it; the Slurm templates and `scaletune launch` read
+    this file. The first process of every node writes it: the path is often node-local ($TMPDIR)."""
     marker = os.environ.get("SCALETUNE_PREEMPT_MARKER")
-    if marker and acc.is_main_process:
+    if marker and acc.is_local_main_process:
         Path(marker).write_text(f"{path}\n")
 
 

@@ -127,6 +127,36 @@ def build_optimizer(cfg: RunConfig, model: Any) -> Any:
     return cls(groups, **kw)
 
 
+def resume_point(cfg: RunConfig, resume: str | None, overwrite: bool,
+                 allow_config_change: bool) -> tuple[Path | None, bool]:
+    """The checkpoint this run continues (None: a fresh start) and whether its output_dir is to be
+    replaced (--overwrite), decided from the filesystem alone: no model, no data, no process group.
+
+    Raises UserError / ConfigError for a run that may not start (a non-empty output_dir without --resume
+    or --overwrite, a foreign checkpoint, a directory a fresh start would overwrite). `setup` calls it,
+    and `scaletune launch` before it starts any process, so a refusal is one error, not one per rank.
+    """
+    out = Path(cfg.output_dir)
+    fingerprint = config_fingerprint(cfg)
+    resume = None if resume in (None, "none") else resume
+    changes = functools.partial(config_changes, cfg=cfg)
+    resume_from = None
+    if resume == "auto":
+        resume_from = ckpt.find_resumable(out, fingerprint, allow_config_change, changes)
+    elif resume is not None:
+        resume_from = Path(resume)
+        problem = ckpt.verify(resume_from) if resume_from.is_dir() else "not a directory"
+        if problem and (resume_from / "checkpoints").is_dir():  # a run's output_dir, not one checkpoint
+            newest = next(iter(ckpt.checkpoint_dirs(resume_from)), None)
+            raise UserError(f"--resume {resume}: this is a run's output directory, not a checkpoint; pass one of "
+                            f"its checkpoints{f' (newest: {newest})' if newest else ''}, or --resume auto to "
+                            "continue the run in output_dir")
+        if problem:
+            raise UserError(f"--resume {resume}: not a usable checkpoint ({problem})")
+        ckpt.check_same_config(resume_from, fingerprint, allow_config_change, changes)
+    return resume_from, check_output_dir(cfg, resume, overwrite, resume_from)
+
+
 def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
           allow_config_change: bool = False) -> tuple[Run, Path | None]:
     """Accelerator -> data -> model -> optimizer -> (resume). Returns the run and the checkpoint used."""
@@ -157,27 +187,11 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
     accum = t.global_batch_size // (t.micro_batch_size * world)
     out = Path(cfg.output_dir)
     fingerprint = config_fingerprint(cfg)
-    resume = None if resume in (None, "none") else resume
-    changes = functools.partial(config_changes, cfg=cfg)
-    resume_from = None
-    if resume == "auto":
-        resume_from = ckpt.find_resumable(out, fingerprint, allow_config_change, changes)
-    elif resume is not None:
-        resume_from = Path(resume)
-        problem = ckpt.verify(resume_from) if resume_from.is_dir() else "not a directory"
-        if problem and (resume_from / "checkpoints").is_dir():  # a run's output_dir, not one checkpoint
-            newest = next(iter(ckpt.checkpoint_dirs(resume_from)), None)
-            raise UserError(f"--resume {resume}: this is a run's output directory, not a checkpoint; pass one of "
-                            f"its checkpoints{f' (newest: {newest})' if newest else ''}, or --resume auto to "
-                            "continue the run in output_dir")
-        if problem:
-            raise UserError(f"--resume {resume}: not a usable checkpoint ({problem})")
-        ckpt.check_same_config(resume_from, fingerprint, allow_config_change, changes)
+    resume_from, replace_output = resume_point(cfg, resume, overwrite, allow_config_change)
     if "wandb" in (t.report_to or []) and not os.environ.get("WANDB_API_KEY"):
         os.environ.setdefault("WANDB_MODE", "offline")  # no key: log locally instead of failing the run
     accelerator = Accelerator(project_dir=str(out), log_with=t.report_to or None,
                               **accelerator_kwargs(cfg, accum))
-    replace_output = check_output_dir(cfg, resume, overwrite, resume_from)
     set_seed(t.seed)
     if t.release_cpu_memory and accelerator.device.type == "cpu":
         from .cpu_memory import release_freed_memory

@@ -1,0 +1,101 @@
+"""`scaletune launch` signalled itself (not its ranks): SIGTERM and SIGUSR1 to the launcher stop the ranks
+with a checkpoint and end the launch with 124 and one line naming it (a real 2-process launch on CPU/gloo
+through accelerate and torchrun)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import stutil
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+TIMEOUT = 240
+
+
+def _trained_steps(metrics: Path) -> int:
+    """Train steps logged so far (the file is being appended to: a partly written line is skipped)."""
+    steps = 0
+    for line in (metrics.read_text().splitlines() if metrics.is_file() else []):
+        try:
+            steps += json.loads(line).get("event") == "train"
+        except json.JSONDecodeError:
+            continue
+    return steps
+
+
+def _ranks(launcher: int) -> list[int]:
+    """The launcher's `scaletune train` children (so the test can clean up orphans)."""
+    import psutil
+
+    pids = []
+    for child in psutil.Process(launcher).children():
+        try:
+            argv = child.cmdline()
+        except psutil.Error:
+            continue
+        if "scaletune" in argv and "train" in argv:
+            pids.append(child.pid)
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_signal_to_the_launcher_checkpoints_and_exits_124(make_config, tmp_path, sig):
+    """SIGTERM used to end the launch with 143 and no summary (the ranks did checkpoint); SIGUSR1 killed the
+    launcher alone and left both ranks training, orphaned, with no checkpoint."""
+    pytest.importorskip("psutil")
+    path = make_config("causal_lm", train={"max_steps": 100000, "log_every": 1, "save_every": None})
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "scaletune", "launch", str(path), "--nproc", "2",
+           "--master-port", str(stutil.free_port())]
+    log = tmp_path / "launch.err"  # a file, not a pipe: a step-by-step log would fill a pipe nobody reads yet
+    with log.open("w") as sink:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=sink, env=stutil.child_env())
+    ranks: list[int] = []
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while _trained_steps(out / "metrics.jsonl") < 2:
+            assert proc.poll() is None, log.read_text()[-4000:]
+            assert time.monotonic() < deadline, "the run never reached step 2"
+            time.sleep(0.2)
+        ranks = _ranks(proc.pid)
+        assert len(ranks) == 2, ranks
+        proc.send_signal(sig)
+        proc.wait(timeout=TIMEOUT)
+        deadline = time.monotonic() + 60
+        while any(_alive(pid) for pid in ranks) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        orphans = [pid for pid in ranks if _alive(pid)]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in ranks:  # only the ranks this test's launcher started
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    err = log.read_text()
+    assert not orphans, f"ranks {orphans} outlived the launcher\n{err[-3000:]}"
+    stopped = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+               if '"preempted"' in line]
+    assert len(stopped) == 1, err[-4000:]
+    checkpoint = out / "checkpoints" / f"step-{stopped[0]['step']}"
+    assert checkpoint.is_dir()
+    assert proc.returncode == 124, err[-4000:]
+    summary = [line for line in err.splitlines() if line.startswith("scaletune launch:")]
+    assert len(summary) == 1 and f"checkpoint {checkpoint} (continue with --resume auto)" in summary[0], err[-4000:]
+    assert "Traceback" not in err
