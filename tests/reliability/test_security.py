@@ -161,8 +161,8 @@ def test_no_eval_or_exec_and_yaml_is_safe_loaded():
                 if "SafeLoader" not in loader:
                     offenders.append(f"{path}:{node.lineno}: {name} without SafeLoader")
     assert not offenders, offenders
-    config_src = (SRC / "config.py").read_text()
-    assert "yaml.safe_load(" in config_src
+    reader = (SRC / "config_file.py").read_text()  # the run config's YAML: a SafeLoader, overrides safe_load
+    assert "(yaml.SafeLoader)" in reader and "yaml.safe_load(" in reader
 
 
 def test_yaml_python_tags_are_refused(tmp_path, capsys):
