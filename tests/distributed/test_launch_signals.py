@@ -54,7 +54,15 @@ def _alive(pid: int) -> bool:
     return True
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+# SIGTERM takes torchrun's own path (it signals the ranks; accelerate then exits 143), which the unit tests in
+# test_cli.py cover with a stand-in accelerate. Run for real it costs CI another ~50 s: set
+# SCALETUNE_ALL_SIGNALS=1 to include it (worth doing when accelerate or torch change).
+ALL_SIGNALS = bool(os.environ.get("SCALETUNE_ALL_SIGNALS"))
+
+
+@pytest.mark.parametrize("sig", [
+    pytest.param(signal.SIGTERM, marks=pytest.mark.skipif(not ALL_SIGNALS, reason="SCALETUNE_ALL_SIGNALS=1 runs it")),
+    signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
 def test_signal_to_the_launcher_checkpoints_and_exits_124(make_config, tmp_path, sig):
     """SIGTERM used to end the launch with 143 and no summary (the ranks did checkpoint); SIGUSR1 killed the
     launcher alone and left both ranks training, orphaned, with no checkpoint."""
