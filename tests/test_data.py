@@ -604,3 +604,10 @@ def test_text_pairs_train_with_the_segment_ids_predict_uses(tmp_path, tiny_bert)
         for i, r in enumerate(records):
             direct = model(**tok(r["text"], r["text_pair"], return_tensors="pt")).logits[0]
             torch.testing.assert_close(logits[i], direct)
+
+
+def test_missing_relative_data_path_says_it_is_read_from_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=r"data.train: file not found: data/t.jsonl \(relative paths are read from "
+                                        r"the working directory: .*/data/t.jsonl\)"):
+        read_records("data/t.jsonl")

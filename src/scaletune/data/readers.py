@@ -267,8 +267,9 @@ def read_records(spec: str, *, key: str = "data.train", conll: bool = False) -> 
         records = _read_hub(spec)
     else:
         path = Path(spec)
-        if not path.exists():
-            raise DataError(f"{key}: file not found: {path}")
+        if not path.exists():  # a relative path is the working directory's, not the config file's
+            where = "" if path.is_absolute() else f" (relative paths are read from the working directory: {path.absolute()})"
+            raise DataError(f"{key}: file not found: {path}{where}")
         if path.is_dir():
             raise DataError(f"{key}: {path} is a directory, expected a data file")
         suffix = path.suffix.lower()

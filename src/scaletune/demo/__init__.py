@@ -58,7 +58,8 @@ def run_demo(out_dir: str, steps: int | None = None) -> int:
     hidden = 128
     build_model_dir(out / "base-model", texts * 4, arch="llama", hidden=hidden, layers=4, heads=4, vocab_size=400,
                     init_std=hidden**-0.5)
-    raw = demo_config(out, steps)
+    # absolute paths: the printed next step (`scaletune predict .../demo.yaml`) works from any directory
+    raw = demo_config(out.absolute(), steps)
     (out / "demo.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     cfg = from_dict(raw, source=str(out / "demo.yaml"))
     run, _ = setup(cfg)
