@@ -742,3 +742,12 @@ def test_rank_0s_error_relayed_to_the_others_is_printed_once_per_node(capsys, ma
     monkeypatch.setenv("LOCAL_RANK", "0")  # the first process of another node: its log needs the error itself
     code, _, err = run_cli(["train", path], capsys)
     assert_clean_error(code, err, "error: data.train: no usable examples in x.jsonl")
+
+
+def test_hub_warnings_are_printed_once(tmp_path):
+    """Offline, the hub client warns at each retry; its own handler and the root one printed each twice."""
+    code = ("import logging\nfrom scaletune import cli\ncli._setup_logging()\n"
+            "import huggingface_hub.utils.logging as hub\n"
+            "hub.get_logger('huggingface_hub.utils._http').warning('retrying in 1s')\n")
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stderr
+    assert err.count("retrying in 1s") == 1, err

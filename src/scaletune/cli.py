@@ -110,8 +110,11 @@ def _setup_logging() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|accelerate|torch|datasets)\.")
     logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("transformers", "datasets", "accelerate", "DeepSpeed", "torch.distributed"):
+    for noisy in ("transformers", "datasets", "accelerate", "DeepSpeed", "torch.distributed", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING if rank == "0" else logging.ERROR)
+    # huggingface_hub prints through a handler of its own and also passes each record on to the root
+    # handler above: every retry warning of an offline hub call appeared twice
+    logging.getLogger("huggingface_hub").propagate = False
     # DeepSpeed warns on import that it found no GPU: on a CPU run that is the plan, not news.
     logging.getLogger("DeepSpeed").addFilter(lambda rec: "Setting accelerator to CPU" not in rec.getMessage())
 
