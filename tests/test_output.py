@@ -57,3 +57,19 @@ def test_base_weights_missing_from_the_checkpoint_are_a_warning(make_config, tin
     assert any("1 weight(s) are not in the checkpoint and start from random weights" in w
                and "encoder.layer.0.output.dense.weight" in w for w in warnings), text
     assert "LOAD REPORT" not in text
+
+
+def test_checkpoint_weights_the_task_does_not_use_are_a_note(make_config, tiny_bert, tmp_path, caplog):
+    """A pretraining head (BERT's pooler under a token classifier) left unused is expected: info, not a
+    warning at every train / predict."""
+    import torch
+
+    extra = tmp_path / "bert"
+    shutil.copytree(tiny_bert, extra)
+    weights = load_file(extra / "model.safetensors")
+    weights["cls.predictions.extra.weight"] = torch.zeros(2, 2)
+    save_file(weights, extra / "model.safetensors", metadata={"format": "pt"})
+    cfg = load_config(make_config("seq_cls"), [f"model.name_or_path={extra}"])
+    _load(cfg, caplog)
+    notes = [(r.levelname, r.getMessage()) for r in caplog.records if "not used by this model class" in r.getMessage()]
+    assert len(notes) == 1 and notes[0][0] == "INFO" and "cls.predictions.extra.weight" in notes[0][1]

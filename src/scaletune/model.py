@@ -316,12 +316,14 @@ def _report_loading(cfg: RunConfig, info: dict, *, new_head: bool) -> None:
     if head and new_head:
         log.info("new task head (%s) starts from random weights and trains in full", ", ".join(head))
     unexpected = sorted(info.get("unexpected_keys") or ())
-    for keys, what in ((other, "are not in the checkpoint and start from random weights"),
-                       (unexpected, "in the checkpoint are not used by this model class")):
+    # Weights left unused are the checkpoint's own heads (BERT's pooler under a token classifier): expected
+    # when the task differs from pretraining, so a note, not a warning at every load.
+    for level, keys, what in ((logging.WARNING, other, "are not in the checkpoint and start from random weights"),
+                              (logging.INFO, unexpected, "in the checkpoint are not used by this model class")):
         if keys:
             more = f" and {len(keys) - 5} more" if len(keys) > 5 else ""
-            log.warning("model.name_or_path %s: %d weight(s) %s: %s%s", cfg.model.name_or_path, len(keys), what,
-                        ", ".join(keys[:5]), more)
+            log.log(level, "model.name_or_path %s: %d weight(s) %s: %s%s", cfg.model.name_or_path, len(keys), what,
+                    ", ".join(keys[:5]), more)
 
 
 def prefix_forward_problem(model: Any) -> str | None:
