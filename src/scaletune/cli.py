@@ -184,9 +184,10 @@ def dispatch(args: argparse.Namespace) -> int:
         from . import launch
 
         return launch.main_launch(args)
-    # The commands about to train check the peft options in the same error as the rest (that imports peft,
-    # which they need anyway); eval/predict/merge read the trained adapter's own config.
-    cfg = load_config(args.config, args.overrides, check_peft=args.command in ("train", "plan", "slurm"))
+    # The commands about to train (launch-args composes a job's flags) check the peft options in the same
+    # error as the rest (that imports peft, which they need anyway); eval/predict/merge read the trained
+    # adapter's own config.
+    cfg = load_config(args.config, args.overrides, check_peft=args.command in ("train", "plan", "slurm", "launch-args"))
     if args.command == "plan":
         from .plan import main_plan
 
@@ -217,7 +218,6 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "launch-args":
         from . import launch
 
-        launch.preflight(cfg, environment=False)  # composes flags, like a dry run
         print(" ".join(launch.deepspeed_flags(cfg)))
         return 0
     if args.command == "slurm":
@@ -231,8 +231,8 @@ def dispatch(args: argparse.Namespace) -> int:
             if problems:
                 raise ConfigError(problems, title=f"{args.config} cannot run on {args.nodes} node(s) x "
                                                   f"{args.gpus_per_node} GPU(s) ({len(problems)} problem(s))")
-        # the job runs in this environment (SCALETUNE_VENV / this python), so bitsandbytes is checked too
-        preflight(cfg, environment=not args.dry_run)
+        if not args.dry_run:  # the job runs in this environment (SCALETUNE_VENV / this python)
+            preflight(cfg)
         return main_slurm(args)  # the config was validated above; the job re-reads it
     raise AssertionError(args.command)
 

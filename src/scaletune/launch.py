@@ -150,22 +150,17 @@ def _refuse_for_this_machine(cfg: Any, world: int, cpu: bool | None) -> None:
         raise ConfigError(problems, title=f"run config cannot run here ({len(problems)} problem(s))")
 
 
-def preflight(cfg: Any, *, environment: bool = True) -> None:
-    """Raise ConfigError for what `scaletune train` refuses before loading anything: the peft section,
-    and with `environment` the quantization backend (bitsandbytes installed).
+def preflight(cfg: Any) -> None:
+    """Raise ConfigError if this machine lacks what the run config needs installed (bitsandbytes for a
+    quantized base), as `scaletune train` would before loading anything.
 
-    `launch`, `launch-args` and `slurm` call it so a bad setting is refused once, here, and not by
-    every process after start-up or by the job after its queue wait. A dry run passes
-    environment=False: like the hardware checks, what this machine has installed need not be what
-    the command is composed for.
-    """
-    from .model import peft_config, quantization_config
-    from .tasks import get_task
+    `launch` and `slurm` call it (not for a dry run: what this machine has installed need not be what the
+    command is composed for), so a missing package is refused once, here, and not by every process
+    after start-up or by the job after its queue wait. The peft section is checked earlier, with the
+    rest of the config (load_config's check_peft)."""
+    from .model import quantization_config
 
-    # the same call as train.setup: AdaLoRA's real step count is only known once the data is read
-    peft_config(cfg, get_task(cfg.task).peft_task_type, total_steps=10**9)
-    if environment:
-        quantization_config(cfg)
+    quantization_config(cfg)
 
 
 def exit_code(codes: list[int]) -> int:
@@ -365,8 +360,8 @@ def main_launch(args: Any, cfg: Any = None) -> int:
         # Hardware-dependent checks too (e.g. fp16 without CUDA), or every process fails the same way
         # after start-up and accelerate reports only "exit 1". A dry run may be composed anywhere.
         _refuse_for_this_machine(cfg, int(nproc) * nnodes, getattr(args, "cpu", None))
-    preflight(cfg, environment=not dry_run)
     if not dry_run:
+        preflight(cfg)
         # output_dir and --resume as train checks them, from the filesystem only: a refusal is one error
         # here, not one per rank after start-up. A dry run may be composed where that directory is not.
         from .train import resume_point
