@@ -195,7 +195,8 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "train":
         from .train import train
 
-        return train(cfg, resume=args.resume, overwrite=args.overwrite, allow_config_change=args.allow_config_change)
+        return train(cfg, resume=args.resume, overwrite=args.overwrite, allow_config_change=args.allow_config_change,
+                     stop=getattr(args, "stop", None))
     if args.command == "eval":
         from .infer import run_eval
 
@@ -246,6 +247,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = list(args.overrides) + extra
+    if args.command == "train":
+        from .stopflag import StopFlag
+
+        # Before anything slow is imported or loaded: a stop signal during start-up then ends in a
+        # checkpoint at the first step boundary rather than killing the process (see StopFlag).
+        args.stop = StopFlag()
     _setup_logging()
     try:
         return dispatch(args)

@@ -26,6 +26,7 @@ which checkpoint, and the launch exits 124 naming the checkpoint.
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import shutil
@@ -198,6 +199,9 @@ def run_accelerate(cmd: list[str]) -> int:
     from accelerate.commands.launch import launch_command, launch_command_parser
 
     args = launch_command_parser().parse_args(cmd[cmd.index("launch") + 1:])
+    # torchrun logs every failed rank as an error with its pid ("failed (exitcode: 124)"), a preemption
+    # too; the summary line below says the same per rank, in words.
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
     marker, own_dir = _preempt_marker()
     before = _marker_state(marker)
     # torchrun installs handlers for TERM/INT/HUP/QUIT and never restores them; USR1 is ours (below)

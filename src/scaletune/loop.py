@@ -10,6 +10,7 @@ step, so micro 1 x accumulation 4 equals micro 4 x accumulation 1, at any world 
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,9 @@ from .evaluate import evaluate, to_device
 from .metrics import Throughput
 from .nonfinite import NonfiniteGuard
 from .outdir import replaced_note
+from .stopflag import StopFlag
 from .tracking import MetricsLog
-from .train import Run, StopFlag, final_outputs, save_checkpoint
+from .train import Run, final_outputs, save_checkpoint
 
 
 def fit(run: Run, stop: StopFlag) -> str:
@@ -48,7 +50,7 @@ def fit(run: Run, stop: StopFlag) -> str:
             guard.settle(boundary=True)
             path = save_checkpoint(run)
             # this process logs; the signal may have reached only another rank
-            how = f"signal {stop.signal}" if stop.signal is not None else "a signal to another rank"
+            how = signal.Signals(stop.signal).name if stop.signal is not None else "a signal to another rank"
             mlog.log("preempted", run.step, {"signal": stop.signal, "checkpoint": str(path)})
             mark_preempted(acc, path)
             kept = replaced_note(run.output_dir)

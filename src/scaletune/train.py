@@ -9,7 +9,6 @@ import logging
 import math
 import os
 import shutil
-import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from .config import RunConfig
 from .errors import EXIT_PREEMPTED, ConfigError, UserError
 from .outdir import check_output_dir, discard_replaced, replaced_note, set_aside
 from .rules import cross_field_problems
+from .stopflag import StopFlag
 from .trainable_state import unwrap
 
 log = logging.getLogger("scaletune")
@@ -67,18 +67,6 @@ def config_changes(saved: dict, cfg: RunConfig) -> list[str]:
     missing = "(not set)"
     return [f"{k}: {json.dumps(old.get(k, missing))} -> {json.dumps(new.get(k, missing))}"
             for k in sorted(set(old) | set(new)) if old.get(k, missing) != new.get(k, missing)]
-
-
-class StopFlag:
-    """Set by SIGUSR1/SIGTERM; the loop stops at the next optimizer-step boundary (all ranks agree)."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._handler)
-
-    def _handler(self, signum: int, frame: Any) -> None:
-        self.signal = signum
 
 
 @dataclass
@@ -315,9 +303,10 @@ def save_adapter(run: Run, directory: Path, state: dict | None = None) -> None:
 
 
 def train(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
-          allow_config_change: bool = False) -> int:
-    """Entry point of `scaletune train`; returns the process exit code."""
-    stop = StopFlag()
+          allow_config_change: bool = False, stop: StopFlag | None = None) -> int:
+    """Entry point of `scaletune train`; returns the process exit code. `stop`: the process's StopFlag
+    when the CLI installed it already (at start-up), else one is installed here."""
+    stop = stop if stop is not None else StopFlag()
     run, _ = setup(cfg, resume=resume, overwrite=overwrite, allow_config_change=allow_config_change)
     from .loop import fit
 

@@ -56,3 +56,28 @@ def test_graceful_signals_checkpoint_and_resume_exactly(base_cfg, reference, tmp
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert sum(e["event"] == "preempted" for e in events) >= 2
     assert_same_run(out, ref)
+
+
+def test_stop_signal_during_start_up_ends_in_a_checkpoint(base_cfg, reference, tmp_path):
+    """SIGUSR1 while `scaletune train` is still importing and loading (a Slurm preemption notice at job
+    start; srun signals every process of the step) is kept: the run checkpoints at its first step
+    boundary and exits 124, and the resume ends in the uninterrupted adapter. Before, the signal's
+    default action killed the process (a launcher passes SIGUSR1 on with no ignore disposition)."""
+    import sys
+    import time
+
+    ref, _ = reference
+    out = tmp_path / "run"
+    path = write_cfg(base_cfg, out)
+    proc = subprocess.Popen([sys.executable, "-m", "scaletune", "train", str(path), "--resume", "auto"], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    time.sleep(1.0)  # inside the imports of torch / transformers (several seconds here)
+    assert not (out / "metrics.jsonl").exists(), "the run started training before the signal"
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 124, err[-3000:]
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["event"] == "preempted"] == [0], events
+    res = subprocess.run(command(path), env=ENV, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert_same_run(out, ref)

@@ -1,17 +1,19 @@
 """The REAL sbatch templates running the REAL trainer on the local two-node cluster (slurm/cluster.sh).
 
-Unlike tests/slurm/test_slurm.py nothing is stubbed: the jobs run
-srun -> accelerate launch -> ``python -m scaletune train CONFIG --resume auto`` on a tiny Llama (CPU,
-float32), and the results are compared with the same config run directly (no Slurm, one process):
+Nothing is stubbed: the jobs run srun -> ``scaletune launch`` (one per node) -> accelerate ->
+``python -m scaletune train CONFIG --resume auto`` on a tiny Llama (CPU, float32), and the results are
+compared with the same config run directly (no Slurm, one process):
 
-* a single-node job completes and writes the adapter;
-* a 2-node job trains with 2 ranks and reproduces the single-process loss curve (<= 1e-4 relative);
-* ``scancel --signal=USR1 --batch`` mid-run: the trainer checkpoints, the template requeues, the job
-  resumes (``--resume auto``) and ends with the adapter of an uninterrupted run (<= 1e-6).
+* a single-node job completes, writes the adapter and reproduces the single-process loss curve;
+* ``scancel --signal=USR1 --batch`` mid-run, on a 1-node and on a 2-node job: the ranks checkpoint,
+  the template requeues, the job resumes (``--resume auto``) and ends with the loss curve and adapter
+  of an uninterrupted run (exactly for 1 node; <= 1e-4 relative / 1e-5 for 2 ranks, whose reductions
+  add in another order);
+* a job with a bad config value ends with exit code 2 and the config error, no traceback, no requeue.
 
 To keep the wall time down (the jobs are mostly Python start-up), one module fixture builds the model
-and data once, submits all three jobs at once, starts the two reference runs next to them, and sends
-the preemption signal; each test then only waits for its own job.
+and data once, submits all jobs at once, starts the two reference runs next to them, and sends the
+preemption signals; each test then only waits for its own job.
 
     sudo -E .venv/bin/python -m pytest tests/slurm/test_slurm_real.py -m slurm -v
 """
@@ -31,12 +33,13 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATES = REPO / "slurm"
-SHORT_STEPS = 4  # single- and multi-node jobs
-LONG_STEPS = 60  # the preempted job: long enough to be signalled mid-run
+SHORT_STEPS = 4  # the single-node job
+LONG_STEPS = 60  # the preempted jobs: long enough to be signalled mid-run
 SIGNAL_AFTER = 3  # logged steps before the USR1
 JOB_TIMEOUT = 420  # generous: only hit on failure (the machine may be shared and slow)
 RTOL_CURVE = 1e-4
 ATOL_ADAPTER = 1e-6
+ATOL_ADAPTER_2RANKS = 1e-5
 
 
 
@@ -50,7 +53,7 @@ import stutil as helpers  # noqa: E402  (tests/ is on sys.path via tests/conftes
 def _env(cluster_env: dict[str, str]) -> dict[str, str]:
     """Environment for sbatch (exported to the job by --export=ALL) and for the reference runs."""
     env = {k: v for k, v in cluster_env.items() if not (k.startswith("SLURM_") and k != "SLURM_CONF")}
-    for var in ("PYTHONPATH", "SCALETUNE_VENV", "SCALETUNE_ENTRY", "SCALETUNE_PREEMPT_MARKER",
+    for var in ("PYTHONPATH", "SCALETUNE_VENV", "SCALETUNE_PREEMPT_MARKER",
                 "SCALETUNE_PROCS_PER_NODE", "SCALETUNE_MASTER_PORT", "SCALETUNE_FAULT", "RANK", "WORLD_SIZE",
                 "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_DEEPSPEED",
                 "ACCELERATE_DEEPSPEED_CONFIG_FILE", "ACCELERATE_CONFIG_FILE", "CUDA_VISIBLE_DEVICES"):
@@ -169,28 +172,57 @@ class Reference:
             self.proc.wait()
 
 
-def _signal_when_training(js: SimpleNamespace) -> None:
-    """Send USR1 to the preempt job's batch shell once it has logged SIGNAL_AFTER steps.
+def _signal_when_training(js: SimpleNamespace, jobs: list[Job]) -> None:
+    """Send USR1 to each job's batch shell once it has logged SIGNAL_AFTER steps.
 
-    Problems are recorded (js.preempt_error), not raised: the other tests must still run."""
-    job = js.preempt
-    deadline = job.submitted + JOB_TIMEOUT
-    while time.monotonic() < deadline:
-        steps = [r["step"] for r in _train_events(job.out)]
-        if len(steps) >= SIGNAL_AFTER:
-            if steps[-1] >= LONG_STEPS:
-                break
-            res = subprocess.run(["scancel", "--signal=USR1", "--batch", job.id], env=js.env, capture_output=True,
-                                 text=True)
-            if res.returncode != 0:
-                js.preempt_error = f"scancel --signal=USR1 failed: {res.stderr}\n{job.describe()}"
-            js.signalled_after = steps[-1]
-            return
-        if not job.alive():
-            break
+    Problems are recorded (js.signal_errors[job name]), not raised: the other tests must still run."""
+    waiting = list(jobs)
+    while waiting:
+        for job in list(waiting):
+            steps = [r["step"] for r in _train_events(job.out)]
+            if len(steps) >= SIGNAL_AFTER and steps[-1] < LONG_STEPS:
+                res = subprocess.run(["scancel", "--signal=USR1", "--batch", job.id], env=js.env, capture_output=True,
+                                     text=True)
+                if res.returncode != 0:
+                    js.signal_errors[job.name] = f"scancel --signal=USR1 failed: {res.stderr}\n{job.describe()}"
+                js.signalled_after[job.name] = steps[-1]
+            elif time.monotonic() > job.submitted + JOB_TIMEOUT or not job.alive() or steps[-1:] == [LONG_STEPS]:
+                js.signal_errors[job.name] = (f"could not signal the job mid-run (never saw {SIGNAL_AFTER} steps "
+                                              f"before it ended)\n{job.describe()}")
+            else:
+                continue
+            waiting.remove(job)
         time.sleep(0.2)
-    js.preempt_error = f"could not signal the job mid-run (never saw {SIGNAL_AFTER} steps before it ended)\n" \
-                       f"{job.describe()}"
+
+
+def _assert_preempted_and_resumed(jobs: SimpleNamespace, job: Job, world: int, atol: float) -> None:
+    """The job was stopped by the USR1 with a checkpoint, requeued once, and ended in the uninterrupted
+    run's curve and adapter."""
+    import torch
+
+    assert jobs.signal_errors.get(job.name) is None, jobs.signal_errors[job.name]
+    text = job.wait()
+    info = job.describe()
+    assert "caught SIGUSR1" in text and "requeueing job" in text, info
+    assert "restart_count=1" in text, info
+    assert text.rstrip().endswith("training step exited rc=0"), info
+    preempted = _train_events(job.out, "preempted")
+    assert len(preempted) == 1, (preempted, info)
+    stop_step = preempted[0]["step"]
+    assert jobs.signalled_after[job.name] <= stop_step < LONG_STEPS, (jobs.signalled_after, preempted, info)
+    ckpt_dir = Path(preempted[0]["checkpoint"])
+    assert ckpt_dir.name == f"step-{stop_step}", preempted
+    run = json.loads((job.out / "run.json").read_text())
+    assert run["world_size"] == world and run["resumed_from"] == str(ckpt_dir), run
+    state = json.loads((job.out / "checkpoints" / f"step-{LONG_STEPS}" / "state.json").read_text())
+    assert state["step"] == LONG_STEPS, state
+    # nothing lost or repeated: the resumed run continues the uninterrupted run's curve and ends in its adapter
+    ref = jobs.ref_long.wait()
+    _assert_same_curve(_losses(ref), _losses(job.out), LONG_STEPS, info)
+    a, b = _adapter(job.out), _adapter(ref)
+    assert a.keys() == b.keys() and a
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=k)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -211,25 +243,27 @@ def jobs(slurm_cluster, tmp_path_factory):
                                 output_dir=str(root / "unused"))
     cfg = root / "run.yaml"
     cfg.write_text(yaml.safe_dump(raw, sort_keys=False))
-    js = SimpleNamespace(root=root, env=_env(slurm_cluster), cfg=cfg, preempt_error=None, signalled_after=None,
+    js = SimpleNamespace(root=root, env=_env(slurm_cluster), cfg=cfg, signal_errors={}, signalled_after={},
                          timings={"setup_s": 0.0})
     long = [f"train.max_steps={LONG_STEPS}"]
     started: list = []
     try:
-        # the preempted job first (it has the longest path: run, signal, requeue, resume), then the short ones;
-        # the 2-node job waits for both nodes
+        # the preempted jobs first (they have the longest path: run, signal, requeue, resume), then the short
+        # ones; the 2-node job waits for both nodes
         js.preempt = Job(js, "st-preempt", 1, cfg, [*long, f"output_dir={root / 'preempt'}"])
         started.append(js.preempt)
+        js.multi = Job(js, "st-multi", 2, cfg, [*long, f"output_dir={root / 'multi'}"])
+        started.append(js.multi)
         js.single = Job(js, "st-single", 1, cfg, [f"output_dir={root / 'single'}"])
         started.append(js.single)
-        js.multi = Job(js, "st-multi", 2, cfg, [f"output_dir={root / 'multi'}"])
-        started.append(js.multi)
+        js.bad = Job(js, "st-bad", 1, cfg, ["train.learning_rate=fast", f"output_dir={root / 'bad'}"])
+        started.append(js.bad)
         js.ref_short = Reference(js, cfg, [f"output_dir={root / 'ref_short'}"])
         started.append(js.ref_short)
         js.ref_long = Reference(js, cfg, [*long, f"output_dir={root / 'ref_long'}"])
         started.append(js.ref_long)
         js.timings["setup_s"] = round(time.monotonic() - t0, 1)
-        _signal_when_training(js)
+        _signal_when_training(js, [js.preempt, js.multi])
         yield js
     finally:
         for item in started:
@@ -254,7 +288,7 @@ def test_real_single_node_job_writes_adapter(jobs):
     text = job.wait()
     assert "training step exited rc=0" in text, job.describe()
     assert "restart_count=0" in text and "num_processes=1" in text, text
-    assert "entry: -m scaletune train" in text, text  # the real trainer, not a stand-in
+    assert "each node runs: scaletune launch" in text and " -m scaletune train " in text, text
     assert (job.out / "adapter" / "adapter_model.safetensors").is_file(), job.describe()
     assert json.loads((job.out / "run.json").read_text())["world_size"] == 1
     state = json.loads((job.out / "checkpoints" / f"step-{SHORT_STEPS}" / "state.json").read_text())
@@ -264,46 +298,27 @@ def test_real_single_node_job_writes_adapter(jobs):
 
 
 @pytest.mark.slurm
-def test_real_two_node_job_matches_single_process_curve(jobs):
+def test_real_two_node_job_is_preempted_requeued_and_matches_one_process(jobs):
     job = jobs.multi
     text = job.wait()
-    assert "training step exited rc=0" in text, job.describe()
     assert "nodes=2 procs_per_node=1 num_processes=2" in text, text
-    assert "machine_rank=0" in text and "machine_rank=1" in text, text  # one launcher per node
+    assert "node_rank=0" in text and "node_rank=1" in text, text  # one launcher per node
     run = json.loads((job.out / "run.json").read_text())
-    assert run["world_size"] == 2, run
     assert run["grad_accum"] == 2, run  # 8 = 2 micro x 2 accumulation x 2 ranks
-    assert (job.out / "adapter" / "adapter_model.safetensors").is_file(), job.describe()
-    ref = jobs.ref_short.wait()
-    assert json.loads((ref / "run.json").read_text())["world_size"] == 1
-    _assert_same_curve(_losses(ref), _losses(job.out), SHORT_STEPS, job.describe())
+    _assert_preempted_and_resumed(jobs, job, world=2, atol=ATOL_ADAPTER_2RANKS)
 
 
 @pytest.mark.slurm
 def test_real_preemption_checkpoints_requeues_and_resumes_exactly(jobs):
-    import torch
+    _assert_preempted_and_resumed(jobs, jobs.preempt, world=1, atol=ATOL_ADAPTER)
 
-    job = jobs.preempt
-    assert jobs.preempt_error is None, jobs.preempt_error
+
+@pytest.mark.slurm
+def test_real_bad_config_ends_the_job_with_code_2_and_one_error(jobs):
+    job = jobs.bad
     text = job.wait()
-    info = job.describe()
-    assert "caught SIGUSR1" in text and "requeueing job" in text, info
-    assert "restart_count=1" in text, info
-    assert text.rstrip().endswith("training step exited rc=0"), info
-    preempted = _train_events(job.out, "preempted")
-    assert len(preempted) == 1, (preempted, info)
-    stop_step = preempted[0]["step"]
-    assert jobs.signalled_after <= stop_step < LONG_STEPS, (jobs.signalled_after, preempted, info)
-    ckpt_dir = Path(preempted[0]["checkpoint"])
-    assert ckpt_dir.name == f"step-{stop_step}", preempted
-    run = json.loads((job.out / "run.json").read_text())
-    assert run["world_size"] == 1 and run["resumed_from"] == str(ckpt_dir), run
-    state = json.loads((job.out / "checkpoints" / f"step-{LONG_STEPS}" / "state.json").read_text())
-    assert state["step"] == LONG_STEPS, state
-    # nothing lost or repeated: the resumed run continues the uninterrupted run's curve and ends in its adapter
-    ref = jobs.ref_long.wait()
-    _assert_same_curve(_losses(ref), _losses(job.out), LONG_STEPS, info)
-    a, b = _adapter(job.out), _adapter(ref)
-    assert a.keys() == b.keys() and a
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=ATOL_ADAPTER, msg=k)
+    assert "training step exited rc=2" in text, job.describe()
+    assert "train.learning_rate" in text and "fast" in text, text  # the config error, naming key and value
+    assert "Traceback" not in text, text
+    assert "requeueing" not in text and "restart_count=1" not in text, text
+    assert not (job.out / "run.json").exists(), "a run started despite the bad config"

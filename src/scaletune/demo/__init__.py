@@ -37,7 +37,8 @@ def run_demo(out_dir: str, steps: int | None = None) -> int:
     from ..evaluate import evaluate
     from ..infer import generate, prompt_segments
     from ..loop import fit
-    from ..train import StopFlag, setup
+    from ..stopflag import StopFlag
+    from ..train import setup
     from .tiny import build_model_dir
 
     out = Path(out_dir)

@@ -1,0 +1,23 @@
+"""The stop request of a training process: SIGUSR1 / SIGTERM, recorded as soon as `scaletune train` starts."""
+
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+
+class StopFlag:
+    """Set by SIGUSR1/SIGTERM; the loop stops at the next optimizer-step boundary (all ranks agree).
+
+    `scaletune train` creates it before importing torch or loading anything, so a signal that arrives
+    while the model loads (a Slurm preemption notice at job start, a launcher passing one on) is kept
+    and answered with a checkpoint at the first step boundary, instead of killing the process by the
+    signal's default action."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.signal = signum
