@@ -242,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # Overrides may also follow options (`train run.yaml --resume auto k=v`, as the Slurm templates do).
     args, extra = parser.parse_known_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     stray = [x for x in extra if x.startswith("-") or "=" not in x or not hasattr(args, "overrides")]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")

@@ -26,6 +26,7 @@ which checkpoint, and the launch exits 124 naming the checkpoint.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shlex
@@ -394,4 +395,11 @@ def main_launch(args: Any, cfg: Any = None) -> int:
     print(shlex.join(cmd), flush=True)
     if dry_run:
         return 0
-    return run_accelerate(cmd)
+    from .tracking import LAUNCH_ARGV
+
+    # run.json's argv: the command that was typed (the ranks inherit the environment)
+    os.environ[LAUNCH_ARGV] = json.dumps(["scaletune", *getattr(args, "argv", sys.argv[1:])])
+    try:
+        return run_accelerate(cmd)
+    finally:
+        os.environ.pop(LAUNCH_ARGV, None)

@@ -33,21 +33,35 @@ def git_commit(path: Path) -> str | None:
     return res.stdout.strip() or None if res.returncode == 0 else None
 
 
+LAUNCH_ARGV = "SCALETUNE_LAUNCH_ARGV"
+
+
+def command_line() -> list[str]:
+    """The command that started this run: `scaletune launch ...` (set for its ranks in $SCALETUNE_LAUNCH_ARGV)
+    rather than the `-m scaletune train ...` each rank was given, else this process's argv."""
+    try:
+        argv = json.loads(os.environ.get(LAUNCH_ARGV, "null"))
+    except ValueError:
+        argv = None
+    return argv if isinstance(argv, list) and argv else list(sys.argv)
+
+
 def write_run_json(output_dir: Path, cfg: Any, extra: dict) -> None:
     """run.json: the resolved config, versions and this start's facts. A resumed run keeps its first start's
     `started` and `argv` and adds this start to `resumes` (time, checkpoint, command line)."""
     now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    argv = command_line()
     info = {"config": cfg.to_dict(), "versions": package_versions(), "git_commit": git_commit(Path.cwd()),
-            "argv": sys.argv, "started": now, **extra}
+            "argv": argv, "started": now, **extra}
     if extra.get("resumed_from"):
         try:
             before = json.loads((output_dir / "run.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
             before = None
         if isinstance(before, dict):
-            info["started"], info["argv"] = before.get("started", now), before.get("argv", sys.argv)
+            info["started"], info["argv"] = before.get("started", now), before.get("argv", argv)
             info["resumes"] = [*(before.get("resumes") or []),
-                               {"time": now, "from": extra["resumed_from"], "argv": sys.argv,
+                               {"time": now, "from": extra["resumed_from"], "argv": argv,
                                 "world_size": extra.get("world_size")}]
     tmp = output_dir / "run.json.tmp"
     tmp.write_text(json.dumps(info, indent=1, default=str))

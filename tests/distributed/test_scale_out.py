@@ -239,6 +239,8 @@ def multinode(world) -> Path:
     printed = outs[1].splitlines()[0]
     assert "--num_machines 2" in printed and "--machine_rank 1" in printed
     assert "--deepspeed_multinode_launcher standard" in printed
+    # run.json names the command that was typed, not the `-m scaletune train ...` each rank was given
+    assert json.loads((out / "run.json").read_text())["argv"][:2] == ["scaletune", "launch"]
     return out
 
 
