@@ -394,3 +394,15 @@ def test_seq_cls_labels_json_booleans_and_spaces():
     with pytest.raises(DataError, match=r"label 'neg ' is not in the label set \['neg', 'pos'\] \(it differs from "
                                         r"'neg' only in spaces\)"):
         labels_of(["neg", "neg "], labels=["neg", "pos"])
+
+
+def test_a_warmup_that_cannot_happen_is_refused():
+    """`constant` has no warmup (it ignored warmup_steps silently), and a warmup at least as long as the run
+    never reaches the learning rate."""
+    problems = problems_of({**BASE, "train": {"lr_scheduler": "constant", "warmup_steps": 3}})
+    assert any("train.warmup_steps: 3 with lr_scheduler: constant, which has no warmup" in p for p in problems)
+    problems = problems_of({**BASE, "train": {"max_steps": 5, "warmup_steps": 10}})
+    assert any("train.warmup_steps: 10 is not shorter than train.max_steps (5)" in p for p in problems)
+    from_dict({**BASE, "train": {"lr_scheduler": "constant_with_warmup", "warmup_steps": 3}})
+    from_dict({**BASE, "train": {"max_steps": 6, "warmup_steps": 5}})
+    from_dict({**BASE, "train": {"max_steps": 1, "warmup_steps": 1}})  # a smoke test: warned at setup

@@ -233,6 +233,19 @@ def test_overwrite_deletes_the_old_run_with_a_warning_when_it_cannot_be_moved(ma
     assert os.listdir(run.output_dir) == ["run.json"] and not list(tmp_path.glob(".run.replaced-*"))
 
 
+def test_setup_says_what_each_epoch_leaves_out_and_when_warmup_covers_the_run(make_config, caplog):
+    """The examples that cannot fill a last global batch sit each epoch out: said in the log and run.json.
+    A one-step run with a one-step warmup trains at lr 0: said as a warning."""
+    path = make_config("causal_lm", n=30, train={"global_batch_size": 8, "max_steps": 1, "warmup_steps": 1})
+    with caplog.at_level("INFO", logger="scaletune"):
+        run, _ = setup(load_config(path))
+    n = len(run.data["train"])
+    assert n % 8, n
+    assert f"{n % 8} of {n} examples do not fill a last global batch of 8 and sit each epoch out" in caplog.text
+    assert "reaches at most 0% of train.learning_rate and nothing is trained" in caplog.text
+    assert json.loads((run.output_dir / "run.json").read_text())["left_out_per_epoch"] == n % 8
+
+
 def _record_write_fails(monkeypatch) -> None:
     """Writing `.replaced_run` fails as on a full disk, after a byte of it is written; other writes work."""
     import errno

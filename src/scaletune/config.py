@@ -118,7 +118,9 @@ class DataConfig:
     tokens_column: str | None = _f(None, "token_cls: column with the word list (default: tokens).")
     tags_column: str | None = _f(None, "token_cls: column with the tag list (default: tags/ner_tags).")
     labels: list | None = _f(None, "seq_cls/token_cls: the label set, in order; default: sorted from train.")
-    group_by_length: bool = _f(True, "Sort each window of batches by length to cut padding.")
+    group_by_length: bool = _f(True, "Sort each window of 50 global batches by length to cut padding (a training "
+                               "set of at most 50 global batches then gets the same batches every epoch, in a "
+                               "new order; false: random batches).")
     num_workers: int = _f(0, "DataLoader worker processes.")
     cache: bool = _f(True, "Cache tokenised data (datasets arrow cache) across runs and ranks.")
 
@@ -127,15 +129,17 @@ class DataConfig:
 class TrainConfig:
     global_batch_size: int = _f(64, "Examples per optimizer step over all ranks and micro-steps.")
     micro_batch_size: int = _f(4, "Examples per forward pass per rank.")
-    epochs: float | None = _f(3, "Passes over the training data (ignored when max_steps is set).")
+    epochs: float | None = _f(3, "Passes over the training data (ignored when max_steps is set). The examples "
+                              "that do not fill a last global batch sit that epoch out (a random set each epoch; "
+                              "how many is logged).")
     max_steps: int | None = _f(None, "Total optimizer steps; overrides epochs.")
     learning_rate: float = _f(2.0e-4, "Peak learning rate.")
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = _f(
-        "cosine", "Learning-rate schedule after warmup."
+        "cosine", "Learning-rate schedule after warmup (constant: none, the peak from step 1)."
     )
     warmup_ratio: float = _f(0.03, "Fraction of total steps spent warming up (ignored if warmup_steps).")
     warmup_steps: int | None = _f(None, "Warmup steps; overrides warmup_ratio.")
-    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    weight_decay: float = _f(0.0, "AdamW weight decay (not on biases and norm weights).")
     adam_beta1: float = _f(0.9, "AdamW beta1.")
     adam_beta2: float = _f(0.999, "AdamW beta2.")
     adam_epsilon: float = _f(1e-8, "AdamW epsilon.")

@@ -30,6 +30,12 @@ def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_c
         p.append(f"train.learning_rate: must be > 0, got {t.learning_rate}")
     if t.learning_rate > 1.0:
         p.append(f"train.learning_rate: {t.learning_rate} is far too large for fine-tuning (typical 1e-5..1e-3)")
+    if t.lr_scheduler == "constant" and t.warmup_steps:
+        p.append(f"train.warmup_steps: {t.warmup_steps} with lr_scheduler: constant, which has no warmup; use "
+                 "lr_scheduler: constant_with_warmup")
+    if t.max_steps is not None and t.warmup_steps is not None and t.warmup_steps >= t.max_steps > 1:
+        p.append(f"train.warmup_steps: {t.warmup_steps} is not shorter than train.max_steps ({t.max_steps}); the "
+                 "learning rate would never reach train.learning_rate")
     if not (0 <= t.warmup_ratio < 1):
         p.append(f"train.warmup_ratio: must be in [0, 1), got {t.warmup_ratio}")
     if t.weight_decay < 0:

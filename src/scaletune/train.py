@@ -199,6 +199,13 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
         raise ConfigError(f"train.global_batch_size ({t.global_batch_size}) is larger than the training set "
                           f"({what}); lower it")
     total = t.max_steps or max(1, math.ceil(t.epochs * per_epoch))
+    left_out = n_train - per_epoch * t.global_batch_size
+    if left_out and accelerator.is_main_process:
+        # Every step has the same shape (data/batching.py); the shuffle picks who sits each epoch out.
+        rows = "packed rows" if data["stats"].get("packed_examples") else "examples"
+        (log.warning if left_out > 0.1 * n_train else log.info)(
+            "data.train: %d of %d %s do not fill a last global batch of %d and sit each epoch out (a different "
+            "random set each epoch)", left_out, n_train, rows, t.global_batch_size)
     model = load_model(cfg, task, data["labels"], tokenizer, total_steps=total)
     trainable, all_params = count_parameters(model)
     optimizer = build_optimizer(cfg, model)
@@ -215,6 +222,11 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
             log.info("train.chunked_loss: using the usual loss because %s", why_not)
     warmup = t.warmup_steps if t.warmup_steps is not None else math.ceil(t.warmup_ratio * total)
     scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+    if t.lr_scheduler != "constant" and warmup >= total:  # e.g. max_steps 1: its one step at lr 0
+        peak = max(scheduler.lr_lambdas[0](k) for k in range(total))
+        log.warning("the warmup (%d step(s)) is not shorter than the run (%d step(s)): the learning rate reaches "
+                    "at most %.0f%% of train.learning_rate%s; lower train.warmup_steps / warmup_ratio", warmup, total,
+                    100 * peak, " and nothing is trained" if peak == 0 else "")
     run = Run(cfg, accelerator, model, optimizer, scheduler, task, data, tokenizer, out, total, accum, fingerprint)
     if accelerator.is_main_process:
         if replace_output:
@@ -254,6 +266,7 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
 
         write_run_json(out, cfg, {"world_size": world, "grad_accum": accum, "total_steps": total,
                                   "steps_per_epoch": per_epoch, "train_examples": n_train,
+                                  "left_out_per_epoch": left_out,
                                   "skipped_examples": data["stats"].get("dropped"),
                                   "truncated_examples": data["stats"].get("truncated"),
                                   "eval_examples": len(data["eval"]) if data["eval"] is not None else 0,
