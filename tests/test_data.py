@@ -611,3 +611,67 @@ def test_missing_relative_data_path_says_it_is_read_from_the_working_directory(t
     with pytest.raises(DataError, match=r"data.train: file not found: data/t.jsonl \(relative paths are read from "
                                         r"the working directory: .*/data/t.jsonl\)"):
         read_records("data/t.jsonl")
+
+
+_CLOSING = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ END }}{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def test_a_chat_template_that_refuses_a_conversation_is_a_data_error(tmp_path, tiny_llama):
+    """Templates without a system role (Gemma-style) raise from Jinja: one error naming file:line and the
+    template's message, not a traceback."""
+    data = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "system", "content": "s"},
+                                                            {"role": "user", "content": "q"},
+                                                            {"role": "assistant", "content": "a"}]}])
+    cfg = _cfg(tmp_path, tiny_llama, data=data)
+    tok = load_tokenizer(cfg)
+    tok.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                         "{% endif %}" + _CLOSING.replace("{{ END }}", "</s>"))
+    with pytest.raises(DataError, match=r"c.jsonl:1: the tokenizer's chat template refused this conversation "
+                                        r"\(system -> user -> assistant\): System role not supported"):
+        build_datasets(cfg, get_task("causal_lm"), tok)
+
+
+@pytest.mark.parametrize("record,message", [
+    ({"conversations": [{"from": "human", "value": "q"}], "chosen": {"from": "gpt", "value": "a"},
+      "rejected": {"from": "gpt", "value": "b"}}, r"p.jsonl:2: 'chosen' / 'rejected' make this preference-pair data"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "label": False},
+     r"p.jsonl:2: a true/false 'label' next to the conversation makes this KTO data"),
+])
+def test_preference_data_is_refused_saying_what_it_is(tmp_path, tiny_llama, record, message):
+    """DPO pairs had "no assistant turn to learn from"; KTO's undesirable answers were trained as targets."""
+    plain = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    data = write_jsonl(tmp_path / "p.jsonl", [plain, record])
+    cfg = _cfg(tmp_path, tiny_llama, data=data)
+    with pytest.raises(DataError, match=message):
+        build_datasets(cfg, get_task("causal_lm"), load_tokenizer(cfg))
+
+
+@pytest.mark.parametrize("template", [False, True])
+def test_weight_0_answer_stays_untrained_with_train_on_prompt(tmp_path, tiny_llama, template):
+    record = {"messages": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "zebra", "weight": 0},
+                           {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]}
+    data = write_jsonl(tmp_path / "c.jsonl", [record] * 2)
+    cfg = _cfg(tmp_path, tiny_llama, data=data, train_on_prompt=True)
+    tok = load_tokenizer(cfg)
+    if template:
+        tok.chat_template = _CLOSING.replace("{{ END }}", "</s>")
+    ex = build_datasets(cfg, get_task("causal_lm"), tok)["train"][0]
+    trained = tok.decode([i for i, lab in zip(ex["input_ids"], ex["labels"]) if lab != IGNORE])
+    assert "q1" in trained and "q2" in trained and "a2" in trained  # the context is trained, as asked
+    assert "zebra" not in trained and "zebra" in tok.decode(ex["input_ids"])
+
+
+@pytest.mark.parametrize("end,warned", [("</s>", False), ("</s>\n", False), ("\n", True)])
+def test_answers_that_end_in_no_special_token_are_warned(tmp_path, tiny_llama, caplog, end, warned):
+    """A chat template that closes no assistant turn trains a model that never stops: said once per dataset."""
+    record = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    data = write_jsonl(tmp_path / "c.jsonl", [record] * 3)
+    cfg = _cfg(tmp_path, tiny_llama, data=data)
+    tok = load_tokenizer(cfg)
+    tok.chat_template = _CLOSING.replace("{{ END }}", end)
+    with caplog.at_level("WARNING", logger="scaletune"):
+        build_datasets(cfg, get_task("causal_lm"), tok)
+    notes = [r.getMessage() for r in caplog.records if "does not learn to stop" in r.getMessage()]
+    assert notes == (["data.train: 3 of 3 example(s) hold an answer that ends in no end-of-sequence (or other "
+                      "special) token" + notes[0].split("special) token", 1)[1]] if warned else []), notes

@@ -30,7 +30,7 @@ log = logging.getLogger("scaletune")
 # 6: messages' "weight": 0 turns are context; 7: token_cls integer tags named by data.labels;
 # 8: JSON true/false labels are named "true"/"false" (were "True"/"False" with data.labels, else refused),
 # labels that differ only in spaces are refused; 9: seq_cls text pairs keep token_type_ids
-CACHE_VERSION = "9"
+CACHE_VERSION = "10"
 
 
 def cache_root() -> Path:
@@ -70,20 +70,21 @@ def fingerprint(cfg: Any, tokenizer: Any) -> str:
 
 
 def _encode_all(records: list[dict], task: Any, tokenizer: Any, cfg: Any, label2id: dict | None) -> dict:
-    from ..tasks.base import TRUNCATED  # (tasks import data's readers)
+    from ..tasks.base import TRUNCATED, UNSTOPPED  # (tasks import data's readers)
 
     columns: dict[str, list] = {"input_ids": [], "labels": [], "length": []}
-    dropped = truncated = 0
+    dropped = truncated = unstopped = 0
     for rec in records:
         ex = task.encode(rec, tokenizer, cfg, label2id)
         if ex is None:
             dropped += 1
             continue
         truncated += bool(ex.pop(TRUNCATED, False))
+        unstopped += bool(ex.pop(UNSTOPPED, False))
         columns["length"].append(len(ex["input_ids"]))
         for key, value in ex.items():  # input_ids, labels and what else the task keeps (token_cls: cut_tags)
             columns.setdefault(key, []).append(value)
-    columns["dropped"], columns["truncated"] = dropped, truncated
+    columns["dropped"], columns["truncated"], columns["unstopped"] = dropped, truncated, unstopped
     return columns
 
 
@@ -136,11 +137,13 @@ def build_datasets(cfg: Any, task: Any, tokenizer: Any, accelerator: Any = None)
                                 f"target tokens within data.max_length={cfg.data.max_length})")
             dropped = {"train": enc_train.pop("dropped"), "eval": enc_eval.pop("dropped") if enc_eval else 0}
             truncated = {"train": enc_train.pop("truncated"), "eval": enc_eval.pop("truncated") if enc_eval else 0}
+            unstopped = {"train": enc_train.pop("unstopped"), "eval": enc_eval.pop("unstopped") if enc_eval else 0}
             for key in task.eval_only_columns:  # scoring's bookkeeping would only slow every training batch
                 enc_train.pop(key, None)
             train = datasets.Dataset.from_dict(enc_train)
             evalset = datasets.Dataset.from_dict(enc_eval) if enc_eval and enc_eval["input_ids"] else None
             meta = {"labels": labels, "has_eval": evalset is not None, "dropped": dropped, "truncated": truncated,
+                    "unstopped": unstopped,
                     "ignored_fields": [note for note in ignored if note], **task.cache_meta()}
             if cfg.data.cache and (accelerator is None or accelerator.is_main_process):
                 _save_atomically(where, train, evalset, meta)
@@ -164,6 +167,12 @@ def build_datasets(cfg: Any, task: Any, tokenizer: Any, accelerator: Any = None)
                         "raise it to train on (or score) their ends", split, n, sizes[split], cfg.data.max_length)
     if eval_note:
         log.warning(eval_note)
+    n = (meta.get("unstopped") or {}).get("train")
+    if n and main:
+        log.warning("data.train: %d of %d example(s) hold an answer that ends in no end-of-sequence (or other special) "
+                    "token: the tokenizer's chat template closes no assistant turn, or the tokenizer has no "
+                    "eos_token; a model trained on them does not learn to stop (use a template that ends assistant "
+                    "turns with the eos token)", n, sizes["train"])
     if cfg.data.packing:
         from .packing import pack_dataset
 
@@ -186,6 +195,7 @@ def build_eval_only(cfg: Any, task: Any, tokenizer: Any, key: str) -> Any:
         log.warning(ignored)
     enc = _encode_all(records, task, tokenizer, cfg, {name: i for i, name in enumerate(labels)} if labels else None)
     dropped, truncated = enc.pop("dropped"), enc.pop("truncated")
+    enc.pop("unstopped")  # a training-time concern
     if not enc["input_ids"]:
         raise DataError(f"{key}: no usable examples in {cfg.data.eval} ({dropped} had no target tokens within "
                         f"data.max_length={cfg.data.max_length})")

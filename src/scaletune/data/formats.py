@@ -16,7 +16,9 @@ from typing import Any
 from ..errors import DataError
 from .readers import WHERE
 
-Segments = list[tuple[str, bool]]
+# (text, trainable): True a target, False context, None an answer the data marks as not to be learnt
+# (a `weight: 0` turn), which stays untrained even with data.train_on_prompt.
+Segments = list[tuple[str, bool | None]]
 
 
 @dataclass(frozen=True)
@@ -127,7 +129,7 @@ def _messages(rec: dict) -> dict:
             if m["role"] != "assistant":
                 raise DataError(f"{where}: messages[{i}].weight: only assistant turns are trained, "
                                 f"so only they take a weight (this one is {m['role']})")
-            msg["train"] = False
+            msg["train"] = None  # falsy as context is, but never trained (see Segments)
         elif m["role"] == "assistant" and not m["content"].strip():  # a target of nothing (see sharegpt)
             raise DataError(f"{where}: messages[{i}].content is empty (nothing to learn from); drop the turn or "
                             "give it weight 0")
@@ -179,11 +181,30 @@ def ignored_fields(fmt: Format, records: list[dict], key: str, shown: int = 10) 
 
 
 def get_format(name: str, records: list[dict], source: str) -> Format:
+    _refuse_preference_data(records, source)
     fmt = detect(records, source) if name == "auto" else FORMATS[name]
     missing = [c for c in fmt.required if c not in records[0]]
     if missing:
         raise DataError(f"{records[0].get(WHERE, source)}: format {fmt.name} needs column(s) {missing}")
     return fmt
+
+
+def _refuse_preference_data(records: list[dict], source: str) -> None:
+    """Preference data (DPO pairs, KTO labels) read as instruction data would train the rejected or
+    undesirable answers as targets, or none at all: refused, saying what the data is."""
+    for rec in records:
+        where = rec.get(WHERE, source)
+        if "chosen" in rec and "rejected" in rec:
+            raise DataError(f"{where}: 'chosen' / 'rejected' make this preference-pair data (DPO); scaletune trains "
+                            "on answers to imitate (supervised fine-tuning), not on preferences",
+                            hint="to fine-tune on the preferred answers, make each 'chosen' the conversation's last "
+                                 "assistant turn and drop 'rejected'")
+        if isinstance(rec.get("label"), bool) and ("messages" in rec or "conversations" in rec):
+            raise DataError(f"{where}: a true/false 'label' next to the conversation makes this KTO data (desirable "
+                            "and undesirable answers); scaletune would train every answer as a target, the "
+                            "undesirable ones too",
+                            hint="keep only the records with \"label\": true and drop the field, e.g. "
+                                 "jq -c '.[] | select(.label) | del(.label)' FILE.json > sft.jsonl")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,8 +231,16 @@ def _render_template(messages: list[dict], tokenizer: Any, where: str) -> Segmen
     """Use the tokenizer's chat template; assistant spans are found by rendering growing prefixes."""
 
     def render(msgs: list[dict], gen: bool) -> str:
+        from jinja2 import TemplateError
+
         msgs = [{"role": m["role"], "content": m["content"]} for m in msgs]  # without scaletune's `train`
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+        try:
+            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+        except TemplateError as exc:  # the template's own raise_exception(): e.g. no system role, strict alternation
+            roles = " -> ".join(m["role"] for m in messages)
+            raise DataError(f"{where}: the tokenizer's chat template refused this conversation ({roles}): {exc}",
+                            hint="reshape the data as the template wants (e.g. fold a system prompt into the "
+                                 "first user turn), or use another template") from None
 
     segments: Segments = []
     done = 0

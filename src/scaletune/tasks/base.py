@@ -17,6 +17,9 @@ from ..errors import DataError
 
 IGNORE = -100
 TRUNCATED = "truncated"  # key of `encode`'s result: data.max_length cut the example (counted, not stored)
+# key of `encode`'s result: a whole answer ends in no special token, so a model trained on it never learns
+# to stop (a chat template that closes no assistant turn, a tokenizer without eos_token; counted, not stored)
+UNSTOPPED = "unstopped"
 TASKS: dict[str, type[Task]] = {}
 
 

@@ -13,7 +13,7 @@ from ..data.formats import detect, get_format, ignored_fields, to_segments
 from ..data.readers import WHERE
 from ..errors import DataError
 from ..trainable_state import unwrap
-from .base import IGNORE, TRUNCATED, Task, ce_sum, pad_batch, register
+from .base import IGNORE, TRUNCATED, UNSTOPPED, Task, ce_sum, pad_batch, register
 
 
 @functools.lru_cache(maxsize=8)
@@ -89,17 +89,36 @@ class CausalLM(Task):
         if bos is not None and not segments[0][0].startswith(tokenizer.bos_token or "\0"):
             ids.append(bos)
             labels.append(IGNORE)
+        unstopped = False
         for text, trainable in segments:
             piece = tokenizer(text, add_special_tokens=False)["input_ids"]
             ids += piece
-            learn = trainable or cfg.data.train_on_prompt
+            # train_on_prompt trains the context too, but never an answer the data marks as not to be learnt
+            learn = trainable or (cfg.data.train_on_prompt and trainable is not None)
             labels += piece if learn else [IGNORE] * len(piece)
+            unstopped = unstopped or (trainable is True and not self._ends_in_special(piece, tokenizer))
         truncated = len(ids) > cfg.data.max_length
         ids, labels = ids[: cfg.data.max_length], labels[: cfg.data.max_length]
         # After the shift, label[0] is never predicted; an example needs a target past position 0.
         if not any(lab != IGNORE for lab in labels[1:]):
             return None
-        return {"input_ids": ids, "labels": labels, TRUNCATED: truncated}
+        return {"input_ids": ids, "labels": labels, TRUNCATED: truncated, UNSTOPPED: unstopped and not truncated}
+
+    _special: tuple[Any, frozenset] | None = None  # (tokenizer, its special token ids) for _ends_in_special
+
+    def _ends_in_special(self, piece: list[int], tokenizer: Any) -> bool:
+        """Whether an answer's tokens end, before any whitespace, in a special token (EOS, <|im_end|>, ...):
+        what teaches a model to stop."""
+        if self._special is None or self._special[0] is not tokenizer:
+            added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+            ids = set(tokenizer.all_special_ids) | {i for i, tok in added.items() if getattr(tok, "special", False)}
+            self._special = (tokenizer, frozenset(ids))
+        for tid in reversed(piece):
+            if tid in self._special[1]:
+                return True
+            if tokenizer.decode([tid]).strip():
+                return False
+        return False
 
     def collate(self, examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         if "position_ids" in examples[0]:
