@@ -463,7 +463,7 @@ def test_predicted_tags_stay_on_their_words(tiny_bert):
      "data.train: fields ignored by format alpaca: kto_tag (3 records), label (3 records)"),
     ([{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}], "system": "s",
        "tools": "[]"}, {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}],
-     "data.train: fields ignored by format sharegpt: tools (1 record)"),
+     None),  # tools are read (ShareGPT tool data)
     ([{"prompt": "q", "completion": " a", "label": False}] * 2,
      "data.train: fields ignored by format prompt_completion: label (2 records)"),
     ([{"messages": [{"role": "user", "content": "q", "name": "ann"}, {"role": "assistant", "content": "a",
@@ -675,3 +675,67 @@ def test_answers_that_end_in_no_special_token_are_warned(tmp_path, tiny_llama, c
     notes = [r.getMessage() for r in caplog.records if "does not learn to stop" in r.getMessage()]
     assert notes == (["data.train: 3 of 3 example(s) hold an answer that ends in no end-of-sequence (or other "
                       "special) token" + notes[0].split("special) token", 1)[1]] if warned else []), notes
+
+
+_GLAIVE = {"conversations": [{"from": "human", "value": "find chicken recipes"},
+                             {"from": "function_call", "value": '{"name": "search", "arguments": {"q": "chicken"}}'},
+                             {"from": "observation", "value": '{"hits": ["stir fry"]}'},
+                             {"from": "gpt", "value": "Try a stir fry."}],
+           "tools": '[{"name": "search", "description": "recipe search", "parameters": {"type": "object"}}]'}
+
+
+def _trained_and_context(tok, ex):
+    trained = tok.decode([i for i, lab in zip(ex["input_ids"], ex["labels"]) if lab != IGNORE])
+    context = tok.decode([i for i, lab in zip(ex["input_ids"], ex["labels"]) if lab == IGNORE])
+    return trained, context
+
+
+def test_sharegpt_tools_reach_the_prompt_with_the_built_in_template(tmp_path, tiny_llama):
+    """Glaive-style tool data (LLaMA-Factory's ShareGPT + tools): the schemas were dropped and the tool results
+    became user instructions. Now the schemas are in the prompt, the call is trained, the result is context."""
+    data = write_jsonl(tmp_path / "g.jsonl", [_GLAIVE] * 2)
+    cfg = _cfg(tmp_path, tiny_llama, data=data, max_length=1024)
+    tok = load_tokenizer(cfg)
+    trained, context = _trained_and_context(tok, build_datasets(cfg, get_task("causal_lm"), tok)["train"][0])
+    assert '"name": "search"' in trained and "Try a stir fry." in trained
+    assert "recipe search" in context and "### Tool result:" in context and "stir fry\"]" in context
+    assert "recipe search" not in trained and "hits" not in trained
+
+
+def test_sharegpt_tools_go_to_a_chat_template_that_takes_them(tmp_path, tiny_llama):
+    template = ("{% if tools %}<|tools|>{% for t in tools %}{{ t.function.name }}:{{ t.function.description }};"
+                "{% endfor %}</s>{% endif %}{% for m in messages %}<|{{ m.role }}|>"
+                "{% if m.tool_calls %}{% for c in m.tool_calls %}CALL {{ c.function.name }}"
+                "({{ c.function.arguments | tojson }}){% endfor %}{% else %}{{ m.content }}{% endif %}</s>"
+                "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    data = write_jsonl(tmp_path / "g.jsonl", [_GLAIVE] * 2)
+    cfg = _cfg(tmp_path, tiny_llama, data=data, max_length=1024)
+    tok = load_tokenizer(cfg)
+    tok.chat_template = template
+    trained, context = _trained_and_context(tok, build_datasets(cfg, get_task("causal_lm"), tok)["train"][0])
+    assert 'CALL search({"q": "chicken"})' in trained and "Try a stir fry." in trained
+    assert "search:recipe search;" in context and '<|tool|>{"hits"' in context
+    assert '"name": "search"' not in trained + context  # the call as the template writes it, not twice
+
+
+def test_sharegpt_tools_with_a_template_without_tool_support_are_text_with_a_warning(tmp_path, tiny_llama, caplog):
+    import scaletune.data.formats as formats
+
+    formats._told_tools_as_text = False
+    data = write_jsonl(tmp_path / "g.jsonl", [_GLAIVE] * 2)
+    cfg = _cfg(tmp_path, tiny_llama, data=data, max_length=1024)
+    tok = load_tokenizer(cfg)
+    tok.chat_template = _CLOSING.replace("{{ END }}", "</s>")
+    with caplog.at_level("WARNING", logger="scaletune"):
+        ex = build_datasets(cfg, get_task("causal_lm"), tok)["train"][0]
+    trained, context = _trained_and_context(tok, ex)
+    assert "chat template takes no tools" in caplog.text
+    assert '"name": "search"' in trained and "recipe search" in context and '<|user|>{"hits"' in context
+
+
+def test_a_function_call_that_is_not_json_names_its_turn(tmp_path, tiny_llama):
+    bad = {**_GLAIVE, "conversations": [_GLAIVE["conversations"][0], {"from": "function_call", "value": "search"}]}
+    data = write_jsonl(tmp_path / "g.jsonl", [bad])
+    cfg = _cfg(tmp_path, tiny_llama, data=data)
+    with pytest.raises(DataError, match=r"g.jsonl:1: conversations\[1\] \(function_call\) must be a JSON object"):
+        build_datasets(cfg, get_task("causal_lm"), load_tokenizer(cfg))

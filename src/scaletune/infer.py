@@ -190,6 +190,7 @@ def prompt_segments(item: dict, tokenizer: Any, trained_format: str | None = Non
     from .data.formats import FORMATS, to_segments
 
     where = item.get(WHERE, "<predict>")
+    tools = None
     if isinstance(item.get("prompt"), str) and "instruction" not in item:
         return item["prompt"], [(item["prompt"], False)]
     if trained_format in ("text", "prompt_completion") and isinstance(item.get("text"), str) \
@@ -199,7 +200,8 @@ def prompt_segments(item: dict, tokenizer: Any, trained_format: str | None = Non
         messages = FORMATS["alpaca"].convert({**item, "output": "-"})["messages"][:-1]
     elif "conversations" in item or "messages" in item:
         name = "sharegpt" if "conversations" in item else "messages"
-        messages = FORMATS[name].convert(item)["messages"]
+        converted = FORMATS[name].convert(item)
+        messages, tools = converted["messages"], converted.get("tools")
         while messages and messages[-1]["role"] == "assistant":  # generate that turn anew
             messages = messages[:-1]
     else:
@@ -209,7 +211,8 @@ def prompt_segments(item: dict, tokenizer: Any, trained_format: str | None = Non
         messages = [{"role": "user", "content": text}]
     if not messages:
         raise DataError(f"{where}: nothing to prompt with (no user turn)")
-    segments = to_segments({"messages": [*messages, {"role": "assistant", "content": ""}]}, tokenizer, where)
+    segments = to_segments({"messages": [*messages, {"role": "assistant", "content": ""}], "tools": tools}, tokenizer,
+                           where)
     return messages[-1]["content"], segments
 
 

@@ -8,6 +8,8 @@ belong to assistant turns so the loss can be restricted to them.
 
 from __future__ import annotations
 
+import json
+import logging
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ from .readers import WHERE
 # (text, trainable): True a target, False context, None an answer the data marks as not to be learnt
 # (a `weight: 0` turn), which stays untrained even with data.train_on_prompt.
 Segments = list[tuple[str, bool | None]]
+log = logging.getLogger("scaletune")
 
 
 @dataclass(frozen=True)
@@ -79,10 +82,38 @@ def _alpaca(rec: dict) -> dict:
 
 
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                   "system": "system", "function_call": "assistant", "observation": "user", "tool": "user"}
+                   "system": "system", "function_call": "assistant", "observation": "tool", "tool": "tool"}
 
 
-@register("sharegpt", ("conversations",), ("system",), turns=("conversations", ("from", "value")))
+def _tools(value: Any, where: str) -> list[dict]:
+    """ShareGPT's `tools` (a JSON list of function schemas, often as a string) in the form chat templates
+    take: [{"type": "function", "function": schema}]."""
+    if value is None or value == "":
+        return []
+    try:
+        tools = json.loads(value) if isinstance(value, str) else value
+    except ValueError as exc:
+        raise DataError(f"{where}: field 'tools' is not valid JSON ({exc})") from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise DataError(f"{where}: field 'tools' must be a list of function schemas (JSON objects)")
+    return [t if t.get("type") == "function" and "function" in t else {"type": "function", "function": t}
+            for t in tools]
+
+
+def _tool_calls(value: str, where: str) -> list[dict]:
+    """A `function_call` turn's JSON ({"name", "arguments"}, or a list of them) as chat-template tool calls."""
+    try:
+        calls = json.loads(value)
+    except ValueError:
+        calls = None
+    calls = calls if isinstance(calls, list) else [calls]
+    if not all(isinstance(c, dict) and isinstance(c.get("name"), str) for c in calls):
+        raise DataError(f"{where} must be a JSON object with 'name' and 'arguments' (or a list of them)")
+    return [{"type": "function", "function": {"name": c["name"], "arguments": c.get("arguments", {})}}
+            for c in calls]
+
+
+@register("sharegpt", ("conversations",), ("system", "tools"), turns=("conversations", ("from", "value")))
 def _sharegpt(rec: dict) -> dict:
     turns = rec.get("conversations")
     where = rec.get(WHERE, "?")
@@ -103,8 +134,12 @@ def _sharegpt(rec: dict) -> dict:
             raise DataError(f"{where}: conversations[{i}].value must be a string, got {type(turn['value']).__name__}")
         if role == "assistant" and not turn["value"].strip():  # would teach answering with nothing, as
             raise DataError(f"{where}: conversations[{i}].value is empty (nothing to learn from)")  # alpaca's
-        messages.append({"role": role, "content": turn["value"]})
-    return {"messages": messages}
+        message = {"role": role, "content": turn["value"]}
+        if turn["from"] == "function_call":
+            message["tool_calls"] = _tool_calls(turn["value"], f"{where}: conversations[{i}] (function_call)")
+        messages.append(message)
+    tools = _tools(rec.get("tools"), where)
+    return {"messages": messages, **({"tools": tools} if tools else {})}
 
 
 @register("messages", ("messages",), turns=("messages", ("role", "content", "weight")))
@@ -227,15 +262,17 @@ def _render_default(messages: list[dict], eos: str) -> Segments:
     return segments
 
 
-def _render_template(messages: list[dict], tokenizer: Any, where: str) -> Segments:
+def _render_template(messages: list[dict], tokenizer: Any, where: str, tools: list[dict]) -> Segments:
     """Use the tokenizer's chat template; assistant spans are found by rendering growing prefixes."""
 
     def render(msgs: list[dict], gen: bool) -> str:
         from jinja2 import TemplateError
 
-        msgs = [{"role": m["role"], "content": m["content"]} for m in msgs]  # without scaletune's `train`
+        # without scaletune's `train`; a tool call's JSON is in its tool_calls (content too would say it twice)
+        msgs = [{"role": m["role"], "content": m["content"]} if "tool_calls" not in m else
+                {"role": m["role"], "content": "", "tool_calls": m["tool_calls"]} for m in msgs]
         try:
-            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+            return tokenizer.apply_chat_template(msgs, tools=tools or None, tokenize=False, add_generation_prompt=gen)
         except TemplateError as exc:  # the template's own raise_exception(): e.g. no system role, strict alternation
             roles = " -> ".join(m["role"] for m in messages)
             raise DataError(f"{where}: the tokenizer's chat template refused this conversation ({roles}): {exc}",
@@ -261,6 +298,29 @@ def _render_template(messages: list[dict], tokenizer: Any, where: str) -> Segmen
     return [s for s in segments if s[0]]
 
 
+def _template_takes_tools(tokenizer: Any) -> bool:
+    """Whether the chat template renders tool schemas and tool calls itself (else it would drop them)."""
+    text = str(tokenizer.chat_template)
+    return "tools" in text and "tool_calls" in text
+
+
+_told_tools_as_text = False
+
+
+def _tools_as_text(messages: list[dict], tools: list[dict], tool_role: str) -> list[dict]:
+    """Tool use for a template that has no notion of it: the function schemas as JSON in the system prompt,
+    each call as its JSON text (trained like any answer), each result as a `tool_role` turn."""
+    out = [{k: v for k, v in m.items() if k != "tool_calls"} | ({"role": tool_role} if m["role"] == "tool" else {})
+           for m in messages]
+    if tools:
+        text = "You can call these functions (JSON schemas):\n" + json.dumps([t["function"] for t in tools])
+        if out and out[0]["role"] == "system":
+            out[0] = {**out[0], "content": f"{out[0]['content']}\n\n{text}"}
+        else:
+            out.insert(0, {"role": "system", "content": text})
+    return out
+
+
 def _joined(segments: Segments) -> str:
     return "".join(s for s, _ in segments)
 
@@ -278,6 +338,17 @@ def to_segments(converted: dict, tokenizer: Any, where: str) -> Segments:
         raise DataError(f"{where}: conversation has no assistant turn to learn from")
     if not any(m["role"] == "assistant" and m.get("train", True) for m in messages):
         raise DataError(f"{where}: every assistant turn has weight 0: nothing to learn from")
+    tools = converted.get("tools") or []
+    uses_tools = bool(tools) or any("tool_calls" in m for m in messages)
     if getattr(tokenizer, "chat_template", None):
-        return _render_template(messages, tokenizer, where)
-    return _render_default(messages, tokenizer.eos_token or "")
+        if uses_tools and not _template_takes_tools(tokenizer):
+            global _told_tools_as_text
+            if not _told_tools_as_text:
+                _told_tools_as_text = True
+                log.warning("the tokenizer's chat template takes no tools (no `tools` / `tool_calls` in it): tool "
+                            "schemas go into the system prompt as JSON, calls are trained as their JSON text, and "
+                            "tool results are user turns")
+            messages, tools = _tools_as_text(messages, tools, "user"), []
+        return _render_template(messages, tokenizer, where, tools)
+    return _render_default(_tools_as_text(messages, tools, "tool") if uses_tools else messages,
+                           tokenizer.eos_token or "")
