@@ -554,7 +554,7 @@ def test_launch_resume_checks_let_a_resumable_run_through(capsys, make_config, m
     path = make_config("causal_lm")
     _fake_checkpoint(path, tmp_path / "run", 4)
     started = []
-    monkeypatch.setattr(scaletune.launch, "run_accelerate", lambda cmd: started.append(cmd) or 0)
+    monkeypatch.setattr(scaletune.launch, "run_accelerate", lambda cmd, usr1=None: started.append(cmd) or 0)
     code, _, err = run_cli(["launch", path, "--nproc", "2", "--resume", "auto"], capsys)
     assert code == 0 and len(started) == 1, err
 
@@ -647,6 +647,29 @@ def test_rank_pids_are_the_scaletune_train_children_only():
             child.kill()
             child.wait()
     assert rank.pid in found and other.pid not in found
+
+
+def test_sigusr1_to_the_launcher_waits_until_a_rank_handles_it():
+    """A SIGUSR1 that reaches the launcher while a rank is still starting (a Slurm preemption notice at job
+    start) is held and passed on once the rank handles it: not lost, and not the default action that
+    would kill the rank (it exits 7 from its handler here, instead of -SIGUSR1)."""
+    import signal
+
+    from scaletune.launch import _PassOn, catches
+
+    code = "import signal, sys, time; time.sleep(1.5); signal.signal(signal.SIGUSR1, lambda *a: sys.exit(7)); " \
+           "time.sleep(60)"
+    rank = subprocess.Popen([sys.executable, "-c", code, "-m", "scaletune", "train", "r.yaml"])
+    passer = _PassOn()
+    try:
+        assert not catches(rank.pid, signal.SIGUSR1)
+        passer.handler(signal.SIGUSR1, None)  # as the signal would call it
+        assert rank.wait(timeout=30) == 7
+    finally:
+        passer.stop()
+        if rank.poll() is None:
+            rank.kill()
+            rank.wait()
 
 def _fake_sbatch(bin_dir: Path, script: str) -> None:
     bin_dir.mkdir(exist_ok=True)

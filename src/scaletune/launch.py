@@ -188,12 +188,13 @@ def _describe(failures: dict) -> str:
     return ", ".join(parts)
 
 
-def run_accelerate(cmd: list[str]) -> int:
+def run_accelerate(cmd: list[str], usr1: _PassOn | None = None) -> int:
     """Run the composed `accelerate ... launch ARGS` in this process; return the launch's exit code.
 
     accelerate's CLI would end a failed run with exit 1 and a traceback through torchrun (the ranks
     have already printed their errors): its failure is caught here and summarised in one line. A
-    SIGTERM to this process reaches the ranks through torchrun, a SIGUSR1 through `_forward_usr1`: either
+    SIGTERM to this process reaches the ranks through torchrun, a SIGUSR1 through `usr1` (a _PassOn that
+    `main_launch` installed before it started; else one installed here): either
     way the ranks checkpoint and the launch ends with 124 and the checkpoint's path, which it reads
     from $SCALETUNE_PREEMPT_MARKER (a temporary file of its own when the user has set none).
     """
@@ -208,9 +209,11 @@ def run_accelerate(cmd: list[str]) -> int:
     # torchrun installs handlers for TERM/INT/HUP/QUIT and never restores them; USR1 is ours (below)
     saved = _handlers(_LAUNCH_SIGNALS)
     try:
-        _forward_usr1()
+        usr1 = usr1 if usr1 is not None else _PassOn.install()
         return _launch(launch_command, args, lambda: _checkpoint_written(marker, before))
     finally:
+        if usr1 is not None:
+            usr1.stop()
         for sig, handler in saved.items():
             signal.signal(sig, handler)
         if own_dir is not None:
@@ -305,21 +308,57 @@ def _handlers(signals: tuple) -> dict:
     return {sig: signal.getsignal(sig) for sig in signals}
 
 
-def _forward_usr1() -> None:
-    """SIGUSR1 to the launcher goes to every rank, which then checkpoints as if signalled itself; by
-    default it would kill the launcher alone and orphan the ranks (torchrun handles TERM/INT/HUP/QUIT,
-    not USR1). Only from the main thread, the one place Python allows a handler."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGUSR1, lambda signum, frame: _signal_ranks(signum))
+class _PassOn:
+    """SIGUSR1 to the launcher, passed on to every rank, which then checkpoints as if signalled itself; by
+    default it would kill the launcher alone and orphan the ranks (torchrun handles TERM/INT/HUP/QUIT, not
+    USR1). A rank gets it once it exists and handles it (its StopFlag): a signal that arrives while the
+    launcher or a rank is still starting (a Slurm preemption notice at job start) is held until then, rather
+    than lost, or killing a rank by the signal's default action."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.given: set[int] = set()
+        self.stopped = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    @classmethod
+    def install(cls) -> _PassOn:
+        """A _PassOn handling SIGUSR1 (only from the main thread, the one place Python allows a handler)."""
+        passer = cls()
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGUSR1, passer.handler)
+        return passer
+
+    def handler(self, signum: int, frame: Any) -> None:
+        self.signum, self.given = signum, set()  # again for every rank, even one that had an earlier one
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._pass_on, name="scaletune-usr1", daemon=True)
+            self.thread.start()
+
+    def _pass_on(self) -> None:
+        while not self.stopped.wait(0.1):
+            signum = self.signum
+            for pid in rank_pids(os.getpid()):
+                if pid not in self.given and signum is not None and catches(pid, signum):
+                    try:
+                        os.kill(pid, signum)
+                    except ProcessLookupError:
+                        pass
+                    self.given.add(pid)
+
+    def stop(self) -> None:
+        self.stopped.set()
 
 
-def _signal_ranks(signum: int) -> None:
-    """Send `signum` to this process's rank processes; one already gone is skipped."""
-    for pid in rank_pids(os.getpid()):
-        try:
-            os.kill(pid, signum)
-        except ProcessLookupError:
-            pass
+def catches(pid: int, signum: int, proc: Path = Path("/proc")) -> bool:
+    """Whether process `pid` has a handler for `signum` (Linux's SigCgt mask); False if that cannot be read."""
+    try:
+        for line in (proc / str(pid) / "status").read_text().splitlines():
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
 
 
 def rank_pids(parent: int, proc: Path = Path("/proc")) -> list[int]:
@@ -349,6 +388,17 @@ def main_launch(args: Any, cfg: Any = None) -> int:
     --resume (`train.resume_point`), except for a dry run. Returns 0 after a dry run, else the exit code
     of the launched run (see `exit_code`, `run_accelerate`).
     """
+    saved = _handlers((signal.SIGUSR1,))
+    usr1 = _PassOn.install()  # first: a SIGUSR1 during the checks and imports below is held for the ranks
+    try:
+        return _main_launch(args, usr1)
+    finally:
+        usr1.stop()
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+def _main_launch(args: Any, usr1: _PassOn) -> int:
     from .config import load_config
 
     overrides = list(getattr(args, "overrides", None) or [])
@@ -400,6 +450,6 @@ def main_launch(args: Any, cfg: Any = None) -> int:
     # run.json's argv: the command that was typed (the ranks inherit the environment)
     os.environ[LAUNCH_ARGV] = json.dumps(["scaletune", *getattr(args, "argv", sys.argv[1:])])
     try:
-        return run_accelerate(cmd)
+        return run_accelerate(cmd, usr1)
     finally:
         os.environ.pop(LAUNCH_ARGV, None)

@@ -60,12 +60,14 @@ def _alive(pid: int) -> bool:
 ALL_SIGNALS = bool(os.environ.get("SCALETUNE_ALL_SIGNALS"))
 
 
-@pytest.mark.parametrize("sig", [
-    pytest.param(signal.SIGTERM, marks=pytest.mark.skipif(not ALL_SIGNALS, reason="SCALETUNE_ALL_SIGNALS=1 runs it")),
-    signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
-def test_signal_to_the_launcher_checkpoints_and_exits_124(make_config, tmp_path, sig):
+@pytest.mark.parametrize("sig,when", [
+    pytest.param(signal.SIGTERM, "training",
+                 marks=pytest.mark.skipif(not ALL_SIGNALS, reason="SCALETUNE_ALL_SIGNALS=1 runs it")),
+    (signal.SIGUSR1, "training"), (signal.SIGUSR1, "start-up")], ids=["SIGTERM", "SIGUSR1", "SIGUSR1-at-start-up"])
+def test_signal_to_the_launcher_checkpoints_and_exits_124(make_config, tmp_path, sig, when):
     """SIGTERM used to end the launch with 143 and no summary (the ranks did checkpoint); SIGUSR1 killed the
-    launcher alone and left both ranks training, orphaned, with no checkpoint."""
+    launcher alone and left both ranks training, orphaned, with no checkpoint. A SIGUSR1 while the launcher
+    is still starting (a preemption notice at job start) killed it; now the ranks checkpoint at step 0."""
     pytest.importorskip("psutil")
     path = make_config("causal_lm", train={"max_steps": 100000, "log_every": 1, "save_every": None})
     out = tmp_path / "run"
@@ -77,13 +79,18 @@ def test_signal_to_the_launcher_checkpoints_and_exits_124(make_config, tmp_path,
     ranks: list[int] = []
     try:
         deadline = time.monotonic() + TIMEOUT
-        while _trained_steps(out / "metrics.jsonl") < 2:
+        if when == "start-up":
+            time.sleep(0.5)  # the launcher is importing; no rank exists yet
+            assert not (out / "metrics.jsonl").exists()
+            proc.send_signal(sig)
+        while when == "training" and _trained_steps(out / "metrics.jsonl") < 2:
             assert proc.poll() is None, log.read_text()[-4000:]
             assert time.monotonic() < deadline, "the run never reached step 2"
             time.sleep(0.2)
-        ranks = _ranks(proc.pid)
-        assert len(ranks) == 2, ranks
-        proc.send_signal(sig)
+        if when == "training":
+            ranks = _ranks(proc.pid)
+            assert len(ranks) == 2, ranks
+            proc.send_signal(sig)
         proc.wait(timeout=TIMEOUT)
         deadline = time.monotonic() + 60
         while any(_alive(pid) for pid in ranks) and time.monotonic() < deadline:
@@ -101,6 +108,7 @@ def test_signal_to_the_launcher_checkpoints_and_exits_124(make_config, tmp_path,
     stopped = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
                if '"preempted"' in line]
     assert len(stopped) == 1, err[-4000:]
+    assert (stopped[0]["step"] == 0) == (when == "start-up"), stopped
     checkpoint = out / "checkpoints" / f"step-{stopped[0]['step']}"
     assert checkpoint.is_dir()
     assert proc.returncode == 124, err[-4000:]
