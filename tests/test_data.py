@@ -457,6 +457,23 @@ def test_predicted_tags_stay_on_their_words(tiny_bert):
     assert word_tags(ids, pred, labels, len(words)) == ["B-X", "O", "B-Y", "B-Z"]
 
 
+@pytest.mark.parametrize("tags,filled", [
+    (["B-PER", None, "I-PER"], ["B-PER", "I-PER", "I-PER"]),  # John <zwsp> Smith: one person
+    (["B-PER", None, None, "E-PER"], ["B-PER", "I-PER", "I-PER", "E-PER"]),
+    (["B-PER", None, "B-PER"], ["B-PER", "O", "B-PER"]),  # a new entity starts after it
+    (["B-PER", None, "I-LOC"], ["B-PER", "O", "I-LOC"]),
+    (["O", None, "I-PER"], ["O", "O", "I-PER"]),
+    (["B-PER", None], ["B-PER", "O"]),
+    ([None, "I-PER"], ["O", "I-PER"]),
+    (["PER", None, "PER"], ["PER", "PER", "PER"]),  # IO tagging
+    (["PER", None, "LOC"], ["PER", "O", "LOC"]),
+])
+def test_words_without_sub_tokens_are_tagged_from_their_neighbours(tags, filled):
+    from scaletune.tasks.token_cls import fill_blank_words
+
+    assert fill_blank_words(tags) == filled
+
+
 @pytest.mark.parametrize("records,expected", [
     ([{"instruction": "q", "output": "a", "label": True, "kto_tag": "x"}] * 3
      + [{"instruction": "q", "output": "a", "input": "i", "system": "s", "history": [], "label": None}],

@@ -170,14 +170,17 @@ def _tag(model: Any, tokenizer: Any, labels: list[str], max_length: int, words: 
 
 
 def word_tags(word_ids: list, pred: list[int], labels: list[str], n_words: int) -> list[str]:
-    """Each word's tag is its first sub-token's, placed by word index: a word with no sub-tokens (a
-    zero-width space) or cut off by max_length is "O" and does not shift the words after it (`run_predict`
-    reports cut words in the line's "truncated_words")."""
-    tags = ["O"] * n_words
+    """Each word's tag is its first sub-token's, placed by word index, so a word with no sub-tokens (a
+    zero-width space) does not shift the words after it; it is tagged from its neighbours
+    (token_cls.fill_blank_words). A word cut off by max_length is "O" (`run_predict` reports cut words in the
+    line's "truncated_words")."""
+    from .tasks.token_cls import fill_blank_words
+
+    tags: list[str | None] = [None] * n_words
     for pos in reversed(range(len(word_ids))):
         if word_ids[pos] is not None:
             tags[word_ids[pos]] = labels[pred[pos]]
-    return tags
+    return fill_blank_words(tags)
 
 
 def prompt_segments(item: dict, tokenizer: Any, trained_format: str | None = None) -> tuple[str, list]:

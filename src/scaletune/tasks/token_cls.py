@@ -3,7 +3,9 @@
 Words past `data.max_length` get no sub-token, so the model never sees them. Training simply has no
 targets there; evaluation still scores them, as predicted "O" (what `predict` outputs for them), so
 recall is measured on the whole sentence the way a user would measure it, not on the part that fit.
-A word the tokenizer gives no sub-token at all (a zero-width space) is scored the same way, in its place.
+A word the tokenizer gives no sub-token at all (a zero-width space) is tagged from its neighbours
+(`fill_blank_words`): inside the entity when the words on both sides are one entity going on, else "O";
+eval scores it so, in its place, as `predict` tags it.
 """
 
 from __future__ import annotations
@@ -152,10 +154,11 @@ class TokenCls(Task):
     def metrics(self, preds: list, loss_sum: float, n_targets: int, labels: list[str] | None) -> dict:
         from seqeval.metrics import accuracy_score, classification_report, f1_score, precision_score, recall_score
 
-        # every gold word is scored: a word cut off by max_length or with no sub-token (None) is predicted "O",
-        # as `predict` tags it
+        # every gold word is scored as `predict` tags it: a word cut off by max_length is predicted "O", one
+        # with no sub-token (None) takes its neighbours' entity (fill_blank_words)
         names = [scoring_tag(name) for name in labels]
-        y_pred = [["O" if i is None else names[i] for i in p] + ["O"] * len(cut) for p, _, cut in preds]
+        y_pred = [fill_blank_words([None if i is None else names[i] for i in p]) + ["O"] * len(cut)
+                  for p, _, cut in preds]
         y_true = [[names[i] for i in g + cut] for _, g, cut in preds]
         report = classification_report(y_true, y_pred, output_dict=True, zero_division=0)
         return {"loss": loss_sum / max(n_targets, 1),
@@ -176,6 +179,30 @@ def scoring_tag(tag: str) -> str:
     the first letter for one (types "ER", "OC"); as `I-PER` each run of one type is one entity, which is what
     IO tags mean."""
     return tag if tag == "O" or tag.startswith(_PREFIXES) else f"I-{tag}"
+
+
+def fill_blank_words(tags: list[str | None]) -> list[str]:
+    """Tags for the words with none (None: a word the tokenizer drops, such as a zero-width space): inside the
+    entity around it when the word before is in an entity that the next tagged word continues (`John <zwsp>
+    Smith` stays one person), else "O"."""
+    out: list[str] = []
+    for i, tag in enumerate(tags):
+        if tag is None:
+            before = out[-1] if out else "O"
+            after = next((t for t in tags[i + 1:] if t is not None), "O")
+            kind = _entity_type(before)
+            goes_on = after.startswith(("I-", "E-", "L-")) or not after.startswith(_PREFIXES)  # IO: any non-O
+            tag = "O" if kind is None or _entity_type(after) != kind or not goes_on else \
+                (f"I-{kind}" if before.startswith(_PREFIXES) else kind)
+        out.append(tag)
+    return out
+
+
+def _entity_type(tag: str) -> str | None:
+    """PER of B-PER / I-PER / PER (IO tagging); None for O."""
+    if tag == "O":
+        return None
+    return tag[2:] if tag.startswith(_PREFIXES) else tag
 
 
 def _pad_lists(lists: list[list[int]]) -> torch.Tensor:
