@@ -719,12 +719,15 @@ def test_sharegpt_tools_reach_the_prompt_with_the_built_in_template(tmp_path, ti
     assert "recipe search" not in trained and "hits" not in trained
 
 
+_TOOL_TEMPLATE = ("{% if tools %}<|tools|>{% for t in tools %}{{ t.function.name }}:{{ t.function.description }};"
+                  "{% endfor %}</s>{% endif %}{% for m in messages %}<|{{ m.role }}|>"
+                  "{% if m.tool_calls %}{% for c in m.tool_calls %}CALL {{ c.function.name }}"
+                  "({{ c.function.arguments | tojson }}){% endfor %}{% else %}{{ m.content }}{% endif %}</s>"
+                  "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
 def test_sharegpt_tools_go_to_a_chat_template_that_takes_them(tmp_path, tiny_llama):
-    template = ("{% if tools %}<|tools|>{% for t in tools %}{{ t.function.name }}:{{ t.function.description }};"
-                "{% endfor %}</s>{% endif %}{% for m in messages %}<|{{ m.role }}|>"
-                "{% if m.tool_calls %}{% for c in m.tool_calls %}CALL {{ c.function.name }}"
-                "({{ c.function.arguments | tojson }}){% endfor %}{% else %}{{ m.content }}{% endif %}</s>"
-                "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    template = _TOOL_TEMPLATE
     data = write_jsonl(tmp_path / "g.jsonl", [_GLAIVE] * 2)
     cfg = _cfg(tmp_path, tiny_llama, data=data, max_length=1024)
     tok = load_tokenizer(cfg)
@@ -748,6 +751,35 @@ def test_sharegpt_tools_with_a_template_without_tool_support_are_text_with_a_war
     trained, context = _trained_and_context(tok, ex)
     assert "chat template takes no tools" in caplog.text
     assert '"name": "search"' in trained and "recipe search" in context and '<|user|>{"hits"' in context
+
+
+_OPENAI = {"messages": [{"role": "user", "content": "weather in Paris?"},
+                        {"role": "assistant", "content": None, "tool_calls": [
+                            {"id": "c1", "type": "function",
+                             "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+                        {"role": "tool", "tool_call_id": "c1", "content": '{"temp": 21}'},
+                        {"role": "assistant", "content": "It is 21 degrees."}],
+           "tools": [{"type": "function", "function": {"name": "get_weather", "description": "current weather",
+                                                       "parameters": {"type": "object"}}}]}
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_openai_tool_calls_in_messages(tmp_path, tiny_llama, caplog, native):
+    """OpenAI's fine-tuning format with tools: a call's content is null (was refused: "content must be a
+    string"), its arguments a JSON string; the call is trained, the schemas and the result are context."""
+    data = write_jsonl(tmp_path / "o.jsonl", [_OPENAI] * 2)
+    cfg = _cfg(tmp_path, tiny_llama, data=data, max_length=1024)
+    tok = load_tokenizer(cfg)
+    if native:
+        tok.chat_template = _TOOL_TEMPLATE
+    with caplog.at_level("WARNING", logger="scaletune"):
+        trained, context = _trained_and_context(tok, build_datasets(cfg, get_task("causal_lm"), tok)["train"][0])
+    assert "ignored" not in caplog.text
+    assert "It is 21 degrees." in trained and "current weather" in context and "temp" in context
+    if native:
+        assert 'CALL get_weather({"city": "Paris"})' in trained
+    else:
+        assert '{"name": "get_weather", "arguments": {"city": "Paris"}}' in trained
 
 
 def test_a_function_call_that_is_not_json_names_its_turn(tmp_path, tiny_llama):

@@ -113,6 +113,26 @@ def _tool_calls(value: str, where: str) -> list[dict]:
             for c in calls]
 
 
+def _openai_tool_calls(value: Any, where: str) -> list[dict]:
+    """An OpenAI-format assistant turn's `tool_calls` ([{"type": "function", "function": {"name", "arguments"}}],
+    arguments as a JSON string or object), with arguments as objects, the form chat templates print."""
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where} must be a non-empty list of {{\"type\": \"function\", \"function\": {{...}}}}")
+    calls = []
+    for call in value:
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise DataError(f"{where}: each call needs function.name")
+        args = fn.get("arguments", {})
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except ValueError:
+                raise DataError(f"{where}: function.arguments of {fn['name']!r} is not valid JSON") from None
+        calls.append({**call, "type": "function", "function": {"name": fn["name"], "arguments": args}})
+    return calls
+
+
 @register("sharegpt", ("conversations",), ("system", "tools"), turns=("conversations", ("from", "value")))
 def _sharegpt(rec: dict) -> dict:
     turns = rec.get("conversations")
@@ -135,14 +155,16 @@ def _sharegpt(rec: dict) -> dict:
         if role == "assistant" and not turn["value"].strip():  # would teach answering with nothing, as
             raise DataError(f"{where}: conversations[{i}].value is empty (nothing to learn from)")  # alpaca's
         message = {"role": role, "content": turn["value"]}
-        if turn["from"] == "function_call":
-            message["tool_calls"] = _tool_calls(turn["value"], f"{where}: conversations[{i}] (function_call)")
+        if turn["from"] == "function_call":  # the call is its tool_calls (and text again only for a template without)
+            message = {"role": role, "content": "",
+                       "tool_calls": _tool_calls(turn["value"], f"{where}: conversations[{i}] (function_call)")}
         messages.append(message)
     tools = _tools(rec.get("tools"), where)
     return {"messages": messages, **({"tools": tools} if tools else {})}
 
 
-@register("messages", ("messages",), turns=("messages", ("role", "content", "weight")))
+@register("messages", ("messages",), ("tools",), turns=("messages", ("role", "content", "weight", "tool_calls",
+                                                                      "tool_call_id")))
 def _messages(rec: dict) -> dict:
     msgs = rec.get("messages")
     where = rec.get(WHERE, "?")
@@ -152,9 +174,16 @@ def _messages(rec: dict) -> dict:
     for i, m in enumerate(msgs):
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool"):
             raise DataError(f"{where}: messages[{i}] needs role system|user|assistant|tool and content")
+        calls = m.get("tool_calls") if m.get("role") == "assistant" else None
+        if calls is not None and m.get("content") is None:  # OpenAI: a tool call's content is null
+            m = {**m, "content": ""}
         if not isinstance(m.get("content"), str):
             raise DataError(f"{where}: messages[{i}].content must be a string")
         msg = {"role": m["role"], "content": m["content"]}
+        if calls is not None:
+            msg["tool_calls"] = _openai_tool_calls(calls, f"{where}: messages[{i}].tool_calls")
+        if m["role"] == "tool" and isinstance(m.get("tool_call_id"), str):
+            msg["tool_call_id"] = m["tool_call_id"]
         # OpenAI's fine-tuning format: an assistant turn with weight 0 is context, not a target. Dropping
         # the key would train on exactly the turns the data marks as not to be learnt.
         weight = m.get("weight", 1)
@@ -165,11 +194,12 @@ def _messages(rec: dict) -> dict:
                 raise DataError(f"{where}: messages[{i}].weight: only assistant turns are trained, "
                                 f"so only they take a weight (this one is {m['role']})")
             msg["train"] = None  # falsy as context is, but never trained (see Segments)
-        elif m["role"] == "assistant" and not m["content"].strip():  # a target of nothing (see sharegpt)
+        elif m["role"] == "assistant" and not m["content"].strip() and calls is None:  # a target of nothing
             raise DataError(f"{where}: messages[{i}].content is empty (nothing to learn from); drop the turn or "
                             "give it weight 0")
         out.append(msg)
-    return {"messages": out}
+    tools = _tools(rec.get("tools"), where)
+    return {"messages": out, **({"tools": tools} if tools else {})}
 
 
 @register("prompt_completion", ("prompt", "completion"))
@@ -268,9 +298,7 @@ def _render_template(messages: list[dict], tokenizer: Any, where: str, tools: li
     def render(msgs: list[dict], gen: bool) -> str:
         from jinja2 import TemplateError
 
-        # without scaletune's `train`; a tool call's JSON is in its tool_calls (content too would say it twice)
-        msgs = [{"role": m["role"], "content": m["content"]} if "tool_calls" not in m else
-                {"role": m["role"], "content": "", "tool_calls": m["tool_calls"]} for m in msgs]
+        msgs = [{k: v for k, v in m.items() if k != "train"} for m in msgs]  # without scaletune's own key
         try:
             return tokenizer.apply_chat_template(msgs, tools=tools or None, tokenize=False, add_generation_prompt=gen)
         except TemplateError as exc:  # the template's own raise_exception(): e.g. no system role, strict alternation
@@ -310,8 +338,17 @@ _told_tools_as_text = False
 def _tools_as_text(messages: list[dict], tools: list[dict], tool_role: str) -> list[dict]:
     """Tool use for a template that has no notion of it: the function schemas as JSON in the system prompt,
     each call as its JSON text (trained like any answer), each result as a `tool_role` turn."""
-    out = [{k: v for k, v in m.items() if k != "tool_calls"} | ({"role": tool_role} if m["role"] == "tool" else {})
-           for m in messages]
+    out = []
+    for m in messages:
+        m = {k: v for k, v in m.items() if k not in ("tool_calls", "tool_call_id")}
+        if m["role"] == "tool":
+            m["role"] = tool_role
+        out.append(m)
+    for m, original in zip(out, messages):
+        if original.get("tool_calls"):
+            calls = [c["function"] for c in original["tool_calls"]]
+            text = json.dumps(calls[0] if len(calls) == 1 else calls, ensure_ascii=False)
+            m["content"] = f"{m['content']}\n{text}" if m["content"] else text
     if tools:
         text = "You can call these functions (JSON schemas):\n" + json.dumps([t["function"] for t in tools])
         if out and out[0]["role"] == "system":
