@@ -48,9 +48,20 @@ def test_resume_auto_restarts_a_run_killed_before_its_first_checkpoint(make_conf
     out = tmp_path / "run"
     out.mkdir()
     (out / "run.json").write_text(json.dumps({"config_fingerprint": "abc", "started": "earlier"}))
-    (out / "metrics.jsonl").write_text("")
+    dead = json.dumps({"event": "train", "step": 12, "loss": 9.9}) + "\n"  # the dead attempt got further
+    (out / "metrics.jsonl").write_text(dead)
     assert _train(path, "--resume", "auto") == 0
     assert (out / "adapter" / "adapter_config.json").is_file()
+    # the new run's log is its own (its report used to end at the dead attempt's step 12); the old one is kept
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 2, steps
+    assert [p.read_text() for p in (out / ".abandoned").iterdir()] == [dead]
+    import shutil
+
+    for name in ("checkpoints", "adapter"):  # killed early once more: .abandoned/ is the run's own, not foreign
+        shutil.rmtree(out / name, ignore_errors=True)
+    assert _train(path, "--resume", "auto") == 0
+    assert len(list((out / ".abandoned").iterdir())) == 2
 
 
 def test_resume_and_overwrite_together_are_refused(make_config, tmp_path, capsys):

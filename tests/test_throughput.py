@@ -290,3 +290,27 @@ def test_cuda_allocator_retries_are_logged(monkeypatch):
     monkeypatch.setattr(torch.cuda, "memory_stats", lambda: {"num_alloc_retries": 3})
     monkeypatch.setattr(metrics, "peak_memory_mb", lambda: 1.0)
     assert speed.flush()["cuda_alloc_retries"] == 3
+
+
+def test_time_spent_in_eval_and_checkpoints_is_not_training_time(monkeypatch):
+    """tokens/s covers training only: an eval or a checkpoint inside a log interval (`paused`) used to
+    count, so an interval holding an eval logged a fraction of the real rate."""
+    from types import SimpleNamespace
+
+    from scaletune import metrics
+
+    class Acc:
+        device, num_processes = torch.device("cpu"), 1
+
+        def reduce(self, tensor, op):
+            return tensor
+
+    clock = iter([100.0, 101.0, 104.0, 105.0, 105.0])  # start, pause 101-104 (3 s), flush at 105
+    monkeypatch.setattr(metrics, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    speed = metrics.Throughput(Acc(), torch.nn.Linear(2, 2))
+    speed.count({"input_ids": torch.ones(2, 5, dtype=torch.long)})
+    speed.add_step(6)
+    with speed.paused():
+        pass
+    out = speed.flush()
+    assert out["tokens_per_s"] == pytest.approx(10 / 2.0) and out["target_tokens_per_s"] == pytest.approx(6 / 2.0)

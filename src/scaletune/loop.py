@@ -98,12 +98,15 @@ def fit(run: Run, stop: StopFlag) -> str:
                                      "tok/s": round(values.get("tokens_per_s", 0))})
         if run.data["eval"] is not None and ((t.eval_every and run.step % t.eval_every == 0)
                                              or run.step == run.total_steps):
-            metrics = evaluate(acc, model, task, run.data["eval"], run.data["labels"], t.micro_batch_size, pad_id)
+            with speed.paused():  # tokens/s is the training's
+                metrics = evaluate(acc, model, task, run.data["eval"], run.data["labels"], t.micro_batch_size,
+                                   pad_id)
             mlog.log("eval", run.step, metrics)
             mlog.write(f"step {run.step}: eval " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
                                                               if isinstance(v, float)))
         if saving:
-            save_checkpoint(run)
+            with speed.paused():
+                save_checkpoint(run)
     final_outputs(run, mlog)
     mlog.close()
     return "done"

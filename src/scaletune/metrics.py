@@ -13,10 +13,12 @@ bf16 peak (table below, or SCALETUNE_PEAK_TFLOPS). Reported on CUDA only.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -83,6 +85,16 @@ class Throughput:
 
     def add_step(self, n_targets_global: int) -> None:
         self.targets += n_targets_global
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Leave what runs inside (an eval, a checkpoint) out of the interval's time: tokens/s and MFU are
+        the training's."""
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.start += time.perf_counter() - began
 
     def flush(self) -> dict:
         dt = max(time.perf_counter() - self.start, 1e-9)

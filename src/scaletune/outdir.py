@@ -66,7 +66,21 @@ def check_output_dir(cfg: RunConfig, resume: str | None, overwrite: bool, resume
 
 RUN_MARKERS = ("run.json", "metrics.jsonl", "checkpoints", "adapter")
 # Everything a run (its trackers, `scaletune report` with the default --out) writes into output_dir.
-RUN_FILES = {*RUN_MARKERS, "run.json.tmp", ".adapter.tmp", "scaletune", "wandb", "mlruns", "report.html", ".replaced_run"}
+RUN_FILES = {*RUN_MARKERS, "run.json.tmp", ".adapter.tmp", "scaletune", "wandb", "mlruns", "report.html", ".replaced_run",
+             ".abandoned"}
+
+
+def set_aside_metrics(out: Path) -> Path | None:
+    """A fresh start where an earlier attempt died before its first checkpoint (`--resume auto` with nothing
+    to resume): move that attempt's metrics.jsonl to `.abandoned/` (returned), or the new run's log, and
+    `scaletune report`, would carry on from the dead attempt's steps. Main process only."""
+    old = out / "metrics.jsonl"
+    if not old.exists():
+        return None
+    aside = out / ".abandoned" / f"metrics-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**9:09d}.jsonl"
+    aside.parent.mkdir(exist_ok=True)
+    os.replace(old, aside)
+    return aside
 
 
 def _not_fresh_start(out: Path) -> str | None:

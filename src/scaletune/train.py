@@ -19,7 +19,7 @@ from . import checkpoint as ckpt
 from . import methods
 from .config import RunConfig
 from .errors import EXIT_PREEMPTED, ConfigError, UserError
-from .outdir import check_output_dir, discard_replaced, replaced_note, set_aside
+from .outdir import check_output_dir, discard_replaced, replaced_note, set_aside, set_aside_metrics
 from .rules import cross_field_problems
 from .stopflag import StopFlag
 from .trainable_state import unwrap
@@ -232,6 +232,9 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
         if replace_output:
             set_aside(out)  # only now: a bad input or model never costs the previous run
         out.mkdir(parents=True, exist_ok=True)
+        if resume_from is None and (aside := set_aside_metrics(out)):
+            log.info("an earlier attempt in %s stopped before its first checkpoint; its metrics are kept at %s",
+                     out, aside)
         if note := replaced_note(out):  # also when a later --resume carries on this run
             log.info("%s", note)
     accelerator.wait_for_everyone()
