@@ -171,3 +171,44 @@ def test_report_on_a_real_tiny_run(make_config, tmp_path, capsys):
     page = (run / "report.html").read_text()
     assert "accuracy" in page and "macro_f1" in page and "2/2" in page
     assert {"loss.png", "eval_metrics.png"} <= {p.name for p in pngs(run)}
+
+
+def test_metrics_are_strict_json_and_the_report_reads_nonfinite_values(make_config, tmp_path, monkeypatch):
+    """A skipped NaN step was logged as bare NaN, which strict JSON readers (JavaScript, jq --strict) refuse."""
+    import math
+
+    from scaletune import faults
+    from scaletune.config import load_config
+    from scaletune.loop import fit
+    from scaletune.report import load_run
+    from scaletune.stopflag import StopFlag
+    from scaletune.train import setup
+
+    monkeypatch.setenv("SCALETUNE_FAULT", "nan@2")
+    faults._plan.cache_clear()
+    path = make_config("causal_lm", train={"max_steps": 3, "log_every": 1, "on_nonfinite": "skip"})
+    run, _ = setup(load_config(path))
+    try:
+        fit(run, StopFlag())
+    finally:
+        faults._plan.cache_clear()
+    lines = (run.output_dir / "metrics.jsonl").read_text().splitlines()
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda name: pytest.fail(f"bare {name} in {text}"))
+
+    records = [strict(line) for line in lines]
+    assert any(r.get("loss") == "NaN" for r in records), records
+    run2 = load_run(run.output_dir, "r")
+    steps, losses = run2.series("train", "loss")
+    assert math.isnan(losses[steps.index(2)])
+
+
+def test_a_report_into_the_same_out_leaves_no_stale_plot_and_names_a_run_once(tmp_path):
+    with_eval = make_run(tmp_path / "a")
+    without = make_run(tmp_path / "b", evals=False)
+    out = tmp_path / "rep"
+    build_report([str(with_eval)], str(out))
+    assert (out / "eval_metrics.png").exists()
+    _, runs = build_report([str(without), str(without) + "/"], str(out))
+    assert not (out / "eval_metrics.png").exists() and len(runs) == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -121,6 +122,8 @@ def test_training_with_packing_runs_and_reports_throughput(make_config):
                        train={"global_batch_size": 2, "micro_batch_size": 1, "max_steps": 3})
     run, _ = setup(load_config(path))
     assert run.data["stats"]["packed_examples"] == 64 and len(run.data["train"]) < 32
+    info = json.loads((run.output_dir / "run.json").read_text())  # examples, not rows (run.json said rows)
+    assert (info["train_examples"], info["packed_rows"]) == (64, len(run.data["train"]))
     assert fit(run, StopFlag()) == "done"
     rec = read_metrics(run.output_dir)[-1]
     assert rec["tokens_per_s"] > 0 and rec["target_tokens_per_s"] > 0 and rec["peak_mem_mb"] > 0

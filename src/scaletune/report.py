@@ -92,6 +92,9 @@ def _fmt(value: Any) -> str:
 # Reading
 
 
+_NONFINITE = ("NaN", "Infinity", "-Infinity")
+
+
 def read_metrics(path: Path, notes: list[str]) -> dict[str, list[dict]]:
     """Parse metrics.jsonl by event type, skipping unreadable lines (a killed run truncates the last)."""
     latest: dict[tuple[str, int], dict] = {}
@@ -110,6 +113,7 @@ def read_metrics(path: Path, notes: list[str]) -> dict[str, list[dict]]:
             bad.append(lineno)
             continue
         rec["step"] = int(rec["step"])
+        rec.update({k: float(v) for k, v in rec.items() if v in _NONFINITE})  # tracking.json_safe's strings
         key = (rec["event"], rec["step"])
         repeated += key in latest
         latest[key] = rec  # a resumed run re-logs the steps after its checkpoint: the newest record wins
@@ -332,6 +336,7 @@ def make_plots(runs: list[Run], out: Path) -> dict[str, Path]:
     written = {}
     for title, panels in figures.items():
         path = out / (title.lower().replace(" ", "_") + ".png")
+        path.unlink(missing_ok=True)  # an earlier report's plot that this one has no data for must not stay
         if panels and plot_panels(runs, panels, path):
             written[title] = path
     return written
@@ -400,7 +405,10 @@ def render_html(runs: list[Run], plots: dict[str, Path]) -> str:
 
 def build_report(run_dirs: list[str], out: str | None = None) -> tuple[Path, list[Run]]:
     """Read the runs, write PNGs and report.html into `out` (default: the first run dir)."""
-    paths = _check_dirs(list(run_dirs))
+    paths = []
+    for p in _check_dirs(list(run_dirs)):  # a run named twice (`run` and `run/`) is reported once
+        if all(p.resolve() != q.resolve() for q in paths):
+            paths.append(p)
     out_dir = Path(out) if out else paths[0]
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out}: exists and is not a directory")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import subprocess
@@ -68,6 +69,25 @@ def write_run_json(output_dir: Path, cfg: Any, extra: dict) -> None:
     os.replace(tmp, output_dir / "run.json")
 
 
+NONFINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with every non-finite number as the string "NaN" / "Infinity" / "-Infinity": Python's json
+    would write bare NaN, which strict JSON readers (JavaScript, many tools) refuse. `report` reads them back."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return value
+    return number if math.isfinite(number) else NONFINITE[str(number)]
+
+
 class MetricsLog:
     """Appends one JSON object per event to metrics.jsonl and forwards scalars to trackers."""
 
@@ -91,7 +111,7 @@ class MetricsLog:
             return
         record = {"event": event, "step": step, "time": round(time.time(), 3), **values}
         with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record, default=float) + "\n")
+            fh.write(json.dumps(json_safe(record), default=float) + "\n")
         scalars = {f"{event}/{k}": v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self.acc.trackers:
             self.acc.log(scalars, step=step)

@@ -268,7 +268,10 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
         from .tracking import write_run_json
 
         write_run_json(out, cfg, {"world_size": world, "grad_accum": accum, "total_steps": total,
-                                  "steps_per_epoch": per_epoch, "train_examples": n_train,
+                                  "steps_per_epoch": per_epoch,
+                                  # with packing a batch counts rows: both are kept, and left_out counts rows
+                                  "train_examples": data["stats"].get("packed_examples", n_train),
+                                  "packed_rows": data["stats"].get("packed_rows"),
                                   "left_out_per_epoch": left_out,
                                   "skipped_examples": data["stats"].get("dropped"),
                                   "truncated_examples": data["stats"].get("truncated"),
