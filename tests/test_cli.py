@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -173,6 +174,13 @@ def test_adapter_may_be_a_checkpoint_dir(capsys, make_config, tmp_path, caplog):
         assert code == 0, err
         assert f"--adapter {step}: using the adapter in its adapter/ subfolder" in caplog.text, args[0]
     assert (tmp_path / "merged" / "config.json").is_file()
+    # checkpoints/latest (a file naming the newest checkpoint) is followed; it was refused as "a file"
+    code, _, err = run_cli(["eval", path, "--adapter", tmp_path / "run" / "checkpoints" / "latest"], capsys)
+    assert code == 0, err
+    # a run killed before its adapter/ was written: the error names the checkpoint to pass
+    shutil.rmtree(tmp_path / "run" / "adapter")
+    code, _, err = run_cli(["eval", path], capsys)
+    assert_clean_error(code, err, "no trained adapter at", f"(e.g. --adapter {step}, the newest checkpoint)")
 
 
 def test_adapter_that_is_neither_says_what_was_expected(capsys, make_config, tmp_path):

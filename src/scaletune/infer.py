@@ -26,10 +26,14 @@ def _adapter_dir(cfg: RunConfig, adapter: str | None) -> Path:
     if not adapter:
         path = Path(cfg.output_dir) / "adapter"
         if not (path / "adapter_config.json").is_file():
+            newest = checkpoint_dirs(Path(cfg.output_dir))
+            also = f" (e.g. --adapter {newest[0]}, the newest checkpoint)" if newest else ""
             raise UserError(f"no trained adapter at {path} (adapter_config.json missing); train first or "
-                            "pass --adapter")
+                            f"pass --adapter{also}")
         return path
     path = Path(adapter)
+    if path.is_file() and path.name == "latest" and path.parent.name == "checkpoints":
+        path = path.parent / path.read_text(encoding="utf-8").strip()  # the checkpoint it names
     if (path / "adapter_config.json").is_file():
         return path
     if (path / "adapter" / "adapter_config.json").is_file():
