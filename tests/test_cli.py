@@ -498,6 +498,11 @@ def test_launch_and_slurm_check_the_peft_section_first(capsys, make_config, noth
     (["slurm", "--dry-run", "--nodes", "0"], "--nodes must be >= 1"),
     (["slurm", "--dry-run", "--gpus-per-node", "-1"], "--gpus-per-node >= 0"),
     (["slurm", "--dry-run", "--sbatch-arg=qos=high"], "--sbatch-arg 'qos=high': not an sbatch option"),
+    # the templates ask for the checkpoint 300 s before the limit: a job this short stopped itself at start
+    (["slurm", "--dry-run", "--gpus-per-node", "0", "--time", "00:05:00"],
+     "--time 00:05:00: the job is told to checkpoint 300 s before its time limit"),
+    (["slurm", "--dry-run", "--gpus-per-node", "0", "--time", "2:00", "--sbatch-arg=--signal=B:USR1@150"],
+     "--time 2:00: the job is told to checkpoint 150 s before"),
     (["plan", "--nodes", "0"], "--nodes must be >= 1"),
     (["plan", "--gpus-per-node", "-2"], "--gpus-per-node >= 0"),
     (["plan", "--gpu-memory", "0GiB"], "--gpu-memory: cannot read '0GiB'"),
@@ -508,6 +513,13 @@ def test_numeric_launch_options_out_of_range(capsys, make_config, nothing_starts
     code, out, err = run_cli([argv[0], make_config("causal_lm"), *argv[1:]], capsys)
     assert_clean_error(code, err, wanted)
     assert "launch" not in out
+
+
+def test_slurm_time_longer_than_the_signal_lead_is_accepted(capsys, make_config, nothing_starts):
+    path = make_config("causal_lm")
+    for extra in (["--time", "00:05:01"], ["--time", "00:05:00", "--sbatch-arg=--signal=B:USR1@60"]):
+        code, out, err = run_cli(["slurm", path, "--dry-run", "--gpus-per-node", "0", *extra], capsys)
+        assert code == 0 and "sbatch" in out, err
 
 
 

@@ -256,7 +256,10 @@ def main(argv: list[str] | None = None) -> int:
         args.stop = StopFlag()
     _setup_logging()
     try:
-        return dispatch(args)
+        code = dispatch(args)
+        if args.command == "train" and argv is None:  # this process's own command line (not a caller's)
+            args.stop.settle()
+        return code
     except UserError as exc:
         print(_render_error(exc), file=sys.stderr)
         return EXIT_USAGE

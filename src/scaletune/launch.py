@@ -388,17 +388,22 @@ def main_launch(args: Any, cfg: Any = None) -> int:
     --resume (`train.resume_point`), except for a dry run. Returns 0 after a dry run, else the exit code
     of the launched run (see `exit_code`, `run_accelerate`).
     """
-    saved = _handlers((signal.SIGUSR1,))
+    saved = _handlers((signal.SIGUSR1, signal.SIGTERM))
     usr1 = _PassOn.install()  # first: a SIGUSR1 during the checks and imports below is held for the ranks
+    # A SIGTERM during the checks is answered after them: a bad config still ends with its error and exit 2
+    # (under Slurm, srun stops the other nodes' launchers once one exits, while they are failing the same way)
+    term: list[int] = []
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: term.append(signum))
     try:
-        return _main_launch(args, usr1)
+        return _main_launch(args, usr1, term, saved[signal.SIGTERM])
     finally:
         usr1.stop()
         for sig, handler in saved.items():
             signal.signal(sig, handler)
 
 
-def _main_launch(args: Any, usr1: _PassOn) -> int:
+def _main_launch(args: Any, usr1: _PassOn, term: list[int], term_handler: Any) -> int:
     from .config import load_config
 
     overrides = list(getattr(args, "overrides", None) or [])
@@ -423,6 +428,12 @@ def _main_launch(args: Any, usr1: _PassOn) -> int:
 
         resume_point(cfg, getattr(args, "resume", None), bool(getattr(args, "overwrite", False)),
                      bool(getattr(args, "allow_config_change", False)))
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, term_handler)  # torchrun installs its own once it starts
+    if term:
+        print("scaletune launch: stopped by SIGTERM before any rank started (nothing to checkpoint)",
+              file=sys.stderr, flush=True)
+        return 128 + term[0]
     train_args: list[str] = []
     if getattr(args, "resume", None):
         train_args += ["--resume", str(args.resume)]

@@ -110,12 +110,48 @@ def submit(cmd: list[str]) -> int:
                          "command without submitting")
 
 
+SIGNAL_LEAD_S = 300  # the templates' `#SBATCH --signal=B:USR1@300`
+
+
+def time_limit_seconds(text: str) -> int | None:
+    """Slurm's --time (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS) in seconds; None for what it is not
+    (UNLIMITED, or a form Slurm itself will judge)."""
+    days, _, clock = text.strip().rpartition("-") if "-" in text else ("", "", text.strip())
+    parts = clock.split(":")
+    if not days.isdigit() and days or not all(p.isdigit() for p in parts) or not 1 <= len(parts) <= 3:
+        return None
+    nums = [int(p) for p in parts]
+    if days:
+        hms = nums + [0] * (3 - len(nums))  # D-HH[:MM[:SS]]
+    else:
+        hms = {1: [0, nums[0], 0], 2: [0, *nums], 3: nums}[len(nums)]  # MM, MM:SS, HH:MM:SS
+    return int(days or 0) * 86400 + hms[0] * 3600 + hms[1] * 60 + hms[2]
+
+
+def _signal_lead(sbatch_args: list[str]) -> int:
+    """The seconds before the limit at which the job is told to checkpoint (an --sbatch-arg=--signal wins)."""
+    lead = SIGNAL_LEAD_S
+    for arg in sbatch_args:
+        if arg.startswith("--signal=") and "@" in arg and arg.rsplit("@", 1)[1].isdigit():
+            lead = int(arg.rsplit("@", 1)[1])
+    return lead
+
+
 def main_slurm(args: argparse.Namespace) -> int:
     """``scaletune slurm CONFIG [key=value ...] [--nodes N --gpus-per-node G ...] [--dry-run]``.
 
     Reads from `args` (the CLI's namespace): config, overrides, nodes, gpus_per_node, time, partition,
     account, sbatch_args (raw sbatch options), dry_run. The config is validated by the caller.
     """
+    limit = time_limit_seconds(args.time) if args.time else None
+    lead = _signal_lead(list(getattr(args, "sbatch_args", []) or []))
+    if limit is not None and limit <= lead:
+        from .errors import ConfigError
+
+        raise ConfigError(f"--time {args.time}: the job is told to checkpoint {lead} s before its time limit "
+                          "(#SBATCH --signal=B:USR1@" f"{lead}), so it would stop itself at start and requeue "
+                          "without progress, again and again",
+                          hint=f"give a --time longer than {lead} s, or a shorter lead: --sbatch-arg=--signal=B:USR1@60")
     if not getattr(args, "dry_run", False):
         _require_sbatch()
     name = template_name(args.nodes)

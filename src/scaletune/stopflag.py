@@ -21,3 +21,11 @@ class StopFlag:
 
     def _handler(self, signum: int, frame: Any) -> None:
         self.signal = signum
+
+    @staticmethod
+    def settle() -> None:
+        """Once training has ended (checkpoint written, or done): ignore further stop signals. Python's
+        shutdown puts its handlers back to the default action, so a second SIGUSR1 from srun or a launcher
+        (Slurm signals every process of the step) would end the exit with 138 instead of 124."""
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)

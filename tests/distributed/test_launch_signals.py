@@ -115,3 +115,24 @@ def test_signal_to_the_launcher_checkpoints_and_exits_124(make_config, tmp_path,
     summary = [line for line in err.splitlines() if line.startswith("scaletune launch:")]
     assert len(summary) == 1 and f"checkpoint {checkpoint} (continue with --resume auto)" in summary[0], err[-4000:]
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("bad", [True, False], ids=["bad-config", "good-config"])
+def test_sigterm_while_the_launch_is_checked(make_config, tmp_path, bad):
+    """SIGTERM during the launcher's checks (srun stops the other nodes' launchers once one exits): a bad
+    config still ends with its error and exit 2 (was 143 and nothing, so a 2-node job with a bad value
+    ended 143); a good one ends with one line and 143, before any rank starts."""
+    path = make_config("causal_lm", train={"max_steps": 2})
+    extra = ["train.learning_rate=fast"] if bad else []
+    cmd = [sys.executable, "-m", "scaletune", "launch", str(path), "--nproc", "2",
+           "--master-port", str(stutil.free_port()), *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=stutil.child_env())
+    time.sleep(0.5)  # importing / checking; no rank exists yet
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=TIMEOUT)
+    if bad:
+        assert proc.returncode == 2 and "train.learning_rate: expected float" in err, err
+    else:
+        assert proc.returncode == 143, err
+        assert "scaletune launch: stopped by SIGTERM before any rank started" in err, err
+    assert "Traceback" not in err and not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -81,3 +81,32 @@ def test_stop_signal_during_start_up_ends_in_a_checkpoint(base_cfg, reference, t
     res = subprocess.run(command(path), env=ENV, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert_same_run(out, ref)
+
+
+def test_more_stop_signals_after_the_checkpoint_keep_exit_124(base_cfg, tmp_path):
+    """srun signals every process of a step, and a launcher passes the signal on too: a rank can get SIGUSR1
+    again after it has stopped. Python's shutdown puts the default action back, so such a signal used to
+    end the exit as 138 (or a launch as 1 / 143) with the checkpoint written."""
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    path = write_cfg(base_cfg, out, steps=STEPS)
+    proc = subprocess.Popen([sys.executable, "-m", "scaletune", "train", str(path)], env=ENV, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and '"train"' in metrics.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    for line in proc.stdout:  # until the run says it stopped, then keep signalling it while it exits
+        if line.startswith("stopped on SIGUSR1"):
+            break
+    while proc.poll() is None:
+        try:
+            proc.send_signal(signal.SIGUSR1)
+        except ProcessLookupError:
+            break
+        time.sleep(0.02)
+    proc.wait(timeout=60)
+    assert proc.returncode == 124
