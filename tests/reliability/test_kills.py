@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from killing import ENV, KILLS, STEPS, assert_same_run, base_config, command, run_with_interruptions, write_cfg
+from killing import ENV, KILLS, STEPS, assert_same_run, base_config, command, run_with_interruptions, start, write_cfg
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +78,9 @@ def test_stop_signal_during_start_up_ends_in_a_checkpoint(base_cfg, reference, t
     assert proc.returncode == 124, err[-3000:]
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [e["step"] for e in events if e["event"] == "preempted"] == [0], events
-    res = subprocess.run(command(path), env=ENV, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
+    resumed = start(path, ENV)  # forked from the zygote: the start-up path was the point above
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-3000:]
     assert_same_run(out, ref)
 
 
