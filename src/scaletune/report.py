@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .tracking import NONFINITE
 
 # Eval metrics in display order (any other numeric key a task logs follows these).
 _EVAL_ORDER = ("loss", "perplexity", "accuracy", "macro_f1", "precision", "recall", "f1", "token_accuracy")
@@ -92,9 +93,6 @@ def _fmt(value: Any) -> str:
 # Reading
 
 
-_NONFINITE = ("NaN", "Infinity", "-Infinity")
-
-
 def read_metrics(path: Path, notes: list[str]) -> dict[str, list[dict]]:
     """Parse metrics.jsonl by event type, skipping unreadable lines (a killed run truncates the last)."""
     latest: dict[tuple[str, int], dict] = {}
@@ -113,7 +111,7 @@ def read_metrics(path: Path, notes: list[str]) -> dict[str, list[dict]]:
             bad.append(lineno)
             continue
         rec["step"] = int(rec["step"])
-        rec.update({k: float(v) for k, v in rec.items() if v in _NONFINITE})  # tracking.json_safe's strings
+        rec.update({k: float(v) for k, v in rec.items() if v in NONFINITE.values()})  # tracking.json_safe's
         key = (rec["event"], rec["step"])
         repeated += key in latest
         latest[key] = rec  # a resumed run re-logs the steps after its checkpoint: the newest record wins

@@ -339,16 +339,15 @@ def _tools_as_text(messages: list[dict], tools: list[dict], tool_role: str) -> l
     """Tool use for a template that has no notion of it: the function schemas as JSON in the system prompt,
     each call as its JSON text (trained like any answer), each result as a `tool_role` turn."""
     out = []
-    for m in messages:
-        m = {k: v for k, v in m.items() if k not in ("tool_calls", "tool_call_id")}
+    for original in messages:
+        m = {k: v for k, v in original.items() if k not in ("tool_calls", "tool_call_id")}
         if m["role"] == "tool":
             m["role"] = tool_role
-        out.append(m)
-    for m, original in zip(out, messages):
         if original.get("tool_calls"):
             calls = [c["function"] for c in original["tool_calls"]]
             text = json.dumps(calls[0] if len(calls) == 1 else calls, ensure_ascii=False)
             m["content"] = f"{m['content']}\n{text}" if m["content"] else text
+        out.append(m)
     if tools:
         text = "You can call these functions (JSON schemas):\n" + json.dumps([t["function"] for t in tools])
         if out and out[0]["role"] == "system":
