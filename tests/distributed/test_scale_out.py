@@ -5,23 +5,23 @@ subprocess on the tiny Llama; single-process `scaletune train` / `merge` runs ar
 forked from tests/zygote.py (same CLI, ~10 s less import each). One float32 single-process run is the
 reference; the claims are:
 
-* DDP, ZeRO-2, ZeRO-3 and a 2-"node" ZeRO-3 run (same global batch 8, micro 2: accumulation 4 at world
-  size 1, 2 at world size 2) reproduce its per-step loss over 10 steps to <= 1e-4 relative;
+* DDP (with torch.compile), ZeRO-2 and a 2-"node" ZeRO-3 run (same global batch 8, micro 2: accumulation
+  4 at world size 1, 2 at world size 2) reproduce its per-step loss over 10 steps to <= 1e-4 relative
+  (1-node ZeRO-3 launches are the resume tests': they continue the same curve);
 * the ZeRO-3 adapter is non-empty, equals the gathered parameters of the last checkpoint and loads in
   plain peft; `scaletune merge` of it reproduces the peft logits;
-* resume continues the loss curve exactly: after a real SIGUSR1 stop under ZeRO-3, and across world
-  sizes (a ZeRO-3 world-size-2 checkpoint resumed on 1 process without DeepSpeed, and the reverse);
+* resume continues the loss curve exactly: after a real SIGUSR1 to `scaletune launch` under ZeRO-3, and
+  across world sizes (a ZeRO-3 world-size-2 checkpoint resumed on 1 process without DeepSpeed, and the reverse);
 * QLoRA (4-bit base) trains under ZeRO-3; bf16 trains on CPU (1 process and ZeRO-2); invalid combinations
   (8-bit + ZeRO-3, fp16 on CPU) are refused with exit 2 before any process is launched.
 
-Runs are module-scoped fixtures shared between the assertions: 9 multi-process launches and 9 forked
-single-process runs.
+Runs are module-scoped fixtures shared between the assertions: 8 multi-process launches (one of them on
+two "nodes"); the single-process runs are forked.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import signal
 import subprocess
@@ -45,9 +45,6 @@ REPO = HERE.parents[1]
 STEPS = 10
 RTOL = 1e-4
 LAUNCH_TIMEOUT = 420  # the first DeepSpeed launch JIT-compiles a comm op (~90 s, once per machine)
-
-
-
 
 import forking  # noqa: E402
 import stutil as helpers  # noqa: E402  (tests/ is on sys.path via tests/conftest.py)
@@ -181,22 +178,14 @@ def single(world) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ddp(world) -> Path:
-    """2-process DDP (gloo) through `scaletune launch --nproc 2`."""
-    out = world.root / "ddp"
-    text = run_cli(world, _scaletune("launch", str(world.fp32), f"output_dir={out}", "--nproc", "2",
-                                     "--master-port", str(helpers.free_port())))
-    assert "--multi_gpu" in text.splitlines()[0]  # the printed accelerate command
-    return out
-
-
-@pytest.fixture(scope="module")
 def ddp_compiled(world) -> Path:
-    """2-process DDP with train.torch_compile (inductor): compiled decoder blocks, with the fused LoRA
-    layers' custom operators inside them, under DDP's gradient hooks."""
+    """2-process DDP (gloo) through `scaletune launch --nproc 2`, with train.torch_compile (inductor):
+    compiled decoder blocks, with the fused LoRA layers' custom operators inside them, under DDP's
+    gradient hooks. (The eager DDP step is the same loop code; a launch of its own cost CI ~45 s.)"""
     out = world.root / "ddp_compiled"
-    run_cli(world, _scaletune("launch", str(world.fp32), f"output_dir={out}", "train.torch_compile=true",
-                              "--nproc", "2", "--master-port", str(helpers.free_port())))
+    text = run_cli(world, _scaletune("launch", str(world.fp32), f"output_dir={out}", "train.torch_compile=true",
+                                     "--nproc", "2", "--master-port", str(helpers.free_port())))
+    assert "--multi_gpu" in text.splitlines()[0]  # the printed accelerate command
     return out
 
 
@@ -210,15 +199,9 @@ def zero2(world) -> Path:
 
 @pytest.fixture(scope="module")
 def zero3(world) -> Path:
-    out = world.root / "zero3"
-    run_cli(world, _accelerate("cpu_2proc_zero3.yaml", str(world.zero3), f"output_dir={out}"))
-    return out
-
-
-@pytest.fixture(scope="module")
-def multinode(world) -> Path:
-    """Two `scaletune launch --nnodes 2 --node-rank R --nproc 1` on localhost: a 2-node ZeRO-3 job."""
-    out = world.root / "multinode"
+    """Two `scaletune launch --nnodes 2 --node-rank R --nproc 1` on localhost: a 2-node ZeRO-3 job, also
+    the ZeRO-3 run whose adapter, merge and checkpoint the tests below read."""
+    out = world.root / "zero3_2nodes"
     port = str(helpers.free_port())
     cmds = [_scaletune("launch", str(world.zero3), f"output_dir={out}", "--nproc", "1", "--nnodes", "2",
                        "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", port)
@@ -248,7 +231,7 @@ def multinode(world) -> Path:
 # 1 + 2: loss curves at world size 2 == world size 1
 
 
-@pytest.mark.parametrize("variant", ["ddp", "ddp_compiled", "zero2", "zero3", "multinode"])
+@pytest.mark.parametrize("variant", ["ddp_compiled", "zero2", "zero3"])
 def test_loss_curve_matches_single_process(variant, single, request):
     ref = losses(single)
     got = losses(request.getfixturevalue(variant))
@@ -349,45 +332,52 @@ def _last_train_step(metrics: Path) -> int:
 
 
 def test_zero3_stop_on_sigusr1_then_resume_continues_curve(world, single):
-    """A real preemption: SIGUSR1 to both ZeRO-3 ranks mid-run, then `scaletune launch --resume auto`."""
-    pytest.importorskip("psutil")
+    """A real preemption: SIGUSR1 to `scaletune launch` (not its ranks) of a 2-process ZeRO-3 run mid-run.
+    The launcher passes it on; both ranks checkpoint, the launch ends 124 with one summary line and no rank
+    outlives it; `scaletune launch --resume auto` then continues the single-process curve. (SIGUSR1 used to
+    kill the launcher alone and leave both ranks training, orphaned, with no checkpoint.)"""
+    psutil = pytest.importorskip("psutil")
     out = world.root / "z3_signal"
     marker = world.root / "preempted.marker"
-    cmd = _accelerate("cpu_2proc_zero3.yaml", str(world.zero3), f"output_dir={out}")
+    cmd = _scaletune("launch", str(world.zero3), f"output_dir={out}", "--nproc", "2",
+                     "--master-port", str(helpers.free_port()))
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env(world, SCALETUNE_PREEMPT_MARKER=str(marker)),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         metrics = out / "metrics.jsonl"
         deadline = time.monotonic() + LAUNCH_TIMEOUT
         while _last_train_step(metrics) < 2:
-            assert proc.poll() is None, proc.communicate()[0][-8000:]
+            assert proc.poll() is None, proc.communicate()[1][-8000:]
             assert time.monotonic() < deadline, "run never reached step 2"
             time.sleep(0.05)
         workers = _workers(proc)
         assert len(workers) == 2, workers
-        for w in workers:
-            w.send_signal(signal.SIGUSR1)
-        text = proc.communicate(timeout=LAUNCH_TIMEOUT)[0]
+        proc.send_signal(signal.SIGUSR1)
+        text = proc.communicate(timeout=LAUNCH_TIMEOUT)[1]
+        _, alive = psutil.wait_procs(workers, timeout=60)
     finally:
         _kill_tree(proc)
-    world.timings.append(("zero3 run stopped by SIGUSR1", round(time.perf_counter() - t0, 1)))
-    # The workers exit 124 (EXIT_PREEMPTED); accelerate/torchrun turn that into 1 for the launcher.
-    assert proc.returncode != 0, "the run finished before the signal was acted on\n" + text[-3000:]
-    assert re.search(r"exitcode\s*:\s*124", text), text[-3000:]
+    world.timings.append(("zero3 launch stopped by SIGUSR1", round(time.perf_counter() - t0, 1)))
+    assert not alive, f"ranks {alive} outlived the launcher\n{text[-3000:]}"
+    assert proc.returncode == 124, text[-8000:]
     stopped = helpers.read_metrics(out, "preempted")
     assert len(stopped) == 1, text[-8000:]
     k = stopped[0]["step"]
     assert 2 <= k < STEPS
-    assert marker.read_text().strip() == str(out / "checkpoints" / f"step-{k}")
+    checkpoint = out / "checkpoints" / f"step-{k}"
+    assert marker.read_text().strip() == str(checkpoint)
     assert (out / "checkpoints" / "latest").read_text().strip() == f"step-{k}"
+    summary = [line for line in text.splitlines() if line.startswith("scaletune launch:")]
+    assert len(summary) == 1 and f"checkpoint {checkpoint} (continue with --resume auto)" in summary[0], text
+    assert "Traceback" not in text
 
     run_cli(world, _scaletune("launch", str(world.zero3), f"output_dir={out}", "--nproc", "2", "--resume", "auto",
                               "--master-port", str(helpers.free_port())))
     ref, got = losses(single), losses(out)
     assert_same_curve(ref, got, range(1, STEPS + 1))
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
-    assert json.loads((out / "run.json").read_text())["resumed_from"] == str(out / "checkpoints" / f"step-{k}")
+    assert json.loads((out / "run.json").read_text())["resumed_from"] == str(checkpoint)
 
 
 def test_zero3_world2_checkpoint_resumes_on_one_process(world, zero3, single):

@@ -12,6 +12,7 @@ import subprocess
 
 import pytest
 
+import forking
 from killing import ENV, KILLS, STEPS, assert_same_run, base_config, command, run_with_interruptions, start, write_cfg
 
 
@@ -23,7 +24,8 @@ def base_cfg(tmp_path_factory, tiny_llama):
 @pytest.fixture(scope="module")
 def reference(base_cfg, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "run"
-    res = subprocess.run(command(write_cfg(base_cfg, out)), env=ENV, capture_output=True, text=True, timeout=600)
+    # forked: the reference is not about how a process starts (the interrupted runs are forked the same way)
+    res = forking.run(command(write_cfg(base_cfg, out))[3:], ENV, out.with_suffix(".log"), timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     times = [json.loads(line)["time"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     return out, max(times) - min(times)
