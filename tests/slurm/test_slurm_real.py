@@ -41,9 +41,6 @@ RTOL_CURVE = 1e-4
 ATOL_ADAPTER = 1e-6
 ATOL_ADAPTER_2RANKS = 1e-5
 
-
-
-
 import stutil as helpers  # noqa: E402  (tests/ is on sys.path via tests/conftest.py)
 
 # ------------------------------------------------------------------------------------------------
