@@ -216,6 +216,9 @@ def test_train_through_scaletune_then_load_in_a_fresh_python(make_config, tmp_pa
     capsys.readouterr()
     assert main(["merge", str(path), "--out", str(tmp_path / "merged")]) == 2
     assert MERGE_REFUSED in capsys.readouterr().err
+    # a config naming another method: the refusal names the adapter's (it said "cannot merge a lora adapter")
+    assert main(["merge", str(path), "peft={method: lora}", "--out", str(tmp_path / "merged")]) == 2
+    assert f"cannot merge a bottleneck_adapter adapter: {MERGE_REFUSED}" in capsys.readouterr().err
     assert not (tmp_path / "merged").exists()
     adapter = tmp_path / "run" / "adapter"
     conf = yaml.safe_load((adapter / "adapter_config.json").read_text())

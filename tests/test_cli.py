@@ -202,6 +202,21 @@ def test_adapter_that_is_neither_says_what_was_expected(capsys, make_config, tmp
             assert_clean_error(code, err, f"--adapter {adapter}: ", expected)
 
 
+def test_a_mistyped_local_model_path_is_named_not_sent_to_the_hub(capsys, make_config, tmp_path, monkeypatch):
+    """"models/llamaa" beside an existing ./models, and the examples' "path/to/..." placeholder under eval,
+    got the hub client's errors ("couldn't connect to huggingface.co", "Repo id must be in the form ...")."""
+    path = make_config("causal_lm")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    for cmd, name in [(["train"], "models/llamaa"), (["eval", "--adapter", str(adapter)], "path/to/all-MiniLM-L6-v2")]:
+        code, _, err = run_cli([cmd[0], path, f"model.name_or_path={name}", *cmd[1:]], capsys)
+        assert_clean_error(code, err, f"model.name_or_path: directory not found: {name} ({tmp_path / name})")
+        assert "huggingface" not in err and "Repo id" not in err
+
+
 def test_python_dash_m_entry_point_exit_code(make_config):
     path = make_config("causal_lm")
     res = subprocess.run([sys.executable, "-m", "scaletune", "train", str(path), "train.micro_batch_size=3"],

@@ -406,3 +406,19 @@ def test_a_warmup_that_cannot_happen_is_refused():
     from_dict({**BASE, "train": {"lr_scheduler": "constant_with_warmup", "warmup_steps": 3}})
     from_dict({**BASE, "train": {"max_steps": 6, "warmup_steps": 5}})
     from_dict({**BASE, "train": {"max_steps": 1, "warmup_steps": 1}})  # a smoke test: warned at setup
+
+
+def test_tracker_that_is_not_installed_is_refused_before_training(monkeypatch):
+    """accelerate drops a tracker whose package is missing with a warning (wandb: silently), so the run
+    logged nowhere and exited 0; the commands about to train refuse it, naming the extra to install."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("wandb", "mlflow")
+                        else real(name, *a))
+    raw = {**BASE, "train": {"report_to": ["tensorboard", "wandb", "mlflow"]}}
+    assert problems_of(raw, check_peft=True) == [
+        f"train.report_to: {t} is not installed in this environment (pip install 'scaletune[{t}]', or drop it "
+        "from report_to)" for t in ("wandb", "mlflow")]
+    from_dict(raw)  # eval / predict / merge log to no tracker: they do not ask
+    from_dict({**BASE, "train": {"report_to": ["tensorboard"]}}, check_peft=True)

@@ -263,23 +263,97 @@ def test_seq_cls_label_problems(tmp_path, tiny_bert):
         build_datasets(cfg, get_task("seq_cls"), load_tokenizer(cfg))
 
 
-def test_tokenised_cache_is_reused(tmp_path, tiny_bert, monkeypatch):
+def test_tokenised_cache_is_reused(tmp_path, tiny_bert, monkeypatch, caplog):
     monkeypatch.setenv("SCALETUNE_CACHE", str(tmp_path / "cache"))
     train = write_jsonl(tmp_path / "t.jsonl", [{"text": "a b", "label": "pos"}, {"text": "b", "label": "neg"}] * 4)
     raw = {"task": "seq_cls", "model": {"name_or_path": str(tiny_bert), "dtype": "float32"},
            "data": {"train": str(train)}, "train": {"mixed_precision": "no"}}
     cfg = from_dict(raw)
     tok = load_tokenizer(cfg)
-    first = build_datasets(cfg, get_task("seq_cls"), tok)
-    calls = []
-    task = get_task("seq_cls")
-    monkeypatch.setattr(task, "encode", lambda *a: calls.append(a))
-    second = build_datasets(cfg, task, tok)
+    with caplog.at_level("INFO", logger="scaletune"):  # (minutes of silence on a large file: say which)
+        first = build_datasets(cfg, get_task("seq_cls"), tok)
+        assert f"data: reading and tokenising {train} (cached for later runs in " in caplog.text
+        calls = []
+        task = get_task("seq_cls")
+        monkeypatch.setattr(task, "encode", lambda *a: calls.append(a))
+        second = build_datasets(cfg, task, tok)
+        assert f"data: tokenised {train} read from the cache" in caplog.text
     assert calls == [] and second["train"]["input_ids"] == first["train"]["input_ids"]
     assert second["labels"] == ["neg", "pos"] and task.label == "label"
     train.write_text(json.dumps({"text": "new", "label": "pos"}) + "\n" + json.dumps({"text": "x", "label": "neg"}))
     third = build_datasets(cfg, get_task("seq_cls"), tok)  # content changed -> new fingerprint
     assert len(third["train"]) == 2
+
+
+TEXTS = ["a b c d e f g h a b c d e f g h", "h g f e d c b a h g f e d c b a"]
+
+
+def _cls_cache_setup(tmp_path, tiny_bert, monkeypatch, **data):
+    monkeypatch.setenv("SCALETUNE_CACHE", str(tmp_path / "cache"))
+    train = write_jsonl(tmp_path / "t.jsonl", [{"text": TEXTS[0], "label": "pos"}, {"text": TEXTS[1], "label": "neg"}] * 4)
+    cfg = from_dict({"task": "seq_cls", "model": {"name_or_path": str(tiny_bert), "dtype": "float32"},
+                     "data": {"train": str(train), "max_length": 8, **data}, "train": {"mixed_precision": "no"}})
+    return cfg, load_tokenizer(cfg)
+
+
+def test_cache_key_follows_truncation_side_and_the_seed_only_for_a_split(tmp_path, tiny_bert, monkeypatch):
+    """A tokenizer saved with truncation_side "left" keeps the other end of a cls text: it got the entry of
+    the same vocabulary cut on the right, so it trained on ids predict never feeds it. The seed picks only
+    data.eval_fraction's split: changing it re-tokenised the whole set for nothing."""
+    from scaletune.data import fingerprint
+
+    cfg, tok = _cls_cache_setup(tmp_path, tiny_bert, monkeypatch)
+    right = build_datasets(cfg, get_task("seq_cls"), tok)["train"]["input_ids"]
+    tok.truncation_side = "left"
+    left = build_datasets(cfg, get_task("seq_cls"), tok)["train"]["input_ids"]
+    assert left != right and left == tok(TEXTS * 4, truncation=True, max_length=8)["input_ids"]
+    reseeded = from_dict({**cfg.to_dict(), "train": {**cfg.to_dict()["train"], "seed": 7}})
+    assert fingerprint(reseeded, tok) == fingerprint(cfg, tok)
+    split = from_dict({**cfg.to_dict(), "data": {**cfg.to_dict()["data"], "eval_fraction": 0.25}})
+    resplit = from_dict({**split.to_dict(), "train": {**split.to_dict()["train"], "seed": 7}})
+    assert fingerprint(resplit, tok) != fingerprint(split, tok)
+
+
+def test_broken_cache_entries_are_rebuilt_and_replaced(tmp_path, tiny_bert, monkeypatch, caplog):
+    """An entry with a truncated Arrow file or an empty meta.json crashed the run with pyarrow's or json's
+    traceback; one without meta.json (a crash while it was written) was never replaced, and every run left
+    a full copy of the data beside it (the rename onto the non-empty directory failed, silently)."""
+    from scaletune.data import cache_root, fingerprint
+
+    cfg, tok = _cls_cache_setup(tmp_path, tiny_bert, monkeypatch)
+    fresh = build_datasets(cfg, get_task("seq_cls"), tok)["train"]["input_ids"]
+    entry = cache_root() / fingerprint(cfg, tok)
+    arrow = next((entry / "train").glob("*.arrow"))
+    calls: list = []
+    for damage in ("truncate", "meta", "no-meta"):
+        if damage == "truncate":
+            arrow.write_bytes(arrow.read_bytes()[:100])
+        elif damage == "meta":
+            (entry / "meta.json").write_text("")
+        else:
+            (entry / "meta.json").unlink()
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="scaletune"):
+            again = build_datasets(cfg, get_task("seq_cls"), tok)["train"]["input_ids"]
+        assert again == fresh, damage
+        if damage != "no-meta":
+            assert f"the tokenised-data cache entry {entry} cannot be read" in caplog.text, damage
+        assert (entry / "meta.json").is_file() and sorted(p.name for p in entry.parent.iterdir()) == [entry.name]
+        calls.clear()
+        task = get_task("seq_cls")
+        monkeypatch.setattr(task, "encode", lambda *a: calls.append(a))
+        assert build_datasets(cfg, task, tok)["train"]["input_ids"] == fresh and calls == []  # the repaired entry
+        monkeypatch.undo()
+        monkeypatch.setenv("SCALETUNE_CACHE", str(tmp_path / "cache"))
+
+
+def test_a_cache_that_cannot_be_written_is_named(tmp_path, tiny_bert, monkeypatch, caplog):
+    cfg, tok = _cls_cache_setup(tmp_path, tiny_bert, monkeypatch)
+    (tmp_path / "cache").write_text("a file, not a directory")
+    with caplog.at_level("WARNING", logger="scaletune"):
+        built = build_datasets(cfg, get_task("seq_cls"), tok)
+    assert len(built["train"]) == 8
+    assert "could not write the tokenised-data cache to " in caplog.text and "SCALETUNE_CACHE" in caplog.text
 
 
 def test_examples_without_targets_are_counted_and_reported(tmp_path, tiny_llama, caplog):
@@ -788,3 +862,16 @@ def test_a_function_call_that_is_not_json_names_its_turn(tmp_path, tiny_llama):
     cfg = _cfg(tmp_path, tiny_llama, data=data)
     with pytest.raises(DataError, match=r"g.jsonl:1: conversations\[1\] \(function_call\) must be a JSON object"):
         build_datasets(cfg, get_task("causal_lm"), load_tokenizer(cfg))
+
+
+def test_a_missing_field_is_called_missing_not_null(tmp_path, tiny_llama, tiny_bert):
+    """A record without its `output` said "field 'output' must be a string, got NoneType", one without its
+    label "label None must be a string or an integer": as if the file held a null."""
+    lm = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Say hi", "output": "hi"}, {"instruction": "Say bye"}])
+    cfg = _cfg(tmp_path, tiny_llama, data=lm)
+    with pytest.raises(DataError, match=r"a.jsonl:2: field 'output' is missing \(the record has: 'instruction'\)"):
+        build_datasets(cfg, get_task("causal_lm"), load_tokenizer(cfg))
+    cls = write_jsonl(tmp_path / "c.jsonl", [{"text": "good", "label": "pos"}, {"text": "no label here"}])
+    cfg = _cfg(tmp_path, tiny_bert, task="seq_cls", data=cls)
+    with pytest.raises(DataError, match=r"c.jsonl:2: the label column 'label' is missing \(the record has: 'text'\)"):
+        build_datasets(cfg, get_task("seq_cls"), load_tokenizer(cfg))

@@ -4,6 +4,7 @@ transformers' weight-loading table (the new head) or a warning where base weight
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import types
 
@@ -73,3 +74,36 @@ def test_checkpoint_weights_the_task_does_not_use_are_a_note(make_config, tiny_b
     _load(cfg, caplog)
     notes = [(r.levelname, r.getMessage()) for r in caplog.records if "not used by this model class" in r.getMessage()]
     assert len(notes) == 1 and notes[0][0] == "INFO" and "cls.predictions.extra.weight" in notes[0][1]
+
+
+def test_trackers_get_the_whole_config_and_write_inside_output_dir(tmp_path, monkeypatch):
+    """Trackers got two hyper-parameters (task, lr); W&B and MLflow wrote to ./wandb and ./mlruns of
+    whatever directory the run was started from. The config goes flat (TensorBoard's hparams take only
+    scalars); W&B and MLflow are pointed into output_dir unless the user set their own place."""
+    from types import SimpleNamespace
+
+    from scaletune.config import from_dict
+    from scaletune.tracking import start_trackers
+
+    calls = {}
+    fake = SimpleNamespace(init_trackers=lambda name, config, init_kwargs: calls.update(
+        name=name, config=config, init_kwargs=init_kwargs))
+    cfg = from_dict({"task": "causal_lm", "model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"},
+                     "train": {"report_to": ["tensorboard", "wandb", "mlflow"], "learning_rate": 3e-4}})
+    for var in ("WANDB_API_KEY", "WANDB_DIR", "WANDB_MODE", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(var, raising=False)
+    out = tmp_path / "run"
+    start_trackers(fake, cfg, out)
+    config = calls["config"]
+    assert config["train.learning_rate"] == 3e-4 and config["peft.method"] == "lora"
+    assert config["data.eval"] == "null" and config["train.report_to"] == '["tensorboard", "wandb", "mlflow"]'
+    assert all(isinstance(v, (bool, int, float, str)) for v in config.values())
+    assert calls["init_kwargs"]["wandb"]["dir"] == str(out)
+    assert os.environ["WANDB_MODE"] == "offline"  # no API key: log locally instead of failing the run
+    assert os.environ["MLFLOW_TRACKING_URI"] == f"sqlite:///{(out / 'mlruns' / 'mlflow.db').resolve()}"
+    assert (out / "mlruns").is_dir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "mine"))
+    start_trackers(fake, cfg, out)
+    assert os.environ["MLFLOW_TRACKING_URI"] == "http://mlflow.example:5000"
+    assert calls["init_kwargs"]["wandb"]["dir"] == str(tmp_path / "mine")

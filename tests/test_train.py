@@ -233,17 +233,23 @@ def test_overwrite_deletes_the_old_run_with_a_warning_when_it_cannot_be_moved(ma
     assert os.listdir(run.output_dir) == ["run.json"] and not list(tmp_path.glob(".run.replaced-*"))
 
 
-def test_setup_says_what_each_epoch_leaves_out_and_when_warmup_covers_the_run(make_config, caplog):
-    """The examples that cannot fill a last global batch sit each epoch out: said in the log and run.json.
-    A one-step run with a one-step warmup trains at lr 0: said as a warning."""
+def test_setup_says_what_each_epoch_leaves_out_and_when_warmup_covers_the_run(make_config, tmp_path, caplog):
+    """The examples that cannot fill a last global batch sit each epoch out: said in the log and run.json
+    of a run that reaches an epoch's end (not of a shorter one: it was said of a 3-step run on 100k
+    examples). A one-step run with a one-step warmup trains at lr 0: said as a warning."""
     path = make_config("causal_lm", n=30, train={"global_batch_size": 8, "max_steps": 1, "warmup_steps": 1})
     with caplog.at_level("INFO", logger="scaletune"):
         run, _ = setup(load_config(path))
     n = len(run.data["train"])
-    assert n % 8, n
-    assert f"{n % 8} of {n} examples do not fill a last global batch of 8 and sit each epoch out" in caplog.text
+    assert n % 8 and n // 8 > 1, n
+    note = f"{n % 8} of {n} examples do not fill a last global batch of 8 and sit each epoch out"
+    assert note not in caplog.text
     assert "reaches at most 0% of train.learning_rate and nothing is trained" in caplog.text
     assert json.loads((run.output_dir / "run.json").read_text())["left_out_per_epoch"] == n % 8
+    caplog.clear()
+    with caplog.at_level("INFO", logger="scaletune"):
+        setup(load_config(path, [f"train.max_steps={n // 8}", "train.warmup_steps=0", f"output_dir={tmp_path / 'r2'}"]))
+    assert note in caplog.text
 
 
 def _record_write_fails(monkeypatch) -> None:
@@ -412,3 +418,17 @@ def test_batch_larger_than_packed_rows_says_the_examples_were_packed(make_config
     assert main(["train", str(path)]) == 2
     err = capsys.readouterr().err
     assert "larger than the training set (6 usable examples packed into 2 row(s) of data.max_length=512" in err
+
+
+def test_seq_cls_macro_f1_averages_the_classes_that_occur():
+    """A perfect classifier scored on an eval set holding one of three classes had macro_f1 0.333: the two
+    absent (and never predicted) classes counted as F1 0. They are left out, as scikit-learn's default does;
+    a class that is predicted but absent still counts (those predictions are wrong)."""
+    from scaletune.tasks import get_task
+
+    task = get_task("seq_cls")
+    perfect = task.metrics([(1, 1)] * 5, 1.0, 5, ["neg", "pos", "neutral"])
+    assert perfect["accuracy"] == 1.0 and perfect["macro_f1"] == 1.0
+    assert perfect["per_class"]["neg"]["support"] == 0  # the report still lists every class
+    wrong = task.metrics([(1, 1)] * 4 + [(2, 1)], 1.0, 5, ["neg", "pos", "neutral"])
+    assert wrong["macro_f1"] == pytest.approx((2 * 4 / (4 + 5)) / 2)  # pos: p=1, r=0.8; neutral: 0

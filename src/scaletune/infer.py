@@ -299,12 +299,15 @@ def run_merge(cfg: RunConfig, adapter: str | None, out_dir: str) -> Path:
     if cfg.model.quantization:
         cfg.model.quantization = None  # merge into full-precision weights, never into 4/8-bit ones
     model, tokenizer, task, labels, path = load_trained(cfg, adapter)
+    # the adapter's own method: the config may name another (it is read from adapter_config.json)
+    configs = list(getattr(model, "peft_config", {}).values())
+    method = str(getattr(configs[0].peft_type, "value", configs[0].peft_type)).lower() if configs else cfg.peft_method
     if not hasattr(model, "merge_and_unload"):
-        raise UserError(f"peft method {cfg.peft_method} cannot be merged into the base weights")
+        raise UserError(f"peft method {method} cannot be merged into the base weights")
     try:
         merged = model.merge_and_unload()
     except (ValueError, NotImplementedError, AttributeError) as exc:
-        raise UserError(f"cannot merge a {cfg.peft_method} adapter: {exc}") from None
+        raise UserError(f"cannot merge a {method} adapter: {exc}") from None
     target = Path(out_dir)
     if target.exists() and any(target.iterdir()):
         raise UserError(f"--out {target} is not empty; choose a new directory")

@@ -29,9 +29,12 @@ def _check_model_source(cfg: RunConfig) -> None:
         if not (p / "config.json").is_file():
             raise ConfigError(f"model.name_or_path: {src} has no config.json (not a transformers model directory)")
         return
-    looks_local = src.startswith((".", "/", "~")) or src.count("/") > 1
+    # a hub id is "name" or "org/name"; "models/llama-typo" beside an existing ./models is a local path
+    # too (else the hub client's "couldn't connect" or "Repo id must be..." would be the error)
+    looks_local = (src.startswith((".", "/", "~")) or src.count("/") > 1
+                   or (src.count("/") == 1 and p.parent.is_dir()))
     if looks_local:
-        raise ConfigError(f"model.name_or_path: directory not found: {src}")
+        raise ConfigError(f"model.name_or_path: directory not found: {src} ({p.absolute()})")
 
 
 def read_tokenizer(cfg: RunConfig, src: str) -> Any:
@@ -52,8 +55,7 @@ def load_tokenizer(cfg: RunConfig, path: str | None = None) -> Any:
     smaller (seqlen.effective_max_length, which `plan` applies too)."""
     from .seqlen import effective_max_length, read_model_config
 
-    if path is None:
-        _check_model_source(cfg)
+    _check_model_source(cfg)  # (with `path` too: the model's config is read below)
     src = path or cfg.model.name_or_path
     tok = read_tokenizer(cfg, src)
     if tok.pad_token is None:

@@ -69,6 +69,37 @@ def write_run_json(output_dir: Path, cfg: Any, extra: dict) -> None:
     os.replace(tmp, output_dir / "run.json")
 
 
+def start_trackers(accelerator: Any, cfg: Any, output_dir: Path) -> None:
+    """Start the train.report_to trackers with the resolved config as their hyper-parameters, writing
+    inside output_dir: W&B's and MLflow's own defaults are the current directory (./wandb, ./mlruns),
+    which put one run's logs beside every other's. A user's WANDB_DIR / MLFLOW_TRACKING_URI still wins."""
+    trackers = cfg.train.report_to or []
+    init_kwargs: dict[str, dict] = {}
+    if "wandb" in trackers:
+        if not os.environ.get("WANDB_API_KEY"):
+            os.environ.setdefault("WANDB_MODE", "offline")  # no key: log locally instead of failing the run
+        init_kwargs["wandb"] = {"dir": os.environ.get("WANDB_DIR") or str(output_dir), "name": output_dir.name}
+    if "mlflow" in trackers and not os.environ.get("MLFLOW_TRACKING_URI"):
+        # an SQLite store: MLflow 3 refuses its old ./mlruns file store unless told to allow it
+        (output_dir / "mlruns").mkdir(parents=True, exist_ok=True)
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{(output_dir / 'mlruns' / 'mlflow.db').resolve()}"
+    accelerator.init_trackers("scaletune", config=flat_config(cfg.to_dict()), init_kwargs=init_kwargs)
+
+
+def flat_config(raw: dict, prefix: str = "") -> dict[str, Any]:
+    """{"train.learning_rate": 2e-4, ...}: the form every tracker takes hyper-parameters in (TensorBoard's
+    hparams accept only numbers, strings and booleans: None and lists become their text)."""
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if isinstance(value, dict) and value:
+            out.update(flat_config(value, f"{prefix}{key}."))
+        elif isinstance(value, (bool, int, float, str)):
+            out[prefix + key] = value
+        else:
+            out[prefix + key] = json.dumps(value)
+    return out
+
+
 NONFINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
 
 

@@ -7,7 +7,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,8 +175,6 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
     out = Path(cfg.output_dir)
     fingerprint = config_fingerprint(cfg)
     resume_from, replace_output = resume_point(cfg, resume, overwrite, allow_config_change)
-    if "wandb" in (t.report_to or []) and not os.environ.get("WANDB_API_KEY"):
-        os.environ.setdefault("WANDB_MODE", "offline")  # no key: log locally instead of failing the run
     accelerator = Accelerator(project_dir=str(out), log_with=t.report_to or None,
                               **accelerator_kwargs(cfg, accum))
     set_seed(t.seed)
@@ -200,7 +197,7 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
                           f"({what}); lower it")
     total = t.max_steps or max(1, math.ceil(t.epochs * per_epoch))
     left_out = n_train - per_epoch * t.global_batch_size
-    if left_out and accelerator.is_main_process:
+    if left_out and total >= per_epoch and accelerator.is_main_process:  # (a shorter run never reaches them)
         # Every step has the same shape (data/batching.py); the shuffle picks who sits each epoch out.
         rows = "packed rows" if data["stats"].get("packed_examples") else "examples"
         (log.warning if left_out > 0.1 * n_train else log.info)(
@@ -280,7 +277,9 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
                                   "labels": data["labels"], "config_fingerprint": fingerprint,
                                   "resumed_from": str(resume_from) if resume_from else None})
     if t.report_to:
-        accelerator.init_trackers("scaletune", config={"task": cfg.task, "lr": t.learning_rate})
+        from .tracking import start_trackers
+
+        start_trackers(accelerator, cfg, out)
     return run, resume_from
 
 

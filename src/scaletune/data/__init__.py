@@ -56,7 +56,9 @@ def _tokenizer_digest(tokenizer: Any) -> str:
         body = json.dumps(spec, sort_keys=True)
     else:
         body = json.dumps(tokenizer.get_vocab(), sort_keys=True)
-    extra = json.dumps([getattr(tokenizer, "chat_template", None), tokenizer.bos_token, tokenizer.eos_token])
+    # truncation_side: which end a cls text loses at max_length (tokenizer_config.json may say "left")
+    extra = json.dumps([getattr(tokenizer, "chat_template", None), tokenizer.bos_token, tokenizer.eos_token,
+                        getattr(tokenizer, "truncation_side", None)])
     return hashlib.sha256((body + extra).encode()).hexdigest()
 
 
@@ -64,8 +66,9 @@ def fingerprint(cfg: Any, tokenizer: Any) -> str:
     d = asdict(cfg.data)
     for key in ("num_workers", "cache", "group_by_length"):
         d.pop(key)
+    split_seed = str(cfg.train.seed) if cfg.data.eval_fraction and not cfg.data.eval else "-"  # (only it uses it)
     parts = [CACHE_VERSION, cfg.task, json.dumps(d, sort_keys=True), _file_digest(cfg.data.train),
-             _file_digest(cfg.data.eval), str(cfg.train.seed), _tokenizer_digest(tokenizer)]
+             _file_digest(cfg.data.eval), split_seed, _tokenizer_digest(tokenizer)]
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:24]
 
 
@@ -109,13 +112,19 @@ def build_datasets(cfg: Any, task: Any, tokenizer: Any, accelerator: Any = None)
     # the others wait while rank 0 builds (and caches); an error there is raised on every rank
     main_first = main_process_first(accelerator) if accelerator is not None else nullcontext()
     with main_first:
-        if cfg.data.cache and (where / "meta.json").is_file():
-            meta = json.loads((where / "meta.json").read_text())
-            train = datasets.load_from_disk(str(where / "train"))
-            evalset = datasets.load_from_disk(str(where / "eval")) if meta["has_eval"] else None
+        cached = _load_cached(where, accelerator) if cfg.data.cache else None
+        main = accelerator is None or accelerator.is_main_process
+        if cached is not None:
+            train, evalset, meta = cached
             labels = meta["labels"]
             task.setup_cached(meta)
+            if main:
+                log.info("data: tokenised %s read from the cache (%s)", cfg.data.train, where)
         else:
+            if main:  # a large file takes minutes here: say what is happening (and that it happens once)
+                log.info("data: reading and tokenising %s%s%s", cfg.data.train,
+                         f" and {cfg.data.eval}" if cfg.data.eval else "",
+                         f" (cached for later runs in {where})" if cfg.data.cache else "")
             train_records = read_records(cfg.data.train, key="data.train", conll=conll)
             labels = task.setup(train_records, cfg, cfg.data.train)
             ignored = [task.ignored_fields(train_records, "data.train")]
@@ -156,7 +165,6 @@ def build_datasets(cfg: Any, task: Any, tokenizer: Any, accelerator: Any = None)
             # would surprise anyone comparing runs
             log.warning("data.%s: %d example(s) skipped: no target tokens within data.max_length=%d",
                         split, n, cfg.data.max_length)
-    main = accelerator is None or accelerator.is_main_process
     # read from the dataset: a cached build warns too; it says what max_length cut from the eval set
     eval_note = task.eval_warning(evalset, labels, cfg) if evalset is not None and main else None
     sizes = {"train": len(train), "eval": len(evalset) if evalset is not None else 0}
@@ -212,17 +220,48 @@ def build_eval_only(cfg: Any, task: Any, tokenizer: Any, key: str) -> Any:
     return evalset
 
 
+def _load_cached(where: Path, accelerator: Any) -> tuple[Any, Any, dict] | None:
+    """(train, eval, meta) from a complete cache entry; None when there is none, or when it cannot be read
+    (a truncated Arrow file, a broken meta.json): the data is then tokenised again and the entry replaced."""
+    import datasets
+
+    if not (where / "meta.json").is_file():
+        return None
+    try:
+        meta = json.loads((where / "meta.json").read_text())
+        train = datasets.load_from_disk(str(where / "train"))
+        evalset = datasets.load_from_disk(str(where / "eval")) if meta["has_eval"] else None
+        meta["labels"]  # noqa: B018  (an entry without it is not one this version wrote)
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        if accelerator is None or accelerator.is_main_process:
+            log.warning("the tokenised-data cache entry %s cannot be read (%s: %s); tokenising the data again",
+                        where, type(exc).__name__, str(exc)[:200])
+        return None
+    return train, evalset, meta
+
+
 def _save_atomically(where: Path, train: Any, evalset: Any, meta: dict) -> None:
+    """Write the entry beside `where`, then rename it into place; an unreadable or incomplete entry there
+    (no meta.json) is replaced. Failing to write only costs the next run a tokenisation: warn, go on."""
+    import shutil
+
     tmp = where.with_name(where.name + f".tmp{os.getpid()}")
     try:
         train.save_to_disk(str(tmp / "train"))
         if evalset is not None:
             evalset.save_to_disk(str(tmp / "eval"))
         (tmp / "meta.json").write_text(json.dumps(meta))
-        tmp.parent.mkdir(parents=True, exist_ok=True)
+        if where.exists():
+            old = where.with_name(where.name + f".old{os.getpid()}")
+            os.replace(where, old)  # out of the way first: a rename onto a non-empty directory fails
+            shutil.rmtree(old, ignore_errors=True)
         os.replace(tmp, where)
-    except OSError:
-        pass  # a cache is an optimisation: failing to write it must not fail the run
+    except OSError as exc:
+        if not (where / "meta.json").is_file():  # (else another run wrote the same entry meanwhile)
+            log.warning("could not write the tokenised-data cache to %s (%s); the next run tokenises again "
+                        "(set SCALETUNE_CACHE to a writable directory, or data.cache: false)", where, exc)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 __all__ = ["WHERE", "build_datasets", "build_eval_only", "read_records", "split_eval", "fingerprint"]

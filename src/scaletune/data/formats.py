@@ -53,6 +53,9 @@ def _text(rec: dict, key: str, *, optional: bool = False, target: bool = False) 
     value = rec.get(key)
     if value is None and optional:
         return ""
+    if key not in rec:
+        raise DataError(f"{rec.get(WHERE, '?')}: field {key!r} is missing (the record has: "
+                        f"{', '.join(repr(k) for k in rec if k != WHERE) or 'no fields'})")
     if not isinstance(value, str):
         raise DataError(f"{rec.get(WHERE, '?')}: field {key!r} must be a string, got {type(value).__name__}")
     if target and not value.strip():

@@ -170,6 +170,9 @@ def collect_labels(records: list[dict], column: str, *, is_list: bool) -> list[s
     for rec in records:
         values = rec.get(column)
         where = rec.get(WHERE, "?")
+        if column not in rec:
+            raise DataError(f"{where}: the label column {column!r} is missing (the record has: "
+                            f"{', '.join(repr(k) for k in rec if k != WHERE) or 'no fields'})")
         for v in (values if is_list else [values]):
             if not isinstance(v, (str, int)):  # (a bool is an int: JSON true/false are labels "true"/"false")
                 raise DataError(f"{where}: label {v!r} must be a string or an integer")
