@@ -809,3 +809,12 @@ def test_hub_warnings_are_printed_once(tmp_path):
             "hub.get_logger('huggingface_hub.utils._http').warning('retrying in 1s')\n")
     err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stderr
     assert err.count("retrying in 1s") == 1, err
+
+
+def test_launch_args_prints_the_deepspeed_flags_or_says_why_there_are_none(capsys, make_config):
+    """launch-args printed one empty line for a DDP config, with nothing to say why."""
+    path = make_config("causal_lm")
+    code, out, err = run_cli(["launch-args", path], capsys)
+    assert code == 0 and out == "\n" and "no DeepSpeed flags: distributed.zero_stage is 0" in err
+    code, out, err = run_cli(["launch-args", path, "distributed.zero_stage=3"], capsys)
+    assert code == 0 and "--use_deepspeed" in out and "--zero_stage 3" in out and err == "", (out, err)

@@ -875,3 +875,12 @@ def test_a_missing_field_is_called_missing_not_null(tmp_path, tiny_llama, tiny_b
     cfg = _cfg(tmp_path, tiny_bert, task="seq_cls", data=cls)
     with pytest.raises(DataError, match=r"c.jsonl:2: the label column 'label' is missing \(the record has: 'text'\)"):
         build_datasets(cfg, get_task("seq_cls"), load_tokenizer(cfg))
+
+
+def test_a_file_with_bad_lines_is_named_by_the_setting_that_gave_it(tmp_path):
+    """`eval --data broken.jsonl` said "broken.jsonl has unreadable lines", not which flag named the file."""
+    bad = tmp_path / "broken.jsonl"
+    bad.write_text('{"text": "a", "label": "x"}\nnot json\n{"text": \n')
+    with pytest.raises(DataError) as err:
+        read_records(str(bad), key="--data")
+    assert str(err.value).startswith(f"error: --data: {bad} has unreadable lines:\n  - {bad}:2: ")

@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-config-change", action="store_true", help="passed to `scaletune train`")
     p.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
 
-    p = sub.add_parser("launch-args", help="print the accelerate launch flags this config needs (for scripts)")
+    p = sub.add_parser("launch-args", help="print the DeepSpeed flags `accelerate launch` needs for this config "
+                                           "(none without ZeRO; `launch --dry-run` prints a whole command)")
     _add_config(p)
 
     p = sub.add_parser("slurm", help="submit this config with the Slurm templates")
@@ -219,7 +220,11 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "launch-args":
         from . import launch
 
-        print(" ".join(launch.deepspeed_flags(cfg)))
+        flags = launch.deepspeed_flags(cfg)
+        print(" ".join(flags))
+        if not flags:  # (stdout stays empty for a script's $(...); a person is told why)
+            print("scaletune launch-args: no DeepSpeed flags: distributed.zero_stage is 0 (DDP); "
+                  "`scaletune launch CONFIG --nproc N --dry-run` prints a whole launch command", file=sys.stderr)
         return 0
     if args.command == "slurm":
         from .launch import preflight

@@ -273,22 +273,27 @@ def read_records(spec: str, *, key: str = "data.train", conll: bool = False) -> 
         if path.is_dir():
             raise DataError(f"{key}: {path} is a directory, expected a data file")
         suffix = path.suffix.lower()
-        if conll:  # data.format: conll names the layout, whatever the file is called (ner.tsv)
-            records = read_conll(path)
-        elif suffix == ".jsonl":
-            records = _read_jsonl(path)
-        elif suffix == ".json":
-            records = _read_json(path)
-        elif suffix in (".csv", ".tsv"):
-            records = _read_delimited(path, "\t" if suffix == ".tsv" else ",")
-        elif suffix == ".parquet":
-            records = _read_parquet(path)
-        elif suffix in _CONLL_SUFFIXES:
-            records = read_conll(path)
-        else:
-            raise DataError(
-                f"{key}: {path}: unknown file type {suffix!r} (jsonl, json, csv, tsv, parquet, conll/txt)"
-            )
+        try:
+            if conll:  # data.format: conll names the layout, whatever the file is called (ner.tsv)
+                records = read_conll(path)
+            elif suffix == ".jsonl":
+                records = _read_jsonl(path)
+            elif suffix == ".json":
+                records = _read_json(path)
+            elif suffix in (".csv", ".tsv"):
+                records = _read_delimited(path, "\t" if suffix == ".tsv" else ",")
+            elif suffix == ".parquet":
+                records = _read_parquet(path)
+            elif suffix in _CONLL_SUFFIXES:
+                records = read_conll(path)
+            else:
+                raise DataError(
+                    f"{key}: {path}: unknown file type {suffix!r} (jsonl, json, csv, tsv, parquet, conll/txt)"
+                )
+        except DataError as exc:  # a list of bad lines: say which setting (or flag) named the file, too
+            if exc.title and not exc.title.startswith(key):
+                raise DataError(exc.problems, title=f"{key}: {exc.title}", hint=exc.hint) from None
+            raise
     if not records:
         raise DataError(f"{key}: {spec} contains no examples")
     return records
