@@ -884,3 +884,18 @@ def test_a_file_with_bad_lines_is_named_by_the_setting_that_gave_it(tmp_path):
     with pytest.raises(DataError) as err:
         read_records(str(bad), key="--data")
     assert str(err.value).startswith(f"error: --data: {bad} has unreadable lines:\n  - {bad}:2: ")
+
+
+def test_the_held_out_split_alone_says_nothing_of_the_training_split(tmp_path, tiny_bert, caplog):
+    """`scaletune eval` with data.eval_fraction builds both splits to find the held-out one; it told the user
+    to raise max_length "to train on" the training split's cut examples."""
+    records = [{"text": " ".join(["word"] * 40), "label": ["neg", "pos"][i % 2]} for i in range(20)]
+    cfg = _cfg(tmp_path, tiny_bert, task="seq_cls", data=write_jsonl(tmp_path / "c.jsonl", records), max_length=16,
+               eval_fraction=0.25)
+    with caplog.at_level("WARNING", logger="scaletune"):
+        built = build_datasets(cfg, get_task("seq_cls"), load_tokenizer(cfg), for_eval=True)
+    assert len(built["eval"]) == 5 and "data.train" not in caplog.text and "data.eval" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="scaletune"):
+        build_datasets(cfg, get_task("seq_cls"), load_tokenizer(cfg))  # training: both are said
+    assert "data.train: 15 of 15 example(s) are longer than data.max_length=16" in caplog.text

@@ -99,7 +99,7 @@ def run_eval(cfg: RunConfig, adapter: str | None, data: str | None) -> dict:
         # problems are named by where the path came from: --data, or the config's data.eval
         evalset = build_eval_only(cfg, task, tokenizer, "--data" if data else "data.eval")
     else:  # data.eval_fraction: the part of the training file that training held out
-        evalset = build_datasets(cfg, task, tokenizer, None)["eval"]
+        evalset = build_datasets(cfg, task, tokenizer, None, for_eval=True)["eval"]
     return evaluate(acc, model, task, evalset, labels, cfg.train.micro_batch_size, tokenizer.pad_token_id)
 
 

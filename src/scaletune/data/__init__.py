@@ -102,8 +102,10 @@ def split_eval(records: list[dict], fraction: float, seed: int) -> tuple[list[di
     return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
 
 
-def build_datasets(cfg: Any, task: Any, tokenizer: Any, accelerator: Any = None) -> dict:
-    """Return {'train': Dataset, 'eval': Dataset | None, 'labels': [...] | None, 'stats': {...}}."""
+def build_datasets(cfg: Any, task: Any, tokenizer: Any, accelerator: Any = None, *, for_eval: bool = False) -> dict:
+    """Return {'train': Dataset, 'eval': Dataset | None, 'labels': [...] | None, 'stats': {...}}. `for_eval`:
+    only the held-out split is wanted (`scaletune eval` with data.eval_fraction): no notes on the training
+    split, which is not trained on here, and no packing."""
     import datasets
 
     conll = cfg.data.format == "conll"
@@ -158,9 +160,10 @@ def build_datasets(cfg: Any, task: Any, tokenizer: Any, accelerator: Any = None)
                 _save_atomically(where, train, evalset, meta)
     if accelerator is None or accelerator.is_main_process:
         for note in meta.get("ignored_fields") or []:  # kept in the cache's meta: a cached build warns too
-            log.warning(note)
+            if not (for_eval and note.startswith("data.train")):
+                log.warning(note)
     for split, n in (meta.get("dropped") or {}).items():
-        if n and (accelerator is None or accelerator.is_main_process):
+        if n and (accelerator is None or accelerator.is_main_process) and not (for_eval and split == "train"):
             # silently training on fewer examples (and evaluating on a max_length-dependent subset)
             # would surprise anyone comparing runs
             log.warning("data.%s: %d example(s) skipped: no target tokens within data.max_length=%d",
@@ -169,19 +172,19 @@ def build_datasets(cfg: Any, task: Any, tokenizer: Any, accelerator: Any = None)
     eval_note = task.eval_warning(evalset, labels, cfg) if evalset is not None and main else None
     sizes = {"train": len(train), "eval": len(evalset) if evalset is not None else 0}
     for split, n in (meta.get("truncated") or {}).items():
-        if n and main and not (split == "eval" and eval_note):
+        if n and main and not (split == "eval" and eval_note) and not (for_eval and split == "train"):
             # the cut part is not trained on (causal_lm: the end of the answer; cls: the end of the text)
             log.warning("data.%s: %d of %d example(s) are longer than data.max_length=%d tokens and were cut; "
                         "raise it to train on (or score) their ends", split, n, sizes[split], cfg.data.max_length)
     if eval_note:
         log.warning(eval_note)
     n = (meta.get("unstopped") or {}).get("train")
-    if n and main:
+    if n and main and not for_eval:
         log.warning("data.train: %d of %d example(s) hold an answer that ends in no end-of-sequence (or other special) "
                     "token: the tokenizer's chat template closes no assistant turn, or the tokenizer has no "
                     "eos_token; a model trained on them does not learn to stop (use a template that ends assistant "
                     "turns with the eos token)", n, sizes["train"])
-    if cfg.data.packing:
+    if cfg.data.packing and not for_eval:
         from .packing import pack_dataset
 
         n_examples = len(train)
