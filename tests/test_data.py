@@ -899,3 +899,25 @@ def test_the_held_out_split_alone_says_nothing_of_the_training_split(tmp_path, t
     with caplog.at_level("WARNING", logger="scaletune"):
         build_datasets(cfg, get_task("seq_cls"), load_tokenizer(cfg))  # training: both are said
     assert "data.train: 15 of 15 example(s) are longer than data.max_length=16" in caplog.text
+
+
+def test_records_of_a_json_array_are_named_by_line(tmp_path, tiny_llama):
+    """Errors in a pretty-printed JSON array named the item's index (`alp.json[77776]` of a 500k-line file);
+    the README promises file:line. A one-line array keeps the index (every item is on line 1)."""
+    from scaletune.data.readers import WHERE
+
+    records = [{"instruction": f"Task {i}", "output": "ok"} for i in range(4)]
+    pretty = tmp_path / "pretty.json"
+    pretty.write_text(json.dumps(records, indent=2))  # "[", then 4 lines per item: item i starts on 2 + 4 i
+    assert [r[WHERE] for r in read_records(str(pretty))] == [f"{pretty}:{2 + 4 * i}" for i in range(4)]
+    flat = tmp_path / "flat.json"
+    flat.write_text(json.dumps(records))
+    assert [r[WHERE] for r in read_records(str(flat))] == [f"{flat}[{i}]" for i in range(4)]
+    records[2]["output"] = 7
+    pretty.write_text(json.dumps(records, indent=2))
+    cfg = _cfg(tmp_path, tiny_llama, data=pretty)
+    with pytest.raises(DataError, match=r"pretty.json:10: field 'output' must be a string, got int"):
+        build_datasets(cfg, get_task("causal_lm"), load_tokenizer(cfg))
+    pretty.write_text(pretty.read_text().replace('"Task 3"', '"Task 3" oops'))
+    with pytest.raises(DataError, match=r"pretty.json:15: invalid JSON"):
+        read_records(str(pretty))

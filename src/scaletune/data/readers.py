@@ -109,9 +109,45 @@ def _read_jsonl(path: Path) -> list[dict]:
     return records
 
 
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _json_array_lines(text: str) -> tuple[list, list[int]] | None:
+    """A top-level JSON array parsed item by item, with the line each item starts on (a record's problems
+    then name file:line, as in JSON lines, not an index into a 500k-line file). None when the text is not
+    one array alone (the caller parses it whole and says what is wrong)."""
+    decoder = json.JSONDecoder()
+    pos = _JSON_SPACE.match(text).end()
+    if text[pos:pos + 1] != "[":
+        return None
+    items, lines = [], []
+    line, counted = 1, 0
+    pos = _JSON_SPACE.match(text, pos + 1).end()
+    if text[pos:pos + 1] == "]":
+        pos += 1
+    else:
+        while True:
+            line += text.count("\n", counted, pos)
+            counted = pos
+            item, pos = decoder.raw_decode(text, pos)  # (a JSONDecodeError here names the line itself)
+            items.append(item)
+            lines.append(line)
+            pos = _JSON_SPACE.match(text, pos).end()
+            sep = text[pos:pos + 1]
+            pos = _JSON_SPACE.match(text, pos + 1).end()
+            if sep == "]":
+                break
+            if sep != ",":
+                return None
+    return (items, lines) if pos >= len(text) else None
+
+
 def _read_json(path: Path) -> list[dict]:
     text = _read_text(path)
     try:
+        parsed = _json_array_lines(text)
+        if parsed is not None:
+            return _json_records(path, text, *parsed)
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
         # A .json file that is really JSON lines is common; accept it.
@@ -135,17 +171,25 @@ def _read_json(path: Path) -> list[dict]:
                             "columns of equal length; for a single record write [{...}]")
     if not isinstance(obj, list):
         raise DataError(f"{path}: expected a list of objects, got {type(obj).__name__}")
+    return _json_records(path, text, obj, None)
+
+
+def _json_records(path: Path, text: str, items: list, lines: list[int] | None) -> list[dict]:
+    """Records of a JSON file's list, each named file:line (`lines`: where each item starts, when every item
+    starts on a line of its own) or file[index]."""
     records, problems = [], []
     check = _SURROGATE_ESCAPE.search(text) is not None  # the walk is needed only if such an escape occurs
-    for i, item in enumerate(obj):
+    by_line = lines is not None and len(set(lines)) == len(lines)  # (a one-line array: its index says more)
+    for i, item in enumerate(items):
+        where = f"{path}:{lines[i]}" if by_line else f"{path}[{i}]"
         if not isinstance(item, dict):
-            raise DataError(f"{path}: item {i} is {type(item).__name__}, expected an object")
-        if check and (problem := surrogate_problem(item, f"{path}[{i}]")):
+            raise DataError(f"{where if by_line else path}: item {i} is {type(item).__name__}, expected an object")
+        if check and (problem := surrogate_problem(item, where)):
             problems.append(problem)
             if len(problems) >= MAX_ERRORS:
                 problems.append("... (stopping after 10 problems)")
                 break
-        item[WHERE] = f"{path}[{i}]"
+        item[WHERE] = where
         records.append(item)
     if problems:
         raise DataError(problems, title=f"{path} has unreadable items")
