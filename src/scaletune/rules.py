@@ -178,16 +178,12 @@ def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_c
     return p
 
 
-# the package each tracker needs (tensorboard is a dependency of scaletune itself)
-TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
-
-
 def tracker_problems(cfg: RunConfig) -> list[str]:
     """train.report_to trackers whose package is not installed here. accelerate only warns about one
     (or, for wandb, says nothing) and the run logs to no tracker at all: refuse it before training."""
     import importlib.util
 
-    missing = [t for t in cfg.train.report_to or []
-               if t in TRACKER_PACKAGES and importlib.util.find_spec(TRACKER_PACKAGES[t]) is None]
+    # each is the name of its package (and of scaletune's extra); tensorboard is a dependency of scaletune
+    missing = [t for t in cfg.train.report_to or [] if t in ("wandb", "mlflow") and importlib.util.find_spec(t) is None]
     return [f"train.report_to: {t} is not installed in this environment (pip install 'scaletune[{t}]', "
             f"or drop it from report_to)" for t in missing]

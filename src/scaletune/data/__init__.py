@@ -158,12 +158,11 @@ def build_datasets(cfg: Any, task: Any, tokenizer: Any, accelerator: Any = None,
                     "ignored_fields": [note for note in ignored if note], **task.cache_meta()}
             if cfg.data.cache and (accelerator is None or accelerator.is_main_process):
                 _save_atomically(where, train, evalset, meta)
-    if accelerator is None or accelerator.is_main_process:
-        for note in meta.get("ignored_fields") or []:  # kept in the cache's meta: a cached build warns too
-            if not (for_eval and note.startswith("data.train")):
-                log.warning(note)
+    for note in (meta.get("ignored_fields") or []) if main else []:  # (in the cache's meta: a cached build warns)
+        if not (for_eval and note.startswith("data.train")):
+            log.warning(note)
     for split, n in (meta.get("dropped") or {}).items():
-        if n and (accelerator is None or accelerator.is_main_process) and not (for_eval and split == "train"):
+        if n and main and not (for_eval and split == "train"):
             # silently training on fewer examples (and evaluating on a max_length-dependent subset)
             # would surprise anyone comparing runs
             log.warning("data.%s: %d example(s) skipped: no target tokens within data.max_length=%d",
