@@ -422,3 +422,12 @@ def test_tracker_that_is_not_installed_is_refused_before_training(monkeypatch):
         "from report_to)" for t in ("wandb", "mlflow")]
     from_dict(raw)  # eval / predict / merge log to no tracker: they do not ask
     from_dict({**BASE, "train": {"report_to": ["tensorboard"]}}, check_peft=True)
+
+
+def test_a_problem_of_one_override_is_not_blamed_on_its_neighbours(tmp_path):
+    """'+peft: unknown key' was said to come from every peft override on the line (the key matched 'peft')."""
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(BASE))
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["peft.lora_alpha=8", "peft.lora_dropout=0.5", "+peft.modules_to_save=[foo]"])
+    assert err.value.problems == ["+peft: unknown key (did you mean 'peft'?) (from override +peft.modules_to_save=[foo])"]

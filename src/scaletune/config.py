@@ -394,7 +394,8 @@ def _names(problem: str, key: str, *, inside: bool = True, leaf: bool = False) -
     names = [(key, r"(?!\w)" if inside else r"(?![\w.])")]
     if leaf:
         names.append((key.rpartition(".")[2], r"(?![\w.])"))
-    return any(re.search(rf"(?<![\w.]){re.escape(k)}{end}", problem) for k, end in names)
+    # (not after "+": a problem about the unknown key '+peft' is not about 'peft')
+    return any(re.search(rf"(?<![\w.+]){re.escape(k)}{end}", problem) for k, end in names)
 
 
 def _from_override(problem: str, overrides: dict[str, str]) -> str:
