@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import DataError
-from .readers import WHERE
+from .readers import WHERE, fields_of
 
 # (text, trainable): True a target, False context, None an answer the data marks as not to be learnt
 # (a `weight: 0` turn), which stays untrained even with data.train_on_prompt.
@@ -54,8 +54,7 @@ def _text(rec: dict, key: str, *, optional: bool = False, target: bool = False) 
     if value is None and optional:
         return ""
     if key not in rec:
-        raise DataError(f"{rec.get(WHERE, '?')}: field {key!r} is missing (the record has: "
-                        f"{', '.join(repr(k) for k in rec if k != WHERE) or 'no fields'})")
+        raise DataError(f"{rec.get(WHERE, '?')}: field {key!r} is missing (the record has: {fields_of(rec)})")
     if not isinstance(value, str):
         raise DataError(f"{rec.get(WHERE, '?')}: field {key!r} must be a string, got {type(value).__name__}")
     if target and not value.strip():

@@ -59,6 +59,11 @@ def _bad_text(value: str) -> str | None:
     return None
 
 
+def fields_of(record: dict) -> str:
+    """The record's own field names, for a message about one it lacks: "'instruction', 'input'"."""
+    return ", ".join(repr(k) for k in record if k != WHERE) or "no fields"
+
+
 def surrogate_problem(record: dict, where: str) -> str | None:
     """Say which field of `record` (nested lists/dicts too, names included) holds a lone surrogate.
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..data.readers import WHERE
+from ..data.readers import WHERE, fields_of
 from ..errors import DataError
 
 IGNORE = -100
@@ -171,8 +171,7 @@ def collect_labels(records: list[dict], column: str, *, is_list: bool) -> list[s
         values = rec.get(column)
         where = rec.get(WHERE, "?")
         if column not in rec:
-            raise DataError(f"{where}: the label column {column!r} is missing (the record has: "
-                            f"{', '.join(repr(k) for k in rec if k != WHERE) or 'no fields'})")
+            raise DataError(f"{where}: the label column {column!r} is missing (the record has: {fields_of(rec)})")
         for v in (values if is_list else [values]):
             if not isinstance(v, (str, int)):  # (a bool is an int: JSON true/false are labels "true"/"false")
                 raise DataError(f"{where}: label {v!r} must be a string or an integer")
