@@ -3,6 +3,7 @@ checkpointed steps) behave exactly like steps checked on the host every step."""
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -40,13 +41,16 @@ def test_device_skip_equals_host_check(make_config, monkeypatch, tmp_path):
     as checking every step on the host; both skipped steps counted and logged under their own numbers."""
     path = make_config("causal_lm", n=48, train={"max_steps": 6, "log_every": 6, "on_nonfinite": "skip",
                                                  "max_nonfinite_skips": 3})
-    results = {}
+    results, losses = {}, {}
     for host in (False, True):
         run, weights, on_device = _train(path, monkeypatch, "nan@2,nan@4", host)
         assert on_device is not host
         assert run.counters["nonfinite_skips"] == 2
         assert [r["step"] for r in read_metrics(tmp_path / "run", "nonfinite")] == [2, 4]
+        (logged,) = read_metrics(tmp_path / "run", "train")
+        losses[host] = logged["loss"]  # the mean of steps 1, 3, 5 and 6: the skipped ones are not in it
         results[host] = weights
+    assert math.isfinite(losses[False]) and losses[False] == losses[True]
     _, clean, _ = _train(path, monkeypatch, "", host=False)
     for name, w in results[False].items():
         assert torch.equal(w, results[True][name]), name

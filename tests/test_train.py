@@ -68,14 +68,16 @@ def test_data_has_variable_lengths_so_mean_of_means_would_differ(make_config, tm
 
 
 def test_resume_continues_exactly(make_config, tmp_path):
-    """8 uninterrupted steps == 4 steps, stop (signal path), resume auto, 4 more steps."""
+    """8 uninterrupted steps == 4 steps, stop (signal path), resume auto, 4 more steps. The split run logs
+    every 3 steps: each logged loss is the mean of the steps since the last log, the resume at 4 included."""
     common = {"global_batch_size": 8, "micro_batch_size": 4, "max_steps": 8, "save_every": 3,
               "lr_scheduler": "cosine", "warmup_steps": 2}
     full = make_config("causal_lm", train=common, output_dir=str(tmp_path / "full"),
                        peft={"lora_dropout": 0.1})
     run, _ = setup(load_config(full))
     assert fit(run, StopFlag()) == "done"
-    split = make_config("causal_lm", train=common, output_dir=str(tmp_path / "split"), peft={"lora_dropout": 0.1})
+    split = make_config("causal_lm", train={**common, "log_every": 3}, output_dir=str(tmp_path / "split"),
+                        peft={"lora_dropout": 0.1})
     run, _ = setup(load_config(split))
     assert fit(run, StopAt(run, 4)) == "preempted"
     assert (tmp_path / "split/checkpoints/latest").read_text().strip() == "step-4"
@@ -84,9 +86,11 @@ def test_resume_continues_exactly(make_config, tmp_path):
     assert fit(run, StopFlag()) == "done"
     a = read_metrics(tmp_path / "full")
     b = read_metrics(tmp_path / "split")
-    assert [r["step"] for r in b] == list(range(1, 9))
-    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-6)
-    assert [r["lr"] for r in a] == [r["lr"] for r in b]
+    assert [r["step"] for r in a] == list(range(1, 9)) and [r["step"] for r in b] == [3, 6, 8]
+    step_loss = [r["loss"] for r in a]
+    means = [sum(step_loss[i:j]) / (j - i) for i, j in ((0, 3), (3, 6), (6, 8))]
+    assert [r["loss"] for r in b] == pytest.approx(means, rel=1e-6)
+    assert [a[s - 1]["lr"] for s in (3, 6, 8)] == [r["lr"] for r in b]
     from safetensors.torch import load_file
 
     wa = load_file(str(tmp_path / "full/adapter/adapter_model.safetensors"))

@@ -149,7 +149,7 @@ class TrainConfig:
     seed: int = _f(42, "Seed for data order, initialisation and dropout.")
     eval_every: int | None = _f(200, "Evaluate every N optimizer steps (and at the end); null: end only.")
     save_every: int | None = _f(200, "Write a resumable checkpoint every N optimizer steps.")
-    log_every: int = _f(10, "Log metrics every N optimizer steps.")
+    log_every: int = _f(10, "Log metrics every N optimizer steps (the loss: their mean).")
     save_total_limit: int | None = _f(3, "Keep only the newest N checkpoints; null keeps all.")
     on_nonfinite: Literal["stop", "skip"] = _f("stop", "Non-finite loss/grad norm: stop, or skip the update.")
     max_nonfinite_skips: int = _f(10, "With on_nonfinite=skip: stop after this many skipped updates.")

@@ -87,11 +87,11 @@ def fit(run: Run, stop: StopFlag) -> str:
         logging = run.step % t.log_every == 0 or run.step == run.total_steps
         saving = bool(t.save_every) and run.step % t.save_every == 0
         # The host looks at loss and gradient norm only here (a GPU sync); raises if the run must stop.
-        grad_norm, step_loss = guard.settle(boundary=logging or saving)
+        grad_norm, _ = guard.settle(boundary=logging or saving)
         speed.add_step(n_global)
         run.counters["tokens_seen"] += n_global  # target tokens trained on, kept across resumes
         if logging:
-            values = {"loss": step_loss, **speed.flush(), "lr": step_lr,
+            values = {"loss": guard.interval_loss(), **speed.flush(), "lr": step_lr,
                       "grad_norm": grad_norm, "epoch": run.step / max(1, len(run.data["train"]) // t.global_batch_size)}
             mlog.log("train", run.step, values)
             mlog.progress(run.step, {"loss": values["loss"], "lr": values["lr"],

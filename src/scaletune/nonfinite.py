@@ -68,6 +68,10 @@ class NonfiniteGuard:
         self.pending.clear()
         for step, (norm, loss) in zip(steps, values):
             if math.isfinite(norm) and math.isfinite(loss):
+                # the logged loss is the mean since the last log; kept in the counters (a checkpoint's
+                # state) so a run resumed mid-interval logs what the uninterrupted run would have
+                self.counters["interval_loss_sum"] = self.counters.get("interval_loss_sum", 0.0) + loss
+                self.counters["interval_steps"] = self.counters.get("interval_steps", 0) + 1
                 continue
             self.counters["nonfinite_skips"] += 1
             self.mlog.log("nonfinite", step, {"loss": loss, "grad_norm": norm})
@@ -81,3 +85,11 @@ class NonfiniteGuard:
                          "train.on_nonfinite: skip")
         self.last = (values[-1][0], values[-1][1])
         return self.last
+
+    def interval_loss(self) -> float:
+        """Mean loss of the finite steps settled since the last call (nan if none); starts a new interval.
+        A single step's loss swings with its examples (the demo's run between 0.3 and 4.7), so a log line
+        every N steps shows the mean of those N, as HF Trainer's does."""
+        n = self.counters.pop("interval_steps", 0)
+        total = self.counters.pop("interval_loss_sum", 0.0)
+        return total / n if n else math.nan
