@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from scaletune.config import from_dict
-from scaletune.data import build_datasets
+from scaletune.data import _workers, build_datasets
 from scaletune.data.readers import read_records
 from scaletune.errors import DataError
 from scaletune.model import load_tokenizer
 from scaletune.tasks import IGNORE, get_task
 
-from stutil import write_jsonl
+from stutil import alpaca_records, cls_records, ner_records, write_jsonl
 
 
 def test_bad_json_line_named(tmp_path):
@@ -921,3 +921,75 @@ def test_records_of_a_json_array_are_named_by_line(tmp_path, tiny_llama):
     pretty.write_text(pretty.read_text().replace('"Task 3"', '"Task 3" oops'))
     with pytest.raises(DataError, match=r"pretty.json:15: invalid JSON"):
         read_records(str(pretty))
+
+
+def _built_in_pieces(monkeypatch, cfg, task_name, chunk, procs):
+    """build_datasets with pieces of `chunk` records over `procs` processes; also returns the pool sizes used."""
+    import scaletune.data as data_mod
+
+    used, real = [], _workers
+    monkeypatch.setattr(data_mod, "CHUNK", chunk)
+    monkeypatch.setattr(data_mod, "_workers", lambda n: used.append(n) or real(n))
+    cfg.data.num_proc = procs
+    return build_datasets(cfg, get_task(task_name), load_tokenizer(cfg)), used
+
+
+@pytest.mark.parametrize("task_name", ["causal_lm", "seq_cls", "token_cls"])
+def test_tokenising_in_pieces_over_processes_gives_the_same_datasets(tmp_path, tiny_llama, tiny_bert, monkeypatch,
+                                                                     task_name):
+    """Pieces of 7 records over 2 forked processes: the same examples, in the same order, with the same
+    types and counts as one piece in this process. token_cls: a word with no sub-token in one piece only
+    (the other pieces' lists of such words are all empty, so untyped)."""
+    records = {"causal_lm": alpaca_records, "seq_cls": cls_records, "token_cls": ner_records}[task_name](40)
+    if task_name == "token_cls":
+        records[9]["tokens"][1] = "\u200b"
+    data = write_jsonl(tmp_path / "d.jsonl", records)
+    model, cut = (tiny_llama, 130) if task_name == "causal_lm" else (tiny_bert, 8)
+    one, used_one = _built_in_pieces(monkeypatch, _cfg(tmp_path, model, task_name, data, eval=str(data),
+                                                       max_length=cut), task_name, 10**6, 1)
+    pieces, used = _built_in_pieces(monkeypatch, _cfg(tmp_path, model, task_name, data, eval=str(data),
+                                                      max_length=cut), task_name, 7, 2)
+    assert used_one == [1, 1] and used == [2, 2]  # (train, eval)
+    for split in ("train", "eval"):
+        assert pieces[split].features == one[split].features
+        assert pieces[split].to_dict() == one[split].to_dict()
+    assert pieces["stats"] == one["stats"] and pieces["stats"]["truncated"]["train"] > 0  # (max_length cut some)
+    if task_name == "token_cls":
+        assert sum(map(len, one["eval"]["blank_at"])) == 1
+
+
+def test_a_bad_record_met_by_a_worker_is_named_as_in_one_process(tmp_path, tiny_llama, monkeypatch):
+    records = alpaca_records(30)
+    records[20]["output"] = ["not", "a", "string"]
+    data = write_jsonl(tmp_path / "d.jsonl", records)
+    errors = []
+    for chunk, procs in ((10**6, 1), (7, 2)):
+        with pytest.raises(DataError) as caught:
+            _built_in_pieces(monkeypatch, _cfg(tmp_path, tiny_llama, data=data), "causal_lm", chunk, procs)
+        errors.append(caught.value)
+    assert "d.jsonl:21" in str(errors[0])
+    assert str(errors[1]) == str(errors[0]) and errors[1].problems == errors[0].problems
+
+
+def test_a_tokenising_process_that_dies_fails_the_run_with_a_message(tmp_path, tiny_llama, monkeypatch):
+    """A worker killed mid-way (the out-of-memory killer's SIGKILL) ends the build with a UserError naming
+    data.num_proc, rather than leaving the main process waiting for its piece forever."""
+    import os
+    import signal
+
+    from scaletune.errors import UserError
+
+    data = write_jsonl(tmp_path / "d.jsonl", alpaca_records(30))
+    task = get_task("causal_lm")
+    encode = task.encode
+
+    def dies_at_line_20(rec, *args):
+        if rec["__where__"].endswith(":20"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return encode(rec, *args)
+
+    monkeypatch.setattr(task, "encode", dies_at_line_20)
+    monkeypatch.setattr("scaletune.data.CHUNK", 7)
+    cfg = _cfg(tmp_path, tiny_llama, data=data, num_proc=2)
+    with pytest.raises(UserError, match=r"a process tokenising the data died .* set data.num_proc to fewer than 2"):
+        build_datasets(cfg, task, load_tokenizer(cfg))

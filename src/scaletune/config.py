@@ -122,6 +122,9 @@ class DataConfig:
                                "set of at most 50 global batches then gets the same batches every epoch, in a "
                                "new order; false: random batches).")
     num_workers: int = _f(0, "DataLoader worker processes.")
+    num_proc: int | None = _f(None, "Processes that tokenise the data (once: the result is cached), each a "
+                              "chunk of 2000 records at a time; default: the CPUs this process may use, at most "
+                              "8. A file of at most 2000 records is tokenised in this process.")
     cache: bool = _f(True, "Cache tokenised data (datasets arrow cache) across runs and ranks.")
 
 

@@ -22,6 +22,11 @@ class UserError(Exception):
         self.hint = hint
         super().__init__(self.render())
 
+    def __reduce__(self) -> tuple:
+        # Pickled (a tokenising worker's error goes to the main process) with its parts, not the rendered
+        # text that Exception keeps as args: that would come back as a problem reading "error: error: ...".
+        return _rebuild, (type(self), self.problems, self.title, self.hint, self.__dict__)
+
     def render(self) -> str:
         if len(self.problems) == 1 and not self.title:
             text = f"error: {self.problems[0]}"
@@ -39,3 +44,9 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """Problems with a data file."""
+
+
+def _rebuild(cls: type, problems: list[str], title: str | None, hint: str | None, state: dict) -> UserError:
+    err = cls(problems, title=title, hint=hint)
+    err.__dict__.update(state)  # (relayed_from and the like)
+    return err

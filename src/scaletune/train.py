@@ -30,7 +30,7 @@ log = logging.getLogger("scaletune")
 # examples into the eval set.)
 _RESUME_FREE_KEYS = {"train": {"max_steps", "epochs", "eval_every", "save_every", "log_every", "save_total_limit",
                                "report_to", "max_nonfinite_skips", "release_cpu_memory"},
-                     "data": {"num_workers", "cache", "eval"}, "distributed": {"zero_stage",
+                     "data": {"num_workers", "num_proc", "cache", "eval"}, "distributed": {"zero_stage",
                                "offload", "backend"}, "output_dir": True}
 
 

@@ -1,7 +1,7 @@
 """From the `data:` section to tokenised train/eval sets, cached across runs and ranks.
 
-Records are read and validated in Python (so errors name file:line), encoded by the task, and the
-result is stored as an Arrow dataset under a fingerprint of (data files, tokenizer, task, data
+Records are read and validated in Python (so errors name file:line), encoded by the task (in pieces,
+over forked processes for a large file), and the result is stored as an Arrow dataset under a fingerprint of (data files, tokenizer, task, data
 config). The main process builds the cache first; other ranks and later runs load it.
 """
 
@@ -12,13 +12,14 @@ import json
 import logging
 import os
 import random
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from ..distributed import main_process_first
-from ..errors import DataError
+from ..errors import DataError, UserError
 from ..fileutil import sha256_file
 from .readers import WHERE, read_records
 
@@ -64,7 +65,7 @@ def _tokenizer_digest(tokenizer: Any) -> str:
 
 def fingerprint(cfg: Any, tokenizer: Any) -> str:
     d = asdict(cfg.data)
-    for key in ("num_workers", "cache", "group_by_length"):
+    for key in ("num_workers", "num_proc", "cache", "group_by_length"):
         d.pop(key)
     split_seed = str(cfg.train.seed) if cfg.data.eval_fraction and not cfg.data.eval else "-"  # (only it uses it)
     parts = [CACHE_VERSION, cfg.task, json.dumps(d, sort_keys=True), _file_digest(cfg.data.train),
@@ -72,12 +73,22 @@ def fingerprint(cfg: Any, tokenizer: Any) -> str:
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:24]
 
 
-def _encode_all(records: list[dict], task: Any, tokenizer: Any, cfg: Any, label2id: dict | None) -> dict:
+# Records per piece of work. Each piece's ids go from Python lists (about 36 bytes a token) into Arrow
+# (4-8) before the next piece is encoded, so memory holds the records and the Arrow data, not the whole
+# set's lists (which took 10x the file's size); with data.num_proc > 1 the pieces are the workers' tasks.
+CHUNK = 2000
+
+_WORK: tuple | None = None  # (records, task, tokenizer, cfg, label2id) while _encode_all runs: forked workers read it
+
+
+def _encode_span(span: tuple[int, int]) -> dict:
+    """Encode records[start:end] of `_WORK` into columns plus the counts `dropped`, `truncated`, `unstopped`."""
     from ..tasks.base import TRUNCATED, UNSTOPPED  # (tasks import data's readers)
 
+    records, task, tokenizer, cfg, label2id = _WORK
     columns: dict[str, list] = {"input_ids": [], "labels": [], "length": []}
     dropped = truncated = unstopped = 0
-    for rec in records:
+    for rec in records[span[0]:span[1]]:
         ex = task.encode(rec, tokenizer, cfg, label2id)
         if ex is None:
             dropped += 1
@@ -89,6 +100,99 @@ def _encode_all(records: list[dict], task: Any, tokenizer: Any, cfg: Any, label2
             columns.setdefault(key, []).append(value)
     columns["dropped"], columns["truncated"], columns["unstopped"] = dropped, truncated, unstopped
     return columns
+
+
+def tokenize_processes(cfg: Any) -> int:
+    """data.num_proc, or the CPUs this process may use (a Slurm allocation's, not the node's), at most 8."""
+    if cfg.data.num_proc:
+        return cfg.data.num_proc
+    return min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def _quiet_worker() -> None:
+    # The main process decides on Ctrl-C and on the stop signals (a SIGTERM before the first step still
+    # ends in a checkpoint); Slurm signals every process of the job, and a worker killed by one would
+    # break the pool. The workers end when their work does, or with the pool.
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+@contextmanager
+def _workers(n: int) -> Iterator[Any]:
+    """A pool of `n` forked processes (None for n <= 1): they inherit the records, task and tokenizer, so
+    only spans go out and columns come back. A worker that dies (out of memory, say) fails the pool's
+    map rather than leaving it waiting; on an error here the pending pieces are dropped."""
+    if n <= 1:
+        yield None
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # tokenizers prints a warning in each forked child once its own threads were used, unless told
+    old = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("fork"), initializer=_quiet_worker)
+        pool.submit(int).result()  # start the workers now, while the variable is set
+    finally:
+        if old is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = old
+    try:
+        yield pool
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+
+
+def _encode_all(records: list[dict], task: Any, tokenizer: Any, cfg: Any, label2id: dict | None) -> tuple[Any, dict]:
+    """Encode every record, in order: (a Dataset of the examples kept, or None if none was, and the counts
+    `dropped` / `truncated` / `unstopped`). A bad record's DataError is raised here, from a worker too."""
+    global _WORK
+    from concurrent.futures.process import BrokenProcessPool
+
+    import datasets
+
+    spans = [(i, min(i + CHUNK, len(records))) for i in range(0, len(records), CHUNK)]
+    counts = {"dropped": 0, "truncated": 0, "unstopped": 0}
+    parts = []
+    _WORK = (records, task, tokenizer, cfg, label2id)
+    try:
+        with _workers(min(tokenize_processes(cfg), len(spans))) as pool:
+            for columns in (pool.map(_encode_span, spans) if pool else map(_encode_span, spans)):
+                for key in counts:
+                    counts[key] += columns.pop(key)
+                if columns["input_ids"]:
+                    parts.append(datasets.Dataset.from_dict(columns))
+    except BrokenProcessPool as exc:
+        raise UserError(f"a process tokenising the data died ({exc}); the machine may be out of memory: "
+                        f"set data.num_proc to fewer than {tokenize_processes(cfg)} processes (1: none)") from None
+    finally:
+        _WORK = None
+    if not parts:
+        return None, counts
+    return _joined(parts), counts
+
+
+def _joined(parts: list) -> Any:
+    """One Dataset of the pieces, in order. A column whose lists were all empty in a piece (token_cls'
+    blank_at, often) is untyped (list<null>) there: it gets the type another piece found. (concatenate_datasets
+    joins without copying; a Dataset over pyarrow's concat_tables briefly took 4x the data's size.)"""
+    import datasets
+    import pyarrow as pa
+
+    schemas = [p.data.schema for p in parts]
+
+    def typed(name: str) -> Any:
+        return next((s.field(name) for s in schemas if "null" not in str(s.field(name).type)), schemas[0].field(name))
+
+    features = datasets.Features.from_arrow_schema(pa.schema([typed(name) for name in schemas[0].names]))
+    return datasets.concatenate_datasets(
+        [p if p.features == features else datasets.Dataset(p.data.cast(features.arrow_schema)) for p in parts])
 
 
 def split_eval(records: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -106,8 +210,6 @@ def build_datasets(cfg: Any, task: Any, tokenizer: Any, accelerator: Any = None,
     """Return {'train': Dataset, 'eval': Dataset | None, 'labels': [...] | None, 'stats': {...}}. `for_eval`:
     only the held-out split is wanted (`scaletune eval` with data.eval_fraction): no notes on the training
     split, which is not trained on here, and no packing."""
-    import datasets
-
     conll = cfg.data.format == "conll"
     key = fingerprint(cfg, tokenizer)
     where = cache_root() / key
@@ -138,21 +240,19 @@ def build_datasets(cfg: Any, task: Any, tokenizer: Any, accelerator: Any = None,
             elif cfg.data.eval_fraction:
                 train_records, eval_records = split_eval(train_records, cfg.data.eval_fraction, cfg.train.seed)
             label2id = {name: i for i, name in enumerate(labels)} if labels else None
-            enc_train = _encode_all(train_records, task, tokenizer, cfg, label2id)
-            if not enc_train["input_ids"]:
+            train, counted = _encode_all(train_records, task, tokenizer, cfg, label2id)
+            if train is None:
                 raise DataError(f"data.train: no usable examples in {cfg.data.train} "
-                                f"({enc_train['dropped']} had no target tokens within max_length)")
-            enc_eval = _encode_all(eval_records, task, tokenizer, cfg, label2id) if eval_records else None
-            if cfg.data.eval and enc_eval is not None and not enc_eval["input_ids"]:  # asked for, never run
-                raise DataError(f"data.eval: no usable examples in {cfg.data.eval} ({enc_eval['dropped']} had no "
+                                f"({counted['dropped']} had no target tokens within max_length)")
+            evalset, counted_eval = (_encode_all(eval_records, task, tokenizer, cfg, label2id) if eval_records
+                                     else (None, {"dropped": 0, "truncated": 0, "unstopped": 0}))
+            if cfg.data.eval and evalset is None:  # asked for, never run
+                raise DataError(f"data.eval: no usable examples in {cfg.data.eval} ({counted_eval['dropped']} had no "
                                 f"target tokens within data.max_length={cfg.data.max_length})")
-            dropped = {"train": enc_train.pop("dropped"), "eval": enc_eval.pop("dropped") if enc_eval else 0}
-            truncated = {"train": enc_train.pop("truncated"), "eval": enc_eval.pop("truncated") if enc_eval else 0}
-            unstopped = {"train": enc_train.pop("unstopped"), "eval": enc_eval.pop("unstopped") if enc_eval else 0}
-            for key in task.eval_only_columns:  # scoring's bookkeeping would only slow every training batch
-                enc_train.pop(key, None)
-            train = datasets.Dataset.from_dict(enc_train)
-            evalset = datasets.Dataset.from_dict(enc_eval) if enc_eval and enc_eval["input_ids"] else None
+            dropped, truncated, unstopped = ({"train": counted[key], "eval": counted_eval[key]}
+                                             for key in ("dropped", "truncated", "unstopped"))
+            # scoring's bookkeeping would only slow every training batch
+            train = train.remove_columns([c for c in task.eval_only_columns if c in train.column_names])
             meta = {"labels": labels, "has_eval": evalset is not None, "dropped": dropped, "truncated": truncated,
                     "unstopped": unstopped,
                     "ignored_fields": [note for note in ignored if note], **task.cache_meta()}
@@ -196,20 +296,17 @@ def build_eval_only(cfg: Any, task: Any, tokenizer: Any, key: str) -> Any:
     """`scaletune eval`'s dataset: the file cfg.data.eval alone, read, set up and tokenised once, its problems
     named by `key` (--data, or data.eval when the path came from the config), never data.train. The labels
     are the adapter's (cfg.data.labels); not cached."""
-    import datasets
-
     records = read_records(cfg.data.eval, key=key, conll=cfg.data.format == "conll")
     labels = task.setup(records, cfg, cfg.data.eval)
     ignored = task.ignored_fields(records, key)
     if ignored:
         log.warning(ignored)
-    enc = _encode_all(records, task, tokenizer, cfg, {name: i for i, name in enumerate(labels)} if labels else None)
-    dropped, truncated = enc.pop("dropped"), enc.pop("truncated")
-    enc.pop("unstopped")  # a training-time concern
-    if not enc["input_ids"]:
+    evalset, counted = _encode_all(records, task, tokenizer, cfg,
+                                   {name: i for i, name in enumerate(labels)} if labels else None)
+    dropped, truncated = counted["dropped"], counted["truncated"]  # (unstopped: a training-time concern)
+    if evalset is None:
         raise DataError(f"{key}: no usable examples in {cfg.data.eval} ({dropped} had no target tokens within "
                         f"data.max_length={cfg.data.max_length})")
-    evalset = datasets.Dataset.from_dict(enc)
     if dropped:  # scored on fewer examples than the file holds: say so, as training does
         log.warning("%s: %d example(s) skipped: no target tokens within data.max_length=%d", key, dropped,
                     cfg.data.max_length)
