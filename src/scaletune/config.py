@@ -179,6 +179,9 @@ class DistributedConfig:
     zero_stage: Literal[0, 1, 2, 3] = _f(0, "DeepSpeed ZeRO stage; 0 = plain DDP (or single process).")
     offload: Literal["none", "optimizer", "params", "all"] = _f("none", "ZeRO offload of states to CPU.")
     backend: Literal["nccl", "gloo"] | None = _f(None, "Process-group backend; default nccl on GPU, gloo on CPU.")
+    timeout_s: int = _f(1800, "Seconds a rank waits in a collective for the others before the run fails (the "
+                        "process group's timeout; NCCL's own default is 600). Not the wait for the main process "
+                        "to tokenise the data: that one waits as long as it takes.")
 
 
 @dataclass(kw_only=True)

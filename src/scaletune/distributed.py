@@ -20,6 +20,7 @@ import json
 import logging
 import os
 from collections.abc import Iterator
+from datetime import timedelta
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -87,27 +88,50 @@ def main_process_first(accelerator: Any) -> Iterator[None]:
     if accelerator is None or accelerator.num_processes == 1:
         yield
         return
+    import torch.distributed as dist
+
+    group = _patient_group()
     if accelerator.is_main_process:
         try:
             yield
         except Exception as exc:
             with contextlib.suppress(Exception):  # a peer gone as well must not replace this error
-                _broadcast_outcome(_error_payload(exc))
+                _broadcast_outcome(_error_payload(exc), group)
             raise
-        _broadcast_outcome(None)
-        return
-    payload = _broadcast_outcome(None)  # receives the main process's outcome
-    if payload is not None:
-        raise _error_from_payload(payload)
-    yield
+        _broadcast_outcome(None, group)
+    else:
+        payload = _broadcast_outcome(None, group)  # receives the main process's outcome
+        if payload is not None:
+            raise _error_from_payload(payload)
+        yield
+    # the other ranks' turn may be long too (another node without the shared cache tokenises again):
+    # the main process waits for it here, not in the next collective, which would time out
+    dist.barrier(group=group)
 
 
-def _broadcast_outcome(payload: tuple | None) -> tuple | None:
+_PATIENT: dict = {}  # the process group it was made in -> the patient group
+
+
+def _patient_group() -> Any:
+    """A gloo group of every rank whose collectives wait as long as the work on the other side takes (up
+    to a week): the wait for rank 0 to tokenise a large file would otherwise end in the process group's
+    timeout (distributed.timeout_s). A rank that dies still ends the wait: gloo sees its connection close,
+    and the launcher stops the others."""
+    import torch.distributed as dist
+
+    world = dist.group.WORLD
+    if world not in _PATIENT:
+        _PATIENT.clear()
+        _PATIENT[world] = dist.new_group(backend="gloo", timeout=timedelta(days=7))
+    return _PATIENT[world]
+
+
+def _broadcast_outcome(payload: tuple | None, group: Any) -> tuple | None:
     """Send (rank 0) or receive (the others) rank 0's outcome; a collective, so it also synchronises."""
     import torch.distributed as dist
 
     box = [payload]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=group)
     return box[0]
 
 
@@ -315,10 +339,12 @@ def accelerator_kwargs(cfg: Any, grad_accum_steps: int) -> dict:
     handlers: list[Any] = []
     multi_process = world > 1 or os.environ.get("LOCAL_RANK") is not None
     on_cuda = cuda_available()
-    if multi_process and (dist.backend is not None or not on_cuda):
-        # On CUDA with no explicit backend accelerate already picks nccl; anything else (CPU, or a
-        # user-forced backend) must be passed or accelerate/DeepSpeed guess wrong.
-        handlers.append(InitProcessGroupKwargs(backend=process_group_backend(cfg)))
+    if multi_process:
+        # The backend is passed because without CUDA accelerate/DeepSpeed guess wrong (see above; on CUDA
+        # this is accelerate's own pick, nccl); the timeout because NCCL's default (10 minutes) is short
+        # for a slow checkpoint write on shared storage.
+        handlers.append(InitProcessGroupKwargs(backend=process_group_backend(cfg),
+                                               timeout=timedelta(seconds=dist.timeout_s)))
     if handlers:
         kwargs["kwargs_handlers"] = handlers
 

@@ -78,6 +78,8 @@ def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_c
         p.append(f"data.eval_fraction: must be in (0, 1), got {d.eval_fraction}")
     if d.num_workers < 0:
         p.append(f"data.num_workers: must be >= 0, got {d.num_workers}")
+    if cfg.distributed.timeout_s < 1:
+        p.append(f"distributed.timeout_s: must be >= 1, got {cfg.distributed.timeout_s}")
     if d.num_proc is not None and not 1 <= d.num_proc <= 64:  # (64: a typo must not fork-bomb the node)
         p.append(f"data.num_proc: must be between 1 and 64, got {d.num_proc}")
     for key, value in (("model.name_or_path", m.name_or_path), ("data.train", d.train), ("data.eval", d.eval),

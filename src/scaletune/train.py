@@ -31,7 +31,7 @@ log = logging.getLogger("scaletune")
 _RESUME_FREE_KEYS = {"train": {"max_steps", "epochs", "eval_every", "save_every", "log_every", "save_total_limit",
                                "report_to", "max_nonfinite_skips", "release_cpu_memory"},
                      "data": {"num_workers", "num_proc", "cache", "eval"}, "distributed": {"zero_stage",
-                               "offload", "backend"}, "output_dir": True}
+                               "offload", "backend", "timeout_s"}, "output_dir": True}
 
 
 def _trajectory(d: dict) -> dict:

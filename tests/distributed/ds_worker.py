@@ -38,7 +38,7 @@ def make_cfg(stage: int, world: int) -> types.SimpleNamespace:
         max_grad_norm=1.0,
         mixed_precision="no",
     )
-    dist = types.SimpleNamespace(zero_stage=stage, offload="none", backend=None)
+    dist = types.SimpleNamespace(zero_stage=stage, offload="none", backend=None, timeout_s=1800)
     return types.SimpleNamespace(train=train, distributed=dist)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import types
 from pathlib import Path
@@ -22,9 +23,10 @@ LAUNCH_FILES = [
 ]  # fmt: skip
 
 
-def make_cfg(stage: int = 0, offload: str = "none", *, micro: int = 2, mp: str = "bf16", clip=1.0, backend=None):
+def make_cfg(stage: int = 0, offload: str = "none", *, micro: int = 2, mp: str = "bf16", clip=1.0, backend=None,
+             timeout_s=1800):
     train = types.SimpleNamespace(micro_batch_size=micro, global_batch_size=16, max_grad_norm=clip, mixed_precision=mp)
-    dist = types.SimpleNamespace(zero_stage=stage, offload=offload, backend=backend)
+    dist = types.SimpleNamespace(zero_stage=stage, offload=offload, backend=backend, timeout_s=timeout_s)
     return types.SimpleNamespace(train=train, distributed=dist)
 
 
@@ -169,14 +171,18 @@ def test_accelerator_kwargs_ddp_cpu(clean_env, monkeypatch) -> None:
     kw = D.accelerator_kwargs(make_cfg(0), grad_accum_steps=1)
     assert kw["cpu"] is True and "deepspeed_plugin" not in kw
     assert kw["kwargs_handlers"][0].backend == "gloo"
+    assert kw["kwargs_handlers"][0].timeout == datetime.timedelta(seconds=1800)
 
 
 def test_accelerator_kwargs_cuda_default_backend(clean_env, monkeypatch) -> None:
     clean_env.setenv("WORLD_SIZE", "8")
     clean_env.setenv("LOCAL_RANK", "3")
     monkeypatch.setattr(D, "cuda_available", lambda: True)
-    kw = D.accelerator_kwargs(make_cfg(0), grad_accum_steps=1)
-    assert "kwargs_handlers" not in kw and "cpu" not in kw  # accelerate picks nccl itself
+    kw = D.accelerator_kwargs(make_cfg(0, timeout_s=3600), grad_accum_steps=1)
+    (handler,) = kw["kwargs_handlers"]
+    assert "cpu" not in kw and handler.backend == "nccl"  # what accelerate would pick itself
+    # distributed.timeout_s, not NCCL's 10 minutes (InitProcessGroupKwargs leaves out what equals its defaults)
+    assert handler.to_kwargs() == {"timeout": datetime.timedelta(seconds=3600)}
     kw = D.accelerator_kwargs(make_cfg(0, backend="gloo"), grad_accum_steps=1)
     assert kw["kwargs_handlers"][0].backend == "gloo"
 
@@ -221,17 +227,19 @@ def test_launch_command_variants() -> None:
 # a failure on one rank: the same error everywhere, one exit code for the launch
 
 
-@pytest.mark.parametrize("mode", ["user", "bug", "ok"])
+@pytest.mark.parametrize("mode", ["user", "bug", "ok", "slow0", "slow1"])
 def test_main_process_first_relays_rank_0s_error(tmp_path, mode) -> None:
     """Rank 0 builds the data while the others wait; its error used to reach them as a broken connection
-    (a gloo traceback on every other rank). Now they raise the same UserError, marked as relayed."""
+    (a gloo traceback on every other rank). Now they raise the same UserError, marked as relayed.
+    slow0/slow1: a block longer than the process group's timeout (rank 0 tokenising a large file; another
+    node tokenising again) is waited for; it used to end the run when the timeout (NCCL's: 10 minutes) passed."""
     import forking
     import stutil
 
     forking.run_ranks(Path(__file__).with_name("relay_worker.py"), [mode, str(tmp_path)], stutil.child_env(), 2,
                       tmp_path, timeout=120)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text())["error"] for r in (0, 1)]
-    if mode == "ok":
+    if mode in ("ok", "slow0", "slow1"):
         assert ranks == [None, None] and (tmp_path / "seen").read_text() == "rank 0 was here"
     elif mode == "user":
         assert ranks[0]["relayed_from"] is None and ranks[1]["relayed_from"] == 0
@@ -241,7 +249,7 @@ def test_main_process_first_relays_rank_0s_error(tmp_path, mode) -> None:
     else:
         assert ranks[0]["type"] == "ValueError" and ranks[1]["relayed_from"] == 0
         assert "rank 0 failed: ValueError: something broke" in ranks[1]["text"]
-    assert not (tmp_path / "seen").exists() or mode == "ok"
+    assert not (tmp_path / "seen").exists() or mode in ("ok", "slow0", "slow1")
 
 
 @pytest.mark.parametrize(("codes", "expected"), [

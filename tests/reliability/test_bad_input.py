@@ -636,6 +636,7 @@ RANGE = {  # key -> strategy of out-of-range values (types are right; the value 
     "train.adam_beta2": st.one_of(st.floats(max_value=-1e-12), st.floats(min_value=1.0, max_value=1e308)),
     "train.adam_epsilon": st.floats(max_value=-1e-300),
     "data.num_workers": st.one_of(st.integers(max_value=-1), st.integers(min_value=65, max_value=10**15)),
+    "distributed.timeout_s": st.integers(max_value=0),
     "data.num_proc": st.one_of(st.integers(max_value=0), st.integers(min_value=65, max_value=10**15)),
     "peft.r": st.integers(min_value=65537, max_value=10**15),
 }
