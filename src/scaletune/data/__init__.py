@@ -124,10 +124,11 @@ def _workers(n: int) -> Iterator[Any]:
     """A pool of `n` forked processes (None for n <= 1): they inherit the records, task and tokenizer, so
     only spans go out and columns come back. A worker that dies (out of memory, say) fails the pool's
     map rather than leaving it waiting; on an error here the pending pieces are dropped."""
-    if n <= 1:
+    import multiprocessing
+
+    if n <= 1 or "fork" not in multiprocessing.get_all_start_methods():  # (Windows: in this process)
         yield None
         return
-    import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     # tokenizers prints a warning in each forked child once its own threads were used, unless told
