@@ -974,22 +974,40 @@ def test_a_bad_record_met_by_a_worker_is_named_as_in_one_process(tmp_path, tiny_
 def test_a_tokenising_process_that_dies_fails_the_run_with_a_message(tmp_path, tiny_llama, monkeypatch):
     """A worker killed mid-way (the out-of-memory killer's SIGKILL) ends the build with a UserError naming
     data.num_proc, rather than leaving the main process waiting for its piece forever."""
+    import contextlib
     import os
     import signal
 
     from scaletune.errors import UserError
 
-    data = write_jsonl(tmp_path / "d.jsonl", alpaca_records(30))
+    data = write_jsonl(tmp_path / "d.jsonl", alpaca_records(800))
     task = get_task("causal_lm")
     encode = task.encode
 
     def dies_at_line_20(rec, *args):
-        if rec["__where__"].endswith(":20"):
+        if rec["__where__"].endswith(":30"):
             os.kill(os.getpid(), signal.SIGKILL)
         return encode(rec, *args)
 
+    processes = []
+
+    @contextlib.contextmanager
+    def workers(n):  # the real pool, its processes kept for a look afterwards
+        with _workers(n) as pool:
+            processes.extend(pool._processes.values())
+            yield pool
+
     monkeypatch.setattr(task, "encode", dies_at_line_20)
-    monkeypatch.setattr("scaletune.data.CHUNK", 7)
+    monkeypatch.setattr("scaletune.data.CHUNK", 200)  # (a piece's ids outgrow a pipe's 64 KiB buffer)
+    monkeypatch.setattr("scaletune.data._workers", workers)
     cfg = _cfg(tmp_path, tiny_llama, data=data, num_proc=2)
-    with pytest.raises(UserError, match=r"a process tokenising the data died .* set data.num_proc to fewer than 2"):
+    with pytest.raises(UserError) as caught:
         build_datasets(cfg, task, load_tokenizer(cfg))
+    # the surviving worker used to block writing its finished pieces into a pipe nobody read, and the
+    # interpreter's exit then waited for it forever (SIGTERM and Ctrl-C did not end it: workers ignore them)
+    assert len(processes) == 2
+    for process in processes:
+        process.join(timeout=20)
+        assert not process.is_alive()
+    assert "a process tokenising the data died" in str(caught.value)
+    assert "set data.num_proc lower (it was 2; 1 tokenises in the main process)" in str(caught.value)

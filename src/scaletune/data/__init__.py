@@ -145,7 +145,14 @@ def _workers(n: int) -> Iterator[Any]:
     try:
         yield pool
     except BaseException:
+        # The workers ignore SIGTERM, and one may sit writing a finished piece into a pipe nobody reads
+        # any more: only SIGKILL ends them, and then the pool's manager thread, which exit joins.
+        workers = list(getattr(pool, "_processes", {}).values())  # (no public handle on them)
         pool.shutdown(wait=False, cancel_futures=True)
+        for worker in workers:
+            worker.kill()
+        for worker in workers:
+            worker.join(timeout=10)
         raise
     pool.shutdown()
 
@@ -171,7 +178,8 @@ def _encode_all(records: list[dict], task: Any, tokenizer: Any, cfg: Any, label2
                     parts.append(datasets.Dataset.from_dict(columns))
     except BrokenProcessPool as exc:
         raise UserError(f"a process tokenising the data died ({exc}); the machine may be out of memory: "
-                        f"set data.num_proc to fewer than {tokenize_processes(cfg)} processes (1: none)") from None
+                        f"set data.num_proc lower (it was {tokenize_processes(cfg)}; 1 tokenises in the main "
+                        "process)") from None
     finally:
         _WORK = None
     if not parts:
