@@ -977,6 +977,9 @@ def test_a_tokenising_process_that_dies_fails_the_run_with_a_message(tmp_path, t
     import contextlib
     import os
     import signal
+    import time
+
+    import psutil
 
     from scaletune.errors import UserError
 
@@ -1006,8 +1009,16 @@ def test_a_tokenising_process_that_dies_fails_the_run_with_a_message(tmp_path, t
     # the surviving worker used to block writing its finished pieces into a pipe nobody read, and the
     # interpreter's exit then waited for it forever (SIGTERM and Ctrl-C did not end it: workers ignore them)
     assert len(processes) == 2
-    for process in processes:
-        process.join(timeout=20)
-        assert not process.is_alive()
+
+    def running(pid):  # (not is_alive(): the pool's own thread may have reaped it, which is_alive misreads)
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.monotonic() + 20
+    while any(running(p.pid) for p in processes) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(running(p.pid) for p in processes)
     assert "a process tokenising the data died" in str(caught.value)
     assert "set data.num_proc lower (it was 2; 1 tokenises in the main process)" in str(caught.value)
