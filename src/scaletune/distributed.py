@@ -136,7 +136,7 @@ def _broadcast_outcome(payload: tuple | None, group: Any) -> tuple | None:
 
 
 def _error_payload(exc: Exception) -> tuple:
-    """Plain data for an exception (UserError's pickled form would not rebuild its fields)."""
+    """Plain data for an exception: always picklable, whatever else the exception object holds."""
     if isinstance(exc, errors.UserError):
         return type(exc).__name__, exc.problems, exc.title, exc.hint
     first_line = next(iter(str(exc).splitlines()), "")[:200]

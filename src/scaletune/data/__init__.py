@@ -1,8 +1,9 @@
 """From the `data:` section to tokenised train/eval sets, cached across runs and ranks.
 
 Records are read and validated in Python (so errors name file:line), encoded by the task (in pieces,
-over forked processes for a large file), and the result is stored as an Arrow dataset under a fingerprint of (data files, tokenizer, task, data
-config). The main process builds the cache first; other ranks and later runs load it.
+over forked processes for a large file), and the result is stored as an Arrow dataset under a
+fingerprint of (data files, tokenizer, task, data config). The main process builds the cache first;
+other ranks and later runs load it.
 """
 
 from __future__ import annotations
@@ -168,9 +169,10 @@ def _encode_all(records: list[dict], task: Any, tokenizer: Any, cfg: Any, label2
     spans = [(i, min(i + CHUNK, len(records))) for i in range(0, len(records), CHUNK)]
     counts = {"dropped": 0, "truncated": 0, "unstopped": 0}
     parts = []
+    procs = tokenize_processes(cfg)
     _WORK = (records, task, tokenizer, cfg, label2id)
     try:
-        with _workers(min(tokenize_processes(cfg), len(spans))) as pool:
+        with _workers(min(procs, len(spans))) as pool:
             for columns in (pool.map(_encode_span, spans) if pool else map(_encode_span, spans)):
                 for key in counts:
                     counts[key] += columns.pop(key)
@@ -178,7 +180,7 @@ def _encode_all(records: list[dict], task: Any, tokenizer: Any, cfg: Any, label2
                     parts.append(datasets.Dataset.from_dict(columns))
     except BrokenProcessPool as exc:
         raise UserError(f"a process tokenising the data died ({exc}); the machine may be out of memory: "
-                        f"set data.num_proc lower (it was {tokenize_processes(cfg)}; 1 tokenises in the main "
+                        f"set data.num_proc lower (it was {procs}; 1 tokenises in the main "
                         "process)") from None
     finally:
         _WORK = None
@@ -253,8 +255,7 @@ def build_datasets(cfg: Any, task: Any, tokenizer: Any, accelerator: Any = None,
             if train is None:
                 raise DataError(f"data.train: no usable examples in {cfg.data.train} "
                                 f"({counted['dropped']} had no target tokens within max_length)")
-            evalset, counted_eval = (_encode_all(eval_records, task, tokenizer, cfg, label2id) if eval_records
-                                     else (None, {"dropped": 0, "truncated": 0, "unstopped": 0}))
+            evalset, counted_eval = _encode_all(eval_records or [], task, tokenizer, cfg, label2id)
             if cfg.data.eval and evalset is None:  # asked for, never run
                 raise DataError(f"data.eval: no usable examples in {cfg.data.eval} ({counted_eval['dropped']} had no "
                                 f"target tokens within data.max_length={cfg.data.max_length})")
