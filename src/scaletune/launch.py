@@ -39,6 +39,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from . import runlock
 from .distributed import deepspeed_config_name, deepspeed_config_path
 from .errors import EXIT_PREEMPTED, EXIT_USAGE
 
@@ -416,12 +417,28 @@ def _main_launch(args: Any, usr1: _PassOn, term: list[int], term_handler: Any) -
     # Validate before starting N processes (batch divisibility depends on the world size).
     cfg = load_config(args.config, overrides, world_size=int(nproc) * nnodes, check_peft=True)
     dry_run = bool(getattr(args, "dry_run", False))
+    if dry_run:  # may be composed anywhere
+        return _checked_launch(args, cfg, overrides, int(nproc), nnodes, usr1, term, term_handler, dry_run)
+    # Hardware-dependent checks too (e.g. fp16 without CUDA), or every process fails the same way after
+    # start-up and accelerate reports only "exit 1".
+    _refuse_for_this_machine(cfg, int(nproc) * nnodes, getattr(args, "cpu", None))
+    preflight(cfg)
+    # One run per output_dir (runlock.py): held here, for the ranks this starts, on the node that writes
+    lock = runlock.acquire(Path(cfg.output_dir)) if not int(getattr(args, "node_rank", None) or 0) else None
+    if lock is not None:
+        lock.share_with_ranks()
+        os.environ[runlock.HELD_ENV] = str(Path(cfg.output_dir).resolve())
+    try:
+        return _checked_launch(args, cfg, overrides, int(nproc), nnodes, usr1, term, term_handler, dry_run)
+    finally:
+        if lock is not None:
+            os.environ.pop(runlock.HELD_ENV, None)
+            lock.release()
+
+
+def _checked_launch(args: Any, cfg: Any, overrides: list[str], nproc: int, nnodes: int, usr1: _PassOn,
+                    term: list[int], term_handler: Any, dry_run: bool) -> int:
     if not dry_run:
-        # Hardware-dependent checks too (e.g. fp16 without CUDA), or every process fails the same way
-        # after start-up and accelerate reports only "exit 1". A dry run may be composed anywhere.
-        _refuse_for_this_machine(cfg, int(nproc) * nnodes, getattr(args, "cpu", None))
-    if not dry_run:
-        preflight(cfg)
         # output_dir and --resume as train checks them, from the filesystem only: a refusal is one error
         # here, not one per rank after start-up. A dry run may be composed where that directory is not.
         from .train import resume_point

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .config import RunConfig
 from .errors import ConfigError, UserError
+from .runlock import LOCK_NAME
 
 log = logging.getLogger("scaletune")
 
@@ -38,7 +39,7 @@ def check_output_dir(cfg: RunConfig, resume: str | None, overwrite: bool, resume
         raise ConfigError(f"output_dir: {out} cannot be created: {existing} is a file")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"output_dir: {out} cannot be written ({existing} is not writable by this user)")
-    if out.is_dir() and any(out.iterdir()) and resume is None:
+    if _has_content(out) and resume is None:
         if not overwrite:
             raise ConfigError(f"output_dir: {out} is not empty; resume it with --resume auto, pick a new "
                               "output_dir, or pass --overwrite to replace it")
@@ -47,7 +48,7 @@ def check_output_dir(cfg: RunConfig, resume: str | None, overwrite: bool, resume
             raise ConfigError(f"output_dir: --overwrite would delete {out}, but {why_not}; pick another "
                               "output_dir or clear it yourself")
         return True
-    if resume is not None and out.is_dir() and any(out.iterdir()):
+    if resume is not None and _has_content(out):
         from .checkpoint import checkpoint_dirs
 
         if resume_from is not None and not resume_from.resolve().is_relative_to(out.resolve()) \
@@ -64,10 +65,15 @@ def check_output_dir(cfg: RunConfig, resume: str | None, overwrite: bool, resume
     return False
 
 
+def _has_content(out: Path) -> bool:
+    """Whether `out` is a directory with anything in it but the lock of the run about to use it."""
+    return out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir())
+
+
 RUN_MARKERS = ("run.json", "metrics.jsonl", "checkpoints", "adapter")
 # Everything a run (its trackers, `scaletune report` with the default --out) writes into output_dir.
 RUN_FILES = {*RUN_MARKERS, "run.json.tmp", ".adapter.tmp", "scaletune", "wandb", "mlruns", "report.html", ".replaced_run",
-             ".abandoned"}
+             ".abandoned", LOCK_NAME}
 
 
 def set_aside_metrics(out: Path) -> Path | None:
@@ -139,6 +145,8 @@ def set_aside(out: Path) -> None:
         aside = None
         log.warning("--overwrite: cannot move %s aside (%s); deleting its contents instead", out, exc)
         for child in out.iterdir():
+            if child.name == LOCK_NAME:
+                continue  # held by this run
             if child.is_dir() and not child.is_symlink():
                 shutil.rmtree(child)
             else:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from . import checkpoint as ckpt
-from . import methods
+from . import methods, runlock
 from .config import RunConfig
 from .errors import EXIT_PREEMPTED, ConfigError, UserError
 from .outdir import check_output_dir, discard_replaced, replaced_note, set_aside, set_aside_metrics
@@ -229,6 +229,8 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
         if replace_output:
             set_aside(out)  # only now: a bad input or model never costs the previous run
         out.mkdir(parents=True, exist_ok=True)
+        if replace_output:
+            runlock.after_replace(out)
         if resume_from is None and (aside := set_aside_metrics(out)):
             log.info("an earlier attempt in %s stopped before its first checkpoint; its metrics are kept at %s",
                      out, aside)
@@ -325,13 +327,17 @@ def train(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
     """Entry point of `scaletune train`; returns the process exit code. `stop`: the process's StopFlag
     when the CLI installed it already (at start-up), else one is installed here."""
     stop = stop if stop is not None else StopFlag()
-    run, _ = setup(cfg, resume=resume, overwrite=overwrite, allow_config_change=allow_config_change)
-    from .loop import fit
-
+    runlock.lock_run(Path(cfg.output_dir))  # before anything reads output_dir to decide what to do
     try:
-        result = fit(run, stop)
-    except (torch.OutOfMemoryError, MemoryError) as exc:
-        raise out_of_memory(run, exc) from None
+        run, _ = setup(cfg, resume=resume, overwrite=overwrite, allow_config_change=allow_config_change)
+        from .loop import fit
+
+        try:
+            result = fit(run, stop)
+        except (torch.OutOfMemoryError, MemoryError) as exc:
+            raise out_of_memory(run, exc) from None
+    finally:
+        runlock.release_run()
     if result == "preempted":
         return EXIT_PREEMPTED
     return 0

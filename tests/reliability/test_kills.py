@@ -113,3 +113,32 @@ def test_more_stop_signals_after_the_checkpoint_keep_exit_124(base_cfg, tmp_path
         time.sleep(0.02)
     proc.wait(timeout=60)
     assert proc.returncode == 124
+
+
+def test_a_second_run_into_a_running_runs_output_dir_is_refused(base_cfg, reference, tmp_path):
+    """The same job submitted twice (each `--resume auto`), or a second terminal: without the output_dir
+    lock the second run resumed the first's checkpoints and both trained into one directory, rotating
+    each other's checkpoints away. Now `train` and `launch` refuse it (exit 2, naming the running one)
+    and the first run ends as if alone."""
+    import time
+
+    ref, _ = reference
+    out = tmp_path / "run"
+    path = write_cfg(base_cfg, out)
+    first = start(path, ENV)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not ((out / "checkpoints" / "latest").exists() and metrics.exists()) and first.poll() is None \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert first.poll() is None, "the first run ended before the second started"
+    for argv in (command(path)[3:], ["launch", str(path), "--nproc", "1", "--resume", "auto"]):
+        second = forking.start(argv, ENV, tmp_path / f"{argv[0]}.stderr")
+        _, err = second.communicate(timeout=120)
+        assert second.returncode == 2, err[-3000:]
+        assert f"output_dir: {out} is in use by another run (pid {first.pid} on " in err, err[-3000:]
+        assert "Traceback" not in err
+    assert first.poll() is None, "the refusals came too late to prove anything"
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-3000:]
+    assert_same_run(out, ref)
