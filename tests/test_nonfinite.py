@@ -78,3 +78,111 @@ def test_only_fused_torch_adam_skips_on_device():
     assert nonfinite.device_skipping_optimizer(scaled, fused, None) is None
     ds = SimpleNamespace(distributed_type=SimpleNamespace(value="DEEPSPEED"), scaler=None)
     assert nonfinite.device_skipping_optimizer(ds, fused, None) is None
+
+
+def _fp16_loss_scaling_on_cpu(monkeypatch, overflow_at: set[int]):
+    """What accelerate builds for mixed_precision fp16 (which needs CUDA), on this CPU: a GradScaler on the
+    Accelerator, which scales the loss in backward, unscales for the clip and steps through the scaler.
+    The scaled gradients overflow (one of them inf) at the optimizer steps in `overflow_at`."""
+    import accelerate
+
+    class Fp16ScaledAccelerator(accelerate.Accelerator):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.scaler = torch.amp.GradScaler("cpu")  # accelerate's (and torch's) start: 2**16
+
+        def unscale_gradients(self, optimizer=None):  # accelerate's does this for native fp16 only
+            for opt in self._optimizers:
+                self.scaler.unscale_(opt.optimizer)
+
+        def backward(self, loss, **kwargs):
+            loss.register_hook(lambda g: g * math.inf if self.step_now in overflow_at else g)
+            super().backward(loss, **kwargs)
+
+    monkeypatch.setattr(accelerate, "Accelerator", Fp16ScaledAccelerator)
+    return Fp16ScaledAccelerator
+
+
+def _fit_counting_steps(run):
+    """fit, with the accelerator told which optimizer step each backward belongs to."""
+    run.accelerator.step_now = 0
+    real = run.accelerator.backward
+
+    def backward(loss, **kwargs):
+        run.accelerator.step_now = run.step + 1
+        return real(loss, **kwargs)
+
+    run.accelerator.backward = backward
+    return fit(run, StopFlag())
+
+
+def test_fp16_loss_scale_overflows_are_the_scalers_not_a_stop(make_config, monkeypatch, tmp_path):
+    """fp16's GradScaler starts at 2**16 and halves on each overflowed step, skipping its update; that is
+    how it finds its scale. With on_nonfinite: stop (the default) such a step used to stop the run, and
+    with `skip` the next step's unscale_ raised (the scaler never saw its update()). Now the run trains
+    on: each overflow is logged, the scale halves, and the weights are those of a run that skips exactly
+    those updates. The checkpoint keeps the scale, and a resumed run starts from it."""
+    path = make_config("causal_lm", n=48, train={"max_steps": 6, "log_every": 6, "save_every": 3,
+                                                 "save_total_limit": None})
+    _fp16_loss_scaling_on_cpu(monkeypatch, {1, 2, 5})
+    run, _ = setup(load_config(path))
+    _fit_counting_steps(run)
+    assert run.step == 6 and run.accelerator.scaler.get_scale() == 2.0 ** 13
+    overflows = read_metrics(tmp_path / "run", "overflow")
+    assert [(r["step"], r["loss_scale"]) for r in overflows] == [(1, 2.0 ** 15), (2, 2.0 ** 14), (5, 2.0 ** 13)]
+    assert read_metrics(tmp_path / "run", "nonfinite") == []
+    assert run.counters["overflow_skips"] == 3 and run.counters["nonfinite_skips"] == 0
+    (logged,) = read_metrics(tmp_path / "run", "train")
+    assert math.isfinite(logged["loss"])
+    from scaletune.report import _event_notes, load_run
+
+    assert "3 fp16 loss-scale overflow(s) (update skipped, scale halved), last at step 5" in \
+        _event_notes(load_run(tmp_path / "run", "r"))
+    scaled = {n: p.detach().clone() for n, p in run.model.named_parameters() if p.requires_grad}
+
+    # the step-3 checkpoint holds the scale then (2**14), and a run resumed from it ends the same
+    _fp16_loss_scaling_on_cpu(monkeypatch, {5})
+    resumed, _ = setup(load_config(path), resume=str(tmp_path / "run" / "checkpoints" / "step-3"))
+    assert resumed.accelerator.scaler.get_scale() == 2.0 ** 14
+    _fit_counting_steps(resumed)
+    again = dict(resumed.model.named_parameters())
+    for name, w in scaled.items():
+        torch.testing.assert_close(again[name].detach(), w, rtol=0, atol=0, msg=name)
+
+    # the same updates skipped without a scaler (non-finite losses at those steps): the same weights
+    monkeypatch.undo()
+    ref = make_config("causal_lm", n=48, output_dir=str(tmp_path / "ref"),
+                      train={"max_steps": 6, "on_nonfinite": "skip"})
+    _, skipped, _ = _train(ref, monkeypatch, "nan@1,nan@2,nan@5", host=True)
+    for name, w in scaled.items():
+        torch.testing.assert_close(w, skipped[name], rtol=0, atol=0, msg=name)
+
+
+def test_fp16_overflows_at_every_scale_stop_the_run(make_config, monkeypatch, tmp_path):
+    """Gradients that overflow whatever the scale (not finite themselves) end the run after
+    MAX_OVERFLOW_STREAK steps in a row, naming fp16, instead of training nothing to the end."""
+    monkeypatch.setattr(nonfinite, "MAX_OVERFLOW_STREAK", 3)
+    path = make_config("causal_lm", n=48, train={"max_steps": 8})
+    _fp16_loss_scaling_on_cpu(monkeypatch, {2, 3, 5, 6, 7})
+    run, _ = setup(load_config(path))
+    with pytest.raises(UserError, match="fp16: the gradients overflowed at every loss scale, 3 steps in a row up "
+                                        "to step 7"):
+        _fit_counting_steps(run)
+    assert [r["step"] for r in read_metrics(tmp_path / "run", "overflow")] == [2, 3, 5, 6, 7]
+
+
+def test_fp16_non_finite_loss_is_still_a_non_finite_step(make_config, monkeypatch, tmp_path):
+    """A non-finite loss under fp16 is the run's problem (train.on_nonfinite), not the scaler's; the scaler
+    still sees the step (its scale backs off) so the next step unscales and trains."""
+    monkeypatch.setenv("SCALETUNE_FAULT", "nan@2")
+    faults._plan.cache_clear()
+    path = make_config("causal_lm", n=48, train={"max_steps": 4, "on_nonfinite": "skip"})
+    _fp16_loss_scaling_on_cpu(monkeypatch, set())
+    run, _ = setup(load_config(path))
+    try:
+        _fit_counting_steps(run)
+    finally:
+        faults._plan.cache_clear()
+    assert run.step == 4 and run.counters["nonfinite_skips"] == 1 and not run.counters.get("overflow_skips")
+    assert [r["step"] for r in read_metrics(tmp_path / "run", "nonfinite")] == [2]
+    assert run.accelerator.scaler.get_scale() == 2.0 ** 15

@@ -207,3 +207,39 @@ def test_resume_auto_with_only_damaged_checkpoints_refuses_to_start_over(make_co
     err = capsys.readouterr().err
     assert "none of the checkpoints" in err and "step-4: file optimizer.safetensors does not match its hash" in err
     assert {c.name: (c / "optimizer.safetensors").read_bytes() for c in ckpts} == before
+
+
+@pytest.mark.parametrize("flags", [{}, {"fused": True}, {"capturable": True}], ids=["plain", "fused", "capturable"])
+def test_restored_adam_step_lies_where_torch_keeps_it(flags):
+    """A resume builds a fresh optimizer and fills its state. torch keeps a fused or capturable Adam's step
+    on the parameter's device (its kernels read it there) and a plain one's on the CPU; a CPU step beside
+    CUDA parameters would fail the first fused step after a GPU resume. The parameter is on the meta device
+    here, the one device other than the CPU this machine has, with the group flagged as torch would."""
+    import torch
+
+    from scaletune.trainable_state import _ensure_adam_state, _write_step
+
+    p = torch.nn.Parameter(torch.zeros(3, device="meta"))
+    opt = torch.optim.AdamW([p])
+    opt.param_groups[0].update(flags)
+    _ensure_adam_state(opt)
+    _write_step(opt, 7)
+    step = opt.state[p]["step"]
+    assert step.dtype == torch.float32 and step.device.type == ("meta" if flags else "cpu")
+    assert opt.state[p]["exp_avg"].device.type == "meta"
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_fused_adam_steps_after_a_gpu_resume():
+    """On a GPU: the restored state takes a fused AdamW step (a CPU step tensor would fail here)."""
+    import torch
+
+    from scaletune.trainable_state import _ensure_adam_state, _write_step
+
+    p = torch.nn.Parameter(torch.ones(4, device="cuda"))
+    opt = torch.optim.AdamW([p], lr=0.1, fused=True)
+    _ensure_adam_state(opt)
+    _write_step(opt, 5)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    assert opt.state[p]["step"].item() == 6 and bool((p < 1).all())

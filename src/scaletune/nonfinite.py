@@ -12,6 +12,12 @@ nothing after it is saved, so the last checkpoint is still the last good one.
 Optimizers without that input, or whose update must be decided on the host, are checked every step:
 bitsandbytes' 8-bit AdamW, DeepSpeed (it steps itself), fp16 with a GradScaler (which sets `found_inf`
 itself) and AdaLoRA (its budget update after the step reads the gradients).
+
+fp16's dynamic loss scaling overflows by design: it starts high (2**16), halves its scale on a step whose
+scaled gradients reached inf (skipping that update) and tries a higher scale again every few thousand
+steps. Such a step, finite loss with non-finite gradients, is the loss scaler's to handle, not a
+numerical problem of the run: it is logged as an "overflow" event and counted apart, and only a long
+unbroken series of them (no scale helps: the gradients themselves are not finite) stops the run.
 """
 
 from __future__ import annotations
@@ -23,6 +29,10 @@ import torch
 
 from . import methods
 from .errors import UserError
+
+# fp16 overflow steps in a row that end the run: by then the scale has been halved this many times
+# (GradScaler: 2**16 -> 2**-9), so it is the gradients, not the scale
+MAX_OVERFLOW_STREAK = 25
 
 
 def device_skipping_optimizer(acc: Any, optimizer: Any, model: Any) -> torch.optim.Optimizer | None:
@@ -42,6 +52,8 @@ class NonfiniteGuard:
     def __init__(self, acc: Any, optimizer: Any, model: Any, train_cfg: Any, counters: dict, mlog: Any):
         self.t, self.counters, self.mlog = train_cfg, counters, mlog
         self.on_device = device_skipping_optimizer(acc, optimizer, model)
+        self.scaler = getattr(acc, "scaler", None)  # fp16 without DeepSpeed: accelerate's GradScaler
+        self.loss_scaling = self.scaler is not None or train_cfg.mixed_precision == "fp16"  # (or DeepSpeed's)
         self.pending: list[tuple[int, torch.Tensor]] = []  # (step, [grad_norm, loss]) not yet looked at
         self.last = (math.nan, math.nan)
 
@@ -52,9 +64,15 @@ class NonfiniteGuard:
             optimizer.step()
         else:
             norm_loss = norm_loss.cpu()  # waits for the GPU: this optimizer cannot skip by itself
-            if bool(torch.isfinite(norm_loss).all()):
+            norm, loss = norm_loss.tolist()
+            if math.isfinite(loss) and (math.isfinite(norm) or self.scaler is not None):
+                # A GradScaler skips an overflowed update itself (it saw the inf while unscaling for the
+                # clip) and has to see every step: its update() lowers the scale after an overflow.
                 optimizer.step()
-                methods.after_step(model, step - 1)  # AdaLoRA budget (reads the gradients)
+                if math.isfinite(norm):
+                    methods.after_step(model, step - 1)  # AdaLoRA budget (reads the gradients)
+            elif self.scaler is not None:
+                self.scaler.update()  # no update for a non-finite loss; the scale still backs off
         self.pending.append((step, norm_loss))
 
     def settle(self, boundary: bool) -> tuple[float, float]:
@@ -67,11 +85,15 @@ class NonfiniteGuard:
         steps = [s for s, _ in self.pending]
         self.pending.clear()
         for step, (norm, loss) in zip(steps, values):
-            if math.isfinite(norm) and math.isfinite(loss):
+            if math.isfinite(loss) and (math.isfinite(norm) or self.loss_scaling):
                 # the logged loss is the mean since the last log; kept in the counters (a checkpoint's
                 # state) so a run resumed mid-interval logs what the uninterrupted run would have
                 self.counters["interval_loss_sum"] = self.counters.get("interval_loss_sum", 0.0) + loss
                 self.counters["interval_steps"] = self.counters.get("interval_steps", 0) + 1
+                if math.isfinite(norm):
+                    self.counters["overflow_streak"] = 0
+                else:
+                    self._overflow(step, loss, norm)
                 continue
             self.counters["nonfinite_skips"] += 1
             self.mlog.log("nonfinite", step, {"loss": loss, "grad_norm": norm})
@@ -85,6 +107,20 @@ class NonfiniteGuard:
                          "train.on_nonfinite: skip")
         self.last = (values[-1][0], values[-1][1])
         return self.last
+
+    def _overflow(self, step: int, loss: float, norm: float) -> None:
+        """An fp16 loss-scale overflow at `step`: its update was skipped and the scale lowered by the
+        GradScaler / DeepSpeed. Logged and counted; a long series of them stops the run."""
+        self.counters["overflow_skips"] = self.counters.get("overflow_skips", 0) + 1
+        self.counters["overflow_streak"] = streak = self.counters.get("overflow_streak", 0) + 1
+        scale = {"loss_scale": self.scaler.get_scale()} if self.scaler is not None else {}
+        self.mlog.log("overflow", step, {"loss": loss, "grad_norm": norm, **scale})
+        if streak >= MAX_OVERFLOW_STREAK:
+            self.mlog.close()
+            raise UserError(f"fp16: the gradients overflowed at every loss scale, {streak} steps in a row up to "
+                            f"step {step} (loss={loss})",
+                            hint="the gradients themselves are not finite: lower the learning rate, check this "
+                                 "step's data, or use bf16. The last good checkpoint is kept")
 
     def interval_loss(self) -> float:
         """Mean loss of the finite steps settled since the last call (nan if none); starts a new interval.

@@ -171,6 +171,10 @@ def _event_notes(run: Run) -> list[str]:
     skips = run.events.get("nonfinite", [])
     if skips:
         notes.append(f"{len(skips)} non-finite step(s), first at step {skips[0]['step']}")
+    overflows = run.events.get("overflow", [])
+    if overflows:
+        notes.append(f"{len(overflows)} fp16 loss-scale overflow(s) (update skipped, scale halved), last at step "
+                     f"{overflows[-1]['step']}")
     total, done = _num(run.info.get("total_steps")), run.steps_done()
     if total is not None and done is not None and done < total:
         notes.append(f"incomplete: last logged step {done} of {int(total)}")

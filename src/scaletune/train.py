@@ -256,6 +256,8 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
             group["lr"] = lr
         methods.load_method_state(model, state["method_tensors"], state.get("method_state") or {})
         run.step, run.counters = state["step"], state["counters"]
+        if getattr(accelerator, "scaler", None) is not None and state.get("loss_scaler"):
+            accelerator.scaler.load_state_dict(state["loss_scaler"])  # else the scale starts over at 2**16
         if run.step > total:
             raise UserError(f"checkpoint {resume_from} is at step {run.step}, past this run's {total} steps; "
                             "raise train.max_steps (or train.epochs) to continue it")
@@ -296,6 +298,8 @@ def save_checkpoint(run: Run) -> Path:
     state = {"step": run.step, "scheduler": run.scheduler.state_dict(), "optimizer_scalars": scalars,
              "method_state": method_facts,
              "counters": run.counters, "world_size": run.accelerator.num_processes,
+             # fp16's GradScaler: its scale and growth count (DeepSpeed's own loss scale is not kept)
+             "loss_scaler": scaler.state_dict() if (scaler := getattr(run.accelerator, "scaler", None)) else None,
              "global_batch_size": run.cfg.train.global_batch_size, "config": run.cfg.to_dict()}
     return ckpt.save_checkpoint(run.accelerator, run.output_dir, run.step, trainable=params,
                                 optimizer_state=opt_state, state=state,

@@ -127,20 +127,33 @@ def _read_step(base_opt: Any) -> int:
     return int(max(steps)) if steps else 0
 
 
-def _write_step(base_opt: Any, step: int) -> None:
-    """Set the Adam step count everywhere a torch/DeepSpeed optimizer may keep it."""
+def _step_tensor(group: dict | None, p: Any, value: float, like: Any = None) -> Any:
+    """Adam's step count as torch keeps it: a float32 scalar on the parameter's device for a fused or
+    capturable optimizer (its kernels read it there; a CPU one beside CUDA parameters fails the first
+    step after a resume), else on the CPU. Without the parameter's group (DeepSpeed's flat partitions),
+    where `like` is."""
     import torch
 
+    if group is not None:
+        device = p.device if group.get("fused") or group.get("capturable") else "cpu"
+        return torch.tensor(float(value), dtype=torch.float32, device=device)
+    if torch.is_tensor(like):
+        return torch.tensor(float(value), dtype=like.dtype, device=like.device)
+    return torch.tensor(float(value), dtype=torch.float32)
+
+
+def _groups_by_param(base_opt: Any) -> dict:
+    return {id(p): group for group in base_opt.param_groups for p in group["params"]}
+
+
+def _write_step(base_opt: Any, step: int) -> None:
+    """Set the Adam step count everywhere a torch/DeepSpeed optimizer may keep it."""
     for group in base_opt.param_groups:
         if "step" in group:
             group["step"] = step
-    for st in base_opt.state.values():
-        old = st.get("step")
-        if torch.is_tensor(old):
-            st["step"] = torch.tensor(float(step), dtype=old.dtype, device=old.device)
-        else:
-            # torch AdamW (non-capturable) keeps a float32 CPU scalar tensor.
-            st["step"] = torch.tensor(float(step), dtype=torch.float32)
+    groups = _groups_by_param(base_opt)
+    for p, st in base_opt.state.items():
+        st["step"] = _step_tensor(groups.get(id(p)), p, step, like=st.get("step"))
 
 
 def _ensure_adam_state(base_opt: Any, flat_params: list | None = None) -> None:
@@ -153,10 +166,11 @@ def _ensure_adam_state(base_opt: Any, flat_params: list | None = None) -> None:
     import torch
 
     amsgrad = any(g.get("amsgrad") for g in base_opt.param_groups)
+    groups = _groups_by_param(base_opt)
     for p in _state_params(base_opt, flat_params):
         st = base_opt.state[p]
         if len(st) == 0:
-            st["step"] = torch.tensor(0.0, dtype=torch.float32)
+            st["step"] = _step_tensor(groups.get(id(p)), p, 0.0)
             st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             if amsgrad:
