@@ -268,7 +268,14 @@ def test_ctrl_c_in_train_names_the_checkpoint_to_resume_from(make_config, capsys
     (out / "checkpoints" / "step-3").mkdir(parents=True)
     (out / "checkpoints" / "step-12").mkdir()
     code, _, err = run_cli(["train", path], capsys)
-    assert code == 130 and f"newest checkpoint {out / 'checkpoints' / 'step-12'}" in err and "--resume auto" in err
+    assert code == 130 and f"newest checkpoint {out / 'checkpoints' / 'step-12'}" in err
+    assert f"continue with `scaletune train {path} --resume auto`" in err
+    # overrides are part of the command to continue with: output_dir among them, the hint named another run
+    other = out.parent / "other run"
+    (other / "checkpoints" / "step-5").mkdir(parents=True)
+    code, _, err = run_cli(["train", path, f"output_dir={other}", "train.max_steps=9"], capsys)
+    assert f"newest checkpoint {other / 'checkpoints' / 'step-5'}" in err
+    assert f"continue with `scaletune train {path} 'output_dir={other}' train.max_steps=9 --resume auto`" in err
 
 
 def test_output_cut_short_by_the_reader_is_not_a_traceback(tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -313,7 +314,9 @@ def _resume_hint(args: argparse.Namespace) -> str:
     kept = f"; {kept}" if kept else ""
     if newest is None:
         return f" (no checkpoint was written yet){kept}"
-    return f"; newest checkpoint {newest}: continue with `scaletune train {args.config} --resume auto`{kept}"
+    # the overrides too: one of them may be output_dir itself
+    command = shlex.join(["scaletune", "train", str(args.config), *(args.overrides or []), "--resume", "auto"])
+    return f"; newest checkpoint {newest}: continue with `{command}`{kept}"
 
 
 if __name__ == "__main__":
