@@ -153,14 +153,13 @@ def loss_and_grads(run: Any, batch: dict, seed: int | None = None) -> tuple[floa
     """One micro-batch's summed loss through `run`'s task and the trainable parameters' gradients
     (fresh, not accumulated). `seed`: draw the same dropout masks as another call with that seed."""
     import torch
-
-    from scaletune.evaluate import to_device
+    from accelerate.utils import send_to_device
 
     run.model.zero_grad(set_to_none=True)
     if seed is not None:
         torch.manual_seed(seed)
     # the model's device: a run kept across tests may outlive its accelerator's (reset) state
-    loss, _ = run.task.loss_sum(run.model, to_device(batch, next(run.model.parameters()).device))
+    loss, _ = run.task.loss_sum(run.model, send_to_device(batch, next(run.model.parameters()).device))
     loss.backward()
     return loss.item(), {n: p.grad.clone() for n, p in run.model.named_parameters() if p.requires_grad}
 

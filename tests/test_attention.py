@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from accelerate.utils import send_to_device
 
 from scaletune import attention
 from scaletune.config import load_config
 from scaletune.data.packing import collate_packed
-from scaletune.evaluate import to_device
 from scaletune.tasks import IGNORE
 from scaletune.train import setup
 
@@ -83,7 +83,7 @@ def test_without_a_kernel_sdpa_answers(make_config, monkeypatch):
     path = make_config("causal_lm", n=32, model={"attn_implementation": "varlen"}, data={"packing": True})
     run, _ = setup(load_config(path), overwrite=True)
     batch = run.task.collate([run.data["train"][i] for i in range(2)], run.tokenizer.pad_token_id)
-    loss, _ = run.task.loss_sum(run.model, to_device(batch, run.accelerator.device))
+    loss, _ = run.task.loss_sum(run.model, send_to_device(batch, run.accelerator.device))
     assert torch.isfinite(loss)
 
 

@@ -431,3 +431,19 @@ def test_a_problem_of_one_override_is_not_blamed_on_its_neighbours(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(path, ["peft.lora_alpha=8", "peft.lora_dropout=0.5", "+peft.modules_to_save=[foo]"])
     assert err.value.problems == ["+peft: unknown key (did you mean 'peft'?) (from override +peft.modules_to_save=[foo])"]
+
+
+def test_task_and_format_names_agree_wherever_they_are_listed():
+    """The config's task names (its tuple and the typed field), the task registry and the method matrix's,
+    and the causal formats the config accepts and the format registry, are kept by hand in several
+    places; a task or format added to one and not the others would be refused or crash late."""
+    import typing
+
+    import scaletune.tasks  # noqa: F401  (registers the tasks)
+    from scaletune import config, methods
+    from scaletune.data.formats import FORMATS
+    from scaletune.tasks.base import TASKS
+
+    typed = typing.get_args(typing.get_type_hints(config.RunConfig)["task"])
+    assert list(config.TASKS) == list(TASKS) == list(typed) == list(methods._ALL)
+    assert set(config.CAUSAL_FORMATS) == set(FORMATS)

@@ -186,3 +186,66 @@ def test_fp16_non_finite_loss_is_still_a_non_finite_step(make_config, monkeypatc
     assert run.step == 4 and run.counters["nonfinite_skips"] == 1 and not run.counters.get("overflow_skips")
     assert [r["step"] for r in read_metrics(tmp_path / "run", "nonfinite")] == [2]
     assert run.accelerator.scaler.get_scale() == 2.0 ** 15
+
+
+def test_deepspeeds_fp16_loss_scale_survives_a_checkpoint(monkeypatch):
+    """DeepSpeed's dynamic loss scaler (ZeRO under fp16, which needs CUDA: here its real class on its own)
+    goes through a checkpoint's JSON state: a resumed run's scaler halves and grows its scale at the same
+    steps as the uninterrupted one's. Without its counters the growth window restarts and the scale
+    starts over at 2**16."""
+    import json
+
+    from deepspeed.runtime.fp16.loss_scaler import CreateLossScaler
+
+    monkeypatch.setattr("deepspeed.comm.get_rank", lambda: 0)  # its log lines ask; no process group here
+
+    def make():
+        return CreateLossScaler(torch.half, 0, True, {"init_scale": 2.0 ** 16, "scale_window": 4, "min_scale": 1,
+                                                      "delayed_shift": 2, "consecutive_hysteresis": False})
+
+    overflows = [True, False, True, True, False, False, True, False, False, False, False, False, False, False]
+    acc = SimpleNamespace(scaler=None)  # no GradScaler: DeepSpeed scales the loss itself
+    first = make()
+    for overflow in overflows[:5]:
+        first.update_scale(overflow)
+    monkeypatch.setattr(nonfinite, "_deepspeed_loss_scaler", lambda a, m: first)
+    state = json.loads(json.dumps(nonfinite.loss_scale_state(acc, None)))
+    assert nonfinite.current_loss_scale(acc, None) == first.cur_scale < 2.0 ** 16
+
+    resumed = make()
+    monkeypatch.setattr(nonfinite, "_deepspeed_loss_scaler", lambda a, m: resumed)
+    nonfinite.load_loss_scale_state(acc, None, state)
+    trajectory = {"first": [], "resumed": []}
+    for overflow in overflows[5:]:
+        for name, scaler in (("first", first), ("resumed", resumed)):
+            scaler.update_scale(overflow)
+            trajectory[name].append(scaler.cur_scale)
+    assert trajectory["resumed"] == trajectory["first"]
+    assert len(set(trajectory["first"])) > 1  # the window grew the scale again after the overflow
+
+
+def test_deepspeeds_loss_scale_at_its_minimum_stops_the_run_with_a_message(monkeypatch):
+    """DeepSpeed halves its fp16 scale inside its own step (accelerate's backward) and raises a bare
+    Exception at an overflow with the scale already at `min_loss_scale`; the run stops one step earlier,
+    with the one-screen fp16 message, instead of ending in that traceback."""
+    from deepspeed.runtime.fp16.loss_scaler import CreateLossScaler
+
+    monkeypatch.setattr("deepspeed.comm.get_rank", lambda: 0)
+    scaler = CreateLossScaler(torch.half, 0, True, {"init_scale": 2.0 ** 4, "scale_window": 1000, "min_scale": 1,
+                                                    "delayed_shift": 2, "consecutive_hysteresis": False})
+    monkeypatch.setattr(nonfinite, "_deepspeed_loss_scaler", lambda a, m: scaler)
+    acc = SimpleNamespace(distributed_type=SimpleNamespace(value="DEEPSPEED"), scaler=None)
+    logged = []
+    mlog = SimpleNamespace(log=lambda kind, step, values: logged.append((kind, step, values)), close=lambda: None)
+    cfg = SimpleNamespace(mixed_precision="fp16", on_nonfinite="stop", max_nonfinite_skips=0)
+    guard = nonfinite.NonfiniteGuard(acc, SimpleNamespace(step=lambda: None), None, cfg, {"nonfinite_skips": 0},
+                                     mlog)
+    with pytest.raises(UserError, match=r"overflowed at every loss scale, 5 steps in a row up to step 5, down to "
+                                        r"DeepSpeed's min_loss_scale 1 \(loss=2.5\)"):
+        for step in range(1, 30):
+            scaler.update_scale(True)  # what DeepSpeed's step did for this overflowed step
+            guard.step(None, None, step, torch.tensor([math.inf, 2.5]))
+            guard.settle(boundary=False)
+    with pytest.raises(Exception, match="Current loss scale already at minimum"):
+        scaler.update_scale(True)  # the next overflow: DeepSpeed's own end
+    assert [v["loss_scale"] for kind, _, v in logged if kind == "overflow"] == [16, 8, 4, 2, 1]

@@ -133,6 +133,20 @@ def test_config_change_refusal_names_what_changed(make_config, tmp_path, capsys)
     assert "max_steps" not in err.split("(changed:")[1].split(")")[0]  # a resume may change it
 
 
+def test_config_change_refusal_does_not_name_a_length_the_model_lowered(make_config, tmp_path, capsys):
+    """data.max_length above the model's position table (the tiny BERT's 512) is lowered for the run; the
+    refusal of a changed learning rate names that change only, not a max_length the user never touched
+    (the checkpoint kept the lowered one, and compared it with the config as written)."""
+    path = make_config("seq_cls", n=32, train={"max_steps": 2}, data={"max_length": 1024})
+    assert _train(path) == 0
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["config"]["data"]["max_length"] == 512
+    capsys.readouterr()
+    assert _train(path, "train.learning_rate=0.5", "--resume", "auto") == 2
+    err = capsys.readouterr().err
+    assert "(changed: train.learning_rate: " in err and "max_length" not in err, err
+    assert _train(path, "train.max_steps=3", "--resume", "auto") == 0  # and unchanged, it resumes
+
+
 def test_resume_from_another_runs_checkpoint_into_a_dir_with_its_own_is_refused(make_config, tmp_path, capsys):
     path = make_config("causal_lm", n=32, train={"max_steps": 2})
     assert _train(path) == 0
@@ -243,3 +257,26 @@ def test_fused_adam_steps_after_a_gpu_resume():
     p.grad = torch.ones_like(p)
     opt.step()
     assert opt.state[p]["step"].item() == 6 and bool((p < 1).all())
+
+
+def test_a_checkpoint_whose_saved_config_matches_resumes_though_its_fingerprint_differs(make_config, tmp_path):
+    """The fingerprint is a hash of the trajectory keys, so making a key resume-free (train.on_nonfinite
+    was not) changes it for every earlier checkpoint: a checkpoint that keeps its config is compared by
+    that config, and refused only for a real change."""
+    from scaletune import checkpoint as ckpt
+    from scaletune.config import load_config
+    from scaletune.errors import UserError
+    from scaletune.train import config_changes
+
+    cfg = load_config(str(make_config("causal_lm")), [])
+    path = tmp_path / "step-4"
+    path.mkdir()
+    (path / "state.json").write_text(json.dumps({"step": 4, "config": cfg.to_dict()}, default=str))
+    ckpt.write_manifest(path, 4, "fingerprint-of-an-older-recipe")
+    ckpt.check_same_config(path, "this-recipe", False, lambda saved: config_changes(saved, cfg))  # accepted
+    changed = load_config(str(make_config("causal_lm")), ["train.learning_rate=0.5"])
+    with pytest.raises(UserError, match=r"different run config \(changed: train.learning_rate: .* -> 0.5\)"):
+        ckpt.check_same_config(path, "this-recipe", False, lambda saved: config_changes(saved, changed))
+    (path / "state.json").write_text(json.dumps({"step": 4}))  # no saved config: the fingerprint decides
+    with pytest.raises(UserError, match="fingerprint fingerprint-of-an-older-recipe vs this-recipe"):
+        ckpt.check_same_config(path, "this-recipe", False, lambda saved: config_changes(saved, cfg))

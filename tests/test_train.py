@@ -436,3 +436,29 @@ def test_seq_cls_macro_f1_averages_the_classes_that_occur():
     assert perfect["per_class"]["neg"]["support"] == 0  # the report still lists every class
     wrong = task.metrics([(1, 1)] * 4 + [(2, 1)], 1.0, 5, ["neg", "pos", "neutral"])
     assert wrong["macro_f1"] == pytest.approx((2 * 4 / (4 + 5)) / 2)  # pos: p=1, r=0.8; neutral: 0
+
+
+def test_a_4bit_base_counts_its_parameters_unpacked(make_config, tmp_path, tiny_llama, monkeypatch):
+    """bitsandbytes packs two 4-bit weights per byte (four per bf16 storage element), so numel() saw a
+    quarter of a QLoRA base: run.json's total_params and the MFU's FLOPs (Throughput) were that much low."""
+    from accelerate.state import AcceleratorState, GradientState
+    from transformers import AutoModelForCausalLM
+
+    from scaletune.metrics import Throughput
+
+    path = make_config("causal_lm", n=16, model={"quantization": "4bit", "dtype": "bfloat16"},
+                       train={"mixed_precision": "bf16", "max_steps": 1, "global_batch_size": 4})
+    AcceleratorState._reset_state(True)  # accelerate keeps one mixed precision per process; this one is bf16
+    GradientState._reset_state()
+    try:
+        run, _ = setup(load_config(path), overwrite=True)
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    base = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(str(tiny_llama)).parameters())
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    adapter = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
+    assert (info["trainable_params"], info["total_params"]) == (adapter, base + adapter)
+    monkeypatch.setenv("SCALETUNE_PEAK_TFLOPS", "1")
+    speed = Throughput(run.accelerator, run.model)
+    assert (speed.n_trainable, speed.n_params) == (adapter, base + adapter)

@@ -3,10 +3,10 @@
 A checkpoint is a directory `checkpoints/step-N/` with:
   trainable.safetensors   every trainable parameter, gathered, float32, by name
   optimizer.safetensors   its optimizer state tensors (`name::exp_avg`, ...), gathered
-  state.json              step, scheduler, optimizer scalars, counters, config fingerprint
+  state.json              step, scheduler, optimizer scalars, counters, fp16 loss scaler, the run config
   method_state.safetensors  (AdaLoRA only) state the method keeps outside parameters and optimizer
   adapter/                the adapter in plain peft format (a usable snapshot)
-  manifest.json           written last: every file with size and sha256
+  manifest.json           written last: every file with size and sha256, the config fingerprint
 
 Because parameters and optimizer state are stored whole and by name, a checkpoint written by 2
 ranks under ZeRO-3 resumes on 1 rank without DeepSpeed, and the reverse. The directory is built
@@ -89,7 +89,9 @@ def check_same_config(path: Path, fingerprint: str, allow_config_change: bool,
     if theirs == fingerprint or allow_config_change:
         return
     saved = json.loads((path / "state.json").read_text(encoding="utf-8")).get("config")
-    diff = changes(saved) if changes is not None and isinstance(saved, dict) else []
+    diff = changes(saved) if changes is not None and isinstance(saved, dict) else None
+    if diff == []:
+        return  # the same run by its saved config: only the fingerprint's recipe changed (a key made resume-free)
     what = f"changed: {'; '.join(diff[:8])}{f'; and {len(diff) - 8} more' if len(diff) > 8 else ''}" if diff \
         else f"fingerprint {theirs} vs {fingerprint}"
     raise UserError(f"checkpoint {path} was written by a different run config ({what})",

@@ -1,4 +1,5 @@
-"""Command line: `scaletune train | eval | predict | merge | demo | launch | slurm | config-help`.
+"""Command line: `scaletune train | eval | predict | merge | demo | launch | launch-args | slurm | plan | report |
+config-help`.
 
 Bad input of any kind ends here as one screen of text and exit code 2 — never a traceback.
 """
@@ -119,6 +120,12 @@ def _setup_logging() -> None:
     logging.getLogger("huggingface_hub").propagate = False
     # DeepSpeed warns on import that it found no GPU: on a CPU run that is the plan, not news.
     logging.getLogger("DeepSpeed").addFilter(lambda rec: "Setting accelerator to CPU" not in rec.getMessage())
+    # bitsandbytes (imported by peft, quantized run or not) on a CPU with AVX512-BF16 asks the `kernels`
+    # package for an optional 4-bit matmul from the Hugging Face hub; offline, or where the hub cannot vouch
+    # for that repository, both warn (every process, every run) and bitsandbytes uses its own kernel.
+    logging.getLogger("kernels").setLevel(logging.ERROR)
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        lambda rec: "kernels-community" not in rec.getMessage())
 
 
 def check_args(args: argparse.Namespace) -> None:

@@ -82,7 +82,7 @@ def main_process_first(accelerator: Any) -> Iterator[None]:
     version, a UserError there (e.g. no usable training example) kills the main process and each other
     rank dies in the barrier with a "Connection closed by peer" traceback (gloo) or hangs until
     torchrun stops it (NCCL). Here the main process broadcasts the outcome instead of only waiting:
-    the others raise the same UserError (marked `relayed_from = 0`, see cli.main), or, for any other
+    the others raise the same UserError (marked `relayed_from = 0`, see cli._render_error), or, for any other
     exception, one saying that rank 0 failed.
     """
     if accelerator is None or accelerator.num_processes == 1:
@@ -149,7 +149,7 @@ def _error_from_payload(payload: tuple) -> errors.UserError:
     if not (isinstance(cls, type) and issubclass(cls, errors.UserError)):
         cls = errors.UserError
     exc = cls(problems, title=title, hint=hint)
-    exc.relayed_from = 0  # type: ignore[attr-defined] - cli.main prints it once, on rank 0
+    exc.relayed_from = 0  # type: ignore[attr-defined] - cli._render_error prints it once, on rank 0
     return exc
 
 

@@ -5,13 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from accelerate.utils import send_to_device
 
 from .data.batching import eval_batches
-
-
-def to_device(batch: dict, device: Any, non_blocking: bool = False) -> dict:
-    """The batch's tensors on `device` (`non_blocking` pays off for pinned batches only)."""
-    return {k: v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 @torch.no_grad()
@@ -24,7 +20,7 @@ def evaluate(accelerator: Any, model: Any, task: Any, dataset: Any, labels: list
     n_targets = 0
     preds: list = []
     for idx in eval_batches(len(dataset), micro, accelerator.num_processes, accelerator.process_index):
-        batch = to_device(task.collate([dataset[i] for i in (idx or [0])], pad_id), accelerator.device)
+        batch = send_to_device(task.collate([dataset[i] for i in (idx or [0])], pad_id), accelerator.device)
         with accelerator.autocast():
             loss, logits = task.loss_sum(model, batch)
         if idx is None:

@@ -4,7 +4,7 @@
   kill-in-checkpoint  SIGKILL this process half-way through writing checkpoint `step`
   enospc              the checkpoint write of `step` fails as if the disk were full
   nan                 the loss of `step` becomes NaN
-  oom                 the forward pass of `step` raises an out-of-memory error
+  oom                 the loss of `step` raises an out-of-memory error (after its forward pass)
 Real faults take the same code paths; this only makes them happen on demand.
 """
 

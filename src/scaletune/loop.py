@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import send_to_device
 
 from . import faults, methods
 from .data.batching import StepBatches
-from .evaluate import evaluate, to_device
+from .evaluate import evaluate
 from .metrics import Throughput
 from .nonfinite import NonfiniteGuard
 from .outdir import replaced_note
@@ -64,7 +65,7 @@ def fit(run: Run, stop: StopFlag) -> str:
         loss_sum = torch.zeros((), device=acc.device)
         for batch in micro_batches:
             speed.count(batch)
-            batch = to_device(batch, acc.device, non_blocking=True)
+            batch = send_to_device(batch, acc.device, non_blocking=True)  # (pays off for pinned batches)
             run.batch_shape = tuple(batch["input_ids"].shape)  # for an out-of-memory message
             with acc.accumulate(model):
                 loss = task.loss_sum(model, batch)[0]  # drop the logits now: they would outlive backward
@@ -80,13 +81,14 @@ def fit(run: Run, stop: StopFlag) -> str:
                     # The lr this update applies (or would have, if skipped as non-finite): after
                     # scheduler.step() the optimizer holds the next step's. On resume, setup() restores it.
                     step_lr = optimizer.param_groups[0]["lr"]
-                    guard.step(optimizer, model, run.step + 1, norm_loss)  # never a non-finite update
+                    guard.step(optimizer, model, run.step + 1, norm_loss)  # never a non-finite update (DeepSpeed: see nonfinite.py)
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
         run.step += 1
         logging = run.step % t.log_every == 0 or run.step == run.total_steps
         saving = bool(t.save_every) and run.step % t.save_every == 0
-        # The host looks at loss and gradient norm only here (a GPU sync); raises if the run must stop.
+        # With fused AdamW the host looks at loss and gradient norm only here, at a logged or saved step
+        # (a GPU sync); other optimizers were looked at in guard.step. Raises if the run must stop.
         grad_norm, _ = guard.settle(boundary=logging or saving)
         speed.add_step(n_global)
         run.counters["tokens_seen"] += n_global  # target tokens trained on, kept across resumes

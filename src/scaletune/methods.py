@@ -22,15 +22,21 @@ class Method:
     zero3: bool
     note: str = ""  # why some tasks are missing / what to know
     zero3_why: str = ""  # why ZeRO-3 is refused
+    zero12_why: str = ""  # why ZeRO-1/2 are refused too (empty: they are supported)
 
 
 _ALL = ("causal_lm", "seq_cls", "token_cls")
+# peft's rank allocator reads each step's gradients after backward and masks the weights after the optimizer
+# step; DeepSpeed's step runs inside accelerate's backward (the gradients are gone when the allocator looks:
+# a ValueError at step 1) and keeps a master copy of the weights the mask would not reach
+_ADALORA_DS = ("its rank re-allocation reads the gradients between backward and the optimizer step, and DeepSpeed "
+               "steps inside backward; use distributed.zero_stage: 0 (DDP)")
 _PROMPT_Z3 = "peft computes the embeddings to save with a forward on one rank, which deadlocks; use ZeRO-2"
 MATRIX: dict[str, Method] = {
     "lora": Method("lora", {}, _ALL, True),
     "dora": Method("lora", {"use_dora": True}, _ALL, True, "LoRA + weight-decomposed magnitude"),
     "rslora": Method("lora", {"use_rslora": True}, _ALL, True, "rank-stabilised scaling alpha/sqrt(r)"),
-    "adalora": Method("adalora", {}, _ALL, False, zero3_why="rank re-allocation needs whole parameters; use ZeRO-2"),
+    "adalora": Method("adalora", {}, _ALL, False, zero3_why=_ADALORA_DS, zero12_why=_ADALORA_DS),
     "ia3": Method("ia3", {}, _ALL, True),
     "loha": Method("loha", {}, _ALL, False, zero3_why="peft's LoHa sizes itself from the base weight, which "
                                                      "ZeRO-3 has already partitioned (empty) at load; use ZeRO-2"),
@@ -100,20 +106,27 @@ def problems(cfg: Any) -> list[str]:
     if cfg.task not in row.tasks:
         out.append(f"peft.method={cfg.peft_method} with task {cfg.task} is not supported ({row.note}); "
                    f"use one of: {supported_for(cfg.task)}")
-    if cfg.distributed.zero_stage == 3 and not row.zero3:
+    stage = cfg.distributed.zero_stage
+    if stage in (1, 2) and row.zero12_why:
+        out.append(f"peft.method={cfg.peft_method} with distributed.zero_stage={stage}: {row.zero12_why}")
+    if stage == 3 and not row.zero3:
         out.append(f"peft.method={cfg.peft_method} with distributed.zero_stage=3: {row.zero3_why}")
     return out
 
 
 def matrix_markdown() -> str:
-    head = ("| method (`peft.method`) | causal_lm | seq_cls | token_cls | ZeRO-3 | note |\n"
-            "| --- | --- | --- | --- | --- | --- |")
+    head = ("| method (`peft.method`) | causal_lm | seq_cls | token_cls | ZeRO-1/2 | ZeRO-3 | note |\n"
+            "| --- | --- | --- | --- | --- | --- | --- |")
     lines = [head]
     for name, row in MATRIX.items():
         key = f"`{row.peft_method}`" + "".join(f" + `{k}: true`" for k in row.extra)
         marks = " | ".join("yes" if t in row.tasks else "no" for t in _ALL)
-        note = "; ".join(x for x in (row.note, row.zero3_why and f"ZeRO-3: {row.zero3_why}") if x)
-        lines.append(f"| {name} ({key}) | {marks} | {'yes' if row.zero3 else 'no'} | {note} |")
+        why = (f"ZeRO: {row.zero3_why}" if row.zero12_why and row.zero12_why == row.zero3_why
+               else "; ".join(x for x in (row.zero12_why and f"ZeRO-1/2: {row.zero12_why}",
+                                          row.zero3_why and f"ZeRO-3: {row.zero3_why}") if x))
+        note = "; ".join(x for x in (row.note, why) if x)
+        zero12 = "no" if row.zero12_why else "yes"
+        lines.append(f"| {name} ({key}) | {marks} | {zero12} | {'yes' if row.zero3 else 'no'} | {note} |")
     return "\n".join(lines)
 
 

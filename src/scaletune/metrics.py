@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from .model import count_parameters
 from .trainable_state import unwrap
 
 PEAK_BF16_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0, "H800": 989.0, "L40S": 362.0, "A10G": 125.0,
@@ -58,8 +59,7 @@ class Throughput:
         self.acc = accelerator
         base = unwrap(accelerator, model)
         conf = getattr(base, "config", None)
-        self.n_params = sum(p.numel() for p in base.parameters())
-        self.n_trainable = sum(p.numel() for p in base.parameters() if p.requires_grad)
+        self.n_trainable, self.n_params = count_parameters(base)
         self.layers = getattr(conf, "num_hidden_layers", 0) or 0
         self.hidden = getattr(conf, "hidden_size", 0) or 0
         self.peak = device_peak_tflops()

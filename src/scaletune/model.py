@@ -440,6 +440,13 @@ def compile_blocks(model: Any) -> int:
 
 
 def count_parameters(model: Any) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return trainable, total
+    """(trainable, total) parameters, each at its full size: a ZeRO-3 parameter partitioned at load holds
+    no elements here and a 4-bit one packs several per element, so `numel()` undercounts both (peft's
+    count knows; the MFU's FLOPs are made of these)."""
+    from .trainable_state import unwrap
+
+    inner = unwrap(None, model)
+    if hasattr(inner, "get_nb_trainable_parameters"):
+        return inner.get_nb_trainable_parameters()
+    sizes = [(p.requires_grad, getattr(p, "ds_numel", None) or p.numel()) for p in inner.parameters()]
+    return sum(n for grad, n in sizes if grad), sum(n for _, n in sizes)

@@ -10,8 +10,10 @@ then reported (and, with `on_nonfinite: stop`, the run stops) at that next bound
 nothing after it is saved, so the last checkpoint is still the last good one.
 
 Optimizers without that input, or whose update must be decided on the host, are checked every step:
-bitsandbytes' 8-bit AdamW, DeepSpeed (it steps itself), fp16 with a GradScaler (which sets `found_inf`
-itself) and AdaLoRA (its budget update after the step reads the gradients).
+bitsandbytes' 8-bit AdamW, fp16 with a GradScaler (which sets `found_inf` itself) and AdaLoRA (its budget
+update after the step reads the gradients). DeepSpeed steps inside accelerate's backward, before the
+guard sees the step: its own overflow check skips a non-finite update (shown under ZeRO-2 and ZeRO-3 in
+tests/distributed/test_scale_out.py), and the guard counts, logs and stops as for the others.
 
 fp16's dynamic loss scaling overflows by design: it starts high (2**16), halves its scale on a step whose
 scaled gradients reached inf (skipping that update) and tries a higher scale again every few thousand
@@ -46,6 +48,48 @@ def device_skipping_optimizer(acc: Any, optimizer: Any, model: Any) -> torch.opt
     return None
 
 
+# What DeepSpeed's dynamic loss scaler learns while training: its scale, the step counter its growth window
+# counts from, the last overflow's step and the hysteresis left. Its checkpoint pickles the whole object;
+# ours keeps these, so a resumed fp16 run does not start over at 2**16 and overflow its way down again.
+_DS_SCALER_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+
+
+def _deepspeed_loss_scaler(acc: Any, model: Any) -> Any | None:
+    """DeepSpeed's dynamic (fp16) loss scaler of this run, or None (no DeepSpeed, or bf16's fixed scale)."""
+    from .trainable_state import deepspeed_engine
+
+    engine = deepspeed_engine(acc, model)
+    scaler = getattr(getattr(engine, "optimizer", None), "loss_scaler", None)
+    return scaler if getattr(scaler, "dynamic", False) else None
+
+
+def loss_scale_state(acc: Any, model: Any) -> dict[str, Any]:
+    """The fp16 loss scaler's state for a checkpoint: accelerate's GradScaler or DeepSpeed's (empty if none)."""
+    if (scaler := getattr(acc, "scaler", None)) is not None:
+        return {"loss_scaler": scaler.state_dict()}
+    if (ds := _deepspeed_loss_scaler(acc, model)) is not None:
+        return {"deepspeed_loss_scaler": {k: getattr(ds, k) for k in _DS_SCALER_FIELDS}}
+    return {}
+
+
+def load_loss_scale_state(acc: Any, model: Any, state: dict[str, Any]) -> None:
+    """Restore what `loss_scale_state` saved, where this run scales its loss the same way (a resume from
+    bf16 to fp16 starts at the scaler's initial scale)."""
+    if (scaler := getattr(acc, "scaler", None)) is not None and state.get("loss_scaler"):
+        scaler.load_state_dict(state["loss_scaler"])
+    elif (ds := _deepspeed_loss_scaler(acc, model)) is not None and state.get("deepspeed_loss_scaler"):
+        for key, value in state["deepspeed_loss_scaler"].items():
+            setattr(ds, key, value)
+
+
+def current_loss_scale(acc: Any, model: Any) -> float | None:
+    """The fp16 loss scale in use now, or None where the loss is not scaled."""
+    if (scaler := getattr(acc, "scaler", None)) is not None:
+        return float(scaler.get_scale())
+    ds = _deepspeed_loss_scaler(acc, model)
+    return float(ds.cur_scale) if ds is not None else None
+
+
 class NonfiniteGuard:
     """Applies each optimizer step only if its gradient norm and loss are finite; reports the skipped ones."""
 
@@ -53,6 +97,8 @@ class NonfiniteGuard:
         self.t, self.counters, self.mlog = train_cfg, counters, mlog
         self.on_device = device_skipping_optimizer(acc, optimizer, model)
         self.scaler = getattr(acc, "scaler", None)  # fp16 without DeepSpeed: accelerate's GradScaler
+        self.loss_scale = lambda: current_loss_scale(acc, model)
+        self.ds_scaler = lambda: _deepspeed_loss_scaler(acc, model)
         self.loss_scaling = self.scaler is not None or train_cfg.mixed_precision == "fp16"  # (or DeepSpeed's)
         self.pending: list[tuple[int, torch.Tensor]] = []  # (step, [grad_norm, loss]) not yet looked at
         self.last = (math.nan, math.nan)
@@ -103,8 +149,8 @@ class NonfiniteGuard:
                     f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step {step} "
                     f"(loss={loss}, grad_norm={norm})",
                     hint="likely causes: learning rate too high, fp16 overflow (use bf16), or bad data in this "
-                         "step. The last good checkpoint is kept; resume with a lower learning rate or "
-                         "train.on_nonfinite: skip")
+                         "step. The last good checkpoint is kept: resume it (--resume auto) with "
+                         "train.on_nonfinite=skip, or with a lower train.learning_rate and --allow-config-change")
         self.last = (values[-1][0], values[-1][1])
         return self.last
 
@@ -113,12 +159,17 @@ class NonfiniteGuard:
         GradScaler / DeepSpeed. Logged and counted; a long series of them stops the run."""
         self.counters["overflow_skips"] = self.counters.get("overflow_skips", 0) + 1
         self.counters["overflow_streak"] = streak = self.counters.get("overflow_streak", 0) + 1
-        scale = {"loss_scale": self.scaler.get_scale()} if self.scaler is not None else {}
+        scale = {"loss_scale": s} if (s := self.loss_scale()) is not None else {}
         self.mlog.log("overflow", step, {"loss": loss, "grad_norm": norm, **scale})
-        if streak >= MAX_OVERFLOW_STREAK:
+        # DeepSpeed raises a bare Exception (a traceback) at an overflow with its scale already at the
+        # minimum: stop at the step before, with this message, where that next overflow would do so.
+        ds = self.ds_scaler()
+        floor = ds is not None and ds.cur_scale <= ds.min_scale and (ds.delayed_shift == 1 or ds.cur_hysteresis == 1)
+        if streak >= MAX_OVERFLOW_STREAK or floor:
             self.mlog.close()
+            at_min = f", down to DeepSpeed's min_loss_scale {ds.min_scale:g}" if floor else ""
             raise UserError(f"fp16: the gradients overflowed at every loss scale, {streak} steps in a row up to "
-                            f"step {step} (loss={loss})",
+                            f"step {step}{at_min} (loss={loss})",
                             hint="the gradients themselves are not finite: lower the learning rate, check this "
                                  "step's data, or use bf16. The last good checkpoint is kept")
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from . import checkpoint as ckpt
-from . import methods, runlock
+from . import methods, nonfinite, runlock
 from .config import RunConfig
 from .errors import EXIT_PREEMPTED, ConfigError, UserError
 from .outdir import check_output_dir, discard_replaced, replaced_note, set_aside, set_aside_metrics
@@ -29,7 +29,7 @@ log = logging.getLogger("scaletune")
 # (Not data.eval_fraction: it decides which examples are trained on, so a change would move trained
 # examples into the eval set.)
 _RESUME_FREE_KEYS = {"train": {"max_steps", "epochs", "eval_every", "save_every", "log_every", "save_total_limit",
-                               "report_to", "max_nonfinite_skips", "release_cpu_memory"},
+                               "report_to", "on_nonfinite", "max_nonfinite_skips", "release_cpu_memory"},
                      "data": {"num_workers", "num_proc", "cache", "eval"}, "distributed": {"zero_stage",
                                "offload", "backend", "timeout_s"}, "output_dir": True}
 
@@ -47,7 +47,9 @@ def _trajectory(d: dict) -> dict:
 
 
 def config_fingerprint(cfg: RunConfig) -> str:
-    """Hash of everything that determines the training trajectory (not paths, logging or scale-out)."""
+    """Hash of everything that determines the training trajectory: the resolved config without output_dir
+    and the other keys a resume may change (logging, saving, scale-out; `_RESUME_FREE_KEYS`). Data and
+    model paths are in it: the same file moved elsewhere needs --allow-config-change."""
     return hashlib.sha256(json.dumps(_trajectory(cfg.to_dict()), sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -84,6 +86,9 @@ class Run:
     total_steps: int
     accum: int
     fingerprint: str
+    # the config as validated, before load_tokenizer lowered data.max_length to what the model takes: what
+    # the fingerprint hashes, so a resume's "changed:" list compares like with like
+    given_config: dict = field(default_factory=dict)
     step: int = 0
     batch_shape: tuple = ()
     counters: dict = field(default_factory=lambda: {"nonfinite_skips": 0, "tokens_seen": 0})
@@ -173,7 +178,7 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
     t = cfg.train
     accum = t.global_batch_size // (t.micro_batch_size * world)
     out = Path(cfg.output_dir)
-    fingerprint = config_fingerprint(cfg)
+    fingerprint, given_config = config_fingerprint(cfg), cfg.to_dict()
     resume_from, replace_output = resume_point(cfg, resume, overwrite, allow_config_change)
     accelerator = Accelerator(project_dir=str(out), log_with=t.report_to or None,
                               **accelerator_kwargs(cfg, accum))
@@ -224,7 +229,8 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
         log.warning("the warmup (%d step(s)) is not shorter than the run (%d step(s)): the learning rate reaches "
                     "at most %.0f%% of train.learning_rate%s; lower train.warmup_steps / warmup_ratio", warmup, total,
                     100 * peak, " and nothing is trained" if peak == 0 else "")
-    run = Run(cfg, accelerator, model, optimizer, scheduler, task, data, tokenizer, out, total, accum, fingerprint)
+    run = Run(cfg, accelerator, model, optimizer, scheduler, task, data, tokenizer, out, total, accum, fingerprint,
+              given_config)
     if accelerator.is_main_process:
         if replace_output:
             set_aside(out)  # only now: a bad input or model never costs the previous run
@@ -256,8 +262,7 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
             group["lr"] = lr
         methods.load_method_state(model, state["method_tensors"], state.get("method_state") or {})
         run.step, run.counters = state["step"], state["counters"]
-        if getattr(accelerator, "scaler", None) is not None and state.get("loss_scaler"):
-            accelerator.scaler.load_state_dict(state["loss_scaler"])  # else the scale starts over at 2**16
+        nonfinite.load_loss_scale_state(accelerator, model, state)  # else fp16's scale starts over at 2**16
         if run.step > total:
             raise UserError(f"checkpoint {resume_from} is at step {run.step}, past this run's {total} steps; "
                             "raise train.max_steps (or train.epochs) to continue it")
@@ -298,9 +303,8 @@ def save_checkpoint(run: Run) -> Path:
     state = {"step": run.step, "scheduler": run.scheduler.state_dict(), "optimizer_scalars": scalars,
              "method_state": method_facts,
              "counters": run.counters, "world_size": run.accelerator.num_processes,
-             # fp16's GradScaler: its scale and growth count (DeepSpeed's own loss scale is not kept)
-             "loss_scaler": scaler.state_dict() if (scaler := getattr(run.accelerator, "scaler", None)) else None,
-             "global_batch_size": run.cfg.train.global_batch_size, "config": run.cfg.to_dict()}
+             **nonfinite.loss_scale_state(run.accelerator, run.model),  # fp16: GradScaler's or DeepSpeed's
+             "global_batch_size": run.cfg.train.global_batch_size, "config": run.given_config}
     return ckpt.save_checkpoint(run.accelerator, run.output_dir, run.step, trainable=params,
                                 optimizer_state=opt_state, state=state,
                                 save_adapter=lambda d: save_adapter(run, d, adapter_state),

@@ -62,7 +62,7 @@ def _trainable_named_parameters(accelerator: Accelerator | None, model: Any) -> 
             yield _strip_prefix(name), param
 
 
-def _deepspeed_engine(accelerator: Accelerator | None, model: Any) -> Any | None:
+def deepspeed_engine(accelerator: Accelerator | None, model: Any) -> Any | None:
     """The DeepSpeedEngine driving `model`, or None when DeepSpeed is not in use."""
     if "deepspeed" not in sys.modules:  # never imported -> not in use (importing it costs ~1 s per process)
         return None
@@ -208,7 +208,7 @@ def gather_trainable_state(
     """
     import torch
 
-    engine = _deepspeed_engine(accelerator, model)
+    engine = deepspeed_engine(accelerator, model)
     stage = _zero_stage(engine)
     params: dict[str, torch.Tensor] = {}
     opt_state: dict[str, torch.Tensor] = {}
@@ -304,7 +304,7 @@ def load_trainable_state(
             sorted(extra)[:5],
         )
     step = int(scalars.get("step", 0)) if scalars else 0
-    engine = _deepspeed_engine(accelerator, model)
+    engine = deepspeed_engine(accelerator, model)
     stage = _zero_stage(engine)
 
     if stage == 0:
@@ -379,7 +379,7 @@ def saved_adapter_state(accelerator: Accelerator, model: Any) -> dict | None:
     adapter (VeRA's shared projections). Keys are the PEFT model's own names (no "module." prefix).
     Without ZeRO-3 this returns None: the unwrapped model's own state dict is complete.
     """
-    engine = _deepspeed_engine(accelerator, model)
+    engine = deepspeed_engine(accelerator, model)
     if _zero_stage(engine) != 3:
         return None
     import deepspeed

@@ -1,4 +1,4 @@
-"""Runs several PEFT methods one after another inside ONE 2-process ZeRO-3 launch (a launch costs
+"""Runs several PEFT methods one after another inside ONE 2-process DeepSpeed launch (a launch costs
 ~15 s of start-up, a tiny run ~2 s). Usage: matrix_worker.py ROOT_DIR SPEC_JSON; each run writes
 ROOT_DIR/<name>/ as `scaletune train` would (metrics.jsonl, adapter/)."""
 

@@ -92,12 +92,12 @@ def _kill_tree(proc: subprocess.Popen) -> None:
             pass
 
 
-def run_forked(world: SimpleNamespace, argv: list[str], expect: int = 0) -> str:
+def run_forked(world: SimpleNamespace, argv: list[str], expect: int = 0, **env: str) -> str:
     """`scaletune <argv>` in one process of its own, forked from tests/zygote.py (the single-process
     runs here are references and resumes, not tests of how a process starts: that is `run_cli`)."""
     t0 = time.perf_counter()
     log = world.root / f"forked{len(world.timings)}.log"
-    res = forking.run(argv, _env(world), log, timeout=LAUNCH_TIMEOUT)
+    res = forking.run(argv, _env(world, **env), log, timeout=LAUNCH_TIMEOUT)
     world.timings.append(("(forked) scaletune " + " ".join(argv[:2]), round(time.perf_counter() - t0, 1)))
     out = res.stdout + res.stderr
     _check(res, out, ["scaletune", *argv], expect)
@@ -242,6 +242,34 @@ def test_loss_curve_matches_single_process(variant, single, request):
     assert json.loads((single / "run.json").read_text())["grad_accum"] == 4
 
 
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_non_finite_step_is_skipped_under_zero(world, stage):
+    """DeepSpeed steps inside accelerate's backward, before scaletune's guard looks at the step, so under
+    ZeRO a non-finite update is kept out by DeepSpeed's own overflow check: the run with a NaN loss at
+    step 3 (train.on_nonfinite: skip) follows the single-process run that skips that step, to the same
+    final adapter, and counts the skip the same way."""
+    from safetensors.torch import load_file
+
+    steps = 5
+    cfg = world.cfg(f"nan_z{stage}", train={"max_steps": steps, "save_every": steps, "on_nonfinite": "skip",
+                                            "max_nonfinite_skips": 2})
+    ref, got = world.root / f"nan_single_{stage}", world.root / f"nan_zero{stage}"
+    run_forked(world, ["train", str(cfg), f"output_dir={ref}"], SCALETUNE_FAULT="nan@3")
+    run_cli(world, _accelerate(f"cpu_2proc_zero{stage}.yaml", str(cfg), f"output_dir={got}",
+                               f"distributed.zero_stage={stage}"), SCALETUNE_FAULT="nan@3")
+    for run in (ref, got):
+        assert [r["step"] for r in helpers.read_metrics(run, "nonfinite")] == [3], run
+        state = json.loads((run / "checkpoints" / f"step-{steps}" / "state.json").read_text())
+        assert state["counters"]["nonfinite_skips"] == 1, run
+    assert_same_curve(losses(ref), losses(got), [1, 2, 4, 5])
+    want = load_file(str(ref / "checkpoints" / f"step-{steps}" / "trainable.safetensors"))
+    have = load_file(str(got / "checkpoints" / f"step-{steps}" / "trainable.safetensors"))
+    assert sorted(want) == sorted(have)
+    for name, w in want.items():
+        assert torch.isfinite(have[name]).all(), name
+        torch.testing.assert_close(have[name], w, rtol=1e-4, atol=1e-6, msg=name)
+
+
 # ------------------------------------------------------------------------------------------------
 # 3 + 7: the ZeRO-3 adapter
 
@@ -266,6 +294,10 @@ def test_zero3_adapter_is_full_and_loads_in_peft(world, zero3, single):
 
     adapter = load_file(str(zero3 / "adapter" / "adapter_model.safetensors"))
     assert adapter and all(v.numel() > 0 for v in adapter.values())
+    # the parameters partitioned at load count at their full size (run.json; the MFU's FLOPs count them so)
+    info = [json.loads((run / "run.json").read_text()) for run in (zero3, single)]
+    assert [(i["trainable_params"], i["total_params"]) for i in info] == [(info[1]["trainable_params"],
+                                                                          info[1]["total_params"])] * 2
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items()), "lora_B never trained"
     # Same tensors as the gathered fp32 parameters of the final checkpoint (keys carry the adapter name there).
     ckpt = load_file(str(zero3 / "checkpoints" / f"step-{STEPS}" / "trainable.safetensors"))

@@ -109,6 +109,12 @@ def test_nonfinite_loss_stops_at_that_step_keeping_last_good_checkpoint(cfg_path
     out = tmp_path / "run"
     assert [p.name for p in checkpoint_dirs(out)] == ["step-2"]
     assert [r["step"] for r in read_metrics(out, "nonfinite")] == [3]
+    # what the hint offers works: the same config resumed with on_nonfinite=skip (a resume-free key) goes on
+    assert "--resume auto) with train.on_nonfinite=skip" in res.stderr
+    res = train(cfg_path, "--resume", "auto", "train.on_nonfinite=skip", fault="nan@3")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert [r["step"] for r in read_metrics(out, "nonfinite")] == [3, 3]  # the stop's, then the skip's
+    assert [p.name for p in checkpoint_dirs(out)][0] == "step-6"
 
 
 def test_nonfinite_skip_drops_the_update_and_counts(make_config, tmp_path):
