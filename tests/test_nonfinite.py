@@ -244,7 +244,7 @@ def test_deepspeeds_loss_scale_at_its_minimum_stops_the_run_with_a_message(monke
                                         r"DeepSpeed's min_loss_scale 1 \(loss=2.5\)"):
         for step in range(1, 30):
             scaler.update_scale(True)  # what DeepSpeed's step did for this overflowed step
-            guard.step(None, None, step, torch.tensor([math.inf, 2.5]))
+            guard.optimizer_step(None, None, step, torch.tensor([math.inf, 2.5]))
             guard.settle(boundary=False)
     with pytest.raises(Exception, match="Current loss scale already at minimum"):
         scaler.update_scale(True)  # the next overflow: DeepSpeed's own end

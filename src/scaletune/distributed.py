@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import logging
 import os
 from collections.abc import Iterator
 from datetime import timedelta
@@ -27,8 +26,6 @@ from typing import Any
 
 from . import errors
 from .errors import ConfigError
-
-logger = logging.getLogger(__name__)
 
 #: Name of the packaged folder holding the canonical DeepSpeed JSON files.
 _DS_RESOURCE_PACKAGE = "scaletune.resources.deepspeed"
@@ -68,6 +65,22 @@ def cuda_available() -> bool:
 def launched_with_deepspeed() -> bool:
     """True when `accelerate launch` was told to use DeepSpeed (flag or config file)."""
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def launched_zero_stage() -> tuple[int | None, str]:
+    """The ZeRO stage `accelerate launch` started DeepSpeed with (its DeepSpeed JSON's, or its --zero_stage)
+    and where that came from; (None, "") without DeepSpeed or where the launch does not say."""
+    if not launched_with_deepspeed():
+        return None, ""
+    config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if config_file and config_file != "none":
+        stage, source = load_deepspeed_json(config_file).get("zero_optimization", {}).get("stage"), config_file
+    else:
+        stage, source = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE"), "accelerate's --zero_stage"
+    try:
+        return int(stage), source
+    except (TypeError, ValueError):
+        return None, ""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -366,16 +379,8 @@ def accelerator_kwargs(cfg: Any, grad_accum_steps: int) -> dict:
         elif config_file and config_file != "none":
             # A user-supplied DeepSpeed JSON: honour it, but fill its "auto" values from the run
             # config so batch size, clipping and precision agree with what scaletune does.
+            # (its stage is the run config's: train.setup refuses a launch of another stage)
             ds = resolve_deepspeed_config(load_deepspeed_json(config_file), cfg, grad_accum_steps, world)
-            launched_stage = ds.get("zero_optimization", {}).get("stage")
-            if launched_stage != stage:
-                logger.warning(
-                    "launched with DeepSpeed config %s (ZeRO stage %s) but distributed.zero_stage=%s; "
-                    "using the launched config",
-                    config_file,
-                    launched_stage,
-                    stage,
-                )
             kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=ds)
         else:
             # Launched with plugin flags (--zero_stage ...) and no JSON: accelerate builds the plugin

@@ -81,14 +81,14 @@ def fit(run: Run, stop: StopFlag) -> str:
                     # The lr this update applies (or would have, if skipped as non-finite): after
                     # scheduler.step() the optimizer holds the next step's. On resume, setup() restores it.
                     step_lr = optimizer.param_groups[0]["lr"]
-                    guard.step(optimizer, model, run.step + 1, norm_loss)  # never a non-finite update (DeepSpeed: see nonfinite.py)
+                    guard.optimizer_step(optimizer, model, run.step + 1, norm_loss)  # skips a non-finite update
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
         run.step += 1
         logging = run.step % t.log_every == 0 or run.step == run.total_steps
         saving = bool(t.save_every) and run.step % t.save_every == 0
         # With fused AdamW the host looks at loss and gradient norm only here, at a logged or saved step
-        # (a GPU sync); other optimizers were looked at in guard.step. Raises if the run must stop.
+        # (a GPU sync); other optimizers were looked at in guard.optimizer_step. Raises if the run must stop.
         grad_norm, _ = guard.settle(boundary=logging or saving)
         speed.add_step(n_global)
         run.counters["tokens_seen"] += n_global  # target tokens trained on, kept across resumes

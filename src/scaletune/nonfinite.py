@@ -103,8 +103,10 @@ class NonfiniteGuard:
         self.pending: list[tuple[int, torch.Tensor]] = []  # (step, [grad_norm, loss]) not yet looked at
         self.last = (math.nan, math.nan)
 
-    def step(self, optimizer: Any, model: Any, step: int, norm_loss: torch.Tensor) -> None:
-        """Optimizer step number `step` (1-based), given its [grad_norm, loss] as a device tensor."""
+    def optimizer_step(self, optimizer: Any, model: Any, step: int, norm_loss: torch.Tensor) -> None:
+        """`optimizer.step()` for optimizer step number `step` (1-based) unless its [grad_norm, loss] (a device
+        tensor) is not finite: fused AdamW skips it on the device, other optimizers are not stepped (a
+        GradScaler is, and skips it itself; DeepSpeed stepped already, inside backward)."""
         if self.on_device is not None:
             self.on_device.found_inf = (~torch.isfinite(norm_loss).all()).float()
             optimizer.step()

@@ -158,19 +158,12 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
     from transformers.utils import logging as hf_logging
 
     from .data import build_datasets
-    from .distributed import accelerator_kwargs, cuda_available, launched, world_size_from_env
+    from .distributed import accelerator_kwargs, world_size_from_env
     from .model import compile_blocks, count_parameters, load_model, load_tokenizer, peft_config, quantization_config
     from .tasks import get_task
-    from .trainable_state import load_trainable_state
 
     world = world_size_from_env()
-    problems = cross_field_problems(cfg, world_size=world, has_cuda=cuda_available())
-    if cfg.distributed.zero_stage and not launched():
-        # DeepSpeed needs the process group a launcher sets up; without one it fails deep in accelerate
-        problems.append(f"distributed.zero_stage={cfg.distributed.zero_stage} needs a launcher: "
-                        "`scaletune launch run.yaml --nproc N` (or accelerate launch), or set zero_stage: 0")
-    if problems:
-        raise ConfigError(problems, title=f"run config cannot run here ({len(problems)} problem(s))")
+    refuse_what_cannot_run_here(cfg, world)
     # refuse bad peft settings before loading anything (AdaLoRA's real step count comes later)
     peft_config(cfg, get_task(cfg.task).peft_task_type, total_steps=10**9)
     quantization_config(cfg)
@@ -244,32 +237,7 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
             log.info("%s", note)
     accelerator.wait_for_everyone()
     if resume_from is not None:
-        params, opt_state, state = ckpt.load_checkpoint(resume_from)
-        try:
-            load_trainable_state(accelerator, model, optimizer, params, opt_state, state["optimizer_scalars"])
-        except (KeyError, RuntimeError, ValueError) as exc:  # --allow-config-change across shapes or tasks
-            raise UserError(f"checkpoint {resume_from} does not fit this run's model and adapter: "
-                            f"{str(exc).splitlines()[0][:300]}") from None
-        # The schedule's position comes from the checkpoint, its peak from this config: load_state_dict would
-        # also bring back the saved base_lrs, and a learning_rate changed with --allow-config-change would
-        # silently do nothing. (transformers' schedules are LambdaLR: lr = base * lambda(step).)
-        peaks = list(scheduler.base_lrs)
-        scheduler.load_state_dict(state["scheduler"])
-        scheduler.base_lrs = peaks
-        lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(peaks, scheduler.lr_lambdas)]
-        scheduler._last_lr = lrs  # what get_last_lr() reports until the next step
-        for group, lr in zip(optimizer.param_groups, lrs):  # load_state_dict does not set the optimizer's
-            group["lr"] = lr
-        methods.load_method_state(model, state["method_tensors"], state.get("method_state") or {})
-        run.step, run.counters = state["step"], state["counters"]
-        nonfinite.load_loss_scale_state(accelerator, model, state)  # else fp16's scale starts over at 2**16
-        if run.step > total:
-            raise UserError(f"checkpoint {resume_from} is at step {run.step}, past this run's {total} steps; "
-                            "raise train.max_steps (or train.epochs) to continue it")
-        if accelerator.is_main_process:
-            ckpt.set_aside_newer(out, resume_from)
-        accelerator.print(f"resumed from {resume_from} at step {run.step} "
-                          f"(saved at world size {state['world_size']}, now {world})")
+        restore(run, resume_from)
     if accelerator.is_main_process:
         from .tracking import write_run_json
 
@@ -290,6 +258,60 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
 
         start_trackers(accelerator, cfg, out)
     return run, resume_from
+
+
+def restore(run: Run, resume_from: Path) -> None:
+    """Continue `run` from the checkpoint at `resume_from`: trainable weights and optimizer state, the
+    schedule's position, method state (AdaLoRA), counters and the fp16 loss scaler."""
+    from .trainable_state import load_trainable_state
+
+    accelerator, model, optimizer, scheduler = run.accelerator, run.model, run.optimizer, run.scheduler
+    params, opt_state, state = ckpt.load_checkpoint(resume_from)
+    try:
+        load_trainable_state(accelerator, model, optimizer, params, opt_state, state["optimizer_scalars"])
+    except (KeyError, RuntimeError, ValueError) as exc:  # --allow-config-change across shapes or tasks
+        raise UserError(f"checkpoint {resume_from} does not fit this run's model and adapter: "
+                        f"{str(exc).splitlines()[0][:300]}") from None
+    # The schedule's position comes from the checkpoint, its peak from this config: load_state_dict would
+    # also bring back the saved base_lrs, and a learning_rate changed with --allow-config-change would
+    # silently do nothing. (transformers' schedules are LambdaLR: lr = base * lambda(step).)
+    peaks = list(scheduler.base_lrs)
+    scheduler.load_state_dict(state["scheduler"])
+    scheduler.base_lrs = peaks
+    lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(peaks, scheduler.lr_lambdas)]
+    scheduler._last_lr = lrs  # what get_last_lr() reports until the next step
+    for group, lr in zip(optimizer.param_groups, lrs):  # load_state_dict does not set the optimizer's
+        group["lr"] = lr
+    methods.load_method_state(model, state["method_tensors"], state.get("method_state") or {})
+    run.step, run.counters = state["step"], state["counters"]
+    nonfinite.load_loss_scale_state(accelerator, model, state)  # else fp16's scale starts over at 2**16
+    if run.step > run.total_steps:
+        raise UserError(f"checkpoint {resume_from} is at step {run.step}, past this run's {run.total_steps} steps; "
+                        "raise train.max_steps (or train.epochs) to continue it")
+    if accelerator.is_main_process:
+        ckpt.set_aside_newer(run.output_dir, resume_from)
+    accelerator.print(f"resumed from {resume_from} at step {run.step} "
+                      f"(saved at world size {state['world_size']}, now {accelerator.num_processes})")
+
+
+def refuse_what_cannot_run_here(cfg: RunConfig, world: int) -> None:
+    """ConfigError listing every reason this config cannot run in this process: the cross-field rules
+    (rules.py) for this world size and device, and a launch that does not fit `distributed.zero_stage`."""
+    from .distributed import cuda_available, launched, launched_zero_stage
+
+    problems = cross_field_problems(cfg, world_size=world, has_cuda=cuda_available())
+    if cfg.distributed.zero_stage and not launched():
+        # DeepSpeed needs the process group a launcher sets up; without one it fails deep in accelerate
+        problems.append(f"distributed.zero_stage={cfg.distributed.zero_stage} needs a launcher: "
+                        "`scaletune launch run.yaml --nproc N` (or accelerate launch), or set zero_stage: 0")
+    stage, source = launched_zero_stage()
+    if stage is not None and stage != cfg.distributed.zero_stage:
+        # what is supported, what is gathered and which kernels apply are decided from the run config's stage
+        problems.append(f"distributed.zero_stage={cfg.distributed.zero_stage}, but this process was launched "
+                        f"with DeepSpeed ZeRO stage {stage} ({source}): add distributed.zero_stage={stage} to the "
+                        "command (or use `scaletune launch`, which picks the launch for the config's stage)")
+    if problems:
+        raise ConfigError(problems, title=f"run config cannot run here ({len(problems)} problem(s))")
 
 
 def save_checkpoint(run: Run) -> Path:

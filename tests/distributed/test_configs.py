@@ -293,3 +293,32 @@ def test_run_accelerate_reports_failed_ranks_in_one_line(monkeypatch, capsys) ->
     assert run_accelerate(build_launch_command("r.yaml", [], make_cfg(0), nproc=1, cpu=True)) == 2
     monkeypatch.setattr(accelerate_launch, "launch_command", lambda args: None)
     assert run_accelerate(cmd) == 0
+
+
+@pytest.mark.parametrize(("config_stage", "launch"), [(0, "configs/deepspeed/zero3.json"),
+                                                      (2, "configs/deepspeed/zero3.json"),
+                                                      (3, "--zero_stage 2")])
+def test_a_launch_of_another_zero_stage_than_the_configs_is_refused(clean_env, make_config, capsys, config_stage,
+                                                                    launch) -> None:
+    """Raw `accelerate launch --config_file launch/zero3.yaml -m scaletune train run.yaml` with a run config
+    of another distributed.zero_stage: what is supported, gathered and fused is decided from the config's
+    stage, so running the launch's (as a warning once said it did) could crash or mis-train. One error naming
+    both stages and the override to add, exit 2, before anything starts."""
+    from scaletune.cli import main
+
+    clean_env.chdir(REPO)
+    clean_env.setenv("WORLD_SIZE", "1")
+    clean_env.setenv("LOCAL_RANK", "0")
+    clean_env.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    if launch.endswith(".json"):
+        clean_env.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", launch)
+        launched, source = 3, launch
+    else:
+        clean_env.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+        launched, source = 2, "accelerate's --zero_stage"
+    path = make_config("causal_lm", distributed={"zero_stage": config_stage})
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert (f"distributed.zero_stage={config_stage}, but this process was launched with DeepSpeed ZeRO stage "
+            f"{launched} ({source}): add distributed.zero_stage={launched}") in err, err
+    assert "Traceback" not in err and not (path.parent / "run").exists()
