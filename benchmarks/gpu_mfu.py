@@ -93,6 +93,8 @@ def main() -> int:
     # Skip the warm-up (compilation) steps: rows after step 3 whose logging interval began after it.
     every = run["train"]["log_every"]
     train = [r for r in rows if r.get("event") == "train" and r["step"] > max(3, every)]
+    if not train:
+        raise SystemExit(f"--steps {args.steps}: no logged step after the warm-up; use more than {max(3, every)}")
     keys = ("tokens_per_s", "target_tokens_per_s", "mfu", "peak_mem_mb")
     summary = {k: statistics.median(r[k] for r in train if k in r) for k in keys if any(k in r for r in train)}
     summary["cuda_alloc_retries"] = train[-1].get("cuda_alloc_retries") if train else None

@@ -152,3 +152,75 @@ def test_grouped_heads_used_only_where_the_kernel_is_checked_to_take_them(monkey
     out = attention._torch_varlen(q, k, v, cu, 18, None)
     assert seen == [2 if grouped else 8]
     torch.testing.assert_close(out, reference_kernel([])(q, k, v, cu, 18, None))
+
+
+def _half_only_kernel(seen: list):
+    """Stands for flash attention's kernel, which takes 16-bit inputs only: records their dtypes."""
+    exact = reference_kernel([])
+
+    def kernel(q, k, v, cu, max_len, scale):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        assert q.dtype == k.dtype == v.dtype and q.dtype in (torch.float16, torch.bfloat16)
+        return exact(q, k, v, cu, max_len, scale)
+
+    kernel.half_only = True
+    return kernel
+
+
+def _attend(**kwargs):
+    """varlen_attention on two rows of 6 tokens (segments 4+2 and 6), q/k in float32 as rotary embeddings
+    leave them under autocast, v in the given dtype."""
+    from types import SimpleNamespace
+
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(2, 2, 6, 8, generator=g) for _ in range(2))
+    v = torch.randn(2, 2, 6, 8, generator=g).to(kwargs.pop("v_dtype", torch.float32))
+    module = SimpleNamespace(is_causal=True, training=False, num_key_value_groups=1)
+    cu = attention.segment_bounds([[4, 2], [6]], width=6)
+    mask = torch.zeros(2, 1, 6, 6, dtype=torch.bool)  # SDPA's: each segment causal on its own
+    for a, b in ((0, 4), (4, 6)):
+        mask[0, 0, a:b, a:b] = torch.ones(b - a, b - a).tril().bool()
+    mask[1, 0] = torch.ones(6, 6).tril().bool()
+    out, _ = attention.varlen_attention(module, q, k, v, mask, cu_seq_lens_q=cu,
+                                        max_length_q=kwargs.pop("max_length_q", 6), **kwargs)
+    return out
+
+
+def test_a_16_bit_kernel_gets_16_bit_inputs_or_is_not_used(monkeypatch):
+    """Flash attention takes fp16/bf16 only, but float32 reaches attention under autocast (rotary
+    embeddings upcast q and k; a float32 base): there the kernel gets the autocast dtype, as SDPA would
+    compute in. Without autocast float32 is what the run asked for, and SDPA answers."""
+    seen: list = []
+    monkeypatch.setitem(attention.KERNELS, "cpu", _half_only_kernel(seen))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = _attend(v_dtype=torch.bfloat16)
+    assert seen == [(torch.bfloat16,) * 3] and out.dtype == torch.bfloat16
+    reference = _attend()
+    assert len(seen) == 1 and reference.dtype == torch.float32  # float32, no autocast: SDPA
+    torch.testing.assert_close(out.float(), reference, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize(("kwargs", "kernel_used"), [
+    ({}, True),
+    ({"max_length_q": 4}, False),  # the bounds describe a narrower batch: prompt tuning's virtual tokens in front
+    ({"sliding_window": 6}, True),  # a window as long as the row changes nothing
+    ({"sliding_window": 3}, False),
+    ({"softcap": 50.0}, False),  # (which transformers' SDPA then refuses, as it does for attn_implementation sdpa)
+    ({"s_aux": torch.zeros(2)}, False),
+])
+def test_what_the_kernel_cannot_do_as_the_model_means_it_goes_to_sdpa(monkeypatch, kwargs, kernel_used):
+    calls: list = []
+    monkeypatch.setitem(attention.KERNELS, "cpu", reference_kernel(calls))
+    with pytest.MonkeyPatch.context() as m:
+        # SDPA answering: the call lands here (transformers' SDPA ignores sliding_window / softcap kwargs; its
+        # masks carry the window)
+        answered = []
+        from transformers.integrations import sdpa_attention
+
+        real = sdpa_attention.sdpa_attention_forward
+        m.setattr(sdpa_attention, "sdpa_attention_forward", lambda *a, **kw: answered.append(1) or real(*a, **kw))
+        try:
+            _attend(**kwargs)
+        except ValueError as exc:
+            assert "does not support `softcap`" in str(exc)
+    assert (len(calls), len(answered)) == ((1, 0) if kernel_used else (0, 1))

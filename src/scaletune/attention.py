@@ -103,6 +103,23 @@ _VARLEN_PARAMS = _varlen_params()
 # Device type -> kernel(q, k, v, cu_seq_lens, max_len, scale) on (tokens, heads, head_dim) tensors,
 # causal within each segment. Tests add a reference implementation for "cpu".
 KERNELS: dict[str, Callable[..., torch.Tensor]] = {"cuda": _torch_varlen} if "window_size" in _VARLEN_PARAMS else {}
+# Kernels that take only 16-bit inputs (flash attention's); a kernel function may be marked so in tests
+_torch_varlen.half_only = True  # type: ignore[attr-defined]
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _half_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+    """q, k, v in the 16-bit dtype a flash kernel needs, or None where the kernel would change the numbers.
+
+    Under autocast float32 reaches attention anyway (rotary embeddings computed in float32 upcast q and
+    k; a float32 base or QLoRA's float32 norms give float32 activations): the autocast dtype is what SDPA
+    would compute in there too. Without autocast float32 is what the run asked for: SDPA keeps it."""
+    if all(t.dtype in _HALF for t in (q, k, v)) and q.dtype == k.dtype == v.dtype:
+        return q, k, v
+    if not torch.is_autocast_enabled(q.device.type):
+        return None
+    dtype = torch.get_autocast_dtype(q.device.type)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
 def available(device_type: str) -> bool:
@@ -118,11 +135,24 @@ def varlen_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
     dim); returns (batch, seq, heads, dim) like the built-in implementations."""
     kernel = KERNELS.get(query.device.type)
     batch, heads, seq, dim = query.shape
-    if kernel is None or cu_seq_lens_q is None or key.shape[2] != seq or (dropout > 0.0 and module.training):
+    window = kwargs.get("sliding_window")
+    inputs = (query, key, value)
+    if kernel is not None and getattr(kernel, "half_only", False):
+        inputs = _half_inputs(query, key, value)
+    # SDPA (with transformers' mask) answers what the kernel cannot do as the model means it: no segment
+    # bounds (generation); key/values longer than the queries (prefix tuning's cache); a row wider than the
+    # batch the bounds describe (prompt tuning's virtual tokens in front); attention dropout; a sliding
+    # window shorter than the row, a logit soft-cap or attention sinks (Mistral, Gemma 2, gpt-oss); float32
+    # without autocast for a 16-bit-only kernel.
+    if (kernel is None or inputs is None or cu_seq_lens_q is None or key.shape[2] != seq
+            or (max_length_q is not None and max_length_q != seq) or (dropout > 0.0 and module.training)
+            or (window is not None and window < seq) or kwargs.get("softcap") is not None
+            or kwargs.get("s_aux") is not None):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
+    query, key, value = inputs
     q = query.transpose(1, 2).reshape(batch * seq, heads, dim)
     k = key.transpose(1, 2).reshape(batch * seq, key.shape[1], dim)
     v = value.transpose(1, 2).reshape(batch * seq, value.shape[1], dim)
