@@ -311,7 +311,10 @@ def refuse_what_cannot_run_here(cfg: RunConfig, world: int) -> None:
                         f"with DeepSpeed ZeRO stage {stage} ({source}): add distributed.zero_stage={stage} to the "
                         "command (or use `scaletune launch`, which picks the launch for the config's stage)")
     if problems:
-        raise ConfigError(problems, title=f"run config cannot run here ({len(problems)} problem(s))")
+        err = ConfigError(problems, title=f"run config cannot run here ({len(problems)} problem(s))")
+        if world > 1:  # every rank finds the same problems: each node's first process prints them, once
+            err.relayed_from = 0  # type: ignore[attr-defined]
+        raise err
 
 
 def save_checkpoint(run: Run) -> Path:

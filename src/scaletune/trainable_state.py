@@ -234,6 +234,12 @@ def gather_trainable_state(
     base = _base_torch_optimizer(zero_opt)
     step = _read_step(base)
     have_moments = any(len(st) for st in base.state.values())
+    if have_moments and hasattr(zero_opt, "_hp_optimizer_states_linked"):
+        # ZeRO-1/2 point each parameter at its optimizer state once, right after the first step of the
+        # first parameter group, when the other groups (no-decay biases and norms, DoRA's magnitudes, a
+        # classifier's bias) have no state yet: their getters below then raised "exp_avg not found".
+        zero_opt._hp_optimizer_states_linked = False
+        zero_opt._lazy_init_hp_params_optimizer_state()
     # All ranks agree on have_moments (same number of steps taken), so they call the same collectives.
     for name, p in _trainable_named_parameters(accelerator, model):
         full = safe_get_full_fp32_param(p)

@@ -322,3 +322,9 @@ def test_a_launch_of_another_zero_stage_than_the_configs_is_refused(clean_env, m
     assert (f"distributed.zero_stage={config_stage}, but this process was launched with DeepSpeed ZeRO stage "
             f"{launched} ({source}): add distributed.zero_stage={launched}") in err, err
     assert "Traceback" not in err and not (path.parent / "run").exists()
+    # the other ranks of the launch find the same problem: one line each, not the whole screen again
+    clean_env.setenv("WORLD_SIZE", "2")
+    clean_env.setenv("RANK", "1")
+    clean_env.setenv("LOCAL_RANK", "1")
+    assert main(["train", str(path), "train.global_batch_size=8", "train.micro_batch_size=2"]) == 2
+    assert capsys.readouterr().err.strip() == "rank 1: stopped by rank 0's error (above)"

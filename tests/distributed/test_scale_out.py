@@ -270,6 +270,34 @@ def test_a_non_finite_step_is_skipped_under_zero(world, stage):
         torch.testing.assert_close(have[name], w, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("stage", [1, 2])
+def test_a_second_optimizer_group_is_checkpointed_under_zero_1_and_2(world, stage):
+    """DoRA's magnitudes (1-D: the no-weight-decay group, as a classifier's bias or a saved norm is) make a
+    second parameter group. ZeRO-1/2 linked parameters to their optimizer state after the first group's
+    first step only, and the run crashed at its first checkpoint ("exp_avg not found"). Its checkpoint now
+    holds the single-process run's weights and Adam moments (ZeRO-1 through `scaletune launch`, ZeRO-2
+    through the raw accelerate launch)."""
+    from safetensors.torch import load_file
+
+    steps = 3
+    cfg = world.cfg(f"dora_z{stage}", peft={"use_dora": True}, train={"max_steps": steps, "save_every": steps,
+                                                                       "weight_decay": 0.1})
+    ref, got = world.root / f"dora_single_{stage}", world.root / f"dora_zero{stage}"
+    run_forked(world, ["train", str(cfg), f"output_dir={ref}"])
+    if stage == 1:
+        run_cli(world, _scaletune("launch", str(cfg), f"output_dir={got}", "distributed.zero_stage=1", "--nproc", "2",
+                                  "--master-port", str(helpers.free_port())))
+    else:
+        run_cli(world, _accelerate("cpu_2proc_zero2.yaml", str(cfg), f"output_dir={got}", "distributed.zero_stage=2"))
+    assert_same_curve(losses(ref), losses(got), range(1, steps + 1))
+    for part in ("trainable", "optimizer"):
+        want = load_file(str(ref / "checkpoints" / f"step-{steps}" / f"{part}.safetensors"))
+        have = load_file(str(got / "checkpoints" / f"step-{steps}" / f"{part}.safetensors"))
+        assert sorted(have) == sorted(want) and any("magnitude" in k for k in want), part
+        for name, w in want.items():
+            torch.testing.assert_close(have[name], w, rtol=1e-4, atol=1e-6, msg=name)
+
+
 # ------------------------------------------------------------------------------------------------
 # 3 + 7: the ZeRO-3 adapter
 
