@@ -157,6 +157,19 @@ def test_train_predict_eval_merge_roundtrip(capsys, make_config, tmp_path):
     assert_clean_error(code, err, "is not empty")
 
 
+def test_merge_out_that_cannot_be_created_is_refused_before_loading(capsys, make_config, tmp_path):
+    """--out under a file, or a dangling symbolic link, failed in save_pretrained after the whole load and
+    merge, with a traceback; now one line, exit 2, before anything is loaded (no run is needed for it)."""
+    path = make_config("causal_lm")
+    (tmp_path / "a_file").write_text("mine")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    for out, wanted in ((tmp_path / "a_file" / "merged", f"{tmp_path / 'a_file'} is not a directory"),
+                        (tmp_path / "dangling", f"a symbolic link to {tmp_path / 'nowhere'}, which does not exist")):
+        code, _, err = run_cli(["merge", path, "--out", out], capsys)
+        assert_clean_error(code, err, wanted)
+    assert (tmp_path / "a_file").read_text() == "mine"
+
+
 def test_adapter_may_be_a_checkpoint_dir(capsys, make_config, tmp_path, caplog):
     """--adapter checkpoints/step-N (the adapter is in its adapter/) works for eval, predict and merge, with
     an info line saying which directory was loaded (was: "no trained adapter ... pass --adapter")."""

@@ -101,6 +101,13 @@ def test_unsupported_combinations_refused_with_reason():
                        "distributed": {"zero_stage": stage}})
     cfg = from_dict({**base, "task": "causal_lm", "peft": {"method": "lora", "use_dora": True}})
     assert problems(cfg) == []
+    four_bit = {"quantization": "4bit", "dtype": "bfloat16"}
+    for method in ("loha", "lokr"):  # they crashed at the first step: peft sized them from the packed weight
+        with pytest.raises(ConfigError, match=rf"{method} with model.quantization=4bit: peft sizes its factors"):
+            from_dict({**base, "task": "causal_lm", "model": {"name_or_path": "m", **four_bit},
+                       "train": {"mixed_precision": "bf16"}, "peft": {"method": method}})
+    assert problems(from_dict({**base, "task": "causal_lm", "model": {"name_or_path": "m", **four_bit},
+                               "train": {"mixed_precision": "bf16"}, "peft": {"method": "lora"}})) == []
 
 
 def test_readme_matrix_is_generated_from_the_code():

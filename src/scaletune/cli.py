@@ -154,6 +154,14 @@ def check_args(args: argparse.Namespace) -> None:
             problems.append(f"--out {out}: exists and is not a directory")
         elif out.is_dir() and any(out.iterdir()):
             problems.append(f"--out {out} is not empty; choose a new directory")
+        elif out.is_symlink() and not out.exists():
+            problems.append(f"--out {out}: a symbolic link to {os.readlink(out)}, which does not exist")
+        elif not out.exists():  # it is created after loading and merging: say now if that cannot work
+            parent = next(p for p in out.absolute().parents if p.exists())
+            if not parent.is_dir():
+                problems.append(f"--out {out}: {parent} is not a directory")
+            elif not os.access(parent, os.W_OK | os.X_OK):
+                problems.append(f"--out {out}: cannot create it in {parent} (permission denied)")
     if cmd == "launch":
         if (args.nproc is not None and args.nproc < 1) or args.nnodes < 1:
             problems.append(f"--nproc must be >= 1 (default: one per GPU) and --nnodes >= 1 (got {args.nproc}, "

@@ -23,6 +23,7 @@ class Method:
     note: str = ""  # why some tasks are missing / what to know
     zero3_why: str = ""  # why ZeRO-3 is refused
     zero12_why: str = ""  # why ZeRO-1/2 are refused too (empty: they are supported)
+    four_bit_why: str = ""  # why a 4-bit (QLoRA) base is refused (empty: it is supported)
 
 
 _ALL = ("causal_lm", "seq_cls", "token_cls")
@@ -31,6 +32,8 @@ _ALL = ("causal_lm", "seq_cls", "token_cls")
 # a ValueError at step 1) and keeps a master copy of the weights the mask would not reach
 _ADALORA_DS = ("its rank re-allocation reads the gradients between backward and the optimizer step, and DeepSpeed "
                "steps inside backward; use distributed.zero_stage: 0 (DDP)")
+# a 4-bit base weight is stored packed, (n, 1); peft's LoHa and LoKr take their factor shapes from it
+_PACKED_4BIT = "peft sizes its factors from the base weight's shape, which a 4-bit base stores packed; use lora or 8bit"
 _PROMPT_Z3 = "peft computes the embeddings to save with a forward on one rank, which deadlocks; use ZeRO-2"
 MATRIX: dict[str, Method] = {
     "lora": Method("lora", {}, _ALL, True),
@@ -39,8 +42,9 @@ MATRIX: dict[str, Method] = {
     "adalora": Method("adalora", {}, _ALL, False, zero3_why=_ADALORA_DS, zero12_why=_ADALORA_DS),
     "ia3": Method("ia3", {}, _ALL, True),
     "loha": Method("loha", {}, _ALL, False, zero3_why="peft's LoHa sizes itself from the base weight, which "
-                                                     "ZeRO-3 has already partitioned (empty) at load; use ZeRO-2"),
-    "lokr": Method("lokr", {}, _ALL, True),
+                                                     "ZeRO-3 has already partitioned (empty) at load; use ZeRO-2",
+                   four_bit_why=_PACKED_4BIT),
+    "lokr": Method("lokr", {}, _ALL, True, four_bit_why=_PACKED_4BIT),
     "vera": Method("vera", {}, _ALL, False, "needs equal-shaped target layers (e.g. q/v projections)",
                    "saving its shared projections deadlocks under ZeRO-3; use ZeRO-2"),
     "oft": Method("oft", {}, _ALL, True),
@@ -111,6 +115,8 @@ def problems(cfg: Any) -> list[str]:
         out.append(f"peft.method={cfg.peft_method} with distributed.zero_stage={stage}: {row.zero12_why}")
     if stage == 3 and not row.zero3:
         out.append(f"peft.method={cfg.peft_method} with distributed.zero_stage=3: {row.zero3_why}")
+    if cfg.model.quantization == "4bit" and row.four_bit_why:
+        out.append(f"peft.method={cfg.peft_method} with model.quantization=4bit: {row.four_bit_why}")
     return out
 
 
@@ -124,7 +130,7 @@ def matrix_markdown() -> str:
         why = (f"ZeRO: {row.zero3_why}" if row.zero12_why and row.zero12_why == row.zero3_why
                else "; ".join(x for x in (row.zero12_why and f"ZeRO-1/2: {row.zero12_why}",
                                           row.zero3_why and f"ZeRO-3: {row.zero3_why}") if x))
-        note = "; ".join(x for x in (row.note, why) if x)
+        note = "; ".join(x for x in (row.note, why, row.four_bit_why and f"4-bit base: {row.four_bit_why}") if x)
         zero12 = "no" if row.zero12_why else "yes"
         lines.append(f"| {name} ({key}) | {marks} | {zero12} | {'yes' if row.zero3 else 'no'} | {note} |")
     return "\n".join(lines)

@@ -71,6 +71,8 @@ def load_tokenizer(cfg: RunConfig, path: str | None = None) -> Any:
 
 
 def quantization_config(cfg: RunConfig) -> Any:
+    """transformers' BitsAndBytesConfig for `model.quantization` (None without); ConfigError without
+    bitsandbytes."""
     if not cfg.model.quantization:
         return None
     try:
@@ -79,11 +81,17 @@ def quantization_config(cfg: RunConfig) -> Any:
     except ImportError:
         raise ConfigError("model.quantization needs bitsandbytes: pip install bitsandbytes") from None
     dtype = DTYPES[cfg.model.dtype]
+    # The classification head is new and trained whole (modules_to_save), so it stays unquantized.
+    # transformers' default keeps only the module of the model's last parameter: a BERT head ends in
+    # `classifier.bias`, which names no module, and its quantized head crashed the first step. Naming
+    # modules replaces that default, so it is done only for the cls tasks (causal_lm keeps lm_head so).
+    skip = None if cfg.task == "causal_lm" else ["classifier", "pre_classifier", "score"]
     if cfg.model.quantization == "4bit":
         # quant_storage = compute dtype lets ZeRO-3 shard the packed weights like ordinary params.
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
-    return BitsAndBytesConfig(load_in_8bit=True)
+                                  bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype,
+                                  llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
 
 
 def _number(value: Any, *, integral: bool = False) -> Any:

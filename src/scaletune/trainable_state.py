@@ -379,24 +379,30 @@ def _ds_device(p: Any) -> Any:
 def saved_adapter_state(accelerator: Accelerator, model: Any) -> dict | None:
     """State dict to pass as `peft_model.save_pretrained(dir, state_dict=...)`.
 
-    Under ZeRO-3 the module's parameters are empty partitions, so `save_pretrained` alone writes an
-    empty adapter: the trainable parameters are gathered (a collective: call on every rank, then save
-    on the main process), plus the buffers (never partitioned), which some methods save with the
-    adapter (VeRA's shared projections). Keys are the PEFT model's own names (no "module." prefix).
-    Without ZeRO-3 this returns None: the unwrapped model's own state dict is complete.
+    Under DeepSpeed the module's parameters are not the trained weights as kept: ZeRO-3's are empty
+    partitions (`save_pretrained` alone writes an empty adapter), and under bf16/fp16 every stage's are
+    16-bit copies of its float32 masters (the adapter was saved in bf16, where a single process saves
+    the float32 weights it trains). So the trainable parameters' float32 masters are gathered (a
+    collective: call on every rank, then save on the main process), plus the buffers (never
+    partitioned), which some methods save with the adapter (VeRA's shared projections). Keys are the
+    PEFT model's own names (no "module." prefix). Without DeepSpeed this returns None: the unwrapped
+    model's own state dict is complete.
     """
     engine = deepspeed_engine(accelerator, model)
-    if _zero_stage(engine) != 3:
+    stage = _zero_stage(engine)
+    if stage == 0:
         return None
-    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
 
-    # Gather only the trainable params (accelerator.get_state_dict would gather the whole base
-    # model onto rank 0): GatheredParameters is collective and returns full tensors everywhere.
-    named = list(_trainable_named_parameters(accelerator, model))
+    # Only the trainable params (accelerator.get_state_dict would gather the whole base model onto
+    # rank 0); each getter is a collective and returns the full tensor on every rank.
     state: dict[str, Any] = {}
-    with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
-        for n, p in named:
-            state[n] = p.detach().to("cpu", copy=True)
+    for n, p in _trainable_named_parameters(accelerator, model):
+        state[n] = safe_get_full_fp32_param(p).detach().float().cpu().clone().reshape(_full_shape(p))
+    if stage < 3:
+        # ZeRO-1/2 leave the module whole: its own state dict (references, no copies) has everything else
+        # under the names peft looks for (VeRA's shared projections at the model level, not at a layer's)
+        return {**unwrap(accelerator, model).state_dict(), **state}
     for n, b in unwrap(accelerator, model).named_buffers():
         state.setdefault(_strip_prefix(n), b.detach().to("cpu", copy=True))
     return state

@@ -496,10 +496,21 @@ def test_bf16_single_process(world):
 
 
 def test_bf16_zero2(world):
+    """bf16 under ZeRO-2 trains; its adapter holds the float32 weights DeepSpeed keeps as masters (the
+    module's bf16 copies were saved before), as a single-process bf16 run's adapter does, and equal to
+    the final checkpoint's."""
+    from safetensors.torch import load_file
+
     out = world.root / "bf16_zero2"
     cfg = world.cfg("bf16_z2", **BF16, distributed={"zero_stage": 2})
     run_cli(world, _accelerate("cpu_2proc_zero2.yaml", str(cfg), f"output_dir={out}"))
     _assert_trained_adapter(out, 3)
+    adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    ckpt = load_file(str(out / "checkpoints" / "step-3" / "trainable.safetensors"))
+    mapped = {k.replace(".default.", "."): v for k, v in ckpt.items()}
+    assert sorted(adapter) == sorted(mapped)
+    for k, v in adapter.items():
+        assert v.dtype == torch.float32 and torch.equal(v, mapped[k]), k
 
 
 @pytest.mark.parametrize("how", ["train", "launch"])
