@@ -470,9 +470,9 @@ def test_a_quantized_encoder_trains_its_new_head_unquantized(make_config, tmp_pa
     quantized too, as transformers keeps only the last parameter's module out, and bitsandbytes crashed at
     the first step (4bit: an assertion, 8bit: no attribute 'CB'). The head now stays a plain Linear and
     the run trains, saves and evaluates."""
-    import forking
-
     from scaletune.demo.tiny import build_model_dir
+
+    import forking
     from stutil import corpus
 
     # 4-bit blocks are 64 wide: the suite's tiny BERT (hidden 32) is too narrow for any 4-bit layer
