@@ -4,6 +4,7 @@ transformers' weight-loading table (the new head) or a warning where base weight
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import types
@@ -86,7 +87,7 @@ def test_trackers_get_the_whole_config_and_write_inside_output_dir(tmp_path, mon
     from scaletune.tracking import start_trackers
 
     calls = {}
-    fake = SimpleNamespace(init_trackers=lambda name, config, init_kwargs: calls.update(
+    fake = SimpleNamespace(is_main_process=True, init_trackers=lambda name, config, init_kwargs: calls.update(
         name=name, config=config, init_kwargs=init_kwargs))
     cfg = from_dict({"task": "causal_lm", "model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"},
                      "train": {"report_to": ["tensorboard", "wandb", "mlflow"], "learning_rate": 3e-4}})
@@ -107,3 +108,15 @@ def test_trackers_get_the_whole_config_and_write_inside_output_dir(tmp_path, mon
     start_trackers(fake, cfg, out)
     assert os.environ["MLFLOW_TRACKING_URI"] == "http://mlflow.example:5000"
     assert calls["init_kwargs"]["wandb"]["dir"] == str(tmp_path / "mine")
+    assert calls["init_kwargs"]["mlflow"]["run_name"] == "run"  # not MLflow's seeded random name
+    # W&B: one run across resumes, not a new one per start (the id comes from run.json's first start)
+    (out / "run.json").write_text(json.dumps({"started": "2026-12-04T06:00:00+0000"}))
+    start_trackers(fake, cfg, out, start_step=0)
+    first = calls["init_kwargs"]["wandb"]
+    start_trackers(fake, cfg, out, start_step=6)
+    assert calls["init_kwargs"]["wandb"]["id"] == first["id"] and first["resume"] == "allow"
+    # TensorBoard drops what an earlier attempt logged past the step this start resumes from
+    assert calls["init_kwargs"]["tensorboard"] == {"purge_step": 7}
+    (out / "run.json").write_text(json.dumps({"started": "2026-12-05T06:00:00+0000"}))  # another run there
+    start_trackers(fake, cfg, out)
+    assert calls["init_kwargs"]["wandb"]["id"] != first["id"]

@@ -109,12 +109,14 @@ def test_multi_run_comparison_overlays_and_diffs_hyperparameters(tmp_path):
 
 def test_partial_run_no_eval_and_corrupt_line_gets_notes(tmp_path, capsys):
     run = make_run(tmp_path / "killed", steps=3, total=10, evals=False,
-                   extra_lines=('{"event": "train", "step": 4, "lo',))
+                   # a step that is no finite number (hand-edited) was a traceback: int(NaN)
+                   extra_lines=('{"event": "train", "step": NaN, "loss": 1}\n', '{"event": "train", "step": 1e400}\n',
+                                '{"event": "train", "step": 4, "lo'))
     assert main(["report", str(run)]) == 0
     out = capsys.readouterr().out
     page = (run / "report.html").read_text()
     for text in (out, page):
-        assert "skipped 1 unreadable line" in text
+        assert "skipped 3 unreadable line" in text
         assert "no eval events" in text
         assert "incomplete: last logged step 3 of 10" in text
     assert "3/10" in out
@@ -144,7 +146,7 @@ def test_resumed_run_keeps_latest_record_and_notes_preemption(tmp_path):
     _, (r,) = build_report([str(run)])
     assert r.series("train", "loss")[1] == [3.0, 9.5]
     assert any("preempted at step 2 (signal 15)" in n for n in r.notes)
-    assert any("logged more than once" in n for n in r.notes)
+    assert any("replaced by the resumed run's" in n for n in r.notes)
 
 
 def test_strings_from_files_are_html_escaped(tmp_path):
@@ -212,3 +214,33 @@ def test_a_report_into_the_same_out_leaves_no_stale_plot_and_names_a_run_once(tm
     assert (out / "eval_metrics.png").exists()
     _, runs = build_report([str(without), str(without) + "/"], str(out))
     assert not (out / "eval_metrics.png").exists() and len(runs) == 1
+
+
+def test_a_resume_after_a_stop_replaces_what_the_stopped_path_logged(make_config, tmp_path, monkeypatch, capsys):
+    """Stopped by a non-finite loss at step 5 (checkpoint at step 3), then resumed with --resume auto: the
+    stopped path's step 4-5 records (its non-finite event included) are not the run's. metrics.jsonl
+    marks the resume, `report` shows the resumed path only, and TensorBoard drops the stopped path's
+    points past step 3 (it drew both curves: steps 4, 5, 4, 5, 6)."""
+    from tensorboard.backend.event_processing import event_accumulator
+
+    from scaletune import faults
+
+    path = make_config("causal_lm", train={"max_steps": 6, "save_every": 3, "report_to": ["tensorboard"]})
+    monkeypatch.setenv("SCALETUNE_FAULT", "nan@5")
+    faults._plan.cache_clear()
+    assert main(["train", str(path)]) == 2
+    monkeypatch.delenv("SCALETUNE_FAULT")
+    faults._plan.cache_clear()
+    assert main(["train", str(path), "--resume", "auto"]) == 0
+    out = tmp_path / "run"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["event"], r["step"]) for r in records if r["event"] in ("nonfinite", "resume")] == [
+        ("nonfinite", 5), ("resume", 3)]
+    _, (r,) = build_report([str(out)])
+    assert not any("non-finite" in n for n in r.notes), r.notes
+    at = next(i for i, x in enumerate(records) if x["event"] == "resume")
+    steps, losses = r.series("train", "loss")
+    assert steps == [1, 2, 3, 4, 5, 6] and losses[3:] == [x["loss"] for x in records[at:] if x["event"] == "train"]
+    acc = event_accumulator.EventAccumulator(str(out / "scaletune"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]

@@ -42,6 +42,10 @@ def fit(run: Run, stop: StopFlag) -> str:
     speed = Throughput(acc, model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     guard = NonfiniteGuard(acc, optimizer, model, t, run.counters, mlog)
+    if run.step:
+        # from here on this run's records are the ones past this step: records before it with a later step
+        # are another path's (a resume from an older checkpoint, after a non-finite stop) or were re-done
+        mlog.log("resume", run.step, {})
     if run.step >= run.total_steps:
         mlog.write(f"run already complete ({run.step}/{run.total_steps} steps)")
     model.train()

@@ -107,11 +107,18 @@ def read_metrics(path: Path, notes: list[str]) -> dict[str, list[dict]]:
         except json.JSONDecodeError:
             bad.append(lineno)
             continue
-        if not (isinstance(rec, dict) and isinstance(rec.get("event"), str) and _num(rec.get("step")) is not None):
+        step = _num(rec.get("step")) if isinstance(rec, dict) else None
+        if not (step is not None and math.isfinite(step) and isinstance(rec.get("event"), str)):
             bad.append(lineno)
             continue
         rec["step"] = int(rec["step"])
         rec.update({k: float(v) for k, v in rec.items() if v in NONFINITE.values()})  # tracking.json_safe's
+        if rec["event"] == "resume":  # what was logged past the checkpoint before it is not this run's path
+            dropped = [k for k in latest if k[1] > rec["step"]]
+            repeated += len(dropped)
+            for k in dropped:
+                del latest[k]
+            continue
         key = (rec["event"], rec["step"])
         repeated += key in latest
         latest[key] = rec  # a resumed run re-logs the steps after its checkpoint: the newest record wins
@@ -119,7 +126,7 @@ def read_metrics(path: Path, notes: list[str]) -> dict[str, list[dict]]:
         shown = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
         notes.append(f"metrics.jsonl: skipped {len(bad)} unreadable line(s) (line {shown}; truncated or corrupt)")
     if repeated:
-        notes.append(f"metrics.jsonl: {repeated} step(s) logged more than once (resumed run); showing the latest")
+        notes.append(f"metrics.jsonl: {repeated} record(s) past a resumed checkpoint replaced by the resumed run's")
     events: dict[str, list[dict]] = {}
     for (event, _), rec in sorted(latest.items(), key=lambda kv: kv[0][1]):
         events.setdefault(event, []).append(rec)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -69,21 +70,50 @@ def write_run_json(output_dir: Path, cfg: Any, extra: dict) -> None:
     os.replace(tmp, output_dir / "run.json")
 
 
-def start_trackers(accelerator: Any, cfg: Any, output_dir: Path) -> None:
+def start_trackers(accelerator: Any, cfg: Any, output_dir: Path, start_step: int = 0) -> None:
     """Start the train.report_to trackers with the resolved config as their hyper-parameters, writing
     inside output_dir: W&B's and MLflow's own defaults are the current directory (./wandb, ./mlruns),
-    which put one run's logs beside every other's. A user's WANDB_DIR / MLFLOW_TRACKING_URI still wins."""
+    which put one run's logs beside every other's. A user's WANDB_DIR / MLFLOW_TRACKING_URI still wins.
+    A run that starts at `start_step` (a resume) has TensorBoard drop what earlier attempts logged past
+    it: a resume from an older checkpoint, or after a stop, would otherwise draw two curves in one."""
     trackers = cfg.train.report_to or []
     init_kwargs: dict[str, dict] = {}
+    if "tensorboard" in trackers:
+        init_kwargs["tensorboard"] = {"purge_step": start_step + 1}
     if "wandb" in trackers:
-        if not os.environ.get("WANDB_API_KEY"):
+        if not os.environ.get("WANDB_API_KEY") and not _wandb_login_saved():
             os.environ.setdefault("WANDB_MODE", "offline")  # no key: log locally instead of failing the run
         init_kwargs["wandb"] = {"dir": os.environ.get("WANDB_DIR") or str(output_dir), "name": output_dir.name}
+        if accelerator.is_main_process and (run_id := _run_id(output_dir)):
+            # the same W&B run on every resume (its first start's id), not a new run per start
+            init_kwargs["wandb"].update(id=run_id, resume="allow")
+    if "mlflow" in trackers:
+        # named like W&B's: MLflow's own random names repeat across runs (set_seed seeds their generator)
+        init_kwargs["mlflow"] = {"run_name": output_dir.name}
     if "mlflow" in trackers and not os.environ.get("MLFLOW_TRACKING_URI"):
         # an SQLite store: MLflow 3 refuses its old ./mlruns file store unless told to allow it
         (output_dir / "mlruns").mkdir(parents=True, exist_ok=True)
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{(output_dir / 'mlruns' / 'mlflow.db').resolve()}"
     accelerator.init_trackers("scaletune", config=flat_config(cfg.to_dict()), init_kwargs=init_kwargs)
+
+
+def _run_id(output_dir: Path) -> str | None:
+    """An id for this run, the same at every resume: from output_dir and run.json's first start time."""
+    try:
+        started = json.loads((output_dir / "run.json").read_text(encoding="utf-8"))["started"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return hashlib.sha256(f"{output_dir.resolve()}|{started}".encode()).hexdigest()[:16]
+
+
+def _wandb_login_saved() -> bool:
+    """Whether `wandb login` stored a key (in ~/.netrc; WANDB_API_KEY is the other way to give one)."""
+    import netrc
+
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 def flat_config(raw: dict, prefix: str = "") -> dict[str, Any]:
@@ -144,7 +174,7 @@ class MetricsLog:
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(json_safe(record), default=float) + "\n")
         scalars = {f"{event}/{k}": v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        if self.acc.trackers:
+        if self.acc.trackers and scalars:
             self.acc.log(scalars, step=step)
 
     def progress(self, step: int, postfix: dict) -> None:

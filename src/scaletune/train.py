@@ -256,7 +256,7 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
     if t.report_to:
         from .tracking import start_trackers
 
-        start_trackers(accelerator, cfg, out)
+        start_trackers(accelerator, cfg, out, run.step)
     return run, resume_from
 
 
