@@ -334,7 +334,6 @@ def load_trainable_state(
         return
 
     import deepspeed
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     zero_opt = _ds_zero_optimizer(engine)
     base = _base_torch_optimizer(zero_opt)
@@ -349,7 +348,7 @@ def load_trainable_state(
         value = params[name].float()
         device = _ds_device(p)
         # fp32 master copy (the optimizer's view) ...
-        safe_set_full_fp32_param(p, value.to(device))
+        _set_full_master(p, value.to(device), stage)
         # ... and the low-precision/model copy used by the next forward.
         if stage == 3:
             with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
@@ -361,9 +360,35 @@ def load_trainable_state(
         for key in ADAM_STATE_KEYS:
             moment = opt_state.get(f"{name}::{key}") if opt_state else None
             if moment is not None:
-                safe_set_full_optimizer_state(p, moment.float().to(device), key)
+                _set_full_master(p, moment.float().to(device), stage, key)
     if opt_state:
         _write_step(base, step)
+
+
+def _set_full_master(p: Any, value: Any, stage: int, key: str | None = None) -> None:
+    """Put a whole float32 tensor into DeepSpeed's master copy of `p` (key None) or its optimizer state `key`.
+
+    Under ZeRO-3 each rank takes its slice itself: DeepSpeed's setter (0.19) slices the whole tensor at
+    rank x partition size without the padding of the last partition, so a tensor whose size is no
+    multiple of the world size (a 3-label classifier's bias on 2 ranks) failed to resume there."""
+    from deepspeed.utils import (
+        safe_set_full_fp32_param,
+        safe_set_full_optimizer_state,
+        safe_set_local_fp32_param,
+        safe_set_local_optimizer_state,
+    )
+
+    if stage != 3:
+        (safe_set_full_fp32_param(p, value) if key is None else safe_set_full_optimizer_state(p, value, key))
+        return
+    import torch
+
+    size = p.ds_tensor.numel()  # this rank's partition, padded
+    start = p._z3_optimizer._get_param_partition_rank(p) * size
+    flat = value.flatten()[start:start + size]
+    local = torch.zeros(size, dtype=value.dtype, device=value.device)
+    local[:flat.numel()] = flat
+    (safe_set_local_fp32_param(p, local) if key is None else safe_set_local_optimizer_state(p, local, key))
 
 
 def _ds_device(p: Any) -> Any:
