@@ -323,7 +323,7 @@ def save_checkpoint(run: Run) -> Path:
     params, opt_state, scalars = gather_trainable_state(run.accelerator, run.model, run.optimizer)
     # Gathering the adapter is a collective under ZeRO-3: do it on every rank here, because
     # ckpt.save_checkpoint calls `save_adapter` on the main process only.
-    adapter_state = saved_adapter_state(run.accelerator, run.model)
+    adapter_state = saved_adapter_state(run.accelerator, run.model, params)
     method_tensors, method_facts = methods.method_state(run.model)
     state = {"step": run.step, "scheduler": run.scheduler.state_dict(), "optimizer_scalars": scalars,
              "method_state": method_facts,

@@ -401,7 +401,7 @@ def _ds_device(p: Any) -> Any:
 # Saving the adapter
 
 
-def saved_adapter_state(accelerator: Accelerator, model: Any) -> dict | None:
+def saved_adapter_state(accelerator: Accelerator, model: Any, masters: dict | None = None) -> dict | None:
     """State dict to pass as `peft_model.save_pretrained(dir, state_dict=...)`.
 
     Under DeepSpeed the module's parameters are not the trained weights as kept: ZeRO-3's are empty
@@ -411,7 +411,8 @@ def saved_adapter_state(accelerator: Accelerator, model: Any) -> dict | None:
     collective: call on every rank, then save on the main process), plus the buffers (never
     partitioned), which some methods save with the adapter (VeRA's shared projections). Keys are the
     PEFT model's own names (no "module." prefix). Without DeepSpeed this returns None: the unwrapped
-    model's own state dict is complete.
+    model's own state dict is complete. `masters`: those float32 tensors by name, gathered already (a
+    checkpoint's `gather_trainable_state`), so they are not gathered a second time.
     """
     engine = deepspeed_engine(accelerator, model)
     stage = _zero_stage(engine)
@@ -423,7 +424,8 @@ def saved_adapter_state(accelerator: Accelerator, model: Any) -> dict | None:
     # rank 0); each getter is a collective and returns the full tensor on every rank.
     state: dict[str, Any] = {}
     for n, p in _trainable_named_parameters(accelerator, model):
-        state[n] = safe_get_full_fp32_param(p).detach().float().cpu().clone().reshape(_full_shape(p))
+        state[n] = masters[n] if masters is not None else (
+            safe_get_full_fp32_param(p).detach().float().cpu().clone().reshape(_full_shape(p)))
     if stage < 3:
         # ZeRO-1/2 leave the module whole: its own state dict (references, no copies) has everything else
         # under the names peft looks for (VeRA's shared projections at the model level, not at a layer's)
