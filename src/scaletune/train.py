@@ -369,21 +369,11 @@ def train(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
             result = fit(run, stop)
         except (torch.OutOfMemoryError, MemoryError) as exc:
             raise out_of_memory(run, exc) from None
-        close_process_group(run)
     finally:
         runlock.release_run()
     if result == "preempted":
         return EXIT_PREEMPTED
     return 0
-
-
-def close_process_group(run: Run) -> None:
-    """After the run's last collective, the ranks leave together and tear the process group down, as
-    torch asks: left to interpreter exit, the teardown of its threads aborted a finished ZeRO-3 rank now
-    and then ("terminate called without an active exception"), and NCCL warns that it was not destroyed."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        run.accelerator.wait_for_everyone()
-        torch.distributed.destroy_process_group()
 
 
 def out_of_memory(run: Run, exc: BaseException) -> UserError:
