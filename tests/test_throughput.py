@@ -152,18 +152,22 @@ def test_torch_compile_gives_the_same_loss_and_gradient_norm(make_config, monkey
     assert logged[True] == pytest.approx(logged[False], rel=1e-4)
 
 
-def test_mfu_counts_attention_per_example_not_per_row(monkeypatch):
+@pytest.mark.parametrize("tied", [False, True])
+def test_mfu_counts_attention_per_example_not_per_row(monkeypatch, tied):
     """LoRA-aware FLOPs: (4N + 6 N_trainable) per token plus 12 * layers * hidden * L per token of an
-    example of L tokens; a packed row's examples are counted separately (README formula)."""
+    example of L tokens; a packed row's examples are counted separately (README formula). N leaves out
+    the input embedding, a lookup, unless the LM head multiplies by the same (tied) weight."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import scaletune.metrics as metrics
 
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                         num_attention_heads=2))
+                                         num_attention_heads=2, tie_word_embeddings=tied))
     for name, p in model.named_parameters():
         p.requires_grad = "q_proj" in name
-    n_all = sum(p.numel() for p in model.parameters())
+    n_all = sum(p.numel() for p in model.parameters())  # a tied weight is one parameter, counted once
+    assert n_all == 64 * 16 * (1 if tied else 2) + sum(p.numel() for p in model.model.layers.parameters()) + 16
+    n_all -= 0 if tied else 64 * 16
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     class Acc:  # one process, nothing to reduce
@@ -189,6 +193,21 @@ def test_mfu_counts_attention_per_example_not_per_row(monkeypatch):
     expected = ((4 * n_all + 6 * n_train) * tokens + 12 * 2 * 16 * sum_sq) / 2.0 / 1e6
     assert out["mfu"] == pytest.approx(expected, rel=1e-9)
     assert out["tokens_per_s"] == pytest.approx(tokens / 2.0)
+
+
+@pytest.mark.parametrize(("name", "peak"), [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0),
+                                            ("NVIDIA H100 NVL", 835.0), ("NVIDIA H200", 989.0),
+                                            ("NVIDIA H200 NVL", 835.0), ("NVIDIA A100-SXM4-80GB", 312.0),
+                                            ("Tesla T4", None)])
+def test_the_mfu_peak_is_the_boards_own(monkeypatch, name, peak):
+    """PCIe and NVL boards of a family run lower clocks than its SXM part: each gets its own dense bf16
+    peak, not the family's first match."""
+    import scaletune.metrics as metrics
+
+    monkeypatch.delenv("SCALETUNE_PEAK_TFLOPS", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: name)
+    assert metrics.device_peak_tflops() == peak
 
 
 def test_compile_blocks_finds_the_layers_under_a_ddp_style_wrapper(monkeypatch):

@@ -1,7 +1,8 @@
 """Live throughput: tokens/s (all and target), padding ratio, peak memory and LoRA-aware MFU.
 
-MFU counts the FLOPs a LoRA step really does, per token: 2N forward through the base (N = all
-parameters), 2N backward for activation gradients only (frozen weights get no weight gradient),
+MFU counts the FLOPs a LoRA step really does, per token: 2N forward through the base (N = the
+parameters that multiply: all of them but frozen embedding tables, which are looked up; an LM head
+tied to the input embedding is a multiply and is counted), 2N backward for activation gradients only (frozen weights get no weight gradient),
 6 N_trainable for the adapter (forward, activation and weight gradients), plus attention
 12 * layers * hidden * L for a token in a sequence of L tokens (scores and weighted sum, forward and
 backward), where L is the length of the example the token belongs to: a packed row's examples do not
@@ -26,8 +27,10 @@ import torch
 from .model import count_parameters
 from .trainable_state import unwrap
 
-PEAK_BF16_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0, "H800": 989.0, "L40S": 362.0, "A10G": 125.0,
-                    "RTX 4090": 165.0}
+# Dense (no 2:4 sparsity) bf16 tensor-core peaks. Looked up by the first key found in the device's
+# name, so a variant goes before its family: the PCIe and NVL boards run lower clocks than SXM.
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H200 NVL": 835.0, "A100": 312.0, "H100": 989.0,
+                    "H200": 989.0, "H800": 989.0, "L40S": 362.0, "A10G": 125.0, "RTX 4090": 165.0}
 
 
 def device_peak_tflops() -> float | None:
@@ -45,6 +48,16 @@ def step_flops(n_params: int, n_trainable: int, n_layers: int, hidden: int, toke
     return (4.0 * n_params + 6.0 * n_trainable) * tokens + 12.0 * n_layers * hidden * sum_sq_lengths
 
 
+def lookup_parameters(model: Any) -> int:
+    """Elements of the frozen embedding tables (token, position, token-type) that no matmul reads: a
+    lookup costs no FLOPs. A table whose weight is also the LM head's (tied) is multiplied there and stays
+    counted."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = getattr(head, "weight", None)
+    return sum(getattr(m.weight, "ds_numel", None) or m.weight.numel() for m in model.modules()
+               if isinstance(m, torch.nn.Embedding) and not m.weight.requires_grad and m.weight is not tied)
+
+
 def peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
@@ -59,7 +72,8 @@ class Throughput:
         self.acc = accelerator
         base = unwrap(accelerator, model)
         conf = getattr(base, "config", None)
-        self.n_trainable, self.n_params = count_parameters(base)
+        self.n_trainable, n_params = count_parameters(base)
+        self.n_params = n_params - lookup_parameters(base)
         self.layers = getattr(conf, "num_hidden_layers", 0) or 0
         self.hidden = getattr(conf, "hidden_size", 0) or 0
         self.peak = device_peak_tflops()
