@@ -777,6 +777,49 @@ def test_slurm_sbatch_arg_is_passed_to_sbatch(capfd, make_config, tmp_path, monk
     assert argv[template + 1:] == [str(Path(path).resolve()), "train.learning_rate=1e-3"]
 
 
+def _hold_lock(out: str, ready, release) -> None:
+    from scaletune import runlock
+
+    runlock.acquire(Path(out))
+    ready.set()
+    release.wait(60)
+
+
+def test_slurm_refuses_at_submit_an_output_dir_a_live_run_holds(capfd, make_config, tmp_path, monkeypatch):
+    """A job for an output_dir that a running run holds would wait in the queue only to be refused at
+    start: it is refused before sbatch, naming that run, with nothing submitted. A job chained after that
+    run (--dependency) is submitted; so is the job once the run has ended."""
+    import multiprocessing
+
+    path = make_config("causal_lm")
+    out = Path(yaml.safe_load(Path(path).read_text())["output_dir"])
+    record = tmp_path / "argv.txt"
+    _fake_sbatch(tmp_path / "bin", f'printf "%s\\n" "$@" > {record}; echo "Submitted batch job 7"')
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.chdir(tmp_path)
+    ctx = multiprocessing.get_context("fork")
+    ready, release = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold_lock, args=(str(out), ready, release))
+    holder.start()
+    try:
+        assert ready.wait(60)
+        code, out_text, err = run_cli(["slurm", path, "--gpus-per-node", "0"], capfd)
+        assert_clean_error(code, err, f"output_dir: {out} is in use by another run (pid {holder.pid} on ",
+                           "--sbatch-arg=--dependency=afterany:JOBID")
+        assert not record.exists() and "Submitted" not in out_text
+        code, out_text, err = run_cli(["slurm", path, "--gpus-per-node", "0",
+                                       "--sbatch-arg=--dependency=afterany:6"], capfd)
+        assert code == 0 and "Submitted batch job 7" in out_text, err
+        assert "--dependency=afterany:6" in record.read_text().splitlines()
+    finally:
+        release.set()
+        holder.join(60)
+    record.unlink()
+    code, out_text, err = run_cli(["slurm", path, "--gpus-per-node", "0"], capfd)
+    assert code == 0 and "Submitted batch job 7" in out_text, err
+    assert sorted(p.name for p in out.iterdir()) == [".scaletune.lock"]  # the probe wrote nothing there
+
+
 # ---------------------------------------------------------------------------------------------
 # one rank's error under a launcher: one screen, exit 2
 

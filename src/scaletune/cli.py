@@ -255,6 +255,13 @@ def dispatch(args: argparse.Namespace) -> int:
                                                   f"{args.gpus_per_node} GPU(s) ({len(problems)} problem(s))")
         if not args.dry_run:  # the job runs in this environment (SCALETUNE_VENV / this python)
             preflight(cfg)
+            # A job meant to wait for the run there (chained with --dependency) may be queued beside it.
+            if not any(a.startswith(("--dependency", "-d")) for a in args.sbatch_args):
+                from . import runlock
+
+                runlock.check_free(Path(cfg.output_dir),
+                                   hint="wait for that run to end, or queue this job after it: "
+                                        "--sbatch-arg=--dependency=afterany:JOBID")
         return main_slurm(args)  # the config was validated above; the job re-reads it
     raise AssertionError(args.command)
 

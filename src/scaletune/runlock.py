@@ -125,9 +125,7 @@ def acquire(out: Path) -> OutputLock | None:
         except OSError as exc:
             os.close(fd)
             if exc.errno in (errno.EAGAIN, errno.EACCES):
-                raise UserError(f"output_dir: {out} is in use by another run ({_holder(out)}); two runs writing "
-                                "there would resume and delete each other's checkpoints",
-                                hint="wait for that run to end or stop it, or pick another output_dir") from None
+                raise in_use(out) from None
             if exc.errno in _UNSUPPORTED:
                 log.warning("output_dir: %s cannot be locked on this filesystem (%s); make sure no other run "
                             "writes there", out, exc.strerror)
@@ -144,6 +142,28 @@ def acquire(out: Path) -> OutputLock | None:
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(me).encode(), 0)
     return lock
+
+
+def in_use(out: Path, hint: str = "wait for that run to end or stop it, or pick another output_dir") -> UserError:
+    """The refusal of a second run in `out`, naming the run that holds it."""
+    return UserError(f"output_dir: {out} is in use by another run ({_holder(out)}); two runs writing there "
+                     "would resume and delete each other's checkpoints", hint=hint)
+
+
+def check_free(out: Path, hint: str) -> None:
+    """Raise `in_use` if a live run holds `out`'s lock; creates, writes and keeps nothing (a job about to
+    be queued is refused now rather than after its wait in the queue)."""
+    try:
+        fd = os.open(Path(out) / LOCK_NAME, os.O_RDWR)
+    except (OSError, ValueError):  # no lock file (no run there yet), or nothing to open: the job's checks say
+        return
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            raise in_use(Path(out), hint) from None
+    finally:
+        os.close(fd)  # (drops the probe's lock with it)
 
 
 def _holder(out: Path) -> str:
