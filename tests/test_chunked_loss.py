@@ -207,3 +207,27 @@ def test_collated_target_positions_match_the_labels(make_config):
         assert collated[0] == on_device[0]
         for name, g in on_device[1].items():
             assert torch.equal(collated[1][name], g), name
+
+
+def test_the_usual_loss_takes_its_logit_columns_from_the_collator(make_config, monkeypatch):
+    """Without the chunked loss, the positions that need logits come from the collator (CPU) too: the
+    same loss and gradients as finding them from the labels in the step, where on a GPU nonzero() makes
+    the CPU wait for the GPU."""
+    import scaletune.tasks.causal_lm as causal_lm
+
+    run = _run(make_config, train={"chunked_loss": False})
+    assert run.task._head is None
+    batch = run.task.collate([run.data["train"][i] for i in range(6)], run.tokenizer.pad_token_id)
+    labels = batch["labels"][:, 1:]
+    want = torch.tensor([t for t in range(labels.shape[1]) if (labels[:, t] != IGNORE).any()])
+    assert torch.equal(batch["target_columns"], want)
+    from_labels = loss_and_grads(run, {k: v for k, v in batch.items() if k != "target_columns"})
+
+    def not_in_the_step(labels):
+        raise AssertionError("target columns computed in the step")
+
+    monkeypatch.setattr(causal_lm, "target_columns", not_in_the_step)
+    collated = loss_and_grads(run, batch)
+    assert collated[0] == from_labels[0]
+    for name, g in from_labels[1].items():
+        assert torch.equal(collated[1][name], g), name

@@ -51,6 +51,12 @@ def target_positions(labels: torch.Tensor) -> torch.Tensor:
     return has_target.flatten().nonzero().squeeze(1)
 
 
+def target_columns(labels: torch.Tensor) -> torch.Tensor:
+    """The positions t (columns) at which some row's next token is a target: the logits the usual loss
+    needs."""
+    return (labels[:, 1:] != IGNORE).any(0).nonzero().squeeze(1)
+
+
 @register("causal_lm")
 class CausalLM(Task):
     peft_task_type = "CAUSAL_LM"
@@ -132,7 +138,9 @@ class CausalLM(Task):
             # each row's tokens, then its padding, as segments for the varlen attention kernel
             batch["cu_seq_lens"] = segment_bounds([[len(e["input_ids"])] for e in examples],
                                                   batch["input_ids"].shape[1])
+        # Found here, on the CPU: on the GPU, nonzero() makes the CPU wait for the GPU mid-step.
         batch["target_index"] = target_positions(batch["labels"])
+        batch["target_columns"] = target_columns(batch["labels"])
         return batch
 
     _head: Any = None  # the frozen LM head when train.chunked_loss is in use (see enable_chunked_loss)
@@ -171,7 +179,8 @@ class CausalLM(Task):
         # Position t predicts token t+1. Only positions that have a target need logits: with prompt
         # masking that skips the vocabulary projection (and its float32 loss) for every prompt token.
         labels = batch["labels"][:, 1:]
-        keep = (labels != IGNORE).any(0).nonzero().squeeze(1)
+        keep = batch.get("target_columns")
+        keep = target_columns(batch["labels"]) if keep is None else keep
         # Prompt and p-tuning put their virtual tokens in front of the sequence, logits included: token t's
         # logits sit at t + that many (not shifting trains each position to predict several tokens ahead).
         at = keep + _virtual_tokens(model)
@@ -207,8 +216,7 @@ class CausalLM(Task):
             self._head = None
             return self.loss_sum(model, batch)[0]
         self._checked = True
-        # The positions followed by a target, found by the collator on the CPU: selecting them here
-        # with a boolean mask would make the CPU wait for the GPU in the middle of every micro-batch.
+        # The positions followed by a target, found by the collator on the CPU (see collate).
         index = batch.get("target_index")
         index = target_positions(batch["labels"]) if index is None else index
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
