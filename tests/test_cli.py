@@ -157,6 +157,33 @@ def test_train_predict_eval_merge_roundtrip(capsys, make_config, tmp_path):
     assert_clean_error(code, err, "is not empty")
 
 
+def test_eval_of_a_held_out_split_is_the_split_the_run_held_out(capsys, make_config, tmp_path):
+    """data.eval_fraction's split follows train.seed: `eval` with another seed or fraction, or for a run that
+    held nothing out, scored (exit 0) on examples the adapter trained on. Those are refused before loading;
+    the run's own split gives the run's final eval."""
+    path = make_config("seq_cls", data={"eval": None, "eval_fraction": 0.25}, train={"max_steps": 2, "seed": 7})
+    code, _, err = run_cli(["train", path], capsys)
+    assert code == 0, err
+    final = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    final = [r for r in final if r.get("event") == "eval"][-1]
+    code, out, err = run_cli(["eval", path], capsys)
+    assert code == 0, err
+    assert json.loads(out)["loss"] == pytest.approx(final["loss"], rel=1e-5)
+    adapter = tmp_path / "run" / "adapter"
+    code, _, err = run_cli(["eval", path, "train.seed=8"], capsys)
+    assert_clean_error(code, err, f"the adapter at {adapter} was trained holding out a different split",
+                       "seed 7 (given: 8)", "data.eval_fraction=0.25 train.seed=7")
+    code, _, err = run_cli(["eval", path, "data.eval_fraction=0.5"], capsys)
+    assert_clean_error(code, err, "eval_fraction 0.25 (given: 0.5)")
+    code, out, err = run_cli(["eval", path, "train.seed=8", "--data", str(tmp_path / "data" / "eval.jsonl")], capsys)
+    assert code == 0, err  # a file of its own: no split to match
+    whole = make_config("seq_cls", train={"max_steps": 1}, output_dir=str(tmp_path / "whole"))
+    code, _, err = run_cli(["train", whole], capsys)
+    assert code == 0, err
+    code, _, err = run_cli(["eval", whole, "data.eval=null", "data.eval_fraction=0.25"], capsys)
+    assert_clean_error(code, err, "was trained on all of its training file", "--data FILE")
+
+
 def test_merge_out_that_cannot_be_created_is_refused_before_loading(capsys, make_config, tmp_path):
     """--out under a file, or a dangling symbolic link, failed in save_pretrained after the whole load and
     merge, with a traceback; now one line, exit 2, before anything is loaded (no run is needed for it)."""

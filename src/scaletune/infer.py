@@ -86,11 +86,13 @@ def run_eval(cfg: RunConfig, adapter: str | None, data: str | None) -> dict:
     from .data import build_datasets, build_eval_only
     from .evaluate import evaluate
 
-    model, tokenizer, task, labels, _ = load_trained(cfg, adapter)
     if data:
         cfg.data.eval, cfg.data.eval_fraction = data, None
     if not (cfg.data.eval or cfg.data.eval_fraction):
         raise ConfigError("nothing to evaluate: set data.eval (or data.eval_fraction) or pass --data FILE")
+    if not cfg.data.eval:
+        check_held_out(cfg, _adapter_dir(cfg, adapter))
+    model, tokenizer, task, labels, _ = load_trained(cfg, adapter)
     acc = Accelerator(mixed_precision=cfg.train.mixed_precision if cfg.train.mixed_precision != "fp16"
                       or torch.cuda.is_available() else "no", cpu=not torch.cuda.is_available())
     model = model.to(acc.device)
@@ -101,6 +103,32 @@ def run_eval(cfg: RunConfig, adapter: str | None, data: str | None) -> dict:
     else:  # data.eval_fraction: the part of the training file that training held out
         evalset = build_datasets(cfg, task, tokenizer, None, for_eval=True)["eval"]
     return evaluate(acc, model, task, evalset, labels, cfg.train.micro_batch_size, tokenizer.pad_token_id)
+
+
+def check_held_out(cfg: RunConfig, path: Path) -> None:
+    """data.eval_fraction scores the part of data.train that a split by (fraction, seed) holds out: only
+    the split the adapter's run made keeps its training examples out. Another seed or fraction, or a run
+    that held nothing out, would score on trained examples without a sign; refused (exit 2) instead."""
+    from .train import held_out
+
+    meta_file = path / "scaletune.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    if "held_out" not in meta:  # an adapter saved before runs recorded their split: nothing to compare
+        return
+    trained, asked = meta["held_out"], held_out(cfg)
+    if trained == asked:
+        return
+    if trained is None:
+        raise ConfigError(f"data.eval_fraction: the adapter at {path} was trained on all of its training file "
+                          "(its run held nothing out), so a held-out split of it would be examples it trained on",
+                          hint="evaluate on a file it never saw: --data FILE (or data.eval)")
+    want = f"data.eval_fraction={trained['eval_fraction']} train.seed={trained['seed']}"
+    differs = [f"{key} {trained[key]} (given: {asked[key]})" for key in ("train", "eval_fraction", "seed")
+               if trained[key] != asked[key]]
+    raise ConfigError(f"data.eval_fraction: the adapter at {path} was trained holding out a different split; "
+                      f"this one would score on examples it trained on. The run's split: {'; '.join(differs)}",
+                      hint=f"evaluate its own held-out split with {want} (and its data.train), or give "
+                           "--data FILE")
 
 
 @torch.no_grad()

@@ -351,8 +351,21 @@ def save_adapter(run: Run, directory: Path, state: dict | None = None) -> None:
     model.save_pretrained(str(directory), state_dict=state, safe_serialization=True)
     run.tokenizer.save_pretrained(str(directory))
     meta = {"task": run.cfg.task, "labels": run.data["labels"], "base_model": run.cfg.model.name_or_path,
-            "max_length": run.cfg.data.max_length, **run.task.cache_meta()}
+            "max_length": run.cfg.data.max_length, "held_out": held_out(run.cfg), **run.task.cache_meta()}
     (directory / "scaletune.json").write_text(json.dumps(meta, indent=1))
+
+
+def held_out(cfg: RunConfig) -> dict | None:
+    """What `scaletune eval` with data.eval_fraction must split the same way to score on examples the
+    adapter never trained on (None: this run held nothing out of its training file)."""
+    if not cfg.data.eval_fraction or cfg.data.eval:
+        return None
+    return {"train": data_source(cfg.data.train), "eval_fraction": cfg.data.eval_fraction, "seed": cfg.train.seed}
+
+
+def data_source(spec: str) -> str:
+    """A data spec as a comparable name: a local file's absolute path (runs start from other directories)."""
+    return spec if spec.startswith("hub:") else str(Path(spec).resolve())
 
 
 def train(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
