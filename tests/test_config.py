@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from scaletune.config import apply_overrides, config_reference, from_dict, load_config
+from scaletune.config import KEY_ALIASES, apply_overrides, config_reference, from_dict, load_config
 from scaletune.errors import ConfigError
 from scaletune.rules import cross_field_problems
 
@@ -144,6 +145,29 @@ def test_other_tools_key_names_get_scaletunes_key():
             "train.micro_batch_size x accumulation steps x world size)") in text
     # a scaletune key in the wrong section is pointed to its section
     assert "train.gradient_checkpointing: unknown key (did you mean 'model.gradient_checkpointing'?)" in text
+
+
+def test_axolotl_and_llama_factory_names_get_scaletunes_key():
+    """The keys people bring from axolotl / LLaMA-Factory / TRL configs were bare "unknown key"s."""
+    raw = {**BASE, "lr_scheduler_type": "cosine", "val_set_size": 0.05, "train_on_inputs": False,
+           "sample_packing": True, "lora_target_linear": True, "resume_from_checkpoint": True,
+           "train": {"optim": "adamw_torch"}}
+    text = "\n".join(problems_of(raw))
+    assert "lr_scheduler_type: unknown key (did you mean 'train.lr_scheduler'?)" in text
+    assert "val_set_size: unknown key (did you mean 'data.eval_fraction'?)" in text
+    assert "train_on_inputs: unknown key (did you mean 'data.train_on_prompt'?)" in text
+    assert "sample_packing: unknown key (did you mean 'data.packing'?)" in text
+    assert "lora_target_linear: unknown key (set peft.target_modules: all-linear)" in text
+    assert "resume_from_checkpoint: unknown key (resume with `scaletune train CONFIG --resume auto`" in text
+    assert "train.optim: unknown key (did you mean 'optimizer'?)" in text
+
+
+def test_every_alias_that_names_a_key_names_one_that_exists():
+    from scaletune.config import _PEFT_OPTIONS, _section_keys
+
+    keys = set(_section_keys().values()) | {f"peft.{k}" for k in _PEFT_OPTIONS}
+    named = {v for v in KEY_ALIASES.values() if re.fullmatch(r"\w+\.\w+", v)}
+    assert named and named <= keys, named - keys
 
 
 def test_type_and_cross_field_problems_reported_in_one_run():
