@@ -84,10 +84,21 @@ KEY_ALIASES: dict[str, str] = {
     "eval_strategy": "scaletune evaluates every train.eval_every steps and at the end",
     "evaluation_strategy": "scaletune evaluates every train.eval_every steps and at the end",
     "save_strategy": "scaletune checkpoints every train.save_every steps and at the end",
+    "load_best_model_at_end": "set train.best_metric: the best eval's adapter is kept in OUTPUT_DIR/best_adapter/",
+    "metric_for_best_model": "train.best_metric",
+    "early_stopping": "train.early_stopping_patience",
     "resume_from_checkpoint": "resume with `scaletune train CONFIG --resume auto` (or --resume CHECKPOINT_DIR)",
     "datasets": "data.train (one file or hub:<id>[:split]; data.eval for evaluation)",
     "chat_template": "chat formats (data.format: sharegpt | messages) use the tokenizer's own chat template",
     "template": "chat formats (data.format: sharegpt | messages) use the tokenizer's own chat template",
+}
+
+
+# What each task's eval reports that can pick the best adapter, and which way is better.
+EVAL_METRICS: dict[str, dict[str, str]] = {
+    "causal_lm": {"loss": "min", "perplexity": "min"},
+    "seq_cls": {"loss": "min", "accuracy": "max", "macro_f1": "max"},
+    "token_cls": {"loss": "min", "f1": "max", "precision": "max", "recall": "max", "token_accuracy": "max"},
 }
 
 
@@ -173,6 +184,16 @@ class TrainConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = _f("bf16", "Autocast precision for this run.")
     seed: int = _f(42, "Seed for data order, initialisation and dropout.")
     eval_every: int | None = _f(200, "Evaluate every N optimizer steps (and at the end); null: end only.")
+    best_metric: str | None = _f(None, "Eval metric that picks the best adapter: each eval that beats the run's "
+                                 "best so far writes OUTPUT_DIR/best_adapter/ (adapter/ stays the last step's). "
+                                 "causal_lm: loss | perplexity; seq_cls: loss | accuracy | macro_f1; token_cls: "
+                                 "loss | f1 | precision | recall | token_accuracy (loss, perplexity: lower is "
+                                 "better). Needs eval data.")
+    early_stopping_patience: int | None = _f(None, "Stop after this many evals in a row that do not beat the best "
+                                             "best_metric (by more than early_stopping_threshold); the run then "
+                                             "ends, complete, at that step. Needs best_metric and eval_every.")
+    early_stopping_threshold: float = _f(0.0, "How much an eval must beat the best best_metric by to count as "
+                                         "better (in the metric's units).")
     save_every: int | None = _f(200, "Write a resumable checkpoint every N optimizer steps.")
     log_every: int = _f(10, "Log metrics every N optimizer steps (the loss: their mean).")
     save_total_limit: int | None = _f(3, "Keep only the newest N checkpoints; null keeps all.")

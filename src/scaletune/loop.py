@@ -18,6 +18,7 @@ import torch
 from accelerate.utils import send_to_device
 
 from . import faults, methods
+from .best import BestAdapter
 from .data.batching import StepBatches
 from .evaluate import evaluate
 from .metrics import Throughput
@@ -46,10 +47,14 @@ def fit(run: Run, stop: StopFlag) -> str:
         # from here on this run's records are the ones past this step: records before it with a later step
         # are another path's (a resume from an older checkpoint, after a non-finite stop) or were re-done
         mlog.log("resume", run.step, {})
-    if run.step >= run.total_steps:
-        mlog.write(f"run already complete ({run.step}/{run.total_steps} steps)")
+    best = BestAdapter(run, mlog)
+    # a run that stopped early is complete at its checkpoint's step: resuming it trains no further
+    end = run.step if run.counters.get("stopped_early") else run.total_steps
+    if run.step >= end:
+        mlog.write(f"run already complete ({run.step}/{run.total_steps} steps"
+                   + (", stopped early)" if end < run.total_steps else ")"))
     model.train()
-    for micro_batches in batches(run.step, run.total_steps):
+    for micro_batches in batches(run.step, end):
         n_global, stopping = step_head(acc, sum(task.count_targets(b) for b in micro_batches), stop)
         if stopping:
             guard.settle(boundary=True)
@@ -102,6 +107,7 @@ def fit(run: Run, stop: StopFlag) -> str:
             mlog.log("train", run.step, values)
             mlog.progress(run.step, {"loss": values["loss"], "lr": values["lr"],
                                      "tok/s": round(values.get("tokens_per_s", 0))})
+        stop_early = False
         if run.data["eval"] is not None and ((t.eval_every and run.step % t.eval_every == 0)
                                              or run.step == run.total_steps):
             with speed.paused():  # tokens/s is the training's
@@ -110,9 +116,13 @@ def fit(run: Run, stop: StopFlag) -> str:
             mlog.log("eval", run.step, metrics)
             mlog.write(f"step {run.step}: eval " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
                                                               if isinstance(v, float)))
+            with speed.paused():
+                stop_early = best.after_eval(run.step, metrics)  # writes best_adapter/ on a new best
         if saving:
             with speed.paused():
                 save_checkpoint(run)
+        if stop_early:
+            break  # final_outputs checkpoints this step, which records that the run stopped early
     final_outputs(run, mlog)
     mlog.close()
     return "done"

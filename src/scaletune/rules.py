@@ -4,7 +4,16 @@ world size and hardware they will run on)."""
 
 from __future__ import annotations
 
-from .config import _PEFT_SIZE_KEYS, BOOL_HINT, CAUSAL_FORMATS, MAX_PEFT_SIZE, RunConfig, _did_you_mean, _short
+from .config import (
+    _PEFT_SIZE_KEYS,
+    BOOL_HINT,
+    CAUSAL_FORMATS,
+    EVAL_METRICS,
+    MAX_PEFT_SIZE,
+    RunConfig,
+    _did_you_mean,
+    _short,
+)
 
 
 def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_cuda: bool | None = None) -> list[str]:
@@ -36,6 +45,7 @@ def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_c
     if t.max_steps is not None and t.warmup_steps is not None and t.warmup_steps >= t.max_steps > 1:
         p.append(f"train.warmup_steps: {t.warmup_steps} is not shorter than train.max_steps ({t.max_steps}); the "
                  "learning rate would never reach train.learning_rate")
+    p += _best_and_early_stopping(cfg)
     if not (0 <= t.warmup_ratio < 1):
         p.append(f"train.warmup_ratio: must be in [0, 1), got {t.warmup_ratio}")
     if t.weight_decay < 0:
@@ -191,3 +201,25 @@ def tracker_problems(cfg: RunConfig) -> list[str]:
     missing = [t for t in cfg.train.report_to or [] if t in ("wandb", "mlflow") and importlib.util.find_spec(t) is None]
     return [f"train.report_to: {t} is not installed in this environment (pip install 'scaletune[{t}]', "
             f"or drop it from report_to)" for t in missing]
+
+
+def _best_and_early_stopping(cfg: RunConfig) -> list[str]:
+    t, d, p = cfg.train, cfg.data, []
+    names = EVAL_METRICS.get(cfg.task, {})
+    if t.best_metric is not None and names and t.best_metric not in names:
+        p.append(f"train.best_metric: {t.best_metric!r} is not a {cfg.task} eval metric ({' | '.join(names)})"
+                 + _did_you_mean(t.best_metric, list(names)))
+    if t.best_metric is not None and not (d.eval or d.eval_fraction):
+        p.append("train.best_metric: there is no eval data to pick the best adapter by; set data.eval or "
+                 "data.eval_fraction")
+    if t.early_stopping_patience is not None:
+        if t.early_stopping_patience < 1:
+            p.append(f"train.early_stopping_patience: must be >= 1 (or null), got {t.early_stopping_patience}")
+        if t.best_metric is None:
+            p.append("train.early_stopping_patience: needs train.best_metric, the eval metric it watches")
+        if not t.eval_every:
+            p.append("train.early_stopping_patience: needs train.eval_every (with evals only at the end there is "
+                     "nothing to stop early)")
+    if not (t.early_stopping_threshold >= 0):
+        p.append(f"train.early_stopping_threshold: must be >= 0, got {t.early_stopping_threshold}")
+    return p

@@ -29,7 +29,8 @@ log = logging.getLogger("scaletune")
 # (Not data.eval_fraction: it decides which examples are trained on, so a change would move trained
 # examples into the eval set.)
 _RESUME_FREE_KEYS = {"train": {"max_steps", "epochs", "eval_every", "save_every", "log_every", "save_total_limit",
-                               "report_to", "on_nonfinite", "max_nonfinite_skips", "release_cpu_memory"},
+                               "report_to", "on_nonfinite", "max_nonfinite_skips", "release_cpu_memory",
+                               "best_metric", "early_stopping_patience", "early_stopping_threshold"},
                      "data": {"num_workers", "num_proc", "cache", "eval"}, "distributed": {"zero_stage",
                                "offload", "backend", "timeout_s"}, "output_dir": True}
 
@@ -337,7 +338,7 @@ def save_checkpoint(run: Run) -> Path:
                                 method_tensors=method_tensors)
 
 
-def save_adapter(run: Run, directory: Path, state: dict | None = None) -> None:
+def save_adapter(run: Run, directory: Path, state: dict | None = None, extra_meta: dict | None = None) -> None:
     """Plain peft adapter directory + tokenizer (+ label maps): what `PeftModel.from_pretrained` loads.
 
     Without `state` this gathers it, a collective under ZeRO-3: then every rank must call it."""
@@ -351,7 +352,8 @@ def save_adapter(run: Run, directory: Path, state: dict | None = None) -> None:
     model.save_pretrained(str(directory), state_dict=state, safe_serialization=True)
     run.tokenizer.save_pretrained(str(directory))
     meta = {"task": run.cfg.task, "labels": run.data["labels"], "base_model": run.cfg.model.name_or_path,
-            "max_length": run.cfg.data.max_length, "held_out": held_out(run.cfg), **run.task.cache_meta()}
+            "max_length": run.cfg.data.max_length, "held_out": held_out(run.cfg), **run.task.cache_meta(),
+            **(extra_meta or {})}
     (directory / "scaletune.json").write_text(json.dumps(meta, indent=1))
 
 
@@ -413,20 +415,27 @@ def out_of_memory(run: Run, exc: BaseException) -> UserError:
         hint="cheapest first: " + "; ".join(fixes) + ". Resume with --resume auto to keep finished steps.")
 
 
+def write_adapter(run: Run, name: str, extra_meta: dict | None = None) -> Path:
+    """OUTPUT_DIR/<name>/ replaced whole by the current adapter (written aside, then renamed: a kill leaves
+    the old one or the new one). Every rank calls it (a collective under ZeRO-3); the main one writes."""
+    tmp, final = run.output_dir / f".{name}.tmp", run.output_dir / name
+    if run.accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    save_adapter(run, tmp, extra_meta=extra_meta)
+    if run.accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    return final
+
+
 def final_outputs(run: Run, metrics_log: Any) -> None:
     """After the last step: checkpoint (so `--resume auto` knows it is done), the adapter, and only then
     the deletion of the run --overwrite replaced."""
     if not (run.output_dir / "checkpoints" / f"step-{run.step}").is_dir():
         save_checkpoint(run)
-    tmp = run.output_dir / ".adapter.tmp"
-    if run.accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    save_adapter(run, tmp)
+    final = write_adapter(run, "adapter")
     if run.accelerator.is_main_process:
-        final = run.output_dir / "adapter"
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
         metrics_log.write(f"adapter saved to {final}")
         # The run is complete (here, or in a later --resume of it): the run it replaced can go.
         for aside in discard_replaced(run.output_dir):

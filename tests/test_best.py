@@ -1,0 +1,121 @@
+"""train.best_metric and early stopping (scaletune/best.py): best_adapter/ holds the best eval's weights,
+the run stops after `patience` evals without a better one and is complete at that step, a resumed run
+picks and stops as the uninterrupted one, and bad combinations are refused up front."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import scaletune.loop as loop
+from scaletune.cli import main
+from scaletune.config import EVAL_METRICS, load_config
+from scaletune.stopflag import StopFlag
+from scaletune.train import setup
+
+from stutil import StopAt, read_metrics
+
+# the accuracy each eval "measures" (steps 1..): best at step 2, then 3 evals without a better one
+SCRIPT = [0.5, 0.7, 0.6, 0.7, 0.65, 0.9, 0.9, 0.9]
+
+
+@pytest.fixture
+def scripted(monkeypatch):
+    """Real evals whose accuracy follows SCRIPT by step, so where the best falls is known."""
+    real = loop.evaluate
+
+    def evaluate(acc, model, *args, **kwargs):
+        metrics = real(acc, model, *args, **kwargs)
+        return {**metrics, "accuracy": SCRIPT[current[0].step - 1]}
+
+    monkeypatch.setattr(loop, "evaluate", evaluate)
+    return evaluate
+
+
+def _config(make_config, tmp_path, name="run", **train):
+    return make_config("seq_cls", output_dir=str(tmp_path / name),
+                       train={"max_steps": 8, "eval_every": 1, "save_every": 1, "save_total_limit": None,
+                              "best_metric": "accuracy", "early_stopping_patience": 3, **train})
+
+
+def _adapter(directory):
+    return load_file(str(directory / "adapter_model.safetensors"))
+
+
+def _fit(path, stop=None, resume=None):
+    run, _ = setup(load_config(path), resume=resume)
+    current[0] = run
+    return run, loop.fit(run, stop(run) if stop else StopFlag())
+
+
+current: list = [None]  # the run being trained: the scripted evals read its step
+
+
+def test_best_adapter_is_the_best_evals_and_the_run_stops_early(make_config, tmp_path, scripted, capsys):
+    path = _config(make_config, tmp_path)
+    run, result = _fit(path)
+    out = run.output_dir
+    assert result == "done" and run.step == 5  # evals 3, 4 and 5 did not beat step 2's 0.7
+    assert [r["step"] for r in read_metrics(out, "best")] == [1, 2]
+    (stop,) = read_metrics(out, "early_stop")
+    assert (stop["step"], stop["evals_without_better"], stop["best_step"]) == (5, 3, 2)
+    assert not (out / "checkpoints" / "step-6").exists()
+    best, snapshot = _adapter(out / "best_adapter"), _adapter(out / "checkpoints" / "step-2" / "adapter")
+    assert best.keys() == snapshot.keys()
+    for name, w in snapshot.items():
+        assert torch.equal(best[name], w), name
+    final = _adapter(out / "adapter")
+    assert any(not torch.equal(final[n], w) for n, w in snapshot.items())  # adapter/ is the last step's
+    meta = json.loads((out / "best_adapter" / "scaletune.json").read_text())
+    assert meta["best"] == {"metric": "accuracy", "value": 0.7, "step": 2} and meta["task"] == "seq_cls"
+    # complete: a resume trains no further
+    capsys.readouterr()
+    assert main(["train", str(path), "--resume", "auto"]) == 0
+    assert "run already complete (5/8 steps, stopped early)" in capsys.readouterr().out
+    assert max(r["step"] for r in read_metrics(out)) == 5
+    # the best adapter evaluates like any adapter
+    assert main(["eval", str(path), "--adapter", str(out / "best_adapter")]) == 0
+
+
+def test_a_preempted_run_resumes_to_the_same_best_and_stop(make_config, tmp_path, scripted):
+    whole, _ = _fit(_config(make_config, tmp_path, "whole"))
+    path = _config(make_config, tmp_path, "cut")
+    run, result = _fit(path, stop=lambda run: StopAt(run, 3))
+    assert result == "preempted" and run.step == 3
+    run, result = _fit(path, resume="auto")
+    assert result == "done" and run.step == whole.step == 5
+    assert read_metrics(run.output_dir, "early_stop")[-1]["best_step"] == 2
+    for name in ("best_adapter", "adapter"):
+        want, have = _adapter(whole.output_dir / name), _adapter(run.output_dir / name)
+        for key, w in want.items():
+            assert torch.equal(have[key], w), (name, key)
+
+
+def test_best_metric_and_early_stopping_problems_are_reported_together(make_config, capsys):
+    path = make_config("seq_cls", data={"eval": None},
+                       train={"best_metric": "f1", "early_stopping_patience": 0, "eval_every": None,
+                              "early_stopping_threshold": -1})
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    for wanted in ("train.best_metric: 'f1' is not a seq_cls eval metric (loss | accuracy | macro_f1)",
+                   "train.best_metric: there is no eval data to pick the best adapter by",
+                   "train.early_stopping_patience: must be >= 1", "train.early_stopping_patience: needs "
+                   "train.eval_every", "train.early_stopping_threshold: must be >= 0"):
+        assert wanted in err, wanted
+    path = make_config("seq_cls", train={"early_stopping_patience": 2})
+    assert main(["train", str(path)]) == 2
+    assert "train.early_stopping_patience: needs train.best_metric" in capsys.readouterr().err
+
+
+def test_the_metrics_best_metric_may_name_are_the_tasks_eval_metrics():
+    from scaletune.tasks import get_task
+
+    reported = {"causal_lm": get_task("causal_lm").metrics([], 2.0, 4, None),
+                "seq_cls": get_task("seq_cls").metrics([(0, 0), (1, 0)], 1.0, 2, ["a", "b"]),
+                "token_cls": get_task("token_cls").metrics([([0, 1], [0, 1], [])], 1.0, 2, ["O", "B-X"])}
+    for task, names in EVAL_METRICS.items():
+        assert set(names) <= set(reported[task]), task
+        assert all(isinstance(reported[task][n], float) for n in names), task
