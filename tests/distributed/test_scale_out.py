@@ -475,15 +475,24 @@ def test_zero3_world2_checkpoint_resumes_on_one_process(world, zero3, single):
 
 
 def test_single_process_checkpoint_resumes_under_zero3(world, single):
-    """1 process (no DeepSpeed) -> ZeRO-3 x 2 processes."""
+    """1 process (no DeepSpeed) -> ZeRO-3 x 2 processes. The resume adds evals and train.best_metric (keys a
+    resume may change): each new best's adapter is gathered from the partitions by every rank."""
+    from safetensors.torch import load_file
+
     out = world.root / "resume_1_to_2"
     copy_checkpoint(single, 5, out)
     text = run_cli(world, _accelerate("cpu_2proc_zero3.yaml", str(world.zero3), f"output_dir={out}",
-                                      "--resume", "auto"))
+                                      "--resume", "auto", f"data.eval={world.root / 'train.jsonl'}",
+                                      f"train.eval_every={STEPS - 5}", "train.best_metric=loss"))
     assert "saved at world size 1, now 2" in text
     got = losses(out)
     assert sorted(got) == list(range(6, STEPS + 1))
     assert_same_curve(losses(single), got, range(6, STEPS + 1))
+    assert [r["step"] for r in helpers.read_metrics(out, "best")] == [STEPS]
+    best, final = (load_file(str(out / d / "adapter_model.safetensors")) for d in ("best_adapter", "adapter"))
+    assert best.keys() == final.keys() and all(v.numel() for v in best.values())
+    for name, w in final.items():
+        assert torch.equal(best[name], w), name
 
 
 # ------------------------------------------------------------------------------------------------
