@@ -87,6 +87,7 @@ KEY_ALIASES: dict[str, str] = {
     "load_best_model_at_end": "set train.best_metric: the best eval's adapter is kept in OUTPUT_DIR/best_adapter/",
     "metric_for_best_model": "train.best_metric",
     "early_stopping": "train.early_stopping_patience",
+    "neftune_noise_alpha": "train.neftune_noise_alpha",
     "resume_from_checkpoint": "resume with `scaletune train CONFIG --resume auto` (or --resume CHECKPOINT_DIR)",
     "datasets": "data.train (one file or hub:<id>[:split]; data.eval for evaluation)",
     "chat_template": "chat formats (data.format: sharegpt | messages) use the tokenizer's own chat template",
@@ -184,6 +185,10 @@ class TrainConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = _f("bf16", "Autocast precision for this run.")
     seed: int = _f(42, "Seed for data order, initialisation and dropout.")
     eval_every: int | None = _f(200, "Evaluate every N optimizer steps (and at the end); null: end only.")
+    neftune_noise_alpha: float | None = _f(None, "NEFTune: while training (never in eval or generation) add uniform "
+                                           "noise in [-a, a] to the input embeddings, a = alpha / sqrt(row width x "
+                                           "hidden size), as HF Trainer and TRL do; the paper's values are 5-15. "
+                                           "The noise follows the step's seed: a resume replays it.")
     best_metric: str | None = _f(None, "Eval metric that picks the best adapter: each eval that beats the run's "
                                  "best so far writes OUTPUT_DIR/best_adapter/ (adapter/ stays the last step's). "
                                  "causal_lm: loss | perplexity; seq_cls: loss | accuracy | macro_f1; token_cls: "

@@ -291,10 +291,27 @@ def load_model(cfg: RunConfig, task: Any, labels: list[str] | None, tokenizer: A
         model = peft.PeftModel.from_pretrained(model, adapter_path, is_trainable=False)
     else:
         model = apply_adapter(model, cfg, task, total_steps)
+        if cfg.train.neftune_noise_alpha:
+            add_embedding_noise(model, cfg.train.neftune_noise_alpha)
     why_not = prefix_forward_problem(model)
     if why_not:
         raise ConfigError(f"peft.method={cfg.peft_method} with task {cfg.task}: {why_not}")
     return float32_trainables(model)
+
+
+def add_embedding_noise(model: Any, alpha: float) -> None:
+    """NEFTune (Jain et al. 2023): uniform noise on the input embeddings of training forwards, scaled by
+    alpha / sqrt(width x hidden) of the batch's embedding output. A forward hook, so eval and the adapter
+    saved are untouched; it draws from torch's generator, which the loop seeds per step."""
+    embeddings = model.get_input_embeddings()
+
+    def noisy(module: Any, args: Any, output: torch.Tensor) -> torch.Tensor:
+        if not module.training:
+            return output
+        bound = alpha / math.sqrt(output.shape[-2] * output.shape[-1])
+        return output + torch.empty_like(output).uniform_(-bound, bound)
+
+    embeddings.register_forward_hook(noisy)
 
 
 HEAD_MODULES = ("classifier", "score", "pre_classifier")  # the task heads seq_cls/token_cls add to a base model
