@@ -135,7 +135,9 @@ class ModelConfig:
 
 @dataclass(kw_only=True)
 class DataConfig:
-    train: str = _f(help="Training data: a file (jsonl/json/csv/tsv/parquet/conll) or 'hub:<id>[:split]'.")
+    train: str | list = _f(help="Training data: a file (jsonl/json/csv/tsv/parquet/conll) or 'hub:<id>[:split]', or a "
+                           "list of them, concatenated; an item may be {path: ..., weight: W}: W times its examples "
+                           "(2: each twice; 0.5: a seeded half), after any eval_fraction split.")
     eval: str | None = _f(None, "Evaluation data, same forms as `train`.")
     eval_fraction: float | None = _f(None, "Hold out this fraction of `train` for evaluation instead.")
     format: str = _f(
@@ -269,7 +271,7 @@ def _type_name(tp: Any) -> str:
         return " | ".join(repr(a) if not isinstance(a, str) else a for a in typing.get_args(tp))
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return " | ".join(_type_name(a) for a in args) + " | null"
+        return " | ".join(_type_name(a) for a in args) + (" | null" if type(None) in typing.get_args(tp) else "")
     return getattr(tp, "__name__", str(tp))
 
 
@@ -284,7 +286,15 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         if _null_spelled_out(value) and inner[0] is not str:
             problems.append(f"{key}: {value!r} is a string; for no value write null (unquoted) or leave the key out")
             return None
-        return _coerce(value, inner[0], key, problems)
+        if len(inner) == 1:
+            return _coerce(value, inner[0], key, problems)
+        for option in inner:  # (str | list: the first of the types the value is)
+            tried: list[str] = []
+            out = _coerce(value, option, key, tried)
+            if not tried:
+                return out
+        problems.append(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {_short(value)}")
+        return None
     if origin is Literal:
         return _choice(value, tp, key, problems)
     if tp is bool:

@@ -117,8 +117,11 @@ def _not_replaceable(cfg: RunConfig, out: Path) -> str | None:
     if not any((out / name).exists() for name in RUN_MARKERS):
         return f"it is not a scaletune run's output (none of {', '.join(RUN_MARKERS)} is in it)"
     root = out.resolve()
-    inputs = {"data.train": cfg.data.train, "data.eval": cfg.data.eval, "model.name_or_path": cfg.model.name_or_path,
-              "the working directory": "."}
+    from .data.sources import train_sources
+
+    inputs = {"data.eval": cfg.data.eval, "model.name_or_path": cfg.model.name_or_path, "the working directory": "."}
+    for i, (spec, _) in enumerate(train_sources(cfg.data.train)):
+        inputs[f"data.train[{i}]" if isinstance(cfg.data.train, list) else "data.train"] = spec
     for key, value in inputs.items():
         if value and Path(value).exists() and Path(value).resolve().is_relative_to(root):
             return f"{key} ({value}) is inside it"

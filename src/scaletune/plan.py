@@ -90,10 +90,10 @@ def _labels(cfg: RunConfig, task: Any) -> list[str] | None:
         return None
     if cfg.data.labels:
         return [str(x) for x in cfg.data.labels]
-    from .data.readers import read_records
+    from .data.sources import describe, read_train_records
 
-    records = read_records(cfg.data.train, key="data.train", conll=cfg.data.format == "conll")
-    return task.setup(records, cfg, cfg.data.train)
+    records, _ = read_train_records(cfg.data.train, conll=cfg.data.format == "conll")
+    return task.setup(records, cfg, describe(cfg.data.train))
 
 
 def build_meta_model(cfg: RunConfig) -> Any:

@@ -100,6 +100,7 @@ def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_c
                        ("data.tokens_column", d.tokens_column), ("data.tags_column", d.tags_column)):
         if isinstance(value, str) and not value.strip():
             p.append(f"{key}: must not be empty")
+    p += _train_sources(d.train)
     if d.tokens_column and d.tokens_column == d.tags_column:
         p.append(f"data.tokens_column and data.tags_column: both name column {d.tokens_column!r}")
     if d.text_column and d.text_column in (d.label_column, d.text_pair_column):
@@ -224,4 +225,31 @@ def _best_and_early_stopping(cfg: RunConfig) -> list[str]:
                      "nothing to stop early)")
     if not (t.early_stopping_threshold >= 0):
         p.append(f"train.early_stopping_threshold: must be >= 0, got {t.early_stopping_threshold}")
+    return p
+
+
+def _train_sources(train: object) -> list[str]:
+    """data.train as a list: non-empty, each item a spec or {path: spec, weight: > 0}."""
+    if not isinstance(train, list):
+        return []
+    if not train:
+        return ["data.train: an empty list; give a file (or a list of files)"]
+    p = []
+    for i, item in enumerate(train):
+        key = f"data.train[{i}]"
+        if isinstance(item, str):
+            if not item.strip():
+                p.append(f"{key}: must not be empty")
+            continue
+        if not isinstance(item, dict):
+            p.append(f"{key}: expected a file or {{path: FILE, weight: W}}, got {type(item).__name__} {_short(item)}")
+            continue
+        extra = sorted(set(item) - {"path", "weight"})
+        if extra:
+            p.append(f"{key}: unknown key(s) {', '.join(map(str, extra))} (an item has path and weight)")
+        if not isinstance(item.get("path"), str) or not item["path"].strip():
+            p.append(f"{key}.path: a data file (or hub:<id>[:split]) is required")
+        weight = item.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (0 < weight <= 1000):
+            p.append(f"{key}.weight: must be a number > 0 (at most 1000), got {_short(weight)}")
     return p

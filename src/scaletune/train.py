@@ -365,9 +365,13 @@ def held_out(cfg: RunConfig) -> dict | None:
     return {"train": data_source(cfg.data.train), "eval_fraction": cfg.data.eval_fraction, "seed": cfg.train.seed}
 
 
-def data_source(spec: str) -> str:
-    """A data spec as a comparable name: a local file's absolute path (runs start from other directories)."""
-    return spec if spec.startswith("hub:") else str(Path(spec).resolve())
+def data_source(train: Any) -> Any:
+    """data.train as comparable names: a local file's absolute path (runs start from other directories)."""
+    from .data.sources import train_sources
+
+    if not isinstance(train, list):
+        return train if train.startswith("hub:") else str(Path(train).resolve())
+    return [data_source(spec) for spec, _ in train_sources(train)]  # (weights do not move the split)
 
 
 def train(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,

@@ -23,6 +23,7 @@ from ..distributed import main_process_first
 from ..errors import DataError, UserError
 from ..fileutil import sha256_file
 from .readers import WHERE, read_records
+from .sources import describe, read_train_records, train_sources, weighted
 
 log = logging.getLogger("scaletune")
 
@@ -69,7 +70,8 @@ def fingerprint(cfg: Any, tokenizer: Any) -> str:
     for key in ("num_workers", "num_proc", "cache", "group_by_length"):
         d.pop(key)
     split_seed = str(cfg.train.seed) if cfg.data.eval_fraction and not cfg.data.eval else "-"  # (only it uses it)
-    parts = [CACHE_VERSION, cfg.task, json.dumps(d, sort_keys=True), _file_digest(cfg.data.train),
+    train = ",".join(_file_digest(spec) for spec, _ in train_sources(cfg.data.train))
+    parts = [CACHE_VERSION, cfg.task, json.dumps(d, sort_keys=True), train,
              _file_digest(cfg.data.eval), split_seed, _tokenizer_digest(tokenizer)]
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:24]
 
@@ -234,14 +236,14 @@ def build_datasets(cfg: Any, task: Any, tokenizer: Any, accelerator: Any = None,
             labels = meta["labels"]
             task.setup_cached(meta)
             if main:
-                log.info("data: tokenised %s read from the cache (%s)", cfg.data.train, where)
+                log.info("data: tokenised %s read from the cache (%s)", describe(cfg.data.train), where)
         else:
             if main:  # a large file takes minutes here: say what is happening (and that it happens once)
-                log.info("data: reading and tokenising %s%s%s", cfg.data.train,
+                log.info("data: reading and tokenising %s%s%s", describe(cfg.data.train),
                          f" and {cfg.data.eval}" if cfg.data.eval else "",
                          f" (cached for later runs in {where})" if cfg.data.cache else "")
-            train_records = read_records(cfg.data.train, key="data.train", conll=conll)
-            labels = task.setup(train_records, cfg, cfg.data.train)
+            train_records, source_of = read_train_records(cfg.data.train, conll=conll)
+            labels = task.setup(train_records, cfg, describe(cfg.data.train))
             ignored = [task.ignored_fields(train_records, "data.train")]
             eval_records = None
             if cfg.data.eval:
@@ -250,10 +252,11 @@ def build_datasets(cfg: Any, task: Any, tokenizer: Any, accelerator: Any = None,
                 ignored.append(task.ignored_fields(eval_records, "data.eval"))
             elif cfg.data.eval_fraction:
                 train_records, eval_records = split_eval(train_records, cfg.data.eval_fraction, cfg.train.seed)
+            train_records = weighted(train_records, source_of, cfg.data.train, cfg.train.seed)
             label2id = {name: i for i, name in enumerate(labels)} if labels else None
             train, counted = _encode_all(train_records, task, tokenizer, cfg, label2id)
             if train is None:
-                raise DataError(f"data.train: no usable examples in {cfg.data.train} "
+                raise DataError(f"data.train: no usable examples in {describe(cfg.data.train)} "
                                 f"({counted['dropped']} had no target tokens within max_length)")
             evalset, counted_eval = _encode_all(eval_records or [], task, tokenizer, cfg, label2id)
             if cfg.data.eval and evalset is None:  # asked for, never run

@@ -1,0 +1,55 @@
+"""`data.train` as one source or a list of them, each with a weight: the files read and concatenated, and
+the training examples each contributes (weight 2: every example twice; 0.5: a seeded half)."""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any
+
+from .readers import read_records
+
+
+def train_sources(train: Any) -> list[tuple[str, float]]:
+    """(spec, weight) of every training source in `data.train` (a spec, or a list of specs and
+    {path, weight} items; validated by the config rules)."""
+    items = train if isinstance(train, list) else [train]
+    return [(item["path"], float(item.get("weight", 1.0))) if isinstance(item, dict) else (item, 1.0)
+            for item in items]
+
+
+def describe(train: Any) -> str:
+    """The training data for messages: the spec, or the specs joined with their weights."""
+    sources = train_sources(train)
+    if len(sources) == 1 and not isinstance(train, list):
+        return sources[0][0]
+    return " + ".join(spec if weight == 1.0 else f"{spec} (x{weight:g})" for spec, weight in sources)
+
+
+def read_train_records(train: Any, *, conll: bool) -> tuple[list[dict], dict[int, int]]:
+    """All sources' records, concatenated in order, and which source each record (by id) came from."""
+    records: list[dict] = []
+    source_of: dict[int, int] = {}
+    sources = train_sources(train)
+    for i, (spec, _) in enumerate(sources):
+        key = "data.train" if len(sources) == 1 and not isinstance(train, list) else f"data.train[{i}]"
+        part = read_records(spec, key=key, conll=conll)
+        source_of.update((id(rec), i) for rec in part)
+        records += part
+    return records, source_of
+
+
+def weighted(records: list[dict], source_of: dict[int, int], train: Any, seed: int) -> list[dict]:
+    """The training records with each source's weight applied: its whole part repeated int(weight) times,
+    plus a random (seeded: the same every run and rank) fraction of it for the rest. Applied after an
+    eval_fraction split, so no copy of a held-out example is trained on."""
+    sources = train_sources(train)
+    if all(weight == 1.0 for _, weight in sources):
+        return records
+    out: list[dict] = []
+    for i, (_, weight) in enumerate(sources):
+        part = [rec for rec in records if source_of[id(rec)] == i]
+        whole, rest = divmod(weight, 1.0)
+        extra = random.Random(seed * 1_000_003 + i).sample(part, math.floor(len(part) * rest + 0.5)) if rest else []
+        out += part * int(whole) + extra
+    return out

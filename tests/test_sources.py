@@ -1,0 +1,78 @@
+"""data.train as a list of sources with weights (scaletune/data/sources.py): concatenated, each source's
+examples repeated or subsampled by its weight after the eval split, every problem named by its item."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from scaletune.cli import main
+from scaletune.config import load_config
+from scaletune.train import setup
+
+from stutil import alpaca_records, write_jsonl
+
+
+def _records(tag: str, n: int) -> list[dict]:
+    return [{**r, "instruction": f"SRC{tag.upper()} {i}: {r['instruction']}"} for i, r in enumerate(alpaca_records(n))]
+
+
+def _tag(run, ex) -> str:
+    """Which source an example came from (its instruction's first word, in the tokenised text)."""
+    text = run.tokenizer.decode(ex["input_ids"]).replace(" ", "")
+    return "alpha" if "SRCALPHA" in text else "bravo" if "SRCBRAVO" in text else "?"
+
+
+def _tags(run) -> list[str]:
+    return [_tag(run, ex) for ex in run.data["train"]]
+
+
+def test_sources_are_concatenated_and_weighted_after_the_split(make_config, tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", _records("alpha", 20))
+    b = write_jsonl(tmp_path / "b.jsonl", _records("bravo", 20))
+    path = make_config("causal_lm", data={"train": [str(a), {"path": str(b), "weight": 2.5}], "eval": None,
+                                          "eval_fraction": 0.25, "max_length": 256, "packing": False})
+    run, _ = setup(load_config(path))
+    n_eval = {"alpha": 0, "bravo": 0}
+    for ex in run.data["eval"]:
+        n_eval[_tag(run, ex)] += 1
+    assert sum(n_eval.values()) == 10
+    tags = _tags(run)
+    kept = {tag: 20 - n for tag, n in n_eval.items()}
+    assert tags.count("alpha") == kept["alpha"]
+    assert tags.count("bravo") == 2 * kept["bravo"] + int(kept["bravo"] * 0.5 + 0.5)
+    # the same selection on every run (seeded), and a changed weight is a different dataset (cache)
+    again, _ = setup(load_config(path), overwrite=True)
+    assert sorted(_tags(again)) == sorted(tags)
+
+
+def test_list_problems_are_named_by_item(make_config, tmp_path, capsys):
+    a = write_jsonl(tmp_path / "a.jsonl", _records("alpha", 8))
+    path = make_config("causal_lm", data={"train": [str(a), {"path": str(a), "weight": 0}, {"file": "x"}, 3]})
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    for wanted in ("data.train[1].weight: must be a number > 0", "data.train[2]: unknown key(s) file",
+                   "data.train[2].path: a data file (or hub:<id>[:split]) is required",
+                   "data.train[3]: expected a file or {path: FILE, weight: W}, got int 3"):
+        assert wanted in err, wanted
+    path = make_config("causal_lm", data={"train": {"path": str(a)}})
+    assert main(["train", str(path)]) == 2
+    assert "data.train: expected str | list, got dict" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(alpaca_records(1)[0]) + "\n{oops\n")
+    path = make_config("causal_lm", data={"train": [str(a), str(bad)]})
+    assert main(["train", str(path)]) == 2
+    assert f"{bad}:2: invalid JSON" in capsys.readouterr().err
+    path = make_config("causal_lm", data={"train": [str(a), str(tmp_path / "missing.jsonl")]})
+    assert main(["train", str(path)]) == 2
+    assert "data.train[1]: file not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("weight", [1, 1.0])
+def test_a_list_of_one_source_is_that_source(make_config, tmp_path, weight):
+    a = write_jsonl(tmp_path / "a.jsonl", _records("alpha", 16))
+    one, _ = setup(load_config(make_config("causal_lm", data={"train": str(a)})))
+    listed, _ = setup(load_config(make_config("causal_lm", data={"train": [{"path": str(a), "weight": weight}]})),
+                      overwrite=True)
+    assert [ex["input_ids"] for ex in one.data["train"]] == [ex["input_ids"] for ex in listed.data["train"]]
