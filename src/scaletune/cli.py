@@ -13,7 +13,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from .errors import EXIT_USAGE, ConfigError, UserError
+from .errors import EXIT_USAGE, RESUME_AFTER_WRITE, ConfigError, UserError, failed_write, write_error
 
 _ADAPTER_HELP = "adapter dir, or a checkpoint dir (uses its adapter/) (default: OUTPUT_DIR/adapter)"
 
@@ -297,6 +297,13 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `scaletune plan ... | head`: the reader has all it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
         return 141  # 128 + SIGPIPE, what a shell reports for a pipe closed early
+    except OSError as exc:
+        if not failed_write(exc):
+            raise
+        # a write the machine refused (a full disk, a quota) where no step had its own message for it
+        hint = RESUME_AFTER_WRITE if args.command == "train" else "free disk space (or fix permissions) and run it again"
+        print(write_error(exc, exc.filename or "a file", hint).render(), file=sys.stderr)
+        return EXIT_USAGE
     except RuntimeError as exc:
         from .distributed import peer_failure
 

@@ -50,3 +50,28 @@ def _rebuild(cls: type, problems: list[str], title: str | None, hint: str | None
     err = cls(problems, title=title, hint=hint)
     err.__dict__.update(state)  # (relayed_from and the like)
     return err
+
+
+# Where a write can fail because of the machine, not the program: full disk, quota, read-only filesystem,
+# permissions, a file too large for the filesystem.
+_WRITE_ERRNOS = {28, 122, 30, 13, 1, 27}  # ENOSPC, EDQUOT, EROFS, EACCES, EPERM, EFBIG
+
+RESUME_AFTER_WRITE = ("the checkpoints already written are intact: free disk space (or fix permissions), then "
+                      "resume with --resume auto")
+
+
+def failed_write(exc: BaseException) -> bool:
+    """Whether `exc` is a write the machine refused (see _WRITE_ERRNOS). safetensors reports those as its
+    own error, carrying the OS error's text."""
+    if isinstance(exc, OSError):
+        return exc.errno in _WRITE_ERRNOS
+    text = str(exc)
+    return type(exc).__name__ == "SafetensorError" and any(
+        s in text for s in ("No space left", "StorageFull", "QuotaExceeded", "ReadOnlyFilesystem",
+                            "PermissionDenied", "Permission denied", "Disk quota"))
+
+
+def write_error(exc: BaseException, target: object, hint: str) -> UserError:
+    """A refused write (`failed_write`) as a one-screen error naming what was being written."""
+    reason = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[0]
+    return UserError(f"could not write {target}: {reason}", hint=hint)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, TextIO
@@ -15,7 +17,7 @@ from . import predict_input
 from .checkpoint import checkpoint_dirs
 from .config import RunConfig
 from .data.readers import WHERE
-from .errors import ConfigError, DataError, UserError
+from .errors import ConfigError, DataError, UserError, failed_write, write_error
 
 log = logging.getLogger("scaletune")
 
@@ -339,6 +341,18 @@ def run_merge(cfg: RunConfig, adapter: str | None, out_dir: str) -> Path:
     target = Path(out_dir)
     if target.exists() and any(target.iterdir()):
         raise UserError(f"--out {target} is not empty; choose a new directory")
-    merged.save_pretrained(str(target), safe_serialization=True)
-    tokenizer.save_pretrained(str(target))
+    # Written beside it and renamed: a failed write (a full disk) leaves no half model that looks whole
+    # and no directory that refuses the retry as "not empty".
+    tmp = target.parent / f".{target.name}.merging"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        merged.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        os.replace(tmp, target)
+    except Exception as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not failed_write(exc):
+            raise
+        raise write_error(exc, f"--out {target}", "nothing was left there; free disk space (or fix "
+                                                  "permissions) and run merge again") from None
     return target

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import json
 import logging
 import math
 import types
@@ -288,7 +289,7 @@ def load_model(cfg: RunConfig, task: Any, labels: list[str] | None, tokenizer: A
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if adapter_path is not None:
-        model = peft.PeftModel.from_pretrained(model, adapter_path, is_trainable=False)
+        model = _load_adapter(model, adapter_path)
     else:
         model = apply_adapter(model, cfg, task, total_steps)
         if cfg.train.neftune_noise_alpha:
@@ -297,6 +298,22 @@ def load_model(cfg: RunConfig, task: Any, labels: list[str] | None, tokenizer: A
     if why_not:
         raise ConfigError(f"peft.method={cfg.peft_method} with task {cfg.task}: {why_not}")
     return float32_trainables(model)
+
+
+def _load_adapter(model: Any, adapter_path: str) -> Any:
+    """The trained adapter on `model`; a damaged file (a copy cut short, a disk that filled while saving) is
+    one error naming it, not safetensors' traceback."""
+    import peft
+    from safetensors import SafetensorError
+
+    try:
+        return peft.PeftModel.from_pretrained(model, adapter_path, is_trainable=False)
+    except (SafetensorError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        files = sorted(p.name for p in Path(adapter_path).glob("adapter_*"))
+        raise UserError(f"the adapter at {adapter_path} is damaged ({', '.join(files) or 'its files'}: "
+                        f"{str(exc).strip().splitlines()[0]})",
+                        hint="use another copy of it, or a checkpoint's: --adapter OUTPUT_DIR/checkpoints/step-N "
+                             "(`train --resume auto` checks a checkpoint's files against its manifest)") from None
 
 
 def add_embedding_noise(model: Any, alpha: float) -> None:

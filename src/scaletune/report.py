@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from .errors import UserError, failed_write, write_error
 from .tracking import NONFINITE
 
 # Eval metrics in display order (any other numeric key a task logs follows these).
@@ -423,9 +423,15 @@ def build_report(run_dirs: list[str], out: str | None = None) -> tuple[Path, lis
         raise UserError(f"--out {out}: exists and is not a directory")
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = [load_run(p, n) for p, n in zip(paths, _names(paths), strict=True)]
-    plots = make_plots(runs, out_dir)
     report = out_dir / "report.html"
-    report.write_text(render_html(runs, plots), encoding="utf-8")
+    try:
+        plots = make_plots(runs, out_dir)
+        report.write_text(render_html(runs, plots), encoding="utf-8")
+    except OSError as exc:
+        if not failed_write(exc):
+            raise
+        raise write_error(exc, getattr(exc, "filename", None) or out_dir,
+                          "free disk space (or fix permissions), or give another --out; the runs are untouched") from None
     return report, runs
 
 

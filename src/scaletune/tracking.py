@@ -14,6 +14,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from .errors import RESUME_AFTER_WRITE, failed_write, write_error
+
 _PACKAGES = ("scaletune", "torch", "transformers", "accelerate", "peft", "datasets", "deepspeed", "bitsandbytes")
 
 
@@ -66,8 +68,14 @@ def write_run_json(output_dir: Path, cfg: Any, extra: dict) -> None:
                                {"time": now, "from": extra["resumed_from"], "argv": argv,
                                 "world_size": extra.get("world_size")}]
     tmp = output_dir / "run.json.tmp"
-    tmp.write_text(json.dumps(info, indent=1, default=str))
-    os.replace(tmp, output_dir / "run.json")
+    try:
+        tmp.write_text(json.dumps(info, indent=1, default=str))
+        os.replace(tmp, output_dir / "run.json")
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if failed_write(exc):
+            raise write_error(exc, output_dir / "run.json", RESUME_AFTER_WRITE) from None
+        raise
 
 
 def start_trackers(accelerator: Any, cfg: Any, output_dir: Path, start_step: int = 0) -> None:
@@ -149,6 +157,19 @@ def json_safe(value: Any) -> Any:
     return number if math.isfinite(number) else NONFINITE[str(number)]
 
 
+def _ends_with_newline(path: Path) -> bool:
+    """Whether appending to `path` starts a line: it is empty or missing, or its last byte is a newline."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            if fh.tell() == 0:
+                return True
+            fh.seek(-1, os.SEEK_END)
+            return fh.read(1) == b"\n"
+    except OSError:
+        return True
+
+
 class MetricsLog:
     """Appends one JSON object per event to metrics.jsonl and forwards scalars to trackers."""
 
@@ -162,6 +183,7 @@ class MetricsLog:
         # Off a terminal (a Slurm .out file, CI, `| tee`) a redrawn bar is one ever-growing line of
         # carriage returns: log a plain line per logging interval instead.
         self.lines = self.main and not quiet and not sys.stderr.isatty()
+        self._clean_end = not self.main or _ends_with_newline(self.path)
         if self.main and not quiet and not self.lines:
             from tqdm.auto import tqdm
 
@@ -171,8 +193,18 @@ class MetricsLog:
         if not self.main:
             return
         record = {"event": event, "step": step, "time": round(time.time(), 3), **values}
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(json_safe(record), default=float) + "\n")
+        line = json.dumps(json_safe(record), default=float) + "\n"
+        try:
+            with open(self.path, "a", encoding="utf-8") as fh:
+                if not self._clean_end:  # a write cut short (a full disk) left half a line: start a new one
+                    fh.write("\n")
+                    self._clean_end = True
+                fh.write(line)
+        except OSError as exc:
+            self._clean_end = False
+            if failed_write(exc):
+                raise write_error(exc, self.path, RESUME_AFTER_WRITE) from None
+            raise
         scalars = {f"{event}/{k}": v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self.acc.trackers and scalars:
             self.acc.log(scalars, step=step)

@@ -17,7 +17,7 @@ import torch
 from . import checkpoint as ckpt
 from . import methods, nonfinite, runlock
 from .config import RunConfig
-from .errors import EXIT_PREEMPTED, ConfigError, UserError
+from .errors import EXIT_PREEMPTED, RESUME_AFTER_WRITE, ConfigError, UserError, failed_write, write_error
 from .outdir import check_output_dir, discard_replaced, replaced_note, set_aside, set_aside_metrics
 from .rules import cross_field_problems
 from .stopflag import StopFlag
@@ -291,6 +291,10 @@ def restore(run: Run, resume_from: Path) -> None:
                         "raise train.max_steps (or train.epochs) to continue it")
     if accelerator.is_main_process:
         ckpt.set_aside_newer(run.output_dir, resume_from)
+        if state.get("train_digest") not in (None, run.data.get("train_digest")):
+            # not refused: a fixed typo in the data is a fair reason; but the promise of an exact resume is off
+            log.warning("data.train's contents changed since checkpoint %s was written: the resumed run trains "
+                        "on other examples than the interrupted one did", resume_from)
     accelerator.print(f"resumed from {resume_from} at step {run.step} "
                       f"(saved at world size {state['world_size']}, now {accelerator.num_processes})")
 
@@ -330,7 +334,8 @@ def save_checkpoint(run: Run) -> Path:
              "method_state": method_facts,
              "counters": run.counters, "world_size": run.accelerator.num_processes,
              **nonfinite.loss_scale_state(run.accelerator, run.model),  # fp16: GradScaler's or DeepSpeed's
-             "global_batch_size": run.cfg.train.global_batch_size, "config": run.given_config}
+             "global_batch_size": run.cfg.train.global_batch_size, "config": run.given_config,
+             "train_digest": run.data.get("train_digest")}
     return ckpt.save_checkpoint(run.accelerator, run.output_dir, run.step, trainable=params,
                                 optimizer_state=opt_state, state=state,
                                 save_adapter=lambda d: save_adapter(run, d, adapter_state),
@@ -425,11 +430,17 @@ def write_adapter(run: Run, name: str, extra_meta: dict | None = None) -> Path:
     tmp, final = run.output_dir / f".{name}.tmp", run.output_dir / name
     if run.accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
-    save_adapter(run, tmp, extra_meta=extra_meta)
-    if run.accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+    try:
+        save_adapter(run, tmp, extra_meta=extra_meta)
+        if run.accelerator.is_main_process:
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+    except Exception as exc:
+        if not failed_write(exc):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(exc, final, RESUME_AFTER_WRITE + f" (it writes {name}/ again)") from None
     return final
 
 

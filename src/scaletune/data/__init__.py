@@ -65,12 +65,17 @@ def _tokenizer_digest(tokenizer: Any) -> str:
     return hashlib.sha256((body + extra).encode()).hexdigest()
 
 
-def fingerprint(cfg: Any, tokenizer: Any) -> str:
+def train_digest(cfg: Any) -> str:
+    """The training sources' contents (a file's sha256; a hub source's name): what a checkpoint was trained on."""
+    return ",".join(_file_digest(spec) for spec, _ in train_sources(cfg.data.train))
+
+
+def fingerprint(cfg: Any, tokenizer: Any, train: str | None = None) -> str:
     d = asdict(cfg.data)
     for key in ("num_workers", "num_proc", "cache", "group_by_length"):
         d.pop(key)
     split_seed = str(cfg.train.seed) if cfg.data.eval_fraction and not cfg.data.eval else "-"  # (only it uses it)
-    train = ",".join(_file_digest(spec) for spec, _ in train_sources(cfg.data.train))
+    train = train_digest(cfg) if train is None else train
     parts = [CACHE_VERSION, cfg.task, json.dumps(d, sort_keys=True), train,
              _file_digest(cfg.data.eval), split_seed, _tokenizer_digest(tokenizer)]
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:24]
@@ -224,7 +229,8 @@ def build_datasets(cfg: Any, task: Any, tokenizer: Any, accelerator: Any = None,
     only the held-out split is wanted (`scaletune eval` with data.eval_fraction): no notes on the training
     split, which is not trained on here, and no packing."""
     conll = cfg.data.format == "conll"
-    key = fingerprint(cfg, tokenizer)
+    digest = train_digest(cfg)
+    key = fingerprint(cfg, tokenizer, digest)
     where = cache_root() / key
     # the others wait while rank 0 builds (and caches); an error there is raised on every rank
     main_first = main_process_first(accelerator) if accelerator is not None else nullcontext()
@@ -302,7 +308,7 @@ def build_datasets(cfg: Any, task: Any, tokenizer: Any, accelerator: Any = None,
         n_examples = len(train)
         train = pack_dataset(train, cfg.data.max_length)
         meta = {**meta, "packed_rows": len(train), "packed_examples": n_examples}
-    return {"train": train, "eval": evalset, "labels": labels, "stats": meta}
+    return {"train": train, "eval": evalset, "labels": labels, "stats": meta, "train_digest": digest}
 
 
 def build_eval_only(cfg: Any, task: Any, tokenizer: Any, key: str) -> Any:

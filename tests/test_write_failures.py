@@ -1,0 +1,174 @@
+"""Writes the machine refuses (a full disk, a quota, a read-only filesystem) outside the checkpoint (whose
+case is in tests/reliability/test_faults.py): the final adapter, metrics.jsonl, run.json, merge --out,
+report --out. Each is one error with exit 2 naming what was being written, leaves no half-written file
+that breaks a retry, and the retry works. Also: a damaged adapter file, and data changed under a resume."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+
+import pytest
+
+import scaletune.tracking as tracking
+import scaletune.train as train_mod
+from scaletune.cli import main
+
+FULL = OSError(errno.ENOSPC, "No space left on device")
+
+
+def run_cli(args, capsys):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_clean_error(code, err, *fragments):
+    assert code == 2, err
+    assert "Traceback" not in err and "error:" in err
+    for f in fragments:
+        assert f in err, err
+
+
+@pytest.fixture
+def cfg(make_config):
+    return make_config("causal_lm", train={"max_steps": 4, "save_every": 2, "eval_every": None})
+
+
+def test_a_full_disk_at_the_final_adapter(cfg, tmp_path, capsys, monkeypatch):
+    real = train_mod.save_adapter
+
+    def full_at_the_end(run, directory, *args, **kwargs):
+        if directory.name == ".adapter.tmp":
+            (directory / "scaletune.json").parent.mkdir(parents=True, exist_ok=True)
+            (directory / "scaletune.json").write_text("")
+            raise FULL
+        return real(run, directory, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "save_adapter", full_at_the_end)
+    out = tmp_path / "run"
+    code, _, err = run_cli(["train", cfg], capsys)
+    assert_clean_error(code, err, f"could not write {out / 'adapter'}: No space left on device",
+                       "resume with --resume auto (it writes adapter/ again)")
+    assert not (out / ".adapter.tmp").exists() and not (out / "adapter").exists()
+    monkeypatch.setattr(train_mod, "save_adapter", real)
+    code, out_text, err = run_cli(["train", cfg, "--resume", "auto"], capsys)
+    assert code == 0, err
+    assert "run already complete" in out_text and (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_full_disk_at_metrics_jsonl_and_the_half_line_it_leaves(cfg, tmp_path, capsys, monkeypatch):
+    calls = {"n": 0}
+
+    def opener(path, mode="r", *args, **kwargs):
+        if str(path).endswith("metrics.jsonl") and "a" in mode:
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise FULL
+        return open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(tracking, "open", opener, raising=False)
+    out = tmp_path / "run"
+    code, _, err = run_cli(["train", cfg], capsys)
+    assert_clean_error(code, err, f"could not write {out / 'metrics.jsonl'}: No space left on device",
+                       "--resume auto")
+    monkeypatch.undo()
+    with open(out / "metrics.jsonl", "a") as fh:  # what a write cut short by the disk leaves
+        fh.write('{"event": "train", "step": 3, "lo')
+    code, _, err = run_cli(["train", cfg, "--resume", "auto"], capsys)
+    assert code == 0, err
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    cut = lines.index('{"event": "train", "step": 3, "lo')  # left as it was; `report` skips it with a note
+    assert json.loads(lines[cut + 1])["event"] == "resume"  # was glued onto the half line, unreadable
+    assert [json.loads(x)["step"] for x in lines[cut + 1:] if '"event": "train"' in x] == [3, 4]
+
+
+def test_a_full_disk_at_run_json(cfg, tmp_path, capsys, monkeypatch):
+    real = tracking.Path.write_text
+
+    def full(self, *args, **kwargs):
+        if self.name == "run.json.tmp":
+            real(self, "{")
+            raise FULL
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(tracking.Path, "write_text", full)
+    code, _, err = run_cli(["train", cfg], capsys)
+    assert_clean_error(code, err, f"could not write {tmp_path / 'run' / 'run.json'}: No space left on device")
+    monkeypatch.undo()
+    assert not (tmp_path / "run" / "run.json.tmp").exists()
+    code, _, err = run_cli(["train", cfg], capsys)  # nothing left behind that makes the directory "not empty"
+    assert code == 0, err
+
+
+def test_merge_on_a_full_disk_leaves_nothing_and_the_retry_works(cfg, tmp_path, capsys, monkeypatch):
+    from transformers import PreTrainedModel
+
+    assert run_cli(["train", cfg], capsys)[0] == 0
+    real = PreTrainedModel.save_pretrained
+
+    def full(self, directory, *args, **kwargs):
+        real(self, directory, *args, **kwargs)
+        raise FULL
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", full)
+    merged = tmp_path / "merged"
+    code, _, err = run_cli(["merge", cfg, "--out", merged], capsys)
+    assert_clean_error(code, err, f"could not write --out {merged}: No space left on device", "run merge again")
+    assert not merged.exists() and not list(tmp_path.glob(".merged*"))
+    monkeypatch.undo()
+    code, _, err = run_cli(["merge", cfg, "--out", merged], capsys)
+    assert code == 0 and (merged / "config.json").is_file(), err
+
+
+def test_report_on_a_full_disk_is_one_error(cfg, tmp_path, capsys, monkeypatch):
+    import scaletune.report as report
+
+    assert run_cli(["train", cfg], capsys)[0] == 0
+
+    def full(runs, out_dir):
+        raise OSError(errno.ENOSPC, "No space left on device", str(out_dir / "loss.png"))
+
+    monkeypatch.setattr(report, "make_plots", full)
+    code, _, err = run_cli(["report", tmp_path / "run", "--out", tmp_path / "rep"], capsys)
+    assert_clean_error(code, err, f"could not write {tmp_path / 'rep' / 'loss.png'}: No space left on device")
+
+
+def test_an_unexpected_refused_write_is_one_error(cfg, capsys, monkeypatch):
+    """A write with no message of its own (here: the tokenizer's files in the adapter) still ends in one
+    error naming the file, exit 2, not a traceback."""
+    import scaletune.train as t
+
+    def full(*args, **kwargs):
+        raise OSError(errno.EDQUOT, "Disk quota exceeded", "/scratch/x/tokenizer.json")
+
+    monkeypatch.setattr(t, "train", full)
+    code, _, err = run_cli(["train", cfg], capsys)
+    assert_clean_error(code, err, "could not write /scratch/x/tokenizer.json: Disk quota exceeded",
+                       "--resume auto")
+
+
+def test_a_damaged_adapter_file_is_named(cfg, tmp_path, capsys):
+    assert run_cli(["train", cfg], capsys)[0] == 0
+    weights = tmp_path / "run" / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5])
+    for args in (["eval", cfg], ["merge", cfg, "--out", tmp_path / "m"]):
+        code, _, err = run_cli(args, capsys)
+        assert_clean_error(code, err, f"the adapter at {tmp_path / 'run' / 'adapter'} is damaged",
+                           "adapter_model.safetensors", "--adapter OUTPUT_DIR/checkpoints/step-N")
+
+
+def test_a_resume_on_changed_data_says_so(cfg, tmp_path, capsys, caplog):
+    assert run_cli(["train", cfg, "train.max_steps=2"], capsys)[0] == 0
+    data = tmp_path / "data" / "train.jsonl"
+    data.write_text("".join(data.read_text().splitlines(keepends=True)[:40]))
+    with caplog.at_level(logging.WARNING, logger="scaletune"):
+        code, _, err = run_cli(["train", cfg, "--resume", "auto"], capsys)
+    assert code == 0, err
+    assert "data.train's contents changed since checkpoint" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="scaletune"):
+        assert run_cli(["train", cfg, "train.max_steps=6", "--resume", "auto"], capsys)[0] == 0
+    assert "contents changed" not in caplog.text  # the same data as its checkpoint (step 4)
+    assert json.loads((tmp_path / "run" / "checkpoints" / "step-6" / "state.json").read_text())["train_digest"]
