@@ -90,8 +90,8 @@ KEY_ALIASES: dict[str, str] = {
     "neftune_noise_alpha": "train.neftune_noise_alpha",
     "resume_from_checkpoint": "resume with `scaletune train CONFIG --resume auto` (or --resume CHECKPOINT_DIR)",
     "datasets": "data.train (one file or hub:<id>[:split]; data.eval for evaluation)",
-    "chat_template": "chat formats (data.format: sharegpt | messages) use the tokenizer's own chat template",
-    "template": "chat formats (data.format: sharegpt | messages) use the tokenizer's own chat template",
+    "chat_template": "data.chat_template",
+    "template": "data.chat_template",
 }
 
 
@@ -146,6 +146,10 @@ class DataConfig:
         "seq_cls: text (+text_pair) + label; token_cls: tokens + tags or conll. auto = detect from columns.",
     )
     max_length: int = _f(1024, "Truncate tokenised examples to this many tokens (lowered, with a warning, to the tokenizer's model_max_length and to a learned position table's size, max_position_embeddings: 512 for BERT-family models; above a rotary model's max_position_embeddings it is kept, with a warning); how many examples it cut is logged per split and kept in run.json (truncated_examples).")
+    chat_template: str | None = _f(None, "causal_lm conversations (alpaca, sharegpt, messages): null = the tokenizer's "
+                                   "chat template, else scaletune's Alpaca-style rendering; 'default' = scaletune's "
+                                   "even where the tokenizer has one; 'chatml'; or a Jinja template file. Saved with "
+                                   "the adapter's tokenizer, so predict renders prompts the same way.")
     train_on_prompt: bool = _f(False, "causal_lm: also compute the loss on prompt/user tokens.")
     packing: bool = _f(False, "causal_lm: pack several examples per row (attention isolated per example).")
     text_column: str | None = _f(None, "seq_cls/text: column with the text (default: text/sentence).")

@@ -59,6 +59,10 @@ def load_tokenizer(cfg: RunConfig, path: str | None = None) -> Any:
     _check_model_source(cfg)  # (with `path` too: the model's config is read below)
     src = path or cfg.model.name_or_path
     tok = read_tokenizer(cfg, src)
+    if path is None and cfg.data.chat_template is not None:  # (an adapter's tokenizer holds the one it trained with)
+        from .data.templates import chat_template_text
+
+        tok.chat_template = chat_template_text(cfg.data.chat_template)
     if tok.pad_token is None:
         # Padding positions are masked out of attention and loss, so any token will do.
         tok.pad_token = tok.eos_token or tok.unk_token

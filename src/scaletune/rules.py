@@ -115,6 +115,8 @@ def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_c
     if d.format not in fmt_ok:
         p.append(f"data.format: {d.format!r} is not valid for task {cfg.task} ({' | '.join(fmt_ok)})"
                  f"{_did_you_mean(d.format, list(fmt_ok))}")
+    if d.chat_template is not None and cfg.task != "causal_lm":
+        p.append(f"data.chat_template: only used by causal_lm, not {cfg.task}")
     if d.packing and cfg.task != "causal_lm":
         p.append(f"data.packing: only supported for task causal_lm, not {cfg.task}")
     if d.labels is not None and cfg.task == "causal_lm":

@@ -1,0 +1,37 @@
+"""`data.chat_template`: which chat template renders conversations, when the tokenizer's own is not the
+one wanted (a base model has none, and scaletune's Alpaca-style rendering is then used)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import ConfigError
+
+# ChatML turns. An assistant turn ends in <|im_end|> and the tokenizer's eos token, with nothing after it
+# (what is trained on ends in the eos): generation stops at the eos token, which a base model's vocabulary
+# has, where <|im_end|> is usually plain text to it.
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% else %}{{ '\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+BUILT_IN = {"chatml": CHATML, "default": None}
+
+
+def chat_template_text(spec: str) -> str | None:
+    """The Jinja text `spec` names: a built-in name, or a file; None: scaletune's own rendering."""
+    if spec in BUILT_IN:
+        return BUILT_IN[spec]
+    path = Path(spec)
+    if not path.is_file():
+        raise ConfigError(f"data.chat_template: {spec!r} is neither {' | '.join(BUILT_IN)} nor a template file "
+                          f"({path.absolute()} not found)")
+    from jinja2 import Environment, TemplateSyntaxError
+
+    text = path.read_text(encoding="utf-8")
+    try:
+        Environment().parse(text)
+    except TemplateSyntaxError as exc:
+        raise ConfigError(f"data.chat_template: {path}:{exc.lineno}: {exc.message}") from None
+    return text

@@ -1,0 +1,86 @@
+"""data.chat_template: the conversation rendering chosen in the config is the one trained on and the one
+the adapter's tokenizer carries into predict; bad choices are one error naming them."""
+
+from __future__ import annotations
+
+import pytest
+
+from scaletune.cli import main
+from scaletune.config import load_config
+from scaletune.data.templates import CHATML
+from scaletune.model import read_tokenizer
+from scaletune.train import setup
+
+
+def _decoded(run, i=0):
+    ex = run.data["train"][i]
+    tok = run.tokenizer
+    trained = [t for t, lab in zip(ex["input_ids"], ex["labels"]) if lab != -100]
+    return tok.decode(ex["input_ids"]), tok.decode(trained)
+
+
+def test_chatml_is_trained_on_and_travels_with_the_adapter(make_config, tmp_path):
+    path = make_config("causal_lm", n=16, data={"chat_template": "chatml", "packing": False, "max_length": 512},
+                       train={"max_steps": 1, "eval_every": None})
+    run, _ = setup(load_config(path))
+    text, trained = _decoded(run)
+    assert "<|im_start|>user\nReverse the order of these words." in text.replace(" <", "<")
+    assert "<|im_start|>assistant\n" in text.replace(" <", "<")
+    # the answer, its <|im_end|> and the eos token are trained on; the user turn and headers are not
+    assert "Reverse" not in trained and trained.rstrip().endswith(run.tokenizer.eos_token)
+    assert "im_end" in trained
+    from scaletune.loop import fit
+    from scaletune.stopflag import StopFlag
+
+    assert fit(run, StopFlag()) == "done"
+    saved = read_tokenizer(run.cfg, str(run.output_dir / "adapter"))
+    assert saved.chat_template == CHATML  # predict renders prompts as training did
+
+
+def test_default_overrides_the_tokenizers_own_template(make_config, tmp_path):
+    import shutil
+
+    yaml_path = make_config("causal_lm", n=8, train={"max_steps": 1})
+    base = load_config(yaml_path).model.name_or_path
+    templated = tmp_path / "templated"  # a model whose tokenizer has a (ChatML) template of its own
+    shutil.copytree(base, templated)
+    tok = read_tokenizer(load_config(yaml_path), str(templated))
+    tok.chat_template = CHATML
+    tok.save_pretrained(str(templated))
+    own = make_config("causal_lm", n=8, model={"name_or_path": str(templated)}, train={"max_steps": 1})
+    run, _ = setup(load_config(own), overwrite=True)
+    assert "<|im_start|>" in _decoded(run)[0]
+    default = make_config("causal_lm", n=8, model={"name_or_path": str(templated)},
+                          data={"chat_template": "default"}, train={"max_steps": 1})
+    run, _ = setup(load_config(default), overwrite=True)
+    assert "### Instruction:" in _decoded(run)[0] and run.tokenizer.chat_template is None
+    mine = make_config("causal_lm", n=8, data={"chat_template": CHATML_FILE(tmp_path)}, train={"max_steps": 1})
+    run, _ = setup(load_config(mine), overwrite=True)
+    assert "[[user]]" in _decoded(run)[0]
+
+
+def CHATML_FILE(tmp_path):  # a user's own template file
+    f = tmp_path / "mine.jinja"
+    f.write_text("{% for m in messages %}[[{{ m['role'] }}]] {{ m['content'] }}{% if m['role'] == 'assistant' %}"
+                 "{{ eos_token }}{% endif %}\n{% endfor %}{% if add_generation_prompt %}[[assistant]] {% endif %}")
+    return str(f)
+
+
+@pytest.mark.parametrize(("value", "wanted"), [
+    ("chatmlx", "data.chat_template: 'chatmlx' is neither chatml | default nor a template file"),
+    ("BROKEN", "broken.jinja:1: "),
+])
+def test_a_bad_template_is_one_error(make_config, tmp_path, capsys, value, wanted):
+    if value == "BROKEN":
+        value = str(tmp_path / "broken.jinja")
+        (tmp_path / "broken.jinja").write_text("{% for m in messages %}{{ m['content'] }")
+    path = make_config("causal_lm", n=8, data={"chat_template": value})
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert wanted in err and "Traceback" not in err, err
+
+
+def test_only_for_causal_lm(make_config, capsys):
+    path = make_config("seq_cls", data={"chat_template": "chatml"})
+    assert main(["train", str(path)]) == 2
+    assert "data.chat_template: only used by causal_lm, not seq_cls" in capsys.readouterr().err
