@@ -88,13 +88,14 @@ def run_eval(cfg: RunConfig, adapter: str | None, data: str | None) -> dict:
     from .data import build_datasets, build_eval_only
     from .evaluate import evaluate
 
+    path = _adapter_dir(cfg, adapter)  # (a missing adapter is the first thing to say)
     if data:
         cfg.data.eval, cfg.data.eval_fraction = data, None
     if not (cfg.data.eval or cfg.data.eval_fraction):
         raise ConfigError("nothing to evaluate: set data.eval (or data.eval_fraction) or pass --data FILE")
     if not cfg.data.eval:
-        check_held_out(cfg, _adapter_dir(cfg, adapter))
-    model, tokenizer, task, labels, _ = load_trained(cfg, adapter)
+        check_held_out(cfg, path)
+    model, tokenizer, task, labels, _ = load_trained(cfg, str(path))
     acc = Accelerator(mixed_precision=cfg.train.mixed_precision if cfg.train.mixed_precision != "fp16"
                       or torch.cuda.is_available() else "no", cpu=not torch.cuda.is_available())
     model = model.to(acc.device)
