@@ -48,6 +48,8 @@ def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_c
     p += _best_and_early_stopping(cfg)
     if t.neftune_noise_alpha is not None and not (0 < t.neftune_noise_alpha <= 1000):
         p.append(f"train.neftune_noise_alpha: must be > 0 (typical 5-15), got {t.neftune_noise_alpha}")
+    if not (0 <= t.min_lr_ratio < 1):
+        p.append(f"train.min_lr_ratio: must be in [0, 1), got {t.min_lr_ratio}")
     if not (0 <= t.warmup_ratio < 1):
         p.append(f"train.warmup_ratio: must be in [0, 1), got {t.warmup_ratio}")
     if t.weight_decay < 0:

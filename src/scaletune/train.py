@@ -217,7 +217,9 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
         if why_not:
             log.info("train.chunked_loss: using the usual loss because %s", why_not)
     warmup = t.warmup_steps if t.warmup_steps is not None else math.ceil(t.warmup_ratio * total)
-    scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+    extra = {"min_lr_rate": t.min_lr_ratio} if t.lr_scheduler == "cosine_with_min_lr" else None
+    scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total,
+                              scheduler_specific_kwargs=extra)
     if t.lr_scheduler != "constant" and warmup >= total:  # e.g. max_steps 1: its one step at lr 0
         peak = max(scheduler.lr_lambdas[0](k) for k in range(total))
         log.warning("the warmup (%d step(s)) is not shorter than the run (%d step(s)): the learning rate reaches "
