@@ -280,3 +280,27 @@ def test_a_checkpoint_whose_saved_config_matches_resumes_though_its_fingerprint_
     (path / "state.json").write_text(json.dumps({"step": 4}))  # no saved config: the fingerprint decides
     with pytest.raises(UserError, match="fingerprint fingerprint-of-an-older-recipe vs this-recipe"):
         ckpt.check_same_config(path, "this-recipe", False, lambda saved: config_changes(saved, cfg))
+
+
+def test_a_checkpoint_from_before_a_key_existed_resumes_with_that_key_at_its_default(make_config, tmp_path):
+    """A key added in a later scaletune (train.neftune_noise_alpha, train.min_lr_ratio, data.chat_template)
+    is missing from an older checkpoint's config: at its default it is what that version did, and the
+    resume goes on; set to something else it is a change, named as such."""
+    from scaletune import checkpoint as ckpt
+    from scaletune.config import load_config
+    from scaletune.errors import UserError
+    from scaletune.train import config_changes
+
+    cfg = load_config(str(make_config("causal_lm")), [])
+    older = cfg.to_dict()
+    for section, key in (("train", "neftune_noise_alpha"), ("train", "min_lr_ratio"), ("data", "chat_template")):
+        del older[section][key]
+    path = tmp_path / "step-4"
+    path.mkdir()
+    (path / "state.json").write_text(json.dumps({"step": 4, "config": older}, default=str))
+    ckpt.write_manifest(path, 4, "fingerprint-without-the-new-keys")
+    assert config_changes(older, cfg) == []
+    ckpt.check_same_config(path, "this-recipe", False, lambda saved: config_changes(saved, cfg))  # accepted
+    noisy = load_config(str(make_config("causal_lm")), ["train.neftune_noise_alpha=5"])
+    with pytest.raises(UserError, match=r'train.neftune_noise_alpha: "\(not set\)" -> 5.0'):
+        ckpt.check_same_config(path, "this-recipe", False, lambda saved: config_changes(saved, noisy))

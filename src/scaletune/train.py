@@ -67,8 +67,27 @@ def config_changes(saved: dict, cfg: RunConfig) -> list[str]:
         old.update({f"peft.{k}": v for k, v in old.pop("peft", {}).items()})
         new.update({f"peft.{k}": v for k, v in new.pop("peft", {}).items()})
     missing = "(not set)"
+    # A key the checkpoint's scaletune did not have yet, left at its default, is what that version did.
+    added = {k for k, v in new.items() if k not in old and v == _section_defaults().get(k, missing)}
     return [f"{k}: {json.dumps(old.get(k, missing))} -> {json.dumps(new.get(k, missing))}"
-            for k in sorted(set(old) | set(new)) if old.get(k, missing) != new.get(k, missing)]
+            for k in sorted(set(old) | set(new)) if old.get(k, missing) != new.get(k, missing) and k not in added]
+
+
+def _section_defaults() -> dict:
+    """'section.key' -> default, for every key of the config's sections (as to_dict() writes them)."""
+    import dataclasses
+    import typing
+
+    from .config import _default
+
+    hints = typing.get_type_hints(RunConfig)
+    out = {}
+    for section in dataclasses.fields(RunConfig):
+        tp = hints[section.name]
+        if dataclasses.is_dataclass(tp):
+            out.update({f"{section.name}.{f.name}": json.loads(json.dumps(_default(f), default=str))
+                        for f in dataclasses.fields(tp)})
+    return out
 
 
 @dataclass
