@@ -119,3 +119,50 @@ def test_the_metrics_best_metric_may_name_are_the_tasks_eval_metrics():
     for task, names in EVAL_METRICS.items():
         assert set(names) <= set(reported[task]), task
         assert all(isinstance(reported[task][n], float) for n in names), task
+
+
+def test_the_threshold_is_patiences_alone(make_config, tmp_path, scripted, monkeypatch):
+    """Every better eval is the best adapter; only patience asks for a margin (HF's early stopping): evals
+    0.5, 0.52, 0.53 with threshold 0.05 and patience 2 keep step 3's adapter and stop there."""
+    import sys
+
+    monkeypatch.setattr(sys.modules[__name__], "SCRIPT", [0.5, 0.52, 0.53, 0.9, 0.9, 0.9, 0.9, 0.9])
+    run, result = _fit(_config(make_config, tmp_path, early_stopping_patience=2, early_stopping_threshold=0.05))
+    assert result == "done" and run.step == 3
+    assert [r["step"] for r in read_metrics(run.output_dir, "best")] == [1, 2, 3]
+    assert json.loads((run.output_dir / "best_adapter" / "scaletune.json").read_text())["best"]["step"] == 3
+
+
+def test_a_lost_best_adapter_is_restored_from_its_checkpoint_on_resume(make_config, tmp_path, scripted, capsys):
+    import shutil
+
+    whole, _ = _fit(_config(make_config, tmp_path, "whole"))
+    path = _config(make_config, tmp_path, "cut")
+    run, result = _fit(path, stop=lambda run: StopAt(run, 3))
+    assert result == "preempted"
+    shutil.rmtree(run.output_dir / "best_adapter")  # (a cleanup script, a disk that filled while writing it)
+    capsys.readouterr()
+    run, result = _fit(path, resume="auto")
+    assert result == "done"
+    assert (f"{run.output_dir / 'best_adapter'} was missing: restored from "
+            f"{run.output_dir / 'checkpoints' / 'step-2'}") in capsys.readouterr().out
+    want, have = _adapter(whole.output_dir / "best_adapter"), _adapter(run.output_dir / "best_adapter")
+    for key, w in want.items():
+        assert torch.equal(have[key], w), key
+    meta = json.loads((run.output_dir / "best_adapter" / "scaletune.json").read_text())
+    assert meta["best"] == {"metric": "accuracy", "value": 0.7, "step": 2}
+
+
+def test_a_lost_best_adapter_without_its_checkpoint_is_said(make_config, tmp_path, scripted, capsys):
+    import shutil
+
+    path = _config(make_config, tmp_path, "gone")
+    run, result = _fit(path, stop=lambda run: StopAt(run, 3))
+    shutil.rmtree(run.output_dir / "best_adapter")
+    shutil.rmtree(run.output_dir / "checkpoints" / "step-2")
+    capsys.readouterr()
+    run, result = _fit(path, resume="auto")
+    out = capsys.readouterr().out
+    assert f"warning: {run.output_dir / 'best_adapter'} is missing, not the best eval's (step 2)" in out
+    stop = [line for line in out.splitlines() if "stopping early" in line]
+    assert stop and "its adapter is in" not in stop[0]  # no pointer to a directory that is not there

@@ -177,6 +177,16 @@ def test_eval_of_a_held_out_split_is_the_split_the_run_held_out(capsys, make_con
     assert_clean_error(code, err, "eval_fraction 0.25 (given: 0.5)")
     code, out, err = run_cli(["eval", path, "train.seed=8", "--data", str(tmp_path / "data" / "eval.jsonl")], capsys)
     assert code == 0, err  # a file of its own: no split to match
+    code, _, err = run_cli(["eval", path, f"data.train=[{tmp_path / 'data' / 'train.jsonl'}]"], capsys)
+    assert code == 0, err  # a list of that one file splits as the file does
+    # an adapter saved before adapters recorded their split: its run's run.json says which it was
+    meta_file = adapter / "scaletune.json"
+    meta = json.loads(meta_file.read_text())
+    del meta["held_out"]
+    meta_file.write_text(json.dumps(meta))
+    code, _, err = run_cli(["eval", path, "train.seed=8"], capsys)
+    assert_clean_error(code, err, "seed 7 (given: 8)")
+    assert run_cli(["eval", path], capsys)[0] == 0
     whole = make_config("seq_cls", train={"max_steps": 1}, output_dir=str(tmp_path / "whole"))
     code, _, err = run_cli(["train", whole], capsys)
     assert code == 0, err
@@ -834,6 +844,9 @@ def test_slurm_refuses_at_submit_an_output_dir_a_live_run_holds(capfd, make_conf
         assert_clean_error(code, err, f"output_dir: {out} is in use by another run (pid {holder.pid} on ",
                            "--sbatch-arg=--dependency=afterany:JOBID")
         assert not record.exists() and "Submitted" not in out_text
+        for waits_for_nothing in ("--sbatch-arg=--dependency=singleton", "--sbatch-arg=--dependency="):
+            code, _, err = run_cli(["slurm", path, "--gpus-per-node", "0", waits_for_nothing], capfd)
+            assert_clean_error(code, err, "is in use by another run")
         code, out_text, err = run_cli(["slurm", path, "--gpus-per-node", "0",
                                        "--sbatch-arg=--dependency=afterany:6"], capfd)
         assert code == 0 and "Submitted batch job 7" in out_text, err

@@ -304,3 +304,17 @@ def test_a_checkpoint_from_before_a_key_existed_resumes_with_that_key_at_its_def
     noisy = load_config(str(make_config("causal_lm")), ["train.neftune_noise_alpha=5"])
     with pytest.raises(UserError, match=r'train.neftune_noise_alpha: "\(not set\)" -> 5.0'):
         ckpt.check_same_config(path, "this-recipe", False, lambda saved: config_changes(saved, noisy))
+
+
+def test_a_checkpoint_from_a_newer_scaletune_says_so():
+    from scaletune.config import from_dict
+    from scaletune.train import config_changes
+
+    cfg = from_dict({"task": "causal_lm", "model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"}})
+    newer = cfg.to_dict()
+    newer["train"]["some_future_key"] = 3
+    newer["peft"]["lora_dropout"] = 0.1  # a peft key this config does not set: an ordinary change
+    assert config_changes(newer, cfg) == [
+        'peft.lora_dropout: 0.1 -> "(not set)"',
+        'train.some_future_key: 3 -> (not set): this scaletune has no such key, the checkpoint is from a newer '
+        'version']

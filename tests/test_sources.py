@@ -76,3 +76,13 @@ def test_a_list_of_one_source_is_that_source(make_config, tmp_path, weight):
     listed, _ = setup(load_config(make_config("causal_lm", data={"train": [{"path": str(a), "weight": weight}]})),
                       overwrite=True)
     assert [ex["input_ids"] for ex in one.data["train"]] == [ex["input_ids"] for ex in listed.data["train"]]
+
+
+def test_a_weight_that_keeps_nothing_of_a_source_says_so(make_config, tmp_path, caplog):
+    a = write_jsonl(tmp_path / "a.jsonl", _records("alpha", 16))
+    b = write_jsonl(tmp_path / "b.jsonl", _records("bravo", 8))
+    path = make_config("causal_lm", data={"train": [str(a), {"path": str(b), "weight": 0.01}], "max_length": 256})
+    with caplog.at_level("WARNING", logger="scaletune"):
+        run, _ = setup(load_config(path))
+    assert "data.train[1]: weight 0.01 keeps none of its 8 training example(s)" in caplog.text
+    assert set(_tags(run)) == {"alpha"}

@@ -50,7 +50,7 @@ def test_a_full_disk_at_the_final_adapter(cfg, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     code, _, err = run_cli(["train", cfg], capsys)
     assert_clean_error(code, err, f"could not write {out / 'adapter'}: No space left on device",
-                       "resume with --resume auto (it writes adapter/ again)")
+                       "then run again with --resume auto", "(it writes adapter/ again)")
     assert not (out / ".adapter.tmp").exists() and not (out / "adapter").exists()
     monkeypatch.setattr(train_mod, "save_adapter", real)
     code, out_text, err = run_cli(["train", cfg, "--resume", "auto"], capsys)
@@ -127,12 +127,19 @@ def test_report_on_a_full_disk_is_one_error(cfg, tmp_path, capsys, monkeypatch):
 
     assert run_cli(["train", cfg], capsys)[0] == 0
 
-    def full(runs, out_dir):
+    real = report.make_plots
+
+    def full_after_one(runs, out_dir):  # a first plot written, then the disk is full
+        real(runs, out_dir)
         raise OSError(errno.ENOSPC, "No space left on device", str(out_dir / "loss.png"))
 
-    monkeypatch.setattr(report, "make_plots", full)
-    code, _, err = run_cli(["report", tmp_path / "run", "--out", tmp_path / "rep"], capsys)
-    assert_clean_error(code, err, f"could not write {tmp_path / 'rep' / 'loss.png'}: No space left on device")
+    rep = tmp_path / "rep"
+    rep.mkdir()
+    (rep / "mine.png").write_text("a user's file")
+    monkeypatch.setattr(report, "make_plots", full_after_one)
+    code, _, err = run_cli(["report", tmp_path / "run", "--out", rep], capsys)
+    assert_clean_error(code, err, f"could not write {rep / 'loss.png'}: No space left on device")
+    assert sorted(p.name for p in rep.iterdir()) == ["mine.png"]  # its partial plots removed, the user's kept
 
 
 def test_an_unexpected_refused_write_is_one_error(cfg, capsys, monkeypatch):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -256,7 +257,7 @@ def dispatch(args: argparse.Namespace) -> int:
         if not args.dry_run:  # the job runs in this environment (SCALETUNE_VENV / this python)
             preflight(cfg)
             # A job meant to wait for the run there (chained with --dependency) may be queued beside it.
-            if not any(a.startswith(("--dependency", "-d")) for a in args.sbatch_args):
+            if not any(re.match(r"(--dependency=|-d)\S*after\w*:\d", a) for a in args.sbatch_args):
                 from . import runlock
 
                 runlock.check_free(Path(cfg.output_dir),

@@ -89,7 +89,11 @@ KEY_ALIASES: dict[str, str] = {
     "early_stopping": "train.early_stopping_patience",
     "neftune_noise_alpha": "train.neftune_noise_alpha",
     "resume_from_checkpoint": "resume with `scaletune train CONFIG --resume auto` (or --resume CHECKPOINT_DIR)",
-    "datasets": "data.train (one file or hub:<id>[:split]; data.eval for evaluation)",
+    "datasets": "data.train (a file, hub:<id>[:split], or a list of them with weights; data.eval for evaluation)",
+    "greater_is_better": "train.best_metric knows its direction (loss, perplexity: lower; the others: higher)",
+    "neftune": "train.neftune_noise_alpha",
+    "validation_split": "data.eval_fraction",
+    "test_size": "data.eval_fraction",
     "chat_template": "data.chat_template",
     "template": "data.chat_template",
 }
@@ -205,8 +209,9 @@ class TrainConfig:
     early_stopping_patience: int | None = _f(None, "Stop after this many evals in a row that do not beat the best "
                                              "best_metric (by more than early_stopping_threshold); the run then "
                                              "ends, complete, at that step. Needs best_metric and eval_every.")
-    early_stopping_threshold: float = _f(0.0, "How much an eval must beat the best best_metric by to count as "
-                                         "better (in the metric's units).")
+    early_stopping_threshold: float = _f(0.0, "How much an eval must beat the best best_metric by to reset "
+                                         "early_stopping_patience (in the metric's units); best_adapter/ follows "
+                                         "any better eval.")
     save_every: int | None = _f(200, "Write a resumable checkpoint every N optimizer steps.")
     log_every: int = _f(10, "Log metrics every N optimizer steps (the loss: their mean).")
     save_total_limit: int | None = _f(3, "Keep only the newest N checkpoints; null keeps all.")

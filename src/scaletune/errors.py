@@ -56,8 +56,8 @@ def _rebuild(cls: type, problems: list[str], title: str | None, hint: str | None
 # permissions, a file too large for the filesystem.
 _WRITE_ERRNOS = {28, 122, 30, 13, 1, 27}  # ENOSPC, EDQUOT, EROFS, EACCES, EPERM, EFBIG
 
-RESUME_AFTER_WRITE = ("the checkpoints already written are intact: free disk space (or fix permissions), then "
-                      "resume with --resume auto")
+RESUME_AFTER_WRITE = ("nothing written before was harmed: free disk space (or fix permissions), then run again with "
+                      "--resume auto (it continues from the newest checkpoint, if there is one)")
 
 
 def failed_write(exc: BaseException) -> bool:

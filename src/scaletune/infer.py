@@ -116,9 +116,12 @@ def check_held_out(cfg: RunConfig, path: Path) -> None:
 
     meta_file = path / "scaletune.json"
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-    if "held_out" not in meta:  # an adapter saved before runs recorded their split: nothing to compare
+    trained, asked = meta["held_out"] if "held_out" in meta else _recorded_split(path), held_out(cfg)
+    if trained == "unknown":
+        log.warning("data.eval_fraction: the adapter at %s does not say which split its run held out, and no "
+                    "run.json beside it does: make sure train.seed, data.eval_fraction and data.train are the "
+                    "run's, or the score includes examples it trained on", path)
         return
-    trained, asked = meta["held_out"], held_out(cfg)
     if trained == asked:
         return
     if trained is None:
@@ -132,6 +135,23 @@ def check_held_out(cfg: RunConfig, path: Path) -> None:
                       f"this one would score on examples it trained on. The run's split: {'; '.join(differs)}",
                       hint=f"evaluate its own held-out split with {want} (and its data.train), or give "
                            "--data FILE")
+
+
+def _recorded_split(path: Path) -> dict | None | str:
+    """The held-out split of an adapter saved before adapters recorded it, from its run's saved config:
+    state.json of the checkpoint it belongs to, or the run's run.json. "unknown" when neither is there."""
+    from .train import data_source
+
+    for record in (path.parent / "state.json", path.parent / "run.json", path.parent.parent.parent / "run.json"):
+        try:
+            conf = json.loads(record.read_text(encoding="utf-8"))["config"]
+            d, t = conf["data"], conf["train"]
+            if not d.get("eval_fraction") or d.get("eval"):
+                return None
+            return {"train": data_source(d["train"]), "eval_fraction": d["eval_fraction"], "seed": t["seed"]}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+    return "unknown"
 
 
 @torch.no_grad()

@@ -424,12 +424,15 @@ def build_report(run_dirs: list[str], out: str | None = None) -> tuple[Path, lis
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = [load_run(p, n) for p, n in zip(paths, _names(paths), strict=True)]
     report = out_dir / "report.html"
+    before = set(out_dir.iterdir())
     try:
         plots = make_plots(runs, out_dir)
         report.write_text(render_html(runs, plots), encoding="utf-8")
     except OSError as exc:
         if not failed_write(exc):
             raise
+        for written in set(out_dir.iterdir()) - before:  # this report's partial files, never what was there
+            written.unlink(missing_ok=True)
         raise write_error(exc, getattr(exc, "filename", None) or out_dir,
                           "free disk space (or fix permissions), or give another --out; the runs are untouched") from None
     return report, runs

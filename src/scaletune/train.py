@@ -68,8 +68,17 @@ def config_changes(saved: dict, cfg: RunConfig) -> list[str]:
         new.update({f"peft.{k}": v for k, v in new.pop("peft", {}).items()})
     missing = "(not set)"
     # A key the checkpoint's scaletune did not have yet, left at its default, is what that version did.
-    added = {k for k, v in new.items() if k not in old and v == _section_defaults().get(k, missing)}
-    return [f"{k}: {json.dumps(old.get(k, missing))} -> {json.dumps(new.get(k, missing))}"
+    defaults = _section_defaults()
+    added = {k for k, v in new.items() if k not in old and v == defaults.get(k, missing)}
+
+    def now(k: str) -> str:
+        if k in new:
+            return json.dumps(new[k])
+        if "." in k and not k.startswith("peft.") and k not in defaults:  # a key of a newer scaletune
+            return f"{missing}: this scaletune has no such key, the checkpoint is from a newer version"
+        return json.dumps(missing)
+
+    return [f"{k}: {json.dumps(old.get(k, missing))} -> {now(k)}"
             for k in sorted(set(old) | set(new)) if old.get(k, missing) != new.get(k, missing) and k not in added]
 
 
@@ -397,7 +406,8 @@ def data_source(train: Any) -> Any:
 
     if not isinstance(train, list):
         return train if train.startswith("hub:") else str(Path(train).resolve())
-    return [data_source(spec) for spec, _ in train_sources(train)]  # (weights do not move the split)
+    names = [data_source(spec) for spec, _ in train_sources(train)]  # (weights do not move the split)
+    return names[0] if len(names) == 1 else names  # [a] splits as a does
 
 
 def train(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,

@@ -3,11 +3,14 @@ the training examples each contributes (weight 2: every example twice; 0.5: a se
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from typing import Any
 
 from .readers import read_records
+
+log = logging.getLogger("scaletune")
 
 
 def train_sources(train: Any) -> list[tuple[str, float]]:
@@ -51,5 +54,7 @@ def weighted(records: list[dict], source_of: dict[int, int], train: Any, seed: i
         part = [rec for rec in records if source_of[id(rec)] == i]
         whole, rest = divmod(weight, 1.0)
         extra = random.Random(seed * 1_000_003 + i).sample(part, math.floor(len(part) * rest + 0.5)) if rest else []
+        if part and not (whole or extra):
+            log.warning("data.train[%d]: weight %g keeps none of its %d training example(s)", i, weight, len(part))
         out += part * int(whole) + extra
     return out
