@@ -92,6 +92,7 @@ KEY_ALIASES: dict[str, str] = {
     "datasets": "data.train (a file, hub:<id>[:split], or a list of them with weights; data.eval for evaluation)",
     "greater_is_better": "train.best_metric knows its direction (loss, perplexity: lower; the others: higher)",
     "neftune": "train.neftune_noise_alpha",
+    "loraplus_lr_ratio": "train.loraplus_lr_ratio",
     "validation_split": "data.eval_fraction",
     "test_size": "data.eval_fraction",
     "chat_template": "data.chat_template",
@@ -189,6 +190,9 @@ class TrainConfig:
     warmup_ratio: float = _f(0.03, "Fraction of total steps spent warming up (ignored if warmup_steps).")
     warmup_steps: int | None = _f(None, "Warmup steps; overrides warmup_ratio.")
     weight_decay: float = _f(0.0, "AdamW weight decay (not on biases and norm weights).")
+    loraplus_lr_ratio: float | None = _f(None, "LoRA+ (Hayou et al. 2024; peft.method lora): LoRA's B matrices learn "
+                                         "at this multiple of learning_rate, A at learning_rate (the paper "
+                                         "suggests 16).")
     adam_beta1: float = _f(0.9, "AdamW beta1.")
     adam_beta2: float = _f(0.999, "AdamW beta2.")
     adam_epsilon: float = _f(1e-8, "AdamW epsilon.")

@@ -46,6 +46,13 @@ def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_c
         p.append(f"train.warmup_steps: {t.warmup_steps} is not shorter than train.max_steps ({t.max_steps}); the "
                  "learning rate would never reach train.learning_rate")
     p += _best_and_early_stopping(cfg)
+    if t.loraplus_lr_ratio is not None:
+        if not (1 <= t.loraplus_lr_ratio <= 1000):
+            p.append(f"train.loraplus_lr_ratio: must be between 1 and 1000 (the paper suggests 16), got "
+                     f"{t.loraplus_lr_ratio}")
+        if cfg.peft_method != "lora":
+            p.append(f"train.loraplus_lr_ratio: LoRA+ sets the learning rate of LoRA's B matrices; peft.method is "
+                     f"{cfg.peft_method}")
     if t.neftune_noise_alpha is not None and not (0 < t.neftune_noise_alpha <= 1000):
         p.append(f"train.neftune_noise_alpha: must be > 0 (typical 5-15), got {t.neftune_noise_alpha}")
     if not (0 <= t.min_lr_ratio < 1):

@@ -126,11 +126,18 @@ class Run:
 def build_optimizer(cfg: RunConfig, model: Any) -> Any:
     """AdamW (or a bitsandbytes 8-bit AdamW) over the trainable parameters, norms and biases undecayed."""
     t = cfg.train
-    decay, no_decay = [], []
+    decay, no_decay, lora_b = [], [], []
     for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 or "bias" in name or "norm" in name.lower() else decay).append(p)
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or "bias" in name or "norm" in name.lower():
+            no_decay.append(p)
+        elif t.loraplus_lr_ratio and (".lora_B." in name or ".lora_embedding_B." in name):
+            lora_b.append(p)  # LoRA+: B's own, higher learning rate (the schedule scales each group's)
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0},
+              {"params": lora_b, "weight_decay": t.weight_decay, "lr": t.learning_rate * (t.loraplus_lr_ratio or 1)}]
     groups = [g for g in groups if g["params"]]
     kw = dict(lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
     if t.optimizer == "adamw":
