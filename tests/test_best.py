@@ -144,7 +144,7 @@ def test_a_lost_best_adapter_is_restored_from_its_checkpoint_on_resume(make_conf
     capsys.readouterr()
     run, result = _fit(path, resume="auto")
     assert result == "done"
-    assert (f"{run.output_dir / 'best_adapter'} was missing: restored from "
+    assert (f"{run.output_dir / 'best_adapter'}: restored from "
             f"{run.output_dir / 'checkpoints' / 'step-2'}") in capsys.readouterr().out
     want, have = _adapter(whole.output_dir / "best_adapter"), _adapter(run.output_dir / "best_adapter")
     for key, w in want.items():
@@ -163,6 +163,35 @@ def test_a_lost_best_adapter_without_its_checkpoint_is_said(make_config, tmp_pat
     capsys.readouterr()
     run, result = _fit(path, resume="auto")
     out = capsys.readouterr().out
-    assert f"warning: {run.output_dir / 'best_adapter'} is missing, not the best eval's (step 2)" in out
+    assert f"warning: {run.output_dir / 'best_adapter'} is not the best eval's (step 2), whose checkpoint is gone" in out
     stop = [line for line in out.splitlines() if "stopping early" in line]
     assert stop and "its adapter is in" not in stop[0]  # no pointer to a directory that is not there
+
+
+def test_resuming_an_older_checkpoint_sets_the_later_best_aside(make_config, tmp_path, scripted, monkeypatch):
+    """--resume of a checkpoint before a later best (another path from there): that best_adapter/ is moved
+    aside with the later checkpoints' kind, and the path's own best is restored from its checkpoint."""
+    import sys
+
+    monkeypatch.setattr(sys.modules[__name__], "SCRIPT", [0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.96, 0.97])
+    path = _config(make_config, tmp_path, early_stopping_patience=None, max_steps=4)
+    run, _ = _fit(path)
+    assert json.loads((run.output_dir / "best_adapter" / "scaletune.json").read_text())["best"]["step"] == 4
+    run, _ = _fit(path, resume=str(run.output_dir / "checkpoints" / "step-2"))  # another path from step 2
+    # (that path's evals, 0.7 and 0.8 again, are better than its best 0.6: written anew as they come)
+    assert json.loads((run.output_dir / "best_adapter" / "scaletune.json").read_text())["best"]["step"] == 4
+    aside = list((run.output_dir / ".abandoned").glob("best_adapter-step4-*"))
+    assert len(aside) == 1 and (aside[0] / "adapter_model.safetensors").is_file()
+
+
+def test_an_early_stopped_run_continues_when_early_stopping_is_relaxed(make_config, tmp_path, scripted, capsys):
+    path = _config(make_config, tmp_path)
+    run, _ = _fit(path)
+    assert run.step == 5
+    assert main(["report", str(run.output_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "stopped early at step 5: 3 evals without a better value (best at step 2)" in out and "incomplete" not in out
+    assert main(["train", str(path), "--resume", "auto", "train.early_stopping_patience=null"]) == 0
+    out = capsys.readouterr().out
+    assert "continuing the run that stopped early at step 5: train.early_stopping_patience is now None" in out
+    assert max(r["step"] for r in read_metrics(run.output_dir)) == 8

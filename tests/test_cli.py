@@ -179,6 +179,13 @@ def test_eval_of_a_held_out_split_is_the_split_the_run_held_out(capsys, make_con
     assert code == 0, err  # a file of its own: no split to match
     code, _, err = run_cli(["eval", path, f"data.train=[{tmp_path / 'data' / 'train.jsonl'}]"], capsys)
     assert code == 0, err  # a list of that one file splits as the file does
+    copy = tmp_path / "elsewhere.jsonl"  # the same data at another path (another machine): compared by content
+    shutil.copy(tmp_path / "data" / "train.jsonl", copy)
+    assert run_cli(["eval", path, f"data.train={copy}"], capsys)[0] == 0
+    code, _, err = run_cli(["eval", path, f"data.train={copy}", "train.seed=8"], capsys)
+    assert_clean_error(code, err, "seed 7 (given: 8)")
+    code, _, err = run_cli(["eval", path, f"data.train=[{copy},{tmp_path / 'data' / 'train.jsonl'}]"], capsys)
+    assert code == 0, err  # other data (the file twice): not the run's split to compare
     # an adapter saved before adapters recorded their split: its run's run.json says which it was
     meta_file = adapter / "scaletune.json"
     meta = json.loads(meta_file.read_text())

@@ -86,3 +86,15 @@ def test_a_weight_that_keeps_nothing_of_a_source_says_so(make_config, tmp_path, 
         run, _ = setup(load_config(path))
     assert "data.train[1]: weight 0.01 keeps none of its 8 training example(s)" in caplog.text
     assert set(_tags(run)) == {"alpha"}
+
+
+def test_eval_of_the_held_out_split_needs_the_sources_in_the_runs_order(make_config, tmp_path, capsys):
+    a = write_jsonl(tmp_path / "a.jsonl", _records("alpha", 16))
+    b = write_jsonl(tmp_path / "b.jsonl", _records("bravo", 16))
+    path = make_config("causal_lm", data={"train": [str(a), str(b)], "eval": None, "eval_fraction": 0.25},
+                       train={"max_steps": 1})
+    assert main(["train", str(path)]) == 0
+    assert main(["eval", str(path)]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(path), f"data.train=[{b},{a}]"]) == 2
+    assert "lists the sources the adapter at" in capsys.readouterr().err

@@ -179,3 +179,33 @@ def test_a_resume_on_changed_data_says_so(cfg, tmp_path, capsys, caplog):
         assert run_cli(["train", cfg, "train.max_steps=6", "--resume", "auto"], capsys)[0] == 0
     assert "contents changed" not in caplog.text  # the same data as its checkpoint (step 4)
     assert json.loads((tmp_path / "run" / "checkpoints" / "step-6" / "state.json").read_text())["train_digest"]
+
+
+def test_merge_into_an_empty_existing_directory_such_as_the_working_one(cfg, tmp_path, capsys, monkeypatch):
+    """An existing empty --out (the working directory, a mount point) cannot be renamed onto: the merged
+    files are moved into it."""
+    assert run_cli(["train", cfg], capsys)[0] == 0
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    code, _, err = run_cli(["merge", cfg, "--out", "."], capsys)
+    assert code == 0, err
+    assert (here / "config.json").is_file() and not (here / ".merging").exists()
+
+
+def test_a_chat_template_that_cannot_be_read_is_named(make_config, tmp_path, capsys, monkeypatch):
+    from pathlib import Path
+
+    template = tmp_path / "t.jinja"
+    template.write_text("{{ messages }}")
+    real = Path.read_text
+
+    def refuse(self, *args, **kwargs):
+        if self == template:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", refuse)
+    path = make_config("causal_lm", data={"chat_template": str(template)})
+    code, _, err = run_cli(["train", path], capsys)
+    assert_clean_error(code, err, f"data.chat_template: cannot read {template}: Permission denied")

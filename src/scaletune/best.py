@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import time
 from typing import Any
 
 from .config import EVAL_METRICS
@@ -30,35 +32,43 @@ class BestAdapter:
                            "picked anew from the next eval")
             run.counters.pop("best")
             run.counters.pop("evals_since_best", None)
-        on_disk = _written_at(run.output_dir / BEST_DIR)
+        if run.counters.get("stopped_early") and not (self.patience and run.counters.get("evals_since_best", 0)
+                                                      >= self.patience):
+            # early stopping turned off or given more patience on resume: the run goes on from its checkpoint
+            mlog.write(f"continuing the run that stopped early at step {run.counters.pop('stopped_early')}: "
+                       f"train.early_stopping_patience is now {self.patience}")
         best = run.counters.get("best")
-        if self.metric and on_disk is not None and on_disk > run.step:
-            # resumed from before it was written: the same steps redone write it again; another path (an
-            # older checkpoint given to --resume) replaces it only with an eval better than its own best
-            mlog.write(f"{run.output_dir / BEST_DIR} is from step {on_disk}, past this resume's step {run.step}: "
-                       "an eval that beats this run's best from here on replaces it")
-        elif self.metric and best and on_disk != best["step"] and run.accelerator.is_main_process:
+        on_disk = _written_at(run.output_dir / BEST_DIR)
+        if self.metric and on_disk != (best or {}).get("step") and run.accelerator.is_main_process:
+            # not the best of the path this run continues: written after its checkpoint (the steps about to be
+            # redone write it again) or on a path left by resuming an older checkpoint, or lost
             self._recover(best, on_disk)
 
-    def _recover(self, best: dict, on_disk: int | None) -> None:
-        """best_adapter/ is not the best eval's (deleted, or lost with the disk): the checkpoint of that step,
-        if kept, holds the same weights (it is written after the eval)."""
+    def _recover(self, best: dict | None, on_disk: int | None) -> None:
+        """Make best_adapter/ the best eval's of the path this run continues: one from elsewhere is moved
+        aside (as `--resume` moves later checkpoints), and the best's is copied from its step's checkpoint
+        (written after that eval: the same weights) if it was kept."""
         out = self.run.output_dir
+        if on_disk is not None or (out / BEST_DIR).exists():
+            aside = out / ".abandoned" / f"{BEST_DIR}-step{on_disk}-{time.strftime('%Y%m%d-%H%M%S')}"
+            aside.parent.mkdir(exist_ok=True)  # (.abandoned/ is where a fresh start's earlier metrics go too)
+            os.rename(out / BEST_DIR, aside)
+            self.mlog.write(f"{out / BEST_DIR} (step {on_disk}) is not this run's best so far "
+                            f"({'none yet' if best is None else 'step ' + str(best['step'])}): moved to {aside}")
+        if best is None:
+            return
         snapshot = out / "checkpoints" / f"step-{best['step']}" / "adapter"
-        was = "missing" if on_disk is None else f"from step {on_disk}"
         if not (snapshot / "adapter_config.json").is_file():
-            self.mlog.write(f"warning: {out / BEST_DIR} is {was}, not the best eval's (step {best['step']}), whose "
-                            "checkpoint is gone too: it is written again only by an eval that beats "
-                            f"{best['value']:.4g}")
+            self.mlog.write(f"warning: {out / BEST_DIR} is not the best eval's (step {best['step']}), whose checkpoint "
+                            f"is gone too: it is written again only by an eval that beats {best['value']:.4g}")
             return
         tmp = out / f".{BEST_DIR}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(snapshot, tmp)
         meta = json.loads((tmp / "scaletune.json").read_text(encoding="utf-8"))
         (tmp / "scaletune.json").write_text(json.dumps({**meta, "best": best}, indent=1))
-        shutil.rmtree(out / BEST_DIR, ignore_errors=True)
         tmp.rename(out / BEST_DIR)
-        self.mlog.write(f"{out / BEST_DIR} was {was}: restored from {snapshot.parent} (the best eval's step)")
+        self.mlog.write(f"{out / BEST_DIR}: restored from {snapshot.parent} (the best eval's step)")
 
     def after_eval(self, step: int, metrics: dict) -> bool:
         """Note this eval; write best_adapter/ if it beats the best so far (every rank calls this: the write

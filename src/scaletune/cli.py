@@ -7,6 +7,7 @@ Bad input of any kind ends here as one screen of text and exit code 2 — never 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import re
@@ -303,7 +304,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         # a write the machine refused (a full disk, a quota) where no step had its own message for it
         hint = RESUME_AFTER_WRITE if args.command == "train" else "free disk space (or fix permissions) and run it again"
-        print(write_error(exc, exc.filename or "a file", hint).render(), file=sys.stderr)
+        if exc.errno in (errno.EACCES, errno.EPERM):  # a read or a write: say only what the system said
+            print(UserError(f"{exc.filename or 'a file'}: {exc.strerror}", hint=hint).render(), file=sys.stderr)
+        else:
+            print(write_error(exc, exc.filename or "a file", hint).render(), file=sys.stderr)
         return EXIT_USAGE
     except RuntimeError as exc:
         from .distributed import peer_failure

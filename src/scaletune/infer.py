@@ -117,6 +117,20 @@ def check_held_out(cfg: RunConfig, path: Path) -> None:
     meta_file = path / "scaletune.json"
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     trained, asked = meta["held_out"] if "held_out" in meta else _recorded_split(path), held_out(cfg)
+    if meta.get("train_digest"):  # the data itself, wherever its copy lies: compared by content, not path
+        from .data import train_digest
+
+        now, then = train_digest(cfg), meta["train_digest"]
+        if sorted(now.split(",")) != sorted(then.split(",")):
+            log.info("data.train holds other data than the adapter at %s trained on: its held-out split is not "
+                     "compared with the run's", path)
+            return
+        if now != then:  # the same sources in another order: another concatenation, another split
+            raise ConfigError(f"data.eval_fraction: data.train lists the sources the adapter at {path} trained on "
+                              "in another order, which splits them differently: this split would score on "
+                              "examples it trained on", hint="list them in the run's order, or give --data FILE")
+        trained, asked = ({k: v for k, v in d.items() if k != "train"} if isinstance(d, dict) else d
+                          for d in (trained, asked))
     if trained == "unknown":
         log.warning("data.eval_fraction: the adapter at %s does not say which split its run held out, and no "
                     "run.json beside it does: make sure train.seed, data.eval_fraction and data.train are the "
@@ -130,7 +144,7 @@ def check_held_out(cfg: RunConfig, path: Path) -> None:
                           hint="evaluate on a file it never saw: --data FILE (or data.eval)")
     want = f"data.eval_fraction={trained['eval_fraction']} train.seed={trained['seed']}"
     differs = [f"{key} {trained[key]} (given: {asked[key]})" for key in ("train", "eval_fraction", "seed")
-               if trained[key] != asked[key]]
+               if key in trained and trained[key] != asked[key]]
     raise ConfigError(f"data.eval_fraction: the adapter at {path} was trained holding out a different split; "
                       f"this one would score on examples it trained on. The run's split: {'; '.join(differs)}",
                       hint=f"evaluate its own held-out split with {want} (and its data.train), or give "
@@ -362,14 +376,20 @@ def run_merge(cfg: RunConfig, adapter: str | None, out_dir: str) -> Path:
     target = Path(out_dir)
     if target.exists() and any(target.iterdir()):
         raise UserError(f"--out {target} is not empty; choose a new directory")
-    # Written beside it and renamed: a failed write (a full disk) leaves no half model that looks whole
-    # and no directory that refuses the retry as "not empty".
-    tmp = target.parent / f".{target.name}.merging"
+    # Written aside and moved in: a failed write (a full disk) leaves no half model that looks whole and
+    # no directory that refuses the retry as "not empty". An existing (empty) --out may be a mount point
+    # or the working directory, which cannot be renamed onto: the files are moved into it instead.
+    tmp = target / ".merging" if target.is_dir() else target.parent / f".{target.name}.merging"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         merged.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
-        os.replace(tmp, target)
+        if tmp.parent == target:
+            for item in tmp.iterdir():
+                os.replace(item, target / item.name)
+            tmp.rmdir()
+        else:
+            os.replace(tmp, target)
     except Exception as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if not failed_write(exc):

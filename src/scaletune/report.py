@@ -183,7 +183,12 @@ def _event_notes(run: Run) -> list[str]:
         notes.append(f"{len(overflows)} fp16 loss-scale overflow(s) (update skipped, scale halved), last at step "
                      f"{overflows[-1]['step']}")
     total, done = _num(run.info.get("total_steps")), run.steps_done()
-    if total is not None and done is not None and done < total:
+    stopped = run.events.get("early_stop", [])
+    if stopped:  # complete at that step (README: early stopping)
+        rec = stopped[-1]
+        notes.append(f"stopped early at step {rec['step']}: {_fmt(rec.get('evals_without_better'))} evals without a "
+                     f"better value (best at step {_fmt(rec.get('best_step'))})")
+    elif total is not None and done is not None and done < total:
         notes.append(f"incomplete: last logged step {done} of {int(total)}")
     return notes
 
@@ -432,7 +437,8 @@ def build_report(run_dirs: list[str], out: str | None = None) -> tuple[Path, lis
         if not failed_write(exc):
             raise
         for written in set(out_dir.iterdir()) - before:  # this report's partial files, never what was there
-            written.unlink(missing_ok=True)
+            if written.is_file() and (written.suffix == ".png" or written.name == "report.html"):
+                written.unlink(missing_ok=True)  # (not a live run's new files, when --out is its folder)
         raise write_error(exc, getattr(exc, "filename", None) or out_dir,
                           "free disk space (or fix permissions), or give another --out; the runs are untouched") from None
     return report, runs

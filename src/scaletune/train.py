@@ -394,7 +394,8 @@ def save_adapter(run: Run, directory: Path, state: dict | None = None, extra_met
     model.save_pretrained(str(directory), state_dict=state, safe_serialization=True)
     run.tokenizer.save_pretrained(str(directory))
     meta = {"task": run.cfg.task, "labels": run.data["labels"], "base_model": run.cfg.model.name_or_path,
-            "max_length": run.cfg.data.max_length, "held_out": held_out(run.cfg), **run.task.cache_meta(),
+            "max_length": run.cfg.data.max_length, "held_out": held_out(run.cfg),
+            "train_digest": run.data.get("train_digest"), **run.task.cache_meta(),
             **(extra_meta or {})}
     (directory / "scaletune.json").write_text(json.dumps(meta, indent=1))
 
@@ -468,6 +469,7 @@ def write_adapter(run: Run, name: str, extra_meta: dict | None = None) -> Path:
     tmp, final = run.output_dir / f".{name}.tmp", run.output_dir / name
     if run.accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
+    error = None
     try:
         save_adapter(run, tmp, extra_meta=extra_meta)
         if run.accelerator.is_main_process:
@@ -478,7 +480,17 @@ def write_adapter(run: Run, name: str, extra_meta: dict | None = None) -> Path:
         if not failed_write(exc):
             raise
         shutil.rmtree(tmp, ignore_errors=True)
-        raise write_error(exc, final, RESUME_AFTER_WRITE + f" (it writes {name}/ again)") from None
+        error = write_error(exc, final, RESUME_AFTER_WRITE + f" (it writes {name}/ again)")
+    # Only the main rank writes: its failure must stop every rank, or the others would wait for it in the
+    # next collective (as a checkpoint's does).
+    failed = error is not None
+    if run.accelerator.num_processes > 1:
+        flag = torch.tensor([1.0 if failed else 0.0], device=run.accelerator.device)
+        failed = bool(run.accelerator.reduce(flag, "sum").item() > 0)
+    if error is not None:
+        raise error
+    if failed:
+        raise UserError(f"rank 0 could not write {final} (its message says why)", hint=RESUME_AFTER_WRITE)
     return final
 
 

@@ -40,13 +40,16 @@ def cache_root() -> Path:
     return Path(os.environ.get("SCALETUNE_CACHE", Path.home() / ".cache" / "scaletune")) / "tokenized"
 
 
-def _file_digest(spec: str | None) -> str:
+def _file_digest(spec: str | None, key: str = "data.train") -> str:
     if spec is None:
         return "none"
     path = Path(spec)
     if not path.is_file():
         return spec
-    return sha256_file(path)
+    try:
+        return sha256_file(path)
+    except OSError as exc:  # (hashed before read_records, which would say the same)
+        raise DataError(f"{key}: cannot read {path}: {exc.strerror}") from None
 
 
 def _tokenizer_digest(tokenizer: Any) -> str:
@@ -77,7 +80,7 @@ def fingerprint(cfg: Any, tokenizer: Any, train: str | None = None) -> str:
     split_seed = str(cfg.train.seed) if cfg.data.eval_fraction and not cfg.data.eval else "-"  # (only it uses it)
     train = train_digest(cfg) if train is None else train
     parts = [CACHE_VERSION, cfg.task, json.dumps(d, sort_keys=True), train,
-             _file_digest(cfg.data.eval), split_seed, _tokenizer_digest(tokenizer)]
+             _file_digest(cfg.data.eval, "data.eval"), split_seed, _tokenizer_digest(tokenizer)]
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:24]
 
 

@@ -29,7 +29,10 @@ def chat_template_text(spec: str) -> str | None:
                           f"({path.absolute()} not found)")
     from jinja2 import Environment, TemplateSyntaxError
 
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"data.chat_template: cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
     try:
         Environment().parse(text)
     except TemplateSyntaxError as exc:
