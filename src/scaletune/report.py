@@ -183,7 +183,7 @@ def _event_notes(run: Run) -> list[str]:
         notes.append(f"{len(overflows)} fp16 loss-scale overflow(s) (update skipped, scale halved), last at step "
                      f"{overflows[-1]['step']}")
     total, done = _num(run.info.get("total_steps")), run.steps_done()
-    stopped = run.events.get("early_stop", [])
+    stopped = [r for r in run.events.get("early_stop", []) if r["step"] == done]  # (not one a resume went past)
     if stopped:  # complete at that step (README: early stopping)
         rec = stopped[-1]
         notes.append(f"stopped early at step {rec['step']}: {_fmt(rec.get('evals_without_better'))} evals without a "
