@@ -201,19 +201,10 @@ def save_checkpoint(accelerator: Any, output_dir: Path, step: int, *, trainable:
             error = UserError(f"could not write checkpoint step {step} to {root}: {reason}",
                               hint="the previous checkpoint is intact; free disk space or fix permissions, then "
                                    "resume with --resume auto")
-    # Only rank 0 writes, so only rank 0 can fail: tell every rank, or the others would wait forever in
-    # the next collective while rank 0 exits.
-    failed = error is not None
-    if accelerator.num_processes > 1:
-        import torch
+    from .distributed import raise_main_rank_failure
 
-        flag = torch.tensor([1.0 if failed else 0.0], device=accelerator.device)
-        failed = bool(accelerator.reduce(flag, "sum").item() > 0)  # also the barrier the write needs
-    if error is not None:
-        raise error
-    if failed:
-        raise UserError(f"rank 0 could not write checkpoint step {step} to {root} (its message says why)",
-                        hint="the previous checkpoint is intact; resume with --resume auto once fixed")
+    raise_main_rank_failure(accelerator, error, f"checkpoint step {step} to {root}",
+                            hint="the previous checkpoint is intact; resume with --resume auto once fixed")
     return final
 
 

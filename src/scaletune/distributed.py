@@ -397,3 +397,19 @@ def accelerator_kwargs(cfg: Any, grad_accum_steps: int) -> dict:
     elif stage > 0:
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=build_deepspeed_config(cfg, grad_accum_steps, world))
     return kwargs
+
+
+def raise_main_rank_failure(accelerator: Any, error: Exception | None, what: str, hint: str) -> None:
+    """After a write only the main rank does: raise its `error` there, and on every other rank an error
+    saying rank 0 could not write `what`; the others would otherwise wait forever in the next collective
+    while rank 0 exits. A collective on several ranks (the barrier the write needs, too)."""
+    failed = error is not None
+    if accelerator.num_processes > 1:
+        import torch
+
+        flag = torch.tensor([1.0 if failed else 0.0], device=accelerator.device)
+        failed = bool(accelerator.reduce(flag, "sum").item() > 0)
+    if error is not None:
+        raise error
+    if failed:
+        raise errors.UserError(f"rank 0 could not write {what} (its message says why)", hint=hint)

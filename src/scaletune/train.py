@@ -481,16 +481,9 @@ def write_adapter(run: Run, name: str, extra_meta: dict | None = None) -> Path:
             raise
         shutil.rmtree(tmp, ignore_errors=True)
         error = write_error(exc, final, RESUME_AFTER_WRITE + f" (it writes {name}/ again)")
-    # Only the main rank writes: its failure must stop every rank, or the others would wait for it in the
-    # next collective (as a checkpoint's does).
-    failed = error is not None
-    if run.accelerator.num_processes > 1:
-        flag = torch.tensor([1.0 if failed else 0.0], device=run.accelerator.device)
-        failed = bool(run.accelerator.reduce(flag, "sum").item() > 0)
-    if error is not None:
-        raise error
-    if failed:
-        raise UserError(f"rank 0 could not write {final} (its message says why)", hint=RESUME_AFTER_WRITE)
+    from .distributed import raise_main_rank_failure
+
+    raise_main_rank_failure(run.accelerator, error, str(final), hint=RESUME_AFTER_WRITE)
     return final
 
 
