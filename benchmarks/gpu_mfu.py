@@ -38,6 +38,8 @@ def main() -> int:
     ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
                     help="instead of timing, profile this many steps (after 3 warm-up steps) with torch.profiler "
                          "and print where the GPU time goes")
+    ap.add_argument("--reuse-model", action="store_true",
+                    help="keep the model already built in --workdir for this size (saves rebuilding an 8B)")
     ap.add_argument("--hf-batch", default="",
                     help="also run (b) HF Trainer + peft with dynamic padding, this many examples per step "
                          "(comma-separated: a sweep; a size that runs out of memory is reported as such)")
@@ -60,13 +62,16 @@ def main() -> int:
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                          tie_word_embeddings=False)
     model_dir = work / f"llama-{args.size}"
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(str(model_dir), safe_serialization=True)
-    tok.save_pretrained(str(model_dir))
-    del model
-    torch.cuda.empty_cache()
+    if not (args.reuse_model and (model_dir / "config.json").exists()
+            and all(getattr(LlamaConfig.from_pretrained(model_dir), k) == getattr(config, k)
+                    for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size"))):
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            model = LlamaForCausalLM(config).to(torch.bfloat16)
+        model.save_pretrained(str(model_dir), safe_serialization=True)
+        tok.save_pretrained(str(model_dir))
+        del model
+        torch.cuda.empty_cache()
     # Alpaca responses are short: use the whole record as text so packed rows are full of targets.
     data = work / "train.jsonl"
     data.write_text("".join(json.dumps({"text": f"{r['instruction']}\n{r.get('input', '')}\n{r['output']}"}) + "\n"
