@@ -197,3 +197,83 @@ def test_an_early_stopped_run_continues_when_early_stopping_is_relaxed(make_conf
     assert max(r["step"] for r in read_metrics(run.output_dir)) == 8
     assert main(["report", str(run.output_dir)]) == 0
     assert "stopped early" not in capsys.readouterr().out  # the resume went past that stop
+
+
+def test_resuming_a_checkpoint_of_a_left_path_restores_that_paths_best(make_config, tmp_path, scripted,
+                                                                       monkeypatch, capsys):
+    """Two paths each wrote a best at step 4: going back onto the first (its checkpoint in
+    checkpoints/.abandoned-*/) tells them apart by value and restores the first path's own best adapter."""
+    import sys
+
+    module = sys.modules[__name__]
+    first, second = [0.5, 0.6, 0.7, 0.8, 0.6], [0.5, 0.6, 0.75, 0.85, 0.6]
+    monkeypatch.setattr(module, "SCRIPT", first)
+    path = _config(make_config, tmp_path, early_stopping_patience=None, max_steps=5)
+    run, _ = _fit(path)
+    out = run.output_dir
+    monkeypatch.setattr(module, "SCRIPT", second)
+    _fit(path, resume=str(out / "checkpoints" / "step-2"))
+    assert json.loads((out / "best_adapter" / "scaletune.json").read_text())["best"]["value"] == 0.85
+    kept = next((out / ".abandoned").glob("best_adapter-step4-*"))  # the first path's best, set aside
+    left = next((out / "checkpoints").glob(".abandoned-*"))
+    monkeypatch.setattr(module, "SCRIPT", first)
+    capsys.readouterr()
+    _fit(path, resume=str(left / "step-4"))
+    log = capsys.readouterr().out
+    assert f"{out / 'best_adapter'}: restored from {left / 'step-4'}" in log
+    assert json.loads((out / "best_adapter" / "scaletune.json").read_text())["best"] == {
+        "metric": "accuracy", "value": 0.8, "step": 4}
+    want, have = _adapter(kept), _adapter(out / "best_adapter")
+    assert all(torch.equal(have[k], w) for k, w in want.items())
+    assert len(list((out / ".abandoned").glob("best_adapter-step4-*"))) == 2  # the second path's, kept too
+
+
+def test_best_metric_turned_off_on_an_older_checkpoint_sets_the_later_best_aside(make_config, tmp_path, scripted,
+                                                                                 monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setattr(sys.modules[__name__], "SCRIPT", [0.5, 0.6, 0.7, 0.8])
+    run, _ = _fit(_config(make_config, tmp_path, early_stopping_patience=None, max_steps=4))
+    out = run.output_dir
+    capsys.readouterr()
+    path = _config(make_config, tmp_path, early_stopping_patience=None, max_steps=4, best_metric=None)
+    assert main(["train", str(path), "--resume", str(out / "checkpoints" / "step-2")]) == 0
+    log = capsys.readouterr().out
+    assert not (out / "best_adapter").exists()
+    aside = list((out / ".abandoned").glob("best_adapter-step4-*"))
+    assert len(aside) == 1 and f"moved to {aside[0]}" in log
+    assert "the path this run continues did not write it" in log
+
+
+def test_a_best_adapter_that_says_nothing_is_named_so_and_replaced(make_config, tmp_path, scripted, capsys):
+    path = _config(make_config, tmp_path)
+    run, _ = _fit(path, stop=lambda run: StopAt(run, 3))
+    (run.output_dir / "best_adapter" / "scaletune.json").write_text("{}")
+    capsys.readouterr()
+    _fit(path, resume="auto")
+    log = capsys.readouterr().out
+    assert "(with no record of its eval) is not this run's best so far" in log and "step None" not in log
+    assert f"restored from {run.output_dir / 'checkpoints' / 'step-2'}" in log
+
+
+def test_an_abandoned_file_in_the_way_is_one_error(make_config, tmp_path, scripted, capsys):
+    path = _config(make_config, tmp_path)
+    run, _ = _fit(path, stop=lambda run: StopAt(run, 3))
+    out = run.output_dir
+    (out / "best_adapter" / "scaletune.json").write_text("{}")
+    (out / ".abandoned").write_text("my notes")
+    capsys.readouterr()
+    assert main(["train", str(path), "--resume", "auto"]) == 2
+    err = capsys.readouterr().err
+    assert f"{out / '.abandoned'} is not a directory" in err and "Traceback" not in err
+    assert (out / ".abandoned").read_text() == "my notes" and (out / "best_adapter").is_dir()
+
+
+def test_continuing_an_early_stop_for_another_metric_says_so(make_config, tmp_path, scripted, capsys):
+    path = _config(make_config, tmp_path)
+    run, _ = _fit(path)
+    assert run.step == 5
+    capsys.readouterr()
+    assert main(["train", str(path), "--resume", "auto", "train.best_metric=macro_f1"]) == 0
+    out = capsys.readouterr().out
+    assert "continuing the run that stopped early at step 5: train.best_metric is now macro_f1" in out

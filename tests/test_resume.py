@@ -64,6 +64,27 @@ def test_resume_auto_restarts_a_run_killed_before_its_first_checkpoint(make_conf
     assert len(list((out / ".abandoned").iterdir())) == 2
 
 
+def test_resume_from_an_abandoned_checkpoint_sets_aside_its_step_too(make_config, tmp_path, caplog):
+    """Back onto a path left earlier (a checkpoint in checkpoints/.abandoned-*/): the other path's
+    checkpoints from that step on are moved aside, so this run's saves of steps 4 and 6 are written, not
+    skipped as already there, and it ends where the first path ended (an exact resume)."""
+    path = make_config("causal_lm", n=32, train={"max_steps": 6, "save_every": 2, "save_total_limit": None})
+    out = tmp_path / "run"
+    assert _train(path) == 0
+    first = load_file(str(out / "checkpoints" / "step-6" / "trainable.safetensors"))
+    assert _train(path, "train.learning_rate=0.02", "--allow-config-change",
+                  "--resume", out / "checkpoints" / "step-2") == 0
+    left = next(p for p in (out / "checkpoints").iterdir() if p.name.startswith(".abandoned-"))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="scaletune"):
+        assert _train(path, "--resume", left / "step-4") == 0
+    assert f"resuming from {left / 'step-4'}: the checkpoints from its step on (step-4, step-6)" in caplog.text
+    assert len([p for p in (out / "checkpoints").iterdir() if p.name.startswith(".abandoned-")]) == 2
+    again = load_file(str(out / "checkpoints" / "step-6" / "trainable.safetensors"))
+    assert again.keys() == first.keys() and all(again[k].equal(first[k]) for k in first)
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-6"
+
+
 def test_resume_and_overwrite_together_are_refused(make_config, tmp_path, capsys):
     path = make_config("causal_lm", train={"max_steps": 2})
     assert _train(path) == 0
@@ -86,7 +107,7 @@ def test_resume_from_an_older_checkpoint_sets_the_later_ones_aside(make_config, 
     with caplog.at_level("WARNING", logger="scaletune"):
         assert _train(path, "train.learning_rate=0.02", "--allow-config-change",
                       "--resume", out / "checkpoints" / "step-2") == 0
-    assert "resuming from step-2: the later checkpoints (step-4, step-6)" in caplog.text
+    assert "resuming from step-2: the checkpoints after it (step-4, step-6) belong to another path" in caplog.text
     aside = [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".abandoned-")]
     assert len(aside) == 1 and sorted(p.name for p in aside[0].iterdir()) == ["step-4", "step-6"]
     for name, tensors in old.items():

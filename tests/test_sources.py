@@ -98,3 +98,8 @@ def test_eval_of_the_held_out_split_needs_the_sources_in_the_runs_order(make_con
     capsys.readouterr()
     assert main(["eval", str(path), f"data.train=[{b},{a}]"]) == 2
     assert "lists the sources the adapter at" in capsys.readouterr().err
+    for some in (f"[{a}]", f"[{a},{b},{b}]"):  # a subset, a superset: split with other examples than the run's
+        assert main(["eval", str(path), f"data.train={some}"]) == 2
+        assert "shares sources with the data the adapter at" in capsys.readouterr().err
+    c = write_jsonl(tmp_path / "c.jsonl", _records("charlie", 16))
+    assert main(["eval", str(path), f"data.train=[{c}]"]) == 0  # other data altogether: its own split

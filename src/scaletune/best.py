@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from .config import EVAL_METRICS
+from .outdir import abandoned_dir
 from .train import Run, write_adapter
 
 BEST_DIR = "best_adapter"
@@ -25,40 +26,56 @@ class BestAdapter:
         self.run, self.mlog, self.metric = run, mlog, t.best_metric
         self.patience, self.threshold = t.early_stopping_patience, t.early_stopping_threshold
         self.lower = EVAL_METRICS.get(run.cfg.task, {}).get(self.metric) == "min"
-        best = run.counters.get("best")
-        if best and best["metric"] != self.metric:  # changed on resume: the old values are of another metric
+        path_best = run.counters.get("best")  # the path this run continues: its best, of whichever metric
+        changed = path_best and path_best["metric"] != self.metric
+        if changed:  # the old values are of another metric
             if self.metric:
-                mlog.write(f"train.best_metric is now {self.metric} (was {best['metric']}): the best adapter is "
+                mlog.write(f"train.best_metric is now {self.metric} (was {path_best['metric']}): the best adapter is "
                            "picked anew from the next eval")
             run.counters.pop("best")
             run.counters.pop("evals_since_best", None)
-        if run.counters.get("stopped_early") and not (self.patience and run.counters.get("evals_since_best", 0)
-                                                      >= self.patience):
-            # early stopping turned off or given more patience on resume: the run goes on from its checkpoint
-            mlog.write(f"continuing the run that stopped early at step {run.counters.pop('stopped_early')}: "
-                       f"train.early_stopping_patience is now {self.patience}")
-        best = run.counters.get("best")
-        on_disk = _written_at(run.output_dir / BEST_DIR)
-        if self.metric and on_disk != (best or {}).get("step") and run.accelerator.is_main_process:
-            # not the best of the path this run continues: written after its checkpoint (the steps about to be
-            # redone write it again) or on a path left by resuming an older checkpoint, or lost
-            self._recover(best, on_disk)
+        stopped = run.counters.get("stopped_early")
+        if stopped and not (self.patience and run.counters.get("evals_since_best", 0) >= self.patience):
+            # early stopping turned off, given more patience, or counting another metric on resume: the run
+            # goes on from its checkpoint
+            run.counters.pop("stopped_early")
+            why = (f"train.best_metric is now {self.metric}" if changed and self.patience
+                   else f"train.early_stopping_patience is now {self.patience}")
+            mlog.write(f"continuing the run that stopped early at step {stopped}: {why}")
+        on_disk = _written_by(run.output_dir / BEST_DIR)
+        if not run.accelerator.is_main_process:
+            return
+        # best_adapter/ not written by this path's best eval (same metric, step and value): written after its
+        # checkpoint (the steps about to be redone write it again), on a path left by resuming another
+        # checkpoint, or lost. With best_metric off, another path's is only set aside.
+        if self.metric and on_disk != _key(run.counters.get("best")):
+            self._recover(run.counters.get("best"), on_disk)
+        elif not self.metric and on_disk is not None and on_disk != _key(path_best):
+            self._set_aside(on_disk, "the path this run continues did not write it")
 
-    def _recover(self, best: dict | None, on_disk: int | None) -> None:
+    def _set_aside(self, on_disk: tuple | None, why: str) -> None:
+        out = self.run.output_dir
+        step = f"step{on_disk[1]}" if on_disk else "unrecorded"
+        # (nanoseconds: two set-asides of the same step within a second must not meet)
+        aside = abandoned_dir(out) / f"{BEST_DIR}-{step}-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**9:09d}"
+        os.rename(out / BEST_DIR, aside)
+        written = f"written at step {on_disk[1]}" if on_disk else "with no record of its eval"
+        self.mlog.write(f"{out / BEST_DIR} ({written}) is not this run's best so far ({why}): moved to {aside}")
+
+    def _recover(self, best: dict | None, on_disk: tuple | None) -> None:
         """Make best_adapter/ the best eval's of the path this run continues: one from elsewhere is moved
         aside (as `--resume` moves later checkpoints), and the best's is copied from its step's checkpoint
         (written after that eval: the same weights) if it was kept."""
         out = self.run.output_dir
-        if on_disk is not None or (out / BEST_DIR).exists():
-            aside = out / ".abandoned" / f"{BEST_DIR}-step{on_disk}-{time.strftime('%Y%m%d-%H%M%S')}"
-            aside.parent.mkdir(exist_ok=True)  # (.abandoned/ is where a fresh start's earlier metrics go too)
-            os.rename(out / BEST_DIR, aside)
-            self.mlog.write(f"{out / BEST_DIR} (step {on_disk}) is not this run's best so far "
-                            f"({'none yet' if best is None else 'step ' + str(best['step'])}): moved to {aside}")
+        if (out / BEST_DIR).exists():
+            self._set_aside(on_disk, "none yet" if best is None else f"that is step {best['step']}'s")
         if best is None:
             return
-        snapshot = out / "checkpoints" / f"step-{best['step']}" / "adapter"
-        if not (snapshot / "adapter_config.json").is_file():
+        # that step's checkpoint: beside the resumed one (which may lie outside checkpoints/), else in them
+        where = [d / f"step-{best['step']}" / "adapter" for d in (
+            *([self.run.resumed_from.parent] if self.run.resumed_from else []), out / "checkpoints")]
+        snapshot = next((d for d in where if (d / "adapter_config.json").is_file()), None)
+        if snapshot is None:
             self.mlog.write(f"warning: {out / BEST_DIR} is not the best eval's (step {best['step']}), whose checkpoint "
                             f"is gone too: it is written again only by an eval that beats {best['value']:.4g}")
             return
@@ -102,9 +119,15 @@ class BestAdapter:
         return value < best - margin if self.lower else value > best + margin
 
 
-def _written_at(directory: Any) -> int | None:
-    """The step whose eval wrote this best_adapter/ (None: there is none, or it says nothing)."""
+def _written_by(directory: Any) -> tuple | None:
+    """(metric, step, value) of the eval that wrote this best_adapter/ (None: there is none, or it says
+    nothing). The value tells two paths' bests of the same step apart."""
     try:
-        return int(json.loads((directory / "scaletune.json").read_text(encoding="utf-8"))["best"]["step"])
+        best = json.loads((directory / "scaletune.json").read_text(encoding="utf-8"))["best"]
+        return best["metric"], int(best["step"]), float(best["value"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def _key(best: dict | None) -> tuple | None:
+    return None if best is None else (best["metric"], int(best["step"]), float(best["value"]))

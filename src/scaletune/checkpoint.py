@@ -133,17 +133,19 @@ def find_resumable(output_dir: Path, fingerprint: str, allow_config_change: bool
 def set_aside_newer(output_dir: Path, resumed: Path) -> Path | None:
     """Resuming `output_dir` from an older checkpoint (to go back past a divergence, say) starts another path
     from there: move the checkpoints after it into `checkpoints/.abandoned-<time>/`, where neither
-    `--resume auto` nor the new run's saves of the same step numbers will take them for its own. Returns
-    that folder, or None if there was nothing newer. Main process only."""
+    `--resume auto` nor the new run's saves of the same step numbers will take them for its own. A
+    checkpoint from outside `checkpoints/` (an abandoned path's, another run's) sets aside its own step's
+    too: a save of that step would keep the one there as this run's. Returns that folder, or None if there
+    was nothing to move. Main process only."""
     try:
         inside = resumed.resolve().parent == (output_dir / "checkpoints").resolve()
     except OSError:
         return None
     match = STEP_RE.match(resumed.name)
-    if not inside or not match:
+    if not match:
         return None
-    step = int(match.group(1))
-    newer = [p for p in checkpoint_dirs(output_dir) if int(STEP_RE.match(p.name).group(1)) > step]
+    step = int(match.group(1)) + (1 if inside else 0)
+    newer = [p for p in checkpoint_dirs(output_dir) if int(STEP_RE.match(p.name).group(1)) >= step]
     if not newer:
         return None
     aside = output_dir / "checkpoints" / f".abandoned-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -154,8 +156,9 @@ def set_aside_newer(output_dir: Path, resumed: Path) -> Path | None:
     for path in newer:
         os.rename(path, aside / path.name)
     _write_latest(output_dir, resumed)
-    log.warning("resuming from %s: the later checkpoints (%s) belong to the path this run leaves; moved to %s "
-                "(delete it when you no longer need them)", resumed.name, ", ".join(p.name for p in reversed(newer)), aside)
+    log.warning("resuming from %s: the checkpoints %s (%s) belong to another path than this run's; moved to %s "
+                "(delete it when you no longer need them)", resumed if not inside else resumed.name,
+                "after it" if inside else "from its step on", ", ".join(p.name for p in reversed(newer)), aside)
     return aside
 
 

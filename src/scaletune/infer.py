@@ -121,6 +121,13 @@ def check_held_out(cfg: RunConfig, path: Path) -> None:
         from .data import train_digest
 
         now, then = train_digest(cfg), meta["train_digest"]
+        if sorted(now.split(",")) != sorted(then.split(",")) and set(now.split(",")) & set(then.split(",")):
+            # some of the run's sources (a subset, a superset): split together with others than the run's, so
+            # other examples of them are held out, and the ones it trained on are scored
+            raise ConfigError(f"data.eval_fraction: data.train shares sources with the data the adapter at {path} "
+                              "trained on but is not the same list, which splits them differently: this split "
+                              "would score on examples it trained on",
+                              hint="give data.train as the run's (same sources, same order), or --data FILE")
         if sorted(now.split(",")) != sorted(then.split(",")):
             log.info("data.train holds other data than the adapter at %s trained on: its held-out split is not "
                      "compared with the run's", path)

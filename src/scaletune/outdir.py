@@ -83,9 +83,20 @@ def set_aside_metrics(out: Path) -> Path | None:
     old = out / "metrics.jsonl"
     if not old.exists():
         return None
-    aside = out / ".abandoned" / f"metrics-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**9:09d}.jsonl"
-    aside.parent.mkdir(exist_ok=True)
+    aside = abandoned_dir(out) / f"metrics-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**9:09d}.jsonl"
     os.replace(old, aside)
+    return aside
+
+
+def abandoned_dir(out: Path) -> Path:
+    """OUTPUT_DIR/.abandoned/, where what a run sets aside (an earlier attempt's metrics, another path's
+    best_adapter/) is moved rather than deleted; created if missing. Main process only."""
+    aside = out / ".abandoned"
+    try:
+        aside.mkdir(exist_ok=True)
+    except FileExistsError:  # a file of that name: nothing of the user's is moved or overwritten
+        raise UserError(f"{aside} is not a directory: scaletune moves what a run sets aside there",
+                        hint="rename or remove that file, then run the same command again") from None
     return aside
 
 

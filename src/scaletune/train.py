@@ -121,6 +121,7 @@ class Run:
     step: int = 0
     batch_shape: tuple = ()
     counters: dict = field(default_factory=lambda: {"nonfinite_skips": 0, "tokens_seen": 0})
+    resumed_from: Path | None = None  # the checkpoint this run continues (its path's best adapter is beside it)
 
 
 def build_optimizer(cfg: RunConfig, model: Any) -> Any:
@@ -321,7 +322,7 @@ def restore(run: Run, resume_from: Path) -> None:
     for group, lr in zip(optimizer.param_groups, lrs):  # load_state_dict does not set the optimizer's
         group["lr"] = lr
     methods.load_method_state(model, state["method_tensors"], state.get("method_state") or {})
-    run.step, run.counters = state["step"], state["counters"]
+    run.step, run.counters, run.resumed_from = state["step"], state["counters"], resume_from
     nonfinite.load_loss_scale_state(accelerator, model, state)  # else fp16's scale starts over at 2**16
     if run.step > run.total_steps:
         raise UserError(f"checkpoint {resume_from} is at step {run.step}, past this run's {run.total_steps} steps; "
