@@ -339,3 +339,18 @@ def test_a_checkpoint_from_a_newer_scaletune_says_so():
         'peft.lora_dropout: 0.1 -> "(not set)"',
         'train.some_future_key: 3 -> (not set): this scaletune has no such key, the checkpoint is from a newer '
         'version']
+
+
+def test_latest_never_names_a_checkpoint_set_aside(tmp_path):
+    from scaletune.checkpoint import set_aside_newer
+
+    out = tmp_path / "run"
+    for step in (2, 4, 6):
+        (out / "checkpoints" / f"step-{step}").mkdir(parents=True)
+    (tmp_path / "elsewhere" / "step-4").mkdir(parents=True)
+    aside = set_aside_newer(out, tmp_path / "elsewhere" / "step-4")
+    assert sorted(p.name for p in aside.iterdir()) == ["step-4", "step-6"]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-2"
+    (tmp_path / "elsewhere" / "step-1").mkdir()
+    set_aside_newer(out, tmp_path / "elsewhere" / "step-1")
+    assert not (out / "checkpoints" / "latest").exists()

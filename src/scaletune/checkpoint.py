@@ -155,7 +155,12 @@ def set_aside_newer(output_dir: Path, resumed: Path) -> Path | None:
     aside.mkdir()
     for path in newer:
         os.rename(path, aside / path.name)
-    _write_latest(output_dir, resumed)
+    if inside:
+        _write_latest(output_dir, resumed)
+    elif kept := checkpoint_dirs(output_dir):  # `latest` names a checkpoint in checkpoints/, never one moved
+        _write_latest(output_dir, kept[0])
+    else:
+        (output_dir / "checkpoints" / "latest").unlink(missing_ok=True)
     log.warning("resuming from %s: the checkpoints %s (%s) belong to another path than this run's; moved to %s "
                 "(delete it when you no longer need them)", resumed if not inside else resumed.name,
                 "after it" if inside else "from its step on", ", ".join(p.name for p in reversed(newer)), aside)
