@@ -154,6 +154,20 @@ def test_grouped_heads_used_only_where_the_kernel_is_checked_to_take_them(monkey
     torch.testing.assert_close(out, reference_kernel([])(q, k, v, cu, 18, None))
 
 
+def test_setup_makes_the_kernels_check_before_any_block_is_compiled(make_config, monkeypatch):
+    """torch.compile cannot trace the check's random generator: setup answers it first (on the device the
+    run uses), so compiled blocks only read the cached answer."""
+    from torch.nn.attention import varlen
+
+    monkeypatch.setattr(attention, "_VARLEN_PARAMS", frozenset({"window_size"}))
+    monkeypatch.setattr(attention, "_GROUPED", {})
+    monkeypatch.setitem(attention.KERNELS, "cpu", reference_kernel([]))
+    monkeypatch.setattr(varlen, "varlen_attn", _fake_varlen("grouped"))
+    path = make_config("causal_lm", n=16, model={"attn_implementation": "varlen"}, train={"max_steps": 1})
+    run, _ = setup(load_config(path), overwrite=True)
+    assert attention._GROUPED == {run.accelerator.device.type: True}
+
+
 def _half_only_kernel(seen: list):
     """Stands for flash attention's kernel, which takes 16-bit inputs only: records their dtypes."""
     exact = reference_kernel([])

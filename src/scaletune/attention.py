@@ -122,6 +122,14 @@ def _half_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[tor
     return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
+def prepare(device: torch.device) -> None:
+    """Make the kernel's one-time check on `device` now, before `train.torch_compile` traces the blocks that
+    call it: dynamo cannot trace the check's random generator, so the first compiled block broke its graph
+    there (a warning on the H200, and a recompilation once the answer was cached)."""
+    if device.type in KERNELS and "enable_gqa" not in _VARLEN_PARAMS:
+        takes_grouped_heads(device)
+
+
 def available(device_type: str) -> bool:
     """Whether `device_type` has a variable-length kernel (else SDPA answers every call)."""
     return device_type in KERNELS

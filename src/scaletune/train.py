@@ -244,6 +244,10 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
     model, optimizer = accelerator.prepare(model, optimizer)
     if getattr(accelerator, "native_amp", False):
         methods.skip_adapter_input_casts(model)
+    if cfg.model.attn_implementation == "varlen":
+        from .attention import prepare
+
+        prepare(accelerator.device)
     if t.torch_compile and compile_blocks(model) == 0:
         raise ConfigError(f"train.torch_compile: {cfg.model.name_or_path} declares no repeated blocks "
                           "(_no_split_modules) to compile; set torch_compile: false")
