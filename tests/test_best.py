@@ -41,12 +41,21 @@ def _config(make_config, tmp_path, name="run", **train):
                               "best_metric": "accuracy", "early_stopping_patience": 3, **train})
 
 
+def _record(best: dict) -> dict:
+    """A best record without its id (random: it tells two paths' bests of one step and value apart)."""
+    assert len(best.pop("id")) == 16
+    return best
+
+
 def _adapter(directory):
     return load_file(str(directory / "adapter_model.safetensors"))
 
 
-def _fit(path, stop=None, resume=None):
-    run, _ = setup(load_config(path), resume=resume)
+def _fit(path, stop=None, resume=None, **overrides):
+    cfg = load_config(path)
+    for key, value in overrides.items():  # a resume-time change (--allow-config-change)
+        setattr(cfg.train, key, value)
+    run, _ = setup(cfg, resume=resume, allow_config_change=bool(overrides))
     current[0] = run
     return run, loop.fit(run, stop(run) if stop else StopFlag())
 
@@ -70,7 +79,7 @@ def test_best_adapter_is_the_best_evals_and_the_run_stops_early(make_config, tmp
     final = _adapter(out / "adapter")
     assert any(not torch.equal(final[n], w) for n, w in snapshot.items())  # adapter/ is the last step's
     meta = json.loads((out / "best_adapter" / "scaletune.json").read_text())
-    assert meta["best"] == {"metric": "accuracy", "value": 0.7, "step": 2} and meta["task"] == "seq_cls"
+    assert _record(meta["best"]) == {"metric": "accuracy", "value": 0.7, "step": 2} and meta["task"] == "seq_cls"
     # complete: a resume trains no further
     capsys.readouterr()
     assert main(["train", str(path), "--resume", "auto"]) == 0
@@ -150,7 +159,7 @@ def test_a_lost_best_adapter_is_restored_from_its_checkpoint_on_resume(make_conf
     for key, w in want.items():
         assert torch.equal(have[key], w), key
     meta = json.loads((run.output_dir / "best_adapter" / "scaletune.json").read_text())
-    assert meta["best"] == {"metric": "accuracy", "value": 0.7, "step": 2}
+    assert _record(meta["best"]) == {"metric": "accuracy", "value": 0.7, "step": 2}
 
 
 def test_a_lost_best_adapter_without_its_checkpoint_is_said(make_config, tmp_path, scripted, capsys):
@@ -221,7 +230,7 @@ def test_resuming_a_checkpoint_of_a_left_path_restores_that_paths_best(make_conf
     _fit(path, resume=str(left / "step-4"))
     log = capsys.readouterr().out
     assert f"{out / 'best_adapter'}: restored from {left / 'step-4'}" in log
-    assert json.loads((out / "best_adapter" / "scaletune.json").read_text())["best"] == {
+    assert _record(json.loads((out / "best_adapter" / "scaletune.json").read_text())["best"]) == {
         "metric": "accuracy", "value": 0.8, "step": 4}
     want, have = _adapter(kept), _adapter(out / "best_adapter")
     assert all(torch.equal(have[k], w) for k, w in want.items())
@@ -277,3 +286,62 @@ def test_continuing_an_early_stop_for_another_metric_says_so(make_config, tmp_pa
     assert main(["train", str(path), "--resume", "auto", "train.best_metric=macro_f1"]) == 0
     out = capsys.readouterr().out
     assert "continuing the run that stopped early at step 5: train.best_metric is now macro_f1" in out
+
+
+def test_two_paths_bests_of_one_step_and_value_are_told_apart(make_config, tmp_path, scripted, monkeypatch, capsys):
+    """Path B (from step 1, another learning rate) scores the same accuracy at step 2 as path A did, with
+    other weights. Going back onto A (its step-2 checkpoint, left in checkpoints/.abandoned-*/) must not
+    keep B's best_adapter/: the records' ids differ, and A's own best comes back from beside it."""
+    import sys
+
+    monkeypatch.setattr(sys.modules[__name__], "SCRIPT", [0.5, 0.9, 0.6])
+    path = _config(make_config, tmp_path, early_stopping_patience=None, max_steps=3)
+    run, _ = _fit(path)
+    out = run.output_dir
+    _fit(path, resume=str(out / "checkpoints" / "step-1"), learning_rate=0.05)
+    a_best = next((out / ".abandoned").glob("best_adapter-step2-*"))  # A's, set aside when B began
+    b_best = _adapter(out / "best_adapter")
+    assert any(not torch.equal(b_best[k], w) for k, w in _adapter(a_best).items())  # other weights
+    left = next((out / "checkpoints").glob(".abandoned-*"))
+    capsys.readouterr()
+    _fit(path, resume=str(left / "step-2"))
+    assert f"restored from {left / 'step-2'}" in capsys.readouterr().out
+    have = _adapter(out / "best_adapter")
+    assert all(torch.equal(have[k], w) for k, w in _adapter(a_best).items())
+
+
+def test_a_left_paths_checkpoint_of_the_best_step_is_not_restored(make_config, tmp_path, scripted, monkeypatch,
+                                                                  capsys):
+    """best_adapter/ lost on path A, whose best step's checkpoint in checkpoints/ is path B's (left there
+    when A was resumed from its .abandoned-* folder): not copied in as A's best; a warning says so."""
+    import shutil
+    import sys
+
+    monkeypatch.setattr(sys.modules[__name__], "SCRIPT", [0.5, 0.9, 0.6, 0.6, 0.6])
+    path = _config(make_config, tmp_path, early_stopping_patience=None, max_steps=5)
+    run, _ = _fit(path)
+    out = run.output_dir
+    _fit(path, resume=str(out / "checkpoints" / "step-1"), learning_rate=0.05)  # B
+    left = next((out / "checkpoints").glob(".abandoned-*"))
+    _fit(path, resume=str(left / "step-3"))  # back onto A: B's step-2 stays in checkpoints/
+    shutil.rmtree(out / "best_adapter")
+    shutil.rmtree(out / "checkpoints" / "step-3")  # so --resume auto starts from A's step-5, best at 2
+    capsys.readouterr()
+    _fit(path, resume="auto")
+    log = capsys.readouterr().out
+    assert "restored from" not in log and "is not the best eval's (step 2), whose checkpoint is gone" in log
+
+
+def test_best_metric_off_keeps_the_paths_own_best_across_resumes(make_config, tmp_path, scripted, capsys):
+    path = _config(make_config, tmp_path)
+    run, _ = _fit(path, stop=lambda run: StopAt(run, 3))
+    out = run.output_dir
+    before = _adapter(out / "best_adapter")
+    off = _config(make_config, tmp_path, best_metric=None, early_stopping_patience=None)
+    for stop_at in (4, 5):  # resumed twice with best_metric off
+        _fit(off, stop=lambda run, at=stop_at: StopAt(run, at), resume="auto")
+    capsys.readouterr()
+    _fit(off, resume="auto")
+    assert "moved to" not in capsys.readouterr().out
+    have = _adapter(out / "best_adapter")
+    assert all(torch.equal(have[k], w) for k, w in before.items())

@@ -341,16 +341,23 @@ def test_a_checkpoint_from_a_newer_scaletune_says_so():
         'version']
 
 
-def test_latest_never_names_a_checkpoint_set_aside(tmp_path):
+def test_a_checkpoint_from_elsewhere_is_copied_in_and_named_latest(tmp_path):
+    """Resuming a checkpoint that is not checkpoints/step-N (a left path's, a copy under another name): the
+    ones from its step on are set aside and it is copied in as that step, so a requeue killed before the
+    first save resumes it, not what else checkpoints/ holds."""
     from scaletune.checkpoint import set_aside_newer
 
     out = tmp_path / "run"
     for step in (2, 4, 6):
         (out / "checkpoints" / f"step-{step}").mkdir(parents=True)
-    (tmp_path / "elsewhere" / "step-4").mkdir(parents=True)
-    aside = set_aside_newer(out, tmp_path / "elsewhere" / "step-4")
+        (out / "checkpoints" / f"step-{step}" / "state.json").write_text(f"other path {step}")
+    resumed = tmp_path / "backup" / "ckpt-four"
+    resumed.mkdir(parents=True)
+    (resumed / "state.json").write_text("this path 4")
+    aside = set_aside_newer(out, resumed, 4)
     assert sorted(p.name for p in aside.iterdir()) == ["step-4", "step-6"]
-    assert (out / "checkpoints" / "latest").read_text().strip() == "step-2"
-    (tmp_path / "elsewhere" / "step-1").mkdir()
-    set_aside_newer(out, tmp_path / "elsewhere" / "step-1")
-    assert not (out / "checkpoints" / "latest").exists()
+    assert (aside / "step-4" / "state.json").read_text() == "other path 4"
+    assert (out / "checkpoints" / "step-4" / "state.json").read_text() == "this path 4"
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-4"
+    assert (resumed / "state.json").is_file()  # a copy: the user's directory stays
+    assert set_aside_newer(out, out / "checkpoints" / "step-4", 4) is None  # its own step-4 now: nothing to move

@@ -9,9 +9,12 @@ import math
 import os
 import shutil
 import time
+import uuid
 from typing import Any
 
 from .config import EVAL_METRICS
+from .distributed import raise_main_rank_failure
+from .errors import UserError
 from .outdir import abandoned_dir
 from .train import Run, write_adapter
 
@@ -27,11 +30,11 @@ class BestAdapter:
         self.patience, self.threshold = t.early_stopping_patience, t.early_stopping_threshold
         self.lower = EVAL_METRICS.get(run.cfg.task, {}).get(self.metric) == "min"
         path_best = run.counters.get("best")  # the path this run continues: its best, of whichever metric
-        changed = path_best and path_best["metric"] != self.metric
-        if changed:  # the old values are of another metric
-            if self.metric:
-                mlog.write(f"train.best_metric is now {self.metric} (was {path_best['metric']}): the best adapter is "
-                           "picked anew from the next eval")
+        changed = bool(path_best and self.metric and path_best["metric"] != self.metric)
+        if changed:  # the old values are of another metric. (With best_metric off the record stays, unused:
+            # a later resume still knows which best_adapter/ is this path's.)
+            mlog.write(f"train.best_metric is now {self.metric} (was {path_best['metric']}): the best adapter is "
+                       "picked anew from the next eval")
             run.counters.pop("best")
             run.counters.pop("evals_since_best", None)
         stopped = run.counters.get("stopped_early")
@@ -42,27 +45,39 @@ class BestAdapter:
             why = (f"train.best_metric is now {self.metric}" if changed and self.patience
                    else f"train.early_stopping_patience is now {self.patience}")
             mlog.write(f"continuing the run that stopped early at step {stopped}: {why}")
-        on_disk = _written_by(run.output_dir / BEST_DIR)
-        if not run.accelerator.is_main_process:
-            return
-        # best_adapter/ not written by this path's best eval (same metric, step and value): written after its
-        # checkpoint (the steps about to be redone write it again), on a path left by resuming another
-        # checkpoint, or lost. With best_metric off, another path's is only set aside.
-        if self.metric and on_disk != _key(run.counters.get("best")):
-            self._recover(run.counters.get("best"), on_disk)
-        elif not self.metric and on_disk is not None and on_disk != _key(path_best):
+        error = None
+        if run.accelerator.is_main_process:
+            try:
+                self._check_on_disk(path_best)
+            except UserError as exc:
+                error = exc
+            except OSError as exc:
+                error = UserError(f"could not set {run.output_dir / BEST_DIR} aside: {exc.strerror or exc}",
+                                  hint="nothing was deleted; fix the cause, then run the same command again")
+        # (the other ranks would wait in the first step's collective for a main rank that has exited)
+        raise_main_rank_failure(run.accelerator, error, f"{run.output_dir / BEST_DIR}",
+                                hint="nothing was deleted; fix the cause, then run the same command again")
+
+    def _check_on_disk(self, path_best: dict | None) -> None:
+        """best_adapter/ not written by this path's best eval: written after the resumed checkpoint (the steps
+        about to be redone write it again), on a path left by resuming another checkpoint, or lost. It is
+        moved aside, and this path's best restored; with best_metric off, another path's is only moved aside."""
+        on_disk = _written_by(self.run.output_dir / BEST_DIR)
+        if self.metric and not _same(on_disk, self.run.counters.get("best")):
+            self._recover(self.run.counters.get("best"), on_disk)
+        elif not self.metric and on_disk is not None and not _same(on_disk, path_best):
             self._set_aside(on_disk, "the path this run continues did not write it")
 
-    def _set_aside(self, on_disk: tuple | None, why: str) -> None:
+    def _set_aside(self, on_disk: dict | None, why: str) -> None:
         out = self.run.output_dir
-        step = f"step{on_disk[1]}" if on_disk else "unrecorded"
+        step = f"step{on_disk['step']}" if on_disk else "unrecorded"
         # (nanoseconds: two set-asides of the same step within a second must not meet)
         aside = abandoned_dir(out) / f"{BEST_DIR}-{step}-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**9:09d}"
         os.rename(out / BEST_DIR, aside)
-        written = f"written at step {on_disk[1]}" if on_disk else "with no record of its eval"
+        written = f"written at step {on_disk['step']}" if on_disk else "with no record of its eval"
         self.mlog.write(f"{out / BEST_DIR} ({written}) is not this run's best so far ({why}): moved to {aside}")
 
-    def _recover(self, best: dict | None, on_disk: tuple | None) -> None:
+    def _recover(self, best: dict | None, on_disk: dict | None) -> None:
         """Make best_adapter/ the best eval's of the path this run continues: one from elsewhere is moved
         aside (as `--resume` moves later checkpoints), and the best's is copied from its step's checkpoint
         (written after that eval: the same weights) if it was kept."""
@@ -71,10 +86,12 @@ class BestAdapter:
             self._set_aside(on_disk, "none yet" if best is None else f"that is step {best['step']}'s")
         if best is None:
             return
-        # that step's checkpoint: beside the resumed one (which may lie outside checkpoints/), else in them
-        where = [d / f"step-{best['step']}" / "adapter" for d in (
+        # That step's checkpoint, if it is this path's (its counters hold this best): beside the resumed one
+        # (which may lie outside checkpoints/), else in checkpoints/, which can hold a left path's steps too.
+        where = [d / f"step-{best['step']}" for d in (
             *([self.run.resumed_from.parent] if self.run.resumed_from else []), out / "checkpoints")]
-        snapshot = next((d for d in where if (d / "adapter_config.json").is_file()), None)
+        snapshot = next((d / "adapter" for d in where if (d / "adapter" / "adapter_config.json").is_file()
+                         and _same(_counted_best(d), best)), None)
         if snapshot is None:
             self.mlog.write(f"warning: {out / BEST_DIR} is not the best eval's (step {best['step']}), whose checkpoint "
                             f"is gone too: it is written again only by an eval that beats {best['value']:.4g}")
@@ -99,7 +116,8 @@ class BestAdapter:
         enough = math.isfinite(value) and (best is None or self._beats(value, best["value"], self.threshold))
         counters["evals_since_best"] = 0 if enough else counters.get("evals_since_best", 0) + 1
         if better:
-            counters["best"] = best = {"metric": self.metric, "value": value, "step": step}
+            # the id tells this eval's adapter from another path's best of the same step and value
+            counters["best"] = best = {"metric": self.metric, "value": value, "step": step, "id": uuid.uuid4().hex[:16]}
             path = write_adapter(self.run, BEST_DIR, extra_meta={"best": best})
             self.mlog.log("best", step, {self.metric: value})
             self.mlog.write(f"step {step}: best {self.metric} so far ({value:.4g}): adapter in {path}")
@@ -119,15 +137,35 @@ class BestAdapter:
         return value < best - margin if self.lower else value > best + margin
 
 
-def _written_by(directory: Any) -> tuple | None:
-    """(metric, step, value) of the eval that wrote this best_adapter/ (None: there is none, or it says
-    nothing). The value tells two paths' bests of the same step apart."""
+def _written_by(directory: Any) -> dict | None:
+    """The record of the eval that wrote this best_adapter/ (None: there is none, or it says nothing)."""
     try:
         best = json.loads((directory / "scaletune.json").read_text(encoding="utf-8"))["best"]
-        return best["metric"], int(best["step"]), float(best["value"])
+        return best if _key(best) else None
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
-def _key(best: dict | None) -> tuple | None:
-    return None if best is None else (best["metric"], int(best["step"]), float(best["value"]))
+def _counted_best(checkpoint: Any) -> dict | None:
+    """The best record in a checkpoint's counters (None: none, or unreadable)."""
+    try:
+        return json.loads((checkpoint / "state.json").read_text(encoding="utf-8"))["counters"].get("best")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _key(best: Any) -> tuple | None:
+    try:
+        return best["metric"], int(best["step"]), float(best["value"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _same(a: dict | None, b: dict | None) -> bool:
+    """Whether two best records are one eval's: by id (two paths' bests can share step and value), or by
+    metric, step and value for records written before ids."""
+    if a is None or b is None:
+        return a is None and b is None
+    if "id" in a and "id" in b:
+        return a["id"] == b["id"]
+    return _key(a) == _key(b)

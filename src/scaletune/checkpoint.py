@@ -130,40 +130,45 @@ def find_resumable(output_dir: Path, fingerprint: str, allow_config_change: bool
     return None
 
 
-def set_aside_newer(output_dir: Path, resumed: Path) -> Path | None:
+def set_aside_newer(output_dir: Path, resumed: Path, step: int) -> Path | None:
     """Resuming `output_dir` from an older checkpoint (to go back past a divergence, say) starts another path
     from there: move the checkpoints after it into `checkpoints/.abandoned-<time>/`, where neither
-    `--resume auto` nor the new run's saves of the same step numbers will take them for its own. A
-    checkpoint from outside `checkpoints/` (an abandoned path's, another run's) sets aside its own step's
-    too: a save of that step would keep the one there as this run's. Returns that folder, or None if there
-    was nothing to move. Main process only."""
+    `--resume auto` nor the new run's saves of the same step numbers will take them for its own.
+
+    A checkpoint that is not `checkpoints/step-<step>` (one in a left path's `.abandoned-*` folder, a copy
+    under another name) sets aside that step's too, and is copied in as `checkpoints/step-<step>`: a save
+    of that step would keep the one there as this run's, and a requeue killed before the first save would
+    resume whatever else `checkpoints/` holds. Returns the folder things were moved to, or None. Main
+    process only; an OSError (a full disk while copying) propagates, with nothing deleted."""
+    own = output_dir / "checkpoints" / f"step-{step}"
     try:
-        inside = resumed.resolve().parent == (output_dir / "checkpoints").resolve()
+        inside = resumed.resolve() == own.resolve()
     except OSError:
-        return None
-    match = STEP_RE.match(resumed.name)
-    if not match:
-        return None
-    step = int(match.group(1)) + (1 if inside else 0)
-    newer = [p for p in checkpoint_dirs(output_dir) if int(STEP_RE.match(p.name).group(1)) >= step]
-    if not newer:
-        return None
-    aside = output_dir / "checkpoints" / f".abandoned-{time.strftime('%Y%m%d-%H%M%S')}"
-    n = 1
-    while aside.exists():
-        aside, n = aside.with_name(f"{aside.name.split('~')[0]}~{n}"), n + 1
-    aside.mkdir()
-    for path in newer:
-        os.rename(path, aside / path.name)
-    if inside:
-        _write_latest(output_dir, resumed)
-    elif kept := checkpoint_dirs(output_dir):  # `latest` names a checkpoint in checkpoints/, never one moved
-        _write_latest(output_dir, kept[0])
-    else:
-        (output_dir / "checkpoints" / "latest").unlink(missing_ok=True)
-    log.warning("resuming from %s: the checkpoints %s (%s) belong to another path than this run's; moved to %s "
-                "(delete it when you no longer need them)", resumed if not inside else resumed.name,
-                "after it" if inside else "from its step on", ", ".join(p.name for p in reversed(newer)), aside)
+        inside = False
+    newer = [p for p in checkpoint_dirs(output_dir) if int(STEP_RE.match(p.name).group(1)) >= step + inside]
+    aside = None
+    if newer:
+        aside = output_dir / "checkpoints" / f".abandoned-{time.strftime('%Y%m%d-%H%M%S')}"
+        n = 1
+        while aside.exists():
+            aside, n = aside.with_name(f"{aside.name.split('~')[0]}~{n}"), n + 1
+        aside.mkdir()
+        for path in newer:
+            os.rename(path, aside / path.name)
+        log.warning("resuming from %s: the checkpoints %s (%s) belong to another path than this run's; moved to %s "
+                    "(delete it when you no longer need them)", resumed.name if inside else resumed,
+                    "after it" if inside else "from its step on", ", ".join(p.name for p in reversed(newer)), aside)
+    if not inside:
+        tmp = output_dir / "checkpoints" / f".step-{step}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            shutil.copytree(resumed, tmp)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        tmp.rename(own)
+    if newer or not inside:
+        _write_latest(output_dir, own)
     return aside
 
 

@@ -267,18 +267,27 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
                     100 * peak, " and nothing is trained" if peak == 0 else "")
     run = Run(cfg, accelerator, model, optimizer, scheduler, task, data, tokenizer, out, total, accum, fingerprint,
               given_config)
+    error = None
     if accelerator.is_main_process:
-        if replace_output:
-            set_aside(out)  # only now: a bad input or model never costs the previous run
-        out.mkdir(parents=True, exist_ok=True)
-        if replace_output:
-            runlock.after_replace(out)
-        if resume_from is None and (aside := set_aside_metrics(out)):
-            log.info("an earlier attempt in %s stopped before its first checkpoint; its metrics are kept at %s",
-                     out, aside)
-        if note := replaced_note(out):  # also when a later --resume carries on this run
+        try:
+            if replace_output:
+                set_aside(out)  # only now: a bad input or model never costs the previous run
+            out.mkdir(parents=True, exist_ok=True)
+            if replace_output:
+                runlock.after_replace(out)
+            if resume_from is None and (aside := set_aside_metrics(out)):
+                log.info("an earlier attempt in %s stopped before its first checkpoint; its metrics are kept at %s",
+                         out, aside)
+        except UserError as exc:
+            error = exc
+        except OSError as exc:
+            error = UserError(f"could not prepare {out}: {exc.strerror or exc}", hint=RESUME_AFTER_WRITE)
+        if error is None and (note := replaced_note(out)):  # also when a later --resume carries on this run
             log.info("%s", note)
-    accelerator.wait_for_everyone()
+    from .distributed import raise_main_rank_failure
+
+    # (also the barrier the other ranks wait at until the output directory is ready)
+    raise_main_rank_failure(accelerator, error, str(out), hint=RESUME_AFTER_WRITE)
     if resume_from is not None:
         restore(run, resume_from)
     if accelerator.is_main_process:
@@ -331,12 +340,20 @@ def restore(run: Run, resume_from: Path) -> None:
     if run.step > run.total_steps:
         raise UserError(f"checkpoint {resume_from} is at step {run.step}, past this run's {run.total_steps} steps; "
                         "raise train.max_steps (or train.epochs) to continue it")
+    error = None
     if accelerator.is_main_process:
-        ckpt.set_aside_newer(run.output_dir, resume_from)
+        try:
+            ckpt.set_aside_newer(run.output_dir, resume_from, run.step)
+        except OSError as exc:
+            error = UserError(f"could not set {run.output_dir / 'checkpoints'} up to resume {resume_from}: "
+                              f"{exc.strerror or exc}", hint=RESUME_AFTER_WRITE)
         if state.get("train_digest") not in (None, run.data.get("train_digest")):
             # not refused: a fixed typo in the data is a fair reason; but the promise of an exact resume is off
             log.warning("data.train's contents changed since checkpoint %s was written: the resumed run trains "
                         "on other examples than the interrupted one did", resume_from)
+    from .distributed import raise_main_rank_failure
+
+    raise_main_rank_failure(accelerator, error, str(run.output_dir / "checkpoints"), hint=RESUME_AFTER_WRITE)
     accelerator.print(f"resumed from {resume_from} at step {run.step} "
                       f"(saved at world size {state['world_size']}, now {accelerator.num_processes})")
 

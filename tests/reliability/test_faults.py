@@ -156,6 +156,27 @@ def test_disk_full_under_two_processes_stops_every_rank(make_config, tmp_path):
     assert [p.name for p in checkpoint_dirs(out)] == ["step-1"] and verify(out / "checkpoints/step-1") is None
 
 
+@pytest.mark.distributed
+def test_a_main_rank_refusal_while_preparing_the_output_dir_stops_every_rank(make_config, tmp_path):
+    """Rank 0 prepares output_dir alone (here: an earlier attempt's metrics.jsonl to move into .abandoned/,
+    which is a file); its one-screen refusal must end rank 1 too, which waited for it at a barrier."""
+    port = free_port()
+    path = make_config("causal_lm", train={"max_steps": 2, "micro_batch_size": 2})
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"event": "train", "step": 1}\n')
+    (out / ".abandoned").write_text("not a directory")
+    repo = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file",
+           str(repo / "launch" / "cpu_2proc.yaml"), "--main_process_port", str(port),
+           "-m", "scaletune", "train", str(path), "--resume", "auto"]
+    res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=240)
+    text = res.stdout + res.stderr
+    assert res.returncode != 0, text[-3000:]
+    assert f"{out / '.abandoned'} is not a directory" in text and "rank 0 could not write" in text
+    assert (out / "metrics.jsonl").is_file() and (out / ".abandoned").read_text() == "not a directory"
+
+
 @pytest.mark.parametrize("damage, reason", [
     (lambda mf: mf.write_bytes(b"\xff\xfe\x00garbage"), "unreadable manifest"),
     (lambda mf: mf.write_text("[]"), "malformed manifest"),
