@@ -16,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from .errors import ConfigError
 
@@ -258,6 +258,8 @@ class RunConfig:
     train: TrainConfig = _f(help="Optimisation.")
     distributed: DistributedConfig = _f(help="Scale-out (read by `scaletune launch` and at startup).")
     output_dir: str = _f("runs/run", "Where adapter, checkpoints and logs go.")
+    # the YAML file load_config read (not a key): --overwrite must not delete it with the old run
+    source_file: ClassVar[Path | None] = None
 
     # --- derived helpers (not config keys) ---
     def to_dict(self) -> dict:
@@ -535,8 +537,10 @@ def load_config(
     source = str(path)
     if overrides:
         source += f" (with {len(overrides)} command-line override{'s' if len(overrides) > 1 else ''})"
-    return from_dict(raw, source=source, world_size=world_size, overrides=given, found=duplicates,
-                     check_peft=check_peft)
+    cfg = from_dict(raw, source=source, world_size=world_size, overrides=given, found=duplicates,
+                    check_peft=check_peft)
+    cfg.source_file = Path(path)
+    return cfg
 
 
 def config_reference() -> str:

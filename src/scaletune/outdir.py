@@ -130,7 +130,10 @@ def _not_replaceable(cfg: RunConfig, out: Path) -> str | None:
     root = out.resolve()
     from .data.sources import train_sources
 
-    inputs = {"data.eval": cfg.data.eval, "model.name_or_path": cfg.model.name_or_path, "the working directory": "."}
+    inputs = {"data.eval": cfg.data.eval, "model.name_or_path": cfg.model.name_or_path, "the working directory": ".",
+              "the run config": cfg.source_file,
+              "data.chat_template": cfg.data.chat_template if cfg.data.chat_template not in ("default", "chatml")
+              else None}
     for i, (spec, _) in enumerate(train_sources(cfg.data.train)):
         inputs[f"data.train[{i}]" if isinstance(cfg.data.train, list) else "data.train"] = spec
     for key, value in inputs.items():

@@ -419,6 +419,14 @@ def test_overwrite_deletes_only_an_earlier_runs_output(world):
     raw["data"]["train"] = str(data)
     expect_bad(world, raw, "--overwrite would delete", f"data.train ({data}) is inside it", args=["--overwrite"])
     raw["data"]["train"] = str(world["good"]["causal_lm"])
+    template = out / "chat.jinja"  # inputs read by path that are not data: the template, the config itself
+    template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    expect_bad(world, {**raw, "data": {**raw["data"], "chat_template": str(template)}}, "--overwrite would delete",
+               f"data.chat_template ({template}) is inside it", args=["--overwrite"])
+    inside = out / "run.yaml"
+    inside.write_text(yaml.safe_dump(raw, sort_keys=False))
+    expect_bad(world, inside, "--overwrite would delete", f"the run config ({inside}) is inside it",
+               args=["--overwrite"], out_dir=out)
     cwd = os.getcwd()
     os.chdir(out)
     try:
