@@ -68,12 +68,17 @@ def CHATML_FILE(tmp_path):  # a user's own template file
 
 @pytest.mark.parametrize(("value", "wanted"), [
     ("chatmlx", "data.chat_template: 'chatmlx' is neither chatml | default nor a template file"),
-    ("BROKEN", "broken.jinja:1: "),
+    ("{% for m in messages %}{{ m['content'] }", "broken.jinja:1: "),  # does not parse
+    # parses, then fails on the data: each named as the template's failure on that record
+    ("{{ 1/0 }}", "the chat template failed while rendering this conversation: ZeroDivisionError"),
+    ("{{ messages + 1 }}", "the chat template failed while rendering this conversation: TypeError"),
+    ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "the chat template failed while rendering this "
+                                                       "conversation: RecursionError"),
 ])
 def test_a_bad_template_is_one_error(make_config, tmp_path, capsys, value, wanted):
-    if value == "BROKEN":
+    if value != "chatmlx":
+        (tmp_path / "broken.jinja").write_text(value)
         value = str(tmp_path / "broken.jinja")
-        (tmp_path / "broken.jinja").write_text("{% for m in messages %}{{ m['content'] }")
     path = make_config("causal_lm", n=8, data={"chat_template": value})
     assert main(["train", str(path)]) == 2
     err = capsys.readouterr().err
@@ -84,3 +89,11 @@ def test_only_for_causal_lm(make_config, capsys):
     path = make_config("seq_cls", data={"chat_template": "chatml"})
     assert main(["train", str(path)]) == 2
     assert "data.chat_template: only used by causal_lm, not seq_cls" in capsys.readouterr().err
+
+
+def test_a_template_that_renders_nothing_drops_the_examples(make_config, tmp_path, capsys):
+    (tmp_path / "empty.jinja").write_text("{% if false %}x{% endif %}")
+    path = make_config("causal_lm", n=8, data={"chat_template": str(tmp_path / "empty.jinja")})
+    assert main(["train", str(path)]) == 2  # (every example dropped: no target tokens)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "no usable examples" in err, err

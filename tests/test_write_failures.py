@@ -166,6 +166,39 @@ def test_a_damaged_adapter_file_is_named(cfg, tmp_path, capsys):
                            "adapter_model.safetensors", "--adapter OUTPUT_DIR/checkpoints/step-N")
 
 
+def test_an_adapter_that_does_not_fit_or_is_incomplete_is_one_error(cfg, tmp_path, capsys):
+    """eval / predict / merge on an adapter whose scaletune.json is not scaletune's, which has no weights,
+    whose adapter_config.json is not peft's, or which was trained on another base: one error naming it."""
+    import shutil
+
+    from scaletune.demo.tiny import build_model_dir
+
+    from stutil import corpus
+
+    assert run_cli(["train", cfg], capsys)[0] == 0
+    good = tmp_path / "run" / "adapter"
+    cases = []
+    for name, damage in [("meta_list", lambda d: (d / "scaletune.json").write_text("[1]")),
+                         ("meta_cut", lambda d: (d / "scaletune.json").write_text("{bad")),
+                         ("meta_labels", lambda d: (d / "scaletune.json").write_text('{"labels": 5}')),
+                         ("no_weights", lambda d: (d / "adapter_model.safetensors").unlink()),
+                         ("not_peft", lambda d: (d / "adapter_config.json").write_text('{"peft_type": "BOGUS"}'))]:
+        shutil.copytree(good, tmp_path / name)
+        damage(tmp_path / name)
+        cases.append(tmp_path / name)
+    wanted = ["its scaletune.json is not what scaletune writes", "its scaletune.json cannot be read",
+              "its scaletune.json is not what scaletune writes", "has no weights (adapter_model.safetensors)",
+              "cannot be loaded onto"]
+    for adapter, fragment in zip(cases, wanted):
+        for args in (["eval", cfg], ["merge", cfg, "--out", tmp_path / "m"]):
+            code, _, err = run_cli([*args, "--adapter", adapter], capsys)
+            assert_clean_error(code, err, f"the adapter at {adapter}", fragment)
+    wider = build_model_dir(tmp_path / "wider", corpus(), arch="llama", hidden=64, layers=2, heads=2, vocab_size=256)
+    code, _, err = run_cli(["eval", cfg, f"model.name_or_path={wider}"], capsys)
+    assert_clean_error(code, err, f"the adapter at {good} cannot be loaded onto {wider}", "base_model")
+    assert not (tmp_path / "m").exists()
+
+
 def test_a_resume_on_changed_data_says_so(cfg, tmp_path, capsys, caplog):
     assert run_cli(["train", cfg, "train.max_steps=2"], capsys)[0] == 0
     data = tmp_path / "data" / "train.jsonl"

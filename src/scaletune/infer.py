@@ -65,7 +65,7 @@ def load_trained(cfg: RunConfig, adapter: str | None) -> tuple[Any, Any, Any, li
     from .tasks import get_task
 
     path = _adapter_dir(cfg, adapter)
-    meta = json.loads((path / "scaletune.json").read_text()) if (path / "scaletune.json").is_file() else {}
+    meta = adapter_meta(path)
     if meta.get("task", cfg.task) != cfg.task:
         raise UserError(f"the adapter at {path} was trained for task {meta['task']}, the run config says "
                         f"task: {cfg.task}; use that run's config or another --adapter")
@@ -108,14 +108,34 @@ def run_eval(cfg: RunConfig, adapter: str | None, data: str | None) -> dict:
     return evaluate(acc, model, task, evalset, labels, cfg.train.micro_batch_size, tokenizer.pad_token_id)
 
 
+def adapter_meta(path: Path) -> dict:
+    """The adapter's scaletune.json ({} if it has none); a damaged one is one error naming it."""
+    meta_file = path / "scaletune.json"
+    if not meta_file.is_file():
+        return {}
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"the adapter at {path}: its scaletune.json cannot be read ({exc})",
+                        hint="use another copy of the adapter, or a checkpoint's: --adapter "
+                             "OUTPUT_DIR/checkpoints/step-N") from None
+    labels = meta.get("labels") if isinstance(meta, dict) else None
+    if not isinstance(meta, dict) or not (labels is None or (isinstance(labels, list)
+                                                             and all(isinstance(x, str) for x in labels))):
+        raise UserError(f"the adapter at {path}: its scaletune.json is not what scaletune writes (an object "
+                        "with the task, base model and labels)",
+                        hint="use another copy of the adapter, or a checkpoint's: --adapter "
+                             "OUTPUT_DIR/checkpoints/step-N")
+    return meta
+
+
 def check_held_out(cfg: RunConfig, path: Path) -> None:
     """data.eval_fraction scores the part of data.train that a split by (fraction, seed) holds out: only
     the split the adapter's run made keeps its training examples out. Another seed or fraction, or a run
     that held nothing out, would score on trained examples without a sign; refused (exit 2) instead."""
     from .train import held_out
 
-    meta_file = path / "scaletune.json"
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    meta = adapter_meta(path)
     trained, asked = meta["held_out"] if "held_out" in meta else _recorded_split(path), held_out(cfg)
     if meta.get("train_digest"):  # the data itself, wherever its copy lies: compared by content, not path
         from .data import train_digest

@@ -310,6 +310,11 @@ def _load_adapter(model: Any, adapter_path: str) -> Any:
     import peft
     from safetensors import SafetensorError
 
+    weights = [Path(adapter_path) / n for n in ("adapter_model.safetensors", "adapter_model.bin")]
+    if not any(w.is_file() for w in weights):  # (peft would look for it on the hub next)
+        raise UserError(f"the adapter at {adapter_path} has no weights (adapter_model.safetensors)",
+                        hint="point --adapter at a complete adapter directory, or a checkpoint's: "
+                             "--adapter OUTPUT_DIR/checkpoints/step-N")
     try:
         return peft.PeftModel.from_pretrained(model, adapter_path, is_trainable=False)
     except (SafetensorError, json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -318,6 +323,14 @@ def _load_adapter(model: Any, adapter_path: str) -> Any:
                         f"{str(exc).strip().splitlines()[0]})",
                         hint="use another copy of it, or a checkpoint's: --adapter OUTPUT_DIR/checkpoints/step-N "
                              "(`train --resume auto` checks a checkpoint's files against its manifest)") from None
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        # shapes that do not match (another base model's adapter), modules the base lacks, a config that is
+        # not peft's: the adapter does not fit this base
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise UserError(f"the adapter at {adapter_path} cannot be loaded onto {model.name_or_path}: "
+                        f"{type(exc).__name__}: {first}",
+                        hint="load it onto the base model it was trained on (its scaletune.json says which: "
+                             "base_model), with that run's config") from None
 
 
 def add_embedding_noise(model: Any, alpha: float) -> None:

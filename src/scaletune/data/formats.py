@@ -308,6 +308,11 @@ def _render_template(messages: list[dict], tokenizer: Any, where: str, tools: li
             raise DataError(f"{where}: the tokenizer's chat template refused this conversation ({roles}): {exc}",
                             hint="reshape the data as the template wants (e.g. fold a system prompt into the "
                                  "first user turn), or use another template") from None
+        except (ArithmeticError, LookupError, TypeError, ValueError, AttributeError, RecursionError,
+                MemoryError) as exc:  # the template's own code failed on this conversation (1/0, a bad filter)
+            raise DataError(f"{where}: the chat template failed while rendering this conversation: "
+                            f"{type(exc).__name__}: {str(exc)[:200]}",
+                            hint="fix the template (data.chat_template, or the tokenizer's own)") from None
 
     segments: Segments = []
     done = 0

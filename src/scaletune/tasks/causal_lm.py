@@ -92,7 +92,7 @@ class CausalLM(Task):
         ids: list[int] = []
         labels: list[int] = []
         bos = tokenizer.bos_token_id
-        if bos is not None and not segments[0][0].startswith(tokenizer.bos_token or "\0"):
+        if bos is not None and segments and not segments[0][0].startswith(tokenizer.bos_token or "\0"):
             ids.append(bos)
             labels.append(IGNORE)
         unstopped = False
