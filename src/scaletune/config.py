@@ -23,7 +23,7 @@ from .errors import ConfigError
 TASKS = ("causal_lm", "seq_cls", "token_cls")
 CAUSAL_FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion", "text")
 MAX_PEFT_SIZE = 65536  # adapter rank / virtual tokens: far beyond any model's hidden size
-_PEFT_SIZE_KEYS = ("r", "init_r", "target_r", "num_virtual_tokens", "encoder_hidden_size")
+_PEFT_SIZE_KEYS = ("r", "init_r", "target_r", "num_virtual_tokens", "encoder_hidden_size", "bottleneck_dim")
 
 # Names other fine-tuning tools (transformers' TrainingArguments, axolotl, LLaMA-Factory) use for scaletune's keys.
 # difflib cannot connect "lr" to "learning_rate", so an unknown key is looked up here first. A value that is a

@@ -4,6 +4,10 @@ world size and hardware they will run on)."""
 
 from __future__ import annotations
 
+import math
+import re
+from typing import Any
+
 from .config import (
     _PEFT_SIZE_KEYS,
     BOOL_HINT,
@@ -70,8 +74,8 @@ def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_c
     for key in ("adam_beta1", "adam_beta2"):
         if not (0 <= getattr(t, key) < 1):
             p.append(f"train.{key}: must be in [0, 1), got {getattr(t, key)}")
-    if t.adam_epsilon < 0:
-        p.append(f"train.adam_epsilon: must be >= 0, got {t.adam_epsilon}")
+    if t.adam_epsilon <= 0:  # (0 divides by zero where a second moment is 0: a frozen-in-practice weight)
+        p.append(f"train.adam_epsilon: must be > 0, got {t.adam_epsilon}")
     for tracker in t.report_to or []:
         if tracker not in ("tensorboard", "wandb", "mlflow"):
             p.append(f"train.report_to: unknown tracker {tracker!r} (tensorboard | wandb | mlflow)")
@@ -145,12 +149,26 @@ def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_c
     method = cfg.peft_method
     if not isinstance(cfg.peft.get("method", "lora"), str):
         p.append(f"peft.method: expected a method name, got {cfg.peft.get('method')!r}")
+    for key, value in _numbers(cfg.peft, "peft"):
+        if not math.isfinite(value):  # (YAML's .nan/.inf: a NaN scale or dropout trains to a NaN loss later)
+            p.append(f"{key}: must be a finite number, got {value}")
     for key in _PEFT_SIZE_KEYS:  # sizes that allocate memory: refuse absurd ones before allocating
         value = cfg.peft.get(key)
-        if isinstance(value, int) and not isinstance(value, bool) and value > MAX_PEFT_SIZE:
+        if isinstance(value, float):
+            p.append(f"peft.{key}: expected an integer, got {value}")
+        elif isinstance(value, int) and not isinstance(value, bool) and value > MAX_PEFT_SIZE:
             p.append(f"peft.{key}: {value} is larger than any layer (max {MAX_PEFT_SIZE})")
         elif key in ("num_virtual_tokens", "init_r", "target_r") and isinstance(value, int) and value < 1:
             p.append(f"peft.{key}: must be >= 1, got {value}")  # (OFT's r may be 0: block size instead)
+    if method == "adalora" and isinstance(cfg.peft.get("deltaT"), int) and cfg.peft["deltaT"] < 1:
+        p.append(f"peft.deltaT: AdaLoRA re-allocates ranks every deltaT steps: must be >= 1, got {cfg.peft['deltaT']}")
+    targets = cfg.peft.get("target_modules")
+    if isinstance(targets, str) and targets != "all-linear":  # peft reads a string as a regular expression
+        try:
+            re.compile(targets)
+        except re.error as exc:
+            p.append(f"peft.target_modules: {targets!r} is not a valid regular expression ({exc}); a string is "
+                     "matched as one against module names; give a list of names for plain names")
     init_r, target_r = cfg.peft.get("init_r"), cfg.peft.get("target_r")
     if cfg.peft.get("method") == "adalora" and isinstance(init_r, int) and isinstance(target_r, int) \
             and target_r > init_r:
@@ -264,3 +282,14 @@ def _train_sources(train: object) -> list[str]:
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (0 < weight <= 1000):
             p.append(f"{key}.weight: must be a number > 0 (at most 1000), got {_short(weight)}")
     return p
+
+
+def _numbers(node: Any, where: str) -> list[tuple[str, float]]:
+    """Every float in a free-form section (peft's nested dicts and lists too), with its dotted key."""
+    if isinstance(node, float):
+        return [(where, node)]
+    if isinstance(node, dict):
+        return [x for k, v in node.items() for x in _numbers(v, f"{where}.{k}")]
+    if isinstance(node, list):
+        return [x for i, v in enumerate(node) for x in _numbers(v, f"{where}[{i}]")]
+    return []
