@@ -120,3 +120,25 @@ def test_greedy_without_cache_stops_after_eos_and_names_what_it_does_not_apply(m
     with caplog.at_level("WARNING", logger="scaletune"):
         assert greedy_without_cache(model, ids, NEW_TOKENS).tolist() == full[:full.index(full[2]) + 1]
     assert "does not apply the model's generation_config repetition_penalty=1.3" in caplog.text
+
+
+def test_completions_stop_at_the_models_context(make_config, tmp_path, caplog):
+    """--max-new-tokens far past the model's positions (99999999999 ran for minutes): each completion
+    stops at the context, with one warning."""
+    from scaletune import infer
+
+    cfg, adapter = _adapter(make_config, tmp_path, "lora")
+    model, tokenizer, *_ = load_trained(cfg, str(adapter))
+    segments = prompt_segments({"prompt": PROMPTS[2]}, tokenizer)[1]
+    with torch.no_grad():  # (eos suppressed: greedy decoding of a random adapter may stop on its own)
+        model.generation_config.eos_token_id = None
+        full = generate(model, _TokenIds(tokenizer), segments, 6)
+        assert len(full) == 6
+        prompt = len(tokenizer("".join(s for s, t in segments if not t), add_special_tokens=False)["input_ids"]) + 1
+        model.config.max_position_embeddings = prompt + 3
+        infer._CAPPED.clear()
+        with caplog.at_level("WARNING", logger="scaletune"):
+            assert generate(model, _TokenIds(tokenizer), segments, 50) == full[:3]
+            model.config.max_position_embeddings = prompt
+            assert generate(model, tokenizer, segments, 50) == ""
+    assert caplog.text.count("each completion stops there") == 1

@@ -315,6 +315,9 @@ def prompt_segments(item: dict, tokenizer: Any, trained_format: str | None = Non
     return messages[-1]["content"], segments
 
 
+_CAPPED: list = []  # warned once per process that --max-new-tokens was cut to the context
+
+
 def generate(model: Any, tokenizer: Any, segments: list, max_new_tokens: int) -> str:
     """Greedy completion after the prompt part of `segments` (see `prompt_segments`)."""
     # everything before the final (empty) assistant turn; earlier assistant turns are part of the prompt
@@ -323,6 +326,16 @@ def generate(model: Any, tokenizer: Any, segments: list, max_new_tokens: int) ->
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
     if tokenizer.bos_token_id is not None and (ids.numel() == 0 or ids[0, 0] != tokenizer.bos_token_id):
         ids = torch.cat([torch.tensor([[tokenizer.bos_token_id]]), ids], dim=1)
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(context, int) and ids.shape[1] + max_new_tokens > context:
+        # past the positions the model was built for (and, greedy, for as long as asked): stop at its context
+        if not _CAPPED:
+            log.warning("--max-new-tokens %d: the model's context is %d tokens; each completion stops there",
+                        max_new_tokens, context)
+            _CAPPED.append(True)
+        max_new_tokens = max(0, context - ids.shape[1])
+        if max_new_tokens == 0:
+            return ""
     if is_prompt_learning(model):  # peft's generate is wrong for these (see greedy_without_cache)
         new = greedy_without_cache(model, ids, max_new_tokens)
     else:

@@ -298,6 +298,8 @@ def read_conll(path: Path) -> list[dict]:
 
 def _read_hub(spec: str) -> list[dict]:
     ident, _, split = spec[len("hub:"):].partition(":")
+    if not ident.strip():
+        raise DataError(f"{spec!r} names no dataset: write hub:<dataset id>[:split], e.g. hub:stanfordnlp/sst2:train")
     import datasets
 
     try:
