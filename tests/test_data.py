@@ -243,6 +243,8 @@ def test_token_cls_labels_first_subtoken_only(tmp_path, tiny_bert):
 @pytest.mark.parametrize("records,match", [
     ([{"tokens": ["a", "b"], "tags": ["O"]}], r"2 tokens but 1 tags"),
     ([{"tokens": [], "tags": []}], "empty sentence"),
+    ([{"tokens": ["a", "b"], "tags": ["B-", "O"]}], "tag 'B-' in column 'tags' has a scheme prefix but no entity"),
+    ([{"tokens": ["a", "b"], "tags": ["O", ""]}], "the tag in column 'tags' is empty"),
 ])
 def test_token_cls_bad_rows(tmp_path, tiny_bert, records, match):
     data = write_jsonl(tmp_path / "n.jsonl", records)
@@ -255,6 +257,11 @@ def test_seq_cls_label_problems(tmp_path, tiny_bert):
     data = write_jsonl(tmp_path / "s.jsonl", [{"text": "a b", "label": 1}, {"text": "c", "label": "x"}])
     cfg = _cfg(tmp_path, tiny_bert, task="seq_cls", data=data)
     with pytest.raises(DataError, match="mixes label types"):
+        build_datasets(cfg, get_task("seq_cls"), load_tokenizer(cfg))
+    csv = tmp_path / "s.csv"  # an empty cell: a missing label, not a class ""
+    csv.write_text("text,label\ngood,pos\nbad,neg\nlonely,\n")
+    cfg = _cfg(tmp_path, tiny_bert, task="seq_cls", data=str(csv))
+    with pytest.raises(DataError, match=r"s.csv:4: the label in column 'label' is empty"):
         build_datasets(cfg, get_task("seq_cls"), load_tokenizer(cfg))
     train = write_jsonl(tmp_path / "t.jsonl", [{"text": "a", "label": "pos"}, {"text": "b", "label": "neg"}])
     evalf = write_jsonl(tmp_path / "e.jsonl", [{"text": "a", "label": "pos"}, {"text": "b", "label": "maybe"}])

@@ -175,6 +175,7 @@ CONFIG_CASES = [
     ("causal_lm", "output_dir", "", ["output_dir: must not be empty"]),
     ("causal_lm", "output_dir", ["a"], ["output_dir: expected str"]),
     ("causal_lm", "data.train", "", ["data.train: must not be empty"]),
+    ("causal_lm", "data.train", "hub:", ["'hub:' names no dataset"]),
     ("causal_lm", "data.format", "xml", ["data.format: 'xml' is not valid for task causal_lm"]),
     ("causal_lm", "data.packing", "yes", ["data.packing: expected bool"]),
     ("causal_lm", "data.eval_fraction", 1.5, ["data.eval_fraction"]),

@@ -175,6 +175,12 @@ def collect_labels(records: list[dict], column: str, *, is_list: bool) -> list[s
         for v in (values if is_list else [values]):
             if not isinstance(v, (str, int)):  # (a bool is an int: JSON true/false are labels "true"/"false")
                 raise DataError(f"{where}: label {v!r} must be a string or an integer")
+            if isinstance(v, str) and not v.strip():  # an empty CSV cell: a missing label, not a class ""
+                raise DataError(f"{where}: the {'tag' if is_list else 'label'} in column {column!r} is empty",
+                                hint="fill it in, or leave the record out")
+            if is_list and isinstance(v, str) and v[-1:] == "-" and len(v) <= 2:  # "B-", "I-", "-"
+                raise DataError(f"{where}: tag {v!r} in column {column!r} has a scheme prefix but no entity type "
+                                "(write e.g. B-PER, or O outside entities)")
             if first is None:
                 first = (type(v), where)
             elif type(v) is not first[0]:
