@@ -68,6 +68,7 @@ def CHATML_FILE(tmp_path):  # a user's own template file
 
 @pytest.mark.parametrize(("value", "wanted"), [
     ("chatmlx", "data.chat_template: 'chatmlx' is neither chatml | default nor a template file"),
+    ("DIR", "is a directory)"),
     ("{% for m in messages %}{{ m['content'] }", "broken.jinja:1: "),  # does not parse
     # parses, then fails on the data: each named as the template's failure on that record
     ("{{ 1/0 }}", "the chat template failed while rendering this conversation: ZeroDivisionError"),
@@ -76,7 +77,9 @@ def CHATML_FILE(tmp_path):  # a user's own template file
                                                        "conversation: RecursionError"),
 ])
 def test_a_bad_template_is_one_error(make_config, tmp_path, capsys, value, wanted):
-    if value != "chatmlx":
+    if value == "DIR":
+        value = str(tmp_path)
+    elif value != "chatmlx":
         (tmp_path / "broken.jinja").write_text(value)
         value = str(tmp_path / "broken.jinja")
     path = make_config("causal_lm", n=8, data={"chat_template": value})

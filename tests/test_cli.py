@@ -46,6 +46,8 @@ def assert_clean_error(code, err, *fragments):
 def test_missing_config_file(capsys, tmp_path):
     code, _, err = run_cli(["train", tmp_path / "nope.yaml"], capsys)
     assert_clean_error(code, err, "nope.yaml: file not found")
+    code, _, err = run_cli(["train", "/dev/null"], capsys)
+    assert_clean_error(code, err, "run config /dev/null: not a regular file")
 
 
 def test_all_config_problems_at_once(capsys, make_config):
@@ -585,8 +587,8 @@ def test_launch_and_slurm_check_the_peft_section_first(capsys, make_config, noth
      "--time 2:00: the job is told to checkpoint 150 s before"),
     (["plan", "--nodes", "0"], "--nodes must be >= 1"),
     (["plan", "--gpus-per-node", "-2"], "--gpus-per-node >= 0"),
-    (["plan", "--gpu-memory", "0GiB"], "--gpu-memory: cannot read '0GiB'"),
-    (["plan", "--cpu-memory", "0GiB"], "--cpu-memory: cannot read '0GiB'"),
+    (["plan", "--gpu-memory", "0GiB"], "--gpu-memory: '0GiB' is no memory at all"),
+    (["plan", "--cpu-memory", "0GiB"], "--cpu-memory: '0GiB' is no memory at all"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
 def test_numeric_launch_options_out_of_range(capsys, make_config, nothing_starts, argv, wanted):
     """`--nproc 0` used to be taken as "one per GPU" (a dry run composed --num_processes 1)."""

@@ -128,7 +128,8 @@ def read_yaml(path: str | Path) -> tuple[dict, list[str]]:
     if path.is_dir():
         raise ConfigError(f"run config {path}: is a directory, expected a YAML file")
     if not path.is_file():
-        raise ConfigError(f"run config {path}: file not found")
+        raise ConfigError(f"run config {path}: " + ("not a regular file (a device, a pipe?), expected a YAML file"
+                                                    if path.exists() else "file not found"))
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:

@@ -41,8 +41,10 @@ def parse_bytes(text: str, key: str = "--gpu-memory") -> int:
     """'80GiB', '24GB', '512MiB', '1.5TiB' -> bytes (GB = 10^9, GiB = 2^30)."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
     unit = m.group(2).lower() if m else ""
-    if not m or unit not in _UNITS or float(m.group(1)) <= 0:
+    if not m or unit not in _UNITS:
         raise ConfigError(f"{key}: cannot read {text!r} as a memory size (e.g. 80GiB, 24GB, 512MiB)")
+    if float(m.group(1)) <= 0:
+        raise ConfigError(f"{key}: {text!r} is no memory at all; give the device's size (e.g. 80GiB)")
     if not unit and float(m.group(1)) < 2**20:  # "80" is 80 bytes: surely 80GiB was meant
         raise ConfigError(f"{key}: {text!r} has no unit and would be {text.strip()} bytes; "
                           f"write e.g. {text.strip()}GiB")

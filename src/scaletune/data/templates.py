@@ -25,8 +25,9 @@ def chat_template_text(spec: str) -> str | None:
         return BUILT_IN[spec]
     path = Path(spec)
     if not path.is_file():
+        what = "is a directory" if path.is_dir() else "is not a regular file" if path.exists() else "not found"
         raise ConfigError(f"data.chat_template: {spec!r} is neither {' | '.join(BUILT_IN)} nor a template file "
-                          f"({path.absolute()} not found)")
+                          f"({path.absolute()} {what})")
     from jinja2 import Environment, TemplateSyntaxError
 
     try:
