@@ -69,6 +69,7 @@ def CHATML_FILE(tmp_path):  # a user's own template file
 @pytest.mark.parametrize(("value", "wanted"), [
     ("chatmlx", "data.chat_template: 'chatmlx' is neither chatml | default nor a template file"),
     ("DIR", "is a directory)"),
+    ("  \n", "broken.jinja is empty"),
     ("{% for m in messages %}{{ m['content'] }", "broken.jinja:1: "),  # does not parse
     # parses, then fails on the data: each named as the template's failure on that record
     ("{{ 1/0 }}", "the chat template failed while rendering this conversation: ZeroDivisionError"),

@@ -585,6 +585,8 @@ def test_launch_and_slurm_check_the_peft_section_first(capsys, make_config, noth
      "--time 00:05:00: the job is told to checkpoint 300 s before its time limit"),
     (["slurm", "--dry-run", "--gpus-per-node", "0", "--time", "2:00", "--sbatch-arg=--signal=B:USR1@150"],
      "--time 2:00: the job is told to checkpoint 150 s before"),
+    (["slurm", "--dry-run", "--gpus-per-node", "0", "--time", "forever"],
+     "--time 'forever' is not a Slurm time limit"),
     (["plan", "--nodes", "0"], "--nodes must be >= 1"),
     (["plan", "--gpus-per-node", "-2"], "--gpus-per-node >= 0"),
     (["plan", "--gpu-memory", "0GiB"], "--gpu-memory: '0GiB' is no memory at all"),

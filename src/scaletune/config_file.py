@@ -21,8 +21,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r}: bad key {key!r}")
+    if not value.strip():  # (a shell variable that expanded to nothing, most likely)
+        raise ConfigError(f"override {text!r}: no value after '='; write {key}=null to unset it")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else None
+        parsed = yaml.safe_load(value)
     except (yaml.YAMLError, ValueError, RecursionError):  # ValueError: ints over Python's digit limit
         parsed = value
     path = key.split(".")

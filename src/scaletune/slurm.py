@@ -144,6 +144,11 @@ def main_slurm(args: argparse.Namespace) -> int:
     account, sbatch_args (raw sbatch options), dry_run. The config is validated by the caller.
     """
     limit = time_limit_seconds(args.time) if args.time else None
+    if args.time and limit is None and args.time.strip().lower() not in ("unlimited", "infinite"):
+        from .errors import ConfigError  # (sbatch would refuse it at submission; --dry-run would not say)
+
+        raise ConfigError(f"--time {args.time!r} is not a Slurm time limit: minutes, MM:SS, HH:MM:SS, D-HH, "
+                          "D-HH:MM, D-HH:MM:SS or UNLIMITED")
     lead = _signal_lead(list(getattr(args, "sbatch_args", []) or []))
     if limit is not None and limit <= lead:
         from .errors import ConfigError

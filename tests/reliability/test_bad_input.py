@@ -251,6 +251,8 @@ OVERRIDE_CASES = [
     (["train.learning_rate"], ["expected key=value"]),
     (["=3"], ["bad key ''"]),
     (["train..seed=1"], ["bad key 'train..seed'"]),
+    (["train.max_steps="], ["override 'train.max_steps=': no value after '='; write train.max_steps=null"]),
+    (["output_dir= "], ["override 'output_dir= ': no value after '='"]),
     (["train=5"], ["train: expected a mapping"]),
     (["output_dir.x=1"], ["output_dir: expected str"]),
     (["train.learning_rate=[1,"], ["train.learning_rate: expected float"]),

@@ -34,6 +34,8 @@ def chat_template_text(spec: str) -> str | None:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"data.chat_template: cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    if not text.strip():  # (else scaletune's own rendering would be used without a word)
+        raise ConfigError(f"data.chat_template: {path} is empty")
     try:
         Environment().parse(text)
     except TemplateSyntaxError as exc:
