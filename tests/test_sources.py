@@ -9,6 +9,7 @@ import pytest
 
 from scaletune.cli import main
 from scaletune.config import load_config
+from scaletune.errors import DataError
 from scaletune.train import setup
 
 from stutil import alpaca_records, write_jsonl
@@ -86,6 +87,9 @@ def test_a_weight_that_keeps_nothing_of_a_source_says_so(make_config, tmp_path, 
         run, _ = setup(load_config(path))
     assert "data.train[1]: weight 0.01 keeps none of its 8 training example(s)" in caplog.text
     assert set(_tags(run)) == {"alpha"}
+    alone = make_config("causal_lm", data={"train": [{"path": str(b), "weight": 0.01}], "max_length": 256})
+    with pytest.raises(DataError, match=r"data.train: the weights of .* keep no training example"):
+        setup(load_config(alone), overwrite=True)
 
 
 def test_eval_of_the_held_out_split_needs_the_sources_in_the_runs_order(make_config, tmp_path, capsys):

@@ -262,6 +262,10 @@ def build_datasets(cfg: Any, task: Any, tokenizer: Any, accelerator: Any = None,
             elif cfg.data.eval_fraction:
                 train_records, eval_records = split_eval(train_records, cfg.data.eval_fraction, cfg.train.seed)
             train_records = weighted(train_records, source_of, cfg.data.train, cfg.train.seed)
+            if not train_records:  # every source's weight (after any eval_fraction split) kept none of it
+                raise DataError(f"data.train: the weights of {describe(cfg.data.train)} keep no training example",
+                                hint="raise the weights (a weight below 1 keeps that fraction of a source's "
+                                     "examples, rounded)")
             label2id = {name: i for i, name in enumerate(labels)} if labels else None
             train, counted = _encode_all(train_records, task, tokenizer, cfg, label2id)
             if train is None:
