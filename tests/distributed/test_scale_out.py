@@ -398,7 +398,17 @@ def _workers(launcher: subprocess.Popen) -> list:
             continue
         if "scaletune" in cmd and "train" in cmd and not any(c.endswith("accelerate_cli") for c in cmd):
             out.append(child)
-    return out
+    # not a rank's own child: a subprocess it starts (platform's `uname`, a compiler) carries the rank's
+    # command line between fork and exec
+    ranks = {c.pid for c in out}
+
+    def parent(proc):  # None: it has ended meanwhile (such a child)
+        try:
+            return proc.ppid()
+        except psutil.Error:
+            return None
+
+    return [c for c in out if parent(c) not in (*ranks, None)]
 
 
 def _last_train_step(metrics: Path) -> int:
