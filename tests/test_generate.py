@@ -142,3 +142,16 @@ def test_completions_stop_at_the_models_context(make_config, tmp_path, caplog):
             model.config.max_position_embeddings = prompt
             assert generate(model, tokenizer, segments, 50) == ""
     assert caplog.text.count("each completion stops there") == 1
+    assert f"a prompt of {prompt} tokens fills the model's context ({prompt}): no completion" in caplog.text
+
+
+def test_virtual_tokens_count_against_the_context(make_config):
+    from scaletune import infer
+    from scaletune.train import setup
+
+    path = make_config("causal_lm", n=8)
+    raw = yaml.safe_load(path.read_text())
+    raw["peft"] = {"method": "prompt_tuning", "num_virtual_tokens": 5}
+    path.write_text(yaml.safe_dump(raw))
+    run, _ = setup(load_config(path), overwrite=True)
+    assert infer.is_prompt_learning(run.model) and infer._virtual_tokens(run.model) == 5

@@ -107,7 +107,7 @@ def test_resume_from_an_older_checkpoint_sets_the_later_ones_aside(make_config, 
     with caplog.at_level("WARNING", logger="scaletune"):
         assert _train(path, "train.learning_rate=0.02", "--allow-config-change",
                       "--resume", out / "checkpoints" / "step-2") == 0
-    assert "resuming from step-2: the checkpoints after it (step-4, step-6) belong to another path" in caplog.text
+    assert "resuming from step-2: the checkpoints after it (step-4, step-6) are not this run's path" in caplog.text
     aside = [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".abandoned-")]
     assert len(aside) == 1 and sorted(p.name for p in aside[0].iterdir()) == ["step-4", "step-6"]
     for name, tensors in old.items():
@@ -361,3 +361,31 @@ def test_a_checkpoint_from_elsewhere_is_copied_in_and_named_latest(tmp_path):
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-4"
     assert (resumed / "state.json").is_file()  # a copy: the user's directory stays
     assert set_aside_newer(out, out / "checkpoints" / "step-4", 4) is None  # its own step-4 now: nothing to move
+
+
+def test_a_checkpoint_copied_in_before_anything_moves(tmp_path):
+    """The copy of a checkpoint from elsewhere comes first: when it fails (here a dangling link inside it),
+    checkpoints/ and `latest` are as they were. A checkpoint inside checkpoints/ under another step's name
+    is copied in, not moved aside with the later ones."""
+    import pytest
+
+    from scaletune.checkpoint import set_aside_newer
+
+    out = tmp_path / "run"
+    for step in (60, 70):
+        (out / "checkpoints" / f"step-{step}").mkdir(parents=True)
+    (out / "checkpoints" / "latest").write_text("step-70\n")
+    broken = tmp_path / "elsewhere" / "step-50"
+    broken.mkdir(parents=True)
+    (broken / "state.json").symlink_to(tmp_path / "gone")
+    with pytest.raises(OSError):
+        set_aside_newer(out, broken, 50)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-60", "step-70"]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-70"
+    misnamed = out / "checkpoints" / "step-65"  # holds step 40's state
+    misnamed.mkdir()
+    (misnamed / "state.json").write_text("step 40")
+    aside = set_aside_newer(out, misnamed, 40)
+    assert sorted(p.name for p in aside.iterdir()) == ["step-60", "step-70"]
+    assert (out / "checkpoints" / "step-40" / "state.json").read_text() == "step 40" and misnamed.is_dir()
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-40"

@@ -12,6 +12,7 @@ import time
 import uuid
 from typing import Any
 
+from .checkpoint import verify
 from .config import EVAL_METRICS
 from .distributed import raise_main_rank_failure
 from .errors import UserError
@@ -91,7 +92,7 @@ class BestAdapter:
         where = [d / f"step-{best['step']}" for d in (
             *([self.run.resumed_from.parent] if self.run.resumed_from else []), out / "checkpoints")]
         snapshot = next((d / "adapter" for d in where if (d / "adapter" / "adapter_config.json").is_file()
-                         and _same(_counted_best(d), best)), None)
+                         and _same(_counted_best(d), best) and verify(d) is None), None)
         if snapshot is None:
             self.mlog.write(f"warning: {out / BEST_DIR} is not the best eval's (step {best['step']}), whose checkpoint "
                             f"is gone too: it is written again only by an eval that beats {best['value']:.4g}")
@@ -99,8 +100,12 @@ class BestAdapter:
         tmp = out / f".{BEST_DIR}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(snapshot, tmp)
-        meta = json.loads((tmp / "scaletune.json").read_text(encoding="utf-8"))
-        (tmp / "scaletune.json").write_text(json.dumps({**meta, "best": best}, indent=1))
+        try:
+            meta = json.loads((tmp / "scaletune.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # (a verified checkpoint's snapshot says what it is; an older one may not)
+            meta = {}
+        (tmp / "scaletune.json").write_text(json.dumps({**(meta if isinstance(meta, dict) else {}), "best": best},
+                                                       indent=1))
         tmp.rename(out / BEST_DIR)
         self.mlog.write(f"{out / BEST_DIR}: restored from {snapshot.parent} (the best eval's step)")
 

@@ -138,38 +138,48 @@ def set_aside_newer(output_dir: Path, resumed: Path, step: int) -> Path | None:
     A checkpoint that is not `checkpoints/step-<step>` (one in a left path's `.abandoned-*` folder, a copy
     under another name) sets aside that step's too, and is copied in as `checkpoints/step-<step>`: a save
     of that step would keep the one there as this run's, and a requeue killed before the first save would
-    resume whatever else `checkpoints/` holds. Returns the folder things were moved to, or None. Main
-    process only; an OSError (a full disk while copying) propagates, with nothing deleted."""
-    own = output_dir / "checkpoints" / f"step-{step}"
-    try:
-        inside = resumed.resolve() == own.resolve()
-    except OSError:
-        inside = False
-    newer = [p for p in checkpoint_dirs(output_dir) if int(STEP_RE.match(p.name).group(1)) >= step + inside]
+    resume whatever else `checkpoints/` holds. It is copied before anything is moved, so a failed copy (an
+    OSError: a full disk) leaves `checkpoints/` as it was. Returns the folder things were moved to, or None.
+    Main process only."""
+    root = output_dir / "checkpoints"
+    own = root / f"step-{step}"
+    inside = _same_dir(resumed, own)
+    tmp = root / f".step-{step}.tmp"
+    if not inside:
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            shutil.copytree(resumed, tmp, symlinks=False)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    newer = [p for p in checkpoint_dirs(output_dir) if int(STEP_RE.match(p.name).group(1)) >= step + inside
+             and not _same_dir(p, resumed)]  # (the resumed one, under another name inside checkpoints/, stays)
     aside = None
     if newer:
-        aside = output_dir / "checkpoints" / f".abandoned-{time.strftime('%Y%m%d-%H%M%S')}"
+        aside = root / f".abandoned-{time.strftime('%Y%m%d-%H%M%S')}"
         n = 1
         while aside.exists():
             aside, n = aside.with_name(f"{aside.name.split('~')[0]}~{n}"), n + 1
         aside.mkdir()
+        # (a damaged one is what `--resume auto` skipped to get here: not another path, just unusable)
+        names = [p.name + (" (damaged)" if verify(p) else "") for p in reversed(newer)]
         for path in newer:
             os.rename(path, aside / path.name)
-        log.warning("resuming from %s: the checkpoints %s (%s) belong to another path than this run's; moved to %s "
+        log.warning("resuming from %s: the checkpoints %s (%s) are not this run's path; moved to %s "
                     "(delete it when you no longer need them)", resumed.name if inside else resumed,
-                    "after it" if inside else "from its step on", ", ".join(p.name for p in reversed(newer)), aside)
+                    "after it" if inside else "from its step on", ", ".join(names), aside)
     if not inside:
-        tmp = output_dir / "checkpoints" / f".step-{step}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            shutil.copytree(resumed, tmp)
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         tmp.rename(own)
     if newer or not inside:
         _write_latest(output_dir, own)
     return aside
+
+
+def _same_dir(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # (one of them does not exist)
+        return False
 
 
 def save_checkpoint(accelerator: Any, output_dir: Path, step: int, *, trainable: dict, optimizer_state: dict,

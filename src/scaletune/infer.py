@@ -327,15 +327,19 @@ def generate(model: Any, tokenizer: Any, segments: list, max_new_tokens: int) ->
     if tokenizer.bos_token_id is not None and (ids.numel() == 0 or ids[0, 0] != tokenizer.bos_token_id):
         ids = torch.cat([torch.tensor([[tokenizer.bos_token_id]]), ids], dim=1)
     context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if isinstance(context, int) and ids.shape[1] + max_new_tokens > context:
-        # past the positions the model was built for (and, greedy, for as long as asked): stop at its context
-        if not _CAPPED:
-            log.warning("--max-new-tokens %d: the model's context is %d tokens; each completion stops there",
-                        max_new_tokens, context)
-            _CAPPED.append(True)
-        max_new_tokens = max(0, context - ids.shape[1])
-        if max_new_tokens == 0:
+    if isinstance(context, int):
+        # past the positions the model was built for (and, greedy, for as long as asked): stop at its context,
+        # which prompt/prefix tuning's virtual tokens take positions of too
+        used = ids.shape[1] + (_virtual_tokens(model) if is_prompt_learning(model) else 0)
+        if used >= context:
+            log.warning("a prompt of %d tokens fills the model's context (%d): no completion", used, context)
             return ""
+        if used + max_new_tokens > context:
+            if not _CAPPED:
+                log.warning("--max-new-tokens %d: the model's context is %d tokens; each completion stops there",
+                            max_new_tokens, context)
+                _CAPPED.append(True)
+            max_new_tokens = context - used
     if is_prompt_learning(model):  # peft's generate is wrong for these (see greedy_without_cache)
         new = greedy_without_cache(model, ids, max_new_tokens)
     else:
@@ -343,6 +347,11 @@ def generate(model: Any, tokenizer: Any, segments: list, max_new_tokens: int) ->
                              do_sample=False, pad_token_id=tokenizer.pad_token_id)
         new = out[0, ids.shape[1]:]
     return tokenizer.decode(new, skip_special_tokens=True)
+
+
+def _virtual_tokens(model: Any) -> int:
+    config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", "default"))
+    return int(getattr(config, "num_virtual_tokens", 0) or 0)
 
 
 def is_prompt_learning(model: Any) -> bool:

@@ -157,7 +157,10 @@ def _peft_value_problems(config_cls: type, kwargs: dict) -> list[str]:
             tp = args[0] if args[1] is type(None) else args[1]
         if value is None and (optional or defaults.get(key) is None):
             continue  # peft's own default for several int options (token_dim, num_virtual_tokens) is None
-        if tp is bool:
+        choices = _enum_values(tp)
+        if choices and isinstance(value, str):  # Union[SomeInit, str]: peft compares with the enum's values
+            ok, want = value in choices, " | ".join(choices)
+        elif tp is bool:
             ok, want = isinstance(value, bool), "bool (true or false)"
         elif tp is int:  # a float too: peft computes with it (lora_alpha: 0.5); a bool here is the silent mistake
             value = kwargs[key] = _number(value, integral=True)
@@ -175,6 +178,16 @@ def _peft_value_problems(config_cls: type, kwargs: dict) -> list[str]:
             got = f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
             problems.append(f"peft.{key}: expected {want}{' or null' if optional else ''}, got {got}")
     return problems
+
+
+def _enum_values(tp: Any) -> list[str]:
+    """The values of the enum an option is annotated with (alone or beside str), else []."""
+    import enum
+
+    for arg in (tp, *typing.get_args(tp)):
+        if isinstance(arg, type) and issubclass(arg, enum.Enum):
+            return [str(m.value) for m in arg]
+    return []
 
 
 def peft_config(cfg: RunConfig, task_type: str, total_steps: int | None = None) -> Any:
@@ -324,13 +337,18 @@ def _load_adapter(model: Any, adapter_path: str) -> Any:
                         hint="use another copy of it, or a checkpoint's: --adapter OUTPUT_DIR/checkpoints/step-N "
                              "(`train --resume auto` checks a checkpoint's files against its manifest)") from None
     except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        if isinstance(exc, (torch.OutOfMemoryError, NotImplementedError)):
+            raise  # the machine's or the program's, not the adapter's
         # shapes that do not match (another base model's adapter), modules the base lacks, a config that is
-        # not peft's: the adapter does not fit this base
+        # not peft's (or a newer peft's)
         first = (str(exc).strip().splitlines() or [""])[0][:300]
+        other_base = "size mismatch" in str(exc) or "Target modules" in str(exc) or "NoMatching" in type(exc).__name__
         raise UserError(f"the adapter at {adapter_path} cannot be loaded onto {model.name_or_path}: "
                         f"{type(exc).__name__}: {first}",
                         hint="load it onto the base model it was trained on (its scaletune.json says which: "
-                             "base_model), with that run's config") from None
+                             "base_model), with that run's config" if other_base else
+                             "its adapter_config.json is not one this peft reads: written by another (newer?) "
+                             f"peft version (this is {peft.__version__}), or damaged") from None
 
 
 def add_embedding_noise(model: Any, alpha: float) -> None:

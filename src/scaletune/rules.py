@@ -166,7 +166,7 @@ def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_c
     if isinstance(targets, str) and targets != "all-linear":  # peft reads a string as a regular expression
         try:
             re.compile(targets)
-        except re.error as exc:
+        except (re.error, OverflowError, RecursionError) as exc:  # (q{4294967296}; deep nesting)
             p.append(f"peft.target_modules: {targets!r} is not a valid regular expression ({exc}); a string is "
                      "matched as one against module names; give a list of names for plain names")
     init_r, target_r = cfg.peft.get("init_r"), cfg.peft.get("target_r")

@@ -143,8 +143,9 @@ def main_slurm(args: argparse.Namespace) -> int:
     Reads from `args` (the CLI's namespace): config, overrides, nodes, gpus_per_node, time, partition,
     account, sbatch_args (raw sbatch options), dry_run. The config is validated by the caller.
     """
-    limit = time_limit_seconds(args.time) if args.time else None
-    if args.time and limit is None and args.time.strip().lower() not in ("unlimited", "infinite"):
+    no_limit = bool(args.time) and args.time.strip().lower() in ("unlimited", "infinite", "0", "-1")  # Slurm's
+    limit = time_limit_seconds(args.time) if args.time and not no_limit else None
+    if args.time and limit is None and not no_limit:
         from .errors import ConfigError  # (sbatch would refuse it at submission; --dry-run would not say)
 
         raise ConfigError(f"--time {args.time!r} is not a Slurm time limit: minutes, MM:SS, HH:MM:SS, D-HH, "

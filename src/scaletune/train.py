@@ -344,16 +344,21 @@ def restore(run: Run, resume_from: Path) -> None:
     if accelerator.is_main_process:
         try:
             ckpt.set_aside_newer(run.output_dir, resume_from, run.step)
-        except OSError as exc:
-            error = UserError(f"could not set {run.output_dir / 'checkpoints'} up to resume {resume_from}: "
-                              f"{exc.strerror or exc}", hint=RESUME_AFTER_WRITE)
+        except OSError as exc:  # (shutil.Error, a copy's list of failed files, has no strerror: its first)
+            why = exc.strerror or (str(exc.args[0][0]) if isinstance(exc, shutil.Error) and exc.args
+                                   and isinstance(exc.args[0], list) and exc.args[0] else str(exc))
+            error = UserError(f"could not set up {run.output_dir / 'checkpoints'} to resume {resume_from}: "
+                              f"{why[:300]}", hint="fix the cause (free disk space?), then run the same command "
+                                                   "again: a checkpoint from elsewhere is copied in before the "
+                                                   "later ones are moved aside")
         if state.get("train_digest") not in (None, run.data.get("train_digest")):
             # not refused: a fixed typo in the data is a fair reason; but the promise of an exact resume is off
             log.warning("data.train's contents changed since checkpoint %s was written: the resumed run trains "
                         "on other examples than the interrupted one did", resume_from)
     from .distributed import raise_main_rank_failure
 
-    raise_main_rank_failure(accelerator, error, str(run.output_dir / "checkpoints"), hint=RESUME_AFTER_WRITE)
+    raise_main_rank_failure(accelerator, error, str(run.output_dir / "checkpoints"),
+                            hint="fix the cause, then run the same command again")
     accelerator.print(f"resumed from {resume_from} at step {run.step} "
                       f"(saved at world size {state['world_size']}, now {accelerator.num_processes})")
 

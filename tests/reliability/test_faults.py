@@ -49,7 +49,7 @@ def test_kill_during_checkpoint_write_never_leaves_a_partial_latest(cfg_path, tm
     assert verify(out / "checkpoints/step-6") is None
 
 
-def test_corrupt_checkpoint_is_skipped_with_a_warning(cfg_path, tmp_path, capsys):
+def test_corrupt_checkpoint_is_skipped_with_a_warning(cfg_path, tmp_path, capsys, caplog):
     assert main(["train", str(cfg_path), "train.max_steps=4"]) == 0
     out = tmp_path / "run"
     victim = out / "checkpoints/step-4/trainable.safetensors"
@@ -58,9 +58,11 @@ def test_corrupt_checkpoint_is_skipped_with_a_warning(cfg_path, tmp_path, capsys
     victim.write_bytes(bytes(data))
     assert verify(out / "checkpoints/step-4") == "file trainable.safetensors does not match its hash"
     capsys.readouterr()
-    assert main(["train", str(cfg_path), "train.max_steps=4", "--resume", "auto"]) == 0
+    with caplog.at_level("WARNING", logger="scaletune"):
+        assert main(["train", str(cfg_path), "train.max_steps=4", "--resume", "auto"]) == 0
     out_text = "".join(capsys.readouterr())
     assert "resumed from" in out_text and "step-2" in out_text
+    assert "the checkpoints after it (step-4 (damaged)) are not this run's path" in caplog.text
 
 
 def test_checkpoint_of_another_config_is_refused_unless_allowed(cfg_path, capsys):

@@ -308,8 +308,9 @@ def _render_template(messages: list[dict], tokenizer: Any, where: str, tools: li
             raise DataError(f"{where}: the tokenizer's chat template refused this conversation ({roles}): {exc}",
                             hint="reshape the data as the template wants (e.g. fold a system prompt into the "
                                  "first user turn), or use another template") from None
-        except (ArithmeticError, LookupError, TypeError, ValueError, AttributeError, RecursionError,
-                MemoryError) as exc:  # the template's own code failed on this conversation (1/0, a bad filter)
+        except (ArithmeticError, LookupError, TypeError, ValueError, AttributeError, RecursionError) as exc:
+            if not _raised_in_template(exc):  # transformers' own API errors, or ours: not the template's
+                raise
             raise DataError(f"{where}: the chat template failed while rendering this conversation: "
                             f"{type(exc).__name__}: {str(exc)[:200]}",
                             hint="fix the template (data.chat_template, or the tokenizer's own)") from None
@@ -331,6 +332,17 @@ def _render_template(messages: list[dict], tokenizer: Any, where: str, tools: li
     if len(full) > done:
         segments.append((full[done:], False))
     return [s for s in segments if s[0]]
+
+
+def _raised_in_template(exc: BaseException) -> bool:
+    """Whether `exc` came from a Jinja template's own code (its frames are named <template>): the
+    template's arithmetic or filters failing on this conversation."""
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == "<template>":
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def _template_takes_tools(tokenizer: Any) -> bool:
