@@ -172,7 +172,8 @@ def test_a_lost_best_adapter_without_its_checkpoint_is_said(make_config, tmp_pat
     capsys.readouterr()
     run, result = _fit(path, resume="auto")
     out = capsys.readouterr().out
-    assert f"warning: {run.output_dir / 'best_adapter'} is not the best eval's (step 2), whose checkpoint is gone" in out
+    assert f"warning: {run.output_dir / 'best_adapter'} is missing, and no kept checkpoint holds the best eval's " \
+           "adapter (step 2)" in out
     stop = [line for line in out.splitlines() if "stopping early" in line]
     assert stop and "its adapter is in" not in stop[0]  # no pointer to a directory that is not there
 
@@ -271,11 +272,14 @@ def test_an_abandoned_file_in_the_way_is_one_error(make_config, tmp_path, script
     out = run.output_dir
     (out / "best_adapter" / "scaletune.json").write_text("{}")
     (out / ".abandoned").write_text("my notes")
+    latest = (out / "checkpoints" / "latest").read_text()
     capsys.readouterr()
-    assert main(["train", str(path), "--resume", "auto"]) == 2
-    err = capsys.readouterr().err
-    assert f"{out / '.abandoned'} is not a directory" in err and "Traceback" not in err
+    for resume in ("auto", str(out / "checkpoints" / "step-2")):  # (the older one would move step-3 aside)
+        assert main(["train", str(path), "--resume", resume]) == 2
+        err = capsys.readouterr().err
+        assert f"{out / '.abandoned'} is not a directory" in err and "Traceback" not in err
     assert (out / ".abandoned").read_text() == "my notes" and (out / "best_adapter").is_dir()
+    assert (out / "checkpoints" / "step-3").is_dir() and (out / "checkpoints" / "latest").read_text() == latest
 
 
 def test_continuing_an_early_stop_for_another_metric_says_so(make_config, tmp_path, scripted, capsys):
@@ -310,10 +314,11 @@ def test_two_paths_bests_of_one_step_and_value_are_told_apart(make_config, tmp_p
     assert all(torch.equal(have[k], w) for k, w in _adapter(a_best).items())
 
 
-def test_a_left_paths_checkpoint_of_the_best_step_is_not_restored(make_config, tmp_path, scripted, monkeypatch,
-                                                                  capsys):
-    """best_adapter/ lost on path A, whose best step's checkpoint in checkpoints/ is path B's (left there
-    when A was resumed from its .abandoned-* folder): not copied in as A's best; a warning says so."""
+def test_a_lost_best_is_restored_from_its_own_paths_checkpoint_not_the_same_steps_in_checkpoints(
+        make_config, tmp_path, scripted, monkeypatch, capsys):
+    """best_adapter/ lost on path A after A came back from its .abandoned-* folder: checkpoints/step-2 is path
+    B's (left there), A's own step-2 is in that folder. The best is restored from A's (the record's id says
+    whose), not from B's; with A's gone too, a warning says so."""
     import shutil
     import sys
 
@@ -321,6 +326,7 @@ def test_a_left_paths_checkpoint_of_the_best_step_is_not_restored(make_config, t
     path = _config(make_config, tmp_path, early_stopping_patience=None, max_steps=5)
     run, _ = _fit(path)
     out = run.output_dir
+    a_best = _adapter(out / "best_adapter")
     _fit(path, resume=str(out / "checkpoints" / "step-1"), learning_rate=0.05)  # B
     left = next((out / "checkpoints").glob(".abandoned-*"))
     _fit(path, resume=str(left / "step-3"))  # back onto A: B's step-2 stays in checkpoints/
@@ -328,8 +334,15 @@ def test_a_left_paths_checkpoint_of_the_best_step_is_not_restored(make_config, t
     shutil.rmtree(out / "checkpoints" / "step-3")  # so --resume auto starts from A's step-5, best at 2
     capsys.readouterr()
     _fit(path, resume="auto")
+    assert f"restored from {left / 'step-2'}" in capsys.readouterr().out
+    have = _adapter(out / "best_adapter")
+    assert all(torch.equal(have[k], w) for k, w in a_best.items())
+    shutil.rmtree(out / "best_adapter")
+    shutil.rmtree(left / "step-2")
+    _fit(path, resume="auto")
     log = capsys.readouterr().out
-    assert "restored from" not in log and "is not the best eval's (step 2), whose checkpoint is gone" in log
+    assert "restored from" not in log
+    assert f"{out / 'best_adapter'} is missing, and no kept checkpoint holds the best eval's adapter (step 2)" in log
 
 
 def test_best_metric_off_keeps_the_paths_own_best_across_resumes(make_config, tmp_path, scripted, capsys):

@@ -83,19 +83,25 @@ class BestAdapter:
         aside (as `--resume` moves later checkpoints), and the best's is copied from its step's checkpoint
         (written after that eval: the same weights) if it was kept."""
         out = self.run.output_dir
-        if (out / BEST_DIR).exists():
-            self._set_aside(on_disk, "none yet" if best is None else f"that is step {best['step']}'s")
+        missing = not (out / BEST_DIR).exists()
+        if not missing:
+            same_step = best is not None and on_disk is not None and on_disk["step"] == best["step"]
+            self._set_aside(on_disk, "none yet" if best is None else "another path's eval of the same step"
+                            if same_step else f"that is step {best['step']}'s")
         if best is None:
             return
-        # That step's checkpoint, if it is this path's (its counters hold this best): beside the resumed one
-        # (which may lie outside checkpoints/), else in checkpoints/, which can hold a left path's steps too.
-        where = [d / f"step-{best['step']}" for d in (
-            *([self.run.resumed_from.parent] if self.run.resumed_from else []), out / "checkpoints")]
+        # That step's checkpoint, if it is this path's (its counters hold this best, by id): beside the resumed
+        # one (which may lie outside checkpoints/), in checkpoints/ (which can hold a left path's steps too),
+        # or in a left path's folder there (this path may have come back from one).
+        name = f"step-{best['step']}"
+        where = [*([self.run.resumed_from.parent / name] if self.run.resumed_from else []),
+                 out / "checkpoints" / name, *sorted((out / "checkpoints").glob(f".abandoned-*/{name}"), reverse=True)]
         snapshot = next((d / "adapter" for d in where if (d / "adapter" / "adapter_config.json").is_file()
                          and _same(_counted_best(d), best) and verify(d) is None), None)
         if snapshot is None:
-            self.mlog.write(f"warning: {out / BEST_DIR} is not the best eval's (step {best['step']}), whose checkpoint "
-                            f"is gone too: it is written again only by an eval that beats {best['value']:.4g}")
+            self.mlog.write(f"warning: {out / BEST_DIR} is {'missing' if missing else 'set aside'}, and no kept "
+                            f"checkpoint holds the best eval's adapter (step {best['step']}): it is written again "
+                            f"only by an eval that beats {best['value']:.4g}")
             return
         tmp = out / f".{BEST_DIR}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)

@@ -39,6 +39,9 @@ def check_output_dir(cfg: RunConfig, resume: str | None, overwrite: bool, resume
         raise ConfigError(f"output_dir: {out} cannot be created: {existing} is a file")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"output_dir: {out} cannot be written ({existing} is not writable by this user)")
+    if (out / ".abandoned").exists() and not (out / ".abandoned").is_dir():  # before a resume moves anything
+        raise ConfigError(f"output_dir: {out / '.abandoned'} is not a directory: scaletune moves what a run "
+                          "sets aside there", hint="rename or remove that file, then run the same command again")
     if _has_content(out) and resume is None:
         if not overwrite:
             raise ConfigError(f"output_dir: {out} is not empty; resume it with --resume auto, pick a new "

@@ -345,8 +345,11 @@ def restore(run: Run, resume_from: Path) -> None:
         try:
             ckpt.set_aside_newer(run.output_dir, resume_from, run.step)
         except OSError as exc:  # (shutil.Error, a copy's list of failed files, has no strerror: its first)
-            why = exc.strerror or (str(exc.args[0][0]) if isinstance(exc, shutil.Error) and exc.args
-                                   and isinstance(exc.args[0], list) and exc.args[0] else str(exc))
+            if isinstance(exc, shutil.Error) and exc.args and isinstance(exc.args[0], list) and exc.args[0]:
+                src, _, why = exc.args[0][0]  # (a copy's list of (source, destination, reason): the first)
+                why = f"{src}: {why}"
+            else:
+                why = f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else str(exc)
             error = UserError(f"could not set up {run.output_dir / 'checkpoints'} to resume {resume_from}: "
                               f"{why[:300]}", hint="fix the cause (free disk space?), then run the same command "
                                                    "again: a checkpoint from elsewhere is copied in before the "

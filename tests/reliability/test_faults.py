@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -159,24 +160,33 @@ def test_disk_full_under_two_processes_stops_every_rank(make_config, tmp_path):
 
 
 @pytest.mark.distributed
-def test_a_main_rank_refusal_while_preparing_the_output_dir_stops_every_rank(make_config, tmp_path):
-    """Rank 0 prepares output_dir alone (here: an earlier attempt's metrics.jsonl to move into .abandoned/,
-    which is a file); its one-screen refusal must end rank 1 too, which waited for it at a barrier."""
-    port = free_port()
-    path = make_config("causal_lm", train={"max_steps": 2, "micro_batch_size": 2})
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / "metrics.jsonl").write_text('{"event": "train", "step": 1}\n')
-    (out / ".abandoned").write_text("not a directory")
+def test_a_main_rank_failure_while_setting_up_a_resume_stops_every_rank(make_config, tmp_path):
+    """Rank 0 alone copies a checkpoint from outside checkpoints/ in before resuming it. When that fails
+    (here a dangling link inside it), its one-screen error must end rank 1 too, which would otherwise wait
+    for it in the next collective; checkpoints/ and `latest` stay as they were."""
+    path = make_config("causal_lm", train={"max_steps": 3, "save_every": 1, "save_total_limit": None,
+                                           "micro_batch_size": 2})
     repo = Path(__file__).resolve().parents[2]
-    cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file",
-           str(repo / "launch" / "cpu_2proc.yaml"), "--main_process_port", str(port),
-           "-m", "scaletune", "train", str(path), "--resume", "auto"]
-    res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=240)
+
+    def launch(*extra):
+        cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file",
+               str(repo / "launch" / "cpu_2proc.yaml"), "--main_process_port", str(free_port()),
+               "-m", "scaletune", "train", str(path), *extra]
+        return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=240)
+
+    assert launch().returncode == 0
+    out = tmp_path / "run"
+    left = out / "checkpoints" / ".abandoned-x" / "step-2"
+    shutil.copytree(out / "checkpoints" / "step-2", left)
+    (left / "adapter" / "broken").symlink_to(tmp_path / "gone")
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    res = launch("--resume", str(left))
     text = res.stdout + res.stderr
     assert res.returncode != 0, text[-3000:]
-    assert f"{out / '.abandoned'} is not a directory" in text and "rank 0 could not write" in text
-    assert (out / "metrics.jsonl").is_file() and (out / ".abandoned").read_text() == "not a directory"
+    assert f"could not set up {out / 'checkpoints'} to resume {left}" in text and "rank 0 could not write" in text
+    assert "scaletune/" not in "".join(l for l in res.stderr.splitlines() if l.startswith("  File")), text[-3000:]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-3"
 
 
 @pytest.mark.parametrize("damage, reason", [
