@@ -602,7 +602,8 @@ def test_numeric_launch_options_out_of_range(capsys, make_config, nothing_starts
 def test_slurm_time_longer_than_the_signal_lead_is_accepted(capsys, make_config, nothing_starts):
     path = make_config("causal_lm")
     for extra in (["--time", "00:05:01"], ["--time", "00:05:00", "--sbatch-arg=--signal=B:USR1@60"],
-                  ["--time", "0"], ["--time", "-1"], ["--time", "UNLIMITED"], ["--time", "2-00"]):  # (0, -1: none)
+                  ["--time", "0"], ["--time", "-1"], ["--time", "00:00:00"], ["--time", "UNLIMITED"],
+                  ["--time", "2-00"]):  # (any zero, -1: no limit)
         code, out, err = run_cli(["slurm", path, "--dry-run", "--gpus-per-node", "0", *extra], capsys)
         assert code == 0 and "sbatch" in out, err
 

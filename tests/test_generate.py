@@ -122,9 +122,11 @@ def test_greedy_without_cache_stops_after_eos_and_names_what_it_does_not_apply(m
     assert "does not apply the model's generation_config repetition_penalty=1.3" in caplog.text
 
 
-def test_completions_stop_at_the_models_context(make_config, tmp_path, caplog):
-    """--max-new-tokens far past the model's positions (99999999999 ran for minutes): each completion
-    stops at the context, with one warning."""
+def test_completions_stop_at_a_learned_position_table_and_run_on_with_rotary_ones(make_config, tmp_path, caplog,
+                                                                                   monkeypatch):
+    """--max-new-tokens far past the model's positions: a learned position table fails past its size, so each
+    completion stops there (99999999999 ran for minutes); a rotary model (this Llama) runs on, with a warning
+    (an adapter trained on 256-token examples of a 64-position base must complete a 65-token prompt)."""
     from scaletune import infer
 
     cfg, adapter = _adapter(make_config, tmp_path, "lora")
@@ -137,6 +139,12 @@ def test_completions_stop_at_the_models_context(make_config, tmp_path, caplog):
         prompt = len(tokenizer("".join(s for s, t in segments if not t), add_special_tokens=False)["input_ids"]) + 1
         model.config.max_position_embeddings = prompt + 3
         infer._CAPPED.clear()
+        with caplog.at_level("WARNING", logger="scaletune"):
+            assert generate(model, _TokenIds(tokenizer), segments, 6) == full  # rotary: not cut
+        assert "completions may run past the" in caplog.text
+        monkeypatch.setattr(infer, "position_limit", lambda config: (config.max_position_embeddings, True))
+        infer._CAPPED.clear()
+        caplog.clear()
         with caplog.at_level("WARNING", logger="scaletune"):
             assert generate(model, _TokenIds(tokenizer), segments, 50) == full[:3]
             model.config.max_position_embeddings = prompt

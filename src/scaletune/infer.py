@@ -18,6 +18,7 @@ from .checkpoint import checkpoint_dirs
 from .config import RunConfig
 from .data.readers import WHERE
 from .errors import ConfigError, DataError, UserError, failed_write, write_error
+from .seqlen import position_limit
 
 log = logging.getLogger("scaletune")
 
@@ -326,11 +327,9 @@ def generate(model: Any, tokenizer: Any, segments: list, max_new_tokens: int) ->
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
     if tokenizer.bos_token_id is not None and (ids.numel() == 0 or ids[0, 0] != tokenizer.bos_token_id):
         ids = torch.cat([torch.tensor([[tokenizer.bos_token_id]]), ids], dim=1)
-    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if isinstance(context, int):
-        # past the positions the model was built for (and, greedy, for as long as asked): stop at its context,
-        # which prompt/prefix tuning's virtual tokens take positions of too
-        used = ids.shape[1] + (_virtual_tokens(model) if is_prompt_learning(model) else 0)
+    context, hard = position_limit(model.config) if hasattr(model, "config") else (None, False)
+    used = ids.shape[1] + (_virtual_tokens(model) if is_prompt_learning(model) else 0)  # (they take positions)
+    if context and hard:  # a learned position table fails past its size: stop there
         if used >= context:
             log.warning("a prompt of %d tokens fills the model's context (%d): no completion", used, context)
             return ""
@@ -340,6 +339,10 @@ def generate(model: Any, tokenizer: Any, segments: list, max_new_tokens: int) ->
                             max_new_tokens, context)
                 _CAPPED.append(True)
             max_new_tokens = context - used
+    elif context and used + max_new_tokens > context and not _CAPPED:  # rotary: runs on, past what it learned
+        log.warning("--max-new-tokens %d: completions may run past the %d positions the model was trained for",
+                    max_new_tokens, context)
+        _CAPPED.append(True)
     if is_prompt_learning(model):  # peft's generate is wrong for these (see greedy_without_cache)
         new = greedy_without_cache(model, ids, max_new_tokens)
     else:

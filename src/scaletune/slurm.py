@@ -145,6 +145,8 @@ def main_slurm(args: argparse.Namespace) -> int:
     """
     no_limit = bool(args.time) and args.time.strip().lower() in ("unlimited", "infinite", "0", "-1")  # Slurm's
     limit = time_limit_seconds(args.time) if args.time and not no_limit else None
+    if limit == 0:  # any zero (00:00:00, 0-0) is Slurm's "no limit" too
+        limit, no_limit = None, True
     if args.time and limit is None and not no_limit:
         from .errors import ConfigError  # (sbatch would refuse it at submission; --dry-run would not say)
 

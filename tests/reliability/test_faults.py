@@ -184,7 +184,7 @@ def test_a_main_rank_failure_while_setting_up_a_resume_stops_every_rank(make_con
     text = res.stdout + res.stderr
     assert res.returncode != 0, text[-3000:]
     assert f"could not set up {out / 'checkpoints'} to resume {left}" in text and "rank 0 could not write" in text
-    assert "scaletune/" not in "".join(l for l in res.stderr.splitlines() if l.startswith("  File")), text[-3000:]
+    assert "scaletune/" not in "".join(ln for ln in res.stderr.splitlines() if ln.startswith("  File")), text[-3000:]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-3"
 
