@@ -8,7 +8,6 @@ import json
 import math
 import os
 import shutil
-import time
 import uuid
 from typing import Any
 
@@ -16,7 +15,7 @@ from .checkpoint import verify
 from .config import EVAL_METRICS
 from .distributed import raise_main_rank_failure
 from .errors import UserError
-from .outdir import abandoned_dir
+from .outdir import abandoned_path
 from .train import Run, write_adapter
 
 BEST_DIR = "best_adapter"
@@ -72,8 +71,7 @@ class BestAdapter:
     def _set_aside(self, on_disk: dict | None, why: str) -> None:
         out = self.run.output_dir
         step = f"step{on_disk['step']}" if on_disk else "unrecorded"
-        # (nanoseconds: two set-asides of the same step within a second must not meet)
-        aside = abandoned_dir(out) / f"{BEST_DIR}-{step}-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**9:09d}"
+        aside = abandoned_path(out, f"{BEST_DIR}-{step}")
         os.rename(out / BEST_DIR, aside)
         written = f"written at step {on_disk['step']}" if on_disk else "with no record of its eval"
         self.mlog.write(f"{out / BEST_DIR} ({written}) is not this run's best so far ({why}): moved to {aside}")

@@ -40,8 +40,7 @@ def check_output_dir(cfg: RunConfig, resume: str | None, overwrite: bool, resume
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"output_dir: {out} cannot be written ({existing} is not writable by this user)")
     if (out / ".abandoned").exists() and not (out / ".abandoned").is_dir():  # before a resume moves anything
-        raise ConfigError(f"output_dir: {out / '.abandoned'} is not a directory: scaletune moves what a run "
-                          "sets aside there", hint="rename or remove that file, then run the same command again")
+        raise _not_a_directory(out / ".abandoned")
     if _has_content(out) and resume is None:
         if not overwrite:
             raise ConfigError(f"output_dir: {out} is not empty; resume it with --resume auto, pick a new "
@@ -86,21 +85,26 @@ def set_aside_metrics(out: Path) -> Path | None:
     old = out / "metrics.jsonl"
     if not old.exists():
         return None
-    aside = abandoned_dir(out) / f"metrics-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**9:09d}.jsonl"
+    aside = abandoned_path(out, "metrics", ".jsonl")
     os.replace(old, aside)
     return aside
 
 
-def abandoned_dir(out: Path) -> Path:
-    """OUTPUT_DIR/.abandoned/, where what a run sets aside (an earlier attempt's metrics, another path's
-    best_adapter/) is moved rather than deleted; created if missing. Main process only."""
+def abandoned_path(out: Path, name: str, suffix: str = "") -> Path:
+    """A new path `OUTPUT_DIR/.abandoned/<name>-<time><suffix>` to move something a run sets aside to (an
+    earlier attempt's metrics, another path's best_adapter/) rather than delete it; `.abandoned/` is created
+    if missing. Nanoseconds in the name: two set-asides within a second must not meet. Main process only."""
     aside = out / ".abandoned"
     try:
         aside.mkdir(exist_ok=True)
     except FileExistsError:  # a file of that name: nothing of the user's is moved or overwritten
-        raise UserError(f"{aside} is not a directory: scaletune moves what a run sets aside there",
-                        hint="rename or remove that file, then run the same command again") from None
-    return aside
+        raise _not_a_directory(aside) from None
+    return aside / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**9:09d}{suffix}"
+
+
+def _not_a_directory(aside: Path) -> ConfigError:
+    return ConfigError(f"output_dir: {aside} is not a directory: scaletune moves what a run sets aside there",
+                       hint="rename or remove that file, then run the same command again")
 
 
 def _not_fresh_start(out: Path) -> str | None:
