@@ -17,6 +17,7 @@ import torch
 from . import checkpoint as ckpt
 from . import methods, nonfinite, runlock
 from .config import RunConfig
+from .distributed import raise_main_rank_failure
 from .errors import EXIT_PREEMPTED, RESUME_AFTER_WRITE, ConfigError, UserError, failed_write, write_error
 from .outdir import check_output_dir, discard_replaced, replaced_note, set_aside, set_aside_metrics
 from .rules import cross_field_problems
@@ -284,8 +285,6 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
             error = UserError(f"could not prepare {out}: {exc.strerror or exc}", hint=RESUME_AFTER_WRITE)
         if error is None and (note := replaced_note(out)):  # also when a later --resume carries on this run
             log.info("%s", note)
-    from .distributed import raise_main_rank_failure
-
     # (also the barrier the other ranks wait at until the output directory is ready)
     raise_main_rank_failure(accelerator, error, str(out), hint=RESUME_AFTER_WRITE)
     if resume_from is not None:
@@ -351,15 +350,13 @@ def restore(run: Run, resume_from: Path) -> None:
             else:
                 why = f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else str(exc)
             error = UserError(f"could not set up {run.output_dir / 'checkpoints'} to resume {resume_from}: "
-                              f"{why[:300]}", hint="fix the cause (free disk space?), then run the same command "
-                                                   "again: a checkpoint from elsewhere is copied in before the "
-                                                   "later ones are moved aside")
+                              f"{why[:300]}", hint="fix what it names (a full disk, a broken link in the checkpoint), "
+                                                   "then run the same command again: a checkpoint from elsewhere "
+                                                   "is copied in before the later ones are moved aside")
         if state.get("train_digest") not in (None, run.data.get("train_digest")):
             # not refused: a fixed typo in the data is a fair reason; but the promise of an exact resume is off
             log.warning("data.train's contents changed since checkpoint %s was written: the resumed run trains "
                         "on other examples than the interrupted one did", resume_from)
-    from .distributed import raise_main_rank_failure
-
     raise_main_rank_failure(accelerator, error, str(run.output_dir / "checkpoints"),
                             hint="fix the cause, then run the same command again")
     accelerator.print(f"resumed from {resume_from} at step {run.step} "
@@ -511,8 +508,6 @@ def write_adapter(run: Run, name: str, extra_meta: dict | None = None) -> Path:
             raise
         shutil.rmtree(tmp, ignore_errors=True)
         error = write_error(exc, final, RESUME_AFTER_WRITE + f" (it writes {name}/ again)")
-    from .distributed import raise_main_rank_failure
-
     raise_main_rank_failure(run.accelerator, error, str(final), hint=RESUME_AFTER_WRITE)
     return final
 
