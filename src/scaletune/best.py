@@ -45,18 +45,16 @@ class BestAdapter:
             why = (f"train.best_metric is now {self.metric}" if changed and self.patience
                    else f"train.early_stopping_patience is now {self.patience}")
             mlog.write(f"continuing the run that stopped early at step {stopped}: {why}")
-        error = None
+        error, hint = None, "nothing was deleted; fix the cause, then run the same command again"
         if run.accelerator.is_main_process:
             try:
                 self._check_on_disk(path_best)
             except UserError as exc:
                 error = exc
             except OSError as exc:
-                error = UserError(f"could not set {run.output_dir / BEST_DIR} aside: {exc.strerror or exc}",
-                                  hint="nothing was deleted; fix the cause, then run the same command again")
+                error = UserError(f"could not set {run.output_dir / BEST_DIR} aside: {exc.strerror or exc}", hint=hint)
         # (the other ranks would wait in the first step's collective for a main rank that has exited)
-        raise_main_rank_failure(run.accelerator, error, f"{run.output_dir / BEST_DIR}",
-                                hint="nothing was deleted; fix the cause, then run the same command again")
+        raise_main_rank_failure(run.accelerator, error, f"{run.output_dir / BEST_DIR}", hint=hint)
 
     def _check_on_disk(self, path_best: dict | None) -> None:
         """best_adapter/ not written by this path's best eval: written after the resumed checkpoint (the steps

@@ -109,6 +109,9 @@ def run_eval(cfg: RunConfig, adapter: str | None, data: str | None) -> dict:
     return evaluate(acc, model, task, evalset, labels, cfg.train.micro_batch_size, tokenizer.pad_token_id)
 
 
+_OTHER_COPY = "use another copy of the adapter, or a checkpoint's: --adapter OUTPUT_DIR/checkpoints/step-N"
+
+
 def adapter_meta(path: Path) -> dict:
     """The adapter's scaletune.json ({} if it has none); a damaged one is one error naming it."""
     meta_file = path / "scaletune.json"
@@ -117,16 +120,12 @@ def adapter_meta(path: Path) -> dict:
     try:
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise UserError(f"the adapter at {path}: its scaletune.json cannot be read ({exc})",
-                        hint="use another copy of the adapter, or a checkpoint's: --adapter "
-                             "OUTPUT_DIR/checkpoints/step-N") from None
+        raise UserError(f"the adapter at {path}: its scaletune.json cannot be read ({exc})", hint=_OTHER_COPY) from None
     labels = meta.get("labels") if isinstance(meta, dict) else None
     if not isinstance(meta, dict) or not (labels is None or (isinstance(labels, list)
                                                              and all(isinstance(x, str) for x in labels))):
         raise UserError(f"the adapter at {path}: its scaletune.json is not what scaletune writes (an object "
-                        "with the task, base model and labels)",
-                        hint="use another copy of the adapter, or a checkpoint's: --adapter "
-                             "OUTPUT_DIR/checkpoints/step-N")
+                        "with the task, base model and labels)", hint=_OTHER_COPY)
     return meta
 
 
@@ -142,14 +141,15 @@ def check_held_out(cfg: RunConfig, path: Path) -> None:
         from .data import train_digest
 
         now, then = train_digest(cfg), meta["train_digest"]
-        if sorted(now.split(",")) != sorted(then.split(",")) and set(now.split(",")) & set(then.split(",")):
+        ours, theirs = now.split(","), then.split(",")
+        if sorted(ours) != sorted(theirs) and set(ours) & set(theirs):
             # some of the run's sources (a subset, a superset): split together with others than the run's, so
             # other examples of them are held out, and the ones it trained on are scored
             raise ConfigError(f"data.eval_fraction: data.train shares sources with the data the adapter at {path} "
                               "trained on but is not the same list, which splits them differently: this split "
                               "would score on examples it trained on",
                               hint="give data.train as the run's (same sources, same order), or --data FILE")
-        if sorted(now.split(",")) != sorted(then.split(",")):
+        if sorted(ours) != sorted(theirs):
             log.info("data.train holds other data than the adapter at %s trained on: its held-out split is not "
                      "compared with the run's", path)
             return
@@ -328,7 +328,8 @@ def generate(model: Any, tokenizer: Any, segments: list, max_new_tokens: int) ->
     if tokenizer.bos_token_id is not None and (ids.numel() == 0 or ids[0, 0] != tokenizer.bos_token_id):
         ids = torch.cat([torch.tensor([[tokenizer.bos_token_id]]), ids], dim=1)
     context, hard = position_limit(model.config) if hasattr(model, "config") else (None, False)
-    used = ids.shape[1] + (_virtual_tokens(model) if is_prompt_learning(model) else 0)  # (they take positions)
+    prompt_learning = is_prompt_learning(model)
+    used = ids.shape[1] + (_virtual_tokens(model) if prompt_learning else 0)  # (virtual tokens take positions)
     if context and hard:  # a learned position table fails past its size: stop there
         if used >= context:
             log.warning("a prompt of %d tokens fills the model's context (%d): no completion", used, context)
@@ -343,7 +344,7 @@ def generate(model: Any, tokenizer: Any, segments: list, max_new_tokens: int) ->
         log.warning("--max-new-tokens %d: completions may run past the %d positions the model was trained for",
                     max_new_tokens, context)
         _CAPPED.append(True)
-    if is_prompt_learning(model):  # peft's generate is wrong for these (see greedy_without_cache)
+    if prompt_learning:  # peft's generate is wrong for these (see greedy_without_cache)
         new = greedy_without_cache(model, ids, max_new_tokens)
     else:
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,

@@ -143,19 +143,18 @@ def main_slurm(args: argparse.Namespace) -> int:
     Reads from `args` (the CLI's namespace): config, overrides, nodes, gpus_per_node, time, partition,
     account, sbatch_args (raw sbatch options), dry_run. The config is validated by the caller.
     """
-    no_limit = bool(args.time) and args.time.strip().lower() in ("unlimited", "infinite", "0", "-1")  # Slurm's
-    limit = time_limit_seconds(args.time) if args.time and not no_limit else None
-    if limit == 0:  # any zero (00:00:00, 0-0) is Slurm's "no limit" too
-        limit, no_limit = None, True
-    if args.time and limit is None and not no_limit:
-        from .errors import ConfigError  # (sbatch would refuse it at submission; --dry-run would not say)
+    from .errors import ConfigError  # (imported here: tests/slurm load this file alone, by path)
 
+    text = (args.time or "").strip()
+    # Slurm's "no limit": UNLIMITED / INFINITE / -1, or any form of zero (0, 00:00:00)
+    named = text.lower() in ("unlimited", "infinite", "-1")
+    limit = time_limit_seconds(text) if text and not named else None
+    if text and limit is None and not named:
+        # (sbatch would refuse it at submission; --dry-run would not say)
         raise ConfigError(f"--time {args.time!r} is not a Slurm time limit: minutes, MM:SS, HH:MM:SS, D-HH, "
                           "D-HH:MM, D-HH:MM:SS or UNLIMITED")
     lead = _signal_lead(list(getattr(args, "sbatch_args", []) or []))
-    if limit is not None and limit <= lead:
-        from .errors import ConfigError
-
+    if limit and limit <= lead:
         raise ConfigError(f"--time {args.time}: the job is told to checkpoint {lead} s before its time limit "
                           "(#SBATCH --signal=B:USR1@" f"{lead}), so it would stop itself at start and requeue "
                           "without progress, again and again",
