@@ -298,7 +298,7 @@ def test_yaml_booleans_for_no_yes_on_off(tmp_path):
 def test_override_of_a_string_key_keeps_the_text_typed(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(BASE))
-    cfg = load_config(path, ["model.revision=0123e45", "output_dir=2024", "data.text_column=yes"])
+    cfg = load_config(path, ["model.revision=0123e45", "output_dir=2024", "task=seq_cls", "data.text_column=yes"])
     assert (cfg.model.revision, cfg.output_dir, cfg.data.text_column) == ("0123e45", "2024", "yes")
     assert load_config(path, ["model.revision=1234567"]).model.revision == "1234567"
     assert load_config(path, ["model.revision=null"]).model.revision is None
@@ -471,3 +471,47 @@ def test_task_and_format_names_agree_wherever_they_are_listed():
     typed = typing.get_args(typing.get_type_hints(config.RunConfig)["task"])
     assert list(config.TASKS) == list(TASKS) == list(typed) == list(methods._ALL)
     assert set(config.CAUSAL_FORMATS) == set(FORMATS)
+
+
+@pytest.mark.parametrize("section,task,message", [
+    ({"train": {"lr_scheduler": "cosine", "min_lr_ratio": 0.5}}, "causal_lm",
+     "train.min_lr_ratio: only lr_scheduler: cosine_with_min_lr ends at a floor; cosine ignores it"),
+    ({"train": {"lr_scheduler": "constant", "warmup_ratio": 0.5}}, "causal_lm",
+     "train.warmup_ratio: 0.5 with lr_scheduler: constant, which has no warmup"),
+    ({"train": {"warmup_ratio": 0.2, "warmup_steps": 5}}, "causal_lm",
+     "train.warmup_ratio and train.warmup_steps: give one or the other"),
+    ({"train": {"max_nonfinite_skips": 3}}, "causal_lm",
+     "train.max_nonfinite_skips: counts skipped updates, and on_nonfinite: stop skips none"),
+    ({"train": {"eval_every": 5}}, "causal_lm", "train.eval_every: there is no eval data to evaluate"),
+    ({"train": {"early_stopping_threshold": 0.5}}, "causal_lm",
+     "train.early_stopping_threshold: only early stopping reads it"),
+    ({"data": {"train": "t.jsonl", "train_on_prompt": True}}, "seq_cls",
+     "data.train_on_prompt: only used by causal_lm, not seq_cls"),
+    ({"data": {"train": "t.jsonl", "train_on_prompt": True, "format": "text"}}, "causal_lm",
+     "data.train_on_prompt: data.format text has no prompt"),
+    ({"data": {"train": "t.jsonl", "tags_column": "x"}}, "seq_cls", "data.tags_column: only read by task token_cls"),
+    ({"data": {"train": "t.jsonl", "text_column": "x"}}, "token_cls", "data.text_column: only read by task seq_cls"),
+    ({"data": {"train": "t.jsonl", "label_column": "x"}}, "causal_lm", "data.label_column: only read by task seq_cls"),
+    ({"data": {"train": "t.jsonl", "chat_template": "chatml", "format": "prompt_completion"}}, "causal_lm",
+     "data.chat_template: data.format prompt_completion records are not conversations"),
+    ({"model": {"name_or_path": "m", "attn_implementation": "varlen"}}, "seq_cls",
+     "model.attn_implementation=varlen: its kernel is causal, for causal_lm; seq_cls would run SDPA"),
+    ({"model": {"name_or_path": "m", "attn_implementation": "varlen"}, "peft": {"method": "prompt_tuning"}},
+     "causal_lm", "model.attn_implementation=varlen with peft.method=prompt_tuning: the virtual tokens"),
+    ({"peft": {"method": "lora", "inference_mode": True}}, "causal_lm",
+     "peft.inference_mode: true freezes the adapter, leaving nothing to train"),
+])
+def test_a_setting_the_run_would_ignore_is_refused(section, task, message):
+    """Each of these was accepted and then never read: the user believed it in effect (a floor on the
+    learning rate, a column name, the varlen kernel), and the run silently did without it."""
+    raw = {**BASE, "task": task, **section}
+    problems = problems_of(raw)
+    assert [p for p in problems if p.startswith(message)], problems
+
+
+def test_a_config_written_out_whole_validates_again():
+    """run.json's `config` holds every default: rerunning it must not read the defaults as settings
+    (min_lr_ratio 0.1 beside lr_scheduler cosine, eval_every 200 without eval data)."""
+    for task in ("causal_lm", "seq_cls", "token_cls"):
+        cfg = from_dict({**BASE, "task": task})
+        assert from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()

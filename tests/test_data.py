@@ -1029,3 +1029,32 @@ def test_a_tokenising_process_that_dies_fails_the_run_with_a_message(tmp_path, t
     assert not any(running(p.pid) for p in processes)
     assert "a process tokenising the data died" in str(caught.value)
     assert "set data.num_proc lower (it was 2; 1 tokenises in the main process)" in str(caught.value)
+
+
+@pytest.mark.parametrize("records,extra,message", [
+    ([{"prompt": "q", "completion": "a"}], {"chat_template": "chatml"},
+     r"data.chat_template: .*t.jsonl holds prompt_completion records, which are not conversations"),
+    ([{"text": "plain text"}], {"chat_template": "chatml"},
+     r"data.chat_template: .*t.jsonl holds text records, which are not conversations"),
+    ([{"text": "plain text"}], {"train_on_prompt": True}, r"data.train_on_prompt: .*t.jsonl holds text records"),
+])
+def test_a_setting_the_detected_format_ignores_is_refused(tmp_path, tiny_llama, records, extra, message):
+    """With data.format auto the format is known only from the data: a chat template the records never
+    meet (the token ids were the same with and without it) is refused there."""
+    from scaletune.errors import ConfigError
+
+    data = write_jsonl(tmp_path / "t.jsonl", records * 2)
+    cfg = _cfg(tmp_path, tiny_llama, data=data, **extra)
+    with pytest.raises(ConfigError, match=message):
+        build_datasets(cfg, get_task("causal_lm"), load_tokenizer(cfg))
+
+
+def test_a_revision_of_a_local_model_directory_is_refused(tmp_path, tiny_llama):
+    """transformers ignores `revision` for a local directory: `revision: no-such-branch` trained."""
+    from scaletune.errors import ConfigError
+
+    cfg = _cfg(tmp_path, tiny_llama, data=tmp_path / "t.jsonl")
+    cfg.model.revision = "no-such-branch"
+    with pytest.raises(ConfigError, match=r"model.revision: 'no-such-branch' names a version of a hub model, but "
+                                          r"model.name_or_path .* is a local directory"):
+        load_tokenizer(cfg)

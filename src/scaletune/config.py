@@ -22,6 +22,7 @@ from .errors import ConfigError
 
 TASKS = ("causal_lm", "seq_cls", "token_cls")
 CAUSAL_FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion", "text")
+NO_CHAT_FORMATS = ("prompt_completion", "text")  # plain text segments: no chat template renders them
 MAX_PEFT_SIZE = 65536  # adapter rank / virtual tokens: far beyond any model's hidden size
 _PEFT_SIZE_KEYS = ("r", "init_r", "target_r", "num_virtual_tokens", "encoder_hidden_size", "bottleneck_dim")
 

@@ -29,6 +29,9 @@ def _check_model_source(cfg: RunConfig) -> None:
     if p.exists():
         if not (p / "config.json").is_file():
             raise ConfigError(f"model.name_or_path: {src} has no config.json (not a transformers model directory)")
+        if cfg.model.revision is not None:  # (transformers ignores a revision for a local directory)
+            raise ConfigError(f"model.revision: {cfg.model.revision!r} names a version of a hub model, but "
+                              f"model.name_or_path {src} is a local directory (one version); drop model.revision")
         return
     # a hub id is "name" or "org/name"; "models/llama-typo" beside an existing ./models is a local path
     # too (else the hub client's "couldn't connect" or "Repo id must be..." would be the error)

@@ -14,6 +14,7 @@ from .config import (
     CAUSAL_FORMATS,
     EVAL_METRICS,
     MAX_PEFT_SIZE,
+    NO_CHAT_FORMATS,
     RunConfig,
     _did_you_mean,
     _short,
@@ -50,6 +51,7 @@ def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_c
         p.append(f"train.warmup_steps: {t.warmup_steps} is not shorter than train.max_steps ({t.max_steps}); the "
                  "learning rate would never reach train.learning_rate")
     p += _best_and_early_stopping(cfg)
+    p += _ignored_keys(cfg)
     if t.loraplus_lr_ratio is not None:
         if not (1 <= t.loraplus_lr_ratio <= 1000):
             p.append(f"train.loraplus_lr_ratio: must be between 1 and 1000 (the paper suggests 16), got "
@@ -235,6 +237,53 @@ def tracker_problems(cfg: RunConfig) -> list[str]:
             f"or drop it from report_to)" for t in missing]
 
 
+def _changed(section: Any, key: str) -> bool:
+    """Whether `key` of a config section differs from its default. A config written out whole (run.json's
+    `config`, to rerun a run) holds every default, so "set" cannot mean "present"."""
+    return getattr(section, key) != type(section).__dataclass_fields__[key].default
+
+
+def _ignored_keys(cfg: RunConfig) -> list[str]:
+    """Keys set away from their defaults that the run would accept and then never read: each is a setting
+    the user believes is in effect."""
+    t, d, m, p = cfg.train, cfg.data, cfg.model, []
+    if _changed(t, "min_lr_ratio") and t.lr_scheduler != "cosine_with_min_lr":
+        p.append(f"train.min_lr_ratio: only lr_scheduler: cosine_with_min_lr ends at a floor; {t.lr_scheduler} "
+                 "ignores it (set lr_scheduler: cosine_with_min_lr, or drop min_lr_ratio)")
+    if _changed(t, "warmup_ratio") and t.warmup_ratio and t.lr_scheduler == "constant":
+        p.append(f"train.warmup_ratio: {t.warmup_ratio} with lr_scheduler: constant, which has no warmup; use "
+                 "lr_scheduler: constant_with_warmup")
+    elif _changed(t, "warmup_ratio") and t.warmup_steps is not None:
+        p.append("train.warmup_ratio and train.warmup_steps: give one or the other (warmup_steps would win)")
+    if _changed(t, "max_nonfinite_skips") and t.on_nonfinite != "skip":
+        p.append("train.max_nonfinite_skips: counts skipped updates, and on_nonfinite: stop skips none (it stops "
+                 "at the first); set on_nonfinite: skip, or drop max_nonfinite_skips")
+    if _changed(t, "eval_every") and t.eval_every is not None and not (d.eval or d.eval_fraction):
+        p.append("train.eval_every: there is no eval data to evaluate; set data.eval or data.eval_fraction (or "
+                 "drop eval_every)")
+    for key, task in (("text_column", "seq_cls"), ("text_pair_column", "seq_cls"), ("label_column", "seq_cls"),
+                      ("tokens_column", "token_cls"), ("tags_column", "token_cls")):
+        if getattr(d, key) is not None and cfg.task != task:
+            p.append(f"data.{key}: only read by task {task}, not {cfg.task}")
+    if d.train_on_prompt and cfg.task != "causal_lm":
+        p.append(f"data.train_on_prompt: only used by causal_lm, not {cfg.task}")
+    elif d.train_on_prompt and d.format == "text":
+        p.append("data.train_on_prompt: data.format text has no prompt (all of it is trained already)")
+    if d.chat_template is not None and d.format in NO_CHAT_FORMATS:
+        p.append(f"data.chat_template: data.format {d.format} records are not conversations; no template renders "
+                 "them (use format alpaca/sharegpt/messages, or drop chat_template)")
+    if m.attn_implementation == "varlen" and cfg.task != "causal_lm":
+        p.append(f"model.attn_implementation=varlen: its kernel is causal, for causal_lm; {cfg.task} would run "
+                 "SDPA on every call; use sdpa")
+    elif m.attn_implementation == "varlen" and cfg.peft_method in ("prefix_tuning", "prompt_tuning", "p_tuning"):
+        p.append(f"model.attn_implementation=varlen with peft.method={cfg.peft_method}: the virtual tokens leave "
+                 "no call the kernel can take (each would run SDPA); use sdpa")
+    if cfg.peft.get("inference_mode") is True:
+        p.append("peft.inference_mode: true freezes the adapter, leaving nothing to train (scaletune sets it "
+                 "when it loads an adapter for eval and predict)")
+    return p
+
+
 def _best_and_early_stopping(cfg: RunConfig) -> list[str]:
     t, d, p = cfg.train, cfg.data, []
     names = EVAL_METRICS.get(cfg.task, {})
@@ -254,6 +303,9 @@ def _best_and_early_stopping(cfg: RunConfig) -> list[str]:
                      "nothing to stop early)")
     if not (t.early_stopping_threshold >= 0):
         p.append(f"train.early_stopping_threshold: must be >= 0, got {t.early_stopping_threshold}")
+    elif t.early_stopping_threshold and t.early_stopping_patience is None:
+        p.append("train.early_stopping_threshold: only early stopping reads it; set "
+                 "train.early_stopping_patience too, or drop the threshold")
     return p
 
 

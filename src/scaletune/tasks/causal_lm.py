@@ -9,9 +9,10 @@ from typing import Any
 
 import torch
 
+from ..config import NO_CHAT_FORMATS
 from ..data.formats import detect, get_format, ignored_fields, to_segments
 from ..data.readers import WHERE
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..trainable_state import unwrap
 from .base import IGNORE, TRUNCATED, UNSTOPPED, Task, ce_sum, pad_batch, register
 
@@ -69,6 +70,13 @@ class CausalLM(Task):
 
     def setup(self, records: list[dict], cfg: Any, source: str) -> list[str] | None:
         self.format = get_format(cfg.data.format, records, source)
+        # (an explicit data.format is checked with the config; auto's choice is known only here)
+        if cfg.data.chat_template is not None and self.format.name in NO_CHAT_FORMATS:
+            raise ConfigError(f"data.chat_template: {source} holds {self.format.name} records, which are not "
+                              "conversations; no template renders them (drop data.chat_template)")
+        if cfg.data.train_on_prompt and self.format.name == "text":
+            raise ConfigError(f"data.train_on_prompt: {source} holds text records, which have no prompt (all of "
+                              "each is trained already)")
         self.varlen = cfg.model.attn_implementation == "varlen"
         return None
 
