@@ -1058,3 +1058,15 @@ def test_a_revision_of_a_local_model_directory_is_refused(tmp_path, tiny_llama):
     with pytest.raises(ConfigError, match=r"model.revision: 'no-such-branch' names a version of a hub model, but "
                                           r"model.name_or_path .* is a local directory"):
         load_tokenizer(cfg)
+
+
+def test_a_chat_template_that_drops_the_answers_is_named(tmp_path, tiny_llama):
+    """A template that writes only the user turns left every example without targets, reported as "no
+    target tokens within max_length": the fix it pointed at (a longer max_length) could not help."""
+    data = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "q"},
+                                                            {"role": "assistant", "content": "a"}]}] * 2)
+    cfg = _cfg(tmp_path, tiny_llama, data=data)
+    tok = load_tokenizer(cfg)
+    tok.chat_template = "{% for m in messages %}{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}{% endif %}{% endfor %}"
+    with pytest.raises(DataError, match=r"c.jsonl:1: the chat template renders assistant turn messages\[1\] as nothing"):
+        build_datasets(cfg, get_task("causal_lm"), tok)

@@ -325,6 +325,10 @@ def _render_template(messages: list[dict], tokenizer: Any, where: str, tools: li
         if not (upto.startswith(before) and before.startswith(_joined(segments))):
             raise DataError(f"{where}: the tokenizer's chat template does not render conversations "
                             "incrementally; use data.format text/prompt_completion or another template")
+        if m.get("train", True) and not upto[len(before):].strip():  # (else "no target tokens within max_length")
+            raise DataError(f"{where}: the chat template renders assistant turn messages[{i}] as nothing, so there "
+                            "is nothing to learn from it",
+                            hint="the template must write each assistant message's content (and its end marker)")
         segments.append((before[done:], False))
         segments.append((upto[len(before):], m.get("train", True)))
         done = len(upto)
