@@ -109,6 +109,7 @@ def test_trackers_get_the_whole_config_and_write_inside_output_dir(tmp_path, mon
     assert os.environ["MLFLOW_TRACKING_URI"] == "http://mlflow.example:5000"
     assert calls["init_kwargs"]["wandb"]["dir"] == str(tmp_path / "mine")
     assert calls["init_kwargs"]["mlflow"]["run_name"] == "run"  # not MLflow's seeded random name
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # (a resume asks the store for its run: not an unreachable host)
     # W&B: one run across resumes, not a new one per start (the id comes from run.json's first start)
     (out / "run.json").write_text(json.dumps({"started": "2026-12-04T06:00:00+0000"}))
     start_trackers(fake, cfg, out, start_step=0)

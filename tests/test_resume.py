@@ -389,3 +389,21 @@ def test_a_checkpoint_copied_in_before_anything_moves(tmp_path):
     assert sorted(p.name for p in aside.iterdir()) == ["step-60", "step-70"]
     assert (out / "checkpoints" / "step-40" / "state.json").read_text() == "step 40" and misnamed.is_dir()
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-40"
+
+
+def test_an_mlflow_run_continues_across_resumes(make_config, tmp_path, monkeypatch):
+    """MLflow makes its own run ids: every start of a preempted-and-requeued job opened a new MLflow run.
+    The first start's run is found again by scaletune's tag and logged to on."""
+    mlflow = pytest.importorskip("mlflow")
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID", "MLFLOW_TAGS"):
+        monkeypatch.delenv(var, raising=False)
+    path = make_config("causal_lm", n=32, train={"max_steps": 4, "save_every": 2, "log_every": 1,
+                                                 "report_to": ["mlflow"]})
+    out = tmp_path / "run"
+    assert _train(path) == 0
+    assert _train(path, "--resume", out / "checkpoints" / "step-2") == 0
+    mlflow.set_tracking_uri(f"sqlite:///{out / 'mlruns' / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["scaletune"], output_format="list")
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    steps = [m.step for m in mlflow.MlflowClient().get_metric_history(runs[0].info.run_id, "train/loss")]
+    assert sorted(steps) == [1, 2, 3, 3, 4, 4]  # the resume logged steps 3 and 4 again, into the same run

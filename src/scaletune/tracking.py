@@ -95,13 +95,19 @@ def start_trackers(accelerator: Any, cfg: Any, output_dir: Path, start_step: int
         if accelerator.is_main_process and (run_id := _run_id(output_dir)):
             # the same W&B run on every resume (its first start's id), not a new run per start
             init_kwargs["wandb"].update(id=run_id, resume="allow")
-    if "mlflow" in trackers:
-        # named like W&B's: MLflow's own random names repeat across runs (set_seed seeds their generator)
-        init_kwargs["mlflow"] = {"run_name": output_dir.name}
     if "mlflow" in trackers and not os.environ.get("MLFLOW_TRACKING_URI"):
         # an SQLite store: MLflow 3 refuses its old ./mlruns file store unless told to allow it
         (output_dir / "mlruns").mkdir(parents=True, exist_ok=True)
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{(output_dir / 'mlruns' / 'mlflow.db').resolve()}"
+    if "mlflow" in trackers:
+        # named like W&B's: MLflow's own random names repeat across runs (set_seed seeds their generator)
+        init_kwargs["mlflow"] = {"run_name": output_dir.name}
+        if accelerator.is_main_process and (run_id := _run_id(output_dir)):
+            # MLflow makes its own run ids, so the run is tagged with ours and found again on a resume:
+            # one MLflow run across requeues, as with W&B
+            init_kwargs["mlflow"]["tags"] = {MLFLOW_TAG: run_id}
+            if start_step and (existing := _mlflow_run(run_id)):
+                init_kwargs["mlflow"]["run_id"] = existing
     accelerator.init_trackers("scaletune", config=flat_config(cfg.to_dict()), init_kwargs=init_kwargs)
 
 
@@ -112,6 +118,22 @@ def _run_id(output_dir: Path) -> str | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return hashlib.sha256(f"{output_dir.resolve()}|{started}".encode()).hexdigest()[:16]
+
+
+MLFLOW_TAG = "scaletune_run"
+
+
+def _mlflow_run(run_id: str) -> str | None:
+    """The MLflow run an earlier start of this run logged to (tagged with `run_id`), or None."""
+    import mlflow
+
+    experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME", "scaletune")  # (accelerate's name for it, as there)
+    try:
+        runs = mlflow.search_runs(experiment_names=[experiment], filter_string=f"tags.{MLFLOW_TAG} = '{run_id}'",
+                                  output_format="list", max_results=1)
+    except mlflow.exceptions.MlflowException:  # (no such experiment yet: nothing to continue)
+        return None
+    return runs[0].info.run_id if runs else None
 
 
 def _wandb_login_saved() -> bool:
