@@ -895,7 +895,7 @@ def test_a_rank_that_lost_its_peer_prints_one_line(capsys, make_config, monkeypa
     monkeypatch.setenv("RANK", "1")
     code, _, err = run_cli(["train", path], capsys)
     assert code == 2 and err.strip().splitlines() == [
-        "rank 1: stopped because another rank failed (Connection closed by peer); its error is above"]
+        "rank 1: stopped because another rank failed (Connection closed by peer); its error is printed by that rank"]
 
 
 def test_rank_0s_error_relayed_to_the_others_is_printed_once_per_node(capsys, make_config, monkeypatch):
@@ -913,7 +913,7 @@ def test_rank_0s_error_relayed_to_the_others_is_printed_once_per_node(capsys, ma
     monkeypatch.setenv("LOCAL_RANK", "1")
     path = make_config()
     code, _, err = run_cli(["train", path], capsys)
-    assert code == 2 and err.strip() == "rank 1: stopped by rank 0's error (above)"
+    assert code == 2 and err.strip() == "rank 1: stopped by rank 0's error (rank 0 prints it)"
     monkeypatch.setenv("LOCAL_RANK", "0")  # the first process of another node: its log needs the error itself
     code, _, err = run_cli(["train", path], capsys)
     assert_clean_error(code, err, "error: data.train: no usable examples in x.jsonl")
@@ -935,3 +935,21 @@ def test_launch_args_prints_the_deepspeed_flags_or_says_why_there_are_none(capsy
     assert code == 0 and out == "\n" and "no DeepSpeed flags: distributed.zero_stage is 0" in err
     code, out, err = run_cli(["launch-args", path, "distributed.zero_stage=3"], capsys)
     assert code == 0 and "--use_deepspeed" in out and "--zero_stage 3" in out and err == "", (out, err)
+
+
+def test_a_long_eval_says_it_is_alive(capsys, make_config, tmp_path, monkeypatch):
+    """CoNLL's 3,250 validation sentences took minutes on a CPU after the last step line with nothing on
+    screen. Off a terminal a line comes every half minute (here time runs 40 s per batch)."""
+    path = make_config("causal_lm", n=24, train={"max_steps": 1, "micro_batch_size": 4, "global_batch_size": 4})
+    assert run_cli(["train", path], capsys)[0] == 0
+    import scaletune.evaluate
+
+    clock = iter(range(0, 10**6, 40))
+    monkeypatch.setattr(scaletune.evaluate.time, "monotonic", lambda: next(clock))
+    monkeypatch.setenv("SCALETUNE_NO_PROGRESS", "0")
+    code, out, err = run_cli(["eval", path], capsys)
+    assert code == 0 and "perplexity" in json.loads(out)
+    done = [tuple(map(int, line.removeprefix("eval: batch ").split("/"))) for line in err.splitlines()
+            if line.startswith("eval: batch ")]
+    assert len(done) >= 2 and len({n for _, n in done}) == 1, err  # batch k of the whole set's count
+    assert [k for k, _ in done] == sorted({k for k, _ in done}) and done[-1][0] <= done[-1][1]

@@ -515,3 +515,22 @@ def test_a_config_written_out_whole_validates_again():
     for task in ("causal_lm", "seq_cls", "token_cls"):
         cfg = from_dict({**BASE, "task": task})
         assert from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()
+
+
+def test_a_missing_deepspeed_or_bitsandbytes_is_named_before_anything_starts(monkeypatch):
+    """Command 1 installs no DeepSpeed: `scaletune launch ... distributed.zero_stage=3` ended in accelerate's
+    ImportError traceback on every rank, exit 1. The commands about to train name the extra instead."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("deepspeed", "bitsandbytes")
+                        else real(name, *a))
+    raw = {**BASE, "model": {"name_or_path": "m", "quantization": "4bit", "dtype": "bfloat16"},
+           "train": {"optimizer": "adamw_8bit"}, "distributed": {"zero_stage": 2}}
+    problems = problems_of({**raw, "train": {"optimizer": "adamw"}}, check_peft=True)
+    assert problems == [
+        "distributed.zero_stage=2 needs DeepSpeed, which is not installed in this environment (pip install "
+        "'scaletune[deepspeed]', or zero_stage 0)",
+        "model.quantization=4bit needs bitsandbytes, which is not installed in this environment (pip install "
+        "'scaletune[quant]')"]
+    assert "train.optimizer=adamw_8bit needs bitsandbytes" in problems_of({**raw, "distributed": {}}, check_peft=True)[-1]

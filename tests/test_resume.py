@@ -93,6 +93,9 @@ def test_resume_and_overwrite_together_are_refused(make_config, tmp_path, capsys
     assert _train(path, "--resume", "auto", "--overwrite") == 2
     assert "--resume and --overwrite contradict each other" in capsys.readouterr().err
     assert (tmp_path / "run" / "run.json").read_text() == before
+    # said first, whatever else is wrong: a changed config's refusal used to hide it until it was undone
+    assert _train(path, "train.learning_rate=0.5", "--resume", "auto", "--overwrite") == 2
+    assert "--resume and --overwrite contradict each other" in capsys.readouterr().err
 
 
 def test_resume_from_an_older_checkpoint_sets_the_later_ones_aside(make_config, tmp_path, caplog):

@@ -141,6 +141,9 @@ def check_args(args: argparse.Namespace) -> None:
             problems.append(f"--steps: must be >= 1, got {args.steps}")
         if Path(args.out).exists() and not Path(args.out).is_dir():
             problems.append(f"--out {args.out}: exists and is not a directory")
+    if getattr(args, "resume", None) is not None and getattr(args, "overwrite", False):  # (train, launch, slurm)
+        problems.append("--resume and --overwrite contradict each other: --resume continues the run in output_dir, "
+                        "--overwrite replaces it; pass one")
     if cmd == "predict":
         if args.max_new_tokens < 1:
             problems.append(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")
@@ -317,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         # the rank that failed first has printed its own error; this traceback would only bury it
         print(f"rank {os.environ.get('RANK', '?')}: stopped because another rank failed ({why}); its error is "
-              "above", file=sys.stderr)
+              "printed by that rank", file=sys.stderr)
         return EXIT_USAGE
 
 
@@ -327,7 +330,7 @@ def _render_error(exc: UserError) -> str:
     source = getattr(exc, "relayed_from", None)
     if source is None or os.environ.get("LOCAL_RANK", "0") == "0":
         return exc.render()
-    return f"rank {os.environ.get('RANK', '?')}: stopped by rank {source}'s error (above)"
+    return f"rank {os.environ.get('RANK', '?')}: stopped by rank {source}'s error (rank {source} prints it)"
 
 
 def _resume_hint(args: argparse.Namespace) -> str:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import time
 from typing import Any
 
 import torch
@@ -19,7 +22,22 @@ def evaluate(accelerator: Any, model: Any, task: Any, dataset: Any, labels: list
     loss_sum = torch.zeros((), dtype=torch.float64)
     n_targets = 0
     preds: list = []
-    for idx in eval_batches(len(dataset), micro, accelerator.num_processes, accelerator.process_index):
+    batches = eval_batches(len(dataset), micro, accelerator.num_processes, accelerator.process_index)
+    # An eval set of thousands takes minutes on a CPU with nothing on screen, as if hung: a bar on a
+    # terminal, else a line every half minute (a Slurm .out file)
+    shown = accelerator.is_main_process and os.environ.get("SCALETUNE_NO_PROGRESS") != "1"
+    bar = None
+    if shown and sys.stderr.isatty():
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(batches), desc="eval", unit="batch", leave=False, dynamic_ncols=True)
+    said = time.monotonic()
+    for done, idx in enumerate(batches, 1):
+        if bar is not None:
+            bar.update()
+        elif shown and time.monotonic() - said > 30:
+            print(f"eval: batch {done}/{len(batches)}", file=sys.stderr, flush=True)
+            said = time.monotonic()
         batch = send_to_device(task.collate([dataset[i] for i in (idx or [0])], pad_id), accelerator.device)
         with accelerator.autocast():
             loss, logits = task.loss_sum(model, batch)
@@ -29,6 +47,8 @@ def evaluate(accelerator: Any, model: Any, task: Any, dataset: Any, labels: list
         n_targets += task.count_targets(batch)
         if logits is not None:  # None: causal_lm's chunked loss never builds them (and needs none)
             preds += task.predictions(logits.float().cpu(), {k: v.cpu() for k, v in batch.items()})
+    if bar is not None:
+        bar.close()
     totals = accelerator.reduce(torch.tensor([loss_sum.item(), float(n_targets)], device=accelerator.device,
                                              dtype=torch.float64), "sum")
     if accelerator.num_processes > 1:

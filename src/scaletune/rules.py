@@ -226,15 +226,26 @@ def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_c
     return p
 
 
-def tracker_problems(cfg: RunConfig) -> list[str]:
-    """train.report_to trackers whose package is not installed here. accelerate only warns about one
-    (or, for wandb, says nothing) and the run logs to no tracker at all: refuse it before training."""
+def package_problems(cfg: RunConfig) -> list[str]:
+    """Settings whose optional package is not installed here. A train.report_to tracker: accelerate only
+    warns about one (or, for wandb, says nothing) and the run logs to no tracker at all. DeepSpeed: a
+    launch failed inside accelerate, one traceback per rank. Refused before anything starts."""
     import importlib.util
 
-    # each is the name of its package (and of scaletune's extra); tensorboard is a dependency of scaletune
-    missing = [t for t in cfg.train.report_to or [] if t in ("wandb", "mlflow") and importlib.util.find_spec(t) is None]
-    return [f"train.report_to: {t} is not installed in this environment (pip install 'scaletune[{t}]', "
-            f"or drop it from report_to)" for t in missing]
+    def missing(package: str) -> bool:
+        return importlib.util.find_spec(package) is None
+
+    # each tracker is the name of its package (and of scaletune's extra); tensorboard is a dependency
+    p = [f"train.report_to: {t} is not installed in this environment (pip install 'scaletune[{t}]', "
+         f"or drop it from report_to)" for t in cfg.train.report_to or [] if t in ("wandb", "mlflow") and missing(t)]
+    if cfg.distributed.zero_stage > 0 and missing("deepspeed"):
+        p.append(f"distributed.zero_stage={cfg.distributed.zero_stage} needs DeepSpeed, which is not installed in "
+                 "this environment (pip install 'scaletune[deepspeed]', or zero_stage 0)")
+    for key, value in (("model.quantization", cfg.model.quantization), ("train.optimizer", cfg.train.optimizer)):
+        if value in ("4bit", "8bit", "adamw_8bit", "paged_adamw_8bit") and missing("bitsandbytes"):
+            p.append(f"{key}={value} needs bitsandbytes, which is not installed in this environment (pip install "
+                     "'scaletune[quant]')")
+    return p
 
 
 def _changed(section: Any, key: str) -> bool:

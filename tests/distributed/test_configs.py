@@ -327,4 +327,4 @@ def test_a_launch_of_another_zero_stage_than_the_configs_is_refused(clean_env, m
     clean_env.setenv("RANK", "1")
     clean_env.setenv("LOCAL_RANK", "1")
     assert main(["train", str(path), "train.global_batch_size=8", "train.micro_batch_size=2"]) == 2
-    assert capsys.readouterr().err.strip() == "rank 1: stopped by rank 0's error (above)"
+    assert capsys.readouterr().err.strip() == "rank 1: stopped by rank 0's error (rank 0 prints it)"

@@ -25,7 +25,7 @@ def test_data_error_on_rank_0_ends_the_launch_with_one_screen(make_config):
     assert res.returncode == 2, err
     assert "Traceback" not in err and "ChildFailedError" not in err
     assert err.count("error: data.train: no usable examples") == 1, err
-    assert "rank 1: stopped by rank 0's error (above)" in err or "rank 1 was stopped" in err, err
+    assert "rank 1: stopped by rank 0's error (rank 0 prints it)" in err or "rank 1 was stopped" in err, err
     # one summary line; which rank torchrun saw end first (and stopped the other) is a race
     summary = [line for line in err.splitlines() if line.startswith("scaletune launch:")]
     assert len(summary) == 1 and "exited with code 2" in summary[0], err
