@@ -351,16 +351,17 @@ def test_output_cut_short_by_the_reader_is_not_a_traceback(tmp_path):
 
 
 class Recorder(torch.nn.Module):
-    """A stand-in classifier: records the input ids of every call; its logits are all zero (label 0)."""
+    """A stand-in classifier: records the input ids of every line; its logits are all zero (label 0)."""
 
     def __init__(self, n_labels: int, per_token: bool):
         super().__init__()
         self.n_labels, self.per_token, self.seen = n_labels, per_token, []
 
-    def forward(self, input_ids, **_):
+    def forward(self, input_ids, attention_mask=None, **_):
         from types import SimpleNamespace
 
-        self.seen.append(input_ids[0].tolist())
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        self.seen += [row[keep.bool()].tolist() for row, keep in zip(input_ids, mask)]  # each line, unpadded
         shape = (*input_ids.shape, self.n_labels) if self.per_token else (input_ids.shape[0], self.n_labels)
         return SimpleNamespace(logits=torch.zeros(shape))
 
@@ -953,3 +954,34 @@ def test_a_long_eval_says_it_is_alive(capsys, make_config, tmp_path, monkeypatch
             if line.startswith("eval: batch ")]
     assert len(done) >= 2 and len({n for _, n in done}) == 1, err  # batch k of the whole set's count
     assert [k for k, _ in done] == sorted({k for k, _ in done}) and done[-1][0] <= done[-1][1]
+
+
+@pytest.mark.parametrize("task,base", [("seq_cls", "bert"), ("seq_cls", "llama"), ("token_cls", "bert")])
+def test_predict_in_batches_labels_as_one_line_at_a_time(capsys, make_config, tiny_llama, monkeypatch, task, base):
+    """Lines are labelled 32 per forward (padded on the right; a decoder classifies by its last real
+    token): the same labels, scores and tags as one line per forward, across a batch boundary, with
+    lines of very different lengths, and the lines in input order."""
+    import random
+
+    import scaletune.infer as infer
+
+    from stutil import cls_records, ner_records
+
+    extra = {"model": {"name_or_path": str(tiny_llama)}} if base == "llama" else {}
+    path = make_config(task, train={"max_steps": 2}, **extra)
+    assert run_cli(["train", path], capsys)[0] == 0
+    rng = random.Random(0)
+    if task == "seq_cls":
+        lines = [{"text": " ".join([r["text"]] * rng.randint(1, 6))} for r in cls_records(40, seed=3)]
+    else:
+        lines = [{"tokens": r["tokens"] * rng.randint(1, 6)} for r in ner_records(40, seed=3)]
+    code, batched, err, _ = _predict(path, capsys, lines)
+    assert code == 0, err
+    monkeypatch.setattr(infer, "PREDICT_BATCH", 1)
+    code, single, err, _ = _predict(path, capsys, lines)
+    assert code == 0, err
+    assert [g["line"] for g in batched] == list(range(1, 41))
+    for b, s in zip(batched, single):
+        assert {k: v for k, v in b.items() if k != "score"} == {k: v for k, v in s.items() if k != "score"}
+        if task == "seq_cls":
+            assert b["score"] == pytest.approx(s["score"], abs=1e-5)

@@ -127,14 +127,17 @@ def pad_batch(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return batch
 
 
-def overflowed(enc: Any, max_length: int) -> bool:
-    """Whether the tokenizer call behind `enc` (truncation=True, one text) cut tokens off at `max_length`.
+def overflowed(enc: Any, max_length: int, i: int = 0) -> bool:
+    """Whether the tokenizer call behind `enc` (truncation=True) cut tokens off text `i` at `max_length`.
     Tokenizers without a Rust backend keep no overflow record: there an example that fills `max_length`
     exactly counts as cut too."""
     encodings = getattr(enc, "encodings", None)
-    if not encodings:
-        return len(enc["input_ids"]) >= max_length
-    return bool(encodings[0].overflowing)
+    if encodings:
+        return bool(encodings[i].overflowing)
+    ids, mask = enc["input_ids"], enc.get("attention_mask")
+    if len(ids) and not isinstance(ids[0], int):  # a batch (lists or a tensor): text i, without its padding
+        ids, mask = ids[i], (mask[i] if mask is not None else None)
+    return int(sum(mask) if mask is not None else len(ids)) >= max_length
 
 
 def ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
