@@ -95,9 +95,9 @@ def test_only_for_causal_lm(make_config, capsys):
     assert "data.chat_template: only used by causal_lm, not seq_cls" in capsys.readouterr().err
 
 
-def test_a_template_that_renders_nothing_drops_the_examples(make_config, tmp_path, capsys):
+def test_a_template_that_renders_nothing_is_named(make_config, tmp_path, capsys):
     (tmp_path / "empty.jinja").write_text("{% if false %}x{% endif %}")
     path = make_config("causal_lm", n=8, data={"chat_template": str(tmp_path / "empty.jinja")})
-    assert main(["train", str(path)]) == 2  # (every example dropped: no target tokens)
+    assert main(["train", str(path)]) == 2
     err = capsys.readouterr().err
-    assert "Traceback" not in err and "no usable examples" in err, err
+    assert "Traceback" not in err and "renders assistant turn messages[1] as nothing" in err, err

@@ -480,6 +480,9 @@ def test_task_and_format_names_agree_wherever_they_are_listed():
      "train.warmup_ratio: 0.5 with lr_scheduler: constant, which has no warmup"),
     ({"train": {"warmup_ratio": 0.2, "warmup_steps": 5}}, "causal_lm",
      "train.warmup_ratio and train.warmup_steps: give one or the other"),
+    ({"train": {"on_nonfinite": "stop", "max_nonfinite_skips": 3}}, "causal_lm",
+     "train.max_nonfinite_skips: counts skipped updates, and on_nonfinite: stop skips none (it stops at the first); "
+     "set on_nonfinite: skip, or max_nonfinite_skips back to 10"),
     ({"train": {"max_nonfinite_skips": 3}}, "causal_lm",
      "train.max_nonfinite_skips: counts skipped updates, and on_nonfinite: stop skips none"),
     ({"train": {"eval_every": 5}}, "causal_lm", "train.eval_every: there is no eval data to evaluate"),
@@ -505,8 +508,10 @@ def test_a_setting_the_run_would_ignore_is_refused(section, task, message):
     """Each of these was accepted and then never read: the user believed it in effect (a floor on the
     learning rate, a column name, the varlen kernel), and the run silently did without it."""
     raw = {**BASE, "task": task, **section}
-    problems = problems_of(raw)
+    problems = problems_of(raw, check_peft=True)
     assert [p for p in problems if p.startswith(message)], problems
+    if "inference_mode" not in message:  # (a peft option: checked with the peft section, as training asks)
+        from_dict(raw)  # eval / predict / merge read a trained run's config: a training-only setting is no error
 
 
 def test_a_config_written_out_whole_validates_again():
@@ -519,18 +524,25 @@ def test_a_config_written_out_whole_validates_again():
 
 def test_a_missing_deepspeed_or_bitsandbytes_is_named_before_anything_starts(monkeypatch):
     """Command 1 installs no DeepSpeed: `scaletune launch ... distributed.zero_stage=3` ended in accelerate's
-    ImportError traceback on every rank, exit 1. The commands about to train name the extra instead."""
+    ImportError traceback on every rank, exit 1. A launch (or a Slurm submit) names the extra first; a dry
+    run or a plan, composed for another machine, does not ask."""
     import importlib.util
+
+    from scaletune.launch import preflight
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("deepspeed", "bitsandbytes")
                         else real(name, *a))
     raw = {**BASE, "model": {"name_or_path": "m", "quantization": "4bit", "dtype": "bfloat16"},
-           "train": {"optimizer": "adamw_8bit"}, "distributed": {"zero_stage": 2}}
-    problems = problems_of({**raw, "train": {"optimizer": "adamw"}}, check_peft=True)
-    assert problems == [
+           "distributed": {"zero_stage": 2}}
+    cfg = from_dict(raw, check_peft=True)
+    with pytest.raises(ConfigError) as err:
+        preflight(cfg)
+    assert err.value.problems == [
         "distributed.zero_stage=2 needs DeepSpeed, which is not installed in this environment (pip install "
         "'scaletune[deepspeed]', or zero_stage 0)",
         "model.quantization=4bit needs bitsandbytes, which is not installed in this environment (pip install "
         "'scaletune[quant]')"]
-    assert "train.optimizer=adamw_8bit needs bitsandbytes" in problems_of({**raw, "distributed": {}}, check_peft=True)[-1]
+    cfg = from_dict({**BASE, "train": {"optimizer": "adamw_8bit"}}, check_peft=True)
+    with pytest.raises(ConfigError, match=r"train.optimizer=adamw_8bit needs bitsandbytes"):
+        preflight(cfg)

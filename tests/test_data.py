@@ -1058,6 +1058,7 @@ def test_a_revision_of_a_local_model_directory_is_refused(tmp_path, tiny_llama):
     with pytest.raises(ConfigError, match=r"model.revision: 'no-such-branch' names a version of a hub model, but "
                                           r"model.name_or_path .* is a local directory"):
         load_tokenizer(cfg)
+    load_tokenizer(cfg, str(tiny_llama))  # eval/predict (an adapter's tokenizer): a hub run's local snapshot
 
 
 def test_a_chat_template_that_drops_the_answers_is_named(tmp_path, tiny_llama):

@@ -96,6 +96,7 @@ def test_resume_and_overwrite_together_are_refused(make_config, tmp_path, capsys
     # said first, whatever else is wrong: a changed config's refusal used to hide it until it was undone
     assert _train(path, "train.learning_rate=0.5", "--resume", "auto", "--overwrite") == 2
     assert "--resume and --overwrite contradict each other" in capsys.readouterr().err
+    assert _train(path, "--resume", "none", "--overwrite") == 0  # `none`: no resume, as documented
 
 
 def test_resume_from_an_older_checkpoint_sets_the_later_ones_aside(make_config, tmp_path, caplog):
@@ -403,10 +404,13 @@ def test_an_mlflow_run_continues_across_resumes(make_config, tmp_path, monkeypat
     path = make_config("causal_lm", n=32, train={"max_steps": 4, "save_every": 2, "log_every": 1,
                                                  "report_to": ["mlflow"]})
     out = tmp_path / "run"
-    assert _train(path) == 0
+    monkeypatch.setenv("MLFLOW_TAGS", '{"team": "nlp"}')  # (replaces accelerate's tags: ours must survive it)
+    assert _train(path, "train.max_steps=3") == 0
+    # a resume may change max_steps: MLflow refuses to change a logged parameter, so none is logged again
     assert _train(path, "--resume", out / "checkpoints" / "step-2") == 0
     mlflow.set_tracking_uri(f"sqlite:///{out / 'mlruns' / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["scaletune"], output_format="list")
     assert len(runs) == 1, [r.info.run_id for r in runs]
     steps = [m.step for m in mlflow.MlflowClient().get_metric_history(runs[0].info.run_id, "train/loss")]
-    assert sorted(steps) == [1, 2, 3, 3, 4, 4]  # the resume logged steps 3 and 4 again, into the same run
+    assert sorted(steps) == [1, 2, 3, 3, 4]  # the resume logged step 3 again, into the same run
+    assert runs[0].data.params["train.max_steps"] == "3" and runs[0].data.tags["team"] == "nlp"

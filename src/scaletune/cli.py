@@ -141,7 +141,7 @@ def check_args(args: argparse.Namespace) -> None:
             problems.append(f"--steps: must be >= 1, got {args.steps}")
         if Path(args.out).exists() and not Path(args.out).is_dir():
             problems.append(f"--out {args.out}: exists and is not a directory")
-    if getattr(args, "resume", None) is not None and getattr(args, "overwrite", False):  # (train, launch, slurm)
+    if getattr(args, "resume", None) not in (None, "none") and getattr(args, "overwrite", False):  # (train, launch)
         problems.append("--resume and --overwrite contradict each other: --resume continues the run in output_dir, "
                         "--overwrite replaces it; pass one")
     if cmd == "predict":

@@ -499,10 +499,10 @@ def from_dict(raw: dict, *, source: str = "run config", world_size: int | None =
 
     `overrides` maps the dotted keys set on the command line to the override text, which problems about
     them quote (they are not problems of the file). `found`: problems already found reading the file
-    (duplicate keys), reported first. `check_peft`: also check the peft section against the method's peft
-    config (option names, types, values) and that the optional packages the run needs are installed; the first
-    imports peft and torch (seconds), so only the commands about to train (train, plan, launch, slurm) ask
-    for it."""
+    (duplicate keys), reported first. `check_peft`: the checks of the commands about to train (train,
+    plan, launch, slurm): the peft section against the method's peft config (option names, types, values;
+    this imports peft and torch, seconds), settings training would never read, and that the train.report_to
+    trackers are installed."""
     problems: list[str] = []
     bad: set[str] = set()
     cfg = _build(RunConfig, raw, "", problems, bad)
@@ -517,9 +517,10 @@ def from_dict(raw: dict, *, source: str = "run config", world_size: int | None =
 
         problems.extend(peft_problems(cfg))
     if check_peft:
-        from .rules import package_problems
+        from .rules import ignored_key_problems, tracker_problems
 
-        problems.extend(p for p in package_problems(cfg) if not any(_names(p, key, leaf=True) for key in bad))
+        problems.extend(p for p in ignored_key_problems(cfg) + tracker_problems(cfg)
+                        if not any(_names(p, key, leaf=True) for key in bad))
     problems = list(found or []) + [_from_override(p, overrides or {}) for p in problems]
     if problems:
         raise ConfigError(problems, title=f"{source} has {len(problems)} problem(s)")

@@ -41,7 +41,7 @@ from typing import Any
 
 from . import runlock
 from .distributed import deepspeed_config_name, deepspeed_config_path
-from .errors import EXIT_PREEMPTED, EXIT_USAGE
+from .errors import EXIT_PREEMPTED, EXIT_USAGE, ConfigError
 
 
 def _accelerate_executable() -> list[str]:
@@ -139,7 +139,6 @@ def build_launch_command(
 
 def _refuse_for_this_machine(cfg: Any, world: int, cpu: bool | None) -> None:
     """Raise ConfigError for problems that depend on this machine's hardware (CUDA or not)."""
-    from .errors import ConfigError
     from .rules import cross_field_problems
 
     if cpu is None:
@@ -154,15 +153,19 @@ def _refuse_for_this_machine(cfg: Any, world: int, cpu: bool | None) -> None:
 
 
 def preflight(cfg: Any) -> None:
-    """Raise ConfigError if this machine lacks what the run config needs installed (bitsandbytes for a
-    quantized base), as `scaletune train` would before loading anything.
+    """Raise ConfigError if this machine lacks what the run config needs installed (DeepSpeed for a ZeRO
+    stage, bitsandbytes for a quantized base or an 8-bit optimizer), before any process starts.
 
     `launch` and `slurm` call it (not for a dry run: what this machine has installed need not be what the
     command is composed for), so a missing package is refused once, here, and not by every process
     after start-up or by the job after its queue wait. The peft section is checked earlier, with the
     rest of the config (load_config's check_peft)."""
     from .model import quantization_config
+    from .rules import package_problems
 
+    problems = package_problems(cfg)
+    if problems:
+        raise ConfigError(problems, title=f"{len(problems)} package(s) the run needs are missing")
     quantization_config(cfg)
 
 

@@ -29,9 +29,6 @@ def _check_model_source(cfg: RunConfig) -> None:
     if p.exists():
         if not (p / "config.json").is_file():
             raise ConfigError(f"model.name_or_path: {src} has no config.json (not a transformers model directory)")
-        if cfg.model.revision is not None:  # (transformers ignores a revision for a local directory)
-            raise ConfigError(f"model.revision: {cfg.model.revision!r} names a version of a hub model, but "
-                              f"model.name_or_path {src} is a local directory (one version); drop model.revision")
         return
     # a hub id is "name" or "org/name"; "models/llama-typo" beside an existing ./models is a local path
     # too (else the hub client's "couldn't connect" or "Repo id must be..." would be the error)
@@ -60,6 +57,12 @@ def load_tokenizer(cfg: RunConfig, path: str | None = None) -> Any:
     from .seqlen import effective_max_length, read_model_config
 
     _check_model_source(cfg)  # (with `path` too: the model's config is read below)
+    if path is None and cfg.model.revision is not None and Path(cfg.model.name_or_path).exists():
+        # transformers ignores a revision for a local directory (eval/predict of a hub model's run pointed at
+        # a local snapshot pass `path`: no error there)
+        raise ConfigError(f"model.revision: {cfg.model.revision!r} names a version of a hub model, but "
+                          f"model.name_or_path {cfg.model.name_or_path} is a local directory (one version); drop "
+                          "model.revision")
     src = path or cfg.model.name_or_path
     tok = read_tokenizer(cfg, src)
     if path is None and cfg.data.chat_template is not None:  # (an adapter's tokenizer holds the one it trained with)

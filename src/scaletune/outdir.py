@@ -26,7 +26,7 @@ def check_output_dir(cfg: RunConfig, resume: str | None, overwrite: bool, resume
     the caller does that only after data and model have loaded, so a bad input never costs the user the
     previous run."""
     out = Path(cfg.output_dir)
-    if resume is not None and overwrite:
+    if resume not in (None, "none") and overwrite:
         raise ConfigError("--resume and --overwrite contradict each other: --resume continues the run in "
                           "output_dir, --overwrite replaces it; pass one")
     try:

@@ -51,7 +51,6 @@ def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_c
         p.append(f"train.warmup_steps: {t.warmup_steps} is not shorter than train.max_steps ({t.max_steps}); the "
                  "learning rate would never reach train.learning_rate")
     p += _best_and_early_stopping(cfg)
-    p += _ignored_keys(cfg)
     if t.loraplus_lr_ratio is not None:
         if not (1 <= t.loraplus_lr_ratio <= 1000):
             p.append(f"train.loraplus_lr_ratio: must be between 1 and 1000 (the paper suggests 16), got "
@@ -226,18 +225,26 @@ def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_c
     return p
 
 
+def tracker_problems(cfg: RunConfig) -> list[str]:
+    """train.report_to trackers whose package is not installed here. accelerate only warns about one
+    (or, for wandb, says nothing) and the run logs to no tracker at all: refuse it before training."""
+    import importlib.util
+
+    # each is the name of its package (and of scaletune's extra); tensorboard is a dependency of scaletune
+    missing = [t for t in cfg.train.report_to or [] if t in ("wandb", "mlflow") and importlib.util.find_spec(t) is None]
+    return [f"train.report_to: {t} is not installed in this environment (pip install 'scaletune[{t}]', "
+            f"or drop it from report_to)" for t in missing]
+
+
 def package_problems(cfg: RunConfig) -> list[str]:
-    """Settings whose optional package is not installed here. A train.report_to tracker: accelerate only
-    warns about one (or, for wandb, says nothing) and the run logs to no tracker at all. DeepSpeed: a
-    launch failed inside accelerate, one traceback per rank. Refused before anything starts."""
+    """DeepSpeed and bitsandbytes, where the run needs them and this environment lacks them: a launch
+    failed inside accelerate with one ImportError traceback per rank (launch.preflight asks)."""
     import importlib.util
 
     def missing(package: str) -> bool:
         return importlib.util.find_spec(package) is None
 
-    # each tracker is the name of its package (and of scaletune's extra); tensorboard is a dependency
-    p = [f"train.report_to: {t} is not installed in this environment (pip install 'scaletune[{t}]', "
-         f"or drop it from report_to)" for t in cfg.train.report_to or [] if t in ("wandb", "mlflow") and missing(t)]
+    p = []
     if cfg.distributed.zero_stage > 0 and missing("deepspeed"):
         p.append(f"distributed.zero_stage={cfg.distributed.zero_stage} needs DeepSpeed, which is not installed in "
                  "this environment (pip install 'scaletune[deepspeed]', or zero_stage 0)")
@@ -248,15 +255,20 @@ def package_problems(cfg: RunConfig) -> list[str]:
     return p
 
 
+def _default(section: Any, key: str) -> Any:
+    return type(section).__dataclass_fields__[key].default
+
+
 def _changed(section: Any, key: str) -> bool:
     """Whether `key` of a config section differs from its default. A config written out whole (run.json's
     `config`, to rerun a run) holds every default, so "set" cannot mean "present"."""
-    return getattr(section, key) != type(section).__dataclass_fields__[key].default
+    return getattr(section, key) != _default(section, key)
 
 
-def _ignored_keys(cfg: RunConfig) -> list[str]:
-    """Keys set away from their defaults that the run would accept and then never read: each is a setting
-    the user believes is in effect."""
+def ignored_key_problems(cfg: RunConfig) -> list[str]:
+    """Keys set away from their defaults that training would accept and then never read: each is a setting
+    the user believes is in effect. Asked by the commands about to train only: eval, predict and merge read
+    a trained run's config, where a training-only setting is no error."""
     t, d, m, p = cfg.train, cfg.data, cfg.model, []
     if _changed(t, "min_lr_ratio") and t.lr_scheduler != "cosine_with_min_lr":
         p.append(f"train.min_lr_ratio: only lr_scheduler: cosine_with_min_lr ends at a floor; {t.lr_scheduler} "
@@ -264,11 +276,14 @@ def _ignored_keys(cfg: RunConfig) -> list[str]:
     if _changed(t, "warmup_ratio") and t.warmup_ratio and t.lr_scheduler == "constant":
         p.append(f"train.warmup_ratio: {t.warmup_ratio} with lr_scheduler: constant, which has no warmup; use "
                  "lr_scheduler: constant_with_warmup")
-    elif _changed(t, "warmup_ratio") and t.warmup_steps is not None:
+    elif _changed(t, "warmup_ratio") and t.warmup_ratio and t.warmup_steps is not None:
         p.append("train.warmup_ratio and train.warmup_steps: give one or the other (warmup_steps would win)")
     if _changed(t, "max_nonfinite_skips") and t.on_nonfinite != "skip":
-        p.append("train.max_nonfinite_skips: counts skipped updates, and on_nonfinite: stop skips none (it stops "
-                 "at the first); set on_nonfinite: skip, or drop max_nonfinite_skips")
+        p.append(f"train.max_nonfinite_skips: counts skipped updates, and on_nonfinite: stop skips none (it stops "
+                 f"at the first); set on_nonfinite: skip, or max_nonfinite_skips back to {_default(t, 'max_nonfinite_skips')}")
+    if t.early_stopping_threshold and t.early_stopping_patience is None:
+        p.append("train.early_stopping_threshold: only early stopping reads it; set train.early_stopping_patience "
+                 "too, or the threshold back to 0")
     if _changed(t, "eval_every") and t.eval_every is not None and not (d.eval or d.eval_fraction):
         p.append("train.eval_every: there is no eval data to evaluate; set data.eval or data.eval_fraction (or "
                  "drop eval_every)")
@@ -314,9 +329,6 @@ def _best_and_early_stopping(cfg: RunConfig) -> list[str]:
                      "nothing to stop early)")
     if not (t.early_stopping_threshold >= 0):
         p.append(f"train.early_stopping_threshold: must be >= 0, got {t.early_stopping_threshold}")
-    elif t.early_stopping_threshold and t.early_stopping_patience is None:
-        p.append("train.early_stopping_threshold: only early stopping reads it; set "
-                 "train.early_stopping_patience too, or drop the threshold")
     return p
 
 

@@ -86,29 +86,37 @@ def start_trackers(accelerator: Any, cfg: Any, output_dir: Path, start_step: int
     it: a resume from an older checkpoint, or after a stop, would otherwise draw two curves in one."""
     trackers = cfg.train.report_to or []
     init_kwargs: dict[str, dict] = {}
+    run_id = _run_id(output_dir) if accelerator.is_main_process else None
     if "tensorboard" in trackers:
         init_kwargs["tensorboard"] = {"purge_step": start_step + 1}
     if "wandb" in trackers:
         if not os.environ.get("WANDB_API_KEY") and not _wandb_login_saved():
             os.environ.setdefault("WANDB_MODE", "offline")  # no key: log locally instead of failing the run
         init_kwargs["wandb"] = {"dir": os.environ.get("WANDB_DIR") or str(output_dir), "name": output_dir.name}
-        if accelerator.is_main_process and (run_id := _run_id(output_dir)):
-            # the same W&B run on every resume (its first start's id), not a new run per start
+        if run_id:  # the same W&B run on every resume (its first start's id), not a new run per start
             init_kwargs["wandb"].update(id=run_id, resume="allow")
     if "mlflow" in trackers and not os.environ.get("MLFLOW_TRACKING_URI"):
         # an SQLite store: MLflow 3 refuses its old ./mlruns file store unless told to allow it
         (output_dir / "mlruns").mkdir(parents=True, exist_ok=True)
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{(output_dir / 'mlruns' / 'mlflow.db').resolve()}"
+    continued = None  # MLflow makes its own run ids: a resume finds its run again by our tag (set below)
     if "mlflow" in trackers:
         # named like W&B's: MLflow's own random names repeat across runs (set_seed seeds their generator)
         init_kwargs["mlflow"] = {"run_name": output_dir.name}
-        if accelerator.is_main_process and (run_id := _run_id(output_dir)):
-            # MLflow makes its own run ids, so the run is tagged with ours and found again on a resume:
-            # one MLflow run across requeues, as with W&B
-            init_kwargs["mlflow"]["tags"] = {MLFLOW_TAG: run_id}
-            if start_step and (existing := _mlflow_run(run_id)):
-                init_kwargs["mlflow"]["run_id"] = existing
-    accelerator.init_trackers("scaletune", config=flat_config(cfg.to_dict()), init_kwargs=init_kwargs)
+        if run_id and start_step and (continued := _mlflow_run(run_id)):
+            init_kwargs["mlflow"]["run_id"] = continued
+    config = flat_config(cfg.to_dict())
+    accelerator.init_trackers("scaletune", config=None if continued else config, init_kwargs=init_kwargs)
+    if continued:
+        # MLflow refuses to change a parameter once logged (a resume may change max_steps, eval_every...):
+        # the continued run keeps its first start's parameters; the other trackers get this start's
+        for tracker in accelerator.trackers:
+            if tracker.name != "mlflow":
+                tracker.store_init_configuration(config)
+    if "mlflow" in trackers and run_id:
+        import mlflow
+
+        mlflow.set_tag(MLFLOW_TAG, run_id)  # (on the run accelerate started; a user's MLFLOW_TAGS replaces its tags)
 
 
 def _run_id(output_dir: Path) -> str | None:
