@@ -272,7 +272,7 @@ def ignored_key_problems(cfg: RunConfig) -> list[str]:
     t, d, m, p = cfg.train, cfg.data, cfg.model, []
     if _changed(t, "min_lr_ratio") and t.lr_scheduler != "cosine_with_min_lr":
         p.append(f"train.min_lr_ratio: only lr_scheduler: cosine_with_min_lr ends at a floor; {t.lr_scheduler} "
-                 "ignores it (set lr_scheduler: cosine_with_min_lr, or drop min_lr_ratio)")
+                 f"ignores it (set lr_scheduler: cosine_with_min_lr, or min_lr_ratio back to {_default(t, 'min_lr_ratio')})")
     if _changed(t, "warmup_ratio") and t.warmup_ratio and t.lr_scheduler == "constant":
         p.append(f"train.warmup_ratio: {t.warmup_ratio} with lr_scheduler: constant, which has no warmup; use "
                  "lr_scheduler: constant_with_warmup")
@@ -286,7 +286,7 @@ def ignored_key_problems(cfg: RunConfig) -> list[str]:
                  "too, or the threshold back to 0")
     if _changed(t, "eval_every") and t.eval_every is not None and not (d.eval or d.eval_fraction):
         p.append("train.eval_every: there is no eval data to evaluate; set data.eval or data.eval_fraction (or "
-                 "drop eval_every)")
+                 "eval_every: null)")
     for key, task in (("text_column", "seq_cls"), ("text_pair_column", "seq_cls"), ("label_column", "seq_cls"),
                       ("tokens_column", "token_cls"), ("tags_column", "token_cls")):
         if getattr(d, key) is not None and cfg.task != task:
