@@ -275,32 +275,48 @@ def _apply_offload(ds: dict, offload: str) -> None:
 
 
 def _fill_auto(node: dict, key: str, value: Any) -> None:
-    """Replace node[key] only when it is "auto" (or absent): explicit user values win."""
+    """Replace node[key] only when it is "auto" (or absent)."""
     if node.get(key, "auto") == "auto":
         node[key] = value
 
 
-def resolve_deepspeed_config(ds: dict, cfg: Any, grad_accum_steps: int, world_size: int | None = None) -> dict:
+def resolve_deepspeed_config(ds: dict, cfg: Any, grad_accum_steps: int, world_size: int | None = None,
+                             source: str = "the DeepSpeed config") -> dict:
     """Fill every batch/precision/clipping "auto" of a DeepSpeed config from the run config.
 
     Accelerate would otherwise fill them itself: micro batch from a prepared dataloader (fails when
     the model is prepared alone), clipping always 1.0, and train_batch_size from its own view of the
     world size. Doing it here keeps DeepSpeed's arithmetic identical to scaletune's
-    (global = micro x grad_accum x world).
+    (global = micro x grad_accum x world). A value a user's JSON gives that differs from the run
+    config's is refused (ConfigError naming both): DeepSpeed would step at other boundaries, clip or
+    compute otherwise than the run config says, with nothing to tell.
     """
     ds = copy.deepcopy(ds)
     t = cfg.train
     world = world_size if world_size is not None else world_size_from_env()
     micro = int(t.micro_batch_size)
-    _fill_auto(ds, "train_micro_batch_size_per_gpu", micro)
-    _fill_auto(ds, "gradient_accumulation_steps", int(grad_accum_steps))
-    _fill_auto(ds, "train_batch_size", micro * int(grad_accum_steps) * world)
-    # DeepSpeed treats 0.0 as "no clipping"; max_grad_norm: null means the same in scaletune.
-    _fill_auto(ds, "gradient_clipping", float(t.max_grad_norm) if t.max_grad_norm is not None else 0.0)
     mp = getattr(t, "mixed_precision", "no")
-    for dtype, on in (("bf16", mp == "bf16"), ("fp16", mp == "fp16")):
-        section = ds.setdefault(dtype, {})
-        _fill_auto(section, "enabled", on)
+    wanted = [  # (JSON section, key, its name, value from the run config, the run config's key)
+        (ds, "train_micro_batch_size_per_gpu", micro, "train.micro_batch_size"),
+        (ds, "gradient_accumulation_steps", int(grad_accum_steps),
+         "train.global_batch_size / (micro_batch_size x world size)"),
+        (ds, "train_batch_size", micro * int(grad_accum_steps) * world, "train.global_batch_size"),
+        # DeepSpeed treats 0.0 as "no clipping"; max_grad_norm: null means the same in scaletune.
+        (ds, "gradient_clipping", float(t.max_grad_norm) if t.max_grad_norm is not None else 0.0,
+         "train.max_grad_norm"),
+        *((ds.setdefault(dtype, {}), f"{dtype}.enabled", mp == dtype, f"train.mixed_precision {mp}")
+          for dtype in ("bf16", "fp16")),
+    ]
+    problems = []
+    for node, name, value, ours in wanted:
+        key = name.rpartition(".")[2]
+        given = node.get(key, "auto")
+        if given != "auto" and given != value:
+            problems.append(f"{source}: {name} is {given!r}, the run config makes it {value!r} ({ours}); set it "
+                            '"auto" to follow the run config, or change the run config')
+        _fill_auto(node, key, value)
+    if problems:
+        raise ConfigError(problems, title=f"{source} disagrees with the run config")
     return ds
 
 
@@ -380,7 +396,8 @@ def accelerator_kwargs(cfg: Any, grad_accum_steps: int) -> dict:
             # A user-supplied DeepSpeed JSON: honour it, but fill its "auto" values from the run
             # config so batch size, clipping and precision agree with what scaletune does.
             # (its stage is the run config's: train.setup refuses a launch of another stage)
-            ds = resolve_deepspeed_config(load_deepspeed_json(config_file), cfg, grad_accum_steps, world)
+            ds = resolve_deepspeed_config(load_deepspeed_json(config_file), cfg, grad_accum_steps, world,
+                                          source=config_file)
             kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=ds)
         else:
             # Launched with plugin flags (--zero_stage ...) and no JSON: accelerate builds the plugin

@@ -139,6 +139,35 @@ def test_a_missing_or_broken_deepspeed_json_is_a_config_error(clean_env, tmp_pat
         D.load_deepspeed_json(tmp_path / "broken.json")
 
 
+def test_a_users_deepspeed_json_that_disagrees_with_the_run_config_is_refused(clean_env, tmp_path) -> None:
+    """A user's JSON with its own micro batch, clipping or precision used to win silently: DeepSpeed then
+    stepped, clipped and computed otherwise than the run config said. Its "auto" values and values equal
+    to the run config's are fine."""
+    from scaletune.errors import ConfigError
+
+    clean_env.setenv("WORLD_SIZE", "2")
+    clean_env.setenv("LOCAL_RANK", "0")
+    clean_env.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    clean_env.setattr(D, "cuda_available", lambda: False)
+    mine = tmp_path / "mine.json"
+    clean_env.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(mine))
+    base = {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 2, "gradient_clipping": 1,
+            "bf16": {"enabled": True}, "gradient_accumulation_steps": "auto"}
+    mine.write_text(json.dumps(base))
+    kw = D.accelerator_kwargs(make_cfg(2, micro=2, mp="bf16", clip=1.0), grad_accum_steps=4)
+    assert kw["deepspeed_plugin"].deepspeed_config["gradient_accumulation_steps"] == 4
+    mine.write_text(json.dumps({**base, "train_micro_batch_size_per_gpu": 8, "gradient_clipping": 0.5,
+                                "fp16": {"enabled": True}}))
+    with pytest.raises(ConfigError) as err:
+        D.accelerator_kwargs(make_cfg(2, micro=2, mp="bf16", clip=1.0), grad_accum_steps=4)
+    assert err.value.problems == [
+        f"{mine}: {key} is {given}, the run config makes it {ours}; set it \"auto\" to follow the run config, "
+        "or change the run config" for key, given, ours in (
+            ("train_micro_batch_size_per_gpu", 8, "2 (train.micro_batch_size)"),
+            ("gradient_clipping", 0.5, "1.0 (train.max_grad_norm)"),
+            ("fp16.enabled", True, "False (train.mixed_precision bf16)"))]
+
+
 def test_accelerator_kwargs_single_process(clean_env) -> None:
     kw = D.accelerator_kwargs(make_cfg(0, mp="no"), grad_accum_steps=8)
     assert kw["mixed_precision"] == "no"
