@@ -292,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
         code = dispatch(args)
         if args.command == "train" and argv is None:  # this process's own command line (not a caller's)
             args.stop.settle()
+            from .distributed import exit_finished_rank
+
+            exit_finished_rank(code)  # a rank of a multi-process run ends here (see there why)
         return code
     except UserError as exc:
         print(_render_error(exc), file=sys.stderr)

@@ -430,3 +430,29 @@ def raise_main_rank_failure(accelerator: Any, error: Exception | None, what: str
         raise error
     if failed:
         raise errors.UserError(f"rank 0 could not write {what} (its message says why)", hint=hint)
+
+
+def exit_finished_rank(code: int) -> None:
+    """End this rank of a multi-process `scaletune train` that has returned `code` (every rank past the
+    run's last collective), skipping Python's interpreter teardown; a single process returns.
+
+    The teardown could abort a run that had succeeded ("terminate called without an active exception",
+    exit 1 from the launch though every output was written; seen about once in 30 ZeRO-3 launches on
+    CPU). A gloo worker thread drops a finished collective's work after the rank waiting on it moved
+    on; freeing its tensor takes the GIL, and once the interpreter is finalizing CPython ends that
+    thread with pthread_exit, which unwinds through gloo's noexcept destructor into std::terminate
+    (a core dump showed it). destroy_process_group() does not join those threads: under ZeRO-3 every
+    partitioned parameter keeps the process group. Nothing of the run is lost by not tearing down:
+    the trackers were ended and every file written and closed before train() returned."""
+    import logging
+    import sys
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
