@@ -113,10 +113,11 @@ def start_trackers(accelerator: Any, cfg: Any, output_dir: Path, start_step: int
         for tracker in accelerator.trackers:
             if tracker.name != "mlflow":
                 tracker.store_init_configuration(config)
-    if "mlflow" in trackers and run_id:
-        import mlflow
+    for tracker in getattr(accelerator, "trackers", []) if run_id else []:
+        if tracker.name == "mlflow":  # (set after start: a user's MLFLOW_TAGS replaces the tags given to it)
+            import mlflow
 
-        mlflow.set_tag(MLFLOW_TAG, run_id)  # (on the run accelerate started; a user's MLFLOW_TAGS replaces its tags)
+            mlflow.MlflowClient().set_tag(tracker.tracker.info.run_id, MLFLOW_TAG, run_id)
 
 
 def _run_id(output_dir: Path) -> str | None:
