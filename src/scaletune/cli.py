@@ -288,14 +288,20 @@ def main(argv: list[str] | None = None) -> int:
         # checkpoint at the first step boundary rather than killing the process (see StopFlag).
         args.stop = StopFlag()
     _setup_logging()
-    try:
-        code = dispatch(args)
-        if args.command == "train" and argv is None:  # this process's own command line (not a caller's)
-            args.stop.settle()
-            from .distributed import exit_finished_rank
+    code = _dispatch_reporting(args)
+    if args.command == "train" and argv is None:  # this process's own command line (not a caller's)
+        args.stop.settle()
+        from .distributed import exit_rank
 
-            exit_finished_rank(code)  # a rank of a multi-process run ends here (see there why)
-        return code
+        exit_rank(code)  # a rank of a multi-process run ends here, done or refused (see there why)
+    return code
+
+
+def _dispatch_reporting(args: argparse.Namespace) -> int:
+    """Run the command; a user's error, an interrupt or another rank's failure becomes its message and
+    exit code (anything else is a bug: its traceback is kept)."""
+    try:
+        return dispatch(args)
     except UserError as exc:
         print(_render_error(exc), file=sys.stderr)
         return EXIT_USAGE

@@ -311,6 +311,8 @@ def resolve_deepspeed_config(ds: dict, cfg: Any, grad_accum_steps: int, world_si
     for node, name, value, ours in wanted:
         key = name.rpartition(".")[2]
         given = node.get(key, "auto")
+        if isinstance(value, bool) and isinstance(given, str) and given.lower() in ("true", "false"):
+            given = given.lower() == "true"  # (accelerate reads "true"/"false" strings as booleans)
         if given != "auto" and given != value:
             problems.append(f"{source}: {name} is {given!r}, the run config makes it {value!r} ({ours}); set it "
                             '"auto" to follow the run config, or change the run config')
@@ -432,24 +434,23 @@ def raise_main_rank_failure(accelerator: Any, error: Exception | None, what: str
         raise errors.UserError(f"rank 0 could not write {what} (its message says why)", hint=hint)
 
 
-def exit_finished_rank(code: int) -> None:
-    """End this rank of a multi-process `scaletune train` that has returned `code` (every rank past the
-    run's last collective), skipping Python's interpreter teardown; a single process returns.
+def exit_rank(code: int) -> None:
+    """End this rank of a multi-process `scaletune train` with `code` (its run done, stopped or refused:
+    past its last collective), skipping Python's interpreter teardown; a single process returns.
 
     The teardown could abort a run that had succeeded ("terminate called without an active exception",
     exit 1 from the launch though every output was written; seen about once in 30 ZeRO-3 launches on
-    CPU). A gloo worker thread drops a finished collective's work after the rank waiting on it moved
-    on; freeing its tensor takes the GIL, and once the interpreter is finalizing CPython ends that
-    thread with pthread_exit, which unwinds through gloo's noexcept destructor into std::terminate
-    (a core dump showed it). destroy_process_group() does not join those threads: under ZeRO-3 every
-    partitioned parameter keeps the process group. Nothing of the run is lost by not tearing down:
-    the trackers were ended and every file written and closed before train() returned."""
+    CPU), or turn a refusal's exit 2 into 134. A gloo worker thread drops a finished collective's work
+    after the rank waiting on it moved on; freeing its tensor takes the GIL, and once the interpreter is
+    finalizing CPython ends that thread with pthread_exit, which unwinds through gloo's noexcept
+    destructor into std::terminate (a core dump showed it). destroy_process_group() does not join those
+    threads: under ZeRO-3 every partitioned parameter keeps the process group. The world size comes from
+    the launcher's environment, as accelerate's end_training() destroys rank 0's group when it ends the
+    trackers. Nothing of the run is lost: the trackers were ended and every file written and closed."""
     import logging
     import sys
 
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if world_size_from_env() <= 1:
         return
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):

@@ -1,6 +1,7 @@
 """One rank of a gloo world that ends the way a finished `scaletune train` rank does (python -m from the
 test): collectives, a last flag reduce and barrier with the process groups still referenced (as ZeRO-3's
-parameters keep them), then `exit_finished_rank` (argv[1] == "ours") or a plain interpreter exit."""
+parameters keep them), then `exit_rank` (argv[1] == "ours"; rank 0 first destroys its group, as a run with
+trackers does) or a plain interpreter exit."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ flag = torch.tensor([0.0])
 dist.all_reduce(flag)
 dist.barrier()
 if sys.argv[1] == "ours":
-    from scaletune.distributed import exit_finished_rank
+    from scaletune.distributed import exit_rank
 
-    exit_finished_rank(0)
+    if dist.get_rank() == 0:  # what accelerate's end_training() does on the rank that ran the trackers
+        dist.destroy_process_group()
+    exit_rank(0)
 sys.exit(0)

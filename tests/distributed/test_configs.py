@@ -152,7 +152,8 @@ def test_a_users_deepspeed_json_that_disagrees_with_the_run_config_is_refused(cl
     mine = tmp_path / "mine.json"
     clean_env.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(mine))
     base = {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 2, "gradient_clipping": 1,
-            "bf16": {"enabled": True}, "gradient_accumulation_steps": "auto"}
+            "bf16": {"enabled": "true"}, "fp16": {"enabled": False, "loss_scale": 0},
+            "gradient_accumulation_steps": "auto"}
     mine.write_text(json.dumps(base))
     kw = D.accelerator_kwargs(make_cfg(2, micro=2, mp="bf16", clip=1.0), grad_accum_steps=4)
     assert kw["deepspeed_plugin"].deepspeed_config["gradient_accumulation_steps"] == 4
