@@ -296,7 +296,7 @@ def resolve_deepspeed_config(ds: dict, cfg: Any, grad_accum_steps: int, world_si
     world = world_size if world_size is not None else world_size_from_env()
     micro = int(t.micro_batch_size)
     mp = getattr(t, "mixed_precision", "no")
-    wanted = [  # (JSON section, key, its name, value from the run config, the run config's key)
+    wanted = [  # (JSON section, the key's dotted name, its value by the run config, the run config's key)
         (ds, "train_micro_batch_size_per_gpu", micro, "train.micro_batch_size"),
         (ds, "gradient_accumulation_steps", int(grad_accum_steps),
          "train.global_batch_size / (micro_batch_size x world size)"),
@@ -396,7 +396,8 @@ def accelerator_kwargs(cfg: Any, grad_accum_steps: int) -> dict:
             )
         elif config_file and config_file != "none":
             # A user-supplied DeepSpeed JSON: honour it, but fill its "auto" values from the run
-            # config so batch size, clipping and precision agree with what scaletune does.
+            # config (and refuse values that disagree) so batch size, clipping and precision agree
+            # with what scaletune does.
             # (its stage is the run config's: train.setup refuses a launch of another stage)
             ds = resolve_deepspeed_config(load_deepspeed_json(config_file), cfg, grad_accum_steps, world,
                                           source=config_file)
