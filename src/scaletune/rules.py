@@ -20,6 +20,9 @@ from .config import (
     _short,
 )
 
+# peft methods that add virtual tokens or key/values in front of every example
+VIRTUAL_TOKEN_METHODS = ("prefix_tuning", "prompt_tuning", "p_tuning")
+
 
 def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_cuda: bool | None = None) -> list[str]:
     p: list[str] = []
@@ -210,7 +213,7 @@ def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_c
         p.append("distributed.backend=nccl needs CUDA GPUs; on CPU use gloo (or leave it null)")
     if has_cuda is False and m.attn_implementation == "flash_attention_2":
         p.append("model.attn_implementation=flash_attention_2 needs a CUDA GPU; use sdpa")
-    if method in ("prefix_tuning", "prompt_tuning", "p_tuning") and d.packing:
+    if method in VIRTUAL_TOKEN_METHODS and d.packing:
         p.append(f"data.packing with peft.method={method}: virtual tokens cannot be isolated per packed "
                  "example; set packing: false")
     if method in ("prefix_tuning",) and m.gradient_checkpointing:
@@ -228,10 +231,8 @@ def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_c
 def tracker_problems(cfg: RunConfig) -> list[str]:
     """train.report_to trackers whose package is not installed here. accelerate only warns about one
     (or, for wandb, says nothing) and the run logs to no tracker at all: refuse it before training."""
-    import importlib.util
-
     # each is the name of its package (and of scaletune's extra); tensorboard is a dependency of scaletune
-    missing = [t for t in cfg.train.report_to or [] if t in ("wandb", "mlflow") and importlib.util.find_spec(t) is None]
+    missing = [t for t in cfg.train.report_to or [] if t in ("wandb", "mlflow") and _missing(t)]
     return [f"train.report_to: {t} is not installed in this environment (pip install 'scaletune[{t}]', "
             f"or drop it from report_to)" for t in missing]
 
@@ -239,20 +240,22 @@ def tracker_problems(cfg: RunConfig) -> list[str]:
 def package_problems(cfg: RunConfig) -> list[str]:
     """DeepSpeed and bitsandbytes, where the run needs them and this environment lacks them: a launch
     failed inside accelerate with one ImportError traceback per rank (launch.preflight asks)."""
-    import importlib.util
-
-    def missing(package: str) -> bool:
-        return importlib.util.find_spec(package) is None
-
     p = []
-    if cfg.distributed.zero_stage > 0 and missing("deepspeed"):
+    if cfg.distributed.zero_stage > 0 and _missing("deepspeed"):
         p.append(f"distributed.zero_stage={cfg.distributed.zero_stage} needs DeepSpeed, which is not installed in "
                  "this environment (pip install 'scaletune[deepspeed]', or zero_stage 0)")
     for key, value in (("model.quantization", cfg.model.quantization), ("train.optimizer", cfg.train.optimizer)):
-        if value in ("4bit", "8bit", "adamw_8bit", "paged_adamw_8bit") and missing("bitsandbytes"):
+        if value in ("4bit", "8bit", "adamw_8bit", "paged_adamw_8bit") and _missing("bitsandbytes"):
             p.append(f"{key}={value} needs bitsandbytes, which is not installed in this environment (pip install "
                      "'scaletune[quant]')")
     return p
+
+
+def _missing(package: str) -> bool:
+    """Whether `package` is not installed here (looked up, not imported)."""
+    import importlib.util
+
+    return importlib.util.find_spec(package) is None
 
 
 def _default(section: Any, key: str) -> Any:
@@ -301,7 +304,7 @@ def ignored_key_problems(cfg: RunConfig) -> list[str]:
     if m.attn_implementation == "varlen" and cfg.task != "causal_lm":
         p.append(f"model.attn_implementation=varlen: its kernel is causal, for causal_lm; {cfg.task} would run "
                  "SDPA on every call; use sdpa")
-    elif m.attn_implementation == "varlen" and cfg.peft_method in ("prefix_tuning", "prompt_tuning", "p_tuning"):
+    elif m.attn_implementation == "varlen" and cfg.peft_method in VIRTUAL_TOKEN_METHODS:
         p.append(f"model.attn_implementation=varlen with peft.method={cfg.peft_method}: the virtual tokens leave "
                  "no call the kernel can take (each would run SDPA); use sdpa")
     if cfg.peft.get("inference_mode") is True:
