@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from scaletune.config import load_config
-from scaletune.infer import generate, greedy_without_cache, load_trained, prompt_segments, run_predict
+from scaletune.infer import generate, generate_batch, greedy_without_cache, load_trained, prompt_segments, run_predict
 from scaletune.train import save_adapter, setup
 
 from stutil import method_keys
@@ -163,3 +163,37 @@ def test_virtual_tokens_count_against_the_context(make_config):
     path.write_text(yaml.safe_dump(raw))
     run, _ = setup(load_config(path), overwrite=True)
     assert infer.is_prompt_learning(run.model) and infer._virtual_tokens(run.model) == 5
+
+
+def test_batched_completions_are_each_prompts_own(make_config, tmp_path, monkeypatch):
+    """`predict` completes GENERATE_BATCH prompts per left-padded `generate`: each row's completion equals
+    the one its prompt gets alone, with prompts of different lengths, a row that stops early at
+    end-of-sequence while the others go on, and rows whose learned position table cuts them shorter."""
+    from scaletune import infer
+
+    cfg, adapter = _adapter(make_config, tmp_path, "lora")
+    model, tokenizer, *_ = load_trained(cfg, str(adapter))
+    prompts = ["kilo", "alpha bravo charlie delta echo foxtrot golf", "bravo", PROMPTS[2], "echo echo echo", "x"]
+    segments = [prompt_segments({"prompt": p}, tokenizer)[1] for p in prompts]
+    ids = _TokenIds(tokenizer)
+    with torch.no_grad():
+        model.generation_config.eos_token_id = None
+        alone = [generate(model, ids, s, NEW_TOKENS) for s in segments]
+        model.generation_config.eos_token_id = [alone[1][2]]  # row 1 ends at its third token
+        alone = [generate(model, ids, s, NEW_TOKENS) for s in segments]
+        assert len(alone[1]) == 3 and max(len(a) for a in alone) == NEW_TOKENS
+        assert generate_batch(model, ids, segments, NEW_TOKENS) == alone
+
+        inp = tmp_path / "in.jsonl"
+        inp.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+        monkeypatch.setattr(infer, "GENERATE_BATCH", 4)  # two batches: 4 and 2
+        monkeypatch.setattr(infer, "load_trained", lambda *a: (model, tokenizer, None, None, adapter))
+        results = run_predict(cfg, str(adapter), str(inp), NEW_TOKENS, out=io.StringIO())
+        assert [r["completion"] for r in results] == [tokenizer.decode(a, skip_special_tokens=True) for a in alone]
+
+        # a learned position table just past the longest prompt: its row gets fewer tokens than the rest
+        longest = max(len(infer.prompt_ids(tokenizer, s)) for s in segments)
+        monkeypatch.setattr(infer, "position_limit", lambda config: (longest + 4, True))
+        alone = [generate(model, ids, s, NEW_TOKENS) for s in segments]
+        assert len(alone[3]) <= 4 < max(len(a) for a in alone)
+        assert generate_batch(model, ids, segments, NEW_TOKENS) == alone

@@ -94,6 +94,9 @@ def test_trackers_get_the_whole_config_and_write_inside_output_dir(tmp_path, mon
     for var in ("WANDB_API_KEY", "WANDB_DIR", "WANDB_MODE", "MLFLOW_TRACKING_URI"):
         monkeypatch.delenv(var, raising=False)
     out = tmp_path / "run"
+    start_trackers(SimpleNamespace(is_main_process=False, init_trackers=lambda *a, **k: None), cfg, out)
+    assert not out.exists()  # only the rank that logs makes MLflow's store
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
     start_trackers(fake, cfg, out)
     config = calls["config"]
     assert config["train.learning_rate"] == 3e-4 and config["peft.method"] == "lora"

@@ -96,8 +96,10 @@ def start_trackers(accelerator: Any, cfg: Any, output_dir: Path, start_step: int
         if run_id:  # the same W&B run on every resume (its first start's id), not a new run per start
             init_kwargs["wandb"].update(id=run_id, resume="allow")
     if "mlflow" in trackers and not os.environ.get("MLFLOW_TRACKING_URI"):
-        # an SQLite store: MLflow 3 refuses its old ./mlruns file store unless told to allow it
-        (output_dir / "mlruns").mkdir(parents=True, exist_ok=True)
+        # an SQLite store: MLflow 3 refuses its old ./mlruns file store unless told to allow it; made by
+        # the rank that logs (another node's output_dir may be a local directory, not the shared one)
+        if accelerator.is_main_process:
+            (output_dir / "mlruns").mkdir(parents=True, exist_ok=True)
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{(output_dir / 'mlruns' / 'mlflow.db').resolve()}"
     continued = None  # MLflow makes its own run ids: a resume finds its run again by our tag (set below)
     if "mlflow" in trackers:
