@@ -69,6 +69,8 @@ def CHATML_FILE(tmp_path):  # a user's own template file
 @pytest.mark.parametrize(("value", "wanted"), [
     ("chatmlx", "data.chat_template: 'chatmlx' is neither chatml | default nor a template file"),
     ("DIR", "is a directory)"),
+    ("", "data.chat_template: empty; give chatml | default or a template file"),  # (was "is a directory")
+    ("LOOP", "too many levels of symbolic links)"),
     ("  \n", "broken.jinja is empty"),
     ("{% for m in messages %}{{ m['content'] }", "broken.jinja:1: "),  # does not parse
     # parses, then fails on the data: each named as the template's failure on that record
@@ -80,7 +82,10 @@ def CHATML_FILE(tmp_path):  # a user's own template file
 def test_a_bad_template_is_one_error(make_config, tmp_path, capsys, value, wanted):
     if value == "DIR":
         value = str(tmp_path)
-    elif value != "chatmlx":
+    elif value == "LOOP":
+        (tmp_path / "loop.jinja").symlink_to(tmp_path / "loop.jinja")
+        value = str(tmp_path / "loop.jinja")
+    elif value not in ("chatmlx", ""):
         (tmp_path / "broken.jinja").write_text(value)
         value = str(tmp_path / "broken.jinja")
     path = make_config("causal_lm", n=8, data={"chat_template": value})

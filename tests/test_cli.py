@@ -46,6 +46,9 @@ def assert_clean_error(code, err, *fragments):
 def test_missing_config_file(capsys, tmp_path):
     code, _, err = run_cli(["train", tmp_path / "nope.yaml"], capsys)
     assert_clean_error(code, err, "nope.yaml: file not found")
+    (tmp_path / "loop.yaml").symlink_to(tmp_path / "loop.yaml")
+    code, _, err = run_cli(["train", tmp_path / "loop.yaml"], capsys)
+    assert_clean_error(code, err, "loop.yaml: too many levels of symbolic links")
     code, _, err = run_cli(["train", "/dev/null"], capsys)
     assert_clean_error(code, err, "run config /dev/null: not a regular file")
 
@@ -54,6 +57,29 @@ def test_all_config_problems_at_once(capsys, make_config):
     path = make_config("causal_lm")
     code, _, err = run_cli(["train", path, "train.lerning_rate=1", "model.dtype=float64", "task=clm"], capsys)
     assert_clean_error(code, err, "3 problem(s)", "did you mean 'learning_rate'", "model.dtype", "task:")
+
+
+def test_nul_bytes_long_values_and_long_paths_are_named(capsys, make_config, tmp_path):
+    """Found by fuzzing configs: a NUL byte in output_dir and a path component past the file system's 255
+    characters crashed train with a traceback (exit 1); a 5,000-character task was echoed whole."""
+    path = make_config("causal_lm")
+    code, _, err = run_cli(["train", edit(path, output_dir=str(tmp_path / "a\0b"),
+                                          data={"train": [str(tmp_path / "x\0.jsonl")]})], capsys)
+    assert_clean_error(code, err, "2 problem(s)", "output_dir: contains a NUL byte", "data.train: contains a NUL")
+    assert not (tmp_path / "a").exists()
+    code, _, err = run_cli(["plan", path, "task=" + "x" * 5000], capsys)
+    assert_clean_error(code, err, "task: 'xxxxx")
+    assert len(err) < 500, err
+    long = tmp_path / ("y" * 300)
+    for argv in (["train", "data.chat_template"], ["train", "data.train"], ["plan", None], ["eval", "--data"]):
+        config = make_config("causal_lm")  # (written when used: each call rewrites the same file)
+        if argv[1] is None:
+            argv[1] = long
+        else:
+            argv[1:] = [config, f"{argv[1]}={long}"] if "." in argv[1] else [config, argv[1], long]
+        code, _, err = run_cli(argv, capsys)
+        assert_clean_error(code, err, f"{tmp_path}"[:40], f"({len(str(long))} characters): File name too long")
+    assert not (tmp_path / "run").exists()  # (the train runs stopped before making output_dir)
 
 
 def test_missing_model_dir(capsys, make_config, tmp_path):
@@ -523,6 +549,9 @@ def test_eval_data_problems_name_the_data_option(capsys, make_config, tmp_path, 
     bad = write_jsonl(tmp_path / "bad.jsonl", rows)
     code, _, err = run_cli(["eval", path, "--data", bad], capsys)
     assert_clean_error(code, err, f"{bad}:5: column 'text' must be a non-empty string")
+    other = write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "a", "output": "b"}])  # another task's file
+    code, _, err = run_cli(["train", path, f"data.eval={other}", f"output_dir={tmp_path / 'run2'}"], capsys)
+    assert_clean_error(code, err, f"{other}:1: no column 'text'; the record has 'instruction', 'output'")
     calls = []
     encode = SeqCls.encode
     monkeypatch.setattr(SeqCls, "encode", lambda self, rec, *a: calls.append(rec) or encode(self, rec, *a))

@@ -209,7 +209,8 @@ def test_peft_options_checked_against_peft_annotations():
     from scaletune.model import peft_config
 
     cfg = from_dict({**BASE, "peft": {"method": "lora", "use_dora": "yes", "r": True, "rank": 8,
-                                      "modules_to_save": "lm_head", "lora_alpha": "x"}})
+                                      "modules_to_save": "lm_head", "lora_alpha": "x",
+                                      "target_modules": ["q_proj", 5]}})
     with pytest.raises(ConfigError) as err:
         peft_config(cfg, "CAUSAL_LM")
     assert err.value.problems == [
@@ -218,6 +219,8 @@ def test_peft_options_checked_against_peft_annotations():
         "peft.r: expected int, got bool True",
         "peft.modules_to_save: expected a list of names or null, got str 'lm_head'",
         "peft.lora_alpha: expected int, got str 'x'",
+        # (peft failed on the 5 with "'int' object has no attribute 'split'")
+        "peft.target_modules: expected a list of names or a regular expression, got list ['q_proj', 5]",
     ]
     # what peft accepts still passes: a float alpha, null where peft's default is null, "1e-1" (a YAML 1.1 string)
     conf = peft_config(from_dict({**BASE, "peft": {"method": "lora", "lora_alpha": 0.5, "lora_dropout": "1e-1",
@@ -323,6 +326,9 @@ def test_peft_values_that_would_train_nothing_are_refused():
     problems = problems_of({**BASE, "peft": {"method": "loha", "alpha": -1, "module_dropout": "1e0"}}, check_peft=True)
     assert problems == ["peft.alpha: must be > 0, got -1", "peft.module_dropout: must be in [0, 1), got 1.0 "
                         "(1 drops every input: nothing would be trained)"]
+    # a scale past float32's range passed, then the fused LoRA product failed at step 1 with a traceback
+    problems = problems_of({**BASE, "peft": {"method": "lora", "lora_alpha": 1e308}}, check_peft=True)
+    assert problems == ["peft.lora_alpha: must be at most 3.4e+38 (the largest float32), got 1e+308"]
     # OFT's r may be 0 (its block size is set instead); a positive float alpha is fine
     from_dict({**BASE, "peft": {"method": "oft", "r": 0, "oft_block_size": 4}}, check_peft=True)
     from_dict({**BASE, "peft": {"method": "lora", "lora_alpha": 0.5, "lora_dropout": 0}}, check_peft=True)

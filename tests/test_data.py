@@ -9,7 +9,7 @@ import torch
 
 from scaletune.config import from_dict
 from scaletune.data import _workers, build_datasets
-from scaletune.data.readers import read_records
+from scaletune.data.readers import WHERE, read_records
 from scaletune.errors import DataError
 from scaletune.model import load_tokenizer
 from scaletune.tasks import IGNORE, get_task
@@ -1071,3 +1071,18 @@ def test_a_chat_template_that_drops_the_answers_is_named(tmp_path, tiny_llama):
     tok.chat_template = "{% for m in messages %}{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}{% endif %}{% endfor %}"
     with pytest.raises(DataError, match=r"c.jsonl:1: the chat template renders assistant turn messages\[1\] as nothing"):
         build_datasets(cfg, get_task("causal_lm"), tok)
+
+
+@pytest.mark.parametrize("task", ["seq_cls", "token_cls"])
+def test_an_eval_record_without_the_trained_columns_is_named(task):
+    """An eval file of another shape (an Alpaca file beside CoNLL training data) was reported as
+    "'tokens' and 'tags' must be lists" / "column 'text' must be a non-empty string, got None"."""
+    t = get_task(task)
+    if task == "seq_cls":
+        t.text, t.pair, t.label = "text", None, "label"
+    else:
+        t.tokens, t.tags = "tokens", "tags"
+    record = {"instruction": "a", "output": "b", WHERE: "e.jsonl:1"}
+    wanted = f"e.jsonl:1: no column '{'text' if task == 'seq_cls' else 'tokens'}'; the record has 'instruction', 'output'"
+    with pytest.raises(DataError, match=wanted):
+        t.encode(record, None, None, {})

@@ -312,6 +312,12 @@ def _dispatch_reporting(args: argparse.Namespace) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
         return 141  # 128 + SIGPIPE, what a shell reports for a pipe closed early
     except OSError as exc:
+        if exc.errno in (errno.ENAMETOOLONG, errno.ELOOP) and exc.filename is not None:
+            # a path given by the user (config key, option, data file): any file access may be the first to meet it
+            name = str(exc.filename)
+            shown = name if len(name) <= 120 else f"{name[:60]}...{name[-40:]} ({len(name)} characters)"
+            print(UserError(f"{shown}: {exc.strerror}").render(), file=sys.stderr)
+            return EXIT_USAGE
         if not failed_write(exc):
             raise
         # a write the machine refused (a full disk, a quota) where no step had its own message for it

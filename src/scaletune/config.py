@@ -372,8 +372,17 @@ def _choice(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         hint = f" ({BOOL_HINT})"
     else:
         hint = _did_you_mean(str(value), [str(c) for c in choices])
-    problems.append(f"{key}: {value!r} is not one of {_type_name(tp)}{hint}")
+    problems.append(f"{key}: {_short(value)} is not one of {_type_name(tp)}{hint}")
     return None
+
+
+def _holds_nul(value: Any) -> bool:
+    """Whether a string in `value` (nested lists and mappings too, keys included) has a NUL byte."""
+    if isinstance(value, str):
+        return "\0" in value
+    if isinstance(value, dict):
+        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
+    return isinstance(value, list) and any(_holds_nul(v) for v in value)
 
 
 def _short(value: Any) -> str:
@@ -443,7 +452,10 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str], bad: set[str])
             kwargs[key] = _build(tp, value, dotted, problems, bad)
             continue
         before = len(problems)
-        kwargs[key] = _coerce(value, tp, dotted, problems)
+        if _holds_nul(value):  # no path or name has one; the OS refuses it as "embedded null byte"
+            problems.append(f"{dotted}: contains a NUL byte (\\0)")
+        else:
+            kwargs[key] = _coerce(value, tp, dotted, problems)
         if len(problems) > before:
             bad.add(dotted)
             kwargs[key] = _default(fields[key])

@@ -11,6 +11,7 @@ from typing import Any, Literal
 import yaml
 
 from .errors import ConfigError
+from .fileutil import missing
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -131,7 +132,7 @@ def read_yaml(path: str | Path) -> tuple[dict, list[str]]:
         raise ConfigError(f"run config {path}: is a directory, expected a YAML file")
     if not path.is_file():
         raise ConfigError(f"run config {path}: " + ("not a regular file (a device, a pipe?), expected a YAML file"
-                                                    if path.exists() else "file not found"))
+                                                    if path.exists() else missing(path)))
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:

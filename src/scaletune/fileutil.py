@@ -2,8 +2,21 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
 from pathlib import Path
+
+
+def missing(path: str | Path) -> str:
+    """Why `path`, which is no file, cannot be found: "file not found", or the link loop or too-long name that
+    `Path.exists()` reports as missing too."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENAMETOOLONG):
+            return exc.strerror.lower()
+    return "file not found"
 
 
 def sha256_file(path: str | Path) -> str:

@@ -123,6 +123,7 @@ def _number(value: Any, *, integral: bool = False) -> Any:
 # up-projection then gets no gradient), dropout 1 zeroes its input, a rank 0 adapter has no weights.
 _POSITIVE = ("lora_alpha", "alpha")  # LoRA/AdaLoRA; LoHa/LoKr
 _DROPOUTS = ("lora_dropout", "rank_dropout", "module_dropout", "vera_dropout")
+_FLOAT32_MAX = 3.4028234663852886e38
 _RANKED = ("lora", "loha", "lokr", "vera")  # methods whose `r` is the adapter's rank (OFT's r may be 0)
 
 
@@ -136,6 +137,8 @@ def _peft_range_problems(method: str, kwargs: dict) -> list[str]:
         if key in _POSITIVE and value <= 0:
             why = " (it scales the adapter's update: the model would never change)" if value == 0 else ""
             problems.append(f"peft.{key}: must be > 0, got {value}{why}")
+        elif key in _POSITIVE and value > _FLOAT32_MAX:  # the scale is a float32 factor of the LoRA product
+            problems.append(f"peft.{key}: must be at most {_FLOAT32_MAX:.3g} (the largest float32), got {value:.3g}")
         elif key in _DROPOUTS and not 0 <= value < 1:
             problems.append(f"peft.{key}: must be in [0, 1), got {value}"
                             f"{' (1 drops every input: nothing would be trained)' if value == 1 else ''}")
@@ -177,13 +180,22 @@ def _peft_value_problems(config_cls: type, kwargs: dict) -> list[str]:
             want = "a finite number"
         elif typing.get_origin(tp) is list and typing.get_args(tp) == (str,):  # list[str] or typing.List[str]
             ok, want = isinstance(value, list) and all(isinstance(v, str) for v in value), "a list of names"
+        elif _names_or_pattern(tp):  # target_modules: a list of names, or one regular expression
+            ok = isinstance(value, str) or isinstance(value, list) and all(isinstance(v, str) for v in value)
+            want = "a list of names or a regular expression"
         else:
             continue
         if not ok:
-            text = repr(value)
-            got = f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+            got = f"{type(value).__name__} {_shown(value)}"
             problems.append(f"peft.{key}: expected {want}{' or null' if optional else ''}, got {got}")
     return problems
+
+
+def _names_or_pattern(tp: Any) -> bool:
+    """Whether an option is annotated list[str] | str (and None): peft's target_modules and the like."""
+    args = {a for a in typing.get_args(tp) if a is not type(None)}
+    lists = {a for a in args if typing.get_origin(a) is list and typing.get_args(a) == (str,)}
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and len(lists) == 1 and args - lists == {str}
 
 
 def _enum_values(tp: Any) -> list[str]:
@@ -207,7 +219,7 @@ def peft_config(cfg: RunConfig, task_type: str, total_steps: int | None = None) 
     mapping = peft.mapping.PEFT_TYPE_TO_CONFIG_MAPPING
     by_name = {str(k.value if hasattr(k, "value") else k).lower(): v for k, v in mapping.items()}
     if method not in by_name:
-        raise ConfigError(f"peft.method: unknown method {cfg.peft_method!r}{_unknown_method_hint(method, by_name)}")
+        raise ConfigError(f"peft.method: unknown method {_shown(cfg.peft_method)}{_unknown_method_hint(method, by_name)}")
     config_cls = by_name[method]
     fields = {f.name for f in dataclasses.fields(config_cls)} - {"peft_type", "task_type"}
     # A deep copy: peft extends modules_to_save in place (the classifier head), which would change the run config.
@@ -230,6 +242,12 @@ def peft_config(cfg: RunConfig, task_type: str, total_steps: int | None = None) 
         return config_cls(task_type=task_type, **kwargs)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"peft: {config_cls.__name__} rejected the settings: {exc}") from None
+
+
+def _shown(value: Any) -> str:
+    """repr(value), cut to 60 characters (a 5,000-character value is no name to echo in full)."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _unknown_method_hint(method: str, known: dict) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..fileutil import missing
 
 # ChatML turns. An assistant turn ends in <|im_end|> and the tokenizer's eos token, with nothing after it
 # (what is trained on ends in the eos): generation stops at the eos token, which a base model's vocabulary
@@ -23,9 +24,11 @@ def chat_template_text(spec: str) -> str | None:
     """The Jinja text `spec` names: a built-in name, or a file; None: scaletune's own rendering."""
     if spec in BUILT_IN:
         return BUILT_IN[spec]
+    if not spec.strip():
+        raise ConfigError(f"data.chat_template: empty; give {' | '.join(BUILT_IN)} or a template file")
     path = Path(spec)
     if not path.is_file():
-        what = "is a directory" if path.is_dir() else "is not a regular file" if path.exists() else "not found"
+        what = "is a directory" if path.is_dir() else "is not a regular file" if path.exists() else missing(path)
         raise ConfigError(f"data.chat_template: {spec!r} is neither {' | '.join(BUILT_IN)} nor a template file "
                           f"({path.absolute()} {what})")
     from jinja2 import Environment, TemplateSyntaxError

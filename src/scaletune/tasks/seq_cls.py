@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ..data.readers import WHERE
+from ..data.readers import WHERE, fields_of
 from ..errors import DataError
 from .base import TRUNCATED, Task, ce_sum, collect_labels, label_name, overflowed, register, unknown_label
 
@@ -57,6 +57,8 @@ class SeqCls(Task):
         text = record.get(self.text)
         pair = record.get(self.pair) if self.pair else None
         for col, val in ((self.text, text), (self.pair, pair)):
+            if col and col not in record:  # (an eval file of another shape: say so, not "got None")
+                raise DataError(f"{where}: no column {col!r}; the record has {fields_of(record)}")
             if col and (not isinstance(val, str) or not val.strip()):
                 raise DataError(f"{where}: column {col!r} must be a non-empty string, got {val!r}")
         label = record.get(self.label)

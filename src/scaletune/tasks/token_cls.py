@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..data.readers import WHERE
+from ..data.readers import WHERE, fields_of
 from ..errors import DataError
 from .base import (
     IGNORE,
@@ -79,6 +79,9 @@ class TokenCls(Task):
     def _check(self, rec: dict) -> None:
         where = rec.get(WHERE, "?")
         words, tags = rec.get(self.tokens), rec.get(self.tags)
+        for col in (self.tokens, self.tags):
+            if col not in rec:  # (an eval file of another shape: say so, not "must be lists")
+                raise DataError(f"{where}: no column {col!r}; the record has {fields_of(rec)}")
         if not isinstance(words, list) or not isinstance(tags, list):
             raise DataError(f"{where}: {self.tokens!r} and {self.tags!r} must be lists")
         if len(words) != len(tags):
