@@ -305,6 +305,13 @@ def test_override_of_a_string_key_keeps_the_text_typed(tmp_path):
     assert (cfg.model.revision, cfg.output_dir, cfg.data.text_column) == ("0123e45", "2024", "yes")
     assert load_config(path, ["model.revision=1234567"]).model.revision == "1234567"
     assert load_config(path, ["model.revision=null"]).model.revision is None
+    # a '#' is no comment, ': ' makes no mapping, a newline stays: the override `output_dir=run #2` trained into
+    # run/ (and with --overwrite replaced it); quotes still unquote, and data.train still takes a list
+    cfg = load_config(path, ["output_dir=run #2", "data.train=a #1.jsonl", "data.eval=x: y", "model.revision=a\nb"])
+    assert (cfg.output_dir, cfg.data.train, cfg.data.eval, cfg.model.revision) == ("run #2", "a #1.jsonl", "x: y",
+                                                                                   "a\nb")
+    cfg = load_config(path, ["output_dir='quoted dir'", 'data.eval=" e.jsonl"', "data.train=[a.jsonl, b.jsonl]"])
+    assert (cfg.output_dir, cfg.data.eval, cfg.data.train) == ("quoted dir", " e.jsonl", ["a.jsonl", "b.jsonl"])
     # numbers still parse for numeric keys, and a float key takes YAML 1.1's "1e-4" string as a number
     cfg = load_config(path, ["train.learning_rate=1e-4", "train.max_steps=10", "train.epochs=1.5"])
     assert (cfg.train.learning_rate, cfg.train.max_steps, cfg.train.epochs) == (1e-4, 10, 1.5)

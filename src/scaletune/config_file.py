@@ -53,6 +53,11 @@ def _without_none(tp: Any) -> Any:
     return tp
 
 
+def _admits_text(tp: Any) -> bool:
+    """Whether one of the types a key of type `tp` takes is str (data.train: str | list)."""
+    return _is_text(tp) or any(_is_text(a) for a in typing.get_args(tp))
+
+
 def _is_text(tp: Any) -> bool:
     """Whether a key of type `tp` takes a string: str, or a choice of strings (`no | fp16 | bf16`)."""
     tp = _without_none(tp)
@@ -62,13 +67,18 @@ def _is_text(tp: Any) -> bool:
 
 
 def _override_value(tp: Any, text: str, parsed: Any) -> Any:
-    """The value of a `key=text` override that YAML read as `parsed`, for a key of type `tp`. A string key gets
-    the text as typed: YAML would turn a revision 0123e45 into a float and `no` into False. A float key gets a
-    number where YAML 1.1 left one a string ("1e-4"). null, lists and mappings stay as YAML read them."""
-    if parsed is None or isinstance(parsed, (list, dict)):
+    """The value of a `key=text` override that YAML read as `parsed`, for a key of type `tp`. A key that takes
+    a string gets the text as typed, unless it is quoted or null: YAML would turn a revision 0123e45 into a
+    float and `no` into False, read `run #2` as `run` and a comment, `a: b` as a mapping, and fold a newline
+    into a space. A key that takes a string or a list (data.train) gets a list where YAML read one. A float
+    key gets a number where YAML 1.1 left one a string ("1e-4"). Other keys get what YAML read."""
+    quoted = text.strip()[:1] in ("'", '"') and isinstance(parsed, str)
+    if parsed is None or quoted:
         return parsed
-    if _is_text(tp) and not isinstance(parsed, str):
+    if _is_text(tp) or (_admits_text(tp) and not isinstance(parsed, (list, dict))):
         return text.strip()
+    if isinstance(parsed, (list, dict)):
+        return parsed
     if _without_none(tp) is float and isinstance(parsed, str):
         try:
             return float(parsed)
