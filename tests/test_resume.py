@@ -158,6 +158,33 @@ def test_config_change_refusal_names_what_changed(make_config, tmp_path, capsys)
     assert "max_steps" not in err.split("(changed:")[1].split(")")[0]  # a resume may change it
 
 
+def test_paths_are_compared_by_the_files_they_name(make_config, tmp_path, capsys, monkeypatch):
+    """A resume compared data and model paths as text: the same file named from another working directory
+    (or through a link) was refused as a changed config, and the same relative name reading another file
+    from elsewhere was accepted with a warning about changed contents."""
+    import shutil
+
+    path = make_config("causal_lm", n=32, train={"max_steps": 2})
+    train_file = tmp_path / "data" / "train.jsonl"
+    (tmp_path / "a").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    assert _train(path, "data.train=../data/train.jsonl") == 0
+    (tmp_path / "link.jsonl").symlink_to(train_file)
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert _train(path, "data.train=link.jsonl", "train.max_steps=3", "--resume", "auto") == 0, capsys.readouterr().err
+    other = tmp_path / "b" / "data"
+    other.mkdir(parents=True)
+    shutil.copy(train_file, other / "train.jsonl")
+    with open(other / "train.jsonl", "a") as fh:  # the same name from b/, another file
+        fh.write(json.dumps({"instruction": "one more", "output": "example"}) + "\n")
+    monkeypatch.chdir(tmp_path / "b" / "data")
+    capsys.readouterr()
+    assert _train(path, "data.train=../data/train.jsonl", "train.max_steps=4", "--resume", "auto") == 2
+    err = capsys.readouterr().err
+    assert f'(changed: data.train: "{train_file}" -> "{other / "train.jsonl"}")' in err, err
+
+
 def test_config_change_refusal_does_not_name_a_length_the_model_lowered(make_config, tmp_path, capsys):
     """data.max_length above the model's position table (the tiny BERT's 512) is lowered for the run; the
     refusal of a changed learning rate names that change only, not a max_length the user never touched

@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,9 +37,30 @@ _RESUME_FREE_KEYS = {"train": {"max_steps", "epochs", "eval_every", "save_every"
                                "offload", "backend", "timeout_s"}, "output_dir": True}
 
 
-def _trajectory(d: dict) -> dict:
-    """A resolved config (`RunConfig.to_dict()`) without the keys a resume may change."""
+def with_real_paths(d: dict) -> dict:
+    """A copy of a resolved config (`RunConfig.to_dict()`) whose data, model and template paths that name an
+    existing file or directory are that file's real path (relative ones read from the working directory, as
+    training reads them); hub ids, `hub:` sources and built-in template names stay as written."""
     d = json.loads(json.dumps(d, default=str))  # a deep copy, and the types a checkpoint's JSON holds
+
+    def real(spec: Any) -> Any:
+        if isinstance(spec, dict) and isinstance(spec.get("path"), str):  # a {path, weight} source
+            return {**spec, "path": real(spec["path"])}
+        if isinstance(spec, list):
+            return [real(s) for s in spec]
+        return os.path.realpath(spec) if isinstance(spec, str) and spec and os.path.exists(spec) else spec
+
+    for section, key in (("data", "train"), ("data", "eval"), ("data", "chat_template"), ("model", "name_or_path")):
+        if isinstance(d.get(section), dict) and key in d[section]:
+            d[section][key] = real(d[section][key])
+    return d
+
+
+def _trajectory(d: dict) -> dict:
+    """A resolved config (`RunConfig.to_dict()`) without the keys a resume may change, its paths made real
+    (`with_real_paths`): the same files named from another working directory or through a link are the
+    same run, and the same relative name that now reads other files is not."""
+    d = with_real_paths(d)
     for section, keys in _RESUME_FREE_KEYS.items():
         if keys is True:
             d.pop(section, None)
@@ -51,7 +73,8 @@ def _trajectory(d: dict) -> dict:
 def config_fingerprint(cfg: RunConfig) -> str:
     """Hash of everything that determines the training trajectory: the resolved config without output_dir
     and the other keys a resume may change (logging, saving, scale-out; `_RESUME_FREE_KEYS`). Data and
-    model paths are in it: the same file moved elsewhere needs --allow-config-change."""
+    model paths are in it by the real path of what they name: the same file moved elsewhere needs
+    --allow-config-change."""
     return hashlib.sha256(json.dumps(_trajectory(cfg.to_dict()), sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -74,12 +97,12 @@ def config_changes(saved: dict, cfg: RunConfig) -> list[str]:
 
     def now(k: str) -> str:
         if k in new:
-            return json.dumps(new[k])
+            return json.dumps(new[k], ensure_ascii=False)
         if "." in k and not k.startswith("peft.") and k not in defaults:  # a key of a newer scaletune
             return f"{missing}: this scaletune has no such key, the checkpoint is from a newer version"
-        return json.dumps(missing)
+        return json.dumps(missing, ensure_ascii=False)
 
-    return [f"{k}: {json.dumps(old.get(k, missing))} -> {now(k)}"
+    return [f"{k}: {json.dumps(old.get(k, missing), ensure_ascii=False)} -> {now(k)}"
             for k in sorted(set(old) | set(new)) if old.get(k, missing) != new.get(k, missing) and k not in added]
 
 
@@ -398,7 +421,8 @@ def save_checkpoint(run: Run) -> Path:
              "method_state": method_facts,
              "counters": run.counters, "world_size": run.accelerator.num_processes,
              **nonfinite.loss_scale_state(run.accelerator, run.model),  # fp16: GradScaler's or DeepSpeed's
-             "global_batch_size": run.cfg.train.global_batch_size, "config": run.given_config,
+             "global_batch_size": run.cfg.train.global_batch_size,
+             "config": with_real_paths(run.given_config),  # (compared by `config_changes` at a resume)
              "train_digest": run.data.get("train_digest")}
     return ckpt.save_checkpoint(run.accelerator, run.output_dir, run.step, trainable=params,
                                 optimizer_state=opt_state, state=state,
