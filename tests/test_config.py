@@ -559,3 +559,16 @@ def test_a_missing_deepspeed_or_bitsandbytes_is_named_before_anything_starts(mon
     cfg = from_dict({**BASE, "train": {"optimizer": "adamw_8bit"}}, check_peft=True)
     with pytest.raises(ConfigError, match=r"train.optimizer=adamw_8bit needs bitsandbytes"):
         preflight(cfg)
+
+
+def test_a_leading_tilde_is_the_home_directory(monkeypatch):
+    """`output_dir: ~/runs/x` made a directory named '~' in the working directory; a shell expands
+    `output_dir=~/x` but not `data.train=~/x`, so the config does it for every path key."""
+    monkeypatch.setenv("HOME", "/home/me")
+    cfg = from_dict({**BASE, "output_dir": "~/runs/x", "model": {"name_or_path": "~/models/m"},
+                     "data": {"train": ["~/a.jsonl", {"path": "~/b.jsonl", "weight": 2}], "eval": "~/e.jsonl",
+                              "chat_template": "~/t.jinja"}})
+    assert cfg.output_dir == "/home/me/runs/x" and cfg.model.name_or_path == "/home/me/models/m"
+    assert cfg.data.train == ["/home/me/a.jsonl", {"path": "/home/me/b.jsonl", "weight": 2}]
+    assert (cfg.data.eval, cfg.data.chat_template) == ("/home/me/e.jsonl", "/home/me/t.jinja")
+    assert from_dict({**BASE, "output_dir": "runs/~x"}).output_dir == "runs/~x"  # only a leading one

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -57,6 +58,9 @@ def test_csv_wrong_field_count_and_empty(tmp_path):
         read_records(str(empty))
     with pytest.raises(DataError, match="file not found"):
         read_records(str(tmp_path / "missing.jsonl"))
+    os.mkfifo(tmp_path / "pipe.jsonl")  # (its open blocked for ever, deaf to SIGTERM at start-up)
+    with pytest.raises(DataError, match=r"data.train: .*pipe.jsonl is not a regular file \(a pipe or a device\?\)"):
+        read_records(str(tmp_path / "pipe.jsonl"))
 
 
 def test_csv_records_are_named_by_the_line_they_start_on(tmp_path):
@@ -501,6 +505,8 @@ def test_predict_prompts_the_way_training_rendered(tmp_path, tiny_llama, record)
     seen = {}
 
     class Model:
+        device = torch.device("cpu")
+
         def generate(self, input_ids, **kw):
             seen["ids"] = input_ids[0].tolist()
             return input_ids

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import re
 import types
 import typing
@@ -518,6 +519,7 @@ def from_dict(raw: dict, *, source: str = "run config", world_size: int | None =
     problems: list[str] = []
     bad: set[str] = set()
     cfg = _build(RunConfig, raw, "", problems, bad)
+    _expand_home(cfg)
     # Cross-field rules run even when some values were bad (those have their defaults here), so one run
     # reports everything; a rule that names a bad key would be about a value the user did not give.
     from .rules import cross_field_problems  # (rules.py reads this module's types)
@@ -537,6 +539,25 @@ def from_dict(raw: dict, *, source: str = "run config", world_size: int | None =
     if problems:
         raise ConfigError(problems, title=f"{source} has {len(problems)} problem(s)")
     return cfg
+
+
+def _expand_home(cfg: RunConfig) -> None:
+    """A leading ~ in a path key is the user's home directory, as a shell reads it: YAML keeps it as written,
+    and a shell expands it in `output_dir=~/x` but not in `data.train=~/x` (not a variable name), so
+    `output_dir: ~/runs/x` made a directory named '~' in the working directory."""
+    def expand(value: Any) -> Any:
+        if isinstance(value, str) and value.startswith("~"):
+            return os.path.expanduser(value)
+        if isinstance(value, list):
+            return [expand(v) for v in value]
+        if isinstance(value, dict) and isinstance(value.get("path"), str):  # a {path, weight} source
+            return {**value, "path": expand(value["path"])}
+        return value
+
+    cfg.output_dir = expand(cfg.output_dir)
+    cfg.model.name_or_path = expand(cfg.model.name_or_path)
+    for key in ("train", "eval", "chat_template"):
+        setattr(cfg.data, key, expand(getattr(cfg.data, key)))
 
 
 def load_config(

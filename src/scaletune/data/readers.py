@@ -323,6 +323,8 @@ def read_records(spec: str, *, key: str = "data.train", conll: bool = False) -> 
             raise DataError(f"{key}: file not found: {path}{where}")
         if path.is_dir():
             raise DataError(f"{key}: {path} is a directory, expected a data file")
+        if not path.is_file():  # a pipe would block the open for ever (and is read more than once: hashed, then read)
+            raise DataError(f"{key}: {path} is not a regular file (a pipe or a device?), expected a data file")
         suffix = path.suffix.lower()
         try:
             if conll:  # data.format: conll names the layout, whatever the file is called (ner.tsv)
