@@ -244,3 +244,11 @@ def test_a_resume_after_a_stop_replaces_what_the_stopped_path_logged(make_config
     acc = event_accumulator.EventAccumulator(str(out / "scaletune"))
     acc.Reload()
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_run_name_the_font_cannot_draw_warns_nothing(tmp_path, recwarn):
+    """matplotlib's "Glyph 12521 (KATAKANA LETTER RA) missing from font" went to the user's terminal."""
+    run = make_run(tmp_path / "ラン 1", "causal_lm")
+    report, _ = build_report([str(run)])
+    assert "ラン 1" in report.read_text()
+    assert not [w for w in recwarn if "Glyph" in str(w.message)]

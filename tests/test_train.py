@@ -211,6 +211,26 @@ def test_overwrite_that_finishes_leaves_only_the_new_run(make_config, tmp_path, 
     assert not list(tmp_path.glob(".run.replaced-*"))
 
 
+def test_a_run_named_near_the_name_limit_can_be_replaced(make_config, tmp_path, capsys):
+    """The hidden sibling `.NAME.replaced-...` of a 250-byte run name passed the file system's 255: such a
+    run could never be replaced ("could not prepare ...: File name too long")."""
+    path = _overwrite_config(make_config)
+    out = tmp_path / ("r" * 250)
+    assert main(["train", str(path), f"output_dir={out}", "train.max_steps=2"]) == 0
+    assert main(["train", str(path), f"output_dir={out}", "train.max_steps=2", "--overwrite"]) == 0, \
+        capsys.readouterr().err
+    assert [p.name for p in checkpoint_dirs(out)] == ["step-2"] and not list(tmp_path.glob(".r*.replaced-*"))
+
+
+def test_a_dangling_symlink_as_output_dir_is_named(make_config, tmp_path, capsys):
+    path = _overwrite_config(make_config)
+    (tmp_path / "run").symlink_to(tmp_path / "gone")
+    capsys.readouterr()
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err  # (was "could not prepare ...: File exists" and a disk-space hint)
+    assert f"output_dir: {tmp_path / 'run'} is a symbolic link to {tmp_path / 'gone'}, which does not exist" in err
+
+
 def test_overwrite_through_a_symlinked_output_dir_keeps_the_link(make_config, tmp_path, capsys):
     """output_dir a link to scratch space: the new run goes where the link points, the old one is set
     aside there and deleted at the finish (renaming the link would move the run to local disk)."""

@@ -32,7 +32,11 @@ def check_output_dir(cfg: RunConfig, resume: str | None, overwrite: bool, resume
     try:
         existing = next(p for p in (out, *out.absolute().parents) if p.exists())
     except (OSError, ValueError) as exc:  # a name too long, a NUL byte
-        raise ConfigError(f"output_dir: {cfg.output_dir[:200]!r} is not a usable path ({exc})") from None
+        why = getattr(exc, "strerror", None) or exc  # (an OSError's text repeats the whole name)
+        shown = cfg.output_dir if len(cfg.output_dir) <= 120 else f"{cfg.output_dir[:100]}... ({len(cfg.output_dir)} characters)"
+        raise ConfigError(f"output_dir: {shown!r} is not a usable path ({why})") from None
+    if out.is_symlink() and not out.exists():  # (making it failed with "File exists")
+        raise ConfigError(f"output_dir: {out} is a symbolic link to {os.readlink(out)}, which does not exist")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir: {out} exists and is not a directory")
     if not existing.is_dir():
@@ -208,7 +212,9 @@ def _unrecorded(out: Path, aside: Path | None, kept: list[Path], exc: OSError) -
 def _aside_path(out: Path) -> Path:
     """A free sibling name for `out`: `.<name>.replaced-<YYYYmmdd-HHMMSS>[-N]`."""
     out = Path(os.path.abspath(out))  # a plain name or a trailing `..` has no usable parent/name otherwise
-    base = out.parent / f".{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+    # the name cut to 200 bytes: with the 25 added, a run named near the file system's 255 could not be replaced
+    name = out.name.encode()[:200].decode(errors="ignore")
+    base = out.parent / f".{name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
     aside, n = base, 1
     while aside.exists() or aside.is_symlink():
         aside, n = base.with_name(f"{base.name}-{n}"), n + 1
