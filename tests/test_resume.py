@@ -173,6 +173,8 @@ def test_paths_are_compared_by_the_files_they_name(make_config, tmp_path, capsys
     monkeypatch.chdir(tmp_path)
     capsys.readouterr()
     assert _train(path, "data.train=link.jsonl", "train.max_steps=3", "--resume", "auto") == 0, capsys.readouterr().err
+    info = json.loads((tmp_path / "run" / "run.json").read_text())  # where each start read its relative paths from
+    assert info["cwd"] == str(tmp_path / "a") and [r["cwd"] for r in info["resumes"]] == [str(tmp_path)]
     other = tmp_path / "b" / "data"
     other.mkdir(parents=True)
     shutil.copy(train_file, other / "train.jsonl")

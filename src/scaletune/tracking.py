@@ -56,7 +56,7 @@ def write_run_json(output_dir: Path, cfg: Any, extra: dict) -> None:
     now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     argv = command_line()
     info = {"config": cfg.to_dict(), "versions": package_versions(), "git_commit": git_commit(Path.cwd()),
-            "argv": argv, "started": now, **extra}
+            "argv": argv, "cwd": os.getcwd(), "started": now, **extra}  # (relative config paths are read from cwd)
     if extra.get("resumed_from"):
         try:
             before = json.loads((output_dir / "run.json").read_text(encoding="utf-8"))
@@ -64,8 +64,9 @@ def write_run_json(output_dir: Path, cfg: Any, extra: dict) -> None:
             before = None
         if isinstance(before, dict):
             info["started"], info["argv"] = before.get("started", now), before.get("argv", argv)
+            info["cwd"] = before.get("cwd", info["cwd"])
             info["resumes"] = [*(before.get("resumes") or []),
-                               {"time": now, "from": extra["resumed_from"], "argv": argv,
+                               {"time": now, "from": extra["resumed_from"], "argv": argv, "cwd": os.getcwd(),
                                 "world_size": extra.get("world_size")}]
     tmp = output_dir / "run.json.tmp"
     try:
