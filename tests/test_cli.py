@@ -379,6 +379,8 @@ def test_output_cut_short_by_the_reader_is_not_a_traceback(tmp_path):
 class Recorder(torch.nn.Module):
     """A stand-in classifier: records the input ids of every line; its logits are all zero (label 0)."""
 
+    device = torch.device("cpu")
+
     def __init__(self, n_labels: int, per_token: bool):
         super().__init__()
         self.n_labels, self.per_token, self.seen = n_labels, per_token, []

@@ -85,9 +85,21 @@ def load_trained(cfg: RunConfig, adapter: str | None) -> tuple[Any, Any, Any, li
     return model, tokenizer, task, labels, path
 
 
-def run_eval(cfg: RunConfig, adapter: str | None, data: str | None) -> dict:
+def on_device(cfg: RunConfig, model: Any) -> tuple[Any, Any]:
+    """(accelerator, model on its device) for eval and predict: the GPU where there is one, and the
+    run's train.mixed_precision as its autocast, so labels, scores and losses are computed as training's
+    evals computed them (fp16 needs a GPU: on a CPU, float32)."""
     from accelerate import Accelerator
 
+    cuda = torch.cuda.is_available()
+    acc = Accelerator(mixed_precision=cfg.train.mixed_precision if cfg.train.mixed_precision != "fp16" or cuda
+                      else "no", cpu=not cuda)
+    if model.device != acc.device:  # (a quantized model is placed where it was loaded)
+        model = model.to(acc.device)
+    return acc, model
+
+
+def run_eval(cfg: RunConfig, adapter: str | None, data: str | None) -> dict:
     from .data import build_datasets, build_eval_only
     from .evaluate import evaluate
 
@@ -99,9 +111,10 @@ def run_eval(cfg: RunConfig, adapter: str | None, data: str | None) -> dict:
     if not cfg.data.eval:
         check_held_out(cfg, path)
     model, tokenizer, task, labels, _ = load_trained(cfg, str(path))
-    acc = Accelerator(mixed_precision=cfg.train.mixed_precision if cfg.train.mixed_precision != "fp16"
-                      or torch.cuda.is_available() else "no", cpu=not torch.cuda.is_available())
-    model = model.to(acc.device)
+    acc, model = on_device(cfg, model)
+    if cfg.train.chunked_loss and cfg.distributed.zero_stage != 3 and hasattr(task, "enable_chunked_loss"):
+        # the loss as training's evals computed it (not under ZeRO-3, whose partitioned head it cannot use)
+        task.enable_chunked_loss(model, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(acc.mixed_precision))
     cfg.data.labels = labels if labels else cfg.data.labels
     if cfg.data.eval:  # labels come from the adapter: the training file is not needed (or read)
         # problems are named by where the path came from: --data, or the config's data.eval
@@ -210,6 +223,7 @@ def run_predict(cfg: RunConfig, adapter: str | None, source: str | None, max_new
         log.warning("predict: %s holds no input lines", predict_input.source_name(source))
     # every line is checked before the first prediction: a bad line 900 must not leave 899 lines written
     inputs = [_task_input(cfg, task, tokenizer, item) for item in items]
+    acc, model = on_device(cfg, model)
     results = []
     cut_lines = []  # where a token_cls input had words past max_length
     # Labelling goes PREDICT_BATCH lines per forward (4,360 SST-2 lines with MiniLM on 2 CPU cores: 43 s one
@@ -218,13 +232,14 @@ def run_predict(cfg: RunConfig, adapter: str | None, source: str | None, max_new
     step = GENERATE_BATCH if cfg.task == "causal_lm" else PREDICT_BATCH
     for start in range(0, len(items), step):
         batch = inputs[start:start + step]
-        if cfg.task == "causal_lm":
-            texts = generate_batch(model, tokenizer, [segments for _, segments in batch], max_new_tokens)
-            done = [{"prompt": prompt, "completion": text} for (prompt, _), text in zip(batch, texts)]
-        elif cfg.task == "seq_cls":
-            done = _classify(model, tokenizer, labels, cfg.data.max_length, batch)
-        else:
-            done = _tag(model, tokenizer, labels, cfg.data.max_length, batch)
+        with acc.autocast():
+            if cfg.task == "causal_lm":
+                texts = generate_batch(model, tokenizer, [segments for _, segments in batch], max_new_tokens)
+                done = [{"prompt": prompt, "completion": text} for (prompt, _), text in zip(batch, texts)]
+            elif cfg.task == "seq_cls":
+                done = _classify(model, tokenizer, labels, cfg.data.max_length, batch)
+            else:
+                done = _tag(model, tokenizer, labels, cfg.data.max_length, batch)
         for item, result in zip(items[start:start + step], done):
             if "truncated_words" in result:
                 cut_lines.append(item[WHERE])
@@ -259,7 +274,7 @@ def _classify(model: Any, tokenizer: Any, labels: list[str], max_length: int,
     pairs = [pair for _, pair in given] if given[0][1] is not None else None  # (a pair model: every line has one)
     enc = tokenizer(texts, pairs, truncation=True, max_length=max_length, padding=True, padding_side="right",
                     return_tensors="pt")
-    probs = model(**enc).logits.float().softmax(-1)
+    probs = model(**enc.to(model.device)).logits.float().softmax(-1)
     out = []
     for (text, pair), p in zip(given, probs):
         echo = {"text": text} if pair is None else {"text": text, "text_pair": pair}
@@ -274,7 +289,7 @@ def _tag(model: Any, tokenizer: Any, labels: list[str], max_length: int, sentenc
 
     enc = tokenizer(sentences, is_split_into_words=True, truncation=True, max_length=max_length, padding=True,
                     padding_side="right", return_tensors="pt")
-    preds = model(**enc).logits.argmax(-1).tolist()
+    preds = model(**enc.to(model.device)).logits.argmax(-1).tolist()
     out = []
     for i, (words, pred) in enumerate(zip(sentences, preds)):
         word_ids = enc.word_ids(i)

@@ -330,7 +330,7 @@ def load_model(cfg: RunConfig, task: Any, labels: list[str] | None, tokenizer: A
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if adapter_path is not None:
-        model = _load_adapter(model, adapter_path)
+        model = _load_adapter(model, adapter_path, fused=cfg.train.fused_lora and not cfg.model.quantization)
     else:
         model = apply_adapter(model, cfg, task, total_steps)
         if cfg.train.neftune_noise_alpha:
@@ -341,9 +341,11 @@ def load_model(cfg: RunConfig, task: Any, labels: list[str] | None, tokenizer: A
     return float32_trainables(model)
 
 
-def _load_adapter(model: Any, adapter_path: str) -> Any:
+def _load_adapter(model: Any, adapter_path: str, fused: bool = False) -> Any:
     """The trained adapter on `model`; a damaged file (a copy cut short, a disk that filled while saving) is
-    one error naming it, not safetensors' traceback."""
+    one error naming it, not safetensors' traceback. `fused`: a LoRA adapter gets the forward training
+    used (train.fused_lora), so eval and predict compute what training's evals did (in bf16 peft's own
+    forward rounds differently: an eval accuracy 2.5 points off the logged one was seen)."""
     import peft
     from safetensors import SafetensorError
 
@@ -353,7 +355,13 @@ def _load_adapter(model: Any, adapter_path: str) -> Any:
                         hint="point --adapter at a complete adapter directory, or a checkpoint's: "
                              "--adapter OUTPUT_DIR/checkpoints/step-N")
     try:
-        return peft.PeftModel.from_pretrained(model, adapter_path, is_trainable=False)
+        config, conf_file = None, Path(adapter_path) / "adapter_config.json"
+        if fused and conf_file.is_file() and json.loads(conf_file.read_text(encoding="utf-8")).get("peft_type") == "LORA":
+            from .adapters.lora_addmm import use_addmm_lora
+
+            config = peft.LoraConfig.from_pretrained(adapter_path)
+            use_addmm_lora(config)
+        return peft.PeftModel.from_pretrained(model, adapter_path, is_trainable=False, config=config)
     except (SafetensorError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         files = sorted(p.name for p in Path(adapter_path).glob("adapter_*"))
         raise UserError(f"the adapter at {adapter_path} is damaged ({', '.join(files) or 'its files'}: "
