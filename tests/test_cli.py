@@ -974,15 +974,15 @@ def test_a_long_eval_says_it_is_alive(capsys, make_config, tmp_path, monkeypatch
     screen. Off a terminal a line comes every half minute (here time runs 40 s per batch)."""
     path = make_config("causal_lm", n=24, train={"max_steps": 1, "micro_batch_size": 4, "global_batch_size": 4})
     assert run_cli(["train", path], capsys)[0] == 0
-    import scaletune.evaluate
+    import scaletune.progress
 
     clock = iter(range(0, 10**6, 40))
-    monkeypatch.setattr(scaletune.evaluate.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(scaletune.progress.time, "monotonic", lambda: next(clock))
     monkeypatch.setenv("SCALETUNE_NO_PROGRESS", "0")
     code, out, err = run_cli(["eval", path], capsys)
     assert code == 0 and "perplexity" in json.loads(out)
-    done = [tuple(map(int, line.removeprefix("eval: batch ").split("/"))) for line in err.splitlines()
-            if line.startswith("eval: batch ")]
+    done = [tuple(map(int, line.removeprefix("eval: ").removesuffix(" batches").split("/")))
+            for line in err.splitlines() if line.startswith("eval: ") and line.endswith(" batches")]
     assert len(done) >= 2 and len({n for _, n in done}) == 1, err  # batch k of the whole set's count
     assert [k for k, _ in done] == sorted({k for k, _ in done}) and done[-1][0] <= done[-1][1]
 

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import sys
-import time
 from typing import Any
 
 import torch
 from accelerate.utils import send_to_device
 
 from .data.batching import eval_batches
+from .progress import Progress
 
 
 @torch.no_grad()
@@ -23,21 +21,10 @@ def evaluate(accelerator: Any, model: Any, task: Any, dataset: Any, labels: list
     n_targets = 0
     preds: list = []
     batches = eval_batches(len(dataset), micro, accelerator.num_processes, accelerator.process_index)
-    # An eval set of thousands takes minutes on a CPU with nothing on screen, as if hung: a bar on a
-    # terminal, else a line every half minute (a Slurm .out file)
-    shown = accelerator.is_main_process and os.environ.get("SCALETUNE_NO_PROGRESS") != "1"
-    bar = None
-    if shown and sys.stderr.isatty():
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(batches), desc="eval", unit="batch", leave=False, dynamic_ncols=True)
-    said = time.monotonic()
-    for done, idx in enumerate(batches, 1):
-        if bar is not None:
-            bar.update()
-        elif shown and time.monotonic() - said > 30:
-            print(f"eval: batch {done}/{len(batches)}", file=sys.stderr, flush=True)
-            said = time.monotonic()
+    # an eval set of thousands takes minutes on a CPU with nothing on screen, as if hung
+    progress = Progress(len(batches), "eval", "batches", shown=accelerator.is_main_process)
+    for idx in batches:
+        progress.update()
         batch = send_to_device(task.collate([dataset[i] for i in (idx or [0])], pad_id), accelerator.device)
         with accelerator.autocast():
             loss, logits = task.loss_sum(model, batch)
@@ -47,8 +34,7 @@ def evaluate(accelerator: Any, model: Any, task: Any, dataset: Any, labels: list
         n_targets += task.count_targets(batch)
         if logits is not None:  # None: causal_lm's chunked loss never builds them (and needs none)
             preds += task.predictions(logits.float().cpu(), {k: v.cpu() for k, v in batch.items()})
-    if bar is not None:
-        bar.close()
+    progress.close()
     totals = accelerator.reduce(torch.tensor([loss_sum.item(), float(n_targets)], device=accelerator.device,
                                              dtype=torch.float64), "sum")
     if accelerator.num_processes > 1:

@@ -1,0 +1,38 @@
+"""Progress of long work that is not training steps (tokenising, evaluating): a bar on a terminal, else a
+line every half minute, so a Slurm .out file or a CI log does not sit silent for minutes as if hung."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any
+
+LINE_EVERY_S = 30.0
+
+
+class Progress:
+    """`update(n)` after each piece of `total`; `close()` at the end. Shows nothing where `shown` is false
+    (another rank) or SCALETUNE_NO_PROGRESS=1."""
+
+    def __init__(self, total: int, desc: str, unit: str, shown: bool = True) -> None:
+        self.total, self.desc, self.unit, self.done = total, desc, unit, 0
+        self.shown = shown and os.environ.get("SCALETUNE_NO_PROGRESS") != "1"
+        self.bar: Any = None
+        if self.shown and sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True)
+        self.said = time.monotonic()
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.shown and time.monotonic() - self.said > LINE_EVERY_S:
+            print(f"{self.desc}: {self.done}/{self.total} {self.unit}", file=sys.stderr, flush=True)
+            self.said = time.monotonic()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
