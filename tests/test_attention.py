@@ -238,3 +238,20 @@ def test_what_the_kernel_cannot_do_as_the_model_means_it_goes_to_sdpa(monkeypatc
         except ValueError as exc:
             assert "does not support `softcap`" in str(exc)
     assert (len(calls), len(answered)) == ((1, 0) if kernel_used else (0, 1))
+
+
+def test_a_gpu_without_flash_attention_gets_sdpa(monkeypatch, caplog):
+    """PyTorch's varlen kernel is flash attention (compute capability 8.0+): chosen by device type alone,
+    a V100 or T4 would have failed at the first forward. Such a GPU gets SDPA, with one warning."""
+    if "cuda" not in attention.KERNELS:
+        pytest.skip("this torch has no torch.nn.attention.varlen kernel")
+    attention._flash_capable.cache_clear()
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (7, 5) if index == 1 else (9, 0))
+    try:
+        with caplog.at_level("WARNING", logger="scaletune"):
+            assert attention.kernel_for(torch.device("cuda", 0)) is attention.KERNELS["cuda"]
+            assert attention.kernel_for(torch.device("cuda", 1)) is None
+            assert attention.kernel_for(torch.device("cuda", 1)) is None
+    finally:
+        attention._flash_capable.cache_clear()
+    assert caplog.text.count("compute capability 7.5) has no flash attention kernel") == 1

@@ -384,6 +384,13 @@ def test_the_cache_is_found_by_the_files_contents_and_read_mapped(tmp_path, tiny
     monkeypatch.setattr(task, "encode", lambda *a: calls.append(a))
     cfg.data.train = str(copy)
     assert list(build_datasets(cfg, task, tok)["train"]["input_ids"]) == list(built["input_ids"]) and calls == []
+    # a second run that tokenised the same data meanwhile keeps the entry the first one trains from (deleting
+    # its mapped files would pull them from under it on a network file system)
+    entry = data.cache_root() / data.fingerprint(cfg, tok)
+    arrow = next((entry / "train").glob("*.arrow"))
+    inode = arrow.stat().st_ino
+    data._save_atomically(entry, built, None, {"labels": ["neg", "pos"], "has_eval": False})
+    assert arrow.stat().st_ino == inode and sorted(p.name for p in entry.parent.iterdir()) == [entry.name]
     as_csv = tmp_path / "scratch" / "copy.csv"  # the same bytes another reader reads: another entry
     shutil.copy(copy, as_csv)
     assert data.fingerprint(cfg, tok) != data.fingerprint(from_dict({**cfg.to_dict(), "data": {

@@ -159,9 +159,9 @@ def test_config_change_refusal_names_what_changed(make_config, tmp_path, capsys)
 
 
 def test_paths_are_compared_by_the_files_they_name(make_config, tmp_path, capsys, monkeypatch):
-    """A resume compared data and model paths as text: the same file named from another working directory
-    (or through a link) was refused as a changed config, and the same relative name reading another file
-    from elsewhere was accepted with a warning about changed contents."""
+    """A resume compared data and model paths as text only: the same file named from another working
+    directory (or through a link) was refused as a changed config. A path written otherwise is now compared
+    by what it names, and a refusal shows that too."""
     import shutil
 
     path = make_config("causal_lm", n=32, train={"max_steps": 2})
@@ -184,7 +184,8 @@ def test_paths_are_compared_by_the_files_they_name(make_config, tmp_path, capsys
     capsys.readouterr()
     assert _train(path, "data.train=../data/train.jsonl", "train.max_steps=4", "--resume", "auto") == 2
     err = capsys.readouterr().err
-    assert f'(changed: data.train: "{train_file}" -> "{other / "train.jsonl"}")' in err, err
+    assert f'(changed: data.train: "link.jsonl" ({train_file}) -> "../data/train.jsonl" ({other / "train.jsonl"}))' \
+        in err, err
 
 
 def test_config_change_refusal_does_not_name_a_length_the_model_lowered(make_config, tmp_path, capsys):
@@ -327,13 +328,13 @@ def test_a_checkpoint_whose_saved_config_matches_resumes_though_its_fingerprint_
     path.mkdir()
     (path / "state.json").write_text(json.dumps({"step": 4, "config": cfg.to_dict()}, default=str))
     ckpt.write_manifest(path, 4, "fingerprint-of-an-older-recipe")
-    ckpt.check_same_config(path, "this-recipe", False, lambda saved: config_changes(saved, cfg))  # accepted
+    ckpt.check_same_config(path, "this-recipe", False, lambda saved, paths: config_changes(saved, cfg))  # accepted
     changed = load_config(str(make_config("causal_lm")), ["train.learning_rate=0.5"])
     with pytest.raises(UserError, match=r"different run config \(changed: train.learning_rate: .* -> 0.5\)"):
-        ckpt.check_same_config(path, "this-recipe", False, lambda saved: config_changes(saved, changed))
+        ckpt.check_same_config(path, "this-recipe", False, lambda saved, paths: config_changes(saved, changed))
     (path / "state.json").write_text(json.dumps({"step": 4}))  # no saved config: the fingerprint decides
     with pytest.raises(UserError, match="fingerprint fingerprint-of-an-older-recipe vs this-recipe"):
-        ckpt.check_same_config(path, "this-recipe", False, lambda saved: config_changes(saved, cfg))
+        ckpt.check_same_config(path, "this-recipe", False, lambda saved, paths: config_changes(saved, cfg))
 
 
 def test_a_checkpoint_from_before_a_key_existed_resumes_with_that_key_at_its_default(make_config, tmp_path):
@@ -354,10 +355,10 @@ def test_a_checkpoint_from_before_a_key_existed_resumes_with_that_key_at_its_def
     (path / "state.json").write_text(json.dumps({"step": 4, "config": older}, default=str))
     ckpt.write_manifest(path, 4, "fingerprint-without-the-new-keys")
     assert config_changes(older, cfg) == []
-    ckpt.check_same_config(path, "this-recipe", False, lambda saved: config_changes(saved, cfg))  # accepted
+    ckpt.check_same_config(path, "this-recipe", False, lambda saved, paths: config_changes(saved, cfg))  # accepted
     noisy = load_config(str(make_config("causal_lm")), ["train.neftune_noise_alpha=5"])
     with pytest.raises(UserError, match=r'train.neftune_noise_alpha: "\(not set\)" -> 5.0'):
-        ckpt.check_same_config(path, "this-recipe", False, lambda saved: config_changes(saved, noisy))
+        ckpt.check_same_config(path, "this-recipe", False, lambda saved, paths: config_changes(saved, noisy))
 
 
 def test_a_checkpoint_from_a_newer_scaletune_says_so():

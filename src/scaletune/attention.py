@@ -14,7 +14,9 @@ with a KV cache; attention dropout; a device without a kernel) is answered by SD
 
 from __future__ import annotations
 
+import functools
 import inspect
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -122,11 +124,31 @@ def _half_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[tor
     return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
+def kernel_for(device: torch.device) -> Callable[..., torch.Tensor] | None:
+    """The variable-length kernel for `device`, or None (SDPA answers). PyTorch's is flash attention,
+    which needs compute capability 8.0 (Ampere) or newer: on a V100 or T4 it would fail at the first
+    forward."""
+    kernel = KERNELS.get(device.type)
+    if kernel is _torch_varlen and not _flash_capable(device.index):
+        return None
+    return kernel
+
+
+@functools.cache
+def _flash_capable(index: int | None) -> bool:
+    major, minor = torch.cuda.get_device_capability(index)
+    if (major, minor) < (8, 0):
+        logging.getLogger("scaletune").warning(
+            "model.attn_implementation=varlen: this GPU (compute capability %d.%d) has no flash attention kernel "
+            "(8.0, Ampere, or newer); SDPA computes the attention instead", major, minor)
+    return (major, minor) >= (8, 0)
+
+
 def prepare(device: torch.device) -> None:
     """Make the kernel's one-time check on `device` now, before `train.torch_compile` traces the blocks that
     call it: dynamo cannot trace the check's random generator, so the first compiled block broke its graph
     there (a warning on the H200, and a recompilation once the answer was cached)."""
-    if device.type in KERNELS and "enable_gqa" not in _VARLEN_PARAMS:
+    if kernel_for(device) is not None and "enable_gqa" not in _VARLEN_PARAMS:
         takes_grouped_heads(device)
 
 
@@ -141,7 +163,7 @@ def varlen_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
                      **kwargs: Any) -> tuple[torch.Tensor, None]:
     """transformers attention function: query (batch, heads, seq, dim), key/value (batch, kv_heads, seq,
     dim); returns (batch, seq, heads, dim) like the built-in implementations."""
-    kernel = KERNELS.get(query.device.type)
+    kernel = kernel_for(query.device)
     batch, heads, seq, dim = query.shape
     window = kwargs.get("sliding_window")
     inputs = (query, key, value)

@@ -82,14 +82,17 @@ def verify(root: Path) -> str | None:
 
 
 def check_same_config(path: Path, fingerprint: str, allow_config_change: bool,
-                      changes: Callable[[dict], list[str]] | None = None) -> None:
+                      changes: Callable[[dict, dict | None], list[str]] | None = None) -> None:
     """Refuse a (verified) checkpoint written by a different run config unless told the change is meant.
-    `changes(saved_config)` lists what differs, for the message (checkpoints since 2026-12 keep their config)."""
+    `changes(saved_config, saved_paths)` lists what differs, for the message (checkpoints since 2026-12 keep
+    their config; since 2026-12-04 the real paths its path keys named)."""
     theirs = json.loads((path / MANIFEST).read_text(encoding="utf-8")).get("config_fingerprint")
     if theirs == fingerprint or allow_config_change:
         return
-    saved = json.loads((path / "state.json").read_text(encoding="utf-8")).get("config")
-    diff = changes(saved) if changes is not None and isinstance(saved, dict) else None
+    state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    saved, paths = state.get("config"), state.get("paths")
+    diff = changes(saved, paths if isinstance(paths, dict) else None) \
+        if changes is not None and isinstance(saved, dict) else None
     if diff == []:
         return  # the same run by its saved config: only the fingerprint's recipe changed (a key made resume-free)
     what = f"changed: {'; '.join(diff[:8])}{f'; and {len(diff) - 8} more' if len(diff) > 8 else ''}" if diff \
@@ -109,7 +112,7 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
 
 
 def find_resumable(output_dir: Path, fingerprint: str, allow_config_change: bool = False,
-                   changes: Callable[[dict], list[str]] | None = None) -> Path | None:
+                   changes: Callable[[dict, dict | None], list[str]] | None = None) -> Path | None:
     """Newest checkpoint that verifies; skips corrupt ones with a warning, refuses foreign ones. None if there
     is no checkpoint; a UserError if there are some but none verifies (starting afresh would overwrite them)."""
     found = checkpoint_dirs(output_dir)

@@ -33,7 +33,9 @@ def evaluate(accelerator: Any, model: Any, task: Any, dataset: Any, labels: list
         loss_sum += loss.double().cpu()
         n_targets += task.count_targets(batch)
         if logits is not None:  # None: causal_lm's chunked loss never builds them (and needs none)
-            preds += task.predictions(logits.float().cpu(), {k: v.cpu() for k, v in batch.items()})
+            # on the device: the tasks take argmaxes (causal_lm takes nothing), where a float32 host copy of
+            # causal_lm's logits would be batch x targets x vocabulary x 4 bytes, ~2 GB at Llama 3's vocabulary
+            preds += task.predictions(logits, batch)
     progress.close()
     totals = accelerator.reduce(torch.tensor([loss_sum.item(), float(n_targets)], device=accelerator.device,
                                              dtype=torch.float64), "sum")

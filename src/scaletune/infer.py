@@ -94,7 +94,7 @@ def on_device(cfg: RunConfig, model: Any) -> tuple[Any, Any]:
     cuda = torch.cuda.is_available()
     acc = Accelerator(mixed_precision=cfg.train.mixed_precision if cfg.train.mixed_precision != "fp16" or cuda
                       else "no", cpu=not cuda)
-    if model.device != acc.device:  # (a quantized model is placed where it was loaded)
+    if model.device.type != acc.device.type:  # (accelerate's "cuda" is the model's "cuda:0")
         model = model.to(acc.device)
     return acc, model
 

@@ -330,7 +330,9 @@ def load_model(cfg: RunConfig, task: Any, labels: list[str] | None, tokenizer: A
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if adapter_path is not None:
-        model = _load_adapter(model, adapter_path, fused=cfg.train.fused_lora and not cfg.model.quantization)
+        # the forward training used: fused_lora where it applied (plain LoRA, unquantized, not under ZeRO-3)
+        fused = cfg.train.fused_lora and not cfg.model.quantization and cfg.distributed.zero_stage != 3
+        model = _load_adapter(model, adapter_path, fused=fused)
     else:
         model = apply_adapter(model, cfg, task, total_steps)
         if cfg.train.neftune_noise_alpha:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -37,12 +36,14 @@ _RESUME_FREE_KEYS = {"train": {"max_steps", "epochs", "eval_every", "save_every"
                                "offload", "backend", "timeout_s"}, "output_dir": True}
 
 
-def with_real_paths(d: dict) -> dict:
-    """A copy of a resolved config (`RunConfig.to_dict()`) whose data, model and template paths that name an
-    existing file or directory are that file's real path (relative ones read from the working directory, as
-    training reads them); hub ids, `hub:` sources and built-in template names stay as written."""
-    d = json.loads(json.dumps(d, default=str))  # a deep copy, and the types a checkpoint's JSON holds
+_PATH_KEYS = (("data", "train"), ("data", "eval"), ("data", "chat_template"), ("model", "name_or_path"))
 
+
+def real_paths(d: dict) -> dict:
+    """{'data.train': ..., 'model.name_or_path': ...} of a resolved config (`RunConfig.to_dict()`): what each
+    path key names, as a real path where it names an existing file or directory (relative ones read from
+    the working directory, as training reads them); hub ids, `hub:` sources and built-in template names
+    as written."""
     def real(spec: Any) -> Any:
         if isinstance(spec, dict) and isinstance(spec.get("path"), str):  # a {path, weight} source
             return {**spec, "path": real(spec["path"])}
@@ -50,17 +51,13 @@ def with_real_paths(d: dict) -> dict:
             return [real(s) for s in spec]
         return os.path.realpath(spec) if isinstance(spec, str) and spec and os.path.exists(spec) else spec
 
-    for section, key in (("data", "train"), ("data", "eval"), ("data", "chat_template"), ("model", "name_or_path")):
-        if isinstance(d.get(section), dict) and key in d[section]:
-            d[section][key] = real(d[section][key])
-    return d
+    return {f"{section}.{key}": real(d[section][key]) for section, key in _PATH_KEYS
+            if isinstance(d.get(section), dict) and key in d[section]}
 
 
 def _trajectory(d: dict) -> dict:
-    """A resolved config (`RunConfig.to_dict()`) without the keys a resume may change, its paths made real
-    (`with_real_paths`): the same files named from another working directory or through a link are the
-    same run, and the same relative name that now reads other files is not."""
-    d = with_real_paths(d)
+    """A resolved config (`RunConfig.to_dict()`) without the keys a resume may change."""
+    d = json.loads(json.dumps(d, default=str))  # a deep copy, and the types a checkpoint's JSON holds
     for section, keys in _RESUME_FREE_KEYS.items():
         if keys is True:
             d.pop(section, None)
@@ -72,14 +69,16 @@ def _trajectory(d: dict) -> dict:
 
 def config_fingerprint(cfg: RunConfig) -> str:
     """Hash of everything that determines the training trajectory: the resolved config without output_dir
-    and the other keys a resume may change (logging, saving, scale-out; `_RESUME_FREE_KEYS`). Data and
-    model paths are in it by the real path of what they name: the same file moved elsewhere needs
-    --allow-config-change."""
+    and the other keys a resume may change (logging, saving, scale-out; `_RESUME_FREE_KEYS`). Paths are in
+    it as written (the same text gives the same answer on every node, whatever its mounts); a path written
+    otherwise is compared by what it names (`config_changes`)."""
     return hashlib.sha256(json.dumps(_trajectory(cfg.to_dict()), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def config_changes(saved: dict, cfg: RunConfig) -> list[str]:
-    """'key: old -> new' for each trajectory key in which `cfg` differs from a checkpoint's saved config."""
+def config_changes(saved: dict, cfg: RunConfig, saved_paths: dict | None = None) -> list[str]:
+    """'key: old -> new' for each trajectory key in which `cfg` differs from a checkpoint's saved config.
+    A path written otherwise (from another working directory, through a link) that names what the
+    checkpoint's did (`saved_paths`: its `real_paths`) is no change."""
     def flat(d: dict, prefix: str = "") -> dict:
         out = {}
         for k, v in d.items():
@@ -94,15 +93,21 @@ def config_changes(saved: dict, cfg: RunConfig) -> list[str]:
     # A key the checkpoint's scaletune did not have yet, left at its default, is what that version did.
     defaults = _section_defaults()
     added = {k for k, v in new.items() if k not in old and v == defaults.get(k, missing)}
+    now_paths = real_paths(cfg.to_dict()) if saved_paths else {}
+    added |= {k for k, v in (saved_paths or {}).items() if k in now_paths and now_paths[k] == v}
+
+    def shown(value: Any, real: Any) -> str:  # a path as written, and what it named where that differs
+        text = json.dumps(value, ensure_ascii=False)
+        return text if real in (None, value) else f"{text} ({json.dumps(real, ensure_ascii=False)[1:-1]})"
 
     def now(k: str) -> str:
         if k in new:
-            return json.dumps(new[k], ensure_ascii=False)
+            return shown(new[k], now_paths.get(k))
         if "." in k and not k.startswith("peft.") and k not in defaults:  # a key of a newer scaletune
             return f"{missing}: this scaletune has no such key, the checkpoint is from a newer version"
         return json.dumps(missing, ensure_ascii=False)
 
-    return [f"{k}: {json.dumps(old.get(k, missing), ensure_ascii=False)} -> {now(k)}"
+    return [f"{k}: {shown(old.get(k, missing), (saved_paths or {}).get(k))} -> {now(k)}"
             for k in sorted(set(old) | set(new)) if old.get(k, missing) != new.get(k, missing) and k not in added]
 
 
@@ -192,7 +197,9 @@ def resume_point(cfg: RunConfig, resume: str | None, overwrite: bool,
     out = Path(cfg.output_dir)
     fingerprint = config_fingerprint(cfg)
     resume = None if resume in (None, "none") else resume
-    changes = functools.partial(config_changes, cfg=cfg)
+    def changes(saved: dict, saved_paths: dict | None) -> list[str]:
+        return config_changes(saved, cfg, saved_paths)
+
     resume_from = None
     if resume == "auto":
         resume_from = ckpt.find_resumable(out, fingerprint, allow_config_change, changes)
@@ -422,7 +429,7 @@ def save_checkpoint(run: Run) -> Path:
              "counters": run.counters, "world_size": run.accelerator.num_processes,
              **nonfinite.loss_scale_state(run.accelerator, run.model),  # fp16: GradScaler's or DeepSpeed's
              "global_batch_size": run.cfg.train.global_batch_size,
-             "config": with_real_paths(run.given_config),  # (compared by `config_changes` at a resume)
+             "config": run.given_config, "paths": real_paths(run.given_config),  # (see `config_changes`)
              "train_digest": run.data.get("train_digest")}
     return ckpt.save_checkpoint(run.accelerator, run.output_dir, run.step, trainable=params,
                                 optimizer_state=opt_state, state=state,

@@ -83,6 +83,7 @@ def fingerprint(cfg: Any, tokenizer: Any, train: str | None = None) -> str:
         d.pop(key)
     d["train"] = [(Path(spec).suffix.lower(), weight) for spec, weight in train_sources(cfg.data.train)]
     d["eval"] = Path(cfg.data.eval).suffix.lower() if cfg.data.eval else None
+    d["chat_template"] = None  # (its text is in the tokenizer's digest)
     split_seed = str(cfg.train.seed) if cfg.data.eval_fraction and not cfg.data.eval else "-"  # (only it uses it)
     train = train_digest(cfg) if train is None else train
     parts = [CACHE_VERSION, cfg.task, json.dumps(d, sort_keys=True), train,
@@ -315,7 +316,7 @@ def build_datasets(cfg: Any, task: Any, tokenizer: Any, accelerator: Any = None,
                 # trained from the saved copy, memory-mapped as a later run's, rather than from the pieces
                 # built in memory: a first run on 100k Alpaca records trained at ~1.0 GB RSS, a cached one
                 # at ~0.75 GB, and now both do (2-core VM, 20M tokens)
-                saved = _load_cached(where, accelerator)
+                saved = _load_cached(where, accelerator, quiet=True)
                 if saved is not None:
                     import pyarrow as pa
 
@@ -383,7 +384,7 @@ def build_eval_only(cfg: Any, task: Any, tokenizer: Any, key: str) -> Any:
     return evalset
 
 
-def _load_cached(where: Path, accelerator: Any) -> tuple[Any, Any, dict] | None:
+def _load_cached(where: Path, accelerator: Any, quiet: bool = False) -> tuple[Any, Any, dict] | None:
     """(train, eval, meta) from a complete cache entry; None when there is none, or when it cannot be read
     (a truncated Arrow file, a broken meta.json): the data is then tokenised again and the entry replaced."""
     import datasets
@@ -396,7 +397,7 @@ def _load_cached(where: Path, accelerator: Any) -> tuple[Any, Any, dict] | None:
         evalset = datasets.load_from_disk(str(where / "eval")) if meta["has_eval"] else None
         meta["labels"]  # noqa: B018  (an entry without it is not one this version wrote)
     except (OSError, ValueError, KeyError, TypeError) as exc:  # pyarrow's ArrowInvalid is a ValueError
-        if accelerator is None or accelerator.is_main_process:
+        if not quiet and (accelerator is None or accelerator.is_main_process):
             log.warning("the tokenised-data cache entry %s cannot be read (%s: %s); tokenising the data again",
                         where, type(exc).__name__, str(exc)[:200])
         return None
@@ -405,9 +406,13 @@ def _load_cached(where: Path, accelerator: Any) -> tuple[Any, Any, dict] | None:
 
 def _save_atomically(where: Path, train: Any, evalset: Any, meta: dict) -> None:
     """Write the entry beside `where`, then rename it into place; an unreadable or incomplete entry there
-    (no meta.json) is replaced. Failing to write only costs the next run a tokenisation: warn, go on."""
+    (no meta.json) is replaced. Failing to write only costs the next run a tokenisation: warn, go on.
+    A complete entry another run wrote meanwhile (the same data: its key says so) is kept, not replaced:
+    that run trains from its mapped files, which a network file system does not keep for it once deleted."""
     import shutil
 
+    if _load_cached(where, None, quiet=True) is not None:
+        return
     tmp = where.with_name(where.name + f".tmp{os.getpid()}")
     try:
         train.save_to_disk(str(tmp / "train"))
