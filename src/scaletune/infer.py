@@ -91,9 +91,9 @@ def on_device(cfg: RunConfig, model: Any) -> tuple[Any, Any]:
     evals computed them (fp16 needs a GPU: on a CPU, float32)."""
     from accelerate import Accelerator
 
-    cuda = torch.cuda.is_available()
-    acc = Accelerator(mixed_precision=cfg.train.mixed_precision if cfg.train.mixed_precision != "fp16" or cuda
-                      else "no", cpu=not cuda)
+    from .model import inference_precision
+
+    acc = Accelerator(mixed_precision=inference_precision(cfg), cpu=not torch.cuda.is_available())
     if model.device.type != acc.device.type:  # (accelerate's "cuda" is the model's "cuda:0")
         model = model.to(acc.device)
     return acc, model

@@ -333,6 +333,8 @@ def load_model(cfg: RunConfig, task: Any, labels: list[str] | None, tokenizer: A
         # the forward training used: fused_lora where it applied (plain LoRA, unquantized, not under ZeRO-3)
         fused = cfg.train.fused_lora and not cfg.model.quantization and cfg.distributed.zero_stage != 3
         model = _load_adapter(model, adapter_path, fused=fused)
+        if inference_precision(cfg) != "no":  # (without autocast a float32 copy would meet 16-bit inputs)
+            model = _saved_copies_in_float32(model, adapter_path)
     else:
         model = apply_adapter(model, cfg, task, total_steps)
         if cfg.train.neftune_noise_alpha:
@@ -383,6 +385,29 @@ def _load_adapter(model: Any, adapter_path: str, fused: bool = False) -> Any:
                              "base_model), with that run's config" if other_base else
                              "its adapter_config.json is not one this peft reads: written by another (newer?) "
                              f"peft version (this is {peft.__version__}), or damaged") from None
+
+
+def inference_precision(cfg: RunConfig) -> str:
+    """The autocast of `eval` and `predict`: the run's train.mixed_precision, except fp16 off a GPU (float32)."""
+    return cfg.train.mixed_precision if cfg.train.mixed_precision != "fp16" or torch.cuda.is_available() else "no"
+
+
+def _saved_copies_in_float32(model: Any, adapter_path: str) -> Any:
+    """`model` with its modules_to_save copies (a task head, a norm) in float32, holding the float32 values
+    training saved, as training had them (`float32_trainables`): loaded for inference they are not
+    trainable, so they took the base's 16-bit dtype, and a norm or an embedding (which autocast leaves in
+    their own dtype) then computed otherwise than in training's evals."""
+    import peft
+    from peft.utils import ModulesToSaveWrapper
+
+    copies = [saved for m in model.modules() if isinstance(m, ModulesToSaveWrapper)
+              for saved in m.modules_to_save.values()]
+    if not any(p.is_floating_point() and p.dtype != torch.float32 for c in copies for p in c.parameters()):
+        return model
+    for saved in copies:
+        saved.float()
+    peft.set_peft_model_state_dict(model, peft.utils.load_peft_weights(adapter_path))  # (again, into float32)
+    return model
 
 
 def add_embedding_noise(model: Any, alpha: float) -> None:
@@ -488,6 +513,9 @@ def apply_adapter(model: Any, cfg: RunConfig, task: Any, total_steps: int | None
         raise UserError(f"peft.method={cfg.peft_method}: cannot apply to {arch} "
                         f"({str(exc).splitlines()[0]})") from None
     check_modules_to_save(model, wanted, names, arch)
+    for name, p in model.named_parameters():
+        if "ranknum" in name.split("."):  # AdaLoRA's fixed divisor: peft 0.21 makes it trainable on a 16-bit base
+            p.requires_grad_(False)
     return model
 
 
