@@ -37,6 +37,8 @@ def fresh_accelerate_state():
     ("causal_lm", {**BF16, "train": {"mixed_precision": "bf16"}}),  # (fails without the chunked loss too)
     # a trained norm: its float32 copy was loaded into bf16 for eval (autocast leaves norms in their dtype)
     ("seq_cls", {**BF16, "train": {"mixed_precision": "bf16"}, "peft": {"modules_to_save": ["output.LayerNorm"]}}),
+    # a trained embedding table: its float32 output failed BERT's bf16 LayerNorm ("mixed dtype") in training
+    ("seq_cls", {**BF16, "train": {"mixed_precision": "bf16"}, "peft": {"modules_to_save": ["word_embeddings"]}}),
 ])
 def test_eval_of_a_checkpoint_is_the_eval_training_logged_for_it(make_config, tmp_path, capsys, task, sections):
     train = {"max_steps": 4, "eval_every": 4, "learning_rate": 5e-2, **sections.get("train", {})}

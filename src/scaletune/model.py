@@ -405,6 +405,10 @@ def _saved_copies_in_float32(model: Any, adapter_path: str) -> Any:
     if not any(p.is_floating_point() and p.dtype != torch.float32 for c in copies for p in c.parameters()):
         return model
     for saved in copies:
+        for module in saved.modules():
+            weight = getattr(module, "weight", None)
+            if isinstance(module, torch.nn.Embedding) and weight is not None and weight.dtype != torch.float32:
+                keep_output_dtype(module, weight.dtype)  # (as float32_trainables does in training)
         saved.float()
     peft.set_peft_model_state_dict(model, peft.utils.load_peft_weights(adapter_path))  # (again, into float32)
     return model
@@ -556,10 +560,20 @@ def fused_lora_applies(cfg: RunConfig) -> bool:
 
 def float32_trainables(model: Any) -> Any:
     """Adam on bf16/fp16 weights loses small updates; keep every trainable parameter in float32."""
-    for p in model.parameters():
-        if p.requires_grad and p.dtype != torch.float32:
+    for module in model.modules():
+        own = [p for p in module.parameters(recurse=False) if p.requires_grad and p.dtype != torch.float32]
+        if own and isinstance(module, torch.nn.Embedding):
+            keep_output_dtype(module, own[0].dtype)
+        for p in own:
             p.data = p.data.float()
     return model
+
+
+def keep_output_dtype(embedding: torch.nn.Embedding, dtype: torch.dtype) -> None:
+    """An embedding table kept in float32 (trained: modules_to_save) still hands the model the 16-bit
+    vectors it was built for: a lookup is not autocast, and BERT's embedding LayerNorm (16-bit weights)
+    failed on float32 input ("mixed dtype (CPU)")."""
+    embedding.register_forward_hook(lambda module, args, output: output.to(dtype))
 
 
 def compile_blocks(model: Any) -> int:
