@@ -330,9 +330,8 @@ def load_model(cfg: RunConfig, task: Any, labels: list[str] | None, tokenizer: A
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if adapter_path is not None:
-        # the forward training used: fused_lora where it applied (plain LoRA, unquantized, not under ZeRO-3)
-        fused = cfg.train.fused_lora and not cfg.model.quantization and cfg.distributed.zero_stage != 3
-        model = _load_adapter(model, adapter_path, fused=fused)
+        # the forward training used (whether the adapter is plain LoRA, its own config says)
+        model = _load_adapter(model, adapter_path, fused=fused_lora_applies(cfg, method="lora"))
         if inference_precision(cfg) != "no":  # (without autocast a float32 copy would meet 16-bit inputs)
             model = _saved_copies_in_float32(model, adapter_path)
     else:
@@ -551,10 +550,11 @@ def check_modules_to_save(model: Any, wanted: list[str], names: list[str], arch:
         raise ConfigError(problems)
 
 
-def fused_lora_applies(cfg: RunConfig) -> bool:
+def fused_lora_applies(cfg: RunConfig, method: str | None = None) -> bool:
     """Whether `train.fused_lora` takes effect: plain peft LoRA (variants such as DoRA fall back to peft's
-    forward layer by layer), a base bitsandbytes does not quantize, and no ZeRO-3 partitioning."""
-    return (cfg.train.fused_lora and cfg.peft_method.lower() == "lora" and not cfg.model.quantization
+    forward layer by layer), a base bitsandbytes does not quantize, and no ZeRO-3 partitioning. `method`:
+    the adapter's, where it is not the config's peft.method (an adapter loaded by eval/predict)."""
+    return (cfg.train.fused_lora and (method or cfg.peft_method).lower() == "lora" and not cfg.model.quantization
             and cfg.distributed.zero_stage != 3)
 
 

@@ -92,9 +92,9 @@ def config_changes(saved: dict, cfg: RunConfig, saved_paths: dict | None = None)
     missing = "(not set)"
     # A key the checkpoint's scaletune did not have yet, left at its default, is what that version did.
     defaults = _section_defaults()
-    added = {k for k, v in new.items() if k not in old and v == defaults.get(k, missing)}
+    unchanged = {k for k, v in new.items() if k not in old and v == defaults.get(k, missing)}
     now_paths = real_paths(cfg.to_dict()) if saved_paths else {}
-    added |= {k for k, v in (saved_paths or {}).items() if k in now_paths and now_paths[k] == v}
+    unchanged |= {k for k, v in (saved_paths or {}).items() if k in now_paths and now_paths[k] == v}
 
     def shown(value: Any, real: Any) -> str:  # a path as written, and what it named where that differs
         text = json.dumps(value, ensure_ascii=False)
@@ -108,7 +108,7 @@ def config_changes(saved: dict, cfg: RunConfig, saved_paths: dict | None = None)
         return json.dumps(missing, ensure_ascii=False)
 
     return [f"{k}: {shown(old.get(k, missing), (saved_paths or {}).get(k))} -> {now(k)}"
-            for k in sorted(set(old) | set(new)) if old.get(k, missing) != new.get(k, missing) and k not in added]
+            for k in sorted(set(old) | set(new)) if old.get(k, missing) != new.get(k, missing) and k not in unchanged]
 
 
 def _section_defaults() -> dict:
