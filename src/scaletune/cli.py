@@ -289,11 +289,15 @@ def main(argv: list[str] | None = None) -> int:
         args.stop = StopFlag()
     _setup_logging()
     code = _dispatch_reporting(args)
-    if args.command == "train" and argv is None:  # this process's own command line (not a caller's)
-        args.stop.settle()
-        from .distributed import exit_rank
+    if argv is None:  # this process's own command line (not a caller's)
+        from .distributed import exit_rank, hard_exit
 
-        exit_rank(code)  # a rank of a multi-process run ends here, done or refused (see there why)
+        if args.command == "train":
+            args.stop.settle()
+            exit_rank(code)  # a rank of a multi-process run ends here, done or refused (see there why)
+        data = sys.modules.get("scaletune.data")
+        if data is not None and data.workers_abandoned():  # (their pool's thread would hang the exit)
+            hard_exit(code)
     return code
 
 

@@ -448,11 +448,17 @@ def exit_rank(code: int) -> None:
     threads: under ZeRO-3 every partitioned parameter keeps the process group. The world size comes from
     the launcher's environment, as accelerate's end_training() destroys rank 0's group when it ends the
     trackers. Nothing of the run is lost: the trackers were ended and every file written and closed."""
+    if world_size_from_env() > 1:
+        hard_exit(code)
+
+
+def hard_exit(code: int) -> None:
+    """End the process with `code` after flushing the log and the standard streams, without Python's
+    interpreter teardown (no atexit handlers, no joining of threads): for an end whose every file is
+    written and closed, where the teardown could hang or abort (see exit_rank, data.workers_abandoned)."""
     import logging
     import sys
 
-    if world_size_from_env() <= 1:
-        return
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):

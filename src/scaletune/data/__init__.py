@@ -137,6 +137,17 @@ def _quiet_worker() -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
+_ABANDONED = False  # set once a pool's workers were killed (see workers_abandoned)
+
+
+def workers_abandoned() -> bool:
+    """Whether tokenising workers were killed mid-work in this process (an interrupt, an error). A worker
+    killed while it wrote a finished piece leaves the pool's manager thread reading the rest of it for
+    ever, and Python's exit joins that thread: Ctrl-C while tokenising hung about one time in five. The
+    CLI then ends the process without that teardown (`distributed.hard_exit`)."""
+    return _ABANDONED
+
+
 @contextmanager
 def _workers(n: int) -> Iterator[Any]:
     """A pool of `n` forked processes (None for n <= 1): they inherit the records, task and tokenizer, so
@@ -165,6 +176,8 @@ def _workers(n: int) -> Iterator[Any]:
     except BaseException:
         # The workers ignore SIGTERM, and one may sit writing a finished piece into a pipe nobody reads
         # any more: only SIGKILL ends them, and then the pool's manager thread, which exit joins.
+        global _ABANDONED
+        _ABANDONED = True
         workers = list(getattr(pool, "_processes", {}).values())  # (no public handle on them)
         pool.shutdown(wait=False, cancel_futures=True)
         for worker in workers:
