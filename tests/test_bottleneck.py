@@ -17,7 +17,7 @@ import scaletune.adapters  # noqa: F401  (registers the method with peft)
 from scaletune.adapters.bottleneck import MERGE_REFUSED, BottleneckConfig, detect_target_modules
 from scaletune.config import from_dict
 from scaletune.errors import ConfigError
-from scaletune.model import peft_config
+from scaletune.peft_options import peft_config
 
 HIDDEN, LAYERS = 32, 2  # the conftest tiny models
 AUTO = {"CAUSAL_LM": AutoModelForCausalLM, "SEQ_CLS": AutoModelForSequenceClassification,

@@ -113,7 +113,7 @@ def test_reference_lists_every_key():
 
 @pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_example_validates(path):
-    from scaletune.model import peft_config
+    from scaletune.peft_options import peft_config
     from scaletune.tasks import get_task
 
     raw = yaml.safe_load(path.read_text())
@@ -206,7 +206,7 @@ def test_problems_from_command_line_overrides_say_so(tmp_path):
 
 
 def test_peft_options_checked_against_peft_annotations():
-    from scaletune.model import peft_config
+    from scaletune.peft_options import peft_config
 
     cfg = from_dict({**BASE, "peft": {"method": "lora", "use_dora": "yes", "r": True, "rank": 8,
                                       "modules_to_save": "lm_head", "lora_alpha": "x",
@@ -320,7 +320,7 @@ def test_override_of_a_string_key_keeps_the_text_typed(tmp_path):
 
 
 def test_peft_values_that_would_train_nothing_are_refused():
-    from scaletune.model import peft_config
+    from scaletune.peft_options import peft_config
 
     cfg = from_dict({**BASE, "peft": {"method": "lora", "lora_alpha": 0, "r": 0, "lora_dropout": 1.0}})
     with pytest.raises(ConfigError) as err:

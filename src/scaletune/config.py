@@ -527,7 +527,7 @@ def from_dict(raw: dict, *, source: str = "run config", world_size: int | None =
     cross = cross_field_problems(cfg, world_size=world_size)
     problems.extend(p for p in cross if not any(_names(p, key, leaf=True) for key in bad))
     if check_peft and "peft" not in bad:
-        from .model import peft_problems
+        from .peft_options import peft_problems
 
         problems.extend(peft_problems(cfg))
     if check_peft:

@@ -227,7 +227,8 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
 
     from .data import build_datasets
     from .distributed import accelerator_kwargs, world_size_from_env
-    from .model import compile_blocks, count_parameters, load_model, load_tokenizer, peft_config, quantization_config
+    from .model import compile_blocks, count_parameters, load_model, load_tokenizer, quantization_config
+    from .peft_options import peft_config
     from .tasks import get_task
 
     world = world_size_from_env()
