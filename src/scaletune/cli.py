@@ -318,9 +318,9 @@ def _dispatch_reporting(args: argparse.Namespace) -> int:
     except OSError as exc:
         if exc.errno in (errno.ENAMETOOLONG, errno.ELOOP) and exc.filename is not None:
             # a path given by the user (config key, option, data file): any file access may be the first to meet it
-            name = str(exc.filename)
-            shown = name if len(name) <= 120 else f"{name[:60]}...{name[-40:]} ({len(name)} characters)"
-            print(UserError(f"{shown}: {exc.strerror}").render(), file=sys.stderr)
+            from .fileutil import shortened
+
+            print(UserError(f"{shortened(str(exc.filename))}: {exc.strerror}").render(), file=sys.stderr)
             return EXIT_USAGE
         if not failed_write(exc):
             raise

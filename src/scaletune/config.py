@@ -545,19 +545,12 @@ def _expand_home(cfg: RunConfig) -> None:
     """A leading ~ in a path key is the user's home directory, as a shell reads it: YAML keeps it as written,
     and a shell expands it in `output_dir=~/x` but not in `data.train=~/x` (not a variable name), so
     `output_dir: ~/runs/x` made a directory named '~' in the working directory."""
-    def expand(value: Any) -> Any:
-        if isinstance(value, str) and value.startswith("~"):
-            return os.path.expanduser(value)
-        if isinstance(value, list):
-            return [expand(v) for v in value]
-        if isinstance(value, dict) and isinstance(value.get("path"), str):  # a {path, weight} source
-            return {**value, "path": expand(value["path"])}
-        return value
+    from .fileutil import map_paths
 
-    cfg.output_dir = expand(cfg.output_dir)
-    cfg.model.name_or_path = expand(cfg.model.name_or_path)
+    cfg.output_dir = map_paths(cfg.output_dir, os.path.expanduser)
+    cfg.model.name_or_path = map_paths(cfg.model.name_or_path, os.path.expanduser)
     for key in ("train", "eval", "chat_template"):
-        setattr(cfg.data, key, expand(getattr(cfg.data, key)))
+        setattr(cfg.data, key, map_paths(getattr(cfg.data, key), os.path.expanduser))
 
 
 def load_config(

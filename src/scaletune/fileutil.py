@@ -5,7 +5,26 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+
+def map_paths(spec: Any, fn: Callable[[str], Any]) -> Any:
+    """`spec` (a path key's value: a path, a {path, weight} source, or a list of those) with `fn` applied
+    to each path in it; anything else as it is."""
+    if isinstance(spec, str):
+        return fn(spec)
+    if isinstance(spec, list):
+        return [map_paths(s, fn) for s in spec]
+    if isinstance(spec, dict) and isinstance(spec.get("path"), str):
+        return {**spec, "path": fn(spec["path"])}
+    return spec
+
+
+def shortened(name: str) -> str:
+    """A path as an error message shows it: whole up to 120 characters, else its ends and its length."""
+    return name if len(name) <= 120 else f"{name[:60]}...{name[-40:]} ({len(name)} characters)"
 
 
 def missing(path: str | Path) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .config import RunConfig
 from .errors import ConfigError, UserError
+from .fileutil import shortened
 from .runlock import LOCK_NAME
 
 log = logging.getLogger("scaletune")
@@ -33,8 +34,7 @@ def check_output_dir(cfg: RunConfig, resume: str | None, overwrite: bool, resume
         existing = next(p for p in (out, *out.absolute().parents) if p.exists())
     except (OSError, ValueError) as exc:  # a name too long, a NUL byte
         why = getattr(exc, "strerror", None) or exc  # (an OSError's text repeats the whole name)
-        shown = cfg.output_dir if len(cfg.output_dir) <= 120 else f"{cfg.output_dir[:100]}... ({len(cfg.output_dir)} characters)"
-        raise ConfigError(f"output_dir: {shown!r} is not a usable path ({why})") from None
+        raise ConfigError(f"output_dir: {shortened(cfg.output_dir)!r} is not a usable path ({why})") from None
     if out.is_symlink() and not out.exists():  # (making it failed with "File exists")
         raise ConfigError(f"output_dir: {out} is a symbolic link to {os.readlink(out)}, which does not exist")
     if out.exists() and not out.is_dir():

@@ -12,7 +12,7 @@ import types
 import typing
 from typing import Any
 
-from .config import TASKS, RunConfig, unknown_key_hint
+from .config import TASKS, RunConfig, _short, unknown_key_hint
 from .errors import ConfigError
 
 
@@ -97,7 +97,7 @@ def _peft_value_problems(config_cls: type, kwargs: dict) -> list[str]:
         else:
             continue
         if not ok:
-            got = f"{type(value).__name__} {_shown(value)}"
+            got = f"{type(value).__name__} {_short(value)}"
             problems.append(f"peft.{key}: expected {want}{' or null' if optional else ''}, got {got}")
     return problems
 
@@ -130,7 +130,7 @@ def peft_config(cfg: RunConfig, task_type: str, total_steps: int | None = None) 
     mapping = peft.mapping.PEFT_TYPE_TO_CONFIG_MAPPING
     by_name = {str(k.value if hasattr(k, "value") else k).lower(): v for k, v in mapping.items()}
     if method not in by_name:
-        raise ConfigError(f"peft.method: unknown method {_shown(cfg.peft_method)}{_unknown_method_hint(method, by_name)}")
+        raise ConfigError(f"peft.method: unknown method {_short(cfg.peft_method)}{_unknown_method_hint(method, by_name)}")
     config_cls = by_name[method]
     fields = {f.name for f in dataclasses.fields(config_cls)} - {"peft_type", "task_type"}
     # A deep copy: peft extends modules_to_save in place (the classifier head), which would change the run config.
@@ -153,12 +153,6 @@ def peft_config(cfg: RunConfig, task_type: str, total_steps: int | None = None) 
         return config_cls(task_type=task_type, **kwargs)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"peft: {config_cls.__name__} rejected the settings: {exc}") from None
-
-
-def _shown(value: Any) -> str:
-    """repr(value), cut to 60 characters (a 5,000-character value is no name to echo in full)."""
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _unknown_method_hint(method: str, known: dict) -> str:

@@ -44,14 +44,12 @@ def real_paths(d: dict) -> dict:
     path key names, as a real path where it names an existing file or directory (relative ones read from
     the working directory, as training reads them); hub ids, `hub:` sources and built-in template names
     as written."""
-    def real(spec: Any) -> Any:
-        if isinstance(spec, dict) and isinstance(spec.get("path"), str):  # a {path, weight} source
-            return {**spec, "path": real(spec["path"])}
-        if isinstance(spec, list):
-            return [real(s) for s in spec]
-        return os.path.realpath(spec) if isinstance(spec, str) and spec and os.path.exists(spec) else spec
+    from .fileutil import map_paths
 
-    return {f"{section}.{key}": real(d[section][key]) for section, key in _PATH_KEYS
+    def real(path: str) -> str:
+        return os.path.realpath(path) if path and os.path.exists(path) else path
+
+    return {f"{section}.{key}": map_paths(d[section][key], real) for section, key in _PATH_KEYS
             if isinstance(d.get(section), dict) and key in d[section]}
 
 
