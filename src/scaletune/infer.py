@@ -274,11 +274,12 @@ def _classify(model: Any, tokenizer: Any, labels: list[str], max_length: int,
     pairs = [pair for _, pair in given] if given[0][1] is not None else None  # (a pair model: every line has one)
     enc = tokenizer(texts, pairs, truncation=True, max_length=max_length, padding=True, padding_side="right",
                     return_tensors="pt")
-    probs = model(**enc.to(model.device)).logits.float().softmax(-1)
+    # one read-back of the batch's best labels and scores (two per line would wait on a GPU twice a line)
+    scores, best = model(**enc.to(model.device)).logits.float().softmax(-1).max(-1)
     out = []
-    for (text, pair), p in zip(given, probs):
+    for (text, pair), label, score in zip(given, best.tolist(), scores.tolist()):
         echo = {"text": text} if pair is None else {"text": text, "text_pair": pair}
-        out.append({**echo, "label": labels[int(p.argmax())], "score": float(p.max())})
+        out.append({**echo, "label": labels[label], "score": score})
     return out
 
 
