@@ -13,6 +13,7 @@ import torch
 
 from .config import RunConfig
 from .errors import ConfigError, UserError
+from .hub import hub_kwargs, unreachable_hint
 from .peft_options import peft_config
 
 log = logging.getLogger("scaletune")
@@ -41,10 +42,10 @@ def read_tokenizer(cfg: RunConfig, src: str) -> Any:
 
     try:
         return AutoTokenizer.from_pretrained(src, trust_remote_code=cfg.model.trust_remote_code,
-                                             revision=cfg.model.revision)
+                                             revision=cfg.model.revision, **hub_kwargs(src))
     except (OSError, ValueError, KeyError, TypeError) as exc:  # Key/TypeError: a damaged tokenizer.json
         raise ConfigError(f"model.name_or_path: cannot load a tokenizer from {src!r} "
-                          f"({str(exc).splitlines()[0]})") from None
+                          f"({str(exc).splitlines()[0]}){unreachable_hint(src)}") from None
 
 
 def load_tokenizer(cfg: RunConfig, path: str | None = None) -> Any:
@@ -133,13 +134,16 @@ def load_model(cfg: RunConfig, task: Any, labels: list[str] | None, tokenizer: A
     qconf = quantization_config(cfg)
     if qconf is not None:
         kwargs["quantization_config"] = qconf
+    if offline := hub_kwargs(cfg.model.name_or_path):
+        # transformers' probe for an adapter repo under the model's name does not take local_files_only
+        kwargs.update(offline, adapter_kwargs=offline)
     try:
         with _quiet_load_report():
             model, info = task.auto_model_class().from_pretrained(cfg.model.name_or_path, output_loading_info=True,
                                                                   **kwargs)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"model.name_or_path: cannot load {cfg.model.name_or_path!r} "
-                          f"({str(exc).splitlines()[0]})") from None
+                          f"({str(exc).splitlines()[0]}){unreachable_hint(cfg.model.name_or_path)}") from None
     except Exception as exc:  # noqa: BLE001
         if not _damaged_checkpoint(exc):
             raise

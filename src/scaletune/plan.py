@@ -103,17 +103,19 @@ def build_meta_model(cfg: RunConfig) -> Any:
     import torch
     from transformers import AutoConfig
 
+    from .hub import hub_kwargs, unreachable_hint
     from .model import DTYPES, apply_adapter, float32_trainables
     from .tasks import get_task
 
     task = get_task(cfg.task)
     kwargs = task.model_kwargs(_labels(cfg, task))
+    name = cfg.model.name_or_path
     try:
-        config = AutoConfig.from_pretrained(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code,
-                                            revision=cfg.model.revision, **kwargs)
+        config = AutoConfig.from_pretrained(name, trust_remote_code=cfg.model.trust_remote_code,
+                                            revision=cfg.model.revision, **kwargs, **hub_kwargs(name))
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"model.name_or_path: cannot read the model config of {cfg.model.name_or_path!r} "
-                          f"({str(exc).splitlines()[0]})") from None
+        raise ConfigError(f"model.name_or_path: cannot read the model config of {name!r} "
+                          f"({str(exc).splitlines()[0]}){unreachable_hint(name)}") from None
     with torch.device("meta"):
         model = task.auto_model_class().from_config(config, dtype=DTYPES[cfg.model.dtype],
                                                     trust_remote_code=cfg.model.trust_remote_code)

@@ -26,12 +26,15 @@ def read_model_config(cfg: RunConfig) -> Any:
     """The model's transformers config (config.json only, no weights); unreadable -> ConfigError."""
     from transformers import AutoConfig
 
+    from .hub import hub_kwargs, unreachable_hint
+
+    name = cfg.model.name_or_path
     try:
-        return AutoConfig.from_pretrained(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code,
-                                          revision=cfg.model.revision)
+        return AutoConfig.from_pretrained(name, trust_remote_code=cfg.model.trust_remote_code,
+                                          revision=cfg.model.revision, **hub_kwargs(name))
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"model.name_or_path: cannot read the model config of {cfg.model.name_or_path!r} "
-                          f"({str(exc).splitlines()[0]})") from None
+        raise ConfigError(f"model.name_or_path: cannot read the model config of {name!r} "
+                          f"({str(exc).splitlines()[0]}){unreachable_hint(name)}") from None
 
 
 def _computed_positions(config: Any) -> bool:

@@ -1,0 +1,52 @@
+"""Hub model names on machines that cannot reach the Hugging Face hub (cluster compute nodes, air-gapped
+hosts): read the local cache at once instead of retrying the network for a minute or more."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+PROBE_TIMEOUT_S = 3.0
+
+
+@functools.cache
+def hub_reachable(endpoint: str | None = None) -> bool:
+    """Whether one HEAD request to the hub's endpoint gets any answer within PROBE_TIMEOUT_S.
+
+    huggingface_hub's own session is used so that proxy settings (HTTPS_PROXY, ...) apply as they will for
+    the download itself. Asked once per process."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(endpoint or constants.ENDPOINT, timeout=PROBE_TIMEOUT_S)
+    except Exception:  # noqa: BLE001  (DNS failure, refused, timed out, proxy error: all mean "no hub")
+        return False
+    return True
+
+
+def _offline_by_choice() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def hub_kwargs(name: str) -> dict[str, Any]:
+    """from_pretrained kwargs for `name`: `local_files_only=True` when it is a hub id and the hub cannot be
+    reached. Without it, each of a run's loads (config, tokenizer, weights) spends ~25 s in the hub client's
+    retries, with a screen of retry messages, before the same answer the local cache gives at once."""
+    if Path(name).exists() or _offline_by_choice() or hub_reachable():
+        return {}
+    return {"local_files_only": True}
+
+
+def unreachable_hint(name: str) -> str:
+    """A sentence to append to a load error of `name` when hub_kwargs made it read the local cache only."""
+    if not hub_kwargs(name):
+        return ""
+    from huggingface_hub import constants
+
+    return (f"; the hub ({constants.ENDPOINT}) cannot be reached from this machine, so only the local cache "
+            f"({constants.HF_HUB_CACHE}) was read: download the model where the hub can be reached "
+            f"(`hf download {name}`) into the same HF_HOME, or give a local directory")
