@@ -572,3 +572,23 @@ def test_a_leading_tilde_is_the_home_directory(monkeypatch):
     assert cfg.data.train == ["/home/me/a.jsonl", {"path": "/home/me/b.jsonl", "weight": 2}]
     assert (cfg.data.eval, cfg.data.chat_template) == ("/home/me/e.jsonl", "/home/me/t.jinja")
     assert from_dict({**BASE, "output_dir": "runs/~x"}).output_dir == "runs/~x"  # only a leading one
+
+
+def test_method_name_case_does_not_change_what_is_checked():
+    # peft reads `Prefix_Tuning` as prefix_tuning: the checks of its combinations must too
+    for name in ("prefix_tuning", "Prefix_Tuning", "PREFIX_TUNING"):
+        raw = {**BASE, "peft": {"method": name}, "data": {"train": "t.jsonl", "packing": True}}
+        assert any("virtual tokens cannot be isolated" in p for p in problems_of(raw)), name
+    from_dict({**BASE, "peft": {"method": "LoRA"}, "train": {"loraplus_lr_ratio": 16}})
+
+
+def test_every_data_problem_is_reported_beside_a_column_clash():
+    raw = {**BASE, "task": "seq_cls", "data": {"train": "t.jsonl", "labels": ["a", "b"], "text_column": "x",
+                                               "label_column": "x", "num_workers": 500}}
+    text = "\n".join(problems_of(raw))
+    assert "also the label or text-pair column" in text and "500 worker processes is too many" in text
+
+
+def test_warmup_steps_message_states_the_bound_it_checks():
+    assert problems_of({**BASE, "train": {"warmup_steps": -1}}) == ["train.warmup_steps: must be >= 0 (or null), got -1"]
+    from_dict({**BASE, "train": {"warmup_steps": 0}})

@@ -210,6 +210,22 @@ def test_the_mfu_peak_is_the_boards_own(monkeypatch, name, peak):
     assert metrics.device_peak_tflops() == peak
 
 
+def test_a_mig_slice_is_measured_against_its_share_of_the_board(monkeypatch):
+    import types
+
+    import scaletune.metrics as metrics
+
+    monkeypatch.delenv("SCALETUNE_PEAK_TFLOPS", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3 MIG 3g.40gb")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a: types.SimpleNamespace(multi_processor_count=60))
+    assert metrics.device_peak_tflops() == pytest.approx(989.0 * 60 / 132)
+    # the same SM count on the whole board's name: not a slice, the board's peak (no SM arithmetic)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    assert metrics.device_peak_tflops() == 989.0
+
+
 def test_compile_blocks_finds_the_layers_under_a_ddp_style_wrapper(monkeypatch):
     """After accelerator.prepare under DDP the model is wrapped (`.module`): the blocks to compile are
     still found (the wrapper itself declares no `_no_split_modules`)."""

@@ -269,7 +269,8 @@ class RunConfig:
 
     @property
     def peft_method(self) -> str:
-        return str(self.peft.get("method", "lora"))
+        """peft.method in lower case, as peft's PeftType and scaletune's method registry read it."""
+        return str(self.peft.get("method", "lora")).lower()
 
     @property
     def peft_kwargs(self) -> dict:

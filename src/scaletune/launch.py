@@ -381,15 +381,15 @@ def rank_pids(parent: int, proc: Path = Path("/proc")) -> list[int]:
     return sorted(pids)
 
 
-def main_launch(args: Any, cfg: Any = None) -> int:
+def main_launch(args: Any) -> int:
     """Entry point of `scaletune launch`: validate the config, print the command, run it.
 
     Reads from `args` (an argparse.Namespace): config, overrides (list), nproc (default: number of
     CUDA devices, else 1), nnodes (1), node_rank (0), master_addr ("127.0.0.1"), master_port (29500),
     optional cpu (None = auto), resume / overwrite / allow_config_change (passed on to
-    `scaletune train`), dry_run (print only). `cfg` is accepted but not used: the config is validated
-    here, against the launch's world size and with its peft options, in one error; so are output_dir and
-    --resume (`train.resume_point`), except for a dry run. Returns 0 after a dry run, else the exit code
+    `scaletune train`), dry_run (print only). The config is validated here, against the launch's world
+    size and with its peft options, in one error; so are output_dir and --resume (`train.resume_point`),
+    except for a dry run. Returns 0 after a dry run, else the exit code
     of the launched run (see `exit_code`, `run_accelerate`).
     """
     saved = _handlers((signal.SIGUSR1, signal.SIGTERM))

@@ -94,14 +94,14 @@ def fit(run: Run, stop: StopFlag) -> str:
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
         run.step += 1
-        logging = run.step % t.log_every == 0 or run.step == run.total_steps
+        log_now = run.step % t.log_every == 0 or run.step == run.total_steps
         saving = bool(t.save_every) and run.step % t.save_every == 0
         # With fused AdamW the host looks at loss and gradient norm only here, at a logged or saved step
         # (a GPU sync); other optimizers were looked at in guard.optimizer_step. Raises if the run must stop.
-        grad_norm, _ = guard.settle(boundary=logging or saving)
+        grad_norm, _ = guard.settle(boundary=log_now or saving)
         speed.add_step(n_global)
         run.counters["tokens_seen"] += n_global  # target tokens trained on, kept across resumes
-        if logging:
+        if log_now:
             values = {"loss": guard.interval_loss(), **speed.flush(), "lr": step_lr,
                       "grad_norm": grad_norm, "epoch": run.step / max(1, len(run.data["train"]) // t.global_batch_size)}
             mlog.log("train", run.step, values)

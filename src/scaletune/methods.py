@@ -90,7 +90,7 @@ def supported_for(task: str) -> str:
 
 def variant_of(cfg: Any) -> str:
     """The matrix row a run config selects (lora + use_dora -> dora, ...)."""
-    method = cfg.peft_method.lower()
+    method = cfg.peft_method
     if method == "lora":
         if cfg.peft.get("use_dora"):
             return "dora"
@@ -102,7 +102,7 @@ def variant_of(cfg: Any) -> str:
 def problems(cfg: Any) -> list[str]:
     """Unsupported method x task x distributed combinations, each with the reason."""
     row = MATRIX.get(variant_of(cfg))
-    if row is None or row.peft_method != cfg.peft_method.lower():
+    if row is None or row.peft_method != cfg.peft_method:
         # other peft methods pass through untested, peft itself validates them; a variant's name given as the
         # method (dora) is not a peft method, and the peft check says how to select it (how_to_select)
         return []

@@ -27,19 +27,28 @@ import torch
 from .model import count_parameters
 from .trainable_state import unwrap
 
-# Dense (no 2:4 sparsity) bf16 tensor-core peaks. Looked up by the first key found in the device's
-# name, so a variant goes before its family: the PCIe and NVL boards run lower clocks than SXM.
-PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H200 NVL": 835.0, "A100": 312.0, "H100": 989.0,
-                    "H200": 989.0, "H800": 989.0, "L40S": 362.0, "A10G": 125.0, "RTX 4090": 165.0}
+# Dense (no 2:4 sparsity) bf16 tensor-core peaks, with the board's SM count. Looked up by the first key
+# found in the device's name, so a variant goes before its family: the PCIe and NVL boards run lower
+# clocks than SXM.
+PEAK_BF16_TFLOPS = {"H100 PCIe": (756.0, 114), "H100 NVL": (835.0, 132), "H200 NVL": (835.0, 132),
+                    "A100": (312.0, 108), "H100": (989.0, 132), "H200": (989.0, 132), "H800": (989.0, 132),
+                    "L40S": (362.0, 142), "A10G": (125.0, 80), "RTX 4090": (165.0, 128)}
 
 
 def device_peak_tflops() -> float | None:
+    """The dense bf16 peak MFU is measured against: SCALETUNE_PEAK_TFLOPS, else the table's for this GPU
+    (None where it is not listed). A MIG slice ("... MIG 3g.40gb") keeps the board's name but only some
+    of its SMs, and gets that share of the board's peak."""
     if os.environ.get("SCALETUNE_PEAK_TFLOPS"):
         return float(os.environ["SCALETUNE_PEAK_TFLOPS"])
     if not torch.cuda.is_available():
         return None
     name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    tflops, board_sms = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), (None, 0))
+    if tflops is not None and "MIG" in name:
+        sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+        tflops *= min(1.0, sms / board_sms)
+    return tflops
 
 
 def step_flops(n_params: int, n_trainable: int, n_layers: int, hidden: int, tokens: float,

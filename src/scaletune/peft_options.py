@@ -126,11 +126,11 @@ def peft_config(cfg: RunConfig, task_type: str, total_steps: int | None = None) 
 
     from . import adapters  # registers scaletune's own peft methods  # noqa: F401
 
-    method = cfg.peft_method.lower()
+    method = cfg.peft_method
     mapping = peft.mapping.PEFT_TYPE_TO_CONFIG_MAPPING
     by_name = {str(k.value if hasattr(k, "value") else k).lower(): v for k, v in mapping.items()}
     if method not in by_name:
-        raise ConfigError(f"peft.method: unknown method {_short(cfg.peft_method)}{_unknown_method_hint(method, by_name)}")
+        raise ConfigError(f"peft.method: unknown method {_short(str(cfg.peft.get('method')))}{_unknown_method_hint(method, by_name)}")
     config_cls = by_name[method]
     fields = {f.name for f in dataclasses.fields(config_cls)} - {"peft_type", "task_type"}
     # A deep copy: peft extends modules_to_save in place (the classifier head), which would change the run config.

@@ -31,10 +31,11 @@ def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_c
     for key in ("global_batch_size", "micro_batch_size", "log_every"):
         if getattr(t, key) is not None and getattr(t, key) < 1:
             p.append(f"train.{key}: must be >= 1, got {getattr(t, key)}")
-    for key in ("eval_every", "save_every", "max_steps", "save_total_limit", "warmup_steps"):
-        val = getattr(t, key)
-        if val is not None and val < (0 if key == "warmup_steps" else 1):
-            p.append(f"train.{key}: must be >= 1 (or null), got {val}")
+    for key in ("eval_every", "save_every", "max_steps", "save_total_limit"):
+        if getattr(t, key) is not None and getattr(t, key) < 1:
+            p.append(f"train.{key}: must be >= 1 (or null), got {getattr(t, key)}")
+    if t.warmup_steps is not None and t.warmup_steps < 0:
+        p.append(f"train.warmup_steps: must be >= 0 (or null), got {t.warmup_steps}")
     if t.max_steps is not None and t.max_steps > 100_000_000:
         p.append(f"train.max_steps: {t.max_steps} would not finish (at most 100000000)")
     if t.epochs is not None and t.epochs > 100_000:
@@ -122,7 +123,7 @@ def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_c
         p.append(f"data.tokens_column and data.tags_column: both name column {d.tokens_column!r}")
     if d.text_column and d.text_column in (d.label_column, d.text_pair_column):
         p.append(f"data.text_column: column {d.text_column!r} is also the label or text-pair column")
-    elif d.num_workers > 64:  # each worker is a process: a typo here would fork-bomb the node
+    if d.num_workers > 64:  # each worker is a process: a typo here would fork-bomb the node
         p.append(f"data.num_workers: {d.num_workers} worker processes is too many (at most 64)")
     fmt_ok = {
         "causal_lm": ("auto", *CAUSAL_FORMATS),
@@ -174,7 +175,7 @@ def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_c
             p.append(f"peft.target_modules: {targets!r} is not a valid regular expression ({exc}); a string is "
                      "matched as one against module names; give a list of names for plain names")
     init_r, target_r = cfg.peft.get("init_r"), cfg.peft.get("target_r")
-    if cfg.peft.get("method") == "adalora" and isinstance(init_r, int) and isinstance(target_r, int) \
+    if method == "adalora" and isinstance(init_r, int) and isinstance(target_r, int) \
             and target_r > init_r:
         # AdaLoRA only prunes ranks: a target above the initial rank fails at its first re-allocation
         p.append(f"peft.target_r: {target_r} is above peft.init_r ({init_r}); AdaLoRA prunes from init_r "
