@@ -592,3 +592,19 @@ def test_every_data_problem_is_reported_beside_a_column_clash():
 def test_warmup_steps_message_states_the_bound_it_checks():
     assert problems_of({**BASE, "train": {"warmup_steps": -1}}) == ["train.warmup_steps: must be >= 0 (or null), got -1"]
     from_dict({**BASE, "train": {"warmup_steps": 0}})
+
+
+def test_a_peft_key_the_method_does_not_read_can_be_removed_from_the_command_line(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({**BASE, "peft": {"method": "lora", "r": 16, "lora_alpha": 32}}))
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["peft.method=ia3"], check_peft=True)
+    assert "peft.r: not an IA3Config option (remove it, or give ~peft.r)" in err.value.problems
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["peft.method=adalora", "~peft.lora_alpha"], check_peft=True)
+    assert err.value.problems == ["peft.r: AdaLoRA does not read it: its ranks start at peft.init_r and are pruned "
+                                  "down to peft.target_r; remove peft.r (or give ~peft.r)"]
+    cfg = load_config(path, ["peft.method=ia3", "~peft.r", "~peft.lora_alpha"], check_peft=True)
+    assert cfg.peft == {"method": "ia3"}
+    with pytest.raises(ConfigError, match=r"override '~peft\.rr': the config has no key peft\.rr to remove"):
+        load_config(path, ["~peft.rr"])

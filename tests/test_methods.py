@@ -137,6 +137,15 @@ def test_adalora_reallocates_ranks_and_regularises(make_config, tmp_path):
     assert max(ranks) <= 6 and sum(ranks) < 6 * len(ranks), ranks  # ranks were cut from init_r
     saved = json.loads((run.output_dir / "adapter/adapter_config.json").read_text())
     assert saved["rank_pattern"]
+    # loading it (eval, predict, merge) does not print the whole pattern as "ignored" (peft 0.21 warns)
+    import warnings
+
+    from scaletune.model import load_model
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        load_model(run.cfg, run.task, None, run.tokenizer, adapter_path=str(run.output_dir / "adapter"))
+    assert not [w for w in seen if "rank_pattern" in str(w.message)], [str(w.message)[:200] for w in seen]
 
 
 @pytest.mark.parametrize("stop_at", [5, 10], ids=["while-allocating", "after-final-allocation"])

@@ -9,6 +9,7 @@ import os
 import shutil
 import types
 
+import pytest
 from safetensors.torch import load_file, save_file
 
 from scaletune.config import load_config
@@ -124,3 +125,43 @@ def test_trackers_get_the_whole_config_and_write_inside_output_dir(tmp_path, mon
     (out / "run.json").write_text(json.dumps({"started": "2026-12-05T06:00:00+0000"}))  # another run there
     start_trackers(fake, cfg, out)
     assert calls["init_kwargs"]["wandb"]["id"] != first["id"]
+
+
+@pytest.mark.parametrize("columns", [120, 0])
+def test_on_a_terminal_the_run_ends_with_where_its_outputs_are(make_config, tmp_path, columns):
+    """The bar used to be drawn again below the closing line, so the screen ended on the bar, not on where
+    the adapter went; that line names the other outputs too. A terminal of no width (one nobody sized)
+    gets the plain step lines: tqdm drew nothing there, not even a step count."""
+    import fcntl
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    from stutil import child_env
+
+    path = make_config("causal_lm", n=16, train={"max_steps": 2, "report_to": ["tensorboard"]})
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24 if columns else 0, columns, 0, 0))
+    proc = subprocess.Popen([sys.executable, "-m", "scaletune", "train", str(path)], stdin=subprocess.DEVNULL,
+                            stdout=follower, stderr=follower, env=child_env(SCALETUNE_NO_PROGRESS="0"))
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    assert proc.wait(timeout=300) == 0
+    screen = [line.rsplit("\r", 1)[-1] for line in b"".join(chunks).decode().replace("\r\n", "\n").split("\n")]
+    screen = [line for line in screen if line.strip()]
+    run = tmp_path / "run"
+    progress = "train:" if columns else "step 2/2 loss="  # a bar, or a plain line
+    assert any(line.startswith(progress) for line in screen), screen
+    assert screen[-1] == (f"adapter (step 2) saved to {run / 'adapter'}; checkpoints in {run / 'checkpoints'}, "
+                          f"metrics in {run / 'metrics.jsonl'}, TensorBoard logs in {run / 'scaletune'}")

@@ -216,6 +216,15 @@ def test_refuses_8bit_with_zero3(make_config, capsys):
     assert "8bit with distributed.zero_stage=3" in capsys.readouterr().err
 
 
+def test_a_model_path_that_is_not_there_is_named_as_a_path(make_config, tmp_path, capsys):
+    """(was the hub client's "Repo id must be in the form 'repo_name' or 'namespace/repo_name'")"""
+    from scaletune.cli import main
+
+    path = make_config()
+    assert main(["plan", str(path), "model.name_or_path=path/to/all-MiniLM-L6-v2"]) == 2
+    assert "model.name_or_path: directory not found: path/to/all-MiniLM-L6-v2" in capsys.readouterr().err
+
+
 def test_world_size_and_cuda_rules_come_from_config(make_config):
     cfg = load_config(make_config())  # global 8, micro 4
     with pytest.raises(ConfigError, match="micro_batch_size x world size"):

@@ -224,6 +224,21 @@ def test_learning_rate_changed_on_resume_takes_effect(make_config, tmp_path):
     assert lrs[1] == pytest.approx(1e-3) and lrs[3] == pytest.approx(0.05) and lrs[4] == pytest.approx(0.05)
 
 
+def test_a_longer_schedule_at_resume_is_announced(make_config, tmp_path, caplog):
+    path = make_config("causal_lm", n=32, train={"max_steps": 4, "save_every": 2, "lr_scheduler": "cosine",
+                                                  "learning_rate": 1e-2})
+    assert _train(path) == 0
+    caplog.clear()
+    # the same schedule, from mid-way: the rate goes on as it was (an older checkpoint: step 4 is set aside)
+    assert _train(path, "--resume", tmp_path / "run" / "checkpoints" / "step-2") == 0
+    assert "schedule had" not in caplog.text
+    assert _train(path, "train.max_steps=8", "--resume", "auto") == 0
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lr5 = [r["lr"] for r in lines if r.get("event") == "train" and r["step"] == 5][0]
+    assert f"resuming at step 5 with lr {lr5:.3g} where the checkpoint's schedule had 0" in caplog.text
+    assert "this run's 8 steps" in caplog.text
+
+
 @pytest.mark.parametrize("optimizer", ["adamw_8bit", "paged_adamw_8bit"])
 def test_8bit_optimizer_state_survives_a_resume(make_config, tmp_path, optimizer):
     """bitsandbytes keeps its moments under its own names (uint8 state1/state2 + absmax/qmap for tensors of

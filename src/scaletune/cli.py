@@ -15,6 +15,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from .config_file import is_override
 from .errors import EXIT_USAGE, RESUME_AFTER_WRITE, ConfigError, UserError, failed_write, write_error
 
 _ADAPTER_HELP = "adapter dir, or a checkpoint dir (uses its adapter/) (default: OUTPUT_DIR/adapter)"
@@ -22,7 +23,8 @@ _ADAPTER_HELP = "adapter dir, or a checkpoint dir (uses its adapter/) (default: 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="run config YAML")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.learning_rate=1e-4")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides, e.g. train.learning_rate=1e-4; ~peft.r removes a key")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -276,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     # Overrides may also follow options (`train run.yaml --resume auto k=v`, as the Slurm templates do).
     args, extra = parser.parse_known_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    stray = [x for x in extra if x.startswith("-") or "=" not in x or not hasattr(args, "overrides")]
+    stray = [x for x in extra if x.startswith("-") or not is_override(x) or not hasattr(args, "overrides")]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:

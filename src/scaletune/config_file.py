@@ -13,15 +13,31 @@ import yaml
 from .errors import ConfigError
 from .fileutil import missing
 
+# what parse_override returns as the value of a `~a.b.c` override: remove that key from the YAML
+REMOVE = object()
+
+
+def is_override(text: str) -> bool:
+    """Whether a command-line word is an override: `a.b.c=value`, or `~a.b.c` (remove the key)."""
+    return "=" in text or text.startswith("~")
+
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """Parse one `a.b.c=value` override; the value is read as YAML (so 1e-4, true, [a, b] work)."""
+    """Parse one `a.b.c=value` override; the value is read as YAML (so 1e-4, true, [a, b] work). `~a.b.c`
+    (Hydra's spelling) removes the key: a setting the YAML has that another method or task does not read."""
+    if text.startswith("~") and "=" not in text:
+        key = text[1:].strip()
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {text!r}: bad key {key!r}")
+        return key.split("."), REMOVE
     if "=" not in text:
-        raise ConfigError(f"override {text!r}: expected key=value, e.g. train.learning_rate=1e-4")
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. train.learning_rate=1e-4, or ~key to "
+                          "remove a key")
     key, _, value = text.partition("=")
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override {text!r}: bad key {key!r}")
+        raise ConfigError(f"override {text!r}: bad key {key!r}"
+                          + ("; ~key removes a key and takes no value" if key.startswith("~") else ""))
     if not value.strip():  # (a shell variable that expanded to nothing, most likely)
         raise ConfigError(f"override {text!r}: no value after '='; write {key}=null to unset it")
     try:
@@ -88,14 +104,23 @@ def _override_value(tp: Any, text: str, parsed: Any) -> Any:
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """`raw` (the YAML's mapping) with each override applied in order."""
     for text in overrides:
         path, value = parse_override(text)
         node = raw
         for part in path[:-1]:
             if not isinstance(node.get(part), dict):
+                if value is REMOVE:
+                    node = {}
+                    break
                 node[part] = {}
             node = node[part]
-        node[path[-1]] = value
+        if value is not REMOVE:
+            node[path[-1]] = value
+        elif path[-1] in node:
+            del node[path[-1]]
+        else:  # a misspelt key would otherwise be a silent no-op
+            raise ConfigError(f"override {text!r}: the config has no key {'.'.join(path)} to remove")
     return raw
 
 

@@ -32,6 +32,23 @@ def _offline_by_choice() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
+def check_model_source(name: str) -> None:
+    """ConfigError for a `model.name_or_path` that names a local model directory that is not there (or not a
+    model): a hub id is "name" or "org/name", and "models/llama-typo" beside an existing ./models is a local
+    path too, else the hub client's "couldn't connect" or "Repo id must be..." would be the error."""
+    from .errors import ConfigError
+
+    p = Path(name)
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise ConfigError(f"model.name_or_path: {name} has no config.json (not a transformers model directory)")
+        return
+    looks_local = (name.startswith((".", "/", "~")) or name.count("/") > 1
+                   or (name.count("/") == 1 and p.parent.is_dir()))
+    if looks_local:
+        raise ConfigError(f"model.name_or_path: directory not found: {name} ({p.absolute()})")
+
+
 def hub_kwargs(name: str) -> dict[str, Any]:
     """from_pretrained kwargs for `name`: `local_files_only=True` when it is a hub id and the hub cannot be
     reached. Without it, each of a run's loads (config, tokenizer, weights) spends ~25 s in the hub client's

@@ -6,6 +6,7 @@ import difflib
 import json
 import logging
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -13,27 +14,12 @@ import torch
 
 from .config import RunConfig
 from .errors import ConfigError, UserError
-from .hub import hub_kwargs, unreachable_hint
+from .hub import check_model_source, hub_kwargs, unreachable_hint
 from .peft_options import peft_config
 
 log = logging.getLogger("scaletune")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _check_model_source(cfg: RunConfig) -> None:
-    src = cfg.model.name_or_path
-    p = Path(src)
-    if p.exists():
-        if not (p / "config.json").is_file():
-            raise ConfigError(f"model.name_or_path: {src} has no config.json (not a transformers model directory)")
-        return
-    # a hub id is "name" or "org/name"; "models/llama-typo" beside an existing ./models is a local path
-    # too (else the hub client's "couldn't connect" or "Repo id must be..." would be the error)
-    looks_local = (src.startswith((".", "/", "~")) or src.count("/") > 1
-                   or (src.count("/") == 1 and p.parent.is_dir()))
-    if looks_local:
-        raise ConfigError(f"model.name_or_path: directory not found: {src} ({p.absolute()})")
 
 
 def read_tokenizer(cfg: RunConfig, src: str) -> Any:
@@ -54,7 +40,7 @@ def load_tokenizer(cfg: RunConfig, path: str | None = None) -> Any:
     smaller (seqlen.effective_max_length, which `plan` applies too)."""
     from .seqlen import effective_max_length, read_model_config
 
-    _check_model_source(cfg)  # (with `path` too: the model's config is read below)
+    check_model_source(cfg.model.name_or_path)  # (with `path` too: the model's config is read below)
     if path is None and cfg.model.revision is not None and Path(cfg.model.name_or_path).exists():
         # transformers ignores a revision for a local directory (eval/predict of a hub model's run pointed at
         # a local snapshot pass `path`: no error there)
@@ -119,7 +105,7 @@ def load_model(cfg: RunConfig, task: Any, labels: list[str] | None, tokenizer: A
 
     from . import adapters  # noqa: F401  (scaletune's own methods must be registered to load them)
 
-    _check_model_source(cfg)
+    check_model_source(cfg.model.name_or_path)
     if cfg.model.trust_remote_code:
         log.warning("!!! model.trust_remote_code is ON: code shipped with %s will run on this machine !!!",
                     cfg.model.name_or_path)
@@ -191,7 +177,11 @@ def _load_adapter(model: Any, adapter_path: str, fused: bool = False) -> Any:
 
             config = peft.LoraConfig.from_pretrained(adapter_path)
             use_addmm_lora(config)
-        return peft.PeftModel.from_pretrained(model, adapter_path, is_trainable=False, config=config)
+        with warnings.catch_warnings():
+            # AdaLoRA's saved rank_pattern is keyed by its lora_E parameters (peft's adalora/layer.py), and
+            # peft 0.21's check of pattern keys against module names prints the whole pattern as "ignored"
+            warnings.filterwarnings("ignore", "The following rank_pattern keys did not match", RuntimeWarning)
+            return peft.PeftModel.from_pretrained(model, adapter_path, is_trainable=False, config=config)
     except (SafetensorError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         files = sorted(p.name for p in Path(adapter_path).glob("adapter_*"))
         raise UserError(f"the adapter at {adapter_path} is damaged ({', '.join(files) or 'its files'}: "

@@ -55,6 +55,9 @@ def _peft_range_problems(method: str, kwargs: dict) -> list[str]:
                             f"{' (1 drops every input: nothing would be trained)' if value == 1 else ''}")
         elif key == "r" and method in _RANKED and value < 1:
             problems.append(f"peft.r: must be >= 1 (the adapter's rank), got {value}")
+    if method == "adalora" and "r" in kwargs:  # (peft takes it, warns, and ignores it)
+        problems.append("peft.r: AdaLoRA does not read it: its ranks start at peft.init_r and are pruned down to "
+                        "peft.target_r; remove peft.r (or give ~peft.r)")
     return problems
 
 
@@ -138,8 +141,10 @@ def peft_config(cfg: RunConfig, task_type: str, total_steps: int | None = None) 
     problems = []
     for key in kwargs:
         if key not in fields:
-            problems.append(f"peft.{key}: not a {config_cls.__name__} option"
-                            f"{unknown_key_hint(str(key), 'peft', sorted(fields))}")
+            # (a key the YAML keeps from another method's settings: say how to drop it from the command line)
+            hint = unknown_key_hint(str(key), "peft", sorted(fields)) or f" (remove it, or give ~peft.{key})"
+            article = "an" if config_cls.__name__[0] in "AEIOU" else "a"
+            problems.append(f"peft.{key}: not {article} {config_cls.__name__} option{hint}")
     problems += _peft_value_problems(config_cls, kwargs)
     problems += _peft_range_problems(method, {k: v for k, v in kwargs.items() if k in fields})
     if problems:

@@ -103,13 +103,14 @@ def build_meta_model(cfg: RunConfig) -> Any:
     import torch
     from transformers import AutoConfig
 
-    from .hub import hub_kwargs, unreachable_hint
+    from .hub import check_model_source, hub_kwargs, unreachable_hint
     from .model import DTYPES, apply_adapter, float32_trainables
     from .tasks import get_task
 
     task = get_task(cfg.task)
     kwargs = task.model_kwargs(_labels(cfg, task))
     name = cfg.model.name_or_path
+    check_model_source(name)
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=cfg.model.trust_remote_code,
                                             revision=cfg.model.revision, **kwargs, **hub_kwargs(name))

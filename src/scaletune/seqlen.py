@@ -26,9 +26,10 @@ def read_model_config(cfg: RunConfig) -> Any:
     """The model's transformers config (config.json only, no weights); unreadable -> ConfigError."""
     from transformers import AutoConfig
 
-    from .hub import hub_kwargs, unreachable_hint
+    from .hub import check_model_source, hub_kwargs, unreachable_hint
 
     name = cfg.model.name_or_path
+    check_model_source(name)
     try:
         return AutoConfig.from_pretrained(name, trust_remote_code=cfg.model.trust_remote_code,
                                           revision=cfg.model.revision, **hub_kwargs(name))

@@ -204,6 +204,14 @@ def _ends_with_newline(path: Path) -> bool:
         return True
 
 
+def _sized_terminal(stream: Any) -> bool:
+    """Whether `stream` is a terminal with a width to draw a bar in."""
+    try:
+        return stream.isatty() and os.get_terminal_size(stream.fileno()).columns > 0
+    except (OSError, ValueError, AttributeError):  # (a replaced stream without a file descriptor)
+        return False
+
+
 class MetricsLog:
     """Appends one JSON object per event to metrics.jsonl and forwards scalars to trackers."""
 
@@ -215,8 +223,9 @@ class MetricsLog:
         self.total = total_steps
         quiet = os.environ.get("SCALETUNE_NO_PROGRESS") == "1"
         # Off a terminal (a Slurm .out file, CI, `| tee`) a redrawn bar is one ever-growing line of
-        # carriage returns: log a plain line per logging interval instead.
-        self.lines = self.main and not quiet and not sys.stderr.isatty()
+        # carriage returns: log a plain line per logging interval instead. So too on a terminal of no
+        # width (a pseudo-terminal nobody sized, as some exec and CI tools open), where tqdm draws nothing.
+        self.lines = self.main and not quiet and not _sized_terminal(sys.stderr)
         self._clean_end = not self.main or _ends_with_newline(self.path)
         if self.main and not quiet and not self.lines:
             from tqdm.auto import tqdm
@@ -259,8 +268,13 @@ class MetricsLog:
             else:
                 print(text, flush=True)
 
-    def close(self) -> None:
+    def end_progress(self) -> None:
+        """Take the bar off the screen's last line: what is written after it stays below it."""
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
+
+    def close(self) -> None:
+        self.end_progress()
         if self.acc.trackers:
             self.acc.end_training()

@@ -340,6 +340,17 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
     return run, resume_from
 
 
+def _note_schedule_change(run: Run, saved: list[float] | None, lrs: list[float]) -> None:
+    """Say so where the resumed step's learning rate is not the one the checkpoint's schedule would give:
+    a longer run (max_steps, epochs) stretches the decay, so the rate jumps back up at the resume."""
+    if not saved or math.isclose(saved[0], lrs[0], rel_tol=1e-6, abs_tol=1e-15):
+        return
+    t = run.cfg.train
+    log.warning("resuming at step %d with lr %.3g where the checkpoint's schedule had %.3g: the %s schedule "
+                "(warmup included) is laid over this run's %d steps at learning_rate %g", run.step + 1, lrs[0],
+                saved[0], t.lr_scheduler, run.total_steps, t.learning_rate)
+
+
 def restore(run: Run, resume_from: Path) -> None:
     """Continue `run` from the checkpoint at `resume_from`: trainable weights and optimizer state, the
     schedule's position, method state (AdaLoRA), counters and the fp16 loss scaler."""
@@ -364,6 +375,7 @@ def restore(run: Run, resume_from: Path) -> None:
         group["lr"] = lr
     methods.load_method_state(model, state["method_tensors"], state.get("method_state") or {})
     run.step, run.counters, run.resumed_from = state["step"], state["counters"], resume_from
+    _note_schedule_change(run, state["scheduler"].get("_last_lr"), lrs)
     nonfinite.load_loss_scale_state(accelerator, model, state)  # else fp16's scale starts over at 2**16
     if run.step > run.total_steps:
         raise UserError(f"checkpoint {resume_from} is at step {run.step}, past this run's {run.total_steps} steps; "
@@ -548,8 +560,15 @@ def final_outputs(run: Run, metrics_log: Any) -> None:
     if not (run.output_dir / "checkpoints" / f"step-{run.step}").is_dir():
         save_checkpoint(run)
     final = write_adapter(run, "adapter")
+    metrics_log.end_progress()
     if run.accelerator.is_main_process:
-        metrics_log.write(f"adapter saved to {final}")
+        out = run.output_dir
+        where = [f"checkpoints in {out / 'checkpoints'}", f"metrics in {out / 'metrics.jsonl'}"]
+        if (out / "best_adapter").is_dir():
+            where.insert(0, f"best adapter in {out / 'best_adapter'}")
+        if "tensorboard" in run.cfg.train.report_to:
+            where.append(f"TensorBoard logs in {out / 'scaletune'}")
+        metrics_log.write(f"adapter (step {run.step}) saved to {final}; " + ", ".join(where))
         # The run is complete (here, or in a later --resume of it): the run it replaced can go.
         for aside in discard_replaced(run.output_dir):
             metrics_log.write(f"deleted the run --overwrite replaced ({aside})")
