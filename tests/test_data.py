@@ -109,6 +109,21 @@ def test_lone_surrogate_escapes_are_refused_at_read_time(tmp_path, name, content
                                       ensure_ascii=False)
 
 
+def test_predict_reading_a_terminal_says_how_to_end_the_input(capsys):
+    import io
+
+    from scaletune.predict_input import read_inputs
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    assert [i["text"] for i in read_inputs(None, Terminal("Add 2 and 5.\n"))] == ["Add 2 and 5."]
+    assert "one per line; Ctrl-D ends them" in capsys.readouterr().err
+    read_inputs(None, io.StringIO("piped\n"))  # a pipe or file: nothing to say
+    assert capsys.readouterr().err == ""
+
+
 def test_predict_inputs_with_lone_surrogates_are_refused():
     """predict's input lines: a \\ud800 escape in a JSON line, or stdin bytes that the C locale decoded to
     surrogates (surrogateescape) in a plain line, end as a DataError naming the line."""

@@ -530,3 +530,8 @@ def test_a_quantized_encoder_trains_its_new_head_unquantized(make_config, tmp_pa
     assert [r["step"] for r in read_metrics(tmp_path / "run", "train")] == [1, 2]
     saved = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     assert "classifier" in saved["modules_to_save"]
+    # merge folds it into the full-precision base, and says that is not the model eval measured
+    res = forking.run(["merge", str(path), "--out", str(tmp_path / "merged")], env, tmp_path / "merge.log", timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "quantized base and is folded into the base's full-precision weights" in res.stderr
+    assert (tmp_path / "merged" / "config.json").is_file()

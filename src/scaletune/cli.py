@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help=_ADAPTER_HELP)
     p.add_argument("--input", default="-", help="file of lines (text or JSON objects); '-' = stdin; each output "
                    "line names its input line (\"line\": N)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=64,
+                   help="causal_lm: most tokens a completion may add (default 64; cut at the model's context)")
 
     p = sub.add_parser("merge", help="merge the adapter into the base model weights")
     _add_config(p)
@@ -57,16 +58,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory for the merged model")
 
     p = sub.add_parser("demo", help="train a tiny model on bundled data; nothing to download")
-    p.add_argument("--out", default="runs/demo", help="output directory (replaced if it is a previous demo)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the demo's own)")
+    p.add_argument("--out", default="runs/demo",
+                   help="output directory (default runs/demo; replaced if it holds a previous demo, else refused "
+                        "unless empty)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 300)")
 
     p = sub.add_parser("launch", help="compose and run `accelerate launch` for this config")
     _add_config(p)
     p.add_argument("--nproc", type=int, default=None, help="processes per node (default: GPUs on this node)")
-    p.add_argument("--nnodes", type=int, default=1)
-    p.add_argument("--node-rank", type=int, default=0)
-    p.add_argument("--master-addr", default="127.0.0.1")
-    p.add_argument("--master-port", type=int, default=29500)
+    p.add_argument("--nnodes", type=int, default=1, help="nodes of the job (default 1)")
+    p.add_argument("--node-rank", type=int, default=0, help="this node's rank, 0 .. nnodes-1 (default 0)")
+    p.add_argument("--master-addr", default="127.0.0.1", help="address of node 0 (default 127.0.0.1)")
+    p.add_argument("--master-port", type=int, default=29500, help="free TCP port on node 0 (default 29500)")
     p.add_argument("--resume", default=None, help="passed to `scaletune train` (auto | checkpoint dir)")
     p.add_argument("--overwrite", action="store_true", help="passed to `scaletune train`")
     p.add_argument("--allow-config-change", action="store_true", help="passed to `scaletune train`")
@@ -78,8 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("slurm", help="submit this config with the Slurm templates")
     _add_config(p)
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=1, help="GPUs per node (0: CPU-only nodes)")
+    p.add_argument("--nodes", type=int, default=1, help="nodes to request (default 1)")
+    p.add_argument("--gpus-per-node", type=int, default=1, help="GPUs per node (default 1; 0: CPU-only nodes)")
     p.add_argument("--time", default=None, help="Slurm time limit, e.g. 04:00:00")
     p.add_argument("--partition", default=None)
     p.add_argument("--account", default=None)
@@ -89,8 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="estimate per-rank memory and check the combination before launching")
     _add_config(p)
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=1)
+    p.add_argument("--nodes", type=int, default=1, help="nodes the run would use (default 1)")
+    p.add_argument("--gpus-per-node", type=int, default=1, help="GPUs per node (default 1)")
     p.add_argument("--gpu-memory", default=None,
                    help="memory per device, e.g. 80GiB, 24GB (not given: 80GiB, an H100/A100-80GB, is assumed "
                         "and the verdict says so)")

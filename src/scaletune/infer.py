@@ -494,6 +494,9 @@ def _warn_unapplied(settings: str) -> None:
 def run_merge(cfg: RunConfig, adapter: str | None, out_dir: str) -> Path:
     """Fold the adapter into the base weights; the result loads with AutoModelFor*.from_pretrained."""
     if cfg.model.quantization:
+        log.warning("merge: the adapter was trained on the %s-quantized base and is folded into the base's "
+                    "full-precision weights, so the merged model's outputs differ somewhat from base + adapter's; "
+                    "evaluate the merged model itself", cfg.model.quantization)
         cfg.model.quantization = None  # merge into full-precision weights, never into 4/8-bit ones
     model, tokenizer, task, labels, path = load_trained(cfg, adapter)
     # the adapter's own method: the config may name another (it is read from adapter_config.json)

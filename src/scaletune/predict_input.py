@@ -11,6 +11,7 @@ never predicted on an empty string.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -47,6 +48,8 @@ def read_inputs(source: str | None, stdin: TextIO) -> list[dict]:
 def _read_text(source: str | None, name: str, stdin: TextIO) -> str:
     """The whole input as text, without a byte-order mark (it would make the first JSON line plain text)."""
     if name == STDIN:
+        if stdin.isatty():  # (else the command waits on the terminal with nothing on screen)
+            print("reading inputs from the terminal, one per line; Ctrl-D ends them", file=sys.stderr, flush=True)
         try:
             return stdin.read().removeprefix("\ufeff")
         except UnicodeDecodeError as exc:
