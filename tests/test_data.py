@@ -298,7 +298,7 @@ def test_tokenised_cache_is_reused(tmp_path, tiny_bert, monkeypatch, caplog):
     tok = load_tokenizer(cfg)
     with caplog.at_level("INFO", logger="scaletune"):  # (minutes of silence on a large file: say which)
         first = build_datasets(cfg, get_task("seq_cls"), tok)
-        assert f"data: reading and tokenising {train} (cached for later runs in " in caplog.text
+        assert f"data: tokenising 8 example(s) of {train} (cached for later runs in " in caplog.text
         calls = []
         task = get_task("seq_cls")
         monkeypatch.setattr(task, "encode", lambda *a: calls.append(a))
@@ -309,6 +309,10 @@ def test_tokenised_cache_is_reused(tmp_path, tiny_bert, monkeypatch, caplog):
     train.write_text(json.dumps({"text": "new", "label": "pos"}) + "\n" + json.dumps({"text": "x", "label": "neg"}))
     third = build_datasets(cfg, get_task("seq_cls"), tok)  # content changed -> new fingerprint
     assert len(third["train"]) == 2
+    caplog.clear()
+    with caplog.at_level("INFO", logger="scaletune"), pytest.raises(DataError, match="file not found"):
+        build_datasets(from_dict({**raw, "data": {"train": str(tmp_path / "gone.jsonl")}}), get_task("seq_cls"), tok)
+    assert "tokenising" not in caplog.text  # (it used to announce the reading of a file that is not there)
 
 
 TEXTS = ["a b c d e f g h a b c d e f g h", "h g f e d c b a h g f e d c b a"]

@@ -287,12 +287,9 @@ def build_datasets(cfg: Any, task: Any, tokenizer: Any, accelerator: Any = None,
             labels = meta["labels"]
             task.setup_cached(meta)
             if main:
-                log.info("data: tokenised %s read from the cache (%s)", describe(cfg.data.train), where)
+                log.info("data: tokenised %s%s read from the cache (%s)", describe(cfg.data.train),
+                         f" and {cfg.data.eval}" if cfg.data.eval else "", where)
         else:
-            if main:  # a large file takes minutes here: say what is happening (and that it happens once)
-                log.info("data: reading and tokenising %s%s%s", describe(cfg.data.train),
-                         f" and {cfg.data.eval}" if cfg.data.eval else "",
-                         f" (cached for later runs in {where})" if cfg.data.cache else "")
             train_records, source_of = read_train_records(cfg.data.train, conll=conll)
             labels = task.setup(train_records, cfg, describe(cfg.data.train))
             ignored = [task.ignored_fields(train_records, "data.train")]
@@ -308,6 +305,10 @@ def build_datasets(cfg: Any, task: Any, tokenizer: Any, accelerator: Any = None,
                 raise DataError(f"data.train: the weights of {describe(cfg.data.train)} keep no training example",
                                 hint="raise the weights (a weight below 1 keeps that fraction of a source's "
                                      "examples, rounded)")
+            if main:  # a large file takes minutes here: say what is happening (and that it happens once)
+                log.info("data: tokenising %d example(s) of %s%s%s", len(train_records), describe(cfg.data.train),
+                         f" and {len(eval_records or [])} for eval" if eval_records else "",
+                         f" (cached for later runs in {where})" if cfg.data.cache else "")
             label2id = {name: i for i, name in enumerate(labels)} if labels else None
             train, counted = _encode_all(train_records, task, tokenizer, cfg, label2id, shown=main)
             if train is None:
