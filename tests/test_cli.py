@@ -56,7 +56,7 @@ def test_missing_config_file(capsys, tmp_path):
 def test_all_config_problems_at_once(capsys, make_config):
     path = make_config("causal_lm")
     code, _, err = run_cli(["train", path, "train.lerning_rate=1", "model.dtype=float64", "task=clm"], capsys)
-    assert_clean_error(code, err, "3 problem(s)", "did you mean 'learning_rate'", "model.dtype", "task:")
+    assert_clean_error(code, err, "3 problems", "did you mean 'learning_rate'", "model.dtype", "task:")
 
 
 def test_nul_bytes_long_values_and_long_paths_are_named(capsys, make_config, tmp_path):
@@ -65,7 +65,7 @@ def test_nul_bytes_long_values_and_long_paths_are_named(capsys, make_config, tmp
     path = make_config("causal_lm")
     code, _, err = run_cli(["train", edit(path, output_dir=str(tmp_path / "a\0b"),
                                           data={"train": [str(tmp_path / "x\0.jsonl")]})], capsys)
-    assert_clean_error(code, err, "2 problem(s)", "output_dir: contains a NUL byte", "data.train: contains a NUL")
+    assert_clean_error(code, err, "2 problems", "output_dir: contains a NUL byte", "data.train: contains a NUL")
     assert not (tmp_path / "a").exists()
     code, _, err = run_cli(["plan", path, "task=" + "x" * 5000], capsys)
     assert_clean_error(code, err, "task: 'xxxxx")

@@ -193,7 +193,7 @@ def test_problems_from_command_line_overrides_say_so(tmp_path):
     path.write_text(yaml.safe_dump({**BASE, "train": {"seed": "x"}}))
     with pytest.raises(ConfigError) as err:
         load_config(path, ["train.learning_rate=abc", "output_dir.sub=1"])
-    assert err.value.title == f"{path} (with 2 command-line overrides) has 3 problem(s)"
+    assert err.value.title == f"{path} (with 2 command-line overrides) has 3 problems"
     assert err.value.problems == [
         "train.seed: expected int, got str 'x'",
         "train.learning_rate: expected float, got str 'abc' (from override train.learning_rate=abc)",
@@ -366,7 +366,7 @@ def test_peft_problems_reported_with_the_rest_for_commands_that_train(tmp_path, 
     for command in (["plan"], ["launch", "--dry-run", "--nproc", "1"], ["slurm", "--dry-run"], ["train"]):
         assert main([*command, str(path), "peft.lora_r=8", "train.lr=1"]) == 2
         err = capsys.readouterr().err
-        assert "has 2 problem(s)" in err and all(p in err for p in expected), (command, err)
+        assert "has 2 problems" in err and all(p in err for p in expected), (command, err)
     # without the peft check (eval/predict/merge read the trained adapter's config) the peft section is not asked
     with pytest.raises(ConfigError) as err:
         load_config(path, ["peft.lora_r=8", "train.lr=1"])

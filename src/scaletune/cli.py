@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from .config_file import is_override
-from .errors import EXIT_USAGE, RESUME_AFTER_WRITE, ConfigError, UserError, failed_write, write_error
+from .errors import EXIT_USAGE, RESUME_AFTER_WRITE, ConfigError, UserError, failed_write, problems_count, write_error
 
 _ADAPTER_HELP = "adapter dir, or a checkpoint dir (uses its adapter/) (default: OUTPUT_DIR/adapter)"
 
@@ -262,7 +262,7 @@ def dispatch(args: argparse.Namespace) -> int:
             problems = cross_field_problems(cfg, world_size=world, has_cuda=True)
             if problems:
                 raise ConfigError(problems, title=f"{args.config} cannot run on {args.nodes} node(s) x "
-                                                  f"{args.gpus_per_node} GPU(s) ({len(problems)} problem(s))")
+                                                  f"{args.gpus_per_node} GPU(s) ({problems_count(len(problems))})")
         if not args.dry_run:  # the job runs in this environment (SCALETUNE_VENV / this python)
             preflight(cfg)
             # A job meant to wait for the run there (chained with --dependency) may be queued beside it.

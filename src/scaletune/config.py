@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from .errors import ConfigError
+from .errors import ConfigError, problems_count
 
 TASKS = ("causal_lm", "seq_cls", "token_cls")
 CAUSAL_FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion", "text")
@@ -538,7 +538,7 @@ def from_dict(raw: dict, *, source: str = "run config", world_size: int | None =
                         if not any(_names(p, key, leaf=True) for key in bad))
     problems = list(found or []) + [_from_override(p, overrides or {}) for p in problems]
     if problems:
-        raise ConfigError(problems, title=f"{source} has {len(problems)} problem(s)")
+        raise ConfigError(problems, title=f"{source} has {problems_count(len(problems))}")
     return cfg
 
 

@@ -38,6 +38,11 @@ class UserError(Exception):
         return text
 
 
+def problems_count(n: int) -> str:
+    """'1 problem' / 'N problems', for error titles."""
+    return f"{n} problem{'' if n == 1 else 's'}"
+
+
 class ConfigError(UserError):
     """Problems with the run config."""
 

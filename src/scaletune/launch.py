@@ -41,7 +41,7 @@ from typing import Any
 
 from . import runlock
 from .distributed import deepspeed_config_name, deepspeed_config_path
-from .errors import EXIT_PREEMPTED, EXIT_USAGE, ConfigError
+from .errors import EXIT_PREEMPTED, EXIT_USAGE, ConfigError, problems_count
 
 
 def _accelerate_executable() -> list[str]:
@@ -149,7 +149,7 @@ def _refuse_for_this_machine(cfg: Any, world: int, cpu: bool | None) -> None:
         has_cuda = not cpu
     problems = cross_field_problems(cfg, world_size=world, has_cuda=has_cuda)
     if problems:
-        raise ConfigError(problems, title=f"run config cannot run here ({len(problems)} problem(s))")
+        raise ConfigError(problems, title=f"run config cannot run here ({problems_count(len(problems))})")
 
 
 def preflight(cfg: Any) -> None:

@@ -13,7 +13,7 @@ import typing
 from typing import Any
 
 from .config import TASKS, RunConfig, _short, unknown_key_hint
-from .errors import ConfigError
+from .errors import ConfigError, problems_count
 
 
 def _number(value: Any, *, integral: bool = False) -> Any:
@@ -148,7 +148,7 @@ def peft_config(cfg: RunConfig, task_type: str, total_steps: int | None = None) 
     problems += _peft_value_problems(config_cls, kwargs)
     problems += _peft_range_problems(method, {k: v for k, v in kwargs.items() if k in fields})
     if problems:
-        raise ConfigError(problems, title=f"peft section has {len(problems)} problem(s)")
+        raise ConfigError(problems, title=f"peft section has {problems_count(len(problems))}")
     if task_type in ("SEQ_CLS", "TOKEN_CLS") and "exclude_modules" in fields and "exclude_modules" not in kwargs:
         # The new head is trained in full (peft's modules_to_save); an adapter on it as well would clash.
         kwargs["exclude_modules"] = ["classifier", "score"]

@@ -18,7 +18,15 @@ from . import checkpoint as ckpt
 from . import methods, nonfinite, runlock
 from .config import RunConfig
 from .distributed import raise_main_rank_failure
-from .errors import EXIT_PREEMPTED, RESUME_AFTER_WRITE, ConfigError, UserError, failed_write, write_error
+from .errors import (
+    EXIT_PREEMPTED,
+    RESUME_AFTER_WRITE,
+    ConfigError,
+    UserError,
+    failed_write,
+    problems_count,
+    write_error,
+)
 from .outdir import check_output_dir, discard_replaced, replaced_note, set_aside, set_aside_metrics
 from .rules import cross_field_problems
 from .stopflag import StopFlag
@@ -421,7 +429,7 @@ def refuse_what_cannot_run_here(cfg: RunConfig, world: int) -> None:
                         f"with DeepSpeed ZeRO stage {stage} ({source}): add distributed.zero_stage={stage} to the "
                         "command (or use `scaletune launch`, which picks the launch for the config's stage)")
     if problems:
-        err = ConfigError(problems, title=f"run config cannot run here ({len(problems)} problem(s))")
+        err = ConfigError(problems, title=f"run config cannot run here ({problems_count(len(problems))})")
         if world > 1:  # every rank finds the same problems: each node's first process prints them, once
             err.relayed_from = 0  # type: ignore[attr-defined]
         raise err

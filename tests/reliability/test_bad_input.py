@@ -262,7 +262,7 @@ OVERRIDE_CASES = [
     (["train.learning_rate=.nan"], ["train.learning_rate: must be a finite number"]),
     (["data.max_length=1e12"], ["data.max_length: expected int"]),
     (["train.seed=" + "9" * 5000], ["train.seed: expected int"]),
-    (["train.learning_rate=abc"], ["(with 1 command-line override) has 1 problem(s)",
+    (["train.learning_rate=abc"], ["(with 1 command-line override) has 1 problem:",
                                    "train.learning_rate: expected float, got str 'abc' "
                                    "(from override train.learning_rate=abc)"]),
     (["--bogus"], ["unrecognized arguments: --bogus"]),
