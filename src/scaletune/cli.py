@@ -230,7 +230,7 @@ def dispatch(args: argparse.Namespace) -> int:
         metrics = run_eval(cfg, args.adapter, args.data)
         import json
 
-        print(json.dumps(metrics, indent=1, default=float))
+        print(json.dumps(metrics, indent=2, default=float))  # (full precision: compared with metrics.jsonl)
         return 0
     if args.command == "predict":
         from .infer import run_predict

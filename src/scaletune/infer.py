@@ -101,6 +101,7 @@ def on_device(cfg: RunConfig, model: Any) -> tuple[Any, Any]:
 
 def run_eval(cfg: RunConfig, adapter: str | None, data: str | None) -> dict:
     from .data import build_datasets, build_eval_only
+    from .data.sources import describe
     from .evaluate import evaluate
 
     path = _adapter_dir(cfg, adapter)  # (a missing adapter is the first thing to say)
@@ -121,6 +122,8 @@ def run_eval(cfg: RunConfig, adapter: str | None, data: str | None) -> dict:
         evalset = build_eval_only(cfg, task, tokenizer, "--data" if data else "data.eval")
     else:  # data.eval_fraction: the part of the training file that training held out
         evalset = build_datasets(cfg, task, tokenizer, None, for_eval=True)["eval"]
+    what = cfg.data.eval or f"the {cfg.data.eval_fraction:g} of {describe(cfg.data.train)} that training held out"
+    log.info("eval: adapter %s on %d example(s) of %s", path, len(evalset), what)
     return evaluate(acc, model, task, evalset, labels, cfg.train.micro_batch_size, tokenizer.pad_token_id)
 
 
