@@ -312,8 +312,19 @@ def test_python_dash_m_entry_point_exit_code(make_config):
 
 
 def test_config_help_lists_keys(capsys):
+    from scaletune.config import config_reference, config_rows
+
     code, out, _ = run_cli(["config-help"], capsys)
-    assert code == 0 and "`train.global_batch_size`" in out
+    assert code == 0 and "train.global_batch_size: int = 64\n    " in out
+    meanings = [line for line in out.splitlines() if line.startswith("    ")]
+    assert len(meanings) >= len(config_rows()) and max(map(len, meanings)) <= 100  # (the table's rows: 400)
+    code, out, _ = run_cli(["config-help", "warmup", "SEED"], capsys)
+    assert [line.split(":")[0] for line in out.splitlines() if not line.startswith(" ")] == \
+        ["train.warmup_ratio", "train.warmup_steps", "train.seed"]
+    code, out, _ = run_cli(["config-help", "--markdown"], capsys)
+    assert out == config_reference() + "\n"
+    code, _, err = run_cli(["config-help", "lerning"], capsys)
+    assert code == 2 and "no run-config key contains 'lerning'" in err
 
 
 @pytest.mark.slow

@@ -103,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dirs", nargs="+", help="run output directories (with metrics.jsonl and run.json)")
     p.add_argument("--out", default=None, help="where report.html and PNGs go (default: first run dir)")
 
-    sub.add_parser("config-help", help="print every run-config key with its type, default and meaning")
+    p = sub.add_parser("config-help", help="print every run-config key with its type, default and meaning")
+    p.add_argument("keys", nargs="*", metavar="KEY", help="only keys containing one of these, e.g. lr warmup peft")
+    p.add_argument("--markdown", action="store_true", help="as the README's table")
     return parser
 
 
@@ -192,12 +194,33 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(problems, title=f"scaletune {cmd}: bad arguments")
 
 
+def config_help(wanted: list[str]) -> str:
+    """The run-config keys containing any of `wanted` (all without), each as a `key: type = default` line and
+    its meaning wrapped below it, to read on a terminal (the README's table is 400 characters wide)."""
+    import shutil
+    import textwrap
+
+    from .config import config_rows
+
+    width = min(100, shutil.get_terminal_size().columns)
+    blocks = []
+    for key, kind, default, meaning in config_rows():
+        if wanted and not any(w.lower() in key.lower() for w in wanted):
+            continue
+        blocks.append(f"{key}: {kind} = {default}\n"
+                      + textwrap.fill(meaning, width, initial_indent="    ", subsequent_indent="    "))
+    if not blocks:
+        raise UserError(f"no run-config key contains {' or '.join(map(repr, wanted))}",
+                        hint="scaletune config-help lists them all")
+    return "\n".join(blocks)
+
+
 def dispatch(args: argparse.Namespace) -> int:
     from .config import config_reference, load_config
 
     check_args(args)
     if args.command == "config-help":
-        print(config_reference())
+        print(config_reference() if args.markdown else config_help(args.keys))
         return 0
     if args.command == "demo":
         from .demo import run_demo

@@ -572,9 +572,9 @@ def load_config(
     return cfg
 
 
-def config_reference() -> str:
-    """Markdown table of every key with its type, default and help (used in the README)."""
-    lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+def config_rows() -> list[tuple[str, str, str, str]]:
+    """(key, type, default, help) of every run-config key, in the dataclasses' order."""
+    rows = []
 
     def walk(cls: type, prefix: str) -> None:
         hints = typing.get_type_hints(cls)
@@ -590,11 +590,18 @@ def config_reference() -> str:
                 default = repr(f.default_factory())
             else:
                 default = "required"
-            cells = (f"`{key}`", _type_name(tp), default, f.metadata.get("help", ""))
-            # a bare | inside a cell (Literal types: "a | b") would split it into extra columns
-            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+            rows.append((key, _type_name(tp), default, f.metadata.get("help", "")))
 
     walk(RunConfig, "")
+    return rows
+
+
+def config_reference() -> str:
+    """Markdown table of every key with its type, default and help (used in the README)."""
+    lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+    for key, *cells in config_rows():
+        # a bare | inside a cell (Literal types: "a | b") would split it into extra columns
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in (f"`{key}`", *cells)) + " |")
     return "\n".join(lines)
 
 
