@@ -312,7 +312,7 @@ def test_python_dash_m_entry_point_exit_code(make_config):
 
 
 def test_config_help_lists_keys(capsys):
-    from scaletune.config import config_reference, config_rows
+    from scaletune.config_help import config_reference, config_rows
 
     code, out, _ = run_cli(["config-help"], capsys)
     assert code == 0 and "train.global_batch_size: int = 64\n    " in out

@@ -194,29 +194,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(problems, title=f"scaletune {cmd}: bad arguments")
 
 
-def config_help(wanted: list[str]) -> str:
-    """The run-config keys containing any of `wanted` (all without), each as a `key: type = default` line and
-    its meaning wrapped below it, to read on a terminal (the README's table is 400 characters wide)."""
-    import shutil
-    import textwrap
-
-    from .config import config_rows
-
-    width = min(100, shutil.get_terminal_size().columns)
-    blocks = []
-    for key, kind, default, meaning in config_rows():
-        if wanted and not any(w.lower() in key.lower() for w in wanted):
-            continue
-        blocks.append(f"{key}: {kind} = {default}\n"
-                      + textwrap.fill(meaning, width, initial_indent="    ", subsequent_indent="    "))
-    if not blocks:
-        raise UserError(f"no run-config key contains {' or '.join(map(repr, wanted))}",
-                        hint="scaletune config-help lists them all")
-    return "\n".join(blocks)
-
-
 def dispatch(args: argparse.Namespace) -> int:
-    from .config import config_reference, load_config
+    from .config import load_config
+    from .config_help import config_help, config_reference
 
     check_args(args)
     if args.command == "config-help":

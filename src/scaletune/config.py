@@ -572,38 +572,5 @@ def load_config(
     return cfg
 
 
-def config_rows() -> list[tuple[str, str, str, str]]:
-    """(key, type, default, help) of every run-config key, in the dataclasses' order."""
-    rows = []
-
-    def walk(cls: type, prefix: str) -> None:
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            tp = hints[f.name]
-            key = f"{prefix}{f.name}"
-            if _is_dataclass_type(tp):
-                walk(tp, key + ".")
-                continue
-            if f.default is not dataclasses.MISSING:
-                default = "null" if f.default is None else repr(f.default)
-            elif f.default_factory is not dataclasses.MISSING:
-                default = repr(f.default_factory())
-            else:
-                default = "required"
-            rows.append((key, _type_name(tp), default, f.metadata.get("help", "")))
-
-    walk(RunConfig, "")
-    return rows
-
-
-def config_reference() -> str:
-    """Markdown table of every key with its type, default and help (used in the README)."""
-    lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
-    for key, *cells in config_rows():
-        # a bare | inside a cell (Literal types: "a | b") would split it into extra columns
-        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in (f"`{key}`", *cells)) + " |")
-    return "\n".join(lines)
-
-
 # (re-exported: the file and override readers live in config_file.py)
 from .config_file import apply_overrides, parse_override, read_yaml  # noqa: E402,F401
