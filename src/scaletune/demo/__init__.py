@@ -45,6 +45,7 @@ def run_demo(out_dir: str, steps: int | None = None) -> int:
     if out.exists() and any(out.iterdir()):
         if not (out / MARKER).exists():
             raise UserError(f"--out {out} is not empty and is not a previous demo; pick another directory")
+        print(f"[demo] replacing the previous demo in {out}")
         shutil.rmtree(out)
     out.mkdir(parents=True)
     (out / MARKER).write_text("created by scaletune demo; safe to delete\n")
