@@ -7,7 +7,7 @@ import functools
 from pathlib import Path
 from typing import Any
 
-PROBE_TIMEOUT_S = 3.0
+PROBE_TIMEOUT_S = 5.0
 
 
 @functools.cache
