@@ -373,6 +373,16 @@ def test_ctrl_c_in_train_names_the_checkpoint_to_resume_from(make_config, capsys
     code, _, err = run_cli(["train", path, f"output_dir={other}", "train.max_steps=9"], capsys)
     assert f"newest checkpoint {other / 'checkpoints' / 'step-5'}" in err
     assert f"continue with `scaletune train {path} 'output_dir={other}' train.max_steps=9 --resume auto`" in err
+    # a rank of a launched run: `scaletune train` would run one process (refused under ZeRO); the first rank
+    # says to repeat the launch, the others say nothing more
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    code, _, err = run_cli(["train", path], capsys)
+    assert code == 130 and "newest checkpoint" in err and "the same launch command plus --resume auto" in err
+    assert "scaletune train" not in err
+    monkeypatch.setenv("RANK", "1")
+    code, _, err = run_cli(["train", path], capsys)
+    assert code == 130 and err.strip() == "interrupted"
 
 
 def test_output_cut_short_by_the_reader_is_not_a_traceback(tmp_path):

@@ -47,6 +47,19 @@ def test_new_head_is_one_line_not_a_load_report(make_config, caplog):
     assert "not in the checkpoint" not in text
 
 
+def test_a_resume_does_not_announce_a_random_head(make_config, tmp_path, caplog):
+    """The head's weights come from the checkpoint: 'starts from random weights' alarmed a user."""
+    from scaletune.cli import main
+
+    path = make_config("seq_cls", n=16, train={"max_steps": 2, "save_every": 1})
+    assert main(["train", str(path), "train.max_steps=1"]) == 0
+    caplog.clear()
+    with caplog.at_level("INFO", logger="scaletune"):
+        assert main(["train", str(path), "--resume", "auto"]) == 0
+    assert "new task head (classifier.bias, classifier.weight) comes from the checkpoint resumed" in caplog.text
+    assert "random" not in caplog.text
+
+
 def test_base_weights_missing_from_the_checkpoint_are_a_warning(make_config, tiny_bert, tmp_path, caplog):
     damaged = tmp_path / "bert"
     shutil.copytree(tiny_bert, damaged)

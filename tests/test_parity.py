@@ -83,6 +83,6 @@ def test_adalora_ranknum_stays_fixed_on_a_16bit_base(make_config):
 
     path = make_config("causal_lm", n=16, model={"dtype": "bfloat16"}, peft=method_keys("adalora", "causal_lm"),
                        train={"mixed_precision": "bf16", "max_steps": 12})
-    run, _ = setup(load_config(path), overwrite=True)
+    run, _ = setup(load_config(path, ["~peft.r"]), overwrite=True)  # (the suite's LoRA rank: AdaLoRA reads none)
     ranknums = [(n, p.requires_grad) for n, p in run.model.named_parameters() if "ranknum" in n.split(".")]
     assert ranknums and not any(trainable for _, trainable in ranknums)

@@ -376,6 +376,13 @@ def _resume_hint(args: argparse.Namespace) -> str:
     except Exception:  # noqa: BLE001 - a hint must never hide the interruption itself
         return ""
     kept = f"; {kept}" if kept else ""
+    if int(os.environ.get("WORLD_SIZE") or 1) > 1:
+        # a rank of a launched run: the launcher's command (which this rank does not know) is the one to
+        # repeat, and `scaletune train` alone would run one process (or be refused, under ZeRO)
+        if os.environ.get("RANK", "0") != "0":
+            return ""
+        where = f"newest checkpoint {newest}" if newest is not None else "no checkpoint was written yet"
+        return f"; {where}: continue with the same launch command plus --resume auto{kept}"
     if newest is None:
         return f" (no checkpoint was written yet){kept}"
     # the overrides too: one of them may be output_dir itself

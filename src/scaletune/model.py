@@ -99,8 +99,9 @@ def _damaged_checkpoint(exc: BaseException) -> bool:
 
 
 def load_model(cfg: RunConfig, task: Any, labels: list[str] | None, tokenizer: Any,
-               total_steps: int | None = None, adapter_path: str | None = None) -> Any:
-    """Frozen base + trainable adapter (new, or loaded from `adapter_path`), trainables in float32."""
+               total_steps: int | None = None, adapter_path: str | None = None, resuming: bool = False) -> Any:
+    """Frozen base + trainable adapter (new, or loaded from `adapter_path`), trainables in float32.
+    `resuming`: a checkpoint's weights replace the new adapter's (and new head's) once loaded."""
     import peft
 
     from . import adapters  # noqa: F401  (scaletune's own methods must be registered to load them)
@@ -135,7 +136,7 @@ def load_model(cfg: RunConfig, task: Any, labels: list[str] | None, tokenizer: A
             raise
         raise ConfigError(f"model.name_or_path: {cfg.model.name_or_path!r} looks damaged "
                           f"({type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]})") from None
-    _report_loading(cfg, info, new_head=adapter_path is None)
+    _report_loading(cfg, info, new_head=adapter_path is None, resuming=resuming)
     if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if qconf is not None:
@@ -265,14 +266,15 @@ class _quiet_load_report:
         logging.getLogger("transformers.modeling_utils").removeFilter(self.filter)
 
 
-def _report_loading(cfg: RunConfig, info: dict, *, new_head: bool) -> None:
+def _report_loading(cfg: RunConfig, info: dict, *, new_head: bool, resuming: bool = False) -> None:
     """One line for the new head (when training starts it from random), a warning for anything else the
     checkpoint lacks or has in excess: weights that start random without being trained are a real problem."""
     missing = sorted(info.get("missing_keys") or ())
     head = [k for k in missing if k.split(".")[0] in HEAD_MODULES]
     other = [k for k in missing if k not in head]
     if head and new_head:
-        log.info("new task head (%s) starts from random weights and trains in full", ", ".join(head))
+        log.info("new task head (%s) %s and trains in full", ", ".join(head),
+                 "comes from the checkpoint resumed" if resuming else "starts from random weights")
     unexpected = sorted(info.get("unexpected_keys") or ())
     # Weights left unused are the checkpoint's own heads (BERT's pooler under a token classifier): expected
     # when the task differs from pretraining, so a note, not a warning at every load.

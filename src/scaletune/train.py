@@ -276,7 +276,7 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
         (log.warning if left_out > 0.1 * n_train else log.info)(
             "data.train: %d of %d %s do not fill a last global batch of %d and sit each epoch out (a different "
             "random set each epoch)", left_out, n_train, rows, t.global_batch_size)
-    model = load_model(cfg, task, data["labels"], tokenizer, total_steps=total)
+    model = load_model(cfg, task, data["labels"], tokenizer, total_steps=total, resuming=resume_from is not None)
     trainable, all_params = count_parameters(model)
     optimizer = build_optimizer(cfg, model)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -351,7 +351,7 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
 def _note_schedule_change(run: Run, saved: list[float] | None, lrs: list[float]) -> None:
     """Say so where the resumed step's learning rate is not the one the checkpoint's schedule would give:
     a longer run (max_steps, epochs) stretches the decay, so the rate jumps back up at the resume."""
-    if not saved or math.isclose(saved[0], lrs[0], rel_tol=1e-6, abs_tol=1e-15):
+    if not saved or math.isclose(saved[0], lrs[0], rel_tol=1e-6, abs_tol=1e-15) or not run.accelerator.is_main_process:
         return
     t = run.cfg.train
     log.warning("resuming at step %d with lr %.3g where the checkpoint's schedule had %.3g: the %s schedule "
