@@ -100,7 +100,7 @@ def _damaged_checkpoint(exc: BaseException) -> bool:
 
 def load_model(cfg: RunConfig, task: Any, labels: list[str] | None, tokenizer: Any,
                total_steps: int | None = None, adapter_path: str | None = None, resuming: bool = False) -> Any:
-    """Frozen base + trainable adapter (new, or loaded from `adapter_path`), trainables in float32.
+    """Frozen base + trainable adapter (new, or loaded from `adapter_path`), trainables in `trainable_dtype`.
     `resuming`: a checkpoint's weights replace the new adapter's (and new head's) once loaded."""
     import peft
 
@@ -155,7 +155,7 @@ def load_model(cfg: RunConfig, task: Any, labels: list[str] | None, tokenizer: A
     why_not = prefix_forward_problem(model)
     if why_not:
         raise ConfigError(f"peft.method={cfg.peft_method} with task {cfg.task}: {why_not}")
-    return float32_trainables(model)
+    return cast_trainables(model, trainable_dtype(cfg))
 
 
 def _load_adapter(model: Any, adapter_path: str, fused: bool = False) -> Any:
@@ -211,7 +211,7 @@ def inference_precision(cfg: RunConfig) -> str:
 
 def _saved_copies_in_float32(model: Any, adapter_path: str) -> Any:
     """`model` with its modules_to_save copies (a task head, a norm) in float32, holding the float32 values
-    training saved, as training had them (`float32_trainables`): loaded for inference they are not
+    training saved, as training had them (`cast_trainables`): loaded for inference they are not
     trainable, so they took the base's 16-bit dtype, and a norm or an embedding (which autocast leaves in
     their own dtype) then computed otherwise than in training's evals."""
     import peft
@@ -225,7 +225,7 @@ def _saved_copies_in_float32(model: Any, adapter_path: str) -> Any:
         for module in saved.modules():
             weight = getattr(module, "weight", None)
             if isinstance(module, torch.nn.Embedding) and weight is not None and weight.dtype != torch.float32:
-                keep_output_dtype(module, weight.dtype)  # (as float32_trainables does in training)
+                keep_output_dtype(module, weight.dtype)  # (as cast_trainables does in training)
         saved.float()
     peft.set_peft_model_state_dict(model, peft.utils.load_peft_weights(adapter_path))  # (again, into float32)
     return model
@@ -377,14 +377,25 @@ def fused_lora_applies(cfg: RunConfig, method: str | None = None) -> bool:
             and cfg.distributed.zero_stage != 3)
 
 
-def float32_trainables(model: Any) -> Any:
-    """Adam on bf16/fp16 weights loses small updates; keep every trainable parameter in float32."""
+def trainable_dtype(cfg: RunConfig) -> torch.dtype:
+    """The dtype trainable parameters are held in on the model: float32, as Adam on bf16/fp16 weights
+    loses small updates. Under ZeRO-3 with bf16/fp16, the compute dtype: DeepSpeed runs the model in it
+    without autocast and keeps float32 masters for the optimizer itself (ZeRO-1/2 cast every parameter to
+    it when they start); a float32 module copy (modules_to_save: a norm, a classification head) there
+    handed float32 to the next bf16 matmul, which failed."""
+    if cfg.distributed.zero_stage == 3 and cfg.train.mixed_precision in ("bf16", "fp16"):
+        return torch.bfloat16 if cfg.train.mixed_precision == "bf16" else torch.float16
+    return torch.float32
+
+
+def cast_trainables(model: Any, dtype: torch.dtype = torch.float32) -> Any:
+    """Every trainable parameter in `dtype` (see trainable_dtype)."""
     for module in model.modules():
-        own = [p for p in module.parameters(recurse=False) if p.requires_grad and p.dtype != torch.float32]
-        if own and isinstance(module, torch.nn.Embedding):
+        own = [p for p in module.parameters(recurse=False) if p.requires_grad and p.dtype != dtype]
+        if own and isinstance(module, torch.nn.Embedding) and dtype == torch.float32:
             keep_output_dtype(module, own[0].dtype)
         for p in own:
-            p.data = p.data.float()
+            p.data = p.data.to(dtype)
     return model
 
 

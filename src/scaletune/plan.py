@@ -104,7 +104,7 @@ def build_meta_model(cfg: RunConfig) -> Any:
     from transformers import AutoConfig
 
     from .hub import check_model_source, hub_kwargs, unreachable_hint
-    from .model import DTYPES, apply_adapter, float32_trainables
+    from .model import DTYPES, apply_adapter, cast_trainables, trainable_dtype
     from .tasks import get_task
 
     task = get_task(cfg.task)
@@ -121,7 +121,7 @@ def build_meta_model(cfg: RunConfig) -> Any:
         model = task.auto_model_class().from_config(config, dtype=DTYPES[cfg.model.dtype],
                                                     trust_remote_code=cfg.model.trust_remote_code)
         model = apply_adapter(model, cfg, task, total_steps=1000)  # total_steps only sizes adalora
-    return float32_trainables(model)  # as load_model does
+    return cast_trainables(model, trainable_dtype(cfg))  # as load_model does
 
 
 def _optimizer_groups(cfg: RunConfig, model: Any) -> list[list[int]]:

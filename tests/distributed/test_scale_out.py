@@ -555,6 +555,24 @@ def test_bf16_zero2(world):
         assert v.dtype == torch.float32 and torch.equal(v, mapped[k]), k
 
 
+def test_bf16_zero3_trains_a_full_module_copy(world):
+    """A module trained in full (peft's modules_to_save: a norm here, a classifier head in every seq_cls run)
+    under ZeRO-3 bf16: DeepSpeed computes in bf16 without autocast, and the float32 copy failed at its first
+    matmul ("expected m1 and m2 to have the same dtype"), so classification could not run under ZeRO-3 bf16."""
+    out = world.root / "bf16_zero3_copy"
+    cfg = world.cfg("bf16_z3_copy", model={"dtype": "bfloat16"},
+                    train={"mixed_precision": "bf16", "max_steps": 3, "save_every": None},
+                    peft={"target_modules": ["q_proj", "v_proj"], "modules_to_save": ["norm"]},
+                    distributed={"zero_stage": 3})
+    run_cli(world, _accelerate("cpu_2proc_zero3.yaml", str(cfg), f"output_dir={out}"))
+    _assert_trained_adapter(out, 3)
+    from safetensors.torch import load_file
+
+    adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    norms = [k for k in adapter if k.endswith("norm.weight")]
+    assert norms and all(adapter[k].dtype == torch.float32 and adapter[k].numel() for k in norms), norms
+
+
 @pytest.mark.parametrize("how", ["train", "launch"])
 @pytest.mark.parametrize("combo", ["8bit_zero3", "fp16_cpu"])
 def test_invalid_combination_refused_before_launch(world, how, combo):
