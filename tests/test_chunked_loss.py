@@ -231,3 +231,15 @@ def test_the_usual_loss_takes_its_logit_columns_from_the_collator(make_config, m
     assert collated[0] == from_labels[0]
     for name, g in from_labels[1].items():
         assert torch.equal(collated[1][name], g), name
+
+
+def test_the_head_check_reads_no_value_out_of_the_graph():
+    """`float()` of a tensor that requires grad warns (seen twice per run under ZeRO-2 bf16)."""
+    import warnings
+
+    from scaletune.tasks.causal_lm import _same_logits
+
+    logits = torch.randn(2, 1, 8, dtype=torch.bfloat16, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _same_logits(logits * 1, logits * 1)

@@ -243,7 +243,7 @@ def _same_logits(ours: torch.Tensor, model_logits: torch.Tensor) -> bool:
     """Whether the head applied to the caught hidden state gives the model's own logits. Both come from
     the same [batch, 1, hidden] product (a 2-D call can take another CPU bf16 kernel and round
     differently); 16-bit results may still differ by a rounding step at the largest logit's scale."""
-    ours, theirs = ours.float(), model_logits.float()
+    ours, theirs = ours.detach().float(), model_logits.detach().float()  # (a check, not part of the graph)
     if model_logits.dtype == torch.float32:
         return torch.allclose(ours, theirs, rtol=1e-3, atol=1e-4)
     scale = float(theirs.abs().max()) if theirs.numel() else 0.0
