@@ -158,6 +158,32 @@ def _cfg(tmp_path, model, task="causal_lm", data=None, **extra):
     return from_dict(raw)
 
 
+def test_bos_leads_exactly_where_the_tokenizer_puts_it(tmp_path, tiny_llama):
+    """Training, `predict` and a merged model's user calling `tokenizer(prompt)` see the same first token: BOS
+    where the tokenizer adds it itself (Llama-style, as the suite's tiny one), none where it has a BOS it does
+    not add (GPT-NeoX style). scaletune used to add BOS wherever the tokenizer had one."""
+    import shutil
+
+    from tokenizers import processors
+
+    from scaletune.infer import prompt_ids, prompt_segments
+
+    data = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Say hi", "input": "", "output": "hi there"}] * 2)
+    neox = tmp_path / "neox"  # the same model, its tokenizer no longer adding BOS
+    shutil.copytree(tiny_llama, neox)
+    tok = load_tokenizer(_cfg(tmp_path, neox, data=data))
+    tok.backend_tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.save_pretrained(neox)
+    for model, leads in ((tiny_llama, True), (neox, False)):
+        cfg = _cfg(tmp_path, model, data=data)
+        tok = load_tokenizer(cfg)
+        ids = build_datasets(cfg, get_task("causal_lm"), tok)["train"][0]["input_ids"]
+        prompt = prompt_ids(tok, prompt_segments({"text": "Say hi"}, tok)[1])
+        plain = tok(tok.decode(prompt, skip_special_tokens=True))["input_ids"]  # as a transformers user would
+        assert (ids[0] == tok.bos_token_id) is leads and (prompt[0] == tok.bos_token_id) is leads, model
+        assert plain == prompt and ids[:len(prompt)] == prompt, model
+
+
 def test_alpaca_prompt_is_masked_and_response_trained(tmp_path, tiny_llama):
     data = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Say hi", "input": "", "output": "hi there"}] * 2)
     cfg = _cfg(tmp_path, tiny_llama, data=data)

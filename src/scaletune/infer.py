@@ -360,10 +360,12 @@ _CAPPED: list = []  # warned once per process that --max-new-tokens was cut to t
 
 def prompt_ids(tokenizer: Any, segments: list) -> list[int]:
     """The token ids generation continues from: everything before the final (empty) assistant turn of
-    `segments` (earlier assistant turns are part of the prompt), led by BOS where the tokenizer has one."""
+    `segments` (earlier assistant turns are part of the prompt), led by BOS as training's are (leading_bos)."""
+    from .tasks.causal_lm import leading_bos
+
     last = max((i for i, (_, trainable) in enumerate(segments) if trainable), default=len(segments))
     ids = tokenizer("".join(s for s, _ in segments[:last]), add_special_tokens=False)["input_ids"]
-    bos = tokenizer.bos_token_id
+    bos = leading_bos(tokenizer)
     return ids if bos is None or (ids and ids[0] == bos) else [bos, *ids]
 
 

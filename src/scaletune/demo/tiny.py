@@ -27,6 +27,10 @@ def train_tokenizer(texts: Iterable[str], kind: str = "bpe", vocab_size: int = 5
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS.values()),
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
         tok.train_from_iterator(texts, trainer)
+        # each text starts with BOS, as a Llama tokenizer's does (tokenizer(text) and training agree on it)
+        bos_id = tok.token_to_id(SPECIALS["bos"])
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B:1",
+                                                           special_tokens=[("<s>", bos_id)])
         return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                        unk_token="<unk>")
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]

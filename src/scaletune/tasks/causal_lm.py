@@ -99,8 +99,8 @@ class CausalLM(Task):
         segments = to_segments(self.format.convert(record), tokenizer, record.get(WHERE, "?"))
         ids: list[int] = []
         labels: list[int] = []
-        bos = tokenizer.bos_token_id
-        if bos is not None and segments and not segments[0][0].startswith(tokenizer.bos_token or "\0"):
+        bos = leading_bos(tokenizer)
+        if bos is not None and segments and not segments[0][0].startswith(tokenizer.bos_token):
             ids.append(bos)
             labels.append(IGNORE)
         unstopped = False
@@ -237,6 +237,22 @@ class CausalLM(Task):
     def metrics(self, preds: list, loss_sum: float, n_targets: int, labels: list[str] | None) -> dict:
         loss = loss_sum / max(n_targets, 1)
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "target_tokens": n_targets}
+
+
+_LEADS: dict[int, tuple[Any, int | None]] = {}  # id(tokenizer) -> (tokenizer, its leading BOS or None)
+
+
+def leading_bos(tokenizer: Any) -> int | None:
+    """The BOS id to start a sequence with: the tokenizer's, where `tokenizer(text)` starts every text with it
+    by itself (Llama, Mistral, Gemma), else None (GPT-NeoX and GPT-2 have a BOS they do not add; Qwen has
+    none). Training and `predict` then lead with BOS exactly where a merged model's users, calling its
+    tokenizer the usual way, will."""
+    known = _LEADS.get(id(tokenizer))
+    if known is None or known[0] is not tokenizer:
+        bos = tokenizer.bos_token_id
+        adds = bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+        known = _LEADS[id(tokenizer)] = (tokenizer, bos if adds else None)
+    return known[1]
 
 
 def _same_logits(ours: torch.Tensor, model_logits: torch.Tensor) -> bool:
