@@ -10,6 +10,7 @@ import torch
 
 from scaletune.config import from_dict
 from scaletune.data import _workers, build_datasets
+from scaletune.data.formats import to_segments
 from scaletune.data.readers import WHERE, read_records
 from scaletune.errors import DataError
 from scaletune.model import load_tokenizer
@@ -182,6 +183,38 @@ def test_bos_leads_exactly_where_the_tokenizer_puts_it(tmp_path, tiny_llama):
         plain = tok(tok.decode(prompt, skip_special_tokens=True))["input_ids"]  # as a transformers user would
         assert (ids[0] == tok.bos_token_id) is leads and (prompt[0] == tok.bos_token_id) is leads, model
         assert plain == prompt and ids[:len(prompt)] == prompt, model
+
+
+def test_segments_tokenise_as_their_joined_text_with_a_sentencepiece_tokenizer(tmp_path, tiny_llama):
+    """A Metaspace tokenizer (Llama 2, Mistral) starts each call with a word mark: answers tokenised apart
+    from their prompt began with a stray '\u2581' that `predict` (the prompt in one call) never produces."""
+    import shutil
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from stutil import corpus
+
+    spm = tmp_path / "spm"
+    shutil.copytree(tiny_llama, spm)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (spm / name).unlink(missing_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    tok.train_from_iterator(corpus() + ["### Instruction:\n### Response:\n Say hi there. Add 2 and 3: 5"],
+                            trainers.BpeTrainer(vocab_size=250, special_tokens=["<s>", "</s>", "<pad>"]))
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>").save_pretrained(spm)
+    record = {"instruction": "Add 2 and 3.", "input": "", "output": "5", "history": [["Say hi", "hi there"]]}
+    data = write_jsonl(tmp_path / "a.jsonl", [record] * 2)
+    cfg = _cfg(tmp_path, spm, data=data)
+    tok = load_tokenizer(cfg)
+    task = get_task("causal_lm")
+    ex = build_datasets(cfg, task, tok)["train"][0]
+    text = "".join(t for t, _ in to_segments(task.format.convert(record), tok, "?"))
+    assert ex["input_ids"] == tok(text, add_special_tokens=False)["input_ids"]
+    answers = [tok.decode([i for i, lab in zip(ex["input_ids"], ex["labels"]) if lab != IGNORE])]
+    assert answers == ["hi there</s> 5</s>"] or answers == ["hi there</s>5</s>"], answers
 
 
 def test_alpaca_prompt_is_masked_and_response_trained(tmp_path, tiny_llama):

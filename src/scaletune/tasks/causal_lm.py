@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import bisect
 import functools
 import inspect
+import itertools
 import math
 from typing import Any
 
@@ -104,8 +106,7 @@ class CausalLM(Task):
             ids.append(bos)
             labels.append(IGNORE)
         unstopped = False
-        for text, trainable in segments:
-            piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        for (_, trainable), piece in zip(segments, _tokenise_segments(tokenizer, segments)):
             ids += piece
             # train_on_prompt trains the context too, but never an answer the data marks as not to be learnt
             learn = trainable or (cfg.data.train_on_prompt and trainable is not None)
@@ -237,6 +238,23 @@ class CausalLM(Task):
     def metrics(self, preds: list, loss_sum: float, n_targets: int, labels: list[str] | None) -> dict:
         loss = loss_sum / max(n_targets, 1)
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "target_tokens": n_targets}
+
+
+def _tokenise_segments(tokenizer: Any, segments: list[tuple[str, Any]]) -> list[list[int]]:
+    """The token ids of each segment, from one tokenisation of their joined text: a SentencePiece tokenizer
+    (Llama 2, Mistral) starts every call with a word-boundary mark, so segments tokenised one by one put a
+    stray "▁" at each answer's start, which `predict` (one call for the prompt) never shows the model.
+    A token belongs to the segment holding its last character, so an answer's first token may carry the
+    space before it, as the joined text tokenises. Tokenizers without offsets (Python ones) go segment by
+    segment."""
+    if not getattr(tokenizer, "is_fast", False):
+        return [tokenizer(text, add_special_tokens=False)["input_ids"] for text, _ in segments]
+    enc = tokenizer("".join(text for text, _ in segments), add_special_tokens=False, return_offsets_mapping=True)
+    ends = list(itertools.accumulate(len(text) for text, _ in segments))
+    pieces: list[list[int]] = [[] for _ in segments]
+    for tid, (start, end) in zip(enc["input_ids"], enc["offset_mapping"]):
+        pieces[min(bisect.bisect_right(ends, max(end - 1, start)), len(segments) - 1)].append(tid)
+    return pieces
 
 
 _LEADS: dict[int, tuple[Any, int | None]] = {}  # id(tokenizer) -> (tokenizer, its leading BOS or None)
