@@ -853,6 +853,20 @@ def test_a_chat_template_that_refuses_a_conversation_is_a_data_error(tmp_path, t
         build_datasets(cfg, get_task("causal_lm"), tok)
 
 
+@pytest.mark.parametrize("template", [False, True])
+def test_a_conversation_opened_by_the_assistant_is_named(tmp_path, tiny_llama, template):
+    """A chat template failed on the empty prompt before it (a raw ValueError); the built-in one trained it
+    with no prompt at all."""
+    record = {"messages": [{"role": "assistant", "content": "hello"}, {"role": "user", "content": "q"},
+                           {"role": "assistant", "content": "a"}]}
+    cfg = _cfg(tmp_path, tiny_llama, data=write_jsonl(tmp_path / "c.jsonl", [record] * 2))
+    tok = load_tokenizer(cfg)
+    if template:
+        tok.chat_template = _CLOSING.replace("{{ END }}", "</s>")
+    with pytest.raises(DataError, match=r"c.jsonl:1: the conversation starts with an assistant turn"):
+        build_datasets(cfg, get_task("causal_lm"), tok)
+
+
 @pytest.mark.parametrize("record,message", [
     ({"conversations": [{"from": "human", "value": "q"}], "chosen": {"from": "gpt", "value": "a"},
       "rejected": {"from": "gpt", "value": "b"}}, r"p.jsonl:2: 'chosen' / 'rejected' make this preference-pair data"),
@@ -864,6 +878,10 @@ def test_preference_data_is_refused_saying_what_it_is(tmp_path, tiny_llama, reco
     plain = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
     data = write_jsonl(tmp_path / "p.jsonl", [plain, record])
     cfg = _cfg(tmp_path, tiny_llama, data=data)
+    with pytest.raises(DataError, match=message):
+        build_datasets(cfg, get_task("causal_lm"), load_tokenizer(cfg))
+    # as an eval file too (KTO's undesirable answers were scored as targets beside plain training data)
+    cfg = _cfg(tmp_path, tiny_llama, data=write_jsonl(tmp_path / "t.jsonl", [plain] * 2), eval=str(data))
     with pytest.raises(DataError, match=message):
         build_datasets(cfg, get_task("causal_lm"), load_tokenizer(cfg))
 

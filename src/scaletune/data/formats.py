@@ -248,7 +248,7 @@ def ignored_fields(fmt: Format, records: list[dict], key: str, shown: int = 10) 
 
 
 def get_format(name: str, records: list[dict], source: str) -> Format:
-    _refuse_preference_data(records, source)
+    refuse_preference_data(records, source)
     fmt = detect(records, source) if name == "auto" else FORMATS[name]
     missing = [c for c in fmt.required if c not in records[0]]
     if missing:
@@ -256,7 +256,7 @@ def get_format(name: str, records: list[dict], source: str) -> Format:
     return fmt
 
 
-def _refuse_preference_data(records: list[dict], source: str) -> None:
+def refuse_preference_data(records: list[dict], source: str) -> None:
     """Preference data (DPO pairs, KTO labels) read as instruction data would train the rejected or
     undesirable answers as targets, or none at all: refused, saying what the data is."""
     for rec in records:
@@ -397,6 +397,9 @@ def to_segments(converted: dict, tokenizer: Any, where: str) -> Segments:
         raise DataError(f"{where}: conversation has no assistant turn to learn from")
     if not any(m["role"] == "assistant" and m.get("train", True) for m in messages):
         raise DataError(f"{where}: every assistant turn has weight 0: nothing to learn from")
+    if messages[0]["role"] == "assistant":  # (a chat template cannot render the empty prompt before it)
+        raise DataError(f"{where}: the conversation starts with an assistant turn, which nothing prompts",
+                        hint="drop that turn, or put the user turn it answers (or a system prompt) before it")
     tools = converted.get("tools") or []
     uses_tools = bool(tools) or any("tool_calls" in m for m in messages)
     if getattr(tokenizer, "chat_template", None):

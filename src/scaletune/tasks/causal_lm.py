@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from ..config import NO_CHAT_FORMATS
-from ..data.formats import detect, get_format, ignored_fields, to_segments
+from ..data.formats import detect, get_format, ignored_fields, refuse_preference_data, to_segments
 from ..data.readers import WHERE
 from ..errors import ConfigError, DataError
 from ..trainable_state import unwrap
@@ -83,6 +83,7 @@ class CausalLM(Task):
         return None
 
     def check_eval(self, records: list[dict], cfg: Any, source: str) -> None:
+        refuse_preference_data(records, source)  # (KTO's undesirable answers would be scored as targets)
         if cfg.data.format != "auto":
             return
         try:
