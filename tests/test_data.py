@@ -853,6 +853,18 @@ def test_a_chat_template_that_refuses_a_conversation_is_a_data_error(tmp_path, t
         build_datasets(cfg, get_task("causal_lm"), tok)
 
 
+def test_training_sources_of_different_formats_are_named(tmp_path, tiny_llama):
+    """(was "sharegpt.jsonl:1: field 'instruction' is missing")"""
+    alpaca = write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "q", "input": "", "output": "a"}] * 2)
+    chats = write_jsonl(tmp_path / "chats.jsonl", [{"conversations": [{"from": "human", "value": "q"},
+                                                                      {"from": "gpt", "value": "a"}]}] * 2)
+    cfg = _cfg(tmp_path, tiny_llama, data=alpaca)
+    cfg.data.train = [str(alpaca), {"path": str(chats), "weight": 2}]
+    with pytest.raises(DataError, match=f"data.train: {chats} holds sharegpt records, {alpaca} holds alpaca; "
+                                        "one run reads one format"):
+        build_datasets(cfg, get_task("causal_lm"), load_tokenizer(cfg))
+
+
 @pytest.mark.parametrize("template", [False, True])
 def test_a_conversation_opened_by_the_assistant_is_named(tmp_path, tiny_llama, template):
     """A chat template failed on the empty prompt before it (a raw ValueError); the built-in one trained it

@@ -72,6 +72,8 @@ class CausalLM(Task):
 
     def setup(self, records: list[dict], cfg: Any, source: str) -> list[str] | None:
         self.format = get_format(cfg.data.format, records, source)
+        if cfg.data.format == "auto":
+            _one_format(records, self.format)
         # (an explicit data.format is checked with the config; auto's choice is known only here)
         if cfg.data.chat_template is not None and self.format.name in NO_CHAT_FORMATS:
             raise ConfigError(f"data.chat_template: {source} holds {self.format.name} records, which are not "
@@ -239,6 +241,23 @@ class CausalLM(Task):
     def metrics(self, preds: list, loss_sum: float, n_targets: int, labels: list[str] | None) -> dict:
         loss = loss_sum / max(n_targets, 1)
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "target_tokens": n_targets}
+
+
+def _one_format(records: list[dict], fmt: Any) -> None:
+    """Auto-detection reads the first record: a later training source in another format would fail on its
+    first record's missing field ("field 'instruction' is missing"); say that the sources' formats differ."""
+    odd = next((rec for rec in records if not all(col in rec for col in fmt.required)), None)
+    if odd is None:
+        return
+    first, other = (rec.get(WHERE, "?").rsplit(":", 1)[0] for rec in (records[0], odd))
+    if first == other:
+        return  # one file: its record's own error says more
+    try:
+        name = detect([odd], other).name
+    except DataError:
+        return
+    raise DataError(f"data.train: {other} holds {name} records, {first} holds {fmt.name}; one run reads one format",
+                    hint="convert one of them (or train on them in separate runs)")
 
 
 def _tokenise_segments(tokenizer: Any, segments: list[tuple[str, Any]]) -> list[list[int]]:
