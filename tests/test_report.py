@@ -147,6 +147,17 @@ def test_resumed_run_keeps_latest_record_and_notes_preemption(tmp_path):
     assert r.series("train", "loss")[1] == [3.0, 9.5]
     assert any("preempted at step 2 (signal 15)" in n for n in r.notes)
     assert any("replaced by the resumed run's" in n for n in r.notes)
+    assert not any("resumed 1 time" in n for n in r.notes)  # (this log has no resume event)
+
+
+def test_resumes_are_listed_though_not_preemptions(tmp_path):
+    """A run resumed after a kill or to go on longer showed only 'steps 60/60' (run.json has the resumes)."""
+    run = make_run(tmp_path / "resumed", steps=2, extra_lines=(
+        json.dumps({"event": "resume", "step": 1, "time": 1}) + "\n",
+        json.dumps({"event": "train", "step": 2, "time": 2, "loss": 9.5}) + "\n",
+        json.dumps({"event": "resume", "step": 2, "time": 3}) + "\n"))
+    _, (r,) = build_report([str(run)])
+    assert "resumed 2 time(s), from step(s) 1, 2" in r.notes
 
 
 def test_strings_from_files_are_html_escaped(tmp_path):

@@ -98,6 +98,7 @@ def read_metrics(path: Path, notes: list[str]) -> dict[str, list[dict]]:
     """Parse metrics.jsonl by event type, skipping unreadable lines (a killed run truncates the last)."""
     latest: dict[tuple[str, int], dict] = {}
     bad: list[int] = []
+    resumed: list[int] = []
     repeated = 0
     text = path.read_text(encoding="utf-8", errors="replace")
     for lineno, line in enumerate(text.splitlines(), 1):
@@ -115,6 +116,7 @@ def read_metrics(path: Path, notes: list[str]) -> dict[str, list[dict]]:
         rec["step"] = int(rec["step"])
         rec.update({k: float(v) for k, v in rec.items() if v in NONFINITE.values()})  # tracking.json_safe's
         if rec["event"] == "resume":  # what was logged past the checkpoint before it is not this run's path
+            resumed.append(rec["step"])
             dropped = [k for k in latest if k[1] > rec["step"]]
             repeated += len(dropped)
             for k in dropped:
@@ -126,6 +128,8 @@ def read_metrics(path: Path, notes: list[str]) -> dict[str, list[dict]]:
     if bad:
         shown = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
         notes.append(f"metrics.jsonl: skipped {len(bad)} unreadable line(s) (line {shown}; truncated or corrupt)")
+    if resumed:  # (a preemption's, or one after a kill, a config change or a longer schedule)
+        notes.append(f"resumed {len(resumed)} time(s), from step(s) {', '.join(map(str, resumed))}")
     if repeated:
         notes.append(f"metrics.jsonl: {repeated} record(s) past a resumed checkpoint replaced by the resumed run's")
     events: dict[str, list[dict]] = {}
