@@ -203,7 +203,7 @@ def test_an_early_stopped_run_continues_when_early_stopping_is_relaxed(make_conf
     assert "stopped early at step 5: 3 evals without a better value (best at step 2)" in out and "incomplete" not in out
     assert main(["train", str(path), "--resume", "auto", "train.early_stopping_patience=null"]) == 0
     out = capsys.readouterr().out
-    assert "continuing the run that stopped early at step 5: train.early_stopping_patience is now None" in out
+    assert "continuing the run that stopped early at step 5: train.early_stopping_patience is now null" in out
     assert max(r["step"] for r in read_metrics(run.output_dir)) == 8
     assert main(["report", str(run.output_dir)]) == 0
     assert "stopped early" not in capsys.readouterr().out  # the resume went past that stop

@@ -43,7 +43,7 @@ class BestAdapter:
             # goes on from its checkpoint
             run.counters.pop("stopped_early")
             why = (f"train.best_metric is now {self.metric}" if changed and self.patience
-                   else f"train.early_stopping_patience is now {self.patience}")
+                   else f"train.early_stopping_patience is now {'null' if self.patience is None else self.patience}")
             mlog.write(f"continuing the run that stopped early at step {stopped}: {why}")
         error, hint = None, "nothing was deleted; fix the cause, then run the same command again"
         if run.accelerator.is_main_process:
