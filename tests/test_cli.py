@@ -323,6 +323,8 @@ def test_config_help_lists_keys(capsys):
         ["train.warmup_ratio", "train.warmup_steps", "train.seed"]
     code, out, _ = run_cli(["config-help", "--markdown"], capsys)
     assert out == config_reference() + "\n"
+    code, out, _ = run_cli(["config-help", "--markdown", "warmup"], capsys)
+    assert [row.split(" | ")[0] for row in out.splitlines()[2:]] == ["| `train.warmup_ratio`", "| `train.warmup_steps`"]
     code, _, err = run_cli(["config-help", "lerning"], capsys)
     assert code == 2 and "no run-config key contains 'lerning'" in err
 

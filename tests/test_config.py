@@ -609,3 +609,6 @@ def test_a_peft_key_the_method_does_not_read_can_be_removed_from_the_command_lin
     assert cfg.peft == {"method": "ia3"}
     with pytest.raises(ConfigError, match=r"override '~peft\.rr': the config has no key peft\.rr to remove"):
         load_config(path, ["~peft.rr"])
+    with pytest.raises(ConfigError, match=r"override '~peft\.r=5': ~peft\.r removes a key and takes no value; "
+                                          r"give peft\.r=5 to set it"):
+        load_config(path, ["~peft.r=5"])

@@ -185,26 +185,36 @@ def test_bos_leads_exactly_where_the_tokenizer_puts_it(tmp_path, tiny_llama):
         assert plain == prompt and ids[:len(prompt)] == prompt, model
 
 
-def test_segments_tokenise_as_their_joined_text_with_a_sentencepiece_tokenizer(tmp_path, tiny_llama):
-    """A Metaspace tokenizer (Llama 2, Mistral) starts each call with a word mark: answers tokenised apart
-    from their prompt began with a stray '\u2581' that `predict` (the prompt in one call) never produces."""
+def _with_tokenizer(tmp_path, tiny_llama, name, pre_tokenizer, decoder, texts):
+    """The tiny Llama with a BPE tokenizer of its own, trained on `texts` (tokenising tests only: its ids may
+    pass the model's vocabulary)."""
     import shutil
 
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, models, trainers
     from transformers import PreTrainedTokenizerFast
 
     from stutil import corpus
 
-    spm = tmp_path / "spm"
-    shutil.copytree(tiny_llama, spm)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        (spm / name).unlink(missing_ok=True)
+    model = tmp_path / name
+    shutil.copytree(tiny_llama, model)
+    for file in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (model / file).unlink(missing_ok=True)
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
-    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
-    tok.train_from_iterator(corpus() + ["### Instruction:\n### Response:\n Say hi there. Add 2 and 3: 5"],
-                            trainers.BpeTrainer(vocab_size=250, special_tokens=["<s>", "</s>", "<pad>"]))
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>").save_pretrained(spm)
+    tok.pre_tokenizer, tok.decoder = pre_tokenizer, decoder
+    tok.train_from_iterator(corpus() + texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>", "<pad>"],
+                                                                   show_progress=False))
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>").save_pretrained(model)
+    return model
+
+
+def test_segments_tokenise_as_their_joined_text_with_a_sentencepiece_tokenizer(tmp_path, tiny_llama):
+    """A Metaspace tokenizer (Llama 2, Mistral) starts each call with a word mark: answers tokenised apart
+    from their prompt began with a stray '\u2581' that `predict` (the prompt in one call) never produces."""
+    from tokenizers import decoders, pre_tokenizers
+
+    spm = _with_tokenizer(tmp_path, tiny_llama, "spm", pre_tokenizers.Metaspace(prepend_scheme="first"),
+                          decoders.Metaspace(prepend_scheme="first"),
+                          ["### Instruction:\n### Response:\n Say hi there. Add 2 and 3: 5"])
     record = {"instruction": "Add 2 and 3.", "input": "", "output": "5", "history": [["Say hi", "hi there"]]}
     data = write_jsonl(tmp_path / "a.jsonl", [record] * 2)
     cfg = _cfg(tmp_path, spm, data=data)
@@ -215,6 +225,26 @@ def test_segments_tokenise_as_their_joined_text_with_a_sentencepiece_tokenizer(t
     assert ex["input_ids"] == tok(text, add_special_tokens=False)["input_ids"]
     answers = [tok.decode([i for i, lab in zip(ex["input_ids"], ex["labels"]) if lab != IGNORE])]
     assert answers == ["hi there</s> 5</s>"] or answers == ["hi there</s>5</s>"], answers
+
+
+@pytest.mark.parametrize("prompt", ["The capital of France is ", "Q: capital of France?\nA:", "Q:\n"])
+def test_training_gives_the_model_predicts_prompt(tmp_path, tiny_llama, prompt):
+    """What precedes an answer in training is what `predict` gives the model: a prompt ending in a space
+    (one token with the answer's first word in the joined text) stays tokenised apart from its answer."""
+    from tokenizers import decoders, pre_tokenizers
+
+    from scaletune.infer import prompt_ids, prompt_segments
+
+    # merges such as " Paris": with a space-ended prompt the joined text has one token across the two
+    bpe = _with_tokenizer(tmp_path, tiny_llama, "bpe", pre_tokenizers.ByteLevel(add_prefix_space=False),
+                          decoders.ByteLevel(), ["The capital of France is Paris"] * 50)
+    record = {"prompt": prompt, "completion": "Paris"}
+    cfg = _cfg(tmp_path, bpe, data=write_jsonl(tmp_path / "p.jsonl", [record] * 2))
+    tok = load_tokenizer(cfg)
+    ex = build_datasets(cfg, get_task("causal_lm"), tok)["train"][0]
+    given = prompt_ids(tok, prompt_segments({"prompt": prompt}, tok, "prompt_completion")[1])
+    assert ex["input_ids"][:len(given)] == given and all(lab == IGNORE for lab in ex["labels"][:len(given)])
+    assert tok.decode([i for i, lab in zip(ex["input_ids"], ex["labels"]) if lab != IGNORE]) == "Paris</s>"
 
 
 def test_alpaca_prompt_is_masked_and_response_trained(tmp_path, tiny_llama):

@@ -127,7 +127,7 @@ def test_resume_from_an_older_checkpoint_sets_the_later_ones_aside(make_config, 
     assert info["argv"][-1] != str(out / "checkpoints" / "step-2")  # the first start's command line
 
 
-def test_resume_past_max_steps_is_refused(make_config, tmp_path, capsys):
+def test_resume_past_max_steps_is_refused(make_config, tmp_path, capsys, caplog):
     path = make_config("causal_lm", n=32, train={"max_steps": 4})
     assert _train(path) == 0
     before = (tmp_path / "run" / "run.json").read_text()
@@ -135,6 +135,7 @@ def test_resume_past_max_steps_is_refused(make_config, tmp_path, capsys):
     assert _train(path, "train.max_steps=2", "--resume", "auto") == 2
     err = capsys.readouterr().err
     assert "is at step 4, past this run's 2 steps" in err and "train.max_steps" in err
+    assert "schedule had" not in caplog.text  # (a rate past the schedule's end means nothing)
     assert (tmp_path / "run" / "run.json").read_text() == before
 
 

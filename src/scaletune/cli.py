@@ -200,7 +200,7 @@ def dispatch(args: argparse.Namespace) -> int:
 
     check_args(args)
     if args.command == "config-help":
-        print(config_reference() if args.markdown else config_help(args.keys))
+        print(config_reference(args.keys) if args.markdown else config_help(args.keys))
         return 0
     if args.command == "demo":
         from .demo import run_demo

@@ -35,9 +35,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
                           "remove a key")
     key, _, value = text.partition("=")
     key = key.strip()
+    if key.startswith("~"):
+        raise ConfigError(f"override {text!r}: ~{key[1:]} removes a key and takes no value; give "
+                          f"{key[1:]}={value} to set it")
     if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override {text!r}: bad key {key!r}"
-                          + ("; ~key removes a key and takes no value" if key.startswith("~") else ""))
+        raise ConfigError(f"override {text!r}: bad key {key!r}")
     if not value.strip():  # (a shell variable that expanded to nothing, most likely)
         raise ConfigError(f"override {text!r}: no value after '='; write {key}=null to unset it")
     try:

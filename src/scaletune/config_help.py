@@ -36,10 +36,11 @@ def config_rows() -> list[tuple[str, str, str, str]]:
     return rows
 
 
-def config_reference() -> str:
-    """Markdown table of every key with its type, default and help (used in the README)."""
+def config_reference(wanted: list[str] | tuple[str, ...] = ()) -> str:
+    """Markdown table of the keys containing any of `wanted` (every key without: the README's) with their
+    type, default and help."""
     lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
-    for key, *cells in config_rows():
+    for key, *cells in _rows(wanted):
         # a bare | inside a cell (Literal types: "a | b") would split it into extra columns
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in (f"`{key}`", *cells)) + " |")
     return "\n".join(lines)
@@ -49,13 +50,14 @@ def config_help(wanted: list[str]) -> str:
     """The run-config keys containing any of `wanted` (all without), each as a `key: type = default` line and
     its meaning wrapped below it, to read on a terminal (the README's table is 400 characters wide)."""
     width = min(100, shutil.get_terminal_size().columns)
-    blocks = []
-    for key, kind, default, meaning in config_rows():
-        if wanted and not any(w.lower() in key.lower() for w in wanted):
-            continue
-        blocks.append(f"{key}: {kind} = {default}\n"
-                      + textwrap.fill(meaning, width, initial_indent="    ", subsequent_indent="    "))
-    if not blocks:
+    return "\n".join(f"{key}: {kind} = {default}\n"
+                     + textwrap.fill(meaning, width, initial_indent="    ", subsequent_indent="    ")
+                     for key, kind, default, meaning in _rows(wanted))
+
+
+def _rows(wanted: list[str] | tuple[str, ...]) -> list[tuple[str, str, str, str]]:
+    rows = [row for row in config_rows() if not wanted or any(w.lower() in row[0].lower() for w in wanted)]
+    if not rows:
         raise UserError(f"no run-config key contains {' or '.join(map(repr, wanted))}",
                         hint="scaletune config-help lists them all")
-    return "\n".join(blocks)
+    return rows

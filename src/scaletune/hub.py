@@ -4,6 +4,7 @@ hosts): read the local cache at once instead of retrying the network for a minut
 from __future__ import annotations
 
 import functools
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -15,15 +16,24 @@ def hub_reachable(endpoint: str | None = None) -> bool:
     """Whether one HEAD request to the hub's endpoint gets any answer within PROBE_TIMEOUT_S.
 
     huggingface_hub's own session is used so that proxy settings (HTTPS_PROXY, ...) apply as they will for
-    the download itself. Asked once per process."""
+    the download itself. Asked once per process, from a thread waited on for PROBE_TIMEOUT_S at most: the
+    request's timeout does not cover the name lookup, which a node whose DNS server is silent waits out."""
     from huggingface_hub import constants
     from huggingface_hub.utils import get_session
 
-    try:
-        get_session().head(endpoint or constants.ENDPOINT, timeout=PROBE_TIMEOUT_S)
-    except Exception:  # noqa: BLE001  (DNS failure, refused, timed out, proxy error: all mean "no hub")
-        return False
-    return True
+    answered: list[bool] = []
+
+    def ask() -> None:
+        try:
+            get_session().head(endpoint or constants.ENDPOINT, timeout=PROBE_TIMEOUT_S)
+        except Exception:  # noqa: BLE001  (DNS failure, refused, timed out, proxy error: all mean "no hub")
+            return
+        answered.append(True)
+
+    probe = threading.Thread(target=ask, name="scaletune-hub-probe", daemon=True)
+    probe.start()
+    probe.join(PROBE_TIMEOUT_S)
+    return bool(answered)
 
 
 def _offline_by_choice() -> bool:

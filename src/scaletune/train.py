@@ -383,11 +383,11 @@ def restore(run: Run, resume_from: Path) -> None:
         group["lr"] = lr
     methods.load_method_state(model, state["method_tensors"], state.get("method_state") or {})
     run.step, run.counters, run.resumed_from = state["step"], state["counters"], resume_from
-    _note_schedule_change(run, state["scheduler"].get("_last_lr"), lrs)
     nonfinite.load_loss_scale_state(accelerator, model, state)  # else fp16's scale starts over at 2**16
     if run.step > run.total_steps:
         raise UserError(f"checkpoint {resume_from} is at step {run.step}, past this run's {run.total_steps} steps; "
                         "raise train.max_steps (or train.epochs) to continue it")
+    _note_schedule_change(run, state["scheduler"].get("_last_lr"), lrs)
     error = None
     if accelerator.is_main_process:
         try:

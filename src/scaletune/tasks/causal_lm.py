@@ -261,19 +261,30 @@ def _one_format(records: list[dict], fmt: Any) -> None:
 
 
 def _tokenise_segments(tokenizer: Any, segments: list[tuple[str, Any]]) -> list[list[int]]:
-    """The token ids of each segment, from one tokenisation of their joined text: a SentencePiece tokenizer
-    (Llama 2, Mistral) starts every call with a word-boundary mark, so segments tokenised one by one put a
-    stray "▁" at each answer's start, which `predict` (one call for the prompt) never shows the model.
-    A token belongs to the segment holding its last character, so an answer's first token may carry the
-    space before it, as the joined text tokenises. Tokenizers without offsets (Python ones) go segment by
-    segment."""
-    if not getattr(tokenizer, "is_fast", False):
-        return [tokenizer(text, add_special_tokens=False)["input_ids"] for text, _ in segments]
-    enc = tokenizer("".join(text for text, _ in segments), add_special_tokens=False, return_offsets_mapping=True)
+    """The token ids of each segment. Tokenised one by one, each as `predict` tokenises a prompt, unless the
+    joined text tokenises otherwise and still gives, before every answer, the very ids of the text before
+    it: a SentencePiece tokenizer (Llama 2, Mistral) starts every call with a word-boundary mark, so an
+    answer tokenised alone began with a stray "▁" that the joined text does not have. Where the joined
+    text merges across an answer's start (a prompt ending in a space: " Paris" is one token, while `predict`
+    ends the prompt with the space), the segments stay apart, so the prompt is what `predict` gives. In the
+    joined text a token belongs to the segment holding its last character."""
+    apart = [tokenizer(text, add_special_tokens=False)["input_ids"] for text, _ in segments]
+    if not getattr(tokenizer, "is_fast", False) or len(segments) < 2:
+        return apart  # (no offsets from a Python tokenizer)
+    joined = "".join(text for text, _ in segments)
+    enc = tokenizer(joined, add_special_tokens=False, return_offsets_mapping=True)
+    if enc["input_ids"] == [tid for piece in apart for tid in piece]:
+        return apart  # (byte-level BPE at newline or special-token boundaries: the usual case)
     ends = list(itertools.accumulate(len(text) for text, _ in segments))
     pieces: list[list[int]] = [[] for _ in segments]
     for tid, (start, end) in zip(enc["input_ids"], enc["offset_mapping"]):
-        pieces[min(bisect.bisect_right(ends, max(end - 1, start)), len(segments) - 1)].append(tid)
+        last = end - 1 if end > start else start - 1  # (a trimmed whitespace token: zero width, after its char)
+        pieces[min(bisect.bisect_right(ends, max(last, 0)), len(segments) - 1)].append(tid)
+    for i, (_, trainable) in enumerate(segments):
+        if i and trainable is not False and segments[i - 1][1] is False:  # an answer's start: predict's prompt
+            if tokenizer(joined[: ends[i - 1]], add_special_tokens=False)["input_ids"] != \
+                    [tid for piece in pieces[:i] for tid in piece]:
+                return apart
     return pieces
 
 
