@@ -905,8 +905,13 @@ def test_a_conversation_opened_by_the_assistant_is_named(tmp_path, tiny_llama, t
     tok = load_tokenizer(cfg)
     if template:
         tok.chat_template = _CLOSING.replace("{{ END }}", "</s>")
-    with pytest.raises(DataError, match=r"c.jsonl:1: the conversation starts with an assistant turn"):
+    with pytest.raises(DataError, match=r"c.jsonl:1: the conversation starts with an assistant turn to learn"):
         build_datasets(cfg, get_task("causal_lm"), tok)
+    # a greeting kept as context (weight 0) trains the answer after it
+    record["messages"][0]["weight"] = 0
+    cfg = _cfg(tmp_path, tiny_llama, data=write_jsonl(tmp_path / "g.jsonl", [record] * 2))
+    ex = build_datasets(cfg, get_task("causal_lm"), tok)["train"][0]
+    assert tok.decode([i for i, lab in zip(ex["input_ids"], ex["labels"]) if lab != IGNORE]).strip() in ("a</s>", "a")
 
 
 @pytest.mark.parametrize("record,message", [

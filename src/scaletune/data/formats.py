@@ -320,7 +320,7 @@ def _render_template(messages: list[dict], tokenizer: Any, where: str, tools: li
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        before = render(messages[:i], True)
+        before = render(messages[:i], True) if i else ""  # (a template cannot render an empty conversation)
         upto = render(messages[: i + 1], False)
         if not (upto.startswith(before) and before.startswith(_joined(segments))):
             raise DataError(f"{where}: the tokenizer's chat template does not render conversations "
@@ -397,9 +397,11 @@ def to_segments(converted: dict, tokenizer: Any, where: str) -> Segments:
         raise DataError(f"{where}: conversation has no assistant turn to learn from")
     if not any(m["role"] == "assistant" and m.get("train", True) for m in messages):
         raise DataError(f"{where}: every assistant turn has weight 0: nothing to learn from")
-    if messages[0]["role"] == "assistant":  # (a chat template cannot render the empty prompt before it)
-        raise DataError(f"{where}: the conversation starts with an assistant turn, which nothing prompts",
-                        hint="drop that turn, or put the user turn it answers (or a system prompt) before it")
+    if messages[0]["role"] == "assistant" and messages[0].get("train", True):
+        # (a greeting kept as context, weight 0, is fine: nothing is learnt from it)
+        raise DataError(f"{where}: the conversation starts with an assistant turn to learn, which nothing prompts",
+                        hint="drop that turn, give it weight 0 to keep it as context, or put the user turn it "
+                             "answers (or a system prompt) before it")
     tools = converted.get("tools") or []
     uses_tools = bool(tools) or any("tool_calls" in m for m in messages)
     if getattr(tokenizer, "chat_template", None):
