@@ -211,6 +211,22 @@ def test_overwrite_that_finishes_leaves_only_the_new_run(make_config, tmp_path, 
     assert not list(tmp_path.glob(".run.replaced-*"))
 
 
+def test_a_run_set_aside_but_never_recorded_is_named(make_config, tmp_path, caplog):
+    """An --overwrite killed between moving the old run aside and recording it left a hidden copy nothing
+    mentioned or deleted; a later start in that output_dir names it (and leaves it alone)."""
+    path = _overwrite_config(make_config)
+    assert main(["train", str(path)]) == 0
+    orphan = tmp_path / ".run.replaced-20260101-000000"
+    (tmp_path / "run").rename(orphan)  # where the kill left it: set aside, no record in a new run/
+    caplog.clear()
+    assert main(["train", str(path), "train.max_steps=2"]) == 0
+    assert f"{orphan} holds the run an earlier --overwrite of {tmp_path / 'run'} set aside" in caplog.text
+    assert (orphan / "adapter").is_dir()
+    caplog.clear()  # a replacement's own, recorded, copy is not named so
+    assert main(["train", str(path), "train.max_steps=2", "--overwrite"]) == 0
+    assert caplog.text.count("set aside before it was stopped") == 1
+
+
 def test_a_run_named_near_the_name_limit_can_be_replaced(make_config, tmp_path, capsys):
     """The hidden sibling `.NAME.replaced-...` of a 250-byte run name passed the file system's 255: such a
     run could never be replaced ("could not prepare ...: File name too long")."""

@@ -4,6 +4,7 @@ hidden sibling and is deleted when the new run completes, here or in a later `--
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -230,6 +231,19 @@ def replaced_runs(out: Path) -> list[Path]:
         return []
     paths = [Path(line) for line in lines if line.strip()]
     return [p for p in paths if p.name.startswith(".") and ".replaced-" in p.name and p.is_dir()]
+
+
+def unrecorded_asides(out: Path) -> list[Path]:
+    """Runs set aside for `out` (`.<name>.replaced-*` siblings) that its record does not name: an --overwrite
+    killed between moving the old run aside and writing the record. Nothing will delete them."""
+    out = Path(os.path.abspath(out))
+    name = out.name.encode()[:200].decode(errors="ignore")
+    recorded = set(replaced_runs(out))
+    try:
+        siblings = list(out.parent.glob(f".{glob.escape(name)}.replaced-*"))
+    except OSError:
+        return []
+    return sorted(p for p in siblings if p.is_dir() and not p.is_symlink() and p not in recorded)
 
 
 def replaced_note(out: Path) -> str:

@@ -27,7 +27,14 @@ from .errors import (
     problems_count,
     write_error,
 )
-from .outdir import check_output_dir, discard_replaced, replaced_note, set_aside, set_aside_metrics
+from .outdir import (
+    check_output_dir,
+    discard_replaced,
+    replaced_note,
+    set_aside,
+    set_aside_metrics,
+    unrecorded_asides,
+)
 from .rules import cross_field_problems
 from .stopflag import StopFlag
 from .trainable_state import unwrap
@@ -322,6 +329,9 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
             error = UserError(f"could not prepare {out}: {exc.strerror or exc}", hint=RESUME_AFTER_WRITE)
         if error is None and (note := replaced_note(out)):  # also when a later --resume carries on this run
             log.info("%s", note)
+        for orphan in unrecorded_asides(out) if error is None else []:
+            log.warning("%s holds the run an earlier --overwrite of %s set aside before it was stopped; nothing "
+                        "deletes it: move it back or delete it yourself", orphan, out)
     # (also the barrier the other ranks wait at until the output directory is ready)
     raise_main_rank_failure(accelerator, error, str(out), hint=RESUME_AFTER_WRITE)
     if resume_from is not None:
