@@ -358,3 +358,17 @@ def test_best_metric_off_keeps_the_paths_own_best_across_resumes(make_config, tm
     assert "moved to" not in capsys.readouterr().out
     have = _adapter(out / "best_adapter")
     assert all(torch.equal(have[k], w) for k, w in before.items())
+
+
+def test_a_run_ended_at_a_mid_run_checkpoint_gets_its_end_of_run_eval(make_config, tmp_path, scripted):
+    """max_steps lowered to a checkpoint's step: the resume said "run already complete" and left the best
+    adapter of the evals before it, where a run of that length evaluates at its end."""
+    path = _config(make_config, tmp_path, eval_every=3, save_every=2, early_stopping_patience=None)
+    run, _ = _fit(path)
+    assert [r["step"] for r in read_metrics(run.output_dir, "eval")] == [3, 6, 8]
+    run, result = _fit(path, resume=str(run.output_dir / "checkpoints" / "step-4"), max_steps=4)
+    assert result == "done" and run.step == 4
+    evals = read_metrics(run.output_dir, "eval")
+    assert [r["step"] for r in evals][-1] == 4 and evals[-1]["accuracy"] == SCRIPT[3]
+    assert _record(json.loads((run.output_dir / "best_adapter" / "scaletune.json").read_text())["best"]) == \
+        {"metric": "accuracy", "value": SCRIPT[3], "step": 4}

@@ -53,6 +53,11 @@ def fit(run: Run, stop: StopFlag) -> str:
     if run.step >= end:
         mlog.write(f"run already complete ({run.step}/{run.total_steps} steps"
                    + (", stopped early)" if end < run.total_steps else ")"))
+        if end == run.total_steps and run.data["eval"] is not None and \
+                run.counters.get("evaluated_step", run.step) != run.step:  # (checkpoints before it: unknown)
+            # a run ended at a mid-run checkpoint (max_steps lowered to its step): its end-of-run eval and best
+            # adapter were never done there
+            evaluate_step(run, best, mlog, speed)
     model.train()
     for micro_batches in batches(run.step, end):
         n_global, stopping = step_head(acc, sum(task.count_targets(b) for b in micro_batches), stop)
@@ -110,14 +115,7 @@ def fit(run: Run, stop: StopFlag) -> str:
         stop_early = False
         if run.data["eval"] is not None and ((t.eval_every and run.step % t.eval_every == 0)
                                              or run.step == run.total_steps):
-            with speed.paused():  # tokens/s is the training's
-                metrics = evaluate(acc, model, task, run.data["eval"], run.data["labels"], t.micro_batch_size,
-                                   pad_id)
-            mlog.log("eval", run.step, metrics)
-            mlog.write(f"step {run.step}: eval " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
-                                                              if isinstance(v, float)))
-            with speed.paused():
-                stop_early = best.after_eval(run.step, metrics)  # writes best_adapter/ on a new best
+            stop_early = evaluate_step(run, best, mlog, speed)  # writes best_adapter/ on a new best
         if saving:
             with speed.paused():
                 save_checkpoint(run)
@@ -126,6 +124,20 @@ def fit(run: Run, stop: StopFlag) -> str:
     final_outputs(run, mlog)
     mlog.close()
     return "done"
+
+
+def evaluate_step(run: Run, best: BestAdapter, mlog: MetricsLog, speed: Throughput) -> bool:
+    """Evaluate at `run.step`, log it, and let the best adapter / early stopping see it; returns whether the
+    run stops early."""
+    t = run.cfg.train
+    with speed.paused():  # tokens/s is the training's
+        metrics = evaluate(run.accelerator, run.model, run.task, run.data["eval"], run.data["labels"],
+                           t.micro_batch_size, run.tokenizer.pad_token_id)
+        mlog.log("eval", run.step, metrics)
+        mlog.write(f"step {run.step}: eval " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
+                                                          if isinstance(v, float)))
+        run.counters["evaluated_step"] = run.step  # (saved with the checkpoint: a resume there knows)
+        return best.after_eval(run.step, metrics)
 
 
 def mark_preempted(acc: Any, path: Any) -> None:
