@@ -268,16 +268,21 @@ def _tokenise_segments(tokenizer: Any, segments: list[tuple[str, Any]]) -> list[
     text merges across an answer's start (a prompt ending in a space: " Paris" is one token, while `predict`
     ends the prompt with the space), the segments stay apart, so the prompt is what `predict` gives. In the
     joined text a token belongs to the segment holding its last character."""
-    apart = [tokenizer(text, add_special_tokens=False)["input_ids"] for text, _ in segments]
-    if not getattr(tokenizer, "is_fast", False) or len(segments) < 2:
-        return apart  # (no offsets from a Python tokenizer)
-    joined = "".join(text for text, _ in segments)
+    texts = [text for text, _ in segments]
+    apart = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    # (only a tokenizer that marks the start of a call can tokenise the joined text otherwise, but for a
+    # merge across a boundary: byte-level BPE goes on segment by segment, at the old cost; no offsets from a
+    # Python tokenizer)
+    if len(segments) < 2 or not _tokenizer_facts(tokenizer)[1] or not getattr(tokenizer, "is_fast", False):
+        return apart
+    joined = "".join(texts)
     enc = tokenizer(joined, add_special_tokens=False, return_offsets_mapping=True)
-    if enc["input_ids"] == [tid for piece in apart for tid in piece]:
-        return apart  # (byte-level BPE at newline or special-token boundaries: the usual case)
-    ends = list(itertools.accumulate(len(text) for text, _ in segments))
+    whole, offsets = enc["input_ids"], enc["offset_mapping"]
+    if whole == [tid for piece in apart for tid in piece]:
+        return apart
+    ends = list(itertools.accumulate(map(len, texts)))
     pieces: list[list[int]] = [[] for _ in segments]
-    for tid, (start, end) in zip(enc["input_ids"], enc["offset_mapping"]):
+    for tid, (start, end) in zip(whole, offsets):
         last = end - 1 if end > start else start - 1  # (a trimmed whitespace token: zero width, after its char)
         pieces[min(bisect.bisect_right(ends, max(last, 0)), len(segments) - 1)].append(tid)
     for i, (_, trainable) in enumerate(segments):
@@ -288,7 +293,22 @@ def _tokenise_segments(tokenizer: Any, segments: list[tuple[str, Any]]) -> list[
     return pieces
 
 
-_LEADS: dict[int, tuple[Any, int | None]] = {}  # id(tokenizer) -> (tokenizer, its leading BOS or None)
+# id(tokenizer) -> (tokenizer, (its leading BOS or None, whether it marks the start of a call)); the tokenizer
+# is held so that its id is not reused
+_FACTS: dict[int, tuple[Any, tuple[int | None, bool]]] = {}
+
+
+def _tokenizer_facts(tokenizer: Any) -> tuple[int | None, bool]:
+    """(leading_bos, marks_start): whether "a" tokenised alone differs from "a" after a newline, as with a
+    SentencePiece tokenizer's word mark ("▁a") or a byte-level one's add_prefix_space ("Ġa")."""
+    known = _FACTS.get(id(tokenizer))
+    if known is None or known[0] is not tokenizer:
+        bos = tokenizer.bos_token_id
+        adds = bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+        alone = tokenizer("a", add_special_tokens=False)["input_ids"]
+        after = tokenizer("\na", add_special_tokens=False)["input_ids"]
+        known = _FACTS[id(tokenizer)] = (tokenizer, (bos if adds else None, after[-len(alone):] != alone))
+    return known[1]
 
 
 def leading_bos(tokenizer: Any) -> int | None:
@@ -296,12 +316,7 @@ def leading_bos(tokenizer: Any) -> int | None:
     by itself (Llama, Mistral, Gemma), else None (GPT-NeoX and GPT-2 have a BOS they do not add; Qwen has
     none). Training and `predict` then lead with BOS exactly where a merged model's users, calling its
     tokenizer the usual way, will."""
-    known = _LEADS.get(id(tokenizer))
-    if known is None or known[0] is not tokenizer:
-        bos = tokenizer.bos_token_id
-        adds = bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
-        known = _LEADS[id(tokenizer)] = (tokenizer, bos if adds else None)
-    return known[1]
+    return _tokenizer_facts(tokenizer)[0]
 
 
 def _same_logits(ours: torch.Tensor, model_logits: torch.Tensor) -> bool:
