@@ -101,22 +101,13 @@ def _labels(cfg: RunConfig, task: Any) -> list[str] | None:
 def build_meta_model(cfg: RunConfig) -> Any:
     """Base model from its config on the meta device (no weights read) with the run's peft adapter."""
     import torch
-    from transformers import AutoConfig
 
-    from .hub import check_model_source, hub_kwargs, unreachable_hint
     from .model import DTYPES, apply_adapter, cast_trainables, trainable_dtype
+    from .seqlen import read_model_config
     from .tasks import get_task
 
     task = get_task(cfg.task)
-    kwargs = task.model_kwargs(_labels(cfg, task))
-    name = cfg.model.name_or_path
-    check_model_source(name)
-    try:
-        config = AutoConfig.from_pretrained(name, trust_remote_code=cfg.model.trust_remote_code,
-                                            revision=cfg.model.revision, **kwargs, **hub_kwargs(name))
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"model.name_or_path: cannot read the model config of {name!r} "
-                          f"({str(exc).splitlines()[0]}){unreachable_hint(name)}") from None
+    config = read_model_config(cfg, **task.model_kwargs(_labels(cfg, task)))
     with torch.device("meta"):
         model = task.auto_model_class().from_config(config, dtype=DTYPES[cfg.model.dtype],
                                                     trust_remote_code=cfg.model.trust_remote_code)

@@ -22,8 +22,9 @@ _PADDING_OFFSET_TYPES = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert"
                          "data2vec-text", "longformer", "ibert", "mpnet", "luke", "xmod", "esm"}
 
 
-def read_model_config(cfg: RunConfig) -> Any:
-    """The model's transformers config (config.json only, no weights); unreadable -> ConfigError."""
+def read_model_config(cfg: RunConfig, **overrides: Any) -> Any:
+    """The model's transformers config (config.json only, no weights), with `overrides` of its attributes (a
+    task's num_labels, label maps); unreadable -> ConfigError."""
     from transformers import AutoConfig
 
     from .hub import check_model_source, hub_kwargs, unreachable_hint
@@ -32,7 +33,7 @@ def read_model_config(cfg: RunConfig) -> Any:
     check_model_source(name)
     try:
         return AutoConfig.from_pretrained(name, trust_remote_code=cfg.model.trust_remote_code,
-                                          revision=cfg.model.revision, **hub_kwargs(name))
+                                          revision=cfg.model.revision, **overrides, **hub_kwargs(name))
     except (OSError, ValueError) as exc:
         raise ConfigError(f"model.name_or_path: cannot read the model config of {name!r} "
                           f"({str(exc).splitlines()[0]}){unreachable_hint(name)}") from None
