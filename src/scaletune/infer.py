@@ -103,6 +103,7 @@ def run_eval(cfg: RunConfig, adapter: str | None, data: str | None) -> dict:
     from .data import build_datasets, build_eval_only
     from .data.sources import describe
     from .evaluate import evaluate
+    from .model import AUTOCAST_DTYPES
 
     path = _adapter_dir(cfg, adapter)  # (a missing adapter is the first thing to say)
     if data:
@@ -115,7 +116,7 @@ def run_eval(cfg: RunConfig, adapter: str | None, data: str | None) -> dict:
     acc, model = on_device(cfg, model)
     if cfg.train.chunked_loss and cfg.distributed.zero_stage != 3 and hasattr(task, "enable_chunked_loss"):
         # the loss as training's evals computed it (not under ZeRO-3, whose partitioned head it cannot use)
-        task.enable_chunked_loss(model, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(acc.mixed_precision))
+        task.enable_chunked_loss(model, AUTOCAST_DTYPES.get(acc.mixed_precision))
     cfg.data.labels = labels if labels else cfg.data.labels
     if cfg.data.eval:  # labels come from the adapter: the training file is not needed (or read)
         # problems are named by where the path came from: --data, or the config's data.eval

@@ -20,6 +20,8 @@ from .peft_options import peft_config
 log = logging.getLogger("scaletune")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# train.mixed_precision -> the dtype it computes in ("no": none, the weights' own)
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def read_tokenizer(cfg: RunConfig, src: str) -> Any:
@@ -383,8 +385,8 @@ def trainable_dtype(cfg: RunConfig) -> torch.dtype:
     without autocast and keeps float32 masters for the optimizer itself (ZeRO-1/2 cast every parameter to
     it when they start); a float32 module copy (modules_to_save: a norm, a classification head) there
     handed float32 to the next bf16 matmul, which failed."""
-    if cfg.distributed.zero_stage == 3 and cfg.train.mixed_precision in ("bf16", "fp16"):
-        return torch.bfloat16 if cfg.train.mixed_precision == "bf16" else torch.float16
+    if cfg.distributed.zero_stage == 3 and cfg.train.mixed_precision in AUTOCAST_DTYPES:
+        return AUTOCAST_DTYPES[cfg.train.mixed_precision]
     return torch.float32
 
 

@@ -240,7 +240,14 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
 
     from .data import build_datasets
     from .distributed import accelerator_kwargs, world_size_from_env
-    from .model import compile_blocks, count_parameters, load_model, load_tokenizer, quantization_config
+    from .model import (
+        AUTOCAST_DTYPES,
+        compile_blocks,
+        count_parameters,
+        load_model,
+        load_tokenizer,
+        quantization_config,
+    )
     from .peft_options import peft_config
     from .tasks import get_task
 
@@ -297,8 +304,7 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
         raise ConfigError(f"train.torch_compile: {cfg.model.name_or_path} declares no repeated blocks "
                           "(_no_split_modules) to compile; set torch_compile: false")
     if t.chunked_loss and hasattr(task, "enable_chunked_loss"):
-        autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.mixed_precision)
-        why_not = task.enable_chunked_loss(model, autocast)
+        why_not = task.enable_chunked_loss(model, AUTOCAST_DTYPES.get(t.mixed_precision))
         if why_not:
             log.info("train.chunked_loss: using the usual loss because %s", why_not)
     warmup = t.warmup_steps if t.warmup_steps is not None else math.ceil(t.warmup_ratio * total)
