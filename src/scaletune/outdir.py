@@ -210,12 +210,18 @@ def _unrecorded(out: Path, aside: Path | None, kept: list[Path], exc: OSError) -
                           f"{out} or delete it yourself, and run again")
 
 
-def _aside_path(out: Path) -> Path:
-    """A free sibling name for `out`: `.<name>.replaced-<YYYYmmdd-HHMMSS>[-N]`."""
+def _aside_prefix(out: Path) -> Path:
+    """`out`'s sibling `.<name>.replaced-`, which set-aside runs' names continue."""
     out = Path(os.path.abspath(out))  # a plain name or a trailing `..` has no usable parent/name otherwise
     # the name cut to 200 bytes: with the 25 added, a run named near the file system's 255 could not be replaced
     name = out.name.encode()[:200].decode(errors="ignore")
-    base = out.parent / f".{name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+    return out.parent / f".{name}.replaced-"
+
+
+def _aside_path(out: Path) -> Path:
+    """A free sibling name for `out`: `.<name>.replaced-<YYYYmmdd-HHMMSS>[-N]`."""
+    prefix = _aside_prefix(out)
+    base = prefix.with_name(prefix.name + time.strftime('%Y%m%d-%H%M%S'))
     aside, n = base, 1
     while aside.exists() or aside.is_symlink():
         aside, n = base.with_name(f"{base.name}-{n}"), n + 1
@@ -236,11 +242,10 @@ def replaced_runs(out: Path) -> list[Path]:
 def unrecorded_asides(out: Path) -> list[Path]:
     """Runs set aside for `out` (`.<name>.replaced-*` siblings) that its record does not name: an --overwrite
     killed between moving the old run aside and writing the record. Nothing will delete them."""
-    out = Path(os.path.abspath(out))
-    name = out.name.encode()[:200].decode(errors="ignore")
+    prefix = _aside_prefix(out)
     recorded = set(replaced_runs(out))
     try:
-        siblings = list(out.parent.glob(f".{glob.escape(name)}.replaced-*"))
+        siblings = list(prefix.parent.glob(glob.escape(prefix.name) + "*"))
     except OSError:
         return []
     return sorted(p for p in siblings if p.is_dir() and not p.is_symlink() and p not in recorded)
