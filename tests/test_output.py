@@ -178,3 +178,27 @@ def test_on_a_terminal_the_run_ends_with_where_its_outputs_are(make_config, tmp_
     assert any(line.startswith(progress) for line in screen), screen
     assert screen[-1] == (f"adapter (step 2) saved to {run / 'adapter'}; checkpoints in {run / 'checkpoints'}, "
                           f"metrics in {run / 'metrics.jsonl'}, TensorBoard logs in {run / 'scaletune'}")
+
+
+def test_tokenising_and_eval_progress_draw_no_bar_on_a_terminal_of_no_width(monkeypatch):
+    """tqdm draws nothing at zero columns: such a terminal gets the plain lines, as training's progress does."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    from scaletune.progress import Progress
+
+    monkeypatch.setenv("SCALETUNE_NO_PROGRESS", "0")
+    leader, follower = pty.openpty()
+    try:
+        with open(follower, "w", closefd=False) as term:
+            monkeypatch.setattr("sys.stderr", term)
+            for columns, bar in ((80, True), (0, False)):
+                fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24 if columns else 0, columns, 0, 0))
+                progress = Progress(10, "tokenising", "examples")
+                assert (progress.bar is not None) is bar, columns
+                progress.close()
+    finally:
+        os.close(follower)
+        os.close(leader)

@@ -11,6 +11,15 @@ from typing import Any
 LINE_EVERY_S = 30.0
 
 
+def sized_terminal(stream: Any) -> bool:
+    """Whether `stream` is a terminal with a width to draw a bar in: a pseudo-terminal nobody sized (as some
+    exec and CI tools open) has none, and tqdm draws nothing there, not even a count."""
+    try:
+        return stream.isatty() and os.get_terminal_size(stream.fileno()).columns > 0
+    except (OSError, ValueError, AttributeError):  # (a replaced stream without a file descriptor)
+        return False
+
+
 class Progress:
     """`update(n)` after each piece of `total`; `close()` at the end. Shows nothing where `shown` is false
     (another rank) or SCALETUNE_NO_PROGRESS=1."""
@@ -19,7 +28,7 @@ class Progress:
         self.total, self.desc, self.unit, self.done = total, desc, unit, 0
         self.shown = shown and os.environ.get("SCALETUNE_NO_PROGRESS") != "1"
         self.bar: Any = None
-        if self.shown and sys.stderr.isatty():
+        if self.shown and sized_terminal(sys.stderr):
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True)

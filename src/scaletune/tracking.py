@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import RESUME_AFTER_WRITE, failed_write, write_error
+from .progress import sized_terminal
 
 _PACKAGES = ("scaletune", "torch", "transformers", "accelerate", "peft", "datasets", "deepspeed", "bitsandbytes")
 
@@ -204,14 +205,6 @@ def _ends_with_newline(path: Path) -> bool:
         return True
 
 
-def _sized_terminal(stream: Any) -> bool:
-    """Whether `stream` is a terminal with a width to draw a bar in."""
-    try:
-        return stream.isatty() and os.get_terminal_size(stream.fileno()).columns > 0
-    except (OSError, ValueError, AttributeError):  # (a replaced stream without a file descriptor)
-        return False
-
-
 class MetricsLog:
     """Appends one JSON object per event to metrics.jsonl and forwards scalars to trackers."""
 
@@ -225,7 +218,7 @@ class MetricsLog:
         # Off a terminal (a Slurm .out file, CI, `| tee`) a redrawn bar is one ever-growing line of
         # carriage returns: log a plain line per logging interval instead. So too on a terminal of no
         # width (a pseudo-terminal nobody sized, as some exec and CI tools open), where tqdm draws nothing.
-        self.lines = self.main and not quiet and not _sized_terminal(sys.stderr)
+        self.lines = self.main and not quiet and not sized_terminal(sys.stderr)
         self._clean_end = not self.main or _ends_with_newline(self.path)
         if self.main and not quiet and not self.lines:
             from tqdm.auto import tqdm
