@@ -668,7 +668,7 @@ def _fake_checkpoint(cfg_path: Path, root: Path, step: int) -> Path:
     """A checkpoint that verifies, written by the run config at `cfg_path` (for the resume checks only)."""
     from scaletune import checkpoint as ckpt
     from scaletune.config import load_config
-    from scaletune.train import config_fingerprint
+    from scaletune.identity import config_fingerprint
 
     cfg = load_config(str(cfg_path), [])
     path = root / "checkpoints" / f"step-{step}"

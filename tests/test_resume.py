@@ -337,7 +337,7 @@ def test_a_checkpoint_whose_saved_config_matches_resumes_though_its_fingerprint_
     from scaletune import checkpoint as ckpt
     from scaletune.config import load_config
     from scaletune.errors import UserError
-    from scaletune.train import config_changes
+    from scaletune.identity import config_changes
 
     cfg = load_config(str(make_config("causal_lm")), [])
     path = tmp_path / "step-4"
@@ -360,7 +360,7 @@ def test_a_checkpoint_from_before_a_key_existed_resumes_with_that_key_at_its_def
     from scaletune import checkpoint as ckpt
     from scaletune.config import load_config
     from scaletune.errors import UserError
-    from scaletune.train import config_changes
+    from scaletune.identity import config_changes
 
     cfg = load_config(str(make_config("causal_lm")), [])
     older = cfg.to_dict()
@@ -379,7 +379,7 @@ def test_a_checkpoint_from_before_a_key_existed_resumes_with_that_key_at_its_def
 
 def test_a_checkpoint_from_a_newer_scaletune_says_so():
     from scaletune.config import from_dict
-    from scaletune.train import config_changes
+    from scaletune.identity import config_changes
 
     cfg = from_dict({"task": "causal_lm", "model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"}})
     newer = cfg.to_dict()
