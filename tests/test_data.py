@@ -988,6 +988,21 @@ def test_sharegpt_tools_reach_the_prompt_with_the_built_in_template(tmp_path, ti
     assert "recipe search" not in trained and "hits" not in trained
 
 
+def test_built_in_template_puts_the_response_header_before_every_answer(tmp_path, tiny_llama):
+    """The answer after a tool result followed the result with no '### Response:' header, so the model learnt
+    to answer where `predict` and every other answer put the header; an answer after another answer too."""
+    record = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "one"},
+                                {"from": "gpt", "value": "two"}]}
+    data = write_jsonl(tmp_path / "g.jsonl", [_GLAIVE, record])
+    cfg = _cfg(tmp_path, tiny_llama, data=data, max_length=1024)
+    tok = load_tokenizer(cfg)
+    for ex, answers in zip(build_datasets(cfg, get_task("causal_lm"), tok)["train"], (2, 2)):
+        text = tok.decode(ex["input_ids"])
+        assert text.count("### Response:\n") == answers, text
+    glaive = tok.decode(build_datasets(cfg, get_task("causal_lm"), tok)["train"][0]["input_ids"])
+    assert 'stir fry"]}\n\n### Response:\nTry a stir fry.' in glaive, glaive
+
+
 _TOOL_TEMPLATE = ("{% if tools %}<|tools|>{% for t in tools %}{{ t.function.name }}:{{ t.function.description }};"
                   "{% endfor %}</s>{% endif %}{% for m in messages %}<|{{ m.role }}|>"
                   "{% if m.tool_calls %}{% for c in m.tool_calls %}CALL {{ c.function.name }}"

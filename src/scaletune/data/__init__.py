@@ -34,7 +34,7 @@ log = logging.getLogger("scaletune")
 # 6: messages' "weight": 0 turns are context; 7: token_cls integer tags named by data.labels;
 # 8: JSON true/false labels are named "true"/"false" (were "True"/"False" with data.labels, else refused),
 # labels that differ only in spaces are refused; 9: seq_cls text pairs keep token_type_ids
-CACHE_VERSION = "12"
+CACHE_VERSION = "13"
 
 
 def cache_root() -> Path:

@@ -283,8 +283,11 @@ _DEFAULT_HEADERS = {"system": "{content}\n\n", "user": "### Instruction:\n{conte
 
 def _render_default(messages: list[dict], eos: str) -> Segments:
     segments: Segments = []
-    for m in messages:
+    for i, m in enumerate(messages):
         if m["role"] == "assistant":
+            if i and messages[i - 1]["role"] != "user":  # (after a tool result, another answer, a system prompt)
+                # every answer follows the header a user turn ends with, which `predict` ends its prompt with
+                segments.append(("### Response:\n", False))
             segments.append((m["content"] + eos, m.get("train", True)))
             segments.append(("\n\n", False))
         else:
