@@ -376,14 +376,15 @@ def save_adapter(run: Run, directory: Path, state: dict | None = None, extra_met
     """Plain peft adapter directory + tokenizer (+ label maps): what `PeftModel.from_pretrained` loads.
 
     Without `state` this gathers it, a collective under ZeRO-3: then every rank must call it."""
-    from .trainable_state import saved_adapter_state
+    from .trainable_state import prompt_encoders_holding, saved_adapter_state
 
     if state is None:
         state = saved_adapter_state(run.accelerator, run.model)
     if not run.accelerator.is_main_process:
         return
     model = unwrap(run.accelerator, run.model)
-    model.save_pretrained(str(directory), state_dict=state, safe_serialization=True)
+    with prompt_encoders_holding(model, state):
+        model.save_pretrained(str(directory), state_dict=state, safe_serialization=True)
     run.tokenizer.save_pretrained(str(directory))
     meta = {"task": run.cfg.task, "labels": run.data["labels"], "base_model": run.cfg.model.name_or_path,
             "max_length": run.cfg.data.max_length, "held_out": held_out(run.cfg),

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -433,3 +434,34 @@ def saved_adapter_state(accelerator: Accelerator, model: Any, masters: dict | No
     for n, b in unwrap(accelerator, model).named_buffers():
         state.setdefault(_strip_prefix(n), b.detach().to("cpu", copy=True))
     return state
+
+
+@contextmanager
+def prompt_encoders_holding(model: Any, state: dict | None) -> Iterator[None]:
+    """While saving `model` (a PeftModel) with `state` (`saved_adapter_state`'s): its prompt encoders hold
+    the float32 weights of `state`.
+
+    peft saves a prompt-learning adapter (prompt, prefix and p-tuning) not from the state dict passed to
+    `save_pretrained` but by running its prompt encoder on the virtual tokens, i.e. from the module's own
+    weights, which under DeepSpeed bf16/fp16 are 16-bit copies: such an adapter was saved rounded to
+    bf16 (off its float32 masters by up to 7e-3). A float32 copy holding the masters stands in for each
+    encoder meanwhile; the module itself is left as it was."""
+    import copy
+
+    encoders = getattr(model, "prompt_encoder", None)
+    if state is None or not encoders:
+        yield
+        return
+    originals = dict(encoders.items())
+    try:
+        for name, encoder in originals.items():
+            prefix = f"prompt_encoder.{name}."
+            stand_in = copy.deepcopy(encoder).float()
+            own = stand_in.state_dict()
+            stand_in.load_state_dict({**own, **{k[len(prefix):]: v for k, v in state.items()
+                                                if k.startswith(prefix) and k[len(prefix):] in own}})
+            encoders[name] = stand_in
+        yield
+    finally:
+        for name, encoder in originals.items():
+            encoders[name] = encoder

@@ -555,6 +555,28 @@ def test_bf16_zero2(world):
         assert v.dtype == torch.float32 and torch.equal(v, mapped[k]), k
 
 
+def test_bf16_zero2_prompt_tuning_saves_its_float32_masters(world):
+    """peft saves a prompt-learning adapter by running its prompt encoder, whose weights under DeepSpeed bf16
+    are the 16-bit copies: the adapter (and each checkpoint's) was bf16, off the float32 masters the run
+    trained by up to ~5e-3. Now it holds the masters, as a single-process run's does."""
+    import yaml
+    from safetensors.torch import load_file
+
+    out = world.root / "bf16_zero2_prompt"
+    cfg = world.cfg("bf16_z2_prompt", **BF16, distributed={"zero_stage": 2})
+    raw = yaml.safe_load(cfg.read_text())
+    raw["peft"] = helpers.method_keys("prompt_tuning", "causal_lm")
+    raw["train"]["learning_rate"] = 5e-2  # (moves the embedding well off bf16's grid in 3 steps)
+    cfg.write_text(yaml.safe_dump(raw))
+    run_cli(world, _accelerate("cpu_2proc_zero2.yaml", str(cfg), f"output_dir={out}"))
+    master = load_file(str(out / "checkpoints" / "step-3" / "trainable.safetensors"))
+    master = master["prompt_encoder.default.embedding.weight"]
+    assert not torch.equal(master, master.bfloat16().float())  # else the test could not tell
+    for adapter in (out / "adapter", out / "checkpoints" / "step-3" / "adapter"):
+        saved = load_file(str(adapter / "adapter_model.safetensors"))["prompt_embeddings"]
+        assert saved.dtype == torch.float32 and torch.equal(saved, master), adapter
+
+
 def test_bf16_zero3_trains_a_full_module_copy(world):
     """A module trained in full (peft's modules_to_save: a norm here, a classifier head in every seq_cls run)
     under ZeRO-3 bf16: DeepSpeed computes in bf16 without autocast, and the float32 copy failed at its first
