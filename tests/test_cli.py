@@ -88,6 +88,29 @@ def test_missing_model_dir(capsys, make_config, tmp_path):
     assert_clean_error(code, err, "model.name_or_path: directory not found")
 
 
+def test_tokens_added_to_the_tokenizer_without_embedding_rows_are_refused(capsys, make_config, tmp_path, tiny_llama):
+    """A tokenizer given tokens the model has no embedding row for (ChatML's markers added, the model not
+    resized) tokenised the data and then failed at the first step with torch's IndexError."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    model = shutil.copytree(tiny_llama, tmp_path / "grown")
+    tok = AutoTokenizer.from_pretrained(model)
+    rows = len(tok)  # (the tiny model's embedding has one row per token)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.save_pretrained(model)
+    data = write_jsonl(tmp_path / "chat.jsonl", [{"text": f"<|im_start|>user hi {i}<|im_end|>"} for i in range(8)])
+    path = make_config("causal_lm", model={"name_or_path": str(model)}, data={"train": str(data), "eval": None})
+    code, _, err = run_cli(["train", path], capsys)
+    assert_clean_error(code, err, f"data.train: the examples hold token ids up to {rows + 1}", f"ids below {rows} only",
+                       f"'<|im_start|>' ({rows}), '<|im_end|>' ({rows + 1})", "resize_token_embeddings")
+    # the same tokenizer on text without the added tokens trains
+    plain = write_jsonl(tmp_path / "plain.jsonl", [{"text": f"user hi {i}"} for i in range(8)])
+    code, _, err = run_cli(["train", path, f"data.train={plain}", "train.max_steps=1", "--overwrite"], capsys)
+    assert code == 0, err
+
+
 def test_unknown_peft_method_and_kwargs(capsys, make_config):
     path = make_config("causal_lm")
     code, _, err = run_cli(["train", path, "peft.method=lorra"], capsys)

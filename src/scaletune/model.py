@@ -160,6 +160,33 @@ def load_model(cfg: RunConfig, task: Any, labels: list[str] | None, tokenizer: A
     return cast_trainables(model, trainable_dtype(cfg))
 
 
+def check_vocabulary(model: Any, tokenizer: Any, datasets: dict) -> None:
+    """Refuse token ids the model has no embedding row for: tokens added to a tokenizer (a chat format's
+    markers, say) without resizing the model's embeddings. They failed at the first step with an
+    IndexError deep in torch."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) <= rows:  # (the common case: a vocabulary padded up to a round number of rows)
+        return
+    import pyarrow.compute as pc
+
+    for split in ("train", "eval"):
+        ds = datasets.get(split)
+        top = pc.max(pc.list_flatten(ds.data.column("input_ids"))).as_py() if ds is not None and len(ds) else None
+        if top is None or top < rows:
+            continue
+        added = [f"{t!r} ({i})" for t, i in sorted(tokenizer.get_added_vocab().items(), key=lambda kv: kv[1])
+                 if i >= rows]
+        raise ConfigError(
+            f"data.{split}: the examples hold token ids up to {top}, but the model has embeddings for ids below "
+            f"{rows} only (its tokenizer has {len(tokenizer)} tokens"
+            + (f"; added beyond the model's: {', '.join(added[:8])}{' ...' if len(added) > 8 else ''})" if added
+               else ")"),
+            hint="tokens added to a tokenizer need new embedding rows: resize the model once "
+                 "(model.resize_token_embeddings(len(tokenizer)), then save_pretrained with its tokenizer) and "
+                 "train the new rows with peft.modules_to_save (e.g. [embed_tokens, lm_head]); or use the "
+                 "tokenizer without the added tokens")
+
+
 def _load_adapter(model: Any, adapter_path: str, fused: bool = False) -> Any:
     """The trained adapter on `model`; a damaged file (a copy cut short, a disk that filled while saving) is
     one error naming it, not safetensors' traceback. `fused`: a LoRA adapter gets the forward training

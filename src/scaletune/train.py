@@ -141,6 +141,7 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
     from .distributed import accelerator_kwargs, world_size_from_env
     from .model import (
         AUTOCAST_DTYPES,
+        check_vocabulary,
         compile_blocks,
         count_parameters,
         load_model,
@@ -190,6 +191,7 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
             "data.train: %d of %d %s do not fill a last global batch of %d and sit each epoch out (a different "
             "random set each epoch)", left_out, n_train, rows, t.global_batch_size)
     model = load_model(cfg, task, data["labels"], tokenizer, total_steps=total, resuming=resume_from is not None)
+    check_vocabulary(model, tokenizer, data)
     trainable, all_params = count_parameters(model)
     optimizer = build_optimizer(cfg, model)
     model, optimizer = accelerator.prepare(model, optimizer)
