@@ -163,6 +163,19 @@ def test_axolotl_and_llama_factory_names_get_scaletunes_key():
     assert "train.optim: unknown key (did you mean 'optimizer'?)" in text
 
 
+def test_other_tools_names_for_values_get_scaletunes():
+    """`task: ner`, `format: completion` (axolotl's plain-text format) or `format: chat_template` were refused
+    with no pointer, as difflib cannot connect them; `report_to: none` (transformers') was an unknown tracker."""
+    raw = {**BASE, "task": "ner"}
+    assert "did you mean 'token_cls'?" in "\n".join(problems_of(raw))
+    for given, meant in (("completion", "text"), ("chat_template", "messages"), ("input_output", "prompt_completion")):
+        text = "\n".join(problems_of({**BASE, "data": {**BASE["data"], "format": given}}))
+        assert f"did you mean {meant!r}?" in text, text
+    assert "did you mean 'alpaca'?" in "\n".join(problems_of({**BASE, "data": {**BASE["data"], "format": "alpacca"}}))
+    cfg = from_dict({**BASE, "train": {"report_to": "none"}})
+    assert cfg.train.report_to == []
+
+
 def test_every_alias_that_names_a_key_names_one_that_exists():
     from scaletune.config import _PEFT_OPTIONS, _section_keys
 
@@ -184,7 +197,7 @@ def test_type_and_cross_field_problems_reported_in_one_run():
     # required keys missing or a bad task (no default to fall back on) do not break the rules
     assert problems_of({"task": "clm", "model": {"name_or_path": "m"},
                         "data": {"train": "x", "packing": True, "labels": []}}) == [
-        "task: 'clm' is not one of causal_lm | seq_cls | token_cls"]
+        "task: 'clm' is not one of causal_lm | seq_cls | token_cls (did you mean 'causal_lm'?)"]
     problems = problems_of({"data": 5, "train": {"seed": -1}, "model": "m"})
     assert problems[-1] == "train.seed: must be in [0, 2**32 - 1], got -1" and len(problems) == 6
 

@@ -343,7 +343,8 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         if isinstance(value, list):
             return value
         if isinstance(value, str) and key.endswith("report_to"):
-            return [value]
+            # (transformers' TrainingArguments spells "no trackers" report_to: none)
+            return [] if value.strip().lower() == "none" else [value]
     elif tp is dict or origin is dict:
         if isinstance(value, dict):
             return value
@@ -392,8 +393,19 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+# Values other tools use for scaletune's choices, which difflib cannot connect ("ner" to "token_cls").
+VALUE_ALIASES: dict[str, str] = {
+    "ner": "token_cls", "token_classification": "token_cls", "classification": "seq_cls",
+    "text_classification": "seq_cls", "sequence_classification": "seq_cls", "sft": "causal_lm",
+    "clm": "causal_lm", "causal": "causal_lm", "completion": "text", "pretrain": "text", "pt": "text",
+    "chat_template": "messages", "openai": "messages", "chatml": "messages", "conversation": "sharegpt",
+    "input_output": "prompt_completion",
+}
+
+
 def _did_you_mean(word: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    alias = VALUE_ALIASES.get(word.lower())
+    close = [alias] if alias in choices else difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
