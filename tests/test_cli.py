@@ -349,7 +349,23 @@ def test_config_help_lists_keys(capsys):
     code, out, _ = run_cli(["config-help", "--markdown", "warmup"], capsys)
     assert [row.split(" | ")[0] for row in out.splitlines()[2:]] == ["| `train.warmup_ratio`", "| `train.warmup_steps`"]
     code, _, err = run_cli(["config-help", "lerning"], capsys)
-    assert code == 2 and "no run-config key contains 'lerning'" in err
+    assert code == 2 and "no run-config key contains 'lerning'" in err and "--method" in err
+
+
+def test_config_help_lists_a_methods_peft_options(capsys):
+    """The table stops at `peft: dict`: a method's own options (peft.r, the bottleneck adapter's
+    reduction_factor) and their defaults were nowhere a user would look."""
+    code, out, _ = run_cli(["config-help", "--method", "lora", "alpha"], capsys)
+    assert code == 0 and out.startswith("peft.method: lora (LoraConfig)\n"), out
+    assert "peft.lora_alpha: int = 8\n    Lora alpha" in out and "peft.r:" not in out
+    code, out, _ = run_cli(["config-help", "--method", "DoRA"], capsys)
+    assert "DoRA is peft.method: lora with peft.use_dora: true" in out.splitlines()[0] and "peft.r: int = 8" in out
+    code, out, _ = run_cli(["config-help", "--method", "bottleneck_adapter", "reduction"], capsys)
+    assert code == 0 and "peft.reduction_factor: int = 16" in out
+    code, _, err = run_cli(["config-help", "--method", "loar"], capsys)
+    assert code == 2 and "--method loar: not a peft method (did you mean 'lora'?)" in err
+    code, _, err = run_cli(["config-help", "--method", "ia3", "nothing_like_it"], capsys)
+    assert code == 2 and "IA3Config has no option containing 'nothing_like_it'" in err
 
 
 @pytest.mark.slow

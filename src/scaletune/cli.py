@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config-help", help="print every run-config key with its type, default and meaning")
     p.add_argument("keys", nargs="*", metavar="KEY", help="only keys containing one of these, e.g. lr warmup peft")
     p.add_argument("--markdown", action="store_true", help="as the README's table")
+    p.add_argument("--method", default=None, metavar="M",
+                   help="the peft.* options of method M (lora, ia3, prefix_tuning, ...) instead: peft's fields")
     return parser
 
 
@@ -196,11 +198,14 @@ def check_args(args: argparse.Namespace) -> None:
 
 def dispatch(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .config_help import config_help, config_reference
+    from .config_help import config_help, config_reference, method_help
 
     check_args(args)
     if args.command == "config-help":
-        print(config_reference(args.keys) if args.markdown else config_help(args.keys))
+        if args.method:
+            print(method_help(args.method, args.keys))
+        else:
+            print(config_reference(args.keys) if args.markdown else config_help(args.keys))
         return 0
     if args.command == "demo":
         from .demo import run_demo

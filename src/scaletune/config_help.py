@@ -4,6 +4,8 @@ both from the dataclasses' fields and their help text."""
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import re
 import shutil
 import textwrap
 import typing
@@ -55,9 +57,48 @@ def config_help(wanted: list[str]) -> str:
                      for key, kind, default, meaning in _rows(wanted))
 
 
+def method_help(method: str, wanted: list[str]) -> str:
+    """`config-help --method M [KEYS]`: the `peft.*` options of method M (its peft config class's fields, with
+    peft's defaults and help text), which the run-config table leaves at `peft: dict`."""
+    import peft
+
+    from . import adapters  # noqa: F401  (scaletune's own methods' config classes)
+    from .methods import MATRIX, how_to_select
+
+    row = MATRIX.get(method.lower())
+    name = row.peft_method if row is not None else method.lower()
+    classes = {str(getattr(k, "value", k)).lower(): v for k, v in peft.mapping.PEFT_TYPE_TO_CONFIG_MAPPING.items()}
+    if name not in classes:
+        close = difflib.get_close_matches(name, list(classes), n=1)
+        raise UserError(f"--method {method}: not a peft method{f' (did you mean {close[0]!r}?)' if close else ''}",
+                        hint=f"known: {', '.join(sorted(set(classes) | set(MATRIX)))}")
+    cls = classes[name]
+    own = {f.name for f in dataclasses.fields(peft.PeftConfig)}  # (task type, peft version...: scaletune's to set)
+    rows = []
+    for f in dataclasses.fields(cls):
+        if f.name in own or (wanted and not any(w.lower() in f.name.lower() for w in wanted)):
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
+        kind = re.sub(r"\btyping\.|\bOptional\[(.*)\]$", r"\1", str(getattr(f.type, "__name__", f.type)))
+        rows.append((f"peft.{f.name}", kind, "null" if default is None else repr(default),
+                     " ".join(str(f.metadata.get("help", "")).split())))
+    if not rows:
+        raise UserError(f"{cls.__name__} has no option containing {' or '.join(map(repr, wanted))}",
+                        hint=f"scaletune config-help --method {method} lists them all")
+    width = min(100, shutil.get_terminal_size().columns)
+    head = f"peft.method: {name} ({cls.__name__})" + (
+        f"; {how_to_select(method)}" if how_to_select(method) else "")
+    return head + "\n" + "\n".join(
+        f"{key}: {kind} = {default}\n"
+        + textwrap.fill(meaning or "(no description)", width, initial_indent="    ", subsequent_indent="    ")
+        for key, kind, default, meaning in rows)
+
+
 def _rows(wanted: list[str] | tuple[str, ...]) -> list[tuple[str, str, str, str]]:
     rows = [row for row in config_rows() if not wanted or any(w.lower() in row[0].lower() for w in wanted)]
     if not rows:
         raise UserError(f"no run-config key contains {' or '.join(map(repr, wanted))}",
-                        hint="scaletune config-help lists them all")
+                        hint="scaletune config-help lists them all; a peft method's own options (peft.r, "
+                             "peft.target_modules, ...): scaletune config-help --method lora (or its name)")
     return rows
