@@ -225,6 +225,18 @@ def test_a_model_path_that_is_not_there_is_named_as_a_path(make_config, tmp_path
     assert "model.name_or_path: directory not found: path/to/all-MiniLM-L6-v2" in capsys.readouterr().err
 
 
+def test_a_chat_template_training_cannot_read_is_refused_by_plan(make_config, tmp_path, capsys):
+    """plan said FITS for `data.chat_template: llama3` (neither a built-in name nor a file), which train refuses."""
+    from scaletune.cli import main
+
+    path = make_config("causal_lm")
+    assert main(["plan", str(path), "data.chat_template=llama3"]) == 2
+    err = capsys.readouterr().err
+    assert "data.chat_template: 'llama3' is neither chatml | default nor a template file" in err, err
+    (tmp_path / "t.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    assert main(["plan", str(path), f"data.chat_template={tmp_path / 't.jinja'}"]) == 0
+
+
 def test_world_size_and_cuda_rules_come_from_config(make_config):
     cfg = load_config(make_config())  # global 8, micro 4
     with pytest.raises(ConfigError, match="micro_batch_size x world size"):

@@ -548,6 +548,13 @@ def from_dict(raw: dict, *, source: str = "run config", world_size: int | None =
 
         problems.extend(p for p in ignored_key_problems(cfg) + tracker_problems(cfg)
                         if not any(_names(p, key, leaf=True) for key in bad))
+        if cfg.data.chat_template is not None and "data.chat_template" not in bad:
+            from .data.templates import chat_template_text  # (a name or a readable Jinja file: plan said FITS)
+
+            try:
+                chat_template_text(cfg.data.chat_template)
+            except ConfigError as exc:
+                problems.extend(exc.problems)
     problems = list(found or []) + [_from_override(p, overrides or {}) for p in problems]
     if problems:
         raise ConfigError(problems, title=f"{source} has {problems_count(len(problems))}")
