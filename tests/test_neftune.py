@@ -54,3 +54,22 @@ def test_a_resumed_run_replays_the_noise(make_config, tmp_path):
     for key, w in finals["whole"].items():
         assert torch.equal(resumed[key], w), key
     assert any(not torch.equal(finals["plain"][k], w) for k, w in finals["whole"].items())  # the noise trained
+
+
+def test_each_step_draws_new_noise(make_config, tmp_path):
+    """The loop reseeds torch's generator at every step from (seed, step, rank). A seed without the step would
+    draw the same noise (and dropout masks) at every step: on identical batches the embeddings' output would
+    repeat step after step. (The embedding table is frozen, so any difference between steps is the noise.)"""
+    from stutil import alpaca_records, write_jsonl
+
+    same = write_jsonl(tmp_path / "same.jsonl", alpaca_records(1) * 16)
+    path = make_config("causal_lm", n=16, output_dir=str(tmp_path / "run"), data={"train": str(same)},
+                       train={"max_steps": 3, "save_every": None, "eval_every": None, "global_batch_size": 8,
+                              "micro_batch_size": 8, "neftune_noise_alpha": 5.0})
+    run, _ = setup(load_config(path))
+    train = []
+    run.model.get_input_embeddings().register_forward_hook(
+        lambda m, a, out: train.append(out.detach().clone()) if m.training else None)  # (not the final eval)
+    assert fit(run, StopFlag()) == "done"
+    assert len(train) == 3 and train[0].shape == train[1].shape == train[2].shape
+    assert not torch.equal(train[0], train[1]) and not torch.equal(train[1], train[2])

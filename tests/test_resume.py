@@ -391,6 +391,59 @@ def test_a_checkpoint_from_a_newer_scaletune_says_so():
         'version']
 
 
+
+# What a resume may change, and what it must refuse: each trajectory key below decides which examples are
+# trained on, in what order, or with which randomness, so a resume that accepted a change to it would continue
+# another run's trajectory under this one's name (train.seed: data order, dropout and NEFTune noise; data.*:
+# the examples themselves). The resume-free keys change only when the run stops, evaluates, logs or saves.
+TRAJECTORY_CHANGES = [("train", "seed", 43), ("data", "max_length", 512), ("data", "eval_fraction", 0.1),
+                      ("data", "group_by_length", False), ("data", "packing", True), ("train", "global_batch_size", 32),
+                      ("train", "learning_rate", 1e-3), ("train", "neftune_noise_alpha", 5.0)]
+RESUME_FREE_CHANGES = [("train", "max_steps", 500), ("train", "epochs", 5), ("train", "eval_every", 50),
+                       ("train", "save_every", 50), ("train", "log_every", 1), ("train", "save_total_limit", 1),
+                       ("train", "report_to", []), ("data", "num_workers", 2), ("data", "cache", False),
+                       ("distributed", "zero_stage", 2), ("output_dir", None, "runs/other")]
+
+
+def test_a_resume_refuses_a_changed_trajectory_key_and_accepts_a_resume_free_one(tmp_path):
+    """`--resume auto` compares the checkpoint's config with the one given: a changed trajectory key is named
+    and refused (had train.seed been resume-free, a resume with another seed would have gone on silently with
+    another data order and other noise), while a changed resume-free key changes neither the fingerprint nor
+    the comparison."""
+    from scaletune import checkpoint as ckpt
+    from scaletune.config import from_dict
+    from scaletune.errors import UserError
+    from scaletune.identity import config_changes, config_fingerprint
+
+    raw = {"task": "causal_lm", "model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"}}
+    cfg = from_dict(raw)
+    path = tmp_path / "step-4"
+    path.mkdir()
+    (path / "state.json").write_text(json.dumps({"step": 4, "config": cfg.to_dict()}, default=str))
+    ckpt.write_manifest(path, 4, config_fingerprint(cfg))
+
+    def changed(section, key, value):
+        if key is None:
+            return from_dict({**raw, section: value})
+        return from_dict({**raw, section: {**raw.get(section, {}), key: value}})
+
+    for section, key, value in TRAJECTORY_CHANGES:
+        new = changed(section, key, value)
+        assert getattr(getattr(cfg, section), key) != value  # (a real change)
+        diff = config_changes(cfg.to_dict(), new)
+        assert len(diff) == 1 and diff[0].startswith(f"{section}.{key}: "), (key, diff)
+        assert config_fingerprint(new) != config_fingerprint(cfg), key
+        with pytest.raises(UserError, match=rf"different run config \(changed: {section}\.{key}: "):
+            ckpt.check_same_config(path, config_fingerprint(new), False,
+                                   lambda saved, paths, new=new: config_changes(saved, new))
+    for section, key, value in RESUME_FREE_CHANGES:
+        new = changed(section, key, value)
+        assert new.to_dict() != cfg.to_dict(), (section, key)  # (a real change)
+        assert config_changes(cfg.to_dict(), new) == [], (section, key)
+        assert config_fingerprint(new) == config_fingerprint(cfg), (section, key)
+        ckpt.check_same_config(path, config_fingerprint(new), False,
+                               lambda saved, paths, new=new: config_changes(saved, new))  # accepted
+
 def test_a_checkpoint_from_elsewhere_is_copied_in_and_named_latest(tmp_path):
     """Resuming a checkpoint that is not checkpoints/step-N (a left path's, a copy under another name): the
     ones from its step on are set aside and it is copied in as that step, so a requeue killed before the

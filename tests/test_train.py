@@ -35,11 +35,14 @@ def _capture_first_step_grads(run):
     return grads
 
 
-def test_loss_is_mean_over_all_target_tokens_of_the_step(make_config, tmp_path):
-    """micro 1 x accumulation 4 and micro 4 x accumulation 1 give the same loss and LoRA gradients."""
+@pytest.mark.parametrize("task", ["causal_lm", "seq_cls", "token_cls"])
+def test_loss_is_mean_over_all_target_tokens_of_the_step(make_config, tmp_path, task):
+    """micro 1 x accumulation 4 and micro 4 x accumulation 1 give the same loss and LoRA gradients. Every task's
+    `loss_sum` must be a sum over its targets (the loop divides by the step's target count): a per-micro-batch
+    mean (seq_cls dividing by its batch's label count) gives micro 4 a quarter of micro 1's loss and gradient."""
     results = {}
     for micro in (1, 4):
-        path = make_config("causal_lm", train={"global_batch_size": 4, "micro_batch_size": micro, "max_steps": 1,
+        path = make_config(task, train={"global_batch_size": 4, "micro_batch_size": micro, "max_steps": 1,
                                                 "max_grad_norm": None},
                            output_dir=str(tmp_path / f"m{micro}"))
         run, _ = setup(load_config(path))
@@ -473,6 +476,48 @@ def test_causal_lm_eval_reports_perplexity_and_loss_drops(make_config, tmp_path)
     assert list(run.output_dir.rglob("events.out.tfevents*")), "no TensorBoard events written"
     info = json.loads((run.output_dir / "run.json").read_text())
     assert info["world_size"] == 1 and info["config"]["task"] == "causal_lm" and info["versions"]["torch"]
+
+
+def test_eval_loss_is_the_mean_over_every_eval_target_token(make_config):
+    """evaluate() sums the per-target losses of all batches and divides once by the number of targets; a mean
+    of per-batch means weights the targets of a small batch (here the last one, a single example) more than
+    the others. Reference: each eval example alone, unpadded, through the model's plain logits."""
+    from scaletune.evaluate import evaluate
+    from scaletune.tasks import IGNORE
+
+    path = make_config("causal_lm", train={"global_batch_size": 8, "micro_batch_size": 8, "max_steps": 1})
+    run, _ = setup(load_config(path))
+    data = run.data["eval"]
+    assert len(data) % 3 == 1  # batches of 3 then 1: unequal target counts
+    model = run.accelerator.unwrap_model(run.model)
+    total, n = 0.0, 0
+    with torch.no_grad():
+        model.eval()
+        for ex in data:
+            logits = model(input_ids=torch.tensor([ex["input_ids"]])).logits[0, :-1]
+            labels = torch.tensor(ex["labels"][1:])
+            total += float(torch.nn.functional.cross_entropy(logits.float(), labels, ignore_index=IGNORE,
+                                                             reduction="sum"))
+            n += int((labels != IGNORE).sum())
+    got = evaluate(run.accelerator, run.model, run.task, data, run.data["labels"], 3, run.tokenizer.pad_token_id)
+    assert got["loss"] == pytest.approx(total / n, rel=1e-5)
+
+
+def test_eval_batches_cover_every_example_once_at_any_world_size():
+    """Every eval example is scored exactly once across the ranks, the last partial batch included (dropping
+    it, as training drops an incomplete global batch, would leave up to micro - 1 examples out of every eval
+    metric); every rank gets the same number of batches, `None` marking a padding round it runs and discards."""
+    from scaletune.data.batching import eval_batches
+
+    for n in (1, 5, 6, 7, 16):
+        for micro in (1, 2, 3, 8):
+            for world in (1, 2, 3):
+                per_rank = [eval_batches(n, micro, world, rank) for rank in range(world)]
+                assert len({len(b) for b in per_rank}) == 1, (n, micro, world)
+                real = [b for batches in per_rank for b in batches if b is not None]
+                assert sorted(i for b in real for i in b) == list(range(n)), (n, micro, world)
+                assert all(0 < len(b) <= micro for b in real)
+                assert len(real) == -(-n // micro)  # a None is padding only, never a batch left out
 
 
 def test_batch_larger_than_packed_rows_says_the_examples_were_packed(make_config, capsys):
