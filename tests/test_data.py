@@ -1289,3 +1289,32 @@ def test_an_eval_record_without_the_trained_columns_is_named(task):
     wanted = f"e.jsonl:1: no column '{'text' if task == 'seq_cls' else 'tokens'}'; the record has 'instruction', 'output'"
     with pytest.raises(DataError, match=wanted):
         t.encode(record, None, None, {})
+
+
+def test_data_columns_read_another_datas_names_as_a_formats_fields(tmp_path, tiny_llama):
+    """Data whose columns are not a format's (question/answer, LLaMA-Factory's `columns:` mapping) was refused
+    ("cannot tell the data format") with no way round but rewriting the file. `data.columns` reads them as the
+    format's fields: the same tokens as the file written with alpaca's names, in training and in predict."""
+    from scaletune.errors import ConfigError
+    from scaletune.infer import _task_input
+
+    ours = alpaca_records(6)
+    theirs = [{"question": r["instruction"], "answer": r["output"], **({"context": r["input"]} if r.get("input") else {})}
+              for r in ours]
+    columns = {"instruction": "question", "output": "answer", "input": "context"}
+    plain = _cfg(tmp_path, tiny_llama, data=write_jsonl(tmp_path / "ours.jsonl", ours))
+    mapped = _cfg(tmp_path, tiny_llama, data=write_jsonl(tmp_path / "theirs.jsonl", theirs), columns=columns)
+    tok = load_tokenizer(plain)
+    want, got = (build_datasets(c, get_task("causal_lm"), tok)["train"] for c in (plain, mapped))
+    assert [ex["input_ids"] for ex in got] == [ex["input_ids"] for ex in want]
+    assert [ex["labels"] for ex in got] == [ex["labels"] for ex in want]
+    with pytest.raises(DataError, match="cannot tell the data format"):
+        build_datasets(_cfg(tmp_path, tiny_llama, data=tmp_path / "theirs.jsonl"), get_task("causal_lm"), tok)
+    item = {"question": ours[0]["instruction"], WHERE: "in.jsonl:1"}
+    assert _task_input(mapped, get_task("causal_lm"), tok, item)[0] == \
+        _task_input(plain, get_task("causal_lm"), tok, {"instruction": ours[0]["instruction"], WHERE: "in.jsonl:1"})[0]
+    with pytest.raises(ConfigError) as err:
+        _cfg(tmp_path, tiny_llama, data=tmp_path / "theirs.jsonl", columns={"instrucion": "question", "output": "question"})
+    text = "\n".join(err.value.problems)
+    assert "data.columns.instrucion: not a field any causal_lm format reads" in text and "'instruction'?" in text
+    assert "data.columns: column 'question' is named for more than one field" in text

@@ -159,7 +159,10 @@ class DataConfig:
                                    "the adapter's tokenizer, so predict renders prompts the same way.")
     train_on_prompt: bool = _f(False, "causal_lm: also compute the loss on prompt/user tokens.")
     packing: bool = _f(False, "causal_lm: pack several examples per row (attention isolated per example).")
-    text_column: str | None = _f(None, "seq_cls/text: column with the text (default: text/sentence).")
+    columns: dict | None = _f(None, "causal_lm: the data's own names for a format's fields, {field: column}, e.g. "
+                              "{instruction: question, output: answer}: each record's column is read as that field "
+                              "(the format detected from the fields), in data.train, data.eval and predict's input.")
+    text_column: str | None = _f(None, "seq_cls: column with the text (default: text/sentence).")
     text_pair_column: str | None = _f(None, "seq_cls: optional second text column.")
     label_column: str | None = _f(None, "seq_cls: label column (default: label).")
     tokens_column: str | None = _f(None, "token_cls: column with the word list (default: tokens).")

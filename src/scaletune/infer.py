@@ -261,6 +261,9 @@ def _task_input(cfg: RunConfig, task: Any, tokenizer: Any, item: dict) -> Any:
     """What the model is given for one line, read by the columns the run was trained with: (prompt, segments),
     (text, pair) or words. A line without usable input is a DataError naming its file:line."""
     if cfg.task == "causal_lm":
+        from .tasks.causal_lm import rename_columns
+
+        rename_columns([item], cfg.data.columns)
         predict_input.check_prompt_input(item)
         trained = getattr(getattr(task, "format", None), "name", None)
         prompt, segments = prompt_segments(item, tokenizer, trained)

@@ -121,6 +121,7 @@ def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_c
     p += _train_sources(d.train)
     if d.tokens_column and d.tokens_column == d.tags_column:
         p.append(f"data.tokens_column and data.tags_column: both name column {d.tokens_column!r}")
+    p += _columns_problems(d.columns)
     if d.text_column and d.text_column in (d.label_column, d.text_pair_column):
         p.append(f"data.text_column: column {d.text_column!r} is also the label or text-pair column")
     if d.num_workers > 64:  # each worker is a process: a typo here would fork-bomb the node
@@ -292,7 +293,7 @@ def ignored_key_problems(cfg: RunConfig) -> list[str]:
         p.append("train.eval_every: there is no eval data to evaluate; set data.eval or data.eval_fraction (or "
                  "eval_every: null)")
     for key, task in (("text_column", "seq_cls"), ("text_pair_column", "seq_cls"), ("label_column", "seq_cls"),
-                      ("tokens_column", "token_cls"), ("tags_column", "token_cls")):
+                      ("tokens_column", "token_cls"), ("tags_column", "token_cls"), ("columns", "causal_lm")):
         if getattr(d, key) is not None and cfg.task != task:
             p.append(f"data.{key}: only read by task {task}, not {cfg.task}")
     if d.train_on_prompt and cfg.task != "causal_lm":
@@ -372,3 +373,25 @@ def _numbers(node: Any, where: str) -> list[tuple[str, float]]:
     if isinstance(node, list):
         return [x for i, v in enumerate(node) for x in _numbers(v, f"{where}[{i}]")]
     return []
+
+
+def _columns_problems(columns: dict | None) -> list[str]:
+    """data.columns: {field: column}, each field one a causal_lm format reads, each column named once."""
+    from collections import Counter
+
+    from .data.formats import FORMATS
+
+    if not columns:
+        return []
+    fields = sorted(set().union(*(f.fields for f in FORMATS.values())))
+    p = []
+    for field, column in columns.items():
+        if field not in fields:
+            p.append(f"data.columns.{field}: not a field any causal_lm format reads ({', '.join(fields)})"
+                     f"{_did_you_mean(str(field), fields)}")
+        if not isinstance(column, str) or not column.strip():
+            p.append(f"data.columns.{field}: give the data's column name as a string, got {column!r}")
+    twice = [c for c, n in Counter(v for v in columns.values() if isinstance(v, str)).items() if n > 1]
+    if twice:
+        p.append(f"data.columns: column {twice[0]!r} is named for more than one field")
+    return p

@@ -71,6 +71,7 @@ class CausalLM(Task):
         return AutoModelForCausalLM
 
     def setup(self, records: list[dict], cfg: Any, source: str) -> list[str] | None:
+        rename_columns(records, cfg.data.columns)
         self.format = get_format(cfg.data.format, records, source)
         if cfg.data.format == "auto":
             _one_format(records, self.format)
@@ -85,6 +86,7 @@ class CausalLM(Task):
         return None
 
     def check_eval(self, records: list[dict], cfg: Any, source: str) -> None:
+        rename_columns(records, cfg.data.columns)
         refuse_preference_data(records, source)  # (KTO's undesirable answers would be scored as targets)
         if cfg.data.format != "auto":
             return
@@ -241,6 +243,15 @@ class CausalLM(Task):
     def metrics(self, preds: list, loss_sum: float, n_targets: int, labels: list[str] | None) -> dict:
         loss = loss_sum / max(n_targets, 1)
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "target_tokens": n_targets}
+
+
+def rename_columns(records: list[dict], columns: dict | None) -> None:
+    """data.columns ({field: column}): each record's `column` becomes `field`, in place, before the format
+    is detected from the fields."""
+    for rec in records if columns else ():
+        for field, column in columns.items():
+            if column in rec and column != field:
+                rec[field] = rec.pop(column)
 
 
 def _one_format(records: list[dict], fmt: Any) -> None:
