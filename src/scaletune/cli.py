@@ -289,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     # Overrides may also follow options (`train run.yaml --resume auto k=v`, as the Slurm templates do).
     args, extra = parser.parse_known_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.own_process = argv is None  # this process's own command line (not a caller's, as in the tests)
     stray = [x for x in extra if x.startswith("-") or not is_override(x) or not hasattr(args, "overrides")]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")

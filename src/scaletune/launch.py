@@ -41,7 +41,7 @@ from typing import Any
 
 from . import runlock
 from .distributed import deepspeed_config_name, deepspeed_config_path
-from .errors import EXIT_PREEMPTED, EXIT_USAGE, ConfigError, problems_count
+from .errors import EXIT_PREEMPTED, EXIT_USAGE, ConfigError, UserError, problems_count
 
 
 def _accelerate_executable() -> list[str]:
@@ -399,12 +399,20 @@ def main_launch(args: Any) -> int:
     term: list[int] = []
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda signum, frame: term.append(signum))
+    refused = False
     try:
         return _main_launch(args, usr1, term, saved[signal.SIGTERM])
+    except UserError:
+        refused = True
+        raise
     finally:
         usr1.stop()
         for sig, handler in saved.items():
-            signal.signal(sig, handler)
+            # A refusal's error is printed after this, and the process then exits 2: a SIGTERM meanwhile (srun
+            # stopping this node's launcher once another node exited with the same error) ended it with 143.
+            # So in a process of its own, a SIGTERM stays deferred (recorded, never answered) to the exit.
+            if not (refused and sig == signal.SIGTERM and getattr(args, "own_process", False)):
+                signal.signal(sig, handler)
 
 
 def _main_launch(args: Any, usr1: _PassOn, term: list[int], term_handler: Any) -> int:

@@ -118,6 +118,26 @@ def test_signal_to_the_launcher_checkpoints_and_exits_124(make_config, tmp_path,
     assert "Traceback" not in err
 
 
+def test_sigterm_while_a_refused_launch_prints_its_error(make_config, tmp_path):
+    """A 2-node Slurm job with a bad value: both nodes' launchers refuse it, and srun sends SIGTERM to the one
+    still exiting. The launcher had put SIGTERM's default action back before printing the error, so the job
+    ended with 143 (3 of 3 real jobs), not 2. The signal is sent here while the error is rendered."""
+    path = make_config("causal_lm", train={"max_steps": 2})
+    code = ("import os, signal, sys\n"
+            "from scaletune import cli\n"
+            "render = cli._render_error\n"
+            "def terminated(exc):\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    return render(exc)\n"
+            "cli._render_error = terminated\n"
+            "sys.argv = ['scaletune', *sys.argv[1:]]\n"
+            "sys.exit(cli.main())\n")
+    proc = subprocess.run([sys.executable, "-c", code, "launch", str(path), "--nproc", "2", "--master-port",
+                           str(stutil.free_port()), "train.learning_rate=fast"], capture_output=True, text=True,
+                          env=stutil.child_env(), timeout=TIMEOUT)
+    assert proc.returncode == 2 and "train.learning_rate: expected float" in proc.stderr, (proc.returncode, proc.stderr)
+
+
 @pytest.mark.parametrize("bad", [True, False], ids=["bad-config", "good-config"])
 def test_sigterm_while_the_launch_is_checked(make_config, tmp_path, bad):
     """SIGTERM during the launcher's checks (srun stops the other nodes' launchers once one exits): a bad
