@@ -681,6 +681,12 @@ def test_launch_and_slurm_check_the_peft_section_first(capsys, make_config, noth
      "--time 2:00: the job is told to checkpoint 150 s before"),
     (["slurm", "--dry-run", "--gpus-per-node", "0", "--time", "forever"],
      "--time 'forever' is not a Slurm time limit"),
+    # (a limit given as an sbatch option was not checked)
+    (["slurm", "--dry-run", "--gpus-per-node", "0", "--sbatch-arg=--time=3"],
+     "--sbatch-arg=--time 3: the job is told to checkpoint 300 s before its time limit"),
+    # CPU-only nodes (a process each) have a world size too: the batch check was skipped for them
+    (["slurm", "--dry-run", "--nodes", "2", "--gpus-per-node", "0", "train.global_batch_size=8",
+      "train.micro_batch_size=8"], "cannot run on 2 node(s) x 1 CPU process(es)"),
     (["plan", "--nodes", "0"], "--nodes must be >= 1"),
     (["plan", "--gpus-per-node", "-2"], "--gpus-per-node >= 0"),
     (["plan", "--gpu-memory", "0GiB"], "--gpu-memory: '0GiB' is no memory at all"),
@@ -920,6 +926,24 @@ def test_slurm_sbatch_arg_is_passed_to_sbatch(capfd, make_config, tmp_path, monk
     template = next(i for i, a in enumerate(argv) if a.endswith("single_node.sbatch"))
     assert argv[template - 2:template] == ["--qos=high", "--mail-type=END"]
     assert argv[template + 1:] == [str(Path(path).resolve()), "train.learning_rate=1e-3"]
+
+
+def test_slurm_tells_the_job_which_python_submitted_it(capfd, make_config, tmp_path, monkeypatch):
+    """`.venv/bin/scaletune slurm` without activating the venv: the job looked for `python` on PATH, found
+    one without scaletune and failed after its wait in the queue. It now gets this python (SCALETUNE_PYTHON,
+    exported to the job), unless SCALETUNE_VENV or SCALETUNE_PYTHON says otherwise."""
+    path = make_config("causal_lm")
+    record = tmp_path / "env.txt"
+    _fake_sbatch(tmp_path / "bin", f'echo "$SCALETUNE_PYTHON" > {record}; echo "Submitted batch job 7"')
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SCALETUNE_PYTHON", raising=False)
+    monkeypatch.delenv("SCALETUNE_VENV", raising=False)
+    assert run_cli(["slurm", path, "--gpus-per-node", "0"], capfd)[0] == 0
+    assert record.read_text().strip() == sys.executable
+    monkeypatch.setenv("SCALETUNE_VENV", str(tmp_path / "venv"))  # the user's choice stands
+    assert run_cli(["slurm", path, "--gpus-per-node", "0"], capfd)[0] == 0
+    assert record.read_text().strip() == ""
 
 
 def _hold_lock(out: str, ready, release) -> None:

@@ -265,12 +265,15 @@ def dispatch(args: argparse.Namespace) -> int:
         from .rules import cross_field_problems
         from .slurm import main_slurm
 
-        if args.gpus_per_node > 0:  # the world the job will have: refuse now, not after the queue wait
-            world = args.nodes * args.gpus_per_node
-            problems = cross_field_problems(cfg, world_size=world, has_cuda=True)
-            if problems:
-                raise ConfigError(problems, title=f"{args.config} cannot run on {args.nodes} node(s) x "
-                                                  f"{args.gpus_per_node} GPU(s) ({problems_count(len(problems))})")
+        # The world the job will have (the template's: SCALETUNE_PROCS_PER_NODE, else a process per GPU, else
+        # one per CPU-only node): refuse now, not after the queue wait
+        ppn = os.environ.get("SCALETUNE_PROCS_PER_NODE", "")
+        ppn = int(ppn) if ppn.isdigit() and int(ppn) > 0 else max(args.gpus_per_node, 1)
+        problems = cross_field_problems(cfg, world_size=args.nodes * ppn, has_cuda=args.gpus_per_node > 0)
+        if problems:
+            what = f"{args.gpus_per_node} GPU(s)" if args.gpus_per_node > 0 else f"{ppn} CPU process(es)"
+            raise ConfigError(problems, title=f"{args.config} cannot run on {args.nodes} node(s) x {what} "
+                                              f"({problems_count(len(problems))})")
         if not args.dry_run:  # the job runs in this environment (SCALETUNE_VENV / this python)
             preflight(cfg)
             # A job meant to wait for the run there (chained with --dependency) may be queued beside it.

@@ -97,8 +97,13 @@ def submit(cmd: list[str]) -> int:
     logs = Path("logs")
     created = not logs.exists()
     logs.mkdir(exist_ok=True)
+    env = dict(os.environ)
+    if not env.get("SCALETUNE_VENV") and not env.get("SCALETUNE_PYTHON"):
+        # the job's python (exported by --export=ALL): this one, which has scaletune, rather than whatever
+        # `python` is on PATH (a venv's scaletune run without activating it: the job found none)
+        env["SCALETUNE_PYTHON"] = sys.executable
     # stdout ("Submitted batch job N") is passed through; stderr is kept for the error
-    done = subprocess.run(cmd, check=False, stderr=subprocess.PIPE, text=True)
+    done = subprocess.run(cmd, check=False, stderr=subprocess.PIPE, text=True, env=env)
     if done.returncode == 0:
         sys.stderr.write(done.stderr)  # sbatch's warnings, if any
         return 0
@@ -145,17 +150,21 @@ def main_slurm(args: argparse.Namespace) -> int:
     """
     from .errors import ConfigError  # (imported here: tests/slurm load this file alone, by path)
 
-    text = (args.time or "").strip()
+    sbatch_args = list(getattr(args, "sbatch_args", []) or [])
+    # (a limit given as --sbatch-arg=--time=5 was not checked against the lead)
+    given = args.time or next((a.split("=", 1)[1] for a in sbatch_args if a.startswith(("--time=", "-t="))), None)
+    option = "--time" if args.time else "--sbatch-arg=--time"
+    text = (given or "").strip()
     # Slurm's "no limit": UNLIMITED / INFINITE / -1, or any form of zero (0, 00:00:00)
     named = text.lower() in ("unlimited", "infinite", "-1")
     limit = time_limit_seconds(text) if text and not named else None
     if text and limit is None and not named:
         # (sbatch would refuse it at submission; --dry-run would not say)
-        raise ConfigError(f"--time {args.time!r} is not a Slurm time limit: minutes, MM:SS, HH:MM:SS, D-HH, "
+        raise ConfigError(f"{option} {given!r} is not a Slurm time limit: minutes, MM:SS, HH:MM:SS, D-HH, "
                           "D-HH:MM, D-HH:MM:SS or UNLIMITED")
-    lead = _signal_lead(list(getattr(args, "sbatch_args", []) or []))
+    lead = _signal_lead(sbatch_args)
     if limit and limit <= lead:
-        raise ConfigError(f"--time {args.time}: the job is told to checkpoint {lead} s before its time limit "
+        raise ConfigError(f"{option} {given}: the job is told to checkpoint {lead} s before its time limit "
                           "(#SBATCH --signal=B:USR1@" f"{lead}), so it would stop itself at start and requeue "
                           "without progress, again and again",
                           hint=f"give a --time longer than {lead} s, or a shorter lead: --sbatch-arg=--signal=B:USR1@60")

@@ -24,6 +24,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -104,8 +105,9 @@ def _adapter(out_dir: Path) -> dict:
 class Job:
     """One sbatch submission of a real template."""
 
-    def __init__(self, js: SimpleNamespace, name: str, nodes: int, cfg: Path, overrides: list[str]):
-        self.env, self.name, self.nodes = js.env, name, nodes
+    def __init__(self, js: SimpleNamespace, name: str, nodes: int, cfg: Path, overrides: list[str],
+                 env: dict[str, str] | None = None):
+        self.env, self.name, self.nodes = env or js.env, name, nodes
         self.out = Path(next(o.split("=", 1)[1] for o in overrides if o.startswith("output_dir=")))
         template = TEMPLATES / ("multi_node.sbatch" if nodes > 1 else "single_node.sbatch")
         cmd = ["sbatch", "--parsable", f"--job-name={name}", f"--nodes={nodes}", "--time=00:30:00",
@@ -192,6 +194,21 @@ def _signal_when_training(js: SimpleNamespace, jobs: list[Job]) -> None:
         time.sleep(0.2)
 
 
+def _signal_at_start(js: SimpleNamespace, job: Job) -> None:
+    """USR1 to the job's batch shell as soon as its node's launcher is being started (its `node_rank=` line):
+    the launcher ignores USR1 until it handles it (a python wrapper that sleeps first widens that window).
+    Problems are recorded in js.signal_errors, as `_signal_when_training` does."""
+    deadline = job.submitted + JOB_TIMEOUT
+    while "node_rank=0" not in _read(job.log, 10**6):
+        if time.monotonic() > deadline or not job.alive():
+            js.signal_errors[job.name] = f"never saw the launcher start\n{job.describe()}"
+            return
+        time.sleep(0.1)
+    res = subprocess.run(["scancel", "--signal=USR1", "--batch", job.id], env=js.env, capture_output=True, text=True)
+    if res.returncode != 0:
+        js.signal_errors[job.name] = f"scancel --signal=USR1 failed: {res.stderr}\n{job.describe()}"
+
+
 def _assert_preempted_and_resumed(jobs: SimpleNamespace, job: Job, world: int, atol: float) -> None:
     """The job was stopped by the USR1 with a checkpoint, requeued once, and ended in the uninterrupted
     run's curve and adapter."""
@@ -253,10 +270,18 @@ def jobs(slurm_cluster, tmp_path_factory):
         started.append(js.multi)
         js.bad = Job(js, "st-bad", 1, cfg, ["train.learning_rate=fast", f"output_dir={root / 'bad'}"])
         started.append(js.bad)
+        slow = root / "slow_python.sh"  # (the launcher, USR1 ignored, starts 8 s late)
+        slow.write_text(f"#!/bin/bash\nsleep 8\nexec {sys.executable} \"$@\"\n")
+        slow.chmod(0o755)
+        js.early = Job(js, "st-early", 1, cfg, [f"output_dir={root / 'early'}"], env={**js.env, "SCALETUNE_PYTHON": str(slow)})
+        started.append(js.early)
+        early = threading.Thread(target=_signal_at_start, args=(js, js.early), daemon=True)
+        early.start()
         js.ref_long = Reference(js, cfg, [*long, f"output_dir={root / 'ref_long'}"])
         started.append(js.ref_long)
         js.timings["setup_s"] = round(time.monotonic() - t0, 1)
         _signal_when_training(js, [js.preempt, js.multi])
+        early.join(JOB_TIMEOUT)
         yield js
     finally:
         for item in started:
@@ -304,3 +329,18 @@ def test_real_bad_config_ends_the_job_with_code_2_and_one_error(jobs):
     assert "Traceback" not in text, text
     assert "requeueing" not in text and "restart_count=1" not in text, text
     assert not (job.out / "run.json").exists(), "a run started despite the bad config"
+
+
+@pytest.mark.slurm
+def test_real_preemption_notice_while_the_launcher_starts_is_sent_again(jobs):
+    """A USR1 that reached the node's launcher before it handled USR1 (the node script ignores it meanwhile:
+    its default action would kill the launcher) was lost: no checkpoint, no requeue, and the job later killed at
+    its time limit. The batch shell now sends it again until the checkpoint marker shows."""
+    job = jobs.early
+    assert jobs.signal_errors.get(job.name) is None, jobs.signal_errors[job.name]
+    text = job.wait()
+    info = job.describe()
+    assert "caught SIGUSR1" in text and "sending SIGUSR1 again" in text and "requeueing job" in text, info
+    assert text.rstrip().endswith("training step exited rc=0"), info
+    assert len(_train_events(job.out, "preempted")) == 1, info
+    assert json.loads((job.out / "checkpoints" / f"step-{SHORT_STEPS}" / "state.json").read_text())["step"] == SHORT_STEPS
