@@ -106,3 +106,47 @@ def test_a_template_that_renders_nothing_is_named(make_config, tmp_path, capsys)
     assert main(["train", str(path)]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "renders assistant turn messages[1] as nothing" in err, err
+
+
+_CONVERSATIONS = [
+    [{"role": "user", "content": "Add 2 and 5."}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+     {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Add 2 and 5."}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "one"}, {"role": "assistant", "content": "two"}],
+    [{"role": "system", "content": "S"}, {"role": "assistant", "content": "Welcome."}, {"role": "user", "content": "Q"},
+     {"role": "assistant", "content": "A"}],
+]
+
+
+@pytest.mark.parametrize("messages", _CONVERSATIONS, ids=range(len(_CONVERSATIONS)))
+def test_the_built_in_rendering_as_a_chat_template_gives_trainings_text_and_predicts_ids(tiny_llama, messages):
+    """A merged model of a run trained with scaletune's own rendering had a tokenizer without a chat template:
+    `apply_chat_template` failed, and a user writing the format by hand had to guess it. The template merge saves
+    gives the text training rendered (with an answer) and the ids `predict` gives the model (without one)."""
+    from transformers import AutoTokenizer
+
+    from scaletune.data.formats import _joined, _render_default
+    from scaletune.data.templates import alpaca_style_template
+    from scaletune.infer import prompt_ids
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    assert not tok.chat_template
+    text = _joined(_render_default(messages, tok.eos_token))
+    tok.chat_template = alpaca_style_template(tok)
+    assert tok.apply_chat_template(messages, tokenize=False) == tok.bos_token + text
+    if messages[-1]["role"] == "user":
+        segments = [*_render_default(messages, tok.eos_token), ("", True)]
+        got = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        assert got == prompt_ids(tok, segments)
+
+
+def test_merge_saves_the_built_in_rendering_as_the_chat_template(make_config, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    path = make_config("causal_lm", train={"max_steps": 1})
+    assert main(["train", str(path)]) == 0
+    assert main(["merge", str(path), "--out", str(tmp_path / "merged")]) == 0
+    tok = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    text = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False)
+    assert text == tok.bos_token + "### Instruction:\nHi\n\n### Response:\n"
+    assert not AutoTokenizer.from_pretrained(tmp_path / "run" / "adapter").chat_template  # (predict's own path)

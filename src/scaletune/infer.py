@@ -15,7 +15,7 @@ import torch
 
 from . import predict_input
 from .checkpoint import checkpoint_dirs
-from .config import RunConfig
+from .config import NO_CHAT_FORMATS, RunConfig
 from .data.readers import WHERE
 from .errors import ConfigError, DataError, UserError, failed_write, write_error
 from .seqlen import position_limit
@@ -525,6 +525,15 @@ def run_merge(cfg: RunConfig, adapter: str | None, out_dir: str) -> Path:
     # or the working directory, which cannot be renamed onto: the files are moved into it instead.
     tmp = target / ".merging" if target.is_dir() else target.parent / f".{target.name}.merging"
     shutil.rmtree(tmp, ignore_errors=True)
+    if cfg.task == "causal_lm" and not getattr(tokenizer, "chat_template", None) and \
+            getattr(getattr(task, "format", None), "name", None) not in NO_CHAT_FORMATS:
+        from .data.templates import alpaca_style_template
+
+        # conversations were rendered by scaletune's own template: the merged tokenizer gets it as its chat
+        # template, so the merged model's users (apply_chat_template, serving stacks) give it the same text
+        tokenizer.chat_template = alpaca_style_template(tokenizer)
+        log.info("merge: the merged tokenizer's chat template is scaletune's Alpaca-style rendering, which "
+                 "the adapter was trained with")
     try:
         merged.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))

@@ -19,6 +19,29 @@ CHATML = (
 
 BUILT_IN = {"chatml": CHATML, "default": None}
 
+# scaletune's own (Alpaca-style) rendering (formats._render_default) as a chat template, for a merged model's
+# tokenizer: `apply_chat_template` there gives the text training and `predict` gave the model. Tool use is
+# not in it (the rendering turns schemas and calls into JSON text first).
+ALPACA_STYLE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ m['content'] + '\n\n' }}"
+    "{% elif m['role'] == 'user' %}{{ '### Instruction:\n' + m['content'] + '\n\n### Response:\n' }}"
+    "{% elif m['role'] == 'tool' %}{{ '### Tool result:\n' + m['content'] + '\n\n' }}"
+    "{% elif m['role'] == 'assistant' %}"
+    "{% if not loop.first and messages[loop.index0 - 1]['role'] != 'user' %}{{ '### Response:\n' }}{% endif %}"
+    "{{ m['content'] + eos_token }}{% if not loop.last %}{{ '\n\n' }}{% endif %}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt and messages and messages[-1]['role'] != 'user' %}{{ '### Response:\n' }}{% endif %}"
+)
+
+
+def alpaca_style_template(tokenizer: object) -> str:
+    """ALPACA_STYLE for `tokenizer`, led by its BOS token where training led with it (a tokenizer that adds
+    BOS itself): `apply_chat_template(..., tokenize=True)` adds no special tokens of its own."""
+    from ..tasks.causal_lm import leading_bos
+
+    return ("{{ bos_token }}" if leading_bos(tokenizer) is not None else "") + ALPACA_STYLE
+
 
 def chat_template_text(spec: str) -> str | None:
     """The Jinja text `spec` names: a built-in name, or a file; None: scaletune's own rendering."""
