@@ -789,11 +789,12 @@ def test_chat_records_with_empty_answers_or_bad_system_are_refused(tmp_path, tin
 
 
 def test_eval_file_in_another_format_is_named(tmp_path, tiny_llama):
+    """Plain text is trained without a template: an eval file of it for a conversation run is refused (a
+    conversation format of another kind is read as its own: see the mixed-formats test)."""
     train = write_jsonl(tmp_path / "t.jsonl", [{"instruction": "q", "output": "a"}] * 2)
-    evalf = write_jsonl(tmp_path / "e.jsonl", [{"conversations": [{"from": "human", "value": "q"},
-                                                                  {"from": "gpt", "value": "a"}]}])
+    evalf = write_jsonl(tmp_path / "e.jsonl", [{"text": "q a"}])
     cfg = _cfg(tmp_path, tiny_llama, data=train, eval=str(evalf))
-    with pytest.raises(DataError, match=r"data.eval: .*e.jsonl holds sharegpt records, data.train holds alpaca"):
+    with pytest.raises(DataError, match=r"data.eval: .*e.jsonl holds text records, data.train holds alpaca"):
         build_datasets(cfg, get_task("causal_lm"), load_tokenizer(cfg))
 
 
@@ -883,16 +884,30 @@ def test_a_chat_template_that_refuses_a_conversation_is_a_data_error(tmp_path, t
         build_datasets(cfg, get_task("causal_lm"), tok)
 
 
-def test_training_sources_of_different_formats_are_named(tmp_path, tiny_llama):
-    """(was "sharegpt.jsonl:1: field 'instruction' is missing")"""
+def test_conversation_formats_mix_and_text_is_named(tmp_path, tiny_llama):
+    """Sources in alpaca, sharegpt and messages are all chats: a run may mix them (axolotl's and LLaMA-Factory's
+    dataset lists do), and data.eval may be in another of them; each record trains as it would alone. Plain text
+    is trained without a template: a source of it beside a chat format is named (was "sharegpt.jsonl:1: field
+    'instruction' is missing")."""
     alpaca = write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "q", "input": "", "output": "a"}] * 2)
-    chats = write_jsonl(tmp_path / "chats.jsonl", [{"conversations": [{"from": "human", "value": "q"},
-                                                                      {"from": "gpt", "value": "a"}]}] * 2)
-    cfg = _cfg(tmp_path, tiny_llama, data=alpaca)
-    cfg.data.train = [str(alpaca), {"path": str(chats), "weight": 2}]
-    with pytest.raises(DataError, match=f"data.train: {chats} holds sharegpt records, {alpaca} holds alpaca; "
-                                        "one run reads one format"):
-        build_datasets(cfg, get_task("causal_lm"), load_tokenizer(cfg))
+    chats = write_jsonl(tmp_path / "chats.jsonl", [{"conversations": [{"from": "human", "value": "q2"},
+                                                                      {"from": "gpt", "value": "a2"}]}] * 2)
+    messages = write_jsonl(tmp_path / "messages.jsonl", [{"messages": [{"role": "user", "content": "q3"},
+                                                                       {"role": "assistant", "content": "a3"}]}])
+    tok = load_tokenizer(_cfg(tmp_path, tiny_llama, data=alpaca))
+    alone = {p: [(ex["input_ids"], ex["labels"])
+                 for ex in build_datasets(_cfg(tmp_path, tiny_llama, data=p), get_task("causal_lm"), tok)["train"]]
+             for p in (alpaca, chats, messages)}
+    cfg = _cfg(tmp_path, tiny_llama, data=alpaca, eval=str(messages))
+    cfg.data.train = [str(alpaca), str(chats)]
+    built = build_datasets(cfg, get_task("causal_lm"), tok)
+    assert sorted((ex["input_ids"], ex["labels"]) for ex in built["train"]) == sorted(alone[alpaca] + alone[chats])
+    assert [(ex["input_ids"], ex["labels"]) for ex in built["eval"]] == alone[messages]
+    text = write_jsonl(tmp_path / "text.jsonl", [{"text": "q a"}] * 2)
+    cfg.data.train, cfg.data.eval = [str(alpaca), {"path": str(text), "weight": 2}], None
+    with pytest.raises(DataError, match=f"data.train: {text} holds text records, {alpaca} holds alpaca; text and "
+                                        "prompt_completion records are not mixed with another format"):
+        build_datasets(cfg, get_task("causal_lm"), tok)
 
 
 @pytest.mark.parametrize("template", [False, True])

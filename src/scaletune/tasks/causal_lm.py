@@ -64,6 +64,7 @@ def target_columns(labels: torch.Tensor) -> torch.Tensor:
 class CausalLM(Task):
     peft_task_type = "CAUSAL_LM"
     varlen = False  # model.attn_implementation == "varlen": pass segment bounds to the model
+    mixed = False  # records in several conversation formats (auto-detected): each record's own is detected
 
     def auto_model_class(self) -> Any:
         from transformers import AutoModelForCausalLM
@@ -74,7 +75,13 @@ class CausalLM(Task):
         rename_columns(records, cfg.data.columns)
         self.format = get_format(cfg.data.format, records, source)
         if cfg.data.format == "auto":
-            _one_format(records, self.format)
+            # Conversation formats render alike (a chat): sources in alpaca, sharegpt and messages may be mixed.
+            # Plain text and prompt/completion are trained without a template: one of them is the whole run's.
+            others = _other_formats(records, self.format)
+            if others and {self.format.name, *(f.name for f in others)} & set(NO_CHAT_FORMATS):
+                _one_format(records, self.format)  # (a record in its first record's file: its own error)
+            else:
+                self.mixed = bool(others)
         # (an explicit data.format is checked with the config; auto's choice is known only here)
         if cfg.data.chat_template is not None and self.format.name in NO_CHAT_FORMATS:
             raise ConfigError(f"data.chat_template: {source} holds {self.format.name} records, which are not "
@@ -94,16 +101,34 @@ class CausalLM(Task):
             own = detect(records, source)
         except DataError:
             return  # its own records' errors say more
-        if own is not self.format:  # else: "field 'instruction' must be a string, got NoneType" on line 1
+        others = _other_formats(records, self.format)
+        if others and {self.format.name, *(f.name for f in others)} & set(NO_CHAT_FORMATS):
+            # (else: "field 'instruction' must be a string, got NoneType" on line 1)
+            own = own if own is not self.format else next(iter(others))
             raise DataError(f"data.eval: {source} holds {own.name} records, data.train holds {self.format.name}; "
-                            "one run reads one format: convert one of them, or score the eval file separately with "
-                            "`scaletune eval --data`")
+                            "text and prompt_completion records are not mixed with another format: convert one of "
+                            "them, or score the eval file separately with `scaletune eval --data`")
+        self.mixed = self.mixed or bool(others)
+
+    def _format_of(self, record: dict) -> Any:
+        """The format `record` is read in: the run's, or in a mixed run the one its columns name (a record no
+        format matches gets the run's, whose error names the field it lacks)."""
+        if not self.mixed or all(col in record for col in self.format.required):
+            return self.format
+        try:
+            return detect([record], "?")
+        except DataError:
+            return self.format
 
     def ignored_fields(self, records: list[dict], key: str) -> str | None:
-        return ignored_fields(self.format, records, key)
+        by_format: dict[Any, list[dict]] = {}
+        for rec in records:
+            by_format.setdefault(self._format_of(rec), []).append(rec)
+        notes = [ignored_fields(fmt, group, key) for fmt, group in by_format.items()]
+        return "; ".join(note for note in notes if note) or None
 
     def encode(self, record: dict, tokenizer: Any, cfg: Any, label2id: dict | None) -> dict | None:
-        segments = to_segments(self.format.convert(record), tokenizer, record.get(WHERE, "?"))
+        segments = to_segments(self._format_of(record).convert(record), tokenizer, record.get(WHERE, "?"))
         ids: list[int] = []
         labels: list[int] = []
         bos = leading_bos(tokenizer)
@@ -254,6 +279,19 @@ def rename_columns(records: list[dict], columns: dict | None) -> None:
                 rec[field] = rec.pop(column)
 
 
+def _other_formats(records: list[dict], fmt: Any) -> set:
+    """The formats of the records that lack `fmt`'s identifying columns (a record no format matches is left
+    to `fmt`'s own error, which names the field it lacks)."""
+    found = set()
+    for rec in records:
+        if not all(col in rec for col in fmt.required):
+            try:
+                found.add(detect([rec], "?"))
+            except DataError:
+                pass
+    return found - {fmt}
+
+
 def _one_format(records: list[dict], fmt: Any) -> None:
     """Auto-detection reads the first record: a later training source in another format would fail on its
     first record's missing field ("field 'instruction' is missing"); say that the sources' formats differ."""
@@ -267,7 +305,8 @@ def _one_format(records: list[dict], fmt: Any) -> None:
         name = detect([odd], other).name
     except DataError:
         return
-    raise DataError(f"data.train: {other} holds {name} records, {first} holds {fmt.name}; one run reads one format",
+    raise DataError(f"data.train: {other} holds {name} records, {first} holds {fmt.name}; text and prompt_completion "
+                    "records are not mixed with another format",
                     hint="convert one of them (or train on them in separate runs)")
 
 
