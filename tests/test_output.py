@@ -101,11 +101,25 @@ def test_trackers_get_the_whole_config_and_write_inside_output_dir(tmp_path, mon
     from scaletune.tracking import start_trackers
 
     calls = {}
-    fake = SimpleNamespace(is_main_process=True, init_trackers=lambda name, config, init_kwargs: calls.update(
-        name=name, config=config, init_kwargs=init_kwargs))
+
+    class WandB:  # accelerate's W&B tracker, recorded (wandb is not installed here)
+        name = "wandb"
+
+        def __init__(self, project, **kwargs):
+            calls["wandb"] = {"project": project, **kwargs}
+
+        def start(self):
+            pass
+
+        def store_init_configuration(self, config):
+            calls["wandb_config"] = config
+
+    monkeypatch.setattr("accelerate.tracking.WandBTracker", WandB)
+    fake = SimpleNamespace(is_main_process=True, trackers=[], init_trackers=lambda name, config, init_kwargs:
+                           calls.update(name=name, config=config, init_kwargs=init_kwargs))
     cfg = from_dict({"task": "causal_lm", "model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"},
                      "train": {"report_to": ["tensorboard", "wandb", "mlflow"], "learning_rate": 3e-4}})
-    for var in ("WANDB_API_KEY", "WANDB_DIR", "WANDB_MODE", "MLFLOW_TRACKING_URI"):
+    for var in ("WANDB_API_KEY", "WANDB_DIR", "WANDB_MODE", "WANDB_PROJECT", "WANDB_NAME", "MLFLOW_TRACKING_URI"):
         monkeypatch.delenv(var, raising=False)
     out = tmp_path / "run"
     start_trackers(SimpleNamespace(is_main_process=False, init_trackers=lambda *a, **k: None), cfg, out)
@@ -116,7 +130,10 @@ def test_trackers_get_the_whole_config_and_write_inside_output_dir(tmp_path, mon
     assert config["train.learning_rate"] == 3e-4 and config["peft.method"] == "lora"
     assert config["data.eval"] == "null" and config["train.report_to"] == '["tensorboard", "wandb", "mlflow"]'
     assert all(isinstance(v, (bool, int, float, str)) for v in config.values())
-    assert calls["init_kwargs"]["wandb"]["dir"] == str(out)
+    assert calls["wandb"]["dir"] == str(out) and "wandb" not in calls["init_kwargs"]
+    # W&B under a project of its own (accelerate's project name is TensorBoard's directory): the user's
+    assert calls["wandb"]["project"] == "scaletune" and calls["wandb"]["name"] == "run"
+    assert calls["wandb_config"] == config
     assert os.environ["WANDB_MODE"] == "offline"  # no API key: log locally instead of failing the run
     assert os.environ["MLFLOW_TRACKING_URI"] == f"sqlite:///{(out / 'mlruns' / 'mlflow.db').resolve()}"
     assert (out / "mlruns").is_dir()
@@ -124,20 +141,25 @@ def test_trackers_get_the_whole_config_and_write_inside_output_dir(tmp_path, mon
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "mine"))
     start_trackers(fake, cfg, out)
     assert os.environ["MLFLOW_TRACKING_URI"] == "http://mlflow.example:5000"
-    assert calls["init_kwargs"]["wandb"]["dir"] == str(tmp_path / "mine")
+    assert calls["wandb"]["dir"] == str(tmp_path / "mine")
     assert calls["init_kwargs"]["mlflow"]["run_name"] == "run"  # not MLflow's seeded random name
     monkeypatch.delenv("MLFLOW_TRACKING_URI")  # (a resume asks the store for its run: not an unreachable host)
     # W&B: one run across resumes, not a new one per start (the id comes from run.json's first start)
     (out / "run.json").write_text(json.dumps({"started": "2026-12-04T06:00:00+0000"}))
     start_trackers(fake, cfg, out, start_step=0)
-    first = calls["init_kwargs"]["wandb"]
+    first = calls["wandb"]
     start_trackers(fake, cfg, out, start_step=6)
-    assert calls["init_kwargs"]["wandb"]["id"] == first["id"] and first["resume"] == "allow"
+    assert calls["wandb"]["id"] == first["id"] and first["resume"] == "allow"
     # TensorBoard drops what an earlier attempt logged past the step this start resumes from
     assert calls["init_kwargs"]["tensorboard"] == {"purge_step": 7}
     (out / "run.json").write_text(json.dumps({"started": "2026-12-05T06:00:00+0000"}))  # another run there
     start_trackers(fake, cfg, out)
-    assert calls["init_kwargs"]["wandb"]["id"] != first["id"]
+    assert calls["wandb"]["id"] != first["id"]
+    monkeypatch.setenv("WANDB_PROJECT", "sentiment")
+    monkeypatch.setenv("WANDB_NAME", "lora-r8")
+    start_trackers(fake, cfg, out)
+    assert calls["wandb"]["project"] == "sentiment" and calls["wandb"]["name"] == "lora-r8"
+    assert calls["name"] == "scaletune"  # (TensorBoard's directory stays output_dir/scaletune)
 
 
 @pytest.mark.parametrize("columns", [120, 0])

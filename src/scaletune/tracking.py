@@ -94,7 +94,8 @@ def start_trackers(accelerator: Any, cfg: Any, output_dir: Path, start_step: int
     if "wandb" in trackers:
         if not os.environ.get("WANDB_API_KEY") and not _wandb_login_saved():
             os.environ.setdefault("WANDB_MODE", "offline")  # no key: log locally instead of failing the run
-        init_kwargs["wandb"] = {"dir": os.environ.get("WANDB_DIR") or str(output_dir), "name": output_dir.name}
+        init_kwargs["wandb"] = {"dir": os.environ.get("WANDB_DIR") or str(output_dir),
+                                "name": os.environ.get("WANDB_NAME") or output_dir.name}
         if run_id:  # the same W&B run on every resume (its first start's id), not a new run per start
             init_kwargs["wandb"].update(id=run_id, resume="allow")
     if "mlflow" in trackers and not os.environ.get("MLFLOW_TRACKING_URI"):
@@ -110,6 +111,7 @@ def start_trackers(accelerator: Any, cfg: Any, output_dir: Path, start_step: int
         if run_id and start_step and (continued := _mlflow_run(run_id)):
             init_kwargs["mlflow"]["run_id"] = continued
     config = flat_config(cfg.to_dict())
+    wandb_kwargs = init_kwargs.pop("wandb", None)
     accelerator.init_trackers("scaletune", config=None if continued else config, init_kwargs=init_kwargs)
     if continued:
         # MLflow refuses to change a parameter once logged (a resume may change max_steps, eval_every...):
@@ -117,6 +119,16 @@ def start_trackers(accelerator: Any, cfg: Any, output_dir: Path, start_step: int
         for tracker in accelerator.trackers:
             if tracker.name != "mlflow":
                 tracker.store_init_configuration(config)
+    if wandb_kwargs is not None and accelerator.is_main_process:
+        # accelerate gives every tracker init_trackers' project name, which is also TensorBoard's directory
+        # (output_dir/scaletune): W&B's own tracker takes the user's WANDB_PROJECT, as W&B users expect (every
+        # run of every project went to one W&B project "scaletune"); WANDB_NAME likewise names the run
+        from accelerate.tracking import WandBTracker
+
+        tracker = WandBTracker(os.environ.get("WANDB_PROJECT") or "scaletune", **wandb_kwargs)
+        tracker.start()
+        tracker.store_init_configuration(config)
+        accelerator.trackers.append(tracker)
     for tracker in getattr(accelerator, "trackers", []) if run_id else []:
         if tracker.name == "mlflow":  # (set after start: a user's MLFLOW_TAGS replaces the tags given to it)
             import mlflow

@@ -162,7 +162,8 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
     out = Path(cfg.output_dir)
     fingerprint, given_config = config_fingerprint(cfg), cfg.to_dict()
     resume_from, replace_output = resume_point(cfg, resume, overwrite, allow_config_change)
-    accelerator = Accelerator(project_dir=str(out), log_with=t.report_to or None,
+    # (W&B is started by tracking.start_trackers under a project of its own)
+    accelerator = Accelerator(project_dir=str(out), log_with=[r for r in t.report_to or [] if r != "wandb"] or None,
                               **accelerator_kwargs(cfg, accum))
     set_seed(t.seed)
     if t.release_cpu_memory and accelerator.device.type == "cpu":
