@@ -197,3 +197,38 @@ def test_batched_completions_are_each_prompts_own(make_config, tmp_path, monkeyp
         alone = [generate(model, ids, s, NEW_TOKENS) for s in segments]
         assert len(alone[3]) <= 4 < max(len(a) for a in alone)
         assert generate_batch(model, ids, segments, NEW_TOKENS) == alone
+
+
+@pytest.mark.parametrize("name", ["lora", "prompt_tuning"])  # (model.generate, and scaletune's own loop)
+def test_predict_samples_with_a_temperature_reproducibly_and_nucleus_of_one_token_is_greedy(make_config, tmp_path,
+                                                                                            name):
+    """Completions were greedy only. --temperature samples, seeded (the same seed gives the same completions);
+    a nucleus that holds the most probable token alone (--top-p near 0) is greedy decoding again."""
+    cfg, adapter = _adapter(make_config, tmp_path, name)
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+
+    def completions(sampling):
+        return [r["completion"] for r in run_predict(cfg, str(adapter), str(inp), NEW_TOKENS, out=io.StringIO(),
+                                                     sampling=sampling)]
+
+    greedy = completions(None)
+    hot = {"temperature": 5.0, "top_p": 1.0, "seed": 1}
+    first = completions(hot)
+    assert completions(hot) == first and first != greedy
+    assert completions({**hot, "seed": 2}) != first
+    assert completions({"temperature": 1.0, "top_p": 1e-9, "seed": 3}) == greedy
+
+
+def test_sampling_options_are_checked(capsys, make_config):
+    from scaletune.cli import main
+
+    path = make_config("causal_lm")
+    for args, wanted in ((["--temperature", "-1"], "--temperature: must be >= 0"),
+                         (["--temperature", "1", "--top-p", "0"], "--top-p: must be in (0, 1]"),
+                         (["--top-p", "0.9"], "--top-p: sampling only; give a --temperature > 0 too")):
+        assert main(["predict", str(path), *args]) == 2
+        assert wanted in capsys.readouterr().err
+    cls = make_config("seq_cls")
+    assert main(["predict", str(cls), "--temperature", "1"]) == 2
+    assert "only causal_lm samples completions" in capsys.readouterr().err

@@ -51,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "line names its input line (\"line\": N)")
     p.add_argument("--max-new-tokens", type=int, default=64,
                    help="causal_lm: most tokens a completion may add (default 64; cut at the model's context)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="causal_lm: sample completions at this temperature (default 0: greedy)")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="causal_lm, with --temperature: sample from the smallest set of tokens this probable")
+    p.add_argument("--seed", type=int, default=0, help="causal_lm, with --temperature: the sampling seed")
 
     p = sub.add_parser("merge", help="merge the adapter into the base model weights")
     _add_config(p)
@@ -156,6 +161,12 @@ def check_args(args: argparse.Namespace) -> None:
     if cmd == "predict":
         if args.max_new_tokens < 1:
             problems.append(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")
+        if not args.temperature >= 0:  # (also NaN)
+            problems.append(f"--temperature: must be >= 0 (0: greedy), got {args.temperature}")
+        if not 0 < args.top_p <= 1:
+            problems.append(f"--top-p: must be in (0, 1], got {args.top_p}")
+        elif args.top_p < 1 and not args.temperature:
+            problems.append("--top-p: sampling only; give a --temperature > 0 too")
         if args.input not in (None, "-") and not Path(args.input).is_file():
             what = "is a directory" if Path(args.input).is_dir() else "file not found"
             problems.append(f"--input {args.input}: {what}")
@@ -244,7 +255,10 @@ def dispatch(args: argparse.Namespace) -> int:
         from .infer import run_predict
 
         # the streams are passed at call time: run_predict's defaults were bound when infer was imported
-        run_predict(cfg, args.adapter, args.input, args.max_new_tokens, out=sys.stdout, stdin=sys.stdin)
+        sampling = ({"temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
+                    if args.temperature else None)
+        run_predict(cfg, args.adapter, args.input, args.max_new_tokens, out=sys.stdout, stdin=sys.stdin,
+                    sampling=sampling)
         return 0
     if args.command == "merge":
         from .infer import run_merge

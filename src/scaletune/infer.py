@@ -217,10 +217,13 @@ def _recorded_split(path: Path) -> dict | None | str:
 
 @torch.no_grad()
 def run_predict(cfg: RunConfig, adapter: str | None, source: str | None, max_new_tokens: int,
-                out: TextIO | None = None, stdin: TextIO | None = None) -> list[dict]:
+                out: TextIO | None = None, stdin: TextIO | None = None, sampling: dict | None = None) -> list[dict]:
     """Generate (causal_lm) or label (seq_cls/token_cls); writes one JSON line per non-blank input line,
-    whose "line" is that input's line number (blank lines are skipped)."""
+    whose "line" is that input's line number (blank lines are skipped). `sampling`: {temperature, top_p,
+    seed} to sample completions (None: greedy)."""
     out, stdin = out or sys.stdout, stdin or sys.stdin
+    if sampling and cfg.task != "causal_lm":
+        raise UserError(f"--temperature: {cfg.task} labels its inputs; only causal_lm samples completions")
     model, tokenizer, task, labels, _ = load_trained(cfg, adapter)
     items = predict_input.read_inputs(source, stdin)
     if not items:
@@ -234,11 +237,15 @@ def run_predict(cfg: RunConfig, adapter: str | None, source: str | None, max_new
     # per forward, 30 s batched, both with ~7 s of loading), generation GENERATE_BATCH prompts per
     # `generate`; in input order, so each batch's lines are written as soon as it is done.
     step = GENERATE_BATCH if cfg.task == "causal_lm" else PREDICT_BATCH
+    if sampling:
+        torch.manual_seed(sampling["seed"])  # (the same input, seed and batch give the same completions)
+        sampling = {"temperature": sampling["temperature"], "top_p": sampling["top_p"]}
     for start in range(0, len(items), step):
         batch = inputs[start:start + step]
         with acc.autocast():
             if cfg.task == "causal_lm":
-                texts = generate_batch(model, tokenizer, [segments for _, segments in batch], max_new_tokens)
+                texts = generate_batch(model, tokenizer, [segments for _, segments in batch], max_new_tokens,
+                                       sampling)
                 done = [{"prompt": prompt, "completion": text} for (prompt, _), text in zip(batch, texts)]
             elif cfg.task == "seq_cls":
                 done = _classify(model, tokenizer, labels, cfg.data.max_length, batch)
@@ -399,8 +406,10 @@ def generate(model: Any, tokenizer: Any, segments: list, max_new_tokens: int) ->
     return generate_batch(model, tokenizer, [segments], max_new_tokens)[0]
 
 
-def generate_batch(model: Any, tokenizer: Any, prompts: list[list], max_new_tokens: int) -> list[str]:
-    """Greedy completions of several prompts (each a `prompt_segments` segment list), in their order.
+def generate_batch(model: Any, tokenizer: Any, prompts: list[list], max_new_tokens: int,
+                   sampling: dict | None = None) -> list[str]:
+    """Completions of several prompts (each a `prompt_segments` segment list), in their order: greedy, or
+    sampled with `sampling` ({temperature, top_p}).
 
     Prompts with the same token budget are decoded together, left-padded, by one `model.generate`:
     transformers places each row's positions by its attention mask, so a row's completion is the one it
@@ -414,16 +423,17 @@ def generate_batch(model: Any, tokenizer: Any, prompts: list[list], max_new_toke
     if prompt_learning:  # peft's generate is wrong for these (see greedy_without_cache)
         for i, row in enumerate(ids):
             if budgets[i]:
-                new[i] = greedy_without_cache(model, torch.tensor([row]), budgets[i]).tolist()
+                new[i] = greedy_without_cache(model, torch.tensor([row]), budgets[i], sampling).tolist()
     else:
         for budget in sorted(set(budgets) - {0}):
             rows = [i for i, b in enumerate(budgets) if b == budget]
-            for i, tokens in zip(rows, _generate_rows(model, tokenizer, [ids[i] for i in rows], budget)):
+            for i, tokens in zip(rows, _generate_rows(model, tokenizer, [ids[i] for i in rows], budget, sampling)):
                 new[i] = tokens
     return [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in new]
 
 
-def _generate_rows(model: Any, tokenizer: Any, rows: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+def _generate_rows(model: Any, tokenizer: Any, rows: list[list[int]], max_new_tokens: int,
+                   sampling: dict | None = None) -> list[list[int]]:
     """Each row's new token ids from one left-padded `model.generate`, up to and including its first
     end-of-sequence token (a row that ends early is padded after it while the others go on)."""
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -433,12 +443,22 @@ def _generate_rows(model: Any, tokenizer: Any, rows: list[list[int]], max_new_to
     input_ids = torch.tensor([[pad] * (width - len(row)) + row for row in rows])
     mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])
     out = model.generate(input_ids=input_ids.to(model.device), attention_mask=mask.to(model.device),
-                         max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+                         max_new_tokens=max_new_tokens, pad_token_id=pad,
+                         **({"do_sample": True, "top_k": 0, **sampling} if sampling else {"do_sample": False}))
     result = []
     for tokens in out[:, width:].tolist():
         end = next((j + 1 for j, t in enumerate(tokens) if t in eos), len(tokens))
         result.append(tokens[:end])
     return result
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """One token per row, drawn at `temperature` from the most probable tokens whose probabilities add up to
+    `top_p` (nucleus sampling, as `generate` does it)."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    ordered, order = probs.sort(dim=-1, descending=True)
+    ordered[(ordered.cumsum(-1) - ordered) >= top_p] = 0  # (the first token always stays)
+    return order.gather(-1, torch.multinomial(ordered, 1))
 
 
 def _virtual_tokens(model: Any) -> int:
@@ -461,9 +481,10 @@ _UNAPPLIED = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_length"
 
 
 @torch.no_grad()
-def greedy_without_cache(model: Any, ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-    """The new token ids of a greedy completion of `ids` (one row), each from a full forward pass over
-    the whole sequence so far, stopping after an end-of-sequence token.
+def greedy_without_cache(model: Any, ids: torch.Tensor, max_new_tokens: int,
+                         sampling: dict | None = None) -> torch.Tensor:
+    """The new token ids of a greedy completion of `ids` (one row; sampled with `sampling`), each from a full
+    forward pass over the whole sequence so far, stopping after an end-of-sequence token.
 
     For prompt-learning adapters, not `model.generate`: peft 0.21 looks for the KV cache under
     `past_key_values`, which transformers 5.24 renamed `cache`, so during decoding it prepends the virtual
@@ -486,7 +507,7 @@ def greedy_without_cache(model: Any, ids: torch.Tensor, max_new_tokens: int) -> 
     seq = ids.to(model.device)
     for _ in range(max_new_tokens):
         logits = model(input_ids=seq, attention_mask=torch.ones_like(seq), **last).logits
-        token = logits[:, -1].argmax(-1, keepdim=True)
+        token = logits[:, -1].argmax(-1, keepdim=True) if not sampling else _sample(logits[:, -1], **sampling)
         seq = torch.cat([seq, token], dim=1)
         if int(token) in eos:
             break
