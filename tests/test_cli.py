@@ -266,6 +266,37 @@ def test_merge_out_that_cannot_be_created_is_refused_before_loading(capsys, make
     assert (tmp_path / "a_file").read_text() == "mine"
 
 
+def test_merge_refuses_an_out_filled_while_it_merged(capsys, make_config, tmp_path, monkeypatch):
+    """--out is checked again just before the merged model is written: a file put into it after the argument
+    check, while the model loaded and merged (by the user, another merge), was overwritten by the merged
+    model's file of the same name."""
+    from types import SimpleNamespace
+
+    import scaletune.infer as infer
+
+    path = make_config("causal_lm")
+    out = tmp_path / "merged"
+    out.mkdir()  # empty: the argument check lets it through
+
+    class Merged:
+        def save_pretrained(self, directory, **_):
+            Path(directory).mkdir(parents=True, exist_ok=True)
+            (Path(directory) / "config.json").write_text("merged")
+
+    class Adapter:
+        peft_config: dict = {}
+
+        def merge_and_unload(self):
+            (out / "config.json").write_text("the user's")
+            return Merged()
+
+    tok = SimpleNamespace(chat_template="{{ messages }}", save_pretrained=lambda directory: None)
+    monkeypatch.setattr(infer, "load_trained", lambda *a: (Adapter(), tok, None, None, tmp_path))
+    code, _, err = run_cli(["merge", path, "--out", out], capsys)
+    assert_clean_error(code, err, f"--out {out} is not empty; choose a new directory")
+    assert os.listdir(out) == ["config.json"] and (out / "config.json").read_text() == "the user's"
+
+
 def test_adapter_may_be_a_checkpoint_dir(capsys, make_config, tmp_path, caplog):
     """--adapter checkpoints/step-N (the adapter is in its adapter/) works for eval, predict and merge, with
     an info line saying which directory was loaded (was: "no trained adapter ... pass --adapter")."""
@@ -498,6 +529,21 @@ def test_predict_reads_the_trained_text_pair_columns(capsys, make_config, tiny_b
     code, _, err, inp = _predict(path, capsys, [lines[0], "alpha bravo charlie"])
     assert_clean_error(code, err, f"{inp}:2: a plain-text line, but the model classifies text pairs",
                        "'premise'", "'hypothesis'")
+
+
+@pytest.mark.parametrize("state", [{"text": "text", "pair": None, "label": "label"}, None],
+                         ids=["adapter-meta", "run-config"])
+def test_predict_refuses_a_text_pair_for_a_single_text_classifier(capsys, make_config, tiny_bert, monkeypatch, state):
+    """A line with `text_pair` for a classifier trained without data.text_pair_column would be scored on its
+    `text` alone, the pair dropped without a word: it is refused naming its file:line, before any prediction."""
+    path = make_config("seq_cls")
+    model, _ = _fake_trained(monkeypatch, "seq_cls", tiny_bert, state, ["neg", "pos"])
+    code, got, err, inp = _predict(path, capsys, ["alpha bravo", {"text": "alpha bravo", "text_pair": "charlie"}])
+    assert_clean_error(code, err, f"{inp}:2: 'text_pair' given, but the model classifies single texts",
+                       "data.text_pair_column")
+    assert got == [] and model.seen == []
+    code, got, err, _ = _predict(path, capsys, ["alpha bravo", {"text": "alpha bravo"}])  # without it: predicted
+    assert code == 0 and len(got) == 2, err
 
 
 def test_predict_reads_the_pair_of_a_trained_adapter(capsys, make_config, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -150,6 +151,30 @@ def test_conll_reader_and_stray_columns(tmp_path):
     bad.write_text("EU NNP B-NP B-ORG\nrejects VBZ O\n")
     with pytest.raises(DataError, match=r"bad.conll:2: 3 columns, earlier lines have 4"):
         read_records(str(bad))
+
+
+def test_parquet_rows_are_read_and_named_by_their_row_index(tmp_path, tiny_bert):
+    """No test read parquet at all: a good file's rows must become the training records, and a bad value must
+    be named by its 0-based row (the index pandas and pyarrow show), not the row after it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = cls_records(6)
+    good = tmp_path / "good.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), good)
+    recs = read_records(str(good))
+    assert [{k: v for k, v in r.items() if k != WHERE} for r in recs] == rows
+    assert [r[WHERE] for r in recs] == [f"{good}[row {i}]" for i in range(6)]
+    cfg = _cfg(tmp_path, tiny_bert, "seq_cls", data=good)
+    built = build_datasets(cfg, get_task("seq_cls"), load_tokenizer(cfg))
+    assert len(built["train"]) == 6 and built["labels"] == ["neg", "pos"]
+    rows[3]["text"] = ""
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), bad)
+    cfg = _cfg(tmp_path, tiny_bert, "seq_cls", data=bad)
+    with pytest.raises(DataError) as err:
+        build_datasets(cfg, get_task("seq_cls"), load_tokenizer(cfg))
+    assert f"{bad}[row 3]: column 'text' must be a non-empty string" in err.value.render()
 
 
 def _cfg(tmp_path, model, task="causal_lm", data=None, **extra):
@@ -433,6 +458,70 @@ def test_cache_key_follows_truncation_side_and_the_seed_only_for_a_split(tmp_pat
     assert fingerprint(resplit, tok) != fingerprint(split, tok)
 
 
+# A changed value for every data.* key the cache key must follow (the base config: _cls_cache_setup's, with
+# eval_fraction 0.1): each one changes what is read, split or encoded.
+_DATA_CHANGES = {
+    "train": lambda cfg, tmp: [{"path": cfg.data.train, "weight": 2.0}],  # the same file, another weight
+    "eval": lambda cfg, tmp: str(write_jsonl(tmp / "e.jsonl", [{"text": TEXTS[0], "label": "pos"}])),
+    "eval_fraction": lambda cfg, tmp: 0.2,
+    "format": lambda cfg, tmp: "text",
+    "max_length": lambda cfg, tmp: 16,
+    "train_on_prompt": lambda cfg, tmp: True,
+    "packing": lambda cfg, tmp: True,
+    "columns": lambda cfg, tmp: {"instruction": "question"},
+    "text_column": lambda cfg, tmp: "sentence",
+    "text_pair_column": lambda cfg, tmp: "hypothesis",
+    "label_column": lambda cfg, tmp: "y",
+    "tokens_column": lambda cfg, tmp: "words",
+    "tags_column": lambda cfg, tmp: "ner",
+    "labels": lambda cfg, tmp: ["pos", "neg"],
+}
+# not in the key: how the data is loaded, not what it is; chat_template's text is in the tokenizer digest
+_NOT_IN_CACHE_KEY = {"num_workers", "num_proc", "cache", "group_by_length", "chat_template"}
+
+
+def test_every_data_key_is_covered_by_the_cache_key_test():
+    """A new data.* key must be added to _DATA_CHANGES (or to the keys deliberately out of the cache key),
+    so the test below checks that the tokenised-data cache follows it."""
+    from dataclasses import fields
+
+    from scaletune.config import DataConfig
+
+    assert {f.name for f in fields(DataConfig)} == set(_DATA_CHANGES) | _NOT_IN_CACHE_KEY
+
+
+@pytest.mark.parametrize("key", sorted(_DATA_CHANGES))
+def test_cache_key_follows_every_data_key(tmp_path, tiny_bert, monkeypatch, key):
+    """A data.* key left out of the cache key (max_length, the sources' weights, eval_fraction, ...) makes a
+    run with the changed setting train on the tokenised data of the old one, without a word."""
+    import copy
+
+    from scaletune.data import fingerprint
+
+    cfg, tok = _cls_cache_setup(tmp_path, tiny_bert, monkeypatch, eval_fraction=0.1)
+    changed = copy.deepcopy(cfg)
+    value = _DATA_CHANGES[key](cfg, tmp_path)
+    assert value != getattr(cfg.data, key)
+    setattr(changed.data, key, value)
+    assert fingerprint(changed, tok) != fingerprint(cfg, tok)
+    assert fingerprint(copy.deepcopy(cfg), tok) == fingerprint(cfg, tok)  # (a copy keeps the key)
+
+
+def test_cache_key_follows_the_data_files_contents_edited_in_place(tmp_path, tiny_bert, monkeypatch):
+    """data.eval (and data.train) edited in place, same path and suffix: the cache keyed by the path would
+    evaluate (train) on the old examples' tokens."""
+    from scaletune.data import fingerprint
+
+    cfg, tok = _cls_cache_setup(tmp_path, tiny_bert, monkeypatch)
+    cfg.data.eval = str(write_jsonl(tmp_path / "e.jsonl", [{"text": TEXTS[0], "label": "pos"}]))
+    before = fingerprint(cfg, tok)
+    write_jsonl(Path(cfg.data.eval), [{"text": TEXTS[1], "label": "pos"}])
+    after_eval = fingerprint(cfg, tok)
+    assert after_eval != before
+    write_jsonl(Path(cfg.data.train), [{"text": TEXTS[1], "label": "neg"}] * 8)
+    assert fingerprint(cfg, tok) != after_eval
+
+
 def test_broken_cache_entries_are_rebuilt_and_replaced(tmp_path, tiny_bert, monkeypatch, caplog):
     """An entry with a truncated Arrow file or an empty meta.json crashed the run with pyarrow's or json's
     traceback; one without meta.json (a crash while it was written) was never replaced, and every run left
@@ -689,6 +778,24 @@ def test_predicted_tags_stay_on_their_words(tiny_bert):
     wanted = {0: 1, 2: 2, 3: 3}  # label index per word
     pred = [wanted.get(w, 0) if w is not None else 0 for w in ids]
     assert word_tags(ids, pred, labels, len(words)) == ["B-X", "O", "B-Y", "B-Z"]
+
+
+def test_predicted_tag_of_a_split_word_is_its_first_sub_tokens(tiny_bert):
+    """A word of several sub-tokens is tagged by its first sub-token's prediction, as training labels it and
+    eval scores it; predict must not take a later sub-token's (the last one's used to win)."""
+    from transformers import AutoTokenizer
+
+    from scaletune.infer import word_tags
+
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    words = ["alpha", "Parisian", "bravo"]
+    ids = tok(words, is_split_into_words=True).word_ids()
+    assert ids.count(1) >= 2  # the premise: word 1 is split into several sub-tokens
+    labels = ["O", "B-PER", "I-PER", "B-LOC"]
+    first = ids.index(1)
+    # word 1: B-PER on its first sub-token, B-LOC on every later one; the other words "O"
+    pred = [(1 if pos == first else 3) if w == 1 else 0 for pos, w in enumerate(ids)]
+    assert word_tags(ids, pred, labels, len(words)) == ["O", "B-PER", "O"]
 
 
 @pytest.mark.parametrize("tags,filled", [
@@ -1333,3 +1440,23 @@ def test_data_columns_read_another_datas_names_as_a_formats_fields(tmp_path, tin
     text = "\n".join(err.value.problems)
     assert "data.columns.instrucion: not a field any causal_lm format reads" in text and "'instruction'?" in text
     assert "data.columns: column 'question' is named for more than one field" in text
+
+
+@pytest.mark.parametrize("n,fraction", [(10, 0.25), (37, 0.1), (5, 0.5)])
+def test_eval_fraction_split_is_a_fixed_partition(n, fraction):
+    """data.eval_fraction's split: held-out examples must never be trained on (the parts disjoint), none may be
+    lost (together they are all records, each part in file order), the eval part has round(n * fraction)
+    records, and every call (every rank, a resume, `scaletune eval`) gets the same split for the same seed."""
+    from scaletune.data import split_eval
+
+    records = [{"i": i} for i in range(n)]
+    train, held = split_eval(records, fraction, seed=3)
+    assert len(held) == max(1, round(n * fraction))
+    assert not {r["i"] for r in train} & {r["i"] for r in held}
+    assert sorted(r["i"] for r in train + held) == list(range(n))
+    assert [r["i"] for r in train] == sorted(r["i"] for r in train)
+    assert [r["i"] for r in held] == sorted(r["i"] for r in held)
+    assert split_eval(records, fraction, seed=3) == (train, held)
+    assert split_eval([dict(r) for r in records], fraction, seed=3) == (train, held)
+    other = [split_eval(records, fraction, seed=s)[1] for s in range(4, 12)]
+    assert any(o != held for o in other)  # the seed picks the split (not always the first records)

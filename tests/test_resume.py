@@ -513,3 +513,73 @@ def test_an_mlflow_run_continues_across_resumes(make_config, tmp_path, monkeypat
     steps = [m.step for m in mlflow.MlflowClient().get_metric_history(runs[0].info.run_id, "train/loss")]
     assert sorted(steps) == [1, 2, 3, 3, 4]  # the resume logged step 3 again, into the same run
     assert runs[0].data.params["train.max_steps"] == "3" and runs[0].data.tags["team"] == "nlp"
+
+
+def _save(out, step: int, value: float):
+    """save_checkpoint of a one-tensor "model" whose every entry is `value`, as a single process."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from scaletune.checkpoint import save_checkpoint
+
+    def save_adapter(directory):
+        directory.mkdir()
+        (directory / "adapter_config.json").write_text("{}")
+
+    return save_checkpoint(SimpleNamespace(is_main_process=True, num_processes=1), out, step,
+                           trainable={"w": torch.full((8,), value)}, optimizer_state={"m": torch.zeros(8)},
+                           state={"step": step}, save_adapter=save_adapter, fingerprint="fp", keep=None)
+
+
+def _flip_last_byte(path):
+    """Damage a file in place, keeping its size (a bit flip on disk, a bad copy)."""
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def test_a_checkpoint_damaged_in_place_is_not_resumed(tmp_path, caplog):
+    """A byte changed in a checkpoint file, its size the same, must fail verification by its sha256 (a size
+    check alone passes it): --resume auto skips it for the older intact one, with a warning."""
+    from scaletune.checkpoint import find_resumable, verify
+
+    out = tmp_path / "run"
+    intact, damaged = _save(out, 2, 1.0), _save(out, 4, 2.0)
+    size = (damaged / "trainable.safetensors").stat().st_size
+    _flip_last_byte(damaged / "trainable.safetensors")
+    assert (damaged / "trainable.safetensors").stat().st_size == size
+    assert verify(intact) is None
+    assert verify(damaged) == "file trainable.safetensors does not match its hash"
+    with caplog.at_level("WARNING", logger="scaletune"):
+        assert find_resumable(out, "fp") == intact
+    assert f"skipping checkpoint {damaged}: file trainable.safetensors does not match its hash" in caplog.text
+
+
+@pytest.mark.parametrize("name", ["trainable.safetensors", "optimizer.safetensors", "state.json"])
+def test_a_manifest_that_lists_no_required_file_fails_verification(tmp_path, name):
+    """A manifest without one of the files every checkpoint has (written by hand, or by a broken save) must
+    not verify: every file it does list matches, so only the required list catches it."""
+    from scaletune.checkpoint import MANIFEST, verify
+
+    ckpt = _save(tmp_path / "run", 2, 1.0)
+    manifest = json.loads((ckpt / MANIFEST).read_text())
+    del manifest["files"][name]
+    (ckpt / MANIFEST).write_text(json.dumps(manifest))
+    assert verify(ckpt) == f"manifest lists no {name}"
+
+
+def test_a_damaged_checkpoint_of_the_same_step_is_rewritten(tmp_path):
+    """A save of step N where checkpoints/step-N exists keeps it only if it verifies (a resumed run stopped
+    again re-saves the same state); a damaged step-N (a killed write, a bad copy) is replaced by the new
+    save, not kept as the checkpoint a resume would refuse."""
+    from scaletune.checkpoint import verify
+
+    out = tmp_path / "run"
+    ckpt = _save(out, 2, 1.0)
+    assert _save(out, 2, 2.0) == ckpt and load_file(ckpt / "trainable.safetensors")["w"].tolist() == [1.0] * 8  # kept
+    _flip_last_byte(ckpt / "optimizer.safetensors")
+    assert verify(ckpt) is not None
+    assert _save(out, 2, 3.0) == ckpt
+    assert verify(ckpt) is None and load_file(ckpt / "trainable.safetensors")["w"].tolist() == [3.0] * 8
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-2"]

@@ -107,3 +107,24 @@ def test_eval_of_the_held_out_split_needs_the_sources_in_the_runs_order(make_con
         assert "shares sources with the data the adapter at" in capsys.readouterr().err
     c = write_jsonl(tmp_path / "c.jsonl", _records("charlie", 16))
     assert main(["eval", str(path), f"data.train=[{c}]"]) == 0  # other data altogether: its own split
+
+
+def test_a_fractional_weights_subset_is_seeded():
+    """weight 0.5 keeps a random half of a source: the same half for the same train.seed (every rank, every
+    resume, the cache key's digest of the data), another for another seed. An unseeded pick trained each rank
+    and each resumed run on different examples."""
+    from scaletune.data.sources import weighted
+
+    a, b = _records("alpha", 4), _records("bravo", 20)
+    source_of = {**{id(r): 0 for r in a}, **{id(r): 1 for r in b}}
+    train = ["a.jsonl", {"path": "b.jsonl", "weight": 0.5}]
+
+    def kept(seed: int) -> list[str]:
+        out = weighted(a + b, source_of, train, seed)
+        assert out[:4] == a and len(out) == 14  # source 0 whole, then half of source 1
+        return [r["instruction"] for r in out[4:]]
+
+    first = kept(0)
+    assert len(set(first)) == 10 and all(r.startswith("SRCBRAVO") for r in first)
+    assert all(kept(0) == first for _ in range(5))
+    assert set(kept(1)) != set(first)
