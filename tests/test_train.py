@@ -214,6 +214,24 @@ def test_overwrite_that_finishes_leaves_only_the_new_run(make_config, tmp_path, 
     assert not list(tmp_path.glob(".run.replaced-*"))
 
 
+@pytest.mark.parametrize("key", ["train", "eval"])
+def test_overwrite_refuses_an_output_dir_holding_the_runs_own_data(make_config, tmp_path, capsys, key):
+    """--overwrite deletes the whole old output_dir once the new run finishes: with data.train (or data.eval)
+    inside it, the run trained on the file and then deleted it. Refused, naming the file; nothing moves."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.json").write_text("{}")  # an earlier run's output, which --overwrite may otherwise replace
+    path = make_config("causal_lm", n=16, train={"max_steps": 1})
+    data = out / "mine.jsonl"
+    data.write_text((tmp_path / "data" / f"{key}.jsonl").read_text())
+    before = data.read_bytes()
+    capsys.readouterr()
+    assert main(["train", str(path), f"data.{key}={data}", "--overwrite"]) == 2
+    assert f"--overwrite would delete {out}, but data.{key} ({data}) is inside it" in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == ["mine.jsonl", "run.json"] and data.read_bytes() == before
+    assert not list(tmp_path.glob(".run.replaced-*"))
+
+
 def test_a_run_set_aside_but_never_recorded_is_named(make_config, tmp_path, caplog):
     """An --overwrite killed between moving the old run aside and recording it left a hidden copy nothing
     mentioned or deleted; a later start in that output_dir names it (and leaves it alone)."""
@@ -596,3 +614,33 @@ def test_a_quantized_encoder_trains_its_new_head_unquantized(make_config, tmp_pa
     assert res.returncode == 0, res.stderr[-3000:]
     assert "quantized base and is folded into the base's full-precision weights" in res.stderr
     assert (tmp_path / "merged" / "config.json").is_file()
+
+
+def test_evals_and_saves_per_epoch_set_the_step_intervals(make_config, tmp_path, caplog):
+    """axolotl's evals_per_epoch / saves_per_epoch had no equivalent (an unknown key): the user worked out
+    the steps of an epoch. 64 examples in global batches of 8 are 8 steps an epoch: 4 evals an epoch are one
+    every 2 steps, 2 checkpoints one every 4; over 2 epochs."""
+    import yaml
+
+    from scaletune.errors import ConfigError
+
+    path = make_config("causal_lm", train={"global_batch_size": 8, "micro_batch_size": 4, "epochs": 2,
+                                           "max_steps": None, "evals_per_epoch": 4, "saves_per_epoch": 2,
+                                           "eval_every": None, "save_every": None, "save_total_limit": None},
+                       n=64)
+    raw = yaml.safe_load(path.read_text())
+    for key in ("eval_every", "save_every"):  # (as a user writes it: only the per-epoch keys)
+        raw["train"].pop(key)
+    path.write_text(yaml.safe_dump(raw))
+    with caplog.at_level("INFO", logger="scaletune"):
+        assert main(["train", str(path)]) == 0
+    assert "train.evals_per_epoch=4: evaluating every 2 steps (an epoch is 8)" in caplog.text
+    out = tmp_path / "run"
+    assert [r["step"] for r in read_metrics(out, "eval")] == [2, 4, 6, 8, 10, 12, 14, 16]
+    assert sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*")) == [4, 8, 12, 16]
+    # one or the other; and evals need eval data
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["train.eval_every=5", "data.eval=null"], check_peft=True)
+    text = "\n".join(err.value.problems)
+    assert "train.evals_per_epoch and train.eval_every: give one or the other" in text
+    assert "train.evals_per_epoch: there is no eval data to evaluate" in text

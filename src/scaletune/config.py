@@ -49,6 +49,8 @@ KEY_ALIASES: dict[str, str] = {
     "logging_steps": "train.log_every",
     "save_steps": "train.save_every",
     "eval_steps": "train.eval_every",
+    "evals_per_epoch": "train.evals_per_epoch",
+    "saves_per_epoch": "train.saves_per_epoch",
     "lora_r": "peft.r",
     "lora_rank": "peft.r",
     "rank": "peft.r",
@@ -83,9 +85,12 @@ KEY_ALIASES: dict[str, str] = {
     "lora_modules_to_save": "peft.modules_to_save",
     "adapter": "set peft.method (lora, ...); QLoRA is method lora with model.quantization: 4bit",
     "finetuning_type": "set peft.method (lora, ...)",
-    "eval_strategy": "scaletune evaluates every train.eval_every steps and at the end",
-    "evaluation_strategy": "scaletune evaluates every train.eval_every steps and at the end",
-    "save_strategy": "scaletune checkpoints every train.save_every steps and at the end",
+    "eval_strategy": "scaletune evaluates every train.eval_every steps (or train.evals_per_epoch times an epoch) "
+                     "and at the end",
+    "evaluation_strategy": "scaletune evaluates every train.eval_every steps (or train.evals_per_epoch times an "
+                           "epoch) and at the end",
+    "save_strategy": "scaletune checkpoints every train.save_every steps (or train.saves_per_epoch times an "
+                     "epoch) and at the end",
     "load_best_model_at_end": "set train.best_metric: the best eval's adapter is kept in OUTPUT_DIR/best_adapter/",
     "metric_for_best_model": "train.best_metric",
     "early_stopping": "train.early_stopping_patience",
@@ -206,6 +211,8 @@ class TrainConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = _f("bf16", "Autocast precision for this run.")
     seed: int = _f(42, "Seed for data order, initialisation and dropout.")
     eval_every: int | None = _f(200, "Evaluate every N optimizer steps (and at the end); null: end only.")
+    evals_per_epoch: int | None = _f(None, "Evaluate N times per epoch instead: eval_every becomes the steps of an "
+                                     "epoch / N (at least 1), as the run's start logs.")
     neftune_noise_alpha: float | None = _f(None, "NEFTune: while training (never in eval or generation) add uniform "
                                            "noise in [-a, a] to the input embeddings, a = alpha / sqrt(row width x "
                                            "hidden size), as HF Trainer and TRL do; the paper's values are 5-15. "
@@ -222,6 +229,8 @@ class TrainConfig:
                                          "early_stopping_patience (in the metric's units); best_adapter/ follows "
                                          "any better eval.")
     save_every: int | None = _f(200, "Write a resumable checkpoint every N optimizer steps.")
+    saves_per_epoch: int | None = _f(None, "Checkpoint N times per epoch instead: save_every becomes the steps of "
+                                     "an epoch / N (at least 1).")
     log_every: int = _f(10, "Log metrics every N optimizer steps (the loss: their mean).")
     save_total_limit: int | None = _f(3, "Keep only the newest N checkpoints; null keeps all.")
     on_nonfinite: Literal["stop", "skip"] = _f("stop", "Non-finite loss/grad norm: stop, or skip the update.")

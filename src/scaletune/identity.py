@@ -13,6 +13,7 @@ from .config import RunConfig
 # (Not data.eval_fraction: it decides which examples are trained on, so a change would move trained
 # examples into the eval set.)
 _RESUME_FREE_KEYS = {"train": {"max_steps", "epochs", "eval_every", "save_every", "log_every", "save_total_limit",
+                               "evals_per_epoch", "saves_per_epoch",
                                "report_to", "on_nonfinite", "max_nonfinite_skips", "release_cpu_memory",
                                "best_metric", "early_stopping_patience", "early_stopping_threshold"},
                      "data": {"num_workers", "num_proc", "cache", "eval"}, "distributed": {"zero_stage",

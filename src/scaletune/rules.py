@@ -31,7 +31,7 @@ def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_c
     for key in ("global_batch_size", "micro_batch_size", "log_every"):
         if getattr(t, key) is not None and getattr(t, key) < 1:
             p.append(f"train.{key}: must be >= 1, got {getattr(t, key)}")
-    for key in ("eval_every", "save_every", "max_steps", "save_total_limit"):
+    for key in ("eval_every", "save_every", "max_steps", "save_total_limit", "evals_per_epoch", "saves_per_epoch"):
         if getattr(t, key) is not None and getattr(t, key) < 1:
             p.append(f"train.{key}: must be >= 1 (or null), got {getattr(t, key)}")
     if t.warmup_steps is not None and t.warmup_steps < 0:
@@ -292,6 +292,11 @@ def ignored_key_problems(cfg: RunConfig) -> list[str]:
     if _changed(t, "eval_every") and t.eval_every is not None and not (d.eval or d.eval_fraction):
         p.append("train.eval_every: there is no eval data to evaluate; set data.eval or data.eval_fraction (or "
                  "eval_every: null)")
+    if t.evals_per_epoch is not None and not (d.eval or d.eval_fraction):
+        p.append("train.evals_per_epoch: there is no eval data to evaluate; set data.eval or data.eval_fraction")
+    for per_epoch, every in (("evals_per_epoch", "eval_every"), ("saves_per_epoch", "save_every")):
+        if getattr(t, per_epoch) is not None and _changed(t, every):
+            p.append(f"train.{per_epoch} and train.{every}: give one or the other ({per_epoch} sets {every})")
     for key, task in (("text_column", "seq_cls"), ("text_pair_column", "seq_cls"), ("label_column", "seq_cls"),
                       ("tokens_column", "token_cls"), ("tags_column", "token_cls"), ("columns", "causal_lm")):
         if getattr(d, key) is not None and cfg.task != task:
@@ -329,7 +334,7 @@ def _best_and_early_stopping(cfg: RunConfig) -> list[str]:
             p.append(f"train.early_stopping_patience: must be >= 1 (or null), got {t.early_stopping_patience}")
         if t.best_metric is None:
             p.append("train.early_stopping_patience: needs train.best_metric, the eval metric it watches")
-        if not t.eval_every:
+        if not (t.eval_every or t.evals_per_epoch):
             p.append("train.early_stopping_patience: needs train.eval_every (with evals only at the end there is "
                      "nothing to stop early)")
     if not (t.early_stopping_threshold >= 0):

@@ -184,6 +184,12 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
         raise ConfigError(f"train.global_batch_size ({t.global_batch_size}) is larger than the training set "
                           f"({what}); lower it")
     total = t.max_steps or max(1, math.ceil(t.epochs * per_epoch))
+    for per, every, what in (("evals_per_epoch", "eval_every", "evaluating"), ("saves_per_epoch", "save_every",
+                                                                               "checkpointing")):
+        if getattr(t, per):
+            setattr(t, every, max(1, per_epoch // getattr(t, per)))
+            log.info("train.%s=%d: %s every %d steps (an epoch is %d)", per, getattr(t, per), what,
+                     getattr(t, every), per_epoch)
     left_out = n_train - per_epoch * t.global_batch_size
     if left_out and total >= per_epoch and accelerator.is_main_process:  # (a shorter run never reaches them)
         # Every step has the same shape (data/batching.py); the shuffle picks who sits each epoch out.
