@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from scaletune.config import KEY_ALIASES, apply_overrides, from_dict, load_config
+from scaletune.aliases import KEY_ALIASES
+from scaletune.config import apply_overrides, from_dict, load_config
 from scaletune.config_help import config_reference
 from scaletune.errors import ConfigError
 from scaletune.rules import cross_field_problems
