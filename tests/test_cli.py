@@ -970,8 +970,32 @@ def test_slurm_sbatch_arg_is_passed_to_sbatch(capfd, make_config, tmp_path, monk
     assert "Submitted batch job 7" in out and (tmp_path / "logs").is_dir()
     argv = record.read_text().splitlines()
     template = next(i for i, a in enumerate(argv) if a.endswith("single_node.sbatch"))
-    assert argv[template - 2:template] == ["--qos=high", "--mail-type=END"]
+    assert argv[template - 3:template - 1] == ["--qos=high", "--mail-type=END"]
+    assert argv[template - 1] == f"--comment=scaletune output_dir={(tmp_path / 'run').resolve()}"
     assert argv[template + 1:] == [str(Path(path).resolve()), "train.learning_rate=1e-3"]
+
+
+def test_slurm_refuses_an_output_dir_a_queued_job_was_submitted_for(capfd, make_config, tmp_path, monkeypatch):
+    """A job still waiting in the queue holds no run lock: a second `scaletune slurm` of the same run was
+    accepted and queued behind it, to be refused (or to find the run complete) only when it started. Each job
+    carries its output_dir in its comment, and squeue shows it."""
+    path = make_config("causal_lm")
+    out = (tmp_path / "run").resolve()
+    record = tmp_path / "argv.txt"
+    _fake_sbatch(tmp_path / "bin", f'printf "%s\\n" "$@" > {record}; echo "Submitted batch job 7"')
+    squeue = tmp_path / "bin" / "squeue"
+    squeue.write_text(f"#!/bin/sh\necho '5|RUNNING|other'\necho '7|PENDING|scaletune output_dir={out}'\n")
+    squeue.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(["slurm", path, "--gpus-per-node", "0"], capfd)
+    assert_clean_error(code, err, "job 7 (pending) was submitted for it", "--dependency=afterany:7")
+    assert not record.exists()  # nothing submitted
+    code, _, err = run_cli(["slurm", path, "--gpus-per-node", "0", "--sbatch-arg=--dependency=afterany:7"], capfd)
+    assert code == 0, err
+    assert f"--comment=scaletune output_dir={out}" in record.read_text().splitlines()
+    squeue.write_text("#!/bin/sh\necho 'squeue: error: Unable to contact slurm controller' >&2\nexit 1\n")
+    assert run_cli(["slurm", path, "--gpus-per-node", "0"], capfd)[0] == 0  # (squeue cannot tell: sbatch decides)
 
 
 def test_slurm_tells_the_job_which_python_submitted_it(capfd, make_config, tmp_path, monkeypatch):

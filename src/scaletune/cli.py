@@ -293,11 +293,18 @@ def dispatch(args: argparse.Namespace) -> int:
             # A job meant to wait for the run there (chained with --dependency) may be queued beside it.
             if not any(re.match(r"(--dependency=|-d)\S*after\w*:\d", a) for a in args.sbatch_args):
                 from . import runlock
+                from .slurm import queued_job
+
+                if job := queued_job(Path(cfg.output_dir)):  # (a queued job holds no lock yet)
+                    raise UserError(f"output_dir {cfg.output_dir}: job {job[0]} ({job[1]}) was submitted for it "
+                                    "and has not ended; a second job would be refused when it started",
+                                    hint=f"wait for it, scancel it, or queue this one after it: "
+                                         f"--sbatch-arg=--dependency=afterany:{job[0]}")
 
                 runlock.check_free(Path(cfg.output_dir),
                                    hint="wait for that run to end, or queue this job after it: "
                                         "--sbatch-arg=--dependency=afterany:JOBID")
-        return main_slurm(args)  # the config was validated above; the job re-reads it
+        return main_slurm(args, cfg.output_dir)  # the config was validated above; the job re-reads it
     raise AssertionError(args.command)
 
 

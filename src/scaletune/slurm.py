@@ -133,6 +133,30 @@ def time_limit_seconds(text: str) -> int | None:
     return int(days or 0) * 86400 + hms[0] * 3600 + hms[1] * 60 + hms[2]
 
 
+# The job's comment (`sbatch --comment`) names its output_dir: a job still in the queue holds no run lock, so
+# `scaletune slurm` finds a job submitted for the same output_dir through squeue.
+COMMENT = "scaletune output_dir="
+
+
+def queued_job(out: Path) -> tuple[str, str] | None:
+    """(job id, state) of a job of this user, pending or running, that `scaletune slurm` submitted for `out`;
+    None if there is none or squeue cannot tell."""
+    import getpass
+
+    try:
+        done = subprocess.run(["squeue", "-h", "-u", getpass.getuser(), "-o", "%i|%T|%k"], capture_output=True,
+                              text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    wanted = COMMENT + str(Path(out).resolve())
+    for line in done.stdout.splitlines() if done.returncode == 0 else []:
+        job, _, rest = line.partition("|")
+        state, _, comment = rest.partition("|")
+        if comment.strip() == wanted:
+            return job.strip(), state.strip().lower()
+    return None
+
+
 def _signal_lead(sbatch_args: list[str]) -> int:
     """The seconds before the limit at which the job is told to checkpoint (an --sbatch-arg=--signal wins)."""
     lead = SIGNAL_LEAD_S
@@ -142,11 +166,12 @@ def _signal_lead(sbatch_args: list[str]) -> int:
     return lead
 
 
-def main_slurm(args: argparse.Namespace) -> int:
+def main_slurm(args: argparse.Namespace, output_dir: str | None = None) -> int:
     """``scaletune slurm CONFIG [key=value ...] [--nodes N --gpus-per-node G ...] [--dry-run]``.
 
     Reads from `args` (the CLI's namespace): config, overrides, nodes, gpus_per_node, time, partition,
-    account, sbatch_args (raw sbatch options), dry_run. The config is validated by the caller.
+    account, sbatch_args (raw sbatch options), dry_run. The config is validated by the caller; `output_dir`
+    (the run config's) goes into the job's comment (see `queued_job`).
     """
     from .errors import ConfigError  # (imported here: tests/slurm load this file alone, by path)
 
@@ -180,7 +205,8 @@ def main_slurm(args: argparse.Namespace) -> int:
             partition=args.partition,
             account=args.account,
             extra=list(args.overrides),
-            sbatch_args=list(getattr(args, "sbatch_args", []) or []),
+            sbatch_args=[*sbatch_args, *([] if any(a.startswith("--comment") for a in sbatch_args) else
+                                         [f"--comment={COMMENT}{Path(output_dir).resolve()}"] if output_dir else [])],
             template=tpl,
         )
         print(shlex.join(cmd), flush=True)
