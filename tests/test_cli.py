@@ -730,6 +730,8 @@ def test_launch_and_slurm_check_the_peft_section_first(capsys, make_config, noth
     # (a limit given as an sbatch option was not checked)
     (["slurm", "--dry-run", "--gpus-per-node", "0", "--sbatch-arg=--time=3"],
      "--sbatch-arg=--time 3: the job is told to checkpoint 300 s before its time limit"),
+    (["slurm", "--dry-run", "--gpus-per-node", "0", "--time", "10:00", "--sbatch-arg=-t4"],
+     "--sbatch-arg=--time 4: the job is told to checkpoint 300 s"),  # (sbatch takes the last limit given)
     # CPU-only nodes (a process each) have a world size too: the batch check was skipped for them
     (["slurm", "--dry-run", "--nodes", "2", "--gpus-per-node", "0", "train.global_batch_size=8",
       "train.micro_batch_size=8"], "cannot run on 2 node(s) x 1 CPU process(es)"),
@@ -1014,6 +1016,20 @@ def test_slurm_tells_the_job_which_python_submitted_it(capfd, make_config, tmp_p
     monkeypatch.setenv("SCALETUNE_VENV", str(tmp_path / "venv"))  # the user's choice stands
     assert run_cli(["slurm", path, "--gpus-per-node", "0"], capfd)[0] == 0
     assert record.read_text().strip() == ""
+    monkeypatch.delenv("SCALETUNE_VENV")
+    monkeypatch.setattr(sys, "base_prefix", sys.prefix)  # a system or module python: the nodes' PATH finds theirs
+    assert run_cli(["slurm", path, "--gpus-per-node", "0"], capfd)[0] == 0
+    assert record.read_text().strip() == ""
+
+
+def test_slurm_gpus_asked_for_by_sbatch_arg_are_not_checked_as_cpu_nodes(capsys, make_config, nothing_starts):
+    """GPUs asked for with --sbatch-arg=--gres (--gpus-per-node left at 0): the job runs a process per GPU,
+    so the CPU-node world (one process, no CUDA) must not refuse its batch arithmetic or bf16."""
+    path = make_config("causal_lm")
+    code, out, err = run_cli(["slurm", path, "--dry-run", "--nodes", "2", "--gpus-per-node", "0",
+                              "--sbatch-arg=--gres=gpu:4", "train.global_batch_size=16", "train.micro_batch_size=8",
+                              "train.mixed_precision=bf16"], capsys)
+    assert code == 0 and "--gres=gpu:4" in out, err
 
 
 def _hold_lock(out: str, ready, release) -> None:

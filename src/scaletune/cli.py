@@ -283,7 +283,10 @@ def dispatch(args: argparse.Namespace) -> int:
         # one per CPU-only node): refuse now, not after the queue wait
         ppn = os.environ.get("SCALETUNE_PROCS_PER_NODE", "")
         ppn = int(ppn) if ppn.isdigit() and int(ppn) > 0 else max(args.gpus_per_node, 1)
-        problems = cross_field_problems(cfg, world_size=args.nodes * ppn, has_cuda=args.gpus_per_node > 0)
+        # (GPUs asked for through --sbatch-arg=--gres/--gpus*: their count per node is the template's to find)
+        gpus_elsewhere = any(re.match(r"--(gres|gpus)", a) for a in args.sbatch_args) and not args.gpus_per_node
+        problems = [] if gpus_elsewhere else cross_field_problems(cfg, world_size=args.nodes * ppn,
+                                                                   has_cuda=args.gpus_per_node > 0)
         if problems:
             what = f"{args.gpus_per_node} GPU(s)" if args.gpus_per_node > 0 else f"{ppn} CPU process(es)"
             raise ConfigError(problems, title=f"{args.config} cannot run on {args.nodes} node(s) x {what} "

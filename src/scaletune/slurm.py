@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -98,9 +99,10 @@ def submit(cmd: list[str]) -> int:
     created = not logs.exists()
     logs.mkdir(exist_ok=True)
     env = dict(os.environ)
-    if not env.get("SCALETUNE_VENV") and not env.get("SCALETUNE_PYTHON"):
-        # the job's python (exported by --export=ALL): this one, which has scaletune, rather than whatever
-        # `python` is on PATH (a venv's scaletune run without activating it: the job found none)
+    if not env.get("SCALETUNE_VENV") and not env.get("SCALETUNE_PYTHON") and sys.prefix != sys.base_prefix:
+        # the job's python (exported by --export=ALL): this virtualenv's, which has scaletune, rather than
+        # whatever `python` is on PATH (a venv's scaletune run without activating it: the job found none).
+        # Not a system or module python: its path may not exist on the compute nodes, whose PATH finds theirs.
         env["SCALETUNE_PYTHON"] = sys.executable
     # stdout ("Submitted batch job N") is passed through; stderr is kept for the error
     done = subprocess.run(cmd, check=False, stderr=subprocess.PIPE, text=True, env=env)
@@ -176,9 +178,11 @@ def main_slurm(args: argparse.Namespace, output_dir: str | None = None) -> int:
     from .errors import ConfigError  # (imported here: tests/slurm load this file alone, by path)
 
     sbatch_args = list(getattr(args, "sbatch_args", []) or [])
-    # (a limit given as --sbatch-arg=--time=5 was not checked against the lead)
-    given = args.time or next((a.split("=", 1)[1] for a in sbatch_args if a.startswith(("--time=", "-t="))), None)
-    option = "--time" if args.time else "--sbatch-arg=--time"
+    # A limit given as --sbatch-arg=--time=5 (or -t5) is checked too; sbatch takes the last one given, and
+    # the sbatch args come after --time on its command line.
+    raw = [m.group(1) for a in sbatch_args if (m := re.fullmatch(r"(?:--time=|-t=?)(.+)", a))]
+    given = raw[-1] if raw else args.time
+    option = "--sbatch-arg=--time" if raw else "--time"
     text = (given or "").strip()
     # Slurm's "no limit": UNLIMITED / INFINITE / -1, or any form of zero (0, 00:00:00)
     named = text.lower() in ("unlimited", "infinite", "-1")
