@@ -115,6 +115,8 @@ _CONVERSATIONS = [
     [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "one"}, {"role": "assistant", "content": "two"}],
     [{"role": "system", "content": "S"}, {"role": "assistant", "content": "Welcome."}, {"role": "user", "content": "Q"},
      {"role": "assistant", "content": "A"}],
+    [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "{\"name\": \"weather\"}"},
+     {"role": "tool", "content": "sunny"}],
 ]
 
 
@@ -134,6 +136,10 @@ def test_the_built_in_rendering_as_a_chat_template_gives_trainings_text_and_pred
     text = _joined(_render_default(messages, tok.eos_token))
     tok.chat_template = alpaca_style_template(tok)
     assert tok.apply_chat_template(messages, tokenize=False) == tok.bos_token + text
+    # the generation prompt: the text before the next answer, after any last turn (user, answer, tool result)
+    following = _joined(_render_default([*messages, {"role": "assistant", "content": "NEXT"}], tok.eos_token))
+    assert tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == \
+        tok.bos_token + following[:following.index("NEXT" + tok.eos_token)]
     if messages[-1]["role"] == "user":
         segments = [*_render_default(messages, tok.eos_token), ("", True)]
         got = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)

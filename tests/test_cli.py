@@ -109,6 +109,12 @@ def test_tokens_added_to_the_tokenizer_without_embedding_rows_are_refused(capsys
     plain = write_jsonl(tmp_path / "plain.jsonl", [{"text": f"user hi {i}"} for i in range(8)])
     code, _, err = run_cli(["train", path, f"data.train={plain}", "train.max_steps=1", "--overwrite"], capsys)
     assert code == 0, err
+    # a pad token beyond the embedding (a [PAD] added to a tokenizer without one): every padded batch failed
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    tok.add_special_tokens({"pad_token": "[PAD]"})
+    tok.save_pretrained(model)
+    code, _, err = run_cli(["train", path, f"data.train={plain}", "train.max_steps=1", "--overwrite"], capsys)
+    assert_clean_error(code, err, f"the tokenizer's pad token '[PAD]' is id {rows}", "resize_token_embeddings")
 
 
 def test_unknown_peft_method_and_kwargs(capsys, make_config):

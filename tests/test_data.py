@@ -901,7 +901,7 @@ def test_eval_file_in_another_format_is_named(tmp_path, tiny_llama):
     train = write_jsonl(tmp_path / "t.jsonl", [{"instruction": "q", "output": "a"}] * 2)
     evalf = write_jsonl(tmp_path / "e.jsonl", [{"text": "q a"}])
     cfg = _cfg(tmp_path, tiny_llama, data=train, eval=str(evalf))
-    with pytest.raises(DataError, match=r"data.eval: .*e.jsonl holds text records, data.train holds alpaca"):
+    with pytest.raises(DataError, match=r"data.eval: .*e.jsonl:1 is a text record, data.train holds alpaca"):
         build_datasets(cfg, get_task("causal_lm"), load_tokenizer(cfg))
 
 
@@ -1011,9 +1011,14 @@ def test_conversation_formats_mix_and_text_is_named(tmp_path, tiny_llama):
     assert sorted((ex["input_ids"], ex["labels"]) for ex in built["train"]) == sorted(alone[alpaca] + alone[chats])
     assert [(ex["input_ids"], ex["labels"]) for ex in built["eval"]] == alone[messages]
     text = write_jsonl(tmp_path / "text.jsonl", [{"text": "q a"}] * 2)
-    cfg.data.train, cfg.data.eval = [str(alpaca), {"path": str(text), "weight": 2}], None
-    with pytest.raises(DataError, match=f"data.train: {text} holds text records, {alpaca} holds alpaca; text and "
+    cfg.data.train, cfg.data.eval = [str(alpaca), str(chats), {"path": str(text), "weight": 2}], None
+    # (the text file is named, not the sharegpt one before it, which may be mixed)
+    with pytest.raises(DataError, match=f"data.train: {text}:1 is a text record, {alpaca}:1 is alpaca; text and "
                                         "prompt_completion records are not mixed with another format"):
+        build_datasets(cfg, get_task("causal_lm"), tok)
+    both = write_jsonl(tmp_path / "both.jsonl", [{"instruction": "q", "output": "a"}, {"text": "q a"}])
+    cfg.data.train = str(both)  # one file too (its text record failed with alpaca's "field 'instruction'")
+    with pytest.raises(DataError, match=f"data.train: {both}:2 is a text record, {both}:1 is alpaca"):
         build_datasets(cfg, get_task("causal_lm"), tok)
 
 
@@ -1440,6 +1445,20 @@ def test_data_columns_read_another_datas_names_as_a_formats_fields(tmp_path, tin
     text = "\n".join(err.value.problems)
     assert "data.columns.instrucion: not a field any causal_lm format reads" in text and "'instruction'?" in text
     assert "data.columns: column 'question' is named for more than one field" in text
+    from scaletune.tasks.causal_lm import rename_columns
+
+    swapped = [{"instruction": "Q", "output": "A"}]  # (renamed one at a time, a swap lost a field)
+    rename_columns(swapped, {"instruction": "output", "output": "instruction"})
+    assert swapped == [{"instruction": "A", "output": "Q"}]
+
+
+def test_a_column_data_columns_names_and_no_record_has_is_named(tmp_path, tiny_llama, caplog):
+    records = [{"question": "q", "answer": "a"}] * 2
+    cfg = _cfg(tmp_path, tiny_llama, data=write_jsonl(tmp_path / "qa.jsonl", records),
+               columns={"instruction": "question", "output": "answr"})
+    with caplog.at_level("WARNING", logger="scaletune"), pytest.raises(DataError):
+        build_datasets(cfg, get_task("causal_lm"), load_tokenizer(cfg))
+    assert "data.train: no record has the column(s) 'answr' (for output) that data.columns names" in caplog.text
 
 
 @pytest.mark.parametrize("n,fraction", [(10, 0.25), (37, 0.1), (5, 0.5)])

@@ -167,6 +167,13 @@ def check_vocabulary(model: Any, tokenizer: Any, datasets: dict) -> None:
     rows = model.get_input_embeddings().num_embeddings
     if len(tokenizer) <= rows:  # (the common case: a vocabulary padded up to a round number of rows)
         return
+    pad = tokenizer.pad_token_id
+    if pad is not None and pad >= rows:  # (batches are padded with it: a [PAD] added to a Llama tokenizer)
+        raise ConfigError(f"model: the tokenizer's pad token {tokenizer.pad_token!r} is id {pad}, but the model has "
+                          f"embeddings for ids below {rows} only (its tokenizer has {len(tokenizer)} tokens)",
+                          hint="resize the model's embeddings to the tokenizer (model.resize_token_embeddings("
+                               "len(tokenizer)), then save_pretrained with its tokenizer), or use a pad token the "
+                               "model has (e.g. the eos token)")
     import pyarrow.compute as pc
 
     for split in ("train", "eval"):

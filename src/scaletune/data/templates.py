@@ -29,7 +29,7 @@ ALPACA_STYLE = (
     "{% elif m['role'] == 'tool' %}{{ '### Tool result:\n' + m['content'] + '\n\n' }}"
     "{% elif m['role'] == 'assistant' %}"
     "{% if not loop.first and messages[loop.index0 - 1]['role'] != 'user' %}{{ '### Response:\n' }}{% endif %}"
-    "{{ m['content'] + eos_token }}{% if not loop.last %}{{ '\n\n' }}{% endif %}"
+    "{{ m['content'] + eos_token }}{% if not loop.last or add_generation_prompt %}{{ '\n\n' }}{% endif %}"
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt and messages and messages[-1]['role'] != 'user' %}{{ '### Response:\n' }}{% endif %}"
 )

@@ -6,6 +6,7 @@ import bisect
 import functools
 import inspect
 import itertools
+import logging
 import math
 from typing import Any
 
@@ -17,6 +18,8 @@ from ..data.readers import WHERE
 from ..errors import ConfigError, DataError
 from ..trainable_state import unwrap
 from .base import IGNORE, TRUNCATED, UNSTOPPED, Task, ce_sum, pad_batch, register
+
+log = logging.getLogger("scaletune")
 
 
 @functools.lru_cache(maxsize=8)
@@ -72,16 +75,15 @@ class CausalLM(Task):
         return AutoModelForCausalLM
 
     def setup(self, records: list[dict], cfg: Any, source: str) -> list[str] | None:
-        rename_columns(records, cfg.data.columns)
+        rename_columns(records, cfg.data.columns, "data.train")
         self.format = get_format(cfg.data.format, records, source)
         if cfg.data.format == "auto":
             # Conversation formats render alike (a chat): sources in alpaca, sharegpt and messages may be mixed.
             # Plain text and prompt/completion are trained without a template: one of them is the whole run's.
             others = _other_formats(records, self.format)
             if others and {self.format.name, *(f.name for f in others)} & set(NO_CHAT_FORMATS):
-                _one_format(records, self.format)  # (a record in its first record's file: its own error)
-            else:
-                self.mixed = bool(others)
+                _refuse_unmixable(records, self.format, "data.train")
+            self.mixed = bool(others)
         # (an explicit data.format is checked with the config; auto's choice is known only here)
         if cfg.data.chat_template is not None and self.format.name in NO_CHAT_FORMATS:
             raise ConfigError(f"data.chat_template: {source} holds {self.format.name} records, which are not "
@@ -98,16 +100,14 @@ class CausalLM(Task):
         if cfg.data.format != "auto":
             return
         try:
-            own = detect(records, source)
+            detect(records, source)
         except DataError:
             return  # its own records' errors say more
         others = _other_formats(records, self.format)
         if others and {self.format.name, *(f.name for f in others)} & set(NO_CHAT_FORMATS):
             # (else: "field 'instruction' must be a string, got NoneType" on line 1)
-            own = own if own is not self.format else next(iter(others))
-            raise DataError(f"data.eval: {source} holds {own.name} records, data.train holds {self.format.name}; "
-                            "text and prompt_completion records are not mixed with another format: convert one of "
-                            "them, or score the eval file separately with `scaletune eval --data`")
+            _refuse_unmixable(records, self.format, "data.eval", against="data.train",
+                              hint="convert one of them, or score the eval file alone: `scaletune eval --data FILE`")
         self.mixed = self.mixed or bool(others)
 
     def _format_of(self, record: dict) -> Any:
@@ -248,9 +248,7 @@ class CausalLM(Task):
         # only (the comparison waits for the GPU, which would stall every micro-batch).
         if hidden is None or not (self._checked or _same_logits(
                 torch.nn.functional.linear(hidden[:, -1:].to(dtype), w, b), out.logits[:, -1:])):
-            import logging
-
-            logging.getLogger("scaletune").warning(
+            log.warning(
                 "train.chunked_loss: this model's logits are not head(last hidden state); using the usual loss")
             self._head = None
             return self.loss_sum(model, batch)[0]
@@ -270,13 +268,20 @@ class CausalLM(Task):
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "target_tokens": n_targets}
 
 
-def rename_columns(records: list[dict], columns: dict | None) -> None:
+def rename_columns(records: list[dict], columns: dict | None, key: str | None = None) -> None:
     """data.columns ({field: column}): each record's `column` becomes `field`, in place, before the format
-    is detected from the fields."""
-    for rec in records if columns else ():
-        for field, column in columns.items():
-            if column in rec and column != field:
-                rec[field] = rec.pop(column)
+    is detected from the fields (all taken out first: a mapping may swap two names). `key` (data.train):
+    warn about a mapped column that no record has (a misspelling would end in "cannot tell the format")."""
+    if not columns:
+        return
+    for rec in records:
+        taken = {field: rec.pop(column) for field, column in columns.items() if column in rec}
+        rec.update(taken)
+    if key is not None:
+        unseen = [f"{column!r} (for {field})" for field, column in columns.items()
+                  if field not in records[0] and not any(field in rec for rec in records)]
+        if unseen:
+            log.warning("%s: no record has the column(s) %s that data.columns names", key, ", ".join(unseen))
 
 
 def _other_formats(records: list[dict], fmt: Any) -> set:
@@ -292,22 +297,24 @@ def _other_formats(records: list[dict], fmt: Any) -> set:
     return found - {fmt}
 
 
-def _one_format(records: list[dict], fmt: Any) -> None:
-    """Auto-detection reads the first record: a later training source in another format would fail on its
-    first record's missing field ("field 'instruction' is missing"); say that the sources' formats differ."""
-    odd = next((rec for rec in records if not all(col in rec for col in fmt.required)), None)
-    if odd is None:
-        return
-    first, other = (rec.get(WHERE, "?").rsplit(":", 1)[0] for rec in (records[0], odd))
-    if first == other:
-        return  # one file: its record's own error says more
-    try:
-        name = detect([odd], other).name
-    except DataError:
-        return
-    raise DataError(f"data.train: {other} holds {name} records, {first} holds {fmt.name}; text and prompt_completion "
-                    "records are not mixed with another format",
-                    hint="convert one of them (or train on them in separate runs)")
+def _refuse_unmixable(records: list[dict], fmt: Any, key: str, against: str | None = None,
+                      hint: str = "convert one of them (or train on them in separate runs)") -> None:
+    """Raise naming the first record that cannot be trained beside `fmt`'s: a text or prompt_completion record
+    beside a conversation format's, or any other format's beside those (trained without a template), and
+    what it meets (`against`: the first record's place, else data.train's format). None: no such record."""
+    plain = fmt.name in NO_CHAT_FORMATS
+    for rec in records:
+        if all(col in rec for col in fmt.required):
+            continue
+        try:
+            other = detect([rec], "?")
+        except DataError:
+            continue  # (its own error, under fmt, names the field it lacks)
+        if other is not fmt and (plain or other.name in NO_CHAT_FORMATS):
+            meets = f"{against} holds {fmt.name}" if against else f"{records[0].get(WHERE, '?')} is {fmt.name}"
+            article = "an" if other.name[0] in "aeiou" else "a"
+            raise DataError(f"{key}: {rec.get(WHERE, '?')} is {article} {other.name} record, {meets}; text and "
+                            "prompt_completion records are not mixed with another format", hint=hint)
 
 
 def _tokenise_segments(tokenizer: Any, segments: list[tuple[str, Any]]) -> list[list[int]]:
