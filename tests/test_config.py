@@ -169,12 +169,12 @@ def test_other_tools_names_for_values_get_scaletunes():
     with no pointer, as difflib cannot connect them; `report_to: none` (transformers') was an unknown tracker."""
     raw = {**BASE, "task": "ner"}
     assert "did you mean 'token_cls'?" in "\n".join(problems_of(raw))
-    for given, meant in (("completion", "text"), ("chat_template", "messages"), ("input_output", "prompt_completion")):
+    for given, meant in (("pretrain", "text"), ("chat_template", "messages"), ("input_output", "prompt_completion")):
         text = "\n".join(problems_of({**BASE, "data": {**BASE["data"], "format": given}}))
         assert f"did you mean {meant!r}?" in text, text
     assert "did you mean 'alpaca'?" in "\n".join(problems_of({**BASE, "data": {**BASE["data"], "format": "alpacca"}}))
-    cfg = from_dict({**BASE, "train": {"report_to": "none"}})
-    assert cfg.train.report_to == []
+    for none in ("none", ["none"]):
+        assert from_dict({**BASE, "train": {"report_to": none}}).train.report_to == []
 
 
 def test_every_alias_that_names_a_key_names_one_that_exists():

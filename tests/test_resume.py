@@ -391,7 +391,6 @@ def test_a_checkpoint_from_a_newer_scaletune_says_so():
         'version']
 
 
-
 # What a resume may change, and what it must refuse: each trajectory key below decides which examples are
 # trained on, in what order, or with which randomness, so a resume that accepted a change to it would continue
 # another run's trajectory under this one's name (train.seed: data order, dropout and NEFTune noise; data.*:
@@ -402,7 +401,8 @@ TRAJECTORY_CHANGES = [("train", "seed", 43), ("data", "max_length", 512), ("data
 RESUME_FREE_CHANGES = [("train", "max_steps", 500), ("train", "epochs", 5), ("train", "eval_every", 50),
                        ("train", "save_every", 50), ("train", "log_every", 1), ("train", "save_total_limit", 1),
                        ("train", "report_to", []), ("data", "num_workers", 2), ("data", "cache", False),
-                       ("distributed", "zero_stage", 2), ("output_dir", None, "runs/other")]
+                       ("distributed", "zero_stage", 2), ("output_dir", None, "runs/other"),
+                       ("train", "evals_per_epoch", 4)]
 
 
 def test_a_resume_refuses_a_changed_trajectory_key_and_accepts_a_resume_free_one(tmp_path):
@@ -443,6 +443,7 @@ def test_a_resume_refuses_a_changed_trajectory_key_and_accepts_a_resume_free_one
         assert config_fingerprint(new) == config_fingerprint(cfg), (section, key)
         ckpt.check_same_config(path, config_fingerprint(new), False,
                                lambda saved, paths, new=new: config_changes(saved, new))  # accepted
+
 
 def test_a_checkpoint_from_elsewhere_is_copied_in_and_named_latest(tmp_path):
     """Resuming a checkpoint that is not checkpoints/step-N (a left path's, a copy under another name): the

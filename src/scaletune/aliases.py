@@ -87,7 +87,7 @@ KEY_ALIASES: dict[str, str] = {
 VALUE_ALIASES: dict[str, str] = {
     "ner": "token_cls", "token_classification": "token_cls", "classification": "seq_cls",
     "text_classification": "seq_cls", "sequence_classification": "seq_cls", "sft": "causal_lm",
-    "clm": "causal_lm", "causal": "causal_lm", "completion": "text", "pretrain": "text", "pt": "text",
+    "clm": "causal_lm", "causal": "causal_lm", "pretrain": "text", "pt": "text",
     "chat_template": "messages", "openai": "messages", "chatml": "messages", "conversation": "sharegpt",
     "input_output": "prompt_completion",
 }

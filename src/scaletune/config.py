@@ -275,11 +275,12 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         if isinstance(value, str):
             return value
     elif tp is list or origin is list:
+        if key.endswith("report_to") and value in ("none", ["none"]):  # (transformers' "no trackers")
+            return []
         if isinstance(value, list):
             return value
         if isinstance(value, str) and key.endswith("report_to"):
-            # (transformers' TrainingArguments spells "no trackers" report_to: none)
-            return [] if value.strip().lower() == "none" else [value]
+            return [value]
     elif tp is dict or origin is dict:
         if isinstance(value, dict):
             return value

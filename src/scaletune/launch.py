@@ -410,7 +410,8 @@ def main_launch(args: Any) -> int:
         for sig, handler in saved.items():
             # A refusal's error is printed after this, and the process then exits 2: a SIGTERM meanwhile (srun
             # stopping this node's launcher once another node exited with the same error) ended it with 143.
-            # So in a process of its own, a SIGTERM stays deferred (recorded, never answered) to the exit.
+            # So in a process of its own, a SIGTERM stays deferred (recorded, never answered) to the exit (which
+            # follows at once; should it hang, srun's SIGKILL after its kill-wait still ends it).
             if not (refused and sig == signal.SIGTERM and getattr(args, "own_process", False)):
                 signal.signal(sig, handler)
 
