@@ -166,6 +166,41 @@ def _error_from_payload(payload: tuple) -> errors.UserError:
     return exc
 
 
+# Paths each node reads through its own mounts (the same file may be written otherwise there): left out
+# when the ranks' configs are compared.
+_NODE_PATHS = ("output_dir", "data.train", "data.eval", "data.chat_template", "model.name_or_path")
+
+
+def refuse_differing_configs(accelerator: Any, given: dict) -> None:
+    """Every rank trains with one run config. Each node's launcher reads its own file and overrides: a node
+    given another learning rate trained with it silently (run.json records rank 0's), another max_steps
+    ended in a collective mismatch. All ranks raise the same ConfigError, naming the keys that differ."""
+    if accelerator.num_processes < 2:
+        return
+    import torch.distributed as dist
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        out: dict = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+        return out
+
+    mine = {k: v for k, v in flat(json.loads(json.dumps(given, default=str))).items() if k not in _NODE_PATHS}
+    every: list = [None] * accelerator.num_processes
+    dist.all_gather_object(every, mine)
+    for rank, theirs in enumerate(every):
+        keys = sorted(k for k in set(theirs) | set(every[0]) if theirs.get(k) != every[0].get(k))
+        if keys:
+            exc = errors.ConfigError(
+                [f"{k}: {json.dumps(every[0].get(k))} on rank 0, {json.dumps(theirs.get(k))} on rank {rank}"
+                 for k in keys],
+                title=f"the ranks were given different run configs (rank {rank} differs from rank 0)",
+                hint="give every node the same config file and the same key=value overrides")
+            if accelerator.process_index:  # (the same error on every rank: printed in full once per node)
+                exc.relayed_from = 0  # type: ignore[attr-defined]
+            raise exc
+
+
 #: What a collective raises on a rank whose peer exited (gloo, NCCL).
 PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote process exited",
              "NCCL communicator was aborted")

@@ -138,7 +138,7 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
     from transformers.utils import logging as hf_logging
 
     from .data import build_datasets
-    from .distributed import accelerator_kwargs, world_size_from_env
+    from .distributed import accelerator_kwargs, refuse_differing_configs, world_size_from_env
     from .model import (
         AUTOCAST_DTYPES,
         check_vocabulary,
@@ -165,6 +165,7 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
     # (W&B is started by tracking.start_trackers under a project of its own)
     accelerator = Accelerator(project_dir=str(out), log_with=[r for r in t.report_to or [] if r != "wandb"] or None,
                               **accelerator_kwargs(cfg, accum))
+    refuse_differing_configs(accelerator, given_config)
     set_seed(t.seed)
     if t.release_cpu_memory and accelerator.device.type == "cpu":
         from .cpu_memory import release_freed_memory
