@@ -328,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
         # Before anything slow is imported or loaded: a stop signal during start-up then ends in a
         # checkpoint at the first step boundary rather than killing the process (see StopFlag).
         args.stop = StopFlag()
+        if any(var in os.environ for var in ("WORLD_SIZE", "LOCAL_RANK")):  # (distributed.launched, not imported)
+            args.stop.follow_launcher()
     _setup_logging()
     code = _dispatch_reporting(args)
     if argv is None:  # this process's own command line (not a caller's)

@@ -22,6 +22,27 @@ class StopFlag:
     def _handler(self, signum: int, frame: Any) -> None:
         self.signal = signum
 
+    def follow_launcher(self) -> None:
+        """A rank of a launched run: SIGTERM when its launcher (the process that started it) dies, so the ranks
+        checkpoint at the next step boundary and stop. torchrun starts each rank in a session of its own: a
+        launcher killed with SIGKILL (or by the OOM killer) left its ranks training on, orphaned, holding the
+        run's files and the GPUs, and the other nodes waiting for them. Linux only (prctl)."""
+        import ctypes
+        import os
+        import sys
+
+        if not sys.platform.startswith("linux"):
+            return
+        parent = os.getppid()
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(1, signal.SIGTERM, 0, 0, 0) != 0:  # PR_SET_PDEATHSIG
+                return
+        except (OSError, AttributeError):
+            return
+        if os.getppid() != parent:  # (the launcher died before prctl: nothing would send the signal now)
+            self.signal = signal.SIGTERM
+
     @staticmethod
     def settle() -> None:
         """Once training has ended (checkpoint written, or done): ignore further stop signals. Python's

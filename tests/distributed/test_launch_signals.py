@@ -157,3 +157,40 @@ def test_sigterm_while_the_launch_is_checked(make_config, tmp_path, bad):
         assert proc.returncode == 143, err
         assert "scaletune launch: stopped by SIGTERM before any rank started" in err, err
     assert "Traceback" not in err and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_ranks_of_a_launcher_killed_with_sigkill_checkpoint_and_stop(make_config, tmp_path):
+    """torchrun starts each rank in a session of its own: a launcher killed with SIGKILL (or by the OOM killer)
+    left both ranks training on, orphaned, holding the run lock and the other nodes (multi-node helper). A rank
+    now gets SIGTERM when its launcher dies: the ranks checkpoint at the next step and exit."""
+    pytest.importorskip("psutil")
+    path = make_config("causal_lm", train={"max_steps": 100000, "log_every": 1, "save_every": None})
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "scaletune", "launch", str(path), "--nproc", "2",
+           "--master-port", str(stutil.free_port())]
+    log = tmp_path / "launch.err"
+    with log.open("w") as sink:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=sink, env=stutil.child_env())
+    ranks: list[int] = []
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while _trained_steps(out / "metrics.jsonl") < 2:
+            assert proc.poll() is None, log.read_text()[-4000:]
+            assert time.monotonic() < deadline, "the run never reached step 2"
+            time.sleep(0.2)
+        ranks = _ranks(proc.pid)
+        assert len(ranks) == 2, ranks
+        proc.kill()
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 60
+        while any(_alive(pid) for pid in ranks) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        orphans = [pid for pid in ranks if _alive(pid)]
+    finally:
+        for pid in ranks:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert not orphans, f"ranks {orphans} outlived their SIGKILLed launcher\n{log.read_text()[-3000:]}"
+    stopped = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"preempted"' in line]
+    assert len(stopped) == 1, log.read_text()[-4000:]
+    assert (out / "checkpoints" / f"step-{stopped[0]['step']}").is_dir()
