@@ -1104,8 +1104,19 @@ def test_a_rank_that_lost_its_peer_prints_one_line(capsys, make_config, monkeypa
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     code, _, err = run_cli(["train", path], capsys)
-    assert code == 2 and err.strip().splitlines() == [
-        "rank 1: stopped because another rank failed (Connection closed by peer); its error is printed by that rank"]
+    # 3, not 2 (bad input): a node that lost its peer node made the launch look like a config error
+    assert code == 3 and err.strip().splitlines() == [
+        "rank 1: stopped because another rank failed (Connection closed by peer); its error is printed by that rank "
+        "(in its node's log, unless that node was lost)"]
+
+    def peer_silent(args):  # a hung rank: gloo's timeout (distributed.timeout_s) was a 47-line traceback
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:129] Timed out waiting "
+                           "30000ms for send operation to complete")
+
+    monkeypatch.setattr(cli, "dispatch", peer_silent)
+    code, _, err = run_cli(["train", path], capsys)
+    assert code == 3 and err.strip().splitlines() == [
+        "rank 1: stopped: another rank did not answer within distributed.timeout_s (it hung, or its node stopped)"]
 
 
 def test_rank_0s_error_relayed_to_the_others_is_printed_once_per_node(capsys, make_config, monkeypatch):

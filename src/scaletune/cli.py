@@ -16,7 +16,16 @@ import sys
 from pathlib import Path
 
 from .config_file import is_override
-from .errors import EXIT_USAGE, RESUME_AFTER_WRITE, ConfigError, UserError, failed_write, problems_count, write_error
+from .errors import (
+    EXIT_PEER,
+    EXIT_USAGE,
+    RESUME_AFTER_WRITE,
+    ConfigError,
+    UserError,
+    failed_write,
+    problems_count,
+    write_error,
+)
 
 _ADAPTER_HELP = "adapter dir, or a checkpoint dir (uses its adapter/) (default: OUTPUT_DIR/adapter)"
 
@@ -375,15 +384,20 @@ def _dispatch_reporting(args: argparse.Namespace) -> int:
             print(write_error(exc, exc.filename or "a file", hint).render(), file=sys.stderr)
         return EXIT_USAGE
     except RuntimeError as exc:
-        from .distributed import peer_failure
+        from .distributed import PEER_TIMEOUT, peer_failure
 
         why = peer_failure(exc)
         if why is None:
             raise
         # the rank that failed first has printed its own error; this traceback would only bury it
-        print(f"rank {os.environ.get('RANK', '?')}: stopped because another rank failed ({why}); its error is "
-              "printed by that rank", file=sys.stderr)
-        return EXIT_USAGE
+        rank = os.environ.get("RANK", "?")
+        if why in PEER_TIMEOUT:
+            print(f"rank {rank}: stopped: another rank did not answer within distributed.timeout_s (it hung, or "
+                  f"its node stopped){_resume_hint(args)}", file=sys.stderr)
+        else:
+            print(f"rank {rank}: stopped because another rank failed ({why}); its error is printed by that rank "
+                  f"(in its node's log, unless that node was lost){_resume_hint(args)}", file=sys.stderr)
+        return EXIT_PEER
 
 
 def _render_error(exc: UserError) -> str:

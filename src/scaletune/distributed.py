@@ -206,6 +206,10 @@ PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote pr
              "NCCL communicator was aborted")
 
 
+#: What a collective raises when another rank did not answer within distributed.timeout_s (gloo, NCCL).
+PEER_TIMEOUT = ("Timed out waiting", "collective operation timeout")
+
+
 def peer_failure(exc: BaseException) -> str | None:
     """The reason, when `exc` is a launched rank's collective failing because another rank exited; else None.
 
@@ -215,7 +219,7 @@ def peer_failure(exc: BaseException) -> str | None:
     if not launched() or world_size_from_env() < 2 or not isinstance(exc, RuntimeError):
         return None
     text = str(exc)
-    return next((sign for sign in PEER_GONE if sign in text), None)
+    return next((sign for sign in (*PEER_GONE, *PEER_TIMEOUT) if sign in text), None)
 
 
 def process_group_backend(cfg: Any) -> str:

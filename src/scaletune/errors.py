@@ -11,6 +11,9 @@ EXIT_USAGE = 2
 # Distinct code for "stopped on a signal after writing a resumable checkpoint": the Slurm
 # templates requeue on it, and nothing else uses it.
 EXIT_PREEMPTED = 124
+# A rank of a launched run that stopped because another rank failed or stopped answering: the cause is that
+# rank's (its own exit code), so `scaletune launch` leaves this one out of the launch's.
+EXIT_PEER = 3
 
 
 class UserError(Exception):

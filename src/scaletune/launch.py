@@ -41,7 +41,7 @@ from typing import Any
 
 from . import runlock
 from .distributed import deepspeed_config_name, deepspeed_config_path
-from .errors import EXIT_PREEMPTED, EXIT_USAGE, ConfigError, UserError, problems_count
+from .errors import EXIT_PEER, EXIT_PREEMPTED, EXIT_USAGE, ConfigError, UserError, problems_count
 
 
 def _accelerate_executable() -> list[str]:
@@ -176,7 +176,7 @@ def exit_code(codes: list[int]) -> int:
     else 1, as accelerate reports any failure. Processes the launcher killed after the first failure
     say nothing about the cause, so they do not count.
     """
-    own = {code for code in codes if code > 0}
+    own = {code for code in codes if code > 0 and code != EXIT_PEER}  # (a peer's stop: another rank's cause)
     if own in ({EXIT_USAGE}, {EXIT_PREEMPTED}):
         return own.pop()
     return 1
