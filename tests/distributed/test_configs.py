@@ -360,3 +360,23 @@ def test_a_launch_of_another_zero_stage_than_the_configs_is_refused(clean_env, m
     clean_env.setenv("LOCAL_RANK", "1")
     assert main(["train", str(path), "train.global_batch_size=8", "train.micro_batch_size=2"]) == 2
     assert capsys.readouterr().err.strip() == "rank 1: stopped by rank 0's error (rank 0 prints it)"
+
+
+def test_another_node_waits_for_node_0_saying_so_then_gives_up_naming_the_address(capsys) -> None:
+    """A wrong --master-port: torchrun on node 1 waited silently for minutes (or printed a C++ trace per retry
+    where something else answered). It now says it is waiting, and ends after distributed.timeout_s."""
+    import socket
+
+    from scaletune.errors import UserError
+    from scaletune.launch import wait_for_node_0
+
+    with socket.socket() as listening:  # node 0's rendezvous up: no wait
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        wait_for_node_0("127.0.0.1", listening.getsockname()[1], timeout_s=5)
+        closed = listening.getsockname()[1]
+    with pytest.raises(UserError) as err:
+        wait_for_node_0("127.0.0.1", closed, timeout_s=1.5, every_s=0.5)
+    assert "--master-addr 127.0.0.1 --master-port" in str(err.value.problems) and "did not answer within" in str(
+        err.value.problems)
+    assert f"scaletune launch: waiting for node 0 at 127.0.0.1:{closed}" in capsys.readouterr().err
