@@ -201,3 +201,28 @@ def test_causal_lm_loss_scores_each_token_from_the_position_before_it(make_confi
     own = full[:, -width:][:, :-1]  # the logits of the real tokens, whatever came before them
     expected = F.cross_entropy(own.reshape(-1, own.shape[-1]), batch["labels"][:, 1:].reshape(-1), reduction="sum")
     torch.testing.assert_close(loss, expected)
+
+
+def test_a_prompt_encoder_stands_in_with_the_masters_only_where_their_shapes_are_whole(tiny_llama, tmp_path):
+    """The saved prompt embedding comes from float32 masters where the module holds 16-bit copies (ZeRO-1/2);
+    a ZeRO-3 partition (empty shapes) is left as peft saves it rather than failing the run's last save."""
+    from peft import PromptTuningConfig, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from scaletune.trainable_state import prompt_encoders_holding
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama),
+                           PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    key = "prompt_encoder.default.embedding.weight"
+    live = model.prompt_encoder["default"].embedding.weight
+    masters = {key: torch.randn(live.shape, dtype=torch.float32)}
+    model.prompt_encoder["default"].to(torch.bfloat16)  # (what DeepSpeed bf16 holds)
+    with prompt_encoders_holding(model, masters):
+        model.save_pretrained(tmp_path / "a", state_dict=masters)
+    saved = load_file(tmp_path / "a" / "adapter_model.safetensors")["prompt_embeddings"]
+    assert saved.dtype == torch.float32 and torch.equal(saved, masters[key])
+    assert model.prompt_encoder["default"].embedding.weight.dtype == torch.bfloat16  # (the module is left as it was)
+    with prompt_encoders_holding(model, {key: torch.zeros(0)}):  # a partition's shape: no stand-in, no failure
+        model.save_pretrained(tmp_path / "b")
+    assert load_file(tmp_path / "b" / "adapter_model.safetensors")["prompt_embeddings"].dtype == torch.bfloat16

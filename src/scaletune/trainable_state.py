@@ -456,10 +456,12 @@ def prompt_encoders_holding(model: Any, state: dict | None) -> Iterator[None]:
     try:
         for name, encoder in originals.items():
             prefix = f"prompt_encoder.{name}."
+            own = encoder.state_dict()
+            masters = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and k[len(prefix):] in own}
+            if not masters or any(own[k].shape != v.shape for k, v in masters.items()):
+                continue  # (a ZeRO-3 partition holds no whole weight to stand in for: saved as peft saves it)
             stand_in = copy.deepcopy(encoder).float()
-            own = stand_in.state_dict()
-            stand_in.load_state_dict({**own, **{k[len(prefix):]: v for k, v in state.items()
-                                                if k.startswith(prefix) and k[len(prefix):] in own}})
+            stand_in.load_state_dict({**stand_in.state_dict(), **masters})
             encoders[name] = stand_in
         yield
     finally:
