@@ -399,6 +399,8 @@ def test_config_help_lists_a_methods_peft_options(capsys):
     assert "DoRA is peft.method: lora with peft.use_dora: true" in out.splitlines()[0] and "peft.r: int = 8" in out
     code, out, _ = run_cli(["config-help", "--method", "bottleneck_adapter", "reduction"], capsys)
     assert code == 0 and "peft.reduction_factor: int = 16" in out
+    code, out, _ = run_cli(["config-help", "--method", "bottleneck_adapter", "reduction", "--markdown"], capsys)
+    assert code == 0 and "| `peft.reduction_factor` | int | 16 | bottleneck width = hidden // reduction_factor |" in out
     code, _, err = run_cli(["config-help", "--method", "loar"], capsys)
     assert code == 2 and "--method loar: not a peft method (did you mean 'lora'?)" in err
     code, _, err = run_cli(["config-help", "--method", "ia3", "nothing_like_it"], capsys)

@@ -223,7 +223,7 @@ def dispatch(args: argparse.Namespace) -> int:
     check_args(args)
     if args.command == "config-help":
         if args.method:
-            print(method_help(args.method, args.keys))
+            print(method_help(args.method, args.keys, markdown=args.markdown))
         else:
             print(config_reference(args.keys) if args.markdown else config_help(args.keys))
         return 0

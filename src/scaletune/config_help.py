@@ -41,8 +41,12 @@ def config_rows() -> list[tuple[str, str, str, str]]:
 def config_reference(wanted: list[str] | tuple[str, ...] = ()) -> str:
     """Markdown table of the keys containing any of `wanted` (every key without: the README's) with their
     type, default and help."""
+    return _table(_rows(wanted))
+
+
+def _table(rows: list[tuple[str, str, str, str]]) -> str:
     lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
-    for key, *cells in _rows(wanted):
+    for key, *cells in rows:
         # a bare | inside a cell (Literal types: "a | b") would split it into extra columns
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in (f"`{key}`", *cells)) + " |")
     return "\n".join(lines)
@@ -57,7 +61,7 @@ def config_help(wanted: list[str]) -> str:
                      for key, kind, default, meaning in _rows(wanted))
 
 
-def method_help(method: str, wanted: list[str]) -> str:
+def method_help(method: str, wanted: list[str], markdown: bool = False) -> str:
     """`config-help --method M [KEYS]`: the `peft.*` options of method M (its peft config class's fields, with
     peft's defaults and help text), which the run-config table leaves at `peft: dict`."""
     import peft
@@ -86,9 +90,11 @@ def method_help(method: str, wanted: list[str]) -> str:
     if not rows:
         raise UserError(f"{cls.__name__} has no option containing {' or '.join(map(repr, wanted))}",
                         hint=f"scaletune config-help --method {method} lists them all")
+    how = how_to_select(method)
+    head = f"peft.method: {name} ({cls.__name__})" + (f"; {how}" if how else "")
+    if markdown:
+        return head + "\n\n" + _table(rows)
     width = min(100, shutil.get_terminal_size().columns)
-    head = f"peft.method: {name} ({cls.__name__})" + (
-        f"; {how_to_select(method)}" if how_to_select(method) else "")
     return head + "\n" + "\n".join(
         f"{key}: {kind} = {default}\n"
         + textwrap.fill(meaning or "(no description)", width, initial_indent="    ", subsequent_indent="    ")
