@@ -1003,6 +1003,10 @@ def test_slurm_refuses_an_output_dir_a_queued_job_was_submitted_for(capfd, make_
     assert not record.exists()  # nothing submitted
     code, _, err = run_cli(["slurm", path, "--gpus-per-node", "0", "--sbatch-arg=--dependency=afterany:7"], capfd)
     assert code == 0, err
+    assert run_cli(["slurm", path, "--gpus-per-node", "0", "--sbatch-arg=--dependency=singleton"], capfd)[0] == 0
+    monkeypatch.setenv("SLURM_JOB_ID", "7")  # job 7 submitting its own continuation: not a duplicate of itself
+    assert run_cli(["slurm", path, "--gpus-per-node", "0"], capfd)[0] == 0
+    monkeypatch.delenv("SLURM_JOB_ID")
     assert f"--comment=scaletune output_dir={out}" in record.read_text().splitlines()
     squeue.write_text("#!/bin/sh\necho 'squeue: error: Unable to contact slurm controller' >&2\nexit 1\n")
     assert run_cli(["slurm", path, "--gpus-per-node", "0"], capfd)[0] == 0  # (squeue cannot tell: sbatch decides)
@@ -1038,6 +1042,10 @@ def test_slurm_gpus_asked_for_by_sbatch_arg_are_not_checked_as_cpu_nodes(capsys,
                               "--sbatch-arg=--gres=gpu:4", "train.global_batch_size=16", "train.micro_batch_size=8",
                               "train.mixed_precision=bf16"], capsys)
     assert code == 0 and "--gres=gpu:4" in out, err
+    code, _, err = run_cli(["slurm", path, "--dry-run", "--nodes", "2", "--gpus-per-node", "0",  # (no GPU in it)
+                            "--sbatch-arg=--gres=lscratch:100", "train.global_batch_size=8",
+                            "train.micro_batch_size=8"], capsys)
+    assert_clean_error(code, err, "cannot run on 2 node(s) x 1 CPU process(es)")
 
 
 def _hold_lock(out: str, ready, release) -> None:

@@ -173,7 +173,7 @@ def test_other_tools_names_for_values_get_scaletunes():
         text = "\n".join(problems_of({**BASE, "data": {**BASE["data"], "format": given}}))
         assert f"did you mean {meant!r}?" in text, text
     assert "did you mean 'alpaca'?" in "\n".join(problems_of({**BASE, "data": {**BASE["data"], "format": "alpacca"}}))
-    for none in ("none", ["none"]):
+    for none in ("none", ["none"], "None", [" NONE"]):
         assert from_dict({**BASE, "train": {"report_to": none}}).train.report_to == []
 
 
@@ -626,3 +626,11 @@ def test_a_peft_key_the_method_does_not_read_can_be_removed_from_the_command_lin
     with pytest.raises(ConfigError, match=r"override '~peft\.r=5': ~peft\.r removes a key and takes no value; "
                                           r"give peft\.r=5 to set it"):
         load_config(path, ["~peft.r=5"])
+
+
+def test_p_tuning_is_refused_under_zero3():
+    """peft saves a p-tuning adapter by running its prompt encoder on the main rank alone, whose weights ZeRO-3
+    gathers from every rank: the last save would hang (prefix and prompt tuning are refused by the matrix)."""
+    raw = {**BASE, "peft": {"method": "p_tuning", "num_virtual_tokens": 4}, "distributed": {"zero_stage": 3}}
+    assert any("peft.method=p_tuning with distributed.zero_stage=3" in p for p in problems_of(raw))
+    assert not [p for p in problems_of({**raw, "train": {"learning_rate": "x"}}) if "p_tuning" in p and "zero_stage=2" in p]

@@ -1479,3 +1479,15 @@ def test_eval_fraction_split_is_a_fixed_partition(n, fraction):
     assert split_eval([dict(r) for r in records], fraction, seed=3) == (train, held)
     other = [split_eval(records, fraction, seed=s)[1] for s in range(4, 12)]
     assert any(o != held for o in other)  # the seed picks the split (not always the first records)
+
+
+def test_eval_only_data_is_named_by_its_own_key(tmp_path, tiny_llama):
+    """`scaletune eval --data FILE` sets up FILE as training sets up data.train: its problems named
+    data.train (a file the user never gave under that key)."""
+    from scaletune.data import build_eval_only
+
+    both = write_jsonl(tmp_path / "both.jsonl", [{"instruction": "q", "output": "a"}, {"text": "q a"}])
+    cfg = _cfg(tmp_path, tiny_llama, data=both)
+    cfg.data.eval = str(both)
+    with pytest.raises(DataError, match=f"--data: {both}:2 is a text record"):
+        build_eval_only(cfg, get_task("causal_lm"), load_tokenizer(cfg), "--data")

@@ -293,7 +293,8 @@ def dispatch(args: argparse.Namespace) -> int:
         ppn = os.environ.get("SCALETUNE_PROCS_PER_NODE", "")
         ppn = int(ppn) if ppn.isdigit() and int(ppn) > 0 else max(args.gpus_per_node, 1)
         # (GPUs asked for through --sbatch-arg=--gres/--gpus*: their count per node is the template's to find)
-        gpus_elsewhere = any(re.match(r"--(gres|gpus)", a) for a in args.sbatch_args) and not args.gpus_per_node
+        gpus_elsewhere = not args.gpus_per_node and any(
+            re.match(r"(--gres=\S*gpu|--gpus|-G)", a) for a in args.sbatch_args)
         problems = [] if gpus_elsewhere else cross_field_problems(cfg, world_size=args.nodes * ppn,
                                                                    has_cuda=args.gpus_per_node > 0)
         if problems:
@@ -307,7 +308,9 @@ def dispatch(args: argparse.Namespace) -> int:
                 from . import runlock
                 from .slurm import queued_job
 
-                if job := queued_job(Path(cfg.output_dir)):  # (a queued job holds no lock yet)
+                # (singleton waits for the user's queued jobs of the same name, not for a run outside Slurm)
+                singleton = any(re.match(r"(--dependency=|-d)\S*singleton", a) for a in args.sbatch_args)
+                if not singleton and (job := queued_job(Path(cfg.output_dir))):  # (a queued job holds no lock)
                     raise UserError(f"output_dir {cfg.output_dir}: job {job[0]} ({job[1]}) was submitted for it "
                                     "and has not ended; a second job would be refused when it started",
                                     hint=f"wait for it, scancel it, or queue this one after it: "
@@ -337,7 +340,9 @@ def main(argv: list[str] | None = None) -> int:
         # Before anything slow is imported or loaded: a stop signal during start-up then ends in a
         # checkpoint at the first step boundary rather than killing the process (see StopFlag).
         args.stop = StopFlag()
-        if any(var in os.environ for var in ("WORLD_SIZE", "LOCAL_RANK")):  # (distributed.launched, not imported)
+        # a rank torchrun started (not a process a leftover WORLD_SIZE=1 marks, under nohup: its shell's exit
+        # would stop it)
+        if "TORCHELASTIC_RUN_ID" in os.environ or (os.environ.get("WORLD_SIZE") or "1").strip() not in ("0", "1"):
             args.stop.follow_launcher()
     _setup_logging()
     code = _dispatch_reporting(args)

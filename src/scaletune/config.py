@@ -182,8 +182,9 @@ class DistributedConfig:
     offload: Literal["none", "optimizer", "params", "all"] = _f("none", "ZeRO offload of states to CPU.")
     backend: Literal["nccl", "gloo"] | None = _f(None, "Process-group backend; default nccl on GPU, gloo on CPU.")
     timeout_s: int = _f(1800, "Seconds a rank waits in a collective for the others before the run fails (the "
-                        "process group's timeout; NCCL's own default is 600). Not the wait for the main process "
-                        "to tokenise the data: that one waits as long as it takes.")
+                        "process group's timeout; NCCL's own default is 600), and the longest another node's "
+                        "launcher waits for node 0 to start. Not the wait for the main process to tokenise the "
+                        "data: that one waits as long as it takes.")
 
 
 @dataclass(kw_only=True)
@@ -275,8 +276,9 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         if isinstance(value, str):
             return value
     elif tp is list or origin is list:
-        if key.endswith("report_to") and value in ("none", ["none"]):  # (transformers' "no trackers")
-            return []
+        if key.endswith("report_to") and [str(v).strip().lower() for v in (value if isinstance(value, list)
+                                                                            else [value])] == ["none"]:
+            return []  # (transformers' "no trackers")
         if isinstance(value, list):
             return value
         if isinstance(value, str) and key.endswith("report_to"):

@@ -168,7 +168,9 @@ def _error_from_payload(payload: tuple) -> errors.UserError:
 
 # Paths each node reads through its own mounts (the same file may be written otherwise there): left out
 # when the ranks' configs are compared.
-_NODE_PATHS = ("output_dir", "data.train", "data.eval", "data.chat_template", "model.name_or_path")
+_NODE_PATHS = ("output_dir", "data.train", "data.eval", "data.chat_template", "model.name_or_path",
+               # and what only concerns one process or node: its data workers and cache, its memory, its trackers
+               "data.num_workers", "data.num_proc", "data.cache", "train.release_cpu_memory", "train.report_to")
 
 
 def refuse_differing_configs(accelerator: Any, given: dict) -> None:

@@ -517,7 +517,7 @@ def greedy_without_cache(model: Any, ids: torch.Tensor, max_new_tokens: int,
 @functools.cache
 def _warn_unapplied(settings: str) -> None:
     """Once per process and set of settings (not once per input line)."""
-    log.warning("predict: a prompt-learning adapter is decoded greedily by scaletune's own loop (peft's generate "
+    log.warning("predict: a prompt-learning adapter is decoded by scaletune's own loop (peft's generate "
                 "is wrong for it), which does not apply the model's generation_config %s", settings)
 
 

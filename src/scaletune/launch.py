@@ -183,11 +183,12 @@ def exit_code(codes: list[int]) -> int:
     return 1
 
 
-def wait_for_node_0(addr: str, port: int, timeout_s: float, every_s: float = 30.0) -> None:
-    """Another node's launcher: wait until node 0's rendezvous answers at addr:port, saying so every `every_s`,
-    and give up after `timeout_s` (distributed.timeout_s) with one error. torchrun waited silently (a wrong
-    --master-port: nothing printed for minutes) or, where something else answered, printed a 20-line C++
-    trace per retry for 15 minutes."""
+def wait_for_node_0(addr: str, port: int, timeout_s: float, every_s: float = 30.0) -> str | None:
+    """Another node's launcher: wait until node 0's rendezvous answers at addr:port, saying so every `every_s`;
+    after `timeout_s` (distributed.timeout_s) give up and return what to print (None: node 0 answered).
+    torchrun waited silently (a wrong --master-port: nothing printed for minutes) or, where something else
+    answered, printed a 20-line C++ trace per retry for 15 minutes. Not a UserError (exit 2, bad input):
+    node 0 may as well be down or slow."""
     import socket
 
     start = last = time.monotonic()
@@ -199,10 +200,10 @@ def wait_for_node_0(addr: str, port: int, timeout_s: float, every_s: float = 30.
             why = exc.strerror or str(exc) or type(exc).__name__
         now = time.monotonic()
         if now - start >= timeout_s:
-            raise UserError(f"--master-addr {addr} --master-port {port}: node 0 did not answer within "
-                            f"distributed.timeout_s ({timeout_s:g} s; last: {why})",
-                            hint="start node 0 with the same --master-addr/--master-port (its address as this node "
-                                 "reaches it), and check that the port is open between the nodes")
+            return (f"scaletune launch: node 0 did not answer at --master-addr {addr} --master-port {port} within "
+                    f"distributed.timeout_s ({timeout_s:g} s; last: {why}); start node 0 with the same "
+                    "--master-addr/--master-port (its address as this node reaches it), and check that the port "
+                    "is open between the nodes")
         if now - last >= every_s:
             print(f"scaletune launch: waiting for node 0 at {addr}:{port} ({now - start:.0f} s; {why})",
                   file=sys.stderr, flush=True)
@@ -514,8 +515,11 @@ def _checked_launch(args: Any, cfg: Any, overrides: list[str], nproc: int, nnode
     if dry_run:
         return 0
     if nnodes > 1 and int(getattr(args, "node_rank", None) or 0) > 0:
-        wait_for_node_0(str(getattr(args, "master_addr", None) or "127.0.0.1"),
-                        int(getattr(args, "master_port", None) or 29500), cfg.distributed.timeout_s)
+        gave_up = wait_for_node_0(str(getattr(args, "master_addr", None) or "127.0.0.1"),
+                                  int(getattr(args, "master_port", None) or 29500), cfg.distributed.timeout_s)
+        if gave_up:
+            print(gave_up, file=sys.stderr, flush=True)
+            return 1
     from .tracking import LAUNCH_ARGV
 
     # run.json's argv: the command that was typed (the ranks inherit the environment)

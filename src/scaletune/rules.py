@@ -218,6 +218,10 @@ def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_c
     if method in VIRTUAL_TOKEN_METHODS and d.packing:
         p.append(f"data.packing with peft.method={method}: virtual tokens cannot be isolated per packed "
                  "example; set packing: false")
+    if method == "p_tuning" and dist.zero_stage == 3:  # (prefix and prompt tuning: the method matrix's refusal)
+        p.append("peft.method=p_tuning with distributed.zero_stage=3: peft saves the adapter by running its prompt "
+                 "encoder on the main rank alone, whose weights ZeRO-3 gathers from every rank (the save would "
+                 "hang); use ZeRO-2")
     if method in ("prefix_tuning",) and m.gradient_checkpointing:
         p.append("model.gradient_checkpointing with peft.method=prefix_tuning is not supported by peft "
                  "(past key values); set gradient_checkpointing: false")

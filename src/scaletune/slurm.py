@@ -99,7 +99,8 @@ def submit(cmd: list[str]) -> int:
     created = not logs.exists()
     logs.mkdir(exist_ok=True)
     env = dict(os.environ)
-    if not env.get("SCALETUNE_VENV") and not env.get("SCALETUNE_PYTHON") and sys.prefix != sys.base_prefix:
+    own_env = sys.prefix != sys.base_prefix or os.environ.get("CONDA_PREFIX") == sys.prefix  # (venv, conda env)
+    if not env.get("SCALETUNE_VENV") and not env.get("SCALETUNE_PYTHON") and own_env:
         # the job's python (exported by --export=ALL): this virtualenv's, which has scaletune, rather than
         # whatever `python` is on PATH (a venv's scaletune run without activating it: the job found none).
         # Not a system or module python: its path may not exist on the compute nodes, whose PATH finds theirs.
@@ -154,7 +155,7 @@ def queued_job(out: Path) -> tuple[str, str] | None:
     for line in done.stdout.splitlines() if done.returncode == 0 else []:
         job, _, rest = line.partition("|")
         state, _, comment = rest.partition("|")
-        if comment.strip() == wanted:
+        if comment.strip() == wanted and job.strip() != os.environ.get("SLURM_JOB_ID"):  # (not the job itself)
             return job.strip(), state.strip().lower()
     return None
 

@@ -367,7 +367,6 @@ def test_another_node_waits_for_node_0_saying_so_then_gives_up_naming_the_addres
     where something else answered). It now says it is waiting, and ends after distributed.timeout_s."""
     import socket
 
-    from scaletune.errors import UserError
     from scaletune.launch import wait_for_node_0
 
     with socket.socket() as listening:  # node 0's rendezvous up: no wait
@@ -375,8 +374,41 @@ def test_another_node_waits_for_node_0_saying_so_then_gives_up_naming_the_addres
         listening.listen()
         wait_for_node_0("127.0.0.1", listening.getsockname()[1], timeout_s=5)
         closed = listening.getsockname()[1]
-    with pytest.raises(UserError) as err:
-        wait_for_node_0("127.0.0.1", closed, timeout_s=1.5, every_s=0.5)
-    assert "--master-addr 127.0.0.1 --master-port" in str(err.value.problems) and "did not answer within" in str(
-        err.value.problems)
+    gave_up = wait_for_node_0("127.0.0.1", closed, timeout_s=1.5, every_s=0.5)  # (the launch then exits 1)
+    assert f"node 0 did not answer at --master-addr 127.0.0.1 --master-port {closed} within" in gave_up
     assert f"scaletune launch: waiting for node 0 at 127.0.0.1:{closed}" in capsys.readouterr().err
+
+
+def test_ranks_configs_are_compared_without_what_concerns_one_node(monkeypatch) -> None:
+    """Data workers, the cache, memory release and trackers may differ per node (another CPU count); a
+    trajectory key may not. (The real 2-node refusal: test_scale_out.py.)"""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from scaletune.distributed import refuse_differing_configs
+    from scaletune.errors import ConfigError
+
+    base = {"train": {"learning_rate": 0.01, "release_cpu_memory": False, "report_to": ["tensorboard"]},
+            "data": {"num_workers": 2, "num_proc": 1, "cache": True, "train": "/a/t.jsonl"}, "output_dir": "/a/run"}
+    other = {"train": {"learning_rate": 0.01, "release_cpu_memory": True, "report_to": []},
+             "data": {"num_workers": 8, "num_proc": 4, "cache": False, "train": "/mnt/b/t.jsonl"}, "output_dir": "/b"}
+    acc = SimpleNamespace(num_processes=2, process_index=0)
+
+    def compared(config):
+        """What the rank given `config` contributes to the gather."""
+        seen = []
+        monkeypatch.setattr(dist, "all_gather_object", lambda out, mine: (seen.append(mine), out.__setitem__(
+            slice(None), [mine, mine])))
+        refuse_differing_configs(acc, config)
+        return seen[0]
+
+    def check(theirs):
+        peer = compared(theirs)
+        monkeypatch.setattr(dist, "all_gather_object", lambda out, mine: out.__setitem__(slice(None), [mine, peer]))
+        refuse_differing_configs(acc, base)
+
+    check(other)  # only per-node keys and paths differ
+    with pytest.raises(ConfigError) as err:
+        check({**other, "train": {**other["train"], "learning_rate": 0.05}})
+    assert err.value.problems == ["train.learning_rate: 0.01 on rank 0, 0.05 on rank 1"]

@@ -376,7 +376,7 @@ def build_eval_only(cfg: Any, task: Any, tokenizer: Any, key: str) -> Any:
     named by `key` (--data, or data.eval when the path came from the config), never data.train. The labels
     are the adapter's (cfg.data.labels); not cached."""
     records = read_records(cfg.data.eval, key=key, conll=cfg.data.format == "conll")
-    labels = task.setup(records, cfg, cfg.data.eval)
+    labels = task.setup(records, cfg, cfg.data.eval, key=key)
     ignored = task.ignored_fields(records, key)
     if ignored:
         log.warning(ignored)

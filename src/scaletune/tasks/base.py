@@ -53,7 +53,7 @@ class Task:
                 "label2id": {name: i for i, name in enumerate(labels)}}
 
     # --- data ---
-    def setup(self, records: list[dict], cfg: Any, source: str) -> list[str] | None:
+    def setup(self, records: list[dict], cfg: Any, source: str, key: str = "data.train") -> list[str] | None:
         """Inspect the training records once (format, label set); returns the label names if any."""
         return None
 

@@ -74,15 +74,15 @@ class CausalLM(Task):
 
         return AutoModelForCausalLM
 
-    def setup(self, records: list[dict], cfg: Any, source: str) -> list[str] | None:
-        rename_columns(records, cfg.data.columns, "data.train")
+    def setup(self, records: list[dict], cfg: Any, source: str, key: str = "data.train") -> list[str] | None:
+        rename_columns(records, cfg.data.columns, key)
         self.format = get_format(cfg.data.format, records, source)
         if cfg.data.format == "auto":
             # Conversation formats render alike (a chat): sources in alpaca, sharegpt and messages may be mixed.
             # Plain text and prompt/completion are trained without a template: one of them is the whole run's.
             others = _other_formats(records, self.format)
             if others and {self.format.name, *(f.name for f in others)} & set(NO_CHAT_FORMATS):
-                _refuse_unmixable(records, self.format, "data.train")
+                _refuse_unmixable(records, self.format, key)
             self.mixed = bool(others)
         # (an explicit data.format is checked with the config; auto's choice is known only here)
         if cfg.data.chat_template is not None and self.format.name in NO_CHAT_FORMATS:

@@ -38,7 +38,7 @@ class SeqCls(Task):
 
         return AutoModelForSequenceClassification
 
-    def setup(self, records: list[dict], cfg: Any, source: str) -> list[str] | None:
+    def setup(self, records: list[dict], cfg: Any, source: str, key: str = "data.train") -> list[str] | None:
         d = cfg.data
         self.text = _pick(records, d.text_column, _TEXT_COLUMNS, "text", "data.text_column", source)
         self.pair = d.text_pair_column

@@ -44,7 +44,7 @@ class TokenCls(Task):
 
         return AutoModelForTokenClassification
 
-    def setup(self, records: list[dict], cfg: Any, source: str) -> list[str] | None:
+    def setup(self, records: list[dict], cfg: Any, source: str, key: str = "data.train") -> list[str] | None:
         first = records[0]
         self.tokens = cfg.data.tokens_column or next((c for c in _TOKEN_COLUMNS if c in first), None)
         self.tags = cfg.data.tags_column or next((c for c in _TAG_COLUMNS if c in first), None)
