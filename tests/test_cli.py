@@ -109,6 +109,13 @@ def test_tokens_added_to_the_tokenizer_without_embedding_rows_are_refused(capsys
     plain = write_jsonl(tmp_path / "plain.jsonl", [{"text": f"user hi {i}"} for i in range(8)])
     code, _, err = run_cli(["train", path, f"data.train={plain}", "train.max_steps=1", "--overwrite"], capsys)
     assert code == 0, err
+    # the run's predict and eval given the added tokens: were torch's IndexError from the embedding lookup
+    lines = tmp_path / "in.txt"
+    lines.write_text("hi\n<|im_start|>user hi\n")
+    code, _, err = run_cli(["predict", path, f"data.train={plain}", "--input", lines], capsys)
+    assert_clean_error(code, err, f"{lines}:2: holds '<|im_start|>' ({rows})", "no embedding for")
+    code, _, err = run_cli(["eval", path, f"data.train={plain}", "--data", data], capsys)
+    assert_clean_error(code, err, f"--data: the examples hold token ids up to {rows + 1}")
     # a pad token beyond the embedding (a [PAD] added to a tokenizer without one): every padded batch failed
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     tok.add_special_tokens({"pad_token": "[PAD]"})
@@ -395,6 +402,8 @@ def test_config_help_lists_a_methods_peft_options(capsys):
     code, out, _ = run_cli(["config-help", "--method", "lora", "alpha"], capsys)
     assert code == 0 and out.startswith("peft.method: lora (LoraConfig)\n"), out
     assert "peft.lora_alpha: int = 8\n    Lora alpha" in out and "peft.r:" not in out
+    code, out, _ = run_cli(["config-help", "--method", "qlora", "r"], capsys)
+    assert out.startswith("peft.method: lora (LoraConfig); QLoRA is peft.method: lora with model.quantization: 4bit")
     code, out, _ = run_cli(["config-help", "--method", "DoRA"], capsys)
     assert "DoRA is peft.method: lora with peft.use_dora: true" in out.splitlines()[0] and "peft.r: int = 8" in out
     code, out, _ = run_cli(["config-help", "--method", "bottleneck_adapter", "reduction"], capsys)

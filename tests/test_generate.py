@@ -224,7 +224,10 @@ def test_sampling_options_are_checked(capsys, make_config):
     from scaletune.cli import main
 
     path = make_config("causal_lm")
-    for args, wanted in ((["--temperature", "-1"], "--temperature: must be >= 0"),
+    for args, wanted in ((["--temperature", "-1"], "--temperature: must be a number >= 0"),
+                         (["--temperature", "inf"], "--temperature: must be a number >= 0"),
+                         (["--temperature", "1", "--seed", str(2**70)], "--seed: must be in [0, 2**63)"),
+                         (["--seed", "3"], "--seed: sampling only"),
                          (["--temperature", "1", "--top-p", "0"], "--top-p: must be in (0, 1]"),
                          (["--top-p", "0.9"], "--top-p: sampling only; give a --temperature > 0 too")):
         assert main(["predict", str(path), *args]) == 2

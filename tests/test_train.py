@@ -638,6 +638,12 @@ def test_evals_and_saves_per_epoch_set_the_step_intervals(make_config, tmp_path,
     out = tmp_path / "run"
     assert [r["step"] for r in read_metrics(out, "eval")] == [2, 4, 6, 8, 10, 12, 14, 16]
     assert sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*")) == [4, 8, 12, 16]
+    # run.json's config runs again as it is (it held the resolved eval_every beside evals_per_epoch: refused)
+    saved = json.loads((out / "run.json").read_text())["config"]
+    assert saved["train"]["evals_per_epoch"] == 4 and saved["train"]["eval_every"] == 200  # (the default: unset)
+    again = tmp_path / "again.yaml"
+    again.write_text(yaml.safe_dump({**saved, "output_dir": str(tmp_path / "again")}))
+    load_config(again, [], check_peft=True)
     # one or the other; and evals need eval data
     with pytest.raises(ConfigError) as err:
         load_config(path, ["train.eval_every=5", "data.eval=null"], check_peft=True)

@@ -170,12 +170,16 @@ def check_args(args: argparse.Namespace) -> None:
     if cmd == "predict":
         if args.max_new_tokens < 1:
             problems.append(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")
-        if not args.temperature >= 0:  # (also NaN)
-            problems.append(f"--temperature: must be >= 0 (0: greedy), got {args.temperature}")
+        if not 0 <= args.temperature < float("inf"):  # (also NaN)
+            problems.append(f"--temperature: must be a number >= 0 (0: greedy), got {args.temperature}")
         if not 0 < args.top_p <= 1:
             problems.append(f"--top-p: must be in (0, 1], got {args.top_p}")
         elif args.top_p < 1 and not args.temperature:
             problems.append("--top-p: sampling only; give a --temperature > 0 too")
+        if not 0 <= args.seed < 2**63:  # (torch.manual_seed's range)
+            problems.append(f"--seed: must be in [0, 2**63), got {args.seed}")
+        elif args.seed and not args.temperature:
+            problems.append("--seed: sampling only (greedy completions need no seed); give a --temperature > 0 too")
         if args.input not in (None, "-") and not Path(args.input).is_file():
             what = "is a directory" if Path(args.input).is_dir() else "file not found"
             problems.append(f"--input {args.input}: {what}")

@@ -70,12 +70,13 @@ def method_help(method: str, wanted: list[str], markdown: bool = False) -> str:
     from .methods import MATRIX, how_to_select
 
     row = MATRIX.get(method.lower())
-    name = row.peft_method if row is not None else method.lower()
+    name = row.peft_method if row is not None else "lora" if method.lower() == "qlora" else method.lower()
     classes = {str(getattr(k, "value", k)).lower(): v for k, v in peft.mapping.PEFT_TYPE_TO_CONFIG_MAPPING.items()}
     if name not in classes:
         close = difflib.get_close_matches(name, list(classes), n=1)
+        variants = ", ".join(sorted(set(MATRIX) - set(classes)))
         raise UserError(f"--method {method}: not a peft method{f' (did you mean {close[0]!r}?)' if close else ''}",
-                        hint=f"known: {', '.join(sorted(set(classes) | set(MATRIX)))}")
+                        hint=f"known: {', '.join(sorted(classes))} (and the variants {variants}, qlora)")
     cls = classes[name]
     own = {f.name for f in dataclasses.fields(peft.PeftConfig)}  # (task type, peft version...: scaletune's to set)
     rows = []

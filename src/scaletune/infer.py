@@ -103,7 +103,7 @@ def run_eval(cfg: RunConfig, adapter: str | None, data: str | None) -> dict:
     from .data import build_datasets, build_eval_only
     from .data.sources import describe
     from .evaluate import evaluate
-    from .model import AUTOCAST_DTYPES
+    from .model import AUTOCAST_DTYPES, check_vocabulary
 
     path = _adapter_dir(cfg, adapter)  # (a missing adapter is the first thing to say)
     if data:
@@ -123,6 +123,7 @@ def run_eval(cfg: RunConfig, adapter: str | None, data: str | None) -> dict:
         evalset = build_eval_only(cfg, task, tokenizer, "--data" if data else "data.eval")
     else:  # data.eval_fraction: the part of the training file that training held out
         evalset = build_datasets(cfg, task, tokenizer, None, for_eval=True)["eval"]
+    check_vocabulary(model, tokenizer, {"eval": evalset}, "--data" if data else "data.eval")
     what = cfg.data.eval or f"the {cfg.data.eval_fraction:g} of {describe(cfg.data.train)} that training held out"
     log.info("eval: adapter %s on %d example(s) of %s", path, len(evalset), what)
     return evaluate(acc, model, task, evalset, labels, cfg.train.micro_batch_size, tokenizer.pad_token_id)
@@ -230,6 +231,7 @@ def run_predict(cfg: RunConfig, adapter: str | None, source: str | None, max_new
         log.warning("predict: %s holds no input lines", predict_input.source_name(source))
     # every line is checked before the first prediction: a bad line 900 must not leave 899 lines written
     inputs = [_task_input(cfg, task, tokenizer, item) for item in items]
+    _refuse_unembeddable(model, tokenizer, items, inputs)
     acc, model = on_device(cfg, model)
     results = []
     cut_lines = []  # where a token_cls input had words past max_length
@@ -262,6 +264,27 @@ def run_predict(cfg: RunConfig, adapter: str | None, source: str | None, max_new
                     'never saw those words, they are tagged "O", and each such line\'s "truncated_words" says how many',
                     len(cut_lines), len(results), cfg.data.max_length, cut_lines[0])
     return results
+
+
+def _refuse_unembeddable(model: Any, tokenizer: Any, items: list[dict], inputs: list) -> None:
+    """A line holding a token the model has no embedding row for (added to the tokenizer, the model not
+    resized) is one error naming its file:line; torch's IndexError came from the embedding lookup."""
+    from .model import beyond_embeddings
+
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) <= rows:
+        return
+    for item, given in zip(items, inputs):
+        if isinstance(given, tuple) and isinstance(given[1], list):  # causal_lm: (prompt, segments)
+            texts = ["".join(text for text, _ in given[1])]
+        else:  # seq_cls: (text, pair); token_cls: the words
+            texts = [t for t in (given if isinstance(given, tuple) else [" ".join(given)]) if isinstance(t, str)]
+        ids = {i for text in texts for i in tokenizer(text, add_special_tokens=False)["input_ids"]}
+        if max(ids, default=0) >= rows:
+            raise UserError(f"{item[WHERE]}: holds {', '.join(beyond_embeddings(tokenizer, rows, ids))}, which the "
+                            f"model has no embedding for (ids below {rows} only)",
+                            hint="tokens added to the tokenizer need new embedding rows in the model (see train's "
+                                 "message), or leave them out of the input")
 
 
 def _task_input(cfg: RunConfig, task: Any, tokenizer: Any, item: dict) -> Any:

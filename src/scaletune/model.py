@@ -160,7 +160,14 @@ def load_model(cfg: RunConfig, task: Any, labels: list[str] | None, tokenizer: A
     return cast_trainables(model, trainable_dtype(cfg))
 
 
-def check_vocabulary(model: Any, tokenizer: Any, datasets: dict) -> None:
+def beyond_embeddings(tokenizer: Any, rows: int, ids: Any = None) -> list[str]:
+    """The tokenizer's added tokens (of `ids` only, if given) whose ids the model has no embedding row for,
+    as "'<tok>' (id)"."""
+    return [f"{t!r} ({i})" for t, i in sorted(tokenizer.get_added_vocab().items(), key=lambda kv: kv[1])
+            if i >= rows and (ids is None or i in ids)]
+
+
+def check_vocabulary(model: Any, tokenizer: Any, datasets: dict, eval_key: str = "data.eval") -> None:
     """Refuse token ids the model has no embedding row for: tokens added to a tokenizer (a chat format's
     markers, say) without resizing the model's embeddings. They failed at the first step with an
     IndexError deep in torch."""
@@ -181,10 +188,10 @@ def check_vocabulary(model: Any, tokenizer: Any, datasets: dict) -> None:
         top = pc.max(pc.list_flatten(ds.data.column("input_ids"))).as_py() if ds is not None and len(ds) else None
         if top is None or top < rows:
             continue
-        added = [f"{t!r} ({i})" for t, i in sorted(tokenizer.get_added_vocab().items(), key=lambda kv: kv[1])
-                 if i >= rows]
+        added = beyond_embeddings(tokenizer, rows)
         raise ConfigError(
-            f"data.{split}: the examples hold token ids up to {top}, but the model has embeddings for ids below "
+            f"{'data.train' if split == 'train' else eval_key}: the examples hold token ids up to {top}, but the "
+            f"model has embeddings for ids below "
             f"{rows} only (its tokenizer has {len(tokenizer)} tokens"
             + (f"; added beyond the model's: {', '.join(added[:8])}{' ...' if len(added) > 8 else ''})" if added
                else ")"),

@@ -59,6 +59,8 @@ class Run:
     # the config as validated, before load_tokenizer lowered data.max_length to what the model takes: what
     # the fingerprint hashes, so a resume's "changed:" list compares like with like
     given_config: dict = field(default_factory=dict)
+    eval_every: int | None = None  # train.eval_every, or the steps of an epoch / train.evals_per_epoch
+    save_every: int | None = None  # likewise for checkpoints
     step: int = 0
     batch_shape: tuple = ()
     counters: dict = field(default_factory=lambda: {"nonfinite_skips": 0, "tokens_seen": 0})
@@ -185,12 +187,13 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
         raise ConfigError(f"train.global_batch_size ({t.global_batch_size}) is larger than the training set "
                           f"({what}); lower it")
     total = t.max_steps or max(1, math.ceil(t.epochs * per_epoch))
-    for per, every, what in (("evals_per_epoch", "eval_every", "evaluating"), ("saves_per_epoch", "save_every",
-                                                                               "checkpointing")):
-        if getattr(t, per):
-            setattr(t, every, max(1, per_epoch // getattr(t, per)))
-            log.info("train.%s=%d: %s every %d steps (an epoch is %d)", per, getattr(t, per), what,
-                     getattr(t, every), per_epoch)
+    # (kept on the Run, not written into the config: run.json's config must run again as it is)
+    every = {"eval": t.eval_every, "save": t.save_every}
+    for what, per in (("eval", t.evals_per_epoch), ("save", t.saves_per_epoch)):
+        if per:
+            every[what] = max(1, per_epoch // per)
+            log.info("train.%ss_per_epoch=%d: %s every %d steps (an epoch is %d)", what, per,
+                     "evaluating" if what == "eval" else "checkpointing", every[what], per_epoch)
     left_out = n_train - per_epoch * t.global_batch_size
     if left_out and total >= per_epoch and accelerator.is_main_process:  # (a shorter run never reaches them)
         # Every step has the same shape (data/batching.py); the shuffle picks who sits each epoch out.
@@ -226,7 +229,7 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
                     "at most %.0f%% of train.learning_rate%s; lower train.warmup_steps / warmup_ratio", warmup, total,
                     100 * peak, " and nothing is trained" if peak == 0 else "")
     run = Run(cfg, accelerator, model, optimizer, scheduler, task, data, tokenizer, out, total, accum, fingerprint,
-              given_config)
+              given_config, eval_every=every["eval"], save_every=every["save"])
     error = None
     if accelerator.is_main_process:
         try:
