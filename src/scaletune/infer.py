@@ -271,8 +271,9 @@ def _refuse_unembeddable(model: Any, tokenizer: Any, items: list[dict], inputs: 
     resized) is one error naming its file:line; torch's IndexError came from the embedding lookup."""
     from .model import beyond_embeddings
 
-    rows = model.get_input_embeddings().num_embeddings
-    if len(tokenizer) <= rows:
+    embeddings = getattr(model, "get_input_embeddings", lambda: None)()
+    rows = getattr(embeddings, "num_embeddings", None)
+    if rows is None or len(tokenizer) <= rows:  # (a model without a lookup table to run past)
         return
     for item, given in zip(items, inputs):
         if isinstance(given, tuple) and isinstance(given[1], list):  # causal_lm: (prompt, segments)

@@ -171,8 +171,8 @@ def check_vocabulary(model: Any, tokenizer: Any, datasets: dict, eval_key: str =
     """Refuse token ids the model has no embedding row for: tokens added to a tokenizer (a chat format's
     markers, say) without resizing the model's embeddings. They failed at the first step with an
     IndexError deep in torch."""
-    rows = model.get_input_embeddings().num_embeddings
-    if len(tokenizer) <= rows:  # (the common case: a vocabulary padded up to a round number of rows)
+    rows = getattr(getattr(model, "get_input_embeddings", lambda: None)(), "num_embeddings", None)
+    if rows is None or len(tokenizer) <= rows:  # (the common case: a vocabulary padded to a round number of rows)
         return
     pad = tokenizer.pad_token_id
     if pad is not None and pad >= rows:  # (batches are padded with it: a [PAD] added to a Llama tokenizer)
