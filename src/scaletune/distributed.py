@@ -166,11 +166,11 @@ def _error_from_payload(payload: tuple) -> errors.UserError:
     return exc
 
 
-# Paths each node reads through its own mounts (the same file may be written otherwise there): left out
-# when the ranks' configs are compared.
-_NODE_PATHS = ("output_dir", "data.train", "data.eval", "data.chat_template", "model.name_or_path",
-               # and what only concerns one process or node: its data workers and cache, its memory, its trackers
-               "data.num_workers", "data.num_proc", "data.cache", "train.release_cpu_memory", "train.report_to")
+# What only concerns one process or node, left out when the ranks' configs are compared: its data workers and
+# cache, its memory, its trackers, and the paths (each node reads them through its own mounts, where the same
+# file may be written otherwise)
+_PER_NODE = ("output_dir", "data.num_workers", "data.num_proc", "data.cache", "train.release_cpu_memory",
+             "train.report_to")
 
 
 def refuse_differing_configs(accelerator: Any, given: dict) -> None:
@@ -181,13 +181,17 @@ def refuse_differing_configs(accelerator: Any, given: dict) -> None:
         return
     import torch.distributed as dist
 
+    from .identity import PATH_KEYS
+
+    skip = {*_PER_NODE, *(f"{section}.{key}" for section, key in PATH_KEYS)}
+
     def flat(d: dict, prefix: str = "") -> dict:
         out: dict = {}
         for k, v in d.items():
             out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
         return out
 
-    mine = {k: v for k, v in flat(json.loads(json.dumps(given, default=str))).items() if k not in _NODE_PATHS}
+    mine = {k: v for k, v in flat(json.loads(json.dumps(given, default=str))).items() if k not in skip}
     every: list = [None] * accelerator.num_processes
     dist.all_gather_object(every, mine)
     for rank, theirs in enumerate(every):

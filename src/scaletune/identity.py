@@ -20,7 +20,7 @@ _RESUME_FREE_KEYS = {"train": {"max_steps", "epochs", "eval_every", "save_every"
                                "offload", "backend", "timeout_s"}, "output_dir": True}
 
 
-_PATH_KEYS = (("data", "train"), ("data", "eval"), ("data", "chat_template"), ("model", "name_or_path"))
+PATH_KEYS = (("data", "train"), ("data", "eval"), ("data", "chat_template"), ("model", "name_or_path"))
 
 
 def real_paths(d: dict) -> dict:
@@ -33,7 +33,7 @@ def real_paths(d: dict) -> dict:
     def real(path: str) -> str:
         return os.path.realpath(path) if path and os.path.exists(path) else path
 
-    return {f"{section}.{key}": map_paths(d[section][key], real) for section, key in _PATH_KEYS
+    return {f"{section}.{key}": map_paths(d[section][key], real) for section, key in PATH_KEYS
             if isinstance(d.get(section), dict) and key in d[section]}
 
 

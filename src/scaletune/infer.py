@@ -269,11 +269,10 @@ def run_predict(cfg: RunConfig, adapter: str | None, source: str | None, max_new
 def _refuse_unembeddable(model: Any, tokenizer: Any, items: list[dict], inputs: list) -> None:
     """A line holding a token the model has no embedding row for (added to the tokenizer, the model not
     resized) is one error naming its file:line; torch's IndexError came from the embedding lookup."""
-    from .model import beyond_embeddings
+    from .model import beyond_embeddings, embedding_rows
 
-    embeddings = getattr(model, "get_input_embeddings", lambda: None)()
-    rows = getattr(embeddings, "num_embeddings", None)
-    if rows is None or len(tokenizer) <= rows:  # (a model without a lookup table to run past)
+    rows = embedding_rows(model, tokenizer)
+    if rows is None:
         return
     for item, given in zip(items, inputs):
         if isinstance(given, tuple) and isinstance(given[1], list):  # causal_lm: (prompt, segments)

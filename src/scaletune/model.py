@@ -160,6 +160,14 @@ def load_model(cfg: RunConfig, task: Any, labels: list[str] | None, tokenizer: A
     return cast_trainables(model, trainable_dtype(cfg))
 
 
+def embedding_rows(model: Any, tokenizer: Any) -> int | None:
+    """The model's embedding rows where the tokenizer has more tokens than that (ids past them would fail the
+    lookup with torch's IndexError); None otherwise, or for a model without a lookup table."""
+    rows = getattr(getattr(model, "get_input_embeddings", lambda: None)(), "num_embeddings", None)
+    # (the common case: a vocabulary padded up to a round number of rows)
+    return rows if rows is not None and len(tokenizer) > rows else None
+
+
 def beyond_embeddings(tokenizer: Any, rows: int, ids: Any = None) -> list[str]:
     """The tokenizer's added tokens (of `ids` only, if given) whose ids the model has no embedding row for,
     as "'<tok>' (id)"."""
@@ -171,8 +179,8 @@ def check_vocabulary(model: Any, tokenizer: Any, datasets: dict, eval_key: str =
     """Refuse token ids the model has no embedding row for: tokens added to a tokenizer (a chat format's
     markers, say) without resizing the model's embeddings. They failed at the first step with an
     IndexError deep in torch."""
-    rows = getattr(getattr(model, "get_input_embeddings", lambda: None)(), "num_embeddings", None)
-    if rows is None or len(tokenizer) <= rows:  # (the common case: a vocabulary padded to a round number of rows)
+    rows = embedding_rows(model, tokenizer)
+    if rows is None:
         return
     pad = tokenizer.pad_token_id
     if pad is not None and pad >= rows:  # (batches are padded with it: a [PAD] added to a Llama tokenizer)

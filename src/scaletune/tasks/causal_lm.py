@@ -78,12 +78,7 @@ class CausalLM(Task):
         rename_columns(records, cfg.data.columns, key)
         self.format = get_format(cfg.data.format, records, source)
         if cfg.data.format == "auto":
-            # Conversation formats render alike (a chat): sources in alpaca, sharegpt and messages may be mixed.
-            # Plain text and prompt/completion are trained without a template: one of them is the whole run's.
-            others = _other_formats(records, self.format)
-            if others and {self.format.name, *(f.name for f in others)} & set(NO_CHAT_FORMATS):
-                _refuse_unmixable(records, self.format, key)
-            self.mixed = bool(others)
+            self._allow_mixing(records, key)
         # (an explicit data.format is checked with the config; auto's choice is known only here)
         if cfg.data.chat_template is not None and self.format.name in NO_CHAT_FORMATS:
             raise ConfigError(f"data.chat_template: {source} holds {self.format.name} records, which are not "
@@ -103,11 +98,17 @@ class CausalLM(Task):
             detect(records, source)
         except DataError:
             return  # its own records' errors say more
+        # (else: "field 'instruction' must be a string, got NoneType" on line 1)
+        self._allow_mixing(records, "data.eval", against="data.train",
+                           hint="convert one of them, or score the eval file alone: `scaletune eval --data FILE`")
+
+    def _allow_mixing(self, records: list[dict], key: str, **refusal: str) -> None:
+        """Conversation formats render alike (a chat): records in alpaca, sharegpt and messages may be mixed,
+        each then read in its own (`mixed`). Plain text and prompt/completion are trained without a template:
+        one of them is a run's only format, and a record beside another is refused (`_refuse_unmixable`)."""
         others = _other_formats(records, self.format)
         if others and {self.format.name, *(f.name for f in others)} & set(NO_CHAT_FORMATS):
-            # (else: "field 'instruction' must be a string, got NoneType" on line 1)
-            _refuse_unmixable(records, self.format, "data.eval", against="data.train",
-                              hint="convert one of them, or score the eval file alone: `scaletune eval --data FILE`")
+            _refuse_unmixable(records, self.format, key, **refusal)
         self.mixed = self.mixed or bool(others)
 
     def _format_of(self, record: dict) -> Any:
