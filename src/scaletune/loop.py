@@ -59,6 +59,7 @@ def fit(run: Run, stop: StopFlag) -> str:
             # adapter were never done there
             evaluate_step(run, best, mlog, speed)
     model.train()
+    stop.catch_interrupts()  # Ctrl-C from here on: a checkpoint at the next step boundary (see StopFlag)
     for micro_batches in batches(run.step, end):
         n_global, stopping = step_head(acc, sum(task.count_targets(b) for b in micro_batches), stop)
         if stopping:
@@ -121,6 +122,7 @@ def fit(run: Run, stop: StopFlag) -> str:
                 save_checkpoint(run)
         if stop_early:
             break  # final_outputs checkpoints this step, which records that the run stopped early
+    stop.release_interrupts()
     final_outputs(run, mlog)
     mlog.close()
     return "done"

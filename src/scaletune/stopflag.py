@@ -1,8 +1,11 @@
-"""The stop request of a training process: SIGUSR1 / SIGTERM, recorded as soon as `scaletune train` starts."""
+"""The stop request of a training process: SIGUSR1 / SIGTERM, recorded as soon as `scaletune train` starts,
+and Ctrl-C while the training loop runs."""
 
 from __future__ import annotations
 
+import os
 import signal
+import threading
 from typing import Any
 
 
@@ -21,6 +24,30 @@ class StopFlag:
 
     def _handler(self, signum: int, frame: Any) -> None:
         self.signal = signum
+
+    def catch_interrupts(self) -> None:
+        """While the training loop runs: Ctrl-C (SIGINT) stops the run like SIGTERM, at the next step boundary
+        with a checkpoint, rather than losing the steps since the last one; a second Ctrl-C interrupts at once.
+        Before the loop (imports, model load, tokenising) there is nothing to save and Ctrl-C interrupts as
+        usual. Under a launcher the ranks get SIGINT from it (torchrun passes it on) and stop together."""
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._interrupt)
+
+    def _interrupt(self, signum: int, frame: Any) -> None:
+        if self.signal is not None:  # (a second Ctrl-C, or one after SIGTERM: the user will not wait)
+            raise KeyboardInterrupt
+        self.signal = signum
+        if os.environ.get("RANK", "0") == "0":  # (each rank of a launch gets it; one line is enough)
+            # os.write, not print: the handler may run inside a write to stderr (the progress bar), which
+            # Python's buffered stream refuses to re-enter
+            os.write(2, b"\nCtrl-C: stopping at the end of this step with a checkpoint "
+                        b"(Ctrl-C again stops at once, without one)\n")
+
+    @staticmethod
+    def release_interrupts() -> None:
+        """Ctrl-C interrupts at once again (the loop has ended: what follows is the end-of-run saving)."""
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def follow_launcher(self) -> None:
         """A rank of a launched run: SIGTERM when its launcher (the process that started it) dies, so the ranks
@@ -50,3 +77,4 @@ class StopFlag:
         (Slurm signals every process of the step) would end the exit with 138 instead of 124."""
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)
+        StopFlag.release_interrupts()

@@ -115,7 +115,7 @@ def run_with_interruptions(path: Path, out: Path, delays: list[float], sig: int,
         assert_latest_complete(out)
         if proc.returncode == 0:
             return landed
-        graceful = sig in (signal.SIGTERM, signal.SIGUSR1) and attempt < len(delays)
+        graceful = sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT) and attempt < len(delays)
         assert proc.returncode in (-9, 124, 1) or graceful, err[-3000:]
         if sig != signal.SIGKILL and attempt < len(delays) and not launcher:
             assert proc.returncode in (124, 0), err[-3000:]  # graceful stop = checkpoint + exit 124

@@ -13,7 +13,8 @@ import subprocess
 import pytest
 
 import forking
-from killing import ENV, KILLS, STEPS, assert_same_run, base_config, command, run_with_interruptions, start, write_cfg
+from killing import (ENV, KILLS, STEPS, assert_latest_complete, assert_same_run, base_config, command, kill_group,
+                     run_with_interruptions, start, write_cfg)
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +47,9 @@ def test_twenty_random_sigkills_end_in_the_same_adapter(base_cfg, reference, tmp
 
 
 # SIGUSR1 takes the same StopFlag path; it is exercised end to end under ZeRO-3 in
-# tests/distributed/test_scale_out.py and by the real `scancel --signal=USR1` in tests/slurm.
-@pytest.mark.parametrize("sig", [signal.SIGTERM], ids=["SIGTERM"])
+# tests/distributed/test_scale_out.py and by the real `scancel --signal=USR1` in tests/slurm. Ctrl-C (SIGINT)
+# during training takes it too (it ended the run without a checkpoint: the steps since the last one were lost).
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_graceful_signals_checkpoint_and_resume_exactly(base_cfg, reference, tmp_path, sig):
     ref, train_time = reference
     rng = random.Random(int(sig))
@@ -58,6 +60,31 @@ def test_graceful_signals_checkpoint_and_resume_exactly(base_cfg, reference, tmp
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert sum(e["event"] == "preempted" for e in events) >= 2
     assert_same_run(out, ref)
+
+
+def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(base_cfg, tmp_path):
+    """The first Ctrl-C asks for a checkpoint at the end of the step and says so; a user who will not wait
+    presses it again, and the run ends at once (exit 130, as a shell reports an interrupt) without writing
+    one, `latest` still naming a complete checkpoint."""
+    import time
+
+    out = tmp_path / "run"
+    path = write_cfg(base_cfg, out, steps=STEPS)
+    proc = start(path, ENV)
+    metrics, log = out / "metrics.jsonl", path.with_suffix(".stderr")
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and '"train"' in metrics.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    kill_group(proc, signal.SIGINT)
+    while "Ctrl-C" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    kill_group(proc, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Ctrl-C again stops at once" in err and "interrupted" in err, err[-3000:]
+    events = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert not [e for e in events if e["event"] == "preempted"], events
+    assert_latest_complete(out)
 
 
 def test_stop_signal_during_start_up_ends_in_a_checkpoint(base_cfg, reference, tmp_path):
