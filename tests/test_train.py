@@ -204,7 +204,7 @@ def test_overwrite_that_finishes_leaves_only_the_new_run(make_config, tmp_path, 
     path = _overwrite_config(make_config)
     assert main(["train", str(path)]) == 0
     out = tmp_path / "run"
-    (out / "notes.txt").write_text("written beside the old run")
+    (out / "report.html").write_text("`scaletune report` of the old run")
     capsys.readouterr()
     assert main(["train", str(path), "--overwrite", "train.max_steps=2"]) == 0
     assert "deleted the run --overwrite replaced" in capsys.readouterr().out

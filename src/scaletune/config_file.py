@@ -189,5 +189,44 @@ def read_yaml(path: str | Path) -> tuple[dict, list[str]]:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"run config {path}: top level must be a mapping, got {type(raw).__name__}")
+    try:
+        size = _written_out_size(raw, {}, set())
+    except _Cycle:
+        raise ConfigError(f"run config {path}: a YAML alias (*name) refers to a value that holds it") from None
+    if size > MAX_CONFIG_VALUES:
+        raise ConfigError(f"run config {path}: its YAML aliases (*name) make it more than {MAX_CONFIG_VALUES:,} "
+                          "values once written out; a run config holds a few hundred") from None
     return raw, [f"{path}:{line}: duplicate key {key!r} (first at line {first}; YAML would keep only this one)"
                  for line, key, first in sorted(duplicates, key=lambda d: d[0])]
+
+
+# YAML aliases share one value among all its uses, so a few hundred bytes can stand for 10**8 values: every
+# walk over the config (validation, an error quoting a value, the fingerprint's JSON) would write them all out.
+MAX_CONFIG_VALUES = 100_000
+
+
+class _Cycle(Exception):
+    pass
+
+
+def _written_out_size(value: object, memo: dict[int, int], open_: set[int]) -> int:
+    """How many values `value` holds with each alias written out (a shared list counted at each use), counted
+    without writing them out: each shared value is counted once and its count reused (`memo`, by id). Raises
+    _Cycle for a value that holds itself (`&a [*a]`)."""
+    if not isinstance(value, (dict, list)):
+        return 1
+    key = id(value)
+    if key in memo:
+        return memo[key]
+    if key in open_:
+        raise _Cycle
+    open_.add(key)
+    items = [x for kv in value.items() for x in kv] if isinstance(value, dict) else value
+    total = 1
+    for item in items:
+        total += _written_out_size(item, memo, open_)
+        if total > MAX_CONFIG_VALUES:
+            break
+    open_.discard(key)
+    memo[key] = total
+    return total

@@ -134,7 +134,9 @@ def build_launch_command(
     ]  # fmt: skip
     if world > 1 and nnodes == 1 and stage == 0:
         cmd += ["--rdzv_backend", "static"]
-    cmd += ["-m", "scaletune", "train", *list(train_args or []), str(config_path), *list(overrides)]
+    path = str(config_path)
+    path = f"./{path}" if path.startswith("-") else path  # (`-r.yaml` would read as an option of train)
+    cmd += ["-m", "scaletune", "train", *list(train_args or []), path, *list(overrides)]
     return cmd
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -148,7 +149,10 @@ def mark_preempted(acc: Any, path: Any) -> None:
     this file. The first process of every node writes it: the path is often node-local ($TMPDIR)."""
     marker = os.environ.get("SCALETUNE_PREEMPT_MARKER")
     if marker and acc.is_local_main_process:
-        Path(marker).write_text(f"{path}\n")
+        try:
+            Path(marker).write_text(f"{path}\n")
+        except OSError as exc:  # (the checkpoint is written: a resume finds it without the marker)
+            print(f"scaletune: cannot write the preemption marker {marker} ({exc.strerror or exc})", file=sys.stderr)
 
 
 def step_head(acc: Any, n_local: int, stop: StopFlag) -> tuple[int, bool]:

@@ -121,22 +121,31 @@ def _not_fresh_start(out: Path) -> str | None:
     checkpoints were deleted to save space."""
     if (out / "adapter").exists():
         return "its adapter/ is a finished run's (whose checkpoints are gone)"
+    return _not_only_a_run(out, run_json_required=False)
+
+
+def _not_only_a_run(out: Path, run_json_required: bool) -> str | None:
+    """Why `out` holds more than a scaletune run's files (another tool's, the user's own), or a run.json
+    that scaletune did not write; None if it holds only a run's."""
     foreign = sorted(p.name for p in out.iterdir() if p.name not in RUN_FILES and p.suffix != ".png")
     if foreign:
         more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
         return f"it holds files scaletune did not write ({', '.join(foreign[:5])}{more})"
+    if not (out / "run.json").exists():
+        return "it has no run.json (not a scaletune run's output)" if run_json_required else None
     try:
-        info = json.loads((out / "run.json").read_text(encoding="utf-8")) if (out / "run.json").exists() else {}
+        info = json.loads((out / "run.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         info = None
-    if not isinstance(info, dict) or (info and "config_fingerprint" not in info):
+    if not isinstance(info, dict) or "config_fingerprint" not in info:
         return "its run.json was not written by scaletune"
     return None
 
 
 def _not_replaceable(cfg: RunConfig, out: Path) -> str | None:
     """Why --overwrite must not replace `out` (all of it goes once the new run finishes): it must be an earlier
-    run's output and hold none of this run's inputs nor the working directory."""
+    run's output, nothing else (a directory that only has a checkpoints/ or adapter/ of some tool, a home or
+    project directory, is not), and hold none of this run's inputs nor the working directory."""
     if not any((out / name).exists() for name in RUN_MARKERS):
         return f"it is not a scaletune run's output (none of {', '.join(RUN_MARKERS)} is in it)"
     root = out.resolve()
@@ -151,7 +160,7 @@ def _not_replaceable(cfg: RunConfig, out: Path) -> str | None:
     for key, value in inputs.items():
         if value and Path(value).exists() and Path(value).resolve().is_relative_to(root):
             return f"{key} ({value}) is inside it"
-    return None
+    return _not_only_a_run(out, run_json_required=True)
 
 
 # In a replacing run's output_dir: the replaced runs set aside (one path a line), deleted when this run finishes.
@@ -235,8 +244,12 @@ def replaced_runs(out: Path) -> list[Path]:
         lines = (out / REPLACED_RECORD).read_text().splitlines()
     except OSError:  # none recorded (or unreadable: then nothing is deleted either)
         return []
-    paths = [Path(line) for line in lines if line.strip()]
-    return [p for p in paths if p.name.startswith(".") and ".replaced-" in p.name and p.is_dir()]
+    # `out`'s own siblings (of the directory a link names, too): the record goes with a copied run directory,
+    # and a `.x.replaced-y` elsewhere is not this run's to delete
+    prefixes = {_aside_prefix(out), _aside_prefix(out.resolve())}
+    paths = [Path(os.path.abspath(line)) for line in lines if line.strip()]
+    return [p for p in paths if any(p.parent == q.parent and p.name.startswith(q.name) for q in prefixes)
+            and p.is_dir() and not p.is_symlink()]
 
 
 def unrecorded_asides(out: Path) -> list[Path]:

@@ -439,6 +439,8 @@ def build_report(run_dirs: list[str], out: str | None = None) -> tuple[Path, lis
     before = set(out_dir.iterdir())
     try:
         plots = make_plots(runs, out_dir)
+        if report.is_symlink():  # (written through, it would overwrite the file the link names)
+            report.unlink()
         report.write_text(render_html(runs, plots), encoding="utf-8")
     except OSError as exc:
         if not failed_write(exc):

@@ -251,6 +251,9 @@ def test_launch_command_variants() -> None:
     assert Path(_flag(z2_cpu, "--deepspeed_config_file")).name == "zero2_offload.json"
     with pytest.raises(ValueError):
         build_launch_command("r.yaml", [], make_cfg(0), nproc=2, nnodes=2, node_rank=2)
+    # a config named like an option (`-r.yaml`): each rank's `scaletune train` took it for one
+    dashed = build_launch_command("-r.yaml", ["a=1"], make_cfg(0), nproc=1, cpu=True)
+    assert dashed[-2:] == ["./-r.yaml", "a=1"]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -13,8 +13,19 @@ import subprocess
 import pytest
 
 import forking
-from killing import (ENV, KILLS, STEPS, assert_latest_complete, assert_same_run, base_config, command, kill_group,
-                     run_with_interruptions, start, write_cfg)
+from killing import (
+    ENV,
+    KILLS,
+    STEPS,
+    assert_latest_complete,
+    assert_same_run,
+    base_config,
+    command,
+    kill_group,
+    run_with_interruptions,
+    start,
+    write_cfg,
+)
 
 
 @pytest.fixture(scope="module")

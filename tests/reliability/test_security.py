@@ -172,3 +172,93 @@ def test_yaml_python_tags_are_refused(tmp_path, capsys):
     assert main(["train", str(cfg)]) == 2
     assert "invalid YAML" in capsys.readouterr().err
     assert not marker.exists()
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path, capsys):
+    """Nine levels of ten aliases: a 400-byte file that stands for 10**9 strings. Every walk over the config
+    (validation, an error quoting the value) wrote them all out: minutes of CPU and gigabytes before any
+    message. A self-referencing alias is refused too. Ordinary aliases (a shared block) still load."""
+    import time
+
+    levels = ['a0: &a0 "x"'] + [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 10)]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(levels) + "\ntask: causal_lm\ndata: {train: *a9}\n")
+    start = time.monotonic()
+    assert main(["plan", str(bomb)]) == 2
+    err = capsys.readouterr().err
+    assert "aliases" in err and "100,000" in err and time.monotonic() - start < 5, err
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("task: causal_lm\ndata: {train: &t [*t]}\n")
+    assert main(["plan", str(loop)]) == 2
+    assert "refers to a value that holds it" in capsys.readouterr().err
+    shared = tmp_path / "shared.yaml"
+    shared.write_text("base: &b {r: 4}\ntask: causal_lm\npeft: *b\n")
+    from scaletune.config_file import read_yaml
+
+    assert read_yaml(shared)[0]["peft"] == {"r": 4}
+
+
+def test_report_replaces_a_link_planted_at_report_html(tmp_path):
+    """A link at RUN_DIR/report.html (a group-writable run directory) must not make `scaletune report`
+    overwrite the file it names."""
+    import json
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"config": {"task": "causal_lm"}, "started": 1}))
+    (run / "metrics.jsonl").write_text(json.dumps({"event": "train", "step": 1, "time": 1.0, "loss": 2.0}) + "\n")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (run / "report.html").symlink_to(victim)
+    assert main(["report", str(run)]) == 0
+    assert victim.read_text() == "precious"
+    assert not (run / "report.html").is_symlink() and "<html" in (run / "report.html").read_text().lower()
+
+
+def test_overwrite_takes_only_a_directory_holding_nothing_but_a_run(make_config, tmp_path, capsys):
+    """--overwrite sets the old output_dir aside and deletes it, all of it, once the new run finishes. A home or
+    project directory with some tool's checkpoints/ (or adapter/) counted as a run: the user's files went with
+    it. Now it must hold a run.json scaletune wrote and nothing scaletune did not write; else it is refused,
+    naming what is there, and nothing moves."""
+    path = make_config("causal_lm", n=16, train={"max_steps": 1})
+    home = tmp_path / "home"
+    (home / "checkpoints").mkdir(parents=True)
+    (home / "thesis.tex").write_text("precious")
+    capsys.readouterr()
+    assert main(["train", str(path), f"output_dir={home}", "--overwrite"]) == 2
+    assert "it holds files scaletune did not write (thesis.tex)" in capsys.readouterr().err
+    tool = tmp_path / "tool"
+    (tool / "checkpoints").mkdir(parents=True)
+    assert main(["train", str(path), f"output_dir={tool}", "--overwrite"]) == 2
+    assert "it has no run.json (not a scaletune run's output)" in capsys.readouterr().err
+    (tool / "run.json").write_text("{}")
+    assert main(["train", str(path), f"output_dir={tool}", "--overwrite"]) == 2
+    assert "its run.json was not written by scaletune" in capsys.readouterr().err
+    out = tmp_path / "run"
+    assert main(["train", str(path), f"output_dir={out}"]) == 0
+    (out / "notes.txt").write_text("the user's, beside the run")
+    capsys.readouterr()
+    assert main(["train", str(path), f"output_dir={out}", "--overwrite"]) == 2
+    assert "it holds files scaletune did not write (notes.txt)" in capsys.readouterr().err
+    assert (home / "thesis.tex").read_text() == "precious" and (out / "notes.txt").exists()
+    assert not list(tmp_path.glob(".*.replaced-*"))
+
+
+def test_the_replaced_run_record_names_only_the_output_dirs_own_siblings(tmp_path):
+    """.replaced_run is a file in output_dir (copied with it, editable), and the runs it names are deleted when
+    the run finishes: a `.x.replaced-y` directory elsewhere, or a link, is not this run's to delete."""
+    from scaletune.outdir import discard_replaced, replaced_runs
+
+    out = tmp_path / "runs" / "run"
+    out.mkdir(parents=True)
+    other = tmp_path / "someone" / ".data.replaced-x"
+    other.mkdir(parents=True)
+    (other / "f").write_text("precious")
+    own = tmp_path / "runs" / ".run.replaced-20260101-000000"
+    own.mkdir()
+    link = tmp_path / "runs" / ".run.replaced-20260101-000001"
+    link.symlink_to(other, target_is_directory=True)
+    (out / ".replaced_run").write_text(f"{other}\n{own}\n{link}\n")
+    assert replaced_runs(out) == [own]
+    discard_replaced(out)
+    assert (other / "f").exists() and not own.exists() and link.is_symlink()
