@@ -98,10 +98,15 @@ class StepBatches:
                 step = []
 
 
-def eval_batches(n: int, micro: int, world: int, rank: int) -> list[list[int] | None]:
-    """This rank's eval batches; every rank gets the same count (ZeRO-3 forwards are collective),
-    with `None` where a rank has run out (it repeats a batch and discards the result)."""
-    batches = [list(range(i, min(i + micro, n))) for i in range(0, n, micro)]
+def eval_batches(lengths: list[int], micro: int, world: int, rank: int) -> list[list[int] | None]:
+    """This rank's eval batches of examples with these token `lengths`; every rank gets the same count (ZeRO-3
+    forwards are collective), with `None` where a rank has run out (it repeats a batch and discards the result).
+
+    Examples go longest first, so each batch holds similar lengths: in file order, half of what eval computed
+    was padding (SST-2's dev set 48%, CoNLL's 58%, against 4% and 2% sorted), and a batch too big for memory
+    shows at once. The metrics are sums over examples: their order does not change them."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches = [order[i:i + micro] for i in range(0, len(order), micro)]
     mine: list[list[int] | None] = batches[rank::world]
     rounds = -(-len(batches) // world)
     return mine + [None] * (rounds - len(mine))
