@@ -210,3 +210,9 @@ class StopAt:
     @property
     def signal(self):
         return 10 if self.run.step >= self.at else None
+
+    def catch_interrupts(self) -> None:  # (Ctrl-C is left as the test process has it)
+        pass
+
+    def release_interrupts(self) -> None:
+        pass

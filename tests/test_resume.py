@@ -349,7 +349,10 @@ def test_a_checkpoint_whose_saved_config_matches_resumes_though_its_fingerprint_
     with pytest.raises(UserError, match=r"different run config \(changed: train.learning_rate: .* -> 0.5\)"):
         ckpt.check_same_config(path, "this-recipe", False, lambda saved, paths: config_changes(saved, changed))
     (path / "state.json").write_text(json.dumps({"step": 4}))  # no saved config: the fingerprint decides
-    with pytest.raises(UserError, match="fingerprint fingerprint-of-an-older-recipe vs this-recipe"):
+    # (an upgrade's same config was refused as "a different run config", and told to resume with it)
+    with pytest.raises(UserError, match=r"(?s)older scaletune that did not save its run config, and its config "
+                                        r"fingerprint differs .*\(fingerprint-of-an-older-recipe vs this-recipe\)"
+                                        r".*--allow-config-change"):
         ckpt.check_same_config(path, "this-recipe", False, lambda saved, paths: config_changes(saved, cfg))
 
 

@@ -214,6 +214,34 @@ def test_a_resume_on_changed_data_says_so(cfg, tmp_path, capsys, caplog):
     assert json.loads((tmp_path / "run" / "checkpoints" / "step-6" / "state.json").read_text())["train_digest"]
 
 
+def test_a_resume_across_a_tokenisation_change_says_so(cfg, tmp_path, capsys, caplog, monkeypatch):
+    """A checkpoint or adapter whose data another scaletune tokenised (v11 dropped a BOS the tokenizer does not
+    add itself; v13 changed the built-in template's rendering) trains or predicts on other token ids than it was
+    trained on; the same data file gives the same train_digest, so only the recorded version can tell. An
+    upgrade between a run and its resume changed the ids without a word."""
+    from scaletune.data import CACHE_VERSION
+
+    monkeypatch.setattr(train_mod, "CACHE_VERSION", "10")  # what a scaletune of data version 10 recorded
+    assert run_cli(["train", cfg, "train.max_steps=2"], capsys)[0] == 0
+    monkeypatch.undo()
+    with caplog.at_level(logging.WARNING, logger="scaletune"):
+        code, _, err = run_cli(["train", cfg, "--resume", "auto"], capsys)
+    assert code == 0, err
+    assert f"was trained on data tokenised by another scaletune (data version 10, now {CACHE_VERSION})" in caplog.text
+    assert "resume with the scaletune that started the run" in caplog.text
+    run = tmp_path / "run"
+    for adapter, warned in ((run / "checkpoints" / "step-2" / "adapter", True), (run / "adapter", False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="scaletune"):
+            assert run_cli(["eval", cfg, "--adapter", adapter, f"--data={tmp_path / 'data' / 'train.jsonl'}"],
+                           capsys)[0] == 0
+        assert ("its inputs here may be tokenised otherwise" in caplog.text) is warned, caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="scaletune"):  # a checkpoint of this scaletune's: nothing said
+        assert run_cli(["train", cfg, "train.max_steps=6", "--resume", "auto"], capsys)[0] == 0
+    assert "tokenis" not in caplog.text
+
+
 def test_merge_into_an_empty_existing_directory_such_as_the_working_one(cfg, tmp_path, capsys, monkeypatch):
     """An existing empty --out (the working directory, a mount point) cannot be renamed onto: the merged
     files are moved into it."""

@@ -95,6 +95,13 @@ def check_same_config(path: Path, fingerprint: str, allow_config_change: bool,
         if changes is not None and isinstance(saved, dict) else None
     if diff == []:
         return  # the same run by its saved config: only the fingerprint's recipe changed (a key made resume-free)
+    if diff is None and changes is not None:
+        # (its fingerprint's recipe was an older scaletune's, so the same config may hash otherwise now)
+        raise UserError(f"checkpoint {path} was written by an older scaletune that did not save its run config, and "
+                        f"its config fingerprint differs from this config's ({theirs} vs {fingerprint}): the config "
+                        "changed, or only how scaletune computes the fingerprint did",
+                        hint="if the config is the one the run started with, pass --allow-config-change; otherwise "
+                             "resume with the original config or use a new output_dir")
     what = f"changed: {'; '.join(diff[:8])}{f'; and {len(diff) - 8} more' if len(diff) > 8 else ''}" if diff \
         else f"fingerprint {theirs} vs {fingerprint}"
     raise UserError(f"checkpoint {path} was written by a different run config ({what})",

@@ -74,6 +74,7 @@ def fit(run: Run, stop: StopFlag) -> str:
             mlog.write(f"stopped on {how} at step {run.step}; checkpoint {path}"
                        + (f"; {kept}" if kept else ""))
             mlog.close()
+            stop.release_interrupts()
             return "preempted"
         # Dropout etc. draw from (seed, step, rank): a resumed run replays exactly the same randomness.
         torch.manual_seed(t.seed + 1_000_003 * (run.step + 1) + rank)

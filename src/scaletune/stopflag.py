@@ -19,6 +19,7 @@ class StopFlag:
 
     def __init__(self) -> None:
         self.signal: int | None = None
+        self._catching, self._before = False, None  # SIGINT's handler while the loop catches it
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, self._handler)
 
@@ -30,8 +31,8 @@ class StopFlag:
         with a checkpoint, rather than losing the steps since the last one; a second Ctrl-C interrupts at once.
         Before the loop (imports, model load, tokenising) there is nothing to save and Ctrl-C interrupts as
         usual. Under a launcher the ranks get SIGINT from it (torchrun passes it on) and stop together."""
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, self._interrupt)
+        if threading.current_thread() is threading.main_thread() and not self._catching:
+            self._before, self._catching = signal.signal(signal.SIGINT, self._interrupt), True
 
     def _interrupt(self, signum: int, frame: Any) -> None:
         if self.signal is not None:  # (a second Ctrl-C, or one after SIGTERM: the user will not wait)
@@ -43,11 +44,12 @@ class StopFlag:
             os.write(2, b"\nCtrl-C: stopping at the end of this step with a checkpoint "
                         b"(Ctrl-C again stops at once, without one)\n")
 
-    @staticmethod
-    def release_interrupts() -> None:
-        """Ctrl-C interrupts at once again (the loop has ended: what follows is the end-of-run saving)."""
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+    def release_interrupts(self) -> None:
+        """Ctrl-C does what it did before the loop again (the loop has ended: what follows is the end-of-run
+        saving, which a Ctrl-C interrupts at once)."""
+        if threading.current_thread() is threading.main_thread() and self._catching:
+            signal.signal(signal.SIGINT, self._before if self._before is not None else signal.default_int_handler)
+            self._catching = False
 
     def follow_launcher(self) -> None:
         """A rank of a launched run: SIGTERM when its launcher (the process that started it) dies, so the ranks
@@ -70,11 +72,10 @@ class StopFlag:
         if os.getppid() != parent:  # (the launcher died before prctl: nothing would send the signal now)
             self.signal = signal.SIGTERM
 
-    @staticmethod
-    def settle() -> None:
+    def settle(self) -> None:
         """Once training has ended (checkpoint written, or done): ignore further stop signals. Python's
         shutdown puts its handlers back to the default action, so a second SIGUSR1 from srun or a launcher
         (Slurm signals every process of the step) would end the exit with 138 instead of 124."""
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)
-        StopFlag.release_interrupts()
+        self.release_interrupts()

@@ -37,6 +37,19 @@ log = logging.getLogger("scaletune")
 CACHE_VERSION = "13"
 
 
+def tokenised_differently(recorded: Any) -> str | None:
+    """What to say of data a checkpoint or adapter records as tokenised by version `recorded` (CACHE_VERSION,
+    which changes with every change to the token ids a record gives), or None if that is this scaletune's.
+    The data file can be the same (the same train_digest) and still give other ids: v11 stopped adding a BOS
+    the tokenizer does not add itself, v13 changed the built-in template's rendering of tool results."""
+    if recorded == CACHE_VERSION:
+        return None
+    if recorded is None:
+        return "was written before scaletune recorded how it tokenises (its data version), by a scaletune that " \
+               "may have tokenised otherwise"
+    return f"was trained on data tokenised by another scaletune (data version {recorded}, now {CACHE_VERSION})"
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("SCALETUNE_CACHE", Path.home() / ".cache" / "scaletune")) / "tokenized"
 
