@@ -76,19 +76,25 @@ def test_base_weights_missing_from_the_checkpoint_are_a_warning(make_config, tin
 
 
 def test_checkpoint_weights_the_task_does_not_use_are_a_note(make_config, tiny_bert, tmp_path, caplog):
-    """A pretraining head (BERT's pooler under a token classifier) left unused is expected: info, not a
-    warning at every train / predict."""
+    """Weights the task does not use are a note (info), not a warning at every train / predict; a pretraining
+    head (BERT's pooler under a token classifier, its MLM head) is always left so: not even a line (a real-data
+    user took "pooler.dense... not used" at every NER predict for a problem)."""
     import torch
 
-    extra = tmp_path / "bert"
-    shutil.copytree(tiny_bert, extra)
-    weights = load_file(extra / "model.safetensors")
-    weights["cls.predictions.extra.weight"] = torch.zeros(2, 2)
-    save_file(weights, extra / "model.safetensors", metadata={"format": "pt"})
-    cfg = load_config(make_config("seq_cls"), [f"model.name_or_path={extra}"])
-    _load(cfg, caplog)
-    notes = [(r.levelname, r.getMessage()) for r in caplog.records if "not used by this model class" in r.getMessage()]
-    assert len(notes) == 1 and notes[0][0] == "INFO" and "cls.predictions.extra.weight" in notes[0][1]
+    for extra_key, level in (("cls.predictions.extra.weight", "DEBUG"), ("pooler.extra.weight", "DEBUG"),
+                             ("encoder.extra.weight", "INFO")):
+        extra = tmp_path / extra_key
+        shutil.copytree(tiny_bert, extra)
+        weights = load_file(extra / "model.safetensors")
+        weights[extra_key] = torch.zeros(2, 2)
+        save_file(weights, extra / "model.safetensors", metadata={"format": "pt"})
+        cfg = load_config(make_config("seq_cls"), [f"model.name_or_path={extra}"])
+        caplog.clear()
+        with caplog.at_level("DEBUG"):
+            load_model(cfg, get_task(cfg.task), ["neg", "pos"], load_tokenizer(cfg), total_steps=10)
+        notes = [(r.levelname, r.getMessage()) for r in caplog.records
+                 if "not used by this model class" in r.getMessage()]
+        assert len(notes) == 1 and notes[0][0] == level and extra_key in notes[0][1], notes
 
 
 def test_trackers_get_the_whole_config_and_write_inside_output_dir(tmp_path, monkeypatch):

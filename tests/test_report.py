@@ -263,3 +263,24 @@ def test_a_run_name_the_font_cannot_draw_warns_nothing(tmp_path, recwarn):
     report, _ = build_report([str(run)])
     assert "ラン 1" in report.read_text()
     assert not [w for w in recwarn if "Glyph" in str(w.message)]
+
+
+def test_the_summary_gives_trainable_parameters_and_logged_time_without_the_gaps(tmp_path, capsys, monkeypatch):
+    """What a user compares first: the adapter's size and how long training took. The time is each start's span
+    of logged records, summed; the hours between a preemption and its resume (queued) are not the run's."""
+    run = make_run(tmp_path / "run", steps=4, extra_lines=(  # 1001..1004.5 logged, then resumed an hour later
+        json.dumps({"event": "resume", "step": 4, "time": 4600.0}) + "\n",
+        json.dumps({"event": "train", "step": 5, "time": 4700.0, "loss": 0.5}) + "\n"))
+    _, (r,) = build_report([str(run)])
+    assert r.seconds == pytest.approx(3.5 + 100.0)
+    assert main(["report", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "trainable params      1234" in out and "time (logged)         1m44s" in out, out
+    import scaletune.report as report_mod
+
+    titles = []
+    real = report_mod.plot_panels
+    monkeypatch.setattr(report_mod, "plot_panels",
+                        lambda runs, panels, path: titles.extend(t for t, _ in panels) or real(runs, panels, path))
+    build_report([str(make_run(tmp_path / "cls", task="seq_cls"))])
+    assert "examples/s" in titles and "target tokens/s" not in titles  # (one target per example)

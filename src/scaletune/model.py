@@ -328,9 +328,12 @@ def _report_loading(cfg: RunConfig, info: dict, *, new_head: bool, resuming: boo
                  "comes from the checkpoint resumed" if resuming else "starts from random weights")
     unexpected = sorted(info.get("unexpected_keys") or ())
     # Weights left unused are the checkpoint's own heads (BERT's pooler under a token classifier): expected
-    # when the task differs from pretraining, so a note, not a warning at every load.
+    # when the task differs from pretraining, so a note, not a warning at every load; pretraining's pooler and
+    # MLM/NSP heads (pooler.*, cls.*) are always left so by a task head, not worth a line at every predict.
+    pretraining_heads = all("pooler" in k.split(".") or k.startswith("cls.") for k in unexpected)
     for level, keys, what in ((logging.WARNING, other, "are not in the checkpoint and start from random weights"),
-                              (logging.INFO, unexpected, "in the checkpoint are not used by this model class")):
+                              (logging.DEBUG if pretraining_heads else logging.INFO, unexpected,
+                               "in the checkpoint are not used by this model class")):
         if keys:
             more = f" and {len(keys) - 5} more" if len(keys) > 5 else ""
             log.log(level, "model.name_or_path %s: %d weight(s) %s: %s%s", cfg.model.name_or_path, len(keys), what,

@@ -28,7 +28,8 @@ _NOT_METRICS = {"event", "step", "time", "target_tokens", "sentences_truncated",
                 "entities_truncated"}
 # What people compare first across a sweep: label -> candidate dotted paths into run.json.
 _KEY_PARAMS = {"method": ("config.peft.method",), "r": ("config.peft.r",), "lr": ("config.train.learning_rate",),
-               "global batch": ("config.train.global_batch_size",), "steps": ("total_steps", "config.train.max_steps")}
+               "global batch": ("config.train.global_batch_size",), "steps": ("total_steps", "config.train.max_steps"),
+               "trainable params": ("trainable_params",)}
 # Differs between any two runs without being a hyper-parameter.
 _NOT_PARAMS = {"output_dir"}
 _RUN_LEVEL = ("world_size", "grad_accum", "total_steps")  # derived at startup, worth diffing too
@@ -44,6 +45,9 @@ class Run:
     info: dict  # run.json; {} when missing or unreadable
     events: dict[str, list[dict]]  # event type -> records, sorted by step
     notes: list[str] = field(default_factory=list)
+    # seconds from each start's first logged record to its last, summed over the starts (a resume begins
+    # another: the time between them, queued or stopped, is not the run's); None without timed records
+    seconds: float | None = None
 
     @property
     def config(self) -> dict:
@@ -94,9 +98,11 @@ def _fmt(value: Any) -> str:
 # Reading
 
 
-def read_metrics(path: Path, notes: list[str]) -> dict[str, list[dict]]:
-    """Parse metrics.jsonl by event type, skipping unreadable lines (a killed run truncates the last)."""
+def read_metrics(path: Path, notes: list[str]) -> tuple[dict[str, list[dict]], float | None]:
+    """Parse metrics.jsonl by event type, skipping unreadable lines (a killed run truncates the last); and the
+    seconds its starts logged over (`Run.seconds`)."""
     latest: dict[tuple[str, int], dict] = {}
+    spans: list[list[float]] = []  # [first, last] logged time of each start
     bad: list[int] = []
     resumed: list[int] = []
     repeated = 0
@@ -115,6 +121,10 @@ def read_metrics(path: Path, notes: list[str]) -> dict[str, list[dict]]:
             continue
         rec["step"] = int(rec["step"])
         rec.update({k: float(v) for k, v in rec.items() if v in NONFINITE.values()})  # tracking.json_safe's
+        if (when := _num(rec.get("time"))) is not None:
+            if rec["event"] == "resume" or not spans:
+                spans.append([when, when])
+            spans[-1][1] = max(spans[-1][1], when)
         if rec["event"] == "resume":  # what was logged past the checkpoint before it is not this run's path
             resumed.append(rec["step"])
             dropped = [k for k in latest if k[1] > rec["step"]]
@@ -135,7 +145,7 @@ def read_metrics(path: Path, notes: list[str]) -> dict[str, list[dict]]:
     events: dict[str, list[dict]] = {}
     for (event, _), rec in sorted(latest.items(), key=lambda kv: kv[0][1]):
         events.setdefault(event, []).append(rec)
-    return events
+    return events, (sum(last - first for first, last in spans) if spans else None)
 
 
 def read_run_json(path: Path, notes: list[str]) -> dict:
@@ -159,13 +169,14 @@ def load_run(path: Path, name: str) -> Run:
     notes: list[str] = []
     info = read_run_json(path / "run.json", notes)
     events: dict[str, list[dict]] = {}
+    seconds = None
     if (path / "metrics.jsonl").is_file():
-        events = read_metrics(path / "metrics.jsonl", notes)
+        events, seconds = read_metrics(path / "metrics.jsonl", notes)
         if not events:
             notes.append("metrics.jsonl has no readable records: no curves")
     else:
         notes.append("metrics.jsonl missing: no curves")
-    run = Run(path=path, name=name, info=info, events=events, notes=notes)
+    run = Run(path=path, name=name, info=info, events=events, notes=notes, seconds=seconds)
     run.notes.extend(_event_notes(run))
     return run
 
@@ -248,10 +259,19 @@ def run_stats(run: Run) -> dict[str, str]:
     _, tps = run.series("train", "tokens_per_s")
     _, mem = run.series("train", "peak_mem_mb")
     return {"task": run.task, "steps": f"{_fmt(run.steps_done())}/{_fmt(total)}",
+            "trainable params": _fmt(run.info.get("trainable_params")),
+            "time (logged)": _duration(run.seconds),
             "final train loss": _fmt(losses[-1] if losses else None),
             # the median shrugs off the slow first steps (compilation, allocator warm-up)
             "tokens/s (median)": _fmt(statistics.median(tps) if tps else None),
             "peak memory (MB)": _fmt(max(mem) if mem else None)}
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return _MISSING
+    minutes, sec = divmod(round(seconds), 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m{sec:02d}s" if minutes >= 60 else f"{minutes}m{sec:02d}s"
 
 
 def _dig(data: Any, dotted: str) -> Any:
@@ -347,11 +367,14 @@ def plot_panels(runs: list[Run], panels: list[tuple[str, list[tuple[str, str]]]]
 def make_plots(runs: list[Run], out: Path) -> dict[str, Path]:
     """Write every plot with data; return {title: png path}."""
     metrics = _ordered({m for r in runs for m in r.eval_metrics()} - {"loss"})
+    # a classifier has one target per example: its target tokens are examples
+    targets = "examples/s" if all(r.task == "seq_cls" for r in runs) else \
+        "target tokens/s" + (" (seq_cls: examples/s)" if any(r.task == "seq_cls" for r in runs) else "")
     figures = {
         "Loss": [("loss (train solid, eval dashed)", [("train", "loss"), ("eval", "loss")])],
         "Eval metrics": [(f"eval {m}", [("eval", m)]) for m in metrics],
         "Learning rate": [("learning rate", [("train", "lr")])],
-        "Throughput": [("tokens/s", [("train", "tokens_per_s")]), ("target tokens/s", [("train", "target_tokens_per_s")])],
+        "Throughput": [("tokens/s", [("train", "tokens_per_s")]), (targets, [("train", "target_tokens_per_s")])],
         "Memory": [("peak memory (MB)", [("train", "peak_mem_mb")])],
     }
     written = {}
