@@ -618,7 +618,25 @@ def test_predict_reads_the_trained_tokens_column(capsys, make_config, tiny_bert,
         model, tok = _fake_trained(monkeypatch, "token_cls", tiny_bert, state, ["B-PER", "O"])
         code, got, err, _ = _predict(path, capsys, [{"words": ["Alice", "went", "to", "Paris"]}])
         assert code == 0, err
-        assert got == [{"line": 1, "tokens": ["Alice", "went", "to", "Paris"], "tags": ["B-PER"] * 4}]
+        assert got == [{"line": 1, "tokens": ["Alice", "went", "to", "Paris"], "tags": ["B-PER"] * 4,
+                        "entities": [{"text": w, "type": "PER", "start": i, "end": i + 1}
+                                     for i, w in enumerate(["Alice", "went", "to", "Paris"])]}]
+
+
+def test_predicted_tags_are_grouped_into_entities_as_the_eval_scores_them():
+    """A tagger's user wants the entities, not only BIO tags per word: grouped as seqeval groups them for the
+    metrics (I- after O starts one; IO tags: a run of one type is one entity)."""
+    from scaletune.tasks.token_cls import entities
+
+    words = ["Angela", "Merkel", "met", "Emmanuel", "Macron", "in", "Paris", "."]
+    bio = ["B-PER", "I-PER", "O", "B-PER", "I-PER", "O", "B-LOC", "O"]
+    want = [{"text": "Angela Merkel", "type": "PER", "start": 0, "end": 2},
+            {"text": "Emmanuel Macron", "type": "PER", "start": 3, "end": 5},
+            {"text": "Paris", "type": "LOC", "start": 6, "end": 7}]
+    assert entities(words, bio) == want
+    assert entities(words, ["PER", "PER", "O", "PER", "PER", "O", "LOC", "O"])[2] == want[2]
+    assert entities(["a", "b"], ["I-ORG", "I-ORG"]) == [{"text": "a b", "type": "ORG", "start": 0, "end": 2}]
+    assert entities(["a", "b"], ["O", "O"]) == []
 
 
 def test_predict_output_names_its_input_line(capsys, make_config, tiny_bert, monkeypatch):

@@ -239,9 +239,9 @@ def _classify(model: Any, tokenizer: Any, labels: list[str], max_length: int,
 
 
 def _tag(model: Any, tokenizer: Any, labels: list[str], max_length: int, sentences: list[list[str]]) -> list[dict]:
-    """{"tokens", "tags"} for each sentence, and "truncated_words" when max_length cut words off."""
+    """{"tokens", "tags", "entities"} for each sentence, and "truncated_words" when max_length cut words off."""
     from .tasks.base import overflowed
-    from .tasks.token_cls import words_cut
+    from .tasks.token_cls import entities, words_cut
 
     enc = tokenizer(sentences, is_split_into_words=True, truncation=True, max_length=max_length, padding=True,
                     padding_side="right", return_tensors="pt")
@@ -249,7 +249,8 @@ def _tag(model: Any, tokenizer: Any, labels: list[str], max_length: int, sentenc
     out = []
     for i, (words, pred) in enumerate(zip(sentences, preds)):
         word_ids = enc.word_ids(i)
-        result = {"tokens": words, "tags": word_tags(word_ids, pred, labels, len(words))}
+        tags = word_tags(word_ids, pred, labels, len(words))
+        result = {"tokens": words, "tags": tags, "entities": entities(words, tags)}
         n_cut = words_cut(word_ids, len(words), overflowed(enc, max_length, i))
         if n_cut:  # their "O" is not a prediction: say so on the line itself
             result["truncated_words"] = n_cut

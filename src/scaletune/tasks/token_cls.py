@@ -226,6 +226,15 @@ def words_cut(word_ids: list, n_words: int, overflowing: bool) -> int:
     return n_words - 1 - last
 
 
+def entities(words: list[str], tags: list[str]) -> list[dict]:
+    """The entities a sentence's tags mark, grouped as the eval scores them (seqeval, IO tags read as I-):
+    {"text": the words joined by spaces, "type", "start", "end"} with word indices, `end` exclusive."""
+    from seqeval.metrics.sequence_labeling import get_entities
+
+    return [{"text": " ".join(words[start:end + 1]), "type": kind, "start": start, "end": end + 1}
+            for kind, start, end in get_entities([scoring_tag(t) for t in tags])]
+
+
 def truncation_counts(cut_tags: list[list[str]]) -> dict:
     """Sentences with words cut, those words, and the gold entities that lose words to the cut, from each
     sentence's cut-off tail of gold tags. An entity that straddles the cut starts its tail with I-/E-,
