@@ -1242,3 +1242,31 @@ def test_predict_in_batches_labels_as_one_line_at_a_time(capsys, make_config, ti
         assert {k: v for k, v in b.items() if k != "score"} == {k: v for k, v in s.items() if k != "score"}
         if task == "seq_cls":
             assert b["score"] == pytest.approx(s["score"], abs=1e-5)
+
+
+def test_integer_class_ids_are_named_by_data_labels(make_config, tmp_path, capsys):
+    """SST-2 and other HF ClassLabel data hold 0/1: data.labels [negative, positive] names them by id, as it
+    names token_cls' integer ner_tags (it was refused: "label 0 is not in the label set"); eval on a file of ids
+    and predict speak the names."""
+    import json
+
+    from stutil import cls_records, write_jsonl
+
+    ids = [{"text": r["text"], "label": int(r["label"] == "pos")} for r in cls_records(64)]
+    train = write_jsonl(tmp_path / "ids.jsonl", ids)
+    evalf = write_jsonl(tmp_path / "ids_eval.jsonl", ids[:16])
+    path = make_config("seq_cls", data={"train": str(train), "eval": str(evalf), "labels": ["negative", "positive"]},
+                       train={"max_steps": 6, "learning_rate": 0.05})
+    assert main(["train", str(path)]) == 0, capsys.readouterr().err
+    meta = json.loads((tmp_path / "run" / "adapter" / "scaletune.json").read_text())
+    assert meta["labels"] == ["negative", "positive"]
+    capsys.readouterr()
+    assert main(["eval", str(path), "--data", str(evalf)]) == 0
+    out = capsys.readouterr().out
+    assert "negative" in out and "positive" in out, out
+    code, got, err, _ = _predict(path, capsys, ["alpha bravo", "charlie delta"])
+    assert code == 0, err
+    assert {g["label"] for g in got} <= {"negative", "positive"}
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "a b", "label": 2}])
+    assert main(["eval", str(path), "--data", str(bad)]) == 2
+    assert "label 2 is not an id of data.labels (0..1)" in capsys.readouterr().err

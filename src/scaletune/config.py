@@ -95,7 +95,8 @@ class DataConfig:
     label_column: str | None = _f(None, "seq_cls: label column (default: label).")
     tokens_column: str | None = _f(None, "token_cls: column with the word list (default: tokens).")
     tags_column: str | None = _f(None, "token_cls: column with the tag list (default: tags/ner_tags).")
-    labels: list | None = _f(None, "seq_cls/token_cls: the label set, in order; default: sorted from train.")
+    labels: list | None = _f(None, "seq_cls/token_cls: the label set, in order; default: sorted from train. With integer "
+                               "labels (ids) in the data, their names in id order, e.g. [negative, positive].")
     group_by_length: bool = _f(True, "Sort each window of 50 global batches by length to cut padding (a training "
                                "set of at most 50 global batches then gets the same batches every epoch, in a "
                                "new order; false: random batches).")

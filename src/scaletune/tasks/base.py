@@ -154,6 +154,25 @@ def label_name(value: Any) -> str:
     return str(value)
 
 
+def id_names_for(found: list[str], given: list | None) -> list[str] | None:
+    """The names data.labels gives integer labels by id (HF datasets' ClassLabel ids: SST-2's 0/1, CoNLL's
+    ner_tags), when the data's labels `found` are all integers and data.labels names them; else None (the
+    labels are their own names)."""
+    if given is None or not all(name.isdecimal() for name in found):
+        return None
+    names = [str(x) for x in given]
+    return names if not all(name.isdecimal() for name in names) else None
+
+
+def named_by_id(value: Any, id_names: list[str] | None, where: str, what: str) -> str:
+    """A label's name: its own (`label_name`), or with `id_names` the name of its id."""
+    if id_names is None:
+        return label_name(value)
+    if not (str(value).isdecimal() and int(value) < len(id_names)):
+        raise DataError(f"{where}: {what} {value!r} is not an id of data.labels (0..{len(id_names) - 1})")
+    return id_names[int(value)]
+
+
 def unknown_label(where: str, what: str, value: Any, label2id: dict) -> DataError:
     """The error for a label `value` (`what`: label, tag) not in the label set, with the likely reason."""
     name = label_name(value)

@@ -8,7 +8,17 @@ import torch
 
 from ..data.readers import WHERE, fields_of
 from ..errors import DataError
-from .base import TRUNCATED, Task, ce_sum, collect_labels, label_name, overflowed, register, unknown_label
+from .base import (
+    TRUNCATED,
+    Task,
+    ce_sum,
+    collect_labels,
+    id_names_for,
+    named_by_id,
+    overflowed,
+    register,
+    unknown_label,
+)
 
 _TEXT_COLUMNS = ("text", "sentence", "content", "review")
 _LABEL_COLUMNS = ("label", "labels", "class", "category")
@@ -32,6 +42,7 @@ def _pick(records: list[dict], explicit: str | None, candidates: tuple[str, ...]
 @register("seq_cls")
 class SeqCls(Task):
     peft_task_type = "SEQ_CLS"
+    id_names: list[str] | None = None  # integer labels: the name of each id (data.labels)
 
     def auto_model_class(self) -> Any:
         from transformers import AutoModelForSequenceClassification
@@ -45,9 +56,10 @@ class SeqCls(Task):
         if self.pair and self.pair not in records[0]:
             raise DataError(f"{source}: column {self.pair!r} (data.text_pair_column) not found")
         self.label = _pick(records, d.label_column, _LABEL_COLUMNS, "label", "data.label_column", source)
+        labels = collect_labels(records, self.label, is_list=False)
+        self.id_names = id_names_for(labels, d.labels)  # SST-2's 0/1 named by data.labels: [negative, positive]
         if d.labels is not None:
             return [str(x) for x in d.labels]
-        labels = collect_labels(records, self.label, is_list=False)
         if len(labels) < 2:
             raise DataError(f"{source}: column {self.label!r} has a single label {labels}; need at least 2 classes")
         return labels
@@ -62,10 +74,11 @@ class SeqCls(Task):
             if col and (not isinstance(val, str) or not val.strip()):
                 raise DataError(f"{where}: column {col!r} must be a non-empty string, got {val!r}")
         label = record.get(self.label)
-        if label_name(label) not in label2id or label is None:
+        name = named_by_id(label, self.id_names, where, "label") if label is not None else None
+        if name not in label2id:
             raise unknown_label(where, "label", label, label2id)
         enc = tokenizer(text, pair, truncation=True, max_length=cfg.data.max_length)
-        out = {"input_ids": enc["input_ids"], "labels": label2id[label_name(label)],
+        out = {"input_ids": enc["input_ids"], "labels": label2id[name],
                TRUNCATED: overflowed(enc, cfg.data.max_length)}
         if self.pair and "token_type_ids" in enc:
             # BERT-style segment ids mark the second text; predict and a plain transformers pipeline pass

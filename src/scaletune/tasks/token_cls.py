@@ -22,7 +22,8 @@ from .base import (
     Task,
     ce_sum,
     collect_labels,
-    label_name,
+    id_names_for,
+    named_by_id,
     overflowed,
     pad_batch,
     register,
@@ -55,26 +56,14 @@ class TokenCls(Task):
         for rec in records:
             self._check(rec)
         found = collect_labels(records, self.tags, is_list=True)
-        ids = all(tag.isdecimal() for tag in found)
-        self.id_names = None
+        self.id_names = id_names_for(found, cfg.data.labels)  # HF datasets' ner_tags: ids into data.labels' names
         if cfg.data.labels is not None:
-            names = [str(x) for x in cfg.data.labels]
-            if ids and not all(name.isdecimal() for name in names):
-                self.id_names = names  # HF datasets' ner_tags: ids into the names data.labels lists
-            return names
-        if ids:  # seqeval would read "1" as an entity type with no B-/I- prefix: every score would be 0
+            return [str(x) for x in cfg.data.labels]
+        if all(tag.isdecimal() for tag in found):  # seqeval would read "1" as an entity type with no B-/I- prefix: every score would be 0
             raise DataError(f"{source}: the tags in column {self.tags!r} are integer ids ({', '.join(found[:6])}"
                             f"{', ...' if len(found) > 6 else ''}); entity scores need the tag names: set "
                             "data.labels to them in id order, e.g. data.labels: [O, B-PER, I-PER, B-LOC, I-LOC]")
         return found
-
-    def _tag(self, tag: Any, where: str) -> str:
-        """The tag's name: itself, or with integer ids the name data.labels gives that id."""
-        if self.id_names is None:
-            return label_name(tag)
-        if not (str(tag).isdecimal() and int(tag) < len(self.id_names)):
-            raise DataError(f"{where}: tag {tag!r} is not an id of data.labels (0..{len(self.id_names) - 1})")
-        return self.id_names[int(tag)]
 
     def _check(self, rec: dict) -> None:
         where = rec.get(WHERE, "?")
@@ -93,7 +82,7 @@ class TokenCls(Task):
 
     def encode(self, record: dict, tokenizer: Any, cfg: Any, label2id: dict | None) -> dict | None:
         self._check(record)
-        tags = [self._tag(t, record.get(WHERE, "?")) for t in record[self.tags]]  # label2id's names for them
+        tags = [named_by_id(t, self.id_names, record.get(WHERE, "?"), "tag") for t in record[self.tags]]
         unknown = [t for t, name in zip(record[self.tags], tags) if name not in label2id]
         if unknown:
             raise unknown_label(record.get(WHERE, "?"), "tag", unknown[0], label2id)
