@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import shutil
 import types
@@ -97,14 +98,14 @@ def test_checkpoint_weights_the_task_does_not_use_are_a_note(make_config, tiny_b
         assert len(notes) == 1 and notes[0][0] == level and extra_key in notes[0][1], notes
 
 
-def test_trackers_get_the_whole_config_and_write_inside_output_dir(tmp_path, monkeypatch):
+def test_trackers_get_the_whole_config_and_write_inside_output_dir(tmp_path, monkeypatch, caplog):
     """Trackers got two hyper-parameters (task, lr); W&B and MLflow wrote to ./wandb and ./mlruns of
     whatever directory the run was started from. The config goes flat (TensorBoard's hparams take only
     scalars); W&B and MLflow are pointed into output_dir unless the user set their own place."""
     from types import SimpleNamespace
 
     from scaletune.config import from_dict
-    from scaletune.tracking import start_trackers
+    from scaletune.tracking import start_trackers, write_run_json
 
     calls = {}
 
@@ -163,9 +164,19 @@ def test_trackers_get_the_whole_config_and_write_inside_output_dir(tmp_path, mon
     assert calls["wandb"]["id"] != first["id"]
     monkeypatch.setenv("WANDB_PROJECT", "sentiment")
     monkeypatch.setenv("WANDB_NAME", "lora-r8")
+    (out / "run.json").write_text(json.dumps({"started": "2026-12-06T06:00:00+0000"}))  # a new run
     start_trackers(fake, cfg, out)
     assert calls["wandb"]["project"] == "sentiment" and calls["wandb"]["name"] == "lora-r8"
     assert calls["name"] == "scaletune"  # (TensorBoard's directory stays output_dir/scaletune)
+    # a resume goes on in the project its W&B run is in (recorded at the first start), whatever WANDB_PROJECT
+    # says now (a requeued job's environment): under another project W&B opened a second run, splitting it
+    assert json.loads((out / "run.json").read_text())["wandb_project"] == "sentiment"
+    monkeypatch.setenv("WANDB_PROJECT", "other")
+    with caplog.at_level(logging.WARNING, logger="scaletune"):
+        start_trackers(fake, cfg, out, start_step=6)
+    assert calls["wandb"]["project"] == "sentiment" and "goes on in project 'sentiment'" in caplog.text
+    write_run_json(out, cfg, {"resumed_from": "checkpoints/step-6"})  # the resume's run.json keeps it
+    assert json.loads((out / "run.json").read_text())["wandb_project"] == "sentiment"
 
 
 @pytest.mark.parametrize("columns", [120, 0])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import platform
@@ -16,6 +17,8 @@ from typing import Any
 
 from .errors import RESUME_AFTER_WRITE, failed_write, write_error
 from .progress import sized_terminal
+
+log = logging.getLogger("scaletune")
 
 _PACKAGES = ("scaletune", "torch", "transformers", "accelerate", "peft", "datasets", "deepspeed", "bitsandbytes")
 
@@ -65,6 +68,8 @@ def write_run_json(output_dir: Path, cfg: Any, extra: dict) -> None:
             before = None
         if isinstance(before, dict):
             info["started"], info["argv"] = before.get("started", now), before.get("argv", argv)
+            if before.get("wandb_project"):  # (the project the W&B run lives in: see start_trackers)
+                info["wandb_project"] = before["wandb_project"]
             info["cwd"] = before.get("cwd", info["cwd"])
             info["resumes"] = [*(before.get("resumes") or []),
                                {"time": now, "from": extra["resumed_from"], "argv": argv, "cwd": os.getcwd(),
@@ -125,7 +130,7 @@ def start_trackers(accelerator: Any, cfg: Any, output_dir: Path, start_step: int
         # run of every project went to one W&B project "scaletune"); WANDB_NAME likewise names the run
         from accelerate.tracking import WandBTracker
 
-        tracker = WandBTracker(os.environ.get("WANDB_PROJECT") or "scaletune", **wandb_kwargs)
+        tracker = WandBTracker(_wandb_project(output_dir), **wandb_kwargs)
         tracker.start()
         tracker.store_init_configuration(config)
         accelerator.trackers.append(tracker)
@@ -134,6 +139,30 @@ def start_trackers(accelerator: Any, cfg: Any, output_dir: Path, start_step: int
             import mlflow
 
             mlflow.MlflowClient().set_tag(tracker.tracker.info.run_id, MLFLOW_TAG, run_id)
+
+
+def _wandb_project(output_dir: Path) -> str:
+    """The W&B project: the one the run's first start used (recorded in run.json), else $WANDB_PROJECT, else
+    "scaletune". A resume must log into the project its W&B run is in: under another (WANDB_PROJECT set or
+    changed since, a requeued job's environment) W&B starts a second run there and the history splits."""
+    asked = os.environ.get("WANDB_PROJECT") or "scaletune"
+    path = output_dir / "run.json"
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return asked
+    if not isinstance(info, dict):
+        return asked
+    recorded = info.get("wandb_project")
+    if recorded and recorded != asked:
+        log.warning("W&B: the run goes on in project %r, where it started (WANDB_PROJECT=%r is for new runs)",
+                    recorded, asked)
+    if not recorded:
+        info["wandb_project"] = recorded = asked
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(info, indent=1, default=str))
+        os.replace(tmp, path)
+    return recorded
 
 
 def _run_id(output_dir: Path) -> str | None:
