@@ -414,6 +414,28 @@ def test_config_help_lists_a_methods_peft_options(capsys):
     assert code == 2 and "--method loar: not a peft method (did you mean 'lora'?)" in err
     code, _, err = run_cli(["config-help", "--method", "ia3", "nothing_like_it"], capsys)
     assert code == 2 and "IA3Config has no option containing 'nothing_like_it'" in err
+    # where scaletune sets an option itself, the listing says so (it showed peft's null)
+    code, out, _ = run_cli(["config-help", "--method", "adalora", "total_step"], capsys)
+    assert "= null; scaletune: the run's optimizer steps" in out, out
+    code, out, _ = run_cli(["config-help", "--method", "lora", "exclude_modules"], capsys)
+    assert "scaletune: ['classifier', 'score'] for seq_cls/token_cls" in out, out
+
+
+def test_a_peft_option_of_a_config_class_is_built_from_its_mapping():
+    """peft.runtime_config: {ephemeral_gpu_offload: true} was kept a dict where peft wants its LoraRuntimeConfig
+    (an AttributeError when the model is built); it is built from the mapping, and a wrong key is one problem."""
+    from scaletune.config import from_dict
+    from scaletune.errors import ConfigError
+    from scaletune.peft_options import peft_config
+
+    def cfg(runtime: dict):
+        return from_dict({"task": "causal_lm", "model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"},
+                          "peft": {"method": "lora", "runtime_config": runtime}})
+
+    built = peft_config(cfg({"ephemeral_gpu_offload": True}), "CAUSAL_LM").runtime_config
+    assert type(built).__name__ == "LoraRuntimeConfig" and built.ephemeral_gpu_offload is True
+    with pytest.raises(ConfigError, match="peft.runtime_config: not a LoraRuntimeConfig .*'nope'"):
+        peft_config(cfg({"nope": 1}), "CAUSAL_LM")
 
 
 @pytest.mark.slow

@@ -68,6 +68,7 @@ def method_help(method: str, wanted: list[str], markdown: bool = False) -> str:
 
     from . import adapters  # noqa: F401  (scaletune's own methods' config classes)
     from .methods import MATRIX, how_to_select
+    from .peft_options import SCALETUNE_DEFAULTS
 
     row = MATRIX.get(method.lower())
     name = row.peft_method if row is not None else "lora" if method.lower() == "qlora" else method.lower()
@@ -86,7 +87,10 @@ def method_help(method: str, wanted: list[str], markdown: bool = False) -> str:
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
         kind = re.sub(r"\btyping\.|\bOptional\[(.*)\]$", r"\1", str(getattr(f.type, "__name__", f.type)))
-        rows.append((f"peft.{f.name}", kind, "null" if default is None else repr(default),
+        shown = "null" if default is None else repr(default)
+        if f.name in SCALETUNE_DEFAULTS:
+            shown = f"{shown}; scaletune: {SCALETUNE_DEFAULTS[f.name]}"
+        rows.append((f"peft.{f.name}", kind, shown,
                      " ".join(str(f.metadata.get("help", "")).split())))
     if not rows:
         raise UserError(f"{cls.__name__} has no option containing {' or '.join(map(repr, wanted))}",

@@ -97,6 +97,15 @@ def _peft_value_problems(config_cls: type, kwargs: dict) -> list[str]:
         elif _names_or_pattern(tp):  # target_modules: a list of names, or one regular expression
             ok = isinstance(value, str) or isinstance(value, list) and all(isinstance(v, str) for v in value)
             want = "a list of names or a regular expression"
+        elif dataclasses.is_dataclass(tp) and isinstance(value, dict):
+            # (runtime_config: {ephemeral_gpu_offload: true}) peft keeps a mapping as given where it wants its
+            # dataclass, and fails reading an attribute of it when the model is built: build it here
+            try:
+                kwargs[key], ok = tp(**value), True
+            except TypeError as exc:
+                problems.append(f"peft.{key}: not a {tp.__name__} ({exc})")
+                continue
+            want = tp.__name__
         else:
             continue
         if not ok:
@@ -120,6 +129,11 @@ def _enum_values(tp: Any) -> list[str]:
         if isinstance(arg, type) and issubclass(arg, enum.Enum):
             return [str(m.value) for m in arg]
     return []
+
+
+# Where scaletune sets an option peft leaves at its default (in `peft_config`), for `config-help --method`.
+SCALETUNE_DEFAULTS = {"exclude_modules": "['classifier', 'score'] for seq_cls/token_cls (the new head trains in full)",
+                      "total_step": "the run's optimizer steps (AdaLoRA's rank schedule)"}
 
 
 def peft_config(cfg: RunConfig, task_type: str, total_steps: int | None = None) -> Any:
@@ -149,6 +163,7 @@ def peft_config(cfg: RunConfig, task_type: str, total_steps: int | None = None) 
     problems += _peft_range_problems(method, {k: v for k, v in kwargs.items() if k in fields})
     if problems:
         raise ConfigError(problems, title=f"peft section has {problems_count(len(problems))}")
+    # (SCALETUNE_DEFAULTS says so in `config-help --method`)
     if task_type in ("SEQ_CLS", "TOKEN_CLS") and "exclude_modules" in fields and "exclude_modules" not in kwargs:
         # The new head is trained in full (peft's modules_to_save); an adapter on it as well would clash.
         kwargs["exclude_modules"] = ["classifier", "score"]
