@@ -1238,8 +1238,8 @@ def test_a_long_eval_says_it_is_alive(capsys, make_config, tmp_path, monkeypatch
 @pytest.mark.parametrize("task,base", [("seq_cls", "bert"), ("seq_cls", "llama"), ("token_cls", "bert")])
 def test_predict_in_batches_labels_as_one_line_at_a_time(capsys, make_config, tiny_llama, monkeypatch, task, base):
     """Lines are labelled 32 per forward (padded on the right; a decoder classifies by its last real
-    token): the same labels, scores and tags as one line per forward, across a batch boundary, with
-    lines of very different lengths, and the lines in input order."""
+    token), each window of lines batched by length: the same labels, scores and tags as one line per forward,
+    across batch and window boundaries, with lines of very different lengths, and the lines in input order."""
     import random
 
     import scaletune.infer as infer
@@ -1254,8 +1254,16 @@ def test_predict_in_batches_labels_as_one_line_at_a_time(capsys, make_config, ti
         lines = [{"text": " ".join([r["text"]] * rng.randint(1, 6))} for r in cls_records(40, seed=3)]
     else:
         lines = [{"tokens": r["tokens"] * rng.randint(1, 6)} for r in ner_records(40, seed=3)]
+    monkeypatch.setattr(infer, "PREDICT_BATCH", 8)
+    monkeypatch.setattr(infer, "PREDICT_WINDOW", 2)  # windows of 16 lines: 16, 16 and 8, each batched by length
+    sizes, answer = [], infer._answer
+    monkeypatch.setattr(infer, "_answer", lambda cfg, model, tok, labels, batch, *a:
+                        sizes.append([infer._size(x) for x in batch]) or answer(cfg, model, tok, labels, batch, *a))
     code, batched, err, _ = _predict(path, capsys, lines)
     assert code == 0, err
+    assert [len(b) for b in sizes] == [8, 8, 8, 8, 8]
+    for first, second in (sizes[0:2], sizes[2:4]):  # (a batch of real sentences in input order was half padding)
+        assert min(first) >= max(second)
     monkeypatch.setattr(infer, "PREDICT_BATCH", 1)
     code, single, err, _ = _predict(path, capsys, lines)
     assert code == 0, err

@@ -25,6 +25,7 @@ from .seqlen import position_limit
 log = logging.getLogger("scaletune")
 PREDICT_BATCH = 32  # lines labelled per forward (seq_cls, token_cls)
 GENERATE_BATCH = 16  # prompts completed per `generate` (causal_lm): each row holds a KV cache
+PREDICT_WINDOW = 8  # batches whose lines are grouped by length before they are written
 
 
 def _adapter_dir(cfg: RunConfig, adapter: str | None) -> Path:
@@ -155,23 +156,21 @@ def run_predict(cfg: RunConfig, adapter: str | None, source: str | None, max_new
     cut_lines = []  # where a token_cls input had words past max_length
     # Labelling goes PREDICT_BATCH lines per forward (4,360 SST-2 lines with MiniLM on 2 CPU cores: 43 s one
     # per forward, 30 s batched, both with ~7 s of loading), generation GENERATE_BATCH prompts per
-    # `generate`; in input order, so each batch's lines are written as soon as it is done.
+    # `generate`. Each window of PREDICT_WINDOW batches is batched by length (in input order, half of what a
+    # batch of real sentences computed was padding) and written in input order once it is done.
     step = GENERATE_BATCH if cfg.task == "causal_lm" else PREDICT_BATCH
     if sampling:
         torch.manual_seed(sampling["seed"])  # (the same input, seed and batch give the same completions)
         sampling = {"temperature": sampling["temperature"], "top_p": sampling["top_p"]}
-    for start in range(0, len(items), step):
-        batch = inputs[start:start + step]
-        with acc.autocast():
-            if cfg.task == "causal_lm":
-                texts = generate_batch(model, tokenizer, [segments for _, segments in batch], max_new_tokens,
-                                       sampling)
-                done = [{"prompt": prompt, "completion": text} for (prompt, _), text in zip(batch, texts)]
-            elif cfg.task == "seq_cls":
-                done = _classify(model, tokenizer, labels, cfg.data.max_length, batch)
-            else:
-                done = _tag(model, tokenizer, labels, cfg.data.max_length, batch)
-        for item, result in zip(items[start:start + step], done):
+    for start in range(0, len(items), step * PREDICT_WINDOW):
+        window = range(start, min(start + step * PREDICT_WINDOW, len(items)))
+        by_length = sorted(window, key=lambda i: (-_size(inputs[i]), i))
+        answers: dict[int, dict] = {}
+        for at in range(0, len(by_length), step):
+            chunk = by_length[at:at + step]
+            answers.update(zip(chunk, _answer(cfg, model, tokenizer, labels, [inputs[i] for i in chunk],
+                                              max_new_tokens, sampling, acc)))
+        for item, result in ((items[i], answers[i]) for i in window):
             if "truncated_words" in result:
                 cut_lines.append(item[WHERE])
             result = {"line": item[predict_input.LINE], **result}
@@ -182,6 +181,26 @@ def run_predict(cfg: RunConfig, adapter: str | None, source: str | None, max_new
                     'never saw those words, they are tagged "O", and each such line\'s "truncated_words" says how many',
                     len(cut_lines), len(results), cfg.data.max_length, cut_lines[0])
     return results
+
+
+def _size(given: Any) -> int:
+    """Characters of one predict input (a prompt, a text pair, a word list): what its batch is grouped by."""
+    if isinstance(given, list):  # token_cls' words
+        return sum(len(word) + 1 for word in given)
+    first, second = given  # (prompt, segments) or (text, pair)
+    return len(first) + (len(second) if isinstance(second, str) else 0)
+
+
+def _answer(cfg: RunConfig, model: Any, tokenizer: Any, labels: list[str] | None, batch: list, max_new_tokens: int,
+            sampling: dict | None, acc: Any) -> list[dict]:
+    """One batch of predict inputs answered: completions, labels or tags."""
+    with acc.autocast():
+        if cfg.task == "causal_lm":
+            texts = generate_batch(model, tokenizer, [segments for _, segments in batch], max_new_tokens, sampling)
+            return [{"prompt": prompt, "completion": text} for (prompt, _), text in zip(batch, texts)]
+        if cfg.task == "seq_cls":
+            return _classify(model, tokenizer, labels, cfg.data.max_length, batch)
+        return _tag(model, tokenizer, labels, cfg.data.max_length, batch)
 
 
 def _refuse_unembeddable(model: Any, tokenizer: Any, items: list[dict], inputs: list) -> None:
