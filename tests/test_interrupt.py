@@ -44,3 +44,75 @@ def test_an_interrupt_while_tokenising_ends_the_command(delay, tmp_path):
     except subprocess.TimeoutExpired:
         pytest.fail("the interrupted command did not exit")
     assert done.returncode == 130 and "interrupted" in done.stderr, done.stderr
+
+
+@pytest.fixture()
+def signals_kept():
+    """The test process's own INT/USR1/TERM handlers, put back after a test that installs a StopFlag."""
+    import signal
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGUSR1, signal.SIGTERM)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+def test_ctrl_c_in_the_loop_is_one_stop_a_second_one_interrupts(signals_kept, capfd, monkeypatch):
+    """The first Ctrl-C asks for a checkpoint at the step's end, saying so once; the same keypress reaching the
+    rank twice (the terminal's process group and a one-process launch passing it on, 0.5 s apart at most) is
+    one; a later one interrupts. A launcher's SIGTERM after it does not rename the stop."""
+    import os
+    import signal
+
+    from scaletune import stopflag
+
+    flag = stopflag.StopFlag()
+    flag.catch_interrupts()
+    os.kill(os.getpid(), signal.SIGINT)
+    os.kill(os.getpid(), signal.SIGINT)  # (the same keypress, passed on)
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert flag.signal == signal.SIGINT
+    assert capfd.readouterr().err.count("Ctrl-C: stopping at the end of this step") == 1
+    monkeypatch.setattr(stopflag, "_SAME_KEYPRESS_S", 0.0)
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+    flag.release_interrupts()
+    assert signal.getsignal(signal.SIGINT) is not flag._interrupt
+
+
+def test_an_ignored_sigint_stays_ignored_and_forked_workers_keep_quiet(signals_kept, capfd):
+    """A run started with SIGINT ignored (`cmd &` in a script) does not begin stopping on it with the loop; and
+    DataLoader workers, forked after the loop caught Ctrl-C, inherit the handler: each printed the line."""
+    import os
+    import signal
+
+    from scaletune.stopflag import StopFlag
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    flag = StopFlag()
+    flag.catch_interrupts()
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    flag = StopFlag()
+    flag.catch_interrupts()
+    pid = os.fork()
+    if pid == 0:  # a worker: the terminal's Ctrl-C reaches it too
+        try:
+            flag._interrupt(signal.SIGINT, None)
+        finally:
+            os._exit(0 if flag.signal is None else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0 and "Ctrl-C" not in capfd.readouterr().err
+    flag.release_interrupts()
+
+
+def test_the_demo_stopped_by_ctrl_c_is_not_reported_as_finished(monkeypatch, tmp_path, capsys):
+    """The demo went on after a Ctrl-C stop: it scored the half-trained model, named an adapter never written
+    and exited 0."""
+    import scaletune.loop as loop
+    from scaletune.demo import run_demo
+
+    monkeypatch.setattr(loop, "fit", lambda run, stop: "preempted")
+    assert run_demo(str(tmp_path / "demo"), steps=2) == 130
+    out = capsys.readouterr().out
+    assert "held-out set" not in out and "stopped at step 0 of 2" in out, out[-1500:]

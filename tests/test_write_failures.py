@@ -219,15 +219,17 @@ def test_a_resume_across_a_tokenisation_change_says_so(cfg, tmp_path, capsys, ca
     add itself; v13 changed the built-in template's rendering) trains or predicts on other token ids than it was
     trained on; the same data file gives the same train_digest, so only the recorded version can tell. An
     upgrade between a run and its resume changed the ids without a word."""
-    from scaletune.data import CACHE_VERSION
+    from scaletune.data import TOKENISATION
 
-    monkeypatch.setattr(train_mod, "CACHE_VERSION", "10")  # what a scaletune of data version 10 recorded
+    # what a scaletune of data version 10 recorded
+    monkeypatch.setattr(train_mod, "tokenisation", lambda task: f"{task}-10")
     assert run_cli(["train", cfg, "train.max_steps=2"], capsys)[0] == 0
     monkeypatch.undo()
     with caplog.at_level(logging.WARNING, logger="scaletune"):
         code, _, err = run_cli(["train", cfg, "--resume", "auto"], capsys)
     assert code == 0, err
-    assert f"was trained on data tokenised by another scaletune (data version 10, now {CACHE_VERSION})" in caplog.text
+    now = TOKENISATION["causal_lm"]
+    assert f"tokenised by another scaletune (data version causal_lm-10, now causal_lm-{now})" in caplog.text
     assert "resume with the scaletune that started the run" in caplog.text
     run = tmp_path / "run"
     for adapter, warned in ((run / "checkpoints" / "step-2" / "adapter", True), (run / "adapter", False)):
@@ -236,6 +238,11 @@ def test_a_resume_across_a_tokenisation_change_says_so(cfg, tmp_path, capsys, ca
             assert run_cli(["eval", cfg, "--adapter", adapter, f"--data={tmp_path / 'data' / 'train.jsonl'}"],
                            capsys)[0] == 0
         assert ("its inputs here may be tokenised otherwise" in caplog.text) is warned, caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="scaletune"):  # merge tokenises nothing: nothing to say
+        assert run_cli(["merge", cfg, "--adapter", run / "checkpoints" / "step-2", "--out", tmp_path / "m"],
+                       capsys)[0] == 0
+    assert "tokenis" not in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="scaletune"):  # a checkpoint of this scaletune's: nothing said
         assert run_cli(["train", cfg, "train.max_steps=6", "--resume", "auto"], capsys)[0] == 0

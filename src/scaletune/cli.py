@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .config_file import is_override
 from .errors import (
+    EXIT_INTERRUPTED,
     EXIT_PEER,
     EXIT_USAGE,
     RESUME_AFTER_WRITE,
@@ -372,7 +373,7 @@ def _dispatch_reporting(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"\ninterrupted{_resume_hint(args)}", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:  # `scaletune plan ... | head`: the reader has all it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
         return 141  # 128 + SIGPIPE, what a shell reports for a pipe closed early

@@ -46,6 +46,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         parsed = yaml.safe_load(value)
     except (yaml.YAMLError, ValueError, RecursionError):  # ValueError: ints over Python's digit limit
         parsed = value
+    try:
+        too_big = _written_out_size(parsed, {}, set()) > MAX_CONFIG_VALUES
+    except _Cycle:
+        too_big = True
+    if too_big:  # (the same walk as the file's: an alias within the value)
+        raise ConfigError(f"override {text[:60]!r}: {_TOO_BIG}")
     path = key.split(".")
     return path, _override_value(_key_type(path), value, parsed)
 
@@ -194,8 +200,7 @@ def read_yaml(path: str | Path) -> tuple[dict, list[str]]:
     except _Cycle:
         raise ConfigError(f"run config {path}: a YAML alias (*name) refers to a value that holds it") from None
     if size > MAX_CONFIG_VALUES:
-        raise ConfigError(f"run config {path}: its YAML aliases (*name) make it more than {MAX_CONFIG_VALUES:,} "
-                          "values once written out; a run config holds a few hundred") from None
+        raise ConfigError(f"run config {path}: {_TOO_BIG}") from None
     return raw, [f"{path}:{line}: duplicate key {key!r} (first at line {first}; YAML would keep only this one)"
                  for line, key, first in sorted(duplicates, key=lambda d: d[0])]
 
@@ -203,6 +208,8 @@ def read_yaml(path: str | Path) -> tuple[dict, list[str]]:
 # YAML aliases share one value among all its uses, so a few hundred bytes can stand for 10**8 values: every
 # walk over the config (validation, an error quoting a value, the fingerprint's JSON) would write them all out.
 MAX_CONFIG_VALUES = 100_000
+_TOO_BIG = f"it holds more than {MAX_CONFIG_VALUES:,} values (each use of a YAML alias *name counted); a run " \
+           "config holds a few hundred"
 
 
 class _Cycle(Exception):

@@ -14,6 +14,7 @@ EXIT_PREEMPTED = 124
 # A rank of a launched run that stopped because another rank failed or stopped answering: the cause is that
 # rank's (its own exit code), so `scaletune launch` leaves this one out of the launch's.
 EXIT_PEER = 3
+EXIT_INTERRUPTED = 130  # Ctrl-C before training began, or twice (128 + SIGINT, as a shell reports it)
 
 
 class UserError(Exception):

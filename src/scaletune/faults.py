@@ -5,6 +5,7 @@
   enospc              the checkpoint write of `step` fails as if the disk were full
   nan                 the loss of `step` becomes NaN
   oom                 the loss of `step` raises an out-of-memory error (after its forward pass)
+  slow                step `step` takes 8 s more (a long step of a big model: what a stop must wait for)
 Real faults take the same code paths; this only makes them happen on demand.
 """
 
@@ -42,4 +43,8 @@ def at_step(step: int, loss):  # noqa: ANN001, ANN201 (a torch tensor; torch is 
         raise torch.OutOfMemoryError("injected out-of-memory (SCALETUNE_FAULT)")
     if armed("nan", step):
         return loss * float("nan")
+    if armed("slow", step):
+        import time
+
+        time.sleep(8)
     return loss

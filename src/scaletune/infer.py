@@ -65,14 +65,16 @@ def _not_an_adapter(path: Path) -> str:
             f"directory (no adapter/adapter_config.json){also}")
 
 
-def load_trained(cfg: RunConfig, adapter: str | None) -> tuple[Any, Any, Any, list[str] | None, Path]:
-    """(model in eval mode, tokenizer, task, labels, adapter dir) from a finished run."""
+def load_trained(cfg: RunConfig, adapter: str | None, tokenises: bool = True) -> tuple[Any, Any, Any, list[str] | None,
+                                                                                      Path]:
+    """(model in eval mode, tokenizer, task, labels, adapter dir) from a finished run. `tokenises`: the command
+    tokenises inputs (eval, predict; not merge), which an adapter trained on other token ids should hear of."""
     from .model import load_model, load_tokenizer
     from .tasks import get_task
 
     path = _adapter_dir(cfg, adapter)
     meta = adapter_meta(path)
-    if meta and (differs := tokenised_differently(meta.get("tokenisation"))):
+    if tokenises and meta and (differs := tokenised_differently(meta.get("tokenisation"), cfg.task)):
         log.warning("the adapter at %s %s: its inputs here may be tokenised otherwise than the training data "
                     "was (a BOS token, the chat template's rendering)", path, differs)
     if meta.get("task", cfg.task) != cfg.task:
@@ -489,7 +491,7 @@ def run_merge(cfg: RunConfig, adapter: str | None, out_dir: str) -> Path:
                     "full-precision weights, so the merged model's outputs differ somewhat from base + adapter's; "
                     "evaluate the merged model itself", cfg.model.quantization)
         cfg.model.quantization = None  # merge into full-precision weights, never into 4/8-bit ones
-    model, tokenizer, task, labels, path = load_trained(cfg, adapter)
+    model, tokenizer, task, labels, path = load_trained(cfg, adapter, tokenises=False)
     # the adapter's own method: the config may name another (it is read from adapter_config.json)
     configs = list(getattr(model, "peft_config", {}).values())
     method = str(getattr(configs[0].peft_type, "value", configs[0].peft_type)).lower() if configs else cfg.peft_method

@@ -42,7 +42,7 @@ from typing import Any
 
 from . import runlock
 from .distributed import deepspeed_config_name, deepspeed_config_path
-from .errors import EXIT_PEER, EXIT_PREEMPTED, EXIT_USAGE, ConfigError, UserError, problems_count
+from .errors import EXIT_INTERRUPTED, EXIT_PEER, EXIT_PREEMPTED, EXIT_USAGE, ConfigError, UserError, problems_count
 
 
 def _accelerate_executable() -> list[str]:
@@ -175,12 +175,13 @@ def preflight(cfg: Any) -> None:
 def exit_code(codes: list[int]) -> int:
     """The exit code of a launch whose processes ended with `codes` (negative: killed by a signal).
 
-    2 (bad input) or 124 (stopped with a checkpoint) when every process that exited by itself agrees;
+    2 (bad input), 124 (stopped with a checkpoint) or 130 (interrupted: Ctrl-C) when every process that
+    exited by itself agrees;
     else 1, as accelerate reports any failure. Processes the launcher killed after the first failure
     say nothing about the cause, so they do not count.
     """
     own = {code for code in codes if code > 0 and code != EXIT_PEER}  # (a peer's stop: another rank's cause)
-    if own in ({EXIT_USAGE}, {EXIT_PREEMPTED}):
+    if own in ({EXIT_USAGE}, {EXIT_PREEMPTED}, {EXIT_INTERRUPTED}):
         return own.pop()
     return 1
 
@@ -243,12 +244,20 @@ def run_accelerate(cmd: list[str], usr1: _PassOn | None = None) -> int:
     before = _marker_state(marker)
     # torchrun installs handlers for TERM/INT/HUP/QUIT and never restores them; USR1 is ours (below)
     saved = _handlers(_LAUNCH_SIGNALS)
+    interrupts = None
     try:
         usr1 = usr1 if usr1 is not None else _PassOn.install()
+        if args.num_processes == 1 and args.num_machines == 1 and not args.use_deepspeed:
+            # accelerate's one-process launcher: a Ctrl-C in this process stopped the rank (SIGTERM, and
+            # SIGKILL 5 s later: no checkpoint unless its step and save were quicker); the rank is in the
+            # terminal's process group and got the Ctrl-C itself, so this one only passes it on (for a
+            # SIGINT sent to this process alone; the rank counts one keypress that reaches it twice once)
+            interrupts = _PassOn.install(signal.SIGINT)
         return _launch(launch_command, args, lambda: _checkpoint_written(marker, before))
     finally:
-        if usr1 is not None:
-            usr1.stop()
+        for passer in (usr1, interrupts):
+            if passer is not None:
+                passer.stop()
         for sig, handler in saved.items():
             signal.signal(sig, handler)
         if own_dir is not None:
@@ -357,17 +366,17 @@ class _PassOn:
         self.thread: threading.Thread | None = None
 
     @classmethod
-    def install(cls) -> _PassOn:
-        """A _PassOn handling SIGUSR1 (only from the main thread, the one place Python allows a handler)."""
+    def install(cls, signum: int = signal.SIGUSR1) -> _PassOn:
+        """A _PassOn handling `signum` (only from the main thread, the one place Python allows a handler)."""
         passer = cls()
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGUSR1, passer.handler)
+            signal.signal(signum, passer.handler)
         return passer
 
     def handler(self, signum: int, frame: Any) -> None:
         self.signum, self.given = signum, set()  # again for every rank, even one that had an earlier one
         if self.thread is None:
-            self.thread = threading.Thread(target=self._pass_on, name="scaletune-usr1", daemon=True)
+            self.thread = threading.Thread(target=self._pass_on, name="scaletune-pass-on", daemon=True)
             self.thread.start()
 
     def _pass_on(self) -> None:

@@ -124,8 +124,8 @@ def fit(run: Run, stop: StopFlag) -> str:
                 save_checkpoint(run)
         if stop_early:
             break  # final_outputs checkpoints this step, which records that the run stopped early
+    final_outputs(run, mlog)  # (a Ctrl-C now lets the final save finish: the run is done then)
     stop.release_interrupts()
-    final_outputs(run, mlog)
     mlog.close()
     return "done"
 

@@ -6,7 +6,12 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from typing import Any
+
+# A Ctrl-C that reaches a rank twice within this time is one keypress: the terminal signals the rank's process
+# group, and a one-process `scaletune launch` passes the launcher's on (it cannot tell where its came from).
+_SAME_KEYPRESS_S = 0.5
 
 
 class StopFlag:
@@ -20,24 +25,35 @@ class StopFlag:
     def __init__(self) -> None:
         self.signal: int | None = None
         self._catching, self._before = False, None  # SIGINT's handler while the loop catches it
+        self._pid, self._interrupted_at = 0, -1e9
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, self._handler)
 
     def _handler(self, signum: int, frame: Any) -> None:
-        self.signal = signum
+        if self.signal is None:  # (the first stop signal names the stop: a launcher's SIGTERM after a Ctrl-C)
+            self.signal = signum
 
     def catch_interrupts(self) -> None:
         """While the training loop runs: Ctrl-C (SIGINT) stops the run like SIGTERM, at the next step boundary
         with a checkpoint, rather than losing the steps since the last one; a second Ctrl-C interrupts at once.
         Before the loop (imports, model load, tokenising) there is nothing to save and Ctrl-C interrupts as
         usual. Under a launcher the ranks get SIGINT from it (torchrun passes it on) and stop together."""
-        if threading.current_thread() is threading.main_thread() and not self._catching:
-            self._before, self._catching = signal.signal(signal.SIGINT, self._interrupt), True
+        if threading.current_thread() is not threading.main_thread() or self._catching:
+            return
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # (started so, `cmd &` in a script: it stays so)
+            return
+        self._pid = os.getpid()  # (DataLoader workers forked from here inherit the handler: they keep quiet)
+        self._before, self._catching = signal.signal(signal.SIGINT, self._interrupt), True
 
     def _interrupt(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self._pid:
+            return
+        now = time.monotonic()
+        if now - self._interrupted_at < _SAME_KEYPRESS_S:
+            return  # the same Ctrl-C, twice: from the terminal and passed on by a one-process launch
         if self.signal is not None:  # (a second Ctrl-C, or one after SIGTERM: the user will not wait)
             raise KeyboardInterrupt
-        self.signal = signum
+        self.signal, self._interrupted_at = signum, now
         if os.environ.get("RANK", "0") == "0":  # (each rank of a launch gets it; one line is enough)
             # os.write, not print: the handler may run inside a write to stderr (the progress bar), which
             # Python's buffered stream refuses to re-enter

@@ -15,7 +15,7 @@ import torch
 from . import checkpoint as ckpt
 from . import methods, nonfinite, runlock
 from .config import RunConfig
-from .data import CACHE_VERSION, tokenised_differently
+from .data import tokenisation, tokenised_differently
 from .distributed import raise_main_rank_failure
 from .errors import (
     EXIT_PREEMPTED,
@@ -335,7 +335,7 @@ def restore(run: Run, resume_from: Path) -> None:
             # not refused: a fixed typo in the data is a fair reason; but the promise of an exact resume is off
             log.warning("data.train's contents changed since checkpoint %s was written: the resumed run trains "
                         "on other examples than the interrupted one did", resume_from)
-        if differs := tokenised_differently(state.get("tokenisation")):  # (an upgrade between a run and its resume)
+        if differs := tokenised_differently(state.get("tokenisation"), run.cfg.task):  # (an upgrade between a run and its resume)
             log.warning("checkpoint %s %s: from here the run may train on other token ids than before (a BOS token, "
                         "the chat template's rendering); to continue exactly, resume with the scaletune that "
                         "started the run", resume_from, differs)
@@ -382,7 +382,7 @@ def save_checkpoint(run: Run) -> Path:
              **nonfinite.loss_scale_state(run.accelerator, run.model),  # fp16: GradScaler's or DeepSpeed's
              "global_batch_size": run.cfg.train.global_batch_size,
              "config": run.given_config, "paths": real_paths(run.given_config),  # (see `config_changes`)
-             "train_digest": run.data.get("train_digest"), "tokenisation": CACHE_VERSION}
+             "train_digest": run.data.get("train_digest"), "tokenisation": tokenisation(run.cfg.task)}
     return ckpt.save_checkpoint(run.accelerator, run.output_dir, run.step, trainable=params,
                                 optimizer_state=opt_state, state=state,
                                 save_adapter=lambda d: save_adapter(run, d, adapter_state),
@@ -406,7 +406,8 @@ def save_adapter(run: Run, directory: Path, state: dict | None = None, extra_met
     run.tokenizer.save_pretrained(str(directory))
     meta = {"task": run.cfg.task, "labels": run.data["labels"], "base_model": run.cfg.model.name_or_path,
             "max_length": run.cfg.data.max_length, "held_out": held_out(run.cfg),
-            "train_digest": run.data.get("train_digest"), "tokenisation": CACHE_VERSION, **run.task.cache_meta(),
+            "train_digest": run.data.get("train_digest"), "tokenisation": tokenisation(run.cfg.task),
+            **run.task.cache_meta(),
             **(extra_meta or {})}
     (directory / "scaletune.json").write_text(json.dumps(meta, indent=1))
 
@@ -444,6 +445,7 @@ def train(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
         except (torch.OutOfMemoryError, MemoryError) as exc:
             raise out_of_memory(run, exc) from None
     finally:
+        stop.release_interrupts()  # (fit's loop caught Ctrl-C; an error out of it leaves it so otherwise)
         runlock.release_run()
     if result == "preempted":
         return EXIT_PREEMPTED

@@ -118,6 +118,35 @@ def test_signal_to_the_launcher_checkpoints_and_exits_124(make_config, tmp_path,
     assert "Traceback" not in err
 
 
+def test_ctrl_c_in_a_one_process_launch_waits_for_the_checkpoint(make_config, tmp_path):
+    """A one-process `scaletune launch` (accelerate's simple launcher: the rank shares the terminal's process
+    group) answered Ctrl-C by SIGTERM to the rank and SIGKILL 5 s later: a step and save longer than that left
+    no checkpoint at all. The launcher leaves the stop to the rank: its step (8 s here) ends, it checkpoints,
+    the launch exits 124 naming the checkpoint; the keypress that reaches the rank twice is one."""
+    path = make_config("causal_lm", train={"max_steps": 100, "log_every": 1, "save_every": None})
+    out = tmp_path / "run"
+    log = tmp_path / "launch.err"
+    with log.open("w") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "scaletune", "launch", str(path), "--nproc", "1"],
+                                stdout=subprocess.DEVNULL, stderr=sink, start_new_session=True,
+                                env=stutil.child_env(SCALETUNE_FAULT="slow@2"))
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while _trained_steps(out / "metrics.jsonl") < 1:
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGINT)  # the terminal's Ctrl-C: to the launcher and the rank, in step 2
+        proc.wait(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    err = log.read_text()
+    assert proc.returncode == 124, err[-4000:]
+    assert (out / "checkpoints" / "step-2").is_dir() and err.count("Ctrl-C: stopping") == 1, err[-4000:]
+    assert f"checkpoint {out / 'checkpoints' / 'step-2'} (continue with --resume auto)" in err
+
+
 def test_sigterm_while_a_refused_launch_prints_its_error(make_config, tmp_path):
     """A 2-node Slurm job with a bad value: both nodes' launchers refuse it, and srun sends SIGTERM to the one
     still exiting. The launcher had put SIGTERM's default action back before printing the error, so the job

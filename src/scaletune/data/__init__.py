@@ -33,21 +33,32 @@ log = logging.getLogger("scaletune")
 # 5: meta counts the examples max_length cut; token_cls stores the words with no sub-token (blank_at, blank_tags)
 # 6: messages' "weight": 0 turns are context; 7: token_cls integer tags named by data.labels;
 # 8: JSON true/false labels are named "true"/"false" (were "True"/"False" with data.labels, else refused),
-# labels that differ only in spaces are refused; 9: seq_cls text pairs keep token_type_ids
+# labels that differ only in spaces are refused; 9: seq_cls text pairs keep token_type_ids; 10: chat data's
+# weight-0 answers stay untrained under train_on_prompt; 11: causal_lm's BOS only where the tokenizer puts it;
+# 12: causal_lm text tokenised in one piece (SentencePiece); 13: the built-in template's header after a tool
+# result, an answer or a system prompt
 CACHE_VERSION = "13"
+# The data version at which each task's token ids or targets last changed (a cache version changes for more:
+# a count in the meta, a refusal): what checkpoints and adapters record as how their data was tokenised.
+TOKENISATION = {"causal_lm": "13", "seq_cls": "9", "token_cls": "7"}
 
 
-def tokenised_differently(recorded: Any) -> str | None:
-    """What to say of data a checkpoint or adapter records as tokenised by version `recorded` (CACHE_VERSION,
-    which changes with every change to the token ids a record gives), or None if that is this scaletune's.
-    The data file can be the same (the same train_digest) and still give other ids: v11 stopped adding a BOS
-    the tokenizer does not add itself, v13 changed the built-in template's rendering of tool results."""
-    if recorded == CACHE_VERSION:
+def tokenisation(task: str) -> str:
+    """How this scaletune tokenises `task`'s data, as checkpoints and adapters record it."""
+    return f"{task}-{TOKENISATION[task]}"
+
+
+def tokenised_differently(recorded: Any, task: str) -> str | None:
+    """What to say of data a checkpoint or adapter records as tokenised `recorded` (`tokenisation`), or None if
+    that is this scaletune's. The data file can be the same (the same train_digest) and still give other ids:
+    v11 stopped adding a BOS the tokenizer does not add itself, v13 changed the built-in template's rendering."""
+    now = tokenisation(task)
+    if recorded == now:
         return None
     if recorded is None:
         return "was written before scaletune recorded how it tokenises (its data version), by a scaletune that " \
                "may have tokenised otherwise"
-    return f"was trained on data tokenised by another scaletune (data version {recorded}, now {CACHE_VERSION})"
+    return f"was trained on data tokenised by another scaletune (data version {recorded}, now {now})"
 
 
 def cache_root() -> Path:

@@ -75,7 +75,14 @@ def run_demo(out_dir: str, steps: int | None = None) -> int:
     before_answers = answers()
     print(f"[demo] training LoRA for {steps} steps on {len(run.data['train'])} examples "
           f"(CPU, {run.cfg.train.global_batch_size} per step); config: {out / 'demo.yaml'}")
-    fit(run, StopFlag())
+    stop = StopFlag()
+    try:
+        stopped = fit(run, stop) == "preempted"
+    finally:
+        stop.release_interrupts()
+    if stopped:  # (Ctrl-C: the half-trained adapter is a checkpoint, not the demo's result)
+        print(f"[demo] stopped at step {run.step} of {steps}; run `scaletune demo` again to see it through")
+        return 130
     after = evaluate(run.accelerator, run.model, run.task, run.data["eval"], None, 8, pad)
     after_answers = answers()
     print("\n[demo] held-out set            before      after")
