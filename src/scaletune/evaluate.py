@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from accelerate.utils import send_to_device
 
-from .data.batching import eval_batches
+from .data.batching import column_values, eval_batches
 from .progress import Progress
 
 
@@ -20,7 +20,8 @@ def evaluate(accelerator: Any, model: Any, task: Any, dataset: Any, labels: list
     loss_sum = torch.zeros((), dtype=torch.float64)
     n_targets = 0
     preds: list = []
-    batches = eval_batches(list(dataset["length"]), micro, accelerator.num_processes, accelerator.process_index)
+    batches = eval_batches(column_values(dataset, "length"), micro, accelerator.num_processes,
+                           accelerator.process_index)
     # an eval set of thousands takes minutes on a CPU with nothing on screen, as if hung
     progress = Progress(len(batches), "eval", "batches", shown=accelerator.is_main_process)
     for idx in batches:

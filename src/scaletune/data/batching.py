@@ -16,6 +16,16 @@ from typing import Any
 import torch
 
 
+def column_values(dataset: Any, name: str) -> list:
+    """Column `name` of a datasets.Dataset as a Python list, read through Arrow in one go. `list(dataset[name])`
+    formats the rows one at a time (datasets >= 4 returns a lazy Column): 2.7 s for 300k lengths against
+    0.007 s here. Anything else (a list, a torch Dataset of dicts) is read as before."""
+    try:
+        return dataset.with_format("arrow")[name].to_pylist()
+    except (AttributeError, TypeError, ValueError):
+        return list(dataset[name])
+
+
 def steps_per_epoch(n_examples: int, global_batch: int) -> int:
     return n_examples // global_batch
 
@@ -69,7 +79,7 @@ class StepBatches:
                  world: int, rank: int, seed: int, group_by_length: bool, num_workers: int = 0,
                  pin_memory: bool = False):
         self.dataset, self.collate = dataset, collate
-        self.lengths = list(dataset["length"])
+        self.lengths = column_values(dataset, "length")
         self.kw = dict(global_batch=global_batch, micro=micro, world=world, rank=rank)
         self.seed, self.group = seed, group_by_length
         self.per_epoch = steps_per_epoch(len(self.lengths), global_batch)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ..tasks.base import IGNORE
+from .batching import column_values
 
 
 def pack_rows(lengths: list[int], max_length: int) -> list[list[int]]:
@@ -39,7 +40,7 @@ def pack_dataset(dataset: Any, max_length: int) -> Any:
     """A datasets.Dataset of packed rows (input_ids, labels, position_ids, length, n_examples)."""
     import datasets
 
-    rows = pack_rows(list(dataset["length"]), max_length)
+    rows = pack_rows(column_values(dataset, "length"), max_length)
     ids_col, lab_col = dataset["input_ids"], dataset["labels"]
     out: dict[str, list] = {"input_ids": [], "labels": [], "position_ids": [], "length": [], "n_examples": []}
     for members in rows:
