@@ -35,6 +35,38 @@ def test_pack_rows_places_every_example_once_within_max_length():
 
 
 
+def test_pack_dataset_equals_member_by_member_packing_without_formatting_rows(monkeypatch):
+    """The packed rows are built in Arrow and numpy: reading each member from the dataset formatted every example
+    in Python (13 s for 50k examples before the first step). The rows equal concatenating each row's members
+    (ids intact, first label masked, positions restarting), through a select's indices mapping too."""
+    import random
+
+    import datasets
+
+    rng = random.Random(3)
+    lengths = [rng.randint(1, 9) for _ in range(200)]
+    ds = datasets.Dataset.from_dict({"input_ids": [[rng.randint(0, 999) for _ in range(n)] for n in lengths],
+                                     "labels": [[rng.choice([IGNORE, rng.randint(0, 999)]) for _ in range(n)]
+                                                for n in lengths], "length": lengths})
+    picked = ds.select(range(199, 0, -2))
+    want = []
+    for members in pack_rows(list(picked["length"]), 16):
+        ex = [picked[i] for i in members]
+        want.append({"input_ids": [t for e in ex for t in e["input_ids"]],
+                     "labels": [t for e in ex for t in [IGNORE] + e["labels"][1:]],
+                     "position_ids": [t for e in ex for t in range(e["length"])],
+                     "length": sum(e["length"] for e in ex), "n_examples": len(ex)})
+
+    def refuse(*a, **kw):
+        raise AssertionError("an example was formatted on its own")
+
+    monkeypatch.setattr(datasets.arrow_dataset.Column, "__getitem__", refuse)
+    monkeypatch.setattr(datasets.arrow_dataset.Column, "__iter__", refuse)
+    packed = pack_dataset(picked, 16)
+    monkeypatch.undo()
+    assert packed.to_list() == want
+
+
 def test_pack_dataset_restarts_positions_and_masks_each_examples_first_label():
     """Each packed example must be a segment of its own: positions restarting at 0 (the collator and the
     attention kernels find example boundaries by them; positions running on across a row would let examples

@@ -37,26 +37,34 @@ def pack_rows(lengths: list[int], max_length: int) -> list[list[int]]:
 
 
 def pack_dataset(dataset: Any, max_length: int) -> Any:
-    """A datasets.Dataset of packed rows (input_ids, labels, position_ids, length, n_examples)."""
-    import datasets
+    """A datasets.Dataset of packed rows (input_ids, labels, position_ids, length, n_examples).
 
-    rows = pack_rows(column_values(dataset, "length"), max_length)
-    ids_col, lab_col = dataset["input_ids"], dataset["labels"]
-    out: dict[str, list] = {"input_ids": [], "labels": [], "position_ids": [], "length": [], "n_examples": []}
-    for members in rows:
-        ids: list[int] = []
-        labels: list[int] = []
-        pos: list[int] = []
-        for i in members:
-            ids += ids_col[i]
-            labels += [IGNORE] + list(lab_col[i][1:])
-            pos += list(range(len(ids_col[i])))
-        out["input_ids"].append(ids)
-        out["labels"].append(labels)
-        out["position_ids"].append(pos)
-        out["length"].append(len(ids))
-        out["n_examples"].append(len(members))
-    return datasets.Dataset.from_dict(out)
+    Built in Arrow and numpy, the rows' members taken in one call: reading them row by row from the dataset
+    formatted each example in Python (13 s for 50k examples, minutes at 300k, before the first step)."""
+    import datasets
+    import numpy as np
+    import pyarrow as pa
+
+    lengths = column_values(dataset, "length")
+    rows = pack_rows(lengths, max_length)
+    order = [i for members in rows for i in members]
+    taken = dataset.with_format("arrow")[order]  # (an indices mapping, a select, is followed)
+    member_len = np.asarray(lengths, dtype=np.int64)[order]
+    member_start = np.cumsum(member_len) - member_len  # where each example begins in the packed stream
+    n_examples = np.array([len(members) for members in rows], dtype=np.int64)
+    row_len = np.add.reduceat(member_len, np.cumsum(n_examples) - n_examples)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(row_len)]), pa.int64())
+
+    def values(name: str) -> np.ndarray:
+        return taken.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False).copy()
+
+    labels = values("labels")
+    labels[member_start] = IGNORE  # an example's first token has nothing before it to be predicted from
+    positions = np.arange(len(labels)) - np.repeat(member_start, member_len)  # restarting per example
+    columns = {name: pa.LargeListArray.from_arrays(offsets, pa.array(array))
+               for name, array in (("input_ids", values("input_ids")), ("labels", labels),
+                                   ("position_ids", positions))}
+    return datasets.Dataset(pa.table({**columns, "length": pa.array(row_len), "n_examples": pa.array(n_examples)}))
 
 
 def collate_packed(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
