@@ -1459,6 +1459,12 @@ def test_a_column_data_columns_names_and_no_record_has_is_named(tmp_path, tiny_l
     with caplog.at_level("WARNING", logger="scaletune"), pytest.raises(DataError):
         build_datasets(cfg, get_task("causal_lm"), load_tokenizer(cfg))
     assert "data.train: no record has the column(s) 'answr' (for output) that data.columns names" in caplog.text
+    # a record that lacks a mapped column: named by the data's name for it, not only the format's
+    records = [{"question": "q", "answer": "a"}, {"question": "q2"}]
+    cfg = _cfg(tmp_path, tiny_llama, data=write_jsonl(tmp_path / "qa2.jsonl", records),
+               columns={"instruction": "question", "output": "answer"})
+    with pytest.raises(DataError, match=r"qa2.jsonl:2: field 'output' \(column 'answer', data.columns\) is missing"):
+        build_datasets(cfg, get_task("causal_lm"), load_tokenizer(cfg))
 
 
 @pytest.mark.parametrize("n,fraction", [(10, 0.25), (37, 0.1), (5, 0.5)])

@@ -129,7 +129,10 @@ class CausalLM(Task):
         return "; ".join(note for note in notes if note) or None
 
     def encode(self, record: dict, tokenizer: Any, cfg: Any, label2id: dict | None) -> dict | None:
-        segments = to_segments(self._format_of(record).convert(record), tokenizer, record.get(WHERE, "?"))
+        try:
+            segments = to_segments(self._format_of(record).convert(record), tokenizer, record.get(WHERE, "?"))
+        except DataError as exc:
+            raise mapped_names(exc, cfg.data.columns) from None
         ids: list[int] = []
         labels: list[int] = []
         bos = leading_bos(tokenizer)
@@ -283,6 +286,19 @@ def rename_columns(records: list[dict], columns: dict | None, key: str | None = 
                   if field not in records[0] and not any(field in rec for rec in records)]
         if unseen:
             log.warning("%s: no record has the column(s) %s that data.columns names", key, ", ".join(unseen))
+
+
+def mapped_names(exc: DataError, columns: dict | None) -> DataError:
+    """`exc` about a format's field, naming the data's own column for it where data.columns maps one: the
+    field's name alone ("field 'output' is missing") is not what the user's file calls it."""
+    if not columns:
+        return exc
+    problems = []
+    for problem in exc.problems:
+        for field, column in columns.items():
+            problem = problem.replace(f"field {field!r}", f"field {field!r} (column {column!r}, data.columns)")
+        problems.append(problem)
+    return DataError(problems, title=exc.title, hint=exc.hint)
 
 
 def _other_formats(records: list[dict], fmt: Any) -> set:
