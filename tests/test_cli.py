@@ -436,6 +436,14 @@ def test_a_peft_option_of_a_config_class_is_built_from_its_mapping():
     assert type(built).__name__ == "LoraRuntimeConfig" and built.ephemeral_gpu_offload is True
     with pytest.raises(ConfigError, match="peft.runtime_config: not a LoraRuntimeConfig .*'nope'"):
         peft_config(cfg({"nope": 1}), "CAUSAL_LM")
+    # its own options are checked as the peft section's are ("yes" is truthy), and the class's own refusal of a
+    # value is a problem too, not a traceback
+    with pytest.raises(ConfigError, match="peft.runtime_config.ephemeral_gpu_offload: expected bool"):
+        peft_config(cfg({"ephemeral_gpu_offload": "yes"}), "CAUSAL_LM")
+    eva = from_dict({"task": "causal_lm", "model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"},
+                     "peft": {"method": "lora", "eva_config": {"rho": 0.5}}})
+    with pytest.raises(ConfigError, match="peft.eva_config: not a EvaConfig"):
+        peft_config(eva, "CAUSAL_LM")
 
 
 @pytest.mark.slow
@@ -1300,3 +1308,19 @@ def test_integer_class_ids_are_named_by_data_labels(make_config, tmp_path, capsy
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "a b", "label": 2}])
     assert main(["eval", str(path), "--data", str(bad)]) == 2
     assert "label 2 is not an id of data.labels (0..1)" in capsys.readouterr().err
+    # HF's -1 marks an unlabelled row (GLUE's test splits): that row is named, not a valid 0 blamed
+    unlabelled = write_jsonl(tmp_path / "unlabelled.jsonl", [{"text": "a b", "label": 0}, {"text": "c", "label": -1}])
+    assert main(["eval", str(path), "--data", str(unlabelled)]) == 2
+    assert "unlabelled.jsonl:2: label -1 is not an id of data.labels (0..1)" in capsys.readouterr().err
+
+
+def test_seq_cls_data_labels_listing_two_spellings_keeps_them_apart():
+    """Labels that differ only in spaces are refused unless data.labels lists both (the refusal's own hint);
+    that held until the label column was read for id naming with data.labels given too."""
+    from types import SimpleNamespace as NS
+
+    from scaletune.tasks.seq_cls import SeqCls
+
+    data = NS(text_column=None, text_pair_column=None, label_column=None, labels=["neg", "neg ", "pos"])
+    recs = [{"text": "a", "label": "neg"}, {"text": "b", "label": "neg "}, {"text": "c", "label": "pos"}]
+    assert SeqCls().setup(recs, NS(data=data), "f") == ["neg", "neg ", "pos"]

@@ -57,10 +57,9 @@ def signals_kept():
         signal.signal(sig, handler)
 
 
-def test_ctrl_c_in_the_loop_is_one_stop_a_second_one_interrupts(signals_kept, capfd, monkeypatch):
-    """The first Ctrl-C asks for a checkpoint at the step's end, saying so once; the same keypress reaching the
-    rank twice (the terminal's process group and a one-process launch passing it on, 0.5 s apart at most) is
-    one; a later one interrupts. A launcher's SIGTERM after it does not rename the stop."""
+def test_ctrl_c_in_the_loop_is_one_stop_a_second_one_interrupts(signals_kept, capfd):
+    """The first Ctrl-C asks for a checkpoint at the step's end, saying so once; a launcher's SIGTERM after it
+    does not rename the stop; a second Ctrl-C interrupts."""
     import os
     import signal
 
@@ -69,15 +68,41 @@ def test_ctrl_c_in_the_loop_is_one_stop_a_second_one_interrupts(signals_kept, ca
     flag = stopflag.StopFlag()
     flag.catch_interrupts()
     os.kill(os.getpid(), signal.SIGINT)
-    os.kill(os.getpid(), signal.SIGINT)  # (the same keypress, passed on)
     os.kill(os.getpid(), signal.SIGTERM)
     assert flag.signal == signal.SIGINT
     assert capfd.readouterr().err.count("Ctrl-C: stopping at the end of this step") == 1
-    monkeypatch.setattr(stopflag, "_SAME_KEYPRESS_S", 0.0)
     with pytest.raises(KeyboardInterrupt):
         os.kill(os.getpid(), signal.SIGINT)
     flag.release_interrupts()
     assert signal.getsignal(signal.SIGINT) is not flag._interrupt
+
+
+def test_a_one_process_launch_passes_its_first_ctrl_c_on_as_a_stop(monkeypatch):
+    """The rank of a one-process launch gets the terminal's Ctrl-C itself; the launcher's copy, passed on as
+    SIGINT, reached it too, a second Ctrl-C (an abort without checkpoint) whenever it landed after the first
+    was handled. The launcher passes its first on as SIGTERM (a stop, which a SIGINT sent to the launcher alone
+    still needs), later ones as SIGINT."""
+    import signal
+    import time
+
+    from scaletune import launch
+
+    sent = []
+    monkeypatch.setattr(launch, "rank_pids", lambda parent: [4242])
+    monkeypatch.setattr(launch, "catches", lambda pid, signum: True)
+    monkeypatch.setattr(launch.os, "kill", lambda pid, signum: sent.append((pid, signum)))
+    passer = launch._PassOn(first_as=signal.SIGTERM)
+    try:
+        passer.handler(signal.SIGINT, None)
+        deadline = time.monotonic() + 5
+        while not sent and time.monotonic() < deadline:
+            time.sleep(0.05)
+        passer.handler(signal.SIGINT, None)
+        while len(sent) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        passer.stop()
+    assert sent == [(4242, signal.SIGTERM), (4242, signal.SIGINT)]
 
 
 def test_an_ignored_sigint_stays_ignored_and_forked_workers_keep_quiet(signals_kept, capfd):
@@ -109,10 +134,12 @@ def test_an_ignored_sigint_stays_ignored_and_forked_workers_keep_quiet(signals_k
 def test_the_demo_stopped_by_ctrl_c_is_not_reported_as_finished(monkeypatch, tmp_path, capsys):
     """The demo went on after a Ctrl-C stop: it scored the half-trained model, named an adapter never written
     and exited 0."""
+    import signal
+
     import scaletune.loop as loop
     from scaletune.demo import run_demo
 
-    monkeypatch.setattr(loop, "fit", lambda run, stop: "preempted")
+    monkeypatch.setattr(loop, "fit", lambda run, stop: setattr(stop, "signal", signal.SIGINT) or "preempted")
     assert run_demo(str(tmp_path / "demo"), steps=2) == 130
     out = capsys.readouterr().out
     assert "held-out set" not in out and "stopped at step 0 of 2" in out, out[-1500:]

@@ -249,10 +249,11 @@ def run_accelerate(cmd: list[str], usr1: _PassOn | None = None) -> int:
         usr1 = usr1 if usr1 is not None else _PassOn.install()
         if args.num_processes == 1 and args.num_machines == 1 and not args.use_deepspeed:
             # accelerate's one-process launcher: a Ctrl-C in this process stopped the rank (SIGTERM, and
-            # SIGKILL 5 s later: no checkpoint unless its step and save were quicker); the rank is in the
-            # terminal's process group and got the Ctrl-C itself, so this one only passes it on (for a
-            # SIGINT sent to this process alone; the rank counts one keypress that reaches it twice once)
-            interrupts = _PassOn.install(signal.SIGINT)
+            # SIGKILL 5 s later: no checkpoint unless its step and save were quicker). The rank is in the
+            # terminal's process group and gets a Ctrl-C itself; this process passes its first on as SIGTERM
+            # (a SIGINT sent to it alone still stops the rank, and one keypress is not two Ctrl-Cs there),
+            # later ones as SIGINT (a second Ctrl-C: stop at once)
+            interrupts = _PassOn.install(signal.SIGINT, first_as=signal.SIGTERM)
         return _launch(launch_command, args, lambda: _checkpoint_written(marker, before))
     finally:
         for passer in (usr1, interrupts):
@@ -359,22 +360,26 @@ class _PassOn:
     launcher or a rank is still starting (a Slurm preemption notice at job start) is held until then, rather
     than lost, or killing a rank by the signal's default action."""
 
-    def __init__(self) -> None:
+    def __init__(self, first_as: int | None = None) -> None:
         self.signum: int | None = None
+        self.first_as, self.received = first_as, 0
         self.given: set[int] = set()
         self.stopped = threading.Event()
         self.thread: threading.Thread | None = None
 
     @classmethod
-    def install(cls, signum: int = signal.SIGUSR1) -> _PassOn:
-        """A _PassOn handling `signum` (only from the main thread, the one place Python allows a handler)."""
-        passer = cls()
+    def install(cls, signum: int = signal.SIGUSR1, first_as: int | None = None) -> _PassOn:
+        """A _PassOn handling `signum` (only from the main thread, the one place Python allows a handler), passing
+        the first one on as `first_as` if given."""
+        passer = cls(first_as)
         if threading.current_thread() is threading.main_thread():
             signal.signal(signum, passer.handler)
         return passer
 
     def handler(self, signum: int, frame: Any) -> None:
-        self.signum, self.given = signum, set()  # again for every rank, even one that had an earlier one
+        passed = self.first_as if self.first_as is not None and not self.received else signum
+        self.received += 1
+        self.signum, self.given = passed, set()  # again for every rank, even one that had an earlier one
         if self.thread is None:
             self.thread = threading.Thread(target=self._pass_on, name="scaletune-pass-on", daemon=True)
             self.thread.start()

@@ -99,10 +99,16 @@ def _peft_value_problems(config_cls: type, kwargs: dict) -> list[str]:
             want = "a list of names or a regular expression"
         elif dataclasses.is_dataclass(tp) and isinstance(value, dict):
             # (runtime_config: {ephemeral_gpu_offload: true}) peft keeps a mapping as given where it wants its
-            # dataclass, and fails reading an attribute of it when the model is built: build it here
+            # dataclass, and fails reading an attribute of it when the model is built: build it here, its own
+            # options checked as these are
+            value = dict(value)
+            inner = [p.replace("peft.", f"peft.{key}.", 1) for p in _peft_value_problems(tp, value)]
+            if inner:
+                problems += inner
+                continue
             try:
                 kwargs[key], ok = tp(**value), True
-            except TypeError as exc:
+            except (TypeError, ValueError) as exc:
                 problems.append(f"peft.{key}: not a {tp.__name__} ({exc})")
                 continue
             want = tp.__name__

@@ -45,8 +45,9 @@ class Run:
     info: dict  # run.json; {} when missing or unreadable
     events: dict[str, list[dict]]  # event type -> records, sorted by step
     notes: list[str] = field(default_factory=list)
-    # seconds from each start's first logged record to its last, summed over the starts (a resume begins
-    # another: the time between them, queued or stopped, is not the run's); None without timed records
+    # seconds from each start's first logged record to its last (each leaves out its start-up and first log
+    # interval), summed over the starts (a resume begins another: the time between them, queued or stopped, is
+    # not the run's); None without timed records
     seconds: float | None = None
 
     @property
@@ -103,6 +104,7 @@ def read_metrics(path: Path, notes: list[str]) -> tuple[dict[str, list[dict]], f
     seconds its starts logged over (`Run.seconds`)."""
     latest: dict[tuple[str, int], dict] = {}
     spans: list[list[float]] = []  # [first, last] logged time of each start
+    starting = True
     bad: list[int] = []
     resumed: list[int] = []
     repeated = 0
@@ -121,9 +123,12 @@ def read_metrics(path: Path, notes: list[str]) -> tuple[dict[str, list[dict]], f
             continue
         rec["step"] = int(rec["step"])
         rec.update({k: float(v) for k, v in rec.items() if v in NONFINITE.values()})  # tracking.json_safe's
-        if (when := _num(rec.get("time"))) is not None:
-            if rec["event"] == "resume" or not spans:
+        if rec["event"] == "resume":
+            starting = True  # a new start: its span begins at its first record after this, as the first start's
+        elif (when := _num(rec.get("time"))) is not None:
+            if starting:
                 spans.append([when, when])
+                starting = False
             spans[-1][1] = max(spans[-1][1], when)
         if rec["event"] == "resume":  # what was logged past the checkpoint before it is not this run's path
             resumed.append(rec["step"])

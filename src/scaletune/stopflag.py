@@ -6,12 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 from typing import Any
-
-# A Ctrl-C that reaches a rank twice within this time is one keypress: the terminal signals the rank's process
-# group, and a one-process `scaletune launch` passes the launcher's on (it cannot tell where its came from).
-_SAME_KEYPRESS_S = 0.5
 
 
 class StopFlag:
@@ -25,7 +20,7 @@ class StopFlag:
     def __init__(self) -> None:
         self.signal: int | None = None
         self._catching, self._before = False, None  # SIGINT's handler while the loop catches it
-        self._pid, self._interrupted_at = 0, -1e9
+        self._pid = 0
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, self._handler)
 
@@ -48,12 +43,9 @@ class StopFlag:
     def _interrupt(self, signum: int, frame: Any) -> None:
         if os.getpid() != self._pid:
             return
-        now = time.monotonic()
-        if now - self._interrupted_at < _SAME_KEYPRESS_S:
-            return  # the same Ctrl-C, twice: from the terminal and passed on by a one-process launch
         if self.signal is not None:  # (a second Ctrl-C, or one after SIGTERM: the user will not wait)
             raise KeyboardInterrupt
-        self.signal, self._interrupted_at = signum, now
+        self.signal = signum
         if os.environ.get("RANK", "0") == "0":  # (each rank of a launch gets it; one line is enough)
             # os.write, not print: the handler may run inside a write to stderr (the progress bar), which
             # Python's buffered stream refuses to re-enter
@@ -61,8 +53,8 @@ class StopFlag:
                         b"(Ctrl-C again stops at once, without one)\n")
 
     def release_interrupts(self) -> None:
-        """Ctrl-C does what it did before the loop again (the loop has ended: what follows is the end-of-run
-        saving, which a Ctrl-C interrupts at once)."""
+        """Ctrl-C does what it did before the loop again (the run has ended, its final save written, or it
+        failed)."""
         if threading.current_thread() is threading.main_thread() and self._catching:
             signal.signal(signal.SIGINT, self._before if self._before is not None else signal.default_int_handler)
             self._catching = False

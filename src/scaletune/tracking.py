@@ -146,6 +146,7 @@ def _wandb_project(output_dir: Path) -> str:
     "scaletune". A resume must log into the project its W&B run is in: under another (WANDB_PROJECT set or
     changed since, a requeued job's environment) W&B starts a second run there and the history splits."""
     asked = os.environ.get("WANDB_PROJECT") or "scaletune"
+    given = f"WANDB_PROJECT={asked!r}" if os.environ.get("WANDB_PROJECT") else "WANDB_PROJECT unset: 'scaletune'"
     path = output_dir / "run.json"
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
@@ -155,13 +156,16 @@ def _wandb_project(output_dir: Path) -> str:
         return asked
     recorded = info.get("wandb_project")
     if recorded and recorded != asked:
-        log.warning("W&B: the run goes on in project %r, where it started (WANDB_PROJECT=%r is for new runs)",
-                    recorded, asked)
+        log.warning("W&B: the run goes on in project %r, where it started (%s is for new runs)", recorded, given)
     if not recorded:
         info["wandb_project"] = recorded = asked
         tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(info, indent=1, default=str))
-        os.replace(tmp, path)
+        try:
+            tmp.write_text(json.dumps(info, indent=1, default=str))
+            os.replace(tmp, path)
+        except OSError as exc:  # (a full disk: the run's first checkpoint will say so; this record can wait)
+            tmp.unlink(missing_ok=True)
+            log.warning("W&B: could not record the project in %s (%s)", path, exc.strerror or exc)
     return recorded
 
 

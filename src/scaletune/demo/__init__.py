@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 from pathlib import Path
 
 import yaml
 
-from ..errors import UserError
+from ..errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, UserError
 
 DATA = Path(__file__).with_name("instructions.jsonl")
 MARKER = ".scaletune-demo"
@@ -80,9 +81,9 @@ def run_demo(out_dir: str, steps: int | None = None) -> int:
         stopped = fit(run, stop) == "preempted"
     finally:
         stop.release_interrupts()
-    if stopped:  # (Ctrl-C: the half-trained adapter is a checkpoint, not the demo's result)
+    if stopped:  # (Ctrl-C or a stop signal: the half-trained adapter is a checkpoint, not the demo's result)
         print(f"[demo] stopped at step {run.step} of {steps}; run `scaletune demo` again to see it through")
-        return 130
+        return EXIT_INTERRUPTED if stop.signal == signal.SIGINT else EXIT_PREEMPTED
     after = evaluate(run.accelerator, run.model, run.task, run.data["eval"], None, 8, pad)
     after_answers = answers()
     print("\n[demo] held-out set            before      after")

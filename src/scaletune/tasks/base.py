@@ -158,7 +158,8 @@ def id_names_for(found: list[str], given: list | None) -> list[str] | None:
     """The names data.labels gives integer labels by id (HF datasets' ClassLabel ids: SST-2's 0/1, CoNLL's
     ner_tags), when the data's labels `found` are all integers and data.labels names them; else None (the
     labels are their own names)."""
-    if given is None or not all(name.isdecimal() for name in found):
+    # (-1 is how HF datasets mark an unlabelled row: an id, refused as one, not a reason to read 0 and 1 as names)
+    if given is None or not all(name.removeprefix("-").isdecimal() for name in found):
         return None
     names = [str(x) for x in given]
     return names if not all(name.isdecimal() for name in names) else None

@@ -14,6 +14,7 @@ from .base import (
     ce_sum,
     collect_labels,
     id_names_for,
+    label_name,
     named_by_id,
     overflowed,
     register,
@@ -56,10 +57,12 @@ class SeqCls(Task):
         if self.pair and self.pair not in records[0]:
             raise DataError(f"{source}: column {self.pair!r} (data.text_pair_column) not found")
         self.label = _pick(records, d.label_column, _LABEL_COLUMNS, "label", "data.label_column", source)
-        labels = collect_labels(records, self.label, is_list=False)
-        self.id_names = id_names_for(labels, d.labels)  # SST-2's 0/1 named by data.labels: [negative, positive]
-        if d.labels is not None:
+        if d.labels is not None:  # (the labels as given: data.labels may keep spellings apart that differ in spaces)
+            # SST-2's 0/1 named by data.labels: [negative, positive]
+            self.id_names = id_names_for(list({label_name(rec.get(self.label)) for rec in records}), d.labels)
             return [str(x) for x in d.labels]
+        self.id_names = None
+        labels = collect_labels(records, self.label, is_list=False)
         if len(labels) < 2:
             raise DataError(f"{source}: column {self.label!r} has a single label {labels}; need at least 2 classes")
         return labels
