@@ -313,7 +313,9 @@ def _saved(checkpoint: str | None) -> str:
 
 
 _MARKER_VAR = "SCALETUNE_PREEMPT_MARKER"
-_LAUNCH_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1)
+# (HUP, QUIT and USR1 are POSIX only: Windows has none of them)
+_LAUNCH_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1")
+                        if hasattr(signal, n))
 
 
 def _preempt_marker() -> tuple[Path, str | None]:
@@ -368,11 +370,13 @@ class _PassOn:
         self.thread: threading.Thread | None = None
 
     @classmethod
-    def install(cls, signum: int = signal.SIGUSR1, first_as: int | None = None) -> _PassOn:
-        """A _PassOn handling `signum` (only from the main thread, the one place Python allows a handler), passing
-        the first one on as `first_as` if given."""
+    def install(cls, signum: int | None = None, first_as: int | None = None) -> _PassOn:
+        """A _PassOn handling `signum`, default SIGUSR1 (only from the main thread, the one place Python allows a
+        handler; nothing where the platform lacks the signal: Windows has no SIGUSR1), passing the first one on
+        as `first_as` if given."""
         passer = cls(first_as)
-        if threading.current_thread() is threading.main_thread():
+        signum = getattr(signal, "SIGUSR1", None) if signum is None else signum
+        if signum is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signum, passer.handler)
         return passer
 
@@ -437,7 +441,7 @@ def main_launch(args: Any) -> int:
     except for a dry run. Returns 0 after a dry run, else the exit code
     of the launched run (see `exit_code`, `run_accelerate`).
     """
-    saved = _handlers((signal.SIGUSR1, signal.SIGTERM))
+    saved = _handlers(tuple(getattr(signal, n) for n in ("SIGUSR1", "SIGTERM") if hasattr(signal, n)))
     usr1 = _PassOn.install()  # first: a SIGUSR1 during the checks and imports below is held for the ranks
     # A SIGTERM during the checks is answered after them: a bad config still ends with its error and exit 2
     # (under Slurm, srun stops the other nodes' launchers once one exits, while they are failing the same way)

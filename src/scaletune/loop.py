@@ -9,6 +9,7 @@ step, so micro 1 x accumulation 4 equals micro 4 x accumulation 1, at any world 
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import sys
@@ -36,8 +37,9 @@ def fit(run: Run, stop: StopFlag) -> str:
     model, optimizer, scheduler, task = run.model, run.optimizer, run.scheduler, run.task
     world, rank = acc.num_processes, acc.process_index
     pad_id = run.tokenizer.pad_token_id
-    batches = StepBatches(run.data["train"], lambda ex: task.collate(ex, pad_id), global_batch=t.global_batch_size,
-                          micro=t.micro_batch_size, world=world, rank=rank, seed=t.seed,
+    # (a partial, not a lambda: DataLoader workers are spawned on macOS and Windows, which pickles it)
+    batches = StepBatches(run.data["train"], functools.partial(task.collate, pad_id=pad_id),
+                          global_batch=t.global_batch_size, micro=t.micro_batch_size, world=world, rank=rank, seed=t.seed,
                           group_by_length=cfg.data.group_by_length, num_workers=cfg.data.num_workers,
                           pin_memory=acc.device.type == "cuda")
     mlog = MetricsLog(acc, run.output_dir, run.total_steps, run.step)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import resource
 import sys
 import time
 from collections.abc import Iterator
@@ -70,8 +69,12 @@ def lookup_parameters(model: Any) -> int:
 def peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        import resource  # (POSIX only: none on Windows)
+    except ImportError:
+        return float("nan")
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / (2**20 if sys.platform == "darwin" else 2**10)
+    return rss / (2**20 if sys.platform == "darwin" else 2**10)  # (bytes on macOS, KiB on Linux)
 
 
 class Throughput:

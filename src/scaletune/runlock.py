@@ -15,7 +15,6 @@ not count it as a run's content.
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import logging
 import os
@@ -26,6 +25,11 @@ import time
 from pathlib import Path
 
 from .errors import UserError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no POSIX record locks; a run goes unlocked (as on a filesystem without them)
+    fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger("scaletune")
 
@@ -94,6 +98,8 @@ def join(out: Path) -> OutputLock | None:
     """Global rank 0 under `scaletune launch`: take byte 1 of the lock its launcher holds (see the
     module's docstring). None if there is no such file or it cannot be locked (the launcher's byte
     still keeps others out)."""
+    if fcntl is None:
+        return None
     try:
         fd = os.open(Path(out) / LOCK_NAME, os.O_RDWR)
     except (OSError, ValueError):
@@ -111,6 +117,10 @@ def acquire(out: Path) -> OutputLock | None:
     that holds it. None where nothing can be locked: `out` cannot be created (the output_dir checks report
     that) or its filesystem has no record locks (a warning: then nothing stops a second run)."""
     out = Path(out)
+    if fcntl is None:
+        log.warning("output_dir: %s cannot be locked on this platform (%s); make sure no other run writes there",
+                    out, sys.platform)
+        return None
     created: list[Path] | None = None
     for _ in range(100):
         try:
@@ -153,6 +163,8 @@ def in_use(out: Path, hint: str = "wait for that run to end or stop it, or pick 
 def check_free(out: Path, hint: str) -> None:
     """Raise `in_use` if a live run holds `out`'s lock; creates, writes and keeps nothing (a job about to
     be queued is refused now rather than after its wait in the queue)."""
+    if fcntl is None:
+        return
     try:
         fd = os.open(Path(out) / LOCK_NAME, os.O_RDWR)
     except (OSError, ValueError):  # no lock file (no run there yet), or nothing to open: the job's checks say

@@ -8,6 +8,9 @@ import signal
 import threading
 from typing import Any
 
+# SIGUSR1 is POSIX only (Windows has none)
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGUSR1", "SIGTERM") if hasattr(signal, n))
+
 
 class StopFlag:
     """Set by SIGUSR1/SIGTERM; the loop stops at the next optimizer-step boundary (all ranks agree).
@@ -21,7 +24,7 @@ class StopFlag:
         self.signal: int | None = None
         self._catching, self._before = False, None  # SIGINT's handler while the loop catches it
         self._pid = 0
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             signal.signal(sig, self._handler)
 
     def _handler(self, signum: int, frame: Any) -> None:
@@ -84,6 +87,6 @@ class StopFlag:
         """Once training has ended (checkpoint written, or done): ignore further stop signals. Python's
         shutdown puts its handlers back to the default action, so a second SIGUSR1 from srun or a launcher
         (Slurm signals every process of the step) would end the exit with 138 instead of 124."""
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             signal.signal(sig, signal.SIG_IGN)
         self.release_interrupts()

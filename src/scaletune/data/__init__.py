@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import random
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
@@ -157,8 +158,9 @@ def _quiet_worker() -> None:
     # break the pool. The workers end when their work does, or with the pool.
     import signal
 
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
+    for name in ("SIGINT", "SIGTERM", "SIGUSR1"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 _ABANDONED = False  # set once a pool's workers were killed (see workers_abandoned)
@@ -179,7 +181,9 @@ def _workers(n: int) -> Iterator[Any]:
     map rather than leaving it waiting; on an error here the pending pieces are dropped."""
     import multiprocessing
 
-    if n <= 1 or "fork" not in multiprocessing.get_all_start_methods():  # (Windows: in this process)
+    # Only where fork is the platform's own default (Linux): Windows has no fork, and on macOS a fork of a process
+    # that has loaded torch and the system's frameworks may crash (Python defaults to spawn there since 3.8)
+    if n <= 1 or not sys.platform.startswith("linux"):
         yield None
         return
     from concurrent.futures import ProcessPoolExecutor
