@@ -413,8 +413,9 @@ def test_existing_output_dir_survives_overwrite_with_bad_data(world):
     raw = base_raw(world)
     out = Path(raw["output_dir"])
     out.mkdir()
-    (out / "run.json").write_text("{}")  # an earlier run's output: --overwrite may replace it
-    (out / "precious.txt").write_text("keep me")
+    # an earlier run's output, which --overwrite may replace (a directory holding only a run's files)
+    (out / "run.json").write_text('{"config_fingerprint": "an earlier run"}')
+    (out / "metrics.jsonl").write_text('{"event": "train", "step": 1, "loss": 1.0}\n')
     bad = world["root"] / "overwrite-bad.jsonl"
     bad.write_text('{"instruction": oops}\n')
     raw["data"]["train"] = str(bad)

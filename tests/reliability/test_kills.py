@@ -81,10 +81,10 @@ def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(base_cfg, tmp_path):
 
     out = tmp_path / "run"
     path = write_cfg(base_cfg, out, steps=STEPS)
-    proc = start(path, ENV)
+    proc = start(path, {**ENV, "SCALETUNE_FAULT": "slow@3"})  # step 3 takes 8 s: both Ctrl-Cs land in it
     metrics, log = out / "metrics.jsonl", path.with_suffix(".stderr")
     deadline = time.monotonic() + 240
-    while not (metrics.exists() and '"train"' in metrics.read_text()) and time.monotonic() < deadline:
+    while not (metrics.exists() and '"step": 2' in metrics.read_text()) and time.monotonic() < deadline:
         time.sleep(0.05)
     kill_group(proc, signal.SIGINT)
     while "Ctrl-C" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
