@@ -153,7 +153,7 @@ def mark_preempted(acc: Any, path: Any) -> None:
     marker = os.environ.get("SCALETUNE_PREEMPT_MARKER")
     if marker and acc.is_local_main_process:
         try:
-            Path(marker).write_text(f"{path}\n")
+            Path(marker).write_text(f"{path}\n", encoding="utf-8")
         except OSError as exc:  # (the checkpoint is written: a resume finds it without the marker)
             print(f"scaletune: cannot write the preemption marker {marker} ({exc.strerror or exc})", file=sys.stderr)
 

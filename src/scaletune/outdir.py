@@ -192,7 +192,7 @@ def set_aside(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if kept:
         try:
-            (out / REPLACED_RECORD).write_text("".join(f"{p}\n" for p in kept))
+            (out / REPLACED_RECORD).write_text("".join(f"{p}\n" for p in kept), encoding="utf-8")
         except OSError as exc:
             raise _unrecorded(out, aside, kept, exc) from None
 
@@ -241,7 +241,7 @@ def replaced_runs(out: Path) -> list[Path]:
     """The replaced runs recorded in `out` that still exist. Only names `set_aside` gives are trusted: the
     record is a file a user can edit, and these paths get deleted."""
     try:
-        lines = (out / REPLACED_RECORD).read_text().splitlines()
+        lines = (out / REPLACED_RECORD).read_text(encoding="utf-8").splitlines()
     except OSError:  # none recorded (or unreadable: then nothing is deleted either)
         return []
     # `out`'s own siblings (of the directory a link names, too): the record goes with a copied run directory,
