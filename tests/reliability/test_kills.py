@@ -84,8 +84,10 @@ def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(base_cfg, tmp_path):
     proc = start(path, {**ENV, "SCALETUNE_FAULT": "slow@3"})  # step 3 takes 8 s: both Ctrl-Cs land in it
     metrics, log = out / "metrics.jsonl", path.with_suffix(".stderr")
     deadline = time.monotonic() + 240
-    while not (metrics.exists() and '"step": 2' in metrics.read_text()) and time.monotonic() < deadline:
+    latest = out / "checkpoints" / "latest"
+    while not (latest.exists() and latest.read_text().strip() == "step-2") and time.monotonic() < deadline:
         time.sleep(0.05)
+    time.sleep(1.0)  # past step 3's first boundary (a stop asked before it would checkpoint at once): in its 8 s
     kill_group(proc, signal.SIGINT)
     while "Ctrl-C" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
