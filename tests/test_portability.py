@@ -17,6 +17,7 @@ def test_peak_memory_reads_ru_maxrss_in_bytes_on_macos(monkeypatch):
     fake = types.SimpleNamespace(RUSAGE_SELF=0, getrusage=lambda who: types.SimpleNamespace(ru_maxrss=512 * 2**20))
     monkeypatch.setitem(sys.modules, "resource", fake)
     monkeypatch.setattr(metrics.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(metrics, "open", _no_proc, raising=False)  # (macOS has no /proc)
     monkeypatch.setattr(sys, "platform", "darwin")
     assert metrics.peak_memory_mb() == 512.0
     monkeypatch.setattr(sys, "platform", "linux")
@@ -24,9 +25,14 @@ def test_peak_memory_reads_ru_maxrss_in_bytes_on_macos(monkeypatch):
     assert metrics.peak_memory_mb() == 512.0
 
 
+def _no_proc(path, *a, **kw):
+    raise FileNotFoundError(path)
+
+
 def test_peak_memory_without_resource_is_unknown_not_a_crash(monkeypatch):
     monkeypatch.setitem(sys.modules, "resource", None)  # (import raises ImportError, as on Windows)
     monkeypatch.setattr(metrics.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(metrics, "open", _no_proc, raising=False)
     assert metrics.peak_memory_mb() != metrics.peak_memory_mb()  # nan
 
 
