@@ -953,6 +953,30 @@ def test_launch_restores_the_signal_handlers(monkeypatch):
     assert {sig: signal.getsignal(sig) for sig in before} == before
 
 
+def test_a_one_process_launch_alone_passes_ctrl_c_on_as_a_stop(monkeypatch):
+    """Only accelerate's one-process launcher (one process, one machine, no DeepSpeed) stops its rank on a
+    Ctrl-C with SIGTERM and SIGKILL 5 s later: there the launch catches SIGINT itself and passes the first on
+    as SIGTERM, and stops passing once the launch has ended. torchrun (several processes, or DeepSpeed) passes
+    a Ctrl-C on itself: nothing of scaletune's handles it there."""
+    import signal
+
+    import accelerate.commands.launch as acl
+
+    from scaletune.launch import run_accelerate
+
+    _fake_accelerate(monkeypatch, writes=None, ends=None)
+    handlers = []
+    monkeypatch.setattr(acl, "launch_command", lambda args: handlers.append(signal.getsignal(signal.SIGINT)))
+    one = ["accelerate", "launch", "--cpu", "--num_processes", "1", "--num_machines", "1", "-m", "scaletune",
+           "train", "r.yaml"]
+    ds = ["accelerate", "launch", "--use_deepspeed", *one[3:]]
+    for cmd in (one, CMD, ds):
+        assert run_accelerate(cmd) == 0
+    passer = getattr(handlers[0], "__self__", None)
+    assert passer is not None and passer.first_as == signal.SIGTERM and passer.stopped.is_set()
+    assert not any(type(getattr(h, "__self__", None)).__name__ == "_PassOn" for h in handlers[1:]), handlers
+
+
 def test_rank_pids_are_the_scaletune_train_children_only():
     """SIGUSR1 to the launcher is forwarded to its rank processes, not to any other child it has."""
     from scaletune.launch import rank_pids
@@ -1282,6 +1306,19 @@ def test_predict_in_batches_labels_as_one_line_at_a_time(capsys, make_config, ti
             assert b["score"] == pytest.approx(s["score"], abs=1e-5)
 
 
+def test_data_labels_name_integer_labels_only_when_they_are_names():
+    """data.labels names integer labels by id only where it lists names: integer labels given integer
+    data.labels (`[1, 0]`, an order of the classes) are their own names, not ids into that list (label 0 is
+    class "0", not "1"); labels that are names already are not ids; HF datasets' -1 (unlabelled) is an id."""
+    from scaletune.tasks.base import id_names_for
+
+    assert id_names_for(["0", "1"], [1, 0]) is None and id_names_for(["0", "1"], ["1", "0"]) is None
+    assert id_names_for(["0", "1"], ["negative", "positive"]) == ["negative", "positive"]
+    assert id_names_for(["-1", "0", "1"], ["negative", "positive"]) == ["negative", "positive"]
+    assert id_names_for(["negative", "positive"], ["negative", "positive"]) is None
+    assert id_names_for(["0", "1"], None) is None
+
+
 def test_integer_class_ids_are_named_by_data_labels(make_config, tmp_path, capsys):
     """SST-2 and other HF ClassLabel data hold 0/1: data.labels [negative, positive] names them by id, as it
     names token_cls' integer ner_tags (it was refused: "label 0 is not in the label set"); eval on a file of ids
@@ -1324,3 +1361,27 @@ def test_seq_cls_data_labels_listing_two_spellings_keeps_them_apart():
     data = NS(text_column=None, text_pair_column=None, label_column=None, labels=["neg", "neg ", "pos"])
     recs = [{"text": "a", "label": "neg"}, {"text": "b", "label": "neg "}, {"text": "c", "label": "pos"}]
     assert SeqCls().setup(recs, NS(data=data), "f") == ["neg", "neg ", "pos"]
+
+
+def test_predict_reads_table_and_conll_files_as_training_reads_them(capsys, make_config, tiny_bert, monkeypatch):
+    """A TSV (header, label column) or a CoNLL file given to predict was read line by line as text: the header
+    was labelled, each row's label stayed glued to its text, and a CoNLL file's tags and -DOCSTART- were tagged
+    as words. They are read as training reads them; each output names the line its record starts on."""
+    path = make_config("seq_cls")
+    _fake_trained(monkeypatch, "seq_cls", tiny_bert, {"text": "sentence", "pair": None, "label": "label"},
+                  ["neg", "pos"])
+    tsv = Path(path).parent / "dev.tsv"
+    tsv.write_text("sentence\tlabel\nalpha bravo\t1\ncharlie delta\t0\n")
+    code, out, err = run_cli(["predict", path, "--input", tsv], capsys)
+    assert code == 0, err
+    got = [json.loads(line) for line in out.splitlines()]
+    assert [(g["line"], g["text"]) for g in got] == [(2, "alpha bravo"), (3, "charlie delta")]
+    path = make_config("token_cls")
+    _fake_trained(monkeypatch, "token_cls", tiny_bert, {"tokens": "tokens", "tags": "tags", "id_names": None},
+                  ["B-PER", "O"])
+    conll = Path(path).parent / "test.conll"
+    conll.write_text("-DOCSTART- O\n\nAlice B-PER\nwent O\n\nBob B-PER\n")
+    code, out, err = run_cli(["predict", path, "--input", conll], capsys)
+    assert code == 0, err
+    got = [json.loads(line) for line in out.splitlines()]
+    assert [(g["line"], g["tokens"]) for g in got] == [(3, ["Alice", "went"]), (6, ["Bob"])]

@@ -1497,3 +1497,13 @@ def test_eval_only_data_is_named_by_its_own_key(tmp_path, tiny_llama):
     cfg.data.eval = str(both)
     with pytest.raises(DataError, match=f"--data: {both}:2 is a text record"):
         build_eval_only(cfg, get_task("causal_lm"), load_tokenizer(cfg), "--data")
+
+
+def test_a_tokenisation_not_recorded_is_told_apart_from_another_version():
+    """A checkpoint or adapter written before scaletune recorded its data version says so, rather than
+    "data version None"; this scaletune's own version is no difference."""
+    from scaletune.data import tokenisation, tokenised_differently
+
+    assert tokenised_differently(tokenisation("seq_cls"), "seq_cls") is None
+    assert "before scaletune recorded how it tokenises" in tokenised_differently(None, "seq_cls")
+    assert "data version seq_cls-1, now" in tokenised_differently("seq_cls-1", "seq_cls")

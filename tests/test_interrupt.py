@@ -77,6 +77,45 @@ def test_ctrl_c_in_the_loop_is_one_stop_a_second_one_interrupts(signals_kept, ca
     assert signal.getsignal(signal.SIGINT) is not flag._interrupt
 
 
+def test_the_loop_gives_ctrl_c_back_to_the_handler_it_had(signals_kept):
+    """Once the loop ends (`release_interrupts`, or `settle` after the final save) Ctrl-C does what it did before:
+    the handler SIGINT had then, not Python's default in its place; catching twice does not take the loop's own
+    handler for the earlier one; and a later loop in the same process (the demo's) catches Ctrl-C again."""
+    import signal
+
+    from scaletune.stopflag import StopFlag
+
+    def before(signum, frame):
+        pass
+
+    signal.signal(signal.SIGINT, before)
+    flag = StopFlag()
+    flag.catch_interrupts()
+    flag.catch_interrupts()
+    assert signal.getsignal(signal.SIGINT) == flag._interrupt
+    flag.release_interrupts()
+    assert signal.getsignal(signal.SIGINT) is before
+    flag.catch_interrupts()
+    assert signal.getsignal(signal.SIGINT) == flag._interrupt
+    flag.settle()
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_only_the_first_rank_says_it_stops_on_ctrl_c(signals_kept, capfd, monkeypatch):
+    """Every rank of a launch gets the Ctrl-C and stops on it; the line saying so comes from rank 0 alone."""
+    import os
+    import signal
+
+    from scaletune.stopflag import StopFlag
+
+    monkeypatch.setenv("RANK", "2")
+    flag = StopFlag()
+    flag.catch_interrupts()
+    os.kill(os.getpid(), signal.SIGINT)
+    flag.release_interrupts()
+    assert flag.signal == signal.SIGINT and "Ctrl-C" not in capfd.readouterr().err
+
+
 def test_a_one_process_launch_passes_its_first_ctrl_c_on_as_a_stop(monkeypatch):
     """The rank of a one-process launch gets the terminal's Ctrl-C itself; the launcher's copy, passed on as
     SIGINT, reached it too, a second Ctrl-C (an abort without checkpoint) whenever it landed after the first

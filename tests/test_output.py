@@ -241,3 +241,15 @@ def test_tokenising_and_eval_progress_draw_no_bar_on_a_terminal_of_no_width(monk
     finally:
         os.close(follower)
         os.close(leader)
+
+
+def test_the_wandb_project_of_a_run_json_that_is_no_object_is_the_asked_one(tmp_path, monkeypatch):
+    """A run.json that is not an object (damaged, hand-edited) records no project: the run logs to
+    $WANDB_PROJECT (else "scaletune") instead of failing at the trackers' start."""
+    from scaletune.tracking import _wandb_project
+
+    (tmp_path / "run.json").write_text("[1, 2]")
+    monkeypatch.setenv("WANDB_PROJECT", "sentiment")
+    assert _wandb_project(tmp_path) == "sentiment"
+    monkeypatch.delenv("WANDB_PROJECT")
+    assert _wandb_project(tmp_path) == "scaletune"

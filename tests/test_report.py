@@ -290,3 +290,18 @@ def test_the_summary_gives_trainable_parameters_and_logged_time_without_the_gaps
                         lambda runs, panels, path: titles.extend(t for t, _ in panels) or real(runs, panels, path))
     build_report([str(make_run(tmp_path / "cls", task="seq_cls"))])
     assert "examples/s" in titles and "target tokens/s" not in titles  # (one target per example)
+
+
+def test_logged_time_is_missing_without_timed_records_and_reads_in_hours_from_one(tmp_path):
+    """A metrics.jsonl whose records carry no time (an older scaletune's, or written by hand) has no logged
+    time: the summary says it is missing, not 0m00s. An hour or more reads in hours."""
+    from scaletune.report import _MISSING, _duration, load_run, run_stats
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"config": {"task": "causal_lm"}, "started": 1}))
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"event": "train", "step": s, "loss": 1.0}) + "\n"
+                                               for s in (1, 2)))
+    loaded = load_run(run, "run")
+    assert loaded.seconds is None and run_stats(loaded)["time (logged)"] == _MISSING
+    assert _duration(3599.6) == "1h00m00s" and _duration(3600) == "1h00m00s" and _duration(3599) == "59m59s"

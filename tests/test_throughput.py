@@ -465,3 +465,27 @@ def test_the_logged_peak_memory_is_the_training_loops_not_the_tokenisings():
     del blob
     metrics.reset_peak_memory()
     assert metrics.peak_memory_mb() < before - 300
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux: VmHWM, reset through clear_refs")
+def test_the_peak_memory_is_a_high_water_mark_and_the_loop_starts_it_afresh(monkeypatch):
+    """peak_mem_mb is the highest the loop reached, not what is resident when it is logged (memory freed
+    between two logs still counted); and the loop's Throughput is where it starts, not the process's start."""
+    import torch
+
+    from scaletune import metrics
+
+    metrics.reset_peak_memory()
+    low = metrics.peak_memory_mb()
+    blob = bytearray(400 * 2**20)
+    blob[:: 2**12] = b"x" * len(blob[:: 2**12])  # touched: resident
+    del blob
+    assert metrics.peak_memory_mb() > low + 300
+    resets = []
+    monkeypatch.setattr(metrics, "reset_peak_memory", lambda: resets.append(1))
+
+    class Acc:
+        device, num_processes = torch.device("cpu"), 1
+
+    metrics.Throughput(Acc(), torch.nn.Linear(2, 2))
+    assert resets == [1]

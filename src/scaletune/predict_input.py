@@ -1,4 +1,5 @@
-"""`predict`'s input: lines of plain text or JSON objects, and what each task reads from a line.
+"""`predict`'s input: lines of plain text or JSON objects (or a CSV/TSV/parquet/CoNLL file or a JSON array, read
+as training reads it), and what each task reads from a line.
 
 A JSON line is read by the columns the run was trained with (as the adapter's scaletune.json records them,
 else data.text_column / data.text_pair_column / data.tokens_column of the run config, else the columns
@@ -38,11 +39,41 @@ def read_inputs(source: str | None, stdin: TextIO) -> list[dict]:
     as {"text": line}; each with its file:line (WHERE) and line number (LINE). Blank lines are skipped, and
     the line number keeps every output matched to its input."""
     name = source_name(source)
+    if name != STDIN and _table_file(Path(source)):
+        return _table_records(source)
     items = []
     for n, line in enumerate(text_lines(_read_text(source, name, stdin)), start=1):
         if line.strip():
             items.append(_parse_line(line, f"{name}:{n}", n))
     return items
+
+
+# Files a data reader reads as records, as training reads them: a CSV/TSV row or a CoNLL sentence spans one line
+# or more (read as lines, a TSV's header and its label column were labelled as text, a CoNLL file's tags and
+# -DOCSTART- tagged as words). A .txt stays plain lines (it is a CoNLL file only where training says so).
+_TABLE_SUFFIXES = (".csv", ".tsv", ".parquet", ".conll", ".iob", ".bio", ".conllu")
+
+
+def _table_file(path: Path) -> bool:
+    """Whether `path` is read as records (`_TABLE_SUFFIXES`, or a .json holding one array)."""
+    suffix = path.suffix.lower()
+    if suffix == ".json" and path.is_file():
+        with path.open("rb") as f:
+            return f.read(64).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[")
+    return suffix in _TABLE_SUFFIXES
+
+
+def _table_records(source: str) -> list[dict]:
+    """The records of a table or CoNLL file, each with its file:line (or row) and a number for "line": the
+    line its record starts on, or its row (parquet, a JSON array), counted from 1."""
+    from .data.readers import read_records
+
+    records = read_records(source, key="--input")
+    for i, rec in enumerate(records, start=1):
+        where = rec[WHERE]
+        tail = where.rsplit(":", 1)[-1]
+        rec[LINE] = int(tail) if tail.isdecimal() else i
+    return records
 
 
 def _read_text(source: str | None, name: str, stdin: TextIO) -> str:

@@ -289,6 +289,8 @@ def test_main_process_first_relays_rank_0s_error(tmp_path, mode) -> None:
     ([2, -15], 2),  # rank 0's bad input; the launcher stopped rank 1
     ([2, 2], 2),  # every rank raised the (relayed) error
     ([124, 124], 124),  # preempted with a checkpoint
+    ([130, -15], 130),  # Ctrl-C: the rank that exited by itself was interrupted
+    ([130, 124], 1),  # no single cause
     ([1, 3], 1),  # a crash on rank 0; rank 1 stopped when it lost its peer
     ([2, 3], 2),  # rank 0's own bad input (not relayed); rank 1 lost its peer
     ([3, 3], 1),  # both lost a peer (another node was lost): a failure, not bad input

@@ -197,6 +197,9 @@ def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path, capsys):
     loop.write_text("task: causal_lm\ndata: {train: &t [*t]}\n")
     assert main(["plan", str(loop)]) == 2
     assert "refers to a value that holds it" in capsys.readouterr().err
+    # and within an override's value: refused, not a RecursionError traceback from the walks after it
+    assert main(["plan", str(plain), "data.train=&t [*t]"]) == 2
+    assert "override 'data.train=&t [*t]'" in capsys.readouterr().err
     shared = tmp_path / "shared.yaml"
     shared.write_text("base: &b {r: 4}\ntask: causal_lm\npeft: *b\n")
     from scaletune.config_file import read_yaml
@@ -268,3 +271,18 @@ def test_the_replaced_run_record_names_only_the_output_dirs_own_siblings(tmp_pat
     assert replaced_runs(out) == [own]
     discard_replaced(out)
     assert (other / "f").exists() and not own.exists() and link.is_symlink()
+
+
+def test_a_recorded_run_of_the_same_name_in_another_directory_is_not_deleted(tmp_path):
+    """A run directory copied elsewhere takes its .replaced_run along: the `.run.replaced-...` it names beside
+    the old place is the original's set-aside run, not one of this copy's siblings, and is not deleted."""
+    from scaletune.outdir import replaced_runs
+
+    out = tmp_path / "copy" / "run"
+    out.mkdir(parents=True)
+    theirs = tmp_path / "original" / ".run.replaced-20260101-000000"
+    theirs.mkdir(parents=True)
+    own = tmp_path / "copy" / ".run.replaced-20260101-000000"
+    own.mkdir()
+    (out / ".replaced_run").write_text(f"{theirs}\n{own}\n")
+    assert replaced_runs(out) == [own]
