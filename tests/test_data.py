@@ -1507,3 +1507,23 @@ def test_a_tokenisation_not_recorded_is_told_apart_from_another_version():
     assert tokenised_differently(tokenisation("seq_cls"), "seq_cls") is None
     assert "before scaletune recorded how it tokenises" in tokenised_differently(None, "seq_cls")
     assert "data version seq_cls-1, now" in tokenised_differently("seq_cls-1", "seq_cls")
+
+
+def test_classifier_labels_say_what_is_not_supported_and_how_to_give_the_label_set():
+    """Day-one classifier data: STS-B-style float scores in a TSV trained one class per distinct value without a
+    word (refused now, as JSON floats were, saying regression is not supported); a list of labels said only
+    "must be a string or an integer" (multi-label is named); a label only the eval data has points at
+    data.labels (the label set is the training data's otherwise)."""
+    from scaletune.tasks.base import collect_labels, unknown_label
+
+    scores = [{"label": v, WHERE: f"t.tsv:{i}"} for i, v in enumerate(["0.0", "2.5", "3.8", "5.0"], start=2)]
+    with pytest.raises(DataError, match=r"regression targets\? seq_cls trains classes") as err:
+        collect_labels(scores, "label", is_list=False)
+    assert "list them in data.labels" in err.value.hint
+    assert collect_labels([{"label": v} for v in ["1", "2", "3"]], "label", is_list=False) == ["1", "2", "3"]
+    with pytest.raises(DataError, match="multi-label classification is not supported"):
+        collect_labels([{"label": ["a", "b"], WHERE: "t.jsonl:1"}], "label", is_list=False)
+    with pytest.raises(DataError, match="regression targets are not supported"):
+        collect_labels([{"label": 0.5, WHERE: "t.jsonl:1"}], "label", is_list=False)
+    err = unknown_label("valid.txt:92", "tag", "I-LOC", {"O": 0, "B-LOC": 1})
+    assert "a label the training data lacks: give the whole label set in data.labels" in str(err)

@@ -182,6 +182,8 @@ def unknown_label(where: str, what: str, value: Any, label2id: dict) -> DataErro
         hint = f" (it differs from {name.strip()!r} only in spaces)"
     elif isinstance(value, bool):
         hint = f" (JSON {name} is the label {name!r}: list it so in data.labels)"
+    elif value is not None:  # (the label set is the training data's unless data.labels gives it)
+        hint = " (a label the training data lacks: give the whole label set in data.labels)"
     return DataError(f"{where}: {what} {value!r} is not in the label set {list(label2id)}{hint}")
 
 
@@ -197,7 +199,10 @@ def collect_labels(records: list[dict], column: str, *, is_list: bool) -> list[s
             raise DataError(f"{where}: the label column {column!r} is missing (the record has: {fields_of(rec)})")
         for v in (values if is_list else [values]):
             if not isinstance(v, (str, int)):  # (a bool is an int: JSON true/false are labels "true"/"false")
-                raise DataError(f"{where}: label {v!r} must be a string or an integer")
+                why = " (one label an example: multi-label classification is not supported)" \
+                    if isinstance(v, list) else " (seq_cls is classification: regression targets are not supported)" \
+                    if isinstance(v, float) else ""
+                raise DataError(f"{where}: label {v!r} must be a string or an integer{why}")
             if isinstance(v, str) and not v.strip():  # an empty CSV cell: a missing label, not a class ""
                 raise DataError(f"{where}: the {'tag' if is_list else 'label'} in column {column!r} is empty",
                                 hint="fill it in, or leave the record out")
@@ -212,11 +217,25 @@ def collect_labels(records: list[dict], column: str, *, is_list: bool) -> list[s
                                 "integers)")
             seen.setdefault(label_name(v), (type(v), where))
     _refuse_space_variants(seen, column)
+    if not is_list and len(seen) > 2 and all(_decimal_number(label) for label in seen):
+        # (a TSV's float scores, STS-B's 0.0-5.0, trained as one class per distinct value, without a word)
+        raise DataError(f"column {column!r}: every label is a number with decimals ({', '.join(sorted(seen)[:4])}, "
+                        "...): regression targets? seq_cls trains classes, and regression is not supported",
+                        hint="if they are class names, list them in data.labels")
     kinds = {kind for kind, _ in seen.values()}
     # CSV/TSV cells are strings: "0".."11" must get the class indices that JSON's 0..11 get
     if kinds == {int} or all(label.isdecimal() for label in seen):
         return sorted(seen, key=int)
     return sorted(seen)
+
+
+def _decimal_number(label: str) -> bool:
+    """Whether `label` is written as a number with a fraction ("2.5", "0.0"): no class name looks so."""
+    try:
+        float(label)
+    except ValueError:
+        return False
+    return "." in label
 
 
 def _refuse_space_variants(seen: dict[str, tuple[type, str]], column: str) -> None:
