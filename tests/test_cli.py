@@ -1385,3 +1385,15 @@ def test_predict_reads_table_and_conll_files_as_training_reads_them(capsys, make
     assert code == 0, err
     got = [json.loads(line) for line in out.splitlines()]
     assert [(g["line"], g["tokens"]) for g in got] == [(3, ["Alice", "went"]), (6, ["Bob"])]
+
+
+def test_predict_says_which_classified_lines_max_length_cut(capsys, make_config, tiny_bert, monkeypatch, caplog):
+    """A text past data.max_length was labelled by its first tokens without a word (NER predict said so per line
+    and in a warning; seq_cls did not): the line says "truncated": true and one warning counts them."""
+    path = make_config("seq_cls", data={"max_length": 8})
+    _fake_trained(monkeypatch, "seq_cls", tiny_bert, {"text": "text", "pair": None, "label": "label"}, ["neg", "pos"])
+    with caplog.at_level("WARNING", logger="scaletune"):
+        code, got, err, inp = _predict(path, capsys, ["alpha bravo", " ".join(["charlie"] * 30)])
+    assert code == 0, err
+    assert "truncated" not in got[0] and got[1]["truncated"] is True
+    assert f"1 of 2 input(s) are longer than data.max_length=8 tokens (first: {inp}:2)" in caplog.text

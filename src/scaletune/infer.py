@@ -173,15 +173,19 @@ def run_predict(cfg: RunConfig, adapter: str | None, source: str | None, max_new
             answers.update(zip(chunk, _answer(cfg, model, tokenizer, labels, [inputs[i] for i in chunk],
                                               max_new_tokens, sampling, acc)))
         for item, result in ((items[i], answers[i]) for i in window):
-            if "truncated_words" in result:
+            if "truncated_words" in result or result.get("truncated"):
                 cut_lines.append(item[WHERE])
             result = {"line": item[predict_input.LINE], **result}
             out.write(json.dumps(result, ensure_ascii=False) + "\n")
             results.append(result)
-    if cut_lines:
+    if cut_lines and cfg.task == "token_cls":
         log.warning('predict: %d of %d input(s) have words beyond data.max_length=%d sub-tokens (first: %s); the model '
                     'never saw those words, they are tagged "O", and each such line\'s "truncated_words" says how many',
                     len(cut_lines), len(results), cfg.data.max_length, cut_lines[0])
+    elif cut_lines:
+        log.warning('predict: %d of %d input(s) are longer than data.max_length=%d tokens (first: %s); each was '
+                    'labelled by its first %d tokens, and its line says "truncated": true', len(cut_lines),
+                    len(results), cfg.data.max_length, cut_lines[0], cfg.data.max_length)
     return results
 
 
@@ -245,7 +249,10 @@ def _task_input(cfg: RunConfig, task: Any, tokenizer: Any, item: dict) -> Any:
 
 def _classify(model: Any, tokenizer: Any, labels: list[str], max_length: int,
               given: list[tuple[str, str | None]]) -> list[dict]:
-    """{"text", "text_pair" (a pair model only), "label", "score"} for each (text, pair) input."""
+    """{"text", "text_pair" (a pair model only), "label", "score"} for each (text, pair) input, and "truncated"
+    when max_length cut it."""
+    from .tasks.base import overflowed
+
     texts = [text for text, _ in given]
     pairs = [pair for _, pair in given] if given[0][1] is not None else None  # (a pair model: every line has one)
     enc = tokenizer(texts, pairs, truncation=True, max_length=max_length, padding=True, padding_side="right",
@@ -253,9 +260,11 @@ def _classify(model: Any, tokenizer: Any, labels: list[str], max_length: int,
     # one read-back of the batch's best labels and scores (two per line would wait on a GPU twice a line)
     scores, best = model(**enc.to(model.device)).logits.float().softmax(-1).max(-1)
     out = []
-    for (text, pair), label, score in zip(given, best.tolist(), scores.tolist()):
+    for i, ((text, pair), label, score) in enumerate(zip(given, best.tolist(), scores.tolist())):
         echo = {"text": text} if pair is None else {"text": text, "text_pair": pair}
         out.append({**echo, "label": labels[label], "score": score})
+        if overflowed(enc, max_length, i):  # (the model saw only the first max_length tokens: say so on the line)
+            out[-1]["truncated"] = True
     return out
 
 
