@@ -46,12 +46,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         parsed = yaml.safe_load(value)
     except (yaml.YAMLError, ValueError, RecursionError):  # ValueError: ints over Python's digit limit
         parsed = value
-    try:
-        too_big = _written_out_size(parsed, {}, set()) > MAX_CONFIG_VALUES
-    except _Cycle:
-        too_big = True
-    if too_big:  # (the same walk as the file's: an alias within the value)
-        raise ConfigError(f"override {text[:60]!r}: {_TOO_BIG}")
+    if problem := _size_problem(parsed):  # (the file's check: an alias within the value)
+        raise ConfigError(f"override {text[:60]!r}: {problem}")
     path = key.split(".")
     return path, _override_value(_key_type(path), value, parsed)
 
@@ -195,12 +191,8 @@ def read_yaml(path: str | Path) -> tuple[dict, list[str]]:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"run config {path}: top level must be a mapping, got {type(raw).__name__}")
-    try:
-        size = _written_out_size(raw, {}, set())
-    except _Cycle:
-        raise ConfigError(f"run config {path}: a YAML alias (*name) refers to a value that holds it") from None
-    if size > MAX_CONFIG_VALUES:
-        raise ConfigError(f"run config {path}: {_TOO_BIG}") from None
+    if problem := _size_problem(raw):
+        raise ConfigError(f"run config {path}: {problem}")
     return raw, [f"{path}:{line}: duplicate key {key!r} (first at line {first}; YAML would keep only this one)"
                  for line, key, first in sorted(duplicates, key=lambda d: d[0])]
 
@@ -214,6 +206,15 @@ _TOO_BIG = f"it holds more than {MAX_CONFIG_VALUES:,} values (each use of a YAML
 
 class _Cycle(Exception):
     pass
+
+
+def _size_problem(value: object) -> str | None:
+    """What is wrong with a parsed YAML value whose aliases make it too big, or hold it in itself; else None."""
+    try:
+        size = _written_out_size(value, {}, set())
+    except _Cycle:
+        return "a YAML alias (*name) refers to a value that holds it"
+    return _TOO_BIG if size > MAX_CONFIG_VALUES else None
 
 
 def _written_out_size(value: object, memo: dict[int, int], open_: set[int]) -> int:

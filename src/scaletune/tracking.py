@@ -74,14 +74,23 @@ def write_run_json(output_dir: Path, cfg: Any, extra: dict) -> None:
             info["resumes"] = [*(before.get("resumes") or []),
                                {"time": now, "from": extra["resumed_from"], "argv": argv, "cwd": os.getcwd(),
                                 "world_size": extra.get("world_size")}]
-    tmp = output_dir / "run.json.tmp"
     try:
-        tmp.write_text(json.dumps(info, indent=1, default=str))
-        os.replace(tmp, output_dir / "run.json")
+        _replace_json(output_dir / "run.json", info)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         if failed_write(exc):
             raise write_error(exc, output_dir / "run.json", RESUME_AFTER_WRITE) from None
+        raise
+
+
+def _replace_json(path: Path, info: dict) -> None:
+    """`info` as `path`'s JSON, written aside and moved over it (a reader never sees half of it); the file
+    aside is removed if that fails, and the OSError raised."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps(info, indent=1, default=str))
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -159,12 +168,9 @@ def _wandb_project(output_dir: Path) -> str:
         log.warning("W&B: the run goes on in project %r, where it started (%s is for new runs)", recorded, given)
     if not recorded:
         info["wandb_project"] = recorded = asked
-        tmp = path.with_suffix(".json.tmp")
         try:
-            tmp.write_text(json.dumps(info, indent=1, default=str))
-            os.replace(tmp, path)
+            _replace_json(path, info)
         except OSError as exc:  # (a full disk: the run's first checkpoint will say so; this record can wait)
-            tmp.unlink(missing_ok=True)
             log.warning("W&B: could not record the project in %s (%s)", path, exc.strerror or exc)
     return recorded
 
