@@ -126,7 +126,8 @@ def test_trackers_get_the_whole_config_and_write_inside_output_dir(tmp_path, mon
                            calls.update(name=name, config=config, init_kwargs=init_kwargs))
     cfg = from_dict({"task": "causal_lm", "model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"},
                      "train": {"report_to": ["tensorboard", "wandb", "mlflow"], "learning_rate": 3e-4}})
-    for var in ("WANDB_API_KEY", "WANDB_DIR", "WANDB_MODE", "WANDB_PROJECT", "WANDB_NAME", "MLFLOW_TRACKING_URI"):
+    for var in ("WANDB_API_KEY", "WANDB_DIR", "WANDB_MODE", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_NAME",
+                "MLFLOW_TRACKING_URI"):
         monkeypatch.delenv(var, raising=False)
     out = tmp_path / "run"
     start_trackers(SimpleNamespace(is_main_process=False, init_trackers=lambda *a, **k: None), cfg, out)
@@ -246,10 +247,41 @@ def test_tokenising_and_eval_progress_draw_no_bar_on_a_terminal_of_no_width(monk
 def test_the_wandb_project_of_a_run_json_that_is_no_object_is_the_asked_one(tmp_path, monkeypatch):
     """A run.json that is not an object (damaged, hand-edited) records no project: the run logs to
     $WANDB_PROJECT (else "scaletune") instead of failing at the trackers' start."""
-    from scaletune.tracking import _wandb_project
+    from scaletune.tracking import _wandb_place
 
     (tmp_path / "run.json").write_text("[1, 2]")
+    monkeypatch.delenv("WANDB_ENTITY", raising=False)
     monkeypatch.setenv("WANDB_PROJECT", "sentiment")
-    assert _wandb_project(tmp_path) == "sentiment"
+    assert _wandb_place(tmp_path) == ("sentiment", None)
     monkeypatch.delenv("WANDB_PROJECT")
-    assert _wandb_project(tmp_path) == "scaletune"
+    assert _wandb_place(tmp_path) == ("scaletune", None)
+
+
+@pytest.mark.parametrize("first", ["team-a", None])
+def test_a_resume_logs_to_the_wandb_entity_its_run_started_under(tmp_path, monkeypatch, caplog, first):
+    """WANDB_ENTITY, like WANDB_PROJECT, is kept from the run's first start: a requeued job whose environment
+    names another entity (or none, or one the first start did not have) opened a second W&B run there."""
+    from scaletune.config import from_dict
+    from scaletune.tracking import _wandb_place, write_run_json
+
+    cfg = from_dict({"task": "causal_lm", "model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"}})
+    monkeypatch.delenv("WANDB_PROJECT", raising=False)
+    if first:
+        monkeypatch.setenv("WANDB_ENTITY", first)
+    else:
+        monkeypatch.delenv("WANDB_ENTITY", raising=False)
+    write_run_json(tmp_path, cfg, {})
+    assert _wandb_place(tmp_path) == ("scaletune", first)
+    write_run_json(tmp_path, cfg, {"resumed_from": "checkpoints/step-6"})  # the resume's run.json keeps it
+    assert json.loads((tmp_path / "run.json").read_text())["wandb_entity"] == first
+    for now in ("team-b", None):
+        if now:
+            monkeypatch.setenv("WANDB_ENTITY", now)
+        else:
+            monkeypatch.delenv("WANDB_ENTITY", raising=False)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="scaletune"):
+            assert _wandb_place(tmp_path) == ("scaletune", first)
+        assert ("goes on in entity" in caplog.text) == (now != first)
+        # W&B reads WANDB_ENTITY itself: a run that started under the default entity must not see one now
+        assert os.environ.get("WANDB_ENTITY") == (now if first else None)

@@ -68,8 +68,9 @@ def write_run_json(output_dir: Path, cfg: Any, extra: dict) -> None:
             before = None
         if isinstance(before, dict):
             info["started"], info["argv"] = before.get("started", now), before.get("argv", argv)
-            if before.get("wandb_project"):  # (the project the W&B run lives in: see start_trackers)
-                info["wandb_project"] = before["wandb_project"]
+            for key in ("wandb_project", "wandb_entity"):  # (where the W&B run lives: see start_trackers)
+                if key in before:
+                    info[key] = before[key]
             info["cwd"] = before.get("cwd", info["cwd"])
             info["resumes"] = [*(before.get("resumes") or []),
                                {"time": now, "from": extra["resumed_from"], "argv": argv, "cwd": os.getcwd(),
@@ -139,7 +140,9 @@ def start_trackers(accelerator: Any, cfg: Any, output_dir: Path, start_step: int
         # run of every project went to one W&B project "scaletune"); WANDB_NAME likewise names the run
         from accelerate.tracking import WandBTracker
 
-        tracker = WandBTracker(_wandb_project(output_dir), **wandb_kwargs)
+        project, entity = _wandb_place(output_dir)
+        # (an entity of None leaves W&B its default; a recorded one wins over a changed WANDB_ENTITY)
+        tracker = WandBTracker(project, **wandb_kwargs, **({"entity": entity} if entity else {}))
         tracker.start()
         tracker.store_init_configuration(config)
         accelerator.trackers.append(tracker)
@@ -150,29 +153,36 @@ def start_trackers(accelerator: Any, cfg: Any, output_dir: Path, start_step: int
             mlflow.MlflowClient().set_tag(tracker.tracker.info.run_id, MLFLOW_TAG, run_id)
 
 
-def _wandb_project(output_dir: Path) -> str:
-    """The W&B project: the one the run's first start used (recorded in run.json), else $WANDB_PROJECT, else
-    "scaletune". A resume must log into the project its W&B run is in: under another (WANDB_PROJECT set or
-    changed since, a requeued job's environment) W&B starts a second run there and the history splits."""
-    asked = os.environ.get("WANDB_PROJECT") or "scaletune"
-    given = f"WANDB_PROJECT={asked!r}" if os.environ.get("WANDB_PROJECT") else "WANDB_PROJECT unset: 'scaletune'"
+def _wandb_place(output_dir: Path) -> tuple[str, str | None]:
+    """The W&B project and entity: those the run's first start used (recorded in run.json), else $WANDB_PROJECT
+    (default "scaletune") and $WANDB_ENTITY (default: W&B's own, the API key's). A resume must log where its W&B
+    run is: under another project or entity (changed since, a requeued job's environment) W&B starts a second
+    run there and the history splits."""
+    asked = {"project": os.environ.get("WANDB_PROJECT") or "scaletune", "entity": os.environ.get("WANDB_ENTITY") or None}
     path = output_dir / "run.json"
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return asked
+        return asked["project"], asked["entity"]
     if not isinstance(info, dict):
-        return asked
-    recorded = info.get("wandb_project")
-    if recorded and recorded != asked:
-        log.warning("W&B: the run goes on in project %r, where it started (%s is for new runs)", recorded, given)
-    if not recorded:
-        info["wandb_project"] = recorded = asked
+        return asked["project"], asked["entity"]
+    if not info.get("wandb_project"):  # the first start: record where it logs (an unset entity as null)
+        info["wandb_project"], info["wandb_entity"] = asked["project"], asked["entity"]
         try:
             _replace_json(path, info)
         except OSError as exc:  # (a full disk: the run's first checkpoint will say so; this record can wait)
             log.warning("W&B: could not record the project in %s (%s)", path, exc.strerror or exc)
-    return recorded
+        return asked["project"], asked["entity"]
+    recorded = {"project": info["wandb_project"], "entity": info.get("wandb_entity", asked["entity"])}
+    for what, value in recorded.items():
+        if value != asked[what]:
+            now = os.environ.get(f"WANDB_{what.upper()}")
+            given = f"WANDB_{what.upper()}={now!r}" if now else f"WANDB_{what.upper()} unset"
+            started = repr(value) if value else "W&B's default (WANDB_ENTITY was unset)"
+            log.warning("W&B: the run goes on in %s %s, where it started (%s is for new runs)", what, started, given)
+    if recorded["entity"] is None:  # (W&B would take WANDB_ENTITY: the run started under the default one)
+        os.environ.pop("WANDB_ENTITY", None)
+    return recorded["project"], recorded["entity"]
 
 
 def _run_id(output_dir: Path) -> str | None:
