@@ -640,26 +640,27 @@ def test_a_quantized_encoder_trains_its_new_head_unquantized(make_config, tmp_pa
 
 def test_evals_and_saves_per_epoch_set_the_step_intervals(make_config, tmp_path, caplog):
     """axolotl's evals_per_epoch / saves_per_epoch had no equivalent (an unknown key): the user worked out
-    the steps of an epoch. 64 examples in global batches of 8 are 8 steps an epoch: 4 evals an epoch are one
-    every 2 steps, 2 checkpoints one every 4; over 2 epochs."""
+    the steps of an epoch. 80 examples in global batches of 8 are 10 steps an epoch: 4 evals an epoch are at
+    its steps 3, 5, 8 and 10, 3 checkpoints at 4, 7 and 10; over 2 epochs. (One every 10 // 4 steps was 5 evals
+    an epoch, and checkpoints every 3 steps missed the epochs' ends.)"""
     import yaml
 
     from scaletune.errors import ConfigError
 
     path = make_config("causal_lm", train={"global_batch_size": 8, "micro_batch_size": 4, "epochs": 2,
-                                           "max_steps": None, "evals_per_epoch": 4, "saves_per_epoch": 2,
+                                           "max_steps": None, "evals_per_epoch": 4, "saves_per_epoch": 3,
                                            "eval_every": None, "save_every": None, "save_total_limit": None},
-                       n=64)
+                       n=80)
     raw = yaml.safe_load(path.read_text())
     for key in ("eval_every", "save_every"):  # (as a user writes it: only the per-epoch keys)
         raw["train"].pop(key)
     path.write_text(yaml.safe_dump(raw))
     with caplog.at_level("INFO", logger="scaletune"):
         assert main(["train", str(path)]) == 0
-    assert "train.evals_per_epoch=4: evaluating every 2 steps (an epoch is 8)" in caplog.text
+    assert "train.evals_per_epoch=4: evaluating at steps 3, 5, 8, 10 of each epoch of 10" in caplog.text
     out = tmp_path / "run"
-    assert [r["step"] for r in read_metrics(out, "eval")] == [2, 4, 6, 8, 10, 12, 14, 16]
-    assert sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*")) == [4, 8, 12, 16]
+    assert [r["step"] for r in read_metrics(out, "eval")] == [3, 5, 8, 10, 13, 15, 18, 20]
+    assert sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*")) == [4, 7, 10, 14, 17, 20]
     # run.json's config runs again as it is (it held the resolved eval_every beside evals_per_epoch: refused)
     saved = json.loads((out / "run.json").read_text())["config"]
     assert saved["train"]["evals_per_epoch"] == 4 and saved["train"]["eval_every"] == 200  # (the default: unset)
@@ -672,3 +673,20 @@ def test_evals_and_saves_per_epoch_set_the_step_intervals(make_config, tmp_path,
     text = "\n".join(err.value.problems)
     assert "train.evals_per_epoch and train.eval_every: give one or the other" in text
     assert "train.evals_per_epoch: there is no eval data to evaluate" in text
+
+
+def test_per_epoch_schedules_fall_due_the_asked_number_of_times_each_epoch():
+    """N times an epoch is N steps of every epoch, the last at its end, for any epoch length; more than the
+    epoch has steps is every step. Fixed intervals stay as they were."""
+    from scaletune.train import Every
+
+    for epoch in (1, 7, 10, 64, 999):
+        for times in (1, 3, 4, 50):
+            every = Every.per_epoch(times, epoch)
+            due = [step for step in range(1, 3 * epoch + 1) if every.due(step)]
+            assert len(due) == 3 * min(times, epoch) and due[-1] == 3 * epoch
+            assert all(every.due(k * epoch) for k in (1, 2, 3))
+            gaps = {b - a for a, b in zip(due, due[1:])}
+            assert max(gaps) - min(gaps) <= 1  # evenly spread
+    assert [s for s in range(1, 13) if Every(5).due(s)] == [5, 10] and not any(Every().due(s) for s in range(9))
+    assert Every.per_epoch(50, 999).describe() == "at steps 20, 40, 60, ..., 999 of each epoch of 999"

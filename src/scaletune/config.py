@@ -135,8 +135,8 @@ class TrainConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = _f("bf16", "Autocast precision for this run.")
     seed: int = _f(42, "Seed for data order, initialisation and dropout.")
     eval_every: int | None = _f(200, "Evaluate every N optimizer steps (and at the end); null: end only.")
-    evals_per_epoch: int | None = _f(None, "Evaluate N times per epoch instead: eval_every becomes the steps of an "
-                                     "epoch / N (at least 1), as the run's start logs.")
+    evals_per_epoch: int | None = _f(None, "Evaluate N times per epoch instead, at steps spread evenly over each "
+                                     "epoch with the last at its end (the run's start logs which).")
     neftune_noise_alpha: float | None = _f(None, "NEFTune: while training (never in eval or generation) add uniform "
                                            "noise in [-a, a] to the input embeddings, a = alpha / sqrt(row width x "
                                            "hidden size), as HF Trainer and TRL do; the paper's values are 5-15. "
@@ -153,8 +153,8 @@ class TrainConfig:
                                          "early_stopping_patience (in the metric's units); best_adapter/ follows "
                                          "any better eval.")
     save_every: int | None = _f(200, "Write a resumable checkpoint every N optimizer steps.")
-    saves_per_epoch: int | None = _f(None, "Checkpoint N times per epoch instead: save_every becomes the steps of "
-                                     "an epoch / N (at least 1).")
+    saves_per_epoch: int | None = _f(None, "Checkpoint N times per epoch instead, at steps spread evenly over "
+                                     "each epoch with the last at its end.")
     log_every: int = _f(10, "Log metrics every N optimizer steps (the loss: their mean).")
     save_total_limit: int | None = _f(3, "Keep only the newest N checkpoints; null keeps all.")
     on_nonfinite: Literal["stop", "skip"] = _f("stop", "Non-finite loss/grad norm: stop, or skip the update.")

@@ -105,7 +105,7 @@ def fit(run: Run, stop: StopFlag) -> str:
                     optimizer.zero_grad(set_to_none=True)
         run.step += 1
         log_now = run.step % t.log_every == 0 or run.step == run.total_steps
-        saving = bool(run.save_every) and run.step % run.save_every == 0
+        saving = run.save_every.due(run.step)
         # With fused AdamW the host looks at loss and gradient norm only here, at a logged or saved step
         # (a GPU sync); other optimizers were looked at in guard.optimizer_step. Raises if the run must stop.
         grad_norm, _ = guard.settle(boundary=log_now or saving)
@@ -118,8 +118,7 @@ def fit(run: Run, stop: StopFlag) -> str:
             mlog.progress(run.step, {"loss": values["loss"], "lr": values["lr"],
                                      "tok/s": round(values.get("tokens_per_s", 0))})
         stop_early = False
-        if run.data["eval"] is not None and ((run.eval_every and run.step % run.eval_every == 0)
-                                             or run.step == run.total_steps):
+        if run.data["eval"] is not None and (run.eval_every.due(run.step) or run.step == run.total_steps):
             stop_early = evaluate_step(run, best, mlog, speed)  # writes best_adapter/ on a new best
         if saving:
             with speed.paused():

@@ -41,6 +41,32 @@ from .trainable_state import unwrap
 
 log = logging.getLogger("scaletune")
 
+@dataclass(frozen=True)
+class Every:
+    """When a periodic eval or checkpoint falls due: every `steps` steps (train.eval_every / save_every), or at
+    the steps `at` into each epoch of `epoch` steps (evals_per_epoch / saves_per_epoch)."""
+
+    steps: int | None = None
+    epoch: int = 0
+    at: frozenset[int] = frozenset()
+
+    @classmethod
+    def per_epoch(cls, times: int, epoch: int) -> Every:
+        """`times` an epoch, evenly spread with the last at the epoch's end: 4 in 10 steps at 3, 5, 8 and 10.
+        (One every epoch // times steps gave 5 in such an epoch, and drifted off the epochs' ends.)"""
+        return cls(epoch=epoch, at=frozenset(math.ceil(k * epoch / times) for k in range(1, times + 1)))
+
+    def due(self, step: int) -> bool:
+        if self.at:
+            return (step - 1) % self.epoch + 1 in self.at
+        return bool(self.steps) and step % self.steps == 0
+
+    def describe(self) -> str:
+        at = sorted(self.at)
+        shown = ", ".join(map(str, at)) if len(at) <= 6 else f"{at[0]}, {at[1]}, {at[2]}, ..., {at[-1]}"
+        return f"at step{'s' if len(at) > 1 else ''} {shown} of each epoch of {self.epoch}"
+
+
 @dataclass
 class Run:
     """Everything the loop needs, built once by `setup`."""
@@ -60,8 +86,8 @@ class Run:
     # the config as validated, before load_tokenizer lowered data.max_length to what the model takes: what
     # the fingerprint hashes, so a resume's "changed:" list compares like with like
     given_config: dict = field(default_factory=dict)
-    eval_every: int | None = None  # train.eval_every, or the steps of an epoch / train.evals_per_epoch
-    save_every: int | None = None  # likewise for checkpoints
+    eval_every: Every = field(default_factory=Every)  # train.eval_every or train.evals_per_epoch
+    save_every: Every = field(default_factory=Every)  # likewise for checkpoints
     step: int = 0
     batch_shape: tuple = ()
     counters: dict = field(default_factory=lambda: {"nonfinite_skips": 0, "tokens_seen": 0})
@@ -189,12 +215,12 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
                           f"({what}); lower it")
     total = t.max_steps or max(1, math.ceil(t.epochs * per_epoch))
     # (kept on the Run, not written into the config: run.json's config must run again as it is)
-    every = {"eval": t.eval_every, "save": t.save_every}
+    every = {"eval": Every(t.eval_every), "save": Every(t.save_every)}
     for what, per in (("eval", t.evals_per_epoch), ("save", t.saves_per_epoch)):
         if per:
-            every[what] = max(1, per_epoch // per)
-            log.info("train.%ss_per_epoch=%d: %s every %d steps (an epoch is %d)", what, per,
-                     "evaluating" if what == "eval" else "checkpointing", every[what], per_epoch)
+            every[what] = Every.per_epoch(per, per_epoch)
+            log.info("train.%ss_per_epoch=%d: %s %s", what, per, "evaluating" if what == "eval" else "checkpointing",
+                     every[what].describe())
     left_out = n_train - per_epoch * t.global_batch_size
     if left_out and total >= per_epoch and accelerator.is_main_process:  # (a shorter run never reaches them)
         # Every step has the same shape (data/batching.py); the shuffle picks who sits each epoch out.
