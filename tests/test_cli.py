@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -908,13 +909,33 @@ def test_launch_stopped_by_sigterm_after_a_checkpoint_exits_124(capsys, monkeypa
     from scaletune.launch import run_accelerate
 
     monkeypatch.delenv("SCALETUNE_PREEMPT_MARKER", raising=False)
-    seen = _fake_accelerate(monkeypatch, writes="/r/checkpoints/step-3", ends=SystemExit(143))
+    # (the ranks' marker: the checkpoint, then the signal that stopped them)
+    seen = _fake_accelerate(monkeypatch, writes="/r/checkpoints/step-3\nSIGTERM", ends=SystemExit(143))
     assert run_accelerate(CMD) == 124
     err = capsys.readouterr().err
     assert err.strip() == ("scaletune launch: stopped by SIGTERM; checkpoint /r/checkpoints/step-3 "
                            "(continue with --resume auto)")
     assert seen[0] and not Path(seen[0]).parent.exists()
     assert "SCALETUNE_PREEMPT_MARKER" not in os.environ
+
+
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM, None])
+def test_the_preemption_marker_names_the_checkpoint_and_the_signal(tmp_path, monkeypatch, signum):
+    """The Slurm templates requeue a job whose ranks were stopped by SIGUSR1, which `scancel --signal=USR1
+    JOBID` (no --batch) sends to the ranks alone: the marker's second line says which signal it was (empty
+    when another rank had it), as the templates read it (sed -n 2p)."""
+    from types import SimpleNamespace
+
+    from scaletune.loop import mark_preempted
+
+    marker = tmp_path / "marker"
+    monkeypatch.setenv("SCALETUNE_PREEMPT_MARKER", str(marker))
+    mark_preempted(SimpleNamespace(is_local_main_process=False), "/r/checkpoints/step-3", signum)
+    assert not marker.exists()  # (one process a node writes it)
+    mark_preempted(SimpleNamespace(is_local_main_process=True), "/r/checkpoints/step-3", signum)
+    second = subprocess.run(["sed", "-n", "2p", str(marker)], capture_output=True, text=True).stdout.strip()
+    assert marker.read_text().splitlines()[0] == "/r/checkpoints/step-3"
+    assert second == (signal.Signals(signum).name if signum else "")
 
 
 def test_launch_stopped_by_sigterm_without_a_checkpoint(capsys, monkeypatch, tmp_path):

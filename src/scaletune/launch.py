@@ -345,9 +345,10 @@ def _checkpoint_written(marker: Path, before: tuple[int, int] | None) -> str | N
     if now is None or now == before:
         return None
     try:
-        return marker.read_text(encoding="utf-8").strip() or None
+        lines = marker.read_text(encoding="utf-8").splitlines()  # (the path, then the signal: mark_preempted)
     except OSError:
         return None
+    return (lines[0].strip() or None) if lines else None
 
 
 def _handlers(signals: tuple) -> dict:

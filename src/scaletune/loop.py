@@ -71,7 +71,7 @@ def fit(run: Run, stop: StopFlag) -> str:
             # this process logs; the signal may have reached only another rank
             how = signal.Signals(stop.signal).name if stop.signal is not None else "a signal to another rank"
             mlog.log("preempted", run.step, {"signal": stop.signal, "checkpoint": str(path)})
-            mark_preempted(acc, path)
+            mark_preempted(acc, path, stop.signal)
             kept = replaced_note(run.output_dir)
             mlog.write(f"stopped on {how} at step {run.step}; checkpoint {path}"
                        + (f"; {kept}" if kept else ""))
@@ -145,14 +145,18 @@ def evaluate_step(run: Run, best: BestAdapter, mlog: MetricsLog, speed: Throughp
         return best.after_eval(run.step, metrics)
 
 
-def mark_preempted(acc: Any, path: Any) -> None:
+def mark_preempted(acc: Any, path: Any, signum: int | None = None) -> None:
     """Tell the batch script a resumable checkpoint exists: `accelerate launch` maps every non-zero
     exit to 1, so the exit code alone cannot carry it; the Slurm templates and `scaletune launch` read
-    this file. The first process of every node writes it: the path is often node-local ($TMPDIR)."""
+    this file: the checkpoint's path, and on a second line the signal that stopped this process (empty if
+    it was another rank's). The templates requeue on SIGUSR1 there too: `scancel --signal=USR1 JOBID`
+    without --batch reaches the ranks, not the batch shell. The first process of every node writes it: the
+    path is often node-local ($TMPDIR)."""
     marker = os.environ.get("SCALETUNE_PREEMPT_MARKER")
     if marker and acc.is_local_main_process:
+        name = signal.Signals(signum).name if signum is not None else ""
         try:
-            Path(marker).write_text(f"{path}\n", encoding="utf-8")
+            Path(marker).write_text(f"{path}\n{name}\n", encoding="utf-8")
         except OSError as exc:  # (the checkpoint is written: a resume finds it without the marker)
             print(f"scaletune: cannot write the preemption marker {marker} ({exc.strerror or exc})", file=sys.stderr)
 

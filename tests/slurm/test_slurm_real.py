@@ -9,6 +9,7 @@ compared with the same config run directly (no Slurm, one process):
   of an uninterrupted run (exactly for 1 node; <= 1e-4 relative / 1e-5 for 2 ranks, whose reductions
   add in another order) -- so a single-node job runs `scaletune launch` and writes the adapter of the
   run you get without Slurm;
+* the same with ``scancel --signal=USR1`` to the job's steps alone (no --batch: the batch shell never hears it);
 * a job with a bad config value ends with exit code 2 and the config error, no traceback, no requeue.
 
 To keep the wall time down (the jobs are mostly Python start-up), one module fixture builds the model
@@ -180,7 +181,9 @@ def _signal_when_training(js: SimpleNamespace, jobs: list[Job]) -> None:
         for job in list(waiting):
             steps = [r["step"] for r in _train_events(job.out)]
             if len(steps) >= SIGNAL_AFTER and steps[-1] < LONG_STEPS:
-                res = subprocess.run(["scancel", "--signal=USR1", "--batch", job.id], env=js.env, capture_output=True,
+                # (to the batch shell, as Slurm's --signal=B:USR1 does; the steps-only job's to its steps alone)
+                where = [] if job.name in js.steps_only else ["--batch"]
+                res = subprocess.run(["scancel", "--signal=USR1", *where, job.id], env=js.env, capture_output=True,
                                      text=True)
                 if res.returncode != 0:
                     js.signal_errors[job.name] = f"scancel --signal=USR1 failed: {res.stderr}\n{job.describe()}"
@@ -217,7 +220,8 @@ def _assert_preempted_and_resumed(jobs: SimpleNamespace, job: Job, world: int, a
     assert jobs.signal_errors.get(job.name) is None, jobs.signal_errors[job.name]
     text = job.wait()
     info = job.describe()
-    assert "caught SIGUSR1" in text and "requeueing job" in text, info
+    # (a USR1 to the steps alone never reaches the batch shell: the ranks' marker names it)
+    assert ("caught SIGUSR1" in text) == (job.name not in jobs.steps_only) and "requeueing job" in text, info
     assert "restart_count=1" in text, info
     assert text.rstrip().endswith("training step exited rc=0"), info
     preempted = _train_events(job.out, "preempted")
@@ -258,7 +262,7 @@ def jobs(slurm_cluster, tmp_path_factory):
     cfg = root / "run.yaml"
     cfg.write_text(yaml.safe_dump(raw, sort_keys=False))
     js = SimpleNamespace(root=root, env=_env(slurm_cluster), cfg=cfg, signal_errors={}, signalled_after={},
-                         timings={"setup_s": 0.0})
+                         timings={"setup_s": 0.0}, steps_only={"st-steps"})
     long = [f"train.max_steps={LONG_STEPS}"]
     started: list = []
     try:
@@ -268,6 +272,8 @@ def jobs(slurm_cluster, tmp_path_factory):
         started.append(js.preempt)
         js.multi = Job(js, "st-multi", 2, cfg, [*long, f"output_dir={root / 'multi'}"])
         started.append(js.multi)
+        js.steps = Job(js, "st-steps", 1, cfg, [*long, f"output_dir={root / 'steps'}"])
+        started.append(js.steps)
         js.bad = Job(js, "st-bad", 1, cfg, ["train.learning_rate=fast", f"output_dir={root / 'bad'}"])
         started.append(js.bad)
         slow = root / "slow_python.sh"  # (the launcher, USR1 ignored, starts 8 s late)
@@ -280,7 +286,7 @@ def jobs(slurm_cluster, tmp_path_factory):
         js.ref_long = Reference(js, cfg, [*long, f"output_dir={root / 'ref_long'}"])
         started.append(js.ref_long)
         js.timings["setup_s"] = round(time.monotonic() - t0, 1)
-        _signal_when_training(js, [js.preempt, js.multi])
+        _signal_when_training(js, [js.preempt, js.multi, js.steps])
         early.join(JOB_TIMEOUT)
         yield js
     finally:
@@ -318,6 +324,14 @@ def test_real_preemption_checkpoints_requeues_and_resumes_exactly(jobs):
     assert "nodes=1 procs_per_node=1 num_processes=1" in text, text
     assert "each node runs: scaletune launch" in text and " -m scaletune train " in text, text
     _assert_preempted_and_resumed(jobs, job, world=1, atol=ATOL_ADAPTER)
+
+
+@pytest.mark.slurm
+def test_real_preemption_signalled_to_the_steps_alone_requeues_too(jobs):
+    """`scancel --signal=USR1 JOBID` without --batch signals the job's steps, not the batch shell: the ranks
+    checkpointed and exited 124, and the job ended there, never requeued. The ranks now name the signal in the
+    preemption marker, and the template requeues on it."""
+    _assert_preempted_and_resumed(jobs, jobs.steps, world=1, atol=ATOL_ADAPTER)
 
 
 @pytest.mark.slurm
