@@ -74,9 +74,6 @@ def load_trained(cfg: RunConfig, adapter: str | None, tokenises: bool = True) ->
 
     path = _adapter_dir(cfg, adapter)
     meta = adapter_meta(path)
-    if tokenises and meta and (differs := tokenised_differently(meta.get("tokenisation"), cfg.task)):
-        log.warning("the adapter at %s %s: its inputs here may be tokenised otherwise than the training data "
-                    "was (a BOS token, the chat template's rendering)", path, differs)
     if meta.get("task", cfg.task) != cfg.task:
         raise UserError(f"the adapter at {path} was trained for task {meta['task']}, the run config says "
                         f"task: {cfg.task}; use that run's config or another --adapter")
@@ -88,6 +85,9 @@ def load_trained(cfg: RunConfig, adapter: str | None, tokenises: bool = True) ->
     task.setup_cached(meta)
     labels = meta.get("labels")
     tokenizer = load_tokenizer(cfg, str(path))
+    if tokenises and meta and (differs := tokenised_differently(meta.get("tokenisation"), cfg.task, tokenizer)):
+        log.warning("the adapter at %s %s: its inputs here may be tokenised otherwise than the training data "
+                    "was (a BOS token, the chat template's rendering)", path, differs)
     model = load_model(cfg, task, labels, tokenizer, adapter_path=str(path))
     model.eval()
     return model, tokenizer, task, labels, path
@@ -271,10 +271,10 @@ def _classify(model: Any, tokenizer: Any, labels: list[str], max_length: int,
 def _tag(model: Any, tokenizer: Any, labels: list[str], max_length: int, sentences: list[list[str]]) -> list[dict]:
     """{"tokens", "tags", "entities"} for each sentence, and "truncated_words" when max_length cut words off."""
     from .tasks.base import overflowed
-    from .tasks.token_cls import entities, words_cut
+    from .tasks.token_cls import entities, word_inputs, words_cut
 
-    enc = tokenizer(sentences, is_split_into_words=True, truncation=True, max_length=max_length, padding=True,
-                    padding_side="right", return_tensors="pt")
+    enc = tokenizer([word_inputs(tokenizer, words) for words in sentences], is_split_into_words=True, truncation=True,
+                    max_length=max_length, padding=True, padding_side="right", return_tensors="pt")
     preds = model(**enc.to(model.device)).logits.argmax(-1).tolist()
     out = []
     for i, (words, pred) in enumerate(zip(sentences, preds)):

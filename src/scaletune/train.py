@@ -361,7 +361,7 @@ def restore(run: Run, resume_from: Path) -> None:
             # not refused: a fixed typo in the data is a fair reason; but the promise of an exact resume is off
             log.warning("data.train's contents changed since checkpoint %s was written: the resumed run trains "
                         "on other examples than the interrupted one did", resume_from)
-        if differs := tokenised_differently(state.get("tokenisation"), run.cfg.task):  # (an upgrade between a run and its resume)
+        if differs := tokenised_differently(state.get("tokenisation"), run.cfg.task, run.tokenizer):  # (an upgrade between a run and its resume)
             log.warning("checkpoint %s %s: from here the run may train on other token ids than before (a BOS token, "
                         "the chat template's rendering); to continue exactly, resume with the scaletune that "
                         "started the run", resume_from, differs)

@@ -6,10 +6,14 @@ recall is measured on the whole sentence the way a user would measure it, not on
 A word the tokenizer gives no sub-token at all (a zero-width space) is tagged from its neighbours
 (`fill_blank_words`): inside the entity when the words on both sides are one entity going on, else "O";
 eval scores it so, in its place, as `predict` tags it.
+A byte-level BPE tokenizer (GPT-2, RoBERTa, Llama 3) is given each word with a space before it (`word_inputs`), in
+training, eval and `predict` alike, so every word is tokenised in its word-start ("Ġ") form.
 """
 
 from __future__ import annotations
 
+import json
+import weakref
 from typing import Any
 
 import torch
@@ -86,7 +90,7 @@ class TokenCls(Task):
         unknown = [t for t, name in zip(record[self.tags], tags) if name not in label2id]
         if unknown:
             raise unknown_label(record.get(WHERE, "?"), "tag", unknown[0], label2id)
-        enc = tokenizer(record[self.tokens], is_split_into_words=True, truncation=True,
+        enc = tokenizer(word_inputs(tokenizer, record[self.tokens]), is_split_into_words=True, truncation=True,
                         max_length=cfg.data.max_length)
         word_ids, cut = enc.word_ids(), overflowed(enc, cfg.data.max_length)
         labels, previous = [], None
@@ -161,6 +165,44 @@ class TokenCls(Task):
                 "per_type": {k: {m: float(v[m]) for m in ("precision", "recall", "f1-score", "support")}
                              for k, v in report.items() if k not in ("micro avg", "macro avg", "weighted avg")},
                 **truncation_counts([[names[i] for i in cut] for _, _, cut in preds])}
+
+
+_SPACE_MARKS_WORDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> space_marks_words
+
+
+def word_inputs(tokenizer: Any, words: list[str]) -> list[str]:
+    """The words as `tokenizer(..., is_split_into_words=True)` should get them: with a space before each where
+    the tokenizer is byte-level BPE. Such a tokenizer is given each word alone and marks a word's start by the
+    space before it ("Ġ"), so a bare word is tokenised as a text's first word ("Paris"), not as it reads
+    mid-sentence and in pretraining ("ĠParis"). HF's remedy, loading with add_prefix_space=True, reaches
+    only the GPT-2/RoBERTa classes (the generic TokenizersBackend, Llama 3's, ignores it), and Llama 3's
+    ByteLevel after a Split would put a space before every split piece; the space added here is what
+    add_prefix_space adds to a plain ByteLevel, and leaves the tokenizer (saved with the adapter) as it was."""
+    if not space_marks_words(tokenizer):
+        return words
+    return [w if w.startswith(" ") else " " + w for w in words]
+
+
+def space_marks_words(tokenizer: Any) -> bool:
+    """Whether the tokenizer's pre-tokenizer is (or holds) a ByteLevel one. WordPiece splits at spaces and drops
+    them, and SentencePiece (Metaspace) puts its word-start mark on each word itself: both are left alone."""
+    try:
+        return _SPACE_MARKS_WORDS[tokenizer]
+    except (KeyError, TypeError):  # (TypeError: an object without weak references is looked up every time)
+        pass
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # (none: a Python tokenizer, left as it was)
+    pre = getattr(backend, "pre_tokenizer", None)
+    found = pre is not None and _holds_byte_level(json.loads(pre.__getstate__()))
+    try:
+        _SPACE_MARKS_WORDS[tokenizer] = found
+    except TypeError:
+        pass
+    return found
+
+
+def _holds_byte_level(state: dict) -> bool:
+    """Whether a pre-tokenizer's serialised state is a ByteLevel, or a Sequence holding one."""
+    return state.get("type") == "ByteLevel" or any(map(_holds_byte_level, state.get("pretokenizers") or ()))
 
 
 _PREFIXES = ("B-", "I-", "E-", "S-", "L-", "U-")  # IOB, IOBES, BILOU: what seqeval parses
