@@ -1418,3 +1418,27 @@ def test_predict_says_which_classified_lines_max_length_cut(capsys, make_config,
     assert code == 0, err
     assert "truncated" not in got[0] and got[1]["truncated"] is True
     assert f"1 of 2 input(s) are longer than data.max_length=8 tokens (first: {inp}:2)" in caplog.text
+
+
+@pytest.mark.parametrize("line", ["John Smith lives in Paris, France.", {"text": "John Smith lives in Paris, France."}],
+                         ids=["plain", "json"])
+def test_predict_splits_raw_text_like_ner_data_with_character_offsets(capsys, make_config, tiny_bert, monkeypatch,
+                                                                       line):
+    """Raw text is tagged as words split like CoNLL data ("Paris" ",", not "Paris,", which the tagger never
+    saw), and each entity says where it is in the text: text[char_start:char_end] is its "text"."""
+    text = "John Smith lives in Paris, France."
+    words = ["John", "Smith", "lives", "in", "Paris", ",", "France", "."]
+    path = make_config("token_cls")
+    _fake_trained(monkeypatch, "token_cls", tiny_bert, None, ["B-PER", "O"])  # every word its own entity
+    code, got, err, _ = _predict(path, capsys, [line])
+    assert code == 0, err
+    assert (got[0]["text"], got[0]["tokens"]) == (text, words)
+    ents = got[0]["entities"]
+    assert [e["text"] for e in ents] == words
+    assert all(text[e["char_start"]:e["char_end"]] == e["text"] for e in ents)
+    assert (ents[4]["char_start"], ents[4]["char_end"], ents[5]["char_start"]) == (20, 25, 25)
+    _fake_trained(monkeypatch, "token_cls", tiny_bert, None, ["I-PER", "O"])  # the whole line one entity
+    code, got, err, _ = _predict(path, capsys, [line])
+    assert code == 0, err
+    assert got[0]["entities"] == [{"text": text, "type": "PER", "start": 0, "end": 8, "char_start": 0,
+                                   "char_end": len(text)}]  # as written, not "Paris , France ."

@@ -269,23 +269,37 @@ def _classify(model: Any, tokenizer: Any, labels: list[str], max_length: int,
 
 
 def _tag(model: Any, tokenizer: Any, labels: list[str], max_length: int, sentences: list[list[str]]) -> list[dict]:
-    """{"tokens", "tags", "entities"} for each sentence, and "truncated_words" when max_length cut words off."""
+    """{"tokens", "tags", "entities"} for each sentence, and "truncated_words" when max_length cut words off; a
+    sentence split from raw text (predict_input.TextWords) also echoes its "text", and its entities give their
+    character offsets in it."""
     from .tasks.base import overflowed
-    from .tasks.token_cls import entities, word_inputs, words_cut
+    from .tasks.token_cls import word_inputs, words_cut
 
-    enc = tokenizer([word_inputs(tokenizer, words) for words in sentences], is_split_into_words=True, truncation=True,
-                    max_length=max_length, padding=True, padding_side="right", return_tensors="pt")
+    # (a raw-text line's TextWords as a plain list: the tokenizer takes lists of str)
+    enc = tokenizer([word_inputs(tokenizer, list(words)) for words in sentences], is_split_into_words=True,
+                    truncation=True, max_length=max_length, padding=True, padding_side="right", return_tensors="pt")
     preds = model(**enc.to(model.device)).logits.argmax(-1).tolist()
     out = []
     for i, (words, pred) in enumerate(zip(sentences, preds)):
         word_ids = enc.word_ids(i)
         tags = word_tags(word_ids, pred, labels, len(words))
-        result = {"tokens": words, "tags": tags, "entities": entities(words, tags)}
+        result = _tagged(words, tags)
         n_cut = words_cut(word_ids, len(words), overflowed(enc, max_length, i))
         if n_cut:  # their "O" is not a prediction: say so on the line itself
             result["truncated_words"] = n_cut
         out.append(result)
     return out
+
+
+def _tagged(words: list[str], tags: list[str]) -> dict:
+    """One sentence's output: its words, tags and entities; raw text's with the text and character offsets."""
+    from .tasks.token_cls import char_entities, entities
+
+    found = entities(words, tags)
+    if not isinstance(words, predict_input.TextWords):
+        return {"tokens": words, "tags": tags, "entities": found}
+    return {"text": words.text, "tokens": list(words), "tags": tags,
+            "entities": char_entities(found, words.text, words.spans)}
 
 
 def word_tags(word_ids: list, pred: list[int], labels: list[str], n_words: int) -> list[str]:

@@ -19,7 +19,7 @@ from typing import Any, TextIO
 from .data.readers import WHERE, surrogate_problem, text_lines
 from .errors import DataError
 from .tasks.seq_cls import _TEXT_COLUMNS
-from .tasks.token_cls import _TOKEN_COLUMNS
+from .tasks.token_cls import _TOKEN_COLUMNS, split_words
 
 LINE = "__line__"  # the input's line number: each output object carries it as "line"
 PLAIN = "__plain__"  # the line was plain text (held as {"text": line}), not a JSON object
@@ -184,21 +184,31 @@ def tokens_column(task: Any, cfg: Any) -> str | None:
     return getattr(task, "tokens", None) or cfg.data.tokens_column
 
 
+class TextWords(list):
+    """The words of a raw-text line (a list of str, as a word list is) and the text they were split from,
+    with each word's (start, end) character span in it: what the entities' character offsets come from."""
+
+    def __init__(self, text: str, spans: list[tuple[int, int]]) -> None:
+        super().__init__(text[start:end] for start, end in spans)
+        self.text, self.spans = text, spans
+
+
 def token_cls_input(item: dict, column: str | None) -> list[str]:
-    """The words of one line: its word list, or its text split at whitespace; non-empty strings, as training
-    requires."""
+    """The words of one line: its word list, or its text split into words and punctuation as NER corpora
+    split theirs (a `TextWords`); non-empty strings, as training requires."""
     where = item[WHERE]
     keys = _candidates(column, "tokens", _TOKEN_COLUMNS)
     key = next((k for k in keys if k in item), None)
     if key is None and "text" in item:
         if not isinstance(item["text"], str):
             raise DataError(f"{where}: 'text' must be a string, got {type(item['text']).__name__}")
-        if not item["text"].split():
+        spans = split_words(item["text"])
+        if not spans:
             raise DataError(f"{where}: 'text' has no words: nothing to tag")
-        return item["text"].split()
+        return TextWords(item["text"], spans)
     if key is None:
         raise DataError(f"{where}: no words to tag: expected key {_expected(keys)} (a list of words) or 'text' "
-                        f"(split at spaces); {_found(item)}")
+                        f"(split into words and punctuation); {_found(item)}")
     words = item[key]
     if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
         raise DataError(f"{where}: {key!r} must be a list of strings, got {type(words).__name__}")

@@ -13,6 +13,8 @@ training, eval and `predict` alike, so every word is tokenised in its word-start
 from __future__ import annotations
 
 import json
+import re
+import unicodedata
 import weakref
 from typing import Any
 
@@ -264,6 +266,51 @@ def entities(words: list[str], tags: list[str]) -> list[dict]:
 
     return [{"text": " ".join(words[start:end + 1]), "type": kind, "start": start, "end": end + 1}
             for kind, start, end in get_entities([scoring_tag(t) for t in tags])]
+
+
+def char_entities(found: list[dict], text: str, spans: list[tuple[int, int]]) -> list[dict]:
+    """`entities` of words split from `text` (`split_words`), each with "char_start" / "char_end" (exclusive)
+    into the text and, as its "text", the text as written there (not its words joined by spaces)."""
+    out = []
+    for ent in found:
+        start, end = spans[ent["start"]][0], spans[ent["end"] - 1][1]
+        out.append({**ent, "text": text[start:end], "char_start": start, "char_end": end})
+    return out
+
+
+# Raw text is split as CoNLL-style NER corpora (CoNLL-2003, OntoNotes: Penn Treebank rules) split theirs, so
+# a tagger sees words shaped like its training data ("Paris" ",", not "Paris,"): punctuation is a word of its
+# own (a run of one mark, "..." or "--", one word), clitics split off ("Smith" "'s", "do" "n't"), while
+# acronyms ("U.S.", "e.g."), a few title and company abbreviations ("Mr.", "Inc."), numbers ("3.5",
+# "1,000", "10:30") and words joined by a hyphen or an inner apostrophe ("Anglo-Dutch", "O'Neill") stay
+# whole. Rules, not a trained splitter: nothing to download, and every word keeps its span in the text.
+_CLITIC = r"(?i:['’](?:s|re|ve|ll|d|m)|n['’]t)(?!\w)"
+_ABBREVIATIONS = "Mrs|Mr|Ms|Dr|Prof|Sr|Jr|St|Mt|Gen|Gov|Sen|Rep|Inc|Corp|Ltd|Co|Bros|vs"
+_WORD = re.compile(rf"""
+    (?:[^\W\d_]\.){{2,}}                 # acronyms: U.S., e.g.
+  | (?:{_ABBREVIATIONS})\.              # Mr., Inc.
+  | \d+(?:[.,:]\d+)+                    # 3.5, 1,000, 10:30
+  | {_CLITIC}                           # 's, n't: after their word
+  | \w+?(?=(?i:n['’]t)(?!\w))           # the "do" of don't
+  | \w+(?:-\w+|(?!{_CLITIC})['’]\w+)*   # words, Anglo-Dutch, O'Neill
+  | ([^\w\s])\1*                        # punctuation
+""", re.VERBOSE)
+_ZWNJ = "\u200c"  # joins the parts of one word in Persian and Indic scripts
+
+
+def split_words(text: str) -> list[tuple[int, int]]:
+    """The (start, end) character spans of the words of `text`, split as CoNLL-style corpora split theirs
+    (`_WORD`); whitespace is in no word."""
+    return [m.span() for m in _WORD.finditer(_marks_as_letters(text))]
+
+
+def _marks_as_letters(text: str) -> str:
+    """`text` with every combining mark (and ZWNJ) as a letter, one character for one: re's \\w leaves out
+    the vowel signs and viramas of Indic scripts and a decomposed accent (e + U+0301), which would split
+    "हिन्दी" or a decomposed "café" into pieces. Spans found in it are spans of `text`."""
+    if text.isascii():
+        return text
+    return "".join("a" if c == _ZWNJ or unicodedata.category(c).startswith("M") else c for c in text)
 
 
 def truncation_counts(cut_tags: list[list[str]]) -> dict:

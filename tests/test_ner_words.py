@@ -1,0 +1,43 @@
+"""Raw text for a tagger is split into words as CoNLL-style NER corpora split theirs, each word keeping its
+character span, so predicted entities can point into the text the user gave."""
+
+from __future__ import annotations
+
+import pytest
+
+from scaletune.tasks.token_cls import char_entities, entities, split_words
+
+
+def _words(text: str) -> list[str]:
+    return [text[start:end] for start, end in split_words(text)]
+
+
+@pytest.mark.parametrize(("text", "want"), [
+    ("John Smith lives in Paris, France.", ["John", "Smith", "lives", "in", "Paris", ",", "France", "."]),
+    ("(Reuters) Smith's firm", ["(", "Reuters", ")", "Smith", "'s", "firm"]),
+    ("They don't, WE'RE", ["They", "do", "n't", ",", "WE", "'RE"]),
+    ("the U.S. and e.g. Mr. Brown of Acme Inc.", ["the", "U.S.", "and", "e.g.", "Mr.", "Brown", "of", "Acme", "Inc."]),
+    ("up 3.5% to 1,000 at 10:30...", ["up", "3.5", "%", "to", "1,000", "at", "10:30", "..."]),
+    ("Anglo-Dutch O'Neill on 1996-08-22", ["Anglo-Dutch", "O'Neill", "on", "1996-08-22"]),
+    ("Smith’s “quote”", ["Smith", "’s", "“", "quote", "”"]),
+    # combining marks (a decomposed accent, Devanagari vowel signs) and ZWNJ stay inside their word
+    ("cafe\u0301 हिन्दी می\u200cخواهم 東京", ["cafe\u0301", "हिन्दी", "می\u200cخواهم", "東京"]),
+    ("  \t ", []),
+])
+def test_raw_text_is_split_as_ner_corpora_split_it(text, want):
+    """Punctuation and clitics are words of their own (the tagger never saw "Paris," in training), while
+    acronyms, numbers, hyphenated words and non-Latin words stay whole; every span slices the text."""
+    assert _words(text) == want
+
+
+def test_entities_of_raw_text_carry_character_offsets_into_it():
+    """An entity of split text points into the original: text[char_start:char_end] is its "text", as written
+    (spacing kept), and its word indices are kept too."""
+    text = "  John  Smith lives in Paris, France."
+    spans = split_words(text)
+    tags = ["B-PER", "I-PER", "O", "O", "B-LOC", "O", "B-LOC", "O"]
+    got = char_entities(entities(_words(text), tags), text, spans)
+    assert got == [{"text": "John  Smith", "type": "PER", "start": 0, "end": 2, "char_start": 2, "char_end": 13},
+                   {"text": "Paris", "type": "LOC", "start": 4, "end": 5, "char_start": 23, "char_end": 28},
+                   {"text": "France", "type": "LOC", "start": 6, "end": 7, "char_start": 30, "char_end": 36}]
+    assert all(text[e["char_start"]:e["char_end"]] == e["text"] for e in got)
