@@ -18,7 +18,8 @@ EVAL = {
     "causal_lm": lambda s: {"loss": 2.0 / s, "perplexity": 2.718 ** (2.0 / s), "target_tokens": 500},
     "seq_cls": lambda s: {"loss": 1.0 / s, "accuracy": 0.5 + 0.1 * s, "macro_f1": 0.4 + 0.1 * s,
                           "per_class": {"neg": {"precision": 0.8, "recall": 0.7, "f1-score": 0.75, "support": 8},
-                                        "pos": {"precision": 0.7, "recall": 0.8, "f1-score": 0.74, "support": 8}}},
+                                        "pos": {"precision": 0.7, "recall": 0.8, "f1-score": 0.74, "support": 8}},
+                          "confusion_matrix": {"labels": ["neg", "pos"], "counts": [[13, 3], [4, 17]]}},
     "token_cls": lambda s: {"loss": 1.0 / s, "precision": 0.6, "recall": 0.5 + 0.05 * s, "f1": 0.55 + 0.05 * s,
                             "token_accuracy": 0.9, "sentences_truncated": 2, "words_truncated": 7,
                             "entities_truncated": 3,
@@ -78,6 +79,19 @@ def test_single_run_renders_html_pngs_and_summary(tmp_path, capsys, task, expect
     assert not any(f"{k}_truncated" in page for k in ("sentences", "words", "entities"))
     names = {p.name for p in pngs(run)}
     assert {"loss.png", "eval_metrics.png", "learning_rate.png", "throughput.png", "memory.png"} <= names
+
+
+def test_seq_cls_confusion_matrix_is_a_table_not_a_metric(tmp_path, capsys):
+    """The nested counts of seq_cls' confusion matrix are shown as a gold x predicted table of the final
+    eval, and are neither plotted nor summarised as a metric."""
+    run = make_run(tmp_path / "run", "seq_cls")
+    report, _ = build_report([str(run)])
+    page = report.read_text()
+    assert "confusion_matrix (step 4; rows: gold, columns: predicted)" in page
+    assert ("<tr><th>gold \\ predicted</th><th>neg</th><th>pos</th></tr><tr><td>neg</td><td>13</td><td>3</td></tr>"
+            "<tr><td>pos</td><td>4</td><td>17</td></tr>") in page
+    assert main(["report", str(run)]) == 0
+    assert "eval confusion" not in capsys.readouterr().out
 
 
 def test_summary_values_best_and_final(tmp_path, capsys):

@@ -37,6 +37,19 @@ def _add_config(p: argparse.ArgumentParser) -> None:
                    help="dotted overrides, e.g. train.learning_rate=1e-4; ~peft.r removes a key")
 
 
+def top_k_option(value: str) -> int | str:
+    """`--top-k`'s value: a count of classes >= 1, or "all"; anything else is argparse's one-line usage error."""
+    if value.strip().lower() == "all":
+        return "all"
+    try:
+        k = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1 or 'all', got {value!r}") from None
+    if k < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 (or 'all'), got {k}")
+    return k
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scaletune", description="Parameter-efficient fine-tuning, one config "
                                      "from laptop to cluster.")
@@ -66,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0,
                    help="causal_lm, with --temperature: sample from the smallest set of tokens this probable")
     p.add_argument("--seed", type=int, default=0, help="causal_lm, with --temperature: the sampling seed")
+    p.add_argument("--top-k", type=top_k_option, default=None, metavar="K",
+                   help="seq_cls: add \"scores\", the K most probable classes with their scores, best first "
+                        "('all': every class)")
 
     p = sub.add_parser("merge", help="merge the adapter into the base model weights")
     _add_config(p)
@@ -272,7 +288,7 @@ def dispatch(args: argparse.Namespace) -> int:
         sampling = ({"temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
                     if args.temperature else None)
         run_predict(cfg, args.adapter, args.input, args.max_new_tokens, out=sys.stdout, stdin=sys.stdin,
-                    sampling=sampling)
+                    sampling=sampling, top_k=args.top_k)
         return 0
     if args.command == "merge":
         from .infer import run_merge

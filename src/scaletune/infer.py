@@ -139,13 +139,17 @@ def run_eval(cfg: RunConfig, adapter: str | None, data: str | None) -> dict:
 
 @torch.no_grad()
 def run_predict(cfg: RunConfig, adapter: str | None, source: str | None, max_new_tokens: int,
-                out: TextIO | None = None, stdin: TextIO | None = None, sampling: dict | None = None) -> list[dict]:
+                out: TextIO | None = None, stdin: TextIO | None = None, sampling: dict | None = None,
+                top_k: int | str | None = None) -> list[dict]:
     """Generate (causal_lm) or label (seq_cls/token_cls); writes one JSON line per non-blank input line,
     whose "line" is that input's line number (blank lines are skipped). `sampling`: {temperature, top_p,
-    seed} to sample completions (None: greedy)."""
+    seed} to sample completions (None: greedy). `top_k` (seq_cls): each line's "scores" lists that many
+    classes ("all": every class), most probable first."""
     out, stdin = out or sys.stdout, stdin or sys.stdin
     if sampling and cfg.task != "causal_lm":
         raise UserError(f"--temperature: {cfg.task} labels its inputs; only causal_lm samples completions")
+    if top_k is not None and cfg.task != "seq_cls":
+        raise UserError(f"--top-k: {cfg.task} has no class scores per input; only seq_cls lists its best classes")
     model, tokenizer, task, labels, _ = load_trained(cfg, adapter)
     items = predict_input.read_inputs(source, stdin)
     if not items:
@@ -171,7 +175,7 @@ def run_predict(cfg: RunConfig, adapter: str | None, source: str | None, max_new
         for at in range(0, len(by_length), step):
             chunk = by_length[at:at + step]
             answers.update(zip(chunk, _answer(cfg, model, tokenizer, labels, [inputs[i] for i in chunk],
-                                              max_new_tokens, sampling, acc)))
+                                              max_new_tokens, sampling, acc, top_k)))
         for item, result in ((items[i], answers[i]) for i in window):
             if "truncated_words" in result or result.get("truncated"):
                 cut_lines.append(item[WHERE])
@@ -198,14 +202,14 @@ def _size(given: Any) -> int:
 
 
 def _answer(cfg: RunConfig, model: Any, tokenizer: Any, labels: list[str] | None, batch: list, max_new_tokens: int,
-            sampling: dict | None, acc: Any) -> list[dict]:
-    """One batch of predict inputs answered: completions, labels or tags."""
+            sampling: dict | None, acc: Any, top_k: int | str | None = None) -> list[dict]:
+    """One batch of predict inputs answered: completions, labels (with the `top_k` best classes) or tags."""
     with acc.autocast():
         if cfg.task == "causal_lm":
             texts = generate_batch(model, tokenizer, [segments for _, segments in batch], max_new_tokens, sampling)
             return [{"prompt": prompt, "completion": text} for (prompt, _), text in zip(batch, texts)]
         if cfg.task == "seq_cls":
-            return _classify(model, tokenizer, labels, cfg.data.max_length, batch)
+            return _classify(model, tokenizer, labels, cfg.data.max_length, batch, top_k)
         return _tag(model, tokenizer, labels, cfg.data.max_length, batch)
 
 
@@ -248,21 +252,27 @@ def _task_input(cfg: RunConfig, task: Any, tokenizer: Any, item: dict) -> Any:
 
 
 def _classify(model: Any, tokenizer: Any, labels: list[str], max_length: int,
-              given: list[tuple[str, str | None]]) -> list[dict]:
-    """{"text", "text_pair" (a pair model only), "label", "score"} for each (text, pair) input, and "truncated"
-    when max_length cut it."""
+              given: list[tuple[str, str | None]], top_k: int | str | None = None) -> list[dict]:
+    """{"text", "text_pair" (a pair model only), "label", "score"} for each (text, pair) input, "scores" (the
+    `top_k` most probable classes, or all of them for "all", as {"label", "score"}, best first) when asked,
+    and "truncated" when max_length cut it."""
     from .tasks.base import overflowed
 
     texts = [text for text, _ in given]
     pairs = [pair for _, pair in given] if given[0][1] is not None else None  # (a pair model: every line has one)
     enc = tokenizer(texts, pairs, truncation=True, max_length=max_length, padding=True, padding_side="right",
                     return_tensors="pt")
-    # one read-back of the batch's best labels and scores (two per line would wait on a GPU twice a line)
-    scores, best = model(**enc.to(model.device)).logits.float().softmax(-1).max(-1)
+    probs = model(**enc.to(model.device)).logits.float().softmax(-1)
+    k = probs.shape[-1] if top_k == "all" else min(top_k or 1, probs.shape[-1])
+    # a stable sort puts the first of tied classes first, as max() picks it: "label" is "scores"' first entry.
+    # One read-back of the batch's best labels and scores (two per line would wait on a GPU twice a line)
+    scores, order = (t[:, :k].tolist() for t in probs.sort(dim=-1, descending=True, stable=True))
     out = []
-    for i, ((text, pair), label, score) in enumerate(zip(given, best.tolist(), scores.tolist())):
+    for i, ((text, pair), ids, top) in enumerate(zip(given, order, scores)):
         echo = {"text": text} if pair is None else {"text": text, "text_pair": pair}
-        out.append({**echo, "label": labels[label], "score": score})
+        out.append({**echo, "label": labels[ids[0]], "score": top[0]})
+        if top_k is not None:
+            out[-1]["scores"] = [{"label": labels[j], "score": p} for j, p in zip(ids, top)]
         if overflowed(enc, max_length, i):  # (the model saw only the first max_length tokens: say so on the line)
             out[-1]["truncated"] = True
     return out

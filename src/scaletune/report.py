@@ -419,7 +419,21 @@ def _per_label_html(run: Run) -> str:
                     for name, v in table.items()]
             parts.append(f"<h3>{html.escape(run.name)}: {key} (step {last['step']})</h3>"
                          + _table(["label", *cols], rows))
-    return "".join(parts)
+    return "".join(parts) + _confusion_html(run.name, last)
+
+
+def _confusion_html(name: str, last: dict) -> str:
+    """seq_cls' confusion matrix of the final evaluation (rows: the gold class, columns: the predicted), if
+    logged in the shape `SeqCls.metrics` writes."""
+    matrix = last.get("confusion_matrix")
+    if not isinstance(matrix, dict) or not isinstance(matrix.get("labels"), list) \
+            or not isinstance(matrix.get("counts"), list):
+        return ""
+    labels = [str(x) for x in matrix["labels"]]
+    rows = [[label, *(_fmt(c) for c in counts)] for label, counts in zip(labels, matrix["counts"])
+            if isinstance(counts, list)]
+    return (f"<h3>{html.escape(name)}: confusion_matrix (step {last['step']}; rows: gold, columns: predicted)</h3>"
+            + _table(["gold \\ predicted", *labels], rows))
 
 
 def render_html(runs: list[Run], plots: dict[str, Path]) -> str:

@@ -102,7 +102,7 @@ class SeqCls(Task):
         return list(zip(logits.argmax(-1).tolist(), batch["labels"].tolist()))
 
     def metrics(self, preds: list, loss_sum: float, n_targets: int, labels: list[str] | None) -> dict:
-        from sklearn.metrics import accuracy_score, classification_report, f1_score
+        from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
 
         y_pred = [p for p, _ in preds]
         y_true = [t for _, t in preds]
@@ -114,4 +114,7 @@ class SeqCls(Task):
         return {"loss": loss_sum / max(n_targets, 1), "accuracy": accuracy_score(y_true, y_pred),
                 "macro_f1": f1_score(y_true, y_pred, average="macro", zero_division=0),
                 "per_class": {name: {k: report[name][k] for k in ("precision", "recall", "f1-score", "support")}
-                              for name in labels}}
+                              for name in labels},
+                # every class gets a row and a column, in label order, even one the eval set lacks
+                "confusion_matrix": {"labels": list(labels),
+                                     "counts": confusion_matrix(y_true, y_pred, labels=ids).tolist()}}
