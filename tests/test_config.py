@@ -203,6 +203,22 @@ def test_type_and_cross_field_problems_reported_in_one_run():
     assert problems[-1] == "train.seed: must be in [0, 2**32 - 1], got -1" and len(problems) == 6
 
 
+@pytest.mark.parametrize("columns, message", [
+    ([2], "data.conll_columns: expected [word column, tag column], two integers counted from 1 (negative: from "
+          "the end), e.g. [2, 3]; got [2]"),
+    (["2", 3], "data.conll_columns: expected [word column, tag column]"),
+    ([True, 3], "data.conll_columns: expected [word column, tag column]"),
+    ([0, 3], "data.conll_columns: [0, 3]: columns count from 1 (-1 is the last); there is no column 0"),
+    ([3, 3], "data.conll_columns: [3, 3]: the word and the tag are the same column"),
+])
+def test_conll_columns_must_be_two_different_column_numbers(columns, message):
+    raw = {**BASE, "task": "token_cls", "data": {"train": "t.conll", "conll_columns": columns}}
+    problems = problems_of(raw)
+    assert len(problems) == 1 and problems[0].startswith(message)
+    raw["data"]["conll_columns"] = [2, -1]
+    assert from_dict(raw).data.conll_columns == [2, -1]
+
+
 def test_problems_from_command_line_overrides_say_so(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump({**BASE, "train": {"seed": "x"}}))
@@ -523,6 +539,8 @@ def test_task_and_format_names_agree_wherever_they_are_listed():
     ({"data": {"train": "t.jsonl", "tags_column": "x"}}, "seq_cls", "data.tags_column: only read by task token_cls"),
     ({"data": {"train": "t.jsonl", "text_column": "x"}}, "token_cls", "data.text_column: only read by task seq_cls"),
     ({"data": {"train": "t.jsonl", "label_column": "x"}}, "causal_lm", "data.label_column: only read by task seq_cls"),
+    ({"data": {"train": "t.conll", "conll_columns": [2, 3]}}, "seq_cls",
+     "data.conll_columns: only read by task token_cls"),
     ({"data": {"train": "t.jsonl", "chat_template": "chatml", "format": "prompt_completion"}}, "causal_lm",
      "data.chat_template: data.format prompt_completion records are not conversations"),
     ({"model": {"name_or_path": "m", "attn_implementation": "varlen"}}, "seq_cls",

@@ -153,6 +153,58 @@ def test_conll_reader_and_stray_columns(tmp_path):
         read_records(str(bad))
 
 
+def _conll(path, text, columns=None):
+    path.write_text(text, encoding="utf-8")
+    return [(r["tokens"], r["tags"], r[WHERE].rsplit(":", 1)[1])
+            for r in read_records(str(path), conll=True, conll_columns=columns)]
+
+
+def test_conll_comment_lines_are_skipped_and_a_hash_word_is_kept(tmp_path):
+    """A "#" line before a sentence was read as a word (or refused for its column count); where the word is the
+    first column, "#" is also a word (CoNLL-2003's "# NN I-NP O", a tweet's hashtag) and must stay one."""
+    text = ("# sent_id = 1\n# text = EU wins\nEU NNP B-NP B-ORG\nwins VBZ B-VP O\n\n"
+            "#\thttp://example.org/x [2009-10-17]\n# NN I-NP O\nrise NN I-NP O\n# NN I-NP O\n")
+    assert _conll(tmp_path / "c.conll", text) == [(["EU", "wins"], ["B-ORG", "O"], "3"),
+                                                 (["#", "rise", "#"], ["O", "O", "O"], "7")]
+    tweets = "#LiveMusic O\ntonight O\n\n# newdoc id = d2\n#NYC B-LOC\n"
+    assert _conll(tmp_path / "t.conll", tweets) == [(["#LiveMusic", "tonight"], ["O", "O"], "1"),
+                                                   (["#NYC"], ["B-LOC"], "5")]
+
+
+def test_conll_columns_pick_the_word_and_tag_of_germeval_and_conllu_files(tmp_path):
+    """GermEval 2014 (index word outer inner) and CoNLL-U (ID FORM ... MISC) were read with the index as the
+    word and the last column as the tag; data.conll_columns picks them, counted from 1 or from the end."""
+    germeval = ("#\thttp://de.wikipedia.org/wiki/Manfred_Korfmann [2009-10-17]\n1\tSchartau\tB-PER\tO\n"
+                "2\tsagte\tO\tO\n\n#\thttp://x [2009-10-18]\n1\t#\tO\tO\n2\tDer\tB-ORG\tO\n")
+    expected = [(["Schartau", "sagte"], ["B-PER", "O"], "2"), (["#", "Der"], ["O", "B-ORG"], "6")]
+    assert _conll(tmp_path / "g.tsv", germeval, [2, 3]) == expected
+    assert _conll(tmp_path / "g.tsv", germeval, [-3, -2]) == expected
+    from scaletune.predict_input import read_inputs
+
+    predicted = tmp_path / "g.conll"  # predict reads a CoNLL input by the run's data.conll_columns too
+    predicted.write_text(germeval, encoding="utf-8")
+    assert [item["tokens"] for item in read_inputs(str(predicted), None, [2, 3])] == [["Schartau", "sagte"], ["#", "Der"]]
+    conllu = ("# newdoc id = d1\n# sent_id = 1\n# text = du chat\n1-2\tdu\t_\t_\t_\t_\t_\t_\t_\t_\n"
+              "1\tde\tde\tADP\t_\t_\t2\tcase\t_\tO\n2\tle\tle\tDET\t_\t_\t3\tdet\t_\tO\n"
+              "3\tchat\tchat\tNOUN\t_\t_\t0\troot\t_\tB-ANIM\n")
+    assert _conll(tmp_path / "u.conllu", conllu, [2, 10]) == [(["de", "le", "chat"], ["O", "O", "B-ANIM"], "5")]
+    with pytest.raises(DataError, match=r"u.conllu: a CoNLL-U file .* has no NER tag column: set "
+                                        r"data.conll_columns: \[2, N\]"):
+        read_records(str(tmp_path / "u.conllu"))
+
+
+def test_conll_column_past_the_line_is_refused_naming_file_line_and_key(tmp_path):
+    path = tmp_path / "g.conll"
+    with pytest.raises(DataError, match=r"g.conll:2: data.conll_columns \[2, 5\]: this line has 4 column\(s\), "
+                                        r"no column 5$"):
+        _conll(path, "#\turl\n1 Schartau B-PER O\n", [2, 5])
+    with pytest.raises(DataError, match=r"g.conll:1: data.conll_columns \[1, -1\]: the word and the tag are the "
+                                        r"same column of this line's 1"):
+        _conll(path, "Schartau\n", [1, -1])
+    with pytest.raises(DataError, match=r"g.conll:1: expected 'token ... tag' columns"):
+        _conll(path, "Schartau\n")  # (the default layout says what it always said)
+
+
 def test_parquet_rows_are_read_and_named_by_their_row_index(tmp_path, tiny_bert):
     """No test read parquet at all: a good file's rows must become the training records, and a bad value must
     be named by its 0-based row (the index pandas and pyarrow show), not the row after it."""
@@ -474,6 +526,7 @@ _DATA_CHANGES = {
     "label_column": lambda cfg, tmp: "y",
     "tokens_column": lambda cfg, tmp: "words",
     "tags_column": lambda cfg, tmp: "ner",
+    "conll_columns": lambda cfg, tmp: [2, 3],
     "labels": lambda cfg, tmp: ["pos", "neg"],
 }
 # not in the key: how the data is loaded, not what it is; chat_template's text is in the tokenizer digest

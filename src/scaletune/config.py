@@ -95,6 +95,10 @@ class DataConfig:
     label_column: str | None = _f(None, "seq_cls: label column (default: label).")
     tokens_column: str | None = _f(None, "token_cls: column with the word list (default: tokens).")
     tags_column: str | None = _f(None, "token_cls: column with the tag list (default: tags/ner_tags).")
+    conll_columns: list | None = _f(None, "token_cls CoNLL column files: [word column, tag column], counted from 1, "
+                                    "negative from the end (-1: the last); default [1, -1], word first and tag "
+                                    "last (CoNLL-2003). GermEval 2014: [2, 3]. A CoNLL-U file (.conllu) has no "
+                                    "NER column and needs this key: [2, N], FORM and the column holding the tags.")
     labels: list | None = _f(None, "seq_cls/token_cls: the label set, in order; default: sorted from train. With integer "
                                "labels (ids) in the data, their names in id order, e.g. [negative, positive].")
     group_by_length: bool = _f(True, "Sort each window of 50 global batches by length to cut padding (a training "

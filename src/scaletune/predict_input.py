@@ -34,13 +34,14 @@ def source_name(source: str | None) -> str:
     return STDIN if source in (None, "-") else source
 
 
-def read_inputs(source: str | None, stdin: TextIO) -> list[dict]:
+def read_inputs(source: str | None, stdin: TextIO, conll_columns: list[int] | None = None) -> list[dict]:
     """The non-blank lines of `source` (or stdin): JSON objects (a line starting with '{') or plain text, held
     as {"text": line}; each with its file:line (WHERE) and line number (LINE). Blank lines are skipped, and
-    the line number keeps every output matched to its input."""
+    the line number keeps every output matched to its input. `conll_columns`: the run's data.conll_columns,
+    for a CoNLL file."""
     name = source_name(source)
     if name != STDIN and _table_file(Path(source)):
-        return _table_records(source)
+        return _table_records(source, conll_columns)
     items = []
     for n, line in enumerate(text_lines(_read_text(source, name, stdin)), start=1):
         if line.strip():
@@ -63,12 +64,12 @@ def _table_file(path: Path) -> bool:
     return suffix in _TABLE_SUFFIXES
 
 
-def _table_records(source: str) -> list[dict]:
+def _table_records(source: str, conll_columns: list[int] | None) -> list[dict]:
     """The records of a table or CoNLL file, each with its file:line (or row) and a number for "line": the
     line its record starts on, or its row (parquet, a JSON array), counted from 1."""
     from .data.readers import read_records
 
-    records = read_records(source, key="--input")
+    records = read_records(source, key="--input", conll_columns=conll_columns)
     for i, rec in enumerate(records, start=1):
         where = rec[WHERE]
         tail = where.rsplit(":", 1)[-1]

@@ -122,6 +122,7 @@ def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_c
     if d.tokens_column and d.tokens_column == d.tags_column:
         p.append(f"data.tokens_column and data.tags_column: both name column {d.tokens_column!r}")
     p += _columns_problems(d.columns)
+    p += _conll_columns_problems(d.conll_columns)
     if d.text_column and d.text_column in (d.label_column, d.text_pair_column):
         p.append(f"data.text_column: column {d.text_column!r} is also the label or text-pair column")
     if d.num_workers > 64:  # each worker is a process: a typo here would fork-bomb the node
@@ -302,7 +303,8 @@ def ignored_key_problems(cfg: RunConfig) -> list[str]:
         if getattr(t, per_epoch) is not None and _changed(t, every):
             p.append(f"train.{per_epoch} and train.{every}: give one or the other ({per_epoch} sets {every})")
     for key, task in (("text_column", "seq_cls"), ("text_pair_column", "seq_cls"), ("label_column", "seq_cls"),
-                      ("tokens_column", "token_cls"), ("tags_column", "token_cls"), ("columns", "causal_lm")):
+                      ("tokens_column", "token_cls"), ("tags_column", "token_cls"), ("conll_columns", "token_cls"),
+                      ("columns", "causal_lm")):
         if getattr(d, key) is not None and cfg.task != task:
             p.append(f"data.{key}: only read by task {task}, not {cfg.task}")
     if d.train_on_prompt and cfg.task != "causal_lm":
@@ -404,3 +406,18 @@ def _columns_problems(columns: dict | None) -> list[str]:
     if twice:
         p.append(f"data.columns: column {twice[0]!r} is named for more than one field")
     return p
+
+
+def _conll_columns_problems(columns: list | None) -> list[str]:
+    """data.conll_columns: [word, tag], two different column numbers counted from 1 (negative: from the end)."""
+    if columns is None:
+        return []
+    numbers = len(columns) == 2 and all(isinstance(c, int) and not isinstance(c, bool) for c in columns)
+    if not numbers:
+        return [f"data.conll_columns: expected [word column, tag column], two integers counted from 1 "
+                f"(negative: from the end), e.g. [2, 3]; got {_short(columns)}"]
+    if 0 in columns:
+        return [f"data.conll_columns: {columns}: columns count from 1 (-1 is the last); there is no column 0"]
+    if columns[0] == columns[1]:
+        return [f"data.conll_columns: {columns}: the word and the tag are the same column"]
+    return []

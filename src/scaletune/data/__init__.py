@@ -308,7 +308,7 @@ def build_datasets(cfg: Any, task: Any, tokenizer: Any, accelerator: Any = None,
     """Return {'train': Dataset, 'eval': Dataset | None, 'labels': [...] | None, 'stats': {...}}. `for_eval`:
     only the held-out split is wanted (`scaletune eval` with data.eval_fraction): no notes on the training
     split, which is not trained on here, and no packing."""
-    conll = cfg.data.format == "conll"
+    conll, columns = cfg.data.format == "conll", cfg.data.conll_columns
     digest = train_digest(cfg)
     key = fingerprint(cfg, tokenizer, digest)
     where = cache_root() / key
@@ -325,12 +325,12 @@ def build_datasets(cfg: Any, task: Any, tokenizer: Any, accelerator: Any = None,
                 log.info("data: tokenised %s%s read from the cache (%s)", describe(cfg.data.train),
                          f" and {cfg.data.eval}" if cfg.data.eval else "", where)
         else:
-            train_records, source_of = read_train_records(cfg.data.train, conll=conll)
+            train_records, source_of = read_train_records(cfg.data.train, conll=conll, conll_columns=columns)
             labels = task.setup(train_records, cfg, describe(cfg.data.train))
             ignored = [task.ignored_fields(train_records, "data.train")]
             eval_records = None
             if cfg.data.eval:
-                eval_records = read_records(cfg.data.eval, key="data.eval", conll=conll)
+                eval_records = read_records(cfg.data.eval, key="data.eval", conll=conll, conll_columns=columns)
                 task.check_eval(eval_records, cfg, cfg.data.eval)
                 ignored.append(task.ignored_fields(eval_records, "data.eval"))
             elif cfg.data.eval_fraction:
@@ -410,7 +410,8 @@ def build_eval_only(cfg: Any, task: Any, tokenizer: Any, key: str) -> Any:
     """`scaletune eval`'s dataset: the file cfg.data.eval alone, read, set up and tokenised once, its problems
     named by `key` (--data, or data.eval when the path came from the config), never data.train. The labels
     are the adapter's (cfg.data.labels); not cached."""
-    records = read_records(cfg.data.eval, key=key, conll=cfg.data.format == "conll")
+    records = read_records(cfg.data.eval, key=key, conll=cfg.data.format == "conll",
+                           conll_columns=cfg.data.conll_columns)
     labels = task.setup(records, cfg, cfg.data.eval, key=key)
     ignored = task.ignored_fields(records, key)
     if ignored:

@@ -1,6 +1,6 @@
 """Read data files into lists of records, with errors that name the file and line.
 
-Supported: .jsonl/.json, .csv/.tsv, .parquet, CoNLL column files (.conll/.txt/.iob), and
+Supported: .jsonl/.json, .csv/.tsv, .parquet, CoNLL column files (.conll/.txt/.iob/.bio/.conllu), and
 `hub:<id>[:split]` through `datasets`. Every record remembers where it came from (`__where__`),
 so later validation (missing columns, bad labels) can point at the exact line.
 """
@@ -262,24 +262,89 @@ def _read_parquet(path: Path) -> list[dict]:
     return records
 
 
-def read_conll(path: Path) -> list[dict]:
-    """CoNLL columns: token first, tag last, blank line between sentences, -DOCSTART- skipped."""
+# CoNLL-U's comment form, "# sent_id = 1", "# newdoc id = d1", "# text = ...": never a word and its tags
+_KEY_VALUE_COMMENT = re.compile(r"#\s*\S+( \S+)?\s+=(\s|$)")
+# CoNLL-U's multiword-token ("1-2 du") and empty-node ("8.1") lines: the words themselves are on other lines
+_CONLLU_EXTRA_ID = re.compile(r"\d+[-.]\d+")
+
+
+def _conll_split(line: str) -> list[str]:
+    # spaces and tabs only: str.split() would also split a token at a no-break space ("New\xa0York")
+    return _CONLL_SEP.split(line.strip(" \t"))
+
+
+def _conll_layout(lines: list[str]) -> int | None:
+    """The file's column count: its first line that is neither blank, -DOCSTART- nor starts with "#"."""
+    for line in lines:
+        if line.strip() and not line.lstrip(" \t").startswith("#"):
+            cols = _conll_split(line)
+            if cols[0] != "-DOCSTART-":
+                return len(cols)
+    return None
+
+
+def _conll_columns(path: Path, columns: list[int] | None) -> tuple[int, int]:
+    """(word, tag) column numbers as data.conll_columns gives them; a CoNLL-U file must give them."""
+    if columns is None and path.suffix.lower() == ".conllu":
+        raise DataError(f"{path}: a CoNLL-U file (ID FORM LEMMA ... MISC) has no NER tag column: set "
+                        "data.conll_columns: [2, N], FORM and the column that holds the tags")
+    return (columns[0], columns[1]) if columns is not None else (1, -1)
+
+
+def _is_comment(line: str, cols: list[str], *, in_sentence: bool, word_first: bool, ncols: int | None) -> bool:
+    """Whether a line is a comment (CoNLL-U's "# text = ...", GermEval's "#<TAB>url date") rather than data.
+
+    Where the word is not the first column, the first is an index (GermEval, CoNLL-U), so a "#" there starts
+    only comments. Where it is, "#" is also a word (CoNLL-2003's "# NN I-NP O", a tweet's "#hashtag O"): the
+    line is a comment only before a sentence's first word, and only when it lacks the file's layout (another
+    column count) or reads "# key = value"."""
+    if not line.lstrip(" \t").startswith("#"):
+        return False
+    if not word_first:
+        return True
+    if in_sentence:
+        return False
+    return (ncols is not None and len(cols) != ncols) or _KEY_VALUE_COMMENT.match(line.strip()) is not None
+
+
+def _word_and_tag(cols: list[str], columns: tuple[int, int], where: str) -> tuple[str, str]:
+    """The word and tag of one line's columns, picked by data.conll_columns (`columns`, counted from 1)."""
+    n = len(cols)
+    index = [c - 1 if c > 0 else n + c for c in columns]
+    missing = next((c for c, i in zip(columns, index) if not 0 <= i < n), None)
+    if missing is not None:
+        raise DataError(f"{where}: data.conll_columns {list(columns)}: this line has {n} column(s), no column {missing}")
+    if index[0] == index[1]:
+        raise DataError(f"{where}: data.conll_columns {list(columns)}: the word and the tag are the same column of "
+                        f"this line's {n}")
+    return cols[index[0]], cols[index[1]]
+
+
+def read_conll(path: Path, columns: list[int] | None = None) -> list[dict]:
+    """CoNLL columns: blank line between sentences, -DOCSTART- and comment lines skipped; the word and tag
+    columns are data.conll_columns (`columns`, counted from 1, negative from the end), default the first and
+    the last."""
+    picked = _conll_columns(path, columns)
+    conllu = path.suffix.lower() == ".conllu"
     records: list[dict] = []
     tokens: list[str] = []
     tags: list[str] = []
     start = 1
-    ncols = None
-    for lineno, line in enumerate(text_lines(_read_text(path)), start=1):
+    lines = text_lines(_read_text(path))
+    ncols = _conll_layout(lines)
+    word_first = picked[0] == 1 or (ncols is not None and picked[0] == -ncols)
+    for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             if tokens:
                 records.append({"tokens": tokens, "tags": tags, WHERE: f"{path}:{start}"})
             tokens, tags, start = [], [], lineno + 1
             continue
-        # spaces and tabs only: str.split() would also split a token at a no-break space ("New\xa0York")
-        cols = _CONLL_SEP.split(line.strip(" \t"))
-        if cols[0] == "-DOCSTART-":
+        cols = _conll_split(line)
+        if cols[0] == "-DOCSTART-" or (conllu and _CONLLU_EXTRA_ID.fullmatch(cols[0])):
             continue
-        if len(cols) < 2:
+        if _is_comment(line, cols, in_sentence=bool(tokens), word_first=word_first, ncols=ncols):
+            continue
+        if len(cols) < 2 and columns is None:
             raise DataError(f"{path}:{lineno}: expected 'token ... tag' columns, got {line.strip()!r}")
         if ncols is None:
             ncols = len(cols)
@@ -287,10 +352,11 @@ def read_conll(path: Path) -> list[dict]:
             hint = (" (a .txt file is read as CoNLL columns: token ... tag; for plain text use a .jsonl file "
                     'with a "text" field)') if path.suffix.lower() == ".txt" else ""
             raise DataError(f"{path}:{lineno}: {len(cols)} columns, earlier lines have {ncols}{hint}")
+        word, tag = _word_and_tag(cols, picked, f"{path}:{lineno}")
         if not tokens:
             start = lineno
-        tokens.append(cols[0])
-        tags.append(cols[-1])
+        tokens.append(word)
+        tags.append(tag)
     if tokens:
         records.append({"tokens": tokens, "tags": tags, WHERE: f"{path}:{start}"})
     return records
@@ -312,8 +378,10 @@ def _read_hub(spec: str) -> list[dict]:
     return records
 
 
-def read_records(spec: str, *, key: str = "data.train", conll: bool = False) -> list[dict]:
-    """Read a data file (or hub dataset) into a list of dict records; never returns an empty list."""
+def read_records(spec: str, *, key: str = "data.train", conll: bool = False,
+                 conll_columns: list[int] | None = None) -> list[dict]:
+    """Read a data file (or hub dataset) into a list of dict records; never returns an empty list.
+    `conll_columns`: data.conll_columns, the word and tag columns of a CoNLL file."""
     if spec.startswith("hub:"):
         records = _read_hub(spec)
     else:
@@ -328,7 +396,7 @@ def read_records(spec: str, *, key: str = "data.train", conll: bool = False) -> 
         suffix = path.suffix.lower()
         try:
             if conll:  # data.format: conll names the layout, whatever the file is called (ner.tsv)
-                records = read_conll(path)
+                records = read_conll(path, conll_columns)
             elif suffix == ".jsonl":
                 records = _read_jsonl(path)
             elif suffix == ".json":
@@ -338,7 +406,7 @@ def read_records(spec: str, *, key: str = "data.train", conll: bool = False) -> 
             elif suffix == ".parquet":
                 records = _read_parquet(path)
             elif suffix in _CONLL_SUFFIXES:
-                records = read_conll(path)
+                records = read_conll(path, conll_columns)
             else:
                 raise DataError(
                     f"{key}: {path}: unknown file type {suffix!r} (jsonl, json, csv, tsv, parquet, conll/txt)"

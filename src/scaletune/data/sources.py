@@ -29,14 +29,16 @@ def describe(train: Any) -> str:
     return " + ".join(spec if weight == 1.0 else f"{spec} (x{weight:g})" for spec, weight in sources)
 
 
-def read_train_records(train: Any, *, conll: bool) -> tuple[list[dict], dict[int, int]]:
-    """All sources' records, concatenated in order, and which source each record (by id) came from."""
+def read_train_records(train: Any, *, conll: bool,
+                       conll_columns: list[int] | None = None) -> tuple[list[dict], dict[int, int]]:
+    """All sources' records, concatenated in order, and which source each record (by id) came from
+    (`conll_columns`: data.conll_columns)."""
     records: list[dict] = []
     source_of: dict[int, int] = {}
     sources = train_sources(train)
     for i, (spec, _) in enumerate(sources):
         key = "data.train" if len(sources) == 1 and not isinstance(train, list) else f"data.train[{i}]"
-        part = read_records(spec, key=key, conll=conll)
+        part = read_records(spec, key=key, conll=conll, conll_columns=conll_columns)
         source_of.update((id(rec), i) for rec in part)
         records += part
     return records, source_of
