@@ -109,7 +109,7 @@ def test_best_metric_and_early_stopping_problems_are_reported_together(make_conf
                               "early_stopping_threshold": -1})
     assert main(["train", str(path)]) == 2
     err = capsys.readouterr().err
-    for wanted in ("train.best_metric: 'f1' is not a seq_cls eval metric (loss | accuracy | macro_f1)",
+    for wanted in ("train.best_metric: 'f1' is not a seq_cls eval metric (loss | accuracy | macro_f1 | micro_f1)",
                    "train.best_metric: there is no eval data to pick the best adapter by",
                    "train.early_stopping_patience: must be >= 1", "train.early_stopping_patience: needs "
                    "train.eval_every", "train.early_stopping_threshold: must be >= 0"):

@@ -1565,7 +1565,7 @@ def test_a_tokenisation_not_recorded_is_told_apart_from_another_version():
 def test_classifier_labels_say_what_is_not_supported_and_how_to_give_the_label_set():
     """Day-one classifier data: STS-B-style float scores in a TSV trained one class per distinct value without a
     word (refused now, as JSON floats were, saying regression is not supported); a list of labels said only
-    "must be a string or an integer" (multi-label is named); a label only the eval data has points at
+    "must be a string or an integer" (how to make the run multi-label is named); a label only the eval data has points at
     data.labels (the label set is the training data's otherwise)."""
     from scaletune.tasks.base import collect_labels, unknown_label
 
@@ -1574,7 +1574,7 @@ def test_classifier_labels_say_what_is_not_supported_and_how_to_give_the_label_s
         collect_labels(scores, "label", is_list=False)
     assert "list them in data.labels" in err.value.hint
     assert collect_labels([{"label": v} for v in ["1", "2", "3"]], "label", is_list=False) == ["1", "2", "3"]
-    with pytest.raises(DataError, match="multi-label classification is not supported"):
+    with pytest.raises(DataError, match="a list of labels in every record makes the run multi-label"):
         collect_labels([{"label": ["a", "b"], WHERE: "t.jsonl:1"}], "label", is_list=False)
     with pytest.raises(DataError, match="regression targets are not supported"):
         collect_labels([{"label": 0.5, WHERE: "t.jsonl:1"}], "label", is_list=False)

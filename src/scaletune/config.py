@@ -33,7 +33,7 @@ _PEFT_SIZE_KEYS = ("r", "init_r", "target_r", "num_virtual_tokens", "encoder_hid
 # What each task's eval reports that can pick the best adapter, and which way is better.
 EVAL_METRICS: dict[str, dict[str, str]] = {
     "causal_lm": {"loss": "min", "perplexity": "min"},
-    "seq_cls": {"loss": "min", "accuracy": "max", "macro_f1": "max"},
+    "seq_cls": {"loss": "min", "accuracy": "max", "macro_f1": "max", "micro_f1": "max"},
     "token_cls": {"loss": "min", "f1": "max", "precision": "max", "recall": "max", "token_accuracy": "max"},
 }
 
@@ -92,7 +92,8 @@ class DataConfig:
                               "(the format detected from the fields), in data.train, data.eval and predict's input.")
     text_column: str | None = _f(None, "seq_cls: column with the text (default: text/sentence).")
     text_pair_column: str | None = _f(None, "seq_cls: optional second text column.")
-    label_column: str | None = _f(None, "seq_cls: label column (default: label).")
+    label_column: str | None = _f(None, "seq_cls: label column (default: label); a list of labels in every "
+                                        "record makes the run multi-label.")
     tokens_column: str | None = _f(None, "token_cls: column with the word list (default: tokens).")
     tags_column: str | None = _f(None, "token_cls: column with the tag list (default: tags/ner_tags).")
     conll_columns: list | None = _f(None, "token_cls CoNLL column files: [word column, tag column], counted from 1, "
@@ -147,9 +148,9 @@ class TrainConfig:
                                            "The noise follows the step's seed: a resume replays it.")
     best_metric: str | None = _f(None, "Eval metric that picks the best adapter: each eval that beats the run's "
                                  "best so far writes OUTPUT_DIR/best_adapter/ (adapter/ stays the last step's). "
-                                 "causal_lm: loss | perplexity; seq_cls: loss | accuracy | macro_f1; token_cls: "
-                                 "loss | f1 | precision | recall | token_accuracy (loss, perplexity: lower is "
-                                 "better). Needs eval data.")
+                                 "causal_lm: loss | perplexity; seq_cls: loss | accuracy | macro_f1 | micro_f1; "
+                                 "token_cls: loss | f1 | precision | recall | token_accuracy (loss, perplexity: "
+                                 "lower is better). Needs eval data.")
     early_stopping_patience: int | None = _f(None, "Stop after this many evals in a row that do not beat the best "
                                              "best_metric (by more than early_stopping_threshold); the run then "
                                              "ends, complete, at that step. Needs best_metric and eval_every.")

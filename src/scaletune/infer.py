@@ -255,14 +255,19 @@ def _classify(model: Any, tokenizer: Any, labels: list[str], max_length: int,
               given: list[tuple[str, str | None]], top_k: int | str | None = None) -> list[dict]:
     """{"text", "text_pair" (a pair model only), "label", "score"} for each (text, pair) input, "scores" (the
     `top_k` most probable classes, or all of them for "all", as {"label", "score"}, best first) when asked,
-    and "truncated" when max_length cut it."""
+    and "truncated" when max_length cut it. A multi-label model's lines give "labels" and "scores" instead
+    (`_multi_labels`)."""
     from .tasks.base import overflowed
 
     texts = [text for text, _ in given]
     pairs = [pair for _, pair in given] if given[0][1] is not None else None  # (a pair model: every line has one)
     enc = tokenizer(texts, pairs, truncation=True, max_length=max_length, padding=True, padding_side="right",
                     return_tensors="pt")
-    probs = model(**enc.to(model.device)).logits.float().softmax(-1)
+    logits = model(**enc.to(model.device)).logits.float()
+    if getattr(model.config, "problem_type", None) == "multi_label_classification":
+        return [{**line, **({"truncated": True} if overflowed(enc, max_length, i) else {})}
+                for i, line in enumerate(_multi_labels(labels, logits, given, top_k))]
+    probs = logits.softmax(-1)
     k = probs.shape[-1] if top_k == "all" else min(top_k or 1, probs.shape[-1])
     # a stable sort puts the first of tied classes first, as max() picks it: "label" is "scores"' first entry.
     # One read-back of the batch's best labels and scores (two per line would wait on a GPU twice a line)
@@ -275,6 +280,21 @@ def _classify(model: Any, tokenizer: Any, labels: list[str], max_length: int,
             out[-1]["scores"] = [{"label": labels[j], "score": p} for j, p in zip(ids, top)]
         if overflowed(enc, max_length, i):  # (the model saw only the first max_length tokens: say so on the line)
             out[-1]["truncated"] = True
+    return out
+
+
+def _multi_labels(labels: list[str], logits: torch.Tensor, given: list[tuple[str, str | None]],
+                  top_k: int | str | None) -> list[dict]:
+    """A multi-label model's lines: "labels", every class whose sigmoid exceeds 0.5 (in label-set order), and
+    "scores" for them (or for the `top_k` best classes, "all": every class, above 0.5 or not), best first."""
+    chosen = (logits > 0).tolist()  # (a logit above 0 is a sigmoid above 0.5, as eval decides it)
+    scores, order = (t.tolist() for t in logits.sigmoid().sort(dim=-1, descending=True, stable=True))
+    out = []
+    for (text, pair), picked, ids, probs in zip(given, chosen, order, scores):
+        k = len(ids) if top_k == "all" else top_k if top_k is not None else sum(picked)
+        out.append({"text": text, **({} if pair is None else {"text_pair": pair}),
+                    "labels": [name for name, on in zip(labels, picked) if on],
+                    "scores": [{"label": labels[j], "score": p} for j, p in zip(ids[:k], probs[:k])]})
     return out
 
 

@@ -187,9 +187,10 @@ def unknown_label(where: str, what: str, value: Any, label2id: dict) -> DataErro
     return DataError(f"{where}: {what} {value!r} is not in the label set {list(label2id)}{hint}")
 
 
-def collect_labels(records: list[dict], column: str, *, is_list: bool) -> list[str]:
+def collect_labels(records: list[dict], column: str, *, is_list: bool, multi_label: bool = False) -> list[str]:
     """Sorted label set of a column; numbers sort numerically, mixed types are refused, and so are labels
-    that differ only in leading/trailing spaces (they would silently be separate classes)."""
+    that differ only in leading/trailing spaces (they would silently be separate classes). `is_list`: each
+    value is a list of tags (token_cls); `multi_label`: a list of class labels (seq_cls, any number each)."""
     seen: dict[str, tuple[type, str]] = {}  # label name -> (its type, where it first is)
     first: tuple[type, str] | None = None  # type of the first label, and where it is
     for rec in records:
@@ -197,10 +198,11 @@ def collect_labels(records: list[dict], column: str, *, is_list: bool) -> list[s
         where = rec.get(WHERE, "?")
         if column not in rec:
             raise DataError(f"{where}: the label column {column!r} is missing (the record has: {fields_of(rec)})")
-        for v in (values if is_list else [values]):
+        for v in (values if is_list or multi_label else [values]):
             if not isinstance(v, (str, int)):  # (a bool is an int: JSON true/false are labels "true"/"false")
-                why = " (one label an example: multi-label classification is not supported)" \
-                    if isinstance(v, list) else " (seq_cls is classification: regression targets are not supported)" \
+                why = (" (a list holds labels, not lists)" if is_list or multi_label else " (a list of labels in "
+                       "every record makes the run multi-label)") if isinstance(v, list) \
+                    else " (seq_cls is classification: regression targets are not supported)" \
                     if isinstance(v, float) else ""
                 raise DataError(f"{where}: label {v!r} must be a string or an integer{why}")
             if isinstance(v, str) and not v.strip():  # an empty CSV cell: a missing label, not a class ""

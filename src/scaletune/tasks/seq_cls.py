@@ -1,10 +1,17 @@
-"""seq_cls: text (or text pair) classification; the new head trains and saves with the adapter."""
+"""seq_cls: text (or text pair) classification; the new head trains and saves with the adapter.
+
+A label column holding lists (["sports", "politics"], or ids named by data.labels) makes the run multi-label:
+every class is a yes/no of its own (a sigmoid each, `problem_type="multi_label_classification"` in the model
+config), trained with binary cross-entropy and predicted where the sigmoid exceeds 0.5 (an empty list: no
+class). The loss is the mean over examples x classes, as torch's BCEWithLogitsLoss and transformers' own
+loss take it: `count_targets` counts labels.numel(), which for the (examples, classes) target is that."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from ..data.readers import WHERE, fields_of
 from ..errors import DataError
@@ -17,6 +24,7 @@ from .base import (
     label_name,
     named_by_id,
     overflowed,
+    pad_batch,
     register,
     unknown_label,
 )
@@ -44,11 +52,20 @@ def _pick(records: list[dict], explicit: str | None, candidates: tuple[str, ...]
 class SeqCls(Task):
     peft_task_type = "SEQ_CLS"
     id_names: list[str] | None = None  # integer labels: the name of each id (data.labels)
+    multi_label = False  # the label column holds lists (set by `setup`; an adapter's scaletune.json keeps it)
 
     def auto_model_class(self) -> Any:
         from transformers import AutoModelForSequenceClassification
 
         return AutoModelForSequenceClassification
+
+    def model_kwargs(self, labels: list[str] | None) -> dict:
+        """The label maps, and for multi-label the problem type, which the saved and merged config.json carry
+        so that plain transformers scores with sigmoids (and BCE) too."""
+        kwargs = super().model_kwargs(labels)
+        if self.multi_label and kwargs:
+            kwargs["problem_type"] = "multi_label_classification"
+        return kwargs
 
     def setup(self, records: list[dict], cfg: Any, source: str, key: str = "data.train") -> list[str] | None:
         d = cfg.data
@@ -57,12 +74,14 @@ class SeqCls(Task):
         if self.pair and self.pair not in records[0]:
             raise DataError(f"{source}: column {self.pair!r} (data.text_pair_column) not found")
         self.label = _pick(records, d.label_column, _LABEL_COLUMNS, "label", "data.label_column", source)
+        self.multi_label = _holds_lists(records, self.label)
         if d.labels is not None:  # (the labels as given: data.labels may keep spellings apart that differ in spaces)
             # SST-2's 0/1 named by data.labels: [negative, positive]
-            self.id_names = id_names_for(list({label_name(rec.get(self.label)) for rec in records}), d.labels)
+            found = {label_name(v) for rec in records for v in _as_list(rec.get(self.label))}
+            self.id_names = id_names_for(list(found), d.labels)
             return [str(x) for x in d.labels]
         self.id_names = None
-        labels = collect_labels(records, self.label, is_list=False)
+        labels = collect_labels(records, self.label, is_list=False, multi_label=self.multi_label)
         if len(labels) < 2:
             raise DataError(f"{source}: column {self.label!r} has a single label {labels}; need at least 2 classes")
         return labels
@@ -76,12 +95,9 @@ class SeqCls(Task):
                 raise DataError(f"{where}: no column {col!r}; the record has {fields_of(record)}")
             if col and (not isinstance(val, str) or not val.strip()):
                 raise DataError(f"{where}: column {col!r} must be a non-empty string, got {val!r}")
-        label = record.get(self.label)
-        name = named_by_id(label, self.id_names, where, "label") if label is not None else None
-        if name not in label2id:
-            raise unknown_label(where, "label", label, label2id)
+        target = self._target(record.get(self.label), where, label2id)
         enc = tokenizer(text, pair, truncation=True, max_length=cfg.data.max_length)
-        out = {"input_ids": enc["input_ids"], "labels": label2id[name],
+        out = {"input_ids": enc["input_ids"], "labels": target,
                TRUNCATED: overflowed(enc, cfg.data.max_length)}
         if self.pair and "token_type_ids" in enc:
             # BERT-style segment ids mark the second text; predict and a plain transformers pipeline pass
@@ -89,9 +105,40 @@ class SeqCls(Task):
             out["token_type_ids"] = enc["token_type_ids"]
         return out
 
+    def _target(self, label: Any, where: str, label2id: dict) -> int | list[int]:
+        """A record's label as the class id, or for multi-label as a 0/1 entry per class."""
+        if not self.multi_label:
+            if isinstance(label, list):
+                raise DataError(f"{where}: label {label!r} is a list, but the training data has one label an "
+                                "example; a list in every training record makes the run multi-label")
+            name = named_by_id(label, self.id_names, where, "label") if label is not None else None
+            if name not in label2id:
+                raise unknown_label(where, "label", label, label2id)
+            return label2id[name]
+        if not isinstance(label, list):
+            raise DataError(f"{where}: label {label!r} must be a list of labels: the training data is multi-label "
+                            "(an example with no class has [])")
+        hot = [0] * len(label2id)
+        for value in label:
+            name = named_by_id(value, self.id_names, where, "label") if isinstance(value, (str, int)) else None
+            if name not in label2id:
+                raise unknown_label(where, "label", value, label2id)
+            hot[label2id[name]] = 1
+        return hot
+
+    def collate(self, examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+        if not self.multi_label:
+            return pad_batch(examples, pad_id)
+        # (pad_batch would read a 0/1 list as per-token labels): BCE takes a float (examples, classes) target
+        batch = pad_batch([{**e, "labels": 0} for e in examples], pad_id)
+        batch["labels"] = torch.tensor([e["labels"] for e in examples], dtype=torch.float32)
+        return batch
+
     def loss_sum(self, model: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         segments = {"token_type_ids": batch["token_type_ids"]} if "token_type_ids" in batch else {}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **segments).logits
+        if self.multi_label:  # summed over examples x classes, in float32 as ce_sum is
+            return F.binary_cross_entropy_with_logits(logits.float(), batch["labels"].float(), reduction="sum"), logits
         return ce_sum(logits, batch["labels"]), logits
 
     @staticmethod
@@ -99,11 +146,15 @@ class SeqCls(Task):
         return int(batch["labels"].numel())
 
     def predictions(self, logits: torch.Tensor, batch: dict) -> list:
+        if self.multi_label:  # (a logit above 0 is a sigmoid above 0.5, without rounding near the threshold)
+            return list(zip((logits > 0).int().tolist(), batch["labels"].int().tolist()))
         return list(zip(logits.argmax(-1).tolist(), batch["labels"].tolist()))
 
     def metrics(self, preds: list, loss_sum: float, n_targets: int, labels: list[str] | None) -> dict:
         from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
 
+        if self.multi_label:
+            return multi_label_metrics(preds, loss_sum / max(n_targets, 1), labels)
         y_pred = [p for p, _ in preds]
         y_true = [t for _, t in preds]
         ids = list(range(len(labels)))
@@ -113,8 +164,51 @@ class SeqCls(Task):
         # lacks and nothing predicted would count as F1 0 and cap a perfect classifier below 1
         return {"loss": loss_sum / max(n_targets, 1), "accuracy": accuracy_score(y_true, y_pred),
                 "macro_f1": f1_score(y_true, y_pred, average="macro", zero_division=0),
+                # (one label an example: micro F1 is the accuracy; named too, so best_metric reads both kinds)
+                "micro_f1": f1_score(y_true, y_pred, average="micro", zero_division=0),
                 "per_class": {name: {k: report[name][k] for k in ("precision", "recall", "f1-score", "support")}
                               for name in labels},
                 # every class gets a row and a column, in label order, even one the eval set lacks
                 "confusion_matrix": {"labels": list(labels),
                                      "counts": confusion_matrix(y_true, y_pred, labels=ids).tolist()}}
+
+
+def _as_list(value: Any) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def _holds_lists(records: list[dict], column: str) -> bool:
+    """Whether the label column holds lists (multi-label); a file mixing lists and single labels is refused at
+    the first record whose shape differs from the first record's."""
+    first: tuple[bool, str] | None = None
+    for rec in records:
+        if column not in rec:  # (collect_labels names the record)
+            continue
+        is_list, where = isinstance(rec[column], list), rec.get(WHERE, "?")
+        if first is None:
+            first = (is_list, where)
+        elif is_list != first[0]:
+            shape = {True: "a list of labels (multi-label)", False: "a single label"}
+            raise DataError(f"{where}: label {rec[column]!r} is {shape[is_list]}, but the label at {first[1]} is "
+                            f"{shape[first[0]]}; write every label as a list (multi-label) or none")
+    return bool(first and first[0])
+
+
+def multi_label_metrics(preds: list, loss: float, labels: list[str]) -> dict:
+    """Multi-label scores of (predicted, gold) 0/1 rows: "accuracy" is the exact match of the whole label set
+    (scikit-learn's subset accuracy), micro F1 pools every (example, class) decision, macro F1 averages the
+    classes that occur (in the answers or the predictions, as single-label's does), and per_class scores each."""
+    import numpy as np
+    from sklearn.metrics import accuracy_score, classification_report, f1_score
+
+    y_pred = np.array([p for p, _ in preds], dtype=int).reshape(-1, len(labels))
+    y_true = np.array([t for _, t in preds], dtype=int).reshape(-1, len(labels))
+    ids = list(range(len(labels)))
+    report = classification_report(y_true, y_pred, labels=ids, target_names=labels, output_dict=True,
+                                   zero_division=0)
+    occurring = [j for j in ids if y_true[:, j].any() or y_pred[:, j].any()]
+    macro = f1_score(y_true, y_pred, labels=occurring, average="macro", zero_division=0) if occurring else 0.0
+    return {"loss": loss, "accuracy": float(accuracy_score(y_true, y_pred)),
+            "macro_f1": float(macro), "micro_f1": float(f1_score(y_true, y_pred, average="micro", zero_division=0)),
+            "per_class": {name: {k: report[name][k] for k in ("precision", "recall", "f1-score", "support")}
+                          for name in labels}}
