@@ -1580,3 +1580,23 @@ def test_classifier_labels_say_what_is_not_supported_and_how_to_give_the_label_s
         collect_labels([{"label": 0.5, WHERE: "t.jsonl:1"}], "label", is_list=False)
     err = unknown_label("valid.txt:92", "tag", "I-LOC", {"O": 0, "B-LOC": 1})
     assert "a label the training data lacks: give the whole label set in data.labels" in str(err)
+
+
+def test_predict_reads_a_txt_of_conll_columns_as_conll_and_plain_sentences_as_lines(tmp_path):
+    """CoNLL-2003 ships as .txt, which training reads as CoNLL: predict on it used to tag each line's columns
+    ("EU NNP B-NP B-ORG") as a sentence of four words. Lines ending in the tagger's tags are a CoNLL file;
+    sentences, even one ending in a word that is a tag name, stay lines."""
+    from scaletune.predict_input import read_inputs
+
+    tags = ["B-ORG", "B-PER", "I-PER", "O"]
+    conll = tmp_path / "test.txt"
+    conll.write_text("-DOCSTART- -X- -X- O\n\nEU NNP B-NP B-ORG\nrejects VBZ B-VP O\n\nPeter NNP B-NP B-PER\n"
+                     "Blackburn NNP I-NP I-PER\n", encoding="utf-8")
+    got = read_inputs(str(conll), None, None, tags)
+    assert [(item["tokens"], item["__line__"]) for item in got] == [(["EU", "rejects"], 3), (["Peter", "Blackburn"], 6)]
+    text = tmp_path / "news.txt"
+    text.write_text("EU rejects German call to boycott British lamb.\nJohn says O\n", encoding="utf-8")
+    assert [item["text"] for item in read_inputs(str(text), None, None, tags)] == \
+        ["EU rejects German call to boycott British lamb.", "John says O"]
+    # a seq_cls run (no tags) reads a .txt as lines, as before
+    assert len(read_inputs(str(conll), None)) == 5

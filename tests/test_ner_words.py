@@ -23,6 +23,13 @@ def _words(text: str) -> list[str]:
     # combining marks (a decomposed accent, Devanagari vowel signs) and ZWNJ stay inside their word
     ("cafe\u0301 हिन्दी می\u200cخواهم 東京", ["cafe\u0301", "हिन्दी", "می\u200cخواهم", "東京"]),
     ("  \t ", []),
+    # CoNLL-2003 keeps an initial ("M.", ~300 times, nearly all B-PER), state and month abbreviations whole
+    ("M. Atherton and George W. Bush", ["M.", "Atherton", "and", "George", "W.", "Bush"]),
+    ("in St. Louis, Mo., on Aug. 21, No. 1", ["in", "St.", "Louis", ",", "Mo.", ",", "on", "Aug.", "21", ",", "No.",
+                                              "1"]),
+    ("S&P and AT&T rose 1/2 in Calif.", ["S&P", "and", "AT&T", "rose", "1/2", "in", "Calif."]),
+    # ...but a letter or month that ends a sentence gives its full stop back
+    ("Plan B. it was Aug. Then", ["Plan", "B", ".", "it", "was", "Aug", ".", "Then"]),
 ])
 def test_raw_text_is_split_as_ner_corpora_split_it(text, want):
     """Punctuation and clitics are words of their own (the tagger never saw "Paris," in training), while

@@ -151,7 +151,8 @@ def run_predict(cfg: RunConfig, adapter: str | None, source: str | None, max_new
     if top_k is not None and cfg.task != "seq_cls":
         raise UserError(f"--top-k: {cfg.task} has no class scores per input; only seq_cls lists its best classes")
     model, tokenizer, task, labels, _ = load_trained(cfg, adapter)
-    items = predict_input.read_inputs(source, stdin, cfg.data.conll_columns)
+    items = predict_input.read_inputs(source, stdin, cfg.data.conll_columns,
+                                      labels if cfg.task == "token_cls" else None)
     if not items:
         log.warning("predict: %s holds no input lines", predict_input.source_name(source))
     # every line is checked before the first prediction: a bad line 900 must not leave 899 lines written

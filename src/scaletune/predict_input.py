@@ -12,6 +12,7 @@ never predicted on an empty string.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any, TextIO
@@ -24,6 +25,7 @@ from .tasks.token_cls import _TOKEN_COLUMNS, split_words
 LINE = "__line__"  # the input's line number: each output object carries it as "line"
 PLAIN = "__plain__"  # the line was plain text (held as {"text": line}), not a JSON object
 STDIN = "<stdin>"
+log = logging.getLogger("scaletune")
 _OURS = (WHERE, LINE, PLAIN)
 # the keys prompt_segments reads a prompt from, in the order it tries them
 _PROMPT_KEYS = ("prompt", "instruction", "conversations", "messages", "text")
@@ -34,16 +36,23 @@ def source_name(source: str | None) -> str:
     return STDIN if source in (None, "-") else source
 
 
-def read_inputs(source: str | None, stdin: TextIO, conll_columns: list[int] | None = None) -> list[dict]:
+def read_inputs(source: str | None, stdin: TextIO, conll_columns: list[int] | None = None,
+                tags: list[str] | None = None) -> list[dict]:
     """The non-blank lines of `source` (or stdin): JSON objects (a line starting with '{') or plain text, held
     as {"text": line}; each with its file:line (WHERE) and line number (LINE). Blank lines are skipped, and
     the line number keeps every output matched to its input. `conll_columns`: the run's data.conll_columns,
-    for a CoNLL file."""
+    for a CoNLL file. `tags` (token_cls: the tagger's labels): a .txt file whose lines are CoNLL columns
+    ending in those tags (`conll_lines`) is read as the CoNLL file it is."""
     name = source_name(source)
     if name != STDIN and _table_file(Path(source)):
         return _table_records(source, conll_columns)
+    text = _read_text(source, name, stdin)
+    if tags and name != STDIN and conll_lines(text_lines(text), tags, (conll_columns or [1, -1])[1]):
+        log.info("predict: %s holds CoNLL columns (word ... tag): read as a CoNLL file, one input per sentence",
+                 name)
+        return _table_records(source, conll_columns, conll=True)
     items = []
-    for n, line in enumerate(text_lines(_read_text(source, name, stdin)), start=1):
+    for n, line in enumerate(text_lines(text), start=1):
         if line.strip():
             items.append(_parse_line(line, f"{name}:{n}", n))
     return items
@@ -51,7 +60,7 @@ def read_inputs(source: str | None, stdin: TextIO, conll_columns: list[int] | No
 
 # Files a data reader reads as records, as training reads them: a CSV/TSV row or a CoNLL sentence spans one line
 # or more (read as lines, a TSV's header and its label column were labelled as text, a CoNLL file's tags and
-# -DOCSTART- tagged as words). A .txt stays plain lines (it is a CoNLL file only where training says so).
+# -DOCSTART- tagged as words). A .txt is plain lines unless its lines are a tagger's CoNLL columns (`conll_lines`).
 _TABLE_SUFFIXES = (".csv", ".tsv", ".parquet", ".conll", ".iob", ".bio", ".conllu")
 
 
@@ -64,12 +73,25 @@ def _table_file(path: Path) -> bool:
     return suffix in _TABLE_SUFFIXES
 
 
-def _table_records(source: str, conll_columns: list[int] | None) -> list[dict]:
-    """The records of a table or CoNLL file, each with its file:line (or row) and a number for "line": the
-    line its record starts on, or its row (parquet, a JSON array), counted from 1."""
+def conll_lines(lines: list[str], tags: list[str], tag_column: int = -1, sample: int = 200) -> bool:
+    """Whether the first `sample` non-blank lines are CoNLL columns: each a -DOCSTART- line or two or more
+    columns with one of the tagger's `tags` in `tag_column` (data.conll_columns' second, counted from 1,
+    negative from the end). Training reads a .txt as CoNLL, as CoNLL-2003 ships, while predict reads a .txt
+    as sentences, one a line: each column of "EU NNP B-NP B-ORG" was tagged as a word. Text lines that all
+    hold a tag in that place are not seen in practice."""
+    known, at = set(tags), tag_column - 1 if tag_column > 0 else tag_column
+    seen = [line.split() for line in lines if line.strip()][:sample]
+    return bool(seen) and all(cols[0] == "-DOCSTART-" or (1 < len(cols) > at >= -len(cols) and cols[at] in known)
+                              for cols in seen)
+
+
+def _table_records(source: str, conll_columns: list[int] | None, conll: bool = False) -> list[dict]:
+    """The records of a table or CoNLL file (`conll`: whatever its suffix), each with its file:line (or row)
+    and a number for "line": the line its record starts on, or its row (parquet, a JSON array), counted
+    from 1."""
     from .data.readers import read_records
 
-    records = read_records(source, key="--input", conll_columns=conll_columns)
+    records = read_records(source, key="--input", conll=conll, conll_columns=conll_columns)
     for i, rec in enumerate(records, start=1):
         where = rec[WHERE]
         tail = where.rsplit(":", 1)[-1]

@@ -281,15 +281,24 @@ def char_entities(found: list[dict], text: str, spans: list[tuple[int, int]]) ->
 # Raw text is split as CoNLL-style NER corpora (CoNLL-2003, OntoNotes: Penn Treebank rules) split theirs, so
 # a tagger sees words shaped like its training data ("Paris" ",", not "Paris,"): punctuation is a word of its
 # own (a run of one mark, "..." or "--", one word), clitics split off ("Smith" "'s", "do" "n't"), while
-# acronyms ("U.S.", "e.g."), a few title and company abbreviations ("Mr.", "Inc."), numbers ("3.5",
-# "1,000", "10:30") and words joined by a hyphen or an inner apostrophe ("Anglo-Dutch", "O'Neill") stay
-# whole. Rules, not a trained splitter: nothing to download, and every word keeps its span in the text.
+# acronyms ("U.S.", "e.g."), a name's initial before the next name ("M. Atherton": 300 "M."-like words
+# in CoNLL-2003's training set, nearly all B-PER), title, company and US state abbreviations ("Mr.",
+# "Inc.", "Calif."), a month or "No." before a number ("Aug. 21"), names joined by "&" ("S&P", "AT&T"),
+# numbers ("3.5", "1,000", "10:30", "1/2") and words joined by a hyphen or an inner apostrophe
+# ("Anglo-Dutch", "O'Neill") stay whole. Rules, not a trained splitter: nothing to download, and every
+# word keeps its span in the text.
 _CLITIC = r"(?i:['’](?:s|re|ve|ll|d|m)|n['’]t)(?!\w)"
-_ABBREVIATIONS = "Mrs|Mr|Ms|Dr|Prof|Sr|Jr|St|Mt|Gen|Gov|Sen|Rep|Inc|Corp|Ltd|Co|Bros|vs"
+_ABBREVIATIONS = ("Mrs|Mr|Ms|Dr|Prof|Sr|Jr|St|Mt|Gen|Gov|Sen|Rep|Lt|Col|Capt|Sgt|Maj|Rev|Inc|Corp|Ltd|Co|Bros|vs|"
+                  "Ala|Ariz|Ark|Calif|Colo|Conn|Del|Fla|Ga|Ill|Ind|Kan|Ky|La|Md|Mass|Mich|Minn|Miss|Mo|Mont|"
+                  "Neb|Nev|Okla|Ore|Pa|Tenn|Tex|Va|Wash|Wis|Wyo")
+_BEFORE_NUMBER = "Jan|Feb|Mar|Apr|Jun|Jul|Aug|Sept|Sep|Oct|Nov|Dec|No"  # "Aug. 21", "No. 1" (a word elsewhere)
 _WORD = re.compile(rf"""
     (?:[^\W\d_]\.){{2,}}                 # acronyms: U.S., e.g.
-  | (?:{_ABBREVIATIONS})\.              # Mr., Inc.
-  | \d+(?:[.,:]\d+)+                    # 3.5, 1,000, 10:30
+  | [A-Z]\.(?=\s+[A-Z])                 # an initial: M. Atherton, George W. Bush
+  | (?:{_ABBREVIATIONS})\.(?!\w)        # Mr., Inc., Calif.
+  | (?:{_BEFORE_NUMBER})\.(?=\s*\d)      # Aug. 21, No. 1
+  | [A-Z]+&[A-Z]+\b                     # S&P, AT&T
+  | \d+(?:[.,:/]\d+)+                   # 3.5, 1,000, 10:30, 1/2
   | {_CLITIC}                           # 's, n't: after their word
   | \w+?(?=(?i:n['’]t)(?!\w))           # the "do" of don't
   | \w+(?:-\w+|(?!{_CLITIC})['’]\w+)*   # words, Anglo-Dutch, O'Neill
