@@ -188,6 +188,8 @@ def test_conll_columns_pick_the_word_and_tag_of_germeval_and_conllu_files(tmp_pa
               "1\tde\tde\tADP\t_\t_\t2\tcase\t_\tO\n2\tle\tle\tDET\t_\t_\t3\tdet\t_\tO\n"
               "3\tchat\tchat\tNOUN\t_\t_\t0\troot\t_\tB-ANIM\n")
     assert _conll(tmp_path / "u.conllu", conllu, [2, 10]) == [(["de", "le", "chat"], ["O", "O", "B-ANIM"], "5")]
+    # (data.format: conll reads any name: a CoNLL-U .txt's multiword "1-2 du" line is no word either)
+    assert _conll(tmp_path / "u.txt", conllu, [2, 10]) == [(["de", "le", "chat"], ["O", "O", "B-ANIM"], "5")]
     with pytest.raises(DataError, match=r"u.conllu: a CoNLL-U file .* has no NER tag column: set "
                                         r"data.conll_columns: \[2, N\]"):
         read_records(str(tmp_path / "u.conllu"))

@@ -304,7 +304,7 @@ def _tag(model: Any, tokenizer: Any, labels: list[str], max_length: int, sentenc
     sentence split from raw text (predict_input.TextWords) also echoes its "text", and its entities give their
     character offsets in it."""
     from .tasks.base import overflowed
-    from .tasks.token_cls import word_inputs, words_cut
+    from .tasks.token_cls import labelled_word_ids, word_inputs, words_cut
 
     # (a raw-text line's TextWords as a plain list: the tokenizer takes lists of str)
     enc = tokenizer([word_inputs(tokenizer, list(words)) for words in sentences], is_split_into_words=True,
@@ -312,7 +312,7 @@ def _tag(model: Any, tokenizer: Any, labels: list[str], max_length: int, sentenc
     preds = model(**enc.to(model.device)).logits.argmax(-1).tolist()
     out = []
     for i, (words, pred) in enumerate(zip(sentences, preds)):
-        word_ids = enc.word_ids(i)
+        word_ids = labelled_word_ids(tokenizer, enc["input_ids"][i].tolist(), enc.word_ids(i))
         tags = word_tags(word_ids, pred, labels, len(words))
         result = _tagged(words, tags)
         n_cut = words_cut(word_ids, len(words), overflowed(enc, max_length, i))

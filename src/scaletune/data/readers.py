@@ -325,7 +325,6 @@ def read_conll(path: Path, columns: list[int] | None = None) -> list[dict]:
     columns are data.conll_columns (`columns`, counted from 1, negative from the end), default the first and
     the last."""
     picked = _conll_columns(path, columns)
-    conllu = path.suffix.lower() == ".conllu"
     records: list[dict] = []
     tokens: list[str] = []
     tags: list[str] = []
@@ -333,6 +332,9 @@ def read_conll(path: Path, columns: list[int] | None = None) -> list[dict]:
     lines = text_lines(_read_text(path))
     ncols = _conll_layout(lines)
     word_first = picked[0] == 1 or (ncols is not None and picked[0] == -ncols)
+    # CoNLL-U by its name or its layout (ten columns, an ID first): data.format: conll reads a .txt or .tsv as
+    # CoNLL, and its "1-2 du" lines would be words tagged "_"
+    conllu = path.suffix.lower() == ".conllu" or (ncols == 10 and not word_first)
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             if tokens:

@@ -94,7 +94,8 @@ class TokenCls(Task):
             raise unknown_label(record.get(WHERE, "?"), "tag", unknown[0], label2id)
         enc = tokenizer(word_inputs(tokenizer, record[self.tokens]), is_split_into_words=True, truncation=True,
                         max_length=cfg.data.max_length)
-        word_ids, cut = enc.word_ids(), overflowed(enc, cfg.data.max_length)
+        word_ids = labelled_word_ids(tokenizer, enc["input_ids"], enc.word_ids())
+        cut = overflowed(enc, cfg.data.max_length)
         labels, previous = [], None
         for word in word_ids:
             labels.append(IGNORE if word is None or word == previous else label2id[tags[word]])
@@ -183,6 +184,23 @@ def word_inputs(tokenizer: Any, words: list[str]) -> list[str]:
     if not space_marks_words(tokenizer):
         return words
     return [w if w.startswith(" ") else " " + w for w in words]
+
+
+def labelled_word_ids(tokenizer: Any, ids: list[int], word_ids: list) -> list:
+    """`word_ids` with a word's first sub-token left out (None, as a special token is) where it is a bare space
+    ("Ġ") and the word has more: Llama 3's and Qwen 2's split keeps digits from the space (" 2019" is "Ġ" "201"
+    "9"), and a vocabulary may lack "Ġ,". That "Ġ" is one token for every such word and says nothing of it (a
+    causal model reads it before the word): the word is labelled, and its tag read, on its next sub-token."""
+    if not space_marks_words(tokenizer):
+        return word_ids
+    pieces = tokenizer.convert_ids_to_tokens(list(ids))
+    out = list(word_ids)
+    for pos in range(len(out) - 1):
+        word = out[pos]
+        first = word is not None and (pos == 0 or word_ids[pos - 1] != word)
+        if first and pieces[pos] == "Ġ" and word_ids[pos + 1] == word:
+            out[pos] = None
+    return out
 
 
 def space_marks_words(tokenizer: Any) -> bool:
