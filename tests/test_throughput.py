@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -323,6 +324,25 @@ def test_compile_blocks_finds_the_layers_under_a_ddp_style_wrapper(monkeypatch):
     assert compiled == ["LlamaDecoderLayer"] * 3
 
 
+@pytest.mark.parametrize("mine,peers,agreed", [(None, "SIGUSR1", "SIGUSR1"), ("SIGUSR1", "SIGTERM", "SIGTERM"),
+                                               ("SIGINT", "SIGUSR1", "SIGINT"), (None, None, None)])
+def test_every_rank_stops_on_the_same_signal(mine, peers, agreed):
+    """A rank the stop signal did not reach logged the preempted event without one and wrote an empty signal
+    on the marker, where the Slurm templates look for SIGUSR1 to requeue: the ranks now agree on the signal in
+    the step's all-reduce, a cancel (TERM) or Ctrl-C outranking a preemption notice (USR1)."""
+    from types import SimpleNamespace
+
+    from scaletune.loop import _STOP_ORDER, step_head
+
+    def with_peer(t, op):  # the other rank's head: the same count, and the signal it heard
+        return t + torch.tensor([37, *[int(peers is not None and sig == getattr(signal, peers)) for sig in _STOP_ORDER]])
+
+    stop = StopFlag.__new__(StopFlag)
+    stop.signal = getattr(signal, mine) if mine else None
+    two = SimpleNamespace(num_processes=2, device=torch.device("cpu"), reduce=with_peer)
+    assert step_head(two, 37, stop) == (74, getattr(signal, agreed) if agreed else None)
+
+
 def test_step_head_and_norm_need_no_extra_device_round_trips():
     """One process: the step's target count and stop flag come from the host (no all-reduce, which on
     a GPU would wait for the previous step); loss and gradient norm are those of the usual formulas,
@@ -337,12 +357,12 @@ def test_step_head_and_norm_need_no_extra_device_round_trips():
     stop = StopFlag.__new__(StopFlag)
     stop.signal = None
     one = SimpleNamespace(num_processes=1, reduce=no_reduce)
-    assert step_head(one, 37, stop) == (37, False)
-    stop.signal = "SIGTERM"
-    assert step_head(one, 37, stop) == (37, True)
+    assert step_head(one, 37, stop) == (37, None)
+    stop.signal = signal.SIGTERM
+    assert step_head(one, 37, stop) == (37, signal.SIGTERM)
     two = SimpleNamespace(num_processes=2, device=torch.device("cpu"),
                           reduce=lambda t, op: t * 2)  # the peer has the same count and flag
-    assert step_head(two, 37, stop) == (74, True)
+    assert step_head(two, 37, stop) == (74, signal.SIGTERM)
 
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(2)]

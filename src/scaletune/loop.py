@@ -64,14 +64,13 @@ def fit(run: Run, stop: StopFlag) -> str:
     model.train()
     stop.catch_interrupts()  # Ctrl-C from here on: a checkpoint at the next step boundary (see StopFlag)
     for micro_batches in batches(run.step, end):
-        n_global, stopping = step_head(acc, sum(task.count_targets(b) for b in micro_batches), stop)
-        if stopping:
+        n_global, stopped_by = step_head(acc, sum(task.count_targets(b) for b in micro_batches), stop)
+        if stopped_by is not None:
             guard.settle(boundary=True)
             path = save_checkpoint(run)
-            # this process logs; the signal may have reached only another rank
-            how = signal.Signals(stop.signal).name if stop.signal is not None else "a signal to another rank"
-            mlog.log("preempted", run.step, {"signal": stop.signal, "checkpoint": str(path)})
-            mark_preempted(acc, path, stop.signal)
+            how = signal.Signals(stopped_by).name + ("" if stop.signal == stopped_by else " (to another rank)")
+            mlog.log("preempted", run.step, {"signal": stopped_by, "checkpoint": str(path)})
+            mark_preempted(acc, path, stopped_by)
             kept = replaced_note(run.output_dir)
             mlog.write(f"stopped on {how} at step {run.step}; checkpoint {path}"
                        + (f"; {kept}" if kept else ""))
@@ -145,11 +144,11 @@ def evaluate_step(run: Run, best: BestAdapter, mlog: MetricsLog, speed: Throughp
         return best.after_eval(run.step, metrics)
 
 
-def mark_preempted(acc: Any, path: Any, signum: int | None = None) -> None:
+def mark_preempted(acc: Any, path: Any, signum: int | None) -> None:
     """Tell the batch script a resumable checkpoint exists: `accelerate launch` maps every non-zero
     exit to 1, so the exit code alone cannot carry it; the Slurm templates and `scaletune launch` read
-    this file: the checkpoint's path, and on a second line the signal that stopped this process (empty if
-    it was another rank's). The templates requeue on SIGUSR1 there too: `scancel --signal=USR1 JOBID`
+    this file: the checkpoint's path, and on a second line the signal the ranks stopped on (`step_head`). The
+    templates requeue on SIGUSR1 there too: `scancel --signal=USR1 JOBID`
     without --batch reaches the ranks, not the batch shell. The first process of every node writes it: the
     path is often node-local ($TMPDIR)."""
     marker = os.environ.get("SCALETUNE_PREEMPT_MARKER")
@@ -161,14 +160,21 @@ def mark_preempted(acc: Any, path: Any, signum: int | None = None) -> None:
             print(f"scaletune: cannot write the preemption marker {marker} ({exc.strerror or exc})", file=sys.stderr)
 
 
-def step_head(acc: Any, n_local: int, stop: StopFlag) -> tuple[int, bool]:
-    """The step's target count over all ranks (for the loss) and whether any rank was signalled (so
-    every rank stops at the same boundary after SIGUSR1/SIGTERM on any of them): one small all-reduce.
-    A single process needs no device round trip, which on a GPU would wait for the previous step."""
+# The stop signals in the order one outranks another where ranks heard different ones: a Ctrl-C or a cancel
+# (TERM) is no preemption notice (USR1), which the Slurm templates answer with a requeue (SIGUSR1: POSIX only)
+_STOP_ORDER = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, name))
+
+
+def step_head(acc: Any, n_local: int, stop: StopFlag) -> tuple[int, int | None]:
+    """The step's target count over all ranks (for the loss) and the signal every rank stops on, or None (so
+    every rank stops at the same boundary after SIGUSR1/SIGTERM/Ctrl-C on any of them, and all name the same
+    signal: the preempted event's and the marker's, which decides a requeue): one small all-reduce. A single
+    process needs no device round trip, which on a GPU would wait for the previous step."""
     if acc.num_processes == 1:
-        return n_local, stop.signal is not None
-    head = acc.reduce(torch.tensor([n_local, int(stop.signal is not None)], device=acc.device), "sum").tolist()
-    return int(head[0]), head[1] > 0
+        return n_local, stop.signal
+    heard = [int(stop.signal == sig) for sig in _STOP_ORDER]
+    head = acc.reduce(torch.tensor([n_local, *heard], device=acc.device), "sum").tolist()
+    return int(head[0]), next((sig for sig, n in zip(_STOP_ORDER, head[1:]) if n > 0), None)
 
 
 def clip_and_norm(acc: Any, params: list, max_norm: float | None, loss_sum: torch.Tensor,

@@ -194,7 +194,7 @@ def _event_notes(run: Run) -> list[str]:
     if run.events and not run.events.get("eval"):
         notes.append("no eval events (data.eval not set, or the run stopped before its first evaluation)")
     for rec in run.events.get("preempted", []):
-        # (no signal: it reached another rank, whose stop every rank followed; only rank 0 logs)
+        # (no signal: a run from before the ranks agreed on it; the signal had reached another rank only)
         how = f"signal {_fmt(rec['signal'])}" if rec.get("signal") is not None else "a signal to another rank"
         notes.append(f"preempted at step {rec['step']} ({how}); checkpoint {_fmt(rec.get('checkpoint'))}")
     skips = run.events.get("nonfinite", [])

@@ -484,7 +484,9 @@ def test_zero3_stop_on_sigusr1_then_resume_continues_curve(world, single):
     k = stopped[0]["step"]
     assert 2 <= k < STEPS
     checkpoint = out / "checkpoints" / f"step-{k}"
-    assert marker.read_text().strip() == str(checkpoint)
+    # the checkpoint, and the signal every rank stopped on (the Slurm templates requeue on SIGUSR1)
+    assert marker.read_text().splitlines() == [str(checkpoint), "SIGUSR1"]
+    assert stopped[0]["signal"] == signal.SIGUSR1
     assert (out / "checkpoints" / "latest").read_text().strip() == f"step-{k}"
     summary = [line for line in text.splitlines() if line.startswith("scaletune launch:")]
     assert len(summary) == 1 and f"checkpoint {checkpoint} (continue with --resume auto)" in summary[0], text
