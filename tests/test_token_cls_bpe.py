@@ -203,7 +203,7 @@ def test_predict_tokenises_words_as_training_did(tmp_path, monkeypatch):
 @pytest.mark.parametrize("build,changed", [(_generic_bpe, True), (_wordpiece, False), (_sentencepiece, False)],
                          ids=["byte-level", "wordpiece", "metaspace"])
 def test_an_older_token_cls_adapter_is_warned_of_only_where_its_ids_changed(tmp_path, build, changed):
-    """Data version 14 changed the ids of byte-level tokenizers only: an adapter or checkpoint recorded at 7 is
+    """Data version 14 changed the ids of byte-level tokenizers (and Gemma's: test_token_cls_families) only: an adapter or checkpoint recorded at 7 is
     told it may have been trained on other ids with such a tokenizer, and not with WordPiece or SentencePiece,
     whose ids are those it was trained on."""
     from scaletune.data import tokenisation, tokenised_differently

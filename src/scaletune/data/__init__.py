@@ -38,7 +38,7 @@ log = logging.getLogger("scaletune")
 # weight-0 answers stay untrained under train_on_prompt; 11: causal_lm's BOS only where the tokenizer puts it;
 # 12: causal_lm text tokenised in one piece (SentencePiece); 13: the built-in template's header after a tool
 # result, an answer or a system prompt; 14: token_cls words of a byte-level BPE tokenizer (GPT-2, RoBERTa, Llama 3)
-# are tokenised with the space before them, in their word-start ("Ġ") form
+# or of Gemma's are tokenised with the space before them, in their word-start ("Ġ", "▁") form
 CACHE_VERSION = "14"
 # The data version at which each task's token ids or targets last changed (a cache version changes for more:
 # a count in the meta, a refusal): what checkpoints and adapters record as how their data was tokenised.
@@ -54,14 +54,14 @@ def tokenised_differently(recorded: Any, task: str, tokenizer: Any = None) -> st
     """What to say of data a checkpoint or adapter records as tokenised `recorded` (`tokenisation`), or None if
     that is this scaletune's. The data file can be the same (the same train_digest) and still give other ids:
     v11 stopped adding a BOS the tokenizer does not add itself, v13 changed the built-in template's rendering, v14
-    gave token_cls words of a byte-level BPE tokenizer their word-start form."""
+    gave token_cls words of a byte-level BPE tokenizer (and Gemma's) their word-start form."""
     now = tokenisation(task)
     if recorded == now:
         return None
     if (recorded, now) == ("token_cls-7", "token_cls-14") and tokenizer is not None:
         from ..tasks.token_cls import space_marks_words
 
-        if not space_marks_words(tokenizer):  # (v14 changed byte-level BPE tokenizers' ids only)
+        if not space_marks_words(tokenizer):  # (v14 changed byte-level BPE and Gemma-style tokenizers' ids only)
             return None
     if recorded is None:
         return "was written before scaletune recorded how it tokenises (its data version), by a scaletune that " \

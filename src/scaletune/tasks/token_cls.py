@@ -6,13 +6,13 @@ recall is measured on the whole sentence the way a user would measure it, not on
 A word the tokenizer gives no sub-token at all (a zero-width space) is tagged from its neighbours
 (`fill_blank_words`): inside the entity when the words on both sides are one entity going on, else "O";
 eval scores it so, in its place, as `predict` tags it.
-A byte-level BPE tokenizer (GPT-2, RoBERTa, Llama 3) is given each word with a space before it (`word_inputs`), in
-training, eval and `predict` alike, so every word is tokenised in its word-start ("Ġ") form.
+A tokenizer whose word-start mark comes from the space before a word (byte-level BPE: GPT-2, RoBERTa, Llama 3,
+Qwen 2; Gemma) is given each word with a space before it (`word_inputs`), in training, eval and `predict` alike, so
+every word is tokenised in its word-start ("Ġ", "▁") form.
 """
 
 from __future__ import annotations
 
-import json
 import re
 import unicodedata
 import weakref
@@ -170,17 +170,19 @@ class TokenCls(Task):
                 **truncation_counts([[names[i] for i in cut] for _, _, cut in preds])}
 
 
+_BARE_SPACES = ("Ġ", "▁")  # a space alone, as byte-level BPE and SentencePiece vocabularies write it
 _SPACE_MARKS_WORDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> space_marks_words
 
 
 def word_inputs(tokenizer: Any, words: list[str]) -> list[str]:
     """The words as `tokenizer(..., is_split_into_words=True)` should get them: with a space before each where
-    the tokenizer is byte-level BPE. Such a tokenizer is given each word alone and marks a word's start by the
-    space before it ("Ġ"), so a bare word is tokenised as a text's first word ("Paris"), not as it reads
-    mid-sentence and in pretraining ("ĠParis"). HF's remedy, loading with add_prefix_space=True, reaches
-    only the GPT-2/RoBERTa classes (the generic TokenizersBackend, Llama 3's, ignores it), and Llama 3's
-    ByteLevel after a Split would put a space before every split piece; the space added here is what
-    add_prefix_space adds to a plain ByteLevel, and leaves the tokenizer (saved with the adapter) as it was."""
+    the space marks a word's start (`space_marks_words`: byte-level BPE's "Ġ", Gemma's "▁"). Such a tokenizer is
+    given each word alone, so a bare word is tokenised as a text's first word ("Paris", Gemma's "Pa" "ris"), not
+    as it reads mid-sentence and in pretraining ("ĠParis", "▁Paris"), the first word included. HF's remedy,
+    loading with add_prefix_space=True, reaches only the GPT-2/RoBERTa classes (the generic TokenizersBackend,
+    Llama 3's, ignores it; Gemma's class has none), and Llama 3's ByteLevel after a Split would put a space before
+    every split piece; the space added here is what add_prefix_space adds to a plain ByteLevel, and leaves the
+    tokenizer (saved with the adapter) as it was."""
     if not space_marks_words(tokenizer):
         return words
     return [w if w.startswith(" ") else " " + w for w in words]
@@ -188,8 +190,8 @@ def word_inputs(tokenizer: Any, words: list[str]) -> list[str]:
 
 def labelled_word_ids(tokenizer: Any, ids: list[int], word_ids: list) -> list:
     """`word_ids` with a word's first sub-token left out (None, as a special token is) where it is a bare space
-    ("Ġ") and the word has more: Llama 3's and Qwen 2's split keeps digits from the space (" 2019" is "Ġ" "201"
-    "9"), and a vocabulary may lack "Ġ,". That "Ġ" is one token for every such word and says nothing of it (a
+    ("Ġ", Gemma's "▁") and the word has more: Llama 3's and Qwen 2's split keeps digits from the space (" 2019"
+    is "Ġ" "201" "9"), and a vocabulary may lack "Ġ,". That "Ġ" is one token for every such word and says nothing of it (a
     causal model reads it before the word): the word is labelled, and its tag read, on its next sub-token."""
     if not space_marks_words(tokenizer):
         return word_ids
@@ -198,21 +200,26 @@ def labelled_word_ids(tokenizer: Any, ids: list[int], word_ids: list) -> list:
     for pos in range(len(out) - 1):
         word = out[pos]
         first = word is not None and (pos == 0 or word_ids[pos - 1] != word)
-        if first and pieces[pos] == "Ġ" and word_ids[pos + 1] == word:
+        if first and pieces[pos] in _BARE_SPACES and word_ids[pos + 1] == word:
             out[pos] = None
     return out
 
 
 def space_marks_words(tokenizer: Any) -> bool:
-    """Whether the tokenizer's pre-tokenizer is (or holds) a ByteLevel one. WordPiece splits at spaces and drops
-    them, and SentencePiece (Metaspace) puts its word-start mark on each word itself: both are left alone."""
+    """Whether a word given alone lacks the word-start mark that a space before it would give it: the tokenizer's
+    pipeline (normalizer, pre-tokenizer) leaves "a" as it is but makes " a" one other piece. So it is for byte-level
+    BPE ("Ġa": GPT-2, RoBERTa, Llama 3, Qwen 2) and for a normalizer that turns spaces into "▁" without prepending
+    one (Gemma; Llama loaded with add_prefix_space=False). WordPiece drops the space, and SentencePiece's Metaspace
+    or Prepend("▁") already marks each word alone ("▁a"): both are left alone (a space would give "▁▁a")."""
     try:
         return _SPACE_MARKS_WORDS[tokenizer]
     except (KeyError, TypeError):  # (TypeError: an object without weak references is looked up every time)
         pass
     backend = getattr(tokenizer, "backend_tokenizer", None)  # (none: a Python tokenizer, left as it was)
-    pre = getattr(backend, "pre_tokenizer", None)
-    found = pre is not None and _holds_byte_level(json.loads(pre.__getstate__()))
+    found = False
+    if backend is not None:
+        spaced = _pieces(backend, " a")
+        found = _pieces(backend, "a") == ["a"] and len(spaced) == 1 and spaced != ["a"]
     try:
         _SPACE_MARKS_WORDS[tokenizer] = found
     except TypeError:
@@ -220,9 +227,13 @@ def space_marks_words(tokenizer: Any) -> bool:
     return found
 
 
-def _holds_byte_level(state: dict) -> bool:
-    """Whether a pre-tokenizer's serialised state is a ByteLevel, or a Sequence holding one."""
-    return state.get("type") == "ByteLevel" or any(map(_holds_byte_level, state.get("pretokenizers") or ()))
+def _pieces(backend: Any, text: str) -> list[str]:
+    """The pre-tokenized pieces a `tokenizers.Tokenizer` makes of `text`, before its model splits them."""
+    if backend.normalizer is not None:
+        text = backend.normalizer.normalize_str(text)
+    if backend.pre_tokenizer is None:
+        return [text]
+    return [piece for piece, _ in backend.pre_tokenizer.pre_tokenize_str(text)]
 
 
 _PREFIXES = ("B-", "I-", "E-", "S-", "L-", "U-")  # IOB, IOBES, BILOU: what seqeval parses
