@@ -100,6 +100,13 @@ def test_confusion_matrix_counts_gold_rows_and_predicted_columns():
     assert metrics["confusion_matrix"] == {"labels": ["neg", "pos", "neutral"],
                                            "counts": [[2, 1, 0], [1, 1, 1], [0, 0, 0]]}
     assert json.loads(json.dumps(metrics["confusion_matrix"])) == metrics["confusion_matrix"]
+    # N^2 cells on every eval's metrics line: given up to CONFUSION_MAX_CLASSES classes, not for 3,000 intents
+    from scaletune.tasks.seq_cls import CONFUSION_MAX_CLASSES
+
+    for n, shown in ((CONFUSION_MAX_CLASSES, True), (CONFUSION_MAX_CLASSES + 1, False)):
+        names = [f"intent{i}" for i in range(n)]
+        many = get_task("seq_cls").metrics([(i, i) for i in range(n)], 1.0, n, names)
+        assert ("confusion_matrix" in many) == shown and many["accuracy"] == 1.0
 
 
 @pytest.mark.parametrize("task", ["token_cls", "causal_lm"])

@@ -48,6 +48,11 @@ def _pick(records: list[dict], explicit: str | None, candidates: tuple[str, ...]
                     f"of {list(candidates)} or set {key}")
 
 
+# Classes up to which eval gives a confusion matrix: it has N^2 cells, written on every eval's metrics line (3,000
+# intents would be 9 million numbers an eval)
+CONFUSION_MAX_CLASSES = 50
+
+
 @register("seq_cls")
 class SeqCls(Task):
     peft_task_type = "SEQ_CLS"
@@ -162,15 +167,17 @@ class SeqCls(Task):
                                        zero_division=0)
         # macro F1 averages the classes that occur (in the answers or the predictions): a class the eval set
         # lacks and nothing predicted would count as F1 0 and cap a perfect classifier below 1
-        return {"loss": loss_sum / max(n_targets, 1), "accuracy": accuracy_score(y_true, y_pred),
+        out = {"loss": loss_sum / max(n_targets, 1), "accuracy": accuracy_score(y_true, y_pred),
                 "macro_f1": f1_score(y_true, y_pred, average="macro", zero_division=0),
                 # (one label an example: micro F1 is the accuracy; named too, so best_metric reads both kinds)
                 "micro_f1": f1_score(y_true, y_pred, average="micro", zero_division=0),
                 "per_class": {name: {k: report[name][k] for k in ("precision", "recall", "f1-score", "support")}
-                              for name in labels},
-                # every class gets a row and a column, in label order, even one the eval set lacks
-                "confusion_matrix": {"labels": list(labels),
-                                     "counts": confusion_matrix(y_true, y_pred, labels=ids).tolist()}}
+                              for name in labels}}
+        if len(labels) <= CONFUSION_MAX_CLASSES:
+            # every class gets a row and a column, in label order, even one the eval set lacks
+            out["confusion_matrix"] = {"labels": list(labels),
+                                       "counts": confusion_matrix(y_true, y_pred, labels=ids).tolist()}
+        return out
 
 
 def _as_list(value: Any) -> list:
