@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -525,10 +526,9 @@ class Recorder(torch.nn.Module):
     def __init__(self, n_labels: int, per_token: bool):
         super().__init__()
         self.n_labels, self.per_token, self.seen = n_labels, per_token, []
+        self.config = SimpleNamespace(problem_type=None)  # (single-label, as predict reads a real model's config)
 
     def forward(self, input_ids, attention_mask=None, **_):
-        from types import SimpleNamespace
-
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         self.seen += [row[keep.bool()].tolist() for row, keep in zip(input_ids, mask)]  # each line, unpadded
         shape = (*input_ids.shape, self.n_labels) if self.per_token else (input_ids.shape[0], self.n_labels)

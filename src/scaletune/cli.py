@@ -50,6 +50,17 @@ def top_k_option(value: str) -> int | str:
     return k
 
 
+def threshold_option(value: str) -> float:
+    """`--threshold`'s value: a probability strictly between 0 and 1; else argparse's one-line usage error."""
+    try:
+        t = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number between 0 and 1, got {value!r}") from None
+    if not 0 < t < 1:  # (0 or 1 would pick every class or none, whatever the model says; NaN fails too)
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {value}")
+    return t
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scaletune", description="Parameter-efficient fine-tuning, one config "
                                      "from laptop to cluster.")
@@ -82,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=top_k_option, default=None, metavar="K",
                    help="seq_cls: add \"scores\", the K most probable classes with their scores, best first "
                         "('all': every class)")
+    p.add_argument("--threshold", type=threshold_option, default=None, metavar="T",
+                   help="seq_cls multi-label: a class is in a line's \"labels\" where its sigmoid exceeds T "
+                        "(default 0.5, as eval scores)")
 
     p = sub.add_parser("merge", help="merge the adapter into the base model weights")
     _add_config(p)
@@ -288,7 +302,7 @@ def dispatch(args: argparse.Namespace) -> int:
         sampling = ({"temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
                     if args.temperature else None)
         run_predict(cfg, args.adapter, args.input, args.max_new_tokens, out=sys.stdout, stdin=sys.stdin,
-                    sampling=sampling, top_k=args.top_k)
+                    sampling=sampling, top_k=args.top_k, threshold=args.threshold)
         return 0
     if args.command == "merge":
         from .infer import run_merge

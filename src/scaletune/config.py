@@ -92,8 +92,11 @@ class DataConfig:
                               "(the format detected from the fields), in data.train, data.eval and predict's input.")
     text_column: str | None = _f(None, "seq_cls: column with the text (default: text/sentence).")
     text_pair_column: str | None = _f(None, "seq_cls: optional second text column.")
-    label_column: str | None = _f(None, "seq_cls: label column (default: label); a list of labels in every "
-                                        "record makes the run multi-label.")
+    label_column: str | list | None = _f(None, "seq_cls: label column (default: label); a list of labels in "
+                                               "every record makes the run multi-label. A list of columns, each "
+                                               "holding 0/1 (or true/false) for its class, is multi-label too, "
+                                               "those columns the classes in that order (Jigsaw's [toxic, "
+                                               "severe_toxic, ...]).")
     tokens_column: str | None = _f(None, "token_cls: column with the word list (default: tokens).")
     tags_column: str | None = _f(None, "token_cls: column with the tag list (default: tags/ner_tags).")
     conll_columns: list | None = _f(None, "token_cls CoNLL column files: [word column, tag column], counted from 1, "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -140,17 +141,24 @@ def run_eval(cfg: RunConfig, adapter: str | None, data: str | None) -> dict:
 @torch.no_grad()
 def run_predict(cfg: RunConfig, adapter: str | None, source: str | None, max_new_tokens: int,
                 out: TextIO | None = None, stdin: TextIO | None = None, sampling: dict | None = None,
-                top_k: int | str | None = None) -> list[dict]:
+                top_k: int | str | None = None, threshold: float | None = None) -> list[dict]:
     """Generate (causal_lm) or label (seq_cls/token_cls); writes one JSON line per non-blank input line,
     whose "line" is that input's line number (blank lines are skipped). `sampling`: {temperature, top_p,
     seed} to sample completions (None: greedy). `top_k` (seq_cls): each line's "scores" lists that many
-    classes ("all": every class), most probable first."""
+    classes ("all": every class), most probable first. `threshold` (multi-label seq_cls): the sigmoid a class
+    must exceed to be in a line's "labels" (None: 0.5, as eval scores)."""
     out, stdin = out or sys.stdout, stdin or sys.stdin
     if sampling and cfg.task != "causal_lm":
         raise UserError(f"--temperature: {cfg.task} labels its inputs; only causal_lm samples completions")
     if top_k is not None and cfg.task != "seq_cls":
         raise UserError(f"--top-k: {cfg.task} has no class scores per input; only seq_cls lists its best classes")
-    model, tokenizer, task, labels, _ = load_trained(cfg, adapter)
+    if threshold is not None and cfg.task != "seq_cls":
+        raise UserError(f"--threshold: {cfg.task} has no per-class decisions; only a multi-label seq_cls run has")
+    model, tokenizer, task, labels, path = load_trained(cfg, adapter)
+    if threshold is not None and not _multi_label(model):
+        raise UserError(f"--threshold: the adapter at {path} is single-label (each line gets its most probable "
+                        "class); a threshold applies to multi-label runs", hint="--top-k K lists the K most "
+                        "probable classes with their scores")
     items = predict_input.read_inputs(source, stdin, cfg.data.conll_columns,
                                       labels if cfg.task == "token_cls" else None)
     if not items:
@@ -176,7 +184,7 @@ def run_predict(cfg: RunConfig, adapter: str | None, source: str | None, max_new
         for at in range(0, len(by_length), step):
             chunk = by_length[at:at + step]
             answers.update(zip(chunk, _answer(cfg, model, tokenizer, labels, [inputs[i] for i in chunk],
-                                              max_new_tokens, sampling, acc, top_k)))
+                                              max_new_tokens, sampling, acc, top_k, threshold)))
         for item, result in ((items[i], answers[i]) for i in window):
             if "truncated_words" in result or result.get("truncated"):
                 cut_lines.append(item[WHERE])
@@ -203,14 +211,15 @@ def _size(given: Any) -> int:
 
 
 def _answer(cfg: RunConfig, model: Any, tokenizer: Any, labels: list[str] | None, batch: list, max_new_tokens: int,
-            sampling: dict | None, acc: Any, top_k: int | str | None = None) -> list[dict]:
+            sampling: dict | None, acc: Any, top_k: int | str | None = None,
+            threshold: float | None = None) -> list[dict]:
     """One batch of predict inputs answered: completions, labels (with the `top_k` best classes) or tags."""
     with acc.autocast():
         if cfg.task == "causal_lm":
             texts = generate_batch(model, tokenizer, [segments for _, segments in batch], max_new_tokens, sampling)
             return [{"prompt": prompt, "completion": text} for (prompt, _), text in zip(batch, texts)]
         if cfg.task == "seq_cls":
-            return _classify(model, tokenizer, labels, cfg.data.max_length, batch, top_k)
+            return _classify(model, tokenizer, labels, cfg.data.max_length, batch, top_k, threshold)
         return _tag(model, tokenizer, labels, cfg.data.max_length, batch)
 
 
@@ -253,7 +262,8 @@ def _task_input(cfg: RunConfig, task: Any, tokenizer: Any, item: dict) -> Any:
 
 
 def _classify(model: Any, tokenizer: Any, labels: list[str], max_length: int,
-              given: list[tuple[str, str | None]], top_k: int | str | None = None) -> list[dict]:
+              given: list[tuple[str, str | None]], top_k: int | str | None = None,
+              threshold: float | None = None) -> list[dict]:
     """{"text", "text_pair" (a pair model only), "label", "score"} for each (text, pair) input, "scores" (the
     `top_k` most probable classes, or all of them for "all", as {"label", "score"}, best first) when asked,
     and "truncated" when max_length cut it. A multi-label model's lines give "labels" and "scores" instead
@@ -265,9 +275,9 @@ def _classify(model: Any, tokenizer: Any, labels: list[str], max_length: int,
     enc = tokenizer(texts, pairs, truncation=True, max_length=max_length, padding=True, padding_side="right",
                     return_tensors="pt")
     logits = model(**enc.to(model.device)).logits.float()
-    if getattr(model.config, "problem_type", None) == "multi_label_classification":
+    if _multi_label(model):
         return [{**line, **({"truncated": True} if overflowed(enc, max_length, i) else {})}
-                for i, line in enumerate(_multi_labels(labels, logits, given, top_k))]
+                for i, line in enumerate(_multi_labels(labels, logits, given, top_k, threshold))]
     probs = logits.softmax(-1)
     k = probs.shape[-1] if top_k == "all" else min(top_k or 1, probs.shape[-1])
     # a stable sort puts the first of tied classes first, as max() picks it: "label" is "scores"' first entry.
@@ -284,11 +294,19 @@ def _classify(model: Any, tokenizer: Any, labels: list[str], max_length: int,
     return out
 
 
+def _multi_label(model: Any) -> bool:
+    """Whether the classifier scores each class with a sigmoid of its own (saved in its config)."""
+    return getattr(model.config, "problem_type", None) == "multi_label_classification"
+
+
 def _multi_labels(labels: list[str], logits: torch.Tensor, given: list[tuple[str, str | None]],
-                  top_k: int | str | None) -> list[dict]:
-    """A multi-label model's lines: "labels", every class whose sigmoid exceeds 0.5 (in label-set order), and
-    "scores" for them (or for the `top_k` best classes, "all": every class, above 0.5 or not), best first."""
-    chosen = (logits > 0).tolist()  # (a logit above 0 is a sigmoid above 0.5, as eval decides it)
+                  top_k: int | str | None, threshold: float | None = None) -> list[dict]:
+    """A multi-label model's lines: "labels", every class whose sigmoid exceeds `threshold` (0.5) in label-set
+    order, and "scores" for them (or for the `top_k` best classes, "all": every class, chosen or not), best
+    first."""
+    # the logit of the threshold: 0.5 is a logit above 0 exactly, as eval decides it (a float32 sigmoid rounds)
+    cut = 0.5 if threshold is None else threshold
+    chosen = (logits > math.log(cut / (1 - cut))).tolist()
     scores, order = (t.tolist() for t in logits.sigmoid().sort(dim=-1, descending=True, stable=True))
     out = []
     for (text, pair), picked, ids, probs in zip(given, chosen, order, scores):

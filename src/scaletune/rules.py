@@ -123,6 +123,7 @@ def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_c
         p.append(f"data.tokens_column and data.tags_column: both name column {d.tokens_column!r}")
     p += _columns_problems(d.columns)
     p += _conll_columns_problems(d.conll_columns)
+    p += _label_columns_problems(d)
     if d.text_column and d.text_column in (d.label_column, d.text_pair_column):
         p.append(f"data.text_column: column {d.text_column!r} is also the label or text-pair column")
     if d.num_workers > 64:  # each worker is a process: a typo here would fork-bomb the node
@@ -405,6 +406,27 @@ def _columns_problems(columns: dict | None) -> list[str]:
     twice = [c for c, n in Counter(v for v in columns.values() if isinstance(v, str)).items() if n > 1]
     if twice:
         p.append(f"data.columns: column {twice[0]!r} is named for more than one field")
+    return p
+
+
+def _label_columns_problems(d: Any) -> list[str]:
+    """data.label_column as a list: one 0/1 column per class, at least two, each named once and none a text
+    column; the classes are the columns, so data.labels may only repeat them."""
+    columns = d.label_column
+    if not isinstance(columns, list):
+        return []
+    if not all(isinstance(c, str) and c.strip() for c in columns):
+        return [f"data.label_column: a list names one 0/1 column per class, as strings; got {_short(columns)}"]
+    if len(columns) < 2:
+        return [f"data.label_column: {columns}: one 0/1 column is a two-class label; write data.label_column: "
+                f"{columns[0] if columns else 'COLUMN'} (a list needs a column per class, at least two)"]
+    if len(set(columns)) != len(columns):
+        return [f"data.label_column: {columns} names a column twice"]
+    p = [f"data.{key}: column {getattr(d, key)!r} is also in data.label_column"
+         for key in ("text_column", "text_pair_column") if getattr(d, key) in columns]
+    if d.labels is not None and [str(x) for x in d.labels] != columns:
+        p.append(f"data.labels: {_short(d.labels)} differs from data.label_column {_short(columns)}: with a column "
+                 "per class the classes are those columns, in order; leave data.labels out")
     return p
 
 

@@ -78,6 +78,10 @@ class SeqCls(Task):
         self.pair = d.text_pair_column
         if self.pair and self.pair not in records[0]:
             raise DataError(f"{source}: column {self.pair!r} (data.text_pair_column) not found")
+        if isinstance(d.label_column, list):  # one 0/1 column per class (Jigsaw): multi-label, the columns its classes
+            self.label = [_pick(records, c, (), "label", "data.label_column", source) for c in d.label_column]
+            self.multi_label, self.id_names = True, None
+            return list(self.label)
         self.label = _pick(records, d.label_column, _LABEL_COLUMNS, "label", "data.label_column", source)
         self.multi_label = _holds_lists(records, self.label)
         if d.labels is not None:  # (the labels as given: data.labels may keep spellings apart that differ in spaces)
@@ -100,7 +104,8 @@ class SeqCls(Task):
                 raise DataError(f"{where}: no column {col!r}; the record has {fields_of(record)}")
             if col and (not isinstance(val, str) or not val.strip()):
                 raise DataError(f"{where}: column {col!r} must be a non-empty string, got {val!r}")
-        target = self._target(record.get(self.label), where, label2id)
+        target = (_flags(record, self.label, where) if isinstance(self.label, list)
+                  else self._target(record.get(self.label), where, label2id))
         enc = tokenizer(text, pair, truncation=True, max_length=cfg.data.max_length)
         out = {"input_ids": enc["input_ids"], "labels": target,
                TRUNCATED: overflowed(enc, cfg.data.max_length)}
@@ -178,6 +183,28 @@ class SeqCls(Task):
             out["confusion_matrix"] = {"labels": list(labels),
                                        "counts": confusion_matrix(y_true, y_pred, labels=ids).tolist()}
         return out
+
+
+# A class column's yes/no as written: JSON numbers and booleans, CSV text, parquet/pandas floats.
+_FLAGS = {"0": 0, "1": 1, "0.0": 0, "1.0": 1, "false": 0, "true": 1}
+
+
+def _flags(record: dict, columns: list[str], where: str) -> list[int]:
+    """A record's 0/1 entry per class, read from one column per class (data.label_column: [toxic, ...])."""
+    hot = []
+    for column in columns:
+        if column not in record:
+            raise DataError(f"{where}: no label column {column!r} (data.label_column); the record has "
+                            f"{fields_of(record)}")
+        value = record[column]
+        flag = _FLAGS.get(str(value).strip().lower()) if isinstance(value, (str, int, float)) else None
+        if flag is None:
+            # (Jigsaw's test_labels.csv marks the rows it does not score -1)
+            raise DataError(f"{where}: column {column!r} holds {value!r}; a class column holds 0 or 1 (or "
+                            "true/false)", hint="drop the records whose classes are unknown (-1 in Jigsaw's "
+                            "test labels)" if str(value).strip() == "-1" else None)
+        hot.append(flag)
+    return hot
 
 
 def _as_list(value: Any) -> list:
