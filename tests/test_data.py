@@ -822,7 +822,7 @@ def test_predicted_tags_stay_on_their_words(tiny_bert):
     their own tags (they used to shift one word left)."""
     from transformers import AutoTokenizer
 
-    from scaletune.infer import word_tags
+    from scaletune.labelling import word_tags
 
     tok = AutoTokenizer.from_pretrained(tiny_bert)
     words = ["alpha", "\u200b", "beta", "gamma"]
@@ -840,7 +840,7 @@ def test_predicted_tag_of_a_split_word_is_its_first_sub_tokens(tiny_bert):
     eval scores it; predict must not take a later sub-token's (the last one's used to win)."""
     from transformers import AutoTokenizer
 
-    from scaletune.infer import word_tags
+    from scaletune.labelling import word_tags
 
     tok = AutoTokenizer.from_pretrained(tiny_bert)
     words = ["alpha", "Parisian", "bravo"]

@@ -126,7 +126,7 @@ def test_a_bare_space_sub_token_is_not_its_words_label(tmp_path):
     lacks "Ġ,": the ids stay the running text's, but the word is labelled in training, and its tag read in
     predict, on its first sub-token that is more than that bare "Ġ" (one token for every such word, which a
     causal model reads before the word)."""
-    from scaletune.infer import _tag
+    from scaletune.labelling import tag as _tag
 
     (tmp_path / "src").mkdir()
     tok = _reloaded(_llama3, tmp_path)

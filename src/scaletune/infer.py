@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 import os
 import shutil
 import sys
@@ -21,6 +20,7 @@ from .config import NO_CHAT_FORMATS, RunConfig
 from .data import tokenised_differently
 from .data.readers import WHERE
 from .errors import ConfigError, DataError, UserError, failed_write, write_error
+from .labelling import classify, is_multi_label, tag
 from .seqlen import position_limit
 
 log = logging.getLogger("scaletune")
@@ -155,7 +155,7 @@ def run_predict(cfg: RunConfig, adapter: str | None, source: str | None, max_new
     if threshold is not None and cfg.task != "seq_cls":
         raise UserError(f"--threshold: {cfg.task} has no per-class decisions; only a multi-label seq_cls run has")
     model, tokenizer, task, labels, path = load_trained(cfg, adapter)
-    if threshold is not None and not _multi_label(model):
+    if threshold is not None and not is_multi_label(model):
         raise UserError(f"--threshold: the adapter at {path} is single-label (each line gets its most probable "
                         "class); a threshold applies to multi-label runs", hint="--top-k K lists the K most "
                         "probable classes with their scores")
@@ -219,8 +219,8 @@ def _answer(cfg: RunConfig, model: Any, tokenizer: Any, labels: list[str] | None
             texts = generate_batch(model, tokenizer, [segments for _, segments in batch], max_new_tokens, sampling)
             return [{"prompt": prompt, "completion": text} for (prompt, _), text in zip(batch, texts)]
         if cfg.task == "seq_cls":
-            return _classify(model, tokenizer, labels, cfg.data.max_length, batch, top_k, threshold)
-        return _tag(model, tokenizer, labels, cfg.data.max_length, batch)
+            return classify(model, tokenizer, labels, cfg.data.max_length, batch, top_k, threshold)
+        return tag(model, tokenizer, labels, cfg.data.max_length, batch)
 
 
 def _refuse_unembeddable(model: Any, tokenizer: Any, items: list[dict], inputs: list) -> None:
@@ -259,110 +259,6 @@ def _task_input(cfg: RunConfig, task: Any, tokenizer: Any, item: dict) -> Any:
     if cfg.task == "seq_cls":
         return predict_input.seq_cls_input(item, *predict_input.text_columns(task, cfg))
     return predict_input.token_cls_input(item, predict_input.tokens_column(task, cfg))
-
-
-def _classify(model: Any, tokenizer: Any, labels: list[str], max_length: int,
-              given: list[tuple[str, str | None]], top_k: int | str | None = None,
-              threshold: float | None = None) -> list[dict]:
-    """{"text", "text_pair" (a pair model only), "label", "score"} for each (text, pair) input, "scores" (the
-    `top_k` most probable classes, or all of them for "all", as {"label", "score"}, best first) when asked,
-    and "truncated" when max_length cut it. A multi-label model's lines give "labels" and "scores" instead
-    (`_multi_labels`)."""
-    from .tasks.base import overflowed
-
-    texts = [text for text, _ in given]
-    pairs = [pair for _, pair in given] if given[0][1] is not None else None  # (a pair model: every line has one)
-    enc = tokenizer(texts, pairs, truncation=True, max_length=max_length, padding=True, padding_side="right",
-                    return_tensors="pt")
-    logits = model(**enc.to(model.device)).logits.float()
-    if _multi_label(model):
-        return [{**line, **({"truncated": True} if overflowed(enc, max_length, i) else {})}
-                for i, line in enumerate(_multi_labels(labels, logits, given, top_k, threshold))]
-    probs = logits.softmax(-1)
-    k = probs.shape[-1] if top_k == "all" else min(top_k or 1, probs.shape[-1])
-    # a stable sort puts the first of tied classes first, as max() picks it: "label" is "scores"' first entry.
-    # One read-back of the batch's best labels and scores (two per line would wait on a GPU twice a line)
-    scores, order = (t[:, :k].tolist() for t in probs.sort(dim=-1, descending=True, stable=True))
-    out = []
-    for i, ((text, pair), ids, top) in enumerate(zip(given, order, scores)):
-        echo = {"text": text} if pair is None else {"text": text, "text_pair": pair}
-        out.append({**echo, "label": labels[ids[0]], "score": top[0]})
-        if top_k is not None:
-            out[-1]["scores"] = [{"label": labels[j], "score": p} for j, p in zip(ids, top)]
-        if overflowed(enc, max_length, i):  # (the model saw only the first max_length tokens: say so on the line)
-            out[-1]["truncated"] = True
-    return out
-
-
-def _multi_label(model: Any) -> bool:
-    """Whether the classifier scores each class with a sigmoid of its own (saved in its config)."""
-    return getattr(model.config, "problem_type", None) == "multi_label_classification"
-
-
-def _multi_labels(labels: list[str], logits: torch.Tensor, given: list[tuple[str, str | None]],
-                  top_k: int | str | None, threshold: float | None = None) -> list[dict]:
-    """A multi-label model's lines: "labels", every class whose sigmoid exceeds `threshold` (0.5) in label-set
-    order, and "scores" for them (or for the `top_k` best classes, "all": every class, chosen or not), best
-    first."""
-    # the logit of the threshold: 0.5 is a logit above 0 exactly, as eval decides it (a float32 sigmoid rounds)
-    cut = 0.5 if threshold is None else threshold
-    chosen = (logits > math.log(cut / (1 - cut))).tolist()
-    scores, order = (t.tolist() for t in logits.sigmoid().sort(dim=-1, descending=True, stable=True))
-    out = []
-    for (text, pair), picked, ids, probs in zip(given, chosen, order, scores):
-        k = len(ids) if top_k == "all" else top_k if top_k is not None else sum(picked)
-        out.append({"text": text, **({} if pair is None else {"text_pair": pair}),
-                    "labels": [name for name, on in zip(labels, picked) if on],
-                    "scores": [{"label": labels[j], "score": p} for j, p in zip(ids[:k], probs[:k])]})
-    return out
-
-
-def _tag(model: Any, tokenizer: Any, labels: list[str], max_length: int, sentences: list[list[str]]) -> list[dict]:
-    """{"tokens", "tags", "entities"} for each sentence, and "truncated_words" when max_length cut words off; a
-    sentence split from raw text (predict_input.TextWords) also echoes its "text", and its entities give their
-    character offsets in it."""
-    from .tasks.base import overflowed
-    from .tasks.token_cls import labelled_word_ids, word_inputs, words_cut
-
-    # (a raw-text line's TextWords as a plain list: the tokenizer takes lists of str)
-    enc = tokenizer([word_inputs(tokenizer, list(words)) for words in sentences], is_split_into_words=True,
-                    truncation=True, max_length=max_length, padding=True, padding_side="right", return_tensors="pt")
-    preds = model(**enc.to(model.device)).logits.argmax(-1).tolist()
-    out = []
-    for i, (words, pred) in enumerate(zip(sentences, preds)):
-        word_ids = labelled_word_ids(tokenizer, enc["input_ids"][i].tolist(), enc.word_ids(i))
-        tags = word_tags(word_ids, pred, labels, len(words))
-        result = _tagged(words, tags)
-        n_cut = words_cut(word_ids, len(words), overflowed(enc, max_length, i))
-        if n_cut:  # their "O" is not a prediction: say so on the line itself
-            result["truncated_words"] = n_cut
-        out.append(result)
-    return out
-
-
-def _tagged(words: list[str], tags: list[str]) -> dict:
-    """One sentence's output: its words, tags and entities; raw text's with the text and character offsets."""
-    from .tasks.token_cls import char_entities, entities
-
-    found = entities(words, tags)
-    if not isinstance(words, predict_input.TextWords):
-        return {"tokens": words, "tags": tags, "entities": found}
-    return {"text": words.text, "tokens": list(words), "tags": tags,
-            "entities": char_entities(found, words.text, words.spans)}
-
-
-def word_tags(word_ids: list, pred: list[int], labels: list[str], n_words: int) -> list[str]:
-    """Each word's tag is its first sub-token's, placed by word index, so a word with no sub-tokens (a
-    zero-width space) does not shift the words after it; it is tagged from its neighbours
-    (token_cls.fill_blank_words). A word cut off by max_length is "O" (`run_predict` reports cut words in the
-    line's "truncated_words")."""
-    from .tasks.token_cls import fill_blank_words
-
-    tags: list[str | None] = [None] * n_words
-    for pos in reversed(range(len(word_ids))):
-        if word_ids[pos] is not None:
-            tags[word_ids[pos]] = labels[pred[pos]]
-    return fill_blank_words(tags)
 
 
 def prompt_segments(item: dict, tokenizer: Any, trained_format: str | None = None) -> tuple[str, list]:
