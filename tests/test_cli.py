@@ -524,6 +524,8 @@ class Recorder(torch.nn.Module):
     device = torch.device("cpu")
 
     def __init__(self, n_labels: int, per_token: bool):
+        from types import SimpleNamespace
+
         super().__init__()
         self.n_labels, self.per_token, self.seen = n_labels, per_token, []
         self.config = SimpleNamespace(problem_type=None)  # (single-label, as predict reads a real model's config)

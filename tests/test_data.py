@@ -1602,3 +1602,17 @@ def test_predict_reads_a_txt_of_conll_columns_as_conll_and_plain_sentences_as_li
         ["EU rejects German call to boycott British lamb.", "John says O"]
     # a seq_cls run (no tags) reads a .txt as lines, as before
     assert len(read_inputs(str(conll), None)) == 5
+
+
+def test_tag_column_lines_are_recognised_by_their_place_and_docstart():
+    """A .txt is read as a tagger's CoNLL columns only where every sampled line has two or more columns and one
+    of the tags in data.conll_columns' tag place (counted from 1, negative from the end); a bare -DOCSTART- line
+    is allowed among them. Lines of a single tag name are plain text."""
+    from scaletune.predict_input import conll_lines
+
+    tags = ["O", "B-ORG", "B-PER"]
+    assert conll_lines(["-DOCSTART-", "", "EU B-ORG", "rejects O"], tags)
+    assert not conll_lines(["O", "B-ORG"], tags)  # (one column: words, not a word and its tag)
+    assert not conll_lines(["EU B-ORG", "then a plain sentence"], tags)  # (every sampled line, not the first)
+    assert conll_lines(["EU B-ORG NNP", "rejects O VBZ"], tags, 2)
+    assert not conll_lines(["EU B-ORG NNP", "rejects O VBZ"], tags, 3)

@@ -257,6 +257,21 @@ def test_the_wandb_project_of_a_run_json_that_is_no_object_is_the_asked_one(tmp_
     assert _wandb_place(tmp_path) == ("scaletune", None)
 
 
+def test_a_run_json_from_before_entities_were_recorded_keeps_the_asked_entity(tmp_path, monkeypatch, caplog):
+    """A run.json that records the project but no entity key (written before WANDB_ENTITY was recorded) says
+    nothing of where the run started: the resume logs under $WANDB_ENTITY as it did, unwarned, and W&B still
+    sees that variable (read as "started under the default entity", it was dropped from the environment)."""
+    from scaletune.tracking import _wandb_place
+
+    (tmp_path / "run.json").write_text(json.dumps({"wandb_project": "sentiment"}))
+    monkeypatch.delenv("WANDB_PROJECT", raising=False)
+    monkeypatch.setenv("WANDB_ENTITY", "team-a")
+    with caplog.at_level(logging.WARNING, logger="scaletune"):
+        assert _wandb_place(tmp_path) == ("sentiment", "team-a")
+    assert "goes on in entity" not in caplog.text
+    assert os.environ.get("WANDB_ENTITY") == "team-a"
+
+
 @pytest.mark.parametrize("first", ["team-a", None])
 def test_a_resume_logs_to_the_wandb_entity_its_run_started_under(tmp_path, monkeypatch, caplog, first):
     """WANDB_ENTITY, like WANDB_PROJECT, is kept from the run's first start: a requeued job whose environment

@@ -147,6 +147,45 @@ def test_a_bare_space_sub_token_is_not_its_words_label(tmp_path):
     assert _tag(SpaceSaysLoc(), tok, ["O", "B-LOC"], 64, [WORDS])[0]["tags"] == ["O"] * len(WORDS)
 
 
+def _qwen2(tmp_path):
+    """Qwen 2's shape: Llama 3's split and ByteLevel, but no BOS token, so a sentence's first word is at 0."""
+    from tokenizers import Regex, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = _bpe(pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]),
+               ["<|endoftext|>"])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+
+
+@pytest.mark.parametrize(("build", "words", "tags", "want"), [
+    (_llama3, ["Paris", ","], ["B-LOC", "O"], ["ĠParis", ","]),  # the last word's "Ġ" "," (no "Ġ," learned)
+    (_qwen2, ["2019"], ["B-LOC"], ["201"]),  # no BOS: the "Ġ" at position 0 is the first word's
+])
+def test_a_bare_space_is_skipped_at_either_end_of_the_sentence(tmp_path, build, words, tags, want):
+    """The bare "Ġ" of the sentence's last word (no EOS after it), and of its first word where no BOS comes
+    before it, is no label's place either: the label sits on the word's next sub-token."""
+    (tmp_path / "src").mkdir()
+    tok = _reloaded(build, tmp_path)
+    enc = _encode(tok, words, tags)
+    pieces = tok.convert_ids_to_tokens(enc["input_ids"])
+    assert "Ġ" in pieces, pieces  # (the case under test: a word split after its space)
+    assert [piece for piece, label in zip(pieces, enc["labels"]) if label != -100] == want, pieces
+
+
+def test_a_word_start_sub_token_keeps_its_words_label(tmp_path):
+    """Only a bare "Ġ" is passed over: "ĠParis" "ian" (a word the vocabulary lacks) is labelled on "ĠParis",
+    its first sub-token, as every other word is; and a word given with its space already is not given two."""
+    (tmp_path / "src").mkdir()
+    tok = _reloaded(_llama3, tmp_path)
+    enc = _encode(tok, ["Alice", "Parisian"], ["B-PER", "B-MISC"])
+    pieces = tok.convert_ids_to_tokens(enc["input_ids"])
+    labelled = [piece for piece, label in zip(pieces, enc["labels"]) if label != -100]
+    assert len(pieces) > 4 and labelled == ["ĠAlice", "ĠParis"], pieces
+    assert _encode(tok, [" Alice", "met"], ["B-PER", "O"])["input_ids"] == \
+        _encode(tok, ["Alice", "met"], ["B-PER", "O"])["input_ids"]
+
+
 @pytest.mark.parametrize("build", [_wordpiece, _sentencepiece, lambda p: _sentencepiece(p, metaspace=False)],
                          ids=["wordpiece", "metaspace", "sentencepiece-normalizer"])
 def test_wordpiece_and_sentencepiece_ids_are_unchanged(tmp_path, build):

@@ -690,3 +690,6 @@ def test_per_epoch_schedules_fall_due_the_asked_number_of_times_each_epoch():
             assert max(gaps) - min(gaps) <= 1  # evenly spread
     assert [s for s in range(1, 13) if Every(5).due(s)] == [5, 10] and not any(Every().due(s) for s in range(9))
     assert Every.per_epoch(50, 999).describe() == "at steps 20, 40, 60, ..., 999 of each epoch of 999"
+    # up to six steps are all named; a single one reads "step"
+    assert Every.per_epoch(6, 12).describe() == "at steps 2, 4, 6, 8, 10, 12 of each epoch of 12"
+    assert Every.per_epoch(1, 7).describe() == "at step 7 of each epoch of 7"
