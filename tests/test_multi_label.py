@@ -163,3 +163,15 @@ def test_multi_label_metrics_average_only_classes_that_occur():
     assert metrics["micro_f1"] == pytest.approx(f1_score(y_true, y_pred, average="micro"))
     assert metrics["macro_f1"] == pytest.approx(f1_score(y_true, y_pred, average="macro", labels=[0, 1]))
     assert metrics["per_class"]["c"]["support"] == 0
+
+
+def test_eval_of_a_multi_label_adapter_refuses_a_single_label_file(make_config, tmp_path, capsys):
+    """`scaletune eval --data` reads the file as the adapter was trained (multi-label), as training's eval does:
+    a file of single labels was scored with softmax argmax on the sigmoid classes, exit 0."""
+    path = _multi_config(make_config, tmp_path)
+    fit(setup(load_config(path))[0], StopFlag())
+    write_jsonl(tmp_path / "single.jsonl", [{"text": "alpha golf", "label": "a"}, {"text": "bravo", "label": "b"}])
+    capsys.readouterr()
+    assert main(["eval", str(path), "--data", str(tmp_path / "single.jsonl")]) == 2
+    assert "single.jsonl:1: label 'a' must be a list of labels: the training data is multi-label" in \
+        capsys.readouterr().err

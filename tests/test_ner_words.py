@@ -22,6 +22,8 @@ def _words(text: str) -> list[str]:
     ("Smith’s “quote”", ["Smith", "’s", "“", "quote", "”"]),
     # combining marks (a decomposed accent, Devanagari vowel signs) and ZWNJ stay inside their word
     ("cafe\u0301 हिन्दी می\u200cخواهم 東京", ["cafe\u0301", "हिन्दी", "می\u200cخواهم", "東京"]),
+    # so does ZWJ, which Sinhala and Malayalam conjuncts hold ("Sri Lanka")
+    ("ශ්\u200dරී ලංකා", ["ශ්\u200dරී", "ලංකා"]),
     ("  \t ", []),
     # CoNLL-2003 keeps an initial ("M.", ~300 times, nearly all B-PER), state and month abbreviations whole
     ("M. Atherton and George W. Bush", ["M.", "Atherton", "and", "George", "W.", "Bush"]),

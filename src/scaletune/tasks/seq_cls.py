@@ -83,7 +83,9 @@ class SeqCls(Task):
             self.multi_label, self.id_names = True, None
             return list(self.label)
         self.label = _pick(records, d.label_column, _LABEL_COLUMNS, "label", "data.label_column", source)
-        self.multi_label = _holds_lists(records, self.label)
+        if key == "data.train":  # (`scaletune eval`'s file keeps the adapter's shape, which setup_cached restored:
+            # a single-label file would be scored with softmax on sigmoid classes)
+            self.multi_label = _holds_lists(records, self.label)
         if d.labels is not None:  # (the labels as given: data.labels may keep spellings apart that differ in spaces)
             # SST-2's 0/1 named by data.labels: [negative, positive]
             found = {label_name(v) for rec in records for v in _as_list(rec.get(self.label))}

@@ -333,7 +333,8 @@ _WORD = re.compile(rf"""
   | \w+(?:-\w+|(?!{_CLITIC})['’]\w+)*   # words, Anglo-Dutch, O'Neill
   | ([^\w\s])\1*                        # punctuation
 """, re.VERBOSE)
-_ZWNJ = "\u200c"  # joins the parts of one word in Persian and Indic scripts
+# ZWNJ and ZWJ join the parts of one word in Persian and Indic scripts (Sinhala's "ශ්\u200dරී", Sri, holds a ZWJ)
+_JOINERS = ("\u200c", "\u200d")
 
 
 def split_words(text: str) -> list[tuple[int, int]]:
@@ -343,12 +344,12 @@ def split_words(text: str) -> list[tuple[int, int]]:
 
 
 def _marks_as_letters(text: str) -> str:
-    """`text` with every combining mark (and ZWNJ) as a letter, one character for one: re's \\w leaves out
+    """`text` with every combining mark (and ZWNJ, ZWJ) as a letter, one character for one: re's \\w leaves out
     the vowel signs and viramas of Indic scripts and a decomposed accent (e + U+0301), which would split
     "हिन्दी" or a decomposed "café" into pieces. Spans found in it are spans of `text`."""
     if text.isascii():
         return text
-    return "".join("a" if c == _ZWNJ or unicodedata.category(c).startswith("M") else c for c in text)
+    return "".join("a" if c in _JOINERS or unicodedata.category(c).startswith("M") else c for c in text)
 
 
 def truncation_counts(cut_tags: list[list[str]]) -> dict:
