@@ -1604,6 +1604,17 @@ def test_predict_reads_a_txt_of_conll_columns_as_conll_and_plain_sentences_as_li
     assert len(read_inputs(str(conll), None)) == 5
 
 
+def test_predict_finds_conll_columns_by_the_runs_tag_column(tmp_path):
+    """A .txt whose tags sit in data.conll_columns' tag column (not the last) is read as CoNLL: predict looks
+    for the tags where training read them, not in the last column."""
+    from scaletune.predict_input import read_inputs
+
+    conll = tmp_path / "test.txt"
+    conll.write_text("EU B-ORG NNP\nrejects O VBZ\n\nPeter B-PER NNP\n", encoding="utf-8")
+    got = read_inputs(str(conll), None, [1, 2], ["B-ORG", "B-PER", "O"])
+    assert [item["tokens"] for item in got] == [["EU", "rejects"], ["Peter"]]
+
+
 def test_tag_column_lines_are_recognised_by_their_place_and_docstart():
     """A .txt is read as a tagger's CoNLL columns only where every sampled line has two or more columns and one
     of the tags in data.conll_columns' tag place (counted from 1, negative from the end); a bare -DOCSTART- line

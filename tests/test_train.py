@@ -693,3 +693,22 @@ def test_per_epoch_schedules_fall_due_the_asked_number_of_times_each_epoch():
     # up to six steps are all named; a single one reads "step"
     assert Every.per_epoch(6, 12).describe() == "at steps 2, 4, 6, 8, 10, 12 of each epoch of 12"
     assert Every.per_epoch(1, 7).describe() == "at step 7 of each epoch of 7"
+
+
+def test_a_preemption_another_rank_heard_marks_the_checkpoint_with_its_signal(make_config, tmp_path, monkeypatch, capsys):
+    """Ranks stop on the signal step_head agrees on, which another rank may have heard alone: the marker the
+    Slurm templates read (requeue on SIGUSR1), the preempted event and the message name that signal, not
+    this rank's own (none)."""
+    import signal
+
+    from scaletune import loop
+
+    marker = tmp_path / "marker"
+    monkeypatch.setenv("SCALETUNE_PREEMPT_MARKER", str(marker))
+    path = make_config("causal_lm", train={"global_batch_size": 4, "micro_batch_size": 4, "max_steps": 4})
+    run, _ = setup(load_config(path))
+    monkeypatch.setattr(loop, "step_head", lambda acc, n, stop: (n, signal.SIGUSR1 if run.step >= 2 else None))
+    assert fit(run, StopFlag()) == "preempted"
+    assert marker.read_text().splitlines() == [str(tmp_path / "run/checkpoints/step-2"), "SIGUSR1"]
+    assert read_metrics(tmp_path / "run", "preempted")[0]["signal"] == signal.SIGUSR1
+    assert "stopped on SIGUSR1 (to another rank) at step 2" in capsys.readouterr().out
