@@ -175,3 +175,62 @@ def test_eval_of_a_multi_label_adapter_refuses_a_single_label_file(make_config, 
     assert main(["eval", str(path), "--data", str(tmp_path / "single.jsonl")]) == 2
     assert "single.jsonl:1: label 'a' must be a list of labels: the training data is multi-label" in \
         capsys.readouterr().err
+
+
+def _setup_task(records: list[dict], label_column=None, labels=None):
+    from types import SimpleNamespace
+
+    from scaletune.tasks import get_task
+
+    task = get_task("seq_cls")
+    data = SimpleNamespace(text_column=None, text_pair_column=None, label_column=label_column, labels=labels,
+                           max_length=32)
+    names = task.setup(records, SimpleNamespace(data=data), "t.jsonl")
+    return task, names, {name: i for i, name in enumerate(names)}
+
+
+def test_multi_label_ids_are_named_by_data_labels_and_float_flags_are_read():
+    """Lists of integer ids (HF datasets' multi-label ClassLabel sequences) are named by data.labels in id order;
+    class columns holding floats (parquet and pandas write 1.0 / 0.0) and booleans read as their flags."""
+    from scaletune.tasks.base import WHERE
+
+    ids = [{"text": "x y", "label": [0, 2], WHERE: "t.jsonl:1"}, {"text": "y z", "label": [], WHERE: "t.jsonl:2"}]
+    task, names, label2id = _setup_task(ids, labels=["sports", "politics", "tech"])
+    assert task.multi_label and names == ["sports", "politics", "tech"]
+    assert task.encode(ids[0], _tokenizer(), _cfg(), label2id)["labels"] == [1, 0, 1]
+    columns = [{"text": "x y", "toxic": 1.0, "insult": 0.0, "threat": True, WHERE: "t.jsonl:1"},
+               {"text": "y z", "toxic": 0.0, "insult": 1.0, "threat": False, WHERE: "t.jsonl:2"}]
+    task, names, label2id = _setup_task(columns, label_column=["toxic", "insult", "threat"])
+    assert task.multi_label and names == ["toxic", "insult", "threat"]
+    assert [task.encode(rec, _tokenizer(), _cfg(), label2id)["labels"] for rec in columns] == [[1, 0, 1], [0, 1, 0]]
+
+
+def _tokenizer():
+    from scaletune.demo.tiny import train_tokenizer
+
+    return train_tokenizer(["x y z a b c"] * 4, "wordpiece", 60)
+
+
+def _cfg():
+    from types import SimpleNamespace
+
+    return SimpleNamespace(data=SimpleNamespace(max_length=32))
+
+
+def test_multi_label_predict_marks_the_lines_max_length_cut():
+    """A multi-label line the model saw only the start of says so ("truncated": true), as a single-label
+    line does; a line that fits does not."""
+    from types import SimpleNamespace
+
+    from scaletune.labelling import classify
+
+    class Sigmoids(torch.nn.Module):
+        config = SimpleNamespace(problem_type="multi_label_classification")
+        device = torch.device("cpu")
+
+        def forward(self, input_ids, attention_mask, **_):
+            return SimpleNamespace(logits=torch.tensor([[2.0, -2.0]]).expand(len(input_ids), 2))
+
+    lines = classify(Sigmoids(), _tokenizer(), ["a", "b"], 6, [("x y z " * 10, None), ("x y", None)])
+    assert [line.get("truncated") for line in lines] == [True, None]
+    assert [line["labels"] for line in lines] == [["a"], ["a"]]
