@@ -1627,3 +1627,18 @@ def test_tag_column_lines_are_recognised_by_their_place_and_docstart():
     assert not conll_lines(["EU B-ORG", "then a plain sentence"], tags)  # (every sampled line, not the first)
     assert conll_lines(["EU B-ORG NNP", "rejects O VBZ"], tags, 2)
     assert not conll_lines(["EU B-ORG NNP", "rejects O VBZ"], tags, 3)
+
+
+def test_conll_sniffing_skips_comments_and_tolerates_a_stray_tag():
+    """A "#" comment (read_conll skips it) or one tag the tagger does not know in ten lines leaves a .txt a
+    CoNLL file; below ten lines, or with more misses, or as plain sentences, it is read as lines of text."""
+    from scaletune.predict_input import conll_lines
+
+    tags = ["O", "B-ORG", "B-PER"]
+    rows = [f"w{i} {'B-ORG' if i % 3 else 'O'}" for i in range(18)]
+    assert conll_lines(["# sent_id = 1", *rows[:3]], tags)
+    assert conll_lines([*rows[:9], "Paris B-LOC"], tags)  # (1 of 10 lines: a tag the tagger lacks)
+    assert not conll_lines([*rows[:8], "Paris B-LOC"], tags)  # (below ten lines every line must fit)
+    assert not conll_lines([*rows[:17], "Paris B-LOC", "a plain sentence"], tags)  # (2 misses in 19 lines)
+    assert conll_lines([*rows, "Paris B-LOC", "# O"], tags)  # ("# O" is the "#" word, tagged)
+    assert not conll_lines(["# comment", "The cat sat on the mat .", "I saw John O"] * 10, tags)

@@ -50,3 +50,38 @@ def test_entities_of_raw_text_carry_character_offsets_into_it():
                    {"text": "Paris", "type": "LOC", "start": 4, "end": 5, "char_start": 23, "char_end": 28},
                    {"text": "France", "type": "LOC", "start": 6, "end": 7, "char_start": 30, "char_end": 36}]
     assert all(text[e["char_start"]:e["char_end"]] == e["text"] for e in got)
+
+
+@pytest.mark.parametrize(("text", "want"), [
+    ("See https://example.com/a?b=1. Or www.example.org, then",
+     ["See", "https://example.com/a?b=1", ".", "Or", "www.example.org", ",", "then"]),
+    ("(https://en.wikipedia.org/wiki/Foo_(bar)) “HTTP://x.org/p”",
+     ["(", "https://en.wikipedia.org/wiki/Foo_(bar)", ")", "“", "HTTP://x.org/p", "”"]),
+    ("Mail jane.doe+ner@mail.example.co.uk.", ["Mail", "jane.doe+ner@mail.example.co.uk", "."]),
+])
+def test_urls_and_email_addresses_are_one_word(text, want):
+    """OntoNotes keeps a URL or an e-mail address as one token, so the tagger sees it whole; the text's own
+    full stop, comma, quotes and brackets around it are not part of it (a URL's balanced "(...)" is)."""
+    assert _words(text) == want
+
+
+@pytest.mark.parametrize(("text", "want"), [
+    ("I 👩\u200d💻 for 👨\u200d👩\u200d👧!", ["I", "👩\u200d💻", "for", "👨\u200d👩\u200d👧", "!"]),
+    ("in 🇩🇪🇫🇷, 👍🏽👍 ❤️", ["in", "🇩🇪", "🇫🇷", ",", "👍🏽", "👍", "❤️"]),
+])
+def test_an_emoji_sequence_is_one_word(text, want):
+    """A ZWJ sequence, a flag and a skin tone are one grapheme cluster: one word, never parts or a bare ZWJ."""
+    assert _words(text) == want
+
+
+def test_initials_may_be_any_capital_letter():
+    """An initial keeps its full stop for any capital before a capitalised name; a small letter does not."""
+    assert _words("Ö. Yılmaz met É. Macron and A. Öztürk, Plan é. Then") == [
+        "Ö.", "Yılmaz", "met", "É.", "Macron", "and", "A.", "Öztürk", ",", "Plan", "é", ".", "Then"]
+
+
+def test_spans_of_urls_emoji_and_initials_slice_the_text():
+    text = " É. Roy  👩\u200d💻 https://x.org/a. j@x.io"
+    spans = split_words(text)
+    assert [text[a:b] for a, b in spans] == ["É.", "Roy", "👩\u200d💻", "https://x.org/a", ".", "j@x.io"]
+    assert spans[0] == (1, 3) and spans[-1] == (len(text) - 6, len(text))
