@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from scaletune.tasks.token_cls import char_entities, entities, split_words
+from scaletune.tasks.token_cls import entities
+from scaletune.tasks.words import char_entities, split_words
 
 
 def _words(text: str) -> list[str]:

@@ -92,7 +92,8 @@ def tag(model: Any, tokenizer: Any, labels: list[str], max_length: int, sentence
 
 def tagged(words: list[str], tags: list[str]) -> dict:
     """One sentence's output: its words, tags and entities; raw text's with the text and character offsets."""
-    from .tasks.token_cls import char_entities, entities
+    from .tasks.token_cls import entities
+    from .tasks.words import char_entities
 
     found = entities(words, tags)
     if not isinstance(words, predict_input.TextWords):

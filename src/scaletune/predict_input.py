@@ -22,7 +22,8 @@ from typing import Any, TextIO
 from .data.readers import WHERE, surrogate_problem, text_lines
 from .errors import DataError
 from .tasks.seq_cls import _TEXT_COLUMNS
-from .tasks.token_cls import _TOKEN_COLUMNS, split_words
+from .tasks.token_cls import _TOKEN_COLUMNS
+from .tasks.words import split_words
 
 LINE = "__line__"  # the input's line number: each output object carries it as "line"
 PLAIN = "__plain__"  # the line was plain text (held as {"text": line}), not a JSON object
