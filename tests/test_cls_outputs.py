@@ -100,6 +100,9 @@ def test_confusion_matrix_counts_gold_rows_and_predicted_columns():
     assert metrics["confusion_matrix"] == {"labels": ["neg", "pos", "neutral"],
                                            "counts": [[2, 1, 0], [1, 1, 1], [0, 0, 0]]}
     assert json.loads(json.dumps(metrics["confusion_matrix"])) == metrics["confusion_matrix"]
+    # a class neither gold nor predicted keeps its row and column: the counts still line up with "labels"
+    unseen = get_task("seq_cls").metrics([(0, 0), (2, 0), (2, 2)], 1.0, 3, ["neg", "mixed", "pos"])
+    assert unseen["confusion_matrix"]["counts"] == [[1, 0, 1], [0, 0, 0], [0, 0, 1]]
     # N^2 cells on every eval's metrics line: given up to CONFUSION_MAX_CLASSES classes, not for 3,000 intents
     from scaletune.tasks.seq_cls import CONFUSION_MAX_CLASSES
 

@@ -195,6 +195,45 @@ def test_conll_columns_pick_the_word_and_tag_of_germeval_and_conllu_files(tmp_pa
         read_records(str(tmp_path / "u.conllu"))
 
 
+
+def test_conll_newdoc_comment_of_the_files_column_count_is_still_a_comment(tmp_path):
+    """CoNLL-U's two-word keys ("# newdoc id = d1") are comments even where the line has the file's column
+    count (five columns here), so a "#" before a sentence is not read as a word tagged "d1"."""
+    text = "# newdoc id = d1\nEU NNP B-NP O B-ORG\nwins VBZ B-VP O O\n"
+    assert _conll(tmp_path / "five.conll", text) == [(["EU", "wins"], ["B-ORG", "O"], "2")]
+
+
+def test_conll_hash_line_inside_a_sentence_is_data_and_an_index_files_hash_line_a_comment(tmp_path):
+    """Where the word is the first column, a "#" line inside a sentence is data (of the wrong shape here, so
+    refused at its line, not dropped); where an index is, a "#" line is a comment even with the file's column
+    count (GermEval's "#<TAB>url date" in a file of index, word and one tag)."""
+    with pytest.raises(DataError, match=r"t.conll:3: 4 columns, earlier lines have 2"):
+        _conll(tmp_path / "t.conll", "I O\nlove O\n# a stray note\nit O\n")
+    germeval = "#\thttp://x [2009-10-17]\n1\tSchartau\tB-PER\n2\tsagte\tO\n"
+    assert _conll(tmp_path / "g.tsv", germeval, [2, 3]) == [(["Schartau", "sagte"], ["B-PER", "O"], "2")]
+
+
+def test_ten_columns_with_the_word_first_are_not_conllu(tmp_path):
+    """Only an ID-first ten-column file is CoNLL-U, whose "1-2" and "8.1" lines are no words: where the word
+    comes first, a score "3-1" or a number "2.5" is a word like any other."""
+    rest = " _" * 8
+    text = f"won{rest} O\n3-1{rest} O\nat{rest} O\n2.5{rest} O\n"
+    assert _conll(tmp_path / "ten.conll", text) == [(["won", "3-1", "at", "2.5"], ["O"] * 4, "1")]
+
+
+def test_word_column_counted_from_the_end_can_be_the_first(tmp_path):
+    """data.conll_columns [-4, -1] of a four-column file picks the first column as [1, -1] does: its "#" is a
+    word there too (CoNLL-2003's "# NN I-NP O"), not a comment."""
+    text = "rise NN I-NP O\n# NN I-NP O\n"
+    assert _conll(tmp_path / "c.conll", text, [-4, -1]) == [(["rise", "#"], ["O", "O"], "1")]
+
+
+def test_a_bare_docstart_line_does_not_set_the_column_count(tmp_path):
+    """A "-DOCSTART-" line of another column count than the data (alone on its line here) says nothing of the
+    file's layout: the data lines are not refused as ragged against it."""
+    text = "-DOCSTART-\n\nEU NNP B-NP B-ORG\nrejects VBZ B-VP O\n"
+    assert _conll(tmp_path / "d.conll", text) == [(["EU", "rejects"], ["B-ORG", "O"], "3")]
+
 def test_conll_column_past_the_line_is_refused_naming_file_line_and_key(tmp_path):
     path = tmp_path / "g.conll"
     with pytest.raises(DataError, match=r"g.conll:2: data.conll_columns \[2, 5\]: this line has 4 column\(s\), "

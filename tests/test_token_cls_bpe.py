@@ -90,6 +90,18 @@ def _sentencepiece(tmp_path, metaspace: bool = True):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
+def _space_isolated(tmp_path):
+    """Byte-level BPE whose pre-tokenizer keeps a space as a piece of its own: " a" is "Ġ" then "a", so a word's
+    ids are the same with or without a space before it, and one there would only add a "Ġ" token."""
+    from tokenizers import pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = _bpe(pre_tokenizers.Sequence([pre_tokenizers.Split(" ", behavior="isolated"),
+                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]),
+               ["<|endoftext|>"])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+
+
 def _reloaded(build, tmp_path):
     """The tokenizer as a run loads it: saved, then read back by AutoTokenizer (as with the adapter)."""
     from transformers import AutoTokenizer
@@ -186,8 +198,9 @@ def test_a_word_start_sub_token_keeps_its_words_label(tmp_path):
         _encode(tok, ["Alice", "met"], ["B-PER", "O"])["input_ids"]
 
 
-@pytest.mark.parametrize("build", [_wordpiece, _sentencepiece, lambda p: _sentencepiece(p, metaspace=False)],
-                         ids=["wordpiece", "metaspace", "sentencepiece-normalizer"])
+@pytest.mark.parametrize("build", [_wordpiece, _sentencepiece, lambda p: _sentencepiece(p, metaspace=False),
+                                   _space_isolated],
+                         ids=["wordpiece", "metaspace", "sentencepiece-normalizer", "space-isolated-bpe"])
 def test_wordpiece_and_sentencepiece_ids_are_unchanged(tmp_path, build):
     """Tokenizers that mark words otherwise keep the ids of the words as given (a space put before each word
     would give Llama 2's normalizers "▁▁Alice")."""
