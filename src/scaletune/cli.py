@@ -81,8 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="generate (causal_lm) or label (seq_cls/token_cls) inputs")
     _add_config(p)
     p.add_argument("--adapter", help=_ADAPTER_HELP)
-    p.add_argument("--input", default="-", help="file of lines (text or JSON objects); '-' = stdin; each output "
-                   "line names its input line (\"line\": N)")
+    p.add_argument("--input", default="-", help="file of lines (text or JSON objects; a csv/tsv/parquet/CoNLL file or "
+                   "JSON array is read as training reads it); '-' = stdin; each output line names its input line "
+                   "(\"line\": N)")
     p.add_argument("--max-new-tokens", type=int, default=64,
                    help="causal_lm: most tokens a completion may add (default 64; cut at the model's context)")
     p.add_argument("--temperature", type=float, default=0.0,
@@ -92,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="causal_lm, with --temperature: the sampling seed")
     p.add_argument("--top-k", type=top_k_option, default=None, metavar="K",
                    help="seq_cls: add \"scores\", the K most probable classes with their scores, best first "
-                        "('all': every class)")
+                        "('all': every class; not sampling: causal_lm samples with --temperature/--top-p)")
     p.add_argument("--threshold", type=threshold_option, default=None, metavar="T",
                    help="seq_cls multi-label: a class is in a line's \"labels\" where its sigmoid exceeds T "
                         "(default 0.5, as eval scores)")

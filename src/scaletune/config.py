@@ -101,8 +101,9 @@ class DataConfig:
     tags_column: str | None = _f(None, "token_cls: column with the tag list (default: tags/ner_tags).")
     conll_columns: list | None = _f(None, "token_cls CoNLL column files: [word column, tag column], counted from 1, "
                                     "negative from the end (-1: the last); default [1, -1], word first and tag "
-                                    "last (CoNLL-2003). GermEval 2014: [2, 3]. A CoNLL-U file (.conllu) has no "
-                                    "NER column and needs this key: [2, N], FORM and the column holding the tags.")
+                                    "last (CoNLL-2003). GermEval 2014: [2, 3] (its .tsv files with data.format: "
+                                    "conll, or a .tsv is read as a table). A CoNLL-U file (.conllu) has no NER "
+                                    "column and needs this key: [2, N], FORM and the column holding the tags.")
     labels: list | None = _f(None, "seq_cls/token_cls: the label set, in order; default: sorted from train. With integer "
                                "labels (ids) in the data, their names in id order, e.g. [negative, positive].")
     group_by_length: bool = _f(True, "Sort each window of 50 global batches by length to cut padding (a training "
@@ -144,7 +145,8 @@ class TrainConfig:
     seed: int = _f(42, "Seed for data order, initialisation and dropout.")
     eval_every: int | None = _f(200, "Evaluate every N optimizer steps (and at the end); null: end only.")
     evals_per_epoch: int | None = _f(None, "Evaluate N times per epoch instead, at steps spread evenly over each "
-                                     "epoch with the last at its end (the run's start logs which).")
+                                     "epoch with the last at its end (the run's start logs which; at most once a "
+                                     "step); leave eval_every unset.")
     neftune_noise_alpha: float | None = _f(None, "NEFTune: while training (never in eval or generation) add uniform "
                                            "noise in [-a, a] to the input embeddings, a = alpha / sqrt(row width x "
                                            "hidden size), as HF Trainer and TRL do; the paper's values are 5-15. "
@@ -156,13 +158,15 @@ class TrainConfig:
                                  "lower is better). Needs eval data.")
     early_stopping_patience: int | None = _f(None, "Stop after this many evals in a row that do not beat the best "
                                              "best_metric (by more than early_stopping_threshold); the run then "
-                                             "ends, complete, at that step. Needs best_metric and eval_every.")
+                                             "ends, complete, at that step. Needs best_metric and eval_every (or "
+                                             "evals_per_epoch).")
     early_stopping_threshold: float = _f(0.0, "How much an eval must beat the best best_metric by to reset "
                                          "early_stopping_patience (in the metric's units); best_adapter/ follows "
                                          "any better eval.")
     save_every: int | None = _f(200, "Write a resumable checkpoint every N optimizer steps.")
     saves_per_epoch: int | None = _f(None, "Checkpoint N times per epoch instead, at steps spread evenly over "
-                                     "each epoch with the last at its end.")
+                                     "each epoch with the last at its end (at most once a step); leave save_every "
+                                     "unset.")
     log_every: int = _f(10, "Log metrics every N optimizer steps (the loss: their mean).")
     save_total_limit: int | None = _f(3, "Keep only the newest N checkpoints; null keeps all.")
     on_nonfinite: Literal["stop", "skip"] = _f("stop", "Non-finite loss/grad norm: stop, or skip the update.")

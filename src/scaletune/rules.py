@@ -342,8 +342,8 @@ def _best_and_early_stopping(cfg: RunConfig) -> list[str]:
         if t.best_metric is None:
             p.append("train.early_stopping_patience: needs train.best_metric, the eval metric it watches")
         if not (t.eval_every or t.evals_per_epoch):
-            p.append("train.early_stopping_patience: needs train.eval_every (with evals only at the end there is "
-                     "nothing to stop early)")
+            p.append("train.early_stopping_patience: needs train.eval_every or evals_per_epoch (with evals only at "
+                     "the end there is nothing to stop early)")
     if not (t.early_stopping_threshold >= 0):
         p.append(f"train.early_stopping_threshold: must be >= 0, got {t.early_stopping_threshold}")
     return p
