@@ -72,15 +72,13 @@ def tag(model: Any, tokenizer: Any, labels: list[str], max_length: int, sentence
     sentence split from raw text (predict_input.TextWords) also echoes its "text", and its entities give their
     character offsets in it."""
     from .tasks.base import overflowed
-    from .tasks.token_cls import labelled_word_ids, word_inputs, words_cut
+    from .tasks.token_cls import tokenise_words, words_cut
 
-    # (a raw-text line's TextWords as a plain list: the tokenizer takes lists of str)
-    enc = tokenizer([word_inputs(tokenizer, list(words)) for words in sentences], is_split_into_words=True,
-                    truncation=True, max_length=max_length, padding=True, padding_side="right", return_tensors="pt")
+    enc, labelled = tokenise_words(tokenizer, sentences, max_length, padding=True, padding_side="right",
+                                   return_tensors="pt")
     preds = model(**enc.to(model.device)).logits.argmax(-1).tolist()
     out = []
-    for i, (words, pred) in enumerate(zip(sentences, preds)):
-        word_ids = labelled_word_ids(tokenizer, enc["input_ids"][i].tolist(), enc.word_ids(i))
+    for i, (words, pred, word_ids) in enumerate(zip(sentences, preds, labelled)):
         tags = word_tags(word_ids, pred, labels, len(words))
         result = tagged(words, tags)
         n_cut = words_cut(word_ids, len(words), overflowed(enc, max_length, i))

@@ -90,9 +90,7 @@ class TokenCls(Task):
         unknown = [t for t, name in zip(record[self.tags], tags) if name not in label2id]
         if unknown:
             raise unknown_label(record.get(WHERE, "?"), "tag", unknown[0], label2id)
-        enc = tokenizer(word_inputs(tokenizer, record[self.tokens]), is_split_into_words=True, truncation=True,
-                        max_length=cfg.data.max_length)
-        word_ids = labelled_word_ids(tokenizer, enc["input_ids"], enc.word_ids())
+        enc, (word_ids,) = tokenise_words(tokenizer, [record[self.tokens]], cfg.data.max_length)
         cut = overflowed(enc, cfg.data.max_length)
         labels, previous = [], None
         for word in word_ids:
@@ -105,7 +103,7 @@ class TokenCls(Task):
         # gold tags travel too, so eval scores them in place (an entity they sit in is broken, as in `predict`)
         seen = set(word_ids)
         blank_at = [i for i in range(len(tags) - n_cut) if i not in seen]
-        return {"input_ids": enc["input_ids"], "labels": labels, "cut_tags": cut_tags, "blank_at": blank_at,
+        return {"input_ids": enc["input_ids"][0], "labels": labels, "cut_tags": cut_tags, "blank_at": blank_at,
                 "blank_tags": [label2id[tags[i]] for i in blank_at], TRUNCATED: cut}
 
     def collate(self, examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
@@ -170,6 +168,19 @@ class TokenCls(Task):
 
 _BARE_SPACES = ("Ġ", "▁")  # a space alone, as byte-level BPE and SentencePiece vocabularies write it
 _SPACE_MARKS_WORDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> space_marks_words
+
+
+def tokenise_words(tokenizer: Any, sentences: list[list[str]], max_length: int, **kwargs: Any) -> tuple[Any, list]:
+    """Sentences given as word lists, tokenised as training, eval and `predict` all do (so a tagger sees at
+    predict time the ids it was trained on): each word in its word-start form (`word_inputs`), cut at
+    `max_length`. Returns the batch encoding (`kwargs`: padding, tensors) and each sentence's word ids with a
+    bare-space first sub-token left out (`labelled_word_ids`): where a word's label sits and its tag is read."""
+    # (a raw-text line's TextWords as a plain list: the tokenizer takes lists of str)
+    enc = tokenizer([word_inputs(tokenizer, list(words)) for words in sentences], is_split_into_words=True,
+                    truncation=True, max_length=max_length, **kwargs)
+    ids = enc["input_ids"]
+    return enc, [labelled_word_ids(tokenizer, ids[i].tolist() if hasattr(ids[i], "tolist") else ids[i],
+                                   enc.word_ids(i)) for i in range(len(sentences))]
 
 
 def word_inputs(tokenizer: Any, words: list[str]) -> list[str]:
