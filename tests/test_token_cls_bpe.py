@@ -252,17 +252,18 @@ def test_predict_tokenises_words_as_training_did(tmp_path, monkeypatch):
     assert [g["tokens"] for g in got] == [WORDS, WORDS]
 
 
-@pytest.mark.parametrize("build,changed", [(_generic_bpe, True), (_wordpiece, False), (_sentencepiece, False)],
+@pytest.mark.parametrize("build,changed", [(_generic_bpe, True), (_wordpiece, False), (_sentencepiece, True)],
                          ids=["byte-level", "wordpiece", "metaspace"])
 def test_an_older_token_cls_adapter_is_warned_of_only_where_its_ids_changed(tmp_path, build, changed):
-    """Data version 14 changed the ids of byte-level tokenizers (and Gemma's: test_token_cls_families) only: an adapter or checkpoint recorded at 7 is
-    told it may have been trained on other ids with such a tokenizer, and not with WordPiece or SentencePiece,
-    whose ids are those it was trained on."""
+    """Data version 14 changed the ids of byte-level tokenizers (and Gemma's: test_token_cls_families), and 15
+    moved the label off a bare "▁" in SentencePiece ones: an adapter or checkpoint recorded at 7 is told it may
+    have been trained on other ids or label places with such a tokenizer, and not with WordPiece, whose ids and
+    label places are those it was trained on."""
     from scaletune.data import tokenisation, tokenised_differently
 
     (tmp_path / "src").mkdir()
     tok = _reloaded(build, tmp_path)
-    assert tokenisation("token_cls") == "token_cls-14"
+    assert tokenisation("token_cls") == "token_cls-15"
     assert (tokenised_differently("token_cls-7", "token_cls", tok) is not None) == changed
     assert tokenised_differently("token_cls-6", "token_cls", tok) is not None  # (older: other changes too)
     assert tokenised_differently("token_cls-7", "token_cls") is not None  # (no tokenizer at hand: may differ)

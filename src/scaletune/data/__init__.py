@@ -39,11 +39,12 @@ log = logging.getLogger("scaletune")
 # weight-0 answers stay untrained under train_on_prompt; 11: causal_lm's BOS only where the tokenizer puts it;
 # 12: causal_lm text tokenised in one piece (SentencePiece); 13: the built-in template's header after a tool
 # result, an answer or a system prompt; 14: token_cls words of a byte-level BPE tokenizer (GPT-2, RoBERTa, Llama 3)
-# or of Gemma's are tokenised with the space before them, in their word-start ("Ġ", "▁") form
-CACHE_VERSION = "14"
+# or of Gemma's are tokenised with the space before them, in their word-start ("Ġ", "▁") form; 15: a token_cls
+# word whose first sub-token is a bare space ("▁" "2" "0" ...) is labelled on its next one with every tokenizer
+CACHE_VERSION = "15"
 # The data version at which each task's token ids or targets last changed (a cache version changes for more:
 # a count in the meta, a refusal): what checkpoints and adapters record as how their data was tokenised.
-TOKENISATION = {"causal_lm": "13", "seq_cls": "9", "token_cls": "14"}
+TOKENISATION = {"causal_lm": "13", "seq_cls": "9", "token_cls": "15"}
 
 
 def tokenisation(task: str) -> str:
@@ -55,19 +56,29 @@ def tokenised_differently(recorded: Any, task: str, tokenizer: Any = None) -> st
     """What to say of data a checkpoint or adapter records as tokenised `recorded` (`tokenisation`), or None if
     that is this scaletune's. The data file can be the same (the same train_digest) and still give other ids:
     v11 stopped adding a BOS the tokenizer does not add itself, v13 changed the built-in template's rendering, v14
-    gave token_cls words of a byte-level BPE tokenizer (and Gemma's) their word-start form."""
+    gave token_cls words of a byte-level BPE tokenizer (and Gemma's) their word-start form, v15 labels a word on
+    the sub-token after a bare-space first one with every tokenizer (v14: byte-level BPE's and Gemma's)."""
     now = tokenisation(task)
     if recorded == now:
         return None
-    if (recorded, now) == ("token_cls-7", "token_cls-14") and tokenizer is not None:
-        from ..tasks.token_cls import space_marks_words
-
-        if not space_marks_words(tokenizer):  # (v14 changed byte-level BPE and Gemma-style tokenizers' ids only)
+    if recorded in ("token_cls-7", "token_cls-14") and now == "token_cls-15" and tokenizer is not None:
+        if not _token_cls_changed(recorded, tokenizer):
             return None
     if recorded is None:
         return "was written before scaletune recorded how it tokenises (its data version), by a scaletune that " \
                "may have tokenised otherwise"
     return f"was trained on data tokenised by another scaletune (data version {recorded}, now {now})"
+
+
+def _token_cls_changed(recorded: str, tokenizer: Any) -> bool:
+    """Whether token_cls data tokenised at `recorded` (7 or 14) may have other ids or label positions now: v14
+    changed the ids of tokenizers whose space marks a word's start, v15 the label positions of those with a
+    bare-space token that v14 left on it (SentencePiece's "▁": Llama 2, T5, XLM-R; not WordPiece)."""
+    from ..tasks.token_cls import bare_space_ids, space_marks_words
+
+    if space_marks_words(tokenizer):  # (v14 gave them their word-start ids and already skipped a bare space)
+        return recorded == "token_cls-7"
+    return bool(bare_space_ids(tokenizer))
 
 
 def cache_root() -> Path:

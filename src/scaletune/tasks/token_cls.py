@@ -168,6 +168,7 @@ class TokenCls(Task):
 
 _BARE_SPACES = ("Ġ", "▁")  # a space alone, as byte-level BPE and SentencePiece vocabularies write it
 _SPACE_MARKS_WORDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> space_marks_words
+_BARE_SPACE_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> bare_space_ids
 
 
 def tokenise_words(tokenizer: Any, sentences: list[list[str]], max_length: int, **kwargs: Any) -> tuple[Any, list]:
@@ -199,19 +200,36 @@ def word_inputs(tokenizer: Any, words: list[str]) -> list[str]:
 
 def labelled_word_ids(tokenizer: Any, ids: list[int], word_ids: list) -> list:
     """`word_ids` with a word's first sub-token left out (None, as a special token is) where it is a bare space
-    ("Ġ", Gemma's "▁") and the word has more: Llama 3's and Qwen 2's split keeps digits from the space (" 2019"
-    is "Ġ" "201" "9"), and a vocabulary may lack "Ġ,". That "Ġ" is one token for every such word and says nothing of it (a
-    causal model reads it before the word): the word is labelled, and its tag read, on its next sub-token."""
-    if not space_marks_words(tokenizer):
+    ("Ġ", "▁") and the word has more: the word is labelled, and its tag read, on its next sub-token. That space is
+    one token for every such word and says nothing of it, and a causal model reads it before the word: Llama 3's
+    and Qwen 2's split keeps digits from the space (" 2019" is "Ġ" "201" "9"), Llama 2's and Mistral's
+    SentencePiece splits digits one by one (" 2019" is "▁" "2" "0" "1" "9"), and a vocabulary may lack "Ġ," or
+    "▁(". One rule for every tokenizer that has such a token (WordPiece has none)."""
+    bare = bare_space_ids(tokenizer)
+    if not bare:
         return word_ids
-    pieces = tokenizer.convert_ids_to_tokens(list(ids))
     out = list(word_ids)
     for pos in range(len(out) - 1):
         word = out[pos]
         first = word is not None and (pos == 0 or word_ids[pos - 1] != word)
-        if first and pieces[pos] in _BARE_SPACES and word_ids[pos + 1] == word:
+        if first and ids[pos] in bare and word_ids[pos + 1] == word:
             out[pos] = None
     return out
+
+
+def bare_space_ids(tokenizer: Any) -> frozenset[int]:
+    """The ids of the tokenizer's bare-space tokens ("Ġ", "▁"): the first sub-token `labelled_word_ids` skips."""
+    try:
+        return _BARE_SPACE_IDS[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    vocab = tokenizer.get_vocab()
+    found = frozenset(vocab[piece] for piece in _BARE_SPACES if piece in vocab)
+    try:
+        _BARE_SPACE_IDS[tokenizer] = found
+    except TypeError:
+        pass
+    return found
 
 
 def space_marks_words(tokenizer: Any) -> bool:
