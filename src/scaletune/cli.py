@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.add_argument("--adapter", help=_ADAPTER_HELP)
     p.add_argument("--data", help="data file to evaluate (default: data.eval)")
+    p.add_argument("--predictions", metavar="FILE.jsonl", help="also write one JSON line per eval example, in the "
+                   "file's order (its \"line\", gold and predicted labels or its loss); FILE must not exist")
 
     p = sub.add_parser("predict", help="generate (causal_lm) or label (seq_cls/token_cls) inputs")
     _add_config(p)
@@ -218,6 +220,8 @@ def check_args(args: argparse.Namespace) -> None:
     if cmd == "eval" and args.data and not args.data.startswith("hub:") and not Path(args.data).is_file():
         what = "is a directory" if Path(args.data).is_dir() else "file not found"
         problems.append(f"--data {args.data}: {what}")
+    if cmd == "eval" and args.predictions is not None and (problem := new_file_problem(args.predictions)):
+        problems.append(f"--predictions {args.predictions}: {problem}")
     if cmd == "merge":
         out = Path(args.out)
         if out.exists() and not out.is_dir():
@@ -250,6 +254,22 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(problems[0])
     if problems:
         raise UserError(problems, title=f"scaletune {cmd}: bad arguments")
+
+
+def new_file_problem(path: str) -> str | None:
+    """Why a new file cannot be written at `path` (it exists: nothing the user has is overwritten; its directory
+    is missing or not writable), or None."""
+    target = Path(path)
+    if target.exists() or target.is_symlink():
+        return "exists; choose a new file (nothing is overwritten)"
+    parent = target.absolute().parent
+    if not parent.exists():
+        return f"directory {parent} does not exist"
+    if not parent.is_dir():
+        return f"{parent} is not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot create it in {parent} (permission denied)"
+    return None
 
 
 def dispatch(args: argparse.Namespace) -> int:
@@ -291,7 +311,7 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "eval":
         from .infer import run_eval
 
-        metrics = run_eval(cfg, args.adapter, args.data)
+        metrics = run_eval(cfg, args.adapter, args.data, args.predictions)
         import json
 
         print(json.dumps(metrics, indent=2, default=float))  # (full precision: compared with metrics.jsonl)

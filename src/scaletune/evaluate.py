@@ -15,11 +15,34 @@ from .progress import Progress
 def evaluate(accelerator: Any, model: Any, task: Any, dataset: Any, labels: list[str] | None, micro: int,
              pad_id: int) -> dict:
     """Loss and task metrics over the whole eval set (identical result at any world size)."""
+    preds, loss_sum, n_targets, _ = _score(accelerator, model, task, dataset, micro, pad_id, per_example=False)
+    return task.metrics(preds, loss_sum, n_targets, labels)
+
+
+@torch.no_grad()
+def evaluate_examples(accelerator: Any, model: Any, task: Any, dataset: Any, labels: list[str] | None, micro: int,
+                      pad_id: int) -> tuple[dict, list[tuple]]:
+    """`evaluate`'s metrics, and every example's (prediction, task's extra output) in the dataset's order,
+    gathered from all ranks: the metrics are computed from those very predictions."""
+    task.per_example = True  # (causal_lm's chunked loss then keeps each row's loss, which costs a pass per row)
+    try:
+        preds, loss_sum, n_targets, examples = _score(accelerator, model, task, dataset, micro, pad_id,
+                                                      per_example=True)
+    finally:
+        del task.per_example  # (back to the class's False: an instance attribute would enter its cache_meta)
+    return task.metrics(preds, loss_sum, n_targets, labels), [(pred, extra) for _, pred, extra in examples]
+
+
+def _score(accelerator: Any, model: Any, task: Any, dataset: Any, micro: int, pad_id: int,
+           per_example: bool) -> tuple[list, float, int, list[tuple]]:
+    """(predictions of all ranks, summed loss, targets, and with `per_example` each example's (index,
+    prediction or None, extra output) sorted by index) over the whole dataset."""
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64)
     n_targets = 0
     preds: list = []
+    examples: list[tuple] = []
     batches = eval_batches(column_values(dataset, "length"), micro, accelerator.num_processes,
                            accelerator.process_index)
     # an eval set of thousands takes minutes on a CPU with nothing on screen, as if hung
@@ -33,10 +56,14 @@ def evaluate(accelerator: Any, model: Any, task: Any, dataset: Any, labels: list
             continue  # padding round: this rank only kept ZeRO-3's collective forwards in step
         loss_sum += loss.double().cpu()
         n_targets += task.count_targets(batch)
+        rows: list = []
         if logits is not None:  # None: causal_lm's chunked loss never builds them (and needs none)
             # on the device: the tasks take argmaxes (causal_lm takes nothing), where a float32 host copy of
             # causal_lm's logits would be batch x targets x vocabulary x 4 bytes, ~2 GB at Llama 3's vocabulary
-            preds += task.predictions(logits, batch)
+            rows = task.predictions(logits, batch)
+            preds += rows
+        if per_example:  # (batches are length-sorted and dealt over ranks: the index puts them back in order)
+            examples += zip(idx, rows or [None] * len(idx), task.example_outputs(logits, batch))
     progress.close()
     totals = accelerator.reduce(torch.tensor([loss_sum.item(), float(n_targets)], device=accelerator.device,
                                              dtype=torch.float64), "sum")
@@ -44,6 +71,7 @@ def evaluate(accelerator: Any, model: Any, task: Any, dataset: Any, labels: list
         from accelerate.utils import gather_object
 
         preds = gather_object(preds)
+        examples = gather_object(examples) if per_example else examples
     if was_training:
         model.train()
-    return task.metrics(preds, float(totals[0]), int(totals[1]), labels)
+    return preds, float(totals[0]), int(totals[1]), sorted(examples, key=lambda e: e[0])

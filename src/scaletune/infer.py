@@ -108,10 +108,12 @@ def on_device(cfg: RunConfig, model: Any) -> tuple[Any, Any]:
     return acc, model
 
 
-def run_eval(cfg: RunConfig, adapter: str | None, data: str | None) -> dict:
+def run_eval(cfg: RunConfig, adapter: str | None, data: str | None, predictions: str | None = None) -> dict:
+    """The adapter's metrics on the eval data; `predictions`: also write each example's line to that new file
+    (the main process), in the data's order."""
     from .data import build_datasets, build_eval_only
     from .data.sources import describe
-    from .evaluate import evaluate
+    from .evaluate import evaluate, evaluate_examples
     from .model import AUTOCAST_DTYPES, check_vocabulary
 
     path = _adapter_dir(cfg, adapter)  # (a missing adapter is the first thing to say)
@@ -119,6 +121,10 @@ def run_eval(cfg: RunConfig, adapter: str | None, data: str | None) -> dict:
         cfg.data.eval, cfg.data.eval_fraction = data, None
     if not (cfg.data.eval or cfg.data.eval_fraction):
         raise ConfigError("nothing to evaluate: set data.eval (or data.eval_fraction) or pass --data FILE")
+    if predictions and not cfg.data.eval:
+        # (the held-out split is tokenised, maybe cached, without the records its lines would name)
+        raise UserError(f"--predictions {predictions}: needs an eval file (data.eval or --data FILE); the "
+                        "examples data.eval_fraction holds out of data.train have no lines to name")
     if not cfg.data.eval:
         check_held_out(cfg, path)
     model, tokenizer, task, labels, _ = load_trained(cfg, str(path))
@@ -127,15 +133,37 @@ def run_eval(cfg: RunConfig, adapter: str | None, data: str | None) -> dict:
         # the loss as training's evals computed it (not under ZeRO-3, whose partitioned head it cannot use)
         task.enable_chunked_loss(model, AUTOCAST_DTYPES.get(acc.mixed_precision))
     cfg.data.labels = labels if labels else cfg.data.labels
+    sources: list | None = [] if predictions else None  # the record behind each eval example
     if cfg.data.eval:  # labels come from the adapter: the training file is not needed (or read)
         # problems are named by where the path came from: --data, or the config's data.eval
-        evalset = build_eval_only(cfg, task, tokenizer, "--data" if data else "data.eval")
+        evalset = build_eval_only(cfg, task, tokenizer, "--data" if data else "data.eval", sources)
     else:  # data.eval_fraction: the part of the training file that training held out
         evalset = build_datasets(cfg, task, tokenizer, None, for_eval=True)["eval"]
     check_vocabulary(model, tokenizer, {"eval": evalset}, "--data" if data else "data.eval")
     what = cfg.data.eval or f"the {cfg.data.eval_fraction:g} of {describe(cfg.data.train)} that training held out"
     log.info("eval: adapter %s on %d example(s) of %s", path, len(evalset), what)
-    return evaluate(acc, model, task, evalset, labels, cfg.train.micro_batch_size, tokenizer.pad_token_id)
+    if not predictions:
+        return evaluate(acc, model, task, evalset, labels, cfg.train.micro_batch_size, tokenizer.pad_token_id)
+    metrics, examples = evaluate_examples(acc, model, task, evalset, labels, cfg.train.micro_batch_size,
+                                          tokenizer.pad_token_id)
+    if acc.is_main_process:
+        write_predictions(predictions, task, labels, sources, examples)
+    return metrics
+
+
+def write_predictions(target: str, task: Any, labels: list[str] | None, records: list[dict],
+                      examples: list[tuple]) -> None:
+    """One JSON line per eval example (its record's file:line, then the task's fields) to the new file
+    `target`; a file that appeared there since the arguments were checked is refused, not replaced."""
+    try:
+        out = open(target, "x", encoding="utf-8")  # noqa: SIM115  (closed below; "x": never overwrite)
+    except FileExistsError:
+        raise UserError(f"--predictions {target}: exists; choose a new file (nothing is overwritten)") from None
+    with out:
+        for record, (pred, extra) in zip(records, examples, strict=True):
+            line = {"line": record.get(WHERE), **task.example_line(pred, extra, record, labels)}
+            out.write(json.dumps(line, ensure_ascii=False) + "\n")
+    log.info("eval: %d example line(s) written to %s", len(examples), target)
 
 
 @torch.no_grad()

@@ -25,6 +25,7 @@ from ..distributed import main_process_first
 from ..errors import DataError, UserError
 from ..fileutil import sha256_file
 from ..progress import Progress
+from .batching import column_values
 from .readers import WHERE, read_records
 from .sources import describe, read_train_records, train_sources, weighted
 
@@ -140,21 +141,24 @@ def fingerprint(cfg: Any, tokenizer: Any, train: str | None = None) -> str:
 # set's lists (which took 10x the file's size); with data.num_proc > 1 the pieces are the workers' tasks.
 CHUNK = 2000
 
-_WORK: tuple | None = None  # (records, task, tokenizer, cfg, label2id) while _encode_all runs: forked workers read it
+_WORK: tuple | None = None  # (records, task, tokenizer, cfg, label2id, sourced) while _encode_all runs: forked workers read it
+RECORD = "record"  # column of `_encode_all(sourced=True)`: the index in `records` each example was encoded from
 
 
 def _encode_span(span: tuple[int, int]) -> dict:
     """Encode records[start:end] of `_WORK` into columns plus the counts `dropped`, `truncated`, `unstopped`."""
     from ..tasks.base import TRUNCATED, UNSTOPPED  # (tasks import data's readers)
 
-    records, task, tokenizer, cfg, label2id = _WORK
+    records, task, tokenizer, cfg, label2id, sourced = _WORK
     columns: dict[str, list] = {"input_ids": [], "labels": [], "length": []}
     dropped = truncated = unstopped = 0
-    for rec in records[span[0]:span[1]]:
+    for at, rec in enumerate(records[span[0]:span[1]], start=span[0]):
         ex = task.encode(rec, tokenizer, cfg, label2id)
         if ex is None:
             dropped += 1
             continue
+        if sourced:  # (a dropped record leaves a gap: the examples' positions no longer say which record)
+            columns.setdefault(RECORD, []).append(at)
         truncated += bool(ex.pop(TRUNCATED, False))
         unstopped += bool(ex.pop(UNSTOPPED, False))
         columns["length"].append(len(ex["input_ids"]))
@@ -244,10 +248,11 @@ def _workers(n: int) -> Iterator[Any]:
 
 
 def _encode_all(records: list[dict], task: Any, tokenizer: Any, cfg: Any, label2id: dict | None,
-                shown: bool = True) -> tuple[Any, dict]:
+                shown: bool = True, sourced: bool = False) -> tuple[Any, dict]:
     """Encode every record, in order: (a Dataset of the examples kept, or None if none was, and the counts
     `dropped` / `truncated` / `unstopped`). A bad record's DataError is raised here, from a worker too.
-    `shown`: progress on screen (300k Alpaca records took ~50 s on 2 cores with nothing shown)."""
+    `shown`: progress on screen (300k Alpaca records took ~50 s on 2 cores with nothing shown). `sourced`:
+    the Dataset has a RECORD column, each example's index in `records`."""
     global _WORK
     from concurrent.futures.process import BrokenProcessPool
 
@@ -257,7 +262,7 @@ def _encode_all(records: list[dict], task: Any, tokenizer: Any, cfg: Any, label2
     counts = {"dropped": 0, "truncated": 0, "unstopped": 0}
     parts = []
     procs = tokenize_processes(cfg)
-    _WORK = (records, task, tokenizer, cfg, label2id)
+    _WORK = (records, task, tokenizer, cfg, label2id, sourced)
     progress = Progress(len(records), "tokenising", "records", shown=shown and len(spans) > 1)
     try:
         with _spill_dir(len(spans) > 1) as spill, _workers(min(procs, len(spans))) as pool:
@@ -472,10 +477,11 @@ def build_datasets(cfg: Any, task: Any, tokenizer: Any, accelerator: Any = None,
     return {"train": train, "eval": evalset, "labels": labels, "stats": meta, "train_digest": digest}
 
 
-def build_eval_only(cfg: Any, task: Any, tokenizer: Any, key: str) -> Any:
+def build_eval_only(cfg: Any, task: Any, tokenizer: Any, key: str, sources: list | None = None) -> Any:
     """`scaletune eval`'s dataset: the file cfg.data.eval alone, read, set up and tokenised once, its problems
     named by `key` (--data, or data.eval when the path came from the config), never data.train. The labels
-    are the adapter's (cfg.data.labels); not cached."""
+    are the adapter's (cfg.data.labels); not cached. `sources`, when given, is filled with the record each
+    example was encoded from, in the dataset's order (a record with no target tokens has no example)."""
     records = read_records(cfg.data.eval, key=key, conll=cfg.data.format == "conll",
                            conll_columns=cfg.data.conll_columns)
     labels = task.setup(records, cfg, cfg.data.eval, key=key)
@@ -483,7 +489,8 @@ def build_eval_only(cfg: Any, task: Any, tokenizer: Any, key: str) -> Any:
     if ignored:
         log.warning(ignored)
     evalset, counted = _encode_all(records, task, tokenizer, cfg,
-                                   {name: i for i, name in enumerate(labels)} if labels else None)
+                                   {name: i for i, name in enumerate(labels)} if labels else None,
+                                   sourced=sources is not None)
     dropped, truncated = counted["dropped"], counted["truncated"]  # (unstopped: a training-time concern)
     if evalset is None:
         raise DataError(f"{key}: no usable examples in {cfg.data.eval} ({dropped} had no target tokens within "
@@ -491,6 +498,9 @@ def build_eval_only(cfg: Any, task: Any, tokenizer: Any, key: str) -> Any:
     if dropped:  # scored on fewer examples than the file holds: say so, as training does
         log.warning("%s: %d example(s) skipped: no target tokens within data.max_length=%d", key, dropped,
                     cfg.data.max_length)
+    if sources is not None:
+        sources[:] = [records[i] for i in column_values(evalset, RECORD)]
+        evalset = evalset.remove_columns(RECORD)
     note = task.eval_warning(evalset, labels, cfg)
     if note:
         log.warning(note)

@@ -97,8 +97,20 @@ class Task:
         return int((batch["labels"] != IGNORE).sum())
 
     # --- eval ---
+    per_example = False  # `eval --predictions` is scoring: keep what `example_outputs` needs (evaluate_examples)
+
     def predictions(self, logits: torch.Tensor, batch: dict) -> list:
         return []
+
+    def example_outputs(self, logits: torch.Tensor | None, batch: dict) -> list:
+        """Per example of `batch`, what its `eval --predictions` line needs beyond `predictions` (a score, a
+        loss): None each unless the task says otherwise."""
+        return [None] * len(batch["input_ids"])
+
+    def example_line(self, pred: Any, extra: Any, record: dict, labels: list[str] | None) -> dict:
+        """One eval example's `eval --predictions` line (without its "line"), from its `predictions` entry
+        (None where the task has none), `example_outputs` entry and the record it was encoded from."""
+        raise NotImplementedError
 
     def metrics(self, preds: list, loss_sum: float, n_targets: int, labels: list[str] | None) -> dict:
         raise NotImplementedError

@@ -217,8 +217,8 @@ class CausalLM(Task):
             width = batch["input_ids"].shape[1]
             inputs.update(cu_seq_lens_q=batch["cu_seq_lens"], cu_seq_lens_k=batch["cu_seq_lens"],
                           max_length_q=width, max_length_k=width)
-        if self._head is not None:
-            return self._chunked_loss_sum(model, inputs, batch), None
+        if self._head is not None and (total := self._chunked_loss_sum(model, inputs, batch)) is not None:
+            return total, None
         # Position t predicts token t+1. Only positions that have a target need logits: with prompt
         # masking that skips the vocabulary projection (and its float32 loss) for every prompt token.
         labels = batch["labels"][:, 1:]
@@ -233,7 +233,7 @@ class CausalLM(Task):
             logits = model(**inputs, use_cache=False).logits[:, at]
         return ce_sum(logits, labels[:, keep]), logits
 
-    def _chunked_loss_sum(self, model: Any, inputs: dict, batch: dict) -> torch.Tensor:
+    def _chunked_loss_sum(self, model: Any, inputs: dict, batch: dict) -> torch.Tensor | None:
         from .chunked_ce import head_cross_entropy
 
         # Through the model's own forward (DDP / DeepSpeed hooks stay in charge); logits only for the
@@ -255,17 +255,40 @@ class CausalLM(Task):
             log.warning(
                 "train.chunked_loss: this model's logits are not head(last hidden state); using the usual loss")
             self._head = None
-            return self.loss_sum(model, batch)[0]
+            return None  # (loss_sum goes on the usual way, its logits kept for eval's predictions)
         self._checked = True
         # The positions followed by a target, found by the collator on the CPU (see collate).
         index = batch.get("target_index")
         index = target_positions(batch["labels"]) if index is None else index
-        hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
-        return head_cross_entropy(hidden.to(dtype), w, b, batch["labels"].reshape(-1).index_select(0, index + 1))
+        hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index).to(dtype)
+        targets = batch["labels"].reshape(-1).index_select(0, index + 1)
+        if self.per_example:  # each row's own sum, for example_outputs (the total below is still the metric's)
+            rows = torch.bincount(index // batch["labels"].shape[1], minlength=len(batch["labels"])).tolist()
+            self._row_sums = [float(head_cross_entropy(h, w, b, t)) if len(t) else 0.0
+                              for h, t in zip(hidden.split(rows), targets.split(rows))]
+        return head_cross_entropy(hidden, w, b, targets)
 
     @staticmethod
     def count_targets(batch: dict) -> int:
         return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+    _row_sums: list[float] | None = None  # each row's summed loss, from the chunked loss (per_example only)
+
+    def example_outputs(self, logits: torch.Tensor | None, batch: dict) -> list:
+        """Per example: (summed loss over its target tokens, how many there are)."""
+        counts = (batch["labels"][:, 1:] != IGNORE).sum(1).tolist()
+        if logits is None:  # the chunked loss kept each row's sum
+            sums, self._row_sums = self._row_sums, None
+        else:  # the logits are those of the target columns (loss_sum)
+            labels = batch["labels"][:, 1:][:, target_columns(batch["labels"])]
+            sums = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE,
+                                                     reduction="none").sum(1).tolist()
+        return list(zip(sums, counts))
+
+    def example_line(self, pred: Any, extra: Any, record: dict, labels: list[str] | None) -> dict:
+        """The example's mean loss over its target tokens, and their count."""
+        loss_sum, n = extra
+        return {"loss": loss_sum / max(n, 1), "tokens": n}
 
     def metrics(self, preds: list, loss_sum: float, n_targets: int, labels: list[str] | None) -> dict:
         loss = loss_sum / max(n_targets, 1)

@@ -162,6 +162,24 @@ class SeqCls(Task):
             return list(zip((logits > 0).int().tolist(), batch["labels"].int().tolist()))
         return list(zip(logits.argmax(-1).tolist(), batch["labels"].tolist()))
 
+    def example_outputs(self, logits: torch.Tensor, batch: dict) -> list:
+        """Single-label: the probability of each example's predicted class (multi-label: None)."""
+        if self.multi_label:
+            return [None] * len(logits)
+        return logits.float().softmax(-1).max(-1).values.tolist()
+
+    def example_line(self, pred: Any, extra: Any, record: dict, labels: list[str] | None) -> dict:
+        """The text (and pair), gold and predicted label names (multi-label: lists), and whether they agree."""
+        predicted, gold = pred
+        line = {"text": record.get(self.text)}
+        if self.pair:
+            line["text_pair"] = record.get(self.pair)
+        if self.multi_label:
+            return {**line, "label": [labels[j] for j, on in enumerate(gold) if on],
+                    "predicted": [labels[j] for j, on in enumerate(predicted) if on], "correct": predicted == gold}
+        return {**line, "label": labels[gold], "predicted": labels[predicted], "score": extra,
+                "correct": predicted == gold}
+
     def metrics(self, preds: list, loss_sum: float, n_targets: int, labels: list[str] | None) -> dict:
         from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
 
