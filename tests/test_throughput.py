@@ -335,12 +335,12 @@ def test_every_rank_stops_on_the_same_signal(mine, peers, agreed):
     from scaletune.loop import _STOP_ORDER, step_head
 
     def with_peer(t, op):  # the other rank's head: the same count, and the signal it heard
-        return t + torch.tensor([37, *[int(peers is not None and sig == getattr(signal, peers)) for sig in _STOP_ORDER]])
+        return t + torch.tensor([37, 37, *[int(peers is not None and sig == getattr(signal, peers)) for sig in _STOP_ORDER]])
 
     stop = StopFlag.__new__(StopFlag)
     stop.signal = getattr(signal, mine) if mine else None
     two = SimpleNamespace(num_processes=2, device=torch.device("cpu"), reduce=with_peer)
-    assert step_head(two, 37, stop) == (74, getattr(signal, agreed) if agreed else None)
+    assert step_head(two, 37, stop) == (74, 74.0, getattr(signal, agreed) if agreed else None)
 
 
 def test_step_head_and_norm_need_no_extra_device_round_trips():
@@ -357,12 +357,13 @@ def test_step_head_and_norm_need_no_extra_device_round_trips():
     stop = StopFlag.__new__(StopFlag)
     stop.signal = None
     one = SimpleNamespace(num_processes=1, reduce=no_reduce)
-    assert step_head(one, 37, stop) == (37, None)
+    assert step_head(one, 37, stop) == (37, 37.0, None)
     stop.signal = signal.SIGTERM
-    assert step_head(one, 37, stop) == (37, signal.SIGTERM)
+    assert step_head(one, 37, stop) == (37, 37.0, signal.SIGTERM)
     two = SimpleNamespace(num_processes=2, device=torch.device("cpu"),
                           reduce=lambda t, op: t * 2)  # the peer has the same count and flag
-    assert step_head(two, 37, stop) == (74, signal.SIGTERM)
+    assert step_head(two, 37, stop) == (74, 74.0, signal.SIGTERM)
+    assert step_head(two, 37, stop, 5.25) == (74, 10.5, signal.SIGTERM)  # class weights: the float denominator
 
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(2)]

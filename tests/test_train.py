@@ -707,7 +707,8 @@ def test_a_preemption_another_rank_heard_marks_the_checkpoint_with_its_signal(ma
     monkeypatch.setenv("SCALETUNE_PREEMPT_MARKER", str(marker))
     path = make_config("causal_lm", train={"global_batch_size": 4, "micro_batch_size": 4, "max_steps": 4})
     run, _ = setup(load_config(path))
-    monkeypatch.setattr(loop, "step_head", lambda acc, n, stop: (n, signal.SIGUSR1 if run.step >= 2 else None))
+    monkeypatch.setattr(loop, "step_head", lambda acc, n, stop, w=None: (n, n if w is None else w,
+                                                                   signal.SIGUSR1 if run.step >= 2 else None))
     assert fit(run, StopFlag()) == "preempted"
     assert marker.read_text().splitlines() == [str(tmp_path / "run/checkpoints/step-2"), "SIGUSR1"]
     assert read_metrics(tmp_path / "run", "preempted")[0]["signal"] == signal.SIGUSR1

@@ -163,6 +163,16 @@ class TrainConfig:
     early_stopping_threshold: float = _f(0.0, "How much an eval must beat the best best_metric by to reset "
                                          "early_stopping_patience (in the metric's units); best_adapter/ follows "
                                          "any better eval.")
+    class_weights: str | dict | None = _f(None, "seq_cls/token_cls: weight the training loss by class for "
+                                          "imbalanced data. balanced: n_examples / (n_classes x count) from the "
+                                          "training data's labels (token_cls: the labelled words' tags; "
+                                          "multi-label: each class's positive weight, negatives / positives), "
+                                          "computed once, logged and kept in run.json and the checkpoints (a "
+                                          "resume uses them); or {label: weight}, labels left out weighing 1. "
+                                          "The loss is sum(w x loss) / sum(w) over the whole optimizer step "
+                                          "(multi-label: BCEWithLogitsLoss's pos_weight, mean over examples x "
+                                          "classes). Eval reports the unweighted loss, comparable across runs "
+                                          "and to `scaletune eval`'s.")
     save_every: int | None = _f(200, "Write a resumable checkpoint every N optimizer steps.")
     saves_per_epoch: int | None = _f(None, "Checkpoint N times per epoch instead, at steps spread evenly over "
                                      "each epoch with the last at its end (at most once a step); leave save_every "

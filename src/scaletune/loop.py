@@ -4,7 +4,9 @@ Loss normalisation is the point to understand. Each micro-batch returns the *sum
 losses; before the step we all-reduce the number of target tokens of the whole optimizer step (all
 micro-batches, all ranks). Scaling each micro-batch's sum by accum * world / n_targets makes the
 accumulated, rank-averaged gradient exactly the gradient of the mean over every target token of the
-step, so micro 1 x accumulation 4 equals micro 4 x accumulation 1, at any world size.
+step, so micro 1 x accumulation 4 equals micro 4 x accumulation 1, at any world size. With
+train.class_weights the sums are weighted and the count is the targets' summed weight (`Task.loss_weight`): the
+step's loss is sum(w_y * loss) / sum(w_y) over the whole step, as CrossEntropyLoss(weight=w) over it at once.
 """
 
 from __future__ import annotations
@@ -64,7 +66,10 @@ def fit(run: Run, stop: StopFlag) -> str:
     model.train()
     stop.catch_interrupts()  # Ctrl-C from here on: a checkpoint at the next step boundary (see StopFlag)
     for micro_batches in batches(run.step, end):
-        n_global, stopped_by = step_head(acc, sum(task.count_targets(b) for b in micro_batches), stop)
+        # targets (counted for the logs) and the loss's denominator: the targets again, or with class weights
+        # their summed weight (float), both over every micro-batch and rank
+        n_global, weight_global, stopped_by = step_head(acc, sum(task.count_targets(b) for b in micro_batches), stop,
+                                                        sum(task.loss_weight(b) for b in micro_batches))
         if stopped_by is not None:
             guard.settle(boundary=True)
             path = save_checkpoint(run)
@@ -79,14 +84,14 @@ def fit(run: Run, stop: StopFlag) -> str:
             return "preempted"
         # Dropout etc. draw from (seed, step, rank): a resumed run replays exactly the same randomness.
         torch.manual_seed(t.seed + 1_000_003 * (run.step + 1) + rank)
-        scale = run.accum * world / n_global
+        scale = run.accum * world / weight_global
         loss_sum = torch.zeros((), device=acc.device)
         for batch in micro_batches:
             speed.count(batch)
             batch = send_to_device(batch, acc.device, non_blocking=True)  # (pays off for pinned batches)
             run.batch_shape = tuple(batch["input_ids"].shape)  # for an out-of-memory message
             with acc.accumulate(model):
-                loss = task.loss_sum(model, batch)[0]  # drop the logits now: they would outlive backward
+                loss = task.train_loss_sum(model, batch)[0]  # drop the logits now: they would outlive backward
                 loss = faults.at_step(run.step + 1, loss)  # test-only failures; a no-op unless asked
                 # accelerate (or DeepSpeed) divides by the accumulation steps; `scale` undoes that.
                 # A per-step regulariser (AdaLoRA) is added unscaled: after that division its
@@ -95,7 +100,7 @@ def fit(run: Run, stop: StopFlag) -> str:
                 acc.backward(loss * scale + (reg if reg is not None else 0.0))
                 loss_sum += loss.detach().float()
                 if acc.sync_gradients:
-                    norm_loss = clip_and_norm(acc, trainable, t.max_grad_norm, loss_sum, n_global)
+                    norm_loss = clip_and_norm(acc, trainable, t.max_grad_norm, loss_sum, weight_global)
                     # The lr this update applies (or would have, if skipped as non-finite): after
                     # scheduler.step() the optimizer holds the next step's. On resume, setup() restores it.
                     step_lr = optimizer.param_groups[0]["lr"]
@@ -165,20 +170,24 @@ def mark_preempted(acc: Any, path: Any, signum: int | None) -> None:
 _STOP_ORDER = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, name))
 
 
-def step_head(acc: Any, n_local: int, stop: StopFlag) -> tuple[int, int | None]:
-    """The step's target count over all ranks (for the loss) and the signal every rank stops on, or None (so
-    every rank stops at the same boundary after SIGUSR1/SIGTERM/Ctrl-C on any of them, and all name the same
-    signal: the preempted event's and the marker's, which decides a requeue): one small all-reduce. A single
-    process needs no device round trip, which on a GPU would wait for the previous step."""
+def step_head(acc: Any, n_local: int, stop: StopFlag, weight_local: float | None = None) -> tuple[int, float, int | None]:
+    """The step's target count over all ranks, the loss's denominator over all ranks (`weight_local`: this
+    rank's summed target weight under class weights; None: the target count) and the signal every rank stops on,
+    or None (so every rank stops at the same boundary after SIGUSR1/SIGTERM/Ctrl-C on any of them, and all name
+    the same signal: the preempted event's and the marker's, which decides a requeue): one small all-reduce, in
+    float64 (exact for counts below 2**53, and for the float weights). A single process needs no device round
+    trip, which on a GPU would wait for the previous step."""
+    weight_local = float(n_local) if weight_local is None else weight_local
     if acc.num_processes == 1:
-        return n_local, stop.signal
+        return n_local, weight_local, stop.signal
     heard = [int(stop.signal == sig) for sig in _STOP_ORDER]
-    head = acc.reduce(torch.tensor([n_local, *heard], device=acc.device), "sum").tolist()
-    return int(head[0]), next((sig for sig, n in zip(_STOP_ORDER, head[1:]) if n > 0), None)
+    head = acc.reduce(torch.tensor([n_local, weight_local, *heard], dtype=torch.float64, device=acc.device),
+                      "sum").tolist()
+    return round(head[0]), head[1], next((sig for sig, n in zip(_STOP_ORDER, head[2:]) if n > 0), None)
 
 
 def clip_and_norm(acc: Any, params: list, max_norm: float | None, loss_sum: torch.Tensor,
-                  n_global: int) -> torch.Tensor:
+                  n_global: float) -> torch.Tensor:
     """Clip to `max_norm` (if set); return [global gradient norm, the step's mean loss] as one device
     tensor, the same on every rank (nothing here waits for the GPU)."""
     loss = acc.reduce(loss_sum, "sum") / n_global

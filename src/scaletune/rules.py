@@ -8,6 +8,7 @@ import math
 import re
 from typing import Any
 
+from .class_weights import config_problems as class_weight_problems
 from .config import (
     _PEFT_SIZE_KEYS,
     BOOL_HINT,
@@ -153,6 +154,7 @@ def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_c
         if cfg.task in ("seq_cls", "token_cls") and len(d.labels) < (2 if cfg.task == "seq_cls" else 1):
             p.append(f"data.labels: {cfg.task} needs at least {2 if cfg.task == 'seq_cls' else 1} label(s), "
                      f"got {len(d.labels)}")
+    p += class_weight_problems(cfg)
 
     method = cfg.peft_method
     if not isinstance(cfg.peft.get("method", "lora"), str):

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from . import checkpoint as ckpt
-from . import methods, nonfinite, runlock
+from . import class_weights, methods, nonfinite, runlock
 from .config import RunConfig
 from .data import tokenisation, tokenised_differently
 from .distributed import raise_main_rank_failure
@@ -92,6 +92,7 @@ class Run:
     batch_shape: tuple = ()
     counters: dict = field(default_factory=lambda: {"nonfinite_skips": 0, "tokens_seen": 0})
     resumed_from: Path | None = None  # the checkpoint this run continues (its path's best adapter is beside it)
+    class_weights: dict | None = None  # {label: weight} the loss uses (train.class_weights), as checkpoints keep it
 
 
 def build_optimizer(cfg: RunConfig, model: Any) -> Any:
@@ -206,6 +207,7 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
     task = get_task(cfg.task)
     data = build_datasets(cfg, task, tokenizer, accelerator)
     n_train = len(data["train"])
+    weights = class_weights.resolve(cfg, data["labels"], data["train"], getattr(task, "multi_label", False))
     per_epoch = n_train // t.global_batch_size
     if per_epoch == 0:
         packed = data["stats"].get("packed_examples")
@@ -256,7 +258,7 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
                     "at most %.0f%% of train.learning_rate%s; lower train.warmup_steps / warmup_ratio", warmup, total,
                     100 * peak, " and nothing is trained" if peak == 0 else "")
     run = Run(cfg, accelerator, model, optimizer, scheduler, task, data, tokenizer, out, total, accum, fingerprint,
-              given_config, eval_every=every["eval"], save_every=every["save"])
+              given_config, eval_every=every["eval"], save_every=every["save"], class_weights=weights)
     error = None
     if accelerator.is_main_process:
         try:
@@ -281,6 +283,7 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
     raise_main_rank_failure(accelerator, error, str(out), hint=RESUME_AFTER_WRITE)
     if resume_from is not None:
         restore(run, resume_from)
+    use_class_weights(run)
     if accelerator.is_main_process:
         from .tracking import write_run_json
 
@@ -294,7 +297,8 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
                                   "truncated_examples": data["stats"].get("truncated"),
                                   "eval_examples": len(data["eval"]) if data["eval"] is not None else 0,
                                   "trainable_params": trainable, "total_params": all_params,
-                                  "labels": data["labels"], "config_fingerprint": fingerprint,
+                                  "labels": data["labels"], "class_weights": run.class_weights,
+                                  "config_fingerprint": fingerprint,
                                   "resumed_from": str(resume_from) if resume_from else None})
     if t.report_to:
         from .tracking import start_trackers
@@ -338,6 +342,7 @@ def restore(run: Run, resume_from: Path) -> None:
         group["lr"] = lr
     methods.load_method_state(model, state["method_tensors"], state.get("method_state") or {})
     run.step, run.counters, run.resumed_from = state["step"], state["counters"], resume_from
+    run.class_weights = class_weights.recorded(state, run.cfg, run.data["labels"]) or run.class_weights
     nonfinite.load_loss_scale_state(accelerator, model, state)  # else fp16's scale starts over at 2**16
     if run.step > run.total_steps:
         raise UserError(f"checkpoint {resume_from} is at step {run.step}, past this run's {run.total_steps} steps; "
@@ -369,6 +374,17 @@ def restore(run: Run, resume_from: Path) -> None:
                             hint="fix the cause, then run the same command again")
     accelerator.print(f"resumed from {resume_from} at step {run.step} "
                       f"(saved at world size {state['world_size']}, now {accelerator.num_processes})")
+
+
+def use_class_weights(run: Run) -> None:
+    """Give the task the run's class weights (a resume's: the checkpoint's) and log them once."""
+    if run.class_weights is None:
+        return
+    run.task.set_class_weights(list(run.class_weights.values()))
+    if run.accelerator.is_main_process:
+        what = "multi-label positive weights" if getattr(run.task, "multi_label", False) else "class weights"
+        log.info("train.class_weights (%s%s): %s", what, ", from the checkpoint" if run.resumed_from else "",
+                 class_weights.describe(run.class_weights))
 
 
 def refuse_what_cannot_run_here(cfg: RunConfig, world: int) -> None:
@@ -408,7 +424,8 @@ def save_checkpoint(run: Run) -> Path:
              **nonfinite.loss_scale_state(run.accelerator, run.model),  # fp16: GradScaler's or DeepSpeed's
              "global_batch_size": run.cfg.train.global_batch_size,
              "config": run.given_config, "paths": real_paths(run.given_config),  # (see `config_changes`)
-             "train_digest": run.data.get("train_digest"), "tokenisation": tokenisation(run.cfg.task)}
+             "train_digest": run.data.get("train_digest"), "tokenisation": tokenisation(run.cfg.task),
+             "class_weights": run.class_weights}
     return ckpt.save_checkpoint(run.accelerator, run.output_dir, run.step, trainable=params,
                                 optimizer_state=opt_state, state=state,
                                 save_adapter=lambda d: save_adapter(run, d, adapter_state),

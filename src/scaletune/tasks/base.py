@@ -96,6 +96,25 @@ class Task:
     def count_targets(batch: dict) -> int:
         return int((batch["labels"] != IGNORE).sum())
 
+    # --- class weights (train.class_weights; classification tasks) ---
+    _class_weights: torch.Tensor | None = None  # one weight per label id; private: no cache or adapter keeps it
+
+    def set_class_weights(self, weights: list[float] | None) -> None:
+        """Weigh the training loss by class (`class_weights.resolve`, in label order); None: unweighted."""
+        self._class_weights = None if weights is None else torch.tensor(weights, dtype=torch.float32)
+
+    def train_loss_sum(self, model: Any, batch: dict) -> tuple[torch.Tensor, Any]:
+        """The training objective's numerator for one micro-batch: `loss_sum`, which tasks with class weights
+        weigh (eval's `loss_sum` stays unweighted)."""
+        return self.loss_sum(model, batch)
+
+    def loss_weight(self, batch: dict) -> float:
+        """This micro-batch's share of the training loss's denominator: its targets, or with class weights their
+        summed weight (so the step's loss is sum(w_y * loss) / sum(w_y) over every micro-batch and rank)."""
+        if self._class_weights is None:
+            return float(self.count_targets(batch))
+        return target_weight(batch["labels"], self._class_weights)
+
     # --- eval ---
     per_example = False  # `eval --predictions` is scoring: keep what `example_outputs` needs (evaluate_examples)
 
@@ -152,10 +171,19 @@ def overflowed(enc: Any, max_length: int, i: int = 0) -> bool:
     return int(sum(mask) if mask is not None else len(ids)) >= max_length
 
 
-def ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy over non-ignored targets, computed in float32 for stability."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+def ce_sum(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Summed cross-entropy over non-ignored targets, computed in float32 for stability; with `weights` (one per
+    class) each target's loss times its class's weight."""
+    if weights is not None:
+        weights = weights.to(logits.device)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), weight=weights,
                            ignore_index=IGNORE, reduction="sum")
+
+
+def target_weight(labels: torch.Tensor, weights: torch.Tensor) -> float:
+    """The summed class weight of the non-ignored targets in `labels`: weighted cross-entropy's denominator."""
+    targets = labels[labels != IGNORE]
+    return float(weights.double()[targets.cpu()].sum())
 
 
 def label_name(value: Any) -> str:

@@ -147,15 +147,28 @@ class SeqCls(Task):
         return batch
 
     def loss_sum(self, model: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._loss(model, batch, None)
+
+    def train_loss_sum(self, model: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._loss(model, batch, self._class_weights)
+
+    def _loss(self, model: Any, batch: dict, weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed loss, logits); `weights`: per-class weights of the targets (multi-label: of the positives)."""
         segments = {"token_type_ids": batch["token_type_ids"]} if "token_type_ids" in batch else {}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **segments).logits
         if self.multi_label:  # summed over examples x classes, in float32 as ce_sum is
-            return F.binary_cross_entropy_with_logits(logits.float(), batch["labels"].float(), reduction="sum"), logits
-        return ce_sum(logits, batch["labels"]), logits
+            pos_weight = weights.to(logits.device) if weights is not None else None
+            return F.binary_cross_entropy_with_logits(logits.float(), batch["labels"].float(), pos_weight=pos_weight,
+                                                      reduction="sum"), logits
+        return ce_sum(logits, batch["labels"], weights), logits
 
     @staticmethod
     def count_targets(batch: dict) -> int:
         return int(batch["labels"].numel())
+
+    def loss_weight(self, batch: dict) -> float:
+        # (pos_weight leaves BCEWithLogitsLoss's mean over examples x classes as it is)
+        return float(self.count_targets(batch)) if self.multi_label else super().loss_weight(batch)
 
     def predictions(self, logits: torch.Tensor, batch: dict) -> list:
         if self.multi_label:  # (a logit above 0 is a sigmoid above 0.5, without rounding near the threshold)
