@@ -1381,7 +1381,7 @@ def test_seq_cls_data_labels_listing_two_spellings_keeps_them_apart():
 
     from scaletune.tasks.seq_cls import SeqCls
 
-    data = NS(text_column=None, text_pair_column=None, label_column=None, labels=["neg", "neg ", "pos"])
+    data = NS(text_column=None, text_pair_column=None, label_column=None, label_separator=None, labels=["neg", "neg ", "pos"])
     recs = [{"text": "a", "label": "neg"}, {"text": "b", "label": "neg "}, {"text": "c", "label": "pos"}]
     assert SeqCls().setup(recs, NS(data=data), "f") == ["neg", "neg ", "pos"]
 

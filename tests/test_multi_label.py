@@ -183,8 +183,8 @@ def _setup_task(records: list[dict], label_column=None, labels=None):
     from scaletune.tasks import get_task
 
     task = get_task("seq_cls")
-    data = SimpleNamespace(text_column=None, text_pair_column=None, label_column=label_column, labels=labels,
-                           max_length=32)
+    data = SimpleNamespace(text_column=None, text_pair_column=None, label_column=label_column, label_separator=None,
+                           labels=labels, max_length=32)
     names = task.setup(records, SimpleNamespace(data=data), "t.jsonl")
     return task, names, {name: i for i, name in enumerate(names)}
 
@@ -234,3 +234,55 @@ def test_multi_label_predict_marks_the_lines_max_length_cut():
     lines = classify(Sigmoids(), _tokenizer(), ["a", "b"], 6, [("x y z " * 10, None), ("x y", None)])
     assert [line.get("truncated") for line in lines] == [True, None]
     assert [line["labels"] for line in lines] == [["a"], ["a"]]
+
+
+def _write_csv(path, records: list[dict], sep: str) -> None:
+    import csv
+
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        for rec in records:
+            writer.writerow([rec["text"], sep.join(rec["label"])])
+
+
+def test_a_csv_label_text_split_at_label_separator_is_multi_label(make_config, tmp_path, capsys):
+    """data.label_separator splits a CSV cell's text ("a; c", "" for none) into labels: the run is multi-label
+    and trains on exactly the examples the same records give as JSON lists; `scaletune eval` reads such a CSV
+    file the same way."""
+    records = multi_records(48)
+    assert any(not r["label"] for r in records) and any(len(r["label"]) > 1 for r in records)
+    path = _multi_config(make_config, tmp_path, n=48)
+    as_json, _ = setup(load_config(path, ["output_dir=" + str(tmp_path / "json")]))
+    _write_csv(tmp_path / "data" / "train.csv", records, " ; ")
+    _write_csv(tmp_path / "data" / "eval.csv", multi_records(24, seed=1), ";")
+    args = [f"data.train={tmp_path / 'data' / 'train.csv'}", f"data.eval={tmp_path / 'data' / 'eval.csv'}",
+            "data.label_separator=;", "output_dir=" + str(tmp_path / "csv")]
+    run, _ = setup(load_config(path, args))
+    assert run.task.multi_label and run.data["labels"] == ["a", "b", "c"]
+    assert run.model.config.problem_type == "multi_label_classification"
+    for split in ("train", "eval"):
+        assert run.data[split]["labels"] == as_json.data[split]["labels"]
+        assert run.data[split]["input_ids"] == as_json.data[split]["input_ids"]
+    fit(run, StopFlag())
+    capsys.readouterr()
+    code = main(["eval", str(path), *args, "--adapter", str(tmp_path / "csv" / "adapter")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert json.loads(out)["accuracy"] == read_metrics(tmp_path / "csv", "eval")[-1]["accuracy"]
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["data.label_separator=''"], "data.label_separator: '': give the text between two labels"),
+    (["data.label_separator=;", "data.label_column=[a, b]"], "there is no label text to split"),
+])
+def test_label_separator_problems_are_config_errors(make_config, tmp_path, capsys, overrides, message):
+    path = _multi_config(make_config, tmp_path)
+    assert main(["train", str(path), *overrides]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_label_separator_is_for_seq_cls_only(make_config, capsys):
+    path = make_config("token_cls")
+    assert main(["train", str(path), "data.label_separator=;"]) == 2
+    assert "data.label_separator: only read by task seq_cls, not token_cls" in capsys.readouterr().err

@@ -97,6 +97,10 @@ class DataConfig:
                                                "holding 0/1 (or true/false) for its class, is multi-label too, "
                                                "those columns the classes in that order (Jigsaw's [toxic, "
                                                "severe_toxic, ...]).")
+    label_separator: str | None = _f(None, "seq_cls multi-label from text cells (CSV/TSV, where a cell holds no "
+                                     "list): the label column's text is split at this separator, e.g. ';' for "
+                                     "'sports;politics' (spaces around a label are dropped; an empty cell: no "
+                                     "class); a JSON list is read as it is.")
     tokens_column: str | None = _f(None, "token_cls: column with the word list (default: tokens).")
     tags_column: str | None = _f(None, "token_cls: column with the tag list (default: tags/ner_tags).")
     conll_columns: list | None = _f(None, "token_cls CoNLL column files: [word column, tag column], counted from 1, "

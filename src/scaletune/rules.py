@@ -306,6 +306,7 @@ def ignored_key_problems(cfg: RunConfig) -> list[str]:
         if getattr(t, per_epoch) is not None and _changed(t, every):
             p.append(f"train.{per_epoch} and train.{every}: give one or the other ({per_epoch} sets {every})")
     for key, task in (("text_column", "seq_cls"), ("text_pair_column", "seq_cls"), ("label_column", "seq_cls"),
+                      ("label_separator", "seq_cls"),
                       ("tokens_column", "token_cls"), ("tags_column", "token_cls"), ("conll_columns", "token_cls"),
                       ("columns", "causal_lm")):
         if getattr(d, key) is not None and cfg.task != task:
@@ -413,8 +414,15 @@ def _columns_problems(columns: dict | None) -> list[str]:
 
 def _label_columns_problems(d: Any) -> list[str]:
     """data.label_column as a list: one 0/1 column per class, at least two, each named once and none a text
-    column; the classes are the columns, so data.labels may only repeat them."""
+    column; the classes are the columns, so data.labels may only repeat them. data.label_separator: a
+    non-empty string that splits one label column's text."""
     columns = d.label_column
+    sep = d.label_separator
+    if sep is not None and (not isinstance(sep, str) or not sep):
+        return [f"data.label_separator: {sep!r}: give the text between two labels, e.g. ';' or ','"]
+    if sep is not None and isinstance(columns, list):
+        return ["data.label_separator: with data.label_column a list of 0/1 columns there is no label text to "
+                "split; give one or the other"]
     if not isinstance(columns, list):
         return []
     if not all(isinstance(c, str) and c.strip() for c in columns):

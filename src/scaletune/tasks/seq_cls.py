@@ -58,6 +58,7 @@ class SeqCls(Task):
     peft_task_type = "SEQ_CLS"
     id_names: list[str] | None = None  # integer labels: the name of each id (data.labels)
     multi_label = False  # the label column holds lists (set by `setup`; an adapter's scaletune.json keeps it)
+    separator: str | None = None  # data.label_separator: the label column's text holds several labels
 
     def auto_model_class(self) -> Any:
         from transformers import AutoModelForSequenceClassification
@@ -83,9 +84,13 @@ class SeqCls(Task):
             self.multi_label, self.id_names = True, None
             return list(self.label)
         self.label = _pick(records, d.label_column, _LABEL_COLUMNS, "label", "data.label_column", source)
+        self.separator = d.label_separator
+        if self.separator is not None:  # (the labels as lists, for the checks and the label set below)
+            records = [{**rec, self.label: self._labels_of(rec[self.label])} if self.label in rec else rec
+                       for rec in records]
         if key == "data.train":  # (`scaletune eval`'s file keeps the adapter's shape, which setup_cached restored:
             # a single-label file would be scored with softmax on sigmoid classes)
-            self.multi_label = _holds_lists(records, self.label)
+            self.multi_label = self.separator is not None or _holds_lists(records, self.label)
         if d.labels is not None:  # (the labels as given: data.labels may keep spellings apart that differ in spaces)
             # SST-2's 0/1 named by data.labels: [negative, positive]
             found = {label_name(v) for rec in records for v in _as_list(rec.get(self.label))}
@@ -107,7 +112,7 @@ class SeqCls(Task):
             if col and (not isinstance(val, str) or not val.strip()):
                 raise DataError(f"{where}: column {col!r} must be a non-empty string, got {val!r}")
         target = (_flags(record, self.label, where) if isinstance(self.label, list)
-                  else self._target(record.get(self.label), where, label2id))
+                  else self._target(self._labels_of(record.get(self.label)), where, label2id))
         enc = tokenizer(text, pair, truncation=True, max_length=cfg.data.max_length)
         out = {"input_ids": enc["input_ids"], "labels": target,
                TRUNCATED: overflowed(enc, cfg.data.max_length)}
@@ -116,6 +121,15 @@ class SeqCls(Task):
             # them, so training and eval must see them too (a pair column is required on every record)
             out["token_type_ids"] = enc["token_type_ids"]
         return out
+
+    def _labels_of(self, value: Any) -> Any:
+        """A record's label as written, or with data.label_separator its text split into a list of labels
+        ("sports; politics": ["sports", "politics"]; "": []); a list stays as it is, another value is one label."""
+        if self.separator is None or value is None or isinstance(value, list):
+            return value
+        if not isinstance(value, str):
+            return [value]
+        return [part.strip() for part in value.split(self.separator) if part.strip()]
 
     def _target(self, label: Any, where: str, label2id: dict) -> int | list[int]:
         """A record's label as the class id, or for multi-label as a 0/1 entry per class."""
