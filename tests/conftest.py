@@ -17,7 +17,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from stutil import alpaca_records, cls_records, corpus, ner_records, override, tiny_lora_run, write_jsonl  # noqa: F401,E402
+from stutil import (  # noqa: F401,E402
+    alpaca_records,
+    cls_records,
+    corpus,
+    ner_records,
+    override,
+    reg_records,
+    tiny_lora_run,
+    write_jsonl,
+)
 
 
 @pytest.fixture(scope="session")
@@ -49,6 +58,9 @@ def make_config(tmp_path, tiny_llama, tiny_bert):
         elif task == "seq_cls":
             train = write_jsonl(data_dir / "train.jsonl", cls_records(n))
             evalf = write_jsonl(data_dir / "eval.jsonl", cls_records(16, seed=1))
+        elif task == "seq_regression":
+            train = write_jsonl(data_dir / "train.jsonl", reg_records(n))
+            evalf = write_jsonl(data_dir / "eval.jsonl", reg_records(16, seed=1))
         else:
             train = write_jsonl(data_dir / "train.jsonl", ner_records(n))
             evalf = write_jsonl(data_dir / "eval.jsonl", ner_records(16, seed=1))

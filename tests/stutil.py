@@ -41,6 +41,22 @@ def cls_records(n: int, seed: int = 0) -> list[dict]:
     return out
 
 
+SCORES = {"alpha": 0.0, "bravo": 1.0, "charlie": 2.0}  # reg_records' score of a sentence: its keyword's
+
+
+def reg_records(n: int, seed: int = 0) -> list[dict]:
+    """Score = SCORES of the one keyword among filler words (learnable from one token), STS-B's 0-5 range."""
+    rng = random.Random(seed)
+    keywords = list(SCORES)
+    out = []
+    for i in range(n):
+        words = rng.sample(WORDS[3:], rng.randint(2, 8))
+        keyword = keywords[i % len(keywords)]
+        words.insert(rng.randrange(len(words) + 1), keyword)
+        out.append({"text": " ".join(words), "label": SCORES[keyword]})
+    return out
+
+
 def ner_records(n: int, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     out = []
@@ -61,7 +77,8 @@ def ner_records(n: int, seed: int = 0) -> list[dict]:
     return out
 
 
-ATTN = {"causal_lm": ["q_proj", "v_proj"], "seq_cls": ["query", "value"], "token_cls": ["query", "value"]}
+ATTN = {"causal_lm": ["q_proj", "v_proj"], "seq_cls": ["query", "value"], "token_cls": ["query", "value"],
+        "seq_regression": ["query", "value"]}
 
 
 def method_keys(name: str, task: str) -> dict:

@@ -124,7 +124,8 @@ def test_the_metrics_best_metric_may_name_are_the_tasks_eval_metrics():
 
     reported = {"causal_lm": get_task("causal_lm").metrics([], 2.0, 4, None),
                 "seq_cls": get_task("seq_cls").metrics([(0, 0), (1, 0)], 1.0, 2, ["a", "b"]),
-                "token_cls": get_task("token_cls").metrics([([0, 1], [0, 1], [])], 1.0, 2, ["O", "B-X"])}
+                "token_cls": get_task("token_cls").metrics([([0, 1], [0, 1], [])], 1.0, 2, ["O", "B-X"]),
+                "seq_regression": get_task("seq_regression").metrics([(0.5, 1.0), (2.0, 3.0)], 1.25, 2, None)}
     for task, names in EVAL_METRICS.items():
         assert set(names) <= set(reported[task]), task
         assert all(isinstance(reported[task][n], float) for n in names), task

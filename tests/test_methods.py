@@ -40,15 +40,15 @@ def test_method_trains_saves_and_reloads_in_plain_peft(make_config, tmp_path, na
     import scaletune.adapters  # noqa: F401  (registers bottleneck_adapter with peft)
 
     # Methods with few parameters and no adapter on the pooler need more steps to move a fresh head.
-    slow = task == "seq_cls" and name in ("adalora", "ia3", "vera", "prefix_tuning", "prompt_tuning",
+    slow = task in ("seq_cls", "seq_regression") and name in ("adalora", "ia3", "vera", "prefix_tuning", "prompt_tuning",
                                           "bottleneck_adapter")
     lr = 3e-1 if name == "prompt_tuning" else 5e-2  # prompt tuning is usually run at lr ~0.3
     path = _write(make_config, task, name, tmp_path, **({"max_steps": 30, "learning_rate": lr} if slow else {}))
     cfg = load_config(path)
-    if (name, task) == ("prefix_tuning", "seq_cls") and _peft_prefix_forward_fails(cfg):
+    if name == "prefix_tuning" and task in ("seq_cls", "seq_regression") and _peft_prefix_forward_fails(cfg):
         # this transformers renamed the encoder's cache argument and this peft cannot run the pair
         # at all: scaletune must refuse it before training, naming the way out
-        with pytest.raises(ConfigError, match=r"prefix_tuning with task seq_cls: peft .*`past_key_values`.*"
+        with pytest.raises(ConfigError, match=rf"prefix_tuning with task {task}: peft .*`past_key_values`.*"
                                               r"transformers<5.24"):
             setup(cfg)
         return
@@ -56,7 +56,7 @@ def test_method_trains_saves_and_reloads_in_plain_peft(make_config, tmp_path, na
     before = {n: p.detach().clone() for n, p in run.model.named_parameters() if p.requires_grad}
     assert fit(run, StopFlag()) == "done"
     losses = [r["loss"] for r in read_metrics(run.output_dir)]
-    if (name, task) == ("prompt_tuning", "seq_cls"):
+    if name == "prompt_tuning" and task in ("seq_cls", "seq_regression"):
         # BERT pools position 0, which becomes a virtual token: on a random tiny encoder that
         # representation barely depends on the text, so only check that every trainable moved.
         after = dict(run.model.named_parameters())

@@ -86,7 +86,8 @@ KEY_ALIASES: dict[str, str] = {
 # Values other tools use for scaletune's choices, which difflib cannot connect ("ner" to "token_cls").
 VALUE_ALIASES: dict[str, str] = {
     "ner": "token_cls", "token_classification": "token_cls", "classification": "seq_cls",
-    "text_classification": "seq_cls", "sequence_classification": "seq_cls", "sft": "causal_lm",
+    "text_classification": "seq_cls", "sequence_classification": "seq_cls", "regression": "seq_regression",
+    "sequence_regression": "seq_regression", "sft": "causal_lm",
     "clm": "causal_lm", "causal": "causal_lm", "pretrain": "text", "pt": "text",
     "chat_template": "messages", "openai": "messages", "chatml": "messages", "conversation": "sharegpt",
     "input_output": "prompt_completion",

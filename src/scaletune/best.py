@@ -12,7 +12,7 @@ import uuid
 from typing import Any
 
 from .checkpoint import verify
-from .config import EVAL_METRICS
+from .config import lower_is_better
 from .distributed import raise_main_rank_failure
 from .errors import UserError
 from .outdir import abandoned_path
@@ -28,7 +28,7 @@ class BestAdapter:
         t = run.cfg.train
         self.run, self.mlog, self.metric = run, mlog, t.best_metric
         self.patience, self.threshold = t.early_stopping_patience, t.early_stopping_threshold
-        self.lower = EVAL_METRICS.get(run.cfg.task, {}).get(self.metric) == "min"
+        self.lower = bool(self.metric) and lower_is_better(self.metric)
         path_best = run.counters.get("best")  # the path this run continues: its best, of whichever metric
         changed = bool(path_best and self.metric and path_best["metric"] != self.metric)
         if changed:  # the old values are of another metric. (With best_metric off the record stays, unused:

@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Literal
 from .aliases import KEY_ALIASES, VALUE_ALIASES
 from .errors import ConfigError, problems_count
 
-TASKS = ("causal_lm", "seq_cls", "token_cls")
+TASKS = ("causal_lm", "seq_cls", "seq_regression", "token_cls")
 CAUSAL_FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion", "text")
 NO_CHAT_FORMATS = ("prompt_completion", "text")  # plain text segments: no chat template renders them
 MAX_PEFT_SIZE = 65536  # adapter rank / virtual tokens: far beyond any model's hidden size
@@ -35,7 +35,14 @@ EVAL_METRICS: dict[str, dict[str, str]] = {
     "causal_lm": {"loss": "min", "perplexity": "min"},
     "seq_cls": {"loss": "min", "accuracy": "max", "macro_f1": "max", "micro_f1": "max"},
     "token_cls": {"loss": "min", "f1": "max", "precision": "max", "recall": "max", "token_accuracy": "max"},
+    "seq_regression": {"loss": "min", "mse": "min", "rmse": "min", "mae": "min", "pearson": "max", "spearman": "max"},
 }
+
+
+def lower_is_better(metric: str) -> bool:
+    """Whether a lower value of eval metric `metric` is better (an error, a loss), by EVAL_METRICS: one name keeps
+    one direction in every task, so best_metric and `report`'s best-so-far read it from here alike."""
+    return any(names.get(metric) == "min" for names in EVAL_METRICS.values())
 
 
 # The most used peft options, so `model.r` can be pointed to `peft.r` without importing peft (its options
@@ -78,7 +85,8 @@ class DataConfig:
     format: str = _f(
         "auto",
         "causal_lm: alpaca | sharegpt | messages | prompt_completion | text; "
-        "seq_cls: text (+text_pair) + label; token_cls: tokens + tags or conll. auto = detect from columns.",
+        "seq_cls, seq_regression: text (+text_pair) + label; token_cls: tokens + tags or conll. auto = detect from "
+        "columns.",
     )
     max_length: int = _f(1024, "Truncate tokenised examples to this many tokens (lowered, with a warning, to the tokenizer's model_max_length and to a learned position table's size, max_position_embeddings: 512 for BERT-family models; above a rotary model's max_position_embeddings it is kept, with a warning); how many examples it cut is logged per split and kept in run.json (truncated_examples).")
     chat_template: str | None = _f(None, "causal_lm conversations (alpaca, sharegpt, messages): null = the tokenizer's "
@@ -90,13 +98,14 @@ class DataConfig:
     columns: dict | None = _f(None, "causal_lm: the data's own names for a format's fields, {field: column}, e.g. "
                               "{instruction: question, output: answer}: each record's column is read as that field "
                               "(the format detected from the fields), in data.train, data.eval and predict's input.")
-    text_column: str | None = _f(None, "seq_cls: column with the text (default: text/sentence).")
-    text_pair_column: str | None = _f(None, "seq_cls: optional second text column.")
+    text_column: str | None = _f(None, "seq_cls, seq_regression: column with the text (default: text/sentence).")
+    text_pair_column: str | None = _f(None, "seq_cls, seq_regression: optional second text column.")
     label_column: str | list | None = _f(None, "seq_cls: label column (default: label); a list of labels in "
                                                "every record makes the run multi-label. A list of columns, each "
                                                "holding 0/1 (or true/false) for its class, is multi-label too, "
                                                "those columns the classes in that order (Jigsaw's [toxic, "
-                                               "severe_toxic, ...]).")
+                                               "severe_toxic, ...]). seq_regression: the score column (default: "
+                                               "label/score), a number each (\"3.8\" in a CSV).")
     label_separator: str | None = _f(None, "seq_cls multi-label from text cells (CSV/TSV, where a cell holds no "
                                      "list): the label column's text is split at this separator, e.g. ';' for "
                                      "'sports;politics' (spaces around a label are dropped; an empty cell: no "
@@ -158,7 +167,8 @@ class TrainConfig:
     best_metric: str | None = _f(None, "Eval metric that picks the best adapter: each eval that beats the run's "
                                  "best so far writes OUTPUT_DIR/best_adapter/ (adapter/ stays the last step's). "
                                  "causal_lm: loss | perplexity; seq_cls: loss | accuracy | macro_f1 | micro_f1; "
-                                 "token_cls: loss | f1 | precision | recall | token_accuracy (loss, perplexity: "
+                                 "token_cls: loss | f1 | precision | recall | token_accuracy; seq_regression: "
+                                 "loss | mse | rmse | mae | pearson | spearman (loss, perplexity, mse, rmse, mae: "
                                  "lower is better). Needs eval data.")
     early_stopping_patience: int | None = _f(None, "Stop after this many evals in a row that do not beat the best "
                                              "best_metric (by more than early_stopping_threshold); the run then "
@@ -216,7 +226,7 @@ class DistributedConfig:
 
 @dataclass(kw_only=True)
 class RunConfig:
-    task: Literal["causal_lm", "seq_cls", "token_cls"] = _f(help="What to train.")
+    task: Literal["causal_lm", "seq_cls", "seq_regression", "token_cls"] = _f(help="What to train.")
     model: ModelConfig = _f(help="Base model.")
     data: DataConfig = _f(help="Training/evaluation data.")
     peft: dict = _f({"method": "lora"}, "PEFT adapter: `method` plus that method's peft config keys.")

@@ -20,7 +20,7 @@ from .config import NO_CHAT_FORMATS, RunConfig
 from .data import tokenised_differently
 from .data.readers import WHERE
 from .errors import ConfigError, DataError, UserError, failed_write, write_error
-from .labelling import classify, is_multi_label, tag
+from .labelling import classify, is_multi_label, regress, tag
 from .seqlen import position_limit
 
 log = logging.getLogger("scaletune")
@@ -170,7 +170,7 @@ def write_predictions(target: str, task: Any, labels: list[str] | None, records:
 def run_predict(cfg: RunConfig, adapter: str | None, source: str | None, max_new_tokens: int,
                 out: TextIO | None = None, stdin: TextIO | None = None, sampling: dict | None = None,
                 top_k: int | str | None = None, threshold: float | None = None) -> list[dict]:
-    """Generate (causal_lm) or label (seq_cls/token_cls); writes one JSON line per non-blank input line,
+    """Generate (causal_lm), label (seq_cls/token_cls) or score (seq_regression); writes one JSON line per non-blank input line,
     whose "line" is that input's line number (blank lines are skipped). `sampling`: {temperature, top_p,
     seed} to sample completions (None: greedy). `top_k` (seq_cls): each line's "scores" lists that many
     classes ("all": every class), most probable first. `threshold` (multi-label seq_cls): the sigmoid a class
@@ -178,6 +178,9 @@ def run_predict(cfg: RunConfig, adapter: str | None, source: str | None, max_new
     out, stdin = out or sys.stdout, stdin or sys.stdin
     if sampling and cfg.task != "causal_lm":
         raise UserError(f"--temperature: {cfg.task} labels its inputs; only causal_lm samples completions")
+    if cfg.task == "seq_regression" and (top_k is not None or threshold is not None):
+        raise UserError(f"{'--top-k' if top_k is not None else '--threshold'}: seq_regression has no classes; each "
+                        'line gets its predicted "score"')
     if top_k is not None and cfg.task != "seq_cls":
         raise UserError(f"--top-k: {cfg.task} has no class scores per input; only seq_cls lists its best classes")
     if threshold is not None and cfg.task != "seq_cls":
@@ -248,6 +251,8 @@ def _answer(cfg: RunConfig, model: Any, tokenizer: Any, labels: list[str] | None
             return [{"prompt": prompt, "completion": text} for (prompt, _), text in zip(batch, texts)]
         if cfg.task == "seq_cls":
             return classify(model, tokenizer, labels, cfg.data.max_length, batch, top_k, threshold)
+        if cfg.task == "seq_regression":
+            return regress(model, tokenizer, cfg.data.max_length, batch)
         return tag(model, tokenizer, labels, cfg.data.max_length, batch)
 
 
@@ -284,7 +289,7 @@ def _task_input(cfg: RunConfig, task: Any, tokenizer: Any, item: dict) -> Any:
         prompt, segments = prompt_segments(item, tokenizer, trained)
         predict_input.check_prompt(prompt, item[WHERE])
         return prompt, segments
-    if cfg.task == "seq_cls":
+    if cfg.task in ("seq_cls", "seq_regression"):
         return predict_input.seq_cls_input(item, *predict_input.text_columns(task, cfg))
     return predict_input.token_cls_input(item, predict_input.tokens_column(task, cfg))
 

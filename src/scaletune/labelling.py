@@ -1,5 +1,5 @@
 """What `predict` answers for the classifier tasks: seq_cls' labels and scores (single- or multi-label), token_cls'
-tags and entities, from one batch of inputs through the trained model."""
+tags and entities, seq_regression's scores, from one batch of inputs through the trained model."""
 
 from __future__ import annotations
 
@@ -41,6 +41,23 @@ def classify(model: Any, tokenizer: Any, labels: list[str], max_length: int,
             out[-1]["scores"] = [{"label": labels[j], "score": p} for j, p in zip(ids, top)]
         if overflowed(enc, max_length, i):  # (the model saw only the first max_length tokens: say so on the line)
             out[-1]["truncated"] = True
+    return out
+
+
+def regress(model: Any, tokenizer: Any, max_length: int, given: list[tuple[str, str | None]]) -> list[dict]:
+    """{"text", "text_pair" (a pair model only), "score"} for each (text, pair) input of a seq_regression
+    model, and "truncated" when max_length cut it."""
+    from .tasks.base import overflowed
+
+    texts = [text for text, _ in given]
+    pairs = [pair for _, pair in given] if given[0][1] is not None else None
+    enc = tokenizer(texts, pairs, truncation=True, max_length=max_length, padding=True, padding_side="right",
+                    return_tensors="pt")
+    scores = model(**enc.to(model.device)).logits.float()[:, 0].tolist()  # one read-back for the batch
+    out = []
+    for i, ((text, pair), score) in enumerate(zip(given, scores)):
+        echo = {"text": text} if pair is None else {"text": text, "text_pair": pair}
+        out.append({**echo, "score": score, **({"truncated": True} if overflowed(enc, max_length, i) else {})})
     return out
 
 

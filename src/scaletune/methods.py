@@ -26,7 +26,7 @@ class Method:
     four_bit_why: str = ""  # why a 4-bit (QLoRA) base is refused (empty: it is supported)
 
 
-_ALL = ("causal_lm", "seq_cls", "token_cls")
+_ALL = ("causal_lm", "seq_cls", "seq_regression", "token_cls")
 # peft's rank allocator reads each step's gradients after backward and masks the weights after the optimizer
 # step; DeepSpeed's step runs inside accelerate's backward (the gradients are gone when the allocator looks:
 # a ValueError at step 1) and keeps a master copy of the weights the mask would not reach
@@ -48,10 +48,10 @@ MATRIX: dict[str, Method] = {
     "vera": Method("vera", {}, _ALL, False, "needs equal-shaped target layers (e.g. q/v projections)",
                    "saving its shared projections deadlocks under ZeRO-3; use ZeRO-2"),
     "oft": Method("oft", {}, _ALL, True),
-    "prefix_tuning": Method("prefix_tuning", {}, ("causal_lm", "seq_cls"), False,
+    "prefix_tuning": Method("prefix_tuning", {}, ("causal_lm", "seq_cls", "seq_regression"), False,
                             "virtual key/values; token_cls: peft gives no per-token alignment; seq_cls: peft 0.21 cannot reach "
                             "encoders under transformers>=5.24 (refused then)", _PROMPT_Z3),
-    "prompt_tuning": Method("prompt_tuning", {}, ("causal_lm", "seq_cls"), False,
+    "prompt_tuning": Method("prompt_tuning", {}, ("causal_lm", "seq_cls", "seq_regression"), False,
                             "virtual input tokens; token_cls: outputs would include the virtual tokens", _PROMPT_Z3),
     "bottleneck_adapter": Method("bottleneck_adapter", {}, _ALL, True, "Houlsby/Pfeiffer adapter (scaletune's)"),
 }
@@ -121,8 +121,8 @@ def problems(cfg: Any) -> list[str]:
 
 
 def matrix_markdown() -> str:
-    head = ("| method (`peft.method`) | causal_lm | seq_cls | token_cls | ZeRO-1/2 | ZeRO-3 | note |\n"
-            "| --- | --- | --- | --- | --- | --- | --- |")
+    head = (f"| method (`peft.method`) | {' | '.join(_ALL)} | ZeRO-1/2 | ZeRO-3 | note |\n"
+            + "| --- " * (len(_ALL) + 4) + "|")
     lines = [head]
     for name, row in MATRIX.items():
         key = f"`{row.peft_method}`" + "".join(f" + `{k}: true`" for k in row.extra)

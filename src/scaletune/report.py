@@ -17,12 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .config import lower_is_better
 from .errors import UserError, failed_write, write_error
 from .tracking import NONFINITE
 
 # Eval metrics in display order (any other numeric key a task logs follows these).
-_EVAL_ORDER = ("loss", "perplexity", "accuracy", "macro_f1", "precision", "recall", "f1", "token_accuracy")
-_LOWER_IS_BETTER = ("loss", "perplexity")
+_EVAL_ORDER = ("loss", "perplexity", "accuracy", "macro_f1", "precision", "recall", "f1", "token_accuracy", "mse",
+               "rmse", "mae", "pearson", "spearman")
+# tasks whose one target per example makes "target tokens/s" examples/s
+_PER_EXAMPLE = ("seq_cls", "seq_regression")
 # counts/bookkeeping, not quality (token_cls: what data.max_length cut from the eval set)
 _NOT_METRICS = {"event", "step", "time", "target_tokens", "sentences_truncated", "words_truncated",
                 "entities_truncated"}
@@ -246,7 +249,7 @@ def eval_summary(run: Run, metric: str) -> tuple[float, float, int] | None:
         return None
     if not finite:
         return values[-1], values[-1], steps[-1]
-    lower = any(metric.endswith(k) for k in _LOWER_IS_BETTER)
+    lower = lower_is_better(metric)
     best, at = (min if lower else max)(finite, key=lambda vs: vs[0])
     return values[-1], best, at
 
@@ -374,8 +377,9 @@ def make_plots(runs: list[Run], out: Path) -> dict[str, Path]:
     """Write every plot with data; return {title: png path}."""
     metrics = _ordered({m for r in runs for m in r.eval_metrics()} - {"loss"})
     # a classifier has one target per example: its target tokens are examples
-    targets = "examples/s" if all(r.task == "seq_cls" for r in runs) else \
-        "target tokens/s" + (" (seq_cls: examples/s)" if any(r.task == "seq_cls" for r in runs) else "")
+    per_example = sorted({r.task for r in runs} & set(_PER_EXAMPLE))
+    targets = "examples/s" if all(r.task in _PER_EXAMPLE for r in runs) else \
+        "target tokens/s" + (f" ({', '.join(per_example)}: examples/s)" if per_example else "")
     figures = {
         "Loss": [("loss (train solid, eval dashed)", [("train", "loss"), ("eval", "loss")])],
         "Eval metrics": [(f"eval {m}", [("eval", m)]) for m in metrics],

@@ -132,6 +132,7 @@ def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_c
     fmt_ok = {
         "causal_lm": ("auto", *CAUSAL_FORMATS),
         "seq_cls": ("auto", "text"),
+        "seq_regression": ("auto", "text"),
         "token_cls": ("auto", "tokens", "conll"),
     }.get(cfg.task, ("auto",))
     if d.format not in fmt_ok:
@@ -143,7 +144,10 @@ def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_c
         p.append(f"data.packing: only supported for task causal_lm, not {cfg.task}")
     if d.labels is not None and cfg.task == "causal_lm":
         p.append("data.labels: only used by seq_cls/token_cls")
-    if d.labels is not None:
+    elif d.labels is not None and cfg.task == "seq_regression":
+        p.append("data.labels: seq_regression predicts a real-valued score, it has no label set; leave data.labels "
+                 "out (for classes, use task: seq_cls)")
+    elif d.labels is not None:
         bad = [x for x in d.labels if isinstance(x, bool) or not isinstance(x, (str, int))]
         if bad:
             # (a boolean here is YAML's reading of no/yes; the data's JSON true/false are named 'true'/'false')
@@ -305,12 +309,15 @@ def ignored_key_problems(cfg: RunConfig) -> list[str]:
     for per_epoch, every in (("evals_per_epoch", "eval_every"), ("saves_per_epoch", "save_every")):
         if getattr(t, per_epoch) is not None and _changed(t, every):
             p.append(f"train.{per_epoch} and train.{every}: give one or the other ({per_epoch} sets {every})")
-    for key, task in (("text_column", "seq_cls"), ("text_pair_column", "seq_cls"), ("label_column", "seq_cls"),
-                      ("label_separator", "seq_cls"),
-                      ("tokens_column", "token_cls"), ("tags_column", "token_cls"), ("conll_columns", "token_cls"),
-                      ("columns", "causal_lm")):
-        if getattr(d, key) is not None and cfg.task != task:
-            p.append(f"data.{key}: only read by task {task}, not {cfg.task}")
+    text_tasks = ("seq_cls", "seq_regression")
+    for key, tasks in (("text_column", text_tasks), ("text_pair_column", text_tasks), ("label_column", text_tasks),
+                       ("label_separator", ("seq_cls",)), ("tokens_column", ("token_cls",)),
+                       ("tags_column", ("token_cls",)), ("conll_columns", ("token_cls",)), ("columns", ("causal_lm",))):
+        if getattr(d, key) is not None and cfg.task not in tasks:
+            p.append(f"data.{key}: only read by task {'/'.join(tasks)}, not {cfg.task}")
+    if isinstance(d.label_column, list) and cfg.task == "seq_regression":
+        p.append("data.label_column: seq_regression reads one score column; a list of columns is seq_cls' "
+                 "multi-label classes")
     if d.train_on_prompt and cfg.task != "causal_lm":
         p.append(f"data.train_on_prompt: only used by causal_lm, not {cfg.task}")
     elif d.train_on_prompt and d.format == "text":

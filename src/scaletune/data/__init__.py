@@ -25,7 +25,6 @@ from ..distributed import main_process_first
 from ..errors import DataError, UserError
 from ..fileutil import sha256_file
 from ..progress import Progress
-from .batching import column_values
 from .readers import WHERE, read_records
 from .sources import describe, read_train_records, train_sources, weighted
 
@@ -45,7 +44,7 @@ log = logging.getLogger("scaletune")
 CACHE_VERSION = "15"
 # The data version at which each task's token ids or targets last changed (a cache version changes for more:
 # a count in the meta, a refusal): what checkpoints and adapters record as how their data was tokenised.
-TOKENISATION = {"causal_lm": "13", "seq_cls": "9", "token_cls": "15"}
+TOKENISATION = {"causal_lm": "13", "seq_cls": "9", "token_cls": "15", "seq_regression": "14"}
 
 
 def tokenisation(task: str) -> str:
@@ -499,6 +498,8 @@ def build_eval_only(cfg: Any, task: Any, tokenizer: Any, key: str, sources: list
         log.warning("%s: %d example(s) skipped: no target tokens within data.max_length=%d", key, dropped,
                     cfg.data.max_length)
     if sources is not None:
+        from .batching import column_values  # (batching imports torch: config validation reads this package)
+
         sources[:] = [records[i] for i in column_values(evalset, RECORD)]
         evalset = evalset.remove_columns(RECORD)
     note = task.eval_warning(evalset, labels, cfg)

@@ -75,10 +75,7 @@ class SeqCls(Task):
 
     def setup(self, records: list[dict], cfg: Any, source: str, key: str = "data.train") -> list[str] | None:
         d = cfg.data
-        self.text = _pick(records, d.text_column, _TEXT_COLUMNS, "text", "data.text_column", source)
-        self.pair = d.text_pair_column
-        if self.pair and self.pair not in records[0]:
-            raise DataError(f"{source}: column {self.pair!r} (data.text_pair_column) not found")
+        self.pick_text_columns(records, cfg, source)
         if isinstance(d.label_column, list):  # one 0/1 column per class (Jigsaw): multi-label, the columns its classes
             self.label = [_pick(records, c, (), "label", "data.label_column", source) for c in d.label_column]
             self.multi_label, self.id_names = True, None
@@ -102,6 +99,14 @@ class SeqCls(Task):
             raise DataError(f"{source}: column {self.label!r} has a single label {labels}; need at least 2 classes")
         return labels
 
+    def pick_text_columns(self, records: list[dict], cfg: Any, source: str) -> None:
+        """Set the text column (data.text_column or the first of the usual names) and the optional pair column."""
+        d = cfg.data
+        self.text = _pick(records, d.text_column, _TEXT_COLUMNS, "text", "data.text_column", source)
+        self.pair = d.text_pair_column
+        if self.pair and self.pair not in records[0]:
+            raise DataError(f"{source}: column {self.pair!r} (data.text_pair_column) not found")
+
     def encode(self, record: dict, tokenizer: Any, cfg: Any, label2id: dict | None) -> dict | None:
         where = record.get(WHERE, "?")
         text = record.get(self.text)
@@ -111,8 +116,7 @@ class SeqCls(Task):
                 raise DataError(f"{where}: no column {col!r}; the record has {fields_of(record)}")
             if col and (not isinstance(val, str) or not val.strip()):
                 raise DataError(f"{where}: column {col!r} must be a non-empty string, got {val!r}")
-        target = (_flags(record, self.label, where) if isinstance(self.label, list)
-                  else self._target(self._labels_of(record.get(self.label)), where, label2id))
+        target = self.record_target(record, where, label2id)
         enc = tokenizer(text, pair, truncation=True, max_length=cfg.data.max_length)
         out = {"input_ids": enc["input_ids"], "labels": target,
                TRUNCATED: overflowed(enc, cfg.data.max_length)}
@@ -130,6 +134,12 @@ class SeqCls(Task):
         if not isinstance(value, str):
             return [value]
         return [part.strip() for part in value.split(self.separator) if part.strip()]
+
+    def record_target(self, record: dict, where: str, label2id: dict | None) -> Any:
+        """The training target of one record (read before tokenising, so a bad label costs no tokenizer call)."""
+        if isinstance(self.label, list):
+            return _flags(record, self.label, where)
+        return self._target(self._labels_of(record.get(self.label)), where, label2id)
 
     def _target(self, label: Any, where: str, label2id: dict) -> int | list[int]:
         """A record's label as the class id, or for multi-label as a 0/1 entry per class."""
@@ -160,6 +170,12 @@ class SeqCls(Task):
         batch["labels"] = torch.tensor([e["labels"] for e in examples], dtype=torch.float32)
         return batch
 
+    @staticmethod
+    def forward(model: Any, batch: dict) -> torch.Tensor:
+        """The head's logits for a collated batch (segment ids passed where a text pair has them)."""
+        segments = {"token_type_ids": batch["token_type_ids"]} if "token_type_ids" in batch else {}
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **segments).logits
+
     def loss_sum(self, model: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         return self._loss(model, batch, None)
 
@@ -168,8 +184,7 @@ class SeqCls(Task):
 
     def _loss(self, model: Any, batch: dict, weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed loss, logits); `weights`: per-class weights of the targets (multi-label: of the positives)."""
-        segments = {"token_type_ids": batch["token_type_ids"]} if "token_type_ids" in batch else {}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **segments).logits
+        logits = self.forward(model, batch)
         if self.multi_label:  # summed over examples x classes, in float32 as ce_sum is
             pos_weight = weights.to(logits.device) if weights is not None else None
             return F.binary_cross_entropy_with_logits(logits.float(), batch["labels"].float(), pos_weight=pos_weight,
