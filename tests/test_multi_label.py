@@ -107,6 +107,18 @@ def test_multi_label_trains_scores_as_sklearn_predicts_lists_and_merges(make_con
     every = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert all(len(line["scores"]) == 3 for line in every)
 
+    # eval --threshold T scores the classes whose sigmoid exceeds T (the default: 0.5, as training's evals)
+    assert main(["eval", str(path)]) == 0
+    assert json.loads(capsys.readouterr().out)["micro_f1"] == pytest.approx(metrics["micro_f1"])
+    low = (logits.sigmoid() > 0.3).int().numpy()
+    assert (low != y_pred).any()  # (the threshold changes some decisions: the test can tell)
+    assert main(["eval", str(path), "--threshold", "0.3", "--predictions", str(tmp_path / "low.jsonl")]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert scored["micro_f1"] == pytest.approx(f1_score(y_true, low, average="micro"))
+    assert scored["accuracy"] == pytest.approx(accuracy_score(y_true, low))
+    written = [json.loads(x)["predicted"] for x in (tmp_path / "low.jsonl").read_text().splitlines()]
+    assert written == [[name for name, on in zip(["a", "b", "c"], row) if on] for row in low.tolist()]
+
     # the merged model scores with sigmoids in plain transformers
     assert main(["merge", str(path), "--out", str(tmp_path / "merged")]) == 0
     config = json.loads((tmp_path / "merged" / "config.json").read_text())
@@ -280,6 +292,16 @@ def test_label_separator_problems_are_config_errors(make_config, tmp_path, capsy
     path = _multi_config(make_config, tmp_path)
     assert main(["train", str(path), *overrides]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_eval_threshold_is_for_multi_label_adapters(make_config, tmp_path, capsys):
+    """A single-label adapter (or another task) has no per-class decisions: eval --threshold is refused, exit 2."""
+    path = make_config("seq_cls", train={"max_steps": 1})
+    assert main(["train", str(path)]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(path), "--threshold", "0.3"]) == 2
+    err = capsys.readouterr().err
+    assert "--threshold: the adapter at" in err and "is single-label" in err
 
 
 def test_label_separator_is_for_seq_cls_only(make_config, capsys):

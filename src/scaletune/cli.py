@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="data file to evaluate (default: data.eval)")
     p.add_argument("--predictions", metavar="FILE.jsonl", help="also write one JSON line per eval example, in the "
                    "file's order (its \"line\", gold and predicted labels or its loss); FILE must not exist")
+    p.add_argument("--threshold", type=threshold_option, default=None, metavar="T",
+                   help="seq_cls multi-label: score with a class predicted where its sigmoid exceeds T (default "
+                        "0.5, as training's evals), e.g. the T to give predict --threshold")
 
     p = sub.add_parser("predict", help="generate (causal_lm) or label (seq_cls/token_cls) inputs")
     _add_config(p)
@@ -311,7 +314,7 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "eval":
         from .infer import run_eval
 
-        metrics = run_eval(cfg, args.adapter, args.data, args.predictions)
+        metrics = run_eval(cfg, args.adapter, args.data, args.predictions, args.threshold)
         import json
 
         print(json.dumps(metrics, indent=2, default=float))  # (full precision: compared with metrics.jsonl)

@@ -108,9 +108,11 @@ def on_device(cfg: RunConfig, model: Any) -> tuple[Any, Any]:
     return acc, model
 
 
-def run_eval(cfg: RunConfig, adapter: str | None, data: str | None, predictions: str | None = None) -> dict:
+def run_eval(cfg: RunConfig, adapter: str | None, data: str | None, predictions: str | None = None,
+             threshold: float | None = None) -> dict:
     """The adapter's metrics on the eval data; `predictions`: also write each example's line to that new file
-    (the main process), in the data's order."""
+    (the main process), in the data's order; `threshold` (multi-label seq_cls): the sigmoid a class must exceed
+    to be predicted (None: 0.5)."""
     from .data import build_datasets, build_eval_only
     from .data.sources import describe
     from .evaluate import evaluate, evaluate_examples
@@ -127,7 +129,14 @@ def run_eval(cfg: RunConfig, adapter: str | None, data: str | None, predictions:
                         "examples data.eval_fraction holds out of data.train have no lines to name")
     if not cfg.data.eval:
         check_held_out(cfg, path)
+    if threshold is not None and cfg.task != "seq_cls":
+        raise UserError(f"--threshold: {cfg.task} has no per-class decisions; only a multi-label seq_cls run has")
     model, tokenizer, task, labels, _ = load_trained(cfg, str(path))
+    if threshold is not None:
+        if not is_multi_label(model):
+            raise UserError(f"--threshold: the adapter at {path} is single-label (each example gets its most "
+                            "probable class); a threshold applies to multi-label runs")
+        task.set_threshold(threshold)
     acc, model = on_device(cfg, model)
     if cfg.train.chunked_loss and cfg.distributed.zero_stage != 3 and hasattr(task, "enable_chunked_loss"):
         # the loss as training's evals computed it (not under ZeRO-3, whose partitioned head it cannot use)

@@ -8,6 +8,7 @@ loss take it: `count_targets` counts labels.numel(), which for the (examples, cl
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -59,6 +60,8 @@ class SeqCls(Task):
     id_names: list[str] | None = None  # integer labels: the name of each id (data.labels)
     multi_label = False  # the label column holds lists (set by `setup`; an adapter's scaletune.json keeps it)
     separator: str | None = None  # data.label_separator: the label column's text holds several labels
+    # multi-label eval's decision: a sigmoid above this (None: 0.5; `eval --threshold`). Private: no cache keeps it
+    _threshold: float | None = None
 
     def auto_model_class(self) -> Any:
         from transformers import AutoModelForSequenceClassification
@@ -199,9 +202,14 @@ class SeqCls(Task):
         # (pos_weight leaves BCEWithLogitsLoss's mean over examples x classes as it is)
         return float(self.count_targets(batch)) if self.multi_label else super().loss_weight(batch)
 
+    def set_threshold(self, threshold: float | None) -> None:
+        """Multi-label eval: predict a class where its sigmoid exceeds `threshold` (None: 0.5)."""
+        self._threshold = threshold
+
     def predictions(self, logits: torch.Tensor, batch: dict) -> list:
         if self.multi_label:  # (a logit above 0 is a sigmoid above 0.5, without rounding near the threshold)
-            return list(zip((logits > 0).int().tolist(), batch["labels"].int().tolist()))
+            cut = 0.0 if self._threshold is None else math.log(self._threshold / (1 - self._threshold))
+            return list(zip((logits > cut).int().tolist(), batch["labels"].int().tolist()))
         return list(zip(logits.argmax(-1).tolist(), batch["labels"].tolist()))
 
     def example_outputs(self, logits: torch.Tensor, batch: dict) -> list:
