@@ -209,3 +209,46 @@ def test_a_label_the_data_lacks_is_refused_at_setup_with_exit_2(make_config, cap
     assert main(["train", str(path)]) == 2
     err = capsys.readouterr().err
     assert "train.class_weights.positive: not a label of this run (neg, pos)" in err
+
+
+@pytest.mark.parametrize("task", ["seq_cls", "token_cls"])
+def test_label_smoothing_with_class_weights_is_torchs_loss_over_the_whole_batch(make_config, tmp_path, monkeypatch,
+                                                                                task):
+    """train.label_smoothing is torch's CrossEntropyLoss(weight, label_smoothing) over the whole step, split in
+    two micro-batches; eval's loss stays the plain cross-entropy."""
+    if task == "seq_cls":
+        path = _imbalanced_cls_config(make_config, tmp_path, {"pos": 3.5})
+    else:
+        path = _ner_config(make_config, {"B-PER": 4.0, "B-LOC": 0.25})
+    run, _ = setup(load_config(path, ["train.label_smoothing=0.2"]))
+    weights = torch.tensor(list(run.class_weights.values()))
+    batches, loss, grads = _step_of(run, monkeypatch)
+    expected, expected_grads = _reference(run, batches, torch.nn.CrossEntropyLoss(weight=weights,
+                                                                                  label_smoothing=0.2))
+    unsmoothed, _ = _reference(run, batches, torch.nn.CrossEntropyLoss(weight=weights))
+    assert abs(expected - unsmoothed) > 1e-3  # (smoothing changes the loss: the test can tell)
+    assert abs(loss - expected) <= 1e-6
+    for got, want in zip(grads, expected_grads, strict=True):
+        assert (got - want).abs().max().item() <= 1e-6
+    plain = sum(run.task.loss_sum(run.model, b)[0].item() for b in batches) / sum(
+        run.task.count_targets(b) for b in batches)
+    assert plain == pytest.approx(_reference(run, batches, torch.nn.CrossEntropyLoss())[0], rel=1e-6)
+
+
+@pytest.mark.parametrize(("task", "value", "message"), [
+    ("seq_cls", "1.0", "train.label_smoothing: 1 is outside [0, 1)"),
+    ("seq_cls", "-0.1", "train.label_smoothing: -0.1 is outside [0, 1)"),
+    ("causal_lm", "0.1", "train.label_smoothing: smooths seq_cls/token_cls class targets; task causal_lm has none"),
+])
+def test_bad_label_smoothing_is_a_config_error(make_config, capsys, task, value, message):
+    assert main(["train", str(make_config(task)), f"train.label_smoothing={value}"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_label_smoothing_is_refused_for_a_multi_label_run(make_config, tmp_path, capsys):
+    path = make_config("seq_cls", n=8, train={**STEP, "label_smoothing": 0.1})
+    write_jsonl(tmp_path / "data" / "train.jsonl", multi_records(8))
+    write_jsonl(tmp_path / "data" / "eval.jsonl", multi_records(4, seed=1))
+    assert main(["train", str(path)]) == 2
+    assert "train.label_smoothing: this run is multi-label" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # (refused before the run wrote anything)

@@ -80,6 +80,7 @@ KEY_ALIASES: dict[str, str] = {
     "test_size": "data.eval_fraction",
     "chat_template": "data.chat_template",
     "template": "data.chat_template",
+    "label_smoothing_factor": "train.label_smoothing",
 }
 
 

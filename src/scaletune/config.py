@@ -187,6 +187,10 @@ class TrainConfig:
                                           "(multi-label: BCEWithLogitsLoss's pos_weight, mean over examples x "
                                           "classes). Eval reports the unweighted loss, comparable across runs "
                                           "and to `scaletune eval`'s.")
+    label_smoothing: float = _f(0.0, "seq_cls (single-label) / token_cls: label smoothing e of the training "
+                                "cross-entropy, as torch's CrossEntropyLoss(label_smoothing=e) and HF's "
+                                "label_smoothing_factor: the target is 1 - e on the gold class plus e spread over "
+                                "all classes. Eval reports the plain cross-entropy.")
     save_every: int | None = _f(200, "Write a resumable checkpoint every N optimizer steps.")
     saves_per_epoch: int | None = _f(None, "Checkpoint N times per epoch instead, at steps spread evenly over "
                                      "each epoch with the last at its end (at most once a step); leave save_every "

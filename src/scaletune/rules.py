@@ -159,6 +159,10 @@ def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_c
             p.append(f"data.labels: {cfg.task} needs at least {2 if cfg.task == 'seq_cls' else 1} label(s), "
                      f"got {len(d.labels)}")
     p += class_weight_problems(cfg)
+    if not 0 <= t.label_smoothing < 1:
+        p.append(f"train.label_smoothing: {t.label_smoothing:g} is outside [0, 1) (0: off; 0.1 is usual)")
+    elif t.label_smoothing and cfg.task not in ("seq_cls", "token_cls"):
+        p.append(f"train.label_smoothing: smooths seq_cls/token_cls class targets; task {cfg.task} has none")
 
     method = cfg.peft_method
     if not isinstance(cfg.peft.get("method", "lora"), str):

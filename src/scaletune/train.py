@@ -208,6 +208,10 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
     data = build_datasets(cfg, task, tokenizer, accelerator)
     n_train = len(data["train"])
     weights = class_weights.resolve(cfg, data["labels"], data["train"], getattr(task, "multi_label", False))
+    if t.label_smoothing and getattr(task, "multi_label", False):
+        raise ConfigError("train.label_smoothing: this run is multi-label (a sigmoid and binary cross-entropy per "
+                          "class); label smoothing is for single-label seq_cls and token_cls")
+    task.set_label_smoothing(t.label_smoothing)
     per_epoch = n_train // t.global_batch_size
     if per_epoch == 0:
         packed = data["stats"].get("packed_examples")

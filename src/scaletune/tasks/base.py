@@ -99,6 +99,12 @@ class Task:
     # --- class weights (train.class_weights; classification tasks) ---
     _class_weights: torch.Tensor | None = None  # one weight per label id; private: no cache or adapter keeps it
 
+    _label_smoothing = 0.0  # train.label_smoothing (single-label cross-entropy); private as _class_weights
+
+    def set_label_smoothing(self, smoothing: float) -> None:
+        """Smooth the training cross-entropy's targets by `smoothing` (train.label_smoothing); eval's stays plain."""
+        self._label_smoothing = smoothing
+
     def set_class_weights(self, weights: list[float] | None) -> None:
         """Weigh the training loss by class (`class_weights.resolve`, in label order); None: unweighted."""
         self._class_weights = None if weights is None else torch.tensor(weights, dtype=torch.float32)
@@ -171,13 +177,15 @@ def overflowed(enc: Any, max_length: int, i: int = 0) -> bool:
     return int(sum(mask) if mask is not None else len(ids)) >= max_length
 
 
-def ce_sum(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+def ce_sum(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None,
+           smoothing: float = 0.0) -> torch.Tensor:
     """Summed cross-entropy over non-ignored targets, computed in float32 for stability; with `weights` (one per
-    class) each target's loss times its class's weight."""
+    class) each target's loss times its class's weight; `smoothing`: torch's label_smoothing (divided by the
+    summed target weight, as the loop does, it is CrossEntropyLoss(weight, label_smoothing)'s mean)."""
     if weights is not None:
         weights = weights.to(logits.device)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), weight=weights,
-                           ignore_index=IGNORE, reduction="sum")
+                           ignore_index=IGNORE, reduction="sum", label_smoothing=smoothing)
 
 
 def target_weight(labels: torch.Tensor, weights: torch.Tensor) -> float:

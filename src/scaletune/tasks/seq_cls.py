@@ -180,19 +180,21 @@ class SeqCls(Task):
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **segments).logits
 
     def loss_sum(self, model: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._loss(model, batch, None)
+        return self._loss(model, batch, None, 0.0)
 
     def train_loss_sum(self, model: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._loss(model, batch, self._class_weights)
+        return self._loss(model, batch, self._class_weights, self._label_smoothing)
 
-    def _loss(self, model: Any, batch: dict, weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(summed loss, logits); `weights`: per-class weights of the targets (multi-label: of the positives)."""
+    def _loss(self, model: Any, batch: dict, weights: torch.Tensor | None,
+              smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed loss, logits); `weights`: per-class weights of the targets (multi-label: of the positives);
+        `smoothing`: single-label cross-entropy's label smoothing."""
         logits = self.forward(model, batch)
         if self.multi_label:  # summed over examples x classes, in float32 as ce_sum is
             pos_weight = weights.to(logits.device) if weights is not None else None
             return F.binary_cross_entropy_with_logits(logits.float(), batch["labels"].float(), pos_weight=pos_weight,
                                                       reduction="sum"), logits
-        return ce_sum(logits, batch["labels"], weights), logits
+        return ce_sum(logits, batch["labels"], weights, smoothing), logits
 
     @staticmethod
     def count_targets(batch: dict) -> int:

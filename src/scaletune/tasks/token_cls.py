@@ -126,16 +126,18 @@ class TokenCls(Task):
                 "as missed (raise data.max_length to score them)")
 
     def loss_sum(self, model: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._loss(model, batch, None)
+        return self._loss(model, batch, None, 0.0)
 
     def train_loss_sum(self, model: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._loss(model, batch, self._class_weights)
+        return self._loss(model, batch, self._class_weights, self._label_smoothing)
 
     @staticmethod
-    def _loss(model: Any, batch: dict, weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(summed cross-entropy of the labelled sub-tokens, each times its tag's weight if `weights`; logits)."""
+    def _loss(model: Any, batch: dict, weights: torch.Tensor | None,
+              smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed cross-entropy of the labelled sub-tokens, each times its tag's weight if `weights`, with label
+        smoothing `smoothing`; logits)."""
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return ce_sum(logits, batch["labels"], weights), logits
+        return ce_sum(logits, batch["labels"], weights, smoothing), logits
 
     def predictions(self, logits: torch.Tensor, batch: dict) -> list:
         """Per example: (predicted ids of the words in the window, their gold ids, gold ids of the cut words).
