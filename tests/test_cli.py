@@ -1444,3 +1444,35 @@ def test_predict_splits_raw_text_like_ner_data_with_character_offsets(capsys, ma
     assert code == 0, err
     assert got[0]["entities"] == [{"text": text, "type": "PER", "start": 0, "end": 8, "char_start": 0,
                                    "char_end": len(text)}]  # as written, not "Paris , France ."
+
+
+def test_a_character_level_chinese_tagger_tags_raw_text_one_character_a_word(capsys, make_config, tmp_path,
+                                                                              caplog):
+    """Trained on Chinese one character a word (as MSRA and Weibo NER are), the adapter records it, and raw
+    text given to predict is split so (before, a run of characters was one word the tagger never saw); a tagger
+    trained on segmented Chinese words is warned of instead."""
+    chars = [{"tokens": list("我在北京工作"), "tags": ["O", "O", "B-LOC", "I-LOC", "O", "O"]},
+             {"tokens": list("张三去上海"), "tags": ["B-PER", "I-PER", "O", "B-LOC", "I-LOC"]}] * 4
+    path = make_config("token_cls", train={"max_steps": 1, "global_batch_size": 4})
+    write_jsonl(tmp_path / "data" / "train.jsonl", chars)
+    write_jsonl(tmp_path / "data" / "eval.jsonl", chars[:2])
+    assert main(["train", str(path)]) == 0
+    meta = json.loads((tmp_path / "run" / "adapter" / "scaletune.json").read_text())
+    assert meta["task_state"]["cjk_chars"] is True
+    capsys.readouterr()
+    text = "李四在深圳，iPhone很好"
+    code, got, err, _ = _predict(path, capsys, [text])
+    assert code == 0, err
+    assert got[0]["tokens"] == list("李四在深圳，iPhone很好")
+    assert all(text[e["char_start"]:e["char_end"]] == e["text"] for e in got[0]["entities"])
+
+    words = [{"tokens": ["我", "在", "北京", "工作"], "tags": ["O", "O", "B-LOC", "O"]}] * 8
+    write_jsonl(tmp_path / "data" / "train.jsonl", words)
+    write_jsonl(tmp_path / "data" / "eval.jsonl", words[:2])
+    assert main(["train", str(path), "--overwrite"]) == 0
+    capsys.readouterr()
+    with caplog.at_level("WARNING", logger="scaletune"):
+        code, got, err, _ = _predict(path, capsys, [text])
+    assert code == 0, err
+    assert got[0]["tokens"] == ["李四在深圳", "，", "iPhone很好"]
+    assert "trained on Chinese/Japanese text split into words" in caplog.text

@@ -86,3 +86,19 @@ def test_spans_of_urls_emoji_and_initials_slice_the_text():
     spans = split_words(text)
     assert [text[a:b] for a, b in spans] == ["É.", "Roy", "👩\u200d💻", "https://x.org/a", ".", "j@x.io"]
     assert spans[0] == (1, 3) and spans[-1] == (len(text) - 6, len(text))
+
+
+def test_a_character_level_tagger_gets_chinese_and_japanese_one_character_a_word():
+    """With cjk_chars (training's words in those scripts were single characters: MSRA, Weibo), a run holding
+    Chinese or Japanese characters is split into its characters, Latin letters in it too, as such corpora write
+    it; other words, and the same text without cjk_chars, split as before."""
+    from scaletune.tasks.words import cjk_char_level
+
+    text = "我在北京工作，iPhone手机 が゙ Paris, 2019."
+    spans = split_words(text, cjk_chars=True)
+    assert [text[a:b] for a, b in spans] == ["我", "在", "北", "京", "工", "作", "，", "i", "P", "h", "o", "n", "e",
+                                             "手", "机", "が゙", "Paris", ",", "2019", "."]
+    assert _words(text) == ["我在北京工作", "，", "iPhone手机", "が゙", "Paris", ",", "2019", "."]
+    assert cjk_char_level([["我", "在", "北", "京"], ["Paris", "東"]]) is True
+    assert cjk_char_level([["我", "在", "北京", "工作"]]) is False  # (a segmented corpus: words of 2+)
+    assert cjk_char_level([["Paris", "é"]]) is None

@@ -22,6 +22,7 @@ from .data.readers import WHERE
 from .errors import ConfigError, DataError, UserError, failed_write, write_error
 from .labelling import classify, is_multi_label, regress, tag
 from .seqlen import position_limit
+from .tasks.words import has_cjk
 
 log = logging.getLogger("scaletune")
 PREDICT_BATCH = 32  # lines labelled per forward (seq_cls, token_cls)
@@ -205,6 +206,7 @@ def run_predict(cfg: RunConfig, adapter: str | None, source: str | None, max_new
         log.warning("predict: %s holds no input lines", predict_input.source_name(source))
     # every line is checked before the first prediction: a bad line 900 must not leave 899 lines written
     inputs = [_task_input(cfg, task, tokenizer, item) for item in items]
+    _warn_unsegmented(task, inputs)
     _refuse_unembeddable(model, tokenizer, items, inputs)
     acc, model = on_device(cfg, model)
     results = []
@@ -300,7 +302,20 @@ def _task_input(cfg: RunConfig, task: Any, tokenizer: Any, item: dict) -> Any:
         return prompt, segments
     if cfg.task in ("seq_cls", "seq_regression"):
         return predict_input.seq_cls_input(item, *predict_input.text_columns(task, cfg))
-    return predict_input.token_cls_input(item, predict_input.tokens_column(task, cfg))
+    return predict_input.token_cls_input(item, predict_input.tokens_column(task, cfg),
+                                         getattr(task, "cjk_chars", None) is True)
+
+
+def _warn_unsegmented(task: Any, inputs: list) -> None:
+    """Warn where raw Chinese/Japanese text goes to a tagger trained on segmented words of those scripts: no
+    rule splits such text into words (runs of characters are one word each); a word list is what it needs."""
+    if getattr(task, "cjk_chars", None) is not False:
+        return
+    first = next((w for w in inputs if isinstance(w, predict_input.TextWords) and has_cjk(w.text)), None)
+    if first is not None:
+        log.warning("predict: the tagger was trained on Chinese/Japanese text split into words, and a raw 'text' "
+                    "line in those scripts is split only at spaces and punctuation (each run of characters one "
+                    "word); give such lines as word lists ({\"tokens\": [...]}) segmented as the training data was")
 
 
 def prompt_segments(item: dict, tokenizer: Any, trained_format: str | None = None) -> tuple[str, list]:

@@ -234,16 +234,17 @@ class TextWords(list):
         self.text, self.spans = text, spans
 
 
-def token_cls_input(item: dict, column: str | None) -> list[str]:
+def token_cls_input(item: dict, column: str | None, cjk_chars: bool = False) -> list[str]:
     """The words of one line: its word list, or its text split into words and punctuation as NER corpora
-    split theirs (a `TextWords`); non-empty strings, as training requires."""
+    split theirs (a `TextWords`; `cjk_chars`: Chinese and Japanese one character a word); non-empty strings, as
+    training requires."""
     where = item[WHERE]
     keys = _candidates(column, "tokens", _TOKEN_COLUMNS)
     key = next((k for k in keys if k in item), None)
     if key is None and "text" in item:
         if not isinstance(item["text"], str):
             raise DataError(f"{where}: 'text' must be a string, got {type(item['text']).__name__}")
-        spans = split_words(item["text"])
+        spans = split_words(item["text"], cjk_chars)
         if not spans:
             raise DataError(f"{where}: 'text' has no words: nothing to tag")
         return TextWords(item["text"], spans)

@@ -33,6 +33,7 @@ from .base import (
     register,
     unknown_label,
 )
+from .words import cjk_char_level
 
 _TOKEN_COLUMNS = ("tokens", "words")
 _TAG_COLUMNS = ("tags", "ner_tags", "labels")
@@ -43,6 +44,9 @@ class TokenCls(Task):
     peft_task_type = "TOKEN_CLS"
     eval_only_columns = ("cut_tags", "blank_at", "blank_tags")
     id_names: list[str] | None = None  # integer tags: the name of each id (data.labels)
+    # training's Chinese/Japanese words are single characters (True), longer (False), or absent (None):
+    # `predict` splits raw text so (words.cjk_char_level); an adapter's scaletune.json keeps it
+    cjk_chars: bool | None = None
 
     def auto_model_class(self) -> Any:
         from transformers import AutoModelForTokenClassification
@@ -59,6 +63,8 @@ class TokenCls(Task):
                             f"{sorted(k for k in first if k != WHERE)}")
         for rec in records:
             self._check(rec)
+        if key == "data.train":  # (an eval file keeps the adapter's: predict splits raw text by training's words)
+            self.cjk_chars = cjk_char_level(rec[self.tokens] for rec in records)
         found = collect_labels(records, self.tags, is_list=True)
         self.id_names = id_names_for(found, cfg.data.labels)  # HF datasets' ner_tags: ids into data.labels' names
         if cfg.data.labels is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Iterable
 
 
 def char_entities(found: list[dict], text: str, spans: list[tuple[int, int]]) -> list[dict]:
@@ -52,11 +53,38 @@ _WORD = re.compile(rf"""
 _JOINERS = ("\u200c", "\u200d")
 
 
-def split_words(text: str) -> list[tuple[int, int]]:
+def split_words(text: str, cjk_chars: bool = False) -> list[tuple[int, int]]:
     """The (start, end) character spans of the words of `text`, split as CoNLL-style corpora split theirs
-    (`_WORD`); whitespace is in no word."""
+    (`_WORD`); whitespace is in no word. `cjk_chars`: a run holding Chinese or Japanese characters is split
+    into single characters, as character-level corpora give those scripts (`cjk_char_level`)."""
     spans = [span for m in _WORD.finditer(_marks_as_letters(text)) for span in _spans(m)]
-    return spans if text.isascii() else _join_clusters(text, spans)
+    if text.isascii():
+        return spans
+    spans = _join_clusters(text, spans)
+    return _single_characters(text, spans) if cjk_chars else spans
+
+
+# Han ideographs (and their extensions), Hiragana and Katakana: scripts written without spaces between words
+_CJK = re.compile("[\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f]")
+
+
+def has_cjk(text: str) -> bool:
+    """Whether `text` holds a Chinese or Japanese character."""
+    return not text.isascii() and _CJK.search(text) is not None
+
+
+def cjk_char_level(sentences: Iterable[list[str]]) -> bool | None:
+    """Whether a corpus gives Chinese/Japanese text one character a word, as the usual character-level NER sets
+    do (MSRA, Weibo, Resume: raw text is then split so at predict time): True where at least 90% of its words
+    holding such characters are single characters, False where they are longer (a segmented corpus), None where
+    no word holds one."""
+    n = single = 0
+    for words in sentences:
+        for word in words:
+            if has_cjk(word):
+                n += 1
+                single += len(word) == 1
+    return None if n == 0 else single >= 0.9 * n
 
 
 def _spans(match: re.Match) -> list[tuple[int, int]]:
@@ -67,6 +95,21 @@ def _spans(match: re.Match) -> list[tuple[int, int]]:
     if match["initial"] is None or (match["initial"].isupper() and match["next"].isupper()):
         return [(start, end)]
     return [(start, start + 1), (start + 1, end)]
+
+
+def _single_characters(text: str, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """`spans` with each one that holds a Chinese or Japanese character split into its characters (grapheme
+    clusters: a kana and a combining sound mark stay one), Latin letters and digits in it too ("iPhone手机":
+    one character a word, as character-level corpora write such a run)."""
+    import regex
+
+    out: list[tuple[int, int]] = []
+    for start, end in spans:
+        if has_cjk(text[start:end]):
+            out += [(start + m.start(), start + m.end()) for m in regex.finditer(r"\X", text[start:end])]
+        else:
+            out.append((start, end))
+    return out
 
 
 def _join_clusters(text: str, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
