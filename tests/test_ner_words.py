@@ -102,3 +102,15 @@ def test_a_character_level_tagger_gets_chinese_and_japanese_one_character_a_word
     assert cjk_char_level([["我", "在", "北", "京"], ["Paris", "東"]]) is True
     assert cjk_char_level([["我", "在", "北京", "工作"]]) is False  # (a segmented corpus: words of 2+)
     assert cjk_char_level([["Paris", "é"]]) is None
+
+
+@pytest.mark.parametrize(("text", "want"), [
+    ("Visit example.com.", ["Visit", "example.com", "."]),
+    ("Amazon.com Inc. and news.bbc.co.uk, Yahoo.co.jp!", ["Amazon.com", "Inc.", "and", "news.bbc.co.uk", ",",
+                                                           "Yahoo.co.jp", "!"]),
+    # sentences run together, and words that only look like one, still split at the full stop
+    ("in Paris.Then Paris.It was foo.comedy x.com-y", ["in", "Paris", ".", "Then", "Paris", ".", "It", "was", "foo",
+                                                       ".", "comedy", "x", ".", "com-y"]),
+])
+def test_a_bare_domain_is_one_word(text, want):
+    assert _words(text) == want

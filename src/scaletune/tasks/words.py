@@ -25,7 +25,7 @@ def char_entities(found: list[dict], text: str, spans: list[tuple[int, int]]) ->
 # in CoNLL-2003's training set, nearly all B-PER), title, company and US state abbreviations ("Mr.",
 # "Inc.", "Calif."), a month or "No." before a number ("Aug. 21"), names joined by "&" ("S&P", "AT&T"),
 # numbers ("3.5", "1,000", "10:30", "1/2") and words joined by a hyphen or an inner apostrophe
-# ("Anglo-Dutch", "O'Neill"), URLs, e-mail addresses and emoji sequences stay whole. Rules, not a trained
+# ("Anglo-Dutch", "O'Neill"), URLs, domains, e-mail addresses and emoji sequences stay whole. Rules, not a trained
 # splitter: nothing to download, and every word keeps its span in the text.
 _CLITIC = r"(?i:['’](?:s|re|ve|ll|d|m)|n['’]t)(?!\w)"
 _ABBREVIATIONS = ("Mrs|Mr|Ms|Dr|Prof|Sr|Jr|St|Mt|Gen|Gov|Sen|Rep|Lt|Col|Capt|Sgt|Maj|Rev|Inc|Corp|Ltd|Co|Bros|vs|"
@@ -35,9 +35,14 @@ _BEFORE_NUMBER = "Jan|Feb|Mar|Apr|Jun|Jul|Aug|Sept|Sep|Oct|Nov|Dec|No"  # "Aug. 
 _URL = (r"(?i:https?://|ftp://|www\.)(?:\([^\s()<>]*\)|[^\s()<>\"])*"  # balanced "(...)" stays: Foo_(bar)
         r"(?:\([^\s()<>]*\)|[^\s()<>\"'.,;:!?’”\]}*])")  # a trailing full stop, comma or quote is the text's
 _EMAIL = r"\w[\w.+-]{0,63}@\w[\w-]*(?:\.\w[\w-]*)+"
+# a bare domain ("example.com", "Amazon.com"): only before a common top-level domain that is no word of its own
+# (not .it, .in, .no, .de, ...), so that two sentences run together ("in Paris.Then", "Paris.It") still split
+_DOMAIN = (r"(?i:[a-z0-9][a-z0-9-]*(?:\.[a-z0-9][a-z0-9-]*)*\.(?:com|org|net|edu|gov|mil|info|biz|io|ai|co|uk|"
+           r"fr|nl|ch|dk|fi|pl|cz|ru|ua|jp|cn|kr|au|nz|ca|br|mx|eu|dev))(?!\w)(?![.-]\w)")
 _WORD = re.compile(rf"""
     {_URL}                              # https://example.com/a?b=1, www.example.org: one word, as in OntoNotes
   | {_EMAIL}                            # jane.doe@example.com
+  | {_DOMAIN}                           # example.com, Amazon.com
   | (?:[^\W\d_]\.){{2,}}                 # acronyms: U.S., e.g.
   | (?P<initial>[^\W\d_])\.(?=\s+(?P<next>[^\W\d_]))  # an initial: M. Atherton, Ö. Yılmaz (`_spans`)
   | (?:{_ABBREVIATIONS})\.(?!\w)        # Mr., Inc., Calif.
