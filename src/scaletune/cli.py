@@ -317,7 +317,9 @@ def dispatch(args: argparse.Namespace) -> int:
         metrics = run_eval(cfg, args.adapter, args.data, args.predictions, args.threshold)
         import json
 
-        print(json.dumps(metrics, indent=2, default=float))  # (full precision: compared with metrics.jsonl)
+        # every rank of an `accelerate launch` has the gathered metrics: one document on stdout, not one per rank
+        if os.environ.get("RANK", "0") == "0":
+            print(json.dumps(metrics, indent=2, default=float))  # (full precision: compared with metrics.jsonl)
         return 0
     if args.command == "predict":
         from .infer import run_predict

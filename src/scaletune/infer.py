@@ -151,7 +151,8 @@ def run_eval(cfg: RunConfig, adapter: str | None, data: str | None, predictions:
         evalset = build_datasets(cfg, task, tokenizer, None, for_eval=True)["eval"]
     check_vocabulary(model, tokenizer, {"eval": evalset}, "--data" if data else "data.eval")
     what = cfg.data.eval or f"the {cfg.data.eval_fraction:g} of {describe(cfg.data.train)} that training held out"
-    log.info("eval: adapter %s on %d example(s) of %s", path, len(evalset), what)
+    log.info("eval: adapter %s on %d example(s) of %s%s", path, len(evalset), what,
+             f" ({acc.num_processes} processes)" if acc.num_processes > 1 else "")
     if not predictions:
         return evaluate(acc, model, task, evalset, labels, cfg.train.micro_batch_size, tokenizer.pad_token_id)
     metrics, examples = evaluate_examples(acc, model, task, evalset, labels, cfg.train.micro_batch_size,
