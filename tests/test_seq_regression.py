@@ -199,3 +199,15 @@ def test_class_weights_are_refused_for_regression(make_config, capsys):
     path = make_config("seq_regression")
     code, _, err = _cli(["train", path, "train.class_weights=balanced"], capsys)
     assert code == 2 and "train.class_weights" in err and "seq_regression" in err
+
+
+def test_an_eval_predictions_line_gives_the_records_score_not_its_float32_copy():
+    """The gold score is written as the eval file has it (3.8, not float32's 3.799999952...), and the error is
+    taken from it."""
+    from scaletune.tasks import get_task
+
+    task = get_task("seq_regression")
+    task.text, task.pair, task.label = "text", None, "score"
+    gold32 = torch.tensor([3.8], dtype=torch.float32).tolist()[0]
+    line = task.example_line((4.0, gold32), None, {"text": "fine", "score": "3.8"}, None)
+    assert line["label"] == 3.8 and line["error"] == 4.0 - 3.8

@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seq_cls multi-label: score with a class predicted where its sigmoid exceeds T (default "
                         "0.5, as training's evals), e.g. the T to give predict --threshold")
 
-    p = sub.add_parser("predict", help="generate (causal_lm) or label (seq_cls/token_cls) inputs")
+    p = sub.add_parser("predict", help="generate (causal_lm), label (seq_cls/token_cls) or score (seq_regression) "
+                       "inputs")
     _add_config(p)
     p.add_argument("--adapter", help=_ADAPTER_HELP)
     p.add_argument("--input", default="-", help="file of lines (text or JSON objects; a csv/tsv/parquet/CoNLL file or "

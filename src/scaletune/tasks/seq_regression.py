@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..data.readers import fields_of
+from ..data.readers import WHERE, fields_of
 from ..errors import DataError
 from .base import pad_batch, register
 from .seq_cls import SeqCls, _pick
@@ -59,8 +59,10 @@ class SeqRegression(SeqCls):
         return [None] * len(logits)
 
     def example_line(self, pred: Any, extra: Any, record: dict, labels: list[str] | None) -> dict:
-        """The text (and pair), the gold score, the predicted one, and their difference."""
-        predicted, gold = pred
+        """The text (and pair), the gold score as the record gives it, the predicted one, and their difference."""
+        predicted, _ = pred
+        # the record's score, not the batch's float32 copy of it: a file's 3.8 is written 3.8, not 3.799999952...
+        gold = score_of(record.get(self.label), record.get(WHERE, "?"), self.label)
         line = {"text": record.get(self.text)}
         if self.pair:
             line["text_pair"] = record.get(self.pair)
