@@ -183,3 +183,27 @@ def test_no_word_is_labelled_on_a_bare_space(tmp_path, name):
     assert bool(bare) == (name != "bert"), pieces  # (the case under test occurs: the test is not vacuous)
     assert (tokenised_differently("token_cls-14", "token_cls", tok) is not None) == (name in MOVED_AT_15)
     assert (tokenised_differently("token_cls-7", "token_cls", tok) is not None) == (name != "bert")
+
+
+def test_a_wordpiece_g_with_a_dot_is_a_letter_not_a_space(tmp_path):
+    """Maltese writes "Ġ" as a letter: in a WordPiece vocabulary it is no bare space, and a word starting with it
+    keeps its label on its first piece (and an older adapter is not warned)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import BertTokenizer
+
+    from scaletune.data import tokenised_differently
+    from scaletune.tasks.token_cls import bare_space_ids
+
+    trainer = trainers.WordPieceTrainer(vocab_size=120, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
+                                        show_progress=False)
+    texts = ["Ġ ebel Ġ ħaġa Ġ"] * 20
+    raw = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    raw.normalizer, raw.pre_tokenizer = normalizers.BertNormalizer(lowercase=False), pre_tokenizers.BertPreTokenizer()
+    raw.train_from_iterator(texts, trainer)
+    tok = BertTokenizer(vocab=json.loads(raw.to_str())["model"]["vocab"], do_lower_case=False)
+    assert "Ġ" in tok.get_vocab()
+    assert bare_space_ids(tok) == frozenset()
+    enc = tok(["Ġebel", "x"], is_split_into_words=True)
+    assert tok.convert_ids_to_tokens(enc["input_ids"])[1] == "Ġ"  # (the case under test: "Ġ" "##ebel")
+    assert labelled_word_ids(tok, enc["input_ids"], enc.word_ids()) == enc.word_ids()
+    assert tokenised_differently("token_cls-14", "token_cls", tok) is None

@@ -247,7 +247,10 @@ def bare_space_ids(tokenizer: Any) -> frozenset[int]:
         return _BARE_SPACE_IDS[tokenizer]
     except (KeyError, TypeError):
         pass
-    vocab = tokenizer.get_vocab()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    # (WordPiece marks a word's inside, not its start: a "Ġ" there is a letter, Maltese's, not a space)
+    wordpiece = backend is not None and type(backend.model).__name__ == "WordPiece"
+    vocab = {} if wordpiece else tokenizer.get_vocab()
     found = frozenset(vocab[piece] for piece in _BARE_SPACES if piece in vocab)
     try:
         _BARE_SPACE_IDS[tokenizer] = found
