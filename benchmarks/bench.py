@@ -156,7 +156,6 @@ def _lora_kwargs() -> dict:
 def worker_scaletune(spec: dict, packed: bool, lowmem: bool = False) -> None:
     t0 = time.perf_counter()
     import scaletune.loop as loop
-    import scaletune.tasks.causal_lm as causal_lm
     from scaletune.config import apply_overrides, from_dict
     from scaletune.train import StopFlag, setup
 
@@ -176,15 +175,6 @@ def worker_scaletune(spec: dict, packed: bool, lowmem: bool = False) -> None:
     apply_overrides(raw, spec.get("set", []))  # --set: an ablation of scaletune's own settings
     cfg = from_dict(raw)
     run, _ = setup(cfg, overwrite=True)
-    counted = {"targets": 0}
-    original = causal_lm.CausalLM.count_targets
-
-    def counting(batch):  # the loop calls this once per micro-batch
-        n = original(batch)
-        counted["targets"] += n
-        return n
-
-    run.task.count_targets = counting
     stamps = {}
     def stop_clock(run, mlog):  # replaces the final checkpoint + adapter save
         stamps.setdefault("end", time.perf_counter())
@@ -197,7 +187,7 @@ def worker_scaletune(spec: dict, packed: bool, lowmem: bool = False) -> None:
     t2, c2 = stamps.get("end", time.perf_counter()), stamps.get("cpu", _cpu())
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if r["event"] == "train"]
-    _finish(spec, {"setup_s": t1 - t0, "train_s": t2 - t1, "cpu_s": c2 - c1, "target_tokens": counted["targets"],
+    _finish(spec, {"setup_s": t1 - t0, "train_s": t2 - t1, "cpu_s": c2 - c1, "target_tokens": run.counters["tokens_seen"],
                    "steps": run.step, "losses": losses, **extra})
 
 
