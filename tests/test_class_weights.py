@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ import torch
 from sklearn.utils.class_weight import compute_class_weight
 
 from scaletune import loop
-from scaletune.class_weights import resolve
+from scaletune.class_weights import recorded, resolve
 from scaletune.cli import main
 from scaletune.config import from_dict, load_config
 from scaletune.errors import ConfigError
@@ -252,3 +253,32 @@ def test_label_smoothing_is_refused_for_a_multi_label_run(make_config, tmp_path,
     assert main(["train", str(path)]) == 2
     assert "train.label_smoothing: this run is multi-label" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # (refused before the run wrote anything)
+
+
+def test_an_infinite_or_nan_weight_is_a_config_error():
+    problems = _problems({"class_weights": {"pos": float("inf"), "neg": float("nan")}}, labels=["neg", "pos"])
+    assert "train.class_weights.pos: a weight must be a finite number > 0, got inf" in problems
+    assert "train.class_weights.neg: a weight must be a finite number > 0, got nan" in problems
+
+
+def test_yaml_true_and_false_keys_weigh_the_labels_named_true_and_false():
+    """YAML reads `{true: 3}` with a boolean key; the data's labels are named `true`/`false`, as JSON writes them."""
+    class Cfg:
+        class train:
+            class_weights = {True: 3.0}
+
+    assert resolve(Cfg, ["false", "true"], [], False) == {"false": 1.0, "true": 3.0}
+    assert _problems({"class_weights": {True: 3, False: 0}}, labels=["false", "true"]) == [
+        "train.class_weights.false: a weight must be a finite number > 0, got 0"]
+
+
+def test_a_resume_takes_the_checkpoints_weights_only_for_the_same_setting_and_labels():
+    """A checkpoint's weights are kept while train.class_weights is the one it was started with and the labels
+    are this run's; a setting changed with --allow-config-change, or another label set, starts from the config."""
+    cfg = SimpleNamespace(train=SimpleNamespace(class_weights="balanced"))
+    saved = {"neg": 0.5, "pos": 2.0}
+    state = {"class_weights": saved, "config": {"train": {"class_weights": "balanced"}}}
+    assert recorded(state, cfg, ["neg", "pos"]) == saved
+    assert recorded(state, cfg, ["neg", "pos", "neutral"]) is None
+    cfg.train.class_weights = {"pos": 3.0}
+    assert recorded(state, cfg, ["neg", "pos"]) is None

@@ -113,3 +113,49 @@ def test_a_held_out_split_is_refused_before_loading(make_config, capsys, tmp_pat
     code, _, err = _run(["eval", path, "--predictions", tmp_path / "p.jsonl"], capsys)
     assert code == 2 and "needs an eval file (data.eval or --data FILE)" in err
     assert not (tmp_path / "p.jsonl").exists()
+
+
+def test_lines_of_a_text_pair_and_of_cut_words():
+    """A seq_cls line gives the pair's second text; a token_cls line gives a word past max_length the "O" eval
+    scored it as (and a word with no sub-token its neighbours' tag), so `predicted` has one tag a word."""
+    from scaletune.tasks import get_task
+
+    pair = get_task("seq_cls")
+    pair.text, pair.pair = "premise", "hypothesis"
+    line = pair.example_line((1, 0), 0.75, {"premise": "it rains", "hypothesis": "it is dry"}, ["no", "yes"])
+    assert line == {"text": "it rains", "text_pair": "it is dry", "label": "no", "predicted": "yes", "score": 0.75,
+                    "correct": False}
+    ner = get_task("token_cls")
+    ner.tokens = "tokens"
+    words = ["John", "\u200b", "Smith", "in", "Paris"]
+    tags = ["O", "B-PER", "I-PER", "B-LOC"]
+    line = ner.example_line(([1, None, 2], [1, 2, 2], [0, 3]), None, {"tokens": words}, tags)
+    assert line == {"tokens": words, "tags": ["B-PER", "I-PER", "I-PER", "O", "B-LOC"],
+                    "predicted": ["B-PER", "I-PER", "I-PER", "O", "O"], "correct": False}
+
+
+def test_a_file_that_appeared_since_the_check_is_not_replaced(tmp_path):
+    """write_predictions opens its file exclusively: one written there after the arguments were checked stays."""
+    from scaletune.errors import UserError
+    from scaletune.infer import write_predictions
+
+    kept = tmp_path / "p.jsonl"
+    kept.write_text("mine\n")
+    with pytest.raises(UserError, match="exists; choose a new file"):
+        write_predictions(str(kept), None, None, [], [])
+    assert kept.read_text() == "mine\n"
+
+
+def test_per_example_scoring_leaves_the_task_as_it_was(make_config):
+    """evaluate_examples makes the task keep per-example outputs only while it scores: a later evaluate (causal_lm's
+    chunked loss would pay a pass per row) and the task's cache_meta see the class's default again."""
+    from scaletune.config import load_config
+    from scaletune.evaluate import evaluate_examples
+    from scaletune.train import setup
+
+    run, _ = setup(load_config(make_config("seq_cls")))
+    meta = run.task.cache_meta()
+    _, examples = evaluate_examples(run.accelerator, run.model, run.task, run.data["eval"], run.data["labels"], 4,
+                                    run.tokenizer.pad_token_id)
+    assert len(examples) == len(run.data["eval"])
+    assert run.task.per_example is False and run.task.cache_meta() == meta

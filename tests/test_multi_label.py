@@ -308,3 +308,16 @@ def test_label_separator_is_for_seq_cls_only(make_config, capsys):
     path = make_config("token_cls")
     assert main(["train", str(path), "data.label_separator=;"]) == 2
     assert "data.label_separator: only read by task seq_cls, not token_cls" in capsys.readouterr().err
+
+
+def test_label_separator_splits_text_only():
+    """data.label_separator splits a text cell into its labels, stripped, empty parts left out; a list stays as
+    it is and another value (a JSON number) is one label."""
+    from scaletune.tasks import get_task
+
+    task = get_task("seq_cls")
+    task.separator = ";"
+    assert task._labels_of(" a ; ;c;") == ["a", "c"]
+    assert task._labels_of("") == []
+    assert task._labels_of(["a b"]) == ["a b"]
+    assert task._labels_of(3) == [3]

@@ -109,8 +109,18 @@ def test_a_character_level_tagger_gets_chinese_and_japanese_one_character_a_word
     ("Amazon.com Inc. and news.bbc.co.uk, Yahoo.co.jp!", ["Amazon.com", "Inc.", "and", "news.bbc.co.uk", ",",
                                                            "Yahoo.co.jp", "!"]),
     # sentences run together, and words that only look like one, still split at the full stop
+    ("via t.co, bit.io", ["via", "t.co", ",", "bit.io"]),
     ("in Paris.Then Paris.It was foo.comedy x.com-y", ["in", "Paris", ".", "Then", "Paris", ".", "It", "was", "foo",
                                                        ".", "comedy", "x", ".", "com-y"]),
 ])
 def test_a_bare_domain_is_one_word(text, want):
     assert _words(text) == want
+
+
+def test_a_corpus_is_character_level_from_nine_in_ten_single_characters():
+    """cjk_char_level's line: 9 of 10 Chinese words single characters is a character-level corpus (MSRA's odd
+    multi-character token), 8 of 10 a segmented one."""
+    from scaletune.tasks.words import cjk_char_level
+
+    assert cjk_char_level([["我"] * 9 + ["北京"]]) is True
+    assert cjk_char_level([["我"] * 8, ["北京", "工作"]]) is False

@@ -211,3 +211,26 @@ def test_an_eval_predictions_line_gives_the_records_score_not_its_float32_copy()
     gold32 = torch.tensor([3.8], dtype=torch.float32).tolist()[0]
     line = task.example_line((4.0, gold32), None, {"text": "fine", "score": "3.8"}, None)
     assert line["label"] == 3.8 and line["error"] == 4.0 - 3.8
+
+
+def test_regression_metrics_are_numpys_and_scipys():
+    """mae is the mean absolute error (signed errors would cancel), spearman the rank correlation (not
+    pearson's), both defined from 2 examples on and NaN where a side is constant."""
+    from scipy.stats import pearsonr, spearmanr
+
+    from scaletune.tasks.seq_regression import regression_metrics
+
+    pairs = [(1.0, 0.5), (2.0, 2.5), (3.0, 3.0), (4.0, 100.0)]
+    pred, gold = [p for p, _ in pairs], [g for _, g in pairs]
+    got = regression_metrics(pairs, 0.7)
+    assert got["loss"] == 0.7
+    assert got["mae"] == pytest.approx((0.5 + 0.5 + 0 + 96) / 4)
+    assert got["mse"] == pytest.approx((0.25 + 0.25 + 0 + 96**2) / 4)
+    assert got["rmse"] == pytest.approx(math.sqrt(got["mse"]))
+    assert got["pearson"] == pytest.approx(pearsonr(pred, gold).statistic)
+    assert got["spearman"] == pytest.approx(spearmanr(pred, gold).statistic)
+    assert got["spearman"] == pytest.approx(1.0) and got["pearson"] < 0.9  # (the test can tell them apart)
+    two = regression_metrics([(1.0, 0.0), (2.0, 3.0)], 0.0)
+    assert two["pearson"] == pytest.approx(1.0) and two["spearman"] == pytest.approx(1.0)
+    flat = regression_metrics([(1.0, 0.0), (1.0, 3.0), (1.0, 2.0)], 0.0)
+    assert math.isnan(flat["pearson"]) and math.isnan(flat["spearman"])

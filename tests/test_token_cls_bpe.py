@@ -267,3 +267,16 @@ def test_an_older_token_cls_adapter_is_warned_of_only_where_its_ids_changed(tmp_
     assert (tokenised_differently("token_cls-7", "token_cls", tok) is not None) == changed
     assert tokenised_differently("token_cls-6", "token_cls", tok) is not None  # (older: other changes too)
     assert tokenised_differently("token_cls-7", "token_cls") is not None  # (no tokenizer at hand: may differ)
+
+
+
+def test_a_word_that_is_a_bare_space_alone_keeps_its_label():
+    """Only a bare space that the word's next sub-token follows is passed over: a word tokenised to "Ġ" alone
+    (a whitespace word) is labelled there, or it would have no label at all."""
+    from scaletune.tasks.token_cls import labelled_word_ids
+
+    class Tokenizer:  # (a vocabulary with a bare "Ġ", id 5)
+        def get_vocab(self) -> dict:
+            return {"Ġ": 5, "a": 6}
+
+    assert labelled_word_ids(Tokenizer(), [5, 6, 5, 5, 6], [0, 0, 1, 2, 2]) == [None, 0, 1, None, 2]
