@@ -565,6 +565,7 @@ _DATA_CHANGES = {
     "text_column": lambda cfg, tmp: "sentence",
     "text_pair_column": lambda cfg, tmp: "hypothesis",
     "label_column": lambda cfg, tmp: "y",
+    "label_separator": lambda cfg, tmp: ";",
     "tokens_column": lambda cfg, tmp: "words",
     "tags_column": lambda cfg, tmp: "ner",
     "conll_columns": lambda cfg, tmp: [2, 3],
