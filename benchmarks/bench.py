@@ -275,7 +275,8 @@ def worker_trl(spec: dict) -> None:
                    "padding_free": bool(getattr(trainer, "padding_free", False))})
 
 
-def run_worker(spec_path: str) -> None:
+def worker_spec(spec_path: str) -> dict:
+    """A worker process's run spec, with warnings and library logs off and torch on the spec's thread count."""
     import logging
     import warnings
 
@@ -286,6 +287,11 @@ def run_worker(spec_path: str) -> None:
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
+    return spec
+
+
+def run_worker(spec_path: str) -> None:
+    spec = worker_spec(spec_path)
     tool = spec["tool"]
     if tool == "scaletune":
         worker_scaletune(spec, packed=False)

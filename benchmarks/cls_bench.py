@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import _clock_callback, _cpu, _hf_common_args, _losses, _peak_rss_mb  # noqa: E402
+from bench import _clock_callback, _cpu, _hf_common_args, _losses, _peak_rss_mb, worker_spec  # noqa: E402
 
 IGNORE = -100
 TASKS = ("seq_cls", "token_cls")
@@ -236,16 +236,7 @@ def worker_hf(spec: dict, grouped: bool) -> dict:
 
 def run_worker(spec_path: str) -> None:
     """One tool on one task: train, note the peak RSS, score the dev set, write the result JSON."""
-    import logging
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    logging.disable(logging.WARNING)
-    spec = json.loads(Path(spec_path).read_text())
-    import torch
-
-    if spec.get("threads"):
-        torch.set_num_threads(spec["threads"])
+    spec = worker_spec(spec_path)
     t0 = time.perf_counter()
     got = worker_scaletune(spec) if spec["tool"] == "scaletune" else worker_hf(spec, spec["tool"] == "hf_grouped")
     peak = _peak_rss_mb()  # before the eval, which is not part of training
