@@ -117,7 +117,7 @@ def test_a_step_split_in_two_micro_batches_is_torchs_weighted_loss_over_the_whol
         assert run.class_weights == {"a": 3.0, "b": 1.0, "c": 0.5}
         loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=weights)
     else:
-        shares = [run.task.loss_weight(b) for b in batches]
+        shares = [run.task.step_weight([b]) for b in batches]
         assert shares[0] != shares[1]  # (else a per-micro-batch mean would pass too)
         assert shares[0] != run.task.count_targets(batches[0])  # the weights are in the denominator
         loss_fn = torch.nn.CrossEntropyLoss(weight=weights)  # (ignore_index -100 is its default)

@@ -5,7 +5,7 @@ losses; before the step we all-reduce the number of target tokens of the whole o
 micro-batches, all ranks). Scaling each micro-batch's sum by accum * world / n_targets makes the
 accumulated, rank-averaged gradient exactly the gradient of the mean over every target token of the
 step, so micro 1 x accumulation 4 equals micro 4 x accumulation 1, at any world size. With
-train.class_weights the sums are weighted and the count is the targets' summed weight (`Task.loss_weight`): the
+train.class_weights the sums are weighted and the count is the targets' summed weight (`Task.step_weight`): the
 step's loss is sum(w_y * loss) / sum(w_y) over the whole step, as CrossEntropyLoss(weight=w) over it at once.
 """
 
@@ -69,7 +69,7 @@ def fit(run: Run, stop: StopFlag) -> str:
         # targets (counted for the logs) and the loss's denominator: the targets again, or with class weights
         # their summed weight (float), both over every micro-batch and rank
         n_global, weight_global, stopped_by = step_head(acc, sum(task.count_targets(b) for b in micro_batches), stop,
-                                                        sum(task.loss_weight(b) for b in micro_batches))
+                                                        task.step_weight(micro_batches))
         if stopped_by is not None:
             guard.settle(boundary=True)
             path = save_checkpoint(run)

@@ -114,12 +114,13 @@ class Task:
         weigh (eval's `loss_sum` stays unweighted)."""
         return self.loss_sum(model, batch)
 
-    def loss_weight(self, batch: dict) -> float:
-        """This micro-batch's share of the training loss's denominator: its targets, or with class weights their
-        summed weight (so the step's loss is sum(w_y * loss) / sum(w_y) over every micro-batch and rank)."""
+    def step_weight(self, batches: list[dict]) -> float | None:
+        """These micro-batches' share of the training loss's denominator where it is not their target count:
+        with class weights, the targets' summed weight (so the step's loss is sum(w_y * loss) / sum(w_y) over
+        every micro-batch and rank); None without them (the count, which the loop has, is the denominator)."""
         if self._class_weights is None:
-            return float(self.count_targets(batch))
-        return target_weight(batch["labels"], self._class_weights)
+            return None
+        return sum(target_weight(b["labels"], self._class_weights) for b in batches)
 
     # --- eval ---
     per_example = False  # `eval --predictions` is scoring: keep what `example_outputs` needs (evaluate_examples)

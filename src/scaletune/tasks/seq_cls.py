@@ -200,9 +200,9 @@ class SeqCls(Task):
     def count_targets(batch: dict) -> int:
         return int(batch["labels"].numel())
 
-    def loss_weight(self, batch: dict) -> float:
-        # (pos_weight leaves BCEWithLogitsLoss's mean over examples x classes as it is)
-        return float(self.count_targets(batch)) if self.multi_label else super().loss_weight(batch)
+    def step_weight(self, batches: list[dict]) -> float | None:
+        # (pos_weight leaves BCEWithLogitsLoss's mean over examples x classes as it is: the count)
+        return None if self.multi_label else super().step_weight(batches)
 
     def set_threshold(self, threshold: float | None) -> None:
         """Multi-label eval: predict a class where its sigmoid exceeds `threshold` (None: 0.5)."""
