@@ -39,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 IGNORE = -100
@@ -365,20 +366,26 @@ def prepare(args, workdir: Path) -> dict:
                      "packed_rows": rows, "records_in_file": len(records), **size}}
 
 
+def start_worker(script: str, run: Callable[[str], None], spec_path: Path, env: dict, in_process: bool, what: str) -> None:
+    """One tool's run: `script --worker SPEC` in a process of its own (so peak RSS is the tool's), or `run`
+    here with `in_process` (--smoke: checks that every tool runs, not what it measures)."""
+    if in_process:
+        os.environ.update(env)
+        run(str(spec_path))
+        return
+    proc = subprocess.run([sys.executable, script, "--worker", str(spec_path)], env=env, capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
+        raise SystemExit(f"{what} failed with exit code {proc.returncode}")
+
+
 def run_tool(tool: str, spec: dict, workdir: Path, rep: int, env: dict, in_process: bool = False) -> dict:
     spec = {**spec, "tool": tool, "result": str(workdir / f"result_{tool}_{rep}.json")}
     spec_path = workdir / f"spec_{tool}_{rep}.json"
     spec_path.write_text(json.dumps(spec))
     t0 = time.perf_counter()
-    if in_process:  # --smoke: checks that every tool runs, not what it measures (RSS is the whole process's)
-        os.environ.update(env)
-        run_worker(str(spec_path))
-    else:
-        proc = subprocess.run([sys.executable, __file__, "--worker", str(spec_path)], env=env, capture_output=True,
-                              text=True)
-        if proc.returncode != 0:
-            sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-            raise SystemExit(f"{tool} (repeat {rep}) failed with exit code {proc.returncode}")
+    start_worker(__file__, run_worker, spec_path, env, in_process, f"{tool} (repeat {rep})")
     wall = time.perf_counter() - t0
     res = json.loads(Path(spec["result"]).read_text())
     res["process_s"] = wall

@@ -22,7 +22,6 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import _clock_callback, _cpu, _hf_common_args, _losses, _peak_rss_mb, worker_spec  # noqa: E402
+from bench import _clock_callback, _cpu, _hf_common_args, _losses, _peak_rss_mb, start_worker, worker_spec  # noqa: E402
 
 IGNORE = -100
 TASKS = ("seq_cls", "token_cls")
@@ -289,15 +288,7 @@ def run_tool(spec: dict, tool: str, rep: int, env: dict, in_process: bool) -> di
     spec = {**spec, "tool": tool, "result": str(Path(spec["workdir"]) / f"result_{spec['task']}_{tool}_{rep}.json")}
     spec_path = Path(spec["workdir"]) / f"spec_{spec['task']}_{tool}_{rep}.json"
     spec_path.write_text(json.dumps(spec))
-    if in_process:  # --smoke: checks that every tool runs, not what it measures (RSS is the whole process's)
-        os.environ.update(env)
-        run_worker(str(spec_path))
-    else:
-        proc = subprocess.run([sys.executable, __file__, "--worker", str(spec_path)], env=env, capture_output=True,
-                              text=True)
-        if proc.returncode != 0:
-            sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-            raise SystemExit(f"{spec['task']} {tool} (repeat {rep}) failed with exit code {proc.returncode}")
+    start_worker(__file__, run_worker, spec_path, env, in_process, f"{spec['task']} {tool} (repeat {rep})")
     res = json.loads(Path(spec["result"]).read_text())
     res["final_loss"] = statistics.mean(res["losses"][-5:]) if res["losses"] else float("nan")
     res["ex_s"] = res["examples"] / res["train_s"]
