@@ -136,6 +136,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_caught(pid: int, sig: int, timeout: float = 120.0) -> None:
+    """Wait until process `pid` has a handler for `sig` (Linux: the SigCgt mask in /proc). A test that signals a
+    starting launcher after a fixed sleep killed it by the default action instead where the interpreter had not
+    reached its handlers yet (a loaded CI machine: exit -15 for the expected 143)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except FileNotFoundError:
+            return  # it has exited: the caller's wait reports how
+        caught = next(int(line.split()[1], 16) for line in status.splitlines() if line.startswith("SigCgt:"))
+        if caught >> (sig - 1) & 1:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"process {pid} installed no handler for signal {sig} within {timeout:g} s")
+
+
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_CONFIG_FILE", "ACCELERATE_CONFIG_FILE",
                "SCALETUNE_PREEMPT_MARKER")

@@ -81,7 +81,7 @@ def test_signal_to_the_launcher_checkpoints_and_exits_124(make_config, tmp_path,
     try:
         deadline = time.monotonic() + TIMEOUT
         if when == "start-up":
-            time.sleep(0.5)  # the launcher is importing; no rank exists yet
+            stutil.wait_until_caught(proc.pid, sig)  # the launcher is importing; no rank exists yet
             assert not (out / "metrics.jsonl").exists()
             proc.send_signal(sig)
         while when == "training" and _trained_steps(out / "metrics.jsonl") < 2:
@@ -177,7 +177,7 @@ def test_sigterm_while_the_launch_is_checked(make_config, tmp_path, bad):
     cmd = [sys.executable, "-m", "scaletune", "launch", str(path), "--nproc", "2",
            "--master-port", str(stutil.free_port()), *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=stutil.child_env())
-    time.sleep(0.5)  # importing / checking; no rank exists yet
+    stutil.wait_until_caught(proc.pid, signal.SIGTERM)  # importing / checking; no rank exists yet
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=TIMEOUT)
     if bad:
