@@ -76,3 +76,18 @@ def test_hub_model_missing_from_the_cache_says_the_hub_is_unreachable(tmp_path):
     assert res.returncode == 2, res.stderr[-3000:]
     assert "Retrying" not in res.stderr and "Traceback" not in res.stderr
     assert "cannot be reached from this machine" in res.stderr and "hf download someorg/not-downloaded" in res.stderr
+
+
+def test_offline_by_choice_still_says_which_cache_was_read_and_how_to_fill_it(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    from scaletune.hub import unreachable_hint
+
+    # HF_HUB_OFFLINE=1 (as the README suggests for compute nodes): the hub client's error then claims it
+    # "couldn't connect", so the hint is the only place the user learns where the model must go
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    hint = unreachable_hint("someorg/not-downloaded")
+    assert "HF_HUB_OFFLINE" in hint and str(tmp_path / "hub") in hint
+    assert "hf download someorg/not-downloaded" in hint
+    assert unreachable_hint(str(tmp_path)) == ""  # a local directory: no hub involved

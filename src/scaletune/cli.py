@@ -88,15 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.add_argument("--adapter", help=_ADAPTER_HELP)
     p.add_argument("--input", default="-", help="file of lines (text or JSON objects; a csv/tsv/parquet/CoNLL file or "
-                   "JSON array is read as training reads it); '-' = stdin; each output line names its input line "
-                   "(\"line\": N)")
+                   "JSON array is read as training reads it); '-' (the default) = stdin; each output line names its "
+                   "input line (\"line\": N)")
     p.add_argument("--max-new-tokens", type=int, default=64,
                    help="causal_lm: most tokens a completion may add (default 64; cut at the model's context)")
     p.add_argument("--temperature", type=float, default=0.0,
                    help="causal_lm: sample completions at this temperature (default 0: greedy)")
     p.add_argument("--top-p", type=float, default=1.0,
                    help="causal_lm, with --temperature: sample from the smallest set of tokens this probable")
-    p.add_argument("--seed", type=int, default=0, help="causal_lm, with --temperature: the sampling seed")
+    p.add_argument("--seed", type=int, default=0, help="causal_lm, with --temperature: the sampling seed (default 0)")
     p.add_argument("--top-k", type=top_k_option, default=None, metavar="K",
                    help="seq_cls: add \"scores\", the K most probable classes with their scores, best first "
                         "('all': every class; not sampling: causal_lm samples with --temperature/--top-p)")

@@ -191,7 +191,8 @@ class TrainConfig:
                                 "cross-entropy, as torch's CrossEntropyLoss(label_smoothing=e) and HF's "
                                 "label_smoothing_factor: the target is 1 - e on the gold class plus e spread over "
                                 "all classes. Eval reports the plain cross-entropy.")
-    save_every: int | None = _f(200, "Write a resumable checkpoint every N optimizer steps.")
+    save_every: int | None = _f(200, "Write a resumable checkpoint every N optimizer steps (and at the end; null: "
+                                     "at the end only).")
     saves_per_epoch: int | None = _f(None, "Checkpoint N times per epoch instead, at steps spread evenly over "
                                      "each epoch with the last at its end (at most once a step); leave save_every "
                                      "unset.")

@@ -69,11 +69,18 @@ def hub_kwargs(name: str) -> dict[str, Any]:
 
 
 def unreachable_hint(name: str) -> str:
-    """A sentence to append to a load error of `name` when hub_kwargs made it read the local cache only."""
-    if not hub_kwargs(name):
-        return ""
+    """A sentence to append to a load error of `name` when only the local cache was read: the hub could not be
+    reached (hub_kwargs), or HF_HUB_OFFLINE is set, where the hub client's own message still says it "couldn't
+    connect" and names neither the cache it read nor how to fill it."""
     from huggingface_hub import constants
 
+    fill = (f"download the model where the hub can be reached (`hf download {name}`) into the same HF_HOME, "
+            f"or give a local directory")
+    if Path(name).exists():
+        return ""
+    if _offline_by_choice():
+        return f"; HF_HUB_OFFLINE is set, so only the local cache ({constants.HF_HUB_CACHE}) was read: {fill}"
+    if not hub_kwargs(name):
+        return ""
     return (f"; the hub ({constants.ENDPOINT}) cannot be reached from this machine, so only the local cache "
-            f"({constants.HF_HUB_CACHE}) was read: download the model where the hub can be reached "
-            f"(`hf download {name}`) into the same HF_HOME, or give a local directory")
+            f"({constants.HF_HUB_CACHE}) was read: {fill}")
