@@ -596,6 +596,22 @@ def test_predict_refuses_a_text_pair_for_a_single_text_classifier(capsys, make_c
     assert code == 0 and len(got) == 2, err
 
 
+def test_predict_reads_another_usual_text_column_where_training_detected_its_own(capsys, make_config, tiny_bert,
+                                                                                monkeypatch):
+    """Trained on a `text` file with no data.text_column (training takes the first usual name it finds), the
+    classifier labels SST-2's `sentence` lines (they were refused: "expected key 'text'"), preferring the trained
+    column where a line has both; a data.text_column named in the config stays the only column read."""
+    state = {"text": "text", "pair": None, "label": "label"}
+    model, tok = _fake_trained(monkeypatch, "seq_cls", tiny_bert, state, ["neg", "pos"])
+    path = make_config("seq_cls")
+    code, got, err, _ = _predict(path, capsys, [{"sentence": "alpha bravo"}, {"review": "x", "text": "charlie"}])
+    assert code == 0, err
+    assert model.seen == [tok("alpha bravo")["input_ids"], tok("charlie")["input_ids"]]
+    path = make_config("seq_cls", data={"text_column": "text"})
+    code, _, err, inp = _predict(path, capsys, [{"sentence": "alpha bravo"}])
+    assert_clean_error(code, err, f"{inp}:1: no text to classify: expected key 'text'")
+
+
 def test_predict_reads_the_pair_of_a_trained_adapter(capsys, make_config, tmp_path):
     """End to end: the adapter trained on premise/hypothesis scores a premise differently with different
     hypotheses (every line used to get the same score)."""

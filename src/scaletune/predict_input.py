@@ -177,21 +177,28 @@ def _candidates(trained: str | None, alias: str, defaults: tuple[str, ...]) -> l
 # seq_cls
 
 
-def text_columns(task: Any, cfg: Any) -> tuple[str | None, str | None]:
-    """(text column, pair column or None) the classifier was trained on: the adapter's record, else the run
-    config's data.text_column / data.text_pair_column (a None text column: training's default detection)."""
+def text_columns(task: Any, cfg: Any) -> tuple[str | None, str | None, bool]:
+    """(text column, pair column or None, detected) the classifier was trained on: the adapter's record, else the
+    run config's data.text_column / data.text_pair_column (a None text column: training's default detection).
+    `detected`: the config names no text column, so training took the first of the usual names it found."""
+    detected = cfg.data.text_column is None
     if getattr(task, "text", None):
-        return task.text, getattr(task, "pair", None)
-    return cfg.data.text_column, cfg.data.text_pair_column
+        return task.text, getattr(task, "pair", None), detected
+    return cfg.data.text_column, cfg.data.text_pair_column, detected
 
 
-def seq_cls_input(item: dict, text_col: str | None, pair_col: str | None) -> tuple[str, str | None]:
-    """(text, pair or None) of one line, checked as training checks a record: non-empty strings."""
+def seq_cls_input(item: dict, text_col: str | None, pair_col: str | None,
+                  detected: bool = False) -> tuple[str, str | None]:
+    """(text, pair or None) of one line, checked as training checks a record: non-empty strings. `detected`
+    (training chose the column from the usual names): a line without that column is read by the same rule, so a
+    classifier trained on a `text` file labels SST-2's `sentence` TSV, as training would have read it."""
     where = item[WHERE]
     if pair_col and item.get(PLAIN):
         raise DataError(f"{where}: a plain-text line, but the model classifies text pairs: give a JSON object with "
                         f"{text_col!r} and {pair_col!r}")
     keys = _candidates(text_col, "text", _TEXT_COLUMNS)
+    if detected:
+        keys = list(dict.fromkeys([*keys, *_TEXT_COLUMNS]))
     text = _text(item, keys, "no text to classify")
     if not pair_col:
         if "text_pair" in item:  # else the second text would be dropped without a word
