@@ -110,6 +110,19 @@ def test_unsupported_combinations_refused_with_reason():
                                "train": {"mixed_precision": "bf16"}, "peft": {"method": "lora"}})) == []
 
 
+def test_merge_of_a_prompt_learning_adapter_says_why_and_what_to_use(make_config, tmp_path, capsys):
+    from scaletune.cli import main
+
+    path = _write(make_config, "causal_lm", "prompt_tuning", tmp_path, max_steps=1)
+    assert main(["train", str(path)]) == 0
+    capsys.readouterr()
+    assert main(["merge", str(path), "--out", str(tmp_path / "merged")]) == 2
+    err = capsys.readouterr().err
+    assert "prompt_tuning cannot be merged into the base weights: it adds virtual tokens" in err
+    assert "hint: use the adapter as it is" in err and "Traceback" not in err
+    assert not (tmp_path / "merged").exists()
+
+
 def test_readme_matrix_is_generated_from_the_code():
     assert matrix_markdown() in (ROOT / "README.md").read_text()
 

@@ -164,6 +164,10 @@ def test_a_damaged_adapter_file_is_named(cfg, tmp_path, capsys):
         code, _, err = run_cli(args, capsys)
         assert_clean_error(code, err, f"the adapter at {tmp_path / 'run' / 'adapter'} is damaged",
                            "adapter_model.safetensors", "--adapter OUTPUT_DIR/checkpoints/step-N")
+        assert "adapter_config.json" not in err  # only the damaged file is named, not the intact one beside it
+    (weights.parent / "adapter_config.json").write_text('{"peft_type": "LO')  # a config cut short is its own
+    code, _, err = run_cli(["eval", cfg], capsys)
+    assert_clean_error(code, err, "is damaged (adapter_config.json: ")
 
 
 def test_an_adapter_that_does_not_fit_or_is_incomplete_is_one_error(cfg, tmp_path, capsys):

@@ -9,7 +9,7 @@ backward), where L is the length of the example the token belongs to: a packed r
 attend to each other, so their attention is not work a row-long L would claim (a packed row's
 trailing padding counts as one more, short, example). That is the whole L x L score matrix (the
 PaLM/Megatron convention), about twice what a causal kernel computes. Divided by the device's dense
-bf16 peak (table below, or SCALETUNE_PEAK_TFLOPS). Reported on CUDA only.
+bf16 peak (table below, or SCALETUNE_PEAK_TFLOPS, which also reports it on a CPU or an unlisted GPU).
 """
 
 from __future__ import annotations

@@ -235,7 +235,9 @@ def _load_adapter(model: Any, adapter_path: str, fused: bool = False) -> Any:
             warnings.filterwarnings("ignore", "The following rank_pattern keys did not match", RuntimeWarning)
             return peft.PeftModel.from_pretrained(model, adapter_path, is_trainable=False, config=config)
     except (SafetensorError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        files = sorted(p.name for p in Path(adapter_path).glob("adapter_*"))
+        # name the file at fault: a weights error is the weights', a text error adapter_config.json's
+        text = isinstance(exc, (json.JSONDecodeError, UnicodeDecodeError))
+        files = sorted(p.name for p in Path(adapter_path).glob("adapter_*") if (p.suffix == ".json") == text)
         raise UserError(f"the adapter at {adapter_path} is damaged ({', '.join(files) or 'its files'}: "
                         f"{str(exc).strip().splitlines()[0]})",
                         hint="use another copy of it, or a checkpoint's: --adapter OUTPUT_DIR/checkpoints/step-N "
