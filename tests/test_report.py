@@ -159,7 +159,7 @@ def test_resumed_run_keeps_latest_record_and_notes_preemption(tmp_path):
         json.dumps({"event": "train", "step": 2, "time": 2, "loss": 9.5}) + "\n"))
     _, (r,) = build_report([str(run)])
     assert r.series("train", "loss")[1] == [3.0, 9.5]
-    assert any("preempted at step 2 (signal 15)" in n for n in r.notes)
+    assert any("preempted at step 2 (SIGTERM)" in n for n in r.notes), r.notes
     assert any("replaced by the resumed run's" in n for n in r.notes)
     assert not any("resumed 1 time" in n for n in r.notes)  # (this log has no resume event)
     # rank 0 logs; when the signal reached another rank, its record has none: said so, not "signal –"
@@ -167,6 +167,11 @@ def test_resumed_run_keeps_latest_record_and_notes_preemption(tmp_path):
         json.dumps({"event": "preempted", "step": 2, "time": 1, "signal": None, "checkpoint": "ck/step-2"}) + "\n",))
     _, (r,) = build_report([str(other)])
     assert any("preempted at step 2 (a signal to another rank)" in n for n in r.notes), r.notes
+    # a Ctrl-C is named as the user's stop (it read "preempted at step 2 (signal 2)")
+    ctrl_c = make_run(tmp_path / "ctrl_c", steps=2, extra_lines=(
+        json.dumps({"event": "preempted", "step": 2, "time": 1, "signal": 2, "checkpoint": "ck/step-2"}) + "\n",))
+    _, (r,) = build_report([str(ctrl_c)])
+    assert any("stopped by Ctrl-C at step 2 (SIGINT)" in n for n in r.notes), r.notes
 
 
 def test_resumes_are_listed_though_not_preemptions(tmp_path):

@@ -10,6 +10,7 @@ import base64
 import html
 import json
 import math
+import signal
 import statistics
 import time
 import warnings
@@ -198,8 +199,17 @@ def _event_notes(run: Run) -> list[str]:
         notes.append("no eval events (data.eval not set, or the run stopped before its first evaluation)")
     for rec in run.events.get("preempted", []):
         # (no signal: a run from before the ranks agreed on it; the signal had reached another rank only)
-        how = f"signal {_fmt(rec['signal'])}" if rec.get("signal") is not None else "a signal to another rank"
-        notes.append(f"preempted at step {rec['step']} ({how}); checkpoint {_fmt(rec.get('checkpoint'))}")
+        signum = rec.get("signal")
+        if signum is None:
+            how = "a signal to another rank"
+        else:
+            try:
+                how = signal.Signals(int(signum)).name
+            except (ValueError, TypeError):  # (a signal this platform does not know: its number)
+                how = f"signal {_fmt(signum)}"
+        # a Ctrl-C is the user's own stop, not a scheduler's preemption
+        what = "stopped by Ctrl-C" if how == "SIGINT" else "preempted"
+        notes.append(f"{what} at step {rec['step']} ({how}); checkpoint {_fmt(rec.get('checkpoint'))}")
     skips = run.events.get("nonfinite", [])
     if skips:
         notes.append(f"{len(skips)} non-finite step(s), first at step {skips[0]['step']}")
