@@ -152,7 +152,8 @@ def _refuse_for_this_machine(cfg: Any, world: int, cpu: bool | None) -> None:
         has_cuda = not cpu
     problems = cross_field_problems(cfg, world_size=world, has_cuda=has_cuda)
     if problems:
-        raise ConfigError(problems, title=f"run config cannot run here ({problems_count(len(problems))})")
+        raise ConfigError(problems, title=f"{cfg.source_file or 'run config'} cannot run here "
+                                           f"({problems_count(len(problems))})")
 
 
 def preflight(cfg: Any) -> None:

@@ -408,7 +408,8 @@ def refuse_what_cannot_run_here(cfg: RunConfig, world: int) -> None:
                         f"with DeepSpeed ZeRO stage {stage} ({source}): add distributed.zero_stage={stage} to the "
                         "command (or use `scaletune launch`, which picks the launch for the config's stage)")
     if problems:
-        err = ConfigError(problems, title=f"run config cannot run here ({problems_count(len(problems))})")
+        err = ConfigError(problems, title=f"{cfg.source_file or 'run config'} cannot run here "
+                                           f"({problems_count(len(problems))})")
         if world > 1:  # every rank finds the same problems: each node's first process prints them, once
             err.relayed_from = 0  # type: ignore[attr-defined]
         raise err

@@ -12,6 +12,7 @@ import io
 import itertools
 import json
 import os
+import re
 import string
 import subprocess
 import sys
@@ -504,7 +505,8 @@ def test_zero_stage_without_a_launcher(world, monkeypatch):
         monkeypatch.delenv(var, raising=False)
     raw = base_raw(world)
     raw["distributed"] = {"zero_stage": 2}
-    expect_bad(world, raw, "distributed.zero_stage=2 needs a launcher", "scaletune launch")
+    err = expect_bad(world, raw, "distributed.zero_stage=2 needs a launcher", "scaletune launch")
+    assert re.search(r"cfg\d+\.yaml cannot run here", err), err  # the title names the file, as the others do
 
 
 def test_adalora_target_rank_above_initial_rank(world):
