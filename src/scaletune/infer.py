@@ -523,8 +523,8 @@ def run_merge(cfg: RunConfig, adapter: str | None, out_dir: str) -> Path:
     method = str(getattr(configs[0].peft_type, "value", configs[0].peft_type)).lower() if configs else cfg.peft_method
     if not hasattr(model, "merge_and_unload"):
         # prompt learning (prompt/prefix/p-tuning) trains virtual tokens or key/values, not weight updates
-        raise UserError(f"peft method {method} cannot be merged into the base weights: it adds virtual tokens (or key/values), "
-                        "not changes to the base's weights",
+        raise UserError(f"peft method {method} cannot be merged into the base weights: it adds virtual tokens "
+                        "(or key/values), not changes to the base's weights",
                         hint="use the adapter as it is: `eval`/`predict` with it, or load base + adapter with "
                              "peft.PeftModel.from_pretrained")
     try:
