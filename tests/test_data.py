@@ -1210,6 +1210,22 @@ def test_sharegpt_tools_reach_the_prompt_with_the_built_in_template(tmp_path, ti
     assert "recipe search" not in trained and "hits" not in trained
 
 
+def test_tool_schemas_as_text_keep_non_ascii_names_as_the_calls_write_them(tmp_path, tiny_llama):
+    """Chinese tool data (LLaMA-Factory's glaive_toolcall_zh): the schemas in the built-in prompt were
+    ASCII-escaped ("\\u5929\\u6c14") while the trained call names the function "天气" as written."""
+    record = {"conversations": [{"from": "human", "value": "北京天气"},
+                                {"from": "function_call", "value": '{"name": "天气", "arguments": {"城市": "北京"}}'},
+                                {"from": "observation", "value": '{"温度": 20}'},
+                                {"from": "gpt", "value": "北京20度"}],
+              "tools": '[{"name": "天气", "description": "查询天气", "parameters": {"type": "object"}}]'}
+    data = write_jsonl(tmp_path / "g.jsonl", [record] * 2)
+    cfg = _cfg(tmp_path, tiny_llama, data=data, max_length=1024)
+    tok = load_tokenizer(cfg)
+    trained, context = _trained_and_context(tok, build_datasets(cfg, get_task("causal_lm"), tok)["train"][0])
+    assert '[{"name": "天气", "description": "查询天气"' in context, context
+    assert '{"name": "天气", "arguments": {"城市": "北京"}}' in trained
+
+
 def test_built_in_template_puts_the_response_header_before_every_answer(tmp_path, tiny_llama):
     """The answer after a tool result followed the result with no '### Response:' header, so the model learnt
     to answer where `predict` and every other answer put the header; an answer after another answer too."""

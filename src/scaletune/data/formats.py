@@ -375,7 +375,9 @@ def _tools_as_text(messages: list[dict], tools: list[dict], tool_role: str) -> l
             m["content"] = f"{m['content']}\n{text}" if m["content"] else text
         out.append(m)
     if tools:
-        text = "You can call these functions (JSON schemas):\n" + json.dumps([t["function"] for t in tools])
+        # (non-ASCII kept as written, as in the calls: an escaped "\u5929\u6c14" is not the name the call gives)
+        schemas = json.dumps([t["function"] for t in tools], ensure_ascii=False)
+        text = "You can call these functions (JSON schemas):\n" + schemas
         if out and out[0]["role"] == "system":
             out[0] = {**out[0], "content": f"{out[0]['content']}\n\n{text}"}
         else:
