@@ -1214,6 +1214,43 @@ def test_slurm_refuses_at_submit_an_output_dir_a_live_run_holds(capfd, make_conf
     assert sorted(p.name for p in out.iterdir()) == [".scaletune.lock"]  # the probe wrote nothing there
 
 
+def test_slurm_singleton_queues_after_the_running_job_of_its_name(capfd, make_config, tmp_path, monkeypatch):
+    """`--dependency=singleton` for the output_dir a running job of the same name trains (that job holds the
+    run lock) was refused as "in use by another run", though Slurm starts it only after that job. A job of
+    another name, which singleton does not wait for, is still refused."""
+    import multiprocessing
+
+    path = make_config("causal_lm")
+    out = Path(yaml.safe_load(Path(path).read_text())["output_dir"]).resolve()
+    record = tmp_path / "argv.txt"
+    _fake_sbatch(tmp_path / "bin", f'printf "%s\\n" "$@" > {record}; echo "Submitted batch job 8"')
+    squeue = tmp_path / "bin" / "squeue"  # (job 7, named scaletune, runs for out: no job is named other)
+    squeue.write_text(f"#!/bin/sh\ncase \" $* \" in *\" -n other \"*) exit 0;; esac\n"
+                      f"echo '7|RUNNING|scaletune output_dir={out}'\n")
+    squeue.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("SBATCH_JOB_NAME", raising=False)
+    monkeypatch.chdir(tmp_path)
+    ctx = multiprocessing.get_context("fork")
+    ready, release = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold_lock, args=(str(out), ready, release))  # (job 7's run)
+    holder.start()
+    try:
+        assert ready.wait(60)
+        code, out_text, err = run_cli(["slurm", path, "--gpus-per-node", "0",
+                                       "--sbatch-arg=--dependency=singleton"], capfd)
+        assert code == 0 and "Submitted batch job 8" in out_text, err
+        assert "--dependency=singleton" in record.read_text().splitlines()
+        record.unlink()
+        code, _, err = run_cli(["slurm", path, "--gpus-per-node", "0", "--sbatch-arg=--dependency=singleton",
+                                "--sbatch-arg=--job-name=other"], capfd)
+        assert_clean_error(code, err, "is in use by another run")
+        assert not record.exists()
+    finally:
+        release.set()
+        holder.join(60)
+
+
 # ---------------------------------------------------------------------------------------------
 # one rank's error under a launcher: one screen, exit 2
 

@@ -368,7 +368,7 @@ def dispatch(args: argparse.Namespace) -> int:
             # A job meant to wait for the run there (chained with --dependency) may be queued beside it.
             if not any(re.match(r"(--dependency=|-d)\S*after\w*:\d", a) for a in args.sbatch_args):
                 from . import runlock
-                from .slurm import queued_job
+                from .slurm import job_name, queued_job
 
                 # (singleton waits for the user's queued jobs of the same name, not for a run outside Slurm)
                 singleton = any(re.match(r"(--dependency=|-d)\S*singleton", a) for a in args.sbatch_args)
@@ -378,9 +378,11 @@ def dispatch(args: argparse.Namespace) -> int:
                                     hint=f"wait for it, scancel it, or queue this one after it: "
                                          f"--sbatch-arg=--dependency=afterany:{job[0]}")
 
-                runlock.check_free(Path(cfg.output_dir),
-                                   hint="wait for that run to end, or queue this job after it: "
-                                        "--sbatch-arg=--dependency=afterany:JOBID")
+                # A same-name job running for this output_dir holds its lock, and singleton starts this one after it
+                if not (singleton and queued_job(Path(cfg.output_dir), name=job_name(args.sbatch_args))):
+                    runlock.check_free(Path(cfg.output_dir),
+                                       hint="wait for that run to end, or queue this job after it: "
+                                            "--sbatch-arg=--dependency=afterany:JOBID")
         return main_slurm(args, cfg.output_dir)  # the config was validated above; the job re-reads it
     raise AssertionError(args.command)
 
@@ -416,6 +418,10 @@ def main(argv: list[str] | None = None) -> int:
             exit_rank(code)  # a rank of a multi-process run ends here, done or refused (see there why)
         data = sys.modules.get("scaletune.data")
         if data is not None and data.workers_abandoned():  # (their pool's thread would hang the exit)
+            hard_exit(code)
+        if args.command == "launch" and code == EXIT_USAGE:
+            # Python's teardown gives SIGTERM back its default action: srun's SIGTERM (another node failed the
+            # same way) then ended this node's refusal with 143, the job with it, not with the config error's 2
             hard_exit(code)
     return code
 

@@ -141,14 +141,22 @@ def time_limit_seconds(text: str) -> int | None:
 COMMENT = "scaletune output_dir="
 
 
-def queued_job(out: Path) -> tuple[str, str] | None:
-    """(job id, state) of a job of this user, pending or running, that `scaletune slurm` submitted for `out`;
-    None if there is none or squeue cannot tell."""
+def job_name(sbatch_args: Sequence[str]) -> str:
+    """The name the job will have: the last --job-name/-J among the sbatch args, else $SBATCH_JOB_NAME, else
+    the templates' `#SBATCH --job-name=scaletune` (the name `--dependency=singleton` waits on)."""
+    given = [m.group(1) for a in sbatch_args if (m := re.fullmatch(r"(?:--job-name=|-J=?)(.+)", a))]
+    return given[-1] if given else os.environ.get("SBATCH_JOB_NAME") or "scaletune"
+
+
+def queued_job(out: Path, name: str | None = None) -> tuple[str, str] | None:
+    """(job id, state) of a job of this user, pending or running, that `scaletune slurm` submitted for `out`
+    (only one named `name`, if given); None if there is none or squeue cannot tell."""
     import getpass
 
+    named = ["-n", name] if name else []
     try:
-        done = subprocess.run(["squeue", "-h", "-u", getpass.getuser(), "-o", "%i|%T|%k"], capture_output=True,
-                              text=True, timeout=30)
+        done = subprocess.run(["squeue", "-h", "-u", getpass.getuser(), *named, "-o", "%i|%T|%k"],
+                              capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
         return None
     wanted = COMMENT + str(Path(out).resolve())

@@ -167,6 +167,25 @@ def test_sigterm_while_a_refused_launch_prints_its_error(make_config, tmp_path):
     assert proc.returncode == 2 and "train.learning_rate: expected float" in proc.stderr, (proc.returncode, proc.stderr)
 
 
+def test_sigterm_while_a_refused_launch_exits(make_config, tmp_path):
+    """The same, with srun's SIGTERM arriving once the error is printed, while the interpreter tears down (a
+    real 2-node job ended 143, not 2): Python gives SIGTERM back its default action there. The signal is sent
+    here from an object freed with the modules."""
+    path = make_config("causal_lm", train={"max_steps": 2})
+    code = ("import os, signal, sys\n"
+            "from scaletune import cli\n"
+            "class Terminate:\n"
+            "    def __del__(self, kill=os.kill, pid=os.getpid(), sig=signal.SIGTERM):  # (the module's names are gone)\n"
+            "        kill(pid, sig)\n"
+            "at_teardown = Terminate()\n"
+            "sys.argv = ['scaletune', *sys.argv[1:]]\n"
+            "sys.exit(cli.main())\n")
+    proc = subprocess.run([sys.executable, "-c", code, "launch", str(path), "--nproc", "2", "--master-port",
+                           str(stutil.free_port()), "train.learning_rate=fast"], capture_output=True, text=True,
+                          env=stutil.child_env(), timeout=TIMEOUT)
+    assert proc.returncode == 2 and "train.learning_rate: expected float" in proc.stderr, (proc.returncode, proc.stderr)
+
+
 @pytest.mark.parametrize("bad", [True, False], ids=["bad-config", "good-config"])
 def test_sigterm_while_the_launch_is_checked(make_config, tmp_path, bad):
     """SIGTERM during the launcher's checks (srun stops the other nodes' launchers once one exits): a bad
