@@ -506,6 +506,29 @@ def test_ctrl_c_in_train_names_the_checkpoint_to_resume_from(make_config, capsys
     assert code == 130 and err.strip() == "interrupted"
 
 
+def test_a_stopped_or_finished_train_says_what_to_run_next(make_config, capsys, monkeypatch):
+    """The first Ctrl-C ends in a checkpoint and exit 124: it named the checkpoint but, unlike a second Ctrl-C,
+    not the command that goes on from it."""
+    import scaletune.cli as cli
+
+    path = make_config()
+    monkeypatch.setattr(cli, "dispatch", lambda args: 124)
+    code, _, err = run_cli(["train", path, "train.max_steps=9"], capsys)
+    assert code == 124 and err.strip() == f"continue with `scaletune train {path} train.max_steps=9 --resume auto`"
+    # a finished run names the commands that use it, with the overrides that may name its model or output_dir
+    monkeypatch.setattr(cli, "dispatch", lambda args: 0)
+    code, out, _ = run_cli(["train", path, "output_dir=/tmp/my run"], capsys)
+    assert code == 0 and out.splitlines() == ["next:", f"  scaletune eval {path} 'output_dir=/tmp/my run'  # scores the adapter",
+                                              f"  scaletune predict {path} 'output_dir=/tmp/my run' --input FILE  # applies it",
+                                              "  scaletune report '/tmp/my run'  # plots the run"]
+    # a rank of a launched run: the launcher, which knows its own command, says it
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for returned in (124, 0):
+        monkeypatch.setattr(cli, "dispatch", lambda args, code=returned: code)
+        code, out, err = run_cli(["train", path], capsys)
+        assert code == returned and out == err == ""
+
+
 def test_output_cut_short_by_the_reader_is_not_a_traceback(tmp_path):
     """`scaletune plan ... | head`: the pipe closes while scaletune still writes."""
     code = ("import sys\nfrom scaletune import cli\n"

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import time
 import types
 
 import pytest
@@ -24,12 +25,52 @@ def test_progress_off_a_terminal_is_one_plain_line_per_interval(tmp_path, monkey
     err = io.StringIO()  # not a TTY, as a Slurm .out file or `| tee` is
     monkeypatch.setattr("sys.stderr", err)
     acc = types.SimpleNamespace(is_main_process=True, trackers=[])
+    clock = [1000.0]
+    monkeypatch.setattr("scaletune.tracking.time", types.SimpleNamespace(monotonic=lambda: clock[0], time=time.time))
     mlog = MetricsLog(acc, tmp_path, total_steps=20, start_step=0)
+    clock[0] += 75  # 10 steps in 75 s: the 10 left take as long (a log has no bar to show an ETA)
     mlog.progress(10, {"loss": 1.23456, "tok/s": 900})
+    clock[0] += 4000
     mlog.progress(20, {"loss": 0.5, "tok/s": 950})
     mlog.close()
     assert mlog.bar is None and "\r" not in err.getvalue()
-    assert err.getvalue().splitlines() == ["step 10/20 loss=1.235 tok/s=900", "step 20/20 loss=0.5 tok/s=950"]
+    assert err.getvalue().splitlines() == ["step 10/20 loss=1.235 tok/s=900 elapsed=1m15s eta=1m15s",
+                                           "step 20/20 loss=0.5 tok/s=950 elapsed=1h07m55s eta=0s"]
+    # a resumed run's pace is from its own first step, not from step 0
+    err.truncate(0)
+    err.seek(0)
+    mlog = MetricsLog(acc, tmp_path, total_steps=20, start_step=15)
+    clock[0] += 10
+    mlog.progress(16, {"loss": 0.5})
+    assert err.getvalue() == "step 16/20 loss=0.5 elapsed=10s eta=40s\n"
+
+
+def test_a_run_starts_by_saying_what_it_trains_for_how_long_and_where(make_config, tmp_path, caplog):
+    """Only the step lines followed the data's: no word of the parameters trained, the epochs the steps make
+    or where the adapter goes."""
+    from scaletune.cli import main
+
+    path = make_config("seq_cls", n=40, train={"max_steps": 3, "global_batch_size": 8, "micro_batch_size": 4})
+    with caplog.at_level("INFO", logger="scaletune"):
+        assert main(["train", str(path)]) == 0
+    facts = json.loads((tmp_path / "run" / "run.json").read_text())
+    trainable, total = facts["trainable_params"], facts["total_params"]
+    assert (f"training seq_cls with lora on {facts['config']['model']['name_or_path']}: {trainable:,} of {total:,} "
+            f"parameters trainable ({100 * trainable / total:.2g}%); 40 training examples, 16 for eval; 3 steps of "
+            f"8 examples = 4 x 2 accumulation (0.6 epochs); writing to {tmp_path / 'run'}") in caplog.text
+
+
+def test_the_run_summary_counts_epochs_ranks_and_a_missing_eval_set():
+    from scaletune.tracking import run_summary
+
+    cfg = types.SimpleNamespace(task="causal_lm", peft_method="lora",
+                                model=types.SimpleNamespace(name_or_path="m"), output_dir="out",
+                                train=types.SimpleNamespace(global_batch_size=64, micro_batch_size=8))
+    facts = {"trainable_params": 1000, "total_params": 1_000_000, "train_examples": 6400, "eval_examples": 0,
+             "total_steps": 100, "steps_per_epoch": 100, "grad_accum": 2, "world_size": 4}
+    assert run_summary(cfg, facts) == ("training causal_lm with lora on m: 1,000 of 1,000,000 parameters trainable "
+                                       "(0.1%); 6,400 training examples, no eval set; 100 steps of 64 examples = 8 x 2 "
+                                       "accumulation x 4 ranks (1 epoch); writing to out")
 
 
 def _load(cfg, caplog):
@@ -216,8 +257,10 @@ def test_on_a_terminal_the_run_ends_with_where_its_outputs_are(make_config, tmp_
     run = tmp_path / "run"
     progress = "train:" if columns else "step 2/2 loss="  # a bar, or a plain line
     assert any(line.startswith(progress) for line in screen), screen
-    assert screen[-1] == (f"adapter (step 2) saved to {run / 'adapter'}; checkpoints in {run / 'checkpoints'}, "
+    assert screen[-5] == (f"adapter (step 2) saved to {run / 'adapter'}; checkpoints in {run / 'checkpoints'}, "
                           f"metrics in {run / 'metrics.jsonl'}, TensorBoard logs in {run / 'scaletune'}")
+    assert screen[-4:] == ["next:", f"  scaletune eval {path}  # scores the adapter",
+                           f"  scaletune predict {path} --input FILE  # applies it", f"  scaletune report {run}  # plots the run"]
 
 
 def test_tokenising_and_eval_progress_draw_no_bar_on_a_terminal_of_no_width(monkeypatch):

@@ -19,6 +19,7 @@ from .config_file import is_override
 from .errors import (
     EXIT_INTERRUPTED,
     EXIT_PEER,
+    EXIT_PREEMPTED,
     EXIT_USAGE,
     RESUME_AFTER_WRITE,
     ConfigError,
@@ -82,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=threshold_option, default=None, metavar="T",
                    help="seq_cls multi-label: score with a class predicted where its sigmoid exceeds T (default "
                         "0.5, as training's evals), e.g. the T to give predict --threshold")
+    p.add_argument("--json", action="store_true",
+                   help="print the metrics as JSON on a terminal too (a table there otherwise; piped: always JSON)")
 
     p = sub.add_parser("predict", help="generate (causal_lm), label (seq_cls/token_cls) or score (seq_regression) "
                        "inputs")
@@ -319,7 +322,12 @@ def dispatch(args: argparse.Namespace) -> int:
         import json
 
         # every rank of an `accelerate launch` has the gathered metrics: one document on stdout, not one per rank
-        if os.environ.get("RANK", "0") == "0":
+        if os.environ.get("RANK", "0") == "0" and sys.stdout.isatty() and not getattr(args, "json", False):
+            # a person reads it: 16-digit floats and a confusion matrix one number a line were hard to read
+            from .metrics_table import metrics_table
+
+            print(metrics_table(metrics))
+        elif os.environ.get("RANK", "0") == "0":
             print(json.dumps(metrics, indent=2, default=float))  # (full precision: compared with metrics.jsonl)
         return 0
     if args.command == "predict":
@@ -430,7 +438,14 @@ def _dispatch_reporting(args: argparse.Namespace) -> int:
     """Run the command; a user's error, an interrupt or another rank's failure becomes its message and
     exit code (anything else is a bug: its traceback is kept)."""
     try:
-        return dispatch(args)
+        code = dispatch(args)
+        if args.command == "train" and int(os.environ.get("WORLD_SIZE") or 1) <= 1:  # (a launcher speaks for ranks)
+            if code == EXIT_PREEMPTED:
+                # a stop at a step boundary (Ctrl-C, SIGTERM) named its checkpoint but not how to go on from it
+                print(f"continue with `{_continue_command(args)}`", file=sys.stderr)
+            elif code == 0:
+                print(_next_commands(args), flush=True)
+        return code
     except UserError as exc:
         print(_render_error(exc), file=sys.stderr)
         return EXIT_USAGE
@@ -507,9 +522,27 @@ def _resume_hint(args: argparse.Namespace) -> str:
         return f"; {where}: continue with the same launch command plus --resume auto{kept}"
     if newest is None:
         return f" (no checkpoint was written yet){kept}"
-    # the overrides too: one of them may be output_dir itself
-    command = shlex.join(["scaletune", "train", str(args.config), *(args.overrides or []), "--resume", "auto"])
-    return f"; newest checkpoint {newest}: continue with `{command}`{kept}"
+    return f"; newest checkpoint {newest}: continue with `{_continue_command(args)}`{kept}"
+
+
+def _next_commands(args: argparse.Namespace) -> str:
+    """After a finished `train`: the commands that use what it wrote, with its overrides (output_dir or the
+    model may be among them: without them eval looked for the example config's placeholder model)."""
+    given = [str(args.config), *(args.overrides or [])]
+    try:
+        from .config import load_config
+
+        out = load_config(args.config, args.overrides).output_dir
+    except Exception:  # noqa: BLE001 - a hint must never fail a finished run
+        out = "OUTPUT_DIR"
+    return (f"next:\n  {shlex.join(['scaletune', 'eval', *given])}  # scores the adapter\n"
+            f"  {shlex.join(['scaletune', 'predict', *given, '--input', 'FILE'])}  # applies it\n"
+            f"  {shlex.join(['scaletune', 'report', str(out)])}  # plots the run")
+
+
+def _continue_command(args: argparse.Namespace) -> str:
+    """The command that resumes this `train` run: its overrides too, as one of them may be output_dir."""
+    return shlex.join(["scaletune", "train", str(args.config), *(args.overrides or []), "--resume", "auto"])
 
 
 if __name__ == "__main__":

@@ -54,6 +54,34 @@ def command_line() -> list[str]:
     return argv if isinstance(argv, list) and argv else list(sys.argv)
 
 
+def duration(seconds: float) -> str:
+    """`seconds` as 42s, 3m07s or 2h05m09s."""
+    minutes, sec = divmod(round(seconds), 60)
+    if minutes >= 60:
+        return f"{minutes // 60}h{minutes % 60:02d}m{sec:02d}s"
+    return f"{minutes}m{sec:02d}s" if minutes else f"{sec}s"
+
+
+def run_summary(cfg: Any, facts: dict) -> str:
+    """One line saying what this run trains, on how much data, for how long and where it writes: `facts` is
+    what run.json records of this start. The step lines alone left a newcomer guessing at epochs (SST-2's
+    400 steps are a fifth of one) and at where the adapter would go."""
+    trainable, total = facts["trainable_params"], facts["total_params"]
+    share = f"{100 * trainable / total:.2g}%" if total else "?"
+    rows = "packed rows" if facts.get("packed_rows") else "examples"
+    batch = f"{cfg.train.global_batch_size} {rows}"
+    if facts["grad_accum"] > 1 or facts["world_size"] > 1:
+        batch += (f" = {cfg.train.micro_batch_size} x {facts['grad_accum']} accumulation"
+                  + (f" x {facts['world_size']} ranks" if facts["world_size"] > 1 else ""))
+    epochs = facts["total_steps"] / max(1, facts["steps_per_epoch"])
+    held = facts["eval_examples"]
+    return (f"training {cfg.task} with {cfg.peft_method} on {cfg.model.name_or_path}: {trainable:,} of {total:,} "
+            f"parameters trainable ({share}); {facts['train_examples']:,} training examples, "
+            + (f"{held:,} for eval" if held else "no eval set")
+            + f"; {facts['total_steps']:,} steps of {batch} ({epochs:.3g} epoch{'' if epochs == 1 else 's'}); "
+            f"writing to {cfg.output_dir}")
+
+
 def write_run_json(output_dir: Path, cfg: Any, extra: dict) -> None:
     """run.json: the resolved config, versions and this start's facts. A resumed run keeps its first start's
     `started` and `argv` and adds this start to `resumes` (time, checkpoint, command line)."""
@@ -275,6 +303,7 @@ class MetricsLog:
         self.path = output_dir / "metrics.jsonl"
         self.bar = None
         self.total = total_steps
+        self.began, self.first_step = time.monotonic(), start_step  # (the ETA's pace: this start's steps)
         quiet = os.environ.get("SCALETUNE_NO_PROGRESS") == "1"
         # Off a terminal (a Slurm .out file, CI, `| tee`) a redrawn bar is one ever-growing line of
         # carriage returns: log a plain line per logging interval instead. So too on a terminal of no
@@ -312,8 +341,12 @@ class MetricsLog:
             self.bar.n = step
             self.bar.set_postfix(shown, refresh=True)
         elif self.lines:
-            print(f"step {step}/{self.total} " + " ".join(f"{k}={v}" for k, v in shown.items()), file=sys.stderr,
-                  flush=True)
+            # a log has no bar to show time left: the pace so far, evals and checkpoints included, gives it
+            done, elapsed = step - self.first_step, time.monotonic() - self.began
+            left = elapsed / done * (self.total - step) if done > 0 else None
+            eta = f" elapsed={duration(elapsed)} eta={duration(left)}" if left is not None else ""
+            print(f"step {step}/{self.total} " + " ".join(f"{k}={v}" for k, v in shown.items()) + eta,
+                  file=sys.stderr, flush=True)
 
     def write(self, text: str) -> None:
         if self.main:

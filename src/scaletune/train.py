@@ -289,21 +289,23 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
         restore(run, resume_from)
     use_class_weights(run)
     if accelerator.is_main_process:
-        from .tracking import write_run_json
+        from .tracking import run_summary, write_run_json
 
-        write_run_json(out, cfg, {"world_size": world, "grad_accum": accum, "total_steps": total,
-                                  "steps_per_epoch": per_epoch,
-                                  # with packing a batch counts rows: both are kept, and left_out counts rows
-                                  "train_examples": data["stats"].get("packed_examples", n_train),
-                                  "packed_rows": data["stats"].get("packed_rows"),
-                                  "left_out_per_epoch": left_out,
-                                  "skipped_examples": data["stats"].get("dropped"),
-                                  "truncated_examples": data["stats"].get("truncated"),
-                                  "eval_examples": len(data["eval"]) if data["eval"] is not None else 0,
-                                  "trainable_params": trainable, "total_params": all_params,
-                                  "labels": data["labels"], "class_weights": run.class_weights,
-                                  "config_fingerprint": fingerprint,
-                                  "resumed_from": str(resume_from) if resume_from else None})
+        facts = {"world_size": world, "grad_accum": accum, "total_steps": total,
+                 "steps_per_epoch": per_epoch,
+                 # with packing a batch counts rows: both are kept, and left_out counts rows
+                 "train_examples": data["stats"].get("packed_examples", n_train),
+                 "packed_rows": data["stats"].get("packed_rows"),
+                 "left_out_per_epoch": left_out,
+                 "skipped_examples": data["stats"].get("dropped"),
+                 "truncated_examples": data["stats"].get("truncated"),
+                 "eval_examples": len(data["eval"]) if data["eval"] is not None else 0,
+                 "trainable_params": trainable, "total_params": all_params,
+                 "labels": data["labels"], "class_weights": run.class_weights,
+                 "config_fingerprint": fingerprint,
+                 "resumed_from": str(resume_from) if resume_from else None}
+        write_run_json(out, cfg, facts)
+        log.info("%s", run_summary(cfg, facts))
     if t.report_to:
         from .tracking import start_trackers
 
