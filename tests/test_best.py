@@ -5,6 +5,7 @@ picks and stops as the uninterrupted one, and bad combinations are refused up fr
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -63,7 +64,8 @@ def _fit(path, stop=None, resume=None, **overrides):
 current: list = [None]  # the run being trained: the scripted evals read its step
 
 
-def test_best_adapter_is_the_best_evals_and_the_run_stops_early(make_config, tmp_path, scripted, capsys):
+def test_best_adapter_is_the_best_evals_and_the_run_stops_early(make_config, tmp_path, scripted, capsys,
+                                                                caplog):
     path = _config(make_config, tmp_path)
     run, result = _fit(path)
     out = run.output_dir
@@ -87,6 +89,11 @@ def test_best_adapter_is_the_best_evals_and_the_run_stops_early(make_config, tmp
     assert max(r["step"] for r in read_metrics(out)) == 5
     # the best adapter evaluates like any adapter
     assert main(["eval", str(path), "--adapter", str(out / "best_adapter")]) == 0
+    # without --adapter eval scores the last step's, and says where the best eval's is
+    with caplog.at_level(logging.INFO, logger="scaletune"):
+        assert main(["eval", str(path)]) == 0
+    assert (f"the best eval's (step 2, accuracy 0.7) is {out / 'best_adapter'}: --adapter {out / 'best_adapter'}"
+            in caplog.text), caplog.text
 
 
 def test_a_preempted_run_resumes_to_the_same_best_and_stop(make_config, tmp_path, scripted):

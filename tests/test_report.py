@@ -300,7 +300,7 @@ def test_the_summary_gives_trainable_parameters_and_logged_time_without_the_gaps
     assert r.seconds == pytest.approx(3.5 + 60.0)
     assert main(["report", str(run)]) == 0
     out = capsys.readouterr().out
-    assert "trainable params      1234" in out and "time (logged)         1m04s" in out, out
+    assert "trainable params      1,234" in out and "time (logged)         1m04s" in out, out
     import scaletune.report as report_mod
 
     titles = []

@@ -60,7 +60,7 @@ class BestAdapter:
         """best_adapter/ not written by this path's best eval: written after the resumed checkpoint (the steps
         about to be redone write it again), on a path left by resuming another checkpoint, or lost. It is
         moved aside, and this path's best restored; with best_metric off, another path's is only moved aside."""
-        on_disk = _written_by(self.run.output_dir / BEST_DIR)
+        on_disk = best_record(self.run.output_dir / BEST_DIR)
         if self.metric and not _same(on_disk, self.run.counters.get("best")):
             self._recover(self.run.counters.get("best"), on_disk)
         elif not self.metric and on_disk is not None and not _same(on_disk, path_best):
@@ -144,7 +144,7 @@ class BestAdapter:
         return value < best - margin if self.lower else value > best + margin
 
 
-def _written_by(directory: Any) -> dict | None:
+def best_record(directory: Any) -> dict | None:
     """The record of the eval that wrote this best_adapter/ (None: there is none, or it says nothing)."""
     try:
         best = json.loads((directory / "scaletune.json").read_text(encoding="utf-8"))["best"]

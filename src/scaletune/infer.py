@@ -40,6 +40,7 @@ def _adapter_dir(cfg: RunConfig, adapter: str | None) -> Path:
             also = f" (e.g. --adapter {newest[0]}, the newest checkpoint)" if newest else ""
             raise UserError(f"no trained adapter at {path} (adapter_config.json missing); train first or "
                             f"pass --adapter{also}")
+        _note_best_adapter(Path(cfg.output_dir))
         return path
     path = Path(adapter)
     if path.is_file() and path.name == "latest" and path.parent.name == "checkpoints":
@@ -51,6 +52,18 @@ def _adapter_dir(cfg: RunConfig, adapter: str | None) -> Path:
         log.info("--adapter %s: using the adapter in its adapter/ subfolder", path)
         return path / "adapter"
     raise UserError(_not_an_adapter(path))
+
+
+def _note_best_adapter(out: Path) -> None:
+    """Say that the last step's adapter/ is used where train.best_metric also wrote best_adapter/: a user who
+    asked for the best adapter would otherwise score the last one without a word."""
+    from .best import BEST_DIR, best_record
+
+    record = best_record(out / BEST_DIR)
+    if record is not None:
+        log.info("using %s, the last step's adapter; the best eval's (step %s, %s %.4g) is %s: --adapter %s",
+                 out / "adapter", record["step"], record["metric"], float(record["value"]), out / BEST_DIR,
+                 out / BEST_DIR)
 
 
 def _not_an_adapter(path: Path) -> str:

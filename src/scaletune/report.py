@@ -278,12 +278,17 @@ def run_stats(run: Run) -> dict[str, str]:
     _, tps = run.series("train", "tokens_per_s")
     _, mem = run.series("train", "peak_mem_mb")
     return {"task": run.task, "steps": f"{_fmt(run.steps_done())}/{_fmt(total)}",
-            "trainable params": _fmt(run.info.get("trainable_params")),
+            "trainable params": _count(run.info.get("trainable_params")),
             "time (logged)": _duration(run.seconds),
             "final train loss": _fmt(losses[-1] if losses else None),
             # the median shrugs off the slow first steps (compilation, allocator warm-up)
             "tokens/s (median)": _fmt(statistics.median(tps) if tps else None),
             "peak memory (MB)": _fmt(max(mem) if mem else None)}
+
+
+def _count(value: Any) -> str:
+    """A parameter count with thousands separators (74,498), as the training log writes it."""
+    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else _fmt(value)
 
 
 def _duration(seconds: float | None) -> str:
