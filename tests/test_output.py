@@ -264,7 +264,8 @@ def test_on_a_terminal_the_run_ends_with_where_its_outputs_are(make_config, tmp_
 
 
 def test_tokenising_and_eval_progress_draw_no_bar_on_a_terminal_of_no_width(monkeypatch):
-    """tqdm draws nothing at zero columns: such a terminal gets the plain lines, as training's progress does."""
+    """tqdm draws nothing at zero columns or zero rows: such a terminal gets the plain lines, as training's
+    progress does."""
     import fcntl
     import pty
     import struct
@@ -277,10 +278,11 @@ def test_tokenising_and_eval_progress_draw_no_bar_on_a_terminal_of_no_width(monk
     try:
         with open(follower, "w", closefd=False) as term:
             monkeypatch.setattr("sys.stderr", term)
-            for columns, bar in ((80, True), (0, False)):
-                fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24 if columns else 0, columns, 0, 0))
+            # (a width but no rows, as `script` opens: tqdm hid its bar as below the screen)
+            for rows, columns, bar in ((24, 80, True), (0, 0, False), (0, 80, False)):
+                fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
                 progress = Progress(10, "tokenising", "examples")
-                assert (progress.bar is not None) is bar, columns
+                assert (progress.bar is not None) is bar, (rows, columns)
                 progress.close()
     finally:
         os.close(follower)

@@ -12,10 +12,12 @@ LINE_EVERY_S = 30.0
 
 
 def sized_terminal(stream: Any) -> bool:
-    """Whether `stream` is a terminal with a width to draw a bar in: a pseudo-terminal nobody sized (as some
-    exec and CI tools open) has none, and tqdm draws nothing there, not even a count."""
+    """Whether `stream` is a terminal with room to draw a bar in: a pseudo-terminal nobody sized (as some
+    exec and CI tools open) has no width, and tqdm draws nothing there, not even a count; nor at a width with
+    no rows (`script` and some CI runners), where tqdm counts its one bar as below the screen."""
     try:
-        return stream.isatty() and os.get_terminal_size(stream.fileno()).columns > 0
+        size = os.get_terminal_size(stream.fileno()) if stream.isatty() else None
+        return size is not None and size.columns > 0 and size.lines > 0
     except (OSError, ValueError, AttributeError):  # (a replaced stream without a file descriptor)
         return False
 
