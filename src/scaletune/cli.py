@@ -167,31 +167,51 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging() -> None:
-    import warnings
-
     rank = os.environ.get("RANK", "0")
     # Before transformers/datasets are imported: their download and weight-loading bars say nothing
     # about a local run (training has its own progress line).
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING,
+                        format=LOG_FORMAT, datefmt=LOG_DATEFMT)
+    quiet_libraries(rank)
+
+
+LOG_FORMAT, LOG_DATEFMT = "%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"
+
+
+def quiet_libraries(rank: str = "0", *, keep_levels: bool = False) -> None:
+    """Silence what the libraries say that means nothing to someone running a config. Safe to call again (the
+    filters are added once). `keep_levels` (a Python caller's process): a library logger the caller gave a level
+    keeps it."""
+    import warnings
+
     # Deprecations inside the libraries (peft calling a renamed transformers method, ...) are for their
     # developers, not for someone running a config; the test suite still sees them.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|accelerate|torch|datasets)\.")
-    logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("transformers", "datasets", "accelerate", "DeepSpeed", "torch.distributed", "huggingface_hub"):
-        logging.getLogger(noisy).setLevel(logging.WARNING if rank == "0" else logging.ERROR)
+        if not (keep_levels and logging.getLogger(noisy).level != logging.NOTSET):
+            logging.getLogger(noisy).setLevel(logging.WARNING if rank == "0" else logging.ERROR)
     # huggingface_hub prints through a handler of its own and also passes each record on to the root
     # handler above: every retry warning of an offline hub call appeared twice
     logging.getLogger("huggingface_hub").propagate = False
     # DeepSpeed warns on import that it found no GPU: on a CPU run that is the plan, not news.
-    logging.getLogger("DeepSpeed").addFilter(lambda rec: "Setting accelerator to CPU" not in rec.getMessage())
+    logging.getLogger("DeepSpeed").addFilter(_not_cpu_accelerator_news)
     # bitsandbytes (imported by peft, quantized run or not) on a CPU with AVX512-BF16 asks the `kernels`
     # package for an optional 4-bit matmul from the Hugging Face hub; offline, or where the hub cannot vouch
     # for that repository, both warn (every process, every run) and bitsandbytes uses its own kernel.
-    logging.getLogger("kernels").setLevel(logging.ERROR)
-    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
-        lambda rec: "kernels-community" not in rec.getMessage())
+    if not (keep_levels and logging.getLogger("kernels").level != logging.NOTSET):
+        logging.getLogger("kernels").setLevel(logging.ERROR)
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_not_kernels_hub_news)
+
+
+# (functions, not lambdas: addFilter skips a filter it holds already, so a second call adds none)
+def _not_cpu_accelerator_news(record: logging.LogRecord) -> bool:
+    return "Setting accelerator to CPU" not in record.getMessage()
+
+
+def _not_kernels_hub_news(record: logging.LogRecord) -> bool:
+    return "kernels-community" not in record.getMessage()
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -279,6 +299,11 @@ def new_file_problem(path: str) -> str | None:
     return None
 
 
+def sampling(args: argparse.Namespace) -> dict | None:
+    """predict's sampling settings for run_predict (None: greedy, the default)."""
+    return {"temperature": args.temperature, "top_p": args.top_p, "seed": args.seed} if args.temperature else None
+
+
 def dispatch(args: argparse.Namespace) -> int:
     from .config import load_config
     from .config_help import config_help, config_reference, method_help
@@ -313,8 +338,9 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "train":
         from .train import train
 
-        return train(cfg, resume=args.resume, overwrite=args.overwrite, allow_config_change=args.allow_config_change,
-                     stop=getattr(args, "stop", None))
+        result, _ = train(cfg, resume=args.resume, overwrite=args.overwrite,
+                          allow_config_change=args.allow_config_change, stop=getattr(args, "stop", None))
+        return EXIT_PREEMPTED if result == "preempted" else 0
     if args.command == "eval":
         from .infer import run_eval
 
@@ -334,10 +360,8 @@ def dispatch(args: argparse.Namespace) -> int:
         from .infer import run_predict
 
         # the streams are passed at call time: run_predict's defaults were bound when infer was imported
-        sampling = ({"temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
-                    if args.temperature else None)
         run_predict(cfg, args.adapter, args.input, args.max_new_tokens, out=sys.stdout, stdin=sys.stdin,
-                    sampling=sampling, top_k=args.top_k, threshold=args.threshold)
+                    sampling=sampling(args), top_k=args.top_k, threshold=args.threshold)
         return 0
     if args.command == "merge":
         from .infer import run_merge

@@ -550,17 +550,22 @@ def load_config(
 ) -> RunConfig:
     """Read a YAML run config, apply `key=value` overrides, validate everything (the peft section's options too
     with `check_peft`: see from_dict)."""
-    overrides = overrides or []
     raw, duplicates = read_yaml(path)
-    raw = apply_overrides(raw, overrides)
-    given = {".".join(parse_override(text)[0]): text for text in overrides}  # the last one for a key wins
-    source = str(path)
-    if overrides:
-        source += f" (with {len(overrides)} command-line override{'s' if len(overrides) > 1 else ''})"
-    cfg = from_dict(raw, source=source, world_size=world_size, overrides=given, found=duplicates,
-                    check_peft=check_peft)
+    cfg = configure(raw, overrides, source=str(path), found=duplicates, world_size=world_size, check_peft=check_peft)
     cfg.source_file = Path(path)
     return cfg
+
+
+def configure(raw: dict, overrides: list[str] | None = None, *, source: str = "run config",
+              found: list[str] | None = None, world_size: int | None = None, check_peft: bool = False) -> RunConfig:
+    """`raw` (a YAML file's mapping, or a Python caller's dict: changed in place) with the `key=value` overrides
+    applied, validated as load_config validates a file; problems about an overridden key quote the override."""
+    overrides = overrides or []
+    raw = apply_overrides(raw, overrides)
+    given = {".".join(parse_override(text)[0]): text for text in overrides}  # the last one for a key wins
+    if overrides:
+        source += f" (with {len(overrides)} command-line override{'s' if len(overrides) > 1 else ''})"
+    return from_dict(raw, source=source, world_size=world_size, overrides=given, found=found, check_peft=check_peft)
 
 
 # (re-exported: the file and override readers live in config_file.py)

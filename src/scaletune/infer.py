@@ -193,12 +193,14 @@ def write_predictions(target: str, task: Any, labels: list[str] | None, records:
 @torch.no_grad()
 def run_predict(cfg: RunConfig, adapter: str | None, source: str | None, max_new_tokens: int,
                 out: TextIO | None = None, stdin: TextIO | None = None, sampling: dict | None = None,
-                top_k: int | str | None = None, threshold: float | None = None) -> list[dict]:
+                top_k: int | str | None = None, threshold: float | None = None,
+                items: list[dict] | None = None) -> list[dict]:
     """Generate (causal_lm), label (seq_cls/token_cls) or score (seq_regression); writes one JSON line per non-blank input line,
     whose "line" is that input's line number (blank lines are skipped). `sampling`: {temperature, top_p,
     seed} to sample completions (None: greedy). `top_k` (seq_cls): each line's "scores" lists that many
     classes ("all": every class), most probable first. `threshold` (multi-label seq_cls): the sigmoid a class
-    must exceed to be in a line's "labels" (None: 0.5, as eval scores)."""
+    must exceed to be in a line's "labels" (None: 0.5, as eval scores). `items`: the inputs already read
+    (predict_input.given_inputs), instead of `source`."""
     out, stdin = out or sys.stdout, stdin or sys.stdin
     if sampling and cfg.task != "causal_lm":
         raise UserError(f"--temperature: {cfg.task} labels its inputs; only causal_lm samples completions")
@@ -214,8 +216,9 @@ def run_predict(cfg: RunConfig, adapter: str | None, source: str | None, max_new
         raise UserError(f"--threshold: the adapter at {path} is single-label (each line gets its most probable "
                         "class); a threshold applies to multi-label runs", hint="--top-k K lists the K most "
                         "probable classes with their scores")
-    items = predict_input.read_inputs(source, stdin, cfg.data.conll_columns,
-                                      labels if cfg.task == "token_cls" else None)
+    if items is None:
+        items = predict_input.read_inputs(source, stdin, cfg.data.conll_columns,
+                                          labels if cfg.task == "token_cls" else None)
     if not items:
         log.warning("predict: %s holds no input lines", predict_input.source_name(source))
     # every line is checked before the first prediction: a bad line 900 must not leave 899 lines written

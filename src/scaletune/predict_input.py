@@ -61,6 +61,31 @@ def read_inputs(source: str | None, stdin: TextIO, conll_columns: list[int] | No
     return items
 
 
+def given_inputs(inputs: Any) -> list[dict]:
+    """A Python caller's inputs (scaletune.api.predict) as `read_inputs` holds lines: a str is plain text (even
+    one starting with "{"), a dict a JSON line's object. Each is named inputs[i] in messages and numbered i + 1
+    ("line", as the same inputs one a line in a file would be); none is skipped, so the outputs pair with them."""
+    items = []
+    for i, given in enumerate(inputs):
+        where = f"inputs[{i}]"
+        if isinstance(given, str) and given.strip():
+            item = {"text": given, PLAIN: True}
+        elif isinstance(given, dict):
+            item = dict(given)
+        else:
+            raise DataError(f"{where}: expected a non-blank str or a dict, got {_short_repr(given)}")
+        problem = surrogate_problem({k: v for k, v in item.items() if k != PLAIN}, where)
+        if problem:
+            raise DataError(problem)
+        items.append({**item, WHERE: where, LINE: i + 1})
+    return items
+
+
+def _short_repr(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 # Files a data reader reads as records, as training reads them: a CSV/TSV row or a CoNLL sentence spans one line
 # or more (read as lines, a TSV's header and its label column were labelled as text, a CoNLL file's tags and
 # -DOCSTART- tagged as words). A .txt is plain lines unless its lines are a tagger's CoNLL columns (`conll_lines`).

@@ -24,8 +24,11 @@ class StopFlag:
         self.signal: int | None = None
         self._catching, self._before = False, None  # SIGINT's handler while the loop catches it
         self._pid = 0
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, self._handler)
+        self._previous: dict[int, Any] = {}  # the handlers it replaced, for `restore`
+        # Python installs handlers from the main thread only: a run started in another thread (scaletune.api
+        # from a worker thread) trains without the graceful stop instead of failing
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handler) for sig in STOP_SIGNALS}
 
     def _handler(self, signum: int, frame: Any) -> None:
         if self.signal is None:  # (the first stop signal names the stop: a launcher's SIGTERM after a Ctrl-C)
@@ -90,3 +93,12 @@ class StopFlag:
         for sig in STOP_SIGNALS:
             signal.signal(sig, signal.SIG_IGN)
         self.release_interrupts()
+
+    def restore(self) -> None:
+        """In a process that goes on after the run (scaletune.api in a notebook or a script): the stop signals'
+        and Ctrl-C's handlers from before the run, not `settle`'s ignoring of them."""
+        self.release_interrupts()
+        if threading.current_thread() is threading.main_thread():
+            for sig, handler in self._previous.items():
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}

@@ -18,7 +18,6 @@ from .config import RunConfig
 from .data import tokenisation, tokenised_differently
 from .distributed import raise_main_rank_failure
 from .errors import (
-    EXIT_PREEMPTED,
     RESUME_AFTER_WRITE,
     ConfigError,
     UserError,
@@ -481,9 +480,11 @@ def data_source(train: Any) -> Any:
 
 
 def train(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
-          allow_config_change: bool = False, stop: StopFlag | None = None) -> int:
-    """Entry point of `scaletune train`; returns the process exit code. `stop`: the process's StopFlag
-    when the CLI installed it already (at start-up), else one is installed here."""
+          allow_config_change: bool = False, stop: StopFlag | None = None) -> tuple[str, int]:
+    """Entry point of `scaletune train` (and scaletune.api.train): set up and train; returns fit's "done" or
+    "preempted" and the step the run reached. `stop`: the process's StopFlag when the CLI installed it already
+    (at start-up), else one is installed here. Nothing of the run (model, optimizer, data) is returned: it is
+    freed when this returns (scaletune.api calls it again and again in one process)."""
     stop = stop if stop is not None else StopFlag()
     runlock.lock_run(Path(cfg.output_dir))  # before anything reads output_dir to decide what to do
     try:
@@ -497,9 +498,7 @@ def train(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
     finally:
         stop.release_interrupts()  # (fit's loop caught Ctrl-C; an error out of it leaves it so otherwise)
         runlock.release_run()
-    if result == "preempted":
-        return EXIT_PREEMPTED
-    return 0
+    return result, run.step
 
 
 def out_of_memory(run: Run, exc: BaseException) -> UserError:

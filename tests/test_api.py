@@ -1,0 +1,124 @@
+"""scaletune.api: the commands from Python return what the CLI prints, raise instead of exiting, and leave the
+process as a next call needs it (threads, repeated calls, accelerate's state, signal handlers, memory)."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import signal
+import threading
+
+import pytest
+import yaml
+
+from scaletune import api
+from scaletune.cli import main
+from scaletune.errors import ConfigError, UserError
+
+
+def cli_json_lines(args, capsys) -> list[dict]:
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+def cli_eval(path, capsys) -> dict:
+    capsys.readouterr()
+    assert main(["eval", str(path), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("task", ["seq_cls", "causal_lm"])
+def test_train_evaluate_predict_merge_give_what_the_cli_gives(task, make_config, tmp_path, capsys):
+    path = make_config(task, train={"max_steps": 2, "eval_every": 1})
+    result = api.train(path)
+    out = tmp_path / "run"
+    assert (result.output_dir, result.adapter, result.steps, result.finished) == (out, out / "adapter", 2, True)
+    assert (result.adapter / "adapter_config.json").is_file() and result.checkpoint.name == "step-2"
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    last_eval = [r for r in logged if r["event"] == "eval"][-1]
+    assert result.eval_step == 2 and result.eval_metrics["loss"] == last_eval["loss"]
+
+    metrics = api.evaluate(path)
+    assert metrics == cli_eval(path, capsys)
+
+    inputs = ["a short line to label", {"text": "another line"}] if task == "seq_cls" else \
+        ["Reverse the order of these words.", {"prompt": "Name a colour."}]
+    lines = tmp_path / "inputs.txt"
+    lines.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in inputs) + "\n")
+    options = ["--max-new-tokens", "4"] if task == "causal_lm" else ["--top-k", "2"]
+    predicted = api.predict(path, inputs, **({"max_new_tokens": 4} if task == "causal_lm" else {"top_k": 2}))
+    assert predicted == cli_json_lines(["predict", path, "--input", lines, *options], capsys)
+    assert [p["line"] for p in predicted] == [1, 2]
+
+    merged = api.merge(path, tmp_path / "merged")
+    assert merged == tmp_path / "merged" and (merged / "config.json").is_file()
+    with pytest.raises(UserError, match="is not empty"):
+        api.merge(path, tmp_path / "merged")
+
+
+def test_bad_config_raises_naming_the_key_and_writes_nothing(make_config, tmp_path):
+    path = make_config("seq_cls")
+    with pytest.raises(ConfigError, match=r"train\.learning_rate"):
+        api.train(path, {"train.learning_rate": "fast"})
+    raw = yaml.safe_load(path.read_text())
+    raw["train"]["no_such_key"] = 1
+    with pytest.raises(ConfigError, match=r"train\.no_such_key"):
+        api.train(raw)
+    with pytest.raises(UserError, match="--resume and --overwrite contradict"):
+        api.train(path, resume="auto", overwrite=True)
+    with pytest.raises(UserError, match="--top-p"):
+        api.predict(path, ["x"], top_p=0.5)
+    with pytest.raises(UserError, match="top_k: must be >= 1"):
+        api.predict(path, ["x"], top_k=0)
+    with pytest.raises(UserError, match=r"inputs\[1\]: expected a non-blank str or a dict"):
+        api.predict(path, ["x", "  "])
+    assert not (tmp_path / "run").exists()
+
+
+def test_dict_config_from_a_worker_thread_twice_in_one_process(make_config, tmp_path):
+    """A dict config, called from a thread (no signal handlers can be installed there) and then again from the
+    main thread with another mixed precision (accelerate keeps one per process unless reset)."""
+    raw = yaml.safe_load(make_config("seq_cls", train={"max_steps": 2}).read_text())
+    given = copy.deepcopy(raw)
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    results, errors = [], []
+
+    def work():
+        try:
+            results.append(api.train(raw))
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread's assertion
+            errors.append(exc)
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    worker.join()
+    assert not errors, errors
+    assert results[0].finished and results[0].steps == 2
+    again = api.train(raw, {"train.mixed_precision": "bf16", "output_dir": str(tmp_path / "run2")}, overwrite=True)
+    assert again.finished and (tmp_path / "run2" / "adapter" / "adapter_config.json").is_file()
+    assert raw == given  # the caller's dict is not changed by the overrides
+    assert {sig: signal.getsignal(sig) for sig in before} == before  # the handlers from before are back
+    gc.collect()
+    from peft import PeftModel
+
+    assert not [o for o in gc.get_objects() if isinstance(o, PeftModel)]  # nothing of the runs is kept
+
+
+def test_logging_is_added_once_and_yields_to_the_callers(make_config, monkeypatch):
+    import logging
+
+    root, log = logging.getLogger(), logging.getLogger("scaletune")
+    monkeypatch.setattr(root, "handlers", [])
+    monkeypatch.setattr(log, "handlers", [])
+    monkeypatch.setattr(api, "_handler", None)
+    monkeypatch.setattr(log, "level", logging.NOTSET)
+    api._logging()
+    api._logging()
+    assert len(log.handlers) == 1 and log.level == logging.INFO
+    monkeypatch.setattr(root, "handlers", [logging.NullHandler()])  # the caller configures logging
+    api._logging()
+    assert log.handlers == [] and log.level == logging.NOTSET
