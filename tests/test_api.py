@@ -32,7 +32,7 @@ def cli_eval(path, capsys) -> dict:
 
 
 @pytest.mark.parametrize("task", ["seq_cls", "causal_lm"])
-def test_train_evaluate_predict_merge_give_what_the_cli_gives(task, make_config, tmp_path, capsys):
+def test_train_evaluate_predict_merge_give_what_the_cli_gives(task, make_config, tmp_path, capsys, caplog):
     path = make_config(task, train={"max_steps": 2, "eval_every": 1})
     result = api.train(path)
     out = tmp_path / "run"
@@ -53,6 +53,9 @@ def test_train_evaluate_predict_merge_give_what_the_cli_gives(task, make_config,
     predicted = api.predict(path, inputs, **({"max_new_tokens": 4} if task == "causal_lm" else {"top_k": 2}))
     assert predicted == cli_json_lines(["predict", path, "--input", lines, *options], capsys)
     assert [p["line"] for p in predicted] == [1, 2]
+    caplog.clear()
+    assert api.predict(path, []) == []
+    assert "no inputs were given" in caplog.text and "stdin" not in caplog.text  # (it read no stdin)
 
     merged = api.merge(path, tmp_path / "merged")
     assert merged == tmp_path / "merged" and (merged / "config.json").is_file()
@@ -76,6 +79,8 @@ def test_bad_config_raises_naming_the_key_and_writes_nothing(make_config, tmp_pa
         api.predict(path, ["x"], top_k=0)
     with pytest.raises(UserError, match=r"inputs\[1\]: expected a non-blank str or a dict"):
         api.predict(path, ["x", "  "])
+    with pytest.raises(UserError, match="inputs: expected a list of inputs, got one str"):
+        api.predict(path, "one text")  # (iterated, each character was an input)
     assert not (tmp_path / "run").exists()
 
 

@@ -521,6 +521,9 @@ def test_a_stopped_or_finished_train_says_what_to_run_next(make_config, capsys, 
     assert code == 0 and out.splitlines() == ["next:", f"  scaletune eval {path} 'output_dir=/tmp/my run'  # scores the adapter",
                                               f"  scaletune predict {path} 'output_dir=/tmp/my run' --input FILE  # applies it",
                                               "  scaletune report '/tmp/my run'  # plots the run"]
+    # a run with no eval set: eval needs --data (alone it refuses: "nothing to evaluate")
+    code, out, _ = run_cli(["train", path, "data.eval=null"], capsys)
+    assert code == 0 and out.splitlines()[1] == f"  scaletune eval {path} data.eval=null --data FILE  # scores the adapter"
     # a rank of a launched run: the launcher, which knows its own command, says it
     monkeypatch.setenv("WORLD_SIZE", "2")
     for returned in (124, 0):

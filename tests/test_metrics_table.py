@@ -52,3 +52,14 @@ def test_eval_prints_a_table_on_a_terminal_and_json_otherwise(stream, make_confi
     out.seek(0), out.truncate()
     assert main(["eval", str(path), "--json"]) == 0  # a terminal that wants the JSON
     assert json.loads(out.getvalue()) == METRICS
+
+
+def test_small_and_large_values_keep_their_digits_and_an_empty_matrix_shows():
+    """A loss of 3e-5 read 0.0000; a confusion matrix of no classes raised TypeError."""
+    from scaletune.metrics_table import metrics_table
+
+    table = metrics_table({"loss": 3.2e-05, "accuracy": 0.5, "mse": 1.5e7, "pearson": float("nan"), "steps": 3,
+                           "confusion_matrix": {"labels": [], "counts": []}}).splitlines()
+    assert table[:5] == ["loss      3.2e-05", "accuracy  0.5000", "mse       1.5e+07", "pearson   nan", "steps     3"]
+    assert table[-2:] == ["confusion matrix (rows: gold, columns: predicted)", "gold \\ predicted  "]
+

@@ -553,13 +553,17 @@ def _next_commands(args: argparse.Namespace) -> str:
     """After a finished `train`: the commands that use what it wrote, with its overrides (output_dir or the
     model may be among them: without them eval looked for the example config's placeholder model)."""
     given = [str(args.config), *(args.overrides or [])]
+    data: list[str] = []
     try:
         from .config import load_config
 
-        out = load_config(args.config, args.overrides).output_dir
+        cfg = load_config(args.config, args.overrides)
+        out = cfg.output_dir
+        if not (cfg.data.eval or cfg.data.eval_fraction):  # (without, eval refuses: "nothing to evaluate")
+            data = ["--data", "FILE"]
     except Exception:  # noqa: BLE001 - a hint must never fail a finished run
         out = "OUTPUT_DIR"
-    return (f"next:\n  {shlex.join(['scaletune', 'eval', *given])}  # scores the adapter\n"
+    return (f"next:\n  {shlex.join(['scaletune', 'eval', *given, *data])}  # scores the adapter\n"
             f"  {shlex.join(['scaletune', 'predict', *given, '--input', 'FILE'])}  # applies it\n"
             f"  {shlex.join(['scaletune', 'report', str(out)])}  # plots the run")
 

@@ -216,11 +216,13 @@ def run_predict(cfg: RunConfig, adapter: str | None, source: str | None, max_new
         raise UserError(f"--threshold: the adapter at {path} is single-label (each line gets its most probable "
                         "class); a threshold applies to multi-label runs", hint="--top-k K lists the K most "
                         "probable classes with their scores")
+    given = items is not None
     if items is None:
         items = predict_input.read_inputs(source, stdin, cfg.data.conll_columns,
                                           labels if cfg.task == "token_cls" else None)
-    if not items:
-        log.warning("predict: %s holds no input lines", predict_input.source_name(source))
+    if not items:  # (a Python caller's empty list was named <stdin>, which it never read)
+        log.warning("predict: %s", "no inputs were given" if given
+                    else f"{predict_input.source_name(source)} holds no input lines")
     # every line is checked before the first prediction: a bad line 900 must not leave 899 lines written
     inputs = [_task_input(cfg, task, tokenizer, item) for item in items]
     _warn_unsegmented(task, inputs)

@@ -33,7 +33,11 @@ def _is_number(value: Any) -> bool:
 
 
 def _number(value: float) -> str:
-    return str(value) if isinstance(value, int) else f"{value:.4f}"
+    """4 decimals, as metrics are usually read; a value that would show as 0.0000 (a loss of 3e-5) or is very
+    large keeps 4 significant digits instead."""
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.4f}" if value == 0 or 1e-3 <= abs(value) < 1e6 or value != value else f"{value:.4g}"
 
 
 def _is_report(value: Any) -> bool:
@@ -53,8 +57,8 @@ def _report(key: str, rows: dict) -> list[str]:
 
 def _confusion(labels: list, counts: list) -> list[str]:
     names = [str(label) for label in labels]
-    cell = max(*(len(n) for n in names), *(len(str(c)) for row in counts for c in row), 4)
-    first = max(len(_CORNER), *(len(n) for n in names))
+    cell = max([len(n) for n in names] + [len(str(c)) for row in counts for c in row] + [4])
+    first = max([len(_CORNER)] + [len(n) for n in names])
     out = ["confusion matrix (rows: gold, columns: predicted)",
            f"{_CORNER:<{first}}  " + "  ".join(f"{n:>{cell}}" for n in names)]
     out += [f"{name:<{first}}  " + "  ".join(f"{c:>{cell}}" for c in row) for name, row in zip(names, counts)]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from itertools import islice
 from pathlib import Path
 from typing import Any, TextIO
@@ -65,6 +65,8 @@ def given_inputs(inputs: Any) -> list[dict]:
     """A Python caller's inputs (scaletune.api.predict) as `read_inputs` holds lines: a str is plain text (even
     one starting with "{"), a dict a JSON line's object. Each is named inputs[i] in messages and numbered i + 1
     ("line", as the same inputs one a line in a file would be); none is skipped, so the outputs pair with them."""
+    if isinstance(inputs, (str, bytes, Mapping)):  # (a str would be iterated: one prediction per character)
+        raise DataError(f"inputs: expected a list of inputs, got one {type(inputs).__name__}: wrap it in a list")
     items = []
     for i, given in enumerate(inputs):
         where = f"inputs[{i}]"

@@ -144,7 +144,12 @@ COMMENT = "scaletune output_dir="
 def job_name(sbatch_args: Sequence[str]) -> str:
     """The name the job will have: the last --job-name/-J among the sbatch args, else $SBATCH_JOB_NAME, else
     the templates' `#SBATCH --job-name=scaletune` (the name `--dependency=singleton` waits on)."""
-    given = [m.group(1) for a in sbatch_args if (m := re.fullmatch(r"(?:--job-name=|-J=?)(.+)", a))]
+    given = []
+    for i, arg in enumerate(sbatch_args):
+        if arg in ("--job-name", "-J") and i + 1 < len(sbatch_args):  # (the name as the next argument)
+            given.append(sbatch_args[i + 1])
+        elif m := re.fullmatch(r"(?:--job-name=|-J=?)(.+)", arg):
+            given.append(m.group(1))
     return given[-1] if given else os.environ.get("SBATCH_JOB_NAME") or "scaletune"
 
 

@@ -65,3 +65,10 @@ def test_render_sbatch_command():
     assert not any(a.startswith(("--gres", "--partition", "--account", "--time")) for a in cmd1)
     with pytest.raises(ValueError):
         m.render_sbatch_command("cfg.yaml", 0, 0, None, None, None, [])
+
+
+def test_the_job_name_is_read_in_every_form_sbatch_takes():
+    from scaletune.slurm import job_name
+
+    assert job_name(["--job-name=a"]) == "a" and job_name(["-J", "b"]) == "b" and job_name(["-Jc"]) == "c"
+    assert job_name(["--job-name", "d", "--qos=high"]) == "d" and job_name(["--job-name=e", "-J", "f"]) == "f"
