@@ -237,6 +237,36 @@ def override(raw: dict, **sections: Any) -> dict:
     return raw
 
 
+def data_config(tmp_path: Path, model: Path | str, task: str = "causal_lm", data: Any = None, **extra: Any) -> Any:
+    """The run config (a RunConfig) the data tests build datasets from: `data` as data.train, max_length 256,
+    no cache, float32 on CPU; `extra` are more data.* keys."""
+    from scaletune.config import from_dict
+
+    raw = {"task": task, "model": {"name_or_path": str(model), "dtype": "float32"},
+           "data": {"train": str(data), "max_length": 256, "cache": False, **extra},
+           "train": {"mixed_precision": "no"}, "output_dir": str(tmp_path / "out")}
+    return from_dict(raw)
+
+
+def run_cli(args: list, capsys: Any) -> tuple[int, str, str]:
+    """`scaletune ARGS` in this process: its exit code and what it printed (capsys or capfd)."""
+    from scaletune.cli import main
+
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_clean_error(code: int, err: str, *fragments: str) -> None:
+    """The command ended as bad input should: exit 2, one screen of `error:` without a traceback, naming each
+    of `fragments`."""
+    assert code == 2, err
+    assert "Traceback" not in err and "error:" in err
+    assert len(err[err.index("error:"):].splitlines()) <= 25
+    for f in fragments:
+        assert f in err, err
+
+
 class StopAt:
     """Stands in for a SIGUSR1 arriving while step `at` runs."""
 

@@ -56,7 +56,7 @@ def _alive(pid: int) -> bool:
 
 
 # SIGTERM takes torchrun's own path (it signals the ranks; accelerate then exits 143), which the unit tests in
-# test_cli.py cover with a stand-in accelerate. Run for real it costs CI another ~50 s: set
+# test_launch_cli.py cover with a stand-in accelerate. Run for real it costs CI another ~50 s: set
 # SCALETUNE_ALL_SIGNALS=1 to include it (worth doing when accelerate or torch change).
 ALL_SIGNALS = bool(os.environ.get("SCALETUNE_ALL_SIGNALS"))
 

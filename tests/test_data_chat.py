@@ -1,0 +1,442 @@
+"""causal_lm formats: the prompt is masked and the answers trained (alpaca, ShareGPT, messages), chat
+templates, mixed formats, tool calls, and the records and settings each format refuses."""
+
+from __future__ import annotations
+
+import pytest
+
+from scaletune.data import build_datasets
+from scaletune.errors import DataError
+from scaletune.model import load_tokenizer
+from scaletune.tasks import IGNORE, get_task
+
+from stutil import data_config as _cfg
+from stutil import write_jsonl
+
+
+def test_alpaca_prompt_is_masked_and_response_trained(tmp_path, tiny_llama):
+    data = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Say hi", "input": "", "output": "hi there"}] * 2)
+    cfg = _cfg(tmp_path, tiny_llama, data=data)
+    tok = load_tokenizer(cfg)
+    task = get_task("causal_lm")
+    ex = build_datasets(cfg, task, tok)["train"][0]
+    ids, labels = ex["input_ids"], ex["labels"]
+    trained = tok.decode([i for i, lab in zip(ids, labels) if lab != IGNORE])
+    prompt = tok.decode([i for i, lab in zip(ids, labels) if lab == IGNORE])
+    assert trained == "hi there</s>"
+    assert "Say hi" in prompt and "hi there" not in prompt
+    cfg2 = _cfg(tmp_path, tiny_llama, data=data, train_on_prompt=True)
+    ex2 = build_datasets(cfg2, get_task("causal_lm"), tok)["train"][0]
+    assert sum(lab != IGNORE for lab in ex2["labels"]) == len(ids) - 1  # all but BOS
+
+
+@pytest.mark.parametrize("fmt,record", [
+    ("sharegpt", {"conversations": [{"from": "human", "value": "q1"}, {"from": "gpt", "value": "a1"},
+                                    {"from": "human", "value": "q2"}, {"from": "gpt", "value": "a2"}]}),
+    ("messages", {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "q1"},
+                               {"role": "assistant", "content": "a1"}, {"role": "user", "content": "q2"},
+                               {"role": "assistant", "content": "a2"}]}),
+])
+def test_chat_formats_train_only_assistant_turns(tmp_path, tiny_llama, fmt, record):
+    data = write_jsonl(tmp_path / "c.jsonl", [record] * 2)
+    cfg = _cfg(tmp_path, tiny_llama, data=data)
+    tok = load_tokenizer(cfg)
+    task = get_task("causal_lm")
+    ex = build_datasets(cfg, task, tok)["train"][0]
+    assert task.format.name == fmt
+    trained = tok.decode([i for i, lab in zip(ex["input_ids"], ex["labels"]) if lab != IGNORE])
+    assert "a1" in trained and "a2" in trained and "q1" not in trained and "q2" not in trained
+
+
+@pytest.mark.parametrize("template", [False, True])
+def test_messages_weight_0_turn_is_context_not_target(tmp_path, tiny_llama, template):
+    """OpenAI's fine-tuning format: an assistant turn with weight 0 is in the prompt but not trained."""
+    record = {"messages": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1", "weight": 0},
+                           {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2", "weight": 1}]}
+    data = write_jsonl(tmp_path / "c.jsonl", [record] * 2)
+    cfg = _cfg(tmp_path, tiny_llama, data=data)
+    tok = load_tokenizer(cfg)
+    if template:
+        tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+                             "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    ex = build_datasets(cfg, get_task("causal_lm"), tok)["train"][0]
+    trained = tok.decode([i for i, lab in zip(ex["input_ids"], ex["labels"]) if lab != IGNORE])
+    text = tok.decode(ex["input_ids"])
+    assert "a1" in text and "a1" not in trained
+    assert "a2" in trained and "q2" not in trained
+
+
+@pytest.mark.parametrize("turns,message", [
+    ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0.5}],
+     r"c.jsonl:1: messages\[1\].weight must be 0 or 1, got 0.5"),
+    ([{"role": "user", "content": "q", "weight": 0}, {"role": "assistant", "content": "a"}],
+     r"c.jsonl:1: messages\[0\].weight: only assistant turns are trained.*this one is user"),
+    ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0}],
+     r"c.jsonl:1: every assistant turn has weight 0: nothing to learn from"),
+])
+def test_messages_weight_errors_name_the_line_and_turn(tmp_path, tiny_llama, turns, message):
+    data = write_jsonl(tmp_path / "c.jsonl", [{"messages": turns}])
+    cfg = _cfg(tmp_path, tiny_llama, data=data)
+    with pytest.raises(DataError, match=message):
+        build_datasets(cfg, get_task("causal_lm"), load_tokenizer(cfg))
+
+
+def test_chat_template_of_tokenizer_is_used(tmp_path, tiny_llama):
+    tok = load_tokenizer(_cfg(tmp_path, tiny_llama, data=write_jsonl(tmp_path / "x.jsonl", [{"text": "a"}])))
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    from scaletune.data.formats import to_segments
+
+    segs = to_segments({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+                       tok, "x")
+    assert segs == [("<|user|>q</s><|assistant|>", False), ("a</s>", True)]
+
+
+def test_format_detection_error_lists_options(tmp_path, tiny_llama):
+    data = write_jsonl(tmp_path / "x.jsonl", [{"question": "q", "answer": "a"}])
+    cfg = _cfg(tmp_path, tiny_llama, data=data)
+    with pytest.raises(DataError, match=r"cannot tell the data format from columns \['answer', 'question'\]"):
+        build_datasets(cfg, get_task("causal_lm"), load_tokenizer(cfg))
+
+
+@pytest.mark.parametrize("records,expected", [
+    ([{"instruction": "q", "output": "a", "label": True, "kto_tag": "x"}] * 3
+     + [{"instruction": "q", "output": "a", "input": "i", "system": "s", "history": [], "label": None}],
+     "data.train: fields ignored by format alpaca: kto_tag (3 records), label (3 records)"),
+    ([{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}], "system": "s",
+       "tools": "[]"}, {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}],
+     None),  # tools are read (ShareGPT tool data)
+    ([{"prompt": "q", "completion": " a", "label": False}] * 2,
+     "data.train: fields ignored by format prompt_completion: label (2 records)"),
+    ([{"messages": [{"role": "user", "content": "q", "name": "ann"}, {"role": "assistant", "content": "a",
+                                                                      "weight": 1, "name": "bot"}]},
+      {"messages": [{"role": "user", "content": "q", "tool_calls": None}, {"role": "assistant", "content": "a"}]}],
+     "data.train: fields ignored by format messages: messages[].name (1 record)"),
+    ([{"conversations": [{"from": "human", "value": "q", "loss": True}, {"from": "gpt", "value": "a"}]}],
+     "data.train: fields ignored by format sharegpt: conversations[].loss (1 record)"),
+    ([{"instruction": "q", "input": "", "output": "a", "system": "s", "history": [["u", "v"]]}] * 2, None),
+])
+def test_fields_a_format_ignores_are_named_once(tmp_path, tiny_llama, caplog, monkeypatch, records, expected):
+    """Converting keeps only the fields a format reads; the rest (a KTO label, ShareGPT tools) are named in
+    one warning per dataset, with counts, and again when the tokenised cache is reused."""
+    monkeypatch.setenv("SCALETUNE_CACHE", str(tmp_path / "cache"))
+    data = write_jsonl(tmp_path / "a.jsonl", records)
+    cfg = _cfg(tmp_path, tiny_llama, data=data, cache=True)
+    tok = load_tokenizer(cfg)
+    for _ in range(2):  # built, then loaded from the cache
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="scaletune"):
+            build_datasets(cfg, get_task("causal_lm"), tok)
+        notes = [r.getMessage() for r in caplog.records if "ignored by format" in r.getMessage()]
+        assert notes == ([expected] if expected else [])
+
+
+def test_ignored_fields_of_the_eval_file_are_named_too(tmp_path, tiny_llama, caplog):
+    train = write_jsonl(tmp_path / "t.jsonl", [{"text": "a b c"}] * 2)
+    evalf = write_jsonl(tmp_path / "e.jsonl", [{"text": "a b c", "source": "web"}] * 2)
+    cfg = _cfg(tmp_path, tiny_llama, data=train, eval=str(evalf))
+    with caplog.at_level("WARNING", logger="scaletune"):
+        build_datasets(cfg, get_task("causal_lm"), load_tokenizer(cfg))
+    notes = [r.getMessage() for r in caplog.records if "ignored by format" in r.getMessage()]
+    assert notes == ["data.eval: fields ignored by format text: source (2 records)"]
+
+
+@pytest.mark.parametrize("record,message", [
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}]},
+     r"c.jsonl:1: messages\[1\].content is empty \(nothing to learn from\)"),
+    ({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": ""}]},
+     r"c.jsonl:1: conversations\[1\].value is empty \(nothing to learn from\)"),
+    ({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}], "system": ["x"]},
+     r"c.jsonl:1: field 'system' must be a string, got list"),
+])
+def test_chat_records_with_empty_answers_or_bad_system_are_refused(tmp_path, tiny_llama, record, message):
+    """As alpaca's empty output is: an empty answer would teach the model to answer with nothing."""
+    data = write_jsonl(tmp_path / "c.jsonl", [record])
+    cfg = _cfg(tmp_path, tiny_llama, data=data)
+    with pytest.raises(DataError, match=message):
+        build_datasets(cfg, get_task("causal_lm"), load_tokenizer(cfg))
+
+
+def test_eval_file_in_another_format_is_named(tmp_path, tiny_llama):
+    """Plain text is trained without a template: an eval file of it for a conversation run is refused (a
+    conversation format of another kind is read as its own: see the mixed-formats test)."""
+    train = write_jsonl(tmp_path / "t.jsonl", [{"instruction": "q", "output": "a"}] * 2)
+    evalf = write_jsonl(tmp_path / "e.jsonl", [{"text": "q a"}])
+    cfg = _cfg(tmp_path, tiny_llama, data=train, eval=str(evalf))
+    with pytest.raises(DataError, match=r"data.eval: .*e.jsonl:1 is a text record, data.train holds alpaca"):
+        build_datasets(cfg, get_task("causal_lm"), load_tokenizer(cfg))
+
+
+_CLOSING = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ END }}{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def test_a_chat_template_that_refuses_a_conversation_is_a_data_error(tmp_path, tiny_llama):
+    """Templates without a system role (Gemma-style) raise from Jinja: one error naming file:line and the
+    template's message, not a traceback."""
+    data = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "system", "content": "s"},
+                                                            {"role": "user", "content": "q"},
+                                                            {"role": "assistant", "content": "a"}]}])
+    cfg = _cfg(tmp_path, tiny_llama, data=data)
+    tok = load_tokenizer(cfg)
+    tok.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                         "{% endif %}" + _CLOSING.replace("{{ END }}", "</s>"))
+    with pytest.raises(DataError, match=r"c.jsonl:1: the tokenizer's chat template refused this conversation "
+                                        r"\(system -> user -> assistant\): System role not supported"):
+        build_datasets(cfg, get_task("causal_lm"), tok)
+
+
+def test_conversation_formats_mix_and_text_is_named(tmp_path, tiny_llama):
+    """Sources in alpaca, sharegpt and messages are all chats: a run may mix them (axolotl's and LLaMA-Factory's
+    dataset lists do), and data.eval may be in another of them; each record trains as it would alone. Plain text
+    is trained without a template: a source of it beside a chat format is named (was "sharegpt.jsonl:1: field
+    'instruction' is missing")."""
+    alpaca = write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "q", "input": "", "output": "a"}] * 2)
+    chats = write_jsonl(tmp_path / "chats.jsonl", [{"conversations": [{"from": "human", "value": "q2"},
+                                                                      {"from": "gpt", "value": "a2"}]}] * 2)
+    messages = write_jsonl(tmp_path / "messages.jsonl", [{"messages": [{"role": "user", "content": "q3"},
+                                                                       {"role": "assistant", "content": "a3"}]}])
+    tok = load_tokenizer(_cfg(tmp_path, tiny_llama, data=alpaca))
+    alone = {p: [(ex["input_ids"], ex["labels"])
+                 for ex in build_datasets(_cfg(tmp_path, tiny_llama, data=p), get_task("causal_lm"), tok)["train"]]
+             for p in (alpaca, chats, messages)}
+    cfg = _cfg(tmp_path, tiny_llama, data=alpaca, eval=str(messages))
+    cfg.data.train = [str(alpaca), str(chats)]
+    built = build_datasets(cfg, get_task("causal_lm"), tok)
+    assert sorted((ex["input_ids"], ex["labels"]) for ex in built["train"]) == sorted(alone[alpaca] + alone[chats])
+    assert [(ex["input_ids"], ex["labels"]) for ex in built["eval"]] == alone[messages]
+    text = write_jsonl(tmp_path / "text.jsonl", [{"text": "q a"}] * 2)
+    cfg.data.train, cfg.data.eval = [str(alpaca), str(chats), {"path": str(text), "weight": 2}], None
+    # (the text file is named, not the sharegpt one before it, which may be mixed)
+    with pytest.raises(DataError, match=f"data.train: {text}:1 is a text record, {alpaca}:1 is alpaca; text and "
+                                        "prompt_completion records are not mixed with another format"):
+        build_datasets(cfg, get_task("causal_lm"), tok)
+    both = write_jsonl(tmp_path / "both.jsonl", [{"instruction": "q", "output": "a"}, {"text": "q a"}])
+    cfg.data.train = str(both)  # one file too (its text record failed with alpaca's "field 'instruction'")
+    with pytest.raises(DataError, match=f"data.train: {both}:2 is a text record, {both}:1 is alpaca"):
+        build_datasets(cfg, get_task("causal_lm"), tok)
+
+
+@pytest.mark.parametrize("template", [False, True])
+def test_a_conversation_opened_by_the_assistant_is_named(tmp_path, tiny_llama, template):
+    """A chat template failed on the empty prompt before it (a raw ValueError); the built-in one trained it
+    with no prompt at all."""
+    record = {"messages": [{"role": "assistant", "content": "hello"}, {"role": "user", "content": "q"},
+                           {"role": "assistant", "content": "a"}]}
+    cfg = _cfg(tmp_path, tiny_llama, data=write_jsonl(tmp_path / "c.jsonl", [record] * 2))
+    tok = load_tokenizer(cfg)
+    if template:
+        tok.chat_template = _CLOSING.replace("{{ END }}", "</s>")
+    with pytest.raises(DataError, match=r"c.jsonl:1: the conversation starts with an assistant turn to learn"):
+        build_datasets(cfg, get_task("causal_lm"), tok)
+    # a greeting kept as context (weight 0) trains the answer after it
+    record["messages"][0]["weight"] = 0
+    cfg = _cfg(tmp_path, tiny_llama, data=write_jsonl(tmp_path / "g.jsonl", [record] * 2))
+    ex = build_datasets(cfg, get_task("causal_lm"), tok)["train"][0]
+    assert tok.decode([i for i, lab in zip(ex["input_ids"], ex["labels"]) if lab != IGNORE]).strip() in ("a</s>", "a")
+
+
+@pytest.mark.parametrize("record,message", [
+    ({"conversations": [{"from": "human", "value": "q"}], "chosen": {"from": "gpt", "value": "a"},
+      "rejected": {"from": "gpt", "value": "b"}}, r"p.jsonl:2: 'chosen' / 'rejected' make this preference-pair data"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "label": False},
+     r"p.jsonl:2: a true/false 'label' next to the conversation makes this KTO data"),
+])
+def test_preference_data_is_refused_saying_what_it_is(tmp_path, tiny_llama, record, message):
+    """DPO pairs had "no assistant turn to learn from"; KTO's undesirable answers were trained as targets."""
+    plain = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    data = write_jsonl(tmp_path / "p.jsonl", [plain, record])
+    cfg = _cfg(tmp_path, tiny_llama, data=data)
+    with pytest.raises(DataError, match=message):
+        build_datasets(cfg, get_task("causal_lm"), load_tokenizer(cfg))
+    # as an eval file too (KTO's undesirable answers were scored as targets beside plain training data)
+    cfg = _cfg(tmp_path, tiny_llama, data=write_jsonl(tmp_path / "t.jsonl", [plain] * 2), eval=str(data))
+    with pytest.raises(DataError, match=message):
+        build_datasets(cfg, get_task("causal_lm"), load_tokenizer(cfg))
+
+
+@pytest.mark.parametrize("template", [False, True])
+def test_weight_0_answer_stays_untrained_with_train_on_prompt(tmp_path, tiny_llama, template):
+    record = {"messages": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "zebra", "weight": 0},
+                           {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]}
+    data = write_jsonl(tmp_path / "c.jsonl", [record] * 2)
+    cfg = _cfg(tmp_path, tiny_llama, data=data, train_on_prompt=True)
+    tok = load_tokenizer(cfg)
+    if template:
+        tok.chat_template = _CLOSING.replace("{{ END }}", "</s>")
+    ex = build_datasets(cfg, get_task("causal_lm"), tok)["train"][0]
+    trained = tok.decode([i for i, lab in zip(ex["input_ids"], ex["labels"]) if lab != IGNORE])
+    assert "q1" in trained and "q2" in trained and "a2" in trained  # the context is trained, as asked
+    assert "zebra" not in trained and "zebra" in tok.decode(ex["input_ids"])
+
+
+@pytest.mark.parametrize("end,warned", [("</s>", False), ("</s>\n", False), ("\n", True)])
+def test_answers_that_end_in_no_special_token_are_warned(tmp_path, tiny_llama, caplog, end, warned):
+    """A chat template that closes no assistant turn trains a model that never stops: said once per dataset."""
+    record = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    data = write_jsonl(tmp_path / "c.jsonl", [record] * 3)
+    cfg = _cfg(tmp_path, tiny_llama, data=data)
+    tok = load_tokenizer(cfg)
+    tok.chat_template = _CLOSING.replace("{{ END }}", end)
+    with caplog.at_level("WARNING", logger="scaletune"):
+        build_datasets(cfg, get_task("causal_lm"), tok)
+    notes = [r.getMessage() for r in caplog.records if "does not learn to stop" in r.getMessage()]
+    assert notes == (["data.train: 3 of 3 example(s) hold an answer that ends in no end-of-sequence (or other "
+                      "special) token" + notes[0].split("special) token", 1)[1]] if warned else []), notes
+
+
+_GLAIVE = {"conversations": [{"from": "human", "value": "find chicken recipes"},
+                             {"from": "function_call", "value": '{"name": "search", "arguments": {"q": "chicken"}}'},
+                             {"from": "observation", "value": '{"hits": ["stir fry"]}'},
+                             {"from": "gpt", "value": "Try a stir fry."}],
+           "tools": '[{"name": "search", "description": "recipe search", "parameters": {"type": "object"}}]'}
+
+
+def _trained_and_context(tok, ex):
+    trained = tok.decode([i for i, lab in zip(ex["input_ids"], ex["labels"]) if lab != IGNORE])
+    context = tok.decode([i for i, lab in zip(ex["input_ids"], ex["labels"]) if lab == IGNORE])
+    return trained, context
+
+
+def test_sharegpt_tools_reach_the_prompt_with_the_built_in_template(tmp_path, tiny_llama):
+    """Glaive-style tool data (LLaMA-Factory's ShareGPT + tools): the schemas were dropped and the tool results
+    became user instructions. Now the schemas are in the prompt, the call is trained, the result is context."""
+    data = write_jsonl(tmp_path / "g.jsonl", [_GLAIVE] * 2)
+    cfg = _cfg(tmp_path, tiny_llama, data=data, max_length=1024)
+    tok = load_tokenizer(cfg)
+    trained, context = _trained_and_context(tok, build_datasets(cfg, get_task("causal_lm"), tok)["train"][0])
+    assert '"name": "search"' in trained and "Try a stir fry." in trained
+    assert "recipe search" in context and "### Tool result:" in context and "stir fry\"]" in context
+    assert "recipe search" not in trained and "hits" not in trained
+
+
+def test_tool_schemas_as_text_keep_non_ascii_names_as_the_calls_write_them(tmp_path, tiny_llama):
+    """Chinese tool data (LLaMA-Factory's glaive_toolcall_zh): the schemas in the built-in prompt were
+    ASCII-escaped ("\\u5929\\u6c14") while the trained call names the function "天气" as written."""
+    record = {"conversations": [{"from": "human", "value": "北京天气"},
+                                {"from": "function_call", "value": '{"name": "天气", "arguments": {"城市": "北京"}}'},
+                                {"from": "observation", "value": '{"温度": 20}'},
+                                {"from": "gpt", "value": "北京20度"}],
+              "tools": '[{"name": "天气", "description": "查询天气", "parameters": {"type": "object"}}]'}
+    data = write_jsonl(tmp_path / "g.jsonl", [record] * 2)
+    cfg = _cfg(tmp_path, tiny_llama, data=data, max_length=1024)
+    tok = load_tokenizer(cfg)
+    trained, context = _trained_and_context(tok, build_datasets(cfg, get_task("causal_lm"), tok)["train"][0])
+    assert '[{"name": "天气", "description": "查询天气"' in context, context
+    assert '{"name": "天气", "arguments": {"城市": "北京"}}' in trained
+
+
+def test_built_in_template_puts_the_response_header_before_every_answer(tmp_path, tiny_llama):
+    """The answer after a tool result followed the result with no '### Response:' header, so the model learnt
+    to answer where `predict` and every other answer put the header; an answer after another answer too."""
+    record = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "one"},
+                                {"from": "gpt", "value": "two"}]}
+    data = write_jsonl(tmp_path / "g.jsonl", [_GLAIVE, record])
+    cfg = _cfg(tmp_path, tiny_llama, data=data, max_length=1024)
+    tok = load_tokenizer(cfg)
+    for ex, answers in zip(build_datasets(cfg, get_task("causal_lm"), tok)["train"], (2, 2)):
+        text = tok.decode(ex["input_ids"])
+        assert text.count("### Response:\n") == answers, text
+    glaive = tok.decode(build_datasets(cfg, get_task("causal_lm"), tok)["train"][0]["input_ids"])
+    assert 'stir fry"]}\n\n### Response:\nTry a stir fry.' in glaive, glaive
+
+
+_TOOL_TEMPLATE = ("{% if tools %}<|tools|>{% for t in tools %}{{ t.function.name }}:{{ t.function.description }};"
+                  "{% endfor %}</s>{% endif %}{% for m in messages %}<|{{ m.role }}|>"
+                  "{% if m.tool_calls %}{% for c in m.tool_calls %}CALL {{ c.function.name }}"
+                  "({{ c.function.arguments | tojson }}){% endfor %}{% else %}{{ m.content }}{% endif %}</s>"
+                  "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def test_sharegpt_tools_go_to_a_chat_template_that_takes_them(tmp_path, tiny_llama):
+    template = _TOOL_TEMPLATE
+    data = write_jsonl(tmp_path / "g.jsonl", [_GLAIVE] * 2)
+    cfg = _cfg(tmp_path, tiny_llama, data=data, max_length=1024)
+    tok = load_tokenizer(cfg)
+    tok.chat_template = template
+    trained, context = _trained_and_context(tok, build_datasets(cfg, get_task("causal_lm"), tok)["train"][0])
+    assert 'CALL search({"q": "chicken"})' in trained and "Try a stir fry." in trained
+    assert "search:recipe search;" in context and '<|tool|>{"hits"' in context
+    assert '"name": "search"' not in trained + context  # the call as the template writes it, not twice
+
+
+def test_sharegpt_tools_with_a_template_without_tool_support_are_text_with_a_warning(tmp_path, tiny_llama, caplog):
+    import scaletune.data.formats as formats
+
+    formats._told_tools_as_text = False
+    data = write_jsonl(tmp_path / "g.jsonl", [_GLAIVE] * 2)
+    cfg = _cfg(tmp_path, tiny_llama, data=data, max_length=1024)
+    tok = load_tokenizer(cfg)
+    tok.chat_template = _CLOSING.replace("{{ END }}", "</s>")
+    with caplog.at_level("WARNING", logger="scaletune"):
+        ex = build_datasets(cfg, get_task("causal_lm"), tok)["train"][0]
+    trained, context = _trained_and_context(tok, ex)
+    assert "chat template takes no tools" in caplog.text
+    assert '"name": "search"' in trained and "recipe search" in context and '<|user|>{"hits"' in context
+
+
+_OPENAI = {"messages": [{"role": "user", "content": "weather in Paris?"},
+                        {"role": "assistant", "content": None, "tool_calls": [
+                            {"id": "c1", "type": "function",
+                             "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+                        {"role": "tool", "tool_call_id": "c1", "content": '{"temp": 21}'},
+                        {"role": "assistant", "content": "It is 21 degrees."}],
+           "tools": [{"type": "function", "function": {"name": "get_weather", "description": "current weather",
+                                                       "parameters": {"type": "object"}}}]}
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_openai_tool_calls_in_messages(tmp_path, tiny_llama, caplog, native):
+    """OpenAI's fine-tuning format with tools: a call's content is null (was refused: "content must be a
+    string"), its arguments a JSON string; the call is trained, the schemas and the result are context."""
+    data = write_jsonl(tmp_path / "o.jsonl", [_OPENAI] * 2)
+    cfg = _cfg(tmp_path, tiny_llama, data=data, max_length=1024)
+    tok = load_tokenizer(cfg)
+    if native:
+        tok.chat_template = _TOOL_TEMPLATE
+    with caplog.at_level("WARNING", logger="scaletune"):
+        trained, context = _trained_and_context(tok, build_datasets(cfg, get_task("causal_lm"), tok)["train"][0])
+    assert "ignored" not in caplog.text
+    assert "It is 21 degrees." in trained and "current weather" in context and "temp" in context
+    if native:
+        assert 'CALL get_weather({"city": "Paris"})' in trained
+    else:
+        assert '{"name": "get_weather", "arguments": {"city": "Paris"}}' in trained
+
+
+def test_a_function_call_that_is_not_json_names_its_turn(tmp_path, tiny_llama):
+    bad = {**_GLAIVE, "conversations": [_GLAIVE["conversations"][0], {"from": "function_call", "value": "search"}]}
+    data = write_jsonl(tmp_path / "g.jsonl", [bad])
+    cfg = _cfg(tmp_path, tiny_llama, data=data)
+    with pytest.raises(DataError, match=r"g.jsonl:1: conversations\[1\] \(function_call\) must be a JSON object"):
+        build_datasets(cfg, get_task("causal_lm"), load_tokenizer(cfg))
+
+
+@pytest.mark.parametrize("records,extra,message", [
+    ([{"prompt": "q", "completion": "a"}], {"chat_template": "chatml"},
+     r"data.chat_template: .*t.jsonl holds prompt_completion records, which are not conversations"),
+    ([{"text": "plain text"}], {"chat_template": "chatml"},
+     r"data.chat_template: .*t.jsonl holds text records, which are not conversations"),
+    ([{"text": "plain text"}], {"train_on_prompt": True}, r"data.train_on_prompt: .*t.jsonl holds text records"),
+])
+def test_a_setting_the_detected_format_ignores_is_refused(tmp_path, tiny_llama, records, extra, message):
+    """With data.format auto the format is known only from the data: a chat template the records never
+    meet (the token ids were the same with and without it) is refused there."""
+    from scaletune.errors import ConfigError
+
+    data = write_jsonl(tmp_path / "t.jsonl", records * 2)
+    cfg = _cfg(tmp_path, tiny_llama, data=data, **extra)
+    with pytest.raises(ConfigError, match=message):
+        build_datasets(cfg, get_task("causal_lm"), load_tokenizer(cfg))
+
+
+def test_a_chat_template_that_drops_the_answers_is_named(tmp_path, tiny_llama):
+    """A template that writes only the user turns left every example without targets, reported as "no
+    target tokens within max_length": the fix it pointed at (a longer max_length) could not help."""
+    data = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "q"},
+                                                            {"role": "assistant", "content": "a"}]}] * 2)
+    cfg = _cfg(tmp_path, tiny_llama, data=data)
+    tok = load_tokenizer(cfg)
+    tok.chat_template = "{% for m in messages %}{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}{% endif %}{% endfor %}"
+    with pytest.raises(DataError, match=r"c.jsonl:1: the chat template renders assistant turn messages\[1\] as nothing"):
+        build_datasets(cfg, get_task("causal_lm"), tok)

@@ -1,0 +1,179 @@
+"""Training tokenises what `predict` feeds the model: BOS, segments joined as one text (SentencePiece,
+BPE merges across the prompt's end), the prompt before the answer, and text-pair segment ids."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from scaletune.data import build_datasets
+from scaletune.data.formats import to_segments
+from scaletune.model import load_tokenizer
+from scaletune.tasks import IGNORE, get_task
+
+from stutil import data_config as _cfg
+from stutil import write_jsonl
+
+
+def test_bos_leads_exactly_where_the_tokenizer_puts_it(tmp_path, tiny_llama):
+    """Training, `predict` and a merged model's user calling `tokenizer(prompt)` see the same first token: BOS
+    where the tokenizer adds it itself (Llama-style, as the suite's tiny one), none where it has a BOS it does
+    not add (GPT-NeoX style). scaletune used to add BOS wherever the tokenizer had one."""
+    import shutil
+
+    from tokenizers import processors
+
+    from scaletune.infer import prompt_ids, prompt_segments
+
+    data = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Say hi", "input": "", "output": "hi there"}] * 2)
+    neox = tmp_path / "neox"  # the same model, its tokenizer no longer adding BOS
+    shutil.copytree(tiny_llama, neox)
+    tok = load_tokenizer(_cfg(tmp_path, neox, data=data))
+    tok.backend_tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.save_pretrained(neox)
+    for model, leads in ((tiny_llama, True), (neox, False)):
+        cfg = _cfg(tmp_path, model, data=data)
+        tok = load_tokenizer(cfg)
+        ids = build_datasets(cfg, get_task("causal_lm"), tok)["train"][0]["input_ids"]
+        prompt = prompt_ids(tok, prompt_segments({"text": "Say hi"}, tok)[1])
+        plain = tok(tok.decode(prompt, skip_special_tokens=True))["input_ids"]  # as a transformers user would
+        assert (ids[0] == tok.bos_token_id) is leads and (prompt[0] == tok.bos_token_id) is leads, model
+        assert plain == prompt and ids[:len(prompt)] == prompt, model
+
+
+def _with_tokenizer(tmp_path, tiny_llama, name, pre_tokenizer, decoder, texts):
+    """The tiny Llama with a BPE tokenizer of its own, trained on `texts` (tokenising tests only: its ids may
+    pass the model's vocabulary)."""
+    import shutil
+
+    from tokenizers import Tokenizer, models, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from stutil import corpus
+
+    model = tmp_path / name
+    shutil.copytree(tiny_llama, model)
+    for file in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (model / file).unlink(missing_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizer, decoder
+    tok.train_from_iterator(corpus() + texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>", "<pad>"],
+                                                                   show_progress=False))
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>").save_pretrained(model)
+    return model
+
+
+def test_segments_tokenise_as_their_joined_text_with_a_sentencepiece_tokenizer(tmp_path, tiny_llama):
+    """A Metaspace tokenizer (Llama 2, Mistral) starts each call with a word mark: answers tokenised apart
+    from their prompt began with a stray '\u2581' that `predict` (the prompt in one call) never produces."""
+    from tokenizers import decoders, pre_tokenizers
+
+    spm = _with_tokenizer(tmp_path, tiny_llama, "spm", pre_tokenizers.Metaspace(prepend_scheme="first"),
+                          decoders.Metaspace(prepend_scheme="first"),
+                          ["### Instruction:\n### Response:\n Say hi there. Add 2 and 3: 5"])
+    record = {"instruction": "Add 2 and 3.", "input": "", "output": "5", "history": [["Say hi", "hi there"]]}
+    data = write_jsonl(tmp_path / "a.jsonl", [record] * 2)
+    cfg = _cfg(tmp_path, spm, data=data)
+    tok = load_tokenizer(cfg)
+    task = get_task("causal_lm")
+    ex = build_datasets(cfg, task, tok)["train"][0]
+    text = "".join(t for t, _ in to_segments(task.format.convert(record), tok, "?"))
+    assert ex["input_ids"] == tok(text, add_special_tokens=False)["input_ids"]
+    answers = [tok.decode([i for i, lab in zip(ex["input_ids"], ex["labels"]) if lab != IGNORE])]
+    assert answers == ["hi there</s> 5</s>"] or answers == ["hi there</s>5</s>"], answers
+
+
+@pytest.mark.parametrize("prompt", ["The capital of France is ", "Q: capital of France?\nA:", "Q:\n"])
+def test_training_gives_the_model_predicts_prompt(tmp_path, tiny_llama, prompt):
+    """What precedes an answer in training is what `predict` gives the model: a prompt ending in a space
+    (one token with the answer's first word in the joined text) stays tokenised apart from its answer."""
+    from tokenizers import decoders, pre_tokenizers
+
+    from scaletune.infer import prompt_ids, prompt_segments
+
+    # merges such as " Paris": with a space-ended prompt the joined text has one token across the two
+    bpe = _with_tokenizer(tmp_path, tiny_llama, "bpe", pre_tokenizers.ByteLevel(add_prefix_space=False),
+                          decoders.ByteLevel(), ["The capital of France is Paris"] * 50)
+    record = {"prompt": prompt, "completion": "Paris"}
+    cfg = _cfg(tmp_path, bpe, data=write_jsonl(tmp_path / "p.jsonl", [record] * 2))
+    tok = load_tokenizer(cfg)
+    ex = build_datasets(cfg, get_task("causal_lm"), tok)["train"][0]
+    given = prompt_ids(tok, prompt_segments({"prompt": prompt}, tok, "prompt_completion")[1])
+    assert ex["input_ids"][:len(given)] == given and all(lab == IGNORE for lab in ex["labels"][:len(given)])
+    assert tok.decode([i for i, lab in zip(ex["input_ids"], ex["labels"]) if lab != IGNORE]) == "Paris</s>"
+
+
+@pytest.mark.parametrize("record", [
+    {"instruction": "Translate to French", "input": "hello", "system": "Be terse",
+     "history": [["hi", "hello there"]], "output": "bonjour"},
+    {"conversations": [{"from": "human", "value": "Name a colour."}, {"from": "gpt", "value": "Blue."}]},
+    {"prompt": "2 + 2 =", "completion": " 4"},
+])
+def test_predict_prompts_the_way_training_rendered(tmp_path, tiny_llama, record):
+    """`predict` feeds the model exactly the token prefix training put before the response (system,
+    history, input included), for a record of the same shape with its answer removed."""
+    from scaletune.infer import generate, prompt_segments
+    from scaletune.tasks.base import IGNORE
+
+    name = "sharegpt" if "conversations" in record else "prompt_completion" if "prompt" in record else "alpaca"
+    cfg = _cfg(tmp_path, tiny_llama, data=write_jsonl(tmp_path / "a.jsonl", [record] * 2), format=name)
+    tok = load_tokenizer(cfg)
+    task = get_task("causal_lm")
+    task.setup([record], cfg, "a.jsonl")
+    enc = task.encode(record, tok, cfg, None)
+    labels = enc["labels"]
+    last_response = max(i for i in range(1, len(labels)) if labels[i] != IGNORE and labels[i - 1] == IGNORE)
+    trained_prompt = enc["input_ids"][:last_response]  # everything before the final answer, history included
+    query = {k: v for k, v in record.items() if k not in ("output", "completion")}
+    if "conversations" in query:
+        query["conversations"] = query["conversations"][:1]
+    seen = {}
+
+    class Model:
+        device = torch.device("cpu")
+
+        def generate(self, input_ids, **kw):
+            seen["ids"] = input_ids[0].tolist()
+            return input_ids
+
+    generate(Model(), tok, prompt_segments(query, tok)[1], 3)
+    assert seen["ids"] == trained_prompt
+
+
+@pytest.mark.parametrize("trained,templated", [("alpaca", True), ("text", False), ("prompt_completion", False)])
+def test_plain_line_is_a_user_turn_only_for_models_trained_on_chats(tiny_llama, tmp_path, trained, templated):
+    """A model trained on `text` or `prompt_completion` never saw the chat template: a plain input line is
+    its prompt as it is, not an "### Instruction:" turn."""
+    from scaletune.infer import prompt_segments
+
+    cfg = _cfg(tmp_path, tiny_llama, data=write_jsonl(tmp_path / "x.jsonl", [{"text": "a"}]))
+    tok = load_tokenizer(cfg)
+    prompt, segments = prompt_segments({"text": "Once upon a time"}, tok, trained)
+    rendered = "".join(text for text, _ in segments)
+    assert prompt == "Once upon a time"
+    assert (rendered == "Once upon a time") == (not templated)
+
+
+def test_text_pairs_train_with_the_segment_ids_predict_uses(tmp_path, tiny_bert):
+    """A BERT tokenizer marks the second text with token_type_ids = 1; predict (and any plain transformers
+    use of the model) passes them, so training and eval must too."""
+    from transformers import AutoModelForSequenceClassification
+
+    from scaletune.tasks.base import pad_batch
+
+    records = [{"text": "alpha bravo", "text_pair": "charlie", "label": "a"},
+               {"text": "delta", "text_pair": "echo foxtrot golf", "label": "b"}]
+    cfg = _cfg(tmp_path, tiny_bert, task="seq_cls", data=write_jsonl(tmp_path / "p.jsonl", records),
+               text_pair_column="text_pair")
+    tok = load_tokenizer(cfg)
+    tok.model_input_names = ["input_ids", "token_type_ids", "attention_mask"]  # as BertTokenizerFast has
+    task = get_task("seq_cls")
+    train = build_datasets(cfg, task, tok)["train"]
+    batch = pad_batch([train[i] for i in range(2)], tok.pad_token_id)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2, type_vocab_size=2).eval()
+    with torch.no_grad():
+        model.bert.embeddings.token_type_embeddings.weight.normal_()  # segments must matter in this model
+        _, logits = task.loss_sum(model, batch)
+        for i, r in enumerate(records):
+            direct = model(**tok(r["text"], r["text_pair"], return_tensors="pt")).logits[0]
+            torch.testing.assert_close(logits[i], direct)

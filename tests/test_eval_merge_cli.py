@@ -1,0 +1,235 @@
+"""`scaletune eval` and `merge` of a trained run: the held-out split, --data, --out and --adapter are
+checked before anything loads, and their errors name the option."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from stutil import assert_clean_error, cls_records, run_cli, write_jsonl
+
+
+def test_train_predict_eval_merge_roundtrip(capsys, make_config, tmp_path):
+    path = make_config("causal_lm", train={"max_steps": 3})
+    code, out, err = run_cli(["train", path], capsys)
+    assert code == 0, err
+    adapter = tmp_path / "run" / "adapter"
+    assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "tokenizer.json").is_file()
+    inp = tmp_path / "prompts.txt"
+    inp.write_text("Reverse the order of these words.\n")
+    code, out, err = run_cli(["predict", path, "--input", inp, "--max-new-tokens", "5"], capsys)
+    assert code == 0, err
+    assert json.loads(out.splitlines()[0])["prompt"] == "Reverse the order of these words."
+    code, out, err = run_cli(["eval", path], capsys)
+    assert code == 0 and "perplexity" in json.loads(out)
+    code, out, err = run_cli(["merge", path, "--out", tmp_path / "merged"], capsys)
+    assert code == 0, err
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    cfg = yaml.safe_load(path.read_text())
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    base = AutoModelForCausalLM.from_pretrained(cfg["model"]["name_or_path"])
+    peft_model = PeftModel.from_pretrained(base, str(adapter)).eval()
+    ids = torch.tensor([[1, 5, 9, 12, 40]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, peft_model(ids).logits, rtol=1e-4, atol=1e-4)
+    code, _, err = run_cli(["merge", path, "--out", tmp_path / "merged"], capsys)
+    assert_clean_error(code, err, "is not empty")
+
+
+def test_eval_of_a_held_out_split_is_the_split_the_run_held_out(capsys, make_config, tmp_path):
+    """data.eval_fraction's split follows train.seed: `eval` with another seed or fraction, or for a run that
+    held nothing out, scored (exit 0) on examples the adapter trained on. Those are refused before loading;
+    the run's own split gives the run's final eval."""
+    path = make_config("seq_cls", data={"eval": None, "eval_fraction": 0.25}, train={"max_steps": 2, "seed": 7})
+    code, _, err = run_cli(["train", path], capsys)
+    assert code == 0, err
+    final = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    final = [r for r in final if r.get("event") == "eval"][-1]
+    code, out, err = run_cli(["eval", path], capsys)
+    assert code == 0, err
+    assert json.loads(out)["loss"] == pytest.approx(final["loss"], rel=1e-5)
+    adapter = tmp_path / "run" / "adapter"
+    code, _, err = run_cli(["eval", path, "train.seed=8"], capsys)
+    assert_clean_error(code, err, f"the adapter at {adapter} was trained holding out a different split",
+                       "seed 7 (given: 8)", "data.eval_fraction=0.25 train.seed=7")
+    code, _, err = run_cli(["eval", path, "data.eval_fraction=0.5"], capsys)
+    assert_clean_error(code, err, "eval_fraction 0.25 (given: 0.5)")
+    code, out, err = run_cli(["eval", path, "train.seed=8", "--data", str(tmp_path / "data" / "eval.jsonl")], capsys)
+    assert code == 0, err  # a file of its own: no split to match
+    code, _, err = run_cli(["eval", path, f"data.train=[{tmp_path / 'data' / 'train.jsonl'}]"], capsys)
+    assert code == 0, err  # a list of that one file splits as the file does
+    copy = tmp_path / "elsewhere.jsonl"  # the same data at another path (another machine): compared by content
+    shutil.copy(tmp_path / "data" / "train.jsonl", copy)
+    assert run_cli(["eval", path, f"data.train={copy}"], capsys)[0] == 0
+    code, _, err = run_cli(["eval", path, f"data.train={copy}", "train.seed=8"], capsys)
+    assert_clean_error(code, err, "seed 7 (given: 8)")
+    code, _, err = run_cli(["eval", path, f"data.train=[{copy},{tmp_path / 'data' / 'train.jsonl'}]"], capsys)
+    # the file twice: its examples split among twice as many, so ones it trained on are held out
+    assert_clean_error(code, err, "shares sources with the data the adapter at")
+    # an adapter saved before adapters recorded their split: its run's run.json says which it was
+    meta_file = adapter / "scaletune.json"
+    meta = json.loads(meta_file.read_text())
+    del meta["held_out"]
+    meta_file.write_text(json.dumps(meta))
+    code, _, err = run_cli(["eval", path, "train.seed=8"], capsys)
+    assert_clean_error(code, err, "seed 7 (given: 8)")
+    assert run_cli(["eval", path], capsys)[0] == 0
+    whole = make_config("seq_cls", train={"max_steps": 1}, output_dir=str(tmp_path / "whole"))
+    code, _, err = run_cli(["train", whole], capsys)
+    assert code == 0, err
+    code, _, err = run_cli(["eval", whole, "data.eval=null", "data.eval_fraction=0.25"], capsys)
+    assert_clean_error(code, err, "was trained on all of its training file", "--data FILE")
+
+
+def test_merge_out_that_cannot_be_created_is_refused_before_loading(capsys, make_config, tmp_path):
+    """--out under a file, or a dangling symbolic link, failed in save_pretrained after the whole load and
+    merge, with a traceback; now one line, exit 2, before anything is loaded (no run is needed for it)."""
+    path = make_config("causal_lm")
+    (tmp_path / "a_file").write_text("mine")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    for out, wanted in ((tmp_path / "a_file" / "merged", f"{tmp_path / 'a_file'} is not a directory"),
+                        (tmp_path / "dangling", f"a symbolic link to {tmp_path / 'nowhere'}, which does not exist")):
+        code, _, err = run_cli(["merge", path, "--out", out], capsys)
+        assert_clean_error(code, err, wanted)
+    assert (tmp_path / "a_file").read_text() == "mine"
+
+
+def test_merge_refuses_an_out_filled_while_it_merged(capsys, make_config, tmp_path, monkeypatch):
+    """--out is checked again just before the merged model is written: a file put into it after the argument
+    check, while the model loaded and merged (by the user, another merge), was overwritten by the merged
+    model's file of the same name."""
+    from types import SimpleNamespace
+
+    import scaletune.infer as infer
+
+    path = make_config("causal_lm")
+    out = tmp_path / "merged"
+    out.mkdir()  # empty: the argument check lets it through
+
+    class Merged:
+        def save_pretrained(self, directory, **_):
+            Path(directory).mkdir(parents=True, exist_ok=True)
+            (Path(directory) / "config.json").write_text("merged")
+
+    class Adapter:
+        peft_config: dict = {}
+
+        def merge_and_unload(self):
+            (out / "config.json").write_text("the user's")
+            return Merged()
+
+    tok = SimpleNamespace(chat_template="{{ messages }}", save_pretrained=lambda directory: None)
+    monkeypatch.setattr(infer, "load_trained", lambda *a, **kw: (Adapter(), tok, None, None, tmp_path))
+    code, _, err = run_cli(["merge", path, "--out", out], capsys)
+    assert_clean_error(code, err, f"--out {out} is not empty; choose a new directory")
+    assert os.listdir(out) == ["config.json"] and (out / "config.json").read_text() == "the user's"
+
+
+def test_adapter_may_be_a_checkpoint_dir(capsys, make_config, tmp_path, caplog):
+    """--adapter checkpoints/step-N (the adapter is in its adapter/) works for eval, predict and merge, with
+    an info line saying which directory was loaded (was: "no trained adapter ... pass --adapter")."""
+    path = make_config("causal_lm", train={"max_steps": 2})
+    code, _, err = run_cli(["train", path], capsys)
+    assert code == 0, err
+    step = tmp_path / "run" / "checkpoints" / "step-2"
+    inp = tmp_path / "prompts.txt"
+    inp.write_text("alpha bravo\n")
+    for args in (["eval", path], ["predict", path, "--input", inp, "--max-new-tokens", "2"],
+                 ["merge", path, "--out", tmp_path / "merged"]):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="scaletune"):
+            code, out, err = run_cli([*args, "--adapter", step], capsys)
+        assert code == 0, err
+        assert f"--adapter {step}: using the adapter in its adapter/ subfolder" in caplog.text, args[0]
+    assert (tmp_path / "merged" / "config.json").is_file()
+    # checkpoints/latest (a file naming the newest checkpoint) is followed; it was refused as "a file"
+    code, _, err = run_cli(["eval", path, "--adapter", tmp_path / "run" / "checkpoints" / "latest"], capsys)
+    assert code == 0, err
+    # a run killed before its adapter/ was written: the error names the checkpoint to pass
+    shutil.rmtree(tmp_path / "run" / "adapter")
+    code, _, err = run_cli(["eval", path], capsys)
+    assert_clean_error(code, err, "no trained adapter at", f"(e.g. --adapter {step}, the newest checkpoint)")
+
+
+def test_adapter_that_is_neither_says_what_was_expected(capsys, make_config, tmp_path):
+    path = make_config("causal_lm")
+    run = tmp_path / "old-run"
+    (run / "checkpoints" / "step-3").mkdir(parents=True)
+    (run / "checkpoints" / "step-12").mkdir()
+    (tmp_path / "file.json").write_text("{}")
+    for adapter, expected in [
+        (tmp_path / "nope", "directory not found"),
+        (tmp_path / "file.json", "is a file; pass the directory that holds adapter_config.json"),
+        (run / "checkpoints" / "step-3", "neither an adapter directory (no adapter_config.json) nor a checkpoint "
+                                         "directory (no adapter/adapter_config.json)"),
+        (run, f"it holds checkpoints, the newest is {run / 'checkpoints' / 'step-12'}"),
+        (run / "checkpoints", f"it holds checkpoints, the newest is {run / 'checkpoints' / 'step-12'}"),
+    ]:
+        for cmd in ("eval", "predict"):
+            code, _, err = run_cli([cmd, path, "--adapter", adapter], capsys)
+            assert_clean_error(code, err, f"--adapter {adapter}: ", expected)
+
+
+def test_eval_data_problems_name_the_data_option(capsys, make_config, tmp_path, monkeypatch, caplog):
+    """`eval --data FILE` names --data (not data.train) in its errors and warnings, and tokenises FILE once."""
+    from scaletune.tasks.seq_cls import SeqCls
+
+    path = make_config("seq_cls", train={"max_steps": 2}, data={"cache": False})
+    code, _, err = run_cli(["train", path], capsys)
+    assert code == 0, err
+    nope = tmp_path / "d" / "nope.jsonl"
+    code, _, err = run_cli(["eval", path, "--data", nope], capsys)
+    assert_clean_error(code, err, f"--data {nope}: file not found")
+    assert "data.train" not in err
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    code, _, err = run_cli(["eval", path, "--data", empty], capsys)
+    assert_clean_error(code, err, f"--data: {empty} contains no examples")
+    code, _, err = run_cli(["eval", path, f"data.eval={empty}"], capsys)
+    assert_clean_error(code, err, f"data.eval: {empty} contains no examples")
+    rows = cls_records(6, seed=3)
+    rows[4] = {"text": 5, "label": "pos"}
+    bad = write_jsonl(tmp_path / "bad.jsonl", rows)
+    code, _, err = run_cli(["eval", path, "--data", bad], capsys)
+    assert_clean_error(code, err, f"{bad}:5: column 'text' must be a non-empty string")
+    other = write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "a", "output": "b"}])  # another task's file
+    code, _, err = run_cli(["train", path, f"data.eval={other}", f"output_dir={tmp_path / 'run2'}"], capsys)
+    assert_clean_error(code, err, f"{other}:1: no column 'text'; the record has 'instruction', 'output'")
+    calls = []
+    encode = SeqCls.encode
+    monkeypatch.setattr(SeqCls, "encode", lambda self, rec, *a: calls.append(rec) or encode(self, rec, *a))
+    words = "bravo charlie delta echo foxtrot golf hotel india juliet"
+    data = write_jsonl(tmp_path / "long.jsonl", [{"text": f"alpha {words}", "label": "pos"},
+                                                 {"text": words, "label": "neg"}] * 3)
+    with caplog.at_level("WARNING", logger="scaletune"):
+        code, out, err = run_cli(["eval", path, "--data", data, "data.max_length=8"], capsys)
+    assert code == 0 and "accuracy" in json.loads(out), err
+    assert len(calls) == 6  # each example once (the file used to be read and tokenised as train and as eval)
+    assert "--data: 6 of 6 example(s) are longer than data.max_length=8 tokens" in caplog.text
+    assert "data.train" not in caplog.text
+
+
+def test_a_long_eval_says_it_is_alive(capsys, make_config, tmp_path, monkeypatch):
+    """CoNLL's 3,250 validation sentences took minutes on a CPU after the last step line with nothing on
+    screen. Off a terminal a line comes every half minute (here time runs 40 s per batch)."""
+    path = make_config("causal_lm", n=24, train={"max_steps": 1, "micro_batch_size": 4, "global_batch_size": 4})
+    assert run_cli(["train", path], capsys)[0] == 0
+    import scaletune.progress
+
+    clock = iter(range(0, 10**6, 40))
+    monkeypatch.setattr(scaletune.progress.time, "monotonic", lambda: next(clock))
+    monkeypatch.setenv("SCALETUNE_NO_PROGRESS", "0")
+    code, out, err = run_cli(["eval", path], capsys)
+    assert code == 0 and "perplexity" in json.loads(out)
+    done = [tuple(map(int, line.removeprefix("eval: ").removesuffix(" batches").split("/")))
+            for line in err.splitlines() if line.startswith("eval: ") and line.endswith(" batches")]
+    assert len(done) >= 2 and len({n for _, n in done}) == 1, err  # batch k of the whole set's count
+    assert [k for k, _ in done] == sorted({k for k, _ in done}) and done[-1][0] <= done[-1][1]
