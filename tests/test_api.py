@@ -127,3 +127,24 @@ def test_logging_is_added_once_and_yields_to_the_callers(make_config, monkeypatc
     monkeypatch.setattr(root, "handlers", [logging.NullHandler()])  # the caller configures logging
     api._logging()
     assert log.handlers == [] and log.level == logging.NOTSET
+
+
+def test_library_noise_while_loading_the_config_is_filtered(make_config, monkeypatch, caplog):
+    """The first call's config loading imports peft and so bitsandbytes, which warns at import that it could not
+    fetch a 4-bit CPU kernel from the hub: the filters for that line must be in place before the config loads."""
+    import logging
+
+    import scaletune.config
+
+    noisy = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    monkeypatch.setattr(noisy, "filters", [])  # as in a fresh process, before any call added the filter
+    real = scaletune.config.load_config
+
+    def importing_bitsandbytes(*args, **kwargs):
+        noisy.warning("Failed to load CPU gemm_4bit_forward from kernels-community: untrusted")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scaletune.config, "load_config", importing_bitsandbytes)
+    with pytest.raises(ConfigError, match=r"train\.no_such_key"):
+        api.train(make_config("seq_cls"), {"train.no_such_key": 1})
+    assert "kernels-community" not in caplog.text

@@ -143,6 +143,9 @@ def _load(config: str | Path | Mapping[str, Any], overrides: list[str] | Mapping
     """The validated RunConfig of a YAML file or a dict (validated alike), with the overrides applied."""
     from .config import configure, load_config
 
+    # first: loading a config imports peft, hence bitsandbytes, whose import-time warning (a 4-bit kernel it
+    # could not fetch from the hub) the filters this adds drop; added after, the first call printed it
+    _logging()
     if isinstance(overrides, Mapping):  # a value as a command line would write it: str as given, else JSON
         overrides = [f"{k}={v if isinstance(v, str) else json.dumps(v, default=str)}" for k, v in overrides.items()]
     overrides = list(overrides or [])
