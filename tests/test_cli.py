@@ -313,14 +313,14 @@ def test_ctrl_c_in_train_names_the_checkpoint_to_resume_from(make_config, capsys
 def test_a_stopped_or_finished_train_says_what_to_run_next(make_config, capsys, monkeypatch):
     """The first Ctrl-C ends in a checkpoint and exit 124: it named the checkpoint but, unlike a second Ctrl-C,
     not the command that goes on from it."""
-    import scaletune.cli as cli
+    import scaletune.train
 
     path = make_config()
-    monkeypatch.setattr(cli, "dispatch", lambda args: 124)
+    monkeypatch.setattr(scaletune.train, "train", lambda cfg, **kw: ("preempted", 3))  # (what fit returned)
     code, _, err = run_cli(["train", path, "train.max_steps=9"], capsys)
     assert code == 124 and err.strip() == f"continue with `scaletune train {path} train.max_steps=9 --resume auto`"
     # a finished run names the commands that use it, with the overrides that may name its model or output_dir
-    monkeypatch.setattr(cli, "dispatch", lambda args: 0)
+    monkeypatch.setattr(scaletune.train, "train", lambda cfg, **kw: ("done", 9))
     code, out, _ = run_cli(["train", path, "output_dir=/tmp/my run"], capsys)
     assert code == 0 and out.splitlines() == ["next:", f"  scaletune eval {path} 'output_dir=/tmp/my run'  # scores the adapter",
                                               f"  scaletune predict {path} 'output_dir=/tmp/my run' --input FILE  # applies it",
@@ -330,10 +330,10 @@ def test_a_stopped_or_finished_train_says_what_to_run_next(make_config, capsys, 
     assert code == 0 and out.splitlines()[1] == f"  scaletune eval {path} data.eval=null --data FILE  # scores the adapter"
     # a rank of a launched run: the launcher, which knows its own command, says it
     monkeypatch.setenv("WORLD_SIZE", "2")
-    for returned in (124, 0):
-        monkeypatch.setattr(cli, "dispatch", lambda args, code=returned: code)
+    for result, returned in (("preempted", 124), ("done", 0)):
+        monkeypatch.setattr(scaletune.train, "train", lambda cfg, result=result, **kw: (result, 3))
         code, out, err = run_cli(["train", path], capsys)
-        assert code == returned and out == err == ""
+        assert code == returned and out == err == "", (out, err)
 
 
 def test_output_cut_short_by_the_reader_is_not_a_traceback(tmp_path):

@@ -336,11 +336,19 @@ def dispatch(args: argparse.Namespace) -> int:
 
         return main_plan(args, cfg)
     if args.command == "train":
+        from .distributed import launched
         from .train import train
 
         result, _ = train(cfg, resume=args.resume, overwrite=args.overwrite,
                           allow_config_change=args.allow_config_change, stop=getattr(args, "stop", None))
-        return EXIT_PREEMPTED if result == "preempted" else 0
+        # what to run next (a launched rank's is the launcher's to say: its own command is the one to repeat)
+        if result == "preempted":
+            if not launched():  # (the stop named its checkpoint, not how to go on from it)
+                print(f"continue with `{_continue_command(args)}`", file=sys.stderr)
+            return EXIT_PREEMPTED
+        if not launched():
+            print(_next_commands(args), flush=True)
+        return 0
     if args.command == "eval":
         from .infer import run_eval
 
@@ -462,14 +470,7 @@ def _dispatch_reporting(args: argparse.Namespace) -> int:
     """Run the command; a user's error, an interrupt or another rank's failure becomes its message and
     exit code (anything else is a bug: its traceback is kept)."""
     try:
-        code = dispatch(args)
-        if args.command == "train" and int(os.environ.get("WORLD_SIZE") or 1) <= 1:  # (a launcher speaks for ranks)
-            if code == EXIT_PREEMPTED:
-                # a stop at a step boundary (Ctrl-C, SIGTERM) named its checkpoint but not how to go on from it
-                print(f"continue with `{_continue_command(args)}`", file=sys.stderr)
-            elif code == 0:
-                print(_next_commands(args), flush=True)
-        return code
+        return dispatch(args)
     except UserError as exc:
         print(_render_error(exc), file=sys.stderr)
         return EXIT_USAGE
