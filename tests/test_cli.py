@@ -266,6 +266,11 @@ def test_demo_runs_and_improves(tmp_path):
     before, after = map(float, line.split()[1:3])
     assert after < before
     assert (tmp_path / "demo/run/adapter/adapter_config.json").is_file()
+    # the random base's output head is trained with the adapter and saved in it, so `predict` answers as the demo did
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "demo/run/adapter/adapter_model.safetensors"), "pt") as fh:
+        assert any("lm_head" in key for key in fh.keys())
     # a second demo into the same directory replaces the previous demo, but never a foreign directory
     other = tmp_path / "other"
     other.mkdir()

@@ -21,12 +21,17 @@ MARKER = ".scaletune-demo"
 
 
 def demo_config(out: Path, steps: int) -> dict:
+    """The demo's run config (causal_lm LoRA on the tiny base in `out`), as `demo.yaml` records it."""
+    # The random base's output head is frozen noise that LoRA on the inner layers must aim at; training the
+    # head itself (51k weights) plus a gentler lr measured lower held-out loss and more right answers in the
+    # same time, on 3 seeds (5e-3 without it: 2.9 mean loss, 0-1 of 4 right; 1e-2 collapses to '1').
     return {
         "task": "causal_lm",
         "model": {"name_or_path": str(out / "base-model"), "dtype": "float32"},
-        "peft": {"method": "lora", "r": 32, "lora_alpha": 64, "lora_dropout": 0.0, "target_modules": "all-linear"},
+        "peft": {"method": "lora", "r": 32, "lora_alpha": 64, "lora_dropout": 0.0, "target_modules": "all-linear",
+                 "modules_to_save": ["lm_head"]},
         "data": {"train": str(DATA), "eval_fraction": 0.1, "format": "alpaca", "max_length": 96, "cache": False},
-        "train": {"global_batch_size": 16, "micro_batch_size": 8, "max_steps": steps, "learning_rate": 5e-3,
+        "train": {"global_batch_size": 16, "micro_batch_size": 8, "max_steps": steps, "learning_rate": 2e-3,
                   "lr_scheduler": "cosine", "warmup_ratio": 0.05, "mixed_precision": "no", "eval_every": steps,
                   "save_every": steps, "log_every": 10, "report_to": []},
         "output_dir": str(out / "run"),
@@ -89,6 +94,8 @@ def run_demo(out_dir: str, steps: int | None = None) -> int:
     print("\n[demo] held-out set            before      after")
     print(f"       loss                  {before['loss']:8.3f}   {after['loss']:8.3f}")
     print(f"       perplexity            {before['perplexity']:8.2f}   {after['perplexity']:8.2f}")
+    # (records it trained on: what they show is recall, not answering new questions; the README says so)
+    print("       questions from its training data:")
     for q, a0, a1 in zip(questions, before_answers, after_answers):
         print(f"       {q:<36} before: {a0.strip()[:20]!r:<24} after: {a1.strip()[:24]!r}")
     print(f"\n[demo] adapter: {cfg.output_dir}/adapter   metrics: {cfg.output_dir}/metrics.jsonl")
