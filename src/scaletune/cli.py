@@ -14,6 +14,7 @@ import re
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 from .config_file import is_override
 from .errors import (
@@ -347,7 +348,7 @@ def dispatch(args: argparse.Namespace) -> int:
                 print(f"continue with `{_continue_command(args)}`", file=sys.stderr)
             return EXIT_PREEMPTED
         if not launched():
-            print(_next_commands(args), flush=True)
+            print(_next_commands(args, cfg), flush=True)
         return 0
     if args.command == "eval":
         from .infer import run_eval
@@ -356,12 +357,14 @@ def dispatch(args: argparse.Namespace) -> int:
         import json
 
         # every rank of an `accelerate launch` has the gathered metrics: one document on stdout, not one per rank
-        if os.environ.get("RANK", "0") == "0" and sys.stdout.isatty() and not getattr(args, "json", False):
+        if os.environ.get("RANK", "0") != "0":
+            return 0
+        if sys.stdout.isatty() and not getattr(args, "json", False):
             # a person reads it: 16-digit floats and a confusion matrix one number a line were hard to read
             from .metrics_table import metrics_table
 
             print(metrics_table(metrics))
-        elif os.environ.get("RANK", "0") == "0":
+        else:
             print(json.dumps(metrics, indent=2, default=float))  # (full precision: compared with metrics.jsonl)
         return 0
     if args.command == "predict":
@@ -550,23 +553,16 @@ def _resume_hint(args: argparse.Namespace) -> str:
     return f"; newest checkpoint {newest}: continue with `{_continue_command(args)}`{kept}"
 
 
-def _next_commands(args: argparse.Namespace) -> str:
-    """After a finished `train`: the commands that use what it wrote, with its overrides (output_dir or the
-    model may be among them: without them eval looked for the example config's placeholder model)."""
+def _next_commands(args: argparse.Namespace, cfg: Any) -> str:
+    """After a finished `train` of run config `cfg`: the commands that use what it wrote, with its overrides
+    (output_dir or the model may be among them: without them eval looked for the example config's placeholder
+    model)."""
     given = [str(args.config), *(args.overrides or [])]
-    data: list[str] = []
-    try:
-        from .config import load_config
-
-        cfg = load_config(args.config, args.overrides)
-        out = cfg.output_dir
-        if not (cfg.data.eval or cfg.data.eval_fraction):  # (without, eval refuses: "nothing to evaluate")
-            data = ["--data", "FILE"]
-    except Exception:  # noqa: BLE001 - a hint must never fail a finished run
-        out = "OUTPUT_DIR"
+    # without eval data, eval refuses ("nothing to evaluate")
+    data = [] if cfg.data.eval or cfg.data.eval_fraction else ["--data", "FILE"]
     return (f"next:\n  {shlex.join(['scaletune', 'eval', *given, *data])}  # scores the adapter\n"
             f"  {shlex.join(['scaletune', 'predict', *given, '--input', 'FILE'])}  # applies it\n"
-            f"  {shlex.join(['scaletune', 'report', str(out)])}  # plots the run")
+            f"  {shlex.join(['scaletune', 'report', str(cfg.output_dir)])}  # plots the run")
 
 
 def _continue_command(args: argparse.Namespace) -> str:
