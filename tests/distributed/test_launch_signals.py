@@ -147,23 +147,29 @@ def test_ctrl_c_in_a_one_process_launch_waits_for_the_checkpoint(make_config, tm
     assert f"checkpoint {out / 'checkpoints' / 'step-2'} (continue with --resume auto)" in err
 
 
+def _refused_launch_with(make_config, hook: str) -> subprocess.CompletedProcess:
+    """`scaletune launch` of a config with a bad value, in a process that first runs `hook` (Python source that
+    arranges a SIGTERM at some point of the refusal)."""
+    path = make_config("causal_lm", train={"max_steps": 2})
+    code = ("import os, signal, sys\n"
+            "from scaletune import cli\n"
+            + hook +
+            "sys.argv = ['scaletune', *sys.argv[1:]]\n"
+            "sys.exit(cli.main())\n")
+    return subprocess.run([sys.executable, "-c", code, "launch", str(path), "--nproc", "2", "--master-port",
+                           str(stutil.free_port()), "train.learning_rate=fast"], capture_output=True, text=True,
+                          env=stutil.child_env(), timeout=TIMEOUT)
+
+
 def test_sigterm_while_a_refused_launch_prints_its_error(make_config, tmp_path):
     """A 2-node Slurm job with a bad value: both nodes' launchers refuse it, and srun sends SIGTERM to the one
     still exiting. The launcher had put SIGTERM's default action back before printing the error, so the job
     ended with 143 (3 of 3 real jobs), not 2. The signal is sent here while the error is rendered."""
-    path = make_config("causal_lm", train={"max_steps": 2})
-    code = ("import os, signal, sys\n"
-            "from scaletune import cli\n"
-            "render = cli._render_error\n"
-            "def terminated(exc):\n"
-            "    os.kill(os.getpid(), signal.SIGTERM)\n"
-            "    return render(exc)\n"
-            "cli._render_error = terminated\n"
-            "sys.argv = ['scaletune', *sys.argv[1:]]\n"
-            "sys.exit(cli.main())\n")
-    proc = subprocess.run([sys.executable, "-c", code, "launch", str(path), "--nproc", "2", "--master-port",
-                           str(stutil.free_port()), "train.learning_rate=fast"], capture_output=True, text=True,
-                          env=stutil.child_env(), timeout=TIMEOUT)
+    proc = _refused_launch_with(make_config, "render = cli._render_error\n"
+                                             "def terminated(exc):\n"
+                                             "    os.kill(os.getpid(), signal.SIGTERM)\n"
+                                             "    return render(exc)\n"
+                                             "cli._render_error = terminated\n")
     assert proc.returncode == 2 and "train.learning_rate: expected float" in proc.stderr, (proc.returncode, proc.stderr)
 
 
@@ -171,18 +177,11 @@ def test_sigterm_while_a_refused_launch_exits(make_config, tmp_path):
     """The same, with srun's SIGTERM arriving once the error is printed, while the interpreter tears down (a
     real 2-node job ended 143, not 2): Python gives SIGTERM back its default action there. The signal is sent
     here from an object freed with the modules."""
-    path = make_config("causal_lm", train={"max_steps": 2})
-    code = ("import os, signal, sys\n"
-            "from scaletune import cli\n"
-            "class Terminate:\n"
-            "    def __del__(self, kill=os.kill, pid=os.getpid(), sig=signal.SIGTERM):  # (the module's names are gone)\n"
-            "        kill(pid, sig)\n"
-            "at_teardown = Terminate()\n"
-            "sys.argv = ['scaletune', *sys.argv[1:]]\n"
-            "sys.exit(cli.main())\n")
-    proc = subprocess.run([sys.executable, "-c", code, "launch", str(path), "--nproc", "2", "--master-port",
-                           str(stutil.free_port()), "train.learning_rate=fast"], capture_output=True, text=True,
-                          env=stutil.child_env(), timeout=TIMEOUT)
+    proc = _refused_launch_with(make_config, "class Terminate:\n"
+                                             "    def __del__(self, kill=os.kill, pid=os.getpid(), sig=signal.SIGTERM):"
+                                             "  # (the module's names are gone)\n"
+                                             "        kill(pid, sig)\n"
+                                             "at_teardown = Terminate()\n")
     assert proc.returncode == 2 and "train.learning_rate: expected float" in proc.stderr, (proc.returncode, proc.stderr)
 
 
