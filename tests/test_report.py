@@ -313,7 +313,7 @@ def test_the_summary_gives_trainable_parameters_and_logged_time_without_the_gaps
 
 def test_logged_time_is_missing_without_timed_records_and_reads_in_hours_from_one(tmp_path):
     """A metrics.jsonl whose records carry no time (an older scaletune's, or written by hand) has no logged
-    time: the summary says it is missing, not 0m00s. An hour or more reads in hours."""
+    time: the summary says it is missing, not 0s. An hour or more reads in hours."""
     from scaletune.report import _MISSING, _duration, load_run, run_stats
 
     run = tmp_path / "run"
@@ -324,3 +324,4 @@ def test_logged_time_is_missing_without_timed_records_and_reads_in_hours_from_on
     loaded = load_run(run, "run")
     assert loaded.seconds is None and run_stats(loaded)["time (logged)"] == _MISSING
     assert _duration(3599.6) == "1h00m00s" and _duration(3600) == "1h00m00s" and _duration(3599) == "59m59s"
+    assert _duration(42.4) == "42s" and _duration(61) == "1m01s"  # (as the step lines' ETA writes it)

@@ -20,7 +20,7 @@ from typing import Any
 
 from .config import lower_is_better
 from .errors import UserError, failed_write, write_error
-from .tracking import NONFINITE
+from .tracking import NONFINITE, duration
 
 # Eval metrics in display order (any other numeric key a task logs follows these).
 _EVAL_ORDER = ("loss", "perplexity", "accuracy", "macro_f1", "precision", "recall", "f1", "token_accuracy", "mse",
@@ -292,10 +292,8 @@ def _count(value: Any) -> str:
 
 
 def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return _MISSING
-    minutes, sec = divmod(round(seconds), 60)
-    return f"{minutes // 60}h{minutes % 60:02d}m{sec:02d}s" if minutes >= 60 else f"{minutes}m{sec:02d}s"
+    """The step lines' form (42s, 3m07s, 2h05m09s), or that the run logged no time."""
+    return _MISSING if seconds is None else duration(seconds)
 
 
 def _dig(data: Any, dotted: str) -> Any:
