@@ -57,6 +57,11 @@ def test_train_evaluate_predict_merge_give_what_the_cli_gives(task, make_config,
     assert api.predict(path, []) == []
     assert "no inputs were given" in caplog.text and "stdin" not in caplog.text  # (it read no stdin)
 
+    with pytest.raises(ConfigError, match=r'resume it with resume="auto", pick a new output_dir, or pass '
+                                          r"overwrite=True to replace it$") as caught:
+        api.train(path)  # (the error speaks of this function's arguments, not the CLI's options)
+    assert "--" not in str(caught.value)
+
     merged = api.merge(path, tmp_path / "merged")
     assert merged == tmp_path / "merged" and (merged / "config.json").is_file()
     with pytest.raises(UserError, match="is not empty"):
@@ -71,10 +76,11 @@ def test_bad_config_raises_naming_the_key_and_writes_nothing(make_config, tmp_pa
     raw["train"]["no_such_key"] = 1
     with pytest.raises(ConfigError, match=r"train\.no_such_key"):
         api.train(raw)
-    with pytest.raises(UserError, match="--resume and --overwrite contradict"):
+    with pytest.raises(UserError, match="^error: resume and overwrite=True contradict"):
         api.train(path, resume="auto", overwrite=True)
-    with pytest.raises(UserError, match="--top-p"):
+    with pytest.raises(UserError, match="top_p") as caught:
         api.predict(path, ["x"], top_p=0.5)
+    assert "--" not in str(caught.value)
     with pytest.raises(UserError, match="top_k: must be >= 1"):
         api.predict(path, ["x"], top_k=0)
     with pytest.raises(UserError, match=r"inputs\[1\]: expected a non-blank str or a dict"):

@@ -1,6 +1,7 @@
 """scaletune from Python: `train`, `evaluate`, `predict` and `merge` do what the commands of the same names do,
 with the same config loading, checks and functions, but return their results instead of printing them and raise
-`scaletune.errors.UserError` (ConfigError, DataError) instead of exiting: for notebooks, sweeps and pipelines.
+`scaletune.errors.UserError` (ConfigError, DataError) instead of exiting, their options named as these functions'
+arguments: for notebooks, sweeps and pipelines.
 
 In-process differences from the CLI: logging is left to the caller's configuration where there is one (else
 scaletune's own lines go to stderr through one handler, added once); the stop signals (SIGTERM, SIGUSR1, Ctrl-C
@@ -14,10 +15,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import gc
 import json
 import logging
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +29,42 @@ from typing import Any
 from .errors import UserError
 
 __all__ = ["TrainResult", "train", "evaluate", "predict", "merge"]
+
+
+# The CLI's words in an error, as this module's arguments: an error told a caller to "pass --allow-config-change".
+# Backquoted text (a shell command to run, e.g. `hf download NAME`) is kept as it is.
+_PYTHON_WORDS = {"--resume auto": 'resume="auto"', "--overwrite": "overwrite=True",
+                 "--allow-config-change": "allow_config_change=True", "--resume": "resume", "--adapter": "adapter",
+                 "--data": "data", "--predictions": "predictions", "--threshold": "threshold", "--out": "out_dir",
+                 "--max-new-tokens": "max_new_tokens", "--temperature": "temperature", "--top-p": "top_p",
+                 "--top-k": "top_k", "--seed": "seed", "command-line override": "override"}
+_CLI_WORD = re.compile("|".join(re.escape(w) + (r"(?![\w-])" if w.startswith("--") else "")
+                                for w in sorted(_PYTHON_WORDS, key=len, reverse=True)))
+
+
+def _python_words(text: str | None) -> str | None:
+    """`text` with the CLI's option names outside backquotes said as this module's arguments."""
+    if text is None:
+        return None
+    parts = text.split("`")
+    parts[::2] = [_CLI_WORD.sub(lambda m: _PYTHON_WORDS[m.group(0)], part) for part in parts[::2]]
+    return "`".join(parts)
+
+
+def _in_python_words(call: Callable) -> Callable:
+    """`call`, raising its UserErrors (same type) in this module's words rather than the CLI's."""
+
+    @functools.wraps(call)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return call(*args, **kwargs)
+        except UserError as exc:
+            exc.problems = [_python_words(p) for p in exc.problems]
+            exc.title, exc.hint = _python_words(exc.title), _python_words(exc.hint)
+            exc.args = (exc.render(),)
+            raise
+
+    return wrapped
 
 
 @dataclass(frozen=True)
@@ -41,6 +80,7 @@ class TrainResult:
     eval_step: int | None  # the step they were computed at
 
 
+@_in_python_words
 def train(config: str | Path | Mapping[str, Any], overrides: list[str] | Mapping[str, Any] | None = None, *,
           resume: str | None = None, overwrite: bool = False, allow_config_change: bool = False) -> TrainResult:
     """`scaletune train CONFIG OVERRIDES...`: train an adapter into the config's output_dir. `config`: a YAML
@@ -66,6 +106,7 @@ def train(config: str | Path | Mapping[str, Any], overrides: list[str] | Mapping
     return TrainResult(out, out / "adapter" if done else None, newest, steps, done, metrics, at)
 
 
+@_in_python_words
 def evaluate(config: str | Path | Mapping[str, Any], overrides: list[str] | Mapping[str, Any] | None = None, *,
              adapter: str | Path | None = None, data: str | Path | None = None,
              predictions: str | Path | None = None, threshold: float | None = None) -> dict:
@@ -82,6 +123,7 @@ def evaluate(config: str | Path | Mapping[str, Any], overrides: list[str] | Mapp
         return run_eval(cfg, _text(adapter), data, predictions, threshold)
 
 
+@_in_python_words
 def predict(config: str | Path | Mapping[str, Any], inputs: Iterable[str | Mapping[str, Any]],
             overrides: list[str] | Mapping[str, Any] | None = None, *, adapter: str | Path | None = None,
             max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
@@ -104,6 +146,7 @@ def predict(config: str | Path | Mapping[str, Any], inputs: Iterable[str | Mappi
                            top_k=top_k, threshold=threshold, items=items)
 
 
+@_in_python_words
 def merge(config: str | Path | Mapping[str, Any], out_dir: str | Path,
           overrides: list[str] | Mapping[str, Any] | None = None, *, adapter: str | Path | None = None) -> Path:
     """`scaletune merge --out OUT_DIR`: the adapter folded into the base weights; returns OUT_DIR."""
