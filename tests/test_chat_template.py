@@ -94,6 +94,21 @@ def test_a_bad_template_is_one_error(make_config, tmp_path, capsys, value, wante
     assert wanted in err and "Traceback" not in err, err
 
 
+def test_another_tools_template_name_points_to_the_tokenizers_own(tmp_path, monkeypatch):
+    """LLaMA-Factory's `template: llama3` carried to data.chat_template was refused with no word that null takes
+    the tokenizer's own template, which is what a chat model's user wants."""
+    from scaletune.data.templates import chat_template_text
+    from scaletune.errors import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as err:
+        chat_template_text("llama3")
+    assert str(err.value).endswith("file not found); leave the key out (null) for the tokenizer's own"), err.value
+    with pytest.raises(ConfigError) as err:  # a path is a file the user meant: no such pointer
+        chat_template_text("templates/mine.jinja")
+    assert "tokenizer's own" not in str(err.value)
+
+
 def test_only_for_causal_lm(make_config, capsys):
     path = make_config("seq_cls", data={"chat_template": "chatml"})
     assert main(["train", str(path)]) == 2

@@ -178,11 +178,67 @@ def test_other_tools_names_for_values_get_scaletunes():
 
 
 def test_every_alias_that_names_a_key_names_one_that_exists():
-    from scaletune.config import _PEFT_OPTIONS, _section_keys
+    import dataclasses
 
-    keys = set(_section_keys().values()) | {f"peft.{k}" for k in _PEFT_OPTIONS}
+    from peft import LoraConfig
+
+    from scaletune.config import _section_keys
+
+    # (every peft option an alias names is a LoRA one: axolotl's and LLaMA-Factory's adapter keys are LoRA's)
+    keys = set(_section_keys().values()) | {"peft.method"} | {f"peft.{f.name}" for f in dataclasses.fields(LoraConfig)}
     named = {v for v in KEY_ALIASES.values() if re.fullmatch(r"\w+\.\w+", v)}
     assert named and named <= keys, named - keys
+
+
+@pytest.mark.parametrize(("raw", "wanted"), [
+    # difflib pointed these to a wrong key: do_train -> train, model_type -> model, logging_strategy ->
+    # learning_rate, eval_batch_size -> global_batch_size, lr_scheduler_kwargs -> lr_scheduler
+    ({"do_train": True}, "do_train: unknown key (`scaletune train CONFIG` trains"),
+    ({"model_type": "LlamaForCausalLM"}, "model_type: unknown key (scaletune loads the task's AutoModelFor*"),
+    ({"train": {"logging_strategy": "steps"}}, "train.logging_strategy: unknown key (scaletune logs every "
+                                                "train.log_every optimizer steps)"),
+    ({"train": {"eval_batch_size": 8}}, "train.eval_batch_size: unknown key (scaletune evaluates in batches of "
+                                        "train.micro_batch_size)"),
+    ({"train": {"lr_scheduler_kwargs": {}}}, "train.lr_scheduler_kwargs: unknown key (no scheduler options; for a "
+                                             "floor set train.lr_scheduler: cosine_with_min_lr"),
+    # these had no hint at all
+    ({"quantization_bit": 4}, "quantization_bit: unknown key (set model.quantization: 4bit | 8bit)"),
+    ({"bnb_4bit_compute_dtype": "bfloat16"}, "bnb_4bit_compute_dtype: unknown key (model.quantization: 4bit "
+                                             "computes in model.dtype)"),
+    ({"preprocessing_num_workers": 16}, "preprocessing_num_workers: unknown key (did you mean 'data.num_proc'?)"),
+    ({"train": {"ddp_timeout": 9}}, "train.ddp_timeout: unknown key (did you mean 'distributed.timeout_s'?)"),
+    ({"flash_attn": "fa2"}, "flash_attn: unknown key (set model.attn_implementation: flash_attention_2"),
+    ({"fsdp": "full_shard"}, "fsdp: unknown key (no FSDP: scaletune shards with DeepSpeed ZeRO"),
+    ({"wandb_project": "p"}, "wandb_project: unknown key (set train.report_to: [wandb]; the project comes from "
+                             "$WANDB_PROJECT)"),
+    ({"lora_fan_in_fan_out": None}, "lora_fan_in_fan_out: unknown key (did you mean 'peft.fan_in_fan_out'?)"),
+    ({"peft_use_dora": True}, "peft_use_dora: unknown key (did you mean 'peft.use_dora'?)"),
+    ({"stage": "sft"}, "stage: unknown key (scaletune does supervised fine-tuning only"),
+    ({"train": {"overwrite_output_dir": True}}, "train.overwrite_output_dir: unknown key (replace a run with "
+                                                "`scaletune train CONFIG --overwrite`)"),
+    # a top-level key inside a section (TrainingArguments keeps output_dir with the training settings)
+    ({"train": {"output_dir": "x"}}, "train.output_dir: unknown key (output_dir is a top-level key, not inside "
+                                     "train)"),
+    # values: transformers' names difflib got wrong or missed
+    ({"train": {"lr_scheduler": "cosine_with_restarts"}}, "(did you mean 'cosine'?)"),
+    ({"train": {"optimizer": "paged_adamw_32bit"}}, "(did you mean 'adamw'?)"),
+    ({"train": {"optimizer": "adamw_torch_fused"}}, "(did you mean 'adamw'?)"),
+    ({"model": {"name_or_path": "m", "dtype": "fp16"}}, "(did you mean 'float16'?)"),
+    ({"model": {"name_or_path": "m", "quantization": 4}}, "(did you mean '4bit'?)"),
+    ({"model": {"name_or_path": "m", "attn_implementation": "fa2"}}, "(did you mean 'flash_attention_2'?)"),
+    ({"task": "CAUSAL_LM"}, "(did you mean 'causal_lm'?)"),
+    ({"task": "token-classification"}, "(did you mean 'token_cls'?)"),
+    ({"distributed": {"zero_stage": "3"}}, "distributed.zero_stage: '3' is not one of 0 | 1 | 2 | 3 (write 3 "
+                                           "unquoted: a number)"),
+    ({"peft": {"method": "lora", "target_modules": "all"}}, "peft.target_modules: 'all' would match only a module "
+                                                            "named so; for every linear layer write all-linear"),
+])
+def test_other_tools_habits_get_scaletunes_way(raw, wanted):
+    """Keys and values carried over from TrainingArguments, TRL, axolotl and LLaMA-Factory configs: each problem
+    names scaletune's key or way instead of a bare "unknown key" or difflib's wrong guess."""
+    raw = {**BASE, **raw, "model": {**BASE["model"], **raw.get("model", {})}}
+    text = "\n".join(problems_of(raw))
+    assert wanted in text, text
 
 
 def test_type_and_cross_field_problems_reported_in_one_run():

@@ -353,6 +353,8 @@ def _choice(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         return _BOOL_CHOICES[key][value]
     if isinstance(value, bool) and bool not in {type(c) for c in choices}:
         hint = f" ({BOOL_HINT})"
+    elif isinstance(value, str) and value in [str(c) for c in choices]:  # zero_stage: "3", quoted
+        hint = f" (write {value} unquoted: a number)"
     else:
         hint = _did_you_mean(str(value), [str(c) for c in choices])
     problems.append(f"{key}: {_short(value)} is not one of {_type_name(tp)}{hint}")
@@ -376,7 +378,9 @@ def _short(value: Any) -> str:
 
 
 def _did_you_mean(word: str, choices: list[str]) -> str:
-    alias = VALUE_ALIASES.get(word.lower())
+    # (peft's TaskType spells CAUSAL_LM, transformers' pipelines text-generation: same names, other spelling)
+    plain = word.lower().replace("-", "_")
+    alias = plain if plain in choices else VALUE_ALIASES.get(plain)
     close = [alias] if alias in choices else difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
@@ -407,6 +411,8 @@ def unknown_key_hint(key: str, section: str, known: list[str]) -> str:
     elsewhere = _section_keys().get(key) or (f"peft.{key}" if key in _PEFT_OPTIONS else None)
     if elsewhere and not elsewhere.startswith(f"{section}."):
         return f" (did you mean {elsewhere!r}?)"
+    if section and key in {f.name for f in dataclasses.fields(RunConfig)}:  # train.output_dir (TrainingArguments')
+        return f" ({key} is a top-level key, not inside {section})"
     return _did_you_mean(key, known)
 
 

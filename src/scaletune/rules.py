@@ -181,7 +181,10 @@ def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_c
     if method == "adalora" and isinstance(cfg.peft.get("deltaT"), int) and cfg.peft["deltaT"] < 1:
         p.append(f"peft.deltaT: AdaLoRA re-allocates ranks every deltaT steps: must be >= 1, got {cfg.peft['deltaT']}")
     targets = cfg.peft.get("target_modules")
-    if isinstance(targets, str) and targets != "all-linear":  # peft reads a string as a regular expression
+    if isinstance(targets, str) and targets.lower() == "all":  # (LLaMA-Factory's lora_target: all)
+        p.append(f"peft.target_modules: {targets!r} would match only a module named so; for every linear layer "
+                 "write all-linear")
+    elif isinstance(targets, str) and targets != "all-linear":  # peft reads a string as a regular expression
         try:
             re.compile(targets)
         except (re.error, OverflowError, RecursionError) as exc:  # (q{4294967296}; deep nesting)

@@ -3,6 +3,7 @@ one wanted (a base model has none, and scaletune's Alpaca-style rendering is the
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -52,8 +53,10 @@ def chat_template_text(spec: str) -> str | None:
     path = Path(spec)
     if not path.is_file():
         what = "is a directory" if path.is_dir() else "is not a regular file" if path.exists() else missing(path)
+        # (a bare name is another tool's template name: LLaMA-Factory's llama3, axolotl's chatml ...)
+        own = "; leave the key out (null) for the tokenizer's own" if re.fullmatch(r"[\w-]+", spec) else ""
         raise ConfigError(f"data.chat_template: {spec!r} is neither {' | '.join(BUILT_IN)} nor a template file "
-                          f"({path.absolute()} {what})")
+                          f"({path.absolute()} {what}){own}")
     from jinja2 import Environment, TemplateSyntaxError
 
     try:
