@@ -73,6 +73,10 @@ class ModelConfig:
         "no work on padding (nothing to install); SDPA answers where it cannot run (CPU, generation)."
     )
     revision: str | None = _f(None, "Hub revision (branch, tag or commit) of the base model.")
+    init_adapter: str | None = _f(None, "Start from this adapter's weights instead of a new initialisation: an "
+                                  "earlier run's OUTPUT_DIR/adapter or best_adapter (or any peft adapter of the same "
+                                  "method and shapes on this base), to train on new data or go on training. The peft "
+                                  "section must describe the same adapter; a resumed run takes its checkpoint's.")
 
 
 @dataclass(kw_only=True)
@@ -521,6 +525,10 @@ def from_dict(raw: dict, *, source: str = "run config", world_size: int | None =
         from .peft_options import peft_problems
 
         problems.extend(peft_problems(cfg))
+    if check_peft and "model.init_adapter" not in bad:
+        from .init_adapter import problems as init_adapter_problems
+
+        problems.extend(init_adapter_problems(cfg))
     if check_peft:
         from .rules import ignored_key_problems, tracker_problems
 
@@ -547,6 +555,7 @@ def _expand_home(cfg: RunConfig) -> None:
 
     cfg.output_dir = map_paths(cfg.output_dir, os.path.expanduser)
     cfg.model.name_or_path = map_paths(cfg.model.name_or_path, os.path.expanduser)
+    cfg.model.init_adapter = map_paths(cfg.model.init_adapter, os.path.expanduser)
     for key in ("train", "eval", "chat_template"):
         setattr(cfg.data, key, map_paths(getattr(cfg.data, key), os.path.expanduser))
 

@@ -152,6 +152,10 @@ def load_model(cfg: RunConfig, task: Any, labels: list[str] | None, tokenizer: A
             model = _saved_copies_in_float32(model, adapter_path)
     else:
         model = apply_adapter(model, cfg, task, total_steps)
+        if cfg.model.init_adapter is not None and not resuming:  # (a checkpoint's weights replace them anyway)
+            from .init_adapter import load_initial
+
+            load_initial(model, cfg, labels)
         if cfg.train.neftune_noise_alpha:
             add_embedding_noise(model, cfg.train.neftune_noise_alpha)
     why_not = prefix_forward_problem(model)

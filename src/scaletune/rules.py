@@ -113,7 +113,8 @@ def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_c
         p.append(f"distributed.timeout_s: must be >= 1, got {cfg.distributed.timeout_s}")
     if d.num_proc is not None and not 1 <= d.num_proc <= 64:  # (64: a typo must not fork-bomb the node)
         p.append(f"data.num_proc: must be between 1 and 64, got {d.num_proc}")
-    for key, value in (("model.name_or_path", m.name_or_path), ("data.train", d.train), ("data.eval", d.eval),
+    for key, value in (("model.name_or_path", m.name_or_path), ("model.init_adapter", m.init_adapter),
+                       ("data.train", d.train), ("data.eval", d.eval),
                        ("output_dir", cfg.output_dir), ("data.text_column", d.text_column),
                        ("data.text_pair_column", d.text_pair_column), ("data.label_column", d.label_column),
                        ("data.tokens_column", d.tokens_column), ("data.tags_column", d.tags_column)):

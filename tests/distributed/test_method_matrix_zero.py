@@ -59,6 +59,10 @@ def _launch(tmp_path_factory, stage: int):
                                             # fails in 5 min instead of hanging to the test's timeout
                                             distributed={"zero_stage": stage, "timeout_s": 300})
         specs[name]["peft"] = method_keys(name, "causal_lm")
+    if stage == 3:  # then a run that starts from LoRA's adapter (model.init_adapter) and barely moves it
+        specs["lora_init"] = {**specs["lora"], "model": {**specs["lora"]["model"],
+                                                         "init_adapter": str(root / "lora" / "adapter")},
+                              "train": {**specs["lora"]["train"], "max_steps": 1, "learning_rate": 1e-12}}
     spec_file = root / "specs.json"
     spec_file.write_text(json.dumps(specs))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SCALETUNE_NO_PROGRESS": "1"}
@@ -94,3 +98,18 @@ def test_method_trains_under_zero_and_reloads_in_plain_peft(zero_runs, stage, na
     with torch.no_grad():
         got = model(ids).logits[:, -ids.shape[1]:]  # prompt tuning's output starts with its virtual tokens
         assert not torch.allclose(got, ref(ids).logits)  # the adapter changes the model
+
+
+def test_a_run_under_zero3_starts_from_a_saved_adapter(zero_runs):
+    """model.init_adapter under ZeRO-3 (2 processes): the run's weights start as the saved ones, so one step at a
+    learning rate too small to move them gathers them back unchanged."""
+    from safetensors.torch import load_file
+
+    root, _ = zero_runs(3)
+    failed = json.loads((root / "failures.json").read_text())
+    assert "lora_init" not in failed, failed["lora_init"]
+    saved = load_file(root / "lora" / "adapter" / "adapter_model.safetensors")
+    after = load_file(root / "lora_init" / "adapter" / "adapter_model.safetensors")
+    assert saved.keys() == after.keys() and saved
+    for key in saved:
+        torch.testing.assert_close(after[key], saved[key], rtol=0, atol=1e-7, msg=key)

@@ -1,0 +1,156 @@
+"""`model.init_adapter`: a new run that starts from an existing adapter's weights (an earlier run's adapter/ or
+best_adapter/, or any peft adapter of the same method and shapes) instead of a new initialisation: training on
+new data, a second stage, or more steps under another schedule. The run's peft section builds the adapter as
+always; the saved weights then replace its initial ones, so the config stays what describes the run."""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+log = logging.getLogger("scaletune")
+
+KEY = "model.init_adapter"
+_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+# adapter_config.json fields that may differ from the run's: how that adapter was trained or loaded (dropout,
+# initialisation, AdaLoRA's schedule), or where it sits, which the weights' names and shapes check exactly
+_MAY_DIFFER = {"base_model_name_or_path", "revision", "inference_mode", "init_lora_weights", "peft_version",
+               "auto_mapping", "total_step", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight",
+               "target_modules", "exclude_modules", "modules_to_save", "layers_to_transform", "layers_pattern"}
+
+
+def problems(cfg: Any) -> list[str]:
+    """What the config check can tell from the files alone: the directory holds a peft adapter of peft.method."""
+    path = cfg.model.init_adapter
+    if path is None:
+        return []
+    if cfg.peft_method == "adalora":
+        return [f"{KEY}: not with peft.method adalora: its saved adapter keeps only the ranks its schedule left, "
+                "and a new run's schedule starts again from init_r"]
+    saved, problem = _saved_config(Path(path))
+    if problem:
+        return [problem]
+    method = str(saved.get("peft_type", "")).lower()
+    if method != cfg.peft_method:
+        return [f"{KEY}: {path} holds a {saved.get('peft_type')} adapter but peft.method is {cfg.peft_method}: "
+                f"set peft.method: {method} with that adapter's options (its adapter_config.json)"]
+    return []
+
+
+def _saved_config(path: Path) -> tuple[dict, str | None]:
+    """The adapter's adapter_config.json, or why there is none to read."""
+    conf = path / "adapter_config.json"
+    if not path.is_dir():
+        return {}, f"{KEY}: {path} is not a directory (an adapter directory: an earlier run's OUTPUT_DIR/adapter)"
+    if not conf.is_file() or not any((path / name).is_file() for name in _WEIGHTS):
+        return {}, (f"{KEY}: {path} is not a peft adapter directory (adapter_config.json and "
+                    "adapter_model.safetensors): give an earlier run's OUTPUT_DIR/adapter or best_adapter")
+    try:
+        saved = json.loads(conf.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return {}, f"{KEY}: {conf} cannot be read ({exc})"
+    if not isinstance(saved, dict):
+        return {}, f"{KEY}: {conf} is not a peft adapter config (a JSON object)"
+    return saved, None
+_SAME_MODULES = "the peft section (target_modules, modules_to_save) must build the adapter's modules"
+
+
+def load_initial(model: Any, cfg: Any, labels: list[str] | None) -> None:
+    """Replace the new adapter's initial weights (and a classifier head's) on `model`, a PeftModel built from the
+    run's peft section, with those saved in model.init_adapter; every difference that would change what they
+    mean (settings, labels, names, shapes) is one ConfigError before anything is written."""
+    import peft
+
+    path = Path(cfg.model.init_adapter)
+    saved, problem = _saved_config(path)
+    if problem:
+        raise ConfigError(problem)
+    found = _setting_problems(model.peft_config["default"].to_dict(), saved, path)
+    found += _label_problems(cfg, labels, path)
+    if found:
+        raise ConfigError(found, title=f"{KEY}: {path} is not the adapter the run config describes",
+                          hint="give the peft options (and data.labels) the adapter was trained with")
+    try:
+        state = peft.utils.load_peft_weights(str(path), device="cpu")
+    except Exception as exc:  # noqa: BLE001  (safetensors' and torch's errors of a damaged file vary)
+        raise ConfigError(f"{KEY}: the weights in {path} cannot be read "
+                          f"({type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]})") from None
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    try:
+        with _gathered(model), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Found missing adapter keys")  # (said below, by name)
+            result = peft.set_peft_model_state_dict(model, state)
+    except KeyError as exc:  # a module the run trains in full (modules_to_save) that the adapter did not
+        raise ConfigError(f"the run trains {exc.args[0]} in full, which it has no weights for",
+                          title=f"{KEY}: the weights in {path} do not fit this run's adapter", hint=_SAME_MODULES) from None
+    except RuntimeError as exc:  # size mismatch: another rank, base model or label count
+        shapes = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line]
+        raise ConfigError(shapes[:5] or [str(exc).splitlines()[0]],
+                          title=f"{KEY}: the weights in {path} do not fit this run's adapter") from None
+    prompt = model.peft_config["default"].is_prompt_learning  # (peft loads its encoder outside load_state_dict)
+    missing = sorted(n for n in trainable & set(result.missing_keys) if not (prompt and n.startswith("prompt_encoder.")))
+    unexpected = [k for k in result.unexpected_keys if not (prompt and k.startswith("prompt_embeddings"))]
+    if missing or unexpected:
+        raise ConfigError([f"{len(missing)} of the run's trainable weights are not in it: {_some(missing)}"] * bool(missing)
+                          + [f"{len(unexpected)} of its weights have no place in the run's adapter: "
+                             f"{_some(unexpected)}"] * bool(unexpected),
+                          title=f"{KEY}: the weights in {path} do not fit this run's adapter",
+                          hint=_SAME_MODULES)
+    log.info("%s: starting from the %d weight tensors of %s", KEY, len(state), path)
+
+
+def _setting_problems(run: dict, saved: dict, path: Path) -> list[str]:
+    """The peft options whose value differs between the run's adapter and the saved one's adapter_config.json."""
+    out = []
+    for key in sorted(set(run) & set(saved) - _MAY_DIFFER):
+        if key.endswith("dropout") or _plain(run[key]) == _plain(saved[key]):
+            continue
+        out.append(f"peft.{key}: {_plain(run[key])!r} in the run config, {_plain(saved[key])!r} in "
+                   f"{path / 'adapter_config.json'}")
+    return out
+
+
+def _label_problems(cfg: Any, labels: list[str] | None, path: Path) -> list[str]:
+    """A classifier head's rows are its labels, in order: another label list would score other classes."""
+    from .adapter_record import adapter_meta
+
+    meta = adapter_meta(path)
+    if meta.get("task") not in (None, cfg.task):
+        return [f"task: {cfg.task}, but the adapter was trained for {meta['task']}"]
+    if labels is None or meta.get("labels") is None or list(meta["labels"]) == list(labels):
+        return []
+    return [f"data.labels: the data's labels {labels} are not the adapter's {meta['labels']} (in that order: set "
+            "data.labels to the adapter's list)"]
+
+
+def _plain(value: Any) -> Any:
+    """A config value as JSON keeps it, sets and lists alike as a sorted list (target sets are saved as lists)."""
+    if isinstance(value, (set, frozenset, list, tuple)):
+        return sorted((_plain(v) for v in value), key=repr)
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return getattr(value, "value", value)  # (an enum: its saved string)
+
+
+def _some(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+@contextmanager
+def _gathered(model: Any):
+    """Under ZeRO-3 the weights loaded at start-up are partitioned already: writes go to gathered copies, which
+    DeepSpeed partitions again on leaving (every rank loads the same file)."""
+    partitioned = [p for p in model.parameters() if p.requires_grad and hasattr(p, "ds_id")]  # (not the base)
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+        yield

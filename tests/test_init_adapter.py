@@ -1,0 +1,127 @@
+"""model.init_adapter: a new run starts from a saved adapter's weights (and classifier head), and every way the
+saved adapter could mean something else than the run config says is one error before anything is written."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from scaletune.cli import main
+
+
+def _train(path, capsys, *overrides) -> int:
+    capsys.readouterr()
+    return main(["train", str(path), *overrides])
+
+
+def _evals(out) -> list[dict]:
+    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["event"] == "eval"]
+
+
+@pytest.mark.parametrize("task", ["seq_cls", "causal_lm"])
+def test_a_run_starts_from_the_saved_adapter(task, make_config, tmp_path, capsys, caplog):
+    """A run at a learning rate too small to move anything ends where the adapter it started from ended: the
+    same weights (head included) and the same eval loss; without init_adapter it does not."""
+    path = make_config(task, train={"max_steps": 3, "learning_rate": 2e-2, "eval_every": None})
+    assert _train(path, capsys) == 0
+    first = tmp_path / "run"
+    still = ["train.max_steps=1", "train.learning_rate=1e-12"]
+    caplog.set_level(logging.INFO, logger="scaletune")
+    assert _train(path, capsys, *still, f"output_dir={tmp_path / 'next'}", f"model.init_adapter={first / 'adapter'}") == 0
+    assert "model.init_adapter: starting from the" in caplog.text, caplog.text
+    assert _train(path, capsys, *still, f"output_dir={tmp_path / 'fresh'}") == 0
+
+    saved = load_file(first / "adapter" / "adapter_model.safetensors")
+    after = load_file(tmp_path / "next" / "adapter" / "adapter_model.safetensors")
+    fresh = load_file(tmp_path / "fresh" / "adapter" / "adapter_model.safetensors")
+    assert saved.keys() == after.keys() and len(saved) > 0
+    if task == "seq_cls":
+        assert any("classifier" in k for k in saved)  # the head trained in full comes with it
+    for key in saved:
+        torch.testing.assert_close(after[key], saved[key], rtol=0, atol=1e-8)
+    assert any(not torch.allclose(fresh[k], saved[k], atol=1e-4) for k in saved)
+    assert _evals(tmp_path / "next")[-1]["loss"] == pytest.approx(_evals(first)[-1]["loss"], rel=1e-5)
+    assert _evals(tmp_path / "fresh")[-1]["loss"] != pytest.approx(_evals(first)[-1]["loss"], rel=1e-3)
+
+
+@pytest.fixture
+def seq_cls_adapter(make_config, tmp_path, capsys):
+    path = make_config("seq_cls", train={"max_steps": 1, "eval_every": None})
+    assert _train(path, capsys) == 0
+    return path, tmp_path / "run" / "adapter"
+
+
+@pytest.mark.parametrize(("overrides", "wanted"), [
+    (["peft.method=ia3", "~peft.r", "~peft.lora_alpha", "~peft.lora_dropout"],
+     "holds a LORA adapter but peft.method is ia3: set peft.method: lora"),
+    (["peft.r=8"], "peft.r: 8 in the run config, 4 in"),
+    (["peft.method=adalora", "~peft.r", "peft.init_r=4", "peft.target_r=2", "peft.total_step=4"],
+     "not with peft.method adalora"),
+    (["peft.lora_alpha=2"], "peft.lora_alpha: 2 in the run config, 8 in"),
+    (["peft.target_modules=[query]"], "22 of its weights have no place in the run's adapter"),  # fewer modules
+    (["peft.modules_to_save=[pooler]"], "the run trains base_model.model.bert.pooler.dense.weight in full, which it has no weights for"),
+])
+def test_an_adapter_the_config_does_not_describe_is_refused(seq_cls_adapter, tmp_path, capsys, overrides, wanted):
+    path, adapter = seq_cls_adapter
+    out = tmp_path / "next"
+    code = _train(path, capsys, f"output_dir={out}", f"model.init_adapter={adapter}", *overrides)
+    err = capsys.readouterr().err
+    assert code == 2 and wanted in err and "Traceback" not in err, err
+    assert "model.init_adapter" in err and not out.exists()
+
+
+def test_labels_in_another_order_are_refused(seq_cls_adapter, tmp_path, capsys):
+    """The head's rows are the adapter's labels in its order: the same labels listed otherwise would swap them."""
+    path, adapter = seq_cls_adapter
+    labels = json.loads((adapter / "scaletune.json").read_text())["labels"]
+    assert len(labels) > 1
+    code = _train(path, capsys, f"output_dir={tmp_path / 'next'}", f"model.init_adapter={adapter}",
+                  f"data.labels={json.dumps(labels[::-1])}")
+    err = capsys.readouterr().err
+    assert code == 2 and f"are not the adapter's {labels}" in err, err
+
+
+@pytest.mark.parametrize("what", ["missing", "no adapter files", "other task"])
+def test_a_path_that_holds_no_usable_adapter_is_a_config_error(seq_cls_adapter, tmp_path, capsys, what):
+    path, adapter = seq_cls_adapter
+    target = tmp_path / "nowhere"
+    if what == "no adapter files":
+        target.mkdir()
+        (target / "adapter_config.json").write_text("{}")
+    elif what == "other task":
+        target = adapter
+        meta = json.loads((adapter / "scaletune.json").read_text())
+        (adapter / "scaletune.json").write_text(json.dumps({**meta, "task": "token_cls"}))
+    code = _train(path, capsys, f"output_dir={tmp_path / 'next'}", f"model.init_adapter={target}")
+    err = capsys.readouterr().err
+    wanted = {"missing": "is not a directory", "no adapter files": "is not a peft adapter directory",
+              "other task": "the adapter was trained for token_cls"}[what]
+    assert code == 2 and wanted in err and "Traceback" not in err, err
+
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["dora", "ia3", "loha", "lokr", "vera", "oft", "prefix_tuning",
+                                  "prompt_tuning", "bottleneck_adapter"])
+def test_every_method_starts_from_its_saved_adapter(name, make_config, tmp_path, capsys):
+    """Each method's saved weights come back as the next run's start (peft names them per method, and the
+    prompt-learning ones live outside the model's own state)."""
+    from stutil import method_keys
+
+    path = make_config("causal_lm", train={"max_steps": 2, "learning_rate": 2e-2, "eval_every": None})
+    path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), "peft": method_keys(name, "causal_lm")}))
+    assert _train(path, capsys) == 0, capsys.readouterr().err
+    first = tmp_path / "run" / "adapter"
+    code = _train(path, capsys, "train.max_steps=1", "train.learning_rate=1e-12", f"output_dir={tmp_path / 'next'}",
+                  f"model.init_adapter={first}")
+    assert code == 0, capsys.readouterr().err
+    saved = load_file(first / "adapter_model.safetensors")
+    after = load_file(tmp_path / "next" / "adapter" / "adapter_model.safetensors")
+    assert saved.keys() == after.keys() and len(saved) > 0
+    for key in saved:
+        torch.testing.assert_close(after[key], saved[key], rtol=0, atol=1e-7, msg=key)
