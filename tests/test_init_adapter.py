@@ -32,7 +32,8 @@ def test_a_run_starts_from_the_saved_adapter(task, make_config, tmp_path, capsys
     first = tmp_path / "run"
     still = ["train.max_steps=1", "train.learning_rate=1e-12"]
     caplog.set_level(logging.INFO, logger="scaletune")
-    assert _train(path, capsys, *still, f"output_dir={tmp_path / 'next'}", f"model.init_adapter={first / 'adapter'}") == 0
+    start = f"model.init_adapter={first / 'adapter'}"
+    assert _train(path, capsys, *still, f"output_dir={tmp_path / 'next'}", start) == 0
     assert "model.init_adapter: starting from the" in caplog.text, caplog.text
     assert _train(path, capsys, *still, f"output_dir={tmp_path / 'fresh'}") == 0
 
@@ -64,7 +65,8 @@ def seq_cls_adapter(make_config, tmp_path, capsys):
      "not with peft.method adalora"),
     (["peft.lora_alpha=2"], "peft.lora_alpha: 2 in the run config, 8 in"),
     (["peft.target_modules=[query]"], "22 of its weights have no place in the run's adapter"),  # fewer modules
-    (["peft.modules_to_save=[pooler]"], "the run trains base_model.model.bert.pooler.dense.weight in full, which it has no weights for"),
+    (["peft.modules_to_save=[pooler]"],
+     "the run trains base_model.model.bert.pooler.dense.weight in full, which it has no weights for"),
 ])
 def test_an_adapter_the_config_does_not_describe_is_refused(seq_cls_adapter, tmp_path, capsys, overrides, wanted):
     path, adapter = seq_cls_adapter

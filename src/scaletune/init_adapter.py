@@ -58,6 +58,8 @@ def _saved_config(path: Path) -> tuple[dict, str | None]:
     if not isinstance(saved, dict):
         return {}, f"{KEY}: {conf} is not a peft adapter config (a JSON object)"
     return saved, None
+
+
 _SAME_MODULES = "the peft section (target_modules, modules_to_save) must build the adapter's modules"
 
 
@@ -88,20 +90,22 @@ def load_initial(model: Any, cfg: Any, labels: list[str] | None) -> None:
             result = peft.set_peft_model_state_dict(model, state)
     except KeyError as exc:  # a module the run trains in full (modules_to_save) that the adapter did not
         raise ConfigError(f"the run trains {exc.args[0]} in full, which it has no weights for",
-                          title=f"{KEY}: the weights in {path} do not fit this run's adapter", hint=_SAME_MODULES) from None
+                          title=_not_fitting(path), hint=_SAME_MODULES) from None
     except RuntimeError as exc:  # size mismatch: another rank, base model or label count
         shapes = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line]
         raise ConfigError(shapes[:5] or [str(exc).splitlines()[0]],
-                          title=f"{KEY}: the weights in {path} do not fit this run's adapter") from None
+                          title=_not_fitting(path)) from None
     prompt = model.peft_config["default"].is_prompt_learning  # (peft loads its encoder outside load_state_dict)
-    missing = sorted(n for n in trainable & set(result.missing_keys) if not (prompt and n.startswith("prompt_encoder.")))
+    missing = sorted(n for n in trainable & set(result.missing_keys)
+                     if not (prompt and n.startswith("prompt_encoder.")))
     unexpected = [k for k in result.unexpected_keys if not (prompt and k.startswith("prompt_embeddings"))]
-    if missing or unexpected:
-        raise ConfigError([f"{len(missing)} of the run's trainable weights are not in it: {_some(missing)}"] * bool(missing)
-                          + [f"{len(unexpected)} of its weights have no place in the run's adapter: "
-                             f"{_some(unexpected)}"] * bool(unexpected),
-                          title=f"{KEY}: the weights in {path} do not fit this run's adapter",
-                          hint=_SAME_MODULES)
+    found = []
+    if missing:
+        found.append(f"{len(missing)} of the run's trainable weights are not in it: {_some(missing)}")
+    if unexpected:
+        found.append(f"{len(unexpected)} of its weights have no place in the run's adapter: {_some(unexpected)}")
+    if found:
+        raise ConfigError(found, title=_not_fitting(path), hint=_SAME_MODULES)
     log.info("%s: starting from the %d weight tensors of %s", KEY, len(state), path)
 
 
@@ -136,6 +140,10 @@ def _plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items()}
     return getattr(value, "value", value)  # (an enum: its saved string)
+
+
+def _not_fitting(path: Path) -> str:
+    return f"{KEY}: the weights in {path} do not fit this run's adapter"
 
 
 def _some(names: list[str]) -> str:
