@@ -85,7 +85,7 @@ def test_a_weight_that_keeps_nothing_of_a_source_says_so(make_config, tmp_path, 
     path = make_config("causal_lm", data={"train": [str(a), {"path": str(b), "weight": 0.01}], "max_length": 256})
     with caplog.at_level("WARNING", logger="scaletune"):
         run, _ = setup(load_config(path))
-    assert "data.train[1]: weight 0.01 keeps none of its 8 training example(s)" in caplog.text
+    assert f"data.train[1]: weight 0.01 keeps none of the 8 training example(s) of {b}" in caplog.text
     assert set(_tags(run)) == {"alpha"}
     alone = make_config("causal_lm", data={"train": [{"path": str(b), "weight": 0.01}], "max_length": 256})
     with pytest.raises(DataError, match=r"data.train: the weights of .* keep no training example"):
@@ -128,3 +128,27 @@ def test_a_fractional_weights_subset_is_seeded():
     assert len(set(first)) == 10 and all(r.startswith("SRCBRAVO") for r in first)
     assert all(kept(0) == first for _ in range(5))
     assert set(kept(1)) != set(first)
+
+
+def test_a_glob_pattern_is_the_files_it_matches_in_sorted_order(make_config, tmp_path, capsys):
+    """data.train: shards/*.jsonl reads every matching file, sorted (the same order on every run and rank), each
+    with the item's weight; a file added later is other data (the cache's version); no match is one error."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    write_jsonl(shards / "part-2.jsonl", _records("bravo", 6))
+    write_jsonl(shards / "part-1.jsonl", _records("alpha", 4))
+    (shards / "notes").mkdir()  # (a directory the pattern matches is no data file)
+    path = make_config("causal_lm", data={"train": [{"path": str(shards / "*"), "weight": 2}], "eval": None,
+                                          "max_length": 256, "packing": False})
+    run, _ = setup(load_config(path))
+    assert sorted(_tags(run)) == ["alpha"] * 8 + ["bravo"] * 12
+    from scaletune.data.sources import train_sources
+
+    assert train_sources(str(shards / "part-?.jsonl")) == [(str(shards / "part-1.jsonl"), 1.0),
+                                                          (str(shards / "part-2.jsonl"), 1.0)]
+    write_jsonl(shards / "part-3.jsonl", _records("alpha", 2))
+    again, _ = setup(load_config(path), overwrite=True)
+    assert again.data["train_digest"] != run.data["train_digest"] and len(again.data["train"]) == 24
+    path = make_config("causal_lm", data={"train": str(tmp_path / "none" / "*.jsonl")}, output_dir=str(tmp_path / "x"))
+    assert main(["train", str(path)]) == 2
+    assert f"data.train: no file matches {tmp_path / 'none' / '*.jsonl'}" in capsys.readouterr().err

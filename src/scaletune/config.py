@@ -81,10 +81,11 @@ class ModelConfig:
 
 @dataclass(kw_only=True)
 class DataConfig:
-    train: str | list = _f(help="Training data: a file (jsonl/json/csv/tsv/parquet/conll) or 'hub:<id>[:split]', or a "
+    train: str | list = _f(help="Training data: a file (jsonl/json/csv/tsv/parquet/conll), a pattern (shards/*.jsonl: "
+                           "the files it matches, sorted) or 'hub:<id>[:split]', or a "
                            "list of them, concatenated; an item may be {path: ..., weight: W}: W times its examples "
                            "(2: each twice; 0.5: a seeded half), after any eval_fraction split.")
-    eval: str | None = _f(None, "Evaluation data, same forms as `train`.")
+    eval: str | None = _f(None, "Evaluation data: one file or 'hub:<id>[:split]', as in `train`.")
     eval_fraction: float | None = _f(None, "Hold out this fraction of `train` for evaluation instead.")
     format: str = _f(
         "auto",

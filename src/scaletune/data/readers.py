@@ -8,6 +8,7 @@ so later validation (missing columns, bad labels) can point at the exact line.
 from __future__ import annotations
 
 import csv
+import glob
 import io
 import json
 import re
@@ -390,7 +391,8 @@ def read_records(spec: str, *, key: str = "data.train", conll: bool = False,
         path = Path(spec)
         if not path.exists():  # a relative path is the working directory's, not the config file's
             where = "" if path.is_absolute() else f" (relative paths are read from the working directory: {path.absolute()})"
-            raise DataError(f"{key}: file not found: {path}{where}")
+            what = "no file matches" if glob.has_magic(spec) else "file not found:"
+            raise DataError(f"{key}: {what} {path}{where}")
         if path.is_dir():
             raise DataError(f"{key}: {path} is a directory, expected a data file")
         if not path.is_file():  # a pipe would block the open for ever (and is read more than once: hashed, then read)

@@ -3,8 +3,10 @@ the training examples each contributes (weight 2: every example twice; 0.5: a se
 
 from __future__ import annotations
 
+import glob
 import logging
 import math
+import os
 import random
 from typing import Any
 
@@ -15,10 +17,29 @@ log = logging.getLogger("scaletune")
 
 def train_sources(train: Any) -> list[tuple[str, float]]:
     """(spec, weight) of every training source in `data.train` (a spec, or a list of specs and
-    {path, weight} items; validated by the config rules)."""
+    {path, weight} items; validated by the config rules), a glob pattern as the files it matches."""
+    return [(spec, weight) for spec, weight, _ in _expanded(train)]
+
+
+def _expanded(train: Any) -> list[tuple[str, float, str]]:
+    """(spec, weight, the config key it comes from) of every source: a pattern (data/*.jsonl, shards/part-?.csv)
+    that names no file itself stands for the files it matches, in sorted order (the same every run), each with
+    the item's weight; one matching nothing is kept as written, for the reader's "file not found"."""
     items = train if isinstance(train, list) else [train]
-    return [(item["path"], float(item.get("weight", 1.0))) if isinstance(item, dict) else (item, 1.0)
-            for item in items]
+    out = []
+    for i, item in enumerate(items):
+        spec, weight = (item["path"], float(item.get("weight", 1.0))) if isinstance(item, dict) else (item, 1.0)
+        key = f"data.train[{i}]" if isinstance(train, list) else "data.train"
+        matches = _matching_files(spec)
+        out += [(match, weight, key) for match in matches] if matches else [(spec, weight, key)]
+    return out
+
+
+def _matching_files(spec: str) -> list[str]:
+    """The regular files a glob pattern matches, sorted; [] for a hub dataset, an existing path or no pattern."""
+    if spec.startswith("hub:") or not glob.has_magic(spec) or os.path.lexists(spec):
+        return []
+    return sorted(path for path in glob.glob(spec, recursive=True) if os.path.isfile(path))
 
 
 def describe(train: Any) -> str:
@@ -35,9 +56,7 @@ def read_train_records(train: Any, *, conll: bool,
     (`conll_columns`: data.conll_columns)."""
     records: list[dict] = []
     source_of: dict[int, int] = {}
-    sources = train_sources(train)
-    for i, (spec, _) in enumerate(sources):
-        key = "data.train" if len(sources) == 1 and not isinstance(train, list) else f"data.train[{i}]"
+    for i, (spec, _, key) in enumerate(_expanded(train)):
         part = read_records(spec, key=key, conll=conll, conll_columns=conll_columns)
         source_of.update((id(rec), i) for rec in part)
         records += part
@@ -48,15 +67,15 @@ def weighted(records: list[dict], source_of: dict[int, int], train: Any, seed: i
     """The training records with each source's weight applied: its whole part repeated int(weight) times,
     plus a random (seeded: the same every run and rank) fraction of it for the rest. Applied after an
     eval_fraction split, so no copy of a held-out example is trained on."""
-    sources = train_sources(train)
-    if all(weight == 1.0 for _, weight in sources):
+    sources = _expanded(train)
+    if all(weight == 1.0 for _, weight, _ in sources):
         return records
     out: list[dict] = []
-    for i, (_, weight) in enumerate(sources):
+    for i, (spec, weight, key) in enumerate(sources):
         part = [rec for rec in records if source_of[id(rec)] == i]
         whole, rest = divmod(weight, 1.0)
         extra = random.Random(seed * 1_000_003 + i).sample(part, math.floor(len(part) * rest + 0.5)) if rest else []
         if part and not (whole or extra):
-            log.warning("data.train[%d]: weight %g keeps none of its %d training example(s)", i, weight, len(part))
+            log.warning("%s: weight %g keeps none of the %d training example(s) of %s", key, weight, len(part), spec)
         out += part * int(whole) + extra
     return out
