@@ -37,7 +37,7 @@ _PYTHON_WORDS = {"--resume auto": 'resume="auto"', "--overwrite": "overwrite=Tru
                  "--allow-config-change": "allow_config_change=True", "--resume": "resume", "--adapter": "adapter",
                  "--data": "data", "--predictions": "predictions", "--threshold": "threshold", "--out": "out_dir",
                  "--max-new-tokens": "max_new_tokens", "--temperature": "temperature", "--top-p": "top_p",
-                 "--top-k": "top_k", "--seed": "seed", "command-line override": "override"}
+                 "--top-k": "top_k", "--seed": "seed", "--generate": "generate=True", "command-line override": "override"}
 _CLI_WORD = re.compile("|".join(re.escape(w) + (r"(?![\w-])" if w.startswith("--") else "")
                                 for w in sorted(_PYTHON_WORDS, key=len, reverse=True)))
 
@@ -109,18 +109,22 @@ def train(config: str | Path | Mapping[str, Any], overrides: list[str] | Mapping
 @_in_python_words
 def evaluate(config: str | Path | Mapping[str, Any], overrides: list[str] | Mapping[str, Any] | None = None, *,
              adapter: str | Path | None = None, data: str | Path | None = None,
-             predictions: str | Path | None = None, threshold: float | None = None) -> dict:
-    """`scaletune eval`: the metrics dict it prints as JSON. `adapter`, `data`, `predictions`, `threshold`: as
-    --adapter, --data, --predictions, --threshold."""
+             predictions: str | Path | None = None, threshold: float | None = None, generate: bool = False,
+             max_new_tokens: int | None = None) -> dict:
+    """`scaletune eval`: the metrics dict it prints as JSON. `adapter`, `data`, `predictions`, `threshold`,
+    `generate`, `max_new_tokens` (None: 128): as --adapter, --data, --predictions, --threshold, --generate,
+    --max-new-tokens."""
     from .cli import threshold_option
+    from .generation_metrics import DEFAULT_MAX_NEW_TOKENS
     from .infer import run_eval
 
     threshold = _option("threshold", threshold_option, threshold)
     data, predictions = _text(data), _text(predictions)
-    _check("eval", data=data, predictions=predictions)
+    _check("eval", data=data, predictions=predictions, generate=generate, max_new_tokens=max_new_tokens)
     cfg = _load(config, overrides)
     with _call():
-        return run_eval(cfg, _text(adapter), data, predictions, threshold)
+        return run_eval(cfg, _text(adapter), data, predictions, threshold,
+                        (max_new_tokens or DEFAULT_MAX_NEW_TOKENS) if generate else None)
 
 
 @_in_python_words

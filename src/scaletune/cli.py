@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from . import generation_metrics
 from .config_file import is_override
 from .errors import (
     EXIT_INTERRUPTED,
@@ -84,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=threshold_option, default=None, metavar="T",
                    help="seq_cls multi-label: score with a class predicted where its sigmoid exceeds T (default "
                         "0.5, as training's evals), e.g. the T to give predict --threshold")
+    p.add_argument("--generate", action="store_true", help="causal_lm: also generate each example's answer as "
+                   "predict does (greedy) and score it against the reference: exact_match, token_f1")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="with --generate: most tokens an answer may "
+                   "add (default 128; cut at the model's context)")
     p.add_argument("--json", action="store_true",
                    help="print the metrics as JSON on a terminal too (a table there otherwise; piped: always JSON)")
 
@@ -250,6 +255,8 @@ def check_args(args: argparse.Namespace) -> None:
         problems.append(f"--data {args.data}: {what}")
     if cmd == "eval" and args.predictions is not None and (problem := new_file_problem(args.predictions)):
         problems.append(f"--predictions {args.predictions}: {problem}")
+    if cmd == "eval":
+        problems += generation_metrics.arg_problems(args)
     if cmd == "merge":
         out = Path(args.out)
         if out.exists() and not out.is_dir():
@@ -353,7 +360,8 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "eval":
         from .infer import run_eval
 
-        metrics = run_eval(cfg, args.adapter, args.data, args.predictions, args.threshold)
+        metrics = run_eval(cfg, args.adapter, args.data, args.predictions, args.threshold,
+                           (args.max_new_tokens or generation_metrics.DEFAULT_MAX_NEW_TOKENS) if args.generate else None)
         import json
 
         # every rank of an `accelerate launch` has the gathered metrics: one document on stdout, not one per rank

@@ -13,7 +13,7 @@ from typing import Any, TextIO
 
 import torch
 
-from . import predict_input
+from . import generation_metrics, predict_input
 from .adapter_record import adapter_meta, check_held_out
 from .checkpoint import checkpoint_dirs
 from .config import NO_CHAT_FORMATS, RunConfig
@@ -123,10 +123,11 @@ def on_device(cfg: RunConfig, model: Any) -> tuple[Any, Any]:
 
 
 def run_eval(cfg: RunConfig, adapter: str | None, data: str | None, predictions: str | None = None,
-             threshold: float | None = None) -> dict:
+             threshold: float | None = None, generate: int | None = None) -> dict:
     """The adapter's metrics on the eval data; `predictions`: also write each example's line to that new file
     (the main process), in the data's order; `threshold` (multi-label seq_cls): the sigmoid a class must exceed
-    to be predicted (None: 0.5)."""
+    to be predicted (None: 0.5); `generate` (causal_lm): also generate each answer with at most that many new
+    tokens, as predict does, and score it against the example's (generation_metrics)."""
     from .data import build_datasets, build_eval_only
     from .data.sources import describe
     from .evaluate import evaluate, evaluate_examples
@@ -141,11 +142,14 @@ def run_eval(cfg: RunConfig, adapter: str | None, data: str | None, predictions:
         # (the held-out split is tokenised, maybe cached, without the records its lines would name)
         raise UserError(f"--predictions {predictions}: needs an eval file (data.eval or --data FILE); the "
                         "examples data.eval_fraction holds out of data.train have no lines to name")
+    if generate:
+        generation_metrics.check_run(cfg)
     if not cfg.data.eval:
         check_held_out(cfg, path)
     if threshold is not None and cfg.task != "seq_cls":
         raise UserError(f"--threshold: {cfg.task} has no per-class decisions; only a multi-label seq_cls run has")
     model, tokenizer, task, labels, _ = load_trained(cfg, str(path))
+    trained = getattr(getattr(task, "format", None), "name", None)  # (the eval file's replaces it below)
     if threshold is not None:
         if not is_multi_label(model):
             raise UserError(f"--threshold: the adapter at {path} is single-label (each example gets its most "
@@ -156,36 +160,40 @@ def run_eval(cfg: RunConfig, adapter: str | None, data: str | None, predictions:
         # the loss as training's evals computed it (not under ZeRO-3, whose partitioned head it cannot use)
         task.enable_chunked_loss(model, AUTOCAST_DTYPES.get(acc.mixed_precision))
     cfg.data.labels = labels if labels else cfg.data.labels
-    sources: list | None = [] if predictions else None  # the record behind each eval example
+    sources: list | None = [] if predictions or generate else None  # the record behind each eval example
     if cfg.data.eval:  # labels come from the adapter: the training file is not needed (or read)
         # problems are named by where the path came from: --data, or the config's data.eval
         evalset = build_eval_only(cfg, task, tokenizer, "--data" if data else "data.eval", sources)
     else:  # data.eval_fraction: the part of the training file that training held out
         evalset = build_datasets(cfg, task, tokenizer, None, for_eval=True)["eval"]
     check_vocabulary(model, tokenizer, {"eval": evalset}, "--data" if data else "data.eval")
+    prepared = generation_metrics.prepare(task, tokenizer, trained, sources or [],
+                                          f"{'--data' if data else 'data.eval'} {cfg.data.eval}") if generate else []
     what = cfg.data.eval or f"the {cfg.data.eval_fraction:g} of {describe(cfg.data.train)} that training held out"
     log.info("eval: adapter %s on %d example(s) of %s%s", path, len(evalset), what,
              f" ({acc.num_processes} processes)" if acc.num_processes > 1 else "")
+    added, generated = generation_metrics.score(acc, model, tokenizer, prepared, generate) if generate else ({}, None)
     if not predictions:
-        return evaluate(acc, model, task, evalset, labels, cfg.train.micro_batch_size, tokenizer.pad_token_id)
+        return {**evaluate(acc, model, task, evalset, labels, cfg.train.micro_batch_size, tokenizer.pad_token_id),
+                **added}
     metrics, examples = evaluate_examples(acc, model, task, evalset, labels, cfg.train.micro_batch_size,
                                           tokenizer.pad_token_id)
     if acc.is_main_process:
-        write_predictions(predictions, task, labels, sources, examples)
-    return metrics
+        write_predictions(predictions, task, labels, sources, examples, generated)
+    return {**metrics, **added}
 
 
 def write_predictions(target: str, task: Any, labels: list[str] | None, records: list[dict],
-                      examples: list[tuple]) -> None:
-    """One JSON line per eval example (its record's file:line, then the task's fields) to the new file
-    `target`; a file that appeared there since the arguments were checked is refused, not replaced."""
+                      examples: list[tuple], generated: list[dict] | None = None) -> None:
+    """One JSON line per eval example (its record's file:line, the task's fields, then its `generated` scores)
+    to the new file `target`; a file that appeared there since the arguments were checked is refused."""
     try:
         out = open(target, "x", encoding="utf-8")  # noqa: SIM115  (closed below; "x": never overwrite)
     except FileExistsError:
         raise UserError(f"--predictions {target}: exists; choose a new file (nothing is overwritten)") from None
     with out:
-        for record, (pred, extra) in zip(records, examples, strict=True):
-            line = {"line": record.get(WHERE), **task.example_line(pred, extra, record, labels)}
+        for record, (pred, extra), more in zip(records, examples, generated or [{}] * len(examples), strict=True):
+            line = {"line": record.get(WHERE), **task.example_line(pred, extra, record, labels), **more}
             out.write(json.dumps(line, ensure_ascii=False) + "\n")
     log.info("eval: %d example line(s) written to %s", len(examples), target)
 

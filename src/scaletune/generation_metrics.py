@@ -1,0 +1,141 @@
+"""`scaletune eval --generate` (causal_lm): each eval example's answer generated from its prompt as `predict`
+generates it, compared with the example's reference answer by SQuAD-style exact match and token F1."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import unicodedata
+from collections import Counter
+from typing import Any
+
+from .errors import ConfigError, DataError, UserError
+
+DEFAULT_MAX_NEW_TOKENS = 128  # longer than predict's 64: a reference cut short can never match exactly
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD's normalisation: lowercase, punctuation removed (any Unicode punctuation, not only ASCII's),
+    the articles a/an/the removed, whitespace collapsed to single spaces."""
+    text = "".join(ch for ch in text.lower() if not unicodedata.category(ch).startswith("P"))
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def exact_match(generated: str, reference: str) -> float:
+    """1.0 where the two answers are equal once normalised, else 0.0."""
+    return float(normalize_answer(generated) == normalize_answer(reference))
+
+
+def token_f1(generated: str, reference: str) -> float:
+    """F1 of the normalised answers' whitespace tokens (counted with multiplicity). Two empty answers agree
+    (1.0), as SQuAD 2.0 scores them; one empty answer scores 0.0."""
+    ours, theirs = normalize_answer(generated).split(), normalize_answer(reference).split()
+    if not ours or not theirs:
+        return float(ours == theirs)
+    same = sum((Counter(ours) & Counter(theirs)).values())
+    if not same:
+        return 0.0
+    precision, recall = same / len(ours), same / len(theirs)
+    return 2 * precision * recall / (precision + recall)
+
+
+def arg_problems(args: argparse.Namespace) -> list[str]:
+    """eval's --generate/--max-new-tokens problems (cli.check_args): --max-new-tokens needs --generate, and
+    must be >= 1 as predict's."""
+    max_new, generating = getattr(args, "max_new_tokens", None), getattr(args, "generate", False)
+    if max_new is None:
+        return []
+    if not generating:
+        return ["--max-new-tokens: generation only; give --generate too"]
+    return [] if max_new >= 1 else [f"--max-new-tokens: must be >= 1, got {max_new}"]
+
+
+def check_run(cfg: Any) -> None:
+    """Refuse --generate before the model is loaded where it cannot work: another task, plain-text data, the
+    held-out split of data.eval_fraction, several processes."""
+    from .distributed import world_size_from_env
+
+    if cfg.task != "causal_lm":
+        raise UserError(f"--generate: {cfg.task} labels its inputs; only causal_lm generates answers (its metrics "
+                        "are the eval's own)")
+    if cfg.data.format == "text":
+        raise ConfigError(_TEXT_REFUSAL.format(what="data.format: text"))
+    if not cfg.data.eval:
+        # (the held-out split is tokenised, maybe cached, without the records holding the prompts and answers)
+        raise UserError("--generate: needs an eval file (data.eval or --data FILE); the examples "
+                        "data.eval_fraction holds out of data.train keep no prompts and answers to generate from")
+    if world_size_from_env() > 1:
+        raise UserError("--generate: runs in one process (each example is completed one token at a time); run "
+                        "`scaletune eval --generate` without a launcher")
+
+
+_TEXT_REFUSAL = ("--generate: {what} is plain text (pretraining data): it has no prompt and reference answer to "
+                 "compare a generated answer with; use instruction data (alpaca, sharegpt, messages, "
+                 "prompt_completion) or drop --generate")
+
+
+def prepare(task: Any, tokenizer: Any, trained_format: str | None, records: list[dict], source: str) -> list[tuple]:
+    """(prompt segments, reference answer) of each eval record, in order: the prompt as `predict` renders the
+    same line for an adapter trained on `trained_format`, the reference the final assistant turn; `source`
+    names the eval file (e.g. "--data FILE") in a refusal of plain text. Every record is checked here, before any generation (a bad record 900 must not cost 899 completions)."""
+    from .data.readers import WHERE
+    from .infer import prompt_segments
+    from .predict_input import check_prompt, check_prompt_input
+
+    name = getattr(getattr(task, "format", None), "name", None)
+    if name == "text":
+        raise DataError(_TEXT_REFUSAL.format(what=source))
+    prepared = []
+    for record in records:  # (data.columns was applied to these records when they were read: not again)
+        check_prompt_input(record)
+        prompt, segments = prompt_segments(record, tokenizer, trained_format)
+        check_prompt(prompt, record[WHERE])
+        prepared.append((segments, reference_answer(record)))
+    return prepared
+
+
+def reference_answer(record: dict) -> str:
+    """The record's answer to compare with: alpaca's `output`, prompt_completion's `completion`, a conversation's
+    final turn where that is the assistant's (sharegpt's gpt, messages' assistant)."""
+    from .data.formats import FORMATS
+    from .data.readers import WHERE
+
+    if isinstance(record.get("prompt"), str) and "instruction" not in record:
+        return record["completion"]
+    if "instruction" in record:
+        return record["output"]
+    name = "sharegpt" if "conversations" in record else "messages"
+    messages = FORMATS[name].convert(record)["messages"]
+    if messages[-1]["role"] != "assistant":
+        raise DataError(f"{record[WHERE]}: --generate: the conversation ends in a {messages[-1]['role']} turn, "
+                        "not the assistant's: it has no final answer to compare a generated one with")
+    return messages[-1]["content"]
+
+
+def score(acc: Any, model: Any, tokenizer: Any, prepared: list[tuple], max_new_tokens: int) -> tuple[dict, list]:
+    """(eval's added metrics: the means of exact_match and token_f1 and generated_examples, one dict per
+    example {generated, reference, exact_match, token_f1}): greedy completions, GENERATE_BATCH prompts a
+    `generate` grouped by length, as predict batches them (a row's completion does not depend on its batch)."""
+    import torch
+
+    from .infer import GENERATE_BATCH, generate_batch
+    from .progress import Progress
+
+    order = sorted(range(len(prepared)), key=lambda i: (-sum(len(s) for s, _ in prepared[i][0]), i))
+    batches = [order[at:at + GENERATE_BATCH] for at in range(0, len(order), GENERATE_BATCH)]
+    progress = Progress(len(batches), "generate", "batches", shown=acc.is_main_process)
+    generated: dict[int, str] = {}
+    for batch in batches:
+        progress.update()
+        with torch.no_grad(), acc.autocast():
+            texts = generate_batch(model, tokenizer, [prepared[i][0] for i in batch], max_new_tokens)
+        generated.update(zip(batch, texts))
+    progress.close()
+    lines = [{"generated": generated[i], "reference": reference,
+              "exact_match": exact_match(generated[i], reference), "token_f1": token_f1(generated[i], reference)}
+             for i, (_, reference) in enumerate(prepared)]
+    n = max(len(lines), 1)
+    metrics = {"exact_match": sum(ln["exact_match"] for ln in lines) / n,
+               "token_f1": sum(ln["token_f1"] for ln in lines) / n, "generated_examples": len(lines)}
+    return metrics, lines
