@@ -380,3 +380,15 @@ def test_a_run_ended_at_a_mid_run_checkpoint_gets_its_end_of_run_eval(make_confi
     assert [r["step"] for r in evals][-1] == 4 and evals[-1]["accuracy"] == SCRIPT[3]
     assert _record(json.loads((run.output_dir / "best_adapter" / "scaletune.json").read_text())["best"]) == \
         {"metric": "accuracy", "value": SCRIPT[3], "step": 4}
+
+
+def test_a_nan_eval_is_never_the_best(make_config, tmp_path, scripted, monkeypatch):
+    """An eval that measured NaN (a diverged step) is no best, though it is the first: the first finite eval
+    is, and a NaN best would stay the best for the whole run (no value compares better than NaN)."""
+    import sys
+
+    monkeypatch.setattr(sys.modules[__name__], "SCRIPT", [float("nan"), 0.6, 0.5])
+    run, result = _fit(_config(make_config, tmp_path, max_steps=3))
+    assert result == "done"
+    assert [r["step"] for r in read_metrics(run.output_dir, "best")] == [2]
+    assert json.loads((run.output_dir / "best_adapter" / "scaletune.json").read_text())["best"]["value"] == 0.6

@@ -510,3 +510,37 @@ def test_the_peak_memory_is_a_high_water_mark_and_the_loop_starts_it_afresh(monk
 
     metrics.Throughput(Acc(), torch.nn.Linear(2, 2))
     assert resets == [1]
+
+
+def test_each_flush_reports_its_own_interval(monkeypatch):
+    """A log's tokens/s, target tokens/s and padding ratio are those of the steps since the previous log: a flush
+    that kept its counts and clock would log running totals since training began."""
+    from types import SimpleNamespace
+
+    from scaletune import metrics
+
+    clock = iter([100.0, 102.0, 102.0, 103.0, 103.0])  # start; flush at 102 (restarting the clock); flush at 103
+    monkeypatch.setattr(metrics, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    acc = SimpleNamespace(device=torch.device("cpu"), num_processes=1, reduce=lambda t, op: t)
+    speed = metrics.Throughput(acc, torch.nn.Linear(2, 2))
+    speed.count(pad_batch([{"input_ids": [1] * 2, "labels": 0}, {"input_ids": [1] * 6, "labels": 1}], 0))
+    speed.add_step(2)
+    first = speed.flush()
+    speed.count(pad_batch([{"input_ids": [1] * 3, "labels": 0}], 0))
+    speed.add_step(1)
+    second = speed.flush()
+    assert first["tokens_per_s"] == pytest.approx(8 / 2) and first["padding_ratio"] == pytest.approx(4 / 12)
+    assert second["tokens_per_s"] == pytest.approx(3 / 1) and second["target_tokens_per_s"] == pytest.approx(1 / 1)
+    assert second["padding_ratio"] == 0.0
+
+
+def test_the_step_holding_the_longest_example_comes_first():
+    """With length grouping, each epoch's first step holds its longest example: an out-of-memory shows at step 1,
+    not hours in (the grouped order without that move puts it anywhere)."""
+    import random
+
+    rng = random.Random(3)
+    lengths = [rng.randint(10, 500) for _ in range(256)]
+    for epoch in range(3):
+        order = epoch_order(lengths, 7, epoch, 16, True)
+        assert max(lengths[i] for i in order[:16]) == max(lengths[i] for i in order), epoch
