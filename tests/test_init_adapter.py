@@ -127,3 +127,57 @@ def test_every_method_starts_from_its_saved_adapter(name, make_config, tmp_path,
     assert saved.keys() == after.keys() and len(saved) > 0
     for key in saved:
         torch.testing.assert_close(after[key], saved[key], rtol=0, atol=1e-7, msg=key)
+
+
+def test_a_resume_needs_no_longer_the_adapter_it_started_from(seq_cls_adapter, tmp_path, capsys):
+    """A resume continues from its checkpoint, so the adapter the run started from may be gone by then (the
+    Slurm templates resume every requeued job with --resume auto)."""
+    import shutil
+
+    path, adapter = seq_cls_adapter
+    source = tmp_path / "first_adapter"
+    shutil.copytree(adapter, source)
+    args = [f"output_dir={tmp_path / 'next'}", f"model.init_adapter={source}"]
+    assert _train(path, capsys, *args) == 0
+    shutil.rmtree(source)
+    code = _train(path, capsys, *args, "train.max_steps=2", "--resume", "auto", "--allow-config-change")
+    out, err = capsys.readouterr()
+    assert code == 0 and "resumed from" in out + err, err
+
+
+def test_overwrite_refuses_a_run_that_holds_the_adapter_it_starts_from(seq_cls_adapter, tmp_path, capsys):
+    """--overwrite deletes the old output_dir once the new run ends: like the run's other inputs, the adapter it
+    starts from must not be in there (a fresh start after a stop would find it gone)."""
+    path, adapter = seq_cls_adapter
+    code = _train(path, capsys, f"model.init_adapter={adapter}", "--overwrite")
+    err = capsys.readouterr().err
+    assert code == 2 and f"model.init_adapter ({adapter}) is inside it" in err, err
+    assert (adapter / "adapter_model.safetensors").is_file()
+
+
+def test_labels_the_adapter_has_no_head_row_for_are_refused(seq_cls_adapter, tmp_path, capsys):
+    """Data with a class the saved head does not score cannot start from it: setting data.labels would not help."""
+    from stutil import cls_records, write_jsonl
+
+    path, adapter = seq_cls_adapter
+    more = write_jsonl(tmp_path / "more.jsonl", [*cls_records(16), {"text": "alpha bravo", "label": "maybe"}])
+    code = _train(path, capsys, f"output_dir={tmp_path / 'next'}", f"model.init_adapter={adapter}",
+                  f"data.train={more}")
+    err = capsys.readouterr().err
+    assert code == 2 and "labels the adapter's head does not score ('maybe'" in err, err
+    assert "more classes need a new head" in err and not (tmp_path / "next").exists()
+
+
+def test_an_adapter_of_another_base_model_names_it(seq_cls_adapter, tmp_path, capsys):
+    """The same architecture at other sizes: the shapes differ, and the error says which base the adapter is for."""
+    from scaletune.demo.tiny import build_model_dir
+
+    from stutil import corpus
+
+    path, adapter = seq_cls_adapter
+    other = build_model_dir(tmp_path / "wider", corpus(), arch="bert", hidden=48, layers=2, heads=2, vocab_size=256)
+    code = _train(path, capsys, f"output_dir={tmp_path / 'next'}", f"model.init_adapter={adapter}",
+                  f"model.name_or_path={other}")
+    err = capsys.readouterr().err
+    assert code == 2 and "size mismatch" in err and "Traceback" not in err, err
+    assert "names base model" in err and str(other) in err

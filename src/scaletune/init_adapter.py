@@ -33,6 +33,8 @@ def problems(cfg: Any) -> list[str]:
     if cfg.peft_method == "adalora":
         return [f"{KEY}: not with peft.method adalora: its saved adapter keeps only the ranks its schedule left, "
                 "and a new run's schedule starts again from init_r"]
+    if not Path(path).exists() and _resumable(cfg):
+        return []  # a resume reads its checkpoint, not this; a fresh start's load_initial still says it is gone
     saved, problem = _saved_config(Path(path))
     if problem:
         return [problem]
@@ -41,6 +43,14 @@ def problems(cfg: Any) -> list[str]:
         return [f"{KEY}: {path} holds a {saved.get('peft_type')} adapter but peft.method is {cfg.peft_method}: "
                 f"set peft.method: {method} with that adapter's options (its adapter_config.json)"]
     return []
+
+
+def _resumable(cfg: Any) -> bool:
+    """Whether output_dir holds checkpoints that --resume (the Slurm templates' --resume auto too) continues from:
+    the adapter the run started from may be gone by then (deleted, or set aside by --overwrite)."""
+    from .checkpoint import checkpoint_dirs
+
+    return bool(checkpoint_dirs(Path(cfg.output_dir)))
 
 
 def _saved_config(path: Path) -> tuple[dict, str | None]:
@@ -93,8 +103,8 @@ def load_initial(model: Any, cfg: Any, labels: list[str] | None) -> None:
                           title=_not_fitting(path), hint=_SAME_MODULES) from None
     except RuntimeError as exc:  # size mismatch: another rank, base model or label count
         shapes = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line]
-        raise ConfigError(shapes[:5] or [str(exc).splitlines()[0]],
-                          title=_not_fitting(path)) from None
+        raise ConfigError(shapes[:5] or [str(exc).splitlines()[0]], title=_not_fitting(path),
+                          hint=_base_hint(saved, cfg)) from None
     prompt = model.peft_config["default"].is_prompt_learning  # (peft loads its encoder outside load_state_dict)
     missing = sorted(n for n in trainable & set(result.missing_keys)
                      if not (prompt and n.startswith("prompt_encoder.")))
@@ -129,6 +139,10 @@ def _label_problems(cfg: Any, labels: list[str] | None, path: Path) -> list[str]
         return [f"task: {cfg.task}, but the adapter was trained for {meta['task']}"]
     if labels is None or meta.get("labels") is None or list(meta["labels"]) == list(labels):
         return []
+    if extra := [label for label in labels if label not in meta["labels"]]:  # (its head has no row for them)
+        unscored = _some([repr(x) for x in extra])
+        return [f"data.labels: the data has labels the adapter's head does not score ({unscored}; it has "
+                f"{meta['labels']}): more classes need a new head, a run without {KEY}"]
     return [f"data.labels: the data's labels {labels} are not the adapter's {meta['labels']} (in that order: set "
             "data.labels to the adapter's list)"]
 
@@ -140,6 +154,15 @@ def _plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items()}
     return getattr(value, "value", value)  # (an enum: its saved string)
+
+
+def _base_hint(saved: dict, cfg: Any) -> str | None:
+    """Name the base model the adapter was made for when it is not this run's: the likeliest cause of shapes
+    that differ with the same peft options."""
+    base = saved.get("base_model_name_or_path")
+    if not base or base == cfg.model.name_or_path:
+        return None
+    return f"its adapter_config.json names base model {base}; this run's model.name_or_path is {cfg.model.name_or_path}"
 
 
 def _not_fitting(path: Path) -> str:

@@ -331,7 +331,8 @@ def _report_loading(cfg: RunConfig, info: dict, *, new_head: bool, resuming: boo
     other = [k for k in missing if k not in head]
     if head and new_head:
         log.info("new task head (%s) %s and trains in full", ", ".join(head),
-                 "comes from the checkpoint resumed" if resuming else "starts from random weights")
+                 "comes from the checkpoint resumed" if resuming else
+                 f"comes from {cfg.model.init_adapter}" if cfg.model.init_adapter else "starts from random weights")
     unexpected = sorted(info.get("unexpected_keys") or ())
     # Weights left unused are the checkpoint's own heads (BERT's pooler under a token classifier): expected
     # when the task differs from pretraining, so a note, not a warning at every load; pretraining's pooler and

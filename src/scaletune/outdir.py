@@ -152,6 +152,7 @@ def _not_replaceable(cfg: RunConfig, out: Path) -> str | None:
     from .data.sources import train_sources
 
     inputs = {"data.eval": cfg.data.eval, "model.name_or_path": cfg.model.name_or_path, "the working directory": ".",
+              "model.init_adapter": cfg.model.init_adapter,
               "the run config": cfg.source_file,
               "data.chat_template": cfg.data.chat_template if cfg.data.chat_template not in ("default", "chatml")
               else None}
