@@ -181,3 +181,18 @@ def test_an_adapter_of_another_base_model_names_it(seq_cls_adapter, tmp_path, ca
     err = capsys.readouterr().err
     assert code == 2 and "size mismatch" in err and "Traceback" not in err, err
     assert "names base model" in err and str(other) in err
+
+
+def test_other_peft_settings_are_refused_by_the_config_check(seq_cls_adapter, tmp_path):
+    """The config check (what launch, slurm and plan run before submitting anything) compares the peft section
+    with the adapter's adapter_config.json, without loading the model."""
+    from scaletune.config import load_config
+    from scaletune.errors import ConfigError
+
+    path, adapter = seq_cls_adapter
+    start = [f"output_dir={tmp_path / 'next'}", f"model.init_adapter={adapter}"]
+    load_config(path, start, check_peft=True)  # the same settings: no problem
+    with pytest.raises(ConfigError) as err:
+        load_config(path, [*start, "peft.r=8", "peft.use_dora=true"], check_peft=True)
+    assert "peft.r: 8 in the run config, 4 in" in str(err.value)
+    assert "peft.use_dora: True in the run config, False in" in str(err.value)

@@ -26,7 +26,8 @@ _MAY_DIFFER = {"base_model_name_or_path", "revision", "inference_mode", "init_lo
 
 
 def problems(cfg: Any) -> list[str]:
-    """What the config check can tell from the files alone: the directory holds a peft adapter of peft.method."""
+    """What the config check can tell without the model: the directory holds a peft adapter of peft.method whose
+    settings are the peft section's."""
     path = cfg.model.init_adapter
     if path is None:
         return []
@@ -42,7 +43,23 @@ def problems(cfg: Any) -> list[str]:
     if method != cfg.peft_method:
         return [f"{KEY}: {path} holds a {saved.get('peft_type')} adapter but peft.method is {cfg.peft_method}: "
                 f"set peft.method: {method} with that adapter's options (its adapter_config.json)"]
-    return []
+    return _config_setting_problems(cfg, saved, Path(path))
+
+
+def _config_setting_problems(cfg: Any, saved: dict, path: Path) -> list[str]:
+    """The peft options that differ from the saved adapter's, from the run config alone, so `launch --dry-run`
+    and `slurm` refuse them before submitting (load_initial checks again once the model has its modules)."""
+    from .peft_options import peft_config
+    from .tasks import TASKS, get_task
+
+    if cfg.task not in TASKS:
+        return []
+    try:
+        run = peft_config(cfg, get_task(cfg.task).peft_task_type).to_dict()
+    except ConfigError:
+        return []  # (the peft section's own problems: peft_problems reports them)
+    # (None: filled in from the model when peft builds the adapter, as prompt learning's token_dim)
+    return _setting_problems({k: v for k, v in run.items() if v is not None}, saved, path)
 
 
 def _resumable(cfg: Any) -> bool:
@@ -125,8 +142,8 @@ def _setting_problems(run: dict, saved: dict, path: Path) -> list[str]:
     for key in sorted(set(run) & set(saved) - _MAY_DIFFER):
         if key.endswith("dropout") or _plain(run[key]) == _plain(saved[key]):
             continue
-        out.append(f"peft.{key}: {_plain(run[key])!r} in the run config, {_plain(saved[key])!r} in "
-                   f"{path / 'adapter_config.json'}")
+        out.append(f"peft.{key}: {_plain(run[key])!r} in the run config, {_plain(saved[key])!r} in the "
+                   f"{KEY}'s {path / 'adapter_config.json'}")
     return out
 
 
