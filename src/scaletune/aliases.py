@@ -92,8 +92,8 @@ KEY_ALIASES: dict[str, str] = {
     "eval_batch_size": "scaletune evaluates in batches of train.micro_batch_size",
     "auto_find_batch_size": "`scaletune plan CONFIG` estimates the memory per rank before a run",
     "optim_args": "AdamW's settings are train.adam_beta1, adam_beta2, adam_epsilon and weight_decay",
-    "lr_scheduler_kwargs": "no scheduler options; for a floor set train.lr_scheduler: cosine_with_min_lr and "
-                           "train.min_lr_ratio",
+    "lr_scheduler_kwargs": "no scheduler options; for a floor set train.lr_scheduler: cosine_with_min_lr (or "
+                           "warmup_stable_decay, its decay's length train.decay_ratio) and train.min_lr_ratio",
     "streaming": "no streaming: scaletune tokenises the data once up front and caches it (data.cache)",
     # (keys with no hint at all)
     "overwrite_output_dir": "replace a run with `scaletune train CONFIG --overwrite`",
@@ -154,7 +154,7 @@ VALUE_ALIASES: dict[str, str] = {
     # (transformers' names; TrainingArguments' cosine_with_restarts and polynomial are cosine and linear at
     # their defaults: one cycle, power 1)
     "adamw_torch": "adamw", "adamw_torch_fused": "adamw", "adamw_hf": "adamw", "paged_adamw_32bit": "adamw",
-    "paged_adamw": "adamw", "cosine_with_restarts": "cosine", "polynomial": "linear",
+    "paged_adamw": "adamw", "cosine_with_restarts": "cosine", "polynomial": "linear", "wsd": "warmup_stable_decay",
     "fp16": "float16", "fp32": "float32", "float16": "fp16", "nf4": "4bit", "int4": "4bit", "4": "4bit",
     "int8": "8bit", "8": "8bit", "fa2": "flash_attention_2",
 }

@@ -143,11 +143,16 @@ class TrainConfig:
                               "how many is logged).")
     max_steps: int | None = _f(None, "Total optimizer steps; overrides epochs.")
     learning_rate: float = _f(2.0e-4, "Peak learning rate.")
-    lr_scheduler: Literal["linear", "cosine", "cosine_with_min_lr", "constant", "constant_with_warmup"] = _f(
+    lr_scheduler: Literal["linear", "cosine", "cosine_with_min_lr", "constant", "constant_with_warmup",
+                          "warmup_stable_decay"] = _f(
         "cosine", "Learning-rate schedule after warmup (constant: none, the peak from step 1; cosine_with_min_lr: "
-        "cosine down to min_lr_ratio x learning_rate instead of 0)."
+        "cosine down to min_lr_ratio x learning_rate instead of 0; warmup_stable_decay: warmup from min_lr_ratio x "
+        "learning_rate, the peak held, then a cosine decay over the last decay_ratio of the steps down to "
+        "min_lr_ratio x learning_rate)."
     )
-    min_lr_ratio: float = _f(0.1, "cosine_with_min_lr: the learning rate it ends at, as a fraction of learning_rate.")
+    min_lr_ratio: float = _f(0.1, "cosine_with_min_lr, warmup_stable_decay: the learning rate they end at, as a "
+                             "fraction of learning_rate.")
+    decay_ratio: float = _f(0.1, "warmup_stable_decay: the fraction of the total steps its final decay takes.")
     warmup_ratio: float = _f(0.03, "Fraction of total steps spent warming up (ignored if warmup_steps).")
     warmup_steps: int | None = _f(None, "Warmup steps; overrides warmup_ratio.")
     weight_decay: float = _f(0.0, "AdamW weight decay (not on biases and norm weights).")

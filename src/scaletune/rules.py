@@ -67,6 +67,8 @@ def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_c
         p.append(f"train.neftune_noise_alpha: must be > 0 (typical 5-15), got {t.neftune_noise_alpha}")
     if not (0 <= t.min_lr_ratio < 1):
         p.append(f"train.min_lr_ratio: must be in [0, 1), got {t.min_lr_ratio}")
+    if not (0 < t.decay_ratio <= 1):
+        p.append(f"train.decay_ratio: must be in (0, 1], got {t.decay_ratio}")
     if not (0 <= t.warmup_ratio < 1):
         p.append(f"train.warmup_ratio: must be in [0, 1), got {t.warmup_ratio}")
     if t.weight_decay < 0:
@@ -295,9 +297,14 @@ def ignored_key_problems(cfg: RunConfig) -> list[str]:
     the user believes is in effect. Asked by the commands about to train only: eval, predict and merge read
     a trained run's config, where a training-only setting is no error."""
     t, d, m, p = cfg.train, cfg.data, cfg.model, []
-    if _changed(t, "min_lr_ratio") and t.lr_scheduler != "cosine_with_min_lr":
-        p.append(f"train.min_lr_ratio: only lr_scheduler: cosine_with_min_lr ends at a floor; {t.lr_scheduler} "
-                 f"ignores it (set lr_scheduler: cosine_with_min_lr, or min_lr_ratio back to {_default(t, 'min_lr_ratio')})")
+    if _changed(t, "min_lr_ratio") and t.lr_scheduler not in ("cosine_with_min_lr", "warmup_stable_decay"):
+        p.append(f"train.min_lr_ratio: only lr_scheduler: cosine_with_min_lr or warmup_stable_decay ends at a floor; "
+                 f"{t.lr_scheduler} ignores it (set one of them, or min_lr_ratio back to "
+                 f"{_default(t, 'min_lr_ratio')})")
+    if _changed(t, "decay_ratio") and t.lr_scheduler != "warmup_stable_decay":
+        p.append(f"train.decay_ratio: only lr_scheduler: warmup_stable_decay has a final decay; {t.lr_scheduler} "
+                 f"ignores it (set lr_scheduler: warmup_stable_decay, or decay_ratio back to "
+                 f"{_default(t, 'decay_ratio')})")
     if _changed(t, "warmup_ratio") and t.warmup_ratio and t.lr_scheduler == "constant":
         p.append(f"train.warmup_ratio: {t.warmup_ratio} with lr_scheduler: constant, which has no warmup; use "
                  "lr_scheduler: constant_with_warmup")

@@ -253,6 +253,9 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
             log.info("train.chunked_loss: using the usual loss because %s", why_not)
     warmup = t.warmup_steps if t.warmup_steps is not None else math.ceil(t.warmup_ratio * total)
     extra = {"min_lr_rate": t.min_lr_ratio} if t.lr_scheduler == "cosine_with_min_lr" else None
+    if t.lr_scheduler == "warmup_stable_decay":  # (the decay fits in what warmup leaves; at least one step)
+        extra = {"num_decay_steps": max(1, min(round(t.decay_ratio * total), total - warmup)),
+                 "min_lr_ratio": t.min_lr_ratio}
     scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total,
                               scheduler_specific_kwargs=extra)
     if t.lr_scheduler != "constant" and warmup >= total:  # e.g. max_steps 1: its one step at lr 0

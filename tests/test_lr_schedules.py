@@ -1,0 +1,50 @@
+"""train.lr_scheduler: warmup_stable_decay's curve, step by step, and a resume that continues it."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from scaletune.cli import main
+from scaletune.config import load_config
+from scaletune.loop import fit
+from scaletune.train import StopFlag, setup
+
+from stutil import StopAt, read_metrics
+
+
+def test_warmup_stable_decay_holds_the_peak_then_decays_to_its_floor_and_resumes_on_it(make_config, tmp_path):
+    """10 steps, warmup 2, decay_ratio 0.3: warmup from the floor (0.2 x peak) to the peak, the peak held for
+    steps 3-7, a cosine decay over the last 3 steps towards the floor; a stop at step 5 and a resume give the
+    same curve."""
+    common = {"global_batch_size": 8, "micro_batch_size": 8, "max_steps": 10, "save_every": 5, "log_every": 1,
+              "lr_scheduler": "warmup_stable_decay", "decay_ratio": 0.3, "min_lr_ratio": 0.2,
+              "warmup_steps": 2, "learning_rate": 1e-3}
+    path = make_config("causal_lm", n=32, train=common)
+    run, _ = setup(load_config(path))
+    assert fit(run, StopAt(run, 5)) == "preempted"
+    run, _ = setup(load_config(path), resume="auto")
+    assert fit(run, StopFlag()) == "done"
+
+    def lam(k):  # the factor step k+1's update uses
+        if k < 2:
+            return 0.2 + 0.8 * k / 2
+        if k < 7:
+            return 1.0
+        return 0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * (k - 7) / 3))
+
+    lrs = {r["step"]: r["lr"] for r in read_metrics(tmp_path / "run")}
+    assert [lrs[s] for s in range(1, 11)] == pytest.approx([1e-3 * lam(s - 1) for s in range(1, 11)], rel=1e-9)
+
+
+def test_decay_ratio_is_checked_and_only_read_by_its_schedule(make_config, capsys):
+    path = make_config("causal_lm", train={"lr_scheduler": "warmup_stable_decay", "decay_ratio": 0})
+    assert main(["train", str(path)]) == 2
+    assert "train.decay_ratio: must be in (0, 1], got 0" in capsys.readouterr().err
+    path = make_config("causal_lm", train={"lr_scheduler": "cosine", "decay_ratio": 0.2})
+    assert main(["train", str(path)]) == 2
+    assert "train.decay_ratio: only lr_scheduler: warmup_stable_decay has a final decay" in capsys.readouterr().err
+    path = make_config("causal_lm", train={"lr_scheduler": "wsd"})
+    assert main(["train", str(path)]) == 2
+    assert "(did you mean 'warmup_stable_decay'?)" in capsys.readouterr().err
