@@ -130,3 +130,15 @@ def test_api_evaluate_checks_generate_options_in_its_own_words(make_config):
         api.evaluate(path, generate=True, max_new_tokens=0)
     with pytest.raises(UserError, match="max_new_tokens: generation only; give generate=True too"):
         api.evaluate(path, max_new_tokens=8)
+
+
+def test_a_conversation_ending_in_a_tool_call_is_refused():
+    """A final function_call / tool_calls turn has empty content: every answer without text would match it."""
+    call = json.dumps({"name": "convert", "arguments": {"amount": 1}})
+    turns = [{"from": "human", "value": "Convert 1 USD"}, {"from": "function_call", "value": call}]
+    with pytest.raises(DataError, match="f.json:2: --generate: the conversation ends in a tool call"):
+        reference_answer({"conversations": turns, "__where__": "f.json:2"})
+    calls = [{"type": "function", "function": {"name": "convert", "arguments": "{}"}}]
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": None, "tool_calls": calls}]
+    with pytest.raises(DataError, match="ends in a tool call"):
+        reference_answer({"messages": messages, "__where__": "f.json:3"})

@@ -152,3 +152,33 @@ def test_a_glob_pattern_is_the_files_it_matches_in_sorted_order(make_config, tmp
     path = make_config("causal_lm", data={"train": str(tmp_path / "none" / "*.jsonl")}, output_dir=str(tmp_path / "x"))
     assert main(["train", str(path)]) == 2
     assert f"data.train: no file matches {tmp_path / 'none' / '*.jsonl'}" in capsys.readouterr().err
+
+
+def test_a_pattern_matching_the_eval_file_is_refused(make_config, tmp_path, capsys):
+    """data/*.jsonl beside data/eval.jsonl would train on the examples the run is scored on, with nothing but
+    a file name in the log to say so: one error naming the item and the file, exit 2, nothing written."""
+    data = tmp_path / "data"
+    path = make_config("causal_lm", data={"train": [str(data / "train.jsonl"), {"path": str(data / "*.jsonl")}]})
+    capsys.readouterr()
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"data.train[1]: the pattern {data / '*.jsonl'} matches {data / 'eval.jsonl'}, data.eval's file" in err
+    assert not (tmp_path / "run").exists()
+    narrower = make_config("causal_lm", data={"train": str(data / "tr*.jsonl")})
+    load_config(narrower, check_peft=True)  # (a pattern that leaves the eval file out is fine)
+
+
+def test_overwrite_checks_every_file_a_pattern_matches(make_config, tmp_path, capsys):
+    """--overwrite refuses an output_dir holding any of the run's inputs: each file a pattern matches, not only
+    the last in sorted order (a pattern's files share one config key)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.json").write_text("{}")
+    write_jsonl(out / "metrics.jsonl", _records("alpha", 4))  # (matched, but not the last match: zz/ sorts after)
+    (tmp_path / "zz").mkdir()
+    write_jsonl(tmp_path / "zz" / "more.jsonl", _records("bravo", 4))
+    path = make_config("causal_lm", data={"train": str(tmp_path / "*" / "*.jsonl"), "eval": None,
+                                          "eval_fraction": 0.1})
+    capsys.readouterr()
+    assert main(["train", str(path), "--overwrite"]) == 2
+    assert f"data.train ({out / 'metrics.jsonl'}) is inside it" in capsys.readouterr().err

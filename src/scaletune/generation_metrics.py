@@ -110,6 +110,9 @@ def reference_answer(record: dict) -> str:
     if messages[-1]["role"] != "assistant":
         raise DataError(f"{record[WHERE]}: --generate: the conversation ends in a {messages[-1]['role']} turn, "
                         "not the assistant's: it has no final answer to compare a generated one with")
+    if messages[-1].get("tool_calls"):  # (its content is empty: every answer without text would match it)
+        raise DataError(f"{record[WHERE]}: --generate: the conversation ends in a tool call (function_call / "
+                        "tool_calls), not a text answer to compare a generated one with")
     return messages[-1]["content"]
 
 

@@ -149,16 +149,15 @@ def _not_replaceable(cfg: RunConfig, out: Path) -> str | None:
     if not any((out / name).exists() for name in RUN_MARKERS):
         return f"it is not a scaletune run's output (none of {', '.join(RUN_MARKERS)} is in it)"
     root = out.resolve()
-    from .data.sources import train_sources
+    from .data.sources import train_keyed_sources
 
     inputs = {"data.eval": cfg.data.eval, "model.name_or_path": cfg.model.name_or_path, "the working directory": ".",
               "model.init_adapter": cfg.model.init_adapter,
               "the run config": cfg.source_file,
               "data.chat_template": cfg.data.chat_template if cfg.data.chat_template not in ("default", "chatml")
               else None}
-    for i, (spec, _) in enumerate(train_sources(cfg.data.train)):
-        inputs[f"data.train[{i}]" if isinstance(cfg.data.train, list) else "data.train"] = spec
-    for key, value in inputs.items():
+    # (a list: a pattern's item has one key for all the files it matches, and each is checked)
+    for key, value in [*inputs.items(), *train_keyed_sources(cfg.data.train)]:
         if value and Path(value).exists() and Path(value).resolve().is_relative_to(root):
             return f"{key} ({value}) is inside it"
     return _not_only_a_run(out, run_json_required=True)

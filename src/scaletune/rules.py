@@ -122,7 +122,12 @@ def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_c
                        ("data.tokens_column", d.tokens_column), ("data.tags_column", d.tags_column)):
         if isinstance(value, str) and not value.strip():
             p.append(f"{key}: must not be empty")
-    p += _train_sources(d.train)
+    train_problems = _train_sources(d.train)
+    p += train_problems
+    if not train_problems and isinstance(d.train, (str, list)):
+        from .data.sources import eval_file_problems
+
+        p += eval_file_problems(d.train, d.eval)
     if d.tokens_column and d.tokens_column == d.tags_column:
         p.append(f"data.tokens_column and data.tags_column: both name column {d.tokens_column!r}")
     p += _columns_problems(d.columns)

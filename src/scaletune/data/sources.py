@@ -21,6 +21,11 @@ def train_sources(train: Any) -> list[tuple[str, float]]:
     return [(spec, weight) for spec, weight, _ in _expanded(train)]
 
 
+def train_keyed_sources(train: Any) -> list[tuple[str, str]]:
+    """(the config key, spec) of every training source, a pattern's matches each under its item's key."""
+    return [(key, spec) for spec, _, key in _expanded(train)]
+
+
 def _expanded(train: Any) -> list[tuple[str, float, str]]:
     """(spec, weight, the config key it comes from) of every source: a pattern (data/*.jsonl, shards/part-?.csv)
     that names no file itself stands for the files it matches, in sorted order (the same every run), each with
@@ -32,6 +37,24 @@ def _expanded(train: Any) -> list[tuple[str, float, str]]:
         key = f"data.train[{i}]" if isinstance(train, list) else "data.train"
         matches = _matching_files(spec)
         out += [(match, weight, key) for match in matches] if matches else [(spec, weight, key)]
+    return out
+
+
+def eval_file_problems(train: Any, eval_spec: str | None) -> list[str]:
+    """A pattern item of data.train that matches data.eval's own file (data/*.jsonl beside data/eval.jsonl):
+    the run would train on the examples it is scored on, and nothing in the log but a file name would say so."""
+    if not eval_spec or eval_spec.startswith("hub:") or not os.path.isfile(eval_spec):
+        return []
+    target = os.path.realpath(eval_spec)
+    items = train if isinstance(train, list) else [train]
+    out = []
+    for i, item in enumerate(items):
+        pattern = item["path"] if isinstance(item, dict) else item
+        for match in _matching_files(pattern):
+            if os.path.realpath(match) == target:
+                key = f"data.train[{i}]" if isinstance(train, list) else "data.train"
+                out.append(f"{key}: the pattern {pattern} matches {match}, data.eval's file: the run would train "
+                           "on the examples it is scored on; narrow the pattern or move the eval file elsewhere")
     return out
 
 
