@@ -267,6 +267,21 @@ def assert_clean_error(code: int, err: str, *fragments: str) -> None:
         assert f in err, err
 
 
+BASE = {"task": "causal_lm", "model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"}}  # a minimal valid config
+
+
+def problems_of(raw: dict, **kw) -> list[str]:
+    """The problems `from_dict(raw, **kw)` refuses `raw` with (the config tests, test_config*.py)."""
+    import pytest
+
+    from scaletune.config import from_dict
+    from scaletune.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        from_dict(raw, **kw)
+    return err.value.problems
+
+
 class StopAt:
     """Stands in for a SIGUSR1 arriving while step `at` runs."""
 

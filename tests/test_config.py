@@ -1,8 +1,9 @@
-"""The run config: typed, validated before anything heavy, every problem reported at once."""
+"""The run config: typed, validated before anything heavy, every problem reported at once; YAML and
+command-line overrides read as meant; settings the run would ignore refused. (Other tools' key names:
+test_config_aliases.py; the peft section: test_config_peft.py.)"""
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 import time
@@ -11,20 +12,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from scaletune.aliases import KEY_ALIASES
 from scaletune.config import apply_overrides, from_dict, load_config
 from scaletune.config_help import config_reference
 from scaletune.errors import ConfigError
 from scaletune.rules import cross_field_problems
 
+from stutil import BASE, problems_of
+
 ROOT = Path(__file__).resolve().parents[1]
-BASE = {"task": "causal_lm", "model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"}}
-
-
-def problems_of(raw: dict, **kw) -> list[str]:
-    with pytest.raises(ConfigError) as err:
-        from_dict(raw, **kw)
-    return err.value.problems
 
 
 def test_minimal_config_gets_documented_defaults():
@@ -132,115 +127,6 @@ def test_config_reference_rows_have_four_cells():
         assert len(re.split(r"(?<!\\)\|", row.strip().strip("|"))) == 4, row
 
 
-def test_other_tools_key_names_get_scaletunes_key():
-    raw = {**BASE, "model_name_or_path": "m",
-           "train": {"lr": 1e-4, "gradient_accumulation_steps": 4, "num_train_epochs": 2, "bf16": True,
-                     "lora_r": 8, "per_device_train_batch_size": 2, "gradient_checkpointing": True}}
-    text = "\n".join(problems_of(raw))
-    assert "train.lr: unknown key (did you mean 'learning_rate'?)" in text
-    assert "train.num_train_epochs: unknown key (did you mean 'epochs'?)" in text
-    assert "train.per_device_train_batch_size: unknown key (did you mean 'micro_batch_size'?)" in text
-    assert "model_name_or_path: unknown key (did you mean 'model.name_or_path'?)" in text
-    assert "train.lora_r: unknown key (did you mean 'peft.r'?)" in text
-    assert "train.bf16: unknown key (use train.mixed_precision: bf16 | fp16 | no)" in text
-    assert ("train.gradient_accumulation_steps: unknown key (scaletune derives it: set train.global_batch_size = "
-            "train.micro_batch_size x accumulation steps x world size)") in text
-    # a scaletune key in the wrong section is pointed to its section
-    assert "train.gradient_checkpointing: unknown key (did you mean 'model.gradient_checkpointing'?)" in text
-
-
-def test_axolotl_and_llama_factory_names_get_scaletunes_key():
-    """The keys people bring from axolotl / LLaMA-Factory / TRL configs were bare "unknown key"s."""
-    raw = {**BASE, "lr_scheduler_type": "cosine", "val_set_size": 0.05, "train_on_inputs": False,
-           "sample_packing": True, "lora_target_linear": True, "resume_from_checkpoint": True,
-           "train": {"optim": "adamw_torch"}}
-    text = "\n".join(problems_of(raw))
-    assert "lr_scheduler_type: unknown key (did you mean 'train.lr_scheduler'?)" in text
-    assert "val_set_size: unknown key (did you mean 'data.eval_fraction'?)" in text
-    assert "train_on_inputs: unknown key (did you mean 'data.train_on_prompt'?)" in text
-    assert "sample_packing: unknown key (did you mean 'data.packing'?)" in text
-    assert "lora_target_linear: unknown key (set peft.target_modules: all-linear)" in text
-    assert "resume_from_checkpoint: unknown key (resume with `scaletune train CONFIG --resume auto`" in text
-    assert "train.optim: unknown key (did you mean 'optimizer'?)" in text
-
-
-def test_other_tools_names_for_values_get_scaletunes():
-    """`task: ner`, `format: completion` (axolotl's plain-text format) or `format: chat_template` were refused
-    with no pointer, as difflib cannot connect them; `report_to: none` (transformers') was an unknown tracker."""
-    raw = {**BASE, "task": "ner"}
-    assert "did you mean 'token_cls'?" in "\n".join(problems_of(raw))
-    for given, meant in (("pretrain", "text"), ("chat_template", "messages"), ("input_output", "prompt_completion")):
-        text = "\n".join(problems_of({**BASE, "data": {**BASE["data"], "format": given}}))
-        assert f"did you mean {meant!r}?" in text, text
-    assert "did you mean 'alpaca'?" in "\n".join(problems_of({**BASE, "data": {**BASE["data"], "format": "alpacca"}}))
-    for none in ("none", ["none"], "None", [" NONE"]):
-        assert from_dict({**BASE, "train": {"report_to": none}}).train.report_to == []
-
-
-def test_every_alias_that_names_a_key_names_one_that_exists():
-    import dataclasses
-
-    from peft import LoraConfig
-
-    from scaletune.config import _section_keys
-
-    # (every peft option an alias names is a LoRA one: axolotl's and LLaMA-Factory's adapter keys are LoRA's)
-    keys = set(_section_keys().values()) | {"peft.method"} | {f"peft.{f.name}" for f in dataclasses.fields(LoraConfig)}
-    named = {v for v in KEY_ALIASES.values() if re.fullmatch(r"\w+\.\w+", v)}
-    assert named and named <= keys, named - keys
-
-
-@pytest.mark.parametrize(("raw", "wanted"), [
-    # difflib pointed these to a wrong key: do_train -> train, model_type -> model, logging_strategy ->
-    # learning_rate, eval_batch_size -> global_batch_size, lr_scheduler_kwargs -> lr_scheduler
-    ({"do_train": True}, "do_train: unknown key (`scaletune train CONFIG` trains"),
-    ({"model_type": "LlamaForCausalLM"}, "model_type: unknown key (scaletune loads the task's AutoModelFor*"),
-    ({"train": {"logging_strategy": "steps"}}, "train.logging_strategy: unknown key (scaletune logs every "
-                                                "train.log_every optimizer steps)"),
-    ({"train": {"eval_batch_size": 8}}, "train.eval_batch_size: unknown key (scaletune evaluates in batches of "
-                                        "train.micro_batch_size)"),
-    ({"train": {"lr_scheduler_kwargs": {}}}, "train.lr_scheduler_kwargs: unknown key (no scheduler options; for a "
-                                             "floor set train.lr_scheduler: cosine_with_min_lr"),
-    # these had no hint at all
-    ({"quantization_bit": 4}, "quantization_bit: unknown key (set model.quantization: 4bit | 8bit)"),
-    ({"bnb_4bit_compute_dtype": "bfloat16"}, "bnb_4bit_compute_dtype: unknown key (model.quantization: 4bit "
-                                             "computes in model.dtype)"),
-    ({"preprocessing_num_workers": 16}, "preprocessing_num_workers: unknown key (did you mean 'data.num_proc'?)"),
-    ({"train": {"ddp_timeout": 9}}, "train.ddp_timeout: unknown key (did you mean 'distributed.timeout_s'?)"),
-    ({"flash_attn": "fa2"}, "flash_attn: unknown key (set model.attn_implementation: flash_attention_2"),
-    ({"fsdp": "full_shard"}, "fsdp: unknown key (no FSDP: scaletune shards with DeepSpeed ZeRO"),
-    ({"wandb_project": "p"}, "wandb_project: unknown key (set train.report_to: [wandb]; the project comes from "
-                             "$WANDB_PROJECT)"),
-    ({"lora_fan_in_fan_out": None}, "lora_fan_in_fan_out: unknown key (did you mean 'peft.fan_in_fan_out'?)"),
-    ({"peft_use_dora": True}, "peft_use_dora: unknown key (did you mean 'peft.use_dora'?)"),
-    ({"stage": "sft"}, "stage: unknown key (scaletune does supervised fine-tuning only"),
-    ({"train": {"overwrite_output_dir": True}}, "train.overwrite_output_dir: unknown key (replace a run with "
-                                                "`scaletune train CONFIG --overwrite`)"),
-    # a top-level key inside a section (TrainingArguments keeps output_dir with the training settings)
-    ({"train": {"output_dir": "x"}}, "train.output_dir: unknown key (output_dir is a top-level key, not inside "
-                                     "train)"),
-    # values: transformers' names difflib got wrong or missed
-    ({"train": {"lr_scheduler": "cosine_with_restarts"}}, "(did you mean 'cosine'?)"),
-    ({"train": {"optimizer": "paged_adamw_32bit"}}, "(did you mean 'adamw'?)"),
-    ({"train": {"optimizer": "adamw_torch_fused"}}, "(did you mean 'adamw'?)"),
-    ({"model": {"name_or_path": "m", "dtype": "fp16"}}, "(did you mean 'float16'?)"),
-    ({"model": {"name_or_path": "m", "quantization": 4}}, "(did you mean '4bit'?)"),
-    ({"model": {"name_or_path": "m", "attn_implementation": "fa2"}}, "(did you mean 'flash_attention_2'?)"),
-    ({"task": "CAUSAL_LM"}, "(did you mean 'causal_lm'?)"),
-    ({"task": "token-classification"}, "(did you mean 'token_cls'?)"),
-    ({"distributed": {"zero_stage": "3"}}, "distributed.zero_stage: '3' is not one of 0 | 1 | 2 | 3 (write 3 "
-                                           "unquoted: a number)"),
-    ({"peft": {"method": "lora", "target_modules": "all"}}, "peft.target_modules: 'all' would match only a module "
-                                                            "named so; for every linear layer write all-linear"),
-])
-def test_other_tools_habits_get_scaletunes_way(raw, wanted):
-    """Keys and values carried over from TrainingArguments, TRL, axolotl and LLaMA-Factory configs: each problem
-    names scaletune's key or way instead of a bare "unknown key" or difflib's wrong guess."""
-    raw = {**BASE, **raw, "model": {**BASE["model"], **raw.get("model", {})}}
-    text = "\n".join(problems_of(raw))
-    assert wanted in text, text
-
-
 def test_type_and_cross_field_problems_reported_in_one_run():
     raw = {**BASE, "train": {"learning_rate": "fast", "global_batch_size": 10, "micro_batch_size": 4}}
     assert problems_of(raw) == ["train.learning_rate: expected float, got str 'fast'",
@@ -290,53 +176,6 @@ def test_problems_from_command_line_overrides_say_so(tmp_path):
         load_config(path, ["train.global_batch_size=10", "train.micro_batch_size=4"])
     assert err.value.problems[-1] == ("train.global_batch_size (10) must be divisible by train.micro_batch_size (4) "
                                       "(from override train.global_batch_size=10; train.micro_batch_size=4)")
-
-
-def test_peft_options_checked_against_peft_annotations():
-    from scaletune.peft_options import peft_config
-
-    cfg = from_dict({**BASE, "peft": {"method": "lora", "use_dora": "yes", "r": True, "rank": 8,
-                                      "modules_to_save": "lm_head", "lora_alpha": "x",
-                                      "target_modules": ["q_proj", 5]}})
-    with pytest.raises(ConfigError) as err:
-        peft_config(cfg, "CAUSAL_LM")
-    assert err.value.problems == [
-        "peft.rank: not a LoraConfig option (did you mean 'r'?)",
-        "peft.use_dora: expected bool (true or false), got str 'yes'",
-        "peft.r: expected int, got bool True",
-        "peft.modules_to_save: expected a list of names or null, got str 'lm_head'",
-        "peft.lora_alpha: expected int, got str 'x'",
-        # (peft failed on the 5 with "'int' object has no attribute 'split'")
-        "peft.target_modules: expected a list of names or a regular expression, got list ['q_proj', 5]",
-    ]
-    # what peft accepts still passes: a float alpha, null where peft's default is null, "1e-1" (a YAML 1.1 string)
-    conf = peft_config(from_dict({**BASE, "peft": {"method": "lora", "lora_alpha": 0.5, "lora_dropout": "1e-1",
-                                                   "use_dora": False, "modules_to_save": None}}), "CAUSAL_LM")
-    assert conf.lora_dropout == pytest.approx(0.1) and conf.lora_alpha == 0.5
-    peft_config(from_dict({**BASE, "peft": {"method": "prompt_tuning", "num_virtual_tokens": 4, "token_dim": None}}),
-                "CAUSAL_LM")
-
-
-def test_modules_to_save_entry_matching_nothing_is_refused(tiny_llama, tiny_bert):
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    from scaletune.model import apply_adapter
-    from scaletune.tasks import get_task
-
-    def adapt(task, model_dir, auto, modules, **kw):
-        cfg = from_dict({**BASE, "task": task, "peft": {"method": "lora", "r": 2, "target_modules": "all-linear",
-                                                       "modules_to_save": modules}})
-        return cfg, apply_adapter(auto.from_pretrained(model_dir, **kw), cfg, get_task(task), None)
-
-    with pytest.raises(ConfigError) as err:
-        adapt("causal_lm", tiny_llama, AutoModelForCausalLM, ["lm_heads", "embed_tokens"])
-    assert err.value.problems == ["peft.modules_to_save: 'lm_heads' matches no module of LlamaForCausalLM, so "
-                                  "nothing would be trained for it (close names: lm_head)"]
-    # seq_cls: peft adds its own head names (classifier, score; BERT has no score); only the user's are checked,
-    # and the run config's list is not extended by peft
-    cfg, model = adapt("seq_cls", tiny_bert, AutoModelForSequenceClassification, ["word_embeddings"], num_labels=2)
-    assert cfg.peft["modules_to_save"] == ["word_embeddings"]
-    assert any(p.requires_grad for n, p in model.named_parameters() if "word_embeddings.modules_to_save" in n)
 
 
 def test_duplicate_yaml_keys_refused_naming_file_and_line(tmp_path):
@@ -404,60 +243,6 @@ def test_override_of_a_string_key_keeps_the_text_typed(tmp_path):
     assert (cfg.train.learning_rate, cfg.train.max_steps, cfg.train.epochs) == (1e-4, 10, 1.5)
     # peft's options are not typed here: a number in text form is left to the peft check (its annotations)
     assert apply_overrides({}, ["peft.revision=0123e45"])["peft"]["revision"] == "0123e45"
-
-
-def test_peft_values_that_would_train_nothing_are_refused():
-    from scaletune.peft_options import peft_config
-
-    cfg = from_dict({**BASE, "peft": {"method": "lora", "lora_alpha": 0, "r": 0, "lora_dropout": 1.0}})
-    with pytest.raises(ConfigError) as err:
-        peft_config(cfg, "CAUSAL_LM")
-    assert err.value.problems == [
-        "peft.lora_alpha: must be > 0, got 0 (it scales the adapter's update: the model would never change)",
-        "peft.r: must be >= 1 (the adapter's rank), got 0",
-        "peft.lora_dropout: must be in [0, 1), got 1.0 (1 drops every input: nothing would be trained)",
-    ]
-    problems = problems_of({**BASE, "peft": {"method": "loha", "alpha": -1, "module_dropout": "1e0"}}, check_peft=True)
-    assert problems == ["peft.alpha: must be > 0, got -1", "peft.module_dropout: must be in [0, 1), got 1.0 "
-                        "(1 drops every input: nothing would be trained)"]
-    # a scale past float32's range passed, then the fused LoRA product failed at step 1 with a traceback
-    problems = problems_of({**BASE, "peft": {"method": "lora", "lora_alpha": 1e308}}, check_peft=True)
-    assert problems == ["peft.lora_alpha: must be at most 3.4e+38 (the largest float32), got 1e+308"]
-    # OFT's r may be 0 (its block size is set instead); a positive float alpha is fine
-    from_dict({**BASE, "peft": {"method": "oft", "r": 0, "oft_block_size": 4}}, check_peft=True)
-    from_dict({**BASE, "peft": {"method": "lora", "lora_alpha": 0.5, "lora_dropout": 0}}, check_peft=True)
-
-
-def test_method_suggestions_are_methods_peft_accepts():
-    problems = problems_of({**BASE, "task": "token_cls", "peft": {"method": "prompt_tuning"}})
-    assert problems == ["peft.method=prompt_tuning with task token_cls is not supported (virtual input tokens; "
-                        "token_cls: outputs would include the virtual tokens); use one of: lora (use_dora: true for "
-                        "DoRA, use_rslora: true for rsLoRA), adalora, ia3, loha, lokr, vera, oft, bottleneck_adapter"]
-    for method, how in (("dora", "DoRA is peft.method: lora with peft.use_dora: true"),
-                        ("rsLoRA", "rsLoRA is peft.method: lora with peft.use_rslora: true"),
-                        ("qlora", "QLoRA is peft.method: lora with model.quantization: 4bit")):
-        problems = problems_of({**BASE, "peft": {"method": method}}, check_peft=True)
-        assert problems == [f"peft.method: unknown method {method!r} ({how})"]
-
-
-def test_peft_problems_reported_with_the_rest_for_commands_that_train(tmp_path, capsys):
-    from scaletune.cli import main
-
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(BASE))
-    expected = ["train.lr: unknown key (did you mean 'learning_rate'?) (from override train.lr=1)",
-                "peft.lora_r: not a LoraConfig option (did you mean 'r'?) (from override peft.lora_r=8)"]
-    with pytest.raises(ConfigError) as err:
-        load_config(path, ["peft.lora_r=8", "train.lr=1"], check_peft=True)
-    assert err.value.problems == expected
-    for command in (["plan"], ["launch", "--dry-run", "--nproc", "1"], ["slurm", "--dry-run"], ["train"]):
-        assert main([*command, str(path), "peft.lora_r=8", "train.lr=1"]) == 2
-        err = capsys.readouterr().err
-        assert "has 2 problems" in err and all(p in err for p in expected), (command, err)
-    # without the peft check (eval/predict/merge read the trained adapter's config) the peft section is not asked
-    with pytest.raises(ConfigError) as err:
-        load_config(path, ["peft.lora_r=8", "train.lr=1"])
-    assert err.value.problems == expected[:1]
 
 
 def test_message_details():
@@ -575,7 +360,8 @@ def test_task_and_format_names_agree_wherever_they_are_listed():
 
 @pytest.mark.parametrize("section,task,message", [
     ({"train": {"lr_scheduler": "cosine", "min_lr_ratio": 0.5}}, "causal_lm",
-     "train.min_lr_ratio: only lr_scheduler: cosine_with_min_lr ends at a floor; cosine ignores it"),
+     "train.min_lr_ratio: only lr_scheduler: cosine_with_min_lr or warmup_stable_decay ends at a floor; cosine "
+     "ignores it"),
     ({"train": {"lr_scheduler": "constant", "warmup_ratio": 0.5}}, "causal_lm",
      "train.warmup_ratio: 0.5 with lr_scheduler: constant, which has no warmup"),
     ({"train": {"warmup_ratio": 0.2, "warmup_steps": 5}}, "causal_lm",
@@ -663,14 +449,6 @@ def test_a_leading_tilde_is_the_home_directory(monkeypatch):
     assert from_dict({**BASE, "output_dir": "runs/~x"}).output_dir == "runs/~x"  # only a leading one
 
 
-def test_method_name_case_does_not_change_what_is_checked():
-    # peft reads `Prefix_Tuning` as prefix_tuning: the checks of its combinations must too
-    for name in ("prefix_tuning", "Prefix_Tuning", "PREFIX_TUNING"):
-        raw = {**BASE, "peft": {"method": name}, "data": {"train": "t.jsonl", "packing": True}}
-        assert any("virtual tokens cannot be isolated" in p for p in problems_of(raw)), name
-    from_dict({**BASE, "peft": {"method": "LoRA"}, "train": {"loraplus_lr_ratio": 16}})
-
-
 def test_every_data_problem_is_reported_beside_a_column_clash():
     raw = {**BASE, "task": "seq_cls", "data": {"train": "t.jsonl", "labels": ["a", "b"], "text_column": "x",
                                                "label_column": "x", "num_workers": 500}}
@@ -681,30 +459,3 @@ def test_every_data_problem_is_reported_beside_a_column_clash():
 def test_warmup_steps_message_states_the_bound_it_checks():
     assert problems_of({**BASE, "train": {"warmup_steps": -1}}) == ["train.warmup_steps: must be >= 0 (or null), got -1"]
     from_dict({**BASE, "train": {"warmup_steps": 0}})
-
-
-def test_a_peft_key_the_method_does_not_read_can_be_removed_from_the_command_line(tmp_path):
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump({**BASE, "peft": {"method": "lora", "r": 16, "lora_alpha": 32}}))
-    with pytest.raises(ConfigError) as err:
-        load_config(path, ["peft.method=ia3"], check_peft=True)
-    assert "peft.r: not an IA3Config option (remove it, or give ~peft.r)" in err.value.problems
-    with pytest.raises(ConfigError) as err:
-        load_config(path, ["peft.method=adalora", "~peft.lora_alpha"], check_peft=True)
-    assert err.value.problems == ["peft.r: AdaLoRA does not read it: its ranks start at peft.init_r and are pruned "
-                                  "down to peft.target_r; remove peft.r (or give ~peft.r)"]
-    cfg = load_config(path, ["peft.method=ia3", "~peft.r", "~peft.lora_alpha"], check_peft=True)
-    assert cfg.peft == {"method": "ia3"}
-    with pytest.raises(ConfigError, match=r"override '~peft\.rr': the config has no key peft\.rr to remove"):
-        load_config(path, ["~peft.rr"])
-    with pytest.raises(ConfigError, match=r"override '~peft\.r=5': ~peft\.r removes a key and takes no value; "
-                                          r"give peft\.r=5 to set it"):
-        load_config(path, ["~peft.r=5"])
-
-
-def test_p_tuning_is_refused_under_zero3():
-    """peft saves a p-tuning adapter by running its prompt encoder on the main rank alone, whose weights ZeRO-3
-    gathers from every rank: the last save would hang (prefix and prompt tuning are refused by the matrix)."""
-    raw = {**BASE, "peft": {"method": "p_tuning", "num_virtual_tokens": 4}, "distributed": {"zero_stage": 3}}
-    assert any("peft.method=p_tuning with distributed.zero_stage=3" in p for p in problems_of(raw))
-    assert not [p for p in problems_of({**raw, "train": {"learning_rate": "x"}}) if "p_tuning" in p and "zero_stage=2" in p]

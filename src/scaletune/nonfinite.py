@@ -13,7 +13,7 @@ Optimizers without that input, or whose update must be decided on the host, are 
 bitsandbytes' 8-bit AdamW, fp16 with a GradScaler (which sets `found_inf` itself) and AdaLoRA (its budget
 update after the step reads the gradients). DeepSpeed steps inside accelerate's backward, before the
 guard sees the step: its own overflow check skips a non-finite update (shown under ZeRO-2 and ZeRO-3 in
-tests/distributed/test_scale_out.py), and the guard counts, logs and stops as for the others.
+tests/distributed/test_scale_out_zero.py), and the guard counts, logs and stops as for the others.
 
 fp16's dynamic loss scaling overflows by design: it starts high (2**16), halves its scale on a step whose
 scaled gradients reached inf (skipping that update) and tries a higher scale again every few thousand

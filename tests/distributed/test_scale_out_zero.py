@@ -1,0 +1,237 @@
+"""ZeRO cases through the product CLI beyond test_scale_out.py's loss curves (2 CPU processes, gloo; DeepSpeed
+on CPU), each checked against a forked single-process run where there is one:
+
+* a non-finite step is skipped under ZeRO-2/3 as in one process; a second optimizer group (DoRA) is
+  checkpointed under ZeRO-1/2 with the single-process weights and Adam moments; a ZeRO-3 resume of a tensor
+  whose size is no multiple of the world size ends as the uninterrupted run;
+* QLoRA (4-bit base) trains under ZeRO-3; bf16 trains on CPU (1 process, ZeRO-2, whose adapters hold the
+  float32 masters, prompt tuning's too, and ZeRO-3 with a module trained in full); invalid combinations
+  (8-bit + ZeRO-3, fp16 on CPU) are refused with exit 2 before any process is launched.
+
+The CLI runners and the `world` fixture (tiny Llama, data, `world.cfg` run configs) are test_scale_out.py's;
+this module has a world of its own.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("deepspeed")
+pytest.importorskip("peft")
+pytest.importorskip("accelerate")
+
+pytestmark = pytest.mark.distributed
+
+# the CLI runners of test_scale_out.py (importing it skips this module where DeepSpeed is missing, as it skips)
+import test_scale_out  # noqa: E402
+from test_scale_out import (  # noqa: E402
+    _accelerate,
+    _scaletune,
+    assert_same_curve,
+    copy_checkpoint,
+    losses,
+    run_cli,
+    run_forked,
+)
+
+import stutil as helpers  # noqa: E402  (tests/ is on sys.path via tests/conftest.py)
+
+world = test_scale_out.world  # its fixture, by name: a world of this module's own (module scope)
+
+
+# ------------------------------------------------------------------------------------------------
+# optimizer state under ZeRO: a skipped non-finite step, a second parameter group, an odd-sized tensor
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_non_finite_step_is_skipped_under_zero(world, stage):
+    """DeepSpeed steps inside accelerate's backward, before scaletune's guard looks at the step, so under
+    ZeRO a non-finite update is kept out by DeepSpeed's own overflow check: the run with a NaN loss at
+    step 3 (train.on_nonfinite: skip) follows the single-process run that skips that step, to the same
+    final adapter, and counts the skip the same way."""
+    from safetensors.torch import load_file
+
+    steps = 5
+    cfg = world.cfg(f"nan_z{stage}", train={"max_steps": steps, "save_every": steps, "on_nonfinite": "skip",
+                                            "max_nonfinite_skips": 2})
+    ref, got = world.root / f"nan_single_{stage}", world.root / f"nan_zero{stage}"
+    run_forked(world, ["train", str(cfg), f"output_dir={ref}"], SCALETUNE_FAULT="nan@3")
+    run_cli(world, _accelerate(f"cpu_2proc_zero{stage}.yaml", str(cfg), f"output_dir={got}",
+                               f"distributed.zero_stage={stage}"), SCALETUNE_FAULT="nan@3")
+    for run in (ref, got):
+        assert [r["step"] for r in helpers.read_metrics(run, "nonfinite")] == [3], run
+        state = json.loads((run / "checkpoints" / f"step-{steps}" / "state.json").read_text())
+        assert state["counters"]["nonfinite_skips"] == 1, run
+    assert_same_curve(losses(ref), losses(got), [1, 2, 4, 5])
+    want = load_file(str(ref / "checkpoints" / f"step-{steps}" / "trainable.safetensors"))
+    have = load_file(str(got / "checkpoints" / f"step-{steps}" / "trainable.safetensors"))
+    assert sorted(want) == sorted(have)
+    for name, w in want.items():
+        assert torch.isfinite(have[name]).all(), name
+        torch.testing.assert_close(have[name], w, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_a_second_optimizer_group_is_checkpointed_under_zero_1_and_2(world, stage):
+    """DoRA's magnitudes (1-D: the no-weight-decay group, as a classifier's bias or a saved norm is) make a
+    second parameter group. ZeRO-1/2 linked parameters to their optimizer state after the first group's
+    first step only, and the run crashed at its first checkpoint ("exp_avg not found"). Its checkpoint now
+    holds the single-process run's weights and Adam moments (ZeRO-1 through `scaletune launch`, ZeRO-2
+    through the raw accelerate launch)."""
+    from safetensors.torch import load_file
+
+    steps = 3
+    cfg = world.cfg(f"dora_z{stage}", peft={"use_dora": True}, train={"max_steps": steps, "save_every": steps,
+                                                                       "weight_decay": 0.1})
+    ref, got = world.root / f"dora_single_{stage}", world.root / f"dora_zero{stage}"
+    run_forked(world, ["train", str(cfg), f"output_dir={ref}"])
+    if stage == 1:
+        run_cli(world, _scaletune("launch", str(cfg), f"output_dir={got}", "distributed.zero_stage=1", "--nproc", "2",
+                                  "--master-port", str(helpers.free_port())))
+    else:
+        run_cli(world, _accelerate("cpu_2proc_zero2.yaml", str(cfg), f"output_dir={got}", "distributed.zero_stage=2"))
+    assert_same_curve(losses(ref), losses(got), range(1, steps + 1))
+    for part in ("trainable", "optimizer"):
+        want = load_file(str(ref / "checkpoints" / f"step-{steps}" / f"{part}.safetensors"))
+        have = load_file(str(got / "checkpoints" / f"step-{steps}" / f"{part}.safetensors"))
+        assert sorted(have) == sorted(want) and any("magnitude" in k for k in want), part
+        for name, w in want.items():
+            torch.testing.assert_close(have[name], w, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_zero3_resumes_a_tensor_whose_size_is_no_multiple_of_the_world_size(world, make_config, tmp_path):
+    """A 3-label NER head's bias (3 elements) on 2 ranks: DeepSpeed's whole-tensor setter sliced rank 1's
+    padded partition past the end, and every resume into ZeRO-3 of such a run failed ("does not fit this
+    run's model"). Resumed from step 2, it now ends as the uninterrupted ZeRO-3 run does."""
+    from safetensors.torch import load_file
+
+    path = make_config("token_cls", train={"max_steps": 3, "save_every": 2, "save_total_limit": None,
+                                           "global_batch_size": 8, "micro_batch_size": 2},
+                       distributed={"zero_stage": 3})
+    full, part = tmp_path / "full", tmp_path / "part"
+    port = str(helpers.free_port())
+    run_cli(world, _scaletune("launch", str(path), f"output_dir={full}", "--nproc", "2", "--master-port", port))
+    copy_checkpoint(full, 2, part)
+    run_cli(world, _scaletune("launch", str(path), f"output_dir={part}", "--resume", "auto", "--nproc", "2",
+                              "--master-port", str(helpers.free_port())))
+    assert_same_curve(losses(full), losses(part), [3])
+    want = load_file(str(full / "checkpoints" / "step-3" / "trainable.safetensors"))
+    have = load_file(str(part / "checkpoints" / "step-3" / "trainable.safetensors"))
+    assert any(v.numel() % 2 for v in want.values())  # the case: an odd-sized trainable tensor
+    for name, w in want.items():
+        torch.testing.assert_close(have[name], w, rtol=1e-5, atol=1e-7, msg=name)
+
+
+# ------------------------------------------------------------------------------------------------
+# quantization, mixed precision, refused combinations
+
+BF16 = {"model": {"dtype": "bfloat16"}, "train": {"mixed_precision": "bf16", "max_steps": 3, "save_every": None}}
+
+
+def _assert_trained_adapter(run_dir: Path, steps: int) -> None:
+    from safetensors.torch import load_file
+
+    got = losses(run_dir)
+    assert sorted(got) == list(range(1, steps + 1)) and all(v == v and v < 100 for v in got.values()), got
+    adapter = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    assert adapter and all(v.numel() > 0 for v in adapter.values())
+    assert any("lora_B" in k and v.float().abs().sum() > 0 for k, v in adapter.items())
+
+
+def test_qlora_trains_under_zero3(world):
+    pytest.importorskip("bitsandbytes")
+    cfg = world.cfg("qlora", model={"dtype": "bfloat16", "quantization": "4bit"},
+                    train={"mixed_precision": "bf16", "max_steps": 3, "save_every": None},
+                    distributed={"zero_stage": 3})
+    out = world.root / "qlora_zero3"
+    run_cli(world, _accelerate("cpu_2proc_zero3.yaml", str(cfg), f"output_dir={out}"))
+    _assert_trained_adapter(out, 3)
+
+
+def test_bf16_single_process(world):
+    out = world.root / "bf16_single"
+    run_forked(world, ["train", str(world.cfg("bf16", **BF16)), f"output_dir={out}"])
+    _assert_trained_adapter(out, 3)
+
+
+def test_bf16_zero2(world):
+    """bf16 under ZeRO-2 trains; its adapter holds the float32 weights DeepSpeed keeps as masters (the
+    module's bf16 copies were saved before), as a single-process bf16 run's adapter does, and equal to
+    the final checkpoint's."""
+    from safetensors.torch import load_file
+
+    out = world.root / "bf16_zero2"
+    cfg = world.cfg("bf16_z2", **BF16, distributed={"zero_stage": 2})
+    run_cli(world, _accelerate("cpu_2proc_zero2.yaml", str(cfg), f"output_dir={out}"))
+    _assert_trained_adapter(out, 3)
+    adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    ckpt = load_file(str(out / "checkpoints" / "step-3" / "trainable.safetensors"))
+    mapped = {k.replace(".default.", "."): v for k, v in ckpt.items()}
+    assert sorted(adapter) == sorted(mapped)
+    for k, v in adapter.items():
+        assert v.dtype == torch.float32 and torch.equal(v, mapped[k]), k
+
+
+def test_bf16_zero2_prompt_tuning_saves_its_float32_masters(world):
+    """peft saves a prompt-learning adapter by running its prompt encoder, whose weights under DeepSpeed bf16
+    are the 16-bit copies: the adapter (and each checkpoint's) was bf16, off the float32 masters the run
+    trained by up to ~5e-3. Now it holds the masters, as a single-process run's does."""
+    import yaml
+    from safetensors.torch import load_file
+
+    out = world.root / "bf16_zero2_prompt"
+    cfg = world.cfg("bf16_z2_prompt", **BF16, distributed={"zero_stage": 2})
+    raw = yaml.safe_load(cfg.read_text())
+    raw["peft"] = helpers.method_keys("prompt_tuning", "causal_lm")
+    raw["train"]["learning_rate"] = 5e-2  # (moves the embedding well off bf16's grid in 3 steps)
+    cfg.write_text(yaml.safe_dump(raw))
+    run_cli(world, _accelerate("cpu_2proc_zero2.yaml", str(cfg), f"output_dir={out}"))
+    master = load_file(str(out / "checkpoints" / "step-3" / "trainable.safetensors"))
+    master = master["prompt_encoder.default.embedding.weight"]
+    assert not torch.equal(master, master.bfloat16().float())  # else the test could not tell
+    for adapter in (out / "adapter", out / "checkpoints" / "step-3" / "adapter"):
+        saved = load_file(str(adapter / "adapter_model.safetensors"))["prompt_embeddings"]
+        assert saved.dtype == torch.float32 and torch.equal(saved, master), adapter
+
+
+def test_bf16_zero3_trains_a_full_module_copy(world):
+    """A module trained in full (peft's modules_to_save: a norm here, a classifier head in every seq_cls run)
+    under ZeRO-3 bf16: DeepSpeed computes in bf16 without autocast, and the float32 copy failed at its first
+    matmul ("expected m1 and m2 to have the same dtype"), so classification could not run under ZeRO-3 bf16."""
+    out = world.root / "bf16_zero3_copy"
+    cfg = world.cfg("bf16_z3_copy", model={"dtype": "bfloat16"},
+                    train={"mixed_precision": "bf16", "max_steps": 3, "save_every": None},
+                    peft={"target_modules": ["q_proj", "v_proj"], "modules_to_save": ["norm"]},
+                    distributed={"zero_stage": 3})
+    run_cli(world, _accelerate("cpu_2proc_zero3.yaml", str(cfg), f"output_dir={out}"))
+    _assert_trained_adapter(out, 3)
+    from safetensors.torch import load_file
+
+    adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    norms = [k for k in adapter if k.endswith("norm.weight")]
+    assert norms and all(adapter[k].dtype == torch.float32 and adapter[k].numel() for k in norms), norms
+
+
+@pytest.mark.parametrize("how", ["train", "launch"])
+@pytest.mark.parametrize("combo", ["8bit_zero3", "fp16_cpu"])
+def test_invalid_combination_refused_before_launch(world, how, combo):
+    if combo == "8bit_zero3":
+        cfg = world.cfg(combo, model={"dtype": "bfloat16", "quantization": "8bit"},
+                        train={"mixed_precision": "bf16"}, distributed={"zero_stage": 3})
+        needle = "ZeRO-3 cannot shard int8 weights"
+    else:
+        if torch.cuda.is_available():
+            pytest.skip("fp16 is allowed with CUDA")
+        cfg = world.cfg(combo, model={"dtype": "float32"}, train={"mixed_precision": "fp16"},
+                        distributed={"zero_stage": 2})
+        needle = "fp16 needs a CUDA GPU"
+    out = world.root / f"refused_{combo}_{how}"
+    extra = ["--nproc", "2", "--master-port", str(helpers.free_port())] if how == "launch" else []
+    text = run_forked(world, [how, str(cfg), f"output_dir={out}", *extra], expect=2)
+    assert needle in text and "Traceback" not in text
+    assert " launch --" not in text, "an accelerate command was started before the refusal"
+    assert not out.exists()

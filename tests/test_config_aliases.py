@@ -1,0 +1,122 @@
+"""Keys and values people bring from other tools (TrainingArguments, TRL, axolotl, LLaMA-Factory): each is
+refused naming scaletune's key or way, not as a bare "unknown key" or difflib's wrong guess."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from scaletune.aliases import KEY_ALIASES
+from scaletune.config import from_dict
+
+from stutil import BASE, problems_of
+
+
+def test_other_tools_key_names_get_scaletunes_key():
+    raw = {**BASE, "model_name_or_path": "m",
+           "train": {"lr": 1e-4, "gradient_accumulation_steps": 4, "num_train_epochs": 2, "bf16": True,
+                     "lora_r": 8, "per_device_train_batch_size": 2, "gradient_checkpointing": True}}
+    text = "\n".join(problems_of(raw))
+    assert "train.lr: unknown key (did you mean 'learning_rate'?)" in text
+    assert "train.num_train_epochs: unknown key (did you mean 'epochs'?)" in text
+    assert "train.per_device_train_batch_size: unknown key (did you mean 'micro_batch_size'?)" in text
+    assert "model_name_or_path: unknown key (did you mean 'model.name_or_path'?)" in text
+    assert "train.lora_r: unknown key (did you mean 'peft.r'?)" in text
+    assert "train.bf16: unknown key (use train.mixed_precision: bf16 | fp16 | no)" in text
+    assert ("train.gradient_accumulation_steps: unknown key (scaletune derives it: set train.global_batch_size = "
+            "train.micro_batch_size x accumulation steps x world size)") in text
+    # a scaletune key in the wrong section is pointed to its section
+    assert "train.gradient_checkpointing: unknown key (did you mean 'model.gradient_checkpointing'?)" in text
+
+
+def test_axolotl_and_llama_factory_names_get_scaletunes_key():
+    """The keys people bring from axolotl / LLaMA-Factory / TRL configs were bare "unknown key"s."""
+    raw = {**BASE, "lr_scheduler_type": "cosine", "val_set_size": 0.05, "train_on_inputs": False,
+           "sample_packing": True, "lora_target_linear": True, "resume_from_checkpoint": True,
+           "train": {"optim": "adamw_torch"}}
+    text = "\n".join(problems_of(raw))
+    assert "lr_scheduler_type: unknown key (did you mean 'train.lr_scheduler'?)" in text
+    assert "val_set_size: unknown key (did you mean 'data.eval_fraction'?)" in text
+    assert "train_on_inputs: unknown key (did you mean 'data.train_on_prompt'?)" in text
+    assert "sample_packing: unknown key (did you mean 'data.packing'?)" in text
+    assert "lora_target_linear: unknown key (set peft.target_modules: all-linear)" in text
+    assert "resume_from_checkpoint: unknown key (resume with `scaletune train CONFIG --resume auto`" in text
+    assert "train.optim: unknown key (did you mean 'optimizer'?)" in text
+
+
+def test_other_tools_names_for_values_get_scaletunes():
+    """`task: ner`, `format: completion` (axolotl's plain-text format) or `format: chat_template` were refused
+    with no pointer, as difflib cannot connect them; `report_to: none` (transformers') was an unknown tracker."""
+    raw = {**BASE, "task": "ner"}
+    assert "did you mean 'token_cls'?" in "\n".join(problems_of(raw))
+    for given, meant in (("pretrain", "text"), ("chat_template", "messages"), ("input_output", "prompt_completion")):
+        text = "\n".join(problems_of({**BASE, "data": {**BASE["data"], "format": given}}))
+        assert f"did you mean {meant!r}?" in text, text
+    assert "did you mean 'alpaca'?" in "\n".join(problems_of({**BASE, "data": {**BASE["data"], "format": "alpacca"}}))
+    for none in ("none", ["none"], "None", [" NONE"]):
+        assert from_dict({**BASE, "train": {"report_to": none}}).train.report_to == []
+
+
+def test_every_alias_that_names_a_key_names_one_that_exists():
+    import dataclasses
+
+    from peft import LoraConfig
+
+    from scaletune.config import _section_keys
+
+    # (every peft option an alias names is a LoRA one: axolotl's and LLaMA-Factory's adapter keys are LoRA's)
+    keys = set(_section_keys().values()) | {"peft.method"} | {f"peft.{f.name}" for f in dataclasses.fields(LoraConfig)}
+    named = {v for v in KEY_ALIASES.values() if re.fullmatch(r"\w+\.\w+", v)}
+    assert named and named <= keys, named - keys
+
+
+@pytest.mark.parametrize(("raw", "wanted"), [
+    # difflib pointed these to a wrong key: do_train -> train, model_type -> model, logging_strategy ->
+    # learning_rate, eval_batch_size -> global_batch_size, lr_scheduler_kwargs -> lr_scheduler
+    ({"do_train": True}, "do_train: unknown key (`scaletune train CONFIG` trains"),
+    ({"model_type": "LlamaForCausalLM"}, "model_type: unknown key (scaletune loads the task's AutoModelFor*"),
+    ({"train": {"logging_strategy": "steps"}}, "train.logging_strategy: unknown key (scaletune logs every "
+                                                "train.log_every optimizer steps)"),
+    ({"train": {"eval_batch_size": 8}}, "train.eval_batch_size: unknown key (scaletune evaluates in batches of "
+                                        "train.micro_batch_size)"),
+    ({"train": {"lr_scheduler_kwargs": {}}}, "train.lr_scheduler_kwargs: unknown key (no scheduler options; for a "
+                                             "floor set train.lr_scheduler: cosine_with_min_lr"),
+    # these had no hint at all
+    ({"quantization_bit": 4}, "quantization_bit: unknown key (set model.quantization: 4bit | 8bit)"),
+    ({"bnb_4bit_compute_dtype": "bfloat16"}, "bnb_4bit_compute_dtype: unknown key (model.quantization: 4bit "
+                                             "computes in model.dtype)"),
+    ({"preprocessing_num_workers": 16}, "preprocessing_num_workers: unknown key (did you mean 'data.num_proc'?)"),
+    ({"train": {"ddp_timeout": 9}}, "train.ddp_timeout: unknown key (did you mean 'distributed.timeout_s'?)"),
+    ({"flash_attn": "fa2"}, "flash_attn: unknown key (set model.attn_implementation: flash_attention_2"),
+    ({"fsdp": "full_shard"}, "fsdp: unknown key (no FSDP: scaletune shards with DeepSpeed ZeRO"),
+    ({"wandb_project": "p"}, "wandb_project: unknown key (set train.report_to: [wandb]; the project comes from "
+                             "$WANDB_PROJECT)"),
+    ({"lora_fan_in_fan_out": None}, "lora_fan_in_fan_out: unknown key (did you mean 'peft.fan_in_fan_out'?)"),
+    ({"peft_use_dora": True}, "peft_use_dora: unknown key (did you mean 'peft.use_dora'?)"),
+    ({"stage": "sft"}, "stage: unknown key (scaletune does supervised fine-tuning only"),
+    ({"train": {"overwrite_output_dir": True}}, "train.overwrite_output_dir: unknown key (replace a run with "
+                                                "`scaletune train CONFIG --overwrite`)"),
+    # a top-level key inside a section (TrainingArguments keeps output_dir with the training settings)
+    ({"train": {"output_dir": "x"}}, "train.output_dir: unknown key (output_dir is a top-level key, not inside "
+                                     "train)"),
+    # values: transformers' names difflib got wrong or missed
+    ({"train": {"lr_scheduler": "cosine_with_restarts"}}, "(did you mean 'cosine'?)"),
+    ({"train": {"optimizer": "paged_adamw_32bit"}}, "(did you mean 'adamw'?)"),
+    ({"train": {"optimizer": "adamw_torch_fused"}}, "(did you mean 'adamw'?)"),
+    ({"model": {"name_or_path": "m", "dtype": "fp16"}}, "(did you mean 'float16'?)"),
+    ({"model": {"name_or_path": "m", "quantization": 4}}, "(did you mean '4bit'?)"),
+    ({"model": {"name_or_path": "m", "attn_implementation": "fa2"}}, "(did you mean 'flash_attention_2'?)"),
+    ({"task": "CAUSAL_LM"}, "(did you mean 'causal_lm'?)"),
+    ({"task": "token-classification"}, "(did you mean 'token_cls'?)"),
+    ({"distributed": {"zero_stage": "3"}}, "distributed.zero_stage: '3' is not one of 0 | 1 | 2 | 3 (write 3 "
+                                           "unquoted: a number)"),
+    ({"peft": {"method": "lora", "target_modules": "all"}}, "peft.target_modules: 'all' would match only a module "
+                                                            "named so; for every linear layer write all-linear"),
+])
+def test_other_tools_habits_get_scaletunes_way(raw, wanted):
+    """Keys and values carried over from TrainingArguments, TRL, axolotl and LLaMA-Factory configs: each problem
+    names scaletune's key or way instead of a bare "unknown key" or difflib's wrong guess."""
+    raw = {**BASE, **raw, "model": {**BASE["model"], **raw.get("model", {})}}
+    text = "\n".join(problems_of(raw))
+    assert wanted in text, text
