@@ -58,6 +58,19 @@ def test_other_tools_names_for_values_get_scaletunes():
         assert from_dict({**BASE, "train": {"report_to": none}}).train.report_to == []
 
 
+@pytest.mark.parametrize(("section", "key", "given", "meant"), [
+    ("train", "mixed_precision", "fp32", "no"), ("model", "dtype", "fp32", "float32"),
+    ("train", "mixed_precision", "float32", "no"), ("train", "mixed_precision", "none", "no"),
+    ("train", "mixed_precision", "bfloat16", "bf16"), ("model", "dtype", "bf16", "bfloat16"),
+])
+def test_one_alias_names_each_keys_own_value(section, key, given, meant):
+    """The alias table serves every key: fp32 is model.dtype's float32 but mixed_precision's no (it was given
+    no hint there, its only alias not being one of that key's values)."""
+    raw = {**BASE, section: {**BASE.get(section, {}), key: given}}
+    assert f"{section}.{key}: {given!r} is not one of" in "\n".join(problems_of(raw))
+    assert f"(did you mean {meant!r}?)" in "\n".join(problems_of(raw))
+
+
 def test_every_alias_that_names_a_key_names_one_that_exists():
     import dataclasses
 

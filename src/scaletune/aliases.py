@@ -142,8 +142,9 @@ KEY_ALIASES: dict[str, str] = {
 }
 
 
-# Values other tools use for scaletune's choices, which difflib cannot connect ("ner" to "token_cls").
-VALUE_ALIASES: dict[str, str] = {
+# Values other tools use for scaletune's choices, which difflib cannot connect ("ner" to "token_cls"); a tuple
+# lists the candidates for different keys, the first that is a choice of the key at hand is suggested.
+VALUE_ALIASES: dict[str, str | tuple[str, ...]] = {
     "ner": "token_cls", "token_classification": "token_cls", "classification": "seq_cls",
     "text_classification": "seq_cls", "sequence_classification": "seq_cls", "regression": "seq_regression",
     "sequence_regression": "seq_regression", "sft": "causal_lm",
@@ -155,6 +156,7 @@ VALUE_ALIASES: dict[str, str] = {
     # their defaults: one cycle, power 1)
     "adamw_torch": "adamw", "adamw_torch_fused": "adamw", "adamw_hf": "adamw", "paged_adamw_32bit": "adamw",
     "paged_adamw": "adamw", "cosine_with_restarts": "cosine", "polynomial": "linear", "wsd": "warmup_stable_decay",
-    "fp16": "float16", "fp32": "float32", "float16": "fp16", "nf4": "4bit", "int4": "4bit", "4": "4bit",
+    "fp16": "float16", "fp32": ("float32", "no"), "float32": "no", "float16": "fp16", "bf16": "bfloat16",
+    "bfloat16": "bf16", "none": "no", "nf4": "4bit", "int4": "4bit", "4": "4bit",
     "int8": "8bit", "8": "8bit", "fa2": "flash_attention_2",
 }

@@ -385,13 +385,13 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-
-
 def _did_you_mean(word: str, choices: list[str]) -> str:
     # (peft's TaskType spells CAUSAL_LM, transformers' pipelines text-generation: same names, other spelling)
     plain = word.lower().replace("-", "_")
-    alias = plain if plain in choices else VALUE_ALIASES.get(plain)
-    close = [alias] if alias in choices else difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    alias = VALUE_ALIASES.get(plain, ())
+    # (one alias table serves every key: "fp32" is model.dtype's float32 and mixed_precision's no)
+    named = [c for c in (plain, *((alias,) if isinstance(alias, str) else alias)) if c in choices]
+    close = named[:1] or difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
