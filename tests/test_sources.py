@@ -182,3 +182,18 @@ def test_overwrite_checks_every_file_a_pattern_matches(make_config, tmp_path, ca
     capsys.readouterr()
     assert main(["train", str(path), "--overwrite"]) == 2
     assert f"data.train ({out / 'metrics.jsonl'}) is inside it" in capsys.readouterr().err
+
+
+def test_an_eval_file_that_is_also_a_training_source_is_said(make_config, tmp_path, caplog):
+    """Named twice (not by a pattern, which is refused): the evals would score trained examples; a fit check
+    may mean it, so it is a warning naming the source."""
+    a = write_jsonl(tmp_path / "a.jsonl", _records("alpha", 16))
+    b = write_jsonl(tmp_path / "b.jsonl", _records("bravo", 16))
+    path = make_config("causal_lm", data={"train": [str(a), str(b)], "eval": f"{tmp_path}/./b.jsonl"})
+    with caplog.at_level("WARNING", logger="scaletune"):
+        setup(load_config(path))
+    assert f"data.eval ({tmp_path}/./b.jsonl) is also data.train[1]: the evals score" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="scaletune"):
+        setup(load_config(make_config("causal_lm", data={"train": str(a), "eval": str(b)})), overwrite=True)
+    assert "is also data.train" not in caplog.text

@@ -26,7 +26,7 @@ from ..errors import DataError, UserError
 from ..fileutil import sha256_file
 from ..progress import Progress
 from .readers import WHERE, read_records
-from .sources import describe, read_train_records, train_sources, weighted
+from .sources import describe, eval_among_train, read_train_records, train_sources, weighted
 
 log = logging.getLogger("scaletune")
 
@@ -384,6 +384,9 @@ def build_datasets(cfg: Any, task: Any, tokenizer: Any, accelerator: Any = None,
     where = cache_root() / key
     # the others wait while rank 0 builds (and caches); an error there is raised on every rank
     main_first = main_process_first(accelerator) if accelerator is not None else nullcontext()
+    if not for_eval and (accelerator is None or accelerator.is_main_process) \
+            and (key_of := eval_among_train(cfg.data.train, cfg.data.eval)):
+        log.warning("data.eval (%s) is also %s: the evals score examples the run trains on", cfg.data.eval, key_of)
     with main_first:
         cached = _load_cached(where, accelerator) if cfg.data.cache else None
         main = accelerator is None or accelerator.is_main_process

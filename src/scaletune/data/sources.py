@@ -58,6 +58,16 @@ def eval_file_problems(train: Any, eval_spec: str | None) -> list[str]:
     return out
 
 
+def eval_among_train(train: Any, eval_spec: str | None) -> str | None:
+    """The data.train key whose file is data.eval's own (the same file named twice), else None: scoring on
+    trained examples is sometimes meant (a check that a run can fit its data), so it is said, not refused."""
+    if not eval_spec or eval_spec.startswith("hub:") or not os.path.isfile(eval_spec):
+        return None
+    target = os.path.realpath(eval_spec)
+    return next((key for spec, _, key in _expanded(train)
+                 if not spec.startswith("hub:") and os.path.realpath(spec) == target), None)
+
+
 def _matching_files(spec: str) -> list[str]:
     """The regular files a glob pattern matches, sorted; [] for a hub dataset, an existing path or no pattern."""
     if spec.startswith("hub:") or not glob.has_magic(spec) or os.path.lexists(spec):
