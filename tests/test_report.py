@@ -172,6 +172,12 @@ def test_resumed_run_keeps_latest_record_and_notes_preemption(tmp_path):
         json.dumps({"event": "preempted", "step": 2, "time": 1, "signal": 2, "checkpoint": "ck/step-2"}) + "\n",))
     _, (r,) = build_report([str(ctrl_c)])
     assert any("stopped by Ctrl-C at step 2 (SIGINT)" in n for n in r.notes), r.notes
+    # a run stopped on macOS (SIGUSR1 is 30 there, SIGPWR on Linux) is named as it was recorded
+    mac = make_run(tmp_path / "mac", steps=2, extra_lines=(
+        json.dumps({"event": "preempted", "step": 2, "time": 1, "signal": 30, "signal_name": "SIGUSR1",
+                    "checkpoint": "ck/step-2"}) + "\n",))
+    _, (r,) = build_report([str(mac)])
+    assert any("preempted at step 2 (SIGUSR1)" in n for n in r.notes), r.notes
 
 
 def test_resumes_are_listed_though_not_preemptions(tmp_path):

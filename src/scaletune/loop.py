@@ -74,7 +74,9 @@ def fit(run: Run, stop: StopFlag) -> str:
             guard.settle(boundary=True)
             path = save_checkpoint(run)
             how = signal.Signals(stopped_by).name + ("" if stop.signal == stopped_by else " (to another rank)")
-            mlog.log("preempted", run.step, {"signal": stopped_by, "checkpoint": str(path)})
+            # (the name too: a number is the writing machine's, SIGUSR1 10 on Linux and 30 on macOS)
+            mlog.log("preempted", run.step, {"signal": stopped_by, "signal_name": signal.Signals(stopped_by).name,
+                                             "checkpoint": str(path)})
             mark_preempted(acc, path, stopped_by)
             kept = replaced_note(run.output_dir)
             mlog.write(f"stopped on {how} at step {run.step}; checkpoint {path}"

@@ -202,6 +202,8 @@ def _event_notes(run: Run) -> list[str]:
         signum = rec.get("signal")
         if signum is None:
             how = "a signal to another rank"
+        elif isinstance(rec.get("signal_name"), str):  # (as the machine that stopped named it)
+            how = rec["signal_name"]
         else:
             try:
                 how = signal.Signals(int(signum)).name
