@@ -1,4 +1,5 @@
-"""train.lr_scheduler: warmup_stable_decay's curve, step by step, and a resume that continues it."""
+"""train.lr_scheduler: the curves with a floor (cosine_with_min_lr, warmup_stable_decay), step by step, each
+continued by a resume, and their keys' checks."""
 
 from __future__ import annotations
 
@@ -14,18 +15,40 @@ from scaletune.train import StopFlag, setup
 from stutil import StopAt, read_metrics
 
 
+def _lrs_stopped_and_resumed(make_config, tmp_path, steps: int, stop_at: int, **train) -> list[float]:
+    """Each step's logged learning rate (peak 1e-3) of a run stopped at `stop_at` and resumed to `steps`."""
+    common = {"global_batch_size": 8, "micro_batch_size": 8, "max_steps": steps, "save_every": stop_at,
+              "log_every": 1, "learning_rate": 1e-3, **train}
+    path = make_config("causal_lm", n=32, train=common)
+    run, _ = setup(load_config(path))
+    assert fit(run, StopAt(run, stop_at)) == "preempted"
+    run, _ = setup(load_config(path), resume="auto")
+    assert fit(run, StopFlag()) == "done"
+    lrs = {r["step"]: r["lr"] for r in read_metrics(tmp_path / "run")}
+    return [lrs[s] for s in range(1, steps + 1)]
+
+
+def test_cosine_with_min_lr_ends_at_its_floor_and_resumes_on_it(make_config, tmp_path):
+    """cosine_with_min_lr: warmup, then cosine from the peak down to min_lr_ratio x peak (not 0); a resume
+    continues the same curve."""
+    lrs = _lrs_stopped_and_resumed(make_config, tmp_path, 8, 4, lr_scheduler="cosine_with_min_lr", min_lr_ratio=0.2,
+                                   warmup_steps=2)
+
+    def lam(k):  # the factor step k+1's update uses
+        if k < 2:
+            return k / 2
+        return 0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * (k - 2) / 6))
+
+    assert lrs == pytest.approx([1e-3 * lam(s - 1) for s in range(1, 9)], rel=1e-9)
+    assert min(lrs[2:]) > 0.2e-3 - 1e-12
+
+
 def test_warmup_stable_decay_holds_the_peak_then_decays_to_its_floor_and_resumes_on_it(make_config, tmp_path):
     """10 steps, warmup 2, decay_ratio 0.3: warmup from the floor (0.2 x peak) to the peak, the peak held for
     steps 3-7, a cosine decay over the last 3 steps towards the floor; a stop at step 5 and a resume give the
     same curve."""
-    common = {"global_batch_size": 8, "micro_batch_size": 8, "max_steps": 10, "save_every": 5, "log_every": 1,
-              "lr_scheduler": "warmup_stable_decay", "decay_ratio": 0.3, "min_lr_ratio": 0.2,
-              "warmup_steps": 2, "learning_rate": 1e-3}
-    path = make_config("causal_lm", n=32, train=common)
-    run, _ = setup(load_config(path))
-    assert fit(run, StopAt(run, 5)) == "preempted"
-    run, _ = setup(load_config(path), resume="auto")
-    assert fit(run, StopFlag()) == "done"
+    lrs = _lrs_stopped_and_resumed(make_config, tmp_path, 10, 5, lr_scheduler="warmup_stable_decay",
+                                   decay_ratio=0.3, min_lr_ratio=0.2, warmup_steps=2)
 
     def lam(k):  # the factor step k+1's update uses
         if k < 2:
@@ -34,8 +57,7 @@ def test_warmup_stable_decay_holds_the_peak_then_decays_to_its_floor_and_resumes
             return 1.0
         return 0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * (k - 7) / 3))
 
-    lrs = {r["step"]: r["lr"] for r in read_metrics(tmp_path / "run")}
-    assert [lrs[s] for s in range(1, 11)] == pytest.approx([1e-3 * lam(s - 1) for s in range(1, 11)], rel=1e-9)
+    assert lrs == pytest.approx([1e-3 * lam(s - 1) for s in range(1, 11)], rel=1e-9)
 
 
 def test_decay_ratio_is_checked_and_only_read_by_its_schedule(make_config, capsys):

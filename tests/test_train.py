@@ -68,29 +68,6 @@ def test_data_has_variable_lengths_so_mean_of_means_would_differ(make_config, tm
     assert len(set(counts)) > 1, counts
 
 
-def test_cosine_with_min_lr_ends_at_its_floor_and_resumes_on_it(make_config, tmp_path):
-    """cosine_with_min_lr: warmup, then cosine from the peak down to min_lr_ratio x peak (not 0); a resume
-    continues the same curve."""
-    import math
-
-    common = {"global_batch_size": 8, "micro_batch_size": 8, "max_steps": 8, "save_every": 4, "log_every": 1,
-              "lr_scheduler": "cosine_with_min_lr", "min_lr_ratio": 0.2, "warmup_steps": 2, "learning_rate": 1e-3}
-    path = make_config("causal_lm", n=32, train=common)
-    run, _ = setup(load_config(path))
-    assert fit(run, StopAt(run, 4)) == "preempted"
-    run, _ = setup(load_config(path), resume="auto")
-    assert fit(run, StopFlag()) == "done"
-
-    def lam(k):  # the factor step k+1's update uses
-        if k < 2:
-            return k / 2
-        return 0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * (k - 2) / 6))
-
-    lrs = {r["step"]: r["lr"] for r in read_metrics(tmp_path / "run")}
-    assert [lrs[s] for s in range(1, 9)] == pytest.approx([1e-3 * lam(s - 1) for s in range(1, 9)], rel=1e-9)
-    assert min(list(lrs.values())[2:]) > 0.2e-3 - 1e-12
-
-
 def test_resume_continues_exactly(make_config, tmp_path):
     """8 uninterrupted steps == 4 steps, stop (signal path), resume auto, 4 more steps. The split run logs
     every 3 steps: each logged loss is the mean of the steps since the last log, the resume at 4 included."""
