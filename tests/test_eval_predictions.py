@@ -108,11 +108,22 @@ def test_an_existing_file_or_a_missing_directory_is_refused(make_config, capsys,
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
-def test_a_held_out_split_is_refused_before_loading(make_config, capsys, tmp_path):
+def test_a_held_out_split_gives_its_lines_from_the_training_file(make_config, capsys, tmp_path):
+    """data.eval_fraction: the lines are the held-out training records, split as training split them (the
+    metrics are plain eval's, which scores the split training cached), each named by its data.train line."""
     path = _trained(make_config, capsys, "seq_cls", data={"eval": None, "eval_fraction": 0.25})
-    code, _, err = _run(["eval", path, "--predictions", tmp_path / "p.jsonl"], capsys)
-    assert code == 2 and "needs an eval file (data.eval or --data FILE)" in err
-    assert not (tmp_path / "p.jsonl").exists()
+    code, out, err = _run(["eval", path, "--json"], capsys)
+    assert code == 0, err
+    plain = json.loads(out)
+    code, out, err = _run(["eval", path, "--json", "--predictions", tmp_path / "p.jsonl"], capsys)
+    assert code == 0, err
+    assert json.loads(out) == plain
+    lines = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    train = tmp_path / "data" / "train.jsonl"
+    assert len(lines) == 16 and all(ln["line"].startswith(f"{train}:") for ln in lines)  # (64 x 0.25)
+    records = train.read_text().splitlines()
+    assert all(json.loads(records[int(ln["line"].rsplit(":", 1)[1]) - 1])["text"] == ln["text"] for ln in lines)
+    assert sum(ln["correct"] for ln in lines) / 16 == pytest.approx(plain["accuracy"])
 
 
 def test_lines_of_a_text_pair_and_of_cut_words():

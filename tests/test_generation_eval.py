@@ -108,8 +108,6 @@ def test_refusals_name_why(make_config, capsys, tmp_path, monkeypatch):
     assert not target.exists()
     code, _, err = run_cli(["eval", path, "--generate", "data.format=text"], capsys)
     assert_clean_error(code, err, "--generate: data.format: text is plain text")
-    code, _, err = run_cli(["eval", path, "--generate", "data.eval=null", "data.eval_fraction=0.25"], capsys)
-    assert_clean_error(code, err, "--generate: needs an eval file (data.eval or --data FILE)")
     monkeypatch.setenv("WORLD_SIZE", "2")
     code, _, err = run_cli(["eval", path, "--generate"], capsys)
     assert_clean_error(code, err, "--generate: runs in one process")
@@ -142,3 +140,12 @@ def test_a_conversation_ending_in_a_tool_call_is_refused():
     messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": None, "tool_calls": calls}]
     with pytest.raises(DataError, match="ends in a tool call"):
         reference_answer({"messages": messages, "__where__": "f.json:3"})
+
+
+def test_a_held_out_split_is_generated_from(make_config, capsys):
+    """A run that holds out data.eval_fraction of data.train (as the demo does) is scored on that part."""
+    path = _trained(make_config, capsys, data={"eval": None, "eval_fraction": 0.25})
+    code, out, err = run_cli(["eval", path, "--generate", "--max-new-tokens", 4, "--json"], capsys)
+    assert code == 0, err
+    metrics = json.loads(out)
+    assert metrics["generated_examples"] == 16 and 0 <= metrics["token_f1"] <= 1  # (64 x 0.25)

@@ -52,8 +52,8 @@ def arg_problems(args: argparse.Namespace) -> list[str]:
 
 
 def check_run(cfg: Any) -> None:
-    """Refuse --generate before the model is loaded where it cannot work: another task, plain-text data, the
-    held-out split of data.eval_fraction, several processes."""
+    """Refuse --generate before the model is loaded where it cannot work: another task, plain-text data, several
+    processes."""
     from .distributed import world_size_from_env
 
     if cfg.task != "causal_lm":
@@ -61,10 +61,6 @@ def check_run(cfg: Any) -> None:
                         "are the eval's own)")
     if cfg.data.format == "text":
         raise ConfigError(_TEXT_REFUSAL.format(what="data.format: text"))
-    if not cfg.data.eval:
-        # (the held-out split is tokenised, maybe cached, without the records holding the prompts and answers)
-        raise UserError("--generate: needs an eval file (data.eval or --data FILE); the examples "
-                        "data.eval_fraction holds out of data.train keep no prompts and answers to generate from")
     if world_size_from_env() > 1:
         raise UserError("--generate: runs in one process (each example is completed one token at a time); run "
                         "`scaletune eval --generate` without a launcher")

@@ -128,7 +128,7 @@ def run_eval(cfg: RunConfig, adapter: str | None, data: str | None, predictions:
     (the main process), in the data's order; `threshold` (multi-label seq_cls): the sigmoid a class must exceed
     to be predicted (None: 0.5); `generate` (causal_lm): also generate each answer with at most that many new
     tokens, as predict does, and score it against the example's (generation_metrics)."""
-    from .data import build_datasets, build_eval_only
+    from .data import build_datasets, build_eval_only, build_held_out
     from .data.sources import describe
     from .evaluate import evaluate, evaluate_examples
     from .model import AUTOCAST_DTYPES, check_vocabulary
@@ -138,10 +138,6 @@ def run_eval(cfg: RunConfig, adapter: str | None, data: str | None, predictions:
         cfg.data.eval, cfg.data.eval_fraction = data, None
     if not (cfg.data.eval or cfg.data.eval_fraction):
         raise ConfigError("nothing to evaluate: set data.eval (or data.eval_fraction) or pass --data FILE")
-    if predictions and not cfg.data.eval:
-        # (the held-out split is tokenised, maybe cached, without the records its lines would name)
-        raise UserError(f"--predictions {predictions}: needs an eval file (data.eval or --data FILE); the "
-                        "examples data.eval_fraction holds out of data.train have no lines to name")
     if generate:
         generation_metrics.check_run(cfg)
     if not cfg.data.eval:
@@ -164,11 +160,13 @@ def run_eval(cfg: RunConfig, adapter: str | None, data: str | None, predictions:
     if cfg.data.eval:  # labels come from the adapter: the training file is not needed (or read)
         # problems are named by where the path came from: --data, or the config's data.eval
         evalset = build_eval_only(cfg, task, tokenizer, "--data" if data else "data.eval", sources)
+    elif sources is not None:  # data.eval_fraction's held-out part, with the records its lines need
+        evalset = build_held_out(cfg, task, tokenizer, sources)
     else:  # data.eval_fraction: the part of the training file that training held out
         evalset = build_datasets(cfg, task, tokenizer, None, for_eval=True)["eval"]
     check_vocabulary(model, tokenizer, {"eval": evalset}, "--data" if data else "data.eval")
-    prepared = generation_metrics.prepare(task, tokenizer, trained, sources or [],
-                                          f"{'--data' if data else 'data.eval'} {cfg.data.eval}") if generate else []
+    named = f"{'--data' if data else 'data.eval'} {cfg.data.eval}" if cfg.data.eval else "data.train"
+    prepared = generation_metrics.prepare(task, tokenizer, trained, sources or [], named) if generate else []
     what = cfg.data.eval or f"the {cfg.data.eval_fraction:g} of {describe(cfg.data.train)} that training held out"
     log.info("eval: adapter %s on %d example(s) of %s%s", path, len(evalset), what,
              f" ({acc.num_processes} processes)" if acc.num_processes > 1 else "")

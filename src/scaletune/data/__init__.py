@@ -491,12 +491,30 @@ def build_eval_only(cfg: Any, task: Any, tokenizer: Any, key: str, sources: list
     ignored = task.ignored_fields(records, key)
     if ignored:
         log.warning(ignored)
+    return _encoded_eval(cfg, task, tokenizer, key, cfg.data.eval, records, labels, sources)
+
+
+def build_held_out(cfg: Any, task: Any, tokenizer: Any, sources: list) -> Any:
+    """The examples data.eval_fraction holds out of data.train, split as training split them (same records, same
+    seed), with `sources` filled as build_eval_only fills it: for `eval --predictions/--generate`, whose lines
+    need the records (the cached held-out set keeps none). Not cached."""
+    records, _ = read_train_records(cfg.data.train, conll=cfg.data.format == "conll",
+                                    conll_columns=cfg.data.conll_columns)
+    labels = task.setup(records, cfg, describe(cfg.data.train))
+    _, held = split_eval(records, cfg.data.eval_fraction, cfg.train.seed)
+    return _encoded_eval(cfg, task, tokenizer, "data.eval_fraction", f"the held-out part of {describe(cfg.data.train)}",
+                         held, labels, sources)
+
+
+def _encoded_eval(cfg: Any, task: Any, tokenizer: Any, key: str, what: str, records: list[dict],
+                  labels: list[str] | None, sources: list | None) -> Any:
+    """`records` tokenised as an eval set, what was skipped or cut said once (`key`, `what`: how to name them)."""
     evalset, counted = _encode_all(records, task, tokenizer, cfg,
                                    {name: i for i, name in enumerate(labels)} if labels else None,
                                    sourced=sources is not None)
     dropped, truncated = counted["dropped"], counted["truncated"]  # (unstopped: a training-time concern)
     if evalset is None:
-        raise DataError(f"{key}: no usable examples in {cfg.data.eval} ({dropped} had no target tokens within "
+        raise DataError(f"{key}: no usable examples in {what} ({dropped} had no target tokens within "
                         f"data.max_length={cfg.data.max_length})")
     if dropped:  # scored on fewer examples than the file holds: say so, as training does
         log.warning("%s: %d example(s) skipped: no target tokens within data.max_length=%d", key, dropped,
