@@ -100,4 +100,5 @@ def run_demo(out_dir: str, steps: int | None = None) -> int:
         print(f"       {q:<36} before: {a0.strip()[:20]!r:<24} after: {a1.strip()[:24]!r}")
     print(f"\n[demo] adapter: {cfg.output_dir}/adapter   metrics: {cfg.output_dir}/metrics.jsonl")
     print(f"[demo] next: scaletune predict {out / 'demo.yaml'} --input - <<< 'Add 2 and 5.'")
+    print(f"              scaletune eval {out / 'demo.yaml'} --generate   # its answers to the held-out questions")
     return 0 if after["loss"] < before["loss"] else 1
