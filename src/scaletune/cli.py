@@ -87,8 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "0.5, as training's evals), e.g. the T to give predict --threshold")
     p.add_argument("--generate", action="store_true", help="causal_lm: also generate each example's answer as "
                    "predict does (greedy) and score it against the reference: exact_match, token_f1")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="with --generate: most tokens an answer may "
-                   "add (default 128; cut at the model's context)")
+    p.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+                   help="with --generate: most tokens an answer may add (default 128; cut at the model's context)")
     p.add_argument("--json", action="store_true",
                    help="print the metrics as JSON on a terminal too (a table there otherwise; piped: always JSON)")
 
