@@ -440,3 +440,54 @@ def test_a_chat_template_that_drops_the_answers_is_named(tmp_path, tiny_llama):
     tok.chat_template = "{% for m in messages %}{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}{% endif %}{% endfor %}"
     with pytest.raises(DataError, match=r"c.jsonl:1: the chat template renders assistant turn messages\[1\] as nothing"):
         build_datasets(cfg, get_task("causal_lm"), tok)
+
+
+def test_a_template_that_takes_tools_but_not_tool_calls_gets_the_calls_as_text(tmp_path, tiny_llama):
+    """A template that prints `tools` but knows no `tool_calls` would drop each call, and train an empty answer
+    in its place: both are needed for tool use to go to the template natively."""
+    data = write_jsonl(tmp_path / "g.jsonl", [_GLAIVE] * 2)
+    cfg = _cfg(tmp_path, tiny_llama, data=data, max_length=1024)
+    tok = load_tokenizer(cfg)
+    tok.chat_template = "{% if tools %}<|tools|>{{ tools | length }}</s>{% endif %}" + _CLOSING.replace("{{ END }}", "</s>")
+    trained, context = _trained_and_context(tok, build_datasets(cfg, get_task("causal_lm"), tok)["train"][0])
+    assert '{"name": "search", "arguments": {"q": "chicken"}}' in trained
+    assert "<|tools|>" not in context and "recipe search" in context
+
+
+def test_a_tool_results_tool_call_id_reaches_a_template_that_takes_tools(tmp_path, tiny_llama):
+    data = write_jsonl(tmp_path / "o.jsonl", [_OPENAI] * 2)
+    cfg = _cfg(tmp_path, tiny_llama, data=data, max_length=1024)
+    tok = load_tokenizer(cfg)
+    tok.chat_template = _TOOL_TEMPLATE.replace("<|{{ m.role }}|>", "<|{{ m.role }}{{ m.tool_call_id or '' }}|>")
+    trained, context = _trained_and_context(tok, build_datasets(cfg, get_task("causal_lm"), tok)["train"][0])
+    assert '<|toolc1|>{"temp": 21}' in context
+
+
+def test_an_error_outside_the_chat_template_is_not_blamed_on_it(tmp_path, tiny_llama, monkeypatch):
+    """Only what the template's own code raises is its fault ("fix the template"); an error of transformers' API
+    (or scaletune's) propagates as itself."""
+    data = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "q"},
+                                                            {"role": "assistant", "content": "a"}]}] * 2)
+    cfg = _cfg(tmp_path, tiny_llama, data=data)
+    tok = load_tokenizer(cfg)
+    tok.chat_template = _CLOSING.replace("{{ END }}", "</s>")
+
+    def broken(*args, **kwargs):
+        raise ValueError("an API error")
+
+    monkeypatch.setattr(tok, "apply_chat_template", broken)
+    with pytest.raises(ValueError, match="an API error"):
+        build_datasets(cfg, get_task("causal_lm"), tok)
+
+
+def test_a_format_is_detected_by_all_its_columns_and_a_named_one_checked_for_them(tmp_path):
+    from scaletune.data.formats import detect, get_format, ignored_fields
+
+    # a text record with a `prompt` field is text (prompt_completion needs a completion too)
+    assert detect([{"text": "a doc", "prompt": "meta"}], "t.jsonl").name == "text"
+    assert detect([{"instruction": "q", "text": "a doc"}], "t.jsonl").name == "text"
+    with pytest.raises(DataError, match=r"t.jsonl:3: format alpaca needs column\(s\) \['output'\]"):
+        get_format("alpaca", [{"instruction": "q", "__where__": "t.jsonl:3"}], "t.jsonl")
+    many = [{"text": "a", **{f"f{i:02d}": i for i in range(13)}}]
+    line = ignored_fields(detect(many, "t.jsonl"), many, "data.train")
+    assert line.endswith("f09 (1 record), and 3 more") and "f10" not in line

@@ -397,3 +397,55 @@ def test_conll_sniffing_skips_comments_and_tolerates_a_stray_tag():
     assert not conll_lines([*rows[:17], "Paris B-LOC", "a plain sentence"], tags)  # (2 misses in 19 lines)
     assert conll_lines([*rows, "Paris B-LOC", "# O"], tags)  # ("# O" is the "#" word, tagged)
     assert not conll_lines(["# comment", "The cat sat on the mat .", "I saw John O"] * 10, tags)
+
+
+def test_json_files_of_json_lines_a_wrapper_or_columns_are_records(tmp_path):
+    """A .json holding JSON lines (common) is read as such, naming lines; {"data": [...]} and equal-length
+    columns are records too; columns of unequal length are refused, not cut to the shortest."""
+    lines = tmp_path / "l.json"
+    lines.write_text('{"text": "a"}\n\n{"text": "b"}\n')
+    assert [(r["text"], r[WHERE]) for r in read_records(str(lines))] == [("a", f"{lines}:1"), ("b", f"{lines}:3")]
+    wrapper = tmp_path / "w.json"
+    wrapper.write_text(json.dumps({"version": 2, "data": [{"text": "a"}, {"text": "b"}]}))
+    assert [r["text"] for r in read_records(str(wrapper))] == ["a", "b"]
+    columns = tmp_path / "c.json"
+    columns.write_text(json.dumps({"text": ["a", "b"], "label": ["x", "y"]}))
+    assert [(r["text"], r["label"]) for r in read_records(str(columns))] == [("a", "x"), ("b", "y")]
+    columns.write_text(json.dumps({"text": ["a", "b"], "label": ["x"]}))
+    with pytest.raises(DataError, match=r"c.json: expected a list of objects .* columns of equal length"):
+        read_records(str(columns))
+
+
+def test_a_csv_header_naming_a_column_twice_is_refused_empty_rows_skipped_and_tsv_quotes_are_text(tmp_path):
+    p = tmp_path / "d.csv"
+    p.write_text("text,label\na,x\n,\n , \nb,y\n")  # a spreadsheet's empty rows
+    assert [r["text"] for r in read_records(str(p))] == ["a", "b"]
+    p.write_text("text,label,text\na,x,b\n")
+    with pytest.raises(DataError, match=r"d.csv:1: the first line must be a header with distinct, non-empty"):
+        read_records(str(p))
+    t = tmp_path / "d.tsv"  # TSV has no quoting (SST-2's sentences hold stray quotes): an open quote is a character
+    t.write_text('sentence\tlabel\nshe said "hi\t1\n"ok" then\t0\n')
+    assert [r["sentence"] for r in read_records(str(t))] == ['she said "hi', '"ok" then']
+
+
+def test_a_file_of_many_bad_lines_names_the_first_ten(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text("not json\n" * 15)
+    with pytest.raises(DataError) as err:
+        read_records(str(p))
+    text = err.value.render()
+    assert f"{p}:10: invalid JSON" in text and f"{p}:11:" not in text and "stopping after 10 problems" in text
+
+
+def test_predict_reads_a_json_array_as_records_a_bom_on_stdin_and_refuses_a_blank_api_input(tmp_path):
+    import io
+
+    from scaletune.predict_input import LINE, PLAIN, given_inputs, read_inputs
+
+    p = tmp_path / "in.json"
+    p.write_text('\ufeff[\n  {"text": "a"},\n  {"text": "b"}\n]\n', encoding="utf-8")
+    assert [(r["text"], r[LINE]) for r in read_inputs(str(p), io.StringIO())] == [("a", 2), ("b", 3)]
+    piped = read_inputs(None, io.StringIO('\ufeff{"text": "c"}\n'))  # a byte-order mark on stdin too
+    assert [(r["text"], PLAIN in r) for r in piped] == [("c", False)]
+    with pytest.raises(DataError, match=r"inputs\[1\]: expected a non-blank str or a dict, got ' '"):
+        given_inputs(["ok", " "])

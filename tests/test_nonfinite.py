@@ -249,3 +249,23 @@ def test_deepspeeds_loss_scale_at_its_minimum_stops_the_run_with_a_message(monke
     with pytest.raises(Exception, match="Current loss scale already at minimum"):
         scaler.update_scale(True)  # the next overflow: DeepSpeed's own end
     assert [v["loss_scale"] for kind, _, v in logged if kind == "overflow"] == [16, 8, 4, 2, 1]
+
+
+def test_a_host_checked_step_with_a_non_finite_loss_is_not_applied_and_the_logged_loss_is_the_mean():
+    """Where the host decides (no fused AdamW): a step whose loss is not finite is not stepped even with a
+    finite gradient norm, and counts against max_nonfinite_skips (the run stops once they are exceeded); the
+    logged loss is the mean of the interval's finite steps."""
+    acc = SimpleNamespace(distributed_type=SimpleNamespace(value="NO"), scaler=None)
+    stepped, logged = [], []
+    optimizer = SimpleNamespace(step=lambda: stepped.append(1))
+    mlog = SimpleNamespace(log=lambda kind, step, values: logged.append((kind, step)), close=lambda: None)
+    cfg = SimpleNamespace(mixed_precision="no", on_nonfinite="skip", max_nonfinite_skips=1)
+    guard = nonfinite.NonfiniteGuard(acc, optimizer, None, cfg, {"nonfinite_skips": 0}, mlog)
+    for step, loss in enumerate([1.0, math.nan, 3.0], start=1):
+        guard.optimizer_step(optimizer, None, step, torch.tensor([0.5, loss]))
+        guard.settle(boundary=False)
+    assert len(stepped) == 2 and logged == [("nonfinite", 2)]
+    assert guard.interval_loss() == pytest.approx(2.0)
+    guard.optimizer_step(optimizer, None, 4, torch.tensor([0.5, math.inf]))
+    with pytest.raises(UserError, match=r"non-finite loss at step 4"):
+        guard.settle(boundary=False)

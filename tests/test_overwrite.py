@@ -221,3 +221,38 @@ def test_overwrite_that_cannot_record_nor_restore_names_where_the_old_run_is(mak
     (aside,) = tmp_path.glob(".run.replaced-*")
     assert f"the replaced run is safe, kept at {aside}" in str(caught.value)
     assert (aside / "adapter/adapter_model.safetensors").is_file()
+
+
+def test_a_fresh_start_by_resume_takes_a_dead_attempts_files_but_not_a_finished_runs_adapter(tmp_path):
+    """--resume auto with no checkpoint starts afresh where an attempt died early (its run.json, metrics and
+    `scaletune report`'s plots); a finished run whose checkpoints were deleted (its adapter/ is there) is refused."""
+    import types
+
+    from scaletune.errors import ConfigError
+    from scaletune.outdir import check_output_dir
+
+    out = tmp_path / "run"
+    out.mkdir()
+    cfg = types.SimpleNamespace(output_dir=str(out))
+    (out / "run.json").write_text('{"config_fingerprint": "x"}')
+    (out / "metrics.jsonl").write_text("{}\n")
+    (out / "loss.png").write_bytes(b"png")
+    assert check_output_dir(cfg, "auto", False) is False
+    (out / "adapter").mkdir()
+    with pytest.raises(ConfigError, match=r"has no checkpoint to resume.*its adapter/ is a finished run's"):
+        check_output_dir(cfg, "auto", False)
+
+
+def test_a_link_where_the_old_run_would_be_set_aside_does_not_cost_it(tmp_path, monkeypatch):
+    """A dangling link that holds the set-aside name made the rename fail, and the fallback deleted the old run
+    before the new one had finished: the next free name is taken instead."""
+    import scaletune.outdir as outdir
+
+    monkeypatch.setattr(outdir.time, "strftime", lambda fmt: "20260101-000000")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.json").write_text("{}")
+    (tmp_path / ".run.replaced-20260101-000000").symlink_to(tmp_path / "gone")
+    outdir.set_aside(out)
+    assert (tmp_path / ".run.replaced-20260101-000000-1" / "run.json").exists()
+    assert replaced_runs(out) == [tmp_path / ".run.replaced-20260101-000000-1"]

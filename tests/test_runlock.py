@@ -181,3 +181,45 @@ def test_ranks_keep_the_output_dir_locked_when_their_launcher_is_gone(tmp_path):
     release.set()
     launcher.join(60)
     assert other_process_tries(out) == "locked"
+
+
+def test_a_ranks_share_ending_leaves_the_launchers_lock_file(tmp_path):
+    """Rank 0 ending first must not remove the lock file its launcher still holds: a run started then would
+    create and lock a new file of that name beside the launcher's lock."""
+    out = tmp_path / "run"
+    lock = runlock.acquire(out)
+    lock.share_with_ranks()
+    share = runlock.join(out)
+    assert share is not None and not share.owner
+    share.release()  # (in one process this drops both record locks: the file is what is under test)
+    assert (out / runlock.LOCK_NAME).exists()
+    lock.release()
+    assert not (out / runlock.LOCK_NAME).exists()
+
+
+def test_overwrite_under_a_launcher_locks_the_new_directory_in_the_rank(tmp_path, monkeypatch):
+    """A rank whose launcher's lock it could not join (the file was not there) still locks the directory
+    --overwrite creates afresh: the launcher's lock went aside with the old one."""
+    out = tmp_path / "run"
+    out.mkdir()
+    monkeypatch.setenv(runlock.HELD_ENV, str(out.resolve()))
+    runlock.lock_run(out)
+    (out / "run.json").write_text("{}")
+    outdir.set_aside(out)
+    runlock.after_replace(out)
+    assert "in use by another run" in other_process_tries(out)
+    runlock.release_run()
+    assert other_process_tries(out) == "locked"
+
+
+def test_a_filesystem_without_record_locks_runs_unlocked_with_a_warning(tmp_path, monkeypatch, caplog):
+    """Lustre without -o flock, some FUSE mounts: lockf fails with ENOLCK and the like; the run goes on."""
+    import errno
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(runlock.fcntl, "lockf", no_locks)
+    with caplog.at_level("WARNING", logger="scaletune"):
+        assert runlock.acquire(tmp_path / "run") is None
+    assert "cannot be locked on this filesystem (No locks available)" in caplog.text

@@ -33,6 +33,7 @@ def test_pack_rows_places_every_example_once_within_max_length():
     assert flat == list(range(300))
     assert all(sum(lengths[i] for i in r) <= 128 for r in rows)
     assert sum(lengths) / (len(rows) * 128) > 0.95  # best-fit decreasing wastes almost nothing
+    assert pack_rows([64, 64, 128, 100, 28], 128) == [[2], [3, 4], [0, 1]]  # an exact fit fills a row
 
 
 
