@@ -26,46 +26,44 @@ def train_keyed_sources(train: Any) -> list[tuple[str, str]]:
     return [(key, spec) for spec, _, key in _expanded(train)]
 
 
+def _items(train: Any) -> list[tuple[str, str, float]]:
+    """(the config key, spec as written, weight) of each data.train item."""
+    items = train if isinstance(train, list) else [train]
+    return [(f"data.train[{i}]" if isinstance(train, list) else "data.train",
+             *((item["path"], float(item.get("weight", 1.0))) if isinstance(item, dict) else (item, 1.0)))
+            for i, item in enumerate(items)]
+
+
 def _expanded(train: Any) -> list[tuple[str, float, str]]:
     """(spec, weight, the config key it comes from) of every source: a pattern (data/*.jsonl, shards/part-?.csv)
     that names no file itself stands for the files it matches, in sorted order (the same every run), each with
     the item's weight; one matching nothing is kept as written, for the reader's "file not found"."""
-    items = train if isinstance(train, list) else [train]
-    out = []
-    for i, item in enumerate(items):
-        spec, weight = (item["path"], float(item.get("weight", 1.0))) if isinstance(item, dict) else (item, 1.0)
-        key = f"data.train[{i}]" if isinstance(train, list) else "data.train"
-        matches = _matching_files(spec)
-        out += [(match, weight, key) for match in matches] if matches else [(spec, weight, key)]
-    return out
+    return [(spec, weight, key) for key, written, weight in _items(train)
+            for spec in (_matching_files(written) or [written])]
+
+
+def _holding_eval(train: Any, eval_spec: str | None) -> list[tuple[str, str, str]]:
+    """(key, spec as written, file) of each training file that is data.eval's own file."""
+    if not eval_spec or eval_spec.startswith("hub:") or not os.path.isfile(eval_spec):
+        return []
+    target = os.path.realpath(eval_spec)
+    return [(key, written, spec) for key, written, _ in _items(train)
+            for spec in (_matching_files(written) or [written])
+            if not spec.startswith("hub:") and os.path.realpath(spec) == target]
 
 
 def eval_file_problems(train: Any, eval_spec: str | None) -> list[str]:
     """A pattern item of data.train that matches data.eval's own file (data/*.jsonl beside data/eval.jsonl):
     the run would train on the examples it is scored on, and nothing in the log but a file name would say so."""
-    if not eval_spec or eval_spec.startswith("hub:") or not os.path.isfile(eval_spec):
-        return []
-    target = os.path.realpath(eval_spec)
-    items = train if isinstance(train, list) else [train]
-    out = []
-    for i, item in enumerate(items):
-        pattern = item["path"] if isinstance(item, dict) else item
-        for match in _matching_files(pattern):
-            if os.path.realpath(match) == target:
-                key = f"data.train[{i}]" if isinstance(train, list) else "data.train"
-                out.append(f"{key}: the pattern {pattern} matches {match}, data.eval's file: the run would train "
-                           "on the examples it is scored on; narrow the pattern or move the eval file elsewhere")
-    return out
+    return [f"{key}: the pattern {written} matches {match}, data.eval's file: the run would train on the examples "
+            "it is scored on; narrow the pattern or move the eval file elsewhere"
+            for key, written, match in _holding_eval(train, eval_spec) if match != written]
 
 
 def eval_among_train(train: Any, eval_spec: str | None) -> str | None:
     """The data.train key whose file is data.eval's own (the same file named twice), else None: scoring on
     trained examples is sometimes meant (a check that a run can fit its data), so it is said, not refused."""
-    if not eval_spec or eval_spec.startswith("hub:") or not os.path.isfile(eval_spec):
-        return None
-    target = os.path.realpath(eval_spec)
-    return next((key for spec, _, key in _expanded(train)
-                 if not spec.startswith("hub:") and os.path.realpath(spec) == target), None)
+    return next((key for key, _, _ in _holding_eval(train, eval_spec)), None)
 
 
 def _matching_files(spec: str) -> list[str]:
