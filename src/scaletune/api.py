@@ -115,7 +115,6 @@ def evaluate(config: str | Path | Mapping[str, Any], overrides: list[str] | Mapp
     `generate`, `max_new_tokens` (None: 128): as --adapter, --data, --predictions, --threshold, --generate,
     --max-new-tokens."""
     from .cli import threshold_option
-    from .generation_metrics import DEFAULT_MAX_NEW_TOKENS
     from .infer import run_eval
 
     threshold = _option("threshold", threshold_option, threshold)
@@ -123,8 +122,7 @@ def evaluate(config: str | Path | Mapping[str, Any], overrides: list[str] | Mapp
     _check("eval", data=data, predictions=predictions, generate=generate, max_new_tokens=max_new_tokens)
     cfg = _load(config, overrides)
     with _call():
-        return run_eval(cfg, _text(adapter), data, predictions, threshold,
-                        (max_new_tokens or DEFAULT_MAX_NEW_TOKENS) if generate else None)
+        return run_eval(cfg, _text(adapter), data, predictions, threshold, generate, max_new_tokens)
 
 
 @_in_python_words

@@ -360,8 +360,8 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "eval":
         from .infer import run_eval
 
-        metrics = run_eval(cfg, args.adapter, args.data, args.predictions, args.threshold,
-                           (args.max_new_tokens or generation_metrics.DEFAULT_MAX_NEW_TOKENS) if args.generate else None)
+        metrics = run_eval(cfg, args.adapter, args.data, args.predictions, args.threshold, args.generate,
+                           args.max_new_tokens)
         import json
 
         # every rank of an `accelerate launch` has the gathered metrics: one document on stdout, not one per rank

@@ -123,11 +123,12 @@ def on_device(cfg: RunConfig, model: Any) -> tuple[Any, Any]:
 
 
 def run_eval(cfg: RunConfig, adapter: str | None, data: str | None, predictions: str | None = None,
-             threshold: float | None = None, generate: int | None = None) -> dict:
+             threshold: float | None = None, generate: bool = False, max_new_tokens: int | None = None) -> dict:
     """The adapter's metrics on the eval data; `predictions`: also write each example's line to that new file
     (the main process), in the data's order; `threshold` (multi-label seq_cls): the sigmoid a class must exceed
-    to be predicted (None: 0.5); `generate` (causal_lm): also generate each answer with at most that many new
-    tokens, as predict does, and score it against the example's (generation_metrics)."""
+    to be predicted (None: 0.5); `generate` (causal_lm): also generate each answer with at most `max_new_tokens`
+    new tokens (None: generation_metrics.DEFAULT_MAX_NEW_TOKENS), as predict does, and score it against the
+    example's (generation_metrics)."""
     from .data import build_datasets, build_eval_only, build_held_out
     from .data.sources import describe
     from .evaluate import evaluate, evaluate_examples
@@ -170,7 +171,8 @@ def run_eval(cfg: RunConfig, adapter: str | None, data: str | None, predictions:
     what = cfg.data.eval or f"the {cfg.data.eval_fraction:g} of {describe(cfg.data.train)} that training held out"
     log.info("eval: adapter %s on %d example(s) of %s%s", path, len(evalset), what,
              f" ({acc.num_processes} processes)" if acc.num_processes > 1 else "")
-    added, generated = generation_metrics.score(acc, model, tokenizer, prepared, generate) if generate else ({}, None)
+    budget = max_new_tokens or generation_metrics.DEFAULT_MAX_NEW_TOKENS
+    added, generated = generation_metrics.score(acc, model, tokenizer, prepared, budget) if generate else ({}, None)
     if not predictions:
         return {**evaluate(acc, model, task, evalset, labels, cfg.train.micro_batch_size, tokenizer.pad_token_id),
                 **added}
