@@ -127,12 +127,18 @@ def test_best_metric_and_early_stopping_problems_are_reported_together(make_conf
 
 
 def test_the_metrics_best_metric_may_name_are_the_tasks_eval_metrics():
+    from types import SimpleNamespace
+
+    from scaletune.generation_metrics import score
     from scaletune.tasks import get_task
 
     reported = {"causal_lm": get_task("causal_lm").metrics([], 2.0, 4, None),
                 "seq_cls": get_task("seq_cls").metrics([(0, 0), (1, 0)], 1.0, 2, ["a", "b"]),
                 "token_cls": get_task("token_cls").metrics([([0, 1], [0, 1], [])], 1.0, 2, ["O", "B-X"]),
                 "seq_regression": get_task("seq_regression").metrics([(0.5, 1.0), (2.0, 3.0)], 1.25, 2, None)}
+    # (causal_lm's exact_match and token_f1 are those of its generated answers: train.eval_generate)
+    nobody = SimpleNamespace(process_index=0, num_processes=1, is_main_process=False)
+    reported["causal_lm"].update(score(nobody, None, None, [], 4)[0])
     for task, names in EVAL_METRICS.items():
         assert set(names) <= set(reported[task]), task
         assert all(isinstance(reported[task][n], float) for n in names), task

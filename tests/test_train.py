@@ -263,6 +263,8 @@ def test_evals_and_saves_per_epoch_set_the_step_intervals(make_config, tmp_path,
     again = tmp_path / "again.yaml"
     again.write_text(yaml.safe_dump({**saved, "output_dir": str(tmp_path / "again")}))
     load_config(again, [], check_peft=True)
+    # eval_every: null beside evals_per_epoch says the same (a base config's eval_every turned off)
+    assert load_config(path, ["train.eval_every=null", "train.save_every=null"], check_peft=True).train.eval_every is None
     # one or the other; and evals need eval data
     with pytest.raises(ConfigError) as err:
         load_config(path, ["train.eval_every=5", "data.eval=null"], check_peft=True)

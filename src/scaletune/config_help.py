@@ -10,7 +10,8 @@ import shutil
 import textwrap
 import typing
 
-from .config import RunConfig, _is_dataclass_type, _type_name
+from .config import RunConfig, _is_dataclass_type
+from .config_values import _type_name
 from .errors import UserError
 
 

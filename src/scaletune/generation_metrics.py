@@ -4,12 +4,15 @@ generates it, compared with the example's reference answer by SQuAD-style exact 
 from __future__ import annotations
 
 import argparse
+import logging
 import re
 import unicodedata
 from collections import Counter
 from typing import Any
 
 from .errors import ConfigError, DataError, UserError
+
+log = logging.getLogger("scaletune")
 
 DEFAULT_MAX_NEW_TOKENS = 128  # longer than predict's 64: a reference cut short can never match exactly
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -71,27 +74,56 @@ _TEXT_REFUSAL = ("--generate: {what} is plain text (pretraining data): it has no
                  "prompt_completion) or drop --generate")
 
 
-def prepare(task: Any, tokenizer: Any, trained_format: str | None, records: list[dict], source: str) -> list[tuple]:
-    """(prompt segments, reference answer) of each eval record, in order: the prompt as `predict` renders the
-    same line for an adapter trained on `trained_format`, the reference the final assistant turn; `source`
-    names the eval file (e.g. "--data FILE") in a refusal of plain text. Every record is checked here, before any generation (a bad record 900 must not cost 899 completions)."""
+def prepare(task: Any, tokenizer: Any, trained_format: str | None, records: list[dict], source: str,
+            key: str = "--generate") -> list[tuple]:
+    """(prompt segments, reference answer, the record's file:line) of each eval record, in order: the prompt as
+    `predict` renders the same line for an adapter trained on `trained_format`, the reference the final
+    assistant turn; `source` names the eval file (e.g. "--data FILE") in a refusal of plain text, `key` what
+    asked for the answers (--generate, train.eval_generate). Every record is checked here, before any generation
+    (a bad record 900 must not cost 899 completions)."""
     from .data.readers import WHERE
     from .infer import prompt_segments
     from .predict_input import check_prompt, check_prompt_input
 
     name = getattr(getattr(task, "format", None), "name", None)
     if name == "text":
-        raise DataError(_TEXT_REFUSAL.format(what=source))
+        raise DataError(_TEXT_REFUSAL.format(what=source).replace("--generate", key))
     prepared = []
     for record in records:  # (data.columns was applied to these records when they were read: not again)
         check_prompt_input(record)
         prompt, segments = prompt_segments(record, tokenizer, trained_format)
         check_prompt(prompt, record[WHERE])
-        prepared.append((segments, reference_answer(record)))
+        prepared.append((segments, reference_answer(record, key), record[WHERE]))
     return prepared
 
 
-def reference_answer(record: dict) -> str:
+def prepare_for_training(cfg: Any, task: Any, tokenizer: Any) -> list[tuple]:
+    """`prepare`'s list for train.eval_generate: the first N eval examples (true: all) of data.eval, or of the part
+    of data.train that data.eval_fraction holds out, split as training splits it. Read again here: the tokenised
+    eval set keeps neither prompts nor answers as text."""
+    from .data import split_eval
+    from .data.readers import read_records
+    from .data.sources import describe, read_train_records
+    from .tasks.causal_lm import rename_columns
+
+    d, wanted = cfg.data, cfg.train.eval_generate
+    if d.eval:
+        records, key, source = read_records(d.eval, key="data.eval"), "data.eval", f"data.eval {d.eval}"
+    else:
+        records, _ = read_train_records(d.train, conll=False)
+        records, key = split_eval(records, d.eval_fraction, cfg.train.seed)[1], "data.train"
+        source = f"the held-out part of {describe(d.train)}"
+    rename_columns(records, d.columns, key)
+    scored = []  # the examples the eval's loss is scored on, as `eval --generate` takes them: those with a target
+    for record in records:  # token within data.max_length
+        if len(scored) == (len(records) if wanted is True else wanted):
+            break
+        if task.encode(record, tokenizer, cfg, None) is not None:
+            scored.append(record)
+    return prepare(task, tokenizer, task.format.name, scored, source, key="train.eval_generate")
+
+
+def reference_answer(record: dict, key: str = "--generate") -> str:
     """The record's answer to compare with: alpaca's `output`, prompt_completion's `completion`, a conversation's
     final turn where that is the assistant's (sharegpt's gpt, messages' assistant)."""
     from .data.formats import FORMATS
@@ -104,10 +136,10 @@ def reference_answer(record: dict) -> str:
     name = "sharegpt" if "conversations" in record else "messages"
     messages = FORMATS[name].convert(record)["messages"]
     if messages[-1]["role"] != "assistant":
-        raise DataError(f"{record[WHERE]}: --generate: the conversation ends in a {messages[-1]['role']} turn, "
+        raise DataError(f"{record[WHERE]}: {key}: the conversation ends in a {messages[-1]['role']} turn, "
                         "not the assistant's: it has no final answer to compare a generated one with")
     if messages[-1].get("tool_calls"):  # (its content is empty: every answer without text would match it)
-        raise DataError(f"{record[WHERE]}: --generate: the conversation ends in a tool call (function_call / "
+        raise DataError(f"{record[WHERE]}: {key}: the conversation ends in a tool call (function_call / "
                         "tool_calls), not a text answer to compare a generated one with")
     return messages[-1]["content"]
 
@@ -115,14 +147,17 @@ def reference_answer(record: dict) -> str:
 def score(acc: Any, model: Any, tokenizer: Any, prepared: list[tuple], max_new_tokens: int) -> tuple[dict, list]:
     """(eval's added metrics: the means of exact_match and token_f1 and generated_examples, one dict per
     example {generated, reference, exact_match, token_f1}): greedy completions, GENERATE_BATCH prompts a
-    `generate` grouped by length, as predict batches them (a row's completion does not depend on its batch)."""
+    `generate` grouped by length, as predict batches them (a row's completion does not depend on its batch).
+    Several processes each generate a share of the prompts (each holds the whole model) and all get every
+    answer."""
     import torch
 
     from .infer import GENERATE_BATCH, generate_batch
     from .progress import Progress
 
     order = sorted(range(len(prepared)), key=lambda i: (-sum(len(s) for s, _ in prepared[i][0]), i))
-    batches = [order[at:at + GENERATE_BATCH] for at in range(0, len(order), GENERATE_BATCH)]
+    mine = order[acc.process_index::acc.num_processes]  # (dealt longest first: the shares' work evens out)
+    batches = [mine[at:at + GENERATE_BATCH] for at in range(0, len(mine), GENERATE_BATCH)]
     progress = Progress(len(batches), "generate", "batches", shown=acc.is_main_process)
     generated: dict[int, str] = {}
     for batch in batches:
@@ -131,10 +166,41 @@ def score(acc: Any, model: Any, tokenizer: Any, prepared: list[tuple], max_new_t
             texts = generate_batch(model, tokenizer, [prepared[i][0] for i in batch], max_new_tokens)
         generated.update(zip(batch, texts))
     progress.close()
+    if acc.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        generated = dict(gather_object(list(generated.items())))
     lines = [{"generated": generated[i], "reference": reference,
               "exact_match": exact_match(generated[i], reference), "token_f1": token_f1(generated[i], reference)}
-             for i, (_, reference) in enumerate(prepared)]
+             for i, (_, reference, _) in enumerate(prepared)]
     n = max(len(lines), 1)
     metrics = {"exact_match": sum(ln["exact_match"] for ln in lines) / n,
                "token_f1": sum(ln["token_f1"] for ln in lines) / n, "generated_examples": len(lines)}
     return metrics, lines
+
+
+def score_during_training(run: Any) -> dict:
+    """train.eval_generate at `run.step`: the answers to the prepared eval examples, generated by the model as it
+    is now (in eval mode: no dropout, no NEFTune noise), their metrics returned and each answer written by the
+    main process to OUTPUT_DIR/generations/step-S.jsonl, one line per example in the eval data's order."""
+    import json
+
+    from .trainable_state import unwrap
+
+    model = unwrap(run.accelerator, run.model)  # (generate is the peft model's, not DDP's or DeepSpeed's)
+    was_training = model.training
+    model.eval()
+    try:
+        metrics, lines = score(run.accelerator, model, run.tokenizer, run.generation, run.cfg.train.eval_max_new_tokens)
+    finally:
+        model.train(was_training)
+    if run.accelerator.is_main_process:
+        folder = run.output_dir / "generations"
+        try:
+            folder.mkdir(exist_ok=True)
+            with open(folder / f"step-{run.step}.jsonl", "w", encoding="utf-8") as out:
+                for (_, _, where), line in zip(run.generation, lines, strict=True):
+                    out.write(json.dumps({"line": where, **line}, ensure_ascii=False) + "\n")
+        except OSError as exc:  # (the metrics still count: a full disk costs the file, not the run)
+            log.warning("could not write %s: %s", folder / f"step-{run.step}.jsonl", exc.strerror or exc)
+    return metrics

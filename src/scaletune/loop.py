@@ -25,6 +25,7 @@ from . import faults, methods
 from .best import BestAdapter
 from .data.batching import StepBatches
 from .evaluate import evaluate
+from .generation_metrics import score_during_training
 from .metrics import Throughput
 from .nonfinite import NonfiniteGuard
 from .outdir import replaced_note
@@ -144,6 +145,8 @@ def evaluate_step(run: Run, best: BestAdapter, mlog: MetricsLog, speed: Throughp
     with speed.paused():  # tokens/s is the training's
         metrics = evaluate(run.accelerator, run.model, run.task, run.data["eval"], run.data["labels"],
                            t.micro_batch_size, run.tokenizer.pad_token_id)
+        if run.generation:  # train.eval_generate
+            metrics.update(score_during_training(run))
         mlog.log("eval", run.step, metrics)
         mlog.write(f"step {run.step}: eval " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
                                                           if isinstance(v, float)))

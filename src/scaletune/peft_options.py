@@ -12,7 +12,8 @@ import types
 import typing
 from typing import Any
 
-from .config import TASKS, RunConfig, _short, unknown_key_hint
+from .config import TASKS, RunConfig, unknown_key_hint
+from .config_values import _short
 from .errors import ConfigError, problems_count
 
 

@@ -23,13 +23,13 @@ from .errors import UserError, failed_write, write_error
 from .tracking import NONFINITE, duration
 
 # Eval metrics in display order (any other numeric key a task logs follows these).
-_EVAL_ORDER = ("loss", "perplexity", "accuracy", "macro_f1", "precision", "recall", "f1", "token_accuracy", "mse",
+_EVAL_ORDER = ("loss", "perplexity", "exact_match", "token_f1", "accuracy", "macro_f1", "precision", "recall", "f1", "token_accuracy", "mse",
                "rmse", "mae", "pearson", "spearman")
 # tasks whose one target per example makes "target tokens/s" examples/s
 _PER_EXAMPLE = ("seq_cls", "seq_regression")
 # counts/bookkeeping, not quality (token_cls: what data.max_length cut from the eval set)
 _NOT_METRICS = {"event", "step", "time", "target_tokens", "sentences_truncated", "words_truncated",
-                "entities_truncated"}
+                "entities_truncated", "generated_examples"}
 # What people compare first across a sweep: label -> candidate dotted paths into run.json.
 _KEY_PARAMS = {"method": ("config.peft.method",), "r": ("config.peft.r",), "lr": ("config.train.learning_rate",),
                "global batch": ("config.train.global_batch_size",), "steps": ("total_steps", "config.train.max_steps"),

@@ -11,15 +11,13 @@ from typing import Any
 from .class_weights import config_problems as class_weight_problems
 from .config import (
     _PEFT_SIZE_KEYS,
-    BOOL_HINT,
     CAUSAL_FORMATS,
     EVAL_METRICS,
     MAX_PEFT_SIZE,
     NO_CHAT_FORMATS,
     RunConfig,
-    _did_you_mean,
-    _short,
 )
+from .config_values import BOOL_HINT, _did_you_mean, _short
 
 # peft methods that add virtual tokens or key/values in front of every example
 VIRTUAL_TOKEN_METHODS = ("prefix_tuning", "prompt_tuning", "p_tuning")
@@ -327,7 +325,7 @@ def ignored_key_problems(cfg: RunConfig) -> list[str]:
     if t.evals_per_epoch is not None and not (d.eval or d.eval_fraction):
         p.append("train.evals_per_epoch: there is no eval data to evaluate; set data.eval or data.eval_fraction")
     for per_epoch, every in (("evals_per_epoch", "eval_every"), ("saves_per_epoch", "save_every")):
-        if getattr(t, per_epoch) is not None and _changed(t, every):
+        if getattr(t, per_epoch) is not None and getattr(t, every) is not None and _changed(t, every):
             p.append(f"train.{per_epoch} and train.{every}: give one or the other ({per_epoch} sets {every})")
     text_tasks = ("seq_cls", "seq_regression")
     for key, tasks in (("text_column", text_tasks), ("text_pair_column", text_tasks), ("label_column", text_tasks),
@@ -366,6 +364,10 @@ def _best_and_early_stopping(cfg: RunConfig) -> list[str]:
     if t.best_metric is not None and not (d.eval or d.eval_fraction):
         p.append("train.best_metric: there is no eval data to pick the best adapter by; set data.eval or "
                  "data.eval_fraction")
+    elif t.best_metric in GENERATED_METRICS and cfg.task == "causal_lm" and not t.eval_generate:
+        p.append(f"train.best_metric: {t.best_metric} scores generated answers; set train.eval_generate (true, or "
+                 "N: the first N eval examples) to generate them at each eval")
+    p += _eval_generate(cfg)
     if t.early_stopping_patience is not None:
         if t.early_stopping_patience < 1:
             p.append(f"train.early_stopping_patience: must be >= 1 (or null), got {t.early_stopping_patience}")
@@ -376,6 +378,35 @@ def _best_and_early_stopping(cfg: RunConfig) -> list[str]:
                      "the end there is nothing to stop early)")
     if not (t.early_stopping_threshold >= 0):
         p.append(f"train.early_stopping_threshold: must be >= 0, got {t.early_stopping_threshold}")
+    return p
+
+
+GENERATED_METRICS = ("exact_match", "token_f1")
+
+
+def _eval_generate(cfg: RunConfig) -> list[str]:
+    """train.eval_generate's problems: generation needs a causal_lm with prompts and reference answers to eval,
+    and every rank holding whole weights (a ZeRO-3 rank holds a slice: each token would gather the model)."""
+    t, p = cfg.train, []
+    if t.eval_max_new_tokens < 1:
+        p.append(f"train.eval_max_new_tokens: must be >= 1, got {t.eval_max_new_tokens}")
+    if t.eval_generate is False:
+        return p
+    if t.eval_generate is not True and t.eval_generate < 1:
+        p.append(f"train.eval_generate: true (every eval example), N >= 1 (the first N) or false; got "
+                 f"{t.eval_generate}")
+    if cfg.task != "causal_lm":
+        p.append(f"train.eval_generate: {cfg.task} labels its inputs (its eval metrics score them); only causal_lm "
+                 "generates answers")
+    elif cfg.data.format == "text":
+        p.append("train.eval_generate: data.format text is plain text, without prompts and reference answers to "
+                 "score generated answers by")
+    if not (cfg.data.eval or cfg.data.eval_fraction):
+        p.append("train.eval_generate: there is no eval data to generate answers to; set data.eval or "
+                 "data.eval_fraction")
+    if cfg.distributed.zero_stage == 3:
+        p.append("train.eval_generate: not under ZeRO-3, where every generated token would gather the whole "
+                 "model across the ranks; score the saved adapters with `scaletune eval --generate` instead")
     return p
 
 

@@ -92,6 +92,7 @@ class Run:
     counters: dict = field(default_factory=lambda: {"nonfinite_skips": 0, "tokens_seen": 0})
     resumed_from: Path | None = None  # the checkpoint this run continues (its path's best adapter is beside it)
     class_weights: dict | None = None  # {label: weight} the loss uses (train.class_weights), as checkpoints keep it
+    generation: list = field(default_factory=list)  # train.eval_generate's prompts (generation_metrics.prepare)
 
 
 def build_optimizer(cfg: RunConfig, model: Any) -> Any:
@@ -168,6 +169,7 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
 
     from .data import build_datasets
     from .distributed import accelerator_kwargs, refuse_differing_configs, world_size_from_env
+    from .generation_metrics import prepare_for_training
     from .model import (
         AUTOCAST_DTYPES,
         check_vocabulary,
@@ -206,6 +208,8 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
     task = get_task(cfg.task)
     data = build_datasets(cfg, task, tokenizer, accelerator)
     n_train = len(data["train"])
+    # (read and checked before the model loads: an eval record without a reference answer stops the run here)
+    generation = prepare_for_training(cfg, task, tokenizer) if t.eval_generate else []
     weights = class_weights.resolve(cfg, data["labels"], data["train"], getattr(task, "multi_label", False))
     if t.label_smoothing and getattr(task, "multi_label", False):
         raise ConfigError("train.label_smoothing: this run is multi-label (a sigmoid and binary cross-entropy per "
@@ -264,7 +268,8 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
                     "at most %.0f%% of train.learning_rate%s; lower train.warmup_steps / warmup_ratio", warmup, total,
                     100 * peak, " and nothing is trained" if peak == 0 else "")
     run = Run(cfg, accelerator, model, optimizer, scheduler, task, data, tokenizer, out, total, accum, fingerprint,
-              given_config, eval_every=every["eval"], save_every=every["save"], class_weights=weights)
+              given_config, eval_every=every["eval"], save_every=every["save"], class_weights=weights,
+              generation=generation)
     error = None
     if accelerator.is_main_process:
         try:

@@ -235,3 +235,24 @@ def test_invalid_combination_refused_before_launch(world, how, combo):
     assert needle in text and "Traceback" not in text
     assert " launch --" not in text, "an accelerate command was started before the refusal"
     assert not out.exists()
+
+
+def test_eval_generate_under_zero2_answers_as_one_process_does(world):
+    """train.eval_generate with 2 ranks: each generates a share of the answers with its whole copy of the model
+    (DeepSpeed's engine unwrapped), the main process writes them all, in the eval data's order, the answers
+    one process gives the final adapter (`eval --generate`), scored the same."""
+    out = world.root / "generate_z2"
+    cfg = world.cfg("generate_z2", data={"eval_fraction": 0.1},
+                    train={"max_steps": 2, "eval_every": 2, "eval_generate": 5, "eval_max_new_tokens": 4},
+                    distributed={"zero_stage": 2})
+    run_cli(world, _accelerate("cpu_2proc_zero2.yaml", str(cfg), f"output_dir={out}"))
+    lines = [json.loads(x) for x in (out / "generations" / "step-2.jsonl").read_text().splitlines()]
+    evals = [r for r in helpers.read_metrics(out, "eval") if "exact_match" in r]
+    assert len(lines) == 5 and [r["generated_examples"] for r in evals] == [5]
+    target = world.root / "generate_z2.jsonl"
+    run_forked(world, ["eval", str(cfg), f"output_dir={out}", "distributed.zero_stage=0", "--generate",
+                              "--max-new-tokens", "4", "--predictions", str(target), "--json"])
+    scored = [json.loads(x) for x in target.read_text().splitlines()][:5]
+    assert [(ln["line"], ln["generated"]) for ln in lines] == [(ln["line"], ln["generated"]) for ln in scored]
+    assert any(ln["generated"] for ln in lines)
+    assert evals[0]["token_f1"] == pytest.approx(sum(ln["token_f1"] for ln in scored) / 5)
