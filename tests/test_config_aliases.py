@@ -115,7 +115,10 @@ def test_every_alias_that_names_a_key_names_one_that_exists():
                                      "train)"),
     # values: transformers' names difflib got wrong or missed
     ({"train": {"lr_scheduler": "cosine_with_restarts"}}, "(did you mean 'cosine'?)"),
-    ({"train": {"optimizer": "paged_adamw_32bit"}}, "(did you mean 'adamw'?)"),
+    ({"train": {"optimizer": "paged_adamw"}}, "(did you mean 'paged_adamw_32bit'?)"),
+    ({"train": {"optimizer": "adamw_bnb_8bit"}}, "(did you mean 'adamw_8bit'?)"),
+    ({"train": {"optimizer": "lion_32bit"}}, "(did you mean 'lion'?)"),
+    ({"train": {"optimizer": "paged_lion_32bit"}}, "(did you mean 'lion'?)"),
     ({"train": {"optimizer": "adamw_torch_fused"}}, "(did you mean 'adamw'?)"),
     ({"model": {"name_or_path": "m", "dtype": "fp16"}}, "(did you mean 'float16'?)"),
     ({"model": {"name_or_path": "m", "quantization": 4}}, "(did you mean '4bit'?)"),

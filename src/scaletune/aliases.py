@@ -154,8 +154,9 @@ VALUE_ALIASES: dict[str, str | tuple[str, ...]] = {
     "text_generation": "causal_lm",
     # (transformers' names; TrainingArguments' cosine_with_restarts and polynomial are cosine and linear at
     # their defaults: one cycle, power 1)
-    "adamw_torch": "adamw", "adamw_torch_fused": "adamw", "adamw_hf": "adamw", "paged_adamw_32bit": "adamw",
-    "paged_adamw": "adamw", "cosine_with_restarts": "cosine", "polynomial": "linear", "wsd": "warmup_stable_decay",
+    "adamw_torch": "adamw", "adamw_torch_fused": "adamw", "adamw_hf": "adamw", "adamw_bnb_8bit": "adamw_8bit",
+    "paged_adamw": "paged_adamw_32bit", "lion_32bit": "lion", "paged_lion_32bit": "lion",
+    "paged_lion": "paged_lion_8bit", "adafactor_hf": "adafactor", "cosine_with_restarts": "cosine", "polynomial": "linear", "wsd": "warmup_stable_decay",
     "fp16": "float16", "fp32": ("float32", "no"), "float32": "no", "float16": "fp16", "bf16": "bfloat16",
     "bfloat16": "bf16", "none": "no", "nf4": "4bit", "int4": "4bit", "4": "4bit",
     "int8": "8bit", "8": "8bit", "fa2": "flash_attention_2",

@@ -153,15 +153,24 @@ class TrainConfig:
     decay_ratio: float = _f(0.1, "warmup_stable_decay: the fraction of the total steps its final decay takes.")
     warmup_ratio: float = _f(0.03, "Fraction of total steps spent warming up (ignored if warmup_steps).")
     warmup_steps: int | None = _f(None, "Warmup steps; overrides warmup_ratio.")
-    weight_decay: float = _f(0.0, "AdamW weight decay (not on biases and norm weights).")
+    weight_decay: float = _f(0.0, "Decoupled weight decay, as AdamW's (Adafactor and Lion apply it the same way), not on "
+                          "biases and norm weights.")
     loraplus_lr_ratio: float | None = _f(None, "LoRA+ (Hayou et al. 2024; peft.method lora): LoRA's B matrices learn "
                                          "at this multiple of learning_rate, A at learning_rate (the paper "
                                          "suggests 16).")
-    adam_beta1: float = _f(0.9, "AdamW beta1.")
-    adam_beta2: float = _f(0.999, "AdamW beta2.")
+    adam_beta1: float = _f(0.9, "AdamW (and Lion) beta1.")
+    adam_beta2: float = _f(0.999, "AdamW (and Lion) beta2.")
     adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
     max_grad_norm: float | None = _f(1.0, "Clip the global gradient norm; null disables clipping.")
-    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = _f("adamw", "Optimizer.")
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor", "lion",
+                       "lion_8bit", "paged_lion_8bit"] = _f(
+        "adamw", "Optimizer. adamw: torch's. adamw_8bit, paged_adamw_8bit, paged_adamw_32bit (QLoRA's): "
+        "bitsandbytes' AdamW with 8-bit or 32-bit moments, paged ones in memory that pages to the host "
+        "under pressure. adafactor: transformers' Adafactor driven by learning_rate and lr_scheduler (no "
+        "relative step or parameter scaling, no beta1 as HF Trainer's; adam_* unused), factored second "
+        "moments for matrices. lion, lion_8bit, paged_lion_8bit: bitsandbytes' Lion, one momentum; it takes "
+        "adam_beta1/adam_beta2 as given (the Lion paper suggests 0.9/0.99 and a 3-10x smaller learning_rate "
+        "than AdamW's). Under ZeRO (distributed.zero_stage > 0): adamw or adafactor.")
     mixed_precision: Literal["no", "fp16", "bf16"] = _f("bf16", "Autocast precision for this run.")
     seed: int = _f(42, "Seed for data order, initialisation and dropout.")
     eval_every: int | None = _f(200, "Evaluate every N optimizer steps (and at the end); null: end only.")

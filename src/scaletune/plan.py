@@ -11,7 +11,9 @@ scaletune + DeepSpeed actually allocate (tests/test_plan.py checks it byte for b
 * trainables: fp32 (scaletune upcasts them); under DeepSpeed bf16/fp16 they are 16-bit in the module
   plus an fp32 master partition. ZeRO-1/2 flatten each param group into a buffer padded to 2 x world.
 * gradients: fp32; under ZeRO the fp32 partition gradient (1/world of the padded group).
-* AdamW: exp_avg + exp_avg_sq fp32 (+ a 4-byte step per param tensor, or per DeepSpeed group).
+* optimizer: AdamW's exp_avg + exp_avg_sq fp32 (+ a 4-byte step per param tensor, or per DeepSpeed group);
+  the others as optimizers.state_bytes counts them (Adafactor factors only whole matrices: not ZeRO's
+  flat partitions).
 
 Activations, logits and buffers are approximations (documented at each function).
 """
@@ -76,6 +78,7 @@ class ModelShape:
     vocab: int
     kv_dim: int
     chunkable_head: bool = False  # the chunked loss could stand in for this model's (see chunked_loss_applies)
+    shapes: list[tuple[int, ...]] = field(default_factory=list)  # each trainable param's, in `groups` order
 
     @property
     def trainable(self) -> int:
@@ -116,15 +119,15 @@ def build_meta_model(cfg: RunConfig) -> Any:
     return cast_trainables(model, trainable_dtype(cfg))  # as load_model does
 
 
-def _optimizer_groups(cfg: RunConfig, model: Any) -> list[list[int]]:
-    """Trainable numels per param group, grouped exactly as train.build_optimizer groups them."""
+def _optimizer_groups(cfg: RunConfig, model: Any) -> list[list[tuple[int, ...]]]:
+    """Trainable shapes per param group, grouped exactly as train.build_optimizer groups them."""
     import torch
 
     from .train import build_optimizer
 
     plain = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, optimizer="adamw"))
     opt: torch.optim.Optimizer = build_optimizer(plain, model)  # meta params: nothing allocated
-    return [[p.numel() for p in g["params"]] for g in opt.param_groups]
+    return [[tuple(p.shape) for p in g["params"]] for g in opt.param_groups]
 
 
 def model_shape(cfg: RunConfig) -> ModelShape:
@@ -148,10 +151,12 @@ def model_shape(cfg: RunConfig) -> ModelShape:
         from .tasks.chunked_ce import chunkable_head
 
         chunkable = chunkable_head(model)[0] is not None  # the rule training applies, on the meta model
-    return ModelShape(frozen=frozen, groups=_optimizer_groups(cfg, model), hidden=hidden, layers=layers,
+    shapes = _optimizer_groups(cfg, model)
+    return ModelShape(frozen=frozen, groups=[[math.prod(s) for s in g] for g in shapes], hidden=hidden, layers=layers,
                       intermediate=int(getattr(c, "intermediate_size", 4 * hidden) or 4 * hidden),
                       vocab=int(getattr(c, "vocab_size", 0) or 0),
-                      kv_dim=hidden * kv_heads // heads, chunkable_head=chunkable)
+                      kv_dim=hidden * kv_heads // heads, chunkable_head=chunkable,
+                      shapes=[s for g in shapes for s in g])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,14 +243,11 @@ def _partition_numels(cfg: RunConfig, shape: ModelShape, world: int) -> list[int
     return [_ceil_to(sum(g), 2 * world) // world for g in shape.groups]
 
 
-def _optimizer_bytes(cfg: RunConfig, numels: list[int]) -> int:
-    """AdamW: two fp32 moments + a 4-byte step tensor per param; 8-bit: two uint8 moments + block scales."""
-    if cfg.train.optimizer == "adamw":
-        return sum(8 * n + 4 for n in numels)
-    total = 0
-    for n in numels:  # bitsandbytes keeps tensors < 4096 elements in 32-bit state
-        total += (8 * n if n < 4096 else 2 * n + 8 * math.ceil(n / 256) + 2 * 1024) + 4
-    return total
+def _optimizer_bytes(cfg: RunConfig, shapes: list[tuple[int, ...]]) -> int:
+    """State bytes of train.optimizer for tensors of these shapes (see optimizers.state_bytes)."""
+    from .optimizers import state_bytes
+
+    return state_bytes(cfg.train.optimizer, shapes)
 
 
 def model_state_bytes(cfg: RunConfig, shape: ModelShape, world: int) -> Estimate:
@@ -259,7 +261,7 @@ def model_state_bytes(cfg: RunConfig, shape: ModelShape, world: int) -> Estimate
         params = [n for g in shape.groups for n in g]
         est.gpu["trainable"] = 4 * sum(params)
         est.gpu["grads"] = 4 * sum(params)
-        est.gpu["optimizer"] = _optimizer_bytes(cfg, params)
+        est.gpu["optimizer"] = _optimizer_bytes(cfg, shape.shapes or [(n,) for n in params])
         return est
     parts = _partition_numels(cfg, shape, world)
     if stage == 3:
@@ -268,7 +270,7 @@ def model_state_bytes(cfg: RunConfig, shape: ModelShape, world: int) -> Estimate
         module = tb * sum(_ceil_to(sum(g), 2 * world) for g in shape.groups)
     # DeepSpeed keeps a separate fp32 master even for fp32 params (measured on CPU; on GPU it may reuse
     # an fp32 partition, so this can over-count by one partition there).
-    states = {"master": 4 * sum(parts), "grads": 4 * sum(parts), "optimizer": _optimizer_bytes(cfg, parts)}
+    states = {"master": 4 * sum(parts), "grads": 4 * sum(parts), "optimizer": _optimizer_bytes(cfg, [(n,) for n in parts])}
     where = est.cpu if off in ("optimizer", "all") else est.gpu
     where.update(states)
     (est.cpu if stage == 3 and off in ("params", "all") else est.gpu)["trainable"] = module

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 from .config import RunConfig
+from .optimizers import ZERO_OPTIMIZERS
 from .plan import Budget, Estimate, ModelShape, estimate
 from .rules import cross_field_problems
 
@@ -29,8 +30,8 @@ def _with(cfg: RunConfig, **changes: dict) -> RunConfig:
 def _offload(cfg: RunConfig, to: str) -> tuple[str, dict]:
     """The change to distributed.offload=`to`, with the optimizer it needs."""
     text, changes = f"distributed.offload={to}", {"distributed": {"offload": to}}
-    if to in ("optimizer", "all") and cfg.train.optimizer != "adamw":
-        # DeepSpeed's CPU Adam replaces any 8-bit optimizer (config rule), so offload means adamw.
+    if to in ("optimizer", "all") and cfg.train.optimizer not in ZERO_OPTIMIZERS:
+        # ZeRO runs no bitsandbytes optimizer (config rule), so offload means adamw.
         text, changes["train"] = f"{text}, train.optimizer=adamw", {"optimizer": "adamw"}
     return text, changes
 

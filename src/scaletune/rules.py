@@ -18,6 +18,7 @@ from .config import (
     RunConfig,
 )
 from .config_values import BOOL_HINT, _did_you_mean, _short
+from .optimizers import BNB_CLASSES, ZERO_OPTIMIZERS
 
 # peft methods that add virtual tokens or key/values in front of every example
 VIRTUAL_TOKEN_METHODS = ("prefix_tuning", "prompt_tuning", "p_tuning")
@@ -216,15 +217,12 @@ def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_c
     if dist.offload in ("params", "all") and dist.zero_stage != 3:
         p.append(f"distributed.offload={dist.offload} needs distributed.zero_stage=3 (only ZeRO-3 partitions "
                  "parameters)")
-    if t.optimizer != "adamw" and dist.zero_stage > 0 and dist.offload in ("optimizer", "all"):
-        p.append(f"train.optimizer={t.optimizer} with optimizer offload: DeepSpeed's CPU Adam replaces it; "
-                 "use optimizer: adamw")
-    elif t.optimizer != "adamw" and dist.zero_stage > 0:
-        # ZeRO partitions the optimizer's state itself, and only Adam's moments can be gathered back whole
-        # for a checkpoint: 8-bit states would be lost on every resume
+    if t.optimizer not in ZERO_OPTIMIZERS and dist.zero_stage > 0:
+        # ZeRO partitions the optimizer's state into flat fp32 buffers and a checkpoint gathers it back by
+        # name: bitsandbytes' quantized or paged states follow neither
         p.append(f"train.optimizer={t.optimizer} with distributed.zero_stage={dist.zero_stage}: ZeRO shards "
-                 "the optimizer state already (and a checkpoint could not keep 8-bit state); use optimizer: "
-                 "adamw, or zero_stage 0")
+                 "the optimizer state itself, which bitsandbytes' optimizers keep their own way; use optimizer: "
+                 "adamw or adafactor, or zero_stage 0")
     if t.mixed_precision == "fp16" and m.dtype == "bfloat16" and m.quantization is None:
         p.append("train.mixed_precision=fp16 with model.dtype=bfloat16: pick bf16 (or dtype float16/float32)")
     if t.mixed_precision == "no" and m.dtype != "float32" and m.quantization is None:
@@ -272,7 +270,7 @@ def package_problems(cfg: RunConfig) -> list[str]:
         p.append(f"distributed.zero_stage={cfg.distributed.zero_stage} needs DeepSpeed, which is not installed in "
                  "this environment (pip install 'scaletune[deepspeed]', or zero_stage 0)")
     for key, value in (("model.quantization", cfg.model.quantization), ("train.optimizer", cfg.train.optimizer)):
-        if value in ("4bit", "8bit", "adamw_8bit", "paged_adamw_8bit") and _missing("bitsandbytes"):
+        if (value in ("4bit", "8bit") or value in BNB_CLASSES) and _missing("bitsandbytes"):
             p.append(f"{key}={value} needs bitsandbytes, which is not installed in this environment (pip install "
                      "'scaletune[quant]')")
     return p

@@ -25,7 +25,8 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
 logger = logging.getLogger(__name__)
 
-#: Optimizer-state keys moved by gather/load (torch AdamW and DeepSpeed's Adam variants use these).
+#: Optimizer-state keys moved by gather/load under ZeRO (torch AdamW and DeepSpeed's Adam variants use these;
+#: Adafactor on ZeRO's flat 1-D partitions keeps exp_avg_sq alone).
 ADAM_STATE_KEYS: tuple[str, ...] = ("exp_avg", "exp_avg_sq")
 
 
@@ -157,12 +158,18 @@ def _write_step(base_opt: Any, step: int) -> None:
         st["step"] = _step_tensor(groups.get(id(p)), p, step, like=st.get("step"))
 
 
-def _ensure_adam_state(base_opt: Any, flat_params: list | None = None) -> None:
-    """Create zero Adam state for params that have none yet (fresh optimizer, before its first step).
+def _moment_keys(base_opt: Any) -> list[str]:
+    """The ADAM_STATE_KEYS this optimizer's state holds (after its first step)."""
+    return [k for k in ADAM_STATE_KEYS if any(k in st for st in base_opt.state.values())]
 
-    torch AdamW initialises state lazily in step() only when the state dict is empty, so pre-filled
-    tensors are used as-is and the loaded moments survive into the next step. `flat_params` lists
-    DeepSpeed's flat fp32 partitions, which ZeRO-3 does not leave in `param_groups`.
+
+def _ensure_adam_state(base_opt: Any, flat_params: list | None = None, keys: tuple = ADAM_STATE_KEYS) -> None:
+    """Create zero Adam state (the moments `keys`) for params that have none yet (fresh optimizer, before
+    its first step).
+
+    torch AdamW (and Adafactor) initialise state lazily in step() only when the state dict is empty, so
+    pre-filled tensors are used as-is and the loaded moments survive into the next step. `flat_params`
+    lists DeepSpeed's flat fp32 partitions, which ZeRO-3 does not leave in `param_groups`.
     """
     import torch
 
@@ -172,8 +179,8 @@ def _ensure_adam_state(base_opt: Any, flat_params: list | None = None) -> None:
         st = base_opt.state[p]
         if len(st) == 0:
             st["step"] = _step_tensor(groups.get(id(p)), p, 0.0)
-            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            for key in keys:
+                st[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
             if amsgrad:
                 st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
@@ -235,6 +242,7 @@ def gather_trainable_state(
     base = _base_torch_optimizer(zero_opt)
     step = _read_step(base)
     have_moments = any(len(st) for st in base.state.values())
+    keys = _moment_keys(base)  # (all ranks step the same optimizer: the same keys everywhere)
     if have_moments and hasattr(zero_opt, "_hp_optimizer_states_linked"):
         # ZeRO-1/2 point each parameter at its optimizer state once, right after the first step of the
         # first parameter group, when the other groups (no-decay biases and norms, DoRA's magnitudes, a
@@ -249,7 +257,7 @@ def gather_trainable_state(
         params[name] = full.detach().float().cpu().clone().reshape(_full_shape(p))
         if not have_moments:
             continue
-        for key in ADAM_STATE_KEYS:
+        for key in keys:
             value = safe_get_full_optimizer_state(p, key)
             if value is not None:
                 opt_state[f"{name}::{key}"] = value.detach().float().cpu().clone().reshape(_full_shape(p))
@@ -342,7 +350,8 @@ def load_trainable_state(
         # A fresh DeepSpeed optimizer has no Adam state yet (torch creates it in the first step) and,
         # for ZeRO-1/2, has not linked the per-parameter views into it; create both so the setters
         # below have somewhere to write and the next step() uses the restored tensors.
-        _ensure_adam_state(base, _ds_flat_fp32_partitions(zero_opt))
+        saved = tuple(k for k in ADAM_STATE_KEYS if any(n.endswith(f"::{k}") for n in opt_state))
+        _ensure_adam_state(base, _ds_flat_fp32_partitions(zero_opt), saved)
         if hasattr(zero_opt, "_lazy_init_hp_params_optimizer_state"):
             zero_opt._lazy_init_hp_params_optimizer_state()
     for name, p in named:

@@ -126,6 +126,33 @@ def test_zero3_resumes_a_tensor_whose_size_is_no_multiple_of_the_world_size(worl
         torch.testing.assert_close(have[name], w, rtol=1e-5, atol=1e-7, msg=name)
 
 
+def test_adafactor_trains_and_resumes_under_zero2(world, offload="optimizer"):
+    """transformers' Adafactor as DeepSpeed's client optimizer (on its flat fp32 partitions, so unfactored:
+    one exp_avg_sq per element), offloaded to the host (DeepSpeed's CPU Adam not forced on it; without
+    offload the same optimizer steps the same partitions on the device): a run resumed from its step-2
+    checkpoint ends where the uninterrupted ZeRO-2 run does, and the checkpoint holds Adafactor's state."""
+    from safetensors.torch import load_file
+
+    cfg = world.cfg(f"adafactor_{offload}", train={"optimizer": "adafactor", "max_steps": 3, "save_every": 2,
+                                                   "learning_rate": 1e-2},
+                    distributed={"zero_stage": 2, "offload": offload})
+    full, part = world.root / f"adafactor_full_{offload}", world.root / f"adafactor_part_{offload}"
+    for out, extra in ((full, []), (part, ["--resume", "auto"])):
+        if extra:
+            copy_checkpoint(full, 2, part)
+        run_cli(world, _scaletune("launch", str(cfg), f"output_dir={out}", *extra, "--nproc", "2",
+                                  "--master-port", str(helpers.free_port())))
+    assert_same_curve(losses(full), losses(part), [3])
+    saved = load_file(str(full / "checkpoints" / "step-2" / "optimizer.safetensors"))
+    assert saved and all(k.endswith("::exp_avg_sq") for k in saved)
+    want = load_file(str(full / "checkpoints" / "step-3" / "trainable.safetensors"))
+    have = load_file(str(part / "checkpoints" / "step-3" / "trainable.safetensors"))
+    start = load_file(str(full / "checkpoints" / "step-2" / "trainable.safetensors"))
+    assert any(not torch.equal(want[n], v) for n, v in start.items())  # step 3 trained
+    for name, w in want.items():
+        torch.testing.assert_close(have[name], w, rtol=0, atol=0, msg=name)
+
+
 # ------------------------------------------------------------------------------------------------
 # quantization, mixed precision, refused combinations
 
