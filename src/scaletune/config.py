@@ -75,6 +75,7 @@ class ModelConfig:
                                   "earlier run's OUTPUT_DIR/adapter or best_adapter (or any peft adapter of the same "
                                   "method and shapes on this base), to train on new data or go on training. The peft "
                                   "section must describe the same adapter; a resumed run takes its checkpoint's.")
+    rope_scaling: dict | None = _f(None, "Stretch a rotary model's positions (Llama, Qwen, Mistral, ...) to train on longer data.max_length than it was pretrained for: {type: linear | dynamic | yarn | llama3 | longrope, factor: F, ...}, F x the model's max_position_embeddings; yarn may add original_max_position_embeddings, attention_factor, beta_fast, beta_slow, mscale, mscale_all_dim, truncate; llama3 needs low_freq_factor, high_freq_factor; longrope needs short_factor, long_factor (factor optional); any may set rope_theta. Applied to the base in train, eval, predict, plan and merge (written into the merged config.json).")
 
 
 @dataclass(kw_only=True)
@@ -91,7 +92,7 @@ class DataConfig:
         "seq_cls, seq_regression: text (+text_pair) + label; token_cls: tokens + tags or conll. auto = detect from "
         "columns.",
     )
-    max_length: int = _f(1024, "Truncate tokenised examples to this many tokens (lowered, with a warning, to the tokenizer's model_max_length and to a learned position table's size, max_position_embeddings: 512 for BERT-family models; above a rotary model's max_position_embeddings it is kept, with a warning); how many examples it cut is logged per split and kept in run.json (truncated_examples).")
+    max_length: int = _f(1024, "Truncate tokenised examples to this many tokens (lowered, with a warning, to the tokenizer's model_max_length and to a learned position table's size, max_position_embeddings: 512 for BERT-family models; above a rotary model's max_position_embeddings, times model.rope_scaling's factor, it is kept, with a warning); how many examples it cut is logged per split and kept in run.json (truncated_examples).")
     chat_template: str | None = _f(None, "causal_lm conversations (alpaca, sharegpt, messages): null = the tokenizer's "
                                    "chat template, else scaletune's Alpaca-style rendering; 'default' = scaletune's "
                                    "even where the tokenizer has one; 'chatml'; or a Jinja template file. Saved with "

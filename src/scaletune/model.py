@@ -120,6 +120,11 @@ def load_model(cfg: RunConfig, task: Any, labels: list[str] | None, tokenizer: A
         kwargs["attn_implementation"] = register()
     elif cfg.model.attn_implementation:
         kwargs["attn_implementation"] = cfg.model.attn_implementation
+    if cfg.model.rope_scaling is not None:
+        from .seqlen import read_model_config
+
+        # (the model builds its rotary embedding from these at construction: set on the loaded config after, too late)
+        kwargs["rope_parameters"] = read_model_config(cfg).rope_parameters
     qconf = quantization_config(cfg)
     if qconf is not None:
         kwargs["quantization_config"] = qconf

@@ -19,6 +19,7 @@ from .config import (
 )
 from .config_values import BOOL_HINT, _did_you_mean, _short
 from .optimizers import BNB_CLASSES, ZERO_OPTIMIZERS
+from .rope import config_problems as rope_problems
 
 # peft methods that add virtual tokens or key/values in front of every example
 VIRTUAL_TOKEN_METHODS = ("prefix_tuning", "prompt_tuning", "p_tuning")
@@ -166,6 +167,7 @@ def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_c
             p.append(f"data.labels: {cfg.task} needs at least {2 if cfg.task == 'seq_cls' else 1} label(s), "
                      f"got {len(d.labels)}")
     p += class_weight_problems(cfg)
+    p += rope_problems(cfg)
     if not 0 <= t.label_smoothing < 1:
         p.append(f"train.label_smoothing: {t.label_smoothing:g} is outside [0, 1) (0: off; 0.1 is usual)")
     elif t.label_smoothing and cfg.task not in ("seq_cls", "token_cls"):

@@ -11,6 +11,8 @@ from typing import Any
 
 from .config import RunConfig
 from .errors import ConfigError
+from .rope import factor as rope_factor
+from .rope import scaled_rope_parameters
 
 # Config keys of rotary positions (or, for Falcon, ALiBi): computed for any position, so
 # max_position_embeddings is the length the model was trained on, not a table that longer input overruns.
@@ -24,7 +26,8 @@ _PADDING_OFFSET_TYPES = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert"
 
 def read_model_config(cfg: RunConfig, **overrides: Any) -> Any:
     """The model's transformers config (config.json only, no weights), with `overrides` of its attributes (a
-    task's num_labels, label maps); unreadable -> ConfigError."""
+    task's num_labels, label maps) and model.rope_scaling applied; unreadable -> ConfigError (a model that
+    cannot take model.rope_scaling too)."""
     from transformers import AutoConfig
 
     from .hub import check_model_source, hub_kwargs, unreachable_hint
@@ -32,11 +35,14 @@ def read_model_config(cfg: RunConfig, **overrides: Any) -> Any:
     name = cfg.model.name_or_path
     check_model_source(name)
     try:
-        return AutoConfig.from_pretrained(name, trust_remote_code=cfg.model.trust_remote_code,
-                                          revision=cfg.model.revision, **overrides, **hub_kwargs(name))
+        config = AutoConfig.from_pretrained(name, trust_remote_code=cfg.model.trust_remote_code,
+                                            revision=cfg.model.revision, **overrides, **hub_kwargs(name))
     except (OSError, ValueError) as exc:
         raise ConfigError(f"model.name_or_path: cannot read the model config of {name!r} "
                           f"({str(exc).splitlines()[0]}){unreachable_hint(name)}") from None
+    if cfg.model.rope_scaling is not None:
+        config.rope_parameters = scaled_rope_parameters(config, cfg.model.rope_scaling, name)
+    return config
 
 
 def _computed_positions(config: Any) -> bool:
@@ -87,8 +93,18 @@ def effective_max_length(cfg: RunConfig, tokenizer: Any | None, config: Any | No
         notes.append(f"data.max_length={length} is above the {positions} positions of {cfg.model.name_or_path} "
                      f"(a learned position table: max_position_embeddings); using {positions}")
         length = positions
-    elif positions is not None and positions < length:
-        notes.append(f"data.max_length={length} is above the {positions} positions {cfg.model.name_or_path} was "
-                     "trained on (max_position_embeddings); kept, since rotary positions have no table to "
-                     "overrun, but the model has not seen longer sequences")
+    elif positions is not None and positions * rope_factor(cfg) < length:
+        notes.append(_beyond_rotary(cfg, length, positions))
     return length, notes
+
+
+def _beyond_rotary(cfg: RunConfig, length: int, positions: int) -> str:
+    """The warning for a max_length past what a rotary model's positions cover, scaled or not."""
+    f = rope_factor(cfg)
+    if f > 1:
+        return (f"data.max_length={length} is above the {int(positions * f)} positions model.rope_scaling stretches "
+                f"{cfg.model.name_or_path} to (factor {f:g} x its {positions}, max_position_embeddings); kept, but "
+                "positions past that are extrapolated; raise model.rope_scaling's factor")
+    return (f"data.max_length={length} is above the {positions} positions {cfg.model.name_or_path} was trained on "
+            "(max_position_embeddings); kept, since rotary positions have no table to overrun, but the model has "
+            "not seen longer sequences (model.rope_scaling: {type: linear, factor: F} stretches them)")
