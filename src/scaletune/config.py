@@ -171,7 +171,8 @@ class TrainConfig:
         "relative step or parameter scaling, no beta1 as HF Trainer's; adam_* unused), factored second "
         "moments for matrices. lion, lion_8bit, paged_lion_8bit: bitsandbytes' Lion, one momentum; it takes "
         "adam_beta1/adam_beta2 as given (the Lion paper suggests 0.9/0.99 and a 3-10x smaller learning_rate "
-        "than AdamW's). Under ZeRO (distributed.zero_stage > 0): adamw or adafactor.")
+        "than AdamW's). Under ZeRO (distributed.zero_stage > 0): adamw or adafactor (whose flat ZeRO partitions "
+        "it cannot factor: a full second moment, half of AdamW's state).")
     mixed_precision: Literal["no", "fp16", "bf16"] = _f("bf16", "Autocast precision for this run.")
     seed: int = _f(42, "Seed for data order, initialisation and dropout.")
     eval_every: int | None = _f(200, "Evaluate every N optimizer steps (and at the end); null: end only.")

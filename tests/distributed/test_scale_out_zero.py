@@ -6,7 +6,9 @@ on CPU), each checked against a forked single-process run where there is one:
   whose size is no multiple of the world size ends as the uninterrupted run;
 * QLoRA (4-bit base) trains under ZeRO-3; bf16 trains on CPU (1 process, ZeRO-2, whose adapters hold the
   float32 masters, prompt tuning's too, and ZeRO-3 with a module trained in full); invalid combinations
-  (8-bit + ZeRO-3, fp16 on CPU) are refused with exit 2 before any process is launched.
+  (8-bit + ZeRO-3, fp16 on CPU) are refused with exit 2 before any process is launched;
+* Adafactor trains and resumes exactly under ZeRO-2 (optimizer offloaded) and ZeRO-3; train.eval_generate's
+  ranks share the answers, which equal one process's.
 
 The CLI runners and the `world` fixture (tiny Llama, data, `world.cfg` run configs) are test_scale_out.py's;
 this module has a world of its own.
@@ -126,17 +128,19 @@ def test_zero3_resumes_a_tensor_whose_size_is_no_multiple_of_the_world_size(worl
         torch.testing.assert_close(have[name], w, rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_adafactor_trains_and_resumes_under_zero2(world, offload="optimizer"):
+@pytest.mark.parametrize(("stage", "offload"), [(2, "optimizer"), (3, "none")])
+def test_adafactor_trains_and_resumes_under_zero(world, stage, offload):
     """transformers' Adafactor as DeepSpeed's client optimizer (on its flat fp32 partitions, so unfactored:
-    one exp_avg_sq per element), offloaded to the host (DeepSpeed's CPU Adam not forced on it; without
-    offload the same optimizer steps the same partitions on the device): a run resumed from its step-2
-    checkpoint ends where the uninterrupted ZeRO-2 run does, and the checkpoint holds Adafactor's state."""
+    one exp_avg_sq per element), under ZeRO-2 offloaded to the host (DeepSpeed's CPU Adam not forced on it;
+    without offload the same optimizer steps the same partitions on the device) and under ZeRO-3: a run
+    resumed from its step-2 checkpoint ends where the uninterrupted run does, and the checkpoint holds
+    Adafactor's state."""
     from safetensors.torch import load_file
 
-    cfg = world.cfg(f"adafactor_{offload}", train={"optimizer": "adafactor", "max_steps": 3, "save_every": 2,
-                                                   "learning_rate": 1e-2},
-                    distributed={"zero_stage": 2, "offload": offload})
-    full, part = world.root / f"adafactor_full_{offload}", world.root / f"adafactor_part_{offload}"
+    cfg = world.cfg(f"adafactor_z{stage}", train={"optimizer": "adafactor", "max_steps": 3, "save_every": 2,
+                                                  "learning_rate": 1e-2},
+                    distributed={"zero_stage": stage, "offload": offload})
+    full, part = world.root / f"adafactor_full_z{stage}", world.root / f"adafactor_part_z{stage}"
     for out, extra in ((full, []), (part, ["--resume", "auto"])):
         if extra:
             copy_checkpoint(full, 2, part)
