@@ -146,3 +146,37 @@ def test_the_first_n_are_the_examples_the_loss_scores(make_config, capsys, tmp_p
     assert code == 0, err
     lines = [json.loads(x) for x in (tmp_path / "run" / "generations" / "step-1.jsonl").read_text().splitlines()]
     assert [ln["line"] for ln in lines] == [f"{evalf}:2", f"{evalf}:3"]
+
+
+def test_the_datas_own_column_names_are_read_as_training_reads_them(make_config, capsys, tmp_path):
+    """data.columns: {instruction: q, input: ctx, output: a}: the references are the `a` column's, the prompts
+    rendered from `q` and `ctx`, in training's evals and in `eval --generate` alike: the answers of a run on the
+    same records under alpaca's own names."""
+    from stutil import alpaca_records
+
+    def renamed(records):
+        return [{"q": r["instruction"], "ctx": r["input"], "a": r["output"]} for r in records]
+
+    train = write_jsonl(tmp_path / "qa_train.jsonl", renamed(alpaca_records(32)))
+    evalf = write_jsonl(tmp_path / "qa_eval.jsonl", renamed(alpaca_records(4, seed=1)))
+    path = make_config(data={"train": str(train), "eval": str(evalf),
+                             "columns": {"instruction": "q", "input": "ctx", "output": "a"}},
+                       train={"max_steps": 2, "eval_generate": True, "eval_max_new_tokens": 5})
+    code, _, err = run_cli(["train", path], capsys)
+    assert code == 0, err
+    lines = [json.loads(x) for x in (tmp_path / "run" / "generations" / "step-2.jsonl").read_text().splitlines()]
+    assert [ln["reference"] for ln in lines] == [r["output"] for r in alpaca_records(4, seed=1)]
+    target = tmp_path / "pred.jsonl"
+    code, _, err = run_cli(["eval", path, "--generate", "--max-new-tokens", 5, "--predictions", target], capsys)
+    assert code == 0, err
+    scored = [json.loads(x) for x in target.read_text().splitlines()]
+    assert [(ln["generated"], ln["reference"]) for ln in scored] == [(ln["generated"], ln["reference"]) for ln in lines]
+    # the same records under the format's own names, no data.columns: the same run, the same answers
+    plain = make_config(data={"train": str(write_jsonl(tmp_path / "t.jsonl", alpaca_records(32))),
+                              "eval": str(write_jsonl(tmp_path / "e.jsonl", alpaca_records(4, seed=1)))},
+                        output_dir=str(tmp_path / "plain"),
+                        train={"max_steps": 2, "eval_generate": True, "eval_max_new_tokens": 5})
+    code, _, err = run_cli(["train", plain], capsys)
+    assert code == 0, err
+    assert [json.loads(x) for x in (tmp_path / "plain" / "generations" / "step-2.jsonl").read_text().splitlines()] \
+        == [{**ln, "line": ln["line"].replace(str(evalf), str(tmp_path / "e.jsonl"))} for ln in lines]

@@ -95,7 +95,7 @@ def test_known_answers_give_known_scores(make_config, capsys, tmp_path, monkeypa
     assert metrics["token_f1"] == pytest.approx((1 + 2 / 3 + 0) / 3)
 
 
-def test_refusals_name_why(make_config, capsys, tmp_path, monkeypatch):
+def test_refusals_name_why(make_config, capsys, tmp_path):
     path = _trained(make_config, capsys)
     code, _, err = run_cli(["eval", path, "--generate", "--max-new-tokens", 0], capsys)
     assert_clean_error(code, err, "--max-new-tokens: must be >= 1, got 0")
@@ -108,9 +108,6 @@ def test_refusals_name_why(make_config, capsys, tmp_path, monkeypatch):
     assert not target.exists()
     code, _, err = run_cli(["eval", path, "--generate", "data.format=text"], capsys)
     assert_clean_error(code, err, "--generate: data.format: text is plain text")
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    code, _, err = run_cli(["eval", path, "--generate"], capsys)
-    assert_clean_error(code, err, "--generate: runs in one process")
 
 
 def test_another_task_is_refused(make_config, capsys):

@@ -55,18 +55,13 @@ def arg_problems(args: argparse.Namespace) -> list[str]:
 
 
 def check_run(cfg: Any) -> None:
-    """Refuse --generate before the model is loaded where it cannot work: another task, plain-text data, several
-    processes."""
-    from .distributed import world_size_from_env
-
+    """Refuse --generate before the model is loaded where it cannot work: another task, plain-text data. (Launched
+    over several processes, each holds the whole model and generates a share of the answers: `score`.)"""
     if cfg.task != "causal_lm":
         raise UserError(f"--generate: {cfg.task} labels its inputs; only causal_lm generates answers (its metrics "
                         "are the eval's own)")
     if cfg.data.format == "text":
         raise ConfigError(_TEXT_REFUSAL.format(what="data.format: text"))
-    if world_size_from_env() > 1:
-        raise UserError("--generate: runs in one process (each example is completed one token at a time); run "
-                        "`scaletune eval --generate` without a launcher")
 
 
 _TEXT_REFUSAL = ("--generate: {what} is plain text (pretraining data): it has no prompt and reference answer to "

@@ -8,7 +8,7 @@ on CPU), each checked against a forked single-process run where there is one:
   float32 masters, prompt tuning's too, and ZeRO-3 with a module trained in full); invalid combinations
   (8-bit + ZeRO-3, fp16 on CPU) are refused with exit 2 before any process is launched;
 * Adafactor trains and resumes exactly under ZeRO-2 (optimizer offloaded) and ZeRO-3; train.eval_generate's
-  ranks share the answers, which equal one process's.
+  ranks share the answers, which equal one process's, as a launched `eval --generate`'s do.
 
 The CLI runners and the `world` fixture (tiny Llama, data, `world.cfg` run configs) are test_scale_out.py's;
 this module has a world of its own.
@@ -17,6 +17,7 @@ this module has a world of its own.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -283,7 +284,14 @@ def test_eval_generate_under_zero2_answers_as_one_process_does(world):
     target = world.root / "generate_z2.jsonl"
     run_forked(world, ["eval", str(cfg), f"output_dir={out}", "distributed.zero_stage=0", "--generate",
                               "--max-new-tokens", "4", "--predictions", str(target), "--json"])
-    scored = [json.loads(x) for x in target.read_text().splitlines()][:5]
-    assert [(ln["line"], ln["generated"]) for ln in lines] == [(ln["line"], ln["generated"]) for ln in scored]
+    scored = [json.loads(x) for x in target.read_text().splitlines()]
+    assert [(ln["line"], ln["generated"]) for ln in lines] == [(ln["line"], ln["generated"]) for ln in scored[:5]]
     assert any(ln["generated"] for ln in lines)
-    assert evals[0]["token_f1"] == pytest.approx(sum(ln["token_f1"] for ln in scored) / 5)
+    assert evals[0]["token_f1"] == pytest.approx(sum(ln["token_f1"] for ln in scored[:5]) / 5)
+    # `eval --generate` launched over 2 processes: the same lines, written once
+    shared = world.root / "generate_z2_2proc.jsonl"
+    run_cli(world, [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file",
+                    str(test_scale_out.REPO / "launch" / "cpu_2proc.yaml"), "--main_process_port",
+                    str(helpers.free_port()), "-m", "scaletune", "eval", str(cfg), f"output_dir={out}",
+                    "distributed.zero_stage=0", "--generate", "--max-new-tokens", "4", "--predictions", str(shared)])
+    assert [json.loads(x) for x in shared.read_text().splitlines()] == scored
