@@ -28,6 +28,19 @@ def alpaca_records(n: int, seed: int = 0) -> list[dict]:
     return out
 
 
+def dpo_records(n: int, seed: int = 0) -> list[dict]:
+    """Preference pairs (LLaMA-Factory's ShareGPT layout) of variable length: the chosen answer reverses the
+    words, the rejected one shouts them back in their order."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        words = rng.sample(WORDS, rng.randint(2, 8))
+        out.append({"conversations": [{"from": "human", "value": "Reverse: " + " ".join(words)}],
+                    "chosen": {"from": "gpt", "value": " ".join(reversed(words))},
+                    "rejected": {"from": "gpt", "value": " ".join(words).upper()}})
+    return out
+
+
 def cls_records(n: int, seed: int = 0) -> list[dict]:
     """Label = whether 'alpha' occurs in the sentence (learnable from one token)."""
     rng = random.Random(seed)
@@ -77,7 +90,7 @@ def ner_records(n: int, seed: int = 0) -> list[dict]:
     return out
 
 
-ATTN = {"causal_lm": ["q_proj", "v_proj"], "seq_cls": ["query", "value"], "token_cls": ["query", "value"],
+ATTN = {"causal_lm": ["q_proj", "v_proj"], "dpo": ["q_proj", "v_proj"], "seq_cls": ["query", "value"], "token_cls": ["query", "value"],
         "seq_regression": ["query", "value"]}
 
 
@@ -93,7 +106,7 @@ def method_keys(name: str, task: str) -> dict:
     elif name == "adalora":
         keys.update(init_r=4, target_r=2, tinit=1, tfinal=2, deltaT=1, target_modules=qv)
     elif name == "ia3":
-        ff = ["down_proj"] if task == "causal_lm" else ["output.dense"]
+        ff = ["down_proj"] if task in ("causal_lm", "dpo") else ["output.dense"]
         keys.update(target_modules=qv + ff, feedforward_modules=ff)
     elif name in ("loha", "lokr"):
         keys.update(r=4, alpha=8, target_modules=qv)

@@ -107,7 +107,7 @@ def test_every_alias_that_names_a_key_names_one_that_exists():
                              "$WANDB_PROJECT)"),
     ({"lora_fan_in_fan_out": None}, "lora_fan_in_fan_out: unknown key (did you mean 'peft.fan_in_fan_out'?)"),
     ({"peft_use_dora": True}, "peft_use_dora: unknown key (did you mean 'peft.use_dora'?)"),
-    ({"stage": "sft"}, "stage: unknown key (scaletune does supervised fine-tuning only"),
+    ({"stage": "sft"}, "stage: unknown key (set task: causal_lm for sft"),
     ({"train": {"overwrite_output_dir": True}}, "train.overwrite_output_dir: unknown key (replace a run with "
                                                 "`scaletune train CONFIG --overwrite`)"),
     # a top-level key inside a section (TrainingArguments keeps output_dir with the training settings)

@@ -33,7 +33,7 @@ def _capture_first_step_grads(run):
     return grads
 
 
-@pytest.mark.parametrize("task", ["causal_lm", "seq_cls", "token_cls"])
+@pytest.mark.parametrize("task", ["causal_lm", "dpo", "seq_cls", "token_cls"])
 def test_loss_is_mean_over_all_target_tokens_of_the_step(make_config, tmp_path, task):
     """micro 1 x accumulation 4 and micro 4 x accumulation 1 give the same loss and LoRA gradients. Every task's
     `loss_sum` must be a sum over its targets (the loop divides by the step's target count): a per-micro-batch
@@ -68,16 +68,17 @@ def test_data_has_variable_lengths_so_mean_of_means_would_differ(make_config, tm
     assert len(set(counts)) > 1, counts
 
 
-def test_resume_continues_exactly(make_config, tmp_path):
+@pytest.mark.parametrize("task", ["causal_lm", "dpo"])
+def test_resume_continues_exactly(make_config, tmp_path, task):
     """8 uninterrupted steps == 4 steps, stop (signal path), resume auto, 4 more steps. The split run logs
     every 3 steps: each logged loss is the mean of the steps since the last log, the resume at 4 included."""
     common = {"global_batch_size": 8, "micro_batch_size": 4, "max_steps": 8, "save_every": 3,
               "lr_scheduler": "cosine", "warmup_steps": 2}
-    full = make_config("causal_lm", train=common, output_dir=str(tmp_path / "full"),
+    full = make_config(task, train=common, output_dir=str(tmp_path / "full"),
                        peft={"lora_dropout": 0.1})
     run, _ = setup(load_config(full))
     assert fit(run, StopFlag()) == "done"
-    split = make_config("causal_lm", train={**common, "log_every": 3}, output_dir=str(tmp_path / "split"),
+    split = make_config(task, train={**common, "log_every": 3}, output_dir=str(tmp_path / "split"),
                         peft={"lora_dropout": 0.1})
     run, _ = setup(load_config(split))
     assert fit(run, StopAt(run, 4)) == "preempted"

@@ -122,7 +122,7 @@ KEY_ALIASES: dict[str, str] = {
     "eval_dataset": "data.eval",
     "dataset_dir": "no dataset registry: give data.train a file path or hub:<id>",
     "max_samples": "no cap on examples; a data.train item {path: ..., weight: W} with W < 1 keeps a seeded fraction",
-    "stage": "scaletune does supervised fine-tuning only, task: causal_lm (pt: data.format text); no rm/ppo/dpo",
+    "stage": "set task: causal_lm for sft (pt: data.format text) or task: dpo for dpo; no rm/ppo/kto",
     "lora_fan_in_fan_out": "peft.fan_in_fan_out",
     "peft_use_dora": "peft.use_dora",
     "peft_use_rslora": "peft.use_rslora",

@@ -16,7 +16,7 @@ import torch
 from . import generation_metrics, predict_input
 from .adapter_record import adapter_meta, check_held_out
 from .checkpoint import checkpoint_dirs
-from .config import NO_CHAT_FORMATS, RunConfig
+from .config import CAUSAL_TASKS, NO_CHAT_FORMATS, RunConfig
 from .data import tokenised_differently
 from .data.readers import WHERE
 from .errors import ConfigError, DataError, UserError, failed_write, write_error
@@ -97,6 +97,7 @@ def load_trained(cfg: RunConfig, adapter: str | None, tokenises: bool = True) ->
         log.warning("the adapter at %s was trained on %s; loading it onto %s", path, meta["base_model"],
                     cfg.model.name_or_path)
     task = get_task(cfg.task)
+    task.configure(cfg)
     task.setup_cached(meta)
     labels = meta.get("labels")
     tokenizer = load_tokenizer(cfg, str(path))
@@ -210,7 +211,7 @@ def run_predict(cfg: RunConfig, adapter: str | None, source: str | None, max_new
     must exceed to be in a line's "labels" (None: 0.5, as eval scores). `items`: the inputs already read
     (predict_input.given_inputs), instead of `source`."""
     out, stdin = out or sys.stdout, stdin or sys.stdin
-    if sampling and cfg.task != "causal_lm":
+    if sampling and cfg.task not in CAUSAL_TASKS:
         raise UserError(f"--temperature: {cfg.task} labels its inputs; only causal_lm samples completions")
     if cfg.task == "seq_regression" and (top_k is not None or threshold is not None):
         raise UserError(f"{'--top-k' if top_k is not None else '--threshold'}: seq_regression has no classes; each "
@@ -242,7 +243,7 @@ def run_predict(cfg: RunConfig, adapter: str | None, source: str | None, max_new
     # per forward, 30 s batched, both with ~7 s of loading), generation GENERATE_BATCH prompts per
     # `generate`. Each window of PREDICT_WINDOW batches is batched by length (in input order, half of what a
     # batch of real sentences computed was padding) and written in input order once it is done.
-    step = GENERATE_BATCH if cfg.task == "causal_lm" else PREDICT_BATCH
+    step = GENERATE_BATCH if cfg.task in CAUSAL_TASKS else PREDICT_BATCH
     if sampling:
         torch.manual_seed(sampling["seed"])  # (the same input, seed and batch give the same completions)
         sampling = {"temperature": sampling["temperature"], "top_p": sampling["top_p"]}
@@ -284,7 +285,7 @@ def _answer(cfg: RunConfig, model: Any, tokenizer: Any, labels: list[str] | None
             threshold: float | None = None) -> list[dict]:
     """One batch of predict inputs answered: completions, labels (with the `top_k` best classes) or tags."""
     with acc.autocast():
-        if cfg.task == "causal_lm":
+        if cfg.task in CAUSAL_TASKS:
             texts = generate_batch(model, tokenizer, [segments for _, segments in batch], max_new_tokens, sampling)
             return [{"prompt": prompt, "completion": text} for (prompt, _), text in zip(batch, texts)]
         if cfg.task == "seq_cls":
@@ -318,7 +319,7 @@ def _refuse_unembeddable(model: Any, tokenizer: Any, items: list[dict], inputs: 
 def _task_input(cfg: RunConfig, task: Any, tokenizer: Any, item: dict) -> Any:
     """What the model is given for one line, read by the columns the run was trained with: (prompt, segments),
     (text, pair) or words. A line without usable input is a DataError naming its file:line."""
-    if cfg.task == "causal_lm":
+    if cfg.task in CAUSAL_TASKS:
         from .tasks.causal_lm import rename_columns
 
         rename_columns([item], cfg.data.columns)
@@ -565,7 +566,7 @@ def run_merge(cfg: RunConfig, adapter: str | None, out_dir: str) -> Path:
     # or the working directory, which cannot be renamed onto: the files are moved into it instead.
     tmp = target / ".merging" if target.is_dir() else target.parent / f".{target.name}.merging"
     shutil.rmtree(tmp, ignore_errors=True)
-    if cfg.task == "causal_lm" and not getattr(tokenizer, "chat_template", None) and \
+    if cfg.task in CAUSAL_TASKS and not getattr(tokenizer, "chat_template", None) and \
             getattr(getattr(task, "format", None), "name", None) not in NO_CHAT_FORMATS:
         from .data.templates import alpaca_style_template
 

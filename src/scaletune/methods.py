@@ -26,7 +26,7 @@ class Method:
     four_bit_why: str = ""  # why a 4-bit (QLoRA) base is refused (empty: it is supported)
 
 
-_ALL = ("causal_lm", "seq_cls", "seq_regression", "token_cls")
+_ALL = ("causal_lm", "dpo", "seq_cls", "seq_regression", "token_cls")
 # peft's rank allocator reads each step's gradients after backward and masks the weights after the optimizer
 # step; DeepSpeed's step runs inside accelerate's backward (the gradients are gone when the allocator looks:
 # a ValueError at step 1) and keeps a master copy of the weights the mask would not reach
@@ -35,6 +35,8 @@ _ADALORA_DS = ("its rank re-allocation reads the gradients between backward and 
 # a 4-bit base weight is stored packed, (n, 1); peft's LoHa and LoKr take their factor shapes from it
 _PACKED_4BIT = "peft sizes its factors from the base weight's shape, which a 4-bit base stores packed; use lora or 8bit"
 _PROMPT_Z3 = "peft computes the embeddings to save with a forward on one rank, which deadlocks; use ZeRO-2"
+# dpo's reference is the model with the adapter switched off, which drops the virtual tokens its positions assume
+_NO_DPO = "dpo: the reference (adapter off) has no virtual tokens"
 MATRIX: dict[str, Method] = {
     "lora": Method("lora", {}, _ALL, True),
     "dora": Method("lora", {"use_dora": True}, _ALL, True, "LoRA + weight-decomposed magnitude"),
@@ -49,10 +51,11 @@ MATRIX: dict[str, Method] = {
                    "saving its shared projections deadlocks under ZeRO-3; use ZeRO-2"),
     "oft": Method("oft", {}, _ALL, True),
     "prefix_tuning": Method("prefix_tuning", {}, ("causal_lm", "seq_cls", "seq_regression"), False,
-                            "virtual key/values; token_cls: peft gives no per-token alignment; seq_cls: peft 0.21 cannot reach "
-                            "encoders under transformers>=5.24 (refused then)", _PROMPT_Z3),
+                            f"virtual key/values; {_NO_DPO}; token_cls: peft gives no per-token alignment; seq_cls: "
+                            "peft 0.21 cannot reach encoders under transformers>=5.24 (refused then)", _PROMPT_Z3),
     "prompt_tuning": Method("prompt_tuning", {}, ("causal_lm", "seq_cls", "seq_regression"), False,
-                            "virtual input tokens; token_cls: outputs would include the virtual tokens", _PROMPT_Z3),
+                            f"virtual input tokens; {_NO_DPO}; token_cls: outputs would include the virtual tokens",
+                            _PROMPT_Z3),
     "bottleneck_adapter": Method("bottleneck_adapter", {}, _ALL, True, "Houlsby/Pfeiffer adapter (scaletune's)"),
 }
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .config import RunConfig
+from .config import CAUSAL_TASKS, RunConfig
 from .errors import ConfigError, UserError
 from .hub import check_model_source, hub_kwargs, unreachable_hint
 from .peft_options import peft_config
@@ -82,7 +82,7 @@ def quantization_config(cfg: RunConfig) -> Any:
     # transformers' default keeps only the module of the model's last parameter: a BERT head ends in
     # `classifier.bias`, which names no module, and its quantized head crashed the first step. Naming
     # modules replaces that default, so it is done only for the cls tasks (causal_lm keeps lm_head so).
-    skip = None if cfg.task == "causal_lm" else ["classifier", "pre_classifier", "score"]
+    skip = None if cfg.task in CAUSAL_TASKS else ["classifier", "pre_classifier", "score"]
     if cfg.model.quantization == "4bit":
         # quant_storage = compute dtype lets ZeRO-3 shard the packed weights like ordinary params.
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,

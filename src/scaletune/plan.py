@@ -26,7 +26,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import RunConfig
+from .config import CAUSAL_TASKS, RunConfig
 from .errors import ConfigError
 from .rules import cross_field_problems
 
@@ -91,7 +91,7 @@ class ModelShape:
 
 def _labels(cfg: RunConfig, task: Any) -> list[str] | None:
     """The label set (classification heads are sized by it): data.labels, else read from data.train."""
-    if cfg.task == "causal_lm":
+    if cfg.task in CAUSAL_TASKS:
         return None
     if cfg.data.labels:
         return [str(x) for x in cfg.data.labels]
@@ -323,13 +323,13 @@ def activation_bytes(cfg: RunConfig, shape: ModelShape, micro: int, cuda: bool =
 
         rows = min(tokens, chunk_rows(shape.vocab, cuda))
         out["logits"] = rows * shape.vocab * (4 + 4 + (0 if a == 4 else a)) + 2 * tokens * h * a
-    elif cfg.task == "causal_lm":
+    elif cfg.task in CAUSAL_TASKS:
         out["logits"] = tokens * shape.vocab * (4 + 4 + (0 if a == 4 else a + 4))
     if autocast16 and _param_dtype_bytes(cfg) == 4 and not cfg.model.quantization:
         # float32 weights under 16-bit autocast: every frozen Linear's 16-bit cast is saved for the
         # backward pass (autocast caches casts of trainable leaves only), as is the LM head's
         # (one layer's at a time under gradient checkpointing, which saves only each layer's input)
-        head = shape.vocab * h if cfg.task == "causal_lm" else 0
+        head = shape.vocab * h if cfg.task in CAUSAL_TASKS else 0
         linear = sum(n for n, is_linear, _ in shape.frozen if is_linear)
         out["autocast_weight_copies"] = 2 * ((linear // shape.layers if cfg.model.gradient_checkpointing
                                               else linear) + head)

@@ -12,6 +12,7 @@ from .class_weights import config_problems as class_weight_problems
 from .config import (
     _PEFT_SIZE_KEYS,
     CAUSAL_FORMATS,
+    CAUSAL_TASKS,
     EVAL_METRICS,
     MAX_PEFT_SIZE,
     NO_CHAT_FORMATS,
@@ -146,7 +147,7 @@ def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_c
     if d.format not in fmt_ok:
         p.append(f"data.format: {d.format!r} is not valid for task {cfg.task} ({' | '.join(fmt_ok)})"
                  f"{_did_you_mean(d.format, list(fmt_ok))}")
-    if d.chat_template is not None and cfg.task != "causal_lm":
+    if d.chat_template is not None and cfg.task not in CAUSAL_TASKS:
         p.append(f"data.chat_template: only used by causal_lm, not {cfg.task}")
     if d.packing and cfg.task != "causal_lm":
         p.append(f"data.packing: only supported for task causal_lm, not {cfg.task}")
@@ -167,6 +168,7 @@ def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_c
             p.append(f"data.labels: {cfg.task} needs at least {2 if cfg.task == 'seq_cls' else 1} label(s), "
                      f"got {len(d.labels)}")
     p += class_weight_problems(cfg)
+    p += _dpo_problems(cfg)
     p += rope_problems(cfg)
     if not 0 <= t.label_smoothing < 1:
         p.append(f"train.label_smoothing: {t.label_smoothing:g} is outside [0, 1) (0: off; 0.1 is usual)")
@@ -253,6 +255,20 @@ def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_c
 
     p.extend(method_problems(cfg))
     return p
+
+
+def _dpo_problems(cfg: RunConfig) -> list[str]:
+    """train.dpo_beta, and what task dpo cannot train: its reference is the base with the adapter switched off."""
+    beta = cfg.train.dpo_beta
+    if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
+        return [f"train.dpo_beta: must be a number > 0 (0.1 is usual), got {beta!r}"]
+    if cfg.task != "dpo":
+        return [f"train.dpo_beta: only read by task dpo, not {cfg.task}"] if _changed(cfg.train, "dpo_beta") else []
+    if cfg.peft_method == "p_tuning":  # (prefix and prompt tuning: the method matrix's refusal)
+        return [f"peft.method={cfg.peft_method} with task dpo: the reference (the adapter switched off) would see "
+                "no virtual tokens and the answers' log-probabilities would be taken at shifted positions; use a "
+                "LoRA-family method (lora, dora, ia3, ...)"]
+    return []
 
 
 def tracker_problems(cfg: RunConfig) -> list[str]:
@@ -395,7 +411,10 @@ def _eval_generate(cfg: RunConfig) -> list[str]:
     if t.eval_generate is not True and t.eval_generate < 1:
         p.append(f"train.eval_generate: true (every eval example), N >= 1 (the first N) or false; got "
                  f"{t.eval_generate}")
-    if cfg.task != "causal_lm":
+    if cfg.task == "dpo":
+        p.append("train.eval_generate: dpo's eval scores answer pairs (reward_accuracy, reward_margin); generating "
+                 "answers to score them is causal_lm's")
+    elif cfg.task != "causal_lm":
         p.append(f"train.eval_generate: {cfg.task} labels its inputs (its eval metrics score them); only causal_lm "
                  "generates answers")
     elif cfg.data.format == "text":

@@ -194,6 +194,7 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
             log.warning("train.release_cpu_memory is not applied: %s", why_not)
     tokenizer = load_tokenizer(cfg)
     task = get_task(cfg.task)
+    task.configure(cfg)
     data = build_datasets(cfg, task, tokenizer, accelerator)
     n_train = len(data["train"])
     # (read and checked before the model loads: an eval record without a reference answer stops the run here)

@@ -262,10 +262,10 @@ def refuse_preference_data(records: list[dict], source: str) -> None:
     for rec in records:
         where = rec.get(WHERE, source)
         if "chosen" in rec and "rejected" in rec:
-            raise DataError(f"{where}: 'chosen' / 'rejected' make this preference-pair data (DPO); scaletune trains "
+            raise DataError(f"{where}: 'chosen' / 'rejected' make this preference-pair data (DPO); causal_lm trains "
                             "on answers to imitate (supervised fine-tuning), not on preferences",
-                            hint="to fine-tune on the preferred answers, make each 'chosen' the conversation's last "
-                                 "assistant turn and drop 'rejected'")
+                            hint="train on the preferences with task: dpo; or, to fine-tune on the preferred answers, "
+                                 "make each 'chosen' the conversation's last assistant turn and drop 'rejected'")
         if isinstance(rec.get("label"), bool) and ("messages" in rec or "conversations" in rec):
             raise DataError(f"{where}: a true/false 'label' next to the conversation makes this KTO data (desirable "
                             "and undesirable answers); scaletune would train every answer as a target, the "

@@ -52,6 +52,9 @@ class Task:
         return {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
                 "label2id": {name: i for i, name in enumerate(labels)}}
 
+    def configure(self, cfg: Any) -> None:
+        """Take the run settings the loss reads (not the data's: a cached dataset skips `setup`)."""
+
     # --- data ---
     def setup(self, records: list[dict], cfg: Any, source: str, key: str = "data.train") -> list[str] | None:
         """Inspect the training records once (format, label set); returns the label names if any."""

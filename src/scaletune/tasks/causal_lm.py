@@ -133,6 +133,17 @@ class CausalLM(Task):
             segments = to_segments(self._format_of(record).convert(record), tokenizer, record.get(WHERE, "?"))
         except DataError as exc:
             raise mapped_names(exc, cfg.data.columns) from None
+        ids, labels, unstopped = self.tokens(segments, tokenizer, cfg.data.train_on_prompt)
+        truncated = len(ids) > cfg.data.max_length
+        ids, labels = ids[: cfg.data.max_length], labels[: cfg.data.max_length]
+        # After the shift, label[0] is never predicted; an example needs a target past position 0.
+        if not any(lab != IGNORE for lab in labels[1:]):
+            return None
+        return {"input_ids": ids, "labels": labels, TRUNCATED: truncated, UNSTOPPED: unstopped and not truncated}
+
+    def tokens(self, segments: list[tuple[str, Any]], tokenizer: Any,
+               train_on_prompt: bool = False) -> tuple[list[int], list[int], bool]:
+        """(token ids, labels, whether an answer ends in no special token) of rendered `segments`, uncut."""
         ids: list[int] = []
         labels: list[int] = []
         bos = leading_bos(tokenizer)
@@ -143,15 +154,10 @@ class CausalLM(Task):
         for (_, trainable), piece in zip(segments, _tokenise_segments(tokenizer, segments)):
             ids += piece
             # train_on_prompt trains the context too, but never an answer the data marks as not to be learnt
-            learn = trainable or (cfg.data.train_on_prompt and trainable is not None)
+            learn = trainable or (train_on_prompt and trainable is not None)
             labels += piece if learn else [IGNORE] * len(piece)
             unstopped = unstopped or (trainable is True and not self._ends_in_special(piece, tokenizer))
-        truncated = len(ids) > cfg.data.max_length
-        ids, labels = ids[: cfg.data.max_length], labels[: cfg.data.max_length]
-        # After the shift, label[0] is never predicted; an example needs a target past position 0.
-        if not any(lab != IGNORE for lab in labels[1:]):
-            return None
-        return {"input_ids": ids, "labels": labels, TRUNCATED: truncated, UNSTOPPED: unstopped and not truncated}
+        return ids, labels, unstopped
 
     _special: tuple[Any, frozenset] | None = None  # (tokenizer, its special token ids) for _ends_in_special
 

@@ -1,0 +1,136 @@
+"""dpo: Direct Preference Optimization (Rafailov et al. 2023) of a causal LM adapter on preference pairs.
+
+The reference model is the same base with the adapter switched off (peft's `disable_adapter()`), so no second
+model is held. Per pair, with logp the summed log-probability of the answer's tokens (the prompt is context):
+    reward(answer) = beta * (logp_policy(answer) - logp_reference(answer))
+    loss = -log sigmoid(reward(chosen) - reward(rejected))
+`loss_sum` returns the loss summed over the micro-batch's pairs and `count_targets` their number: the loop's
+division by the pairs of the whole optimizer step makes the step's loss their mean at any micro-batch size.
+Chosen and rejected of a pair are two rows of one forward. Eval reports the rewards besides the loss.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..config import NO_CHAT_FORMATS
+from ..data.formats import FORMATS, to_segments
+from ..data.preference import FIELDS, layout, to_pair
+from ..data.readers import WHERE
+from ..errors import ConfigError, DataError
+from ..trainable_state import unwrap
+from .base import IGNORE, TRUNCATED, UNSTOPPED, pad_batch, register
+from .causal_lm import CausalLM, _accepts_logits_to_keep, target_columns
+
+log = logging.getLogger("scaletune")
+REJECTED = "rejected_"  # prefix of the rejected answer's columns (input_ids, labels); the chosen's are unprefixed
+
+
+@register("dpo")
+class DPO(CausalLM):
+    _beta = 0.1  # train.dpo_beta (`configure`); private: not data, so no dataset cache keeps it
+
+    def configure(self, cfg: Any) -> None:
+        self._beta = cfg.train.dpo_beta
+
+    def setup(self, records: list[dict], cfg: Any, source: str, key: str = "data.train") -> list[str] | None:
+        # `format` is the causal_lm format the prompts are in: what `predict` reads a DPO adapter's prompts as
+        self.format = FORMATS[_one_layout(records, key)]
+        if cfg.data.chat_template is not None and self.format.name in NO_CHAT_FORMATS:
+            raise ConfigError(f"data.chat_template: {source} holds plain-text pairs (prompt, chosen and rejected "
+                              "strings), which no template renders (drop data.chat_template)")
+        return None
+
+    def check_eval(self, records: list[dict], cfg: Any, source: str) -> None:
+        found = _one_layout(records, "data.eval")
+        if found != self.format.name:
+            raise DataError(f"data.eval: {source} holds {found} pairs, data.train {self.format.name} pairs; the "
+                            "prompts would be rendered differently", hint="convert one of them")
+
+    def ignored_fields(self, records: list[dict], key: str) -> str | None:
+        unread = sorted({k for rec in records for k, v in rec.items()
+                         if k != WHERE and v is not None and k not in FIELDS[self.format.name]})
+        return f"{key}: fields ignored by task dpo: {', '.join(unread)}" if unread else None
+
+    def enable_chunked_loss(self, model: Any, autocast_dtype: torch.dtype | None = None) -> str | None:
+        return "task dpo scores each answer's log-probability as a whole"
+
+    def encode(self, record: dict, tokenizer: Any, cfg: Any, label2id: dict | None) -> dict | None:
+        """Both answers after the shared prompt, cut at data.max_length from the end (the answers lose their
+        ends, the prompt is kept); None if either has no target token left."""
+        where = record.get(WHERE, "?")
+        rows = [self.tokens(to_segments(side, tokenizer, where), tokenizer) for side in to_pair(record)]
+        limit = cfg.data.max_length
+        cut = [(ids[:limit], labels[:limit]) for ids, labels, _ in rows]
+        if not all(any(lab != IGNORE for lab in labels[1:]) for _, labels in cut):
+            return None
+        (ids, labels), (r_ids, r_labels) = cut
+        return {"input_ids": ids, "labels": labels, f"{REJECTED}input_ids": r_ids, f"{REJECTED}labels": r_labels,
+                TRUNCATED: any(len(ids) > limit for ids, _, _ in rows),
+                UNSTOPPED: rows[0][2] and len(rows[0][0]) <= limit}
+
+    def collate(self, examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+        """The pairs' chosen answers as rows 0..n-1, their rejected ones as rows n..2n-1."""
+        rejected = [{"input_ids": e[f"{REJECTED}input_ids"], "labels": e[f"{REJECTED}labels"]} for e in examples]
+        chosen = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples]
+        return pad_batch(chosen + rejected, pad_id)
+
+    def loss_sum(self, model: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed DPO loss of the batch's pairs, each pair's [chosen reward, rejected reward])."""
+        with torch.no_grad(), unwrap(None, model).disable_adapter():
+            reference = answer_logps(model, batch)
+        policy = answer_logps(model, batch)
+        n = len(policy) // 2
+        rewards = self._beta * (policy - reference).view(2, n).T  # [pair, (chosen, rejected)]
+        loss = -F.logsigmoid(rewards[:, 0] - rewards[:, 1]).sum()
+        return loss, rewards.detach()
+
+    @staticmethod
+    def count_targets(batch: dict) -> int:
+        return len(batch["input_ids"]) // 2
+
+    def predictions(self, logits: torch.Tensor, batch: dict) -> list:
+        return logits.float().tolist()  # (each pair's two rewards, as `loss_sum` gives them)
+
+    def example_outputs(self, logits: torch.Tensor | None, batch: dict) -> list:
+        return [None] * self.count_targets(batch)
+
+    def example_line(self, pred: Any, extra: Any, record: dict, labels: list[str] | None) -> dict:
+        chosen, rejected = pred
+        return {"chosen_reward": chosen, "rejected_reward": rejected, "reward_margin": chosen - rejected}
+
+    def metrics(self, preds: list, loss_sum: float, n_targets: int, labels: list[str] | None) -> dict:
+        n = max(len(preds), 1)
+        margins = [c - r for c, r in preds]
+        return {"loss": loss_sum / max(n_targets, 1), "reward_accuracy": sum(m > 0 for m in margins) / n,
+                "reward_margin": sum(margins) / n, "chosen_reward": sum(c for c, _ in preds) / n,
+                "rejected_reward": sum(r for _, r in preds) / n, "pairs": n_targets}
+
+
+def answer_logps(model: Any, batch: dict) -> torch.Tensor:
+    """Each row's summed log-probability of its target tokens (float32), from the logits of the positions
+    that predict one (as causal_lm's loss takes them)."""
+    labels = batch["labels"][:, 1:]
+    keep = target_columns(batch["labels"])
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    if _accepts_logits_to_keep(model):
+        logits = model(**inputs, logits_to_keep=keep).logits
+    else:
+        logits = model(**inputs).logits[:, keep]
+    return -F.cross_entropy(logits.float().transpose(1, 2), labels[:, keep], ignore_index=IGNORE,
+                            reduction="none").sum(1)
+
+
+def _one_layout(records: list[dict], key: str) -> str:
+    """The layout every record of `records` is in (data/preference.py); a record in another is refused: plain
+    strings and chats render their prompts differently."""
+    first = layout(records[0])
+    for rec in records[1:]:
+        if (found := layout(rec)) != first:
+            raise DataError(f"{key}: {rec.get(WHERE, '?')} is a {found} pair, {records[0].get(WHERE, '?')} a "
+                            f"{first} pair; one run reads one layout", hint="convert one of them")
+    return first

@@ -1,0 +1,191 @@
+"""task dpo: the loss against a computation by hand from the model's logits (adapter on and off), log 2 at step 0,
+training raising the reward accuracy, both data layouts and their truncation, bad pairs and configs refused.
+(The step's mean over pairs at any micro-batch size and resume: test_train.py, parametrised over dpo.)"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoTokenizer
+
+from scaletune.config import from_dict, load_config
+from scaletune.errors import ConfigError, DataError
+from scaletune.evaluate import evaluate
+from scaletune.loop import fit
+from scaletune.rules import cross_field_problems
+from scaletune.tasks import get_task
+from scaletune.train import StopFlag, setup
+
+from stutil import assert_clean_error, data_config, run_cli, write_jsonl
+
+
+def _logp_by_hand(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each row's summed log-probability of its targets (`labels` != -100, shifted by one): log_softmax + gather."""
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    target = labels[:, 1:]
+    picked = torch.log_softmax(logits, -1).gather(2, target.clamp(min=0)[..., None])[..., 0]
+    return (picked * (target != -100)).sum(1)
+
+
+def _randomise_lora_b(model) -> None:
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+
+
+def test_loss_equals_the_dpo_formula_from_logits_with_and_without_the_adapter(make_config):
+    run, _ = setup(load_config(make_config("dpo", train={"dpo_beta": 0.3})))
+    model = run.model.eval()
+    _randomise_lora_b(model)
+    examples = [run.data["train"][i] for i in range(5)]
+    batch = run.task.collate(examples, run.tokenizer.pad_token_id)
+    with torch.no_grad():
+        loss, rewards = run.task.loss_sum(model, batch)
+        # chosen rows 0..4, rejected rows 5..9, as the collator puts them
+        tensors = (batch["input_ids"], batch["attention_mask"], batch["labels"])
+        policy = _logp_by_hand(model, *tensors)
+        with model.disable_adapter():
+            reference = _logp_by_hand(model, *tensors)
+            # (the base without peft's wrapper: disable_adapter gives it)
+            base = _logp_by_hand(model.get_base_model(), *tensors)
+    torch.testing.assert_close(reference, base, rtol=0, atol=0)
+    chosen, rejected = (0.3 * (policy - reference)).view(2, 5)
+    expected = -F.logsigmoid(chosen - rejected).sum()
+    assert len({len(e["input_ids"]) for e in examples}) > 1  # (padding is in play)
+    # float32: the task takes only the target positions' logits (another matmul shape), so the answers' summed
+    # log-probabilities (~ -50 here) agree to float32 rounding, a few 1e-6 in the rewards
+    torch.testing.assert_close(rewards, torch.stack([chosen, rejected], 1), rtol=0, atol=2e-5)
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-5)
+    assert rewards.abs().max() > 1e-2  # (the adapter changes the log-probabilities: the test can fail)
+    assert run.task.count_targets(batch) == 5
+
+
+def test_at_step_0_the_policy_is_the_reference_so_the_loss_is_log_2(make_config):
+    """LoRA's B starts at zero: the adapter changes nothing, every reward is 0 and no pair is ranked right."""
+    run, _ = setup(load_config(make_config("dpo")))
+    metrics = evaluate(run.accelerator, run.model, run.task, run.data["eval"], None, 4, run.tokenizer.pad_token_id)
+    assert metrics["loss"] == pytest.approx(math.log(2), abs=1e-7)
+    assert metrics["pairs"] == 16 and metrics["reward_accuracy"] == 0.0
+    assert metrics["reward_margin"] == metrics["chosen_reward"] == metrics["rejected_reward"] == 0.0
+
+
+def test_training_raises_the_reward_accuracy_and_margin_on_the_training_pairs(make_config):
+    path = make_config("dpo", n=32, train={"global_batch_size": 8, "micro_batch_size": 8, "max_steps": 30,
+                                           "learning_rate": 5e-3, "dpo_beta": 0.5, "lr_scheduler": "constant"},
+                       data={"eval": None})
+    run, _ = setup(load_config(path))
+    train = run.data["train"]
+    before = evaluate(run.accelerator, run.model, run.task, train, None, 8, run.tokenizer.pad_token_id)
+    assert fit(run, StopFlag()) == "done"
+    after = evaluate(run.accelerator, run.model, run.task, train, None, 8, run.tokenizer.pad_token_id)
+    assert before["reward_accuracy"] == 0.0 and after["reward_accuracy"] >= 0.9, after
+    assert after["reward_margin"] > 1.0 and after["loss"] < 0.3, after
+
+
+def _encoded(tmp_path, tiny_llama, records: list[dict], **data) -> tuple[list, object]:
+    cfg = data_config(tmp_path, tiny_llama, "dpo", write_jsonl(tmp_path / "pairs.jsonl", records), **data)
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_llama))
+    task = get_task("dpo")
+    task.setup(records, cfg, "pairs.jsonl")
+    return [task.encode(r, tokenizer, cfg, None) for r in records], tokenizer
+
+
+def _answer(tokenizer, ids: list[int], labels: list[int]) -> str:
+    return tokenizer.decode([i for i, lab in zip(ids, labels) if lab != -100])
+
+
+@pytest.mark.parametrize("layout", ["sharegpt", "trl_messages", "trl_strings"])
+def test_each_layout_trains_only_the_answers_after_the_same_prompt(tmp_path, tiny_llama, layout):
+    prompt, chosen, rejected = "Reverse: alpha bravo", "bravo alpha", "alpha bravo"
+    record = {"sharegpt": {"conversations": [{"from": "system", "value": "Be brief."},
+                                             {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"},
+                                             {"from": "human", "value": prompt}],
+                           "chosen": {"from": "gpt", "value": chosen}, "rejected": {"from": "gpt", "value": rejected}},
+              "trl_messages": {"prompt": [{"role": "user", "content": prompt}],
+                               "chosen": [{"role": "assistant", "content": chosen}],
+                               "rejected": [{"role": "assistant", "content": rejected}]},
+              "trl_strings": {"prompt": prompt + "\n", "chosen": chosen, "rejected": rejected}}[layout]
+    (ex,), tokenizer = _encoded(tmp_path, tiny_llama, [record])
+    eos = tokenizer.eos_token
+    assert _answer(tokenizer, ex["input_ids"], ex["labels"]) == chosen + eos  # (the prompt's "Hello": context)
+    assert _answer(tokenizer, ex["rejected_input_ids"], ex["rejected_labels"]) == rejected + eos
+    start = ex["labels"].index(next(lab for lab in ex["labels"] if lab != -100))
+    assert ex["rejected_input_ids"][:start] == ex["input_ids"][:start]  # the same prompt before both
+    assert prompt in tokenizer.decode(ex["input_ids"][:start])
+
+
+def test_max_length_cuts_the_answers_keeps_the_prompt_and_skips_a_pair_with_no_answer_left(tmp_path, tiny_llama):
+    short = {"prompt": "Reverse: a b\n", "chosen": "b a " * 20, "rejected": "a b " * 30}
+    long_prompt = {"prompt": "word " * 200, "chosen": "yes", "rejected": "no"}
+    (cut, skipped), tokenizer = _encoded(tmp_path, tiny_llama, [short, long_prompt], max_length=24)
+    assert skipped is None and cut["truncated"]
+    assert len(cut["input_ids"]) == len(cut["rejected_input_ids"]) == 24
+    assert tokenizer.decode(cut["input_ids"], skip_special_tokens=True).startswith("Reverse: a b\nb a")
+    assert any(lab != -100 for lab in cut["rejected_labels"][1:])
+
+
+@pytest.mark.parametrize("record, says", [
+    ({"conversations": [{"from": "human", "value": "q"}], "chosen": {"from": "gpt", "value": "a"}},
+     "a preference pair needs rejected"),
+    ({"conversations": [{"from": "human", "value": "q"}], "chosen": {"from": "gpt", "value": "a"},
+      "rejected": {"from": "gpt", "value": "a"}}, "are the same answer"),
+    ({"prompt": "q", "chosen": " ", "rejected": "b"}, "field 'chosen' is empty"),
+    ({"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "user", "content": "a"}],
+      "rejected": [{"role": "assistant", "content": "b"}]}, "field 'chosen' must be one assistant message"),
+    ({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "x"}],
+      "chosen": {"from": "gpt", "value": "a"}, "rejected": {"from": "gpt", "value": "b"}},
+     "the prompt ends in an assistant turn"),
+])
+def test_a_bad_pair_is_refused_naming_its_file_and_line(make_config, tmp_path, capsys, record, says):
+    path = make_config("dpo", n=8, data={"eval": None})
+    good = {"conversations": [{"from": "human", "value": "q"}], "chosen": {"from": "gpt", "value": "a"},
+            "rejected": {"from": "gpt", "value": "b"}} if "conversations" in record else {"prompt": "q", "chosen": "a",
+                                                                                          "rejected": "b"}
+    if isinstance(record.get("prompt"), list):
+        good = {"prompt": record["prompt"], **{k: [{"role": "assistant", "content": k}] for k in ("chosen", "rejected")}}
+    write_jsonl(tmp_path / "data/train.jsonl", [good, good, record])
+    code, _, err = run_cli(["train", path], capsys)
+    assert_clean_error(code, err, "train.jsonl:3", says)
+
+
+def test_instruction_data_is_refused_as_no_preference_pair(tmp_path, tiny_llama):
+    with pytest.raises(DataError, match="a preference pair needs conversations .or prompt., chosen, rejected"):
+        _encoded(tmp_path, tiny_llama, [{"instruction": "q", "output": "a"}])
+
+
+def _problems(**changes) -> list[str]:
+    """The config's problems, each a line of load_config's one error (none: an empty list)."""
+    raw = {"task": "dpo", "model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"}}
+    for section, values in changes.items():
+        raw[section] = {**raw.get(section, {}), **values} if isinstance(values, dict) else values
+    try:
+        return cross_field_problems(from_dict(raw))
+    except ConfigError as exc:
+        return str(exc).splitlines()
+
+
+@pytest.mark.parametrize("changes, says", [
+    ({"train": {"dpo_beta": 0.0}}, "train.dpo_beta: must be a number > 0"),
+    ({"train": {"dpo_beta": -1}}, "train.dpo_beta: must be a number > 0"),
+    ({"peft": {"method": "prompt_tuning"}}, "peft.method=prompt_tuning with task dpo"),
+    ({"peft": {"method": "prefix_tuning"}}, "peft.method=prefix_tuning with task dpo"),
+    ({"peft": {"method": "p_tuning"}}, "peft.method=p_tuning with task dpo"),
+    ({"data": {"packing": True}}, "data.packing: only supported for task causal_lm, not dpo"),
+    ({"train": {"label_smoothing": 0.1}}, "train.label_smoothing"),
+    ({"train": {"class_weights": "balanced"}}, "train.class_weights"),
+    ({"train": {"eval_generate": True}}, "train.eval_generate: dpo's eval scores answer pairs"),
+    ({"task": "causal_lm", "train": {"dpo_beta": 0.2}}, "train.dpo_beta: only read by task dpo"),
+])
+def test_what_dpo_cannot_train_is_refused_with_the_config(changes, says):
+    assert any(says in p for p in _problems(**changes)), _problems(**changes)
+
+
+def test_lora_family_methods_and_best_metric_by_reward_are_accepted():
+    assert _problems() == []
+    assert _problems(peft={"method": "lora", "use_dora": True}, train={"best_metric": "reward_accuracy"},
+                     data={"eval": "e.jsonl"}) == []
