@@ -449,3 +449,12 @@ def test_plan_uses_the_max_length_training_uses(tmp_path, make_config, tiny_bert
     assert cfg.data.max_length == 64
     code, out = _plan_cli(path, capsys=capsys)
     assert out["per-rank memory"].endswith("x 64 tokens") and "accepts; using its limit 64" in out["note"][0]
+
+
+def test_a_dpo_micro_batch_is_sized_as_its_two_rows_an_example(make_config):
+    """dpo forwards each pair's chosen and rejected answers as two rows: its activations are a causal_lm
+    micro-batch's of twice the examples (the adapter-off reference forward saves nothing for backward)."""
+    cfgs = {task: load_config(make_config(task, train={"micro_batch_size": 2})) for task in ("causal_lm", "dpo")}
+    shape = plan.model_shape(cfgs["causal_lm"])
+    dpo, lm = plan.activation_bytes(cfgs["dpo"], shape, 2), plan.activation_bytes(cfgs["causal_lm"], shape, 4)
+    assert dpo["activations"] == lm["activations"] == 2 * plan.activation_bytes(cfgs["causal_lm"], shape, 2)["activations"]

@@ -285,7 +285,8 @@ def chunked_loss_applies(cfg: RunConfig, shape: ModelShape) -> bool:
 
 
 def activation_bytes(cfg: RunConfig, shape: ModelShape, micro: int, cuda: bool = True) -> dict[str, int]:
-    """Approximate peak activation memory of one micro-batch at data.max_length tokens per row.
+    """Approximate peak activation memory of one micro-batch at data.max_length tokens per row (dpo: two rows
+    an example, its chosen and its rejected answer; the reference's forward, under no_grad, saves nothing).
 
     Per token and layer a Llama-style block with SDPA saves ~ (6 x hidden + 2 x kv + 4 x intermediate)
     values for backward: both norms' inputs and outputs, q (after rotary), k and v, the attention
@@ -305,7 +306,7 @@ def activation_bytes(cfg: RunConfig, shape: ModelShape, micro: int, cuda: bool =
     bf16, varlen, 8 x 2048 tokens on 1B / 6 x 2048 on 8B: the estimate is 5% / 2% below the measured
     max_memory_allocated, where the eager formula was 22% above it).
     """
-    tokens = micro * cfg.data.max_length
+    tokens = micro * cfg.data.max_length * (2 if cfg.task == "dpo" else 1)  # (dpo: a chosen and a rejected row)
     autocast16 = cfg.train.mixed_precision in ("bf16", "fp16")
     a = 2 if autocast16 or cfg.model.quantization else DTYPE_BYTES[cfg.model.dtype]
     h, i = shape.hidden, shape.intermediate
