@@ -97,6 +97,8 @@ def test_every_alias_that_names_a_key_names_one_that_exists():
                                              "floor set train.lr_scheduler: cosine_with_min_lr"),
     # these had no hint at all
     ({"quantization_bit": 4}, "quantization_bit: unknown key (set model.quantization: 4bit | 8bit)"),
+    ({"pref_beta": 0.1}, "pref_beta: unknown key (did you mean 'train.dpo_beta'?)"),
+    ({"train": {"rpo_alpha": 1.0}}, "train.rpo_alpha: unknown key (did you mean 'dpo_sft_weight'?)"),
     ({"bnb_4bit_compute_dtype": "bfloat16"}, "bnb_4bit_compute_dtype: unknown key (model.quantization: 4bit "
                                              "computes in model.dtype)"),
     ({"preprocessing_num_workers": 16}, "preprocessing_num_workers: unknown key (did you mean 'data.num_proc'?)"),

@@ -12,6 +12,14 @@ _ACCUM = ("scaletune derives it: set train.global_batch_size = train.micro_batch
           "world size")
 KEY_ALIASES: dict[str, str] = {
     "lr": "train.learning_rate",
+    # preference tuning: LLaMA-Factory's pref_* and TRL's DPOConfig names
+    "pref_beta": "train.dpo_beta",
+    "beta": "train.dpo_beta",
+    "pref_loss": "train.dpo_loss",
+    "loss_type": "train.dpo_loss",
+    "pref_ftx": "train.dpo_sft_weight",
+    "rpo_alpha": "train.dpo_sft_weight",
+    "simpo_gamma": "train.simpo_gamma",
     "num_train_epochs": "train.epochs",
     "num_epochs": "train.epochs",
     "per_device_train_batch_size": "train.micro_batch_size",

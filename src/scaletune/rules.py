@@ -257,13 +257,22 @@ def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_c
     return p
 
 
+_DPO_KEYS = ("dpo_beta", "dpo_loss", "simpo_gamma", "dpo_sft_weight")
+
+
 def _dpo_problems(cfg: RunConfig) -> list[str]:
     """train.dpo_beta, and what task dpo cannot train: its reference is the base with the adapter switched off."""
     beta = cfg.train.dpo_beta
     if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
         return [f"train.dpo_beta: must be a number > 0 (0.1 is usual), got {beta!r}"]
     if cfg.task != "dpo":
-        return [f"train.dpo_beta: only read by task dpo, not {cfg.task}"] if _changed(cfg.train, "dpo_beta") else []
+        return [f"train.{key}: only read by task dpo, not {cfg.task}" for key in _DPO_KEYS if _changed(cfg.train, key)]
+    p = [f"train.{key}: must be a number >= 0, got {getattr(cfg.train, key)}" for key in ("simpo_gamma", "dpo_sft_weight")
+         if not getattr(cfg.train, key) >= 0]
+    if _changed(cfg.train, "simpo_gamma") and cfg.train.dpo_loss != "simpo":
+        p.append(f"train.simpo_gamma: only read by dpo_loss simpo, not {cfg.train.dpo_loss}")
+    if p:
+        return p
     if cfg.peft_method == "p_tuning":  # (prefix and prompt tuning: the method matrix's refusal)
         return [f"peft.method={cfg.peft_method} with task dpo: the reference (the adapter switched off) would see "
                 "no virtual tokens and the answers' log-probabilities would be taken at shifted positions; use a "

@@ -4,6 +4,9 @@ The reference model is the same base with the adapter switched off (peft's `disa
 model is held. Per pair, with logp the summed log-probability of the answer's tokens (the prompt is context):
     reward(answer) = beta * (logp_policy(answer) - logp_reference(answer))
     loss = -log sigmoid(reward(chosen) - reward(rejected))
+(train.dpo_loss: hinge and ipo change the loss of that margin, ipo on mean token log-probabilities; simpo
+drops the reference: rewards are beta x mean token log-probabilities, less a margin gamma. train.dpo_sft_weight
+adds the chosen answer's negative mean token log-probability.)
 `loss_sum` returns the loss summed over the micro-batch's pairs and `count_targets` their number: the loop's
 division by the pairs of the whole optimizer step makes the step's loss their mean at any micro-batch size.
 Chosen and rejected of a pair are two rows of one forward. Eval reports the rewards besides the loss.
@@ -32,10 +35,13 @@ REJECTED = "rejected_"  # prefix of the rejected answer's columns (input_ids, la
 
 @register("dpo")
 class DPO(CausalLM):
-    _beta = 0.1  # train.dpo_beta (`configure`); private: not data, so no dataset cache keeps it
+    # train.dpo_beta, dpo_loss, simpo_gamma, dpo_sft_weight (`configure`); private: not data, so no dataset cache
+    # keeps them
+    _beta, _loss, _gamma, _sft = 0.1, "sigmoid", 0.5, 0.0
 
     def configure(self, cfg: Any) -> None:
-        self._beta = cfg.train.dpo_beta
+        t = cfg.train
+        self._beta, self._loss, self._gamma, self._sft = t.dpo_beta, t.dpo_loss, t.simpo_gamma, t.dpo_sft_weight
 
     def setup(self, records: list[dict], cfg: Any, source: str, key: str = "data.train") -> list[str] | None:
         # `format` is the causal_lm format the prompts are in: what `predict` reads a DPO adapter's prompts as
@@ -80,14 +86,32 @@ class DPO(CausalLM):
         return pad_batch(chosen + rejected, pad_id)
 
     def loss_sum(self, model: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(summed DPO loss of the batch's pairs, each pair's [chosen reward, rejected reward])."""
-        with torch.no_grad(), unwrap(None, model).disable_adapter():
-            reference = answer_logps(model, batch)
+        """(summed preference loss of the batch's pairs, each pair's [chosen reward, rejected reward]): rewards
+        are beta x the answers' log-ratios (ipo: of their mean token log-probabilities; simpo: beta x the mean
+        token log-probabilities themselves, there being no reference)."""
+        reference = None
+        if self._loss != "simpo":
+            with torch.no_grad(), unwrap(None, model).disable_adapter():
+                reference = answer_logps(model, batch)
         policy = answer_logps(model, batch)
+        counts = (batch["labels"][:, 1:] != IGNORE).sum(1)
+        scores = policy - reference if reference is not None else policy
+        if self._loss in ("ipo", "simpo"):
+            scores = scores / counts
         n = len(policy) // 2
-        rewards = self._beta * (policy - reference).view(2, n).T  # [pair, (chosen, rejected)]
-        loss = -F.logsigmoid(rewards[:, 0] - rewards[:, 1]).sum()
-        return loss, rewards.detach()
+        rewards = self._beta * scores.view(2, n).T  # [pair, (chosen, rejected)]
+        margin = rewards[:, 0] - rewards[:, 1]
+        if self._loss == "hinge":
+            loss = F.relu(1 - margin)
+        elif self._loss == "ipo":
+            loss = (margin / self._beta - 1 / (2 * self._beta)) ** 2
+        elif self._loss == "simpo":
+            loss = -F.logsigmoid(margin - self._gamma)
+        else:
+            loss = -F.logsigmoid(margin)
+        if self._sft:  # (the chosen answers are rows 0..n-1)
+            loss = loss - self._sft * policy[:n] / counts[:n]
+        return loss.sum(), rewards.detach()
 
     @staticmethod
     def count_targets(batch: dict) -> int:
