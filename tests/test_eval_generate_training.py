@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -180,3 +181,39 @@ def test_the_datas_own_column_names_are_read_as_training_reads_them(make_config,
     assert code == 0, err
     assert [json.loads(x) for x in (tmp_path / "plain" / "generations" / "step-2.jsonl").read_text().splitlines()] \
         == [{**ln, "line": ln["line"].replace(str(evalf), str(tmp_path / "e.jsonl"))} for ln in lines]
+
+
+def test_a_resume_may_turn_on_generated_answers(make_config, capsys, tmp_path):
+    """eval_generate and eval_max_new_tokens change what an eval reports, not what the run trains (as
+    best_metric, which may pick by them, and eval_every): a resume that turns them on goes on from its
+    checkpoint, without --allow-config-change."""
+    path = make_config(train={"max_steps": 2, "eval_every": 2, "save_every": 2})
+    code, _, err = run_cli(["train", path], capsys)
+    assert code == 0, err
+    path = make_config(train={"max_steps": 4, "eval_every": 2, "save_every": 2, "eval_generate": 3,
+                              "eval_max_new_tokens": 4, "best_metric": "token_f1"})
+    code, _, err = run_cli(["train", path, "--resume", "auto"], capsys)
+    assert code == 0, err
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["event"] == "resume"] == [2]
+    assert [e["step"] for e in _evals(tmp_path / "run")] == [2, 4]
+    assert "generated_examples" not in _evals(tmp_path / "run")[0]
+    lines = (tmp_path / "run" / "generations" / "step-4.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and (tmp_path / "run" / "best_adapter").is_dir()
+
+
+@pytest.mark.parametrize("again", [["--overwrite"], ["--resume", "auto"]])
+def test_generations_are_the_runs_own_files(make_config, capsys, tmp_path, again):
+    """OUTPUT_DIR/generations/ is written by the run: --overwrite replaces a run that has one, and a run that
+    died after an eval but before its first checkpoint starts again under --resume auto, as without it."""
+    path = make_config(train={"max_steps": 2, "eval_every": 1, "eval_generate": 2, "eval_max_new_tokens": 3,
+                              "save_every": None})
+    code, _, err = run_cli(["train", path], capsys)
+    assert code == 0, err
+    if again == ["--resume", "auto"]:  # (as a run killed after its first eval leaves it: no checkpoint yet)
+        for name in ("adapter", "checkpoints"):
+            shutil.rmtree(tmp_path / "run" / name, ignore_errors=True)
+    code, _, err = run_cli(["train", path, *again], capsys)
+    assert code == 0, err
+    assert [e["step"] for e in _evals(tmp_path / "run")] == [1, 2]
+    assert sorted(p.name for p in (tmp_path / "run" / "generations").iterdir()) == ["step-1.jsonl", "step-2.jsonl"]

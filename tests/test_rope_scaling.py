@@ -128,3 +128,100 @@ def test_max_length_warns_only_past_what_the_scaling_covers(tmp_path, spec, leng
     assert bool(notes) == warned
     if warned:
         assert "model.rope_scaling" in notes[0] and f"data.max_length={length}" in notes[0]
+
+
+def test_eval_predict_and_merge_say_when_the_config_scales_otherwise_than_the_run(capsys, make_config, tmp_path, caplog):
+    """model.rope_scaling is read from the config given: one without the run's scaling (or with another factor)
+    runs the adapter on positions it was not trained on, and merge would write that into config.json, so each
+    command says so, naming the key and both values; the run's own config says nothing."""
+    path = make_config("causal_lm", model={"rope_scaling": LINEAR}, train={"max_steps": 1})
+    code, _, err = run_cli(["train", path], capsys)
+    assert code == 0, err
+    with caplog.at_level("WARNING", logger="scaletune"):
+        code, _, err = run_cli(["eval", path], capsys)
+    assert code == 0, err
+    assert "rope_scaling" not in caplog.text
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Reverse the order of these words.\n")
+    for command in (["eval", path, "model.rope_scaling=null"],
+                    ["predict", path, "--input", prompts, "--max-new-tokens", "2", "model.rope_scaling.factor=4.0"],
+                    ["merge", path, "--out", tmp_path / "merged", "model.rope_scaling=null"]):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="scaletune"):
+            code, _, err = run_cli(command, capsys)
+        assert code == 0, err
+        assert "was trained with model.rope_scaling: {type: linear, factor: 2.0}; this config has " in caplog.text
+    assert "this config has none" in caplog.text
+
+
+# (scaling, prompt positions, the limit a 64-token completion is warned about: None, none)
+_COVERED = [(None, 100, "128 positions"),
+            (LINEAR, 100, None),  # (128 x 2: the completion stays within what the scaled run trained on)
+            (LINEAR, 200, "256 positions"),
+            ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 8}, 100, "128 positions")]  # (Llama 3.1's: the stretch stated)
+
+
+def test_generation_warns_past_the_positions_the_scaling_covers(caplog):
+    """predict's and eval --generate's warning that a completion runs past the trained positions counts a RoPE
+    scaling's stretch: a scaled run's completions within it are not warned about, nor is the limit misnamed."""
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig
+
+    from scaletune import infer
+
+    for rope, used, warned in _COVERED:
+        config = LlamaConfig(max_position_embeddings=128)
+        if rope is not None:
+            kind = rope.get("type", rope.get("rope_type"))
+            config.rope_parameters = {"rope_theta": 10000.0, **{k: v for k, v in rope.items() if k != "type"},
+                                      "rope_type": kind}
+        infer._CAPPED.clear()
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="scaletune"):
+            assert infer._budget(SimpleNamespace(config=config), used, 64) == 64
+        infer._CAPPED.clear()
+        if warned is None:
+            assert "completions may run past" not in caplog.text, rope
+        else:
+            assert f"completions may run past the {warned} the model was trained for" in caplog.text, rope
+
+
+def test_longrope_factors_of_the_wrong_length_are_refused_naming_the_key(capsys, make_config):
+    """one factor per rotary frequency (the tiny Llama: head_dim 16, 8 frequencies); transformers only logs a
+    wrong length, and a single number would be broadcast over every frequency, so the run is refused before
+    it trains."""
+    factors = {"type": "longrope", "short_factor": [1.0] * 8}
+    path = make_config("causal_lm", model={"rope_scaling": {**factors, "long_factor": [2.0]}})
+    code, _, err = run_cli(["train", path], capsys)
+    assert_clean_error(code, err, "model.rope_scaling:", "8 frequencies", "long_factor has 1")
+    assert "short_factor has" not in err
+    path = make_config("causal_lm", model={"rope_scaling": {**factors, "long_factor": [2.0] * 8}},
+                       train={"max_steps": 1})
+    code, _, err = run_cli(["train", path], capsys)
+    assert code == 0, err
+
+
+def test_a_new_factor_of_the_models_own_scheme_stretches_its_pretrained_length(caplog):
+    """A Llama 3.1-like config (llama3: 128 pretrained positions stretched x4 to its 512): model.rope_scaling
+    llama3 x8 keeps the 128 its frequencies are relative to (1024 positions), as a changed factor means; not
+    the stretched 512, which would move every frequency the model was trained with, without a word. Another
+    scheme replaces the model's (with a warning), stretching max_position_embeddings as the key's doc says."""
+    from transformers import LlamaConfig
+
+    from scaletune.rope import scaled_rope_parameters
+
+    own = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+           "original_max_position_embeddings": 128, "rope_theta": 500000.0}
+    config = LlamaConfig(max_position_embeddings=512, hidden_size=64, num_attention_heads=2, rope_parameters=own)
+    llama3 = {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    with caplog.at_level("WARNING", logger="scaletune"):
+        params = scaled_rope_parameters(config, llama3, "m")
+    assert params["original_max_position_embeddings"] == 128 and params["factor"] == 8.0
+    assert params["rope_theta"] == 500000.0 and "replaces" not in caplog.text
+    assert scaled_rope_parameters(config, {**llama3, "original_max_position_embeddings": 256},
+                                  "m")["original_max_position_embeddings"] == 256  # (given: taken as given)
+    with caplog.at_level("WARNING", logger="scaletune"):
+        yarn = scaled_rope_parameters(config, {"type": "yarn", "factor": 2.0}, "m")
+    assert yarn["original_max_position_embeddings"] == 512 and "replaces m's own RoPE scaling" in caplog.text

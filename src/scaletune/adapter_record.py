@@ -97,3 +97,22 @@ def _recorded_split(path: Path) -> dict | None | str:
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue
     return "unknown"
+
+
+def check_rope_scaling(cfg: RunConfig, path: Path, meta: dict) -> None:
+    """Warn where the config scales the base's RoPE otherwise than the adapter's run did (model.rope_scaling is
+    read from the config given, not from the adapter): its weights were learned on other position encodings, and
+    a merge would write the config's scaling into the merged config.json. Adapters from before scaletune
+    recorded it are not checked."""
+    if "rope_scaling" not in meta or meta["rope_scaling"] == cfg.model.rope_scaling:
+        return
+    log.warning("the adapter at %s was trained with model.rope_scaling: %s; this config has %s: positions are "
+                "encoded otherwise than in training; give model.rope_scaling as the run did", path,
+                _flow(meta["rope_scaling"]), _flow(cfg.model.rope_scaling))
+
+
+def _flow(spec: dict | None) -> str:
+    """A rope_scaling value as the YAML config writes it ({type: linear, factor: 2.0}; none)."""
+    if spec is None:
+        return "none"
+    return "{" + ", ".join(f"{k}: {v}" for k, v in spec.items()) + "}"

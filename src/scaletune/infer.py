@@ -14,13 +14,14 @@ from typing import Any, TextIO
 import torch
 
 from . import generation_metrics, predict_input
-from .adapter_record import adapter_meta, check_held_out
+from .adapter_record import adapter_meta, check_held_out, check_rope_scaling
 from .checkpoint import checkpoint_dirs
 from .config import CAUSAL_TASKS, NO_CHAT_FORMATS, RunConfig
 from .data import tokenised_differently
 from .data.readers import WHERE
 from .errors import ConfigError, DataError, UserError, failed_write, write_error
 from .labelling import classify, is_multi_label, regress, tag
+from .rope import stretched_length
 from .seqlen import position_limit
 from .tasks.words import has_cjk
 
@@ -96,6 +97,7 @@ def load_trained(cfg: RunConfig, adapter: str | None, tokenises: bool = True) ->
         # a moved or re-downloaded base is fine; a different one gives nonsense without an error
         log.warning("the adapter at %s was trained on %s; loading it onto %s", path, meta["base_model"],
                     cfg.model.name_or_path)
+    check_rope_scaling(cfg, path, meta)
     task = get_task(cfg.task)
     task.configure(cfg)
     task.setup_cached(meta)
@@ -410,10 +412,12 @@ def _budget(model: Any, used: int, max_new_tokens: int) -> int:
                             max_new_tokens, context)
                 _CAPPED.append(True)
             return context - used
-    elif context and used + max_new_tokens > context and not _CAPPED:
-        log.warning("--max-new-tokens %d: completions may run past the %d positions the model was trained for",
-                    max_new_tokens, context)
-        _CAPPED.append(True)
+    elif context and not _CAPPED:
+        covered = stretched_length(model.config, context)  # (model.rope_scaling stretched a trained length)
+        if used + max_new_tokens > covered:
+            log.warning("--max-new-tokens %d: completions may run past the %d positions the model was trained "
+                        "for%s", max_new_tokens, covered, " (its RoPE scaling's stretch)" if covered > context else "")
+            _CAPPED.append(True)
     return max_new_tokens
 
 

@@ -80,7 +80,7 @@ def _has_content(out: Path) -> bool:
 RUN_MARKERS = ("run.json", "metrics.jsonl", "checkpoints", "adapter")
 # Everything a run (its trackers, `scaletune report` with the default --out) writes into output_dir.
 RUN_FILES = {*RUN_MARKERS, "run.json.tmp", ".adapter.tmp", "best_adapter", ".best_adapter.tmp", "scaletune", "wandb", "mlruns", "report.html", ".replaced_run",
-             ".abandoned", LOCK_NAME}
+             ".abandoned", "generations", LOCK_NAME}  # (generations/: train.eval_generate's answers)
 
 
 def set_aside_metrics(out: Path) -> Path | None:

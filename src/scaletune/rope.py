@@ -65,6 +65,20 @@ def factor(cfg: Any) -> float:
     return float(f) if _number(f) and f > 1 else 1.0
 
 
+def stretched_length(config: Any, positions: int) -> int:
+    """The positions a loaded model's RoPE scaling covers, where `positions` is its max_position_embeddings: factor
+    x original_max_position_embeddings (model.rope_scaling's default: max_position_embeddings), never fewer than
+    `positions` (Llama 3.1's config states its stretched length already)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    params = getattr(text, "rope_parameters", None)
+    if not isinstance(params, dict) or params.get("rope_type", "default") == "default":
+        return positions
+    f, original = params.get("factor"), params.get("original_max_position_embeddings", positions)
+    if not (_number(f) and f > 1 and _number(original)):
+        return positions
+    return max(positions, int(original * f))
+
+
 def config_problems(cfg: Any) -> list[str]:
     """What is wrong with model.rope_scaling given the config alone: the type, missing and unknown keys, values."""
     spec = cfg.model.rope_scaling
@@ -118,7 +132,12 @@ def scaled_rope_parameters(config: Any, spec: dict, name: str) -> dict:
     if own.get("rope_type", "default") not in ("default", rope_type(spec)):
         # (Llama 3.1's own llama3 x8, say: the two do not compose, the model then runs with the new one only)
         log.warning("%s: replaces %s's own RoPE scaling %s", KEY, name, own)
-    params = {k: own[k] for k in ("rope_theta", "partial_rotary_factor") if k in own}
+    kept = ("rope_theta", "partial_rotary_factor")
+    if own.get("rope_type") == rope_type(spec):
+        # a new factor of the model's own scheme (Llama 3.1's llama3: 8192 stretched to its 131072 positions)
+        # stretches the length it was pretrained on, not the already stretched max_position_embeddings
+        kept += ("original_max_position_embeddings",)
+    params = {k: own[k] for k in kept if k in own}
     params.update({k: v for k, v in spec.items() if k not in _TYPE_KEYS}, rope_type=rope_type(spec))
     scaled = copy.deepcopy(config)  # (standardize fills original_max_position_embeddings from the model's)
     scaled.rope_parameters = params
@@ -127,4 +146,18 @@ def scaled_rope_parameters(config: Any, spec: dict, name: str) -> dict:
         scaled.validate_rope()
     except (KeyError, ValueError, TypeError) as exc:
         raise ConfigError(f"{KEY}: {name} cannot take {spec} ({str(exc).splitlines()[0]})") from None
+    if rope_type(spec) == "longrope":
+        _check_factor_lengths(scaled, name)
     return scaled.rope_parameters
+
+
+def _check_factor_lengths(config: Any, name: str) -> None:
+    """longrope's short_factor and long_factor scale one rotary frequency each: transformers only logs a wrong
+    length, and torch then broadcasts a single number over every frequency or fails at the first forward."""
+    params = config.rope_parameters
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    want = int(head_dim * params.get("partial_rotary_factor", 1.0)) // 2
+    wrong = [f"{k} has {len(params[k])}" for k in ("short_factor", "long_factor") if len(params[k]) != want]
+    if wrong:
+        raise ConfigError(f"{KEY}: {name}'s rotary embeddings have {want} frequencies (head_dim {head_dim} / 2), "
+                          f"one factor each in short_factor and long_factor; {' and '.join(wrong)}")

@@ -451,7 +451,8 @@ def save_adapter(run: Run, directory: Path, state: dict | None = None, extra_met
         model.save_pretrained(str(directory), state_dict=state, safe_serialization=True)
     run.tokenizer.save_pretrained(str(directory))
     meta = {"task": run.cfg.task, "labels": run.data["labels"], "base_model": run.cfg.model.name_or_path,
-            "max_length": run.cfg.data.max_length, "held_out": held_out(run.cfg),
+            "max_length": run.cfg.data.max_length, "rope_scaling": run.cfg.model.rope_scaling,
+            "held_out": held_out(run.cfg),
             "train_digest": run.data.get("train_digest"), "tokenisation": tokenisation(run.cfg.task),
             **run.task.cache_meta(),
             **(extra_meta or {})}
