@@ -239,3 +239,25 @@ def test_a_prompt_encoder_stands_in_with_the_masters_only_where_their_shapes_are
     with prompt_encoders_holding(model, {key: torch.zeros(0)}):  # a partition's shape: no stand-in, no failure
         model.save_pretrained(tmp_path / "b")
     assert load_file(tmp_path / "b" / "adapter_model.safetensors")["prompt_embeddings"].dtype == torch.bfloat16
+
+
+def test_ia3_on_all_linear_layers_reloads_in_plain_peft(make_config, tmp_path):
+    """peft names all-linear's targets in full but IA3's feedforward modules by their short default (down_proj):
+    its saved adapter_config.json failed peft's own check on load. Saved in full, it loads, with down_proj
+    scaled as a feedforward module (its input, not its output) as in training."""
+    from peft import PeftModel
+
+    path = make_config("causal_lm", n=8, train={"global_batch_size": 8, "max_steps": 2, "learning_rate": 5e-2})
+    raw = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**raw, "peft": {"method": "ia3", "target_modules": "all-linear"}}))
+    run, _ = setup(load_config(path))
+    assert fit(run, StopFlag()) == "done"
+    model = run.accelerator.unwrap_model(run.model).eval()
+    base = run.task.auto_model_class().from_pretrained(load_config(path).model.name_or_path)
+    loaded = PeftModel.from_pretrained(base, str(run.output_dir / "adapter")).eval()
+    ff = {n for n, m in loaded.named_modules() if getattr(m, "is_feedforward", False)}
+    assert ff and all(n.endswith("mlp.down_proj") for n in ff)
+    batch = run.task.collate([run.data["eval"][i] for i in range(4)], run.tokenizer.pad_token_id)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, rtol=1e-5, atol=1e-5)

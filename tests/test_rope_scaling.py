@@ -111,19 +111,31 @@ def test_a_model_without_rotary_positions_is_refused_before_anything_is_written(
     assert_clean_error(code, err, "model.rope_scaling:", "(bert) has no rotary position embeddings")
 
 
-@pytest.mark.parametrize("spec,length,warned", [
-    (None, 512, False), (None, 513, True),
-    (LINEAR, 1024, False), (LINEAR, 1025, True),
-    ({"type": "yarn", "factor": 4}, 2048, False), ({"type": "yarn", "factor": 4}, 2049, True),
+_LLAMA31 = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 128, "rope_theta": 500000.0}  # (128 pretrained, stated as 512)
+
+
+@pytest.mark.parametrize("spec,length,warned,own", [
+    (None, 512, False, None), (None, 513, True, None),
+    (LINEAR, 1024, False, None), (LINEAR, 1025, True, None),
+    ({"type": "yarn", "factor": 4}, 2048, False, None), ({"type": "yarn", "factor": 4}, 2049, True, None),
+    # a new factor of the model's own scheme stretches its pretrained 128, not the 512 it states: x8 is 1024
+    ({"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}, 1024, False, _LLAMA31),
+    ({"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}, 1025, True, _LLAMA31),
 ])
-def test_max_length_warns_only_past_what_the_scaling_covers(tmp_path, spec, length, warned):
+def test_max_length_warns_only_past_what_the_scaling_covers(tmp_path, spec, length, warned, own):
     from transformers import AutoConfig
 
+    from scaletune.rope import scaled_rope_parameters
     from scaletune.seqlen import effective_max_length
 
     cfg = data_config(tmp_path, "m", data="t.jsonl", max_length=length)
     cfg.model.rope_scaling = spec
-    kept, notes = effective_max_length(cfg, None, AutoConfig.for_model("llama", max_position_embeddings=512))
+    config = AutoConfig.for_model("llama", max_position_embeddings=512, hidden_size=64, num_attention_heads=2,
+                                  **({"rope_parameters": own} if own else {}))
+    if spec:  # (as read_model_config gives it to training and plan)
+        config.rope_parameters = scaled_rope_parameters(config, spec, "m")
+    kept, notes = effective_max_length(cfg, None, config)
     assert kept == length
     assert bool(notes) == warned
     if warned:

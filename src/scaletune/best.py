@@ -135,8 +135,8 @@ class BestAdapter:
         was = f"{best['value']:.4g} at step {best['step']}" if best else "none finite"
         where = self.run.output_dir / BEST_DIR
         self.mlog.log("early_stop", step, {"evals_without_better": since, "best_step": best and best["step"]})
-        self.mlog.write(f"step {step}: stopping early: {since} evals in a row without a {self.metric} better than "
-                        f"the best by more than {self.threshold:g} (best {was}"
+        self.mlog.write(f"step {step}: stopping early: {since} evals in a row without beating the best {self.metric} "
+                        f"by more than {self.threshold:g} (best {was}"
                         + (f"; its adapter is in {where})" if where.is_dir() else ")"))
         return True
 

@@ -221,3 +221,17 @@ def load_method_state(model: Any, tensors: dict, facts: dict) -> None:
         prefix = f"{kind}::"
         setattr(alloc, kind, {k[len(prefix):]: t.to(device) for k, t in tensors.items() if k.startswith(prefix)})
     ada.peft_config[ada.trainable_adapter_name].rank_pattern = facts.get("adalora_rank_pattern")
+
+
+def name_ia3_feedforward_in_full(model: Any) -> None:
+    """peft expands IA3's `target_modules: all-linear` into each module's full name but keeps feedforward_modules
+    as the model type's short default (down_proj), so the adapter_config.json it saves fails peft's own check
+    on load ("feedforward_modules should be a subset of target_modules"): name the feedforward modules in full
+    too, as the target list does (which modules they are is unchanged)."""
+    for config in getattr(model, "peft_config", {}).values():
+        targets, ff = getattr(config, "target_modules", None), getattr(config, "feedforward_modules", None)
+        if getattr(config, "peft_type", None) != "IA3" or not isinstance(targets, (set, list)) \
+                or not isinstance(ff, (set, list)) or set(ff) <= set(targets):
+            continue
+        config.feedforward_modules = {t for t in targets if any(t == f or t.endswith(f".{f}") for f in ff)}
+

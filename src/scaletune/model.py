@@ -386,6 +386,8 @@ def apply_adapter(model: Any, cfg: RunConfig, task: Any, total_steps: int | None
     """Wrap `model` with the run's new peft adapter (also used on the meta device by `plan`)."""
     import peft
 
+    from .methods import name_ia3_feedforward_in_full
+
     pconf = peft_config(cfg, task.peft_task_type, total_steps)
     if fused_lora_applies(cfg):
         from .adapters.lora_addmm import use_addmm_lora
@@ -401,6 +403,7 @@ def apply_adapter(model: Any, cfg: RunConfig, task: Any, total_steps: int | None
         raise UserError(f"peft.method={cfg.peft_method}: cannot apply to {arch} "
                         f"({str(exc).splitlines()[0]})") from None
     check_modules_to_save(model, wanted, names, arch)
+    name_ia3_feedforward_in_full(model)
     for name, p in model.named_parameters():
         if "ranknum" in name.split("."):  # AdaLoRA's fixed divisor: peft 0.21 makes it trainable on a 16-bit base
             p.requires_grad_(False)

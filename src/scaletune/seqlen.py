@@ -12,7 +12,7 @@ from typing import Any
 from .config import RunConfig
 from .errors import ConfigError
 from .rope import factor as rope_factor
-from .rope import scaled_rope_parameters
+from .rope import scaled_rope_parameters, stretched_length
 
 # Config keys of rotary positions (or, for Falcon, ALiBi): computed for any position, so
 # max_position_embeddings is the length the model was trained on, not a table that longer input overruns.
@@ -93,17 +93,18 @@ def effective_max_length(cfg: RunConfig, tokenizer: Any | None, config: Any | No
         notes.append(f"data.max_length={length} is above the {positions} positions of {cfg.model.name_or_path} "
                      f"(a learned position table: max_position_embeddings); using {positions}")
         length = positions
-    elif positions is not None and positions * rope_factor(cfg) < length:
-        notes.append(_beyond_rotary(cfg, length, positions))
+    elif positions is not None and (covered := stretched_length(config, positions)) < length:
+        notes.append(_beyond_rotary(cfg, length, positions, covered))
     return length, notes
 
 
-def _beyond_rotary(cfg: RunConfig, length: int, positions: int) -> str:
-    """The warning for a max_length past what a rotary model's positions cover, scaled or not."""
+def _beyond_rotary(cfg: RunConfig, length: int, positions: int, covered: int) -> str:
+    """The warning for a max_length past the `covered` positions of a rotary model (`positions`: its
+    max_position_embeddings), scaled by model.rope_scaling or not."""
     f = rope_factor(cfg)
     if f > 1:
-        return (f"data.max_length={length} is above the {int(positions * f)} positions model.rope_scaling stretches "
-                f"{cfg.model.name_or_path} to (factor {f:g} x its {positions}, max_position_embeddings); kept, but "
+        return (f"data.max_length={length} is above the {covered} positions model.rope_scaling stretches "
+                f"{cfg.model.name_or_path} to (factor {f:g} x the length it was pretrained on); kept, but "
                 "positions past that are extrapolated; raise model.rope_scaling's factor")
     return (f"data.max_length={length} is above the {positions} positions {cfg.model.name_or_path} was trained on "
             "(max_position_embeddings); kept, since rotary positions have no table to overrun, but the model has "
