@@ -220,12 +220,14 @@ class TrainConfig:
     dpo_beta: float = _f(0.1, "dpo: beta, how far the trained model may move from the base (the reference, "
                          "the adapter switched off): the loss is -log sigmoid(beta x (chosen's log-ratio - "
                          "rejected's)); smaller lets it move further (0.1 is the paper's and TRL's default).")
-    dpo_loss: Literal["sigmoid", "hinge", "ipo", "simpo"] = _f(
+    dpo_loss: Literal["sigmoid", "hinge", "ipo", "simpo", "orpo"] = _f(
         "sigmoid", "dpo: each pair's loss, m being beta x (chosen's log-ratio - rejected's), a log-ratio an answer's "
         "log-probability with the adapter minus without: sigmoid (DPO) -log sigmoid(m); hinge (SLiC) max(0, 1 - m); "
         "ipo (Azar et al. 2023, on the answers' mean token log-probabilities) (m / beta - 1 / (2 beta))^2; simpo "
         "(Meng et al. 2024: no reference, no second forward) -log sigmoid(beta x (chosen's mean token "
-        "log-probability - rejected's) - simpo_gamma), with a beta of about 2 (the paper's 2-2.5).")
+        "log-probability - rejected's) - simpo_gamma), with a beta of about 2 (the paper's 2-2.5); orpo (Hong et "
+        "al. 2024, no reference either) the chosen answer's negative mean token log-probability - beta x log "
+        "sigmoid(log odds ratio of the mean token probabilities), beta the paper's lambda (0.1).")
     simpo_gamma: float = _f(0.5, "dpo_loss simpo: the reward margin gamma the chosen answer must win by.")
     dpo_sft_weight: float = _f(0.0, "dpo: add this times the chosen answer's negative mean token log-probability to "
                                "each pair's loss (RPO; LLaMA-Factory's pref_ftx, TRL's rpo_alpha), which keeps the "

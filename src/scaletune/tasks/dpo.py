@@ -4,8 +4,9 @@ The reference model is the same base with the adapter switched off (peft's `disa
 model is held. Per pair, with logp the summed log-probability of the answer's tokens (the prompt is context):
     reward(answer) = beta * (logp_policy(answer) - logp_reference(answer))
     loss = -log sigmoid(reward(chosen) - reward(rejected))
-(train.dpo_loss: hinge and ipo change the loss of that margin, ipo on mean token log-probabilities; simpo
-drops the reference: rewards are beta x mean token log-probabilities, less a margin gamma. train.dpo_sft_weight
+(train.dpo_loss: hinge and ipo change the loss of that margin, ipo on mean token log-probabilities; simpo and
+orpo drop the reference: rewards are beta x mean token log-probabilities; simpo's loss is DPO's less a margin
+gamma, orpo's the chosen answer's mean NLL plus beta x an odds-ratio term. train.dpo_sft_weight
 adds the chosen answer's negative mean token log-probability.)
 `loss_sum` returns the loss summed over the micro-batch's pairs and `count_targets` their number: the loop's
 division by the pairs of the whole optimizer step makes the step's loss their mean at any micro-batch size.
@@ -87,16 +88,16 @@ class DPO(CausalLM):
 
     def loss_sum(self, model: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed preference loss of the batch's pairs, each pair's [chosen reward, rejected reward]): rewards
-        are beta x the answers' log-ratios (ipo: of their mean token log-probabilities; simpo: beta x the mean
-        token log-probabilities themselves, there being no reference)."""
+        are beta x the answers' log-ratios (ipo: of their mean token log-probabilities; simpo, orpo: beta x the
+        mean token log-probabilities themselves, there being no reference)."""
         reference = None
-        if self._loss != "simpo":
+        if self._loss not in ("simpo", "orpo"):
             with torch.no_grad(), unwrap(None, model).disable_adapter():
                 reference = answer_logps(model, batch)
         policy = answer_logps(model, batch)
         counts = (batch["labels"][:, 1:] != IGNORE).sum(1)
         scores = policy - reference if reference is not None else policy
-        if self._loss in ("ipo", "simpo"):
+        if self._loss in ("ipo", "simpo", "orpo"):
             scores = scores / counts
         n = len(policy) // 2
         rewards = self._beta * scores.view(2, n).T  # [pair, (chosen, rejected)]
@@ -107,6 +108,12 @@ class DPO(CausalLM):
             loss = (margin / self._beta - 1 / (2 * self._beta)) ** 2
         elif self._loss == "simpo":
             loss = -F.logsigmoid(margin - self._gamma)
+        elif self._loss == "orpo":  # log odds of p = exp(mean token log-probability): log p - log(1 - p)
+            mean = scores.view(2, n)
+            # (log(1 - p) as log(-expm1): exact near p = 1, where 1 - exp rounds to 0; kept finite at p = 1)
+            log_not = torch.log(-torch.expm1(mean.clamp(max=-1e-7)))
+            odds = (mean[0] - mean[1]) - (log_not[0] - log_not[1])
+            loss = -mean[0] - self._beta * F.logsigmoid(odds)
         else:
             loss = -F.logsigmoid(margin)
         if self._sft:  # (the chosen answers are rows 0..n-1)
