@@ -22,6 +22,7 @@ from stutil import (  # noqa: F401,E402
     cls_records,
     corpus,
     dpo_records,
+    kto_records,
     ner_records,
     override,
     reg_records,
@@ -59,6 +60,9 @@ def make_config(tmp_path, tiny_llama, tiny_bert):
         elif task == "dpo":
             train = write_jsonl(data_dir / "train.jsonl", dpo_records(n))
             evalf = write_jsonl(data_dir / "eval.jsonl", dpo_records(16, seed=1))
+        elif task == "kto":
+            train = write_jsonl(data_dir / "train.jsonl", kto_records(n))
+            evalf = write_jsonl(data_dir / "eval.jsonl", kto_records(16, seed=1))
         elif task == "seq_cls":
             train = write_jsonl(data_dir / "train.jsonl", cls_records(n))
             evalf = write_jsonl(data_dir / "eval.jsonl", cls_records(16, seed=1))
@@ -68,7 +72,7 @@ def make_config(tmp_path, tiny_llama, tiny_bert):
         else:
             train = write_jsonl(data_dir / "train.jsonl", ner_records(n))
             evalf = write_jsonl(data_dir / "eval.jsonl", ner_records(16, seed=1))
-        model = tiny_llama if task in ("causal_lm", "dpo") else tiny_bert
+        model = tiny_llama if task in ("causal_lm", "dpo", "kto") else tiny_bert
         raw = tiny_lora_run(model, train, task=task, data={"eval": str(evalf)}, train={"micro_batch_size": 4},
                             output_dir=str(tmp_path / "run"))
         raw = override(raw, **sections)

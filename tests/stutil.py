@@ -41,6 +41,19 @@ def dpo_records(n: int, seed: int = 0) -> list[dict]:
     return out
 
 
+def kto_records(n: int, seed: int = 0) -> list[dict]:
+    """Feedback (LLaMA-Factory's KTO layout): every other answer is desirable, reversing the words; the others,
+    undesirable, shout them back in their order."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        words = rng.sample(WORDS, rng.randint(2, 8))
+        answer = " ".join(reversed(words)) if i % 2 == 0 else " ".join(words).upper()
+        out.append({"messages": [{"role": "user", "content": "Reverse: " + " ".join(words)},
+                                 {"role": "assistant", "content": answer}], "label": i % 2 == 0})
+    return out
+
+
 def cls_records(n: int, seed: int = 0) -> list[dict]:
     """Label = whether 'alpha' occurs in the sentence (learnable from one token)."""
     rng = random.Random(seed)
@@ -90,7 +103,8 @@ def ner_records(n: int, seed: int = 0) -> list[dict]:
     return out
 
 
-ATTN = {"causal_lm": ["q_proj", "v_proj"], "dpo": ["q_proj", "v_proj"], "seq_cls": ["query", "value"], "token_cls": ["query", "value"],
+ATTN = {"causal_lm": ["q_proj", "v_proj"], "dpo": ["q_proj", "v_proj"], "kto": ["q_proj", "v_proj"],
+        "seq_cls": ["query", "value"], "token_cls": ["query", "value"],
         "seq_regression": ["query", "value"]}
 
 
@@ -106,7 +120,7 @@ def method_keys(name: str, task: str) -> dict:
     elif name == "adalora":
         keys.update(init_r=4, target_r=2, tinit=1, tfinal=2, deltaT=1, target_modules=qv)
     elif name == "ia3":
-        ff = ["down_proj"] if task in ("causal_lm", "dpo") else ["output.dense"]
+        ff = ["down_proj"] if task in ("causal_lm", "dpo", "kto") else ["output.dense"]
         keys.update(target_modules=qv + ff, feedforward_modules=ff)
     elif name in ("loha", "lokr"):
         keys.update(r=4, alpha=8, target_modules=qv)

@@ -136,7 +136,8 @@ def test_the_metrics_best_metric_may_name_are_the_tasks_eval_metrics():
                 "seq_cls": get_task("seq_cls").metrics([(0, 0), (1, 0)], 1.0, 2, ["a", "b"]),
                 "token_cls": get_task("token_cls").metrics([([0, 1], [0, 1], [])], 1.0, 2, ["O", "B-X"]),
                 "seq_regression": get_task("seq_regression").metrics([(0.5, 1.0), (2.0, 3.0)], 1.25, 2, None),
-                "dpo": get_task("dpo").metrics([[0.5, -0.5], [0.25, 1.0]], 1.2, 2, None)}
+                "dpo": get_task("dpo").metrics([[0.5, -0.5], [0.25, 1.0]], 1.2, 2, None),
+                "kto": get_task("kto").metrics([[0.5, 1.0, 0.1], [-0.25, 0.0, 0.1]], 0.8, 2, None)}
     # (causal_lm's exact_match and token_f1 are those of its generated answers: train.eval_generate)
     nobody = SimpleNamespace(process_index=0, num_processes=1, is_main_process=False)
     reported["causal_lm"].update(score(nobody, None, None, [], 4)[0])

@@ -178,8 +178,8 @@ def _problems(**changes) -> list[str]:
     ({"data": {"packing": True}}, "data.packing: only supported for task causal_lm, not dpo"),
     ({"train": {"label_smoothing": 0.1}}, "train.label_smoothing"),
     ({"train": {"class_weights": "balanced"}}, "train.class_weights"),
-    ({"train": {"eval_generate": True}}, "train.eval_generate: dpo's eval scores answer pairs"),
-    ({"task": "causal_lm", "train": {"dpo_beta": 0.2}}, "train.dpo_beta: only read by task dpo"),
+    ({"train": {"eval_generate": True}}, "train.eval_generate: dpo's eval scores given answers"),
+    ({"task": "causal_lm", "train": {"dpo_beta": 0.2}}, "train.dpo_beta: only read by tasks dpo and kto, not causal_lm"),
 ])
 def test_what_dpo_cannot_train_is_refused_with_the_config(changes, says):
     assert any(says in p for p in _problems(**changes)), _problems(**changes)

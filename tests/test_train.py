@@ -68,7 +68,7 @@ def test_data_has_variable_lengths_so_mean_of_means_would_differ(make_config, tm
     assert len(set(counts)) > 1, counts
 
 
-@pytest.mark.parametrize("task", ["causal_lm", "dpo"])
+@pytest.mark.parametrize("task", ["causal_lm", "dpo", "kto"])
 def test_resume_continues_exactly(make_config, tmp_path, task):
     """8 uninterrupted steps == 4 steps, stop (signal path), resume auto, 4 more steps. The split run logs
     every 3 steps: each logged loss is the mean of the steps since the last log, the resume at 4 included."""

@@ -20,9 +20,9 @@ from .aliases import KEY_ALIASES
 from .config_values import _coerce, _did_you_mean, _holds_nul
 from .errors import ConfigError, problems_count
 
-TASKS = ("causal_lm", "dpo", "seq_cls", "seq_regression", "token_cls")
+TASKS = ("causal_lm", "dpo", "kto", "seq_cls", "seq_regression", "token_cls")
 # tasks whose adapter is a causal LM's (peft CAUSAL_LM): they render chats alike, and predict generates with them
-CAUSAL_TASKS = ("causal_lm", "dpo")
+CAUSAL_TASKS = ("causal_lm", "dpo", "kto")
 CAUSAL_FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion", "text")
 NO_CHAT_FORMATS = ("prompt_completion", "text")  # plain text segments: no chat template renders them
 MAX_PEFT_SIZE = 65536  # adapter rank / virtual tokens: far beyond any model's hidden size
@@ -35,6 +35,7 @@ EVAL_METRICS: dict[str, dict[str, str]] = {
     "causal_lm": {"loss": "min", "perplexity": "min", "exact_match": "max", "token_f1": "max"},
     "dpo": {"loss": "min", "reward_accuracy": "max", "reward_margin": "max", "chosen_reward": "max",
             "rejected_reward": "min"},
+    "kto": {"loss": "min", "reward_margin": "max", "desirable_reward": "max", "undesirable_reward": "min"},
     "seq_cls": {"loss": "min", "accuracy": "max", "macro_f1": "max", "micro_f1": "max"},
     "token_cls": {"loss": "min", "f1": "max", "precision": "max", "recall": "max", "token_accuracy": "max"},
     "seq_regression": {"loss": "min", "mse": "min", "rmse": "min", "mae": "min", "pearson": "max", "spearman": "max"},
@@ -196,7 +197,8 @@ class TrainConfig:
     best_metric: str | None = _f(None, "Eval metric that picks the best adapter: each eval that beats the run's "
                                  "best so far writes OUTPUT_DIR/best_adapter/ (adapter/ stays the last step's). "
                                  "causal_lm: loss | perplexity (| exact_match | token_f1 with eval_generate); dpo: "
-                                 "loss | reward_accuracy | reward_margin | chosen_reward | rejected_reward; seq_cls: loss | accuracy | macro_f1 | micro_f1; "
+                                 "loss | reward_accuracy | reward_margin | chosen_reward | rejected_reward; kto: loss | reward_margin | "
+                                 "desirable_reward | undesirable_reward; seq_cls: loss | accuracy | macro_f1 | micro_f1; "
                                  "token_cls: loss | f1 | precision | recall | token_accuracy; seq_regression: "
                                  "loss | mse | rmse | mae | pearson | spearman (loss, perplexity, mse, rmse, mae: "
                                  "lower is better). Needs eval data.")
@@ -217,9 +219,10 @@ class TrainConfig:
                                           "(multi-label: BCEWithLogitsLoss's pos_weight, mean over examples x "
                                           "classes). Eval reports the unweighted loss, comparable across runs "
                                           "and to `scaletune eval`'s.")
-    dpo_beta: float = _f(0.1, "dpo: beta, how far the trained model may move from the base (the reference, "
-                         "the adapter switched off): the loss is -log sigmoid(beta x (chosen's log-ratio - "
-                         "rejected's)); smaller lets it move further (0.1 is the paper's and TRL's default).")
+    dpo_beta: float = _f(0.1, "dpo, kto: beta, how far the trained model may move from the base (the reference, "
+                         "the adapter switched off): dpo's loss is -log sigmoid(beta x (chosen's log-ratio - "
+                         "rejected's)), kto's reward beta x the answer's log-ratio; smaller lets it move further "
+                         "(0.1 is the papers' and TRL's default).")
     dpo_loss: Literal["sigmoid", "hinge", "ipo", "simpo", "orpo"] = _f(
         "sigmoid", "dpo: each pair's loss, m being beta x (chosen's log-ratio - rejected's), a log-ratio an answer's "
         "log-probability with the adapter minus without: sigmoid (DPO) -log sigmoid(m); hinge (SLiC) max(0, 1 - m); "
@@ -232,6 +235,11 @@ class TrainConfig:
     dpo_sft_weight: float = _f(0.0, "dpo: add this times the chosen answer's negative mean token log-probability to "
                                "each pair's loss (RPO; LLaMA-Factory's pref_ftx, TRL's rpo_alpha), which keeps the "
                                "chosen answers likely while the pair's margin grows; 0: off.")
+    kto_desirable_weight: float = _f(1.0, "kto: lambda_D, the weight of a desirable example's loss (TRL's "
+                                     "desirable_weight); with unbalanced data the paper keeps lambda_D x desirable "
+                                     "count / (lambda_U x undesirable count) in [1, 4/3].")
+    kto_undesirable_weight: float = _f(1.0, "kto: lambda_U, the weight of an undesirable example's loss (TRL's "
+                                       "undesirable_weight).")
     label_smoothing: float = _f(0.0, "seq_cls (single-label) / token_cls: label smoothing e of the training "
                                 "cross-entropy, as torch's CrossEntropyLoss(label_smoothing=e) and HF's "
                                 "label_smoothing_factor: the target is 1 - e on the gold class plus e spread over "
@@ -276,8 +284,9 @@ class DistributedConfig:
 
 @dataclass(kw_only=True)
 class RunConfig:
-    task: Literal["causal_lm", "dpo", "seq_cls", "seq_regression", "token_cls"] = _f(
-        help="What to train (dpo: preference pairs, Direct Preference Optimization).")
+    task: Literal["causal_lm", "dpo", "kto", "seq_cls", "seq_regression", "token_cls"] = _f(
+        help="What to train (dpo: preference pairs, Direct Preference Optimization; kto: answers labelled "
+             "desirable or not, Kahneman-Tversky Optimization).")
     model: ModelConfig = _f(help="Base model.")
     data: DataConfig = _f(help="Training/evaluation data.")
     peft: dict = _f({"method": "lora"}, "PEFT adapter: `method` plus that method's peft config keys.")

@@ -26,7 +26,7 @@ class Method:
     four_bit_why: str = ""  # why a 4-bit (QLoRA) base is refused (empty: it is supported)
 
 
-_ALL = ("causal_lm", "dpo", "seq_cls", "seq_regression", "token_cls")
+_ALL = ("causal_lm", "dpo", "kto", "seq_cls", "seq_regression", "token_cls")
 # peft's rank allocator reads each step's gradients after backward and masks the weights after the optimizer
 # step; DeepSpeed's step runs inside accelerate's backward (the gradients are gone when the allocator looks:
 # a ValueError at step 1) and keeps a master copy of the weights the mask would not reach
@@ -35,8 +35,9 @@ _ADALORA_DS = ("its rank re-allocation reads the gradients between backward and 
 # a 4-bit base weight is stored packed, (n, 1); peft's LoHa and LoKr take their factor shapes from it
 _PACKED_4BIT = "peft sizes its factors from the base weight's shape, which a 4-bit base stores packed; use lora or 8bit"
 _PROMPT_Z3 = "peft computes the embeddings to save with a forward on one rank, which deadlocks; use ZeRO-2"
-# dpo's reference is the model with the adapter switched off, which drops the virtual tokens its positions assume
-_NO_DPO = "dpo: the reference (adapter off) has no virtual tokens"
+# dpo's and kto's reference is the model with the adapter switched off, which drops the virtual tokens its positions
+# assume
+_NO_DPO = "dpo, kto: the reference (adapter off) has no virtual tokens"
 MATRIX: dict[str, Method] = {
     "lora": Method("lora", {}, _ALL, True),
     "dora": Method("lora", {"use_dora": True}, _ALL, True, "LoRA + weight-decomposed magnitude"),

@@ -257,24 +257,32 @@ def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_c
     return p
 
 
-_DPO_KEYS = ("dpo_beta", "dpo_loss", "simpo_gamma", "dpo_sft_weight")
+_DPO_KEYS = ("dpo_loss", "simpo_gamma", "dpo_sft_weight")
+_KTO_KEYS = ("kto_desirable_weight", "kto_undesirable_weight")
 
 
 def _dpo_problems(cfg: RunConfig) -> list[str]:
-    """train.dpo_beta, and what task dpo cannot train: its reference is the base with the adapter switched off."""
+    """train.dpo_beta, the keys only dpo or kto reads, and what they cannot train: their reference is the base with
+    the adapter switched off; kto's KL estimate needs two examples in a micro-batch."""
     beta = cfg.train.dpo_beta
     if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
         return [f"train.dpo_beta: must be a number > 0 (0.1 is usual), got {beta!r}"]
-    if cfg.task != "dpo":
-        return [f"train.{key}: only read by task dpo, not {cfg.task}" for key in _DPO_KEYS if _changed(cfg.train, key)]
-    p = [f"train.{key}: must be a number >= 0, got {getattr(cfg.train, key)}" for key in ("simpo_gamma", "dpo_sft_weight")
-         if not getattr(cfg.train, key) >= 0]
-    if _changed(cfg.train, "simpo_gamma") and cfg.train.dpo_loss != "simpo":
+    p = [f"train.{key}: only read by task {task}, not {cfg.task}" for task, keys in
+         (("dpo", _DPO_KEYS), ("kto", _KTO_KEYS)) if cfg.task != task for key in keys if _changed(cfg.train, key)]
+    if cfg.task not in ("dpo", "kto"):
+        return p + (["train.dpo_beta: only read by tasks dpo and kto, not " + cfg.task]
+                    if _changed(cfg.train, "dpo_beta") else [])
+    p += [f"train.{key}: must be a number >= 0, got {getattr(cfg.train, key)}" for key in ("simpo_gamma",
+          "dpo_sft_weight", *_KTO_KEYS) if not getattr(cfg.train, key) >= 0]
+    if cfg.task == "kto" and cfg.train.micro_batch_size == 1:  # (z: the mean log-ratio of mismatched pairs)
+        p.append("train.micro_batch_size: kto estimates its reference point from the micro-batch's other examples' "
+                 "answers, and a micro-batch of 1 has none; use 2 or more (4 or more is better)")
+    if cfg.task == "dpo" and _changed(cfg.train, "simpo_gamma") and cfg.train.dpo_loss != "simpo":
         p.append(f"train.simpo_gamma: only read by dpo_loss simpo, not {cfg.train.dpo_loss}")
     if p:
         return p
     if cfg.peft_method == "p_tuning":  # (prefix and prompt tuning: the method matrix's refusal)
-        return [f"peft.method={cfg.peft_method} with task dpo: the reference (the adapter switched off) would see "
+        return [f"peft.method={cfg.peft_method} with task {cfg.task}: the reference (the adapter switched off) would see "
                 "no virtual tokens and the answers' log-probabilities would be taken at shifted positions; use a "
                 "LoRA-family method (lora, dora, ia3, ...)"]
     return []
@@ -420,8 +428,8 @@ def _eval_generate(cfg: RunConfig) -> list[str]:
     if t.eval_generate is not True and t.eval_generate < 1:
         p.append(f"train.eval_generate: true (every eval example), N >= 1 (the first N) or false; got "
                  f"{t.eval_generate}")
-    if cfg.task == "dpo":
-        p.append("train.eval_generate: dpo's eval scores answer pairs (reward_accuracy, reward_margin); generating "
+    if cfg.task in ("dpo", "kto"):
+        p.append(f"train.eval_generate: {cfg.task}'s eval scores given answers (their rewards); generating "
                  "answers to score them is causal_lm's")
     elif cfg.task != "causal_lm":
         p.append(f"train.eval_generate: {cfg.task} labels its inputs (its eval metrics score them); only causal_lm "

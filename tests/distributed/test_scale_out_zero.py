@@ -8,8 +8,8 @@ on CPU), each checked against a forked single-process run where there is one:
   float32 masters, prompt tuning's too, and ZeRO-3 with a module trained in full); invalid combinations
   (8-bit + ZeRO-3, fp16 on CPU) are refused with exit 2 before any process is launched;
 * Adafactor trains and resumes exactly under ZeRO-2 (optimizer offloaded) and ZeRO-3; train.eval_generate's
-  ranks share the answers, which equal one process's, as a launched `eval --generate`'s do; task dpo (two
-  forwards a micro-batch, one with the adapter off) follows the single-process loss curve under ZeRO-3.
+  ranks share the answers, which equal one process's, as a launched `eval --generate`'s do; tasks dpo and kto
+  (forwards with the adapter off) follow the single-process loss curve and eval under ZeRO-3.
 
 The CLI runners and the `world` fixture (tiny Llama, data, `world.cfg` run configs) are test_scale_out.py's;
 this module has a world of its own.
@@ -298,18 +298,25 @@ def test_eval_generate_under_zero2_answers_as_one_process_does(world):
     assert [json.loads(x) for x in shared.read_text().splitlines()] == scored
 
 
-def test_dpo_under_zero3_follows_one_process(world):
-    """task dpo's reference is the model with the adapter switched off: under ZeRO-3 (each rank holding a part of
-    every weight, gathered for each forward) its two forwards a micro-batch give the single-process run's loss
-    curve (which has left log 2 by then: the adapter moved)."""
+@pytest.mark.parametrize(("task", "start"), [("dpo", 0.6931), ("kto", 0.5)])
+def test_preference_tasks_under_zero3_follow_one_process(world, task, start):
+    """dpo's and kto's references are the model with the adapter switched off: under ZeRO-3 (each rank holding a
+    part of every weight, gathered for each forward, from all ranks) their two and three forwards a micro-batch
+    give the single-process run's loss curve (which has left its step-0 value by then: the adapter moved) and
+    eval; 5 eval examples on 2 ranks leave one rank a micro-batch of one (kto: no mismatched pair, still its
+    forwards)."""
     import yaml
 
-    pairs = helpers.write_jsonl(world.root / "pairs.jsonl", helpers.dpo_records(48))
-    cfg = world.cfg("dpo", data={"train": str(pairs)}, train={"max_steps": 3})
-    cfg.write_text(yaml.safe_dump({**yaml.safe_load(cfg.read_text()), "task": "dpo"}, sort_keys=False))
-    one, zero3 = world.root / "dpo_one", world.root / "dpo_zero3"
+    records = {"dpo": helpers.dpo_records, "kto": helpers.kto_records}[task]
+    data = {"train": str(helpers.write_jsonl(world.root / f"{task}.jsonl", records(48))),
+            "eval": str(helpers.write_jsonl(world.root / f"{task}_eval.jsonl", records(5, seed=1)))}
+    cfg = world.cfg(task, data=data, train={"max_steps": 3, "eval_every": 3})
+    cfg.write_text(yaml.safe_dump({**yaml.safe_load(cfg.read_text()), "task": task}, sort_keys=False))
+    one, zero3 = world.root / f"{task}_one", world.root / f"{task}_zero3"
     run_forked(world, ["train", str(cfg), f"output_dir={one}"])
     run_cli(world, _scaletune("launch", str(cfg), f"output_dir={zero3}", "distributed.zero_stage=3", "--nproc", "2",
                               "--master-port", str(helpers.free_port())))
-    assert abs(losses(one)[3] - 0.6931) > 1e-3
+    assert abs(losses(one)[3] - start) > 1e-3
+    evals = [helpers.read_metrics(run, "eval")[-1] for run in (one, zero3)]
+    assert evals[1]["loss"] == pytest.approx(evals[0]["loss"], rel=1e-4)
     assert_same_curve(losses(one), losses(zero3), range(1, 4))

@@ -45,7 +45,7 @@ log = logging.getLogger("scaletune")
 CACHE_VERSION = "16"
 # The data version at which each task's token ids or targets last changed (a cache version changes for more:
 # a count in the meta, a refusal): what checkpoints and adapters record as how their data was tokenised.
-TOKENISATION = {"causal_lm": "13", "dpo": "16", "seq_cls": "9", "token_cls": "15", "seq_regression": "14"}
+TOKENISATION = {"causal_lm": "13", "dpo": "16", "kto": "16", "seq_cls": "9", "token_cls": "15", "seq_regression": "14"}
 
 
 def tokenisation(task: str) -> str:

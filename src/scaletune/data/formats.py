@@ -270,7 +270,8 @@ def refuse_preference_data(records: list[dict], source: str) -> None:
             raise DataError(f"{where}: a true/false 'label' next to the conversation makes this KTO data (desirable "
                             "and undesirable answers); scaletune would train every answer as a target, the "
                             "undesirable ones too",
-                            hint="keep only the records with \"label\": true and drop the field, e.g. "
+                            hint="train on the feedback with task: kto; or, to fine-tune on the desirable answers, "
+                                 "keep only the records with \"label\": true and drop the field, e.g. "
                                  "jq -c '.[] | select(.label) | del(.label)' FILE.json > sft.jsonl")
 
 

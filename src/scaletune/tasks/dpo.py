@@ -46,14 +46,14 @@ class DPO(CausalLM):
 
     def setup(self, records: list[dict], cfg: Any, source: str, key: str = "data.train") -> list[str] | None:
         # `format` is the causal_lm format the prompts are in: what `predict` reads a DPO adapter's prompts as
-        self.format = FORMATS[_one_layout(records, key)]
+        self.format = FORMATS[one_layout(records, key)]
         if cfg.data.chat_template is not None and self.format.name in NO_CHAT_FORMATS:
             raise ConfigError(f"data.chat_template: {source} holds plain-text pairs (prompt, chosen and rejected "
                               "strings), which no template renders (drop data.chat_template)")
         return None
 
     def check_eval(self, records: list[dict], cfg: Any, source: str) -> None:
-        found = _one_layout(records, "data.eval")
+        found = one_layout(records, "data.eval")
         if found != self.format.name:
             raise DataError(f"data.eval: {source} holds {found} pairs, data.train {self.format.name} pairs; the "
                             "prompts would be rendered differently", hint="convert one of them")
@@ -156,12 +156,12 @@ def answer_logps(model: Any, batch: dict) -> torch.Tensor:
                             reduction="none").sum(1)
 
 
-def _one_layout(records: list[dict], key: str) -> str:
-    """The layout every record of `records` is in (data/preference.py); a record in another is refused: plain
-    strings and chats render their prompts differently."""
-    first = layout(records[0])
+def one_layout(records: list[dict], key: str, layout_of: Any = layout, what: str = "pair") -> str:
+    """The layout every record of `records` is in (`layout_of`: data/preference.py's, or data/feedback.py's for
+    task kto); a record in another is refused: plain strings and chats render their prompts differently."""
+    first = layout_of(records[0])
     for rec in records[1:]:
-        if (found := layout(rec)) != first:
-            raise DataError(f"{key}: {rec.get(WHERE, '?')} is a {found} pair, {records[0].get(WHERE, '?')} a "
-                            f"{first} pair; one run reads one layout", hint="convert one of them")
+        if (found := layout_of(rec)) != first:
+            raise DataError(f"{key}: {rec.get(WHERE, '?')} is a {found} {what}, {records[0].get(WHERE, '?')} a "
+                            f"{first} {what}; one run reads one layout", hint="convert one of them")
     return first

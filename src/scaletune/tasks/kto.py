@@ -1,0 +1,145 @@
+"""kto: Kahneman-Tversky Optimization (Ethayarajh et al. 2024) of a causal LM adapter on unpaired feedback.
+
+Each example is a prompt, one answer and whether the answer is desirable. As in task dpo, the reference is the
+base with the adapter switched off and an answer's reward is r = beta x (logp_policy - logp_reference), logp the
+summed log-probability of its tokens. The reference point z estimates the policy's KL from the reference:
+    z = max(0, mean over the micro-batch of logp_policy - logp_reference of MISMATCHED rows)
+a mismatched row being example i's prompt followed by example i+1's answer (cyclically), scored without a
+gradient (z is a baseline, not something to optimise), beta-free. Then, with beta applied to r - z as in the
+paper and TRL,
+    desirable:   loss = kto_desirable_weight   x (1 - sigmoid(r - beta z))
+    undesirable: loss = kto_undesirable_weight x (1 - sigmoid(beta z - r))
+A micro-batch of one example has no mismatched row: its z is 0 (rules.py refuses train.micro_batch_size 1, so
+only an eval's or a shard's last micro-batch can be one). z is the micro-batch's, on each rank its own.
+`loss_sum` returns the summed loss and `count_targets` the examples: the step's loss is their mean.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..config import NO_CHAT_FORMATS
+from ..data.feedback import FIELDS, layout, to_example
+from ..data.formats import FORMATS, to_segments
+from ..data.readers import WHERE
+from ..errors import ConfigError, DataError
+from ..trainable_state import unwrap
+from .base import IGNORE, TRUNCATED, UNSTOPPED, pad_batch, register
+from .causal_lm import CausalLM
+from .dpo import answer_logps, one_layout
+
+DESIRABLE = "desirable"  # column: 1 for a desirable answer, 0 for an undesirable one
+
+
+@register("kto")
+class KTO(CausalLM):
+    # train.dpo_beta, kto_desirable_weight, kto_undesirable_weight (`configure`); private: no dataset cache keeps them
+    _beta, _w_desirable, _w_undesirable = 0.1, 1.0, 1.0
+
+    def configure(self, cfg: Any) -> None:
+        t = cfg.train
+        self._beta, self._w_desirable, self._w_undesirable = t.dpo_beta, t.kto_desirable_weight, t.kto_undesirable_weight
+
+    def setup(self, records: list[dict], cfg: Any, source: str, key: str = "data.train") -> list[str] | None:
+        # `format` is the causal_lm format the prompts are in: what `predict` reads a KTO adapter's prompts as
+        self.format = FORMATS[one_layout(records, key, layout, "feedback example")]
+        if cfg.data.chat_template is not None and self.format.name in NO_CHAT_FORMATS:
+            raise ConfigError(f"data.chat_template: {source} holds plain-text examples (prompt and completion "
+                              "strings), which no template renders (drop data.chat_template)")
+        return None
+
+    def check_eval(self, records: list[dict], cfg: Any, source: str) -> None:
+        found = one_layout(records, "data.eval", layout, "feedback example")
+        if found != self.format.name:
+            raise DataError(f"data.eval: {source} holds {found} examples, data.train {self.format.name} examples; "
+                            "the prompts would be rendered differently", hint="convert one of them")
+
+    def ignored_fields(self, records: list[dict], key: str) -> str | None:
+        unread = sorted({k for rec in records for k, v in rec.items()
+                         if k != WHERE and v is not None and k not in FIELDS[self.format.name]})
+        return f"{key}: fields ignored by task kto: {', '.join(unread)}" if unread else None
+
+    def enable_chunked_loss(self, model: Any, autocast_dtype: torch.dtype | None = None) -> str | None:
+        return "task kto scores each answer's log-probability as a whole"
+
+    def encode(self, record: dict, tokenizer: Any, cfg: Any, label2id: dict | None) -> dict | None:
+        """The prompt and answer cut at data.max_length from the end (the answer loses its end, the prompt is
+        kept); None if no target token is left."""
+        converted, desirable = to_example(record)
+        ids, labels, unstopped = self.tokens(to_segments(converted, tokenizer, record.get(WHERE, "?")), tokenizer)
+        limit = cfg.data.max_length
+        if not any(lab != IGNORE for lab in labels[1:limit]):
+            return None
+        return {"input_ids": ids[:limit], "labels": labels[:limit], DESIRABLE: int(desirable),
+                TRUNCATED: len(ids) > limit, UNSTOPPED: unstopped and len(ids) <= limit}
+
+    def collate(self, examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+        """The examples as rows 0..n-1 and their mismatched rows as n..2n-1: row n+i is example i's prompt with
+        example i+1's answer (cyclically), cut to the examples' widest row (the KL estimate's rows cost no more
+        memory than the examples' own; a row cut to no answer token adds a log-ratio of 0 to the mean)."""
+        rows = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples]
+        width = max(len(e["input_ids"]) for e in examples)
+        # (one example: its own answer stands in, scored and not used, so that every rank runs the same forwards,
+        # which ZeRO-3 needs: its forwards gather each layer's weights from all ranks)
+        rows += [_mismatched(e, examples[(i + 1) % len(examples)], width) for i, e in enumerate(examples)]
+        batch = pad_batch(rows, pad_id)
+        batch[DESIRABLE] = torch.tensor([e[DESIRABLE] for e in examples], dtype=torch.bool)
+        return batch
+
+    def loss_sum(self, model: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed KTO loss of the batch's examples, each example's [reward, desirable, z])."""
+        n = len(batch[DESIRABLE])
+        with torch.no_grad(), unwrap(None, model).disable_adapter():
+            reference = answer_logps(model, batch)
+        with torch.no_grad():  # the mismatched rows' mean log-ratio, the policy's without a gradient too
+            kl_policy = answer_logps(model, _rows(batch, slice(n, None)))
+        z = (kl_policy - reference[n:]).mean().clamp(min=0) if n > 1 else torch.zeros((), device=reference.device)
+        rewards = self._beta * (answer_logps(model, _rows(batch, slice(0, n))) - reference[:n])
+        desirable = batch[DESIRABLE]
+        loss = torch.where(desirable, self._w_desirable * (1 - torch.sigmoid(rewards - self._beta * z)),
+                           self._w_undesirable * (1 - torch.sigmoid(self._beta * z - rewards)))
+        return loss.sum(), torch.stack([rewards.detach(), desirable.to(rewards.dtype), z.expand(n)], 1)
+
+    @staticmethod
+    def count_targets(batch: dict) -> int:
+        return len(batch[DESIRABLE])
+
+    def predictions(self, logits: torch.Tensor, batch: dict) -> list:
+        return logits.float().tolist()  # (each example's [reward, desirable, z], as `loss_sum` gives them)
+
+    def example_outputs(self, logits: torch.Tensor | None, batch: dict) -> list:
+        return [None] * self.count_targets(batch)
+
+    def example_line(self, pred: Any, extra: Any, record: dict, labels: list[str] | None) -> dict:
+        reward, desirable, z = pred
+        return {"reward": reward, "desirable": bool(desirable), "kl": z}
+
+    def metrics(self, preds: list, loss_sum: float, n_targets: int, labels: list[str] | None) -> dict:
+        good = [r for r, d, _ in preds if d]
+        bad = [r for r, d, _ in preds if not d]
+        good_mean = sum(good) / max(len(good), 1)
+        bad_mean = sum(bad) / max(len(bad), 1)
+        return {"loss": loss_sum / max(n_targets, 1), "desirable_reward": good_mean, "undesirable_reward": bad_mean,
+                "reward_margin": good_mean - bad_mean, "kl": sum(z for *_, z in preds) / max(len(preds), 1),
+                "examples": n_targets}
+
+
+def _mismatched(prompt_of: dict, answer_of: dict, width: int) -> dict:
+    """`prompt_of`'s prompt (the tokens before its first target) followed by `answer_of`'s answer, at most `width`
+    tokens."""
+    start = _first_target(prompt_of["labels"])
+    other = _first_target(answer_of["labels"])
+    ids = prompt_of["input_ids"][:start] + answer_of["input_ids"][other:]
+    labels = [IGNORE] * start + answer_of["labels"][other:]
+    return {"input_ids": ids[:width], "labels": labels[:width]}
+
+
+def _first_target(labels: list[int]) -> int:
+    return next(i for i, lab in enumerate(labels) if lab != IGNORE)
+
+
+def _rows(batch: dict, rows: slice) -> dict:
+    """`batch`'s rows `rows` (its token tensors only)."""
+    return {k: batch[k][rows] for k in ("input_ids", "attention_mask", "labels")}

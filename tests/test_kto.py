@@ -1,0 +1,224 @@
+"""task kto: the loss against the paper's formula computed by hand from the model's logits (adapter on and off, the
+reference point from mismatched prompt/answer rows), 0.5 at step 0, training separating desirable from
+undesirable rewards, both data layouts, bad records and configs refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from scaletune.config import from_dict, load_config
+from scaletune.errors import ConfigError, DataError
+from scaletune.evaluate import evaluate
+from scaletune.loop import fit
+from scaletune.rules import cross_field_problems
+from scaletune.tasks import get_task
+from scaletune.train import StopFlag, setup
+
+from stutil import assert_clean_error, data_config, run_cli, write_jsonl
+
+
+def _logp_by_hand(model, ids: list[list[int]], labels: list[list[int]]) -> torch.Tensor:
+    """Each row's summed log-probability of its targets, one unpadded row at a time: log_softmax + gather."""
+    out = []
+    for row, lab in zip(ids, labels):
+        logits = model(input_ids=torch.tensor([row])).logits[0, :-1].float()
+        target = torch.tensor(lab[1:])
+        picked = torch.log_softmax(logits, -1).gather(1, target.clamp(min=0)[:, None])[:, 0]
+        out.append((picked * (target != -100)).sum())
+    return torch.stack(out)
+
+
+def _randomise_lora_b(model) -> None:
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+
+
+def _split(example: dict) -> tuple[list[int], list[int], list[int]]:
+    """(prompt ids, answer ids, answer labels): the answer starts at the first target."""
+    start = next(i for i, lab in enumerate(example["labels"]) if lab != -100)
+    return example["input_ids"][:start], example["input_ids"][start:], example["labels"][start:]
+
+
+@pytest.mark.parametrize("weights", [(1.0, 1.0), (1.5, 0.5)])
+def test_loss_equals_the_kto_formula_from_logits_with_and_without_the_adapter(make_config, weights):
+    beta = 0.3
+    run, _ = setup(load_config(make_config("kto", train={"dpo_beta": beta, "kto_desirable_weight": weights[0],
+                                                         "kto_undesirable_weight": weights[1]})))
+    model = run.model.eval()
+    _randomise_lora_b(model)
+    examples = [run.data["train"][i] for i in range(5)]
+    batch = run.task.collate(examples, run.tokenizer.pad_token_id)
+    # by hand, each row unpadded: the examples, and prompt i followed by answer i+1 (cyclically) for the KL estimate
+    parts = [_split(e) for e in examples]
+    ids = [e["input_ids"] for e in examples]
+    labels = [e["labels"] for e in examples]
+    kl_ids = [parts[i][0] + parts[(i + 1) % 5][1] for i in range(5)]
+    kl_labels = [[-100] * len(parts[i][0]) + parts[(i + 1) % 5][2] for i in range(5)]
+    assert all(len(r) <= max(map(len, ids)) for r in kl_ids)  # (no mismatched row is cut here)
+    with torch.no_grad():
+        loss, out = run.task.loss_sum(model, batch)
+        policy, kl_policy = _logp_by_hand(model, ids, labels), _logp_by_hand(model, kl_ids, kl_labels)
+        with model.disable_adapter():
+            reference, kl_reference = _logp_by_hand(model, ids, labels), _logp_by_hand(model, kl_ids, kl_labels)
+    z = (kl_policy - kl_reference).mean().clamp(min=0)
+    r = beta * (policy - reference)
+    desirable = torch.tensor([e["desirable"] for e in examples], dtype=torch.bool)
+    expected = torch.where(desirable, weights[0] * (1 - torch.sigmoid(r - beta * z)),
+                           weights[1] * (1 - torch.sigmoid(beta * z - r)))
+    assert desirable.any() and not desirable.all() and z > 1e-3  # (both kinds, and a reference point in play)
+    assert len({len(e["input_ids"]) for e in examples}) > 1  # (padding is in play)
+    torch.testing.assert_close(out[:, 0], r, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(out[:, 2], z.expand(5), rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(loss, expected.sum(), rtol=1e-5, atol=1e-5)
+    assert r.abs().max() > 1e-2 and run.task.count_targets(batch) == 5
+
+
+def test_a_micro_batch_of_one_has_no_reference_point(make_config):
+    """A one-example micro-batch (an eval's last) has no mismatched pair: z is 0. It still runs the KL forward
+    (on its own row, unused), so that every rank runs as many forwards as the others: ZeRO-3 gathers each
+    layer's weights in every forward, from all ranks."""
+    run, _ = setup(load_config(make_config("kto")))
+    model = run.model.eval()
+    _randomise_lora_b(model)
+    batch = run.task.collate([run.data["train"][0]], run.tokenizer.pad_token_id)
+    assert len(batch["input_ids"]) == 2  # (the example, and its stand-in mismatched row)
+    forwards = []
+    hook = model.get_base_model().register_forward_hook(lambda *_: forwards.append(1))
+    with torch.no_grad():
+        loss, out = run.task.loss_sum(model, batch)
+    hook.remove()
+    assert len(forwards) == 3  # (reference, KL estimate, policy: as in any micro-batch)
+    assert out[0, 2] == 0 and out[0, 1] == 1  # z = 0; example 0 is desirable
+    torch.testing.assert_close(loss, 1 - torch.sigmoid(out[0, 0]))
+
+
+def test_at_step_0_the_policy_is_the_reference_so_the_loss_is_a_half(make_config):
+    run, _ = setup(load_config(make_config("kto")))
+    metrics = evaluate(run.accelerator, run.model, run.task, run.data["eval"], None, 4, run.tokenizer.pad_token_id)
+    assert metrics["loss"] == pytest.approx(0.5, abs=1e-7) and metrics["examples"] == 16
+    assert metrics["desirable_reward"] == metrics["undesirable_reward"] == metrics["kl"] == 0.0
+
+
+def test_training_separates_desirable_from_undesirable_rewards(make_config):
+    path = make_config("kto", n=32, train={"global_batch_size": 8, "micro_batch_size": 8, "max_steps": 30,
+                                           "learning_rate": 5e-3, "dpo_beta": 0.5, "lr_scheduler": "constant"},
+                       data={"eval": None})
+    run, _ = setup(load_config(path))
+    train = run.data["train"]
+    before = evaluate(run.accelerator, run.model, run.task, train, None, 8, run.tokenizer.pad_token_id)
+    assert fit(run, StopFlag()) == "done"
+    after = evaluate(run.accelerator, run.model, run.task, train, None, 8, run.tokenizer.pad_token_id)
+    assert before["reward_margin"] == 0.0 and before["loss"] == pytest.approx(0.5, abs=1e-7)
+    assert after["desirable_reward"] > 0 > after["undesirable_reward"], after
+    assert after["reward_margin"] > 1.0 and after["loss"] < 0.3, after
+
+
+def _encoded(tmp_path, tiny_llama, records: list[dict], **data) -> tuple[list, object]:
+    cfg = data_config(tmp_path, tiny_llama, "kto", write_jsonl(tmp_path / "feedback.jsonl", records), **data)
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_llama))
+    task = get_task("kto")
+    task.setup(records, cfg, "feedback.jsonl")
+    return [task.encode(r, tokenizer, cfg, None) for r in records], tokenizer
+
+
+@pytest.mark.parametrize("layout", ["llamafactory_messages", "llamafactory_sharegpt", "trl_messages", "trl_strings"])
+@pytest.mark.parametrize("label", [True, False])
+def test_each_layout_trains_only_the_answer_and_keeps_its_label(tmp_path, tiny_llama, layout, label):
+    prompt, answer = "Reverse: alpha bravo", "bravo alpha"
+    record = {"llamafactory_messages": {"messages": [{"role": "user", "content": "Hi"},
+                                                     {"role": "assistant", "content": "Hello"},
+                                                     {"role": "user", "content": prompt},
+                                                     {"role": "assistant", "content": answer}]},
+              "llamafactory_sharegpt": {"conversations": [{"from": "human", "value": "Hi"},
+                                                          {"from": "gpt", "value": "Hello"},
+                                                          {"from": "human", "value": prompt},
+                                                          {"from": "gpt", "value": answer}]},
+              "trl_messages": {"prompt": [{"role": "user", "content": prompt}],
+                               "completion": [{"role": "assistant", "content": answer}]},
+              "trl_strings": {"prompt": prompt + "\n", "completion": answer}}[layout]
+    (ex,), tokenizer = _encoded(tmp_path, tiny_llama, [{**record, "label": label}])
+    prompt_ids, _, answer_labels = _split(ex)
+    assert tokenizer.decode([lab for lab in answer_labels if lab != -100]) == answer + tokenizer.eos_token
+    assert prompt in tokenizer.decode(prompt_ids)  # (the first "Hello": context, never a target)
+    assert ex["desirable"] == int(label)
+
+
+def test_the_demo_layout_reads_llamafactory_kto_data():
+    """LLaMA-Factory's kto_en_demo.json's layout: messages ending in the judged answer, a boolean label."""
+    from scaletune.data.feedback import layout, to_example
+
+    rec = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "label": False}
+    converted, desirable = to_example(rec)
+    assert layout(rec) == "messages" and desirable is False
+    assert [m.get("train", True) is not None for m in converted["messages"]] == [True, True]
+
+
+@pytest.mark.parametrize("record, says", [
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+     "a feedback example needs label"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "label": "true"},
+     "field 'label' must be true (a desirable answer) or false"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "label": 1},
+     "field 'label' must be true"),
+    ({"messages": [{"role": "user", "content": "q"}], "label": True},
+     "the conversation must end in one assistant answer"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
+                   {"role": "assistant", "content": "b"}], "label": True}, "its turns are: user assistant assistant"),
+    ({"prompt": "q", "completion": " ", "label": True}, "field 'completion' is empty"),
+    ({"prompt": "q", "label": True}, "a feedback example needs completion"),
+])
+def test_a_bad_record_is_refused_naming_its_file_and_line(make_config, tmp_path, capsys, record, says):
+    path = make_config("kto", n=8, data={"eval": None})
+    good = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "label": True}
+    if "prompt" in record:
+        good = {"prompt": "q", "completion": "a", "label": False}
+    write_jsonl(tmp_path / "data/train.jsonl", [good, good, record])
+    code, _, err = run_cli(["train", path], capsys)
+    assert_clean_error(code, err, "train.jsonl:3", says)
+
+
+def test_a_run_reads_one_layout(tmp_path, tiny_llama):
+    chat = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "label": True}
+    with pytest.raises(DataError, match="is a prompt_completion feedback example, .* a messages feedback example"):
+        _encoded(tmp_path, tiny_llama, [chat, {"prompt": "q", "completion": "a", "label": False}])
+
+
+def _problems(**changes) -> list[str]:
+    raw = {"task": "kto", "model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"}}
+    for section, values in changes.items():
+        raw[section] = {**raw.get(section, {}), **values} if isinstance(values, dict) else values
+    try:
+        return cross_field_problems(from_dict(raw))
+    except ConfigError as exc:
+        return str(exc).splitlines()
+
+
+@pytest.mark.parametrize("changes, says", [
+    ({"train": {"dpo_beta": 0.0}}, "train.dpo_beta: must be a number > 0"),
+    ({"train": {"kto_desirable_weight": -1}}, "train.kto_desirable_weight: must be a number >= 0, got -1"),
+    ({"train": {"kto_undesirable_weight": -0.5}}, "train.kto_undesirable_weight: must be a number >= 0"),
+    ({"train": {"micro_batch_size": 1, "global_batch_size": 4}}, "train.micro_batch_size: kto estimates its "
+                                                                 "reference point"),
+    ({"train": {"dpo_loss": "ipo"}}, "train.dpo_loss: only read by task dpo, not kto"),
+    ({"peft": {"method": "prompt_tuning"}}, "peft.method=prompt_tuning with task kto"),
+    ({"peft": {"method": "prefix_tuning"}}, "peft.method=prefix_tuning with task kto"),
+    ({"peft": {"method": "p_tuning"}}, "peft.method=p_tuning with task kto"),
+    ({"data": {"packing": True}}, "data.packing: only supported for task causal_lm, not kto"),
+    ({"train": {"eval_generate": True}}, "train.eval_generate: kto's eval scores given answers"),
+    ({"task": "dpo", "train": {"kto_undesirable_weight": 2.0}}, "train.kto_undesirable_weight: only read by task "
+                                                                "kto, not dpo"),
+    ({"task": "causal_lm", "train": {"dpo_beta": 0.2}}, "train.dpo_beta: only read by tasks dpo and kto"),
+])
+def test_what_kto_cannot_train_is_refused_with_the_config(changes, says):
+    assert any(says in p for p in _problems(**changes)), _problems(**changes)
+
+
+def test_lora_and_best_metric_by_reward_margin_are_accepted():
+    assert _problems() == []
+    assert _problems(peft={"method": "lora", "use_dora": True}, train={"best_metric": "reward_margin"},
+                     data={"eval": "e.jsonl"}) == []
