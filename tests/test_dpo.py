@@ -255,3 +255,19 @@ def test_the_loss_keys_are_checked():
         ["train.dpo_loss: only read by task dpo, not causal_lm", "train.dpo_sft_weight: only read by task dpo, not causal_lm"]
     assert any("train.dpo_loss: 'kto' is not one of sigmoid | hinge | ipo | simpo | orpo" in p
                for p in problems_of({**base, "train": {"dpo_loss": "kto"}}))
+
+
+def test_a_pair_skipped_because_its_prompt_fills_max_length_says_why(tmp_path, tiny_llama, caplog):
+    """dpo keeps the prompt whole (TRL and LLaMA-Factory cut it), so long prompts lose whole pairs (most of
+    LLaMA-Factory's dpo_en_demo.json at max_length 256 on the demo model): the skip names that, and the way out."""
+    from scaletune.data import build_datasets
+    from scaletune.model import load_tokenizer
+
+    pairs = [{"prompt": "q\n", "chosen": "yes", "rejected": "no"}] * 3 + [
+        {"prompt": "word " * 200, "chosen": "yes", "rejected": "no"}]
+    cfg = data_config(tmp_path, tiny_llama, "dpo", write_jsonl(tmp_path / "pairs.jsonl", pairs), max_length=32)
+    with caplog.at_level("WARNING", logger="scaletune"):
+        built = build_datasets(cfg, get_task("dpo"), load_tokenizer(cfg))
+    assert len(built["train"]) == 3
+    assert "data.train: 1 example(s) skipped: no target tokens within data.max_length=32 (task dpo keeps each " \
+           "prompt whole and cuts only the answers: these prompts fill it" in caplog.text, caplog.text

@@ -116,6 +116,19 @@ def test_another_task_is_refused(make_config, capsys):
     assert_clean_error(code, err, "--generate: seq_cls labels its inputs; only causal_lm generates answers")
 
 
+@pytest.mark.parametrize("task", ["dpo", "kto"])
+def test_a_preference_task_is_refused_in_its_own_words(task):
+    """dpo and kto generate in `predict`, but score given answers in eval: not 'labels its inputs'."""
+    from types import SimpleNamespace
+
+    from scaletune.errors import UserError
+    from scaletune.generation_metrics import check_run
+
+    with pytest.raises(UserError, match=f"--generate: {task}'s eval scores the data's own answers") as err:
+        check_run(SimpleNamespace(task=task, data=SimpleNamespace(format=None)))
+    assert "labels its inputs" not in str(err.value)
+
+
 def test_api_evaluate_checks_generate_options_in_its_own_words(make_config):
     from scaletune import api
     from scaletune.errors import UserError

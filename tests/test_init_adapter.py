@@ -196,3 +196,21 @@ def test_other_peft_settings_are_refused_by_the_config_check(seq_cls_adapter, tm
         load_config(path, [*start, "peft.r=8", "peft.use_dora=true"], check_peft=True)
     assert "peft.r: 8 in the run config, 4 in" in str(err.value)
     assert "peft.use_dora: True in the run config, False in" in str(err.value)
+
+
+@pytest.mark.parametrize("task", ["dpo", "kto"])
+def test_an_sft_adapter_under_dpo_or_kto_is_refused_by_the_config_check_naming_the_merge(task, make_config,
+                                                                                        tmp_path, capsys):
+    """SFT then DPO: continuing the SFT adapter would score against the base without the SFT (the adapter
+    switched off), not the SFT model TRL and LLaMA-Factory keep as the reference; the config check says so,
+    before any tokenising, and names the way that works (merge, then train on the merged model)."""
+    from scaletune.config import load_config
+    from scaletune.errors import ConfigError
+
+    sft = make_config("causal_lm", train={"max_steps": 1, "eval_every": None})
+    assert _train(sft, capsys) == 0
+    path = make_config(task)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, [f"output_dir={tmp_path / 'next'}", f"model.init_adapter={tmp_path / 'run' / 'adapter'}"],
+                    check_peft=True)
+    assert "is a causal_lm (SFT) adapter" in str(err.value) and "scaletune merge" in str(err.value), err.value

@@ -4,6 +4,8 @@ undesirable rewards, both data layouts, bad records and configs refused."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from transformers import AutoTokenizer
@@ -222,3 +224,12 @@ def test_lora_and_best_metric_by_reward_margin_are_accepted():
     assert _problems() == []
     assert _problems(peft={"method": "lora", "use_dora": True}, train={"best_metric": "reward_margin"},
                      data={"eval": "e.jsonl"}) == []
+
+
+def test_an_eval_without_undesirable_examples_reports_no_undesirable_reward():
+    """Eval data with desirable examples only (a small or filtered set, max_length skipping the rest) has no
+    undesirable reward to report: NaN, as seq_regression's undefined correlations, not a 0 that reads as measured
+    and that best_metric undesirable_reward (lower is better) would keep as the best."""
+    metrics = get_task("kto").metrics([[0.3, 1.0, 0.0], [0.1, 1.0, 0.0]], 1.0, 2, None)
+    assert metrics["desirable_reward"] == pytest.approx(0.2)
+    assert math.isnan(metrics["undesirable_reward"]) and math.isnan(metrics["reward_margin"])

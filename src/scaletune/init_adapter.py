@@ -39,6 +39,8 @@ def problems(cfg: Any) -> list[str]:
     saved, problem = _saved_config(Path(path))
     if problem:
         return [problem]
+    if task_problem := _task_problem(cfg, Path(path)):
+        return [task_problem]
     method = str(saved.get("peft_type", "")).lower()
     if method != cfg.peft_method:
         return [f"{KEY}: {path} holds a {saved.get('peft_type')} adapter but peft.method is {cfg.peft_method}: "
@@ -60,6 +62,24 @@ def _config_setting_problems(cfg: Any, saved: dict, path: Path) -> list[str]:
         return []  # (the peft section's own problems: peft_problems reports them)
     # (None: filled in from the model when peft builds the adapter, as prompt learning's token_dim)
     return _setting_problems({k: v for k, v in run.items() if v is not None}, saved, path)
+
+
+def _task_problem(cfg: Any, path: Path) -> str | None:
+    """The adapter's recorded task when it is not the run's, told by the config check (before any tokenising);
+    SFT then DPO gets the way that works: dpo and kto score against the adapter switched off, so an SFT adapter
+    continued would be pulled back to the base it left, not kept near the SFT model (TRL's and LLaMA-Factory's
+    reference)."""
+    from .adapter_record import adapter_meta
+
+    task = adapter_meta(path).get("task")
+    if task in (None, cfg.task):
+        return None
+    if cfg.task in ("dpo", "kto") and task == "causal_lm":
+        return (f"{KEY}: {path} is a causal_lm (SFT) adapter, and task {cfg.task}'s reference is the model with the "
+                "adapter switched off: continuing it would score against the base without the SFT; merge it "
+                f"first (`scaletune merge SFT.yaml --out sft-merged`) and train {cfg.task} with model.name_or_path: "
+                "sft-merged, whose reference is then the SFT model (as in TRL and LLaMA-Factory)")
+    return f"{KEY}: task: {cfg.task}, but the adapter was trained for {task} ({path})"
 
 
 def _resumable(cfg: Any) -> bool:

@@ -453,8 +453,8 @@ def build_datasets(cfg: Any, task: Any, tokenizer: Any, accelerator: Any = None,
         if n and main and not (for_eval and split == "train"):
             # silently training on fewer examples (and evaluating on a max_length-dependent subset)
             # would surprise anyone comparing runs
-            log.warning("data.%s: %d example(s) skipped: no target tokens within data.max_length=%d",
-                        split, n, cfg.data.max_length)
+            log.warning("data.%s: %d example(s) skipped: no target tokens within data.max_length=%d%s",
+                        split, n, cfg.data.max_length, _whole_prompts(cfg))
     # read from the dataset: a cached build warns too; it says what max_length cut from the eval set
     eval_note = task.eval_warning(evalset, labels, cfg) if evalset is not None and main else None
     sizes = {"train": len(train), "eval": len(evalset) if evalset is not None else 0}
@@ -517,8 +517,8 @@ def _encoded_eval(cfg: Any, task: Any, tokenizer: Any, key: str, what: str, reco
         raise DataError(f"{key}: no usable examples in {what} ({dropped} had no target tokens within "
                         f"data.max_length={cfg.data.max_length})")
     if dropped:  # scored on fewer examples than the file holds: say so, as training does
-        log.warning("%s: %d example(s) skipped: no target tokens within data.max_length=%d", key, dropped,
-                    cfg.data.max_length)
+        log.warning("%s: %d example(s) skipped: no target tokens within data.max_length=%d%s", key, dropped,
+                    cfg.data.max_length, _whole_prompts(cfg))
     if sources is not None:
         from .batching import column_values  # (batching imports torch: config validation reads this package)
 
@@ -582,3 +582,12 @@ def _save_atomically(where: Path, train: Any, evalset: Any, meta: dict) -> None:
 
 
 __all__ = ["WHERE", "build_datasets", "build_eval_only", "read_records", "split_eval", "fingerprint"]
+
+
+def _whole_prompts(cfg: Any) -> str:
+    """What a skip means under dpo and kto, which cut only answers: the prompt alone filled max_length (TRL and
+    LLaMA-Factory would cut the prompt instead, so the same data loses far fewer examples there)."""
+    if cfg.task not in ("dpo", "kto"):
+        return ""
+    return (f" (task {cfg.task} keeps each prompt whole and cuts only the answers: these prompts fill it; raise "
+            "data.max_length or shorten them)")

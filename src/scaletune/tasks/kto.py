@@ -16,6 +16,7 @@ only an eval's or a shard's last micro-batch can be one). z is the micro-batch's
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -119,8 +120,11 @@ class KTO(CausalLM):
     def metrics(self, preds: list, loss_sum: float, n_targets: int, labels: list[str] | None) -> dict:
         good = [r for r, d, _ in preds if d]
         bad = [r for r, d, _ in preds if not d]
-        good_mean = sum(good) / max(len(good), 1)
-        bad_mean = sum(bad) / max(len(bad), 1)
+        # (an eval with no example of one kind has no mean reward for it: NaN, as seq_regression's undefined
+        # correlations, which best_metric never takes for a best; a 0 would read as a measured reward and win
+        # undesirable_reward's min)
+        good_mean = sum(good) / len(good) if good else math.nan
+        bad_mean = sum(bad) / len(bad) if bad else math.nan
         return {"loss": loss_sum / max(n_targets, 1), "desirable_reward": good_mean, "undesirable_reward": bad_mean,
                 "reward_margin": good_mean - bad_mean, "kl": sum(z for *_, z in preds) / max(len(preds), 1),
                 "examples": n_targets}
