@@ -297,6 +297,22 @@ def assert_clean_error(code: int, err: str, *fragments: str) -> None:
 BASE = {"task": "causal_lm", "model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"}}  # a minimal valid config
 
 
+def task_config_problems(task: str, /, **changes: Any) -> list[str]:
+    """The problems of a minimal `task` config with `changes` (a section's dict updates it; task= replaces the
+    task), each a line of from_dict's one error, or cross_field_problems' list when it builds (none: empty)."""
+    from scaletune.config import from_dict
+    from scaletune.errors import ConfigError
+    from scaletune.rules import cross_field_problems
+
+    raw = {"task": task, "model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"}}
+    for section, values in changes.items():
+        raw[section] = {**raw.get(section, {}), **values} if isinstance(values, dict) else values
+    try:
+        return cross_field_problems(from_dict(raw))
+    except ConfigError as exc:
+        return str(exc).splitlines()
+
+
 def problems_of(raw: dict, **kw) -> list[str]:
     """The problems `from_dict(raw, **kw)` refuses `raw` with (the config tests, test_config*.py)."""
     import pytest

@@ -11,15 +11,14 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer
 
-from scaletune.config import from_dict, load_config
-from scaletune.errors import ConfigError, DataError
+from scaletune.config import load_config
+from scaletune.errors import DataError
 from scaletune.evaluate import evaluate
 from scaletune.loop import fit
-from scaletune.rules import cross_field_problems
 from scaletune.tasks import get_task
 from scaletune.train import StopFlag, setup
 
-from stutil import assert_clean_error, data_config, run_cli, write_jsonl
+from stutil import assert_clean_error, data_config, run_cli, task_config_problems, write_jsonl
 
 
 def _logp_by_hand(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -159,14 +158,7 @@ def test_instruction_data_is_refused_as_no_preference_pair(tmp_path, tiny_llama)
 
 
 def _problems(**changes) -> list[str]:
-    """The config's problems, each a line of load_config's one error (none: an empty list)."""
-    raw = {"task": "dpo", "model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"}}
-    for section, values in changes.items():
-        raw[section] = {**raw.get(section, {}), **values} if isinstance(values, dict) else values
-    try:
-        return cross_field_problems(from_dict(raw))
-    except ConfigError as exc:
-        return str(exc).splitlines()
+    return task_config_problems("dpo", **changes)
 
 
 @pytest.mark.parametrize("changes, says", [

@@ -10,15 +10,14 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from scaletune.config import from_dict, load_config
-from scaletune.errors import ConfigError, DataError
+from scaletune.config import load_config
+from scaletune.errors import DataError
 from scaletune.evaluate import evaluate
 from scaletune.loop import fit
-from scaletune.rules import cross_field_problems
 from scaletune.tasks import get_task
 from scaletune.train import StopFlag, setup
 
-from stutil import assert_clean_error, data_config, run_cli, write_jsonl
+from stutil import assert_clean_error, data_config, run_cli, task_config_problems, write_jsonl
 
 
 def _logp_by_hand(model, ids: list[list[int]], labels: list[list[int]]) -> torch.Tensor:
@@ -191,13 +190,7 @@ def test_a_run_reads_one_layout(tmp_path, tiny_llama):
 
 
 def _problems(**changes) -> list[str]:
-    raw = {"task": "kto", "model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"}}
-    for section, values in changes.items():
-        raw[section] = {**raw.get(section, {}), **values} if isinstance(values, dict) else values
-    try:
-        return cross_field_problems(from_dict(raw))
-    except ConfigError as exc:
-        return str(exc).splitlines()
+    return task_config_problems("kto", **changes)
 
 
 @pytest.mark.parametrize("changes, says", [
