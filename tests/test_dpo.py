@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from transformers import AutoTokenizer
 
 from scaletune.config import load_config
+from scaletune.data.formats import to_segments
 from scaletune.errors import DataError
 from scaletune.evaluate import evaluate
 from scaletune.loop import fit
@@ -164,6 +165,7 @@ def _problems(**changes) -> list[str]:
 @pytest.mark.parametrize("changes, says", [
     ({"train": {"dpo_beta": 0.0}}, "train.dpo_beta: must be a number > 0"),
     ({"train": {"dpo_beta": -1}}, "train.dpo_beta: must be a number > 0"),
+    ({"data": {"max_prompt_length": 1024}}, "data.max_prompt_length: must be >= 1 and below data.max_length (1024)"),
     ({"peft": {"method": "prompt_tuning"}}, "peft.method=prompt_tuning with task dpo"),
     ({"peft": {"method": "prefix_tuning"}}, "peft.method=prefix_tuning with task dpo"),
     ({"peft": {"method": "p_tuning"}}, "peft.method=p_tuning with task dpo"),
@@ -262,4 +264,53 @@ def test_a_pair_skipped_because_its_prompt_fills_max_length_says_why(tmp_path, t
         built = build_datasets(cfg, get_task("dpo"), load_tokenizer(cfg))
     assert len(built["train"]) == 3
     assert "data.train: 1 example(s) skipped: no target tokens within data.max_length=32 (task dpo keeps each " \
-           "prompt whole and cuts only the answers: these prompts fill it" in caplog.text, caplog.text
+           "prompt whole and cuts only the answers: these prompts fill it; set data.max_prompt_length" \
+           in caplog.text, caplog.text
+
+
+def test_max_prompt_length_is_dpo_and_ktos():
+    from scaletune.config import from_dict
+    from scaletune.rules import ignored_key_problems
+
+    cfg = from_dict({"task": "causal_lm", "model": {"name_or_path": "m"},
+                     "data": {"train": "t.jsonl", "max_prompt_length": 8}})
+    assert "data.max_prompt_length: only read by task dpo/kto, not causal_lm" in ignored_key_problems(cfg)
+
+
+@pytest.mark.parametrize("task", ["dpo", "kto"])
+def test_max_prompt_length_keeps_a_long_prompts_end_and_the_answers(tmp_path, tiny_llama, task):
+    """data.max_prompt_length=12: a 200-word prompt keeps BOS and its last 11 tokens, right before the answer as
+    in the full rendering; the answers are whole; a short prompt is untouched."""
+    long, short = "word " * 199 + "finally", "q\n"
+    records = [{"prompt": p, "chosen": " yes", "rejected": " no"} if task == "dpo" else
+               {"prompt": p, "completion": " yes", "label": True} for p in (long, short)]
+    for key in ("max_prompt_length", None):
+        cfg = data_config(tmp_path, tiny_llama, task, write_jsonl(tmp_path / "r.jsonl", records), max_length=32,
+                          **({key: 12} if key else {}))
+        tokenizer = AutoTokenizer.from_pretrained(str(tiny_llama))
+        t = get_task(task)
+        t.setup(records, cfg, "r.jsonl")
+        encoded = [t.encode(r, tokenizer, cfg, None) for r in records]
+        if key is None:
+            assert encoded[0] is None  # (the whole prompt fills max_length: the example is lost)
+            continue
+        full = t.tokens(to_segments(next(iter(_sides(t, records[0]))), tokenizer, "r.jsonl:1"), tokenizer)
+        ids, labels = encoded[0]["input_ids"], encoded[0]["labels"]
+        start = next(i for i, lab in enumerate(labels) if lab != -100)
+        full_start = next(i for i, lab in enumerate(full[1]) if lab != -100)
+        assert start == 12 and ids[0] == tokenizer.bos_token_id
+        assert ids[1:start] == full[0][full_start - 11:full_start]  # the prompt's end
+        assert ids[start:] == full[0][full_start:] and labels[start:] == full[1][full_start:]  # the whole answer
+        short_full = t.tokens(to_segments(next(iter(_sides(t, records[1]))), tokenizer, "r.jsonl:2"), tokenizer)
+        assert encoded[1]["input_ids"] == short_full[0]
+
+
+def _sides(task, record):
+    """The converted record(s) `task` renders: dpo's chosen side first, kto's one example."""
+    if task.name == "dpo":
+        from scaletune.data.preference import to_pair
+
+        return to_pair(record)
+    from scaletune.data.feedback import to_example
+
+    return [to_example(record)[0]]

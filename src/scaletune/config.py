@@ -102,6 +102,9 @@ class DataConfig:
                                    "chat template, else scaletune's Alpaca-style rendering; 'default' = scaletune's "
                                    "even where the tokenizer has one; 'chatml'; or a Jinja template file. Saved with "
                                    "the adapter's tokenizer, so predict renders prompts the same way.")
+    max_prompt_length: int | None = _f(None, "dpo, kto: cut a longer prompt to its last N tokens (the BOS token "
+                                       "kept), as TRL's max_prompt_length; a prompt filling data.max_length "
+                                       "otherwise costs its example (only answers are cut). null: prompts whole.")
     train_on_prompt: bool = _f(False, "causal_lm: also compute the loss on prompt/user tokens.")
     packing: bool = _f(False, "causal_lm: pack several examples per row (attention isolated per example).")
     columns: dict | None = _f(None, "causal_lm: the data's own names for a format's fields, {field: column}, e.g. "

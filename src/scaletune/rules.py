@@ -106,6 +106,9 @@ def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_c
         p.append(f"data.max_length: must be >= 8, got {d.max_length}")
     if d.max_length > 1_048_576:
         p.append(f"data.max_length: {d.max_length} is larger than any model context (max 1048576)")
+    if d.max_prompt_length is not None and not 1 <= d.max_prompt_length < d.max_length:
+        p.append(f"data.max_prompt_length: must be >= 1 and below data.max_length ({d.max_length}), leaving the "
+                 f"answers room; got {d.max_prompt_length}")
     if d.eval is not None and d.eval_fraction is not None:
         p.append("data.eval and data.eval_fraction: give one or the other, not both")
     if d.eval_fraction is not None and not (0 < d.eval_fraction < 1):
@@ -363,7 +366,8 @@ def ignored_key_problems(cfg: RunConfig) -> list[str]:
     text_tasks = ("seq_cls", "seq_regression")
     for key, tasks in (("text_column", text_tasks), ("text_pair_column", text_tasks), ("label_column", text_tasks),
                        ("label_separator", ("seq_cls",)), ("tokens_column", ("token_cls",)),
-                       ("tags_column", ("token_cls",)), ("conll_columns", ("token_cls",)), ("columns", ("causal_lm",))):
+                       ("tags_column", ("token_cls",)), ("conll_columns", ("token_cls",)), ("columns", ("causal_lm",)),
+                       ("max_prompt_length", ("dpo", "kto"))):
         if getattr(d, key) is not None and cfg.task not in tasks:
             p.append(f"data.{key}: only read by task {'/'.join(tasks)}, not {cfg.task}")
     if isinstance(d.label_column, list) and cfg.task == "seq_regression":

@@ -585,9 +585,12 @@ __all__ = ["WHERE", "build_datasets", "build_eval_only", "read_records", "split_
 
 
 def _whole_prompts(cfg: Any) -> str:
-    """What a skip means under dpo and kto, which cut only answers: the prompt alone filled max_length (TRL and
-    LLaMA-Factory would cut the prompt instead, so the same data loses far fewer examples there)."""
+    """What a skip means under dpo and kto, which cut a prompt only to data.max_prompt_length: the prompt alone
+    filled max_length."""
     if cfg.task not in ("dpo", "kto"):
         return ""
-    return (f" (task {cfg.task} keeps each prompt whole and cuts only the answers: these prompts fill it; raise "
-            "data.max_length or shorten them)")
+    if cfg.data.max_prompt_length is None:
+        return (f" (task {cfg.task} keeps each prompt whole and cuts only the answers: these prompts fill it; set "
+                "data.max_prompt_length to keep only a prompt's end, as TRL's max_prompt_length, or raise "
+                "data.max_length)")
+    return f" (their answers start past it, after data.max_prompt_length={cfg.data.max_prompt_length})"

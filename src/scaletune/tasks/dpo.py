@@ -67,10 +67,11 @@ class DPO(CausalLM):
         return "task dpo scores each answer's log-probability as a whole"
 
     def encode(self, record: dict, tokenizer: Any, cfg: Any, label2id: dict | None) -> dict | None:
-        """Both answers after the shared prompt, cut at data.max_length from the end (the answers lose their
-        ends, the prompt is kept); None if either has no target token left."""
+        """Both answers after the shared prompt (cut to data.max_prompt_length), cut at data.max_length from the
+        end (the answers lose their ends, the prompt is kept); None if either has no target token left."""
         where = record.get(WHERE, "?")
-        rows = [self.tokens(to_segments(side, tokenizer, where), tokenizer) for side in to_pair(record)]
+        rows = [cut_prompt(*self.tokens(to_segments(side, tokenizer, where), tokenizer), cfg, tokenizer)
+                for side in to_pair(record)]
         limit = cfg.data.max_length
         cut = [(ids[:limit], labels[:limit]) for ids, labels, _ in rows]
         if not all(any(lab != IGNORE for lab in labels[1:]) for _, labels in cut):
@@ -140,6 +141,20 @@ class DPO(CausalLM):
         return {"loss": loss_sum / max(n_targets, 1), "reward_accuracy": sum(m > 0 for m in margins) / n,
                 "reward_margin": sum(margins) / n, "chosen_reward": sum(c for c, _ in preds) / n,
                 "rejected_reward": sum(r for _, r in preds) / n, "pairs": n_targets}
+
+
+def cut_prompt(ids: list[int], labels: list[int], unstopped: bool, cfg: Any,
+               tokenizer: Any) -> tuple[list[int], list[int], bool]:
+    """`tokens`' result with the prompt (the tokens before the first target) cut to its last
+    data.max_prompt_length tokens, a leading BOS kept in front of them: the end of a prompt is what the answer
+    follows (TRL keeps it too)."""
+    keep = cfg.data.max_prompt_length
+    start = next((i for i, lab in enumerate(labels) if lab != IGNORE), len(labels))
+    if keep is None or start <= keep:
+        return ids, labels, unstopped
+    lead = 1 if ids and ids[0] == tokenizer.bos_token_id else 0
+    cut = start - keep + lead  # (the prompt keeps `keep` tokens, BOS among them)
+    return ids[:lead] + ids[cut:], labels[:lead] + labels[cut:], unstopped
 
 
 def answer_logps(model: Any, batch: dict) -> torch.Tensor:

@@ -29,7 +29,7 @@ from ..errors import ConfigError, DataError
 from ..trainable_state import unwrap
 from .base import IGNORE, TRUNCATED, UNSTOPPED, pad_batch, register
 from .causal_lm import CausalLM
-from .dpo import answer_logps, one_layout
+from .dpo import answer_logps, cut_prompt, one_layout
 
 DESIRABLE = "desirable"  # column: 1 for a desirable answer, 0 for an undesirable one
 
@@ -66,10 +66,11 @@ class KTO(CausalLM):
         return "task kto scores each answer's log-probability as a whole"
 
     def encode(self, record: dict, tokenizer: Any, cfg: Any, label2id: dict | None) -> dict | None:
-        """The prompt and answer cut at data.max_length from the end (the answer loses its end, the prompt is
-        kept); None if no target token is left."""
+        """The prompt (cut to data.max_prompt_length) and answer cut at data.max_length from the end (the answer
+        loses its end, the prompt is kept); None if no target token is left."""
         converted, desirable = to_example(record)
-        ids, labels, unstopped = self.tokens(to_segments(converted, tokenizer, record.get(WHERE, "?")), tokenizer)
+        ids, labels, unstopped = cut_prompt(*self.tokens(to_segments(converted, tokenizer, record.get(WHERE, "?")),
+                                                         tokenizer), cfg, tokenizer)
         limit = cfg.data.max_length
         if not any(lab != IGNORE for lab in labels[1:limit]):
             return None
