@@ -80,6 +80,7 @@ _DATA_CHANGES = {
     "eval_fraction": lambda cfg, tmp: 0.2,
     "format": lambda cfg, tmp: "text",
     "max_length": lambda cfg, tmp: 16,
+    "max_prompt_length": lambda cfg, tmp: 8,
     "train_on_prompt": lambda cfg, tmp: True,
     "packing": lambda cfg, tmp: True,
     "columns": lambda cfg, tmp: {"instruction": "question"},
