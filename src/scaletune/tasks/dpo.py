@@ -34,8 +34,39 @@ log = logging.getLogger("scaletune")
 REJECTED = "rejected_"  # prefix of the rejected answer's columns (input_ids, labels); the chosen's are unprefixed
 
 
+class AnswerScoring(CausalLM):
+    """What dpo and kto share: records in one layout of their own (`_layout`, their fields `_fields`), prompts
+    rendered as causal_lm renders that layout, each answer scored by its whole log-probability."""
+
+    _layout: Any = staticmethod(layout)
+    _fields: dict = FIELDS
+    _noun, _plural, _strings = "pair", "pairs", "prompt, chosen and rejected"
+
+    def setup(self, records: list[dict], cfg: Any, source: str, key: str = "data.train") -> list[str] | None:
+        # `format` is the causal_lm format the prompts are in: what `predict` reads this adapter's prompts as
+        self.format = FORMATS[one_layout(records, key, self._layout, self._noun)]
+        if cfg.data.chat_template is not None and self.format.name in NO_CHAT_FORMATS:
+            raise ConfigError(f"data.chat_template: {source} holds plain-text {self._plural} ({self._strings} "
+                              "strings), which no template renders (drop data.chat_template)")
+        return None
+
+    def check_eval(self, records: list[dict], cfg: Any, source: str) -> None:
+        found = one_layout(records, "data.eval", self._layout, self._noun)
+        if found != self.format.name:
+            raise DataError(f"data.eval: {source} holds {found} {self._plural}, data.train {self.format.name} "
+                            f"{self._plural}; the prompts would be rendered differently", hint="convert one of them")
+
+    def ignored_fields(self, records: list[dict], key: str) -> str | None:
+        unread = sorted({k for rec in records for k, v in rec.items()
+                         if k != WHERE and v is not None and k not in self._fields[self.format.name]})
+        return f"{key}: fields ignored by task {self.name}: {', '.join(unread)}" if unread else None
+
+    def enable_chunked_loss(self, model: Any, autocast_dtype: torch.dtype | None = None) -> str | None:
+        return f"task {self.name} scores each answer's log-probability as a whole"
+
+
 @register("dpo")
-class DPO(CausalLM):
+class DPO(AnswerScoring):
     # train.dpo_beta, dpo_loss, simpo_gamma, dpo_sft_weight (`configure`); private: not data, so no dataset cache
     # keeps them
     _beta, _loss, _gamma, _sft = 0.1, "sigmoid", 0.5, 0.0
@@ -43,28 +74,6 @@ class DPO(CausalLM):
     def configure(self, cfg: Any) -> None:
         t = cfg.train
         self._beta, self._loss, self._gamma, self._sft = t.dpo_beta, t.dpo_loss, t.simpo_gamma, t.dpo_sft_weight
-
-    def setup(self, records: list[dict], cfg: Any, source: str, key: str = "data.train") -> list[str] | None:
-        # `format` is the causal_lm format the prompts are in: what `predict` reads a DPO adapter's prompts as
-        self.format = FORMATS[one_layout(records, key)]
-        if cfg.data.chat_template is not None and self.format.name in NO_CHAT_FORMATS:
-            raise ConfigError(f"data.chat_template: {source} holds plain-text pairs (prompt, chosen and rejected "
-                              "strings), which no template renders (drop data.chat_template)")
-        return None
-
-    def check_eval(self, records: list[dict], cfg: Any, source: str) -> None:
-        found = one_layout(records, "data.eval")
-        if found != self.format.name:
-            raise DataError(f"data.eval: {source} holds {found} pairs, data.train {self.format.name} pairs; the "
-                            "prompts would be rendered differently", hint="convert one of them")
-
-    def ignored_fields(self, records: list[dict], key: str) -> str | None:
-        unread = sorted({k for rec in records for k, v in rec.items()
-                         if k != WHERE and v is not None and k not in FIELDS[self.format.name]})
-        return f"{key}: fields ignored by task dpo: {', '.join(unread)}" if unread else None
-
-    def enable_chunked_loss(self, model: Any, autocast_dtype: torch.dtype | None = None) -> str | None:
-        return "task dpo scores each answer's log-probability as a whole"
 
     def encode(self, record: dict, tokenizer: Any, cfg: Any, label2id: dict | None) -> dict | None:
         """Both answers after the shared prompt (cut to data.max_prompt_length), cut at data.max_length from the

@@ -21,49 +21,27 @@ from typing import Any
 
 import torch
 
-from ..config import NO_CHAT_FORMATS
 from ..data.feedback import FIELDS, layout, to_example
-from ..data.formats import FORMATS, to_segments
+from ..data.formats import to_segments
 from ..data.readers import WHERE
-from ..errors import ConfigError, DataError
 from ..trainable_state import unwrap
 from .base import IGNORE, TRUNCATED, UNSTOPPED, pad_batch, register
-from .causal_lm import CausalLM
-from .dpo import answer_logps, cut_prompt, one_layout
+from .dpo import AnswerScoring, answer_logps, cut_prompt
 
 DESIRABLE = "desirable"  # column: 1 for a desirable answer, 0 for an undesirable one
 
 
 @register("kto")
-class KTO(CausalLM):
+class KTO(AnswerScoring):
     # train.dpo_beta, kto_desirable_weight, kto_undesirable_weight (`configure`); private: no dataset cache keeps them
     _beta, _w_desirable, _w_undesirable = 0.1, 1.0, 1.0
+    _layout: Any = staticmethod(layout)
+    _fields: dict = FIELDS
+    _noun, _plural, _strings = "feedback example", "examples", "prompt and completion"
 
     def configure(self, cfg: Any) -> None:
         t = cfg.train
         self._beta, self._w_desirable, self._w_undesirable = t.dpo_beta, t.kto_desirable_weight, t.kto_undesirable_weight
-
-    def setup(self, records: list[dict], cfg: Any, source: str, key: str = "data.train") -> list[str] | None:
-        # `format` is the causal_lm format the prompts are in: what `predict` reads a KTO adapter's prompts as
-        self.format = FORMATS[one_layout(records, key, layout, "feedback example")]
-        if cfg.data.chat_template is not None and self.format.name in NO_CHAT_FORMATS:
-            raise ConfigError(f"data.chat_template: {source} holds plain-text examples (prompt and completion "
-                              "strings), which no template renders (drop data.chat_template)")
-        return None
-
-    def check_eval(self, records: list[dict], cfg: Any, source: str) -> None:
-        found = one_layout(records, "data.eval", layout, "feedback example")
-        if found != self.format.name:
-            raise DataError(f"data.eval: {source} holds {found} examples, data.train {self.format.name} examples; "
-                            "the prompts would be rendered differently", hint="convert one of them")
-
-    def ignored_fields(self, records: list[dict], key: str) -> str | None:
-        unread = sorted({k for rec in records for k, v in rec.items()
-                         if k != WHERE and v is not None and k not in FIELDS[self.format.name]})
-        return f"{key}: fields ignored by task kto: {', '.join(unread)}" if unread else None
-
-    def enable_chunked_loss(self, model: Any, autocast_dtype: torch.dtype | None = None) -> str | None:
-        return "task kto scores each answer's log-probability as a whole"
 
     def encode(self, record: dict, tokenizer: Any, cfg: Any, label2id: dict | None) -> dict | None:
         """The prompt (cut to data.max_prompt_length) and answer cut at data.max_length from the end (the answer
