@@ -464,8 +464,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:  # this process's own command line (not a caller's)
         from .distributed import exit_rank, hard_exit
 
-        if args.command == "train":
-            args.stop.settle()
+        if args.command in ("train", "eval"):  # (a launched eval's ranks hold the same process group)
+            if args.command == "train":
+                args.stop.settle()
             exit_rank(code)  # a rank of a multi-process run ends here, done or refused (see there why)
         data = sys.modules.get("scaletune.data")
         if data is not None and data.workers_abandoned():  # (their pool's thread would hang the exit)

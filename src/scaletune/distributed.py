@@ -481,8 +481,8 @@ def raise_main_rank_failure(accelerator: Any, error: Exception | None, what: str
 
 
 def exit_rank(code: int) -> None:
-    """End this rank of a multi-process `scaletune train` with `code` (its run done, stopped or refused:
-    past its last collective), skipping Python's interpreter teardown; a single process returns.
+    """End this rank of a multi-process `scaletune train` (or launched `eval`) with `code` (its run done, stopped
+    or refused: past its last collective), skipping Python's interpreter teardown; a single process returns.
 
     The teardown could abort a run that had succeeded ("terminate called without an active exception",
     exit 1 from the launch though every output was written; seen about once in 30 ZeRO-3 launches on
