@@ -297,6 +297,24 @@ def assert_clean_error(code: int, err: str, *fragments: str) -> None:
 BASE = {"task": "causal_lm", "model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"}}  # a minimal valid config
 
 
+def metrics_around_training(make_config: Any, task: str, **train: Any) -> tuple[dict, dict]:
+    """(eval metrics on the training data before, after) 30 steps of `task` on 32 examples, micro-batch 8 at a
+    constant learning rate 5e-3 (`train` adds or replaces train.* keys): dpo's and kto's learning tests."""
+    from scaletune.config import load_config
+    from scaletune.evaluate import evaluate
+    from scaletune.loop import fit
+    from scaletune.train import StopFlag, setup
+
+    path = make_config(task, n=32, train={"global_batch_size": 8, "micro_batch_size": 8, "max_steps": 30,
+                                          "learning_rate": 5e-3, "lr_scheduler": "constant", **train},
+                       data={"eval": None})
+    run, _ = setup(load_config(path))
+    data = run.data["train"]
+    before = evaluate(run.accelerator, run.model, run.task, data, None, 8, run.tokenizer.pad_token_id)
+    assert fit(run, StopFlag()) == "done"
+    return before, evaluate(run.accelerator, run.model, run.task, data, None, 8, run.tokenizer.pad_token_id)
+
+
 def task_config_problems(task: str, /, **changes: Any) -> list[str]:
     """The problems of a minimal `task` config with `changes` (a section's dict updates it; task= replaces the
     task), each a line of from_dict's one error, or cross_field_problems' list when it builds (none: empty)."""

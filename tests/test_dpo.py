@@ -15,11 +15,10 @@ from scaletune.config import load_config
 from scaletune.data.formats import to_segments
 from scaletune.errors import DataError
 from scaletune.evaluate import evaluate
-from scaletune.loop import fit
 from scaletune.tasks import get_task
-from scaletune.train import StopFlag, setup
+from scaletune.train import setup
 
-from stutil import assert_clean_error, data_config, run_cli, task_config_problems, write_jsonl
+from stutil import assert_clean_error, data_config, metrics_around_training, run_cli, task_config_problems, write_jsonl
 
 
 def _logp_by_hand(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -75,14 +74,7 @@ def test_at_step_0_the_policy_is_the_reference_so_the_loss_is_log_2(make_config)
 
 
 def test_training_raises_the_reward_accuracy_and_margin_on_the_training_pairs(make_config):
-    path = make_config("dpo", n=32, train={"global_batch_size": 8, "micro_batch_size": 8, "max_steps": 30,
-                                           "learning_rate": 5e-3, "dpo_beta": 0.5, "lr_scheduler": "constant"},
-                       data={"eval": None})
-    run, _ = setup(load_config(path))
-    train = run.data["train"]
-    before = evaluate(run.accelerator, run.model, run.task, train, None, 8, run.tokenizer.pad_token_id)
-    assert fit(run, StopFlag()) == "done"
-    after = evaluate(run.accelerator, run.model, run.task, train, None, 8, run.tokenizer.pad_token_id)
+    before, after = metrics_around_training(make_config, "dpo", dpo_beta=0.5)
     assert before["reward_accuracy"] == 0.0 and after["reward_accuracy"] >= 0.9, after
     assert after["reward_margin"] > 1.0 and after["loss"] < 0.3, after
 
@@ -226,14 +218,7 @@ def test_each_loss_is_its_formula_from_logits(make_config, monkeypatch, kind, sf
 
 @pytest.mark.parametrize(("kind", "beta"), [("simpo", 2.0), ("orpo", 0.1)])
 def test_reference_free_training_raises_the_reward_accuracy(make_config, kind, beta):
-    path = make_config("dpo", n=32, train={"global_batch_size": 8, "micro_batch_size": 8, "max_steps": 30,
-                                           "learning_rate": 5e-3, "dpo_beta": beta, "dpo_loss": kind,
-                                           "lr_scheduler": "constant"}, data={"eval": None})
-    run, _ = setup(load_config(path))
-    train = run.data["train"]
-    before = evaluate(run.accelerator, run.model, run.task, train, None, 8, run.tokenizer.pad_token_id)
-    assert fit(run, StopFlag()) == "done"
-    after = evaluate(run.accelerator, run.model, run.task, train, None, 8, run.tokenizer.pad_token_id)
+    before, after = metrics_around_training(make_config, "dpo", dpo_beta=beta, dpo_loss=kind)
     assert before["reward_accuracy"] < 0.7 <= 0.9 <= after["reward_accuracy"], (before, after)
     assert after["reward_margin"] > 10 * abs(before["reward_margin"]), (before, after)
 

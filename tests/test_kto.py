@@ -13,11 +13,10 @@ from transformers import AutoTokenizer
 from scaletune.config import load_config
 from scaletune.errors import DataError
 from scaletune.evaluate import evaluate
-from scaletune.loop import fit
 from scaletune.tasks import get_task
-from scaletune.train import StopFlag, setup
+from scaletune.train import setup
 
-from stutil import assert_clean_error, data_config, run_cli, task_config_problems, write_jsonl
+from stutil import assert_clean_error, data_config, metrics_around_training, run_cli, task_config_problems, write_jsonl
 
 
 def _logp_by_hand(model, ids: list[list[int]], labels: list[list[int]]) -> torch.Tensor:
@@ -106,14 +105,7 @@ def test_at_step_0_the_policy_is_the_reference_so_the_loss_is_a_half(make_config
 
 
 def test_training_separates_desirable_from_undesirable_rewards(make_config):
-    path = make_config("kto", n=32, train={"global_batch_size": 8, "micro_batch_size": 8, "max_steps": 30,
-                                           "learning_rate": 5e-3, "dpo_beta": 0.5, "lr_scheduler": "constant"},
-                       data={"eval": None})
-    run, _ = setup(load_config(path))
-    train = run.data["train"]
-    before = evaluate(run.accelerator, run.model, run.task, train, None, 8, run.tokenizer.pad_token_id)
-    assert fit(run, StopFlag()) == "done"
-    after = evaluate(run.accelerator, run.model, run.task, train, None, 8, run.tokenizer.pad_token_id)
+    before, after = metrics_around_training(make_config, "kto", dpo_beta=0.5)
     assert before["reward_margin"] == 0.0 and before["loss"] == pytest.approx(0.5, abs=1e-7)
     assert after["desirable_reward"] > 0 > after["undesirable_reward"], after
     assert after["reward_margin"] > 1.0 and after["loss"] < 0.3, after
