@@ -144,7 +144,7 @@ def test_the_built_in_rendering_as_a_chat_template_gives_trainings_text_and_pred
 
     from scaletune.data.formats import _joined, _render_default
     from scaletune.data.templates import alpaca_style_template
-    from scaletune.infer import prompt_ids
+    from scaletune.generation import prompt_ids
 
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     assert not tok.chat_template

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from scaletune.data import _workers, build_datasets
+from scaletune.data import build_datasets
+from scaletune.data.encode import _workers
 from scaletune.data.readers import WHERE
 from scaletune.errors import DataError
 from scaletune.model import load_tokenizer
@@ -276,7 +277,7 @@ def test_the_held_out_split_alone_says_nothing_of_the_training_split(tmp_path, t
 
 def _built_in_pieces(monkeypatch, cfg, task_name, chunk, procs):
     """build_datasets with pieces of `chunk` records over `procs` processes; also returns the pool sizes used."""
-    import scaletune.data as data_mod
+    import scaletune.data.encode as data_mod
 
     used, real = [], _workers
     monkeypatch.setattr(data_mod, "CHUNK", chunk)
@@ -352,8 +353,8 @@ def test_a_tokenising_process_that_dies_fails_the_run_with_a_message(tmp_path, t
             yield pool
 
     monkeypatch.setattr(task, "encode", dies_at_line_20)
-    monkeypatch.setattr("scaletune.data.CHUNK", 200)  # (a piece's ids outgrow a pipe's 64 KiB buffer)
-    monkeypatch.setattr("scaletune.data._workers", workers)
+    monkeypatch.setattr("scaletune.data.encode.CHUNK", 200)  # (a piece's ids outgrow a pipe's 64 KiB buffer)
+    monkeypatch.setattr("scaletune.data.encode._workers", workers)
     cfg = _cfg(tmp_path, tiny_llama, data=data, num_proc=2)
     with pytest.raises(UserError) as caught:
         build_datasets(cfg, task, load_tokenizer(cfg))

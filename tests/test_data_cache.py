@@ -184,7 +184,7 @@ def test_the_cache_is_found_by_the_files_contents_and_read_mapped(tmp_path, tiny
     import scaletune.data as data
     from scaletune import progress
 
-    monkeypatch.setattr(data, "CHUNK", 3)  # several pieces: progress lines
+    monkeypatch.setattr(data.encode, "CHUNK", 3)  # several pieces: progress lines
     monkeypatch.setattr(progress, "LINE_EVERY_S", -1.0)  # (a line per piece: stderr is no terminal here)
     monkeypatch.setenv("SCALETUNE_NO_PROGRESS", "0")
     cfg, tok = _cls_cache_setup(tmp_path, tiny_bert, monkeypatch)

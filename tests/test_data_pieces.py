@@ -8,7 +8,7 @@ import pickle
 import pyarrow as pa
 import pytest
 
-import scaletune.data as data_mod
+import scaletune.data.encode as data_mod
 from scaletune.config import from_dict
 from scaletune.data import build_datasets
 from scaletune.errors import DataError

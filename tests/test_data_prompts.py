@@ -23,7 +23,7 @@ def test_bos_leads_exactly_where_the_tokenizer_puts_it(tmp_path, tiny_llama):
 
     from tokenizers import processors
 
-    from scaletune.infer import prompt_ids, prompt_segments
+    from scaletune.generation import prompt_ids, prompt_segments
 
     data = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Say hi", "input": "", "output": "hi there"}] * 2)
     neox = tmp_path / "neox"  # the same model, its tokenizer no longer adding BOS
@@ -89,7 +89,7 @@ def test_training_gives_the_model_predicts_prompt(tmp_path, tiny_llama, prompt):
     (one token with the answer's first word in the joined text) stays tokenised apart from its answer."""
     from tokenizers import decoders, pre_tokenizers
 
-    from scaletune.infer import prompt_ids, prompt_segments
+    from scaletune.generation import prompt_ids, prompt_segments
 
     # merges such as " Paris": with a space-ended prompt the joined text has one token across the two
     bpe = _with_tokenizer(tmp_path, tiny_llama, "bpe", pre_tokenizers.ByteLevel(add_prefix_space=False),
@@ -112,7 +112,7 @@ def test_training_gives_the_model_predicts_prompt(tmp_path, tiny_llama, prompt):
 def test_predict_prompts_the_way_training_rendered(tmp_path, tiny_llama, record):
     """`predict` feeds the model exactly the token prefix training put before the response (system,
     history, input included), for a record of the same shape with its answer removed."""
-    from scaletune.infer import generate, prompt_segments
+    from scaletune.generation import generate, prompt_segments
     from scaletune.tasks.base import IGNORE
 
     name = "sharegpt" if "conversations" in record else "prompt_completion" if "prompt" in record else "alpaca"
@@ -144,7 +144,7 @@ def test_predict_prompts_the_way_training_rendered(tmp_path, tiny_llama, record)
 def test_plain_line_is_a_user_turn_only_for_models_trained_on_chats(tiny_llama, tmp_path, trained, templated):
     """A model trained on `text` or `prompt_completion` never saw the chat template: a plain input line is
     its prompt as it is, not an "### Instruction:" turn."""
-    from scaletune.infer import prompt_segments
+    from scaletune.generation import prompt_segments
 
     cfg = _cfg(tmp_path, tiny_llama, data=write_jsonl(tmp_path / "x.jsonl", [{"text": "a"}]))
     tok = load_tokenizer(cfg)

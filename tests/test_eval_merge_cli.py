@@ -108,7 +108,7 @@ def test_merge_refuses_an_out_filled_while_it_merged(capsys, make_config, tmp_pa
     model's file of the same name."""
     from types import SimpleNamespace
 
-    import scaletune.infer as infer
+    import scaletune.merge as merge
 
     path = make_config("causal_lm")
     out = tmp_path / "merged"
@@ -127,7 +127,7 @@ def test_merge_refuses_an_out_filled_while_it_merged(capsys, make_config, tmp_pa
             return Merged()
 
     tok = SimpleNamespace(chat_template="{{ messages }}", save_pretrained=lambda directory: None)
-    monkeypatch.setattr(infer, "load_trained", lambda *a, **kw: (Adapter(), tok, None, None, tmp_path))
+    monkeypatch.setattr(merge, "load_trained", lambda *a, **kw: (Adapter(), tok, None, None, tmp_path))
     code, _, err = run_cli(["merge", path, "--out", out], capsys)
     assert_clean_error(code, err, f"--out {out} is not empty; choose a new directory")
     assert os.listdir(out) == ["config.json"] and (out / "config.json").read_text() == "the user's"

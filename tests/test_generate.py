@@ -16,7 +16,8 @@ import torch
 import yaml
 
 from scaletune.config import load_config
-from scaletune.infer import generate, generate_batch, greedy_without_cache, load_trained, prompt_segments, run_predict
+from scaletune.generation import generate, generate_batch, greedy_without_cache, prompt_segments
+from scaletune.infer import load_trained, run_predict
 from scaletune.train import save_adapter, setup
 
 from stutil import method_keys
@@ -127,7 +128,7 @@ def test_completions_stop_at_a_learned_position_table_and_run_on_with_rotary_one
     """--max-new-tokens far past the model's positions: a learned position table fails past its size, so each
     completion stops there (99999999999 ran for minutes); a rotary model (this Llama) runs on, with a warning
     (an adapter trained on 256-token examples of a 64-position base must complete a 65-token prompt)."""
-    from scaletune import infer
+    from scaletune import generation
 
     cfg, adapter = _adapter(make_config, tmp_path, "lora")
     model, tokenizer, *_ = load_trained(cfg, str(adapter))
@@ -138,12 +139,12 @@ def test_completions_stop_at_a_learned_position_table_and_run_on_with_rotary_one
         assert len(full) == 6
         prompt = len(tokenizer("".join(s for s, t in segments if not t), add_special_tokens=False)["input_ids"]) + 1
         model.config.max_position_embeddings = prompt + 3
-        infer._CAPPED.clear()
+        generation._CAPPED.clear()
         with caplog.at_level("WARNING", logger="scaletune"):
             assert generate(model, _TokenIds(tokenizer), segments, 6) == full  # rotary: not cut
         assert "completions may run past the" in caplog.text
-        monkeypatch.setattr(infer, "position_limit", lambda config: (config.max_position_embeddings, True))
-        infer._CAPPED.clear()
+        monkeypatch.setattr(generation, "position_limit", lambda config: (config.max_position_embeddings, True))
+        generation._CAPPED.clear()
         caplog.clear()
         with caplog.at_level("WARNING", logger="scaletune"):
             assert generate(model, _TokenIds(tokenizer), segments, 50) == full[:3]
@@ -154,7 +155,7 @@ def test_completions_stop_at_a_learned_position_table_and_run_on_with_rotary_one
 
 
 def test_virtual_tokens_count_against_the_context(make_config):
-    from scaletune import infer
+    from scaletune import generation
     from scaletune.train import setup
 
     path = make_config("causal_lm", n=8)
@@ -162,14 +163,14 @@ def test_virtual_tokens_count_against_the_context(make_config):
     raw["peft"] = {"method": "prompt_tuning", "num_virtual_tokens": 5}
     path.write_text(yaml.safe_dump(raw))
     run, _ = setup(load_config(path), overwrite=True)
-    assert infer.is_prompt_learning(run.model) and infer._virtual_tokens(run.model) == 5
+    assert generation.is_prompt_learning(run.model) and generation._virtual_tokens(run.model) == 5
 
 
 def test_batched_completions_are_each_prompts_own(make_config, tmp_path, monkeypatch):
     """`predict` completes GENERATE_BATCH prompts per left-padded `generate`: each row's completion equals
     the one its prompt gets alone, with prompts of different lengths, a row that stops early at
     end-of-sequence while the others go on, and rows whose learned position table cuts them shorter."""
-    from scaletune import infer
+    from scaletune import generation, infer
 
     cfg, adapter = _adapter(make_config, tmp_path, "lora")
     model, tokenizer, *_ = load_trained(cfg, str(adapter))
@@ -192,8 +193,8 @@ def test_batched_completions_are_each_prompts_own(make_config, tmp_path, monkeyp
         assert [r["completion"] for r in results] == [tokenizer.decode(a, skip_special_tokens=True) for a in alone]
 
         # a learned position table just past the longest prompt: its row gets fewer tokens than the rest
-        longest = max(len(infer.prompt_ids(tokenizer, s)) for s in segments)
-        monkeypatch.setattr(infer, "position_limit", lambda config: (longest + 4, True))
+        longest = max(len(generation.prompt_ids(tokenizer, s)) for s in segments)
+        monkeypatch.setattr(generation, "position_limit", lambda config: (longest + 4, True))
         alone = [generate(model, ids, s, NEW_TOKENS) for s in segments]
         assert len(alone[3]) <= 4 < max(len(a) for a in alone)
         assert generate_batch(model, ids, segments, NEW_TOKENS) == alone

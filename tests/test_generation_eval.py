@@ -72,7 +72,7 @@ def test_generated_lines_are_predicts_completions_and_give_the_metrics(make_conf
 
 def test_known_answers_give_known_scores(make_config, capsys, tmp_path, monkeypatch):
     """Every prompt's answer stands in as "alpha bravo": the references decide the scores."""
-    import scaletune.infer
+    import scaletune.generation
 
     path = _trained(make_config, capsys)
     data = write_jsonl(tmp_path / "known.jsonl", [
@@ -86,7 +86,7 @@ def test_known_answers_give_known_scores(make_config, capsys, tmp_path, monkeypa
         asked.append(max_new_tokens)
         return ["alpha bravo"] * len(prompts)
 
-    monkeypatch.setattr(scaletune.infer, "generate_batch", answer)
+    monkeypatch.setattr(scaletune.generation, "generate_batch", answer)
     code, out, err = run_cli(["eval", path, "--data", data, "--generate", "--json"], capsys)
     assert code == 0, err
     metrics = json.loads(out)

@@ -15,7 +15,7 @@ import pytest
 SCRIPT = textwrap.dedent("""
     import sys, time
     import scaletune.cli as cli
-    from scaletune.data import _workers
+    from scaletune.data.encode import _workers
 
     def piece(_):
         return b"x" * (400 << 20)

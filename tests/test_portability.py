@@ -52,7 +52,7 @@ def test_the_cli_modules_import_and_a_stop_flag_works_without_posix_only_signals
         "for n in ('SIGUSR1', 'SIGUSR2', 'SIGHUP', 'SIGQUIT'): delattr(signal, n)\n"
         "sys.modules['fcntl'] = sys.modules['resource'] = None\n"
         "from scaletune import runlock, metrics, launch, outdir, stopflag\n"
-        "from scaletune.data import _quiet_worker\n"
+        "from scaletune.data.encode import _quiet_worker\n"
         "f = stopflag.StopFlag(); f.settle(); _quiet_worker()\n"
         "assert stopflag.STOP_SIGNALS == (signal.SIGTERM,), stopflag.STOP_SIGNALS\n"
         "print('ok')\n")
@@ -91,7 +91,7 @@ def test_tokenising_workers_are_forked_on_linux_only(monkeypatch):
     """macOS: a fork of a process that has loaded torch and the system's frameworks may crash (Python's default
     there is spawn), and the workers need fork (they inherit the records): elsewhere the data is tokenised in
     this process."""
-    from scaletune import data
+    from scaletune.data import encode as data
 
     monkeypatch.setattr(sys, "platform", "darwin")
     with data._workers(2) as pool:

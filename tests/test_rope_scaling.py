@@ -181,7 +181,7 @@ def test_generation_warns_past_the_positions_the_scaling_covers(caplog):
 
     from transformers import LlamaConfig
 
-    from scaletune import infer
+    from scaletune import generation
 
     for rope, used, warned in _COVERED:
         config = LlamaConfig(max_position_embeddings=128)
@@ -189,11 +189,11 @@ def test_generation_warns_past_the_positions_the_scaling_covers(caplog):
             kind = rope.get("type", rope.get("rope_type"))
             config.rope_parameters = {"rope_theta": 10000.0, **{k: v for k, v in rope.items() if k != "type"},
                                       "rope_type": kind}
-        infer._CAPPED.clear()
+        generation._CAPPED.clear()
         caplog.clear()
         with caplog.at_level("WARNING", logger="scaletune"):
-            assert infer._budget(SimpleNamespace(config=config), used, 64) == 64
-        infer._CAPPED.clear()
+            assert generation._budget(SimpleNamespace(config=config), used, 64) == 64
+        generation._CAPPED.clear()
         if warned is None:
             assert "completions may run past" not in caplog.text, rope
         else:

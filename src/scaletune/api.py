@@ -152,7 +152,7 @@ def predict(config: str | Path | Mapping[str, Any], inputs: Iterable[str | Mappi
 def merge(config: str | Path | Mapping[str, Any], out_dir: str | Path,
           overrides: list[str] | Mapping[str, Any] | None = None, *, adapter: str | Path | None = None) -> Path:
     """`scaletune merge --out OUT_DIR`: the adapter folded into the base weights; returns OUT_DIR."""
-    from .infer import run_merge
+    from .merge import run_merge
 
     _check("merge", out=str(out_dir))
     cfg = _load(config, overrides)

@@ -383,7 +383,7 @@ def dispatch(args: argparse.Namespace) -> int:
                     sampling=sampling(args), top_k=args.top_k, threshold=args.threshold)
         return 0
     if args.command == "merge":
-        from .infer import run_merge
+        from .merge import run_merge
 
         print(f"merged model written to {run_merge(cfg, args.adapter, args.out)}")
         return 0
@@ -468,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "train":
                 args.stop.settle()
             exit_rank(code)  # a rank of a multi-process run ends here, done or refused (see there why)
-        data = sys.modules.get("scaletune.data")
+        data = sys.modules.get("scaletune.data.encode")
         if data is not None and data.workers_abandoned():  # (their pool's thread would hang the exit)
             hard_exit(code)
         if args.command == "launch" and code == EXIT_USAGE:

@@ -500,7 +500,7 @@ def exit_rank(code: int) -> None:
 def hard_exit(code: int) -> None:
     """End the process with `code` after flushing the log and the standard streams, without Python's
     interpreter teardown (no atexit handlers, no joining of threads): for an end whose every file is
-    written and closed, where the teardown could hang or abort (see exit_rank, data.workers_abandoned)."""
+    written and closed, where the teardown could hang or abort (see exit_rank, data.encode.workers_abandoned)."""
     import logging
     import sys
 

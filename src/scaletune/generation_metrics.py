@@ -80,7 +80,7 @@ def prepare(task: Any, tokenizer: Any, trained_format: str | None, records: list
     asked for the answers (--generate, train.eval_generate). Every record is checked here, before any generation
     (a bad record 900 must not cost 899 completions)."""
     from .data.readers import WHERE
-    from .infer import prompt_segments
+    from .generation import prompt_segments
     from .predict_input import check_prompt, check_prompt_input
 
     name = getattr(getattr(task, "format", None), "name", None)
@@ -150,7 +150,8 @@ def score(acc: Any, model: Any, tokenizer: Any, prepared: list[tuple], max_new_t
     answer."""
     import torch
 
-    from .infer import GENERATE_BATCH, generate_batch
+    from .generation import generate_batch
+    from .infer import GENERATE_BATCH
     from .progress import Progress
 
     order = sorted(range(len(prepared)), key=lambda i: (-sum(len(s) for s, _ in prepared[i][0]), i))

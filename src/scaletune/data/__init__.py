@@ -1,30 +1,27 @@
 """From the `data:` section to tokenised train/eval sets, cached across runs and ranks.
 
 Records are read and validated in Python (so errors name file:line), encoded by the task (in pieces,
-over forked processes for a large file), and the result is stored as an Arrow dataset under a
+over forked processes for a large file: encode.py), and the result is stored as an Arrow dataset under a
 fingerprint of (data files, tokenizer, task, data config). The main process builds the cache first;
 other ranks and later runs load it.
 """
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import logging
 import os
 import random
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from ..distributed import main_process_first
-from ..errors import DataError, UserError
+from ..errors import DataError
 from ..fileutil import sha256_file
-from ..progress import Progress
+from .encode import RECORD, encode_all
 from .readers import WHERE, read_records
 from .sources import describe, eval_among_train, read_train_records, train_sources, weighted
 
@@ -136,233 +133,6 @@ def fingerprint(cfg: Any, tokenizer: Any, train: str | None = None) -> str:
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:24]
 
 
-# Records per piece of work. Each piece's ids go from Python lists (about 36 bytes a token) into Arrow
-# (4-8) before the next piece is encoded, so memory holds the records and the Arrow data, not the whole
-# set's lists (which took 10x the file's size); with data.num_proc > 1 the pieces are the workers' tasks.
-CHUNK = 2000
-
-_WORK: tuple | None = None  # (records, task, tokenizer, cfg, label2id, sourced) while _encode_all runs: forked workers read it
-RECORD = "record"  # column of `_encode_all(sourced=True)`: the index in `records` each example was encoded from
-
-
-def _encode_span(span: tuple[int, int]) -> dict:
-    """Encode records[start:end] of `_WORK` into columns plus the counts `dropped`, `truncated`, `unstopped`."""
-    from ..tasks.base import TRUNCATED, UNSTOPPED  # (tasks import data's readers)
-
-    records, task, tokenizer, cfg, label2id, sourced = _WORK
-    columns: dict[str, list] = {"input_ids": [], "labels": [], "length": []}
-    dropped = truncated = unstopped = 0
-    for at, rec in enumerate(records[span[0]:span[1]], start=span[0]):
-        ex = task.encode(rec, tokenizer, cfg, label2id)
-        if ex is None:
-            dropped += 1
-            continue
-        if sourced:  # (a dropped record leaves a gap: the examples' positions no longer say which record)
-            columns.setdefault(RECORD, []).append(at)
-        truncated += bool(ex.pop(TRUNCATED, False))
-        unstopped += bool(ex.pop(UNSTOPPED, False))
-        columns["length"].append(len(ex["input_ids"]))
-        for key, value in ex.items():  # input_ids, labels and what else the task keeps (token_cls: cut_tags)
-            columns.setdefault(key, []).append(value)
-    columns["dropped"], columns["truncated"], columns["unstopped"] = dropped, truncated, unstopped
-    return columns
-
-
-def tokenize_processes(cfg: Any) -> int:
-    """data.num_proc, or the CPUs this process may use (a Slurm allocation's, not the node's), at most 8."""
-    if cfg.data.num_proc:
-        return cfg.data.num_proc
-    return min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-
-
-def _quiet_worker() -> None:
-    # The main process decides on Ctrl-C and on the stop signals (a SIGTERM before the first step still
-    # ends in a checkpoint); Slurm signals every process of the job, and a worker killed by one would
-    # break the pool. The workers end when their work does, or with the pool.
-    import signal
-
-    for name in ("SIGINT", "SIGTERM", "SIGUSR1"):
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), signal.SIG_IGN)
-
-
-_ABANDONED = False  # set once a pool's workers were killed (see workers_abandoned)
-
-
-def workers_abandoned() -> bool:
-    """Whether tokenising workers were killed mid-work in this process (an interrupt, an error). A worker
-    killed while it wrote a finished piece leaves the pool's manager thread reading the rest of it for
-    ever, and Python's exit joins that thread: Ctrl-C while tokenising hung about one time in five. The
-    CLI then ends the process without that teardown (`distributed.hard_exit`)."""
-    return _ABANDONED
-
-
-@contextmanager
-def _workers(n: int) -> Iterator[Any]:
-    """A pool of `n` forked processes (None for n <= 1): they inherit the records, task and tokenizer, so
-    only spans go out and columns come back. A worker that dies (out of memory, say) fails the pool's
-    map rather than leaving it waiting; on an error here the pending pieces are dropped."""
-    import multiprocessing
-
-    # Only where fork is the platform's own default (Linux): Windows has no fork, and on macOS a fork of a process
-    # that has loaded torch and the system's frameworks may crash (Python defaults to spawn there since 3.8)
-    if n <= 1 or not sys.platform.startswith("linux"):
-        yield None
-        return
-    from concurrent.futures import ProcessPoolExecutor
-
-    # tokenizers prints a warning in each forked child once its own threads were used, unless told
-    old = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    # The collector's passes write to every object they visit: in a worker, that copies each inherited page
-    # of records. Frozen, the objects of now are never visited (in here until the pool ends, in the workers).
-    gc.freeze()
-    try:
-        pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("fork"), initializer=_quiet_worker)
-        pool.submit(int).result()  # start the workers now, while the variable is set
-    except BaseException:
-        gc.unfreeze()
-        raise
-    finally:
-        if old is None:
-            os.environ.pop("TOKENIZERS_PARALLELISM", None)
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = old
-    try:
-        yield pool
-    except BaseException:
-        # The workers ignore SIGTERM, and one may sit writing a finished piece into a pipe nobody reads
-        # any more: only SIGKILL ends them, and then the pool's manager thread, which exit joins.
-        global _ABANDONED
-        _ABANDONED = True
-        workers = list(getattr(pool, "_processes", {}).values())  # (no public handle on them)
-        pool.shutdown(wait=False, cancel_futures=True)
-        for worker in workers:
-            worker.kill()
-        for worker in workers:
-            worker.join(timeout=10)
-        raise
-    finally:
-        gc.unfreeze()
-    pool.shutdown()
-
-
-def _encode_all(records: list[dict], task: Any, tokenizer: Any, cfg: Any, label2id: dict | None,
-                shown: bool = True, sourced: bool = False) -> tuple[Any, dict]:
-    """Encode every record, in order: (a Dataset of the examples kept, or None if none was, and the counts
-    `dropped` / `truncated` / `unstopped`). A bad record's DataError is raised here, from a worker too.
-    `shown`: progress on screen (300k Alpaca records took ~50 s on 2 cores with nothing shown). `sourced`:
-    the Dataset has a RECORD column, each example's index in `records`."""
-    global _WORK
-    from concurrent.futures.process import BrokenProcessPool
-
-    import datasets
-
-    spans = [(i, min(i + CHUNK, len(records))) for i in range(0, len(records), CHUNK)]
-    counts = {"dropped": 0, "truncated": 0, "unstopped": 0}
-    parts = []
-    procs = tokenize_processes(cfg)
-    _WORK = (records, task, tokenizer, cfg, label2id, sourced)
-    progress = Progress(len(records), "tokenising", "records", shown=shown and len(spans) > 1)
-    try:
-        with _spill_dir(len(spans) > 1) as spill, _workers(min(procs, len(spans))) as pool:
-            for (start, end), columns in zip(spans, pool.map(_encode_span, spans) if pool else map(_encode_span, spans)):
-                progress.update(end - start)
-                for key in counts:
-                    counts[key] += columns.pop(key)
-                if columns["input_ids"]:
-                    parts.append(_spilled(_narrowed(datasets.Dataset.from_dict(columns)), spill, len(parts)))
-    except BrokenProcessPool as exc:
-        raise UserError(f"a process tokenising the data died ({exc}); the machine may be out of memory: "
-                        f"set data.num_proc lower (it was {procs}; 1 tokenises in the main "
-                        "process)") from None
-    finally:
-        _WORK = None
-        progress.close()
-    if not parts:
-        return None, counts
-    return _joined(parts), counts
-
-
-@contextmanager
-def _spill_dir(large: bool) -> Iterator[Path | None]:
-    """A scratch directory for the encoded pieces of a large set (None for one piece, or where none can be
-    made): beside the cache, which is meant to hold tokenised data, not in a /tmp that may be RAM."""
-    import shutil
-    import tempfile
-
-    if not large or os.name != "posix":  # (a mapped file cannot be deleted on Windows)
-        yield None
-        return
-    try:
-        cache_root().mkdir(parents=True, exist_ok=True)
-        path = Path(tempfile.mkdtemp(prefix=".pieces-", dir=cache_root()))
-    except OSError:
-        yield None
-        return
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def _spilled(piece: Any, spill: Path | None, i: int) -> Any:
-    """`piece` written to an Arrow file in `spill` and memory-mapped back: a large set's pieces wait for
-    the save (and training) on disk, not in memory (200k Alpaca-sized records: the main process peaked at
-    1.0 GB, not 1.46). The file is deleted at once (the mapping keeps its data); the Dataset wraps the
-    mapped table as an in-memory one, so a pickled copy carries the data, not the path of a file that is gone."""
-    import datasets
-    import pyarrow as pa
-
-    if spill is None:
-        return piece
-    path = spill / f"{i}.arrow"
-    try:
-        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, piece.data.schema) as writer:
-            writer.write_table(piece.data.table)
-        table = pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
-    except OSError:  # (a full disk: this piece stays in memory)
-        return piece
-    finally:
-        path.unlink(missing_ok=True)
-    # the piece's own fingerprint (of the same data): without one, Dataset hashes the table, reading all of it
-    return datasets.Dataset(table, fingerprint=getattr(piece, "_fingerprint", None))
-
-
-def _narrowed(piece: Any) -> Any:
-    """`piece` with its 64-bit integer columns (Arrow's inference for Python ints: labels, lengths, ids) in
-    32 bits, which hold every token id, label and length: a third less cache on disk and data in memory."""
-    import datasets
-    import pyarrow as pa
-
-    def narrow(tp: Any) -> Any:
-        if pa.types.is_int64(tp):
-            return pa.int32()
-        if pa.types.is_list(tp) or pa.types.is_large_list(tp):
-            return pa.list_(narrow(tp.value_type))
-        return tp
-
-    schema = pa.schema([field.with_type(narrow(field.type)) for field in piece.data.schema])
-    return piece if schema == piece.data.schema else datasets.Dataset(piece.data.table.cast(schema))
-
-
-def _joined(parts: list) -> Any:
-    """One Dataset of the pieces, in order. A column whose lists were all empty in a piece (token_cls'
-    blank_at, often) is untyped (list<null>) there: it gets the type another piece found. (concatenate_datasets
-    joins without copying; a Dataset over pyarrow's concat_tables briefly took 4x the data's size.)"""
-    import datasets
-    import pyarrow as pa
-
-    schemas = [p.data.schema for p in parts]
-
-    def typed(name: str) -> Any:
-        return next((s.field(name) for s in schemas if "null" not in str(s.field(name).type)), schemas[0].field(name))
-
-    features = datasets.Features.from_arrow_schema(pa.schema([typed(name) for name in schemas[0].names]))
-    return datasets.concatenate_datasets(
-        [p if p.features == features else datasets.Dataset(p.data.cast(features.arrow_schema)) for p in parts])
-
-
 def split_eval(records: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
     """Deterministic hold-out split (same on every rank and every run with the same seed)."""
     order = list(range(len(records)))
@@ -418,12 +188,12 @@ def build_datasets(cfg: Any, task: Any, tokenizer: Any, accelerator: Any = None,
                          f" and {len(eval_records or [])} for eval" if eval_records else "",
                          f" (cached for later runs in {where})" if cfg.data.cache else "")
             label2id = {name: i for i, name in enumerate(labels)} if labels else None
-            train, counted = _encode_all(train_records, task, tokenizer, cfg, label2id, shown=main)
+            train, counted = encode_all(train_records, task, tokenizer, cfg, label2id, shown=main)
             train_records = None  # (nothing reads them now: their memory is the eval set's and the save's)
             if train is None:
                 raise DataError(f"data.train: no usable examples in {describe(cfg.data.train)} "
                                 f"({counted['dropped']} had no target tokens within max_length)")
-            evalset, counted_eval = _encode_all(eval_records or [], task, tokenizer, cfg, label2id, shown=main)
+            evalset, counted_eval = encode_all(eval_records or [], task, tokenizer, cfg, label2id, shown=main)
             if cfg.data.eval and evalset is None:  # asked for, never run
                 raise DataError(f"data.eval: no usable examples in {cfg.data.eval} ({counted_eval['dropped']} had no "
                                 f"target tokens within data.max_length={cfg.data.max_length})")
@@ -509,7 +279,7 @@ def build_held_out(cfg: Any, task: Any, tokenizer: Any, sources: list) -> Any:
 def _encoded_eval(cfg: Any, task: Any, tokenizer: Any, key: str, what: str, records: list[dict],
                   labels: list[str] | None, sources: list | None) -> Any:
     """`records` tokenised as an eval set, what was skipped or cut said once (`key`, `what`: how to name them)."""
-    evalset, counted = _encode_all(records, task, tokenizer, cfg,
+    evalset, counted = encode_all(records, task, tokenizer, cfg,
                                    {name: i for i, name in enumerate(labels)} if labels else None,
                                    sourced=sources is not None)
     dropped, truncated = counted["dropped"], counted["truncated"]  # (unstopped: a training-time concern)

@@ -41,7 +41,7 @@ def demo_config(out: Path, steps: int) -> dict:
 def run_demo(out_dir: str, steps: int | None = None) -> int:
     from ..config import from_dict
     from ..evaluate import evaluate
-    from ..infer import generate, prompt_segments
+    from ..generation import generate, prompt_segments
     from ..loop import fit
     from ..stopflag import StopFlag
     from ..train import setup

@@ -1,0 +1,70 @@
+"""`merge`: fold a trained adapter into its base's weights, written as a model that loads without peft."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from .config import CAUSAL_TASKS, NO_CHAT_FORMATS, RunConfig
+from .errors import UserError, failed_write, write_error
+from .infer import load_trained
+
+log = logging.getLogger("scaletune")
+
+
+def run_merge(cfg: RunConfig, adapter: str | None, out_dir: str) -> Path:
+    """Fold the adapter into the base weights; the result loads with AutoModelFor*.from_pretrained."""
+    if cfg.model.quantization:
+        log.warning("merge: the adapter was trained on the %s-quantized base and is folded into the base's "
+                    "full-precision weights, so the merged model's outputs differ somewhat from base + adapter's; "
+                    "evaluate the merged model itself", cfg.model.quantization)
+        cfg.model.quantization = None  # merge into full-precision weights, never into 4/8-bit ones
+    model, tokenizer, task, labels, path = load_trained(cfg, adapter, tokenises=False)
+    # the adapter's own method: the config may name another (it is read from adapter_config.json)
+    configs = list(getattr(model, "peft_config", {}).values())
+    method = str(getattr(configs[0].peft_type, "value", configs[0].peft_type)).lower() if configs else cfg.peft_method
+    if not hasattr(model, "merge_and_unload"):
+        # prompt learning (prompt/prefix/p-tuning) trains virtual tokens or key/values, not weight updates
+        raise UserError(f"peft method {method} cannot be merged into the base weights: it adds virtual tokens "
+                        "(or key/values), not changes to the base's weights",
+                        hint="use the adapter as it is: `eval`/`predict` with it, or load base + adapter with "
+                             "peft.PeftModel.from_pretrained")
+    try:
+        merged = model.merge_and_unload()
+    except (ValueError, NotImplementedError, AttributeError) as exc:
+        raise UserError(f"cannot merge a {method} adapter: {exc}") from None
+    target = Path(out_dir)
+    if target.exists() and any(target.iterdir()):
+        raise UserError(f"--out {target} is not empty; choose a new directory")
+    # Written aside and moved in: a failed write (a full disk) leaves no half model that looks whole and
+    # no directory that refuses the retry as "not empty". An existing (empty) --out may be a mount point
+    # or the working directory, which cannot be renamed onto: the files are moved into it instead.
+    tmp = target / ".merging" if target.is_dir() else target.parent / f".{target.name}.merging"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if cfg.task in CAUSAL_TASKS and not getattr(tokenizer, "chat_template", None) and \
+            getattr(getattr(task, "format", None), "name", None) not in NO_CHAT_FORMATS:
+        from .data.templates import alpaca_style_template
+
+        # conversations were rendered by scaletune's own template: the merged tokenizer gets it as its chat
+        # template, so the merged model's users (apply_chat_template, serving stacks) give it the same text
+        tokenizer.chat_template = alpaca_style_template(tokenizer)
+        log.info("merge: the merged tokenizer's chat template is scaletune's Alpaca-style rendering, which "
+                 "the adapter was trained with")
+    try:
+        merged.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        if tmp.parent == target:
+            for item in tmp.iterdir():
+                os.replace(item, target / item.name)
+            tmp.rmdir()
+        else:
+            os.replace(tmp, target)
+    except Exception as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not failed_write(exc):
+            raise
+        raise write_error(exc, f"--out {target}", "nothing was left there; free disk space (or fix "
+                                                  "permissions) and run merge again") from None
+    return target
