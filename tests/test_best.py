@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 import pytest
 import torch
@@ -43,8 +44,9 @@ def _config(make_config, tmp_path, name="run", **train):
 
 
 def _record(best: dict) -> dict:
-    """A best record without its id (random: it tells two paths' bests of one step and value apart)."""
-    assert len(best.pop("id")) == 16
+    """A best record without its id (random: it tells two paths' bests of one step and value apart) and what
+    it was scored over (the eval file's real path here)."""
+    assert len(best.pop("id")) == 16 and best.pop("over").startswith("data.eval /")
     return best
 
 
@@ -306,6 +308,34 @@ def test_continuing_an_early_stop_for_another_metric_says_so(make_config, tmp_pa
     assert main(["train", str(path), "--resume", "auto", "train.best_metric=macro_f1"]) == 0
     out = capsys.readouterr().out
     assert "continuing the run that stopped early at step 5: train.best_metric is now macro_f1" in out
+
+
+def test_a_resume_evaluating_other_examples_picks_the_best_anew(make_config, tmp_path, scripted, capsys):
+    """data.eval may change at a resume; the best so far was scored over the old examples, so it is no bar
+    for the new ones: the next eval is the best, and an early stop counted on the old ones goes on. The same
+    file named by another path is the same eval."""
+    import shutil
+
+    path = _config(make_config, tmp_path)
+    run, _ = _fit(path)
+    assert run.step == 5 and run.counters["best"]["step"] == 2
+    evalf = load_config(path).data.eval
+    capsys.readouterr()
+    # the same file, written otherwise: nothing changes (the run stays stopped)
+    same = f"{os.path.dirname(evalf)}/../{os.path.basename(os.path.dirname(evalf))}/./{os.path.basename(evalf)}"
+    assert main(["train", str(path), "--resume", "auto", f"data.eval={same}"]) == 0
+    out = capsys.readouterr().out
+    assert "picked anew" not in out and "continuing" not in out
+    other = tmp_path / "other-eval.jsonl"
+    shutil.copy(evalf, other)
+    assert main(["train", str(path), "--resume", "auto", f"data.eval={other}"]) == 0
+    out = capsys.readouterr().out
+    assert f"the best accuracy so far (0.7, step 2) was scored over data.eval {os.path.realpath(evalf)}, " \
+           f"the evals now over data.eval {other}: the best adapter is picked anew from the next eval" in out, out
+    assert f"continuing the run that stopped early at step 5: the evals are now over data.eval {other}" in out
+    best = json.loads((tmp_path / "run" / "best_adapter" / "scaletune.json").read_text())["best"]
+    # (the scripted evals of a CLI run read the last _fit's run: 0.65, below the old best 0.7, and still the best)
+    assert best["step"] == 6 and best["value"] == 0.65 and best["over"] == f"data.eval {other}"
 
 
 def test_two_paths_bests_of_one_step_and_value_are_told_apart(make_config, tmp_path, scripted, monkeypatch, capsys):

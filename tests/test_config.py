@@ -374,6 +374,8 @@ def test_task_and_format_names_agree_wherever_they_are_listed():
     ({"train": {"eval_every": 5}}, "causal_lm", "train.eval_every: there is no eval data to evaluate"),
     ({"train": {"early_stopping_threshold": 0.5}}, "causal_lm",
      "train.early_stopping_threshold: only early stopping reads it"),
+    ({"train": {"eval_max_new_tokens": 64}}, "causal_lm",
+     "train.eval_max_new_tokens: only train.eval_generate's answers read it; set eval_generate"),
     ({"data": {"train": "t.jsonl", "train_on_prompt": True}}, "seq_cls",
      "data.train_on_prompt: only used by causal_lm, not seq_cls"),
     ({"data": {"train": "t.jsonl", "train_on_prompt": True, "format": "text"}}, "causal_lm",

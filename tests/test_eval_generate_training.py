@@ -60,7 +60,8 @@ def test_generating_changes_nothing_the_run_trains(make_config, capsys, tmp_path
     ends = []
     for name, generate in (("plain", False), ("generating", 3)):
         path = make_config(peft={"lora_dropout": 0.2}, output_dir=str(tmp_path / name),
-                           train={"max_steps": 3, "eval_every": 1, "eval_generate": generate, "eval_max_new_tokens": 4})
+                           train={"max_steps": 3, "eval_every": 1, "eval_generate": generate,
+                                  **({"eval_max_new_tokens": 4} if generate else {})})
         code, _, err = run_cli(["train", path], capsys)
         assert code == 0, err
         ends.append(load_file(tmp_path / name / "adapter" / "adapter_model.safetensors"))

@@ -29,12 +29,21 @@ class BestAdapter:
         self.run, self.mlog, self.metric = run, mlog, t.best_metric
         self.patience, self.threshold = t.early_stopping_patience, t.early_stopping_threshold
         self.lower = bool(self.metric) and lower_is_better(self.metric)
+        self.scored_over = scored_over(run.cfg, self.metric)
         path_best = run.counters.get("best")  # the path this run continues: its best, of whichever metric
         changed = bool(path_best and self.metric and path_best["metric"] != self.metric)
+        # (a record from before "over" was kept is taken as scored over what is asked now)
+        rescored = bool(path_best and self.metric and not changed
+                        and path_best.get("over", self.scored_over) != self.scored_over)
         if changed:  # the old values are of another metric. (With best_metric off the record stays, unused:
             # a later resume still knows which best_adapter/ is this path's.)
             mlog.write(f"train.best_metric is now {self.metric} (was {path_best['metric']}): the best adapter is "
                        "picked anew from the next eval")
+        elif rescored:  # a value over other examples (or other answers' lengths) is no bar to beat
+            mlog.write(f"the best {self.metric} so far ({path_best['value']:.4g}, step {path_best['step']}) was scored "
+                       f"over {path_best['over']}, the evals now over {self.scored_over}: the best adapter is picked "
+                       "anew from the next eval")
+        if changed or rescored:
             run.counters.pop("best")
             run.counters.pop("evals_since_best", None)
         stopped = run.counters.get("stopped_early")
@@ -43,6 +52,7 @@ class BestAdapter:
             # goes on from its checkpoint
             run.counters.pop("stopped_early")
             why = (f"train.best_metric is now {self.metric}" if changed and self.patience
+                   else f"the evals are now over {self.scored_over}" if rescored and self.patience
                    else f"train.early_stopping_patience is now {'null' if self.patience is None else self.patience}")
             mlog.write(f"continuing the run that stopped early at step {stopped}: {why}")
         error, hint = None, "nothing was deleted; fix the cause, then run the same command again"
@@ -124,7 +134,8 @@ class BestAdapter:
         counters["evals_since_best"] = 0 if enough else counters.get("evals_since_best", 0) + 1
         if better:
             # the id tells this eval's adapter from another path's best of the same step and value
-            counters["best"] = best = {"metric": self.metric, "value": value, "step": step, "id": uuid.uuid4().hex[:16]}
+            counters["best"] = best = {"metric": self.metric, "value": value, "step": step, "id": uuid.uuid4().hex[:16],
+                                       "over": self.scored_over}
             path = write_adapter(self.run, BEST_DIR, extra_meta={"best": best})
             self.mlog.log("best", step, {self.metric: value})
             self.mlog.write(f"step {step}: best {self.metric} so far ({value:.4g}): adapter in {path}")
@@ -142,6 +153,23 @@ class BestAdapter:
 
     def _beats(self, value: float, best: float, margin: float) -> bool:
         return value < best - margin if self.lower else value > best + margin
+
+
+def scored_over(cfg: Any, metric: str | None) -> str:
+    """What an eval's `metric` is a value over, in words: the eval examples (data.eval, or the held-out
+    fraction of data.train) and, for the generated answers' scores, how many were generated and how long
+    each could grow. A resume may change these (they change no training); a best over others is no bar."""
+    from .identity import real_paths
+    from .rules import GENERATED_METRICS
+
+    d, t = cfg.data, cfg.train
+    # (by what the path names: the same file written otherwise, or from another directory, is the same eval)
+    over = f"data.eval {real_paths({'data': {'eval': d.eval}})['data.eval']}" if d.eval else \
+        f"data.eval_fraction {d.eval_fraction}"
+    if metric in GENERATED_METRICS:
+        answers = "every eval example" if t.eval_generate is True else f"the first {t.eval_generate} eval examples"
+        over += f", answers to {answers} of at most {t.eval_max_new_tokens} tokens"
+    return over
 
 
 def best_record(directory: Any) -> dict | None:

@@ -358,6 +358,10 @@ def ignored_key_problems(cfg: RunConfig) -> list[str]:
     if _changed(t, "eval_every") and t.eval_every is not None and not (d.eval or d.eval_fraction):
         p.append("train.eval_every: there is no eval data to evaluate; set data.eval or data.eval_fraction (or "
                  "eval_every: null)")
+    if _changed(t, "eval_max_new_tokens") and not t.eval_generate:
+        p.append("train.eval_max_new_tokens: only train.eval_generate's answers read it; set eval_generate (true, or "
+                 f"N examples), or eval_max_new_tokens back to {_default(t, 'eval_max_new_tokens')} (`scaletune eval "
+                 "--generate` takes --max-new-tokens)")
     if t.evals_per_epoch is not None and not (d.eval or d.eval_fraction):
         p.append("train.evals_per_epoch: there is no eval data to evaluate; set data.eval or data.eval_fraction")
     for per_epoch, every in (("evals_per_epoch", "eval_every"), ("saves_per_epoch", "save_every")):
