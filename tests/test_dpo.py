@@ -111,6 +111,35 @@ def test_each_layout_trains_only_the_answers_after_the_same_prompt(tmp_path, tin
     assert prompt in tokenizer.decode(ex["input_ids"][:start])
 
 
+_USER, _SYSTEM = {"role": "user", "content": "Reverse: alpha bravo"}, {"role": "system", "content": "Be brief."}
+
+
+def _said(content: str) -> dict:
+    return {"role": "assistant", "content": content}
+
+
+@pytest.mark.parametrize("implicit, explicit", [
+    # TRL's implicit prompt: the text both begin with, a space before the first difference starting the answers
+    ({"chosen": "The sky is blue.", "rejected": "The sky is green."},
+     {"prompt": "The sky is", "chosen": " blue.", "rejected": " green."}),
+    ({"chosen": "Reverse: alpha bravo\nbravo alpha", "rejected": "Reverse: alpha bravo\nalpha bravo"},
+     {"prompt": "Reverse: alpha bravo\n", "chosen": "bravo alpha", "rejected": "alpha bravo"}),
+    # conversations: the messages both begin with, an earlier answer among them (context, as a prompt's)
+    ({"chosen": [_SYSTEM, _USER, _said("bravo alpha"), _USER, _said("again: bravo alpha")],
+      "rejected": [_SYSTEM, _USER, _said("bravo alpha"), _USER, _said("alpha bravo")]},
+     {"prompt": [_SYSTEM, _USER, _said("bravo alpha"), _USER], "chosen": [_said("again: bravo alpha")],
+      "rejected": [_said("alpha bravo")]}),
+    ({"chosen": [_USER, _said("bravo alpha")], "rejected": [_USER, _said("alpha bravo")], "prompt": None},
+     {"prompt": [_USER], "chosen": [_said("bravo alpha")], "rejected": [_said("alpha bravo")]}),
+])
+def test_an_implicit_prompt_pair_encodes_as_its_explicit_form(tmp_path, tiny_llama, implicit, explicit):
+    """TRL's implicit-prompt pairs (no `prompt`: each answer the whole text or conversation) read as the pair with
+    the shared beginning as its prompt; a null `prompt` (a table mixing both forms) is none."""
+    (got,), _ = _encoded(tmp_path, tiny_llama, [implicit])
+    (want,), _ = _encoded(tmp_path, tiny_llama, [explicit])
+    assert got == want and got["labels"] != got["rejected_labels"]
+
+
 def test_max_length_cuts_the_answers_keeps_the_prompt_and_skips_a_pair_with_no_answer_left(tmp_path, tiny_llama):
     short = {"prompt": "Reverse: a b\n", "chosen": "b a " * 20, "rejected": "a b " * 30}
     long_prompt = {"prompt": "word " * 200, "chosen": "yes", "rejected": "no"}
@@ -132,12 +161,23 @@ def test_max_length_cuts_the_answers_keeps_the_prompt_and_skips_a_pair_with_no_a
     ({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "x"}],
       "chosen": {"from": "gpt", "value": "a"}, "rejected": {"from": "gpt", "value": "b"}},
      "the prompt ends in an assistant turn"),
+    ({"chosen": "Yes, it is.", "rejected": "No."}, "'chosen' and 'rejected' share no prompt"),
+    ({"chosen": [{"role": "user", "content": "q"}, _said("a")], "rejected": [{"role": "user", "content": "p"}, _said("b")]},
+     "'chosen' and 'rejected' share no prompt"),
+    ({"chosen": [{"role": "user", "content": "q"}, _said("a")],
+      "rejected": [{"role": "user", "content": "q"}, _said("b"), {"role": "user", "content": "more?"}, _said("c")]},
+     "share their first 1 message(s), the prompt; what follows in 'rejected' must be one assistant message, the "
+     "answer, and is: assistant user assistant"),
+    ({"chosen": [{"role": "user", "content": "q"}, _said("a")], "rejected": "q b"},
+     "a pair without a prompt needs 'chosen' and 'rejected' both whole texts (strings) or both conversations"),
 ])
 def test_a_bad_pair_is_refused_naming_its_file_and_line(make_config, tmp_path, capsys, record, says):
     path = make_config("dpo", n=8, data={"eval": None})
     good = {"conversations": [{"from": "human", "value": "q"}], "chosen": {"from": "gpt", "value": "a"},
             "rejected": {"from": "gpt", "value": "b"}} if "conversations" in record else {"prompt": "q", "chosen": "a",
                                                                                           "rejected": "b"}
+    if isinstance(record.get("prompt"), list) or isinstance(record.get("chosen"), list) and "prompt" not in record:
+        good = {"prompt": [{"role": "user", "content": "q"}], **{k: [_said(k)] for k in ("chosen", "rejected")}}
     if isinstance(record.get("prompt"), list):
         good = {"prompt": record["prompt"], **{k: [{"role": "assistant", "content": k}] for k in ("chosen", "rejected")}}
     write_jsonl(tmp_path / "data/train.jsonl", [good, good, record])
@@ -146,7 +186,7 @@ def test_a_bad_pair_is_refused_naming_its_file_and_line(make_config, tmp_path, c
 
 
 def test_instruction_data_is_refused_as_no_preference_pair(tmp_path, tiny_llama):
-    with pytest.raises(DataError, match="a preference pair needs conversations .or prompt., chosen, rejected"):
+    with pytest.raises(DataError, match="a preference pair needs chosen, rejected"):
         _encoded(tmp_path, tiny_llama, [{"instruction": "q", "output": "a"}])
 
 

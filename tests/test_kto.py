@@ -141,6 +141,49 @@ def test_each_layout_trains_only_the_answer_and_keeps_its_label(tmp_path, tiny_l
     assert ex["desirable"] == int(label)
 
 
+def _pairs_and_examples(layout: str, n: int) -> tuple[list[dict], list[dict]]:
+    """`n` preference pairs in `layout` and, written by hand, the unpaired feedback records they amount to: each
+    pair's prompt with its chosen answer (label true), then with its rejected one (false)."""
+    pairs, examples = [], []
+    for i in range(n):
+        q, good, bad = f"Reverse: alpha{i} bravo", f"bravo alpha{i}", f"alpha{i} bravo"
+        user, said = {"role": "user", "content": q}, [{"role": "assistant", "content": a} for a in (good, bad)]
+        if layout == "sharegpt":
+            turns = [{"from": "human", "value": q}]
+            pairs.append({"conversations": turns, "system": "Be brief.", "chosen": {"from": "gpt", "value": good},
+                          "rejected": {"from": "gpt", "value": bad}})
+            examples += [{"conversations": [*turns, {"from": "gpt", "value": a}], "system": "Be brief.", "label": lab}
+                         for a, lab in ((good, True), (bad, False))]
+        elif layout in ("trl_messages", "implicit_messages"):
+            pairs.append({"prompt": [user], "chosen": said[:1], "rejected": said[1:]} if layout == "trl_messages"
+                         else {"chosen": [user, said[0]], "rejected": [user, said[1]]})
+            examples += [{"prompt": [user], "completion": [a], "label": lab} for a, lab in zip(said, (True, False))]
+        else:  # (implicit: the text both begin with is the prompt)
+            pairs.append({"prompt": q + "\n", "chosen": good, "rejected": bad} if layout == "trl_strings"
+                         else {"chosen": f"{q}\n{good}", "rejected": f"{q}\n{bad}"})
+            examples += [{"prompt": q + "\n", "completion": a, "label": lab} for a, lab in ((good, True), (bad, False))]
+    return pairs, examples
+
+
+@pytest.mark.parametrize("layout", ["sharegpt", "trl_messages", "trl_strings", "implicit_messages",
+                                    "implicit_strings"])
+def test_preference_pairs_are_two_examples_each_as_trls_unpair_makes_them(tmp_path, tiny_llama, layout):
+    """A file of N pairs (any layout dpo reads) trains on 2N examples, the chosen answers desirable and the
+    rejected not, each encoded as the unpaired record of the same prompt and answer is."""
+    from scaletune.data import build_datasets
+
+    pairs, examples = _pairs_and_examples(layout, 3)
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_llama))
+    built = []
+    for name, records in (("pairs", pairs), ("examples", examples)):
+        cfg = data_config(tmp_path, tiny_llama, "kto", write_jsonl(tmp_path / f"{name}.jsonl", records))
+        built.append(build_datasets(cfg, get_task("kto"), tokenizer)["train"])
+    from_pairs, from_examples = built
+    assert len(from_pairs) == 6 and from_pairs["desirable"] == [1, 0, 1, 0, 1, 0]
+    for column in ("input_ids", "labels", "desirable"):
+        assert from_pairs[column] == from_examples[column]
+
+
 def test_the_demo_layout_reads_llamafactory_kto_data():
     """LLaMA-Factory's kto_en_demo.json's layout: messages ending in the judged answer, a boolean label."""
     from scaletune.data.feedback import layout, to_example
@@ -164,11 +207,15 @@ def test_the_demo_layout_reads_llamafactory_kto_data():
                    {"role": "assistant", "content": "b"}], "label": True}, "its turns are: user assistant assistant"),
     ({"prompt": "q", "completion": " ", "label": True}, "field 'completion' is empty"),
     ({"prompt": "q", "label": True}, "a feedback example needs completion"),
+    ({"prompt": "q", "chosen": "a", "rejected": "b", "label": True}, "a preference pair ('chosen', 'rejected') takes "
+                                                                     "no 'label'"),
+    ({"prompt": "q", "chosen": "a", "rejected": "a"}, "'chosen' and 'rejected' are the same answer"),
+    ({"chosen": "Yes.", "rejected": "No."}, "'chosen' and 'rejected' share no prompt"),
 ])
 def test_a_bad_record_is_refused_naming_its_file_and_line(make_config, tmp_path, capsys, record, says):
     path = make_config("kto", n=8, data={"eval": None})
     good = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "label": True}
-    if "prompt" in record:
+    if "prompt" in record or isinstance(record.get("chosen"), str):
         good = {"prompt": "q", "completion": "a", "label": False}
     write_jsonl(tmp_path / "data/train.jsonl", [good, good, record])
     code, _, err = run_cli(["train", path], capsys)

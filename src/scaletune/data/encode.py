@@ -31,7 +31,10 @@ def _encode_span(span: tuple[int, int]) -> dict:
     records, task, tokenizer, cfg, label2id, sourced = _WORK
     columns: dict[str, list] = {"input_ids": [], "labels": [], "length": []}
     dropped = truncated = unstopped = 0
-    for at, rec in enumerate(records[span[0]:span[1]], start=span[0]):
+    # (the task's examples of each record: kto makes two of a preference pair, both from record `at`)
+    examples = ((at, one) for at, rec in enumerate(records[span[0]:span[1]], start=span[0])
+                for one in task.examples_of(rec))
+    for at, rec in examples:
         ex = task.encode(rec, tokenizer, cfg, label2id)
         if ex is None:
             dropped += 1

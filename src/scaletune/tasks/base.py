@@ -78,6 +78,11 @@ class Task:
         for k, v in meta.get("task_state", {}).items():
             setattr(self, k, FORMATS[v] if k == "format" else v)
 
+    def examples_of(self, record: dict) -> list[dict]:
+        """The records `encode` takes for `record`, each one example (kto: a preference pair is two); the
+        record itself by default. Records are split into train and eval as they were read, before this."""
+        return [record]
+
     def encode(self, record: dict, tokenizer: Any, cfg: Any, label2id: dict | None) -> dict | None:
         """One record -> {'input_ids': [...], 'labels': ..., TRUNCATED: bool} (any further key, returned for
         every record, becomes a column of the dataset too); None drops the example (logged)."""

@@ -1,6 +1,7 @@
 """kto: Kahneman-Tversky Optimization (Ethayarajh et al. 2024) of a causal LM adapter on unpaired feedback.
 
-Each example is a prompt, one answer and whether the answer is desirable. As in task dpo, the reference is the
+Each example is a prompt, one answer and whether the answer is desirable; a preference pair is two examples, its
+chosen answer desirable and its rejected one not (`examples_of`, as TRL's unpair_preference_dataset). As in task dpo, the reference is the
 base with the adapter switched off and an answer's reward is r = beta x (logp_policy - logp_reference), logp the
 summed log-probability of its tokens. The reference point z estimates the policy's KL from the reference:
     z = max(0, mean over the micro-batch of logp_policy - logp_reference of MISMATCHED rows)
@@ -21,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..data.feedback import FIELDS, layout, to_example
+from ..data.feedback import FIELDS, layout, to_example, unpaired
 from ..data.formats import to_segments
 from ..data.readers import WHERE
 from ..trainable_state import unwrap
@@ -42,6 +43,11 @@ class KTO(AnswerScoring):
     def configure(self, cfg: Any) -> None:
         t = cfg.train
         self._beta, self._w_desirable, self._w_undesirable = t.dpo_beta, t.kto_desirable_weight, t.kto_undesirable_weight
+
+    def examples_of(self, record: dict) -> list[dict]:
+        """A preference pair's two examples (chosen desirable, rejected not), as TRL's unpair; else the record.
+        Unpaired as they are encoded, after the eval split: a pair's two answers stay on one side of it."""
+        return unpaired(record)
 
     def encode(self, record: dict, tokenizer: Any, cfg: Any, label2id: dict | None) -> dict | None:
         """The prompt (cut to data.max_prompt_length) and answer cut at data.max_length from the end (the answer
