@@ -339,3 +339,30 @@ def _sides(task, record):
     from scaletune.data.feedback import to_example
 
     return [to_example(record)[0]]
+
+
+def test_the_reference_draws_no_dropout_in_train_mode(make_config, tiny_llama, tmp_path):
+    """The reference (adapter off) is a fixed baseline: on a base with attention dropout 0.5, trained in train
+    mode, two scorings of one batch agree (the policy's do not: dropout is in play), and every module is left in
+    the mode it was in."""
+    import json
+    import shutil
+
+    from scaletune.tasks.dpo import answer_logps, reference_logps
+
+    base = tmp_path / "dropout_llama"
+    shutil.copytree(tiny_llama, base)
+    conf = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**conf, "attention_dropout": 0.5}))
+    run, _ = setup(load_config(make_config("dpo", model={"name_or_path": str(base), "attn_implementation": "eager"})))
+    model = run.model.train()
+    model.get_base_model().lm_head.eval()  # (a module left in eval mode stays so)
+    batch = run.task.collate([run.data["train"][i] for i in range(4)], run.tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        policy = [answer_logps(model, batch) for _ in range(2)]
+    assert not torch.equal(*policy)
+    first, second = reference_logps(model, batch), reference_logps(model, batch)
+    assert torch.equal(first, second)
+    assert not model.get_base_model().lm_head.training
+    assert all(m.training for n, m in model.named_modules() if "lm_head" not in n)

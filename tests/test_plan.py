@@ -8,6 +8,7 @@ their total is checked against the measured tensor-memory peak of a real ~110M-p
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -458,3 +459,26 @@ def test_a_dpo_micro_batch_is_sized_as_its_two_rows_an_example(make_config):
     shape = plan.model_shape(cfgs["causal_lm"])
     dpo, lm = plan.activation_bytes(cfgs["dpo"], shape, 2), plan.activation_bytes(cfgs["causal_lm"], shape, 4)
     assert dpo["activations"] == lm["activations"] == 2 * plan.activation_bytes(cfgs["causal_lm"], shape, 2)["activations"]
+
+
+@pytest.mark.parametrize("vocab", [8, None])
+def test_a_kto_micro_batch_is_sized_by_its_larger_pass(make_config, vocab):
+    """kto's one forward with gradient is one row an example (causal_lm's activations, with no chunked loss,
+    which kto cannot use); its reference's, under no_grad, runs over twice the rows (each example and its
+    mismatched row) and saves nothing, but holds their logits and one layer at a time. Where 8 layers' saved
+    activations outweigh those (a vocabulary of 8), kto sizes as causal_lm; under gradient checkpointing, on
+    this model whose
+    vocabulary is 8x its hidden size, the reference's logits are the peak: twice the rows' logits, without the
+    gradient's float32 buffer, and more than causal_lm's estimate."""
+    cfgs = {task: load_config(make_config(task, model={"gradient_checkpointing": vocab is None},
+                                          train={"micro_batch_size": 2, "mixed_precision": "bf16",
+                                                 "chunked_loss": False})) for task in ("causal_lm", "kto")}
+    shape = plan.model_shape(cfgs["causal_lm"])
+    shape = dataclasses.replace(shape, vocab=vocab or shape.vocab, layers=8)  # (real models have more than 2)
+    kto, lm = plan.activation_bytes(cfgs["kto"], shape, 2), plan.activation_bytes(cfgs["causal_lm"], shape, 2)
+    if vocab is not None:
+        assert kto == lm
+        return
+    # bf16 logits: causal_lm's 14 bytes a token (16-bit, its float32 copy, log-softmax, gradient), kto's 10
+    assert kto["logits"] * 14 == lm["logits"] * 2 * 10
+    assert sum(kto.values()) > sum(lm.values()) and "autocast_weight_copies" not in kto

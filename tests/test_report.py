@@ -20,6 +20,8 @@ EVAL = {
                           "per_class": {"neg": {"precision": 0.8, "recall": 0.7, "f1-score": 0.75, "support": 8},
                                         "pos": {"precision": 0.7, "recall": 0.8, "f1-score": 0.74, "support": 8}},
                           "confusion_matrix": {"labels": ["neg", "pos"], "counts": [[13, 3], [4, 17]]}},
+    "kto": lambda s: {"loss": 0.5 - 0.05 * s, "desirable_reward": 0.1 * s, "undesirable_reward": -0.1 * s,
+                      "reward_margin": 0.2 * s, "kl": 0.5 / s, "examples": 16},
     "token_cls": lambda s: {"loss": 1.0 / s, "precision": 0.6, "recall": 0.5 + 0.05 * s, "f1": 0.55 + 0.05 * s,
                             "token_accuracy": 0.9, "sentences_truncated": 2, "words_truncated": 7,
                             "entities_truncated": 3,
@@ -102,6 +104,19 @@ def test_summary_values_best_and_final(tmp_path, capsys):
     assert "eval accuracy         0.9 (best 0.9 @ 4)" in out
     assert "eval loss             0.25 (best 0.25 @ 4)" in out  # lower is better for loss
     assert "peak memory (MB)      104" in out and "report:" in out
+
+
+def test_kto_kl_and_example_count_get_no_best(tmp_path, capsys):
+    """kto's kl is its reference point and examples a count, neither a score: the report gives their final value
+    alone, where it calls a best for each score (its loss and rewards) that picks an adapter."""
+    run = make_run(tmp_path / "run", "kto", steps=4)
+    assert main(["report", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "  eval kl               0.125\n" in out and "  eval examples         16\n" in out
+    assert "  eval reward_margin    0.8 (best 0.8 @ 4)" in out
+    assert "eval undesirable_reward -0.4 (best -0.4 @ 4)" in out  # lower is better
+    page = (run / "report.html").read_text()
+    assert "<td>0.125</td>" in page and "<td>16</td>" in page and "0.8 (best 0.8 @ 4)" in page
 
 
 def test_multi_run_comparison_overlays_and_diffs_hyperparameters(tmp_path):

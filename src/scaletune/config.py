@@ -48,6 +48,12 @@ def lower_is_better(metric: str) -> bool:
     return any(names.get(metric) == "min" for names in EVAL_METRICS.values())
 
 
+def has_direction(metric: str) -> bool:
+    """Whether eval metric `metric` is a score with a better direction (EVAL_METRICS names it for some task):
+    kto's kl (the reference point, a diagnostic) and counts (examples, pairs) are not, and have no best."""
+    return any(metric in names for names in EVAL_METRICS.values())
+
+
 # The most used peft options, so `model.r` can be pointed to `peft.r` without importing peft (its options
 # are known only to the method's peft config class).
 _PEFT_OPTIONS = ("method", "r", "lora_alpha", "lora_dropout", "target_modules", "use_dora", "use_rslora",

@@ -285,8 +285,54 @@ def chunked_loss_applies(cfg: RunConfig, shape: ModelShape) -> bool:
 
 
 def activation_bytes(cfg: RunConfig, shape: ModelShape, micro: int, cuda: bool = True) -> dict[str, int]:
-    """Approximate peak activation memory of one micro-batch at data.max_length tokens per row (dpo: two rows
-    an example, its chosen and its rejected answer; the reference's forward, under no_grad, saves nothing).
+    """Approximate peak activation memory of one micro-batch of `micro` examples at data.max_length tokens per
+    row: the forward with gradient (`_grad_pass_bytes`) of one row an example, dpo's two (its chosen and its
+    rejected answer; the reference's forward, under no_grad over the same rows, saves nothing and needs less).
+    kto's forward with gradient is one row an example, but its reference's, under no_grad, runs on twice the
+    rows (each example and its mismatched row): the larger of the two is the peak (`_kto_bytes`)."""
+    if cfg.task == "kto":
+        return _kto_bytes(cfg, shape, micro, cuda)
+    return _grad_pass_bytes(cfg, shape, micro * (2 if cfg.task == "dpo" else 1), cuda)
+
+
+def _kto_bytes(cfg: RunConfig, shape: ModelShape, micro: int, cuda: bool) -> dict[str, int]:
+    """kto's three forwards a micro-batch, one at a time: the reference (adapter off) over its 2 x `micro` rows,
+    the policy's KL estimate over the `micro` mismatched ones, both under no_grad, then the policy's with
+    gradient over the `micro` examples. The no_grad forwards keep nothing but a log-probability a row, so the
+    peak is the larger of the reference's working set and the gradient pass (`micro` rows, as causal_lm's)."""
+    grad = _grad_pass_bytes(cfg, shape, micro, cuda)
+    reference = _no_grad_pass_bytes(cfg, shape, 2 * micro)
+    return grad if sum(grad.values()) >= sum(reference.values()) else reference
+
+
+def _activation_bytes_per_elem(cfg: RunConfig) -> int:
+    """Bytes of an activation: 2 under 16-bit autocast or a quantized base, else the base dtype's."""
+    autocast16 = cfg.train.mixed_precision in ("bf16", "fp16")
+    return 2 if autocast16 or cfg.model.quantization else DTYPE_BYTES[cfg.model.dtype]
+
+
+def _layer_bytes(cfg: RunConfig, shape: ModelShape, tokens: int) -> int:
+    """What one layer saves for backward over `tokens` tokens (see `_grad_pass_bytes`)."""
+    a = _activation_bytes_per_elem(cfg)
+    h, i = shape.hidden, shape.intermediate
+    compiled = cfg.train.torch_compile
+    # + RMSNorm computes in float32: in 16-bit runs each norm keeps a float32 copy of its input (eager)
+    return tokens * (a * (6 * h + 2 * shape.kv_dim + (3 if compiled else 4) * i)
+                     + (0 if compiled else 2 * (4 - a) * h))
+
+
+def _no_grad_pass_bytes(cfg: RunConfig, shape: ModelShape, rows: int) -> dict[str, int]:
+    """Peak of a forward under no_grad over `rows` rows that ends in their answers' log-probabilities: one layer's
+    tensors at a time (at most what a layer saves for backward) beside the hidden states, then the logits, their
+    float32 copy and cross-entropy's float32 log-softmax (no gradient: nothing more): counted together, a bound."""
+    tokens = rows * cfg.data.max_length
+    a = _activation_bytes_per_elem(cfg)
+    return {"activations": _layer_bytes(cfg, shape, tokens) + tokens * a * shape.hidden,
+            "logits": tokens * shape.vocab * (4 + 4 + (0 if a == 4 else a))}
+
+
+def _grad_pass_bytes(cfg: RunConfig, shape: ModelShape, rows: int, cuda: bool = True) -> dict[str, int]:
+    """Approximate peak activation memory of a forward with gradient over `rows` rows of data.max_length tokens.
 
     Per token and layer a Llama-style block with SDPA saves ~ (6 x hidden + 2 x kv + 4 x intermediate)
     values for backward: both norms' inputs and outputs, q (after rotary), k and v, the attention
@@ -306,14 +352,11 @@ def activation_bytes(cfg: RunConfig, shape: ModelShape, micro: int, cuda: bool =
     bf16, varlen, 8 x 2048 tokens on 1B / 6 x 2048 on 8B: the estimate is 5% / 2% below the measured
     max_memory_allocated, where the eager formula was 22% above it).
     """
-    tokens = micro * cfg.data.max_length * (2 if cfg.task == "dpo" else 1)  # (dpo: a chosen and a rejected row)
+    tokens = rows * cfg.data.max_length
     autocast16 = cfg.train.mixed_precision in ("bf16", "fp16")
-    a = 2 if autocast16 or cfg.model.quantization else DTYPE_BYTES[cfg.model.dtype]
-    h, i = shape.hidden, shape.intermediate
-    compiled = cfg.train.torch_compile
-    # + RMSNorm computes in float32: in 16-bit runs each norm keeps a float32 copy of its input (eager)
-    per_layer = tokens * (a * (6 * h + 2 * shape.kv_dim + (3 if compiled else 4) * i)
-                          + (0 if compiled else 2 * (4 - a) * h))
+    a = _activation_bytes_per_elem(cfg)
+    h = shape.hidden
+    per_layer = _layer_bytes(cfg, shape, tokens)
     if cfg.model.gradient_checkpointing:
         layers = tokens * a * h * shape.layers + per_layer
     else:
@@ -322,8 +365,8 @@ def activation_bytes(cfg: RunConfig, shape: ModelShape, micro: int, cuda: bool =
     if chunked_loss_applies(cfg, shape):
         from .tasks.chunked_ce import chunk_rows
 
-        rows = min(tokens, chunk_rows(shape.vocab, cuda))
-        out["logits"] = rows * shape.vocab * (4 + 4 + (0 if a == 4 else a)) + 2 * tokens * h * a
+        chunk = min(tokens, chunk_rows(shape.vocab, cuda))
+        out["logits"] = chunk * shape.vocab * (4 + 4 + (0 if a == 4 else a)) + 2 * tokens * h * a
     elif cfg.task in CAUSAL_TASKS:
         out["logits"] = tokens * shape.vocab * (4 + 4 + (0 if a == 4 else a + 4))
     if autocast16 and _param_dtype_bytes(cfg) == 4 and not cfg.model.quantization:

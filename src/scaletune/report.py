@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import lower_is_better
+from .config import has_direction, lower_is_better
 from .errors import UserError, failed_write, write_error
 from .tracking import NONFINITE, duration
 
@@ -253,12 +253,15 @@ def _names(paths: list[Path]) -> list[str]:
 # Summaries
 
 
-def eval_summary(run: Run, metric: str) -> tuple[float, float, int] | None:
-    """(final, best, step of best) of an eval metric, or None when never logged."""
+def eval_summary(run: Run, metric: str) -> tuple[float, float | None, int | None] | None:
+    """(final, best, step of best) of an eval metric, or None when never logged; best and its step are None
+    for a metric with no better direction (a count, kto's kl), which no best can be called for."""
     steps, values = run.series("eval", metric)
     finite = [(v, s) for s, v in zip(steps, values, strict=True) if math.isfinite(v)]
     if not values:
         return None
+    if not has_direction(metric):
+        return values[-1], None, None
     if not finite:
         return values[-1], values[-1], steps[-1]
     lower = lower_is_better(metric)
@@ -266,11 +269,11 @@ def eval_summary(run: Run, metric: str) -> tuple[float, float, int] | None:
     return values[-1], best, at
 
 
-def _eval_text(summary: tuple[float, float, int] | None) -> str:
+def _eval_text(summary: tuple[float, float | None, int | None] | None) -> str:
     if summary is None:
         return _MISSING
     final, best, at = summary
-    return f"{_fmt(final)} (best {_fmt(best)} @ {at})"
+    return _fmt(final) if at is None else f"{_fmt(final)} (best {_fmt(best)} @ {at})"
 
 
 def run_stats(run: Run) -> dict[str, str]:

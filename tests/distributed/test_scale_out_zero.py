@@ -303,8 +303,8 @@ def test_preference_tasks_under_zero3_follow_one_process(world, task, start):
     """dpo's and kto's references are the model with the adapter switched off: under ZeRO-3 (each rank holding a
     part of every weight, gathered for each forward, from all ranks) their two and three forwards a micro-batch
     give the single-process run's loss curve (which has left its step-0 value by then: the adapter moved) and
-    eval; 5 eval examples on 2 ranks leave one rank a micro-batch of one (kto: no mismatched pair, still its
-    forwards)."""
+    eval (kto: the 2-process DDP run's, its z being the mean over both ranks' mismatched rows); 5 eval examples on
+    2 ranks leave one rank a micro-batch of one (kto: no mismatched pair, still its forwards and z's all-reduce)."""
     import yaml
 
     records = {"dpo": helpers.dpo_records, "kto": helpers.kto_records}[task]
@@ -313,7 +313,11 @@ def test_preference_tasks_under_zero3_follow_one_process(world, task, start):
     cfg = world.cfg(task, data=data, train={"max_steps": 3, "eval_every": 3})
     cfg.write_text(yaml.safe_dump({**yaml.safe_load(cfg.read_text()), "task": task}, sort_keys=False))
     one, zero3 = world.root / f"{task}_one", world.root / f"{task}_zero3"
-    run_forked(world, ["train", str(cfg), f"output_dir={one}"])
+    if task == "dpo":
+        run_forked(world, ["train", str(cfg), f"output_dir={one}"])
+    else:  # (kto's z pools both ranks' micro-batches, one process's each its own: DDP's 2 ranks are the baseline)
+        run_cli(world, _scaletune("launch", str(cfg), f"output_dir={one}", "distributed.zero_stage=0", "--nproc",
+                                  "2", "--master-port", str(helpers.free_port())))
     run_cli(world, _scaletune("launch", str(cfg), f"output_dir={zero3}", "distributed.zero_stage=3", "--nproc", "2",
                               "--master-port", str(helpers.free_port())))
     assert abs(losses(one)[3] - start) > 1e-3

@@ -1,7 +1,8 @@
 """dpo: Direct Preference Optimization (Rafailov et al. 2023) of a causal LM adapter on preference pairs.
 
 The reference model is the same base with the adapter switched off (peft's `disable_adapter()`), so no second
-model is held. Per pair, with logp the summed log-probability of the answer's tokens (the prompt is context):
+model is held; its forward runs with dropout off (`reference_mode`), so its log-probabilities are fixed. Per
+pair, with logp the summed log-probability of the answer's tokens (the prompt is context):
     reward(answer) = beta * (logp_policy(answer) - logp_reference(answer))
     loss = -log sigmoid(reward(chosen) - reward(rejected))
 (train.dpo_loss: hinge and ipo change the loss of that margin, ipo on mean token log-probabilities; simpo and
@@ -16,6 +17,8 @@ Chosen and rejected of a pair are two rows of one forward. Eval reports the rewa
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -102,8 +105,7 @@ class DPO(AnswerScoring):
         mean token log-probabilities themselves, there being no reference)."""
         reference = None
         if self._loss not in ("simpo", "orpo"):
-            with torch.no_grad(), unwrap(None, model).disable_adapter():
-                reference = answer_logps(model, batch)
+            reference = reference_logps(model, batch)
         policy = answer_logps(model, batch)
         counts = (batch["labels"][:, 1:] != IGNORE).sum(1)
         scores = policy - reference if reference is not None else policy
@@ -164,6 +166,31 @@ def cut_prompt(ids: list[int], labels: list[int], unstopped: bool, cfg: Any,
     lead = 1 if ids and ids[0] == tokenizer.bos_token_id else 0
     cut = start - keep + lead  # (the prompt keeps `keep` tokens, BOS among them)
     return ids[:lead] + ids[cut:], labels[:lead] + labels[cut:], unstopped
+
+
+def reference_logps(model: Any, batch: dict) -> torch.Tensor:
+    """`answer_logps` of the reference: the base with the adapter switched off, without a gradient, and with its
+    dropout off however the model is set (TRL turns dropout off too): the reference is a fixed baseline, so two
+    scorings of one answer must agree, where a base with dropout > 0 would draw noise into every reward."""
+    with torch.no_grad(), reference_mode(model):
+        return answer_logps(model, batch)
+
+
+@contextmanager
+def reference_mode(model: Any) -> Iterator[None]:
+    """`model`'s PEFT model with its adapter disabled and every module in eval mode for the block; each module's
+    own train/eval flag is put back after it (set directly, not through train(): a module left in eval mode on
+    purpose stays so). Eval mode only stops dropout here: the forward still runs on every rank, as ZeRO-3's
+    gathers need, and gradient checkpointing, off in eval mode, has nothing to save under no_grad anyway."""
+    inner = unwrap(None, model)
+    modes = [(m, m.training) for m in inner.modules()]
+    inner.eval()
+    try:
+        with inner.disable_adapter():
+            yield
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def answer_logps(model: Any, batch: dict) -> torch.Tensor:

@@ -10,8 +10,10 @@ gradient (z is a baseline, not something to optimise), beta-free. Then, with bet
 paper and TRL,
     desirable:   loss = kto_desirable_weight   x (1 - sigmoid(r - beta z))
     undesirable: loss = kto_undesirable_weight x (1 - sigmoid(beta z - r))
-A micro-batch of one example has no mismatched row: its z is 0 (rules.py refuses train.micro_batch_size 1, so
-only an eval's or a shard's last micro-batch can be one). z is the micro-batch's, on each rank its own.
+A micro-batch of one example has no mismatched row: alone, its z is 0 (rules.py refuses train.micro_batch_size 1, so
+only an eval's or a shard's last micro-batch can be one). Over several processes (DDP, ZeRO) z is the mean over
+every rank's mismatched rows of the micro-batch they run together (0 if none has one), as TRL gathers its KL estimate: a rank's loss
+then does not depend on how the examples were dealt between ranks.
 `loss_sum` returns the summed loss and `count_targets` the examples: the step's loss is their mean.
 """
 
@@ -21,13 +23,13 @@ import math
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from ..data.feedback import FIELDS, layout, to_example, unpaired
 from ..data.formats import to_segments
 from ..data.readers import WHERE
-from ..trainable_state import unwrap
 from .base import IGNORE, TRUNCATED, UNSTOPPED, pad_batch, register
-from .dpo import AnswerScoring, answer_logps, cut_prompt
+from .dpo import AnswerScoring, answer_logps, cut_prompt, reference_logps
 
 DESIRABLE = "desirable"  # column: 1 for a desirable answer, 0 for an undesirable one
 
@@ -77,11 +79,11 @@ class KTO(AnswerScoring):
     def loss_sum(self, model: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed KTO loss of the batch's examples, each example's [reward, desirable, z])."""
         n = len(batch[DESIRABLE])
-        with torch.no_grad(), unwrap(None, model).disable_adapter():
-            reference = answer_logps(model, batch)
+        reference = reference_logps(model, batch)
         with torch.no_grad():  # the mismatched rows' mean log-ratio, the policy's without a gradient too
             kl_policy = answer_logps(model, _rows(batch, slice(n, None)))
-        z = (kl_policy - reference[n:]).mean().clamp(min=0) if n > 1 else torch.zeros((), device=reference.device)
+        # (one example: its stand-in row is no mismatched pair, so it adds no log-ratio)
+        z = reference_point(kl_policy - reference[n:] if n > 1 else kl_policy[:0])
         rewards = self._beta * (answer_logps(model, _rows(batch, slice(0, n))) - reference[:n])
         desirable = batch[DESIRABLE]
         loss = torch.where(desirable, self._w_desirable * (1 - torch.sigmoid(rewards - self._beta * z)),
@@ -113,6 +115,24 @@ class KTO(AnswerScoring):
         return {"loss": loss_sum / max(n_targets, 1), "desirable_reward": good_mean, "undesirable_reward": bad_mean,
                 "reward_margin": good_mean - bad_mean, "kl": sum(z for *_, z in preds) / max(len(preds), 1),
                 "examples": n_targets}
+
+
+def reference_point(log_ratios: torch.Tensor) -> torch.Tensor:
+    """z = max(0, mean of `log_ratios`, the mismatched rows' policy-reference log-ratios), 0 with none. Launched
+    over several processes, the mean is over every rank's rows: one all-reduce of (sum, count), which every rank
+    makes once per micro-batch (the loop runs as many micro-batches on each, eval pads a rank that ran out with
+    a one-example batch that joins with no rows), else the ranks would wait on each other for ever. No gradient
+    flows through it (its rows are scored under no_grad; TRL detaches the gathered estimate too)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        if len(log_ratios) == 0:
+            return torch.zeros((), device=log_ratios.device)
+        return log_ratios.mean().clamp(min=0)  # (one process: as before, bit for bit)
+    # float64: the count is exact and the sum of a few thousand log-ratios loses nothing
+    total = torch.stack([log_ratios.detach().double().sum(),
+                         log_ratios.new_tensor(len(log_ratios), dtype=torch.float64)])
+    dist.all_reduce(total)
+    # (no rank with a row: the sum is 0 and so is z; no host round trip to ask)
+    return (total[0] / total[1].clamp(min=1)).clamp(min=0).to(log_ratios.dtype)
 
 
 def _mismatched(prompt_of: dict, answer_of: dict, width: int) -> dict:
