@@ -236,7 +236,7 @@ def test_a_longer_schedule_at_resume_is_announced(make_config, tmp_path, caplog)
     assert _train(path, "train.max_steps=8", "--resume", "auto") == 0
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     lr5 = [r["lr"] for r in lines if r.get("event") == "train" and r["step"] == 5][0]
-    assert f"resuming at step 5 with lr {lr5:.3g} where the checkpoint's schedule had 0" in caplog.text
+    assert f"resuming after step 4: step 5 trains at lr {lr5:.3g} where the checkpoint's schedule had 0" in caplog.text
     assert "this run's 8 steps" in caplog.text
 
 

@@ -166,8 +166,9 @@ class TrainConfig:
     min_lr_ratio: float = _f(0.1, "cosine_with_min_lr, warmup_stable_decay: the learning rate they end at, as a "
                              "fraction of learning_rate.")
     decay_ratio: float = _f(0.1, "warmup_stable_decay: the fraction of the total steps its final decay takes.")
-    warmup_ratio: float = _f(0.03, "Fraction of total steps spent warming up (ignored if warmup_steps).")
-    warmup_steps: int | None = _f(None, "Warmup steps; overrides warmup_ratio.")
+    warmup_ratio: float = _f(0.03, "Fraction of total steps spent warming up (its default gives way to "
+                             "warmup_steps; set one or the other).")
+    warmup_steps: int | None = _f(None, "Warmup steps, instead of warmup_ratio.")
     weight_decay: float = _f(0.0, "Decoupled weight decay, as AdamW's (Adafactor and Lion apply it the same way), not on "
                           "biases and norm weights.")
     loraplus_lr_ratio: float | None = _f(None, "LoRA+ (Hayou et al. 2024; peft.method lora): LoRA's B matrices learn "

@@ -315,9 +315,9 @@ def _note_schedule_change(run: Run, saved: list[float] | None, lrs: list[float])
     if not saved or math.isclose(saved[0], lrs[0], rel_tol=1e-6, abs_tol=1e-15) or not run.accelerator.is_main_process:
         return
     t = run.cfg.train
-    log.warning("resuming at step %d with lr %.3g where the checkpoint's schedule had %.3g: the %s schedule "
-                "(warmup included) is laid over this run's %d steps at learning_rate %g", run.step + 1, lrs[0],
-                saved[0], t.lr_scheduler, run.total_steps, t.learning_rate)
+    log.warning("resuming after step %d: step %d trains at lr %.3g where the checkpoint's schedule had %.3g: the %s "
+                "schedule (warmup included) is laid over this run's %d steps at learning_rate %g", run.step,
+                run.step + 1, lrs[0], saved[0], t.lr_scheduler, run.total_steps, t.learning_rate)
 
 
 def restore(run: Run, resume_from: Path) -> None:
