@@ -324,15 +324,16 @@ def test_a_stopped_or_finished_train_says_what_to_run_next(make_config, capsys, 
     monkeypatch.setattr(scaletune.train, "train", lambda cfg, **kw: ("preempted", 3))  # (what fit returned)
     code, _, err = run_cli(["train", path, "train.max_steps=9"], capsys)
     assert code == 124 and err.strip() == f"continue with `scaletune train {path} train.max_steps=9 --resume auto`"
-    # a finished run names the commands that use it, with the overrides that may name its model or output_dir
+    # a finished run names the commands that use it: by its output directory, whose run.json holds the config
+    # it trained with, overrides included
     monkeypatch.setattr(scaletune.train, "train", lambda cfg, **kw: ("done", 9))
     code, out, _ = run_cli(["train", path, "output_dir=/tmp/my run"], capsys)
-    assert code == 0 and out.splitlines() == ["next:", f"  scaletune eval {path} 'output_dir=/tmp/my run'  # scores the adapter",
-                                              f"  scaletune predict {path} 'output_dir=/tmp/my run' --input FILE  # applies it",
+    assert code == 0 and out.splitlines() == ["next:", "  scaletune eval '/tmp/my run'  # scores the adapter",
+                                              "  scaletune predict '/tmp/my run' --input FILE  # applies it",
                                               "  scaletune report '/tmp/my run'  # plots the run"]
     # a run with no eval set: eval needs --data (alone it refuses: "nothing to evaluate")
-    code, out, _ = run_cli(["train", path, "data.eval=null"], capsys)
-    assert code == 0 and out.splitlines()[1] == f"  scaletune eval {path} data.eval=null --data FILE  # scores the adapter"
+    code, out, _ = run_cli(["train", path, "data.eval=null", "output_dir=/tmp/r"], capsys)
+    assert code == 0 and out.splitlines()[1] == "  scaletune eval /tmp/r --data FILE  # scores the adapter"
     # a rank of a launched run: the launcher, which knows its own command, says it
     monkeypatch.setenv("WORLD_SIZE", "2")
     for result, returned in (("preempted", 124), ("done", 0)):

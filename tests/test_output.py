@@ -259,8 +259,8 @@ def test_on_a_terminal_the_run_ends_with_where_its_outputs_are(make_config, tmp_
     assert any(line.startswith(progress) for line in screen), screen
     assert screen[-5] == (f"adapter (step 2) saved to {run / 'adapter'}; checkpoints in {run / 'checkpoints'}, "
                           f"metrics in {run / 'metrics.jsonl'}, TensorBoard logs in {run / 'scaletune'}")
-    assert screen[-4:] == ["next:", f"  scaletune eval {path}  # scores the adapter",
-                           f"  scaletune predict {path} --input FILE  # applies it", f"  scaletune report {run}  # plots the run"]
+    assert screen[-4:] == ["next:", f"  scaletune eval {run}  # scores the adapter",
+                           f"  scaletune predict {run} --input FILE  # applies it", f"  scaletune report {run}  # plots the run"]
 
 
 def test_tokenising_and_eval_progress_draw_no_bar_on_a_terminal_of_no_width(monkeypatch):

@@ -563,15 +563,15 @@ def _resume_hint(args: argparse.Namespace) -> str:
 
 
 def _next_commands(args: argparse.Namespace, cfg: Any) -> str:
-    """After a finished `train` of run config `cfg`: the commands that use what it wrote, with its overrides
-    (output_dir or the model may be among them: without them eval looked for the example config's placeholder
-    model)."""
-    given = [str(args.config), *(args.overrides or [])]
+    """After a finished `train` of run config `cfg`: the commands that use what it wrote, given the run's
+    output directory, whose run.json holds the config it trained with (overrides included: without them eval
+    looked for the example config's placeholder model; a YAML edited since would mislead it)."""
+    run = str(cfg.output_dir)
     # without eval data, eval refuses ("nothing to evaluate")
     data = [] if cfg.data.eval or cfg.data.eval_fraction else ["--data", "FILE"]
-    return (f"next:\n  {shlex.join(['scaletune', 'eval', *given, *data])}  # scores the adapter\n"
-            f"  {shlex.join(['scaletune', 'predict', *given, '--input', 'FILE'])}  # applies it\n"
-            f"  {shlex.join(['scaletune', 'report', str(cfg.output_dir)])}  # plots the run")
+    return (f"next:\n  {shlex.join(['scaletune', 'eval', run, *data])}  # scores the adapter\n"
+            f"  {shlex.join(['scaletune', 'predict', run, '--input', 'FILE'])}  # applies it\n"
+            f"  {shlex.join(['scaletune', 'report', run])}  # plots the run")
 
 
 def _continue_command(args: argparse.Namespace) -> str:

@@ -163,12 +163,57 @@ def _parse_yaml(text: str) -> tuple[Any, list[tuple[int, Any, int]]]:
         loader.dispose()
 
 
+# the config keys that name files or directories (a train source may be a {path, weight} item or a pattern)
+_PATH_KEYS = (("data", "train"), ("data", "eval"), ("data", "chat_template"), ("model", "name_or_path"),
+              ("model", "init_adapter"))
+
+
+def read_run_dir(run_dir: Path) -> dict:
+    """The config a run trained with, from its output directory's run.json (`scaletune eval RUN_DIR`): the
+    resolved config, output_dir the directory it is read from (a run moved since still finds its adapter), and
+    each relative path made absolute from the directory the run was started in, where it names something there
+    (the run's own command line read them from there; an eval from elsewhere would miss them)."""
+    import json
+    import os
+    from glob import glob
+
+    from .fileutil import map_paths
+
+    where = run_dir / "run.json"
+    try:
+        info = json.loads(where.read_text(encoding="utf-8"))
+        raw = info["config"]
+        if not isinstance(raw, dict):
+            raise TypeError
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        why = "has no 'config' mapping" if isinstance(exc, (KeyError, TypeError)) else f"is unreadable ({exc})"
+        raise ConfigError(f"run config {run_dir}: a run's output directory, but its run.json {why}") from None
+    # (a resumed run's config paths are as its latest start's command line gave them)
+    starts = [info, *(s for s in info.get("resumes") or [] if isinstance(s, dict))]
+    cwd = next((s["cwd"] for s in reversed(starts) if isinstance(s.get("cwd"), str)), None)
+
+    def absolute(spec: str) -> str:
+        if cwd is None or os.path.isabs(spec) or spec.startswith(("hub:", "~")):
+            return spec
+        there = os.path.join(cwd, spec)
+        return there if os.path.exists(there) or glob(there) else spec
+
+    for section, key in _PATH_KEYS:
+        if isinstance(raw.get(section), dict) and raw[section].get(key) is not None:
+            raw[section][key] = map_paths(raw[section][key], absolute)
+    raw["output_dir"] = str(run_dir)
+    return raw
+
+
 def read_yaml(path: str | Path) -> tuple[dict, list[str]]:
     """The run config file's mapping, and its problems that no value shows: duplicate keys (named by line, to be
     reported with the rest). Unreadable or invalid YAML raises ConfigError."""
     path = Path(path)
+    if path.is_dir() and (path / "run.json").is_file():
+        return read_run_dir(path), []
     if path.is_dir():
-        raise ConfigError(f"run config {path}: is a directory, expected a YAML file")
+        raise ConfigError(f"run config {path}: is a directory, expected a YAML file (or a run's output directory, "
+                          "which holds run.json)")
     if not path.is_file():
         raise ConfigError(f"run config {path}: " + ("not a regular file (a device, a pipe?), expected a YAML file"
                                                     if path.exists() else missing(path)))

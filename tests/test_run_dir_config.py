@@ -1,0 +1,86 @@
+"""A run's output directory in place of its YAML (`scaletune eval OUTPUT_DIR`): run.json's config, relative
+paths read from where the run started, output_dir the directory given, overrides on top; refusals for a
+directory that is no run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import yaml
+
+from stutil import assert_clean_error, run_cli
+
+
+def _relative_run(make_config, tmp_path, monkeypatch, capsys, task="causal_lm"):
+    """A run trained from tmp_path with its data, model and output_dir given as relative paths (and an
+    override): what a user's `cd project && scaletune train run.yaml k=v` records."""
+    path = make_config(task)
+    raw = yaml.safe_load(path.read_text())
+    for section, key in (("data", "train"), ("data", "eval"), ("model", "name_or_path")):
+        raw[section][key] = os.path.relpath(raw[section][key], tmp_path)
+    raw["output_dir"] = "runs/first"
+    path.write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(["train", path.name, "train.max_steps=3", "train.learning_rate=1e-3"], capsys)
+    assert code == 0, err
+    return path, tmp_path / "runs" / "first"
+
+
+def test_eval_of_a_run_directory_from_elsewhere_is_the_runs_eval(make_config, tmp_path, monkeypatch, capsys):
+    path, run = _relative_run(make_config, tmp_path, monkeypatch, capsys)
+    code, out, err = run_cli(["eval", path.name, "train.max_steps=3", "train.learning_rate=1e-3", "--json"], capsys)
+    assert code == 0, err
+    expected = json.loads(out)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the relative data and model paths do not exist from here
+    code, out, err = run_cli(["eval", str(run), "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out) == expected
+    # a moved run finds its own adapter (output_dir is the directory given, not the recorded one)
+    moved = tmp_path / "moved"
+    shutil.move(str(run), moved)
+    code, out, err = run_cli(["eval", str(moved), "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out) == expected
+    # overrides apply on top: another eval set
+    other = tmp_path / "other.jsonl"
+    other.write_text((tmp_path / "data" / "eval.jsonl").read_text().split("\n", 1)[0] + "\n")
+    code, out, err = run_cli(["eval", str(moved), f"data.eval={other}", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["loss"] != expected["loss"]
+    # predict reads it the same way
+    prompt = tmp_path / "prompt.jsonl"
+    prompt.write_text(json.dumps({"instruction": "Add 2 and 5."}) + "\n")
+    code, out, err = run_cli(["predict", str(moved), "--input", str(prompt), "--max-new-tokens", "3"], capsys)
+    assert code == 0, err
+    assert json.loads(out.splitlines()[0])["prompt"] == "Add 2 and 5."
+
+
+def test_train_resumes_from_its_run_directory(make_config, tmp_path, monkeypatch, capsys):
+    """`scaletune train OUTPUT_DIR --resume auto`: the run's own config goes on (its paths made absolute are
+    the same files, so the checkpoint is no foreign run's)."""
+    _, run = _relative_run(make_config, tmp_path, monkeypatch, capsys)
+    monkeypatch.chdir(tmp_path / "data")
+    code, out, err = run_cli(["train", str(run), "--resume", "auto", "train.max_steps=5"], capsys)
+    assert code == 0, err
+    steps = [json.loads(line).get("step") for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert max(s for s in steps if s is not None) == 5
+    assert "checkpoints/step-3" in json.loads((run / "run.json").read_text())["resumed_from"]
+
+
+def test_a_directory_that_is_no_run_is_refused_in_one_screen(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = run_cli(["eval", str(empty)], capsys)
+    assert_clean_error(code, err, f"run config {empty}: is a directory, expected a YAML file (or a run's output "
+                                  "directory, which holds run.json)")
+    (empty / "run.json").write_text("{not json")
+    code, _, err = run_cli(["eval", str(empty)], capsys)
+    assert_clean_error(code, err, f"run config {empty}: a run's output directory, but its run.json is unreadable")
+    (empty / "run.json").write_text(json.dumps({"versions": {}}))
+    code, _, err = run_cli(["eval", str(empty)], capsys)
+    assert_clean_error(code, err, f"run config {empty}: a run's output directory, but its run.json has no 'config' "
+                                  "mapping")
