@@ -78,6 +78,7 @@ _DATA_CHANGES = {
     "train": lambda cfg, tmp: [{"path": cfg.data.train, "weight": 2.0}],  # the same file, another weight
     "eval": lambda cfg, tmp: str(write_jsonl(tmp / "e.jsonl", [{"text": TEXTS[0], "label": "pos"}])),
     "eval_fraction": lambda cfg, tmp: 0.2,
+    "max_samples": lambda cfg, tmp: 3,  # (the base file holds 8 records: 3 keeps fewer)
     "format": lambda cfg, tmp: "text",
     "max_length": lambda cfg, tmp: 16,
     "max_prompt_length": lambda cfg, tmp: 8,

@@ -74,8 +74,10 @@ def check_held_out(cfg: RunConfig, path: Path) -> None:
                           "(its run held nothing out), so a held-out split of it would be examples it trained on",
                           hint="evaluate on a file it never saw: --data FILE (or data.eval)")
     want = f"data.eval_fraction={trained['eval_fraction']} train.seed={trained['seed']}"
-    differs = [f"{key} {trained[key]} (given: {asked[key]})" for key in ("train", "eval_fraction", "seed")
-               if key in trained and trained[key] != asked[key]]
+    want += f" data.max_samples={trained['max_samples']}" if trained.get("max_samples") else ""
+    differs = [f"{key} {trained.get(key)} (given: {asked.get(key)})"
+               for key in ("train", "eval_fraction", "seed", "max_samples")
+               if (key in trained or key == "max_samples") and trained.get(key) != asked.get(key)]
     raise ConfigError(f"data.eval_fraction: the adapter at {path} was trained holding out a different split; "
                       f"this one would score on examples it trained on. The run's split: {'; '.join(differs)}",
                       hint=f"evaluate its own held-out split with {want} (and its data.train), or give "
@@ -93,7 +95,8 @@ def _recorded_split(path: Path) -> dict | None | str:
             d, t = conf["data"], conf["train"]
             if not d.get("eval_fraction") or d.get("eval"):
                 return None
-            return {"train": data_source(d["train"]), "eval_fraction": d["eval_fraction"], "seed": t["seed"]}
+            split = {"train": data_source(d["train"]), "eval_fraction": d["eval_fraction"], "seed": t["seed"]}
+            return split if d.get("max_samples") is None else {**split, "max_samples": d["max_samples"]}
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue
     return "unknown"

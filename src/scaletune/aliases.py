@@ -133,7 +133,6 @@ KEY_ALIASES: dict[str, str] = {
     "test_datasets": "data.eval",
     "eval_dataset": "data.eval",
     "dataset_dir": "no dataset registry: give data.train a file path or hub:<id>",
-    "max_samples": "no cap on examples; a data.train item {path: ..., weight: W} with W < 1 keeps a seeded fraction",
     "stage": "set task: causal_lm for sft (pt: data.format text) or task: dpo for dpo; task: kto for kto; no rm/ppo",
     "lora_fan_in_fan_out": "peft.fan_in_fan_out",
     "peft_use_dora": "peft.use_dora",

@@ -97,6 +97,10 @@ class DataConfig:
                            "(2: each twice; 0.5: a seeded half), after any eval_fraction split.")
     eval: str | None = _f(None, "Evaluation data: one file or 'hub:<id>[:split]', as in `train`.")
     eval_fraction: float | None = _f(None, "Hold out this fraction of `train` for evaluation instead.")
+    max_samples: int | None = _f(None, "Quick trials: keep only the first N records of each data.train item (a "
+                                 "pattern's files together, in sorted order) and of data.eval (scaletune eval's "
+                                 "too), in file order, before weights and the eval_fraction split, as "
+                                 "LLaMA-Factory's max_samples; the cut is logged. null: every record.")
     format: str = _f(
         "auto",
         "causal_lm: alpaca | sharegpt | messages | prompt_completion | text; "

@@ -100,15 +100,16 @@ def prepare_for_training(cfg: Any, task: Any, tokenizer: Any) -> list[tuple]:
     of data.train that data.eval_fraction holds out, split as training splits it. Read again here: the tokenised
     eval set keeps neither prompts nor answers as text."""
     from .data import split_eval
-    from .data.readers import read_records
-    from .data.sources import describe, read_train_records
+    from .data.sources import describe, read_capped, read_train_records
     from .tasks.causal_lm import rename_columns
 
     d, wanted = cfg.data, cfg.train.eval_generate
     if d.eval:
-        records, key, source = read_records(d.eval, key="data.eval"), "data.eval", f"data.eval {d.eval}"
+        # (the examples training read and scores: data.max_samples' cut, said when they were read)
+        records = read_capped(d.eval, key="data.eval", conll=False, max_samples=d.max_samples, quiet=True)
+        key, source = "data.eval", f"data.eval {d.eval}"
     else:
-        records, _ = read_train_records(d.train, conll=False)
+        records, _ = read_train_records(d.train, conll=False, max_samples=d.max_samples, quiet=True)
         records, key = split_eval(records, d.eval_fraction, cfg.train.seed)[1], "data.train"
         source = f"the held-out part of {describe(d.train)}"
     rename_columns(records, d.columns, key)

@@ -11,7 +11,7 @@ from .config import RunConfig
 
 # Keys that may change between a run and its resume without making the checkpoint foreign.
 # (Not data.eval_fraction: it decides which examples are trained on, so a change would move trained
-# examples into the eval set.)
+# examples into the eval set; nor data.max_samples, which decides it too.)
 _RESUME_FREE_KEYS = {"train": {"max_steps", "epochs", "eval_every", "save_every", "log_every", "save_total_limit",
                                "evals_per_epoch", "saves_per_epoch",
                                "report_to", "on_nonfinite", "max_nonfinite_skips", "release_cpu_memory",

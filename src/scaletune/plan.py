@@ -97,8 +97,8 @@ def _labels(cfg: RunConfig, task: Any) -> list[str] | None:
         return [str(x) for x in cfg.data.labels]
     from .data.sources import describe, read_train_records
 
-    records, _ = read_train_records(cfg.data.train, conll=cfg.data.format == "conll",
-                                    conll_columns=cfg.data.conll_columns)
+    records, _ = read_train_records(cfg.data.train, conll=cfg.data.format == "conll",  # (as training reads them)
+                                    conll_columns=cfg.data.conll_columns, max_samples=cfg.data.max_samples)
     return task.setup(records, cfg, describe(cfg.data.train))
 
 

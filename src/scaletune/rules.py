@@ -113,6 +113,8 @@ def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_c
         p.append("data.eval and data.eval_fraction: give one or the other, not both")
     if d.eval_fraction is not None and not (0 < d.eval_fraction < 1):
         p.append(f"data.eval_fraction: must be in (0, 1), got {d.eval_fraction}")
+    if d.max_samples is not None and d.max_samples < 1:
+        p.append(f"data.max_samples: must be >= 1 (or null: every record), got {d.max_samples}")
     if d.num_workers < 0:
         p.append(f"data.num_workers: must be >= 0, got {d.num_workers}")
     if cfg.distributed.timeout_s < 1:

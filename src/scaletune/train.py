@@ -464,7 +464,10 @@ def held_out(cfg: RunConfig) -> dict | None:
     adapter never trained on (None: this run held nothing out of its training file)."""
     if not cfg.data.eval_fraction or cfg.data.eval:
         return None
-    return {"train": data_source(cfg.data.train), "eval_fraction": cfg.data.eval_fraction, "seed": cfg.train.seed}
+    split = {"train": data_source(cfg.data.train), "eval_fraction": cfg.data.eval_fraction, "seed": cfg.train.seed}
+    # data.max_samples picks the records split: another cap holds out others. (Only when set: an adapter
+    # recorded before the key, or without a cap, compares equal to a run without one.)
+    return split if cfg.data.max_samples is None else {**split, "max_samples": cfg.data.max_samples}
 
 
 def data_source(train: Any) -> Any:

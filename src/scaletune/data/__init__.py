@@ -23,7 +23,7 @@ from ..errors import DataError
 from ..fileutil import sha256_file
 from .encode import RECORD, encode_all
 from .readers import WHERE, read_records
-from .sources import describe, eval_among_train, read_train_records, train_sources, weighted
+from .sources import describe, eval_among_train, read_capped, read_train_records, train_sources, weighted
 
 log = logging.getLogger("scaletune")
 
@@ -168,12 +168,14 @@ def build_datasets(cfg: Any, task: Any, tokenizer: Any, accelerator: Any = None,
                 log.info("data: tokenised %s%s read from the cache (%s)", describe(cfg.data.train),
                          f" and {cfg.data.eval}" if cfg.data.eval else "", where)
         else:
-            train_records, source_of = read_train_records(cfg.data.train, conll=conll, conll_columns=columns)
+            train_records, source_of = read_train_records(cfg.data.train, conll=conll, conll_columns=columns,
+                                                          max_samples=cfg.data.max_samples)
             labels = task.setup(train_records, cfg, describe(cfg.data.train))
             ignored = [task.ignored_fields(train_records, "data.train")]
             eval_records = None
             if cfg.data.eval:
-                eval_records = read_records(cfg.data.eval, key="data.eval", conll=conll, conll_columns=columns)
+                eval_records = read_capped(cfg.data.eval, key="data.eval", conll=conll, conll_columns=columns,
+                                           max_samples=cfg.data.max_samples)
                 task.check_eval(eval_records, cfg, cfg.data.eval)
                 ignored.append(task.ignored_fields(eval_records, "data.eval"))
             elif cfg.data.eval_fraction:
@@ -255,8 +257,8 @@ def build_eval_only(cfg: Any, task: Any, tokenizer: Any, key: str, sources: list
     named by `key` (--data, or data.eval when the path came from the config), never data.train. The labels
     are the adapter's (cfg.data.labels); not cached. `sources`, when given, is filled with the record each
     example was encoded from, in the dataset's order (a record with no target tokens has no example)."""
-    records = read_records(cfg.data.eval, key=key, conll=cfg.data.format == "conll",
-                           conll_columns=cfg.data.conll_columns)
+    records = read_capped(cfg.data.eval, key=key, conll=cfg.data.format == "conll",
+                          conll_columns=cfg.data.conll_columns, max_samples=cfg.data.max_samples)
     labels = task.setup(records, cfg, cfg.data.eval, key=key)
     ignored = task.ignored_fields(records, key)
     if ignored:
@@ -269,7 +271,7 @@ def build_held_out(cfg: Any, task: Any, tokenizer: Any, sources: list) -> Any:
     seed), with `sources` filled as build_eval_only fills it: for `eval --predictions/--generate`, whose lines
     need the records (the cached held-out set keeps none). Not cached."""
     records, _ = read_train_records(cfg.data.train, conll=cfg.data.format == "conll",
-                                    conll_columns=cfg.data.conll_columns)
+                                    conll_columns=cfg.data.conll_columns, max_samples=cfg.data.max_samples)
     labels = task.setup(records, cfg, describe(cfg.data.train))
     _, held = split_eval(records, cfg.data.eval_fraction, cfg.train.seed)
     return _encoded_eval(cfg, task, tokenizer, "data.eval_fraction", f"the held-out part of {describe(cfg.data.train)}",

@@ -1,5 +1,6 @@
 """`data.train` as one source or a list of them, each with a weight: the files read and concatenated, and
-the training examples each contributes (weight 2: every example twice; 0.5: a seeded half)."""
+the training examples each contributes (weight 2: every example twice; 0.5: a seeded half). data.max_samples
+keeps each source's (and data.eval's) first N records as it is read."""
 
 from __future__ import annotations
 
@@ -81,17 +82,43 @@ def describe(train: Any) -> str:
     return " + ".join(spec if weight == 1.0 else f"{spec} (x{weight:g})" for spec, weight in sources)
 
 
-def read_train_records(train: Any, *, conll: bool,
-                       conll_columns: list[int] | None = None) -> tuple[list[dict], dict[int, int]]:
+def first_records(records: list[dict], max_samples: int | None, key: str, spec: str, *,
+                  quiet: bool = False) -> list[dict]:
+    """The first `max_samples` of one source's `records` in file order (data.max_samples; None: all of them),
+    read before any weight, mix or eval_fraction split, as LLaMA-Factory's max_samples. A cut is logged
+    (unless `quiet`: a second read of the same data): a trial's numbers are then not the whole file's."""
+    if max_samples is None or len(records) <= max_samples:
+        return records
+    if not quiet:
+        log.info("%s: first %d of %d records of %s (data.max_samples)", key, max_samples, len(records), spec)
+    return records[:max_samples]
+
+
+def read_capped(spec: str, *, key: str, conll: bool, conll_columns: list[int] | None = None,
+                max_samples: int | None = None, quiet: bool = False) -> list[dict]:
+    """`read_records` of one source, its first `max_samples` kept (`first_records`). The whole file is still
+    read: its total is what the log line compares the cut with, and every record is checked as without a cap."""
+    records = read_records(spec, key=key, conll=conll, conll_columns=conll_columns)
+    return first_records(records, max_samples, key, spec, quiet=quiet)
+
+
+def read_train_records(train: Any, *, conll: bool, conll_columns: list[int] | None = None,
+                       max_samples: int | None = None, quiet: bool = False) -> tuple[list[dict], dict[int, int]]:
     """All sources' records, concatenated in order, and which source each record (by id) came from
-    (`conll_columns`: data.conll_columns)."""
-    records: list[dict] = []
+    (`conll_columns`: data.conll_columns; `max_samples`: data.max_samples, applied to each data.train item:
+    a pattern's files together, in their sorted order, as "the first N" of what the item names; `quiet`: the
+    cut is not logged)."""
     source_of: dict[int, int] = {}
+    by_item: dict[str, list[dict]] = {}  # (insertion order: the items' order)
     for i, (spec, _, key) in enumerate(_expanded(train)):
         part = read_records(spec, key=key, conll=conll, conll_columns=conll_columns)
         source_of.update((id(rec), i) for rec in part)
-        records += part
-    return records, source_of
+        by_item.setdefault(key, []).extend(part)
+    written = {key: spec for key, spec, _ in _items(train)}
+    records = [rec for key, part in by_item.items()
+               for rec in first_records(part, max_samples, key, written[key], quiet=quiet)]
+    kept = {id(rec) for rec in records}  # (a dropped record's id may be reused once it is freed)
+    return records, {rid: i for rid, i in source_of.items() if rid in kept}
 
 
 def weighted(records: list[dict], source_of: dict[int, int], train: Any, seed: int) -> list[dict]:
