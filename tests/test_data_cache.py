@@ -26,7 +26,7 @@ def test_tokenised_cache_is_reused(tmp_path, tiny_bert, monkeypatch, caplog):
     tok = load_tokenizer(cfg)
     with caplog.at_level("INFO", logger="scaletune"):  # (minutes of silence on a large file: say which)
         first = build_datasets(cfg, get_task("seq_cls"), tok)
-        assert f"data: tokenising 8 example(s) of {train} (cached for later runs in " in caplog.text
+        assert f"data: tokenising 8 record(s) of {train} (cached for later runs in " in caplog.text
         calls = []
         task = get_task("seq_cls")
         monkeypatch.setattr(task, "encode", lambda *a: calls.append(a))

@@ -92,7 +92,7 @@ def test_data_eval_keeps_its_first_records(tmp_path, tiny_bert, monkeypatch, cap
         seen = _encoded(tmp_path, tiny_bert, monkeypatch, train=str(a), eval=str(e), max_samples=5)
     assert seen["train"] == _texts(_cls("alpha", 5)) and seen["eval"] == _texts(_cls("echo", 5))
     assert f"data.eval: first 5 of 9 records of {e} (data.max_samples)" in caplog.text
-    assert "data: tokenising 5 example(s)" in caplog.text
+    assert "data: tokenising 5 record(s)" in caplog.text
 
 
 def test_the_cache_key_follows_the_cap(tmp_path, tiny_bert):

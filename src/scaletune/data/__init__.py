@@ -186,7 +186,7 @@ def build_datasets(cfg: Any, task: Any, tokenizer: Any, accelerator: Any = None,
                                 hint="raise the weights (a weight below 1 keeps that fraction of a source's "
                                      "examples, rounded)")
             if main:  # a large file takes minutes here: say what is happening (and that it happens once)
-                log.info("data: tokenising %d example(s) of %s%s%s", len(train_records), describe(cfg.data.train),
+                log.info("data: tokenising %d record(s) of %s%s%s", len(train_records), describe(cfg.data.train),
                          f" and {len(eval_records or [])} for eval" if eval_records else "",
                          f" (cached for later runs in {where})" if cfg.data.cache else "")
             label2id = {name: i for i, name in enumerate(labels)} if labels else None
