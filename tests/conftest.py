@@ -57,7 +57,7 @@ def make_config(tmp_path, tiny_llama, tiny_bert):
         if task == "causal_lm":
             train = write_jsonl(data_dir / "train.jsonl", alpaca_records(n))
             evalf = write_jsonl(data_dir / "eval.jsonl", alpaca_records(16, seed=1))
-        elif task == "dpo":
+        elif task in ("dpo", "reward"):
             train = write_jsonl(data_dir / "train.jsonl", dpo_records(n))
             evalf = write_jsonl(data_dir / "eval.jsonl", dpo_records(16, seed=1))
         elif task == "kto":
@@ -72,7 +72,7 @@ def make_config(tmp_path, tiny_llama, tiny_bert):
         else:
             train = write_jsonl(data_dir / "train.jsonl", ner_records(n))
             evalf = write_jsonl(data_dir / "eval.jsonl", ner_records(16, seed=1))
-        model = tiny_llama if task in ("causal_lm", "dpo", "kto") else tiny_bert
+        model = tiny_llama if task in ("causal_lm", "dpo", "kto", "reward") else tiny_bert
         raw = tiny_lora_run(model, train, task=task, data={"eval": str(evalf)}, train={"micro_batch_size": 4},
                             output_dir=str(tmp_path / "run"))
         raw = override(raw, **sections)

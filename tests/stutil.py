@@ -104,6 +104,7 @@ def ner_records(n: int, seed: int = 0) -> list[dict]:
 
 
 ATTN = {"causal_lm": ["q_proj", "v_proj"], "dpo": ["q_proj", "v_proj"], "kto": ["q_proj", "v_proj"],
+        "reward": ["q_proj", "v_proj"],
         "seq_cls": ["query", "value"], "token_cls": ["query", "value"],
         "seq_regression": ["query", "value"]}
 
@@ -120,7 +121,7 @@ def method_keys(name: str, task: str) -> dict:
     elif name == "adalora":
         keys.update(init_r=4, target_r=2, tinit=1, tfinal=2, deltaT=1, target_modules=qv)
     elif name == "ia3":
-        ff = ["down_proj"] if task in ("causal_lm", "dpo", "kto") else ["output.dense"]
+        ff = ["down_proj"] if task in ("causal_lm", "dpo", "kto", "reward") else ["output.dense"]
         keys.update(target_modules=qv + ff, feedforward_modules=ff)
     elif name in ("loha", "lokr"):
         keys.update(r=4, alpha=8, target_modules=qv)

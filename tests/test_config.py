@@ -47,7 +47,7 @@ def test_missing_required_keys_named():
 
 def test_literal_choice_with_hint():
     problems = problems_of({**BASE, "task": "causal-lm"})
-    assert problems == ["task: 'causal-lm' is not one of causal_lm | dpo | kto | seq_cls | seq_regression | token_cls (did you mean 'causal_lm'?)"]
+    assert problems == ["task: 'causal-lm' is not one of causal_lm | dpo | kto | reward | seq_cls | seq_regression | token_cls (did you mean 'causal_lm'?)"]
 
 
 def test_batch_arithmetic_checked_against_world_size():
@@ -140,7 +140,7 @@ def test_type_and_cross_field_problems_reported_in_one_run():
     # required keys missing or a bad task (no default to fall back on) do not break the rules
     assert problems_of({"task": "clm", "model": {"name_or_path": "m"},
                         "data": {"train": "x", "packing": True, "labels": []}}) == [
-        "task: 'clm' is not one of causal_lm | dpo | kto | seq_cls | seq_regression | token_cls (did you mean 'causal_lm'?)"]
+        "task: 'clm' is not one of causal_lm | dpo | kto | reward | seq_cls | seq_regression | token_cls (did you mean 'causal_lm'?)"]
     problems = problems_of({"data": 5, "train": {"seed": -1}, "model": "m"})
     assert problems[-1] == "train.seed: must be in [0, 2**32 - 1], got -1" and len(problems) == 6
 

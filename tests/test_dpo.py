@@ -299,7 +299,7 @@ def test_max_prompt_length_is_dpo_and_ktos():
 
     cfg = from_dict({"task": "causal_lm", "model": {"name_or_path": "m"},
                      "data": {"train": "t.jsonl", "max_prompt_length": 8}})
-    assert "data.max_prompt_length: only read by task dpo/kto, not causal_lm" in ignored_key_problems(cfg)
+    assert "data.max_prompt_length: only read by task dpo/kto/reward, not causal_lm" in ignored_key_problems(cfg)
 
 
 @pytest.mark.parametrize("task", ["dpo", "kto"])

@@ -133,7 +133,7 @@ KEY_ALIASES: dict[str, str] = {
     "test_datasets": "data.eval",
     "eval_dataset": "data.eval",
     "dataset_dir": "no dataset registry: give data.train a file path or hub:<id>",
-    "stage": "set task: causal_lm for sft (pt: data.format text) or task: dpo for dpo; task: kto for kto; no rm/ppo",
+    "stage": "set task: causal_lm for sft (pt: data.format text) or task: dpo for dpo; task: kto for kto; task: reward for rm; no ppo",
     "lora_fan_in_fan_out": "peft.fan_in_fan_out",
     "peft_use_dora": "peft.use_dora",
     "peft_use_rslora": "peft.use_rslora",

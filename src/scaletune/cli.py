@@ -92,8 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help="print the metrics as JSON on a terminal too (a table there otherwise; piped: always JSON)")
 
-    p = sub.add_parser("predict", help="generate (causal_lm), label (seq_cls/token_cls) or score (seq_regression) "
-                       "inputs")
+    p = sub.add_parser("predict", help="generate (causal_lm), label (seq_cls/token_cls) or score (seq_regression, "
+                       "reward: a prompt + answer a line) inputs")
     _add_config(p)
     p.add_argument("--adapter", help=_ADAPTER_HELP)
     p.add_argument("--input", default="-", help="file of lines (text or JSON objects; a csv/tsv/parquet/CoNLL file or "

@@ -20,9 +20,11 @@ from .aliases import KEY_ALIASES
 from .config_values import _coerce, _did_you_mean, _holds_nul
 from .errors import ConfigError, problems_count
 
-TASKS = ("causal_lm", "dpo", "kto", "seq_cls", "seq_regression", "token_cls")
+TASKS = ("causal_lm", "dpo", "kto", "reward", "seq_cls", "seq_regression", "token_cls")
 # tasks whose adapter is a causal LM's (peft CAUSAL_LM): they render chats alike, and predict generates with them
 CAUSAL_TASKS = ("causal_lm", "dpo", "kto")
+# tasks whose data is rendered as causal_lm renders it (chat templates included): reward reads dpo's pairs too
+CHAT_TASKS = (*CAUSAL_TASKS, "reward")
 CAUSAL_FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion", "text")
 NO_CHAT_FORMATS = ("prompt_completion", "text")  # plain text segments: no chat template renders them
 MAX_PEFT_SIZE = 65536  # adapter rank / virtual tokens: far beyond any model's hidden size
@@ -36,6 +38,8 @@ EVAL_METRICS: dict[str, dict[str, str]] = {
     "dpo": {"loss": "min", "reward_accuracy": "max", "reward_margin": "max", "chosen_reward": "max",
             "rejected_reward": "min"},
     "kto": {"loss": "min", "reward_margin": "max", "desirable_reward": "max", "undesirable_reward": "min"},
+    "reward": {"loss": "min", "accuracy": "max", "reward_margin": "max", "chosen_reward": "max",
+               "rejected_reward": "min"},
     "seq_cls": {"loss": "min", "accuracy": "max", "macro_f1": "max", "micro_f1": "max"},
     "token_cls": {"loss": "min", "f1": "max", "precision": "max", "recall": "max", "token_accuracy": "max"},
     "seq_regression": {"loss": "min", "mse": "min", "rmse": "min", "mae": "min", "pearson": "max", "spearman": "max"},
@@ -108,11 +112,12 @@ class DataConfig:
         "columns.",
     )
     max_length: int = _f(1024, "Truncate tokenised examples to this many tokens (lowered, with a warning, to the tokenizer's model_max_length and to a learned position table's size, max_position_embeddings: 512 for BERT-family models; above a rotary model's max_position_embeddings, times model.rope_scaling's factor, it is kept, with a warning); how many examples it cut is logged per split and kept in run.json (truncated_examples).")
-    chat_template: str | None = _f(None, "causal_lm conversations (alpaca, sharegpt, messages): null = the tokenizer's "
+    chat_template: str | None = _f(None, "causal_lm conversations (alpaca, sharegpt, messages; dpo, kto and reward: "
+                                   "chat pairs): null = the tokenizer's "
                                    "chat template, else scaletune's Alpaca-style rendering; 'default' = scaletune's "
                                    "even where the tokenizer has one; 'chatml'; or a Jinja template file. Saved with "
                                    "the adapter's tokenizer, so predict renders prompts the same way.")
-    max_prompt_length: int | None = _f(None, "dpo, kto: cut a longer prompt to its last N tokens (the BOS token "
+    max_prompt_length: int | None = _f(None, "dpo, kto, reward: cut a longer prompt to its last N tokens (the BOS token "
                                        "kept), as TRL's max_prompt_length; a prompt filling data.max_length "
                                        "otherwise costs its example (only answers are cut). null: prompts whole.")
     train_on_prompt: bool = _f(False, "causal_lm: also compute the loss on prompt/user tokens.")
@@ -212,7 +217,8 @@ class TrainConfig:
                                  "best so far writes OUTPUT_DIR/best_adapter/ (adapter/ stays the last step's). "
                                  "causal_lm: loss | perplexity (| exact_match | token_f1 with eval_generate); dpo: "
                                  "loss | reward_accuracy | reward_margin | chosen_reward | rejected_reward; kto: loss | reward_margin | "
-                                 "desirable_reward | undesirable_reward; seq_cls: loss | accuracy | macro_f1 | micro_f1; "
+                                 "desirable_reward | undesirable_reward; reward: loss | accuracy | reward_margin | chosen_reward | "
+                                 "rejected_reward; seq_cls: loss | accuracy | macro_f1 | micro_f1; "
                                  "token_cls: loss | f1 | precision | recall | token_accuracy; seq_regression: "
                                  "loss | mse | rmse | mae | pearson | spearman (loss, perplexity, mse, rmse, mae: "
                                  "lower is better). Needs eval data.")
@@ -254,6 +260,9 @@ class TrainConfig:
                                      "count / (lambda_U x undesirable count) in [1, 4/3].")
     kto_undesirable_weight: float = _f(1.0, "kto: lambda_U, the weight of an undesirable example's loss (TRL's "
                                        "undesirable_weight).")
+    reward_center_weight: float = _f(0.0, "reward: add this times (r_chosen + r_rejected)^2 to each pair's loss "
+                                     "(TRL's center_rewards_coefficient; 0.01 is the value it suggests), which "
+                                     "keeps the rewards centred on 0; 0: off.")
     label_smoothing: float = _f(0.0, "seq_cls (single-label) / token_cls: label smoothing e of the training "
                                 "cross-entropy, as torch's CrossEntropyLoss(label_smoothing=e) and HF's "
                                 "label_smoothing_factor: the target is 1 - e on the gold class plus e spread over "
@@ -298,9 +307,10 @@ class DistributedConfig:
 
 @dataclass(kw_only=True)
 class RunConfig:
-    task: Literal["causal_lm", "dpo", "kto", "seq_cls", "seq_regression", "token_cls"] = _f(
+    task: Literal["causal_lm", "dpo", "kto", "reward", "seq_cls", "seq_regression", "token_cls"] = _f(
         help="What to train (dpo: preference pairs, Direct Preference Optimization; kto: answers labelled "
-             "desirable or not, Kahneman-Tversky Optimization).")
+             "desirable or not, Kahneman-Tversky Optimization; reward: a reward model, a scalar head trained on dpo's "
+             "preference pairs).")
     model: ModelConfig = _f(help="Base model.")
     data: DataConfig = _f(help="Training/evaluation data.")
     peft: dict = _f({"method": "lora"}, "PEFT adapter: `method` plus that method's peft config keys.")

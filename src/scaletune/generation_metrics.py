@@ -57,9 +57,10 @@ def arg_problems(args: argparse.Namespace) -> list[str]:
 def check_run(cfg: Any) -> None:
     """Refuse --generate before the model is loaded where it cannot work: another task, plain-text data. (Launched
     over several processes, each holds the whole model and generates a share of the answers: `score`.)"""
-    if cfg.task in ("dpo", "kto"):  # (they generate in `predict`, but their eval scores the data's answers)
+    if cfg.task in ("dpo", "kto", "reward"):  # (dpo, kto generate in `predict`, but eval scores the data's answers)
         raise UserError(f"--generate: {cfg.task}'s eval scores the data's own answers (their rewards); generating "
-                        "answers to score is causal_lm's (`predict` generates with this adapter)")
+                        "answers to score is causal_lm's" + (" (`predict` generates with this adapter)"
+                                                            if cfg.task != "reward" else ""))
     if cfg.task != "causal_lm":
         raise UserError(f"--generate: {cfg.task} labels its inputs; only causal_lm generates answers (its metrics "
                         "are the eval's own)")

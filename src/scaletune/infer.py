@@ -202,7 +202,7 @@ def run_predict(cfg: RunConfig, adapter: str | None, source: str | None, max_new
                 out: TextIO | None = None, stdin: TextIO | None = None, sampling: dict | None = None,
                 top_k: int | str | None = None, threshold: float | None = None,
                 items: list[dict] | None = None) -> list[dict]:
-    """Generate (causal_lm), label (seq_cls/token_cls) or score (seq_regression); writes one JSON line per non-blank input line,
+    """Generate (causal_lm), label (seq_cls/token_cls) or score (seq_regression, reward); writes one JSON line per non-blank input line,
     whose "line" is that input's line number (blank lines are skipped). `sampling`: {temperature, top_p,
     seed} to sample completions (None: greedy). `top_k` (seq_cls): each line's "scores" lists that many
     classes ("all": every class), most probable first. `threshold` (multi-label seq_cls): the sigmoid a class
@@ -211,9 +211,9 @@ def run_predict(cfg: RunConfig, adapter: str | None, source: str | None, max_new
     out, stdin = out or sys.stdout, stdin or sys.stdin
     if sampling and cfg.task not in CAUSAL_TASKS:
         raise UserError(f"--temperature: {cfg.task} labels its inputs; only causal_lm samples completions")
-    if cfg.task == "seq_regression" and (top_k is not None or threshold is not None):
-        raise UserError(f"{'--top-k' if top_k is not None else '--threshold'}: seq_regression has no classes; each "
-                        'line gets its predicted "score"')
+    if cfg.task in ("seq_regression", "reward") and (top_k is not None or threshold is not None):
+        raise UserError(f"{'--top-k' if top_k is not None else '--threshold'}: {cfg.task} has no classes; each "
+                        f'line gets its predicted "{"reward" if cfg.task == "reward" else "score"}"')
     if top_k is not None and cfg.task != "seq_cls":
         raise UserError(f"--top-k: {cfg.task} has no class scores per input; only seq_cls lists its best classes")
     if threshold is not None and cfg.task != "seq_cls":
@@ -252,7 +252,7 @@ def run_predict(cfg: RunConfig, adapter: str | None, source: str | None, max_new
         for at in range(0, len(by_length), step):
             chunk = by_length[at:at + step]
             answers.update(zip(chunk, _answer(cfg, model, tokenizer, labels, [inputs[i] for i in chunk],
-                                              max_new_tokens, sampling, acc, top_k, threshold)))
+                                              max_new_tokens, sampling, acc, top_k, threshold, task)))
         for item, result in ((items[i], answers[i]) for i in window):
             if "truncated_words" in result or result.get("truncated"):
                 cut_lines.append(item[WHERE])
@@ -280,8 +280,9 @@ def _size(given: Any) -> int:
 
 def _answer(cfg: RunConfig, model: Any, tokenizer: Any, labels: list[str] | None, batch: list, max_new_tokens: int,
             sampling: dict | None, acc: Any, top_k: int | str | None = None,
-            threshold: float | None = None) -> list[dict]:
-    """One batch of predict inputs answered: completions, labels (with the `top_k` best classes) or tags."""
+            threshold: float | None = None, task: Any = None) -> list[dict]:
+    """One batch of predict inputs answered: completions, labels (with the `top_k` best classes), tags or
+    rewards (`task`'s)."""
     with acc.autocast():
         if cfg.task in CAUSAL_TASKS:
             texts = generate_batch(model, tokenizer, [segments for _, segments in batch], max_new_tokens, sampling)
@@ -290,6 +291,8 @@ def _answer(cfg: RunConfig, model: Any, tokenizer: Any, labels: list[str] | None
             return classify(model, tokenizer, labels, cfg.data.max_length, batch, top_k, threshold)
         if cfg.task == "seq_regression":
             return regress(model, tokenizer, cfg.data.max_length, batch)
+        if cfg.task == "reward":
+            return task.score_rows(model, tokenizer, cfg, batch)
         return tag(model, tokenizer, labels, cfg.data.max_length, batch)
 
 
@@ -326,6 +329,8 @@ def _task_input(cfg: RunConfig, task: Any, tokenizer: Any, item: dict) -> Any:
         prompt, segments = prompt_segments(item, tokenizer, trained)
         predict_input.check_prompt(prompt, item[WHERE])
         return prompt, segments
+    if cfg.task == "reward":  # (answer, segments): a prompt and its answer, rendered as a pair's side
+        return task.predict_input(item, tokenizer)
     if cfg.task in ("seq_cls", "seq_regression"):
         return predict_input.seq_cls_input(item, *predict_input.text_columns(task, cfg))
     return predict_input.token_cls_input(item, predict_input.tokens_column(task, cfg),

@@ -7,7 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .config import CAUSAL_TASKS, NO_CHAT_FORMATS, RunConfig
+from .config import CHAT_TASKS, NO_CHAT_FORMATS, RunConfig
 from .errors import UserError, failed_write, write_error
 from .infer import load_trained
 
@@ -43,7 +43,7 @@ def run_merge(cfg: RunConfig, adapter: str | None, out_dir: str) -> Path:
     # or the working directory, which cannot be renamed onto: the files are moved into it instead.
     tmp = target / ".merging" if target.is_dir() else target.parent / f".{target.name}.merging"
     shutil.rmtree(tmp, ignore_errors=True)
-    if cfg.task in CAUSAL_TASKS and not getattr(tokenizer, "chat_template", None) and \
+    if cfg.task in CHAT_TASKS and not getattr(tokenizer, "chat_template", None) and \
             getattr(getattr(task, "format", None), "name", None) not in NO_CHAT_FORMATS:
         from .data.templates import alpaca_style_template
 

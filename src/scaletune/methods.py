@@ -26,7 +26,7 @@ class Method:
     four_bit_why: str = ""  # why a 4-bit (QLoRA) base is refused (empty: it is supported)
 
 
-_ALL = ("causal_lm", "dpo", "kto", "seq_cls", "seq_regression", "token_cls")
+_ALL = ("causal_lm", "dpo", "kto", "reward", "seq_cls", "seq_regression", "token_cls")
 # peft's rank allocator reads each step's gradients after backward and masks the weights after the optimizer
 # step; DeepSpeed's step runs inside accelerate's backward (the gradients are gone when the allocator looks:
 # a ValueError at step 1) and keeps a master copy of the weights the mask would not reach
@@ -38,6 +38,9 @@ _PROMPT_Z3 = "peft computes the embeddings to save with a forward on one rank, w
 # dpo's and kto's reference is the model with the adapter switched off, which drops the virtual tokens its positions
 # assume
 _NO_DPO = "dpo, kto: the reference (adapter off) has no virtual tokens"
+# transformers reads a sequence classifier's output at each row's last non-pad token, found from the input ids; a
+# virtual-token method hands the model embeddings instead, and a padded row's reward would be read at a pad
+_NO_REWARD = "reward: peft passes embeddings, so a padded row's last token is not found"
 MATRIX: dict[str, Method] = {
     "lora": Method("lora", {}, _ALL, True),
     "dora": Method("lora", {"use_dora": True}, _ALL, True, "LoRA + weight-decomposed magnitude"),
@@ -52,10 +55,10 @@ MATRIX: dict[str, Method] = {
                    "saving its shared projections deadlocks under ZeRO-3; use ZeRO-2"),
     "oft": Method("oft", {}, _ALL, True),
     "prefix_tuning": Method("prefix_tuning", {}, ("causal_lm", "seq_cls", "seq_regression"), False,
-                            f"virtual key/values; {_NO_DPO}; token_cls: peft gives no per-token alignment; seq_cls: "
+                            f"virtual key/values; {_NO_DPO}; reward: not tested; token_cls: peft gives no per-token alignment; seq_cls: "
                             "peft 0.21 cannot reach encoders under transformers>=5.24 (refused then)", _PROMPT_Z3),
     "prompt_tuning": Method("prompt_tuning", {}, ("causal_lm", "seq_cls", "seq_regression"), False,
-                            f"virtual input tokens; {_NO_DPO}; token_cls: outputs would include the virtual tokens",
+                            f"virtual input tokens; {_NO_DPO}; {_NO_REWARD}; token_cls: outputs would include the virtual tokens",
                             _PROMPT_Z3),
     "bottleneck_adapter": Method("bottleneck_adapter", {}, _ALL, True, "Houlsby/Pfeiffer adapter (scaletune's)"),
 }

@@ -286,13 +286,13 @@ def chunked_loss_applies(cfg: RunConfig, shape: ModelShape) -> bool:
 
 def activation_bytes(cfg: RunConfig, shape: ModelShape, micro: int, cuda: bool = True) -> dict[str, int]:
     """Approximate peak activation memory of one micro-batch of `micro` examples at data.max_length tokens per
-    row: the forward with gradient (`_grad_pass_bytes`) of one row an example, dpo's two (its chosen and its
+    row: the forward with gradient (`_grad_pass_bytes`) of one row an example, dpo's and reward's two (its chosen and its
     rejected answer; the reference's forward, under no_grad over the same rows, saves nothing and needs less).
     kto's forward with gradient is one row an example, but its reference's, under no_grad, runs on twice the
     rows (each example and its mismatched row): the larger of the two is the peak (`_kto_bytes`)."""
     if cfg.task == "kto":
         return _kto_bytes(cfg, shape, micro, cuda)
-    return _grad_pass_bytes(cfg, shape, micro * (2 if cfg.task == "dpo" else 1), cuda)
+    return _grad_pass_bytes(cfg, shape, micro * (2 if cfg.task in ("dpo", "reward") else 1), cuda)
 
 
 def _kto_bytes(cfg: RunConfig, shape: ModelShape, micro: int, cuda: bool) -> dict[str, int]:

@@ -12,7 +12,7 @@ from .class_weights import config_problems as class_weight_problems
 from .config import (
     _PEFT_SIZE_KEYS,
     CAUSAL_FORMATS,
-    CAUSAL_TASKS,
+    CHAT_TASKS,
     EVAL_METRICS,
     MAX_PEFT_SIZE,
     NO_CHAT_FORMATS,
@@ -152,8 +152,8 @@ def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_c
     if d.format not in fmt_ok:
         p.append(f"data.format: {d.format!r} is not valid for task {cfg.task} ({' | '.join(fmt_ok)})"
                  f"{_did_you_mean(d.format, list(fmt_ok))}")
-    if d.chat_template is not None and cfg.task not in CAUSAL_TASKS:
-        p.append(f"data.chat_template: only used by causal_lm, not {cfg.task}")
+    if d.chat_template is not None and cfg.task not in CHAT_TASKS:
+        p.append(f"data.chat_template: only used by {', '.join(CHAT_TASKS)}, not {cfg.task}")
     if d.packing and cfg.task != "causal_lm":
         p.append(f"data.packing: only supported for task causal_lm, not {cfg.task}")
     if d.labels is not None and cfg.task == "causal_lm":
@@ -264,6 +264,7 @@ def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_c
 
 _DPO_KEYS = ("dpo_loss", "simpo_gamma", "dpo_sft_weight")
 _KTO_KEYS = ("kto_desirable_weight", "kto_undesirable_weight")
+_REWARD_KEYS = ("reward_center_weight",)
 
 
 def _dpo_problems(cfg: RunConfig) -> list[str]:
@@ -273,7 +274,9 @@ def _dpo_problems(cfg: RunConfig) -> list[str]:
     if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
         return [f"train.dpo_beta: must be a number > 0 (0.1 is usual), got {beta!r}"]
     p = [f"train.{key}: only read by task {task}, not {cfg.task}" for task, keys in
-         (("dpo", _DPO_KEYS), ("kto", _KTO_KEYS)) if cfg.task != task for key in keys if _changed(cfg.train, key)]
+         (("dpo", _DPO_KEYS), ("kto", _KTO_KEYS), ("reward", _REWARD_KEYS)) if cfg.task != task for key in keys if _changed(cfg.train, key)]
+    if cfg.task == "reward":
+        return p + _reward_problems(cfg)
     if cfg.task not in ("dpo", "kto"):
         return p + (["train.dpo_beta: only read by tasks dpo and kto, not " + cfg.task]
                     if _changed(cfg.train, "dpo_beta") else [])
@@ -291,6 +294,21 @@ def _dpo_problems(cfg: RunConfig) -> list[str]:
                 "no virtual tokens and the answers' log-probabilities would be taken at shifted positions; use a "
                 "LoRA-family method (lora, dora, ia3, ...)"]
     return []
+
+
+def _reward_problems(cfg: RunConfig) -> list[str]:
+    """What task reward refuses: a negative or non-finite train.reward_center_weight, dpo's beta (a reward model has
+    no reference to stay near), and p_tuning (peft hands the model embeddings, not ids, so transformers cannot find
+    a padded row's last token and would read its reward at a pad; prefix and prompt tuning: the method matrix)."""
+    c, p = cfg.train.reward_center_weight, []
+    if not (isinstance(c, (int, float)) and math.isfinite(c) and c >= 0):
+        p.append(f"train.reward_center_weight: must be a number >= 0 (0.01 is TRL's suggestion), got {c!r}")
+    if _changed(cfg.train, "dpo_beta"):
+        p.append("train.dpo_beta: only read by tasks dpo and kto; a reward model has no reference to stay near")
+    if cfg.peft_method == "p_tuning":
+        p.append("peft.method=p_tuning with task reward: peft passes the model embeddings, not token ids, so a padded "
+                 "row's reward would be read at a pad; use a LoRA-family method (lora, dora, ia3, ...)")
+    return p
 
 
 def tracker_problems(cfg: RunConfig) -> list[str]:
@@ -373,7 +391,7 @@ def ignored_key_problems(cfg: RunConfig) -> list[str]:
     for key, tasks in (("text_column", text_tasks), ("text_pair_column", text_tasks), ("label_column", text_tasks),
                        ("label_separator", ("seq_cls",)), ("tokens_column", ("token_cls",)),
                        ("tags_column", ("token_cls",)), ("conll_columns", ("token_cls",)), ("columns", ("causal_lm",)),
-                       ("max_prompt_length", ("dpo", "kto"))):
+                       ("max_prompt_length", ("dpo", "kto", "reward"))):
         if getattr(d, key) is not None and cfg.task not in tasks:
             p.append(f"data.{key}: only read by task {'/'.join(tasks)}, not {cfg.task}")
     if isinstance(d.label_column, list) and cfg.task == "seq_regression":
@@ -438,7 +456,7 @@ def _eval_generate(cfg: RunConfig) -> list[str]:
     if t.eval_generate is not True and t.eval_generate < 1:
         p.append(f"train.eval_generate: true (every eval example), N >= 1 (the first N) or false; got "
                  f"{t.eval_generate}")
-    if cfg.task in ("dpo", "kto"):
+    if cfg.task in ("dpo", "kto", "reward"):
         p.append(f"train.eval_generate: {cfg.task}'s eval scores given answers (their rewards); generating "
                  "answers to score them is causal_lm's")
     elif cfg.task != "causal_lm":

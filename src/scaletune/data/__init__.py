@@ -42,7 +42,8 @@ log = logging.getLogger("scaletune")
 CACHE_VERSION = "16"
 # The data version at which each task's token ids or targets last changed (a cache version changes for more:
 # a count in the meta, a refusal): what checkpoints and adapters record as how their data was tokenised.
-TOKENISATION = {"causal_lm": "13", "dpo": "16", "kto": "16", "seq_cls": "9", "token_cls": "15", "seq_regression": "14"}
+TOKENISATION = {"causal_lm": "13", "dpo": "16", "kto": "16", "reward": "16", "seq_cls": "9", "token_cls": "15",
+                "seq_regression": "14"}
 
 
 def tokenisation(task: str) -> str:
@@ -357,9 +358,9 @@ __all__ = ["WHERE", "build_datasets", "build_eval_only", "read_records", "split_
 
 
 def _whole_prompts(cfg: Any) -> str:
-    """What a skip means under dpo and kto, which cut a prompt only to data.max_prompt_length: the prompt alone
+    """What a skip means under dpo, kto and reward, which cut a prompt only to data.max_prompt_length: the prompt alone
     filled max_length."""
-    if cfg.task not in ("dpo", "kto"):
+    if cfg.task not in ("dpo", "kto", "reward"):
         return ""
     if cfg.data.max_prompt_length is None:
         return (f" (task {cfg.task} keeps each prompt whole and cuts only the answers: these prompts fill it; set "

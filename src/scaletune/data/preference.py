@@ -117,6 +117,12 @@ def to_pair(rec: dict) -> tuple[dict, dict]:
     return pair
 
 
+def one_answer(rec: dict, kind: str) -> dict:
+    """The prompt of `rec` with its one answer in `chosen` (no `rejected`), converted as `to_pair` converts each
+    side of a pair of layout `kind` (task reward's `predict`: a row scored as training scored a pair's side)."""
+    return _converted(rec, kind, "chosen")
+
+
 def _converted(rec: dict, kind: str, side: str) -> dict:
     where = rec.get(WHERE, "?")
     if kind == "prompt_completion":

@@ -1,0 +1,146 @@
+"""reward: a reward model (TRL's RewardTrainer, LLaMA-Factory's `stage: rm`) trained on preference pairs.
+
+The base is a causal LM loaded as a sequence classifier with one output (AutoModelForSequenceClassification,
+num_labels=1): its new `score` head is trained in full beside the adapter and saved with it (peft's
+modules_to_save, as seq_cls' head). The data is task dpo's: the same layouts (data/preference.py), and each pair's
+chosen and rejected rows are the very token sequences dpo builds (`DPO.encode`: the prompt rendered as dpo renders
+it, cut as dpo cuts it). A row's reward r is the head's output at its last non-pad token, picked as plain
+transformers picks it (the rightmost token that is not the pad id; rows are right-padded), so a merged model
+scores in plain transformers (and TRL) as training did. With pad = eos a row's closing eos counts as padding and
+its reward is read at the token before it, in training, eval, predict and a merged model alike. Per pair:
+    loss = -log sigmoid(r_chosen - r_rejected) + c * (r_chosen + r_rejected)^2
+c being train.reward_center_weight (TRL's center_rewards_coefficient, default 0), which keeps the rewards near 0.
+`loss_sum` sums over the micro-batch's pairs and `count_targets` counts them: the loop's division makes the step's
+loss their mean. Eval: the loss, accuracy (the share of pairs with r_chosen > r_rejected), the mean margin and the
+mean chosen and rejected rewards. `predict` scores one prompt + answer a line: {"reward": r}.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..data.formats import to_segments
+from ..data.preference import one_answer
+from ..data.readers import WHERE, fields_of
+from ..errors import DataError
+from .base import pad_batch, register
+from .dpo import DPO, cut_prompt
+
+_CHAT = ("sharegpt", "messages")  # layouts rendered as a chat (the others: plain text, no template)
+_PREDICT_SHAPES = ('{"prompt": TEXT, "completion": TEXT} (plain-text pairs), or a chat ending in the answer: '
+                   '{"messages": [..., {"role": "assistant", ...}]}, {"conversations": [..., {"from": "gpt", ...}]} '
+                   'or {"prompt": [messages], "completion": [{"role": "assistant", ...}]}')
+
+
+@register("reward")
+class Reward(DPO):
+    peft_task_type = "SEQ_CLS"  # (peft then trains and saves the `score` head in full: modules_to_save)
+    _center = 0.0  # train.reward_center_weight (`configure`); private: not data, so no dataset cache keeps it
+
+    def auto_model_class(self) -> Any:
+        from transformers import AutoModelForSequenceClassification
+
+        return AutoModelForSequenceClassification
+
+    def model_kwargs(self, labels: list[str] | None) -> dict:
+        """One output: the reward (no problem_type: a reward model has no targets of its own to regress on)."""
+        return {"num_labels": 1}
+
+    def configure(self, cfg: Any) -> None:
+        self._center = cfg.train.reward_center_weight
+
+    def enable_chunked_loss(self, model: Any, autocast_dtype: torch.dtype | None = None) -> str | None:
+        return None  # (a head of one output holds no vocabulary-sized logits to chunk: nothing to say)
+
+    @staticmethod
+    def rewards(model: Any, batch: dict) -> torch.Tensor:
+        """Each row's reward (float32): the head's output at the row's last non-pad token (transformers picks it
+        by the model config's pad_token_id, which load_model sets to the tokenizer's, the collator's pad)."""
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return out.logits.float().squeeze(-1)
+
+    def loss_sum(self, model: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed pairwise loss of the batch's pairs, each pair's [chosen reward, rejected reward]); the chosen
+        rows are 0..n-1, the rejected n..2n-1 (`DPO.collate`)."""
+        rewards = self.rewards(model, batch)
+        n = len(rewards) // 2
+        pairs = rewards.view(2, n).T  # [pair, (chosen, rejected)]
+        loss = -F.logsigmoid(pairs[:, 0] - pairs[:, 1])
+        if self._center:
+            loss = loss + self._center * pairs.sum(1) ** 2
+        return loss.sum(), pairs.detach()
+
+    def example_line(self, pred: Any, extra: Any, record: dict, labels: list[str] | None) -> dict:
+        chosen, rejected = pred
+        return {"chosen_reward": chosen, "rejected_reward": rejected, "reward_margin": chosen - rejected,
+                "correct": chosen > rejected}
+
+    def metrics(self, preds: list, loss_sum: float, n_targets: int, labels: list[str] | None) -> dict:
+        return reward_metrics(preds, loss_sum / max(n_targets, 1), n_targets)
+
+    # --- predict ---
+    def predict_input(self, item: dict, tokenizer: Any) -> tuple[str, list]:
+        """(the answer, to echo; the segments of its row) for one predict line: a prompt and one answer,
+        rendered as training rendered a pair's side. A DataError naming the line's place if it holds no answer,
+        or if it is plain text where the adapter was trained on chats (or the other way round)."""
+        where = item.get(WHERE, "?")
+        rec, kind = _as_answer_record(item)
+        trained = self.format.name
+        if (kind in _CHAT) != (trained in _CHAT):
+            said = "a chat" if kind in _CHAT else "plain text"
+            was = "chats (rendered with the chat template)" if trained in _CHAT else "plain-text pairs (no template)"
+            raise DataError(f"{where}: the line is {said}, but this reward model was trained on {was}: its "
+                            "rewards would be read from text it never saw", hint=f"give {_PREDICT_SHAPES}")
+        side = one_answer(rec, kind)
+        answer = side["segments"][-1][0] if "segments" in side else side["messages"][-1]["content"]
+        return answer, to_segments(side, tokenizer, where)
+
+    def score_rows(self, model: Any, tokenizer: Any, cfg: Any, inputs: list[tuple[str, list]]) -> list[dict]:
+        """{"reward": r} for each (answer, segments) of `inputs` (one batch), its row cut as training cuts one
+        (data.max_prompt_length, then data.max_length from the end), "truncated": true where that cut it."""
+        rows, cut = [], []
+        for _, segments in inputs:
+            ids, labels, _ = cut_prompt(*self.tokens(segments, tokenizer), cfg, tokenizer)
+            cut.append(len(ids) > cfg.data.max_length)
+            rows.append({"input_ids": ids[:cfg.data.max_length], "labels": labels[:cfg.data.max_length]})
+        batch = pad_batch(rows, tokenizer.pad_token_id)
+        device = next(model.parameters()).device
+        scores = self.rewards(model, {k: v.to(device) for k, v in batch.items()}).tolist()
+        return [{"reward": r, **({"truncated": True} if c else {})} for r, c in zip(scores, cut)]
+
+
+def reward_metrics(preds: list, loss: float, n_pairs: int) -> dict:
+    """Scores of (chosen reward, rejected reward) pairs: loss, accuracy (the share of pairs whose chosen answer
+    gets the higher reward; a tie is no win), reward_margin (the mean chosen - rejected) and the mean rewards."""
+    n = max(len(preds), 1)
+    margins = [c - r for c, r in preds]
+    return {"loss": loss, "accuracy": sum(m > 0 for m in margins) / n, "reward_margin": sum(margins) / n,
+            "chosen_reward": sum(c for c, _ in preds) / n, "rejected_reward": sum(r for _, r in preds) / n,
+            "pairs": n_pairs}
+
+
+def _as_answer_record(item: dict) -> tuple[dict, str]:
+    """A predict line as (a pair record holding one answer, `chosen`; its layout), for `one_answer`."""
+    where = item.get(WHERE, "?")
+    for key, role, name in (("messages", "role", "assistant"), ("conversations", "from", "gpt")):
+        turns = item.get(key)
+        if turns is None:
+            continue
+        last = turns[-1] if isinstance(turns, list) and turns else None
+        if not (isinstance(last, dict) and last.get(role) in (name, "assistant")):
+            raise DataError(f"{where}: {key!r} must end in the answer to score, an assistant turn ({role}: {name})",
+                            hint=f"give {_PREDICT_SHAPES}")
+        if key == "messages":
+            return {**item, "prompt": turns[:-1], "chosen": [last]}, "messages"
+        return {**item, "conversations": turns[:-1], "chosen": last}, "sharegpt"
+    prompt, answer = item.get("prompt"), item.get("completion")
+    if isinstance(prompt, str) and isinstance(answer, str):
+        return {"prompt": prompt, "chosen": answer, WHERE: where}, "prompt_completion"
+    if isinstance(prompt, list) and isinstance(answer, (list, dict)):
+        return {"prompt": prompt, "chosen": answer, WHERE: where}, "messages"
+    raise DataError(f"{where}: no prompt and answer to score (the line has: {fields_of(item)})",
+                    hint=f"give {_PREDICT_SHAPES}")
+

@@ -1,0 +1,176 @@
+"""task reward: the pairwise loss by hand from the model's rewards, a padded row's reward its own, the metrics by
+hand, training ranking the training pairs, the saved adapter (with its head) scoring the same in `eval` and
+`predict`, its rows the very rows dpo builds, bad pairs, predict lines and configs refused.
+(The method matrix: test_methods.py, whose cases cover every method x task, reward's too.)"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoTokenizer
+
+from scaletune.config import load_config
+from scaletune.tasks import get_task
+from scaletune.tasks.reward import reward_metrics
+from scaletune.train import setup
+
+from stutil import (
+    assert_clean_error,
+    data_config,
+    dpo_records,
+    metrics_around_training,
+    read_metrics,
+    run_cli,
+    task_config_problems,
+    write_jsonl,
+)
+
+
+def _randomise(model) -> None:
+    """LoRA's B away from zero and the score head redrawn: rows then get rewards far apart."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or ("score" in name and p.requires_grad):
+                p.normal_(0, 0.5)
+
+
+def test_the_loss_is_the_pairwise_formula_from_each_rows_reward_alone(make_config):
+    """The rows of 5 pairs (lengths differ: padding is in play) in one forward give each row the reward it gets
+    alone, unpadded; the loss is -log sigmoid(r_c - r_r) + c (r_c + r_r)^2 summed over the pairs."""
+    run, _ = setup(load_config(make_config("reward", train={"reward_center_weight": 0.05})))
+    model = run.model.eval()
+    _randomise(model)
+    pad = run.tokenizer.pad_token_id
+    assert model.config.pad_token_id == pad  # (transformers finds each row's last token by the collator's pad)
+    examples = [run.data["train"][i] for i in range(5)]
+    batch = run.task.collate(examples, pad)
+    rows = [e["input_ids"] for e in examples] + [e["rejected_input_ids"] for e in examples]
+    assert len({len(r) for r in rows}) > 1 and (batch["attention_mask"] == 0).any()
+    with torch.no_grad():
+        loss, pairs = run.task.loss_sum(model, batch)
+        alone = torch.stack([model(input_ids=torch.tensor([r])).logits[0, 0] for r in rows])
+    torch.testing.assert_close(pairs, alone.view(2, 5).T, rtol=0, atol=1e-5)
+    chosen, rejected = alone.view(2, 5)
+    expected = (-F.logsigmoid(chosen - rejected) + 0.05 * (chosen + rejected) ** 2).sum()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    assert (chosen - rejected).abs().max() > 0.1  # (rewards differ: the test can fail)
+    assert run.task.count_targets(batch) == 5
+
+
+def test_a_padded_rows_reward_is_read_at_its_last_token_not_at_a_pad(make_config):
+    """The same row padded by 7 pad tokens, and with a different token in their place (had the reward been read
+    at the row's end, its width, that token would change it): the reward is the unpadded row's."""
+    run, _ = setup(load_config(make_config("reward")))
+    model = run.model.eval()
+    _randomise(model)
+    pad = run.tokenizer.pad_token_id
+    row = run.data["train"][0]["input_ids"]
+    with torch.no_grad():
+        alone = run.task.rewards(model, run.task.collate([run.data["train"][0]], pad))[0]
+        padded = torch.tensor([row + [pad] * 7])
+        mask = torch.tensor([[1] * len(row) + [0] * 7])
+        got = run.task.rewards(model, {"input_ids": padded, "attention_mask": mask})
+        other = model(input_ids=torch.tensor([row + [5] * 7])).logits[0, 0]
+    torch.testing.assert_close(got[0], alone, rtol=0, atol=1e-5)
+    assert (other - alone).abs() > 1e-3
+
+
+def test_accuracy_margin_and_mean_rewards_by_hand():
+    preds = [(1.0, 0.0), (0.0, 2.0), (3.0, 3.0), (0.5, -0.5)]  # won, lost, a tie (no win), won
+    m = reward_metrics(preds, 0.7, 4)
+    assert m["accuracy"] == 0.5 and m["loss"] == 0.7 and m["pairs"] == 4
+    assert m["reward_margin"] == pytest.approx((1 - 2 + 0 + 1) / 4)
+    assert m["chosen_reward"] == pytest.approx(4.5 / 4) and m["rejected_reward"] == pytest.approx(4.5 / 4)
+    assert get_task("reward").metrics(preds, 2.8, 4, None) == {**m, "loss": 0.7}
+
+
+def test_training_ranks_the_training_pairs(make_config):
+    before, after = metrics_around_training(make_config, "reward")
+    assert after["accuracy"] >= 0.9 and after["accuracy"] > before["accuracy"], (before, after)
+    assert after["reward_margin"] > 1.0 and after["loss"] < min(0.3, before["loss"]), (before, after)
+
+
+def test_the_saved_adapter_and_head_score_as_training_did_in_eval_and_predict(make_config, tmp_path, capsys):
+    """`eval` of the saved adapter reproduces the run's last eval; `predict` of a pair's chosen side (as a
+    conversation ending in it) gives the reward `eval --predictions` gave that pair's chosen answer."""
+    path = make_config("reward", n=16, train={"max_steps": 6, "eval_every": 6, "learning_rate": 5e-3})
+    code, _, err = run_cli(["train", path], capsys)
+    assert code == 0, err
+    logged = read_metrics(tmp_path / "run", "eval")[-1]
+    code, out, err = run_cli(["eval", path, "--predictions", tmp_path / "pred.jsonl"], capsys)
+    assert code == 0, err
+    scored = json.loads(out[out.index("{"):])
+    for key in ("loss", "accuracy", "reward_margin", "chosen_reward", "rejected_reward"):
+        assert scored[key] == pytest.approx(logged[key], abs=1e-5), key
+    assert abs(scored["reward_margin"]) > 1e-3  # (the head moved: a fresh one would not reproduce it)
+    lines = [json.loads(x) for x in (tmp_path / "pred.jsonl").read_text().splitlines()]
+    record = dpo_records(16, seed=1)[0]  # (data/eval.jsonl's first pair)
+    # (its chosen side as ShareGPT, its rejected one as messages: both chats, rendered alike)
+    inputs = [{"conversations": [*record["conversations"], record["chosen"]]},
+              {"messages": [{"role": "user", "content": record["conversations"][0]["value"]},
+                            {"role": "assistant", "content": record["rejected"]["value"]}]}]
+    write_jsonl(tmp_path / "in.jsonl", inputs)
+    code, out, err = run_cli(["predict", path, "--input", tmp_path / "in.jsonl"], capsys)
+    assert code == 0, err
+    got = [json.loads(x) for x in out.splitlines() if x.startswith("{")]
+    assert got[0]["reward"] == pytest.approx(lines[0]["chosen_reward"], abs=1e-5)
+    assert got[1]["reward"] == pytest.approx(lines[0]["rejected_reward"], abs=1e-5)
+
+
+def test_rows_are_dpos_rows(tmp_path, tiny_llama):
+    """Each pair's chosen and rejected rows are the token sequences dpo trains on (both layouts' renderings)."""
+    records = dpo_records(3) + [{"prompt": "Reverse: a b\n", "chosen": "b a", "rejected": "a b"}]
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_llama))
+    encoded: dict[str, list] = {}
+    for task_name in ("dpo", "reward"):
+        for recs in (records[:3], records[3:]):  # (one layout a run)
+            cfg = data_config(tmp_path, tiny_llama, task_name, write_jsonl(tmp_path / "p.jsonl", recs))
+            task = get_task(task_name)
+            task.setup(recs, cfg, "p.jsonl")
+            encoded.setdefault(task_name, []).extend(task.encode(r, tokenizer, cfg, None) for r in recs)
+    assert encoded["reward"] == encoded["dpo"] and len(encoded["dpo"]) == 4 and all(encoded["dpo"])
+
+
+def test_a_record_that_is_no_pair_is_refused_naming_its_file_and_line(make_config, tmp_path, capsys):
+    path = make_config("reward", n=8, data={"eval": None})
+    good = {"prompt": "q", "chosen": "a", "rejected": "b"}
+    write_jsonl(tmp_path / "data/train.jsonl", [good, good, {"prompt": "q", "completion": "a"}])
+    code, _, err = run_cli(["train", path], capsys)
+    assert_clean_error(code, err, "train.jsonl:3", "a preference pair needs chosen, rejected")
+
+
+def test_a_predict_line_without_an_answer_or_in_the_other_rendering_is_refused(make_config, tmp_path, capsys):
+    path = make_config("reward", n=8, train={"max_steps": 1}, data={"eval": None})
+    assert run_cli(["train", path], capsys)[0] == 0
+    for line, says in (({"text": "just a text"}, "no prompt and answer to score"),
+                       ({"messages": [{"role": "user", "content": "q"}]}, "'messages' must end in the answer"),
+                       ({"prompt": "q", "completion": "a"}, "the line is plain text, but this reward model was "
+                                                            "trained on chats")):
+        write_jsonl(tmp_path / "in.jsonl", [{"prompt": [{"role": "user", "content": "q"}],
+                                             "completion": [{"role": "assistant", "content": "a"}]}, line])
+        code, _, err = run_cli(["predict", path, "--input", tmp_path / "in.jsonl"], capsys)
+        assert_clean_error(code, err, "in.jsonl:2", says)
+
+
+@pytest.mark.parametrize("task, changes, says", [
+    ("reward", {"train": {"reward_center_weight": -0.1}}, "train.reward_center_weight: must be a number >= 0"),
+    ("dpo", {"train": {"reward_center_weight": 0.01}}, "train.reward_center_weight: only read by task reward, not dpo"),
+    ("reward", {"train": {"dpo_beta": 0.5}}, "train.dpo_beta: only read by tasks dpo and kto"),
+    ("reward", {"peft": {"method": "p_tuning"}}, "peft.method=p_tuning with task reward: peft passes the model "
+                                                 "embeddings"),
+    ("reward", {"peft": {"method": "prompt_tuning"}}, "prompt_tuning with task reward is not supported"),
+    ("reward", {"train": {"best_metric": "reward_accuracy"}}, "'reward_accuracy' is not a reward eval metric"),
+    ("reward", {"train": {"eval_generate": True}, "data": {"eval": "e.jsonl"}},
+     "train.eval_generate: reward's eval scores given answers"),
+])
+def test_bad_reward_configs_are_refused(task, changes, says):
+    assert any(says in p for p in task_config_problems(task, **changes)), task_config_problems(task, **changes)
+
+
+def test_reward_reads_chat_templates_and_max_prompt_length():
+    assert task_config_problems("reward", data={"max_prompt_length": 16, "chat_template": "chatml"}) == []
+    assert task_config_problems("reward", train={"best_metric": "accuracy"}, data={"eval": "e.jsonl"}) == []
