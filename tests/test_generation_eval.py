@@ -116,9 +116,9 @@ def test_another_task_is_refused(make_config, capsys):
     assert_clean_error(code, err, "--generate: seq_cls labels its inputs; only causal_lm generates answers")
 
 
-@pytest.mark.parametrize("task", ["dpo", "kto"])
+@pytest.mark.parametrize("task", ["dpo", "kto", "reward"])
 def test_a_preference_task_is_refused_in_its_own_words(task):
-    """dpo and kto generate in `predict`, but score given answers in eval: not 'labels its inputs'."""
+    """dpo, kto and reward score given answers in eval (dpo and kto generate in `predict`): not 'labels its inputs'."""
     from types import SimpleNamespace
 
     from scaletune.errors import UserError

@@ -33,7 +33,7 @@ def _capture_first_step_grads(run):
     return grads
 
 
-@pytest.mark.parametrize("task", ["causal_lm", "dpo", "seq_cls", "token_cls"])
+@pytest.mark.parametrize("task", ["causal_lm", "dpo", "reward", "seq_cls", "token_cls"])
 def test_loss_is_mean_over_all_target_tokens_of_the_step(make_config, tmp_path, task):
     """micro 1 x accumulation 4 and micro 4 x accumulation 1 give the same loss and LoRA gradients. Every task's
     `loss_sum` must be a sum over its targets (the loop divides by the step's target count): a per-micro-batch
@@ -68,7 +68,7 @@ def test_data_has_variable_lengths_so_mean_of_means_would_differ(make_config, tm
     assert len(set(counts)) > 1, counts
 
 
-@pytest.mark.parametrize("task", ["causal_lm", "dpo", "kto"])
+@pytest.mark.parametrize("task", ["causal_lm", "dpo", "kto", "reward"])
 def test_resume_continues_exactly(make_config, tmp_path, task):
     """8 uninterrupted steps == 4 steps, stop (signal path), resume auto, 4 more steps. The split run logs
     every 3 steps: each logged loss is the mean of the steps since the last log, the resume at 4 included."""
