@@ -55,6 +55,10 @@ def load_tokenizer(cfg: RunConfig, path: str | None = None) -> Any:
         from .data.templates import chat_template_text
 
         tok.chat_template = chat_template_text(cfg.data.chat_template)
+    if path is None and cfg.model.new_special_tokens:  # (an adapter's tokenizer has them: new_tokens.restore)
+        from .new_tokens import add_to_tokenizer
+
+        add_to_tokenizer(tok, cfg.model.new_special_tokens)
     if tok.pad_token is None:
         # Padding positions are masked out of attention and loss, so any token will do.
         tok.pad_token = tok.eos_token or tok.unk_token
@@ -146,6 +150,9 @@ def load_model(cfg: RunConfig, task: Any, labels: list[str] | None, tokenizer: A
     _report_loading(cfg, info, new_head=adapter_path is None, resuming=resuming)
     if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    from .new_tokens import fit_embeddings
+
+    new_ids = fit_embeddings(model, tokenizer)  # (before peft wraps the tables; eval's adapter needs the rows)
     if qconf is not None:
         model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if cfg.model.gradient_checkpointing:
@@ -156,7 +163,7 @@ def load_model(cfg: RunConfig, task: Any, labels: list[str] | None, tokenizer: A
         if inference_precision(cfg) != "no":  # (without autocast a float32 copy would meet 16-bit inputs)
             model = _saved_copies_in_float32(model, adapter_path)
     else:
-        model = apply_adapter(model, cfg, task, total_steps)
+        model = apply_adapter(model, cfg, task, total_steps, new_ids)
         if cfg.model.init_adapter is not None and not resuming:  # (a checkpoint's weights replace them anyway)
             from .init_adapter import load_initial
 
@@ -214,8 +221,9 @@ def check_vocabulary(model: Any, tokenizer: Any, datasets: dict, eval_key: str =
                else ")"),
             hint="tokens added to a tokenizer need new embedding rows: resize the model once "
                  "(model.resize_token_embeddings(len(tokenizer)), then save_pretrained with its tokenizer) and "
-                 "train the new rows with peft.modules_to_save (e.g. [embed_tokens, lm_head]); or use the "
-                 "tokenizer without the added tokens")
+                 "train the new rows with peft.modules_to_save (e.g. [embed_tokens, lm_head]); or list the tokens "
+                 "in model.new_special_tokens, which resizes and trains them; or use the tokenizer without the "
+                 "added tokens")
 
 
 def _load_adapter(model: Any, adapter_path: str, fused: bool = False) -> Any:
@@ -382,13 +390,17 @@ def prefix_forward_problem(model: Any) -> str | None:
             "(it is called `cache` since 5.24); use peft.method prompt_tuning, lora or ia3, or transformers<5.24")
 
 
-def apply_adapter(model: Any, cfg: RunConfig, task: Any, total_steps: int | None) -> Any:
-    """Wrap `model` with the run's new peft adapter (also used on the meta device by `plan`)."""
+def apply_adapter(model: Any, cfg: RunConfig, task: Any, total_steps: int | None,
+                  new_ids: list[int] | None = None) -> Any:
+    """Wrap `model` with the run's new peft adapter (also used on the meta device by `plan`); `new_ids`: the
+    embedding rows of model.new_special_tokens, trained as peft's trainable tokens."""
     import peft
 
     from .methods import name_ia3_feedforward_in_full
+    from .new_tokens import set_token_indices, token_indices
 
     pconf = peft_config(cfg, task.peft_task_type, total_steps)
+    set_token_indices(pconf, token_indices(model, new_ids or []), cfg.peft_method)
     if fused_lora_applies(cfg):
         from .adapters.lora_addmm import use_addmm_lora
 

@@ -107,6 +107,7 @@ def build_meta_model(cfg: RunConfig) -> Any:
     import torch
 
     from .model import DTYPES, apply_adapter, cast_trainables, trainable_dtype
+    from .new_tokens import plan_rows
     from .seqlen import read_model_config
     from .tasks import get_task
 
@@ -115,7 +116,8 @@ def build_meta_model(cfg: RunConfig) -> Any:
     with torch.device("meta"):
         model = task.auto_model_class().from_config(config, dtype=DTYPES[cfg.model.dtype],
                                                     trust_remote_code=cfg.model.trust_remote_code)
-        model = apply_adapter(model, cfg, task, total_steps=1000)  # total_steps only sizes adalora
+        new_ids = plan_rows(model, cfg)  # (model.new_special_tokens: the extra rows and their trained copies)
+        model = apply_adapter(model, cfg, task, total_steps=1000, new_ids=new_ids)  # total_steps only sizes adalora
     return cast_trainables(model, trainable_dtype(cfg))  # as load_model does
 
 

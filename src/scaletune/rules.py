@@ -19,6 +19,7 @@ from .config import (
     RunConfig,
 )
 from .config_values import BOOL_HINT, _did_you_mean, _short
+from .new_tokens import config_problems as new_token_problems
 from .optimizers import BNB_CLASSES, ZERO_OPTIMIZERS
 from .rope import config_problems as rope_problems
 
@@ -175,6 +176,7 @@ def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_c
     p += class_weight_problems(cfg)
     p += _dpo_problems(cfg)
     p += rope_problems(cfg)
+    p += new_token_problems(cfg)
     if not 0 <= t.label_smoothing < 1:
         p.append(f"train.label_smoothing: {t.label_smoothing:g} is outside [0, 1) (0: off; 0.1 is usual)")
     elif t.label_smoothing and cfg.task not in ("seq_cls", "token_cls"):

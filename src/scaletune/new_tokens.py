@@ -1,0 +1,161 @@
+"""`model.new_special_tokens`: tokens added to the tokenizer as special tokens (a chat format's `<|im_start|>`
+for a base model whose tokenizer lacks it), new embedding rows for them in the model, and those rows trained
+with peft's `trainable_token_indices` (only the new rows train, the rest of the table stays the base's).
+
+The same steps run wherever the base model is loaded: training adds the tokens to the base's tokenizer;
+eval, predict and merge read the adapter's tokenizer (saved with them) and its scaletune.json's record of
+which rows are new, and resize the base identically before the adapter is loaded onto it."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+log = logging.getLogger("scaletune")
+
+# peft methods whose config takes `trainable_token_indices` (peft 0.21: LoraConfig and its subclass
+# AdaLoraConfig); the others would leave the new rows at their initial values: refused by the config check
+SUPPORTED_METHODS = ("lora", "adalora")
+# dpo and kto compare with the adapter switched off, which switches the trained rows off too: their reference
+# would read the new tokens as their mean-embedding placeholders
+SUPPORTED_TASKS = ("causal_lm", "reward", "seq_cls", "seq_regression", "token_cls")
+_ATTR = "scaletune_new_tokens"  # where a tokenizer carries its record (see `record`)
+META_KEY = "new_special_tokens"  # the record's key in an adapter's scaletune.json
+
+
+def config_problems(cfg: Any) -> list[str]:
+    """The config check's problems with `model.new_special_tokens`: its type, and the peft methods and tasks
+    that cannot train the new rows."""
+    tokens = cfg.model.new_special_tokens
+    if tokens is None:
+        return []
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) and t for t in tokens):
+        return [f"model.new_special_tokens: expected a non-empty list of tokens (strings), got {tokens!r}"]
+    problems = []
+    if len(set(tokens)) != len(tokens):
+        problems.append("model.new_special_tokens: lists a token twice: "
+                        f"{sorted({t for t in tokens if tokens.count(t) > 1})}")
+    method = cfg.peft_method if isinstance(cfg.peft, dict) else None
+    if isinstance(method, str) and method not in SUPPORTED_METHODS:
+        problems.append(f"model.new_special_tokens: peft.method {method} cannot train the new tokens' embedding "
+                        "rows (peft's trainable_token_indices is a LoRA option), so they would stay untrained "
+                        f"placeholders; use peft.method {' or '.join(SUPPORTED_METHODS)} (DoRA, rsLoRA too), or a "
+                        "base model whose tokenizer has the tokens (e.g. a merged LoRA run that added them)")
+    if cfg.task not in SUPPORTED_TASKS:
+        problems.append(f"model.new_special_tokens: task {cfg.task} compares with the model with its adapter "
+                        "switched off, which switches the new tokens' trained rows off too; add the tokens in a "
+                        "causal_lm run, merge it (scaletune merge) and train dpo/kto on the merged model")
+    if isinstance(cfg.peft, dict) and cfg.peft.get("trainable_token_indices") is not None:
+        problems.append("model.new_special_tokens: scaletune sets peft.trainable_token_indices to the new tokens' "
+                        "rows; remove peft.trainable_token_indices (or give ~peft.trainable_token_indices)")
+    return problems
+
+
+def add_to_tokenizer(tokenizer: Any, tokens: list[str]) -> None:
+    """Add `tokens` as special tokens (never split, skipped when decoding with skip_special_tokens); the ones
+    the tokenizer has already are left as they are, with a note. The tokenizer keeps the record `load_model`
+    resizes the model by."""
+    known = tokenizer.get_vocab()
+    have = [t for t in tokens if t in known]
+    if have:
+        log.info("model.new_special_tokens: the tokenizer has %s already (not added again)",
+                 ", ".join(f"{t!r} (id {known[t]})" for t in have))
+    base_length = len(tokenizer)
+    added = [t for t in tokens if t not in known]
+    if added:
+        tokenizer.add_special_tokens({"extra_special_tokens": added}, replace_extra_special_tokens=False)
+        log.info("model.new_special_tokens: added %s", ", ".join(f"{t!r} (id {tokenizer.convert_tokens_to_ids(t)})"
+                                                                 for t in added))
+    # (the listed tokens the tokenizer had may still lack a model row: `fit_embeddings` checks against the model)
+    setattr(tokenizer, _ATTR, {"tokens": {t: tokenizer.convert_tokens_to_ids(t) for t in tokens},
+                               "added": added, "base_length": base_length})
+
+
+def record(tokenizer: Any) -> dict | None:
+    """The tokenizer's new-token record (None without `model.new_special_tokens`): {"tokens": {token: id},
+    "added": [...], "base_length": tokens before adding, and once the model is fitted "rows": embedding rows,
+    "trained": the ids whose rows train}; saved in the adapter's scaletune.json."""
+    return getattr(tokenizer, _ATTR, None)
+
+
+def restore(tokenizer: Any, meta: dict) -> None:
+    """Give an adapter's tokenizer the record its run saved (scaletune.json), for `load_model` to resize the
+    base as training did; an adapter without one leaves the tokenizer as it is."""
+    saved = meta.get(META_KEY)
+    if isinstance(saved, dict) and saved.get("rows") and saved.get("trained") is not None:
+        setattr(tokenizer, _ATTR, saved)
+
+
+def fit_embeddings(model: Any, tokenizer: Any) -> list[int]:
+    """Resize `model`'s input (and output) embeddings for the tokenizer's new tokens and set their rows to the
+    mean of the base's rows; returns the ids whose rows train (none without new tokens). The same rows result
+    at eval as in training: the mean is of the base's own rows, and the row count is the record's."""
+    import torch
+
+    info = record(tokenizer)
+    if info is None:
+        return []
+    old_rows = model.get_input_embeddings().num_embeddings
+    if "rows" not in info:  # training: fitted here the first time
+        info["rows"] = max(old_rows, len(tokenizer))
+        # added tokens, and listed ones the tokenizer had without the model having a row for them
+        info["trained"] = sorted({i for t, i in info["tokens"].items() if t in info["added"] or i >= old_rows})
+    if info["rows"] != old_rows:
+        model.resize_token_embeddings(info["rows"], mean_resizing=False)  # (rows set below, deterministically)
+    trained = info["trained"]
+    # the mean of the base tokenizer's rows: padding rows past its vocabulary (a table rounded up) are not tokens
+    real = min(info["base_length"], old_rows)
+    for table in _tables(model):
+        with torch.no_grad():
+            table.weight[trained] = table.weight[:real].float().mean(0).to(table.weight.dtype)
+    if trained:
+        log.info("model.new_special_tokens: %d new embedding row(s) (ids %s) start at the mean embedding and train",
+                 len(trained), _span(trained))
+    return trained
+
+
+def _tables(model: Any) -> list[Any]:
+    """The input embedding and, where it is a separate table (untied), the output embedding (LM head)."""
+    tables = [model.get_input_embeddings()]
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if out is not None and out.weight is not tables[0].weight and out.weight.shape[0] == tables[0].weight.shape[0]:
+        tables.append(out)
+    return tables
+
+
+def _span(ids: list[int]) -> str:
+    """Ids for a log line: a few, then how many more."""
+    return ", ".join(map(str, ids[:6])) + (f" ... ({len(ids)})" if len(ids) > 6 else "")
+
+
+def token_indices(model: Any, ids: list[int]) -> dict[str, list[int]] | None:
+    """peft's `trainable_token_indices` for `ids` on `model` (before peft wraps it): the input embedding's rows,
+    and the LM head's where it is not tied to it (peft ties the rows of a tied head itself)."""
+    if not ids:
+        return None
+    names = {id(m): n for n, m in model.named_modules()}
+    return {names[id(table)]: list(ids) for table in _tables(model)}
+
+
+def set_token_indices(pconf: Any, indices: dict[str, list[int]] | None, method: str) -> None:
+    """Put `indices` into the peft config; a method whose config has no such option (a newer peft's change, as
+    the config check refuses the others) is an error rather than new rows left untrained."""
+    if indices is None:
+        return
+    if not hasattr(pconf, "trainable_token_indices"):
+        from .errors import ConfigError
+
+        raise ConfigError(f"model.new_special_tokens: peft.method {method} has no trainable_token_indices in this "
+                          "peft, so the new tokens' rows would stay untrained; use peft.method lora")
+    pconf.trainable_token_indices = indices
+
+
+def plan_rows(model: Any, cfg: Any) -> list[int]:
+    """For `plan` (a model on the meta device, no tokenizer read): one new row per listed token, as if none were
+    in the tokenizer yet (an upper bound), the model resized for them; returns their ids."""
+    tokens = cfg.model.new_special_tokens
+    if not tokens:
+        return []
+    rows = model.get_input_embeddings().num_embeddings
+    model.resize_token_embeddings(rows + len(tokens), mean_resizing=False)
+    return list(range(rows, rows + len(tokens)))

@@ -1,0 +1,227 @@
+"""`model.new_special_tokens`: tokens added to the tokenizer, the embeddings resized with mean-initialised rows
+that train (peft's trainable tokens), and the adapter's life cycle with them: eval, predict, merge, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from stutil import assert_clean_error, problems_of, run_cli
+
+TOKENS = ["<|im_start|>", "<|im_end|>"]
+CHAT = {"chat_template": "chatml"}  # (renders every turn between the two tokens)
+
+
+def _config(make_config, **sections):
+    """A causal_lm run on chatml-rendered data with the two ChatML markers as new tokens."""
+    return make_config("causal_lm", model={"new_special_tokens": TOKENS}, data=CHAT, **sections)
+
+
+def _run_config(path: Path):
+    from scaletune.config import configure
+
+    return configure(yaml.safe_load(path.read_text()))
+
+
+def _base_table(cfg) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path).get_input_embeddings().weight.detach()
+
+
+def test_tokens_are_single_ids_and_new_rows_start_at_the_mean(make_config):
+    from scaletune.model import load_model, load_tokenizer
+    from scaletune.tasks import get_task
+
+    cfg = _run_config(_config(make_config))
+    tok = load_tokenizer(cfg)
+    ids = tok.convert_tokens_to_ids(TOKENS)
+    text = "<|im_start|>user\nhi<|im_end|>"
+    encoded = tok(text, add_special_tokens=False)["input_ids"]
+    assert encoded[0] == ids[0] and encoded[-1] == ids[1] and ids[1] == ids[0] + 1 == len(tok) - 1
+    base = _base_table(cfg)
+    task = get_task(cfg.task)
+    task.configure(cfg)
+    model = load_model(cfg, task, None, tok, total_steps=4)
+    inner = model.get_base_model()
+    table = inner.get_input_embeddings()
+    assert table.weight.shape[0] == len(tok) == base.shape[0] + 2
+    weight = inner.get_input_embeddings().get_merged_weights(["default"]) if hasattr(table, "get_merged_weights") \
+        else table.weight
+    torch.testing.assert_close(weight[ids], base.mean(0).expand(2, -1), rtol=0, atol=1e-6)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad and "trainable_tokens" in n]
+    assert len(trainable) == 2  # the input embedding's rows and the (untied) LM head's
+    # a token the tokenizer had already is not added again
+    cfg.model.new_special_tokens = ["<|im_start|>", "<pad>"]
+    again = load_tokenizer(cfg)
+    assert len(again) == len(tok) - 1 and again.convert_tokens_to_ids("<pad>") < base.shape[0]
+
+
+def test_cache_key_changes_with_the_tokens(make_config):
+    from scaletune.data import fingerprint
+    from scaletune.model import load_tokenizer
+
+    cfg = _run_config(_config(make_config))
+    with_tokens = fingerprint(cfg, load_tokenizer(cfg))
+    cfg.model.new_special_tokens = None
+    assert fingerprint(cfg, load_tokenizer(cfg)) != with_tokens
+
+
+def test_life_cycle_train_eval_predict_merge(capsys, make_config, tmp_path):
+    path = _config(make_config, train={"max_steps": 4, "eval_every": 4})
+    code, _, err = run_cli(["train", path], capsys)
+    assert code == 0, err
+    cfg = _run_config(path)
+    base = _base_table(cfg)
+    adapter = tmp_path / "run" / "adapter"
+    meta = json.loads((adapter / "scaletune.json").read_text())["new_special_tokens"]
+    ids = meta["trained"]
+    assert meta["rows"] == base.shape[0] + 2 and len(ids) == 2
+    saved = load_file(adapter / "adapter_model.safetensors")
+    assert not any(k.endswith("embed_tokens.weight") or k.endswith("lm_head.weight") for k in saved)  # rows only
+    rows = next(v for k, v in saved.items() if "embed_tokens" in k and "trainable_tokens" in k)
+    assert rows.shape == (2, base.shape[1])
+    assert (rows - base.mean(0)).abs().max() > 1e-3  # trained away from the mean
+    # eval of the saved adapter gives the loss of training's last eval: the rows are saved and reloaded
+    final = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    final = [r for r in final if r.get("event") == "eval"][-1]
+    code, out, err = run_cli(["eval", path], capsys)
+    assert code == 0, err
+    assert json.loads(out)["loss"] == pytest.approx(final["loss"], rel=1e-5)
+    inp = tmp_path / "prompts.txt"
+    inp.write_text("Say <|im_end|> twice.\n")
+    code, out, err = run_cli(["predict", path, "--input", inp, "--max-new-tokens", "4"], capsys)
+    assert code == 0, err
+    assert "completion" in json.loads(out.splitlines()[0])
+    code, _, err = run_cli(["merge", path, "--out", tmp_path / "merged"], capsys)
+    assert code == 0, err
+    _check_merged(cfg, tmp_path / "merged", ids, base)
+
+
+def _check_merged(cfg, merged_dir: Path, ids: list[int], base: torch.Tensor) -> None:
+    """The merged model, loaded plainly, has the trained rows (the others the base's) and computes what base +
+    adapter computes on a text holding the new tokens; its tokenizer has them."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from scaletune.infer import load_trained
+
+    tok = AutoTokenizer.from_pretrained(merged_dir)
+    assert tok.convert_tokens_to_ids(TOKENS) == ids
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    table = merged.get_input_embeddings().weight.detach()
+    assert torch.equal(table[:base.shape[0]], base)  # only the new rows were trained
+    assert (table[ids] - base.mean(0)).abs().max() > 1e-3
+    peft_model = load_trained(cfg, None)[0]
+    text = "<|im_start|>user\nReverse these words<|im_end|>\n<|im_start|>assistant\n"
+    batch = torch.tensor([tok(text)["input_ids"]])
+    assert set(ids) <= set(batch[0].tolist())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(batch).logits, peft_model(batch).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_tied_embeddings_train_one_table(capsys, make_config, tmp_path, tiny_llama):
+    """A model whose LM head shares the input embedding (Qwen's small models, Gemma): peft ties the head's new
+    rows to the embedding's, and the merged model keeps one table with the trained rows."""
+    import shutil
+
+    tied = tmp_path / "tied"
+    shutil.copytree(tiny_llama, tied)
+    config = json.loads((tied / "config.json").read_text())
+    (tied / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    path = make_config("causal_lm", model={"name_or_path": str(tied), "new_special_tokens": TOKENS}, data=CHAT,
+                       train={"max_steps": 4})
+    code, _, err = run_cli(["train", path], capsys)
+    assert code == 0, err
+    code, _, err = run_cli(["merge", path, "--out", tmp_path / "merged"], capsys)
+    assert code == 0, err
+    cfg = _run_config(path)
+    ids = json.loads((tmp_path / "run" / "adapter" / "scaletune.json").read_text())["new_special_tokens"]["trained"]
+    _check_merged(cfg, tmp_path / "merged", ids, _base_table(cfg))
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert torch.equal(merged.get_output_embeddings().weight, merged.get_input_embeddings().weight)
+
+
+def test_resume_matches_an_uninterrupted_run(make_config, tmp_path):
+    """Preempted at step 3 and resumed, the run ends with the adapter (new rows included) an uninterrupted run
+    ends with, bit for bit: the resumed run adds the tokens and resizes the base as the first did."""
+    from scaletune.config import load_config
+    from scaletune.loop import fit
+    from scaletune.train import StopFlag, setup
+
+    from stutil import StopAt
+
+    adapters = {}
+    for name in ("full", "split"):
+        path = _config(make_config, n=16, train={"max_steps": 5, "lr_scheduler": "constant"},
+                       output_dir=str(tmp_path / name))
+        run, _ = setup(load_config(path))
+        if name == "split":
+            assert fit(run, StopAt(run, 3)) == "preempted"
+            run, _ = setup(load_config(path), resume="auto")
+        assert fit(run, StopFlag()) == "done"
+        adapters[name] = load_file(str(tmp_path / name / "adapter" / "adapter_model.safetensors"))
+    assert any("trainable_tokens" in k for k in adapters["full"])
+    for key, value in adapters["full"].items():
+        torch.testing.assert_close(adapters["split"][key], value, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("task", "method"), [("seq_cls", "lora"), ("token_cls", "lora"), ("reward", "lora"), ("causal_lm", "adalora"),
+                                             ("causal_lm", "dora")])
+def test_other_tasks_and_methods_train_and_reload_the_rows(capsys, make_config, tmp_path, task, method):
+    """The classifiers (input embeddings only, no LM head) and the other LoRA-family methods: the rows train,
+    are saved, and `eval` reloads them (its loss is the last eval's of training)."""
+    from stutil import method_keys
+
+    data = CHAT if task == "causal_lm" else {}
+    path = make_config(task, model={"new_special_tokens": TOKENS}, data=data, train={"max_steps": 4, "eval_every": 4})
+    raw = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**raw, "peft": method_keys(method, task)}))  # (the method's keys alone)
+    code, _, err = run_cli(["train", path], capsys)
+    assert code == 0, err
+    adapter = tmp_path / "run" / "adapter"
+    saved = load_file(adapter / "adapter_model.safetensors")
+    assert any("embeddings" in k or "embed_tokens" in k for k in saved if "trainable_tokens" in k), list(saved)
+    final = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    final = [r for r in final if r.get("event") == "eval"][-1]
+    code, out, err = run_cli(["eval", path], capsys)
+    assert code == 0, err
+    assert json.loads(out)["loss"] == pytest.approx(final["loss"], rel=1e-5)
+
+
+def test_plan_counts_the_new_rows(make_config):
+    from scaletune.plan import model_shape
+
+    cfg = _run_config(_config(make_config))
+    with_tokens = model_shape(cfg)
+    cfg.model.new_special_tokens = None
+    without = model_shape(cfg)
+    assert with_tokens.vocab == without.vocab + 2
+    # two more rows in each of the two tables, frozen; their trainable copies
+    assert sum(n for n, *_ in with_tokens.frozen) == sum(n for n, *_ in without.frozen) + 4 * with_tokens.hidden
+    assert sum(map(sum, with_tokens.groups)) == sum(map(sum, without.groups)) + 4 * with_tokens.hidden
+
+
+@pytest.mark.parametrize(("changes", "fragment"), [
+    ({"peft": {"method": "ia3"}}, "peft.method ia3 cannot train the new tokens' embedding rows"),
+    ({"task": "dpo"}, "task dpo compares with the model with its adapter switched off"),
+    ({"peft": {"method": "lora", "trainable_token_indices": [3]}}, "remove peft.trainable_token_indices"),
+    ({"model": {"name_or_path": "m", "new_special_tokens": ["<|im_start|>", 3]}}, "expected a non-empty list"),
+])
+def test_combinations_that_cannot_train_the_rows_are_refused(changes, fragment):
+    from stutil import BASE
+
+    raw = {**BASE, "model": {"name_or_path": "m", "new_special_tokens": TOKENS}, **changes}
+    assert any(fragment in p for p in problems_of(raw)), problems_of(raw)
+
+
+def test_refusal_is_one_screen(capsys, make_config):
+    path = make_config("causal_lm", model={"new_special_tokens": TOKENS}, peft={"method": "ia3"})
+    code, _, err = run_cli(["train", path], capsys)
+    assert_clean_error(code, err, "model.new_special_tokens: peft.method ia3")
