@@ -139,7 +139,8 @@ def test_the_metrics_best_metric_may_name_are_the_tasks_eval_metrics():
                 "token_cls": get_task("token_cls").metrics([([0, 1], [0, 1], [])], 1.0, 2, ["O", "B-X"]),
                 "seq_regression": get_task("seq_regression").metrics([(0.5, 1.0), (2.0, 3.0)], 1.25, 2, None),
                 "dpo": get_task("dpo").metrics([[0.5, -0.5], [0.25, 1.0]], 1.2, 2, None),
-                "kto": get_task("kto").metrics([[0.5, 1.0, 0.1], [-0.25, 0.0, 0.1]], 0.8, 2, None)}
+                "kto": get_task("kto").metrics([[0.5, 1.0, 0.1], [-0.25, 0.0, 0.1]], 0.8, 2, None),
+                "reward": get_task("reward").metrics([(0.5, -0.5), (0.25, 1.0)], 1.2, 2, None)}
     # (causal_lm's exact_match and token_f1 are those of its generated answers: train.eval_generate)
     nobody = SimpleNamespace(process_index=0, num_processes=1, is_main_process=False)
     reported["causal_lm"].update(score(nobody, None, None, [], 4)[0])
@@ -430,3 +431,17 @@ def test_a_nan_eval_is_never_the_best(make_config, tmp_path, scripted, monkeypat
     assert result == "done"
     assert [r["step"] for r in read_metrics(run.output_dir, "best")] == [2]
     assert json.loads((run.output_dir / "best_adapter" / "scaletune.json").read_text())["best"]["value"] == 0.6
+
+
+def test_a_resume_with_another_max_samples_picks_the_best_anew(make_config, tmp_path, scripted, capsys):
+    """data.max_samples cuts data.eval (and the data.train the eval_fraction split holds out of) to its first N
+    records: a resume that changes it (--allow-config-change) evaluates other examples, so the best so far is no
+    bar (it was kept as though the evals were over the same set)."""
+    path = _config(make_config, tmp_path)
+    run, _ = _fit(path)
+    assert run.step == 5 and run.counters["best"]["step"] == 2
+    capsys.readouterr()
+    assert main(["train", str(path), "--resume", "auto", "--allow-config-change", "data.max_samples=8"]) == 0
+    out = capsys.readouterr().out
+    assert "the best adapter is picked anew from the next eval" in out, out
+    assert "(data.max_samples 8)" in out

@@ -265,3 +265,22 @@ def test_an_eval_without_undesirable_examples_reports_no_undesirable_reward():
     metrics = get_task("kto").metrics([[0.3, 1.0, 0.0], [0.1, 1.0, 0.0]], 1.0, 2, None)
     assert metrics["desirable_reward"] == pytest.approx(0.2)
     assert math.isnan(metrics["undesirable_reward"]) and math.isnan(metrics["reward_margin"])
+
+
+def test_a_table_mixing_pairs_and_examples_reads_each_row_as_it_is(tmp_path, tiny_llama):
+    """A parquet (or hub) table holding pairs and unpaired examples has every column in every row, null where a
+    row has none: an example's null 'chosen' and 'rejected' make no pair (it was refused as "a preference pair
+    takes no 'label'"), as a pair's null 'label' and 'completion' make no example."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from scaletune.data import build_datasets
+
+    rows = [{"prompt": "Q: 2+2?\n", "chosen": "4", "rejected": "5", "completion": None, "label": None},
+            {"prompt": "Q: 3+3?\n", "chosen": None, "rejected": None, "completion": "6", "label": True},
+            {"prompt": "Q: 1+1?\n", "chosen": None, "rejected": None, "completion": "3", "label": False}]
+    table = tmp_path / "mixed.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), table)
+    cfg = data_config(tmp_path, tiny_llama, "kto", str(table))
+    train = build_datasets(cfg, get_task("kto"), AutoTokenizer.from_pretrained(str(tiny_llama)))["train"]
+    assert train["desirable"] == [1, 0, 1, 0]

@@ -133,3 +133,24 @@ def test_eval_of_the_held_out_split_needs_the_runs_cap(make_config, capsys):
     for other in ("24", "null"):
         assert main(["eval", str(path), f"data.max_samples={other}"]) == 2
         assert "max_samples 16 (given: " in capsys.readouterr().err
+
+
+def test_a_patterns_files_listed_one_by_one_are_another_cache_entry_under_a_cap(tmp_path, tiny_bert, monkeypatch):
+    """The cap is per data.train item: shards/*.jsonl keeps the first N of its files together, the same files
+    listed one by one the first N of each. Both read alike without a cap (one cache entry, as before), but under
+    one they are other examples: the second run read the first's cached 3 examples instead of its 6."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    write_jsonl(shards / "a.jsonl", _cls("alpha", 5))
+    write_jsonl(shards / "b.jsonl", _cls("bravo", 5))
+    listed = [str(shards / "a.jsonl"), str(shards / "b.jsonl")]
+    pattern = _encoded(tmp_path, tiny_bert, monkeypatch, train=str(shards / "*.jsonl"), eval_fraction=0.25,
+                       max_samples=3)
+    one_by_one = _encoded(tmp_path, tiny_bert, monkeypatch, train=listed, eval_fraction=0.25, max_samples=3)
+    assert len(pattern["train"]) + len(pattern["eval"]) == 3
+    assert len(one_by_one["train"]) + len(one_by_one["eval"]) == 6
+    raw = {"task": "seq_cls", "model": {"name_or_path": str(tiny_bert), "dtype": "float32"},
+           "train": {"mixed_precision": "no"}}
+    tok = load_tokenizer(from_dict({**raw, "data": {"train": listed}}))
+    uncapped = [from_dict({**raw, "data": {"train": train}}) for train in (str(shards / "*.jsonl"), listed)]
+    assert fingerprint(uncapped[0], tok) == fingerprint(uncapped[1], tok)  # (without a cap: the same data)

@@ -84,3 +84,71 @@ def test_a_directory_that_is_no_run_is_refused_in_one_screen(tmp_path, capsys):
     code, _, err = run_cli(["eval", str(empty)], capsys)
     assert_clean_error(code, err, f"run config {empty}: a run's output directory, but its run.json has no 'config' "
                                   "mapping")
+
+
+def test_train_resumes_a_run_with_a_relative_pattern_item_from_elsewhere(make_config, tmp_path, monkeypatch,
+                                                                         capsys):
+    """data.train's {path: pattern, weight} item, relative: `train OUTPUT_DIR --resume auto` from another
+    directory makes the pattern absolute, and the checkpoint's pattern names the same files (it was refused as
+    a different run config: a pattern names no existing path, so it was compared as written)."""
+    path = make_config("causal_lm")
+    raw = yaml.safe_load(path.read_text())
+    train = os.path.relpath(raw["data"]["train"], tmp_path)
+    raw["data"]["train"] = [{"path": train[:-len(".jsonl")] + "*.jsonl", "weight": 2}]
+    raw["data"]["eval"] = os.path.relpath(raw["data"]["eval"], tmp_path)
+    raw["output_dir"] = "runs/pattern"
+    path.write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(["train", path.name, "train.max_steps=3"], capsys)
+    assert code == 0, err
+    monkeypatch.chdir(tmp_path / "data")
+    run = tmp_path / "runs" / "pattern"
+    code, _, err = run_cli(["train", str(run), "--resume", "auto", "train.max_steps=5"], capsys)
+    assert code == 0, err
+    assert "checkpoints/step-3" in json.loads((run / "run.json").read_text())["resumed_from"]
+
+
+def test_a_run_json_with_odd_resumes_still_reads(tmp_path, capsys):
+    """run.json's `resumes` that is no list (edited by hand, truncated by another tool): its config is still the
+    run's, and a problem is a one-screen error, never a traceback (`resumes: 5` raised TypeError)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"config": {"task": "causal_lm"}, "cwd": str(tmp_path),
+                                              "resumes": 5}))
+    code, _, err = run_cli(["eval", str(run)], capsys)
+    assert code == 2 and "Traceback" not in err, err
+    assert "model" in err
+
+
+def test_train_resumes_a_run_with_a_relative_init_adapter_from_elsewhere(make_config, tmp_path, monkeypatch, capsys):
+    """model.init_adapter, relative: `train OUTPUT_DIR --resume auto` from another directory makes it absolute
+    (as the data and model paths), and the checkpoint's names the same adapter (it was refused as a different run
+    config: init_adapter was not compared by what it names)."""
+    _, first = _relative_run(make_config, tmp_path, monkeypatch, capsys)
+    path = tmp_path / "causal_lm.yaml"
+    code, _, err = run_cli(["train", path.name, "train.max_steps=3", "train.learning_rate=1e-3",
+                            "output_dir=runs/second", f"model.init_adapter={os.path.relpath(first, tmp_path)}/adapter"],
+                           capsys)
+    assert code == 0, err
+    monkeypatch.chdir(tmp_path / "data")
+    run = tmp_path / "runs" / "second"
+    code, _, err = run_cli(["train", str(run), "--resume", "auto", "train.max_steps=5"], capsys)
+    assert code == 0, err
+    assert "checkpoints/step-3" in json.loads((run / "run.json").read_text())["resumed_from"]
+
+
+def test_a_recursive_pattern_is_read_from_where_the_run_started(tmp_path, monkeypatch):
+    """data.train's data/**/*.jsonl matches data/a.jsonl too (a recursive glob, as training reads it): the run's
+    directory makes it absolute (it was left relative, and an eval from elsewhere found no file)."""
+    from scaletune.config_file import read_run_dir
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.jsonl").write_text("{}\n")
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"config": {"data": {"train": ["data/**/*.jsonl"]}},
+                                              "cwd": str(tmp_path)}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert read_run_dir(run)["data"]["train"] == [str(tmp_path / "data" / "**" / "*.jsonl")]

@@ -166,6 +166,8 @@ def scored_over(cfg: Any, metric: str | None) -> str:
     # (by what the path names: the same file written otherwise, or from another directory, is the same eval)
     over = f"data.eval {real_paths({'data': {'eval': d.eval}})['data.eval']}" if d.eval else \
         f"data.eval_fraction {d.eval_fraction}"
+    if d.max_samples is not None:  # (the first N of data.eval, or of data.train before the split: other examples)
+        over += f" (data.max_samples {d.max_samples})"
     if metric in GENERATED_METRICS:
         answers = "every eval example" if t.eval_generate is True else f"the first {t.eval_generate} eval examples"
         over += f", answers to {answers} of at most {t.eval_max_new_tokens} tokens"

@@ -189,14 +189,16 @@ def read_run_dir(run_dir: Path) -> dict:
         why = "has no 'config' mapping" if isinstance(exc, (KeyError, TypeError)) else f"is unreadable ({exc})"
         raise ConfigError(f"run config {run_dir}: a run's output directory, but its run.json {why}") from None
     # (a resumed run's config paths are as its latest start's command line gave them)
-    starts = [info, *(s for s in info.get("resumes") or [] if isinstance(s, dict))]
+    resumes = info.get("resumes")  # (a run.json edited by hand may hold anything here: no traceback)
+    starts = [info, *(s for s in (resumes if isinstance(resumes, list) else []) if isinstance(s, dict))]
     cwd = next((s["cwd"] for s in reversed(starts) if isinstance(s.get("cwd"), str)), None)
 
     def absolute(spec: str) -> str:
         if cwd is None or os.path.isabs(spec) or spec.startswith(("hub:", "~")):
             return spec
         there = os.path.join(cwd, spec)
-        return there if os.path.exists(there) or glob(there) else spec
+        # (recursive: a data/**/*.jsonl pattern matches data/x.jsonl as training read it, sources._matching_files)
+        return there if os.path.exists(there) or glob(there, recursive=True) else spec
 
     for section, key in _PATH_KEYS:
         if isinstance(raw.get(section), dict) and raw[section].get(key) is not None:

@@ -21,18 +21,28 @@ _RESUME_FREE_KEYS = {"train": {"max_steps", "epochs", "eval_every", "save_every"
                                "offload", "backend", "timeout_s"}, "output_dir": True}
 
 
-PATH_KEYS = (("data", "train"), ("data", "eval"), ("data", "chat_template"), ("model", "name_or_path"))
+# (config_file._PATH_KEYS, which `scaletune train OUTPUT_DIR` makes absolute, are these: each must compare by what
+# it names, or a resume from another directory is refused as another run's)
+PATH_KEYS = (("data", "train"), ("data", "eval"), ("data", "chat_template"), ("model", "name_or_path"),
+             ("model", "init_adapter"))
 
 
 def real_paths(d: dict) -> dict:
     """{'data.train': ..., 'model.name_or_path': ...} of a resolved config (`RunConfig.to_dict()`): what each
-    path key names, as a real path where it names an existing file or directory (relative ones read from
-    the working directory, as training reads them); hub ids, `hub:` sources and built-in template names
+    path key names, as a real path where it names an existing file or directory or is a pattern that matches
+    files (relative ones read from the working directory, as training reads them); hub ids, `hub:` sources and built-in template names
     as written."""
+    import glob
+
     from .fileutil import map_paths
 
     def real(path: str) -> str:
-        return os.path.realpath(path) if path and os.path.exists(path) else path
+        # (a pattern that matches files: its real directory, so that `train RUN_DIR --resume auto` from another
+        # directory, which makes data/*.jsonl absolute, names the files the checkpoint's pattern named)
+        if path and (os.path.exists(path) or not path.startswith("hub:") and glob.has_magic(path)
+                     and glob.glob(path, recursive=True)):
+            return os.path.realpath(path)
+        return path
 
     return {f"{section}.{key}": map_paths(d[section][key], real) for section, key in PATH_KEYS
             if isinstance(d.get(section), dict) and key in d[section]}

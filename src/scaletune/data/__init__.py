@@ -125,6 +125,13 @@ def fingerprint(cfg: Any, tokenizer: Any, train: str | None = None) -> str:
     for key in ("num_workers", "num_proc", "cache", "group_by_length"):
         d.pop(key)
     d["train"] = [(Path(spec).suffix.lower(), weight) for spec, weight in train_sources(cfg.data.train)]
+    if cfg.data.max_samples is not None:
+        from .sources import train_keyed_sources
+
+        # (the cap is per data.train item, a pattern's files together: the same files listed one by one keep
+        # other records, so each file's item is in the key; without a cap both read the same)
+        keys = [key for key, _ in train_keyed_sources(cfg.data.train)]
+        d["train"] = [[keys.index(key), *source] for key, source in zip(keys, d["train"])]
     d["eval"] = Path(cfg.data.eval).suffix.lower() if cfg.data.eval else None
     d["chat_template"] = None  # (its text is in the tokenizer's digest)
     split_seed = str(cfg.train.seed) if cfg.data.eval_fraction and not cfg.data.eval else "-"  # (only it uses it)

@@ -105,7 +105,9 @@ def unpaired(rec: dict) -> list[dict]:
 
 
 def _paired(rec: dict) -> bool:
-    return "chosen" in rec and "rejected" in rec
+    """Whether `rec` is a preference pair: 'chosen' or 'rejected' holds something. A null one is none: a parquet
+    or hub table mixing pairs and unpaired examples holds both columns, null, in the unpaired rows."""
+    return rec.get("chosen") is not None or rec.get("rejected") is not None
 
 
 def _completion(pair: dict, kind: str, side: str) -> str | list[dict]:
