@@ -445,3 +445,21 @@ def test_a_resume_with_another_max_samples_picks_the_best_anew(make_config, tmp_
     out = capsys.readouterr().out
     assert "the best adapter is picked anew from the next eval" in out, out
     assert "(data.max_samples 8)" in out
+
+
+def test_a_held_out_fraction_is_scored_over_its_source_and_seed(make_config, tmp_path):
+    """eval_fraction holds out examples of data.train drawn by train.seed: a resume that changes either (with
+    --allow-config-change) evaluates other examples, so its best is picked anew; the same file written
+    otherwise is the same eval."""
+    from scaletune.best import scored_over
+
+    cfg = load_config(make_config("seq_cls", data={"eval": None, "eval_fraction": 0.2}))
+    base = scored_over(cfg, "accuracy")
+    train = cfg.data.train
+    cfg.data.train = f"{os.path.dirname(train)}/./{os.path.basename(train)}"
+    assert scored_over(cfg, "accuracy") == base
+    cfg.train.seed = 7
+    assert scored_over(cfg, "accuracy") != base
+    cfg.train.seed = load_config(make_config("seq_cls")).train.seed
+    cfg.data.train = str(tmp_path / "data" / "eval.jsonl")
+    assert scored_over(cfg, "accuracy") != base

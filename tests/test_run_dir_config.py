@@ -152,3 +152,16 @@ def test_a_recursive_pattern_is_read_from_where_the_run_started(tmp_path, monkey
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     assert read_run_dir(run)["data"]["train"] == [str(tmp_path / "data" / "**" / "*.jsonl")]
+
+
+def test_train_of_its_run_directory_without_resume_offers_what_works(make_config, tmp_path, monkeypatch, capsys):
+    """`train OUTPUT_DIR` (no --resume): its output_dir is the run's own; --overwrite, which the refusal offered,
+    would delete the config it reads, and is refused too: the message offers --resume auto and another
+    output_dir instead."""
+    _, run = _relative_run(make_config, tmp_path, monkeypatch, capsys)
+    code, _, err = run_cli(["train", str(run)], capsys)
+    assert_clean_error(code, err, f"output_dir: {run} is not empty; resume it with --resume auto (the run "
+                                  "directory given for the config is this run's")
+    assert "--overwrite" not in err
+    code, _, err = run_cli(["train", str(run), f"output_dir={tmp_path / 'second'}", "train.max_steps=1"], capsys)
+    assert code == 0, err

@@ -164,8 +164,10 @@ def scored_over(cfg: Any, metric: str | None) -> str:
 
     d, t = cfg.data, cfg.train
     # (by what the path names: the same file written otherwise, or from another directory, is the same eval)
+    # (a held-out fraction is drawn from data.train by train.seed: another source or seed holds out others)
+    train = real_paths({"data": {"train": d.train}})["data.train"]
     over = f"data.eval {real_paths({'data': {'eval': d.eval}})['data.eval']}" if d.eval else \
-        f"data.eval_fraction {d.eval_fraction}"
+        f"data.eval_fraction {d.eval_fraction} of data.train {train} (train.seed {t.seed})"
     if d.max_samples is not None:  # (the first N of data.eval, or of data.train before the split: other examples)
         over += f" (data.max_samples {d.max_samples})"
     if metric in GENERATED_METRICS:

@@ -48,8 +48,12 @@ def check_output_dir(cfg: RunConfig, resume: str | None, overwrite: bool, resume
         raise _not_a_directory(out / ".abandoned")
     if _has_content(out) and resume is None:
         if not overwrite:
-            raise ConfigError(f"output_dir: {out} is not empty; resume it with --resume auto, pick a new "
-                              "output_dir, or pass --overwrite to replace it")
+            # (given the run's own directory for its config, --overwrite would delete that config: not offered)
+            own = cfg.source_file is not None and Path(cfg.source_file).is_dir()
+            raise ConfigError(f"output_dir: {out} is not empty; resume it with --resume auto"
+                              + (" (the run directory given for the config is this run's: a new run needs a YAML "
+                                 "config, or another output_dir=...)" if own else
+                                 ", pick a new output_dir, or pass --overwrite to replace it"))
         why_not = _not_replaceable(cfg, out)
         if why_not:
             raise ConfigError(f"output_dir: --overwrite would delete {out}, but {why_not}; pick another "
