@@ -112,7 +112,7 @@ def test_another_tools_template_name_points_to_the_tokenizers_own(tmp_path, monk
 def test_only_for_causal_lm(make_config, capsys):
     path = make_config("seq_cls", data={"chat_template": "chatml"})
     assert main(["train", str(path)]) == 2
-    assert "data.chat_template: only used by causal_lm, not seq_cls" in capsys.readouterr().err
+    assert "data.chat_template: only used by causal_lm, dpo, kto, reward, not seq_cls" in capsys.readouterr().err
 
 
 def test_a_template_that_renders_nothing_is_named(make_config, tmp_path, capsys):

@@ -85,7 +85,8 @@ def test_peft_values_that_would_train_nothing_are_refused():
 def test_method_suggestions_are_methods_peft_accepts():
     problems = problems_of({**BASE, "task": "token_cls", "peft": {"method": "prompt_tuning"}})
     assert problems == ["peft.method=prompt_tuning with task token_cls is not supported (virtual input tokens; "
-                        "dpo, kto: the reference (adapter off) has no virtual tokens; token_cls: outputs would include "
+                        "dpo, kto: the reference (adapter off) has no virtual tokens; reward: peft passes embeddings, "
+                        "so a padded row's last token is not found; token_cls: outputs would include "
                         "the virtual tokens); use one of: lora (use_dora: true for "
                         "DoRA, use_rslora: true for rsLoRA), adalora, ia3, loha, lokr, vera, oft, bottleneck_adapter"]
     for method, how in (("dora", "DoRA is peft.method: lora with peft.use_dora: true"),
