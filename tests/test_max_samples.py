@@ -154,3 +154,21 @@ def test_a_patterns_files_listed_one_by_one_are_another_cache_entry_under_a_cap(
     tok = load_tokenizer(from_dict({**raw, "data": {"train": listed}}))
     uncapped = [from_dict({**raw, "data": {"train": train}}) for train in (str(shards / "*.jsonl"), listed)]
     assert fingerprint(uncapped[0], tok) == fingerprint(uncapped[1], tok)  # (without a cap: the same data)
+
+
+def test_eval_scores_its_data_eval_capped_and_a_data_file_whole(make_config, tmp_path, capsys):
+    """`scaletune eval` reads the config's data.eval as training did, its first N records; a file named with
+    --data is what the user asked to score, all of it."""
+    import json
+
+    path = make_config("seq_cls", data={"max_samples": 12}, train={"max_steps": 1})
+    assert main(["train", str(path)]) == 0
+    evalf = tmp_path / "data" / "eval.jsonl"  # (make_config's: 16 records)
+    counted = {}
+    for name, extra in (("config", []), ("data", ["--data", str(evalf)])):
+        out = tmp_path / f"{name}.pred.jsonl"
+        assert main(["eval", str(path), "--predictions", str(out), *extra]) == 0
+        counted[name] = len(out.read_text().splitlines())
+    capsys.readouterr()
+    assert counted == {"config": 12, "data": 16}
+    assert json.loads((tmp_path / "data.pred.jsonl").read_text().splitlines()[-1])["line"] == f"{evalf}:16"

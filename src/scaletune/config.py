@@ -110,7 +110,7 @@ class DataConfig:
     eval_fraction: float | None = _f(None, "Hold out this fraction of `train` for evaluation instead.")
     max_samples: int | None = _f(None, "Quick trials: keep only the first N records of each data.train item (a "
                                  "pattern's files together, in sorted order) and of data.eval (scaletune eval's "
-                                 "too), in file order, before weights and the eval_fraction split, as "
+                                 "too; a file given as eval --data is scored whole), in file order, before weights and the eval_fraction split, as "
                                  "LLaMA-Factory's max_samples; the cut is logged. null: every record.")
     format: str = _f(
         "auto",

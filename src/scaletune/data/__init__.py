@@ -265,8 +265,10 @@ def build_eval_only(cfg: Any, task: Any, tokenizer: Any, key: str, sources: list
     named by `key` (--data, or data.eval when the path came from the config), never data.train. The labels
     are the adapter's (cfg.data.labels); not cached. `sources`, when given, is filled with the record each
     example was encoded from, in the dataset's order (a record with no target tokens has no example)."""
+    # (a file given as --data is scored whole: data.max_samples cuts the config's data, not a file named to score)
     records = read_capped(cfg.data.eval, key=key, conll=cfg.data.format == "conll",
-                          conll_columns=cfg.data.conll_columns, max_samples=cfg.data.max_samples)
+                          conll_columns=cfg.data.conll_columns,
+                          max_samples=cfg.data.max_samples if key == "data.eval" else None)
     labels = task.setup(records, cfg, cfg.data.eval, key=key)
     ignored = task.ignored_fields(records, key)
     if ignored:
