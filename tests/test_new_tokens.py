@@ -19,7 +19,8 @@ CHAT = {"chat_template": "chatml"}  # (renders every turn between the two tokens
 
 def _config(make_config, **sections):
     """A causal_lm run on chatml-rendered data with the two ChatML markers as new tokens."""
-    return make_config("causal_lm", model={"new_special_tokens": TOKENS}, data=CHAT, **sections)
+    model = {"new_special_tokens": TOKENS, **sections.pop("model", {})}
+    return make_config("causal_lm", model=model, data=CHAT, **sections)
 
 
 def _run_config(path: Path):
@@ -213,6 +214,7 @@ def test_plan_counts_the_new_rows(make_config):
     ({"task": "dpo"}, "task dpo compares with the model with its adapter switched off"),
     ({"peft": {"method": "lora", "trainable_token_indices": [3]}}, "remove peft.trainable_token_indices"),
     ({"model": {"name_or_path": "m", "new_special_tokens": ["<|im_start|>", 3]}}, "expected a non-empty list"),
+    ({"distributed": {"zero_stage": 3}}, "not with distributed.zero_stage=3: peft's trainable tokens"),
 ])
 def test_combinations_that_cannot_train_the_rows_are_refused(changes, fragment):
     from stutil import BASE
@@ -225,3 +227,82 @@ def test_refusal_is_one_screen(capsys, make_config):
     path = make_config("causal_lm", model={"new_special_tokens": TOKENS}, peft={"method": "ia3"})
     code, _, err = run_cli(["train", path], capsys)
     assert_clean_error(code, err, "model.new_special_tokens: peft.method ia3")
+
+
+def _trained(capsys, make_config, tmp_path, **sections) -> tuple[Path, Path]:
+    """(config, adapter dir) of a short causal_lm run with the two ChatML markers as new tokens."""
+    path = _config(make_config, train={"max_steps": 2}, **sections)
+    code, _, err = run_cli(["train", path], capsys)
+    assert code == 0, err
+    return path, tmp_path / "run" / "adapter"
+
+
+@pytest.mark.parametrize("damage", ["deleted", "no_record"])
+def test_an_adapter_without_its_record_is_one_error(capsys, make_config, tmp_path, damage):
+    """An adapter whose scaletune.json (or its new tokens' record) is gone: peft indexed the base's table past
+    its rows with a bare IndexError; now one error naming the adapter and what is missing, before loading."""
+    path, adapter = _trained(capsys, make_config, tmp_path)
+    meta_file = adapter / "scaletune.json"
+    if damage == "deleted":
+        meta_file.unlink()
+    else:
+        meta = json.loads(meta_file.read_text())
+        del meta["new_special_tokens"]
+        meta_file.write_text(json.dumps(meta))
+    missing = "its scaletune.json is missing" if damage == "deleted" else "has no new_special_tokens record"
+    for argv in (["eval", path], ["merge", path, "--out", tmp_path / "merged"]):
+        code, _, err = run_cli(argv, capsys)
+        assert_clean_error(code, err, f"the adapter at {adapter}", missing, "copy scaletune.json back")
+    assert not (tmp_path / "merged").exists()
+
+
+def test_init_adapter_with_the_same_tokens_starts_from_its_rows(capsys, make_config, tmp_path):
+    """model.init_adapter of a run that added the same tokens: the new run's trainable rows start at the ones the
+    init adapter trained (not at the mean), its LoRA weights too, and it trains."""
+    from scaletune.config import load_config
+    from scaletune.loop import fit
+    from scaletune.train import StopFlag, setup
+
+    _, adapter = _trained(capsys, make_config, tmp_path)
+    init = tmp_path / "init"
+    adapter.rename(init)
+    saved = load_file(init / "adapter_model.safetensors")
+    path = _config(make_config, model={"new_special_tokens": TOKENS, "init_adapter": str(init)},
+                   train={"max_steps": 2}, output_dir=str(tmp_path / "second"))
+    run, _ = setup(load_config(path))
+    params = {n.replace(".default", ""): p for n, p in run.model.named_parameters() if p.requires_grad}
+    rows = [k for k in saved if "trainable_tokens_delta" in k]
+    assert len(rows) == 2
+    for key, value in saved.items():
+        torch.testing.assert_close(params[key].detach(), value, rtol=0, atol=0, msg=key)
+    assert fit(run, StopFlag()) == "done"
+    second = load_file(tmp_path / "second" / "adapter" / "adapter_model.safetensors")
+    assert sorted(second) == sorted(saved) and any(not torch.equal(second[k], saved[k]) for k in rows)
+
+
+@pytest.mark.parametrize(("tokens", "fragment"), [
+    (["<|im_start|>", "<|im_sep|>"], "set model.new_special_tokens: ['<|im_start|>', '<|im_end|>']"),
+    (list(reversed(TOKENS)), "(in that order: the same ids)"),
+    (None, "this run lists none"),
+])
+def test_init_adapter_with_other_tokens_is_refused(capsys, make_config, tmp_path, tokens, fragment):
+    """Other tokens (or the same in another order: other ids), or none, than the init adapter trained rows for:
+    refused at the config check, naming the adapter's tokens."""
+    _, adapter = _trained(capsys, make_config, tmp_path)
+    path = _config(make_config, model={"new_special_tokens": tokens, "init_adapter": str(adapter)},
+                   output_dir=str(tmp_path / "second"))
+    code, _, err = run_cli(["train", path], capsys)
+    assert_clean_error(code, err, f"model.init_adapter: {adapter} was trained with model.new_special_tokens", fragment)
+
+
+def test_init_adapter_without_tokens_is_refused_for_a_run_adding_them(capsys, make_config, tmp_path):
+    """An adapter trained without new tokens as the start of a run that adds some: its rows would start at the
+    mean unannounced while the run's config says it continues the adapter; refused, naming both."""
+    path = make_config("causal_lm", data=CHAT, train={"max_steps": 2})
+    code, _, err = run_cli(["train", path], capsys)
+    assert code == 0, err
+    adapter = tmp_path / "run" / "adapter"
+    second = _config(make_config, model={"new_special_tokens": TOKENS, "init_adapter": str(adapter)},
+                     output_dir=str(tmp_path / "second"))
+    code, _, err = run_cli(["train", second], capsys)
+    assert_clean_error(code, err, "was trained with no model.new_special_tokens", "drop model.new_special_tokens")

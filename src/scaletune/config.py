@@ -95,8 +95,8 @@ class ModelConfig:
                                          "whose tokenizer lacks them; ones it has are not added again. The model's "
                                          "embeddings (and LM head) get new rows, started at the mean embedding and "
                                          "trained with peft's trainable_token_indices (peft.method lora or adalora; "
-                                         "not dpo/kto). The adapter's tokenizer and scaletune.json keep them: eval, "
-                                         "predict and merge resize the base the same way.")
+                                         "not dpo/kto; not under ZeRO-3). The adapter's tokenizer and scaletune.json "
+                                         "keep them: eval, predict and merge resize the base the same way.")
     rope_scaling: dict | None = _f(None, "Stretch a rotary model's positions (Llama, Qwen, Mistral, ...) to train on longer data.max_length than it was pretrained for: {type: linear | dynamic | yarn | llama3 | longrope, factor: F, ...}, F x the model's max_position_embeddings (a model's own scheme, Llama 3.1's llama3 say, given a new factor: F x its original_max_position_embeddings); yarn may add original_max_position_embeddings, attention_factor, beta_fast, beta_slow, mscale, mscale_all_dim, truncate; llama3 needs low_freq_factor, high_freq_factor; longrope needs short_factor, long_factor (factor optional); any may set rope_theta. Applied to the base in train, eval, predict, plan and merge (written into the merged config.json), from the config each is given: eval, predict and merge warn where it differs from the adapter's run (recorded in its scaletune.json).")
 
 

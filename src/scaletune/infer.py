@@ -82,6 +82,7 @@ def load_trained(cfg: RunConfig, adapter: str | None, tokenises: bool = True) ->
     """(model in eval mode, tokenizer, task, labels, adapter dir) from a finished run. `tokenises`: the command
     tokenises inputs (eval, predict; not merge), which an adapter trained on other token ids should hear of."""
     from .model import load_model, load_tokenizer
+    from .new_tokens import check_adapter_record
     from .new_tokens import restore as restore_new_tokens
     from .tasks import get_task
 
@@ -100,6 +101,7 @@ def load_trained(cfg: RunConfig, adapter: str | None, tokenises: bool = True) ->
     task.setup_cached(meta)
     labels = meta.get("labels")
     tokenizer = load_tokenizer(cfg, str(path))
+    check_adapter_record(cfg, path, meta)  # (else peft indexes past the base's table: a bare IndexError)
     restore_new_tokens(tokenizer, meta)  # (the base is resized as training resized it: model.new_special_tokens)
     if tokenises and meta and (differs := tokenised_differently(meta.get("tokenisation"), cfg.task, tokenizer)):
         log.warning("the adapter at %s %s: its inputs here may be tokenised otherwise than the training data "

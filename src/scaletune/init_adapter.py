@@ -41,6 +41,8 @@ def problems(cfg: Any) -> list[str]:
         return [problem]
     if task_problem := _task_problem(cfg, Path(path)):
         return [task_problem]
+    if tokens_problem := _new_tokens_problem(cfg, Path(path)):
+        return [tokens_problem]
     method = str(saved.get("peft_type", "")).lower()
     if method != cfg.peft_method:
         return [f"{KEY}: {path} holds a {saved.get('peft_type')} adapter but peft.method is {cfg.peft_method}: "
@@ -80,6 +82,14 @@ def _task_problem(cfg: Any, path: Path) -> str | None:
                 f"first (`scaletune merge SFT.yaml --out sft-merged`) and train {cfg.task} with model.name_or_path: "
                 "sft-merged, whose reference is then the SFT model (as in TRL and LLaMA-Factory)")
     return f"{KEY}: task: {cfg.task}, but the adapter was trained for {task} ({path})"
+
+
+def _new_tokens_problem(cfg: Any, path: Path) -> str | None:
+    """The adapter's new special tokens (its trained embedding rows) when they are not the run's."""
+    from .adapter_record import adapter_meta
+    from .new_tokens import init_problem
+
+    return init_problem(cfg, path, adapter_meta(path))
 
 
 def _resumable(cfg: Any) -> bool:

@@ -8,7 +8,9 @@ which rows are new, and resize the base identically before the adapter is loaded
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("scaletune")
@@ -21,11 +23,19 @@ SUPPORTED_METHODS = ("lora", "adalora")
 SUPPORTED_TASKS = ("causal_lm", "reward", "seq_cls", "seq_regression", "token_cls")
 _ATTR = "scaletune_new_tokens"  # where a tokenizer carries its record (see `record`)
 META_KEY = "new_special_tokens"  # the record's key in an adapter's scaletune.json
+# peft 0.21's TrainableTokensLayer under ZeRO-3: its set-up gathers the partitioned table onto a CUDA device
+# (torch.cuda.current_device(), hard-coded: no CPU or other backend), its forward reads the base table's whole
+# weight from the wrapper's forward, where ZeRO-3 gathers only the parameters of the module that runs (the table's
+# own forward never runs: an empty partition), and saving it under ZeRO-3 fails (peft issues #2603, #2946)
+ZERO3_PROBLEM = ("model.new_special_tokens: not with distributed.zero_stage=3: peft's trainable tokens read the "
+                 "whole embedding table, which ZeRO-3 partitions across the ranks (peft issues #2603, #2946); use "
+                 "distributed.zero_stage 2 (the embedding is whole on every rank), or add the tokens in a ZeRO-2 "
+                 "or single-process run, merge it (scaletune merge) and train the merged model under ZeRO-3")
 
 
 def config_problems(cfg: Any) -> list[str]:
-    """The config check's problems with `model.new_special_tokens`: its type, and the peft methods and tasks
-    that cannot train the new rows."""
+    """The config check's problems with `model.new_special_tokens`: its type, and the peft methods, tasks and
+    ZeRO stage that cannot train the new rows."""
     tokens = cfg.model.new_special_tokens
     if tokens is None:
         return []
@@ -45,6 +55,8 @@ def config_problems(cfg: Any) -> list[str]:
         problems.append(f"model.new_special_tokens: task {cfg.task} compares with the model with its adapter "
                         "switched off, which switches the new tokens' trained rows off too; add the tokens in a "
                         "causal_lm run, merge it (scaletune merge) and train dpo/kto on the merged model")
+    if cfg.distributed.zero_stage == 3:
+        problems.append(ZERO3_PROBLEM)
     if isinstance(cfg.peft, dict) and cfg.peft.get("trainable_token_indices") is not None:
         problems.append("model.new_special_tokens: scaletune sets peft.trainable_token_indices to the new tokens' "
                         "rows; remove peft.trainable_token_indices (or give ~peft.trainable_token_indices)")
@@ -84,6 +96,78 @@ def restore(tokenizer: Any, meta: dict) -> None:
     saved = meta.get(META_KEY)
     if isinstance(saved, dict) and saved.get("rows") and saved.get("trained") is not None:
         setattr(tokenizer, _ATTR, saved)
+
+
+def saved_rows(adapter_dir: Path) -> list[int]:
+    """The embedding rows an adapter trains as peft's trainable tokens (its adapter_config.json's
+    trainable_token_indices: a list, or {module: list}); none for an adapter without them or no config to read."""
+    try:
+        conf = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []  # (the loaders say what is wrong with the directory)
+    indices = conf.get("trainable_token_indices") if isinstance(conf, dict) else None
+    if isinstance(indices, dict):
+        return sorted({i for ids in indices.values() for i in ids})
+    return sorted(indices) if isinstance(indices, list) else []
+
+
+def missing_record(adapter_dir: Path, meta: dict, base_rows: int) -> str | None:
+    """Why the adapter at `adapter_dir` cannot be loaded onto a base of `base_rows` embedding rows: it trains rows
+    past them (model.new_special_tokens) without its scaletune.json's record of how its run resized the base,
+    which peft would index past the table with a bare IndexError. None when it loads."""
+    beyond = [i for i in saved_rows(adapter_dir) if i >= base_rows]
+    saved = meta.get(META_KEY)
+    if not beyond or (isinstance(saved, dict) and saved.get("rows")):
+        return None
+    what = ("its scaletune.json is missing" if not (adapter_dir / "scaletune.json").is_file()
+            else f"its scaletune.json has no {META_KEY} record")
+    return (f"the adapter at {adapter_dir} trains embedding rows for tokens added to the tokenizer "
+            f"(model.new_special_tokens: ids {_span(beyond)}, past the base model's {base_rows} rows), but {what}: "
+            "the record of the tokens and rows its run added, which the base is resized by before the adapter "
+            "loads")
+
+
+RECORD_HINT = ("copy scaletune.json back from the run's output (OUTPUT_DIR/adapter/scaletune.json, or a checkpoint's "
+               "OUTPUT_DIR/checkpoints/step-N/adapter/scaletune.json, the same for every step)")
+
+
+def check_adapter_record(cfg: Any, adapter_dir: Path, meta: dict) -> None:
+    """Refuse, before the base model loads, an adapter whose new tokens' record is gone (`missing_record`)."""
+    from .errors import UserError
+
+    if problem := record_problem(cfg, adapter_dir, meta):
+        raise UserError(problem, hint=RECORD_HINT)
+
+
+def record_problem(cfg: Any, adapter_dir: Path, meta: dict) -> str | None:
+    """`missing_record` against the base model's vocabulary (its config's vocab_size: the embedding rows)."""
+    from .seqlen import read_model_config
+
+    saved = meta.get(META_KEY)
+    if (isinstance(saved, dict) and saved.get("rows")) or not saved_rows(adapter_dir):
+        return None  # (the base model's config is read only for an adapter that may need it)
+    conf = read_model_config(cfg)
+    rows = getattr(conf.get_text_config(), "vocab_size", None) if hasattr(conf, "get_text_config") else None
+    rows = rows if isinstance(rows, int) else getattr(conf, "vocab_size", None)
+    return missing_record(adapter_dir, meta, rows) if isinstance(rows, int) else None
+
+
+def init_problem(cfg: Any, adapter_dir: Path, meta: dict) -> str | None:
+    """model.init_adapter's adapter against the run's model.new_special_tokens: its trained rows are its tokens',
+    so the run must list the same tokens in the same order (the same ids); a run adding none, or other ones,
+    would start rows from another token's values or leave them at the mean without a word."""
+    if problem := record_problem(cfg, adapter_dir, meta):
+        return f"model.init_adapter: {problem}"
+    saved = meta.get(META_KEY)
+    theirs = list(saved.get("tokens") or {}) if isinstance(saved, dict) else []
+    ours = list(cfg.model.new_special_tokens or [])
+    if theirs == ours:
+        return None
+    said = f"model.new_special_tokens {theirs}" if theirs else "no model.new_special_tokens"
+    fix = (f"set model.new_special_tokens: {theirs} (in that order: the same ids)" if theirs else
+           "drop model.new_special_tokens, or start without model.init_adapter")
+    return (f"model.init_adapter: {adapter_dir} was trained with {said}, but this run lists "
+            f"{ours if ours else 'none'}: its trained embedding rows belong to its tokens; {fix}")
 
 
 def fit_embeddings(model: Any, tokenizer: Any) -> list[int]:

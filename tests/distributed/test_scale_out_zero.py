@@ -9,7 +9,9 @@ on CPU), each checked against a forked single-process run where there is one:
   (8-bit + ZeRO-3, fp16 on CPU) are refused with exit 2 before any process is launched;
 * Adafactor trains and resumes exactly under ZeRO-2 (optimizer offloaded) and ZeRO-3; train.eval_generate's
   ranks share the answers, which equal one process's, as a launched `eval --generate`'s do; tasks dpo and kto
-  (forwards with the adapter off) follow the single-process loss curve and eval under ZeRO-3.
+  (forwards with the adapter off) follow the single-process loss curve and eval under ZeRO-3;
+* model.new_special_tokens trains the new embedding rows under ZeRO-2 as one process does (curve, eval, the saved
+  rows), and is refused under ZeRO-3 before any process is launched.
 
 The CLI runners and the `world` fixture (tiny Llama, data, `world.cfg` run configs) are test_scale_out.py's;
 this module has a world of its own.
@@ -325,3 +327,54 @@ def test_preference_tasks_under_zero3_follow_one_process(world, task, start):
     evals = [helpers.read_metrics(run, "eval")[-1] for run in (one, zero3)]
     assert evals[1]["loss"] == pytest.approx(evals[0]["loss"], rel=1e-4)
     assert_same_curve(losses(one), losses(zero3), range(1, 4))
+
+
+# ------------------------------------------------------------------------------------------------
+# model.new_special_tokens: the resized embedding's new rows, trained as peft's trainable tokens
+
+NEW_TOKENS = ["<|im_start|>", "<|im_end|>"]
+
+
+def test_new_special_tokens_under_zero2_follow_one_process(world):
+    """model.new_special_tokens (chatml rendering every turn between the two new tokens) under ZeRO-2: the loss
+    curve and eval follow one process's, and the saved adapter's trained rows (the input embedding's and the
+    untied LM head's trainable-token deltas) are non-empty and equal one process's."""
+    from safetensors.torch import load_file
+
+    evalf = helpers.write_jsonl(world.root / "new_tokens_eval.jsonl", helpers.alpaca_records(5, seed=1))
+    cfg = world.cfg("new_tokens_z2", model={"new_special_tokens": NEW_TOKENS},
+                    data={"chat_template": "chatml", "eval": str(evalf)},
+                    train={"max_steps": 3, "eval_every": 3, "save_every": None})
+    one, zero = world.root / "new_tokens_one", world.root / "new_tokens_zero2"
+    run_forked(world, ["train", str(cfg), f"output_dir={one}"])
+    run_cli(world, _scaletune("launch", str(cfg), f"output_dir={zero}", "distributed.zero_stage=2", "--nproc", "2",
+                              "--master-port", str(helpers.free_port())))
+    assert_same_curve(losses(one), losses(zero), range(1, 4))
+    evals = [helpers.read_metrics(run, "eval")[-1] for run in (one, zero)]
+    assert evals[1]["loss"] == pytest.approx(evals[0]["loss"], rel=1e-4)
+    want = load_file(str(one / "adapter" / "adapter_model.safetensors"))
+    have = load_file(str(zero / "adapter" / "adapter_model.safetensors"))
+    assert sorted(have) == sorted(want)
+    rows = [k for k in want if "trainable_tokens_delta" in k]
+    assert len(rows) == 2 and all(have[k].shape == (2, 32) for k in rows), rows  # embed_tokens' and lm_head's
+    mean = load_file(str(world.model / "model.safetensors"))["model.embed_tokens.weight"].mean(0)
+    assert (have[rows[0]] - mean).abs().max() > 1e-3  # trained away from their start
+    for name, w in want.items():
+        torch.testing.assert_close(have[name], w, rtol=1e-4, atol=1e-6, msg=name)
+    meta = [json.loads((run / "adapter" / "scaletune.json").read_text())["new_special_tokens"] for run in (one, zero)]
+    assert meta[0] == meta[1] and meta[0]["trained"]
+
+
+@pytest.mark.parametrize("how", ["train", "launch"])
+def test_new_special_tokens_under_zero3_are_refused_before_launch(world, how):
+    """peft's trainable tokens read the whole embedding table, which ZeRO-3 partitions (their set-up gathers it
+    onto a CUDA device only, their forward reads it outside the table's own forward): refused by the config check,
+    exit 2, before any process is launched."""
+    cfg = world.cfg("new_tokens_z3", model={"new_special_tokens": NEW_TOKENS}, data={"chat_template": "chatml"},
+                    distributed={"zero_stage": 3})
+    out = world.root / f"new_tokens_zero3_{how}"
+    extra = ["--nproc", "2", "--master-port", str(helpers.free_port())] if how == "launch" else []
+    text = run_forked(world, [how, str(cfg), f"output_dir={out}", *extra], expect=2)
+    assert "model.new_special_tokens: not with distributed.zero_stage=3" in text and "Traceback" not in text
+    assert " launch --" not in text, "an accelerate command was started before the refusal"
+    assert not out.exists()
