@@ -306,3 +306,39 @@ def test_init_adapter_without_tokens_is_refused_for_a_run_adding_them(capsys, ma
                      output_dir=str(tmp_path / "second"))
     code, _, err = run_cli(["train", second], capsys)
     assert_clean_error(code, err, "was trained with no model.new_special_tokens", "drop model.new_special_tokens")
+
+
+def test_a_head_trained_in_full_takes_the_new_rows_with_it(capsys, make_config, tmp_path):
+    """peft.modules_to_save [lm_head] (the demo's config) with new tokens: peft refuses trainable tokens on a
+    module it also trains in full, so the head's new rows train with the rest of it (it was an error from
+    inside peft after tokenising)."""
+    path = _config(make_config, peft={"modules_to_save": ["lm_head"]}, train={"max_steps": 2, "eval_every": 2})
+    code, _, err = run_cli(["train", path], capsys)
+    assert code == 0, err
+    saved = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    head = [v for k, v in saved.items() if "lm_head" in k and "trainable_tokens" not in k]
+    base = _base_table(_run_config(path))
+    assert head and head[0].shape[0] == base.shape[0] + 2  # the whole (resized) head
+    assert any("embed_tokens" in k and "trainable_tokens" in k for k in saved)  # the input rows as before
+    code, _, err = run_cli(["eval", path], capsys)
+    assert code == 0, err
+
+
+def test_the_merged_chatml_template_leads_with_bos_as_training_did(capsys, make_config, tmp_path):
+    """A base whose tokenizer adds BOS itself trains each chatml sequence led by BOS; `apply_chat_template(...,
+    tokenize=True)` adds no special tokens, so the merged tokenizer's template must render it (it did not: the
+    merged model was prompted without the BOS it was trained with, and generated otherwise than `predict`)."""
+    from transformers import AutoTokenizer
+
+    from scaletune.model import load_tokenizer
+    from scaletune.tasks.causal_lm import leading_bos
+
+    path = _config(make_config, train={"max_steps": 1})
+    assert run_cli(["train", path], capsys)[0] == 0
+    assert run_cli(["merge", path, "--out", tmp_path / "merged"], capsys)[0] == 0
+    tok = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    assert leading_bos(load_tokenizer(_run_config(path))) is not None  # (the case: else nothing to lead with)
+    chat = [{"role": "user", "content": "hi"}]
+    ids = tok.apply_chat_template(chat, tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"]
+    text = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert ids == tok(text)["input_ids"] and ids[0] == tok.bos_token_id

@@ -174,3 +174,16 @@ def test_bad_reward_configs_are_refused(task, changes, says):
 def test_reward_reads_chat_templates_and_max_prompt_length():
     assert task_config_problems("reward", data={"max_prompt_length": 16, "chat_template": "chatml"}) == []
     assert task_config_problems("reward", train={"best_metric": "accuracy"}, data={"eval": "e.jsonl"}) == []
+
+
+def test_a_predict_line_with_an_empty_answer_is_named_as_such(make_config, tmp_path, capsys):
+    """The predict line's answer is no training pair's `chosen`: the message says what is wrong with the line
+    (it said "field 'chosen' is empty (nothing to learn from)")."""
+    path = make_config("reward", n=8, train={"max_steps": 1}, data={"eval": None})
+    assert run_cli(["train", path], capsys)[0] == 0
+    for line in ({"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "assistant", "content": " "}]},
+                 {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]}):
+        write_jsonl(tmp_path / "in.jsonl", [line])
+        code, _, err = run_cli(["predict", path, "--input", tmp_path / "in.jsonl"], capsys)
+        assert_clean_error(code, err, "in.jsonl:1", "the answer to score is empty")
+        assert "chosen" not in err and "learn" not in err

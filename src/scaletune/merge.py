@@ -52,6 +52,8 @@ def run_merge(cfg: RunConfig, adapter: str | None, out_dir: str) -> Path:
         tokenizer.chat_template = alpaca_style_template(tokenizer)
         log.info("merge: the merged tokenizer's chat template is scaletune's Alpaca-style rendering, which "
                  "the adapter was trained with")
+    elif cfg.data.chat_template not in (None, "default"):
+        bos_led_template(tokenizer)
     try:
         merged.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
@@ -68,3 +70,22 @@ def run_merge(cfg: RunConfig, adapter: str | None, out_dir: str) -> Path:
         raise write_error(exc, f"--out {target}", "nothing was left there; free disk space (or fix "
                                                   "permissions) and run merge again") from None
     return target
+
+
+def bos_led_template(tokenizer: object) -> None:
+    """Lead the chat template data.chat_template chose (chatml, a file) with BOS where training led each sequence
+    with it (a tokenizer that adds BOS itself, as Llama's; the template renders none): `apply_chat_template(...,
+    tokenize=True)` on the merged model adds no special tokens of its own, so it would otherwise give ids without
+    the BOS the model was trained (and `predict` prompts) with."""
+    from .tasks.causal_lm import leading_bos
+
+    template, bos = getattr(tokenizer, "chat_template", None), getattr(tokenizer, "bos_token", None)
+    if not isinstance(template, str) or not bos or leading_bos(tokenizer) is None:
+        return
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
+    except Exception:  # noqa: BLE001  (a template needing more than one user turn: left as it is)
+        return
+    if not text.startswith(bos):
+        tokenizer.chat_template = "{{ bos_token }}" + template
+        log.info("merge: the merged tokenizer's chat template is led by %s, as training led each sequence", bos)

@@ -400,7 +400,8 @@ def apply_adapter(model: Any, cfg: RunConfig, task: Any, total_steps: int | None
     from .new_tokens import set_token_indices, token_indices
 
     pconf = peft_config(cfg, task.peft_task_type, total_steps)
-    set_token_indices(pconf, token_indices(model, new_ids or []), cfg.peft_method)
+    set_token_indices(pconf, token_indices(model, new_ids or [], cfg.peft.get("modules_to_save")),
+                      cfg.peft_method)
     if fused_lora_applies(cfg):
         from .adapters.lora_addmm import use_addmm_lora
 

@@ -71,13 +71,13 @@ def add_to_tokenizer(tokenizer: Any, tokens: list[str]) -> None:
     have = [t for t in tokens if t in known]
     if have:
         log.info("model.new_special_tokens: the tokenizer has %s already (not added again)",
-                 ", ".join(f"{t!r} (id {known[t]})" for t in have))
+                 _few([f"{t!r} (id {known[t]})" for t in have]))
     base_length = len(tokenizer)
     added = [t for t in tokens if t not in known]
     if added:
         tokenizer.add_special_tokens({"extra_special_tokens": added}, replace_extra_special_tokens=False)
-        log.info("model.new_special_tokens: added %s", ", ".join(f"{t!r} (id {tokenizer.convert_tokens_to_ids(t)})"
-                                                                 for t in added))
+        log.info("model.new_special_tokens: added %s",
+                 _few([f"{t!r} (id {tokenizer.convert_tokens_to_ids(t)})" for t in added]))
     # (the listed tokens the tokenizer had may still lack a model row: `fit_embeddings` checks against the model)
     setattr(tokenizer, _ATTR, {"tokens": {t: tokenizer.convert_tokens_to_ids(t) for t in tokens},
                                "added": added, "base_length": base_length})
@@ -209,16 +209,26 @@ def _tables(model: Any) -> list[Any]:
 
 def _span(ids: list[int]) -> str:
     """Ids for a log line: a few, then how many more."""
-    return ", ".join(map(str, ids[:6])) + (f" ... ({len(ids)})" if len(ids) > 6 else "")
+    return _few(list(map(str, ids)))
 
 
-def token_indices(model: Any, ids: list[int]) -> dict[str, list[int]] | None:
+def _few(items: list[str]) -> str:
+    """Items for a log line: a few, then how many in all (a list of thousands of tokens is no log line)."""
+    return ", ".join(items[:6]) + (f" ... ({len(items)})" if len(items) > 6 else "")
+
+
+def token_indices(model: Any, ids: list[int], modules_to_save: list[str] | None = None) -> dict[str, list[int]] | None:
     """peft's `trainable_token_indices` for `ids` on `model` (before peft wraps it): the input embedding's rows,
-    and the LM head's where it is not tied to it (peft ties the rows of a tied head itself)."""
+    and the LM head's where it is not tied to it (peft ties the rows of a tied head itself). A table named in
+    peft.modules_to_save (an `lm_head` trained in full) trains its new rows with the rest of it: peft refuses
+    both on one module."""
     if not ids:
         return None
     names = {id(m): n for n, m in model.named_modules()}
-    return {names[id(table)]: list(ids) for table in _tables(model)}
+    full = [str(m) for m in modules_to_save or []]
+    indices = {name: list(ids) for name in (names[id(table)] for table in _tables(model))
+               if not any(name == m or name.endswith("." + m) for m in full)}
+    return indices or None
 
 
 def set_token_indices(pconf: Any, indices: dict[str, list[int]] | None, method: str) -> None:

@@ -94,7 +94,12 @@ class Reward(DPO):
             was = "chats (rendered with the chat template)" if trained in _CHAT else "plain-text pairs (no template)"
             raise DataError(f"{where}: the line is {said}, but this reward model was trained on {was}: its "
                             "rewards would be read from text it never saw", hint=f"give {_PREDICT_SHAPES}")
-        side = one_answer(rec, kind)
+        try:
+            side = one_answer(rec, kind)
+        except DataError as exc:  # (worded for a training pair: the line's answer is no field `chosen` here)
+            raise DataError([p.replace("field 'chosen'", "the answer to score").replace(
+                "(nothing to learn from)", "(nothing to score)") for p in exc.problems],
+                hint=exc.hint or f"give {_PREDICT_SHAPES}") from None
         answer = side["segments"][-1][0] if "segments" in side else side["messages"][-1]["content"]
         return answer, to_segments(side, tokenizer, where)
 
