@@ -28,6 +28,15 @@ def _relative_run(make_config, tmp_path, monkeypatch, capsys, task="causal_lm"):
     return path, tmp_path / "runs" / "first"
 
 
+def _resume_from_elsewhere(run, where, monkeypatch, capsys) -> None:
+    """`train RUN --resume auto train.max_steps=5` from directory `where`: it goes on from the run's step-3
+    checkpoint (its config not refused as another run's)."""
+    monkeypatch.chdir(where)
+    code, _, err = run_cli(["train", str(run), "--resume", "auto", "train.max_steps=5"], capsys)
+    assert code == 0, err
+    assert "checkpoints/step-3" in json.loads((run / "run.json").read_text())["resumed_from"]
+
+
 def test_eval_of_a_run_directory_from_elsewhere_is_the_runs_eval(make_config, tmp_path, monkeypatch, capsys):
     path, run = _relative_run(make_config, tmp_path, monkeypatch, capsys)
     code, out, err = run_cli(["eval", path.name, "train.max_steps=3", "train.learning_rate=1e-3", "--json"], capsys)
@@ -63,12 +72,9 @@ def test_train_resumes_from_its_run_directory(make_config, tmp_path, monkeypatch
     """`scaletune train OUTPUT_DIR --resume auto`: the run's own config goes on (its paths made absolute are
     the same files, so the checkpoint is no foreign run's)."""
     _, run = _relative_run(make_config, tmp_path, monkeypatch, capsys)
-    monkeypatch.chdir(tmp_path / "data")
-    code, out, err = run_cli(["train", str(run), "--resume", "auto", "train.max_steps=5"], capsys)
-    assert code == 0, err
+    _resume_from_elsewhere(run, tmp_path / "data", monkeypatch, capsys)
     steps = [json.loads(line).get("step") for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert max(s for s in steps if s is not None) == 5
-    assert "checkpoints/step-3" in json.loads((run / "run.json").read_text())["resumed_from"]
 
 
 def test_a_directory_that_is_no_run_is_refused_in_one_screen(tmp_path, capsys):
@@ -101,11 +107,7 @@ def test_train_resumes_a_run_with_a_relative_pattern_item_from_elsewhere(make_co
     monkeypatch.chdir(tmp_path)
     code, _, err = run_cli(["train", path.name, "train.max_steps=3"], capsys)
     assert code == 0, err
-    monkeypatch.chdir(tmp_path / "data")
-    run = tmp_path / "runs" / "pattern"
-    code, _, err = run_cli(["train", str(run), "--resume", "auto", "train.max_steps=5"], capsys)
-    assert code == 0, err
-    assert "checkpoints/step-3" in json.loads((run / "run.json").read_text())["resumed_from"]
+    _resume_from_elsewhere(tmp_path / "runs" / "pattern", tmp_path / "data", monkeypatch, capsys)
 
 
 def test_a_run_json_with_odd_resumes_still_reads(tmp_path, capsys):
@@ -130,11 +132,7 @@ def test_train_resumes_a_run_with_a_relative_init_adapter_from_elsewhere(make_co
                             "output_dir=runs/second", f"model.init_adapter={os.path.relpath(first, tmp_path)}/adapter"],
                            capsys)
     assert code == 0, err
-    monkeypatch.chdir(tmp_path / "data")
-    run = tmp_path / "runs" / "second"
-    code, _, err = run_cli(["train", str(run), "--resume", "auto", "train.max_steps=5"], capsys)
-    assert code == 0, err
-    assert "checkpoints/step-3" in json.loads((run / "run.json").read_text())["resumed_from"]
+    _resume_from_elsewhere(tmp_path / "runs" / "second", tmp_path / "data", monkeypatch, capsys)
 
 
 def test_a_recursive_pattern_is_read_from_where_the_run_started(tmp_path, monkeypatch):
