@@ -3,6 +3,7 @@
 
     python benchmarks/dpo_bench.py --data ../shared/data/alpaca_demo/dpo_en_demo.json
     python benchmarks/dpo_bench.py --smoke          # tiny model, generated pairs, seconds
+    python benchmarks/dpo_bench.py --task reward    # scaletune `task: reward` vs TRL RewardTrainer + peft
 
 What is held equal (see benchmarks/README.md):
   * one randomly initialised Llama-architecture model (built once from a LlamaConfig, saved, loaded by both),
@@ -24,6 +25,15 @@ Measured per tool, each in its own subprocess (peak RSS is per tool): the traini
 first step), pairs/s, answer tokens/s (target positions of chosen + rejected, counted on the batches each tool
 fed its model), peak RSS, first loss (log 2 = 0.6931 for both: the adapter starts at zero, so policy =
 reference) and final loss = mean of the last 5 step losses (both log the mean over the step's pairs).
+
+--task reward: scaletune `task: reward` vs TRL RewardTrainer + peft (task_type SEQ_CLS, modules_to_save score),
+the same way, with these differences: the model is saved once as a LlamaForSequenceClassification (num_labels 1)
+with its randomly initialised score head, which both load, so both start from the same head and the same first
+loss (not log 2); each row is BOS + prompt + answer + EOS in both (TRL 1.16 appends the EOS text to plain-text
+answers and tokenises prompt + answer as one text; scaletune's rows are task dpo's), the reward is read at the
+last non-pad token (pad <pad> != eos, so at the EOS); TRL drops pairs longer than max_length instead of cutting
+them, so pairs whose chosen or rejected row exceeds max_length are left out for both; "tokens" counts every
+non-pad position of the rows fed (chosen + rejected).
 """
 
 from __future__ import annotations
@@ -45,7 +55,8 @@ from bench import _clock_callback, _cpu, _hf_common_args, _losses, _peak_rss_mb,
 IGNORE = -100
 DEFAULT_DATA = "../shared/data/alpaca_demo/dpo_en_demo.json"
 TOOLS = ("scaletune", "trl")
-LABELS = {"scaletune": "scaletune task: dpo", "trl": "TRL DPOTrainer + peft"}
+LABELS = {"dpo": {"scaletune": "scaletune task: dpo", "trl": "TRL DPOTrainer + peft"},
+          "reward": {"scaletune": "scaletune task: reward", "trl": "TRL RewardTrainer + peft"}}
 # Llama-architecture sizes (untied LM head). "small" is the default: a real run takes a few minutes on 2 cores.
 SIZES = {
     "tiny": dict(hidden=32, layers=2, heads=4, kv_heads=4, intermediate=64, vocab=512),
@@ -77,10 +88,14 @@ def smoke_pairs(n: int = 24, seed: int = 0) -> list[dict]:
             for i in range(n)]
 
 
-def fits(pair: dict, tok, max_prompt_length: int) -> bool:
+def fits(pair: dict, tok, max_prompt_length: int, max_length: int | None = None) -> bool:
     """Whether a pair's prompt (BOS included) fits max_prompt_length: longer ones would be cut by scaletune
-    (data.max_prompt_length) but not by TRL 1.16, which has no such setting."""
-    return len(tok(pair["prompt"])["input_ids"]) <= max_prompt_length
+    (data.max_prompt_length) but not by TRL 1.16, which has no such setting. With max_length (--task reward),
+    also whether both rows (BOS + prompt + answer + EOS) fit it: TRL's RewardTrainer drops longer pairs."""
+    if len(tok(pair["prompt"])["input_ids"]) > max_prompt_length:
+        return False
+    return max_length is None or all(len(tok(pair["prompt"] + pair[k] + tok.eos_token)["input_ids"]) <= max_length
+                                     for k in ("chosen", "rejected"))
 
 
 def load_pairs(args) -> list[dict]:
@@ -100,18 +115,20 @@ def scaletune_order(n: int, seed: int, global_batch: int) -> list[int]:
 
 
 def build_model(args, tok, workdir: Path) -> tuple[str, int]:
-    """A random Llama model of --size with `tok`, saved once for both tools; (its folder, its parameters)."""
+    """A random Llama model of --size with `tok`, saved once for both tools; (its folder, its parameters). With
+    --task reward a sequence classifier of one output: its random score head is saved too, so both load it."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
     size = dict(SIZES[args.size])
     config = LlamaConfig(vocab_size=max(size["vocab"], len(tok)), hidden_size=size["hidden"],
                          intermediate_size=size["intermediate"], num_hidden_layers=size["layers"],
                          num_attention_heads=size["heads"], num_key_value_heads=size["kv_heads"],
                          max_position_embeddings=max(args.max_length, 512), bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
+                         **({"num_labels": 1} if args.task == "reward" else {}))
     torch.manual_seed(args.seed)
-    model = LlamaForCausalLM(config)
+    model = (LlamaForSequenceClassification if args.task == "reward" else LlamaForCausalLM)(config)
     model_dir = workdir / "model"
     model.save_pretrained(str(model_dir), safe_serialization=True)
     tok.save_pretrained(str(model_dir))
@@ -126,10 +143,12 @@ def prepare(args, workdir: Path) -> dict:
     pairs = load_pairs(args)
     tok = train_tokenizer([p["prompt"] + p["chosen"] + p["rejected"] for p in pairs], "bpe",
                           SIZES[args.size]["vocab"])
-    usable = [p for p in pairs if fits(p, tok, args.max_prompt_length)]
+    usable = [p for p in pairs
+              if fits(p, tok, args.max_prompt_length, args.max_length if args.task == "reward" else None)]
     n = args.steps * args.global_batch
     if len(usable) < n:
-        raise SystemExit(f"need {n} pairs with a prompt of at most {args.max_prompt_length} tokens for "
+        raise SystemExit(f"need {n} pairs with a prompt of at most {args.max_prompt_length} tokens (reward: "
+                         f"and rows of at most {args.max_length}) for "
                          f"{args.steps} steps x {args.global_batch}, have {len(usable)} of {len(pairs)}")
     subset = random.Random(args.seed).sample(usable, n)
     order = scaletune_order(n, args.seed, args.global_batch)
@@ -140,7 +159,7 @@ def prepare(args, workdir: Path) -> dict:
             "data_in_step_order": str(workdir / "train_steps.json"), "workdir": str(workdir),
             "steps": args.steps, "global_batch": args.global_batch, "micro": args.micro,
             "max_length": args.max_length, "max_prompt_length": args.max_prompt_length, "lr": args.lr,
-            "beta": args.beta, "seed": args.seed, "threads": args.threads,
+            "beta": args.beta, "seed": args.seed, "threads": args.threads, "task": args.task,
             "info": {"size": args.size, "params": params, "tokenizer_vocab": len(tok), "pairs": n,
                      "pairs_in_file": len(pairs), "usable": len(usable)}}
 
@@ -150,6 +169,11 @@ def prepare(args, workdir: Path) -> dict:
 
 def _lora_kwargs() -> dict:
     return dict(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0)
+
+
+def row_tokens(batch: dict) -> int:
+    """--task reward: the non-pad positions of a batch's rows (chosen and rejected), all of which the model reads."""
+    return int(batch["attention_mask"].sum())
 
 
 def answer_tokens(labels_or_mask, is_mask: bool = False) -> int:
@@ -166,8 +190,9 @@ def worker_scaletune(spec: dict) -> dict:
     from scaletune.tasks.dpo import DPO
     from scaletune.train import StopFlag, setup
 
+    reward = spec["task"] == "reward"
     out = Path(spec["workdir"]) / f"out_scaletune_{os.getpid()}"
-    raw = {"task": "dpo", "model": {"name_or_path": spec["model_dir"], "dtype": "float32"},
+    raw = {"task": spec["task"], "model": {"name_or_path": spec["model_dir"], "dtype": "float32"},
            "data": {"train": spec["data"], "max_length": spec["max_length"],
                     "max_prompt_length": spec["max_prompt_length"],
                     "group_by_length": False,  # so TRL can take the same pairs in the same steps
@@ -177,15 +202,15 @@ def worker_scaletune(spec: dict) -> dict:
                      "max_steps": spec["steps"], "learning_rate": spec["lr"], "lr_scheduler": "cosine",
                      "warmup_steps": 1, "weight_decay": 0.0, "max_grad_norm": 1.0, "mixed_precision": "no",
                      "seed": spec["seed"], "eval_every": None, "save_every": None, "log_every": 1,
-                     "report_to": [], "dpo_beta": spec["beta"], "dpo_loss": "sigmoid"},
+                     "report_to": [], **({} if reward else {"dpo_beta": spec["beta"], "dpo_loss": "sigmoid"})},
            "output_dir": str(out)}
     run, _ = setup(from_dict(raw), overwrite=True)
     counted = {"tokens": 0}
     collate = DPO.collate
 
-    def counting_collate(self, examples, pad_id):  # counts what the model is really fed
+    def counting_collate(self, examples, pad_id):  # counts what the model is really fed (Reward's is DPO's)
         batch = collate(self, examples, pad_id)
-        counted["tokens"] += answer_tokens(batch["labels"])
+        counted["tokens"] += row_tokens(batch) if reward else answer_tokens(batch["labels"])
         return batch
 
     DPO.collate = counting_collate
@@ -245,9 +270,48 @@ def worker_trl(spec: dict) -> dict:
             "steps": trainer.state.global_step, "losses": _losses(trainer)}
 
 
+def worker_trl_reward(spec: dict) -> dict:
+    t0 = time.perf_counter()
+    import datasets
+    import peft
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from trl import RewardConfig, RewardTrainer
+
+    tok = AutoTokenizer.from_pretrained(spec["model_dir"])
+    ds = datasets.Dataset.from_list(json.loads(Path(spec["data_in_step_order"]).read_text()))
+    model = AutoModelForSequenceClassification.from_pretrained(spec["model_dir"], num_labels=1, dtype=torch.float32)
+    common = _hf_common_args(spec, str(Path(spec["workdir"]) / f"out_trl_{os.getpid()}"))
+    args = RewardConfig(per_device_train_batch_size=spec["micro"],
+                        gradient_accumulation_steps=spec["global_batch"] // spec["micro"], max_steps=spec["steps"],
+                        train_sampling_strategy="sequential",  # the file is already in scaletune's step order
+                        max_length=spec["max_length"], center_rewards_coefficient=None, **common)
+    trainer = RewardTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
+                            peft_config=peft.LoraConfig(task_type="SEQ_CLS", modules_to_save=["score"],
+                                                        **_lora_kwargs()))
+    counted = {"tokens": 0}
+    inner = trainer.data_collator
+
+    def counting_collator(features):  # counts what the model is really fed
+        batch = inner(features)
+        counted["tokens"] += row_tokens(batch)
+        return batch
+
+    trainer.data_collator = counting_collator
+    stamps: dict = {}
+    trainer.add_callback(_clock_callback(stamps))
+    trainer.train()
+    t2, c2 = time.perf_counter(), _cpu()
+    t1, c1 = stamps["start"]
+    return {"setup_s": t1 - t0, "train_s": t2 - t1, "cpu_s": c2 - c1,
+            "pairs": trainer.state.global_step * spec["global_batch"], "answer_tokens": counted["tokens"],
+            "steps": trainer.state.global_step, "losses": _losses(trainer)}
+
+
 def run_worker(spec_path: str) -> None:
     spec = worker_spec(spec_path)
-    res = {"scaletune": worker_scaletune, "trl": worker_trl}[spec["tool"]](spec)
+    trl = worker_trl_reward if spec["task"] == "reward" else worker_trl
+    res = {"scaletune": worker_scaletune, "trl": trl}[spec["tool"]](spec)
     res["peak_mb"] = _peak_rss_mb()
     Path(spec["result"]).write_text(json.dumps(res))
 
@@ -282,32 +346,37 @@ def summarise(results: dict[str, list[dict]]) -> dict[str, dict]:
     return out
 
 
-def table(summary: dict[str, dict]) -> str:
-    lines = ["| tool | wall s (loop) | setup s | steps | pairs | answer tokens | pairs/s | answer tok/s | peak MB "
-             "| first loss | final loss |",
+def table(summary: dict[str, dict], task: str = "dpo") -> str:
+    what = "tokens" if task == "reward" else "answer tokens"
+    lines = [f"| tool | wall s (loop) | setup s | steps | pairs | {what} | pairs/s | {what.replace('tokens', 'tok')}/s "
+             "| peak MB | first loss | final loss |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for tool, s in summary.items():
-        lines.append(f"| {LABELS[tool]} | {s['train_s']:.2f} | {s['setup_s']:.2f} | {s['steps']} | {s['pairs']} | "
+        lines.append(f"| {LABELS[task][tool]} | {s['train_s']:.2f} | {s['setup_s']:.2f} | {s['steps']} | {s['pairs']} | "
                      f"{s['answer_tokens']} | {s['pairs_s']:.2f} | {s['tok_s']:.1f} | {s['peak_mb']:.0f} | "
                      f"{s['first_loss']:.4f} | {s['final_loss']:.4f} |")
     return "\n".join(lines)
 
 
-def ratios(summary: dict[str, dict]) -> list[str]:
+def ratios(summary: dict[str, dict], task: str = "dpo") -> list[str]:
     if not {"scaletune", "trl"} <= set(summary):
         return []
     a, b = summary["scaletune"], summary["trl"]
     steps = min(len(a["losses"]), len(b["losses"]))
     gap = max((abs(x - y) for x, y in zip(a["losses"][:steps], b["losses"][:steps])), default=float("nan"))
-    return [f"scaletune / TRL: pairs/s x{a['pairs_s'] / b['pairs_s']:.2f}, answer tok/s x{a['tok_s'] / b['tok_s']:.2f}, "
-            f"wall x{b['train_s'] / a['train_s']:.2f} faster, peak mem x{a['peak_mb'] / b['peak_mb']:.2f}, "
-            f"final loss {a['final_loss'] - b['final_loss']:+.4f} (largest per-step loss gap {gap:.4f}; "
-            f"log 2 = {math.log(2):.4f})"]
+    start = "" if task == "reward" else f"; log 2 = {math.log(2):.4f}"
+    what = "tok/s" if task == "reward" else "answer tok/s"
+    return [f"scaletune / TRL: pairs/s x{a['pairs_s'] / b['pairs_s']:.2f}, {what} x{a['tok_s'] / b['tok_s']:.2f}, "
+            f"wall x{b['train_s'] / a['train_s']:.2f} faster, CPU x{b['cpu_s'] / a['cpu_s']:.2f} less, "
+            f"peak mem x{a['peak_mb'] / b['peak_mb']:.2f}, "
+            f"final loss {a['final_loss'] - b['final_loss']:+.4f} (largest per-step loss gap {gap:.2g}{start})"]
 
 
 def parse(argv: list[str] | None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--task", choices=sorted(LABELS), default="dpo",
+                    help="dpo: vs TRL DPOTrainer; reward: scaletune task reward vs TRL RewardTrainer")
     ap.add_argument("--size", choices=sorted(SIZES), default="small")
     ap.add_argument("--data", default=DEFAULT_DATA, help="LLaMA-Factory preference JSON (conversations/chosen/rejected)")
     ap.add_argument("--steps", type=int, default=10)
@@ -336,10 +405,10 @@ def parse(argv: list[str] | None):
     return args
 
 
-def report(summary: dict[str, dict], repeats: int) -> None:
+def report(summary: dict[str, dict], repeats: int, task: str = "dpo") -> None:
     print(f"\nmedian of {repeats} repeat(s):")
-    print(table(summary))
-    for line in ratios(summary):
+    print(table(summary, task))
+    for line in ratios(summary, task):
         print(line)
 
 
@@ -351,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     tools = [t.strip() for t in args.tools.split(",") if t.strip()]
     if bad := [t for t in tools if t not in TOOLS]:
         raise SystemExit(f"unknown tools {bad}; choose from {TOOLS}")
-    tmp = None if args.workdir else tempfile.TemporaryDirectory(prefix="scaletune-dpo-bench-")
+    tmp = None if args.workdir else tempfile.TemporaryDirectory(prefix=f"scaletune-{args.task}-bench-")
     workdir = Path(args.workdir or tmp.name).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "SCALETUNE_NO_PROGRESS": "1", "SCALETUNE_CACHE": str(workdir / "cache"),
@@ -360,9 +429,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     spec = prepare(args, workdir)
     info = spec["info"]
+    rows = f" and rows of at most {args.max_length}" if args.task == "reward" else ""
     print(f"model: llama {args.size} ({info['params'] / 1e6:.1f}M params, tokenizer {info['tokenizer_vocab']}), "
           f"{info['pairs']} pairs ({info['usable']} of {info['pairs_in_file']} have a prompt of at most "
-          f"{args.max_prompt_length} tokens); prepared in {time.perf_counter() - t0:.1f}s", flush=True)
+          f"{args.max_prompt_length} tokens{rows}); prepared in {time.perf_counter() - t0:.1f}s", flush=True)
     results: dict[str, list[dict]] = {t: [] for t in tools}
     for rep in range(args.repeats):
         for tool in tools if rep % 2 == 0 else tools[::-1]:  # interleaved, alternating order
@@ -372,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{res['setup_s']:.2f}s, {res['steps']} steps, {res['pairs_s']:.2f} pairs/s, peak "
                   f"{res['peak_mb']:.0f} MB, losses {' '.join(f'{x:.4f}' for x in res['losses'])}", flush=True)
     summary = summarise(results)
-    report(summary, args.repeats)
+    report(summary, args.repeats, args.task)
     if args.json:
         Path(args.json).write_text(json.dumps({"info": info, "summary": summary}, indent=1))
     if tmp is not None:
