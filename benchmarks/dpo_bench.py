@@ -251,23 +251,7 @@ def worker_trl(spec: dict) -> dict:
                      truncation_mode="keep_start", precompute_ref_log_probs=False, **common)
     trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=ds, processing_class=tok,
                          peft_config=peft.LoraConfig(task_type="CAUSAL_LM", **_lora_kwargs()))
-    counted = {"tokens": 0}
-    inner = trainer.data_collator
-
-    def counting_collator(features):  # counts what the model is really fed
-        batch = inner(features)
-        counted["tokens"] += answer_tokens(batch["completion_mask"], is_mask=True)
-        return batch
-
-    trainer.data_collator = counting_collator
-    stamps: dict = {}
-    trainer.add_callback(_clock_callback(stamps))
-    trainer.train()
-    t2, c2 = time.perf_counter(), _cpu()
-    t1, c1 = stamps["start"]
-    return {"setup_s": t1 - t0, "train_s": t2 - t1, "cpu_s": c2 - c1,
-            "pairs": trainer.state.global_step * spec["global_batch"], "answer_tokens": counted["tokens"],
-            "steps": trainer.state.global_step, "losses": _losses(trainer)}
+    return _train_trl(trainer, spec, t0, lambda batch: answer_tokens(batch["completion_mask"], is_mask=True))
 
 
 def worker_trl_reward(spec: dict) -> dict:
@@ -289,12 +273,18 @@ def worker_trl_reward(spec: dict) -> dict:
     trainer = RewardTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
                             peft_config=peft.LoraConfig(task_type="SEQ_CLS", modules_to_save=["score"],
                                                         **_lora_kwargs()))
+    return _train_trl(trainer, spec, t0, row_tokens)
+
+
+def _train_trl(trainer, spec: dict, t0: float, tokens_of) -> dict:
+    """Train a TRL trainer, counting `tokens_of(batch)` over the batches its collator really feeds the model, and
+    time the loop from the first step (`_clock_callback`): the result the driver tabulates."""
     counted = {"tokens": 0}
     inner = trainer.data_collator
 
-    def counting_collator(features):  # counts what the model is really fed
+    def counting_collator(features):
         batch = inner(features)
-        counted["tokens"] += row_tokens(batch)
+        counted["tokens"] += tokens_of(batch)
         return batch
 
     trainer.data_collator = counting_collator
