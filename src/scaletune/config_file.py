@@ -163,11 +163,6 @@ def _parse_yaml(text: str) -> tuple[Any, list[tuple[int, Any, int]]]:
         loader.dispose()
 
 
-# the config keys that name files or directories (a train source may be a {path, weight} item or a pattern)
-_PATH_KEYS = (("data", "train"), ("data", "eval"), ("data", "chat_template"), ("model", "name_or_path"),
-              ("model", "init_adapter"))
-
-
 def read_run_dir(run_dir: Path) -> dict:
     """The config a run trained with, from its output directory's run.json (`scaletune eval RUN_DIR`): the
     resolved config, output_dir the directory it is read from (a run moved since still finds its adapter), and
@@ -178,6 +173,7 @@ def read_run_dir(run_dir: Path) -> dict:
     from glob import glob
 
     from .fileutil import map_paths
+    from .identity import PATH_KEYS  # (the keys a resume compares by what they name: those made absolute here)
 
     where = run_dir / "run.json"
     try:
@@ -200,7 +196,7 @@ def read_run_dir(run_dir: Path) -> dict:
         # (recursive: a data/**/*.jsonl pattern matches data/x.jsonl as training read it, sources._matching_files)
         return there if os.path.exists(there) or glob(there, recursive=True) else spec
 
-    for section, key in _PATH_KEYS:
+    for section, key in PATH_KEYS:
         if isinstance(raw.get(section), dict) and raw[section].get(key) is not None:
             raw[section][key] = map_paths(raw[section][key], absolute)
     raw["output_dir"] = str(run_dir)

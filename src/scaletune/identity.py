@@ -21,8 +21,9 @@ _RESUME_FREE_KEYS = {"train": {"max_steps", "epochs", "eval_every", "save_every"
                                "offload", "backend", "timeout_s"}, "output_dir": True}
 
 
-# (config_file._PATH_KEYS, which `scaletune train OUTPUT_DIR` makes absolute, are these: each must compare by what
-# it names, or a resume from another directory is refused as another run's)
+# The config keys that name files or directories (a train source may be a {path, weight} item or a pattern): compared
+# by what they name at a resume, and made absolute by `scaletune train OUTPUT_DIR` (config_file.read_run_dir), which
+# a resume from another directory must then find the same.
 PATH_KEYS = (("data", "train"), ("data", "eval"), ("data", "chat_template"), ("model", "name_or_path"),
              ("model", "init_adapter"))
 

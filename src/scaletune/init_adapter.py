@@ -39,9 +39,13 @@ def problems(cfg: Any) -> list[str]:
     saved, problem = _saved_config(Path(path))
     if problem:
         return [problem]
-    if task_problem := _task_problem(cfg, Path(path)):
+    from .adapter_record import adapter_meta
+    from .new_tokens import init_problem
+
+    meta = adapter_meta(Path(path))  # (read once: the task and the new tokens it records)
+    if task_problem := _task_problem(cfg, Path(path), meta.get("task")):
         return [task_problem]
-    if tokens_problem := _new_tokens_problem(cfg, Path(path)):
+    if tokens_problem := init_problem(cfg, Path(path), meta):  # (its trained embedding rows are its tokens')
         return [tokens_problem]
     method = str(saved.get("peft_type", "")).lower()
     if method != cfg.peft_method:
@@ -66,14 +70,11 @@ def _config_setting_problems(cfg: Any, saved: dict, path: Path) -> list[str]:
     return _setting_problems({k: v for k, v in run.items() if v is not None}, saved, path)
 
 
-def _task_problem(cfg: Any, path: Path) -> str | None:
+def _task_problem(cfg: Any, path: Path, task: str | None) -> str | None:
     """The adapter's recorded task when it is not the run's, told by the config check (before any tokenising);
     SFT then DPO gets the way that works: dpo and kto score against the adapter switched off, so an SFT adapter
     continued would be pulled back to the base it left, not kept near the SFT model (TRL's and LLaMA-Factory's
-    reference)."""
-    from .adapter_record import adapter_meta
-
-    task = adapter_meta(path).get("task")
+    reference). `task`: the one the adapter's scaletune.json records."""
     if task in (None, cfg.task):
         return None
     if cfg.task in ("dpo", "kto") and task == "causal_lm":
@@ -82,14 +83,6 @@ def _task_problem(cfg: Any, path: Path) -> str | None:
                 f"first (`scaletune merge SFT.yaml --out sft-merged`) and train {cfg.task} with model.name_or_path: "
                 "sft-merged, whose reference is then the SFT model (as in TRL and LLaMA-Factory)")
     return f"{KEY}: task: {cfg.task}, but the adapter was trained for {task} ({path})"
-
-
-def _new_tokens_problem(cfg: Any, path: Path) -> str | None:
-    """The adapter's new special tokens (its trained embedding rows) when they are not the run's."""
-    from .adapter_record import adapter_meta
-    from .new_tokens import init_problem
-
-    return init_problem(cfg, path, adapter_meta(path))
 
 
 def _resumable(cfg: Any) -> bool:
