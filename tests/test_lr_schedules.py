@@ -1,5 +1,5 @@
-"""train.lr_scheduler: the curves with a floor (cosine_with_min_lr, warmup_stable_decay), step by step, each
-continued by a resume, and their keys' checks."""
+"""train.lr_scheduler: the curves with a floor (cosine_with_min_lr, warmup_stable_decay) and inverse_sqrt, step
+by step, each continued by a resume, and their keys' checks."""
 
 from __future__ import annotations
 
@@ -58,6 +58,14 @@ def test_warmup_stable_decay_holds_the_peak_then_decays_to_its_floor_and_resumes
         return 0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * (k - 7) / 3))
 
     assert lrs == pytest.approx([1e-3 * lam(s - 1) for s in range(1, 11)], rel=1e-9)
+
+
+def test_inverse_sqrt_decays_as_the_root_of_the_warmup_over_the_step_and_resumes_on_it(make_config, tmp_path):
+    """inverse_sqrt, warmup 3: linear warmup, then peak x sqrt(3 / k) for the update after k steps, whatever
+    the run's length; a stop at step 4 and a resume give the same curve."""
+    lrs = _lrs_stopped_and_resumed(make_config, tmp_path, 9, 4, lr_scheduler="inverse_sqrt", warmup_steps=3)
+    expected = [1e-3 * (k / 3 if k < 3 else math.sqrt(3 / k)) for k in range(9)]
+    assert lrs == pytest.approx(expected, rel=1e-9)
 
 
 def test_decay_ratio_is_checked_and_only_read_by_its_schedule(make_config, capsys):
