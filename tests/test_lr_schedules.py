@@ -1,15 +1,17 @@
-"""train.lr_scheduler: the curves with a floor (cosine_with_min_lr, warmup_stable_decay) and inverse_sqrt, step
-by step, each continued by a resume, and their keys' checks."""
+"""train.lr_scheduler: the curves with a floor (cosine_with_min_lr, warmup_stable_decay), inverse_sqrt and
+reduce_lr_on_plateau, step by step, each continued by a resume, and their keys' checks."""
 
 from __future__ import annotations
 
 import math
 
 import pytest
+import torch
 
 from scaletune.cli import main
 from scaletune.config import load_config
 from scaletune.loop import fit
+from scaletune.schedules import PlateauLambda
 from scaletune.train import StopFlag, setup
 
 from stutil import StopAt, read_metrics
@@ -66,6 +68,52 @@ def test_inverse_sqrt_decays_as_the_root_of_the_warmup_over_the_step_and_resumes
     lrs = _lrs_stopped_and_resumed(make_config, tmp_path, 9, 4, lr_scheduler="inverse_sqrt", warmup_steps=3)
     expected = [1e-3 * (k / 3 if k < 3 else math.sqrt(3 / k)) for k in range(9)]
     assert lrs == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("lower", [True, False])
+def test_plateau_drops_when_and_as_torchs_reduce_lr_on_plateau_does(lower):
+    """PlateauLambda's drops follow torch's ReduceLROnPlateau (HF Trainer's reduce_lr_on_plateau) eval for
+    eval: the same better-by-1e-4-of-the-best test, patience count and factor, a non-finite eval no better."""
+    values = [1.0, 0.99995, 0.9, 0.95, 0.9, 0.91, 0.5, 0.5, float("nan"), 0.6, 0.6, 0.6, 0.4, 0.4]
+    if not lower:  # (positive: torch scales a negative best the other way, we by its size)
+        values = [2 - v for v in values]
+    param = torch.nn.Parameter(torch.zeros(1))
+    ref = torch.optim.lr_scheduler.ReduceLROnPlateau(torch.optim.SGD([param], lr=1.0), mode="min" if lower else "max",
+                                                     factor=0.5, patience=2)
+    ours = PlateauLambda(0, factor=0.5, patience=2, lower=lower)
+    for v in values:
+        ref.step(v)
+        ours.observe(v)
+        assert ours(100) == pytest.approx(ref.get_last_lr()[0], rel=1e-12)
+    assert ours.drops >= 2  # (the sequence does drop)
+
+
+def test_reduce_lr_on_plateau_drops_after_patience_flat_evals_and_a_resume_keeps_its_count(make_config, tmp_path):
+    """An eval every step, an lr so small the eval loss cannot move by 1e-4 of itself: the first eval sets the
+    best, each later one is no better, and with patience 1 every second one halves the rate from the next step
+    on. The run stops at step 4, one eval after a drop: the resume must carry that count (the drop at 5)."""
+    lrs = _lrs_stopped_and_resumed(make_config, tmp_path, 8, 4, lr_scheduler="reduce_lr_on_plateau",
+                                   plateau_factor=0.5, plateau_patience=1, warmup_steps=0, eval_every=1,
+                                   learning_rate=1e-9)
+    assert lrs == pytest.approx([1e-9 * f for f in (1, 1, 1, 0.5, 0.5, 0.25, 0.25, 0.125)], rel=1e-9)
+    drops = read_metrics(tmp_path / "run", "lr_drop")
+    assert [(r["step"], r["metric"]) for r in drops] == [(3, "loss"), (5, "loss"), (7, "loss")]
+
+
+def test_reduce_lr_on_plateau_checks(make_config, capsys):
+    path = make_config("causal_lm", data={"eval": None},
+                       train={"lr_scheduler": "reduce_lr_on_plateau", "plateau_factor": 1.5, "plateau_patience": -1})
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    for expected in ("reduce_lr_on_plateau lowers the rate when the eval stops improving; set data.eval",
+                     "train.plateau_factor: must be in (0, 1), got 1.5", "train.plateau_patience: must be >= 0, got -1"):
+        assert expected in err
+    path = make_config("causal_lm", train={"lr_scheduler": "reduce_lr_on_plateau", "eval_every": None})
+    assert main(["train", str(path)]) == 2
+    assert "reduce_lr_on_plateau needs evals during the run" in capsys.readouterr().err
+    path = make_config("causal_lm", train={"plateau_patience": 3})
+    assert main(["train", str(path)]) == 2
+    assert "train.plateau_patience: only lr_scheduler: reduce_lr_on_plateau reads it" in capsys.readouterr().err
 
 
 def test_decay_ratio_is_checked_and_only_read_by_its_schedule(make_config, capsys):

@@ -173,14 +173,19 @@ class TrainConfig:
     max_steps: int | None = _f(None, "Total optimizer steps; overrides epochs.")
     learning_rate: float = _f(2.0e-4, "Peak learning rate.")
     lr_scheduler: Literal["linear", "cosine", "cosine_with_min_lr", "constant", "constant_with_warmup",
-                          "warmup_stable_decay", "inverse_sqrt"] = _f(
+                          "warmup_stable_decay", "inverse_sqrt", "reduce_lr_on_plateau"] = _f(
         "cosine", "Learning-rate schedule after warmup (constant: none, the peak from step 1; cosine_with_min_lr: "
         "cosine down to min_lr_ratio x learning_rate instead of 0; warmup_stable_decay: warmup from min_lr_ratio x "
         "learning_rate, the peak held, then a cosine decay over the last decay_ratio of the steps down to "
         "min_lr_ratio x learning_rate; inverse_sqrt: learning_rate x sqrt(W / step) after W warmup steps, "
         "transformers' curve, which does not depend on the run's length (without warmup W is 10000: about flat "
-        "for a short run))."
+        "for a short run); reduce_lr_on_plateau: after warmup learning_rate, multiplied by plateau_factor each "
+        "time the eval's best_metric (the loss if unset) has not improved for more than plateau_patience evals "
+        "in a row, as torch's ReduceLROnPlateau under HF Trainer; needs eval data and evals during the run)."
     )
+    plateau_factor: float = _f(0.1, "reduce_lr_on_plateau: what a plateau multiplies the learning rate by.")
+    plateau_patience: int = _f(10, "reduce_lr_on_plateau: evals in a row without a better metric (by more than "
+                               "1e-4 of the best, torch's test) that it waits out; the next one lowers the rate.")
     min_lr_ratio: float = _f(0.1, "cosine_with_min_lr, warmup_stable_decay: the learning rate they end at, as a "
                              "fraction of learning_rate.")
     decay_ratio: float = _f(0.1, "warmup_stable_decay: the fraction of the total steps its final decay takes.")

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from accelerate.utils import send_to_device
 
-from . import faults, methods
+from . import faults, methods, schedules
 from .best import BestAdapter
 from .data.batching import StepBatches
 from .evaluate import evaluate
@@ -151,6 +151,10 @@ def evaluate_step(run: Run, best: BestAdapter, mlog: MetricsLog, speed: Throughp
         mlog.write(f"step {run.step}: eval " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
                                                           if isinstance(v, float)))
         run.counters["evaluated_step"] = run.step  # (saved with the checkpoint: a resume there knows)
+        if (lr := schedules.after_eval(run.scheduler, run.optimizer, t, metrics)) is not None:
+            mlog.log("lr_drop", run.step, {"lr": lr, "metric": schedules.plateau_metric(t)})
+            mlog.write(f"step {run.step}: {schedules.plateau_metric(t)} has not improved for more than "
+                       f"{t.plateau_patience} eval(s): learning rate now {lr:.3g} (reduce_lr_on_plateau)")
         return best.after_eval(run.step, metrics)
 
 

@@ -366,6 +366,10 @@ def ignored_key_problems(cfg: RunConfig) -> list[str]:
         p.append(f"train.decay_ratio: only lr_scheduler: warmup_stable_decay has a final decay; {t.lr_scheduler} "
                  f"ignores it (set lr_scheduler: warmup_stable_decay, or decay_ratio back to "
                  f"{_default(t, 'decay_ratio')})")
+    for key in ("plateau_factor", "plateau_patience"):
+        if _changed(t, key) and t.lr_scheduler != "reduce_lr_on_plateau":
+            p.append(f"train.{key}: only lr_scheduler: reduce_lr_on_plateau reads it; {t.lr_scheduler} ignores it "
+                     f"(set lr_scheduler: reduce_lr_on_plateau, or {key} back to {_default(t, key)})")
     if _changed(t, "warmup_ratio") and t.warmup_ratio and t.lr_scheduler == "constant":
         p.append(f"train.warmup_ratio: {t.warmup_ratio} with lr_scheduler: constant, which has no warmup; use "
                  "lr_scheduler: constant_with_warmup")
@@ -439,6 +443,17 @@ def _best_and_early_stopping(cfg: RunConfig) -> list[str]:
         if not (t.eval_every or t.evals_per_epoch):
             p.append("train.early_stopping_patience: needs train.eval_every or evals_per_epoch (with evals only at "
                      "the end there is nothing to stop early)")
+    if t.lr_scheduler == "reduce_lr_on_plateau":
+        if not (d.eval or d.eval_fraction):
+            p.append("train.lr_scheduler: reduce_lr_on_plateau lowers the rate when the eval stops improving; set "
+                     "data.eval or data.eval_fraction")
+        elif not (t.eval_every or t.evals_per_epoch):
+            p.append("train.lr_scheduler: reduce_lr_on_plateau needs evals during the run (train.eval_every or "
+                     "evals_per_epoch); with one at the end only it would never lower the rate")
+        if not (0 < t.plateau_factor < 1):
+            p.append(f"train.plateau_factor: must be in (0, 1), got {t.plateau_factor}")
+        if t.plateau_patience < 0:
+            p.append(f"train.plateau_patience: must be >= 0, got {t.plateau_patience}")
     if not (t.early_stopping_threshold >= 0):
         p.append(f"train.early_stopping_threshold: must be >= 0, got {t.early_stopping_threshold}")
     return p

@@ -152,7 +152,6 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
     """Accelerator -> data -> model -> optimizer -> (resume). Returns the run and the checkpoint used."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from transformers import get_scheduler
     from transformers.utils import logging as hf_logging
 
     from .data import build_datasets
@@ -168,6 +167,7 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
         quantization_config,
     )
     from .peft_options import peft_config
+    from .schedules import make_scheduler
     from .tasks import get_task
 
     world = world_size_from_env()
@@ -245,12 +245,7 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
         if why_not:
             log.info("train.chunked_loss: using the usual loss because %s", why_not)
     warmup = t.warmup_steps if t.warmup_steps is not None else math.ceil(t.warmup_ratio * total)
-    extra = {"min_lr_rate": t.min_lr_ratio} if t.lr_scheduler == "cosine_with_min_lr" else None
-    if t.lr_scheduler == "warmup_stable_decay":  # (the decay fits in what warmup leaves; at least one step)
-        extra = {"num_decay_steps": max(1, min(round(t.decay_ratio * total), total - warmup)),
-                 "min_lr_ratio": t.min_lr_ratio}
-    scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total,
-                              scheduler_specific_kwargs=extra)
+    scheduler = make_scheduler(t, optimizer, warmup, total)
     if t.lr_scheduler != "constant" and warmup >= total:  # e.g. max_steps 1: its one step at lr 0
         peak = max(scheduler.lr_lambdas[0](k) for k in range(total))
         log.warning("the warmup (%d step(s)) is not shorter than the run (%d step(s)): the learning rate reaches "
