@@ -105,7 +105,8 @@ KEY_ALIASES: dict[str, str] = {
     "auto_find_batch_size": "`scaletune plan CONFIG` estimates the memory per rank before a run",
     "optim_args": "AdamW's settings are train.adam_beta1, adam_beta2, adam_epsilon and weight_decay",
     "lr_scheduler_kwargs": "no scheduler options; for a floor set train.lr_scheduler: cosine_with_min_lr (or "
-                           "warmup_stable_decay, its decay's length train.decay_ratio) and train.min_lr_ratio",
+                           "warmup_stable_decay, its decay's length train.decay_ratio) and train.min_lr_ratio; "
+                           "reduce_lr_on_plateau's factor and patience are train.plateau_factor, plateau_patience",
     "streaming": "no streaming: scaletune tokenises the data once up front and caches it (data.cache)",
     # (keys with no hint at all)
     "overwrite_output_dir": "replace a run with `scaletune train CONFIG --overwrite`",
