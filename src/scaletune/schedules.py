@@ -3,7 +3,8 @@
 Every schedule is a torch LambdaLR (lr = learning_rate x lambda(step)), as transformers builds its own: a resume
 restores the position and keeps this config's peak (train.restore), whatever the curve. reduce_lr_on_plateau is
 one too: its lambda is the warmup times factor ** (the drops so far), an object whose counters LambdaLR's
-state_dict keeps, so a checkpoint carries the plateau's best and its count of evals without a better one.
+state_dict keeps, so a checkpoint carries the plateau's best and its count of evals without a better one. (Its
+settings come from the config on a resume, as every schedule's do: `restored`.)
 """
 
 from __future__ import annotations
@@ -23,8 +24,13 @@ class PlateauLambda:
     ReduceLROnPlateau's count). Only plain numbers as attributes: LambdaLR saves and restores them, and the
     checkpoint keeps them as JSON."""
 
-    def __init__(self, warmup: int, factor: float, patience: int, lower: bool) -> None:
+    SETTINGS = ("warmup", "factor", "patience", "lower", "metric", "over")
+
+    def __init__(self, warmup: int, factor: float, patience: int, lower: bool, metric: str = "loss",
+                 over: str = "") -> None:
+        # `metric`: the eval metric watched; `over`: what its evals are a value over (best.scored_over)
         self.warmup, self.factor, self.patience, self.lower = warmup, factor, patience, lower
+        self.metric, self.over = metric, over
         self.best: float | None = None
         self.bad_evals = 0
         self.drops = 0
@@ -53,14 +59,15 @@ class PlateauLambda:
         return True
 
 
-def make_scheduler(t: Any, optimizer: Any, warmup: int, total: int) -> Any:
-    """The LambdaLR for train section `t` over `total` steps, `warmup` of them warming up."""
+def make_scheduler(t: Any, optimizer: Any, warmup: int, total: int, over: str = "") -> Any:
+    """The LambdaLR for train section `t` over `total` steps, `warmup` of them warming up (`over`: what the
+    evals are a value over, best.scored_over, for reduce_lr_on_plateau)."""
     from torch.optim.lr_scheduler import LambdaLR
     from transformers import get_scheduler
 
     if t.lr_scheduler == "reduce_lr_on_plateau":
         return LambdaLR(optimizer, PlateauLambda(warmup, t.plateau_factor, t.plateau_patience,
-                                                 lower_is_better(plateau_metric(t))))
+                                                 lower_is_better(plateau_metric(t)), plateau_metric(t), over))
     extra = {"min_lr_rate": t.min_lr_ratio} if t.lr_scheduler == "cosine_with_min_lr" else None
     if t.lr_scheduler == "warmup_stable_decay":  # (the decay fits in what warmup leaves; at least one step)
         extra = {"num_decay_steps": max(1, min(round(t.decay_ratio * total), total - warmup)),
@@ -85,3 +92,22 @@ def after_eval(scheduler: Any, optimizer: Any, t: Any, metrics: dict) -> float |
     for group, lr in zip(optimizer.param_groups, lrs):
         group["lr"] = lr
     return lrs[0]
+
+
+def restored(scheduler: Any, state: dict) -> str | None:
+    """Load a checkpoint's schedule `state` into `scheduler`, keeping this config's settings: a plateau's
+    factor, patience and warmup as given now, its counters from the checkpoint, unless it watched another
+    metric or evals over other examples (its best is then no bar: counted anew, as the best adapter's). Returns
+    a line saying so, or None."""
+    fn = scheduler.lr_lambdas[0]
+    now = {k: getattr(fn, k) for k in PlateauLambda.SETTINGS} if isinstance(fn, PlateauLambda) else None
+    scheduler.load_state_dict(state)
+    if now is None:
+        return None
+    saved = {k: getattr(fn, k, None) for k in ("metric", "over")}
+    fn.__dict__.update(now)
+    if fn.best is None or saved == {k: now[k] for k in saved}:
+        return None
+    fn.best, fn.bad_evals = None, 0
+    return (f"reduce_lr_on_plateau: its best {saved['metric']} was over {saved['over']}, the evals now watch "
+            f"{now['metric']} over {now['over']}: counted anew from the next eval (the rate stays where it is)")

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from . import checkpoint as ckpt
-from . import class_weights, methods, nonfinite, runlock
+from . import class_weights, methods, nonfinite, runlock, schedules
 from .config import RunConfig
 from .data import tokenisation, tokenised_differently
 from .distributed import raise_main_rank_failure
@@ -154,6 +154,7 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
     from accelerate.utils import set_seed
     from transformers.utils import logging as hf_logging
 
+    from .best import scored_over
     from .data import build_datasets
     from .distributed import accelerator_kwargs, refuse_differing_configs, world_size_from_env
     from .generation_metrics import prepare_for_training
@@ -167,7 +168,6 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
         quantization_config,
     )
     from .peft_options import peft_config
-    from .schedules import make_scheduler
     from .tasks import get_task
 
     world = world_size_from_env()
@@ -245,7 +245,8 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
         if why_not:
             log.info("train.chunked_loss: using the usual loss because %s", why_not)
     warmup = t.warmup_steps if t.warmup_steps is not None else math.ceil(t.warmup_ratio * total)
-    scheduler = make_scheduler(t, optimizer, warmup, total)
+    plateau_over = scored_over(cfg, schedules.plateau_metric(t)) if t.lr_scheduler == "reduce_lr_on_plateau" else ""
+    scheduler = schedules.make_scheduler(t, optimizer, warmup, total, plateau_over)
     if t.lr_scheduler != "constant" and warmup >= total:  # e.g. max_steps 1: its one step at lr 0
         peak = max(scheduler.lr_lambdas[0](k) for k in range(total))
         log.warning("the warmup (%d step(s)) is not shorter than the run (%d step(s)): the learning rate reaches "
@@ -331,7 +332,8 @@ def restore(run: Run, resume_from: Path) -> None:
     # also bring back the saved base_lrs, and a learning_rate changed with --allow-config-change would
     # silently do nothing. (transformers' schedules are LambdaLR: lr = base * lambda(step).)
     peaks = list(scheduler.base_lrs)
-    scheduler.load_state_dict(state["scheduler"])
+    if (note := schedules.restored(scheduler, state["scheduler"])) and accelerator.is_main_process:
+        log.warning("%s", note)
     scheduler.base_lrs = peaks
     lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(peaks, scheduler.lr_lambdas)]
     scheduler._last_lr = lrs  # what get_last_lr() reports until the next step
