@@ -107,6 +107,11 @@ def test_another_tools_template_name_points_to_the_tokenizers_own(tmp_path, monk
     with pytest.raises(ConfigError) as err:  # a path is a file the user meant: no such pointer
         chat_template_text("templates/mine.jinja")
     assert "tokenizer's own" not in str(err.value)
+    # their alpaca template is scaletune's default rendering, which the refusal did not say
+    with pytest.raises(ConfigError) as err:
+        chat_template_text("alpaca")
+    assert str(err.value).endswith("for the tokenizer's own; LLaMA-Factory's and axolotl's alpaca template is "
+                                   "scaletune's default (its Alpaca-style rendering)"), err.value
 
 
 def test_only_for_causal_lm(make_config, capsys):

@@ -131,6 +131,41 @@ def test_every_alias_that_names_a_key_names_one_that_exists():
                                            "unquoted: a number)"),
     ({"peft": {"method": "lora", "target_modules": "all"}}, "peft.target_modules: 'all' would match only a module "
                                                             "named so; for every linear layer write all-linear"),
+    # LLaMA-Factory's lora_target: q_proj,v_proj, which peft refused only once the base had loaded
+    ({"peft": {"method": "lora", "target_modules": "q_proj, v_proj"}}, "peft.target_modules: 'q_proj, v_proj' is one "
+                                                                       "regular expression to peft, matching no "
+                                                                       "module; for these modules write a list: "
+                                                                       "[q_proj, v_proj]"),
+    # difflib's wrong guesses: export_dir -> output_dir, data_seed -> data, ref_model -> model, dpo (a loss) -> ipo
+    ({"export_dir": "m"}, "export_dir: unknown key (`scaletune merge CONFIG --out DIR` writes the merged model"),
+    ({"data_seed": 1}, "data_seed: unknown key (did you mean 'train.seed'?)"),
+    ({"ref_model": "m"}, "ref_model: unknown key (dpo and kto's reference is the base model itself"),
+    ({"train": {"dpo_loss": "dpo"}}, "train.dpo_loss: 'dpo' is not one of sigmoid | hinge | ipo | simpo | orpo "
+                                     "(did you mean 'sigmoid'?)"),
+    # axolotl's rl and LLaMA-Factory's stage values, and the adapter keys, had no hint
+    ({"rl": "dpo"}, "rl: unknown key (set task: dpo"),
+    ({"rl_beta": 0.1}, "rl_beta: unknown key (did you mean 'train.dpo_beta'?)"),
+    ({"adapter_name_or_path": "a"}, "adapter_name_or_path: unknown key (training from it: model.init_adapter; "
+                                    "eval, predict and merge: --adapter DIR)"),
+    ({"lora_rank": 8}, "lora_rank: unknown key (peft.r; LLaMA-Factory's lora_alpha defaults to 2 x lora_rank, "
+                       "peft's to 8: where yours left it out, set peft.lora_alpha to 2 x r)"),
+    ({"predict_with_generate": True}, "predict_with_generate: unknown key (`scaletune eval CONFIG --generate`"),
+    ({"max_new_tokens": 64}, "max_new_tokens: unknown key (the --max-new-tokens flag of predict and eval "
+                             "--generate (while training: train.eval_max_new_tokens))"),
+    ({"lora_model_dir": "a"}, "lora_model_dir: unknown key (did you mean 'model.init_adapter'?)"),
+    ({"task": "rm"}, "task: 'rm' is not one of causal_lm | dpo | kto | reward | seq_cls | seq_regression | "
+                     "token_cls (did you mean 'reward'?)"),
+    ({"task": "pt"}, "(did you mean 'causal_lm'?)"),
+    ({"task": "orpo"}, "(did you mean 'dpo'?)"),
+    # axolotl's datasets: items carried to data.train
+    ({"data": {"train": [{"path": "a.json", "type": "alpaca", "field_instruction": "q"}]}},
+     "data.train[0]: unknown key(s) field_instruction, type (an item has path and weight; axolotl's type is "
+     "data.format, its field_* data.columns, its split hub:<id>:split, set once for all of data.train)"),
+    # axolotl's val_set_size: 0 (nothing held out) and LLaMA-Factory's whole-number val_size (a count)
+    ({"data": {**BASE["data"], "eval_fraction": 0}}, "data.eval_fraction: must be in (0, 1), got 0.0; 0 holds "
+                                                     "nothing out: leave the key out for no eval data"),
+    ({"data": {**BASE["data"], "eval_fraction": 200}}, "data.eval_fraction: must be in (0, 1), got 200.0; a fraction "
+                                                       "of data.train, not a count of examples"),
 ])
 def test_other_tools_habits_get_scaletunes_way(raw, wanted):
     """Keys and values carried over from TrainingArguments, TRL, axolotl and LLaMA-Factory configs: each problem
@@ -138,3 +173,18 @@ def test_other_tools_habits_get_scaletunes_way(raw, wanted):
     raw = {**BASE, **raw, "model": {**BASE["model"], **raw.get("model", {})}}
     text = "\n".join(problems_of(raw))
     assert wanted in text, text
+
+
+def test_axolotl_options_left_empty_share_one_line():
+    """axolotl's examples carry a dozen options left empty (wandb_watch:, fsdp:, debug:): each was its own
+    "unknown key" line, pushing the keys that set something off the screen."""
+    raw = {**BASE, "wandb_watch": None, "debug": None, "fsdp": None, "lora_r": 8,
+           "train": {**BASE.get("train", {}), "eval_table_size": None, "tf32": None}}
+    problems = problems_of(raw)
+    assert "unknown keys left empty (null), which set nothing: wandb_watch, debug, fsdp; delete them" in problems
+    assert "train: unknown keys left empty (null), which set nothing: eval_table_size, tf32; delete them" in problems
+    assert "lora_r: unknown key (did you mean 'peft.r'?)" in problems
+    assert not any(p.startswith(("wandb_watch", "debug", "fsdp", "train.tf32")) for p in problems)
+    # one alone keeps its own line and hint
+    assert "fsdp: unknown key (no FSDP: scaletune shards with DeepSpeed ZeRO, set distributed.zero_stage: 3)" in \
+        problems_of({**BASE, "fsdp": None})

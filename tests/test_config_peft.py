@@ -60,6 +60,22 @@ def test_modules_to_save_entry_matching_nothing_is_refused(tiny_llama, tiny_bert
     assert any(p.requires_grad for n, p in model.named_parameters() if "word_embeddings.modules_to_save" in n)
 
 
+def test_a_module_name_given_as_a_string_is_told_to_be_a_list(tiny_llama):
+    """LLaMA-Factory's `lora_target: q_proj` carried over as target_modules: q_proj is a regular expression to
+    peft, matched against whole names (model.layers.0.self_attn.q_proj): peft's error said only "not found"."""
+    from transformers import AutoModelForCausalLM
+
+    from scaletune.errors import UserError
+    from scaletune.model import apply_adapter
+    from scaletune.tasks import get_task
+
+    cfg = from_dict({**BASE, "peft": {"method": "lora", "r": 2, "target_modules": "q_proj"}})
+    with pytest.raises(UserError) as err:
+        apply_adapter(AutoModelForCausalLM.from_pretrained(tiny_llama), cfg, get_task("causal_lm"), None)
+    assert str(err.value).endswith("; a string is one regular expression matched against whole module names, for "
+                                   "the modules named q_proj write a list: [q_proj]")
+
+
 def test_peft_values_that_would_train_nothing_are_refused():
     from scaletune.peft_options import peft_config
 

@@ -449,3 +449,22 @@ def test_predict_reads_a_json_array_as_records_a_bom_on_stdin_and_refuses_a_blan
     assert [(r["text"], PLAIN in r) for r in piped] == [("c", False)]
     with pytest.raises(DataError, match=r"inputs\[1\]: expected a non-blank str or a dict, got ' '"):
         given_inputs(["ok", " "])
+
+
+def test_llama_factory_dataset_names_point_to_their_files(tmp_path, monkeypatch):
+    """LLaMA-Factory names data by dataset_info.json entries (`dataset: alpaca_en_demo`) and lists several with
+    commas; as data.train both were a bare "file not found"."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "dataset_info.json").write_text(json.dumps({"alpaca_en_demo": {
+        "file_name": "alpaca_en_demo.json"}}))
+    with pytest.raises(DataError) as err:
+        read_records("alpaca_en_demo")
+    assert (f"'alpaca_en_demo' is a dataset name in {tmp_path / 'data' / 'dataset_info.json'}: data.train takes "
+            f"the file, {tmp_path / 'data' / 'alpaca_en_demo.json'}") in err.value.render()
+    with pytest.raises(DataError) as err:
+        read_records("a.json,b.json")
+    assert "several files are a YAML list, not one comma-separated string: [a.json, b.json]" in err.value.render()
+    with pytest.raises(DataError) as err:  # a name no dataset_info.json knows: just not found
+        read_records("other")
+    assert err.value.render().rstrip().endswith(f"{tmp_path / 'other'})")

@@ -40,7 +40,10 @@ KEY_ALIASES: dict[str, str] = {
     "evals_per_epoch": "train.evals_per_epoch",
     "saves_per_epoch": "train.saves_per_epoch",
     "lora_r": "peft.r",
-    "lora_rank": "peft.r",
+    # (LLaMA-Factory's lora_alpha defaults to 2 x lora_rank, peft's to 8: a config that leaves it out, as its
+    # kto and reward examples do, would train at another scale)
+    "lora_rank": "peft.r; LLaMA-Factory's lora_alpha defaults to 2 x lora_rank, peft's to 8: where yours left it "
+                 "out, set peft.lora_alpha to 2 x r",
     "rank": "peft.r",
     "lora_alpha": "peft.lora_alpha",
     "lora_dropout": "peft.lora_dropout",
@@ -151,6 +154,37 @@ KEY_ALIASES: dict[str, str] = {
     "bnb_4bit_use_double_quant": "model.quantization: 4bit is always NF4 with double quantization",
     "double_quantization": "model.quantization: 4bit is always NF4 with double quantization",
     "bnb_4bit_compute_dtype": "model.quantization: 4bit computes in model.dtype",
+    # (difflib pointed these to a wrong key: export_dir -> output_dir, data_seed -> data, ref_model -> model)
+    "export_dir": "`scaletune merge CONFIG --out DIR` writes the merged model (output_dir is the run's)",
+    "data_seed": "train.seed",
+    "ref_model": "dpo and kto's reference is the base model itself (the adapter switched off)",
+    # axolotl's preference tuning, and the adapter a run or a merge starts from
+    "rl": "set task: dpo (rl: ipo, orpo, simpo: task: dpo with train.dpo_loss of that name) or task: kto",
+    "rl_beta": "train.dpo_beta",
+    "orpo_alpha": "set train.dpo_beta (task: dpo, train.dpo_loss: orpo, beta is ORPO's lambda)",
+    "adapter_name_or_path": "training from it: model.init_adapter; eval, predict and merge: --adapter DIR",
+    "lora_model_dir": "model.init_adapter",
+    "export_size": "`scaletune merge` writes the shards transformers' save_pretrained chooses",
+    "export_device": "`scaletune merge` merges on the CPU",
+    "export_legacy_format": "`scaletune merge` writes safetensors",
+    "plot_loss": "`scaletune report OUTPUT_DIR` plots the run",
+    "pad_to_sequence_len": "scaletune pads each batch to its longest row; data.packing packs examples per row",
+    "eval_sample_packing": "data.packing packs the eval data too",
+    "special_tokens": "scaletune uses the tokenizer's own (pad falls back to EOS); new tokens: "
+                      "model.new_special_tokens",
+    "tokens": "model.new_special_tokens",
+    "add_special_tokens": "model.new_special_tokens",
+    "lora_layers_to_transform": "peft.layers_to_transform",
+    "peft_layers_to_transform": "peft.layers_to_transform",
+    "cosine_min_lr_ratio": "set train.lr_scheduler: cosine_with_min_lr and train.min_lr_ratio",
+    # LLaMA-Factory's predict config (do_predict, predict_with_generate) is commands and flags here
+    "do_predict": "`scaletune predict CONFIG --input FILE` generates; `scaletune eval CONFIG --generate` scores",
+    "predict_with_generate": "`scaletune eval CONFIG --generate` generates and scores each answer",
+    "max_new_tokens": "the --max-new-tokens flag of predict and eval --generate (while training: "
+                      "train.eval_max_new_tokens)",
+    "temperature": "the --temperature flag of predict",
+    "top_p": "the --top-p flag of predict",
+    "top_k": "the --top-k flag of predict",
 }
 
 
@@ -160,7 +194,7 @@ VALUE_ALIASES: dict[str, str | tuple[str, ...]] = {
     "ner": "token_cls", "token_classification": "token_cls", "classification": "seq_cls",
     "text_classification": "seq_cls", "sequence_classification": "seq_cls", "regression": "seq_regression",
     "sequence_regression": "seq_regression", "sft": "causal_lm",
-    "clm": "causal_lm", "causal": "causal_lm", "pretrain": "text", "pt": "text",
+    "clm": "causal_lm", "causal": "causal_lm", "pretrain": ("text", "causal_lm"), "pt": ("text", "causal_lm"),
     "chat_template": "messages", "openai": "messages", "chatml": "messages", "conversation": "sharegpt",
     "input_output": "prompt_completion", "conversational": "messages", "chat": "messages",
     "text_generation": "causal_lm",
@@ -172,4 +206,6 @@ VALUE_ALIASES: dict[str, str | tuple[str, ...]] = {
     "fp16": "float16", "fp32": ("float32", "no"), "float32": "no", "float16": "fp16", "bf16": "bfloat16",
     "bfloat16": "bf16", "none": "no", "nf4": "4bit", "int4": "4bit", "4": "4bit",
     "int8": "8bit", "8": "8bit", "fa2": "flash_attention_2",
+    # (LLaMA-Factory's stage and axolotl's rl values; "dpo" as a loss is the sigmoid one, which difflib took for ipo)
+    "rm": "reward", "dpo": "sigmoid", "orpo": "dpo", "simpo": "dpo", "ipo": "dpo",
 }

@@ -405,10 +405,18 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str], bad: set[str])
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
+    # axolotl's examples list a dozen options left empty (wandb_watch:, fsdp:, debug:): one line for them all,
+    # so the keys that set something still fit on the screen
+    empty = [str(k) for k, v in raw.items() if k not in fields and v is None]
+    if len(empty) > 1:
+        problems.append(f"{prefix + ': ' if prefix else ''}unknown keys left empty (null), which set nothing: "
+                        f"{', '.join(empty)}; delete them")
     for key, value in raw.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
-        if key not in fields:
+        if key not in fields and (len(empty) < 2 or value is not None):
             problems.append(f"{dotted}: unknown key{unknown_key_hint(str(key), prefix, list(fields))}")
+            continue
+        if key not in fields:
             continue
         tp = hints[key]
         if _is_dataclass_type(tp):

@@ -413,8 +413,13 @@ def apply_adapter(model: Any, cfg: RunConfig, task: Any, total_steps: int | None
     try:
         model = peft.get_peft_model(model, pconf)
     except (ValueError, TypeError, AttributeError, NotImplementedError) as exc:
+        targets = cfg.peft.get("target_modules")
+        # (LLaMA-Factory's lora_target: q_proj carried over: peft matches a string whole against the full name)
+        hint = (f"; a string is one regular expression matched against whole module names, for the modules "
+                f"named {targets} write a list: [{targets}]" if isinstance(targets, str)
+                and any(n.rsplit(".", 1)[-1] == targets for n in names) else "")
         raise UserError(f"peft.method={cfg.peft_method}: cannot apply to {arch} "
-                        f"({str(exc).splitlines()[0]})") from None
+                        f"({str(exc).splitlines()[0]}){hint}") from None
     check_modules_to_save(model, wanted, names, arch)
     name_ia3_feedforward_in_full(model)
     for name, p in model.named_parameters():

@@ -113,7 +113,10 @@ def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_c
     if d.eval is not None and d.eval_fraction is not None:
         p.append("data.eval and data.eval_fraction: give one or the other, not both")
     if d.eval_fraction is not None and not (0 < d.eval_fraction < 1):
-        p.append(f"data.eval_fraction: must be in (0, 1), got {d.eval_fraction}")
+        # (axolotl's val_set_size: 0 holds nothing out; LLaMA-Factory's val_size counts examples when a whole number)
+        why = ("; 0 holds nothing out: leave the key out for no eval data" if d.eval_fraction == 0 else
+               "; a fraction of data.train, not a count of examples" if float(d.eval_fraction).is_integer() else "")
+        p.append(f"data.eval_fraction: must be in (0, 1), got {d.eval_fraction}{why}")
     if d.max_samples is not None and d.max_samples < 1:
         p.append(f"data.max_samples: must be >= 1 (or null: every record), got {d.max_samples}")
     if d.num_workers < 0:
@@ -202,6 +205,12 @@ def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_c
     if isinstance(targets, str) and targets.lower() == "all":  # (LLaMA-Factory's lora_target: all)
         p.append(f"peft.target_modules: {targets!r} would match only a module named so; for every linear layer "
                  "write all-linear")
+    elif isinstance(targets, str) and re.fullmatch(r"[\w.]+(\s*,\s*[\w.]+)+", targets.strip()):
+        # LLaMA-Factory's lora_target: q_proj,v_proj; as peft's regular expression it matches no module, and
+        # peft says so only after the base has loaded
+        names = ", ".join(n.strip() for n in targets.split(","))
+        p.append(f"peft.target_modules: {targets!r} is one regular expression to peft, matching no module; for "
+                 f"these modules write a list: [{names}]")
     elif isinstance(targets, str) and targets != "all-linear":  # peft reads a string as a regular expression
         try:
             re.compile(targets)
@@ -509,7 +518,10 @@ def _train_sources(train: object) -> list[str]:
             continue
         extra = sorted(set(item) - {"path", "weight"})
         if extra:
-            p.append(f"{key}: unknown key(s) {', '.join(map(str, extra))} (an item has path and weight)")
+            axolotl = ("; axolotl's type is data.format, its field_* data.columns, its split hub:<id>:split, "
+                       "set once for all of data.train" if {"type", "split"} & set(extra)
+                       or any(str(k).startswith("field_") for k in extra) else "")
+            p.append(f"{key}: unknown key(s) {', '.join(map(str, extra))} (an item has path and weight{axolotl})")
         if not isinstance(item.get("path"), str) or not item["path"].strip():
             p.append(f"{key}.path: a data file (or hub:<id>[:split]) is required")
         weight = item.get("weight", 1.0)

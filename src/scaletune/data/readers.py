@@ -381,6 +381,26 @@ def _read_hub(spec: str) -> list[dict]:
     return records
 
 
+def _registry_hint(spec: str, path: Path) -> str:
+    """What a missing data.train that is LLaMA-Factory's way of naming data means: a comma-separated list of
+    dataset names, or a name its dataset_info.json (beside the name, or in ./data, its default dataset_dir)
+    maps to a file."""
+    if "," in spec:
+        items = ", ".join(s.strip() for s in spec.split(","))
+        return f"; several files are a YAML list, not one comma-separated string: [{items}]"
+    if path.suffix or len(path.parts) > 1:
+        return ""
+    for info in (Path("dataset_info.json"), Path("data") / "dataset_info.json"):
+        try:
+            entry = json.loads(info.read_text(encoding="utf-8")).get(spec)
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(entry, dict) and isinstance(entry.get("file_name"), str):
+            return (f"; {spec!r} is a dataset name in {info.absolute()}: data.train takes the file, "
+                    f"{info.parent.absolute() / entry['file_name']}")
+    return ""
+
+
 def read_records(spec: str, *, key: str = "data.train", conll: bool = False,
                  conll_columns: list[int] | None = None) -> list[dict]:
     """Read a data file (or hub dataset) into a list of dict records; never returns an empty list.
@@ -392,7 +412,7 @@ def read_records(spec: str, *, key: str = "data.train", conll: bool = False,
         if not path.exists():  # a relative path is the working directory's, not the config file's
             where = "" if path.is_absolute() else f" (relative paths are read from the working directory: {path.absolute()})"
             what = "no file matches" if glob.has_magic(spec) else "file not found:"
-            raise DataError(f"{key}: {what} {path}{where}")
+            raise DataError(f"{key}: {what} {path}{where}{_registry_hint(spec, path)}")
         if path.is_dir():
             raise DataError(f"{key}: {path} is a directory, expected a data file")
         if not path.is_file():  # a pipe would block the open for ever (and is read more than once: hashed, then read)

@@ -44,6 +44,12 @@ def alpaca_style_template(tokenizer: object) -> str:
     return ("{{ bos_token }}" if leading_bos(tokenizer) is not None else "") + ALPACA_STYLE
 
 
+# Other tools' template names with a scaletune counterpart besides the tokenizer's own
+_OTHER_TOOLS = {"alpaca": "; LLaMA-Factory's and axolotl's alpaca template is scaletune's default (its Alpaca-style "
+                          "rendering)",
+                "tokenizer_default": " (axolotl's tokenizer_default)"}
+
+
 def chat_template_text(spec: str) -> str | None:
     """The Jinja text `spec` names: a built-in name, or a file; None: scaletune's own rendering."""
     if spec in BUILT_IN:
@@ -55,6 +61,7 @@ def chat_template_text(spec: str) -> str | None:
         what = "is a directory" if path.is_dir() else "is not a regular file" if path.exists() else missing(path)
         # (a bare name is another tool's template name: LLaMA-Factory's llama3, axolotl's chatml ...)
         own = "; leave the key out (null) for the tokenizer's own" if re.fullmatch(r"[\w-]+", spec) else ""
+        own += _OTHER_TOOLS.get(spec.lower(), "")
         raise ConfigError(f"data.chat_template: {spec!r} is neither {' | '.join(BUILT_IN)} nor a template file "
                           f"({path.absolute()} {what}){own}")
     from jinja2 import Environment, TemplateSyntaxError
