@@ -482,3 +482,21 @@ def test_a_kto_micro_batch_is_sized_by_its_larger_pass(make_config, vocab):
     # bf16 logits: causal_lm's 14 bytes a token (16-bit, its float32 copy, log-softmax, gradient), kto's 10
     assert kto["logits"] * 14 == lm["logits"] * 2 * 10
     assert sum(kto.values()) > sum(lm.values()) and "autocast_weight_copies" not in kto
+
+
+def test_plan_warns_of_data_files_this_machine_lacks_and_still_sizes_the_run(make_config, tmp_path, capsys,
+                                                                              monkeypatch):
+    """A plan before a queue wait: a data file missing (a typo, another machine's path) is said first, by key
+    and resolved path, and the memory verdict still comes (the job's node may have a node-local path)."""
+    from scaletune.cli import main
+
+    path = make_config("causal_lm")
+    monkeypatch.chdir(tmp_path)
+    assert main(["plan", str(path)]) == 0
+    assert "warning" not in capsys.readouterr().out
+    assert main(["plan", str(path), "data.train=[data/train.jsonl, data/nope-*.jsonl]", "data.eval=evl.jsonl"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"warning: data.train[1]: data/nope-*.jsonl ({tmp_path / 'data/nope-*.jsonl'}) matches no "
+                          "file on this machine\n"
+                          f"warning: data.eval: evl.jsonl ({tmp_path / 'evl.jsonl'}) is not a file on this machine\n"), out
+    assert "verdict: FITS" in out

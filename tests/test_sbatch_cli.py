@@ -196,3 +196,13 @@ def test_slurm_singleton_queues_after_the_running_job_of_its_name(capfd, make_co
     finally:
         release.set()
         holder.join(60)
+
+
+def test_slurm_warns_of_a_data_file_this_machine_lacks(capsys, make_config, tmp_path):
+    """(before a queue wait; a warning, not a refusal: the job's node may have a node-local path)"""
+    path = make_config("causal_lm")
+    code, out, err = run_cli(["slurm", path, "--dry-run", "data.eval=/nowhere/eval.jsonl"], capsys)
+    assert code == 0 and out.startswith("sbatch ")
+    assert "scaletune: warning: data.eval: /nowhere/eval.jsonl is not a file on this machine" in err
+    code, out, err = run_cli(["slurm", path, "--dry-run"], capsys)
+    assert code == 0 and "warning" not in err

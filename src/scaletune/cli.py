@@ -397,6 +397,7 @@ def dispatch(args: argparse.Namespace) -> int:
                   "`scaletune launch CONFIG --nproc N --dry-run` prints a whole launch command", file=sys.stderr)
         return 0
     if args.command == "slurm":
+        from .data.sources import missing_files
         from .launch import preflight
         from .rules import cross_field_problems
         from .slurm import main_slurm
@@ -414,6 +415,9 @@ def dispatch(args: argparse.Namespace) -> int:
             what = f"{args.gpus_per_node} GPU(s)" if args.gpus_per_node > 0 else f"{ppn} CPU process(es)"
             raise ConfigError(problems, title=f"{args.config} cannot run on {args.nodes} node(s) x {what} "
                                               f"({problems_count(len(problems))})")
+        for line in missing_files(cfg.data):  # (a warning: the job may read a path only its node has)
+            print(f"scaletune: warning: {line}; the job would stop at its start if its node lacks it too",
+                  file=sys.stderr)
         if not args.dry_run:  # the job runs in this environment (SCALETUNE_VENV / this python)
             preflight(cfg)
             # A job meant to wait for the run there (chained with --dependency) may be queued beside it.

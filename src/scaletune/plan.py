@@ -483,6 +483,7 @@ def training_max_length(cfg: RunConfig) -> RunConfig:
 
 def main_plan(args: Any, cfg: RunConfig) -> int:
     """`scaletune plan`: 0 = fits, 1 = does not fit (a suggestion is printed); invalid -> ConfigError."""
+    from .data.sources import missing_files
     from .plan_search import suggest
 
     nodes, gpus = int(args.nodes), int(args.gpus_per_node)
@@ -496,6 +497,8 @@ def main_plan(args: Any, cfg: RunConfig) -> int:
     problems = cross_field_problems(cfg, world_size=world, has_cuda=cuda)
     if problems:
         raise ConfigError(problems, title=f"this run cannot run on {nodes} node(s) x {gpus} GPU(s)")
+    for line in missing_files(cfg.data):  # (said first: a fitting verdict is no go-ahead without the data)
+        print(f"warning: {line}")
     cfg = training_max_length(cfg)
     shape = model_shape(cfg)
     est = estimate(cfg, shape, world, cuda)

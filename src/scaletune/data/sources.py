@@ -74,6 +74,16 @@ def _matching_files(spec: str) -> list[str]:
     return sorted(path for path in glob.glob(spec, recursive=True) if os.path.isfile(path))
 
 
+def missing_files(d: Any) -> list[str]:
+    """A line for each file data section `d` names (data.train's sources, data.eval) that this machine does not
+    have: what `plan` and `slurm` warn of before a queue wait (not refused: a job may read node-local paths).
+    Only existence is looked at; the reader checks the rest when the run starts."""
+    named = [(key, spec) for spec, _, key in _expanded(d.train)] + ([("data.eval", d.eval)] if d.eval else [])
+    return [f"{key}: {spec} " + ("" if os.path.isabs(spec) else f"({os.path.abspath(spec)}) ")
+            + ("matches no file" if glob.has_magic(spec) else "is not a file") + " on this machine"
+            for key, spec in named if not spec.startswith("hub:") and not os.path.isfile(spec)]
+
+
 def describe(train: Any) -> str:
     """The training data for messages: the spec, or the specs joined with their weights."""
     sources = train_sources(train)
