@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from scaletune.errors import UserError
+
 from stutil import assert_clean_error, run_cli, write_jsonl
 
 
@@ -278,6 +280,23 @@ def test_demo_runs_and_improves(tmp_path):
     res = subprocess.run([sys.executable, "-m", "scaletune", "demo", "--out", str(other)], capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 2 and (other / "x").read_text() == "mine"
+
+
+def test_a_second_demo_keeps_what_was_added_to_the_first(tmp_path, monkeypatch):
+    import scaletune.demo.tiny as tiny
+    from scaletune.demo import MARKER, run_demo
+
+    def not_reached(*args, **kwargs):
+        raise AssertionError("the demo was rebuilt")
+
+    monkeypatch.setattr(tiny, "build_model_dir", not_reached)
+    out = tmp_path / "demo"
+    (out / "base-model").mkdir(parents=True)
+    (out / MARKER).write_text("")
+    (out / "my-run" / "checkpoints").mkdir(parents=True)  # e.g. `train demo.yaml output_dir=.../demo/my-run`
+    with pytest.raises(UserError, match="also holds my-run"):
+        run_demo(str(out))
+    assert (out / "my-run" / "checkpoints").is_dir() and (out / "base-model").is_dir()
 
 
 def test_ctrl_c_in_train_names_the_checkpoint_to_resume_from(make_config, capsys, monkeypatch):

@@ -8,12 +8,16 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
+import shutil
+from pathlib import Path
 
 import pytest
 
 import scaletune.tracking as tracking
 import scaletune.train as train_mod
 from scaletune.cli import main
+from scaletune.fileutil import replace_dir, restore_replaced
 
 FULL = OSError(errno.ENOSPC, "No space left on device")
 
@@ -281,3 +285,62 @@ def test_a_chat_template_that_cannot_be_read_is_named(make_config, tmp_path, cap
     path = make_config("causal_lm", data={"chat_template": str(template)})
     code, _, err = run_cli(["train", path], capsys)
     assert_clean_error(code, err, f"data.chat_template: cannot read {template}: Permission denied")
+
+
+class Killed(BaseException):
+    """Stands for a SIGKILL: nothing after it runs."""
+
+
+def test_a_kill_while_the_adapter_is_replaced_leaves_a_whole_one(cfg, tmp_path, capsys, monkeypatch):
+    # adapter/ was deleted (rmtree) before the new one was renamed in: a kill during the deletion left a
+    # half-deleted adapter/ (config, no weights), during the rename gap none
+    out = tmp_path / "run"
+    code, _, err = run_cli(["train", cfg], capsys)
+    assert code == 0, err
+    real = shutil.rmtree
+
+    def killed_while_deleting(path, *args, **kwargs):
+        path = Path(path)
+        if path.name in ("adapter", ".adapter.old") and path.parent == out and path.exists():
+            (path / "adapter_model.safetensors").unlink()
+            raise Killed
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", killed_while_deleting)
+    with pytest.raises(Killed):
+        run_cli(["train", cfg, "--resume", "auto", "train.max_steps=6"], capsys)
+    monkeypatch.setattr(shutil, "rmtree", real)
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    weights = "adapter_model.safetensors"
+    assert (out / "adapter" / weights).read_bytes() == (out / "checkpoints" / "step-6" / "adapter" / weights).read_bytes()
+
+
+def test_a_kill_between_the_renames_of_a_replaced_directory_is_undone(tmp_path, monkeypatch):
+    final, tmp = tmp_path / "best_adapter", tmp_path / ".best_adapter.tmp"
+    for d, text in ((final, "old"), (tmp, "new")):
+        d.mkdir()
+        (d / "f").write_text(text)
+    real = os.rename
+
+    def killed_at_the_second(src, dst):
+        if Path(src) == tmp:
+            raise Killed
+        real(src, dst)
+
+    monkeypatch.setattr(os, "rename", killed_at_the_second)
+    with pytest.raises(Killed):
+        replace_dir(tmp, final)
+    monkeypatch.setattr(os, "rename", real)
+    assert not final.exists()
+    restore_replaced(final)
+    assert (final / "f").read_text() == "old" and not (tmp_path / ".best_adapter.old").exists()
+    replace_dir(tmp, final)
+    assert (final / "f").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["best_adapter"]
+
+
+def test_an_output_dir_that_is_not_utf8_is_refused_before_training(cfg, tmp_path, capsys):
+    # (it trained, then failed with a traceback at the first checkpoint: the tokenizer's save refuses the path)
+    out = os.fsdecode(os.fsencode(str(tmp_path)) + b"/run\xff")
+    code, _, err = run_cli(["train", cfg, f"output_dir={out}"], capsys)
+    assert_clean_error(code, err, "is not valid UTF-8 (byte ff", "name it in UTF-8")
+    assert not os.path.exists(out)

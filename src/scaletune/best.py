@@ -15,6 +15,7 @@ from .checkpoint import verify
 from .config import lower_is_better
 from .distributed import raise_main_rank_failure
 from .errors import UserError
+from .fileutil import restore_replaced
 from .outdir import abandoned_path
 from .train import Run, write_adapter
 
@@ -70,6 +71,7 @@ class BestAdapter:
         """best_adapter/ not written by this path's best eval: written after the resumed checkpoint (the steps
         about to be redone write it again), on a path left by resuming another checkpoint, or lost. It is
         moved aside, and this path's best restored; with best_metric off, another path's is only moved aside."""
+        restore_replaced(self.run.output_dir / BEST_DIR)  # (a run killed while it wrote a new best)
         on_disk = best_record(self.run.output_dir / BEST_DIR)
         if self.metric and not _same(on_disk, self.run.counters.get("best")):
             self._recover(self.run.counters.get("best"), on_disk)

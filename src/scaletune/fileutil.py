@@ -45,3 +45,25 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Put the finished directory `tmp` in place of `final`. Deleting `final` first (rmtree, then rename)
+    left, to a kill in between, no `final` or a half-deleted one; here the old one is renamed to
+    `.<name>.old` first and deleted only after the new one is in place, and `restore_replaced` puts it
+    back if a kill came between the two renames."""
+    import shutil
+
+    old = final.with_name(f".{final.name}.old")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)  # (a kill during an earlier deletion of it; `final` is intact)
+        os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def restore_replaced(final: Path) -> None:
+    """`final` as `replace_dir` left it: the previous copy back if a kill came between its two renames."""
+    old = final.with_name(f".{final.name}.old")
+    if old.is_dir() and not final.exists():
+        os.rename(old, final)

@@ -36,6 +36,13 @@ def check_output_dir(cfg: RunConfig, resume: str | None, overwrite: bool, resume
     except (OSError, ValueError) as exc:  # a name too long, a NUL byte
         why = getattr(exc, "strerror", None) or exc  # (an OSError's text repeats the whole name)
         raise ConfigError(f"output_dir: {shortened(cfg.output_dir)!r} is not a usable path ({why})") from None
+    try:
+        str(out.absolute()).encode()
+    except UnicodeEncodeError as exc:  # (bytes that are not UTF-8, kept by Python as surrogates)
+        # the tokenizer's (Rust) save refuses such a path: the run failed at its first checkpoint, steps lost
+        bad = os.fsencode(exc.object[exc.start:exc.end])
+        raise ConfigError(f"output_dir: {shortened(str(out))!r} is not valid UTF-8 (byte {bad[:1].hex()} at "
+                          f"character {exc.start}), which the tokenizer cannot be saved under; name it in UTF-8") from None
     if out.is_symlink() and not out.exists():  # (making it failed with "File exists")
         raise ConfigError(f"output_dir: {out} is a symbolic link to {os.readlink(out)}, which does not exist")
     if out.exists() and not out.is_dir():
@@ -83,7 +90,8 @@ def _has_content(out: Path) -> bool:
 
 RUN_MARKERS = ("run.json", "metrics.jsonl", "checkpoints", "adapter")
 # Everything a run (its trackers, `scaletune report` with the default --out) writes into output_dir.
-RUN_FILES = {*RUN_MARKERS, "run.json.tmp", ".adapter.tmp", "best_adapter", ".best_adapter.tmp", "scaletune", "wandb", "mlruns", "report.html", ".replaced_run",
+RUN_FILES = {*RUN_MARKERS, "run.json.tmp", ".adapter.tmp", "best_adapter", ".best_adapter.tmp",
+             ".adapter.old", ".best_adapter.old", "scaletune", "wandb", "mlruns", "report.html", ".replaced_run",
              ".abandoned", "generations", LOCK_NAME}  # (generations/: train.eval_generate's answers)
 
 

@@ -25,6 +25,7 @@ from .errors import (
     problems_count,
     write_error,
 )
+from .fileutil import replace_dir, restore_replaced
 from .identity import config_changes, config_fingerprint, real_paths
 from .optimizers import make_optimizer
 from .outdir import (
@@ -532,15 +533,15 @@ def write_adapter(run: Run, name: str, extra_meta: dict | None = None) -> Path:
     """OUTPUT_DIR/<name>/ replaced whole by the current adapter (written aside, then renamed: a kill leaves
     the old one or the new one). Every rank calls it (a collective under ZeRO-3); the main one writes."""
     tmp, final = run.output_dir / f".{name}.tmp", run.output_dir / name
-    if run.accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
+    if run.accelerator.is_main_process:
+        restore_replaced(final)
+        if tmp.exists():
+            shutil.rmtree(tmp)
     error = None
     try:
         save_adapter(run, tmp, extra_meta=extra_meta)
         if run.accelerator.is_main_process:
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
+            replace_dir(tmp, final)
     except Exception as exc:
         if not failed_write(exc):
             raise

@@ -18,6 +18,7 @@ from ..errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, UserError
 
 DATA = Path(__file__).with_name("instructions.jsonl")
 MARKER = ".scaletune-demo"
+DEMO_FILES = {MARKER, "base-model", "demo.yaml", "run"}  # what a demo writes in --out
 
 
 def demo_config(out: Path, steps: int) -> dict:
@@ -51,6 +52,13 @@ def run_demo(out_dir: str, steps: int | None = None) -> int:
     if out.exists() and any(out.iterdir()):
         if not (out / MARKER).exists():
             raise UserError(f"--out {out} is not empty and is not a previous demo; pick another directory")
+        # the marker says the directory was a demo's, not that all of it is: another run's output_dir or
+        # notes put in it since would go with the replaced demo
+        added = sorted(p.name for p in out.iterdir() if p.name not in DEMO_FILES)
+        if added:
+            raise UserError(f"--out {out} is a previous demo, but it now also holds {', '.join(added[:5])}"
+                            f"{' and more' if len(added) > 5 else ''}, which replacing the demo would delete; "
+                            "move them out or pick another directory")
         print(f"[demo] replacing the previous demo in {out}")
         shutil.rmtree(out)
     out.mkdir(parents=True)
