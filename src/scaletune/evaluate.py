@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -11,11 +12,27 @@ from .data.batching import column_values, eval_batches
 from .progress import Progress
 
 
+class EvalStopped(Exception):
+    """A stop signal (`signum`) heard by some rank during a training run's eval: the eval is dropped, the step's
+    checkpoint written without it, and the resumed run evaluates that step first (loop.fit). An eval of minutes
+    (a large eval set, train.eval_generate) would otherwise outlast a preemption's grace period."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+# Asked before each eval batch, the same number of times on every rank: the signal every rank stops on, or None
+StopCheck = Callable[[], "int | None"]
+
+
 @torch.no_grad()
 def evaluate(accelerator: Any, model: Any, task: Any, dataset: Any, labels: list[str] | None, micro: int,
-             pad_id: int) -> dict:
-    """Loss and task metrics over the whole eval set (identical result at any world size)."""
-    preds, loss_sum, n_targets, _ = _score(accelerator, model, task, dataset, micro, pad_id, per_example=False)
+             pad_id: int, stop_check: StopCheck | None = None) -> dict:
+    """Loss and task metrics over the whole eval set (identical result at any world size); with `stop_check`
+    (during training) raises EvalStopped when it names a signal."""
+    preds, loss_sum, n_targets, _ = _score(accelerator, model, task, dataset, micro, pad_id, per_example=False,
+                                           stop_check=stop_check)
     return task.metrics(preds, loss_sum, n_targets, labels)
 
 
@@ -34,7 +51,7 @@ def evaluate_examples(accelerator: Any, model: Any, task: Any, dataset: Any, lab
 
 
 def _score(accelerator: Any, model: Any, task: Any, dataset: Any, micro: int, pad_id: int,
-           per_example: bool) -> tuple[list, float, int, list[tuple]]:
+           per_example: bool, stop_check: StopCheck | None = None) -> tuple[list, float, int, list[tuple]]:
     """(predictions of all ranks, summed loss, targets, and with `per_example` each example's (index,
     prediction or None, extra output) sorted by index) over the whole dataset."""
     was_training = model.training
@@ -47,7 +64,11 @@ def _score(accelerator: Any, model: Any, task: Any, dataset: Any, micro: int, pa
                            accelerator.process_index)
     # an eval set of thousands takes minutes on a CPU with nothing on screen, as if hung
     progress = Progress(len(batches), "eval", "batches", shown=accelerator.is_main_process)
-    for idx in batches:
+    for idx in batches:  # (padded: every rank runs as many rounds, so stop_check's collective pairs up)
+        if stop_check is not None and (signum := stop_check()) is not None:
+            progress.close()
+            model.train(was_training)
+            raise EvalStopped(signum)
         progress.update()
         batch = send_to_device(task.collate([dataset[i] for i in (idx or [0])], pad_id), accelerator.device)
         with accelerator.autocast():

@@ -6,6 +6,8 @@
   nan                 the loss of `step` becomes NaN
   oom                 the loss of `step` raises an out-of-memory error (after its forward pass)
   slow                step `step` takes 8 s more (a long step of a big model: what a stop must wait for)
+  usr1-in-eval        the last rank sends itself SIGUSR1 as the eval after step `step` begins (a preemption
+                      notice during a long eval, heard by one rank)
 Real faults take the same code paths; this only makes them happen on demand.
 """
 
@@ -48,3 +50,9 @@ def at_step(step: int, loss):  # noqa: ANN001, ANN201 (a torch tensor; torch is 
 
         time.sleep(8)
     return loss
+
+
+def at_eval(step: int, rank: int, world: int) -> None:
+    """Apply the eval fault (`usr1-in-eval`) as the eval after `step` begins on `rank` of `world`."""
+    if _plan() and armed("usr1-in-eval", step) and rank == world - 1:
+        os.kill(os.getpid(), signal.SIGUSR1)

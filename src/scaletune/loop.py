@@ -24,7 +24,7 @@ from accelerate.utils import send_to_device
 from . import faults, methods, schedules
 from .best import BestAdapter
 from .data.batching import StepBatches
-from .evaluate import evaluate
+from .evaluate import EvalStopped, evaluate
 from .generation_metrics import score_during_training
 from .metrics import Throughput
 from .nonfinite import NonfiniteGuard
@@ -59,32 +59,25 @@ def fit(run: Run, stop: StopFlag) -> str:
     if run.step >= end:
         mlog.write(f"run already complete ({run.step}/{run.total_steps} steps"
                    + (", stopped early)" if end < run.total_steps else ")"))
-        if end == run.total_steps and run.data["eval"] is not None and \
-                run.counters.get("evaluated_step", run.step) != run.step:  # (checkpoints before it: unknown)
-            # a run ended at a mid-run checkpoint (max_steps lowered to its step): its end-of-run eval and best
-            # adapter were never done there
-            evaluate_step(run, best, mlog, speed)
     model.train()
     stop.catch_interrupts()  # Ctrl-C from here on: a checkpoint at the next step boundary (see StopFlag)
+    due = run.eval_every.due(run.step) or run.step == run.total_steps
+    if run.step and run.data["eval"] is not None and (due or run.step >= end) and \
+            run.counters.get("evaluated_step", run.step) != run.step:  # (checkpoints before it: unknown)
+        # the checkpoint's step was stopped during its eval, or (ending at a mid-run checkpoint: max_steps
+        # lowered to its step) has an end-of-run eval and best adapter never done there
+        try:
+            if evaluate_step(run, best, mlog, speed, stop):
+                end = run.step  # stopping early there: final_outputs checkpoints it so
+        except EvalStopped as exc:
+            return preempted(run, stop, guard, mlog, exc.signum, f" (during its eval, {EVAL_REDONE})")
     for micro_batches in batches(run.step, end):
         # targets (counted for the logs) and the loss's denominator: the targets again, or with class weights
         # their summed weight (float), both over every micro-batch and rank
         n_global, weight_global, stopped_by = step_head(acc, sum(task.count_targets(b) for b in micro_batches), stop,
                                                         task.step_weight(micro_batches))
         if stopped_by is not None:
-            guard.settle(boundary=True)
-            path = save_checkpoint(run)
-            how = signal.Signals(stopped_by).name + ("" if stop.signal == stopped_by else " (to another rank)")
-            # (the name too: a number is the writing machine's, SIGUSR1 10 on Linux and 30 on macOS)
-            mlog.log("preempted", run.step, {"signal": stopped_by, "signal_name": signal.Signals(stopped_by).name,
-                                             "checkpoint": str(path)})
-            mark_preempted(acc, path, stopped_by)
-            kept = replaced_note(run.output_dir)
-            mlog.write(f"stopped on {how} at step {run.step}; checkpoint {path}"
-                       + (f"; {kept}" if kept else ""))
-            mlog.close()
-            stop.release_interrupts()
-            return "preempted"
+            return preempted(run, stop, guard, mlog, stopped_by)
         # Dropout etc. draw from (seed, step, rank): a resumed run replays exactly the same randomness.
         torch.manual_seed(t.seed + 1_000_003 * (run.step + 1) + rank)
         scale = run.accum * world / weight_global
@@ -126,7 +119,10 @@ def fit(run: Run, stop: StopFlag) -> str:
                                      "tok/s": round(values.get("tokens_per_s", 0))})
         stop_early = False
         if run.data["eval"] is not None and (run.eval_every.due(run.step) or run.step == run.total_steps):
-            stop_early = evaluate_step(run, best, mlog, speed)  # writes best_adapter/ on a new best
+            try:
+                stop_early = evaluate_step(run, best, mlog, speed, stop)  # writes best_adapter/ on a new best
+            except EvalStopped as exc:  # (the checkpoint, without this eval: the resume does it first)
+                return preempted(run, stop, guard, mlog, exc.signum, f" (during its eval, {EVAL_REDONE})")
         if saving:
             with speed.paused():
                 save_checkpoint(run)
@@ -138,15 +134,38 @@ def fit(run: Run, stop: StopFlag) -> str:
     return "done"
 
 
-def evaluate_step(run: Run, best: BestAdapter, mlog: MetricsLog, speed: Throughput) -> bool:
+EVAL_REDONE = "which the resumed run does first"
+
+
+def preempted(run: Run, stop: StopFlag, guard: NonfiniteGuard, mlog: MetricsLog, stopped_by: int,
+              when: str = "") -> str:
+    """Stop at `run.step` on signal `stopped_by` (every rank's): its checkpoint written, the preemption logged and
+    marked for the batch script (`when`: said after the step)."""
+    guard.settle(boundary=True)
+    path = save_checkpoint(run)
+    how = signal.Signals(stopped_by).name + ("" if stop.signal == stopped_by else " (to another rank)")
+    # (the name too: a number is the writing machine's, SIGUSR1 10 on Linux and 30 on macOS)
+    mlog.log("preempted", run.step, {"signal": stopped_by, "signal_name": signal.Signals(stopped_by).name,
+                                     "checkpoint": str(path)})
+    mark_preempted(run.accelerator, path, stopped_by)
+    kept = replaced_note(run.output_dir)
+    mlog.write(f"stopped on {how} at step {run.step}{when}; checkpoint {path}" + (f"; {kept}" if kept else ""))
+    mlog.close()
+    stop.release_interrupts()
+    return "preempted"
+
+
+def evaluate_step(run: Run, best: BestAdapter, mlog: MetricsLog, speed: Throughput, stop: StopFlag | None = None) -> bool:
     """Evaluate at `run.step`, log it, and let the best adapter / early stopping see it; returns whether the
-    run stops early."""
+    run stops early. A stop signal heard (by any rank) during it raises EvalStopped: nothing of it is kept."""
     t = run.cfg.train
+    check = None if stop is None else (lambda: step_head(run.accelerator, 0, stop)[2])
+    faults.at_eval(run.step, run.accelerator.process_index, run.accelerator.num_processes)  # (tests only)
     with speed.paused():  # tokens/s is the training's
         metrics = evaluate(run.accelerator, run.model, run.task, run.data["eval"], run.data["labels"],
-                           t.micro_batch_size, run.tokenizer.pad_token_id)
+                           t.micro_batch_size, run.tokenizer.pad_token_id, check)
         if run.generation:  # train.eval_generate
-            metrics.update(score_during_training(run))
+            metrics.update(score_during_training(run, check))
         mlog.log("eval", run.step, metrics)
         mlog.write(f"step {run.step}: eval " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
                                                           if isinstance(v, float)))

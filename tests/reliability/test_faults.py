@@ -204,3 +204,32 @@ def test_damaged_manifest_is_a_reason_not_a_crash(tmp_path, damage, reason):
         (root / name).write_text("x")
     damage(root / "manifest.json")
     assert reason in verify(root)
+
+
+@pytest.mark.distributed
+def test_a_stop_one_rank_hears_during_an_eval_stops_every_rank_there_and_the_resume_evaluates_first(make_config,
+                                                                                                    tmp_path):
+    """Rank 1 alone gets SIGUSR1 as step 2's eval begins: both ranks drop that eval together (a collective
+    each eval batch: no rank left waiting in the other's forward), the step-2 checkpoint is written at once,
+    and the resumed 2-process run evaluates step 2 before training on."""
+    path = make_config("causal_lm", train={"max_steps": 4, "eval_every": 2, "save_every": None,
+                                           "micro_batch_size": 2})
+    repo = Path(__file__).resolve().parents[2]
+
+    def launch(*extra, fault=None):
+        env = {**ENV, **({"SCALETUNE_FAULT": fault} if fault else {})}
+        cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file",
+               str(repo / "launch" / "cpu_2proc.yaml"), "--main_process_port", str(free_port()),
+               "-m", "scaletune", "train", str(path), *extra]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+
+    res = launch(fault="usr1-in-eval@2")
+    out = tmp_path / "run"
+    text = res.stdout + res.stderr
+    assert res.returncode != 0 and "at step 2 (during its eval, which the resumed run does first)" in text, text[-3000:]
+    assert [r["step"] for r in read_metrics(out, "eval")] == []
+    assert [(r["step"], r["signal_name"]) for r in read_metrics(out, "preempted")] == [(2, "SIGUSR1")]
+    assert [p.name for p in checkpoint_dirs(out)] == ["step-2"]
+    res = launch("--resume", "auto")
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    assert [r["step"] for r in read_metrics(out, "eval")] == [2, 4]
