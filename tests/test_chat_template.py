@@ -166,6 +166,27 @@ def test_the_built_in_rendering_as_a_chat_template_gives_trainings_text_and_pred
         assert got == prompt_ids(tok, segments)
 
 
+def test_a_later_stage_on_the_merged_model_renders_tool_data_as_the_sft_did(tiny_llama):
+    """SFT with the built-in rendering trains a tool result as `### Tool result:`; a later stage on the merged
+    model (DPO, a second SFT) renders with the saved template, which was taken for one without tool support:
+    the results became `### Instruction:` user turns, other ids than the model was trained on."""
+    from transformers import AutoTokenizer
+
+    from scaletune.data.formats import FORMATS, to_segments
+    from scaletune.data.templates import alpaca_style_template
+    from scaletune.tasks.causal_lm import CausalLM
+
+    rec = {"conversations": [{"from": "human", "value": "Weather?"},
+                              {"from": "function_call", "value": "{\"name\": \"weather\", \"arguments\": {}}"},
+                              {"from": "observation", "value": "sunny"}, {"from": "gpt", "value": "Sunny."}],
+           "tools": "[{\"name\": \"weather\", \"description\": \"w\", \"parameters\": {}}]"}
+    converted = FORMATS["sharegpt"].convert(rec)
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    sft = CausalLM().tokens(to_segments(converted, tok, "x"), tok)
+    tok.chat_template = alpaca_style_template(tok)
+    assert CausalLM().tokens(to_segments(converted, tok, "x"), tok) == sft
+
+
 def test_merge_saves_the_built_in_rendering_as_the_chat_template(make_config, tmp_path, capsys):
     from transformers import AutoTokenizer
 

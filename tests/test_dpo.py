@@ -366,3 +366,14 @@ def test_the_reference_draws_no_dropout_in_train_mode(make_config, tiny_llama, t
     assert torch.equal(first, second)
     assert not model.get_base_model().lm_head.training
     assert all(m.training for n, m in model.named_modules() if "lm_head" not in n)
+
+
+def test_eval_prediction_lines_of_a_pair_have_the_reward_tasks_fields():
+    """`eval --predictions` of dpo lacked the `correct` a reward model's line has for the same pair: a script
+    reading one pipeline's preference stages had to special-case each task."""
+    from scaletune.tasks.dpo import DPO
+    from scaletune.tasks.reward import Reward
+
+    for pair in ((0.5, 0.2), (-1.0, 0.25), (0.0, 0.0)):
+        dpo, reward = DPO().example_line(pair, None, {}, None), Reward().example_line(pair, None, {}, None)
+        assert dpo == reward and dpo["correct"] == (pair[0] > pair[1])

@@ -88,13 +88,17 @@ def test_labels_in_another_order_are_refused(seq_cls_adapter, tmp_path, capsys):
     assert code == 2 and f"are not the adapter's {labels}" in err, err
 
 
-@pytest.mark.parametrize("what", ["missing", "no adapter files", "other task"])
+@pytest.mark.parametrize("what", ["missing", "no adapter files", "other task", "checkpoint"])
 def test_a_path_that_holds_no_usable_adapter_is_a_config_error(seq_cls_adapter, tmp_path, capsys, what):
     path, adapter = seq_cls_adapter
     target = tmp_path / "nowhere"
     if what == "no adapter files":
         target.mkdir()
         (target / "adapter_config.json").write_text("{}")
+    elif what == "checkpoint":  # (eval/predict/merge --adapter take one: the message names its snapshot)
+        import shutil
+
+        shutil.copytree(adapter, target / "adapter")
     elif what == "other task":
         target = adapter
         meta = json.loads((adapter / "scaletune.json").read_text())
@@ -102,7 +106,8 @@ def test_a_path_that_holds_no_usable_adapter_is_a_config_error(seq_cls_adapter, 
     code = _train(path, capsys, f"output_dir={tmp_path / 'next'}", f"model.init_adapter={target}")
     err = capsys.readouterr().err
     wanted = {"missing": "is not a directory", "no adapter files": "is not a peft adapter directory",
-              "other task": "the adapter was trained for token_cls"}[what]
+              "other task": "the adapter was trained for token_cls",
+              "checkpoint": f"is a checkpoint directory, not an adapter: give its adapter snapshot, {target}/adapter"}[what]
     assert code == 2 and wanted in err and "Traceback" not in err, err
 
 

@@ -154,6 +154,8 @@ def test_a_predict_line_without_an_answer_or_in_the_other_rendering_is_refused(m
                                              "completion": [{"role": "assistant", "content": "a"}]}, line])
         code, _, err = run_cli(["predict", path, "--input", tmp_path / "in.jsonl"], capsys)
         assert_clean_error(code, err, "in.jsonl:2", says)
+        if "plain text" in says:  # (the hint offered the very shape refused)
+            assert "plain-text pairs" not in err and '{"messages"' in err, err
 
 
 @pytest.mark.parametrize("task, changes, says", [

@@ -99,6 +99,11 @@ def _saved_config(path: Path) -> tuple[dict, str | None]:
     if not path.is_dir():
         return {}, f"{KEY}: {path} is not a directory (an adapter directory: an earlier run's OUTPUT_DIR/adapter)"
     if not conf.is_file() or not any((path / name).is_file() for name in _WEIGHTS):
+        # (eval, predict and merge take a checkpoint directory for its adapter/ snapshot: say which one here)
+        snapshot = path / "adapter"
+        if (snapshot / "adapter_config.json").is_file():
+            return {}, (f"{KEY}: {path} is a checkpoint directory, not an adapter: give its adapter snapshot, "
+                        f"{snapshot}")
         return {}, (f"{KEY}: {path} is not a peft adapter directory (adapter_config.json and "
                     "adapter_model.safetensors): give an earlier run's OUTPUT_DIR/adapter or best_adapter")
     try:

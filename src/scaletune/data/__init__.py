@@ -38,8 +38,10 @@ log = logging.getLogger("scaletune")
 # result, an answer or a system prompt; 14: token_cls words of a byte-level BPE tokenizer (GPT-2, RoBERTa, Llama 3)
 # or of Gemma's are tokenised with the space before them, in their word-start ("Ġ", "▁") form; 15: a token_cls
 # word whose first sub-token is a bare space ("▁" "2" "0" ...) is labelled on its next one with every tokenizer;
-# 16: tool schemas rendered as text keep non-ASCII as written (were \u-escaped)
-CACHE_VERSION = "16"
+# 16: tool schemas rendered as text keep non-ASCII as written (were \u-escaped); 17: tool results under a merged
+# model's saved built-in template stay `### Tool result:` turns (were user turns; TOKENISATION not bumped: only
+# that case changed, and resumes of every other run would be warned for nothing)
+CACHE_VERSION = "17"
 # The data version at which each task's token ids or targets last changed (a cache version changes for more:
 # a count in the meta, a refusal): what checkpoints and adapters record as how their data was tokenised.
 TOKENISATION = {"causal_lm": "13", "dpo": "16", "kto": "16", "reward": "16", "seq_cls": "9", "token_cls": "15",

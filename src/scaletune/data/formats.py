@@ -17,6 +17,7 @@ from typing import Any
 
 from ..errors import DataError
 from .readers import WHERE, fields_of
+from .templates import ALPACA_STYLE
 
 # (text, trainable): True a target, False context, None an answer the data marks as not to be learnt
 # (a `weight: 0` turn), which stays untrained even with data.train_on_prompt.
@@ -411,6 +412,10 @@ def to_segments(converted: dict, tokenizer: Any, where: str) -> Segments:
     tools = converted.get("tools") or []
     uses_tools = bool(tools) or any("tool_calls" in m for m in messages)
     if getattr(tokenizer, "chat_template", None):
+        if uses_tools and ALPACA_STYLE in str(tokenizer.chat_template):
+            # a model merged from a run with the built-in rendering: its template renders tool results as that
+            # run's `### Tool result:` turns, so a later stage on it sees the text the SFT trained on
+            return _render_template(_tools_as_text(messages, tools, "tool"), tokenizer, where, [])
         if uses_tools and not _template_takes_tools(tokenizer):
             global _told_tools_as_text
             if not _told_tools_as_text:

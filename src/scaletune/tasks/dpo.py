@@ -144,7 +144,10 @@ class DPO(AnswerScoring):
 
     def example_line(self, pred: Any, extra: Any, record: dict, labels: list[str] | None) -> dict:
         chosen, rejected = pred
-        return {"chosen_reward": chosen, "rejected_reward": rejected, "reward_margin": chosen - rejected}
+        # the reward task's fields for a pair: one reader takes both tasks' lines; `correct` is what
+        # reward_accuracy counts
+        return {"chosen_reward": chosen, "rejected_reward": rejected, "reward_margin": chosen - rejected,
+                "correct": chosen > rejected}
 
     def metrics(self, preds: list, loss_sum: float, n_targets: int, labels: list[str] | None) -> dict:
         n = max(len(preds), 1)

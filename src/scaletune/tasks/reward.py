@@ -30,9 +30,10 @@ from .base import pad_batch, register
 from .dpo import DPO, cut_prompt
 
 _CHAT = ("sharegpt", "messages")  # layouts rendered as a chat (the others: plain text, no template)
-_PREDICT_SHAPES = ('{"prompt": TEXT, "completion": TEXT} (plain-text pairs), or a chat ending in the answer: '
-                   '{"messages": [..., {"role": "assistant", ...}]}, {"conversations": [..., {"from": "gpt", ...}]} '
-                   'or {"prompt": [messages], "completion": [{"role": "assistant", ...}]}')
+_TEXT_SHAPE = '{"prompt": TEXT, "completion": TEXT} (plain-text pairs)'
+_CHAT_SHAPES = ('a chat ending in the answer: {"messages": [..., {"role": "assistant", ...}]}, {"conversations": '
+                '[..., {"from": "gpt", ...}]} or {"prompt": [messages], "completion": [{"role": "assistant", ...}]}')
+_PREDICT_SHAPES = f"{_TEXT_SHAPE}, or {_CHAT_SHAPES}"
 
 
 @register("reward")
@@ -73,11 +74,6 @@ class Reward(DPO):
             loss = loss + self._center * pairs.sum(1) ** 2
         return loss.sum(), pairs.detach()
 
-    def example_line(self, pred: Any, extra: Any, record: dict, labels: list[str] | None) -> dict:
-        chosen, rejected = pred
-        return {"chosen_reward": chosen, "rejected_reward": rejected, "reward_margin": chosen - rejected,
-                "correct": chosen > rejected}
-
     def metrics(self, preds: list, loss_sum: float, n_targets: int, labels: list[str] | None) -> dict:
         return reward_metrics(preds, loss_sum / max(n_targets, 1), n_targets)
 
@@ -92,8 +88,10 @@ class Reward(DPO):
         if (kind in _CHAT) != (trained in _CHAT):
             said = "a chat" if kind in _CHAT else "plain text"
             was = "chats (rendered with the chat template)" if trained in _CHAT else "plain-text pairs (no template)"
+            # (the hint names only the rendering it was trained on: the other is what was just refused)
             raise DataError(f"{where}: the line is {said}, but this reward model was trained on {was}: its "
-                            "rewards would be read from text it never saw", hint=f"give {_PREDICT_SHAPES}")
+                            "rewards would be read from text it never saw",
+                            hint=f"give {_CHAT_SHAPES if trained in _CHAT else _TEXT_SHAPE}")
         try:
             side = one_answer(rec, kind)
         except DataError as exc:  # (worded for a training pair: the line's answer is no field `chosen` here)
