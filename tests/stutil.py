@@ -345,14 +345,15 @@ def problems_of(raw: dict, **kw) -> list[str]:
 
 
 class StopAt:
-    """Stands in for a SIGUSR1 arriving while step `at` runs."""
+    """Stands in for a SIGUSR1 arriving while step `at` runs, after its eval if it has one (heard at the next
+    step boundary; tests/test_eval_preemption.py stops during an eval)."""
 
     def __init__(self, run, at: int):
         self.run, self.at = run, at
 
     @property
     def signal(self):
-        return 10 if self.run.step >= self.at else None
+        return 10 if self.run.step >= self.at and self.run.model.training else None
 
     def catch_interrupts(self) -> None:  # (Ctrl-C is left as the test process has it)
         pass

@@ -155,3 +155,22 @@ def test_decay_ratio_is_checked_and_only_read_by_its_schedule(make_config, capsy
     path = make_config("causal_lm", train={"lr_scheduler": "wsd"})
     assert main(["train", str(path)]) == 2
     assert "(did you mean 'warmup_stable_decay'?)" in capsys.readouterr().err
+
+
+def test_reduce_lr_on_plateau_drops_nothing_while_the_rate_is_still_warming_up():
+    """Flat evals at steps 1-4 of a 4-step warmup (patience 0): the rate was cut before it reached learning_rate;
+    the first eval sets the best, and the plateau is counted from the end of warmup."""
+    from types import SimpleNamespace
+
+    from scaletune.schedules import after_eval, make_scheduler
+
+    t = SimpleNamespace(lr_scheduler="reduce_lr_on_plateau", plateau_factor=0.5, plateau_patience=0, best_metric=None)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = make_scheduler(t, optimizer, warmup=4, total=10)
+    lrs = []
+    for _ in range(6):
+        optimizer.step()
+        scheduler.step()
+        after_eval(scheduler, optimizer, t, {"loss": 1.0})
+        lrs.append(optimizer.param_groups[0]["lr"])
+    assert lrs == pytest.approx([0.25, 0.5, 0.75, 1.0, 0.5, 0.25])

@@ -10,8 +10,9 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from transformers import AutoTokenizer
 
-from stutil import assert_clean_error, problems_of, run_cli
+from stutil import assert_clean_error, problems_of, run_cli, write_jsonl
 
 TOKENS = ["<|im_start|>", "<|im_end|>"]
 CHAT = {"chat_template": "chatml"}  # (renders every turn between the two tokens)
@@ -342,3 +343,33 @@ def test_the_merged_chatml_template_leads_with_bos_as_training_did(capsys, make_
     ids = tok.apply_chat_template(chat, tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"]
     text = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     assert ids == tok(text)["input_ids"] and ids[0] == tok.bos_token_id
+
+
+def test_eval_does_not_say_the_adapters_rows_start_at_the_mean(capsys, make_config, tmp_path, caplog):
+    """eval loads the trained rows over the resized base: its log said they "start at the mean embedding and
+    train", as if the adapter's rows were not used."""
+    path, _ = _trained(capsys, make_config, tmp_path)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="scaletune"):
+        code, _, err = run_cli(["eval", path], capsys)
+    assert code == 0, err
+    assert "start at the mean embedding" not in caplog.text
+
+
+def test_a_generated_answer_of_the_references_tokens_matches_it(capsys, make_config, tmp_path, monkeypatch):
+    """A reference holding a new token (<think>) against a model that generates exactly its tokens: decoding
+    skips special tokens, so the generated text lacks the marker the reference has; exact_match was 0."""
+    import scaletune.generation
+
+    path, adapter = _trained(capsys, make_config, tmp_path, model={"new_special_tokens": [*TOKENS, "<think>"]})
+    reference = "<think>sum</think> four"
+    data = write_jsonl(tmp_path / "think.jsonl", [{"messages": [{"role": "user", "content": "2+2?"},
+                                                                {"role": "assistant", "content": reference}]}])
+    tok = AutoTokenizer.from_pretrained(adapter)
+    answer = tok(reference, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert tok.convert_tokens_to_ids("<think>") in answer
+    monkeypatch.setattr(scaletune.generation, "_generate_rows", lambda model, tokenizer, rows, *a, **k: [answer])
+    code, out, err = run_cli(["eval", path, "--data", data, "--generate", "--json"], capsys)
+    assert code == 0, err
+    metrics = json.loads(out)
+    assert metrics["exact_match"] == 1.0 and metrics["token_f1"] == 1.0

@@ -195,7 +195,8 @@ def test_config_change_refusal_does_not_name_a_length_the_model_lowered(make_con
     (the checkpoint kept the lowered one, and compared it with the config as written)."""
     path = make_config("seq_cls", n=32, train={"max_steps": 2}, data={"max_length": 1024})
     assert _train(path) == 0
-    assert json.loads((tmp_path / "run" / "run.json").read_text())["config"]["data"]["max_length"] == 512
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["max_length"] == 512 and info["config"]["data"]["max_length"] == 1024  # (run as given: resumes)
     capsys.readouterr()
     assert _train(path, "train.learning_rate=0.5", "--resume", "auto") == 2
     err = capsys.readouterr().err

@@ -189,3 +189,48 @@ def test_a_predict_line_with_an_empty_answer_is_named_as_such(make_config, tmp_p
         code, _, err = run_cli(["predict", path, "--input", tmp_path / "in.jsonl"], capsys)
         assert_clean_error(code, err, "in.jsonl:1", "the answer to score is empty")
         assert "chosen" not in err and "learn" not in err
+
+
+def test_a_base_whose_config_pads_with_another_id_than_the_tokenizer_scores_a_padded_row_as_alone(
+        make_config, tiny_llama, tmp_path):
+    """config.json's pad_token_id 0 (BOS) where the tokenizer has no pad token (so rows are padded with its eos):
+    transformers reads a row's reward at its last token that is not config.pad_token_id, which was the padding
+    of every shorter row of a batch; the config takes the collator's pad."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama, base)
+    conf = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**conf, "pad_token_id": 0}))
+    tok = json.loads((base / "tokenizer_config.json").read_text())
+    tok.pop("pad_token", None)
+    (base / "tokenizer_config.json").write_text(json.dumps(tok))
+    run, _ = setup(load_config(make_config("reward", model={"name_or_path": str(base)})))
+    model = run.model.eval()
+    _randomise(model)
+    pad = run.tokenizer.pad_token_id
+    assert pad == run.tokenizer.eos_token_id != 0
+    examples = [run.data["train"][i] for i in range(5)]
+    rows = [e["input_ids"] for e in examples]
+    assert len({len(r) for r in rows}) > 1
+    with torch.no_grad():
+        batched = run.task.rewards(model, run.task.collate(examples, pad))[:5]
+        alone = torch.stack([model(input_ids=torch.tensor([r])).logits[0, 0] for r in rows])
+    torch.testing.assert_close(batched, alone, rtol=0, atol=1e-5)
+
+
+def test_a_predict_line_whose_prompt_fills_max_length_gets_no_reward(make_config, tmp_path, capsys):
+    """Two answers to a prompt longer than data.max_length: their rows held no answer token, so both got the
+    prompt's reward (a tie whatever the answers); the line says it scored nothing, as training skips the pair."""
+    path = make_config("reward", n=8, train={"max_steps": 1}, data={"eval": None})
+    assert run_cli(["train", path], capsys)[0] == 0
+    prompt = [{"role": "user", "content": "a long question " * 60}]
+    lines = [{"messages": [*prompt, {"role": "assistant", "content": answer}]} for answer in ("yes", "no way")]
+    lines.append({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "yes"}]})
+    write_jsonl(tmp_path / "in.jsonl", lines)
+    code, out, err = run_cli(["predict", path, "--input", tmp_path / "in.jsonl", "data.max_length=64"], capsys)
+    assert code == 0, err
+    got = [json.loads(x) for x in out.splitlines() if x.startswith("{")]
+    assert [g["reward"] for g in got[:2]] == [None, None]
+    assert "data.max_length=64" in got[0]["unscored"]
+    assert isinstance(got[2]["reward"], float) and "unscored" not in got[2]

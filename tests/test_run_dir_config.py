@@ -163,3 +163,16 @@ def test_train_of_its_run_directory_without_resume_offers_what_works(make_config
     assert "--overwrite" not in err
     code, _, err = run_cli(["train", str(run), f"output_dir={tmp_path / 'second'}", "train.max_steps=1"], capsys)
     assert code == 0, err
+
+
+def test_train_resumes_its_run_directory_where_loading_lowered_max_length(make_config, tmp_path, capsys):
+    """data.max_length above what a BERT takes (its 512 learned positions) is lowered as the run loads: run.json
+    recorded the lowered value, the checkpoints the given one, so `train RUN --resume` was refused as another
+    run's config (changed: data.max_length: 1024 -> 512)."""
+    path = make_config("seq_cls", train={"max_steps": 2, "save_every": 2}, data={"max_length": 1024})
+    code, _, err = run_cli(["train", path], capsys)
+    assert code == 0, err
+    run = tmp_path / "run"
+    code, _, err = run_cli(["train", str(run), "--resume", "auto", "train.max_steps=3"], capsys)
+    assert code == 0, err
+    assert "checkpoints/step-2" in json.loads((run / "run.json").read_text())["resumed_from"]

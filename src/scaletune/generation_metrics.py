@@ -145,6 +145,15 @@ def reference_answer(record: dict, key: str = "--generate") -> str:
     return messages[-1]["content"]
 
 
+def as_decoded(tokenizer: Any, reference: str) -> str:
+    """`reference` as a generated answer of the same tokens reads: decoding skips special tokens, so a reference
+    holding one (a model.new_special_tokens marker in the data, <think> say) could never be matched; others as
+    they are (a round trip may respace them)."""
+    if not any(tok in reference for tok in tokenizer.all_special_tokens):
+        return reference
+    return tokenizer.decode(tokenizer(reference, add_special_tokens=False)["input_ids"], skip_special_tokens=True)
+
+
 def score(acc: Any, model: Any, tokenizer: Any, prepared: list[tuple], max_new_tokens: int,
           stop_check: Any = None) -> tuple[dict, list]:
     """(eval's added metrics: the means of exact_match and token_f1 and generated_examples, one dict per
@@ -181,9 +190,10 @@ def score(acc: Any, model: Any, tokenizer: Any, prepared: list[tuple], max_new_t
         from accelerate.utils import gather_object
 
         generated = dict(gather_object(list(generated.items())))
+    shown = {ref: as_decoded(tokenizer, ref) for _, ref, _ in prepared}
     lines = [{"generated": generated[i], "reference": reference,
-              "exact_match": exact_match(generated[i], reference), "token_f1": token_f1(generated[i], reference)}
-             for i, (_, reference, _) in enumerate(prepared)]
+              "exact_match": exact_match(generated[i], shown[reference]),
+              "token_f1": token_f1(generated[i], shown[reference])} for i, (_, reference, _) in enumerate(prepared)]
     n = max(len(lines), 1)
     metrics = {"exact_match": sum(ln["exact_match"] for ln in lines) / n,
                "token_f1": sum(ln["token_f1"] for ln in lines) / n, "generated_examples": len(lines)}

@@ -148,8 +148,16 @@ def load_model(cfg: RunConfig, task: Any, labels: list[str] | None, tokenizer: A
         raise ConfigError(f"model.name_or_path: {cfg.model.name_or_path!r} looks damaged "
                           f"({type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]})") from None
     _report_loading(cfg, info, new_head=adapter_path is None, resuming=resuming)
-    if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
-        model.config.pad_token_id = tokenizer.pad_token_id
+    pad = tokenizer.pad_token_id
+    if pad is not None and model.config.pad_token_id != pad and (
+            model.config.pad_token_id is None or task.peft_task_type == "SEQ_CLS"):
+        # a decoder's sequence head reads each row at its last token that is not config.pad_token_id: another
+        # id than the one rows are padded with read a shorter row's score at its padding (a config's pad 0 with
+        # the tokenizer padding with eos), and a merged model would score otherwise than training did
+        if model.config.pad_token_id is not None:
+            log.info("model: config.pad_token_id %s is not the tokenizer's pad token %r (id %d), which pads the "
+                     "rows: the model config takes the tokenizer's", model.config.pad_token_id, tokenizer.pad_token, pad)
+        model.config.pad_token_id = pad
     from .new_tokens import fit_embeddings
 
     new_ids = fit_embeddings(model, tokenizer)  # (before peft wraps the tables; eval's adapter needs the rows)

@@ -180,7 +180,8 @@ def fit_embeddings(model: Any, tokenizer: Any) -> list[int]:
     if info is None:
         return []
     old_rows = model.get_input_embeddings().num_embeddings
-    if "rows" not in info:  # training: fitted here the first time
+    fresh = "rows" not in info  # (eval, predict, merge: the record an adapter saved; its rows load over these)
+    if fresh:  # training: fitted here the first time
         info["rows"] = max(old_rows, len(tokenizer))
         # added tokens, and listed ones the tokenizer had without the model having a row for them
         info["trained"] = sorted({i for t, i in info["tokens"].items() if t in info["added"] or i >= old_rows})
@@ -192,7 +193,7 @@ def fit_embeddings(model: Any, tokenizer: Any) -> list[int]:
     for table in _tables(model):
         with torch.no_grad():
             table.weight[trained] = table.weight[:real].float().mean(0).to(table.weight.dtype)
-    if trained:
+    if trained and fresh:
         log.info("model.new_special_tokens: %d new embedding row(s) (ids %s) start at the mean embedding and train",
                  len(trained), _span(trained))
     return trained

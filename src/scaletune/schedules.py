@@ -39,8 +39,10 @@ class PlateauLambda:
         warm = step / self.warmup if step < self.warmup else 1.0
         return warm * self.factor ** self.drops
 
-    def observe(self, value: float) -> bool:
-        """Count an eval's metric; returns whether it drops the learning rate."""
+    def observe(self, value: float, step: int | None = None) -> bool:
+        """Count an eval's metric (at optimizer step `step`); returns whether it drops the learning rate. An eval
+        during warmup may set the best but counts no plateau: the rate is still rising to learning_rate, which
+        the run is to reach (a flat loss at a near-zero rate dropped it before it got there)."""
         if not math.isfinite(value):  # (a non-finite eval betters nothing)
             better = False
         elif self.best is None:
@@ -51,6 +53,8 @@ class PlateauLambda:
             better = value > self.best + _PLATEAU_REL_THRESHOLD * abs(self.best)
         if better:
             self.best, self.bad_evals = value, 0
+            return False
+        if step is not None and step <= self.warmup:  # (no step has trained at the peak yet)
             return False
         self.bad_evals += 1
         if self.bad_evals <= self.patience:
@@ -85,7 +89,7 @@ def after_eval(scheduler: Any, optimizer: Any, t: Any, metrics: dict) -> float |
     """Show reduce_lr_on_plateau an eval's `metrics`; on a drop, the optimizer takes the lowered rate at once
     (it already holds the next step's) and the new rate is returned. Other schedules: None."""
     fn = scheduler.lr_lambdas[0]
-    if not isinstance(fn, PlateauLambda) or not fn.observe(float(metrics[plateau_metric(t)])):
+    if not isinstance(fn, PlateauLambda) or not fn.observe(float(metrics[plateau_metric(t)]), scheduler.last_epoch):
         return None
     lrs = [base * f(scheduler.last_epoch) for base, f in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
     scheduler._last_lr = lrs  # what get_last_lr() reports until the next step

@@ -82,13 +82,16 @@ def run_summary(cfg: Any, facts: dict) -> str:
             f"writing to {cfg.output_dir}")
 
 
-def write_run_json(output_dir: Path, cfg: Any, extra: dict) -> None:
-    """run.json: the resolved config, versions and this start's facts. A resumed run keeps its first start's
+def write_run_json(output_dir: Path, cfg: Any, extra: dict, config: dict | None = None) -> None:
+    """run.json: the resolved config (`config`: as given, before loading lowered data.max_length to what the
+    model takes, which is what a checkpoint records, so `train OUTPUT_DIR --resume` reads the config its
+    checkpoints were written by), versions and this start's facts. A resumed run keeps its first start's
     `started` and `argv` and adds this start to `resumes` (time, checkpoint, command line)."""
     now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     argv = command_line()
-    info = {"config": cfg.to_dict(), "versions": package_versions(), "git_commit": git_commit(Path.cwd()),
-            "argv": argv, "cwd": os.getcwd(), "started": now, **extra}  # (relative config paths are read from cwd)
+    info = {"config": config if config is not None else cfg.to_dict(), "versions": package_versions(),
+            "git_commit": git_commit(Path.cwd()), "argv": argv, "cwd": os.getcwd(),  # (relative paths: from cwd)
+            "started": now, **extra}
     if extra.get("resumed_from"):
         try:
             before = json.loads((output_dir / "run.json").read_text(encoding="utf-8"))

@@ -294,11 +294,12 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
                  "skipped_examples": data["stats"].get("dropped"),
                  "truncated_examples": data["stats"].get("truncated"),
                  "eval_examples": len(data["eval"]) if data["eval"] is not None else 0,
+                 "max_length": cfg.data.max_length,  # (as the model took it; the config keeps the given one)
                  "trainable_params": trainable, "total_params": all_params,
                  "labels": data["labels"], "class_weights": run.class_weights,
                  "config_fingerprint": fingerprint,
                  "resumed_from": str(resume_from) if resume_from else None}
-        write_run_json(out, cfg, facts)
+        write_run_json(out, cfg, facts, config=run.given_config)
         log.info("%s", run_summary(cfg, facts))
     if t.report_to:
         from .tracking import start_trackers

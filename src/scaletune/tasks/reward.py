@@ -26,7 +26,7 @@ from ..data.formats import to_segments
 from ..data.preference import one_answer
 from ..data.readers import WHERE, fields_of
 from ..errors import DataError
-from .base import pad_batch, register
+from .base import IGNORE, pad_batch, register
 from .dpo import DPO, cut_prompt
 
 _CHAT = ("sharegpt", "messages")  # layouts rendered as a chat (the others: plain text, no template)
@@ -104,15 +104,22 @@ class Reward(DPO):
     def score_rows(self, model: Any, tokenizer: Any, cfg: Any, inputs: list[tuple[str, list]]) -> list[dict]:
         """{"reward": r} for each (answer, segments) of `inputs` (one batch), its row cut as training cuts one
         (data.max_prompt_length, then data.max_length from the end), "truncated": true where that cut it."""
-        rows, cut = [], []
+        rows, cut, unscored = [], [], []
+        limit = cfg.data.max_length
         for _, segments in inputs:
             ids, labels, _ = cut_prompt(*self.tokens(segments, tokenizer), cfg, tokenizer)
-            cut.append(len(ids) > cfg.data.max_length)
-            rows.append({"input_ids": ids[:cfg.data.max_length], "labels": labels[:cfg.data.max_length]})
+            cut.append(len(ids) > limit)
+            # (a prompt filling max_length leaves no answer token: every answer to it would get one reward, the
+            # prompt's; training skips such a pair, as `DPO.encode`)
+            unscored.append(not any(lab != IGNORE for lab in labels[1:limit]))
+            rows.append({"input_ids": ids[:limit], "labels": labels[:limit]})
         batch = pad_batch(rows, tokenizer.pad_token_id)
         device = next(model.parameters()).device
         scores = self.rewards(model, {k: v.to(device) for k, v in batch.items()}).tolist()
-        return [{"reward": r, **({"truncated": True} if c else {})} for r, c in zip(scores, cut)]
+        why = (f"the prompt fills data.max_length={limit} tokens: no token of the answer is left to score (raise "
+               "data.max_length, or set data.max_prompt_length)")
+        return [{"reward": None, "truncated": True, "unscored": why} if u else
+                {"reward": r, **({"truncated": True} if c else {})} for r, c, u in zip(scores, cut, unscored)]
 
 
 def reward_metrics(preds: list, loss: float, n_pairs: int) -> dict:
