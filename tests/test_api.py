@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import gc
 import json
+import os
 import signal
 import threading
 
@@ -154,3 +155,97 @@ def test_library_noise_while_loading_the_config_is_filtered(make_config, monkeyp
     with pytest.raises(ConfigError, match=r"train\.no_such_key"):
         api.train(make_config("seq_cls"), {"train.no_such_key": 1})
     assert "kernels-community" not in caplog.text
+
+
+@pytest.mark.parametrize("failure", ["oom", "interrupt"])
+def test_a_failed_runs_error_keeps_nothing_of_the_run(failure, make_config, monkeypatch):
+    """The error a failed call raises is kept (a notebook's last error, a sweep's log of it): it must not keep the
+    run's model alive through its traceback's frames, or the next call (a smaller batch) finds the memory taken."""
+    import torch
+    from peft import PeftModel
+
+    import scaletune.loop
+
+    def failing(*args, **kwargs):
+        if failure == "oom":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        raise KeyboardInterrupt  # (a second Ctrl-C: stops at once)
+
+    monkeypatch.setattr(scaletune.loop, "step_head", failing)
+    kept = []
+    with pytest.raises(UserError if failure == "oom" else KeyboardInterrupt) as caught:
+        api.train(make_config("seq_cls", train={"max_steps": 2}))
+    kept.append(caught.value)
+    if failure == "oom":
+        assert "out of memory at step 1" in str(caught.value) and "--" not in str(caught.value)
+    gc.collect()
+    assert not [o for o in gc.get_objects() if isinstance(o, PeftModel)]
+    assert caught.traceback  # (where it came from is still shown)
+
+
+def test_overrides_given_as_one_str_are_refused(make_config):
+    with pytest.raises(ConfigError, match="overrides: expected a list of 'key=value' strings or a dict, got one str"):
+        api.train(make_config("seq_cls"), "train.max_steps=2")  # (iterated, each character was an override)
+
+
+def test_transformers_progress_bars_are_left_as_the_caller_had_them(make_config):
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.enable_progress_bar()
+    try:
+        api.train(make_config("seq_cls", train={"max_steps": 1}))
+        assert hf_logging.is_progress_bar_enabled()  # (the caller's own from_pretrained shows its bar again)
+    finally:
+        if not was:
+            hf_logging.disable_progress_bar()
+
+
+def test_a_sweeps_runs_each_log_to_mlflow_in_their_own_output_dir(make_config, tmp_path, monkeypatch):
+    """The first run set MLFLOW_TRACKING_URI (its output_dir's store) for the process: the next call took it for
+    the caller's and logged there, its own output_dir holding no MLflow store."""
+    mlflow = pytest.importorskip("mlflow")
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID", "MLFLOW_TAGS"):
+        monkeypatch.delenv(var, raising=False)
+    mlflow.set_tracking_uri(None)  # (an earlier test in this process may have set one)
+    path = make_config("seq_cls", train={"max_steps": 1, "report_to": ["mlflow"]})
+    for name in ("a", "b"):
+        api.train(path, {"output_dir": str(tmp_path / name)})
+        assert "MLFLOW_TRACKING_URI" not in os.environ
+    for name in ("a", "b"):
+        mlflow.set_tracking_uri(f"sqlite:///{tmp_path / name / 'mlruns' / 'mlflow.db'}")
+        runs = mlflow.search_runs(experiment_names=["scaletune"], output_format="list")
+        assert [r.info.run_name for r in runs] == [name]
+    mlflow.set_tracking_uri(None)
+
+
+def test_predict_refuses_a_table_that_would_give_its_column_names(make_config):
+    pd = pytest.importorskip("pandas")
+    table = pd.DataFrame({"text": ["a short line to label", "another line"]})
+    with pytest.raises(UserError, match=r"got a DataFrame \(iterated, it gives its column names\)"):
+        api.predict(make_config("seq_cls"), table)  # (was one prediction, of the text "text")
+
+
+@pytest.mark.parametrize("resume", [True, "", 3])
+def test_a_resume_that_names_no_checkpoint_is_refused_in_python_words(resume, make_config, tmp_path):
+    with pytest.raises(UserError, match=r'^error: resume: expected "auto", a checkpoint directory or None, got '):
+        api.train(make_config("seq_cls"), resume=resume)  # (True and 3: a TypeError; "": the working directory)
+    assert not (tmp_path / "run").exists()
+
+
+def test_calls_from_a_thread_pool_train_what_the_same_calls_train_one_after_another(make_config, tmp_path):
+    """Two runs at once shared the process's accelerate state and random generators: each trained another model
+    than it trains alone, silently. Calls from threads run one at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    path = make_config("seq_cls", train={"max_steps": 3, "global_batch_size": 8, "micro_batch_size": 2,
+                                         "eval_every": 3})
+
+    def run(name, lr):
+        result = api.train(path, {"output_dir": str(tmp_path / name), "train.learning_rate": lr})
+        return result.eval_metrics["loss"]
+
+    alone = [run("a", 1e-3), run("b", 3e-3)]
+    with ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(run, ["c", "d"], [1e-3, 3e-3]))
+    assert together == alone

@@ -7,7 +7,8 @@ In-process differences from the CLI: logging is left to the caller's configurati
 scaletune's own lines go to stderr through one handler, added once); the stop signals (SIGTERM, SIGUSR1, Ctrl-C
 during the loop) stop a run gracefully only when it is called from the main thread, and their handlers are put
 back afterwards; accelerate's per-process state is reset after each call, so calls with different settings follow
-one another, and nothing of a run (model, optimizer) stays referenced once a call returns.
+one another, and nothing of a run (model, optimizer) stays referenced once a call returns, nor by the error a
+failed call raises (its traceback's frames keep no locals); calls from several threads run one at a time.
 """
 
 from __future__ import annotations
@@ -21,12 +22,14 @@ import json
 import logging
 import os
 import re
+import threading
+import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from .errors import ConfigError, UserError
 
 __all__ = ["TrainResult", "train", "evaluate", "predict", "merge"]
 
@@ -58,13 +61,29 @@ def _in_python_words(call: Callable) -> Callable:
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         try:
             return call(*args, **kwargs)
-        except UserError as exc:
-            exc.problems = [_python_words(p) for p in exc.problems]
-            exc.title, exc.hint = _python_words(exc.title), _python_words(exc.hint)
-            exc.args = (exc.render(),)
+        except BaseException as exc:
+            _drop_locals(exc)
+            if isinstance(exc, UserError):
+                exc.problems = [_python_words(p) for p in exc.problems]
+                exc.title, exc.hint = _python_words(exc.title), _python_words(exc.hint)
+                exc.args = (exc.render(),)
             raise
 
     return wrapped
+
+
+def _drop_locals(exc: BaseException) -> None:
+    """The finished frames of `exc`'s tracebacks (and of the errors it was raised from) without their locals, and
+    the memory those held freed. A failed run's error (an out-of-memory, a second Ctrl-C) kept the run's model,
+    optimizer and batches alive through those frames for as long as the error was kept: by a notebook as its
+    last error, by a sweep that logs it; its next call (a smaller batch after an out-of-memory) found the memory
+    still taken. The tracebacks still show where each error came from."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        traceback.clear_frames(exc.__traceback__)
+        exc = exc.__cause__ or exc.__context__
+    _free_memory()
 
 
 @dataclass(frozen=True)
@@ -82,10 +101,14 @@ class TrainResult:
 
 @_in_python_words
 def train(config: str | Path | Mapping[str, Any], overrides: list[str] | Mapping[str, Any] | None = None, *,
-          resume: str | None = None, overwrite: bool = False, allow_config_change: bool = False) -> TrainResult:
+          resume: str | Path | None = None, overwrite: bool = False, allow_config_change: bool = False) -> TrainResult:
     """`scaletune train CONFIG OVERRIDES...`: train an adapter into the config's output_dir. `config`: a YAML
     file or a dict of the same keys; `overrides`: ["train.max_steps=10", ...] or {"train.max_steps": 10}.
     `resume`: "auto" or a checkpoint dir, as --resume."""
+    if resume is not None and not (isinstance(resume, (str, Path)) and str(resume).strip()):
+        # (resume=True failed as a TypeError deep in the checkpoint code; "" named the working directory)
+        raise UserError(f'resume: expected "auto", a checkpoint directory or None, got {resume!r}')
+    resume = _text(resume)
     _check("train", resume=resume, overwrite=overwrite)
     cfg = _load(config, overrides, check_peft=True)
     from .checkpoint import checkpoint_dirs
@@ -193,6 +216,9 @@ def _load(config: str | Path | Mapping[str, Any], overrides: list[str] | Mapping
     _logging()
     if isinstance(overrides, Mapping):  # a value as a command line would write it: str as given, else JSON
         overrides = [f"{k}={v if isinstance(v, str) else json.dumps(v, default=str)}" for k, v in overrides.items()]
+    if isinstance(overrides, (str, bytes)):  # (a str would be iterated: one override per character)
+        raise ConfigError(f"overrides: expected a list of 'key=value' strings or a dict, got one "
+                          f"{type(overrides).__name__}: wrap it in a list")
     overrides = list(overrides or [])
     if isinstance(config, Mapping):
         return configure(copy.deepcopy(dict(config)), overrides, check_peft=check_peft)
@@ -240,14 +266,40 @@ def _logging() -> None:
             log.setLevel(logging.INFO)
 
 
+# What a run sets in the environment for itself (tracking.start_trackers: MLflow's store inside its output_dir, W&B
+# offline without a key), unless the caller set it: left set, a sweep's later runs all logged to MLflow in the
+# first run's output_dir
+_RUN_ENVIRONMENT = ("MLFLOW_TRACKING_URI", "WANDB_MODE")
+
+
+# Calls from several threads (a sweep's thread pool) run one after another: a run uses the process's one accelerate
+# state (reset by each call's end, under another's run) and its random generators (seeded by each run's start); two
+# at once trained other models than the same calls one after another, silently
+_one_at_a_time = threading.RLock()
+
+
 @contextlib.contextmanager
 def _call() -> Iterator[None]:
-    """Around each call: logging, then the process left as a next call needs it."""
-    _logging()
-    try:
-        yield
-    finally:
-        _reset_process_state()
+    """Around each call: logging, then the process left as a next call needs it, and as the caller had it."""
+    from transformers.utils import logging as hf_logging
+
+    with _one_at_a_time:
+        _logging()
+        bars = hf_logging.is_progress_bar_enabled()
+        environment = {name: os.environ.get(name) for name in _RUN_ENVIRONMENT}
+        try:
+            yield
+        finally:
+            for name, value in environment.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+            # (train turns transformers' progress bars off for the whole process: the caller's own
+            # from_pretrained and Trainer runs afterwards showed none)
+            if bars and not hf_logging.is_progress_bar_enabled():
+                hf_logging.enable_progress_bar()
+            _reset_process_state()
 
 
 def _reset_process_state() -> None:
@@ -259,6 +311,12 @@ def _reset_process_state() -> None:
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):  # (a launched rank keeps it)
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
+    _free_memory()
+
+
+def _free_memory() -> None:
+    import torch
+
     gc.collect()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.empty_cache()

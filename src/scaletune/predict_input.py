@@ -67,6 +67,9 @@ def given_inputs(inputs: Any) -> list[dict]:
     ("line", as the same inputs one a line in a file would be); none is skipped, so the outputs pair with them."""
     if isinstance(inputs, (str, bytes, Mapping)):  # (a str would be iterated: one prediction per character)
         raise DataError(f"inputs: expected a list of inputs, got one {type(inputs).__name__}: wrap it in a list")
+    if hasattr(inputs, "columns") and hasattr(inputs, "iterrows"):  # (iterated, a table gives its column names)
+        raise DataError(f"inputs: expected a list of inputs, got a {type(inputs).__name__} (iterated, it gives its "
+                        "column names): pass its rows, table.to_dict('records'), or one column, table['text']")
     items = []
     for i, given in enumerate(inputs):
         where = f"inputs[{i}]"
