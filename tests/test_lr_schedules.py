@@ -174,3 +174,18 @@ def test_reduce_lr_on_plateau_drops_nothing_while_the_rate_is_still_warming_up()
         after_eval(scheduler, optimizer, t, {"loss": 1.0})
         lrs.append(optimizer.param_groups[0]["lr"])
     assert lrs == pytest.approx([0.25, 0.5, 0.75, 1.0, 0.5, 0.25])
+
+
+def test_a_run_with_no_eval_before_its_last_step_is_warned_that_the_plateau_and_early_stopping_never_act(
+        make_config, caplog):
+    """(eval_every's default, 200, in a 4-step run: the one eval is the end's, after which nothing is left)"""
+    train = {"max_steps": 4, "lr_scheduler": "reduce_lr_on_plateau", "best_metric": "loss",
+             "early_stopping_patience": 2, "eval_every": 200}
+    path = make_config("causal_lm", n=32, train=train)
+    setup(load_config(path))
+    assert "train.early_stopping_patience and lr_scheduler: reduce_lr_on_plateau: this run's 4 step(s) have no " \
+           "eval before the last (train.eval_every 200), so they never act" in caplog.text
+    caplog.clear()
+    path = make_config("causal_lm", n=32, train={**train, "eval_every": 2})
+    setup(load_config(path), overwrite=True)
+    assert "never act" not in caplog.text

@@ -221,6 +221,13 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
             every[what] = Every.per_epoch(per, per_epoch)
             log.info("train.%ss_per_epoch=%d: %s %s", what, per, "evaluating" if what == "eval" else "checkpointing",
                      every[what].describe())
+    watchers = [w for w, on in (("train.early_stopping_patience", t.early_stopping_patience),
+                                ("lr_scheduler: reduce_lr_on_plateau", t.lr_scheduler == "reduce_lr_on_plateau")) if on]
+    if watchers and data["eval"] is not None and accelerator.is_main_process and \
+            not any(every["eval"].due(k) for k in range(1, total)):  # (the end's eval has no step after it)
+        log.warning("%s: this run's %d step(s) have no eval before the last (train.eval_every %s), so %s never acts; "
+                    "lower train.eval_every (or set evals_per_epoch)", " and ".join(watchers), total, t.eval_every,
+                    "it" if len(watchers) == 1 else "they")
     left_out = n_train - per_epoch * t.global_batch_size
     if left_out and total >= per_epoch and accelerator.is_main_process:  # (a shorter run never reaches them)
         # Every step has the same shape (data/batching.py); the shuffle picks who sits each epoch out.
