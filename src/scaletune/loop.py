@@ -61,15 +61,16 @@ def fit(run: Run, stop: StopFlag) -> str:
                    + (", stopped early)" if end < run.total_steps else ")"))
     model.train()
     stop.catch_interrupts()  # Ctrl-C from here on: a checkpoint at the next step boundary (see StopFlag)
-    due = run.eval_every.due(run.step) or run.step == run.total_steps
-    if run.step and run.data["eval"] is not None and (due or run.step >= end) and \
-            run.counters.get("evaluated_step", run.step) != run.step:  # (checkpoints before it: unknown)
-        # the checkpoint's step was stopped during its eval, or (ending at a mid-run checkpoint: max_steps
-        # lowered to its step) has an end-of-run eval and best adapter never done there
+    # the checkpoint's step was stopped during its eval, or (a run ending at a mid-run checkpoint: max_steps lowered
+    # to its step) has an end-of-run eval and best adapter never done there
+    interrupted = run.counters.get("eval_interrupted") == run.step
+    # (a checkpoint from before evaluated_step was kept: taken as evaluated)
+    unevaluated_end = end == run.total_steps and run.counters.get("evaluated_step", run.step) != run.step
+    if run.step and run.data["eval"] is not None and (interrupted or (run.step >= end and unevaluated_end)):
         try:
             if evaluate_step(run, best, mlog, speed, stop):
                 end = run.step  # stopping early there: final_outputs checkpoints it so
-        except EvalStopped as exc:
+        except EvalStopped as exc:  # (eval_interrupted stays: the next resume tries again)
             return preempted(run, stop, guard, mlog, exc.signum, f" (during its eval, {EVAL_REDONE})")
     for micro_batches in batches(run.step, end):
         # targets (counted for the logs) and the loss's denominator: the targets again, or with class weights
@@ -122,6 +123,7 @@ def fit(run: Run, stop: StopFlag) -> str:
             try:
                 stop_early = evaluate_step(run, best, mlog, speed, stop)  # writes best_adapter/ on a new best
             except EvalStopped as exc:  # (the checkpoint, without this eval: the resume does it first)
+                run.counters["eval_interrupted"] = run.step
                 return preempted(run, stop, guard, mlog, exc.signum, f" (during its eval, {EVAL_REDONE})")
         if saving:
             with speed.paused():
@@ -170,6 +172,7 @@ def evaluate_step(run: Run, best: BestAdapter, mlog: MetricsLog, speed: Throughp
         mlog.write(f"step {run.step}: eval " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
                                                           if isinstance(v, float)))
         run.counters["evaluated_step"] = run.step  # (saved with the checkpoint: a resume there knows)
+        run.counters.pop("eval_interrupted", None)
         if (lr := schedules.after_eval(run.scheduler, run.optimizer, t, metrics)) is not None:
             mlog.log("lr_drop", run.step, {"lr": lr, "metric": schedules.plateau_metric(t)})
             mlog.write(f"step {run.step}: {schedules.plateau_metric(t)} has not improved for more than "

@@ -91,8 +91,7 @@ class Run:
     save_every: Every = field(default_factory=Every)  # likewise for checkpoints
     step: int = 0
     batch_shape: tuple = ()
-    # (evaluated_step: the last step evaluated, 0 none yet; a checkpoint without it predates the record)
-    counters: dict = field(default_factory=lambda: {"nonfinite_skips": 0, "tokens_seen": 0, "evaluated_step": 0})
+    counters: dict = field(default_factory=lambda: {"nonfinite_skips": 0, "tokens_seen": 0})
     resumed_from: Path | None = None  # the checkpoint this run continues (its path's best adapter is beside it)
     class_weights: dict | None = None  # {label: weight} the loss uses (train.class_weights), as checkpoints keep it
     generation: list = field(default_factory=list)  # train.eval_generate's prompts (generation_metrics.prepare)
