@@ -346,3 +346,12 @@ def test_logged_time_is_missing_without_timed_records_and_reads_in_hours_from_on
     assert loaded.seconds is None and run_stats(loaded)["time (logged)"] == _MISSING
     assert _duration(3599.6) == "1h00m00s" and _duration(3600) == "1h00m00s" and _duration(3599) == "59m59s"
     assert _duration(42.4) == "42s" and _duration(61) == "1m01s"  # (as the step lines' ETA writes it)
+
+
+def test_the_plateaus_drops_are_noted(tmp_path):
+    run = make_run(tmp_path / "plateau", steps=2, extra_lines=tuple(
+        json.dumps({"event": "lr_drop", "step": s, "time": 1, "lr": lr, "metric": "loss"}) + "\n"
+        for s, lr in ((1, 1e-4), (2, 1e-5))))
+    _, (r,) = build_report([str(run)])
+    assert any(n.startswith("learning rate lowered 2 time(s) by reduce_lr_on_plateau, after the evals of step(s) 1, "
+                            "2; last to 1") for n in r.notes), r.notes

@@ -219,6 +219,11 @@ def _event_notes(run: Run) -> list[str]:
     if overflows:
         notes.append(f"{len(overflows)} fp16 loss-scale overflow(s) (update skipped, scale halved), last at step "
                      f"{overflows[-1]['step']}")
+    drops = run.events.get("lr_drop", [])
+    if drops:
+        at = ", ".join(str(r["step"]) for r in drops[:6]) + (", ..." if len(drops) > 6 else "")
+        notes.append(f"learning rate lowered {len(drops)} time(s) by reduce_lr_on_plateau, after the evals of step(s) "
+                     f"{at}; last to {_fmt(drops[-1].get('lr'))}")
     total, done = _num(run.info.get("total_steps")), run.steps_done()
     stopped = [r for r in run.events.get("early_stop", []) if r["step"] == done]  # (not one a resume went past)
     if stopped:  # complete at that step (README: early stopping)
