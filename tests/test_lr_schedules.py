@@ -189,3 +189,25 @@ def test_a_run_with_no_eval_before_its_last_step_is_warned_that_the_plateau_and_
     path = make_config("causal_lm", n=32, train={**train, "eval_every": 2})
     setup(load_config(path), overwrite=True)
     assert "never act" not in caplog.text
+
+
+def test_a_plateau_resumed_under_another_schedule_and_back_counts_anew(make_config, tmp_path):
+    """plateau (a drop at 3) -> linear from step 4 -> plateau again from step 6: the plateau's counters did not
+    ride along in the linear schedule's state (its rate is the peak again, its first eval the best)."""
+    train = {"global_batch_size": 8, "micro_batch_size": 8, "max_steps": 4, "save_every": 2, "log_every": 1,
+             "learning_rate": 1e-9, "lr_scheduler": "reduce_lr_on_plateau", "plateau_factor": 0.5,
+             "plateau_patience": 1, "warmup_steps": 0, "eval_every": 1}
+    path = make_config("causal_lm", n=32, train=train)
+    run, _ = setup(load_config(path))
+    assert fit(run, StopFlag()) == "done"
+    for scheduler, steps in (("linear", 6), ("reduce_lr_on_plateau", 8)):
+        raw = yaml.safe_load(path.read_text())
+        raw["train"].update(lr_scheduler=scheduler, max_steps=steps)
+        if scheduler == "linear":
+            for key in ("plateau_factor", "plateau_patience"):
+                raw["train"].pop(key)
+        path.write_text(yaml.safe_dump(raw))
+        run, _ = setup(load_config(path), resume="auto", allow_config_change=True)
+        assert fit(run, StopFlag()) == "done"
+    state = run.scheduler.lr_lambdas[0]
+    assert (state.drops, state.bad_evals) == (0, 1)  # (evals 7 and 8: the best, then one no better)

@@ -105,9 +105,10 @@ def restored(scheduler: Any, state: dict) -> str | None:
     a line saying so, or None."""
     fn = scheduler.lr_lambdas[0]
     now = {k: getattr(fn, k) for k in PlateauLambda.SETTINGS} if isinstance(fn, PlateauLambda) else None
-    scheduler.load_state_dict(state)
-    if now is None:
+    if now is None:  # (a plateau's counters would ride along in another schedule's state, back to a later plateau)
+        scheduler.load_state_dict({**state, "lr_lambdas": [None] * len(state.get("lr_lambdas") or [])})
         return None
+    scheduler.load_state_dict(dict(state))
     saved = {k: getattr(fn, k, None) for k in ("metric", "over")}
     fn.__dict__.update(now)
     if fn.best is None or saved == {k: now[k] for k in saved}:
