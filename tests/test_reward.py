@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from transformers import AutoTokenizer
 
 from scaletune.config import load_config
@@ -234,3 +235,37 @@ def test_a_predict_line_whose_prompt_fills_max_length_gets_no_reward(make_config
     assert [g["reward"] for g in got[:2]] == [None, None]
     assert "data.max_length=64" in got[0]["unscored"]
     assert isinstance(got[2]["reward"], float) and "unscored" not in got[2]
+
+
+def test_a_chat_models_predictions_go_on_to_the_reward_models_predict_as_they_are(make_config, tmp_path, capsys):
+    """causal_lm predict of a chat line echoes its conversation with the answer (its reference turn left out) in
+    the line's own keys; the reward model's predict reads that output file as it is and scores each answer
+    with its whole conversation, as it scores the same conversation written by hand."""
+    reward = make_config("reward", n=8, train={"max_steps": 1}, data={"eval": None})
+    assert run_cli(["train", reward], capsys)[0] == 0
+    chats = [{"conversations": [{"from": "human", "value": r["conversations"][0]["value"]}, r["chosen"]]}
+             for r in dpo_records(8)]
+    sft = make_config("causal_lm", n=8, train={"max_steps": 1}, data={"eval": None},
+                      output_dir=str(tmp_path / "sft"))
+    raw = yaml.safe_load(sft.read_text())
+    raw["data"]["train"] = str(write_jsonl(tmp_path / "chats.jsonl", chats))
+    sft.write_text(yaml.safe_dump(raw))
+    assert run_cli(["train", sft], capsys)[0] == 0
+    inputs = [chats[0],  # (its reference answer is left out of the echo)
+              {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Reverse: a b"}]}]
+    write_jsonl(tmp_path / "in.jsonl", inputs)
+    code, out, err = run_cli(["predict", sft, "--input", tmp_path / "in.jsonl", "--max-new-tokens", 4], capsys)
+    assert code == 0, err
+    lines = [json.loads(x) for x in out.splitlines() if x.startswith("{")]
+    assert lines[0]["conversations"] == [chats[0]["conversations"][0], {"from": "gpt", "value": lines[0]["completion"]}]
+    assert lines[1]["messages"] == [*inputs[1]["messages"], {"role": "assistant", "content": lines[1]["completion"]}]
+    (tmp_path / "generated.jsonl").write_text(out)
+    code, out, err = run_cli(["predict", reward, "--input", tmp_path / "generated.jsonl"], capsys)
+    assert code == 0, err
+    scored = [json.loads(x)["reward"] for x in out.splitlines() if x.startswith("{")]
+    by_hand = [{"conversations": lines[0]["conversations"]}, {"messages": lines[1]["messages"]}]
+    write_jsonl(tmp_path / "by_hand.jsonl", by_hand)
+    code, out, err = run_cli(["predict", reward, "--input", tmp_path / "by_hand.jsonl"], capsys)
+    assert code == 0, err
+    assert scored == [json.loads(x)["reward"] for x in out.splitlines() if x.startswith("{")]
+    assert all(isinstance(r, float) for r in scored)

@@ -261,6 +261,8 @@ def run_predict(cfg: RunConfig, adapter: str | None, source: str | None, max_new
             if "truncated_words" in result or result.get("truncated"):
                 cut_lines.append(item[WHERE])
             result = {"line": item[predict_input.LINE], **result}
+            if cfg.task in CAUSAL_TASKS:
+                result.update(_chat_with_answer(item, result["completion"]))
             out.write(json.dumps(result, ensure_ascii=False) + "\n")
             results.append(result)
     if cut_lines and cfg.task == "token_cls":
@@ -319,6 +321,23 @@ def _refuse_unembeddable(model: Any, tokenizer: Any, items: list[dict], inputs: 
                             f"model has no embedding for (ids below {rows} only)",
                             hint="tokens added to the tokenizer need new embedding rows in the model (see train's "
                                  "message), or leave them out of the input")
+
+
+def _chat_with_answer(item: dict, completion: str) -> dict:
+    """A chat line's conversation (its reference answer, a closing assistant turn, left out) with the completion as
+    its answer, in the line's own keys: {"messages": [...]} or {"conversations": [...]}; {} for a plain prompt.
+    A reward model's `predict` reads such a line as it is: generated answers go on to be scored with their
+    whole conversation (`prompt` keeps only the last user turn)."""
+    for key in ("messages", "conversations", "prompt"):
+        turns = item.get(key)
+        if not (isinstance(turns, list) and turns and all(isinstance(t, dict) for t in turns)):
+            continue
+        sharegpt = "from" in turns[-1]
+        if (turns[-1].get("from") if sharegpt else turns[-1].get("role")) in ("assistant", "gpt"):
+            turns = turns[:-1]
+        answer = {"from": "gpt", "value": completion} if sharegpt else {"role": "assistant", "content": completion}
+        return {"messages" if key == "prompt" else key: [*turns, answer]}
+    return {}
 
 
 def _task_input(cfg: RunConfig, task: Any, tokenizer: Any, item: dict) -> Any:
