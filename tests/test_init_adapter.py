@@ -88,17 +88,13 @@ def test_labels_in_another_order_are_refused(seq_cls_adapter, tmp_path, capsys):
     assert code == 2 and f"are not the adapter's {labels}" in err, err
 
 
-@pytest.mark.parametrize("what", ["missing", "no adapter files", "other task", "checkpoint"])
+@pytest.mark.parametrize("what", ["missing", "no adapter files", "other task"])
 def test_a_path_that_holds_no_usable_adapter_is_a_config_error(seq_cls_adapter, tmp_path, capsys, what):
     path, adapter = seq_cls_adapter
     target = tmp_path / "nowhere"
     if what == "no adapter files":
         target.mkdir()
         (target / "adapter_config.json").write_text("{}")
-    elif what == "checkpoint":  # (eval/predict/merge --adapter take one: the message names its snapshot)
-        import shutil
-
-        shutil.copytree(adapter, target / "adapter")
     elif what == "other task":
         target = adapter
         meta = json.loads((adapter / "scaletune.json").read_text())
@@ -106,9 +102,26 @@ def test_a_path_that_holds_no_usable_adapter_is_a_config_error(seq_cls_adapter, 
     code = _train(path, capsys, f"output_dir={tmp_path / 'next'}", f"model.init_adapter={target}")
     err = capsys.readouterr().err
     wanted = {"missing": "is not a directory", "no adapter files": "is not a peft adapter directory",
-              "other task": "the adapter was trained for token_cls",
-              "checkpoint": f"is a checkpoint directory, not an adapter: give its adapter snapshot, {target}/adapter"}[what]
+              "other task": "the adapter was trained for token_cls"}[what]
     assert code == 2 and wanted in err and "Traceback" not in err, err
+
+
+def test_a_checkpoint_or_a_run_directory_stands_for_its_adapter(make_config, tmp_path, capsys):
+    """(as eval's --adapter reads them; it was refused as no peft adapter directory)"""
+    path = make_config("seq_cls", train={"max_steps": 2, "save_every": 1, "save_total_limit": None,
+                                         "eval_every": None})
+    assert _train(path, capsys) == 0
+    run = tmp_path / "run"
+    for given, adapter in ((run / "checkpoints" / "step-1", run / "checkpoints" / "step-1" / "adapter"),
+                           (run, run / "adapter")):
+        out = tmp_path / f"next-{given.name}"
+        code = _train(path, capsys, f"output_dir={out}", f"model.init_adapter={given}", "train.max_steps=1",
+                      "train.learning_rate=1e-12")
+        assert code == 0, capsys.readouterr().err
+        saved, after = (load_file(d / "adapter_model.safetensors") for d in (adapter, out / "adapter"))
+        assert saved.keys() == after.keys() and saved
+        for key in saved:
+            torch.testing.assert_close(after[key], saved[key], rtol=0, atol=1e-7, msg=key)
 
 
 

@@ -87,8 +87,9 @@ class ModelConfig:
     )
     revision: str | None = _f(None, "Hub revision (branch, tag or commit) of the base model.")
     init_adapter: str | None = _f(None, "Start from this adapter's weights instead of a new initialisation: an "
-                                  "earlier run's OUTPUT_DIR/adapter or best_adapter (or any peft adapter of the same "
-                                  "method and shapes on this base), to train on new data or go on training. The peft "
+                                  "earlier run's OUTPUT_DIR/adapter or best_adapter, a checkpoint (OUTPUT_DIR/checkpoints/"
+                                  "step-N: its adapter), or any peft adapter of the same method and shapes on this "
+                                  "base, to train on new data or go on training. The peft "
                                   "section must describe the same adapter; a resumed run takes its checkpoint's.")
     new_special_tokens: list | None = _f(None, "Tokens to add to the tokenizer as special tokens (never split), e.g. "
                                          "[<|im_start|>, <|im_end|>] for data.chat_template: chatml on a base model "

@@ -25,6 +25,15 @@ _MAY_DIFFER = {"base_model_name_or_path", "revision", "inference_mode", "init_lo
                "target_modules", "exclude_modules", "modules_to_save", "layers_to_transform", "layers_pattern"}
 
 
+def adapter_dir(given: str) -> Path:
+    """The adapter directory model.init_adapter names: a checkpoint (RUN/checkpoints/step-N) or a run's output
+    directory stands for the adapter it holds (its `adapter/`), as eval's --adapter reads them."""
+    path = Path(given)
+    if not (path / "adapter_config.json").is_file() and (path / "adapter" / "adapter_config.json").is_file():
+        return path / "adapter"
+    return path
+
+
 def problems(cfg: Any) -> list[str]:
     """What the config check can tell without the model: the directory holds a peft adapter of peft.method whose
     settings are the peft section's."""
@@ -36,16 +45,17 @@ def problems(cfg: Any) -> list[str]:
                 "and a new run's schedule starts again from init_r"]
     if not Path(path).exists() and _resumable(cfg):
         return []  # a resume reads its checkpoint, not this; a fresh start's load_initial still says it is gone
-    saved, problem = _saved_config(Path(path))
+    path = adapter_dir(path)
+    saved, problem = _saved_config(path)
     if problem:
         return [problem]
     from .adapter_record import adapter_meta
     from .new_tokens import init_problem
 
-    meta = adapter_meta(Path(path))  # (read once: the task and the new tokens it records)
-    if task_problem := _task_problem(cfg, Path(path), meta.get("task")):
+    meta = adapter_meta(path)  # (read once: the task and the new tokens it records)
+    if task_problem := _task_problem(cfg, path, meta.get("task")):
         return [task_problem]
-    if tokens_problem := init_problem(cfg, Path(path), meta):  # (its trained embedding rows are its tokens')
+    if tokens_problem := init_problem(cfg, path, meta):  # (its trained embedding rows are its tokens')
         return [tokens_problem]
     method = str(saved.get("peft_type", "")).lower()
     if method != cfg.peft_method:
@@ -99,11 +109,6 @@ def _saved_config(path: Path) -> tuple[dict, str | None]:
     if not path.is_dir():
         return {}, f"{KEY}: {path} is not a directory (an adapter directory: an earlier run's OUTPUT_DIR/adapter)"
     if not conf.is_file() or not any((path / name).is_file() for name in _WEIGHTS):
-        # (eval, predict and merge take a checkpoint directory for its adapter/ snapshot: say which one here)
-        snapshot = path / "adapter"
-        if (snapshot / "adapter_config.json").is_file():
-            return {}, (f"{KEY}: {path} is a checkpoint directory, not an adapter: give its adapter snapshot, "
-                        f"{snapshot}")
         return {}, (f"{KEY}: {path} is not a peft adapter directory (adapter_config.json and "
                     "adapter_model.safetensors): give an earlier run's OUTPUT_DIR/adapter or best_adapter")
     try:
@@ -124,7 +129,7 @@ def load_initial(model: Any, cfg: Any, labels: list[str] | None) -> None:
     mean (settings, labels, names, shapes) is one ConfigError before anything is written."""
     import peft
 
-    path = Path(cfg.model.init_adapter)
+    path = adapter_dir(cfg.model.init_adapter)
     saved, problem = _saved_config(path)
     if problem:
         raise ConfigError(problem)
