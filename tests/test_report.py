@@ -355,3 +355,27 @@ def test_the_plateaus_drops_are_noted(tmp_path):
     _, (r,) = build_report([str(run)])
     assert any(n.startswith("learning rate lowered 2 time(s) by reduce_lr_on_plateau, after the evals of step(s) 1, "
                             "2; last to 1") for n in r.notes), r.notes
+
+
+def test_an_older_run_json_with_the_lowered_max_length_does_not_differ_from_a_newer_one(tmp_path):
+    """run.json's config held data.max_length as loading lowered it (512 for a BERT given 1024) before it kept
+    the given value with the lowered one beside it: the same setup, run by either version, showed as differing
+    in data.max_length. The older run's given value is its checkpoints' (they always kept it)."""
+    old = make_run(tmp_path / "old", data={"max_length": 512})
+    ckpt = old / "checkpoints" / "step-4"
+    ckpt.mkdir(parents=True)
+    (ckpt / "manifest.json").write_text("{}")
+    (ckpt / "state.json").write_text(json.dumps({"config": {**CONFIG, "data": {**CONFIG["data"], "max_length": 1024}}}))
+    new = make_run(tmp_path / "new", data={"max_length": 1024})
+    info = json.loads((new / "run.json").read_text())
+    (new / "run.json").write_text(json.dumps({**info, "max_length": 512}))
+    out = tmp_path / "cmp"
+    assert main(["report", str(old), str(new), "--out", str(out)]) == 0
+    page = (out / "report.html").read_text().split("Notes")[0]
+    assert "data.max_length</td>" not in page and "<td>max_length</td>" not in page
+    assert "its config held 512" in (out / "report.html").read_text()  # (the report says what it read)
+    newer = make_run(tmp_path / "newer", data={"max_length": 1024})
+    info = json.loads((newer / "run.json").read_text())
+    (newer / "run.json").write_text(json.dumps({**info, "max_length": 256}))
+    assert main(["report", str(old), str(newer), "--out", str(tmp_path / "cmp2")]) == 0
+    assert "<td>max_length</td><td>512</td><td>256</td>" in (tmp_path / "cmp2" / "report.html").read_text()

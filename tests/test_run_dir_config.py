@@ -176,3 +176,20 @@ def test_train_resumes_its_run_directory_where_loading_lowered_max_length(make_c
     code, _, err = run_cli(["train", str(run), "--resume", "auto", "train.max_steps=3"], capsys)
     assert code == 0, err
     assert "checkpoints/step-2" in json.loads((run / "run.json").read_text())["resumed_from"]
+
+
+def test_train_resumes_an_older_run_directory_whose_run_json_holds_the_lowered_max_length(make_config, tmp_path,
+                                                                                         capsys):
+    """An older scaletune's run.json kept the config with data.max_length as loading lowered it (512 for a BERT
+    given 1024) and had no top-level max_length; its checkpoints kept the given 1024. `train RUN --resume auto`
+    of such a run was refused as another run's config (changed: data.max_length: 1024 -> 512)."""
+    path = make_config("seq_cls", train={"max_steps": 2, "save_every": 2}, data={"max_length": 1024})
+    code, _, err = run_cli(["train", path], capsys)
+    assert code == 0, err
+    run = tmp_path / "run"
+    info = json.loads((run / "run.json").read_text())
+    info["config"]["data"]["max_length"] = info.pop("max_length")  # (as the older version wrote it)
+    (run / "run.json").write_text(json.dumps(info))
+    code, _, err = run_cli(["train", str(run), "--resume", "auto", "train.max_steps=3"], capsys)
+    assert code == 0, err
+    assert "checkpoints/step-2" in json.loads((run / "run.json").read_text())["resumed_from"]

@@ -344,3 +344,18 @@ def test_an_output_dir_that_is_not_utf8_is_refused_before_training(cfg, tmp_path
     code, _, err = run_cli(["train", cfg, f"output_dir={out}"], capsys)
     assert_clean_error(code, err, "is not valid UTF-8 (byte ff", "name it in UTF-8")
     assert not os.path.exists(out)
+
+
+def test_eval_of_a_run_stopped_between_the_renames_names_the_previous_adapter(cfg, tmp_path, capsys):
+    """A kill between replace_dir's two renames leaves adapter/ absent and the previous one in .adapter.old
+    (until the run's next train puts it back): eval and predict said "no trained adapter ... train first"."""
+    out = tmp_path / "run"
+    code, _, err = run_cli(["train", cfg], capsys)
+    assert code == 0, err
+    os.rename(out / "adapter", out / ".adapter.old")
+    code, _, err = run_cli(["eval", cfg], capsys)
+    assert code == 2 and f"--adapter {out / '.adapter.old'}" in err, err
+    code, _, err = run_cli(["eval", cfg, "--adapter", out / "adapter"], capsys)
+    assert code == 2 and f"--adapter {out / '.adapter.old'}" in err, err
+    code, _, err = run_cli(["eval", cfg, "--adapter", out / ".adapter.old"], capsys)
+    assert code == 0, err

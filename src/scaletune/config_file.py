@@ -199,8 +199,31 @@ def read_run_dir(run_dir: Path) -> dict:
     for section, key in PATH_KEYS:
         if isinstance(raw.get(section), dict) and raw[section].get(key) is not None:
             raw[section][key] = map_paths(raw[section][key], absolute)
+    if "max_length" not in info and isinstance(raw.get("data"), dict):
+        given = checkpoints_max_length(run_dir)
+        if given is not None:
+            raw["data"]["max_length"] = given
     raw["output_dir"] = str(run_dir)
     return raw
+
+
+def checkpoints_max_length(run_dir: Path) -> int | None:
+    """data.max_length as given, from the newest complete checkpoint's config. A run.json without a top-level
+    `max_length` is an older scaletune's, whose config held the value loading lowered it to (a BERT's 512 for
+    1024): `train RUN --resume` compared that with the checkpoints' given one and refused it as a change."""
+    import json
+
+    from .checkpoint import MANIFEST, checkpoint_dirs
+
+    for path in checkpoint_dirs(run_dir):
+        if not (path / MANIFEST).is_file():  # (a write cut short)
+            continue
+        try:
+            value = json.loads((path / "state.json").read_text(encoding="utf-8"))["config"]["data"]["max_length"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+    return None
 
 
 def read_yaml(path: str | Path) -> tuple[dict, list[str]]:

@@ -36,7 +36,7 @@ def _adapter_dir(cfg: RunConfig, adapter: str | None) -> Path:
             newest = checkpoint_dirs(Path(cfg.output_dir))
             also = f" (e.g. --adapter {newest[0]}, the newest checkpoint)" if newest else ""
             raise UserError(f"no trained adapter at {path} (adapter_config.json missing); train first or "
-                            f"pass --adapter{also}")
+                            f"pass --adapter{also}{_replaced_note(path)}")
         _note_best_adapter(Path(cfg.output_dir))
         return path
     path = Path(adapter)
@@ -63,10 +63,20 @@ def _note_best_adapter(out: Path) -> None:
                  out / BEST_DIR)
 
 
+def _replaced_note(path: Path) -> str:
+    """Where a run stopped between the two renames that replace adapter/ or best_adapter/ (fileutil.replace_dir)
+    left the previous one: otherwise the message says there is none, "train first", of a run that has it."""
+    old = path.with_name(f".{path.name}.old")
+    if not (old / "adapter_config.json").is_file():
+        return ""
+    return (f"; a run stopped while replacing it left the previous one in {old} (the run's next `train "
+            f"--resume` restores or replaces it): --adapter {old}")
+
+
 def _not_an_adapter(path: Path) -> str:
     """Why --adapter `path` cannot be loaded, naming what was looked for."""
     if not path.exists():
-        return f"--adapter {path}: directory not found"
+        return f"--adapter {path}: directory not found{_replaced_note(path)}"
     if not path.is_dir():
         return (f"--adapter {path}: is a file; pass the directory that holds adapter_config.json (an adapter "
                 "directory) or adapter/adapter_config.json (a checkpoint directory)")

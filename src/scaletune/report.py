@@ -36,7 +36,7 @@ _KEY_PARAMS = {"method": ("config.peft.method",), "r": ("config.peft.r",), "lr":
                "trainable params": ("trainable_params",)}
 # Differs between any two runs without being a hyper-parameter.
 _NOT_PARAMS = {"output_dir"}
-_RUN_LEVEL = ("world_size", "grad_accum", "total_steps")  # derived at startup, worth diffing too
+_RUN_LEVEL = ("world_size", "grad_accum", "total_steps", "max_length")  # derived at startup, worth diffing too
 _MISSING = "–"
 
 
@@ -177,6 +177,17 @@ def load_run(path: Path, name: str) -> Run:
     """Read one run dir; the caller has checked it holds metrics.jsonl or run.json."""
     notes: list[str] = []
     info = read_run_json(path / "run.json", notes)
+    config = info.get("config")
+    if "max_length" not in info and isinstance(config, dict) and isinstance(config.get("data"), dict):
+        # an older run.json: its config held data.max_length as loading lowered it, a newer one's the given
+        # value (the lowered one beside it), so old and new runs of one setup showed as differing there
+        from .config_file import checkpoints_max_length
+
+        info["max_length"] = config["data"].get("max_length")
+        config["data"]["max_length"] = checkpoints_max_length(path) or info["max_length"]
+        if config["data"]["max_length"] != info["max_length"]:
+            notes.append(f"run.json of an older scaletune: data.max_length {config['data']['max_length']} as "
+                         f"given is its checkpoints'; its config held {info['max_length']}, what the model took")
     events: dict[str, list[dict]] = {}
     seconds = None
     if (path / "metrics.jsonl").is_file():
