@@ -73,3 +73,64 @@ def test_a_stop_during_an_eval_checkpoints_the_step_and_the_resume_evaluates_it_
     best = json.loads((run_dir / "best_adapter" / "scaletune.json").read_text())["best"]
     assert best["step"] == json.loads((whole / "best_adapter" / "scaletune.json").read_text())["best"]["step"]
     assert (run_dir / "generations" / "step-4.jsonl").read_text() == (whole / "generations" / "step-4.jsonl").read_text()
+
+
+@pytest.mark.parametrize("end", ["last_step", "early_stop"])
+def test_a_run_finished_by_its_redone_eval_is_complete_on_a_later_resume(make_config, tmp_path, end, capsys):
+    """Stopped during the eval that ends the run (its last step's, or one that stops it early), the resumed run
+    evaluates it and finishes without training another step: the checkpoint of that step must then hold that eval
+    (final_outputs keeps the existing one). It held the stopped run's counters (evaluated_step, best, stopped_early):
+    a later resume of the done run (the job requeued again, the same command run again) evaluated that step once
+    more, another eval record and minutes of generation."""
+    train = {"max_steps": 4 if end == "last_step" else 8, "eval_every": 2, "save_every": None, "log_every": 1,
+             "best_metric": "loss", "eval_generate": 2, "eval_max_new_tokens": 2}
+    if end == "early_stop":  # step 2's eval is the best; step 4's cannot beat it by 1e9: the run stops there
+        train.update(early_stopping_patience=1, early_stopping_threshold=1e9)
+    path = make_config("causal_lm", n=32, train=train)
+    run, _ = setup(load_config(path))
+    assert fit(run, StopDuringEval(run, 4)) == "preempted"
+    run_dir = tmp_path / "run"
+    assert [r["step"] for r in read_metrics(run_dir, "preempted")] == [4]
+
+    capsys.readouterr()
+    run, resumed = setup(load_config(path), resume="auto")
+    assert resumed.name == "step-4"
+    assert fit(run, StopFlag()) == "done"
+    if end == "last_step":  # (not "complete" alone: no eval and no adapter/ yet)
+        assert "run already complete (4/4 steps); its eval at step 4 and adapter are still to do" in \
+            capsys.readouterr().out
+    assert [r["step"] for r in read_metrics(run_dir, "eval")] == [2, 4]
+    assert [r["step"] for r in read_metrics(run_dir, "early_stop")] == ([4] if end == "early_stop" else [])
+
+    run, resumed = setup(load_config(path), resume="auto")
+    assert resumed.name == "step-4"
+    assert fit(run, StopFlag()) == "done"
+    assert [r["step"] for r in read_metrics(run_dir, "eval")] == [2, 4]  # (not evaluated again)
+    assert [r["step"] for r in read_metrics(run_dir, "train")][-1] == 4  # (no training past the early stop)
+    assert not list((run_dir / "checkpoints").glob(".step-*"))  # (the replaced copy deleted)
+
+
+class StopAfterEval(StopDuringEval):
+    """Stands in for a SIGUSR1 heard at the first step boundary after the eval of step `at` (none during it)."""
+
+    @property
+    def signal(self):
+        return 10 if self.run.model.training and self.run.counters.get("evaluated_step") == self.at else None
+
+
+def test_a_stop_just_after_the_redone_eval_checkpoints_that_eval(make_config, tmp_path):
+    """Stopped right after the resumed run redid the step's eval, before training on: the step's checkpoint (the
+    one it resumed from, kept as verified) must be rewritten with that eval, or the next resume redoes it again."""
+    train = {"max_steps": 6, "eval_every": 2, "save_every": None, "log_every": 1, "eval_generate": 2,
+             "eval_max_new_tokens": 2}
+    path = make_config("causal_lm", n=32, train=train)
+    run, _ = setup(load_config(path))
+    assert fit(run, StopDuringEval(run, 4)) == "preempted"
+    run, _ = setup(load_config(path), resume="auto")
+    assert fit(run, StopAfterEval(run, 4)) == "preempted"
+    run_dir = tmp_path / "run"
+    assert [r["step"] for r in read_metrics(run_dir, "preempted")] == [4, 4]
+    run, resumed = setup(load_config(path), resume="auto")
+    assert resumed.name == "step-4"
+    assert fit(run, StopFlag()) == "done"
+    assert [r["step"] for r in read_metrics(run_dir, "eval")] == [2, 4, 6]  # (step 4's once)

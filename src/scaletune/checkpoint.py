@@ -194,8 +194,9 @@ def _same_dir(a: Path, b: Path) -> bool:
 
 def save_checkpoint(accelerator: Any, output_dir: Path, step: int, *, trainable: dict, optimizer_state: dict,
                     state: dict, save_adapter: Any, fingerprint: str, keep: int | None,
-                    method_tensors: dict | None = None) -> Path:
-    """Write checkpoint `step` atomically (collective: every rank calls it, rank 0 writes)."""
+                    method_tensors: dict | None = None, replace: bool = False) -> Path:
+    """Write checkpoint `step` atomically (collective: every rank calls it, rank 0 writes); `replace`: also over a
+    verified one of that step."""
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
@@ -205,7 +206,7 @@ def save_checkpoint(accelerator: Any, output_dir: Path, step: int, *, trainable:
     # A run resumed at step N and stopped again before its next step would re-save the same state:
     # keep the verified copy rather than delete-and-rewrite the only checkpoint there may be.
     error: UserError | None = None
-    if accelerator.is_main_process and not (final.is_dir() and verify(final) is None):
+    if accelerator.is_main_process and (replace or not (final.is_dir() and verify(final) is None)):
         try:
             root.mkdir(parents=True, exist_ok=True)
             for stale in root.glob(".step-*.tmp"):  # left by a process killed mid-write
@@ -223,9 +224,12 @@ def save_checkpoint(accelerator: Any, output_dir: Path, step: int, *, trainable:
             save_adapter(tmp / "adapter")
             write_manifest(tmp, step, fingerprint)
             _fsync_tree(tmp)
-            if final.exists():  # an unverifiable leftover of a killed write
-                shutil.rmtree(final)
+            if final.exists():  # an unverifiable leftover of a killed write, or (`replace`) a good one: set aside
+                aside = root / f".step-{step}.old.tmp"  # and deleted after the rename, not before: a kill while
+                shutil.rmtree(aside, ignore_errors=True)  # deleting it must not leave no step-N
+                os.rename(final, aside)
             os.rename(tmp, final)
+            shutil.rmtree(root / f".step-{step}.old.tmp", ignore_errors=True)
             _write_latest(output_dir, final)
             _prune(output_dir, keep)
         except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as its own error

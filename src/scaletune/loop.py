@@ -56,29 +56,36 @@ def fit(run: Run, stop: StopFlag) -> str:
     best = BestAdapter(run, mlog)
     # a run that stopped early is complete at its checkpoint's step: resuming it trains no further
     end = run.step if run.counters.get("stopped_early") else run.total_steps
+    # the checkpoint's step was stopped during its eval, or (a run ending at a mid-run checkpoint: max_steps lowered
+    # to its step) has an end-of-run eval and best adapter never done there (a checkpoint from before
+    # evaluated_step was kept: taken as evaluated)
+    interrupted = run.counters.get("eval_interrupted") == run.step
+    unevaluated_end = end == run.total_steps and run.counters.get("evaluated_step", run.step) != run.step
+    redo = bool(run.step) and run.data["eval"] is not None and (interrupted or (run.step >= end and unevaluated_end))
     if run.step >= end:
         mlog.write(f"run already complete ({run.step}/{run.total_steps} steps"
-                   + (", stopped early)" if end < run.total_steps else ")"))
+                   + (", stopped early)" if end < run.total_steps else ")")
+                   + (f"; its eval at step {run.step} and adapter are still to do" if redo else ""))
     model.train()
     stop.catch_interrupts()  # Ctrl-C from here on: a checkpoint at the next step boundary (see StopFlag)
-    # the checkpoint's step was stopped during its eval, or (a run ending at a mid-run checkpoint: max_steps lowered
-    # to its step) has an end-of-run eval and best adapter never done there
-    interrupted = run.counters.get("eval_interrupted") == run.step
-    # (a checkpoint from before evaluated_step was kept: taken as evaluated)
-    unevaluated_end = end == run.total_steps and run.counters.get("evaluated_step", run.step) != run.step
-    if run.step and run.data["eval"] is not None and (interrupted or (run.step >= end and unevaluated_end)):
+    redone = -1  # the step whose checkpoint lacks the eval just redone (until a step is trained)
+    if redo:
         try:
             if evaluate_step(run, best, mlog, speed, stop):
-                end = run.step  # stopping early there: final_outputs checkpoints it so
+                end = run.step  # stopping early there
         except EvalStopped as exc:  # (eval_interrupted stays: the next resume tries again)
             return preempted(run, stop, guard, mlog, exc.signum, f" (during its eval, {EVAL_REDONE})")
+        if run.step >= end:  # no later checkpoint will hold what the eval added (evaluated_step, best, an early
+            with speed.paused():  # stop): final_outputs keeps this step's, so a resume of the done run redid it
+                save_checkpoint(run, replace=True)
+        redone = run.step
     for micro_batches in batches(run.step, end):
         # targets (counted for the logs) and the loss's denominator: the targets again, or with class weights
         # their summed weight (float), both over every micro-batch and rank
         n_global, weight_global, stopped_by = step_head(acc, sum(task.count_targets(b) for b in micro_batches), stop,
                                                         task.step_weight(micro_batches))
-        if stopped_by is not None:
-            return preempted(run, stop, guard, mlog, stopped_by)
+        if stopped_by is not None:  # (stopped right after a redone eval: its checkpoint is rewritten with it)
+            return preempted(run, stop, guard, mlog, stopped_by, replace=run.step == redone)
         # Dropout etc. draw from (seed, step, rank): a resumed run replays exactly the same randomness.
         torch.manual_seed(t.seed + 1_000_003 * (run.step + 1) + rank)
         scale = run.accum * world / weight_global
@@ -140,11 +147,11 @@ EVAL_REDONE = "which the resumed run does first"
 
 
 def preempted(run: Run, stop: StopFlag, guard: NonfiniteGuard, mlog: MetricsLog, stopped_by: int,
-              when: str = "") -> str:
+              when: str = "", replace: bool = False) -> str:
     """Stop at `run.step` on signal `stopped_by` (every rank's): its checkpoint written, the preemption logged and
-    marked for the batch script (`when`: said after the step)."""
+    marked for the batch script (`when`: said after the step; `replace`: over a verified checkpoint of the step)."""
     guard.settle(boundary=True)
-    path = save_checkpoint(run)
+    path = save_checkpoint(run, replace)
     how = signal.Signals(stopped_by).name + ("" if stop.signal == stopped_by else " (to another rank)")
     # (the name too: a number is the writing machine's, SIGUSR1 10 on Linux and 30 on macOS)
     mlog.log("preempted", run.step, {"signal": stopped_by, "signal_name": signal.Signals(stopped_by).name,

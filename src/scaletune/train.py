@@ -419,7 +419,7 @@ def refuse_what_cannot_run_here(cfg: RunConfig, world: int) -> None:
         raise err
 
 
-def save_checkpoint(run: Run) -> Path:
+def save_checkpoint(run: Run, replace: bool = False) -> Path:
     from .trainable_state import gather_trainable_state, saved_adapter_state
 
     params, opt_state, scalars = gather_trainable_state(run.accelerator, run.model, run.optimizer)
@@ -439,7 +439,7 @@ def save_checkpoint(run: Run) -> Path:
                                 optimizer_state=opt_state, state=state,
                                 save_adapter=lambda d: save_adapter(run, d, adapter_state),
                                 fingerprint=run.fingerprint, keep=run.cfg.train.save_total_limit,
-                                method_tensors=method_tensors)
+                                method_tensors=method_tensors, replace=replace)
 
 
 def save_adapter(run: Run, directory: Path, state: dict | None = None, extra_meta: dict | None = None) -> None:
