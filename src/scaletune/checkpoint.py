@@ -29,7 +29,7 @@ from typing import Any
 
 from . import faults
 from .errors import UserError
-from .fileutil import sha256_file
+from .fileutil import replace_dir, sha256_file
 
 log = logging.getLogger("scaletune")
 STEP_RE = re.compile(r"^step-(\d+)$")
@@ -224,12 +224,10 @@ def save_checkpoint(accelerator: Any, output_dir: Path, step: int, *, trainable:
             save_adapter(tmp / "adapter")
             write_manifest(tmp, step, fingerprint)
             _fsync_tree(tmp)
-            if final.exists():  # an unverifiable leftover of a killed write, or (`replace`) a good one: set aside
-                aside = root / f".step-{step}.old.tmp"  # and deleted after the rename, not before: a kill while
-                shutil.rmtree(aside, ignore_errors=True)  # deleting it must not leave no step-N
-                os.rename(final, aside)
-            os.rename(tmp, final)
-            shutil.rmtree(root / f".step-{step}.old.tmp", ignore_errors=True)
+            # an existing step-N (an unverifiable leftover of a killed write, or with `replace` a good one) is set
+            # aside and deleted after the rename, not before: a kill while deleting it must not leave no step-N.
+            # (Aside under a .tmp name: a kill between the renames leaves it to the stale sweep above.)
+            replace_dir(tmp, final, aside=root / f".step-{step}.old.tmp")
             _write_latest(output_dir, final)
             _prune(output_dir, keep)
         except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as its own error

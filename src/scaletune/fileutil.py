@@ -47,14 +47,19 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def replace_dir(tmp: Path, final: Path) -> None:
+def replaced_path(final: Path) -> Path:
+    """Where `replace_dir` keeps the previous `final` between its two renames: `.<name>.old` beside it."""
+    return final.with_name(f".{final.name}.old")
+
+
+def replace_dir(tmp: Path, final: Path, aside: Path | None = None) -> None:
     """Put the finished directory `tmp` in place of `final`. Deleting `final` first (rmtree, then rename)
-    left, to a kill in between, no `final` or a half-deleted one; here the old one is renamed to
-    `.<name>.old` first and deleted only after the new one is in place, and `restore_replaced` puts it
-    back if a kill came between the two renames."""
+    left, to a kill in between, no `final` or a half-deleted one; here the old one is renamed to `aside`
+    (default `replaced_path(final)`) first and deleted only after the new one is in place, and
+    `restore_replaced` puts it back if a kill came between the two renames."""
     import shutil
 
-    old = final.with_name(f".{final.name}.old")
+    old = aside or replaced_path(final)
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)  # (a kill during an earlier deletion of it; `final` is intact)
         os.rename(final, old)
@@ -64,6 +69,6 @@ def replace_dir(tmp: Path, final: Path) -> None:
 
 def restore_replaced(final: Path) -> None:
     """`final` as `replace_dir` left it: the previous copy back if a kill came between its two renames."""
-    old = final.with_name(f".{final.name}.old")
+    old = replaced_path(final)
     if old.is_dir() and not final.exists():
         os.rename(old, final)

@@ -17,6 +17,7 @@ from .config import CAUSAL_TASKS, RunConfig
 from .data import tokenised_differently
 from .data.readers import WHERE
 from .errors import ConfigError, UserError
+from .fileutil import replaced_path
 from .generation import generate_batch, prompt_segments
 from .labelling import classify, is_multi_label, regress, tag
 from .tasks.words import has_cjk
@@ -66,7 +67,7 @@ def _note_best_adapter(out: Path) -> None:
 def _replaced_note(path: Path) -> str:
     """Where a run stopped between the two renames that replace adapter/ or best_adapter/ (fileutil.replace_dir)
     left the previous one: otherwise the message says there is none, "train first", of a run that has it."""
-    old = path.with_name(f".{path.name}.old")
+    old = replaced_path(path)
     if not (old / "adapter_config.json").is_file():
         return ""
     return (f"; a run stopped while replacing it left the previous one in {old} (the run's next `train "
