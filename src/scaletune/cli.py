@@ -164,6 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dirs", nargs="+", help="run output directories (with metrics.jsonl and run.json)")
     p.add_argument("--out", default=None, help="where report.html and PNGs go (default: first run dir)")
 
+    p = sub.add_parser("convert", help="rewrite another tool's config (LLaMA-Factory, axolotl, TrainingArguments) "
+                                       "as a scaletune run config, with notes on what does not carry over")
+    p.add_argument("config", help="the other tool's YAML config")
+    p.add_argument("--out", default=None, help="write it to this new file (default: print it)")
+
     p = sub.add_parser("config-help", help="print every run-config key with its type, default and meaning")
     p.add_argument("keys", nargs="*", metavar="KEY", help="only keys containing one of these, e.g. lr warmup peft")
     p.add_argument("--markdown", action="store_true", help="as the README's table")
@@ -327,6 +332,10 @@ def dispatch(args: argparse.Namespace) -> int:
         from .demo import run_demo
 
         return run_demo(args.out, args.steps)
+    if args.command == "convert":
+        from .convert import main_convert
+
+        return main_convert(args.config, args.out)
     if args.command == "report":
         from .report import main_report
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import shlex
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -542,7 +543,17 @@ def load_config(
     """Read a YAML run config, apply `key=value` overrides, validate everything (the peft section's options too
     with `check_peft`: see from_dict)."""
     raw, duplicates = read_yaml(path)
-    cfg = configure(raw, overrides, source=str(path), found=duplicates, world_size=world_size, check_peft=check_peft)
+    try:
+        cfg = configure(raw, overrides, source=str(path), found=duplicates, world_size=world_size,
+                        check_peft=check_peft)
+    except ConfigError as exc:
+        from .aliases import KEY_ALIASES
+
+        # (another tool's whole config gives a screenful of hints: one command writes what they mean)
+        if exc.hint is None and sum(str(k) in KEY_ALIASES for k in raw) >= 3:
+            exc.hint = (f"these are another tool's keys: `scaletune convert {shlex.quote(str(path))} --out run.yaml` "
+                        "writes the scaletune config they mean, with notes on what does not carry over")
+        raise
     cfg.source_file = Path(path)
     return cfg
 
