@@ -512,3 +512,10 @@ def test_classifier_labels_say_what_is_not_supported_and_how_to_give_the_label_s
         collect_labels([{"label": 0.5, WHERE: "t.jsonl:1"}], "label", is_list=False)
     err = unknown_label("valid.txt:92", "tag", "I-LOC", {"O": 0, "B-LOC": 1})
     assert "a label the training data lacks: give the whole label set in data.labels" in str(err)
+    # a misspelt label in the eval file was told to be added to data.labels (a class of the typo); the tag's
+    # own scheme prefix is kept, so the I-LOC above (beside B-LOC) is not taken for a typo
+    err = unknown_label("dev.tsv:2", "label", "postive", {"negative": 0, "positive": 1})
+    assert "(a typo of 'positive'? correct it in the file)" in str(err)
+    err = unknown_label("valid.txt:16", "tag", "B-PRE", {"O": 0, "B-PER": 1, "I-PER": 2, "B-ORG": 3})
+    assert "(a typo of 'B-PER'? correct it in the file)" in str(err)
+    assert "(a typo of 'O'?" in str(unknown_label("valid.txt:17", "tag", "0", {"O": 0, "B-PER": 1}))

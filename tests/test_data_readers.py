@@ -63,6 +63,18 @@ def test_csv_wrong_field_count_and_empty(tmp_path):
         read_records(str(tmp_path / "pipe.jsonl"))
 
 
+def test_a_tab_separated_file_named_csv_says_to_name_it_tsv(tmp_path):
+    """SST-2's `sentence<TAB>label` saved as .csv: the error was "N fields, header has 1" at the first sentence
+    holding a comma (line 5 of SST-2's dev set), which said nothing of tabs."""
+    p = tmp_path / "dev.csv"
+    p.write_text("sentence\tlabel\ngood film\t1\nbad\t0\nslow , dull\t0\n")
+    with pytest.raises(DataError, match=r"dev.csv:1: the header 'sentence\\tlabel' is tab-separated, .* name the "
+                                        r"file .tsv"):
+        read_records(str(p))
+    (tmp_path / "one.csv").write_text("text\nhello\n")  # (a one-column CSV without tabs reads as before)
+    assert read_records(str(tmp_path / "one.csv"))[0]["text"] == "hello"
+
+
 def test_csv_records_are_named_by_the_line_they_start_on(tmp_path):
     """A quoted field may span lines: later records (and errors) name the physical line they start on, not
     the row count. U+2028, U+0085 and form feeds in a field are data, not line breaks (str.splitlines)."""

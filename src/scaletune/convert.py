@@ -365,6 +365,12 @@ def _eval_size(c: Conversion, key: str, value: Any) -> None:
         c.note(key, f"{value!r}: scaletune holds out a fraction (data.eval_fraction, between 0 and 1), not a count")
 
 
+def _cutoff(c: Conversion, key: str, value: Any) -> None:
+    c.set("data.max_length", value)
+    c.note(key, "LLaMA-Factory shares cutoff_len between prompt and answer, cutting each in proportion; scaletune "
+                "cuts a longer example from its end (dpo, kto, reward: data.max_prompt_length caps the prompt)")
+
+
 def _torch_dtype(c: Conversion, key: str, value: Any) -> None:
     if str(value) != "auto":
         c.set("model.dtype", value)
@@ -382,7 +388,7 @@ HANDLERS: dict[str, Callable[[Conversion, str, Any], None]] = {
     "save_strategy": _eval_strategy, "warmup_steps": _warmup, "warmup_ratio": _warmup, "max_steps": _max_steps,
     "flash_attn": _attention, "attn_implementation": _attention, "val_size": _eval_size,
     "val_set_size": _eval_size, "torch_dtype": _torch_dtype, "eval_steps": _steps, "save_steps": _steps,
-    "report_to": _report_to, "flash_attention": _attention, "use_flash_attention": _attention,
+    "report_to": _report_to, "cutoff_len": _cutoff, "flash_attention": _attention, "use_flash_attention": _attention,
 }
 # keys that only choose what a command does, or say what scaletune always does: dropped without a note
 _SILENT = {"do_train", "do_eval", "overwrite_output_dir", "plot_loss", "overwrite_cache", "resume_from_checkpoint",

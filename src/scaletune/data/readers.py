@@ -234,6 +234,10 @@ def _read_delimited(path: Path, delimiter: str) -> list[dict]:
     if not rows:
         raise DataError(f"{path}: file is empty")
     header = [h.strip() for h in rows[0][2]]
+    if delimiter == "," and len(header) == 1 and "\t" in header[0]:
+        # (else the error is "N fields, header has 1" at the first sentence with a comma, or a missing column)
+        raise DataError(f"{path}:1: the header {header[0]!r} is tab-separated, but a .csv file is read as "
+                        "comma-separated: name the file .tsv")
     if len(set(header)) != len(header) or any(not h for h in header):
         raise DataError(f"{path}:1: the first line must be a header with distinct, non-empty column names")
     records = []

@@ -7,6 +7,7 @@ whole optimizer step, not per micro-batch), and how to score predictions.
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 import torch
@@ -239,9 +240,21 @@ def unknown_label(where: str, what: str, value: Any, label2id: dict) -> DataErro
         hint = f" (it differs from {name.strip()!r} only in spaces)"
     elif isinstance(value, bool):
         hint = f" (JSON {name} is the label {name!r}: list it so in data.labels)"
+    elif name == "0" and "O" in label2id:  # (a digit zero for the letter O of "outside")
+        hint = " (a typo of 'O'? correct it in the file)"
+    elif close := difflib.get_close_matches(name, _same_scheme(name, label2id), n=1, cutoff=0.8):
+        # a misspelt label ('postive', 'B-PRE'): adding it to data.labels would train a class of the typo
+        hint = f" (a typo of {close[0]!r}? correct it in the file)"
     elif value is not None:  # (the label set is the training data's unless data.labels gives it)
         hint = " (a label the training data lacks: give the whole label set in data.labels)"
     return DataError(f"{where}: {what} {value!r} is not in the label set {list(label2id)}{hint}")
+
+
+def _same_scheme(name: str, label2id: dict) -> list[str]:
+    """The labels a misspelling of `name` may be: a tag's (B-PRE) only those of its own prefix, so a B-/I- tag
+    the training data lacks (I-LOC beside B-LOC) is not taken for a typo of the other."""
+    labels = [str(k) for k in label2id]
+    return [k for k in labels if k[:2] == name[:2]] if name[1:2] == "-" else labels
 
 
 def collect_labels(records: list[dict], column: str, *, is_list: bool, multi_label: bool = False) -> list[str]:
