@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from scaletune.cli import main
 
-from stutil import StopAt
+from stutil import StopAt, write_jsonl
 
 
 def _train(path, *args):
@@ -593,3 +593,31 @@ def test_a_damaged_checkpoint_of_the_same_step_is_rewritten(tmp_path):
     assert _save(out, 2, 3.0) == ckpt
     assert verify(ckpt) is None and load_file(ckpt / "trainable.safetensors")["w"].tolist() == [3.0] * 8
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-2"]
+
+
+def test_a_resume_whose_data_gives_other_labels_is_refused_naming_them(make_config, tmp_path, capsys):
+    """The classifier head's rows are the checkpoint's labels in order: a fixed typo in the data (3 labels, now 2)
+    failed with a bare shape error, and labels renamed into another sort order trained the wrong rows silently."""
+    path = make_config("seq_cls", n=32, train={"max_steps": 2})
+    train_file = tmp_path / "data" / "train.jsonl"
+    records = [json.loads(line) for line in train_file.read_text().splitlines()]
+    write_jsonl(train_file, [{**records[0], "label": "poss"}, *records[1:]])  # a typo: a third label
+    assert _train(path) == 0
+    write_jsonl(train_file, records)  # typo fixed
+    capsys.readouterr()
+    assert _train(path, "train.max_steps=3", "--resume", "auto") == 2
+    err = capsys.readouterr().err
+    assert "was trained with the labels ['neg', 'pos', 'poss'], this run's data gives ['neg', 'pos']" in err, err
+    # as it says: the checkpoint's labels in data.labels continue it
+    assert _train(path, "train.max_steps=3", "data.labels=[neg, pos, poss]", "--allow-config-change",
+                  "--resume", "auto") == 0
+    # the same number of labels in another order (pos renamed a_pos sorts first): refused, not trained on the
+    # wrong rows
+    other = f"output_dir={tmp_path / 'run2'}"
+    assert _train(path, other) == 0
+    for f in (train_file, tmp_path / "data" / "eval.jsonl"):
+        rows = [json.loads(line) for line in f.read_text().splitlines()]
+        write_jsonl(f, [{**r, "label": {"pos": "a_pos"}.get(r["label"], r["label"])} for r in rows])
+    capsys.readouterr()
+    assert _train(path, other, "train.max_steps=3", "--resume", "auto") == 2
+    assert "this run's data gives ['a_pos', 'neg']" in capsys.readouterr().err

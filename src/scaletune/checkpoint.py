@@ -266,3 +266,24 @@ def load_checkpoint(path: Path) -> tuple[dict, dict, dict]:
     state = json.loads((path / "state.json").read_text())
     state["method_tensors"] = load_file(str(path / METHOD_STATE)) if (path / METHOD_STATE).is_file() else {}
     return trainable, optimizer_state, state
+
+
+def label_change(path: Path, state: dict, labels: list[str] | None) -> str | None:
+    """Why checkpoint `path` cannot continue a run whose data gives `labels`, or None: a classifier head's rows
+    are the checkpoint's labels in its order, so other labels (a fixed typo, a class added, another sort) would
+    train the wrong rows, or fail with a bare shape error. Older checkpoints keep them in adapter/scaletune.json."""
+    saved = state.get("labels")
+    if saved is None and (path / "adapter" / "scaletune.json").is_file():
+        try:
+            saved = json.loads((path / "adapter" / "scaletune.json").read_text()).get("labels")
+        except (OSError, ValueError, AttributeError):
+            saved = None
+    if saved is None or labels is None or list(saved) == list(labels):
+        return None
+
+    def shown(names: list) -> str:
+        return str(list(names)) if len(names) <= 20 else f"{list(names)[:20]} ... ({len(names)} labels)"
+
+    return (f"checkpoint {path} was trained with the labels {shown(saved)}, this run's data gives {shown(labels)}: "
+            f"its classifier rows are those labels, in that order. To continue it, set data.labels to the "
+            f"checkpoint's list (a label the data no longer has stays a class); else start a new run")

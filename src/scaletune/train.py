@@ -332,6 +332,8 @@ def restore(run: Run, resume_from: Path) -> None:
 
     accelerator, model, optimizer, scheduler = run.accelerator, run.model, run.optimizer, run.scheduler
     params, opt_state, state = ckpt.load_checkpoint(resume_from)
+    if problem := ckpt.label_change(resume_from, state, run.data["labels"]):
+        raise UserError(problem)
     try:
         load_trainable_state(accelerator, model, optimizer, params, opt_state, state["optimizer_scalars"])
     except (KeyError, RuntimeError, ValueError) as exc:  # --allow-config-change across shapes or tasks
@@ -434,7 +436,7 @@ def save_checkpoint(run: Run, replace: bool = False) -> Path:
              "global_batch_size": run.cfg.train.global_batch_size,
              "config": run.given_config, "paths": real_paths(run.given_config),  # (see `config_changes`)
              "train_digest": run.data.get("train_digest"), "tokenisation": tokenisation(run.cfg.task),
-             "class_weights": run.class_weights}
+             "class_weights": run.class_weights, "labels": run.data["labels"]}
     return ckpt.save_checkpoint(run.accelerator, run.output_dir, run.step, trainable=params,
                                 optimizer_state=opt_state, state=state,
                                 save_adapter=lambda d: save_adapter(run, d, adapter_state),
