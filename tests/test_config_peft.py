@@ -98,6 +98,23 @@ def test_peft_values_that_would_train_nothing_are_refused():
     from_dict({**BASE, "peft": {"method": "lora", "lora_alpha": 0.5, "lora_dropout": 0}}, check_peft=True)
 
 
+@pytest.mark.parametrize(("init", "wanted"), [
+    ("eva", "initialize_lora_eva_weights, a pass scaletune does not run"),
+    ("lora_ga", "preprocess_loraga, a pass scaletune does not run"),
+    ("corda", "preprocess_corda, a pass scaletune does not run"),
+    ("pissa_niter_4", "the loaded model would not be the trained one; use pissa"),
+])
+def test_lora_inits_that_would_not_be_the_adapter_loaded_or_asked_for_are_refused(init, wanted):
+    """eva and lora_ga trained as plain LoRA without a word (peft falls back without its data pass); pissa_niter_N's
+    randomized SVD is drawn again at every load, so eval, predict and merge scored another residual base."""
+    for method in ("lora", "adalora"):
+        problems = problems_of({**BASE, "peft": {"method": method, "init_lora_weights": init}}, check_peft=True)
+        assert len(problems) == 1 and problems[0].startswith(f"peft.init_lora_weights: {init} ") \
+            and wanted in problems[0], problems
+    for fine in ("pissa", "olora", "gaussian", True):
+        from_dict({**BASE, "peft": {"method": "lora", "init_lora_weights": fine}}, check_peft=True)
+
+
 def test_method_suggestions_are_methods_peft_accepts():
     problems = problems_of({**BASE, "task": "token_cls", "peft": {"method": "prompt_tuning"}})
     assert problems == ["peft.method=prompt_tuning with task token_cls is not supported (virtual input tokens; "

@@ -232,3 +232,39 @@ def test_an_sft_adapter_under_dpo_or_kto_is_refused_by_the_config_check_naming_t
         load_config(path, [f"output_dir={tmp_path / 'next'}", f"model.init_adapter={tmp_path / 'run' / 'adapter'}"],
                     check_peft=True)
     assert "is a causal_lm (SFT) adapter" in str(err.value) and "scaletune merge" in str(err.value), err.value
+
+
+@pytest.mark.parametrize("peft", [["peft.method=p_tuning", "peft.encoder_hidden_size=16"],
+                                  ["peft.method=prefix_tuning", "peft.prefix_projection=true"]])
+def test_a_prompt_encoder_method_is_refused_since_peft_saves_only_its_output(peft, make_config, tmp_path):
+    """p_tuning (and prefix_tuning with prefix_projection) train an encoder whose output peft saves, not the
+    encoder: p_tuning's output would silently land in a fresh encoder's input (same shape), prefix_projection's
+    was a bare size mismatch; the config check refuses both, naming the key."""
+    from scaletune.config import load_config
+    from scaletune.errors import ConfigError
+
+    path = make_config("causal_lm")
+    keys = ["~peft.r", "~peft.lora_alpha", "~peft.lora_dropout", "~peft.target_modules", "peft.num_virtual_tokens=4"]
+    with pytest.raises(ConfigError) as err:
+        load_config(path, [*keys, *peft, f"model.init_adapter={tmp_path}"], check_peft=True)
+    assert "model.init_adapter: not with peft.method" in str(err.value), err.value
+    assert "saves only its prompt encoder's output" in str(err.value)
+    load_config(path, [*keys, *peft], check_peft=True)  # (the settings themselves are fine)
+
+
+@pytest.mark.parametrize(("first", "then"), [("pissa", "true"), ("true", "olora")])
+def test_an_init_that_changes_the_base_must_be_the_adapters(first, then, make_config, tmp_path, capsys):
+    """PiSSA and OLoRA subtract their first adapter weights from the base, and the saved adapter is an update of
+    that residual base: started on the plain base (or a LoRA adapter on a residual one), the run began from
+    another model than the adapter's, without a word (init_lora_weights was allowed to differ)."""
+    path = make_config("causal_lm", train={"max_steps": 1, "eval_every": None})
+    assert _train(path, capsys, f"peft.init_lora_weights={first}", "peft.target_modules=[q_proj]") == 0
+    code = _train(path, capsys, f"peft.init_lora_weights={then}", "peft.target_modules=[q_proj]",
+                  f"output_dir={tmp_path / 'next'}", f"model.init_adapter={tmp_path / 'run' / 'adapter'}")
+    err = capsys.readouterr().err
+    assert code == 2 and "peft.init_lora_weights:" in err and "model.init_adapter" in err, err
+    assert "Traceback" not in err and not (tmp_path / "next").exists()
+    # an init that only sets the first weights (replaced by the saved ones) may differ
+    assert _train(path, capsys, "peft.init_lora_weights=gaussian", f"output_dir={tmp_path / 'g'}") == 0
+    assert _train(path, capsys, "peft.init_lora_weights=true", f"output_dir={tmp_path / 'next2'}",
+                  f"model.init_adapter={tmp_path / 'g' / 'adapter'}") == 0

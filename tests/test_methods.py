@@ -123,6 +123,19 @@ def test_merge_of_a_prompt_learning_adapter_says_why_and_what_to_use(make_config
     assert not (tmp_path / "merged").exists()
 
 
+def test_an_adalora_schedule_longer_than_the_run_names_its_keys_and_the_run_length(make_config, tmp_path, capsys):
+    """AdaLoRA's total_step is filled in from the run's steps: tinit + tfinal that leave no budgeting phase in them
+    are named with that length, not with peft's "increase total_step" (a key the config never set)."""
+    from scaletune.cli import main
+
+    path = _write(make_config, "causal_lm", "adalora", tmp_path, max_steps=3)  # (tinit 1, tfinal 2)
+    capsys.readouterr()
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "peft.tinit (1) and peft.tfinal (2) leave AdaLoRA no steps" in err and "run's 3 optimizer steps" in err
+    assert "Traceback" not in err and "total_step`" not in err, err
+
+
 def test_readme_matrix_is_generated_from_the_code():
     assert matrix_markdown() in (ROOT / "README.md").read_text()
 

@@ -19,10 +19,14 @@ log = logging.getLogger("scaletune")
 KEY = "model.init_adapter"
 _WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 # adapter_config.json fields that may differ from the run's: how that adapter was trained or loaded (dropout,
-# initialisation, AdaLoRA's schedule), or where it sits, which the weights' names and shapes check exactly
-_MAY_DIFFER = {"base_model_name_or_path", "revision", "inference_mode", "init_lora_weights", "peft_version",
+# AdaLoRA's schedule), or where it sits, which the weights' names and shapes check exactly
+_MAY_DIFFER = {"base_model_name_or_path", "revision", "inference_mode", "peft_version",
                "auto_mapping", "total_step", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight",
                "target_modules", "exclude_modules", "modules_to_save", "layers_to_transform", "layers_pattern"}
+# LoRA initialisations that only set the adapter's first weights, which the saved ones replace. The others must be
+# the adapter's own: pissa, olora (and corda, lora_ga, loftq) subtract their start from the base weights, and the
+# saved adapter is an update of that residual base; mica freezes its B
+_WEIGHTS_ONLY_INITS = (True, False, "gaussian", "orthogonal")
 
 
 def adapter_dir(given: str) -> Path:
@@ -43,6 +47,8 @@ def problems(cfg: Any) -> list[str]:
     if cfg.peft_method == "adalora":
         return [f"{KEY}: not with peft.method adalora: its saved adapter keeps only the ranks its schedule left, "
                 "and a new run's schedule starts again from init_r"]
+    if encoded := _encoder_not_saved(cfg):
+        return [encoded]
     if not Path(path).exists() and _resumable(cfg):
         return []  # a resume reads its checkpoint, not this; a fresh start's load_initial still says it is gone
     path = adapter_dir(path)
@@ -62,6 +68,22 @@ def problems(cfg: Any) -> list[str]:
         return [f"{KEY}: {path} holds a {saved.get('peft_type')} adapter but peft.method is {cfg.peft_method}: "
                 f"set peft.method: {method} with that adapter's options (its adapter_config.json)"]
     return _config_setting_problems(cfg, saved, Path(path))
+
+
+def _encoder_not_saved(cfg: Any) -> str | None:
+    """p_tuning, and prefix_tuning with prefix_projection, train a prompt encoder (an MLP or LSTM) whose output
+    is the virtual tokens; peft saves only that output, not the encoder. Loaded into a new run's encoder input
+    (same shape for p_tuning) it is silently fed through a freshly initialised encoder, so the run would not
+    start from the adapter at all; prefix_projection's gives a bare size mismatch."""
+    if cfg.peft_method == "p_tuning":
+        what = "p_tuning"
+    elif cfg.peft_method == "prefix_tuning" and cfg.peft.get("prefix_projection"):
+        what = "prefix_tuning with prefix_projection: true"
+    else:
+        return None
+    return (f"{KEY}: not with peft.method {what}: peft saves only its prompt encoder's output, not the encoder a "
+            "new run trains, so the run cannot start from it (use it as it is with eval/predict, or train "
+            "prefix_tuning/prompt_tuning without an encoder)")
 
 
 def _config_setting_problems(cfg: Any, saved: dict, path: Path) -> list[str]:
@@ -175,6 +197,8 @@ def _setting_problems(run: dict, saved: dict, path: Path) -> list[str]:
     for key in sorted(set(run) & set(saved) - _MAY_DIFFER):
         if key.endswith("dropout") or _plain(run[key]) == _plain(saved[key]):
             continue
+        if key == "init_lora_weights" and run[key] in _WEIGHTS_ONLY_INITS and saved[key] in _WEIGHTS_ONLY_INITS:
+            continue  # (the saved weights replace the initial ones)
         out.append(f"peft.{key}: {_plain(run[key])!r} in the run config, {_plain(saved[key])!r} in the "
                    f"{KEY}'s {path / 'adapter_config.json'}")
     return out

@@ -37,6 +37,9 @@ _POSITIVE = ("lora_alpha", "alpha")  # LoRA/AdaLoRA; LoHa/LoKr
 _DROPOUTS = ("lora_dropout", "rank_dropout", "module_dropout", "vera_dropout")
 _FLOAT32_MAX = 3.4028234663852886e38
 _RANKED = ("lora", "loha", "lokr", "vera")  # methods whose `r` is the adapter's rank (OFT's r may be 0)
+# LoRA initialisations computed from data, by a peft function to be called around building the adapter: without
+# it eva and lora_ga silently start as plain LoRA (peft falls back), corda fails
+_DATA_DRIVEN = {"eva": "initialize_lora_eva_weights", "lora_ga": "preprocess_loraga", "corda": "preprocess_corda"}
 
 
 def _peft_range_problems(method: str, kwargs: dict) -> list[str]:
@@ -56,6 +59,17 @@ def _peft_range_problems(method: str, kwargs: dict) -> list[str]:
                             f"{' (1 drops every input: nothing would be trained)' if value == 1 else ''}")
         elif key == "r" and method in _RANKED and value < 1:
             problems.append(f"peft.r: must be >= 1 (the adapter's rank), got {value}")
+    init = kwargs.get("init_lora_weights")
+    if isinstance(init, str) and init in _DATA_DRIVEN:
+        problems.append(f"peft.init_lora_weights: {init} is initialised from the training data by peft's "
+                        f"{_DATA_DRIVEN[init]}, a pass scaletune does not run (without it peft "
+                        f"{'fails' if init == 'corda' else 'silently starts from plain LoRA weights'}); use true, "
+                        "gaussian, pissa or olora")
+    elif isinstance(init, str) and init.startswith("pissa_niter"):
+        problems.append(f"peft.init_lora_weights: {init} takes a randomized SVD of each base weight and subtracts it "
+                        "from the base, and peft draws it again, otherwise, at every load of the adapter (eval, "
+                        "predict, merge, PeftModel.from_pretrained): the loaded model would not be the trained one; "
+                        "use pissa (the exact SVD, the same at every load)")
     if method == "adalora" and "r" in kwargs:  # (peft takes it, warns, and ignores it)
         problems.append("peft.r: AdaLoRA does not read it: its ranks start at peft.init_r and are pruned down to "
                         "peft.target_r; remove peft.r (or give ~peft.r)")
@@ -174,8 +188,14 @@ def peft_config(cfg: RunConfig, task_type: str, total_steps: int | None = None) 
     if task_type in ("SEQ_CLS", "TOKEN_CLS") and "exclude_modules" in fields and "exclude_modules" not in kwargs:
         # The new head is trained in full (peft's modules_to_save); an adapter on it as well would clash.
         kwargs["exclude_modules"] = ["classifier", "score"]
-    if method == "adalora" and total_steps is not None:
-        kwargs.setdefault("total_step", total_steps)
+    if method == "adalora" and total_steps is not None and "total_step" not in kwargs:
+        kwargs["total_step"] = total_steps
+        tinit, tfinal = kwargs.get("tinit", 0), kwargs.get("tfinal", 0)
+        if isinstance(tinit, int) and isinstance(tfinal, int) and tinit >= total_steps - tfinal:
+            # (peft's own message asks for a larger total_step, a key the user never gave: scaletune fills it in)
+            raise ConfigError(f"peft.tinit ({tinit}) and peft.tfinal ({tfinal}) leave AdaLoRA no steps to "
+                              f"re-allocate ranks in: its total_step is the run's {total_steps} optimizer steps "
+                              "(train.max_steps or epochs); lower them, or train longer")
     try:
         return config_cls(task_type=task_type, **kwargs)
     except (TypeError, ValueError) as exc:
