@@ -317,8 +317,8 @@ class DistributedConfig:
     backend: Literal["nccl", "gloo"] | None = _f(None, "Process-group backend; default nccl on GPU, gloo on CPU.")
     timeout_s: int = _f(1800, "Seconds a rank waits in a collective for the others before the run fails (the "
                         "process group's timeout; NCCL's own default is 600), and the longest another node's "
-                        "launcher waits for node 0 to start. Not the wait for the main process to tokenise the "
-                        "data: that one waits as long as it takes.")
+                        "launcher waits for node 0 to start (and node 0's for the other nodes to join). Not the "
+                        "wait for the main process to tokenise the data: that one waits as long as it takes.")
 
 
 @dataclass(kw_only=True)

@@ -134,6 +134,10 @@ def build_launch_command(
     ]  # fmt: skip
     if world > 1 and nnodes == 1 and stage == 0:
         cmd += ["--rdzv_backend", "static"]
+    if nnodes > 1:
+        # torchrun's static rendezvous kept node 0 waiting 600 s, silently, for a node that never came (lost
+        # while starting, or given another --master-port); now it gives up when the other nodes would
+        cmd += ["--rdzv_conf", f"timeout={int(cfg.distributed.timeout_s)}"]
     path = str(config_path)
     path = f"./{path}" if path.startswith("-") else path  # (`-r.yaml` would read as an option of train)
     cmd += ["-m", "scaletune", "train", *list(train_args or []), path, *list(overrides)]
@@ -270,11 +274,21 @@ def run_accelerate(cmd: list[str], usr1: _PassOn | None = None) -> int:
 def _launch(launch_command: Any, args: Any, checkpoint: Any) -> int:
     """Call accelerate's `launch_command(args)`; map how it ended to the launch's exit code, with one
     summary line. `checkpoint()` is the path the ranks wrote on a preemption, or None."""
+    from torch.distributed import DistError
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     try:
         launch_command(args)
+    except DistError as exc:  # torchrun's rendezvous (the nodes never all met): a 40-line traceback before
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
+        where = f"node 0's rendezvous ({args.main_process_ip}:{args.main_process_port})"
+        # (the store's timeout while the nodes gather; any other store or network failure is said as it is)
+        what = (f"the {args.num_machines} nodes did not all meet at {where}" if "waiting for clients" in first
+                else f"{type(exc).__name__} at {where}")
+        print(f"scaletune launch: {what}: {first}; start every node with the same --nnodes/--master-addr/"
+              "--master-port within distributed.timeout_s", file=sys.stderr, flush=True)
+        return 1
     except ChildFailedError as exc:  # torchrun: several processes, or DeepSpeed
         code = exit_code([f.exitcode for f in exc.failures.values()])
         print(f"scaletune launch: {_describe(exc.failures)}{_saved(checkpoint() if code == EXIT_PREEMPTED else None)}",

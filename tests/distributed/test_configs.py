@@ -237,6 +237,29 @@ def test_launch_command_zero3_multinode() -> None:
     assert _flag(cmd, "--main_process_ip") == "10.0.0.1"
     assert _flag(cmd, "--main_process_port") == "29600"
     assert cmd[-5:] == ["-m", "scaletune", "train", "run.yaml", "train.learning_rate=1e-4"]
+    # node 0's torchrun waited 600 s, silently, for a node that never joined: now distributed.timeout_s
+    assert _flag(cmd, "--rdzv_conf") == f"timeout={cfg.distributed.timeout_s}"
+    assert "--rdzv_conf" not in build_launch_command("run.yaml", [], cfg, nproc=2, cpu=False)
+
+
+def test_a_rendezvous_the_nodes_never_all_met_at_is_one_line(monkeypatch, capsys) -> None:
+    """torchrun's DistStoreError (a node lost while starting) ended the launch in a 40-line traceback."""
+    import accelerate.commands.launch as accelerate_launch
+    from torch.distributed import DistStoreError
+
+    from scaletune.launch import run_accelerate
+
+    def never_met(args):
+        raise DistStoreError("Timed out after 21 seconds waiting for clients. 1/2 clients joined.")
+
+    monkeypatch.setattr(accelerate_launch, "launch_command", never_met)
+    cmd = build_launch_command("r.yaml", [], make_cfg(3), nproc=1, nnodes=2, master_addr="10.0.0.1",
+                               master_port=29600, cpu=False)  # fmt: skip
+    assert run_accelerate(cmd) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("scaletune launch: the 2 nodes did not all meet at node 0's rendezvous (10.0.0.1:29600): "
+                          "Timed out after 21 seconds waiting for clients. 1/2 clients joined; ")
+    assert err.count("\n") == 1
 
 
 def test_launch_command_variants() -> None:
