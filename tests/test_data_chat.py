@@ -491,3 +491,37 @@ def test_a_format_is_detected_by_all_its_columns_and_a_named_one_checked_for_the
     many = [{"text": "a", **{f"f{i:02d}": i for i in range(13)}}]
     line = ignored_fields(detect(many, "t.jsonl"), many, "data.train")
     assert line.endswith("f09 (1 record), and 3 more") and "f10" not in line
+
+
+# Qwen2.5's and Gemma's shape: a newline after each turn's end marker, before the next turn's header
+_NEWLINE_AFTER_END = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+                      "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def test_the_newline_after_an_answers_end_marker_is_not_trained(tmp_path, tiny_llama):
+    """The answer is trained up to its end marker (what generation stops at); the newline the template writes
+    after it belongs to the next turn's scaffolding (was: a target in every turn)."""
+    record = {"messages": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
+                           {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2 \n"}]}
+    data = write_jsonl(tmp_path / "c.jsonl", [record] * 2)
+    cfg = _cfg(tmp_path, tiny_llama, data=data)
+    tok = load_tokenizer(cfg)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = _NEWLINE_AFTER_END
+    ex = build_datasets(cfg, get_task("causal_lm"), tok)["train"][0]
+    ids, labels = ex["input_ids"], ex["labels"]
+    runs, run = [], []
+    for i, lab in zip(ids + [None], labels + [IGNORE]):
+        if lab != IGNORE:
+            run.append(i)
+        elif run:
+            runs.append(tok.decode(run))
+            run = []
+    assert runs == ["a1<|im_end|>", "a2 \n<|im_end|>"]  # (the answer's own whitespace is kept)
+    # the text is still the template's, and predict's prompt is the one before the last answer
+    full = tok.apply_chat_template(record["messages"], tokenize=False)
+    assert tok.decode(ids).removeprefix(tok.bos_token) == full
+    from scaletune.generation import prompt_ids, prompt_segments
+
+    prompt = prompt_ids(tok, prompt_segments(record, tok)[1])
+    assert prompt == ids[:len(prompt)] and labels[len(prompt) - 1] == IGNORE and labels[len(prompt)] != IGNORE

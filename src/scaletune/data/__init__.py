@@ -41,10 +41,10 @@ log = logging.getLogger("scaletune")
 # 16: tool schemas rendered as text keep non-ASCII as written (were \u-escaped); 17: tool results under a merged
 # model's saved built-in template stay `### Tool result:` turns (were user turns; TOKENISATION not bumped: only
 # that case changed, and resumes of every other run would be warned for nothing)
-CACHE_VERSION = "17"
+CACHE_VERSION = "18"
 # The data version at which each task's token ids or targets last changed (a cache version changes for more:
 # a count in the meta, a refusal): what checkpoints and adapters record as how their data was tokenised.
-TOKENISATION = {"causal_lm": "13", "dpo": "16", "kto": "16", "reward": "16", "seq_cls": "9", "token_cls": "15",
+TOKENISATION = {"causal_lm": "18", "dpo": "18", "kto": "18", "reward": "16", "seq_cls": "9", "token_cls": "15",
                 "seq_regression": "14"}
 
 
@@ -58,7 +58,8 @@ def tokenised_differently(recorded: Any, task: str, tokenizer: Any = None) -> st
     that is this scaletune's. The data file can be the same (the same train_digest) and still give other ids:
     v11 stopped adding a BOS the tokenizer does not add itself, v13 changed the built-in template's rendering, v14
     gave token_cls words of a byte-level BPE tokenizer (and Gemma's) their word-start form, v15 labels a word on
-    the sub-token after a bare-space first one with every tokenizer (v14: byte-level BPE's and Gemma's)."""
+    the sub-token after a bare-space first one with every tokenizer (v14: byte-level BPE's and Gemma's), v18 stopped
+    training the whitespace a chat template writes after an answer's end marker (ChatML's newline)."""
     now = tokenisation(task)
     if recorded == now:
         return None

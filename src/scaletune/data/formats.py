@@ -334,13 +334,31 @@ def _render_template(messages: list[dict], tokenizer: Any, where: str, tools: li
             raise DataError(f"{where}: the chat template renders assistant turn messages[{i}] as nothing, so there "
                             "is nothing to learn from it",
                             hint="the template must write each assistant message's content (and its end marker)")
+        answer = upto[len(before):]
+        # The whitespace a template writes after a turn's end marker (ChatML's "<|im_end|>\n", Gemma's
+        # "<end_of_turn>\n") is the next turn's scaffolding: generation stops at the marker and never emits it.
+        # Trained, it was one more target per turn that is not the answer.
+        end = len(answer.rstrip())
+        if end < len(answer) and any(answer[:end].endswith(t) for t in _end_markers(tokenizer)):
+            answer, after = answer[:end], answer[end:]
+        else:
+            after = ""
         segments.append((before[done:], False))
-        segments.append((upto[len(before):], m.get("train", True)))
+        segments.append((answer, m.get("train", True)))
+        segments.append((after, False))
         done = len(upto)
     full = render(messages, False)
     if len(full) > done:
         segments.append((full[done:], False))
     return [s for s in segments if s[0]]
+
+
+def _end_markers(tokenizer: Any) -> list[str]:
+    """The tokenizer's special tokens (EOS, <|im_end|>, <end_of_turn>, ...): what a turn's end marker is."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    marks = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    marks |= {str(tok) for tok in added.values() if getattr(tok, "special", False)}
+    return [m for m in marks if m]
 
 
 def _raised_in_template(exc: BaseException) -> bool:
