@@ -149,7 +149,7 @@ def test_an_axolotl_qlora_config_with_a_deepspeed_file_converts(tmp_path, capsys
     ds.write_text(json.dumps({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}))
     raw, written, out = _converted(tmp_path, AXOLOTL.format(model="some/model", data=data, deepspeed=ds), capsys)
     assert raw["model"] == {"name_or_path": "some/model", "quantization": "4bit", "gradient_checkpointing": True,
-                            "attn_implementation": "flash_attention_2"}
+                            "attn_implementation": "flash_attention_2", "dtype": "bfloat16"}  # (bf16: auto)
     assert raw["data"] == {"train": str(data), "format": "alpaca", "eval_fraction": 0.05, "max_length": 512,
                            "packing": True, "train_on_prompt": False}
     assert raw["peft"]["target_modules"] == "all-linear" and raw["peft"]["method"] == "lora"
@@ -167,7 +167,11 @@ def test_stages_name_the_task_and_loss(tmp_path, capsys):
         (tmp_path / "run.yaml").unlink(missing_ok=True)
         raw, _, _ = _converted(tmp_path, f"model_name_or_path: m\nstage: {stage}\n{extra}", capsys)
         assert raw["task"] == task
-        assert {k: raw["train"][k] for k in more} == more if more else "train" not in raw
+        assert {k: raw["train"][k] for k in more} == more
+        # what LLaMA-Factory's config leaves out is what it means there: its LoRA and TrainingArguments' defaults
+        assert raw["peft"] == {"method": "lora", "r": 8, "lora_alpha": 16, "target_modules": "all-linear"}
+        assert {k: raw["train"][k] for k in ("learning_rate", "lr_scheduler", "warmup_ratio", "micro_batch_size")} \
+            == {"learning_rate": 5e-5, "lr_scheduler": "linear", "warmup_ratio": 0.0, "micro_batch_size": 8}
     (tmp_path / "run.yaml").unlink()
     raw, _, _ = _converted(tmp_path, "model_name_or_path: m\nstage: pt\nfp16: true\n", capsys)
     assert (raw["task"], raw["data"]["format"], raw["train"]["mixed_precision"]) == ("causal_lm", "text", "fp16")
@@ -178,7 +182,7 @@ def test_convert_prints_without_out_and_never_overwrites(tmp_path, capsys):
     src = tmp_path / "theirs.yaml"
     src.write_text("model_name_or_path: m\ndataset: missing_name\nnum_train_epochs: 2\n")
     code, out, err = run_cli(["convert", src], capsys)
-    assert code == 0 and yaml.safe_load(out)["train"] == {"epochs": 2}
+    assert code == 0 and yaml.safe_load(out)["train"]["epochs"] == 2
     # what still keeps it from running is said: the dataset name that is no file here
     assert "missing_name" in out and "still to fix" in err and "data.train" in err
     mine = tmp_path / "mine.yaml"
@@ -198,3 +202,71 @@ def test_a_foreign_config_error_points_to_convert(tmp_path, capsys):
     own.write_text("task: causal_lm\nmodel: {name_or_path: m}\ndata: {train: t.jsonl}\nlr: 1\n")
     code, _, err = run_cli(["train", own], capsys)
     assert code == 2 and "train.learning_rate" in err and "convert" not in err
+
+
+def test_keys_left_out_take_the_other_tools_defaults(tmp_path, capsys):
+    # LLaMA-Factory's own kto/ds3/qlora examples give no lora_rank: rank 8 and alpha 16 there (peft's alpha: 8)
+    raw, written, _ = _converted(tmp_path, "model_name_or_path: m\nstage: sft\nfinetuning_type: lora\n"
+                                 "gradient_accumulation_steps: 8\n", capsys)
+    assert raw["peft"] == {"method": "lora", "r": 8, "lora_alpha": 16, "target_modules": "all-linear"}
+    assert (raw["train"]["micro_batch_size"], raw["train"]["global_batch_size"]) == (8, 64)  # (per device: 8)
+    assert "LLaMA-Factory's defaults" in written and "could not read the batch size" not in written
+    # axolotl: one epoch and a micro batch of 1 unless said; TrainingArguments'/TRL's learning rate is noted
+    (tmp_path / "run.yaml").unlink()
+    raw, _, _ = _converted(tmp_path, "base_model: m\nadapter: lora\nlearning_rate: 1.0e-4\n", capsys)
+    assert (raw["train"]["epochs"], raw["train"]["micro_batch_size"], raw["train"]["global_batch_size"]) == (1, 1, 1)
+    (tmp_path / "run.yaml").unlink()
+    raw, written, _ = _converted(tmp_path, "model_name_or_path: m\nnum_train_epochs: 1\n", capsys)
+    assert (raw["train"]["lr_scheduler"], raw["train"]["warmup_ratio"]) == ("linear", 0.0)
+    assert "learning_rate: not given" in written
+    # a config that is scaletune's already gets none of that
+    (tmp_path / "run.yaml").unlink()
+    raw, _, _ = _converted(tmp_path, "task: causal_lm\nmodel: {name_or_path: m}\ndata: {train: t.jsonl}\n", capsys)
+    assert raw == {"task": "causal_lm", "model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"}}
+
+
+def test_axolotl_bf16_auto_with_fp16_false_is_bf16_not_float32(tmp_path, capsys):
+    for text in ("bf16: auto\nfp16: false\n", "fp16: false\nbf16: auto\n", "bf16: 'true'\nfp16: false\n"):
+        (tmp_path / "run.yaml").unlink(missing_ok=True)
+        raw, _, _ = _converted(tmp_path, "base_model: m\n" + text, capsys)
+        assert (raw["train"]["mixed_precision"], raw["model"]["dtype"]) == ("bf16", "bfloat16"), text
+
+
+AXOLOTL_ODDS = """\
+base_model: m
+adapter: ia3
+peft_target_modules: [k_proj, v_proj, down_proj]
+peft_feedforward_modules: [down_proj]
+datasets:
+  - path: {data}
+    type: chat_template
+    field_messages: conversation
+  - type: alpaca
+val_set_size: 0.0
+evals_per_epoch: 4
+eval_steps: 0.05
+save_steps: 0.25
+logging_steps: 0.01
+chat_template: tokenizer_default
+"""
+
+
+def test_nothing_is_dropped_silently_or_read_as_another_value(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "chat.jsonl", [{"conversation": [{"role": "user", "content": "hi"}]}])
+    raw, written, _ = _converted(tmp_path, AXOLOTL_ODDS.format(data=data), capsys)
+    written = written.replace("\n#   ", " ")  # (the notes as one line each)
+    # axolotl's peft_* keys are peft's options; a dataset without a path is not the working directory ('.')
+    assert raw["peft"] == {"method": "ia3", "target_modules": ["k_proj", "v_proj", "down_proj"],
+                           "feedforward_modules": ["down_proj"]}
+    assert raw["data"]["train"] == str(data)
+    assert "field_messages not carried over" in written and "{'type': 'alpaca'} gives no path" in written
+    # TrainingArguments' fractions of the run's steps are said, not read as a step count (or dropped)
+    assert not {"eval_every", "save_every", "log_every"} & raw["train"].keys()
+    assert all(f"{k}: {v}: a fraction of the run's total steps" in written
+               for k, v in (("eval_steps", 0.05), ("save_steps", 0.25), ("logging_steps", 0.01)))
+    # with no eval data, axolotl's evals_per_epoch meant nothing: left out instead of a refusal to fix
+    assert "evals_per_epoch" not in raw["train"] and "there is no eval data" in written
+    # LLaMA-Factory's `default` template is a rendering of its own, not the tokenizer's
+    (tmp_path / "run.yaml").unlink()
+    _, written, _ = _converted(tmp_path, "model_name_or_path: m\ntemplate: default\n", capsys)
+    assert "template: 'default' is the other tool's own rendering" in written

@@ -111,10 +111,18 @@ def _method(c: Conversion, key: str, value: Any) -> None:
         c.set("peft.method", name)  # (ia3, prefix_tuning, ...: the config check names the known ones)
 
 
+def _flag(value: Any) -> bool | None:
+    """A yes/no setting as written: true/false, quoted or not; axolotl's `bf16: auto` (bf16 where the GPU has it)."""
+    text = str(value).lower() if isinstance(value, (str, bool)) else ""
+    return True if text in ("true", "auto") else False if text == "false" else None
+
+
 def _precision(c: Conversion, key: str, value: Any) -> None:
-    if value is True:
+    if str(value).lower() == "auto":
+        c.note(key, "auto (bf16 where the GPU has it): set to bf16; on a GPU without it, train.mixed_precision fp16")
+    if _flag(value) is True:
         precision = key[:4] if key.startswith("bf16") else "fp16"
-    elif value is False and not any(c.raw.get(k) is True for k in ("bf16", "fp16")):
+    elif _flag(value) is False and not any(_flag(c.raw.get(k)) for k in ("bf16", "fp16")):
         precision = "no"  # (both off: the other tool trained in float32)
     else:
         return
@@ -124,7 +132,8 @@ def _precision(c: Conversion, key: str, value: Any) -> None:
 
 
 def _batch(c: Conversion, key: str, value: Any) -> None:
-    micro = c.raw.get("per_device_train_batch_size", c.raw.get("micro_batch_size"))
+    micro = c.raw.get("per_device_train_batch_size", c.raw.get("micro_batch_size", 1 if _tool(c.raw) == "axolotl"
+                                                                          else 8))  # (their defaults)
     accum = c.raw.get("gradient_accumulation_steps") or 1
     c.done.update({"per_device_train_batch_size", "micro_batch_size", "gradient_accumulation_steps"})
     if not isinstance(micro, int) or not isinstance(accum, int):
@@ -191,7 +200,7 @@ def _deepspeed(c: Conversion, key: str, value: Any) -> None:
 
 def _find(c: Conversion, name: str) -> Path | None:
     """`name` as a path: as given (absolute, or from the working directory), else beside the converted file."""
-    for path in (Path(name), c.source.parent / name):
+    for path in (Path(name), c.source.parent / name) if name.strip() else ():  # (Path(''): the working directory)
         if path.exists():
             return path
     return None
@@ -281,8 +290,11 @@ def _renamed(columns: Any, tags: Any) -> bool:
 
 
 def _axolotl_dataset(c: Conversion, key: str, item: dict) -> str:
-    path = str(item.get("path", ""))
-    kind = str(item.get("type", ""))
+    path = str(item.get("path") or "")
+    kind = str(item.get("type") or "")
+    if other := [str(k) for k, v in item.items() if k not in ("path", "type", "split") and v is not None]:
+        c.note(key, f"{path or item}: {', '.join(other)} not carried over (scaletune reads a file's columns by their "
+                    "own names; data.columns renames an alpaca/text file's)")
     formats = {"alpaca": "alpaca", "sharegpt": "sharegpt", "chat_template": "messages", "completion": "text"}
     if kind in formats and not c.get("data.format"):
         c.set("data.format", formats[kind])
@@ -290,14 +302,15 @@ def _axolotl_dataset(c: Conversion, key: str, item: dict) -> str:
         c.note(key, f"{path}: type {kind!r} is not carried over (scaletune detects alpaca, sharegpt, messages, "
                     "prompt_completion and text by their columns)")
     found = _find(c, path)
-    if found:
-        return str(found)
+    if found or not path:
+        c.notes.extend([] if path else [f"{key}: {item} gives no path; left out"])
+        return str(found or "")
     split = item.get("split")
     return f"hub:{path}" + (f":{split}" if split else "") if path else ""
 
 
 def _template(c: Conversion, key: str, value: Any) -> None:
-    if str(value) in ("tokenizer_default", "default", "empty"):
+    if str(value) == "tokenizer_default":  # (axolotl; LLaMA-Factory's default/empty are renderings of its own)
         return
     if str(value) == "chatml":
         c.set("data.chat_template", "chatml")
@@ -322,12 +335,15 @@ def _eval_strategy(c: Conversion, key: str, value: Any) -> None:
 
 
 def _steps(c: Conversion, key: str, value: Any) -> None:
-    """eval_steps / save_steps, unless their strategy (read by _eval_strategy) says otherwise."""
-    what = "eval" if key.startswith("eval") else "save"
-    strategy = c.raw.get("eval_strategy", c.raw.get("evaluation_strategy")) if what == "eval" else c.raw.get(
-        "save_strategy")
-    if strategy in (None, "steps") and isinstance(value, int) and value > 0:
-        c.set(f"train.{what}_every", value)
+    """eval_steps / save_steps / logging_steps, unless their strategy (read by _eval_strategy) says otherwise."""
+    what = key.split("_")[0]
+    target = {"eval": "train.eval_every", "save": "train.save_every", "logging": "train.log_every"}[what]
+    strategy = c.raw.get(f"{what}_strategy", c.raw.get("evaluation_strategy") if what == "eval" else None)
+    if isinstance(value, float) and 0 < value < 1:  # (TrainingArguments: a fraction of the run's total steps)
+        c.note(key, f"{value}: a fraction of the run's total steps there; scaletune takes a step count: set {target}"
+                    + (f" (or {what}s_per_epoch)" if what != "logging" else "") + "; left at scaletune's default")
+    elif strategy in (None, "steps") and isinstance(value, int) and value > 0:
+        c.set(target, value)
 
 
 def _report_to(c: Conversion, key: str, value: Any) -> None:
@@ -388,7 +404,8 @@ HANDLERS: dict[str, Callable[[Conversion, str, Any], None]] = {
     "save_strategy": _eval_strategy, "warmup_steps": _warmup, "warmup_ratio": _warmup, "max_steps": _max_steps,
     "flash_attn": _attention, "attn_implementation": _attention, "val_size": _eval_size,
     "val_set_size": _eval_size, "torch_dtype": _torch_dtype, "eval_steps": _steps, "save_steps": _steps,
-    "report_to": _report_to, "cutoff_len": _cutoff, "flash_attention": _attention, "use_flash_attention": _attention,
+    "report_to": _report_to, "cutoff_len": _cutoff, "logging_steps": _steps, "flash_attention": _attention,
+    "use_flash_attention": _attention,
 }
 # keys that only choose what a command does, or say what scaletune always does: dropped without a note
 _SILENT = {"do_train", "do_eval", "overwrite_output_dir", "plot_loss", "overwrite_cache", "resume_from_checkpoint",
@@ -419,10 +436,12 @@ def convert(raw: dict, source: Path) -> Conversion:
             c.set(KEY_ALIASES[key], value)
         elif key in leaves:
             c.set(leaves[key], value)
-        elif key in _PEFT_OPTIONS:  # (use_dora, use_rslora, modules_to_save: peft's own names)
-            c.set(f"peft.{key}", value)
+        elif key in _PEFT_OPTIONS or key.startswith("peft_"):  # (peft's own names; axolotl's peft_target_modules)
+            c.set(f"peft.{key.removeprefix('peft_')}", value)
         else:
             c.note(key, f"not carried over ({KEY_ALIASES.get(key, 'no scaletune equivalent')})")
+    if set(map(str, raw)) - set(SECTIONS):  # (not a config that is scaletune's already)
+        _defaults(c)
     if c.get("task") is None:
         c.set("task", "causal_lm")
         c.notes.append("task: causal_lm assumed (the other config names no stage); dpo, kto, reward, seq_cls, "
@@ -430,6 +449,48 @@ def convert(raw: dict, source: Path) -> Conversion:
     if c.get("peft.method") is None and any(c.get(f"peft.{k}") is not None for k in ("r", "lora_alpha")):
         c.set("peft.method", "lora")
     return c
+
+
+def _tool(raw: dict) -> str:
+    """Whose config `raw` is, as far as its defaults go: LLaMA-Factory, axolotl, or TrainingArguments' (TRL's)."""
+    if raw.keys() & {"stage", "finetuning_type", "lora_rank", "lora_target", "cutoff_len", "dataset_dir", "template"}:
+        return "LLaMA-Factory"
+    return "axolotl" if raw.keys() & {"base_model", "micro_batch_size", "adapter", "sequence_len"} else "TrainingArguments"
+
+
+def _defaults(c: Conversion) -> None:
+    """What a key the other config leaves out meant there, where scaletune's default differs: set, with a note."""
+    tool, filled = _tool(c.raw), []
+
+    def fill(dotted: str, value: Any, *theirs: str) -> None:
+        if value is not None and c.get(dotted) is None and not any(c.raw.get(k) is not None for k in theirs):
+            c.set(dotted, value)
+            filled.append(f"{dotted}: {value}")
+
+    if c.get("train.micro_batch_size") is None and c.get("train.global_batch_size") is None:
+        _batch(c, "per_device_train_batch_size", None)
+    if tool == "LLaMA-Factory" and c.get("peft.method") in (None, "lora"):  # (its lora_alpha: 2 x lora_rank)
+        for dotted, value in (("peft.method", "lora"), ("peft.r", 8), ("peft.target_modules", "all-linear")):
+            fill(dotted, value)
+        fill("peft.lora_alpha", 2 * c.get("peft.r") if isinstance(c.get("peft.r"), int) else None, "lora_alpha")
+    if tool == "axolotl":
+        fill("train.epochs", 1, "max_steps")
+    else:  # (TrainingArguments', which LLaMA-Factory and TRL keep; TRL's learning rates are its trainers' own)
+        fill("train.lr_scheduler", "linear")
+        if c.get("train.lr_scheduler") != "constant":  # (a warmup setting beside constant is refused)
+            fill("train.warmup_ratio", 0.0, "warmup_steps")
+        if tool == "LLaMA-Factory":
+            fill("train.learning_rate", 5e-5)
+        elif "learning_rate" not in c.raw:
+            c.notes.append("learning_rate: not given: TrainingArguments' default is 5e-5 (TRL's SFTConfig 2e-5, "
+                           "DPOConfig 1e-6), scaletune's 2e-4")
+    if filled:
+        c.notes.append(f"left out of the config, so set to {tool}'{'s' * (tool[-1] != 's')} defaults (scaletune's "
+                       f"differ): {', '.join(filled)}")
+    if c.get("data.eval") is None and not c.get("data.eval_fraction") and isinstance(c.out.get("train"), dict):
+        for key in ("evals_per_epoch", "eval_every"):  # (no eval data: they evaluated nothing)
+            if c.out["train"].pop(key, None) is not None:
+                c.notes.append(f"train.{key}: left out, there is no eval data (data.eval or data.eval_fraction)")
 
 
 def render(c: Conversion) -> str:
