@@ -8,6 +8,7 @@ belong to assistant turns so the loss can be restricted to them.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections import Counter
@@ -353,12 +354,17 @@ def _render_template(messages: list[dict], tokenizer: Any, where: str, tools: li
     return [s for s in segments if s[0]]
 
 
-def _end_markers(tokenizer: Any) -> list[str]:
+def _end_markers(tokenizer: Any) -> tuple[str, ...]:
     """The tokenizer's special tokens (EOS, <|im_end|>, <end_of_turn>, ...): what a turn's end marker is."""
+    return _special_tokens(tokenizer, len(tokenizer))  # (the size: a token added later is seen)
+
+
+@functools.lru_cache(maxsize=4)  # (asked per assistant turn of every record; Qwen's tokenizers have ~200)
+def _special_tokens(tokenizer: Any, size: int) -> tuple[str, ...]:
     added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
     marks = set(getattr(tokenizer, "all_special_tokens", []) or [])
     marks |= {str(tok) for tok in added.values() if getattr(tok, "special", False)}
-    return [m for m in marks if m]
+    return tuple(m for m in marks if m)
 
 
 def _raised_in_template(exc: BaseException) -> bool:
