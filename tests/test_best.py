@@ -112,6 +112,23 @@ def test_a_preempted_run_resumes_to_the_same_best_and_stop(make_config, tmp_path
             assert torch.equal(have[key], w), (name, key)
 
 
+def test_an_early_stop_between_two_logs_logs_its_last_steps(make_config, tmp_path, scripted, capsys, monkeypatch):
+    """The run ends at step 5, a step log_every 4 would not log: its train record is written all the same, the
+    mean of step 5 alone (step 4 logged 1-4), and the console's last step line has no time left to show."""
+    each, _ = _fit(_config(make_config, tmp_path, "each", log_every=1))
+    monkeypatch.setenv("SCALETUNE_NO_PROGRESS", "0")  # (captured stderr is no terminal: a line per log)
+    run, result = _fit(_config(make_config, tmp_path, "four", log_every=4))
+    assert result == "done" and run.step == 5
+    logged = {r["step"]: r for r in read_metrics(run.output_dir, "train")}
+    every = {r["step"]: r for r in read_metrics(each.output_dir, "train")}
+    assert sorted(logged) == [4, 5]
+    assert logged[5]["loss"] == pytest.approx(every[5]["loss"], rel=1e-6)
+    assert logged[4]["loss"] == pytest.approx(sum(every[s]["loss"] for s in range(1, 5)) / 4, rel=1e-6)
+    assert logged[5]["lr"] == every[5]["lr"] and logged[5]["grad_norm"] == pytest.approx(every[5]["grad_norm"])
+    last = [line for line in capsys.readouterr().err.splitlines() if line.startswith("step 5/8 ")]
+    assert last and "eta=" not in last[-1], last
+
+
 def test_best_metric_and_early_stopping_problems_are_reported_together(make_config, capsys):
     path = make_config("seq_cls", data={"eval": None},
                        train={"best_metric": "f1", "early_stopping_patience": 0, "eval_every": None,

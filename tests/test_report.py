@@ -330,6 +330,13 @@ def test_the_summary_gives_trainable_parameters_and_logged_time_without_the_gaps
                         lambda runs, panels, path: titles.extend(t for t, _ in panels) or real(runs, panels, path))
     build_report([str(make_run(tmp_path / "cls", task="seq_cls"))])
     assert "examples/s" in titles and "target tokens/s" not in titles  # (one target per example)
+    # dpo counts pairs: its targets/s are pairs/s, alone or beside other tasks' (the label named "target tokens/s")
+    titles.clear()
+    build_report([str(make_run(tmp_path / "dpo", task="dpo", evals=False))])
+    assert "pairs/s" in titles and "target tokens/s" not in titles, titles
+    titles.clear()
+    build_report([str(tmp_path / "dpo"), str(tmp_path / "cls"), str(make_run(tmp_path / "lm"))], out=str(tmp_path / "r"))
+    assert "target tokens/s (dpo: pairs/s, seq_cls: examples/s)" in titles, titles
 
 
 def test_logged_time_is_missing_without_timed_records_and_reads_in_hours_from_one(tmp_path):

@@ -120,11 +120,7 @@ def fit(run: Run, stop: StopFlag) -> str:
         speed.add_step(n_global)
         run.counters["tokens_seen"] += n_global  # target tokens trained on, kept across resumes
         if log_now:
-            values = {"loss": guard.interval_loss(), **speed.flush(), "lr": step_lr,
-                      "grad_norm": grad_norm, "epoch": run.step / max(1, len(run.data["train"]) // t.global_batch_size)}
-            mlog.log("train", run.step, values)
-            mlog.progress(run.step, {"loss": values["loss"], "lr": values["lr"],
-                                     "tok/s": round(values.get("tokens_per_s", 0))})
+            log_train(run, guard, speed, mlog, step_lr, grad_norm)
         stop_early = False
         if run.data["eval"] is not None and (run.eval_every.due(run.step) or run.step == run.total_steps):
             try:
@@ -132,6 +128,10 @@ def fit(run: Run, stop: StopFlag) -> str:
             except EvalStopped as exc:  # (the checkpoint, without this eval: the resume does it first)
                 run.counters["eval_interrupted"] = run.step
                 return preempted(run, stop, guard, mlog, exc.signum, f" (during its eval, {EVAL_REDONE})")
+        if stop_early and not log_now:
+            # the run ends at this step: the steps since the last log are logged too (else an early stop
+            # between two logs left its last steps' loss out of metrics.jsonl, the trackers and the progress)
+            log_train(run, guard, speed, mlog, step_lr, guard.settle(boundary=True)[0], ending=True)
         if saving:
             with speed.paused():
                 save_checkpoint(run)
@@ -144,6 +144,18 @@ def fit(run: Run, stop: StopFlag) -> str:
 
 
 EVAL_REDONE = "which the resumed run does first"
+
+
+def log_train(run: Run, guard: NonfiniteGuard, speed: Throughput, mlog: MetricsLog, step_lr: float,
+              grad_norm: float, ending: bool = False) -> None:
+    """Log the train record of `run.step`: the mean loss of the steps since the last log, throughput, the lr
+    that step's update used and its gradient norm (`ending`: the run stops early there)."""
+    t = run.cfg.train
+    values = {"loss": guard.interval_loss(), **speed.flush(), "lr": step_lr,
+              "grad_norm": grad_norm, "epoch": run.step / max(1, len(run.data["train"]) // t.global_batch_size)}
+    mlog.log("train", run.step, values)
+    mlog.progress(run.step, {"loss": values["loss"], "lr": values["lr"], "tok/s": round(values.get("tokens_per_s", 0))},
+                  ending)
 
 
 def preempted(run: Run, stop: StopFlag, guard: NonfiniteGuard, mlog: MetricsLog, stopped_by: int,

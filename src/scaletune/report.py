@@ -25,8 +25,10 @@ from .tracking import NONFINITE, duration
 # Eval metrics in display order (any other numeric key a task logs follows these).
 _EVAL_ORDER = ("loss", "perplexity", "exact_match", "token_f1", "accuracy", "macro_f1", "precision", "recall", "f1", "token_accuracy", "mse",
                "rmse", "mae", "pearson", "spearman")
-# tasks whose one target per example makes "target tokens/s" examples/s
-_PER_EXAMPLE = ("seq_cls", "seq_regression")
+# what a task's logged target_tokens_per_s counts (its Task.count_targets): a classifier's one target per example,
+# dpo's and reward's pairs, kto's examples; any other task's are target tokens
+_TARGET_UNIT = {"seq_cls": "examples/s", "seq_regression": "examples/s", "kto": "examples/s", "dpo": "pairs/s",
+                "reward": "pairs/s"}
 # counts/bookkeeping, not quality (token_cls: what data.max_length cut from the eval set)
 _NOT_METRICS = {"event", "step", "time", "target_tokens", "sentences_truncated", "words_truncated",
                 "entities_truncated", "generated_examples"}
@@ -410,10 +412,14 @@ def plot_panels(runs: list[Run], panels: list[tuple[str, list[tuple[str, str]]]]
 def make_plots(runs: list[Run], out: Path) -> dict[str, Path]:
     """Write every plot with data; return {title: png path}."""
     metrics = _ordered({m for r in runs for m in r.eval_metrics()} - {"loss"})
-    # a classifier has one target per example: its target tokens are examples
-    per_example = sorted({r.task for r in runs} & set(_PER_EXAMPLE))
-    targets = "examples/s" if all(r.task in _PER_EXAMPLE for r in runs) else \
-        "target tokens/s" + (f" ({', '.join(per_example)}: examples/s)" if per_example else "")
+    # a classifier has one target per example, a dpo run one a pair: their target tokens/s are examples/s, pairs/s
+    units = {r.task: _TARGET_UNIT.get(r.task, "target tokens/s") for r in runs}
+    if len(set(units.values())) == 1:
+        targets = next(iter(units.values()))
+    else:
+        other = sorted(f"{task}: {unit}" for task, unit in units.items() if task in _TARGET_UNIT)
+        base = "target tokens/s" if any(task not in _TARGET_UNIT for task in units) else "targets/s"
+        targets = f"{base} ({', '.join(other)})"
     figures = {
         "Loss": [("loss (train solid, eval dashed)", [("train", "loss"), ("eval", "loss")])],
         "Eval metrics": [(f"eval {m}", [("eval", m)]) for m in metrics],

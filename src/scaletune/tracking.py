@@ -338,7 +338,8 @@ class MetricsLog:
         if self.acc.trackers and scalars:
             self.acc.log(scalars, step=step)
 
-    def progress(self, step: int, postfix: dict) -> None:
+    def progress(self, step: int, postfix: dict, ending: bool = False) -> None:
+        """Show `step`'s values (`ending`: the run ends there, before its total: a stop, no time left to show)."""
         shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()}
         if self.bar is not None:
             self.bar.n = step
@@ -347,7 +348,7 @@ class MetricsLog:
             # a log has no bar to show time left: the pace so far, evals and checkpoints included, gives it
             done, elapsed = step - self.first_step, time.monotonic() - self.began
             left = elapsed / done * (self.total - step) if done > 0 else None
-            eta = f" elapsed={duration(elapsed)} eta={duration(left)}" if left is not None else ""
+            eta = f" elapsed={duration(elapsed)}" + (f" eta={duration(left)}" if left is not None and not ending else "")
             print(f"step {step}/{self.total} " + " ".join(f"{k}={v}" for k, v in shown.items()) + eta,
                   file=sys.stderr, flush=True)
 
