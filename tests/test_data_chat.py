@@ -525,3 +525,44 @@ def test_the_newline_after_an_answers_end_marker_is_not_trained(tmp_path, tiny_l
 
     prompt = prompt_ids(tok, prompt_segments(record, tok)[1])
     assert prompt == ids[:len(prompt)] and labels[len(prompt) - 1] == IGNORE and labels[len(prompt)] != IGNORE
+
+
+# Templates that write a turn otherwise when it is the last one: an empty reasoning block on the final answer
+# (as Qwen3's does after the last question), and EOS after the whole conversation only (as Phi-3's)
+_LAST_TURN_BLOCK = ("{% for m in messages %}{% if m['role'] == 'assistant' %}{{ '<|im_start|>assistant\n' }}"
+                    "{% if loop.last %}{{ '<think>\n\n</think>\n\n' }}{% endif %}{{ m['content'] + '<|im_end|>\n' }}"
+                    "{% else %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endif %}"
+                    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+_EOS_AT_THE_END = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + '<|end|>\n' }}{% endfor %}"
+                   "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}")
+
+
+@pytest.mark.parametrize("template, specials, trained", [
+    (_LAST_TURN_BLOCK, ["<|im_start|>", "<|im_end|>"], ["a1<|im_end|>", "<think>\n\n</think>\n\na2<|im_end|>"]),
+    (_EOS_AT_THE_END, ["<|user|>", "<|assistant|>", "<|end|>"], ["a1<|end|>", "a2<|end|>\n</s>"]),
+])
+def test_a_template_that_writes_the_last_turn_otherwise_trains_each_answer_as_the_whole_renders_it(
+        tmp_path, tiny_llama, template, specials, trained):
+    """Each answer is the span the whole conversation's rendering gives it (was: refused as not incremental,
+    which every multi-turn conversation of Qwen3's and Phi-3's templates was)."""
+    record = {"messages": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
+                           {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]}
+    cfg = _cfg(tmp_path, tiny_llama, data=write_jsonl(tmp_path / "c.jsonl", [record] * 2))
+    tok = load_tokenizer(cfg)
+    tok.add_special_tokens({"additional_special_tokens": specials})
+    tok.chat_template = template
+    ex = build_datasets(cfg, get_task("causal_lm"), tok)["train"][0]
+    ids, labels = ex["input_ids"], ex["labels"]
+    runs, run = [], []
+    for i, lab in zip(ids + [None], labels + [IGNORE]):
+        if lab != IGNORE:
+            run.append(i)
+        elif run:
+            runs.append(tok.decode(run))
+            run = []
+    assert runs == trained
+    assert tok.decode(ids).removeprefix(tok.bos_token) == tok.apply_chat_template(record["messages"], tokenize=False)
+    from scaletune.generation import prompt_ids, prompt_segments
+
+    prompt = prompt_ids(tok, prompt_segments(record, tok)[1])  # (predict's prompt: training's, up to the answer)
+    assert prompt == ids[:len(prompt)] and labels[len(prompt) - 1] == IGNORE and labels[len(prompt)] != IGNORE

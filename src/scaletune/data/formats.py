@@ -323,12 +323,18 @@ def _render_template(messages: list[dict], tokenizer: Any, where: str, tools: li
 
     segments: Segments = []
     done = 0
+    full = render(messages, False)
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
         before = render(messages[:i], True) if i else ""  # (a template cannot render an empty conversation)
         upto = render(messages[: i + 1], False)
-        if not (upto.startswith(before) and before.startswith(_joined(segments))):
+        if not full.startswith(upto):
+            # A template that writes a turn otherwise when it is the last one (Qwen3's empty <think> block on
+            # the answer after the last question, Phi-3's EOS after the last turn): the turn as the whole
+            # conversation renders it, from its generation prompt to its end marker
+            upto = _turn_in(full, before, m, tokenizer) or upto
+        if not (upto.startswith(before) and before.startswith(_joined(segments)) and full.startswith(upto)):
             raise DataError(f"{where}: the tokenizer's chat template does not render conversations "
                             "incrementally; use data.format text/prompt_completion or another template")
         if m.get("train", True) and not upto[len(before):].strip():  # (else "no target tokens within max_length")
@@ -348,10 +354,31 @@ def _render_template(messages: list[dict], tokenizer: Any, where: str, tools: li
         segments.append((answer, m.get("train", True)))
         segments.append((after, False))
         done = len(upto)
-    full = render(messages, False)
     if len(full) > done:
         segments.append((full[done:], False))
     return [s for s in segments if s[0]]
+
+
+def _turn_in(full: str, before: str, message: dict, tokenizer: Any) -> str | None:
+    """`full` up to the end of the assistant turn whose generation prompt `before` ends with: its content, then
+    the first turn-end marker after it (EOS, <|im_end|>, <|eot_id|>, <end_of_turn>, <|end|>); None where
+    `before` is not how `full` goes on, or the content or a marker after it is not found."""
+    content = message.get("content")
+    if not full.startswith(before) or not isinstance(content, str):
+        return None
+    start = full.find(content.strip(), len(before))
+    if start < 0:
+        return None
+    after = start + len(content.strip())
+    found = [(full.find(t, after), t) for t in _end_markers(tokenizer) if _ends_turns(t, tokenizer)]
+    end, marker = min(((e, t) for e, t in found if e >= 0), default=(-1, ""))
+    return full[:end + len(marker)] if end >= 0 else None
+
+
+def _ends_turns(token: str, tokenizer: Any) -> bool:
+    """Whether special token `token` ends a turn or a text (not one that opens a turn, <|im_start|>)."""
+    name = token.lower()
+    return token == getattr(tokenizer, "eos_token", None) or any(w in name for w in ("end", "eot", "</s>"))
 
 
 def _end_markers(tokenizer: Any) -> tuple[str, ...]:
