@@ -270,3 +270,19 @@ def test_nothing_is_dropped_silently_or_read_as_another_value(tmp_path, capsys):
     (tmp_path / "run.yaml").unlink()
     _, written, _ = _converted(tmp_path, "model_name_or_path: m\ntemplate: default\n", capsys)
     assert "template: 'default' is the other tool's own rendering" in written
+
+
+def test_eval_steps_default_pretraining_data_and_both_dataset_keys(tmp_path, capsys):
+    a = write_jsonl(tmp_path / "a.jsonl", alpaca_records(4))
+    b = write_jsonl(tmp_path / "b.jsonl", alpaca_records(4, seed=1))
+    text = tmp_path / "corpus.jsonl"
+    text.write_text('{"text": "some plain text"}\n')
+    # TrainingArguments: eval_strategy steps without eval_steps evaluates every logging_steps
+    raw, _, _ = _converted(tmp_path, f"model_name_or_path: m\ndataset: {a}\ndatasets: [{{path: {b}, type: alpaca}}]\n"
+                                     "val_size: 0.2\neval_strategy: steps\nlogging_steps: 7\n", capsys)
+    assert raw["train"]["eval_every"] == 7 and raw["train"]["log_every"] == 7
+    assert raw["data"]["train"] == [str(a), str(b)]  # (both keys given: both files, not the last key's)
+    (tmp_path / "run.yaml").unlink()
+    raw, _, _ = _converted(tmp_path, f"base_model: m\npretraining_dataset:\n  - path: {text}\n    type: pretrain\n",
+                           capsys)
+    assert (raw["data"]["train"], raw["data"]["format"]) == (str(text), "text")

@@ -244,7 +244,16 @@ def _dataset(c: Conversion, key: str, value: Any) -> None:
         return
     if target == "data.eval" and len(paths) > 1:
         c.note(key, f"scaletune evaluates on one file; data.eval is the first of {len(paths)}")
+    if target == "data.train" and c.get(target):  # (dataset and datasets both given: all of them)
+        earlier = c.get(target)
+        paths = [*(earlier if isinstance(earlier, list) else [earlier]), *paths]
     c.set(target, paths[0] if len(paths) == 1 or target == "data.eval" else paths)
+
+
+def _pretraining(c: Conversion, key: str, value: Any) -> None:
+    """axolotl's pretraining_dataset: plain text, trained on whole."""
+    _dataset(c, key, value if isinstance(value, list) else [value])
+    c.set("data.format", "text")
 
 
 def _registered(c: Conversion, key: str, name: str, entry: Any, folder: Path) -> str:
@@ -295,7 +304,8 @@ def _axolotl_dataset(c: Conversion, key: str, item: dict) -> str:
     if other := [str(k) for k, v in item.items() if k not in ("path", "type", "split") and v is not None]:
         c.note(key, f"{path or item}: {', '.join(other)} not carried over (scaletune reads a file's columns by their "
                     "own names; data.columns renames an alpaca/text file's)")
-    formats = {"alpaca": "alpaca", "sharegpt": "sharegpt", "chat_template": "messages", "completion": "text"}
+    formats = {"alpaca": "alpaca", "sharegpt": "sharegpt", "chat_template": "messages", "completion": "text",
+               "pretrain": "text"}
     if kind in formats and not c.get("data.format"):
         c.set("data.format", formats[kind])
     elif kind and kind not in formats:
@@ -321,8 +331,9 @@ def _template(c: Conversion, key: str, value: Any) -> None:
 
 
 def _eval_strategy(c: Conversion, key: str, value: Any) -> None:
-    steps = c.raw.get("eval_steps" if key.startswith("eval") else "save_steps")
     what = "eval" if key.startswith("eval") else "save"
+    # (TrainingArguments: eval_steps defaults to logging_steps, and both, as save_steps, to 500)
+    steps = c.raw.get(f"{what}_steps") or (c.raw.get("logging_steps") if what == "eval" else None) or 500
     if str(value) == "no" and what == "eval":
         c.set("train.eval_every", None)
     elif str(value) == "epoch":
@@ -399,6 +410,7 @@ HANDLERS: dict[str, Callable[[Conversion, str, Any], None]] = {
     "lora_target": _targets, "lora_target_modules": _targets, "target_modules": _targets,
     "lora_target_linear": _targets, "quantization_bit": _quantization, "load_in_4bit": _quantization,
     "load_in_8bit": _quantization, "deepspeed": _deepspeed, "dataset": _dataset, "datasets": _dataset,
+    "pretraining_dataset": _pretraining,
     "train_file": _dataset, "eval_dataset": _dataset, "test_datasets": _dataset, "template": _template,
     "chat_template": _template, "eval_strategy": _eval_strategy, "evaluation_strategy": _eval_strategy,
     "save_strategy": _eval_strategy, "warmup_steps": _warmup, "warmup_ratio": _warmup, "max_steps": _max_steps,
