@@ -337,6 +337,13 @@ def test_the_summary_gives_trainable_parameters_and_logged_time_without_the_gaps
     titles.clear()
     build_report([str(tmp_path / "dpo"), str(tmp_path / "cls"), str(make_run(tmp_path / "lm"))], out=str(tmp_path / "r"))
     assert "target tokens/s (dpo: pairs/s, seq_cls: examples/s)" in titles, titles
+    # a multi-label classifier counts example x class pairs (its loss's denominator), not examples
+    ml = make_run(tmp_path / "ml", task="seq_cls")
+    info = json.loads((ml / "run.json").read_text())
+    (ml / "run.json").write_text(json.dumps({**info, "multi_label": True}))
+    titles.clear()
+    build_report([str(ml)], out=str(tmp_path / "r2"))
+    assert "example-labels/s" in titles and "examples/s" not in titles, titles
 
 
 def test_logged_time_is_missing_without_timed_records_and_reads_in_hours_from_one(tmp_path):

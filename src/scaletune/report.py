@@ -413,12 +413,15 @@ def make_plots(runs: list[Run], out: Path) -> dict[str, Path]:
     """Write every plot with data; return {title: png path}."""
     metrics = _ordered({m for r in runs for m in r.eval_metrics()} - {"loss"})
     # a classifier has one target per example, a dpo run one a pair: their target tokens/s are examples/s, pairs/s
-    units = {r.task: _TARGET_UNIT.get(r.task, "target tokens/s") for r in runs}
+    # (a multi-label classifier's targets are example x class pairs, its loss's denominator)
+    units = {r.task + (" multi-label" if r.info.get("multi_label") else ""):
+             "example-labels/s" if r.info.get("multi_label") else _TARGET_UNIT.get(r.task, "target tokens/s")
+             for r in runs}
     if len(set(units.values())) == 1:
         targets = next(iter(units.values()))
     else:
-        other = sorted(f"{task}: {unit}" for task, unit in units.items() if task in _TARGET_UNIT)
-        base = "target tokens/s" if any(task not in _TARGET_UNIT for task in units) else "targets/s"
+        other = sorted(f"{task}: {unit}" for task, unit in units.items() if unit != "target tokens/s")
+        base = "target tokens/s" if "target tokens/s" in units.values() else "targets/s"
         targets = f"{base} ({', '.join(other)})"
     figures = {
         "Loss": [("loss (train solid, eval dashed)", [("train", "loss"), ("eval", "loss")])],

@@ -302,7 +302,8 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
                  "eval_examples": len(data["eval"]) if data["eval"] is not None else 0,
                  "max_length": cfg.data.max_length,  # (as the model took it; the config keeps the given one)
                  "trainable_params": trainable, "total_params": all_params,
-                 "labels": data["labels"], "class_weights": run.class_weights,
+                 "labels": data["labels"], "multi_label": getattr(task, "multi_label", False),
+                 "class_weights": run.class_weights,
                  "config_fingerprint": fingerprint,
                  "resumed_from": str(resume_from) if resume_from else None}
         write_run_json(out, cfg, facts, config=run.given_config)
