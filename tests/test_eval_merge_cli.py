@@ -233,3 +233,26 @@ def test_a_long_eval_says_it_is_alive(capsys, make_config, tmp_path, monkeypatch
             for line in err.splitlines() if line.startswith("eval: ") and line.endswith(" batches")]
     assert len(done) >= 2 and len({n for _, n in done}) == 1, err  # batch k of the whole set's count
     assert [k for k, _ in done] == sorted({k for k, _ in done}) and done[-1][0] <= done[-1][1]
+
+
+def test_adapter_records_a_relative_base_path_absolute(capsys, make_config, tmp_path, tiny_bert, monkeypatch, caplog):
+    """model.name_or_path `models/bert` (relative to where training ran) is recorded absolute in
+    adapter_config.json and scaletune.json: a server loading the adapter from elsewhere finds the base, and
+    `eval RUN_DIR` from elsewhere does not warn that the adapter was trained on another base."""
+    (tmp_path / "models").mkdir()
+    shutil.copytree(tiny_bert, tmp_path / "models" / "bert")
+    monkeypatch.chdir(tmp_path)
+    path = make_config("seq_cls", model={"name_or_path": "models/bert"}, train={"max_steps": 1})
+    code, _, err = run_cli(["train", path], capsys)
+    assert code == 0, err
+    adapter = tmp_path / "run" / "adapter"
+    recorded = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert recorded == str(tmp_path / "models" / "bert")
+    assert json.loads((adapter / "scaletune.json").read_text())["base_model"] == recorded
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    caplog.clear()
+    code, out, err = run_cli(["eval", tmp_path / "run"], capsys)
+    assert code == 0, err
+    assert "was trained on" not in caplog.text + err

@@ -59,6 +59,16 @@ def check_model_source(name: str) -> None:
         raise ConfigError(f"model.name_or_path: directory not found: {name} ({p.absolute()})")
 
 
+def recorded_base(name: str) -> str:
+    """`name` as an adapter records its base: made absolute where it is a relative path to a local directory.
+    peft writes the name the base was loaded by into adapter_config.json's base_model_name_or_path, and a
+    `models/llama` there is relative to the directory training ran in: from anywhere else (a server loading
+    the adapter with AutoPeftModel*, `eval` of the run directory) it named nothing, or another model."""
+    import os
+
+    return name if os.path.isabs(name) or not Path(name).is_dir() else os.path.abspath(name)
+
+
 def hub_kwargs(name: str) -> dict[str, Any]:
     """from_pretrained kwargs for `name`: `local_files_only=True` when it is a hub id and the hub cannot be
     reached. Without it, each of a run's loads (config, tokenizer, weights) spends ~25 s in the hub client's

@@ -233,8 +233,10 @@ def _plain(value: Any) -> Any:
 def _base_hint(saved: dict, cfg: Any) -> str | None:
     """Name the base model the adapter was made for when it is not this run's: the likeliest cause of shapes
     that differ with the same peft options."""
+    from .hub import recorded_base
+
     base = saved.get("base_model_name_or_path")
-    if not base or base == cfg.model.name_or_path:
+    if not base or recorded_base(str(base)) == recorded_base(cfg.model.name_or_path):
         return None
     return f"its adapter_config.json names base model {base}; this run's model.name_or_path is {cfg.model.name_or_path}"
 

@@ -449,6 +449,7 @@ def save_adapter(run: Run, directory: Path, state: dict | None = None, extra_met
     """Plain peft adapter directory + tokenizer (+ label maps): what `PeftModel.from_pretrained` loads.
 
     Without `state` this gathers it, a collective under ZeRO-3: then every rank must call it."""
+    from .hub import recorded_base
     from .new_tokens import META_KEY, record
     from .trainable_state import prompt_encoders_holding, saved_adapter_state
 
@@ -458,13 +459,16 @@ def save_adapter(run: Run, directory: Path, state: dict | None = None, extra_met
         return
     model = unwrap(run.accelerator, run.model)
     new_tokens = record(run.tokenizer)
+    base = recorded_base(run.cfg.model.name_or_path)
+    for config in getattr(model, "peft_config", {}).values():  # (adapter_config.json's, see recorded_base)
+        config.base_model_name_or_path = base
     with prompt_encoders_holding(model, state):
         # new tokens: peft would see the resized vocabulary and save both whole tables; their trained rows are
         # saved as trainable tokens, and eval resizes the base itself (new_tokens.fit_embeddings)
         model.save_pretrained(str(directory), state_dict=state, safe_serialization=True,
                               **({"save_embedding_layers": False} if new_tokens else {}))
     run.tokenizer.save_pretrained(str(directory))
-    meta = {"task": run.cfg.task, "labels": run.data["labels"], "base_model": run.cfg.model.name_or_path,
+    meta = {"task": run.cfg.task, "labels": run.data["labels"], "base_model": base,
             "max_length": run.cfg.data.max_length, "rope_scaling": run.cfg.model.rope_scaling,
             "held_out": held_out(run.cfg),
             "train_digest": run.data.get("train_digest"), "tokenisation": tokenisation(run.cfg.task),
