@@ -537,16 +537,28 @@ _EOS_AT_THE_END = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['con
                    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}")
 
 
-@pytest.mark.parametrize("template, specials, trained", [
-    (_LAST_TURN_BLOCK, ["<|im_start|>", "<|im_end|>"], ["a1<|im_end|>", "<think>\n\n</think>\n\na2<|im_end|>"]),
-    (_EOS_AT_THE_END, ["<|user|>", "<|assistant|>", "<|end|>"], ["a1<|end|>", "a2<|end|>\n</s>"]),
+# (as Qwen3's: an answer before the last question is rendered without its reasoning)
+_DROPS_EARLIER_REASONING = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}{{ '<|im_start|>assistant\n' }}{% if loop.last %}"
+    "{{ m['content'] }}{% else %}{{ m['content'].split('</think>')[-1].lstrip('\n') }}{% endif %}{{ '<|im_end|>\n' }}"
+    "{% else %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+_REASONED = ("<think>\nr1\n</think>\n\na1", "<think>\nr2\n</think>\n\na2")
+
+
+@pytest.mark.parametrize("template, specials, answers, trained", [
+    (_LAST_TURN_BLOCK, ["<|im_start|>", "<|im_end|>"], ("a1", "a2"),
+     ["a1<|im_end|>", "<think>\n\n</think>\n\na2<|im_end|>"]),
+    (_EOS_AT_THE_END, ["<|user|>", "<|assistant|>", "<|end|>"], ("a1", "a2"), ["a1<|end|>", "a2<|end|>\n</s>"]),
+    (_DROPS_EARLIER_REASONING, ["<|im_start|>", "<|im_end|>", "<think>", "</think>"], _REASONED,
+     ["a1<|im_end|>", "<think>\nr2\n</think>\n\na2<|im_end|>"]),
 ])
 def test_a_template_that_writes_the_last_turn_otherwise_trains_each_answer_as_the_whole_renders_it(
-        tmp_path, tiny_llama, template, specials, trained):
+        tmp_path, tiny_llama, template, specials, answers, trained):
     """Each answer is the span the whole conversation's rendering gives it (was: refused as not incremental,
     which every multi-turn conversation of Qwen3's and Phi-3's templates was)."""
-    record = {"messages": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
-                           {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]}
+    record = {"messages": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": answers[0]},
+                           {"role": "user", "content": "q2"}, {"role": "assistant", "content": answers[1]}]}
     cfg = _cfg(tmp_path, tiny_llama, data=write_jsonl(tmp_path / "c.jsonl", [record] * 2))
     tok = load_tokenizer(cfg)
     tok.add_special_tokens({"additional_special_tokens": specials})

@@ -366,10 +366,12 @@ def _turn_in(full: str, before: str, message: dict, tokenizer: Any) -> str | Non
     content = message.get("content")
     if not full.startswith(before) or not isinstance(content, str):
         return None
-    start = full.find(content.strip(), len(before))
-    if start < 0:
+    # (Qwen3's template drops the reasoning of an answer before the last question: the answer after it)
+    shown = next((t for t in (content.strip(), content.rpartition("</think>")[2].strip())
+                  if full.find(t, len(before)) >= 0), None)
+    if shown is None:
         return None
-    after = start + len(content.strip())
+    after = full.find(shown, len(before)) + len(shown)
     found = [(full.find(t, after), t) for t in _end_markers(tokenizer) if _ends_turns(t, tokenizer)]
     end, marker = min(((e, t) for e, t in found if e >= 0), default=(-1, ""))
     return full[:end + len(marker)] if end >= 0 else None
