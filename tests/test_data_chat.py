@@ -552,6 +552,10 @@ _REASONED = ("<think>\nr1\n</think>\n\na1", "<think>\nr2\n</think>\n\na2")
     (_EOS_AT_THE_END, ["<|user|>", "<|assistant|>", "<|end|>"], ("a1", "a2"), ["a1<|end|>", "a2<|end|>\n</s>"]),
     (_DROPS_EARLIER_REASONING, ["<|im_start|>", "<|im_end|>", "<think>", "</think>"], _REASONED,
      ["a1<|im_end|>", "<think>\nr2\n</think>\n\na2<|im_end|>"]),
+    # the same reasoned answer twice: the first is found where it is rendered (its answer alone), not in the
+    # second, which keeps its reasoning (was refused as not incremental)
+    (_DROPS_EARLIER_REASONING, ["<|im_start|>", "<|im_end|>", "<think>", "</think>"], (_REASONED[1],) * 2,
+     ["a2<|im_end|>", "<think>\nr2\n</think>\n\na2<|im_end|>"]),
 ])
 def test_a_template_that_writes_the_last_turn_otherwise_trains_each_answer_as_the_whole_renders_it(
         tmp_path, tiny_llama, template, specials, answers, trained):
@@ -578,3 +582,20 @@ def test_a_template_that_writes_the_last_turn_otherwise_trains_each_answer_as_th
 
     prompt = prompt_ids(tok, prompt_segments(record, tok)[1])  # (predict's prompt: training's, up to the answer)
     assert prompt == ids[:len(prompt)] and labels[len(prompt) - 1] == IGNORE and labels[len(prompt)] != IGNORE
+
+
+def test_a_turn_end_marker_of_plain_text_never_makes_the_next_user_turn_a_target(tmp_path, tiny_llama):
+    """A Phi-3-shaped template (EOS after the whole conversation only) whose <|end|> is plain text, not a special
+    token: the answer's end is not found, and the conversation is refused as before (was: the answer's target ran
+    to the final EOS, the user's next turn trained)."""
+    record = {"messages": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
+                           {"role": "user", "content": "thanks, bye"}]}
+    cfg = _cfg(tmp_path, tiny_llama, data=write_jsonl(tmp_path / "c.jsonl", [record] * 2))
+    tok = load_tokenizer(cfg)
+    tok.chat_template = _EOS_AT_THE_END
+    with pytest.raises(DataError, match="does not render conversations incrementally") as caught:
+        build_datasets(cfg, get_task("causal_lm"), tok)
+    assert "model.new_special_tokens" in caught.value.hint
+    tok.add_special_tokens({"additional_special_tokens": ["<|user|>", "<|assistant|>", "<|end|>"]})  # as it says
+    ex = build_datasets(cfg, get_task("causal_lm"), tok)["train"][0]
+    assert tok.decode([i for i, lab in zip(ex["input_ids"], ex["labels"]) if lab != IGNORE]) == "a1<|end|>"

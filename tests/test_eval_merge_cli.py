@@ -256,3 +256,24 @@ def test_adapter_records_a_relative_base_path_absolute(capsys, make_config, tmp_
     code, out, err = run_cli(["eval", tmp_path / "run"], capsys)
     assert code == 0, err
     assert "was trained on" not in caplog.text + err
+
+
+def test_a_run_moved_with_its_relative_base_is_not_warned_of_another_base(capsys, make_config, tmp_path, tiny_bert,
+                                                                         monkeypatch, caplog):
+    """The project directory renamed (or copied to another machine) with its models/bert: the absolute base path
+    the adapter recorded names nothing now, and the config's models/bert is that base (was: 'trained on
+    /old/models/bert; loading it onto models/bert')."""
+    old = tmp_path / "old"
+    shutil.copytree(tiny_bert, old / "models" / "bert")
+    monkeypatch.chdir(old)
+    path = make_config("seq_cls", model={"name_or_path": "models/bert"}, train={"max_steps": 1},
+                       output_dir=str(old / "run"))
+    code, _, err = run_cli(["train", path], capsys)
+    assert code == 0, err
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "old").rename(tmp_path / "new")
+    monkeypatch.chdir(tmp_path / "new")
+    caplog.clear()
+    code, out, err = run_cli(["eval", "run"], capsys)
+    assert code == 0, err
+    assert "was trained on" not in caplog.text + err

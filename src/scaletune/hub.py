@@ -69,6 +69,20 @@ def recorded_base(name: str) -> str:
     return name if os.path.isabs(name) or not Path(name).is_dir() else os.path.abspath(name)
 
 
+def same_base(recorded: str, name: str) -> bool:
+    """Whether an adapter's recorded base `recorded` is model.name_or_path `name`: as `recorded_base` makes them,
+    or a run moved with its base (another machine, a renamed project directory): the absolute path recorded
+    there, which names nothing here, ends with the relative one the config gives (`eval RUN_DIR` warned of
+    another base)."""
+    import os
+
+    if recorded_base(recorded) == recorded_base(name):
+        return True
+    given = os.path.normpath(name)
+    return not os.path.isabs(name) and Path(name).is_dir() and os.path.isabs(recorded) \
+        and not os.path.exists(recorded) and os.path.normpath(recorded).endswith(os.sep + given)
+
+
 def hub_kwargs(name: str) -> dict[str, Any]:
     """from_pretrained kwargs for `name`: `local_files_only=True` when it is a hub id and the hub cannot be
     reached. Without it, each of a run's loads (config, tokenizer, weights) spends ~25 s in the hub client's

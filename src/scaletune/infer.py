@@ -92,7 +92,7 @@ def load_trained(cfg: RunConfig, adapter: str | None, tokenises: bool = True) ->
                                                                                       Path]:
     """(model in eval mode, tokenizer, task, labels, adapter dir) from a finished run. `tokenises`: the command
     tokenises inputs (eval, predict; not merge), which an adapter trained on other token ids should hear of."""
-    from .hub import recorded_base
+    from .hub import same_base
     from .model import load_model, load_tokenizer
     from .new_tokens import check_adapter_record
     from .new_tokens import restore as restore_new_tokens
@@ -104,7 +104,7 @@ def load_trained(cfg: RunConfig, adapter: str | None, tokenises: bool = True) ->
         raise UserError(f"the adapter at {path} was trained for task {meta['task']}, the run config says "
                         f"task: {cfg.task}; use that run's config or another --adapter")
     # (a relative local path and the absolute one the adapter records name the same base: no warning)
-    if meta.get("base_model") and recorded_base(meta["base_model"]) != recorded_base(cfg.model.name_or_path):
+    if meta.get("base_model") and not same_base(meta["base_model"], cfg.model.name_or_path):
         # a moved or re-downloaded base is fine; a different one gives nonsense without an error
         log.warning("the adapter at %s was trained on %s; loading it onto %s", path, meta["base_model"],
                     cfg.model.name_or_path)

@@ -333,10 +333,13 @@ def _render_template(messages: list[dict], tokenizer: Any, where: str, tools: li
             # A template that writes a turn otherwise when it is the last one (Qwen3's empty <think> block on
             # the answer after the last question, Phi-3's EOS after the last turn): the turn as the whole
             # conversation renders it, from its generation prompt to its end marker
-            upto = _turn_in(full, before, m, tokenizer) or upto
+            upto = _turn_in(full, before, upto, m, tokenizer) or upto
         if not (upto.startswith(before) and before.startswith(_joined(segments)) and full.startswith(upto)):
             raise DataError(f"{where}: the tokenizer's chat template does not render conversations "
-                            "incrementally; use data.format text/prompt_completion or another template")
+                            "incrementally; use data.format text/prompt_completion or another template",
+                            hint="a template that writes a turn otherwise when it is the last one (Phi-3's, Qwen3's) "
+                                 "is read from its turn-end markers, which must be special tokens of the tokenizer "
+                                 "(model.new_special_tokens adds them)")
         if m.get("train", True) and not upto[len(before):].strip():  # (else "no target tokens within max_length")
             raise DataError(f"{where}: the chat template renders assistant turn messages[{i}] as nothing, so there "
                             "is nothing to learn from it",
@@ -359,22 +362,33 @@ def _render_template(messages: list[dict], tokenizer: Any, where: str, tools: li
     return [s for s in segments if s[0]]
 
 
-def _turn_in(full: str, before: str, message: dict, tokenizer: Any) -> str | None:
+def _turn_in(full: str, before: str, alone: str, message: dict, tokenizer: Any) -> str | None:
     """`full` up to the end of the assistant turn whose generation prompt `before` ends with: its content, then
     the first turn-end marker after it (EOS, <|im_end|>, <|eot_id|>, <end_of_turn>, <|end|>); None where
-    `before` is not how `full` goes on, or the content or a marker after it is not found."""
+    `before` is not how `full` goes on, the content or a marker after it is not found, or the turn found does
+    not end as `alone` (the conversation up to this turn, rendered) ends it."""
     content = message.get("content")
-    if not full.startswith(before) or not isinstance(content, str):
+    if not full.startswith(before) or not alone.startswith(before) or not isinstance(content, str):
         return None
-    # (Qwen3's template drops the reasoning of an answer before the last question: the answer after it)
-    shown = next((t for t in (content.strip(), content.rpartition("</think>")[2].strip())
-                  if full.find(t, len(before)) >= 0), None)
+    # (Qwen3's template drops the reasoning of an answer before the last question: the answer after it). The
+    # first found: the whole content may be found in a later turn that keeps it (the same answer asked again)
+    places = {t: full.find(t, len(before)) for t in (content.strip(), content.rpartition("</think>")[2].strip())}
+    shown = min((t for t, at in places.items() if at >= 0), key=places.__getitem__, default=None)
     if shown is None:
         return None
-    after = full.find(shown, len(before)) + len(shown)
+    after = places[shown] + len(shown)
     found = [(full.find(t, after), t) for t in _end_markers(tokenizer) if _ends_turns(t, tokenizer)]
     end, marker = min(((e, t) for e, t in found if e >= 0), default=(-1, ""))
-    return full[:end + len(marker)] if end >= 0 else None
+    if end < 0:
+        return None
+    # The turn may lose a head the last one has (a reasoning block), never gain text before its marker: where
+    # the marker is not a special token (a Phi-3-like template of plain text, EOS after the whole conversation),
+    # the first marker found is a later turn's and the span took the next user turn in as a target
+    last = alone[len(before):]
+    at = last.find(shown)
+    cut = last.find(marker, at + len(shown)) if at >= 0 else -1
+    return full[:end + len(marker)] if last[:cut if cut >= 0 else len(last.rstrip())].endswith(
+        full[len(before):end]) else None
 
 
 def _ends_turns(token: str, tokenizer: Any) -> bool:
