@@ -199,6 +199,68 @@ def test_compiled_step_keeps_what_plan_says_110m(tmp_path, make_config, llama_11
     assert predicted > 0 and abs(saved - predicted) <= 0.1 * predicted, (saved, predicted)
 
 
+def _small_llama(root: Path) -> Path:
+    """A Llama with a real vocabulary's worth of logits but little else (hidden 64 x 2 layers, 4 heads, vocab
+    16000, weights and a 256-token tokenizer): the logits and attention scores dominate its peak."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from scaletune.demo.tiny import train_tokenizer
+
+    from stutil import corpus
+
+    out = root / "llama_small"
+    config = LlamaConfig(vocab_size=16000, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
+                         tie_word_embeddings=True, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
+    train_tokenizer(corpus(), "bpe", 256).save_pretrained(out)
+    return out
+
+
+def _step_above_states(tmp_path, make_config, model_dir: Path, tag: str, **sections) -> tuple[plan.Estimate, int]:
+    """(plan's estimate, measured tensor peak less the model states) of one fp32 step of 2 rows cut at 512 tokens."""
+    from stutil import WORDS, write_jsonl
+
+    records = [{"instruction": "Repeat.", "input": "", "output": " ".join(WORDS[i % 7:] * 60)} for i in range(8)]
+    train = write_jsonl(tmp_path / "long.jsonl", records)
+    model = {"name_or_path": str(model_dir), **sections.pop("model", {})}
+    cfg_path = make_config(model=model, train={**ONE_STEP, "global_batch_size": 2, **sections.pop("train", {})},
+                           data={"max_length": 512, "train": str(train), "eval": None})
+    measured = measure_subprocess(cfg_path, tmp_path / f"{tag}.json", world=1)
+    cfg = load_config(cfg_path)
+    est = plan.estimate(cfg, plan.model_shape(cfg), 1, cuda=False)
+    assert {k: measured[k] for k in STATE_KEYS} == est.model_states
+    return est, measured["tensor_peak_bytes"] - sum(est.model_states.values())
+
+
+def test_eager_attention_scores_are_counted(tmp_path, make_config):
+    """model.attn_implementation: eager keeps each layer's (heads x L x L) probabilities for backward, which
+    SDPA never builds. The plan counted none: at 2048 tokens it was half the measured peak of a 28M Llama.
+    The extra the plan counts is the extra measured. (Checkpointed, where one layer's scores and their gradient
+    are counted, is not checked here: this model's peak is its logits, which the recompute comes after; on the
+    28M Llama at 2048 tokens the estimate was 8% above the measured peak.)"""
+    model_dir = _small_llama(tmp_path)
+    runs = {}
+    for attn in ("sdpa", "eager"):
+        runs[attn] = _step_above_states(tmp_path, make_config, model_dir, attn,
+                                        model={"attn_implementation": attn})
+    predicted = runs["eager"][0].gpu_total - runs["sdpa"][0].gpu_total
+    measured = runs["eager"][1] - runs["sdpa"][1]
+    assert measured > 0 and abs(measured - predicted) <= 0.25 * measured, (measured, predicted)
+
+
+def test_float32_full_logits_are_counted_with_the_loss_that_keeps_them(tmp_path, make_config):
+    """Without the chunked loss a float32 model's logits stay alive (loss_sum hands them back) beside cross-
+    entropy's log-softmax and its gradient: 12 bytes a target position and vocabulary entry, not 8 (the
+    estimate was 79% of the measured peak at 2048 tokens on a 28M Llama)."""
+    est, above_states = _step_above_states(tmp_path, make_config, _small_llama(tmp_path), "full",
+                                           train={"chunked_loss": False})
+    activations = est.gpu_total - sum(est.model_states.values())  # cuda=False: no CUDA context counted
+    assert 0.9 * above_states <= activations <= 1.2 * above_states, (activations, above_states)
+
+
 # ----------------------------------------------------------------------------------------------
 # Combination checks, CLI, suggestions
 
@@ -293,6 +355,11 @@ def test_suggestion_is_cheapest_valid_fit(tmp_path, make_config):
     # A budget between the two: checkpointing alone is the answer.
     text, est = plan_search.suggest(cfg, shape, 2, plan.Budget((base + ckpt) // 2), cuda=True)
     assert text == "model.gradient_checkpointing=true" and est.gpu_total == ckpt
+    # eager attention's score matrices are the cheapest thing to give up: SDPA first
+    eager = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attn_implementation="eager"))
+    eager_ladder = plan_search.candidates(eager, 2)
+    assert eager_ladder[0][0] == "model.attn_implementation=sdpa"
+    assert plan.estimate(eager_ladder[0][1], shape, 2).gpu_total == base < plan.estimate(eager, shape, 2).gpu_total
     # A tight budget: whatever is suggested must be a valid combination that fits.
     text, est = plan_search.suggest(cfg, shape, 2, plan.Budget(plan.GiB), cuda=True)
     cand = dict(ladder)[text]

@@ -77,6 +77,8 @@ class ModelShape:
     intermediate: int
     vocab: int
     kv_dim: int
+    heads: int = 1
+    attention: str = "sdpa"  # the kernel the model gets when model.attn_implementation is not set
     chunkable_head: bool = False  # the chunked loss could stand in for this model's (see chunked_loss_applies)
     shapes: list[tuple[int, ...]] = field(default_factory=list)  # each trainable param's, in `groups` order
 
@@ -157,7 +159,8 @@ def model_shape(cfg: RunConfig) -> ModelShape:
     return ModelShape(frozen=frozen, groups=[[math.prod(s) for s in g] for g in shapes], hidden=hidden, layers=layers,
                       intermediate=int(getattr(c, "intermediate_size", 4 * hidden) or 4 * hidden),
                       vocab=int(getattr(c, "vocab_size", 0) or 0),
-                      kv_dim=hidden * kv_heads // heads, chunkable_head=chunkable,
+                      kv_dim=hidden * kv_heads // heads, heads=heads, chunkable_head=chunkable,
+                      attention=str(getattr(base.config, "_attn_implementation", None) or "sdpa"),
                       shapes=[s for g in shapes for s in g])
 
 
@@ -320,7 +323,18 @@ def _layer_bytes(cfg: RunConfig, shape: ModelShape, tokens: int) -> int:
     compiled = cfg.train.torch_compile
     # + RMSNorm computes in float32: in 16-bit runs each norm keeps a float32 copy of its input (eager)
     return tokens * (a * (6 * h + 2 * shape.kv_dim + (3 if compiled else 4) * i)
-                     + (0 if compiled else 2 * (4 - a) * h))
+                     + (0 if compiled else 2 * (4 - a) * h)) + _attention_scores_bytes(cfg, shape, tokens)
+
+
+def _attention_scores_bytes(cfg: RunConfig, shape: ModelShape, tokens: int) -> int:
+    """What eager attention saves per layer: its (heads x max_length x max_length) probabilities a row, in float32
+    (softmax's output) plus their cast to the activation dtype (the matmul with v) in 16-bit runs. SDPA and the
+    flash / varlen kernels keep no score matrix. Measured on CPU (28M Llama, 8 heads, 4 layers): float32 at
+    2048 tokens, the peak rose by 529 MiB with eager (512 MiB counted); bf16, 4 x 512, by 200 MiB (192)."""
+    if (cfg.model.attn_implementation or shape.attention) != "eager":
+        return 0
+    a = _activation_bytes_per_elem(cfg)
+    return tokens * cfg.data.max_length * shape.heads * (4 + (0 if a == 4 else a))
 
 
 def _no_grad_pass_bytes(cfg: RunConfig, shape: ModelShape, rows: int) -> dict[str, int]:
@@ -342,7 +356,8 @@ def _grad_pass_bytes(cfg: RunConfig, shape: ModelShape, rows: int, cuda: bool = 
     inputs of LoRA-adapted modules are those same tensors, and LoRA's rank-r intermediates are
     negligible). With gradient checkpointing only each layer's input is kept, plus one layer recomputed
     at a time. Logits at the peak (start of backward): the float32 log-softmax the loss saves and its
-    gradient, plus the half-precision logits and their float32 copy when the model is not float32.
+    gradient, plus the logits (half-precision ones and their float32 copy when the model is not float32).
+    Eager attention adds its score matrices (`_attention_scores_bytes`); SDPA / flash / varlen keep none.
     In 16-bit runs each RMSNorm also keeps the float32 copy of its input it computes in; float32
     weights under 16-bit autocast add the 16-bit copies of the frozen Linear weights (and head) that
     the backward pass needs (measured with saved_tensors_hooks, CPU bf16 autocast).
@@ -361,6 +376,9 @@ def _grad_pass_bytes(cfg: RunConfig, shape: ModelShape, rows: int, cuda: bool = 
     per_layer = _layer_bytes(cfg, shape, tokens)
     if cfg.model.gradient_checkpointing:
         layers = tokens * a * h * shape.layers + per_layer
+        # eager attention's backward of the recomputed layer: the scores' gradients beside its saved scores
+        # (measured: float32, 2048 tokens, checkpointed: 216 MiB above SDPA's peak for 128 MiB of saved scores)
+        layers += _attention_scores_bytes(cfg, shape, tokens)
     else:
         layers = per_layer * shape.layers
     out = {"activations": layers}
@@ -370,7 +388,9 @@ def _grad_pass_bytes(cfg: RunConfig, shape: ModelShape, rows: int, cuda: bool = 
         chunk = min(tokens, chunk_rows(shape.vocab, cuda))
         out["logits"] = chunk * shape.vocab * (4 + 4 + (0 if a == 4 else a)) + 2 * tokens * h * a
     elif cfg.task in CAUSAL_TASKS:
-        out["logits"] = tokens * shape.vocab * (4 + 4 + (0 if a == 4 else a + 4))
+        # float32 logits are their own float32 copy, but still alive beside the log-softmax and its gradient
+        # (loss_sum hands them back): 12 bytes (measured on CPU, 28M Llama, 2048 tokens: 11.8; 8 were counted)
+        out["logits"] = tokens * shape.vocab * (4 + 4 + (4 if a == 4 else a + 4))
     if autocast16 and _param_dtype_bytes(cfg) == 4 and not cfg.model.quantization:
         # float32 weights under 16-bit autocast: every frozen Linear's 16-bit cast is saved for the
         # backward pass (autocast caches casts of trainable leaves only), as is the LM head's

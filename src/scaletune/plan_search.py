@@ -41,6 +41,8 @@ def _levels(cfg: RunConfig, world: int, offload: bool = True) -> list[list[tuple
     `offload`: include moving the optimizer to the host (not after less offload was chosen for the host)."""
     t, dist = cfg.train, cfg.distributed
     levels: list[list[tuple[str, dict]]] = []
+    if cfg.model.attn_implementation == "eager":  # (its L x L scores per layer: SDPA keeps none, for nothing)
+        levels.append([("model.attn_implementation=sdpa", {"model": {"attn_implementation": "sdpa"}})])
     if not cfg.model.gradient_checkpointing and cfg.peft_method != "prefix_tuning":
         levels.append([("model.gradient_checkpointing=true", {"model": {"gradient_checkpointing": True}})])
     levels.append([(f"train.micro_batch_size={m} (grad accumulation {t.global_batch_size // (m * world)}, "
