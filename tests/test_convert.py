@@ -286,3 +286,9 @@ def test_eval_steps_default_pretraining_data_and_both_dataset_keys(tmp_path, cap
     raw, _, _ = _converted(tmp_path, f"base_model: m\npretraining_dataset:\n  - path: {text}\n    type: pretrain\n",
                            capsys)
     assert (raw["data"]["train"], raw["data"]["format"]) == (str(text), "text")
+
+
+def test_a_section_given_as_null_or_a_scalar_does_not_crash(tmp_path, capsys):
+    raw, written, _ = _converted(tmp_path, "model: null\ndata: oops\nbf16: true\nmax_seq_length: 64\n", capsys)
+    assert raw["model"]["dtype"] == "bfloat16" and raw["data"]["max_length"] == 64
+    assert "data: 'oops' is no section" in written

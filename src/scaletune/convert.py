@@ -47,7 +47,11 @@ class Conversion:
         *parents, leaf = dotted.split(".")
         node = self.out
         for part in parents:
-            node = node.setdefault(part, {})
+            if not isinstance(node.get(part), dict):  # (a section given as null or a scalar: it held nothing)
+                if node.get(part) is not None:
+                    self.note(part, f"{node[part]!r} is no section (a mapping); replaced by the keys set here")
+                node[part] = {}
+            node = node[part]
         node[leaf] = value
 
     def get(self, dotted: str) -> Any:
