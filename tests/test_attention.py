@@ -63,7 +63,7 @@ def test_varlen_matches_sdpa_with_masks(make_config, monkeypatch, packing):
                            train={"global_batch_size": 4, "micro_batch_size": 4, "max_steps": 1})
         runs[impl], _ = setup(load_config(path), overwrite=True)
     run = runs["varlen"]
-    assert run.model.config._attn_implementation == attention.NAME and run.task.varlen
+    assert run.model.config._attn_implementation == attention.NAME and run.task._varlen
     examples = [run.data["train"][i] for i in range(4)]
     batch = run.task.collate(examples, run.tokenizer.pad_token_id)
     assert batch["cu_seq_lens"][-1] == batch["input_ids"].numel()

@@ -221,3 +221,91 @@ def test_a_cache_that_cannot_be_written_is_named(tmp_path, tiny_bert, monkeypatc
         built = build_datasets(cfg, get_task("seq_cls"), tok)
     assert len(built["train"]) == 8
     assert "could not write the tokenised-data cache to " in caplog.text and "SCALETUNE_CACHE" in caplog.text
+
+
+def test_cache_key_follows_the_seed_for_a_fractional_weight(tmp_path, tiny_bert, monkeypatch):
+    """A weight of 0.5 keeps a half of its source the seed picks: a run with another train.seed got the entry of
+    the first one's half (without eval_fraction the seed was not in the key), so which examples it trained on
+    depended on what the cache held. A whole weight (2: each twice) picks nothing: the key stays."""
+    import copy
+
+    from scaletune.data import fingerprint
+
+    cfg, tok = _cls_cache_setup(tmp_path, tiny_bert, monkeypatch)
+    other = write_jsonl(tmp_path / "o.jsonl", [{"text": f"{w} {w}", "label": "neg"} for w in "abcdefghijkl"])
+    cfg.data.train = [cfg.data.train, {"path": str(other), "weight": 0.5}]
+    first = build_datasets(cfg, get_task("seq_cls"), tok)["train"]["input_ids"]
+    reseeded = copy.deepcopy(cfg)
+    reseeded.train.seed = 7
+    uncached = copy.deepcopy(reseeded)
+    uncached.data.cache = False
+    fresh = build_datasets(uncached, get_task("seq_cls"), tok)["train"]["input_ids"]
+    assert fresh != first  # (another half)
+    assert build_datasets(reseeded, get_task("seq_cls"), tok)["train"]["input_ids"] == fresh
+    cfg.data.train[1]["weight"] = reseeded.data.train[1]["weight"] = 2.0
+    assert fingerprint(reseeded, tok) == fingerprint(cfg, tok)
+
+
+def test_an_entry_cut_at_a_record_batch_is_rebuilt(tmp_path, tiny_bert, monkeypatch, caplog):
+    """An Arrow stream cut where a record batch ends reads without an error, as the batches before the cut: a
+    cache entry cut there trained on part of the data (or none of it) without a word."""
+    import pyarrow as pa
+
+    from scaletune.data import cache_root, fingerprint
+
+    cfg, tok = _cls_cache_setup(tmp_path, tiny_bert, monkeypatch, eval_fraction=0.25)
+    fresh = build_datasets(cfg, get_task("seq_cls"), tok)
+    fresh = [list(fresh[split]["input_ids"]) for split in ("train", "eval")]
+    entry = cache_root() / fingerprint(cfg, tok)
+    for split in ("train", "eval"):
+        arrow = next((entry / split).glob("*.arrow"))
+        data = arrow.read_bytes()
+        source = pa.BufferReader(data)
+        pa.ipc.MessageReader.open_stream(source).read_next_message()  # the schema: the cut is where it ends
+        arrow.write_bytes(data[:source.tell()])
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="scaletune"):
+            again = build_datasets(cfg, get_task("seq_cls"), tok)
+        assert [list(again[s]["input_ids"]) for s in ("train", "eval")] == fresh, split
+        assert f"the tokenised-data cache entry {entry} cannot be read" in caplog.text and "examples of the" in caplog.text
+
+
+def test_an_entry_another_run_wrote_meanwhile_is_kept(tmp_path, tiny_bert, monkeypatch):
+    """Two runs started together both tokenise; the second to finish writing moved the first one's entry away and
+    deleted it while that run trained from its mapped files (gone on a network file system). Its check for an
+    entry came before its own write (minutes for a large set), not after."""
+    import datasets
+
+    import scaletune.data as data
+
+    cfg, tok = _cls_cache_setup(tmp_path, tiny_bert, monkeypatch)
+    built = build_datasets(cfg, get_task("seq_cls"), tok)["train"]
+    entry = data.cache_root() / data.fingerprint(cfg, tok)
+    aside = entry.with_name("aside")
+    entry.rename(aside)
+    save = datasets.Dataset.save_to_disk
+
+    def save_while_the_other_run_finishes(self, path, *args, **kwargs):
+        if aside.exists():
+            aside.rename(entry)  # the other run's entry lands while this one writes
+        return save(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(datasets.Dataset, "save_to_disk", save_while_the_other_run_finishes)
+    inode = next((entry.parent / "aside" / "train").glob("*.arrow")).stat().st_ino
+    data._save_atomically(entry, built, None, {"labels": ["neg", "pos"], "has_eval": False})
+    assert next((entry / "train").glob("*.arrow")).stat().st_ino == inode
+    assert sorted(p.name for p in entry.parent.iterdir()) == [entry.name]
+
+
+def test_varlen_is_the_runs_setting_not_the_cached_entrys(tmp_path, tiny_llama, monkeypatch):
+    """causal_lm kept model.attn_implementation == "varlen" as task state in the cache's meta, whose key holds no
+    model.* setting: a varlen run that found a sdpa run's entry passed no segment bounds (silently SDPA)."""
+    monkeypatch.setenv("SCALETUNE_CACHE", str(tmp_path / "cache"))
+    train = write_jsonl(tmp_path / "t.jsonl", [{"text": "a b c"}, {"text": "d e f"}])
+    for impl in ("sdpa", "varlen"):
+        cfg = from_dict({"task": "causal_lm", "model": {"name_or_path": str(tiny_llama), "attn_implementation": impl},
+                         "data": {"train": str(train), "format": "text"}})
+        task = get_task("causal_lm")
+        task.configure(cfg)
+        build_datasets(cfg, task, load_tokenizer(cfg))
+        assert task._varlen == (impl == "varlen")

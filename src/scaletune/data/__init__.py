@@ -40,8 +40,9 @@ log = logging.getLogger("scaletune")
 # word whose first sub-token is a bare space ("▁" "2" "0" ...) is labelled on its next one with every tokenizer;
 # 16: tool schemas rendered as text keep non-ASCII as written (were \u-escaped); 17: tool results under a merged
 # model's saved built-in template stay `### Tool result:` turns (were user turns; TOKENISATION not bumped: only
-# that case changed, and resumes of every other run would be warned for nothing)
-CACHE_VERSION = "18"
+# that case changed, and resumes of every other run would be warned for nothing); 19: an entry's meta holds its
+# row counts, checked as it is read (the ids are 18's)
+CACHE_VERSION = "19"
 # The data version at which each task's token ids or targets last changed (a cache version changes for more:
 # a count in the meta, a refusal): what checkpoints and adapters record as how their data was tokenised.
 TOKENISATION = {"causal_lm": "18", "dpo": "18", "kto": "18", "reward": "16", "seq_cls": "9", "token_cls": "15",
@@ -137,7 +138,9 @@ def fingerprint(cfg: Any, tokenizer: Any, train: str | None = None) -> str:
         d["train"] = [[keys.index(key), *source] for key, source in zip(keys, d["train"])]
     d["eval"] = Path(cfg.data.eval).suffix.lower() if cfg.data.eval else None
     d["chat_template"] = None  # (its text is in the tokenizer's digest)
-    split_seed = str(cfg.train.seed) if cfg.data.eval_fraction and not cfg.data.eval else "-"  # (only it uses it)
+    # the seed picks eval_fraction's split and the part a fractional weight (0.5: a seeded half) keeps; only those
+    split_seed = str(cfg.train.seed) if (cfg.data.eval_fraction and not cfg.data.eval) or any(
+        weight % 1 for _, weight in train_sources(cfg.data.train)) else "-"
     train = train_digest(cfg) if train is None else train
     parts = [CACHE_VERSION, cfg.task, json.dumps(d, sort_keys=True), train,
              _file_digest(cfg.data.eval, "data.eval"), split_seed, _tokenizer_digest(tokenizer)]
@@ -330,6 +333,11 @@ def _load_cached(where: Path, accelerator: Any, quiet: bool = False) -> tuple[An
         train = datasets.load_from_disk(str(where / "train"))
         evalset = datasets.load_from_disk(str(where / "eval")) if meta["has_eval"] else None
         meta["labels"]  # noqa: B018  (an entry without it is not one this version wrote)
+        # An Arrow stream cut at a record batch's end reads without an error, as the batches before the cut
+        # (1000 of 2800 examples): the entry says how many rows it holds
+        rows = [len(train), len(evalset) if evalset is not None else 0]
+        if (written := meta.pop("rows")) != rows:
+            raise ValueError(f"its files hold {rows} (train, eval) examples of the {written} written")
     except (OSError, ValueError, KeyError, TypeError) as exc:  # pyarrow's ArrowInvalid is a ValueError
         if not quiet and (accelerator is None or accelerator.is_main_process):
             log.warning("the tokenised-data cache entry %s cannot be read (%s: %s); tokenising the data again",
@@ -352,7 +360,10 @@ def _save_atomically(where: Path, train: Any, evalset: Any, meta: dict) -> None:
         train.save_to_disk(str(tmp / "train"))
         if evalset is not None:
             evalset.save_to_disk(str(tmp / "eval"))
-        (tmp / "meta.json").write_text(json.dumps(meta))
+        rows = [len(train), len(evalset) if evalset is not None else 0]  # (checked as it is read: _load_cached)
+        (tmp / "meta.json").write_text(json.dumps({**meta, "rows": rows}))
+        if _load_cached(where, None, quiet=True) is not None:
+            return  # another run's entry came while this one was written (minutes for a large set): keep it
         if where.exists():
             old = where.with_name(where.name + f".old{os.getpid()}")
             os.replace(where, old)  # out of the way first: a rename onto a non-empty directory fails

@@ -66,13 +66,19 @@ def target_columns(labels: torch.Tensor) -> torch.Tensor:
 @register("causal_lm")
 class CausalLM(Task):
     peft_task_type = "CAUSAL_LM"
-    varlen = False  # model.attn_implementation == "varlen": pass segment bounds to the model
+    # model.attn_implementation == "varlen": pass segment bounds to the model. Private, set by `configure`: a
+    # public attribute is kept in the tokenised-data cache's meta, whose key holds no model.* setting (a run
+    # with varlen that found the entry of a run without it silently attended through SDPA)
+    _varlen = False
     mixed = False  # records in several conversation formats (auto-detected): each record's own is detected
 
     def auto_model_class(self) -> Any:
         from transformers import AutoModelForCausalLM
 
         return AutoModelForCausalLM
+
+    def configure(self, cfg: Any) -> None:
+        self._varlen = cfg.model.attn_implementation == "varlen"
 
     def setup(self, records: list[dict], cfg: Any, source: str, key: str = "data.train") -> list[str] | None:
         rename_columns(records, cfg.data.columns, key)
@@ -86,7 +92,6 @@ class CausalLM(Task):
         if cfg.data.train_on_prompt and self.format.name == "text":
             raise ConfigError(f"data.train_on_prompt: {source} holds text records, which have no prompt (all of "
                               "each is trained already)")
-        self.varlen = cfg.model.attn_implementation == "varlen"
         return None
 
     def check_eval(self, records: list[dict], cfg: Any, source: str) -> None:
@@ -219,7 +224,7 @@ class CausalLM(Task):
 
     def loss_sum(self, model: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
-        if self.varlen and "cu_seq_lens" in batch:  # transformers hands these to the attention function
+        if self._varlen and "cu_seq_lens" in batch:  # transformers hands these to the attention function
             width = batch["input_ids"].shape[1]
             inputs.update(cu_seq_lens_q=batch["cu_seq_lens"], cu_seq_lens_k=batch["cu_seq_lens"],
                           max_length_q=width, max_length_k=width)

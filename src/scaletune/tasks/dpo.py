@@ -75,6 +75,7 @@ class DPO(AnswerScoring):
     _beta, _loss, _gamma, _sft = 0.1, "sigmoid", 0.5, 0.0
 
     def configure(self, cfg: Any) -> None:
+        super().configure(cfg)
         t = cfg.train
         self._beta, self._loss, self._gamma, self._sft = t.dpo_beta, t.dpo_loss, t.simpo_gamma, t.dpo_sft_weight
 

@@ -43,6 +43,7 @@ class KTO(AnswerScoring):
     _noun, _plural, _strings = "feedback example", "examples", "prompt and completion"
 
     def configure(self, cfg: Any) -> None:
+        super().configure(cfg)
         t = cfg.train
         self._beta, self._w_desirable, self._w_undesirable = t.dpo_beta, t.kto_desirable_weight, t.kto_undesirable_weight
 
