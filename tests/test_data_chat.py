@@ -599,3 +599,35 @@ def test_a_turn_end_marker_of_plain_text_never_makes_the_next_user_turn_a_target
     tok.add_special_tokens({"additional_special_tokens": ["<|user|>", "<|assistant|>", "<|end|>"]})  # as it says
     ex = build_datasets(cfg, get_task("causal_lm"), tok)["train"][0]
     assert tok.decode([i for i, lab in zip(ex["input_ids"], ex["labels"]) if lab != IGNORE]) == "a1<|end|>"
+
+
+# (as Mistral-7B-Instruct-v0.3's and Mistral-Nemo's: the system prompt goes into the user turn that is the last message,
+# so a conversation ending in an answer loses it while the generation prompt before that answer has it)
+_SYSTEM_IN_LAST_USER_TURN = (
+    "{% if messages[0]['role'] == 'system' %}{% set system_message = messages[0]['content'] %}"
+    "{% set loop_messages = messages[1:] %}{% else %}{% set loop_messages = messages %}{% endif %}"
+    "{% for m in loop_messages %}{% if m['role'] == 'user' %}{% if loop.last and system_message is defined %}"
+    "{{ '[INST] ' + system_message + '\n\n' + m['content'] + '[/INST]' }}{% else %}"
+    "{{ '[INST] ' + m['content'] + '[/INST]' }}{% endif %}{% else %}{{ ' ' + m['content'] + eos_token }}{% endif %}"
+    "{% endfor %}")
+
+
+@pytest.mark.parametrize("task", ["causal_lm", "dpo"])
+def test_a_template_that_moves_the_system_prompt_is_refused_showing_where_the_renderings_part(
+        tmp_path, tiny_llama, task):
+    """Mistral's template drops the system prompt from a conversation ending in an answer: refused as before,
+    now quoting where the two renderings part and saying what to do (was: a hint to add special tokens, which
+    the template's markers already are)."""
+    system = {"role": "system", "content": "Be brief."}
+    record = ({"messages": [system, {"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"}]}
+              if task == "causal_lm" else
+              {"prompt": [system, {"role": "user", "content": "q1"}], "chosen": [{"role": "assistant", "content": "a1"}],
+               "rejected": [{"role": "assistant", "content": "a2"}]})
+    cfg = _cfg(tmp_path, tiny_llama, task, data=write_jsonl(tmp_path / "c.jsonl", [record] * 2))
+    tok = load_tokenizer(cfg)
+    tok.chat_template = _SYSTEM_IN_LAST_USER_TURN
+    with pytest.raises(DataError, match="does not render conversations incrementally") as caught:
+        build_datasets(cfg, get_task(task), tok)
+    said = str(caught.value)
+    assert "'[INST] Be brief.\\n\\nq1[/INST]' where the whole conversation renders '[INST] q1[/INST] a1" in said
+    assert "fold the system prompt into the first user turn" in caught.value.hint

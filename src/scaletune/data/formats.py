@@ -336,10 +336,15 @@ def _render_template(messages: list[dict], tokenizer: Any, where: str, tools: li
             upto = _turn_in(full, before, upto, m, tokenizer) or upto
         if not (upto.startswith(before) and before.startswith(_joined(segments)) and full.startswith(upto)):
             raise DataError(f"{where}: the tokenizer's chat template does not render conversations "
-                            "incrementally; use data.format text/prompt_completion or another template",
+                            "incrementally; use data.format text/prompt_completion or another template; "
+                            + _parting(i, before, upto, full, _joined(segments)),
                             hint="a template that writes a turn otherwise when it is the last one (Phi-3's, Qwen3's) "
                                  "is read from its turn-end markers, which must be special tokens of the tokenizer "
-                                 "(model.new_special_tokens adds them)")
+                                 "(model.new_special_tokens adds them); one that writes the text before an answer "
+                                 "otherwise when the answer follows (Mistral's puts the system prompt into the last "
+                                 "user turn only when no answer follows it, and drops it from a conversation ending "
+                                 "in one) cannot be trained as it renders: fold the system prompt into the first "
+                                 "user turn")
         if m.get("train", True) and not upto[len(before):].strip():  # (else "no target tokens within max_length")
             raise DataError(f"{where}: the chat template renders assistant turn messages[{i}] as nothing, so there "
                             "is nothing to learn from it",
@@ -360,6 +365,24 @@ def _render_template(messages: list[dict], tokenizer: Any, where: str, tools: li
     if len(full) > done:
         segments.append((full[done:], False))
     return [s for s in segments if s[0]]
+
+
+def _parting(i: int, before: str, upto: str, full: str, done: str) -> str:
+    """Where two renderings that must agree part (`_render_template`'s check for answer messages[i]), as one
+    clause quoting a little of each: which part of the conversation the template writes otherwise is then seen
+    (a system prompt moved, a header changed), not only that it does."""
+    for (a, what_a), (b, what_b) in (
+            ((before, f"the conversation before messages[{i}] with its generation prompt"),
+             (full, "the whole conversation")),
+            ((before, f"the conversation before messages[{i}] with its generation prompt"),
+             (upto, f"the conversation up to messages[{i}]")),
+            ((done, "the earlier turns"), (before, f"the conversation before messages[{i}]")),
+            ((upto, f"the conversation up to messages[{i}]"), (full, "the whole conversation"))):
+        if not b.startswith(a):
+            at = next((k for k in range(min(len(a), len(b))) if a[k] != b[k]), min(len(a), len(b)))
+            return (f"{what_a} renders {a[max(at - 30, 0):at + 30]!r} where {what_b} renders "
+                    f"{b[max(at - 30, 0):at + 30]!r}")
+    return f"answer messages[{i}] is not found in the whole conversation's rendering"
 
 
 def _turn_in(full: str, before: str, alone: str, message: dict, tokenizer: Any) -> str | None:
