@@ -177,3 +177,18 @@ def test_text_pairs_train_with_the_segment_ids_predict_uses(tmp_path, tiny_bert)
         for i, r in enumerate(records):
             direct = model(**tok(r["text"], r["text_pair"], return_tensors="pt")).logits[0]
             torch.testing.assert_close(logits[i], direct)
+
+
+def test_a_conversational_prompt_line_is_predicted_as_its_messages(tiny_llama, tmp_path):
+    """A dpo/kto training line's TRL prompt (a list of messages) was refused by predict ("'prompt' must be a
+    string"): it prompts as the same messages written as a `messages` line."""
+    from scaletune.generation import prompt_ids, prompt_segments
+    from scaletune.predict_input import check_prompt_input
+
+    cfg = _cfg(tmp_path, tiny_llama, data=write_jsonl(tmp_path / "a.jsonl", [{"text": "x"}]))
+    tok = load_tokenizer(cfg)
+    messages = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Name a colour."}]
+    line = {"prompt": messages, "chosen": [{"role": "assistant", "content": "Blue."}], "__where__": "p.jsonl:1"}
+    check_prompt_input(line)
+    assert prompt_ids(tok, prompt_segments(line, tok)[1]) == prompt_ids(tok, prompt_segments({"messages": messages},
+                                                                                            tok)[1])

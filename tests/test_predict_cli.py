@@ -156,7 +156,7 @@ def test_predict_reads_the_pair_of_a_trained_adapter(capsys, make_config, tmp_pa
     ("token_cls", {}, {"tokens": ["Alice", ""]}, ["'tokens'[1] is an empty string"]),
     ("token_cls", {}, {"tokens": "Alice went"}, ["'tokens' must be a list of strings"]),
     ("causal_lm", {}, {"question": "what"}, ["nothing to prompt with", "'instruction'", "found keys ['question']"]),
-    ("causal_lm", {}, {"prompt": 5}, ["'prompt' must be a string, got int"]),
+    ("causal_lm", {}, {"prompt": 5}, ["'prompt' must be a string or a non-empty list of messages, got int"]),
     ("causal_lm", {}, {"text": ""}, ["the prompt is empty"]),
     ("causal_lm", {}, {"instruction": " "}, ["the prompt is empty"]),
 ])

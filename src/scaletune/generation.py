@@ -29,6 +29,9 @@ def prompt_segments(item: dict, tokenizer: Any, trained_format: str | None = Non
 
     where = item.get(WHERE, "<predict>")
     tools = None
+    if isinstance(item.get("prompt"), list) and not ({"instruction", "messages", "conversations"} & set(item)):
+        # TRL's conversational prompt (a dpo/kto training line's): its messages, as a `messages` line
+        item = {**{k: v for k, v in item.items() if k != "prompt"}, "messages": item["prompt"]}
     if isinstance(item.get("prompt"), str) and "instruction" not in item:
         return item["prompt"], [(item["prompt"], False)]
     if trained_format in ("text", "prompt_completion") and isinstance(item.get("text"), str) \

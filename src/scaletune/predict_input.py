@@ -309,8 +309,10 @@ def check_prompt_input(item: dict) -> None:
     if not any(k in item for k in _PROMPT_KEYS):
         raise DataError(f"{where}: nothing to prompt with: expected one of the keys {list(_PROMPT_KEYS)}, or a "
                         f"plain-text line; {_found(item)}")
-    if "prompt" in item and "instruction" not in item and not isinstance(item["prompt"], str):
-        raise DataError(f"{where}: 'prompt' must be a string, got {type(item['prompt']).__name__}")
+    if "prompt" in item and "instruction" not in item and not isinstance(item["prompt"], str) \
+            and not (isinstance(item["prompt"], list) and item["prompt"]):  # (TRL's conversational prompt)
+        raise DataError(f"{where}: 'prompt' must be a string or a non-empty list of messages, got "
+                        f"{type(item['prompt']).__name__}")
 
 
 def check_prompt(prompt: str, where: str) -> None:
