@@ -503,11 +503,19 @@ def test_the_newline_after_an_answers_end_marker_is_not_trained(tmp_path, tiny_l
     after it belongs to the next turn's scaffolding (was: a target in every turn)."""
     record = {"messages": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
                            {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2 \n"}]}
-    data = write_jsonl(tmp_path / "c.jsonl", [record] * 2)
-    cfg = _cfg(tmp_path, tiny_llama, data=data)
+    runs = _trained_under(tmp_path, tiny_llama, record, _NEWLINE_AFTER_END, ["<|im_start|>", "<|im_end|>"])
+    assert runs == ["a1<|im_end|>", "a2 \n<|im_end|>"]  # (the answer's own whitespace is kept)
+
+
+def _trained_under(tmp_path, model, record: dict, template: str, specials: list[str]) -> list[str]:
+    """The trained runs of text of `record` (a messages line) under chat `template`, after checking that the
+    text is the template's whole rendering and that predict's prompt is training's, up to the last answer."""
+    from scaletune.generation import prompt_ids, prompt_segments
+
+    cfg = _cfg(tmp_path, model, data=write_jsonl(tmp_path / "c.jsonl", [record] * 2))
     tok = load_tokenizer(cfg)
-    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-    tok.chat_template = _NEWLINE_AFTER_END
+    tok.add_special_tokens({"additional_special_tokens": specials})
+    tok.chat_template = template
     ex = build_datasets(cfg, get_task("causal_lm"), tok)["train"][0]
     ids, labels = ex["input_ids"], ex["labels"]
     runs, run = [], []
@@ -517,14 +525,10 @@ def test_the_newline_after_an_answers_end_marker_is_not_trained(tmp_path, tiny_l
         elif run:
             runs.append(tok.decode(run))
             run = []
-    assert runs == ["a1<|im_end|>", "a2 \n<|im_end|>"]  # (the answer's own whitespace is kept)
-    # the text is still the template's, and predict's prompt is the one before the last answer
-    full = tok.apply_chat_template(record["messages"], tokenize=False)
-    assert tok.decode(ids).removeprefix(tok.bos_token) == full
-    from scaletune.generation import prompt_ids, prompt_segments
-
+    assert tok.decode(ids).removeprefix(tok.bos_token) == tok.apply_chat_template(record["messages"], tokenize=False)
     prompt = prompt_ids(tok, prompt_segments(record, tok)[1])
     assert prompt == ids[:len(prompt)] and labels[len(prompt) - 1] == IGNORE and labels[len(prompt)] != IGNORE
+    return runs
 
 
 # Templates that write a turn otherwise when it is the last one: an empty reasoning block on the final answer
@@ -563,25 +567,7 @@ def test_a_template_that_writes_the_last_turn_otherwise_trains_each_answer_as_th
     which every multi-turn conversation of Qwen3's and Phi-3's templates was)."""
     record = {"messages": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": answers[0]},
                            {"role": "user", "content": "q2"}, {"role": "assistant", "content": answers[1]}]}
-    cfg = _cfg(tmp_path, tiny_llama, data=write_jsonl(tmp_path / "c.jsonl", [record] * 2))
-    tok = load_tokenizer(cfg)
-    tok.add_special_tokens({"additional_special_tokens": specials})
-    tok.chat_template = template
-    ex = build_datasets(cfg, get_task("causal_lm"), tok)["train"][0]
-    ids, labels = ex["input_ids"], ex["labels"]
-    runs, run = [], []
-    for i, lab in zip(ids + [None], labels + [IGNORE]):
-        if lab != IGNORE:
-            run.append(i)
-        elif run:
-            runs.append(tok.decode(run))
-            run = []
-    assert runs == trained
-    assert tok.decode(ids).removeprefix(tok.bos_token) == tok.apply_chat_template(record["messages"], tokenize=False)
-    from scaletune.generation import prompt_ids, prompt_segments
-
-    prompt = prompt_ids(tok, prompt_segments(record, tok)[1])  # (predict's prompt: training's, up to the answer)
-    assert prompt == ids[:len(prompt)] and labels[len(prompt) - 1] == IGNORE and labels[len(prompt)] != IGNORE
+    assert _trained_under(tmp_path, tiny_llama, record, template, specials) == trained
 
 
 def test_a_turn_end_marker_of_plain_text_never_makes_the_next_user_turn_a_target(tmp_path, tiny_llama):
