@@ -272,12 +272,11 @@ def label_change(path: Path, state: dict, labels: list[str] | None) -> str | Non
     """Why checkpoint `path` cannot continue a run whose data gives `labels`, or None: a classifier head's rows
     are the checkpoint's labels in its order, so other labels (a fixed typo, a class added, another sort) would
     train the wrong rows, or fail with a bare shape error. Older checkpoints keep them in adapter/scaletune.json."""
+    from .adapter_record import adapter_meta
+
     saved = state.get("labels")
-    if saved is None and (path / "adapter" / "scaletune.json").is_file():
-        try:
-            saved = json.loads((path / "adapter" / "scaletune.json").read_text()).get("labels")
-        except (OSError, ValueError, AttributeError):
-            saved = None
+    if saved is None:  # (the checkpoint is verified against its manifest: its scaletune.json reads)
+        saved = adapter_meta(path / "adapter").get("labels")
     if saved is None or labels is None or list(saved) == list(labels):
         return None
 
