@@ -55,3 +55,25 @@ def test_readme_recipe_for_a_decoder_classifier_scores_as_eval(capsys, make_conf
         for line in lines:
             probs = model(**tok(line["text"], return_tensors="pt")).logits[0].softmax(-1)
             assert abs(probs[labels.index(line["predicted"])].item() - line["score"]) < 1e-5, line
+
+
+def test_texts_ending_in_a_pad_token_that_is_a_text_token_are_warned(caplog, make_config, tiny_llama, tmp_path):
+    """A pad token that is a token of text ('.') makes every text ending in it scored one token earlier (the
+    sequence head reads the last non-pad token): consistent everywhere, so nothing failed, but silently."""
+    from stutil import cls_records, write_jsonl
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama, base)
+    conf = json.loads((base / "tokenizer_config.json").read_text())
+    conf["pad_token"] = "."
+    (base / "tokenizer_config.json").write_text(json.dumps(conf))
+    records = cls_records(16)
+    for record in records[:5]:
+        record["text"] += "."
+    data = write_jsonl(tmp_path / "dotted.jsonl", records)
+    for name_or_path, warned in ((tiny_llama, False), (base, True)):
+        path = make_config("seq_cls", model={"name_or_path": str(name_or_path)}, data={"train": str(data)},
+                           train={"max_steps": 1})
+        caplog.clear()
+        assert main(["train", str(path), f"output_dir={tmp_path / f'run_{warned}'}"]) == 0
+        assert ("data.train: 5 tokenised text(s) end in the tokenizer's pad token '.'" in caplog.text) is warned

@@ -257,6 +257,13 @@ def build_datasets(cfg: Any, task: Any, tokenizer: Any, accelerator: Any = None,
                     "token: the tokenizer's chat template closes no assistant turn, or the tokenizer has no "
                     "eos_token; a model trained on them does not learn to stop (use a template that ends assistant "
                     "turns with the eos token)", n, sizes["train"])
+    ending = _rows_ending_in(train, tokenizer.pad_token_id) if task.peft_task_type == "SEQ_CLS" else 0
+    if ending and main and not for_eval:
+        log.warning("data.train: %d tokenised text(s) end in the tokenizer's pad token %r (id %d), also a token of "
+                    "text: a decoder's sequence head reads each row at its last token that is not the pad id, so "
+                    "they are scored at the token before (in training, eval and a merged model alike); give the "
+                    "tokenizer a pad token of its own (or none: eos then pads)", ending, tokenizer.pad_token,
+                    tokenizer.pad_token_id)
     if cfg.data.packing and not for_eval:
         from .packing import pack_dataset
 
@@ -264,6 +271,20 @@ def build_datasets(cfg: Any, task: Any, tokenizer: Any, accelerator: Any = None,
         train = pack_dataset(train, cfg.data.max_length)
         meta = {**meta, "packed_rows": len(train), "packed_examples": n_examples}
     return {"train": train, "eval": evalset, "labels": labels, "stats": meta, "train_digest": digest}
+
+
+def _rows_ending_in(dataset: Any, token_id: int | None) -> int:
+    """How many rows of `dataset` end in `token_id` (in any *input_ids column), read from Arrow, not Python lists."""
+    import pyarrow.compute as pc
+
+    if token_id is None or getattr(dataset, "_indices", None) is not None:
+        return 0
+    n = 0
+    for name in dataset.column_names:
+        for chunk in dataset.data.column(name).chunks if name.endswith("input_ids") else []:
+            ends = pc.subtract(pc.cumulative_sum(pc.list_value_length(chunk)), 1)
+            n += pc.sum(pc.equal(pc.take(pc.list_flatten(chunk), ends), token_id)).as_py() or 0
+    return n
 
 
 def build_eval_only(cfg: Any, task: Any, tokenizer: Any, key: str, sources: list | None = None) -> Any:
