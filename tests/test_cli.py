@@ -431,7 +431,7 @@ def test_rank_0s_error_relayed_to_the_others_is_printed_once_per_node(capsys, ma
 
 def test_hub_warnings_are_printed_once(tmp_path):
     """Offline, the hub client warns at each retry; its own handler and the root one printed each twice."""
-    code = ("import logging\nfrom scaletune import cli\ncli._setup_logging()\n"
+    code = ("import logging\nfrom scaletune import console_log\nconsole_log.setup_logging()\n"
             "import huggingface_hub.utils.logging as hub\n"
             "hub.get_logger('huggingface_hub.utils._http').warning('retrying in 1s')\n")
     err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stderr

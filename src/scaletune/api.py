@@ -248,7 +248,7 @@ def _logging() -> None:
     """scaletune's INFO lines (the run summary, evals, where things were written) as the CLI shows them, unless
     the caller configured logging (a root handler): then the caller's configuration alone decides."""
     global _handler
-    from .cli import LOG_DATEFMT, LOG_FORMAT, quiet_libraries
+    from .console_log import LOG_DATEFMT, LOG_FORMAT, quiet_libraries
 
     quiet_libraries(keep_levels=True)
     log = logging.getLogger("scaletune")
