@@ -165,6 +165,25 @@ def test_head_cross_entropy_matches_cross_entropy_and_skips_ignored_rows(monkeyp
     assert grad[[0, 4, 5, 10]].abs().max() == 0 and grad[[1, 2, 3]].abs().min() > 0
 
 
+def test_a_bf16_head_scales_its_gradient_by_the_float32_loss_scale(monkeypatch):
+    """Backward of a bf16 head times the loop's float32 scale (1 / the step's targets) is each element's
+    gradient times that scale, rounded once. It was times the scale rounded to bf16 first: 1/912 is 0.2% off
+    there, so the step's whole gradient came out 0.2% too large, where the usual path's float32 loss is exact."""
+    monkeypatch.setattr(chunked_ce, "CHUNK_ELEMENTS", 3 * 16)  # 3 rows per chunk, a short last one
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(11, 16, generator=gen).bfloat16().requires_grad_()
+    weight = torch.randn(50, 16, generator=gen).bfloat16()
+    labels = torch.randint(0, 50, (11,), generator=gen)
+    scale = torch.tensor(1 / 912)
+    assert abs(float(scale.bfloat16()) / float(scale) - 1) > 1e-3  # (the scale bf16 cannot hold)
+    (unit,) = torch.autograd.grad(chunked_ce.head_cross_entropy(hidden, weight, None, labels), hidden)
+    (grad,) = torch.autograd.grad(chunked_ce.head_cross_entropy(hidden, weight, None, labels) * scale, hidden)
+    assert grad.dtype == torch.bfloat16
+    assert torch.equal(grad, (unit.float() * scale).bfloat16())
+    ratio = (grad.double() * unit.double()).sum() / (unit.double() ** 2).sum() / float(scale)
+    assert abs(float(ratio) - 1) < 2e-4  # (was 1.002)
+
+
 @pytest.mark.parametrize("vocab", [32000, 50257, 128256, 151936, 256000, 1 << 21])
 def test_gpu_chunks_are_whole_tiles_in_the_budget(vocab):
     """On a GPU the chunk is the largest multiple of 128 rows whose logits fit the GPU budget (at least

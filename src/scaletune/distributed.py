@@ -464,6 +464,18 @@ def accelerator_kwargs(cfg: Any, grad_accum_steps: int) -> dict:
     return kwargs
 
 
+def main_rank_answer(accelerator: Any, answer: bool) -> bool:
+    """The main rank's `answer` on every rank (one small collective; every rank calls it), for a question about
+    files that decides which collectives follow: another rank asking the file system itself may look while rank
+    0 writes them, or see a node-local output_dir of its own."""
+    if accelerator.num_processes == 1:
+        return answer
+    import torch
+
+    flag = torch.tensor([1.0 if answer and accelerator.is_main_process else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(flag, "sum").item() > 0)
+
+
 def raise_main_rank_failure(accelerator: Any, error: Exception | None, what: str, hint: str) -> None:
     """After a write only the main rank does: raise its `error` there, and on every other rank an error
     saying rank 0 could not write `what`; the others would otherwise wait forever in the next collective

@@ -16,7 +16,7 @@ from . import checkpoint as ckpt
 from . import class_weights, methods, nonfinite, runlock, schedules
 from .config import RunConfig
 from .data import tokenisation, tokenised_differently
-from .distributed import raise_main_rank_failure
+from .distributed import main_rank_answer, raise_main_rank_failure
 from .errors import (
     RESUME_AFTER_WRITE,
     ConfigError,
@@ -569,7 +569,9 @@ def write_adapter(run: Run, name: str, extra_meta: dict | None = None) -> Path:
 def final_outputs(run: Run, metrics_log: Any) -> None:
     """After the last step: checkpoint (so `--resume auto` knows it is done), the adapter, and only then
     the deletion of the run --overwrite replaced."""
-    if not (run.output_dir / "checkpoints" / f"step-{run.step}").is_dir():
+    # (rank 0's answer: a rank looking itself could find the checkpoint rank 0 is writing, a DDP save having no
+    # collective before its write, skip the save, and pair its next collectives with the save's: a hang)
+    if not main_rank_answer(run.accelerator, (run.output_dir / "checkpoints" / f"step-{run.step}").is_dir()):
         save_checkpoint(run)
     final = write_adapter(run, "adapter")
     metrics_log.end_progress()
