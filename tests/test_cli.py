@@ -159,7 +159,9 @@ def test_non_empty_output_dir_is_never_overwritten_silently(capsys, make_config,
     (out / "precious.txt").write_text("keep me")
     path = make_config("causal_lm")
     code, _, err = run_cli(["train", path], capsys)
-    assert_clean_error(code, err, "is not empty", "--resume auto", "--overwrite")
+    # (neither --resume auto nor --overwrite takes a directory no run wrote: neither is offered as the way out)
+    assert_clean_error(code, err, "is not empty", "--overwrite would not replace it either", "precious.txt")
+    assert "--resume auto" not in err
     assert (out / "precious.txt").read_text() == "keep me"
 
 

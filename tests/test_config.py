@@ -4,6 +4,7 @@ test_config_aliases.py; the peft section: test_config_peft.py.)"""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -102,6 +103,14 @@ def test_readme_config_reference_is_generated_from_the_code():
     assert config_reference() in (ROOT / "README.md").read_text()
 
 
+def test_readme_layout_names_every_module():
+    # the Layout section is where a newcomer looks a module up: one left out (schedules.py, new_tokens.py) is lost
+    layout = (ROOT / "README.md").read_text().split("## Layout", 1)[1]
+    missing = [p.name for p in sorted((ROOT / "src" / "scaletune").glob("*.py"))
+               if not p.name.startswith("__") and not re.search(rf"(?<![\w.]){re.escape(p.name)}", layout)]
+    assert not missing, f"README's Layout does not name {missing}"
+
+
 def test_reference_lists_every_key():
     ref = config_reference()
     for key in ("model.quantization", "train.global_batch_size", "data.train_on_prompt", "distributed.zero_stage"):
@@ -176,6 +185,18 @@ def test_problems_from_command_line_overrides_say_so(tmp_path):
         load_config(path, ["train.global_batch_size=10", "train.micro_batch_size=4"])
     assert err.value.problems[-1] == ("train.global_batch_size (10) must be divisible by train.micro_batch_size (4) "
                                       "(from override train.global_batch_size=10; train.micro_batch_size=4)")
+
+
+def test_override_attribution_ignores_section_names_used_as_words(tmp_path):
+    # A problem names an override whose section it is about ("output_dir: expected str" for output_dir.sub=1),
+    # not one whose section's name is merely an English word in its text ("eval data", "would train on").
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(BASE))
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["data.max_samples=40", "train.max_steps=5", "train.eval_every=2"], check_peft=True)
+    [problem] = err.value.problems
+    assert problem.startswith("train.eval_every: there is no eval data")
+    assert problem.endswith("(from override train.eval_every=2)")
 
 
 def test_duplicate_yaml_keys_refused_naming_file_and_line(tmp_path):

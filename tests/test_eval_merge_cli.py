@@ -62,6 +62,9 @@ def test_eval_of_a_held_out_split_is_the_split_the_run_held_out(capsys, make_con
                        "seed 7 (given: 8)", "data.eval_fraction=0.25 train.seed=7")
     code, _, err = run_cli(["eval", path, "data.eval_fraction=0.5"], capsys)
     assert_clean_error(code, err, "eval_fraction 0.25 (given: 0.5)")
+    # a cap the run did not have: named as YAML writes it (null, not Python's None), and the hint drops it
+    code, _, err = run_cli(["eval", path, "data.max_samples=3"], capsys)
+    assert_clean_error(code, err, "max_samples null (given: 3)", "train.seed=7 data.max_samples=null")
     code, out, err = run_cli(["eval", path, "train.seed=8", "--data", str(tmp_path / "data" / "eval.jsonl")], capsys)
     assert code == 0, err  # a file of its own: no split to match
     code, _, err = run_cli(["eval", path, f"data.train=[{tmp_path / 'data' / 'train.jsonl'}]"], capsys)

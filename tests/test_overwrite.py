@@ -233,7 +233,10 @@ def test_a_fresh_start_by_resume_takes_a_dead_attempts_files_but_not_a_finished_
 
     out = tmp_path / "run"
     out.mkdir()
-    cfg = types.SimpleNamespace(output_dir=str(out))
+    # (what the refusal's advice reads: whether --overwrite would replace the directory, by the run's inputs)
+    cfg = types.SimpleNamespace(output_dir=str(out), source_file=None,
+                                data=types.SimpleNamespace(train="t.jsonl", eval=None, chat_template=None),
+                                model=types.SimpleNamespace(name_or_path="m", init_adapter=None))
     (out / "run.json").write_text('{"config_fingerprint": "x"}')
     (out / "metrics.jsonl").write_text("{}\n")
     (out / "loss.png").write_bytes(b"png")

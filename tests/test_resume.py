@@ -40,6 +40,29 @@ def test_resume_auto_with_nothing_to_resume_leaves_a_foreign_dir_alone(make_conf
     assert {"foreign file": "notes.txt", "finished adapter": "adapter/",
             "other tool's run.json": "run.json was not written by scaletune"}[layout] in err
     assert {n: (out / n).read_text() for n in files} == files  # untouched
+    # the way out it offers works: --overwrite only where it would replace the directory (it refuses one holding
+    # files scaletune did not write, which this refusal used to send the user to all the same)
+    assert ("pass --overwrite" in err) == (layout == "finished adapter"), err
+    if layout != "finished adapter":
+        assert "--overwrite would not replace it either" in err
+        assert _train(path, "--overwrite") == 2
+
+
+def test_a_dir_of_the_users_own_files_is_not_offered_resume_or_overwrite(make_config, tmp_path, capsys):
+    """A non-empty output_dir that no run wrote: --resume auto and --overwrite both refuse it, so the refusal
+    of a plain start offers neither."""
+    path = make_config("causal_lm", train={"max_steps": 2})
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert _train(path) == 2
+    err = capsys.readouterr().err
+    assert "is not empty" in err and "pick a new output_dir" in err, err
+    assert "--resume auto" not in err and "pass --overwrite" not in err, err
+    for flag in ("--overwrite", "--resume=auto"):
+        assert _train(path, flag) == 2
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
 
 
 def test_resume_auto_restarts_a_run_killed_before_its_first_checkpoint(make_config, tmp_path):

@@ -74,14 +74,21 @@ def check_held_out(cfg: RunConfig, path: Path) -> None:
                           "(its run held nothing out), so a held-out split of it would be examples it trained on",
                           hint="evaluate on a file it never saw: --data FILE (or data.eval)")
     want = f"data.eval_fraction={trained['eval_fraction']} train.seed={trained['seed']}"
-    want += f" data.max_samples={trained['max_samples']}" if trained.get("max_samples") else ""
-    differs = [f"{key} {trained.get(key)} (given: {asked.get(key)})"
+    # (a cap the run had not is undone with data.max_samples=null, as an override and the YAML write it: the
+    # hint left it out and the split named it Python's None)
+    if trained.get("max_samples") or asked.get("max_samples"):
+        want += f" data.max_samples={_yaml_value(trained.get('max_samples'))}"
+    differs = [f"{key} {_yaml_value(trained.get(key))} (given: {_yaml_value(asked.get(key))})"
                for key in ("train", "eval_fraction", "seed", "max_samples")
                if (key in trained or key == "max_samples") and trained.get(key) != asked.get(key)]
     raise ConfigError(f"data.eval_fraction: the adapter at {path} was trained holding out a different split; "
                       f"this one would score on examples it trained on. The run's split: {'; '.join(differs)}",
                       hint=f"evaluate its own held-out split with {want} (and its data.train), or give "
                            "--data FILE")
+
+
+def _yaml_value(value: object) -> object:
+    return "null" if value is None else value
 
 
 def _recorded_split(path: Path) -> dict | None | str:

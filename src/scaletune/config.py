@@ -472,7 +472,9 @@ def _from_override(problem: str, overrides: dict[str, str]) -> str:
     about = re.sub(r" \(did you mean '[^']*'\?\)", "", problem)
     for key, text in overrides.items():
         parents = [key.rsplit(".", n)[0] for n in range(1, key.count(".") + 1)]  # 'output_dir' for output_dir.x=1
-        if _names(about, key) or any(_names(about, p, inside=False) for p in parents):
+        # a parent counts only as the key a problem is about ("output_dir: expected str"): section names are also
+        # words ("no eval data to evaluate", "would train on"), which named data.max_samples=40 in unrelated problems
+        if _names(about, key) or any(re.search(rf"(?<![\w.+]){re.escape(p)}:", about) for p in parents):
             texts.append(text if len(text) <= 60 else text[:57] + "...")
     return f"{problem} (from override {'; '.join(texts)})" if texts else problem
 

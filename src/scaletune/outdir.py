@@ -57,10 +57,14 @@ def check_output_dir(cfg: RunConfig, resume: str | None, overwrite: bool, resume
         if not overwrite:
             # (given the run's own directory for its config, --overwrite would delete that config: not offered)
             own = cfg.source_file is not None and Path(cfg.source_file).is_dir()
-            raise ConfigError(f"output_dir: {out} is not empty; resume it with --resume auto"
-                              + (" (the run directory given for the config is this run's: a new run needs a YAML "
-                                 "config, or another output_dir=...)" if own else
-                                 ", pick a new output_dir, or pass --overwrite to replace it"))
+            if own:
+                raise ConfigError(f"output_dir: {out} is not empty; resume it with --resume auto (the run directory "
+                                  "given for the config is this run's: a new run needs a YAML config, or another "
+                                  "output_dir=...)")
+            # (a directory no run wrote, the user's own files only, has nothing to resume)
+            resumable = any((out / name).exists() for name in RUN_MARKERS)
+            raise ConfigError(f"output_dir: {out} is not empty; " + ("resume it with --resume auto, " if resumable
+                                                                       else "") + _way_out(cfg, out))
         why_not = _not_replaceable(cfg, out)
         if why_not:
             raise ConfigError(f"output_dir: --overwrite would delete {out}, but {why_not}; pick another "
@@ -79,8 +83,18 @@ def check_output_dir(cfg: RunConfig, resume: str | None, overwrite: bool, resume
             what = "has no checkpoint to resume, and a run starting" if resume_from is None else \
                 f"is not empty, and continuing {resume_from}"
             raise ConfigError(f"output_dir: {out} {what} in it would overwrite what is there: {why_not}; "
-                              "pick a new output_dir, or pass --overwrite (instead of --resume) to replace it")
+                              + _way_out(cfg, out, " (instead of --resume)", said=why_not))
     return False
+
+
+def _way_out(cfg: RunConfig, out: Path, instead: str = "", said: str | None = None) -> str:
+    """A refusal's advice: --overwrite only where it would replace `out`. It refuses a directory holding the
+    user's own files, which the refusals of a plain start and of --resume auto offered it for all the same."""
+    why_not = _not_only_a_run(out, run_json_required=True) or _not_replaceable(cfg, out)
+    if why_not is None:
+        return f"pick a new output_dir, or pass --overwrite{instead} to replace it"
+    return "pick a new output_dir (--overwrite would not replace it either" + ("" if why_not == said else
+                                                                               f": {why_not}") + ")"
 
 
 def _has_content(out: Path) -> bool:
