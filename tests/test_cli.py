@@ -159,10 +159,23 @@ def test_non_empty_output_dir_is_never_overwritten_silently(capsys, make_config,
     (out / "precious.txt").write_text("keep me")
     path = make_config("causal_lm")
     code, _, err = run_cli(["train", path], capsys)
-    # (neither --resume auto nor --overwrite takes a directory no run wrote: neither is offered as the way out)
-    assert_clean_error(code, err, "is not empty", "--overwrite would not replace it either", "precious.txt")
-    assert "--resume auto" not in err
+    # --resume auto and --overwrite both refuse a directory of the user's files: the error offered them
+    assert_clean_error(code, err, "is not empty and not a scaletune run's output (it holds precious.txt)",
+                       "pick a new output_dir")
+    assert "--resume auto" not in err and "pass --overwrite" not in err
+    code, _, err = run_cli(["train", path, "--resume", "auto"], capsys)
+    assert_clean_error(code, err, "has no checkpoint to resume", "--overwrite would not replace it either")
+    assert "pass --overwrite" not in err
     assert (out / "precious.txt").read_text() == "keep me"
+    (out / "metrics.jsonl").write_text("")  # an earlier run's, which --overwrite may replace: offered
+    code, _, err = run_cli(["train", path], capsys)
+    assert_clean_error(code, err, "is not empty; resume it with --resume auto",
+                       "--overwrite would not replace it either: it holds files scaletune did not write")
+    (out / "precious.txt").unlink()
+    (out / "run.json").write_text('{"config_fingerprint": "an earlier run"}')
+    code, _, err = run_cli(["train", path], capsys)
+    assert_clean_error(code, err, "is not empty; resume it with --resume auto, pick a new output_dir, or pass "
+                                  "--overwrite to replace it")
 
 
 def test_a_mistyped_local_model_path_is_named_not_sent_to_the_hub(capsys, make_config, tmp_path, monkeypatch):
@@ -438,3 +451,20 @@ def test_hub_warnings_are_printed_once(tmp_path):
             "hub.get_logger('huggingface_hub.utils._http').warning('retrying in 1s')\n")
     err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stderr
     assert err.count("retrying in 1s") == 1, err
+
+
+@pytest.mark.parametrize("key", ["data.train", "data.eval"])
+def test_a_data_path_of_bytes_that_are_not_utf8_is_named_not_a_traceback(key, make_config, tmp_path, monkeypatch):
+    """A Latin-1 file name on the command line (`data.train=caf\\xe9.jsonl`, a messy filesystem) reaches Python as a
+    str with surrogates; a missing one's name went into the data-cache key, whose encode() raised
+    UnicodeEncodeError (exit 1, a traceback) instead of the reader's "file not found"."""
+    import io
+
+    from scaletune.cli import main
+
+    path = make_config("causal_lm")
+    name = os.fsdecode(bytes(tmp_path) + b"/caf\xe9.jsonl")
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # (a real stderr writes a surrogate escaped; capsys refuses it)
+    code, err = main(["train", str(path), f"{key}={name}"]), sys.stderr.getvalue()
+    assert_clean_error(code, err, f"{key}: file not found")
+    assert not (tmp_path / "run").exists()

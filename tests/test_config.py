@@ -482,3 +482,21 @@ def test_every_data_problem_is_reported_beside_a_column_clash():
 def test_warmup_steps_message_states_the_bound_it_checks():
     assert problems_of({**BASE, "train": {"warmup_steps": -1}}) == ["train.warmup_steps: must be >= 0 (or null), got -1"]
     from_dict({**BASE, "train": {"warmup_steps": 0}})
+
+
+def test_two_merge_keys_in_one_mapping_are_refused(tmp_path):
+    """Two `<<:` lines in one mapping: PyYAML lets the first win each key and drops the second's values without a
+    word (the duplicate-key check skipped merge keys); one `<<: [*a, *b]` still works."""
+    from scaletune.config import load_config
+
+    path = tmp_path / "run.yaml"
+    head = "task: causal_lm\nmodel: {name_or_path: m}\ndata: {train: t.jsonl}\n"
+    path.write_text(head + "train:\n  <<: {seed: 1}\n  <<: {seed: 2, learning_rate: 0.1}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert err.value.problems[0] == (f"{path}:6: a second merge key '<<' (first at line 5; YAML would let the first "
+                                     "win each key): merge several as one `<<: [*a, *b]`")
+    path.write_text(head + "train:\n  <<: [{seed: 1}, {seed: 2, learning_rate: 0.1}]\n  '<<': x\n")
+    with pytest.raises(ConfigError) as err:  # (a quoted '<<' is a plain key: unknown, not a second merge)
+        load_config(path)
+    assert not any("merge key" in p for p in err.value.problems), err.value.problems

@@ -519,3 +519,19 @@ def test_classifier_labels_say_what_is_not_supported_and_how_to_give_the_label_s
     err = unknown_label("valid.txt:16", "tag", "B-PRE", {"O": 0, "B-PER": 1, "I-PER": 2, "B-ORG": 3})
     assert "(a typo of 'B-PER'? correct it in the file)" in str(err)
     assert "(a typo of 'O'?" in str(unknown_label("valid.txt:17", "tag", "0", {"O": 0, "B-PER": 1}))
+
+
+def test_a_misspelt_column_beside_the_fields_own_column_is_named(caplog):
+    """`data.columns: {instruction: questoin}` on data holding both `question` and an `instruction` column: the
+    field was present, so no warning, and the run silently trained on the column the mapping meant to replace."""
+    from scaletune.tasks.causal_lm import rename_columns
+
+    records = [{"instruction": "system-wide note", "question": "q", "output": "a"}] * 2
+    with caplog.at_level("WARNING", logger="scaletune"):
+        rename_columns(records, {"instruction": "questoin"}, "data.train")
+    assert "data.train: no record has the column(s) 'questoin' (for instruction) that data.columns names" \
+        in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="scaletune"):  # one the data has: nothing to say
+        rename_columns([{"instruction": "x", "question": "q"}], {"instruction": "question"}, "data.train")
+    assert "no record has" not in caplog.text

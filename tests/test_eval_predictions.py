@@ -170,3 +170,25 @@ def test_per_example_scoring_leaves_the_task_as_it_was(make_config):
                                     run.tokenizer.pad_token_id)
     assert len(examples) == len(run.data["eval"])
     assert run.task.per_example is False and run.task.cache_meta() == meta
+
+
+@pytest.mark.parametrize("stop", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_a_predictions_file_cut_short_is_removed_so_the_retry_can_write_it(tmp_path, stop):
+    """A full disk or Ctrl-C half-way through the lines left the partial file, and the same `eval --predictions
+    FILE` again was refused: "exists; choose a new file"."""
+    from types import SimpleNamespace
+
+    from scaletune.infer import write_predictions
+
+    calls = []
+
+    def example_line(pred, extra, record, labels):
+        calls.append(pred)
+        if len(calls) == 2:
+            raise stop
+        return {"pred": pred}
+
+    target = tmp_path / "dev.pred.jsonl"
+    with pytest.raises(type(stop)):
+        write_predictions(str(target), SimpleNamespace(example_line=example_line), None, [{}, {}], [(0, {}), (1, {})])
+    assert not target.exists()

@@ -393,3 +393,24 @@ def test_an_older_run_json_with_the_lowered_max_length_does_not_differ_from_a_ne
     (newer / "run.json").write_text(json.dumps({**info, "max_length": 256}))
     assert main(["report", str(old), str(newer), "--out", str(tmp_path / "cmp2")]) == 0
     assert "<td>max_length</td><td>512</td><td>256</td>" in (tmp_path / "cmp2" / "report.html").read_text()
+
+
+def test_report_out_never_replaces_the_users_own_files(tmp_path, capsys):
+    """`report --out DIR` wrote report.html and the PNGs over DIR's files of those names, and deleted a
+    memory.png it had no data for (a CPU run); only an earlier report's files (a run's directory, or a directory
+    whose report.html a report wrote) are replaced."""
+    run = make_run(tmp_path / "run")
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "report.html").write_text("my own report")
+    (mine / "memory.png").write_bytes(b"my plot")
+    assert main(["report", str(run), "--out", str(mine)]) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "holds report.html, memory.png" in err and "Traceback" not in err
+    assert (mine / "report.html").read_text() == "my own report" and (mine / "memory.png").read_bytes() == b"my plot"
+    assert sorted(p.name for p in mine.iterdir()) == ["memory.png", "report.html"]
+    out = tmp_path / "reports"
+    for _ in range(2):  # an earlier report's files: replaced
+        assert main(["report", str(run), "--out", str(out)]) == 0
+    for _ in range(2):  # the run's own directory
+        assert main(["report", str(run)]) == 0

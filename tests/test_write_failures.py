@@ -359,3 +359,27 @@ def test_eval_of_a_run_stopped_between_the_renames_names_the_previous_adapter(cf
     assert code == 2 and f"--adapter {out / '.adapter.old'}" in err, err
     code, _, err = run_cli(["eval", cfg, "--adapter", out / ".adapter.old"], capsys)
     assert code == 0, err
+
+
+def test_a_merge_interrupted_while_writing_can_be_run_again(cfg, tmp_path, capsys, monkeypatch):
+    """Ctrl-C (or a kill) while `merge --out DIR` wrote into an existing empty DIR left DIR/.merging behind,
+    and the same command again refused DIR as "not empty; choose a new directory"."""
+    import transformers
+
+    assert run_cli(["train", cfg], capsys)[0] == 0
+    out = tmp_path / "merged"
+    out.mkdir()
+    real = transformers.PreTrainedTokenizerBase.save_pretrained
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(transformers.PreTrainedTokenizerBase, "save_pretrained", interrupted)
+    assert run_cli(["merge", cfg, "--out", out], capsys)[0] == 130
+    assert list(out.iterdir()) == []  # the half-written model went with the interrupt
+    (out / ".merging").mkdir()  # what a SIGKILL there leaves
+    (out / ".merging" / "config.json").write_text("{}")
+    monkeypatch.setattr(transformers.PreTrainedTokenizerBase, "save_pretrained", real)
+    code, _, err = run_cli(["merge", cfg, "--out", out], capsys)
+    assert code == 0, err
+    assert (out / "model.safetensors").is_file() and not (out / ".merging").exists()

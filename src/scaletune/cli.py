@@ -30,6 +30,7 @@ from .errors import (
     problems_count,
     write_error,
 )
+from .fileutil import merge_out_is_empty
 
 _ADAPTER_HELP = "adapter dir, or a checkpoint dir (uses its adapter/) (default: OUTPUT_DIR/adapter)"
 
@@ -218,7 +219,7 @@ def check_args(args: argparse.Namespace) -> None:
         out = Path(args.out)
         if out.exists() and not out.is_dir():
             problems.append(f"--out {out}: exists and is not a directory")
-        elif out.is_dir() and any(out.iterdir()):
+        elif out.is_dir() and not merge_out_is_empty(out):
             problems.append(f"--out {out} is not empty; choose a new directory")
         elif out.is_symlink() and not out.exists():
             problems.append(f"--out {out}: a symbolic link to {os.readlink(out)}, which does not exist")

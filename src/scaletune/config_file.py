@@ -138,11 +138,17 @@ class _StrictLoader(yaml.SafeLoader):
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: dict[Any, int] = {}
+        merge_line: int | None = None
         for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue  # `<<: *base` entries are meant to be overridden by the mapping's own keys
-            key = self.construct_object(key_node, deep=True)
             line = key_node.start_mark.line + 1
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                # `<<: *base` entries are meant to be overridden by the mapping's own keys; but of two `<<:` lines
+                # PyYAML silently lets the first win each key (`<<: [*a, *b]` says which on purpose)
+                if merge_line is not None:
+                    self.duplicates.append((line, "<<", merge_line))
+                merge_line = merge_line or line
+                continue
+            key = self.construct_object(key_node, deep=True)
             try:
                 first = seen.get(key)
                 if first is None:
@@ -239,9 +245,15 @@ def read_yaml(path: str | Path) -> tuple[dict, list[str]]:
         raise ConfigError(f"run config {path}: " + ("not a regular file (a device, a pipe?), expected a YAML file"
                                                     if path.exists() else missing(path)))
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+        data = path.read_bytes()
+    except OSError as exc:
         raise ConfigError(f"run config {path}: cannot read ({exc})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:  # (a Latin-1 accent in a comment: the line, not a byte offset, finds it)
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"run config {path}:{line}: not UTF-8 (byte 0x{data[exc.start]:02x}); save the file as "
+                          "UTF-8") from None
     try:
         raw, duplicates = _parse_yaml(text)
     except yaml.YAMLError as exc:
@@ -259,7 +271,9 @@ def read_yaml(path: str | Path) -> tuple[dict, list[str]]:
         raise ConfigError(f"run config {path}: top level must be a mapping, got {type(raw).__name__}")
     if problem := _size_problem(raw):
         raise ConfigError(f"run config {path}: {problem}")
-    return raw, [f"{path}:{line}: duplicate key {key!r} (first at line {first}; YAML would keep only this one)"
+    return raw, [f"{path}:{line}: a second merge key '<<' (first at line {first}; YAML would let the first win "
+                 "each key): merge several as one `<<: [*a, *b]`" if key == "<<" else
+                 f"{path}:{line}: duplicate key {key!r} (first at line {first}; YAML would keep only this one)"
                  for line, key, first in sorted(duplicates, key=lambda d: d[0])]
 
 

@@ -72,3 +72,13 @@ def restore_replaced(final: Path) -> None:
     old = replaced_path(final)
     if old.is_dir() and not final.exists():
         os.rename(old, final)
+
+
+# `merge --out DIR` into an existing directory writes into DIR/.merging first (merge.py); a merge killed or
+# interrupted there leaves it behind, and it is the merge's own: not content that makes DIR "not empty" to a retry
+MERGING = ".merging"
+
+
+def merge_out_is_empty(out: Path) -> bool:
+    """Whether the existing directory `out` holds nothing but an interrupted merge's leftover."""
+    return all(p.name == MERGING for p in out.iterdir())

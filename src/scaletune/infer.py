@@ -207,10 +207,14 @@ def write_predictions(target: str, task: Any, labels: list[str] | None, records:
         out = open(target, "x", encoding="utf-8")  # noqa: SIM115  (closed below; "x": never overwrite)
     except FileExistsError:
         raise UserError(f"--predictions {target}: exists; choose a new file (nothing is overwritten)") from None
-    with out:
-        for record, (pred, extra), more in zip(records, examples, generated or [{}] * len(examples), strict=True):
-            line = {"line": record.get(WHERE), **task.example_line(pred, extra, record, labels), **more}
-            out.write(json.dumps(line, ensure_ascii=False) + "\n")
+    try:
+        with out:
+            for record, (pred, extra), more in zip(records, examples, generated or [{}] * len(examples), strict=True):
+                line = {"line": record.get(WHERE), **task.example_line(pred, extra, record, labels), **more}
+                out.write(json.dumps(line, ensure_ascii=False) + "\n")
+    except BaseException:  # (a full disk, Ctrl-C: the file is this call's, and cut short it refused the retry)
+        Path(target).unlink(missing_ok=True)
+        raise
     log.info("eval: %d example line(s) written to %s", len(examples), target)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .config import CHAT_TASKS, NO_CHAT_FORMATS, RunConfig
 from .errors import UserError, failed_write, write_error
+from .fileutil import MERGING, merge_out_is_empty
 from .infer import load_trained
 
 log = logging.getLogger("scaletune")
@@ -36,12 +37,12 @@ def run_merge(cfg: RunConfig, adapter: str | None, out_dir: str) -> Path:
     except (ValueError, NotImplementedError, AttributeError) as exc:
         raise UserError(f"cannot merge a {method} adapter: {exc}") from None
     target = Path(out_dir)
-    if target.exists() and any(target.iterdir()):
+    if target.exists() and not merge_out_is_empty(target):
         raise UserError(f"--out {target} is not empty; choose a new directory")
     # Written aside and moved in: a failed write (a full disk) leaves no half model that looks whole and
     # no directory that refuses the retry as "not empty". An existing (empty) --out may be a mount point
     # or the working directory, which cannot be renamed onto: the files are moved into it instead.
-    tmp = target / ".merging" if target.is_dir() else target.parent / f".{target.name}.merging"
+    tmp = target / MERGING if target.is_dir() else target.parent / f".{target.name}.merging"
     shutil.rmtree(tmp, ignore_errors=True)
     if cfg.task in CHAT_TASKS and not getattr(tokenizer, "chat_template", None) and \
             getattr(getattr(task, "format", None), "name", None) not in NO_CHAT_FORMATS:
@@ -63,7 +64,7 @@ def run_merge(cfg: RunConfig, adapter: str | None, out_dir: str) -> Path:
             tmp.rmdir()
         else:
             os.replace(tmp, target)
-    except Exception as exc:
+    except BaseException as exc:  # (Ctrl-C too: the half-written model goes, so a retry finds --out as it was)
         shutil.rmtree(tmp, ignore_errors=True)
         if not failed_write(exc):
             raise

@@ -61,10 +61,13 @@ def check_output_dir(cfg: RunConfig, resume: str | None, overwrite: bool, resume
                 raise ConfigError(f"output_dir: {out} is not empty; resume it with --resume auto (the run directory "
                                   "given for the config is this run's: a new run needs a YAML config, or another "
                                   "output_dir=...)")
-            # (a directory no run wrote, the user's own files only, has nothing to resume)
-            resumable = any((out / name).exists() for name in RUN_MARKERS)
-            raise ConfigError(f"output_dir: {out} is not empty; " + ("resume it with --resume auto, " if resumable
-                                                                       else "") + _way_out(cfg, out))
+            if not any((out / name).exists() for name in RUN_MARKERS):
+                # (--resume auto and --overwrite both refuse a directory of other files: offering them sent the
+                # user from one refusal to the next)
+                raise ConfigError(f"output_dir: {out} is not empty and not a scaletune run's output "
+                                  f"({_foreign(out)}); scaletune neither resumes nor replaces it: pick a new "
+                                  "output_dir, or clear it yourself")
+            raise ConfigError(f"output_dir: {out} is not empty; resume it with --resume auto, " + _way_out(cfg, out))
         why_not = _not_replaceable(cfg, out)
         if why_not:
             raise ConfigError(f"output_dir: --overwrite would delete {out}, but {why_not}; pick another "
@@ -95,6 +98,12 @@ def _way_out(cfg: RunConfig, out: Path, instead: str = "", said: str | None = No
         return f"pick a new output_dir, or pass --overwrite{instead} to replace it"
     return "pick a new output_dir (--overwrite would not replace it either" + ("" if why_not == said else
                                                                                f": {why_not}") + ")"
+
+
+def _foreign(out: Path) -> str:
+    """What `out` holds, a few names of it, for a message."""
+    names = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME)
+    return "it holds " + ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
 def _has_content(out: Path) -> bool:

@@ -10,6 +10,7 @@ import base64
 import html
 import json
 import math
+import os
 import signal
 import statistics
 import time
@@ -523,6 +524,9 @@ def build_report(run_dirs: list[str], out: str | None = None) -> tuple[Path, lis
     out_dir = Path(out) if out else paths[0]
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out}: exists and is not a directory")
+    if out_dir.is_dir() and (theirs := _files_not_a_reports(out_dir)):
+        raise UserError(f"--out {out_dir}: holds {', '.join(theirs)}, which this report would overwrite (or delete) "
+                        "and no earlier scaletune report wrote", hint="give another --out (a new directory)")
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = [load_run(p, n) for p, n in zip(paths, _names(paths), strict=True)]
     report = out_dir / "report.html"
@@ -541,6 +545,26 @@ def build_report(run_dirs: list[str], out: str | None = None) -> tuple[Path, lis
         raise write_error(exc, getattr(exc, "filename", None) or out_dir,
                           "free disk space (or fix permissions), or give another --out; the runs are untouched") from None
     return report, runs
+
+
+# what a report writes: report.html and make_plots' PNGs (each figure's title, lowercased)
+REPORT_FILES = ("report.html", "loss.png", "eval_metrics.png", "learning_rate.png", "throughput.png", "memory.png")
+
+
+def _files_not_a_reports(out_dir: Path) -> list[str]:
+    """The files of REPORT_FILES' names in `out_dir` that a report may not replace: all of them, unless `out_dir`
+    is a run's directory (its plots and report are a report's) or holds an earlier report's report.html. `--out
+    ~/notes` (or `.`) replaced the user's own loss.png and report.html, and deleted a memory.png (no memory data
+    on a CPU run: an earlier report's plot that must not stay)."""
+    if any((out_dir / name).is_file() for name in ("run.json", "metrics.jsonl")):
+        return []
+    try:
+        with open(out_dir / "report.html", encoding="utf-8", errors="replace") as f:
+            if "<title>scaletune report" in f.read(200):
+                return []
+    except OSError:
+        pass
+    return [name for name in REPORT_FILES if os.path.lexists(out_dir / name)]
 
 
 def main_report(args: Any) -> int:

@@ -117,7 +117,7 @@ TEXT_CASES = {
     "yaml-tab": ("task:\tcausal_lm\n\tmodel: 1\n", ["invalid YAML"]),
     "yaml-python-tag": ("task: !!python/object/apply:os.system ['echo pwned']\n", ["invalid YAML",
                                                                                    "could not determine a constructor"]),
-    "yaml-non-utf8": (b"task: causal_lm\nmodel: \xff\xfe\n", ["cannot read"]),
+    "yaml-non-utf8": (b"task: causal_lm\nmodel: \xff\xfe\n", [":2: not UTF-8 (byte 0xff)"]),
     "yaml-empty": ("", ["task: required key is missing", "data.train: required key is missing"]),
     "yaml-unhashable-key": ("? [a, b]\n: 1\n", ["invalid YAML"]),
     "yaml-int-key": ("1: 2\n", ["1: unknown key"]),
@@ -352,7 +352,7 @@ def test_real_subprocess_exit_codes(world):
     (root / "sub-list.yaml").write_text("- a\n- b\n")
     cases.append((["train", str(root / "sub-list.yaml")], "top level must be a mapping"))
     (root / "sub-bytes.yaml").write_bytes(b"task: \xff\n")
-    cases.append((["train", str(root / "sub-bytes.yaml")], "cannot read"))
+    cases.append((["train", str(root / "sub-bytes.yaml")], "sub-bytes.yaml:1: not UTF-8"))
     raw = base_raw(world)
     raw["train"]["adam_beta1"] = 1e308
     raw["train"]["seed"] = 10**15

@@ -144,7 +144,9 @@ def fingerprint(cfg: Any, tokenizer: Any, train: str | None = None) -> str:
     train = train_digest(cfg) if train is None else train
     parts = [CACHE_VERSION, cfg.task, json.dumps(d, sort_keys=True), train,
              _file_digest(cfg.data.eval, "data.eval"), split_seed, _tokenizer_digest(tokenizer)]
-    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:24]
+    # (surrogateescape: a path of bytes that are not UTF-8 is a str with surrogates, which a missing file's digest
+    # is, and a plain encode() refused with a traceback before the reader could say the file is not there)
+    return hashlib.sha256("\x1f".join(parts).encode(errors="surrogateescape")).hexdigest()[:24]
 
 
 def split_eval(records: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:

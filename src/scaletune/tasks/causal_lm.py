@@ -312,12 +312,15 @@ def rename_columns(records: list[dict], columns: dict | None, key: str | None = 
     warn about a mapped column that no record has (a misspelling would end in "cannot tell the format")."""
     if not columns:
         return
+    found: set[str] = set()
     for rec in records:
         taken = {field: rec.pop(column) for field, column in columns.items() if column in rec}
+        found.update(columns[field] for field in taken)
         rec.update(taken)
     if key is not None:
-        unseen = [f"{column!r} (for {field})" for field, column in columns.items()
-                  if field not in records[0] and not any(field in rec for rec in records)]
+        # (by the column, not the field: with `instruction: questoin` in data that has an instruction column too,
+        # the field was there, so nothing was said and the run trained on the column the mapping meant to replace)
+        unseen = [f"{column!r} (for {field})" for field, column in columns.items() if column not in found]
         if unseen:
             log.warning("%s: no record has the column(s) %s that data.columns names", key, ", ".join(unseen))
 
