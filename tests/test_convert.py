@@ -190,6 +190,11 @@ def test_convert_prints_without_out_and_never_overwrites(tmp_path, capsys):
     code, _, err = run_cli(["convert", src, "--out", mine], capsys)
     assert_clean_error(code, err, str(mine), "exists")
     assert mine.read_text() == "precious\n"
+    # a directory named for --out: a new one with its trailing slash wrote a file of its name
+    for where in (f"{tmp_path / 'new'}/", str(tmp_path)):
+        code, _, err = run_cli(["convert", src, "--out", where], capsys)
+        assert_clean_error(code, err, "name the file to write")
+    assert not (tmp_path / "new").exists()
 
 
 def test_a_foreign_config_error_points_to_convert(tmp_path, capsys):

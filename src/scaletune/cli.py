@@ -253,8 +253,12 @@ def new_file_problem(path: str) -> str | None:
     """Why a new file cannot be written at `path` (it exists: nothing the user has is overwritten; its directory
     is missing or not writable), or None."""
     target = Path(path)
+    if target.is_dir():
+        return "is a directory; name the file to write (e.g. DIR/NAME)"
     if target.exists() or target.is_symlink():
         return "exists; choose a new file (nothing is overwritten)"
+    if path.endswith(("/", os.sep)):  # (Path drops the slash: `--out new/` wrote a file named `new`)
+        return "names a directory; name the file to write (e.g. DIR/NAME)"
     parent = target.absolute().parent
     if not parent.exists():
         return f"directory {parent} does not exist"
