@@ -88,5 +88,7 @@ def bos_led_template(tokenizer: object) -> None:
     except Exception:  # noqa: BLE001  (a template needing more than one user turn: left as it is)
         return
     if not text.startswith(bos):
-        tokenizer.chat_template = "{{ bos_token }}" + template
+        from .data.templates import bos_led
+
+        tokenizer.chat_template = bos_led(tokenizer, template)
         log.info("merge: the merged tokenizer's chat template is led by %s, as training led each sequence", bos)

@@ -62,6 +62,10 @@ def load_tokenizer(cfg: RunConfig, path: str | None = None) -> Any:
     if tok.pad_token is None:
         # Padding positions are masked out of attention and loss, so any token will do.
         tok.pad_token = tok.eos_token or tok.unk_token
+    if tok.pad_token is None:  # (else every batch failed in the collator with a TypeError traceback)
+        raise ConfigError(f"model.name_or_path: the tokenizer of {src} has no pad, eos or unk token, so batches "
+                          "cannot be padded", hint="give it a pad token and save it (tok.pad_token = ...; "
+                          "tok.save_pretrained(DIR)), then point model.name_or_path at DIR")
     # Models with learned positions (BERT family: 512) index past their table and crash with a shape
     # error on the first long example, so truncate there, before anything is tokenised.
     length, notes = effective_max_length(cfg, tok, read_model_config(cfg), src)

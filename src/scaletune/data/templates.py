@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 from ..errors import ConfigError
 from ..fileutil import missing
@@ -41,7 +42,30 @@ def alpaca_style_template(tokenizer: object) -> str:
     BOS itself): `apply_chat_template(..., tokenize=True)` adds no special tokens of its own."""
     from ..tasks.causal_lm import leading_bos
 
-    return ("{{ bos_token }}" if leading_bos(tokenizer) is not None else "") + ALPACA_STYLE
+    return bos_led(tokenizer, ALPACA_STYLE) if leading_bos(tokenizer) is not None else ALPACA_STYLE
+
+
+def bos_led(tokenizer: Any, template: str) -> str:
+    """`template` led by `{{ bos_token }}`, so that `apply_chat_template(..., tokenize=True)` (which adds no special
+    tokens) gives training's ids: BOS + the rendered text tokenised alone. A SentencePiece-style tokenizer that
+    marks only a text's very start with "▁" (Metaspace prepend_scheme "first": Mistral v0.3, Llama 2 converted
+    without legacy) leaves that mark off the text after a special token ("<s>###" is `<s>` `###`, training's
+    `<s>` `▁###`): there a space after the BOS gives it back, and that lead is taken where it gives training's ids."""
+    plain, spaced = "{{ bos_token }}" + template, "{{ bos_token }} " + template
+    chat = [{"role": "user", "content": "Hi"}]
+    try:
+        text = tokenizer.apply_chat_template(chat, chat_template=template, add_generation_prompt=True, tokenize=False)
+        want = [tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"]]
+
+        def ids(lead: str) -> list:
+            return list(tokenizer.apply_chat_template(chat, chat_template=lead, add_generation_prompt=True,
+                                                      tokenize=True, return_dict=False))
+
+        if ids(plain) != want and ids(spaced) == want:
+            return spaced
+    except Exception:  # noqa: BLE001  (a template needing more than one user turn: led as it always was)
+        pass
+    return plain
 
 
 # Other tools' template names with a scaletune counterpart besides the tokenizer's own

@@ -172,6 +172,8 @@ class CausalLM(Task):
         if self._special is None or self._special[0] is not tokenizer:
             added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
             ids = set(tokenizer.all_special_ids) | {i for i, tok in added.items() if getattr(tok, "special", False)}
+            # (not UNK: a marker the vocabulary lacks, chatml's <|im_end|> under WordPiece, ends in [UNK] pieces)
+            ids.discard(tokenizer.unk_token_id)
             self._special = (tokenizer, frozenset(ids))
         for tid in reversed(piece):
             if tid in self._special[1]:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..data.readers import WHERE, fields_of
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from .base import (
     IGNORE,
     TRUNCATED,
@@ -200,6 +200,10 @@ def tokenise_words(tokenizer: Any, sentences: list[list[str]], max_length: int, 
     predict time the ids it was trained on): each word in its word-start form (`word_inputs`), cut at
     `max_length`. Returns the batch encoding (`kwargs`: padding, tensors) and each sentence's word ids with a
     bare-space first sub-token left out (`labelled_word_ids`): where a word's label sits and its tag is read."""
+    if not getattr(tokenizer, "is_fast", False):  # (else a ValueError traceback from the first record's word_ids())
+        raise ConfigError(f"task token_cls: the tokenizer ({type(tokenizer).__name__}) is a Python (slow) one, which "
+                          "cannot say which word each token comes from (word_ids); token_cls needs a fast tokenizer",
+                          hint="use a model whose tokenizer has a fast (Rust, tokenizer.json) version")
     # (a raw-text line's TextWords as a plain list: the tokenizer takes lists of str)
     enc = tokenizer([word_inputs(tokenizer, list(words)) for words in sentences], is_split_into_words=True,
                     truncation=True, max_length=max_length, **kwargs)
