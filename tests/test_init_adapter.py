@@ -268,3 +268,22 @@ def test_an_init_that_changes_the_base_must_be_the_adapters(first, then, make_co
     assert _train(path, capsys, "peft.init_lora_weights=gaussian", f"output_dir={tmp_path / 'g'}") == 0
     assert _train(path, capsys, "peft.init_lora_weights=true", f"output_dir={tmp_path / 'next2'}",
                   f"model.init_adapter={tmp_path / 'g' / 'adapter'}") == 0
+
+
+@pytest.mark.parametrize("task", ["dpo", "kto"])
+def test_an_adapter_recording_no_task_under_dpo_or_kto_is_refused_too(task, make_config, tmp_path, capsys):
+    """An adapter without scaletune.json (trained by another tool: TRL's or LLaMA-Factory's SFT, say) may be an
+    SFT adapter just as well: continued under dpo or kto it would score against the base without the SFT, which
+    is what the check above refuses for scaletune's own SFT adapters. Nothing tells which it is, so it is refused
+    the same way, naming the merge."""
+    from scaletune.config import load_config
+    from scaletune.errors import ConfigError
+
+    sft = make_config("causal_lm", train={"max_steps": 1, "eval_every": None})
+    assert _train(sft, capsys) == 0
+    (tmp_path / "run" / "adapter" / "scaletune.json").unlink()  # (as another tool saves an adapter)
+    path = make_config(task)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, [f"output_dir={tmp_path / 'next'}", f"model.init_adapter={tmp_path / 'run' / 'adapter'}"],
+                    check_peft=True)
+    assert "records no task" in str(err.value) and "scaletune merge" in str(err.value), err.value

@@ -78,6 +78,39 @@ def test_loss_equals_the_kto_formula_from_logits_with_and_without_the_adapter(ma
     assert r.abs().max() > 1e-2 and run.task.count_targets(batch) == 5
 
 
+def test_a_mismatched_row_keeps_its_whole_answer_when_longer_than_the_examples(tmp_path, make_config):
+    """One example with a long prompt and a short answer, the next with a short prompt and a long answer: the first's
+    prompt followed by the second's answer is wider than either example, and is cut only at data.max_length (as
+    TRL cuts it): z is the mean log-ratio of whole answers, as the rewards it is set against are. Cut to the
+    examples' width it lost the answer's end (z 0 instead of TRL's 0.26 on 4 such examples)."""
+    beta = 0.3
+    records = [{"prompt": "Question: one two three four five six seven eight nine ten eleven?\nAnswer:",
+                "completion": " no", "label": False},
+               {"prompt": "Hi\n", "completion": "ALPHA BETA and then a lot of extra words that go on and on and on",
+                "label": True}]
+    path = make_config("kto", train={"dpo_beta": beta, "micro_batch_size": 2, "global_batch_size": 2},
+                       data={"train": str(write_jsonl(tmp_path / "long.jsonl", records)), "eval": None})
+    run, _ = setup(load_config(path))
+    model = run.model.eval()
+    _randomise_lora_b(model)
+    examples = [run.data["train"][i] for i in range(2)]
+    batch = run.task.collate(examples, run.tokenizer.pad_token_id)
+    parts = [_split(e) for e in examples]
+    kl_ids = [parts[i][0] + parts[(i + 1) % 2][1] for i in range(2)]
+    kl_labels = [[-100] * len(parts[i][0]) + parts[(i + 1) % 2][2] for i in range(2)]
+    assert max(map(len, kl_ids)) > max(len(e["input_ids"]) for e in examples)  # (the case in point)
+    ids, labels = [e["input_ids"] for e in examples], [e["labels"] for e in examples]
+    with torch.no_grad():
+        loss, out = run.task.loss_sum(model, batch)
+        policy, kl_policy = _logp_by_hand(model, ids, labels), _logp_by_hand(model, kl_ids, kl_labels)
+        with model.disable_adapter():
+            reference, kl_reference = _logp_by_hand(model, ids, labels), _logp_by_hand(model, kl_ids, kl_labels)
+    z = (kl_policy - kl_reference).mean().clamp(min=0)
+    assert z > 1e-3
+    torch.testing.assert_close(out[:, 2], z.expand(2), rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(out[:, 0], beta * (policy - reference), rtol=1e-5, atol=2e-5)
+
+
 def test_a_micro_batch_of_one_has_no_reference_point(make_config):
     """A one-example micro-batch (an eval's last) has no mismatched pair: z is 0. It still runs the KL forward
     (on its own row, unused), so that every rank runs as many forwards as the others: ZeRO-3 gathers each

@@ -107,13 +107,19 @@ def _task_problem(cfg: Any, path: Path, task: str | None) -> str | None:
     SFT then DPO gets the way that works: dpo and kto score against the adapter switched off, so an SFT adapter
     continued would be pulled back to the base it left, not kept near the SFT model (TRL's and LLaMA-Factory's
     reference). `task`: the one the adapter's scaletune.json records."""
+    merge = (f"merge it first (`scaletune merge SFT.yaml --out sft-merged`) and train {cfg.task} with "
+             "model.name_or_path: sft-merged, whose reference is then the SFT model (as in TRL and LLaMA-Factory)")
+    if cfg.task in ("dpo", "kto") and task is None:
+        # (no scaletune.json: another tool's adapter, most often an SFT one (TRL's, LLaMA-Factory's), which would
+        # be continued against the base it left, as the causal_lm case below; nothing tells it from a DPO one)
+        return (f"{KEY}: {path} records no task (it has no scaletune.json), so it may be an SFT adapter, and task "
+                f"{cfg.task}'s reference is the model with the adapter switched off: continuing an SFT adapter would "
+                f"score against the base without the SFT; {merge}")
     if task in (None, cfg.task):
         return None
     if cfg.task in ("dpo", "kto") and task == "causal_lm":
         return (f"{KEY}: {path} is a causal_lm (SFT) adapter, and task {cfg.task}'s reference is the model with the "
-                "adapter switched off: continuing it would score against the base without the SFT; merge it "
-                f"first (`scaletune merge SFT.yaml --out sft-merged`) and train {cfg.task} with model.name_or_path: "
-                "sft-merged, whose reference is then the SFT model (as in TRL and LLaMA-Factory)")
+                f"adapter switched off: continuing it would score against the base without the SFT; {merge}")
     return f"{KEY}: task: {cfg.task}, but the adapter was trained for {task} ({path})"
 
 
