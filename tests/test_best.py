@@ -46,7 +46,7 @@ def _config(make_config, tmp_path, name="run", **train):
 def _record(best: dict) -> dict:
     """A best record without its id (random: it tells two paths' bests of one step and value apart) and what
     it was scored over (the eval file's real path here)."""
-    assert len(best.pop("id")) == 16 and best.pop("over").startswith("data.eval /")
+    assert len(best.pop("id")) == 16 and best.pop("over").startswith("data.eval /") and len(best.pop("contents")) == 16
     return best
 
 
@@ -87,7 +87,9 @@ def test_best_adapter_is_the_best_evals_and_the_run_stops_early(make_config, tmp
     # complete: a resume trains no further
     capsys.readouterr()
     assert main(["train", str(path), "--resume", "auto"]) == 0
-    assert "run already complete (5/8 steps, stopped early)" in capsys.readouterr().out
+    # (and says what continues it: a user who raised max_steps or epochs got no hint)
+    assert ("run already complete (5/8 steps, stopped early: train.early_stopping_patience=null, or a larger one, "
+            "continues it)") in capsys.readouterr().out
     assert max(r["step"] for r in read_metrics(out)) == 5
     # the best adapter evaluates like any adapter
     assert main(["eval", str(path), "--adapter", str(out / "best_adapter")]) == 0
@@ -354,6 +356,27 @@ def test_a_resume_evaluating_other_examples_picks_the_best_anew(make_config, tmp
     best = json.loads((tmp_path / "run" / "best_adapter" / "scaletune.json").read_text())["best"]
     # (the scripted evals of a CLI run read the last _fit's run: 0.65, below the old best 0.7, and still the best)
     assert best["step"] == 6 and best["value"] == 0.65 and best["over"] == f"data.eval {other}"
+
+
+def test_a_resume_on_an_eval_file_edited_in_place_picks_the_best_anew(make_config, tmp_path, scripted, capsys):
+    """The same data.eval path holding other records (appended to, fixed) scores other examples: the best so far
+    is no bar, as for another path (it was kept, and no later eval could beat an incomparable value)."""
+    path = _config(make_config, tmp_path)
+    run, _ = _fit(path)
+    assert run.step == 5 and run.counters["best"]["step"] == 2
+    evalf = load_config(path).data.eval
+    capsys.readouterr()
+    assert main(["train", str(path), "--resume", "auto"]) == 0  # unchanged: nothing is picked anew
+    assert "picked anew" not in capsys.readouterr().out
+    with open(evalf, "a", encoding="utf-8") as f:
+        f.write(open(evalf, encoding="utf-8").readline())
+    assert main(["train", str(path), "--resume", "auto"]) == 0
+    out = capsys.readouterr().out
+    assert "the best accuracy so far (0.7, step 2) was scored over data.eval " in out, out
+    assert "as it was then: data.eval has changed since, so the best adapter is picked anew" in out, out
+    assert "continuing the run that stopped early at step 5: the eval examples' contents changed" in out, out
+    best = json.loads((tmp_path / "run" / "best_adapter" / "scaletune.json").read_text())["best"]
+    assert best["step"] == 6 and best["value"] == 0.65
 
 
 def test_two_paths_bests_of_one_step_and_value_are_told_apart(make_config, tmp_path, scripted, monkeypatch, capsys):

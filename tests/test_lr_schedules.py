@@ -102,12 +102,13 @@ def test_reduce_lr_on_plateau_drops_after_patience_flat_evals_and_a_resume_keeps
     assert [(r["step"], r["metric"]) for r in drops] == [(3, "loss"), (5, "loss"), (7, "loss")]
 
 
-@pytest.mark.parametrize("change", ["patience", "eval_data"])
+@pytest.mark.parametrize("change", ["patience", "eval_data", "eval_edited"])
 def test_a_resume_takes_the_plateaus_settings_from_the_config_and_counts_anew_over_other_evals(make_config, tmp_path,
                                                                                                 caplog, change):
     """The run above, resumed at step 4 (a drop at 3, one flat eval since) with --allow-config-change:
     patience 3 now waits three more flat evals (the checkpoint's patience 1 would drop at 5); another eval file
-    makes the old best no bar: eval 5 sets it anew, the drop comes at 7 either way."""
+    makes the old best no bar: eval 5 sets it anew, the drop comes at 7 either way; so does the same eval file
+    edited in place (its old best was kept as a bar)."""
     train = {"global_batch_size": 8, "micro_batch_size": 8, "max_steps": 8, "save_every": 4, "log_every": 1,
              "learning_rate": 1e-9, "lr_scheduler": "reduce_lr_on_plateau", "plateau_factor": 0.5,
              "plateau_patience": 1, "warmup_steps": 0, "eval_every": 1}
@@ -117,6 +118,9 @@ def test_a_resume_takes_the_plateaus_settings_from_the_config_and_counts_anew_ov
     raw = yaml.safe_load(path.read_text())
     if change == "patience":
         raw["train"]["plateau_patience"] = 3
+    elif change == "eval_edited":
+        evalf = Path(raw["data"]["eval"])
+        evalf.write_text(evalf.read_text().replace("a", "b"))
     else:
         other = tmp_path / "other_eval.jsonl"
         other.write_text(Path(raw["data"]["eval"]).read_text().replace("a", "b"))
@@ -126,7 +130,8 @@ def test_a_resume_takes_the_plateaus_settings_from_the_config_and_counts_anew_ov
     assert fit(run, StopFlag()) == "done"
     lrs = {r["step"]: r["lr"] for r in read_metrics(tmp_path / "run")}
     assert [lrs[s] for s in range(1, 9)] == pytest.approx([1e-9 * f for f in (1, 1, 1, .5, .5, .5, .5, .25)], rel=1e-9)
-    assert ("counted anew from the next eval" in caplog.text) == (change == "eval_data")
+    assert ("counted anew from the next eval" in caplog.text) == (change != "patience")
+    assert ("(its files edited since)" in caplog.text) == (change == "eval_edited")
 
 
 def test_reduce_lr_on_plateau_checks(make_config, capsys):

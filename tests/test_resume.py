@@ -182,6 +182,18 @@ def test_config_change_refusal_names_what_changed(make_config, tmp_path, capsys)
     assert "max_steps" not in err.split("(changed:")[1].split(")")[0]  # a resume may change it
 
 
+def test_an_adapter_shape_change_allowed_at_resume_is_refused_naming_the_key(make_config, tmp_path, capsys):
+    """--allow-config-change with another LoRA rank cannot load the checkpoint: the refusal used to give torch's
+    words alone ("shape '[8, ...]' is invalid for input of size ..."), naming no config key."""
+    path = make_config("causal_lm", n=32, train={"max_steps": 2}, peft={"r": 4})
+    assert _train(path) == 0
+    capsys.readouterr()
+    assert _train(path, "peft.r=8", "train.max_steps=4", "--allow-config-change", "--resume", "auto") == 2
+    err = capsys.readouterr().err
+    assert "does not fit this run's model and adapter (changed: peft.r: 4 -> 8):" in err, err
+    assert "--allow-config-change cannot change the adapter's shape" in err, err
+
+
 def test_paths_are_compared_by_the_files_they_name(make_config, tmp_path, capsys, monkeypatch):
     """A resume compared data and model paths as text only: the same file named from another working
     directory (or through a link) was refused as a changed config. A path written otherwise is now compared

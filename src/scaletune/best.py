@@ -31,11 +31,16 @@ class BestAdapter:
         self.patience, self.threshold = t.early_stopping_patience, t.early_stopping_threshold
         self.lower = bool(self.metric) and lower_is_better(self.metric)
         self.scored_over = scored_over(run.cfg, self.metric)
+        # what the eval files hold (the same path edited, records appended to data.train with eval_fraction: other
+        # examples scored under the same words)
+        self.contents = run.data.get("eval_digest")
         path_best = run.counters.get("best")  # the path this run continues: its best, of whichever metric
         changed = bool(path_best and self.metric and path_best["metric"] != self.metric)
-        # (a record from before "over" was kept is taken as scored over what is asked now)
+        # (a record from before "over" or "contents" was kept is taken as scored over what is asked now)
         rescored = bool(path_best and self.metric and not changed
                         and path_best.get("over", self.scored_over) != self.scored_over)
+        edited = bool(path_best and self.metric and not changed and not rescored
+                      and path_best.get("contents", self.contents) != self.contents)
         if changed:  # the old values are of another metric. (With best_metric off the record stays, unused:
             # a later resume still knows which best_adapter/ is this path's.)
             mlog.write(f"train.best_metric is now {self.metric} (was {path_best['metric']}): the best adapter is "
@@ -44,6 +49,12 @@ class BestAdapter:
             mlog.write(f"the best {self.metric} so far ({path_best['value']:.4g}, step {path_best['step']}) was scored "
                        f"over {path_best['over']}, the evals now over {self.scored_over}: the best adapter is picked "
                        "anew from the next eval")
+        elif edited:
+            what = "data.eval" if run.cfg.data.eval else "data.train (its held-out fraction is scored)"
+            mlog.write(f"the best {self.metric} so far ({path_best['value']:.4g}, step {path_best['step']}) was scored "
+                       f"over {self.scored_over} as it was then: {what} has changed since, so the best adapter is "
+                       "picked anew from the next eval")
+        rescored = rescored or edited
         if changed or rescored:
             run.counters.pop("best")
             run.counters.pop("evals_since_best", None)
@@ -53,6 +64,7 @@ class BestAdapter:
             # goes on from its checkpoint
             run.counters.pop("stopped_early")
             why = (f"train.best_metric is now {self.metric}" if changed and self.patience
+                   else "the eval examples' contents changed" if edited and self.patience
                    else f"the evals are now over {self.scored_over}" if rescored and self.patience
                    else f"train.early_stopping_patience is now {'null' if self.patience is None else self.patience}")
             mlog.write(f"continuing the run that stopped early at step {stopped}: {why}")
@@ -137,7 +149,7 @@ class BestAdapter:
         if better:
             # the id tells this eval's adapter from another path's best of the same step and value
             counters["best"] = best = {"metric": self.metric, "value": value, "step": step, "id": uuid.uuid4().hex[:16],
-                                       "over": self.scored_over}
+                                       "over": self.scored_over, "contents": self.contents}
             path = write_adapter(self.run, BEST_DIR, extra_meta={"best": best})
             self.mlog.log("best", step, {self.metric: value})
             self.mlog.write(f"step {step}: best {self.metric} so far ({value:.4g}): adapter in {path}")

@@ -64,7 +64,9 @@ def fit(run: Run, stop: StopFlag) -> str:
     redo = bool(run.step) and run.data["eval"] is not None and (interrupted or (run.step >= end and unevaluated_end))
     if run.step >= end:
         mlog.write(f"run already complete ({run.step}/{run.total_steps} steps"
-                   + (", stopped early)" if end < run.total_steps else ")")
+                   # (a user who raised max_steps or epochs to go on is told what does: README "Best adapter")
+                   + (", stopped early: train.early_stopping_patience=null, or a larger one, continues it)"
+                      if end < run.total_steps else ")")
                    + (f"; its eval at step {run.step} and adapter are still to do" if redo else ""))
     model.train()
     stop.catch_interrupts()  # Ctrl-C from here on: a checkpoint at the next step boundary (see StopFlag)

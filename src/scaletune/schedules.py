@@ -24,13 +24,14 @@ class PlateauLambda:
     ReduceLROnPlateau's count). Only plain numbers as attributes: LambdaLR saves and restores them, and the
     checkpoint keeps them as JSON."""
 
-    SETTINGS = ("warmup", "factor", "patience", "lower", "metric", "over")
+    SETTINGS = ("warmup", "factor", "patience", "lower", "metric", "over", "contents")
 
     def __init__(self, warmup: int, factor: float, patience: int, lower: bool, metric: str = "loss",
-                 over: str = "") -> None:
-        # `metric`: the eval metric watched; `over`: what its evals are a value over (best.scored_over)
+                 over: str = "", contents: str = "") -> None:
+        # `metric`: the eval metric watched; `over`: what its evals are a value over (best.scored_over); `contents`:
+        # those files' digest (build_datasets' eval_digest: the same path edited holds other examples)
         self.warmup, self.factor, self.patience, self.lower = warmup, factor, patience, lower
-        self.metric, self.over = metric, over
+        self.metric, self.over, self.contents = metric, over, contents
         self.best: float | None = None
         self.bad_evals = 0
         self.drops = 0
@@ -63,7 +64,7 @@ class PlateauLambda:
         return True
 
 
-def make_scheduler(t: Any, optimizer: Any, warmup: int, total: int, over: str = "") -> Any:
+def make_scheduler(t: Any, optimizer: Any, warmup: int, total: int, over: str = "", contents: str = "") -> Any:
     """The LambdaLR for train section `t` over `total` steps, `warmup` of them warming up (`over`: what the
     evals are a value over, best.scored_over, for reduce_lr_on_plateau)."""
     from torch.optim.lr_scheduler import LambdaLR
@@ -71,7 +72,8 @@ def make_scheduler(t: Any, optimizer: Any, warmup: int, total: int, over: str = 
 
     if t.lr_scheduler == "reduce_lr_on_plateau":
         return LambdaLR(optimizer, PlateauLambda(warmup, t.plateau_factor, t.plateau_patience,
-                                                 lower_is_better(plateau_metric(t)), plateau_metric(t), over))
+                                                 lower_is_better(plateau_metric(t)), plateau_metric(t), over,
+                                                 contents))
     extra = {"min_lr_rate": t.min_lr_ratio} if t.lr_scheduler == "cosine_with_min_lr" else None
     if t.lr_scheduler == "warmup_stable_decay":  # (the decay fits in what warmup leaves; at least one step)
         extra = {"num_decay_steps": max(1, min(round(t.decay_ratio * total), total - warmup)),
@@ -109,10 +111,13 @@ def restored(scheduler: Any, state: dict) -> str | None:
         scheduler.load_state_dict({**state, "lr_lambdas": [None] * len(state.get("lr_lambdas") or [])})
         return None
     scheduler.load_state_dict(dict(state))
-    saved = {k: getattr(fn, k, None) for k in ("metric", "over")}
+    # (a checkpoint from before "contents" was kept: taken as the same files)
+    saved = {k: getattr(fn, k, None) for k in ("metric", "over", "contents")}
+    saved["contents"] = saved["contents"] or now["contents"]
     fn.__dict__.update(now)
     if fn.best is None or saved == {k: now[k] for k in saved}:
         return None
     fn.best, fn.bad_evals = None, 0
+    edited = " (its files edited since)" if {**saved, "contents": now["contents"]} == {k: now[k] for k in saved} else ""
     return (f"reduce_lr_on_plateau: its best {saved['metric']} was over {saved['over']}, the evals now watch "
-            f"{now['metric']} over {now['over']}: counted anew from the next eval (the rate stays where it is)")
+            f"{now['metric']} over {now['over']}{edited}: counted anew from the next eval (the rate stays where it is)")

@@ -254,7 +254,8 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
             log.info("train.chunked_loss: using the usual loss because %s", why_not)
     warmup = t.warmup_steps if t.warmup_steps is not None else math.ceil(t.warmup_ratio * total)
     plateau_over = scored_over(cfg, schedules.plateau_metric(t)) if t.lr_scheduler == "reduce_lr_on_plateau" else ""
-    scheduler = schedules.make_scheduler(t, optimizer, warmup, total, plateau_over)
+    scheduler = schedules.make_scheduler(t, optimizer, warmup, total, plateau_over,
+                                         data.get("eval_digest") or "" if plateau_over else "")
     if t.lr_scheduler != "constant" and warmup >= total:  # e.g. max_steps 1: its one step at lr 0
         peak = max(scheduler.lr_lambdas[0](k) for k in range(total))
         log.warning("the warmup (%d step(s)) is not shorter than the run (%d step(s)): the learning rate reaches "
@@ -338,8 +339,15 @@ def restore(run: Run, resume_from: Path) -> None:
     try:
         load_trainable_state(accelerator, model, optimizer, params, opt_state, state["optimizer_scalars"])
     except (KeyError, RuntimeError, ValueError) as exc:  # --allow-config-change across shapes or tasks
-        raise UserError(f"checkpoint {resume_from} does not fit this run's model and adapter: "
-                        f"{str(exc).splitlines()[0][:300]}") from None
+        # (torch's words name tensor sizes, not the config: say which of the adapter's keys changed)
+        saved = state.get("config")
+        keys = [c for c in config_changes(saved, run.cfg, state.get("paths")) if c.startswith(("peft.", "model.",
+                "task"))] if isinstance(saved, dict) else []
+        changed = f" (changed: {'; '.join(keys[:8])})" if keys else ""
+        raise UserError(f"checkpoint {resume_from} does not fit this run's model and adapter{changed}: "
+                        f"{str(exc).splitlines()[0][:300]}",
+                        hint="--allow-config-change cannot change the adapter's shape: resume with the checkpoint's "
+                             "settings, or train the new adapter in a new output_dir") from None
     # The schedule's position comes from the checkpoint, its peak from this config: load_state_dict would
     # also bring back the saved base_lrs, and a learning_rate changed with --allow-config-change would
     # silently do nothing. (transformers' schedules are LambdaLR: lr = base * lambda(step).)

@@ -121,7 +121,7 @@ def train_digest(cfg: Any) -> str:
     return ",".join(_file_digest(spec) for spec, _ in train_sources(cfg.data.train))
 
 
-def fingerprint(cfg: Any, tokenizer: Any, train: str | None = None) -> str:
+def fingerprint(cfg: Any, tokenizer: Any, train: str | None = None, evald: str | None = None) -> str:
     """The tokenised-data cache key: the data's contents (`train_digest`, data.eval's sha256), what reads
     and encodes them, and the tokenizer. Files by content and suffix (it picks the reader), not by name:
     the same file copied to scratch space or reached by another path is not tokenised again."""
@@ -142,8 +142,9 @@ def fingerprint(cfg: Any, tokenizer: Any, train: str | None = None) -> str:
     split_seed = str(cfg.train.seed) if (cfg.data.eval_fraction and not cfg.data.eval) or any(
         weight % 1 for _, weight in train_sources(cfg.data.train)) else "-"
     train = train_digest(cfg) if train is None else train
-    parts = [CACHE_VERSION, cfg.task, json.dumps(d, sort_keys=True), train,
-             _file_digest(cfg.data.eval, "data.eval"), split_seed, _tokenizer_digest(tokenizer)]
+    evald = _file_digest(cfg.data.eval, "data.eval") if evald is None else evald
+    parts = [CACHE_VERSION, cfg.task, json.dumps(d, sort_keys=True), train, evald, split_seed,
+             _tokenizer_digest(tokenizer)]
     # (surrogateescape: a path of bytes that are not UTF-8 is a str with surrogates, which a missing file's digest
     # is, and a plain encode() refused with a traceback before the reader could say the file is not there)
     return hashlib.sha256("\x1f".join(parts).encode(errors="surrogateescape")).hexdigest()[:24]
@@ -165,8 +166,8 @@ def build_datasets(cfg: Any, task: Any, tokenizer: Any, accelerator: Any = None,
     only the held-out split is wanted (`scaletune eval` with data.eval_fraction): no notes on the training
     split, which is not trained on here, and no packing."""
     conll, columns = cfg.data.format == "conll", cfg.data.conll_columns
-    digest = train_digest(cfg)
-    key = fingerprint(cfg, tokenizer, digest)
+    digest, eval_digest = train_digest(cfg), _file_digest(cfg.data.eval, "data.eval")
+    key = fingerprint(cfg, tokenizer, digest, eval_digest)
     where = cache_root() / key
     # the others wait while rank 0 builds (and caches); an error there is raised on every rank
     main_first = main_process_first(accelerator) if accelerator is not None else nullcontext()
@@ -272,7 +273,11 @@ def build_datasets(cfg: Any, task: Any, tokenizer: Any, accelerator: Any = None,
         n_examples = len(train)
         train = pack_dataset(train, cfg.data.max_length)
         meta = {**meta, "packed_rows": len(train), "packed_examples": n_examples}
-    return {"train": train, "eval": evalset, "labels": labels, "stats": meta, "train_digest": digest}
+    # eval_digest: the contents the evals score (data.eval's, or data.train's for a held-out fraction of it), which
+    # a best eval's record keeps: a resume on an eval file edited in place does not hold its evals to an old bar
+    return {"train": train, "eval": evalset, "labels": labels, "stats": meta, "train_digest": digest,
+            "eval_digest": hashlib.sha256((eval_digest if cfg.data.eval else digest).encode(errors="surrogateescape"))
+            .hexdigest()[:16]}
 
 
 def _rows_ending_in(dataset: Any, token_id: int | None) -> int:
