@@ -18,7 +18,8 @@ import yaml
 from scaletune.config import load_config
 from scaletune.generation import generate, generate_batch, greedy_without_cache, prompt_segments
 from scaletune.infer import load_trained, run_predict
-from scaletune.train import save_adapter, setup
+from scaletune.saving import save_adapter
+from scaletune.train import setup
 
 from stutil import method_keys
 

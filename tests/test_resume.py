@@ -157,7 +157,7 @@ def test_resume_past_max_steps_is_refused(make_config, tmp_path, capsys, caplog)
     capsys.readouterr()
     assert _train(path, "train.max_steps=2", "--resume", "auto") == 2
     err = capsys.readouterr().err
-    assert "is at step 4, past this run's 2 steps" in err and "train.max_steps" in err
+    assert "is at step 4, past this run's 2 steps" in err and "train.max_steps" in err and "step-N" in err
     assert "schedule had" not in caplog.text  # (a rate past the schedule's end means nothing)
     assert (tmp_path / "run" / "run.json").read_text() == before
 

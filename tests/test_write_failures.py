@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+import scaletune.saving as saving_mod
 import scaletune.tracking as tracking
-import scaletune.train as train_mod
 from scaletune.cli import main
 from scaletune.fileutil import replace_dir, restore_replaced
 
@@ -41,7 +41,7 @@ def cfg(make_config):
 
 
 def test_a_full_disk_at_the_final_adapter(cfg, tmp_path, capsys, monkeypatch):
-    real = train_mod.save_adapter
+    real = saving_mod.save_adapter
 
     def full_at_the_end(run, directory, *args, **kwargs):
         if directory.name == ".adapter.tmp":
@@ -50,13 +50,13 @@ def test_a_full_disk_at_the_final_adapter(cfg, tmp_path, capsys, monkeypatch):
             raise FULL
         return real(run, directory, *args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "save_adapter", full_at_the_end)
+    monkeypatch.setattr(saving_mod, "save_adapter", full_at_the_end)
     out = tmp_path / "run"
     code, _, err = run_cli(["train", cfg], capsys)
     assert_clean_error(code, err, f"could not write {out / 'adapter'}: No space left on device",
                        "then run again with --resume auto", "(it writes adapter/ again)")
     assert not (out / ".adapter.tmp").exists() and not (out / "adapter").exists()
-    monkeypatch.setattr(train_mod, "save_adapter", real)
+    monkeypatch.setattr(saving_mod, "save_adapter", real)
     code, out_text, err = run_cli(["train", cfg, "--resume", "auto"], capsys)
     assert code == 0, err
     assert "run already complete" in out_text and (out / "adapter" / "adapter_model.safetensors").is_file()
@@ -230,7 +230,7 @@ def test_a_resume_across_a_tokenisation_change_says_so(cfg, tmp_path, capsys, ca
     from scaletune.data import TOKENISATION
 
     # what a scaletune of data version 10 recorded
-    monkeypatch.setattr(train_mod, "tokenisation", lambda task: f"{task}-10")
+    monkeypatch.setattr(saving_mod, "tokenisation", lambda task: f"{task}-10")
     assert run_cli(["train", cfg, "train.max_steps=2"], capsys)[0] == 0
     monkeypatch.undo()
     with caplog.at_level(logging.WARNING, logger="scaletune"):

@@ -36,7 +36,7 @@ def check_held_out(cfg: RunConfig, path: Path) -> None:
     """data.eval_fraction scores the part of data.train that a split by (fraction, seed) holds out: only
     the split the adapter's run made keeps its training examples out. Another seed or fraction, or a run
     that held nothing out, would score on trained examples without a sign; refused (exit 2) instead."""
-    from .train import held_out
+    from .saving import held_out
 
     meta = adapter_meta(path)
     trained, asked = meta["held_out"] if "held_out" in meta else _recorded_split(path), held_out(cfg)
@@ -94,7 +94,7 @@ def _yaml_value(value: object) -> object:
 def _recorded_split(path: Path) -> dict | None | str:
     """The held-out split of an adapter saved before adapters recorded it, from its run's saved config:
     state.json of the checkpoint it belongs to, or the run's run.json. "unknown" when neither is there."""
-    from .train import data_source
+    from .saving import data_source
 
     for record in (path.parent / "state.json", path.parent / "run.json", path.parent.parent.parent / "run.json"):
         try:

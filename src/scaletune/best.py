@@ -17,7 +17,8 @@ from .distributed import raise_main_rank_failure
 from .errors import UserError
 from .fileutil import restore_replaced
 from .outdir import abandoned_path
-from .train import Run, write_adapter
+from .saving import write_adapter
+from .train import Run
 
 BEST_DIR = "best_adapter"
 

@@ -29,9 +29,10 @@ from .generation_metrics import score_during_training
 from .metrics import Throughput
 from .nonfinite import NonfiniteGuard
 from .outdir import replaced_note
+from .saving import final_outputs, save_checkpoint
 from .stopflag import StopFlag
 from .tracking import MetricsLog
-from .train import Run, final_outputs, save_checkpoint
+from .train import Run
 
 
 def fit(run: Run, stop: StopFlag) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shutil
@@ -15,22 +14,18 @@ import torch
 from . import checkpoint as ckpt
 from . import class_weights, methods, nonfinite, runlock, schedules
 from .config import RunConfig
-from .data import tokenisation, tokenised_differently
-from .distributed import main_rank_answer, raise_main_rank_failure
+from .data import tokenised_differently
+from .distributed import raise_main_rank_failure
 from .errors import (
     RESUME_AFTER_WRITE,
     ConfigError,
     UserError,
-    failed_write,
     problems_count,
-    write_error,
 )
-from .fileutil import replace_dir, restore_replaced
-from .identity import config_changes, config_fingerprint, real_paths
+from .identity import config_changes, config_fingerprint
 from .optimizers import make_optimizer
 from .outdir import (
     check_output_dir,
-    discard_replaced,
     replaced_note,
     set_aside,
     set_aside_metrics,
@@ -38,7 +33,6 @@ from .outdir import (
 )
 from .rules import cross_field_problems
 from .stopflag import StopFlag
-from .trainable_state import unwrap
 
 log = logging.getLogger("scaletune")
 
@@ -365,7 +359,8 @@ def restore(run: Run, resume_from: Path) -> None:
     nonfinite.load_loss_scale_state(accelerator, model, state)  # else fp16's scale starts over at 2**16
     if run.step > run.total_steps:
         raise UserError(f"checkpoint {resume_from} is at step {run.step}, past this run's {run.total_steps} steps; "
-                        "raise train.max_steps (or train.epochs) to continue it")
+                        "raise train.max_steps (or train.epochs) to continue it, or resume an earlier checkpoint "
+                        f"(--resume {resume_from.parent}/step-N) to end this run there")
     _note_schedule_change(run, state["scheduler"].get("_last_lr"), lrs)
     error = None
     if accelerator.is_main_process:
@@ -430,82 +425,6 @@ def refuse_what_cannot_run_here(cfg: RunConfig, world: int) -> None:
         raise err
 
 
-def save_checkpoint(run: Run, replace: bool = False) -> Path:
-    from .trainable_state import gather_trainable_state, saved_adapter_state
-
-    params, opt_state, scalars = gather_trainable_state(run.accelerator, run.model, run.optimizer)
-    # Gathering the adapter is a collective under ZeRO-3: do it on every rank here, because
-    # ckpt.save_checkpoint calls `save_adapter` on the main process only.
-    adapter_state = saved_adapter_state(run.accelerator, run.model, params)
-    method_tensors, method_facts = methods.method_state(run.model)
-    state = {"step": run.step, "scheduler": run.scheduler.state_dict(), "optimizer_scalars": scalars,
-             "method_state": method_facts,
-             "counters": run.counters, "world_size": run.accelerator.num_processes,
-             **nonfinite.loss_scale_state(run.accelerator, run.model),  # fp16: GradScaler's or DeepSpeed's
-             "global_batch_size": run.cfg.train.global_batch_size,
-             "config": run.given_config, "paths": real_paths(run.given_config),  # (see `config_changes`)
-             "train_digest": run.data.get("train_digest"), "tokenisation": tokenisation(run.cfg.task),
-             "class_weights": run.class_weights, "labels": run.data["labels"]}
-    return ckpt.save_checkpoint(run.accelerator, run.output_dir, run.step, trainable=params,
-                                optimizer_state=opt_state, state=state,
-                                save_adapter=lambda d: save_adapter(run, d, adapter_state),
-                                fingerprint=run.fingerprint, keep=run.cfg.train.save_total_limit,
-                                method_tensors=method_tensors, replace=replace)
-
-
-def save_adapter(run: Run, directory: Path, state: dict | None = None, extra_meta: dict | None = None) -> None:
-    """Plain peft adapter directory + tokenizer (+ label maps): what `PeftModel.from_pretrained` loads.
-
-    Without `state` this gathers it, a collective under ZeRO-3: then every rank must call it."""
-    from .hub import recorded_base
-    from .new_tokens import META_KEY, record
-    from .trainable_state import prompt_encoders_holding, saved_adapter_state
-
-    if state is None:
-        state = saved_adapter_state(run.accelerator, run.model)
-    if not run.accelerator.is_main_process:
-        return
-    model = unwrap(run.accelerator, run.model)
-    new_tokens = record(run.tokenizer)
-    base = recorded_base(run.cfg.model.name_or_path)
-    for config in getattr(model, "peft_config", {}).values():  # (adapter_config.json's, see recorded_base)
-        config.base_model_name_or_path = base
-    with prompt_encoders_holding(model, state):
-        # new tokens: peft would see the resized vocabulary and save both whole tables; their trained rows are
-        # saved as trainable tokens, and eval resizes the base itself (new_tokens.fit_embeddings)
-        model.save_pretrained(str(directory), state_dict=state, safe_serialization=True,
-                              **({"save_embedding_layers": False} if new_tokens else {}))
-    run.tokenizer.save_pretrained(str(directory))
-    meta = {"task": run.cfg.task, "labels": run.data["labels"], "base_model": base,
-            "max_length": run.cfg.data.max_length, "rope_scaling": run.cfg.model.rope_scaling,
-            "held_out": held_out(run.cfg),
-            "train_digest": run.data.get("train_digest"), "tokenisation": tokenisation(run.cfg.task),
-            **run.task.cache_meta(), **({META_KEY: new_tokens} if new_tokens else {}),
-            **(extra_meta or {})}
-    (directory / "scaletune.json").write_text(json.dumps(meta, indent=1))
-
-
-def held_out(cfg: RunConfig) -> dict | None:
-    """What `scaletune eval` with data.eval_fraction must split the same way to score on examples the
-    adapter never trained on (None: this run held nothing out of its training file)."""
-    if not cfg.data.eval_fraction or cfg.data.eval:
-        return None
-    split = {"train": data_source(cfg.data.train), "eval_fraction": cfg.data.eval_fraction, "seed": cfg.train.seed}
-    # data.max_samples picks the records split: another cap holds out others. (Only when set: an adapter
-    # recorded before the key, or without a cap, compares equal to a run without one.)
-    return split if cfg.data.max_samples is None else {**split, "max_samples": cfg.data.max_samples}
-
-
-def data_source(train: Any) -> Any:
-    """data.train as comparable names: a local file's absolute path (runs start from other directories)."""
-    from .data.sources import train_sources
-
-    if not isinstance(train, list):
-        return train if train.startswith("hub:") else str(Path(train).resolve())
-    names = [data_source(spec) for spec, _ in train_sources(train)]  # (weights do not move the split)
-    return names[0] if len(names) == 1 else names  # [a] splits as a does
-
-
 def train(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
           allow_config_change: bool = False, stop: StopFlag | None = None) -> tuple[str, int]:
     """Entry point of `scaletune train` (and scaletune.api.train): set up and train; returns fit's "done" or
@@ -550,49 +469,3 @@ def out_of_memory(run: Run, exc: BaseException) -> UserError:
         f"(micro_batch_size={t.micro_batch_size}, max_length={run.cfg.data.max_length}, peak "
         f"{peak_memory_mb():.0f} MiB of {where}): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
         hint="cheapest first: " + "; ".join(fixes) + ". Resume with --resume auto to keep finished steps.")
-
-
-def write_adapter(run: Run, name: str, extra_meta: dict | None = None) -> Path:
-    """OUTPUT_DIR/<name>/ replaced whole by the current adapter (written aside, then renamed: a kill leaves
-    the old one or the new one). Every rank calls it (a collective under ZeRO-3); the main one writes."""
-    tmp, final = run.output_dir / f".{name}.tmp", run.output_dir / name
-    if run.accelerator.is_main_process:
-        restore_replaced(final)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    error = None
-    try:
-        save_adapter(run, tmp, extra_meta=extra_meta)
-        if run.accelerator.is_main_process:
-            replace_dir(tmp, final)
-    except Exception as exc:
-        if not failed_write(exc):
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
-        error = write_error(exc, final, RESUME_AFTER_WRITE + f" (it writes {name}/ again)")
-    raise_main_rank_failure(run.accelerator, error, str(final), hint=RESUME_AFTER_WRITE)
-    return final
-
-
-def final_outputs(run: Run, metrics_log: Any) -> None:
-    """After the last step: checkpoint (so `--resume auto` knows it is done), the adapter, and only then
-    the deletion of the run --overwrite replaced."""
-    # (rank 0's answer: a rank looking itself could find the checkpoint rank 0 is writing, a DDP save having no
-    # collective before its write, skip the save, and pair its next collectives with the save's: a hang)
-    if not main_rank_answer(run.accelerator, (run.output_dir / "checkpoints" / f"step-{run.step}").is_dir()):
-        save_checkpoint(run)
-    final = write_adapter(run, "adapter")
-    metrics_log.end_progress()
-    if run.accelerator.is_main_process:
-        out = run.output_dir
-        where = [f"checkpoints in {out / 'checkpoints'}", f"metrics in {out / 'metrics.jsonl'}"]
-        if (out / "best_adapter").is_dir():
-            where.insert(0, f"best adapter in {out / 'best_adapter'}")
-        if "tensorboard" in run.cfg.train.report_to:
-            where.append(f"TensorBoard logs in {out / 'scaletune'}")
-        metrics_log.write(f"adapter (step {run.step}) saved to {final}; " + ", ".join(where))
-        # The run is complete (here, or in a later --resume of it): the run it replaced can go.
-        for aside in discard_replaced(run.output_dir):
-            metrics_log.write(f"deleted the run --overwrite replaced ({aside})")
-    run.accelerator.wait_for_everyone()
-
