@@ -42,8 +42,12 @@ class _TokenIds:
     def __call__(self, *args, **kwargs):
         return self._tokenizer(*args, **kwargs)
 
-    def decode(self, ids, **_) -> list[int]:
-        return [int(i) for i in ids]
+    def __len__(self) -> int:
+        return len(self._tokenizer)
+
+    def decode(self, ids, skip_special_tokens: bool = False, **kwargs) -> list[int] | str:
+        # (a completion is decoded skipping special tokens; the template's turn end is probed without)
+        return [int(i) for i in ids] if skip_special_tokens else self._tokenizer.decode(ids, **kwargs)
 
 
 def _peft_keys(name: str) -> dict:
@@ -237,3 +241,70 @@ def test_sampling_options_are_checked(capsys, make_config):
     cls = make_config("seq_cls")
     assert main(["predict", str(cls), "--temperature", "1"]) == 2
     assert "only causal_lm samples completions" in capsys.readouterr().err
+
+
+_QWEN_LIKE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+              "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def _forced(model, tokens: list[int]):
+    """`model` made to emit `tokens` one after the other (then the last one again), greedy, whatever the prompt:
+    each forward adds a large logit to the next token of the script (one forward per new token, with or
+    without a KV cache)."""
+    calls = []
+
+    def hook(_module, _inputs, logits):
+        token = tokens[min(len(calls), len(tokens) - 1)]
+        calls.append(token)
+        bump = torch.zeros(logits.shape[-1])
+        bump[token] = 1e4
+        return logits + bump
+
+    return model.get_output_embeddings().register_forward_hook(hook), calls
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_a_completion_stops_at_the_templates_turn_end_token(tiny_llama, cached, monkeypatch):
+    """A base model's generation_config names only its own EOS (Qwen2.5's <|endoftext|>), while its chat
+    template ends each trained answer in <|im_end|>: the completion stops there. It went on to max_new_tokens,
+    and what followed the skipped marker was the completion's tail."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import scaletune.generation as generation
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = _QWEN_LIKE
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    model.resize_token_embeddings(len(tok))
+    end, word = tok.convert_tokens_to_ids("<|im_end|>"), tok("kilo", add_special_tokens=False)["input_ids"]
+    assert model.generation_config.eos_token_id != end
+    if not cached:  # (prompt-learning adapters' loop)
+        monkeypatch.setattr(generation, "is_prompt_learning", lambda _m: True)
+    handle, calls = _forced(model, [*word, end, *word])
+    try:
+        segments = prompt_segments({"text": "alpha"}, tok)[1]
+        assert generate_batch(model, tok, [segments], 12) == ["kilo"]
+    finally:
+        handle.remove()
+    assert len(calls) == len(word) + 1  # (no forward after the marker)
+
+
+def test_a_plain_text_turn_end_marker_is_not_in_the_completion(tiny_llama):
+    """data.chat_template: chatml on a tokenizer without <|im_end|> as a token: the trained answer ends
+    `<|im_end|></s>`, the marker as plain text; the completion is the answer without it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from scaletune.data.templates import CHATML
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    tok.chat_template = CHATML
+    assert "<|im_end|>" not in tok.all_special_tokens
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    answer = tok("kilo<|im_end|>", add_special_tokens=False)["input_ids"]
+    handle, _ = _forced(model, [*answer, tok.eos_token_id])
+    try:
+        segments = prompt_segments({"text": "alpha"}, tok)[1]
+        assert generate_batch(model, tok, [segments], len(answer) + 4) == ["kilo"]
+    finally:
+        handle.remove()

@@ -25,6 +25,9 @@ def test_answers_are_normalised_as_squad_does():
     assert normalize_answer("Theory: a «anthem»") == "theory anthem"  # (articles only as whole words)
     assert exact_match("The Eiffel Tower.", "eiffel   tower") == 1.0
     assert exact_match("Eiffel", "Eiffel Tower") == 0.0
+    # SQuAD removes all of string.punctuation, whose $+<=>^`|~ Unicode calls symbols, not punctuation
+    assert normalize_answer("$5 x^2 a|b `c` ~d <e>=f+g") == "5 x2 ab c d efg"
+    assert exact_match("$5", "5") == 1.0
     # 2 shared tokens: precision 2/3, recall 2/2
     assert token_f1("in Paris France", "Paris, France") == pytest.approx(0.8)
     assert token_f1("alpha alpha", "alpha bravo") == pytest.approx(0.5)  # (a repeated token counts once a match)

@@ -373,3 +373,22 @@ def test_a_generated_answer_of_the_references_tokens_matches_it(capsys, make_con
     assert code == 0, err
     metrics = json.loads(out)
     assert metrics["exact_match"] == 1.0 and metrics["token_f1"] == 1.0
+
+
+def test_merge_stops_generation_at_the_templates_turn_end(capsys, make_config, tmp_path):
+    """A template whose answers end in <|im_end|> and not the tokenizer's EOS (Qwen's on a base whose
+    generation_config names only <|endoftext|>): the merged generation_config.json names <|im_end|> among its
+    eos_token_id, so `generate` on the merged model stops where predict stops, not at max_new_tokens."""
+    template = tmp_path / "qwen_like.jinja"
+    template.write_text("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+                        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    path = make_config("causal_lm", model={"new_special_tokens": TOKENS}, data={"chat_template": str(template)},
+                       train={"max_steps": 2})
+    code, _, err = run_cli(["train", path], capsys)
+    assert code == 0, err
+    code, _, err = run_cli(["merge", path, "--out", tmp_path / "merged"], capsys)
+    assert code == 0, err
+    end = AutoTokenizer.from_pretrained(tmp_path / "merged").convert_tokens_to_ids("<|im_end|>")
+    base = json.loads((Path(_run_config(path).model.name_or_path) / "generation_config.json").read_text())
+    eos = json.loads((tmp_path / "merged" / "generation_config.json").read_text())["eos_token_id"]
+    assert eos == [base["eos_token_id"], end]

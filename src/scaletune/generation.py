@@ -116,33 +116,88 @@ def generate_batch(model: Any, tokenizer: Any, prompts: list[list], max_new_toke
     if prompt_learning:  # peft's generate is wrong for these (see greedy_without_cache)
         for i, row in enumerate(ids):
             if budgets[i]:
-                new[i] = greedy_without_cache(model, torch.tensor([row]), budgets[i], sampling).tolist()
+                new[i] = greedy_without_cache(model, torch.tensor([row]), budgets[i], sampling, tokenizer).tolist()
     else:
         for budget in sorted(set(budgets) - {0}):
             rows = [i for i, b in enumerate(budgets) if b == budget]
             for i, tokens in zip(rows, _generate_rows(model, tokenizer, [ids[i] for i in rows], budget, sampling)):
                 new[i] = tokens
-    return [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in new]
+    return [strip_turn_end(tokenizer, tokenizer.decode(tokens, skip_special_tokens=True)) for tokens in new]
 
 
 def _generate_rows(model: Any, tokenizer: Any, rows: list[list[int]], max_new_tokens: int,
                    sampling: dict | None = None) -> list[list[int]]:
     """Each row's new token ids from one left-padded `model.generate`, up to and including its first
     end-of-sequence token (a row that ends early is padded after it while the others go on)."""
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+    eos = stop_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos, default=0)
     width = max(len(row) for row in rows)
     input_ids = torch.tensor([[pad] * (width - len(row)) + row for row in rows])
     mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])
     out = model.generate(input_ids=input_ids.to(model.device), attention_mask=mask.to(model.device),
-                         max_new_tokens=max_new_tokens, pad_token_id=pad,
+                         max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=sorted(eos) or None,
                          **({"do_sample": True, "top_k": 0, **sampling} if sampling else {"do_sample": False}))
     result = []
     for tokens in out[:, width:].tolist():
         end = next((j + 1 for j, t in enumerate(tokens) if t in eos), len(tokens))
         result.append(tokens[:end])
     return result
+
+
+def config_eos(model: Any) -> set[int]:
+    """The ids the model's generation_config names as eos_token_id (an id, a list or none)."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    return set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+
+
+def stop_ids(model: Any, tokenizer: Any) -> set[int]:
+    """The token ids a completion stops after: the model's generation_config EOS, the tokenizer's EOS (what
+    training closes answers with) and the special token the chat template ends an assistant turn with. A base
+    model's generation_config names only its own EOS (Qwen2.5's <|endoftext|>), while its template's answers,
+    as trained, end in <|im_end|>: decoding went on past it to --max-new-tokens, and the text after the skipped
+    marker (the next turn's scaffolding, repeats) was the completion's tail, scored by eval --generate."""
+    return config_eos(model) | _trained_ending(tokenizer, len(tokenizer))[0]
+
+
+def strip_turn_end(tokenizer: Any, completion: str) -> str:
+    """`completion` without the turn-end marker the template writes as plain text before the EOS (data.chat_template
+    chatml's <|im_end|> where the tokenizer has no such special token): the template's, not the answer's."""
+    marker = _trained_ending(tokenizer, len(tokenizer))[1]
+    if not marker:  # (the usual case: the answer ends in special tokens alone, which decoding skips)
+        return completion
+    end = completion.rstrip()
+    return end[:-len(marker)] if end.endswith(marker) else completion
+
+
+_PROBE = "Zq"  # the probe answer's content: what comes after it in the rendering is the template's turn end
+
+
+@functools.lru_cache(maxsize=4)
+def _trained_ending(tokenizer: Any, size: int) -> tuple[frozenset, str]:
+    """(the tokenizer's EOS and the last special token, before any whitespace, of an answer as training renders it
+    (causal_lm's _ends_in_special: what teaches the model to stop); the rest of the text the template ends an
+    answer with, as a completion decodes it: special tokens skipped), from rendering a one-turn probe."""
+    from .data.formats import to_segments
+
+    stops = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    try:
+        segments = to_segments({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": _PROBE}],
+                                "tools": None}, tokenizer, "<stop probe>")
+    except Exception:  # noqa: BLE001  (a template that cannot render the probe: training refuses it anyway)
+        return frozenset(stops), ""
+    answer = next((text for text, trainable in segments if trainable), "")
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    special = set(tokenizer.all_special_ids) | {i for i, tok in added.items() if getattr(tok, "special", False)}
+    for tid in reversed(tokenizer(answer, add_special_tokens=False)["input_ids"]):
+        if tid in special:
+            stops.add(tid)
+            break
+        if tokenizer.decode([tid]).strip():
+            break
+    after = answer.partition(_PROBE)[2]
+    for token in sorted(tokenizer.convert_ids_to_tokens(sorted(special)), key=len, reverse=True):
+        after = after.replace(token, "")  # (as decoding skips them)
+    return frozenset(stops), after.strip()
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
@@ -175,7 +230,7 @@ _UNAPPLIED = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_length"
 
 @torch.no_grad()
 def greedy_without_cache(model: Any, ids: torch.Tensor, max_new_tokens: int,
-                         sampling: dict | None = None) -> torch.Tensor:
+                         sampling: dict | None = None, tokenizer: Any = None) -> torch.Tensor:
     """The new token ids of a greedy completion of `ids` (one row; sampled with `sampling`), each from a full
     forward pass over the whole sequence so far, stopping after an end-of-sequence token.
 
@@ -187,8 +242,7 @@ def greedy_without_cache(model: Any, ids: torch.Tensor, max_new_tokens: int,
     uses, so this is right on any version; without a cache it costs a forward per token over the whole
     sequence, which is fine at the scale these methods are used."""
     config = getattr(model, "generation_config", None)
-    eos = getattr(config, "eos_token_id", None)
-    eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+    eos = stop_ids(model, tokenizer) if tokenizer is not None else config_eos(model)
     unapplied = {k: v for k, neutral in _UNAPPLIED.items()
                  if (v := getattr(config, k, None)) is not None and v != neutral and v != []}
     if unapplied:

@@ -7,6 +7,7 @@ import argparse
 import logging
 import math
 import re
+import string
 import unicodedata
 from collections import Counter
 from typing import Any
@@ -17,12 +18,15 @@ log = logging.getLogger("scaletune")
 
 DEFAULT_MAX_NEW_TOKENS = 128  # longer than predict's 64: a reference cut short can never match exactly
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
+_ASCII_PUNCTUATION = frozenset(string.punctuation)
 
 
 def normalize_answer(text: str) -> str:
-    """SQuAD's normalisation: lowercase, punctuation removed (any Unicode punctuation, not only ASCII's),
-    the articles a/an/the removed, whitespace collapsed to single spaces."""
-    text = "".join(ch for ch in text.lower() if not unicodedata.category(ch).startswith("P"))
+    """SQuAD's normalisation: lowercase, punctuation removed (SQuAD's, `string.punctuation`, and any other Unicode
+    punctuation), the articles a/an/the removed, whitespace collapsed to single spaces. (string.punctuation holds
+    ASCII symbols that Unicode files as symbols, not punctuation, `$+<=>^`|~`: SQuAD scores "$5" as "5".)"""
+    text = "".join(ch for ch in text.lower()
+                   if ch not in _ASCII_PUNCTUATION and not unicodedata.category(ch).startswith("P"))
     return " ".join(_ARTICLES.sub(" ", text).split())
 
 

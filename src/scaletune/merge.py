@@ -7,7 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .config import CHAT_TASKS, NO_CHAT_FORMATS, RunConfig
+from .config import CAUSAL_TASKS, CHAT_TASKS, NO_CHAT_FORMATS, RunConfig
 from .errors import UserError, failed_write, write_error
 from .fileutil import MERGING, merge_out_is_empty
 from .infer import load_trained
@@ -55,6 +55,8 @@ def run_merge(cfg: RunConfig, adapter: str | None, out_dir: str) -> Path:
                  "the adapter was trained with")
     elif cfg.data.chat_template not in (None, "default"):
         bos_led_template(tokenizer)
+    if cfg.task in CAUSAL_TASKS and getattr(merged, "generation_config", None) is not None:
+        _stop_at_turn_end(merged, tokenizer)
     try:
         merged.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
@@ -92,3 +94,20 @@ def bos_led_template(tokenizer: object) -> None:
 
         tokenizer.chat_template = bos_led(tokenizer, template)
         log.info("merge: the merged tokenizer's chat template is led by %s, as training led each sequence", bos)
+
+
+def _stop_at_turn_end(merged: object, tokenizer: object) -> None:
+    """Name the token the trained answers end with (the template's <|im_end|>, the tokenizer's EOS) among the merged
+    generation_config's eos_token_id, as predict stops there (generation.stop_ids): a base's own names only its
+    EOS (Qwen2.5's <|endoftext|>), and `generate` on the merged model ran on past each answer's end."""
+    from .generation import config_eos, stop_ids
+
+    config = merged.generation_config
+    have = config_eos(merged)
+    added = sorted(stop_ids(merged, tokenizer) - have)
+    if added:
+        first = config.eos_token_id if isinstance(config.eos_token_id, list) else \
+            [] if config.eos_token_id is None else [config.eos_token_id]
+        config.eos_token_id = [*first, *added]
+        log.info("merge: generation_config.json's eos_token_id is %s: the trained answers end with %s",
+                 config.eos_token_id, ", ".join(tokenizer.convert_ids_to_tokens(added)))
