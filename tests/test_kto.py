@@ -44,6 +44,24 @@ def _split(example: dict) -> tuple[list[int], list[int], list[int]]:
     return example["input_ids"][:start], example["input_ids"][start:], example["labels"][start:]
 
 
+def _by_hand(run, model, examples: list[dict]) -> tuple:
+    """loss_sum's (loss, out) on `examples` and, by hand with each row unpadded, the answers' log-ratios (policy -
+    reference), the reference point z over the mismatched rows (prompt i followed by answer i+1, cyclically) and
+    those rows' ids."""
+    n = len(examples)
+    batch = run.task.collate(examples, run.tokenizer.pad_token_id)
+    parts = [_split(e) for e in examples]
+    ids, labels = [e["input_ids"] for e in examples], [e["labels"] for e in examples]
+    kl_ids = [parts[i][0] + parts[(i + 1) % n][1] for i in range(n)]
+    kl_labels = [[-100] * len(parts[i][0]) + parts[(i + 1) % n][2] for i in range(n)]
+    with torch.no_grad():
+        loss, out = run.task.loss_sum(model, batch)
+        policy, kl_policy = _logp_by_hand(model, ids, labels), _logp_by_hand(model, kl_ids, kl_labels)
+        with model.disable_adapter():
+            reference, kl_reference = _logp_by_hand(model, ids, labels), _logp_by_hand(model, kl_ids, kl_labels)
+    return loss, out, policy - reference, (kl_policy - kl_reference).mean().clamp(min=0), kl_ids, batch
+
+
 @pytest.mark.parametrize("weights", [(1.0, 1.0), (1.5, 0.5)])
 def test_loss_equals_the_kto_formula_from_logits_with_and_without_the_adapter(make_config, weights):
     beta = 0.3
@@ -52,21 +70,9 @@ def test_loss_equals_the_kto_formula_from_logits_with_and_without_the_adapter(ma
     model = run.model.eval()
     _randomise_lora_b(model)
     examples = [run.data["train"][i] for i in range(5)]
-    batch = run.task.collate(examples, run.tokenizer.pad_token_id)
-    # by hand, each row unpadded: the examples, and prompt i followed by answer i+1 (cyclically) for the KL estimate
-    parts = [_split(e) for e in examples]
-    ids = [e["input_ids"] for e in examples]
-    labels = [e["labels"] for e in examples]
-    kl_ids = [parts[i][0] + parts[(i + 1) % 5][1] for i in range(5)]
-    kl_labels = [[-100] * len(parts[i][0]) + parts[(i + 1) % 5][2] for i in range(5)]
-    assert all(len(r) <= max(map(len, ids)) for r in kl_ids)  # (no mismatched row is cut here)
-    with torch.no_grad():
-        loss, out = run.task.loss_sum(model, batch)
-        policy, kl_policy = _logp_by_hand(model, ids, labels), _logp_by_hand(model, kl_ids, kl_labels)
-        with model.disable_adapter():
-            reference, kl_reference = _logp_by_hand(model, ids, labels), _logp_by_hand(model, kl_ids, kl_labels)
-    z = (kl_policy - kl_reference).mean().clamp(min=0)
-    r = beta * (policy - reference)
+    loss, out, log_ratios, z, kl_ids, batch = _by_hand(run, model, examples)
+    assert all(len(r) <= max(len(e["input_ids"]) for e in examples) for r in kl_ids)  # (no row wider than these)
+    r = beta * log_ratios
     desirable = torch.tensor([e["desirable"] for e in examples], dtype=torch.bool)
     expected = torch.where(desirable, weights[0] * (1 - torch.sigmoid(r - beta * z)),
                            weights[1] * (1 - torch.sigmoid(beta * z - r)))
@@ -94,21 +100,11 @@ def test_a_mismatched_row_keeps_its_whole_answer_when_longer_than_the_examples(t
     model = run.model.eval()
     _randomise_lora_b(model)
     examples = [run.data["train"][i] for i in range(2)]
-    batch = run.task.collate(examples, run.tokenizer.pad_token_id)
-    parts = [_split(e) for e in examples]
-    kl_ids = [parts[i][0] + parts[(i + 1) % 2][1] for i in range(2)]
-    kl_labels = [[-100] * len(parts[i][0]) + parts[(i + 1) % 2][2] for i in range(2)]
+    _, out, log_ratios, z, kl_ids, _ = _by_hand(run, model, examples)
     assert max(map(len, kl_ids)) > max(len(e["input_ids"]) for e in examples)  # (the case in point)
-    ids, labels = [e["input_ids"] for e in examples], [e["labels"] for e in examples]
-    with torch.no_grad():
-        loss, out = run.task.loss_sum(model, batch)
-        policy, kl_policy = _logp_by_hand(model, ids, labels), _logp_by_hand(model, kl_ids, kl_labels)
-        with model.disable_adapter():
-            reference, kl_reference = _logp_by_hand(model, ids, labels), _logp_by_hand(model, kl_ids, kl_labels)
-    z = (kl_policy - kl_reference).mean().clamp(min=0)
     assert z > 1e-3
     torch.testing.assert_close(out[:, 2], z.expand(2), rtol=1e-5, atol=2e-5)
-    torch.testing.assert_close(out[:, 0], beta * (policy - reference), rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(out[:, 0], beta * log_ratios, rtol=1e-5, atol=2e-5)
 
 
 def test_a_micro_batch_of_one_has_no_reference_point(make_config):
