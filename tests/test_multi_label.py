@@ -284,6 +284,21 @@ def test_a_csv_label_text_split_at_label_separator_is_multi_label(make_config, t
     assert json.loads(out)["accuracy"] == read_metrics(tmp_path / "csv", "eval")[-1]["accuracy"]
 
 
+@pytest.mark.parametrize("separator", [None, ","])
+def test_a_list_written_as_csv_text_is_refused_not_read_as_labels(make_config, tmp_path, capsys, separator):
+    """pandas writes a list column to CSV as "['a', 'b']": read as one label it would train a class per label
+    combination, split at "," classes named "['a'"; either is refused naming the file:line, exit 2."""
+    train = tmp_path / "listed.csv"
+    train.write_text("text,label\nalpha echo,['a']\nbravo golf,\"['a', 'b']\"\ncharlie kilo,[]\n")
+    path = make_config("seq_cls", data={"train": str(train), "eval": None,
+                                        **({"label_separator": separator} if separator else {})},
+                       train={"eval_every": None})
+    code = main(["train", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "listed.csv:2: label \"['a']\" in column 'label' is a list written as text" in err, err
+    assert "Traceback" not in err
+
+
 @pytest.mark.parametrize(("overrides", "message"), [
     (["data.label_separator=''"], "data.label_separator: '': give the text between two labels"),
     (["data.label_separator=;", "data.label_column=[a, b]"], "there is no label text to split"),

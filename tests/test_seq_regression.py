@@ -129,7 +129,8 @@ def test_the_merged_model_scores_so_in_plain_transformers(trained, capsys, tmp_p
 
 
 @pytest.mark.parametrize("value,why", [("high", "not a number"), ("nan", "not a finite number"),
-                                       ([1.0, 2.0], "not a number"), (True, "not a number")])
+                                       ([1.0, 2.0], "not a number"), (True, "not a number"),
+                                       pytest.param(10 ** 400, "not a finite number", id="huge-int")])
 def test_a_bad_score_is_refused_naming_file_line_and_column(make_config, capsys, tmp_path, value, why):
     records = reg_records(8)
     records[4]["label"] = value
@@ -138,6 +139,21 @@ def test_a_bad_score_is_refused_naming_file_line_and_column(make_config, capsys,
     code, _, err = _cli(["train", path], capsys)
     assert code == 2, err
     assert f"bad.jsonl:5: column 'label' holds {value!r}, {why}" in err and "Traceback" not in err
+
+
+def test_an_undefined_best_metric_is_said_not_silently_skipped(make_config, capsys, tmp_path):
+    """An eval set whose answers are all the same score has no Pearson correlation (NaN): with best_metric:
+    pearson no eval is a best, and each eval says so rather than the run ending without best_adapter/ unsaid."""
+    records = reg_records(8, seed=1)
+    for rec in records:
+        rec["label"] = 2.0
+    evals = write_jsonl(tmp_path / "constant.jsonl", records)
+    path = make_config("seq_regression", data={"eval": str(evals)},
+                       train={"best_metric": "pearson", "eval_every": 2, "max_steps": 4})
+    code, out, err = _cli(["train", path], capsys)
+    assert code == 0, err
+    assert "warning: step 2: eval pearson is nan (undefined over this eval set), not a best" in out + err
+    assert not (tmp_path / "run" / "best_adapter").exists()
 
 
 def test_a_csv_score_is_read_as_a_number(make_config, capsys, tmp_path):

@@ -147,6 +147,11 @@ class BestAdapter:
         better = math.isfinite(value) and (best is None or self._beats(value, best["value"], 0.0))
         enough = math.isfinite(value) and (best is None or self._beats(value, best["value"], self.threshold))
         counters["evals_since_best"] = 0 if enough else counters.get("evals_since_best", 0) + 1
+        if not math.isfinite(value):  # (a correlation over constant answers or predictions, a reward with no example
+            # of its kind): never a best, said so, or a run whose every eval is so ends without best_adapter/ unsaid
+            self.mlog.write(f"warning: step {step}: eval {self.metric} is {value} (undefined over this eval set), "
+                            f"not a best: train.best_metric picks no adapter by it"
+                            + ("" if best is None else f" (the best stays step {best['step']}'s)"))
         if better:
             # the id tells this eval's adapter from another path's best of the same step and value
             counters["best"] = best = {"metric": self.metric, "value": value, "step": step, "id": uuid.uuid4().hex[:16],

@@ -9,6 +9,7 @@ loss take it: `count_targets` counts labels.numel(), which for the (examples, cl
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import torch
@@ -142,7 +143,14 @@ class SeqCls(Task):
         """The training target of one record (read before tokenising, so a bad label costs no tokenizer call)."""
         if isinstance(self.label, list):
             return _flags(record, self.label, where)
-        return self._target(self._labels_of(record.get(self.label)), where, label2id)
+        value = record.get(self.label)
+        if isinstance(value, str) and _LIST_TEXT.match(value):
+            # a list column exported to CSV (pandas writes "['sports', 'politics']"): read as one label it would
+            # train a class per combination, split at data.label_separator it would train classes named "['sports'"
+            raise DataError(f"{where}: label {value!r} in column {self.label!r} is a list written as text; seq_cls "
+                            "does not parse it", hint="write the file as JSONL/parquet with a real list, or the "
+                            "labels joined by a separator (sports;politics) with data.label_separator: ';'")
+        return self._target(self._labels_of(value), where, label2id)
 
     def _target(self, label: Any, where: str, label2id: dict) -> int | list[int]:
         """A record's label as the class id, or for multi-label as a 0/1 entry per class."""
@@ -256,6 +264,9 @@ class SeqCls(Task):
                                        "counts": confusion_matrix(y_true, y_pred, labels=ids).tolist()}
         return out
 
+
+# A label cell that is a list's text: JSON's ["a", "b"] or [0, 2], Python's ['a', 'b'], or [] (no label is so named)
+_LIST_TEXT = re.compile(r"""^\s*\[\s*(?:\]|(["'])[^"']*\1\s*(?:,\s*(["'])[^"']*\2\s*)*\]|\d+\s*(?:,\s*\d+\s*)*\])\s*$""")
 
 # A class column's yes/no as written: JSON numbers and booleans, CSV text, parquet/pandas floats.
 _FLAGS = {"0": 0, "1": 1, "0.0": 0, "1.0": 1, "false": 0, "true": 1}

@@ -76,7 +76,10 @@ def score_of(value: Any, where: str, column: str) -> float:
     """A record's score as a finite float: a JSON number or a CSV cell's text ("3.8"); else a DataError."""
     number = None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        number = float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # (a JSON integer beyond float's range, 1 followed by 400 zeros: not finite)
+            number = math.inf
     elif isinstance(value, str):
         try:
             number = float(value.strip())
