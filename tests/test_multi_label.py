@@ -137,6 +137,8 @@ def test_multi_label_trains_scores_as_sklearn_predicts_lists_and_merges(make_con
                                            "label an example"),
     ([{"text": "alpha golf", "label": ["a", "z"]}, {"text": "bravo", "label": ["b"]}],
      [{"text": "kilo", "label": ["a", "q"]}], "eval.jsonl:1: label 'q' is not in the label set ['a', 'b', 'z']"),
+    ([{"text": "alpha golf", "label": []}, {"text": "bravo", "label": []}],  # (was "has a single label []")
+     None, "column 'label' has no label at all (every list is empty); need at least 2 classes"),
 ])
 def test_label_shapes_that_do_not_fit_are_refused_with_file_and_line(make_config, tmp_path, capsys, train, evals,
                                                                       message):

@@ -100,7 +100,8 @@ class SeqCls(Task):
         self.id_names = None
         labels = collect_labels(records, self.label, is_list=False, multi_label=self.multi_label)
         if len(labels) < 2:
-            raise DataError(f"{source}: column {self.label!r} has a single label {labels}; need at least 2 classes")
+            found = f"a single label {labels}" if labels else "no label at all (every list is empty)"
+            raise DataError(f"{source}: column {self.label!r} has {found}; need at least 2 classes")
         return labels
 
     def pick_text_columns(self, records: list[dict], cfg: Any, source: str) -> None:
