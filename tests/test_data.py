@@ -535,3 +535,22 @@ def test_a_misspelt_column_beside_the_fields_own_column_is_named(caplog):
     with caplog.at_level("WARNING", logger="scaletune"):  # one the data has: nothing to say
         rename_columns([{"instruction": "x", "question": "q"}], {"instruction": "question"}, "data.train")
     assert "no record has" not in caplog.text
+
+
+@pytest.mark.parametrize("tags,want", [
+    (["U-ORG", "U-ORG", "O"], [("ORG", 0, 1), ("ORG", 1, 2)]),  # two organisations side by side
+    (["B-LOC", "L-LOC", "U-LOC"], [("LOC", 0, 2), ("LOC", 2, 3)]),
+    (["S-ORG", "S-ORG"], [("ORG", 0, 1), ("ORG", 1, 2)]),  # IOBES: as it was
+    (["PER", "PER", "O", "LOC"], [("PER", 0, 2), ("LOC", 3, 4)]),  # IO
+])
+def test_bilou_entities_are_grouped_as_iobes_ones(tags, want):
+    """seqeval's default mode knows S-/E- but not BILOU's U-/L-: `U-ORG U-ORG` was scored (and `predict`'s
+    entities grouped) as one organisation."""
+    from scaletune.tasks.token_cls import TokenCls, entities
+
+    words = [f"w{i}" for i in range(len(tags))]
+    assert [(e["type"], e["start"], e["end"]) for e in entities(words, tags)] == want
+    labels = sorted(set(tags))
+    gold = [labels.index(t) for t in tags]
+    scores = TokenCls().metrics([(gold, gold, [])], 0.0, 1, labels)
+    assert scores["f1"] == 1.0 and scores["per_type"][want[0][0]]["support"] == sum(w[0] == want[0][0] for w in want)

@@ -480,3 +480,13 @@ def test_llama_factory_dataset_names_point_to_their_files(tmp_path, monkeypatch)
     with pytest.raises(DataError) as err:  # a name no dataset_info.json knows: just not found
         read_records("other")
     assert err.value.render().rstrip().endswith(f"{tmp_path / 'other'})")
+
+
+def test_docstart_ends_the_sentence_before_it(tmp_path):
+    """Documents concatenated without a blank line before -DOCSTART- joined the last sentence of one document
+    to the first of the next: one record, `Paris x`."""
+    from scaletune.data.readers import read_conll
+
+    p = tmp_path / "cat.conll"
+    p.write_text("-DOCSTART- -X- -X- O\n\nParis NNP I-NP B-LOC\n-DOCSTART- -X- -X- O\nx NN I-NP O\n")
+    assert [(r["tokens"], r[WHERE]) for r in read_conll(p)] == [(["Paris"], f"{p}:3"), (["x"], f"{p}:5")]

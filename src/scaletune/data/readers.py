@@ -341,13 +341,16 @@ def read_conll(path: Path, columns: list[int] | None = None) -> list[dict]:
     # CoNLL, and its "1-2 du" lines would be words tagged "_"
     conllu = path.suffix.lower() == ".conllu" or (ncols == 10 and not word_first)
     for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
+        # -DOCSTART- starts a document, so it ends any sentence before it: a file that drops the blank line
+        # above it (documents concatenated) would otherwise join the last sentence to the next document's first
+        docstart = bool(line.strip()) and _conll_split(line)[0] == "-DOCSTART-"
+        if not line.strip() or docstart:
             if tokens:
                 records.append({"tokens": tokens, "tags": tags, WHERE: f"{path}:{start}"})
             tokens, tags, start = [], [], lineno + 1
             continue
         cols = _conll_split(line)
-        if cols[0] == "-DOCSTART-" or (conllu and _CONLLU_EXTRA_ID.fullmatch(cols[0])):
+        if conllu and _CONLLU_EXTRA_ID.fullmatch(cols[0]):
             continue
         if _is_comment(line, cols, in_sentence=bool(tokens), word_first=word_first, ncols=ncols):
             continue

@@ -294,13 +294,16 @@ def _pieces(backend: Any, text: str) -> list[str]:
     return [piece for piece, _ in backend.pre_tokenizer.pre_tokenize_str(text)]
 
 
-_PREFIXES = ("B-", "I-", "E-", "S-", "L-", "U-")  # IOB, IOBES, BILOU: what seqeval parses
+_PREFIXES = ("B-", "I-", "E-", "S-", "L-", "U-")  # IOB, IOBES, BILOU (scoring_tag: L-/U- as E-/S-)
 
 
 def scoring_tag(tag: str) -> str:
     """The tag as seqeval should read it. IO tagging (`PER`, `LOC`, `O`) has no prefixes, and seqeval would take
     the first letter for one (types "ER", "OC"); as `I-PER` each run of one type is one entity, which is what
-    IO tags mean."""
+    IO tags mean. BILOU's L- and U- are IOBES's E- and S-: seqeval's default mode knows only the latter, and read
+    `U-ORG U-ORG` as one organisation and `L-LOC U-LOC` as one location (warning on every such tag)."""
+    if tag.startswith(("L-", "U-")):
+        return ("E-" if tag[0] == "L" else "S-") + tag[2:]
     return tag if tag == "O" or tag.startswith(_PREFIXES) else f"I-{tag}"
 
 
