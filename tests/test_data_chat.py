@@ -617,3 +617,60 @@ def test_a_template_that_moves_the_system_prompt_is_refused_showing_where_the_re
     said = str(caught.value)
     assert "'[INST] Be brief.\\n\\nq1[/INST]' where the whole conversation renders '[INST] q1[/INST] a1" in said
     assert "fold the system prompt into the first user turn" in caught.value.hint
+
+
+def test_a_table_mixing_chat_formats_reads_each_row_in_its_own(tmp_path, tiny_llama):
+    """A parquet (or hub) table of alpaca, sharegpt and messages records has every format's columns in each row,
+    null where the record had none: a row was taken for the first format whose column it held, null or not
+    (alpaca's, refused as "field 'instruction' must be a string, got NoneType"), though JSON lines mixed fine."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"messages": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"}],
+             "conversations": None, "instruction": None, "input": None, "output": None},
+            {"messages": None, "conversations": [{"from": "human", "value": "q2"}, {"from": "gpt", "value": "a2"}],
+             "instruction": None, "input": None, "output": None},
+            {"messages": None, "conversations": None, "instruction": "q3", "input": "", "output": "a3"}]
+    table = tmp_path / "mixed.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), table)
+    cfg = _cfg(tmp_path, tiny_llama, data=str(table))
+    tok = load_tokenizer(cfg)
+    train = build_datasets(cfg, get_task("causal_lm"), tok)["train"]
+    assert [_trained_and_context(tok, ex)[0] for ex in train] == ["a1</s>", "a2</s>", "a3</s>"]
+
+
+@pytest.mark.parametrize("task", ["causal_lm", "dpo"])
+def test_a_null_weight_in_a_table_is_no_weight(tmp_path, tiny_llama, task):
+    """OpenAI-format messages where some turns have a `weight`: a parquet (or hub) table gives every turn the key,
+    null where the turn had none, and each such turn was refused as "weight must be 0 or 1, got None"."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    turns = [{"role": "user", "content": "q1", "weight": None}, {"role": "assistant", "content": "a1", "weight": 0},
+             {"role": "user", "content": "q2", "weight": None}]
+    answer = {"role": "assistant", "content": "a2", "weight": None}
+    row = ({"messages": [*turns, answer]} if task == "causal_lm" else
+           {"prompt": turns, "chosen": [answer], "rejected": [{**answer, "content": "no"}]})
+    table = tmp_path / "t.parquet"
+    pq.write_table(pa.Table.from_pylist([row]), table)
+    cfg = _cfg(tmp_path, tiny_llama, task, data=str(table))
+    tok = load_tokenizer(cfg)
+    ex = build_datasets(cfg, get_task(task), tok)["train"][0]
+    trained, context = _trained_and_context(tok, ex)
+    assert trained == "a2</s>" and "a1" in context
+
+
+@pytest.mark.parametrize("content,kind", [([{"type": "text", "text": "hi"}], r"a list of content parts \(text\)"),
+                                          ([{"type": "image_url", "image_url": {"url": "x.png"}},
+                                            {"type": "text", "text": "what is it?"}],
+                                           r"a list of content parts \(image_url, text\)"),
+                                          (None, "null")])
+def test_content_that_is_no_string_says_what_it_is(tmp_path, tiny_llama, content, kind):
+    """OpenAI's content parts ([{"type": "text", "text": ...}], images beside them in vision data) were refused as
+    "content must be a string", not saying what the data held nor what to do with it."""
+    data = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": content},
+                                                            {"role": "assistant", "content": "a"}]}])
+    cfg = _cfg(tmp_path, tiny_llama, data=data)
+    with pytest.raises(DataError, match=rf"c.jsonl:1: messages\[0\].content must be a string, got {kind}") as info:
+        build_datasets(cfg, get_task("causal_lm"), load_tokenizer(cfg))
+    assert ("join the text parts" in str(info.value)) == (content is not None)

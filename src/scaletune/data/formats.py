@@ -38,6 +38,11 @@ class Format:
     def fields(self) -> frozenset[str]:
         return frozenset(self.required + self.optional)
 
+    def holds(self, rec: dict) -> bool:
+        """Whether `rec` has this format's identifying columns with values: a parquet or hub table of mixed
+        records holds every record's columns in each row, null where the record had none."""
+        return all(rec.get(col) is not None for col in self.required)
+
 
 FORMATS: dict[str, Format] = {}
 
@@ -167,6 +172,22 @@ def _sharegpt(rec: dict) -> dict:
     return {"messages": messages, **({"tools": tools} if tools else {})}
 
 
+# OpenAI's (and multimodal datasets') content parts, [{"type": "text", "text": ...}, {"type": "image_url", ...}]:
+# joining the text parts would pick a separator the data does not give, and other parts cannot be trained
+_PARTS_HINT = ("scaletune trains on text and reads each message's content as one string: join the text parts "
+               "yourself, e.g. jq -c '.messages[].content |= (if type == \"array\" then map(.text // empty) | "
+               "join(\"\") else . end)' FILE.jsonl, after dropping the records with image or audio parts (their answers "
+               "are about what the model would never see)")
+
+
+def _content_kind(value: Any) -> str:
+    """What a message's content is instead of a string: `null`, or a list of parts and their types."""
+    if isinstance(value, list):
+        kinds = sorted({str(p.get("type")) for p in value if isinstance(p, dict)})
+        return f"a list of content parts ({', '.join(kinds) or 'no types'})"
+    return "null" if value is None else type(value).__name__
+
+
 @register("messages", ("messages",), ("tools",), turns=("messages", ("role", "content", "weight", "tool_calls",
                                                                       "tool_call_id")))
 def _messages(rec: dict) -> dict:
@@ -182,7 +203,8 @@ def _messages(rec: dict) -> dict:
         if calls is not None and m.get("content") is None:  # OpenAI: a tool call's content is null
             m = {**m, "content": ""}
         if not isinstance(m.get("content"), str):
-            raise DataError(f"{where}: messages[{i}].content must be a string")
+            raise DataError(f"{where}: messages[{i}].content must be a string, got {_content_kind(m.get('content'))}",
+                            hint=_PARTS_HINT if isinstance(m.get("content"), list) else None)
         msg = {"role": m["role"], "content": m["content"]}
         if calls is not None:
             msg["tool_calls"] = _openai_tool_calls(calls, f"{where}: messages[{i}].tool_calls")
@@ -190,7 +212,7 @@ def _messages(rec: dict) -> dict:
             msg["tool_call_id"] = m["tool_call_id"]
         # OpenAI's fine-tuning format: an assistant turn with weight 0 is context, not a target. Dropping
         # the key would train on exactly the turns the data marks as not to be learnt.
-        weight = m.get("weight", 1)
+        weight = 1 if m.get("weight") is None else m["weight"]  # (null: a parquet/hub row of a turn without one)
         if isinstance(weight, bool) or weight not in (0, 1):
             raise DataError(f"{where}: messages[{i}].weight must be 0 or 1, got {weight!r}")
         if weight == 0:
@@ -217,9 +239,10 @@ def _plain_text(rec: dict) -> dict:
 
 
 def detect(records: list[dict], source: str) -> Format:
-    """Pick the format whose identifying columns the first record has."""
+    """Pick the format whose identifying columns the first record has: with values, else (a record whose field
+    is null: that format's error names it) at all."""
     first = records[0]
-    for fmt in FORMATS.values():
+    for fmt in [f for f in FORMATS.values() if f.holds(first)] or FORMATS.values():
         if all(col in first for col in fmt.required):
             return fmt
     cols = sorted(k for k in first if k != WHERE)

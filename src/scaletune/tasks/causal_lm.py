@@ -119,7 +119,7 @@ class CausalLM(Task):
     def _format_of(self, record: dict) -> Any:
         """The format `record` is read in: the run's, or in a mixed run the one its columns name (a record no
         format matches gets the run's, whose error names the field it lacks)."""
-        if not self.mixed or all(col in record for col in self.format.required):
+        if not self.mixed or self.format.holds(record):
             return self.format
         try:
             return detect([record], "?")
@@ -345,7 +345,7 @@ def _other_formats(records: list[dict], fmt: Any) -> set:
     to `fmt`'s own error, which names the field it lacks)."""
     found = set()
     for rec in records:
-        if not all(col in rec for col in fmt.required):
+        if not fmt.holds(rec):
             try:
                 found.add(detect([rec], "?"))
             except DataError:
@@ -360,7 +360,7 @@ def _refuse_unmixable(records: list[dict], fmt: Any, key: str, against: str | No
     what it meets (`against`: the first record's place, else data.train's format). None: no such record."""
     plain = fmt.name in NO_CHAT_FORMATS
     for rec in records:
-        if all(col in rec for col in fmt.required):
+        if fmt.holds(rec):
             continue
         try:
             other = detect([rec], "?")
