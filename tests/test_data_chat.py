@@ -227,8 +227,9 @@ def test_a_conversation_opened_by_the_assistant_is_named(tmp_path, tiny_llama, t
     tok = load_tokenizer(cfg)
     if template:
         tok.chat_template = _CLOSING.replace("{{ END }}", "</s>")
-    with pytest.raises(DataError, match=r"c.jsonl:1: the conversation starts with an assistant turn to learn"):
+    with pytest.raises(DataError, match=r"c.jsonl:1: the conversation starts with an assistant turn to learn") as err:
         build_datasets(cfg, get_task("causal_lm"), tok)
+    assert "sharegpt turns have no weight" in str(err.value.hint)  # (weight 0 is the messages format's)
     # a greeting kept as context (weight 0) trains the answer after it
     record["messages"][0]["weight"] = 0
     cfg = _cfg(tmp_path, tiny_llama, data=write_jsonl(tmp_path / "g.jsonl", [record] * 2))
@@ -674,3 +675,15 @@ def test_content_that_is_no_string_says_what_it_is(tmp_path, tiny_llama, content
     with pytest.raises(DataError, match=rf"c.jsonl:1: messages\[0\].content must be a string, got {kind}") as info:
         build_datasets(cfg, get_task("causal_lm"), load_tokenizer(cfg))
     assert ("join the text parts" in str(info.value)) == (content is not None)
+
+
+def test_openai_legacy_function_calling_is_named_with_how_to_convert(tmp_path, tiny_llama):
+    """`functions` / assistant `function_call` / role `function`: it was refused as "content ... got null" or
+    "needs role system|user|assistant|tool", with nothing saying it is the legacy form or what the new one is."""
+    turns = [{"role": "user", "content": "weather?"},
+             {"role": "assistant", "content": None, "function_call": {"name": "w", "arguments": "{}"}},
+             {"role": "function", "name": "w", "content": "sunny"}, {"role": "assistant", "content": "Sunny."}]
+    cfg = _cfg(tmp_path, tiny_llama, data=write_jsonl(tmp_path / "f.jsonl", [{"messages": turns}] * 2))
+    with pytest.raises(DataError, match=r"f.jsonl:1: messages\[1\] is in OpenAI's legacy function-calling form") as err:
+        build_datasets(cfg, get_task("causal_lm"), load_tokenizer(cfg))
+    assert "tool_calls" in str(err.value.hint) and "role 'tool'" in str(err.value.hint)

@@ -180,6 +180,12 @@ _PARTS_HINT = ("scaletune trains on text and reads each message's content as one
                "are about what the model would never see)")
 
 
+_LEGACY_FUNCTIONS_HINT = ("write it as tool calls: the record's `functions` as `tools` ([{\"type\": \"function\", "
+                          "\"function\": {...}}]), an assistant `function_call` as `tool_calls` ([{\"type\": "
+                          "\"function\", \"function\": {\"name\": ..., \"arguments\": ...}}]) and a role "
+                          "'function' message as role 'tool'")
+
+
 def _content_kind(value: Any) -> str:
     """What a message's content is instead of a string: `null`, or a list of parts and their types."""
     if isinstance(value, list):
@@ -197,6 +203,9 @@ def _messages(rec: dict) -> dict:
         raise DataError(f"{where}: 'messages' must be a non-empty list")
     out = []
     for i, m in enumerate(msgs):
+        if isinstance(m, dict) and (m.get("role") == "function" or "function_call" in m):
+            raise DataError(f"{where}: messages[{i}] is in OpenAI's legacy function-calling form (role 'function' "
+                            "or 'function_call'), which scaletune does not read", hint=_LEGACY_FUNCTIONS_HINT)
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool"):
             raise DataError(f"{where}: messages[{i}] needs role system|user|assistant|tool and content")
         calls = m.get("tool_calls") if m.get("role") == "assistant" else None
@@ -520,8 +529,9 @@ def to_segments(converted: dict, tokenizer: Any, where: str) -> Segments:
     if messages[0]["role"] == "assistant" and messages[0].get("train", True):
         # (a greeting kept as context, weight 0, is fine: nothing is learnt from it)
         raise DataError(f"{where}: the conversation starts with an assistant turn to learn, which nothing prompts",
-                        hint="drop that turn, give it weight 0 to keep it as context, or put the user turn it "
-                             "answers (or a system prompt) before it")
+                        hint="drop that turn, put the user turn it answers (or a system prompt) before it, or "
+                             "in the messages format give it \"weight\": 0 to keep it as context (sharegpt turns "
+                             "have no weight)")
     tools = converted.get("tools") or []
     uses_tools = bool(tools) or any("tool_calls" in m for m in messages)
     if getattr(tokenizer, "chat_template", None):
