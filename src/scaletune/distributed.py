@@ -468,24 +468,24 @@ def main_rank_answer(accelerator: Any, answer: bool) -> bool:
     """The main rank's `answer` on every rank (one small collective; every rank calls it), for a question about
     files that decides which collectives follow: another rank asking the file system itself may look while rank
     0 writes them, or see a node-local output_dir of its own."""
+    return _any_rank(accelerator, answer and accelerator.is_main_process)
+
+
+def _any_rank(accelerator: Any, flag: bool) -> bool:
+    """Whether `flag` is true on any rank (one small collective where there are several; every rank calls it)."""
     if accelerator.num_processes == 1:
-        return answer
+        return flag
     import torch
 
-    flag = torch.tensor([1.0 if answer and accelerator.is_main_process else 0.0], device=accelerator.device)
-    return bool(accelerator.reduce(flag, "sum").item() > 0)
+    total = accelerator.reduce(torch.tensor([1.0 if flag else 0.0], device=accelerator.device), "sum")
+    return bool(total.item() > 0)
 
 
 def raise_main_rank_failure(accelerator: Any, error: Exception | None, what: str, hint: str) -> None:
     """After a write only the main rank does: raise its `error` there, and on every other rank an error
     saying rank 0 could not write `what`; the others would otherwise wait forever in the next collective
     while rank 0 exits. A collective on several ranks (the barrier the write needs, too)."""
-    failed = error is not None
-    if accelerator.num_processes > 1:
-        import torch
-
-        flag = torch.tensor([1.0 if failed else 0.0], device=accelerator.device)
-        failed = bool(accelerator.reduce(flag, "sum").item() > 0)
+    failed = _any_rank(accelerator, error is not None)
     if error is not None:
         raise error
     if failed:

@@ -178,6 +178,7 @@ def _trained_ending(tokenizer: Any, size: int) -> tuple[frozenset, str]:
     (causal_lm's _ends_in_special: what teaches the model to stop); the rest of the text the template ends an
     answer with, as a completion decodes it: special tokens skipped), from rendering a one-turn probe."""
     from .data.formats import to_segments
+    from .tasks.causal_lm import closing_special, special_ids
 
     stops = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     try:
@@ -186,14 +187,10 @@ def _trained_ending(tokenizer: Any, size: int) -> tuple[frozenset, str]:
     except Exception:  # noqa: BLE001  (a template that cannot render the probe: training refuses it anyway)
         return frozenset(stops), ""
     answer = next((text for text, trainable in segments if trainable), "")
-    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
-    special = set(tokenizer.all_special_ids) | {i for i, tok in added.items() if getattr(tok, "special", False)}
-    for tid in reversed(tokenizer(answer, add_special_tokens=False)["input_ids"]):
-        if tid in special:
-            stops.add(tid)
-            break
-        if tokenizer.decode([tid]).strip():
-            break
+    special = special_ids(tokenizer)
+    if (closing := closing_special(tokenizer(answer, add_special_tokens=False)["input_ids"], tokenizer, special)) \
+            is not None:
+        stops.add(closing)
     after = answer.partition(_PROBE)[2]
     for token in sorted(tokenizer.convert_ids_to_tokens(sorted(special)), key=len, reverse=True):
         after = after.replace(token, "")  # (as decoding skips them)

@@ -63,6 +63,22 @@ def target_columns(labels: torch.Tensor) -> torch.Tensor:
     return (labels[:, 1:] != IGNORE).any(0).nonzero().squeeze(1)
 
 
+def special_ids(tokenizer: Any) -> frozenset[int]:
+    """The tokenizer's special token ids: its named ones and every added token marked special (<|im_end|>, ...)."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return frozenset(tokenizer.all_special_ids) | {i for i, tok in added.items() if getattr(tok, "special", False)}
+
+
+def closing_special(ids: list[int], tokenizer: Any, special: frozenset[int]) -> int | None:
+    """The id in `special` that `ids` end with, before any whitespace tokens, or None."""
+    for tid in reversed(ids):
+        if tid in special:
+            return tid
+        if tokenizer.decode([tid]).strip():
+            return None
+    return None
+
+
 @register("causal_lm")
 class CausalLM(Task):
     peft_task_type = "CAUSAL_LM"
@@ -170,17 +186,9 @@ class CausalLM(Task):
         """Whether an answer's tokens end, before any whitespace, in a special token (EOS, <|im_end|>, ...):
         what teaches a model to stop."""
         if self._special is None or self._special[0] is not tokenizer:
-            added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
-            ids = set(tokenizer.all_special_ids) | {i for i, tok in added.items() if getattr(tok, "special", False)}
             # (not UNK: a marker the vocabulary lacks, chatml's <|im_end|> under WordPiece, ends in [UNK] pieces)
-            ids.discard(tokenizer.unk_token_id)
-            self._special = (tokenizer, frozenset(ids))
-        for tid in reversed(piece):
-            if tid in self._special[1]:
-                return True
-            if tokenizer.decode([tid]).strip():
-                return False
-        return False
+            self._special = (tokenizer, special_ids(tokenizer) - {tokenizer.unk_token_id})
+        return closing_special(piece, tokenizer, self._special[1]) is not None
 
     def collate(self, examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         if "position_ids" in examples[0]:
