@@ -135,6 +135,9 @@ def test_ctrl_c_in_a_one_process_launch_waits_for_the_checkpoint(make_config, tm
         while _trained_steps(out / "metrics.jsonl") < 1:
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
             time.sleep(0.1)
+        # Step 1's log line comes before step 2 has begun: a keypress at once could land on the boundary (a
+        # checkpoint of step 1, as it should be, seen in CI). 2 s on, the rank is inside step 2's 8 s.
+        time.sleep(2)
         os.killpg(proc.pid, signal.SIGINT)  # the terminal's Ctrl-C: to the launcher and the rank, in step 2
         proc.wait(timeout=TIMEOUT)
     finally:
