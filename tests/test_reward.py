@@ -133,7 +133,43 @@ def test_rows_are_dpos_rows(tmp_path, tiny_llama):
             task = get_task(task_name)
             task.setup(recs, cfg, "p.jsonl")
             encoded.setdefault(task_name, []).extend(task.encode(r, tokenizer, cfg, None) for r in recs)
+    assert [row.pop("margin") for row in encoded["reward"]] == [0.0] * 4  # (the pairs have none)
     assert encoded["reward"] == encoded["dpo"] and len(encoded["dpo"]) == 4 and all(encoded["dpo"])
+
+
+def test_a_pairs_margin_is_taken_off_its_reward_difference(make_config, tmp_path, caplog):
+    """TRL's `margin` column: per pair -log sigmoid(r_c - r_r - m), m 0 where a pair has none or a null one (a
+    table row); read, not warned about as an ignored field."""
+    path = make_config("reward", data={"eval": None})
+    records = dpo_records(5)
+    margins = [1.5, None, "absent", 0, -0.5]
+    for rec, m in zip(records, margins):
+        if m != "absent":
+            rec["margin"] = m
+    write_jsonl(tmp_path / "data/train.jsonl", records * 4)
+    with caplog.at_level("WARNING"):
+        run, _ = setup(load_config(path))
+    assert "ignored" not in caplog.text
+    model = run.model.eval()
+    _randomise(model)
+    examples = [run.data["train"][i] for i in range(len(run.data["train"]))][:6]
+    batch = run.task.collate(examples, run.tokenizer.pad_token_id)
+    by_text = {tuple(r["input_ids"]): m for r, m in zip(examples, batch["margin"].tolist())}
+    assert sorted(set(by_text.values())) == [-0.5, 0.0, 1.5]
+    with torch.no_grad():
+        loss, pairs = run.task.loss_sum(model, batch)
+    expected = -F.logsigmoid(pairs[:, 0] - pairs[:, 1] - batch["margin"]).sum()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    assert (loss - (-F.logsigmoid(pairs[:, 0] - pairs[:, 1]).sum())).abs() > 1e-3  # (the margins count)
+
+
+@pytest.mark.parametrize("margin", ["big", True, [1], float("nan")], ids=["text", "bool", "list", "nan"])
+def test_a_margin_that_is_no_finite_number_is_refused_naming_its_line(make_config, tmp_path, capsys, margin):
+    path = make_config("reward", n=8, data={"eval": None})
+    good = {"prompt": "q", "chosen": "a", "rejected": "b", "margin": 2}
+    write_jsonl(tmp_path / "data/train.jsonl", [good, {**good, "margin": margin}])
+    code, _, err = run_cli(["train", path], capsys)
+    assert_clean_error(code, err, "train.jsonl:2", "`margin` must be a finite number")
 
 
 def test_a_record_that_is_no_pair_is_refused_naming_its_file_and_line(make_config, tmp_path, capsys):

@@ -41,8 +41,9 @@ log = logging.getLogger("scaletune")
 # 16: tool schemas rendered as text keep non-ASCII as written (were \u-escaped); 17: tool results under a merged
 # model's saved built-in template stay `### Tool result:` turns (were user turns; TOKENISATION not bumped: only
 # that case changed, and resumes of every other run would be warned for nothing); 19: an entry's meta holds its
-# row counts, checked as it is read (the ids are 18's)
-CACHE_VERSION = "19"
+# row counts, checked as it is read (the ids are 18's); 20: reward rows hold their pair's margin (0.0 without one;
+# TOKENISATION not bumped: ids and targets are as before, and only pairs with a margin now train differently)
+CACHE_VERSION = "20"
 # The data version at which each task's token ids or targets last changed (a cache version changes for more:
 # a count in the meta, a refusal): what checkpoints and adapters record as how their data was tokenised.
 TOKENISATION = {"causal_lm": "18", "dpo": "18", "kto": "18", "reward": "16", "seq_cls": "9", "token_cls": "15",

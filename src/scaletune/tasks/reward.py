@@ -8,8 +8,10 @@ it, cut as dpo cuts it). A row's reward r is the head's output at its last non-p
 transformers picks it (the rightmost token that is not the pad id; rows are right-padded), so a merged model
 scores in plain transformers (and TRL) as training did. With pad = eos a row's closing eos counts as padding and
 its reward is read at the token before it, in training, eval, predict and a merged model alike. Per pair:
-    loss = -log sigmoid(r_chosen - r_rejected) + c * (r_chosen + r_rejected)^2
-c being train.reward_center_weight (TRL's center_rewards_coefficient, default 0), which keeps the rewards near 0.
+    loss = -log sigmoid(r_chosen - r_rejected - m) + c * (r_chosen + r_rejected)^2
+m being the pair's `margin` field where it has one (0 otherwise; TRL's RewardTrainer's margin column, as in
+Llama 2's reward models: how much better the chosen answer is, so a clearer preference must be won by more),
+c train.reward_center_weight (TRL's center_rewards_coefficient, default 0), which keeps the rewards near 0.
 `loss_sum` sums over the micro-batch's pairs and `count_targets` counts them: the loop's division makes the step's
 loss their mean. Eval: the loss, accuracy (the share of pairs with r_chosen > r_rejected), the mean margin and the
 mean chosen and rejected rewards. `predict` scores one prompt + answer a line: {"reward": r}.
@@ -17,17 +19,20 @@ mean chosen and rejected rewards. `predict` scores one prompt + answer a line: {
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from ..data.formats import to_segments
-from ..data.preference import one_answer
+from ..data.preference import FIELDS, one_answer
 from ..data.readers import WHERE, fields_of
 from ..errors import DataError
 from .base import IGNORE, pad_batch, register
 from .dpo import DPO, cut_prompt
+
+MARGIN = "margin"  # a pair's field (and column): how much the chosen answer's reward must beat the rejected's by
 
 _CHAT = ("sharegpt", "messages")  # layouts rendered as a chat (the others: plain text, no template)
 _TEXT_SHAPE = '{"prompt": TEXT, "completion": TEXT} (plain-text pairs)'
@@ -39,6 +44,7 @@ _PREDICT_SHAPES = f"{_TEXT_SHAPE}, or {_CHAT_SHAPES}"
 @register("reward")
 class Reward(DPO):
     peft_task_type = "SEQ_CLS"  # (peft then trains and saves the `score` head in full: modules_to_save)
+    _fields = {layout: fields | {MARGIN} for layout, fields in FIELDS.items()}
     _center = 0.0  # train.reward_center_weight (`configure`); private: not data, so no dataset cache keeps it
 
     def auto_model_class(self) -> Any:
@@ -63,13 +69,24 @@ class Reward(DPO):
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         return out.logits.float().squeeze(-1)
 
+    def encode(self, record: dict, tokenizer: Any, cfg: Any, label2id: dict | None) -> dict | None:
+        """dpo's rows of the pair, and its margin (0.0 without one); a DataError naming the record's place if
+        the margin is no finite number."""
+        row = super().encode(record, tokenizer, cfg, label2id)
+        return None if row is None else {**row, MARGIN: pair_margin(record)}
+
+    def collate(self, examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+        batch = super().collate(examples, pad_id)
+        batch[MARGIN] = torch.tensor([e[MARGIN] for e in examples], dtype=torch.float32)
+        return batch
+
     def loss_sum(self, model: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed pairwise loss of the batch's pairs, each pair's [chosen reward, rejected reward]); the chosen
         rows are 0..n-1, the rejected n..2n-1 (`DPO.collate`)."""
         rewards = self.rewards(model, batch)
         n = len(rewards) // 2
         pairs = rewards.view(2, n).T  # [pair, (chosen, rejected)]
-        loss = -F.logsigmoid(pairs[:, 0] - pairs[:, 1])
+        loss = -F.logsigmoid(pairs[:, 0] - pairs[:, 1] - batch[MARGIN].to(pairs.device))
         if self._center:
             loss = loss + self._center * pairs.sum(1) ** 2
         return loss.sum(), pairs.detach()
@@ -130,6 +147,19 @@ def reward_metrics(preds: list, loss: float, n_pairs: int) -> dict:
     return {"loss": loss, "accuracy": sum(m > 0 for m in margins) / n, "reward_margin": sum(margins) / n,
             "chosen_reward": sum(c for c, _ in preds) / n, "rejected_reward": sum(r for _, r in preds) / n,
             "pairs": n_pairs}
+
+
+def pair_margin(record: dict) -> float:
+    """Pair `record`'s `margin` (0.0 where it has none, or null: a table row of a pair without one); a DataError
+    naming its place if it is not a finite number (a string, a bool, a list)."""
+    value = record.get(MARGIN)
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+        raise DataError(f"{record.get(WHERE, '?')}: `margin` must be a finite number (how much the chosen answer's "
+                        f"reward must beat the rejected one's by), not {value!r}"[:300],
+                        hint="give a number such as 1.5, or leave the field out for no margin")
+    return float(value)
 
 
 def _as_answer_record(item: dict) -> tuple[dict, str]:
