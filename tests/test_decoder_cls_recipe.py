@@ -4,6 +4,7 @@ tokenizer has no pad token (training pads with eos and reads each text before a 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -71,9 +72,19 @@ def test_texts_ending_in_a_pad_token_that_is_a_text_token_are_warned(caplog, mak
     for record in records[:5]:
         record["text"] += "."
     data = write_jsonl(tmp_path / "dotted.jsonl", records)
+    evald = write_jsonl(tmp_path / "dotted_eval.jsonl", records[2:10])
     for name_or_path, warned in ((tiny_llama, False), (base, True)):
-        path = make_config("seq_cls", model={"name_or_path": str(name_or_path)}, data={"train": str(data)},
-                           train={"max_steps": 1})
+        path = make_config("seq_cls", model={"name_or_path": str(name_or_path)},
+                           data={"train": str(data), "eval": str(evald)}, train={"max_steps": 1})
         caplog.clear()
         assert main(["train", str(path), f"output_dir={tmp_path / f'run_{warned}'}"]) == 0
         assert ("data.train: 5 tokenised text(s) end in the tokenizer's pad token '.'" in caplog.text) is warned
+        assert ("data.eval: 3 tokenised text(s) end in the tokenizer's pad token '.'" in caplog.text) is warned
+    # a held-out fraction: each side counts its own rows (both are index mappings over one table)
+    every = write_jsonl(tmp_path / "all_dotted.jsonl", [{**r, "text": r["text"].rstrip(".") + "."} for r in records])
+    path = make_config("seq_cls", model={"name_or_path": str(base)},
+                       data={"train": str(every), "eval": None, "eval_fraction": 0.25}, train={"max_steps": 1})
+    caplog.clear()
+    assert main(["train", str(path), f"output_dir={tmp_path / 'run_split'}"]) == 0
+    counts = [int(m) for m in re.findall(r"data\.(?:train|eval): (\d+) tokenised text\(s\) end in", caplog.text)]
+    assert len(counts) == 2 and sum(counts) == 16 and counts[1] < counts[0], caplog.text

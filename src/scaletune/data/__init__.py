@@ -261,13 +261,14 @@ def build_datasets(cfg: Any, task: Any, tokenizer: Any, accelerator: Any = None,
                     "token: the tokenizer's chat template closes no assistant turn, or the tokenizer has no "
                     "eos_token; a model trained on them does not learn to stop (use a template that ends assistant "
                     "turns with the eos token)", n, sizes["train"])
-    ending = _rows_ending_in(train, tokenizer.pad_token_id) if task.peft_task_type == "SEQ_CLS" else 0
-    if ending and main and not for_eval:
-        log.warning("data.train: %d tokenised text(s) end in the tokenizer's pad token %r (id %d), also a token of "
-                    "text: a decoder's sequence head reads each row at its last token that is not the pad id, so "
-                    "they are scored at the token before (in training, eval and a merged model alike); give the "
-                    "tokenizer a pad token of its own (or none: eos then pads)", ending, tokenizer.pad_token,
-                    tokenizer.pad_token_id)
+    for key, rows in (("data.train", train), ("data.eval", evalset)) if main and not for_eval else ():
+        ending = _rows_ending_in(rows, tokenizer.pad_token_id) if task.peft_task_type == "SEQ_CLS" else 0
+        if ending:
+            log.warning("%s: %d tokenised text(s) end in the tokenizer's pad token %r (id %d), also a token of "
+                        "text: a decoder's sequence head reads each row at its last token that is not the pad id, "
+                        "so they are scored at the token before (in training, eval and a merged model alike); give "
+                        "the tokenizer a pad token of its own (or none: eos then pads)", key, ending,
+                        tokenizer.pad_token, tokenizer.pad_token_id)
     if cfg.data.packing and not for_eval:
         from .packing import pack_dataset
 
@@ -282,16 +283,24 @@ def build_datasets(cfg: Any, task: Any, tokenizer: Any, accelerator: Any = None,
 
 
 def _rows_ending_in(dataset: Any, token_id: int | None) -> int:
-    """How many rows of `dataset` end in `token_id` (in any *input_ids column), read from Arrow, not Python lists."""
+    """How many rows of `dataset` (None: none) end in `token_id` (in any *input_ids column), read from Arrow, not
+    Python lists; a split (a held-out fraction: an indices mapping) counts its own rows."""
+    import pyarrow as pa
     import pyarrow.compute as pc
 
-    if token_id is None or getattr(dataset, "_indices", None) is not None:
+    if token_id is None or dataset is None:
         return 0
+    picked = dataset._indices.column(0) if getattr(dataset, "_indices", None) is not None else None
     n = 0
     for name in dataset.column_names:
-        for chunk in dataset.data.column(name).chunks if name.endswith("input_ids") else []:
+        if not name.endswith("input_ids"):
+            continue
+        flags = []
+        for chunk in dataset.data.column(name).chunks:
             ends = pc.subtract(pc.cumulative_sum(pc.list_value_length(chunk)), 1)
-            n += pc.sum(pc.equal(pc.take(pc.list_flatten(chunk), ends), token_id)).as_py() or 0
+            flags.append(pc.equal(pc.take(pc.list_flatten(chunk), ends), token_id))
+        ending = pa.chunked_array(flags, type=pa.bool_())
+        n += pc.sum(ending.take(picked) if picked is not None else ending).as_py() or 0
     return n
 
 
