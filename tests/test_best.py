@@ -90,6 +90,11 @@ def test_best_adapter_is_the_best_evals_and_the_run_stops_early(make_config, tmp
     # (and says what continues it: a user who raised max_steps or epochs got no hint)
     assert ("run already complete (5/8 steps, stopped early: train.early_stopping_patience=null, or a larger one, "
             "continues it)") in capsys.readouterr().out
+    # a longer run stays stopped early: no word of the lr a step it does not train would have had
+    with caplog.at_level(logging.WARNING, logger="scaletune"):
+        assert main(["train", str(path), "--resume", "auto", "train.max_steps=16"]) == 0
+    assert "run already complete (5/16 steps, stopped early" in capsys.readouterr().out
+    assert "trains at lr" not in caplog.text, caplog.text
     assert max(r["step"] for r in read_metrics(out)) == 5
     # the best adapter evaluates like any adapter
     assert main(["eval", str(path), "--adapter", str(out / "best_adapter")]) == 0

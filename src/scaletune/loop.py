@@ -12,6 +12,7 @@ step's loss is sum(w_y * loss) / sum(w_y) over the whole step, as CrossEntropyLo
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import signal
 import sys
@@ -33,6 +34,8 @@ from .saving import final_outputs, save_checkpoint
 from .stopflag import StopFlag
 from .tracking import MetricsLog
 from .train import Run
+
+log = logging.getLogger("scaletune")
 
 
 def fit(run: Run, stop: StopFlag) -> str:
@@ -57,6 +60,8 @@ def fit(run: Run, stop: StopFlag) -> str:
     best = BestAdapter(run, mlog)
     # a run that stopped early is complete at its checkpoint's step: resuming it trains no further
     end = run.step if run.counters.get("stopped_early") else run.total_steps
+    if run.schedule_note and run.step < end:
+        log.warning("%s", run.schedule_note)
     # the checkpoint's step was stopped during its eval, or (a run ending at a mid-run checkpoint: max_steps lowered
     # to its step) has an end-of-run eval and best adapter never done there (a checkpoint from before
     # evaluated_step was kept: taken as evaluated)

@@ -89,6 +89,7 @@ class Run:
     resumed_from: Path | None = None  # the checkpoint this run continues (its path's best adapter is beside it)
     class_weights: dict | None = None  # {label: weight} the loss uses (train.class_weights), as checkpoints keep it
     generation: list = field(default_factory=list)  # train.eval_generate's prompts (generation_metrics.prepare)
+    schedule_note: str | None = None  # a resume's changed lr for its next step (`restore`), warned if it trains
 
 
 def build_optimizer(cfg: RunConfig, model: Any) -> Any:
@@ -310,15 +311,15 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
     return run, resume_from
 
 
-def _note_schedule_change(run: Run, saved: list[float] | None, lrs: list[float]) -> None:
-    """Say so where the resumed step's learning rate is not the one the checkpoint's schedule would give:
+def _schedule_change(run: Run, saved: list[float] | None, lrs: list[float]) -> str | None:
+    """What to say where the resumed step's learning rate is not the one the checkpoint's schedule would give:
     a longer run (max_steps, epochs) stretches the decay, so the rate jumps back up at the resume."""
     if not saved or math.isclose(saved[0], lrs[0], rel_tol=1e-6, abs_tol=1e-15) or not run.accelerator.is_main_process:
-        return
+        return None
     t = run.cfg.train
-    log.warning("resuming after step %d: step %d trains at lr %.3g where the checkpoint's schedule had %.3g: the %s "
-                "schedule (warmup included) is laid over this run's %d steps at learning_rate %g", run.step,
-                run.step + 1, lrs[0], saved[0], t.lr_scheduler, run.total_steps, t.learning_rate)
+    return (f"resuming after step {run.step}: step {run.step + 1} trains at lr {lrs[0]:.3g} where the checkpoint's "
+            f"schedule had {saved[0]:.3g}: the {t.lr_scheduler} schedule (warmup included) is laid over this run's "
+            f"{run.total_steps} steps at learning_rate {t.learning_rate:g}")
 
 
 def restore(run: Run, resume_from: Path) -> None:
@@ -361,7 +362,8 @@ def restore(run: Run, resume_from: Path) -> None:
         raise UserError(f"checkpoint {resume_from} is at step {run.step}, past this run's {run.total_steps} steps; "
                         "raise train.max_steps (or train.epochs) to continue it, or resume an earlier checkpoint "
                         f"(--resume {resume_from.parent}/step-N) to end this run there")
-    _note_schedule_change(run, state["scheduler"].get("_last_lr"), lrs)
+    # (said by the loop, once it knows the step trains: not for a run that stays stopped early)
+    run.schedule_note = _schedule_change(run, state["scheduler"].get("_last_lr"), lrs)
     error = None
     if accelerator.is_main_process:
         try:
