@@ -133,6 +133,12 @@ def method_keys(name: str, task: str) -> dict:
         keys.update(num_virtual_tokens=4)
     elif name == "bottleneck_adapter":
         keys.update(reduction_factor=4)
+    elif name == "ln_tuning" and task in ("seq_cls", "seq_regression", "token_cls"):
+        keys.update(target_modules=["LayerNorm"])  # (peft knows Llama's norm layers, not BERT's)
+    elif name == "ln_tuning":
+        pass  # peft's defaults: every norm layer of a Llama
+    else:  # (a new MATRIX row: every matrix test reads its settings here, so say where they go)
+        raise KeyError(f"method_keys: no test settings for method {name!r}; add them in tests/stutil.py")
     return keys
 
 

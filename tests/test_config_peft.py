@@ -116,12 +116,22 @@ def test_lora_inits_that_would_not_be_the_adapter_loaded_or_asked_for_are_refuse
 
 
 def test_method_suggestions_are_methods_peft_accepts():
+    from scaletune.methods import MATRIX
+
+    suggested = ", ".join(m for m, row in MATRIX.items()  # (after lora, adalora and ia3, in the matrix's order)
+                          if "token_cls" in row.tasks and m == row.peft_method and m not in ("lora", "adalora", "ia3"))
     problems = problems_of({**BASE, "task": "token_cls", "peft": {"method": "prompt_tuning"}})
     assert problems == ["peft.method=prompt_tuning with task token_cls is not supported (virtual input tokens; "
                         "dpo, kto: the reference (adapter off) has no virtual tokens; reward: peft passes embeddings, "
                         "so a padded row's last token is not found; token_cls: outputs would include "
                         "the virtual tokens); use one of: lora (use_dora: true for "
-                        "DoRA, use_rslora: true for rsLoRA), adalora, ia3, loha, lokr, vera, oft, bottleneck_adapter"]
+                        f"DoRA, use_rslora: true for rsLoRA), adalora, ia3, {suggested}"]
+    # (each suggestion is a method peft knows, and a method row added to the matrix is suggested with no edit here)
+    import peft
+
+    import scaletune.adapters  # noqa: F401  (registers bottleneck_adapter with peft)
+    known = {str(getattr(k, "value", k)).lower() for k in peft.mapping.PEFT_TYPE_TO_CONFIG_MAPPING}
+    assert set(suggested.split(", ")) <= known
     for method, how in (("dora", "DoRA is peft.method: lora with peft.use_dora: true"),
                         ("rsLoRA", "rsLoRA is peft.method: lora with peft.use_rslora: true"),
                         ("qlora", "QLoRA is peft.method: lora with model.quantization: 4bit")):

@@ -103,19 +103,31 @@ def test_training_gives_the_model_predicts_prompt(tmp_path, tiny_llama, prompt):
     assert tok.decode([i for i, lab in zip(ex["input_ids"], ex["labels"]) if lab != IGNORE]) == "Paris</s>"
 
 
-@pytest.mark.parametrize("record", [
-    {"instruction": "Translate to French", "input": "hello", "system": "Be terse",
-     "history": [["hi", "hello there"]], "output": "bonjour"},
-    {"conversations": [{"from": "human", "value": "Name a colour."}, {"from": "gpt", "value": "Blue."}]},
-    {"prompt": "2 + 2 =", "completion": " 4"},
-])
-def test_predict_prompts_the_way_training_rendered(tmp_path, tiny_llama, record):
+# One record a causal_lm format with a prompt (`text` has none: it is all target), answer last
+PROMPTED = {
+    "alpaca": {"instruction": "Translate to French", "input": "hello", "system": "Be terse",
+               "history": [["hi", "hello there"]], "output": "bonjour"},
+    "sharegpt": {"conversations": [{"from": "human", "value": "Name a colour."}, {"from": "gpt", "value": "Blue."}]},
+    "messages": {"messages": [{"role": "system", "content": "Be terse"}, {"role": "user", "content": "Name a colour."},
+                              {"role": "assistant", "content": "Blue."}]},
+    "prompt_completion": {"prompt": "2 + 2 =", "completion": " 4"},
+}
+
+
+def test_every_format_with_a_prompt_has_a_predict_case():
+    """A new format registered in data/formats.py needs a record here (predict must prompt it as training did)."""
+    from scaletune.data.formats import FORMATS
+
+    assert set(PROMPTED) == set(FORMATS) - {"text"}
+
+
+@pytest.mark.parametrize("name,record", PROMPTED.items(), ids=list(PROMPTED))
+def test_predict_prompts_the_way_training_rendered(tmp_path, tiny_llama, name, record):
     """`predict` feeds the model exactly the token prefix training put before the response (system,
     history, input included), for a record of the same shape with its answer removed."""
     from scaletune.generation import generate, prompt_segments
     from scaletune.tasks.base import IGNORE
 
-    name = "sharegpt" if "conversations" in record else "prompt_completion" if "prompt" in record else "alpaca"
     cfg = _cfg(tmp_path, tiny_llama, data=write_jsonl(tmp_path / "a.jsonl", [record] * 2), format=name)
     tok = load_tokenizer(cfg)
     task = get_task("causal_lm")
@@ -125,8 +137,9 @@ def test_predict_prompts_the_way_training_rendered(tmp_path, tiny_llama, record)
     last_response = max(i for i in range(1, len(labels)) if labels[i] != IGNORE and labels[i - 1] == IGNORE)
     trained_prompt = enc["input_ids"][:last_response]  # everything before the final answer, history included
     query = {k: v for k, v in record.items() if k not in ("output", "completion")}
-    if "conversations" in query:
-        query["conversations"] = query["conversations"][:1]
+    for turns in ("conversations", "messages"):  # the answer is the last turn
+        if turns in query:
+            query[turns] = query[turns][:-1]
     seen = {}
 
     class Model:

@@ -40,10 +40,13 @@ def test_method_trains_saves_and_reloads_in_plain_peft(make_config, tmp_path, na
     import scaletune.adapters  # noqa: F401  (registers bottleneck_adapter with peft)
 
     # Methods with few parameters and no adapter on the pooler need more steps to move a fresh head.
-    slow = task in ("seq_cls", "seq_regression") and name in ("adalora", "ia3", "vera", "prefix_tuning", "prompt_tuning",
-                                          "bottleneck_adapter")
+    slow = task in ("seq_cls", "seq_regression") and name in ("adalora", "ia3", "vera", "ln_tuning", "prefix_tuning",
+                                                              "prompt_tuning", "bottleneck_adapter")
     lr = 3e-1 if name == "prompt_tuning" else 5e-2  # prompt tuning is usually run at lr ~0.3
-    path = _write(make_config, task, name, tmp_path, **({"max_steps": 30, "learning_rate": lr} if slow else {}))
+    steps = 30
+    if name == "ln_tuning":  # norm gains alone barely move the tiny random encoder's pooled text: slower, longer
+        lr, steps = 2e-2, 60
+    path = _write(make_config, task, name, tmp_path, **({"max_steps": steps, "learning_rate": lr} if slow else {}))
     cfg = load_config(path)
     if name == "prefix_tuning" and task in ("seq_cls", "seq_regression") and _peft_prefix_forward_fails(cfg):
         # this transformers renamed the encoder's cache argument and this peft cannot run the pair
@@ -73,6 +76,12 @@ def test_method_trains_saves_and_reloads_in_plain_peft(make_config, tmp_path, na
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     with torch.no_grad():
         torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, rtol=1e-4, atol=1e-4)
+        if MATRIX[name].merges:  # (the README table's merge column: scaletune merge is merge_and_unload)
+            expected = loaded(**inputs).logits
+            torch.testing.assert_close(loaded.merge_and_unload()(**inputs).logits, expected, rtol=1e-4, atol=1e-4)
+        else:  # refused, as `scaletune merge` catches it (merge.py)
+            with pytest.raises((ValueError, NotImplementedError, AttributeError)):
+                loaded.merge_and_unload()
 
 
 def _peft_prefix_forward_fails(cfg) -> bool:
@@ -101,6 +110,9 @@ def test_unsupported_combinations_refused_with_reason():
                        "distributed": {"zero_stage": stage}})
     cfg = from_dict({**base, "task": "causal_lm", "peft": {"method": "lora", "use_dora": True}})
     assert problems(cfg) == []
+    # (under 2-process ZeRO-3 DeepSpeed's optimizer set-up failed on peft's copies of the partitioned norm layers)
+    with pytest.raises(ConfigError, match=r"ln_tuning with distributed.zero_stage=3: peft deep-copies .* use ZeRO-2"):
+        from_dict({**base, "task": "causal_lm", "peft": {"method": "ln_tuning"}, "distributed": {"zero_stage": 3}})
     four_bit = {"quantization": "4bit", "dtype": "bfloat16"}
     for method in ("loha", "lokr"):  # they crashed at the first step: peft sized them from the packed weight
         with pytest.raises(ConfigError, match=rf"{method} with model.quantization=4bit: peft sizes its factors"):

@@ -33,6 +33,7 @@ CASES = [
     # methods (LoRA and AdaLoRA on causal_lm are in test_train.py / test_methods.py)
     ("causal-ia3", "causal_lm", "ia3", {}, {}, 48, 6, 4),
     ("causal-vera", "causal_lm", "vera", {}, {}, 48, 6, 4),
+    ("causal-ln_tuning", "causal_lm", "ln_tuning", {}, {}, 48, 6, 4),
     ("causal-dora", "causal_lm", "dora", {}, {}, 48, 6, 4),
     ("causal-prompt_tuning", "causal_lm", "prompt_tuning", {}, {}, 48, 6, 4),
     ("causal-prefix_tuning", "causal_lm", "prefix_tuning", {}, {}, 48, 6, 4),

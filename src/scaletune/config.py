@@ -116,7 +116,7 @@ class DataConfig:
                                  "LLaMA-Factory's max_samples; the cut is logged. null: every record.")
     format: str = _f(
         "auto",
-        "causal_lm: alpaca | sharegpt | messages | prompt_completion | text; "
+        f"causal_lm: {' | '.join(CAUSAL_FORMATS)}; "
         "seq_cls, seq_regression: text (+text_pair) + label; token_cls: tokens + tags or conll. auto = detect from "
         "columns.",
     )

@@ -24,6 +24,7 @@ class Method:
     zero3_why: str = ""  # why ZeRO-3 is refused
     zero12_why: str = ""  # why ZeRO-1/2 are refused too (empty: they are supported)
     four_bit_why: str = ""  # why a 4-bit (QLoRA) base is refused (empty: it is supported)
+    merges: bool = True  # `scaletune merge` folds it into the base (False: it adds tokens or layers; merge refuses)
 
 
 _ALL = ("causal_lm", "dpo", "kto", "reward", "seq_cls", "seq_regression", "token_cls")
@@ -41,6 +42,11 @@ _NO_DPO = "dpo, kto: the reference (adapter off) has no virtual tokens"
 # transformers reads a sequence classifier's output at each row's last non-pad token, found from the input ids; a
 # virtual-token method hands the model embeddings instead, and a padded row's reward would be read at a pad
 _NO_REWARD = "reward: peft passes embeddings, so a padded row's last token is not found"
+# peft's LN tuning deep-copies each norm layer when it wraps it; under ZeRO-3 the layer is already partitioned, and
+# DeepSpeed's stage-3 optimizer fails on the copies at accelerator.prepare (an assert that a partition's tensors
+# share one dtype; 2-process CPU run)
+_LN_Z3 = ("peft deep-copies each norm layer, which ZeRO-3 has already partitioned at load, and DeepSpeed fails "
+          "setting up the copies; use ZeRO-2")
 MATRIX: dict[str, Method] = {
     "lora": Method("lora", {}, _ALL, True),
     "dora": Method("lora", {"use_dora": True}, _ALL, True, "LoRA + weight-decomposed magnitude"),
@@ -54,13 +60,18 @@ MATRIX: dict[str, Method] = {
     "vera": Method("vera", {}, _ALL, False, "needs equal-shaped target layers (e.g. q/v projections)",
                    "saving its shared projections deadlocks under ZeRO-3; use ZeRO-2"),
     "oft": Method("oft", {}, _ALL, True),
+    "ln_tuning": Method("ln_tuning", {}, _ALL, False, "trains a copy of each norm layer (LayerNorm/RMSNorm), nothing "
+                        "else; peft knows the norm layers of Llama, Mistral, Qwen, Gemma, GPT-2 and a few other "
+                        "decoders: other models need target_modules (BERT: [LayerNorm])", _LN_Z3),
     "prefix_tuning": Method("prefix_tuning", {}, ("causal_lm", "seq_cls", "seq_regression"), False,
                             f"virtual key/values; {_NO_DPO}; reward: not tested; token_cls: peft gives no per-token alignment; seq_cls: "
-                            "peft 0.21 cannot reach encoders under transformers>=5.24 (refused then)", _PROMPT_Z3),
+                            "peft 0.21 cannot reach encoders under transformers>=5.24 (refused then)", _PROMPT_Z3,
+                            merges=False),
     "prompt_tuning": Method("prompt_tuning", {}, ("causal_lm", "seq_cls", "seq_regression"), False,
                             f"virtual input tokens; {_NO_DPO}; {_NO_REWARD}; token_cls: outputs would include the virtual tokens",
-                            _PROMPT_Z3),
-    "bottleneck_adapter": Method("bottleneck_adapter", {}, _ALL, True, "Houlsby/Pfeiffer adapter (scaletune's)"),
+                            _PROMPT_Z3, merges=False),
+    "bottleneck_adapter": Method("bottleneck_adapter", {}, _ALL, True, "Houlsby/Pfeiffer adapter (scaletune's)",
+                                 merges=False),
 }
 
 
@@ -128,8 +139,8 @@ def problems(cfg: Any) -> list[str]:
 
 
 def matrix_markdown() -> str:
-    head = (f"| method (`peft.method`) | {' | '.join(_ALL)} | ZeRO-1/2 | ZeRO-3 | note |\n"
-            + "| --- " * (len(_ALL) + 4) + "|")
+    head = (f"| method (`peft.method`) | {' | '.join(_ALL)} | ZeRO-1/2 | ZeRO-3 | merge | note |\n"
+            + "| --- " * (len(_ALL) + 5) + "|")
     lines = [head]
     for name, row in MATRIX.items():
         key = f"`{row.peft_method}`" + "".join(f" + `{k}: true`" for k in row.extra)
@@ -139,7 +150,8 @@ def matrix_markdown() -> str:
                                           row.zero3_why and f"ZeRO-3: {row.zero3_why}") if x))
         note = "; ".join(x for x in (row.note, why, row.four_bit_why and f"4-bit base: {row.four_bit_why}") if x)
         zero12 = "no" if row.zero12_why else "yes"
-        lines.append(f"| {name} ({key}) | {marks} | {zero12} | {'yes' if row.zero3 else 'no'} | {note} |")
+        lines.append(f"| {name} ({key}) | {marks} | {zero12} | {'yes' if row.zero3 else 'no'} | "
+                     f"{'yes' if row.merges else 'no'} | {note} |")
     return "\n".join(lines)
 
 
