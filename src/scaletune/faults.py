@@ -5,7 +5,8 @@
   enospc              the checkpoint write of `step` fails as if the disk were full
   nan                 the loss of `step` becomes NaN
   oom                 the loss of `step` raises an out-of-memory error (after its forward pass)
-  slow                step `step` takes 8 s more (a long step of a big model: what a stop must wait for)
+  slow                step `step` takes 8 s more (a long step of a big model: what a stop must wait for); it
+                      says so on stderr as the 8 s begin, so a test signals it inside them, not by guessing
   usr1-in-eval        the last rank sends itself SIGUSR1 as the eval after step `step` begins (a preemption
                       notice during a long eval, heard by one rank)
 Real faults take the same code paths; this only makes them happen on demand.
@@ -48,6 +49,9 @@ def at_step(step: int, loss):  # noqa: ANN001, ANN201 (a torch tensor; torch is 
     if armed("slow", step):
         import time
 
+        # (os.write: unbuffered, the line is in the log before the sleep starts; a test waiting for it knows the
+        # step has begun, past the boundary where a stop would checkpoint the step before)
+        os.write(2, f"SCALETUNE_FAULT: step {step} is slow (8 s)\n".encode())
         time.sleep(8)
     return loss
 

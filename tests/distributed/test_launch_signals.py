@@ -132,12 +132,12 @@ def test_ctrl_c_in_a_one_process_launch_waits_for_the_checkpoint(make_config, tm
                                 env=stutil.child_env(SCALETUNE_FAULT="slow@2"))
     try:
         deadline = time.monotonic() + TIMEOUT
-        while _trained_steps(out / "metrics.jsonl") < 1:
+        # Step 1's log line comes before step 2 has begun: a keypress then could land on the boundary (a checkpoint
+        # of step 1, as it should be, seen in CI; so could one a fixed 2 s later on a loaded machine). The rank says
+        # when step 2's 8 s begin (past its boundary).
+        while "step 2 is slow" not in log.read_text():
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
             time.sleep(0.1)
-        # Step 1's log line comes before step 2 has begun: a keypress at once could land on the boundary (a
-        # checkpoint of step 1, as it should be, seen in CI). 2 s on, the rank is inside step 2's 8 s.
-        time.sleep(2)
         os.killpg(proc.pid, signal.SIGINT)  # the terminal's Ctrl-C: to the launcher and the rank, in step 2
         proc.wait(timeout=TIMEOUT)
     finally:

@@ -83,6 +83,12 @@ def kill_group(proc: subprocess.Popen | forking.Forked, sig: int) -> None:
         pass
 
 
+def _lines(metrics: Path, sig: int) -> int:
+    """Complete lines of metrics.jsonl so far; for SIGINT only the train steps' (see run_with_interruptions)."""
+    lines = metrics.read_text().split("\n")[:-1] if metrics.exists() else []  # (the last may be half written)
+    return sum(sig != signal.SIGINT or '"event": "train"' in line for line in lines)
+
+
 def run_with_interruptions(path: Path, out: Path, delays: list[float], sig: int, launcher=None,
                            faults: dict[int, str] | None = None) -> int:
     """Start, interrupt after each delay (seconds after training started), resume, until done.
@@ -97,10 +103,11 @@ def run_with_interruptions(path: Path, out: Path, delays: list[float], sig: int,
         if attempt < len(delays):
             deadline = time.monotonic() + 240
             metrics = out / "metrics.jsonl"
-            seen = metrics.read_text().count("\n") if metrics.exists() else 0
-            # wait until this attempt trains (a new metrics line), then the random delay
+            seen = _lines(metrics, sig)
+            # wait until this attempt trains (a new metrics line), then the random delay. Ctrl-C waits for a trained
+            # step: a resumed run logs "resume" before its loop catches Ctrl-C (until then it interrupts, exit 130)
             while proc.poll() is None and time.monotonic() < deadline:
-                if metrics.exists() and metrics.read_text().count("\n") > seen:
+                if _lines(metrics, sig) > seen:
                     break
                 time.sleep(0.05)
             time.sleep(delays[attempt])

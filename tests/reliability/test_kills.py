@@ -26,6 +26,7 @@ from killing import (
     start,
     write_cfg,
 )
+from stutil import wait_until_caught
 
 
 @pytest.fixture(scope="module")
@@ -84,10 +85,11 @@ def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(base_cfg, tmp_path):
     proc = start(path, {**ENV, "SCALETUNE_FAULT": "slow@3"})  # step 3 takes 8 s: both Ctrl-Cs land in it
     metrics, log = out / "metrics.jsonl", path.with_suffix(".stderr")
     deadline = time.monotonic() + 240
-    latest = out / "checkpoints" / "latest"
-    while not (latest.exists() and latest.read_text().strip() == "step-2") and time.monotonic() < deadline:
+    # inside step 3's 8 s, past its boundary (a stop asked before it checkpoints step 2 at once). A fixed 1 s after
+    # `latest` named step-2 raced the save's end and step 3's start on a loaded machine.
+    while not (log.exists() and "step 3 is slow" in log.read_text()) and proc.poll() is None \
+            and time.monotonic() < deadline:
         time.sleep(0.05)
-    time.sleep(1.0)  # past step 3's first boundary (a stop asked before it would checkpoint at once): in its 8 s
     kill_group(proc, signal.SIGINT)
     while "Ctrl-C" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -106,14 +108,15 @@ def test_stop_signal_during_start_up_ends_in_a_checkpoint(base_cfg, reference, t
     boundary and exits 124, and the resume ends in the uninterrupted adapter. Before, the signal's
     default action killed the process (a launcher passes SIGUSR1 on with no ignore disposition)."""
     import sys
-    import time
 
     ref, _ = reference
     out = tmp_path / "run"
     path = write_cfg(base_cfg, out)
     proc = subprocess.Popen([sys.executable, "-m", "scaletune", "train", str(path), "--resume", "auto"], env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    time.sleep(1.0)  # inside the imports of torch / transformers (several seconds here)
+    # as soon as the stop is kept, before torch / transformers are imported (several seconds). A fixed 1 s sleep
+    # could end before the interpreter had reached its handler on a loaded machine: killed (-10), not stopped.
+    wait_until_caught(proc.pid, signal.SIGUSR1)
     assert not (out / "metrics.jsonl").exists(), "the run started training before the signal"
     proc.send_signal(signal.SIGUSR1)
     _, err = proc.communicate(timeout=300)
