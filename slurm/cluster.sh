@@ -39,6 +39,16 @@ unavailable() { log "ERROR: $*"; exit 3; }
 
 need_root() { [[ $(id -u) -eq 0 ]] || die "must run as root"; }
 
+# $STATE has a fixed default name in the shared /tmp, and root writes, runs and kills what it finds there
+# (slurm.conf, the munge key, pid files, logs written through links): a directory another local user made
+# first is theirs to fill. Use it only as root's own, no link, writable by root alone.
+own_state() {
+    [[ -e $STATE || -L $STATE ]] || mkdir -p -m 755 "$STATE" || die "cannot create $STATE"
+    if [[ -L $STATE || ! -d $STATE || $(stat -c %u "$STATE") != 0 ]] || [[ $(stat -c %A "$STATE") == ?????w* || $(stat -c %A "$STATE") == ????????w* ]]; then
+        die "$STATE is not a directory of root's alone (a link, another user's, or writable by others): remove it, or set SCALETUNE_SLURM_DIR"
+    fi
+}
+
 install_pkgs() {
     local missing=()
     command -v munged >/dev/null || missing+=(munge)
@@ -184,7 +194,7 @@ wait_idle() {
 
 cmd_up() {
     need_root
-    mkdir -p "$STATE"
+    own_state
     install_pkgs
     write_conf
     hosts_add
@@ -219,6 +229,7 @@ stop_pid() {
 
 cmd_down() {
     need_root
+    if [[ -e $STATE || -L $STATE ]]; then own_state; fi  # (its pid files name what root kills)
     if [[ -f $CONF ]] && pid_alive slurmctld; then
         scancel --full --quiet --state=RUNNING --partition=debug 2>/dev/null || true
         scancel --quiet --partition=debug 2>/dev/null || true

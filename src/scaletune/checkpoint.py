@@ -245,6 +245,7 @@ def save_checkpoint(accelerator: Any, output_dir: Path, step: int, *, trainable:
 
 def _write_latest(output_dir: Path, final: Path) -> None:
     tmp = output_dir / "checkpoints" / ".latest.tmp"
+    tmp.unlink(missing_ok=True)  # (a link left there, in a run directory from someone else, would be written through)
     tmp.write_text(final.name + "\n")
     os.replace(tmp, output_dir / "checkpoints" / "latest")
 

@@ -4,6 +4,7 @@ hosts): read the local cache at once instead of retrying the network for a minut
 from __future__ import annotations
 
 import functools
+import logging
 import threading
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,21 @@ def hub_kwargs(name: str) -> dict[str, Any]:
     if Path(name).exists() or _offline_by_choice() or hub_reachable():
         return {}
     return {"local_files_only": True}
+
+
+_REMOTE_CODE_SAID: set[str] = set()
+
+
+def trust_remote_code(cfg: Any, name: str) -> bool:
+    """model.trust_remote_code, for a from_pretrained of `name`; when on, said loudly at the first load of `name`
+    in this process, which is the one that runs its code (the tokenizer or config, before the weights): said at
+    the weights' load, it came after the code had run."""
+    on = bool(cfg.model.trust_remote_code)
+    if on and name not in _REMOTE_CODE_SAID:
+        _REMOTE_CODE_SAID.add(name)
+        logging.getLogger("scaletune").warning(
+            "!!! model.trust_remote_code is ON: code shipped with %s will run on this machine !!!", name)
+    return on
 
 
 def unreachable_hint(name: str) -> str:

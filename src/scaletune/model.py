@@ -6,6 +6,7 @@ import difflib
 import json
 import logging
 import math
+import pickle
 import warnings
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import torch
 
 from .config import CAUSAL_TASKS, RunConfig
 from .errors import ConfigError, UserError
-from .hub import check_model_source, hub_kwargs, unreachable_hint
+from .hub import check_model_source, hub_kwargs, trust_remote_code, unreachable_hint
 from .peft_options import peft_config
 
 log = logging.getLogger("scaletune")
@@ -29,7 +30,7 @@ def read_tokenizer(cfg: RunConfig, src: str) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(src, trust_remote_code=cfg.model.trust_remote_code,
+        return AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code(cfg, src),
                                              revision=cfg.model.revision, **hub_kwargs(src))
     except (OSError, ValueError, KeyError, TypeError) as exc:  # Key/TypeError: a damaged tokenizer.json
         raise ConfigError(f"model.name_or_path: cannot load a tokenizer from {src!r} "
@@ -117,10 +118,8 @@ def load_model(cfg: RunConfig, task: Any, labels: list[str] | None, tokenizer: A
     from . import adapters  # noqa: F401  (scaletune's own methods must be registered to load them)
 
     check_model_source(cfg.model.name_or_path)
-    if cfg.model.trust_remote_code:
-        log.warning("!!! model.trust_remote_code is ON: code shipped with %s will run on this machine !!!",
-                    cfg.model.name_or_path)
-    kwargs: dict[str, Any] = {"dtype": DTYPES[cfg.model.dtype], "trust_remote_code": cfg.model.trust_remote_code,
+    kwargs: dict[str, Any] = {"dtype": DTYPES[cfg.model.dtype],
+                              "trust_remote_code": trust_remote_code(cfg, cfg.model.name_or_path),
                               "revision": cfg.model.revision, **task.model_kwargs(labels)}
     if cfg.model.attn_implementation == "varlen":
         from .attention import register
@@ -271,6 +270,14 @@ def _load_adapter(model: Any, adapter_path: str, fused: bool = False) -> Any:
                         f"{str(exc).strip().splitlines()[0]})",
                         hint="use another copy of it, or a checkpoint's: --adapter OUTPUT_DIR/checkpoints/step-N "
                              "(`train --resume auto` checks a checkpoint's files against its manifest)") from None
+    except pickle.UnpicklingError as exc:
+        # an adapter_model.bin is a pickle, read (by peft) with torch's weights-only unpickler: one that holds more
+        # than tensors (code to run, say) is refused unread, or it is damaged
+        why = next((line.strip() for line in str(exc).splitlines() if "GLOBAL" in line), str(exc).splitlines()[0])
+        raise UserError(f"the adapter at {adapter_path}: its adapter_model.bin is not plain tensors ({why[:200]}); "
+                        "it was not loaded (a pickle that holds more than tensors could run code)",
+                        hint="use the adapter as safetensors (adapter_model.safetensors: what scaletune and peft "
+                             "write), or another copy of it") from None
     except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as exc:
         if isinstance(exc, (torch.OutOfMemoryError, NotImplementedError)):
             raise  # the machine's or the program's, not the adapter's

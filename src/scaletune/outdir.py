@@ -47,6 +47,11 @@ def check_output_dir(cfg: RunConfig, resume: str | None, overwrite: bool, resume
         raise ConfigError(f"output_dir: {out} is a symbolic link to {os.readlink(out)}, which does not exist")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir: {out} exists and is not a directory")
+    if out.is_dir() and (links := planted_links(out)):
+        raise ConfigError(f"output_dir: {out} holds symbolic links where a run writes its own files "
+                          f"({', '.join(links)}): written through, they would change the files they name, outside "
+                          "output_dir", hint="remove them (a run directory copied from someone else may hold "
+                                             "such links); a link for checkpoints/ to a directory is fine")
     if not existing.is_dir():
         raise ConfigError(f"output_dir: {out} cannot be created: {existing} is a file")
     if not os.access(existing, os.W_OK | os.X_OK):
@@ -116,6 +121,18 @@ RUN_MARKERS = ("run.json", "metrics.jsonl", "checkpoints", "adapter")
 RUN_FILES = {*RUN_MARKERS, "run.json.tmp", ".adapter.tmp", "best_adapter", ".best_adapter.tmp",
              ".adapter.old", ".best_adapter.old", "scaletune", "wandb", "mlruns", "report.html", ".replaced_run",
              ".abandoned", "generations", LOCK_NAME}  # (generations/: train.eval_generate's answers)
+
+
+# What a run may find as a link in output_dir: storage put elsewhere (checkpoints -> /scratch/...), a directory
+# the run only adds entries to. Any other name a run writes at, as a link, would be written through to what it
+# names: metrics.jsonl -> ~/.bashrc in a run directory from someone else had a resume append to that file.
+LINKABLE_DIRS = ("checkpoints", "wandb", "mlruns")
+
+
+def planted_links(out: Path) -> list[str]:
+    """`name -> target` for each of RUN_FILES in `out` that is a symbolic link a run must not write through."""
+    return [f"{name} -> {os.readlink(out / name)}" for name in sorted(RUN_FILES)
+            if (out / name).is_symlink() and not (name in LINKABLE_DIRS and (out / name).is_dir())]
 
 
 def set_aside_metrics(out: Path) -> Path | None:

@@ -37,6 +37,9 @@ LOCK_NAME = ".scaletune.lock"
 # Set by the process holding the lock for the processes it starts (the ranks of `scaletune launch`):
 # the resolved output_dir it holds. A rank would otherwise find the lock taken by its own launcher.
 HELD_ENV = "SCALETUNE_OUTPUT_LOCK_HELD"
+# Opened without following a link: a lock file planted as one (in a run directory someone else made) would
+# have the run truncate and write the file it names, outside output_dir.
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 # errnos of a filesystem that does not do record locks (Lustre without -o flock, some FUSE mounts)
 _UNSUPPORTED = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 
@@ -101,7 +104,7 @@ def join(out: Path) -> OutputLock | None:
     if fcntl is None:
         return None
     try:
-        fd = os.open(Path(out) / LOCK_NAME, os.O_RDWR)
+        fd = os.open(Path(out) / LOCK_NAME, os.O_RDWR | _NOFOLLOW)
     except (OSError, ValueError):
         return None
     try:
@@ -127,8 +130,13 @@ def acquire(out: Path) -> OutputLock | None:
             if created is None:
                 created = [d for d in (out, *out.absolute().parents) if not d.exists()]
             out.mkdir(parents=True, exist_ok=True)
-            fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o644)
         except (OSError, ValueError):  # (ValueError: a NUL byte in the name)
+            if (out / LOCK_NAME).is_symlink():
+                raise UserError(f"output_dir: {out / LOCK_NAME} is a symbolic link (to {os.readlink(out / LOCK_NAME)}); "
+                                "scaletune's lock file never is, and locking it would overwrite the file it names",
+                                hint="remove the link (a run directory copied from someone else may hold more: "
+                                     "check it)") from None
             return None
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -166,7 +174,7 @@ def check_free(out: Path, hint: str) -> None:
     if fcntl is None:
         return
     try:
-        fd = os.open(Path(out) / LOCK_NAME, os.O_RDWR)
+        fd = os.open(Path(out) / LOCK_NAME, os.O_RDWR | _NOFOLLOW)
     except (OSError, ValueError):  # no lock file (no run there yet), or nothing to open: the job's checks say
         return
     try:

@@ -30,12 +30,12 @@ def read_model_config(cfg: RunConfig, **overrides: Any) -> Any:
     cannot take model.rope_scaling too)."""
     from transformers import AutoConfig
 
-    from .hub import check_model_source, hub_kwargs, unreachable_hint
+    from .hub import check_model_source, hub_kwargs, trust_remote_code, unreachable_hint
 
     name = cfg.model.name_or_path
     check_model_source(name)
     try:
-        config = AutoConfig.from_pretrained(name, trust_remote_code=cfg.model.trust_remote_code,
+        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code(cfg, name),
                                             revision=cfg.model.revision, **overrides, **hub_kwargs(name))
     except (OSError, ValueError) as exc:
         raise ConfigError(f"model.name_or_path: cannot read the model config of {name!r} "

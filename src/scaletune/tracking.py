@@ -119,6 +119,7 @@ def _replace_json(path: Path, info: dict) -> None:
     aside is removed if that fails, and the OSError raised."""
     tmp = path.with_name(path.name + ".tmp")
     try:
+        tmp.unlink(missing_ok=True)  # (a link left there would be written through, outside output_dir)
         tmp.write_text(json.dumps(info, indent=1, default=str))
         os.replace(tmp, path)
     except OSError:

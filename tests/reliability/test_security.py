@@ -78,6 +78,64 @@ def test_model_loading_passes_trust_remote_code_false_and_warns_when_on(monkeypa
     assert loud and loud[0].levelno >= logging.WARNING
 
 
+def test_a_models_own_code_runs_only_when_allowed_and_after_the_warning(tiny_llama, tmp_path, caplog):
+    """A model directory (a colleague's, a download) whose config.json and tokenizer_config.json name code of
+    its own (auto_map): without the flag that code never runs, the library's classes load the model; with it,
+    the loud warning comes before the code runs. It came at the weights' load, after the tokenizer's (and
+    config's) load had run the model's code."""
+    import json
+    import shutil
+
+    from scaletune.config import load_config
+    from scaletune.model import load_tokenizer
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    for name, auto_map in (("config.json", {"AutoConfig": "own.Config"}),
+                           ("tokenizer_config.json", {"AutoTokenizer": [None, "own.Tokenizer"]})):
+        conf = json.loads((model / name).read_text())
+        (model / name).write_text(json.dumps({**conf, "auto_map": auto_map}))
+    # (subclasses: transformers marks the class it loads as the model's own, and would then save the library's
+    # own classes' code with every later tokenizer and config)
+    (model / "own.py").write_text("import logging\nfrom transformers import LlamaConfig, PreTrainedTokenizerFast\n"
+                                  "logging.getLogger('scaletune').warning('MODEL CODE RAN')\n"
+                                  "class Config(LlamaConfig):\n    pass\n"
+                                  "class Tokenizer(PreTrainedTokenizerFast):\n    pass\n")
+    (tmp_path / "t.jsonl").write_text('{"text": "a b c"}\n')
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"task": "causal_lm", "model": {"name_or_path": str(model)},
+                                      "data": {"train": str(tmp_path / "t.jsonl")}, "output_dir": str(tmp_path / "o")}))
+    with caplog.at_level(logging.WARNING, logger="scaletune"):
+        load_tokenizer(load_config(config))
+        assert not [r for r in caplog.records if r.getMessage() in ("MODEL CODE RAN",) or "!!!" in r.getMessage()]
+        load_tokenizer(load_config(config, ["model.trust_remote_code=true"]))
+    said = [r.getMessage() for r in caplog.records]
+    assert "MODEL CODE RAN" in said, said
+    assert any("trust_remote_code is ON" in m for m in said[:said.index("MODEL CODE RAN")]), said
+
+
+def test_an_adapter_bin_that_would_run_code_is_refused_unread(make_config, tmp_path, capsys):
+    """An adapter from elsewhere may come as adapter_model.bin, a pickle: peft reads it with torch's weights-only
+    unpickler, which refuses one that calls a function. `predict` says so in one error (it was a traceback)."""
+    import torch
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'ran'}",)
+
+    path = make_config("causal_lm", n=16, train={"max_steps": 1})
+    out = tmp_path / "run"
+    assert main(["train", str(path), f"output_dir={out}"]) == 0
+    (out / "adapter" / "adapter_model.safetensors").unlink()
+    torch.save({"w": Payload()}, out / "adapter" / "adapter_model.bin")
+    (tmp_path / "in.jsonl").write_text('{"text": "a b"}\n')
+    capsys.readouterr()
+    assert main(["predict", str(out), "--input", str(tmp_path / "in.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "adapter_model.bin is not plain tensors" in err and "GLOBAL" in err and "Traceback" not in err, err
+    assert not (tmp_path / "ran").exists()
+
+
 # (2)+(5) one short real training run: file types, and where it writes --------------------------
 
 def _snapshot(root: Path) -> dict:
@@ -286,3 +344,51 @@ def test_a_recorded_run_of_the_same_name_in_another_directory_is_not_deleted(tmp
     own.mkdir()
     (out / ".replaced_run").write_text(f"{theirs}\n{own}\n")
     assert replaced_runs(out) == [own]
+
+
+def test_links_planted_where_a_run_writes_are_refused_before_anything_is_written(make_config, tmp_path, capsys):
+    """A run directory from someone else (copied, unpacked) may hold links where a run writes its own files:
+    `train --resume auto` there truncated and rewrote the file a `.scaletune.lock` link named (the lock is taken
+    first), and appended metrics to the one a `metrics.jsonl` link named (~/.bashrc, say). Each is refused, one
+    error naming the link, its target untouched; a checkpoints/ link to a directory (storage elsewhere) is not."""
+    import json
+
+    path = make_config("causal_lm", n=16, train={"max_steps": 1})
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    out = tmp_path / "theirs"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"config": {}, "started": "x"}))
+    (out / ".scaletune.lock").symlink_to(victim)
+    capsys.readouterr()
+    assert main(["train", str(path), f"output_dir={out}", "--resume", "auto"]) == 2
+    assert ".scaletune.lock is a symbolic link" in capsys.readouterr().err
+    assert victim.read_text() == "precious"
+    (out / ".scaletune.lock").unlink()
+    (out / "metrics.jsonl").symlink_to(victim)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    (out / "checkpoints").symlink_to(scratch, target_is_directory=True)
+    assert main(["train", str(path), f"output_dir={out}", "--resume", "auto"]) == 2
+    err = capsys.readouterr().err
+    assert f"symbolic links where a run writes its own files (metrics.jsonl -> {victim})" in err
+    assert "checkpoints ->" not in err and victim.read_text() == "precious"
+
+
+def test_the_temporary_files_beside_latest_and_run_json_are_not_written_through(tmp_path):
+    """`checkpoints/.latest.tmp` and `run.json.tmp` are written, then moved over `latest` / `run.json`: a link
+    left at that name (inside a linked checkpoints/, which a run accepts) overwrote the file it named."""
+    from scaletune.checkpoint import _write_latest
+    from scaletune.tracking import _replace_json
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / ".latest.tmp").symlink_to(victim)
+    _write_latest(out, out / "checkpoints" / "step-4")
+    (out / "run.json.tmp").symlink_to(victim)
+    _replace_json(out / "run.json", {"a": 1})
+    assert victim.read_text() == "precious"
+    assert (out / "checkpoints" / "latest").read_text() == "step-4\n" and not (out / "checkpoints" / "latest").is_symlink()
+    assert (out / "run.json").read_text().startswith("{") and not (out / "run.json").is_symlink()

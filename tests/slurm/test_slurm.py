@@ -4,6 +4,7 @@ run on a real local cluster in test_slurm_real.py)."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 from pathlib import Path
 
@@ -50,6 +51,35 @@ def test_template_contract(name):
     ]:
         assert needle in text, needle
     assert "#SBATCH --partition" not in text and "#SBATCH --account" not in text
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="cluster.sh runs as root only")
+@pytest.mark.parametrize("made_by", ["another user", "a link", "writable by others"])
+def test_cluster_sh_refuses_a_state_dir_it_does_not_own_alone(tmp_path, made_by):
+    """cluster.sh runs its daemons as root from $SCALETUNE_SLURM_DIR (default: a fixed name in /tmp): root
+    wrote slurm.conf into, and later killed the pids named in, a directory another local user made first. It
+    stops before it installs, writes or starts anything. (Stubs on PATH are a safety net: none is reached.)"""
+    state = tmp_path / "state"
+    if made_by == "a link":
+        (tmp_path / "theirs").mkdir()
+        state.symlink_to(tmp_path / "theirs", target_is_directory=True)
+    else:
+        state.mkdir()
+        if made_by == "another user":
+            os.chown(state, 65534, 65534)
+        else:
+            state.chmod(0o777)
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    for name in ("munged", "slurmctld", "slurmd", "sbatch", "apt-get", "hostname", "scontrol", "runuser"):
+        (stubs / name).write_text("#!/bin/sh\nexit 1\n")
+        (stubs / name).chmod(0o755)
+    env = {**os.environ, "SCALETUNE_SLURM_DIR": str(state), "PATH": f"{stubs}:{os.environ['PATH']}"}
+    for command in ("up", "down"):
+        done = subprocess.run(["bash", str(REPO_TEMPLATES / "cluster.sh"), command], env=env, capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 1 and "is not a directory of root's alone" in done.stderr, done.stderr
+    assert not list(state.iterdir())
 
 
 def test_render_sbatch_command():
