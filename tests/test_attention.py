@@ -78,7 +78,7 @@ def test_varlen_matches_sdpa_with_masks(make_config, monkeypatch, packing):
 
 def test_without_a_kernel_sdpa_answers(make_config, monkeypatch):
     """On a device with no varlen kernel (this CPU) the same config trains through SDPA and its masks."""
-    assert not attention.available("cpu")
+    assert "cpu" not in attention.KERNELS
     monkeypatch.delitem(attention.KERNELS, "cuda", raising=False)  # on a GPU machine: as if it had none
     path = make_config("causal_lm", n=32, model={"attn_implementation": "varlen"}, data={"packing": True})
     run, _ = setup(load_config(path), overwrite=True)
@@ -87,7 +87,7 @@ def test_without_a_kernel_sdpa_answers(make_config, monkeypatch):
     assert torch.isfinite(loss)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or not attention.available("cuda"),
+@pytest.mark.skipif(not torch.cuda.is_available() or "cuda" not in attention.KERNELS,
                     reason="needs CUDA and torch.nn.attention.varlen")
 def test_cuda_kernel_matches_sdpa():
     """GPU-only (run on the device machine): PyTorch's varlen kernel vs SDPA with a block-diagonal causal

@@ -152,11 +152,6 @@ def prepare(device: torch.device) -> None:
         takes_grouped_heads(device)
 
 
-def available(device_type: str) -> bool:
-    """Whether `device_type` has a variable-length kernel (else SDPA answers every call)."""
-    return device_type in KERNELS
-
-
 def varlen_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                      cu_seq_lens_q: torch.Tensor | None = None, max_length_q: int | None = None,

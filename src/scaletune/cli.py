@@ -321,7 +321,7 @@ def dispatch(args: argparse.Namespace) -> int:
                 print(f"continue with `{_continue_command(args)}`", file=sys.stderr)
             return EXIT_PREEMPTED
         if not launched():
-            print(_next_commands(args, cfg), flush=True)
+            print(_next_commands(cfg), flush=True)
         return 0
     if args.command == "eval":
         from .infer import run_eval
@@ -532,7 +532,7 @@ def _resume_hint(args: argparse.Namespace) -> str:
     return f"; newest checkpoint {newest}: continue with `{_continue_command(args)}`{kept}"
 
 
-def _next_commands(args: argparse.Namespace, cfg: Any) -> str:
+def _next_commands(cfg: Any) -> str:
     """After a finished `train` of run config `cfg`: the commands that use what it wrote, given the run's
     output directory, whose run.json holds the config it trained with (overrides included: without them eval
     looked for the example config's placeholder model; a YAML edited since would mislead it)."""

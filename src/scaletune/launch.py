@@ -203,7 +203,7 @@ def wait_for_node_0(addr: str, port: int, timeout_s: float, every_s: float = 30.
     while True:
         try:
             with socket.create_connection((addr, port), timeout=5):
-                return
+                return None
         except OSError as exc:
             why = exc.strerror or str(exc) or type(exc).__name__
         now = time.monotonic()
@@ -419,10 +419,10 @@ class _PassOn:
         self.stopped.set()
 
 
-def catches(pid: int, signum: int, proc: Path = Path("/proc")) -> bool:
+def catches(pid: int, signum: int) -> bool:
     """Whether process `pid` has a handler for `signum` (Linux's SigCgt mask); False if that cannot be read."""
     try:
-        for line in (proc / str(pid) / "status").read_text().splitlines():
+        for line in (Path("/proc") / str(pid) / "status").read_text().splitlines():
             if line.startswith("SigCgt:"):
                 return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
     except (OSError, ValueError, IndexError):
@@ -430,11 +430,11 @@ def catches(pid: int, signum: int, proc: Path = Path("/proc")) -> bool:
     return False
 
 
-def rank_pids(parent: int, proc: Path = Path("/proc")) -> list[int]:
+def rank_pids(parent: int) -> list[int]:
     """The children of `parent` that run `scaletune train` (the ranks torchrun or accelerate started),
     read from Linux's /proc; any other child (a compiler, a log tailer) is left alone. [] elsewhere."""
     pids = []
-    for entry in proc.glob("[0-9]*"):
+    for entry in Path("/proc").glob("[0-9]*"):
         try:
             # the command name in (...) may hold spaces and parentheses: ppid follows the last ')'
             ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])

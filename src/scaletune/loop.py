@@ -184,11 +184,14 @@ def preempted(run: Run, stop: StopFlag, guard: NonfiniteGuard, mlog: MetricsLog,
     return "preempted"
 
 
-def evaluate_step(run: Run, best: BestAdapter, mlog: MetricsLog, speed: Throughput, stop: StopFlag | None = None) -> bool:
+def evaluate_step(run: Run, best: BestAdapter, mlog: MetricsLog, speed: Throughput, stop: StopFlag) -> bool:
     """Evaluate at `run.step`, log it, and let the best adapter / early stopping see it; returns whether the
     run stops early. A stop signal heard (by any rank) during it raises EvalStopped: nothing of it is kept."""
     t = run.cfg.train
-    check = None if stop is None else (lambda: step_head(run.accelerator, 0, stop)[2])
+
+    def check() -> int | None:  # (polled between eval batches: a stop heard by any rank)
+        return step_head(run.accelerator, 0, stop)[2]
+
     faults.at_eval(run.step, run.accelerator.process_index, run.accelerator.num_processes)  # (tests only)
     with speed.paused():  # tokens/s is the training's
         metrics = evaluate(run.accelerator, run.model, run.task, run.data["eval"], run.data["labels"],
@@ -245,10 +248,11 @@ def step_head(acc: Any, n_local: int, stop: StopFlag, weight_local: float | None
 
 
 def clip_and_norm(acc: Any, params: list, max_norm: float | None, loss_sum: torch.Tensor,
-                  n_global: float) -> torch.Tensor:
+                  weight_global: float) -> torch.Tensor:
     """Clip to `max_norm` (if set); return [global gradient norm, the step's mean loss] as one device
-    tensor, the same on every rank (nothing here waits for the GPU)."""
-    loss = acc.reduce(loss_sum, "sum") / n_global
+    tensor, the same on every rank (nothing here waits for the GPU). `weight_global`: the loss's denominator,
+    step_head's (the step's target count, or their summed weight under class weights)."""
+    loss = acc.reduce(loss_sum, "sum") / weight_global
     if acc.distributed_type.value == "DEEPSPEED":
         # DeepSpeed clips inside its step (config "gradient_clipping") and reports the norm after.
         norm = acc.deepspeed_engine_wrapped.get_global_grad_norm()

@@ -19,8 +19,8 @@ from ..errors import DataError
 from .formats import _messages, _sharegpt, _text
 from .readers import WHERE, fields_of
 
-# the causal_lm format each layout's prompt is rendered as (and `predict` reads a DPO adapter's prompts as)
-LAYOUTS = ("sharegpt", "messages", "prompt_completion")
+# the causal_lm format each layout's prompt is rendered as (and `predict` reads a DPO adapter's prompts as),
+# with the fields a record of that layout may hold
 FIELDS = {"sharegpt": {"conversations", "chosen", "rejected", "system", "tools"},
           "messages": {"prompt", "chosen", "rejected", "tools"},
           "prompt_completion": {"prompt", "chosen", "rejected"}}
@@ -30,7 +30,7 @@ _IMPLICIT_HINT = ("give the prompt as its own field, {prompt, chosen, rejected},
 
 
 def layout(rec: dict) -> str:
-    """Which causal_lm format `rec`'s prompt is in (LAYOUTS); a DataError naming its place if it is no pair."""
+    """Which causal_lm format `rec`'s prompt is in (a key of FIELDS); a DataError naming its place if it is no pair."""
     where = rec.get(WHERE, "?")
     missing = [k for k in ("chosen", "rejected") if k not in rec]
     if missing:
