@@ -8,6 +8,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import time
 import types
 from pathlib import Path
 
@@ -181,6 +182,49 @@ def test_ranks_keep_the_output_dir_locked_when_their_launcher_is_gone(tmp_path):
     release.set()
     launcher.join(60)
     assert other_process_tries(out) == "locked"
+
+
+def _orphaned_rank0(out: str, ready, release: str) -> None:
+    runlock.lock_run(Path(out))
+    ready.set()
+    # (a file, not an Event: multiprocessing's Event stops waiting once another process using it was killed)
+    for _ in range(1200):
+        if Path(release).exists():
+            break
+        time.sleep(0.05)
+    runlock.release_run()
+
+
+def _killed_launcher(out: str, ready, release: str) -> None:
+    """`scaletune launch` killed with SIGKILL once its rank 0 holds its share: gone without any cleanup."""
+    lock = runlock.acquire(Path(out))
+    lock.share_with_ranks()
+    os.environ[runlock.HELD_ENV] = str(Path(out).resolve())
+    os.environ["RANK"] = "0"
+    CTX.Process(target=_orphaned_rank0, args=(out, ready, release)).start()
+    assert ready.wait(60)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_refusal_by_the_ranks_of_a_killed_launcher_says_its_pid_has_ended(tmp_path):
+    """The lock file names the launcher that took the lock; killed alone, it leaves its ranks holding the
+    lock, and an immediate `--resume auto` named a pid that no longer exists as the run in the way."""
+    out, release = tmp_path / "run", tmp_path / "release"
+    ready = CTX.Event()
+    launcher = CTX.Process(target=_killed_launcher, args=(str(out), ready, str(release)))
+    launcher.start()
+    launcher.join(60)
+    try:
+        assert launcher.exitcode == -signal.SIGKILL
+        message = other_process_tries(out)
+        assert f"in use by another run (pid {launcher.pid} on " in message, message
+        assert "that process has ended, the ranks it started still hold the lock" in message, message
+    finally:
+        release.touch()  # (rank 0, orphaned: not this process's child to join)
+    deadline = time.monotonic() + 60
+    while other_process_tries(out) != "locked":
+        assert time.monotonic() < deadline, "rank 0 never released the lock"
+        time.sleep(0.05)
 
 
 def test_a_ranks_share_ending_leaves_the_launchers_lock_file(tmp_path):

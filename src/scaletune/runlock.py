@@ -191,9 +191,28 @@ def _holder(out: Path) -> str:
     try:
         info = json.loads((out / LOCK_NAME).read_text(encoding="utf-8"))
         command = shlex.join(["scaletune", *map(str, info["argv"][1:])])  # (argv[0]: a path, or __main__.py)
-        return f"pid {info['pid']} on {info['host']}, started {info['started']}: {command}"
+        holder = f"pid {info['pid']} on {info['host']}, started {info['started']}: {command}"
     except (OSError, ValueError, KeyError, TypeError, IndexError):
         return "its details are unreadable"
+    # The file names the process that took the lock; a `scaletune launch` killed alone (kill -9, the OOM
+    # killer) leaves its ranks holding it, and a pid that no longer exists only puzzled the user
+    if info["host"] == socket.gethostname() and not _alive(info["pid"]):
+        holder += ("; that process has ended, the ranks it started still hold the lock: they stop at their "
+                   "next step, with a checkpoint")
+    return holder
+
+
+def _alive(pid: object) -> bool:
+    """Whether a process `pid` exists on this machine (True where that cannot be told)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # (EPERM: another user's process)
+        return True
+    return True
 
 
 _held: OutputLock | None = None  # what `lock_run` / `after_replace` took in this process

@@ -9,13 +9,16 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import yaml
 from safetensors.torch import load_file
 
+from scaletune import runlock
 from scaletune.checkpoint import verify
+from scaletune.errors import UserError
 
 import forking
 from stutil import alpaca_records, tiny_lora_run, write_jsonl
@@ -68,10 +71,11 @@ def assert_latest_complete(out: Path) -> None:
         assert target.is_dir() and verify(target) is None, f"latest -> {target} is partial"
 
 
-def start(path: Path, env: dict, launcher: list[str] | None = None) -> subprocess.Popen | forking.Forked:
-    """A resumable run of `path`: forked by the zygote, or launched (`accelerate launch ...`) afresh."""
+def start(path: Path, env: dict, launcher: Callable[[], list[str]] | None = None) -> subprocess.Popen | forking.Forked:
+    """A resumable run of `path`: forked by the zygote, or launched afresh by the command `launcher()` gives
+    (`accelerate launch ...`, called per launch: a rendezvous port of its own each time)."""
     if launcher:
-        return subprocess.Popen(command(path, launcher), env=env, stdout=subprocess.DEVNULL,
+        return subprocess.Popen(command(path, launcher()), env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True, start_new_session=True)
     return forking.start(command(path)[3:], env, path.with_suffix(".stderr"))
 
@@ -83,13 +87,28 @@ def kill_group(proc: subprocess.Popen | forking.Forked, sig: int) -> None:
         pass
 
 
+def wait_unlocked(out: Path, timeout: float = 120) -> None:
+    """Until no process of an interrupted attempt holds the run's lock (runlock.py), which the next attempt
+    needs, else it is refused (exit 2). A killed launcher's ranks live on, in sessions of their own, until they
+    have checkpointed: `communicate` waits for them only because they write to the launcher's stderr pipe."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            runlock.check_free(out, hint="")
+            return
+        except UserError as exc:
+            assert time.monotonic() < deadline, f"the interrupted attempt still holds the lock: {exc}"
+            time.sleep(0.1)
+
+
 def _lines(metrics: Path, sig: int) -> int:
     """Complete lines of metrics.jsonl so far; for SIGINT only the train steps' (see run_with_interruptions)."""
     lines = metrics.read_text().split("\n")[:-1] if metrics.exists() else []  # (the last may be half written)
     return sum(sig != signal.SIGINT or '"event": "train"' in line for line in lines)
 
 
-def run_with_interruptions(path: Path, out: Path, delays: list[float], sig: int, launcher=None,
+def run_with_interruptions(path: Path, out: Path, delays: list[float], sig: int,
+                           launcher: Callable[[], list[str]] | None = None,
                            faults: dict[int, str] | None = None) -> int:
     """Start, interrupt after each delay (seconds after training started), resume, until done.
     Returns how many interruptions landed while the run was still going."""
@@ -119,6 +138,7 @@ def run_with_interruptions(path: Path, out: Path, delays: list[float], sig: int,
         except subprocess.TimeoutExpired:
             kill_group(proc, signal.SIGKILL)
             raise
+        wait_unlocked(out)
         assert_latest_complete(out)
         if proc.returncode == 0:
             return landed

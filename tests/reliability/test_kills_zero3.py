@@ -20,10 +20,15 @@ def test_sigkills_under_two_process_zero3(tiny_llama, tmp_path):
     """Two SIGKILLs of a 2-process ZeRO-3 job (12 steps: each DeepSpeed start costs far more than a step)."""
     steps = 12
     base_cfg = base_config(tmp_path, tiny_llama)
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+
+    def launcher() -> list[str]:
+        # a port free now, for this launch alone (one port for all launches lay unbound between them, minutes in
+        # all, for another test's free_port() or a connection to take)
+        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                 str(ROOT / "launch/cpu_2proc_zero3.yaml"), "--main_process_port", str(free_port())]
+
     ref = tmp_path / "ref"
-    res = subprocess.run(command(write_cfg(base_cfg, ref, steps, zero_stage=3), launcher), env=ENV,
+    res = subprocess.run(command(write_cfg(base_cfg, ref, steps, zero_stage=3), launcher()), env=ENV,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     times = [json.loads(line)["time"] for line in (ref / "metrics.jsonl").read_text().splitlines()]
