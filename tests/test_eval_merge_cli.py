@@ -280,3 +280,99 @@ def test_a_run_moved_with_its_relative_base_is_not_warned_of_another_base(capsys
     code, out, err = run_cli(["eval", "run"], capsys)
     assert code == 0, err
     assert "was trained on" not in caplog.text + err
+
+
+def test_a_plain_peft_causal_adapter_predicts_and_evaluates_as_peft_does(capsys, make_config, tmp_path, caplog):
+    """An adapter saved by plain peft (or TRL's SFTTrainer) holds no tokenizer and no scaletune.json. eval and
+    predict failed with "model.name_or_path: cannot load a tokenizer from ADAPTER"; they take the base's, and
+    with the config's data.format (prompt_completion) a plain line is the prompt as it is, as peft is given it."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = make_config("causal_lm")
+    raw = yaml.safe_load(path.read_text())
+    base_dir = raw["model"]["name_or_path"]
+    records = [{"prompt": f"Reverse the order of these words. {w} golf\n", "completion": f"golf {w}"}
+               for w in ("alpha", "bravo", "delta", "kilo")]
+    data = write_jsonl(tmp_path / "pc.jsonl", records)
+    raw["data"].update(train=str(data), eval=str(data), format="prompt_completion")
+    path.write_text(yaml.safe_dump(raw))
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(
+        task_type="CAUSAL_LM", r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.save_pretrained(tmp_path / "plain")  # (another r and targets than the config's: its own config is read)
+    code, out, err = run_cli(["eval", path, "--adapter", tmp_path / "plain", "--json"], capsys)
+    assert code == 0, err
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), str(tmp_path / "plain"))
+    total, n = 0.0, 0
+    for r in records:  # the eval loss: the completion's tokens and the closing EOS
+        prompt = tok(r["prompt"]).input_ids
+        ids = tok(r["prompt"] + r["completion"]).input_ids + [tok.eos_token_id]
+        with torch.no_grad():
+            logits = peft_model.eval()(torch.tensor([ids])).logits[0]
+        total += torch.nn.functional.cross_entropy(logits[len(prompt) - 1:-1], torch.tensor(ids[len(prompt):]),
+                                                   reduction="sum").item()
+        n += len(ids) - len(prompt)
+    assert json.loads(out)["loss"] == pytest.approx(total / n, rel=1e-5)
+    inp = tmp_path / "in.txt"
+    inp.write_text(records[0]["prompt"].strip() + "\n")
+    code, out, err = run_cli(["predict", path, "--adapter", tmp_path / "plain", "--input", inp,
+                              "--max-new-tokens", "6"], capsys)
+    assert code == 0, err
+    enc = tok(records[0]["prompt"].strip(), return_tensors="pt")
+    gen = peft_model.generate(**enc, max_new_tokens=6, do_sample=False)
+    assert json.loads(out)["completion"] == tok.decode(gen[0, enc.input_ids.shape[1]:], skip_special_tokens=True)
+    # a base it names that is not here: loaded onto the config's, with the warning scaletune's own adapters get
+    conf = json.loads((tmp_path / "plain" / "adapter_config.json").read_text())
+    (tmp_path / "plain" / "adapter_config.json").write_text(json.dumps({**conf, "base_model_name_or_path":
+                                                                            "/nowhere/llama-7b"}))
+    with caplog.at_level("WARNING", logger="scaletune"):
+        code, out, err = run_cli(["eval", path, "--adapter", tmp_path / "plain", "--json"], capsys)
+    assert code == 0 and json.loads(out)["loss"] == pytest.approx(total / n, rel=1e-5), err
+    assert f"was trained on /nowhere/llama-7b; loading it onto {base_dir}" in caplog.text
+
+
+def test_a_plain_peft_classifier_needs_its_label_names(capsys, make_config, tmp_path):
+    """A seq_cls adapter from plain peft (its head in modules_to_save, no scaletune.json) failed eval and predict
+    with a TypeError traceback (no labels); now data.labels names its outputs, checked against the head's size,
+    and the scores are peft's."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = make_config("seq_cls")
+    base_dir = yaml.safe_load(path.read_text())["model"]["name_or_path"]
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=2), LoraConfig(
+        task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query", "value"], init_lora_weights=False))
+    model.save_pretrained(tmp_path / "plain")
+    assert "classifier" in json.loads((tmp_path / "plain" / "adapter_config.json").read_text())["modules_to_save"]
+    inp = tmp_path / "in.txt"
+    inp.write_text("alpha bravo charlie\n")
+    for cmd in (["eval", path], ["predict", path, "--input", inp]):
+        code, _, err = run_cli([*cmd, "--adapter", tmp_path / "plain"], capsys)
+        assert_clean_error(code, err, "data.labels: the adapter at", "has no scaletune.json")
+    code, _, err = run_cli(["predict", path, "--input", inp, "--adapter", tmp_path / "plain",
+                            "data.labels=[a, b, c]"], capsys)
+    assert_clean_error(code, err, "data.labels: 3 labels, but the classifier of the adapter", "has 2 outputs")
+    code, out, err = run_cli(["predict", path, "--input", inp, "--adapter", tmp_path / "plain",
+                              "data.labels=[neg, pos]"], capsys)
+    assert code == 0, err
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    base = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=2)
+    with torch.no_grad():
+        probs = PeftModel.from_pretrained(base, str(tmp_path / "plain")).eval()(
+            **tok("alpha bravo charlie", return_tensors="pt")).logits.softmax(-1)[0]
+    line = json.loads(out)
+    assert line["label"] == ["neg", "pos"][int(probs.argmax())]
+    assert line["score"] == pytest.approx(probs.max().item(), rel=1e-5)
+    code, out, err = run_cli(["eval", path, "--adapter", tmp_path / "plain", "data.labels=[neg, pos]", "--json"],
+                             capsys)
+    assert code == 0 and "accuracy" in json.loads(out), err
+    # another task's adapter: a token tagger's head is `classifier` too, and labelled every text as one class
+    conf = json.loads((tmp_path / "plain" / "adapter_config.json").read_text())
+    (tmp_path / "plain" / "adapter_config.json").write_text(json.dumps({**conf, "task_type": "TOKEN_CLS"}))
+    code, _, err = run_cli(["predict", path, "--input", inp, "--adapter", tmp_path / "plain",
+                            "data.labels=[neg, pos]"], capsys)
+    assert_clean_error(code, err, "is a peft TOKEN_CLS adapter (adapter_config.json's task_type), task seq_cls "
+                                  "needs SEQ_CLS")

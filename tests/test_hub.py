@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -50,9 +51,10 @@ def _cached_as_hub_model(cache, model_dir, repo="someorg/tiny-llama"):
     return repo
 
 
-def _train(tmp_path, name, cache):
+def _train(tmp_path, name, cache, **model):
     train = write_jsonl(tmp_path / "train.jsonl", alpaca_records(16))
     raw = tiny_lora_run(name, train, train={"micro_batch_size": 4, "max_steps": 2}, output_dir=str(tmp_path / "run"))
+    raw["model"].update(model)
     cfg = tmp_path / "run.yaml"
     cfg.write_text(yaml.safe_dump(raw, sort_keys=False))
     env = child_env(HF_HUB_CACHE=str(cache), HF_ENDPOINT=f"http://127.0.0.1:{free_port()}")
@@ -69,6 +71,17 @@ def test_hub_model_in_the_local_cache_trains_without_retrying_the_hub(tmp_path, 
     # without local_files_only each load (config, tokenizer, weights, adapter probe) retried 5 times
     assert "Retrying" not in res.stderr and "thrown while requesting" not in res.stderr, res.stderr[-3000:]
     assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_the_adapter_records_the_hub_revision_it_trained_on(tmp_path, tiny_llama):
+    """adapter_config.json's revision is the version AutoPeftModel* loads the base at: it said null for a run on
+    model.revision, so the adapter went onto the hub's newest version of the base instead of the one trained."""
+    cache = tmp_path / "hub"
+    name = _cached_as_hub_model(cache, tiny_llama)
+    res = _train(tmp_path, name, cache, revision="0" * 40)
+    assert res.returncode == 0, res.stderr[-3000:]
+    config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert (config["base_model_name_or_path"], config["revision"]) == (name, "0" * 40)
 
 
 def test_hub_model_missing_from_the_cache_says_the_hub_is_unreachable(tmp_path):

@@ -89,6 +89,38 @@ def test_labels_in_another_order_are_refused(seq_cls_adapter, tmp_path, capsys):
     assert code == 2 and f"are not the adapter's {labels}" in err, err
 
 
+
+def test_a_classifier_adapter_without_scaletune_json_needs_its_labels_named(seq_cls_adapter, tmp_path, capsys):
+    """A seq_cls adapter from plain peft or TRL records no label names: the data's sorted labels were taken as its
+    head's rows without a word, which may be another order (classes swapped). data.labels must name them."""
+    path, adapter = seq_cls_adapter
+    labels = json.loads((adapter / "scaletune.json").read_text())["labels"]
+    (adapter / "scaletune.json").unlink()  # (what plain peft's save_pretrained writes: no scaletune.json)
+    code = _train(path, capsys, f"output_dir={tmp_path / 'next'}", f"model.init_adapter={adapter}")
+    err = capsys.readouterr().err
+    assert code == 2 and "has no scaletune.json, so the order of its classifier's labels is unknown" in err, err
+    assert not (tmp_path / "next").exists()
+    code = _train(path, capsys, f"output_dir={tmp_path / 'next'}", f"model.init_adapter={adapter}",
+                  f"data.labels={json.dumps(labels)}")
+    assert code == 0, capsys.readouterr().err
+
+
+
+def test_a_plain_peft_adapter_saved_without_a_task_type_is_a_starting_point(make_config, tmp_path, capsys):
+    """A LoraConfig without task_type (peft's examples, many hub adapters) saves task_type null: it was refused as
+    "peft.task_type: 'CAUSAL_LM' in the run config, None in ...", a key scaletune refuses to take."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    path = make_config("causal_lm", train={"max_steps": 1})
+    base = yaml.safe_load(path.read_text())["model"]["name_or_path"]
+    plain = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", init_lora_weights=False))
+    plain.save_pretrained(tmp_path / "plain")
+    assert json.loads((tmp_path / "plain" / "adapter_config.json").read_text())["task_type"] is None
+    assert _train(path, capsys, f"model.init_adapter={tmp_path / 'plain'}") == 0, capsys.readouterr().err
+
+
 @pytest.mark.parametrize("what", ["missing", "no adapter files", "other task"])
 def test_a_path_that_holds_no_usable_adapter_is_a_config_error(seq_cls_adapter, tmp_path, capsys, what):
     path, adapter = seq_cls_adapter

@@ -104,16 +104,27 @@ def load_trained(cfg: RunConfig, adapter: str | None, tokenises: bool = True) ->
         raise UserError(f"the adapter at {path} was trained for task {meta['task']}, the run config says "
                         f"task: {cfg.task}; use that run's config or another --adapter")
     # (a relative local path and the absolute one the adapter records name the same base: no warning)
-    if meta.get("base_model") and not same_base(meta["base_model"], cfg.model.name_or_path):
+    # (an adapter saved by plain peft or TRL has no scaletune.json: its adapter_config.json names the base)
+    base = meta.get("base_model") if meta else _adapter_config(path).get("base_model_name_or_path")
+    if isinstance(base, str) and base and not same_base(base, cfg.model.name_or_path):
         # a moved or re-downloaded base is fine; a different one gives nonsense without an error
-        log.warning("the adapter at %s was trained on %s; loading it onto %s", path, meta["base_model"],
-                    cfg.model.name_or_path)
+        log.warning("the adapter at %s was trained on %s; loading it onto %s", path, base, cfg.model.name_or_path)
     check_rope_scaling(cfg, path, meta)
     task = get_task(cfg.task)
     task.configure(cfg)
     task.setup_cached(meta)
-    labels = meta.get("labels")
-    tokenizer = load_tokenizer(cfg, str(path))
+    if not meta and cfg.task in CAUSAL_TASKS and cfg.data.format != "auto":
+        from .data.formats import FORMATS
+
+        # an adapter without scaletune.json (plain peft, TRL) does not say how it was trained: the config's
+        # explicit data.format does (a plain predict line as it is for prompt_completion, not as a chat turn)
+        task.format = FORMATS[cfg.data.format]
+    labels = meta.get("labels") or _labels_of_foreign(cfg, task, path, meta)
+    # an adapter from plain peft (save_pretrained) holds no tokenizer: the base's is the one it was trained with
+    own = (path / "tokenizer_config.json").is_file()
+    if not own:
+        log.info("the adapter at %s has no tokenizer (tokenizer_config.json): using model.name_or_path's", path)
+    tokenizer = load_tokenizer(cfg, str(path) if own else None)
     check_adapter_record(cfg, path, meta)  # (else peft indexes past the base's table: a bare IndexError)
     restore_new_tokens(tokenizer, meta)  # (the base is resized as training resized it: model.new_special_tokens)
     if tokenises and meta and (differs := tokenised_differently(meta.get("tokenisation"), cfg.task, tokenizer)):
@@ -122,6 +133,54 @@ def load_trained(cfg: RunConfig, adapter: str | None, tokenises: bool = True) ->
     model = load_model(cfg, task, labels, tokenizer, adapter_path=str(path))
     model.eval()
     return model, tokenizer, task, labels, path
+
+
+def _labels_of_foreign(cfg: RunConfig, task: Any, path: Path, meta: dict) -> list[str] | None:
+    """The class names of a classifier adapter that has no scaletune.json (one saved by plain peft or TRL): its
+    head's outputs are numbered, not named, so data.labels must name them, in order. Else every metric and
+    predicted label failed with a TypeError traceback. Such an adapter's peft task_type must be the task's."""
+    if meta:
+        return None
+    kind = _adapter_config(path).get("task_type")
+    if kind and task.peft_task_type and kind != task.peft_task_type:
+        # (a SEQ_CLS head loads as a token tagger's, both are `classifier`: one label for every word, no error)
+        raise UserError(f"the adapter at {path} is a peft {kind} adapter (adapter_config.json's task_type), "
+                        f"task {cfg.task} needs {task.peft_task_type}; use a run config of its task or another "
+                        "--adapter")
+    if cfg.task not in ("seq_cls", "token_cls"):
+        return None
+    if cfg.data.labels:
+        labels = [str(label) for label in cfg.data.labels]
+        rows = _head_rows(path)
+        if rows is not None and rows != len(labels):
+            raise ConfigError(f"data.labels: {len(labels)} labels, but the classifier of the adapter at {path} "
+                              f"has {rows} outputs", hint=f"name its {rows} labels, in the order of its outputs")
+        return labels
+    raise ConfigError(f"data.labels: the adapter at {path} has no scaletune.json (it was not saved by scaletune), "
+                      "so the names of its classifier's outputs are unknown",
+                      hint="set data.labels to its labels in the order of the head's outputs (the id2label of the "
+                           "model it was trained with), e.g. data.labels='[neg, pos]'")
+
+
+def _adapter_config(path: Path) -> dict:
+    """The adapter's adapter_config.json ({} where unreadable: a damaged one is named where peft reads it)."""
+    try:
+        conf = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return conf if isinstance(conf, dict) else {}
+
+
+def _head_rows(path: Path) -> int | None:
+    """The outputs of the classifier head an adapter saved (its modules_to_save copy), None where it saved none."""
+    from peft.utils import load_peft_weights
+
+    heads = [m.split(".")[-1] for m in _adapter_config(path).get("modules_to_save") or []]
+    for key, tensor in load_peft_weights(str(path), device="cpu").items():
+        parts = key.split(".")
+        if parts[-1] == "weight" and tensor.ndim == 2 and any(h in parts for h in heads):
+            return int(tensor.shape[0])
+    return None
 
 
 def on_device(cfg: RunConfig, model: Any) -> tuple[Any, Any]:

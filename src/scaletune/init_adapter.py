@@ -203,6 +203,11 @@ def _setting_problems(run: dict, saved: dict, path: Path) -> list[str]:
     for key in sorted(set(run) & set(saved) - _MAY_DIFFER):
         if key.endswith("dropout") or _plain(run[key]) == _plain(saved[key]):
             continue
+        if key == "task_type":  # (scaletune sets it from `task`: peft.task_type is no key a user can give)
+            if saved[key] is not None:  # (None: a LoraConfig without one, whose weights are named alike)
+                out.append(f"task: {path} is a peft {saved[key]} adapter (its adapter_config.json's task_type), "
+                           f"this run's task trains a {run[key]} one")
+            continue
         if key == "init_lora_weights" and run[key] in _WEIGHTS_ONLY_INITS and saved[key] in _WEIGHTS_ONLY_INITS:
             continue  # (the saved weights replace the initial ones)
         out.append(f"peft.{key}: {_plain(run[key])!r} in the run config, {_plain(saved[key])!r} in the "
@@ -217,6 +222,10 @@ def _label_problems(cfg: Any, labels: list[str] | None, path: Path) -> list[str]
     meta = adapter_meta(path)
     if meta.get("task") not in (None, cfg.task):
         return [f"task: {cfg.task}, but the adapter was trained for {meta['task']}"]
+    if not meta and labels is not None and not cfg.data.labels:
+        # (plain peft, TRL: no scaletune.json names its head's rows; the data's sorted labels may be another order)
+        return [f"data.labels: {path} has no scaletune.json, so the order of its classifier's labels is unknown: "
+                "set data.labels to them, in the order of the head's outputs (the id2label it was trained with)"]
     if labels is None or meta.get("labels") is None or list(meta["labels"]) == list(labels):
         return []
     if extra := [label for label in labels if label not in meta["labels"]]:  # (its head has no row for them)

@@ -285,10 +285,12 @@ def _load_adapter(model: Any, adapter_path: str, fused: bool = False) -> Any:
         # not peft's (or a newer peft's)
         first = (str(exc).strip().splitlines() or [""])[0][:300]
         other_base = "size mismatch" in str(exc) or "Target modules" in str(exc) or "NoMatching" in type(exc).__name__
+        record = "its scaletune.json says which: base_model" if (Path(adapter_path) / "scaletune.json").is_file() \
+            else "its adapter_config.json names it: base_model_name_or_path"
         raise UserError(f"the adapter at {adapter_path} cannot be loaded onto {model.name_or_path}: "
                         f"{type(exc).__name__}: {first}",
-                        hint="load it onto the base model it was trained on (its scaletune.json says which: "
-                             "base_model), with that run's config" if other_base else
+                        hint=f"load it onto the base model it was trained on ({record}), with that run's config"
+                        if other_base else
                              "its adapter_config.json is not one this peft reads: written by another (newer?) "
                              f"peft version (this is {peft.__version__}), or damaged") from None
 

@@ -65,6 +65,8 @@ def save_adapter(run: Run, directory: Path, state: dict | None = None, extra_met
     base = recorded_base(run.cfg.model.name_or_path)
     for config in getattr(model, "peft_config", {}).values():  # (adapter_config.json's, see recorded_base)
         config.base_model_name_or_path = base
+        # the hub version trained on: AutoPeftModel* loads the base at adapter_config.json's revision (else main's)
+        config.revision = run.cfg.model.revision
     with prompt_encoders_holding(model, state):
         # new tokens: peft would see the resized vocabulary and save both whole tables; their trained rows are
         # saved as trainable tokens, and eval resizes the base itself (new_tokens.fit_embeddings)
