@@ -132,7 +132,7 @@ def acquire(out: Path) -> OutputLock | None:
             out.mkdir(parents=True, exist_ok=True)
             fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o644)
         except (OSError, ValueError):  # (ValueError: a NUL byte in the name)
-            if (out / LOCK_NAME).is_symlink():
+            if os.path.islink(out / LOCK_NAME):  # (not Path.is_symlink: it raises on a name too long)
                 raise UserError(f"output_dir: {out / LOCK_NAME} is a symbolic link (to {os.readlink(out / LOCK_NAME)}); "
                                 "scaletune's lock file never is, and locking it would overwrite the file it names",
                                 hint="remove the link (a run directory copied from someone else may hold more: "
