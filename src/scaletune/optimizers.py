@@ -16,10 +16,13 @@ bitsandbytes' quantized or paged states cannot, so those optimizers are refused 
 from __future__ import annotations
 
 import math
+import typing
 from typing import Any
 
-OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor", "lion", "lion_8bit",
-              "paged_lion_8bit")
+from .config import TrainConfig
+
+# train.optimizer's choices, as the config declares them (one list: a new choice is tested with the others)
+OPTIMIZERS: tuple[str, ...] = typing.get_args(typing.get_type_hints(TrainConfig)["optimizer"])
 # train.optimizer -> bitsandbytes.optim class
 BNB_CLASSES = {"adamw_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit", "paged_adamw_32bit": "PagedAdamW32bit",
                "lion": "Lion", "lion_8bit": "Lion8bit", "paged_lion_8bit": "PagedLion8bit"}
