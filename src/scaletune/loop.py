@@ -58,22 +58,7 @@ def fit(run: Run, stop: StopFlag) -> str:
         # are another path's (a resume from an older checkpoint, after a non-finite stop) or were re-done
         mlog.log("resume", run.step, {})
     best = BestAdapter(run, mlog)
-    # a run that stopped early is complete at its checkpoint's step: resuming it trains no further
-    end = run.step if run.counters.get("stopped_early") else run.total_steps
-    if run.schedule_note and run.step < end:
-        log.warning("%s", run.schedule_note)
-    # the checkpoint's step was stopped during its eval, or (a run ending at a mid-run checkpoint: max_steps lowered
-    # to its step) has an end-of-run eval and best adapter never done there (a checkpoint from before
-    # evaluated_step was kept: taken as evaluated)
-    interrupted = run.counters.get("eval_interrupted") == run.step
-    unevaluated_end = end == run.total_steps and run.counters.get("evaluated_step", run.step) != run.step
-    redo = bool(run.step) and run.data["eval"] is not None and (interrupted or (run.step >= end and unevaluated_end))
-    if run.step >= end:
-        mlog.write(f"run already complete ({run.step}/{run.total_steps} steps"
-                   # (a user who raised max_steps or epochs to go on is told what does: README "Best adapter")
-                   + (", stopped early: train.early_stopping_patience=null, or a larger one, continues it)"
-                      if end < run.total_steps else ")")
-                   + (f"; its eval at step {run.step} and adapter are still to do" if redo else ""))
+    end, redo = resume_point(run, mlog)
     model.train()
     stop.catch_interrupts()  # Ctrl-C from here on: a checkpoint at the next step boundary (see StopFlag)
     redone = -1  # the step whose checkpoint lacks the eval just redone (until a step is trained)
@@ -149,6 +134,28 @@ def fit(run: Run, stop: StopFlag) -> str:
     stop.release_interrupts()
     mlog.close()
     return "done"
+
+
+def resume_point(run: Run, mlog: MetricsLog) -> tuple[int, bool]:
+    """(the step this run trains to, whether the checkpoint's eval is to be redone first), said where a resumed
+    run has nothing left to train or its lr differs from the checkpoint's schedule."""
+    # a run that stopped early is complete at its checkpoint's step: resuming it trains no further
+    end = run.step if run.counters.get("stopped_early") else run.total_steps
+    if run.schedule_note and run.step < end:
+        log.warning("%s", run.schedule_note)
+    # the checkpoint's step was stopped during its eval, or (a run ending at a mid-run checkpoint: max_steps lowered
+    # to its step) has an end-of-run eval and best adapter never done there (a checkpoint from before
+    # evaluated_step was kept: taken as evaluated)
+    interrupted = run.counters.get("eval_interrupted") == run.step
+    unevaluated_end = end == run.total_steps and run.counters.get("evaluated_step", run.step) != run.step
+    redo = bool(run.step) and run.data["eval"] is not None and (interrupted or (run.step >= end and unevaluated_end))
+    if run.step >= end:
+        mlog.write(f"run already complete ({run.step}/{run.total_steps} steps"
+                   # (a user who raised max_steps or epochs to go on is told what does: README "Best adapter")
+                   + (", stopped early: train.early_stopping_patience=null, or a larger one, continues it)"
+                      if end < run.total_steps else ")")
+                   + (f"; its eval at step {run.step} and adapter are still to do" if redo else ""))
+    return end, redo
 
 
 EVAL_REDONE = "which the resumed run does first"
