@@ -288,6 +288,14 @@ def test_demo_runs_and_improves(tmp_path):
 
     with safe_open(str(tmp_path / "demo/run/adapter/adapter_model.safetensors"), "pt") as fh:
         assert any("lm_head" in key for key in fh.keys())
+    # the next steps it prints run exactly as printed, in a POSIX sh too (bash's `<<<` did not: sh, dash, fish)
+    nexts = [row.split("next:")[-1].split("#")[0].strip() for row in res.stdout.splitlines()
+             if row.startswith("[demo] next:") or (row.startswith("      ") and "scaletune eval" in row)]
+    assert len(nexts) == 2 and nexts[0].startswith("echo "), res.stdout[-1500:]
+    path = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # its `scaletune`
+    ran = [subprocess.run(["sh", "-c", line], capture_output=True, text=True, timeout=300, env=path) for line in nexts]
+    assert [r.returncode for r in ran] == [0, 0], [r.stderr[-1500:] for r in ran]
+    assert '"completion": "' in ran[0].stdout and '"exact_match"' in ran[1].stdout, [r.stdout for r in ran]
     # a second demo into the same directory replaces the previous demo, but never a foreign directory
     other = tmp_path / "other"
     other.mkdir()
@@ -295,6 +303,34 @@ def test_demo_runs_and_improves(tmp_path):
     res = subprocess.run([sys.executable, "-m", "scaletune", "demo", "--out", str(other)], capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 2 and (other / "x").read_text() == "mine"
+
+
+def test_ctrl_c_before_the_demo_trains_names_the_command_to_start_it_again():
+    """Ctrl-C while the demo builds its model or scores it before training printed a bare `interrupted`."""
+    import argparse
+
+    from scaletune.cli import _resume_hint
+
+    assert _resume_hint(argparse.Namespace(command="demo", out="my demo", steps=None)) == (
+        "; run `scaletune demo --out 'my demo'` to start it again")
+    assert _resume_hint(argparse.Namespace(command="demo", out="runs/demo", steps=50)) == (
+        "; run `scaletune demo --steps 50` to start it again")
+
+
+@pytest.mark.skipif(not Path("/sys/kernel").is_dir(), reason="needs Linux's /sys, where no one may create a directory")
+def test_a_demo_it_cannot_write_names_where_it_writes_and_out(capsys):
+    """Run from a directory the user cannot write (root ignores permissions; /sys refuses root too), the demo
+    said only `runs: Operation not permitted` and to free disk space, not where it writes or that --out exists."""
+    code, _, err = run_cli(["demo", "--out", "/sys/scaletune-demo"], capsys)
+    assert_clean_error(code, err, "/sys/scaletune-demo", "pass --out DIR")
+    assert "free disk space" not in err
+
+
+def test_demo_help_says_what_it_does_and_writes(capsys):
+    with pytest.raises(SystemExit):
+        run_cli(["demo", "--help"], capsys)
+    out = " ".join(capsys.readouterr().out.split())
+    assert "train LoRA" in out and "OUT/demo.yaml" in out and "OUT/run" in out, out
 
 
 def test_a_second_demo_keeps_what_was_added_to_the_first(tmp_path, monkeypatch):

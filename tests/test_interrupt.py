@@ -182,3 +182,5 @@ def test_the_demo_stopped_by_ctrl_c_is_not_reported_as_finished(monkeypatch, tmp
     assert run_demo(str(tmp_path / "demo"), steps=2) == 130
     out = capsys.readouterr().out
     assert "held-out set" not in out and "stopped at step 0 of 2" in out, out[-1500:]
+    # the command to start it again is this demo's (its --out and --steps), not a bare `scaletune demo` into runs/demo
+    assert f"run `scaletune demo --out {tmp_path / 'demo'} --steps 2` to start it again" in out, out[-1500:]

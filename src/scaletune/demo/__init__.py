@@ -8,6 +8,7 @@ path, and prints before/after loss, perplexity and answers.
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import signal
 from pathlib import Path
@@ -17,6 +18,7 @@ import yaml
 from ..errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, UserError
 
 DATA = Path(__file__).with_name("instructions.jsonl")
+DEFAULT_OUT = "runs/demo"  # `--out`'s default (cli.py)
 MARKER = ".scaletune-demo"
 DEMO_FILES = {MARKER, "base-model", "demo.yaml", "run"}  # what a demo writes in --out
 
@@ -37,6 +39,14 @@ def demo_config(out: Path, steps: int) -> dict:
                   "save_every": steps, "log_every": 10, "report_to": []},
         "output_dir": str(out / "run"),
     }
+
+
+def rerun_command(out_dir: str, steps: int | None) -> str:
+    """The command that runs this demo again: the user's own --out and --steps, since a bare `scaletune demo`
+    would train another directory (runs/demo) for another number of steps."""
+    args = [] if out_dir == DEFAULT_OUT else ["--out", shlex.quote(out_dir)]
+    args += [] if steps is None else ["--steps", str(steps)]
+    return " ".join(["scaletune demo", *args])
 
 
 def run_demo(out_dir: str, steps: int | None = None) -> int:
@@ -63,7 +73,7 @@ def run_demo(out_dir: str, steps: int | None = None) -> int:
         shutil.rmtree(out)
     out.mkdir(parents=True)
     (out / MARKER).write_text("created by scaletune demo; safe to delete\n")
-    steps = steps or 300
+    given_steps, steps = steps, steps or 300
     records = [json.loads(line) for line in DATA.read_text().splitlines()]
     texts = [f"{r['instruction']} {r['input']} {r['output']}" for r in records]
     print(f"[demo] building a tiny Llama (128 hidden, 4 layers) and training its tokenizer -> {out / 'base-model'}")
@@ -95,7 +105,8 @@ def run_demo(out_dir: str, steps: int | None = None) -> int:
     finally:
         stop.release_interrupts()
     if stopped:  # (Ctrl-C or a stop signal: the half-trained adapter is a checkpoint, not the demo's result)
-        print(f"[demo] stopped at step {run.step} of {steps}; run `scaletune demo` again to see it through")
+        print(f"[demo] stopped at step {run.step} of {steps}; run `{rerun_command(out_dir, given_steps)}` "
+              "to start it again (it replaces this unfinished demo)")
         return EXIT_INTERRUPTED if stop.signal == signal.SIGINT else EXIT_PREEMPTED
     after = evaluate(run.accelerator, run.model, run.task, run.data["eval"], None, 8, pad)
     after_answers = answers()
@@ -107,6 +118,8 @@ def run_demo(out_dir: str, steps: int | None = None) -> int:
     for q, a0, a1 in zip(questions, before_answers, after_answers):
         print(f"       {q:<36} before: {a0.strip()[:20]!r:<24} after: {a1.strip()[:24]!r}")
     print(f"\n[demo] adapter: {cfg.output_dir}/adapter   metrics: {cfg.output_dir}/metrics.jsonl")
-    print(f"[demo] next: scaletune predict {out / 'demo.yaml'} --input - <<< 'Add 2 and 5.'")
-    print(f"              scaletune eval {out / 'demo.yaml'} --generate   # its answers to the held-out questions")
+    # a pipe, not bash's `<<<`: sh, dash and fish refuse a here-string, and the line must run as printed
+    print(f"[demo] next: echo 'Add 2 and 5.' | scaletune predict {shlex.quote(str(out / 'demo.yaml'))} --input -")
+    print(f"              scaletune eval {shlex.quote(str(out / 'demo.yaml'))} --generate"
+          "   # its answers to the held-out questions")
     return 0 if after["loss"] < before["loss"] else 1
