@@ -15,6 +15,16 @@ log = logging.getLogger("scaletune")
 _OTHER_COPY = "use another copy of the adapter, or a checkpoint's: --adapter OUTPUT_DIR/checkpoints/step-N"
 
 
+def adapter_config(path: Path) -> dict:
+    """The adapter's adapter_config.json as written ({} where missing or unreadable: the loaders, peft's or
+    init_adapter's, say what is wrong with the directory)."""
+    try:
+        conf = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return conf if isinstance(conf, dict) else {}
+
+
 def adapter_meta(path: Path) -> dict:
     """The adapter's scaletune.json ({} if it has none); a damaged one is one error naming it."""
     meta_file = path / "scaletune.json"

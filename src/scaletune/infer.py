@@ -11,7 +11,7 @@ from typing import Any, TextIO
 import torch
 
 from . import generation_metrics, predict_input
-from .adapter_record import adapter_meta, check_held_out, check_rope_scaling
+from .adapter_record import adapter_config, adapter_meta, check_held_out, check_rope_scaling
 from .checkpoint import checkpoint_dirs
 from .config import CAUSAL_TASKS, RunConfig
 from .data import tokenised_differently
@@ -105,7 +105,7 @@ def load_trained(cfg: RunConfig, adapter: str | None, tokenises: bool = True) ->
                         f"task: {cfg.task}; use that run's config or another --adapter")
     # (a relative local path and the absolute one the adapter records name the same base: no warning)
     # (an adapter saved by plain peft or TRL has no scaletune.json: its adapter_config.json names the base)
-    base = meta.get("base_model") if meta else _adapter_config(path).get("base_model_name_or_path")
+    base = meta.get("base_model") if meta else adapter_config(path).get("base_model_name_or_path")
     if isinstance(base, str) and base and not same_base(base, cfg.model.name_or_path):
         # a moved or re-downloaded base is fine; a different one gives nonsense without an error
         log.warning("the adapter at %s was trained on %s; loading it onto %s", path, base, cfg.model.name_or_path)
@@ -141,7 +141,7 @@ def _labels_of_foreign(cfg: RunConfig, task: Any, path: Path, meta: dict) -> lis
     predicted label failed with a TypeError traceback. Such an adapter's peft task_type must be the task's."""
     if meta:
         return None
-    kind = _adapter_config(path).get("task_type")
+    kind = adapter_config(path).get("task_type")
     if kind and task.peft_task_type and kind != task.peft_task_type:
         # (a SEQ_CLS head loads as a token tagger's, both are `classifier`: one label for every word, no error)
         raise UserError(f"the adapter at {path} is a peft {kind} adapter (adapter_config.json's task_type), "
@@ -162,20 +162,11 @@ def _labels_of_foreign(cfg: RunConfig, task: Any, path: Path, meta: dict) -> lis
                            "model it was trained with), e.g. data.labels='[neg, pos]'")
 
 
-def _adapter_config(path: Path) -> dict:
-    """The adapter's adapter_config.json ({} where unreadable: a damaged one is named where peft reads it)."""
-    try:
-        conf = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return conf if isinstance(conf, dict) else {}
-
-
 def _head_rows(path: Path) -> int | None:
     """The outputs of the classifier head an adapter saved (its modules_to_save copy), None where it saved none."""
     from peft.utils import load_peft_weights
 
-    heads = [m.split(".")[-1] for m in _adapter_config(path).get("modules_to_save") or []]
+    heads = [m.split(".")[-1] for m in adapter_config(path).get("modules_to_save") or []]
     for key, tensor in load_peft_weights(str(path), device="cpu").items():
         parts = key.split(".")
         if parts[-1] == "weight" and tensor.ndim == 2 and any(h in parts for h in heads):

@@ -8,10 +8,11 @@ which rows are new, and resize the base identically before the adapter is loaded
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
+
+from .adapter_record import adapter_config
 
 log = logging.getLogger("scaletune")
 
@@ -101,11 +102,7 @@ def restore(tokenizer: Any, meta: dict) -> None:
 def saved_rows(adapter_dir: Path) -> list[int]:
     """The embedding rows an adapter trains as peft's trainable tokens (its adapter_config.json's
     trainable_token_indices: a list, or {module: list}); none for an adapter without them or no config to read."""
-    try:
-        conf = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return []  # (the loaders say what is wrong with the directory)
-    indices = conf.get("trainable_token_indices") if isinstance(conf, dict) else None
+    indices = adapter_config(adapter_dir).get("trainable_token_indices")
     if isinstance(indices, dict):
         return sorted({i for ids in indices.values() for i in ids})
     return sorted(indices) if isinstance(indices, list) else []
