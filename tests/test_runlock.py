@@ -213,7 +213,10 @@ def test_a_refusal_by_the_ranks_of_a_killed_launcher_says_its_pid_has_ended(tmp_
     ready = CTX.Event()
     launcher = CTX.Process(target=_killed_launcher, args=(str(out), ready, str(release)))
     launcher.start()
-    launcher.join(60)
+    # (not join(): the orphaned rank inherited the end of the pipe join waits on, which stays open until it ends)
+    deadline = time.monotonic() + 60
+    while launcher.exitcode is None and time.monotonic() < deadline:
+        time.sleep(0.05)
     try:
         assert launcher.exitcode == -signal.SIGKILL
         message = other_process_tries(out)
