@@ -4,6 +4,7 @@ interpreters: the same code path and a real process of its own, without ~10 s of
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import subprocess
@@ -54,9 +55,9 @@ class Forked:
         return self.stdout_path.read_text(), self.log.read_text()
 
 
-def start(argv: list[str], env: dict, log: Path) -> Forked:
+def start(argv: list[str], env: dict, log: Path, cwd: Path | None = None) -> Forked:
     """`scaletune <argv>` forked; stderr goes to `log`, stdout to `log` + ".out"."""
-    return Forked({"run": argv, "env": env}, log)
+    return Forked({"run": argv, "env": env, "cwd": str(cwd) if cwd else None}, log)
 
 
 def run(argv: list[str], env: dict, log: Path, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -109,3 +110,76 @@ def run_ranks(script: Path, args: list[str], env: dict, world: int, logdir: Path
     if any(p.returncode != 0 for p in procs):
         logs = "\n".join(f"--- rank {i} (exit {p.returncode})\n{p.log.read_text()[-4000:]}" for i, p in enumerate(procs))
         raise AssertionError(f"{script.name} {' '.join(args)} failed at world size {world}:\n{logs}")
+
+
+def launch(cmd: list[str], env: dict, logdir: Path, cwd: Path, timeout: float = 420) -> subprocess.CompletedProcess:
+    """A one-node launch, `cmd` being `... accelerate_cli launch ARGS -m scaletune COMMAND ...` or
+    `... scaletune launch ...`, with its ranks forked here instead of started by accelerate and torchrun.
+
+    What the ranks get is what that launch would give them: `scaletune launch`'s accelerate command is its
+    own (composed by a dry run in this process, which also validates the config), the environment is
+    accelerate's (its launch parser and env builders), then torchrun's per-rank variables. The exit code is
+    `scaletune launch`'s for those ranks; the output is the printed command (for `scaletune launch`), then
+    each rank's stdout and stderr. For tests of what training does under DDP/ZeRO; how processes start,
+    stop and fail is for real launches (tests/distributed/test_launch_*.py)."""
+    import io
+    import shlex
+
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+
+    from scaletune.cli import main
+    from scaletune.launch import exit_code
+
+    printed = ""
+    if "accelerate_cli" not in " ".join(cmd[:3]):  # scaletune launch: its own command, from a dry run
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf), _chdir(cwd):
+            assert main([*cmd[cmd.index("launch"):], "--dry-run"]) == 0, buf.getvalue()
+        printed = buf.getvalue()
+        cmd = shlex.split(printed.strip().splitlines()[-1])
+    at = cmd.index("-m", cmd.index("launch"))
+    assert cmd[at + 1] == "scaletune", cmd
+    args = launch_command_parser().parse_args(cmd[cmd.index("launch") + 1:at] + ["x"])
+    with _chdir(cwd):
+        args, defaults, mixed_precision_from_config = _validate_launch_command(args)
+    assert args.num_machines in (None, 1), "multi-node launches are real ones"
+    if args.use_deepspeed:  # (as accelerate's launch_command sets it before its deepspeed launcher)
+        fields = [*(defaults.deepspeed_config if defaults else {})] + ["mixed_precision"] * mixed_precision_from_config
+        args.deepspeed_fields_from_accelerate_config = ",".join(fields)
+        built = prepare_deepspeed_cmd_env(args)[1]
+    else:
+        built = prepare_multi_gpu_env(args)
+    accelerate_env = {k: v for k, v in built.items() if os.environ.get(k) != v}
+    world, port = int(args.num_processes), str(args.main_process_port)
+    procs = []
+    for rank in range(world):
+        rank_env = {**env, **accelerate_env, "RANK": str(rank), "LOCAL_RANK": str(rank), "GROUP_RANK": "0",
+                    "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
+                    "MASTER_PORT": port}
+        procs.append(start(cmd[at + 2:], rank_env, logdir / f"launch{port}_rank{rank}.log", cwd))
+    deadline = time.monotonic() + timeout
+    try:
+        # as torchrun: the first failure stops the other ranks (one left alone would wait in a collective)
+        while any(p.poll() is None for p in procs) and not any(p.returncode not in (None, 0) for p in procs):
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(cmd, timeout)
+            time.sleep(0.05)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                _kill(p)
+    out = printed + "".join(f"[forked rank {i}: exit {p.returncode}]\n" + p.stdout_path.read_text() + p.log.read_text()
+                            for i, p in enumerate(procs))
+    codes = [p.returncode for p in procs]
+    return subprocess.CompletedProcess(cmd, exit_code(codes) if any(codes) else 0, out, "")
+
+
+@contextlib.contextmanager
+def _chdir(path: Path):
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)

@@ -5,7 +5,7 @@ A child runs `scaletune <argv>` exactly as `python -m scaletune` would (or a hel
 Nothing has run a torch op in this process before a fork (no thread pools to inherit).
 
 Protocol, one JSON object per line on stdin, one answer per line on stdout:
-  {"run": argv, "env": {...}, "stdout": path, "stderr": path} -> child pid
+  {"run": argv, "env": {...}, "stdout": path, "stderr": path, "cwd": dir (optional)} -> child pid
   {"script": path, "args": [...], "env": ..., "stdout": ..., "stderr": ...} -> child pid
   {"poll": pid}  -> exit code (negative: killed by that signal), or null while it runs
   {"wait": pid}  -> exit code
@@ -18,18 +18,27 @@ import os
 import runpy
 import sys
 
-import peft  # noqa: F401  (the imports a `scaletune train` process pays for)
-import transformers  # noqa: F401
+ANSWERS = sys.stdout  # (the __main__ block moves it off fd 1)
 
-import scaletune.loop  # noqa: F401
-import scaletune.train  # noqa: F401
-from scaletune.cli import main
+
+def preload() -> None:
+    """The imports a `scaletune train` process pays for (a launched rank's DeepSpeed too, where installed)."""
+    import importlib
+
+    for name in ("peft", "transformers", "deepspeed", "scaletune.loop", "scaletune.train", "scaletune.cli"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            if name != "deepspeed":
+                raise
 
 
 def child(req: dict) -> None:
     os.setsid()
     os.environ.clear()
     os.environ.update(req["env"])
+    if req.get("cwd"):
+        os.chdir(req["cwd"])
     null = os.open(os.devnull, os.O_RDWR)
     out = os.open(req["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644) if req.get("stdout") else null
     err = os.open(req["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -44,6 +53,8 @@ def child(req: dict) -> None:
             runpy.run_path(req["script"], run_name="__main__")
             code = 0
         else:
+            from scaletune.cli import main
+
             code = main(req["run"])
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
@@ -69,9 +80,14 @@ def serve() -> None:
             pid = req.get("poll", req.get("wait"))
             done, status = os.waitpid(pid, os.WNOHANG if "poll" in req else 0)
             answer = os.waitstatus_to_exitcode(status) if done else None
-        sys.stdout.write(json.dumps(answer) + "\n")
-        sys.stdout.flush()
+        ANSWERS.write(json.dumps(answer) + "\n")
+        ANSWERS.flush()
 
 
 if __name__ == "__main__":
+    # The answers go out on the stdout this process was given; anything an import prints (DeepSpeed logs its
+    # accelerator to stdout) goes to stderr instead of into the protocol.
+    ANSWERS = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    preload()
     serve()

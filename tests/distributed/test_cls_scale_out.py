@@ -38,8 +38,8 @@ from test_scale_out import (  # noqa: E402
     _scaletune,
     assert_same_curve,
     losses,
-    run_cli,
     run_forked,
+    run_launched,
 )
 
 import forking  # noqa: E402
@@ -82,8 +82,8 @@ def test_weighted_loss_curve_and_adapter_match_single_process(world, single):
     from safetensors.torch import load_file
 
     out = world.root / "ddp"
-    run_cli(world, _scaletune("launch", str(world.cfg), f"output_dir={out}", "--nproc", "2",
-                              "--master-port", str(helpers.free_port())))
+    run_launched(world, _scaletune("launch", str(world.cfg), f"output_dir={out}", "--nproc", "2",
+                                   "--master-port", str(helpers.free_port())))
     runs = [json.loads((run / "run.json").read_text()) for run in (single, out)]
     assert [(r["world_size"], r["grad_accum"]) for r in runs] == [(1, 4), (2, 2)]
     assert runs[0]["class_weights"] == runs[1]["class_weights"] == {"neg": 32 / 56, "pos": 4.0}

@@ -1,8 +1,10 @@
 """End-to-end scale-out checks through the product CLI (2 CPU processes, gloo; DeepSpeed on CPU).
 
-Every multi-process run here is a real `scaletune launch` / `accelerate launch -m scaletune train`
-subprocess on the tiny Llama; single-process `scaletune train` / `merge` runs are processes of their own
-forked from tests/zygote.py (same CLI, ~10 s less import each). One float32 single-process run is the
+The multi-process runs are `scaletune launch` / `accelerate launch -m scaletune train` on the tiny Llama:
+real launcher subprocesses where the launch itself is under test (the raw ZeRO-2 launch, the 2-node job,
+the SIGUSR1 preemption), else with their ranks forked from tests/zygote.py with the environment that
+launch gives them (`run_launched`); single-process `scaletune train` / `merge` runs are forked too (same
+CLI, ~10 s less import per process). One float32 single-process run is the
 reference; the claims are:
 
 * DDP (with torch.compile), ZeRO-2 and a 2-"node" ZeRO-3 run (same global batch 8, micro 2: accumulation
@@ -118,6 +120,16 @@ def run_cli(world: SimpleNamespace, cmd: list[str], expect: int = 0, **env: str)
     return out
 
 
+def run_launched(world: SimpleNamespace, cmd: list[str], **env: str) -> str:
+    """`run_cli` of a one-node launch that must succeed, its ranks forked (forking.launch: the same ranks, ~10 s
+    less import each): for tests of what training does at world size 2, not of how processes start or stop."""
+    t0 = time.perf_counter()
+    res = forking.launch(cmd, _env(world, **env), world.root, REPO, timeout=LAUNCH_TIMEOUT)
+    world.timings.append(("(forked) " + " ".join(cmd[2:7]), round(time.perf_counter() - t0, 1)))
+    _check(res, res.stdout, cmd)
+    return res.stdout
+
+
 def losses(run_dir: Path) -> dict[int, float]:
     """step -> train loss (a resumed run appends; the last record of a step wins)."""
     return {r["step"]: r["loss"] for r in helpers.read_metrics(run_dir)}
@@ -180,12 +192,12 @@ def single(world) -> Path:
 
 @pytest.fixture(scope="module")
 def ddp_compiled(world) -> Path:
-    """2-process DDP (gloo) through `scaletune launch --nproc 2`, with train.torch_compile (inductor):
+    """2-process DDP (gloo) as `scaletune launch --nproc 2` starts it, with train.torch_compile (inductor):
     compiled decoder blocks, with the fused LoRA layers' custom operators inside them, under DDP's
     gradient hooks. (The eager DDP step is the same loop code; a launch of its own cost CI ~45 s.)"""
     out = world.root / "ddp_compiled"
-    text = run_cli(world, _scaletune("launch", str(world.fp32), f"output_dir={out}", "train.torch_compile=true",
-                                     "--nproc", "2", "--master-port", str(helpers.free_port())))
+    text = run_launched(world, _scaletune("launch", str(world.fp32), f"output_dir={out}", "train.torch_compile=true",
+                                          "--nproc", "2", "--master-port", str(helpers.free_port())))
     assert "--multi_gpu" in text.splitlines()[0]  # the printed accelerate command
     return out
 
@@ -414,8 +426,8 @@ def test_zero3_stop_on_sigusr1_then_resume_continues_curve(world, single):
     assert len(summary) == 1 and f"checkpoint {checkpoint} (continue with --resume auto)" in summary[0], text
     assert "Traceback" not in text
 
-    run_cli(world, _scaletune("launch", str(world.zero3), f"output_dir={out}", "--nproc", "2", "--resume", "auto",
-                              "--master-port", str(helpers.free_port())))
+    run_launched(world, _scaletune("launch", str(world.zero3), f"output_dir={out}", "--nproc", "2", "--resume", "auto",
+                                   "--master-port", str(helpers.free_port())))
     ref, got = losses(single), losses(out)
     assert_same_curve(ref, got, range(1, STEPS + 1))
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
@@ -440,9 +452,9 @@ def test_single_process_checkpoint_resumes_under_zero3(world, single):
 
     out = world.root / "resume_1_to_2"
     copy_checkpoint(single, 5, out)
-    text = run_cli(world, _accelerate("cpu_2proc_zero3.yaml", str(world.zero3), f"output_dir={out}",
-                                      "--resume", "auto", f"data.eval={world.root / 'train.jsonl'}",
-                                      f"train.eval_every={STEPS - 5}", "train.best_metric=loss"))
+    text = run_launched(world, _accelerate("cpu_2proc_zero3.yaml", str(world.zero3), f"output_dir={out}",
+                                           "--resume", "auto", f"data.eval={world.root / 'train.jsonl'}",
+                                           f"train.eval_every={STEPS - 5}", "train.best_metric=loss"))
     assert "saved at world size 1, now 2" in text
     got = losses(out)
     assert sorted(got) == list(range(6, STEPS + 1))

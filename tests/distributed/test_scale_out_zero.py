@@ -40,8 +40,8 @@ from test_scale_out import (  # noqa: E402
     assert_same_curve,
     copy_checkpoint,
     losses,
-    run_cli,
     run_forked,
+    run_launched,
 )
 
 import stutil as helpers  # noqa: E402  (tests/ is on sys.path via tests/conftest.py)
@@ -66,7 +66,7 @@ def test_a_non_finite_step_is_skipped_under_zero(world, stage):
                                             "max_nonfinite_skips": 2})
     ref, got = world.root / f"nan_single_{stage}", world.root / f"nan_zero{stage}"
     run_forked(world, ["train", str(cfg), f"output_dir={ref}"], SCALETUNE_FAULT="nan@3")
-    run_cli(world, _accelerate(f"cpu_2proc_zero{stage}.yaml", str(cfg), f"output_dir={got}",
+    run_launched(world, _accelerate(f"cpu_2proc_zero{stage}.yaml", str(cfg), f"output_dir={got}",
                                f"distributed.zero_stage={stage}"), SCALETUNE_FAULT="nan@3")
     for run in (ref, got):
         assert [r["step"] for r in helpers.read_metrics(run, "nonfinite")] == [3], run
@@ -96,10 +96,11 @@ def test_a_second_optimizer_group_is_checkpointed_under_zero_1_and_2(world, stag
     ref, got = world.root / f"dora_single_{stage}", world.root / f"dora_zero{stage}"
     run_forked(world, ["train", str(cfg), f"output_dir={ref}"])
     if stage == 1:
-        run_cli(world, _scaletune("launch", str(cfg), f"output_dir={got}", "distributed.zero_stage=1", "--nproc", "2",
-                                  "--master-port", str(helpers.free_port())))
+        run_launched(world, _scaletune("launch", str(cfg), f"output_dir={got}", "distributed.zero_stage=1",
+                                       "--nproc", "2", "--master-port", str(helpers.free_port())))
     else:
-        run_cli(world, _accelerate("cpu_2proc_zero2.yaml", str(cfg), f"output_dir={got}", "distributed.zero_stage=2"))
+        run_launched(world, _accelerate("cpu_2proc_zero2.yaml", str(cfg), f"output_dir={got}",
+                                        "distributed.zero_stage=2"))
     assert_same_curve(losses(ref), losses(got), range(1, steps + 1))
     for part in ("trainable", "optimizer"):
         want = load_file(str(ref / "checkpoints" / f"step-{steps}" / f"{part}.safetensors"))
@@ -120,9 +121,9 @@ def test_zero3_resumes_a_tensor_whose_size_is_no_multiple_of_the_world_size(worl
                        distributed={"zero_stage": 3})
     full, part = tmp_path / "full", tmp_path / "part"
     port = str(helpers.free_port())
-    run_cli(world, _scaletune("launch", str(path), f"output_dir={full}", "--nproc", "2", "--master-port", port))
+    run_launched(world, _scaletune("launch", str(path), f"output_dir={full}", "--nproc", "2", "--master-port", port))
     copy_checkpoint(full, 2, part)
-    run_cli(world, _scaletune("launch", str(path), f"output_dir={part}", "--resume", "auto", "--nproc", "2",
+    run_launched(world, _scaletune("launch", str(path), f"output_dir={part}", "--resume", "auto", "--nproc", "2",
                               "--master-port", str(helpers.free_port())))
     assert_same_curve(losses(full), losses(part), [3])
     want = load_file(str(full / "checkpoints" / "step-3" / "trainable.safetensors"))
@@ -148,7 +149,7 @@ def test_adafactor_trains_and_resumes_under_zero(world, stage, offload):
     for out, extra in ((full, []), (part, ["--resume", "auto"])):
         if extra:
             copy_checkpoint(full, 2, part)
-        run_cli(world, _scaletune("launch", str(cfg), f"output_dir={out}", *extra, "--nproc", "2",
+        run_launched(world, _scaletune("launch", str(cfg), f"output_dir={out}", *extra, "--nproc", "2",
                                   "--master-port", str(helpers.free_port())))
     assert_same_curve(losses(full), losses(part), [3])
     saved = load_file(str(full / "checkpoints" / "step-2" / "optimizer.safetensors"))
@@ -183,7 +184,7 @@ def test_qlora_trains_under_zero3(world):
                     train={"mixed_precision": "bf16", "max_steps": 3, "save_every": None},
                     distributed={"zero_stage": 3})
     out = world.root / "qlora_zero3"
-    run_cli(world, _accelerate("cpu_2proc_zero3.yaml", str(cfg), f"output_dir={out}"))
+    run_launched(world, _accelerate("cpu_2proc_zero3.yaml", str(cfg), f"output_dir={out}"))
     _assert_trained_adapter(out, 3)
 
 
@@ -201,7 +202,7 @@ def test_bf16_zero2(world):
 
     out = world.root / "bf16_zero2"
     cfg = world.cfg("bf16_z2", **BF16, distributed={"zero_stage": 2})
-    run_cli(world, _accelerate("cpu_2proc_zero2.yaml", str(cfg), f"output_dir={out}"))
+    run_launched(world, _accelerate("cpu_2proc_zero2.yaml", str(cfg), f"output_dir={out}"))
     _assert_trained_adapter(out, 3)
     adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     ckpt = load_file(str(out / "checkpoints" / "step-3" / "trainable.safetensors"))
@@ -224,7 +225,7 @@ def test_bf16_zero2_prompt_tuning_saves_its_float32_masters(world):
     raw["peft"] = helpers.method_keys("prompt_tuning", "causal_lm")
     raw["train"]["learning_rate"] = 5e-2  # (moves the embedding well off bf16's grid in 3 steps)
     cfg.write_text(yaml.safe_dump(raw))
-    run_cli(world, _accelerate("cpu_2proc_zero2.yaml", str(cfg), f"output_dir={out}"))
+    run_launched(world, _accelerate("cpu_2proc_zero2.yaml", str(cfg), f"output_dir={out}"))
     master = load_file(str(out / "checkpoints" / "step-3" / "trainable.safetensors"))
     master = master["prompt_encoder.default.embedding.weight"]
     assert not torch.equal(master, master.bfloat16().float())  # else the test could not tell
@@ -242,7 +243,7 @@ def test_bf16_zero3_trains_a_full_module_copy(world):
                     train={"mixed_precision": "bf16", "max_steps": 3, "save_every": None},
                     peft={"target_modules": ["q_proj", "v_proj"], "modules_to_save": ["norm"]},
                     distributed={"zero_stage": 3})
-    run_cli(world, _accelerate("cpu_2proc_zero3.yaml", str(cfg), f"output_dir={out}"))
+    run_launched(world, _accelerate("cpu_2proc_zero3.yaml", str(cfg), f"output_dir={out}"))
     _assert_trained_adapter(out, 3)
     from safetensors.torch import load_file
 
@@ -280,7 +281,7 @@ def test_eval_generate_under_zero2_answers_as_one_process_does(world):
     cfg = world.cfg("generate_z2", data={"eval_fraction": 0.1},
                     train={"max_steps": 2, "eval_every": 2, "eval_generate": 5, "eval_max_new_tokens": 4},
                     distributed={"zero_stage": 2})
-    run_cli(world, _accelerate("cpu_2proc_zero2.yaml", str(cfg), f"output_dir={out}"))
+    run_launched(world, _accelerate("cpu_2proc_zero2.yaml", str(cfg), f"output_dir={out}"))
     lines = [json.loads(x) for x in (out / "generations" / "step-2.jsonl").read_text().splitlines()]
     evals = [r for r in helpers.read_metrics(out, "eval") if "exact_match" in r]
     assert len(lines) == 5 and [r["generated_examples"] for r in evals] == [5]
@@ -293,7 +294,7 @@ def test_eval_generate_under_zero2_answers_as_one_process_does(world):
     assert evals[0]["token_f1"] == pytest.approx(sum(ln["token_f1"] for ln in scored[:5]) / 5)
     # `eval --generate` launched over 2 processes: the same lines, written once
     shared = world.root / "generate_z2_2proc.jsonl"
-    run_cli(world, [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file",
+    run_launched(world, [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file",
                     str(test_scale_out.REPO / "launch" / "cpu_2proc.yaml"), "--main_process_port",
                     str(helpers.free_port()), "-m", "scaletune", "eval", str(cfg), f"output_dir={out}",
                     "distributed.zero_stage=0", "--generate", "--max-new-tokens", "4", "--predictions", str(shared)])
@@ -319,10 +320,10 @@ def test_preference_tasks_under_zero3_follow_one_process(world, task, start):
     if task != "kto":
         run_forked(world, ["train", str(cfg), f"output_dir={one}"])
     else:  # (kto's z pools both ranks' micro-batches, one process's each its own: DDP's 2 ranks are the baseline)
-        run_cli(world, _scaletune("launch", str(cfg), f"output_dir={one}", "distributed.zero_stage=0", "--nproc",
+        run_launched(world, _scaletune("launch", str(cfg), f"output_dir={one}", "distributed.zero_stage=0", "--nproc",
                                   "2", "--master-port", str(helpers.free_port())))
-    run_cli(world, _scaletune("launch", str(cfg), f"output_dir={zero3}", "distributed.zero_stage=3", "--nproc", "2",
-                              "--master-port", str(helpers.free_port())))
+    run_launched(world, _scaletune("launch", str(cfg), f"output_dir={zero3}", "distributed.zero_stage=3",
+                                   "--nproc", "2", "--master-port", str(helpers.free_port())))
     assert start is None or abs(losses(one)[3] - start) > 1e-3
     evals = [helpers.read_metrics(run, "eval")[-1] for run in (one, zero3)]
     assert evals[1]["loss"] == pytest.approx(evals[0]["loss"], rel=1e-4)
@@ -347,7 +348,7 @@ def test_new_special_tokens_under_zero2_follow_one_process(world):
                     train={"max_steps": 3, "eval_every": 3, "save_every": None})
     one, zero = world.root / "new_tokens_one", world.root / "new_tokens_zero2"
     run_forked(world, ["train", str(cfg), f"output_dir={one}"])
-    run_cli(world, _scaletune("launch", str(cfg), f"output_dir={zero}", "distributed.zero_stage=2", "--nproc", "2",
+    run_launched(world, _scaletune("launch", str(cfg), f"output_dir={zero}", "distributed.zero_stage=2", "--nproc", "2",
                               "--master-port", str(helpers.free_port())))
     assert_same_curve(losses(one), losses(zero), range(1, 4))
     evals = [helpers.read_metrics(run, "eval")[-1] for run in (one, zero)]
