@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from scaletune.data import build_datasets
-from scaletune.data.formats import to_segments
+from scaletune.data.formats import FORMATS, to_segments
 from scaletune.model import load_tokenizer
 from scaletune.tasks import IGNORE, get_task
 
@@ -116,9 +116,37 @@ PROMPTED = {
 
 def test_every_format_with_a_prompt_has_a_predict_case():
     """A new format registered in data/formats.py needs a record here (predict must prompt it as training did)."""
-    from scaletune.data.formats import FORMATS
-
     assert set(PROMPTED) == set(FORMATS) - {"text"}
+
+
+def _predict_line(record: dict) -> dict:
+    """`record` as a predict line of its shape: its answer left out (alpaca's output, prompt_completion's
+    completion, a conversation's last turn)."""
+    line = {k: v for k, v in record.items() if k not in ("output", "completion")}
+    for turns in ("conversations", "messages"):
+        if turns in line:
+            line[turns] = line[turns][:-1]
+    return line
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_every_registered_format_prompts_its_own_predict_lines(name):
+    """prompt_segments asks the registry which format a predict line is in (the first whose `prompt` takes it):
+    each registered format takes a line of its own shape, whose columns predict's input check accepts, and says
+    whether it is a conversation (`chat`: what a chat template renders) as its converter does."""
+    from scaletune.predict_input import check_prompt_input
+
+    fmt = FORMATS[name]
+    records = {**PROMPTED, "text": {"text": "Once upon a time"}}
+    if name not in records:
+        pytest.fail(f"format {name}: add a record of it to PROMPTED")
+    record = {**records[name], "__where__": "p.jsonl:1"}
+    line = _predict_line(record)
+    check_prompt_input(line)  # (it names `asks` when a line has none of them)
+    for plain in (False, True):  # (a model trained on a chat format, on plain text)
+        taker = next((f for f in FORMATS.values() if f.prompt(line, plain) is not None), None)
+        assert taker is fmt, f"a {name} line is prompted as {getattr(taker, 'name', 'no format')}'s"
+    assert fmt.chat == ("messages" in fmt.convert(record))
 
 
 @pytest.mark.parametrize("name,record", PROMPTED.items(), ids=list(PROMPTED))
@@ -136,10 +164,7 @@ def test_predict_prompts_the_way_training_rendered(tmp_path, tiny_llama, name, r
     labels = enc["labels"]
     last_response = max(i for i in range(1, len(labels)) if labels[i] != IGNORE and labels[i - 1] == IGNORE)
     trained_prompt = enc["input_ids"][:last_response]  # everything before the final answer, history included
-    query = {k: v for k, v in record.items() if k not in ("output", "completion")}
-    for turns in ("conversations", "messages"):  # the answer is the last turn
-        if turns in query:
-            query[turns] = query[turns][:-1]
+    query = _predict_line(record)
     seen = {}
 
     class Model:

@@ -27,7 +27,6 @@ CAUSAL_TASKS = ("causal_lm", "dpo", "kto")
 # tasks whose data is rendered as causal_lm renders it (chat templates included): reward reads dpo's pairs too
 CHAT_TASKS = (*CAUSAL_TASKS, "reward")
 CAUSAL_FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion", "text")
-NO_CHAT_FORMATS = ("prompt_completion", "text")  # plain text segments: no chat template renders them
 MAX_PEFT_SIZE = 65536  # adapter rank / virtual tokens: far beyond any model's hidden size
 _PEFT_SIZE_KEYS = ("r", "init_r", "target_r", "num_virtual_tokens", "encoder_hidden_size", "bottleneck_dim")
 

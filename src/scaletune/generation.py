@@ -20,40 +20,27 @@ log = logging.getLogger("scaletune")
 
 def prompt_segments(item: dict, tokenizer: Any, trained_format: str | None = None) -> tuple[str, list]:
     """(the prompt to echo, the segments to generate after) for one input, rendered the way training
-    renders a record of the same shape: Alpaca fields (instruction, input, system, history), ShareGPT
-    `conversations` or `messages` become a conversation ending in an empty assistant turn; `prompt` is
-    used as it is (prompt/completion data is trained without a template); plain text is a user turn,
-    except for a model trained on `text` or `prompt_completion` data (`trained_format`), which never saw a
-    template: there it is the prompt as it is."""
+    renders a record of the same shape: the first registered format whose `prompt` takes the line says what
+    its prompt is (data/formats.py): a conversation, which ends here in an empty assistant turn (Alpaca fields,
+    ShareGPT `conversations`, `messages`, TRL's list of messages in `prompt`), or plain text used as it is
+    (a `prompt` string: prompt/completion data is trained without a template). A plain `text` line is a user
+    turn, except for a model trained on a format without one (`trained_format` text or prompt_completion),
+    which never saw a template: there it is the prompt as it is."""
     from .data.formats import FORMATS, to_segments
 
     where = item.get(WHERE, "<predict>")
-    tools = None
-    if isinstance(item.get("prompt"), list) and not ({"instruction", "messages", "conversations"} & set(item)):
-        # TRL's conversational prompt (a dpo/kto training line's): its messages, as a `messages` line
-        item = {**{k: v for k, v in item.items() if k != "prompt"}, "messages": item["prompt"]}
-    if isinstance(item.get("prompt"), str) and "instruction" not in item:
-        return item["prompt"], [(item["prompt"], False)]
-    if trained_format in ("text", "prompt_completion") and isinstance(item.get("text"), str) \
-            and not ({"instruction", "conversations", "messages"} & set(item)):
-        return item["text"], [(item["text"], False)]
-    if "instruction" in item:
-        messages = FORMATS["alpaca"].convert({**item, "output": "-"})["messages"][:-1]
-    elif "conversations" in item or "messages" in item:
-        name = "sharegpt" if "conversations" in item else "messages"
-        converted = FORMATS[name].convert(item)
-        messages, tools = converted["messages"], converted.get("tools")
-        while messages and messages[-1]["role"] == "assistant":  # generate that turn anew
-            messages = messages[:-1]
-    else:
-        text = item.get("text", "")
-        if not isinstance(text, str):
-            raise DataError(f"{where}: 'text' must be a string")
-        messages = [{"role": "user", "content": text}]
+    trained = FORMATS.get(trained_format) if trained_format is not None else None
+    plain = trained is not None and not trained.chat
+    asked = next((p for fmt in FORMATS.values() if (p := fmt.prompt(item, plain)) is not None), None)
+    if asked is None:
+        raise DataError(f"{where}: nothing to prompt with (no data format reads this line)")
+    if "prompt" in asked:
+        return asked["prompt"], [(asked["prompt"], False)]
+    messages = asked["messages"]
     if not messages:
         raise DataError(f"{where}: nothing to prompt with (no user turn)")
-    segments = to_segments({"messages": [*messages, {"role": "assistant", "content": ""}], "tools": tools}, tokenizer,
-                           where)
+    segments = to_segments({"messages": [*messages, {"role": "assistant", "content": ""}],
+                            "tools": asked.get("tools")}, tokenizer, where)
     return messages[-1]["content"], segments
 
 

@@ -7,7 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .config import CAUSAL_TASKS, CHAT_TASKS, NO_CHAT_FORMATS, RunConfig
+from .config import CAUSAL_TASKS, CHAT_TASKS, RunConfig
 from .errors import UserError, failed_write, write_error
 from .fileutil import MERGING, merge_out_is_empty
 from .infer import load_trained
@@ -45,7 +45,7 @@ def run_merge(cfg: RunConfig, adapter: str | None, out_dir: str) -> Path:
     tmp = target / MERGING if target.is_dir() else target.parent / f".{target.name}.merging"
     shutil.rmtree(tmp, ignore_errors=True)
     if cfg.task in CHAT_TASKS and not getattr(tokenizer, "chat_template", None) and \
-            getattr(getattr(task, "format", None), "name", None) not in NO_CHAT_FORMATS:
+            getattr(getattr(task, "format", None), "chat", True):
         from .data.templates import alpaca_style_template
 
         # conversations were rendered by scaletune's own template: the merged tokenizer gets it as its chat

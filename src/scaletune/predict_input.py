@@ -19,6 +19,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, TextIO
 
+from .data.formats import FORMATS
 from .data.readers import WHERE, surrogate_problem, text_lines
 from .errors import DataError
 from .tasks.seq_cls import _TEXT_COLUMNS
@@ -30,8 +31,6 @@ PLAIN = "__plain__"  # the line was plain text (held as {"text": line}), not a J
 STDIN = "<stdin>"
 log = logging.getLogger("scaletune")
 _OURS = (WHERE, LINE, PLAIN)
-# the keys prompt_segments reads a prompt from, in the order it tries them
-_PROMPT_KEYS = ("prompt", "instruction", "conversations", "messages", "text")
 
 
 def source_name(source: str | None) -> str:
@@ -306,8 +305,9 @@ def token_cls_input(item: dict, column: str | None, cjk_chars: bool = False) -> 
 def check_prompt_input(item: dict) -> None:
     """Refuse a line `prompt_segments` would find no prompt in (it would generate from an empty turn)."""
     where = item[WHERE]
-    if not any(k in item for k in _PROMPT_KEYS):
-        raise DataError(f"{where}: nothing to prompt with: expected one of the keys {list(_PROMPT_KEYS)}, or a "
+    keys = list(dict.fromkeys(k for fmt in FORMATS.values() for k in fmt.asks))  # (prompt_segments' order)
+    if not any(k in item for k in keys):
+        raise DataError(f"{where}: nothing to prompt with: expected one of the keys {keys}, or a "
                         f"plain-text line; {_found(item)}")
     if "prompt" in item and "instruction" not in item and not isinstance(item["prompt"], str) \
             and not (isinstance(item["prompt"], list) and item["prompt"]):  # (TRL's conversational prompt)

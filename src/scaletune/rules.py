@@ -15,7 +15,6 @@ from .config import (
     CHAT_TASKS,
     EVAL_METRICS,
     MAX_PEFT_SIZE,
-    NO_CHAT_FORMATS,
     RunConfig,
 )
 from .config_values import BOOL_HINT, _did_you_mean, _short
@@ -353,6 +352,13 @@ def _missing(package: str) -> bool:
     return importlib.util.find_spec(package) is None
 
 
+def _plain_format(name: str) -> bool:
+    """Whether data.format `name` is a causal_lm format of plain text (no chat template renders it)."""
+    from .data.formats import FORMATS  # (no torch: config validation reads the data package)
+
+    return name in FORMATS and not FORMATS[name].chat
+
+
 def _default(section: Any, key: str) -> Any:
     return type(section).__dataclass_fields__[key].default
 
@@ -417,7 +423,7 @@ def ignored_key_problems(cfg: RunConfig) -> list[str]:
         p.append(f"data.train_on_prompt: only used by causal_lm, not {cfg.task}")
     elif d.train_on_prompt and d.format == "text":
         p.append("data.train_on_prompt: data.format text has no prompt (all of it is trained already)")
-    if d.chat_template is not None and d.format in NO_CHAT_FORMATS:
+    if d.chat_template is not None and _plain_format(d.format):
         p.append(f"data.chat_template: data.format {d.format} records are not conversations; no template renders "
                  "them (use format alpaca/sharegpt/messages, or drop chat_template)")
     if m.attn_implementation == "varlen" and cfg.task != "causal_lm":

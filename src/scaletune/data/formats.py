@@ -1,4 +1,4 @@
-"""Instruction-data formats for causal_lm, one small converter each, registered by name.
+"""Instruction-data formats for causal_lm, one small converter each (and its predict prompt), registered by name.
 
 A converter turns one record into either a chat (`list of {role, content}`) or plain
 `segments` — `(text, trainable)` pairs. Chats are rendered by the tokenizer's chat template when it
@@ -33,6 +33,12 @@ class Format:
     convert: Callable[[dict], dict]  # record -> {"messages": [...]} or {"segments": [...]}
     optional: tuple[str, ...] = ()  # further columns `convert` reads when present
     turns: tuple[str, tuple[str, ...]] | None = None  # (list column, keys `convert` reads in each of its items)
+    # predict's (and eval --generate's) line, whether the model was trained on plain text -> the line's prompt, its
+    # answer left out: {"messages", "tools"} (a conversation, rendered as training renders it) or {"prompt": str}
+    # (continued as it is); None where the line is not of this shape (the first format that takes it prompts it)
+    prompt: Callable[[dict, bool], dict | None] = lambda line, plain: None
+    asks: tuple[str, ...] = ()  # the columns a predict line holds its prompt in (named when a line has none)
+    chat: bool = True  # converts to a conversation (a chat template renders it); False: plain text `segments`
 
     @property
     def fields(self) -> frozenset[str]:
@@ -48,9 +54,10 @@ FORMATS: dict[str, Format] = {}
 
 
 def register(name: str, required: tuple[str, ...], optional: tuple[str, ...] = (),
-             turns: tuple[str, tuple[str, ...]] | None = None) -> Callable:
+             turns: tuple[str, tuple[str, ...]] | None = None, *, prompt: Callable[[dict, bool], dict | None],
+             asks: tuple[str, ...], chat: bool = True) -> Callable:
     def deco(fn: Callable[[dict], dict]) -> Callable[[dict], dict]:
-        FORMATS[name] = Format(name, required, fn, optional, turns)
+        FORMATS[name] = Format(name, required, fn, optional, turns, prompt, asks, chat)
         return fn
 
     return deco
@@ -69,7 +76,20 @@ def _text(rec: dict, key: str, *, optional: bool = False, target: bool = False) 
     return value
 
 
-@register("alpaca", ("instruction", "output"), ("input", "system", "history"))
+def _asked(converted: dict) -> dict:
+    """A converted conversation as a prompt: its trailing assistant turns dropped (the answer is generated anew)."""
+    messages = converted["messages"]
+    while messages and messages[-1]["role"] == "assistant":
+        messages = messages[:-1]
+    return {"messages": messages, "tools": converted.get("tools")}
+
+
+def _alpaca_prompt(line: dict, plain: bool) -> dict | None:
+    return {"messages": _alpaca({**line, "output": "-"})["messages"][:-1]} if "instruction" in line else None
+
+
+@register("alpaca", ("instruction", "output"), ("input", "system", "history"), prompt=_alpaca_prompt,
+          asks=("instruction",))
 def _alpaca(rec: dict) -> dict:
     instruction = _text(rec, "instruction")
     extra = _text(rec, "input", optional=True)
@@ -142,7 +162,13 @@ def _openai_tool_calls(value: Any, where: str) -> list[dict]:
     return calls
 
 
-@register("sharegpt", ("conversations",), ("system", "tools"), turns=("conversations", ("from", "value")))
+def _sharegpt_prompt(line: dict, plain: bool) -> dict | None:
+    # (a string `prompt` beside the conversation is prompt_completion's: the prompt as it is)
+    return _asked(_sharegpt(line)) if "conversations" in line and not isinstance(line.get("prompt"), str) else None
+
+
+@register("sharegpt", ("conversations",), ("system", "tools"), turns=("conversations", ("from", "value")),
+          prompt=_sharegpt_prompt, asks=("conversations",))
 def _sharegpt(rec: dict) -> dict:
     turns = rec.get("conversations")
     where = rec.get(WHERE, "?")
@@ -194,8 +220,19 @@ def _content_kind(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
+def _messages_prompt(line: dict, plain: bool) -> dict | None:
+    """A `messages` line's conversation, or TRL's conversational prompt (a dpo/kto training line's list of
+    messages in `prompt`) as one."""
+    if isinstance(line.get("prompt"), str):  # (prompt_completion's, as beside sharegpt's)
+        return None
+    if "messages" in line:
+        return _asked(_messages(line))
+    return _asked(_messages({**line, "messages": line["prompt"]})) if isinstance(line.get("prompt"), list) else None
+
+
 @register("messages", ("messages",), ("tools",), turns=("messages", ("role", "content", "weight", "tool_calls",
-                                                                      "tool_call_id")))
+                                                                      "tool_call_id")),
+          prompt=_messages_prompt, asks=("messages", "prompt"))
 def _messages(rec: dict) -> dict:
     msgs = rec.get("messages")
     where = rec.get(WHERE, "?")
@@ -237,12 +274,23 @@ def _messages(rec: dict) -> dict:
     return {"messages": out, **({"tools": tools} if tools else {})}
 
 
-@register("prompt_completion", ("prompt", "completion"))
+@register("prompt_completion", ("prompt", "completion"), chat=False, asks=("prompt",),
+          prompt=lambda line, plain: {"prompt": line["prompt"]} if isinstance(line.get("prompt"), str) else None)
 def _prompt_completion(rec: dict) -> dict:
     return {"segments": [(_text(rec, "prompt"), False), (_text(rec, "completion", target=True), True)]}
 
 
-@register("text", ("text",))
+def _text_prompt(line: dict, plain: bool) -> dict:
+    """Any line no other format takes: its `text` as it is for a model trained on plain text (it never saw a
+    template), else as a user turn (a line without one: an empty turn)."""
+    if plain and isinstance(line.get("text"), str):
+        return {"prompt": line["text"]}
+    if not isinstance(line.get("text", ""), str):
+        raise DataError(f"{line.get(WHERE, '<predict>')}: 'text' must be a string")
+    return {"messages": [{"role": "user", "content": line.get("text", "")}]}
+
+
+@register("text", ("text",), chat=False, prompt=_text_prompt, asks=("text",))
 def _plain_text(rec: dict) -> dict:
     return {"segments": [(_text(rec, "text", target=True), True)]}
 

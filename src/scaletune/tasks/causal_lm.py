@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 
-from ..config import NO_CHAT_FORMATS
 from ..data.formats import detect, get_format, ignored_fields, refuse_preference_data, to_segments
 from ..data.readers import WHERE
 from ..errors import ConfigError, DataError
@@ -102,7 +101,7 @@ class CausalLM(Task):
         if cfg.data.format == "auto":
             self._allow_mixing(records, key)
         # (an explicit data.format is checked with the config; auto's choice is known only here)
-        if cfg.data.chat_template is not None and self.format.name in NO_CHAT_FORMATS:
+        if cfg.data.chat_template is not None and not self.format.chat:
             raise ConfigError(f"data.chat_template: {source} holds {self.format.name} records, which are not "
                               "conversations; no template renders them (drop data.chat_template)")
         if cfg.data.train_on_prompt and self.format.name == "text":
@@ -128,7 +127,7 @@ class CausalLM(Task):
         each then read in its own (`mixed`). Plain text and prompt/completion are trained without a template:
         one of them is a run's only format, and a record beside another is refused (`_refuse_unmixable`)."""
         others = _other_formats(records, self.format)
-        if others and {self.format.name, *(f.name for f in others)} & set(NO_CHAT_FORMATS):
+        if others and not all(f.chat for f in (self.format, *others)):
             _refuse_unmixable(records, self.format, key, **refusal)
         self.mixed = self.mixed or bool(others)
 
@@ -366,7 +365,7 @@ def _refuse_unmixable(records: list[dict], fmt: Any, key: str, against: str | No
     """Raise naming the first record that cannot be trained beside `fmt`'s: a text or prompt_completion record
     beside a conversation format's, or any other format's beside those (trained without a template), and
     what it meets (`against`: the first record's place, else data.train's format). None: no such record."""
-    plain = fmt.name in NO_CHAT_FORMATS
+    plain = not fmt.chat
     for rec in records:
         if fmt.holds(rec):
             continue
@@ -374,7 +373,7 @@ def _refuse_unmixable(records: list[dict], fmt: Any, key: str, against: str | No
             other = detect([rec], "?")
         except DataError:
             continue  # (its own error, under fmt, names the field it lacks)
-        if other is not fmt and (plain or other.name in NO_CHAT_FORMATS):
+        if other is not fmt and (plain or not other.chat):
             meets = f"{against} holds {fmt.name}" if against else f"{records[0].get(WHERE, '?')} is {fmt.name}"
             article = "an" if other.name[0] in "aeiou" else "a"
             raise DataError(f"{key}: {rec.get(WHERE, '?')} is {article} {other.name} record, {meets}; text and "

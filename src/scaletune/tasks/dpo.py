@@ -24,7 +24,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..config import NO_CHAT_FORMATS
 from ..data.formats import FORMATS, to_segments
 from ..data.preference import FIELDS, layout, to_pair
 from ..data.readers import WHERE
@@ -48,7 +47,7 @@ class AnswerScoring(CausalLM):
     def setup(self, records: list[dict], cfg: Any, source: str, key: str = "data.train") -> list[str] | None:
         # `format` is the causal_lm format the prompts are in: what `predict` reads this adapter's prompts as
         self.format = FORMATS[one_layout(records, key, self._layout, self._noun)]
-        if cfg.data.chat_template is not None and self.format.name in NO_CHAT_FORMATS:
+        if cfg.data.chat_template is not None and not self.format.chat:
             raise ConfigError(f"data.chat_template: {source} holds plain-text {self._plural} ({self._strings} "
                               "strings), which no template renders (drop data.chat_template)")
         return None
