@@ -147,7 +147,7 @@ def test_the_built_in_rendering_as_a_chat_template_gives_trainings_text_and_pred
     gives the text training rendered (with an answer) and the ids `predict` gives the model (without one)."""
     from transformers import AutoTokenizer
 
-    from scaletune.data.formats import _joined, _render_default
+    from scaletune.data.render import _joined, _render_default
     from scaletune.data.templates import alpaca_style_template
     from scaletune.generation import prompt_ids
 
@@ -172,7 +172,8 @@ def test_a_later_stage_on_the_merged_model_renders_tool_data_as_the_sft_did(tiny
     the results became `### Instruction:` user turns, other ids than the model was trained on."""
     from transformers import AutoTokenizer
 
-    from scaletune.data.formats import FORMATS, to_segments
+    from scaletune.data.formats import FORMATS
+    from scaletune.data.render import to_segments
     from scaletune.data.templates import alpaca_style_template
     from scaletune.tasks.causal_lm import CausalLM
 

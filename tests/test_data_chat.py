@@ -85,7 +85,7 @@ def test_chat_template_of_tokenizer_is_used(tmp_path, tiny_llama):
     tok = load_tokenizer(_cfg(tmp_path, tiny_llama, data=write_jsonl(tmp_path / "x.jsonl", [{"text": "a"}])))
     tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
                          "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-    from scaletune.data.formats import to_segments
+    from scaletune.data.render import to_segments
 
     segs = to_segments({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
                        tok, "x")
@@ -362,9 +362,9 @@ def test_sharegpt_tools_go_to_a_chat_template_that_takes_them(tmp_path, tiny_lla
 
 
 def test_sharegpt_tools_with_a_template_without_tool_support_are_text_with_a_warning(tmp_path, tiny_llama, caplog):
-    import scaletune.data.formats as formats
+    import scaletune.data.render as render
 
-    formats._told_tools_as_text = False
+    render._told_tools_as_text = False
     data = write_jsonl(tmp_path / "g.jsonl", [_GLAIVE] * 2)
     cfg = _cfg(tmp_path, tiny_llama, data=data, max_length=1024)
     tok = load_tokenizer(cfg)

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from scaletune.data import build_datasets
-from scaletune.data.formats import FORMATS, to_segments
+from scaletune.data.formats import FORMATS
+from scaletune.data.render import to_segments
+from scaletune.errors import DataError
 from scaletune.model import load_tokenizer
 from scaletune.tasks import IGNORE, get_task
 
@@ -112,6 +114,8 @@ PROMPTED = {
                               {"role": "assistant", "content": "Blue."}]},
     "prompt_completion": {"prompt": "2 + 2 =", "completion": " 4"},
 }
+# Each PROMPTED record's answer, the one its predict line leaves out: eval --generate's reference (Format.answer)
+ANSWERED = {"alpaca": "bonjour", "sharegpt": "Blue.", "messages": "Blue.", "prompt_completion": " 4"}
 
 
 def test_every_format_with_a_prompt_has_a_predict_case():
@@ -133,7 +137,10 @@ def _predict_line(record: dict) -> dict:
 def test_every_registered_format_prompts_its_own_predict_lines(name):
     """prompt_segments asks the registry which format a predict line is in (the first whose `prompt` takes it):
     each registered format takes a line of its own shape, whose columns predict's input check accepts, and says
-    whether it is a conversation (`chat`: what a chat template renders) as its converter does."""
+    whether it is a conversation (`chat`: what a chat template renders) as its converter does. eval --generate
+    asks the same format for the record's reference answer (`answer`): the one the line left out; `text`, all
+    target, has none and says so."""
+    from scaletune.generation_metrics import reference_answer
     from scaletune.predict_input import check_prompt_input
 
     fmt = FORMATS[name]
@@ -147,6 +154,13 @@ def test_every_registered_format_prompts_its_own_predict_lines(name):
         taker = next((f for f in FORMATS.values() if f.prompt(line, plain) is not None), None)
         assert taker is fmt, f"a {name} line is prompted as {getattr(taker, 'name', 'no format')}'s"
     assert fmt.chat == ("messages" in fmt.convert(record))
+    if name not in PROMPTED:  # (text: no prompt, so no answer to compare a generated one with)
+        with pytest.raises(DataError, match="p.jsonl:1: train.eval_generate: a plain-text record .* no reference"):
+            reference_answer(record, "train.eval_generate")
+    elif name not in ANSWERED:
+        pytest.fail(f"format {name}: add its PROMPTED record's answer to ANSWERED")
+    else:
+        assert reference_answer(record) == ANSWERED[name]
 
 
 @pytest.mark.parametrize("name,record", PROMPTED.items(), ids=list(PROMPTED))

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from transformers import AutoTokenizer
 
 from scaletune.config import load_config
-from scaletune.data.formats import to_segments
+from scaletune.data.render import to_segments
 from scaletune.errors import DataError
 from scaletune.evaluate import evaluate
 from scaletune.tasks import get_task

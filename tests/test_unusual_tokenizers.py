@@ -29,7 +29,7 @@ def test_the_merged_template_gives_predicts_ids_where_the_word_mark_is_only_at_a
     """merge leads the saved chat template with BOS; with this tokenizer "<s>### Instruction" tokenises to `<s>`
     `###`, while training and predict give `<s>` `▁###` (BOS + the text alone): the merged model was prompted
     with other ids than it was trained on."""
-    from scaletune.data.formats import to_segments
+    from scaletune.data.render import to_segments
     from scaletune.data.templates import CHATML, alpaca_style_template
     from scaletune.generation import prompt_ids
     from scaletune.merge import bos_led_template
@@ -84,7 +84,7 @@ def test_token_cls_refuses_a_python_tokenizer_by_name():
 def test_an_answer_ending_in_unk_pieces_is_counted_as_unstopped():
     """chatml under a WordPiece tokenizer without eos: <|im_end|> is split into pieces ending in [UNK], which
     counted as the special token that teaches a model to stop, so the warning that nothing does was not given."""
-    from scaletune.data.formats import to_segments
+    from scaletune.data.render import to_segments
     from scaletune.data.templates import CHATML
     from scaletune.demo.tiny import train_tokenizer
     from scaletune.tasks.causal_lm import CausalLM

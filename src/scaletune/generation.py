@@ -26,14 +26,16 @@ def prompt_segments(item: dict, tokenizer: Any, trained_format: str | None = Non
     (a `prompt` string: prompt/completion data is trained without a template). A plain `text` line is a user
     turn, except for a model trained on a format without one (`trained_format` text or prompt_completion),
     which never saw a template: there it is the prompt as it is."""
-    from .data.formats import FORMATS, to_segments
+    from .data.formats import FORMATS, prompting
+    from .data.render import to_segments
 
     where = item.get(WHERE, "<predict>")
     trained = FORMATS.get(trained_format) if trained_format is not None else None
     plain = trained is not None and not trained.chat
-    asked = next((p for fmt in FORMATS.values() if (p := fmt.prompt(item, plain)) is not None), None)
-    if asked is None:
+    taken = prompting(item, plain)
+    if taken is None:
         raise DataError(f"{where}: nothing to prompt with (no data format reads this line)")
+    asked = taken[1]
     if "prompt" in asked:
         return asked["prompt"], [(asked["prompt"], False)]
     messages = asked["messages"]
@@ -164,7 +166,7 @@ def _trained_ending(tokenizer: Any, size: int) -> tuple[frozenset, str]:
     """(the tokenizer's EOS and the last special token, before any whitespace, of an answer as training renders it
     (causal_lm's _ends_in_special: what teaches the model to stop); the rest of the text the template ends an
     answer with, as a completion decodes it: special tokens skipped), from rendering a one-turn probe."""
-    from .data.formats import to_segments
+    from .data.render import to_segments
     from .tasks.causal_lm import closing_special, special_ids
 
     stops = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()

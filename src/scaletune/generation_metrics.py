@@ -129,24 +129,16 @@ def prepare_for_training(cfg: Any, task: Any, tokenizer: Any) -> list[tuple]:
 
 
 def reference_answer(record: dict, key: str = "--generate") -> str:
-    """The record's answer to compare with: alpaca's `output`, prompt_completion's `completion`, a conversation's
-    final turn where that is the assistant's (sharegpt's gpt, messages' assistant)."""
-    from .data.formats import FORMATS
+    """The record's answer to compare with, the one its prompt leaves out: the `answer` of the format that prompts
+    a line of its shape (data/formats.py, as `prompt_segments` picks it): alpaca's `output`, prompt_completion's
+    `completion`, a conversation's final turn where that is the assistant's (sharegpt's gpt, messages' assistant)."""
+    from .data.formats import prompting
     from .data.readers import WHERE
 
-    if isinstance(record.get("prompt"), str) and "instruction" not in record:
-        return record["completion"]
-    if "instruction" in record:
-        return record["output"]
-    name = "sharegpt" if "conversations" in record else "messages"
-    messages = FORMATS[name].convert(record)["messages"]
-    if messages[-1]["role"] != "assistant":
-        raise DataError(f"{record[WHERE]}: {key}: the conversation ends in a {messages[-1]['role']} turn, "
-                        "not the assistant's: it has no final answer to compare a generated one with")
-    if messages[-1].get("tool_calls"):  # (its content is empty: every answer without text would match it)
-        raise DataError(f"{record[WHERE]}: {key}: the conversation ends in a tool call (function_call / "
-                        "tool_calls), not a text answer to compare a generated one with")
-    return messages[-1]["content"]
+    taken = prompting(record, False)  # (which format takes a line does not depend on the trained one)
+    if taken is None:
+        raise DataError(f"{record.get(WHERE, '?')}: {key}: no data format reads this record")
+    return taken[0].answer(record, key)
 
 
 def as_decoded(tokenizer: Any, reference: str) -> str:

@@ -9,7 +9,7 @@ Three layouts are read, each record's own detected from its fields:
   examples (`unpaired`), its chosen answer desirable and its rejected one undesirable, as TRL's
   unpair_preference_dataset makes them; the pair's layout is that of its examples.
 The prompt and answer become what causal_lm's converter for that format gives (sharegpt, messages or
-prompt_completion), so the chat is rendered by the same code (formats.to_segments); only the answer is a target.
+prompt_completion), so the chat is rendered by the same code (render.to_segments); only the answer is a target.
 """
 
 from __future__ import annotations

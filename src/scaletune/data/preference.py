@@ -8,7 +8,7 @@ Two layouts are read, each record's own detected from its fields:
   Or TRL's implicit prompt: no `prompt`, `chosen` and `rejected` each the whole text or conversation; the prompt
   is what they share at the start (`explicit`, as TRL's extract_prompt), and the record reads as the explicit one.
 Each answer becomes, with the prompt, what causal_lm's converter for that layout gives (sharegpt, messages or
-prompt_completion), so the chat is rendered by the same code (formats.to_segments); only the answer is a target.
+prompt_completion), so the chat is rendered by the same code (render.to_segments); only the answer is a target.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ CHATML = (
 
 BUILT_IN = {"chatml": CHATML, "default": None}
 
-# scaletune's own (Alpaca-style) rendering (formats._render_default) as a chat template, for a merged model's
+# scaletune's own (Alpaca-style) rendering (render._render_default) as a chat template, for a merged model's
 # tokenizer: `apply_chat_template` there gives the text training and `predict` gave the model. Tool use is
 # not in it (the rendering turns schemas and calls into JSON text first).
 ALPACA_STYLE = (

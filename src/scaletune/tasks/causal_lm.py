@@ -12,8 +12,9 @@ from typing import Any
 
 import torch
 
-from ..data.formats import detect, get_format, ignored_fields, refuse_preference_data, to_segments
+from ..data.formats import detect, get_format, ignored_fields, refuse_preference_data
 from ..data.readers import WHERE
+from ..data.render import to_segments
 from ..errors import ConfigError, DataError
 from ..trainable_state import unwrap
 from .base import IGNORE, TRUNCATED, UNSTOPPED, Task, ce_sum, pad_batch, register

@@ -24,9 +24,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..data.formats import FORMATS, to_segments
+from ..data.formats import FORMATS
 from ..data.preference import FIELDS, layout, to_pair
 from ..data.readers import WHERE
+from ..data.render import to_segments
 from ..errors import ConfigError, DataError
 from ..trainable_state import unwrap
 from .base import IGNORE, TRUNCATED, UNSTOPPED, pad_batch, register

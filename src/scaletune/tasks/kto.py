@@ -26,8 +26,8 @@ import torch
 import torch.distributed as dist
 
 from ..data.feedback import FIELDS, layout, to_example, unpaired
-from ..data.formats import to_segments
 from ..data.readers import WHERE
+from ..data.render import to_segments
 from .base import IGNORE, TRUNCATED, UNSTOPPED, pad_batch, register
 from .dpo import AnswerScoring, answer_logps, cut_prompt, reference_logps
 

@@ -25,9 +25,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..data.formats import to_segments
 from ..data.preference import FIELDS, one_answer
 from ..data.readers import WHERE, fields_of
+from ..data.render import to_segments
 from ..errors import DataError
 from .base import IGNORE, pad_batch, register
 from .dpo import DPO, cut_prompt
