@@ -244,3 +244,12 @@ def test_a_conversational_prompt_line_is_predicted_as_its_messages(tiny_llama, t
     check_prompt_input(line)
     assert prompt_ids(tok, prompt_segments(line, tok)[1]) == prompt_ids(tok, prompt_segments({"messages": messages},
                                                                                             tok)[1])
+    # a conversation with its first question beside it as a `prompt` string (ultrachat_200k, no_robots), which
+    # training reads as the conversation: prompted as the conversation, not as that bare question
+    talk = [*messages, {"role": "assistant", "content": "Blue."}, {"role": "user", "content": "Another."}]
+    for column, turns in (("messages", talk), ("conversations", [{"from": m["role"], "value": m["content"]}
+                                                                 for m in talk])):
+        line = {"prompt": "Name a colour.", "prompt_id": "7", column: turns, "__where__": "p.jsonl:2"}
+        check_prompt_input(line)
+        assert prompt_ids(tok, prompt_segments(line, tok)[1]) == prompt_ids(tok, prompt_segments({column: turns},
+                                                                                                tok)[1]), column

@@ -176,8 +176,9 @@ def _openai_tool_calls(value: Any, where: str) -> list[dict]:
 
 
 def _sharegpt_prompt(line: dict, plain: bool) -> dict | None:
-    # (a string `prompt` beside the conversation is prompt_completion's: the prompt as it is)
-    return _asked(_sharegpt(line)) if "conversations" in line and not isinstance(line.get("prompt"), str) else None
+    # (a `prompt` string beside the conversation, as ultrachat_200k's first question is, stays unread: training
+    # reads such a record as the conversation too)
+    return _asked(_sharegpt(line)) if "conversations" in line else None
 
 
 @register("sharegpt", ("conversations",), ("system", "tools"), turns=("conversations", ("from", "value")),
@@ -237,9 +238,7 @@ def _content_kind(value: Any) -> str:
 def _messages_prompt(line: dict, plain: bool) -> dict | None:
     """A `messages` line's conversation, or TRL's conversational prompt (a dpo/kto training line's list of
     messages in `prompt`) as one."""
-    if isinstance(line.get("prompt"), str):  # (prompt_completion's, as beside sharegpt's)
-        return None
-    if "messages" in line:
+    if "messages" in line:  # (a `prompt` string beside it too, as in ultrachat_200k: as training reads it)
         return _asked(_messages(line))
     return _asked(_messages({**line, "messages": line["prompt"]})) if isinstance(line.get("prompt"), list) else None
 
@@ -291,12 +290,9 @@ def _messages(rec: dict) -> dict:
 
 def _completion_answer(rec: dict, key: str) -> str:
     if "completion" not in rec:
-        # (ultrachat's and no_robots' conversations hold their first question as `prompt` too)
-        talk = "messages" in rec or "conversations" in rec
         raise DataError(f"{rec.get(WHERE, '?')}: {key}: a string 'prompt' makes this a prompt_completion record, "
                         f"whose reference answer is its 'completion', which it lacks (the record has: "
-                        f"{fields_of(rec)})", hint="to read the conversation, drop the 'prompt' field, e.g. "
-                        "jq -c 'del(.prompt)' FILE.jsonl" if talk else None)
+                        f"{fields_of(rec)})")
     return _text(rec, "completion")
 
 
