@@ -7,6 +7,7 @@ import atexit
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -112,16 +113,19 @@ def run_ranks(script: Path, args: list[str], env: dict, world: int, logdir: Path
         raise AssertionError(f"{script.name} {' '.join(args)} failed at world size {world}:\n{logs}")
 
 
-def launch(cmd: list[str], env: dict, logdir: Path, cwd: Path, timeout: float = 420) -> subprocess.CompletedProcess:
-    """A one-node launch, `cmd` being `... accelerate_cli launch ARGS -m scaletune COMMAND ...` or
+def launch(cmd: list[str], env: dict, logdir: Path, cwd: Path, timeout: float = 420,
+           rank_args: dict[int, list[str]] | None = None, nodes: int = 1) -> subprocess.CompletedProcess:
+    """A one-node launch, `cmd` being `... accelerate_cli launch ARGS (-m scaletune | SCRIPT) ARGS...` or
     `... scaletune launch ...`, with its ranks forked here instead of started by accelerate and torchrun.
 
     What the ranks get is what that launch would give them: `scaletune launch`'s accelerate command is its
     own (composed by a dry run in this process, which also validates the config), the environment is
-    accelerate's (its launch parser and env builders), then torchrun's per-rank variables. The exit code is
-    `scaletune launch`'s for those ranks; the output is the printed command (for `scaletune launch`), then
-    each rank's stdout and stderr. For tests of what training does under DDP/ZeRO; how processes start,
-    stop and fail is for real launches (tests/distributed/test_launch_*.py)."""
+    accelerate's (its launch parser and env builders), then torchrun's per-rank variables. `rank_args` adds
+    arguments to some ranks' command lines, and `nodes` deals the ranks out to that many nodes' local ranks
+    (what launchers on several nodes, given other overrides, would start).
+    The exit code is `scaletune launch`'s for those ranks; the output is the printed command (for `scaletune
+    launch`), then each rank's stdout and stderr. For tests of what training does under DDP/ZeRO; how
+    processes start, stop and fail is for real launches (tests/distributed/test_launch_*.py)."""
     import io
     import shlex
 
@@ -138,9 +142,9 @@ def launch(cmd: list[str], env: dict, logdir: Path, cwd: Path, timeout: float = 
             assert main([*cmd[cmd.index("launch"):], "--dry-run"]) == 0, buf.getvalue()
         printed = buf.getvalue()
         cmd = shlex.split(printed.strip().splitlines()[-1])
-    at = cmd.index("-m", cmd.index("launch"))
-    assert cmd[at + 1] == "scaletune", cmd
-    args = launch_command_parser().parse_args(cmd[cmd.index("launch") + 1:at] + ["x"])
+    args = launch_command_parser().parse_args(cmd[cmd.index("launch") + 1:])
+    script, script_args = args.training_script, list(args.training_script_args)
+    assert not args.module or script == "scaletune", cmd
     with _chdir(cwd):
         args, defaults, mixed_precision_from_config = _validate_launch_command(args)
     assert args.num_machines in (None, 1), "multi-node launches are real ones"
@@ -154,16 +158,26 @@ def launch(cmd: list[str], env: dict, logdir: Path, cwd: Path, timeout: float = 
     world, port = int(args.num_processes), str(args.main_process_port)
     procs = []
     for rank in range(world):
-        rank_env = {**env, **accelerate_env, "RANK": str(rank), "LOCAL_RANK": str(rank), "GROUP_RANK": "0",
-                    "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
-                    "MASTER_PORT": port}
-        procs.append(start(cmd[at + 2:], rank_env, logdir / f"launch{port}_rank{rank}.log", cwd))
+        per_node = world // nodes
+        rank_env = {**env, **accelerate_env, "RANK": str(rank), "LOCAL_RANK": str(rank % per_node),
+                    "GROUP_RANK": str(rank // per_node), "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(per_node),
+                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        argv = [*script_args, *(rank_args or {}).get(rank, [])]
+        request = {"run": argv} if args.module else {"script": str(Path(cwd, script)), "args": argv}
+        procs.append(Forked({**request, "env": rank_env, "cwd": str(cwd)}, logdir / f"launch{port}_rank{rank}.log"))
     deadline = time.monotonic() + timeout
     try:
-        # as torchrun: the first failure stops the other ranks (one left alone would wait in a collective)
         while any(p.poll() is None for p in procs) and not any(p.returncode not in (None, 0) for p in procs):
             if time.monotonic() > deadline:
                 raise subprocess.TimeoutExpired(cmd, timeout)
+            time.sleep(0.05)
+        # as torchrun: the first failure stops the other ranks (SIGTERM, SIGKILL 30 s later), else one left alone
+        # would wait in a collective
+        running = [p for p in procs if p.poll() is None]
+        for p in running:
+            os.killpg(p.pid, signal.SIGTERM)
+        grace = time.monotonic() + 30
+        while any(p.poll() is None for p in running) and time.monotonic() < grace:
             time.sleep(0.05)
     finally:
         for p in procs:

@@ -15,6 +15,7 @@ import yaml
 
 from scaletune.errors import UserError
 
+import forking
 from stutil import assert_clean_error, run_cli, write_jsonl
 
 
@@ -300,8 +301,7 @@ def test_demo_runs_and_improves(tmp_path):
     other = tmp_path / "other"
     other.mkdir()
     (other / "x").write_text("mine")
-    res = subprocess.run([sys.executable, "-m", "scaletune", "demo", "--out", str(other)], capture_output=True,
-                         text=True, timeout=120)
+    res = forking.run(["demo", "--out", str(other)], dict(os.environ), tmp_path / "refused.log", timeout=120)
     assert res.returncode == 2 and (other / "x").read_text() == "mine"
 
 

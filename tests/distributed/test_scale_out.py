@@ -243,25 +243,18 @@ def zero3(world) -> Path:
 def test_nodes_given_different_configs_are_refused(world):
     """Each node's launcher reads its own config and overrides: a node given another learning rate trained with
     it silently (run.json records rank 0's), another max_steps ended in gloo's "collective mismatch". The ranks
-    compare their configs at start and all refuse, naming the keys (paths aside: each node reads its mounts)."""
+    compare their configs at start and all refuse, naming the keys (paths aside: each node reads its mounts).
+    (The ranks of two 1-process nodes whose launchers were given other overrides; forked: the ranks' check.)"""
     out = world.root / "two_configs"
-    port = str(helpers.free_port())
-    cmds = [_scaletune("launch", str(world.fp32), f"output_dir={out}", "--nproc", "1", "--nnodes", "2",
-                       "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", port,
-                       *(["train.learning_rate=0.05", "train.max_steps=20"] if rank else []))
-            for rank in (0, 1)]
-    procs = [subprocess.Popen(c, cwd=REPO, env=_env(world), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for c in cmds]
-    try:
-        outs = [p.communicate(timeout=LAUNCH_TIMEOUT)[0] for p in procs]
-    finally:
-        for p in procs:
-            _kill_tree(p)
-    for p, text in zip(procs, outs):
-        assert p.returncode == 2, text[-3000:]
-        assert "the ranks were given different run configs (rank 1 differs from rank 0)" in text, text[-3000:]
-        assert "train.learning_rate: 0.01 on rank 0, 0.05 on rank 1" in text and "Traceback" not in text
-        assert f"train.max_steps: {STEPS} on rank 0, 20 on rank 1" in text
+    cmd = _scaletune("launch", str(world.fp32), f"output_dir={out}", "--nproc", "2", "--master-port",
+                     str(helpers.free_port()))
+    res = forking.launch(cmd, _env(world), world.root, REPO, timeout=LAUNCH_TIMEOUT,
+                         rank_args={1: ["train.learning_rate=0.05", "train.max_steps=20"]}, nodes=2)
+    text = res.stdout
+    assert res.returncode == 2 and "[forked rank 1: exit 2]" in text, text[-3000:]
+    assert text.count("the ranks were given different run configs (rank 1 differs from rank 0)") == 2, text[-3000:]
+    assert text.count("train.learning_rate: 0.01 on rank 0, 0.05 on rank 1") == 2 and "Traceback" not in text
+    assert text.count(f"train.max_steps: {STEPS} on rank 0, 20 on rank 1") == 2
     assert not (out / "metrics.jsonl").exists() or not helpers.read_metrics(out)
 
 
