@@ -115,8 +115,8 @@ def run_ranks(script: Path, args: list[str], env: dict, world: int, logdir: Path
 
 def launch(cmd: list[str], env: dict, logdir: Path, cwd: Path, timeout: float = 420,
            rank_args: dict[int, list[str]] | None = None, nodes: int = 1) -> subprocess.CompletedProcess:
-    """A one-node launch, `cmd` being `... accelerate_cli launch ARGS (-m scaletune | SCRIPT) ARGS...` or
-    `... scaletune launch ...`, with its ranks forked here instead of started by accelerate and torchrun.
+    """A one-node launch, `cmd` being `accelerate launch ARGS (-m scaletune | SCRIPT) ARGS...` (or `python -m`
+    accelerate's CLI or its launch module) or `python -m scaletune launch ...`, with its ranks forked here instead of started by accelerate and torchrun.
 
     What the ranks get is what that launch would give them: `scaletune launch`'s accelerate command is its
     own (composed by a dry run in this process, which also validates the config), the environment is
@@ -136,13 +136,14 @@ def launch(cmd: list[str], env: dict, logdir: Path, cwd: Path, timeout: float = 
     from scaletune.launch import exit_code
 
     printed = ""
-    if "accelerate_cli" not in " ".join(cmd[:3]):  # scaletune launch: its own command, from a dry run
+    if cmd[1:3] == ["-m", "scaletune"]:  # scaletune launch: its own command, from a dry run
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf), _chdir(cwd):
             assert main([*cmd[cmd.index("launch"):], "--dry-run"]) == 0, buf.getvalue()
         printed = buf.getvalue()
         cmd = shlex.split(printed.strip().splitlines()[-1])
-    args = launch_command_parser().parse_args(cmd[cmd.index("launch") + 1:])
+    at = next(i for i, a in enumerate(cmd) if a == "launch" or a.endswith("accelerate.commands.launch"))
+    args = launch_command_parser().parse_args(cmd[at + 1:])
     script, script_args = args.training_script, list(args.training_script_args)
     assert not args.module or script == "scaletune", cmd
     with _chdir(cwd):

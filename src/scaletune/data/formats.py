@@ -26,7 +26,7 @@ class Format:
     # predict's (and eval --generate's) line, whether the model was trained on plain text -> the line's prompt, its
     # answer left out: {"messages", "tools"} (a conversation, rendered as training renders it) or {"prompt": str}
     # (continued as it is); None where the line is not of this shape (the first format that takes it prompts it)
-    prompt: Callable[[dict, bool], dict | None] = lambda line, plain: None
+    prompt: Callable[[dict, bool], dict | None] = field(kw_only=True)  # (required, as answer is)
     asks: tuple[str, ...] = ()  # the columns a predict line holds its prompt in (named when a line has none)
     chat: bool = True  # converts to a conversation (a chat template renders it); False: plain text `segments`
     # (eval --generate's and train.eval_generate's) record of the shape this format prompts, the key asking
@@ -50,7 +50,7 @@ def register(name: str, required: tuple[str, ...], optional: tuple[str, ...] = (
              turns: tuple[str, tuple[str, ...]] | None = None, *, prompt: Callable[[dict, bool], dict | None],
              asks: tuple[str, ...], answer: Callable[[dict, str], str], chat: bool = True) -> Callable:
     def deco(fn: Callable[[dict], dict]) -> Callable[[dict], dict]:
-        FORMATS[name] = Format(name, required, fn, optional, turns, prompt, asks, chat, answer=answer)
+        FORMATS[name] = Format(name, required, fn, optional, turns, asks=asks, chat=chat, prompt=prompt, answer=answer)
         return fn
 
     return deco
@@ -101,8 +101,13 @@ def _alpaca_prompt(line: dict, plain: bool) -> dict | None:
     return {"messages": _alpaca({**line, "output": "-"})["messages"][:-1]} if "instruction" in line else None
 
 
+def _alpaca_answer(rec: dict, key: str) -> str:
+    return _text(rec, "output")
+
+
+# (named functions, never lambdas, here: a task holds its format, and spawned DataLoader workers pickle it)
 @register("alpaca", ("instruction", "output"), ("input", "system", "history"), prompt=_alpaca_prompt,
-          asks=("instruction",), answer=lambda rec, key: _text(rec, "output"))
+          asks=("instruction",), answer=_alpaca_answer)
 def _alpaca(rec: dict) -> dict:
     instruction = _text(rec, "instruction")
     extra = _text(rec, "input", optional=True)
@@ -181,9 +186,12 @@ def _sharegpt_prompt(line: dict, plain: bool) -> dict | None:
     return _asked(_sharegpt(line)) if "conversations" in line else None
 
 
+def _sharegpt_answer(rec: dict, key: str) -> str:
+    return _final_answer(_sharegpt(rec), rec, key)
+
+
 @register("sharegpt", ("conversations",), ("system", "tools"), turns=("conversations", ("from", "value")),
-          prompt=_sharegpt_prompt, asks=("conversations",),
-          answer=lambda rec, key: _final_answer(_sharegpt(rec), rec, key))
+          prompt=_sharegpt_prompt, asks=("conversations",), answer=_sharegpt_answer)
 def _sharegpt(rec: dict) -> dict:
     turns = rec.get("conversations")
     where = rec.get(WHERE, "?")
@@ -243,10 +251,13 @@ def _messages_prompt(line: dict, plain: bool) -> dict | None:
     return _asked(_messages({**line, "messages": line["prompt"]})) if isinstance(line.get("prompt"), list) else None
 
 
+def _messages_answer(rec: dict, key: str) -> str:
+    return _final_answer(_messages(rec), rec, key)
+
+
 @register("messages", ("messages",), ("tools",), turns=("messages", ("role", "content", "weight", "tool_calls",
                                                                       "tool_call_id")),
-          prompt=_messages_prompt, asks=("messages", "prompt"),
-          answer=lambda rec, key: _final_answer(_messages(rec), rec, key))
+          prompt=_messages_prompt, asks=("messages", "prompt"), answer=_messages_answer)
 def _messages(rec: dict) -> dict:
     msgs = rec.get("messages")
     where = rec.get(WHERE, "?")
@@ -296,8 +307,12 @@ def _completion_answer(rec: dict, key: str) -> str:
     return _text(rec, "completion")
 
 
+def _completion_prompt(line: dict, plain: bool) -> dict | None:
+    return {"prompt": line["prompt"]} if isinstance(line.get("prompt"), str) else None
+
+
 @register("prompt_completion", ("prompt", "completion"), chat=False, asks=("prompt",), answer=_completion_answer,
-          prompt=lambda line, plain: {"prompt": line["prompt"]} if isinstance(line.get("prompt"), str) else None)
+          prompt=_completion_prompt)
 def _prompt_completion(rec: dict) -> dict:
     return {"segments": [(_text(rec, "prompt"), False), (_text(rec, "completion", target=True), True)]}
 
