@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,12 @@ os.environ.setdefault("SCALETUNE_NO_PROGRESS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+# The Ctrl-C tests press Ctrl-C as at a terminal. A suite started in the background of a script (`cmd &`, as
+# some CI runners do) inherits SIGINT ignored, which every run it starts would keep, as scaletune means to for
+# such a run: the tests' processes take Ctrl-C as a terminal's foreground would.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 from stutil import (  # noqa: F401,E402
     alpaca_records,
