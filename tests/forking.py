@@ -116,7 +116,8 @@ def run_ranks(script: Path, args: list[str], env: dict, world: int, logdir: Path
 def launch(cmd: list[str], env: dict, logdir: Path, cwd: Path, timeout: float = 420,
            rank_args: dict[int, list[str]] | None = None, nodes: int = 1) -> subprocess.CompletedProcess:
     """A one-node launch, `cmd` being `accelerate launch ARGS (-m scaletune | SCRIPT) ARGS...` (or `python -m`
-    accelerate's CLI or its launch module) or `python -m scaletune launch ...`, with its ranks forked here instead of started by accelerate and torchrun.
+    accelerate's CLI or its launch module) or `python -m scaletune launch ...`, with its ranks forked here
+    instead of started by accelerate and torchrun.
 
     What the ranks get is what that launch would give them: `scaletune launch`'s accelerate command is its
     own (composed by a dry run in this process, which also validates the config), the environment is
@@ -157,9 +158,8 @@ def launch(cmd: list[str], env: dict, logdir: Path, cwd: Path, timeout: float = 
         built = prepare_multi_gpu_env(args)
     accelerate_env = {k: v for k, v in built.items() if os.environ.get(k) != v}
     world, port = int(args.num_processes), str(args.main_process_port)
-    procs = []
+    procs, per_node = [], world // nodes
     for rank in range(world):
-        per_node = world // nodes
         rank_env = {**env, **accelerate_env, "RANK": str(rank), "LOCAL_RANK": str(rank % per_node),
                     "GROUP_RANK": str(rank // per_node), "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(per_node),
                     "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
