@@ -31,6 +31,8 @@ PLAIN = "__plain__"  # the line was plain text (held as {"text": line}), not a J
 STDIN = "<stdin>"
 log = logging.getLogger("scaletune")
 _OURS = (WHERE, LINE, PLAIN)
+# the keys prompt_segments reads a prompt from, in the order it tries them (the formats' own, data/formats.py)
+_PROMPT_KEYS = tuple(dict.fromkeys(k for fmt in FORMATS.values() for k in fmt.asks))
 
 
 def source_name(source: str | None) -> str:
@@ -305,9 +307,8 @@ def token_cls_input(item: dict, column: str | None, cjk_chars: bool = False) -> 
 def check_prompt_input(item: dict) -> None:
     """Refuse a line `prompt_segments` would find no prompt in (it would generate from an empty turn)."""
     where = item[WHERE]
-    keys = list(dict.fromkeys(k for fmt in FORMATS.values() for k in fmt.asks))  # (prompt_segments' order)
-    if not any(k in item for k in keys):
-        raise DataError(f"{where}: nothing to prompt with: expected one of the keys {keys}, or a "
+    if not any(k in item for k in _PROMPT_KEYS):
+        raise DataError(f"{where}: nothing to prompt with: expected one of the keys {list(_PROMPT_KEYS)}, or a "
                         f"plain-text line; {_found(item)}")
     if "prompt" in item and "instruction" not in item and not isinstance(item["prompt"], str) \
             and not (isinstance(item["prompt"], list) and item["prompt"]):  # (TRL's conversational prompt)
