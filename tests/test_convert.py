@@ -151,7 +151,7 @@ def test_an_axolotl_qlora_config_with_a_deepspeed_file_converts(tmp_path, capsys
     assert raw["model"] == {"name_or_path": "some/model", "quantization": "4bit", "gradient_checkpointing": True,
                             "attn_implementation": "flash_attention_2", "dtype": "bfloat16"}  # (bf16: auto)
     assert raw["data"] == {"train": str(data), "format": "alpaca", "eval_fraction": 0.05, "max_length": 512,
-                           "packing": True, "train_on_prompt": False}
+                           "packing": True, "train_on_prompt": False, "too_long": "drop"}  # (axolotl drops long rows)
     assert raw["peft"]["target_modules"] == "all-linear" and raw["peft"]["method"] == "lora"
     assert raw["train"]["optimizer"] == "adamw" and raw["train"]["global_batch_size"] == 8
     assert raw["distributed"] == {"zero_stage": 3, "offload": "optimizer"}  # read from the JSON, not its name
@@ -175,6 +175,7 @@ def test_stages_name_the_task_and_loss(tmp_path, capsys):
     (tmp_path / "run.yaml").unlink()
     raw, _, _ = _converted(tmp_path, "model_name_or_path: m\nstage: pt\nfp16: true\n", capsys)
     assert (raw["task"], raw["data"]["format"], raw["train"]["mixed_precision"]) == ("causal_lm", "text", "fp16")
+    assert raw["data"]["too_long"] == "split"  # (pretraining: long texts become blocks, not cut)
     assert raw["model"]["dtype"] == "float16"  # (as the other tool's base: autocast to another dtype is refused)
 
 
@@ -220,6 +221,12 @@ def test_keys_left_out_take_the_other_tools_defaults(tmp_path, capsys):
     (tmp_path / "run.yaml").unlink()
     raw, _, _ = _converted(tmp_path, "base_model: m\nadapter: lora\nlearning_rate: 1.0e-4\n", capsys)
     assert (raw["train"]["epochs"], raw["train"]["micro_batch_size"], raw["train"]["global_batch_size"]) == (1, 1, 1)
+    assert raw["data"]["too_long"] == "drop"  # (axolotl's excess_length_strategy default)
+    for theirs, ours in (("truncate", "truncate"), ("raise", "drop")):
+        (tmp_path / "run.yaml").unlink()
+        raw, written, _ = _converted(tmp_path, f"base_model: m\nadapter: lora\nexcess_length_strategy: {theirs}\n",
+                                     capsys)
+        assert raw["data"]["too_long"] == ours and ("has no such choice" in written) == (theirs == "raise")
     (tmp_path / "run.yaml").unlink()
     raw, written, _ = _converted(tmp_path, "model_name_or_path: m\nnum_train_epochs: 1\n", capsys)
     assert (raw["train"]["lr_scheduler"], raw["train"]["warmup_ratio"]) == ("linear", 0.0)
@@ -290,7 +297,7 @@ def test_eval_steps_default_pretraining_data_and_both_dataset_keys(tmp_path, cap
     (tmp_path / "run.yaml").unlink()
     raw, _, _ = _converted(tmp_path, f"base_model: m\npretraining_dataset:\n  - path: {text}\n    type: pretrain\n",
                            capsys)
-    assert (raw["data"]["train"], raw["data"]["format"]) == (str(text), "text")
+    assert (raw["data"]["train"], raw["data"]["format"], raw["data"]["too_long"]) == (str(text), "text", "split")
 
 
 def test_a_section_given_as_null_or_a_scalar_does_not_crash(tmp_path, capsys):

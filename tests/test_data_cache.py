@@ -84,6 +84,7 @@ _DATA_CHANGES = {
     "max_prompt_length": lambda cfg, tmp: 8,
     "train_on_prompt": lambda cfg, tmp: True,
     "packing": lambda cfg, tmp: True,
+    "too_long": lambda cfg, tmp: "drop",
     "columns": lambda cfg, tmp: {"instruction": "question"},
     "text_column": lambda cfg, tmp: "sentence",
     "text_pair_column": lambda cfg, tmp: "hypothesis",

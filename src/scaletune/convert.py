@@ -98,8 +98,9 @@ def _stage(c: Conversion, key: str, value: Any) -> None:
     c.set("task", task[0])
     if task[1] and task[1] != "sigmoid":
         c.set("train.dpo_loss", task[1])
-    if str(value).lower() == "pt":
+    if str(value).lower() == "pt":  # (LLaMA-Factory joins the texts and cuts blocks; scaletune cuts each text)
         c.set("data.format", "text")
+        c.set("data.too_long", "split")
 
 
 def _method(c: Conversion, key: str, value: Any) -> None:
@@ -258,6 +259,7 @@ def _pretraining(c: Conversion, key: str, value: Any) -> None:
     """axolotl's pretraining_dataset: plain text, trained on whole."""
     _dataset(c, key, value if isinstance(value, list) else [value])
     c.set("data.format", "text")
+    c.set("data.too_long", "split")
 
 
 def _registered(c: Conversion, key: str, name: str, entry: Any, folder: Path) -> str:
@@ -402,6 +404,16 @@ def _cutoff(c: Conversion, key: str, value: Any) -> None:
                 "cuts a longer example from its end (dpo, kto, reward: data.max_prompt_length caps the prompt)")
 
 
+def _excess_length(c: Conversion, key: str, value: Any) -> None:
+    """axolotl's excess_length_strategy: drop | truncate | raise."""
+    if str(value) in ("drop", "truncate"):
+        c.set("data.too_long", str(value))
+    else:
+        c.set("data.too_long", "drop")
+        c.note(key, f"{value!r}: scaletune has no such choice; data.too_long: drop leaves long examples out and "
+                    "warns how many")
+
+
 def _torch_dtype(c: Conversion, key: str, value: Any) -> None:
     if str(value) != "auto":
         c.set("model.dtype", value)
@@ -421,7 +433,7 @@ HANDLERS: dict[str, Callable[[Conversion, str, Any], None]] = {
     "flash_attn": _attention, "attn_implementation": _attention, "val_size": _eval_size,
     "val_set_size": _eval_size, "torch_dtype": _torch_dtype, "eval_steps": _steps, "save_steps": _steps,
     "report_to": _report_to, "cutoff_len": _cutoff, "logging_steps": _steps, "flash_attention": _attention,
-    "use_flash_attention": _attention,
+    "use_flash_attention": _attention, "excess_length_strategy": _excess_length,
 }
 # keys that only choose what a command does, or say what scaletune always does: dropped without a note
 _SILENT = {"do_train", "do_eval", "overwrite_output_dir", "plot_loss", "overwrite_cache", "resume_from_checkpoint",
@@ -491,6 +503,8 @@ def _defaults(c: Conversion) -> None:
         fill("peft.lora_alpha", 2 * c.get("peft.r") if isinstance(c.get("peft.r"), int) else None, "lora_alpha")
     if tool == "axolotl":
         fill("train.epochs", 1, "max_steps")
+        if c.get("task") in (None, "causal_lm"):
+            fill("data.too_long", "drop", "excess_length_strategy")
     else:  # (TrainingArguments', which LLaMA-Factory and TRL keep; TRL's learning rates are its trainers' own)
         fill("train.lr_scheduler", "linear")
         if c.get("train.lr_scheduler") != "constant":  # (a warmup setting beside constant is refused)

@@ -160,6 +160,11 @@ def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_c
         p.append(f"data.chat_template: only used by {', '.join(CHAT_TASKS)}, not {cfg.task}")
     if d.packing and cfg.task != "causal_lm":
         p.append(f"data.packing: only supported for task causal_lm, not {cfg.task}")
+    if d.too_long != "truncate" and cfg.task != "causal_lm":
+        p.append(f"data.too_long: {d.too_long} is for task causal_lm; {cfg.task} truncates (leave it out)")
+    elif d.too_long == "split" and d.format not in ("auto", "text"):
+        p.append(f"data.too_long: split cuts plain text (data.format text) into pieces; a piece of a {d.format} "
+                 "record would lose its prompt (use drop or truncate)")
     if d.labels is not None and cfg.task == "causal_lm":
         p.append("data.labels: only used by seq_cls/token_cls")
     elif d.labels is not None and cfg.task == "seq_regression":

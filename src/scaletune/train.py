@@ -295,6 +295,7 @@ def setup(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False,
                  "left_out_per_epoch": left_out,
                  "skipped_examples": data["stats"].get("dropped"),
                  "truncated_examples": data["stats"].get("truncated"),
+                 "too_long_examples": data["stats"].get("too_long"),
                  "eval_examples": len(data["eval"]) if data["eval"] is not None else 0,
                  "max_length": cfg.data.max_length,  # (as the model took it; the config keeps the given one)
                  "trainable_params": trainable, "total_params": all_params,

@@ -212,17 +212,16 @@ def build_datasets(cfg: Any, task: Any, tokenizer: Any, accelerator: Any = None,
             train_records = None  # (nothing reads them now: their memory is the eval set's and the save's)
             if train is None:
                 raise DataError(f"data.train: no usable examples in {describe(cfg.data.train)} "
-                                f"({counted['dropped']} had no target tokens within max_length)")
+                                f"({_why_none(cfg, counted)})")
             evalset, counted_eval = encode_all(eval_records or [], task, tokenizer, cfg, label2id, shown=main)
             if cfg.data.eval and evalset is None:  # asked for, never run
-                raise DataError(f"data.eval: no usable examples in {cfg.data.eval} ({counted_eval['dropped']} had no "
-                                f"target tokens within data.max_length={cfg.data.max_length})")
-            dropped, truncated, unstopped = ({"train": counted[key], "eval": counted_eval[key]}
-                                             for key in ("dropped", "truncated", "unstopped"))
+                raise DataError(f"data.eval: no usable examples in {cfg.data.eval} ({_why_none(cfg, counted_eval)})")
+            dropped, truncated, unstopped, too_long = ({"train": counted[key], "eval": counted_eval[key]}
+                                                       for key in ("dropped", "truncated", "unstopped", "too_long"))
             # scoring's bookkeeping would only slow every training batch
             train = train.remove_columns([c for c in task.eval_only_columns if c in train.column_names])
             meta = {"labels": labels, "has_eval": evalset is not None, "dropped": dropped, "truncated": truncated,
-                    "unstopped": unstopped,
+                    "unstopped": unstopped, "too_long": too_long,
                     "ignored_fields": [note for note in ignored if note], **task.cache_meta()}
             if cfg.data.cache and (accelerator is None or accelerator.is_main_process):
                 _save_atomically(where, train, evalset, meta)
@@ -255,6 +254,9 @@ def build_datasets(cfg: Any, task: Any, tokenizer: Any, accelerator: Any = None,
                         "raise it to train on (or score) their ends", split, n, sizes[split], cfg.data.max_length)
     if eval_note:
         log.warning(eval_note)
+    for split, n in (meta.get("too_long") or {}).items():
+        if n and main and not (for_eval and split == "train"):
+            log.warning("data.%s: %s", split, _too_long_note(cfg, n, sizes[split]))
     n = (meta.get("unstopped") or {}).get("train")
     if n and main and not for_eval:
         log.warning("data.train: %d of %d example(s) hold an answer that ends in no end-of-sequence (or other special) "
@@ -338,13 +340,15 @@ def _encoded_eval(cfg: Any, task: Any, tokenizer: Any, key: str, what: str, reco
     evalset, counted = encode_all(records, task, tokenizer, cfg,
                                    {name: i for i, name in enumerate(labels)} if labels else None,
                                    sourced=sources is not None)
-    dropped, truncated = counted["dropped"], counted["truncated"]  # (unstopped: a training-time concern)
+    # (unstopped: a training-time concern)
+    dropped, truncated, too_long = counted["dropped"], counted["truncated"], counted["too_long"]
     if evalset is None:
-        raise DataError(f"{key}: no usable examples in {what} ({dropped} had no target tokens within "
-                        f"data.max_length={cfg.data.max_length})")
+        raise DataError(f"{key}: no usable examples in {what} ({_why_none(cfg, counted)})")
     if dropped:  # scored on fewer examples than the file holds: say so, as training does
         log.warning("%s: %d example(s) skipped: no target tokens within data.max_length=%d%s", key, dropped,
                     cfg.data.max_length, _whole_prompts(cfg))
+    if too_long:
+        log.warning("%s: %s", key, _too_long_note(cfg, too_long, len(evalset)))
     if sources is not None:
         from .batching import column_values  # (batching imports torch: config validation reads this package)
 
@@ -357,6 +361,23 @@ def _encoded_eval(cfg: Any, task: Any, tokenizer: Any, key: str, what: str, reco
         log.warning("%s: %d of %d example(s) are longer than data.max_length=%d tokens and were cut; raise it to "
                     "score their ends", key, truncated, len(evalset), cfg.data.max_length)
     return evalset
+
+
+def _why_none(cfg: Any, counted: dict) -> str:
+    """Why encoding kept no example, from its counts."""
+    why = [f"{counted['dropped']} had no target tokens within data.max_length={cfg.data.max_length}"]
+    if counted["too_long"]:
+        why.append(f"{counted['too_long']} were longer and data.too_long is drop")
+    return "; ".join(why)
+
+
+def _too_long_note(cfg: Any, n: int, kept: int) -> str:
+    """What data.too_long did to `n` examples longer than data.max_length (`kept`: the examples encoded)."""
+    if cfg.data.too_long == "drop":
+        return (f"{n} example(s) longer than data.max_length={cfg.data.max_length} tokens were left out "
+                f"(data.too_long: drop); {kept} kept")
+    return (f"{n} example(s) longer than data.max_length={cfg.data.max_length} tokens were split into pieces "
+            f"(data.too_long: split); {kept} examples in all")
 
 
 def _load_cached(where: Path, accelerator: Any, quiet: bool = False) -> tuple[Any, Any, dict] | None:

@@ -21,32 +21,39 @@ from ..progress import Progress
 CHUNK = 2000
 
 _WORK: tuple | None = None  # (records, task, tokenizer, cfg, label2id, sourced) while encode_all runs: forked workers read it
+# what encoding counts per split: examples without a target within max_length (skipped), cut at max_length,
+# whose answer ends in no special token, longer than max_length and dropped or split (data.too_long)
+COUNTS = ("dropped", "truncated", "unstopped", "too_long")
 RECORD = "record"  # column of `encode_all(sourced=True)`: the index in `records` each example was encoded from
 
 
 def _encode_span(span: tuple[int, int]) -> dict:
-    """Encode records[start:end] of `_WORK` into columns plus the counts `dropped`, `truncated`, `unstopped`."""
-    from ..tasks.base import TRUNCATED, UNSTOPPED  # (tasks import data's readers)
+    """Encode records[start:end] of `_WORK` into columns plus the counts of COUNTS."""
+    from ..tasks.base import TOO_LONG, TRUNCATED, UNSTOPPED  # (tasks import data's readers)
 
     records, task, tokenizer, cfg, label2id, sourced = _WORK
     columns: dict[str, list] = {"input_ids": [], "labels": [], "length": []}
-    dropped = truncated = unstopped = 0
+    counts = dict.fromkeys(COUNTS, 0)
     # (the task's examples of each record: kto makes two of a preference pair, both from record `at`)
     examples = ((at, one) for at, rec in enumerate(records[span[0]:span[1]], start=span[0])
                 for one in task.examples_of(rec))
     for at, rec in examples:
         ex = task.encode(rec, tokenizer, cfg, label2id)
         if ex is None:
-            dropped += 1
+            counts["dropped"] += 1
             continue
-        if sourced:  # (a dropped record leaves a gap: the examples' positions no longer say which record)
-            columns.setdefault(RECORD, []).append(at)
-        truncated += bool(ex.pop(TRUNCATED, False))
-        unstopped += bool(ex.pop(UNSTOPPED, False))
-        columns["length"].append(len(ex["input_ids"]))
-        for key, value in ex.items():  # input_ids, labels and what else the task keeps (token_cls: cut_tags)
-            columns.setdefault(key, []).append(value)
-    columns["dropped"], columns["truncated"], columns["unstopped"] = dropped, truncated, unstopped
+        for piece in ex if isinstance(ex, list) else [ex]:  # (a list: a long text split in pieces)
+            counts["too_long"] += bool(piece.pop(TOO_LONG, False))
+            if not piece:  # (data.too_long: drop)
+                continue
+            if sourced:  # (a dropped record leaves a gap: the examples' positions no longer say which record)
+                columns.setdefault(RECORD, []).append(at)
+            counts["truncated"] += bool(piece.pop(TRUNCATED, False))
+            counts["unstopped"] += bool(piece.pop(UNSTOPPED, False))
+            columns["length"].append(len(piece["input_ids"]))
+            for key, value in piece.items():  # input_ids, labels and what else the task keeps (token_cls: cut_tags)
+                columns.setdefault(key, []).append(value)
+    columns.update(counts)
     return columns
 
 
@@ -132,7 +139,7 @@ def _workers(n: int) -> Iterator[Any]:
 def encode_all(records: list[dict], task: Any, tokenizer: Any, cfg: Any, label2id: dict | None,
                 shown: bool = True, sourced: bool = False) -> tuple[Any, dict]:
     """Encode every record, in order: (a Dataset of the examples kept, or None if none was, and the counts
-    `dropped` / `truncated` / `unstopped`). A bad record's DataError is raised here, from a worker too.
+    of COUNTS). A bad record's DataError is raised here, from a worker too.
     `shown`: progress on screen (300k Alpaca records took ~50 s on 2 cores with nothing shown). `sourced`:
     the Dataset has a RECORD column, each example's index in `records`."""
     global _WORK
@@ -141,7 +148,7 @@ def encode_all(records: list[dict], task: Any, tokenizer: Any, cfg: Any, label2i
     import datasets
 
     spans = [(i, min(i + CHUNK, len(records))) for i in range(0, len(records), CHUNK)]
-    counts = {"dropped": 0, "truncated": 0, "unstopped": 0}
+    counts = dict.fromkeys(COUNTS, 0)
     parts = []
     procs = tokenize_processes(cfg)
     _WORK = (records, task, tokenizer, cfg, label2id, sourced)

@@ -21,6 +21,9 @@ TRUNCATED = "truncated"  # key of `encode`'s result: data.max_length cut the exa
 # key of `encode`'s result: a whole answer ends in no special token, so a model trained on it never learns
 # to stop (a chat template that closes no assistant turn, a tokenizer without eos_token; counted, not stored)
 UNSTOPPED = "unstopped"
+# key of `encode`'s result: the example is longer than data.max_length and data.too_long dropped it (the result
+# holds nothing else) or split it (on the first of its pieces); counted, not stored
+TOO_LONG = "too_long"
 TASKS: dict[str, type[Task]] = {}
 
 
@@ -86,7 +89,8 @@ class Task:
 
     def encode(self, record: dict, tokenizer: Any, cfg: Any, label2id: dict | None) -> dict | None:
         """One record -> {'input_ids': [...], 'labels': ..., TRUNCATED: bool} (any further key, returned for
-        every record, becomes a column of the dataset too); None drops the example (logged)."""
+        every record, becomes a column of the dataset too); None drops the example (logged); a list is several
+        examples (causal_lm's data.too_long: split); {TOO_LONG: True} alone leaves a too-long example out."""
         raise NotImplementedError
 
     def collate(self, examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:

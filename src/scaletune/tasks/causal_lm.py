@@ -17,7 +17,7 @@ from ..data.readers import WHERE
 from ..data.render import to_segments
 from ..errors import ConfigError, DataError
 from ..trainable_state import unwrap
-from .base import IGNORE, TRUNCATED, UNSTOPPED, Task, ce_sum, pad_batch, register
+from .base import IGNORE, TOO_LONG, TRUNCATED, UNSTOPPED, Task, ce_sum, pad_batch, register
 
 log = logging.getLogger("scaletune")
 
@@ -108,6 +108,9 @@ class CausalLM(Task):
         if cfg.data.train_on_prompt and self.format.name == "text":
             raise ConfigError(f"data.train_on_prompt: {source} holds text records, which have no prompt (all of "
                               "each is trained already)")
+        if cfg.data.too_long == "split" and self.format.name != "text":
+            raise ConfigError(f"data.too_long: split cuts plain text into pieces; {source} holds {self.format.name} "
+                              "records, whose pieces would lose their prompt (use drop or truncate)")
         return None
 
     def check_eval(self, records: list[dict], cfg: Any, source: str) -> None:
@@ -155,8 +158,17 @@ class CausalLM(Task):
         except DataError as exc:
             raise mapped_names(exc, cfg.data.columns) from None
         ids, labels, unstopped = self.tokens(segments, tokenizer, cfg.data.train_on_prompt)
-        truncated = len(ids) > cfg.data.max_length
-        ids, labels = ids[: cfg.data.max_length], labels[: cfg.data.max_length]
+        n = cfg.data.max_length
+        if len(ids) > n and cfg.data.too_long == "drop":
+            return {TOO_LONG: True}
+        if len(ids) > n and cfg.data.too_long == "split":
+            # Pieces overlap by one token: a piece's first token is never a target (nothing before it in the
+            # row), so it is the previous piece's last, and each token after the text's first is a target once.
+            pieces = [{"input_ids": ids[at:at + n], "labels": labels[at:at + n]} for at in range(0, len(ids) - 1, n - 1)]
+            pieces = [p for p in pieces if any(lab != IGNORE for lab in p["labels"][1:])]
+            return [{**pieces[0], TOO_LONG: True}, *pieces[1:]] if pieces else None
+        truncated = len(ids) > n
+        ids, labels = ids[:n], labels[:n]
         # After the shift, label[0] is never predicted; an example needs a target past position 0.
         if not any(lab != IGNORE for lab in labels[1:]):
             return None
