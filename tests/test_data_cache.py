@@ -85,6 +85,7 @@ _DATA_CHANGES = {
     "train_on_prompt": lambda cfg, tmp: True,
     "packing": lambda cfg, tmp: True,
     "too_long": lambda cfg, tmp: "drop",
+    "train_on_last_turn": lambda cfg, tmp: True,
     "columns": lambda cfg, tmp: {"instruction": "question"},
     "text_column": lambda cfg, tmp: "sentence",
     "text_pair_column": lambda cfg, tmp: "hypothesis",

@@ -66,6 +66,8 @@ KEY_ALIASES: dict[str, str] = {
     "val_size": "data.eval_fraction",
     "validation_split_percentage": "data.eval_fraction",
     "train_on_inputs": "data.train_on_prompt",
+    "mask_history": "data.train_on_last_turn",
+    "excess_length_strategy": "data.too_long",
     "completion_only_loss": "the loss is on completions only unless data.train_on_prompt: true",
     "sample_packing": "data.packing",
     "flash_attention": "set model.attn_implementation: flash_attention_2 (or varlen, nothing to install)",

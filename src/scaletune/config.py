@@ -136,6 +136,9 @@ class DataConfig:
                                        "kept), as TRL's max_prompt_length; a prompt filling data.max_length "
                                        "otherwise costs its example (only answers are cut). null: prompts whole.")
     train_on_prompt: bool = _f(False, "causal_lm: also compute the loss on prompt/user tokens.")
+    train_on_last_turn: bool = _f(False, "causal_lm conversations: train only each record's last assistant turn; "
+                                  "earlier answers are context, as a `weight: 0` turn is (LLaMA-Factory's "
+                                  "mask_history). Applies to the eval loss too.")
     packing: bool = _f(False, "causal_lm: pack several examples per row (attention isolated per example).")
     columns: dict | None = _f(None, "causal_lm: the data's own names for a format's fields, {field: column}, e.g. "
                               "{instruction: question, output: answer}: each record's column is read as that field "

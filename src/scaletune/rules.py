@@ -428,6 +428,11 @@ def ignored_key_problems(cfg: RunConfig) -> list[str]:
         p.append(f"data.train_on_prompt: only used by causal_lm, not {cfg.task}")
     elif d.train_on_prompt and d.format == "text":
         p.append("data.train_on_prompt: data.format text has no prompt (all of it is trained already)")
+    if d.train_on_last_turn and cfg.task != "causal_lm":
+        p.append(f"data.train_on_last_turn: only used by causal_lm, not {cfg.task}")
+    elif d.train_on_last_turn and _plain_format(d.format):
+        p.append(f"data.train_on_last_turn: data.format {d.format} records are not conversations; they have no "
+                 "turns")
     if d.chat_template is not None and _plain_format(d.format):
         p.append(f"data.chat_template: data.format {d.format} records are not conversations; no template renders "
                  "them (use format alpaca/sharegpt/messages, or drop chat_template)")

@@ -117,6 +117,10 @@ def _tokenizer_digest(tokenizer: Any) -> str:
     return hashlib.sha256((body + extra).encode()).hexdigest()
 
 
+# data.* keys added after the cache key's layout was set, with the default that encodes as before they existed
+_LATER_KEYS = {"too_long": "truncate", "train_on_last_turn": False}
+
+
 def train_digest(cfg: Any) -> str:
     """The training sources' contents (a file's sha256; a hub source's name): what a checkpoint was trained on."""
     return ",".join(_file_digest(spec) for spec, _ in train_sources(cfg.data.train))
@@ -129,6 +133,9 @@ def fingerprint(cfg: Any, tokenizer: Any, train: str | None = None, evald: str |
     d = asdict(cfg.data)
     for key in ("num_workers", "num_proc", "cache", "group_by_length"):
         d.pop(key)
+    for key, default in _LATER_KEYS.items():  # (at its default, a later key keeps the entries made before it valid)
+        if d[key] == default:
+            d.pop(key)
     d["train"] = [(Path(spec).suffix.lower(), weight) for spec, weight in train_sources(cfg.data.train)]
     if cfg.data.max_samples is not None:
         from .sources import train_keyed_sources

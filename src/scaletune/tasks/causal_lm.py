@@ -108,6 +108,9 @@ class CausalLM(Task):
         if cfg.data.train_on_prompt and self.format.name == "text":
             raise ConfigError(f"data.train_on_prompt: {source} holds text records, which have no prompt (all of "
                               "each is trained already)")
+        if cfg.data.train_on_last_turn and not self.format.chat:
+            raise ConfigError(f"data.train_on_last_turn: {source} holds {self.format.name} records, which are not "
+                              "conversations; they have no turns (drop data.train_on_last_turn)")
         if cfg.data.too_long == "split" and self.format.name != "text":
             raise ConfigError(f"data.too_long: split cuts plain text into pieces; {source} holds {self.format.name} "
                               "records, whose pieces would lose their prompt (use drop or truncate)")
@@ -154,7 +157,10 @@ class CausalLM(Task):
 
     def encode(self, record: dict, tokenizer: Any, cfg: Any, label2id: dict | None) -> dict | None:
         try:
-            segments = to_segments(self._format_of(record).convert(record), tokenizer, record.get(WHERE, "?"))
+            converted = self._format_of(record).convert(record)
+            if cfg.data.train_on_last_turn:
+                converted = last_turn_only(converted)
+            segments = to_segments(converted, tokenizer, record.get(WHERE, "?"))
         except DataError as exc:
             raise mapped_names(exc, cfg.data.columns) from None
         ids, labels, unstopped = self.tokens(segments, tokenizer, cfg.data.train_on_prompt)
@@ -442,6 +448,14 @@ def _tokenizer_facts(tokenizer: Any) -> tuple[int | None, bool]:
         after = tokenizer("\na", add_special_tokens=False)["input_ids"]
         known = _FACTS[id(tokenizer)] = (tokenizer, (bos if adds else None, after[-len(alone):] != alone))
     return known[1]
+
+
+def last_turn_only(converted: dict) -> dict:
+    """A converted conversation whose assistant turns before its last trained one are context (as weight 0)."""
+    turns = converted["messages"]
+    trained = [i for i, m in enumerate(turns) if m["role"] == "assistant" and m.get("train", True)]
+    earlier = set(trained[:-1])
+    return {**converted, "messages": [{**m, "train": None} if i in earlier else m for i, m in enumerate(turns)]}
 
 
 def leading_bos(tokenizer: Any) -> int | None:
