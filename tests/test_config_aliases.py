@@ -86,13 +86,13 @@ def test_every_alias_that_names_a_key_names_one_that_exists():
 
 @pytest.mark.parametrize(("raw", "wanted"), [
     # difflib pointed these to a wrong key: do_train -> train, model_type -> model, logging_strategy ->
-    # learning_rate, eval_batch_size -> global_batch_size, lr_scheduler_kwargs -> lr_scheduler
+    # learning_rate, per_device_eval_batch_size -> micro_batch_size, lr_scheduler_kwargs -> lr_scheduler
     ({"do_train": True}, "do_train: unknown key (`scaletune train CONFIG` trains"),
     ({"model_type": "LlamaForCausalLM"}, "model_type: unknown key (scaletune loads the task's AutoModelFor*"),
     ({"train": {"logging_strategy": "steps"}}, "train.logging_strategy: unknown key (scaletune logs every "
                                                 "train.log_every optimizer steps)"),
-    ({"train": {"eval_batch_size": 8}}, "train.eval_batch_size: unknown key (scaletune evaluates in batches of "
-                                        "train.micro_batch_size)"),
+    ({"train": {"per_device_eval_batch_size": 8}}, "train.per_device_eval_batch_size: unknown key (did you mean "
+                                                   "'eval_batch_size'?)"),
     ({"train": {"lr_scheduler_kwargs": {}}}, "train.lr_scheduler_kwargs: unknown key (no scheduler options; for a "
                                              "floor set train.lr_scheduler: cosine_with_min_lr"),
     # these had no hint at all

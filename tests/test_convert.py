@@ -90,7 +90,7 @@ def test_a_llama_factory_config_converts_and_trains_on_its_registered_dataset(tm
     assert raw["distributed"]["timeout_s"] == 180000000
     # what does not carry over is said in the file, not dropped silently
     assert "template: 'llama3'" in written and "save_only_model" in written and "ONE process" in written
-    assert "per_device_eval_batch_size" in written
+    assert raw["train"]["eval_batch_size"] == 1  # (per_device_eval_batch_size)
     cfg = load_config(out, check_peft=True)
     assert cfg.train.learning_rate == 1e-3
     # the registry's column mapping is what makes the renamed file readable as alpaca records

@@ -376,3 +376,30 @@ def test_a_plain_peft_classifier_needs_its_label_names(capsys, make_config, tmp_
                             "data.labels=[neg, pos]"], capsys)
     assert_clean_error(code, err, "is a peft TOKEN_CLS adapter (adapter_config.json's task_type), task seq_cls "
                                   "needs SEQ_CLS")
+
+
+def test_eval_batch_size_is_used_by_training_and_eval_and_changes_no_metric(capsys, make_config, tmp_path,
+                                                                            monkeypatch):
+    """train.eval_batch_size sets the eval forward's batch (training's evals and `scaletune eval`); the metrics
+    are those of micro_batch_size's batches, to float rounding."""
+    import scaletune.evaluate as evaluate
+
+    seen = []
+    real = evaluate.eval_batches
+    monkeypatch.setattr(evaluate, "eval_batches", lambda lengths, micro, *a: seen.append(micro) or real(lengths, micro, *a))
+    path = make_config("seq_cls", train={"max_steps": 2, "eval_batch_size": 16})
+    code, _, err = run_cli(["train", path], capsys)
+    assert code == 0, err
+    assert seen and set(seen) == {16}
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in logged if r.get("event") == "eval"][-1]
+    scores = {}
+    for size in (16, 2):
+        seen.clear()
+        code, out, err = run_cli(["eval", path, "--json", f"train.eval_batch_size={size}"], capsys)
+        assert code == 0, err
+        assert set(seen) == {size}
+        scores[size] = json.loads(out)
+    assert scores[16]["accuracy"] == scores[2]["accuracy"] == logged["accuracy"]
+    assert scores[16]["loss"] == pytest.approx(scores[2]["loss"], rel=1e-5)
+    assert scores[16]["loss"] == pytest.approx(logged["loss"], rel=1e-6)

@@ -99,14 +99,14 @@ KEY_ALIASES: dict[str, str] = {
     "template": "data.chat_template",
     "label_smoothing_factor": "train.label_smoothing",
     # (a plausible key difflib points to a wrong one: do_train -> train, model_type -> model, logging_strategy ->
-    # learning_rate, eval_batch_size -> global_batch_size)
+    # learning_rate)
     "do_train": "`scaletune train CONFIG` trains (and evaluates where there is eval data); `scaletune eval` evaluates",
     "do_eval": "scaletune evaluates while training where there is eval data (data.eval or data.eval_fraction)",
     "model_type": "scaletune loads the task's AutoModelFor* class from the checkpoint's own config",
     "tokenizer_type": "scaletune loads the checkpoint's own tokenizer (AutoTokenizer)",
     "logging_strategy": "scaletune logs every train.log_every optimizer steps",
-    "per_device_eval_batch_size": "scaletune evaluates in batches of train.micro_batch_size",
-    "eval_batch_size": "scaletune evaluates in batches of train.micro_batch_size",
+    "per_device_eval_batch_size": "train.eval_batch_size",
+    "eval_batch_size": "train.eval_batch_size",
     "auto_find_batch_size": "`scaletune plan CONFIG` estimates the memory per rank before a run",
     "optim_args": "AdamW's settings are train.adam_beta1, adam_beta2, adam_epsilon and weight_decay",
     "lr_scheduler_kwargs": "no scheduler options; for a floor set train.lr_scheduler: cosine_with_min_lr (or "

@@ -178,6 +178,10 @@ class DataConfig:
 class TrainConfig:
     global_batch_size: int = _f(64, "Examples per optimizer step over all ranks and micro-steps.")
     micro_batch_size: int = _f(4, "Examples per forward pass per rank.")
+    eval_batch_size: int | None = _f(None, "Examples per eval forward pass per rank (training's evals and "
+                                     "`scaletune eval`): no gradients or activations are kept there, so it can "
+                                     "be several times micro_batch_size (plan does not estimate eval's memory). "
+                                     "null: micro_batch_size.")
     epochs: float | None = _f(3, "Passes over the training data (ignored when max_steps is set). The examples "
                               "that do not fill a last global batch sit that epoch out (a random set each epoch; "
                               "how many is logged).")

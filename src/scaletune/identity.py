@@ -16,7 +16,7 @@ _RESUME_FREE_KEYS = {"train": {"max_steps", "epochs", "eval_every", "save_every"
                                "evals_per_epoch", "saves_per_epoch",
                                "report_to", "on_nonfinite", "max_nonfinite_skips", "release_cpu_memory",
                                "best_metric", "early_stopping_patience", "early_stopping_threshold",
-                               "eval_generate", "eval_max_new_tokens"},
+                               "eval_generate", "eval_max_new_tokens", "eval_batch_size"},
                      "data": {"num_workers", "num_proc", "cache", "eval"}, "distributed": {"zero_stage",
                                "offload", "backend", "timeout_s"}, "output_dir": True}
 

@@ -239,11 +239,10 @@ def run_eval(cfg: RunConfig, adapter: str | None, data: str | None, predictions:
              f" ({acc.num_processes} processes)" if acc.num_processes > 1 else "")
     budget = max_new_tokens or generation_metrics.DEFAULT_MAX_NEW_TOKENS
     added, generated = generation_metrics.score(acc, model, tokenizer, prepared, budget) if generate else ({}, None)
+    micro = cfg.train.eval_batch_size or cfg.train.micro_batch_size
     if not predictions:
-        return {**evaluate(acc, model, task, evalset, labels, cfg.train.micro_batch_size, tokenizer.pad_token_id),
-                **added}
-    metrics, examples = evaluate_examples(acc, model, task, evalset, labels, cfg.train.micro_batch_size,
-                                          tokenizer.pad_token_id)
+        return {**evaluate(acc, model, task, evalset, labels, micro, tokenizer.pad_token_id), **added}
+    metrics, examples = evaluate_examples(acc, model, task, evalset, labels, micro, tokenizer.pad_token_id)
     if acc.is_main_process:
         write_predictions(predictions, task, labels, sources, examples, generated)
     return {**metrics, **added}

@@ -202,7 +202,7 @@ def evaluate_step(run: Run, best: BestAdapter, mlog: MetricsLog, speed: Throughp
     faults.at_eval(run.step, run.accelerator.process_index, run.accelerator.num_processes)  # (tests only)
     with speed.paused():  # tokens/s is the training's
         metrics = evaluate(run.accelerator, run.model, run.task, run.data["eval"], run.data["labels"],
-                           t.micro_batch_size, run.tokenizer.pad_token_id, check)
+                           t.eval_batch_size or t.micro_batch_size, run.tokenizer.pad_token_id, check)
         if run.generation:  # train.eval_generate
             metrics.update(score_during_training(run, check))
         mlog.log("eval", run.step, metrics)

@@ -34,7 +34,8 @@ def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_c
     for key in ("global_batch_size", "micro_batch_size", "log_every"):
         if getattr(t, key) is not None and getattr(t, key) < 1:
             p.append(f"train.{key}: must be >= 1, got {getattr(t, key)}")
-    for key in ("eval_every", "save_every", "max_steps", "save_total_limit", "evals_per_epoch", "saves_per_epoch"):
+    for key in ("eval_batch_size", "eval_every", "save_every", "max_steps", "save_total_limit", "evals_per_epoch",
+                "saves_per_epoch"):
         if getattr(t, key) is not None and getattr(t, key) < 1:
             p.append(f"train.{key}: must be >= 1 (or null), got {getattr(t, key)}")
     if t.warmup_steps is not None and t.warmup_steps < 0:
