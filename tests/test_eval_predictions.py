@@ -128,7 +128,8 @@ def test_a_held_out_split_gives_its_lines_from_the_training_file(make_config, ca
 
 def test_lines_of_a_text_pair_and_of_cut_words():
     """A seq_cls line gives the pair's second text; a token_cls line gives a word past max_length the "O" eval
-    scored it as (and a word with no sub-token its neighbours' tag), so `predicted` has one tag a word."""
+    scored it as (and a word with no sub-token its neighbours' tag), so `predicted` has one tag a word, and says
+    how many words were cut ("truncated_words", as predict does)."""
     from scaletune.tasks import get_task
 
     pair = get_task("seq_cls")
@@ -142,7 +143,10 @@ def test_lines_of_a_text_pair_and_of_cut_words():
     tags = ["O", "B-PER", "I-PER", "B-LOC"]
     line = ner.example_line(([1, None, 2], [1, 2, 2], [0, 3]), None, {"tokens": words}, tags)
     assert line == {"tokens": words, "tags": ["B-PER", "I-PER", "I-PER", "O", "B-LOC"],
-                    "predicted": ["B-PER", "I-PER", "I-PER", "O", "O"], "correct": False}
+                    "predicted": ["B-PER", "I-PER", "I-PER", "O", "O"], "correct": False,
+                    "truncated_words": 2}  # (as predict's line says: those two "O" are no prediction)
+    whole = ner.example_line(([1, 3], [1, 3], []), None, {"tokens": ["John", "in"]}, tags)
+    assert "truncated_words" not in whole and whole["correct"]
 
 
 def test_a_file_that_appeared_since_the_check_is_not_replaced(tmp_path):

@@ -164,11 +164,15 @@ class TokenCls(Task):
 
     def example_line(self, pred: Any, extra: Any, record: dict, labels: list[str] | None) -> dict:
         """The words, their gold tags and the tags as eval scored them (a word past max_length "O", one with no
-        sub-token its neighbours'), and whether every tag agrees."""
+        sub-token its neighbours'), whether every tag agrees, and "truncated_words" where max_length cut words
+        off: their "O" is no prediction of the model's, as `predict`'s line for the same words says."""
         words_pred, words_gold, cut = pred
         predicted = fill_blank_words([None if i is None else labels[i] for i in words_pred]) + ["O"] * len(cut)
         gold = [labels[i] for i in words_gold + cut]
-        return {"tokens": record.get(self.tokens), "tags": gold, "predicted": predicted, "correct": predicted == gold}
+        line = {"tokens": record.get(self.tokens), "tags": gold, "predicted": predicted, "correct": predicted == gold}
+        if cut:
+            line["truncated_words"] = len(cut)
+        return line
 
     def metrics(self, preds: list, loss_sum: float, n_targets: int, labels: list[str] | None) -> dict:
         from seqeval.metrics import accuracy_score, classification_report, f1_score, precision_score, recall_score
