@@ -8,7 +8,7 @@ import json
 import pytest
 
 from scaletune.errors import DataError
-from scaletune.generation_metrics import exact_match, normalize_answer, reference_answer, token_f1
+from scaletune.generation_metrics import exact_match, normalize_answer, reference_answer, rouge_l, token_f1
 
 from stutil import assert_clean_error, run_cli, write_jsonl
 
@@ -33,6 +33,35 @@ def test_answers_are_normalised_as_squad_does():
     assert token_f1("alpha alpha", "alpha bravo") == pytest.approx(0.5)  # (a repeated token counts once a match)
     assert token_f1("bravo", "charlie") == 0.0
     assert token_f1("", "the") == 1.0 and token_f1("", "alpha") == 0.0  # (both empty once normalised: agree)
+
+
+def test_rouge_l_is_the_longest_common_subsequence_f1():
+    """ROUGE-L counts shared tokens in order: "paris france" in "France, then Paris" shares 2 tokens for token F1,
+    but a common subsequence of 1."""
+    import itertools
+    import random
+
+    assert rouge_l("The capital is Paris, France.", "capital Paris France") == pytest.approx(2 * 1 * 0.75 / 1.75)
+    assert rouge_l("paris france", "France, then Paris") == pytest.approx(2 * 0.5 * (1 / 3) / (0.5 + 1 / 3))
+    assert token_f1("paris france", "France, then Paris") == pytest.approx(0.8)
+    assert rouge_l("", "the") == 1.0 and rouge_l("", "alpha") == 0.0 and rouge_l("alpha", "bravo") == 0.0
+
+    def brute_lcs(a: list, b: list) -> int:  # (every subsequence of a, longest first, tried against b)
+        for n in range(min(len(a), len(b)), 0, -1):
+            for picked in itertools.combinations(a, n):
+                it = iter(b)
+                if all(word in it for word in picked):
+                    return n
+        return 0
+
+    rng = random.Random(0)
+    for _ in range(200):
+        a = [rng.choice("wxyz") for _ in range(rng.randint(1, 7))]
+        b = [rng.choice("wxyz") for _ in range(rng.randint(1, 7))]
+        n = brute_lcs(a, b)
+        want = 0.0 if not n else 2 * (n / len(a)) * (n / len(b)) / (n / len(a) + n / len(b))
+        assert rouge_l(" ".join(a), " ".join(b)) == pytest.approx(want), (a, b)
+        assert rouge_l(" ".join(a), " ".join(b)) <= token_f1(" ".join(a), " ".join(b)) + 1e-12
 
 
 def test_the_reference_is_the_final_assistant_turn():
@@ -71,14 +100,17 @@ def test_generated_lines_are_predicts_completions_and_give_the_metrics(make_conf
     assert [ln["generated"] for ln in lines] == completions and any(completions)
     assert [ln["reference"] for ln in lines] == [r["output"] for r in records]
     assert all(ln["exact_match"] == exact_match(ln["generated"], ln["reference"])
-               and ln["token_f1"] == token_f1(ln["generated"], ln["reference"]) for ln in lines)
+               and ln["token_f1"] == token_f1(ln["generated"], ln["reference"])
+               and ln["rouge_l"] == rouge_l(ln["generated"], ln["reference"]) for ln in lines)
     assert metrics["generated_examples"] == 16
     assert metrics["exact_match"] == pytest.approx(sum(ln["exact_match"] for ln in lines) / 16)
     assert metrics["token_f1"] == pytest.approx(sum(ln["token_f1"] for ln in lines) / 16)
+    assert metrics["rouge_l"] == pytest.approx(sum(ln["rouge_l"] for ln in lines) / 16)
     # the loss metrics are eval's own, as without --generate
     code, out, err = run_cli(["eval", path], capsys)
     assert code == 0, err
-    assert {k: v for k, v in metrics.items() if k not in ("exact_match", "token_f1", "generated_examples")} \
+    assert {k: v for k, v in metrics.items() if k not in ("exact_match", "token_f1", "rouge_l",
+                                                                   "generated_examples")} \
         == json.loads(out)
 
 
@@ -105,6 +137,7 @@ def test_known_answers_give_known_scores(make_config, capsys, tmp_path, monkeypa
     assert metrics["generated_examples"] == 3 and asked == [128]  # (the default --max-new-tokens)
     assert metrics["exact_match"] == pytest.approx(1 / 3)
     assert metrics["token_f1"] == pytest.approx((1 + 2 / 3 + 0) / 3)
+    assert metrics["rouge_l"] == pytest.approx((1 + 2 / 3 + 0) / 3)  # (in order where they share tokens)
 
 
 def test_refusals_name_why(make_config, capsys, tmp_path):

@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seq_cls multi-label: score with a class predicted where its sigmoid exceeds T (default "
                         "0.5, as training's evals), e.g. the T to give predict --threshold")
     p.add_argument("--generate", action="store_true", help="causal_lm: also generate each example's answer as "
-                   "predict does (greedy) and score it against the reference: exact_match, token_f1")
+                   "predict does (greedy) and score it against the reference: exact_match, token_f1, rouge_l")
     p.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
                    help="with --generate: most tokens an answer may add (default 128; cut at the model's context)")
     p.add_argument("--json", action="store_true",

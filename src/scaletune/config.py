@@ -34,7 +34,8 @@ _PEFT_SIZE_KEYS = ("r", "init_r", "target_r", "num_virtual_tokens", "encoder_hid
 
 # What each task's eval reports that can pick the best adapter, and which way is better.
 EVAL_METRICS: dict[str, dict[str, str]] = {
-    "causal_lm": {"loss": "min", "perplexity": "min", "exact_match": "max", "token_f1": "max"},
+    "causal_lm": {"loss": "min", "perplexity": "min", "exact_match": "max", "token_f1": "max",
+                  "rouge_l": "max"},
     "dpo": {"loss": "min", "reward_accuracy": "max", "reward_margin": "max", "chosen_reward": "max",
             "rejected_reward": "min"},
     "kto": {"loss": "min", "reward_margin": "max", "desirable_reward": "max", "undesirable_reward": "min"},
@@ -234,7 +235,7 @@ class TrainConfig:
                                      "step); leave eval_every unset.")
     eval_generate: bool | int = _f(False, "causal_lm: each eval also generates answers (greedy, as `scaletune eval "
                                    "--generate`) to the eval examples, true: all of them, N: the first N, and scores "
-                                   "them against their references: exact_match and token_f1 join the eval's metrics "
+                                   "them against their references: exact_match, token_f1 and rouge_l join the eval's metrics "
                                    "(best_metric may pick by them) and OUTPUT_DIR/generations/step-S.jsonl keeps "
                                    "each answer. An answer takes a forward pass per token: keep N small.")
     eval_max_new_tokens: int = _f(128, "eval_generate: the most new tokens an answer gets.")
@@ -244,7 +245,7 @@ class TrainConfig:
                                            "The noise follows the step's seed: a resume replays it.")
     best_metric: str | None = _f(None, "Eval metric that picks the best adapter: each eval that beats the run's "
                                  "best so far writes OUTPUT_DIR/best_adapter/ (adapter/ stays the last step's). "
-                                 "causal_lm: loss | perplexity (| exact_match | token_f1 with eval_generate); dpo: "
+                                 "causal_lm: loss | perplexity (| exact_match | token_f1 | rouge_l with eval_generate); dpo: "
                                  "loss | reward_accuracy | reward_margin | chosen_reward | rejected_reward; kto: loss | reward_margin | "
                                  "desirable_reward | undesirable_reward; reward: loss | accuracy | reward_margin | chosen_reward | "
                                  "rejected_reward; seq_cls: loss | accuracy | macro_f1 | micro_f1; "

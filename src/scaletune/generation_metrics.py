@@ -48,6 +48,27 @@ def token_f1(generated: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def rouge_l(generated: str, reference: str) -> float:
+    """ROUGE-L F1: the longest common subsequence of the normalised answers' whitespace tokens (the same tokens as
+    token_f1, so in order where token_f1 ignores it) over their lengths. Empty answers score as in token_f1."""
+    ours, theirs = normalize_answer(generated).split(), normalize_answer(reference).split()
+    if not ours or not theirs:
+        return float(ours == theirs)
+    row = [0] * (len(theirs) + 1)  # LCS lengths of ours[:i] against each prefix of theirs, one row at a time
+    for word in ours:
+        diagonal = 0
+        for j, other in enumerate(theirs, start=1):
+            diagonal, row[j] = row[j], diagonal + 1 if word == other else max(row[j], row[j - 1])
+    if not row[-1]:
+        return 0.0
+    precision, recall = row[-1] / len(ours), row[-1] / len(theirs)
+    return 2 * precision * recall / (precision + recall)
+
+
+# an answer's scores against its reference, in eval's metrics (their means) and each --predictions line
+GENERATED_SCORES = {"exact_match": exact_match, "token_f1": token_f1, "rouge_l": rouge_l}
+
+
 def arg_problems(args: argparse.Namespace) -> list[str]:
     """eval's --generate/--max-new-tokens problems (cli.check_args): --max-new-tokens needs --generate, and
     must be >= 1 as predict's."""
@@ -152,8 +173,8 @@ def as_decoded(tokenizer: Any, reference: str) -> str:
 
 def score(acc: Any, model: Any, tokenizer: Any, prepared: list[tuple], max_new_tokens: int,
           stop_check: Any = None) -> tuple[dict, list]:
-    """(eval's added metrics: the means of exact_match and token_f1 and generated_examples, one dict per
-    example {generated, reference, exact_match, token_f1}): greedy completions, GENERATE_BATCH prompts a
+    """(eval's added metrics: the means of GENERATED_SCORES and generated_examples, one dict per example
+    {generated, reference, and its GENERATED_SCORES}): greedy completions, GENERATE_BATCH prompts a
     `generate` grouped by length, as predict batches them (a row's completion does not depend on its batch).
     Several processes each generate a share of the prompts (each holds the whole model) and all get every
     answer. `stop_check` (evaluate.StopCheck, during training): EvalStopped when it names a signal."""
@@ -188,11 +209,11 @@ def score(acc: Any, model: Any, tokenizer: Any, prepared: list[tuple], max_new_t
         generated = dict(gather_object(list(generated.items())))
     shown = {ref: as_decoded(tokenizer, ref) for _, ref, _ in prepared}
     lines = [{"generated": generated[i], "reference": reference,
-              "exact_match": exact_match(generated[i], shown[reference]),
-              "token_f1": token_f1(generated[i], shown[reference])} for i, (_, reference, _) in enumerate(prepared)]
+              **{name: fn(generated[i], shown[reference]) for name, fn in GENERATED_SCORES.items()}}
+             for i, (_, reference, _) in enumerate(prepared)]
     n = max(len(lines), 1)
-    metrics = {"exact_match": sum(ln["exact_match"] for ln in lines) / n,
-               "token_f1": sum(ln["token_f1"] for ln in lines) / n, "generated_examples": len(lines)}
+    metrics = {**{name: sum(ln[name] for ln in lines) / n for name in GENERATED_SCORES},
+               "generated_examples": len(lines)}
     return metrics, lines
 
 

@@ -24,7 +24,7 @@ from .errors import UserError, failed_write, write_error
 from .tracking import NONFINITE, duration
 
 # Eval metrics in display order (any other numeric key a task logs follows these).
-_EVAL_ORDER = ("loss", "perplexity", "exact_match", "token_f1", "accuracy", "macro_f1", "precision", "recall", "f1", "token_accuracy", "mse",
+_EVAL_ORDER = ("loss", "perplexity", "exact_match", "token_f1", "rouge_l", "accuracy", "macro_f1", "precision", "recall", "f1", "token_accuracy", "mse",
                "rmse", "mae", "pearson", "spearman")
 # what a task's logged target_tokens_per_s counts (its Task.count_targets): a classifier's one target per example,
 # dpo's and reward's pairs, kto's examples; any other task's are target tokens

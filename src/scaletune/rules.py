@@ -486,7 +486,7 @@ def _best_and_early_stopping(cfg: RunConfig) -> list[str]:
     return p
 
 
-GENERATED_METRICS = ("exact_match", "token_f1")
+GENERATED_METRICS = ("exact_match", "token_f1", "rouge_l")
 
 
 def _eval_generate(cfg: RunConfig) -> list[str]:
