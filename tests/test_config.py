@@ -425,6 +425,17 @@ def test_a_setting_the_run_would_ignore_is_refused(section, task, message):
         from_dict(raw)  # eval / predict / merge read a trained run's config: a training-only setting is no error
 
 
+def test_a_revision_of_a_local_model_directory_is_refused_with_the_config(tmp_path):
+    """`scaletune plan run.yaml model.revision=main` on a local base said FITS: only loading the tokenizer,
+    once training started, refused it. A run's own config (eval, predict, merge) still loads."""
+    raw = {**BASE, "model": {"name_or_path": str(tmp_path), "revision": "main"}}
+    assert [p for p in problems_of(raw, check_peft=True) if p.startswith(
+        f"model.revision: 'main' names a version of a hub model, but model.name_or_path {tmp_path} is a local "
+        "directory")]
+    from_dict(raw)
+    from_dict({**raw, "model": {"name_or_path": "org/hub-model", "revision": "main"}}, check_peft=True)
+
+
 def test_a_config_written_out_whole_validates_again():
     """run.json's `config` holds every default: rerunning it must not read the defaults as settings
     (min_lr_ratio 0.1 beside lr_scheduler cosine, eval_every 200 without eval data)."""

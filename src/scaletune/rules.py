@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 from typing import Any
 
 from .class_weights import config_problems as class_weight_problems
@@ -443,6 +444,10 @@ def ignored_key_problems(cfg: RunConfig) -> list[str]:
     elif m.attn_implementation == "varlen" and cfg.peft_method in VIRTUAL_TOKEN_METHODS:
         p.append(f"model.attn_implementation=varlen with peft.method={cfg.peft_method}: the virtual tokens leave "
                  "no call the kernel can take (each would run SDPA); use sdpa")
+    if m.revision is not None and Path(m.name_or_path).expanduser().exists():
+        # (load_tokenizer refuses it too, but only once training loads the model: `plan` said FITS first)
+        p.append(f"model.revision: {m.revision!r} names a version of a hub model, but model.name_or_path "
+                 f"{m.name_or_path} is a local directory (one version); drop model.revision")
     if cfg.peft.get("inference_mode") is True:
         p.append("peft.inference_mode: true freezes the adapter, leaving nothing to train (scaletune sets it "
                  "when it loads an adapter for eval and predict)")
