@@ -403,3 +403,39 @@ def test_eval_batch_size_is_used_by_training_and_eval_and_changes_no_metric(caps
     assert scores[16]["accuracy"] == scores[2]["accuracy"] == logged["accuracy"]
     assert scores[16]["loss"] == pytest.approx(scores[2]["loss"], rel=1e-5)
     assert scores[16]["loss"] == pytest.approx(logged["loss"], rel=1e-6)
+
+
+def test_kto_refuses_an_eval_batch_of_one(capsys, make_config):
+    """kto's reference point z is the mean log-ratio of an eval batch's mismatched rows, which a batch of 1 has none
+    of: every eval batch's z (and its kl) was 0 and its loss another, as train.micro_batch_size 1 is refused for."""
+    path = make_config("kto", train={"eval_batch_size": 1})
+    code, _, err = run_cli(["train", path], capsys)
+    assert_clean_error(code, err, "train.eval_batch_size: kto's evals estimate the reference point")
+    code, _, err = run_cli(["train", path, "train.eval_batch_size=2"], capsys)
+    assert code == 0, err
+    code, _, err = run_cli(["eval", path, "train.eval_batch_size=1"], capsys)
+    assert_clean_error(code, err, "train.eval_batch_size: kto's evals")
+
+
+def test_an_out_of_memory_eval_names_eval_batch_size(capsys, make_config, monkeypatch):
+    """An eval's batch is train.eval_batch_size (several times micro_batch_size, as its help suggests): an eval that
+    runs out of memory says so and offers to halve it, not micro_batch_size (which no longer sets it) or gradient
+    checkpointing (an eval has no backward); a training step's message is as before."""
+    from scaletune import faults
+
+    path = make_config("seq_cls", train={"max_steps": 2, "eval_every": 1, "micro_batch_size": 2,
+                                         "global_batch_size": 4, "eval_batch_size": 16})
+    try:
+        for fault, fragments, absent in (
+                ("oom-in-eval@1", ["out of memory in an eval after step 1 (eval_batch_size=16, micro_batch_size=2",
+                                   "cheapest first: train.eval_batch_size=8 (the evals' batch"],
+                 ["train.micro_batch_size=", "gradient_checkpointing"]),
+                ("oom@2", ["out of memory at step 2 in a micro-batch of 2 x", "train.micro_batch_size=1"],
+                 ["eval_batch_size"])):
+            monkeypatch.setenv("SCALETUNE_FAULT", fault)
+            faults._plan.cache_clear()
+            code, _, err = run_cli(["train", path, "--overwrite"], capsys)
+            assert_clean_error(code, err, *fragments)
+            assert not any(text in err for text in absent), err
+    finally:
+        faults._plan.cache_clear()

@@ -110,3 +110,55 @@ def test_too_long_refusals(make_config, capsys, case, fragments):
     path = make_config(case.get("task", "causal_lm"), data=case["data"])
     code, _, err = run_cli(["train", path], capsys)
     assert_clean_error(code, err, *fragments)
+
+
+def test_a_held_out_part_that_drop_empties_is_refused_by_train_and_eval(make_config, tmp_path, capsys):
+    """data.eval_fraction's held-out examples all longer than max_length under drop: training said "no eval set"
+    and trained on without the evals asked for, and `scaletune eval` of the run crashed on the empty set (a
+    TypeError traceback); both now end in data.eval's one-screen error."""
+    from scaletune.data import split_eval
+
+    records = [{"instruction": f"Say {i}", "input": "", "output": "word " * (3 if i % 2 else 200)} for i in range(10)]
+    seed = next(s for s in range(100) if all(len(r["output"]) > 100 for r in split_eval(records, 0.2, s)[1]))
+    data = write_jsonl(tmp_path / "d.jsonl", records)
+    path = make_config(data={"train": str(data), "eval": None, "eval_fraction": 0.2, "max_length": 64},
+                       train={"seed": seed, "global_batch_size": 2, "micro_batch_size": 1, "max_steps": 1})
+    code, _, err = run_cli(["train", path, "data.too_long=drop"], capsys)
+    assert_clean_error(code, err, "data.eval_fraction: no usable examples in the held-out part of",
+                       "2 were longer and data.too_long is drop")
+    code, _, err = run_cli(["train", path], capsys)  # (truncate: the held-out answers are cut, and scored)
+    assert code == 0, err
+    code, _, err = run_cli(["eval", path, "data.too_long=drop"], capsys)
+    assert_clean_error(code, err, "data.eval_fraction: no usable examples", "data.too_long is drop")
+
+
+@pytest.mark.parametrize("kind", ["completion", "pretrain"])
+def test_axolotl_completion_datasets_convert_to_split(tmp_path, capsys, kind):
+    """axolotl cuts a `type: completion` text into sequence_len pieces, as pretraining_dataset's: a converted
+    config splits them too, rather than dropping every long one (axolotl's excess_length_strategy default,
+    which those pieces never meet), whichever key comes first."""
+    import yaml
+
+    text = write_jsonl(tmp_path / "corpus.jsonl", [{"text": _long_text(40, 1)}])
+    for order in ("first", "last"):
+        excess = "excess_length_strategy: drop\n"
+        body = f"datasets:\n  - path: {text}\n    type: {kind}\nsequence_len: 64\n"
+        src = tmp_path / f"{order}.yaml"
+        src.write_text("base_model: m\nadapter: lora\n" + (excess + body if order == "first" else body + excess))
+        code, _, err = run_cli(["convert", src, "--out", tmp_path / f"{order}.out.yaml"], capsys)
+        assert code == 0, err
+        raw = yaml.safe_load((tmp_path / f"{order}.out.yaml").read_text())
+        assert (raw["data"]["format"], raw["data"]["too_long"]) == ("text", "split"), order
+
+
+def test_training_generates_for_the_eval_examples_drop_keeps(make_config, capsys, tmp_path):
+    """train.eval_generate's first N are the examples the eval loss scores (and `eval --generate` answers): an
+    example data.too_long: drop leaves out is not among them (it was generated for and scored)."""
+    short = {"instruction": "Say hi.", "input": "", "output": "hi"}
+    evalf = write_jsonl(tmp_path / "e.jsonl", [{**short, "output": "word " * 400}, short, short, short])
+    path = make_config(data={"eval": str(evalf), "too_long": "drop"},
+                       train={"max_steps": 1, "eval_generate": 2, "eval_max_new_tokens": 2})
+    code, _, err = run_cli(["train", path], capsys)
+    assert code == 0, err
+    lines = [json.loads(x) for x in (tmp_path / "run" / "generations" / "step-1.jsonl").read_text().splitlines()]
+    assert [ln["line"] for ln in lines] == [f"{evalf}:2", f"{evalf}:3"]

@@ -137,8 +137,9 @@ class DataConfig:
                                        "kept), as TRL's max_prompt_length; a prompt filling data.max_length "
                                        "otherwise costs its example (only answers are cut). null: prompts whole.")
     train_on_prompt: bool = _f(False, "causal_lm: also compute the loss on prompt/user tokens.")
-    train_on_last_turn: bool = _f(False, "causal_lm conversations: train only each record's last assistant turn; "
-                                  "earlier answers are context, as a `weight: 0` turn is (LLaMA-Factory's "
+    train_on_last_turn: bool = _f(False, "causal_lm conversations: train only each record's last assistant turn "
+                                  "(the last one without `weight: 0`); earlier answers are context, as a "
+                                  "`weight: 0` turn is (LLaMA-Factory's "
                                   "mask_history). Applies to the eval loss too.")
     packing: bool = _f(False, "causal_lm: pack several examples per row (attention isolated per example).")
     columns: dict | None = _f(None, "causal_lm: the data's own names for a format's fields, {field: column}, e.g. "
@@ -182,7 +183,8 @@ class TrainConfig:
     eval_batch_size: int | None = _f(None, "Examples per eval forward pass per rank (training's evals and "
                                      "`scaletune eval`): no gradients or activations are kept there, so it can "
                                      "be several times micro_batch_size (plan does not estimate eval's memory). "
-                                     "null: micro_batch_size.")
+                                     "kto's eval metrics depend on it (the reference point is estimated per "
+                                     "batch; 1 is refused). null: micro_batch_size.")
     epochs: float | None = _f(3, "Passes over the training data (ignored when max_steps is set). The examples "
                               "that do not fill a last global batch sit that epoch out (a random set each epoch; "
                               "how many is logged).")

@@ -314,6 +314,8 @@ def _axolotl_dataset(c: Conversion, key: str, item: dict) -> str:
                "pretrain": "text"}
     if kind in formats and not c.get("data.format"):
         c.set("data.format", formats[kind])
+        if formats[kind] == "text":  # (axolotl cuts a completion/pretrain text into sequence_len pieces)
+            c.set("data.too_long", "split")
     elif kind and kind not in formats:
         c.note(key, f"{path}: type {kind!r} is not carried over (scaletune detects alpaca, sharegpt, messages, "
                     "prompt_completion and text by their columns)")
@@ -405,7 +407,9 @@ def _cutoff(c: Conversion, key: str, value: Any) -> None:
 
 
 def _excess_length(c: Conversion, key: str, value: Any) -> None:
-    """axolotl's excess_length_strategy: drop | truncate | raise."""
+    """axolotl's excess_length_strategy: drop | truncate | raise (its completion texts are split whatever it says)."""
+    if c.get("data.too_long") == "split":
+        return
     if str(value) in ("drop", "truncate"):
         c.set("data.too_long", str(value))
     else:

@@ -9,6 +9,8 @@
                       says so on stderr as the 8 s begin, so a test signals it inside them, not by guessing
   usr1-in-eval        the last rank sends itself SIGUSR1 as the eval after step `step` begins (a preemption
                       notice during a long eval, heard by one rank)
+  oom-in-eval         the eval after step `step` raises an out-of-memory error as it begins (an eval batch,
+                      train.eval_batch_size, too large)
 Real faults take the same code paths; this only makes them happen on demand.
 """
 
@@ -57,6 +59,10 @@ def at_step(step: int, loss):  # noqa: ANN001, ANN201 (a torch tensor; torch is 
 
 
 def at_eval(step: int, rank: int, world: int) -> None:
-    """Apply the eval fault (`usr1-in-eval`) as the eval after `step` begins on `rank` of `world`."""
+    """Apply the eval faults (`usr1-in-eval`, `oom-in-eval`) as the eval after `step` begins on `rank` of `world`."""
     if _plan() and armed("usr1-in-eval", step) and rank == world - 1:
         os.kill(os.getpid(), signal.SIGUSR1)
+    if _plan() and armed("oom-in-eval", step):
+        import torch
+
+        raise torch.OutOfMemoryError("injected out-of-memory in an eval (SCALETUNE_FAULT)")

@@ -128,6 +128,7 @@ def prepare_for_training(cfg: Any, task: Any, tokenizer: Any) -> list[tuple]:
     eval set keeps neither prompts nor answers as text."""
     from .data import split_eval
     from .data.sources import describe, read_capped, read_train_records
+    from .tasks.base import TOO_LONG
     from .tasks.causal_lm import rename_columns
 
     d, wanted = cfg.data, cfg.train.eval_generate
@@ -144,7 +145,8 @@ def prepare_for_training(cfg: Any, task: Any, tokenizer: Any) -> list[tuple]:
     for record in records:  # token within data.max_length
         if len(scored) == (len(records) if wanted is True else wanted):
             break
-        if task.encode(record, tokenizer, cfg, None) is not None:
+        encoded = task.encode(record, tokenizer, cfg, None)
+        if encoded is not None and encoded != {TOO_LONG: True}:  # (data.too_long: drop left it out of the eval set)
             scored.append(record)
     return prepare(task, tokenizer, task.format.name, scored, source, key="train.eval_generate")
 

@@ -199,12 +199,14 @@ def evaluate_step(run: Run, best: BestAdapter, mlog: MetricsLog, speed: Throughp
     def check() -> int | None:  # (polled between eval batches: a stop heard by any rank)
         return step_head(run.accelerator, 0, stop)[2]
 
+    run.evaluating = True  # (left set by an error out of the eval: an out-of-memory message names its batch)
     faults.at_eval(run.step, run.accelerator.process_index, run.accelerator.num_processes)  # (tests only)
     with speed.paused():  # tokens/s is the training's
         metrics = evaluate(run.accelerator, run.model, run.task, run.data["eval"], run.data["labels"],
                            t.eval_batch_size or t.micro_batch_size, run.tokenizer.pad_token_id, check)
         if run.generation:  # train.eval_generate
             metrics.update(score_during_training(run, check))
+        run.evaluating = False
         mlog.log("eval", run.step, metrics)
         mlog.write(f"step {run.step}: eval " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
                                                           if isinstance(v, float)))

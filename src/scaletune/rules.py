@@ -165,8 +165,8 @@ def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_c
     if d.too_long != "truncate" and cfg.task != "causal_lm":
         p.append(f"data.too_long: {d.too_long} is for task causal_lm; {cfg.task} truncates (leave it out)")
     elif d.too_long == "split" and d.format not in ("auto", "text"):
-        p.append(f"data.too_long: split cuts plain text (data.format text) into pieces; a piece of a {d.format} "
-                 "record would lose its prompt (use drop or truncate)")
+        p.append(f"data.too_long: split cuts plain text (data.format text) into pieces; pieces of {d.format} "
+                 "records would lose their prompts (use drop or truncate)")
     if d.labels is not None and cfg.task == "causal_lm":
         p.append("data.labels: only used by seq_cls/token_cls")
     elif d.labels is not None and cfg.task == "seq_regression":
@@ -303,6 +303,9 @@ def _dpo_problems(cfg: RunConfig) -> list[str]:
     if cfg.task == "kto" and cfg.train.micro_batch_size == 1:  # (z: the mean log-ratio of mismatched pairs)
         p.append("train.micro_batch_size: kto estimates its reference point from the micro-batch's other examples' "
                  "answers, and a micro-batch of 1 has none; use 2 or more (4 or more is better)")
+    if cfg.task == "kto" and cfg.train.eval_batch_size == 1:  # (an eval batch of 1: z = 0, its kl 0, every loss off)
+        p.append("train.eval_batch_size: kto's evals estimate the reference point from the eval batch's other "
+                 "examples' answers, and a batch of 1 has none; use 2 or more (or null: micro_batch_size)")
     if cfg.task == "dpo" and _changed(cfg.train, "simpo_gamma") and cfg.train.dpo_loss != "simpo":
         p.append(f"train.simpo_gamma: only read by dpo_loss simpo, not {cfg.train.dpo_loss}")
     if p:

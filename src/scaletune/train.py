@@ -85,6 +85,7 @@ class Run:
     save_every: Every = field(default_factory=Every)  # likewise for checkpoints
     step: int = 0
     batch_shape: tuple = ()
+    evaluating: bool = False  # an eval's forwards run (train.eval_batch_size's batches): for an out-of-memory message
     counters: dict = field(default_factory=lambda: {"nonfinite_skips": 0, "tokens_seen": 0})
     resumed_from: Path | None = None  # the checkpoint this run continues (its path's best adapter is beside it)
     class_weights: dict | None = None  # {label: weight} the loss uses (train.class_weights), as checkpoints keep it
@@ -459,7 +460,11 @@ def out_of_memory(run: Run, exc: BaseException) -> UserError:
     where = f"GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "host RAM"
     fixes = [f"train.micro_batch_size={max(1, t.micro_batch_size // 2)} (global batch stays "
              f"{t.global_batch_size}: accumulation doubles)"]
-    if not run.cfg.model.gradient_checkpointing:
+    if run.evaluating:  # (its batch is train.eval_batch_size where given, not micro_batch_size; no backward)
+        size = t.eval_batch_size or t.micro_batch_size
+        fixes = [f"train.eval_batch_size={max(2 if run.cfg.task == 'kto' else 1, size // 2)} (the evals' batch; "
+                 "training's stays)"]
+    if not run.cfg.model.gradient_checkpointing and not run.evaluating:
         fixes.append("model.gradient_checkpointing=true (activations recomputed in backward)")
     if run.cfg.data.max_length > 512:
         fixes.append(f"data.max_length={run.cfg.data.max_length // 2}")
@@ -467,8 +472,10 @@ def out_of_memory(run: Run, exc: BaseException) -> UserError:
         fixes.append("distributed.zero_stage=3 (shard the frozen base across ranks)")
     if run.cfg.model.quantization is None:
         fixes.append("model.quantization=4bit (QLoRA)")
+    what = (f"in an eval after step {run.step} (eval_batch_size={t.eval_batch_size or t.micro_batch_size}, "
+            if run.evaluating else f"at step {run.step + 1} in a micro-batch of {rows} x {seq} tokens (")
     return UserError(
-        f"out of memory at step {run.step + 1} in a micro-batch of {rows} x {seq} tokens "
-        f"(micro_batch_size={t.micro_batch_size}, max_length={run.cfg.data.max_length}, peak "
+        f"out of memory {what}"
+        f"micro_batch_size={t.micro_batch_size}, max_length={run.cfg.data.max_length}, peak "
         f"{peak_memory_mb():.0f} MiB of {where}): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
         hint="cheapest first: " + "; ".join(fixes) + ". Resume with --resume auto to keep finished steps.")

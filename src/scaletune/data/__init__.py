@@ -223,6 +223,10 @@ def build_datasets(cfg: Any, task: Any, tokenizer: Any, accelerator: Any = None,
             evalset, counted_eval = encode_all(eval_records or [], task, tokenizer, cfg, label2id, shown=main)
             if cfg.data.eval and evalset is None:  # asked for, never run
                 raise DataError(f"data.eval: no usable examples in {cfg.data.eval} ({_why_none(cfg, counted_eval)})")
+            if eval_records and evalset is None:  # (a held-out part: the run trained with no eval, `eval` crashed)
+                raise DataError(f"data.eval_fraction: no usable examples in the held-out part of "
+                                f"{describe(cfg.data.train)} ({_why_none(cfg, counted_eval)})",
+                                hint="hold out a larger fraction, or raise data.max_length")
             dropped, truncated, unstopped, too_long = ({"train": counted[key], "eval": counted_eval[key]}
                                                        for key in ("dropped", "truncated", "unstopped", "too_long"))
             # scoring's bookkeeping would only slow every training batch
