@@ -439,3 +439,20 @@ def test_an_out_of_memory_eval_names_eval_batch_size(capsys, make_config, monkey
             assert not any(text in err for text in absent), err
     finally:
         faults._plan.cache_clear()
+
+
+def test_an_out_of_memory_scaletune_eval_is_one_screen_naming_eval_batch_size(capsys, make_config, monkeypatch):
+    """`scaletune eval` of a batch too large for the device: the error and what to lower, not a traceback."""
+    import scaletune.evaluate as evaluate
+
+    path = make_config("seq_cls", train={"max_steps": 1, "eval_batch_size": 16})
+    code, _, err = run_cli(["train", path], capsys)
+    assert code == 0, err
+
+    def too_large(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(evaluate, "evaluate", too_large)
+    code, _, err = run_cli(["eval", path], capsys)
+    assert_clean_error(code, err, "out of memory in eval (eval batch 16, max_length=", "Tried to allocate 2.00 GiB",
+                       "train.eval_batch_size=8 (an override: `scaletune eval RUN train.eval_batch_size=8`)")

@@ -238,14 +238,34 @@ def run_eval(cfg: RunConfig, adapter: str | None, data: str | None, predictions:
     log.info("eval: adapter %s on %d example(s) of %s%s", path, len(evalset), what,
              f" ({acc.num_processes} processes)" if acc.num_processes > 1 else "")
     budget = max_new_tokens or generation_metrics.DEFAULT_MAX_NEW_TOKENS
-    added, generated = generation_metrics.score(acc, model, tokenizer, prepared, budget) if generate else ({}, None)
     micro = cfg.train.eval_batch_size or cfg.train.micro_batch_size
-    if not predictions:
-        return {**evaluate(acc, model, task, evalset, labels, micro, tokenizer.pad_token_id), **added}
-    metrics, examples = evaluate_examples(acc, model, task, evalset, labels, micro, tokenizer.pad_token_id)
+    try:
+        added, generated = generation_metrics.score(acc, model, tokenizer, prepared, budget) if generate else ({}, None)
+        if not predictions:
+            return {**evaluate(acc, model, task, evalset, labels, micro, tokenizer.pad_token_id), **added}
+        metrics, examples = evaluate_examples(acc, model, task, evalset, labels, micro, tokenizer.pad_token_id)
+    except (torch.OutOfMemoryError, MemoryError) as exc:  # (a batch too large for this device: say which setting)
+        raise _eval_out_of_memory(cfg, micro, exc, generate) from None
     if acc.is_main_process:
         write_predictions(predictions, task, labels, sources, examples, generated)
     return {**metrics, **added}
+
+
+def _eval_out_of_memory(cfg: RunConfig, micro: int, exc: BaseException, generate: bool) -> UserError:
+    """The one-screen error of an eval that ran out of memory: its batch and what to lower."""
+    from .metrics import peak_memory_mb
+
+    where = f"GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "host RAM"
+    half = max(2 if cfg.task == "kto" else 1, micro // 2)  # (kto's eval needs a batch's other examples)
+    fixes = [f"train.eval_batch_size={half} (an override: `scaletune eval RUN train.eval_batch_size={half}`)"]
+    if generate:
+        fixes.append(f"--max-new-tokens lower (--generate decodes {GENERATE_BATCH} prompts a batch)")
+    if cfg.data.max_length > 512:
+        fixes.append(f"data.max_length={cfg.data.max_length // 2}")
+    return UserError(f"out of memory in eval (eval batch {micro}, max_length={cfg.data.max_length}, peak "
+                     f"{peak_memory_mb():.0f} MiB of {where}): "
+                     f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+                     hint="cheapest first: " + "; ".join(fixes))
 
 
 def write_predictions(target: str, task: Any, labels: list[str] | None, records: list[dict],
