@@ -454,5 +454,47 @@ def test_an_out_of_memory_scaletune_eval_is_one_screen_naming_eval_batch_size(ca
 
     monkeypatch.setattr(evaluate, "evaluate", too_large)
     code, _, err = run_cli(["eval", path], capsys)
-    assert_clean_error(code, err, "out of memory in eval (eval batch 16, max_length=", "Tried to allocate 2.00 GiB",
+    assert_clean_error(code, err, "out of memory in eval (batch 16, max_length=", "Tried to allocate 2.00 GiB",
                        "train.eval_batch_size=8 (an override: `scaletune eval RUN train.eval_batch_size=8`)")
+
+
+def test_eval_batch_size_is_the_batch_of_generation_and_predict(capsys, make_config, tmp_path, monkeypatch):
+    """Generation (eval --generate, predict) decodes train.eval_batch_size prompts at a time where it is set (a
+    model whose 16 prompts' caches do not fit), and an out-of-memory predict is one screen naming it."""
+    import scaletune.generation
+
+    path = make_config("causal_lm", train={"max_steps": 1})
+    code, _, err = run_cli(["train", path], capsys)
+    assert code == 0, err
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"instruction": f"Say {i}", "input": ""} for i in range(7)])
+    sizes = []
+    real = scaletune.generation.generate_batch
+
+    def spy(model, tokenizer, prompts, *args, **kwargs):
+        sizes.append(len(prompts))
+        return real(model, tokenizer, prompts, *args, **kwargs)
+
+    import scaletune.infer
+
+    for module in (scaletune.generation, scaletune.infer):  # (predict's, and eval's imported when it runs)
+        monkeypatch.setattr(module, "generate_batch", spy)
+    outs = {}
+    for given in ([], ["train.eval_batch_size=3"]):
+        sizes.clear()
+        code, out, err = run_cli(["predict", path, "--input", inp, "--max-new-tokens", 3, *given], capsys)
+        assert code == 0, err
+        outs[bool(given)] = out
+        assert sizes == ([3, 3, 1] if given else [7])
+    assert outs[True] == outs[False]  # (greedy: a completion does not depend on its batch)
+    sizes.clear()
+    code, _, err = run_cli(["eval", path, "--generate", "--max-new-tokens", 2, "train.eval_batch_size=5"], capsys)
+    assert code == 0, err
+    assert sizes == [5, 5, 5, 1]  # (the 16 eval examples)
+
+    def too_large(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB")
+
+    monkeypatch.setattr(scaletune.infer, "generate_batch", too_large)
+    code, _, err = run_cli(["predict", path, "--input", inp], capsys)
+    assert_clean_error(code, err, "out of memory in predict (batch 16,", "Tried to allocate 3.00 GiB",
+                       "`scaletune predict RUN train.eval_batch_size=8`", "--max-new-tokens lower")

@@ -182,7 +182,10 @@ class TrainConfig:
     micro_batch_size: int = _f(4, "Examples per forward pass per rank.")
     eval_batch_size: int | None = _f(None, "Examples per eval forward pass per rank (training's evals and "
                                      "`scaletune eval`): no gradients or activations are kept there, so it can "
-                                     "be several times micro_batch_size (plan does not estimate eval's memory). "
+                                     "be several times micro_batch_size (plan does not estimate eval's memory); "
+                                     "also the batch of generation (eval --generate, train.eval_generate) and of "
+                                     "`scaletune predict` (lines per forward or prompts per generate, default "
+                                     "32 / 16), to lower where they run out of memory. "
                                      "kto's eval metrics depend on it (the reference point is estimated per "
                                      "batch; 1 is refused). null: micro_batch_size.")
     epochs: float | None = _f(3, "Passes over the training data (ignored when max_steps is set). The examples "

@@ -174,9 +174,9 @@ def as_decoded(tokenizer: Any, reference: str) -> str:
 
 
 def score(acc: Any, model: Any, tokenizer: Any, prepared: list[tuple], max_new_tokens: int,
-          stop_check: Any = None) -> tuple[dict, list]:
+          stop_check: Any = None, batch_size: int | None = None) -> tuple[dict, list]:
     """(eval's added metrics: the means of GENERATED_SCORES and generated_examples, one dict per example
-    {generated, reference, and its GENERATED_SCORES}): greedy completions, GENERATE_BATCH prompts a
+    {generated, reference, and its GENERATED_SCORES}): greedy completions, `batch_size` (default GENERATE_BATCH) prompts a
     `generate` grouped by length, as predict batches them (a row's completion does not depend on its batch).
     Several processes each generate a share of the prompts (each holds the whole model) and all get every
     answer. `stop_check` (evaluate.StopCheck, during training): EvalStopped when it names a signal."""
@@ -189,11 +189,12 @@ def score(acc: Any, model: Any, tokenizer: Any, prepared: list[tuple], max_new_t
 
     order = sorted(range(len(prepared)), key=lambda i: (-sum(len(s) for s, _ in prepared[i][0]), i))
     mine = order[acc.process_index::acc.num_processes]  # (dealt longest first: the shares' work evens out)
-    batches = [mine[at:at + GENERATE_BATCH] for at in range(0, len(mine), GENERATE_BATCH)]
+    size = batch_size or GENERATE_BATCH
+    batches = [mine[at:at + size] for at in range(0, len(mine), size)]
     progress = Progress(len(batches), "generate", "batches", shown=acc.is_main_process)
     generated: dict[int, str] = {}
     # (as many rounds on every rank, a share one batch short sitting its last out: stop_check is a collective)
-    rounds = math.ceil(math.ceil(len(order) / acc.num_processes) / GENERATE_BATCH)
+    rounds = math.ceil(math.ceil(len(order) / acc.num_processes) / size)
     for batch in batches + [[]] * (rounds - len(batches)):
         if stop_check is not None and (signum := stop_check()) is not None:
             progress.close()
@@ -232,7 +233,7 @@ def score_during_training(run: Any, stop_check: Any = None) -> dict:
     model.eval()
     try:
         metrics, lines = score(run.accelerator, model, run.tokenizer, run.generation, run.cfg.train.eval_max_new_tokens,
-                               stop_check)
+                               stop_check, run.cfg.train.eval_batch_size)
     finally:
         model.train(was_training)
     if run.accelerator.is_main_process:

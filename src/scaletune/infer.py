@@ -240,29 +240,31 @@ def run_eval(cfg: RunConfig, adapter: str | None, data: str | None, predictions:
     budget = max_new_tokens or generation_metrics.DEFAULT_MAX_NEW_TOKENS
     micro = cfg.train.eval_batch_size or cfg.train.micro_batch_size
     try:
-        added, generated = generation_metrics.score(acc, model, tokenizer, prepared, budget) if generate else ({}, None)
+        added, generated = (generation_metrics.score(acc, model, tokenizer, prepared, budget,
+                                                     batch_size=cfg.train.eval_batch_size)
+                            if generate else ({}, None))
         if not predictions:
             return {**evaluate(acc, model, task, evalset, labels, micro, tokenizer.pad_token_id), **added}
         metrics, examples = evaluate_examples(acc, model, task, evalset, labels, micro, tokenizer.pad_token_id)
     except (torch.OutOfMemoryError, MemoryError) as exc:  # (a batch too large for this device: say which setting)
-        raise _eval_out_of_memory(cfg, micro, exc, generate) from None
+        raise _out_of_memory(cfg, "eval", micro, exc, generate) from None
     if acc.is_main_process:
         write_predictions(predictions, task, labels, sources, examples, generated)
     return {**metrics, **added}
 
 
-def _eval_out_of_memory(cfg: RunConfig, micro: int, exc: BaseException, generate: bool) -> UserError:
-    """The one-screen error of an eval that ran out of memory: its batch and what to lower."""
+def _out_of_memory(cfg: RunConfig, command: str, micro: int, exc: BaseException, generate: bool) -> UserError:
+    """The one-screen error of an eval or predict (`command`) that ran out of memory: its batch and what to lower."""
     from .metrics import peak_memory_mb
 
     where = f"GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "host RAM"
     half = max(2 if cfg.task == "kto" else 1, micro // 2)  # (kto's eval needs a batch's other examples)
-    fixes = [f"train.eval_batch_size={half} (an override: `scaletune eval RUN train.eval_batch_size={half}`)"]
+    fixes = [f"train.eval_batch_size={half} (an override: `scaletune {command} RUN train.eval_batch_size={half}`)"]
     if generate:
-        fixes.append(f"--max-new-tokens lower (--generate decodes {GENERATE_BATCH} prompts a batch)")
+        fixes.append("--max-new-tokens lower (each prompt of a batch keeps a cache of its tokens)")
     if cfg.data.max_length > 512:
         fixes.append(f"data.max_length={cfg.data.max_length // 2}")
-    return UserError(f"out of memory in eval (eval batch {micro}, max_length={cfg.data.max_length}, peak "
+    return UserError(f"out of memory in {command} (batch {micro}, max_length={cfg.data.max_length}, peak "
                      f"{peak_memory_mb():.0f} MiB of {where}): "
                      f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
                      hint="cheapest first: " + "; ".join(fixes))
@@ -331,7 +333,7 @@ def run_predict(cfg: RunConfig, adapter: str | None, source: str | None, max_new
     # per forward, 30 s batched, both with ~7 s of loading), generation GENERATE_BATCH prompts per
     # `generate`. Each window of PREDICT_WINDOW batches is batched by length (in input order, half of what a
     # batch of real sentences computed was padding) and written in input order once it is done.
-    step = GENERATE_BATCH if cfg.task in CAUSAL_TASKS else PREDICT_BATCH
+    step = cfg.train.eval_batch_size or (GENERATE_BATCH if cfg.task in CAUSAL_TASKS else PREDICT_BATCH)
     if sampling:
         torch.manual_seed(sampling["seed"])  # (the same input, seed and batch give the same completions)
         sampling = {"temperature": sampling["temperature"], "top_p": sampling["top_p"]}
@@ -341,8 +343,11 @@ def run_predict(cfg: RunConfig, adapter: str | None, source: str | None, max_new
         answers: dict[int, dict] = {}
         for at in range(0, len(by_length), step):
             chunk = by_length[at:at + step]
-            answers.update(zip(chunk, _answer(cfg, model, tokenizer, labels, [inputs[i] for i in chunk],
-                                              max_new_tokens, sampling, acc, top_k, threshold, task)))
+            try:
+                answers.update(zip(chunk, _answer(cfg, model, tokenizer, labels, [inputs[i] for i in chunk],
+                                                  max_new_tokens, sampling, acc, top_k, threshold, task)))
+            except (torch.OutOfMemoryError, MemoryError) as exc:  # (its lines so far are written)
+                raise _out_of_memory(cfg, "predict", step, exc, cfg.task in CAUSAL_TASKS) from None
         for item, result in ((items[i], answers[i]) for i in window):
             if "truncated_words" in result or result.get("truncated"):
                 cut_lines.append(item[WHERE])
