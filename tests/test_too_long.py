@@ -49,7 +49,7 @@ def test_drop_leaves_long_examples_out_of_both_splits_and_says_so(tmp_path, tiny
     only_long = _cfg(tmp_path, tiny_llama, data=write_jsonl(tmp_path / "l.jsonl", records[4:]), max_length=128,
                      too_long="drop")
     with pytest.raises(DataError, match=r"no usable examples in .*l.jsonl \(0 had no target tokens within "
-                                        r"data.max_length=128; 2 were longer and data.too_long is drop\)"):
+                                        r"data.max_length=128; 2 longer one\(s\) left out by data.too_long: drop\)"):
         build_datasets(only_long, get_task("causal_lm"), load_tokenizer(only_long))
 
 
@@ -125,11 +125,11 @@ def test_a_held_out_part_that_drop_empties_is_refused_by_train_and_eval(make_con
                        train={"seed": seed, "global_batch_size": 2, "micro_batch_size": 1, "max_steps": 1})
     code, _, err = run_cli(["train", path, "data.too_long=drop"], capsys)
     assert_clean_error(code, err, "data.eval_fraction: no usable examples in the held-out part of",
-                       "2 were longer and data.too_long is drop")
+                       "2 longer one(s) left out by data.too_long: drop")
     code, _, err = run_cli(["train", path], capsys)  # (truncate: the held-out answers are cut, and scored)
     assert code == 0, err
     code, _, err = run_cli(["eval", path, "data.too_long=drop"], capsys)
-    assert_clean_error(code, err, "data.eval_fraction: no usable examples", "data.too_long is drop")
+    assert_clean_error(code, err, "data.eval_fraction: no usable examples", "left out by data.too_long: drop")
 
 
 @pytest.mark.parametrize("kind", ["completion", "pretrain"])

@@ -378,7 +378,7 @@ def _why_none(cfg: Any, counted: dict) -> str:
     """Why encoding kept no example, from its counts."""
     why = [f"{counted['dropped']} had no target tokens within data.max_length={cfg.data.max_length}"]
     if counted["too_long"]:
-        why.append(f"{counted['too_long']} were longer and data.too_long is drop")
+        why.append(f"{counted['too_long']} longer one(s) left out by data.too_long: drop")
     return "; ".join(why)
 
 
