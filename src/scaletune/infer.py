@@ -259,7 +259,8 @@ def _out_of_memory(cfg: RunConfig, command: str, micro: int, exc: BaseException,
 
     where = f"GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "host RAM"
     half = max(2 if cfg.task == "kto" else 1, micro // 2)  # (kto's eval needs a batch's other examples)
-    fixes = [f"train.eval_batch_size={half} (an override: `scaletune {command} RUN train.eval_batch_size={half}`)"]
+    fixes = [f"train.eval_batch_size={half} (an override: `scaletune {command} RUN train.eval_batch_size={half}`)"
+             ] if half < micro else []
     if generate:
         fixes.append("--max-new-tokens lower (each prompt of a batch keeps a cache of its tokens)")
     if cfg.data.max_length > 512:
@@ -267,7 +268,7 @@ def _out_of_memory(cfg: RunConfig, command: str, micro: int, exc: BaseException,
     return UserError(f"out of memory in {command} (batch {micro}, max_length={cfg.data.max_length}, peak "
                      f"{peak_memory_mb():.0f} MiB of {where}): "
                      f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
-                     hint="cheapest first: " + "; ".join(fixes))
+                     hint="cheapest first: " + "; ".join(fixes) if fixes else "a smaller model or a larger device")
 
 
 def write_predictions(target: str, task: Any, labels: list[str] | None, records: list[dict],

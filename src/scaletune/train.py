@@ -458,24 +458,39 @@ def out_of_memory(run: Run, exc: BaseException) -> UserError:
     t = run.cfg.train
     rows, seq = (run.batch_shape + (0, 0))[:2]
     where = f"GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "host RAM"
-    fixes = [f"train.micro_batch_size={max(1, t.micro_batch_size // 2)} (global batch stays "
-             f"{t.global_batch_size}: accumulation doubles)"]
-    if run.evaluating:  # (its batch is train.eval_batch_size where given, not micro_batch_size; no backward)
-        size = t.eval_batch_size or t.micro_batch_size
-        fixes = [f"train.eval_batch_size={max(2 if run.cfg.task == 'kto' else 1, size // 2)} (the evals' batch; "
-                 "training's stays)"]
-    if not run.cfg.model.gradient_checkpointing and not run.evaluating:
-        fixes.append("model.gradient_checkpointing=true (activations recomputed in backward)")
-    if run.cfg.data.max_length > 512:
-        fixes.append(f"data.max_length={run.cfg.data.max_length // 2}")
-    if run.cfg.distributed.zero_stage < 3 and run.accelerator.num_processes > 1:
-        fixes.append("distributed.zero_stage=3 (shard the frozen base across ranks)")
-    if run.cfg.model.quantization is None:
-        fixes.append("model.quantization=4bit (QLoRA)")
+    fixes = oom_fixes(run.cfg, run.accelerator.num_processes, evaluating=run.evaluating)
     what = (f"in an eval after step {run.step} (eval_batch_size={t.eval_batch_size or t.micro_batch_size}, "
             if run.evaluating else f"at step {run.step + 1} in a micro-batch of {rows} x {seq} tokens (")
     return UserError(
         f"out of memory {what}"
         f"micro_batch_size={t.micro_batch_size}, max_length={run.cfg.data.max_length}, peak "
         f"{peak_memory_mb():.0f} MiB of {where}): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
-        hint="cheapest first: " + "; ".join(fixes) + ". Resume with --resume auto to keep finished steps.")
+        hint=("cheapest first: " + "; ".join(fixes) + ". " if fixes else "a smaller model or a larger device. ")
+        + "Resume with --resume auto to keep finished steps.")
+
+
+def oom_fixes(cfg: RunConfig, world_size: int, *, evaluating: bool = False) -> list[str]:
+    """The changes an out-of-memory message suggests, cheapest first, each one the config allows."""
+    t = cfg.train
+    fixes = []
+    if evaluating:  # (its batch is train.eval_batch_size where given, not micro_batch_size; no backward)
+        size = t.eval_batch_size or t.micro_batch_size
+        smaller = max(2 if cfg.task == "kto" else 1, size // 2)  # (kto's KL term pairs rows within a batch)
+        if smaller < size:
+            fixes.append(f"train.eval_batch_size={smaller} (the evals' batch; training's stays)")
+    elif t.micro_batch_size > 1:
+        # a smaller micro batch that still divides the global batch: micro / its smallest prime factor
+        # (micro 1 has none to give; an odd micro halved may not divide the global batch: 9 // 2 and 18)
+        factor = next(f for f in range(2, t.micro_batch_size + 1) if t.micro_batch_size % f == 0)
+        more = "doubles" if factor == 2 else f"x{factor}"
+        fixes.append(f"train.micro_batch_size={t.micro_batch_size // factor} (global batch stays "
+                     f"{t.global_batch_size}: accumulation {more})")
+    if not cfg.model.gradient_checkpointing and not evaluating:
+        fixes.append("model.gradient_checkpointing=true (activations recomputed in backward)")
+    if cfg.data.max_length > 512:
+        fixes.append(f"data.max_length={cfg.data.max_length // 2}")
+    if cfg.distributed.zero_stage < 3 and world_size > 1:
+        fixes.append("distributed.zero_stage=3 (shard the frozen base across ranks)")
+    if cfg.model.quantization is None:
+        fixes.append("model.quantization=4bit (QLoRA)")
+    return fixes

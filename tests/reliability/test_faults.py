@@ -15,6 +15,8 @@ import pytest
 
 from scaletune.checkpoint import REQUIRED_FILES, checkpoint_dirs, verify
 from scaletune.cli import main
+from scaletune.config import load_config
+from scaletune.train import oom_fixes
 
 import forking
 from stutil import free_port, read_metrics
@@ -138,6 +140,25 @@ def test_out_of_memory_names_the_numbers_and_the_fix(cfg_path):
     err = res.stderr
     assert "out of memory at step 3 in a micro-batch of 4 x" in err
     assert "micro_batch_size=4" in err and "train.micro_batch_size=2" in err and "gradient_checkpointing" in err
+
+
+@pytest.mark.parametrize(("micro", "global_", "suggested"), [
+    (1, 16, None),  # nothing smaller to suggest (it was "micro_batch_size=1 ...: accumulation doubles")
+    (3, 12, "train.micro_batch_size=1 (global batch stays 12: accumulation x3)"),  # (not "doubles")
+    (9, 18, "train.micro_batch_size=3 (global batch stays 18: accumulation x3)"),  # 9 // 2 = 4 does not divide 18
+    (6, 12, "train.micro_batch_size=3 (global batch stays 12: accumulation doubles)"),
+])
+def test_out_of_memory_suggests_only_a_micro_batch_the_config_allows(make_config, micro, global_, suggested):
+    path = make_config("causal_lm", train={"micro_batch_size": micro, "global_batch_size": global_})
+    fixes = oom_fixes(load_config(path), world_size=1)
+    micro_fixes = [f for f in fixes if f.startswith("train.micro_batch_size=")]
+    assert micro_fixes == ([suggested] if suggested else [])
+    assert fixes[len(micro_fixes)].startswith("model.gradient_checkpointing=true")
+    for fix in micro_fixes:  # the suggested value passes the config's own checks
+        load_config(path, [fix.split(" ")[0]], world_size=1)
+    # an eval's batch of 1 has nothing smaller to give either (no backward: no gradient checkpointing)
+    evaluating = oom_fixes(load_config(path, ["train.eval_batch_size=1"]), world_size=1, evaluating=True)
+    assert not any("batch_size=" in f or "gradient_checkpointing" in f for f in evaluating)
 
 
 @pytest.mark.distributed
