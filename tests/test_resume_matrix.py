@@ -64,6 +64,9 @@ CASES = [
      {"eval_fraction": 0.25, "eval": None}, 64, 6, 4),
     ("seq_cls-multi-label-class-weights", "seq_cls", DROPOUT, {"class_weights": "balanced"}, "multi", 48, 6, 4),
     ("seq_regression-lora", "seq_regression", DROPOUT, {}, {}, 48, 6, 4),
+    # token_cls sentences cut into windows (too_long: split), evaluated stitched at steps 2, 4 and 6
+    ("token_cls-too-long-split", "token_cls", DROPOUT, {"eval_every": 2}, {"too_long": "split", "max_length": 8},
+     48, 6, 3),
     # evaluation, best adapter and early stopping (both runs stop early at step 4), per-epoch schedules
     ("seq_cls-early-stopping", "seq_cls", DROPOUT,
      {"eval_every": 1, "best_metric": "loss", "early_stopping_patience": 3, "early_stopping_threshold": 1.0},

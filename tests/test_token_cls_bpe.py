@@ -112,7 +112,8 @@ def _reloaded(build, tmp_path):
 
 def _encode(tok, words: list[str], tags: list[str]) -> dict:
     task = get_task("token_cls")
-    cfg = SimpleNamespace(data=SimpleNamespace(tokens_column=None, tags_column=None, labels=None, max_length=64))
+    cfg = SimpleNamespace(data=SimpleNamespace(tokens_column=None, tags_column=None, labels=None, max_length=64,
+                                               too_long="truncate"))
     labels = task.setup([{"tokens": words, "tags": tags}], cfg, "test")
     return task.encode({"tokens": words, "tags": tags}, tok, cfg, {name: i for i, name in enumerate(labels)})
 

@@ -172,7 +172,8 @@ def test_no_word_is_labelled_on_a_bare_space(tmp_path, name):
     tok = _loaded(name, tmp_path)
     task = get_task("token_cls")
     tags = ["B-PER", "O", "B-PER", "O", "B-LOC", "O", "B-MISC", "O"]
-    cfg = SimpleNamespace(data=SimpleNamespace(tokens_column=None, tags_column=None, labels=None, max_length=64))
+    cfg = SimpleNamespace(data=SimpleNamespace(tokens_column=None, tags_column=None, labels=None, max_length=64,
+                                               too_long="truncate"))
     labels = task.setup([{"tokens": WORDS, "tags": tags}], cfg, "test")
     enc = task.encode({"tokens": WORDS, "tags": tags}, tok, cfg, {t: i for i, t in enumerate(labels)})
     pieces = tok.convert_ids_to_tokens(enc["input_ids"])

@@ -120,13 +120,16 @@ class DataConfig:
         "seq_cls, seq_regression: text (+text_pair) + label; token_cls: tokens + tags or conll. auto = detect from "
         "columns.",
     )
-    max_length: int = _f(1024, "Truncate tokenised examples to this many tokens (causal_lm: or drop or split them, data.too_long; lowered, with a warning, to the tokenizer's model_max_length and to a learned position table's size, max_position_embeddings: 512 for BERT-family models; above a rotary model's max_position_embeddings, times model.rope_scaling's factor, it is kept, with a warning); how many examples it cut is logged per split and kept in run.json (truncated_examples).")
+    max_length: int = _f(1024, "Truncate tokenised examples to this many tokens (causal_lm: or drop or split them, token_cls: or split them, data.too_long; lowered, with a warning, to the tokenizer's model_max_length and to a learned position table's size, max_position_embeddings: 512 for BERT-family models; above a rotary model's max_position_embeddings, times model.rope_scaling's factor, it is kept, with a warning); how many examples it cut is logged per split and kept in run.json (truncated_examples).")
     too_long: Literal["truncate", "drop", "split"] = _f(
-        "truncate", "causal_lm: what becomes of an example longer than max_length. truncate: its first max_length "
+        "truncate", "What becomes of an example longer than max_length. causal_lm: truncate: its first max_length "
         "tokens are trained (an answer loses its end, end-of-sequence token included); drop: it is left out, as "
         "axolotl's default; split (data.format text only, continued pretraining on long "
         "documents): cut into pieces of max_length tokens, each piece's first token the previous piece's last, so "
-        "every token after the first is a target exactly once. Counted per split, logged and kept in run.json "
+        "every token after the first is a target exactly once. token_cls: truncate (the words past max_length are "
+        "not trained, and eval and predict tag them \"O\") or split: a sentence is cut at word boundaries into "
+        "windows of at most max_length sub-tokens, each an example; eval scores each sentence whole, its windows' "
+        "tags stitched, and predict tags a long line so. Counted per split, logged and kept in run.json "
         "(too_long_examples).")
     chat_template: str | None = _f(None, "causal_lm conversations (alpaca, sharegpt, messages; dpo, kto and reward: "
                                    "chat pairs): null = the tokenizer's "

@@ -52,8 +52,9 @@ def evaluate_examples(accelerator: Any, model: Any, task: Any, dataset: Any, lab
 
 def _score(accelerator: Any, model: Any, task: Any, dataset: Any, micro: int, pad_id: int,
            per_example: bool, stop_check: StopCheck | None = None) -> tuple[list, float, int, list[tuple]]:
-    """(predictions of all ranks, summed loss, targets, and with `per_example` each example's (index,
-    prediction or None, extra output) sorted by index) over the whole dataset."""
+    """(predictions of all ranks in dataset order, summed loss, targets, and with `per_example` each example's
+    (index, prediction or None, extra output) sorted by index) over the whole dataset. (Dataset order: token_cls
+    stitches a sentence's data.too_long: split windows, consecutive examples, back together.)"""
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64)
@@ -82,7 +83,7 @@ def _score(accelerator: Any, model: Any, task: Any, dataset: Any, micro: int, pa
             # on the device: the tasks take argmaxes (causal_lm takes nothing), where a float32 host copy of
             # causal_lm's logits would be batch x targets x vocabulary x 4 bytes, ~2 GB at Llama 3's vocabulary
             rows = task.predictions(logits, batch)
-            preds += rows
+            preds += zip(idx, rows)
         if per_example:  # (batches are length-sorted and dealt over ranks: the index puts them back in order)
             examples += zip(idx, rows or [None] * len(idx), task.example_outputs(logits, batch))
     progress.close()
@@ -95,4 +96,5 @@ def _score(accelerator: Any, model: Any, task: Any, dataset: Any, micro: int, pa
         examples = gather_object(examples) if per_example else examples
     if was_training:
         model.train()
+    preds = [row for _, row in sorted(preds, key=lambda e: e[0])]
     return preds, float(totals[0]), int(totals[1]), sorted(examples, key=lambda e: e[0])

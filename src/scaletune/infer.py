@@ -249,7 +249,7 @@ def run_eval(cfg: RunConfig, adapter: str | None, data: str | None, predictions:
     except (torch.OutOfMemoryError, MemoryError) as exc:  # (a batch too large for this device: say which setting)
         raise _out_of_memory(cfg, "eval", micro, exc, generate) from None
     if acc.is_main_process:
-        write_predictions(predictions, task, labels, sources, examples, generated)
+        write_predictions(predictions, task, labels, *task.joined_examples(sources, examples), generated)
     return {**metrics, **added}
 
 
@@ -391,7 +391,7 @@ def _answer(cfg: RunConfig, model: Any, tokenizer: Any, labels: list[str] | None
             return regress(model, tokenizer, cfg.data.max_length, batch)
         if cfg.task == "reward":
             return task.score_rows(model, tokenizer, cfg, batch)
-        return tag(model, tokenizer, labels, cfg.data.max_length, batch)
+        return tag(model, tokenizer, labels, cfg.data.max_length, batch, cfg.data.too_long == "split")
 
 
 def _refuse_unembeddable(model: Any, tokenizer: Any, items: list[dict], inputs: list) -> None:

@@ -84,13 +84,18 @@ def multi_labels(labels: list[str], logits: torch.Tensor, given: list[tuple[str,
     return out
 
 
-def tag(model: Any, tokenizer: Any, labels: list[str], max_length: int, sentences: list[list[str]]) -> list[dict]:
+def tag(model: Any, tokenizer: Any, labels: list[str], max_length: int, sentences: list[list[str]],
+        split: bool = False) -> list[dict]:
     """{"tokens", "tags", "entities"} for each sentence, and "truncated_words" when max_length cut words off; a
     sentence split from raw text (predict_input.TextWords) also echoes its "text", and its entities give their
-    character offsets in it."""
+    character offsets in it. `split` (data.too_long: split): a longer sentence is tagged window by window, as
+    training and eval saw it, and its tags stitched: no word is cut."""
     from .tasks.base import overflowed
     from .tasks.token_cls import tokenise_words, words_cut
 
+    if split:
+        return [tagged(words, tags) for words, tags in zip(sentences, _window_tags(model, tokenizer, labels,
+                                                                                   max_length, sentences))]
     enc, labelled = tokenise_words(tokenizer, sentences, max_length, padding=True, padding_side="right",
                                    return_tensors="pt")
     preds = model(**enc.to(model.device)).logits.argmax(-1).tolist()
@@ -129,3 +134,27 @@ def word_tags(word_ids: list, pred: list[int], labels: list[str], n_words: int) 
         if word_ids[pos] is not None:
             tags[word_ids[pos]] = labels[pred[pos]]
     return fill_blank_words(tags)
+
+
+def _window_tags(model: Any, tokenizer: Any, labels: list[str], max_length: int,
+                 sentences: list[list[str]]) -> list[list[str]]:
+    """Each sentence's tags from its data.too_long: split windows (token_cls.word_windows), as many windows a
+    forward as there are sentences: each word's from its first sub-token in its window, a word of no sub-token from its neighbours across
+    the windows, as eval scores the stitched sentence."""
+    from .tasks.base import IGNORE, pad_batch
+    from .tasks.token_cls import fill_blank_words, word_windows
+
+    windows = [(i, w) for i, words in enumerate(sentences) for w in word_windows(tokenizer, list(words), max_length)]
+    preds: list = []
+    step = len(sentences)  # (windows a forward, as many as the lines: a long document is not one huge batch)
+    for at in range(0, len(windows), step):
+        batch = pad_batch([{"input_ids": ids, "labels": [IGNORE] * len(ids)}
+                           for _, (_, _, ids, _, _) in windows[at:at + step]], tokenizer.pad_token_id)
+        preds += model(input_ids=batch["input_ids"].to(model.device),
+                       attention_mask=batch["attention_mask"].to(model.device)).logits.argmax(-1).tolist()
+    tags: list[list[str | None]] = [[None] * len(words) for words in sentences]
+    for (i, (_, _, _, word_ids, _)), pred in zip(windows, preds):
+        for pos in reversed(range(len(word_ids))):
+            if word_ids[pos] is not None:
+                tags[i][word_ids[pos]] = labels[pred[pos]]
+    return [fill_blank_words(t) for t in tags]

@@ -162,9 +162,12 @@ def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_c
         p.append(f"data.chat_template: only used by {', '.join(CHAT_TASKS)}, not {cfg.task}")
     if d.packing and cfg.task != "causal_lm":
         p.append(f"data.packing: only supported for task causal_lm, not {cfg.task}")
-    if d.too_long != "truncate" and cfg.task != "causal_lm":
-        p.append(f"data.too_long: {d.too_long} is for task causal_lm; {cfg.task} truncates (leave it out)")
-    elif d.too_long == "split" and d.format not in ("auto", "text"):
+    if d.too_long == "drop" and cfg.task != "causal_lm":
+        p.append(f"data.too_long: drop is for task causal_lm; {cfg.task} truncates (leave it out)")
+    elif d.too_long == "split" and cfg.task not in ("causal_lm", "token_cls"):
+        p.append(f"data.too_long: split is for tasks causal_lm (plain text) and token_cls; {cfg.task} truncates "
+                 "(leave it out)")
+    elif d.too_long == "split" and cfg.task == "causal_lm" and d.format not in ("auto", "text"):
         p.append(f"data.too_long: split cuts plain text (data.format text) into pieces; pieces of {d.format} "
                  "records would lose their prompts (use drop or truncate)")
     if d.labels is not None and cfg.task == "causal_lm":

@@ -151,7 +151,13 @@ class Task:
         (None where the task has none), `example_outputs` entry and the record it was encoded from."""
         raise NotImplementedError
 
+    def joined_examples(self, records: list[dict], examples: list[tuple]) -> tuple[list[dict], list[tuple]]:
+        """Each eval example's record and (prediction, extra), in dataset order, as `eval --predictions` writes
+        them: one line per example, unless the task joins examples of one record (token_cls' split windows)."""
+        return records, examples
+
     def metrics(self, preds: list, loss_sum: float, n_targets: int, labels: list[str] | None) -> dict:
+        """The eval metrics of every example's `predictions` row, in dataset order."""
         raise NotImplementedError
 
 

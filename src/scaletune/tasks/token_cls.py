@@ -6,6 +6,9 @@ recall is measured on the whole sentence the way a user would measure it, not on
 A word the tokenizer gives no sub-token at all (a zero-width space) is tagged from its neighbours
 (`fill_blank_words`): inside the entity when the words on both sides are one entity going on, else "O";
 eval scores it so, in its place, as `predict` tags it.
+With data.too_long: split, a sentence longer than max_length is cut at word boundaries into windows
+(`word_windows`), each an example; eval scores, and `predict` tags, each sentence whole, its windows' words
+stitched in order, so an entity across a window boundary is one entity and no word is cut.
 A tokenizer whose word-start mark comes from the space before a word (byte-level BPE: GPT-2, RoBERTa, Llama 3,
 Qwen 2; Gemma) is given each word with a space before it (`word_inputs`), in training, eval and `predict` alike, so
 every word is tokenised in its word-start ("Ġ", "▁") form.
@@ -22,6 +25,7 @@ from ..data.readers import WHERE, fields_of
 from ..errors import ConfigError, DataError
 from .base import (
     IGNORE,
+    TOO_LONG,
     TRUNCATED,
     Task,
     ce_sum,
@@ -42,7 +46,8 @@ _TAG_COLUMNS = ("tags", "ner_tags", "labels")
 @register("token_cls")
 class TokenCls(Task):
     peft_task_type = "TOKEN_CLS"
-    eval_only_columns = ("cut_tags", "blank_at", "blank_tags")
+    # (`window`: data.too_long: split's index of the example among its sentence's windows)
+    eval_only_columns = ("cut_tags", "blank_at", "blank_tags", "window")
     id_names: list[str] | None = None  # integer tags: the name of each id (data.labels)
     # training's Chinese/Japanese words are single characters (True), longer (False), or absent (None):
     # `predict` splits raw text so (words.cjk_char_level); an adapter's scaletune.json keeps it
@@ -96,6 +101,8 @@ class TokenCls(Task):
         unknown = [t for t, name in zip(record[self.tags], tags) if name not in label2id]
         if unknown:
             raise unknown_label(record.get(WHERE, "?"), "tag", unknown[0], label2id)
+        if cfg.data.too_long == "split":
+            return self._windows(record[self.tokens], tags, tokenizer, cfg.data.max_length, label2id)
         enc, (word_ids,) = tokenise_words(tokenizer, [record[self.tokens]], cfg.data.max_length)
         cut = overflowed(enc, cfg.data.max_length)
         labels, previous = [], None
@@ -112,14 +119,35 @@ class TokenCls(Task):
         return {"input_ids": enc["input_ids"][0], "labels": labels, "cut_tags": cut_tags, "blank_at": blank_at,
                 "blank_tags": [label2id[tags[i]] for i in blank_at], TRUNCATED: cut}
 
+    @staticmethod
+    def _windows(words: list[str], tags: list[str], tokenizer: Any, max_length: int,
+                 label2id: dict) -> list[dict]:
+        """data.too_long: split's examples of one sentence, one per `word_windows` window: labelled as a whole
+        sentence is, nothing cut (`cut_tags` empty), `window` its index; the first says the sentence was too
+        long (TOO_LONG) where there are more, and a window holding part of one over-long word is TRUNCATED."""
+        windows = word_windows(tokenizer, words, max_length)
+        out = []
+        for k, (start, end, ids, word_ids, cut) in enumerate(windows):
+            labels, previous = [], None
+            for word in word_ids:
+                labels.append(IGNORE if word is None or word == previous else label2id[tags[word]])
+                previous = word
+            seen = set(word_ids)
+            blank_at = [i - start for i in range(start, end) if i not in seen]  # (places among the window's words)
+            out.append({"input_ids": ids, "labels": labels, "cut_tags": [], "blank_at": blank_at,
+                        "blank_tags": [label2id[tags[start + i]] for i in blank_at], "window": k,
+                        TRUNCATED: cut, TOO_LONG: k == 0 and len(windows) > 1})
+        return out
+
     def collate(self, examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         """`pad_batch` plus `cut_tags`, `blank_at` and `blank_tags` (padded with IGNORE), which eval needs to
-        score the words the model never saw."""
+        score the words the model never saw, and each example's `window` (0 unless split), to stitch sentences."""
         batch = pad_batch(examples, pad_id)
         if not any(key in examples[0] for key in self.eval_only_columns):
             return batch  # a training batch: the training split does not keep them (build_datasets)
-        for key in self.eval_only_columns:
+        for key in self.eval_only_columns[:3]:
             batch[key] = _pad_lists([e.get(key) or [] for e in examples])
+        batch["window"] = torch.tensor([e.get("window", 0) for e in examples], dtype=torch.long)
         return batch
 
     def eval_warning(self, dataset: Any, labels: list[str] | None, cfg: Any) -> str | None:
@@ -146,12 +174,13 @@ class TokenCls(Task):
         return ce_sum(logits, batch["labels"], weights, smoothing), logits
 
     def predictions(self, logits: torch.Tensor, batch: dict) -> list:
-        """Per example: (predicted ids of the words in the window, their gold ids, gold ids of the cut words).
-        A window word with no sub-token has the prediction None, in its place among the others."""
+        """Per example: (predicted ids of the words in the window, their gold ids, gold ids of the cut words,
+        its index among its sentence's windows: `stitched` joins them). A window word with no sub-token has the
+        prediction None, in its place among the others."""
         out = []
-        for pred, gold, cut, blank_at, blank_tags in zip(
+        for pred, gold, cut, blank_at, blank_tags, window in zip(
                 logits.argmax(-1).tolist(), batch["labels"].tolist(), batch["cut_tags"].tolist(),
-                batch["blank_at"].tolist(), batch["blank_tags"].tolist()):
+                batch["blank_at"].tolist(), batch["blank_tags"].tolist(), batch["window"].tolist()):
             keep = [(p, g) for p, g in zip(pred, gold) if g != IGNORE]
             words_pred, words_gold = [p for p, _ in keep], [g for _, g in keep]
             # ascending word positions: inserting each at its own index leaves the earlier ones in place
@@ -159,14 +188,20 @@ class TokenCls(Task):
                 if at != IGNORE:
                     words_pred.insert(at, None)
                     words_gold.insert(at, tag)
-            out.append((words_pred, words_gold, [t for t in cut if t != IGNORE]))
+            out.append((words_pred, words_gold, [t for t in cut if t != IGNORE], window))
         return out
+
+    def joined_examples(self, records: list[dict], examples: list[tuple]) -> tuple[list[dict], list[tuple]]:
+        """One (record, (prediction, extra)) per sentence: data.too_long: split's windows `stitched`."""
+        starts = [i for i, (pred, _) in enumerate(examples) if not pred[3]]
+        preds = stitched([pred for pred, _ in examples])
+        return [records[i] for i in starts], [(pred, examples[i][1]) for pred, i in zip(preds, starts)]
 
     def example_line(self, pred: Any, extra: Any, record: dict, labels: list[str] | None) -> dict:
         """The words, their gold tags and the tags as eval scored them (a word past max_length "O", one with no
         sub-token its neighbours'), whether every tag agrees, and "truncated_words" where max_length cut words
         off: their "O" is no prediction of the model's, as `predict`'s line for the same words says."""
-        words_pred, words_gold, cut = pred
+        words_pred, words_gold, cut, *_ = pred
         predicted = fill_blank_words([None if i is None else labels[i] for i in words_pred]) + ["O"] * len(cut)
         gold = [labels[i] for i in words_gold + cut]
         line = {"tokens": record.get(self.tokens), "tags": gold, "predicted": predicted, "correct": predicted == gold}
@@ -180,6 +215,7 @@ class TokenCls(Task):
         # every gold word is scored as `predict` tags it: a word cut off by max_length is predicted "O", one
         # with no sub-token (None) takes its neighbours' entity (fill_blank_words)
         names = [scoring_tag(name) for name in labels]
+        preds = stitched(preds)  # (data.too_long: split: each sentence scored whole, as `predict` tags it)
         y_pred = [fill_blank_words([None if i is None else names[i] for i in p]) + ["O"] * len(cut)
                   for p, _, cut in preds]
         y_true = [[names[i] for i in g + cut] for _, g, cut in preds]
@@ -199,21 +235,73 @@ _SPACE_MARKS_WORDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # t
 _BARE_SPACE_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> bare_space_ids
 
 
-def tokenise_words(tokenizer: Any, sentences: list[list[str]], max_length: int, **kwargs: Any) -> tuple[Any, list]:
+def tokenise_words(tokenizer: Any, sentences: list[list[str]], max_length: int | None,
+                   **kwargs: Any) -> tuple[Any, list]:
     """Sentences given as word lists, tokenised as training, eval and `predict` all do (so a tagger sees at
     predict time the ids it was trained on): each word in its word-start form (`word_inputs`), cut at
-    `max_length`. Returns the batch encoding (`kwargs`: padding, tensors) and each sentence's word ids with a
-    bare-space first sub-token left out (`labelled_word_ids`): where a word's label sits and its tag is read."""
+    `max_length` (None: whole, for `word_windows`). Returns the batch encoding (`kwargs`: padding, tensors) and
+    each sentence's word ids with a bare-space first sub-token left out (`labelled_word_ids`): where a word's
+    label sits and its tag is read."""
     if not getattr(tokenizer, "is_fast", False):  # (else a ValueError traceback from the first record's word_ids())
         raise ConfigError(f"task token_cls: the tokenizer ({type(tokenizer).__name__}) is a Python (slow) one, which "
                           "cannot say which word each token comes from (word_ids); token_cls needs a fast tokenizer",
                           hint="use a model whose tokenizer has a fast (Rust, tokenizer.json) version")
     # (a raw-text line's TextWords as a plain list: the tokenizer takes lists of str)
     enc = tokenizer([word_inputs(tokenizer, list(words)) for words in sentences], is_split_into_words=True,
-                    truncation=True, max_length=max_length, **kwargs)
+                    truncation=max_length is not None, max_length=max_length, **kwargs)
     ids = enc["input_ids"]
     return enc, [labelled_word_ids(tokenizer, ids[i].tolist() if hasattr(ids[i], "tolist") else ids[i],
                                    enc.word_ids(i)) for i in range(len(sentences))]
+
+
+def word_windows(tokenizer: Any, words: list[str], max_length: int) -> list[tuple[int, int, list[int], list, bool]]:
+    """data.too_long: split's windows of one sentence: (first word, end word (exclusive), input ids, labelled
+    word ids, whether a word lost sub-tokens), consecutive and each at most `max_length` ids. The sentence is
+    tokenised whole and cut at word boundaries, each window its words' ids between the sentence's special tokens,
+    so every word has exactly the ids (and label place) it has unsplit. A sentence that fits is one window; a word
+    whose sub-tokens alone exceed a window is a window of its own with its first ones (its label is on the first)."""
+    enc, (labelled,) = tokenise_words(tokenizer, [words], None)
+    ids, raw = enc["input_ids"][0], enc.word_ids(0)
+    if len(ids) <= max_length:
+        return [(0, len(words), ids, labelled, False)]
+    spans: dict[int, tuple[int, int]] = {}  # word -> its sub-tokens' positions [start, end)
+    for pos, word in enumerate(raw):
+        if word is not None:
+            spans[word] = (spans.get(word, (pos, pos))[0], pos + 1)
+    head = min(start for start, _ in spans.values())  # special tokens before the words, and after them
+    tail = max(end for _, end in spans.values())
+    room = max_length - head - (len(ids) - tail)
+    if room < 1:
+        raise ConfigError(f"data.max_length={max_length} leaves no room for a word beside the tokenizer's "
+                          f"{head + len(ids) - tail} special tokens", hint="raise data.max_length")
+    bounds, used = [0], 0  # first word of each window; a word of no sub-token stays in the window before it
+    for word in range(len(words)):
+        size = spans[word][1] - spans[word][0] if word in spans else 0
+        if used and size and used + size > room:
+            bounds.append(word)
+            used = 0
+        used += size
+    out = []
+    for start, end in zip(bounds, bounds[1:] + [len(words)]):
+        inside = [spans[w] for w in range(start, end) if w in spans]
+        lo, hi = inside[0][0], inside[-1][1]
+        keep = min(hi, lo + room)
+        out.append((start, end, ids[:head] + ids[lo:keep] + ids[tail:],
+                    labelled[:head] + labelled[lo:keep] + labelled[tail:], keep < hi))
+    return out
+
+
+def stitched(preds: list[tuple]) -> list[tuple]:
+    """`TokenCls.predictions` rows joined per sentence, in dataset order: a row whose window index (4th) is
+    above 0 continues the sentence of the row before (data.too_long: split), its words after that row's.
+    (predicted, gold, cut) per sentence."""
+    out: list[tuple] = []
+    for row in preds:
+        if len(row) > 3 and row[3] and out:
+            out[-1] = (out[-1][0] + row[0], out[-1][1] + row[1], out[-1][2] + row[2])
+        else:
+            out.append(tuple(row[:3]))
+    return out
 
 
 def word_inputs(tokenizer: Any, words: list[str]) -> list[str]:
