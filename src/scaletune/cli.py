@@ -82,8 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.add_argument("--adapter", help=_ADAPTER_HELP)
     p.add_argument("--data", help="data file to evaluate (default: data.eval)")
-    p.add_argument("--predictions", metavar="FILE.jsonl", help="also write one JSON line per eval example, in the "
-                   "file's order (its \"line\", gold and predicted labels or its loss); FILE must not exist")
+    p.add_argument("--predictions", metavar="FILE.jsonl", help="also write one JSON line per eval example (token_cls "
+                   "with data.too_long: split, per sentence), in the file's order (its \"line\", gold and predicted labels or its loss); FILE must not exist")
     p.add_argument("--threshold", type=threshold_option, default=None, metavar="T",
                    help="seq_cls multi-label: score with a class predicted where its sigmoid exceeds T (default "
                         "0.5, as training's evals), e.g. the T to give predict --threshold")

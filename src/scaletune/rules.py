@@ -163,7 +163,8 @@ def cross_field_problems(cfg: RunConfig, *, world_size: int | None = None, has_c
     if d.packing and cfg.task != "causal_lm":
         p.append(f"data.packing: only supported for task causal_lm, not {cfg.task}")
     if d.too_long == "drop" and cfg.task != "causal_lm":
-        p.append(f"data.too_long: drop is for task causal_lm; {cfg.task} truncates (leave it out)")
+        p.append(f"data.too_long: drop is for task causal_lm; {cfg.task} truncates"
+                 + (" or splits (data.too_long: split)" if cfg.task == "token_cls" else " (leave it out)"))
     elif d.too_long == "split" and cfg.task not in ("causal_lm", "token_cls"):
         p.append(f"data.too_long: split is for tasks causal_lm (plain text) and token_cls; {cfg.task} truncates "
                  "(leave it out)")
