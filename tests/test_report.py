@@ -174,7 +174,7 @@ def test_resumed_run_keeps_latest_record_and_notes_preemption(tmp_path):
         json.dumps({"event": "train", "step": 2, "time": 2, "loss": 9.5}) + "\n"))
     _, (r,) = build_report([str(run)])
     assert r.series("train", "loss")[1] == [3.0, 9.5]
-    assert any("preempted at step 2 (SIGTERM)" in n for n in r.notes), r.notes
+    assert any("stopped at step 2 (SIGTERM)" in n for n in r.notes), r.notes  # (a cancel as often as a preemption)
     assert any("replaced by the resumed run's" in n for n in r.notes)
     assert not any("resumed 1 time" in n for n in r.notes)  # (this log has no resume event)
     # rank 0 logs; when the signal reached another rank, its record has none: said so, not "signal –"

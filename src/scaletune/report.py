@@ -223,8 +223,9 @@ def _event_notes(run: Run) -> list[str]:
                 how = signal.Signals(int(signum)).name
             except (ValueError, TypeError):  # (a signal this platform does not know: its number)
                 how = f"signal {_fmt(signum)}"
-        # a Ctrl-C is the user's own stop, not a scheduler's preemption
-        what = "stopped by Ctrl-C" if how == "SIGINT" else "preempted"
+        # a Ctrl-C is the user's own stop and SIGTERM a cancel (scancel, kill) as often as a preemption; SIGUSR1 is
+        # the preemption notice Slurm sends ahead (--signal), and a signal another rank heard is said as it is
+        what = {"SIGINT": "stopped by Ctrl-C", "SIGTERM": "stopped"}.get(how, "preempted")
         notes.append(f"{what} at step {rec['step']} ({how}); checkpoint {_fmt(rec.get('checkpoint'))}")
     skips = run.events.get("nonfinite", [])
     if skips:
