@@ -115,9 +115,13 @@ def test_slurm_tells_the_job_which_python_submitted_it(capfd, make_config, tmp_p
     assert record.read_text().strip() == ""
 
 
-def _hold_lock(out: str, ready, release) -> None:
+def _hold_lock(out: str, ready, release, job: str | None = None) -> None:
     from scaletune import runlock
 
+    if job is None:
+        os.environ.pop("SLURM_JOB_ID", None)
+    else:
+        os.environ["SLURM_JOB_ID"] = job
     runlock.acquire(Path(out))
     ready.set()
     release.wait(60)
@@ -142,8 +146,9 @@ def test_slurm_refuses_at_submit_an_output_dir_a_live_run_holds(capfd, make_conf
     try:
         assert ready.wait(60)
         code, out_text, err = run_cli(["slurm", path, "--gpus-per-node", "0"], capfd)
+        # (a run outside Slurm: no job id a --dependency could name)
         assert_clean_error(code, err, f"output_dir: {out} is in use by another run (pid {holder.pid} on ",
-                           "--sbatch-arg=--dependency=afterany:JOBID")
+                           "it is no Slurm job, so --dependency cannot wait for it")
         assert not record.exists() and "Submitted" not in out_text
         for waits_for_nothing in ("--sbatch-arg=--dependency=singleton", "--sbatch-arg=--dependency="):
             code, _, err = run_cli(["slurm", path, "--gpus-per-node", "0", waits_for_nothing], capfd)
@@ -158,6 +163,18 @@ def test_slurm_refuses_at_submit_an_output_dir_a_live_run_holds(capfd, make_conf
     record.unlink()
     code, out_text, err = run_cli(["slurm", path, "--gpus-per-node", "0"], capfd)
     assert code == 0 and "Submitted batch job 7" in out_text, err
+    # a Slurm job holding it (its ranks write SLURM_JOB_ID into the lock): this one can be queued after it
+    ready, release = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold_lock, args=(str(out), ready, release, "4242"))
+    holder.start()
+    try:
+        assert ready.wait(60)
+        code, _, err = run_cli(["slurm", path, "--gpus-per-node", "0"], capfd)
+        assert_clean_error(code, err, "wait for job 4242 to end, or queue this one after it: "
+                                      "--sbatch-arg=--dependency=afterany:4242")
+    finally:
+        release.set()
+        holder.join(60)
     assert sorted(p.name for p in out.iterdir()) == [".scaletune.lock"]  # the probe wrote nothing there
 
 

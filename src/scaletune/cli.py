@@ -406,9 +406,7 @@ def dispatch(args: argparse.Namespace) -> int:
 
                 # A same-name job running for this output_dir holds its lock, and singleton starts this one after it
                 if not (singleton and queued_job(Path(cfg.output_dir), name=job_name(args.sbatch_args))):
-                    runlock.check_free(Path(cfg.output_dir),
-                                       hint="wait for that run to end, or queue this job after it: "
-                                            "--sbatch-arg=--dependency=afterany:JOBID")
+                    runlock.check_free(Path(cfg.output_dir))
         return main_slurm(args, cfg.output_dir)  # the config was validated above; the job re-reads it
     raise AssertionError(args.command)
 

@@ -156,7 +156,7 @@ def acquire(out: Path) -> OutputLock | None:
     else:
         raise UserError(f"output_dir: {out}: cannot take its lock ({LOCK_NAME} keeps being replaced)")
     me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-          "argv": sys.argv}
+          "argv": sys.argv, "slurm_job": os.environ.get("SLURM_JOB_ID")}
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(me).encode(), 0)
     return lock
@@ -168,9 +168,10 @@ def in_use(out: Path, hint: str = "wait for that run to end or stop it, or pick 
                      "would resume and delete each other's checkpoints", hint=hint)
 
 
-def check_free(out: Path, hint: str) -> None:
+def check_free(out: Path, hint: str | None = None) -> None:
     """Raise `in_use` if a live run holds `out`'s lock; creates, writes and keeps nothing (a job about to
-    be queued is refused now rather than after its wait in the queue)."""
+    be queued is refused now rather than after its wait in the queue). Without `hint`, what a Slurm job about
+    to be submitted can do: queue after the holder where it is a job, else wait for it."""
     if fcntl is None:
         return
     try:
@@ -181,9 +182,22 @@ def check_free(out: Path, hint: str) -> None:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
         if exc.errno in (errno.EAGAIN, errno.EACCES):
-            raise in_use(Path(out), hint) from None
+            raise in_use(Path(out), hint or _queue_hint(Path(out))) from None
     finally:
         os.close(fd)  # (drops the probe's lock with it)
+
+
+def _queue_hint(out: Path) -> str:
+    """How a job for `out` can follow the run holding it: after its Slurm job, or (a run outside Slurm, which
+    no --dependency can wait for) once it has ended."""
+    try:
+        job = json.loads((out / LOCK_NAME).read_text(encoding="utf-8")).get("slurm_job")
+    except (OSError, ValueError, AttributeError):
+        job = None
+    if isinstance(job, str) and job.isdigit():
+        return f"wait for job {job} to end, or queue this one after it: --sbatch-arg=--dependency=afterany:{job}"
+    return ("wait for that run to end or stop it, then submit (it is no Slurm job, so --dependency cannot wait "
+            "for it), or pick another output_dir")
 
 
 def _holder(out: Path) -> str:
