@@ -489,6 +489,16 @@ def test_hub_warnings_are_printed_once(tmp_path):
     assert err.count("retrying in 1s") == 1, err
 
 
+def test_torch_info_lines_are_quiet_before_torch_sets_its_levels():
+    """A Ctrl-C during torch's import left its loggers at the root's INFO: its exit hook then printed FakeTensor
+    cache statistics after "interrupted". The command line's logging keeps torch's loggers at WARNING."""
+    code = ("import logging\nfrom scaletune import console_log\nconsole_log.setup_logging()\n"
+            "logging.getLogger('torch._subclasses.fake_tensor').info('FakeTensor cache stats:')\n"
+            "logging.getLogger('torch._dynamo').warning('a real warning')\n")
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stderr
+    assert "cache stats" not in err and "a real warning" in err, err
+
+
 @pytest.mark.parametrize("key", ["data.train", "data.eval"])
 def test_a_data_path_of_bytes_that_are_not_utf8_is_named_not_a_traceback(key, make_config, tmp_path, monkeypatch):
     """A Latin-1 file name on the command line (`data.train=caf\\xe9.jsonl`, a messy filesystem) reaches Python as a

@@ -31,7 +31,9 @@ def quiet_libraries(rank: str = "0", *, keep_levels: bool = False) -> None:
     # Deprecations inside the libraries (peft calling a renamed transformers method, ...) are for their
     # developers, not for someone running a config; the test suite still sees them.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|accelerate|torch|datasets)\.")
-    for noisy in ("transformers", "datasets", "accelerate", "DeepSpeed", "torch.distributed", "huggingface_hub"):
+    # ("torch": its INFO loggers print only when a Ctrl-C cut its import short, before torch set their levels:
+    # FakeTensor cache statistics at exit, after "interrupted")
+    for noisy in ("transformers", "datasets", "accelerate", "DeepSpeed", "torch", "torch.distributed", "huggingface_hub"):
         if not (keep_levels and logging.getLogger(noisy).level != logging.NOTSET):
             logging.getLogger(noisy).setLevel(logging.WARNING if rank == "0" else logging.ERROR)
     # huggingface_hub prints through a handler of its own and also passes each record on to the root
