@@ -221,3 +221,47 @@ def test_too_long_split_is_for_causal_lm_and_token_cls():
                for p in task_config_problems("token_cls", data={"too_long": "drop"}))
     assert any("data.too_long: split is for tasks causal_lm (plain text) and token_cls" in p
                for p in task_config_problems("seq_cls", data={"too_long": "split"}))
+
+
+def test_a_sentence_past_the_tokenizers_model_max_length_is_no_indexing_error(tiny_bert):
+    """A sentence is tokenised whole before it is cut into windows: one longer than the tokenizer's
+    model_max_length (BERT's 512, a document-level NER sentence) is no sequence that will "result in indexing
+    errors", as transformers warned on every split run that met one; its windows are within max_length."""
+    import logging
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_bert), model_max_length=MAX_LENGTH)
+    heard: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: heard.append(record.getMessage())
+    lib = logging.getLogger("transformers")  # (it does not pass records on to the root logger, caplog's)
+    lib.addHandler(handler)
+    try:
+        windows = word_windows(tok, FILLER * 4, MAX_LENGTH)
+        said = list(heard)
+        tok(FILLER * 4, is_split_into_words=True)  # (what transformers says of a sequence that long, alone)
+    finally:
+        lib.removeHandler(handler)
+    assert len(windows) == 4 and all(len(ids) <= MAX_LENGTH for _, _, ids, _, _ in windows)
+    assert said == [] and len(heard) == 1 and "indexing errors" in heard[0], heard
+
+
+def test_predict_tags_a_long_sentence_as_its_windows(tmp_path, tiny_bert):
+    """`predict`'s tagging (labelling.tag with split) of long sentences, in one batch with a short one, equals the
+    model's tags of each window given as a sentence of its own, joined, with a head whose tags vary (the trained
+    run above tags every word "O", so its predict check alone would pass whatever the order of the windows)."""
+    from scaletune.labelling import tag
+
+    labels = ["B-LOC", "B-PER", "I-PER", "O"]
+    model = _Random(tiny_bert, labels)
+    model.labels = labels
+    _, tok = _config(tmp_path, tiny_bert, RECORDS)
+    records = [{"tokens": [*FILLER, "Bob", "Carol", "Erin", "golf", LONG_WORD, "Paris", "Oslo", *FILLER]},
+               {"tokens": ["Dave", "golf"]}, {"tokens": [*reversed(FILLER), "Dave", "Erin", "Paris"]}]
+    with torch.no_grad():
+        want = _reference(model, tok, records)
+        got = tag(model, tok, labels, MAX_LENGTH, [r["tokens"] for r in records], split=True)
+    assert [len(_test_windows(tok, r["tokens"])) for r in records] == [5, 1, 2]
+    assert [line["tags"] for line in got] == want
+    assert len(set(want[0])) > 2 and not any("truncated_words" in line for line in got)

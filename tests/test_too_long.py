@@ -162,3 +162,17 @@ def test_training_generates_for_the_eval_examples_drop_keeps(make_config, capsys
     assert code == 0, err
     lines = [json.loads(x) for x in (tmp_path / "run" / "generations" / "step-1.jsonl").read_text().splitlines()]
     assert [ln["line"] for ln in lines] == [f"{evalf}:2", f"{evalf}:3"]
+
+
+@pytest.mark.parametrize("mode", ["truncate", "split"])
+def test_a_text_past_the_tokenizers_model_max_length_is_no_indexing_error(tmp_path, tiny_llama, mode, caplog):
+    """A long document is tokenised whole, then cut or split at data.max_length (never above the tokenizer's
+    model_max_length): transformers' warning that it "will result in indexing errors" was wrong and alarming."""
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": _long_text(80, s)} for s in range(3)])
+    cfg = _cfg(tmp_path, tiny_llama, data=data, max_length=64, too_long=mode)
+    tok = load_tokenizer(cfg)
+    tok.model_max_length = 64
+    with caplog.at_level("WARNING"):
+        built = build_datasets(cfg, get_task("causal_lm"), tok)
+    assert len(built["train"]) == (3 if mode == "truncate" else sum(1 for _ in built["train"])) > 0
+    assert "indexing errors" not in caplog.text

@@ -408,14 +408,16 @@ def _tokenise_segments(tokenizer: Any, segments: list[tuple[str, Any]]) -> list[
     ends the prompt with the space), the segments stay apart, so the prompt is what `predict` gives. In the
     joined text a token belongs to the segment holding its last character."""
     texts = [text for text, _ in segments]
-    apart = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    # (verbose=False: a text longer than the tokenizer's model_max_length is cut, dropped or split at
+    # data.max_length afterwards, which is never above it; transformers' "will result in indexing errors" is wrong)
+    apart = [tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"] for text in texts]
     # (only a tokenizer that marks the start of a call can tokenise the joined text otherwise, but for a
     # merge across a boundary: byte-level BPE goes on segment by segment, at the old cost; no offsets from a
     # Python tokenizer)
     if len(segments) < 2 or not _tokenizer_facts(tokenizer)[1] or not getattr(tokenizer, "is_fast", False):
         return apart
     joined = "".join(texts)
-    enc = tokenizer(joined, add_special_tokens=False, return_offsets_mapping=True)
+    enc = tokenizer(joined, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     whole, offsets = enc["input_ids"], enc["offset_mapping"]
     if whole == [tid for piece in apart for tid in piece]:
         return apart

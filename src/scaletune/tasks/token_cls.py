@@ -246,9 +246,12 @@ def tokenise_words(tokenizer: Any, sentences: list[list[str]], max_length: int |
         raise ConfigError(f"task token_cls: the tokenizer ({type(tokenizer).__name__}) is a Python (slow) one, which "
                           "cannot say which word each token comes from (word_ids); token_cls needs a fast tokenizer",
                           hint="use a model whose tokenizer has a fast (Rust, tokenizer.json) version")
-    # (a raw-text line's TextWords as a plain list: the tokenizer takes lists of str)
+    # (a raw-text line's TextWords as a plain list: the tokenizer takes lists of str; verbose: a sentence tokenised
+    # whole for `word_windows` may exceed the tokenizer's model_max_length, which its windows never do, and
+    # transformers would warn that it "will result in indexing errors")
     enc = tokenizer([word_inputs(tokenizer, list(words)) for words in sentences], is_split_into_words=True,
-                    truncation=max_length is not None, max_length=max_length, **kwargs)
+                    truncation=max_length is not None, max_length=max_length, verbose=max_length is not None,
+                    **kwargs)
     ids = enc["input_ids"]
     return enc, [labelled_word_ids(tokenizer, ids[i].tolist() if hasattr(ids[i], "tolist") else ids[i],
                                    enc.word_ids(i)) for i in range(len(sentences))]
