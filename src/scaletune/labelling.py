@@ -130,10 +130,15 @@ def word_tags(word_ids: list, pred: list[int], labels: list[str], n_words: int) 
     from .tasks.token_cls import fill_blank_words
 
     tags: list[str | None] = [None] * n_words
-    for pos in reversed(range(len(word_ids))):
+    _place_tags(tags, word_ids, pred, labels)
+    return fill_blank_words(tags)
+
+
+def _place_tags(tags: list, word_ids: list, pred: list[int], labels: list[str]) -> None:
+    """Write into `tags` (by word index) each word's tag: the prediction at its first sub-token."""
+    for pos in reversed(range(len(word_ids))):  # (backwards: a word's first sub-token is written last)
         if word_ids[pos] is not None:
             tags[word_ids[pos]] = labels[pred[pos]]
-    return fill_blank_words(tags)
 
 
 def _window_tags(model: Any, tokenizer: Any, labels: list[str], max_length: int,
@@ -154,7 +159,5 @@ def _window_tags(model: Any, tokenizer: Any, labels: list[str], max_length: int,
                        attention_mask=batch["attention_mask"].to(model.device)).logits.argmax(-1).tolist()
     tags: list[list[str | None]] = [[None] * len(words) for words in sentences]
     for (i, (_, _, _, word_ids, _)), pred in zip(windows, preds):
-        for pos in reversed(range(len(word_ids))):
-            if word_ids[pos] is not None:
-                tags[i][word_ids[pos]] = labels[pred[pos]]
+        _place_tags(tags[i], word_ids, pred, labels)
     return [fill_blank_words(t) for t in tags]

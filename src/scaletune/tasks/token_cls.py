@@ -105,10 +105,7 @@ class TokenCls(Task):
             return self._windows(record[self.tokens], tags, tokenizer, cfg.data.max_length, label2id)
         enc, (word_ids,) = tokenise_words(tokenizer, [record[self.tokens]], cfg.data.max_length)
         cut = overflowed(enc, cfg.data.max_length)
-        labels, previous = [], None
-        for word in word_ids:
-            labels.append(IGNORE if word is None or word == previous else label2id[tags[word]])
-            previous = word
+        labels = _word_labels(word_ids, tags, label2id)
         n_cut = words_cut(word_ids, len(tags), cut)
         # only the cut words' gold tags travel with the example (most sentences fit: an empty list)
         cut_tags = [label2id[t] for t in tags[len(tags) - n_cut:]]
@@ -128,10 +125,7 @@ class TokenCls(Task):
         windows = word_windows(tokenizer, words, max_length)
         out = []
         for k, (start, end, ids, word_ids, cut) in enumerate(windows):
-            labels, previous = [], None
-            for word in word_ids:
-                labels.append(IGNORE if word is None or word == previous else label2id[tags[word]])
-                previous = word
+            labels = _word_labels(word_ids, tags, label2id)
             seen = set(word_ids)
             blank_at = [i - start for i in range(start, end) if i not in seen]  # (places among the window's words)
             out.append({"input_ids": ids, "labels": labels, "cut_tags": [], "blank_at": blank_at,
@@ -292,6 +286,15 @@ def word_windows(tokenizer: Any, words: list[str], max_length: int) -> list[tupl
         out.append((start, end, ids[:head] + ids[lo:keep] + ids[tail:],
                     labelled[:head] + labelled[lo:keep] + labelled[tail:], keep < hi))
     return out
+
+
+def _word_labels(word_ids: list, tags: list[str], label2id: dict) -> list[int]:
+    """Each token's label: its word's tag id on the word's first (labelled) sub-token, IGNORE elsewhere."""
+    labels, previous = [], None
+    for word in word_ids:
+        labels.append(IGNORE if word is None or word == previous else label2id[tags[word]])
+        previous = word
+    return labels
 
 
 def stitched(preds: list[tuple]) -> list[tuple]:
