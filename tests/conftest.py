@@ -95,7 +95,7 @@ def pytest_xdist_auto_num_workers(config) -> int | None:
     """One worker more than the CPUs this process may use (PYTEST_XDIST_AUTO_NUM_WORKERS still decides where
     set). Part of the suite waits rather than computes (launchers and ranks starting, Slurm jobs queueing,
     signals and sleeps), so with a worker per core the CPUs sat partly idle: on the 2-core machine the same
-    1954 tests took 17m30s with 2 workers and 15m27s with 3 (user CPU 27.0 and 23.6 min)."""
+    1954 tests took 17m30s with 2 workers and 16m55s with 3 on fresh clones (15m27s with 3 in a used venv)."""
     if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
         return None
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
