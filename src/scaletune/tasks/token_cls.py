@@ -43,11 +43,14 @@ _TOKEN_COLUMNS = ("tokens", "words")
 _TAG_COLUMNS = ("tags", "ner_tags", "labels")
 
 
+_LIST_COLUMNS = ("cut_tags", "blank_at", "blank_tags")  # eval-only lists of word ids / tags, padded by collate
+
+
 @register("token_cls")
 class TokenCls(Task):
     peft_task_type = "TOKEN_CLS"
     # (`window`: data.too_long: split's index of the example among its sentence's windows)
-    eval_only_columns = ("cut_tags", "blank_at", "blank_tags", "window")
+    eval_only_columns = (*_LIST_COLUMNS, "window")
     id_names: list[str] | None = None  # integer tags: the name of each id (data.labels)
     # training's Chinese/Japanese words are single characters (True), longer (False), or absent (None):
     # `predict` splits raw text so (words.cjk_char_level); an adapter's scaletune.json keeps it
@@ -109,12 +112,8 @@ class TokenCls(Task):
         n_cut = words_cut(word_ids, len(tags), cut)
         # only the cut words' gold tags travel with the example (most sentences fit: an empty list)
         cut_tags = [label2id[t] for t in tags[len(tags) - n_cut:]]
-        # words before the cut with no sub-token (a zero-width space) have no label above; their places and
-        # gold tags travel too, so eval scores them in place (an entity they sit in is broken, as in `predict`)
-        seen = set(word_ids)
-        blank_at = [i for i in range(len(tags) - n_cut) if i not in seen]
-        return {"input_ids": enc["input_ids"][0], "labels": labels, "cut_tags": cut_tags, "blank_at": blank_at,
-                "blank_tags": [label2id[tags[i]] for i in blank_at], TRUNCATED: cut}
+        return {"input_ids": enc["input_ids"][0], "labels": labels, "cut_tags": cut_tags,
+                **_blank_words(word_ids, tags, label2id, 0, len(tags) - n_cut), TRUNCATED: cut}
 
     @staticmethod
     def _windows(words: list[str], tags: list[str], tokenizer: Any, max_length: int,
@@ -125,11 +124,8 @@ class TokenCls(Task):
         windows = word_windows(tokenizer, words, max_length)
         out = []
         for k, (start, end, ids, word_ids, cut) in enumerate(windows):
-            labels = _word_labels(word_ids, tags, label2id)
-            seen = set(word_ids)
-            blank_at = [i - start for i in range(start, end) if i not in seen]  # (places among the window's words)
-            out.append({"input_ids": ids, "labels": labels, "cut_tags": [], "blank_at": blank_at,
-                        "blank_tags": [label2id[tags[start + i]] for i in blank_at], "window": k,
+            out.append({"input_ids": ids, "labels": _word_labels(word_ids, tags, label2id), "cut_tags": [],
+                        **_blank_words(word_ids, tags, label2id, start, end), "window": k,
                         TRUNCATED: cut, TOO_LONG: k == 0 and len(windows) > 1})
         return out
 
@@ -139,7 +135,7 @@ class TokenCls(Task):
         batch = pad_batch(examples, pad_id)
         if not any(key in examples[0] for key in self.eval_only_columns):
             return batch  # a training batch: the training split does not keep them (build_datasets)
-        for key in self.eval_only_columns[:3]:
+        for key in _LIST_COLUMNS:
             batch[key] = _pad_lists([e.get(key) or [] for e in examples])
         batch["window"] = torch.tensor([e.get("window", 0) for e in examples], dtype=torch.long)
         return batch
@@ -295,6 +291,15 @@ def _word_labels(word_ids: list, tags: list[str], label2id: dict) -> list[int]:
         labels.append(IGNORE if word is None or word == previous else label2id[tags[word]])
         previous = word
     return labels
+
+
+def _blank_words(word_ids: list, tags: list[str], label2id: dict, start: int, end: int) -> dict:
+    """Words start..end (exclusive) with no sub-token (a zero-width space), which `_word_labels` cannot label:
+    their places among those words and gold tags travel with the example, so eval scores them in place (an
+    entity they sit in is broken, as in `predict`)."""
+    seen = set(word_ids)
+    blank_at = [i - start for i in range(start, end) if i not in seen]
+    return {"blank_at": blank_at, "blank_tags": [label2id[tags[start + i]] for i in blank_at]}
 
 
 def stitched(preds: list[tuple]) -> list[tuple]:
