@@ -19,6 +19,7 @@ from .config import (
     RunConfig,
 )
 from .config_values import BOOL_HINT, _did_you_mean, _short
+from .generation_metrics import GENERATED_SCORES
 from .new_tokens import config_problems as new_token_problems
 from .optimizers import BNB_CLASSES, ZERO_OPTIMIZERS
 from .rope import config_problems as rope_problems
@@ -498,7 +499,7 @@ def _best_and_early_stopping(cfg: RunConfig) -> list[str]:
     return p
 
 
-GENERATED_METRICS = ("exact_match", "token_f1", "rouge_l")
+GENERATED_METRICS = tuple(GENERATED_SCORES)  # (the scores of generated answers: a best_metric needs eval_generate)
 
 
 def _eval_generate(cfg: RunConfig) -> list[str]:
