@@ -21,7 +21,7 @@ from typing import Any
 from ..distributed import main_process_first
 from ..errors import DataError
 from ..fileutil import sha256_file
-from .encode import RECORD, encode_all
+from .encode import COUNTS, RECORD, encode_all
 from .readers import WHERE, read_records
 from .sources import describe, eval_among_train, read_capped, read_train_records, train_sources, weighted
 
@@ -228,7 +228,7 @@ def build_datasets(cfg: Any, task: Any, tokenizer: Any, accelerator: Any = None,
                                 f"{describe(cfg.data.train)} ({_why_none(cfg, counted_eval)})",
                                 hint="hold out a larger fraction, or raise data.max_length")
             dropped, truncated, unstopped, too_long = ({"train": counted[key], "eval": counted_eval[key]}
-                                                       for key in ("dropped", "truncated", "unstopped", "too_long"))
+                                                       for key in COUNTS)
             # scoring's bookkeeping would only slow every training batch
             train = train.remove_columns([c for c in task.eval_only_columns if c in train.column_names])
             meta = {"labels": labels, "has_eval": evalset is not None, "dropped": dropped, "truncated": truncated,
